@@ -1,0 +1,108 @@
+"""Argument checks for the public functions: a clear error, never a wrong number.
+
+Each check raises ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, wrong
+value) with a message naming the argument, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from types import ModuleType
+
+from refnorm.backend import Array, array_namespace, compute_dtype
+
+
+def check_float_array(name: str, a: Array) -> ModuleType:
+    """Check that ``a`` is a real floating-point array; return its namespace."""
+    try:
+        xp = array_namespace(a)
+    except TypeError:
+        raise TypeError(f"{name} must be an array; got {type(a).__name__}") from None
+    if not xp.isdtype(a.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating-point dtype; got {a.dtype}")
+    return xp
+
+
+def check_ndim(name: str, a: Array, *, min_ndim: int, layout: str) -> None:
+    """Check ``a.ndim >= min_ndim``; ``layout`` names the expected axes, e.g. (N, C, *spatial)."""
+    if a.ndim < min_ndim:
+        raise ValueError(
+            f"{name} must have layout {layout}, at least {min_ndim} dimensions; "
+            f"got shape {tuple(a.shape)} ({a.ndim} dimensions)"
+        )
+
+
+def check_channel_param(name: str, p: Array, num_channels: int) -> None:
+    """Check that a per-channel parameter is a real floating array of shape ``(C,)``."""
+    check_float_array(name, p)
+    if tuple(p.shape) != (num_channels,):
+        raise ValueError(
+            f"{name} must have shape (C,) = ({num_channels},) to match x's channel axis; "
+            f"got shape {tuple(p.shape)}"
+        )
+
+
+def check_eps(eps: object) -> None:
+    """Check that ``eps`` is a finite real number greater than zero."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number; got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0; got {eps}")
+
+
+def check_momentum(momentum: object) -> None:
+    """Check ``0 < momentum <= 1`` (PyTorch's convention: the weight of the new batch)."""
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number; got {type(momentum).__name__}")
+    if not 0 < momentum <= 1:
+        raise ValueError(f"momentum must be in (0, 1]; got {momentum}")
+
+
+def check_count(count: int, *, what: str, shape: tuple[int, ...]) -> None:
+    """Check that each statistic is taken over more than one value.
+
+    With one value the deviation is exactly zero, every output equals ``beta`` whatever the
+    input, and the gradient with respect to ``x`` is zero: a silent wrong result, so refuse.
+    """
+    if count < 2:
+        raise ValueError(
+            f"{what} needs more than 1 value per statistic; x of shape {tuple(shape)} "
+            f"gives {count}"
+        )
+
+
+def check_like(name: str, a: Array, shape: tuple[int, ...]) -> None:
+    """Check that an upstream gradient is a real floating array of the forward's shape."""
+    check_float_array(name, a)
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(a.shape)}")
+
+
+def prepare_channel_norm(
+    x: Array, gamma: Array, beta: Array, *, eps: float, min_ndim: int = 2
+) -> tuple[ModuleType, Array, Array, Array]:
+    """Check the arguments every channel normalizer takes and cast them to the compute dtype.
+
+    ``min_ndim`` is 2 for methods defined on ``(N, C)`` and 3 for those that need a
+    spatial axis.
+
+    Returns
+    -------
+    xp : the array namespace
+    xc : ``x`` in the compute dtype (float16 computes in float32)
+    gamma_c, beta_c : the parameters in the compute dtype
+    """
+    xp = check_float_array("x", x)
+    check_ndim("x", x, min_ndim=min_ndim, layout="(N, C, *spatial)")
+    check_channel_param("gamma", gamma, x.shape[1])
+    check_channel_param("beta", beta, x.shape[1])
+    array_namespace(x, gamma, beta)  # one namespace for all three
+    check_eps(eps)
+    dtype = compute_dtype(xp, x.dtype)
+    return (
+        xp,
+        xp.astype(x, dtype, copy=False),
+        xp.astype(gamma, dtype, copy=False),
+        xp.astype(beta, dtype, copy=False),
+    )

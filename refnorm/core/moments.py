@@ -1,0 +1,39 @@
+"""Moments over axes, computed in two passes.
+
+The one-pass form ``E[x^2] - E[x]^2`` cancels catastrophically when ``|mean| >> std``
+(in float32, inputs offset by 1e4 lose every digit of a unit variance). refnorm's reference
+path therefore always takes the mean first and then the mean of squared deviations.
+"""
+
+from __future__ import annotations
+
+import math
+
+from refnorm.backend import Array, array_namespace
+
+
+def reduced_count(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+    """Number of elements each statistic is taken over: the product of ``shape[axes]``."""
+    return math.prod(shape[a] for a in axes)
+
+
+def moments(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    """Mean and biased variance of ``x`` over ``axes``, two-pass, dimensions kept.
+
+    Parameters
+    ----------
+    x : array, any shape
+    axes : tuple of int
+        The reduction axes.
+
+    Returns
+    -------
+    mu : array, ``x.shape`` with ``axes`` set to 1
+    var : array, same shape as ``mu``
+        ``mean((x - mu)**2)``, the biased (1/m) estimator.
+    """
+    xp = array_namespace(x)
+    mu = xp.mean(x, axis=axes, keepdims=True)
+    centred = x - mu
+    var = xp.mean(centred * centred, axis=axes, keepdims=True)
+    return mu, var

@@ -1,0 +1,50 @@
+"""Activation normalizers: one file per method, each a pure forward/backward pair and a layer."""
+
+from refnorm.norms.base import CheckCase, Layer, NormCache
+from refnorm.norms.batch import (
+    BatchNorm,
+    BatchNormCache,
+    BatchNormGraphCache,
+    batch_norm_backward,
+    batch_norm_backward_graph,
+    batch_norm_eval_forward,
+    batch_norm_forward,
+    batch_norm_forward_graph,
+)
+from refnorm.norms.instance import (
+    InstanceNorm,
+    InstanceNormCache,
+    instance_norm_backward,
+    instance_norm_eval_forward,
+    instance_norm_forward,
+)
+from refnorm.norms.layer import LayerNorm, LayerNormCache, layer_norm_backward, layer_norm_forward
+# Imported last so that the registry lists bn, in, ln, gn in the order of the papers.
+from refnorm.norms.group import GroupNorm, GroupNormCache, group_norm_backward, group_norm_forward  # noqa: I001
+
+__all__ = [
+    "BatchNorm",
+    "BatchNormCache",
+    "BatchNormGraphCache",
+    "CheckCase",
+    "GroupNorm",
+    "GroupNormCache",
+    "InstanceNorm",
+    "InstanceNormCache",
+    "Layer",
+    "LayerNorm",
+    "LayerNormCache",
+    "NormCache",
+    "batch_norm_backward",
+    "batch_norm_backward_graph",
+    "batch_norm_eval_forward",
+    "batch_norm_forward",
+    "batch_norm_forward_graph",
+    "group_norm_backward",
+    "group_norm_forward",
+    "instance_norm_backward",
+    "instance_norm_eval_forward",
+    "instance_norm_forward",
+    "layer_norm_backward",
+    "layer_norm_forward",
+]

@@ -1,0 +1,289 @@
+"""Batch Normalization (Ioffe & Szegedy, 2015).
+
+Statistics per channel over the batch and spatial axes, as written in Luo et al.,
+*Switchable Normalization* (journal version), Eq. (1)-(2) with ``I_bn = {(n, i, j)}``, and in
+Gitman & Ginsburg, *Comparison of BN and WN*, §3.1:
+
+    y = gamma * (x - E_B[x]) / sqrt(Var_B[x] + eps) + beta          # SN Eq. (1)
+    E_B, Var_B over (N, *spatial) for each channel, Var biased      # SN Eq. (2)
+
+Training normalizes with the batch statistics and updates the running statistics
+(:func:`refnorm.core.running.update_running_stats`); evaluation normalizes with the running
+statistics. The backward comes twice: the closed form (:func:`batch_norm_backward`), and a
+step-by-step backward through every node of the forward graph
+(:func:`batch_norm_backward_graph`) that a lesson can follow; the tests hold them equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from refnorm.backend import Array, array_namespace
+from refnorm.core import affine_forward, moments, reduced_count, standardize
+from refnorm.core.affine import channel_view, non_channel_axes
+from refnorm.core.checks import check_count, check_like, check_momentum, prepare_channel_norm
+from refnorm.core.running import update_running_stats
+from refnorm.norms.base import (
+    ChannelNorm,
+    CheckCase,
+    NormCache,
+    channel_norm_backward,
+    check_cache,
+    frozen_norm_forward,
+)
+from refnorm.registry import register
+
+
+@dataclass(frozen=True)
+class BatchNormCache(NormCache):
+    """A :class:`~refnorm.norms.base.NormCache` from a Batch Normalization forward.
+
+    ``mean``/``var``/``rstd`` have shape (1, C, 1, ...); ``reduce_axes`` is (0, 2, 3, ...)
+    with batch statistics and () with running statistics (``batch_stats=False``).
+    """
+
+
+def batch_norm_forward(
+    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5
+) -> tuple[Array, BatchNormCache]:
+    """Batch Normalization in training: normalize with the batch statistics.
+
+    Parameters
+    ----------
+    x : array, (N, C, *spatial)
+        Real floating; float16 computes in float32 and returns float16.
+    gamma, beta : arrays, (C,)
+    eps : float, > 0
+        Added to the variance inside the square root.
+
+    Returns
+    -------
+    y : array, ``x.shape``, dtype of ``x``
+    cache : BatchNormCache
+        ``cache.mean`` and ``cache.var`` (1, C, 1, ...) are the batch statistics
+        (biased variance) for the running update.
+
+    Raises
+    ------
+    ValueError
+        If some channel has a single value (N * prod(spatial) == 1).
+    """
+    xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    reduce_axes = non_channel_axes(x.ndim)                       # (0, 2, 3, ...)
+    check_count(reduced_count(x.shape, reduce_axes),
+                what="batch normalization in training", shape=x.shape)
+    mu, var = moments(xc, reduce_axes)                           # (1, C, 1, 1)  SN Eq. (2)
+    x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
+    y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
+    cache = BatchNormCache(
+        x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
+        view_shape=tuple(x.shape), reduce_axes=reduce_axes, batch_stats=True,
+        x_dtype=x.dtype, param_dtype=gamma.dtype,
+    )
+    return xp.astype(y, x.dtype, copy=False), cache
+
+
+def batch_norm_eval_forward(
+    x: Array,
+    gamma: Array,
+    beta: Array,
+    running_mean: Array,
+    running_var: Array,
+    *,
+    eps: float = 1e-5,
+) -> tuple[Array, BatchNormCache]:
+    """Batch Normalization at inference: normalize with the running statistics.
+
+    Parameters
+    ----------
+    x : array, (N, C, *spatial)
+    gamma, beta, running_mean, running_var : arrays, (C,)
+    eps : float, > 0
+
+    Returns
+    -------
+    y : array, ``x.shape``
+    cache : BatchNormCache with ``batch_stats=False``; its backward is
+        ``dx = dy * gamma / sqrt(running_var + eps)``.
+    """
+    return frozen_norm_forward(
+        x, gamma, beta, (running_mean, running_var), eps=eps, cache_type=BatchNormCache
+    )
+
+
+def batch_norm_backward(dy: Array, cache: BatchNormCache) -> tuple[Array, Array, Array]:
+    """Closed-form backward of :func:`batch_norm_forward` or :func:`batch_norm_eval_forward`.
+
+    With batch statistics, per channel over the m = N * prod(spatial) values,
+    ``dx = gamma * rstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))``.
+
+    Parameters
+    ----------
+    dy : array, (N, C, *spatial)
+    cache : BatchNormCache
+
+    Returns
+    -------
+    dx : array, (N, C, *spatial)
+    dgamma, dbeta : arrays, (C,)
+    """
+    check_cache(cache, BatchNormCache)
+    return channel_norm_backward(dy, cache)
+
+
+@dataclass(frozen=True)
+class BatchNormGraphCache:
+    """Every intermediate node of :func:`batch_norm_forward_graph`, for the staged backward.
+
+    The nodes, in forward order (shapes for an (N, C, H, W) input)::
+
+        mu      = mean(x)              (1, C, 1, 1)
+        xmu     = x - mu               (N, C, H, W)
+        sq      = xmu ** 2             (N, C, H, W)
+        var     = mean(sq)             (1, C, 1, 1)
+        std     = sqrt(var + eps)      (1, C, 1, 1)
+        inv_std = 1 / std              (1, C, 1, 1)
+        x_hat   = xmu * inv_std        (N, C, H, W)
+        y       = gamma * x_hat + beta (N, C, H, W)
+
+    The staged backward needs ``xmu``, ``std``, ``inv_std``, ``x_hat`` and ``gamma``.
+    """
+
+    xmu: Array
+    std: Array
+    inv_std: Array
+    x_hat: Array
+    gamma: Array
+    reduce_axes: tuple[int, ...]
+    x_dtype: Any
+    param_dtype: Any
+
+
+def batch_norm_forward_graph(
+    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5
+) -> tuple[Array, BatchNormGraphCache]:
+    """The training forward of Batch Normalization one graph node at a time.
+
+    Same arguments, same result as :func:`batch_norm_forward`; saves every node that
+    :func:`batch_norm_backward_graph` walks back through.
+    """
+    xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    axes = non_channel_axes(x.ndim)                              # (0, 2, 3, ...)
+    check_count(reduced_count(x.shape, axes),
+                what="batch normalization in training", shape=x.shape)
+    g = channel_view(gamma_c, x.ndim)                            # (1, C, 1, 1)
+    b = channel_view(beta_c, x.ndim)                             # (1, C, 1, 1)
+    mu = xp.mean(xc, axis=axes, keepdims=True)                   # (1, C, 1, 1)
+    xmu = xc - mu                                                # (N, C, H, W)
+    sq = xmu * xmu                                               # (N, C, H, W)
+    var = xp.mean(sq, axis=axes, keepdims=True)                  # (1, C, 1, 1)
+    std = xp.sqrt(var + eps)                                     # (1, C, 1, 1)
+    inv_std = 1.0 / std                                          # (1, C, 1, 1)
+    x_hat = xmu * inv_std                                        # (N, C, H, W)
+    y = g * x_hat + b                                            # (N, C, H, W)
+    cache = BatchNormGraphCache(
+        xmu=xmu, std=std, inv_std=inv_std, x_hat=x_hat, gamma=gamma_c,
+        reduce_axes=axes, x_dtype=x.dtype, param_dtype=gamma.dtype,
+    )
+    return xp.astype(y, x.dtype, copy=False), cache
+
+
+def batch_norm_backward_graph(
+    dy: Array, cache: BatchNormGraphCache
+) -> tuple[Array, Array, Array]:
+    """Backward of :func:`batch_norm_forward_graph`, node by node in reverse order.
+
+    Returns the same ``(dx, dgamma, dbeta)`` as :func:`batch_norm_backward`.
+    """
+    if type(cache) is not BatchNormGraphCache:
+        raise TypeError(f"cache must be a BatchNormGraphCache; got {type(cache).__name__}")
+    check_like("dy", dy, cache.x_hat.shape)
+    xp = array_namespace(dy, cache.x_hat)
+    dy = xp.astype(dy, cache.x_hat.dtype, copy=False)
+    axes = cache.reduce_axes
+    m = reduced_count(cache.x_hat.shape, axes)
+    # y = gamma * x_hat + beta
+    dbeta = xp.sum(dy, axis=axes)                                        # (C,)
+    dgamma = xp.sum(dy * cache.x_hat, axis=axes)                         # (C,)
+    dx_hat = dy * channel_view(cache.gamma, dy.ndim)                     # (N, C, H, W)
+    # x_hat = xmu * inv_std: two inputs, two gradients
+    dinv_std = xp.sum(dx_hat * cache.xmu, axis=axes, keepdims=True)      # (1, C, 1, 1)
+    dxmu = dx_hat * cache.inv_std                                        # (N, C, H, W)
+    # inv_std = 1 / std
+    dstd = -dinv_std / (cache.std * cache.std)                           # (1, C, 1, 1)
+    # std = sqrt(var + eps)
+    dvar = dstd * 0.5 / cache.std                                        # (1, C, 1, 1)
+    # var = mean(sq): every sq element receives dvar / m
+    dsq = xp.ones_like(cache.xmu) * (dvar / m)                           # (N, C, H, W)
+    # sq = xmu ** 2: xmu now has a second incoming gradient
+    dxmu = dxmu + 2.0 * cache.xmu * dsq                                  # (N, C, H, W)
+    # xmu = x - mu: x receives dxmu directly, mu receives -sum(dxmu)
+    dmu = -xp.sum(dxmu, axis=axes, keepdims=True)                        # (1, C, 1, 1)
+    # mu = mean(x): every x element receives dmu / m
+    dx = dxmu + xp.ones_like(dxmu) * (dmu / m)                           # (N, C, H, W)
+    return (
+        xp.astype(dx, cache.x_dtype, copy=False),
+        xp.astype(dgamma, cache.param_dtype, copy=False),
+        xp.astype(dbeta, cache.param_dtype, copy=False),
+    )
+
+
+@register("bn")
+class BatchNorm(ChannelNorm):
+    """Batch Normalization layer with running statistics for inference.
+
+    Parameters
+    ----------
+    num_channels : int
+    eps : float, default 1e-5
+    momentum : float, default 0.1
+        Weight of the new batch in the running average (PyTorch's convention).
+    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+
+    State
+    -----
+    running_mean : (C,), starts at 0
+    running_var : (C,), starts at 1; updated with the unbiased batch variance
+    """
+
+    check_cases = (
+        CheckCase((4, 3, 5, 5)),
+        CheckCase((6, 4)),
+        CheckCase((2, 3, 4, 3, 2)),
+        CheckCase((4, 3, 5, 5), training=False),
+    )
+    backward_fn = staticmethod(batch_norm_backward)
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        dtype: Any = None,
+        xp: ModuleType | None = None,
+    ) -> None:
+        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp)
+        check_momentum(momentum)
+        self.momentum = momentum
+        self.state = {
+            "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype),
+            "running_var": self.xp.ones((num_channels,), dtype=self.dtype),
+        }
+
+    def _forward(self, x: Array, training: bool) -> tuple[Array, BatchNormCache]:
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        if not training:
+            stats = (self.state["running_mean"], self.state["running_var"])
+            return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
+        y, cache = batch_norm_forward(x, gamma, beta, eps=self.eps)
+        C = self.num_channels
+        mean, var = self.xp.reshape(cache.mean, (C,)), self.xp.reshape(cache.var, (C,))
+        running_mean, running_var = update_running_stats(
+            self.state["running_mean"], self.state["running_var"], mean, var,
+            count=reduced_count(x.shape, cache.reduce_axes), momentum=self.momentum,
+        )
+        self.state = {"running_mean": running_mean, "running_var": running_var}
+        return y, cache

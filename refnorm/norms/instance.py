@@ -1,0 +1,171 @@
+"""Instance Normalization (Ulyanov, Vedaldi & Lempitsky, 2016).
+
+Statistics per sample and per channel over the spatial axes, as written in Luo et al.,
+*Switchable Normalization* (journal version), Eq. (1)-(2) with ``I_in = {(i, j)}``:
+
+    y = gamma * (x - mu_in) / sqrt(var_in + eps) + beta     mu_in, var_in of shape (N, C)
+
+Undefined for (N, C) inputs (one value per statistic). Running statistics are optional and
+off by default, as in PyTorch's ``InstanceNorm2d``: without them inference uses each
+instance's own statistics, exactly as training does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from refnorm.backend import Array
+from refnorm.core import affine_forward, moments, reduced_count, standardize
+from refnorm.core.checks import check_count, check_momentum, check_ndim, prepare_channel_norm
+from refnorm.core.running import update_running_stats
+from refnorm.norms.base import (
+    ChannelNorm,
+    CheckCase,
+    NormCache,
+    channel_norm_backward,
+    check_cache,
+    frozen_norm_forward,
+)
+from refnorm.registry import register
+
+
+@dataclass(frozen=True)
+class InstanceNormCache(NormCache):
+    """A :class:`~refnorm.norms.base.NormCache` from an Instance Normalization forward.
+
+    With instance statistics ``mean``/``var``/``rstd`` have shape (N, C, 1, ...) and
+    ``reduce_axes`` is (2, 3, ...); with running statistics, (1, C, 1, ...) and ().
+    """
+
+
+def instance_norm_forward(
+    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5
+) -> tuple[Array, InstanceNormCache]:
+    """Instance Normalization with each instance's own statistics.
+
+    Parameters
+    ----------
+    x : array, (N, C, *spatial) with at least one spatial axis and more than one
+        spatial position
+    gamma, beta : arrays, (C,)
+    eps : float, > 0
+
+    Returns
+    -------
+    y : array, ``x.shape``
+    cache : InstanceNormCache; ``mean``, ``var`` of shape (N, C, 1, ...)
+    """
+    check_ndim("x", x, min_ndim=3, layout="(N, C, *spatial) with a spatial axis")
+    xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    reduce_axes = tuple(range(2, x.ndim))                        # (2, 3, ...): spatial
+    check_count(reduced_count(x.shape, reduce_axes),
+                what="instance normalization", shape=x.shape)
+    mu, var = moments(xc, reduce_axes)                           # (N, C, 1, 1)  SN Eq. (2)
+    x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
+    y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
+    cache = InstanceNormCache(
+        x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
+        view_shape=tuple(x.shape), reduce_axes=reduce_axes, batch_stats=True,
+        x_dtype=x.dtype, param_dtype=gamma.dtype,
+    )
+    return xp.astype(y, x.dtype, copy=False), cache
+
+
+def instance_norm_eval_forward(
+    x: Array,
+    gamma: Array,
+    beta: Array,
+    running_mean: Array,
+    running_var: Array,
+    *,
+    eps: float = 1e-5,
+) -> tuple[Array, InstanceNormCache]:
+    """Instance Normalization with running statistics (only when they are tracked).
+
+    Parameters
+    ----------
+    x : array, (N, C, *spatial)
+    gamma, beta, running_mean, running_var : arrays, (C,)
+    eps : float, > 0
+    """
+    check_ndim("x", x, min_ndim=3, layout="(N, C, *spatial) with a spatial axis")
+    return frozen_norm_forward(
+        x, gamma, beta, (running_mean, running_var), eps=eps, cache_type=InstanceNormCache
+    )
+
+
+def instance_norm_backward(
+    dy: Array, cache: InstanceNormCache
+) -> tuple[Array, Array, Array]:
+    """Closed-form backward of either Instance Normalization forward.
+
+    Returns
+    -------
+    dx : array, (N, C, *spatial)
+    dgamma, dbeta : arrays, (C,)
+    """
+    check_cache(cache, InstanceNormCache)
+    return channel_norm_backward(dy, cache)
+
+
+@register("in")
+class InstanceNorm(ChannelNorm):
+    """Instance Normalization layer.
+
+    Parameters
+    ----------
+    num_channels : int
+    eps : float, default 1e-5
+    track_running_stats : bool, default False
+        Keep running averages (of the batch-mean of the instance means and of the unbiased
+        instance variances, as PyTorch does) and use them at inference.
+    momentum : float, default 0.1
+        Weight of the new batch, used only with ``track_running_stats``.
+    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    """
+
+    check_cases = (
+        CheckCase((3, 4, 5, 5)),
+        CheckCase((2, 3, 7)),
+        CheckCase((3, 4, 5, 5), {"track_running_stats": True}, training=False),
+    )
+    backward_fn = staticmethod(instance_norm_backward)
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        eps: float = 1e-5,
+        track_running_stats: bool = False,
+        momentum: float = 0.1,
+        dtype: Any = None,
+        xp: ModuleType | None = None,
+    ) -> None:
+        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp)
+        check_momentum(momentum)
+        self.track_running_stats = bool(track_running_stats)
+        self.momentum = momentum
+        if self.track_running_stats:
+            self.state = {
+                "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype),
+                "running_var": self.xp.ones((num_channels,), dtype=self.dtype),
+            }
+
+    def _forward(self, x: Array, training: bool) -> tuple[Array, InstanceNormCache]:
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        if not training and self.track_running_stats:
+            stats = (self.state["running_mean"], self.state["running_var"])
+            return instance_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
+        y, cache = instance_norm_forward(x, gamma, beta, eps=self.eps)
+        if training and self.track_running_stats:
+            xp, C = self.xp, self.num_channels
+            mean = xp.mean(xp.reshape(cache.mean, (-1, C)), axis=0)  # (C,) mean over N
+            var = xp.mean(xp.reshape(cache.var, (-1, C)), axis=0)    # (C,) mean over N
+            running_mean, running_var = update_running_stats(
+                self.state["running_mean"], self.state["running_var"], mean, var,
+                count=reduced_count(x.shape, cache.reduce_axes), momentum=self.momentum,
+            )
+            self.state = {"running_mean": running_mean, "running_var": running_var}
+        return y, cache
