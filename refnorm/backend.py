@@ -60,8 +60,13 @@ def _namespace_of(a: Array) -> ModuleType:
 
 
 def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
-    """The dtype refnorm computes in for inputs of ``dtype``: float16 computes in float32."""
-    return xp.float32 if dtype == xp.float16 else dtype
+    """The dtype refnorm computes in for inputs of ``dtype``: float16 computes in float32.
+
+    float16 is not an Array API dtype; namespaces without it (array_api_strict) keep
+    ``dtype`` as it is.
+    """
+    float16 = getattr(xp, "float16", None)
+    return xp.float32 if float16 is not None and dtype == float16 else dtype
 
 
 def to_numpy(a: Array) -> np.ndarray:

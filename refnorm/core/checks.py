@@ -79,13 +79,24 @@ def check_like(name: str, a: Array, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(a.shape)}")
 
 
+def check_input(x: Array, *, min_ndim: int) -> ModuleType:
+    """Check the input ``x`` of a channel normalizer: a real floating (N, C, *spatial) array.
+
+    ``min_ndim`` is 2 for methods defined on ``(N, C)`` and 3 for those that need a spatial
+    axis. Returns the array namespace.
+    """
+    xp = check_float_array("x", x)
+    layout = "(N, C, *spatial)" + (" with a spatial axis" if min_ndim > 2 else "")
+    check_ndim("x", x, min_ndim=min_ndim, layout=layout)
+    return xp
+
+
 def prepare_channel_norm(
     x: Array, gamma: Array, beta: Array, *, eps: float, min_ndim: int = 2
 ) -> tuple[ModuleType, Array, Array, Array]:
     """Check the arguments every channel normalizer takes and cast them to the compute dtype.
 
-    ``min_ndim`` is 2 for methods defined on ``(N, C)`` and 3 for those that need a
-    spatial axis.
+    ``min_ndim`` is as in :func:`check_input`.
 
     Returns
     -------
@@ -93,8 +104,7 @@ def prepare_channel_norm(
     xc : ``x`` in the compute dtype (float16 computes in float32)
     gamma_c, beta_c : the parameters in the compute dtype
     """
-    xp = check_float_array("x", x)
-    check_ndim("x", x, min_ndim=min_ndim, layout="(N, C, *spatial)")
+    xp = check_input(x, min_ndim=min_ndim)
     check_channel_param("gamma", gamma, x.shape[1])
     check_channel_param("beta", beta, x.shape[1])
     array_namespace(x, gamma, beta)  # one namespace for all three

@@ -18,7 +18,7 @@ from typing import Any
 
 from refnorm.backend import Array
 from refnorm.core import affine_forward, moments, reduced_count, standardize
-from refnorm.core.checks import check_count, check_momentum, check_ndim, prepare_channel_norm
+from refnorm.core.checks import check_count, check_input, check_momentum, prepare_channel_norm
 from refnorm.core.running import update_running_stats
 from refnorm.norms.base import (
     ChannelNorm,
@@ -57,8 +57,7 @@ def instance_norm_forward(
     y : array, ``x.shape``
     cache : InstanceNormCache; ``mean``, ``var`` of shape (N, C, 1, ...)
     """
-    check_ndim("x", x, min_ndim=3, layout="(N, C, *spatial) with a spatial axis")
-    xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps, min_ndim=3)
     reduce_axes = tuple(range(2, x.ndim))                        # (2, 3, ...): spatial
     check_count(reduced_count(x.shape, reduce_axes),
                 what="instance normalization", shape=x.shape)
@@ -90,7 +89,7 @@ def instance_norm_eval_forward(
     gamma, beta, running_mean, running_var : arrays, (C,)
     eps : float, > 0
     """
-    check_ndim("x", x, min_ndim=3, layout="(N, C, *spatial) with a spatial axis")
+    check_input(x, min_ndim=3)
     return frozen_norm_forward(
         x, gamma, beta, (running_mean, running_var), eps=eps, cache_type=InstanceNormCache
     )
