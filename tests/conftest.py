@@ -1,0 +1,40 @@
+"""Shared test configuration: hypothesis profiles and the array backends the suite runs over.
+
+Profiles (select with HYPOTHESIS_PROFILE, default ``ci``):
+
+- ``ci``: hypothesis's own ``ci`` profile (derandomized, no deadline, no example database)
+  with a bounded number of examples so the whole suite stays within a few minutes on 2 cores;
+- ``thorough``: ten times the examples, for a deeper local run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=25)
+settings.register_profile("thorough", parent=settings.get_profile("ci"), max_examples=250)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _backends():
+    yield pytest.param(np, id="numpy")
+    try:
+        import array_api_strict
+    except ImportError:  # pragma: no cover - the test extra installs it
+        yield pytest.param(None, id="array_api_strict",
+                           marks=pytest.mark.skip(reason="array_api_strict not installed"))
+    else:
+        yield pytest.param(array_api_strict, id="array_api_strict")
+
+
+BACKENDS = list(_backends())
+
+
+@pytest.fixture(params=BACKENDS, scope="session")
+def xp(request):
+    """The array namespace a test runs its inputs in: numpy, then array_api_strict."""
+    return request.param

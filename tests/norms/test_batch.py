@@ -1,0 +1,134 @@
+"""Batch Normalization: staged backward, inference, running statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import refnorm
+from refnorm.core.running import update_running_stats
+from refnorm.gradcheck import check_vjp
+
+
+def inputs(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    return (5 * rng.standard_normal(shape) + 12, 1 + 0.5 * rng.standard_normal(C),
+            0.5 * rng.standard_normal(C), rng.standard_normal(shape))
+
+
+@given(shape=st.lists(st.integers(1, 4), min_size=2, max_size=4).map(tuple),
+       seed=st.integers(0, 2**16), eps=st.sampled_from([1e-5, 1e-2]))
+def test_staged_backward_equals_closed_form(shape, seed, eps):
+    assume(shape[0] * int(np.prod(shape[2:])) >= 2)
+    x, gamma, beta, dy = inputs(shape, seed)
+    y, cache = refnorm.batch_norm_forward(x, gamma, beta, eps=eps)
+    y_graph, graph_cache = refnorm.batch_norm_forward_graph(x, gamma, beta, eps=eps)
+    # Two orderings of the same float64 arithmetic: agreement to a few ulps of O(1) values.
+    np.testing.assert_allclose(y_graph, y, rtol=0, atol=1e-13)
+    dx_s, dgamma_s, dbeta_s = refnorm.batch_norm_backward_graph(dy, graph_cache)
+    dx, dgamma, dbeta = refnorm.batch_norm_backward(dy, cache)
+    # dx is a sum of terms of size |gamma dy| rstd that may cancel (to O(eps) when m = 2):
+    # compare on the scale of the terms, where the two orderings differ by rounding only.
+    term_scale = np.abs(dy).max() * np.abs(gamma).max() * cache.rstd.max()
+    np.testing.assert_allclose(dx_s, dx, rtol=0, atol=1e-12 * term_scale)
+    np.testing.assert_allclose(dgamma_s, dgamma, rtol=1e-12, atol=1e-12 * np.abs(dy).sum())
+    np.testing.assert_allclose(dbeta_s, dbeta, rtol=0, atol=0)
+
+
+def test_staged_backward_matches_finite_differences():
+    x, gamma, beta, _ = inputs((4, 3, 2, 2))
+
+    def f(x, gamma, beta):
+        return refnorm.batch_norm_forward_graph(x, gamma, beta)[0]
+
+    def vjp(dy, x, gamma, beta):
+        _, cache = refnorm.batch_norm_forward_graph(x, gamma, beta)
+        return dict(zip(("x", "gamma", "beta"), refnorm.batch_norm_backward_graph(dy, cache)))
+
+    for name, err in check_vjp(f, vjp, {"x": x, "gamma": gamma, "beta": beta}).items():
+        assert err.max_rel_error < 1e-6, (name, err)
+
+
+def test_eval_forward_uses_the_running_statistics():
+    x, gamma, beta, _ = inputs((5, 3, 4))
+    mean, var = np.array([11.0, 12.0, 13.0]), np.array([20.0, 25.0, 30.0])
+    y, _ = refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var, eps=1e-3)
+    c = (slice(None), None)  # (C,) -> (C, 1) broadcast over the last axis
+    expected = gamma[c] * (x - mean[c]) / np.sqrt(var[c] + 1e-3) + beta[c]
+    np.testing.assert_allclose(y, expected, rtol=1e-13)
+
+
+def test_eval_backward_is_the_frozen_affine_map():
+    x, gamma, beta, dy = inputs((5, 3, 4))
+    mean, var = np.array([11.0, 12.0, 13.0]), np.array([20.0, 25.0, 30.0])
+    _, cache = refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var)
+    dx, dgamma, dbeta = refnorm.batch_norm_backward(dy, cache)
+    c = (slice(None), None)
+    np.testing.assert_allclose(dx, dy * gamma[c] / np.sqrt(var[c] + 1e-5), rtol=1e-13)
+
+    def f(x, gamma, beta):
+        return refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var)[0]
+
+    def vjp(dy, x, gamma, beta):
+        _, cache = refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var)
+        return dict(zip(("x", "gamma", "beta"), refnorm.batch_norm_backward(dy, cache)))
+
+    for name, err in check_vjp(f, vjp, {"x": x, "gamma": gamma, "beta": beta}).items():
+        assert err.max_rel_error < 1e-6, (name, err)
+
+
+def test_running_update_follows_pytorchs_convention():
+    rng = np.random.default_rng(4)
+    x = 3 * rng.standard_normal((6, 2, 5)) + 7
+    running_mean, running_var = np.array([1.0, 2.0]), np.array([3.0, 4.0])
+    _, cache = refnorm.batch_norm_forward(x, np.ones(2), np.zeros(2))
+    new_mean, new_var = update_running_stats(
+        running_mean, running_var, cache.mean.reshape(2), cache.var.reshape(2),
+        count=30, momentum=0.1)
+    # Independently: numpy's per-channel mean and unbiased (ddof=1) variance over N and L.
+    batch_mean = x.mean(axis=(0, 2))
+    batch_var = x.transpose(1, 0, 2).reshape(2, -1).var(axis=1, ddof=1)
+    np.testing.assert_allclose(new_mean, 0.9 * running_mean + 0.1 * batch_mean, rtol=1e-14)
+    np.testing.assert_allclose(new_var, 0.9 * running_var + 0.1 * batch_var, rtol=1e-14)
+    np.testing.assert_array_equal(running_mean, [1.0, 2.0])  # not modified
+
+
+def test_layer_updates_state_in_training_only():
+    layer = refnorm.build("bn", 3, momentum=0.25, dtype=np.float64)
+    x, _, _, _ = inputs((8, 3, 4, 4))
+    y_eval_before = layer.forward(x, training=False)
+    np.testing.assert_array_equal(layer.state["running_mean"], np.zeros(3))
+    np.testing.assert_allclose(y_eval_before, x / np.sqrt(1 + 1e-5))  # running stats 0, 1
+    layer.forward(x, training=True)
+    batch_mean = x.mean(axis=(0, 2, 3))
+    batch_var = x.transpose(1, 0, 2, 3).reshape(3, -1).var(axis=1, ddof=1)
+    np.testing.assert_allclose(layer.state["running_mean"], 0.25 * batch_mean, rtol=1e-14)
+    np.testing.assert_allclose(layer.state["running_var"], 0.75 + 0.25 * batch_var, rtol=1e-14)
+
+
+def test_running_statistics_converge_to_the_population():
+    rng = np.random.default_rng(5)
+    layer = refnorm.build("bn", 2, dtype=np.float64)
+    true_mean, true_std = np.array([3.0, -2.0]), np.array([2.0, 0.5])
+    for _ in range(200):
+        x = true_mean[None, :, None] + true_std[None, :, None] * rng.standard_normal((16, 2, 8))
+        layer.forward(x, training=True)
+    # An EMA with momentum 0.1 averages ~19 batches of 128 values: std error of the mean
+    # ~ std / sqrt(19 * 128) ~ 0.02 std; of the variance ~ var * sqrt(2 / 2400) ~ 0.03 var.
+    assert np.all(np.abs(layer.state["running_mean"] - true_mean) < 0.1 * true_std)
+    np.testing.assert_allclose(layer.state["running_var"], true_std**2, rtol=0.15)
+
+
+def test_eval_output_of_a_sample_does_not_depend_on_the_batch():
+    layer = refnorm.build("bn", 3, dtype=np.float64)
+    x, _, _, _ = inputs((6, 3, 2, 2))
+    layer.forward(x, training=True)
+    alone = layer.forward(x[:1], training=False)
+    in_batch = layer.forward(x, training=False)[:1]
+    np.testing.assert_array_equal(alone, in_batch)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(layer.forward(x[:2], training=True)[:1],
+                                   layer.forward(x, training=True)[:1])

@@ -1,0 +1,100 @@
+"""The layer interface and the registry, the same for every registered normalizer."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import refnorm
+from refnorm import registry
+from refnorm.gradcheck import check_layer, check_registered
+
+NAMES = ["bn", "in", "ln", "gn"]
+
+
+def build(name, C=4, **kw):
+    options = {"num_groups": 2} if name == "gn" else {}
+    return refnorm.build(name, C, **options, **kw)
+
+
+def test_registry_lists_the_four_methods_in_order():
+    assert registry.names()[:4] == tuple(NAMES)
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown normalizer 'xn'; expected one of bn, in, ln, gn"):
+        refnorm.build("xn", 4)
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(ValueError, match=r"already registered as 'bn'"):
+        registry.register("bn")(type("Other", (), {}))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_matches_its_pure_functions(name):
+    forward = {"bn": refnorm.batch_norm_forward, "in": refnorm.instance_norm_forward,
+               "ln": refnorm.layer_norm_forward, "gn": refnorm.group_norm_forward}[name]
+    backward = {"bn": refnorm.batch_norm_backward, "in": refnorm.instance_norm_backward,
+                "ln": refnorm.layer_norm_backward, "gn": refnorm.group_norm_backward}[name]
+    rng = np.random.default_rng(0)
+    layer = build(name, dtype=np.float64)
+    layer.params = {"gamma": rng.standard_normal(4), "beta": rng.standard_normal(4)}
+    x, dy = rng.standard_normal((3, 4, 2, 2)), rng.standard_normal((3, 4, 2, 2))
+    options = {"num_groups": 2} if name == "gn" else {}
+    y_ref, cache = forward(x, layer.params["gamma"], layer.params["beta"], **options)
+    dx_ref, dgamma_ref, dbeta_ref = backward(dy, cache)
+    np.testing.assert_array_equal(layer.forward(x, training=True), y_ref)
+    np.testing.assert_array_equal(layer.backward(dy), dx_ref)
+    assert set(layer.grads) == set(layer.params) == {"gamma", "beta"}
+    np.testing.assert_array_equal(layer.grads["gamma"], dgamma_ref)
+    np.testing.assert_array_equal(layer.grads["beta"], dbeta_ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameters_start_at_identity_in_the_requested_dtype(name):
+    layer = build(name)
+    assert layer.params["gamma"].dtype == np.float32  # the default
+    np.testing.assert_array_equal(layer.params["gamma"], np.ones(4))
+    np.testing.assert_array_equal(layer.params["beta"], np.zeros(4))
+    assert build(name, dtype=np.float64).params["beta"].dtype == np.float64
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backward_before_forward_is_an_error(name):
+    with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
+        build(name).backward(np.ones((2, 4, 2, 2), np.float32))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deepcopy_is_independent(name):
+    layer = build(name, dtype=np.float64)
+    twin = copy.deepcopy(layer)
+    twin.params["gamma"][0] = 5.0
+    assert layer.params["gamma"][0] == 1.0
+    assert twin.xp is layer.xp
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layers_run_on_array_api_strict(name):
+    strict = pytest.importorskip("array_api_strict")
+    layer = build(name, dtype=strict.float64, xp=strict)
+    x = strict.asarray(np.random.default_rng(0).standard_normal((3, 4, 2, 2)))
+    y = layer.forward(x, training=True)
+    dx = layer.backward(x)
+    assert type(y) is type(x) and type(dx) is type(x)
+    assert type(layer.grads["gamma"]) is type(x)
+    errors = check_layer(layer, x, training=True)
+    assert max(e.max_rel_error for e in errors.values()) < 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_check_case_passes(name):
+    results = check_registered(name)
+    assert results, "each registered layer declares check cases"
+    for result in results:
+        assert set(result.errors) == {"x", "gamma", "beta"}
+        for grad, err in result.errors.items():
+            assert err.max_rel_error < 1e-6, (result, grad)
