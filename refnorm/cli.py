@@ -122,7 +122,10 @@ def format_table(rows: list[dict]) -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     failed = sum(not row["passed"] for row in rows)
     text.append("")
-    text.append(f"{len(rows) - failed} passed, {failed} failed" if rows else "nothing checked")
+    if failed:
+        text.append(f"{failed} of {len(rows)} gradients exceed the tolerance")
+    else:
+        text.append(f"all {len(rows)} gradients within the tolerance")
     return "\n".join(text)
 
 

@@ -27,7 +27,9 @@ fi
 spec="$root${REFNORM_EXTRAS:+[$REFNORM_EXTRAS]}"
 want="$(cksum < "$root/pyproject.toml") $spec"
 stamp="$venv/.refnorm-install"
-if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
+# Without extras, any install of this pyproject.toml will do; with extras, the same extras.
+if [ -n "${REFNORM_EXTRAS:-}" ]; then match=(-qxF "$want"); else match=(-qF "$want"); fi
+if [ ! -f "$stamp" ] || ! grep "${match[@]}" "$stamp"; then
   echo "installing refnorm${REFNORM_EXTRAS:+ with extras $REFNORM_EXTRAS} into $venv ..." >&2
   log="$venv/.refnorm-install.log"
   if ! { "$venv/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&

@@ -71,3 +71,18 @@ def test_one_pass_variance_fails_the_same_float32_check():
     assert abs(float(one_pass) - 1.0) > 0.1
     two_pass = np.mean((x - np.mean(x)) ** 2)
     assert abs(float(two_pass) - 1.0) < 0.1
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_float16_statistics_are_not_computed_in_float16(method):
+    # float16 values near 300 are spaced 0.25 apart: a float16 mean is off by up to 0.125
+    # of a unit standard deviation, and the output mean with it. Computed in float32 (from
+    # the exactly representable float16 inputs) the only error left is y's float16 rounding
+    # (2^-11 relative on values up to ~4).
+    rng = np.random.default_rng(3)
+    x = (300 + rng.standard_normal((8, 4, 8, 8))).astype(np.float16)
+    y, _ = method.forward(x, np.ones(4, np.float16), np.zeros(4, np.float16),
+                          eps=1e-5, **options_for(method))
+    mu, var = reference_stats(method, y.astype(np.float64), options_for(method))
+    np.testing.assert_allclose(mu, 0.0, atol=2e-3)
+    np.testing.assert_allclose(var, 1.0, atol=5e-3)
