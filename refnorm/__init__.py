@@ -12,11 +12,11 @@ Importing refnorm needs numpy only (numba for the fast kernels); CuPy, MPI and J
 optional.
 """
 
-from refnorm import norms
+from refnorm import gradcheck, norms
 from refnorm.norms import *  # noqa: F403  (the public functions and layers)
 from refnorm.norms import __all__ as _norms_all
 from refnorm.registry import build, names
 
 __version__ = "0.1.0"
 
-__all__ = ["build", "names", "norms", *_norms_all]
+__all__ = ["build", "gradcheck", "names", "norms", *_norms_all]
