@@ -19,8 +19,18 @@ from refnorm.norms.instance import (
     instance_norm_forward,
 )
 from refnorm.norms.layer import LayerNorm, LayerNormCache, layer_norm_backward, layer_norm_forward
-# Imported last so that the registry lists bn, in, ln, gn in the order of the papers.
+# Imported last so that the registry lists bn, in, ln, gn, sn in this order.
 from refnorm.norms.group import GroupNorm, GroupNormCache, group_norm_backward, group_norm_forward  # noqa: I001
+from refnorm.norms.switchable import (  # noqa: I001
+    SwitchableNorm,
+    SwitchableNormCache,
+    SwitchableOptions,
+    batch_average,
+    switchable_norm_backward,
+    switchable_norm_backward_compact,
+    switchable_norm_eval_forward,
+    switchable_norm_forward,
+)
 
 __all__ = [
     "BatchNorm",
@@ -35,6 +45,10 @@ __all__ = [
     "LayerNorm",
     "LayerNormCache",
     "NormCache",
+    "SwitchableNorm",
+    "SwitchableNormCache",
+    "SwitchableOptions",
+    "batch_average",
     "batch_norm_backward",
     "batch_norm_backward_graph",
     "batch_norm_eval_forward",
@@ -47,4 +61,8 @@ __all__ = [
     "instance_norm_forward",
     "layer_norm_backward",
     "layer_norm_forward",
+    "switchable_norm_backward",
+    "switchable_norm_backward_compact",
+    "switchable_norm_eval_forward",
+    "switchable_norm_forward",
 ]
