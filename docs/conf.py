@@ -71,6 +71,7 @@ nb_execution_mode = "force"           # run every notebook on every build, no ca
 nb_execution_raise_on_error = True    # an exception in a lesson fails the build
 nb_execution_timeout = 300            # seconds per cell
 nb_execution_show_tb = True           # print the traceback in the build log
+nb_render_markdown_format = "myst"    # text/markdown outputs (the errata tables) as MyST
 
 # -- HTML --------------------------------------------------------------------------------------
 

@@ -1,0 +1,41 @@
+"""Switchable Normalization Appendix A, Eq. (6)-(14): which printed formulas are right.
+
+The verdicts are derived by hand (see refnorm/errata/sn_appendix.py and the errata page);
+these tests hold the finite-difference measurements to them on several random problems.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from refnorm.errata import sn_appendix
+
+AGREE = {"Eq. (6)", "Eq. (7)", "Eq. (8)", "Eq. (9)", "Eq. (10), scalar gamma", "Eq. (12)",
+         "Eq. (13)", "Eq. (14)"}
+DISAGREE = {"Eq. (10)", "Eq. (11)", "Eq. (13), as extracted"}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_printed_appendix_verdicts(seed):
+    findings = {f.equation: f for f in sn_appendix.check_appendix(seed)}
+    assert set(findings) == AGREE | DISAGREE
+    for eq in AGREE:
+        assert findings[eq].agrees and findings[eq].max_rel_error < 1e-6, findings[eq]
+    for eq in DISAGREE:
+        # A wrong formula is wrong by O(1), far from finite-difference noise.
+        assert not findings[eq].agrees and findings[eq].max_rel_error > 0.1, findings[eq]
+
+
+def test_markdown_table_lists_every_finding():
+    findings = sn_appendix.check_appendix()
+    table = sn_appendix.to_markdown(findings)
+    assert table.count("\n") == len(findings) + 1
+    assert table.count("**disagrees**") == len(DISAGREE)
+
+
+def test_eq4_printed_form_fails_in_float32_and_stable_form_does_not():
+    m = sn_appendix.check_eq4_float32(offset=1e4)
+    # E[h^2] ~ 1e8 has float32 spacing 8: the printed form loses the unit variance entirely.
+    assert m.paper_rel_error > 0.5
+    # The stable form only carries the float32 rounding of values of size ~1e4 (~1e-4 of 1).
+    assert m.stable_rel_error < 1e-3
