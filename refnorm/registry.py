@@ -1,4 +1,8 @@
-"""Build any normalizer by name: ``refnorm.build("gn", 64, num_groups=32)``."""
+"""Build any registered layer by name: ``refnorm.build("gn", 64, num_groups=32)``.
+
+The first positional argument of every registered layer is the number of input channels
+(C of an (N, C, *spatial) input); ``refnorm gradcheck`` relies on that.
+"""
 
 from __future__ import annotations
 
@@ -37,10 +41,10 @@ def layer_class(name: str) -> type:
         ) from None
 
 
-def build(name: str, num_channels: int, **options: Any) -> Any:
-    """Construct the layer registered as ``name`` for ``num_channels`` channels.
+def build(name: str, num_channels: int, *args: Any, **options: Any) -> Any:
+    """Construct the layer registered as ``name`` for ``num_channels`` input channels.
 
-    ``options`` go to the layer's constructor (``eps``, ``momentum``, ``num_groups``,
+    Further arguments go to the layer's constructor (``eps``, ``momentum``, ``num_groups``,
     ``dtype``, ...).
     """
-    return layer_class(name)(num_channels, **options)
+    return layer_class(name)(num_channels, *args, **options)

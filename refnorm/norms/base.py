@@ -6,13 +6,13 @@ in its forward; everything after the statistics is the same for all of them and 
 - :class:`NormCache` — what a forward saves for its backward;
 - :func:`channel_norm_backward` — affine backward, then the closed-form standardize
   backward (or, with frozen statistics, just the scale by ``rstd``);
-- :class:`Layer` — the one object interface (forward / backward / params / grads / state).
+- :class:`ChannelNorm` — the layer base of these methods (the interface itself is
+  :class:`refnorm.layer.Layer`).
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -22,6 +22,7 @@ from refnorm.backend import Array, array_namespace
 from refnorm.core import affine_backward, affine_forward, standardize, standardize_backward
 from refnorm.core.affine import channel_view
 from refnorm.core.checks import check_channel_param, check_like, prepare_channel_norm
+from refnorm.layer import CheckCase, Layer
 
 
 @dataclass(frozen=True)
@@ -139,84 +140,6 @@ def check_cache(cache: object, expected: type) -> None:
     """A backward given another method's cache would compute a wrong gradient: refuse."""
     if type(cache) is not expected:
         raise TypeError(f"cache must be a {expected.__name__}; got {type(cache).__name__}")
-
-
-@dataclass(frozen=True)
-class CheckCase:
-    """One configuration ``refnorm gradcheck`` runs a registered layer on.
-
-    Attributes
-    ----------
-    shape : tuple of int
-        Input shape (N, C, *spatial).
-    options : dict
-        Keyword arguments for the layer's constructor (e.g. ``num_groups``).
-    training : bool
-        Which mode the forward runs in.
-    """
-
-    shape: tuple[int, ...]
-    options: dict[str, Any] = field(default_factory=dict)
-    training: bool = True
-
-
-class Layer:
-    """The interface every refnorm layer shares.
-
-    Attributes
-    ----------
-    params : dict of str to array
-        Learnable parameters (``gamma``, ``beta``, ...).
-    grads : dict of str to array
-        Gradients of the last :meth:`backward`, same keys as ``params``.
-    state : dict of str to array
-        Non-learned state saved with a model (running statistics); may be empty.
-
-    Subclasses implement :meth:`_forward` (returning ``(y, cache)``) and :meth:`_backward`
-    (returning ``(dx, grads)``); the public methods keep the bookkeeping in one place.
-    """
-
-    name: ClassVar[str] = ""
-    check_cases: ClassVar[tuple[CheckCase, ...]] = ()
-
-    def __init__(self) -> None:
-        self.params: dict[str, Array] = {}
-        self.grads: dict[str, Array] = {}
-        self.state: dict[str, Array] = {}
-        self._cache: Any = None
-
-    def forward(self, x: Array, training: bool) -> Array:
-        """Normalize ``x``; ``training`` selects batch statistics and updates the state."""
-        if not isinstance(training, bool):
-            raise TypeError(f"training must be a bool; got {type(training).__name__}")
-        y, self._cache = self._forward(x, training)
-        return y
-
-    def backward(self, dy: Array) -> Array:
-        """Return ``dx`` for the last forward and fill :attr:`grads`."""
-        if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
-        dx, self.grads = self._backward(dy, self._cache)
-        return dx
-
-    def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
-        raise NotImplementedError
-
-    def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
-        raise NotImplementedError
-
-    def __deepcopy__(self, memo: dict) -> Layer:
-        # Array namespaces (modules) are shared, everything else is copied.
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            keep = isinstance(value, ModuleType)
-            new.__dict__[key] = value if keep else copy.deepcopy(value, memo)
-        return new
-
-    def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.params.items())
-        return f"{type(self).__name__}({shapes})"
 
 
 class ChannelNorm(Layer):
