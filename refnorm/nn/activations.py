@@ -1,0 +1,78 @@
+"""The rectified linear unit, ``relu(x) = max(x, 0)``, element-wise.
+
+Its derivative is 1 where ``x > 0`` and 0 where ``x < 0``. At ``x = 0`` the function has no
+derivative (the one-sided slopes are 0 and 1); refnorm takes 0 there, as PyTorch and most
+libraries do, so the backward is ``dx = dy * [x > 0]``. A finite-difference check is
+invalid at 0 for the same reason: it returns the average slope 1/2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from refnorm.backend import Array, array_namespace
+from refnorm.core.checks import check_float_array, check_like
+from refnorm.layer import Layer
+from refnorm.nn._checks import check_cache_type
+
+
+@dataclass(frozen=True)
+class ReLUCache:
+    """What :func:`relu_forward` saves for :func:`relu_backward`.
+
+    Attributes
+    ----------
+    positive : bool array, ``x.shape``
+        ``x > 0``. Saved instead of ``x``: the backward needs only the mask (one byte per
+        element).
+    """
+
+    positive: Array
+
+
+def relu_forward(x: Array) -> tuple[Array, ReLUCache]:
+    """``y = max(x, 0)`` element-wise; NaN stays NaN.
+
+    Parameters
+    ----------
+    x : array, any shape
+        Real floating.
+
+    Returns
+    -------
+    y : array, ``x.shape``, dtype of ``x``
+    cache : ReLUCache
+    """
+    xp = check_float_array("x", x)
+    y = xp.maximum(x, xp.zeros_like(x))
+    return y, ReLUCache(positive=x > 0)
+
+
+def relu_backward(dy: Array, cache: ReLUCache) -> Array:
+    """Backward of :func:`relu_forward`: ``dx = dy`` where ``x > 0``, else 0 (also at ``x = 0``).
+
+    Parameters
+    ----------
+    dy : array, ``x.shape``
+        Upstream gradient.
+    cache : ReLUCache
+
+    Returns
+    -------
+    dx : array, ``x.shape``, dtype of ``dy``
+    """
+    check_cache_type(cache, ReLUCache)
+    check_like("dy", dy, tuple(cache.positive.shape))
+    xp = array_namespace(dy, cache.positive)
+    return xp.where(cache.positive, dy, xp.zeros_like(dy))
+
+
+class ReLU(Layer):
+    """The ReLU as a layer (no parameters, so not registered by name)."""
+
+    def _forward(self, x: Array, training: bool) -> tuple[Array, ReLUCache]:
+        return relu_forward(x)
+
+    def _backward(self, dy: Array, cache: ReLUCache) -> tuple[Array, dict[str, Any]]:
+        return relu_backward(dy, cache), {}

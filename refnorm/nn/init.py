@@ -1,0 +1,47 @@
+"""Weight initialization for the network layers.
+
+He, Zhang, Ren & Sun, *Delving Deep into Rectifiers* (2015), §2.2: for a layer followed by a
+ReLU, weights drawn from ``normal(0, sqrt(2 / fan_in))`` keep the variance of the activations
+constant from layer to layer; ``fan_in`` is the number of inputs of one output unit
+(C_in KH KW for a convolution, D_in for a linear layer).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from refnorm.backend import Array
+from refnorm.nn._checks import is_int
+
+
+def he_normal(
+    shape: tuple[int, ...], *, fan_in: int, seed: int, xp: ModuleType, dtype: Any
+) -> Array:
+    """He/Kaiming-normal weights: ``normal(0, std)``, ``std = sqrt(2 / fan_in)``.
+
+    Drawn in float64 by ``numpy.random.default_rng(seed)`` whatever the namespace, so a seed
+    gives the same weights on every backend, then converted to ``xp`` and ``dtype``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (C_out, C_in, KH, KW) for a convolution, (D_out, D_in) for a linear layer.
+    fan_in : int
+        Inputs of one output unit: C_in KH KW, or D_in.
+    seed : int
+    xp : module
+        The array namespace of the result.
+    dtype : dtype
+        A real floating dtype of ``xp``.
+
+    Returns
+    -------
+    w : array, ``shape``
+    """
+    if not is_int(seed):
+        raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+    w = np.random.default_rng(seed).standard_normal(shape) * np.sqrt(2.0 / fan_in)
+    return xp.asarray(w, dtype=dtype)

@@ -1,0 +1,330 @@
+"""Max pooling, average pooling and global average pooling over (N, C, H, W) inputs.
+
+The two windowed poolings reuse the convolution's :func:`~refnorm.nn.conv.im2col`: with the
+columns viewed as (C, KH KW, N H_out W_out), each window is one column of KH KW entries in
+row-major window order (k = i KW + j for kernel offset (i, j)), and
+
+    max pooling      y = max_k window[k]          dwindow[k] = dy if k = argmax, else 0
+    average pooling  y = mean_k window[k]         dwindow[k] = dy / (KH KW)
+
+after which :func:`~refnorm.nn.conv.col2im` adds each window's gradient back onto the input
+(overlapping windows, ``stride < kernel_size``, add up). The stride defaults to the kernel
+size (non-overlapping windows); there is no padding.
+
+Ties in max pooling: where several entries of a window share the maximum, the gradient goes
+to the first of them in row-major window order (the Array API's ``argmax`` returns the first
+occurrence), as in PyTorch's CPU kernels. The max is not differentiable there (its
+one-sided derivatives differ), so finite differences cannot check this choice: a central
+difference splits the gradient equally between tied entries.
+
+Global average pooling averages each channel over all its positions, (N, C, *spatial) ->
+(N, C), the step before the classifier of a small conv-net.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from refnorm.backend import Array, array_namespace, compute_dtype
+from refnorm.core.checks import check_float_array, check_like, check_ndim
+from refnorm.layer import Layer
+from refnorm.nn._checks import as_pair, check_cache_type, check_rank
+from refnorm.nn.conv import Window, col2im, im2col, sliding_window
+
+
+@dataclass(frozen=True)
+class PoolCache:
+    """What a windowed pooling forward saves for its backward.
+
+    Attributes
+    ----------
+    argmax : int array, (C, N * H_out * W_out), or None
+        For max pooling, the index k = i KW + j of each window's (first) maximum; saved
+        instead of ``x``, the backward needs only where the maximum was. None for average
+        pooling, whose backward needs no value of ``x``.
+    x_shape : (N, C, H, W)
+    y_shape : (N, C, H_out, W_out)
+        The shape ``dy`` must have.
+    window : Window
+        Kernel, stride (padding 0) and output size.
+    compute_dtype, x_dtype : dtypes
+        The dtype the backward computes in and the one ``dx`` is returned in.
+    """
+
+    argmax: Array | None
+    x_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
+    window: Window
+    compute_dtype: Any
+    x_dtype: Any
+
+
+@dataclass(frozen=True)
+class MaxPool2dCache(PoolCache):
+    """A :class:`PoolCache` from :func:`max_pool2d_forward` (``argmax`` is set)."""
+
+
+@dataclass(frozen=True)
+class AvgPool2dCache(PoolCache):
+    """A :class:`PoolCache` from :func:`avg_pool2d_forward` (``argmax`` is None)."""
+
+
+def _windows(x: Array, kernel_size: Any, stride: Any) -> tuple[Array, Window]:
+    """The windows of ``x`` (N, C, H, W) as (C, KH KW, N H_out W_out), in the compute dtype."""
+    xp = check_rank("x", x, layout="(N, C, H, W)")
+    stride = kernel_size if stride is None else stride
+    win = sliding_window(x.shape, kernel_size=kernel_size, stride=stride)
+    C, (KH, KW), (H_out, W_out) = x.shape[1], win.kernel, win.out
+    xc = xp.astype(x, compute_dtype(xp, x.dtype), copy=False)
+    cols = im2col(xc, kernel_size=win.kernel, stride=win.stride)  # (C KH KW, N H_out W_out)
+    N = x.shape[0]
+    windows = xp.reshape(cols, (C, KH * KW, N * H_out * W_out))   # (C, KH KW, N H_out W_out)
+    return windows, win
+
+
+def _to_nchw(xp: Any, a: Array, y_shape: tuple[int, ...]) -> Array:
+    """(C, N H_out W_out) -> (N, C, H_out, W_out)."""
+    N, C, H_out, W_out = y_shape
+    a = xp.reshape(a, (C, N, H_out, W_out))                       # (C, N, H_out, W_out)
+    return xp.permute_dims(a, (1, 0, 2, 3))                       # (N, C, H_out, W_out)
+
+
+def _from_nchw(xp: Any, dy: Array, cache: PoolCache) -> Array:
+    """``dy`` (N, C, H_out, W_out) -> (C, 1, N H_out W_out) in the compute dtype, checked."""
+    check_like("dy", dy, cache.y_shape)
+    N, C, H_out, W_out = cache.y_shape
+    dy = xp.astype(dy, cache.compute_dtype, copy=False)
+    dy = xp.permute_dims(dy, (1, 0, 2, 3))                        # (C, N, H_out, W_out)
+    return xp.reshape(dy, (C, 1, N * H_out * W_out))              # (C, 1, N H_out W_out)
+
+
+def _windows_backward(xp: Any, dwindows: Array, cache: PoolCache) -> Array:
+    """Window gradients (C, KH KW, N H_out W_out) -> ``dx`` (N, C, H, W) via col2im."""
+    C, K, L = dwindows.shape
+    win = cache.window
+    dcols = xp.reshape(dwindows, (C * K, L))                      # (C KH KW, N H_out W_out)
+    dx = col2im(dcols, cache.x_shape, kernel_size=win.kernel, stride=win.stride)  # (N, C, H, W)
+    return xp.astype(dx, cache.x_dtype, copy=False)
+
+
+def max_pool2d_forward(
+    x: Array, *, kernel_size: Any, stride: Any = None
+) -> tuple[Array, MaxPool2dCache]:
+    """The maximum of each KH x KW window.
+
+    Parameters
+    ----------
+    x : array, (N, C, H, W)
+        Real floating.
+    kernel_size : int or pair of ints, >= 1
+        (KH, KW); no larger than (H, W).
+    stride : int or pair of ints, >= 1, default ``kernel_size``
+
+    Returns
+    -------
+    y : array, (N, C, H_out, W_out), dtype of ``x``
+        ``H_out = (H - KH) // s_h + 1``, ``W_out`` likewise.
+    cache : MaxPool2dCache
+        Records the first maximum of each window in row-major window order.
+    """
+    windows, win = _windows(x, kernel_size, stride)               # (C, KH KW, N H_out W_out)
+    xp = array_namespace(x)
+    y_shape = (x.shape[0], x.shape[1]) + win.out
+    y = xp.max(windows, axis=1)                                   # (C, N H_out W_out)
+    argmax = xp.argmax(windows, axis=1)                           # (C, N H_out W_out)
+    cache = MaxPool2dCache(argmax=argmax, x_shape=tuple(x.shape), y_shape=y_shape,
+                           window=win, compute_dtype=windows.dtype, x_dtype=x.dtype)
+    return xp.astype(_to_nchw(xp, y, y_shape), x.dtype, copy=False), cache
+
+
+def max_pool2d_backward(dy: Array, cache: MaxPool2dCache) -> Array:
+    """Backward of :func:`max_pool2d_forward`: each window's ``dy`` goes to its first maximum.
+
+    Parameters
+    ----------
+    dy : array, (N, C, H_out, W_out)
+        Upstream gradient.
+    cache : MaxPool2dCache
+
+    Returns
+    -------
+    dx : array, (N, C, H, W), dtype of ``x``
+        Zero except at the recorded maxima; an entry that is the maximum of several
+        overlapping windows receives the sum of their ``dy``.
+    """
+    check_cache_type(cache, MaxPool2dCache)
+    xp = array_namespace(dy, cache.argmax)
+    dy_w = _from_nchw(xp, dy, cache)                              # (C, 1, N H_out W_out)
+    C, L = cache.argmax.shape
+    K = cache.window.kernel[0] * cache.window.kernel[1]
+    k = xp.reshape(xp.arange(K, dtype=cache.argmax.dtype), (1, K, 1))  # (1, KH KW, 1)
+    is_max = xp.reshape(cache.argmax, (C, 1, L)) == k             # (C, KH KW, N H_out W_out)
+    dwindows = xp.where(is_max, dy_w, xp.zeros_like(dy_w))        # (C, KH KW, N H_out W_out)
+    return _windows_backward(xp, dwindows, cache)
+
+
+def avg_pool2d_forward(
+    x: Array, *, kernel_size: Any, stride: Any = None
+) -> tuple[Array, AvgPool2dCache]:
+    """The mean of each KH x KW window.
+
+    Parameters
+    ----------
+    x : array, (N, C, H, W)
+        Real floating; float16 computes in float32 and returns float16.
+    kernel_size : int or pair of ints, >= 1
+        (KH, KW); no larger than (H, W).
+    stride : int or pair of ints, >= 1, default ``kernel_size``
+
+    Returns
+    -------
+    y : array, (N, C, H_out, W_out), dtype of ``x``
+    cache : AvgPool2dCache
+    """
+    windows, win = _windows(x, kernel_size, stride)               # (C, KH KW, N H_out W_out)
+    xp = array_namespace(x)
+    y_shape = (x.shape[0], x.shape[1]) + win.out
+    y = xp.mean(windows, axis=1)                                  # (C, N H_out W_out)
+    cache = AvgPool2dCache(argmax=None, x_shape=tuple(x.shape), y_shape=y_shape,
+                           window=win, compute_dtype=windows.dtype, x_dtype=x.dtype)
+    return xp.astype(_to_nchw(xp, y, y_shape), x.dtype, copy=False), cache
+
+
+def avg_pool2d_backward(dy: Array, cache: AvgPool2dCache) -> Array:
+    """Backward of :func:`avg_pool2d_forward`: each window entry gets ``dy / (KH KW)``.
+
+    Parameters
+    ----------
+    dy : array, (N, C, H_out, W_out)
+        Upstream gradient.
+    cache : AvgPool2dCache
+
+    Returns
+    -------
+    dx : array, (N, C, H, W), dtype of ``x``
+    """
+    check_cache_type(cache, AvgPool2dCache)
+    xp = check_float_array("dy", dy)
+    dy_w = _from_nchw(xp, dy, cache)                              # (C, 1, N H_out W_out)
+    C, _, L = dy_w.shape
+    K = cache.window.kernel[0] * cache.window.kernel[1]
+    dwindows = xp.broadcast_to(dy_w / K, (C, K, L))               # (C, KH KW, N H_out W_out)
+    return _windows_backward(xp, dwindows, cache)
+
+
+@dataclass(frozen=True)
+class GlobalAvgPoolCache:
+    """What :func:`global_avg_pool_forward` saves: only shapes and dtypes.
+
+    Attributes
+    ----------
+    x_shape : (N, C, *spatial)
+    compute_dtype, x_dtype : dtypes
+        The dtype the backward computes in and the one ``dx`` is returned in.
+    """
+
+    x_shape: tuple[int, ...]
+    compute_dtype: Any
+    x_dtype: Any
+
+
+def global_avg_pool_forward(x: Array) -> tuple[Array, GlobalAvgPoolCache]:
+    """The mean of each channel over all its positions.
+
+    Parameters
+    ----------
+    x : array, (N, C, H, W), or more generally (N, C, *spatial) with a spatial axis
+        Real floating; float16 computes in float32 and returns float16.
+
+    Returns
+    -------
+    y : array, (N, C), dtype of ``x``
+    cache : GlobalAvgPoolCache
+    """
+    xp = check_float_array("x", x)
+    check_ndim("x", x, min_ndim=3, layout="(N, C, *spatial) with a spatial axis")
+    dtype = compute_dtype(xp, x.dtype)
+    spatial_axes = tuple(range(2, x.ndim))
+    y = xp.mean(xp.astype(x, dtype, copy=False), axis=spatial_axes)  # (N, C)
+    cache = GlobalAvgPoolCache(x_shape=tuple(x.shape), compute_dtype=dtype, x_dtype=x.dtype)
+    return xp.astype(y, x.dtype, copy=False), cache
+
+
+def global_avg_pool_backward(dy: Array, cache: GlobalAvgPoolCache) -> Array:
+    """Backward of :func:`global_avg_pool_forward`: every position gets ``dy / (H W)``.
+
+    Parameters
+    ----------
+    dy : array, (N, C)
+        Upstream gradient.
+    cache : GlobalAvgPoolCache
+
+    Returns
+    -------
+    dx : array, ``x_shape`` (N, C, H, W), dtype of ``x``
+    """
+    check_cache_type(cache, GlobalAvgPoolCache)
+    N, C = cache.x_shape[:2]
+    check_like("dy", dy, (N, C))
+    xp = array_namespace(dy)
+    spatial = cache.x_shape[2:]
+    count = 1
+    for n in spatial:
+        count *= n
+    dy_c = xp.astype(dy, cache.compute_dtype, copy=False)
+    dy_v = xp.reshape(dy_c / count, (N, C) + (1,) * len(spatial))  # (N, C, 1, 1)
+    dx = xp.ones(cache.x_shape, dtype=cache.compute_dtype) * dy_v  # (N, C, H, W)
+    return xp.astype(dx, cache.x_dtype, copy=False)
+
+
+class MaxPool2d(Layer):
+    """Max pooling as a layer (no parameters, so not registered by name).
+
+    Parameters
+    ----------
+    kernel_size : int or pair of ints
+    stride : int or pair of ints, default ``kernel_size``
+    """
+
+    def __init__(self, kernel_size: Any, *, stride: Any = None) -> None:
+        super().__init__()
+        self.kernel_size = as_pair("kernel_size", kernel_size, minimum=1)
+        self.stride = self.kernel_size if stride is None else as_pair("stride", stride, minimum=1)
+
+    def _forward(self, x: Array, training: bool) -> tuple[Array, MaxPool2dCache]:
+        return max_pool2d_forward(x, kernel_size=self.kernel_size, stride=self.stride)
+
+    def _backward(self, dy: Array, cache: MaxPool2dCache) -> tuple[Array, dict[str, Any]]:
+        return max_pool2d_backward(dy, cache), {}
+
+
+class AvgPool2d(Layer):
+    """Average pooling as a layer (no parameters, so not registered by name).
+
+    Parameters
+    ----------
+    kernel_size : int or pair of ints
+    stride : int or pair of ints, default ``kernel_size``
+    """
+
+    def __init__(self, kernel_size: Any, *, stride: Any = None) -> None:
+        super().__init__()
+        self.kernel_size = as_pair("kernel_size", kernel_size, minimum=1)
+        self.stride = self.kernel_size if stride is None else as_pair("stride", stride, minimum=1)
+
+    def _forward(self, x: Array, training: bool) -> tuple[Array, AvgPool2dCache]:
+        return avg_pool2d_forward(x, kernel_size=self.kernel_size, stride=self.stride)
+
+    def _backward(self, dy: Array, cache: AvgPool2dCache) -> tuple[Array, dict[str, Any]]:
+        return avg_pool2d_backward(dy, cache), {}
+
+
+class GlobalAvgPool(Layer):
+    """Global average pooling (N, C, H, W) -> (N, C) as a layer (no parameters, not registered)."""
+
+    def _forward(self, x: Array, training: bool) -> tuple[Array, GlobalAvgPoolCache]:
+        return global_avg_pool_forward(x)
+
+    def _backward(self, dy: Array, cache: GlobalAvgPoolCache) -> tuple[Array, dict[str, Any]]:
+        return global_avg_pool_backward(dy, cache), {}

@@ -1,0 +1,87 @@
+"""relu: forward, backward against finite differences away from 0, the choice at 0, NaN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refnorm.backend import to_numpy
+from refnorm.gradcheck import check_vjp, numerical_vjp
+from refnorm.nn import relu_backward, relu_forward
+
+shapes = st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple)
+
+
+def away_from_zero(rng, shape):
+    """Standard normal values pushed at least 0.1 away from 0, where relu is smooth: the
+    finite-difference step 1e-6 never crosses the kink."""
+    u = rng.standard_normal(shape)
+    return u + 0.1 * np.sign(u)
+
+
+@given(shape=shapes, seed=st.integers(0, 2**32 - 1))
+def test_forward_is_max_x_0(xp, shape, seed):
+    x = 3.0 * np.random.default_rng(seed).standard_normal(shape)
+    y, _ = relu_forward(xp.asarray(x))
+    np.testing.assert_array_equal(to_numpy(y), np.maximum(x, 0.0))
+
+
+@given(shape=shapes, seed=st.integers(0, 2**32 - 1))
+def test_gradient_matches_finite_differences_away_from_zero(xp, shape, seed):
+    x = away_from_zero(np.random.default_rng(seed), shape)
+
+    def f(x):
+        return relu_forward(xp.asarray(x))[0]
+
+    def vjp(dy, x):
+        return {"x": relu_backward(xp.asarray(dy), relu_forward(xp.asarray(x))[1])}
+
+    # Away from 0 relu is linear on each side: central differences are exact up to rounding.
+    assert check_vjp(f, vjp, {"x": x}, seed=3)["x"].max_rel_error < 1e-8
+
+
+def test_derivative_at_zero_is_zero_though_finite_differences_say_one_half():
+    x = np.array([-1.0, 0.0, 2.0])
+    dy = np.array([5.0, 7.0, 11.0])
+    _, cache = relu_forward(x)
+    np.testing.assert_array_equal(relu_backward(dy, cache), [0.0, 0.0, 11.0])
+    # No derivative exists at 0: the central difference averages the slopes 0 and 1.
+    numeric = numerical_vjp(lambda x: relu_forward(x)[0], {"x": x}, dy, "x")
+    np.testing.assert_allclose(numeric, [0.0, 3.5, 11.0], rtol=1e-9)
+
+
+def test_nan_propagates_forward_and_upstream_nan_stays_where_x_is_positive(xp):
+    x = xp.asarray(np.array([np.nan, -1.0, 1.0, -np.inf, np.inf]))
+    y, cache = relu_forward(x)
+    np.testing.assert_array_equal(to_numpy(y), [np.nan, 0.0, 1.0, 0.0, np.inf])
+    dx = relu_backward(xp.asarray(np.array([1.0, np.nan, np.nan, np.nan, 2.0])), cache)
+    np.testing.assert_array_equal(to_numpy(dx), [0.0, 0.0, np.nan, 0.0, 2.0])
+
+
+def test_inputs_are_not_modified_and_dtype_is_kept():
+    x = np.array([[-1.0, 2.0]], dtype=np.float32)
+    dy = np.array([[3.0, 4.0]], dtype=np.float32)
+    y, cache = relu_forward(x)
+    dx = relu_backward(dy, cache)
+    np.testing.assert_array_equal(x, [[-1.0, 2.0]])
+    np.testing.assert_array_equal(dy, [[3.0, 4.0]])
+    assert y.dtype == dx.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: relu_forward(np.array([1, -1])), TypeError,
+         r"x must have a real floating-point dtype; got int64"),
+        (lambda: relu_forward(3.0), TypeError, r"x must be an array; got float"),
+        (lambda: relu_backward(np.ones(3), relu_forward(np.ones(2))[1]), ValueError,
+         r"dy must have shape \(2,\); got \(3,\)"),
+        (lambda: relu_backward(np.ones(2), None), TypeError,
+         r"cache must be a ReLUCache; got NoneType"),
+    ],
+)
+def test_errors_name_the_argument_expected_and_got(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

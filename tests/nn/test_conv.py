@@ -1,0 +1,228 @@
+"""conv2d by im2col: forward against direct loops, backward against finite differences,
+im2col/col2im adjoint, errors, dtypes; over numpy and array_api_strict (the ``xp`` fixture)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refnorm.backend import to_numpy
+from refnorm.gradcheck import check_vjp
+from refnorm.nn import col2im, conv2d_backward, conv2d_forward, im2col, sliding_window
+from tests.nn.reference import conv2d_loops
+from tests.nn.strategies import as_pair, conv_configs
+
+# Central differences with h = 1e-6 on float64 values of scale ~10 leave relative errors of
+# ~1e-8 (rounding / h); a wrong or missing term shows up at 1e-2 or more.
+FD_TOLERANCE = 1e-6
+
+
+def draw_arrays(data, config):
+    """x = 5 randn + 12 (a real mean), w and b standard normal, from a drawn seed."""
+    x_shape, w_shape, _, _, bias = config
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    x = 5.0 * rng.standard_normal(x_shape) + 12.0
+    w = rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0]) if bias else None
+    return x, w, b
+
+
+@given(data=st.data(), config=conv_configs())
+def test_forward_matches_direct_loops(xp, data, config):
+    x, w, b = draw_arrays(data, config)
+    _, _, stride, padding, _ = config
+    y, _ = conv2d_forward(xp.asarray(x), xp.asarray(w), None if b is None else xp.asarray(b),
+                          stride=stride, padding=padding)
+    expected = conv2d_loops(x, w, b, as_pair(stride), as_pair(padding))
+    assert tuple(y.shape) == expected.shape
+    # Sums of at most 27 products of size ~15 in another order: rounding ~1e-13.
+    np.testing.assert_allclose(to_numpy(y), expected, rtol=1e-12, atol=1e-12)
+
+
+@given(data=st.data(), config=conv_configs())
+def test_gradients_match_finite_differences(xp, data, config):
+    x, w, b = draw_arrays(data, config)
+    _, _, stride, padding, bias = config
+
+    def f(x, w, b=None):
+        b = None if b is None else xp.asarray(b)
+        return conv2d_forward(xp.asarray(x), xp.asarray(w), b, stride=stride, padding=padding)[0]
+
+    def vjp(dy, x, w, b=None):
+        b = None if b is None else xp.asarray(b)
+        _, cache = conv2d_forward(xp.asarray(x), xp.asarray(w), b, stride=stride,
+                                  padding=padding)
+        dx, dw, db = conv2d_backward(xp.asarray(dy), cache)
+        return {"x": dx, "w": dw} | ({"b": db} if bias else {})
+
+    inputs = {"x": x, "w": w} | ({"b": b} if bias else {})
+    errors = check_vjp(f, vjp, inputs, seed=1)
+    assert set(errors) == set(inputs)
+    for name, err in errors.items():
+        assert err.max_rel_error < FD_TOLERANCE, (name, err)
+
+
+@given(data=st.data(), config=conv_configs())
+def test_col2im_is_the_adjoint_of_im2col(xp, data, config):
+    x_shape, (_, _, KH, KW), stride, padding, _ = config
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    x = rng.standard_normal(x_shape)
+    kw = {"kernel_size": (KH, KW), "stride": stride, "padding": padding}
+    cols = im2col(xp.asarray(x), **kw)
+    c = rng.standard_normal(tuple(cols.shape))
+    back = col2im(xp.asarray(c), x_shape, **kw)
+    assert tuple(back.shape) == x_shape
+    # <im2col(x), c> = <x, col2im(c)>: two sums of the same products in another order.
+    lhs = float(np.sum(to_numpy(cols) * c))
+    rhs = float(np.sum(x * to_numpy(back)))
+    assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-12 * c.size)
+
+
+def test_im2col_columns_are_the_zero_padded_windows():
+    x = np.arange(1.0, 13.0).reshape(1, 1, 3, 4)   # 1..12
+    cols = im2col(x, kernel_size=2, stride=(2, 3), padding=1)
+    # Padded input (5, 6); windows at rows 0, 2 and columns 0, 3: H_out = 2, W_out = 2.
+    assert cols.shape == (4, 4)
+    x_pad = np.pad(x[0, 0], 1)
+    expected = np.stack([x_pad[p:p + 2, q:q + 2].ravel() for p in (0, 2) for q in (0, 3)], 1)
+    np.testing.assert_array_equal(cols, expected)
+
+
+def test_col2im_adds_overlapping_windows_and_drops_the_padding():
+    # A 3x3 input, 2x2 windows with stride 1 and no padding: the centre is in 4 windows,
+    # edge centres in 2, corners in 1.
+    ones = np.ones((4, 4))
+    np.testing.assert_array_equal(
+        col2im(ones, (1, 1, 3, 3), kernel_size=2)[0, 0], [[1, 2, 1], [2, 4, 2], [1, 2, 1]])
+    # With padding 1 and stride 2 the windows tile the padded 4x4 exactly: every input
+    # position once, the padding dropped.
+    np.testing.assert_array_equal(
+        col2im(np.ones((4, 4)), (1, 1, 2, 2), kernel_size=2, stride=2, padding=1)[0, 0],
+        np.ones((2, 2)))
+
+
+def test_rows_and_columns_no_window_reaches_get_zero_gradient():
+    # H = 6, KH = 3, stride 2: windows start at rows 0 and 2, so row 5 is never read.
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, 1, 6, 6)), rng.standard_normal((1, 1, 3, 3))
+    y, cache = conv2d_forward(x, w, stride=2)
+    assert y.shape == (1, 1, 2, 2)
+    dx, _, _ = conv2d_backward(rng.standard_normal(y.shape), cache)
+    np.testing.assert_array_equal(dx[0, 0, 5, :], 0.0)
+    np.testing.assert_array_equal(dx[0, 0, :, 5], 0.0)
+    assert np.all(dx[0, 0, :5, :5] != 0.0)
+
+
+def test_without_bias_db_is_none_and_with_zero_bias_the_output_is_equal():
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((2, 3, 4, 4)), rng.standard_normal((2, 3, 3, 3))
+    y, cache = conv2d_forward(x, w, padding=1)
+    y0, cache0 = conv2d_forward(x, w, np.zeros(2), padding=1)
+    np.testing.assert_array_equal(y, y0)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = conv2d_backward(dy, cache)
+    dx0, dw0, db0 = conv2d_backward(dy, cache0)
+    assert db is None
+    np.testing.assert_array_equal(dx, dx0)
+    np.testing.assert_array_equal(dw, dw0)
+    np.testing.assert_allclose(db0, dy.sum(axis=(0, 2, 3)), rtol=1e-12)
+
+
+def test_inputs_are_not_modified(xp):
+    rng = np.random.default_rng(2)
+    args = [xp.asarray(a) for a in (rng.standard_normal((2, 2, 5, 5)),
+                                    rng.standard_normal((3, 2, 3, 2)), rng.standard_normal(3))]
+    before = [to_numpy(a).copy() for a in args]
+    y, cache = conv2d_forward(*args, stride=(2, 1), padding=1)
+    dy = xp.asarray(rng.standard_normal(tuple(y.shape)))
+    dy_before = to_numpy(dy).copy()
+    conv2d_backward(dy, cache)
+    for a, b in zip(args, before):
+        np.testing.assert_array_equal(to_numpy(a), b)
+    np.testing.assert_array_equal(to_numpy(dy), dy_before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float32_and_float64_keep_their_dtype(dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 2, 4, 4)).astype(dtype)
+    w = rng.standard_normal((3, 2, 2, 2)).astype(dtype)
+    y, cache = conv2d_forward(x, w, np.zeros(3, dtype))
+    grads = conv2d_backward(np.ones_like(y), cache)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+
+
+def test_float16_computes_in_float32_and_returns_float16():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 5, 5)).astype(np.float16)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float16)
+    y, cache = conv2d_forward(x, w)
+    y32, _ = conv2d_forward(x.astype(np.float32), w.astype(np.float32))
+    assert y.dtype == np.float16 and cache.cols.dtype == np.float32
+    # The float32 result rounded once to float16: equal to the rounding of y32.
+    np.testing.assert_array_equal(y, y32.astype(np.float16))
+    dx, dw, db = conv2d_backward(np.ones_like(y), cache)
+    assert dx.dtype == dw.dtype == np.float16 and db is None
+
+
+def test_sliding_window_counts_positions():
+    win = sliding_window((1, 1, 7, 5), kernel_size=(3, 2), stride=(2, 3), padding=(0, 1))
+    assert win.kernel == (3, 2) and win.stride == (2, 3) and win.padding == (0, 1)
+    assert win.out == ((7 - 3) // 2 + 1, (5 + 2 - 2) // 3 + 1)
+
+
+X = np.ones((2, 3, 5, 5))
+W = np.ones((4, 3, 3, 3))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: conv2d_forward(X, np.ones((4, 2, 3, 3))), ValueError,
+         r"x must have C_in = w.shape\[1\] = 2 channels on axis 1.*got x of shape \(2, 3, 5, 5\)"),
+        (lambda: conv2d_forward(X, np.ones((4, 3, 6, 3))), ValueError,
+         r"kernel \(KH, KW\) = \(6, 3\) must fit in the padded input .* = \(5, 5\)"),
+        (lambda: conv2d_forward(X, np.ones((4, 3, 6, 3)), padding=(0, 0)), ValueError,
+         r"must fit in the padded input"),
+        (lambda: conv2d_forward(X, W, stride=0), ValueError, r"stride must be >= 1.*got 0"),
+        (lambda: conv2d_forward(X, W, stride=(1, -2)), ValueError,
+         r"stride must be >= 1.*got \(1, -2\)"),
+        (lambda: conv2d_forward(X, W, padding=-1), ValueError, r"padding must be >= 0.*got -1"),
+        (lambda: conv2d_forward(X, W, stride=1.5), TypeError,
+         r"stride must be an int or a pair of ints; got 1.5"),
+        (lambda: conv2d_forward(X, W, padding=(1, 1, 1)), TypeError,
+         r"padding must be an int or a pair of ints; got \(1, 1, 1\)"),
+        (lambda: conv2d_forward(X, W, stride=True), TypeError, r"stride must be an int"),
+        (lambda: conv2d_forward(np.ones((3, 5, 5)), W), ValueError,
+         r"x must have layout \(N, C_in, H, W\), 4 dimensions; got shape \(3, 5, 5\)"),
+        (lambda: conv2d_forward(X, np.ones((4, 3, 3))), ValueError,
+         r"w must have layout \(C_out, C_in, KH, KW\), 4 dimensions; got shape \(4, 3, 3\)"),
+        (lambda: conv2d_forward(X, W, np.ones(3)), ValueError,
+         r"b must have shape \(C_out,\) = \(4,\).*got shape \(3,\)"),
+        (lambda: conv2d_forward(X.astype(int), W), TypeError,
+         r"x must have a real floating-point dtype; got int64"),
+        (lambda: conv2d_forward(X, W.astype(np.complex128)), TypeError,
+         r"w must have a real floating-point dtype; got complex128"),
+        (lambda: conv2d_forward([[1.0]], W), TypeError, r"x must be an array; got list"),
+        (lambda: conv2d_backward(np.ones((2, 4, 2, 2)), conv2d_forward(X, W)[1]), ValueError,
+         r"dy must have shape \(2, 4, 3, 3\); got \(2, 4, 2, 2\)"),
+        (lambda: conv2d_backward(np.ones((2, 4, 3, 3)), object()), TypeError,
+         r"cache must be a Conv2dCache; got object"),
+        (lambda: im2col(X, kernel_size=0), ValueError, r"kernel_size must be >= 1"),
+        (lambda: col2im(np.ones((27, 5)), (2, 3, 5, 5), kernel_size=3), ValueError,
+         r"cols must have shape \(C KH KW, N H_out W_out\) = \(27, 18\).*got \(27, 5\)"),
+        (lambda: col2im(np.ones((27, 18)), (2, 3, 5), kernel_size=3), TypeError,
+         r"x_shape must be a tuple of 4 ints"),
+    ],
+)
+def test_errors_name_the_argument_expected_and_got(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_mixed_namespaces_are_refused():
+    strict = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match=r"one array namespace"):
+        conv2d_forward(X, strict.asarray(W))

@@ -1,0 +1,118 @@
+"""linear: forward against x @ w.T + b, backward against finite differences, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refnorm.backend import to_numpy
+from refnorm.gradcheck import check_vjp
+from refnorm.nn import linear_backward, linear_forward
+
+# As for conv: rounding of central differences ~1e-8 relative, a wrong term >= 1e-2.
+FD_TOLERANCE = 1e-6
+
+shapes = st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 5), st.booleans())
+
+
+def draw_arrays(data, shape):
+    N, D_in, D_out, bias = shape
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    x = 5.0 * rng.standard_normal((N, D_in)) + 12.0
+    w = rng.standard_normal((D_out, D_in))
+    b = rng.standard_normal(D_out) if bias else None
+    return x, w, b
+
+
+@given(data=st.data(), shape=shapes)
+def test_forward_is_x_wT_plus_b(xp, data, shape):
+    x, w, b = draw_arrays(data, shape)
+    y, _ = linear_forward(xp.asarray(x), xp.asarray(w), None if b is None else xp.asarray(b))
+    expected = x @ w.T + (0.0 if b is None else b)
+    # The same dot products, possibly summed in another order by the BLAS.
+    np.testing.assert_allclose(to_numpy(y), expected, rtol=1e-13, atol=1e-12)
+
+
+@given(data=st.data(), shape=shapes)
+def test_gradients_match_finite_differences(xp, data, shape):
+    x, w, b = draw_arrays(data, shape)
+    bias = b is not None
+
+    def f(x, w, b=None):
+        return linear_forward(xp.asarray(x), xp.asarray(w), None if b is None else xp.asarray(b))[0]
+
+    def vjp(dy, x, w, b=None):
+        _, cache = linear_forward(xp.asarray(x), xp.asarray(w),
+                                  None if b is None else xp.asarray(b))
+        dx, dw, db = linear_backward(xp.asarray(dy), cache)
+        return {"x": dx, "w": dw} | ({"b": db} if bias else {})
+
+    inputs = {"x": x, "w": w} | ({"b": b} if bias else {})
+    errors = check_vjp(f, vjp, inputs, seed=2)
+    assert set(errors) == set(inputs)
+    for name, err in errors.items():
+        assert err.max_rel_error < FD_TOLERANCE, (name, err)
+
+
+def test_backward_closed_form_and_no_bias():
+    rng = np.random.default_rng(0)
+    x, w, dy = rng.standard_normal((4, 3)), rng.standard_normal((2, 3)), rng.standard_normal((4, 2))
+    _, cache = linear_forward(x, w)
+    dx, dw, db = linear_backward(dy, cache)
+    assert db is None
+    np.testing.assert_allclose(dx, dy @ w, rtol=1e-14)
+    np.testing.assert_allclose(dw, dy.T @ x, rtol=1e-14)
+    _, cache = linear_forward(x, w, np.zeros(2))
+    np.testing.assert_allclose(linear_backward(dy, cache)[2], dy.sum(axis=0), rtol=1e-14)
+
+
+def test_inputs_are_not_modified(xp):
+    rng = np.random.default_rng(1)
+    args = [xp.asarray(a) for a in (rng.standard_normal((3, 4)), rng.standard_normal((2, 4)),
+                                    rng.standard_normal(2), rng.standard_normal((3, 2)))]
+    before = [to_numpy(a).copy() for a in args]
+    _, cache = linear_forward(*args[:3])
+    linear_backward(args[3], cache)
+    for a, b in zip(args, before):
+        np.testing.assert_array_equal(to_numpy(a), b)
+
+
+def test_float16_computes_in_float32_and_returns_float16():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 40)).astype(np.float16)
+    w = rng.standard_normal((3, 40)).astype(np.float16)
+    y, cache = linear_forward(x, w)
+    assert y.dtype == np.float16 and cache.x.dtype == np.float32
+    y32 = x.astype(np.float32) @ w.astype(np.float32).T
+    np.testing.assert_array_equal(y, y32.astype(np.float16))
+    dx, dw, _ = linear_backward(np.ones_like(y), cache)
+    assert dx.dtype == dw.dtype == np.float16
+
+
+X, W = np.ones((4, 3)), np.ones((2, 3))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: linear_forward(X, np.ones((2, 5))), ValueError,
+         r"x must have D_in = w.shape\[1\] = 5 features on axis 1.*got x of shape \(4, 3\)"),
+        (lambda: linear_forward(np.ones((4, 3, 1)), W), ValueError,
+         r"x must have layout \(N, D_in\), 2 dimensions; got shape \(4, 3, 1\)"),
+        (lambda: linear_forward(X, np.ones(3)), ValueError,
+         r"w must have layout \(D_out, D_in\), 2 dimensions; got shape \(3,\)"),
+        (lambda: linear_forward(X, W, np.ones((1, 2))), ValueError,
+         r"b must have shape \(D_out,\) = \(2,\).*got shape \(1, 2\)"),
+        (lambda: linear_forward(X, W, np.ones(2, dtype=np.int32)), TypeError,
+         r"b must have a real floating-point dtype; got int32"),
+        (lambda: linear_backward(np.ones((4, 3)), linear_forward(X, W)[1]), ValueError,
+         r"dy must have shape \(4, 2\); got \(4, 3\)"),
+        (lambda: linear_backward(np.ones((4, 2)), "cache"), TypeError,
+         r"cache must be a LinearCache; got str"),
+    ],
+)
+def test_errors_name_the_argument_expected_and_got(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

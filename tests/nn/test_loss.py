@@ -1,0 +1,146 @@
+"""Softmax cross-entropy: the direct formula, stability for huge logits, the gradient
+against finite differences, label checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refnorm.backend import to_numpy
+from refnorm.gradcheck import check_vjp
+from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
+
+batches = st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**32 - 1))
+
+
+def draw(N, K, seed, scale=3.0):
+    rng = np.random.default_rng(seed)
+    return scale * rng.standard_normal((N, K)), rng.integers(0, K, N)
+
+
+def direct_loss(logits, labels):
+    """-(1/N) sum_n log(exp(z[n, t_n]) / sum_k exp(z[n, k])), straight from the definition."""
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return -np.mean(np.log(p[np.arange(len(labels)), labels]))
+
+
+@given(batch=batches)
+def test_loss_matches_the_direct_formula(xp, batch):
+    logits, labels = draw(*batch)
+    loss, _ = softmax_cross_entropy(xp.asarray(logits), xp.asarray(labels))
+    # A 0-d array of the namespace (numpy alone would reduce to a numpy scalar).
+    assert tuple(loss.shape) == () and type(loss) is type(xp.asarray(logits))
+    # Logits of size ~3: the direct formula is accurate; both round differently at ~1e-15.
+    assert float(loss) == pytest.approx(direct_loss(logits, labels), rel=1e-12, abs=1e-14)
+
+
+@given(batch=batches)
+def test_gradient_matches_finite_differences(xp, batch):
+    logits, labels = draw(*batch)
+
+    def f(logits):
+        return softmax_cross_entropy(xp.asarray(logits), xp.asarray(labels))[0]
+
+    def vjp(dloss, logits):
+        # The backward takes no upstream gradient: scale by the scalar dloss here.
+        _, cache = softmax_cross_entropy(xp.asarray(logits), xp.asarray(labels))
+        return {"logits": float(dloss) * to_numpy(softmax_cross_entropy_backward(cache))}
+
+    # Smooth in the logits: rounding of the central difference only (~1e-9 relative).
+    assert check_vjp(f, vjp, {"logits": logits}, seed=6)["logits"].max_rel_error < 1e-6
+
+
+def test_gradient_is_softmax_minus_onehot_over_n_and_rows_sum_to_zero():
+    logits, labels = draw(4, 5, 0)
+    _, cache = softmax_cross_entropy(logits, labels)
+    dz = softmax_cross_entropy_backward(cache)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(dz, (p - np.eye(5)[labels]) / 4, rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(dz.sum(axis=1), 0.0, atol=1e-16)
+
+
+def test_huge_logits_are_stable(xp):
+    # exp(1e4) overflows in float64 (the limit is ~709): the naive formula gives nan/inf.
+    logits = np.array([[1e4, 0.0, -1e4],
+                       [1e4, 1e4, 0.0],
+                       [-1e4, 1e4, 1e4 - 1.0]])
+    labels = np.array([0, 0, 2])
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert not np.isfinite(direct_loss(logits, labels))
+    loss, cache = softmax_cross_entropy(xp.asarray(logits), xp.asarray(labels))
+    # Row 0: log p = -log(1 + e^-1e4 + e^-2e4) = 0 in float64. Row 1: two equal maxima,
+    # log p = -log 2. Row 2: log p = -1 - log(1 + e^-1) (the tiny e^-2e4 term vanishes).
+    expected = (0.0 + np.log(2.0) + 1.0 + np.log1p(np.exp(-1.0))) / 3
+    assert float(loss) == pytest.approx(expected, rel=1e-14)
+    dz = to_numpy(softmax_cross_entropy_backward(cache))
+    assert np.isfinite(dz).all()
+    p2 = np.array([0.0, 1.0, np.exp(-1.0)]) / (1.0 + np.exp(-1.0))
+    np.testing.assert_allclose(dz, (np.array([[1.0, 0, 0], [0.5, 0.5, 0], p2])
+                                    - np.eye(3)[labels]) / 3, rtol=1e-14, atol=1e-300)
+
+
+def test_minus_infinite_logit_of_another_class_is_fine():
+    # where() rather than onehot * log_p: 0 * -inf would make the loss NaN.
+    loss, cache = softmax_cross_entropy(np.array([[0.0, -np.inf]]), np.array([0]))
+    assert float(loss) == 0.0
+    np.testing.assert_array_equal(softmax_cross_entropy_backward(cache), [[0.0, 0.0]])
+
+
+def test_dtypes_and_any_integer_label_dtype():
+    logits = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+    for label_dtype in (np.int8, np.uint8, np.int32, np.int64, np.uint64):
+        loss, cache = softmax_cross_entropy(logits, np.array([2], dtype=label_dtype))
+        assert loss.dtype == np.float32
+        assert softmax_cross_entropy_backward(cache).dtype == np.float32
+    loss16, _ = softmax_cross_entropy(logits.astype(np.float16), np.array([2]))
+    assert loss16.dtype == np.float16
+
+
+def test_inputs_are_not_modified(xp):
+    logits, labels = draw(3, 4, 1)
+    z, t = xp.asarray(logits), xp.asarray(labels)
+    softmax_cross_entropy_backward(softmax_cross_entropy(z, t)[1])
+    np.testing.assert_array_equal(to_numpy(z), logits)
+    np.testing.assert_array_equal(to_numpy(t), labels)
+
+
+Z = np.zeros((3, 4))
+
+
+@pytest.mark.parametrize(
+    ("labels", "error", "match"),
+    [
+        (np.array([0, 4, 1]), ValueError,
+         r"labels must lie in \[0, K\) = \[0, 4\) for logits with K = 4 classes; "
+         r"got labels from 0 to 4"),
+        (np.array([-1, 0, 1]), ValueError, r"labels must lie in \[0, K\).*from -1 to 1"),
+        (np.array([0.0, 1.0, 2.0]), TypeError, r"labels must have an integer dtype; got float64"),
+        (np.array([True, False, True]), TypeError, r"labels must have an integer dtype; got bool"),
+        ([0, 1, 2], TypeError, r"labels must be an integer array; got list"),
+        (np.array([0, 1]), ValueError, r"labels must have shape \(N,\) = \(3,\).*got shape \(2,\)"),
+        (np.array([[0, 1, 2]]), ValueError, r"labels must have shape \(N,\) = \(3,\)"),
+    ],
+)
+def test_label_errors(labels, error, match):
+    with pytest.raises(error, match=match):
+        softmax_cross_entropy(Z, labels)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: softmax_cross_entropy(np.zeros(4), np.array([0])), ValueError,
+         r"logits must have layout \(N, K\), 2 dimensions; got shape \(4,\)"),
+        (lambda: softmax_cross_entropy(np.zeros((0, 4)), np.zeros(0, int)), ValueError,
+         r"logits must hold at least one sample"),
+        (lambda: softmax_cross_entropy(np.zeros((1, 2), int), np.array([0])), TypeError,
+         r"logits must have a real floating-point dtype; got int64"),
+        (lambda: softmax_cross_entropy_backward(None), TypeError,
+         r"cache must be a SoftmaxCrossEntropyCache; got NoneType"),
+    ],
+)
+def test_errors_name_the_argument_expected_and_got(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

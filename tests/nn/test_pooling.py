@@ -1,0 +1,226 @@
+"""Max, average and global average pooling: forward against direct loops, backward against
+finite differences (max pooling on inputs without ties), the tie rule, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refnorm.backend import to_numpy
+from refnorm.gradcheck import check_vjp, numerical_vjp
+from refnorm.nn import (
+    avg_pool2d_backward,
+    avg_pool2d_forward,
+    global_avg_pool_backward,
+    global_avg_pool_forward,
+    max_pool2d_backward,
+    max_pool2d_forward,
+)
+from tests.nn.reference import max_pool2d_backward_loops, pool2d_loops
+from tests.nn.strategies import as_pair, pool_configs
+
+# Central differences: ~1e-8 relative rounding for values of size ~10; wrong terms >= 1e-2.
+FD_TOLERANCE = 1e-6
+
+
+def distinct_input(seed, shape):
+    """A shuffled ramp 12 + 0.5 k: no two entries closer than 0.5, so no window has a tie
+    and a finite-difference step of 1e-6 never moves a window's argmax."""
+    rng = np.random.default_rng(seed)
+    return (12.0 + 0.5 * rng.permutation(int(np.prod(shape)))).reshape(shape)
+
+
+def kernel_stride(kernel_size, stride):
+    kernel = as_pair(kernel_size)
+    return kernel, kernel if stride is None else as_pair(stride)
+
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+@given(config=pool_configs(), seed=seeds)
+def test_max_pool_forward_and_backward_match_direct_loops(xp, config, seed):
+    shape, kernel_size, stride = config
+    rng = np.random.default_rng(seed)
+    # Small integers: ties are common, and the loops take the first maximum as well.
+    x = rng.integers(0, 3, shape).astype(np.float64)
+    y, cache = max_pool2d_forward(xp.asarray(x), kernel_size=kernel_size, stride=stride)
+    kernel, strides = kernel_stride(kernel_size, stride)
+    np.testing.assert_array_equal(to_numpy(y), pool2d_loops(x, kernel, strides, np.max))
+    dy = rng.standard_normal(tuple(y.shape))
+    dx = max_pool2d_backward(xp.asarray(dy), cache)
+    # Sums of at most 9 window gradients, maybe in another order.
+    np.testing.assert_allclose(to_numpy(dx), max_pool2d_backward_loops(x, dy, kernel, strides),
+                               rtol=1e-14, atol=1e-14)
+
+
+@given(config=pool_configs(), seed=seeds)
+def test_avg_pool_forward_matches_direct_loops(xp, config, seed):
+    shape, kernel_size, stride = config
+    x = 5.0 * np.random.default_rng(seed).standard_normal(shape) + 12.0
+    y, _ = avg_pool2d_forward(xp.asarray(x), kernel_size=kernel_size, stride=stride)
+    kernel, strides = kernel_stride(kernel_size, stride)
+    np.testing.assert_allclose(to_numpy(y), pool2d_loops(x, kernel, strides, np.mean),
+                               rtol=1e-14)
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+@given(config=pool_configs(), seed=seeds)
+def test_gradients_match_finite_differences(xp, pool, config, seed):
+    # Max pooling is differentiable only where each window's maximum is unique: the input
+    # has no ties (tested separately below, where finite differences are invalid).
+    shape, kernel_size, stride = config
+    forward, backward = {"max": (max_pool2d_forward, max_pool2d_backward),
+                         "avg": (avg_pool2d_forward, avg_pool2d_backward)}[pool]
+    x = distinct_input(seed, shape)
+
+    def f(x):
+        return forward(xp.asarray(x), kernel_size=kernel_size, stride=stride)[0]
+
+    def vjp(dy, x):
+        _, cache = forward(xp.asarray(x), kernel_size=kernel_size, stride=stride)
+        return {"x": backward(xp.asarray(dy), cache)}
+
+    assert check_vjp(f, vjp, {"x": x}, seed=4)["x"].max_rel_error < FD_TOLERANCE
+
+
+def test_max_pool_ties_send_the_gradient_to_the_first_maximum_in_row_major_order(xp):
+    # One 2x3 window per case; the maxima tie. The first in row-major order gets all of dy.
+    x = np.array([[[[1.0, 3.0, 0.0],
+                    [3.0, 2.0, 3.0]]],
+                  [[[5.0, 5.0, 5.0],
+                    [5.0, 5.0, 5.0]]]])                     # (2, 1, 2, 3)
+    y, cache = max_pool2d_forward(xp.asarray(x), kernel_size=(2, 3))
+    np.testing.assert_array_equal(to_numpy(y).ravel(), [3.0, 5.0])
+    dx = to_numpy(max_pool2d_backward(xp.asarray(np.array([7.0, -2.0]).reshape(2, 1, 1, 1)),
+                                      cache))
+    expected = np.zeros_like(x)
+    expected[0, 0, 0, 1] = 7.0     # not (1, 0) nor (1, 2): row 0 comes first
+    expected[1, 0, 0, 0] = -2.0    # the very first entry of an all-equal window
+    np.testing.assert_array_equal(dx, expected)
+
+
+def test_max_pool_ties_in_overlapping_windows(xp):
+    # A constant 3x3 input, 2x2 windows, stride 1: each window's first maximum is its own
+    # top-left corner, so dx[p, q] = dy[p, q] on the top-left 2x2 block and 0 elsewhere.
+    x = np.ones((1, 1, 3, 3))
+    dy = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)
+    _, cache = max_pool2d_forward(xp.asarray(x), kernel_size=2, stride=1)
+    dx = to_numpy(max_pool2d_backward(xp.asarray(dy), cache))
+    np.testing.assert_array_equal(dx[0, 0], [[1.0, 2.0, 0.0], [3.0, 4.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_finite_differences_are_invalid_at_a_tie():
+    # Raising one tied entry by h raises the max by h; lowering it changes nothing. The
+    # central difference is 1/2 for every tied entry, a split no backward should reproduce
+    # (its sum, 2 here, is not even a subgradient of the max).
+    x = np.full((1, 1, 2, 2), 5.0)
+    numeric = numerical_vjp(lambda x: max_pool2d_forward(x, kernel_size=2)[0], {"x": x},
+                            np.ones((1, 1, 1, 1)), "x")
+    np.testing.assert_allclose(numeric, 0.5, rtol=1e-6)
+
+
+def test_max_pool_propagates_nan():
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    x[0, 0, 0, 1] = np.nan
+    y, _ = max_pool2d_forward(x, kernel_size=2)
+    assert np.isnan(y[0, 0, 0, 0]) and np.isfinite(y[0, 0, 1:, :]).all()
+
+
+def test_avg_pool_backward_spreads_dy_evenly():
+    # 2x2 windows, stride 1, over a 3x3 input: position (p, q) is in as many windows as
+    # col2im counts, each contributing dy / 4.
+    _, cache = avg_pool2d_forward(np.zeros((1, 1, 3, 3)), kernel_size=2, stride=1)
+    dx = avg_pool2d_backward(np.ones((1, 1, 2, 2)), cache)
+    np.testing.assert_array_equal(dx[0, 0], np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]]) / 4)
+
+
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4),
+                       st.integers(1, 4)), seed=seeds)
+def test_global_avg_pool_matches_mean_and_finite_differences(xp, shape, seed):
+    x = 5.0 * np.random.default_rng(seed).standard_normal(shape) + 12.0
+    y, _ = global_avg_pool_forward(xp.asarray(x))
+    np.testing.assert_allclose(to_numpy(y), x.mean(axis=(2, 3)), rtol=1e-14)
+
+    def f(x):
+        return global_avg_pool_forward(xp.asarray(x))[0]
+
+    def vjp(dy, x):
+        return {"x": global_avg_pool_backward(xp.asarray(dy),
+                                              global_avg_pool_forward(xp.asarray(x))[1])}
+
+    assert check_vjp(f, vjp, {"x": x}, seed=5)["x"].max_rel_error < FD_TOLERANCE
+
+
+def test_global_avg_pool_backward_is_dy_over_hw_and_writable():
+    _, cache = global_avg_pool_forward(np.zeros((2, 3, 4, 5), np.float32))
+    dy = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    dx = global_avg_pool_backward(dy, cache)
+    assert dx.shape == (2, 3, 4, 5) and dx.dtype == np.float32
+    np.testing.assert_array_equal(dx, np.broadcast_to(dy[:, :, None, None] / 20, dx.shape))
+    dx[0, 0, 0, 0] = 1.0  # a real array, not a read-only broadcast view
+
+
+def test_inputs_are_not_modified(xp):
+    rng = np.random.default_rng(6)
+    for forward, backward in ((max_pool2d_forward, max_pool2d_backward),
+                              (avg_pool2d_forward, avg_pool2d_backward)):
+        x = xp.asarray(rng.standard_normal((2, 2, 4, 4)))
+        dy = xp.asarray(rng.standard_normal((2, 2, 3, 3)))
+        x0, dy0 = to_numpy(x).copy(), to_numpy(dy).copy()
+        backward(dy, forward(x, kernel_size=2, stride=1)[1])
+        np.testing.assert_array_equal(to_numpy(x), x0)
+        np.testing.assert_array_equal(to_numpy(dy), dy0)
+
+
+@pytest.mark.parametrize("forward", [max_pool2d_forward, avg_pool2d_forward])
+def test_dtypes_are_kept(forward):
+    for dtype in (np.float16, np.float32, np.float64):
+        x = np.arange(16.0).reshape(1, 1, 4, 4).astype(dtype)
+        y, cache = forward(x, kernel_size=2)
+        backward = max_pool2d_backward if forward is max_pool2d_forward else avg_pool2d_backward
+        assert y.dtype == dtype and backward(np.ones_like(y), cache).dtype == dtype
+
+
+X = np.ones((2, 3, 4, 4))
+MAX_CACHE = max_pool2d_forward(X, kernel_size=2)[1]
+
+
+@pytest.mark.parametrize("forward", [max_pool2d_forward, avg_pool2d_forward])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"kernel_size": 5}, ValueError,
+         r"kernel \(KH, KW\) = \(5, 5\) must fit in the padded input .* = \(4, 4\)"),
+        ({"kernel_size": (2, 0)}, ValueError, r"kernel_size must be >= 1.*got \(2, 0\)"),
+        ({"kernel_size": 2, "stride": 0}, ValueError, r"stride must be >= 1.*got 0"),
+        ({"kernel_size": 2.0}, TypeError, r"kernel_size must be an int or a pair of ints"),
+    ],
+)
+def test_window_errors(forward, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        forward(X, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: max_pool2d_forward(np.ones((3, 4, 4)), kernel_size=2), ValueError,
+         r"x must have layout \(N, C, H, W\), 4 dimensions; got shape \(3, 4, 4\)"),
+        (lambda: max_pool2d_forward(X, 2), TypeError, r"positional argument"),
+        (lambda: max_pool2d_backward(np.ones((2, 3, 4, 4)), MAX_CACHE), ValueError,
+         r"dy must have shape \(2, 3, 2, 2\); got \(2, 3, 4, 4\)"),
+        (lambda: avg_pool2d_backward(np.ones((2, 3, 2, 2)), MAX_CACHE), TypeError,
+         r"cache must be an AvgPool2dCache; got MaxPool2dCache"),
+        (lambda: global_avg_pool_forward(np.ones((2, 3))), ValueError,
+         r"x must have layout \(N, C, \*spatial\) with a spatial axis, at least 3 dimensions; "
+         r"got shape \(2, 3\)"),
+        (lambda: global_avg_pool_backward(np.ones((2, 4)), global_avg_pool_forward(X)[1]),
+         ValueError, r"dy must have shape \(2, 3\); got \(2, 4\)"),
+    ],
+)
+def test_errors_name_the_argument_expected_and_got(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
