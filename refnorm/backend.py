@@ -71,8 +71,8 @@ def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
 
 def to_numpy(a: Array) -> np.ndarray:
     """Copy any supported array to a numpy array on the host (for checks and printing)."""
-    if isinstance(a, np.ndarray):
-        return a
+    if isinstance(a, (np.ndarray, np.generic)):
+        return np.asarray(a)
     module = type(a).__module__.split(".")[0]
     if module == "cupy":
         return a.get()

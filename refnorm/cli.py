@@ -78,8 +78,12 @@ def _run_gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def summarize(results: list[CaseResult], tolerance: float) -> list[dict]:
-    """One row per gradient: the worst max relative error over the cases, and each case."""
-    gradients = list(results[0].errors) if results else []
+    """One row per gradient: the worst max relative error over the cases, and each case.
+
+    Cases may differ in their parameters (a layer built without a bias has no ``b``): a
+    gradient's row lists the cases that have it.
+    """
+    gradients = list(dict.fromkeys(g for r in results for g in r.errors))
     rows = []
     for grad in gradients:
         cases = [
@@ -90,6 +94,7 @@ def summarize(results: list[CaseResult], tolerance: float) -> list[dict]:
                 "max_rel_error": r.errors[grad].max_rel_error,
             }
             for r in results
+            if grad in r.errors
         ]
         worst = max(c["max_rel_error"] for c in cases)
         rows.append({

@@ -37,7 +37,7 @@ def layer_class(name: str) -> type:
         return _LAYERS[name]
     except KeyError:
         raise ValueError(
-            f"unknown normalizer {name!r}; expected one of {', '.join(names())}"
+            f"unknown layer {name!r}; expected one of {', '.join(names())}"
         ) from None
 
 

@@ -24,7 +24,7 @@ def test_registry_lists_the_four_methods_in_order():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown normalizer 'xn'; expected one of bn, in, ln, gn"):
+    with pytest.raises(ValueError, match=r"unknown layer 'xn'; expected one of bn, in, ln, gn"):
         refnorm.build("xn", 4)
 
 

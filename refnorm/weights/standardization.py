@@ -1,0 +1,179 @@
+"""Weight Standardization (Qiao, Wang, Liu, Shen & Yuille, 2019), §2, Eq. (2)-(9).
+
+Each output channel's weights are standardized before the convolution:
+
+    mu_c = mean_j W_cj,  sigma_c = sqrt(mean_j (W_cj - mu_c)^2)            # Eq. (4)
+    W^_c = (W_c - mu_c) / (sigma_c + eps)                                   # Eq. (2)
+    y = W^ * x                                                              # Eq. (3)
+
+with no affine transform on W^ (the paper's choice: a BN or GN layer follows). The paper
+splits the map in two steps for its analysis, centring and scaling,
+
+    W._c = W_c - (1/I) 1 <1, W_c>                                           # Eq. (5)
+    W^_c = W._c / sqrt((1/I) <1, W._c^2>)                                   # Eq. (6)
+
+and, with eps = 0, back-propagates through them as
+
+    dL/dW._c = (1/sigma_c) (dL/dW^_c - (1/I) <W^_c, dL/dW^_c> W^_c)         # Eq. (8)
+    dL/dW_c  = dL/dW._c - (1/I) 1 <1, dL/dW._c>                             # Eq. (9)
+
+refnorm's backward is Eq. (8)-(9) for the eps the forward uses: with d = sigma + eps (the
+paper's Eq. 2, the default), d = sqrt(sigma^2 + eps) (``eps_mode="sqrt"``), and with the
+official code's unbiased sigma (``correction=1``, ``I - 1`` in Eq. 4),
+
+    dL/dW._c = (1/d) (dL/dW^_c - kappa <W^_c, dL/dW^_c> W^_c),
+    kappa = d / (sigma (I - correction))   for d = sigma + eps,
+    kappa = 1 / (I - correction)           for d = sqrt(sigma^2 + eps),
+
+which is Eq. (8) for eps = 0 and correction = 0. A constant filter (sigma_c = 0)
+standardizes to zero; with d = sigma + eps the projection term's limit as sigma -> 0 is 0
+(it scales as sigma / (sigma + eps)), so dL/dW._c = dL/dW^_c / eps there, finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from refnorm.backend import Array, array_namespace, compute_dtype
+from refnorm.core.checks import check_eps, check_float_array, check_like
+from refnorm.layer import CheckCase
+from refnorm.registry import register
+from refnorm.weights.base import WeightLayer, per_output_view
+
+EPS_MODES = ("add", "sqrt")
+
+
+@dataclass(frozen=True)
+class WeightStandardizationCache:
+    """What :func:`weight_standardization_forward` saves, per output channel.
+
+    Attributes
+    ----------
+    w_hat : array, (C_out, I)
+        The standardized weights W^.
+    denom : array, (C_out, 1)
+        d = sigma + eps or sqrt(sigma^2 + eps).
+    kappa : array, (C_out, 1)
+        The projection coefficient of the generalized Eq. (8) (see the module docstring).
+    shape : tuple of int
+    w_dtype : dtype of ``w`` (and of the returned gradient)
+    """
+
+    w_hat: Array
+    denom: Array
+    kappa: Array
+    shape: tuple[int, ...]
+    w_dtype: Any
+
+
+def weight_standardization_forward(
+    w: Array, *, eps: float = 1e-5, eps_mode: str = "add", correction: int = 0
+) -> tuple[Array, WeightStandardizationCache]:
+    """Standardize each output channel's weights, Eq. (2)-(6).
+
+    Parameters
+    ----------
+    w : array, (C_out, ...)
+        (C_out, C_in, KH, KW) or (D_out, D_in); I = prod(shape[1:]) weights per channel.
+    eps : float, > 0
+    eps_mode : {"add", "sqrt"}
+        "add": W^ = (W - mu) / (sigma + eps), the paper's Eq. (2) (default);
+        "sqrt": W^ = (W - mu) / sqrt(sigma^2 + eps), as activation normalizers place it.
+    correction : {0, 1}
+        0: sigma with 1/I, the paper's Eq. (4); 1: 1/(I - 1), the official code's
+        ``torch.std`` (unbiased).
+
+    Returns
+    -------
+    w_hat : array, ``w.shape``, dtype of ``w``
+    cache : WeightStandardizationCache
+    """
+    xp, wc, I = _check(w, eps, eps_mode, correction)
+    ww = per_output_view(xp, wc)                                   # (C_out, I)
+    mu = xp.mean(ww, axis=1, keepdims=True)                        # (C_out, 1)  Eq. (4)
+    w_dot = ww - mu                                                # (C_out, I)  Eq. (5)
+    sigma = xp.sqrt(xp.sum(w_dot * w_dot, axis=1, keepdims=True) / (I - correction))  # Eq. (4)
+    if eps_mode == "add":
+        denom = sigma + eps                                        # Eq. (2)
+        safe = xp.where(sigma > 0, sigma, xp.ones_like(sigma))
+        kappa = xp.where(sigma > 0, denom / (safe * (I - correction)), xp.zeros_like(sigma))
+    else:
+        denom = xp.sqrt(sigma * sigma + eps)
+        kappa = xp.ones_like(sigma) / (I - correction)
+    w_hat = w_dot / denom                                          # (C_out, I)  Eq. (2), (6)
+    cache = WeightStandardizationCache(w_hat, denom, kappa, tuple(w.shape), w.dtype)
+    return xp.astype(xp.reshape(w_hat, w.shape), w.dtype, copy=False), cache
+
+
+def weight_standardization_backward(dw_hat: Array, cache: WeightStandardizationCache) -> Array:
+    """Gradient with respect to ``w`` from the gradient with respect to W^, Eq. (8)-(9).
+
+    Returns
+    -------
+    dw : array, ``w.shape``, dtype of ``w``
+    """
+    check_like("dw_hat", dw_hat, cache.shape)
+    xp = array_namespace(dw_hat, cache.w_hat)
+    g = per_output_view(xp, xp.astype(dw_hat, cache.w_hat.dtype, copy=False))  # (C_out, I)
+    along = xp.sum(cache.w_hat * g, axis=1, keepdims=True)                   # <W^, g>
+    dw_dot = (g - cache.kappa * along * cache.w_hat) / cache.denom           # Eq. (8)
+    dw = dw_dot - xp.mean(dw_dot, axis=1, keepdims=True)                     # Eq. (9)
+    return xp.astype(xp.reshape(dw, cache.shape), cache.w_dtype, copy=False)
+
+
+def _check(w: Array, eps: float, eps_mode: str, correction: int) -> tuple[ModuleType, Array, int]:
+    xp = check_float_array("w", w)
+    if w.ndim < 2:
+        raise ValueError(f"w must have shape (C_out, ...) with at least 2 dimensions; "
+                         f"got shape {tuple(w.shape)}")
+    check_eps(eps)
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"eps_mode must be one of {EPS_MODES}; got {eps_mode!r}")
+    if correction not in (0, 1) or isinstance(correction, bool):
+        raise ValueError(f"correction must be 0 or 1; got {correction!r}")
+    I = 1
+    for n in w.shape[1:]:
+        I *= n
+    if I < 2:
+        raise ValueError(f"weight standardization needs more than 1 weight per output "
+                         f"channel (its output would be 0); w of shape {tuple(w.shape)} has {I}")
+    return xp, xp.astype(w, compute_dtype(xp, w.dtype), copy=False), I
+
+
+@register("ws")
+class WeightStandardization(WeightLayer):
+    """A convolution (or linear layer with ``kernel_size=None``) with standardized weights.
+
+    Params: ``w`` (C_out, C_in, KH, KW) He-normal, and ``b`` (C_out,) zeros with
+    ``bias=True`` (default False: the paper's layer has no bias and is followed by BN or GN).
+    ``eps``, ``eps_mode`` and ``correction`` as in :func:`weight_standardization_forward`.
+    """
+
+    raw_name = "w"
+    check_cases = (
+        CheckCase((2, 3, 5, 5), {"out_channels": 4, "kernel_size": 3, "padding": 1}),
+        CheckCase((3, 5), {"out_channels": 4, "bias": True}),
+        CheckCase((2, 2, 4, 4), {"out_channels": 3, "kernel_size": 2, "stride": 2,
+                                 "eps_mode": "sqrt", "correction": 1}),
+    )
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any = None, *,
+                 bias: bool = False, eps: float = 1e-5, eps_mode: str = "add",
+                 correction: int = 0, **kw: Any) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, **kw)
+        _check(self.params["w"], eps, eps_mode, correction)
+        self.eps, self.eps_mode, self.correction = eps, eps_mode, correction
+        if bias:
+            self.params["b"] = self.xp.zeros((out_channels,), dtype=self.dtype)
+
+    def weight(self) -> tuple[Array, WeightStandardizationCache]:
+        return weight_standardization_forward(self.params["w"], eps=self.eps,
+                                              eps_mode=self.eps_mode, correction=self.correction)
+
+    def weight_grads(self, dw: Array, cache: WeightStandardizationCache) -> dict[str, Array]:
+        return {"w": weight_standardization_backward(dw, cache)}
+
+    def bias(self) -> Array | None:
+        return self.params.get("b")
