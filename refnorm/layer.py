@@ -52,6 +52,7 @@ class Layer:
     """
 
     name: ClassVar[str] = ""
+    shared_attributes: ClassVar[tuple[str, ...]] = ()  # kept, not copied, by deepcopy
     check_cases: ClassVar[tuple[CheckCase, ...]] = ()
 
     def __init__(self) -> None:
@@ -81,11 +82,12 @@ class Layer:
         raise NotImplementedError
 
     def __deepcopy__(self, memo: dict) -> Layer:
-        # Array namespaces (modules) are shared, everything else is copied.
+        # Array namespaces (modules) and shared_attributes (communicators) are shared,
+        # everything else is copied.
         new = object.__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            keep = isinstance(value, ModuleType)
+            keep = isinstance(value, ModuleType) or key in self.shared_attributes
             new.__dict__[key] = value if keep else copy.deepcopy(value, memo)
         return new
 

@@ -109,6 +109,10 @@ class SwitchableNormCache:
     x_shape : tuple of int
         The original input shape.
     x_dtype, param_dtype, logit_dtype : dtypes of dx, of dgamma/dbeta, of the logit grads
+    comm : communicator or None
+        Set by synchronized SN (:mod:`refnorm.sync`): the BN scope pools all devices.
+    n_bn : int
+        IN groups one BN statistic covers: N, or the total over all devices when synchronized.
     """
 
     h: Array
@@ -125,6 +129,8 @@ class SwitchableNormCache:
     x_dtype: Any
     param_dtype: Any
     logit_dtype: Any
+    comm: Any = None
+    n_bn: int = 0
 
 
 # -- forward -----------------------------------------------------------------------------------
@@ -142,6 +148,7 @@ def switchable_norm_forward(
     stats: str = "stable",
     in_correction: int = 0,
     hard: bool = False,
+    comm: Any = None,
 ) -> tuple[Array, SwitchableNormCache]:
     """Switchable Normalization in training: every scope uses this batch's statistics.
 
@@ -153,6 +160,10 @@ def switchable_norm_forward(
         The control parameters ``lambda`` and ``lambda'``, one per scope.
     eps : float, > 0
     scopes, stats, in_correction, hard : see :class:`SwitchableOptions`
+    comm : communicator, optional
+        Synchronize the BN scope over the devices of ``comm`` (synchronized SN, Appendix A
+        Eq. 15; see :mod:`refnorm.sync`). The backward then all-reduces once more, and the
+        parameter gradients it returns are this device's contributions.
 
     Returns
     -------
@@ -160,7 +171,8 @@ def switchable_norm_forward(
     cache : SwitchableNormCache
     """
     options = SwitchableOptions(tuple(scopes), stats, in_correction, hard)
-    return _forward(x, (gamma, beta), (mean_logits, var_logits), None, eps=eps, options=options)
+    return _forward(x, (gamma, beta), (mean_logits, var_logits), None, eps=eps,
+                    options=options, comm=comm)
 
 
 def switchable_norm_eval_forward(
@@ -198,16 +210,20 @@ def _forward(
     *,
     eps: float,
     options: SwitchableOptions,
+    comm: Any = None,
 ) -> tuple[Array, SwitchableNormCache]:
     gamma, beta = params
     xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
-    _check_options(options, x.shape, training=population is None)
+    comm = comm if population is None and "bn" in options.scopes else None
+    _check_options(options, x.shape, training=population is None, synchronized=comm is not None)
     mean_logits, var_logits = logits
     _check_logits("mean_logits", mean_logits, len(options.scopes))
     _check_logits("var_logits", var_logits, len(options.scopes))
     N, C = x.shape[:2]
-    h = xp.reshape(xc, (N, C, -1))                               # (N, C, S)
-    mu, var = scope_moments(h, options)                          # Eq. (4)
+    h = xp.reshape(xc, (N, C, math.prod(x.shape[2:])))          # (N, C, S)
+    mu, var, n_bn = _scope_moments(h, options, comm)             # Eq. (4)
+    if comm is not None:
+        _check_synchronized_count(n_bn * h.shape[2], x.shape)
     if population is not None and "bn" in options.scopes:
         mu["bn"], var["bn"] = _population(xp, population, C, h.dtype)   # (1, C, 1) each
     w_mean = ratios(xp.astype(mean_logits, h.dtype), hard=options.hard)  # Eq. (5)
@@ -220,23 +236,31 @@ def _forward(
         h=h, x_hat=x_hat, rstd=rstd, gamma=gamma_c, mu=mu, var=var,
         w_mean=w_mean, w_var=w_var, frozen_bn=population is not None, options=options,
         x_shape=tuple(x.shape), x_dtype=x.dtype, param_dtype=gamma.dtype,
-        logit_dtype=mean_logits.dtype,
+        logit_dtype=mean_logits.dtype, comm=comm, n_bn=n_bn,
     )
     return xp.astype(y, x.dtype, copy=False), cache
 
 
-def scope_moments(h: Array, options: SwitchableOptions) -> tuple[dict, dict]:
+def scope_moments(h: Array, options: SwitchableOptions, *, comm: Any = None) -> tuple[dict, dict]:
     """Means and variances of the three scopes from the IN moments, Eq. (4).
 
     Parameters
     ----------
     h : array, (N, C, S)
     options : SwitchableOptions (``stats`` and ``in_correction`` are used)
+    comm : communicator, optional
+        Synchronize the BN scope across devices (Appendix A, multiple GPUs: mu_sybn and
+        sigma_sybn pool the IN moments of every device); IN and LN stay local.
 
     Returns
     -------
     mu, var : dicts with keys "in" (N, C, 1), "ln" (N, 1, 1), "bn" (1, C, 1)
     """
+    mu, var, _ = _scope_moments(h, options, comm)
+    return mu, var
+
+
+def _scope_moments(h: Array, options: SwitchableOptions, comm: Any) -> tuple[dict, dict, int]:
     xp = array_namespace(h)
     S = h.shape[2]
     mu_in = xp.mean(h, axis=2, keepdims=True)                    # (N, C, 1)  Eq. (4)
@@ -244,19 +268,47 @@ def scope_moments(h: Array, options: SwitchableOptions) -> tuple[dict, dict]:
     var_in = xp.sum(d * d, axis=2, keepdims=True) / (S - options.in_correction)  # Eq. (4)
     mu = {"in": mu_in}
     var = {"in": var_in}
-    for scope, axis in (("ln", 1), ("bn", 0)):
-        mu_k = xp.mean(mu_in, axis=axis, keepdims=True)          # (N, 1, 1) / (1, C, 1)
-        if options.stats == "stable":
-            # law of total variance: mean of the within-group variances plus the variance
-            # of the group means; equal to Eq. (4) in exact arithmetic, stable in float32
-            spread = (mu_in - mu_k) * (mu_in - mu_k)
-            var_k = (xp.mean(var_in, axis=axis, keepdims=True)
-                     + xp.mean(spread, axis=axis, keepdims=True))
-        else:
-            second = var_in + mu_in * mu_in                      # E[h^2] per (n, c)
-            var_k = xp.mean(second, axis=axis, keepdims=True) - mu_k * mu_k   # Eq. (4)
-        mu[scope], var[scope] = mu_k, var_k
-    return mu, var
+    mu["ln"], var["ln"], _ = pool_in_moments(mu_in, var_in, axis=1, stats=options.stats)
+    mu["bn"], var["bn"], n_bn = pool_in_moments(mu_in, var_in, axis=0, stats=options.stats,
+                                                comm=comm)
+    return mu, var, n_bn
+
+
+def pool_in_moments(mu_in: Array, var_in: Array, *, axis: int, stats: str,
+                    comm: Any = None) -> tuple[Array, Array, int]:
+    """Merge the IN moments of the groups along ``axis`` (1: LN, 0: BN) into one mean and
+    variance, Eq. (4); with ``comm``, the groups of every device are pooled.
+
+    ``stats="stable"``: mean of the variances plus the variance of the means (the law of
+    total variance); ``stats="paper"``: the printed ``mean(var_in + mu_in^2) - mu^2``.
+    Everything is a sum over groups divided by their count, so that a device holding no
+    sample contributes zeros and a communicator only has to add.
+
+    Returns
+    -------
+    mu_k, var_k : arrays, (N, 1, 1) for axis 1 or (1, C, 1) for axis 0
+    count : int
+        The number of groups pooled (over all devices).
+    """
+    xp = array_namespace(mu_in)
+    inner = var_in if stats == "stable" else var_in + mu_in * mu_in      # E[h^2] per (n, c)
+    sums = [xp.asarray([float(mu_in.shape[axis])], dtype=mu_in.dtype),
+            xp.sum(mu_in, axis=axis, keepdims=True), xp.sum(inner, axis=axis, keepdims=True)]
+    if comm is not None:
+        sums = comm.allreduce_sum(sums)
+    count, sum_mu, sum_inner = sums
+    n = int(count[0])
+    if n == 0:
+        raise ValueError("no samples on any device: the BN scope has nothing to average")
+    mu_k = sum_mu / n                                            # Eq. (4)
+    if stats == "stable":
+        spread = [xp.sum((mu_in - mu_k) * (mu_in - mu_k), axis=axis, keepdims=True)]
+        if comm is not None:
+            spread = comm.allreduce_sum(spread)
+        var_k = (sum_inner + spread[0]) / n                      # law of total variance
+    else:
+        var_k = sum_inner / n - mu_k * mu_k                      # Eq. (4) as printed
+    return mu_k, var_k, n
 
 
 def ratios(logits: Array, *, hard: bool = False) -> Array:
@@ -298,8 +350,12 @@ def _check_option_values(options: SwitchableOptions) -> None:
         raise ValueError(f"in_correction must be 0 or 1; got {options.in_correction!r}")
 
 
-def _check_options(options: SwitchableOptions, shape: tuple[int, ...], *, training: bool):
-    """Check the option values, then that every statistic used covers more than one value."""
+def _check_options(options: SwitchableOptions, shape: tuple[int, ...], *, training: bool,
+                   synchronized: bool = False):
+    """Check the option values, then that every statistic used covers more than one value.
+
+    A synchronized BN scope is checked after pooling (:func:`_check_synchronized_count`).
+    """
     _check_option_values(options)
     N, C = shape[:2]
     S = math.prod(shape[2:])
@@ -309,14 +365,20 @@ def _check_options(options: SwitchableOptions, shape: tuple[int, ...], *, traini
             f"x of shape {tuple(shape)} has {S}")
     counts = {"in": S, "ln": C * S, "bn": N * S}
     for scope in options.scopes:
-        if scope == "bn" and not training:
-            continue  # population statistics
+        if scope == "bn" and (not training or synchronized):
+            continue  # population statistics, or pooled over devices
         if counts[scope] < 2:
             hint = (" (use scopes=('ln', 'bn') for (N, C) inputs; the official code returns NaN"
                     " for IN on 1x1 maps)" if scope == "in" else "")
             raise ValueError(
                 f"the {scope.upper()} scope needs more than 1 value per statistic; x of shape "
                 f"{tuple(shape)} gives {counts[scope]}{hint}")
+
+
+def _check_synchronized_count(count: int, shape: tuple[int, ...]) -> None:
+    if count < 2:
+        raise ValueError(f"the synchronized BN scope needs more than 1 value per statistic over "
+                         f"all devices; got {count} (this device's x has shape {tuple(shape)})")
 
 
 def _check_logits(name: str, logits: Array, K: int) -> None:
@@ -355,31 +417,47 @@ def switchable_norm_backward(
     dx_hat = dy_v * xp.reshape(c.gamma, (1, -1, 1))                   # (N, C, S)  Eq. (6)
     dvar = -0.5 * c.rstd * c.rstd * xp.sum(dx_hat * c.x_hat, axis=2, keepdims=True)  # Eq. (7)
     dmu = -c.rstd * xp.sum(dx_hat, axis=2, keepdims=True)             # (N, C, 1)  Eq. (8)
-    dh = dx_hat * c.rstd                                               # Eq. (9), first term
+    # Eq. (9); on several devices Eq. (22): dh = Term1 + Term2 + Term3
+    dh = dx_hat * c.rstd                                               # Term1, Eq. (23)
+    sums = _scope_gradient_sums(c, dvar, dmu)                          # one all-reduce if synced
     for i, scope in enumerate(c.options.scopes):
-        if scope == "bn" and c.frozen_bn:
-            continue  # population statistics do not depend on h
-        n_k = _groups_per_statistic(c, scope)                          # 1, C or N
-        dvar_k = _sum_over_scope(dvar, scope)                          # sum of Eq. (7) entries
-        dmu_k = _sum_over_scope(dmu, scope)                            # sum of Eq. (8) entries
-        dh = dh + c.w_var[i] * dvar_k * _dvar_k_dh(c, scope, n_k)      # Eq. (9), variance terms
-        dh = dh + c.w_mean[i] * dmu_k / (n_k * c.h.shape[2])           # Eq. (9), mean terms
+        if scope not in sums:
+            continue  # frozen BN scope: population statistics do not depend on h
+        dvar_k, dmu_k = sums[scope]                                    # sums of Eq. (7), (8)
+        n_k = _groups_per_statistic(c, scope)                          # 1, C, N (or sum of N)
+        dh = dh + c.w_var[i] * dvar_k * _dvar_k_dh(c, scope, n_k)      # Term2, Eq. (24)
+        dh = dh + c.w_mean[i] * dmu_k / (n_k * c.h.shape[2])           # Term3, Eq. (25)
     dlogits = _dlogits(c, dmu, dvar)                                   # Eq. (12)-(14)
     return _cast_grads(xp, c, dh, (dgamma, dbeta), dlogits)
 
 
 def _groups_per_statistic(cache: SwitchableNormCache, scope: str) -> int:
-    """How many IN groups (n, c) one statistic of ``scope`` covers: 1, C or N."""
-    N, C = cache.h.shape[:2]
-    return {"in": 1, "ln": C, "bn": N}[scope]
+    """How many IN groups (n, c) one statistic of ``scope`` covers: 1, C or N.
+
+    For a synchronized BN scope, N summed over all devices (the P N of Eq. 24-25).
+    """
+    return {"in": 1, "ln": cache.h.shape[1], "bn": cache.n_bn}[scope]
 
 
-def _sum_over_scope(a: Array, scope: str) -> Array:
-    """Sum an (N, C, 1) array of per-(n, c) gradients over the entries one statistic feeds."""
-    xp = array_namespace(a)
-    if scope == "in":
-        return a
-    return xp.sum(a, axis=1 if scope == "ln" else 0, keepdims=True)
+def _scope_gradient_sums(cache: SwitchableNormCache, dvar: Array,
+                         dmu: Array) -> dict[str, tuple[Array, Array]]:
+    """For each scope whose statistics depend on h: the sums of Eq. (7) and Eq. (8) entries
+    over the (n, c) one statistic feeds (none for IN, over c for LN, over n for BN).
+
+    Synchronized, the BN sums also run over every device (one all-reduce of two (C,)
+    arrays), as Term2 and Term3 of Eq. (24)-(25) sum over p and n.
+    """
+    xp = array_namespace(dvar)
+    sums = {}
+    for scope in cache.options.scopes:
+        if scope == "in":
+            sums[scope] = (dvar, dmu)
+        elif scope == "ln":
+            sums[scope] = (xp.sum(dvar, axis=1, keepdims=True), xp.sum(dmu, axis=1, keepdims=True))
+        elif not cache.frozen_bn:
+            local = [xp.sum(dvar, axis=0, keepdims=True), xp.sum(dmu, axis=0, keepdims=True)]
+            sums[scope] = tuple(local if cache.comm is None else cache.comm.allreduce_sum(local))
+    return sums
 
 
 def _dvar_k_dh(cache: SwitchableNormCache, scope: str, n_k: int) -> Array:
@@ -454,13 +532,15 @@ def switchable_norm_backward_compact(
     dvar = -0.5 * c.rstd * c.rstd * xp.sum(dx_hat * c.x_hat, axis=2, keepdims=True)
     dmu = -c.rstd * xp.sum(dx_hat, axis=2, keepdims=True)
     dmu_in, dvar_in = 0, 0                                             # (N, C, 1) after the loop
+    sums = _scope_gradient_sums(c, dvar, dmu)
     for i, scope in enumerate(c.options.scopes):
-        if scope == "bn" and c.frozen_bn:
+        if scope not in sums:
             continue
+        dvar_k, dmu_k = sums[scope]
         n_k = _groups_per_statistic(c, scope)
-        g_var = c.w_var[i] * _sum_over_scope(dvar, scope) / n_k        # onto each var_in
+        g_var = c.w_var[i] * dvar_k / n_k                              # onto each var_in
         dvar_in = dvar_in + g_var
-        dmu_in = dmu_in + c.w_mean[i] * _sum_over_scope(dmu, scope) / n_k
+        dmu_in = dmu_in + c.w_mean[i] * dmu_k / n_k
         dmu_in = dmu_in + g_var * 2.0 * (c.mu["in"] - c.mu[scope])     # var_k's between part
     S = c.h.shape[2]
     dh = (dx_hat * c.rstd + dmu_in / S
@@ -530,6 +610,7 @@ class SwitchableNorm(ChannelNorm):
                           "running_var": self.xp.ones((num_channels,), dtype=self.dtype)}
         self.population_ready = inference == "moving_average"
         self._recording: list | None = None
+        self.comm: Any = None  # a communicator synchronizes the BN scope (refnorm.sync)
 
     def current_ratios(self) -> dict[str, dict[str, float]]:
         """The current mean and variance ratios by scope, as Python floats."""
@@ -552,7 +633,7 @@ class SwitchableNorm(ChannelNorm):
                     "yet: call refnorm.norms.switchable.batch_average(model, batches) first")
             return switchable_norm_eval_forward(
                 *args, self.state["running_mean"], self.state["running_var"], **kw)
-        y, cache = switchable_norm_forward(*args, **kw)
+        y, cache = switchable_norm_forward(*args, comm=self.comm, **kw)
         if training and "bn" in o.scopes:
             self._observe(cache)
         return y, cache
@@ -561,7 +642,7 @@ class SwitchableNorm(ChannelNorm):
         xp, C = self.xp, self.num_channels
         mean = xp.reshape(cache.mu["bn"], (C,))
         var = xp.reshape(cache.var["bn"], (C,))
-        count = cache.h.shape[0] * cache.h.shape[2]
+        count = cache.n_bn * cache.h.shape[2]  # every device's values when synchronized
         if self._recording is not None:
             self._recording.append((count, mean, var))
         elif self.inference == "moving_average":

@@ -1,0 +1,25 @@
+"""Statistics across devices: communicators, synchronized BN and SN, data-parallel steps.
+
+- :mod:`refnorm.sync.comm` — :class:`SingleProcess`, :class:`InProcessGroup` (P simulated
+  devices in one process), :class:`MPICommunicator` (mpi4py + the mpich wheel);
+- :mod:`refnorm.sync.batch_norm` — synchronized BN (``syncbn``);
+- :mod:`refnorm.sync.switchable` — synchronized SN (``syncsn``), Appendix A Eq. 15-25;
+- :mod:`refnorm.sync.data_parallel` — gradients reduced across devices once per step.
+"""
+
+from refnorm.sync.batch_norm import SyncBatchNorm, sync_batch_norm_backward, sync_batch_norm_forward
+from refnorm.sync.comm import Communicator, InProcessGroup, MPICommunicator, SingleProcess
+from refnorm.sync.data_parallel import allreduce_gradients
+from refnorm.sync.switchable import SyncSwitchableNorm
+
+__all__ = [
+    "Communicator",
+    "InProcessGroup",
+    "MPICommunicator",
+    "SingleProcess",
+    "SyncBatchNorm",
+    "SyncSwitchableNorm",
+    "allreduce_gradients",
+    "sync_batch_norm_backward",
+    "sync_batch_norm_forward",
+]

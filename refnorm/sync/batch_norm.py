@@ -1,0 +1,167 @@
+"""Synchronized Batch Normalization: the batch statistics of all devices together.
+
+Each device holds a shard x_p of the batch (any number of samples, none included). The
+forward pools the per-device (count, mean, M2) into the statistics of the whole batch with
+two sum-all-reduces, Chan et al.'s merge written as sums:
+
+    n = sum_p n_p,  mean = sum_p n_p mean_p / n                          # first all-reduce
+    M2 = sum_p [M2_p + n_p (mean_p - mean)^2],  var = M2 / n             # second all-reduce
+
+which is the two-pass variance of the concatenated batch (no E[x^2] - E[x]^2 cancellation).
+The backward needs two per-channel sums over the whole batch, sum(dx_hat) and
+sum(dx_hat * x_hat), in one all-reduce:
+
+    dx_p = rstd * (dx_hat_p - sum(dx_hat) / n - x_hat_p * sum(dx_hat * x_hat) / n)
+
+``dgamma`` and ``dbeta`` are returned as this device's contributions (sums over its own
+samples): the data-parallel step sums parameter gradients over devices once
+(:func:`refnorm.sync.data_parallel.allreduce_gradients`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from refnorm.backend import Array, array_namespace
+from refnorm.core import affine_backward, affine_forward, standardize
+from refnorm.core.affine import channel_view, non_channel_axes
+from refnorm.core.checks import check_like, prepare_channel_norm
+from refnorm.core.running import update_running_stats
+from refnorm.layer import CheckCase
+from refnorm.norms.batch import BatchNorm, batch_norm_eval_forward
+from refnorm.registry import register
+from refnorm.sync.comm import SingleProcess
+
+
+@dataclass(frozen=True)
+class SyncBatchNormCache:
+    """What the synchronized forward saves.
+
+    Attributes
+    ----------
+    x_hat : array, (N_p, C, *spatial)
+    rstd : array, (1, C, 1, ...)
+    gamma : array, (C,)
+    mean, var : arrays, (C,)
+        The statistics of the whole batch (for the running update).
+    count : int
+        n, the values per channel over all devices.
+    comm : the communicator
+    x_dtype, param_dtype : dtypes of the returned gradients
+    """
+
+    x_hat: Array
+    rstd: Array
+    gamma: Array
+    mean: Array
+    var: Array
+    count: int
+    comm: Any
+    x_dtype: Any
+    param_dtype: Any
+
+
+def sync_batch_norm_forward(
+    x: Array, gamma: Array, beta: Array, *, comm: Any, eps: float = 1e-5
+) -> tuple[Array, SyncBatchNormCache]:
+    """Batch Normalization in training with statistics over every device of ``comm``.
+
+    Parameters
+    ----------
+    x : array, (N_p, C, *spatial)
+        This device's shard; N_p may be 0.
+    gamma, beta : arrays, (C,)
+    comm : communicator (:mod:`refnorm.sync.comm`)
+    eps : float, > 0
+
+    Returns
+    -------
+    y : array, ``x.shape``
+    cache : SyncBatchNormCache
+    """
+    xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    axes = non_channel_axes(x.ndim)                                        # (0, 2, 3, ...)
+    n_p = 1
+    for a in axes:
+        n_p *= x.shape[a]
+    local_sum = xp.sum(xc, axis=axes)                                      # (C,)
+    count, total = comm.allreduce_sum([xp.asarray([float(n_p)], dtype=xc.dtype), local_sum])
+    n = int(count[0])
+    if n < 2:
+        raise ValueError("synchronized batch normalization needs more than 1 value per "
+                         f"channel over all devices; got {n} (this device's x has shape "
+                         f"{tuple(x.shape)})")
+    mean = total / n                                                       # (C,)
+    local_mean = local_sum / max(n_p, 1)                                   # (C,)
+    d = xc - channel_view(local_mean, x.ndim)                              # (N_p, C, H, W)
+    local_m2 = xp.sum(d * d, axis=axes)                                    # (C,)
+    shift = local_mean - mean
+    (m2,) = comm.allreduce_sum([local_m2 + n_p * shift * shift])           # Chan's merge
+    var = m2 / n                                                           # (C,)
+    x_hat, rstd = standardize(xc, channel_view(mean, x.ndim), channel_view(var, x.ndim), eps=eps)
+    y = affine_forward(x_hat, gamma_c, beta_c)
+    cache = SyncBatchNormCache(x_hat, rstd, gamma_c, mean, var, n, comm, x.dtype, gamma.dtype)
+    return xp.astype(y, x.dtype, copy=False), cache
+
+
+def sync_batch_norm_backward(dy: Array, cache: SyncBatchNormCache) -> tuple[Array, Array, Array]:
+    """Backward of :func:`sync_batch_norm_forward`: one all-reduce of two (C,) sums.
+
+    Returns
+    -------
+    dx : array, (N_p, C, *spatial)
+    dgamma, dbeta : arrays, (C,), this device's contributions
+    """
+    if type(cache) is not SyncBatchNormCache:
+        raise TypeError(f"cache must be a SyncBatchNormCache; got {type(cache).__name__}")
+    check_like("dy", dy, cache.x_hat.shape)
+    xp = array_namespace(dy, cache.x_hat)
+    dy_c = xp.astype(dy, cache.x_hat.dtype, copy=False)
+    dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)
+    axes = non_channel_axes(dy.ndim)
+    local = [xp.sum(dx_hat, axis=axes), xp.sum(dx_hat * cache.x_hat, axis=axes)]
+    sum_dx_hat, sum_dx_hat_x_hat = cache.comm.allreduce_sum(local)         # (C,) each
+    n, ndim = cache.count, dy.ndim
+    dx = cache.rstd * (dx_hat - channel_view(sum_dx_hat, ndim) / n
+                       - cache.x_hat * channel_view(sum_dx_hat_x_hat, ndim) / n)
+    return (xp.astype(dx, cache.x_dtype, copy=False),
+            xp.astype(dgamma, cache.param_dtype, copy=False),
+            xp.astype(dbeta, cache.param_dtype, copy=False))
+
+
+@register("syncbn")
+class SyncBatchNorm(BatchNorm):
+    """Batch Normalization synchronized over the devices of ``comm``.
+
+    Parameters as :class:`~refnorm.norms.batch.BatchNorm`, plus ``comm`` (default: a single
+    process, which makes it plain BN). The running statistics are updated with the whole
+    batch's statistics and count, identically on every device.
+    """
+
+    check_cases = (CheckCase((4, 3, 5, 5)), CheckCase((6, 4)),
+                   CheckCase((4, 3, 5, 5), training=False))
+    shared_attributes = ("comm",)
+
+    def __init__(self, num_channels: int, *, comm: Any = None, **kw: Any) -> None:
+        super().__init__(num_channels, **kw)
+        self.comm = SingleProcess() if comm is None else comm
+
+    def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        if not training:
+            stats = (self.state["running_mean"], self.state["running_var"])
+            return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
+        y, cache = sync_batch_norm_forward(x, gamma, beta, comm=self.comm, eps=self.eps)
+        running_mean, running_var = update_running_stats(
+            self.state["running_mean"], self.state["running_var"], cache.mean, cache.var,
+            count=cache.count, momentum=self.momentum)
+        self.state = {"running_mean": running_mean, "running_var": running_var}
+        return y, cache
+
+    def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
+        if isinstance(cache, SyncBatchNormCache):
+            dx, dgamma, dbeta = sync_batch_norm_backward(dy, cache)
+        else:
+            dx, dgamma, dbeta = type(self).backward_fn(dy, cache)
+        return dx, {"gamma": dgamma, "beta": dbeta}
