@@ -1,0 +1,28 @@
+"""Switchable Normalization Appendix A, multiple GPUs, Eq. (15)-(25): which printed formulas
+are right (verdicts derived in refnorm/errata/sn_multi_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from refnorm.errata import sn_multi_gpu
+
+AGREE = {"Eq. (15)", "Eq. (16)", "Eq. (17)", "Eq. (18)", "Eq. (19)", "Eq. (20)", "Eq. (22)-(25)"}
+DISAGREE = {"Eq. (21), variance", "Eq. (21), mean", "Eq. (22)-(25) with Eq. (21)"}
+SHARD_DEPENDENT = "Eq. (22)-(25), P N H W"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("shards", [(2, 3), (1, 4, 2), (3, 3)])
+def test_printed_multi_gpu_verdicts(seed, shards):
+    findings = {f.equation: f for f in sn_multi_gpu.check_multi_gpu(seed, shards)}
+    assert set(findings) == AGREE | DISAGREE | {SHARD_DEPENDENT}
+    for eq in AGREE:
+        assert findings[eq].agrees, findings[eq]
+    for eq in DISAGREE:
+        assert not findings[eq].agrees and findings[eq].max_rel_error > 0.1, findings[eq]
+    # P N H W is the whole batch's count exactly when every device holds N samples.
+    equal = len(set(shards)) == 1
+    assert findings[SHARD_DEPENDENT].agrees is equal, findings[SHARD_DEPENDENT]
+    if not equal:
+        assert findings[SHARD_DEPENDENT].max_rel_error > 1e-3
