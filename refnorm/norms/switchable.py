@@ -563,8 +563,12 @@ class SwitchableNorm(ChannelNorm):
     inference : {"moving_average", "batch_average"}
         How the BN scope gets population statistics. "moving_average" updates
         ``state`` in every training forward (PyTorch's convention: ``momentum`` weights the
-        new batch, unbiased variance). "batch_average" leaves the state alone in training;
-        :func:`batch_average` sets it after training, as the paper does.
+        new batch, and the BN-scope variance is scaled by m / (m - 1) with m its values per
+        channel; with ``in_correction=1`` that variance is already partly unbiased, so the
+        factor over-corrects it slightly, as documented on the conventions page).
+        "batch_average" leaves the state alone in training; :func:`batch_average` sets it
+        after training, as the paper does, and sets ``population_ready``. After loading a
+        saved state into such a layer, set ``layer.population_ready = True`` yourself.
     momentum : float, default 0.1
     dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
 
@@ -690,9 +694,13 @@ def batch_average(model: Any, batches: Iterable[Array]) -> int:
         mean = sum_b n_b mu_b / n
         var  = sum_b n_b var_b / n + sum_b n_b (mu_b - mean)^2 / n
 
-    which is exactly the mean and the (biased) variance of all values fed, per channel.
-    The paper averages means and second moments, ``E[var_b + mu_b^2] - mean^2``: the same
-    number, without the float32 cancellation.
+    which is exactly the mean and the (biased) variance of all values fed, per channel, with
+    the default biased IN variance. (With ``in_correction=1`` each batch's BN-scope variance
+    is the official code's mixture, mean of unbiased IN variances plus variance of IN means,
+    and the merge pools those.) The paper says it averages "the means and variances" of the
+    batches; averaging variances alone would miss the spread of the batch means. Its official
+    code accumulates means and second moments (``var_b + mu_b^2``) and subtracts the squared
+    mean: the same number as the merge above, but with the float32 cancellation of Eq. (4).
 
     Parameters
     ----------
