@@ -1,6 +1,8 @@
-"""The ``refnorm`` command: ``refnorm gradcheck [NAME ... | --all] [--json]``.
+"""The ``refnorm`` command: ``gradcheck``, ``train`` and ``study``.
 
-Later subcommands (``train``, ``study``, ``bench``) join here.
+- ``refnorm gradcheck [NAME ... | --all] [--json]`` — every backward against finite differences;
+- ``refnorm train ...`` — train the conv-net with a chosen normalizer (:mod:`refnorm.train`);
+- ``refnorm study [--quick]`` — the micro-batch study and its report.
 """
 
 from __future__ import annotations
@@ -52,7 +54,108 @@ def _parser() -> argparse.ArgumentParser:
                     help="largest acceptable max relative error (default: %(default)g)")
     gc.add_argument("--seed", type=int, default=0, help="seed for inputs and upstream gradients")
     gc.set_defaults(run=_run_gradcheck)
+    _add_train(sub)
+    _add_study(sub)
     return parser
+
+
+def _add_train(sub) -> None:
+    tr = sub.add_parser(
+        "train", help="train the small conv-net with a chosen normalizer",
+        description=("Train refnorm's conv-net. The normalizers see micro-batches of "
+                     "--batch-size samples; each update accumulates --accumulation of them. "
+                     "Writes metrics.csv, metrics.json, curves.png and checkpoint.npz (every "
+                     "epoch, atomically) to --out; --resume continues a run bit-identically; "
+                     "Ctrl-C saves a checkpoint and exits."))
+    tr.add_argument("--data", default="digits",
+                    help="digits (embedded), mnist:DIR (IDX files) or cifar10:DIR (python batches)")
+    tr.add_argument("--norm", default="bn", help="none, bn, in, ln, gn, sn, syncbn, syncsn")
+    tr.add_argument("--weight", default=None, help="ws, wn, np or trelu (default: plain conv)")
+    tr.add_argument("--batch-size", type=int, default=32, help="micro-batch size (default 32)")
+    tr.add_argument("--accumulation", type=int, default=1,
+                    help="micro-batches per update (default 1)")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--lr", type=float, default=0.05)
+    tr.add_argument("--weight-decay", type=float, default=5e-4)
+    tr.add_argument("--schedule", default="cosine", help="cosine, linear or constant")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--groups", type=int, default=4, help="GN groups (default 4)")
+    tr.add_argument("--sn-inference", default="batch_average",
+                    help="batch_average (the paper's) or moving_average")
+    tr.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    tr.set_defaults(run=_run_train)
+
+
+def _add_study(sub) -> None:
+    st = sub.add_parser(
+        "study", help="the micro-batch study: normalizers x batch sizes, with a report",
+        description=("Train a grid of normalizers x per-device batch sizes (accumulation keeps "
+                     "the update size fixed) and write report.md with a table, a verdict per "
+                     "claim of the papers, and plots."))
+    st.add_argument("--quick", action="store_true", help="a small grid (under 2 minutes)")
+    st.add_argument("--methods", default=None,
+                    help="comma-separated, e.g. bn,gn,sn,gn+ws,ln,wn (default: all of these)")
+    st.add_argument("--batch-sizes", default=None, help="comma-separated, e.g. 2,4,16,64")
+    st.add_argument("--update-size", type=int, default=None)
+    st.add_argument("--epochs", type=int, default=None)
+    st.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
+    st.add_argument("--data", default=None, help="as for train (default digits)")
+    st.add_argument("--jobs", type=int, default=None, help="parallel runs (default: cores)")
+    st.add_argument("--out", default="runs/study", help="output directory (default runs/study)")
+    st.set_defaults(run=_run_study)
+
+
+def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from refnorm.train.trainer import CheckpointError, NonFiniteLoss, TrainConfig, train
+
+    try:
+        config = TrainConfig(data=args.data, norm=args.norm, weight=args.weight,
+                             batch_size=args.batch_size, accumulation=args.accumulation,
+                             epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                             schedule=args.schedule, seed=args.seed, num_groups=args.groups,
+                             sn_inference=args.sn_inference)
+        print(f"training {config.describe()} -> {args.out}", file=sys.stderr)
+        result = train(config, out=args.out, resume=args.resume)
+    except NonFiniteLoss as exc:
+        print(f"refnorm train: {exc}", file=sys.stderr)
+        return 3
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"refnorm train: error: {exc}", file=sys.stderr)
+        return 2
+    if result.interrupted:
+        return 130
+    last = result.history[-1] if result.history else None
+    if last:
+        print(f"final test accuracy {last['test_acc']:.4f} (train {last['train_acc']:.4f}); "
+              f"metrics and curves in {args.out}")
+    return 0
+
+
+def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import dataclasses
+
+    from refnorm.train.study import QUICK, StudyConfig, run_study
+
+    study = QUICK if args.quick else StudyConfig()
+    changes: dict = {}
+    if args.methods:
+        changes["methods"] = tuple(m.strip() for m in args.methods.split(","))
+    if args.batch_sizes:
+        changes["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
+    for name in ("update_size", "epochs", "data"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    changes["seeds"] = tuple(range(args.seeds))
+    try:
+        study = dataclasses.replace(study, **changes)
+        report = run_study(study, args.out, jobs=args.jobs,
+                           log=lambda line: print(line, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"refnorm study: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    return 0
 
 
 def _run_gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -72,6 +72,7 @@ class _Shared:
         self.barrier = threading.Barrier(size, timeout=timeout)
         self.slots: list[Any] = [None] * size
         self.result: Any = None
+        self.closed = False
 
 
 class InProcessGroup(Communicator):
@@ -126,6 +127,7 @@ class InProcessGroup(Communicator):
             t.start()
         for t in threads:
             t.join()
+        shared.closed = True
         first = next((e for e in errors if e is not None
                       and not isinstance(e, threading.BrokenBarrierError)), None)
         if first is None:
@@ -136,6 +138,11 @@ class InProcessGroup(Communicator):
 
     def allreduce_sum(self, arrays: Sequence[Array]) -> list[Array]:
         shared = self._shared
+        if shared.closed:
+            raise RuntimeError(
+                "this InProcessGroup's run() has returned: its devices are gone, so an "
+                "all-reduce (e.g. a synchronized backward) must happen inside the function "
+                "given to run()")
         shared.slots[self.rank] = list(arrays)
         if shared.barrier.wait() == 0:  # one thread combines
             problem = _mismatch([_signature(s) for s in shared.slots])

@@ -2,9 +2,15 @@
 
 Each device runs the same model on its own shard, then :func:`allreduce_gradients` replaces
 every gradient with the weighted sum over devices (one all-reduce for the whole model), so
-that the same update leaves the parameters identical on every device. With per-device losses
-that average over their own N_p samples, ``weight = N_p / N`` makes the result the gradient
-of the loss averaged over the whole batch; the default ``1 / P`` is right for equal shards.
+that the same update leaves the parameters identical on every device.
+
+To get the gradient of the loss averaged over the whole batch of N samples, let each device
+compute its loss as the *sum* over its samples divided by N and pass ``weight=1.0``. The
+default ``weight = 1 / P`` with per-device mean losses is the same thing when every device
+holds N / P samples. With unequal shards, weighting per-device mean losses by N_p / N is
+right only for a model without synchronized layers: a synchronized layer's backward mixes
+the incoming gradients of all devices before any weight applies, so the layers below it
+would get the wrong mixture.
 
 Synchronized normalizers return this device's contributions to their parameter gradients
 (sums over its own samples), so this one reduction is also the only one they get.
@@ -26,7 +32,8 @@ def allreduce_gradients(layers: Iterable[Layer], comm: Any, *, weight: float | N
         The model's layers, in the same order on every device.
     comm : communicator
     weight : float, optional
-        This device's weight; default ``1 / comm.size`` (the mean over devices).
+        This device's weight; default ``1 / comm.size`` (the mean over devices; see the
+        module docstring for unequal shards).
     """
     layers = list(layers)
     w = 1.0 / comm.size if weight is None else float(weight)

@@ -1,7 +1,7 @@
 """Check synchronized BN and SN across real MPI processes: ``mpiexec -n P python -m refnorm.sync.mpi_check``.
 
-Every rank draws the same global batch from a seed, keeps its own unequal shard (the last
-rank may get none), runs synchronized BN and SN forward and backward through
+Every rank draws the same global batch from a seed, keeps its own unequal shard (with four or
+more processes the first rank gets none), runs synchronized BN and SN forward and backward through
 :class:`~refnorm.sync.comm.MPICommunicator`, and rank 0 compares the concatenated outputs and
 input gradients, and the summed parameter gradients, with one process holding the whole
 batch. Prints one line per check and exits non-zero if any differs by more than 1e-10.
@@ -19,7 +19,7 @@ import numpy as np
 
 
 def shard_bounds(n: int, size: int) -> list[tuple[int, int]]:
-    """Unequal shards: rank r gets about (r + 1) parts of n, the last rank possibly none."""
+    """Unequal shards: rank r gets about (r + 1) parts of n (rank 0 may get none)."""
     weights = np.arange(1, size + 1, dtype=float)
     edges = np.floor(np.cumsum(weights) / weights.sum() * (n - 1)).astype(int)
     edges = np.concatenate([[0], edges[:-1], [n]])

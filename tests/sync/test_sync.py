@@ -273,3 +273,12 @@ def test_mpi_disagreeing_shapes_end_the_job():
     proc = _run_mpi("--mismatch", timeout=60)
     assert proc.returncode != 0
     assert "ranks passed different arrays" in proc.stderr
+
+
+def test_using_a_device_after_its_group_finished_is_a_clear_error():
+    def forward(comm, xs):
+        return sync_batch_norm_forward(xs, np.ones(3), np.zeros(3), comm=comm)[1]
+
+    caches = InProcessGroup.run(2, forward, [np.ones((2, 3)) * [[1], [2]]] * 2)
+    with pytest.raises(RuntimeError, match=r"run\(\) has returned"):
+        sync_batch_norm_backward(np.ones((2, 3)), caches[0])

@@ -1,0 +1,1 @@
+"""Training a small network on real data with refnorm layers."""

@@ -1,0 +1,130 @@
+"""A small conv-net built from refnorm's own layers, with the normalizer chosen by name.
+
+    [conv 3x3 -> norm -> relu -> (max-pool 2x2)] x len(widths) -> global average pool -> linear
+
+``norm`` is an activation normalizer of :mod:`refnorm.registry` (``"bn"``, ``"in"``, ``"ln"``,
+``"gn"``, ``"sn"``, ``"syncbn"``, ``"syncsn"``) or ``"none"``; ``weight`` optionally swaps the
+convolutions for a weight-side method (``"ws"``, ``"wn"``, ``"np"``, ``"trelu"``), so that
+GN+WS is ``norm="gn", weight="ws"``. NP and TReLU layers carry their own nonlinearity (the
+re-normalized and the translated ReLU), so their blocks have no separate ReLU; with TReLU a
+per-channel scale and shift follows the last block, the only gamma/beta such a network has
+(Gitman & Ginsburg, §3.2). Every block but the last halves the spatial size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from refnorm import registry
+from refnorm.backend import Array
+from refnorm.core import affine_backward, affine_forward
+from refnorm.layer import Layer
+from refnorm.nn import GlobalAvgPool, MaxPool2d, ReLU
+
+NORMS = ("none", "bn", "in", "ln", "gn", "sn", "syncbn", "syncsn")
+WEIGHTS = (None, "ws", "wn", "np", "trelu")
+
+
+class ChannelAffine(Layer):
+    """``y = gamma * x + beta`` per channel (gamma ones, beta zeros)."""
+
+    def __init__(self, num_channels: int, *, dtype: Any = np.float32) -> None:
+        super().__init__()
+        self.params = {"gamma": np.ones(num_channels, dtype), "beta": np.zeros(num_channels, dtype)}
+
+    def _forward(self, x: Array, training: bool) -> tuple[Array, Array]:
+        return affine_forward(x, self.params["gamma"], self.params["beta"]), x
+
+    def _backward(self, dy: Array, cache: Array) -> tuple[Array, dict[str, Array]]:
+        dx, dgamma, dbeta = affine_backward(dy, cache, self.params["gamma"])
+        return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+class ConvNet:
+    """The trainer's model.
+
+    Parameters
+    ----------
+    in_channels, num_classes : int
+    norm : str
+        One of :data:`NORMS`.
+    weight : str or None
+        One of :data:`WEIGHTS`.
+    widths : tuple of int
+        Channels of each block.
+    num_groups : int
+        G for ``norm="gn"`` (must divide every width).
+    norm_options : dict, optional
+        Extra keyword arguments for the normalizer (e.g. ``{"inference": "batch_average"}``
+        for SN, ``{"comm": comm}`` for the synchronized ones).
+    seed : int
+        Seeds every layer's initialization.
+    dtype : parameter dtype (float32)
+    """
+
+    def __init__(self, *, in_channels: int, num_classes: int, norm: str = "bn",
+                 weight: str | None = None, widths: tuple[int, ...] = (16, 32, 32),
+                 num_groups: int = 4, norm_options: dict | None = None, seed: int = 0,
+                 dtype: Any = np.float32) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
+        if weight not in WEIGHTS:
+            raise ValueError(f"weight must be one of {', '.join(w or 'None' for w in WEIGHTS)}; "
+                             f"got {weight!r}")
+        self.norm, self.weight = norm, weight
+        blocks: list[Layer] = []
+        c_in = in_channels
+        for i, width in enumerate(widths):
+            blocks.append(self._conv(c_in, width, seed + i, dtype, has_norm=norm != "none"))
+            if norm != "none":
+                options = dict(norm_options or {})
+                if norm == "gn":
+                    options.setdefault("num_groups", num_groups)
+                blocks.append(registry.build(norm, width, dtype=dtype, **options))
+            if weight not in ("np", "trelu"):
+                blocks.append(ReLU())
+            if i < len(widths) - 1:
+                blocks.append(MaxPool2d(2))
+            c_in = width
+        if weight == "trelu":
+            blocks.append(ChannelAffine(c_in, dtype=dtype))
+        blocks.append(GlobalAvgPool())
+        blocks.append(registry.build("linear", c_in, num_classes, dtype=dtype, seed=seed + 100))
+        self._layers = blocks
+
+    def _conv(self, c_in: int, c_out: int, seed: int, dtype: Any, *, has_norm: bool) -> Layer:
+        """The block's 3x3 convolution (padded to keep the size), reparameterized by
+        ``self.weight`` when one is chosen; no bias in front of a normalizer (NP keeps its
+        beta, which sits inside its ReLU)."""
+        if self.weight is None:
+            return registry.build("conv", c_in, c_out, 3, padding=1, bias=not has_norm,
+                                  dtype=dtype, seed=seed)
+        options: dict[str, Any] = {"padding": 1, "dtype": dtype, "seed": seed}
+        if self.weight in ("wn", "ws"):
+            options["bias"] = not has_norm
+        return registry.build(self.weight, c_in, c_out, 3, **options)
+
+    def layers(self) -> list[Layer]:
+        """The layers in forward order."""
+        return self._layers
+
+    def forward(self, x: Array, training: bool) -> Array:
+        """Logits (N, num_classes) for images (N, C, H, W)."""
+        for layer in self._layers:
+            x = layer.forward(x, training)
+        return x
+
+    def backward(self, dlogits: Array) -> Array:
+        """Fill every layer's ``grads``; return dL/dx."""
+        for layer in reversed(self._layers):
+            dlogits = layer.backward(dlogits)
+        return dlogits
+
+    def named_params(self) -> Iterator[tuple[str, Layer, str]]:
+        """(key, layer, name) for every parameter; key is ``"<layer index>/<name>"``."""
+        for i, layer in enumerate(self._layers):
+            for name in layer.params:
+                yield f"{i}/{name}", layer, name
+

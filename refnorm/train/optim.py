@@ -1,0 +1,60 @@
+"""SGD with momentum and weight decay, and the learning-rate schedules the trainer uses.
+
+The update is PyTorch's ``torch.optim.SGD`` (dampening 0, not Nesterov):
+
+    g <- g + weight_decay * p        (only for convolution and linear weights)
+    v <- momentum * v + g
+    p <- p - lr * v
+
+Weight decay applies to the weights of convolutions and linear maps (parameters named ``w``
+or ``v``), not to normalizer scales and shifts, biases, SN control parameters or TReLU
+thresholds, whose decay would pull them towards values with no special meaning.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+DECAYED = ("w", "v")
+
+
+class SGD:
+    """Momentum SGD over a model's parameters, keyed by ``"<layer index>/<name>"``."""
+
+    def __init__(self, model, *, lr: float, momentum: float = 0.9,
+                 weight_decay: float = 0.0) -> None:
+        if not (lr > 0 and 0 <= momentum < 1 and weight_decay >= 0):
+            raise ValueError(f"need lr > 0, 0 <= momentum < 1, weight_decay >= 0; got "
+                             f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        self.model, self.lr, self.momentum, self.weight_decay = model, lr, momentum, weight_decay
+        self.velocity = {key: np.zeros_like(layer.params[name])
+                         for key, layer, name in model.named_params()}
+
+    def step(self, grads: dict, lr: float) -> None:
+        """Apply one update with gradients ``grads[key]`` at learning rate ``lr``."""
+        for key, layer, name in self.model.named_params():
+            p = layer.params[name]
+            g = grads[key]
+            if self.weight_decay and name in DECAYED:
+                g = g + self.weight_decay * p
+            v = self.momentum * self.velocity[key] + g
+            self.velocity[key] = v.astype(p.dtype, copy=False)
+            layer.params[name] = (p - lr * v).astype(p.dtype, copy=False)
+
+
+def learning_rate(schedule: str, base: float, step: int, total: int) -> float:
+    """The learning rate at optimizer step ``step`` of ``total``.
+
+    "cosine": base * (1 + cos(pi * step / total)) / 2; "linear": base * (1 - step / total);
+    "constant": base.
+    """
+    t = min(step / max(total, 1), 1.0)
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "linear":
+        return base * (1.0 - t)
+    if schedule == "constant":
+        return base
+    raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant'; got {schedule!r}")
