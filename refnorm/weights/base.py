@@ -84,13 +84,18 @@ class WeightLayer(Layer):
         return None
 
     # -- the wiring ---------------------------------------------------------------------------
+    def preactivation(self, x: Array) -> Array:
+        """The op's output before :meth:`post` (no cache kept, nothing to backward)."""
+        return self._op(x, self.weight()[0])[0]
+
+    def _op(self, x: Array, w: Array) -> tuple[Array, Any]:
+        if self.kernel_size is None:
+            return linear_forward(x, w, self.bias())
+        return conv2d_forward(x, w, self.bias(), stride=self.stride, padding=self.padding)
+
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         w, w_cache = self.weight()
-        if self.kernel_size is None:
-            z, op_cache = linear_forward(x, w, self.bias())
-        else:
-            z, op_cache = conv2d_forward(x, w, self.bias(), stride=self.stride,
-                                         padding=self.padding)
+        z, op_cache = self._op(x, w)
         y, post_cache = self.post(z)
         return y, (w_cache, op_cache, post_cache)
 

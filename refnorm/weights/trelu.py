@@ -22,7 +22,7 @@ from typing import Any
 
 from refnorm.backend import Array, array_namespace
 from refnorm.core.affine import channel_view, non_channel_axes
-from refnorm.core.checks import check_channel_param, check_float_array, check_like
+from refnorm.core.checks import check_channel_param, check_eps, check_float_array, check_like
 from refnorm.layer import CheckCase
 from refnorm.registry import register
 from refnorm.weights.base import WeightLayer
@@ -79,6 +79,7 @@ class TReLUWeightNorm(WeightLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any = None, *,
                  eps: float = 1e-5, **kw: Any) -> None:
         super().__init__(in_channels, out_channels, kernel_size, **kw)
+        check_eps(eps)
         self.eps = eps
         self.params["alpha"] = self.xp.zeros((out_channels,), dtype=self.dtype)
 

@@ -150,7 +150,8 @@ class WeightNorm(WeightLayer):
 
         With g = 1 and b = 0 the pre-activation is t = (V / (||V|| + eps)) * x; per output
         channel, over the batch and spatial axes, set g = 1 / std(t) and b = -mean(t) / std(t),
-        so that this batch's pre-activations have zero mean and unit variance.
+        so that this batch's pre-activations have zero mean and unit variance. (For NP the
+        pre-activation is what goes into its ReLU, which is what NP's constants assume.)
 
         Raises
         ------
@@ -163,7 +164,7 @@ class WeightNorm(WeightLayer):
         if "b" not in self.params:
             raise ValueError("init_from_batch sets the bias: build the layer with bias=True")
         self.params["b"] = xp.zeros((C,), dtype=self.dtype)
-        t = self.forward(x, training=True)                          # (N, C, H, W) or (N, C)
+        t = self.preactivation(x)                                   # (N, C, H, W) or (N, C)
         axes = (0,) + tuple(range(2, t.ndim))
         mean = xp.mean(t, axis=axes)                                # (C,)
         std = xp.sqrt(xp.mean((t - xp.reshape(mean, (1, C) + (1,) * (t.ndim - 2))) ** 2,
@@ -173,3 +174,4 @@ class WeightNorm(WeightLayer):
                              "batch (std 0); use a batch with varied inputs")
         self.params["g"] = xp.astype(1.0 / std, self.dtype)
         self.params["b"] = xp.astype(-mean / std, self.dtype)
+        self._cache = None  # nothing to backward through: the parameters changed

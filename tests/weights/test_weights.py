@@ -115,6 +115,18 @@ def test_data_dependent_init_standardizes_the_batch(kernel_size):
     np.testing.assert_allclose(t.var(axis=axes), 1.0, rtol=1e-12)
 
 
+def test_norm_prop_data_init_standardizes_what_enters_the_relu():
+    rng = np.random.default_rng(10)
+    layer = refnorm.build("np", 3, 4, 3, dtype=np.float64)
+    x = 3 * rng.standard_normal((16, 3, 6, 6)) + 2
+    layer.init_from_batch(x)
+    z = layer.preactivation(x)
+    np.testing.assert_allclose(z.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
+    np.testing.assert_allclose(z.var(axis=(0, 2, 3)), 1.0, rtol=1e-12)
+    with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
+        layer.backward(np.ones((16, 4, 4, 4)))  # the init left no stale cache behind
+
+
 def test_data_dependent_init_refuses_a_constant_channel():
     layer = refnorm.build("wn", 2, 3, dtype=np.float64)
     with pytest.raises(ValueError, match=r"constant over the batch"):
@@ -308,6 +320,7 @@ def test_layers_run_on_array_api_strict(name):
         (lambda: translated_relu_forward(np.ones((2, 3)), np.ones(2)), ValueError, r"alpha must have shape \(C,\) = \(3,\)"),
         (lambda: refnorm.build("wn", 0, 3), ValueError, r"in_channels must be a positive int"),
         (lambda: refnorm.build("ws", 2, 3, "3"), ValueError, r"kernel_size must be an int"),
+        (lambda: refnorm.build("trelu", 2, 3, eps=-1.0), ValueError, r"eps must be finite and > 0"),
     ],
 )
 def test_bad_input(call, error, message):
