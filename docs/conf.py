@@ -59,7 +59,7 @@ release = "0.1.0"
 
 extensions = ["myst_nb"]  # myst-nb brings myst-parser; it registers .md and .ipynb sources
 
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store", "images"]
 
 # -- MyST --------------------------------------------------------------------------------------
 
