@@ -207,8 +207,8 @@ def claims(study: StudyConfig, cells: dict) -> list[tuple[str, bool | None, str]
                     f"{_mean(bn['train']) * 100:.1f}%, train-test gap WN {wn_gap:.1f} vs BN "
                     f"{bn_gap:.1f} points"))
     if seeds == 1:
-        out = [(c, s, e + "; one seed: differences of a point or two are within run-to-run noise")
-               for c, s, e in out]
+        out = [(c, s, e + "; one seed: small differences are within run-to-run noise (use "
+                "--seeds 3 for mean and std)") for c, s, e in out]
     return out
 
 
