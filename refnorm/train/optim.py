@@ -6,9 +6,12 @@ The update is PyTorch's ``torch.optim.SGD`` (dampening 0, not Nesterov):
     v <- momentum * v + g
     p <- p - lr * v
 
-Weight decay applies to the weights of convolutions and linear maps (parameters named ``w``
-or ``v``), not to normalizer scales and shifts, biases, SN control parameters or TReLU
-thresholds, whose decay would pull them towards values with no special meaning.
+Weight decay applies to the weights of convolutions and linear maps (parameters named
+``w``, Weight Standardization's included), not to normalizer scales and shifts, biases, SN
+control parameters or TReLU thresholds, whose decay would pull them towards values with no
+special meaning, and not to the directions ``v`` of Weight Normalization, NP and TReLU: the
+layer's output does not depend on their length, so decay would only shrink them and raise the
+effective learning rate (Gitman & Ginsburg used no weight decay for WN).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 
 import numpy as np
 
-DECAYED = ("w", "v")
+DECAYED = ("w",)
 
 
 class SGD:

@@ -220,7 +220,7 @@ def _sn_bn_share(ratio_rows: list[dict]) -> float:
 def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float) -> None:
     cells = summarize(runs)
     lines = ["# Micro-batch study", "",
-             f"Data `{study.data}`{f' (first {study.train_subset} training samples)' if study.train_subset else ''}; "
+             f"Data `{study.data}`{f' (a random subset of {study.train_subset} training samples, drawn per seed)' if study.train_subset else ''}; "
              f"every update sees {study.update_size} samples (per-device batch x accumulation); "
              f"{study.epochs} epochs; lr {study.lr} (cosine); seeds {list(study.seeds)}; "
              f"{len(runs)} runs in {elapsed:.0f} s.", "",
@@ -315,6 +315,7 @@ def plot_wn_vs_bn(study, cells, path) -> None:
         ax.plot(epochs, [r["test_acc"] * 100 for r in history], color=color, linestyle="--",
                 label=f"{m} test")
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"batch {b}, seed {study.seeds[0]}")
     ax.legend(fontsize=8)

@@ -33,6 +33,7 @@ from refnorm.norms.switchable import SwitchableNorm, batch_average
 from refnorm.train.data import Dataset, load, standardize
 from refnorm.train.model import ConvNet
 from refnorm.train.optim import SGD, learning_rate
+from refnorm.weights import WeightNorm
 
 CHECKPOINT = "checkpoint.npz"
 FORMAT = 1
@@ -163,6 +164,8 @@ def train(
         if out is None:
             raise CheckpointError("resume needs the output directory of the run to continue")
         epoch, step, history, sums = load_checkpoint(out / CHECKPOINT, config, model, opt)
+    else:
+        data_dependent_init(model, data, config)
     bar = Progress(enabled=progress)
     result = Result(config, history, model)
 
@@ -213,6 +216,29 @@ def train(
     if out is not None and history:
         write_metrics(out, history, curves=True)
     return result
+
+
+def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> None:
+    """Salimans & Kingma's initialization of every Weight Normalization layer (WN and NP).
+
+    One seeded batch of ``batch_size * accumulation`` training samples goes through the
+    network in order; each WN layer sets its gain and bias so that its pre-activations on
+    that batch have zero mean and unit variance, then passes the batch on. Layer states
+    (running statistics) are left as they were.
+    """
+    layers = model.layers()
+    if not any(isinstance(layer, WeightNorm) for layer in layers):
+        return
+    states = [copy.deepcopy(layer.state) for layer in layers]
+    pick = np.random.default_rng([config.seed, 3]).permutation(len(data.y_train))
+    h = data.x_train[pick[:config.batch_size * config.accumulation]]
+    for layer in layers:
+        if isinstance(layer, WeightNorm):
+            layer.init_from_batch(h)
+        h = layer.forward(h, training=True)
+    for layer, state in zip(layers, states):
+        layer.state = state
+        layer._cache = None
 
 
 def _accumulate(model: ConvNet, data: Dataset, indices: np.ndarray, config: TrainConfig,
