@@ -39,14 +39,14 @@ def _parser() -> argparse.ArgumentParser:
         "gradcheck",
         help="check every backward against central finite differences",
         description=(
-            "Check each named normalizer's backward (for x and every parameter) against "
+            "Check each named layer's backward (for x and every parameter) against "
             "central finite differences of a vector-Jacobian product in float64, with a "
             "random upstream gradient, on a few shapes and modes. Exits 1 if any max "
             "relative error exceeds the tolerance."
         ),
     )
     gc.add_argument("names", nargs="*", metavar="NAME",
-                    help=f"normalizers to check: {', '.join(registry.names())}")
+                    help=f"layers to check: {', '.join(registry.names())}")
     gc.add_argument("--all", action="store_true", help="check every registered normalizer")
     gc.add_argument("--json", action="store_true",
                     help="print JSON: one object per normalizer and gradient")
