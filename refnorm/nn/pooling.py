@@ -278,8 +278,8 @@ def global_avg_pool_backward(dy: Array, cache: GlobalAvgPoolCache) -> Array:
     return xp.astype(dx, cache.x_dtype, copy=False)
 
 
-class MaxPool2d(Layer):
-    """Max pooling as a layer (no parameters, so not registered by name).
+class _Pool2d(Layer):
+    """A windowed pooling as a layer (no parameters, so not registered by name).
 
     Parameters
     ----------
@@ -287,37 +287,33 @@ class MaxPool2d(Layer):
     stride : int or pair of ints, default ``kernel_size``
     """
 
-    def __init__(self, kernel_size: Any, *, stride: Any = None) -> None:
-        super().__init__()
-        self.kernel_size = as_pair("kernel_size", kernel_size, minimum=1)
-        self.stride = self.kernel_size if stride is None else as_pair("stride", stride, minimum=1)
-
-    def _forward(self, x: Array, training: bool) -> tuple[Array, MaxPool2dCache]:
-        return max_pool2d_forward(x, kernel_size=self.kernel_size, stride=self.stride)
-
-    def _backward(self, dy: Array, cache: MaxPool2dCache) -> tuple[Array, dict[str, Any]]:
-        return max_pool2d_backward(dy, cache), {}
-
-
-class AvgPool2d(Layer):
-    """Average pooling as a layer (no parameters, so not registered by name).
-
-    Parameters
-    ----------
-    kernel_size : int or pair of ints
-    stride : int or pair of ints, default ``kernel_size``
-    """
+    forward_fn: Any
+    backward_fn: Any
 
     def __init__(self, kernel_size: Any, *, stride: Any = None) -> None:
         super().__init__()
         self.kernel_size = as_pair("kernel_size", kernel_size, minimum=1)
         self.stride = self.kernel_size if stride is None else as_pair("stride", stride, minimum=1)
 
-    def _forward(self, x: Array, training: bool) -> tuple[Array, AvgPool2dCache]:
-        return avg_pool2d_forward(x, kernel_size=self.kernel_size, stride=self.stride)
+    def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
+        return type(self).forward_fn(x, kernel_size=self.kernel_size, stride=self.stride)
 
-    def _backward(self, dy: Array, cache: AvgPool2dCache) -> tuple[Array, dict[str, Any]]:
-        return avg_pool2d_backward(dy, cache), {}
+    def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Any]]:
+        return type(self).backward_fn(dy, cache), {}
+
+
+class MaxPool2d(_Pool2d):
+    """Max pooling as a layer: :func:`max_pool2d_forward` / :func:`max_pool2d_backward`."""
+
+    forward_fn = staticmethod(max_pool2d_forward)
+    backward_fn = staticmethod(max_pool2d_backward)
+
+
+class AvgPool2d(_Pool2d):
+    """Average pooling as a layer: :func:`avg_pool2d_forward` / :func:`avg_pool2d_backward`."""
+
+    forward_fn = staticmethod(avg_pool2d_forward)
+    backward_fn = staticmethod(avg_pool2d_backward)
 
 
 class GlobalAvgPool(Layer):
