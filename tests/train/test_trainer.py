@@ -175,3 +175,43 @@ def test_study_report_has_every_cell(tmp_path):
     assert text.count("by this run") >= 4
     for png in ("accuracy_vs_batch.png", "sn_ratios.png", "wn_vs_bn.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interrupt_inside_a_step_forgets_its_running_statistics(tmp_path):
+    # Ctrl-C during the second micro-batch of an update: BN's running statistics have already
+    # seen the first one. The checkpoint must hold the state from before the update, or the
+    # resumed run would count that micro-batch twice.
+    cfg = config(norm="bn", epochs=2, batch_size=4, accumulation=4)
+    full = train(cfg, out=tmp_path / "full", progress=False)
+    calls = {"n": 0}
+
+    def arm(epoch, step, model):
+        if (epoch, step) == (0, 2):
+            bn = next(layer for layer in model.layers() if layer.state)
+            original = bn._forward
+
+            def interrupted_forward(x, training):
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise KeyboardInterrupt
+                return original(x, training)
+
+            bn._forward = interrupted_forward
+
+    assert train(cfg, out=tmp_path / "cut", progress=False, on_step=arm).interrupted
+    resumed = train(cfg, out=tmp_path / "cut", resume=True, progress=False)
+    for key, value in params_of(full).items():
+        np.testing.assert_array_equal(value, params_of(resumed)[key])
+    for la, lb in zip(full.model.layers(), resumed.model.layers()):
+        for key in la.state:
+            np.testing.assert_array_equal(la.state[key], lb.state[key])
+
+
+def test_accumulation_averages_micro_batch_gradients():
+    # GN never looks across samples, so 8 micro-batches of 2 make the same update as one
+    # batch of 16 when their gradients are averaged (summed, they would be 8 times larger).
+    a = train(config(norm="gn", batch_size=2, accumulation=8, epochs=1), progress=False)
+    b = train(config(norm="gn", batch_size=16, accumulation=1, epochs=1), progress=False)
+    for key, value in params_of(a).items():
+        # float32 sums in a different order: ~1e-7 relative per step, 12 steps.
+        np.testing.assert_allclose(value, params_of(b)[key], rtol=1e-4, atol=1e-5)
