@@ -116,3 +116,12 @@ def prepare_channel_norm(
         xp.astype(gamma, dtype, copy=False),
         xp.astype(beta, dtype, copy=False),
     )
+
+
+def check_cache(cache: object, expected: type) -> None:
+    """A backward given another operation's cache would compute a wrong gradient: refuse."""
+    if type(cache) is not expected:
+        article = "an" if expected.__name__[0] in "AEIOU" else "a"
+        raise TypeError(
+            f"cache must be {article} {expected.__name__}; got {type(cache).__name__}"
+        )

@@ -84,12 +84,3 @@ def check_bias(b: Array | None, num_out: int, *, axis_name: str) -> None:
             f"b must have shape ({axis_name},) = ({num_out},) to match w's axis 0; "
             f"got shape {tuple(b.shape)}"
         )
-
-
-def check_cache_type(cache: object, expected: type) -> None:
-    """A backward given another operation's cache would compute a wrong gradient: refuse."""
-    if type(cache) is not expected:
-        article = "an" if expected.__name__[0] in "AEIOU" else "a"
-        raise TypeError(
-            f"cache must be {article} {expected.__name__}; got {type(cache).__name__}"
-        )

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from refnorm.backend import Array, array_namespace
-from refnorm.core.checks import check_float_array, check_like
+from refnorm.core.checks import check_cache, check_float_array, check_like
 from refnorm.layer import Layer
-from refnorm.nn._checks import check_cache_type
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ def relu_backward(dy: Array, cache: ReLUCache) -> Array:
     -------
     dx : array, ``x.shape``, dtype of ``dy``
     """
-    check_cache_type(cache, ReLUCache)
+    check_cache(cache, ReLUCache)
     check_like("dy", dy, tuple(cache.positive.shape))
     xp = array_namespace(dy, cache.positive)
     return xp.where(cache.positive, dy, xp.zeros_like(dy))

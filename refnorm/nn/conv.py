@@ -40,13 +40,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from refnorm.backend import Array, array_namespace, compute_dtype
-from refnorm.core.checks import check_float_array, check_like
+from refnorm.core.checks import check_cache, check_float_array, check_like
 from refnorm.layer import CheckCase, Layer
 from refnorm.nn.init import he_normal
 from refnorm.nn._checks import (
     as_pair,
     check_bias,
-    check_cache_type,
     check_param_dtype,
     check_positive_int,
     check_rank,
@@ -357,7 +356,7 @@ def conv2d_backward(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array 
     dw : array, (C_out, C_in, KH, KW), dtype of ``w``
     db : array, (C_out,), dtype of ``b``; ``None`` if the forward had no bias
     """
-    check_cache_type(cache, Conv2dCache)
+    check_cache(cache, Conv2dCache)
     check_like("dy", dy, cache.y_shape)
     xp = array_namespace(dy, cache.cols)
     N, C_out, H_out, W_out = cache.y_shape

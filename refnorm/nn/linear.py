@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 
 from refnorm.backend import Array, array_namespace, compute_dtype
-from refnorm.core.checks import check_like
+from refnorm.core.checks import check_cache, check_like
 from refnorm.layer import CheckCase, Layer
 from refnorm.nn._checks import (
     check_bias,
-    check_cache_type,
     check_param_dtype,
     check_positive_int,
     check_rank,
@@ -119,7 +118,7 @@ def linear_backward(dy: Array, cache: LinearCache) -> tuple[Array, Array, Array 
     dw : array, (D_out, D_in), dtype of ``w``
     db : array, (D_out,), dtype of ``b``; ``None`` if the forward had no bias
     """
-    check_cache_type(cache, LinearCache)
+    check_cache(cache, LinearCache)
     check_like("dy", dy, (cache.x.shape[0], cache.w.shape[0]))
     xp = array_namespace(dy, cache.x)
     dy_c = xp.astype(dy, cache.x.dtype, copy=False)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from refnorm.backend import Array, array_namespace, compute_dtype
-from refnorm.nn._checks import check_cache_type, check_rank
+from refnorm.core.checks import check_cache
+from refnorm.nn._checks import check_rank
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def softmax_cross_entropy_backward(cache: SoftmaxCrossEntropyCache) -> Array:
     dlogits : array, (N, K), dtype of ``logits``
         Each row sums to zero.
     """
-    check_cache_type(cache, SoftmaxCrossEntropyCache)
+    check_cache(cache, SoftmaxCrossEntropyCache)
     xp = array_namespace(cache.probs)
     N = cache.probs.shape[0]
     target = xp.astype(cache.onehot, cache.probs.dtype)           # (N, K)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from refnorm.backend import Array, array_namespace, compute_dtype
-from refnorm.core.checks import check_float_array, check_like, check_ndim
+from refnorm.core.checks import check_cache, check_float_array, check_like, check_ndim
 from refnorm.layer import Layer
-from refnorm.nn._checks import as_pair, check_cache_type, check_rank
+from refnorm.nn._checks import as_pair, check_rank
 from refnorm.nn.conv import Window, col2im, im2col, sliding_window
 
 
@@ -153,7 +153,7 @@ def max_pool2d_backward(dy: Array, cache: MaxPool2dCache) -> Array:
         Zero except at the recorded maxima; an entry that is the maximum of several
         overlapping windows receives the sum of their ``dy``.
     """
-    check_cache_type(cache, MaxPool2dCache)
+    check_cache(cache, MaxPool2dCache)
     xp = array_namespace(dy, cache.argmax)
     dy_w = _from_nchw(xp, dy, cache)                              # (C, 1, N H_out W_out)
     C, L = cache.argmax.shape
@@ -204,7 +204,7 @@ def avg_pool2d_backward(dy: Array, cache: AvgPool2dCache) -> Array:
     -------
     dx : array, (N, C, H, W), dtype of ``x``
     """
-    check_cache_type(cache, AvgPool2dCache)
+    check_cache(cache, AvgPool2dCache)
     xp = check_float_array("dy", dy)
     dy_w = _from_nchw(xp, dy, cache)                              # (C, 1, N H_out W_out)
     C, _, L = dy_w.shape
@@ -264,7 +264,7 @@ def global_avg_pool_backward(dy: Array, cache: GlobalAvgPoolCache) -> Array:
     -------
     dx : array, ``x_shape`` (N, C, H, W), dtype of ``x``
     """
-    check_cache_type(cache, GlobalAvgPoolCache)
+    check_cache(cache, GlobalAvgPoolCache)
     N, C = cache.x_shape[:2]
     check_like("dy", dy, (N, C))
     xp = array_namespace(dy)

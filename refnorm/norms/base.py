@@ -21,7 +21,7 @@ import numpy as np
 from refnorm.backend import Array, array_namespace
 from refnorm.core import affine_backward, affine_forward, standardize, standardize_backward
 from refnorm.core.affine import channel_view
-from refnorm.core.checks import check_channel_param, check_like, prepare_channel_norm
+from refnorm.core.checks import check_cache, check_channel_param, check_like, prepare_channel_norm
 from refnorm.layer import CheckCase, Layer
 
 
@@ -134,12 +134,6 @@ def frozen_norm_forward(
         x_dtype=x.dtype, param_dtype=gamma.dtype,
     )
     return xp.astype(y, x.dtype, copy=False), cache
-
-
-def check_cache(cache: object, expected: type) -> None:
-    """A backward given another method's cache would compute a wrong gradient: refuse."""
-    if type(cache) is not expected:
-        raise TypeError(f"cache must be a {expected.__name__}; got {type(cache).__name__}")
 
 
 class ChannelNorm(Layer):

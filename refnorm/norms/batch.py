@@ -197,8 +197,7 @@ def batch_norm_backward_graph(
 
     Returns the same ``(dx, dgamma, dbeta)`` as :func:`batch_norm_backward`.
     """
-    if type(cache) is not BatchNormGraphCache:
-        raise TypeError(f"cache must be a BatchNormGraphCache; got {type(cache).__name__}")
+    check_cache(cache, BatchNormGraphCache)
     check_like("dy", dy, cache.x_hat.shape)
     xp = array_namespace(dy, cache.x_hat)
     dy = xp.astype(dy, cache.x_hat.dtype, copy=False)

@@ -44,6 +44,7 @@ from typing import Any, Iterable, Iterator
 from refnorm.backend import Array, array_namespace
 from refnorm.core import affine_forward, standardize
 from refnorm.core.checks import (
+    check_cache,
     check_channel_param,
     check_float_array,
     check_like,
@@ -493,8 +494,7 @@ def _dlogits(cache: SwitchableNormCache, dmu: Array, dvar: Array) -> tuple[Array
 
 
 def _check_backward(dy: Array, cache: SwitchableNormCache) -> tuple[ModuleType, Array]:
-    if type(cache) is not SwitchableNormCache:
-        raise TypeError(f"cache must be a SwitchableNormCache; got {type(cache).__name__}")
+    check_cache(cache, SwitchableNormCache)
     check_like("dy", dy, cache.x_shape)
     xp = array_namespace(dy, cache.h)
     dy_c = xp.astype(dy, cache.h.dtype, copy=False)

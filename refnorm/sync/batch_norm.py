@@ -26,7 +26,7 @@ from typing import Any
 from refnorm.backend import Array, array_namespace
 from refnorm.core import affine_backward, affine_forward, standardize
 from refnorm.core.affine import channel_view, non_channel_axes
-from refnorm.core.checks import check_like, prepare_channel_norm
+from refnorm.core.checks import check_cache, check_like, prepare_channel_norm
 from refnorm.core.running import update_running_stats
 from refnorm.layer import CheckCase
 from refnorm.norms.batch import BatchNorm, batch_norm_eval_forward
@@ -113,8 +113,7 @@ def sync_batch_norm_backward(dy: Array, cache: SyncBatchNormCache) -> tuple[Arra
     dx : array, (N_p, C, *spatial)
     dgamma, dbeta : arrays, (C,), this device's contributions
     """
-    if type(cache) is not SyncBatchNormCache:
-        raise TypeError(f"cache must be a SyncBatchNormCache; got {type(cache).__name__}")
+    check_cache(cache, SyncBatchNormCache)
     check_like("dy", dy, cache.x_hat.shape)
     xp = array_namespace(dy, cache.x_hat)
     dy_c = xp.astype(dy, cache.x_hat.dtype, copy=False)
