@@ -12,9 +12,7 @@ Importing refnorm needs numpy only (numba for the fast kernels); CuPy, MPI and J
 optional.
 """
 
-# Importing registers every layer: bn, in, ln, gn, sn, syncbn, syncsn, conv, linear, wn, np,
-# trelu, ws (the order refnorm gradcheck --all reports them in).
-from refnorm import norms, sync, weights, nn, gradcheck  # noqa: I001
+from refnorm import gradcheck, nn, norms, sync, weights
 from refnorm.norms import *  # noqa: F403  (the public functions and layers)
 from refnorm.norms import __all__ as _norms_all
 from refnorm.registry import build, names

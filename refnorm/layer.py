@@ -48,10 +48,11 @@ class Layer:
         Non-learned state saved with a model (running statistics); may be empty.
 
     Subclasses implement :meth:`_forward` (returning ``(y, cache)``) and :meth:`_backward`
-    (returning ``(dx, grads)``); the public methods keep the bookkeeping in one place.
+    (returning ``(dx, grads)``), each calling the method's pure function explicitly; the
+    public methods keep the bookkeeping in one place. Nothing outside a layer touches its
+    private attributes: :meth:`reset` drops the saved cache.
     """
 
-    name: ClassVar[str] = ""
     shared_attributes: ClassVar[tuple[str, ...]] = ()  # kept, not copied, by deepcopy
     check_cases: ClassVar[tuple[CheckCase, ...]] = ()
 
@@ -74,6 +75,15 @@ class Layer:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
         dx, self.grads = self._backward(dy, self._cache)
         return dx
+
+    def reset(self) -> None:
+        """Drop what the last forward saved: a backward now needs a new forward first.
+
+        Call it when the parameters or the state change outside :meth:`forward` (loading a
+        checkpoint, a data-dependent initialization), so that no backward runs on a cache
+        made with the old values.
+        """
+        self._cache = None
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         raise NotImplementedError

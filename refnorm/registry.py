@@ -1,44 +1,56 @@
 """Build any registered layer by name: ``refnorm.build("gn", 64, num_groups=32)``.
 
-The first positional argument of every registered layer is the number of input channels
-(C of an (N, C, *spatial) input); ``refnorm gradcheck`` relies on that.
+The registry is one explicit table, in the order ``refnorm gradcheck --all`` reports the
+layers; a class is imported when its name is first asked for. The first positional argument
+of every registered layer is the number of input channels (C of an (N, C, *spatial) input);
+``refnorm gradcheck`` relies on that.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+import importlib
+from typing import Any
 
-_LAYERS: dict[str, type] = {}
-
-T = TypeVar("T", bound=type)
-
-
-def register(name: str) -> Callable[[T], T]:
-    """Class decorator: make a :class:`~refnorm.norms.base.Layer` buildable as ``name``."""
-
-    def decorate(cls: T) -> T:
-        if name in _LAYERS and _LAYERS[name] is not cls:
-            raise ValueError(f"a layer is already registered as {name!r}: {_LAYERS[name]}")
-        cls.name = name
-        _LAYERS[name] = cls
-        return cls
-
-    return decorate
+# name -> (module, class)
+_TABLE: dict[str, tuple[str, str]] = {
+    "bn": ("refnorm.norms.batch", "BatchNorm"),
+    "in": ("refnorm.norms.instance", "InstanceNorm"),
+    "ln": ("refnorm.norms.layer", "LayerNorm"),
+    "gn": ("refnorm.norms.group", "GroupNorm"),
+    "sn": ("refnorm.norms.switchable", "SwitchableNorm"),
+    "syncbn": ("refnorm.sync.batch_norm", "SyncBatchNorm"),
+    "syncsn": ("refnorm.sync.switchable", "SyncSwitchableNorm"),
+    "conv": ("refnorm.nn.conv", "Conv2d"),
+    "linear": ("refnorm.nn.linear", "Linear"),
+    "wn": ("refnorm.weights.weight_norm", "WeightNorm"),
+    "np": ("refnorm.weights.norm_prop", "NormProp"),
+    "trelu": ("refnorm.weights.trelu", "TReLUWeightNorm"),
+    "ws": ("refnorm.weights.standardization", "WeightStandardization"),
+}
 
 
 def names() -> tuple[str, ...]:
-    """The registered names, in registration order."""
-    return tuple(_LAYERS)
+    """The registered names, in the table's order."""
+    return tuple(_TABLE)
 
 
 def layer_class(name: str) -> type:
     """The class registered as ``name``."""
     try:
-        return _LAYERS[name]
-    except KeyError:
+        module, cls = _TABLE[name]
+    except (KeyError, TypeError):
         raise ValueError(
             f"unknown layer {name!r}; expected one of {', '.join(names())}"
         ) from None
+    return getattr(importlib.import_module(module), cls)
+
+
+def name_of(cls: type) -> str:
+    """The name ``cls`` is registered under; ``ValueError`` if it is not registered."""
+    for name, (module, qualname) in _TABLE.items():
+        if cls.__module__ == module and cls.__qualname__ == qualname:
+            return name
+    raise ValueError(f"{cls.__qualname__} is not a registered layer")
 
 
 def build(name: str, num_channels: int, *args: Any, **options: Any) -> Any:

@@ -40,17 +40,15 @@ class _WrongBackwardBatchNorm(BatchNorm):
 
     check_cases = (CheckCase((4, 2)),)
 
-    @staticmethod
-    def backward_fn(dy, cache):
-        dx, dgamma, dbeta = BatchNorm.backward_fn(dy, cache)
-        return dx + 0.1 * cache.gamma * cache.rstd.reshape(-1) * np.mean(dy, axis=0), dgamma, dbeta
+    def _backward(self, dy, cache):
+        dx, grads = super()._backward(dy, cache)
+        return dx + 0.1 * cache.gamma * cache.rstd.reshape(-1) * np.mean(dy, axis=0), grads
 
 
 @pytest.fixture
 def wrong_layer_registered(monkeypatch):
-    layers = dict(registry._LAYERS)
-    monkeypatch.setattr(registry, "_LAYERS", layers)
-    registry.register("wrong")(_WrongBackwardBatchNorm)
+    table = {**registry._TABLE, "wrong": (__name__, "_WrongBackwardBatchNorm")}
+    monkeypatch.setattr(registry, "_TABLE", table)
     return "wrong"
 
 

@@ -51,7 +51,6 @@ from refnorm.nn._checks import (
     check_rank,
     is_int,
 )
-from refnorm.registry import register
 
 
 class Window(NamedTuple):
@@ -379,7 +378,6 @@ def conv2d_backward(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array 
     )
 
 
-@register("conv")
 class Conv2d(Layer):
     """A 2-D convolution layer with He-normal weights and a zero bias.
 

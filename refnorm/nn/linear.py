@@ -27,7 +27,6 @@ from refnorm.nn._checks import (
     check_rank,
 )
 from refnorm.nn.init import he_normal
-from refnorm.registry import register
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,6 @@ def linear_backward(dy: Array, cache: LinearCache) -> tuple[Array, Array, Array 
     )
 
 
-@register("linear")
 class Linear(Layer):
     """A fully connected layer with He-normal weights and a zero bias.
 

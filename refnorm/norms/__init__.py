@@ -11,6 +11,7 @@ from refnorm.norms.batch import (
     batch_norm_forward,
     batch_norm_forward_graph,
 )
+from refnorm.norms.group import GroupNorm, GroupNormCache, group_norm_backward, group_norm_forward
 from refnorm.norms.instance import (
     InstanceNorm,
     InstanceNormCache,
@@ -19,9 +20,7 @@ from refnorm.norms.instance import (
     instance_norm_forward,
 )
 from refnorm.norms.layer import LayerNorm, LayerNormCache, layer_norm_backward, layer_norm_forward
-# Imported last so that the registry lists bn, in, ln, gn, sn in this order.
-from refnorm.norms.group import GroupNorm, GroupNormCache, group_norm_backward, group_norm_forward  # noqa: I001
-from refnorm.norms.switchable import (  # noqa: I001
+from refnorm.norms.switchable import (
     SwitchableNorm,
     SwitchableNormCache,
     SwitchableOptions,

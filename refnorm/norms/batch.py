@@ -33,7 +33,6 @@ from refnorm.norms.base import (
     check_cache,
     frozen_norm_forward,
 )
-from refnorm.registry import register
 
 
 @dataclass(frozen=True)
@@ -229,7 +228,6 @@ def batch_norm_backward_graph(
     )
 
 
-@register("bn")
 class BatchNorm(ChannelNorm):
     """Batch Normalization layer with running statistics for inference.
 

@@ -20,7 +20,6 @@ from refnorm.backend import Array
 from refnorm.core import affine_forward, moments, reduced_count, standardize
 from refnorm.core.checks import check_count, prepare_channel_norm
 from refnorm.norms.base import ChannelNorm, CheckCase, NormCache, channel_norm_backward, check_cache
-from refnorm.registry import register
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,6 @@ def group_norm_backward(dy: Array, cache: GroupNormCache) -> tuple[Array, Array,
     return channel_norm_backward(dy, cache)
 
 
-@register("gn")
 class GroupNorm(ChannelNorm):
     """Group Normalization layer (same computation in training and at inference).
 

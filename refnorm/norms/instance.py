@@ -28,7 +28,6 @@ from refnorm.norms.base import (
     check_cache,
     frozen_norm_forward,
 )
-from refnorm.registry import register
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,6 @@ def instance_norm_backward(
     return channel_norm_backward(dy, cache)
 
 
-@register("in")
 class InstanceNorm(ChannelNorm):
     """Instance Normalization layer.
 

@@ -18,7 +18,6 @@ from refnorm.backend import Array
 from refnorm.core import affine_forward, moments, reduced_count, standardize
 from refnorm.core.checks import check_count, prepare_channel_norm
 from refnorm.norms.base import ChannelNorm, CheckCase, NormCache, channel_norm_backward, check_cache
-from refnorm.registry import register
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,6 @@ def layer_norm_backward(dy: Array, cache: LayerNormCache) -> tuple[Array, Array,
     return channel_norm_backward(dy, cache)
 
 
-@register("ln")
 class LayerNorm(ChannelNorm):
     """Layer Normalization layer (same computation in training and at inference).
 

@@ -53,7 +53,6 @@ from refnorm.core.checks import (
 )
 from refnorm.core.running import update_running_stats
 from refnorm.norms.base import ChannelNorm, CheckCase, Layer
-from refnorm.registry import register
 
 SCOPES = ("in", "ln", "bn")
 STATS_FORMS = ("stable", "paper")
@@ -551,7 +550,6 @@ def switchable_norm_backward_compact(
 # -- layer and batch average ------------------------------------------------------------------
 
 
-@register("sn")
 class SwitchableNorm(ChannelNorm):
     """Switchable Normalization layer.
 

@@ -30,7 +30,6 @@ from refnorm.core.checks import check_cache, check_like, prepare_channel_norm
 from refnorm.core.running import update_running_stats
 from refnorm.layer import CheckCase
 from refnorm.norms.batch import BatchNorm, batch_norm_eval_forward
-from refnorm.registry import register
 from refnorm.sync.comm import SingleProcess
 
 
@@ -129,7 +128,6 @@ def sync_batch_norm_backward(dy: Array, cache: SyncBatchNormCache) -> tuple[Arra
             xp.astype(dbeta, cache.param_dtype, copy=False))
 
 
-@register("syncbn")
 class SyncBatchNorm(BatchNorm):
     """Batch Normalization synchronized over the devices of ``comm``.
 

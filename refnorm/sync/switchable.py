@@ -28,11 +28,9 @@ from typing import Any
 
 from refnorm.layer import CheckCase
 from refnorm.norms.switchable import SwitchableNorm
-from refnorm.registry import register
 from refnorm.sync.comm import SingleProcess
 
 
-@register("syncsn")
 class SyncSwitchableNorm(SwitchableNorm):
     """Switchable Normalization with its BN scope synchronized over the devices of ``comm``.
 

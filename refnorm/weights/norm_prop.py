@@ -26,7 +26,6 @@ from typing import Any
 from refnorm.backend import Array, array_namespace
 from refnorm.core.checks import check_float_array, check_like
 from refnorm.layer import CheckCase
-from refnorm.registry import register
 from refnorm.weights.weight_norm import WeightNorm
 
 RELU_MEAN = 1.0 / math.sqrt(2.0 * math.pi)        # E[ReLU(z)], z ~ N(0, 1)
@@ -54,7 +53,6 @@ def norm_prop_relu_backward(dy: Array, cache: NormPropReLUCache) -> Array:
     return xp.where(cache.z > 0, dy / RELU_STD, xp.zeros_like(dy))
 
 
-@register("np")
 class NormProp(WeightNorm):
     """Normalization Propagation: a weight-normalized convolution (or linear layer) with
     gain ``g`` (the formula's gamma) and bias ``b`` (beta), then the re-normalized ReLU.

@@ -39,7 +39,6 @@ from typing import Any
 from refnorm.backend import Array, array_namespace, compute_dtype
 from refnorm.core.checks import check_eps, check_float_array, check_like
 from refnorm.layer import CheckCase
-from refnorm.registry import register
 from refnorm.weights.base import WeightLayer, per_output_view
 
 EPS_MODES = ("add", "sqrt")
@@ -142,7 +141,6 @@ def _check(w: Array, eps: float, eps_mode: str, correction: int) -> tuple[Module
     return xp, xp.astype(w, compute_dtype(xp, w.dtype), copy=False), I
 
 
-@register("ws")
 class WeightStandardization(WeightLayer):
     """A convolution (or linear layer with ``kernel_size=None``) with standardized weights.
 

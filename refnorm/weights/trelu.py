@@ -24,7 +24,6 @@ from refnorm.backend import Array, array_namespace
 from refnorm.core.affine import channel_view, non_channel_axes
 from refnorm.core.checks import check_channel_param, check_eps, check_float_array, check_like
 from refnorm.layer import CheckCase
-from refnorm.registry import register
 from refnorm.weights.base import WeightLayer
 from refnorm.weights.weight_norm import WeightNormCache, weight_norm_backward, weight_norm_forward
 
@@ -63,7 +62,6 @@ def translated_relu_backward(dy: Array, cache: TranslatedReLUCache) -> tuple[Arr
     return dz, dalpha
 
 
-@register("trelu")
 class TReLUWeightNorm(WeightLayer):
     """Unit-norm filters (Weight Normalization without gain or bias), then the translated ReLU.
 

@@ -32,7 +32,6 @@ from typing import Any
 from refnorm.backend import Array, array_namespace
 from refnorm.core.checks import check_channel_param, check_eps, check_float_array, check_like
 from refnorm.layer import CheckCase
-from refnorm.registry import register
 from refnorm.weights.base import WeightLayer, per_output_view
 
 
@@ -110,7 +109,6 @@ def _check(v: Array, g: Array, eps: float) -> ModuleType:
     return xp
 
 
-@register("wn")
 class WeightNorm(WeightLayer):
     """A weight-normalized convolution (or linear layer with ``kernel_size=None``).
 
