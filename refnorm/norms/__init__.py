@@ -1,6 +1,6 @@
 """Activation normalizers: one file per method, each a pure forward/backward pair and a layer."""
 
-from refnorm.norms.base import CheckCase, Layer, NormCache
+from refnorm.norms.base import CheckCase, Layer
 from refnorm.norms.batch import (
     BatchNorm,
     BatchNormCache,
@@ -43,7 +43,6 @@ __all__ = [
     "Layer",
     "LayerNorm",
     "LayerNormCache",
-    "NormCache",
     "SwitchableNorm",
     "SwitchableNormCache",
     "SwitchableOptions",

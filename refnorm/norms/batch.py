@@ -21,27 +21,52 @@ from types import ModuleType
 from typing import Any
 
 from refnorm.backend import Array, array_namespace
-from refnorm.core import affine_forward, moments, reduced_count, standardize
+from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
 from refnorm.core.affine import channel_view, non_channel_axes
-from refnorm.core.checks import check_count, check_like, check_momentum, prepare_channel_norm
-from refnorm.core.running import update_running_stats
-from refnorm.norms.base import (
-    ChannelNorm,
-    CheckCase,
-    NormCache,
-    channel_norm_backward,
+from refnorm.core.checks import (
     check_cache,
-    frozen_norm_forward,
+    check_count,
+    check_like,
+    check_momentum,
+    prepare_channel_norm,
 )
+from refnorm.core.running import update_running_stats
+from refnorm.core.standardize import standardize_backward
+from refnorm.layer import CheckCase
+from refnorm.norms.base import ChannelNorm, cast_grads, frozen_statistics, upstream
 
 
 @dataclass(frozen=True)
-class BatchNormCache(NormCache):
-    """A :class:`~refnorm.norms.base.NormCache` from a Batch Normalization forward.
+class BatchNormCache:
+    """What :func:`batch_norm_forward` (or the eval forward) saves for :func:`batch_norm_backward`.
 
-    ``mean``/``var``/``rstd`` have shape (1, C, 1, ...); ``reduce_axes`` is (0, 2, 3, ...)
-    with batch statistics and () with running statistics (``batch_stats=False``).
+    Attributes
+    ----------
+    x_hat : array, (N, C, *spatial)
+        The standardized input, in the compute dtype. Saved instead of ``x``: the closed-form
+        backward needs ``x_hat`` and never ``x - mu``.
+    rstd : array, (1, C, 1, ...)
+        ``1 / sqrt(var + eps)``; saved instead of ``std`` because the backward multiplies by it.
+    gamma : array, (C,)
+        The scale in the compute dtype (``dx_hat = dy * gamma``).
+    mean, var : arrays, (1, C, 1, ...)
+        The statistics used (batch, biased; or running). The backward does not need them; the
+        layer's running update and a reader do.
+    reduce_axes : tuple of int
+        (0, 2, 3, ...) when the statistics came from ``x``; () when they were the running
+        statistics, which ``x`` reaches through no path.
+    x_dtype, param_dtype : dtypes
+        The dtypes ``dx`` and ``dgamma``/``dbeta`` are returned in.
     """
+
+    x_hat: Array
+    rstd: Array
+    gamma: Array
+    mean: Array
+    var: Array
+    reduce_axes: tuple[int, ...]
+    x_dtype: Any
+    param_dtype: Any
 
 
 def batch_norm_forward(
@@ -76,11 +101,7 @@ def batch_norm_forward(
     mu, var = moments(xc, reduce_axes)                           # (1, C, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
-    cache = BatchNormCache(
-        x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
-        view_shape=tuple(x.shape), reduce_axes=reduce_axes, batch_stats=True,
-        x_dtype=x.dtype, param_dtype=gamma.dtype,
-    )
+    cache = BatchNormCache(x_hat, rstd, gamma_c, mu, var, reduce_axes, x.dtype, gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
@@ -104,19 +125,24 @@ def batch_norm_eval_forward(
     Returns
     -------
     y : array, ``x.shape``
-    cache : BatchNormCache with ``batch_stats=False``; its backward is
+    cache : BatchNormCache with ``reduce_axes=()``; its backward is
         ``dx = dy * gamma / sqrt(running_var + eps)``.
     """
-    return frozen_norm_forward(
-        x, gamma, beta, (running_mean, running_var), eps=eps, cache_type=BatchNormCache
-    )
+    xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    mu, var = frozen_statistics(running_mean, running_var, like=xc)  # (1, C, 1, 1)
+    x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)
+    y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
+    cache = BatchNormCache(x_hat, rstd, gamma_c, mu, var, (), x.dtype, gamma.dtype)
+    return xp.astype(y, x.dtype, copy=False), cache
 
 
 def batch_norm_backward(dy: Array, cache: BatchNormCache) -> tuple[Array, Array, Array]:
     """Closed-form backward of :func:`batch_norm_forward` or :func:`batch_norm_eval_forward`.
 
-    With batch statistics, per channel over the m = N * prod(spatial) values,
-    ``dx = gamma * rstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))``.
+    With batch statistics, per channel over the m = N * prod(spatial) values of axes
+    (0, 2, 3, ...), ``dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat))``
+    with ``dx_hat = gamma * dy`` (derived in :mod:`refnorm.core.standardize`). With running
+    statistics, ``dx = rstd * dx_hat``.
 
     Parameters
     ----------
@@ -125,11 +151,17 @@ def batch_norm_backward(dy: Array, cache: BatchNormCache) -> tuple[Array, Array,
 
     Returns
     -------
-    dx : array, (N, C, *spatial)
-    dgamma, dbeta : arrays, (C,)
+    dx : array, (N, C, *spatial), dtype of ``x``
+    dgamma, dbeta : arrays, (C,), dtype of ``gamma``
     """
     check_cache(cache, BatchNormCache)
-    return channel_norm_backward(dy, cache)
+    xp, dy_c = upstream(dy, cache.x_hat)
+    dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
+    if cache.reduce_axes:                                        # (0, 2, 3): batch statistics
+        dx = standardize_backward(dx_hat, cache.x_hat, cache.rstd, cache.reduce_axes)
+    else:                                                        # running statistics
+        dx = dx_hat * cache.rstd
+    return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype, param_dtype=cache.param_dtype)
 
 
 @dataclass(frozen=True)
@@ -251,7 +283,6 @@ class BatchNorm(ChannelNorm):
         CheckCase((2, 3, 4, 3, 2)),
         CheckCase((4, 3, 5, 5), training=False),
     )
-    backward_fn = staticmethod(batch_norm_backward)
 
     def __init__(
         self,
@@ -284,3 +315,7 @@ class BatchNorm(ChannelNorm):
         )
         self.state = {"running_mean": running_mean, "running_var": running_var}
         return y, cache
+
+    def _backward(self, dy: Array, cache: BatchNormCache) -> tuple[Array, dict[str, Array]]:
+        dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+        return dx, {"gamma": dgamma, "beta": dbeta}

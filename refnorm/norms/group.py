@@ -17,18 +17,41 @@ from types import ModuleType
 from typing import Any
 
 from refnorm.backend import Array
-from refnorm.core import affine_forward, moments, reduced_count, standardize
-from refnorm.core.checks import check_count, prepare_channel_norm
-from refnorm.norms.base import ChannelNorm, CheckCase, NormCache, channel_norm_backward, check_cache
+from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
+from refnorm.core.checks import check_cache, check_count, prepare_channel_norm
+from refnorm.core.standardize import standardize_backward
+from refnorm.layer import CheckCase
+from refnorm.norms.base import ChannelNorm, cast_grads, upstream
 
 
 @dataclass(frozen=True)
-class GroupNormCache(NormCache):
-    """A :class:`~refnorm.norms.base.NormCache` from a Group Normalization forward.
+class GroupNormCache:
+    """What :func:`group_norm_forward` saves for :func:`group_norm_backward`.
 
-    ``view_shape`` is (N, G, C/G, *spatial); ``mean``/``var``/``rstd`` have shape
-    (N, G, 1, ...) and ``reduce_axes`` is (2, 3, ...) of that view.
+    Attributes
+    ----------
+    x_hat : array, (N, C, *spatial)
+        The standardized input, in the compute dtype.
+    rstd : array, (N, G, 1, 1, ...)
+        ``1 / sqrt(var + eps)`` per sample and group, in the grouped view.
+    gamma : array, (C,)
+        The scale in the compute dtype.
+    mean, var : arrays, (N, G, 1, 1, ...)
+        Each group's statistics (biased variance), kept for inspection.
+    num_groups : int
+        G: the backward views ``x_hat`` as (N, G, C/G, *spatial) again.
+    x_dtype, param_dtype : dtypes
+        The dtypes ``dx`` and ``dgamma``/``dbeta`` are returned in.
     """
+
+    x_hat: Array
+    rstd: Array
+    gamma: Array
+    mean: Array
+    var: Array
+    num_groups: int
+    x_dtype: Any
+    param_dtype: Any
 
 
 def check_groups(num_groups: object, num_channels: int) -> None:
@@ -72,16 +95,16 @@ def group_norm_forward(
     x_hat_g, rstd = standardize(xg, mu, var, eps=eps)            # (N, G, C/G, H, W)
     x_hat = xp.reshape(x_hat_g, x.shape)                         # (N, C, H, W)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
-    cache = GroupNormCache(
-        x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
-        view_shape=view_shape, reduce_axes=reduce_axes, batch_stats=True,
-        x_dtype=x.dtype, param_dtype=gamma.dtype,
-    )
+    cache = GroupNormCache(x_hat, rstd, gamma_c, mu, var, num_groups, x.dtype, gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
 def group_norm_backward(dy: Array, cache: GroupNormCache) -> tuple[Array, Array, Array]:
     """Closed-form backward of :func:`group_norm_forward`, taken in the grouped view.
+
+    Per sample and group, over the group's channels and the spatial axes (2, 3, ... of the
+    view (N, G, C/G, *spatial)), ``dx = rstd * (dx_hat - mean(dx_hat) - x_hat *
+    mean(dx_hat * x_hat))`` with ``dx_hat = gamma * dy`` (gamma per channel, before the view).
 
     Returns
     -------
@@ -89,7 +112,15 @@ def group_norm_backward(dy: Array, cache: GroupNormCache) -> tuple[Array, Array,
     dgamma, dbeta : arrays, (C,)
     """
     check_cache(cache, GroupNormCache)
-    return channel_norm_backward(dy, cache)
+    xp, dy_c = upstream(dy, cache.x_hat)
+    dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
+    N, C = dy_c.shape[:2]
+    view_shape = (N, cache.num_groups, C // cache.num_groups) + tuple(dy_c.shape[2:])
+    reduce_axes = tuple(range(2, len(view_shape)))               # (2, 3, 4): C/G and spatial
+    dx_g = standardize_backward(xp.reshape(dx_hat, view_shape),  # (N, G, C/G, H, W)
+                                xp.reshape(cache.x_hat, view_shape), cache.rstd, reduce_axes)
+    dx = xp.reshape(dx_g, dy_c.shape)                            # (N, C, H, W)
+    return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype, param_dtype=cache.param_dtype)
 
 
 class GroupNorm(ChannelNorm):
@@ -111,7 +142,6 @@ class GroupNorm(ChannelNorm):
         CheckCase((2, 4, 3, 3), {"num_groups": 1}),
         CheckCase((2, 4, 3, 3), {"num_groups": 4}),
     )
-    backward_fn = staticmethod(group_norm_backward)
 
     def __init__(
         self,
@@ -129,3 +159,7 @@ class GroupNorm(ChannelNorm):
     def _forward(self, x: Array, training: bool) -> tuple[Array, GroupNormCache]:
         gamma, beta = self.params["gamma"], self.params["beta"]
         return group_norm_forward(x, gamma, beta, num_groups=self.num_groups, eps=self.eps)
+
+    def _backward(self, dy: Array, cache: GroupNormCache) -> tuple[Array, dict[str, Array]]:
+        dx, dgamma, dbeta = group_norm_backward(dy, cache)
+        return dx, {"gamma": dgamma, "beta": dbeta}

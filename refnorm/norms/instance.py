@@ -17,26 +17,48 @@ from types import ModuleType
 from typing import Any
 
 from refnorm.backend import Array
-from refnorm.core import affine_forward, moments, reduced_count, standardize
-from refnorm.core.checks import check_count, check_input, check_momentum, prepare_channel_norm
-from refnorm.core.running import update_running_stats
-from refnorm.norms.base import (
-    ChannelNorm,
-    CheckCase,
-    NormCache,
-    channel_norm_backward,
+from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
+from refnorm.core.checks import (
     check_cache,
-    frozen_norm_forward,
+    check_count,
+    check_momentum,
+    prepare_channel_norm,
 )
+from refnorm.core.running import update_running_stats
+from refnorm.core.standardize import standardize_backward
+from refnorm.layer import CheckCase
+from refnorm.norms.base import ChannelNorm, cast_grads, frozen_statistics, upstream
 
 
 @dataclass(frozen=True)
-class InstanceNormCache(NormCache):
-    """A :class:`~refnorm.norms.base.NormCache` from an Instance Normalization forward.
+class InstanceNormCache:
+    """What either Instance Normalization forward saves for :func:`instance_norm_backward`.
 
-    With instance statistics ``mean``/``var``/``rstd`` have shape (N, C, 1, ...) and
-    ``reduce_axes`` is (2, 3, ...); with running statistics, (1, C, 1, ...) and ().
+    Attributes
+    ----------
+    x_hat : array, (N, C, *spatial)
+        The standardized input, in the compute dtype.
+    rstd : array, (N, C, 1, ...) with instance statistics, (1, C, 1, ...) with running ones
+        ``1 / sqrt(var + eps)``.
+    gamma : array, (C,)
+        The scale in the compute dtype.
+    mean, var : arrays, same shape as ``rstd``
+        The statistics used (instance statistics with the biased variance, or running ones);
+        kept for the layer's running update and for inspection.
+    reduce_axes : tuple of int
+        (2, 3, ...) when the statistics came from ``x``; () with running statistics.
+    x_dtype, param_dtype : dtypes
+        The dtypes ``dx`` and ``dgamma``/``dbeta`` are returned in.
     """
+
+    x_hat: Array
+    rstd: Array
+    gamma: Array
+    mean: Array
+    var: Array
+    reduce_axes: tuple[int, ...]
+    x_dtype: Any
+    param_dtype: Any
 
 
 def instance_norm_forward(
@@ -63,11 +85,7 @@ def instance_norm_forward(
     mu, var = moments(xc, reduce_axes)                           # (N, C, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
-    cache = InstanceNormCache(
-        x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
-        view_shape=tuple(x.shape), reduce_axes=reduce_axes, batch_stats=True,
-        x_dtype=x.dtype, param_dtype=gamma.dtype,
-    )
+    cache = InstanceNormCache(x_hat, rstd, gamma_c, mu, var, reduce_axes, x.dtype, gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
@@ -87,11 +105,18 @@ def instance_norm_eval_forward(
     x : array, (N, C, *spatial)
     gamma, beta, running_mean, running_var : arrays, (C,)
     eps : float, > 0
+
+    Returns
+    -------
+    y : array, ``x.shape``
+    cache : InstanceNormCache with ``reduce_axes=()``
     """
-    check_input(x, min_ndim=3)
-    return frozen_norm_forward(
-        x, gamma, beta, (running_mean, running_var), eps=eps, cache_type=InstanceNormCache
-    )
+    xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps, min_ndim=3)
+    mu, var = frozen_statistics(running_mean, running_var, like=xc)  # (1, C, 1, 1)
+    x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)
+    y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
+    cache = InstanceNormCache(x_hat, rstd, gamma_c, mu, var, (), x.dtype, gamma.dtype)
+    return xp.astype(y, x.dtype, copy=False), cache
 
 
 def instance_norm_backward(
@@ -99,13 +124,23 @@ def instance_norm_backward(
 ) -> tuple[Array, Array, Array]:
     """Closed-form backward of either Instance Normalization forward.
 
+    With instance statistics, per (n, c) over the spatial axes (2, 3, ...),
+    ``dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat))`` with
+    ``dx_hat = gamma * dy``; with running statistics, ``dx = rstd * dx_hat``.
+
     Returns
     -------
     dx : array, (N, C, *spatial)
     dgamma, dbeta : arrays, (C,)
     """
     check_cache(cache, InstanceNormCache)
-    return channel_norm_backward(dy, cache)
+    xp, dy_c = upstream(dy, cache.x_hat)
+    dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
+    if cache.reduce_axes:                                        # (2, 3): instance statistics
+        dx = standardize_backward(dx_hat, cache.x_hat, cache.rstd, cache.reduce_axes)
+    else:                                                        # running statistics
+        dx = dx_hat * cache.rstd
+    return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype, param_dtype=cache.param_dtype)
 
 
 class InstanceNorm(ChannelNorm):
@@ -128,7 +163,6 @@ class InstanceNorm(ChannelNorm):
         CheckCase((2, 3, 7)),
         CheckCase((3, 4, 5, 5), {"track_running_stats": True}, training=False),
     )
-    backward_fn = staticmethod(instance_norm_backward)
 
     def __init__(
         self,
@@ -166,3 +200,7 @@ class InstanceNorm(ChannelNorm):
             )
             self.state = {"running_mean": running_mean, "running_var": running_var}
         return y, cache
+
+    def _backward(self, dy: Array, cache: InstanceNormCache) -> tuple[Array, dict[str, Array]]:
+        dx, dgamma, dbeta = instance_norm_backward(dy, cache)
+        return dx, {"gamma": dgamma, "beta": dbeta}

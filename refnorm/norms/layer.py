@@ -13,19 +13,41 @@ input this is Ba et al.'s per-unit gain and bias; PyTorch's ``nn.LayerNorm`` ove
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from refnorm.backend import Array
-from refnorm.core import affine_forward, moments, reduced_count, standardize
-from refnorm.core.checks import check_count, prepare_channel_norm
-from refnorm.norms.base import ChannelNorm, CheckCase, NormCache, channel_norm_backward, check_cache
+from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
+from refnorm.core.checks import check_cache, check_count, prepare_channel_norm
+from refnorm.core.standardize import standardize_backward
+from refnorm.layer import CheckCase
+from refnorm.norms.base import ChannelNorm, cast_grads, upstream
 
 
 @dataclass(frozen=True)
-class LayerNormCache(NormCache):
-    """A :class:`~refnorm.norms.base.NormCache` from a Layer Normalization forward.
+class LayerNormCache:
+    """What :func:`layer_norm_forward` saves for :func:`layer_norm_backward`.
 
-    ``mean``/``var``/``rstd`` have shape (N, 1, 1, ...); ``reduce_axes`` is (1, 2, ...).
+    Attributes
+    ----------
+    x_hat : array, (N, C, *spatial)
+        The standardized input, in the compute dtype.
+    rstd : array, (N, 1, 1, ...)
+        ``1 / sqrt(var + eps)`` per sample.
+    gamma : array, (C,)
+        The scale in the compute dtype.
+    mean, var : arrays, (N, 1, 1, ...)
+        Each sample's statistics (biased variance), kept for inspection.
+    x_dtype, param_dtype : dtypes
+        The dtypes ``dx`` and ``dgamma``/``dbeta`` are returned in.
     """
+
+    x_hat: Array
+    rstd: Array
+    gamma: Array
+    mean: Array
+    var: Array
+    x_dtype: Any
+    param_dtype: Any
 
 
 def layer_norm_forward(
@@ -51,16 +73,15 @@ def layer_norm_forward(
     mu, var = moments(xc, reduce_axes)                           # (N, 1, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
-    cache = LayerNormCache(
-        x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
-        view_shape=tuple(x.shape), reduce_axes=reduce_axes, batch_stats=True,
-        x_dtype=x.dtype, param_dtype=gamma.dtype,
-    )
+    cache = LayerNormCache(x_hat, rstd, gamma_c, mu, var, x.dtype, gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
 def layer_norm_backward(dy: Array, cache: LayerNormCache) -> tuple[Array, Array, Array]:
     """Closed-form backward of :func:`layer_norm_forward`.
+
+    Per sample over the axes (1, 2, ...), ``dx = rstd * (dx_hat - mean(dx_hat) - x_hat *
+    mean(dx_hat * x_hat))`` with ``dx_hat = gamma * dy``.
 
     Returns
     -------
@@ -68,7 +89,11 @@ def layer_norm_backward(dy: Array, cache: LayerNormCache) -> tuple[Array, Array,
     dgamma, dbeta : arrays, (C,)
     """
     check_cache(cache, LayerNormCache)
-    return channel_norm_backward(dy, cache)
+    xp, dy_c = upstream(dy, cache.x_hat)
+    dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
+    reduce_axes = tuple(range(1, dy_c.ndim))                     # (1, 2, 3): C and spatial
+    dx = standardize_backward(dx_hat, cache.x_hat, cache.rstd, reduce_axes)
+    return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype, param_dtype=cache.param_dtype)
 
 
 class LayerNorm(ChannelNorm):
@@ -82,7 +107,10 @@ class LayerNorm(ChannelNorm):
     """
 
     check_cases = (CheckCase((3, 4, 5, 5)), CheckCase((5, 6)), CheckCase((2, 3, 4, 3, 2)))
-    backward_fn = staticmethod(layer_norm_backward)
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, LayerNormCache]:
         return layer_norm_forward(x, self.params["gamma"], self.params["beta"], eps=self.eps)
+
+    def _backward(self, dy: Array, cache: LayerNormCache) -> tuple[Array, dict[str, Array]]:
+        dx, dgamma, dbeta = layer_norm_backward(dy, cache)
+        return dx, {"gamma": dgamma, "beta": dbeta}

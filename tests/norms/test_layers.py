@@ -28,9 +28,16 @@ def test_unknown_name_lists_the_known_ones():
         refnorm.build("xn", 4)
 
 
-def test_registering_a_name_twice_is_refused():
-    with pytest.raises(ValueError, match=r"already registered as 'bn'"):
-        registry.register("bn")(type("Other", (), {}))
+def test_every_registered_name_builds_a_layer_of_its_class():
+    for name in registry.names():
+        cls = registry.layer_class(name)
+        assert registry.name_of(cls) == name
+        assert issubclass(cls, refnorm.layer.Layer)
+
+
+def test_a_class_outside_the_table_has_no_name():
+    with pytest.raises(ValueError, match="not a registered layer"):
+        registry.name_of(type("Other", (), {}))
 
 
 @pytest.mark.parametrize("name", NAMES)
