@@ -35,7 +35,6 @@ from refnorm.nn.loss import (
 )
 from refnorm.nn.pooling import (
     AvgPool2d,
-    AvgPool2dCache,
     GlobalAvgPool,
     GlobalAvgPoolCache,
     MaxPool2d,
@@ -51,7 +50,6 @@ from refnorm.nn.pooling import (
 
 __all__ = [
     "AvgPool2d",
-    "AvgPool2dCache",
     "Conv2d",
     "Conv2dCache",
     "GlobalAvgPool",

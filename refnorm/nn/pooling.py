@@ -23,6 +23,7 @@ Global average pooling averages each channel over all its positions, (N, C, *spa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,14 +36,10 @@ from refnorm.nn.conv import Window, col2im, im2col, sliding_window
 
 @dataclass(frozen=True)
 class PoolCache:
-    """What a windowed pooling forward saves for its backward.
+    """What a windowed pooling forward saves for its backward (average pooling's whole cache).
 
     Attributes
     ----------
-    argmax : int array, (C, N * H_out * W_out), or None
-        For max pooling, the index k = i KW + j of each window's (first) maximum; saved
-        instead of ``x``, the backward needs only where the maximum was. None for average
-        pooling, whose backward needs no value of ``x``.
     x_shape : (N, C, H, W)
     y_shape : (N, C, H_out, W_out)
         The shape ``dy`` must have.
@@ -52,7 +49,6 @@ class PoolCache:
         The dtype the backward computes in and the one ``dx`` is returned in.
     """
 
-    argmax: Array | None
     x_shape: tuple[int, ...]
     y_shape: tuple[int, ...]
     window: Window
@@ -61,13 +57,20 @@ class PoolCache:
 
 
 @dataclass(frozen=True)
-class MaxPool2dCache(PoolCache):
-    """A :class:`PoolCache` from :func:`max_pool2d_forward` (``argmax`` is set)."""
+class MaxPool2dCache:
+    """What :func:`max_pool2d_forward` saves: where each window's maximum was.
 
+    Attributes
+    ----------
+    argmax : int array, (C, N * H_out * W_out)
+        The index k = i KW + j of each window's (first) maximum; saved instead of ``x``, the
+        backward needs only where the maximum was.
+    pool : PoolCache
+        The shapes and dtypes.
+    """
 
-@dataclass(frozen=True)
-class AvgPool2dCache(PoolCache):
-    """A :class:`PoolCache` from :func:`avg_pool2d_forward` (``argmax`` is None)."""
+    argmax: Array
+    pool: PoolCache
 
 
 def _windows(x: Array, kernel_size: Any, stride: Any) -> tuple[Array, Window]:
@@ -133,8 +136,8 @@ def max_pool2d_forward(
     y_shape = (x.shape[0], x.shape[1]) + win.out
     y = xp.max(windows, axis=1)                                   # (C, N H_out W_out)
     argmax = xp.argmax(windows, axis=1)                           # (C, N H_out W_out)
-    cache = MaxPool2dCache(argmax=argmax, x_shape=tuple(x.shape), y_shape=y_shape,
-                           window=win, compute_dtype=windows.dtype, x_dtype=x.dtype)
+    pool = PoolCache(tuple(x.shape), y_shape, win, windows.dtype, x.dtype)
+    cache = MaxPool2dCache(argmax=argmax, pool=pool)
     return xp.astype(_to_nchw(xp, y, y_shape), x.dtype, copy=False), cache
 
 
@@ -155,18 +158,18 @@ def max_pool2d_backward(dy: Array, cache: MaxPool2dCache) -> Array:
     """
     check_cache(cache, MaxPool2dCache)
     xp = array_namespace(dy, cache.argmax)
-    dy_w = _from_nchw(xp, dy, cache)                              # (C, 1, N H_out W_out)
+    dy_w = _from_nchw(xp, dy, cache.pool)                         # (C, 1, N H_out W_out)
     C, L = cache.argmax.shape
-    K = cache.window.kernel[0] * cache.window.kernel[1]
+    K = math.prod(cache.pool.window.kernel)
     k = xp.reshape(xp.arange(K, dtype=cache.argmax.dtype), (1, K, 1))  # (1, KH KW, 1)
     is_max = xp.reshape(cache.argmax, (C, 1, L)) == k             # (C, KH KW, N H_out W_out)
     dwindows = xp.where(is_max, dy_w, xp.zeros_like(dy_w))        # (C, KH KW, N H_out W_out)
-    return _windows_backward(xp, dwindows, cache)
+    return _windows_backward(xp, dwindows, cache.pool)
 
 
 def avg_pool2d_forward(
     x: Array, *, kernel_size: Any, stride: Any = None
-) -> tuple[Array, AvgPool2dCache]:
+) -> tuple[Array, PoolCache]:
     """The mean of each KH x KW window.
 
     Parameters
@@ -180,35 +183,34 @@ def avg_pool2d_forward(
     Returns
     -------
     y : array, (N, C, H_out, W_out), dtype of ``x``
-    cache : AvgPool2dCache
+    cache : PoolCache
     """
     windows, win = _windows(x, kernel_size, stride)               # (C, KH KW, N H_out W_out)
     xp = array_namespace(x)
     y_shape = (x.shape[0], x.shape[1]) + win.out
     y = xp.mean(windows, axis=1)                                  # (C, N H_out W_out)
-    cache = AvgPool2dCache(argmax=None, x_shape=tuple(x.shape), y_shape=y_shape,
-                           window=win, compute_dtype=windows.dtype, x_dtype=x.dtype)
+    cache = PoolCache(tuple(x.shape), y_shape, win, windows.dtype, x.dtype)
     return xp.astype(_to_nchw(xp, y, y_shape), x.dtype, copy=False), cache
 
 
-def avg_pool2d_backward(dy: Array, cache: AvgPool2dCache) -> Array:
+def avg_pool2d_backward(dy: Array, cache: PoolCache) -> Array:
     """Backward of :func:`avg_pool2d_forward`: each window entry gets ``dy / (KH KW)``.
 
     Parameters
     ----------
     dy : array, (N, C, H_out, W_out)
         Upstream gradient.
-    cache : AvgPool2dCache
+    cache : PoolCache
 
     Returns
     -------
     dx : array, (N, C, H, W), dtype of ``x``
     """
-    check_cache(cache, AvgPool2dCache)
+    check_cache(cache, PoolCache)
     xp = check_float_array("dy", dy)
     dy_w = _from_nchw(xp, dy, cache)                              # (C, 1, N H_out W_out)
     C, _, L = dy_w.shape
-    K = cache.window.kernel[0] * cache.window.kernel[1]
+    K = math.prod(cache.window.kernel)
     dwindows = xp.broadcast_to(dy_w / K, (C, K, L))               # (C, KH KW, N H_out W_out)
     return _windows_backward(xp, dwindows, cache)
 
@@ -269,9 +271,7 @@ def global_avg_pool_backward(dy: Array, cache: GlobalAvgPoolCache) -> Array:
     check_like("dy", dy, (N, C))
     xp = array_namespace(dy)
     spatial = cache.x_shape[2:]
-    count = 1
-    for n in spatial:
-        count *= n
+    count = math.prod(spatial)
     dy_c = xp.astype(dy, cache.compute_dtype, copy=False)
     dy_v = xp.reshape(dy_c / count, (N, C) + (1,) * len(spatial))  # (N, C, 1, 1)
     dx = xp.ones(cache.x_shape, dtype=cache.compute_dtype) * dy_v  # (N, C, H, W)
@@ -279,7 +279,7 @@ def global_avg_pool_backward(dy: Array, cache: GlobalAvgPoolCache) -> Array:
 
 
 class _Pool2d(Layer):
-    """A windowed pooling as a layer (no parameters, so not registered by name).
+    """A windowed pooling's hyperparameters (no parameters, so not registered by name).
 
     Parameters
     ----------
@@ -287,33 +287,30 @@ class _Pool2d(Layer):
     stride : int or pair of ints, default ``kernel_size``
     """
 
-    forward_fn: Any
-    backward_fn: Any
-
     def __init__(self, kernel_size: Any, *, stride: Any = None) -> None:
         super().__init__()
         self.kernel_size = as_pair("kernel_size", kernel_size, minimum=1)
         self.stride = self.kernel_size if stride is None else as_pair("stride", stride, minimum=1)
 
-    def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
-        return type(self).forward_fn(x, kernel_size=self.kernel_size, stride=self.stride)
-
-    def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Any]]:
-        return type(self).backward_fn(dy, cache), {}
-
 
 class MaxPool2d(_Pool2d):
     """Max pooling as a layer: :func:`max_pool2d_forward` / :func:`max_pool2d_backward`."""
 
-    forward_fn = staticmethod(max_pool2d_forward)
-    backward_fn = staticmethod(max_pool2d_backward)
+    def _forward(self, x: Array, training: bool) -> tuple[Array, MaxPool2dCache]:
+        return max_pool2d_forward(x, kernel_size=self.kernel_size, stride=self.stride)
+
+    def _backward(self, dy: Array, cache: MaxPool2dCache) -> tuple[Array, dict[str, Any]]:
+        return max_pool2d_backward(dy, cache), {}
 
 
 class AvgPool2d(_Pool2d):
     """Average pooling as a layer: :func:`avg_pool2d_forward` / :func:`avg_pool2d_backward`."""
 
-    forward_fn = staticmethod(avg_pool2d_forward)
-    backward_fn = staticmethod(avg_pool2d_backward)
+    def _forward(self, x: Array, training: bool) -> tuple[Array, PoolCache]:
+        return avg_pool2d_forward(x, kernel_size=self.kernel_size, stride=self.stride)
+
+    def _backward(self, dy: Array, cache: PoolCache) -> tuple[Array, dict[str, Any]]:
+        return avg_pool2d_backward(dy, cache), {}
 
 
 class GlobalAvgPool(Layer):

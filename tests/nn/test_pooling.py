@@ -213,7 +213,7 @@ def test_window_errors(forward, kwargs, error, match):
         (lambda: max_pool2d_backward(np.ones((2, 3, 4, 4)), MAX_CACHE), ValueError,
          r"dy must have shape \(2, 3, 2, 2\); got \(2, 3, 4, 4\)"),
         (lambda: avg_pool2d_backward(np.ones((2, 3, 2, 2)), MAX_CACHE), TypeError,
-         r"cache must be an AvgPool2dCache; got MaxPool2dCache"),
+         r"cache must be a PoolCache; got MaxPool2dCache"),
         (lambda: global_avg_pool_forward(np.ones((2, 3))), ValueError,
          r"x must have layout \(N, C, \*spatial\) with a spatial axis, at least 3 dimensions; "
          r"got shape \(2, 3\)"),
