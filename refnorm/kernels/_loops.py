@@ -1,0 +1,301 @@
+"""The numba loops of the fast path: loops only, the math lives in the reference.
+
+Every kernel here is one pass over memory. The normalizers share four of them, because
+every activation normalizer in :mod:`refnorm.norms` works on the (n, c) planes of its input
+(the ``S = prod(spatial)`` contiguous values of sample n, channel c): statistics are merges of
+per-plane partials, normalization and the backward's ``dx`` apply a per-plane scale and shift.
+Each plane may be cut into chunks so that the ``prange`` over (plane, chunk) tasks keeps every
+thread busy when N is 1 or 2.
+
+Arithmetic is float64 inside every kernel whatever the storage dtype (float32 data is widened
+on load and rounded once on store): the sums then lose nothing measurable, and the cost is
+hidden behind the memory traffic. ``fastmath`` allows only reassociation and contraction, so
+that reductions vectorize while NaN and infinities still propagate as in the reference.
+
+Statistics are never the one-pass ``E[x^2] - E[x]^2``: each chunk is summed in two passes
+with a shift (its first value) so that large offsets cancel exactly before any sum, and the
+chunks are merged by Chan's formula in :mod:`refnorm.kernels.norms`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+FASTMATH = {"reassoc", "contract"}
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def chunk_moments(x, chunk):  # pragma: no cover - compiled
+    """Mean and sum of squared deviations of every chunk of every plane.
+
+    Equals the two passes of :func:`refnorm.core.moments.moments` restricted to one chunk;
+    the merge of chunks into a statistic is :func:`refnorm.kernels.norms._merge`.
+
+    Parameters
+    ----------
+    x : array, (B, S), C-contiguous, float32 or float64
+        B planes of S values.
+    chunk : int
+        Values per chunk; plane b's chunk p is ``x[b, p * chunk:(p + 1) * chunk]``.
+
+    Returns
+    -------
+    mean, m2 : float64 arrays, (B, P) with P = ceil(S / chunk)
+    """
+    B, S = x.shape
+    P = (S + chunk - 1) // chunk
+    mean = np.empty((B, P), dtype=np.float64)
+    m2 = np.empty((B, P), dtype=np.float64)
+    for t in prange(B * P):
+        b = t // P
+        lo = (t % P) * chunk
+        hi = min(lo + chunk, S)
+        shift = np.float64(x[b, lo])
+        s = 0.0
+        for i in range(lo, hi):
+            s += np.float64(x[b, i]) - shift
+        mu = shift + s / (hi - lo)
+        q = 0.0
+        for i in range(lo, hi):
+            d = np.float64(x[b, i]) - mu
+            q += d * d
+        mean[b, t % P] = mu
+        m2[b, t % P] = q
+    return mean, m2
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def normalize_affine(x, mean, rstd, gamma, beta, chunk, y, x_hat):  # pragma: no cover
+    """``x_hat = (x - mean) * rstd`` and ``y = x_hat * gamma + beta`` in one pass.
+
+    Equals :func:`refnorm.core.standardize.standardize` followed by
+    :func:`refnorm.core.affine.affine_forward`, with every statistic and parameter given
+    per plane.
+
+    Parameters
+    ----------
+    x : array, (B, S), C-contiguous
+    mean, rstd, gamma, beta : float64 arrays, (B,)
+        The statistics of each plane's statistic and the parameters of its channel.
+    chunk : int
+        Values per parallel task.
+    y, x_hat : arrays, (B, S), written
+    """
+    B, S = x.shape
+    P = (S + chunk - 1) // chunk
+    for t in prange(B * P):
+        b = t // P
+        lo = (t % P) * chunk
+        hi = min(lo + chunk, S)
+        m = mean[b]
+        r = rstd[b]
+        g = gamma[b]
+        c = beta[b]
+        for i in range(lo, hi):
+            h = (np.float64(x[b, i]) - m) * r
+            x_hat[b, i] = h
+            y[b, i] = h * g + c
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def chunk_grad_sums(dy, x_hat, chunk):  # pragma: no cover - compiled
+    """``sum(dy)`` and ``sum(dy * x_hat)`` of every chunk of every plane, in one pass.
+
+    These are the two reductions of :func:`refnorm.core.affine.affine_backward` and
+    :func:`refnorm.core.standardize.standardize_backward` (``dbeta``, ``dgamma`` and, times
+    ``gamma``, ``sum(dx_hat)`` and ``sum(dx_hat * x_hat)``).
+
+    Parameters
+    ----------
+    dy, x_hat : arrays, (B, S), C-contiguous, one dtype
+    chunk : int
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : float64 arrays, (B, P)
+    """
+    B, S = dy.shape
+    P = (S + chunk - 1) // chunk
+    s1 = np.empty((B, P), dtype=np.float64)
+    s2 = np.empty((B, P), dtype=np.float64)
+    for t in prange(B * P):
+        b = t // P
+        lo = (t % P) * chunk
+        hi = min(lo + chunk, S)
+        a = 0.0
+        c = 0.0
+        for i in range(lo, hi):
+            d = np.float64(dy[b, i])
+            a += d
+            c += d * np.float64(x_hat[b, i])
+        s1[b, t % P] = a
+        s2[b, t % P] = c
+    return s1, s2
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx):  # pragma: no cover - compiled
+    """``dx = k_dy * dy + k_one + k_xhat * x_hat`` with per-plane coefficients.
+
+    The closed-form backward of :func:`refnorm.core.standardize.standardize_backward` after
+    :func:`refnorm.core.affine.affine_backward` (``k_dy = gamma * rstd``,
+    ``k_one = -rstd * mean(dx_hat)``, ``k_xhat = -rstd * mean(dx_hat * x_hat)``), and the
+    ``dh`` of :func:`refnorm.norms.switchable.switchable_norm_backward_compact`.
+
+    Parameters
+    ----------
+    dy, x_hat : arrays, (B, S), C-contiguous
+    k_dy, k_one, k_xhat : float64 arrays, (B,)
+    chunk : int
+    dx : array, (B, S), written
+    """
+    B, S = dy.shape
+    P = (S + chunk - 1) // chunk
+    for t in prange(B * P):
+        b = t // P
+        lo = (t % P) * chunk
+        hi = min(lo + chunk, S)
+        a = k_dy[b]
+        c = k_one[b]
+        e = k_xhat[b]
+        for i in range(lo, hi):
+            dx[b, i] = a * np.float64(dy[b, i]) + c + e * np.float64(x_hat[b, i])
+
+
+@njit(cache=True, parallel=True)
+def im2col(x, KH, KW, sh, sw, ph, pw, H_out, W_out, cols):  # pragma: no cover - compiled
+    """Copy every window of the zero-padded ``x`` into a column; equals
+    :func:`refnorm.nn.conv.im2col`.
+
+    Parameters
+    ----------
+    x : array, (N, C, H, W), C-contiguous
+    KH, KW, sh, sw, ph, pw, H_out, W_out : int
+        Kernel, stride, padding and output size.
+    cols : array, (C * KH * KW, N * H_out * W_out), written
+        ``cols[(c, i, j), (n, p, q)] = x_pad[n, c, sh p + i, sw q + j]``.
+    """
+    N, C, H, W = x.shape
+    for r in prange(C * KH * KW):
+        c = r // (KH * KW)
+        i = (r // KW) % KH
+        j = r % KW
+        for n in range(N):
+            for p in range(H_out):
+                hh = p * sh + i - ph
+                base = (n * H_out + p) * W_out
+                if hh < 0 or hh >= H:
+                    for q in range(W_out):
+                        cols[r, base + q] = 0
+                    continue
+                for q in range(W_out):
+                    ww = q * sw + j - pw
+                    if 0 <= ww < W:
+                        cols[r, base + q] = x[n, c, hh, ww]
+                    else:
+                        cols[r, base + q] = 0
+
+
+@njit(cache=True, parallel=True)
+def col2im(cols, KH, KW, sh, sw, ph, pw, H_out, W_out, dx):  # pragma: no cover - compiled
+    """Add every column entry back onto the input position it was copied from; equals
+    :func:`refnorm.nn.conv.col2im` (padding positions are dropped).
+
+    Parameters
+    ----------
+    cols : array, (C * KH * KW, N * H_out * W_out), C-contiguous
+    KH, KW, sh, sw, ph, pw, H_out, W_out : int
+    dx : array, (N, C, H, W), written (zeroed here first)
+    """
+    N, C, H, W = dx.shape
+    for t in prange(N * C):
+        n = t // C
+        c = t % C
+        for hh in range(H):
+            for ww in range(W):
+                dx[n, c, hh, ww] = 0
+        for i in range(KH):
+            for j in range(KW):
+                r = (c * KH + i) * KW + j
+                for p in range(H_out):
+                    hh = p * sh + i - ph
+                    if hh < 0 or hh >= H:
+                        continue
+                    base = (n * H_out + p) * W_out
+                    for q in range(W_out):
+                        ww = q * sw + j - pw
+                        if 0 <= ww < W:
+                            dx[n, c, hh, ww] += cols[r, base + q]
+
+
+@njit(cache=True, parallel=True)
+def max_pool(x, KH, KW, sh, sw, y, argmax):  # pragma: no cover - compiled
+    """The maximum of each window and the index ``k = i KW + j`` of its first maximum in
+    row-major window order (a NaN wins, the first NaN), as ``max``/``argmax`` in
+    :func:`refnorm.nn.pooling.max_pool2d_forward`.
+
+    Parameters
+    ----------
+    x : array, (N, C, H, W), C-contiguous
+    KH, KW, sh, sw : int
+    y : array, (N, C, H_out, W_out), written
+    argmax : int64 array, (C, N * H_out * W_out), written
+    """
+    N, C = x.shape[0], x.shape[1]
+    H_out, W_out = y.shape[2], y.shape[3]
+    for t in prange(N * C):
+        n = t // C
+        c = t % C
+        for p in range(H_out):
+            for q in range(W_out):
+                best = x[n, c, p * sh, q * sw]
+                k_best = 0
+                for i in range(KH):
+                    for j in range(KW):
+                        v = x[n, c, p * sh + i, q * sw + j]
+                        if v > best or (v != v and best == best):
+                            best = v
+                            k_best = i * KW + j
+                y[n, c, p, q] = best
+                argmax[c, (n * H_out + p) * W_out + q] = k_best
+
+
+@njit(cache=True, parallel=True)
+def max_pool_backward(dy, argmax, KH, KW, sh, sw, dx):  # pragma: no cover - compiled
+    """Each window's ``dy`` onto its recorded maximum, summed where windows overlap; equals
+    :func:`refnorm.nn.pooling.max_pool2d_backward`.
+
+    Parameters
+    ----------
+    dy : array, (N, C, H_out, W_out), C-contiguous
+    argmax : int array, (C, N * H_out * W_out)
+    KH, KW, sh, sw : int
+    dx : array, (N, C, H, W), written (zeroed here first)
+    """
+    N, C, H_out, W_out = dy.shape
+    H, W = dx.shape[2], dx.shape[3]
+    for t in prange(N * C):
+        n = t // C
+        c = t % C
+        for hh in range(H):
+            for ww in range(W):
+                dx[n, c, hh, ww] = 0
+        for p in range(H_out):
+            for q in range(W_out):
+                k = argmax[c, (n * H_out + p) * W_out + q]
+                dx[n, c, p * sh + k // KW, q * sw + k % KW] += dy[n, c, p, q]
+
+
+@njit(cache=True, parallel=True)
+def relu_backward(dy, positive, dx):  # pragma: no cover - compiled
+    """``dx = dy`` where ``positive``, else 0; equals :func:`refnorm.nn.activations.relu_backward`.
+
+    Parameters
+    ----------
+    dy : array, (L,), C-contiguous
+    positive : bool array, (L,)
+    dx : array, (L,), written (may be ``dy`` itself)
+    """
+    for i in prange(dy.shape[0]):
+        dx[i] = dy[i] if positive[i] else 0

@@ -1,0 +1,409 @@
+"""Fast forward and backward of BN, IN, LN, GN and SN on numpy arrays (numba loops).
+
+Every function returns exactly the fields the reference caches hold, in the reference's
+shapes, so that a caller can build the reference cache types from them:
+
+=========  ====================================  ==========================================
+method     reference                             statistics shape
+=========  ====================================  ==========================================
+BN         refnorm.norms.batch                   (1, C, 1, ...)
+IN         refnorm.norms.instance                (N, C, 1, ...)
+LN         refnorm.norms.layer                   (N, 1, 1, ...)
+GN         refnorm.norms.group                   (N, G, 1, 1, ...) (the grouped view)
+SN         refnorm.norms.switchable              (N, C, 1) and one dict entry per scope
+=========  ====================================  ==========================================
+
+How the work is laid out (bytes for an input of ``n`` values of ``b`` bytes each):
+
+- forward: :func:`~refnorm.kernels._loops.chunk_moments` reads ``x`` (its second pass over a
+  chunk hits the cache), the chunks are merged per statistic by Chan's formula
+  (:func:`_merge`, on arrays of (N, C, chunks) values), then
+  :func:`~refnorm.kernels._loops.normalize_affine` reads ``x`` and writes ``y`` and
+  ``x_hat``: 2 n b read, 2 n b written;
+- backward: :func:`~refnorm.kernels._loops.chunk_grad_sums` reads ``dy`` and ``x_hat`` once
+  for both reductions, the per-statistic coefficients are formed on (N, C) arrays, then
+  :func:`~refnorm.kernels._loops.combine` reads ``dy`` and ``x_hat`` and writes ``dx``:
+  4 n b read, n b written.
+
+Arguments are numpy arrays of any strides (a non-contiguous or negative-stride view is copied
+to C order first); float16 computes in float32. Outputs: ``y`` in the dtype of ``x``, the cache
+fields in the compute dtype, ``dx`` in the dtype of ``x_hat``, parameter gradients in the dtype
+of ``gamma``. Arguments are not checked here beyond what the loops need: the public functions
+of :mod:`refnorm.norms` check them before dispatching.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from refnorm.kernels import _loops
+
+MIN_CHUNK = 2048     # values per task below which a task costs more than it computes
+MAX_CHUNK = 16384    # values per task above which its second pass falls out of the L1/L2 cache
+
+
+# -- layout helpers ---------------------------------------------------------------------------
+
+
+def compute_array(a: np.ndarray) -> np.ndarray:
+    """``a`` as a C-contiguous float32 (from float16 or float32) or float64 array."""
+    dtype = np.float64 if a.dtype == np.float64 else np.float32
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def planes(x: np.ndarray) -> np.ndarray:
+    """``x`` (N, C, *spatial) as (N * C, S) planes, S = prod(spatial), C-contiguous."""
+    N, C = x.shape[:2]
+    return compute_array(x).reshape(N * C, math.prod(x.shape[2:]))
+
+
+def chunk_size(num_planes: int, S: int) -> int:
+    """Values per parallel task: whole planes when there are enough of them to keep every
+    thread busy, else planes cut into chunks (N = 1 or 2 with few channels)."""
+    wanted_tasks = 4 * numba.get_num_threads()
+    pieces = max(1, min(-(-wanted_tasks // num_planes), S // MIN_CHUNK))
+    pieces = max(pieces, -(-S // MAX_CHUNK))
+    return max(1, -(-S // pieces))
+
+
+def chunk_counts(S: int, chunk: int) -> np.ndarray:
+    """The number of values in each chunk of a plane: (P,) float64."""
+    P = -(-S // chunk)
+    counts = np.full(P, float(chunk))
+    counts[-1] = S - chunk * (P - 1)
+    return counts
+
+
+def _merge(mean: np.ndarray, m2: np.ndarray, count: np.ndarray, axes: tuple[int, ...]):
+    """Chan's merge of partial (count, mean, M2) over ``axes``, dimensions kept.
+
+    ``mean = sum(n_i mean_i) / n`` and ``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``: the
+    law of total variance, stable for any offset. Returns ``(mean, M2, n)``.
+    """
+    count = np.broadcast_to(count, mean.shape)
+    n = np.sum(count, axis=axes, keepdims=True)
+    mu = np.sum(count * mean, axis=axes, keepdims=True) / n
+    d = mean - mu
+    M2 = np.sum(m2, axis=axes, keepdims=True) + np.sum(count * d * d, axis=axes, keepdims=True)
+    return mu, M2, n
+
+
+def _plane_moments(x: np.ndarray):
+    """Per-chunk moments of ``x`` (N, C, *spatial): mean, M2 (N, C, P) and counts (P,)."""
+    N, C = x.shape[:2]
+    xp2 = planes(x)
+    chunk = chunk_size(xp2.shape[0], xp2.shape[1])
+    mean, m2 = _loops.chunk_moments(xp2, chunk)
+    P = mean.shape[1]
+    return xp2, mean.reshape(N, C, P), m2.reshape(N, C, P), chunk_counts(xp2.shape[1], chunk)
+
+
+def _normalize(xp2: np.ndarray, x: np.ndarray, mu_nc, rstd_nc, params) -> tuple:
+    """Run the fused normalize+affine over planes; statistics broadcastable to (N, C)."""
+    N, C = x.shape[:2]
+    gamma, beta = params
+    g = np.broadcast_to(np.asarray(gamma, dtype=np.float64), (N, C)).ravel()
+    b = np.broadcast_to(np.asarray(beta, dtype=np.float64), (N, C)).ravel()
+    y = np.empty_like(xp2)
+    x_hat = np.empty_like(xp2)
+    chunk = chunk_size(xp2.shape[0], xp2.shape[1])
+    mu_b, rstd_b = (np.ascontiguousarray(np.broadcast_to(s, (N, C)), dtype=np.float64).ravel()
+                    for s in (mu_nc, rstd_nc))
+    _loops.normalize_affine(xp2, mu_b, rstd_b, g, b, chunk, y, x_hat)
+    return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape)
+
+
+def _grad_sums(dy: np.ndarray, x_hat: np.ndarray):
+    """Per-(n, c) ``sum(dy)`` and ``sum(dy * x_hat)``, (N, C) float64 each, and the planes."""
+    N, C = x_hat.shape[:2]
+    xh2 = planes(x_hat)
+    dy2 = np.ascontiguousarray(dy, dtype=xh2.dtype).reshape(xh2.shape)
+    chunk = chunk_size(xh2.shape[0], xh2.shape[1])
+    s1, s2 = _loops.chunk_grad_sums(dy2, xh2, chunk)
+    return dy2, xh2, s1.sum(axis=1).reshape(N, C), s2.sum(axis=1).reshape(N, C)
+
+
+def _combine(dy2, xh2, coefficients, shape) -> np.ndarray:
+    """``dx = k_dy dy + k_one + k_xhat x_hat`` with (N, C) coefficients."""
+    k_dy, k_one, k_xhat = (np.ascontiguousarray(np.broadcast_to(k, shape[:2]),
+                                                dtype=np.float64).ravel() for k in coefficients)
+    dx = np.empty_like(xh2)
+    _loops.combine(dy2, xh2, k_dy, k_one, k_xhat, chunk_size(*xh2.shape), dx)
+    return dx.reshape(shape)
+
+
+def _stat_shape(x: np.ndarray, lead: tuple[int, ...], extra: int = 0) -> tuple[int, ...]:
+    return lead + (1,) * (x.ndim - len(lead) + extra)
+
+
+# -- BN ---------------------------------------------------------------------------------------
+
+
+def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
+    """Batch Normalization in training; equals :func:`refnorm.norms.batch.batch_norm_forward`.
+
+    Parameters
+    ----------
+    x : array, (N, C, *spatial)
+    gamma, beta : arrays, (C,)
+    eps : float
+
+    Returns
+    -------
+    y : array, ``x.shape``, dtype of ``x``
+    x_hat : array, ``x.shape``, compute dtype
+    mean, var, rstd : arrays, (1, C, 1, ...), compute dtype
+    """
+    xp2, mean, m2, counts = _plane_moments(x)
+    mu, M2, n = _merge(mean, m2, counts, (0, 2))                 # (1, C, 1)
+    var = M2 / n
+    rstd = 1.0 / np.sqrt(var + eps)
+    y, x_hat = _normalize(xp2, x, mu[:, :, 0], rstd[:, :, 0], (gamma, beta))
+    return (y, x_hat) + _cast_stats(xp2.dtype, _stat_shape(x, (1, x.shape[1])), mu, var, rstd)
+
+
+def _cast_stats(dtype, shape, *stats) -> tuple:
+    return tuple(s.astype(dtype).reshape(shape) for s in stats)
+
+
+def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
+    """Backward of :func:`bn_forward`; equals :func:`refnorm.norms.batch.batch_norm_backward`.
+
+    Parameters
+    ----------
+    dy, x_hat : arrays, (N, C, *spatial)
+    rstd : array, (1, C, 1, ...)
+    gamma : array, (C,)
+
+    Returns
+    -------
+    dx : array, (N, C, *spatial), dtype of ``x_hat``
+    dgamma, dbeta : arrays, (C,), dtype of ``gamma``
+    """
+    N, C = x_hat.shape[:2]
+    dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)
+    m = x_hat.size // C
+    dbeta, dgamma = s_dy.sum(axis=0), s_dyx.sum(axis=0)       # (C,)
+    g = np.asarray(gamma, dtype=np.float64)
+    k_dy = g * np.asarray(rstd, dtype=np.float64).reshape(C)   # (C,)
+    dx = _combine(dy2, xh2, (k_dy, -k_dy * dbeta / m, -k_dy * dgamma / m), x_hat.shape)
+    return dx, dgamma.astype(gamma.dtype), dbeta.astype(gamma.dtype)
+
+
+# -- GN, LN, IN: statistics per (n, group) ------------------------------------------------------
+
+
+def _grouped_forward(x, gamma, beta, eps, G):
+    """Statistics per (n, g) over C/G consecutive channels; returns y, x_hat, (N, G) stats."""
+    N, C = x.shape[:2]
+    xp2, mean, m2, counts = _plane_moments(x)
+    P = mean.shape[2]
+    mu, M2, n = _merge(mean.reshape(N, G, C // G, P), m2.reshape(N, G, C // G, P), counts,
+                       (2, 3))                                    # (N, G, 1, 1)
+    var = M2 / n
+    rstd = 1.0 / np.sqrt(var + eps)
+    per_channel = (N, G, C // G)
+    mu_nc = np.broadcast_to(mu[:, :, :, 0], per_channel).reshape(N, C)
+    rstd_nc = np.broadcast_to(rstd[:, :, :, 0], per_channel).reshape(N, C)
+    y, x_hat = _normalize(xp2, x, mu_nc, rstd_nc, (gamma, beta))
+    return y, x_hat, mu.reshape(N, G), var.reshape(N, G), rstd.reshape(N, G), xp2.dtype
+
+
+def _grouped_backward(dy, x_hat, rstd_ng, gamma):
+    """Backward with statistics per (n, g); ``rstd_ng`` (N, G)."""
+    N, C = x_hat.shape[:2]
+    G = rstd_ng.shape[1]
+    dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)                # (N, C) each
+    g = np.asarray(gamma, dtype=np.float64)                      # (C,)
+    m = x_hat.size // (N * G)
+    r = np.repeat(np.asarray(rstd_ng, dtype=np.float64), C // G, axis=1)  # (N, C)
+    sum_dxh = np.repeat((g * s_dy).reshape(N, G, C // G).sum(axis=2), C // G, axis=1)
+    sum_dxh_xh = np.repeat((g * s_dyx).reshape(N, G, C // G).sum(axis=2), C // G, axis=1)
+    dx = _combine(dy2, xh2, (r * g, -r * sum_dxh / m, -r * sum_dxh_xh / m), x_hat.shape)
+    return dx, s_dyx.sum(axis=0).astype(gamma.dtype), s_dy.sum(axis=0).astype(gamma.dtype)
+
+
+def gn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
+               num_groups: int) -> tuple:
+    """Group Normalization; equals :func:`refnorm.norms.group.group_norm_forward`.
+
+    Parameters
+    ----------
+    x : array, (N, C, *spatial)
+    gamma, beta : arrays, (C,)
+    eps : float
+    num_groups : int
+        G, a divisor of C.
+
+    Returns
+    -------
+    y : array, ``x.shape``, dtype of ``x``
+    x_hat : array, ``x.shape``
+    mean, var, rstd : arrays, (N, G, 1, 1, ...) (the grouped view's ``x.ndim + 1`` axes)
+    """
+    y, x_hat, *stats, dtype = _grouped_forward(x, gamma, beta, eps, num_groups)
+    shape = _stat_shape(x, (x.shape[0], num_groups), extra=1)
+    return (y, x_hat) + _cast_stats(dtype, shape, *stats)
+
+
+def gn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
+    """Backward of :func:`gn_forward`; equals :func:`refnorm.norms.group.group_norm_backward`.
+
+    Parameters
+    ----------
+    dy, x_hat : arrays, (N, C, *spatial)
+    rstd : array, (N, G, 1, 1, ...)
+    gamma : array, (C,)
+
+    Returns
+    -------
+    dx : array, (N, C, *spatial)
+    dgamma, dbeta : arrays, (C,)
+    """
+    return _grouped_backward(dy, x_hat, np.reshape(rstd, rstd.shape[:2]), gamma)
+
+
+def ln_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
+    """Layer Normalization; equals :func:`refnorm.norms.layer.layer_norm_forward`.
+
+    Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, 1, 1, ...).
+    """
+    y, x_hat, *stats, dtype = _grouped_forward(x, gamma, beta, eps, 1)
+    return (y, x_hat) + _cast_stats(dtype, _stat_shape(x, (x.shape[0],)), *stats)
+
+
+def ln_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
+    """Backward of :func:`ln_forward` (``rstd`` (N, 1, 1, ...)); equals
+    :func:`refnorm.norms.layer.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
+    return _grouped_backward(dy, x_hat, np.reshape(rstd, (x_hat.shape[0], 1)), gamma)
+
+
+def in_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
+    """Instance Normalization in training; equals
+    :func:`refnorm.norms.instance.instance_norm_forward`.
+
+    Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, C, 1, ...).
+    """
+    y, x_hat, *stats, dtype = _grouped_forward(x, gamma, beta, eps, x.shape[1])
+    return (y, x_hat) + _cast_stats(dtype, _stat_shape(x, x.shape[:2]), *stats)
+
+
+def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
+    """Backward of :func:`in_forward` (``rstd`` (N, C, 1, ...)); equals
+    :func:`refnorm.norms.instance.instance_norm_backward`. Returns ``dx``, ``dgamma``,
+    ``dbeta``."""
+    return _grouped_backward(dy, x_hat, np.reshape(rstd, x_hat.shape[:2]), gamma)
+
+
+# -- SN ---------------------------------------------------------------------------------------
+
+
+def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.ndarray,
+               w_var: np.ndarray, *, eps: float, scopes: tuple[str, ...],
+               in_correction: int = 0) -> tuple:
+    """Switchable Normalization in training, ``stats="stable"``; equals
+    :func:`refnorm.norms.switchable.switchable_norm_forward`.
+
+    Parameters
+    ----------
+    x : array, (N, C, *spatial)
+    gamma, beta : arrays, (C,)
+    w_mean, w_var : arrays, (K,)
+        The ratios (softmax of the control parameters), one per scope.
+    eps : float
+    scopes : tuple of str, a subset of ("in", "ln", "bn") in the ratios' order
+    in_correction : 0 or 1
+
+    Returns
+    -------
+    y : array, ``x.shape``
+    h, x_hat : arrays, (N, C, S)
+    rstd : array, (N, C, 1)
+    mu, var : dicts of every scope ("in", "ln", "bn") to arrays (N, C, 1), (N, 1, 1),
+        (1, C, 1), as :func:`refnorm.norms.switchable.scope_moments` returns them
+    """
+    N, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    xp2, mean, m2, counts = _plane_moments(x)
+    mu_in, M2_in, _ = _merge(mean, m2, counts, (2,))             # (N, C, 1)
+    var_in = M2_in / (S - in_correction)
+    mu = {"in": mu_in}
+    var = {"in": var_in}
+    for scope, axis in (("ln", 1), ("bn", 0)):                   # law of total variance
+        mu[scope] = np.mean(mu_in, axis=axis, keepdims=True)
+        d = mu_in - mu[scope]
+        var[scope] = np.mean(var_in, axis=axis, keepdims=True) + np.mean(d * d, axis=axis,
+                                                                          keepdims=True)
+    w_m = np.asarray(w_mean, dtype=np.float64)
+    w_v = np.asarray(w_var, dtype=np.float64)
+    mu_mix = sum(w_m[i] * mu[k] for i, k in enumerate(scopes))  # (N, C, 1)
+    var_mix = sum(w_v[i] * var[k] for i, k in enumerate(scopes))
+    rstd = 1.0 / np.sqrt(var_mix + eps)                          # (N, C, 1)
+    y, x_hat = _normalize(xp2, x, np.broadcast_to(mu_mix, (N, C, 1))[:, :, 0],
+                          np.broadcast_to(rstd, (N, C, 1))[:, :, 0], (gamma, beta))
+    dtype = xp2.dtype
+    return (y, xp2.reshape(N, C, S), x_hat.reshape(N, C, S),
+            np.broadcast_to(rstd, (N, C, 1)).astype(dtype),
+            {k: v.astype(dtype) for k, v in mu.items()},
+            {k: v.astype(dtype) for k, v in var.items()})
+
+
+def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray,
+                stats: tuple[dict, dict], ratios: tuple[np.ndarray, np.ndarray], *,
+                scopes: tuple[str, ...], in_correction: int = 0, hard: bool = False) -> tuple:
+    """Backward of :func:`sn_forward`; equals
+    :func:`refnorm.norms.switchable.switchable_norm_backward_compact` (training).
+
+    Parameters
+    ----------
+    dy : array, (N, C, *spatial) or (N, C, S)
+    x_hat : array, (N, C, S)
+    rstd : array, (N, C, 1)
+    gamma : array, (C,)
+    stats : (mu, var), the dicts :func:`sn_forward` returned
+    ratios : (w_mean, w_var), arrays (K,)
+    scopes, in_correction : as in :func:`sn_forward`
+    hard : bool
+        One-hot ratios: the logit gradients are zero.
+
+    Returns
+    -------
+    dx : array, (N, C, S)
+    dgamma, dbeta : arrays, (C,)
+    dmean_logits, dvar_logits : float64 arrays, (K,)
+    """
+    N, C, S = x_hat.shape
+    mu, var = ({k: np.asarray(v, dtype=np.float64)[..., 0] for k, v in d.items()} for d in stats)
+    w_m, w_v = (np.asarray(w, dtype=np.float64) for w in ratios)
+    dy2, xh2, s_dy, s_dyx = _grad_sums(np.reshape(dy, x_hat.shape), x_hat)   # (N, C)
+    g = np.asarray(gamma, dtype=np.float64)
+    r = np.asarray(rstd, dtype=np.float64).reshape(N, C)
+    dvar = -0.5 * r * r * g * s_dyx                              # (N, C)  SN Eq. (7)
+    dmu = -r * g * s_dy                                          # (N, C)  SN Eq. (8)
+    dmu_in = np.zeros((N, C))
+    dvar_in = np.zeros((N, C))
+    axis = {"in": None, "ln": 1, "bn": 0}
+    count = {"in": 1, "ln": C, "bn": N}
+    for i, k in enumerate(scopes):
+        a = axis[k]
+        dvar_k = dvar if a is None else dvar.sum(axis=a, keepdims=True)
+        dmu_k = dmu if a is None else dmu.sum(axis=a, keepdims=True)
+        g_var = w_v[i] * dvar_k / count[k]
+        dvar_in = dvar_in + g_var
+        dmu_in = dmu_in + w_m[i] * dmu_k / count[k] + g_var * 2.0 * (mu["in"] - mu[k])
+    mu_mix = sum(w_m[i] * mu[k] for i, k in enumerate(scopes))
+    c2 = 2.0 * dvar_in / (S - in_correction)
+    # dh = dx_hat rstd + dmu_in / S + c2 (h - mu_in), with h - mu_in = x_hat / rstd + mu_mix - mu_in
+    dx = _combine(dy2, xh2, (r * g, dmu_in / S + c2 * (mu_mix - mu["in"]), c2 / r), x_hat.shape)
+    if hard:
+        dml = np.zeros(len(scopes))
+        dvl = np.zeros(len(scopes))
+    else:
+        s_mean = np.array([np.sum(dmu * mu[k]) for k in scopes])
+        s_var = np.array([np.sum(dvar * var[k]) for k in scopes])
+        dml = w_m * (s_mean - np.sum(w_m * s_mean))
+        dvl = w_v * (s_var - np.sum(w_v * s_var))
+    return dx, s_dyx.sum(axis=0).astype(gamma.dtype), s_dy.sum(axis=0).astype(gamma.dtype), dml, dvl
