@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar
 
+import numpy as np
+
 from refnorm.backend import Array
 
 
@@ -64,9 +66,9 @@ class Layer:
 
     def forward(self, x: Array, training: bool) -> Array:
         """Normalize ``x``; ``training`` selects batch statistics and updates the state."""
-        if not isinstance(training, bool):
+        if not isinstance(training, (bool, np.bool_)):
             raise TypeError(f"training must be a bool; got {type(training).__name__}")
-        y, self._cache = self._forward(x, training)
+        y, self._cache = self._forward(x, bool(training))
         return y
 
     def backward(self, dy: Array) -> Array:

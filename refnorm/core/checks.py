@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from types import ModuleType
+from typing import Any
 
 from refnorm.backend import Array, array_namespace, compute_dtype
 
@@ -43,12 +44,19 @@ def check_channel_param(name: str, p: Array, num_channels: int) -> None:
         )
 
 
-def check_eps(eps: object) -> None:
-    """Check that ``eps`` is a finite real number greater than zero."""
+def check_eps(eps: object, *, xp: ModuleType | None = None, dtype: Any = None) -> None:
+    """Check that ``eps`` is a finite real number greater than zero.
+
+    With ``xp`` and ``dtype`` (the compute dtype), also check that ``eps`` does not round to
+    zero in that dtype: ``eps=1e-50`` is 0 in float32, and a zero-variance group would then
+    divide by zero as with ``eps=0``.
+    """
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number; got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be finite and > 0; got {eps}")
+    if xp is not None and dtype is not None and not bool(xp.asarray(eps, dtype=dtype) > 0):
+        raise ValueError(f"eps={eps} rounds to 0 in {dtype}, the compute dtype; use a larger eps")
 
 
 def check_momentum(momentum: object) -> None:
@@ -108,8 +116,8 @@ def prepare_channel_norm(
     check_channel_param("gamma", gamma, x.shape[1])
     check_channel_param("beta", beta, x.shape[1])
     array_namespace(x, gamma, beta)  # one namespace for all three
-    check_eps(eps)
     dtype = compute_dtype(xp, x.dtype)
+    check_eps(eps, xp=xp, dtype=dtype)
     return (
         xp,
         xp.astype(x, dtype, copy=False),

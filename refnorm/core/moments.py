@@ -31,9 +31,28 @@ def moments(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     mu : array, ``x.shape`` with ``axes`` set to 1
     var : array, same shape as ``mu``
         ``mean((x - mu)**2)``, the biased (1/m) estimator.
+
+    Raises
+    ------
+    ValueError
+        If a variance overflows ``x``'s dtype although ``x`` is finite (float32 values near
+        1e20): normalizing by ``1/sqrt(inf)`` would silently turn every output into ``beta``.
+        (Non-finite inputs give NaN statistics for their group, as they should.)
     """
     xp = array_namespace(x)
     mu = xp.mean(x, axis=axes, keepdims=True)
     centred = x - mu
     var = xp.mean(centred * centred, axis=axes, keepdims=True)
+    check_variance_finite(var, x)
     return mu, var
+
+
+def check_variance_finite(var: Array, x: Array) -> None:
+    """Refuse a variance that overflowed (inf) from a finite ``x``; see :func:`moments`."""
+    xp = array_namespace(var, x)
+    if bool(xp.any(xp.isinf(var))) and bool(xp.all(xp.isfinite(x))):
+        largest = float(xp.max(xp.abs(x)))
+        raise ValueError(
+            f"the variance of x overflows {x.dtype} (|x| up to {largest:.3g}): the squared "
+            "deviations exceed the dtype's range; compute in float64 or rescale x"
+        )

@@ -12,6 +12,7 @@ Weight Standardization paper (Qiao et al.) pairs it with WS for micro-batch trai
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -54,15 +55,17 @@ class GroupNormCache:
     param_dtype: Any
 
 
-def check_groups(num_groups: object, num_channels: int) -> None:
-    """Check that ``num_groups`` is a positive int dividing ``num_channels``."""
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+def check_groups(num_groups: object, num_channels: int) -> int:
+    """Check that ``num_groups`` is a positive int (``numpy.integer`` too) dividing
+    ``num_channels``; return it as an int."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups must be an int; got {type(num_groups).__name__}")
     if num_groups < 1 or num_channels % num_groups:
         raise ValueError(
             f"num_groups must be a positive divisor of the number of channels C={num_channels}; "
             f"got num_groups={num_groups}"
         )
+    return int(num_groups)
 
 
 def group_norm_forward(
@@ -85,7 +88,7 @@ def group_norm_forward(
     """
     xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
     N, C = x.shape[:2]
-    check_groups(num_groups, C)
+    num_groups = check_groups(num_groups, C)
     view_shape = (N, num_groups, C // num_groups) + tuple(x.shape[2:])
     reduce_axes = tuple(range(2, len(view_shape)))               # (2, 3, ...): C/G and spatial
     check_count(reduced_count(view_shape, reduce_axes),
@@ -153,8 +156,7 @@ class GroupNorm(ChannelNorm):
         xp: ModuleType | None = None,
     ) -> None:
         super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp)
-        check_groups(num_groups, num_channels)
-        self.num_groups = num_groups
+        self.num_groups = check_groups(num_groups, num_channels)
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, GroupNormCache]:
         gamma, beta = self.params["gamma"], self.params["beta"]
