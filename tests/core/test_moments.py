@@ -1,0 +1,66 @@
+"""Two-pass moments over axes: against numpy, the element count, float32 far from zero."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+from refnorm.backend import to_numpy
+from refnorm.core import moments, reduced_count
+from tests.core.strategies import arrays_and_axes
+
+U64 = np.finfo(np.float64).eps
+
+
+@given(arrays_and_axes())
+def test_moments_match_numpy(xp, case):
+    x, axes = case
+    mu, var = (to_numpy(a) for a in moments(xp.asarray(x), axes))
+    m = reduced_count(x.shape, axes)
+    # Each of the two results sums m values of size <= max|x| (resp. of the squared
+    # deviations); two summation orders differ by at most m rounding errors of that size.
+    # The deviations x - mu themselves are known to d = 2 m u max|x|, which moves the
+    # variance by up to 2 sqrt(var) d + d^2: all three vanish only for exact data.
+    size = np.max(np.abs(x))
+    d = 2 * m * U64 * size
+    expected_var = x.var(axis=axes, keepdims=True)
+    np.testing.assert_allclose(mu, x.mean(axis=axes, keepdims=True), rtol=0, atol=m * U64 * size)
+    atol = m * U64 * expected_var + 2 * np.sqrt(expected_var) * d + d * d
+    assert np.all(np.abs(var - expected_var) <= atol), (var, expected_var)
+    assert mu.shape == var.shape == tuple(1 if i in axes else n for i, n in enumerate(x.shape))
+
+
+@pytest.mark.parametrize(("shape", "axes", "count"),
+                         [((2, 3, 4), (0, 2), 8), ((5,), (0,), 5), ((2, 3), (1,), 3)])
+def test_reduced_count_is_the_product_of_the_reduced_sides(shape, axes, count):
+    assert reduced_count(shape, axes) == count
+
+
+def test_constant_input_has_zero_variance_exactly_not_a_negative_one():
+    # The one-pass E[x^2] - E[x]^2 can come out negative (then sqrt(var + eps) is NaN for a
+    # small eps); the two-pass mean of squares cannot.
+    x = np.full((3, 7), 0.1)
+    _, var = moments(x, (1,))
+    assert np.all(var >= 0)
+    np.testing.assert_allclose(var, 0.0, atol=1e-32)  # (m u |x|)^2 = (7 * 2.2e-16 * 0.1)^2
+
+
+def test_float32_far_from_zero_keeps_a_unit_variance():
+    # float32 inputs offset by 1e4: the mean of squares E[x^2] ~ 1e8 has float32 spacing 8,
+    # so the one-pass form loses the unit variance entirely; two passes keep it to the
+    # spacing of the inputs (2^-10 ~ 1e-3 near 1e4).
+    rng = np.random.default_rng(0)
+    x = (1e4 + rng.standard_normal(4096)).astype(np.float32)
+    mu, var = moments(x, (0,))
+    assert var.dtype == np.float32
+    exact = x.astype(np.float64).var()
+    np.testing.assert_allclose(float(var[0]), exact, rtol=1e-2)
+    one_pass = np.mean(x * x) - np.mean(x) ** 2
+    assert abs(float(one_pass) - exact) > 0.1  # the check above can tell the two apart
+
+
+def test_input_is_not_modified():
+    x = np.arange(6.0).reshape(2, 3)
+    moments(x, (1,))
+    np.testing.assert_array_equal(x, np.arange(6.0).reshape(2, 3))
