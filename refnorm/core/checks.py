@@ -121,7 +121,7 @@ def prepare_channel_norm(
     return (
         xp,
         xp.astype(x, dtype, copy=False),
-        xp.astype(gamma, dtype, copy=False),
+        xp.astype(gamma, dtype, copy=True),  # a copy: caches keep it, the caller may change it
         xp.astype(beta, dtype, copy=False),
     )
 

@@ -325,7 +325,7 @@ def conv2d_forward(
     dtype = compute_dtype(xp, x.dtype)
     cols = im2col(xp.astype(x, dtype, copy=False), kernel_size=win.kernel,
                   stride=win.stride, padding=win.padding)         # (C_in KH KW, N H_out W_out)
-    wc = xp.astype(w, dtype, copy=False)
+    wc = xp.astype(w, dtype, copy=True)  # a copy: the cache must not follow in-place changes
     w_mat = xp.reshape(wc, (C_out, C_in * KH * KW))               # (C_out, C_in KH KW)
     y = xp.matmul(w_mat, cols)                                    # (C_out, N H_out W_out)
     if b is not None:

@@ -36,9 +36,9 @@ class LinearCache:
     Attributes
     ----------
     x : array, (N, D_in)
-        The input in the compute dtype (``dw = dy^T x``).
+        A copy of the input in the compute dtype (``dw = dy^T x``).
     w : array, (D_out, D_in)
-        The weights in the compute dtype (``dx = dy w``).
+        A copy of the weights in the compute dtype (``dx = dy w``).
     has_bias : bool
         Whether the forward added a bias (the backward then returns ``db``, else ``None``).
     x_dtype, w_dtype, b_dtype : dtypes
@@ -90,8 +90,9 @@ def linear_forward(
     check_bias(b, D_out, axis_name="D_out")
     array_namespace(x, w, b)  # one namespace for all three
     dtype = compute_dtype(xp, x.dtype)
-    xc = xp.astype(x, dtype, copy=False)
-    wc = xp.astype(w, dtype, copy=False)
+    # Copies, not views: the cache must not change if the caller changes x or w in place.
+    xc = xp.astype(x, dtype, copy=True)
+    wc = xp.astype(w, dtype, copy=True)
     y = xp.matmul(xc, wc.T)                                       # (N, D_out)
     if b is not None:
         y = y + xp.astype(b, dtype, copy=False)                   # (N, D_out)
