@@ -12,11 +12,13 @@ Importing refnorm needs numpy only (numba for the fast kernels); CuPy, MPI and J
 optional.
 """
 
-from refnorm import gradcheck, nn, norms, sync, weights
+from refnorm import gradcheck, inference, nn, norms, sync, weights
+from refnorm.inference import batch_average
 from refnorm.norms import *  # noqa: F403  (the public functions and layers)
 from refnorm.norms import __all__ as _norms_all
 from refnorm.registry import build, names
 
 __version__ = "0.1.0"
 
-__all__ = ["build", "gradcheck", "names", "nn", "norms", "sync", "weights", *_norms_all]
+__all__ = ["batch_average", "build", "gradcheck", "inference", "names", "nn", "norms", "sync",
+           "weights", *_norms_all]

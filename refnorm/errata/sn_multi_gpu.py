@@ -18,24 +18,46 @@ read by symmetry with Eq. (18), like Eq. (13) in the single-device case.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from refnorm.errata.sn_appendix import AGREES, Finding, printed_eq7, printed_eq8
-from refnorm.gradcheck import numerical_vjp, relative_error
+from refnorm.errata.findings import Finding, finding, relative
+from refnorm.errata.sn_appendix import printed_eq7, printed_eq8
+from refnorm.gradcheck import numerical_vjp
 from refnorm.norms.switchable import (
+    SCOPES,
     SwitchableOptions,
-    pool_in_moments,
     ratios,
     scope_moments,
     switchable_norm_forward,
 )
 
-SCOPES = ("in", "ln", "bn")
 
+@dataclass(frozen=True)
+class DeviceTerms:
+    """What Eq. (22)-(25) read on one device p.
 
-def _rel(printed, truth) -> float:
-    printed = np.broadcast_to(np.asarray(printed, dtype=float), np.shape(truth))
-    return relative_error(printed, np.asarray(truth, dtype=float)).max_rel_error
+    Attributes
+    ----------
+    h, dy : arrays, (N_p, C, S)
+        The shard and its upstream gradient.
+    mu : dict of scope to array
+        "in" (N_p, C, 1), "ln" (N_p, 1, 1) local; "bn" (1, C, 1) the synchronized mu_sybn.
+    var_p : array, (N_p, C, 1)
+        The mixed variance sigma_p^2.
+    dvar, dmu : arrays, (N_p, C, 1)
+        dL/dsigma^2_p and dL/dmu_p, from Eq. (7)-(8) or from the printed Eq. (21).
+    gamma : array, (C,)
+    """
+
+    h: np.ndarray
+    dy: np.ndarray
+    mu: dict
+    var_p: np.ndarray
+    dvar: np.ndarray
+    dmu: np.ndarray
+    gamma: np.ndarray
 
 
 # -- the printed formulas ---------------------------------------------------------------------
@@ -51,7 +73,7 @@ def printed_eq15(h_p, mu_sybn, var_sybn, w, eps):
 
 def printed_eq16(dys, x_tildes):
     """Eq. (16): dL/dgamma = sum over p, n, i, j of dL/dh^ h~ (per channel)."""
-    return sum(np.sum(dy * xt, axis=(0, 2)) for dy, xt in zip(dys, x_tildes))
+    return sum(np.sum(dy * xt, axis=(0, 2)) for dy, xt in zip(dys, x_tildes, strict=True))
 
 
 def printed_eq17(dys):
@@ -61,8 +83,9 @@ def printed_eq17(dys):
 
 def _sums(dmus, dvars, mus, vars_) -> dict[str, float]:
     """S_k = sum_{p,n,c} (dL/dmu_p,nc mu_k,p + dL/dsigma^2_p,nc sigma^2_k,p)."""
-    return {k: float(sum(np.sum(dm * m[k] + dv * v[k])
-                         for dm, dv, m, v in zip(dmus, dvars, mus, vars_))) for k in SCOPES}
+    per_device = list(zip(dmus, dvars, mus, vars_, strict=True))
+    return {k: float(sum(np.sum(dm * m[k] + dv * v[k]) for dm, dv, m, v in per_device))
+            for k in SCOPES}
 
 
 def printed_eq18_20(k: str, w, sums) -> float:
@@ -88,22 +111,22 @@ def printed_eq21(dy, x_tilde, var_p, gamma, eps):
     return dvar, dmu
 
 
-def printed_eq23_25(p, devices, w, eps, bn_count):
-    """Eq. (22) = Term1 (23) + Term2 (24) + Term3 (25) on device ``p``.
+def printed_eq23_25(p: int, devices: list[DeviceTerms], w, eps: float, bn_count: int):
+    """Eq. (22) = Term1 (23) + Term2 (24) + Term3 (25) on device ``p``. (N_p, C, S).
 
-    ``devices[q] = (h, dy, mu, var_p, dvar, dmu, gamma)`` per device; ``bn_count`` is what
-    divides the BN-scope terms: the printed P N (H W) or the whole batch's count.
+    ``bn_count`` is what divides the BN-scope terms: the printed P N (H W) or the whole
+    batch's count.
     """
-    h, dy, mu, var_p, dvar, dmu, gamma = devices[p]
-    N, C, S = h.shape
-    term1 = dy * gamma.reshape(1, -1, 1) / np.sqrt(var_p + eps)                     # Eq. (23)
-    all_dvar = sum(np.sum(d[4], axis=0, keepdims=True) for d in devices)            # sum_p,n
-    all_dmu = sum(np.sum(d[5], axis=0, keepdims=True) for d in devices)
-    term2 = (w[0] * 2 * (h - mu["in"]) / S * dvar                                   # Eq. (24)
-             + w[1] * 2 * (h - mu["ln"]) / (C * S) * np.sum(dvar, axis=1, keepdims=True)
-             + w[2] * 2 * (h - mu["bn"]) / bn_count * all_dvar)
-    term3 = (w[0] / S * dmu                                                           # Eq. (25)
-             + w[1] / (C * S) * np.sum(dmu, axis=1, keepdims=True)
+    d = devices[p]
+    N, C, S = d.h.shape
+    term1 = d.dy * d.gamma.reshape(1, -1, 1) / np.sqrt(d.var_p + eps)               # Eq. (23)
+    all_dvar = sum(np.sum(q.dvar, axis=0, keepdims=True) for q in devices)          # sum_p,n
+    all_dmu = sum(np.sum(q.dmu, axis=0, keepdims=True) for q in devices)
+    term2 = (w[0] * 2 * (d.h - d.mu["in"]) / S * d.dvar                             # Eq. (24)
+             + w[1] * 2 * (d.h - d.mu["ln"]) / (C * S) * np.sum(d.dvar, axis=1, keepdims=True)
+             + w[2] * 2 * (d.h - d.mu["bn"]) / bn_count * all_dvar)
+    term3 = (w[0] / S * d.dmu                                                         # Eq. (25)
+             + w[1] / (C * S) * np.sum(d.dmu, axis=1, keepdims=True)
              + w[2] / bn_count * all_dmu)
     return term1 + term2 + term3
 
@@ -133,7 +156,7 @@ def check_multi_gpu(seed: int = 0, shard_sizes: tuple[int, ...] = (2, 3)) -> lis
 
     # synchronized BN-scope statistics: pooled IN moments of every device
     mu_all, var_all = scope_moments(h, SwitchableOptions())
-    mu_sybn, var_sybn, _ = pool_in_moments(mu_all["in"], var_all["in"], axis=0, stats="stable")
+    mu_sybn, var_sybn = mu_all["bn"], var_all["bn"]               # (1, C, 1) each
     devices, x_tildes, dys, mus, vars_ = [], [], [], [], []
     eq21_dvar_err, eq21_dmu_err = 0.0, 0.0
     for sl in shards:
@@ -145,10 +168,10 @@ def check_multi_gpu(seed: int = 0, shard_sizes: tuple[int, ...] = (2, 3)) -> lis
         x_tilde = printed_eq15(h_p, mu_sybn, var_sybn, w, eps)
         g = gamma.reshape(1, -1, 1)
 
-        def of_var(v, h_p=h_p, mu_p=mu_p):
+        def of_var(v, h_p=h_p, mu_p=mu_p, g=g):
             return g * (h_p - mu_p) / np.sqrt(v + eps) + beta.reshape(1, -1, 1)
 
-        def of_mu(m, h_p=h_p, var_p=var_p):
+        def of_mu(m, h_p=h_p, var_p=var_p, g=g):
             return g * (h_p - m) / np.sqrt(var_p + eps) + beta.reshape(1, -1, 1)
 
         true_dvar = numerical_vjp(of_var, {"v": var_p}, dy_p, "v")
@@ -156,9 +179,9 @@ def check_multi_gpu(seed: int = 0, shard_sizes: tuple[int, ...] = (2, 3)) -> lis
         dvar = printed_eq7(dy_p * g, x_tilde, var_p, eps)            # the single-GPU Eq. (7)
         dmu = printed_eq8(dy_p * g, var_p, eps)                       # and Eq. (8)
         p_dvar, p_dmu = printed_eq21(dy_p, x_tilde, var_p, gamma, eps)
-        eq21_dvar_err = max(eq21_dvar_err, _rel(p_dvar, true_dvar))
-        eq21_dmu_err = max(eq21_dmu_err, _rel(p_dmu, true_dmu))
-        devices.append((h_p, dy_p, mu, var_p, dvar, dmu, gamma))
+        eq21_dvar_err = max(eq21_dvar_err, relative(p_dvar, true_dvar))
+        eq21_dmu_err = max(eq21_dmu_err, relative(p_dmu, true_dmu))
+        devices.append(DeviceTerms(h_p, dy_p, mu, var_p, dvar, dmu, gamma))
         x_tildes.append(x_tilde)
         dys.append(dy_p)
         mus.append(mu)
@@ -166,45 +189,43 @@ def check_multi_gpu(seed: int = 0, shard_sizes: tuple[int, ...] = (2, 3)) -> lis
 
     y_sync = np.concatenate([gamma.reshape(1, -1, 1) * xt + beta.reshape(1, -1, 1)
                              for xt in x_tildes])
-    sums = _sums([d[5] for d in devices], [d[4] for d in devices], mus, vars_)
+    sums = _sums([d.dmu for d in devices], [d.dvar for d in devices], mus, vars_)
     dh_total = np.concatenate([printed_eq23_25(p, devices, w, eps, N_total * S)
                                for p in range(len(shards))])
     dh_pn = np.concatenate([printed_eq23_25(p, devices, w, eps,
                                             len(shards) * shard_sizes[p] * S)
                             for p in range(len(shards))])
     devices_21 = []
-    for p, sl in enumerate(shards):
-        h_p, dy_p, mu, var_p, _, _, _ = devices[p]
-        d21 = printed_eq21(dy_p, x_tildes[p], var_p, gamma, eps)
-        devices_21.append((h_p, dy_p, mu, var_p, d21[0], d21[1], gamma))
+    for d, x_tilde in zip(devices, x_tildes, strict=True):
+        dvar21, dmu21 = printed_eq21(d.dy, x_tilde, d.var_p, gamma, eps)
+        devices_21.append(DeviceTerms(d.h, d.dy, d.mu, d.var_p, dvar21, dmu21, gamma))
     dh_eq21 = np.concatenate([printed_eq23_25(p, devices_21, w, eps, N_total * S)
                               for p in range(len(shards))])
 
-    def row(eq, quantity, err, note):
-        return Finding(eq, quantity, err < AGREES, err, note)
-
     return [
-        row("Eq. (15)", "y on every device", _rel(y_sync, sn()),
+        finding("Eq. (15)", "y on every device", relative(y_sync, sn()),
             "agrees: synchronized SN equals one device with the whole batch"),
-        row("Eq. (16)", "dL/dgamma", _rel(printed_eq16(dys, x_tildes), true_dgamma),
-            "agrees, per channel (the upper limits P, N, C, H, W list a C the sum does not run over)"),
-        row("Eq. (17)", "dL/dbeta", _rel(printed_eq17(dys), true_dbeta), "agrees"),
-        row("Eq. (18)", "dL/dlambda_in", _rel(printed_eq18_20("in", w, sums), true_dlam[0]),
+        finding("Eq. (16)", "dL/dgamma", relative(printed_eq16(dys, x_tildes), true_dgamma),
+            "agrees, per channel (the upper limits P, N, C, H, W list a C the sum does not "
+            "run over)"),
+        finding("Eq. (17)", "dL/dbeta", relative(printed_eq17(dys), true_dbeta), "agrees"),
+        finding("Eq. (18)", "dL/dlambda_in", relative(printed_eq18_20("in", w, sums), true_dlam[0]),
             "agrees (tied ratios)"),
-        row("Eq. (19)", "dL/dlambda_ln", _rel(printed_eq18_20("ln", w, sums), true_dlam[1]),
+        finding("Eq. (19)", "dL/dlambda_ln", relative(printed_eq18_20("ln", w, sums), true_dlam[1]),
             "agrees, read by symmetry (the extraction is garbled)"),
-        row("Eq. (20)", "dL/dlambda_bn", _rel(printed_eq18_20("bn", w, sums), true_dlam[2]),
+        finding("Eq. (20)", "dL/dlambda_bn", relative(printed_eq18_20("bn", w, sums), true_dlam[2]),
             "agrees, read by symmetry (the extraction is garbled)"),
-        row("Eq. (21), variance", "dL/dsigma^2_p per (n, c)", eq21_dvar_err,
+        finding("Eq. (21), variance", "dL/dsigma^2_p per (n, c)", eq21_dvar_err,
             "disagrees: divides by 2 sqrt(sigma^2 + eps) where Eq. (7) has 2 (sigma^2 + eps), "
             "and adds the same sum a second time (dL/dh~ = gamma dL/dh^); it is Eq. (7)"),
-        row("Eq. (21), mean", "dL/dmu_p per (n, c)", eq21_dmu_err,
+        finding("Eq. (21), mean", "dL/dmu_p per (n, c)", eq21_dmu_err,
             "disagrees: counts -gamma / sqrt(sigma^2 + eps) sum dL/dh^ twice; it is Eq. (8)"),
-        row("Eq. (22)-(25)", "dL/dh_p, BN terms over the whole batch's count", _rel(dh_total, true_dh),
+        finding("Eq. (22)-(25)", "dL/dh_p, BN terms over the whole batch's count",
+                relative(dh_total, true_dh),
             "agrees with Eq. (7)-(8) for dL/dsigma^2, dL/dmu and the count of the whole batch"),
-        row("Eq. (22)-(25), P N H W", "dL/dh_p with unequal shards", _rel(dh_pn, true_dh),
+        finding("Eq. (22)-(25), P N H W", "dL/dh_p with unequal shards", relative(dh_pn, true_dh),
             "disagrees when devices hold different numbers of samples: P N H W is the batch's "
             "count only for equal shards"),
-        row("Eq. (22)-(25) with Eq. (21)", "dL/dh_p", _rel(dh_eq21, true_dh),
+        finding("Eq. (22)-(25) with Eq. (21)", "dL/dh_p", relative(dh_eq21, true_dh),
             "disagrees: inherits the errors of Eq. (21)"),
     ]

@@ -17,8 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refnorm.errata.sn_appendix import AGREES, Finding
-from refnorm.gradcheck import relative_error
+from refnorm.errata.findings import (
+    AGREES,
+    Finding,
+    fd_gradient,
+    fd_jacobian,
+    finding,
+    relative,
+)
 
 HESSIAN_AGREES = 1e-6  # Hessians by central differences of exact gradients: error ~1e-9
 
@@ -137,30 +143,6 @@ def printed_eq19_bound(h_dot):
 # -- the truth, by finite differences ---------------------------------------------------------
 
 
-def _fd_grad(f, u: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    g = np.empty_like(u)
-    for i in range(u.size):
-        e = np.zeros_like(u)
-        e[i] = h
-        g[i] = (f(u + e) - f(u - e)) / (2 * h)
-    return g
-
-
-def _fd_jacobian(grad, u: np.ndarray, h: float = 1e-5) -> np.ndarray:
-    """Central differences of an exact gradient function: the Hessian, symmetrized."""
-    cols = []
-    for i in range(u.size):
-        e = np.zeros_like(u)
-        e[i] = h
-        cols.append((grad(u + e) - grad(u - e)) / (2 * h))
-    hess = np.stack(cols, axis=1)
-    return 0.5 * (hess + hess.T)
-
-
-def _rel(a, b) -> float:
-    return relative_error(np.atleast_1d(a), np.atleast_1d(b)).max_rel_error
-
-
 def check_ws_theory(seed: int = 0) -> list[Finding]:
     """Check WS Eq. (8)-(19) (eps = 0) on one small random problem."""
     p = problem(seed)
@@ -175,9 +157,9 @@ def check_ws_theory(seed: int = 0) -> list[Finding]:
     def loss_of_w(u):
         return p.loss_of_w_hat(scale(centre(u)))
 
-    grad_hat = _fd_grad(p.loss_of_w_hat, w_hat)
-    grad_dot = _fd_grad(loss_of_w_dot, w_dot)
-    grad_w = _fd_grad(loss_of_w, p.w)
+    grad_hat = fd_gradient(p.loss_of_w_hat, w_hat)
+    grad_dot = fd_gradient(loss_of_w_dot, w_dot)
+    grad_w = fd_gradient(loss_of_w, p.w)
 
     # exact gradients (Eq. 8-9 with exact dL/dW^), for the Hessians by central differences
     def exact_grad_dot(u):
@@ -186,17 +168,15 @@ def check_ws_theory(seed: int = 0) -> list[Finding]:
     def exact_grad_w(u):
         return printed_eq9(exact_grad_dot(centre(u)))
 
-    h_dot = _fd_jacobian(exact_grad_dot, w_dot)
-    h_w = _fd_jacobian(exact_grad_w, p.w)
+    h_dot = fd_jacobian(exact_grad_dot, w_dot)
+    h_w = fd_jacobian(exact_grad_w, p.w)
 
     def row(eq, quantity, printed, truth, note, tol=AGREES):
-        err = _rel(printed, truth)
-        return Finding(eq, quantity, err < tol, err, note)
+        return finding(eq, quantity, relative(printed, truth), note, tol=tol)
 
     def zero(eq, quantity, normalized, note):
         # A quantity the paper says is zero, divided by its natural scale: |value| is the error.
-        err = float(abs(normalized))
-        return Finding(eq, quantity, err < 1e-8, err, note)
+        return finding(eq, quantity, abs(normalized), note, tol=1e-8)
 
     sq = float(np.sum(h_w**2))
     findings = [

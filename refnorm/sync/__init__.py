@@ -3,14 +3,19 @@
 - :mod:`refnorm.sync.comm` — :class:`SingleProcess`, :class:`InProcessGroup` (P simulated
   devices in one process), :class:`MPICommunicator` (mpi4py + the mpich wheel);
 - :mod:`refnorm.sync.batch_norm` — synchronized BN (``syncbn``);
-- :mod:`refnorm.sync.switchable` — synchronized SN (``syncsn``), Appendix A Eq. 15-25;
+- :mod:`refnorm.sync.switchable` — synchronized SN (``syncsn``), Appendix A Eq. 15-25, its own
+  forward/backward pair built from the single-device SN pieces;
 - :mod:`refnorm.sync.data_parallel` — gradients reduced across devices once per step.
 """
 
 from refnorm.sync.batch_norm import SyncBatchNorm, sync_batch_norm_backward, sync_batch_norm_forward
 from refnorm.sync.comm import Communicator, InProcessGroup, MPICommunicator, SingleProcess
 from refnorm.sync.data_parallel import allreduce_gradients
-from refnorm.sync.switchable import SyncSwitchableNorm
+from refnorm.sync.switchable import (
+    SyncSwitchableNorm,
+    sync_switchable_norm_backward,
+    sync_switchable_norm_forward,
+)
 
 __all__ = [
     "Communicator",
@@ -22,4 +27,6 @@ __all__ = [
     "allreduce_gradients",
     "sync_batch_norm_backward",
     "sync_batch_norm_forward",
+    "sync_switchable_norm_backward",
+    "sync_switchable_norm_forward",
 ]

@@ -21,15 +21,17 @@ samples): the data-parallel step sums parameter gradients over devices once
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from refnorm.backend import Array, array_namespace
 from refnorm.core import affine_backward, affine_forward, standardize
 from refnorm.core.affine import channel_view, non_channel_axes
-from refnorm.core.checks import check_cache, check_like, prepare_channel_norm
+from refnorm.core.checks import check_cache, check_like, check_momentum, prepare_channel_norm
 from refnorm.core.running import update_running_stats
 from refnorm.layer import CheckCase
-from refnorm.norms.batch import BatchNorm, batch_norm_eval_forward
+from refnorm.norms.base import ChannelNorm
+from refnorm.norms.batch import batch_norm_backward, batch_norm_eval_forward
 from refnorm.sync.comm import SingleProcess
 
 
@@ -128,24 +130,53 @@ def sync_batch_norm_backward(dy: Array, cache: SyncBatchNormCache) -> tuple[Arra
             xp.astype(dbeta, cache.param_dtype, copy=False))
 
 
-class SyncBatchNorm(BatchNorm):
+class SyncBatchNorm(ChannelNorm):
     """Batch Normalization synchronized over the devices of ``comm``.
 
-    Parameters as :class:`~refnorm.norms.batch.BatchNorm`, plus ``comm`` (default: a single
-    process, which makes it plain BN). The running statistics are updated with the whole
-    batch's statistics and count, identically on every device.
+    Parameters
+    ----------
+    num_channels : int
+    eps : float, default 1e-5
+    momentum : float, default 0.1
+        Weight of the new batch in the running average (PyTorch's convention).
+    comm : communicator, default a single process (which makes it plain BN)
+    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+
+    Training runs the synchronized pair and updates the running statistics with the whole
+    batch's statistics and count, identically on every device; inference runs BN's eval
+    pair (:func:`~refnorm.norms.batch.batch_norm_eval_forward`), which needs no
+    communication.
+
+    State: running_mean (C,), starts at 0; running_var (C,), starts at 1.
     """
 
     check_cases = (CheckCase((4, 3, 5, 5)), CheckCase((6, 4)),
                    CheckCase((4, 3, 5, 5), training=False))
     shared_attributes = ("comm",)
 
-    def __init__(self, num_channels: int, *, comm: Any = None, **kw: Any) -> None:
-        super().__init__(num_channels, **kw)
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        comm: Any = None,
+        dtype: Any = None,
+        xp: ModuleType | None = None,
+    ) -> None:
+        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp)
+        check_momentum(momentum)
+        self.momentum = momentum
         self.comm = SingleProcess() if comm is None else comm
+        self.state = {
+            "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype),
+            "running_var": self.xp.ones((num_channels,), dtype=self.dtype),
+        }
+        self._synchronized = False  # which pair made the saved cache
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         gamma, beta = self.params["gamma"], self.params["beta"]
+        self._synchronized = training
         if not training:
             stats = (self.state["running_mean"], self.state["running_var"])
             return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
@@ -157,8 +188,8 @@ class SyncBatchNorm(BatchNorm):
         return y, cache
 
     def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
-        if isinstance(cache, SyncBatchNormCache):
+        if self._synchronized:
             dx, dgamma, dbeta = sync_batch_norm_backward(dy, cache)
         else:
-            dx, dgamma, dbeta = type(self).backward_fn(dy, cache)
+            dx, dgamma, dbeta = batch_norm_backward(dy, cache)
         return dx, {"gamma": dgamma, "beta": dbeta}

@@ -10,8 +10,8 @@ implementations:
 - :class:`MPICommunicator` — real processes (and machines) through ``mpi4py``, with the
   ``mpich`` wheel (the ``mpi`` extra); start with ``mpiexec -n P python script.py``.
 
-A NCCL communicator through CuPy implements the same three members. refnorm has no transport
-of its own.
+These are all the communicators refnorm has; another transport would implement the same
+three members. refnorm has no transport of its own.
 
 Safety: a collective where ranks disagree must not hang. Every all-reduce first checks that
 all ranks passed the same number of arrays with the same shapes and dtypes, and raises the
@@ -27,7 +27,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -207,7 +208,7 @@ class MPICommunicator(Communicator):
         self.comm.Reduce(send, recv, op=self._MPI.SUM, root=0)
         self.comm.Bcast(recv, root=0)
         out, start = [], 0
-        for a, h in zip(arrays, host):
+        for a, h in zip(arrays, host, strict=True):
             out.append(xp.astype(xp.asarray(recv[start:start + h.size].reshape(a.shape)),
                                  a.dtype))
             start += h.size

@@ -18,7 +18,8 @@ Synchronized normalizers return this device's contributions to their parameter g
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from refnorm.layer import Layer
 
@@ -39,5 +40,5 @@ def allreduce_gradients(layers: Iterable[Layer], comm: Any, *, weight: float | N
     w = 1.0 / comm.size if weight is None else float(weight)
     keys = [(i, k) for i, layer in enumerate(layers) for k in sorted(layer.grads)]
     summed = comm.allreduce_sum([layers[i].grads[k] * w for i, k in keys])
-    for (i, k), g in zip(keys, summed):
+    for (i, k), g in zip(keys, summed, strict=True):
         layers[i].grads[k] = g

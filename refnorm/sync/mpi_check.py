@@ -1,4 +1,6 @@
-"""Check synchronized BN and SN across real MPI processes: ``mpiexec -n P python -m refnorm.sync.mpi_check``.
+"""Check synchronized BN and SN across real MPI processes.
+
+Run ``mpiexec -n P python -m refnorm.sync.mpi_check``.
 
 Every rank draws the same global batch from a seed, keeps its own unequal shard (with four or
 more processes the first rank gets none), runs synchronized BN and SN forward and backward through
@@ -31,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import refnorm
     from refnorm.norms.switchable import switchable_norm_backward, switchable_norm_forward
-    from refnorm.sync import MPICommunicator, sync_batch_norm_backward, sync_batch_norm_forward
+    from refnorm.sync import (
+        MPICommunicator,
+        sync_batch_norm_backward,
+        sync_batch_norm_forward,
+        sync_switchable_norm_backward,
+        sync_switchable_norm_forward,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m refnorm.sync.mpi_check")
     parser.add_argument("--fail-rank", type=int, default=None)
@@ -50,16 +58,17 @@ def main(argv: list[str] | None = None) -> int:
 
     y, cache = sync_batch_norm_forward(x[lo:hi], gamma, beta, comm=comm)
     bn = (y, *sync_batch_norm_backward(dy[lo:hi], cache))
-    y, cache = switchable_norm_forward(x[lo:hi], gamma, beta, *logits, comm=comm)
-    sn = (y, *switchable_norm_backward(dy[lo:hi], cache))
+    y, sync_cache = sync_switchable_norm_forward(x[lo:hi], gamma, beta, *logits, comm=comm)
+    sn = (y, *sync_switchable_norm_backward(dy[lo:hi], sync_cache))
 
     gathered = comm.comm.gather((bn, sn), root=0)
     if comm.rank != 0:
         return 0
-    y1, c1 = refnorm.batch_norm_forward(x, gamma, beta)
-    ref_bn = (y1, *refnorm.batch_norm_backward(dy, c1))
-    y1, c1 = switchable_norm_forward(x, gamma, beta, *logits)
-    ref_sn = (y1, *switchable_norm_backward(dy, c1))
+    assert gathered is not None  # rank 0 receives every rank's results
+    y1, bn_cache = refnorm.batch_norm_forward(x, gamma, beta)
+    ref_bn = (y1, *refnorm.batch_norm_backward(dy, bn_cache))
+    y1, sn_cache = switchable_norm_forward(x, gamma, beta, *logits)
+    ref_sn = (y1, *switchable_norm_backward(dy, sn_cache))
     worst = 0.0
     for label, k, ref in (("syncbn", 0, ref_bn), ("syncsn", 1, ref_sn)):
         parts = [g[k] for g in gathered]
@@ -68,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             got = (np.concatenate([p[i] for p in parts]) if i < 2 else sum(p[i] for p in parts))
             err = float(np.max(np.abs(got - ref[i])))
             worst = max(worst, err)
-            print(f"{label} {name:<13} P={comm.size} shards={[b - a for a, b in shard_bounds(9, comm.size)]} "
+            shards = [b - a for a, b in shard_bounds(9, comm.size)]
+            print(f"{label} {name:<13} P={comm.size} shards={shards} "
                   f"max abs diff vs one device: {err:.1e}")
     print("OK" if worst < 1e-10 else "MISMATCH")
     return 0 if worst < 1e-10 else 1

@@ -7,13 +7,17 @@ On device p the SN statistics are
     sigma_p^2 = w'_bn sigma_sybn^2 + w'_in sigma_in,p^2 + w'_ln sigma_ln,p^2
 
 with IN and LN local and the BN scope synchronized: mu_sybn and sigma_sybn^2 pool the IN
-moments of every device (:func:`refnorm.norms.switchable.pool_in_moments`, two all-reduces,
-the law of total variance). The backward is the single-device Appendix A backward with the
-BN scope's sums running over every device: dh = Term1 + Term2 + Term3 (Eq. 22-25), where
-Term2 and Term3 need sum_{p, n} of Eq. (7) and Eq. (8) per channel, one all-reduce of two
-(C,) arrays. The code is the same as single-device SN
-(:func:`refnorm.norms.switchable.switchable_norm_backward`, which names Term1-3): a
-communicator in the cache is all that changes.
+moments of every device with two sum-all-reduces (the law of total variance written as
+sums, so that a device holding no sample contributes zeros). Everything else is the
+single-device SN of :mod:`refnorm.norms.switchable`, called, not copied: its IN moments
+and LN pooling, and its forward with given BN-scope statistics for the mixing, the ratios
+and Eq. (3).
+
+The backward is Eq. (22): dh = Term1 + Term2 + Term3 (Eq. 23-25), with dL/dsigma^2_p and
+dL/dmu_p from the single-device Eq. (7)-(8) per device (the printed Eq. 21 is wrong; see the
+errata page). Term2 and Term3 need sum_{p, n} of Eq. (7) and Eq. (8) per channel: one
+all-reduce of two (C,) arrays. They divide by the count of the whole batch, where the
+printed Eq. (24)-(25) write P N H W (equal only for equal shards).
 
 The gradients of gamma, beta and the control parameters (Eq. 16-20) are returned as this
 device's contributions, sum_{n, c} over its own samples; the data-parallel step reduces every
@@ -24,21 +28,190 @@ well would count them twice.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
+from refnorm.backend import Array, array_namespace
+from refnorm.core.checks import check_cache, prepare_channel_norm
 from refnorm.layer import CheckCase
-from refnorm.norms.switchable import SwitchableNorm
+from refnorm.norms.switchable import (
+    DEFAULT_OPTIONS,
+    BatchStatistics,
+    SwitchableNorm,
+    SwitchableNormCache,
+    SwitchableOptions,
+    backward_view,
+    cast_gradients,
+    check_scope_counts,
+    in_moments,
+    ratio_gradients,
+    scope_variance_derivative,
+    statistic_gradients,
+    switchable_norm_backward,
+    switchable_norm_eval_forward,
+    switchable_norm_forward,
+)
 from refnorm.sync.comm import SingleProcess
+
+
+@dataclass(frozen=True)
+class SyncSwitchableNormCache:
+    """What the synchronized SN forward saves.
+
+    Attributes
+    ----------
+    local : SwitchableNormCache
+        This device's single-device cache, its BN-scope statistics the synchronized ones
+        (``local.mu["bn"]`` is mu_sybn, ``local.var["bn"]`` sigma_sybn^2).
+    comm : communicator
+    bn_groups : int
+        The IN groups one BN statistic pools: N summed over every device (the P N of
+        Eq. 24-25 when shards are equal).
+    """
+
+    local: SwitchableNormCache
+    comm: Any
+    bn_groups: int
+
+
+def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0
+                            ) -> tuple[Array, Array, int]:
+    """mu_sybn and sigma_sybn^2: the BN-scope statistics of every device's IN moments.
+
+    Parameters
+    ----------
+    h : array, (N_p, C, S)
+        This device's shard; N_p may be 0.
+    comm : communicator
+    in_correction : {0, 1}
+
+    Returns
+    -------
+    mu_sybn, var_sybn : arrays, (C,)
+    groups : int
+        N summed over every device.
+    """
+    xp = array_namespace(h)
+    mu_in, var_in = in_moments(h, in_correction=in_correction)             # (N_p, C, 1)
+    count, sum_mu, sum_var = comm.allreduce_sum([
+        xp.asarray([float(h.shape[0])], dtype=h.dtype),
+        xp.sum(mu_in, axis=(0, 2)), xp.sum(var_in, axis=(0, 2))])
+    groups = int(count[0])
+    if groups == 0:
+        raise ValueError("no samples on any device: the BN scope has nothing to average")
+    mu_sybn = sum_mu / groups                                               # (C,)
+    d = mu_in - xp.reshape(mu_sybn, (1, -1, 1))                             # (N_p, C, 1)
+    (spread,) = comm.allreduce_sum([xp.sum(d * d, axis=(0, 2))])
+    var_sybn = (sum_var + spread) / groups                                  # total variance
+    return mu_sybn, var_sybn, groups
+
+
+def sync_switchable_norm_forward(
+    x: Array,
+    gamma: Array,
+    beta: Array,
+    mean_logits: Array,
+    var_logits: Array,
+    *,
+    comm: Any,
+    eps: float = 1e-5,
+    options: SwitchableOptions = DEFAULT_OPTIONS,
+) -> tuple[Array, SyncSwitchableNormCache]:
+    """SN in training with the BN scope synchronized over the devices of ``comm``, Eq. (15).
+
+    Parameters
+    ----------
+    x : array, (N_p, C, *spatial)
+        This device's shard; N_p may be 0.
+    gamma, beta : arrays, (C,)
+    mean_logits, var_logits : arrays, (K,)
+    comm : communicator (:mod:`refnorm.sync.comm`)
+    eps : float, > 0
+    options : SwitchableOptions
+
+    Returns
+    -------
+    y : array, ``x.shape``
+    cache : SyncSwitchableNormCache
+    """
+    args = (x, gamma, beta, mean_logits, var_logits)
+    if "bn" not in options.scopes:  # nothing to synchronize: plain SN
+        y, local = switchable_norm_forward(*args, eps=eps, options=options)
+        return y, SyncSwitchableNormCache(local, comm, x.shape[0])
+    xp, xc, _, _ = prepare_channel_norm(x, gamma, beta, eps=eps)
+    check_scope_counts(x.shape, options, with_bn=False)  # the BN scope: after pooling
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    h = xp.reshape(xc, (N, C, S))                                           # (N_p, C, S)
+    mu_sybn, var_sybn, groups = synchronized_bn_moments(
+        h, comm=comm, in_correction=options.in_correction)
+    if groups * S < 2:
+        raise ValueError(f"the synchronized BN scope needs more than 1 value per statistic over "
+                         f"all devices; got {groups * S} (this device's x has shape "
+                         f"{tuple(x.shape)})")
+    # Eq. (15): single-device SN with the BN scope's statistics given (mixing, Eq. 3, 5)
+    y, local = switchable_norm_eval_forward(*args, mu_sybn, var_sybn, eps=eps, options=options)
+    return y, SyncSwitchableNormCache(local, comm, groups)
+
+
+def sync_switchable_norm_backward(
+    dy: Array, cache: SyncSwitchableNormCache
+) -> tuple[Array, Array, Array, Array, Array]:
+    """Backward of :func:`sync_switchable_norm_forward`, Eq. (22)-(25) with Eq. (16)-(20).
+
+    Returns
+    -------
+    dx : array, (N_p, C, *spatial)
+    dgamma, dbeta : arrays, (C,), this device's contributions
+    dmean_logits, dvar_logits : arrays, (K,), this device's contributions
+    """
+    check_cache(cache, SyncSwitchableNormCache)
+    c = cache.local
+    xp, dy_v = backward_view(dy, c)
+    scopes = c.options.scopes
+    N, C, S = c.h.shape
+    wm = {k: c.w_mean[i] for i, k in enumerate(scopes)}
+    wv = {k: c.w_var[i] for i, k in enumerate(scopes)}
+
+    def dsigma2_k_dh(k: str) -> Array:
+        groups = {"in": 1, "ln": C, "bn": cache.bn_groups}[k]
+        return scope_variance_derivative(c.h, c.mu["in"], c.mu[k], groups=groups,
+                                         in_correction=c.options.in_correction)
+
+    # dL/dsigma^2_p and dL/dmu_p: Eq. (7)-(8) on this device (Eq. 21 as printed is wrong)
+    dx_tilde, dvar, dmu = statistic_gradients(dy_v, c)
+    dh = dx_tilde * c.rstd                                              # Term1, Eq. (23)
+    if "in" in scopes:
+        dh = dh + wv["in"] * dsigma2_k_dh("in") * dvar                  # Term2, Eq. (24)
+        dh = dh + wm["in"] / S * dmu                                    # Term3, Eq. (25)
+    if "ln" in scopes:
+        sum_c_dvar = xp.sum(dvar, axis=1, keepdims=True)                # (N_p, 1, 1)
+        dh = dh + wv["ln"] * dsigma2_k_dh("ln") * sum_c_dvar            # Term2, Eq. (24)
+        dh = dh + wm["ln"] / (C * S) * xp.sum(dmu, axis=1, keepdims=True)   # Term3, Eq. (25)
+    if "bn" in scopes:
+        local = [xp.sum(dvar, axis=0, keepdims=True), xp.sum(dmu, axis=0, keepdims=True)]
+        sum_pn_dvar, sum_pn_dmu = cache.comm.allreduce_sum(local)       # (1, C, 1), sum_{p,n}
+        dh = dh + wv["bn"] * dsigma2_k_dh("bn") * sum_pn_dvar           # Term2, Eq. (24)
+        dh = dh + wm["bn"] / (cache.bn_groups * S) * sum_pn_dmu         # Term3, Eq. (25)
+    dgamma = xp.sum(dy_v * c.x_hat, axis=(0, 2))                       # Eq. (16), this device
+    dbeta = xp.sum(dy_v, axis=(0, 2))                                  # Eq. (17), this device
+    s_mean = [xp.sum(dmu * c.mu[k]) for k in scopes]                   # Eq. (18)-(20), S_k
+    s_var = [xp.sum(dvar * c.var[k]) for k in scopes]                  # Eq. (18)-(20), S'_k
+    dmean_logits = ratio_gradients(c.w_mean, s_mean, hard=c.options.hard)  # Eq. (18)-(20)
+    dvar_logits = ratio_gradients(c.w_var, s_var, hard=c.options.hard)     # Eq. (18)-(20)
+    return cast_gradients(c, dh, (dgamma, dbeta), (dmean_logits, dvar_logits))
 
 
 class SyncSwitchableNorm(SwitchableNorm):
     """Switchable Normalization with its BN scope synchronized over the devices of ``comm``.
 
     Parameters as :class:`~refnorm.norms.switchable.SwitchableNorm`, plus ``comm`` (default:
-    a single process, which makes it plain SN).
+    a single process, which makes it plain SN). Training with a BN scope runs the
+    synchronized pair; inference (population statistics) and scopes without BN run the
+    single-device pair, which needs no communication.
     """
 
-    check_cases = (
+    check_cases: tuple[CheckCase, ...] = (
         CheckCase((3, 4, 3, 3)),
         CheckCase((4, 6), {"scopes": ("ln", "bn")}),
         CheckCase((3, 4, 3, 3), training=False),
@@ -48,3 +221,28 @@ class SyncSwitchableNorm(SwitchableNorm):
     def __init__(self, num_channels: int, *, comm: Any = None, **kw: Any) -> None:
         super().__init__(num_channels, **kw)
         self.comm = SingleProcess() if comm is None else comm
+        self._synchronized = False  # which pair made the saved cache
+
+    def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
+        p = self.params
+        args = (x, p["gamma"], p["beta"], p["mean_logits"], p["var_logits"])
+        self._synchronized = training and "bn" in self.options.scopes
+        if not self._synchronized:
+            if "bn" in self.options.scopes:
+                return switchable_norm_eval_forward(*args, *self.population(), eps=self.eps,
+                                                    options=self.options)
+            return switchable_norm_forward(*args, eps=self.eps, options=self.options)
+        y, cache = sync_switchable_norm_forward(*args, comm=self.comm, eps=self.eps,
+                                                options=self.options)
+        C, S = self.num_channels, cache.local.h.shape[2]
+        self._observe(BatchStatistics(count=cache.bn_groups * S,
+                                      mean=self.xp.reshape(cache.local.mu["bn"], (C,)),
+                                      var=self.xp.reshape(cache.local.var["bn"], (C,))))
+        return y, cache
+
+    def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
+        if self._synchronized:
+            dx, dgamma, dbeta, dml, dvl = sync_switchable_norm_backward(dy, cache)
+        else:
+            dx, dgamma, dbeta, dml, dvl = switchable_norm_backward(dy, cache)
+        return dx, {"gamma": dgamma, "beta": dbeta, "mean_logits": dml, "var_logits": dvl}

@@ -1,0 +1,120 @@
+"""Network-level inference helpers: walking a model's layers and SN's batch average.
+
+Switchable Normalization (Luo et al., journal version, §3.2, "Inference") does not keep a
+moving average of its BN-scope statistics: after training, the network is frozen, batches
+are fed, and each SN layer's population statistics are the average over those batches.
+:func:`batch_average` does that for every SN layer of a model through the layers' public
+API (:meth:`~refnorm.norms.switchable.SwitchableNorm.batch_statistics` and
+:meth:`~refnorm.norms.switchable.SwitchableNorm.set_population`); nothing here touches a
+layer's private attributes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from refnorm.backend import Array, array_namespace
+from refnorm.layer import Layer
+from refnorm.norms.switchable import BatchStatistics, SwitchableNorm
+
+__all__ = ["batch_average", "iter_layers"]
+
+
+def iter_layers(model: Any) -> Iterator[Layer]:
+    """Every :class:`~refnorm.layer.Layer` in ``model``, in order.
+
+    ``model`` is a layer, an object with a ``layers()`` method, or a list/tuple of those.
+    """
+    if isinstance(model, Layer):
+        yield model
+    if hasattr(model, "layers") and callable(model.layers):
+        for sub in model.layers():
+            yield from iter_layers(sub)
+    elif isinstance(model, (list, tuple)):
+        for sub in model:
+            yield from iter_layers(sub)
+
+
+def _run(model: Any, x: Array) -> Array:
+    """A training-mode forward of ``model`` (a list/tuple of layers is applied in order)."""
+    if isinstance(model, (list, tuple)):
+        for layer in model:
+            x = _run(layer, x)
+        return x
+    return model.forward(x, training=True)
+
+
+def batch_average(model: Any, batches: Iterable[Array]) -> int:
+    """Set the BN-scope population statistics of every SN layer by the paper's batch average.
+
+    The network is frozen: its parameters are not touched and every layer's state (BN
+    running statistics, SN moving averages) is restored afterwards. Each batch is fed in
+    training mode, each SN layer's BN-scope (count, mean, variance) is read after every
+    batch (:meth:`~refnorm.norms.switchable.SwitchableNorm.batch_statistics`), and the
+    records are merged by the law of total variance::
+
+        mean = sum_b n_b mu_b / n
+        var  = sum_b n_b var_b / n + sum_b n_b (mu_b - mean)^2 / n
+
+    which is exactly the mean and the (biased) variance of all values fed, per channel, with
+    the default biased IN variance. (With ``in_correction=1`` each batch's BN-scope variance
+    is the official code's mixture, mean of unbiased IN variances plus variance of IN means,
+    and the merge pools those.) The paper says it averages "the means and variances" of the
+    batches; averaging variances alone would miss the spread of the batch means. Its official
+    code accumulates means and second moments (``var_b + mu_b^2``) and subtracts the squared
+    mean: the same number as the merge above, but with the float32 cancellation of Eq. (4).
+
+    Every layer's cache is dropped afterwards (:meth:`~refnorm.layer.Layer.reset`): a
+    backward needs a new forward.
+
+    Parameters
+    ----------
+    model : a layer, an object with ``forward(x, training)`` and ``layers()``, or a
+        list/tuple of layers applied in order
+    batches : iterable of arrays
+
+    Returns
+    -------
+    int : the number of batches fed
+    """
+    layers = list(iter_layers(model))
+    targets = [layer for layer in layers
+               if isinstance(layer, SwitchableNorm) and "bn" in layer.options.scopes]
+    if not targets:
+        raise ValueError("batch_average: the model has no SwitchableNorm layer with a BN scope")
+    saved = [copy.deepcopy(layer.state) for layer in layers]
+    records: list[list[BatchStatistics]] = [[] for _ in targets]
+    fed = 0
+    try:
+        for x in batches:
+            _run(model, x)
+            for record, layer in zip(records, targets, strict=True):
+                record.append(layer.batch_statistics())
+            fed += 1
+    finally:
+        for each, state in zip(layers, saved, strict=True):
+            each.state = state
+            each.reset()
+    if fed == 0:
+        raise ValueError("batch_average needs at least one batch; got none")
+    for layer, record in zip(targets, records, strict=True):
+        layer.set_population(*merge_batch_statistics(record))
+    return fed
+
+
+def merge_batch_statistics(records: list[BatchStatistics]) -> tuple[Array, Array]:
+    """Merge per-batch (count, mean, biased var) into the statistics of all values, in float64.
+
+    Returns
+    -------
+    mean, var : arrays, (C,), float64
+    """
+    xp = array_namespace(*(r.mean for r in records))
+    n = sum(r.count for r in records)
+    means = [xp.astype(r.mean, xp.float64) for r in records]
+    mean = sum(r.count * m for r, m in zip(records, means, strict=True)) / n
+    within = sum(r.count * xp.astype(r.var, xp.float64) for r in records) / n
+    between = sum(r.count * (m - mean) ** 2 for r, m in zip(records, means, strict=True)) / n
+    return mean, within + between
