@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 from refnorm.backend import Array, array_namespace
 from refnorm.core import affine_forward, standardize
@@ -621,7 +621,7 @@ class SwitchableNorm(ChannelNorm):
     :meth:`set_population`). It is state so that checkpoints carry it.
     """
 
-    check_cases: tuple[CheckCase, ...] = (
+    check_cases: ClassVar[tuple[CheckCase, ...]] = (
         CheckCase((3, 4, 3, 3)),
         CheckCase((4, 6), {"scopes": ("ln", "bn")}),
         CheckCase((2, 4, 3, 2), {"scopes": ("in", "ln")}),

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from refnorm.backend import Array, array_namespace
 from refnorm.core.checks import check_cache, prepare_channel_norm
@@ -211,7 +211,7 @@ class SyncSwitchableNorm(SwitchableNorm):
     single-device pair, which needs no communication.
     """
 
-    check_cases: tuple[CheckCase, ...] = (
+    check_cases: ClassVar[tuple[CheckCase, ...]] = (
         CheckCase((3, 4, 3, 3)),
         CheckCase((4, 6), {"scopes": ("ln", "bn")}),
         CheckCase((3, 4, 3, 3), training=False),
