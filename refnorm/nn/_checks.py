@@ -1,4 +1,7 @@
-"""Argument checks the network building blocks share (beyond :mod:`refnorm.core.checks`).
+"""Argument checks the layers of :mod:`refnorm.nn` and :mod:`refnorm.weights` share.
+
+They add to :mod:`refnorm.core.checks` what a layer's constructor needs: counts, kernel
+pairs, flags and the parameter dtype.
 
 Each check raises ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, wrong
 value) with a message naming the argument, what was expected and what came, as the checks
@@ -8,14 +11,17 @@ in :mod:`refnorm.core.checks` do.
 from __future__ import annotations
 
 import numbers
+import operator
 from types import ModuleType
-from typing import Any
+from typing import Any, SupportsIndex, TypeGuard
+
+import numpy as np
 
 from refnorm.backend import Array
 from refnorm.core.checks import check_float_array
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[SupportsIndex]:
     """True for a Python or numpy integer, False for ``bool`` (``True`` is not a size)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -43,9 +49,17 @@ def check_positive_int(name: str, value: object) -> int:
     """Check that ``value`` is an int ``>= 1`` (a channel or feature count); return it."""
     if not is_int(value):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1; got {value}")
-    return int(value)
+    count = operator.index(value)
+    if count < 1:
+        raise ValueError(f"{name} must be >= 1; got {count}")
+    return count
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Check that ``value`` is a bool (a numpy ``bool_`` too, as a flag); return it as ``bool``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return bool(value)
 
 
 def check_rank(name: str, a: Array, *, layout: str) -> ModuleType:

@@ -1,4 +1,4 @@
-"""Weight initialization for the network layers.
+"""Weight initialization for the network layers (:mod:`refnorm.nn` and :mod:`refnorm.weights`).
 
 He, Zhang, Ren & Sun, *Delving Deep into Rectifiers* (2015), §2.2: for a layer followed by a
 ReLU, weights drawn from ``normal(0, sqrt(2 / fan_in))`` keep the variance of the activations

@@ -3,11 +3,11 @@
 - :mod:`~refnorm.weights.weight_norm` — Weight Normalization (``wn``), data-dependent init;
 - :mod:`~refnorm.weights.norm_prop` — Normalization Propagation (``np``);
 - :mod:`~refnorm.weights.trelu` — WN with translated ReLU (``trelu``);
-- :mod:`~refnorm.weights.standardization` — Weight Standardization (``ws``).
+- :mod:`~refnorm.weights.standardization` — Weight Standardization (``ws``);
+- :mod:`~refnorm.weights.base` — the per-output-channel view and the convolution or linear
+  map the layers run with their reparameterized weights.
 """
 
-# Import order is registration order: wn, np, trelu, ws.
-from refnorm.weights.weight_norm import WeightNorm, weight_norm_backward, weight_norm_forward  # noqa: I001
 from refnorm.weights.norm_prop import (
     RELU_MEAN,
     RELU_STD,
@@ -15,12 +15,13 @@ from refnorm.weights.norm_prop import (
     norm_prop_relu_backward,
     norm_prop_relu_forward,
 )
-from refnorm.weights.trelu import TReLUWeightNorm, translated_relu_backward, translated_relu_forward
 from refnorm.weights.standardization import (
     WeightStandardization,
     weight_standardization_backward,
     weight_standardization_forward,
 )
+from refnorm.weights.trelu import TReLUWeightNorm, translated_relu_backward, translated_relu_forward
+from refnorm.weights.weight_norm import WeightNorm, weight_norm_backward, weight_norm_forward
 
 __all__ = [
     "RELU_MEAN",

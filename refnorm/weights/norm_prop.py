@@ -13,6 +13,8 @@ zero mean and unit variance again, layer after layer: the property NP is built o
 constants assume gamma = 1 and beta = 0 (Gitman & Ginsburg point this out; TReLU is their
 answer, :mod:`refnorm.weights.trelu`).
 
+float16 inputs compute in float32 and return float16.
+
 The re-normalized ReLU here (:func:`norm_prop_relu_forward`) is not the translated ReLU of
 :mod:`refnorm.weights.trelu`: this one subtracts fixed constants after the ReLU.
 """
@@ -23,10 +25,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from refnorm.backend import Array, array_namespace
-from refnorm.core.checks import check_float_array, check_like
+from refnorm.backend import Array, array_namespace, compute_dtype
+from refnorm.core.checks import check_cache, check_float_array, check_like
 from refnorm.layer import CheckCase
-from refnorm.weights.weight_norm import WeightNorm
+from refnorm.weights.base import apply_weights, apply_weights_backward
+from refnorm.weights.weight_norm import WeightNorm, weight_norm_backward, weight_norm_forward
 
 RELU_MEAN = 1.0 / math.sqrt(2.0 * math.pi)        # E[ReLU(z)], z ~ N(0, 1)
 RELU_STD = math.sqrt(0.5 * (1.0 - 1.0 / math.pi))  # std[ReLU(z)], z ~ N(0, 1)
@@ -34,30 +37,66 @@ RELU_STD = math.sqrt(0.5 * (1.0 - 1.0 / math.pi))  # std[ReLU(z)], z ~ N(0, 1)
 
 @dataclass(frozen=True)
 class NormPropReLUCache:
-    """The pre-activation ``z``, for the ReLU's derivative."""
+    """What :func:`norm_prop_relu_forward` saves.
 
-    z: Array
+    Attributes
+    ----------
+    passed : array of bool, ``z.shape``
+        Where ``z > 0`` (the ReLU's derivative is 1 / RELU_STD there, else 0).
+    z_dtype : dtype of ``z`` (and of the returned gradient)
+    """
+
+    passed: Array
+    z_dtype: Any
 
 
 def norm_prop_relu_forward(z: Array) -> tuple[Array, NormPropReLUCache]:
-    """(ReLU(z) - 1/sqrt(2 pi)) / sqrt(1/2 (1 - 1/pi)), elementwise."""
+    """(ReLU(z) - 1/sqrt(2 pi)) / sqrt(1/2 (1 - 1/pi)), elementwise.
+
+    Parameters
+    ----------
+    z : array, any shape
+        The pre-activation (N, C_out, H, W) or (N, D_out).
+
+    Returns
+    -------
+    y : array, ``z.shape``, dtype of ``z`` (float16 computes in float32)
+    cache : NormPropReLUCache
+    """
     xp = check_float_array("z", z)
-    y = (xp.where(z > 0, z, xp.zeros_like(z)) - RELU_MEAN) / RELU_STD
-    return y, NormPropReLUCache(z)
+    zc = xp.astype(z, compute_dtype(xp, z.dtype), copy=False)
+    passed = zc > 0
+    y = (xp.where(passed, zc, xp.zeros_like(zc)) - RELU_MEAN) / RELU_STD   # §3.2, NP
+    return xp.astype(y, z.dtype, copy=False), NormPropReLUCache(passed, z.dtype)
 
 
 def norm_prop_relu_backward(dy: Array, cache: NormPropReLUCache) -> Array:
-    """dz = dy / sqrt(1/2 (1 - 1/pi)) where z > 0, else 0 (0 at z = 0)."""
-    check_like("dy", dy, cache.z.shape)
-    xp = array_namespace(dy, cache.z)
-    return xp.where(cache.z > 0, dy / RELU_STD, xp.zeros_like(dy))
+    """dz = dy / sqrt(1/2 (1 - 1/pi)) where z > 0, else 0 (0 at z = 0).
+
+    Parameters
+    ----------
+    dy : array, ``z.shape``
+    cache : NormPropReLUCache
+
+    Returns
+    -------
+    dz : array, ``z.shape``, dtype of ``z``
+    """
+    check_cache(cache, NormPropReLUCache)
+    check_like("dy", dy, cache.passed.shape)
+    xp = array_namespace(dy, cache.passed)
+    dyc = xp.astype(dy, compute_dtype(xp, cache.z_dtype), copy=False)
+    dz = xp.where(cache.passed, dyc / RELU_STD, xp.zeros_like(dyc))
+    return xp.astype(dz, cache.z_dtype, copy=False)
 
 
 class NormProp(WeightNorm):
     """Normalization Propagation: a weight-normalized convolution (or linear layer) with
     gain ``g`` (the formula's gamma) and bias ``b`` (beta), then the re-normalized ReLU.
 
-    Arguments as for :class:`~refnorm.weights.weight_norm.WeightNorm`.
+    Arguments, parameters and :meth:`~refnorm.weights.weight_norm.WeightNorm.init_from_batch`
+    as for :class:`~refnorm.weights.weight_norm.WeightNorm`; the data-dependent
+    initialization standardizes what enters the ReLU.
     """
 
     check_cases = (
@@ -65,8 +104,16 @@ class NormProp(WeightNorm):
         CheckCase((3, 5), {"out_channels": 4}),
     )
 
-    def post(self, z: Array) -> tuple[Array, Any]:
-        return norm_prop_relu_forward(z)
+    def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
+        w, w_cache = weight_norm_forward(self.params["v"], self.params["g"], eps=self.eps)
+        z, op_cache = apply_weights(x, w, self.params.get("b"), self.geometry)
+        y, relu_cache = norm_prop_relu_forward(z)
+        return y, (w_cache, op_cache, relu_cache)
 
-    def post_backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
-        return norm_prop_relu_backward(dy, cache), {}
+    def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
+        w_cache, op_cache, relu_cache = cache
+        dz = norm_prop_relu_backward(dy, relu_cache)
+        dx, dw, db = apply_weights_backward(dz, op_cache, self.geometry)
+        dv, dg = weight_norm_backward(dw, w_cache)
+        grads = {"v": dv, "g": dg} if db is None else {"v": dv, "g": dg, "b": db}
+        return dx, grads

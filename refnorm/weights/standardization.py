@@ -28,18 +28,30 @@ official code's unbiased sigma (``correction=1``, ``I - 1`` in Eq. 4),
 which is Eq. (8) for eps = 0 and correction = 0. A constant filter (sigma_c = 0)
 standardizes to zero; with d = sigma + eps the projection term's limit as sigma -> 0 is 0
 (it scales as sigma / (sigma + eps)), so dL/dW._c = dL/dW^_c / eps there, finite.
+
+float16 weights compute in float32 and return float16.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace, compute_dtype
-from refnorm.core.checks import check_eps, check_float_array, check_like
-from refnorm.layer import CheckCase
-from refnorm.weights.base import WeightLayer, per_output_view
+from refnorm.core.checks import check_cache, check_eps, check_float_array, check_like
+from refnorm.layer import CheckCase, Layer
+from refnorm.nn._checks import check_bool, check_param_dtype, is_int
+from refnorm.nn.init import he_normal
+from refnorm.weights.base import (
+    apply_weights,
+    apply_weights_backward,
+    per_output_view,
+    weight_geometry,
+)
 
 EPS_MODES = ("add", "sqrt")
 
@@ -109,10 +121,17 @@ def weight_standardization_forward(
 def weight_standardization_backward(dw_hat: Array, cache: WeightStandardizationCache) -> Array:
     """Gradient with respect to ``w`` from the gradient with respect to W^, Eq. (8)-(9).
 
+    Parameters
+    ----------
+    dw_hat : array, ``w.shape``
+        dL/dW^.
+    cache : WeightStandardizationCache
+
     Returns
     -------
     dw : array, ``w.shape``, dtype of ``w``
     """
+    check_cache(cache, WeightStandardizationCache)
     check_like("dw_hat", dw_hat, cache.shape)
     xp = array_namespace(dw_hat, cache.w_hat)
     g = per_output_view(xp, xp.astype(dw_hat, cache.w_hat.dtype, copy=False))  # (C_out, I)
@@ -123,33 +142,68 @@ def weight_standardization_backward(dw_hat: Array, cache: WeightStandardizationC
 
 
 def _check(w: Array, eps: float, eps_mode: str, correction: int) -> tuple[ModuleType, Array, int]:
+    """Check the arguments of :func:`weight_standardization_forward`.
+
+    Returns the namespace, ``w`` in the compute dtype and I, the weights per output channel.
+    """
     xp = check_float_array("w", w)
     if w.ndim < 2:
         raise ValueError(f"w must have shape (C_out, ...) with at least 2 dimensions; "
                          f"got shape {tuple(w.shape)}")
-    check_eps(eps)
+    dtype = compute_dtype(xp, w.dtype)
+    _check_options(eps, eps_mode, correction, xp=xp, dtype=dtype)
+    I = math.prod(w.shape[1:])
+    _check_fan_in(I, tuple(w.shape))
+    return xp, xp.astype(w, dtype, copy=False), I
+
+
+def _check_options(eps: float, eps_mode: str, correction: int, *, xp: ModuleType,
+                   dtype: Any) -> None:
+    check_eps(eps, xp=xp, dtype=dtype)
     if eps_mode not in EPS_MODES:
         raise ValueError(f"eps_mode must be one of {EPS_MODES}; got {eps_mode!r}")
-    if correction not in (0, 1) or isinstance(correction, bool):
+    if not is_int(correction):
+        raise TypeError(f"correction must be an int (0 or 1); got {type(correction).__name__}")
+    if correction not in (0, 1):
         raise ValueError(f"correction must be 0 or 1; got {correction!r}")
-    I = 1
-    for n in w.shape[1:]:
-        I *= n
+
+
+def _check_fan_in(I: int, shape: tuple[int, ...]) -> None:
     if I < 2:
         raise ValueError(f"weight standardization needs more than 1 weight per output "
-                         f"channel (its output would be 0); w of shape {tuple(w.shape)} has {I}")
-    return xp, xp.astype(w, compute_dtype(xp, w.dtype), copy=False), I
+                         f"channel (its output would be 0); w of shape {shape} has {I}")
 
 
-class WeightStandardization(WeightLayer):
+class WeightStandardization(Layer):
     """A convolution (or linear layer with ``kernel_size=None``) with standardized weights.
 
-    Params: ``w`` (C_out, C_in, KH, KW) He-normal, and ``b`` (C_out,) zeros with
-    ``bias=True`` (default False: the paper's layer has no bias and is followed by BN or GN).
-    ``eps``, ``eps_mode`` and ``correction`` as in :func:`weight_standardization_forward`.
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C_in (or D_in) and C_out (or D_out); C_in KH KW (or D_in) must be at least 2.
+    kernel_size : int, pair of int, or None
+        The convolution's kernel; ``None`` makes a linear layer on (N, D_in) inputs.
+    stride, padding : int or pair of int
+        The convolution's stride and zero padding (unused by a linear layer).
+    bias : bool, default False
+        Whether the layer has the parameter ``b`` (the paper's layer has none: BN or GN
+        follows).
+    eps, eps_mode, correction
+        As in :func:`weight_standardization_forward`.
+    dtype : dtype, default float32
+        Dtype of the parameters.
+    xp : module, default numpy
+        Array namespace the parameters live in.
+    seed : int, default 0
+        Seeds the He-normal draw of ``w`` (:func:`refnorm.nn.init.he_normal`).
+
+    Learned parameters
+    ------------------
+    w : (C_out, C_in, KH, KW) or (D_out, D_in), He-normal (the paper's W, standardized in
+        every forward)
+    b : (C_out,), zeros; present only with ``bias=True``
     """
 
-    raw_name = "w"
     check_cases = (
         CheckCase((2, 3, 5, 5), {"out_channels": 4, "kernel_size": 3, "padding": 1}),
         CheckCase((3, 5), {"out_channels": 4, "bias": True}),
@@ -158,20 +212,32 @@ class WeightStandardization(WeightLayer):
     )
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any = None, *,
-                 bias: bool = False, eps: float = 1e-5, eps_mode: str = "add",
-                 correction: int = 0, **kw: Any) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, **kw)
-        _check(self.params["w"], eps, eps_mode, correction)
-        self.eps, self.eps_mode, self.correction = eps, eps_mode, correction
-        if bias:
-            self.params["b"] = self.xp.zeros((out_channels,), dtype=self.dtype)
+                 stride: Any = 1, padding: Any = 0, bias: bool = False, eps: float = 1e-5,
+                 eps_mode: str = "add", correction: int = 0, dtype: Any = None,
+                 xp: ModuleType | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.geometry = weight_geometry(in_channels, out_channels, kernel_size,
+                                        stride=stride, padding=padding)
+        has_bias = check_bool("bias", bias)
+        self.xp = np if xp is None else xp
+        self.dtype = check_param_dtype(self.xp, dtype)
+        _check_options(eps, eps_mode, correction, xp=self.xp,
+                       dtype=compute_dtype(self.xp, self.dtype))
+        _check_fan_in(self.geometry.fan_in, self.geometry.weight_shape)
+        self.eps, self.eps_mode, self.correction = eps, eps_mode, int(correction)
+        self.params = {"w": he_normal(self.geometry.weight_shape, fan_in=self.geometry.fan_in,
+                                      seed=seed, xp=self.xp, dtype=self.dtype)}
+        if has_bias:
+            self.params["b"] = self.xp.zeros((self.geometry.out_channels,), dtype=self.dtype)
 
-    def weight(self) -> tuple[Array, WeightStandardizationCache]:
-        return weight_standardization_forward(self.params["w"], eps=self.eps,
-                                              eps_mode=self.eps_mode, correction=self.correction)
+    def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
+        w_hat, w_cache = weight_standardization_forward(
+            self.params["w"], eps=self.eps, eps_mode=self.eps_mode, correction=self.correction)
+        y, op_cache = apply_weights(x, w_hat, self.params.get("b"), self.geometry)
+        return y, (w_cache, op_cache)
 
-    def weight_grads(self, dw: Array, cache: WeightStandardizationCache) -> dict[str, Array]:
-        return {"w": weight_standardization_backward(dw, cache)}
-
-    def bias(self) -> Array | None:
-        return self.params.get("b")
+    def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
+        w_cache, op_cache = cache
+        dx, dw_hat, db = apply_weights_backward(dy, op_cache, self.geometry)
+        dw = weight_standardization_backward(dw_hat, w_cache)
+        return dx, ({"w": dw} if db is None else {"w": dw, "b": db})

@@ -1,6 +1,7 @@
 """Weight Normalization (Salimans & Kingma, 2016), as written by Gitman & Ginsburg (2017), §3.2.
 
-Each output channel j of a convolution or linear layer uses the weight
+Each output channel j of a convolution or linear layer uses the weight (§3.2's formula,
+unnumbered there)
 
     W_j = g_j * V_j / (||V_j||_F + eps)           o_j = W_j * x + b_j
 
@@ -18,6 +19,9 @@ A zero filter (N = 0) has W_j = 0 for any g_j; the gradient above has the finite
 dL/dV_j = g_j G / eps, dL/dg_j = 0 (the projection term vanishes as N -> 0), which refnorm
 returns; it never divides by N.
 
+float16 weights compute in float32 (the squared norm of a float16 filter overflows once
+||V_j|| > 256) and return float16.
+
 Salimans & Kingma's data-dependent initialization sets g and b from one batch so that the
 pre-activations start with zero mean and unit variance per channel
 (:meth:`WeightNorm.init_from_batch`).
@@ -27,17 +31,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
-from refnorm.backend import Array, array_namespace
-from refnorm.core.checks import check_channel_param, check_eps, check_float_array, check_like
-from refnorm.layer import CheckCase
-from refnorm.weights.base import WeightLayer, per_output_view
+import numpy as np
+
+from refnorm.backend import Array, array_namespace, compute_dtype
+from refnorm.core.affine import non_channel_axes
+from refnorm.core.checks import (
+    check_cache,
+    check_channel_param,
+    check_eps,
+    check_float_array,
+    check_like,
+)
+from refnorm.core.moments import moments
+from refnorm.layer import CheckCase, Layer
+from refnorm.nn._checks import check_bool, check_param_dtype
+from refnorm.nn.init import he_normal
+from refnorm.weights.base import (
+    apply_weights,
+    apply_weights_backward,
+    per_output_view,
+    weight_geometry,
+)
 
 
 @dataclass(frozen=True)
 class WeightNormCache:
-    """What :func:`weight_norm_forward` saves.
+    """What :func:`weight_norm_forward` saves, in the compute dtype.
 
     Attributes
     ----------
@@ -51,6 +72,8 @@ class WeightNormCache:
     eps : float
     shape : tuple of int
         The weight shape (C_out, ...).
+    v_dtype, g_dtype : dtypes
+        The dtypes ``dv`` and ``dg`` are returned in.
     """
 
     v: Array
@@ -59,6 +82,8 @@ class WeightNormCache:
     g: Array
     eps: float
     shape: tuple[int, ...]
+    v_dtype: Any
+    g_dtype: Any
 
 
 def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array, WeightNormCache]:
@@ -74,50 +99,90 @@ def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array
 
     Returns
     -------
-    w : array, ``v.shape``
+    w : array, ``v.shape``, dtype of ``v`` (float16 computes in float32)
     cache : WeightNormCache
     """
-    xp = _check(v, g, eps)
-    vv = per_output_view(xp, v)                                   # (C_out, I)
-    norm = xp.sqrt(xp.sum(vv * vv, axis=1, keepdims=True))         # (C_out, 1)
-    safe = xp.where(norm > 0, norm, xp.ones_like(norm))
+    xp, vc, gc = _prepare(v, g, eps)
+    vv = per_output_view(xp, vc)                                   # (C_out, I)
+    norm = xp.sqrt(xp.sum(vv * vv, axis=1, keepdims=True))         # (C_out, 1)  ||V_j||
+    safe = xp.where(norm > 0, norm, xp.ones_like(norm))            # (C_out, 1)
     v_unit = xp.where(norm > 0, vv / safe, xp.zeros_like(vv))      # (C_out, I)
-    w = xp.reshape(vv * (xp.reshape(g, (-1, 1)) / (norm + eps)), v.shape)
-    return w, WeightNormCache(vv, v_unit, norm, g, eps, tuple(v.shape))
+    w = vv * (xp.reshape(gc, (-1, 1)) / (norm + eps))              # (C_out, I)  §3.2
+    cache = WeightNormCache(vv, v_unit, norm, gc, eps, tuple(v.shape), v.dtype, g.dtype)
+    return xp.astype(xp.reshape(w, v.shape), v.dtype, copy=False), cache
 
 
 def weight_norm_backward(dw: Array, cache: WeightNormCache) -> tuple[Array, Array]:
-    """Gradients of :func:`weight_norm_forward`: (dv of ``v.shape``, dg of shape (C_out,))."""
+    """Gradients of :func:`weight_norm_forward`.
+
+    Parameters
+    ----------
+    dw : array, ``v.shape``
+        dL/dW.
+    cache : WeightNormCache
+
+    Returns
+    -------
+    dv : array, ``v.shape``, dtype of ``v``
+    dg : array, (C_out,), dtype of ``g``
+    """
+    check_cache(cache, WeightNormCache)
     check_like("dw", dw, cache.shape)
     xp = array_namespace(dw, cache.v)
-    G = per_output_view(xp, dw)                                    # (C_out, I)
-    n, eps = cache.norm, cache.eps                                 # (C_out, 1)
-    dg = xp.sum(G * cache.v, axis=1) / xp.reshape(n + eps, (-1,))  # (C_out,)
-    along = xp.sum(G * cache.v_unit, axis=1, keepdims=True)        # (C_out, 1)
-    scale = xp.reshape(cache.g, (-1, 1)) / (n + eps)               # (C_out, 1)
-    dv = scale * (G - along * cache.v_unit * (n / (n + eps)))      # (C_out, I)
-    return xp.reshape(dv, cache.shape), dg
+    G = per_output_view(xp, xp.astype(dw, cache.v.dtype, copy=False))   # (C_out, I)
+    n, eps = cache.norm, cache.eps                                      # (C_out, 1)
+    dg = xp.sum(G * cache.v, axis=1) / xp.reshape(n + eps, (-1,))       # (C_out,)
+    along = xp.sum(G * cache.v_unit, axis=1, keepdims=True)             # (C_out, 1)
+    scale = xp.reshape(cache.g, (-1, 1)) / (n + eps)                    # (C_out, 1)
+    dv = scale * (G - along * cache.v_unit * (n / (n + eps)))           # (C_out, I)
+    return (xp.astype(xp.reshape(dv, cache.shape), cache.v_dtype, copy=False),
+            xp.astype(dg, cache.g_dtype, copy=False))
 
 
-def _check(v: Array, g: Array, eps: float) -> ModuleType:
+def _prepare(v: Array, g: Array, eps: float) -> tuple[ModuleType, Array, Array]:
+    """Check the arguments of :func:`weight_norm_forward`; cast them to the compute dtype."""
     xp = check_float_array("v", v)
     if v.ndim < 2:
         raise ValueError(f"v must have shape (C_out, ...) with at least 2 dimensions; "
                          f"got shape {tuple(v.shape)}")
     check_channel_param("g", g, v.shape[0])
-    check_eps(eps)
-    return xp
+    array_namespace(v, g)  # one namespace for both
+    dtype = compute_dtype(xp, v.dtype)
+    check_eps(eps, xp=xp, dtype=dtype)
+    return xp, xp.astype(v, dtype, copy=False), xp.astype(g, dtype, copy=False)
 
 
-class WeightNorm(WeightLayer):
+class WeightNorm(Layer):
     """A weight-normalized convolution (or linear layer with ``kernel_size=None``).
 
-    Params: ``v`` (C_out, C_in, KH, KW) He-normal, ``g`` (C_out,) ones, ``b`` (C_out,) zeros
-    (with ``bias=True``). ``o = W(v, g) * x + b``. See :class:`~refnorm.weights.base.WeightLayer`
-    for the other arguments.
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C_in (or D_in) and C_out (or D_out).
+    kernel_size : int, pair of int, or None
+        The convolution's kernel; ``None`` makes a linear layer on (N, D_in) inputs.
+    stride, padding : int or pair of int
+        The convolution's stride and zero padding (unused by a linear layer).
+    bias : bool, default True
+        Whether the layer has the parameter ``b`` (:meth:`init_from_batch` needs it).
+    eps : float, default 1e-5
+    dtype : dtype, default float32
+        Dtype of the parameters.
+    xp : module, default numpy
+        Array namespace the parameters live in.
+    seed : int, default 0
+        Seeds the He-normal draw of ``v`` (:func:`refnorm.nn.init.he_normal`).
+
+    Learned parameters
+    ------------------
+    v : (C_out, C_in, KH, KW) or (D_out, D_in), He-normal
+    g : (C_out,), ones
+    b : (C_out,), zeros; present only with ``bias=True``
+
+    ``o = W(v, g) * x + b``.
     """
 
-    check_cases = (
+    check_cases: ClassVar[tuple[CheckCase, ...]] = (
         CheckCase((2, 3, 5, 5), {"out_channels": 4, "kernel_size": 3, "padding": 1}),
         CheckCase((3, 5), {"out_channels": 4}),
         CheckCase((2, 2, 4, 4), {"out_channels": 3, "kernel_size": 2, "stride": 2,
@@ -125,23 +190,50 @@ class WeightNorm(WeightLayer):
     )
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any = None, *,
-                 bias: bool = True, eps: float = 1e-5, **kw: Any) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, **kw)
-        check_eps(eps)
+                 stride: Any = 1, padding: Any = 0, bias: bool = True, eps: float = 1e-5,
+                 dtype: Any = None, xp: ModuleType | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.geometry = weight_geometry(in_channels, out_channels, kernel_size,
+                                        stride=stride, padding=padding)
+        has_bias = check_bool("bias", bias)
+        self.xp = np if xp is None else xp
+        self.dtype = check_param_dtype(self.xp, dtype)
+        check_eps(eps, xp=self.xp, dtype=compute_dtype(self.xp, self.dtype))
         self.eps = eps
-        self.params["g"] = self.xp.ones((out_channels,), dtype=self.dtype)
-        if bias:
-            self.params["b"] = self.xp.zeros((out_channels,), dtype=self.dtype)
+        C = self.geometry.out_channels
+        self.params = {
+            "v": he_normal(self.geometry.weight_shape, fan_in=self.geometry.fan_in, seed=seed,
+                           xp=self.xp, dtype=self.dtype),
+            "g": self.xp.ones((C,), dtype=self.dtype),
+        }
+        if has_bias:
+            self.params["b"] = self.xp.zeros((C,), dtype=self.dtype)
 
-    def weight(self) -> tuple[Array, WeightNormCache]:
-        return weight_norm_forward(self.params["v"], self.params["g"], eps=self.eps)
+    def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
+        w, w_cache = weight_norm_forward(self.params["v"], self.params["g"], eps=self.eps)
+        y, op_cache = apply_weights(x, w, self.params.get("b"), self.geometry)
+        return y, (w_cache, op_cache)
 
-    def weight_grads(self, dw: Array, cache: WeightNormCache) -> dict[str, Array]:
-        dv, dg = weight_norm_backward(dw, cache)
-        return {"v": dv, "g": dg}
+    def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
+        w_cache, op_cache = cache
+        dx, dw, db = apply_weights_backward(dy, op_cache, self.geometry)
+        dv, dg = weight_norm_backward(dw, w_cache)
+        grads = {"v": dv, "g": dg} if db is None else {"v": dv, "g": dg, "b": db}
+        return dx, grads
 
-    def bias(self) -> Array | None:
-        return self.params.get("b")
+    def preactivation(self, x: Array) -> Array:
+        """``W(v, g) * x + b`` without keeping a cache (for NP: what enters its ReLU).
+
+        Parameters
+        ----------
+        x : array, (N, C_in, H, W) or (N, D_in)
+
+        Returns
+        -------
+        t : array, (N, C_out, H_out, W_out) or (N, D_out)
+        """
+        w, _ = weight_norm_forward(self.params["v"], self.params["g"], eps=self.eps)
+        return apply_weights(x, w, self.params.get("b"), self.geometry)[0]
 
     def init_from_batch(self, x: Array) -> None:
         """Salimans & Kingma's data-dependent initialization from one batch ``x``.
@@ -150,26 +242,32 @@ class WeightNorm(WeightLayer):
         channel, over the batch and spatial axes, set g = 1 / std(t) and b = -mean(t) / std(t),
         so that this batch's pre-activations have zero mean and unit variance. (For NP the
         pre-activation is what goes into its ReLU, which is what NP's constants assume.)
+        Everything is checked before anything changes: a call that raises leaves the layer
+        as it was. A successful call drops the saved cache (:meth:`~refnorm.layer.Layer.reset`).
+
+        Parameters
+        ----------
+        x : array, (N, C_in, H, W) or (N, D_in)
 
         Raises
         ------
         ValueError
-            If a channel's pre-activation is constant over the batch (std 0).
+            If the layer has no bias, or a channel's pre-activation is constant over the
+            batch (std 0).
         """
-        xp = self.xp
-        C = self.params["g"].shape[0]
-        self.params["g"] = xp.ones((C,), dtype=self.dtype)
         if "b" not in self.params:
             raise ValueError("init_from_batch sets the bias: build the layer with bias=True")
-        self.params["b"] = xp.zeros((C,), dtype=self.dtype)
-        t = self.preactivation(x)                                   # (N, C, H, W) or (N, C)
-        axes = (0,) + tuple(range(2, t.ndim))
-        mean = xp.mean(t, axis=axes)                                # (C,)
-        std = xp.sqrt(xp.mean((t - xp.reshape(mean, (1, C) + (1,) * (t.ndim - 2))) ** 2,
-                              axis=axes))                           # (C,)
+        xp, C = self.xp, self.geometry.out_channels
+        unit_gain = xp.ones_like(self.params["g"])                  # (C,)
+        direction, _ = weight_norm_forward(self.params["v"], unit_gain, eps=self.eps)
+        t = apply_weights(x, direction, None, self.geometry)[0]     # (N, C, H, W) or (N, C)
+        t = xp.astype(t, compute_dtype(xp, t.dtype), copy=False)
+        mean, var = moments(t, non_channel_axes(t.ndim))            # (1, C, 1, 1) each
+        mean, std = xp.reshape(mean, (C,)), xp.sqrt(xp.reshape(var, (C,)))  # (C,)
         if bool(xp.any(std == 0)):
             raise ValueError("init_from_batch: a channel's pre-activation is constant over the "
                              "batch (std 0); use a batch with varied inputs")
-        self.params["g"] = xp.astype(1.0 / std, self.dtype)
-        self.params["b"] = xp.astype(-mean / std, self.dtype)
-        self._cache = None  # nothing to backward through: the parameters changed
+        g, b = self.params["g"], self.params["b"]
+        self.params["g"] = xp.astype(1.0 / std, g.dtype)
+        self.params["b"] = xp.astype(-mean / std, b.dtype)
+        self.reset()  # nothing to backward through: the parameters changed
