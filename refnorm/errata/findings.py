@@ -72,7 +72,7 @@ def fd_jacobian(grad: Callable[[np.ndarray], np.ndarray], u: np.ndarray, *,
 
     Row i is the finite-difference gradient of ``grad(u)[i]``.
     """
-    rows = [numerical_vjp(grad, {"u": u}, np.eye(u.size)[i], "u", step=step)
+    rows = [numerical_vjp(lambda u: grad(u), {"u": u}, np.eye(u.size)[i], "u", step=step)
             for i in range(u.size)]
     hess = np.stack(rows)
     return 0.5 * (hess + hess.T)

@@ -6,9 +6,11 @@ these tests hold the finite-difference measurements to them on several random pr
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from refnorm.errata import sn_appendix
+from refnorm.norms.switchable import SwitchableOptions, scope_moments
 
 AGREE = {"Eq. (6)", "Eq. (7)", "Eq. (8)", "Eq. (9)", "Eq. (10), scalar gamma", "Eq. (12)",
          "Eq. (13)", "Eq. (14)"}
@@ -39,3 +41,26 @@ def test_eq4_printed_form_fails_in_float32_and_stable_form_does_not():
     assert m.paper_rel_error > 0.5
     # The stable form only carries the float32 rounding of values of size ~1e4 (~1e-4 of 1).
     assert m.stable_rel_error < 1e-3
+
+
+def test_printed_eq4_equals_the_stable_statistics_in_float64():
+    # Exact arithmetic makes the two forms equal; float64 on data of size ~12 leaves
+    # rounding of E[h^2] ~ 144 (ulp ~3e-14) relative to variances ~25: 1e-12 is a margin.
+    rng = np.random.default_rng(0)
+    h = 5 * rng.standard_normal((3, 4, 6)) + 12
+    for correction in (0, 1):
+        mu_p, var_p = sn_appendix.printed_eq4(h, in_correction=correction)
+        mu, var = scope_moments(h, SwitchableOptions(in_correction=correction))
+        for k in ("in", "ln", "bn"):
+            np.testing.assert_allclose(mu_p[k], mu[k], rtol=1e-14)
+            np.testing.assert_allclose(var_p[k], var[k], rtol=1e-12)
+
+
+def test_printed_eq4_in_a_float32_forward_loses_the_variance():
+    # What the reference would do with the printed statistics (lesson 03 shows it): mixing
+    # mostly the BN scope of float32 data around 1e4, the output's variance is not 1.
+    rng = np.random.default_rng(5)
+    h = (1e4 + rng.standard_normal((8, 4, 64))).astype(np.float32)
+    _, var = sn_appendix.printed_eq4(h)
+    _, stable = scope_moments(h.astype(np.float64), SwitchableOptions())
+    assert np.max(np.abs(var["bn"] - stable["bn"]) / stable["bn"]) > 0.05

@@ -1,0 +1,107 @@
+"""Synchronized BN (refnorm/sync/batch_norm.py): P devices give what one device gives."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import refnorm
+from refnorm.gradcheck import check_layer
+from refnorm.sync import (
+    InProcessGroup,
+    SingleProcess,
+    sync_batch_norm_backward,
+    sync_batch_norm_forward,
+)
+from tests.sync.helpers import ATOL, channel_params, combine, sharded_batches, split
+
+
+@given(sharded_batches(), st.data())
+@settings(max_examples=15)
+def test_sync_batch_norm_equals_one_device(case, data):
+    sizes, x, dy = case
+    gamma, beta = channel_params(data.draw, x.shape[1])
+
+    def device(comm, xs, dys):
+        y, cache = sync_batch_norm_forward(xs, gamma, beta, comm=comm)
+        return (y, *sync_batch_norm_backward(dys, cache))
+
+    results = InProcessGroup.run(len(sizes), device, split(x, sizes), split(dy, sizes))
+    y, cache = refnorm.batch_norm_forward(x, gamma, beta)
+    reference = (y, *refnorm.batch_norm_backward(dy, cache))
+    for i, ref in enumerate(reference):
+        np.testing.assert_allclose(combine(results, i, concat=i < 2), ref, rtol=0,
+                                   atol=ATOL * max(1.0, np.abs(ref).max()))
+
+
+def test_single_process_communicator_is_plain_bn():
+    rng = np.random.default_rng(0)
+    x, g, b = rng.standard_normal((4, 3, 2)), rng.standard_normal(3), rng.standard_normal(3)
+    y, _ = sync_batch_norm_forward(x, g, b, comm=SingleProcess())
+    np.testing.assert_allclose(y, refnorm.batch_norm_forward(x, g, b)[0], atol=1e-14)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_gradients_in_training_and_at_inference(training):
+    # The layer runs the synchronized pair in training and BN's eval pair at inference;
+    # both must match finite differences (1e-6: the suite's gradcheck tolerance).
+    rng = np.random.default_rng(4)
+    layer = refnorm.build("syncbn", 3, dtype=np.float64)
+    layer.state = {"running_mean": rng.standard_normal(3), "running_var": rng.uniform(1, 2, 3)}
+    x = 5 * rng.standard_normal((4, 3, 2, 2)) + 12
+    for name, err in check_layer(layer, x, training=training).items():
+        assert err.max_rel_error < 1e-6, (name, err)
+
+
+def test_layer_updates_running_statistics_with_the_global_batch():
+    rng = np.random.default_rng(1)
+    x = 3 * rng.standard_normal((7, 2, 3, 3)) + 4
+    sizes = [3, 0, 4]
+
+    def device(comm, xs):
+        bn = refnorm.build("syncbn", 2, dtype=np.float64, comm=comm)
+        bn.forward(xs, training=True)
+        return bn.state
+
+    states = InProcessGroup.run(3, device, split(x, sizes))
+    bn = refnorm.build("bn", 2, dtype=np.float64)
+    bn.forward(x, training=True)
+    for state in states:
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_allclose(state[key], bn.state[key], rtol=1e-13)
+
+
+# -- failures end, never hang ------------------------------------------------------------------
+
+
+def test_disagreeing_shapes_raise_on_every_device():
+    def device(comm, C):
+        return sync_batch_norm_forward(np.ones((2, C)), np.ones(C), np.zeros(C), comm=comm)
+
+    with pytest.raises(ValueError, match=r"ranks passed different arrays"):
+        InProcessGroup.run(2, device, [3, 4], timeout=10)
+
+
+def test_a_failing_device_stops_the_group():
+    def device(comm, fail):
+        if fail:
+            raise RuntimeError("device 1 breaks")
+        return sync_batch_norm_forward(np.ones((2, 3)) * np.arange(2)[:, None], np.ones(3),
+                                       np.zeros(3), comm=comm)
+
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="device 1 breaks"):
+        InProcessGroup.run(3, device, [False, True, False], timeout=10)
+    assert threading.active_count() == before  # every device thread ended
+
+
+def test_empty_global_batch_is_an_error():
+    def device(comm, n):
+        return sync_batch_norm_forward(np.ones((n, 3)), np.ones(3), np.zeros(3), comm=comm)
+
+    with pytest.raises(ValueError, match=r"more than 1 value per channel over all devices; got 1"):
+        InProcessGroup.run(2, device, [1, 0])

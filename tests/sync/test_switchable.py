@@ -1,0 +1,128 @@
+"""Synchronized SN (refnorm/sync/switchable.py): P devices give what one device gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import refnorm
+from refnorm.gradcheck import check_layer
+from refnorm.norms.switchable import (
+    SwitchableOptions,
+    switchable_norm_backward,
+    switchable_norm_forward,
+)
+from refnorm.sync import (
+    InProcessGroup,
+    allreduce_gradients,
+    sync_switchable_norm_backward,
+    sync_switchable_norm_forward,
+)
+from tests.sync.helpers import ATOL, channel_params, combine, sharded_batches, split
+
+
+@st.composite
+def sn_options(draw):
+    return SwitchableOptions(
+        draw(st.sampled_from([("in", "ln", "bn"), ("ln", "bn"), ("bn", "in"), ("in", "ln")])),
+        in_correction=draw(st.sampled_from([0, 1])), hard=draw(st.booleans()))
+
+
+@given(sharded_batches(), sn_options(), st.data())
+@settings(max_examples=15)
+def test_sync_switchable_norm_equals_one_device(case, options, data):
+    sizes, x, dy = case
+    S = int(np.prod(x.shape[2:]))
+    # configurations single-device SN refuses (tests/norms/test_switchable.py)
+    assume("in" not in options.scopes or S >= 2)
+    assume(options.in_correction == 0 or S >= 2)
+    assume("ln" not in options.scopes or x.shape[1] * S >= 2)
+    assume("bn" in options.scopes or min(sizes) > 0)  # plain SN refuses an empty shard
+    params = channel_params(data.draw, x.shape[1], K=len(options.scopes))
+
+    def device(comm, xs, dys):
+        y, cache = sync_switchable_norm_forward(xs, *params, comm=comm, options=options)
+        return (y, *sync_switchable_norm_backward(dys, cache))
+
+    results = InProcessGroup.run(len(sizes), device, split(x, sizes), split(dy, sizes))
+    y, cache = switchable_norm_forward(x, *params, options=options)
+    reference = (y, *switchable_norm_backward(dy, cache))
+    for i, ref in enumerate(reference):
+        # y and dx are concatenated; gamma, beta and both control-parameter gradients are
+        # per-device contributions whose sum over devices is the one-device gradient.
+        np.testing.assert_allclose(combine(results, i, concat=i < 2), ref, rtol=0,
+                                   atol=ATOL * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_gradients_in_training_and_at_inference(training):
+    # Training runs the synchronized pair, inference the single-device eval pair.
+    rng = np.random.default_rng(5)
+    layer = refnorm.build("syncsn", 3, dtype=np.float64)
+    layer.params = {k: v + 0.5 * rng.standard_normal(v.shape) for k, v in layer.params.items()}
+    layer.set_population(12 + rng.standard_normal(3), rng.uniform(20, 30, 3))
+    x = 5 * rng.standard_normal((4, 3, 2, 2)) + 12
+    for name, err in check_layer(layer, x, training=training).items():
+        assert err.max_rel_error < 1e-6, (name, err)  # the suite's gradcheck tolerance
+
+
+def test_layer_updates_running_statistics_with_the_global_batch():
+    rng = np.random.default_rng(1)
+    x = 3 * rng.standard_normal((7, 2, 3, 3)) + 4
+    sizes = [3, 0, 4]
+
+    def device(comm, xs):
+        sn = refnorm.build("syncsn", 2, dtype=np.float64, comm=comm)
+        sn.forward(xs, training=True)
+        return sn.state, sn.batch_statistics().count
+
+    results = InProcessGroup.run(3, device, split(x, sizes))
+    bn = refnorm.build("bn", 2, dtype=np.float64)
+    bn.forward(x, training=True)
+    for state, count in results:
+        assert count == 7 * 9  # every device's values
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_allclose(state[key], bn.state[key], rtol=1e-13)
+
+
+def test_control_parameter_gradients_are_reduced_once():
+    # Each device returns its own contribution; allreduce_gradients adds them once. Had the
+    # layer reduced them too, the step would use P times the gradient.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 2, 3, 3))
+    dy = rng.standard_normal(x.shape)
+    logits = rng.standard_normal(3), rng.standard_normal(3)
+    params = (np.ones(2), np.zeros(2), *logits)
+
+    def device(comm, xs, dys):
+        _, cache = sync_switchable_norm_forward(xs, *params, comm=comm)
+        local = sync_switchable_norm_backward(dys, cache)[3]
+        layer = refnorm.build("syncsn", 2, dtype=np.float64, comm=comm)
+        layer.grads = {"mean_logits": local}
+        allreduce_gradients([layer], comm, weight=1.0)
+        return local, layer.grads["mean_logits"]
+
+    results = InProcessGroup.run(3, device, split(x, [2, 2, 2]), split(dy, [2, 2, 2]))
+    _, cache = switchable_norm_forward(x, *params)
+    reference = switchable_norm_backward(dy, cache)[3]
+    assert not np.allclose(results[0][0], reference)           # a contribution, not the total
+    for _, reduced in results:
+        np.testing.assert_allclose(reduced, reference, atol=1e-13)
+
+
+def test_no_samples_on_any_device_is_an_error():
+    def device(comm, n):
+        x = np.ones((n, 3, 2, 2))
+        return sync_switchable_norm_forward(x, np.ones(3), np.zeros(3), np.zeros(3),
+                                            np.zeros(3), comm=comm)
+
+    with pytest.raises(ValueError, match="no samples on any device"):
+        InProcessGroup.run(2, device, [0, 0])
+
+
+def test_single_device_cache_holds_no_communicator():
+    _, cache = switchable_norm_forward(np.arange(24.0).reshape(2, 3, 2, 2), np.ones(3),
+                                       np.zeros(3), np.zeros(3), np.zeros(3))
+    assert not any("comm" in name for name in vars(cache))

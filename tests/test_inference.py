@@ -1,0 +1,94 @@
+"""Network-level inference helpers (refnorm/inference.py): iter_layers and SN's batch average."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import refnorm
+from refnorm.inference import batch_average, iter_layers, merge_batch_statistics
+from refnorm.norms.switchable import BatchStatistics
+
+
+def test_batch_average_is_exported_at_the_top_level():
+    assert refnorm.batch_average is batch_average
+
+
+def test_batch_average_equals_the_population_of_the_batches_fed():
+    rng = np.random.default_rng(9)
+    sn = refnorm.build("sn", 3, dtype=np.float64, inference="batch_average")
+    with pytest.raises(RuntimeError, match=r"no population statistics yet.*batch_average"):
+        sn.forward(np.ones((2, 3, 2, 2)), training=False)
+    batches = [3 * rng.standard_normal((n, 3, 4, 4)) + 7 for n in (2, 5, 3)]  # unequal sizes
+    params = copy.deepcopy(sn.params)
+    assert batch_average(sn, batches) == 3
+    assert bool(sn.state["population_ready"])
+    everything = np.concatenate(batches).transpose(1, 0, 2, 3).reshape(3, -1)
+    np.testing.assert_allclose(sn.state["running_mean"], everything.mean(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(sn.state["running_var"], everything.var(axis=1), rtol=1e-12)
+    for key in params:
+        np.testing.assert_array_equal(sn.params[key], params[key])
+    with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
+        sn.backward(np.ones((3, 3, 4, 4)))  # the caches of the fed batches are dropped
+    x = rng.standard_normal((4, 3, 4, 4))
+    np.testing.assert_array_equal(sn.forward(x[:1], training=False),
+                                  sn.forward(x, training=False)[:1])
+
+
+def test_batch_average_freezes_the_rest_of_the_network():
+    rng = np.random.default_rng(10)
+    bn = refnorm.build("bn", 3, dtype=np.float64)
+    sn = refnorm.build("sn", 3, dtype=np.float64)  # moving average: its own state is kept too
+    model = [bn, sn]
+    bn_state, sn_state = copy.deepcopy(bn.state), copy.deepcopy(sn.state)
+    batches = [rng.standard_normal((4, 3, 2, 2)) + 5 for _ in range(3)]
+    batch_average(model, batches)
+    for key in bn_state:
+        np.testing.assert_array_equal(bn.state[key], bn_state[key])
+    # The SN input is BN's training-mode output of each batch (BN statistics of that batch).
+    fed = np.concatenate([copy.deepcopy(bn).forward(b, training=True) for b in batches])
+    fed = fed.transpose(1, 0, 2, 3).reshape(3, -1)
+    np.testing.assert_allclose(sn.state["running_mean"], fed.mean(axis=1), atol=1e-13)
+    np.testing.assert_allclose(sn.state["running_var"], fed.var(axis=1), rtol=1e-12)
+    assert not np.allclose(sn.state["running_var"], sn_state["running_var"])
+
+
+def test_a_failing_batch_restores_every_state():
+    sn = refnorm.build("sn", 3, dtype=np.float64, inference="batch_average")
+    state = copy.deepcopy(sn.state)
+    good = np.random.default_rng(0).standard_normal((2, 3, 2, 2))
+    with pytest.raises(ValueError):
+        batch_average(sn, [good, np.ones((2, 4, 2, 2))])  # wrong channel count
+    for key in state:
+        np.testing.assert_array_equal(sn.state[key], state[key])
+
+
+def test_batch_average_needs_an_sn_layer_and_a_batch():
+    with pytest.raises(ValueError, match="no SwitchableNorm layer"):
+        batch_average([refnorm.build("bn", 2)], [np.ones((2, 2))])
+    with pytest.raises(ValueError, match="no SwitchableNorm layer"):
+        batch_average(refnorm.build("sn", 2, scopes=("in", "ln")), [np.ones((2, 2, 2, 2))])
+    with pytest.raises(ValueError, match="at least one batch"):
+        batch_average(refnorm.build("sn", 2), [])
+
+
+def test_merge_is_the_law_of_total_variance():
+    rng = np.random.default_rng(11)
+    parts = [rng.standard_normal((n, 2)) * 3 + 1 for n in (1, 4, 7)]
+    records = [BatchStatistics(len(p), p.mean(axis=0), p.var(axis=0)) for p in parts]
+    mean, var = merge_batch_statistics(records)
+    everything = np.concatenate(parts)
+    np.testing.assert_allclose(mean, everything.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(var, everything.var(axis=0), rtol=1e-12)
+
+
+def test_iter_layers_walks_lists_and_models_in_order():
+    a, b, c = refnorm.build("bn", 2), refnorm.build("sn", 2), refnorm.build("ln", 2)
+
+    class Model:
+        def layers(self):
+            return [b, [c]]
+
+    assert list(iter_layers([a, Model()])) == [a, b, c]
