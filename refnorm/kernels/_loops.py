@@ -51,14 +51,15 @@ def chunk_moments(x, chunk):  # pragma: no cover - compiled
         b = t // P
         lo = (t % P) * chunk
         hi = min(lo + chunk, S)
-        shift = np.float64(x[b, lo])
+        row = x[b, lo:hi]
+        shift = np.float64(row[0])
         s = 0.0
-        for i in range(lo, hi):
-            s += np.float64(x[b, i]) - shift
+        for i in range(row.shape[0]):
+            s += np.float64(row[i]) - shift
         mu = shift + s / (hi - lo)
         q = 0.0
-        for i in range(lo, hi):
-            d = np.float64(x[b, i]) - mu
+        for i in range(row.shape[0]):
+            d = np.float64(row[i]) - mu
             q += d * d
         mean[b, t % P] = mu
         m2[b, t % P] = q
@@ -92,10 +93,13 @@ def normalize_affine(x, mean, rstd, gamma, beta, chunk, y, x_hat):  # pragma: no
         r = rstd[b]
         g = gamma[b]
         c = beta[b]
-        for i in range(lo, hi):
-            h = (np.float64(x[b, i]) - m) * r
-            x_hat[b, i] = h
-            y[b, i] = h * g + c
+        xr = x[b, lo:hi]
+        yr = y[b, lo:hi]
+        hr = x_hat[b, lo:hi]
+        for i in range(xr.shape[0]):
+            h = (np.float64(xr[i]) - m) * r
+            hr[i] = h
+            yr[i] = h * g + c
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -125,10 +129,12 @@ def chunk_grad_sums(dy, x_hat, chunk):  # pragma: no cover - compiled
         hi = min(lo + chunk, S)
         a = 0.0
         c = 0.0
-        for i in range(lo, hi):
-            d = np.float64(dy[b, i])
+        dr = dy[b, lo:hi]
+        hr = x_hat[b, lo:hi]
+        for i in range(dr.shape[0]):
+            d = np.float64(dr[i])
             a += d
-            c += d * np.float64(x_hat[b, i])
+            c += d * np.float64(hr[i])
         s1[b, t % P] = a
         s2[b, t % P] = c
     return s1, s2
@@ -159,8 +165,11 @@ def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx):  # pragma: no cover - co
         a = k_dy[b]
         c = k_one[b]
         e = k_xhat[b]
-        for i in range(lo, hi):
-            dx[b, i] = a * np.float64(dy[b, i]) + c + e * np.float64(x_hat[b, i])
+        dr = dy[b, lo:hi]
+        hr = x_hat[b, lo:hi]
+        out = dx[b, lo:hi]
+        for i in range(dr.shape[0]):
+            out[i] = a * np.float64(dr[i]) + c + e * np.float64(hr[i])
 
 
 @njit(cache=True, parallel=True)
