@@ -11,10 +11,10 @@ import argparse
 import json
 import math
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from refnorm import registry
-from refnorm.gradcheck import CaseResult, check_registered
+from refnorm.gradcheck import CaseResult, GradError, check_registered
 
 DEFAULT_TOLERANCE = 1e-6
 
@@ -41,17 +41,20 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Check each named layer's backward (for x and every parameter) against "
             "central finite differences of a vector-Jacobian product in float64, with a "
-            "random upstream gradient, on a few shapes and modes. Exits 1 if any max "
-            "relative error exceeds the tolerance."
+            "random upstream gradient, on a few shapes and modes. The error is the "
+            "deviation beyond the finite-difference noise floor (rounding of sum(y * dy) "
+            "over the step), relative to the gradient's scale. Exits 1 if any error exceeds "
+            "the tolerance."
         ),
     )
     gc.add_argument("names", nargs="*", metavar="NAME",
                     help=f"layers to check: {', '.join(registry.names())}")
-    gc.add_argument("--all", action="store_true", help="check every registered normalizer")
+    gc.add_argument("--all", action="store_true", help="check every registered layer")
     gc.add_argument("--json", action="store_true",
                     help="print JSON: one object per normalizer and gradient")
     gc.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                    help="largest acceptable max relative error (default: %(default)g)")
+                    help="largest acceptable error beyond the noise floor, relative to the "
+                         "gradient's scale (default: %(default)g)")
     gc.add_argument("--seed", type=int, default=0, help="seed for inputs and upstream gradients")
     gc.set_defaults(run=_run_gradcheck)
     _add_train(sub)
@@ -181,29 +184,24 @@ def _run_gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def summarize(results: list[CaseResult], tolerance: float) -> list[dict]:
-    """One row per gradient: the worst max relative error over the cases, and each case.
+    """One row per gradient: the worst error over the cases, and each case.
 
-    Cases may differ in their parameters (a layer built without a bias has no ``b``): a
-    gradient's row lists the cases that have it.
+    The error is :mod:`refnorm.gradcheck`'s measure (``GradError.max_rel_error``): the
+    deviation from finite differences beyond their noise floor, relative to the gradient's
+    scale. Each case also lists the plain deviation, the floor and the ratio without it. Cases
+    may differ in their parameters (a layer built without a bias has no ``b``): a gradient's
+    row lists the cases that have it.
     """
     gradients = list(dict.fromkeys(g for r in results for g in r.errors))
     rows = []
     for grad in gradients:
-        cases = [
-            {
-                "shape": list(r.shape),
-                "options": r.options,
-                "training": r.training,
-                "max_rel_error": r.errors[grad].max_rel_error,
-            }
-            for r in results
-            if grad in r.errors
-        ]
+        cases = [_case(r, r.errors[grad]) for r in results if grad in r.errors]
         worst = max(c["max_rel_error"] for c in cases)
         rows.append({
             "normalizer": results[0].normalizer,
             "gradient": grad,
             "max_rel_error": worst,
+            "noise_ratio": max(c["noise_ratio"] for c in cases),
             "tolerance": tolerance,
             "passed": math.isfinite(worst) and worst <= tolerance,
             "cases": cases,
@@ -211,21 +209,42 @@ def summarize(results: list[CaseResult], tolerance: float) -> list[dict]:
     return rows
 
 
+def _case(result: CaseResult, error: GradError) -> dict:
+    noise = error.fd_noise
+    ratio = error.max_abs_error / noise if noise > 0 else math.inf
+    return {
+        "shape": list(result.shape),
+        "options": result.options,
+        "training": result.training,
+        "max_rel_error": error.max_rel_error,
+        "max_abs_error": error.max_abs_error,
+        "fd_noise": noise,
+        "noise_ratio": 0.0 if error.max_abs_error == 0.0 else ratio,
+        "raw_rel_error": error.raw_rel_error,
+    }
+
+
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table of :func:`summarize` rows."""
-    header = ("normalizer", "gradient", "max rel error", "tolerance", "cases", "status")
+    """A plain-text table of :func:`summarize` rows.
+
+    "error" is the measure compared with the tolerance; "deviation / noise" is the worst
+    ``max|analytic - numeric|`` over the finite-difference noise floor (below 1: within it).
+    """
+    header = ("normalizer", "gradient", "error", "deviation/noise", "tolerance", "cases",
+              "status")
     lines = [header]
     for row in rows:
         lines.append((
             row["normalizer"],
             row["gradient"],
             f"{row['max_rel_error']:.2e}",
+            f"{row['noise_ratio']:.2f}",
             f"{row['tolerance']:.0e}",
             str(len(row["cases"])),
             "ok" if row["passed"] else "FAIL",
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
             for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     failed = sum(not row["passed"] for row in rows)

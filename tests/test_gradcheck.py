@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import refnorm
-from refnorm.gradcheck import check_layer, check_vjp, numerical_vjp, relative_error
+from refnorm.gradcheck import (
+    check_layer,
+    check_vjp,
+    finite_difference_noise,
+    numerical_vjp,
+    relative_error,
+)
+
+TOLERANCE = 1e-6  # the project's finite-difference tolerance (refnorm gradcheck's default)
 
 
 def test_numerical_vjp_of_a_cubic():
@@ -27,8 +38,118 @@ def test_relative_error_definition():
     err = relative_error(np.array([1.0, -2.0]), np.array([1.0, -2.5]))
     assert err.max_abs_error == pytest.approx(0.5)
     assert err.max_rel_error == pytest.approx(0.5 / 2.5)
+    assert err.raw_rel_error == pytest.approx(0.5 / 2.5)
     assert relative_error(np.zeros(3), np.zeros(3)).max_rel_error == 0.0
     assert relative_error(np.array([np.nan]), np.array([1.0])).max_rel_error == np.inf
+
+
+def test_relative_error_counts_only_the_deviation_beyond_the_noise():
+    a, n = np.array([1.0, -2.0]), np.array([1.0, -2.5])
+    assert relative_error(a, n, noise=0.1).max_rel_error == pytest.approx(0.4 / 2.5)
+    within = relative_error(a, n, noise=0.5)
+    assert within.max_rel_error == 0.0 and within.raw_rel_error == pytest.approx(0.2)
+    # A noise floor never hides what is not finite.
+    assert relative_error(np.array([np.inf]), np.array([1.0]), noise=1e9).max_rel_error == np.inf
+
+
+def _tiny_parameter_pair(c=1e-5, wrong_by=0.0):
+    """y = x + c * t * x**2: the gradient for t is ~c beside outputs of size ~1, the
+    situation of SN's ratio gradients when its softmax saturates."""
+
+    def f(x, t):
+        return x + c * t * x**2
+
+    def vjp(dy, x, t):
+        return {"x": dy * (1 + 2 * c * t * x), "t": np.sum(dy * c * x**2) * (1 + wrong_by)}
+
+    rng = np.random.default_rng(5)
+    return f, vjp, {"x": rng.standard_normal(40), "t": np.array(0.7)}
+
+
+def test_a_correct_backward_with_a_tiny_gradient_passes():
+    f, vjp, inputs = _tiny_parameter_pair()
+    err = check_vjp(f, vjp, inputs, step=1e-6)["t"]
+    # The pure ratio fails here (this is why the floor exists) ...
+    assert err.raw_rel_error > TOLERANCE, err
+    # ... while the deviation stays within the finite-difference noise floor.
+    assert err.max_abs_error <= err.fd_noise and err.max_rel_error < TOLERANCE, err
+
+
+def test_switchable_norm_with_a_saturated_softmax_passes():
+    # Issue 9's case: SN over ("ln", "bn") with mean logits (4.5, -3.8); the ratio
+    # gradients are ~1e-3 of the others and the pure ratio exceeded 1e-6 (measured 3e-6).
+    rng = np.random.default_rng(0)
+    layer = refnorm.build("sn", 4, scopes=("ln", "bn"), dtype=np.float64)
+    layer.params["mean_logits"] = np.array([4.5, -3.8])
+    layer.params["var_logits"] = np.array([4.5, -3.8])
+    layer.params["gamma"] = 1 + 0.5 * rng.standard_normal(4)
+    errors = check_layer(layer, 5 * rng.standard_normal((4, 4)) + 12, seed=3)
+    assert max(e.raw_rel_error for e in errors.values()) > TOLERANCE, errors
+    for name, err in errors.items():
+        assert err.max_rel_error < TOLERANCE, (name, err)
+
+
+def test_a_backward_wrong_by_1e_4_on_a_normal_gradient_fails():
+    rng = np.random.default_rng(7)
+    x, gamma, beta = 5 * rng.standard_normal((6, 3)) + 12, 1 + rng.random(3), rng.random(3)
+
+    def f(x, gamma, beta):
+        return refnorm.batch_norm_forward(x, gamma, beta)[0]
+
+    def vjp(dy, x, gamma, beta):
+        _, cache = refnorm.batch_norm_forward(x, gamma, beta)
+        dx, dgamma, dbeta = refnorm.batch_norm_backward(dy, cache)
+        return {"x": dx * (1 + 1e-4), "gamma": dgamma, "beta": dbeta}
+
+    errors = check_vjp(f, vjp, {"x": x, "gamma": gamma, "beta": beta})
+    # The floor is far below a 1e-4 relative error of a gradient of size ~1, so almost all
+    # of it is seen (the floor takes off at most fd_noise / scale).
+    assert errors["x"].fd_noise < 1e-6 * errors["x"].scale, errors["x"]
+    assert 0.9e-4 < errors["x"].max_rel_error < 1.1e-4, errors["x"]
+    assert errors["gamma"].max_rel_error < TOLERANCE
+
+
+def test_the_floor_cannot_see_mistakes_smaller_than_itself():
+    # What the module docstring admits: a wrong answer within the noise floor passes. Here
+    # the gradient for t (~1e-7) is off by 10 %, below the floor (~5e-8) of outputs of size 1.
+    f, vjp, inputs = _tiny_parameter_pair(c=1e-8, wrong_by=0.1)
+    err = check_vjp(f, vjp, inputs)["t"]
+    assert err.raw_rel_error > 0.05 and err.max_rel_error == 0.0, err
+
+
+@given(
+    hnp.arrays(np.float64, st.tuples(st.integers(3, 6), st.integers(1, 3)),
+               elements=st.floats(-3, 3, allow_nan=False)),
+    st.floats(0.5, 2.0),
+)
+def test_the_floor_bounds_the_noise_of_a_correct_backward(z, gamma):
+    # Batch norm of 5 z + 12 with per-channel spread >= 0.5 (so the forward's own rounding is
+    # a few ulps of |y|, the floor's assumption): a correct backward stays within the floor.
+    x = 5 * z + 12
+    if np.min(np.std(x, axis=0)) < 0.5:
+        x = x + np.linspace(0, 3, x.shape[0])[:, None]
+    g, b = np.full(x.shape[1], gamma), np.zeros(x.shape[1])
+
+    def f(x, gamma, beta):
+        return refnorm.batch_norm_forward(x, gamma, beta)[0]
+
+    def vjp(dy, x, gamma, beta):
+        _, cache = refnorm.batch_norm_forward(x, gamma, beta)
+        dx, dgamma, dbeta = refnorm.batch_norm_backward(dy, cache)
+        return {"x": dx, "gamma": dgamma, "beta": dbeta}
+
+    for name, err in check_vjp(f, vjp, {"x": x, "gamma": g, "beta": b}).items():
+        assert err.max_abs_error <= err.fd_noise, (name, err)
+
+
+def test_noise_floor_scales_with_the_outputs_and_the_step():
+    y, dy = np.array([1.0, -2.0]), np.array([0.5, 0.25])
+    base = finite_difference_noise(y, dy, 1e-6)
+    assert base > 0
+    assert finite_difference_noise(10 * y, dy, 1e-6) == pytest.approx(10 * base)
+    assert finite_difference_noise(y, dy, 1e-5) == pytest.approx(base / 10)
+    # float32 outputs round 2**29 times more coarsely than float64.
+    assert finite_difference_noise(y.astype(np.float32), dy, 1e-6) == pytest.approx(2**29 * base)
 
 
 def test_a_backward_missing_a_term_is_caught():

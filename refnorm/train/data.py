@@ -106,7 +106,7 @@ class Dataset:
 def _check_fraction(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
-    if not 0 < value < 1:
+    if not 0 < float(value) < 1:
         raise ValueError(f"{name} must be in (0, 1); got {value}")
 
 

@@ -13,7 +13,8 @@ per-channel scale and shift follows the last block, the only gamma/beta such a n
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 

@@ -159,8 +159,17 @@ def _mean(xs) -> float:
     return float(np.mean(xs))
 
 
-def claims(study: StudyConfig, cells: dict) -> list[tuple[str, bool | None, str]]:
-    """(claim, supported?, evidence) for each claim the grid can test; None = not testable."""
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the papers, read against this run."""
+
+    claim: str  # what the paper says, with where
+    supported: bool  # whether this run supports it, by the threshold stated in the evidence
+    evidence: str  # the numbers behind the verdict
+
+
+def claims(study: StudyConfig, cells: dict) -> list[Claim]:
+    """The claims the grid can test (a claim whose cells the grid lacks is left out)."""
     small, large = min(study.batch_sizes), max(study.batch_sizes)
     acc = {k: _mean(v["test"]) * 100 for k, v in cells.items()}
     seeds = len(study.seeds)
@@ -168,47 +177,51 @@ def claims(study: StudyConfig, cells: dict) -> list[tuple[str, bool | None, str]
     def have(*keys):
         return all(k in acc for k in keys)
 
-    out = []
+    out: list[Claim] = []
     drop = {m: acc[(m, large)] - acc[(m, small)] for m in study.methods
             if have((m, large), (m, small))}
     if "bn" in drop:
-        out.append((f"BN degrades when each device sees {small} samples (SN Table 2; WS Table 2)",
-                    drop["bn"] >= 2.0,
-                    f"BN test accuracy {acc[('bn', large)]:.1f}% at batch {large} vs "
-                    f"{acc[('bn', small)]:.1f}% at batch {small} (a drop of {drop['bn']:.1f} "
-                    "points; 'supported' needs at least 2)"))
+        out.append(Claim(f"BN degrades when each device sees {small} samples (SN Table 2; "
+                         "WS Table 2)",
+                         drop["bn"] >= 2.0,
+                         f"BN test accuracy {acc[('bn', large)]:.1f}% at batch {large} vs "
+                         f"{acc[('bn', small)]:.1f}% at batch {small} (a drop of {drop['bn']:.1f} "
+                         "points; 'supported' needs at least 2)"))
     for m in ("gn", "sn"):
         if m in drop and "bn" in drop:
-            out.append((f"{m.upper()} stays robust at micro-batches where BN does not",
-                        drop[m] < drop["bn"] and drop[m] < 2.0,
-                        f"{m.upper()} drops {drop[m]:.1f} points from batch {large} to {small}, "
-                        f"BN {drop['bn']:.1f} ('supported' needs less than BN and under 2)"))
+            out.append(Claim(f"{m.upper()} stays robust at micro-batches where BN does not",
+                             drop[m] < drop["bn"] and drop[m] < 2.0,
+                             f"{m.upper()} drops {drop[m]:.1f} points from batch {large} to "
+                             f"{small}, "
+                             f"BN {drop['bn']:.1f} ('supported' needs less than BN and under 2)"))
     if have(("gn+ws", small), ("bn", large)):
         gap = acc[("gn+ws", small)] - acc[("bn", large)]
-        out.append((f"GN+WS at batch {small} matches BN at batch {large} (WS Fig. 1, Table 2)",
-                    gap >= -1.0,
-                    f"GN+WS {acc[('gn+ws', small)]:.1f}% vs BN {acc[('bn', large)]:.1f}% "
-                    f"(difference {gap:+.1f} points; 'supported' needs at least -1)"))
+        out.append(Claim(f"GN+WS at batch {small} matches BN at batch {large} (WS Fig. 1, Table 2)",
+                         gap >= -1.0,
+                         f"GN+WS {acc[('gn+ws', small)]:.1f}% vs BN {acc[('bn', large)]:.1f}% "
+                         f"(difference {gap:+.1f} points; 'supported' needs at least -1)"))
     if have(("sn", small), ("sn", large)):
         bn_small = _sn_bn_share(cells[("sn", small)]["ratios"])
         bn_large = _sn_bn_share(cells[("sn", large)]["ratios"])
-        out.append((f"SN's learned ratios move away from BN as the batch shrinks (SN Fig. 4)",
-                    bn_small < bn_large,
-                    f"mean BN ratio over layers, means and variances: {bn_small:.2f} at batch "
-                    f"{small} vs {bn_large:.2f} at batch {large}"))
+        out.append(Claim("SN's learned ratios move away from BN as the batch shrinks (SN Fig. 4)",
+                         bn_small < bn_large,
+                         f"mean BN ratio over layers, means and variances: {bn_small:.2f} at batch "
+                         f"{small} vs {bn_large:.2f} at batch {large}"))
     if have(("wn", large), ("bn", large)):
         wn, bn = cells[("wn", large)], cells[("bn", large)]
         wn_gap = (_mean(wn["train"]) - _mean(wn["test"])) * 100
         bn_gap = (_mean(bn["train"]) - _mean(bn["test"])) * 100
         trains = _mean(wn["train"]) * 100 >= _mean(bn["train"]) * 100 - 2.0
-        out.append((f"WN trains about as well as BN but generalizes worse (Gitman & Ginsburg)",
-                    trains and wn_gap > bn_gap,
-                    f"at batch {large}: train accuracy WN {_mean(wn['train']) * 100:.1f}% vs BN "
-                    f"{_mean(bn['train']) * 100:.1f}%, train-test gap WN {wn_gap:.1f} vs BN "
-                    f"{bn_gap:.1f} points"))
+        out.append(Claim("WN trains about as well as BN but generalizes worse (Gitman & Ginsburg)",
+                         trains and wn_gap > bn_gap,
+                         f"at batch {large}: train accuracy WN "
+                         f"{_mean(wn['train']) * 100:.1f}% vs BN "
+                         f"{_mean(bn['train']) * 100:.1f}%, train-test gap WN {wn_gap:.1f} vs BN "
+                         f"{bn_gap:.1f} points"))
     if seeds == 1:
-        out = [(c, s, e + "; one seed: small differences are within run-to-run noise (use "
-                "--seeds 3 for mean and std)") for c, s, e in out]
+        out = [dataclasses.replace(c, evidence=c.evidence + "; one seed: small differences are "
+                                   "within run-to-run noise (use --seeds 3 for mean and std)")
+               for c in out]
     return out
 
 
@@ -219,8 +232,10 @@ def _sn_bn_share(ratio_rows: list[dict]) -> float:
 
 def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float) -> None:
     cells = summarize(runs)
+    subset = (f" (a random subset of {study.train_subset} training samples, drawn per seed)"
+              if study.train_subset else "")
     lines = ["# Micro-batch study", "",
-             f"Data `{study.data}`{f' (a random subset of {study.train_subset} training samples, drawn per seed)' if study.train_subset else ''}; "
+             f"Data `{study.data}`{subset}; "
              f"every update sees {study.update_size} samples (per-device batch x accumulation); "
              f"{study.epochs} epochs; lr {study.lr} (cosine); seeds {list(study.seeds)}; "
              f"{len(runs)} runs in {elapsed:.0f} s.", "",
@@ -241,9 +256,9 @@ def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float
                   "are the same computation, so their rows are flat by construction (up to "
                   "float rounding in the order gradients are summed)."]
     lines += ["", "## The papers' claims, against this run", ""]
-    for claim, supported, evidence in claims(study, cells):
-        verdict = "**supported**" if supported else "**not supported**"
-        lines.append(f"- {claim}: {verdict} by this run. {evidence}.")
+    for c in claims(study, cells):
+        verdict = "**supported**" if c.supported else "**not supported**"
+        lines.append(f"- {c.claim}: {verdict} by this run. {c.evidence}.")
     lines += ["", "## Plots", "",
               "![accuracy vs batch size](accuracy_vs_batch.png)", ""]
     plot_accuracy(study, cells, out / "accuracy_vs_batch.png")

@@ -10,6 +10,11 @@ parameters start from ``seed``. A run resumed from a checkpoint therefore ends w
 the same parameters as an uninterrupted one. Checkpoints are written atomically (a temporary
 file, then ``os.replace``) after every epoch and on Ctrl-C; a non-finite loss stops the run
 and leaves the last good checkpoint in place.
+
+The loop reads in three levels: :func:`train` (set up or resume, then epochs),
+:func:`run_epoch` (the steps of one epoch, evaluation, checkpoint) and :func:`train_step`
+(one optimizer update). Ctrl-C inside a step undoes the step (running statistics, parameters
+and momentum are as before it), so the checkpoint always sits at a step boundary.
 """
 
 from __future__ import annotations
@@ -17,26 +22,31 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO
 
 import numpy as np
 
+from refnorm.inference import batch_average
 from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
-from refnorm.norms.switchable import SwitchableNorm, batch_average
+from refnorm.norms.switchable import SwitchableNorm
 from refnorm.train.data import Dataset, load, standardize
 from refnorm.train.model import ConvNet
 from refnorm.train.optim import SGD, learning_rate
 from refnorm.weights import WeightNorm
 
 CHECKPOINT = "checkpoint.npz"
-FORMAT = 1
+# 2: every layer's state is saved as it is (SN's population readiness included); format 1
+# kept readiness in a list of its own.
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,11 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
 
+    @property
+    def update_size(self) -> int:
+        """Samples per optimizer update: ``batch_size * accumulation``."""
+        return self.batch_size * self.accumulation
+
     def describe(self) -> str:
         method = self.norm + (f"+{self.weight}" if self.weight else "")
         return (f"{method} batch {self.batch_size} x {self.accumulation} accumulation, "
@@ -80,6 +95,57 @@ class CheckpointError(ValueError):
     """A checkpoint could not be read, or belongs to another configuration."""
 
 
+@dataclass(frozen=True)
+class Totals:
+    """Sums over the training samples of an epoch so far (its running loss and accuracy).
+
+    Attributes
+    ----------
+    loss : float
+        Sum of the per-sample cross-entropies, in training mode.
+    correct : int
+        How many of those samples the network classified correctly.
+    samples : int
+        How many samples the sums cover.
+    """
+
+    loss: float = 0.0
+    correct: int = 0
+    samples: int = 0
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(self.loss + other.loss, self.correct + other.correct,
+                      self.samples + other.samples)
+
+    def mean_loss(self) -> float:
+        return self.loss / max(self.samples, 1)
+
+    def accuracy(self) -> float:
+        return self.correct / max(self.samples, 1)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands at a step boundary: with the arrays, what a checkpoint holds.
+
+    Attributes
+    ----------
+    epoch : int
+        Epochs finished.
+    step : int
+        Optimizer steps finished in epoch ``epoch`` (counted from 0).
+    totals : Totals
+        Running sums over those steps.
+    history : tuple of dict
+        One row of metrics per finished epoch.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    totals: Totals = field(default_factory=Totals)
+    history: tuple[dict, ...] = ()
+
+
 @dataclass
 class Result:
     """What :func:`train` returns."""
@@ -88,6 +154,36 @@ class Result:
     history: list[dict] = field(default_factory=list)
     model: ConvNet | None = None
     interrupted: bool = False
+
+
+@dataclass
+class Run:
+    """What one run works with, built once by :func:`train` and passed to each epoch."""
+
+    config: TrainConfig
+    data: Dataset
+    model: ConvNet
+    opt: SGD
+    out: Path | None
+    bar: Progress
+    on_step: Callable[[int, int, ConvNet], None] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.data.y_train) // self.config.update_size
+
+    def learning_rate(self, epoch: int, step: int) -> float:
+        """The learning rate of optimizer step ``step`` of epoch ``epoch``."""
+        c, steps = self.config, self.steps_per_epoch
+        return learning_rate(c.schedule, c.lr, epoch * steps + step, steps * c.epochs)
+
+
+class _Interrupted(Exception):
+    """Ctrl-C arrived; ``position`` is the step boundary to save."""
+
+    def __init__(self, position: Position) -> None:
+        super().__init__(position)
+        self.position = position
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -146,76 +242,167 @@ def train(
     CheckpointError
         If ``resume`` finds no usable checkpoint for this configuration.
     """
+    run = _setup(config, out, progress=progress, on_step=on_step, data=data)
+    position = _starting_position(run, resume)
+    try:
+        while position.epoch < config.epochs:
+            position = run_epoch(run, position)
+    except _Interrupted as stop:
+        return _interrupt(run, stop.position)
+    if run.out is not None and position.history:
+        write_metrics(run.out, list(position.history), curves=True)
+    return Result(config, list(position.history), run.model)
+
+
+def _setup(config: TrainConfig, out: str | Path | None, *, progress: bool,
+           on_step: Callable[[int, int, ConvNet], None] | None, data: Dataset | None) -> Run:
     data = prepare_data(config) if data is None else data
+    if len(data.y_train) < config.update_size:
+        raise ValueError(f"one update needs batch_size * accumulation = {config.update_size} "
+                         f"samples; the training set has {len(data.y_train)}")
     model = build_model(config, data)
     opt = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    out = None if out is None else Path(out)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    group = config.batch_size * config.accumulation
-    steps_per_epoch = len(data.y_train) // group
-    if steps_per_epoch == 0:
-        raise ValueError(f"one update needs batch_size * accumulation = {group} samples; the "
-                         f"training set has {len(data.y_train)}")
-    total_steps = steps_per_epoch * config.epochs
-    history: list[dict] = []
-    epoch, step, sums = 0, 0, [0.0, 0, 0]
-    if resume:
-        if out is None:
-            raise CheckpointError("resume needs the output directory of the run to continue")
-        epoch, step, history, sums = load_checkpoint(out / CHECKPOINT, config, model, opt)
-    else:
-        data_dependent_init(model, data, config)
-    bar = Progress(enabled=progress)
-    result = Result(config, history, model)
+    folder = None if out is None else Path(out)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    return Run(config, data, model, opt, folder, Progress(enabled=progress), on_step)
 
-    def interrupted(position: tuple) -> Result:
-        # Ctrl-C: save where training stands, consistently, and stop.
-        if out is not None:
-            save_checkpoint(out / CHECKPOINT, config, model, opt, position)
-        bar.close(f"interrupted in epoch {position[0] + 1} at step {position[1]}"
-                  + (f": checkpoint saved in {out}; continue with --resume" if out else ""))
-        result.interrupted = True
-        return result
 
-    while epoch < config.epochs:
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(data.y_train))
-        started = time.perf_counter()
-        while step < steps_per_epoch:
-            saved_states = [copy.deepcopy(layer.state) for layer in model.layers()]
-            saved_sums = list(sums)
-            try:
-                grads = _accumulate(model, data, order[step * group:(step + 1) * group], config,
-                                    sums)
-                opt.step(grads, learning_rate(config.schedule, config.lr,
-                                              epoch * steps_per_epoch + step, total_steps))
-            except KeyboardInterrupt:
-                for layer, state in zip(model.layers(), saved_states):
-                    layer.state = state  # forget the running statistics of the unfinished step
-                return interrupted((epoch, step, history, saved_sums))
-            step += 1
-            try:
-                bar.update(epoch, config.epochs, step, steps_per_epoch, sums)
-                if on_step is not None:
-                    on_step(epoch, step, model)
-            except KeyboardInterrupt:
-                return interrupted((epoch, step, history, sums))
+def _starting_position(run: Run, resume: bool) -> Position:
+    if not resume:
+        data_dependent_init(run.model, run.data, run.config)
+        return Position()
+    if run.out is None:
+        raise CheckpointError("resume needs the output directory of the run to continue")
+    return load_checkpoint(run.out / CHECKPOINT, run.config, run.model, run.opt)
+
+
+def _interrupt(run: Run, position: Position) -> Result:
+    """Ctrl-C: save where training stands (a step boundary) and stop."""
+    if run.out is not None:
+        save_checkpoint(run.out / CHECKPOINT, run.config, run.model, run.opt, position)
+    where = f"interrupted in epoch {position.epoch + 1} at step {position.step}"
+    run.bar.close(where + (f": checkpoint saved in {run.out}; continue with --resume"
+                           if run.out is not None else ""))
+    return Result(run.config, list(position.history), run.model, interrupted=True)
+
+
+def run_epoch(run: Run, position: Position) -> Position:
+    """Finish epoch ``position.epoch``: its remaining steps, its evaluation, its checkpoint.
+
+    Returns the position at the start of the next epoch; on Ctrl-C raises ``_Interrupted``
+    with the step boundary to save (an interrupted evaluation is re-run on resume).
+    """
+    config, group = run.config, run.config.update_size
+    order = np.random.default_rng([config.seed, position.epoch]).permutation(
+        len(run.data.y_train))
+    started = time.perf_counter()
+    while position.step < run.steps_per_epoch:
+        picked = order[position.step * group:(position.step + 1) * group]
+        lr = run.learning_rate(position.epoch, position.step)
         try:
-            row = _evaluate(model, data, config, epoch, sums,
-                            learning_rate(config.schedule, config.lr,
-                                          (epoch + 1) * steps_per_epoch - 1, total_steps),
-                            time.perf_counter() - started)
-        except KeyboardInterrupt:  # the epoch's steps are done; resuming re-runs the evaluation
-            return interrupted((epoch, step, history, sums))
-        history.append(row)
-        epoch, step, sums = epoch + 1, 0, [0.0, 0, 0]
-        bar.epoch_done(history[-1])
-        if out is not None:
-            save_checkpoint(out / CHECKPOINT, config, model, opt, (epoch, step, history, sums))
-            write_metrics(out, history)
-    if out is not None and history:
-        write_metrics(out, history, curves=True)
-    return result
+            totals = train_step(run.model, run.opt, run.data.x_train[picked],
+                                run.data.y_train[picked], config=config, lr=lr)
+        except KeyboardInterrupt:
+            raise _Interrupted(position) from None  # the step undid itself
+        position = dataclasses.replace(position, step=position.step + 1,
+                                       totals=position.totals + totals)
+        try:
+            run.bar.update(position, config.epochs, run.steps_per_epoch)
+            if run.on_step is not None:
+                run.on_step(position.epoch, position.step, run.model)
+        except KeyboardInterrupt:
+            raise _Interrupted(position) from None
+    try:
+        row = evaluate(run, position, seconds=time.perf_counter() - started)
+    except KeyboardInterrupt:
+        raise _Interrupted(position) from None
+    position = Position(position.epoch + 1, 0, Totals(), (*position.history, row))
+    run.bar.epoch_done(row)
+    if run.out is not None:
+        save_checkpoint(run.out / CHECKPOINT, config, run.model, run.opt, position)
+        write_metrics(run.out, list(position.history))
+    return position
+
+
+def train_step(model: ConvNet, opt: SGD, x: np.ndarray, y: np.ndarray, *,
+               config: TrainConfig, lr: float) -> Totals:
+    """One optimizer update: the micro-batches of ``x``, their mean gradient, one SGD step.
+
+    Parameters
+    ----------
+    model, opt : the network and its optimizer
+    x : array (batch_size * accumulation, C, H, W)
+        The update's samples, in micro-batch order.
+    y : int array (batch_size * accumulation,)
+        Their labels.
+    config : TrainConfig
+        Gives ``batch_size`` (samples per micro-batch) and ``accumulation``.
+    lr : float
+        This step's learning rate.
+
+    Returns
+    -------
+    Totals of the update's samples (training-mode loss and accuracy)
+
+    Raises
+    ------
+    NonFiniteLoss
+        If a micro-batch's loss is not finite.
+    KeyboardInterrupt
+        Re-raised after undoing the step: the layers' states (running statistics) are
+        restored, and the parameters and momentum are the arrays from before the step
+        (:class:`~refnorm.train.optim.SGD` replaces arrays, never writes into them).
+    """
+    layers = model.layers()
+    states = [copy.deepcopy(layer.state) for layer in layers]
+    params = [dict(layer.params) for layer in layers]
+    velocity = dict(opt.velocity)
+    try:
+        grads, totals = accumulate_gradients(model, x, y, config)
+        opt.step(grads, lr)
+    except KeyboardInterrupt:
+        for layer, state, before in zip(layers, states, params, strict=True):
+            layer.state = state
+            layer.params.update(before)
+        opt.velocity.update(velocity)
+        raise
+    return totals
+
+
+def accumulate_gradients(model: ConvNet, x: np.ndarray, y: np.ndarray,
+                         config: TrainConfig) -> tuple[dict[str, np.ndarray], Totals]:
+    """Forward and backward over the micro-batches of ``x``; return their mean gradient.
+
+    Each micro-batch's loss is its mean cross-entropy; its gradient divided by
+    ``accumulation`` makes the sum over micro-batches their mean.
+
+    Parameters
+    ----------
+    x : array (batch_size * accumulation, C, H, W)
+    y : int array (batch_size * accumulation,)
+
+    Returns
+    -------
+    dict of key to array (the parameter's shape), keyed as :meth:`ConvNet.named_params`;
+    Totals of the samples
+    """
+    grads: dict[str, np.ndarray] = {}
+    totals = Totals()
+    for start in range(0, len(y), config.batch_size):
+        xb, yb = x[start:start + config.batch_size], y[start:start + config.batch_size]
+        logits = model.forward(xb, training=True)                        # (b, classes)
+        loss, cache = softmax_cross_entropy(logits, yb)
+        if not math.isfinite(float(loss)):
+            raise NonFiniteLoss(f"the training loss became {float(loss)} ({config.describe()}); "
+                                "the run stopped and the last good checkpoint is kept")
+        model.backward(softmax_cross_entropy_backward(cache) / config.accumulation)
+        for key, layer, name in model.named_params():
+            g = layer.grads[name]
+            grads[key] = g if key not in grads else grads[key] + g
+        correct = int(np.sum(np.argmax(logits, axis=1) == yb))
+        totals = totals + Totals(float(loss) * len(yb), correct, len(yb))
+    return grads, totals
 
 
 def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> None:
@@ -224,72 +411,71 @@ def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> N
     One seeded batch of ``batch_size * accumulation`` training samples goes through the
     network in order; each WN layer sets its gain and bias so that its pre-activations on
     that batch have zero mean and unit variance, then passes the batch on. Layer states
-    (running statistics) are left as they were.
+    (running statistics) are left as they were, and no layer keeps a cache of this pass.
     """
     layers = model.layers()
     if not any(isinstance(layer, WeightNorm) for layer in layers):
         return
     states = [copy.deepcopy(layer.state) for layer in layers]
     pick = np.random.default_rng([config.seed, 3]).permutation(len(data.y_train))
-    h = data.x_train[pick[:config.batch_size * config.accumulation]]
+    h = data.x_train[pick[:config.update_size]]
     for layer in layers:
         if isinstance(layer, WeightNorm):
             layer.init_from_batch(h)
         h = layer.forward(h, training=True)
-    for layer, state in zip(layers, states):
+    for layer, state in zip(layers, states, strict=True):
         layer.state = state
-        layer._cache = None
-
-
-def _accumulate(model: ConvNet, data: Dataset, indices: np.ndarray, config: TrainConfig,
-                sums: list) -> dict[str, np.ndarray]:
-    """Forward and backward over the micro-batches of one update; return the mean gradient."""
-    grads: dict[str, np.ndarray] = {}
-    for start in range(0, len(indices), config.batch_size):
-        idx = indices[start:start + config.batch_size]
-        logits = model.forward(data.x_train[idx], training=True)
-        loss, cache = softmax_cross_entropy(logits, data.y_train[idx])
-        loss = float(loss)
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(f"the training loss became {loss} ({config.describe()}); the "
-                                "run stopped and the last good checkpoint is kept")
-        model.backward(softmax_cross_entropy_backward(cache) / config.accumulation)
-        for key, layer, name in model.named_params():
-            g = layer.grads[name]
-            grads[key] = g if key not in grads else grads[key] + g
-        sums[0] += loss * len(idx)
-        sums[1] += int(np.sum(np.argmax(logits, axis=1) == data.y_train[idx]))
-        sums[2] += len(idx)
-    return grads
+        layer.reset()
 
 
 def predict(model: ConvNet, x: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Logits in evaluation mode, in chunks."""
+    """Logits (N, classes) in evaluation mode for images ``x`` (N, C, H, W), in chunks."""
     return np.concatenate([model.forward(x[i:i + chunk], training=False)
                            for i in range(0, len(x), chunk)])
 
 
-def _evaluate(model, data, config, epoch, sums, lr, seconds) -> dict:
-    if any(isinstance(l, SwitchableNorm) and l.inference == "batch_average"
-           for l in model.layers()):
-        pick = np.random.default_rng([config.seed, epoch, 1]).permutation(len(data.y_train))
-        pick = pick[:config.average_samples]
-        batches = [data.x_train[pick[i:i + config.batch_size]]
-                   for i in range(0, len(pick) - config.batch_size + 1, config.batch_size)]
-        batch_average(model, batches)
+def evaluate(run: Run, position: Position, *, seconds: float) -> dict:
+    """The metrics row of epoch ``position.epoch`` (after its last step).
+
+    With SN's batch average, the population statistics are set first from seeded training
+    batches (:func:`average_batches`). Accuracies are in evaluation mode, except
+    ``train_acc_running``, the training-mode accuracy over the epoch's steps.
+    """
+    config, model, data = run.config, run.model, run.data
+    if config.norm in ("sn", "syncsn") and config.sn_inference == "batch_average":
+        batch_average(model, average_batches(config, data, position.epoch))
     test_logits = predict(model, data.x_test)
     test_loss, _ = softmax_cross_entropy(test_logits, data.y_test)
     train_logits = predict(model, data.x_train)
-    row = {
-        "epoch": epoch + 1,
-        "lr": lr,
-        "train_loss": sums[0] / max(sums[2], 1),
-        "train_acc_running": sums[1] / max(sums[2], 1),
+    return {
+        "epoch": position.epoch + 1,
+        "lr": run.learning_rate(position.epoch, run.steps_per_epoch - 1),
+        "train_loss": position.totals.mean_loss(),
+        "train_acc_running": position.totals.accuracy(),
         "train_acc": float(np.mean(np.argmax(train_logits, 1) == data.y_train)),
         "test_loss": float(test_loss),
         "test_acc": float(np.mean(np.argmax(test_logits, 1) == data.y_test)),
         "seconds": seconds,
+        **sn_ratios(model),
     }
+
+
+def average_batches(config: TrainConfig, data: Dataset, epoch: int) -> list[np.ndarray]:
+    """The batches SN's batch average sees after epoch ``epoch``.
+
+    ``average_samples`` training samples drawn with ``default_rng([seed, epoch, 1])``, in
+    micro-batches of ``batch_size`` (each (batch_size, C, H, W); a partial last one is left
+    out, so that every batch has the statistics of a training micro-batch).
+    """
+    pick = np.random.default_rng([config.seed, epoch, 1]).permutation(len(data.y_train))
+    pick = pick[:config.average_samples]
+    b = config.batch_size
+    return [data.x_train[pick[i:i + b]] for i in range(0, len(pick) - b + 1, b)]
+
+
+def sn_ratios(model: ConvNet) -> dict[str, float]:
+    """SN's current ratios, keyed ``sn<layer index>_<mean|var>_<scope>``."""
+    row = {}
     for i, layer in enumerate(model.layers()):
         if isinstance(layer, SwitchableNorm):
             for kind, ratios in layer.current_ratios().items():
@@ -301,16 +487,30 @@ def _evaluate(model, data, config, epoch, sums, lr, seconds) -> dict:
 # -- outputs ------------------------------------------------------------------------------------
 
 
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Replace ``path`` all at once: ``write(f)`` fills a temporary file beside it, which is
+    flushed to disk and renamed over ``path`` (``os.replace`` is atomic). A failure leaves
+    ``path`` as it was and no temporary file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_metrics(out: Path, history: list[dict], *, curves: bool = False) -> None:
     """``metrics.json`` and ``metrics.csv`` (one row per epoch); ``curves.png`` if asked."""
-    _atomic_write(out / "metrics.json", json.dumps(history, indent=2).encode())
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    tmp = out / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, out / "metrics.csv")
+    _atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(history, indent=2).encode()))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
+    writer.writeheader()
+    writer.writerows(history)
+    _atomic_write(out / "metrics.csv", lambda f: f.write(table.getvalue().encode()))
     if curves:
         plot_curves(history, out / "curves.png")
 
@@ -339,15 +539,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # -- checkpoints --------------------------------------------------------------------------------
 
 
@@ -358,9 +549,8 @@ def _config_dict(config: TrainConfig) -> dict:
 
 
 def save_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD,
-                    position: tuple) -> None:
-    """Write parameters, layer state, momentum and the position in training, atomically."""
-    epoch, step, history, sums = position
+                    position: Position) -> None:
+    """Write parameters, momentum, every layer's state and ``position``, atomically."""
     arrays = {}
     for key, layer, name in model.named_params():
         arrays[f"param/{key}"] = layer.params[name]
@@ -368,20 +558,44 @@ def save_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD,
     for i, layer in enumerate(model.layers()):
         for name, value in layer.state.items():
             arrays[f"state/{i}/{name}"] = value
-    meta = {"format": FORMAT, "config": _config_dict(config), "epoch": epoch, "step": step,
-            "history": history, "sums": list(sums),
-            "population_ready": [getattr(l, "population_ready", None) for l in model.layers()]}
+    meta = {"format": FORMAT, "config": _config_dict(config), "epoch": position.epoch,
+            "step": position.step, "totals": dataclasses.asdict(position.totals),
+            "history": list(position.history)}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD) -> tuple:
-    """Restore a checkpoint into ``model`` and ``opt``; return (epoch, step, history, sums)."""
+def load_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD) -> Position:
+    """Restore a checkpoint of ``config`` into ``model`` and ``opt``; return its position."""
+    arrays, meta = _read_checkpoint(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, "
+                              f"expected {FORMAT}")
+    saved, wanted = meta["config"], _config_dict(config)
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {wanted[k]!r}"
+              for k in wanted if saved.get(k) != wanted[k]]
+    if differ:
+        raise CheckpointError(f"checkpoint {path} belongs to another configuration; "
+                              + "; ".join(differ))
+
+    def stored(key: str, like: np.ndarray) -> np.ndarray:
+        if key not in arrays or arrays[key].shape != np.shape(like):
+            raise CheckpointError(f"checkpoint {path} does not match the model: {key} is "
+                                  "missing or has another shape")
+        return arrays[key]
+
+    for key, layer, name in model.named_params():
+        layer.params[name] = stored(f"param/{key}", layer.params[name])
+        opt.velocity[key] = stored(f"velocity/{key}", opt.velocity[key])
+    for i, layer in enumerate(model.layers()):
+        layer.state = {name: stored(f"state/{i}/{name}", value)
+                       for name, value in layer.state.items()}
+        layer.reset()  # new parameters and state: no backward on an old cache
+    return Position(meta["epoch"], meta["step"], Totals(**meta["totals"]),
+                    tuple(meta["history"]))
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     if not path.exists():
         raise CheckpointError(f"no checkpoint to resume from: {path} does not exist")
     try:
@@ -391,30 +605,7 @@ def load_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD) -
     except Exception as exc:  # a truncated or overwritten file: say so, whatever numpy raised
         raise CheckpointError(f"checkpoint {path} is corrupted or not a refnorm checkpoint "
                               f"({type(exc).__name__}: {exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT}")
-    saved, wanted = meta["config"], _config_dict(config)
-    differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {wanted[k]!r}"
-              for k in wanted if saved.get(k) != wanted[k]]
-    if differ:
-        raise CheckpointError(f"checkpoint {path} belongs to another configuration; "
-                              + "; ".join(differ))
-    for key, layer, name in model.named_params():
-        for prefix, target in (("param", layer.params), ("velocity", opt.velocity)):
-            k = f"{prefix}/{key}"
-            if k not in arrays or arrays[k].shape != layer.params[name].shape:
-                raise CheckpointError(f"checkpoint {path} does not match the model: {k} is "
-                                      "missing or has another shape")
-            if prefix == "param":
-                target[name] = arrays[k]
-            else:
-                target[key] = arrays[k]
-    for i, layer in enumerate(model.layers()):
-        layer.state = {name: arrays[f"state/{i}/{name}"] for name in layer.state}
-        ready = meta["population_ready"][i]
-        if ready is not None:
-            layer.population_ready = ready
-    return meta["epoch"], meta["step"], meta["history"], meta["sums"]
+    return arrays, meta
 
 
 # -- progress -----------------------------------------------------------------------------------
@@ -427,14 +618,13 @@ class Progress:
         self.enabled = enabled
         self.tty = enabled and sys.stderr.isatty()
 
-    def update(self, epoch, epochs, step, steps, sums) -> None:
+    def update(self, position: Position, epochs: int, steps: int) -> None:
         if not self.tty:
             return
-        done = int(30 * step / steps)
-        loss = sums[0] / max(sums[2], 1)
-        acc = sums[1] / max(sums[2], 1)
-        sys.stderr.write(f"\repoch {epoch + 1}/{epochs} [{'#' * done}{'.' * (30 - done)}] "
-                         f"loss {loss:.3f} acc {acc:.3f}")
+        done = int(30 * position.step / steps)
+        sys.stderr.write(f"\repoch {position.epoch + 1}/{epochs} [{'#' * done}{'.' * (30 - done)}] "
+                         f"loss {position.totals.mean_loss():.3f} "
+                         f"acc {position.totals.accuracy():.3f}")
         sys.stderr.flush()
 
     def epoch_done(self, row: dict) -> None:

@@ -1,4 +1,4 @@
-"""The trainer and the study: learning, resuming bit-identically, and the promised errors."""
+"""The trainer: learning, resuming bit-identically, checkpoints, and the promised errors."""
 
 from __future__ import annotations
 
@@ -7,14 +7,20 @@ import json
 import numpy as np
 import pytest
 
-from refnorm.cli import main
-from refnorm.train.study import StudyConfig, run_study
+from refnorm.train import trainer
+from refnorm.train.optim import SGD
 from refnorm.train.trainer import (
     CHECKPOINT,
+    FORMAT,
     CheckpointError,
     NonFiniteLoss,
     TrainConfig,
+    build_model,
+    load_checkpoint,
+    predict,
+    prepare_data,
     train,
+    train_step,
 )
 
 SMALL = {"train_subset": 192, "widths": (8, 8, 8), "average_samples": 64}
@@ -74,9 +80,10 @@ def test_resume_is_bit_identical(tmp_path, stop):
     a, b = params_of(full), params_of(resumed)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    for la, lb in zip(full.model.layers(), resumed.model.layers()):
+    for la, lb in zip(full.model.layers(), resumed.model.layers(), strict=True):
         for key in la.state:
             np.testing.assert_array_equal(la.state[key], lb.state[key])
+
     def without_time(history):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
@@ -139,44 +146,6 @@ def test_bad_configuration():
         train(config(batch_size=64, accumulation=64), progress=False)
 
 
-# -- the command line -----------------------------------------------------------------------------
-
-
-def test_cli_train_and_resume(tmp_path, capsys):
-    args = ["train", "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path)]
-    assert main(args) == 0
-    assert "final test accuracy" in capsys.readouterr().out
-    assert main(args + ["--resume"]) == 0  # nothing left to do: same parameters
-
-
-def test_cli_missing_data_files_are_named(tmp_path, capsys):
-    assert main(["train", "--data", f"mnist:{tmp_path}", "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "train-images-idx3-ubyte" in err and "t10k-labels-idx1-ubyte" in err
-
-
-def test_cli_corrupted_checkpoint(tmp_path, capsys):
-    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
-    assert main(["train", "--epochs", "1", "--out", str(tmp_path), "--resume"]) == 2
-    assert "corrupted or not a refnorm checkpoint" in capsys.readouterr().err
-
-
-# -- the study ----------------------------------------------------------------------------------
-
-
-def test_study_report_has_every_cell(tmp_path):
-    study = StudyConfig(methods=("bn", "gn", "sn", "wn"), batch_sizes=(4, 16), update_size=16,
-                        epochs=1, train_subset=96)
-    report = run_study(study, tmp_path, jobs=1, log=lambda line: None)
-    text = report.read_text()
-    table = [line for line in text.splitlines() if line.startswith("| ") and "batch" not in line]
-    assert len(table) == 4
-    assert all(cell.strip() and "nan" not in cell for row in table for cell in row.split("|")[1:-1])
-    assert text.count("by this run") >= 4
-    for png in ("accuracy_vs_batch.png", "sn_ratios.png", "wn_vs_bn.png"):
-        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
-
-
 def test_interrupt_inside_a_step_forgets_its_running_statistics(tmp_path):
     # Ctrl-C during the second micro-batch of an update: BN's running statistics have already
     # seen the first one. The checkpoint must hold the state from before the update, or the
@@ -202,7 +171,7 @@ def test_interrupt_inside_a_step_forgets_its_running_statistics(tmp_path):
     resumed = train(cfg, out=tmp_path / "cut", resume=True, progress=False)
     for key, value in params_of(full).items():
         np.testing.assert_array_equal(value, params_of(resumed)[key])
-    for la, lb in zip(full.model.layers(), resumed.model.layers()):
+    for la, lb in zip(full.model.layers(), resumed.model.layers(), strict=True):
         for key in la.state:
             np.testing.assert_array_equal(la.state[key], lb.state[key])
 
@@ -215,3 +184,132 @@ def test_accumulation_averages_micro_batch_gradients():
     for key, value in params_of(a).items():
         # float32 sums in a different order: ~1e-7 relative per step, 12 steps.
         np.testing.assert_allclose(value, params_of(b)[key], rtol=1e-4, atol=1e-5)
+
+
+# -- what a checkpoint holds --------------------------------------------------------------------
+
+
+def _fresh(cfg):
+    data = prepare_data(cfg)
+    model = build_model(cfg, data)
+    return data, model, SGD(model, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def _sn_layers(model):
+    return [layer for layer in model.layers() if "population_ready" in layer.state]
+
+
+def test_checkpoint_carries_sn_population_readiness_in_the_state(tmp_path):
+    # SN with the batch average: a checkpoint taken inside the first epoch holds layers with
+    # no population statistics yet; one taken after an epoch holds ready ones.
+    cfg = config(norm="sn", epochs=2)
+
+    def stop(epoch, step, model):
+        if (epoch, step) == (0, 2):
+            raise KeyboardInterrupt
+
+    assert train(cfg, out=tmp_path, progress=False, on_step=stop).interrupted
+    data, model, opt = _fresh(cfg)
+    load_checkpoint(tmp_path / CHECKPOINT, cfg, model, opt)
+    assert _sn_layers(model) and not any(bool(l.state["population_ready"])
+                                         for l in _sn_layers(model))
+    with pytest.raises(RuntimeError, match="population statistics"):
+        predict(model, data.x_test[:4])
+
+    done = train(cfg, out=tmp_path, resume=True, progress=False)
+    data, model, opt = _fresh(cfg)
+    load_checkpoint(tmp_path / CHECKPOINT, cfg, model, opt)
+    assert all(bool(l.state["population_ready"]) for l in _sn_layers(model))
+    # Evaluation straight from the checkpoint gives the run's own last test accuracy.
+    acc = float(np.mean(np.argmax(predict(model, data.x_test), 1) == data.y_test))
+    assert acc == done.history[-1]["test_acc"]
+
+
+def test_checkpoint_of_another_format_is_refused(tmp_path):
+    cfg = config(epochs=1)
+    train(cfg, out=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    meta["format"] = FORMAT - 1
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(CheckpointError, match=rf"has format {FORMAT - 1}, expected {FORMAT}"):
+        train(cfg, out=tmp_path, resume=True, progress=False)
+
+
+def test_checkpoint_missing_a_state_array_is_refused(tmp_path):
+    cfg = config(epochs=1, norm="bn")
+    train(cfg, out=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if not k.endswith("/running_var")}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(CheckpointError, match=r"does not match the model: state/\d+/running_var"):
+        train(cfg, out=tmp_path, resume=True, progress=False)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_bytes(b"old")
+
+    def half_then_fail(f):
+        f.write(b"new, half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        trainer._atomic_write(path, half_then_fail)
+    assert path.read_bytes() == b"old" and not list(tmp_path.glob("*.tmp"))
+
+
+# -- one step -----------------------------------------------------------------------------------
+
+
+def _snapshot(model, opt):
+    return ([{k: v.copy() for k, v in l.params.items()} for l in model.layers()],
+            [{k: np.copy(v) for k, v in l.state.items()} for l in model.layers()],
+            {k: v.copy() for k, v in opt.velocity.items()})
+
+
+def _assert_same(a, b):
+    for part_a, part_b in zip(a[:2], b[:2], strict=True):
+        for da, db in zip(part_a, part_b, strict=True):
+            assert da.keys() == db.keys()
+            for k in da:
+                np.testing.assert_array_equal(da[k], db[k])
+    for k in a[2]:
+        np.testing.assert_array_equal(a[2][k], b[2][k])
+
+
+@pytest.mark.parametrize("where", ["forward", "update"])
+def test_ctrl_c_inside_a_step_undoes_it(monkeypatch, where):
+    cfg = config(norm="bn", batch_size=4, accumulation=2)
+    data, model, opt = _fresh(cfg)
+    x, y = data.x_train[:8], data.y_train[:8]
+    train_step(model, opt, x, y, config=cfg, lr=0.05)  # momentum and running stats non-zero
+    before = _snapshot(model, opt)
+    if where == "forward":  # the second micro-batch, after BN saw the first
+        calls = {"n": 0}
+        original = model.forward
+
+        def forward(x, training):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return original(x, training)
+
+        monkeypatch.setattr(model, "forward", forward)
+    else:  # the update has replaced parameters and momentum when Ctrl-C arrives
+        original_step = SGD.step
+
+        def step(self, grads, lr):
+            original_step(self, grads, lr)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(SGD, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train_step(model, opt, x, y, config=cfg, lr=0.05)
+    _assert_same(before, _snapshot(model, opt))
