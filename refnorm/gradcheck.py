@@ -41,7 +41,9 @@ such a gradient at a point where it is larger, or with a larger ``h``). The floo
 rounding of ``L`` with ``y`` correct to a few ulps; a forward whose own rounding error is
 much larger than ``eps * |y|`` (one that cancels large terms, e.g. a normalizer fed
 ``|mean| >> std``) makes the real noise larger than the floor, and the check then fails a
-correct backward: loudly, never silently. The truncation error of central differences,
+correct backward: loudly, never silently. Measured: SN over ("ln", "bn") on (3, 2) inputs
+``5 * randn + 12`` whose two LN values lie 0.014 apart deviates by 6.7 floors (by at most 0.5
+floor when every group's spread is above 0.5). The truncation error of central differences,
 ``h**2 / 6 * |d^3 L / du^3|`` (about 1.7e-13 times the third derivative at ``h = 1e-6``), is
 not modelled; it matters only for functions whose third derivatives exceed ``1e4 * S`` or so
 (a tiny variance with a tiny ``eps``), and it too can only make a correct backward fail.
