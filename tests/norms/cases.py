@@ -3,18 +3,27 @@
 Each entry says how to call the method's pure functions and, independently of refnorm's
 code, which elements share a statistic (``view``): the tests compute expected statistics
 with numpy from that description alone.
+
+Inputs are drawn value by value (``hypothesis.extra.numpy``), so a failure shrinks to a
+small readable array; shrunk arrays are often constant within a group (variance 0), and the
+tolerances below are derived from each drawn case rather than fixed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 import refnorm
+from tests.core.strategies import float_arrays, nonzero_reals
+
+U64 = np.finfo(np.float64).eps
 
 
 @dataclass(frozen=True)
@@ -87,3 +96,55 @@ def group_sum(method: Method, a: np.ndarray, options) -> np.ndarray:
     """Sum of ``a`` over each statistic group (the group's reduction axes)."""
     view, axes = method.view(a.shape, options)
     return a.reshape(view).sum(axis=axes)
+
+
+def draw_inputs(data, config):
+    """``(x, gamma, beta, dy)`` for a drawn ``(shape, options, eps)``, value by value.
+
+    ``x = c + u``: ``u`` in [-10, 10] and a drawn offset ``c`` in [5, 15], so every group has
+    a real mean to subtract (CS231n's ``5 * randn + 12``). ``gamma`` is of size 0.25 to 4
+    with either sign (``dx`` is proportional to it: near 0 it would sink below what finite
+    differences resolve); ``beta`` and ``dy`` are anything in [-10, 10].
+    """
+    shape, _, _ = config
+    C = shape[1]
+    x = data.draw(float_arrays(shape), label="u") + data.draw(st.floats(5.0, 15.0), label="c")
+    gamma = data.draw(arrays(np.float64, (C,), elements=nonzero_reals()), label="gamma")
+    beta = data.draw(float_arrays((C,)), label="beta")
+    dy = data.draw(float_arrays(shape), label="dy")
+    return x, gamma, beta, dy
+
+
+def per_group(method: Method, a: np.ndarray, options, reduce=np.max) -> np.ndarray:
+    """``reduce`` of ``a`` over each statistic group, broadcast back to ``a.shape``."""
+    view, axes = method.view(a.shape, options)
+    r = reduce(a.reshape(view), axis=axes, keepdims=True)
+    return np.broadcast_to(r, view).reshape(a.shape)
+
+
+def x_hat_rounding(method: Method, x: np.ndarray, options, eps: float) -> np.ndarray:
+    """A bound on the float64 rounding error of a computed ``x_hat``, per element.
+
+    The mean of m values of size <= max|x| is off by up to (m - 1) u max|x| (u = 2.2e-16,
+    the naive summation bound; numpy's pairwise sums do better), each deviation x - mu by
+    (m + 1) u max|x|; the variance's error moves rstd = 1/sqrt(var + eps) by as much
+    relative to the deviations, times |x_hat| <= sqrt(m). Scaled by rstd that is
+    (2 + sqrt(m)) (m + 1) u max|x| rstd, plus rounding of the O(sqrt(m)) result itself.
+    Large where a group is nearly constant (rstd -> 1/sqrt(eps)) and far from 0.
+    """
+    m = stat_count(method, x.shape, options)
+    _, var = reference_stats(method, x, options)
+    size = per_group(method, np.abs(x), options)
+    return (2 + np.sqrt(m)) * (m + 1) * U64 * (size / np.sqrt(var + eps) + 1.0)
+
+
+def assert_within(actual, expected, bound, what: str) -> None:
+    """Assert ``|actual - expected| <= bound`` elementwise, naming the worst element."""
+    actual = np.asarray(actual)
+    expected = np.broadcast_to(expected, actual.shape)
+    bound = np.broadcast_to(bound, actual.shape)
+    excess = np.abs(actual - expected) - bound
+    assert not np.isnan(excess).any(), f"{what}: NaN in {actual!r} or {expected!r}"
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert excess[worst] <= 0, (f"{what}: at {worst} got {actual[worst]!r}, expected "
+                                f"{expected[worst]!r} within {bound[worst]!r}")

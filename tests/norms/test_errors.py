@@ -27,7 +27,8 @@ def test_too_few_dimensions(method, shape):
 
 
 def test_instance_norm_needs_a_spatial_axis():
-    with pytest.raises(ValueError, match=r"x must have layout .*spatial axis.*at least 3.*\(4, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"x must have layout .*spatial axis.*at least 3.*\(4, 3\)"):
         refnorm.instance_norm_forward(np.ones((4, 3)), np.ones(3), np.zeros(3))
 
 
@@ -82,7 +83,8 @@ def test_eps_must_be_a_number(method, eps):
 @pytest.mark.parametrize("groups", [3, 0, -2, 5])
 def test_groups_must_divide_channels(groups):
     x, gamma, beta = good_args(C=4)
-    with pytest.raises(ValueError, match=rf"num_groups must be a positive divisor .*C=4.*got num_groups={groups}"):
+    with pytest.raises(ValueError, match=rf"num_groups must be a positive divisor .*C=4"
+                                         rf".*got num_groups={groups}"):
         refnorm.group_norm_forward(x, gamma, beta, num_groups=groups)
 
 
@@ -100,7 +102,8 @@ def test_group_norm_layer_checks_groups_at_construction():
 @pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1), (1, 3, 1)])
 def test_batch_norm_training_with_a_single_value_per_channel(shape):
     C = shape[1]
-    with pytest.raises(ValueError, match=r"batch normalization in training needs more than 1 value per statistic.*gives 1"):
+    with pytest.raises(ValueError, match=r"batch normalization in training needs more than "
+                                         r"1 value per statistic.*gives 1"):
         refnorm.batch_norm_forward(np.ones(shape), np.ones(C), np.zeros(C))
     with pytest.raises(ValueError, match=r"batch normalization in training"):
         refnorm.batch_norm_forward_graph(np.ones(shape), np.ones(C), np.zeros(C))
@@ -133,7 +136,8 @@ def test_group_norm_single_value_groups_are_refused():
 
 def test_running_statistics_are_checked():
     x, gamma, beta = good_args(C=4)
-    with pytest.raises(ValueError, match=r"running_mean must have shape \(C,\) = \(4,\).*; got shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(C,\) = \(4,\).*; "
+                                         r"got shape \(3,\)"):
         refnorm.batch_norm_eval_forward(x, gamma, beta, np.zeros(3), np.ones(4))
     with pytest.raises(ValueError, match=r"running_var must be >= 0 everywhere"):
         refnorm.batch_norm_eval_forward(x, gamma, beta, np.zeros(4), -np.ones(4))
@@ -166,7 +170,8 @@ def test_momentum_range(momentum):
         refnorm.BatchNorm(4, momentum=momentum)
 
 
-@pytest.mark.parametrize(("num_channels", "error"), [(0, ValueError), (2.0, TypeError), (True, TypeError)])
+@pytest.mark.parametrize(("num_channels", "error"),
+                         [(0, ValueError), (2.0, TypeError), (True, TypeError)])
 def test_layer_channel_count(num_channels, error):
     with pytest.raises(error, match=r"num_channels must be"):
         refnorm.LayerNorm(num_channels)
