@@ -42,15 +42,16 @@ import numpy as np
 from refnorm.backend import Array, array_namespace, compute_dtype
 from refnorm.core.checks import check_cache, check_float_array, check_like
 from refnorm.layer import CheckCase, Layer
-from refnorm.nn.init import he_normal
 from refnorm.nn._checks import (
     as_pair,
     check_bias,
+    check_bool,
     check_param_dtype,
     check_positive_int,
     check_rank,
     is_int,
 )
+from refnorm.nn.init import he_normal
 
 
 class Window(NamedTuple):
@@ -435,8 +436,7 @@ class Conv2d(Layer):
         self.kernel_size = as_pair("kernel_size", kernel_size, minimum=1)
         self.stride = as_pair("stride", stride, minimum=1)
         self.padding = as_pair("padding", padding, minimum=0)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool; got {type(bias).__name__}")
+        bias = check_bool("bias", bias)
         self.xp = np if xp is None else xp
         self.dtype = check_param_dtype(self.xp, dtype)
         shape = (out_channels, in_channels) + self.kernel_size    # (C_out, C_in, KH, KW)

@@ -22,6 +22,7 @@ from refnorm.core.checks import check_cache, check_like
 from refnorm.layer import CheckCase, Layer
 from refnorm.nn._checks import (
     check_bias,
+    check_bool,
     check_param_dtype,
     check_positive_int,
     check_rank,
@@ -177,8 +178,7 @@ class Linear(Layer):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool; got {type(bias).__name__}")
+        bias = check_bool("bias", bias)
         self.xp = np if xp is None else xp
         self.dtype = check_param_dtype(self.xp, dtype)
         self.params = {"w": he_normal((out_features, in_features), fan_in=in_features,
