@@ -321,7 +321,8 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
     -------
     y : array, ``x.shape``
     h, x_hat : arrays, (N, C, S)
-    rstd : array, (N, C, 1)
+    rstd : array, (N, C, 1), or the broadcast shape of the mixed variances as the reference
+        has it ((1, C, 1) with the BN scope alone, (N, 1, 1) with LN alone)
     mu, var : dicts of every scope ("in", "ln", "bn") to arrays (N, C, 1), (N, 1, 1),
         (1, C, 1), as :func:`refnorm.norms.switchable.scope_moments` returns them
     """
@@ -346,7 +347,7 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
                           np.broadcast_to(rstd, (N, C, 1))[:, :, 0], (gamma, beta))
     dtype = xp2.dtype
     return (y, xp2.reshape(N, C, S), x_hat.reshape(N, C, S),
-            np.broadcast_to(rstd, (N, C, 1)).astype(dtype),
+            rstd.astype(dtype),
             {k: v.astype(dtype) for k, v in mu.items()},
             {k: v.astype(dtype) for k, v in var.items()})
 
@@ -361,7 +362,7 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     ----------
     dy : array, (N, C, *spatial) or (N, C, S)
     x_hat : array, (N, C, S)
-    rstd : array, (N, C, 1)
+    rstd : array, broadcastable to (N, C, 1)
     gamma : array, (C,)
     stats : (mu, var), the dicts :func:`sn_forward` returned
     ratios : (w_mean, w_var), arrays (K,)
@@ -380,7 +381,7 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     w_m, w_v = (np.asarray(w, dtype=np.float64) for w in ratios)
     dy2, xh2, s_dy, s_dyx = _grad_sums(np.reshape(dy, x_hat.shape), x_hat)   # (N, C)
     g = np.asarray(gamma, dtype=np.float64)
-    r = np.asarray(rstd, dtype=np.float64).reshape(N, C)
+    r = np.broadcast_to(np.asarray(rstd, dtype=np.float64), (N, C, 1)).reshape(N, C)
     dvar = -0.5 * r * r * g * s_dyx                              # (N, C)  SN Eq. (7)
     dmu = -r * g * s_dy                                          # (N, C)  SN Eq. (8)
     dmu_in = np.zeros((N, C))

@@ -1,0 +1,202 @@
+"""Fast convolution, max pooling and ReLU backward on numpy arrays (numba loops, BLAS).
+
+- :func:`conv_forward` / :func:`conv_backward` equal :func:`refnorm.nn.conv.conv2d_forward`
+  and :func:`refnorm.nn.conv.conv2d_backward`: the same im2col and matrix products (numpy's
+  BLAS), with im2col and col2im as single parallel passes
+  (:func:`~refnorm.kernels._loops.im2col` reads x once and writes the columns once;
+  :func:`~refnorm.kernels._loops.col2im` reads the columns once and writes ``dx`` once,
+  instead of the reference's zero padding and zero interleaving per kernel offset).
+- :func:`max_pool_forward` / :func:`max_pool_backward` equal
+  :func:`refnorm.nn.pooling.max_pool2d_forward` / ``max_pool2d_backward``, ties to the first
+  maximum in row-major window order, without building the windows.
+- :func:`relu_backward` equals :func:`refnorm.nn.activations.relu_backward`, optionally in
+  place.
+
+Hyperparameters are given as checked pairs (the public functions check them first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refnorm.kernels import _loops
+from refnorm.kernels.norms import compute_array
+
+
+def out_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Window positions along one axis: ``(size + 2 pad - kernel) // stride + 1``."""
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
+           padding: tuple[int, int]) -> np.ndarray:
+    """Equals :func:`refnorm.nn.conv.im2col`.
+
+    Parameters
+    ----------
+    x : array, (N, C, H, W)
+    kernel, stride, padding : pairs of int
+
+    Returns
+    -------
+    cols : array, (C * KH * KW, N * H_out * W_out), compute dtype of ``x``
+    """
+    xc = compute_array(x)
+    N, C, H, W = xc.shape
+    H_out = out_size(H, kernel[0], stride[0], padding[0])
+    W_out = out_size(W, kernel[1], stride[1], padding[1])
+    cols = np.empty((C * kernel[0] * kernel[1], N * H_out * W_out), dtype=xc.dtype)
+    _loops.im2col(xc, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
+                  H_out, W_out, cols)
+    return cols
+
+
+def col2im(cols: np.ndarray, x_shape: tuple[int, int, int, int], kernel: tuple[int, int],
+           stride: tuple[int, int], padding: tuple[int, int]) -> np.ndarray:
+    """Equals :func:`refnorm.nn.conv.col2im`.
+
+    Parameters
+    ----------
+    cols : array, (C * KH * KW, N * H_out * W_out)
+    x_shape : (N, C, H, W)
+    kernel, stride, padding : pairs of int
+
+    Returns
+    -------
+    dx : array, (N, C, H, W), compute dtype of ``cols``
+    """
+    cc = compute_array(cols)
+    H_out = out_size(x_shape[2], kernel[0], stride[0], padding[0])
+    W_out = out_size(x_shape[3], kernel[1], stride[1], padding[1])
+    dx = np.empty(x_shape, dtype=cc.dtype)
+    _loops.col2im(cc, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
+                  H_out, W_out, dx)
+    return dx
+
+
+def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
+                 stride: tuple[int, int], padding: tuple[int, int]) -> tuple:
+    """Equals :func:`refnorm.nn.conv.conv2d_forward`.
+
+    Parameters
+    ----------
+    x : array, (N, C_in, H, W)
+    w : array, (C_out, C_in, KH, KW)
+    b : array, (C_out,), or None
+    stride, padding : pairs of int
+
+    Returns
+    -------
+    y : array, (N, C_out, H_out, W_out), dtype of ``x``
+    cols : array, (C_in * KH * KW, N * H_out * W_out), compute dtype (the cache's ``cols``)
+    w_mat : array, (C_out, C_in * KH * KW), compute dtype (the cache's ``w_mat``)
+    """
+    C_out = w.shape[0]
+    cols = im2col(x, (w.shape[2], w.shape[3]), stride, padding)
+    w_mat = np.ascontiguousarray(w, dtype=cols.dtype).reshape(C_out, -1)
+    y = w_mat @ cols                                             # (C_out, N H_out W_out)
+    if b is not None:
+        y += np.asarray(b, dtype=cols.dtype).reshape(C_out, 1)
+    N = x.shape[0]
+    H_out = out_size(x.shape[2], w.shape[2], stride[0], padding[0])
+    W_out = out_size(x.shape[3], w.shape[3], stride[1], padding[1])
+    y = y.reshape(C_out, N, H_out, W_out).transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(y, dtype=x.dtype), cols, w_mat
+
+
+def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
+                  x_shape: tuple[int, int, int, int], window: tuple) -> tuple:
+    """Equals :func:`refnorm.nn.conv.conv2d_backward`.
+
+    Parameters
+    ----------
+    dy : array, (N, C_out, H_out, W_out)
+    cols, w_mat : the arrays :func:`conv_forward` returned
+    x_shape : (N, C_in, H, W)
+    window : (kernel, stride, padding), pairs of int
+
+    Returns
+    -------
+    dx : array, (N, C_in, H, W), dtype of ``cols``
+    dw : array, (C_out, C_in * KH * KW) reshaped to (C_out, C_in, KH, KW)
+    db : array, (C_out,)
+    """
+    kernel, stride, padding = window
+    C_out = dy.shape[1]
+    dy_mat = np.ascontiguousarray(
+        np.asarray(dy, dtype=cols.dtype).transpose(1, 0, 2, 3)).reshape(C_out, -1)
+    dw = (dy_mat @ cols.T).reshape((C_out, x_shape[1]) + tuple(kernel))
+    dcols = w_mat.T @ dy_mat                                     # (C_in KH KW, N H_out W_out)
+    dx = col2im(dcols, x_shape, kernel, stride, padding)
+    return dx, dw, dy_mat.sum(axis=1)
+
+
+def max_pool_forward(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> tuple:
+    """Equals :func:`refnorm.nn.pooling.max_pool2d_forward` (no padding).
+
+    Parameters
+    ----------
+    x : array, (N, C, H, W)
+    kernel, stride : pairs of int
+
+    Returns
+    -------
+    y : array, (N, C, H_out, W_out), dtype of ``x``
+    argmax : int64 array, (C, N * H_out * W_out)
+        The cache's ``argmax``: index ``i KW + j`` of each window's first maximum.
+    """
+    xc = compute_array(x)
+    N, C, H, W = xc.shape
+    H_out = out_size(H, kernel[0], stride[0], 0)
+    W_out = out_size(W, kernel[1], stride[1], 0)
+    y = np.empty((N, C, H_out, W_out), dtype=xc.dtype)
+    argmax = np.empty((C, N * H_out * W_out), dtype=np.int64)
+    _loops.max_pool(xc, kernel[0], kernel[1], stride[0], stride[1], y, argmax)
+    return y.astype(x.dtype, copy=False), argmax
+
+
+def max_pool_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, int, int, int],
+                      kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
+    """Equals :func:`refnorm.nn.pooling.max_pool2d_backward`.
+
+    Parameters
+    ----------
+    dy : array, (N, C, H_out, W_out)
+    argmax : int array, (C, N * H_out * W_out)
+    x_shape : (N, C, H, W)
+    kernel, stride : pairs of int
+
+    Returns
+    -------
+    dx : array, (N, C, H, W), compute dtype of ``dy``
+    """
+    dyc = compute_array(dy)
+    dx = np.empty(x_shape, dtype=dyc.dtype)
+    _loops.max_pool_backward(dyc, np.ascontiguousarray(argmax), kernel[0], kernel[1],
+                             stride[0], stride[1], dx)
+    return dx
+
+
+def relu_backward(dy: np.ndarray, positive: np.ndarray, *, out: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """Equals :func:`refnorm.nn.activations.relu_backward`.
+
+    Parameters
+    ----------
+    dy : array, any shape
+    positive : bool array, ``dy.shape`` (the cache's ``x > 0``)
+    out : array, ``dy.shape``, C-contiguous, dtype of ``dy``, optional
+        Where to write ``dx``; may be ``dy`` itself when the caller owns that buffer.
+
+    Returns
+    -------
+    dx : array, ``dy.shape``, dtype of ``dy``
+    """
+    dyc = np.ascontiguousarray(dy)
+    if out is None:
+        out = np.empty_like(dyc)
+    elif not (out.flags.c_contiguous and out.shape == dyc.shape and out.dtype == dyc.dtype):
+        raise ValueError("out must be a C-contiguous array of dy's shape and dtype")
+    _loops.relu_backward(dyc.reshape(-1), np.ascontiguousarray(positive).reshape(-1),
+                         out.reshape(-1))
+    return out

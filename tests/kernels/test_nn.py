@@ -1,0 +1,101 @@
+"""Convolution, max pooling and ReLU backward kernels equal the reference (refnorm.nn).
+
+im2col, col2im and the pooling kernels move values without arithmetic (col2im and the pooling
+backward add up to KH KW of them), so float64 must agree to 1e-12 normwise and the argmax
+exactly; the convolution's matrix products are numpy's, given the same matrices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from refnorm import kernels
+from refnorm.nn.activations import relu_backward, relu_forward
+from refnorm.nn.conv import col2im, conv2d_backward, conv2d_forward, im2col
+from refnorm.nn.pooling import max_pool2d_backward, max_pool2d_forward
+from tests.kernels.helpers import assert_close, upstream
+from tests.nn.strategies import as_pair, conv_configs, pool_configs
+
+
+def _layout(draw, a: np.ndarray) -> np.ndarray:
+    """``a`` as drawn: C-contiguous, a non-contiguous view, or with negative strides."""
+    layout = draw(st.sampled_from(["contiguous", "strided", "reversed"]))
+    if layout == "strided":
+        return np.repeat(a, 2, axis=1)[:, ::2]
+    if layout == "reversed":
+        return np.flip(np.flip(a, (0, 3)).copy(), (0, 3))
+    return a
+
+
+@given(data=st.data())
+def test_im2col_col2im_equal_reference(data):
+    x_shape, w_shape, stride, padding, _ = data.draw(conv_configs(max_extra=4))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    x = _layout(data.draw, data.draw(arrays(dtype, x_shape, elements=st.floats(-9, 9, width=32))))
+    window = (tuple(w_shape[2:]), as_pair(stride), as_pair(padding))
+    cols = kernels.im2col(x, *window)
+    want = im2col(x, kernel_size=window[0], stride=stride, padding=padding)
+    np.testing.assert_array_equal(cols, want)  # a pure copy: bit-equal
+    c = upstream(want.shape, dtype, seed=x.size)
+    got = kernels.col2im(c, x_shape, *window)
+    assert_close("col2im", got, col2im(c, x_shape, kernel_size=window[0], stride=stride,
+                                       padding=padding), np.dtype(dtype).type)
+
+
+@given(data=st.data())
+def test_conv_equals_reference(data):
+    x_shape, w_shape, stride, padding, bias = data.draw(conv_configs(max_extra=4))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
+    x = _layout(data.draw, (rng.standard_normal(x_shape) + 3).astype(dtype))
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype) if bias else None
+    y_ref, cache = conv2d_forward(x, w, b, stride=stride, padding=padding)
+    window = (tuple(w_shape[2:]), as_pair(stride), as_pair(padding))
+    y, cols, w_mat = kernels.conv_forward(x, w, b, window[1], window[2])
+    t = np.dtype(dtype).type
+    assert_close("y", y, y_ref, t)
+    np.testing.assert_array_equal(cols, cache.cols)
+    np.testing.assert_array_equal(w_mat, cache.w_mat)
+    dy = upstream(y_ref.shape, dtype, seed=x.size)
+    dx, dw, db = kernels.conv_backward(dy, cols, w_mat, x_shape, window)
+    dx_ref, dw_ref, db_ref = conv2d_backward(dy, cache)
+    assert_close("dx", dx, dx_ref, t)
+    assert_close("dw", dw, dw_ref, t)
+    if bias:
+        assert_close("db", db, db_ref, t)
+
+
+@given(data=st.data())
+def test_max_pool_equals_reference_with_ties_and_nan(data):
+    x_shape, kernel_size, stride = data.draw(pool_configs(max_extra=4))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    # values from a small set, so that windows hold ties often; NaN sometimes
+    values = st.sampled_from([-1.0, 0.0, 0.5, 2.0]) | st.just(np.nan)
+    x = _layout(data.draw, data.draw(arrays(dtype, x_shape, elements=values)))
+    y_ref, cache = max_pool2d_forward(x, kernel_size=kernel_size, stride=stride)
+    k = as_pair(kernel_size)
+    s = k if stride is None else as_pair(stride)
+    y, argmax = kernels.max_pool_forward(x, k, s)
+    np.testing.assert_array_equal(y, y_ref)           # NaN where the reference has NaN
+    np.testing.assert_array_equal(argmax, cache.argmax)
+    dy = upstream(y_ref.shape, dtype, seed=x.size)
+    dx = kernels.max_pool_backward(dy, argmax, x_shape, k, s)
+    assert_close("dx", dx, max_pool2d_backward(dy, cache), np.dtype(dtype).type)
+
+
+@given(x=arrays(np.float64, st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 7)),
+                elements=st.sampled_from([-1.5, -0.0, 0.0, 2.0, np.nan])),
+       in_place=st.booleans())
+def test_relu_backward_equals_reference(x, in_place):
+    _, cache = relu_forward(x)
+    dy = upstream(x.shape, np.float64, seed=x.size)
+    want = relu_backward(dy, cache)
+    out = dy.copy() if in_place else None
+    got = kernels.relu_backward(dy if out is None else out, cache.positive, out=out)
+    np.testing.assert_array_equal(got, want)
+    if in_place:
+        assert got is out

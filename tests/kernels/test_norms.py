@@ -1,0 +1,188 @@
+"""The normalizer kernels equal the reference (refnorm.norms) on hypothesis-drawn inputs.
+
+Forward: the kernel on ``x`` (float32 or float64, any layout) against the reference in float64
+on the same values, every field the reference cache holds. Backward: the kernel given the
+reference cache's fields (cast to the dtype) against the reference backward in float64, so a
+backward error is not hidden behind or blamed on the forward. Tolerances: tests/kernels/helpers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refnorm import kernels
+from refnorm.norms.batch import batch_norm_backward, batch_norm_forward
+from refnorm.norms.group import group_norm_backward, group_norm_forward
+from refnorm.norms.instance import instance_norm_backward, instance_norm_forward
+from refnorm.norms.layer import layer_norm_backward, layer_norm_forward
+from tests.kernels.helpers import (
+    CHUNKING,
+    activations,
+    assert_close,
+    chunking,
+    kappa_of,
+    params,
+    rel_err,
+    sn_reference,
+    upstream,
+)
+
+EPS = 1e-5
+
+
+def _ref_gn(x, g, b, groups):
+    return group_norm_forward(x, g, b, num_groups=groups, eps=EPS)
+
+
+# name: (reference forward, reference backward, kernel forward, kernel backward, min ndim)
+METHODS = {
+    "bn": (lambda x, g, b, G: batch_norm_forward(x, g, b, eps=EPS), batch_norm_backward,
+           lambda x, g, b, G: kernels.bn_forward(x, g, b, EPS), kernels.bn_backward, 2),
+    "in": (lambda x, g, b, G: instance_norm_forward(x, g, b, eps=EPS), instance_norm_backward,
+           lambda x, g, b, G: kernels.in_forward(x, g, b, EPS), kernels.in_backward, 3),
+    "ln": (lambda x, g, b, G: layer_norm_forward(x, g, b, eps=EPS), layer_norm_backward,
+           lambda x, g, b, G: kernels.ln_forward(x, g, b, EPS), kernels.ln_backward, 2),
+    "gn": (_ref_gn, group_norm_backward,
+           lambda x, g, b, G: kernels.gn_forward(x, g, b, EPS, G), kernels.gn_backward, 2),
+}
+
+
+@st.composite
+def norm_cases(draw, method):
+    """(x, groups, chunk limits): N in 1..3, odd sizes, spatial rank 0..2 (>= 1 for IN)."""
+    min_ndim = METHODS[method][4]
+    N = draw(st.integers(1, 3))
+    G = draw(st.integers(1, 3)) if method == "gn" else 1
+    C = G * draw(st.integers(1, 3))
+    spatial = tuple(draw(st.lists(st.integers(1, 7), min_size=min_ndim - 2, max_size=2)))
+    shape = (N, C) + spatial
+    count = {"bn": N * math.prod(spatial), "in": math.prod(spatial),
+             "ln": C * math.prod(spatial), "gn": C // G * math.prod(spatial)}[method]
+    if count < 2:  # the reference refuses a statistic of one value; so would the dispatch
+        shape = (N, C) + spatial + (2,)
+    x = draw(activations(shape=shape))
+    return x, G, draw(CHUNKING)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@given(data=st.data())
+def test_forward_equals_reference(method, data):
+    ref_fwd, _, fwd, _, _ = METHODS[method]
+    x, G, limits = data.draw(norm_cases(method))
+    gamma, beta = params(x.shape[1], x.dtype, seed=x.size)
+    want_y, cache = ref_fwd(x.astype(np.float64), gamma.astype(np.float64),
+                            beta.astype(np.float64), G)
+    with chunking(limits):
+        y, x_hat, mean, var, rstd = fwd(x, gamma, beta, G)
+    kappa = kappa_of(cache.mean, cache.var, EPS)
+    assert y.dtype == x.dtype and x_hat.dtype == x.dtype
+    for name, got, want in (("y", y, want_y), ("x_hat", x_hat, cache.x_hat),
+                            ("mean", mean, cache.mean), ("var", var, cache.var),
+                            ("rstd", rstd, cache.rstd)):
+        assert got.shape == want.shape, (name, got.shape, want.shape)
+        assert_close(name, got, want, x.dtype.type, kappa)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@given(data=st.data())
+def test_backward_equals_reference(method, data):
+    ref_fwd, ref_bwd, _, bwd, _ = METHODS[method]
+    x, G, limits = data.draw(norm_cases(method))
+    dtype = x.dtype.type
+    gamma, beta = params(x.shape[1], np.float64, seed=x.size)
+    _, cache = ref_fwd(x.astype(np.float64), gamma, beta, G)
+    dy = upstream(x.shape, np.float64, seed=x.size + 1)
+    want = ref_bwd(dy, cache)
+    flip = data.draw(st.booleans())  # a negative-stride dy
+    dy_k = dy.astype(dtype)[::-1][::-1] if not flip else np.flip(dy[::-1].astype(dtype), 0)
+    with chunking(limits):
+        got = bwd(dy_k, cache.x_hat.astype(dtype), cache.rstd.astype(dtype),
+                  gamma.astype(dtype))
+    terms = _term_scale(dy, gamma, cache.rstd)
+    for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
+        assert g.dtype == dtype, (name, g.dtype)
+        assert_close(name, g, w, dtype, scale=terms if name == "dx" else 0.0)
+
+
+def _term_scale(dy, gamma, rstd) -> float:
+    """``max|gamma| max|rstd| max|dy|``, a bound on the size of dx's terms (helpers.rel_err)."""
+    return float(np.max(np.abs(gamma)) * np.max(rstd) * np.max(np.abs(dy)))
+
+
+def test_float32_large_offset_beats_the_one_pass_formula():
+    """1e4 + randn in float32: the kernel's moments agree with float64 to float32 rounding,
+    where E[x^2] - E[x]^2 in float32 loses every digit (the reason this test exists)."""
+    rng = np.random.default_rng(0)
+    x = (1e4 + rng.standard_normal((2, 4, 33, 31))).astype(np.float32)
+    gamma, beta = np.ones(4, np.float32), np.zeros(4, np.float32)
+    _, _, mean, var, _ = kernels.bn_forward(x, gamma, beta, EPS)
+    x64 = x.astype(np.float64)
+    want = x64.var(axis=(0, 2, 3))
+    assert rel_err(var.ravel(), want) < 1e-6
+    one_pass = (x * x).mean(axis=(0, 2, 3)) - x.mean(axis=(0, 2, 3)) ** 2
+    assert rel_err(one_pass, want) > 1e-2  # the failure the kernel avoids
+
+
+@st.composite
+def sn_cases(draw):
+    N, C = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    spatial = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=2)))
+    if math.prod(spatial) < 2:
+        spatial = spatial + (2,)
+    scopes = tuple(draw(st.permutations(["in", "ln", "bn"]))[:draw(st.integers(1, 3))])
+    if N * math.prod(spatial) < 2 or C * math.prod(spatial) < 2:
+        scopes = ("in",)
+    x = draw(activations(shape=(N, C) + spatial))
+    in_correction = draw(st.sampled_from([0, 1]))
+    hard = draw(st.booleans())
+    logits = [np.asarray(draw(arrays_k(len(scopes)))) for _ in range(2)]
+    return x, scopes, in_correction, hard, logits, draw(CHUNKING)
+
+
+def arrays_k(K):
+    return st.lists(st.floats(-2, 2, allow_nan=False), min_size=K, max_size=K).map(np.array)
+
+
+@given(case=sn_cases())
+def test_switchable_equals_reference(case):
+    x, scopes, corr, hard, logits, limits = case
+    dtype = x.dtype.type
+    N, C = x.shape[:2]
+    gamma, beta = params(C, np.float64, seed=x.size)
+    want_y, cache, backward = sn_reference(
+        x.astype(np.float64), gamma, beta, logits, eps=EPS, scopes=scopes, in_correction=corr,
+        hard=hard)
+    ratios = (cache.w_mean, cache.w_var)
+    with chunking(limits):
+        y, h, x_hat, rstd, mu, var = kernels.sn_forward(
+            x, gamma.astype(dtype), beta.astype(dtype), *ratios, eps=EPS, scopes=scopes,
+            in_correction=corr)
+    kappa = kappa_of(cache.mu["in"], cache.var["in"], EPS)
+    for name, got, want in (("y", y, want_y), ("h", h, cache.h), ("x_hat", x_hat, cache.x_hat),
+                            ("rstd", rstd, cache.rstd)):
+        assert_close(name, got, want, dtype, kappa)
+    for k in ("in", "ln", "bn"):
+        if k in cache.mu:
+            assert_close(f"mu[{k}]", mu[k], cache.mu[k], dtype, kappa)
+            assert_close(f"var[{k}]", var[k], cache.var[k], dtype, kappa)
+    dy = upstream(x.shape, np.float64, seed=x.size + 1)
+    want = backward(dy)
+    stats = ({k: v.astype(dtype) for k, v in cache.mu.items()},
+             {k: v.astype(dtype) for k, v in cache.var.items()})
+    with chunking(limits):
+        got = kernels.sn_backward(
+            dy.astype(dtype), cache.x_hat.astype(dtype), cache.rstd.astype(dtype),
+            gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr, hard=hard)
+    names = ("dx", "dgamma", "dbeta", "dmean_logits", "dvar_logits")
+    for name, g, w in zip(names, got, want):
+        # the logit gradients are sums of products of statistics with their gradients:
+        # relative to the mean's magnitude their conditioning is kappa, as for the forward
+        k = kappa if name.endswith("logits") else 1.0
+        terms = _term_scale(dy, gamma, cache.rstd)
+        assert_close(name, np.reshape(g, np.shape(w)), w, dtype, k,
+                     scale=terms if name == "dx" else 0.0)
