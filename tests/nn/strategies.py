@@ -1,8 +1,16 @@
-"""Hypothesis strategies shared by the nn tests: small window configurations."""
+"""Hypothesis strategies shared by the nn tests: small window configurations, and array
+values drawn element by element (``hypothesis.extra.numpy``) so that a failure shrinks to a
+small readable array rather than to a seed."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from tests.core.strategies import float_arrays, reals
 
 
 def pair_or_int(draw, values):
@@ -43,3 +51,38 @@ def pool_configs(draw, *, max_extra=3):
 
 def as_pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@st.composite
+def conv_arrays(draw, config):
+    """(x, w, b) for a :func:`conv_configs` draw: x in [-10, 10], w and b in [-1, 1] (as
+    He-initialized weights are), b None without a bias."""
+    x_shape, w_shape, _, _, bias = config
+    x = draw(float_arrays(x_shape))
+    w = draw(float_arrays(w_shape, -1.0, 1.0))
+    b = draw(float_arrays((w_shape[0],), -1.0, 1.0)) if bias else None
+    return x, w, b
+
+
+def away_from_zero(shape, gap: float = 0.1):
+    """Values in [-10, -gap] or [gap, 10]: no finite-difference step below ``gap`` crosses 0."""
+    size = st.floats(gap, 10.0, allow_nan=False, allow_infinity=False, width=64)
+    return arrays(np.float64, shape, elements=st.one_of(size, size.map(lambda v: -v)))
+
+
+def small_integers(shape, top: int = 2):
+    """Integer-valued floats 0..top: ties in a pooling window are common."""
+    return arrays(np.float64, shape, elements=st.integers(0, top).map(float))
+
+
+@st.composite
+def distinct_values(draw, shape, spacing: float = 0.5):
+    """``12 + spacing * k`` for a drawn permutation k of 0..n-1: no two entries closer than
+    ``spacing``, so no pooling window has a tie and a small step never moves an argmax."""
+    n = math.prod(shape)
+    order = draw(st.permutations(range(n)))
+    return 12.0 + spacing * np.asarray(order, dtype=np.float64).reshape(shape)
+
+
+__all__ = ["as_pair", "away_from_zero", "conv_arrays", "conv_configs", "distinct_values",
+           "float_arrays", "pool_configs", "reals", "small_integers"]

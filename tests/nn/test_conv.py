@@ -12,38 +12,38 @@ from refnorm.backend import to_numpy
 from refnorm.gradcheck import check_vjp
 from refnorm.nn import col2im, conv2d_backward, conv2d_forward, im2col, sliding_window
 from tests.nn.reference import conv2d_loops
-from tests.nn.strategies import as_pair, conv_configs
+from tests.nn.strategies import as_pair, conv_arrays, conv_configs, float_arrays
 
-# Central differences with h = 1e-6 on float64 values of scale ~10 leave relative errors of
-# ~1e-8 (rounding / h); a wrong or missing term shows up at 1e-2 or more.
-FD_TOLERANCE = 1e-6
+U64 = np.finfo(np.float64).eps
 
-
-def draw_arrays(data, config):
-    """x = 5 randn + 12 (a real mean), w and b standard normal, from a drawn seed."""
-    x_shape, w_shape, _, _, bias = config
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
-    x = 5.0 * rng.standard_normal(x_shape) + 12.0
-    w = rng.standard_normal(w_shape)
-    b = rng.standard_normal(w_shape[0]) if bias else None
-    return x, w, b
+# conv2d is linear in x and in w (and in b) separately, so the central difference along one
+# element is exact for any step: with a step of 1 what is left is the rounding of the two
+# sums L it subtracts, ~1e-16 of the outputs' size (<= 30 here) against gradients of size
+# >= 1e-3 (no drawn value is smaller but 0), < 1e-11. A wrong or missing term shows at 1e-2.
+FD_STEP = 1.0
+FD_TOLERANCE = 1e-8
 
 
 @given(data=st.data(), config=conv_configs())
 def test_forward_matches_direct_loops(xp, data, config):
-    x, w, b = draw_arrays(data, config)
-    _, _, stride, padding, _ = config
+    x, w, b = data.draw(conv_arrays(config), label="x, w, b")
+    _, (_, C_in, KH, KW), stride, padding, _ = config
     y, _ = conv2d_forward(xp.asarray(x), xp.asarray(w), None if b is None else xp.asarray(b),
                           stride=stride, padding=padding)
     expected = conv2d_loops(x, w, b, as_pair(stride), as_pair(padding))
     assert tuple(y.shape) == expected.shape
-    # Sums of at most 27 products of size ~15 in another order: rounding ~1e-13.
-    np.testing.assert_allclose(to_numpy(y), expected, rtol=1e-12, atol=1e-12)
+    # The same K + 1 terms (K = C_in KH KW products and the bias) summed in another order:
+    # each sum is within K u of the sum of the terms' sizes, which the loops give on |x|, |w|.
+    K = C_in * KH * KW
+    sizes = conv2d_loops(np.abs(x), np.abs(w), None if b is None else np.abs(b),
+                         as_pair(stride), as_pair(padding))
+    np.testing.assert_array_less(np.abs(to_numpy(y) - expected), 2 * (K + 1) * U64 * sizes
+                                 + np.finfo(np.float64).tiny)
 
 
 @given(data=st.data(), config=conv_configs())
 def test_gradients_match_finite_differences(xp, data, config):
-    x, w, b = draw_arrays(data, config)
+    x, w, b = data.draw(conv_arrays(config), label="x, w, b")
     _, _, stride, padding, bias = config
 
     def f(x, w, b=None):
@@ -58,7 +58,7 @@ def test_gradients_match_finite_differences(xp, data, config):
         return {"x": dx, "w": dw} | ({"b": db} if bias else {})
 
     inputs = {"x": x, "w": w} | ({"b": b} if bias else {})
-    errors = check_vjp(f, vjp, inputs, seed=1)
+    errors = check_vjp(f, vjp, inputs, seed=1, step=FD_STEP)
     assert set(errors) == set(inputs)
     for name, err in errors.items():
         assert err.max_rel_error < FD_TOLERANCE, (name, err)
@@ -67,17 +67,17 @@ def test_gradients_match_finite_differences(xp, data, config):
 @given(data=st.data(), config=conv_configs())
 def test_col2im_is_the_adjoint_of_im2col(xp, data, config):
     x_shape, (_, _, KH, KW), stride, padding, _ = config
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
-    x = rng.standard_normal(x_shape)
+    x = data.draw(float_arrays(x_shape), label="x")
     kw = {"kernel_size": (KH, KW), "stride": stride, "padding": padding}
-    cols = im2col(xp.asarray(x), **kw)
-    c = rng.standard_normal(tuple(cols.shape))
-    back = col2im(xp.asarray(c), x_shape, **kw)
+    cols = to_numpy(im2col(xp.asarray(x), **kw))
+    c = data.draw(float_arrays(cols.shape), label="c")
+    back = to_numpy(col2im(xp.asarray(c), x_shape, **kw))
     assert tuple(back.shape) == x_shape
-    # <im2col(x), c> = <x, col2im(c)>: two sums of the same products in another order.
-    lhs = float(np.sum(to_numpy(cols) * c))
-    rhs = float(np.sum(x * to_numpy(back)))
-    assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-12 * c.size)
+    # <im2col(x), c> = <x, col2im(c)>: the same products (padding contributes zeros) summed
+    # in another grouping; each side is within n u of the sum of the products' sizes.
+    lhs = float(np.sum(cols * c))
+    rhs = float(np.sum(x * back))
+    assert abs(lhs - rhs) <= 2 * c.size * U64 * float(np.sum(np.abs(cols * c)))
 
 
 def test_im2col_columns_are_the_zero_padded_windows():
@@ -139,7 +139,7 @@ def test_inputs_are_not_modified(xp):
     dy = xp.asarray(rng.standard_normal(tuple(y.shape)))
     dy_before = to_numpy(dy).copy()
     conv2d_backward(dy, cache)
-    for a, b in zip(args, before):
+    for a, b in zip(args, before, strict=True):
         np.testing.assert_array_equal(to_numpy(a), b)
     np.testing.assert_array_equal(to_numpy(dy), dy_before)
 
@@ -170,7 +170,9 @@ def test_float16_computes_in_float32_and_returns_float16():
 def test_sliding_window_counts_positions():
     win = sliding_window((1, 1, 7, 5), kernel_size=(3, 2), stride=(2, 3), padding=(0, 1))
     assert win.kernel == (3, 2) and win.stride == (2, 3) and win.padding == (0, 1)
-    assert win.out == ((7 - 3) // 2 + 1, (5 + 2 - 2) // 3 + 1)
+    # Rows: windows of 3 start at 0, 2, 4 (one at 6 would need rows 6..8 of 7). Columns of
+    # the padded width 7: windows of 2 start at 0 and 3 (6 would need columns 6..7).
+    assert win.out == (3, 2)
 
 
 X = np.ones((2, 3, 5, 5))

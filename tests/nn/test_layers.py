@@ -1,5 +1,6 @@
-"""The nn layers: registry, gradcheck, equality with the pure functions, initialization,
-array_api_strict parameters, constructor errors, and a small network end to end."""
+"""The nn layers across modules: registry, gradcheck, equality with the pure functions,
+array_api_strict parameters, constructor errors, and a small network end to end.
+(He initialization is tested in test_init.py, the constructor checks in test_checks.py.)"""
 
 from __future__ import annotations
 
@@ -145,27 +146,6 @@ def test_params_keys_follow_bias():
     assert set(nn.Linear(2, 3, bias=False).params) == {"w"}
     for layer in (nn.ReLU(), nn.MaxPool2d(2), nn.AvgPool2d(2), nn.GlobalAvgPool()):
         assert layer.params == {} and layer.state == {}
-
-
-def test_he_normal_initialization():
-    conv = nn.Conv2d(16, 64, (3, 5), seed=7)
-    w, b = conv.params["w"], conv.params["b"]
-    assert w.shape == (64, 16, 3, 5) and w.dtype == np.float32 and b.dtype == np.float32
-    np.testing.assert_array_equal(b, np.zeros(64))
-    std = np.sqrt(2.0 / (16 * 3 * 5))
-    # 15360 draws: the sample std is within 3% of the truth with overwhelming probability
-    # (its relative standard error is 1/sqrt(2 * 15360) = 0.6%), the mean within 5 s.e.
-    assert abs(w.std() / std - 1) < 0.03
-    assert abs(w.mean()) < 5 * std / np.sqrt(w.size)
-    # The seed alone decides the weights, identically in every namespace and dtype.
-    expected = np.random.default_rng(7).standard_normal((64, 16, 3, 5)) * std
-    np.testing.assert_array_equal(nn.Conv2d(16, 64, (3, 5), seed=7, dtype=np.float64).params["w"],
-                                  expected)
-    assert not np.array_equal(nn.Conv2d(16, 64, (3, 5), seed=8).params["w"], w)
-    lin = nn.Linear(50, 40, seed=3, dtype=np.float64)
-    np.testing.assert_array_equal(
-        lin.params["w"], np.random.default_rng(3).standard_normal((40, 50)) * np.sqrt(2 / 50))
-    np.testing.assert_array_equal(lin.params["b"], np.zeros(40))
 
 
 def test_layers_live_in_array_api_strict():

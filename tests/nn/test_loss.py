@@ -7,17 +7,38 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from refnorm.backend import to_numpy
-from refnorm.gradcheck import check_vjp
+from refnorm.gradcheck import numerical_vjp
 from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
+from tests.core.strategies import float_arrays
 
-batches = st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**32 - 1))
+U64 = np.finfo(np.float64).eps
 
 
 def draw(N, K, seed, scale=3.0):
+    """Fixed logits and labels for the example tests (hypothesis tests draw their own)."""
     rng = np.random.default_rng(seed)
     return scale * rng.standard_normal((N, K)), rng.integers(0, K, N)
+
+
+@st.composite
+def batches(draw):
+    """(logits, labels): logits in [-10, 10] (e^10 is far from overflow, so the direct
+    formula is accurate), labels in [0, K)."""
+    N, K = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    logits = draw(float_arrays((N, K)))
+    labels = draw(arrays(np.int64, (N,), elements=st.integers(0, K - 1)))
+    return logits, labels
+
+
+def loss_rounding(logits):
+    """A bound on the rounding error of either loss formula: the log-sum-exp subtracts
+    logits of size <= max|z| and sums K exponentials (K u); the direct formula's log of
+    p_t, itself off by (K + 2) u relative, is off by that much absolutely."""
+    K = logits.shape[1]
+    return 4 * U64 * (np.max(np.abs(logits)) + K + 2)
 
 
 def direct_loss(logits, labels):
@@ -26,30 +47,38 @@ def direct_loss(logits, labels):
     return -np.mean(np.log(p[np.arange(len(labels)), labels]))
 
 
-@given(batch=batches)
+@given(batch=batches())
 def test_loss_matches_the_direct_formula(xp, batch):
-    logits, labels = draw(*batch)
+    logits, labels = batch
     loss, _ = softmax_cross_entropy(xp.asarray(logits), xp.asarray(labels))
     # A 0-d array of the namespace (numpy alone would reduce to a numpy scalar).
     assert tuple(loss.shape) == () and type(loss) is type(xp.asarray(logits))
-    # Logits of size ~3: the direct formula is accurate; both round differently at ~1e-15.
-    assert float(loss) == pytest.approx(direct_loss(logits, labels), rel=1e-12, abs=1e-14)
+    # Logits of size <= 10: the direct formula is accurate, and both are within
+    # loss_rounding of the exact loss (a loss near 0, a saturated softmax, is known only to
+    # that absolute error).
+    assert abs(float(loss) - direct_loss(logits, labels)) <= 2 * loss_rounding(logits)
 
 
-@given(batch=batches)
+@given(batch=batches())
 def test_gradient_matches_finite_differences(xp, batch):
-    logits, labels = draw(*batch)
+    logits, labels = batch
 
     def f(logits):
         return softmax_cross_entropy(xp.asarray(logits), xp.asarray(labels))[0]
 
-    def vjp(dloss, logits):
-        # The backward takes no upstream gradient: scale by the scalar dloss here.
-        _, cache = softmax_cross_entropy(xp.asarray(logits), xp.asarray(labels))
-        return {"logits": float(dloss) * to_numpy(softmax_cross_entropy_backward(cache))}
-
-    # Smooth in the logits: rounding of the central difference only (~1e-9 relative).
-    assert check_vjp(f, vjp, {"logits": logits}, seed=6)["logits"].max_rel_error < 1e-6
+    _, cache = softmax_cross_entropy(xp.asarray(logits), xp.asarray(labels))
+    analytic = to_numpy(softmax_cross_entropy_backward(cache))
+    # The output is one scalar, so an upstream gradient of 1 weights it as well as any.
+    h = 1e-6
+    numeric = numerical_vjp(f, {"logits": logits}, np.ones(()), "logits", step=h)
+    # Central differences of the loss: its rounding (loss_rounding) divided by h, plus the
+    # truncation h^2 / 6 |d^3 loss| <= h^2 / 3 (log-sum-exp's third derivatives are <= 2,
+    # over N samples). Where the softmax saturates (logits 20 apart) the gradient is ~1e-9,
+    # below that noise: there the check can only say "small"; elsewhere it is ~0.1 and a
+    # wrong term shows at 1e-2 of it.
+    noise = loss_rounding(logits) / h + h * h / 3
+    deviation = np.max(np.abs(analytic - numeric))
+    assert deviation <= 1e-6 * np.max(np.abs(analytic)) + noise, (deviation, noise)
 
 
 def test_gradient_is_softmax_minus_onehot_over_n_and_rows_sum_to_zero():

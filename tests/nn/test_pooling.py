@@ -19,17 +19,21 @@ from refnorm.nn import (
     max_pool2d_forward,
 )
 from tests.nn.reference import max_pool2d_backward_loops, pool2d_loops
-from tests.nn.strategies import as_pair, pool_configs
+from tests.nn.strategies import (
+    as_pair,
+    distinct_values,
+    float_arrays,
+    pool_configs,
+    small_integers,
+)
 
-# Central differences: ~1e-8 relative rounding for values of size ~10; wrong terms >= 1e-2.
-FD_TOLERANCE = 1e-6
+U64 = np.finfo(np.float64).eps
 
-
-def distinct_input(seed, shape):
-    """A shuffled ramp 12 + 0.5 k: no two entries closer than 0.5, so no window has a tie
-    and a finite-difference step of 1e-6 never moves a window's argmax."""
-    rng = np.random.default_rng(seed)
-    return (12.0 + 0.5 * rng.permutation(int(np.prod(shape)))).reshape(shape)
+# Average pooling is linear and max pooling piecewise linear with pieces at least 0.5 wide
+# (distinct_values): a central difference with step 0.1 is exact up to rounding, ~1e-15 of
+# the outputs' size (<= 20) against gradients of size ~1. A wrong term shows at 1e-2.
+FD_STEP = 0.1
+FD_TOLERANCE = 1e-8
 
 
 def kernel_stride(kernel_size, stride):
@@ -37,44 +41,46 @@ def kernel_stride(kernel_size, stride):
     return kernel, kernel if stride is None else as_pair(stride)
 
 
-seeds = st.integers(0, 2**32 - 1)
-
-
-@given(config=pool_configs(), seed=seeds)
-def test_max_pool_forward_and_backward_match_direct_loops(xp, config, seed):
+@given(st.data(), pool_configs())
+def test_max_pool_forward_and_backward_match_direct_loops(xp, data, config):
     shape, kernel_size, stride = config
-    rng = np.random.default_rng(seed)
     # Small integers: ties are common, and the loops take the first maximum as well.
-    x = rng.integers(0, 3, shape).astype(np.float64)
+    x = data.draw(small_integers(shape), label="x")
     y, cache = max_pool2d_forward(xp.asarray(x), kernel_size=kernel_size, stride=stride)
     kernel, strides = kernel_stride(kernel_size, stride)
     np.testing.assert_array_equal(to_numpy(y), pool2d_loops(x, kernel, strides, np.max))
-    dy = rng.standard_normal(tuple(y.shape))
+    dy = data.draw(float_arrays(tuple(y.shape)), label="dy")
     dx = max_pool2d_backward(xp.asarray(dy), cache)
-    # Sums of at most 9 window gradients, maybe in another order.
-    np.testing.assert_allclose(to_numpy(dx), max_pool2d_backward_loops(x, dy, kernel, strides),
-                               rtol=1e-14, atol=1e-14)
+    # Each dx is a sum of at most KH KW window gradients, maybe in another order: within
+    # KH KW u of the sum of their sizes (the loops on |dy|).
+    bound = kernel[0] * kernel[1] * U64 * max_pool2d_backward_loops(x, np.abs(dy), kernel, strides)
+    np.testing.assert_array_less(
+        np.abs(to_numpy(dx) - max_pool2d_backward_loops(x, dy, kernel, strides)),
+        2 * bound + np.finfo(np.float64).tiny)
 
 
-@given(config=pool_configs(), seed=seeds)
-def test_avg_pool_forward_matches_direct_loops(xp, config, seed):
+@given(st.data(), pool_configs())
+def test_avg_pool_forward_matches_direct_loops(xp, data, config):
     shape, kernel_size, stride = config
-    x = 5.0 * np.random.default_rng(seed).standard_normal(shape) + 12.0
+    x = data.draw(float_arrays(shape), label="x")
     y, _ = avg_pool2d_forward(xp.asarray(x), kernel_size=kernel_size, stride=stride)
     kernel, strides = kernel_stride(kernel_size, stride)
-    np.testing.assert_allclose(to_numpy(y), pool2d_loops(x, kernel, strides, np.mean),
-                               rtol=1e-14)
+    # A mean of KH KW values summed perhaps in another order: within (KH KW + 1) u of the
+    # mean of their sizes.
+    bound = (kernel[0] * kernel[1] + 1) * U64 * pool2d_loops(np.abs(x), kernel, strides, np.mean)
+    np.testing.assert_array_less(np.abs(to_numpy(y) - pool2d_loops(x, kernel, strides, np.mean)),
+                                 2 * bound + np.finfo(np.float64).tiny)
 
 
 @pytest.mark.parametrize("pool", ["max", "avg"])
-@given(config=pool_configs(), seed=seeds)
-def test_gradients_match_finite_differences(xp, pool, config, seed):
+@given(st.data(), pool_configs())
+def test_gradients_match_finite_differences(xp, pool, data, config):
     # Max pooling is differentiable only where each window's maximum is unique: the input
     # has no ties (tested separately below, where finite differences are invalid).
     shape, kernel_size, stride = config
     forward, backward = {"max": (max_pool2d_forward, max_pool2d_backward),
                          "avg": (avg_pool2d_forward, avg_pool2d_backward)}[pool]
-    x = distinct_input(seed, shape)
+    x = data.draw(distinct_values(shape), label="x")
 
     def f(x):
         return forward(xp.asarray(x), kernel_size=kernel_size, stride=stride)[0]
@@ -83,7 +89,7 @@ def test_gradients_match_finite_differences(xp, pool, config, seed):
         _, cache = forward(xp.asarray(x), kernel_size=kernel_size, stride=stride)
         return {"x": backward(xp.asarray(dy), cache)}
 
-    assert check_vjp(f, vjp, {"x": x}, seed=4)["x"].max_rel_error < FD_TOLERANCE
+    assert check_vjp(f, vjp, {"x": x}, seed=4, step=FD_STEP)["x"].max_rel_error < FD_TOLERANCE
 
 
 def test_max_pool_ties_send_the_gradient_to_the_first_maximum_in_row_major_order(xp):
@@ -137,12 +143,16 @@ def test_avg_pool_backward_spreads_dy_evenly():
     np.testing.assert_array_equal(dx[0, 0], np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]]) / 4)
 
 
-@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4),
-                       st.integers(1, 4)), seed=seeds)
-def test_global_avg_pool_matches_mean_and_finite_differences(xp, shape, seed):
-    x = 5.0 * np.random.default_rng(seed).standard_normal(shape) + 12.0
+@given(st.data(), st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4),
+                            st.integers(1, 4)))
+def test_global_avg_pool_matches_mean_and_finite_differences(xp, data, shape):
+    x = data.draw(float_arrays(shape), label="x")
     y, _ = global_avg_pool_forward(xp.asarray(x))
-    np.testing.assert_allclose(to_numpy(y), x.mean(axis=(2, 3)), rtol=1e-14)
+    # Means of H W values, perhaps summed in another order: within (H W + 1) u of the mean
+    # of their sizes.
+    bound = (shape[2] * shape[3] + 1) * U64 * np.abs(x).mean(axis=(2, 3))
+    np.testing.assert_array_less(np.abs(to_numpy(y) - x.mean(axis=(2, 3))),
+                                 2 * bound + np.finfo(np.float64).tiny)
 
     def f(x):
         return global_avg_pool_forward(xp.asarray(x))[0]
@@ -151,7 +161,7 @@ def test_global_avg_pool_matches_mean_and_finite_differences(xp, shape, seed):
         return {"x": global_avg_pool_backward(xp.asarray(dy),
                                               global_avg_pool_forward(xp.asarray(x))[1])}
 
-    assert check_vjp(f, vjp, {"x": x}, seed=5)["x"].max_rel_error < FD_TOLERANCE
+    assert check_vjp(f, vjp, {"x": x}, seed=5, step=FD_STEP)["x"].max_rel_error < FD_TOLERANCE
 
 
 def test_global_avg_pool_backward_is_dy_over_hw_and_writable():
