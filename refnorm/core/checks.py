@@ -53,7 +53,7 @@ def check_eps(eps: object, *, xp: ModuleType | None = None, dtype: Any = None) -
     """
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number; got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
+    if not (math.isfinite(eps) and float(eps) > 0):
         raise ValueError(f"eps must be finite and > 0; got {eps}")
     if xp is not None and dtype is not None and not bool(xp.asarray(eps, dtype=dtype) > 0):
         raise ValueError(f"eps={eps} rounds to 0 in {dtype}, the compute dtype; use a larger eps")
@@ -63,7 +63,7 @@ def check_momentum(momentum: object) -> None:
     """Check ``0 < momentum <= 1`` (PyTorch's convention: the weight of the new batch)."""
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a real number; got {type(momentum).__name__}")
-    if not 0 < momentum <= 1:
+    if not 0 < float(momentum) <= 1:
         raise ValueError(f"momentum must be in (0, 1]; got {momentum}")
 
 

@@ -108,7 +108,7 @@ def sliding_window(
             f"(H + 2 pad_h, W + 2 pad_w) = {padded}; got x of shape {tuple(x_shape)} "
             f"with padding {pads}"
         )
-    out = tuple((padded[a] - kernel[a]) // strides[a] + 1 for a in (0, 1))
+    out = ((padded[0] - kernel[0]) // strides[0] + 1, (padded[1] - kernel[1]) // strides[1] + 1)
     return Window(kernel, strides, pads, out)
 
 
@@ -148,7 +148,7 @@ def im2col(x: Array, *, kernel_size: Any, stride: Any = 1, padding: Any = 0) -> 
 
 def col2im(
     cols: Array,
-    x_shape: tuple[int, int, int, int],
+    x_shape: tuple[int, ...],
     *,
     kernel_size: Any,
     stride: Any = 1,

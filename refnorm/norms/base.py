@@ -93,6 +93,11 @@ class ChannelNorm(Layer):
         Array namespace the parameters live in.
     """
 
+    xp: ModuleType
+    dtype: Any
+    eps: float
+    num_channels: int
+
     def __init__(
         self,
         num_channels: int,
