@@ -308,3 +308,110 @@ def relu_backward(dy, positive, dx):  # pragma: no cover - compiled
     """
     for i in prange(dy.shape[0]):
         dx[i] = dy[i] if positive[i] else 0
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def unit_forward(x, base, stride, K, gamma, beta, eps, y, x_hat, mean, var):  # pragma: no cover
+    """Statistics of a whole unit and its normalize+affine, in one task while it is cached.
+
+    A *unit* is the set of planes one statistic covers: for BN channel c the planes
+    ``c + n C`` (``stride = C``, ``K = N``); for GN row (n, g) the planes
+    ``n C + g C/G + k`` (``stride = 1``, ``K = C/G``; LN and IN are G = 1 and G = C). Equals
+    :func:`refnorm.core.moments.moments` (two passes, shifted by the unit's first value) and
+    then :func:`refnorm.core.standardize.standardize` and
+    :func:`refnorm.core.affine.affine_forward`.
+
+    Parameters
+    ----------
+    x : array, (B, S), C-contiguous planes
+    base : int64 array, (U,)
+        The first plane of each unit.
+    stride, K : int
+        Planes ``base[u] + k * stride`` for k < K belong to unit u.
+    gamma, beta : float64 arrays, (B,)
+        The parameters of each plane's channel.
+    eps : float
+    y, x_hat : arrays, (B, S), written
+    mean, var : float64 arrays, (U,), written
+    """
+    S = x.shape[1]
+    m = K * S
+    for u in prange(base.shape[0]):
+        shift = np.float64(x[base[u], 0])
+        s = 0.0
+        for k in range(K):
+            row = x[base[u] + k * stride]
+            for i in range(S):
+                s += np.float64(row[i]) - shift
+        mu = shift + s / m
+        q = 0.0
+        for k in range(K):
+            row = x[base[u] + k * stride]
+            for i in range(S):
+                d = np.float64(row[i]) - mu
+                q += d * d
+        v = q / m
+        r = 1.0 / np.sqrt(v + eps)
+        mean[u] = mu
+        var[u] = v
+        for k in range(K):
+            b = base[u] + k * stride
+            xr = x[b]
+            yr = y[b]
+            hr = x_hat[b]
+            g = gamma[b]
+            c = beta[b]
+            for i in range(S):
+                h = (np.float64(xr[i]) - mu) * r
+                hr[i] = h
+                yr[i] = h * g + c
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def unit_backward(dy, x_hat, base, stride, K, gamma, rstd, dx, sum_dy, sum_dy_xhat):  # pragma: no cover
+    """The closed-form backward of a whole unit (see :func:`unit_forward`) in one task.
+
+    Equals :func:`refnorm.core.affine.affine_backward` then
+    :func:`refnorm.core.standardize.standardize_backward` over the unit:
+    ``dx = rstd (gamma dy - mean(gamma dy) - x_hat mean(gamma dy x_hat))``; the per-plane sums
+    of ``dy`` and ``dy x_hat`` (for dbeta and dgamma) come out of the same first pass.
+
+    Parameters
+    ----------
+    dy, x_hat : arrays, (B, S), C-contiguous
+    base : int64 array, (U,); stride, K : int
+    gamma : float64 array, (B,)
+    rstd : float64 array, (U,)
+    dx : array, (B, S), written
+    sum_dy, sum_dy_xhat : float64 arrays, (B,), written
+    """
+    S = dy.shape[1]
+    m = K * S
+    for u in prange(base.shape[0]):
+        a = 0.0
+        c = 0.0
+        for k in range(K):
+            b = base[u] + k * stride
+            dr = dy[b]
+            hr = x_hat[b]
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(S):
+                d = np.float64(dr[i])
+                s1 += d
+                s2 += d * np.float64(hr[i])
+            sum_dy[b] = s1
+            sum_dy_xhat[b] = s2
+            a += gamma[b] * s1
+            c += gamma[b] * s2
+        r = rstd[u]
+        k_one = -r * a / m
+        k_xhat = -r * c / m
+        for k in range(K):
+            b = base[u] + k * stride
+            dr = dy[b]
+            hr = x_hat[b]
+            out = dx[b]
+            k_dy = r * gamma[b]
+            for i in range(S):
+                out[i] = k_dy * np.float64(dr[i]) + k_one + k_xhat * np.float64(hr[i])

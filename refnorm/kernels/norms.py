@@ -43,6 +43,8 @@ from refnorm.kernels import _loops
 
 MIN_CHUNK = 2048     # values per task below which a task costs more than it computes
 MAX_CHUNK = 16384    # values per task above which its second pass falls out of the L1/L2 cache
+MAX_UNIT = 1 << 18   # values per statistic above which its later passes fall out of L2
+UNIT_PATH = "auto"   # "auto" | "always" | "never": whole-statistic tasks (the tests force each)
 
 
 # -- layout helpers ---------------------------------------------------------------------------
@@ -139,6 +141,61 @@ def _stat_shape(x: np.ndarray, lead: tuple[int, ...], extra: int = 0) -> tuple[i
     return lead + (1,) * (x.ndim - len(lead) + extra)
 
 
+def _use_units(num_units: int, unit_size: int) -> bool:
+    """Whether one task per statistic (:func:`~refnorm.kernels._loops.unit_forward`) keeps
+    every thread busy and its data in cache; else planes and chunks with a merge."""
+    if UNIT_PATH != "auto":
+        return UNIT_PATH == "always"
+    threads = numba.get_num_threads()
+    return unit_size <= MAX_UNIT and (num_units >= 4 * threads or num_units % threads == 0)
+
+
+def _units(N: int, C: int, G: int | None) -> tuple[np.ndarray, int, int]:
+    """(base, stride, K) of the units: BN channels (``G`` None) or (n, g) rows."""
+    if G is None:
+        return np.arange(C, dtype=np.int64), C, N
+    cpg = C // G
+    base = (np.arange(N, dtype=np.int64)[:, None] * C + np.arange(G) * cpg).ravel()
+    return base, 1, cpg
+
+
+def _plane_params(p: np.ndarray, N: int) -> np.ndarray:
+    """A per-channel vector (C,) repeated for each plane: (N * C,) float64."""
+    return np.tile(np.asarray(p, dtype=np.float64), N)
+
+
+def _unit_forward(x, gamma, beta, eps, G):
+    """Forward with one task per statistic; returns y, x_hat, mean, var, rstd (U,) float64."""
+    N, C = x.shape[:2]
+    xp2 = planes(x)
+    base, stride, K = _units(N, C, G)
+    y = np.empty_like(xp2)
+    x_hat = np.empty_like(xp2)
+    mean = np.empty(base.shape[0])
+    var = np.empty(base.shape[0])
+    _loops.unit_forward(xp2, base, stride, K, _plane_params(gamma, N), _plane_params(beta, N),
+                        float(eps), y, x_hat, mean, var)
+    rstd = 1.0 / np.sqrt(var + eps)
+    y = y.reshape(x.shape).astype(x.dtype, copy=False)
+    return y, x_hat.reshape(x.shape), mean, var, rstd, xp2.dtype
+
+
+def _unit_backward(dy, x_hat, rstd_u, gamma, G):
+    """Backward with one task per statistic; ``rstd_u`` (U,). Returns dx, dgamma, dbeta."""
+    N, C = x_hat.shape[:2]
+    xh2 = planes(x_hat)
+    dy2 = np.ascontiguousarray(dy, dtype=xh2.dtype).reshape(xh2.shape)
+    base, stride, K = _units(N, C, G)
+    dx = np.empty_like(xh2)
+    s_dy = np.empty(N * C)
+    s_dyx = np.empty(N * C)
+    _loops.unit_backward(dy2, xh2, base, stride, K, _plane_params(gamma, N),
+                         np.ascontiguousarray(rstd_u, dtype=np.float64).ravel(), dx, s_dy, s_dyx)
+    dgamma = s_dyx.reshape(N, C).sum(axis=0).astype(gamma.dtype)
+    dbeta = s_dy.reshape(N, C).sum(axis=0).astype(gamma.dtype)
+    return dx.reshape(x_hat.shape), dgamma, dbeta
+
+
 # -- BN ---------------------------------------------------------------------------------------
 
 
@@ -157,12 +214,17 @@ def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
     x_hat : array, ``x.shape``, compute dtype
     mean, var, rstd : arrays, (1, C, 1, ...), compute dtype
     """
+    N, C = x.shape[:2]
+    shape = _stat_shape(x, (1, C))
+    if _use_units(C, x.size // C):
+        y, x_hat, *stats, dtype = _unit_forward(x, gamma, beta, eps, None)
+        return (y, x_hat) + _cast_stats(dtype, shape, *stats)
     xp2, mean, m2, counts = _plane_moments(x)
     mu, M2, n = _merge(mean, m2, counts, (0, 2))                 # (1, C, 1)
     var = M2 / n
     rstd = 1.0 / np.sqrt(var + eps)
     y, x_hat = _normalize(xp2, x, mu[:, :, 0], rstd[:, :, 0], (gamma, beta))
-    return (y, x_hat) + _cast_stats(xp2.dtype, _stat_shape(x, (1, x.shape[1])), mu, var, rstd)
+    return (y, x_hat) + _cast_stats(xp2.dtype, shape, mu, var, rstd)
 
 
 def _cast_stats(dtype, shape, *stats) -> tuple:
@@ -184,6 +246,8 @@ def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     dgamma, dbeta : arrays, (C,), dtype of ``gamma``
     """
     N, C = x_hat.shape[:2]
+    if _use_units(C, x_hat.size // C):
+        return _unit_backward(dy, x_hat, rstd, gamma, None)
     dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)
     m = x_hat.size // C
     dbeta, dgamma = s_dy.sum(axis=0), s_dyx.sum(axis=0)       # (C,)
@@ -199,6 +263,10 @@ def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
 def _grouped_forward(x, gamma, beta, eps, G):
     """Statistics per (n, g) over C/G consecutive channels; returns y, x_hat, (N, G) stats."""
     N, C = x.shape[:2]
+    if _use_units(N * G, x.size // (N * G)):
+        y, x_hat, mean_u, var_u, rstd_u, dtype = _unit_forward(x, gamma, beta, eps, G)
+        return (y, x_hat, mean_u.reshape(N, G), var_u.reshape(N, G), rstd_u.reshape(N, G),
+                dtype)
     xp2, mean, m2, counts = _plane_moments(x)
     P = mean.shape[2]
     mu, M2, n = _merge(mean.reshape(N, G, C // G, P), m2.reshape(N, G, C // G, P), counts,
@@ -216,6 +284,8 @@ def _grouped_backward(dy, x_hat, rstd_ng, gamma):
     """Backward with statistics per (n, g); ``rstd_ng`` (N, G)."""
     N, C = x_hat.shape[:2]
     G = rstd_ng.shape[1]
+    if _use_units(N * G, x_hat.size // (N * G)):
+        return _unit_backward(dy, x_hat, rstd_ng, gamma, G)
     dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)                # (N, C) each
     g = np.asarray(gamma, dtype=np.float64)                      # (C,)
     m = x_hat.size // (N * G)

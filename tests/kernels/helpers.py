@@ -50,9 +50,12 @@ def rel_err(got, want, scale: float = 0.0) -> float:
     return float(err / scale) if scale > 0 else float(err)
 
 
-def tolerance(dtype, kappa: float = 1.0) -> float:
-    """The tolerance for ``dtype`` (see the module docstring)."""
-    return RTOL64 * kappa if dtype == np.float64 else RTOL32
+def tolerance(dtype, kappa: float = 1.0, *, float32_kappa: bool = False) -> float:
+    """The tolerance for ``dtype`` (see the module docstring); ``float32_kappa`` where a
+    float32 result depends on float32-rounded means given as inputs (SN's backward)."""
+    if dtype == np.float64:
+        return RTOL64 * kappa
+    return RTOL32 * (kappa if float32_kappa else 1.0)
 
 
 def kappa_of(mean, var, eps: float) -> float:
@@ -60,25 +63,32 @@ def kappa_of(mean, var, eps: float) -> float:
     return 1.0 + float(np.max(np.abs(mean)) / np.min(np.sqrt(np.asarray(var) + eps)))
 
 
-def assert_close(name: str, got, want, dtype, kappa: float = 1.0, scale: float = 0.0) -> None:
-    """Assert ``rel_err(got, want, scale) <= tolerance(dtype, kappa)``."""
-    err, tol = rel_err(got, want, scale), tolerance(dtype, kappa)
+def assert_close(name: str, got, want, dtype, kappa: float = 1.0, scale: float = 0.0, *,
+                 float32_kappa: bool = False) -> None:
+    """Assert ``rel_err(got, want, scale) <= tolerance(dtype, kappa, float32_kappa=...)``."""
+    err, tol = rel_err(got, want, scale), tolerance(dtype, kappa, float32_kappa=float32_kappa)
     assert err <= tol, f"{name}: normwise relative error {err:.3g} > {tol:.3g} ({dtype.__name__})"
 
 
 @contextlib.contextmanager
-def chunking(limits):
-    """Force small chunks (``limits = (min_chunk, max_chunk)``) so that small drawn arrays
-    exercise planes cut into several chunks and their merge; ``None`` keeps the defaults."""
-    if limits is None:
-        yield
-        return
-    with mock.patch.object(kernel_norms, "MIN_CHUNK", limits[0]), \
-            mock.patch.object(kernel_norms, "MAX_CHUNK", limits[1]):
+def chunking(layout):
+    """Force a work layout of the normalizer kernels, ``layout = (unit_path, limits)``.
+
+    ``unit_path`` "always" runs one task per statistic, "never" planes cut into chunks and
+    merged; ``limits = (min_chunk, max_chunk)`` makes those chunks small so that small drawn
+    arrays exercise several chunks per plane (``None`` keeps the defaults).
+    """
+    unit_path, limits = layout
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(kernel_norms, "UNIT_PATH", unit_path))
+        if limits is not None:
+            stack.enter_context(mock.patch.object(kernel_norms, "MIN_CHUNK", limits[0]))
+            stack.enter_context(mock.patch.object(kernel_norms, "MAX_CHUNK", limits[1]))
         yield
 
 
-CHUNKING = st.sampled_from([None, (1, 2), (1, 3), (2, 5)])
+CHUNKING = st.sampled_from([("always", None), ("never", None), ("never", (1, 2)),
+                            ("never", (1, 3)), ("never", (2, 5))])
 
 
 def _spread(shape) -> np.ndarray:
@@ -130,10 +140,19 @@ def sn_reference(x, gamma, beta, logits, *, eps, scopes, in_correction, hard=Fal
     """The reference SN forward and compact backward for the kernel tests, in one place.
 
     The only code that knows the reference SN signature (being refactored): returns
-    ``(y, cache, backward)`` with ``backward(dy) -> (dx, dgamma, dbeta, dml, dvl)``.
+    ``(y, cache, backward, logit_scale)`` with ``backward(dy) -> (dx, dgamma, dbeta, dml,
+    dvl)`` and ``logit_scale(dy) -> (mean, var)``, the largest term ``|w_k S_k|`` of each
+    logit gradient ``w_k (S_k - sum_j w_j S_j)`` (which cancels when the S_k are close).
     """
     from refnorm.norms import switchable as sn
 
     options = sn.SwitchableOptions(scopes=tuple(scopes), in_correction=in_correction, hard=hard)
     y, cache = sn.switchable_norm_forward(x, gamma, beta, *logits, eps=eps, options=options)
-    return y, cache, lambda dy: sn.switchable_norm_backward_compact(dy, cache)
+
+    def logit_scale(dy):
+        _, dvar, dmu = sn.statistic_gradients(dy.reshape(cache.h.shape), cache)
+        return tuple(max(abs(float(w[i] * np.sum(g * stats[k]))) for i, k in enumerate(scopes))
+                     for w, g, stats in ((cache.w_mean, dmu, cache.mu),
+                                         (cache.w_var, dvar, cache.var)))
+
+    return y, cache, lambda dy: sn.switchable_norm_backward_compact(dy, cache), logit_scale

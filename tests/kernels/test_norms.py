@@ -104,7 +104,7 @@ def test_backward_equals_reference(method, data):
         got = bwd(dy_k, cache.x_hat.astype(dtype), cache.rstd.astype(dtype),
                   gamma.astype(dtype))
     terms = _term_scale(dy, gamma, cache.rstd)
-    for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want):
+    for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want, strict=True):
         assert g.dtype == dtype, (name, g.dtype)
         assert_close(name, g, w, dtype, scale=terms if name == "dx" else 0.0)
 
@@ -154,7 +154,7 @@ def test_switchable_equals_reference(case):
     dtype = x.dtype.type
     N, C = x.shape[:2]
     gamma, beta = params(C, np.float64, seed=x.size)
-    want_y, cache, backward = sn_reference(
+    want_y, cache, backward, logit_scale = sn_reference(
         x.astype(np.float64), gamma, beta, logits, eps=EPS, scopes=scopes, in_correction=corr,
         hard=hard)
     ratios = (cache.w_mean, cache.w_var)
@@ -179,10 +179,13 @@ def test_switchable_equals_reference(case):
             dy.astype(dtype), cache.x_hat.astype(dtype), cache.rstd.astype(dtype),
             gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr, hard=hard)
     names = ("dx", "dgamma", "dbeta", "dmean_logits", "dvar_logits")
-    for name, g, w in zip(names, got, want):
-        # the logit gradients are sums of products of statistics with their gradients:
-        # relative to the mean's magnitude their conditioning is kappa, as for the forward
-        k = kappa if name.endswith("logits") else 1.0
-        terms = _term_scale(dy, gamma, cache.rstd)
-        assert_close(name, np.reshape(g, np.shape(w)), w, dtype, k,
-                     scale=terms if name == "dx" else 0.0)
+    scales = dict(zip(("dmean_logits", "dvar_logits"), logit_scale(dy), strict=True),
+                  dx=_term_scale(dy, gamma, cache.rstd))
+    for name, g, w in zip(names, got, want, strict=True):
+        # dx needs differences of cached means (mu_mix - mu_in, mu_in - mu_k), held by a
+        # float32 cache to eps32 |mean| only, and the logit gradients are sums of products of
+        # the statistics: both are conditioned by kappa, as the forward is (dgamma, dbeta
+        # are not: they need dy and x_hat only)
+        k = 1.0 if name in ("dgamma", "dbeta") else kappa
+        assert_close(name, np.reshape(g, np.shape(w)), w, dtype, k, scale=scales.get(name, 0.0),
+                     float32_kappa=True)
