@@ -4,7 +4,11 @@ Profiles (select with HYPOTHESIS_PROFILE, default ``ci``):
 
 - ``ci``: hypothesis's own ``ci`` profile (derandomized, no deadline, no example database)
   with a bounded number of examples so the whole suite stays within a few minutes on 2 cores;
-- ``thorough``: ten times the examples, for a deeper local run.
+- ``thorough``: ten times the examples, for a deeper local run. It must pass as ``ci`` does:
+  the property tests draw array values element by element (``hypothesis.extra.numpy``, see
+  ``tests/core/strategies.py``) and derive each tolerance from the drawn case, so the rarer
+  cases a longer run finds (a group of two close values, a constant array) are covered by
+  the same bounds instead of by luck.
 """
 
 from __future__ import annotations
