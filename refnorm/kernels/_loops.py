@@ -310,57 +310,66 @@ def relu_backward(dy, positive, dx):  # pragma: no cover - compiled
         dx[i] = dy[i] if positive[i] else 0
 
 
+@njit(cache=True, inline="always")
+def unit_plane(u, k, C, G):  # pragma: no cover - compiled
+    """Plane index (n C + c) of the k-th plane of unit u: BN channel u (``G == 0``, k = n)
+    or GN row u = (n, g) (k the channel within the group)."""
+    if G == 0:
+        return u + k * C
+    return (u // G) * C + (u % G) * (C // G) + k
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def unit_forward(x, base, stride, K, gamma, beta, eps, y, x_hat, mean, var):  # pragma: no cover
+def unit_forward(x, C, G, gamma, beta, eps, y, x_hat, stats):  # pragma: no cover - compiled
     """Statistics of a whole unit and its normalize+affine, in one task while it is cached.
 
-    A *unit* is the set of planes one statistic covers: for BN channel c the planes
-    ``c + n C`` (``stride = C``, ``K = N``); for GN row (n, g) the planes
-    ``n C + g C/G + k`` (``stride = 1``, ``K = C/G``; LN and IN are G = 1 and G = C). Equals
-    :func:`refnorm.core.moments.moments` (two passes, shifted by the unit's first value) and
-    then :func:`refnorm.core.standardize.standardize` and
+    A *unit* is the set of planes one statistic covers: for BN (``G = 0``) channel c, the
+    planes ``n C + c``; for GN row (n, g), the C/G planes of the group's channels (LN and IN
+    are G = 1 and G = C). Equals :func:`refnorm.core.moments.moments` (two passes, shifted by
+    the unit's first value), then :func:`refnorm.core.standardize.standardize` and
     :func:`refnorm.core.affine.affine_forward`.
 
     Parameters
     ----------
-    x : array, (B, S), C-contiguous planes
-    base : int64 array, (U,)
-        The first plane of each unit.
-    stride, K : int
-        Planes ``base[u] + k * stride`` for k < K belong to unit u.
-    gamma, beta : float64 arrays, (B,)
-        The parameters of each plane's channel.
+    x : array, (N * C, S), C-contiguous planes
+    C, G : int
+        Channels, and groups (0 for BN).
+    gamma, beta : arrays, (C,)
     eps : float
-    y, x_hat : arrays, (B, S), written
-    mean, var : float64 arrays, (U,), written
+    y, x_hat : arrays, (N * C, S), written
+    stats : array, (3, U), written
+        Mean, biased variance and rstd of each unit (U = C for BN, N G for GN).
     """
-    S = x.shape[1]
+    B, S = x.shape
+    U = stats.shape[1]
+    K = B // U
     m = K * S
-    for u in prange(base.shape[0]):
-        shift = np.float64(x[base[u], 0])
+    for u in prange(U):
+        shift = np.float64(x[unit_plane(u, 0, C, G), 0])
         s = 0.0
         for k in range(K):
-            row = x[base[u] + k * stride]
+            row = x[unit_plane(u, k, C, G)]
             for i in range(S):
                 s += np.float64(row[i]) - shift
         mu = shift + s / m
         q = 0.0
         for k in range(K):
-            row = x[base[u] + k * stride]
+            row = x[unit_plane(u, k, C, G)]
             for i in range(S):
                 d = np.float64(row[i]) - mu
                 q += d * d
         v = q / m
         r = 1.0 / np.sqrt(v + eps)
-        mean[u] = mu
-        var[u] = v
+        stats[0, u] = mu
+        stats[1, u] = v
+        stats[2, u] = r
         for k in range(K):
-            b = base[u] + k * stride
+            b = unit_plane(u, k, C, G)
             xr = x[b]
             yr = y[b]
             hr = x_hat[b]
-            g = gamma[b]
-            c = beta[b]
+            g = np.float64(gamma[b % C])
+            c = np.float64(beta[b % C])
             for i in range(S):
                 h = (np.float64(xr[i]) - mu) * r
                 hr[i] = h
@@ -368,7 +377,7 @@ def unit_forward(x, base, stride, K, gamma, beta, eps, y, x_hat, mean, var):  # 
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def unit_backward(dy, x_hat, base, stride, K, gamma, rstd, dx, sum_dy, sum_dy_xhat):  # pragma: no cover
+def unit_backward(dy, x_hat, C, G, gamma, rstd, dx, sums):  # pragma: no cover - compiled
     """The closed-form backward of a whole unit (see :func:`unit_forward`) in one task.
 
     Equals :func:`refnorm.core.affine.affine_backward` then
@@ -378,20 +387,22 @@ def unit_backward(dy, x_hat, base, stride, K, gamma, rstd, dx, sum_dy, sum_dy_xh
 
     Parameters
     ----------
-    dy, x_hat : arrays, (B, S), C-contiguous
-    base : int64 array, (U,); stride, K : int
-    gamma : float64 array, (B,)
-    rstd : float64 array, (U,)
-    dx : array, (B, S), written
-    sum_dy, sum_dy_xhat : float64 arrays, (B,), written
+    dy, x_hat : arrays, (N * C, S), C-contiguous
+    C, G : int
+    gamma : array, (C,)
+    rstd : array, (U,)
+    dx : array, (N * C, S), written
+    sums : float64 array, (2, N * C), written: per-plane ``sum(dy)``, ``sum(dy x_hat)``
     """
-    S = dy.shape[1]
+    B, S = dy.shape
+    U = rstd.shape[0]
+    K = B // U
     m = K * S
-    for u in prange(base.shape[0]):
+    for u in prange(U):
         a = 0.0
         c = 0.0
         for k in range(K):
-            b = base[u] + k * stride
+            b = unit_plane(u, k, C, G)
             dr = dy[b]
             hr = x_hat[b]
             s1 = 0.0
@@ -400,18 +411,19 @@ def unit_backward(dy, x_hat, base, stride, K, gamma, rstd, dx, sum_dy, sum_dy_xh
                 d = np.float64(dr[i])
                 s1 += d
                 s2 += d * np.float64(hr[i])
-            sum_dy[b] = s1
-            sum_dy_xhat[b] = s2
-            a += gamma[b] * s1
-            c += gamma[b] * s2
-        r = rstd[u]
+            sums[0, b] = s1
+            sums[1, b] = s2
+            g = np.float64(gamma[b % C])
+            a += g * s1
+            c += g * s2
+        r = np.float64(rstd[u])
         k_one = -r * a / m
         k_xhat = -r * c / m
         for k in range(K):
-            b = base[u] + k * stride
+            b = unit_plane(u, k, C, G)
             dr = dy[b]
             hr = x_hat[b]
             out = dx[b]
-            k_dy = r * gamma[b]
+            k_dy = r * np.float64(gamma[b % C])
             for i in range(S):
                 out[i] = k_dy * np.float64(dr[i]) + k_one + k_xhat * np.float64(hr[i])

@@ -150,50 +150,33 @@ def _use_units(num_units: int, unit_size: int) -> bool:
     return unit_size <= MAX_UNIT and (num_units >= 4 * threads or num_units % threads == 0)
 
 
-def _units(N: int, C: int, G: int | None) -> tuple[np.ndarray, int, int]:
-    """(base, stride, K) of the units: BN channels (``G`` None) or (n, g) rows."""
-    if G is None:
-        return np.arange(C, dtype=np.int64), C, N
-    cpg = C // G
-    base = (np.arange(N, dtype=np.int64)[:, None] * C + np.arange(G) * cpg).ravel()
-    return base, 1, cpg
-
-
-def _plane_params(p: np.ndarray, N: int) -> np.ndarray:
-    """A per-channel vector (C,) repeated for each plane: (N * C,) float64."""
-    return np.tile(np.asarray(p, dtype=np.float64), N)
-
-
 def _unit_forward(x, gamma, beta, eps, G):
-    """Forward with one task per statistic; returns y, x_hat, mean, var, rstd (U,) float64."""
+    """Forward with one task per statistic (``G = 0``: BN channels, else (n, g) rows).
+
+    Returns y, x_hat and the (3, U) statistics mean, var, rstd in the compute dtype."""
     N, C = x.shape[:2]
     xp2 = planes(x)
-    base, stride, K = _units(N, C, G)
     y = np.empty_like(xp2)
     x_hat = np.empty_like(xp2)
-    mean = np.empty(base.shape[0])
-    var = np.empty(base.shape[0])
-    _loops.unit_forward(xp2, base, stride, K, _plane_params(gamma, N), _plane_params(beta, N),
-                        float(eps), y, x_hat, mean, var)
-    rstd = 1.0 / np.sqrt(var + eps)
-    y = y.reshape(x.shape).astype(x.dtype, copy=False)
-    return y, x_hat.reshape(x.shape), mean, var, rstd, xp2.dtype
+    stats = np.empty((3, C if G == 0 else N * G), dtype=xp2.dtype)
+    gamma_c, beta_c = (np.ascontiguousarray(p, dtype=xp2.dtype) for p in (gamma, beta))
+    _loops.unit_forward(xp2, C, G, gamma_c, beta_c, float(eps), y, x_hat, stats)
+    return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape), stats
 
 
-def _unit_backward(dy, x_hat, rstd_u, gamma, G):
-    """Backward with one task per statistic; ``rstd_u`` (U,). Returns dx, dgamma, dbeta."""
+def _unit_backward(dy, x_hat, rstd, gamma, G):
+    """Backward with one task per statistic; ``rstd`` holds U values. Returns dx, dgamma,
+    dbeta."""
     N, C = x_hat.shape[:2]
     xh2 = planes(x_hat)
     dy2 = np.ascontiguousarray(dy, dtype=xh2.dtype).reshape(xh2.shape)
-    base, stride, K = _units(N, C, G)
     dx = np.empty_like(xh2)
-    s_dy = np.empty(N * C)
-    s_dyx = np.empty(N * C)
-    _loops.unit_backward(dy2, xh2, base, stride, K, _plane_params(gamma, N),
-                         np.ascontiguousarray(rstd_u, dtype=np.float64).ravel(), dx, s_dy, s_dyx)
-    dgamma = s_dyx.reshape(N, C).sum(axis=0).astype(gamma.dtype)
-    dbeta = s_dy.reshape(N, C).sum(axis=0).astype(gamma.dtype)
-    return dx.reshape(x_hat.shape), dgamma, dbeta
+    sums = np.empty((2, N * C))
+    gamma_c = np.ascontiguousarray(gamma, dtype=xh2.dtype)
+    rstd_u = np.ascontiguousarray(rstd, dtype=xh2.dtype).ravel()
+    _loops.unit_backward(dy2, xh2, C, G, gamma_c, rstd_u, dx, sums)
+    s_dy, s_dyx = sums.reshape(2, N, C).sum(axis=1).astype(gamma.dtype)
+    return dx.reshape(x_hat.shape), s_dyx, s_dy
 
 
 # -- BN ---------------------------------------------------------------------------------------
@@ -217,8 +200,8 @@ def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
     N, C = x.shape[:2]
     shape = _stat_shape(x, (1, C))
     if _use_units(C, x.size // C):
-        y, x_hat, *stats, dtype = _unit_forward(x, gamma, beta, eps, None)
-        return (y, x_hat) + _cast_stats(dtype, shape, *stats)
+        y, x_hat, stats = _unit_forward(x, gamma, beta, eps, 0)
+        return (y, x_hat) + tuple(s.reshape(shape) for s in stats)
     xp2, mean, m2, counts = _plane_moments(x)
     mu, M2, n = _merge(mean, m2, counts, (0, 2))                 # (1, C, 1)
     var = M2 / n
@@ -228,7 +211,7 @@ def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 
 
 def _cast_stats(dtype, shape, *stats) -> tuple:
-    return tuple(s.astype(dtype).reshape(shape) for s in stats)
+    return tuple(s.astype(dtype, copy=False).reshape(shape) for s in stats)
 
 
 def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
@@ -247,7 +230,7 @@ def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     """
     N, C = x_hat.shape[:2]
     if _use_units(C, x_hat.size // C):
-        return _unit_backward(dy, x_hat, rstd, gamma, None)
+        return _unit_backward(dy, x_hat, rstd, gamma, 0)
     dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)
     m = x_hat.size // C
     dbeta, dgamma = s_dy.sum(axis=0), s_dyx.sum(axis=0)       # (C,)
@@ -264,9 +247,8 @@ def _grouped_forward(x, gamma, beta, eps, G):
     """Statistics per (n, g) over C/G consecutive channels; returns y, x_hat, (N, G) stats."""
     N, C = x.shape[:2]
     if _use_units(N * G, x.size // (N * G)):
-        y, x_hat, mean_u, var_u, rstd_u, dtype = _unit_forward(x, gamma, beta, eps, G)
-        return (y, x_hat, mean_u.reshape(N, G), var_u.reshape(N, G), rstd_u.reshape(N, G),
-                dtype)
+        y, x_hat, stats = _unit_forward(x, gamma, beta, eps, G)
+        return (y, x_hat) + tuple(s.reshape(N, G) for s in stats) + (x_hat.dtype,)
     xp2, mean, m2, counts = _plane_moments(x)
     P = mean.shape[2]
     mu, M2, n = _merge(mean.reshape(N, G, C // G, P), m2.reshape(N, G, C // G, P), counts,
