@@ -102,7 +102,7 @@ class Impl:
 class CallableImpl(Impl):
     """A numpy (or dlpack, through ``convert``) callable, optionally stateful."""
 
-    def __init__(self, method: str, fn: Callable[..., Any], backward: Callable[..., Any] | None,
+    def __init__(self, method: str, fn: Any, backward: Callable[..., Any] | None,
                  convert: Callable[[np.ndarray], Any] | None) -> None:
         name = getattr(fn, "__qualname__", type(fn).__name__)
         stateful = hasattr(fn, "running_mean") and hasattr(fn, "running_var")

@@ -304,8 +304,9 @@ def assert_matches(
                          "does not say (no num_groups attribute); got None")
     strategy = norm_inputs(method, dtype=dtype, eps=eps,
                            num_channels=num_channels or hints.get("num_channels"),
-                           num_groups=G, spatial=spatial if spatial is not None
-                           else hints.get("spatial"), input_shape=hints.get("input_shape"),
+                           num_groups=G,
+                           spatial=spatial if spatial is not None else hints.get("spatial"),
+                           input_shape=hints.get("input_shape", hints.get("weight_shape")),
                            affine=impl.affine, kinds=kinds)
     base_options: dict[str, Any] = {"eps": eps, "momentum": momentum}
     for key, value in (("options", options), ("eps_mode", eps_mode),

@@ -59,7 +59,7 @@ _FORWARD = {
         x, eps=o["eps"], eps_mode=o.get("eps_mode", "add"), correction=o.get("correction", 0)),
     "wn": lambda x, p, o: refnorm.weights.weight_norm_forward(x, *p, eps=o["eps"]),
 }
-_BACKWARD = {
+_BACKWARD: dict[str, Any] = {
     "bn": refnorm.batch_norm_backward,
     "in": refnorm.instance_norm_backward,
     "ln": refnorm.layer_norm_backward,

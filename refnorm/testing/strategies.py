@@ -97,6 +97,8 @@ def _statistic_size(method: str, shape: tuple[int, ...], G: int | None) -> int:
 def _shapes(draw: Any, method: str, num_channels: int | None, num_groups: int | None,
             spatial: int | None, input_shape: tuple[int, ...] | None) -> tuple:
     """(shape, G) for ``method``; every statistic covers at least two values (WN: one)."""
+    if method in ("ws", "wn") and input_shape is not None:
+        return tuple(input_shape), None
     if method in ("ws", "wn"):
         out = num_channels or draw(st.integers(1, 4))
         fan = draw(st.sampled_from([(draw(st.integers(1, 6)),),
@@ -170,7 +172,8 @@ def norm_inputs(
     spatial : int, optional
         Fixed number of spatial axes (0 means (N, C) inputs).
     input_shape : tuple of int, optional
-        Fixed trailing shape (C, *spatial) (a LayerNorm with a multi-axis normalized shape).
+        Fixed trailing shape (C, *spatial) (a LayerNorm with a multi-axis normalized shape);
+        for WS and WN the whole weight shape (C_out, ...).
     affine : bool
         False: gamma = 1 and beta = 0 (implementations without affine parameters).
     kinds : tuple of str

@@ -159,3 +159,8 @@ def official_ws_forward(w):
     d = w - mean
     std = d.reshape(w.shape[0], -1).std(axis=1, ddof=1).reshape(mean.shape) + 1e-5
     return d / std
+
+
+def eps_outside_bn(C: int) -> NumpyBN:
+    """A factory for ``refnorm conform``: BN with eps outside the square root."""
+    return NumpyBN(C, eps_outside=True)

@@ -1,0 +1,100 @@
+"""PyTorch's layers fingerprinted (the ``torch`` extra): the conventions PyTorch documents.
+
+PyTorch's documentation of ``BatchNorm*d``/``InstanceNorm*d``: biased variance in the
+normalization, eps inside the square root, ``momentum`` (0.1) the weight of the new value,
+running variance unbiased; ``GroupNorm``: consecutive channel groups; ``LayerNorm``: biased
+variance, eps inside; ``weight_norm``: ``g * v / ||v||`` with no eps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refnorm.testing import assert_matches, fingerprint
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)   # tiny tensors: threads only add contention on shared cores
+
+PYTORCH_BN = {"variance": "biased", "eps_placement": "inside_sqrt", "eps": 1e-5,
+              "running": "exponential", "momentum_new_weight": 0.1, "momentum_on": "new",
+              "running_var": "unbiased", "inference": "running", "gradients": "consistent",
+              "offset_precision": "ok", "affine": "per_channel"}
+
+
+def _assert_conventions(report, expected):
+    got = {k: report.conventions.get(k) for k in expected}
+    assert got == expected, str(report)
+
+
+@pytest.mark.parametrize("cls", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+def test_batch_norm(cls):
+    module = getattr(torch.nn, cls)(3)
+    report = fingerprint("bn", module)
+    _assert_conventions(report, PYTORCH_BN)
+    assert report.match == ("refnorm.batch_norm_forward(eps=1e-05); running statistics: "
+                            "refnorm.core.running.update_running_stats(momentum=0.1)")
+
+
+def test_batch_norm_momentum_none_is_a_cumulative_average():
+    report = fingerprint("bn", torch.nn.BatchNorm2d(3, momentum=None))
+    assert report.conventions["running"] == "cumulative", str(report)
+    assert report.match is None   # refnorm has no cumulative average
+
+
+def test_instance_norm_affine_tracked():
+    module = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    report = fingerprint("in", module)
+    _assert_conventions(report, {**PYTORCH_BN, "momentum_new_weight": 0.1})
+    assert report.conventions["scope"] == {"channels": [0], "across_samples": False}
+    assert report.match is not None, str(report)
+
+
+def test_instance_norm_default_keeps_no_running_statistics():
+    report = fingerprint("in", torch.nn.InstanceNorm2d(3))
+    _assert_conventions(report, {"variance": "biased", "eps_placement": "inside_sqrt",
+                                 "running": "none", "affine": "none",
+                                 "gradients": "consistent"})
+    assert report.match == "refnorm.instance_norm_forward(eps=1e-05)", str(report)
+
+
+def test_group_norm():
+    report = fingerprint("gn", torch.nn.GroupNorm(4, 12))
+    _assert_conventions(report, {"group_layout": "consecutive", "num_groups": 4,
+                                 "variance": "biased", "eps_placement": "inside_sqrt",
+                                 "gradients": "consistent"})
+    assert report.match == "refnorm.group_norm_forward(num_groups=4, eps=1e-05)", str(report)
+
+
+def test_layer_norm():
+    report = fingerprint("ln", torch.nn.LayerNorm(6))
+    _assert_conventions(report, {"variance": "biased", "eps_placement": "inside_sqrt",
+                                 "eps": 1e-5, "gradients": "consistent"})
+    assert report.match == "refnorm.layer_norm_forward(eps=1e-05)", str(report)
+
+
+def test_weight_norm_has_no_eps():
+    module = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(2, 3, 2))
+    report = fingerprint("wn", module)
+    _assert_conventions(report, {"eps_placement": "none", "gradients": "consistent"})
+    # refnorm needs eps > 0; 1e-300 is below float64 resolution of any filter norm here
+    assert report.match == "refnorm.weights.weight_norm_forward(eps=1e-300)", str(report)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_torch_layers_pass_assert_matches(dtype):
+    assert_matches("bn", torch.nn.BatchNorm2d(3), dtype=dtype)
+    assert_matches("gn", torch.nn.GroupNorm(2, 4), dtype=dtype)
+    assert_matches("ln", torch.nn.LayerNorm(5), dtype=dtype)
+    assert_matches("in", torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+                   dtype=dtype)
+
+
+def test_torch_weight_norm_differs_by_its_missing_eps_and_at_a_zero_filter():
+    module = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 3))
+    with pytest.raises(AssertionError, match=r"y: max \|error\|"):
+        assert_matches("wn", module)
+    # with refnorm's eps below resolution, what remains is the zero filter: 0/0 in torch,
+    # the finite limit 0 in refnorm; hypothesis shrinks to it
+    with pytest.raises(AssertionError, match=r"got nan, refnorm 0.0"):
+        assert_matches("wn", module, eps=1e-300)
