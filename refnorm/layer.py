@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar
 
-import numpy as np
-
 from refnorm.backend import Array
+from refnorm.core.checks import check_bool
 
 
 @dataclass(frozen=True)
@@ -66,9 +65,8 @@ class Layer:
 
     def forward(self, x: Array, training: bool) -> Array:
         """Normalize ``x``; ``training`` selects batch statistics and updates the state."""
-        if not isinstance(training, (bool, np.bool_)):
-            raise TypeError(f"training must be a bool; got {type(training).__name__}")
-        y, self._cache = self._forward(x, bool(training))
+        training = check_bool("training", training)
+        y, self._cache = self._forward(x, training)
         return y
 
     def backward(self, dy: Array) -> Array:

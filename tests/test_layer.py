@@ -85,3 +85,13 @@ def test_reset_drops_the_cache():
     layer.reset()
     with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
         layer.backward(np.ones((4, 3), np.float32))
+
+
+def test_numpy_bool_is_accepted_for_training():
+    layer = refnorm.build("bn", 3, dtype=np.float64)
+    x = np.random.default_rng(3).standard_normal((4, 3))
+    y_np = layer.forward(x, training=np.bool_(True))
+    y = refnorm.build("bn", 3, dtype=np.float64).forward(x, training=True)
+    np.testing.assert_array_equal(y_np, y)
+    with pytest.raises(TypeError, match="training must be a bool; got int"):
+        layer.forward(x, training=1)

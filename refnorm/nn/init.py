@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from refnorm.backend import Array
-from refnorm.nn._checks import is_int
+from refnorm.core.checks import is_int
 
 
 def he_normal(

@@ -18,15 +18,16 @@ from typing import Any
 import numpy as np
 
 from refnorm.backend import Array, array_namespace, compute_dtype
-from refnorm.core.checks import check_cache, check_like
-from refnorm.layer import CheckCase, Layer
-from refnorm.nn._checks import (
+from refnorm.core.checks import (
     check_bias,
     check_bool,
+    check_cache,
+    check_like,
     check_param_dtype,
     check_positive_int,
     check_rank,
 )
+from refnorm.layer import CheckCase, Layer
 from refnorm.nn.init import he_normal
 
 

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refnorm.backend import Array, array_namespace, compute_dtype
-from refnorm.core.checks import check_cache
-from refnorm.nn._checks import check_rank
+from refnorm.core.checks import check_cache, check_rank
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from refnorm.backend import Array, array_namespace, compute_dtype
-from refnorm.core.checks import check_cache, check_float_array, check_like, check_ndim
+from refnorm.core.checks import (
+    as_pair,
+    check_cache,
+    check_float_array,
+    check_like,
+    check_ndim,
+    check_rank,
+)
 from refnorm.layer import Layer
-from refnorm.nn._checks import as_pair, check_rank
 from refnorm.nn.conv import Window, col2im, im2col, sliding_window
 
 

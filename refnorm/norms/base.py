@@ -14,7 +14,6 @@ nothing method-specific in them:
 
 from __future__ import annotations
 
-import numbers
 from types import ModuleType
 from typing import Any
 
@@ -22,7 +21,13 @@ import numpy as np
 
 from refnorm.backend import Array, array_namespace
 from refnorm.core.affine import channel_view
-from refnorm.core.checks import check_channel_param, check_eps, check_like
+from refnorm.core.checks import (
+    check_channel_param,
+    check_eps,
+    check_like,
+    check_param_dtype,
+    check_positive_int,
+)
 from refnorm.layer import CheckCase, Layer
 
 
@@ -107,16 +112,10 @@ class ChannelNorm(Layer):
         xp: ModuleType | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_channels, bool) or not isinstance(num_channels, numbers.Integral):
-            raise TypeError(f"num_channels must be an int; got {type(num_channels).__name__}")
-        if num_channels < 1:
-            raise ValueError(f"num_channels must be >= 1; got {num_channels}")
-        num_channels = int(num_channels)
+        num_channels = check_positive_int("num_channels", num_channels)
         check_eps(eps)  # at build(), not at the first forward
         self.xp = np if xp is None else xp
-        self.dtype = self.xp.float32 if dtype is None else dtype
-        if not self.xp.isdtype(self.dtype, "real floating"):
-            raise TypeError(f"dtype must be a real floating dtype; got {self.dtype}")
+        self.dtype = check_param_dtype(self.xp, dtype)
         self.num_channels = num_channels
         self.eps = eps
         self.params = {

@@ -12,14 +12,13 @@ Weight Standardization paper (Qiao et al.) pairs it with WS for micro-batch trai
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from refnorm.backend import Array
 from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
-from refnorm.core.checks import check_cache, check_count, prepare_channel_norm
+from refnorm.core.checks import check_cache, check_count, is_int, prepare_channel_norm
 from refnorm.core.standardize import standardize_backward
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm, cast_grads, upstream
@@ -58,7 +57,7 @@ class GroupNormCache:
 def check_groups(num_groups: object, num_channels: int) -> int:
     """Check that ``num_groups`` is a positive int (``numpy.integer`` too) dividing
     ``num_channels``; return it as an int."""
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+    if not is_int(num_groups):
         raise TypeError(f"num_groups must be an int; got {type(num_groups).__name__}")
     if num_groups < 1 or num_channels % num_groups:
         raise ValueError(

@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from refnorm.backend import Array
-from refnorm.nn._checks import as_pair, check_positive_int
+from refnorm.core.checks import as_pair, check_positive_int
 from refnorm.nn.conv import Conv2dCache, conv2d_backward, conv2d_forward
 from refnorm.nn.linear import LinearCache, linear_backward, linear_forward
 

@@ -42,9 +42,16 @@ from typing import Any
 import numpy as np
 
 from refnorm.backend import Array, array_namespace, compute_dtype
-from refnorm.core.checks import check_cache, check_eps, check_float_array, check_like
+from refnorm.core.checks import (
+    check_bool,
+    check_cache,
+    check_eps,
+    check_float_array,
+    check_like,
+    check_param_dtype,
+    is_int,
+)
 from refnorm.layer import CheckCase, Layer
-from refnorm.nn._checks import check_bool, check_param_dtype, is_int
 from refnorm.nn.init import he_normal
 from refnorm.weights.base import (
     apply_weights,

@@ -33,9 +33,9 @@ from refnorm.core.checks import (
     check_eps,
     check_float_array,
     check_like,
+    check_param_dtype,
 )
 from refnorm.layer import CheckCase, Layer
-from refnorm.nn._checks import check_param_dtype
 from refnorm.nn.init import he_normal
 from refnorm.weights.base import apply_weights, apply_weights_backward, weight_geometry
 from refnorm.weights.weight_norm import weight_norm_backward, weight_norm_forward

@@ -38,15 +38,16 @@ import numpy as np
 from refnorm.backend import Array, array_namespace, compute_dtype
 from refnorm.core.affine import non_channel_axes
 from refnorm.core.checks import (
+    check_bool,
     check_cache,
     check_channel_param,
     check_eps,
     check_float_array,
     check_like,
+    check_param_dtype,
 )
 from refnorm.core.moments import moments
 from refnorm.layer import CheckCase, Layer
-from refnorm.nn._checks import check_bool, check_param_dtype
 from refnorm.nn.init import he_normal
 from refnorm.weights.base import (
     apply_weights,
@@ -149,7 +150,8 @@ def _prepare(v: Array, g: Array, eps: float) -> tuple[ModuleType, Array, Array]:
     array_namespace(v, g)  # one namespace for both
     dtype = compute_dtype(xp, v.dtype)
     check_eps(eps, xp=xp, dtype=dtype)
-    return xp, xp.astype(v, dtype, copy=False), xp.astype(g, dtype, copy=False)
+    # Copies: the cache keeps them, and the caller may change v or g in place before backward.
+    return xp, xp.astype(v, dtype, copy=True), xp.astype(g, dtype, copy=True)
 
 
 class WeightNorm(Layer):
