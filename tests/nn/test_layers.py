@@ -1,6 +1,7 @@
 """The nn layers across modules: registry, gradcheck, equality with the pure functions,
 array_api_strict parameters, constructor errors, and a small network end to end.
-(He initialization is tested in test_init.py, the constructor checks in tests/core/test_checks.py.)"""
+(He initialization is tested in test_init.py, the constructor checks in
+tests/core/test_checks.py.)"""
 
 from __future__ import annotations
 
