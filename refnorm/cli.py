@@ -11,12 +11,81 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from refnorm import registry
 from refnorm.gradcheck import CaseResult, GradError, check_registered
 
 DEFAULT_TOLERANCE = 1e-6
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``refnorm train: error: argument --seed: ...``, exit 2
+    (argparse would print the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _finite_float(*, positive: bool) -> Callable[[str], float]:
+    """An argparse type: a finite float, > 0 if ``positive`` else >= 0."""
+    bound = "> 0" if positive else ">= 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers >= 1."""
+    parse = _int_at_least(1)
+    try:
+        return tuple(parse(part.strip()) for part in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 1 (e.g. 2,4,16); got {text!r}") from None
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated non-empty names."""
+    names = tuple(part.strip() for part in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated names (e.g. bn,gn+ws); got {text!r}")
+    return names
+
+
+def _path(text: str) -> str:
+    """An argparse type: a non-empty path."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder path; got an empty string")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="refnorm",
         description="A numpy-first reference of normalization methods for deep networks.",
     )
@@ -52,10 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--all", action="store_true", help="check every registered layer")
     gc.add_argument("--json", action="store_true",
                     help="print JSON: one object per normalizer and gradient")
-    gc.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    gc.add_argument("--tolerance", type=_finite_float(positive=True), default=DEFAULT_TOLERANCE,
                     help="largest acceptable error beyond the noise floor, relative to the "
                          "gradient's scale (default: %(default)g)")
-    gc.add_argument("--seed", type=int, default=0, help="seed for inputs and upstream gradients")
+    gc.add_argument("--seed", type=_int_at_least(0), default=0,
+                    help="seed for inputs and upstream gradients")
     gc.set_defaults(run=_run_gradcheck)
     _add_train(sub)
     _add_study(sub)
@@ -63,55 +133,76 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub) -> None:
+    from refnorm.train.model import NORMS, WEIGHTS
+
+    positive, natural = _int_at_least(1), _int_at_least(0)
     tr = sub.add_parser(
         "train", help="train the small conv-net with a chosen normalizer",
         description=("Train refnorm's conv-net. The normalizers see micro-batches of "
                      "--batch-size samples; each update accumulates --accumulation of them. "
                      "Writes metrics.csv, metrics.json, curves.png and checkpoint.npz (every "
-                     "epoch, atomically) to --out; --resume continues a run bit-identically; "
-                     "Ctrl-C saves a checkpoint and exits."))
+                     "epoch, atomically) to --out, which the run locks; --resume continues a "
+                     "run bit-identically. Ctrl-C or SIGTERM stops at the next step boundary, "
+                     "saves a checkpoint and exits 130 or 143; a NaN or an infinity anywhere "
+                     "stops the run with exit 3; an argument, data or folder problem exits 2 "
+                     "before training."))
     tr.add_argument("--data", default="digits",
                     help="digits (embedded), mnist:DIR (IDX files) or cifar10:DIR (python batches)")
-    tr.add_argument("--norm", default="bn", help="none, bn, in, ln, gn, sn, syncbn, syncsn")
-    tr.add_argument("--weight", default=None, help="ws, wn, np or trelu (default: plain conv)")
-    tr.add_argument("--batch-size", type=int, default=32, help="micro-batch size (default 32)")
-    tr.add_argument("--accumulation", type=int, default=1,
+    tr.add_argument("--norm", default="bn", choices=NORMS, help=", ".join(NORMS))
+    tr.add_argument("--weight", default=None, choices=[w for w in WEIGHTS if w],
+                    help="ws, wn, np or trelu (default: plain conv)")
+    tr.add_argument("--batch-size", type=positive, default=32,
+                    help="micro-batch size (default 32)")
+    tr.add_argument("--accumulation", type=positive, default=1,
                     help="micro-batches per update (default 1)")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--lr", type=float, default=0.05)
-    tr.add_argument("--weight-decay", type=float, default=5e-4)
-    tr.add_argument("--schedule", default="cosine", help="cosine, linear or constant")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--groups", type=int, default=4, help="GN groups (default 4)")
+    tr.add_argument("--epochs", type=positive, default=10)
+    tr.add_argument("--lr", type=_finite_float(positive=True), default=0.05)
+    tr.add_argument("--weight-decay", type=_finite_float(positive=False), default=5e-4)
+    tr.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
+    tr.add_argument("--seed", type=natural, default=0)
+    tr.add_argument("--groups", type=positive, default=4,
+                    help="GN groups; must divide every width (default 4)")
     tr.add_argument("--sn-inference", default="batch_average",
+                    choices=("batch_average", "moving_average"),
                     help="batch_average (the paper's) or moving_average")
-    tr.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
+    tr.add_argument("--out", type=_path, default="runs/train",
+                    help="output directory (default runs/train)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     tr.set_defaults(run=_run_train)
 
 
 def _add_study(sub) -> None:
+    positive = _int_at_least(1)
     st = sub.add_parser(
         "study", help="the micro-batch study: normalizers x batch sizes, with a report",
         description=("Train a grid of normalizers x per-device batch sizes (accumulation keeps "
                      "the update size fixed) and write report.md with a table, a verdict per "
                      "claim of the papers, and plots."))
     st.add_argument("--quick", action="store_true", help="a small grid (under 2 minutes)")
-    st.add_argument("--methods", default=None,
+    st.add_argument("--methods", type=_name_list, default=None,
                     help="comma-separated, e.g. bn,gn,sn,gn+ws,ln,wn (default: all of these)")
-    st.add_argument("--batch-sizes", default=None, help="comma-separated, e.g. 2,4,16,64")
-    st.add_argument("--update-size", type=int, default=None)
-    st.add_argument("--epochs", type=int, default=None)
-    st.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
+    st.add_argument("--batch-sizes", type=_int_list, default=None,
+                    help="comma-separated, e.g. 2,4,16,64")
+    st.add_argument("--update-size", type=positive, default=None)
+    st.add_argument("--epochs", type=positive, default=None)
+    st.add_argument("--seeds", type=positive, default=1, help="number of seeds (default 1)")
     st.add_argument("--data", default=None, help="as for train (default digits)")
-    st.add_argument("--jobs", type=int, default=None, help="parallel runs (default: cores)")
-    st.add_argument("--out", default="runs/study", help="output directory (default runs/study)")
+    st.add_argument("--jobs", type=positive, default=None, help="parallel runs (default: cores)")
+    st.add_argument("--out", type=_path, default="runs/study",
+                    help="output directory (default runs/study)")
     st.set_defaults(run=_run_study)
 
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from refnorm.train.trainer import CheckpointError, NonFiniteLoss, TrainConfig, train
+    from refnorm.train.trainer import (
+        CheckpointError,
+        NonFinite,
+        OutputFolderError,
+        TrainConfig,
+        train,
+    )
 
+    prog = "refnorm train"
     try:
         config = TrainConfig(data=args.data, norm=args.norm, weight=args.weight,
                              batch_size=args.batch_size, accumulation=args.accumulation,
@@ -120,14 +211,14 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                              sn_inference=args.sn_inference)
         print(f"training {config.describe()} -> {args.out}", file=sys.stderr)
         result = train(config, out=args.out, resume=args.resume)
-    except NonFiniteLoss as exc:
-        print(f"refnorm train: {exc}", file=sys.stderr)
+    except NonFinite as exc:
+        print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
         return 3
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
-        print(f"refnorm train: error: {exc}", file=sys.stderr)
+    except (CheckpointError, OutputFolderError, ValueError, TypeError, OSError) as exc:
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     if result.interrupted:
-        return 130
+        return 128 + (result.signal or 2)
     last = result.history[-1] if result.history else None
     if last:
         print(f"final test accuracy {last['test_acc']:.4f} (train {last['train_acc']:.4f}); "
@@ -143,9 +234,9 @@ def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     study = QUICK if args.quick else StudyConfig()
     changes: dict = {}
     if args.methods:
-        changes["methods"] = tuple(m.strip() for m in args.methods.split(","))
+        changes["methods"] = args.methods
     if args.batch_sizes:
-        changes["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
+        changes["batch_sizes"] = args.batch_sizes
     for name in ("update_size", "epochs", "data"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
@@ -154,9 +245,12 @@ def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         study = dataclasses.replace(study, **changes)
         report = run_study(study, args.out, jobs=args.jobs,
                            log=lambda line: print(line, file=sys.stderr))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"refnorm study: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"refnorm study: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("refnorm study: interrupted; no report was written", file=sys.stderr)
+        return 130
     print(f"report: {report}")
     return 0
 

@@ -28,23 +28,31 @@ class SGD:
 
     def __init__(self, model, *, lr: float, momentum: float = 0.9,
                  weight_decay: float = 0.0) -> None:
-        if not (lr > 0 and 0 <= momentum < 1 and weight_decay >= 0):
-            raise ValueError(f"need lr > 0, 0 <= momentum < 1, weight_decay >= 0; got "
+        finite = all(math.isfinite(v) for v in (lr, momentum, weight_decay))
+        if not (finite and lr > 0 and 0 <= momentum < 1 and weight_decay >= 0):
+            raise ValueError(f"need finite lr > 0, 0 <= momentum < 1, weight_decay >= 0; got "
                              f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         self.model, self.lr, self.momentum, self.weight_decay = model, lr, momentum, weight_decay
         self.velocity = {key: np.zeros_like(layer.params[name])
                          for key, layer, name in model.named_params()}
 
     def step(self, grads: dict, lr: float) -> None:
-        """Apply one update with gradients ``grads[key]`` at learning rate ``lr``."""
+        """Apply one update with gradients ``grads[key]`` at learning rate ``lr``.
+
+        Parameters and momentum are replaced by new arrays, never written into, so a caller
+        holding the old ones can put them back.
+        """
         for key, layer, name in self.model.named_params():
-            p = layer.params[name]
-            g = grads[key]
-            if self.weight_decay and name in DECAYED:
-                g = g + self.weight_decay * p
-            v = self.momentum * self.velocity[key] + g
-            self.velocity[key] = v.astype(p.dtype, copy=False)
-            layer.params[name] = (p - lr * v).astype(p.dtype, copy=False)
+            self.update(key, layer, name, grads[key], lr)
+
+    def update(self, key: str, layer, name: str, g: np.ndarray, lr: float) -> None:
+        """Update one parameter, ``layer.params[name]`` (keyed ``key``), with gradient ``g``."""
+        p = layer.params[name]
+        if self.weight_decay and name in DECAYED:
+            g = g + self.weight_decay * p
+        v = self.momentum * self.velocity[key] + g
+        self.velocity[key] = v.astype(p.dtype, copy=False)
+        layer.params[name] = (p - lr * v).astype(p.dtype, copy=False)
 
 
 def learning_rate(schedule: str, base: float, step: int, total: int) -> float:

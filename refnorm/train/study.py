@@ -88,6 +88,8 @@ def job_configs(study: StudyConfig) -> list[TrainConfig]:
 def _run(config: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     result = train(config, progress=False)
+    if result.interrupted:  # Ctrl-C stops the study, not only this run
+        raise KeyboardInterrupt
     return {"config": dataclasses.asdict(config), "history": result.history,
             "seconds": time.perf_counter() - started}
 

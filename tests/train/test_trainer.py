@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from refnorm.train import trainer
+from refnorm.train.folder import atomic_write
 from refnorm.train.optim import SGD
 from refnorm.train.trainer import (
     CHECKPOINT,
     FORMAT,
     CheckpointError,
-    NonFiniteLoss,
+    NonFinite,
     TrainConfig,
     build_model,
     load_checkpoint,
@@ -113,7 +113,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             conv = next(layer for layer in model.layers() if "w" in layer.params)
             conv.params["w"] = conv.params["w"] * np.float32("nan")
 
-    with pytest.raises(NonFiniteLoss, match=r"the training loss became nan .*last good checkpoint"):
+    with pytest.raises(NonFinite, match=r"the training loss became nan in step 3 of epoch 2; "
+                                        r"the run stopped; the checkpoint after epoch 1 in .* "
+                                        r"is kept \(it holds only finite values\)"):
         train(config(epochs=3), out=tmp_path, progress=False, on_step=poison)
     assert (tmp_path / CHECKPOINT).read_bytes() == good["bytes"]  # epoch 1's, untouched
 
@@ -140,7 +142,7 @@ def test_resume_without_a_checkpoint(tmp_path):
 
 
 def test_bad_configuration():
-    with pytest.raises(ValueError, match=r"batch_size must be a positive int"):
+    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1; got 0"):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match=r"one update needs batch_size \* accumulation = 4096"):
         train(config(batch_size=64, accumulation=64), progress=False)
@@ -248,7 +250,7 @@ def test_checkpoint_missing_a_state_array_is_refused(tmp_path):
         arrays = {k: z[k] for k in z.files if not k.endswith("/running_var")}
     with open(path, "wb") as f:
         np.savez(f, **arrays)
-    with pytest.raises(CheckpointError, match=r"does not match the model: state/\d+/running_var"):
+    with pytest.raises(CheckpointError, match=r"does not match the model: lacks state/\d+/running_var"):
         train(cfg, out=tmp_path, resume=True, progress=False)
 
 
@@ -261,7 +263,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        trainer._atomic_write(path, half_then_fail)
+        atomic_write(path, half_then_fail)
     assert path.read_bytes() == b"old" and not list(tmp_path.glob("*.tmp"))
 
 
