@@ -1,0 +1,57 @@
+"""refnorm.bench runs end to end and its JSON report has the documented structure.
+
+No timing is asserted (timings are benchmarks, never test outcomes); one repetition keeps it
+short. Lives beside the kernel tests because the bench times them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from refnorm import bench
+
+
+@pytest.mark.parametrize("torch_flag", [["--no-torch"], []], ids=["without-torch", "as-installed"])
+def test_quick_json_report_structure(capsys, torch_flag):
+    assert bench.main(["--quick", "--json", "--repeats", "1"] + torch_flag) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert "[1/" in out.err  # the progress line goes to stderr, never into the JSON
+    machine = report["machine"]
+    assert machine["numba_threads"] >= 1 and "blas_threads" in machine
+    has_torch = machine["torch"] is not None
+    assert not (has_torch and torch_flag)
+    assert report["copy_gb_per_s"] > 0
+    cases = {(m, tuple(s)) for m in bench.METHODS for s in bench.SHAPES}
+    seen = {(t["method"], tuple(t["shape"]), t["impl"]) for t in report["timings"]}
+    for method, shape in cases:
+        impls = {"reference", "fast"} | ({"torch"} if has_torch and method != "sn" else set())
+        assert {(method, shape, i) for i in impls} <= seen
+    for t in report["timings"]:
+        assert t["repeats"] == 1
+        assert t["min_ms"] <= t["q1_ms"] <= t["median_ms"] <= t["q3_ms"] <= t["max_ms"]
+        assert t["gb_per_s"] > 0 and t["bytes_moved"] == 5 * 4 * _size(t["shape"])
+    assert {(r["method"], tuple(r["shape"])) for r in report["ratios"]} == cases
+    for r in report["ratios"]:
+        assert r["fast_over_reference"] > 0
+        assert (r["fast_over_torch"] is None) == (not has_torch or r["method"] == "sn")
+    step = {t["impl"] for t in report["train_step"]["timings"]}
+    assert step == {"reference"} | ({"torch"} if has_torch else set())
+    assert "pending" in report["train_step"]["fast"]
+
+
+def _size(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def test_text_report_and_bad_arguments(capsys):
+    assert bench.main(["--quick", "--repeats", "1", "--no-torch"]) == 0
+    text = capsys.readouterr().out
+    assert "copy bandwidth" in text and "fast/ref" in text and "training step" in text
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0"])
