@@ -204,6 +204,11 @@ class FolderLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             os.fsync(fd)
+        except OSError as exc:
+            self.path.unlink(missing_ok=True)  # ours: we hold its flock
+            os.close(fd)
+            raise OutputFolderError(f"cannot write to the output folder {self.path.parent}: "
+                                    f"{_reason(exc)}") from None
         except BaseException:
             self.path.unlink(missing_ok=True)  # ours: we hold its flock
             os.close(fd)

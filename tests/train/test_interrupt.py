@@ -1,0 +1,227 @@
+"""Interruptions at every point of a step: the resumed run is bit-identical to an uninterrupted one.
+
+A signal (SIGINT or SIGTERM, sent to this process with ``os.kill``) or a raised
+``KeyboardInterrupt`` is injected at the k-th call of a function the run goes through:
+every layer's forward and backward, the update of each parameter, the gradient
+accumulation, the evaluation (SN's batch average, the predictions) and the writes of a
+checkpoint and of the metrics. The run must stop at a step boundary with a checkpoint, and
+the run resumed from it must end with a checkpoint equal, byte for byte, to the one of the
+uninterrupted run (parameters, momentum, every layer's state, the position and the history
+but its timings).
+
+The model is the smallest that has every kind of state: SN with the batch average (running
+statistics, population statistics set at evaluation, readiness flags), widths (4, 4), 32
+training samples in micro-batches of 4 x 2 accumulation, so 4 steps per epoch, 2 epochs.
+A run calls (measured with a counting wrapper) per step 18 layer forwards, 18 backwards and
+12 parameter updates; epoch 1's steps make forwards 1-72, its evaluation 73-108 (batch
+average 18, test and train predictions 9 each), epoch 2's steps 109-180.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refnorm.layer import Layer
+from refnorm.train import trainer
+from refnorm.train.folder import LOCK
+from refnorm.train.optim import SGD
+from refnorm.train.trainer import CHECKPOINT, TrainConfig, prepare_data, train
+
+CONFIG = TrainConfig(norm="sn", batch_size=4, accumulation=2, epochs=2, widths=(4, 4),
+                     train_subset=32, average_samples=8)
+STEPS = 4  # per epoch: 32 samples / (4 x 2)
+
+
+@pytest.fixture(scope="module")
+def data():
+    full = prepare_data(CONFIG)
+    return dataclasses.replace(full, x_test=full.x_test[:40], y_test=full.y_test[:40])
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = train(CONFIG, out=out, progress=False, data=data)
+    assert not result.interrupted
+    return _read(out / CHECKPOINT)
+
+
+# Where a function is found, by the name the cases use.
+TARGETS = {
+    "forward": (Layer, "forward"),
+    "backward": (Layer, "backward"),
+    "update": (SGD, "update"),
+    "accumulate": (trainer, "accumulate_gradients"),
+    "evaluate": (trainer, "evaluate"),
+    "batch_average": (trainer, "batch_average"),
+    "predict": (trainer, "predict"),
+    "progress": (trainer.Progress, "update"),
+    "savez": (np, "savez"),
+    "fsync": (os, "fsync"),
+    "replace": (os, "replace"),
+    "write_metrics": (trainer, "write_metrics"),
+}
+
+# (target, k): forward 1 and 9 are micro-batch 1 of step 1, 10-18 micro-batch 2; 72 the
+# last forward of epoch 1's steps, 80/95/105 its batch average and predictions, 109 and 150
+# epoch 2's steps. update 13-24 are the 12 parameters of step 2, 48 and 96 the last ones of
+# each epoch. fsync 3 / replace 1 / savez 1 write epoch 1's checkpoint, fsync 4 and
+# replace 3 its metrics (fsync 1 and 2 are the folder check and the lock).
+POINTS = [
+    *(("forward", k) for k in (1, 9, 10, 18, 40, 72, 80, 95, 105, 109, 150)),
+    *(("backward", k) for k in (1, 9, 10, 18, 19, 72, 100)),
+    *(("update", k) for k in (1, *range(13, 25), 48, 96)),
+    *(("accumulate", k) for k in (1, 4, 5, 8)),
+    ("evaluate", 1), ("batch_average", 1), ("predict", 1), ("predict", 2), ("progress", 4),
+    ("savez", 1), ("fsync", 3), ("replace", 1), ("write_metrics", 1), ("fsync", 4),
+    ("replace", 3),
+]
+
+
+class Injector:
+    """Wraps the TARGETS; at the k-th call of a chosen one, sends a signal (or raises
+    KeyboardInterrupt) before the call goes on."""
+
+    def __init__(self, monkeypatch, plan):
+        self.plan = list(plan)  # [(target, k, signal number or "raise")]
+        self.calls = dict.fromkeys(TARGETS, 0)
+        self.fired = []
+        for name, (owner, attr) in TARGETS.items():
+            monkeypatch.setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
+
+    def _wrap(self, name, original):
+        def wrapper(*args, **kwargs):
+            self.calls[name] += 1
+            for target, k, what in self.plan:
+                if (target, k) == (name, self.calls[name]):
+                    self.fired.append((target, k))
+                    if what == "raise":
+                        raise KeyboardInterrupt
+                    os.kill(os.getpid(), what)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+
+def _read(path: Path):
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays.pop("meta").tobytes().decode())
+    for row in meta["history"]:
+        row.pop("seconds")  # wall time: the one thing that differs
+    return arrays, meta
+
+
+def _assert_bit_identical(a, b):
+    (arrays_a, meta_a), (arrays_b, meta_b) = a, b
+    assert arrays_a.keys() == arrays_b.keys()
+    for key in arrays_a:
+        x, y = arrays_a[key], arrays_b[key]
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), key
+        assert x.tobytes() == y.tobytes(), key
+    assert meta_a == meta_b
+
+
+def _interrupt_and_resume(monkeypatch, tmp_path, data, plan):
+    injector = Injector(monkeypatch, plan)
+    cut = train(CONFIG, out=tmp_path, progress=False, data=data)
+    assert injector.fired == [(t, k) for t, k, _ in plan], "every injection point was reached"
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    assert not (tmp_path / LOCK).exists()
+    saved = _read(tmp_path / CHECKPOINT)[1]
+    resumed = train(CONFIG, out=tmp_path, resume=True, progress=False, data=data)
+    assert not resumed.interrupted
+    return cut, saved
+
+
+@pytest.mark.parametrize(("target", "k"), POINTS)
+def test_sigint_anywhere_resumes_bit_identical(monkeypatch, tmp_path, data, reference,
+                                               target, k):
+    cut, saved = _interrupt_and_resume(monkeypatch, tmp_path, data,
+                                       [(target, k, signal.SIGINT)])
+    assert cut.interrupted and cut.signal == signal.SIGINT
+    assert (saved["epoch"], saved["step"]) < (CONFIG.epochs, 0)  # stopped before the end
+    _assert_bit_identical(reference, _read(tmp_path / CHECKPOINT))
+
+
+@pytest.mark.parametrize(("target", "k"), [("forward", 10), ("update", 20), ("savez", 1)])
+def test_sigterm_saves_at_the_step_boundary(monkeypatch, tmp_path, data, reference, target, k):
+    cut, _ = _interrupt_and_resume(monkeypatch, tmp_path, data, [(target, k, signal.SIGTERM)])
+    assert cut.interrupted and cut.signal == signal.SIGTERM
+    _assert_bit_identical(reference, _read(tmp_path / CHECKPOINT))
+
+
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_during_the_save_lets_it_finish(monkeypatch, tmp_path, data, reference,
+                                                        first):
+    # The first signal lands in step 1; the save at its boundary is np.savez's first call,
+    # where a second Ctrl-C arrives (and, through the temporary file, during os.replace).
+    plan = [("forward", 10, first), ("savez", 1, signal.SIGINT), ("replace", 1, signal.SIGINT)]
+    cut, saved = _interrupt_and_resume(monkeypatch, tmp_path, data, plan)
+    assert cut.interrupted and cut.signal == first
+    assert (saved["epoch"], saved["step"]) == (0, 1)
+    _assert_bit_identical(reference, _read(tmp_path / CHECKPOINT))
+
+
+@pytest.mark.parametrize(("target", "k"), [("forward", 10), ("backward", 5), ("update", 20),
+                                           ("update", 24), ("accumulate", 2), ("evaluate", 1),
+                                           ("savez", 1), ("write_metrics", 1)])
+def test_keyboard_interrupt_raised_anywhere_resumes_bit_identical(monkeypatch, tmp_path, data,
+                                                                  reference, target, k):
+    # Without the signal handlers (a run outside the main thread), Ctrl-C is a
+    # KeyboardInterrupt raised where it lands: a step undoes itself, a failed save is redone.
+    cut, _ = _interrupt_and_resume(monkeypatch, tmp_path, data, [(target, k, "raise")])
+    assert cut.interrupted
+    _assert_bit_identical(reference, _read(tmp_path / CHECKPOINT))
+
+
+def test_handlers_are_restored(data):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    train(CONFIG, progress=False, data=data)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+# -- the command, in a process of its own ---------------------------------------------------------
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "refnorm", "train", "--epochs", "30",
+                             "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until ``path`` exists: the lock file, created once the signal handlers are in place."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(("signals", "status"), [((signal.SIGTERM,), 143),
+                                                 ((signal.SIGINT, signal.SIGINT), 130)])
+def test_cli_stops_on_a_signal_with_a_checkpoint(tmp_path, signals, status):
+    proc = _start(tmp_path)
+    _wait_for(tmp_path / LOCK, proc)
+    time.sleep(0.3)  # into the first steps
+    for signum in signals:  # a double Ctrl-C: the second lands during the stop or the save
+        proc.send_signal(signum)
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == status, err
+    assert "Traceback" not in err
+    assert "checkpoint saved" in err and "continue with --resume" in err
+    assert (tmp_path / CHECKPOINT).exists() and not (tmp_path / LOCK).exists()
+    assert not list(tmp_path.glob(".*.tmp"))
