@@ -33,6 +33,7 @@ from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm
 from refnorm.norms.batch import batch_norm_backward, batch_norm_eval_forward
 from refnorm.sync.comm import SingleProcess
+from refnorm.sync.headers import allreduce, layer_label, note_local_call
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class SyncBatchNormCache:
         n, the values per channel over all devices.
     comm : the communicator
     x_dtype, param_dtype : dtypes of the returned gradients
+    layer : str
+        The layer's name in the headers of its collectives (``"syncbn#0"``).
     """
 
     x_hat: Array
@@ -61,10 +64,11 @@ class SyncBatchNormCache:
     comm: Any
     x_dtype: Any
     param_dtype: Any
+    layer: str = "syncbn"
 
 
 def sync_batch_norm_forward(
-    x: Array, gamma: Array, beta: Array, *, comm: Any, eps: float = 1e-5
+    x: Array, gamma: Array, beta: Array, *, comm: Any, eps: float = 1e-5, layer: str = "syncbn"
 ) -> tuple[Array, SyncBatchNormCache]:
     """Batch Normalization in training with statistics over every device of ``comm``.
 
@@ -75,6 +79,8 @@ def sync_batch_norm_forward(
     gamma, beta : arrays, (C,)
     comm : communicator (:mod:`refnorm.sync.comm`)
     eps : float, > 0
+    layer : str
+        Names this layer in the headers of its collectives (:mod:`refnorm.sync.headers`).
 
     Returns
     -------
@@ -87,7 +93,8 @@ def sync_batch_norm_forward(
     for a in axes:
         n_p *= x.shape[a]
     local_sum = xp.sum(xc, axis=axes)                                      # (C,)
-    count, total = comm.allreduce_sum([xp.asarray([float(n_p)], dtype=xc.dtype), local_sum])
+    count, total = allreduce(comm, [xp.asarray([float(n_p)], dtype=xc.dtype), local_sum],
+                             op="syncbn forward (count, sum)", layer=layer)
     n = int(count[0])
     if n < 2:
         raise ValueError("synchronized batch normalization needs more than 1 value per "
@@ -98,11 +105,13 @@ def sync_batch_norm_forward(
     d = xc - channel_view(local_mean, x.ndim)                              # (N_p, C, H, W)
     local_m2 = xp.sum(d * d, axis=axes)                                    # (C,)
     shift = local_mean - mean
-    (m2,) = comm.allreduce_sum([local_m2 + n_p * shift * shift])           # Chan's merge
+    (m2,) = allreduce(comm, [local_m2 + n_p * shift * shift],               # Chan's merge
+                      op="syncbn forward (M2)", layer=layer)
     var = m2 / n                                                           # (C,)
     x_hat, rstd = standardize(xc, channel_view(mean, x.ndim), channel_view(var, x.ndim), eps=eps)
     y = affine_forward(x_hat, gamma_c, beta_c)
-    cache = SyncBatchNormCache(x_hat, rstd, gamma_c, mean, var, n, comm, x.dtype, gamma.dtype)
+    cache = SyncBatchNormCache(x_hat, rstd, gamma_c, mean, var, n, comm, x.dtype, gamma.dtype,
+                               layer)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
@@ -121,7 +130,8 @@ def sync_batch_norm_backward(dy: Array, cache: SyncBatchNormCache) -> tuple[Arra
     dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)
     axes = non_channel_axes(dy.ndim)
     local = [xp.sum(dx_hat, axis=axes), xp.sum(dx_hat * cache.x_hat, axis=axes)]
-    sum_dx_hat, sum_dx_hat_x_hat = cache.comm.allreduce_sum(local)         # (C,) each
+    sum_dx_hat, sum_dx_hat_x_hat = allreduce(                              # (C,) each
+        cache.comm, local, op="syncbn backward (two sums)", layer=cache.layer)
     n, ndim = cache.count, dy.ndim
     dx = cache.rstd * (dx_hat - channel_view(sum_dx_hat, ndim) / n
                        - cache.x_hat * channel_view(sum_dx_hat_x_hat, ndim) / n)
@@ -177,10 +187,13 @@ class SyncBatchNorm(ChannelNorm):
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         gamma, beta = self.params["gamma"], self.params["beta"]
         self._synchronized = training
+        label = layer_label(self.comm, self, "syncbn")
         if not training:
+            note_local_call(self.comm, "forward in eval mode (no collective)", label)
             stats = (self.state["running_mean"], self.state["running_var"])
             return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
-        y, cache = sync_batch_norm_forward(x, gamma, beta, comm=self.comm, eps=self.eps)
+        y, cache = sync_batch_norm_forward(x, gamma, beta, comm=self.comm, eps=self.eps,
+                                           layer=label)
         running_mean, running_var = update_running_stats(
             self.state["running_mean"], self.state["running_var"], cache.mean, cache.var,
             count=cache.count, momentum=self.momentum)

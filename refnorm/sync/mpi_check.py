@@ -9,13 +9,16 @@ input gradients, and the summed parameter gradients, with one process holding th
 batch. Prints one line per check and exits non-zero if any differs by more than 1e-10.
 
 ``--fail-rank R`` makes rank R raise before the first all-reduce, and ``--mismatch`` gives the
-ranks different channel counts: both must end the job with an error, never hang.
+ranks different channel counts: both must end the job with an error, never hang. The
+communicator is used as ``with MPICommunicator() as comm``, so that any way a rank ends is
+seen (see :mod:`refnorm.sync.comm`); ``$REFNORM_SYNC_TIMEOUT`` sets its watchdog.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -31,21 +34,26 @@ def shard_bounds(n: int, size: int) -> list[tuple[int, int]]:
 def main(argv: list[str] | None = None) -> int:
     from mpi4py import MPI  # noqa: F401  (the mpi extra)
 
+    from refnorm.sync import MPICommunicator
+
+    parser = argparse.ArgumentParser(prog="python -m refnorm.sync.mpi_check")
+    parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--mismatch", action="store_true")
+    args = parser.parse_args(argv)
+    with MPICommunicator() as comm:
+        return _check(comm, args)
+
+
+def _check(comm: Any, args: argparse.Namespace) -> int:
     import refnorm
     from refnorm.norms.switchable import switchable_norm_backward, switchable_norm_forward
     from refnorm.sync import (
-        MPICommunicator,
         sync_batch_norm_backward,
         sync_batch_norm_forward,
         sync_switchable_norm_backward,
         sync_switchable_norm_forward,
     )
 
-    parser = argparse.ArgumentParser(prog="python -m refnorm.sync.mpi_check")
-    parser.add_argument("--fail-rank", type=int, default=None)
-    parser.add_argument("--mismatch", action="store_true")
-    args = parser.parse_args(argv)
-    comm = MPICommunicator()
     rng = np.random.default_rng(0)
     C = 3 + (comm.rank if args.mismatch else 0)
     x = 5 * rng.standard_normal((9, C, 4, 4)) + 12

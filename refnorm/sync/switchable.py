@@ -53,6 +53,7 @@ from refnorm.norms.switchable import (
     switchable_norm_forward,
 )
 from refnorm.sync.comm import SingleProcess
+from refnorm.sync.headers import allreduce, layer_label, note_local_call
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,18 @@ class SyncSwitchableNormCache:
     bn_groups : int
         The IN groups one BN statistic pools: N summed over every device (the P N of
         Eq. 24-25 when shards are equal).
+    layer : str
+        The layer's name in the headers of its collectives (``"syncsn#0"``).
     """
 
     local: SwitchableNormCache
     comm: Any
     bn_groups: int
+    layer: str = "syncsn"
 
 
-def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0
-                            ) -> tuple[Array, Array, int]:
+def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
+                            layer: str = "syncsn") -> tuple[Array, Array, int]:
     """mu_sybn and sigma_sybn^2: the BN-scope statistics of every device's IN moments.
 
     Parameters
@@ -85,6 +89,8 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0
         This device's shard; N_p may be 0.
     comm : communicator
     in_correction : {0, 1}
+    layer : str
+        Names the layer in the headers of the collectives (:mod:`refnorm.sync.headers`).
 
     Returns
     -------
@@ -94,15 +100,17 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0
     """
     xp = array_namespace(h)
     mu_in, var_in = in_moments(h, in_correction=in_correction)             # (N_p, C, 1)
-    count, sum_mu, sum_var = comm.allreduce_sum([
+    count, sum_mu, sum_var = allreduce(comm, [
         xp.asarray([float(h.shape[0])], dtype=h.dtype),
-        xp.sum(mu_in, axis=(0, 2)), xp.sum(var_in, axis=(0, 2))])
+        xp.sum(mu_in, axis=(0, 2)), xp.sum(var_in, axis=(0, 2))],
+        op="syncsn forward (count, IN moments)", layer=layer)
     groups = int(count[0])
     if groups == 0:
         raise ValueError("no samples on any device: the BN scope has nothing to average")
     mu_sybn = sum_mu / groups                                               # (C,)
     d = mu_in - xp.reshape(mu_sybn, (1, -1, 1))                             # (N_p, C, 1)
-    (spread,) = comm.allreduce_sum([xp.sum(d * d, axis=(0, 2))])
+    (spread,) = allreduce(comm, [xp.sum(d * d, axis=(0, 2))],
+                          op="syncsn forward (spread of IN means)", layer=layer)
     var_sybn = (sum_var + spread) / groups                                  # total variance
     return mu_sybn, var_sybn, groups
 
@@ -117,6 +125,7 @@ def sync_switchable_norm_forward(
     comm: Any,
     eps: float = 1e-5,
     options: SwitchableOptions = DEFAULT_OPTIONS,
+    layer: str = "syncsn",
 ) -> tuple[Array, SyncSwitchableNormCache]:
     """SN in training with the BN scope synchronized over the devices of ``comm``, Eq. (15).
 
@@ -129,6 +138,8 @@ def sync_switchable_norm_forward(
     comm : communicator (:mod:`refnorm.sync.comm`)
     eps : float, > 0
     options : SwitchableOptions
+    layer : str
+        Names this layer in the headers of its collectives (:mod:`refnorm.sync.headers`).
 
     Returns
     -------
@@ -138,20 +149,20 @@ def sync_switchable_norm_forward(
     args = (x, gamma, beta, mean_logits, var_logits)
     if "bn" not in options.scopes:  # nothing to synchronize: plain SN
         y, local = switchable_norm_forward(*args, eps=eps, options=options)
-        return y, SyncSwitchableNormCache(local, comm, x.shape[0])
+        return y, SyncSwitchableNormCache(local, comm, x.shape[0], layer)
     xp, xc, _, _ = prepare_channel_norm(x, gamma, beta, eps=eps)
     check_scope_counts(x.shape, options, with_bn=False)  # the BN scope: after pooling
     N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     h = xp.reshape(xc, (N, C, S))                                           # (N_p, C, S)
     mu_sybn, var_sybn, groups = synchronized_bn_moments(
-        h, comm=comm, in_correction=options.in_correction)
+        h, comm=comm, in_correction=options.in_correction, layer=layer)
     if groups * S < 2:
         raise ValueError(f"the synchronized BN scope needs more than 1 value per statistic over "
                          f"all devices; got {groups * S} (this device's x has shape "
                          f"{tuple(x.shape)})")
     # Eq. (15): single-device SN with the BN scope's statistics given (mixing, Eq. 3, 5)
     y, local = switchable_norm_eval_forward(*args, mu_sybn, var_sybn, eps=eps, options=options)
-    return y, SyncSwitchableNormCache(local, comm, groups)
+    return y, SyncSwitchableNormCache(local, comm, groups, layer)
 
 
 def sync_switchable_norm_backward(
@@ -190,7 +201,8 @@ def sync_switchable_norm_backward(
         dh = dh + wm["ln"] / (C * S) * xp.sum(dmu, axis=1, keepdims=True)   # Term3, Eq. (25)
     if "bn" in scopes:
         local = [xp.sum(dvar, axis=0, keepdims=True), xp.sum(dmu, axis=0, keepdims=True)]
-        sum_pn_dvar, sum_pn_dmu = cache.comm.allreduce_sum(local)       # (1, C, 1), sum_{p,n}
+        sum_pn_dvar, sum_pn_dmu = allreduce(                            # (1, C, 1), sum_{p,n}
+            cache.comm, local, op="syncsn backward (sums of Eq. 7, 8)", layer=cache.layer)
         dh = dh + wv["bn"] * dsigma2_k_dh("bn") * sum_pn_dvar           # Term2, Eq. (24)
         dh = dh + wm["bn"] / (cache.bn_groups * S) * sum_pn_dmu         # Term3, Eq. (25)
     dgamma = xp.sum(dy_v * c.x_hat, axis=(0, 2))                       # Eq. (16), this device
@@ -227,13 +239,15 @@ class SyncSwitchableNorm(SwitchableNorm):
         p = self.params
         args = (x, p["gamma"], p["beta"], p["mean_logits"], p["var_logits"])
         self._synchronized = training and "bn" in self.options.scopes
+        label = layer_label(self.comm, self, "syncsn")
         if not self._synchronized:
             if "bn" in self.options.scopes:
+                note_local_call(self.comm, "forward in eval mode (no collective)", label)
                 return switchable_norm_eval_forward(*args, *self.population(), eps=self.eps,
                                                     options=self.options)
             return switchable_norm_forward(*args, eps=self.eps, options=self.options)
         y, cache = sync_switchable_norm_forward(*args, comm=self.comm, eps=self.eps,
-                                                options=self.options)
+                                                options=self.options, layer=label)
         C, S = self.num_channels, cache.local.h.shape[2]
         self._observe(BatchStatistics(count=cache.bn_groups * S,
                                       mean=self.xp.reshape(cache.local.mu["bn"], (C,)),

@@ -3,55 +3,39 @@ device gives, and a failing or disagreeing rank ends the job instead of hanging.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+from tests.sync.mpi import run_two
 
-import pytest
-
-# -- real processes ------------------------------------------------------------------------------
+# A job that ends on its own takes about a second here (start-up, then 0.5 s for the last
+# message to reach mpiexec before MPI_Abort); 15 s is the "does not hang" bound, far above
+# that and far below the 60 s default watchdog that would otherwise be what ends it.
+ENDS_WITHIN_S = 15
 
 
-def _mpiexec() -> str | None:
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else shutil.which("mpiexec")
-
-
-def _require_mpi():
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        if os.environ.get("REFNORM_REQUIRE_MPI"):
-            pytest.fail("REFNORM_REQUIRE_MPI is set but mpi4py is not installed (the mpi extra)")
-        pytest.skip("mpi4py not installed (pip install -e '.[mpi]')")
-    exe = _mpiexec()
-    if exe is None:
-        pytest.fail("mpi4py is installed but no mpiexec was found")
-    return exe
-
-
-def _run_mpi(*args, timeout=120):
-    exe = _require_mpi()
-    return subprocess.run([exe, "-n", "2", sys.executable, "-m", "refnorm.sync.mpi_check", *args],
-                          capture_output=True, text=True, timeout=timeout)
+def _check(*args):
+    return run_two("-m", "refnorm.sync.mpi_check", *args)
 
 
 def test_mpi_two_processes_equal_one_device():
-    proc = _run_mpi()
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "OK"
-    assert proc.stdout.count("max abs diff") == 10
+    job = _check()
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert job.stdout.strip().splitlines()[-1] == "OK"
+    assert job.stdout.count("max abs diff") == 10
 
 
 def test_mpi_failing_rank_ends_the_job():
-    proc = _run_mpi("--fail-rank", "1", timeout=60)
-    assert proc.returncode != 0
-    assert "rank 1 fails on purpose" in proc.stderr
+    job = _check("--fail-rank", "1")
+    assert job.returncode != 0
+    assert "rank 1 fails on purpose" in job.stderr
+    assert "rank 1 left (raised RuntimeError) before any collective" in job.stderr
+    assert job.seconds < ENDS_WITHIN_S
 
 
 def test_mpi_disagreeing_shapes_end_the_job():
-    proc = _run_mpi("--mismatch", timeout=60)
-    assert proc.returncode != 0
-    assert "ranks passed different arrays" in proc.stderr
+    job = _check("--mismatch")
+    assert job.returncode != 0
+    assert "ranks passed different arrays" in job.stderr
+    assert ("rank 0 entered collective #1: syncbn forward (count, sum) of layer syncbn, step 1, "
+            "arrays [(1,) float64, (3,) float64]; rank 1 entered collective #1: syncbn forward "
+            "(count, sum) of layer syncbn, step 1, arrays [(1,) float64, (4,) float64]"
+            ) in job.stderr
+    assert job.seconds < ENDS_WITHIN_S
