@@ -49,6 +49,8 @@ SHAPES = ((32, 64, 32, 32), (2, 64, 32, 32))
 GROUPS = 32
 EPS = 1e-5
 BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# how idle OpenMP threads wait (numba's and torch's pools): matters on an oversubscribed machine
+OMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_THREADING_LAYER")
 
 
 @dataclass
@@ -221,7 +223,8 @@ def _set_threads(threads: int | None, torch) -> dict[str, Any]:
     numba.set_num_threads(n)
     layer = numba.config.THREADING_LAYER  # type: ignore[attr-defined]
     info: dict[str, Any] = {"numba_threads": numba.get_num_threads(),
-                            "numba_threading_layer": layer}
+                            "numba_threading_layer": layer,
+                            "openmp_env": {k: os.environ.get(k, "unset") for k in OMP_ENV}}
     if torch is not None:
         torch.set_num_threads(n)
         info["torch_threads"] = torch.get_num_threads()
@@ -351,7 +354,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"machine: {m['platform']}, {m['cpu_count']} cores; numba {m['numba_threads']} threads "
         f"({m['numba_threading_layer']}), torch {m.get('torch_threads', '-')} threads "
-        f"({m['torch'] or 'not installed'}), BLAS {m['blas_threads']}",
+        f"({m['torch'] or 'not installed'}), BLAS {m['blas_threads']}; "
+        + ", ".join(f"{k}={v}" for k, v in m["openmp_env"].items()),
         f"copy bandwidth: {report['copy_gb_per_s']:.1f} GB/s; {report['repeats']} interleaved "
         f"repetitions; GB/s counts {report['bytes_model']}",
         "",

@@ -189,3 +189,16 @@ def test_switchable_equals_reference(case):
         k = 1.0 if name in ("dgamma", "dbeta") else kappa
         assert_close(name, np.reshape(g, np.shape(w)), w, dtype, k, scale=scales.get(name, 0.0),
                      float32_kappa=True)
+
+
+def test_float16_computes_in_float32_and_returns_float16():
+    """float16 input: y comes back in float16, the cache fields in float32, as the reference."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, 5, 3)).astype(np.float16)
+    gamma, beta = params(4, np.float16, seed=2)
+    want_y, cache = group_norm_forward(x, gamma, beta, num_groups=2, eps=EPS)
+    y, x_hat, mean, var, rstd = kernels.gn_forward(x, gamma, beta, EPS, 2)
+    assert y.dtype == np.float16 and x_hat.dtype == cache.x_hat.dtype == np.float32
+    assert rel_err(x_hat, cache.x_hat) < 1e-5  # float32 arithmetic on both sides
+    # y is rounded to float16 by both (eps16 = 9.8e-4): at most one float16 ulp apart
+    assert rel_err(y, want_y) < 2e-3
