@@ -169,3 +169,138 @@ def test_cli_study_rejects_a_batch_size_that_does_not_divide(tmp_path, capsys):
     args = ["study", "--batch-sizes", "3", "--update-size", "16", "--out", str(tmp_path)]
     assert main(args) == 2
     assert "every batch size must divide update_size=16" in capsys.readouterr().err
+
+
+# -- argument errors: one line, exit 2 --------------------------------------------------------
+
+
+BAD_VALUES = {
+    "train": {
+        "--batch-size": ["0", "-3", "a", "1.5", ""], "--accumulation": ["0", "x"],
+        "--epochs": ["0", "-1", "ten"], "--lr": ["0", "-0.1", "nan", "inf", "x"],
+        "--weight-decay": ["-1", "nan", "inf"], "--seed": ["-1", "x", "1e3"],
+        "--groups": ["0", "y"], "--norm": ["xn", ""], "--weight": ["xx"],
+        "--schedule": ["step"], "--sn-inference": ["mean"], "--out": ["", " "],
+        "--data": ["imagenet", "mnist:", ""],
+    },
+    "study": {
+        "--batch-sizes": ["a,b", "2,,4", "0", "-2", ""], "--seeds": ["0", "-1", "x"],
+        "--update-size": ["0", "x"], "--epochs": ["0"], "--jobs": ["0", "x"],
+        "--methods": ["bn,,gn", "xn", ""], "--out": [""],
+    },
+    "gradcheck": {"--tolerance": ["nan", "0", "-1", "inf", "x"], "--seed": ["-1", "x"]},
+}
+
+
+def _cases():
+    for command, options in BAD_VALUES.items():
+        for option, values in options.items():
+            for value in values:
+                yield command, option, value
+
+
+@pytest.mark.parametrize(("command", "option", "value"), list(_cases()))
+def test_every_bad_value_is_one_line_and_exit_2(command, option, value, capsys, tmp_path,
+                                                monkeypatch):
+    import refnorm.train.study as study_module
+    import refnorm.train.trainer as trainer_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("training started despite a bad argument")
+
+    monkeypatch.setattr(trainer_module, "run_epoch", never)
+    monkeypatch.setattr(study_module, "_run", never)
+    argv = [command, option, value]
+    argv += ["bn"] if command == "gradcheck" else []
+    argv += ["--out", str(tmp_path / "o")] if option != "--out" and command != "gradcheck" else []
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    if command == "train" and option == "--data":
+        err = err[1:]  # the "training ..." line comes first: the data is loaded by train()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"refnorm {command}: error: "), err
+    if option not in ("--data", "--methods") or value == "":
+        assert option in err[0] or "--out" in err[0] or "folder" in err[0], err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--seed", "-1"], "argument --seed: expected an integer >= 0; got '-1'"),
+    (["study", "--batch-sizes", "a,b"], "argument --batch-sizes: expected comma-separated "
+                                        "integers >= 1 (e.g. 2,4,16); got 'a,b'"),
+    (["study", "--seeds", "0"], "argument --seeds: expected an integer >= 1; got '0'"),
+    (["gradcheck", "bn", "--tolerance", "nan"], "argument --tolerance: expected a finite "
+                                                "number > 0; got 'nan'"),
+])
+def test_the_reported_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"refnorm {argv[0]}: error: {message} "
+                                       f"(see refnorm {argv[0]} --help)\n")
+
+
+# -- train: exit statuses --------------------------------------------------------------------
+
+
+def test_cli_train_non_finite_exits_3(tmp_path, capsys):
+    # lr 1e30: the first update makes the weights huge; the second step's BN variance
+    # overflows float32, caught before any checkpoint.
+    assert main(["train", "--lr", "1e30", "--epochs", "1", "--out", str(tmp_path)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("refnorm train: in step 2 of epoch 1: the variance of x overflows")
+    assert err.endswith("; the run stopped; no checkpoint was written")
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: d.write_text("x"), "is a file, not a folder"),
+])
+def test_cli_out_refused_before_training(tmp_path, capsys, make, message):
+    out = tmp_path / "out"
+    make(out)
+    assert main(["train", "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"refnorm train: error: the output folder {out} {message}"
+    assert not any(line.startswith("epoch") for line in err)
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    magic = 2051 if array.ndim == 3 else 2049
+    header = magic.to_bytes(4, "big") + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize(("train_hw", "n_test", "message"), [
+    (8, 0, "the test set of mnist is empty"),
+    (2, 4, "images of 2x2 are too small for 3 blocks: their 2 2x2 max-pools need at least 4x4"),
+])
+def test_cli_unusable_data_refused_before_training(tmp_path, capsys, train_hw, n_test, message):
+    rng = np.random.default_rng(0)
+    _idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (64, train_hw, train_hw)))
+    _idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, 64))
+    _idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (n_test, train_hw, train_hw)))
+    _idx(tmp_path / "t10k-labels-idx1-ubyte", rng.integers(0, 10, n_test))
+    out = tmp_path / "out"
+    assert main(["train", "--data", f"mnist:{tmp_path}", "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"refnorm train: error: {message}"), err
+    assert not any(line.startswith("epoch") for line in err)
+
+
+def test_cli_hand_edited_checkpoint_is_refused_by_name(tmp_path, capsys):
+    args = ["train", "--epochs", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "param/0/w"}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"refnorm train: error: checkpoint {path} does not match the model: "
+                   "lacks param/0/w")

@@ -154,10 +154,20 @@ class NonFinite(RuntimeError):
         The first non-finite value found in it.
     """
 
-    def __init__(self, what: str, value: float, *, where: str = "", kept: str = "") -> None:
+    def __init__(self, what: str, value: float, *, where: str = "", kept: str = "",
+                 reason: str | None = None) -> None:
         self.what, self.value, self.where, self.kept = what, value, where, kept
-        text = f"{what} became {value}" + (f" {where}" if where else "") + "; the run stopped"
-        super().__init__(text + (f"; {kept}" if kept else ""))
+        self.reason = reason
+        if reason is not None:
+            text = f"{where}: {reason}" if where else reason
+        else:
+            text = f"{what} became {value}" + (f" {where}" if where else "")
+        super().__init__(text + "; the run stopped" + (f"; {kept}" if kept else ""))
+
+    def moved(self, *, where: str | None = None, kept: str | None = None) -> NonFinite:
+        """The same finding, placed in the run (``where``) or with what is kept."""
+        return NonFinite(self.what, self.value, where=self.where if where is None else where,
+                         kept=self.kept if kept is None else kept, reason=self.reason)
 
 
 class CheckpointError(ValueError):
@@ -355,7 +365,7 @@ def train(
             except _Interrupted as stop:
                 return _interrupt(run, stop.position, stop.signum)
             except NonFinite as exc:
-                raise NonFinite(exc.what, exc.value, where=exc.where, kept=_kept(run)) from None
+                raise exc.moved(kept=_kept(run)) from None
             return Result(config, list(position.history), run.model)
 
 
@@ -475,8 +485,14 @@ def run_epoch(run: Run, position: Position) -> Position:
         except KeyboardInterrupt:
             raise _Interrupted(position, 2) from None  # the step undid itself
         except NonFinite as exc:
-            raise NonFinite(exc.what, exc.value, where=f"in step {position.step + 1} of "
-                            f"epoch {position.epoch + 1}") from None
+            raise exc.moved(where=f"in step {position.step + 1} of epoch "
+                                  f"{position.epoch + 1}") from None
+        except ValueError as exc:
+            # The data and the network were checked before training, and earlier steps ran:
+            # a layer refusing its numbers now (a variance overflowing float32) is divergence.
+            raise NonFinite("a layer's statistics", math.inf, reason=str(exc),
+                            where=f"in step {position.step + 1} of epoch "
+                                  f"{position.epoch + 1}") from None
         position = dataclasses.replace(position, step=position.step + 1,
                                        totals=position.totals + totals)
         try:
@@ -491,8 +507,7 @@ def run_epoch(run: Run, position: Position) -> Position:
     except KeyboardInterrupt:
         raise _Interrupted(position, 2) from None
     except NonFinite as exc:
-        raise NonFinite(exc.what, exc.value,
-                        where=f"in the evaluation of epoch {position.epoch + 1}") from None
+        raise exc.moved(where=f"in the evaluation of epoch {position.epoch + 1}") from None
     position = Position(position.epoch + 1, 0, Totals(), (*position.history, row))
     run.bar.epoch_done(row)
     if run.out is not None:
@@ -701,8 +716,9 @@ def is_finite(a: Any) -> bool:
     a = np.asarray(a)
     if a.dtype.kind != "f":
         return True
-    if math.isfinite(float(np.sum(a, dtype=np.float64))):
-        return True
+    with np.errstate(over="ignore", invalid="ignore"):  # inf + -inf: the sum is NaN, quietly
+        if math.isfinite(float(np.sum(a, dtype=np.float64))):
+            return True
     return bool(np.all(np.isfinite(a)))
 
 

@@ -173,7 +173,7 @@ def test_cli_out_on_a_read_only_or_full_file_system(tmp_path, options, message):
     assert "epoch 1" not in proc.stderr
 
 
-# -- one writer -------------------------------------------------------------------------------------
+# -- one writer -----------------------------------------------------------------------------------
 
 
 def test_lock_is_exclusive_and_released(tmp_path):
@@ -233,7 +233,7 @@ def test_two_processes_on_one_folder(tmp_path):
     assert first.returncode == 143 and not (tmp_path / LOCK).exists()
 
 
-# -- atomic writes ----------------------------------------------------------------------------------
+# -- atomic writes --------------------------------------------------------------------------------
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
