@@ -1,7 +1,10 @@
 """Statistics across devices: communicators, synchronized BN and SN, data-parallel steps.
 
 - :mod:`refnorm.sync.comm` — :class:`SingleProcess`, :class:`InProcessGroup` (P simulated
-  devices in one process), :class:`MPICommunicator` (mpi4py + the mpich wheel);
+  devices in one process), :class:`MPICommunicator` (mpi4py + the mpich wheel, with a
+  watchdog); what "a synchronized step never hangs" guarantees is in its docstring;
+- :mod:`refnorm.sync.headers` — the header every collective sends first (operation, layer,
+  step, shapes), checked on every rank before the payload, and the leave header;
 - :mod:`refnorm.sync.batch_norm` — synchronized BN (``syncbn``);
 - :mod:`refnorm.sync.switchable` — synchronized SN (``syncsn``), Appendix A Eq. 15-25, its own
   forward/backward pair built from the single-device SN pieces;

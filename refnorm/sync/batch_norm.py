@@ -155,7 +155,9 @@ class SyncBatchNorm(ChannelNorm):
     Training runs the synchronized pair and updates the running statistics with the whole
     batch's statistics and count, identically on every device; inference runs BN's eval
     pair (:func:`~refnorm.norms.batch.batch_norm_eval_forward`), which needs no
-    communication.
+    communication (the call is recorded on ``comm``, so that a peer left waiting in a
+    training collective is told this rank was in eval mode). The collectives' headers name
+    the layer ``syncbn#i``, the i-th syncbn layer to use ``comm``.
 
     State: running_mean (C,), starts at 0; running_var (C,), starts at 1.
     """

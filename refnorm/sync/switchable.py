@@ -220,7 +220,9 @@ class SyncSwitchableNorm(SwitchableNorm):
     Parameters as :class:`~refnorm.norms.switchable.SwitchableNorm`, plus ``comm`` (default:
     a single process, which makes it plain SN). Training with a BN scope runs the
     synchronized pair; inference (population statistics) and scopes without BN run the
-    single-device pair, which needs no communication.
+    single-device pair, which needs no communication (inference with a BN scope is recorded
+    on ``comm``, as in :class:`~refnorm.sync.batch_norm.SyncBatchNorm`). The collectives'
+    headers name the layer ``syncsn#i``.
     """
 
     check_cases: ClassVar[tuple[CheckCase, ...]] = (

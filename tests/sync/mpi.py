@@ -46,14 +46,16 @@ class Job:
 
 
 def run_two(*python_args: str, env: dict[str, str] | None = None, timeout: float = 30) -> Job:
-    """``mpiexec -n 2 python *python_args`` from the repository root; its status, output and
-    wall time. A job still running after ``timeout`` is a hang: the test fails saying so."""
+    """``mpiexec -n 2 python *python_args`` from the repository root, importing this tree's
+    refnorm; its status, output and wall time. A job still running after ``timeout`` is a
+    hang: the test fails saying so."""
     exe = require_mpi()
     start = time.monotonic()
     # A session of its own, so that a hung job's mpiexec and ranks can all be killed.
     proc = subprocess.Popen([exe, "-n", "2", sys.executable, *python_args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                            start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

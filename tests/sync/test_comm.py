@@ -1,10 +1,16 @@
-"""Communicators (refnorm/sync/comm.py): sums on every rank, and clear errors instead of hangs."""
+"""Communicators (refnorm/sync/comm.py): sums on every rank, and clear errors instead of hangs:
+ranks that disagree (steps, modes, layers) or get stuck end the group at once, saying where
+each rank was."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
 
+import refnorm
 from refnorm.sync import (
     InProcessGroup,
     SingleProcess,
@@ -45,3 +51,100 @@ def test_using_a_device_after_its_group_finished_is_a_clear_error():
     caches = InProcessGroup.run(2, forward, [np.ones((2, 3)) * [[1], [2]]] * 2)
     with pytest.raises(RuntimeError, match=r"run\(\) has returned"):
         sync_batch_norm_backward(np.ones((2, 3)), caches[0])
+
+
+# -- ranks that disagree end at once, with where each was ----------------------------------------
+
+# These groups end in milliseconds; the group's own timeout is set well above that and the
+# check that they did not wait for it is elapsed < GROUP_TIMEOUT_S (before the leave protocol
+# they waited out the timeout and ended with a BrokenBarrierError).
+GROUP_TIMEOUT_S = 5.0
+
+
+def _train(comm, steps, training):
+    layer = refnorm.build("syncbn", 3, dtype=np.float64, comm=comm)
+    x = 5 * np.random.default_rng(comm.rank).standard_normal((2, 3)) + 12
+    for _ in range(steps):
+        layer.forward(x, training=training)
+        layer.backward(np.ones_like(x))
+
+
+def test_uneven_steps_fail_at_once_naming_both_ranks():
+    start = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        InProcessGroup.run(2, _train, [3, 2], [True, True], timeout=GROUP_TIMEOUT_S)
+    assert time.monotonic() - start < GROUP_TIMEOUT_S
+    message = str(info.value)
+    assert "rank 1 left while rank 0 entered a collective that can never complete" in message
+    assert ("rank 0 entered collective #7: syncbn forward (count, sum) of layer syncbn#0, "
+            "step 3") in message
+    assert ("rank 1 left (its function returned, after 6 collectives) after collective #6 "
+            "(syncbn backward (two sums) of layer syncbn#0, step 2)") in message
+
+
+def test_mixed_modes_fail_at_once_naming_the_eval_call():
+    start = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        InProcessGroup.run(2, _train, [2, 2], [True, False], timeout=GROUP_TIMEOUT_S)
+    assert time.monotonic() - start < GROUP_TIMEOUT_S
+    assert ("rank 1 left (its function returned, after 0 collectives) before any collective; "
+            "its last call without a collective: forward in eval mode (no collective) of layer "
+            "syncbn#0, call 2") in str(info.value)
+
+
+def test_ranks_in_different_layers_fail_on_every_rank():
+    def device(comm, order):
+        layers = {k: refnorm.build(k, 3, dtype=np.float64, comm=comm) for k in order}
+        x = 5 * np.random.default_rng(comm.rank).standard_normal((2, 3, 2)) + 12
+        for name in order:
+            layers[name].forward(x, training=True)
+
+    with pytest.raises(ValueError) as info:
+        InProcessGroup.run(2, device, [("syncbn", "syncsn"), ("syncsn", "syncbn")],
+                           timeout=GROUP_TIMEOUT_S)
+    message = str(info.value)
+    assert "ranks entered different collectives" in message
+    assert "rank 0 entered collective #1: syncbn forward (count, sum) of layer syncbn#0" in message
+    assert ("rank 1 entered collective #1: syncsn forward (count, IN moments) of layer syncsn#0"
+            in message)
+
+
+def test_a_stuck_device_ends_the_group_by_the_watchdog():
+    release = threading.Event()
+
+    def device(comm):
+        if comm.rank == 1:
+            release.wait(30)  # stuck outside any collective until the test lets it go
+        return comm.allreduce_sum([np.ones(2)], op="probe")
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError) as info:
+            InProcessGroup.run(2, device, timeout=0.5)
+    finally:
+        release.set()
+    # 0.5 s of waiting, then at most 1 s for the other thread to unwind (comm._join)
+    assert time.monotonic() - start < GROUP_TIMEOUT_S
+    assert ("refnorm.sync watchdog: rank 0 waited 0.5 s in collective #1: probe, step 1, "
+            "arrays [(2,) float64]; the others were: rank 1 has not made a collective yet"
+            ) in str(info.value)
+
+
+def test_an_all_reduce_after_finish_is_a_clear_error():
+    def device(comm):
+        comm.finish()
+        comm.allreduce_sum([np.ones(1)], op="late")
+
+    with pytest.raises(RuntimeError, match=r"rank 0 called finish\(\) and then an all-reduce "
+                                           r"\(late\)"):
+        InProcessGroup.run(1, device)
+
+
+def test_every_device_finishing_is_no_error():
+    def device(comm):
+        out = comm.allreduce_sum([np.full(2, comm.rank + 1.0)])[0]
+        comm.finish()
+        return out
+
+    for out in InProcessGroup.run(3, device):
+        np.testing.assert_array_equal(out, [6.0, 6.0])

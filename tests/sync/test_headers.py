@@ -1,0 +1,103 @@
+"""Self-describing collectives (refnorm/sync/headers.py): the agreement rule, the header's
+wire form, each rank's record of its calls, layer labels; and the watchdog's limit
+(refnorm/sync/comm.py's timeout_seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refnorm.sync.comm import DEFAULT_TIMEOUT, TIMEOUT_ENV, timeout_seconds
+from refnorm.sync.headers import (
+    HEADER_BYTES,
+    CallHeader,
+    CallLog,
+    check_headers,
+    layer_label,
+)
+
+
+def _header(rank, op="syncbn forward (count, sum)", layer="syncbn#0", step=1, shapes=((3,),)):
+    arrays = tuple((s, "float64") for s in shapes)
+    return CallHeader(rank, "collective", 1, op, layer, step, arrays)
+
+
+def test_agreeing_headers_pass_and_so_does_every_rank_leaving():
+    assert check_headers([_header(0), _header(1)]) is None
+    log0, log1 = CallLog(0), CallLog(1)
+    assert check_headers([log0.leave("done"), log1.leave("done")]) is None
+
+
+def test_each_kind_of_disagreement_is_named_with_every_rank_call():
+    shapes = check_headers([_header(0), _header(1, shapes=((4,),))])
+    assert shapes is not None and "ranks passed different arrays" in shapes
+    assert "rank 1 entered collective #1: syncbn forward (count, sum) of layer syncbn#0, " \
+           "step 1, arrays [(4,) float64]" in shapes
+    calls = check_headers([_header(0), _header(1, layer="syncbn#1")])
+    assert calls is not None and "ranks entered different collectives" in calls
+    steps = check_headers([_header(0, step=3), _header(1, step=2)])
+    assert steps is not None and "ranks entered different collectives" in steps
+    left = check_headers([_header(0), CallLog(1).leave("exit")])
+    assert left == ("refnorm.sync: rank 1 left while rank 0 entered a collective that can never "
+                    "complete (uneven batches, a rank in eval mode, or an early exit). rank 0 "
+                    "entered collective #1: syncbn forward (count, sum) of layer syncbn#0, step "
+                    "1, arrays [(3,) float64]; rank 1 left (exit) before any collective")
+
+
+def test_header_round_trips_through_its_wire_form():
+    header = _header(1, shapes=((2, 3, 4), (1,)))
+    data = header.to_bytes()
+    assert len(data) <= HEADER_BYTES
+    assert CallHeader.from_bytes(data + b"\0" * (HEADER_BYTES - len(data))) == header
+
+
+def test_a_header_too_long_for_the_wire_keeps_its_arrays_comparable():
+    many = tuple((i, 3) for i in range(400))  # ~400 arrays: a whole model's gradients
+    small, other = _header(0, shapes=many), _header(0, shapes=many[:-1] + ((9, 9),))
+    a, b = (CallHeader.from_bytes(h.to_bytes()) for h in (small, other))
+    assert len(small.to_bytes()) <= HEADER_BYTES
+    assert a.arrays != b.arrays  # a digest of the full signature, so a difference still shows
+    assert "(400,) arrays with sha1" in a.where()
+
+
+def test_call_log_counts_steps_per_call_and_says_what_it_did_last():
+    log = CallLog(0)
+    a = np.ones(3)
+    log.enter([a], "op", "syncbn#0")
+    log.enter([a], "other", "syncbn#0")
+    third = log.enter([a], "op", "syncbn#0")
+    assert (third.seq, third.step) == (3, 2)
+    log.note("forward in eval mode (no collective)", "syncsn#0")
+    assert log.leave("exit").detail == (
+        "left (exit) after collective #3 (op of layer syncbn#0, step 2); its last call without "
+        "a collective: forward in eval mode (no collective) of layer syncsn#0, call 1")
+
+
+def test_layer_labels_count_per_kind_and_per_communicator():
+    class Comm:
+        pass
+
+    class Layer:
+        pass
+
+    comm, other = Comm(), Comm()
+    bn0, sn0, bn1 = Layer(), Layer(), Layer()
+    assert [layer_label(comm, x, k) for x, k in ((bn0, "syncbn"), (sn0, "syncsn"),
+                                                 (bn1, "syncbn"), (bn0, "syncbn"))] == [
+        "syncbn#0", "syncsn#0", "syncbn#1", "syncbn#0"]
+    assert layer_label(other, bn1, "syncbn") == "syncbn#0"
+
+
+def test_watchdog_limit_from_argument_environment_or_default(monkeypatch):
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert timeout_seconds(None) == DEFAULT_TIMEOUT
+    assert timeout_seconds(2) == 2.0
+    monkeypatch.setenv(TIMEOUT_ENV, "3.5")
+    assert timeout_seconds(None) == 3.5
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=r"\$REFNORM_SYNC_TIMEOUT must be a number of "
+                                         r"seconds; got 'soon'"):
+        timeout_seconds(None)
+    for bad in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="timeout must be a positive, finite number"):
+            timeout_seconds(bad)
