@@ -1,0 +1,233 @@
+"""The GPU kernels (refnorm/kernels/cuda.py) equal the reference, run under numba's CUDA simulator.
+
+numba reads ``NUMBA_ENABLE_CUDASIM`` when it is imported, and the CPU kernel tests of the same
+pytest run import numba without it; so in an ordinary run this file holds one test that runs
+this file again in a subprocess with ``NUMBA_ENABLE_CUDASIM=1``, where the tests below the
+``else:`` run (on numpy arrays, in Python threads: one CUDA thread each). Nothing here runs
+on a GPU; ``tests/gpu/`` holds the real-GPU checks.
+
+Comparison, as in tests/kernels/test_norms.py: the kernel on ``x`` (float32 or float64, any
+layout) against the reference in float64 on the same values; the backward is given the
+reference cache's fields. Tolerances are those of tests/kernels/helpers.py (float64
+``1e-12 * kappa``; float32 ``2e-6``, because the kernels widen to float64 and round once on
+store, as the CPU kernels do). The simulator is slow (about 10 ms per block), so the shapes
+are small and each property draws a fixed, small number of examples; the block size, chunk
+length and grid cap are drawn too, so that tree merges of several threads, several chunks per
+plane and grid-stride loops are all exercised.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+ROOT = Path(__file__).resolve().parents[2]
+
+if not SIMULATOR:
+
+    def test_kernels_under_the_cuda_simulator():
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+             str(Path(__file__).relative_to(ROOT))],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+    def test_numpy_arrays_need_the_simulator():
+        from refnorm.kernels import cuda as gpu
+
+        x = np.ones((2, 3, 4))
+        with pytest.raises(TypeError, match="only under the CUDA simulator"):
+            gpu.bn_forward(x, np.ones(3), np.zeros(3), 1e-5)
+
+    def test_importing_refnorm_imports_no_numba_cuda():
+        code = ("import sys, refnorm, refnorm.kernels, refnorm.kernels.cuda, refnorm.sync; "
+                "sys.exit('numba.cuda' in sys.modules or 'cupy' in sys.modules)")
+        assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+else:
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from refnorm import kernels as cpu
+    from refnorm.kernels import cuda as gpu
+    from refnorm.norms.batch import batch_norm_backward, batch_norm_forward
+    from refnorm.norms.group import group_norm_backward, group_norm_forward
+    from refnorm.norms.instance import instance_norm_backward, instance_norm_forward
+    from refnorm.norms.layer import layer_norm_backward, layer_norm_forward
+    from tests.kernels.helpers import (
+        activations,
+        assert_close,
+        kappa_of,
+        params,
+        rel_err,
+        sn_reference,
+        upstream,
+    )
+
+    # Simulated threads hand over the GIL at every step; the default 5 ms switch interval
+    # makes each syncthreads() cost milliseconds.
+    sys.setswitchinterval(1e-5)
+
+    EPS = 1e-5
+    EXAMPLES = 10  # per property: the simulator costs 0.1-0.3 s per forward+backward
+
+    # name: (reference forward, reference backward, kernel forward, kernel backward, min ndim)
+    METHODS: dict[str, tuple[Any, ...]] = {
+        "bn": (lambda x, g, b, G: batch_norm_forward(x, g, b, eps=EPS), batch_norm_backward,
+               lambda x, g, b, G: gpu.bn_forward(x, g, b, EPS), gpu.bn_backward, 2),
+        "in": (lambda x, g, b, G: instance_norm_forward(x, g, b, eps=EPS),
+               instance_norm_backward,
+               lambda x, g, b, G: gpu.in_forward(x, g, b, EPS), gpu.in_backward, 3),
+        "ln": (lambda x, g, b, G: layer_norm_forward(x, g, b, eps=EPS), layer_norm_backward,
+               lambda x, g, b, G: gpu.ln_forward(x, g, b, EPS), gpu.ln_backward, 2),
+        "gn": (lambda x, g, b, G: group_norm_forward(x, g, b, num_groups=G, eps=EPS),
+               group_norm_backward,
+               lambda x, g, b, G: gpu.gn_forward(x, g, b, EPS, G), gpu.gn_backward, 2),
+    }
+
+    # (threads per block, values per reduction block, grid cap of element-wise kernels)
+    LAUNCHES = st.sampled_from([(1, 4096, 4096), (2, 3, 1), (4, 5, 3), (8, 7, 2),
+                                (8, 4096, 4096)])
+
+    def launch(config) -> ExitStack:
+        stack = ExitStack()
+        for name, value in zip(("THREADS", "CHUNK", "MAX_BLOCKS"), config, strict=True):
+            stack.enter_context(mock.patch.object(gpu, name, value))
+        return stack
+
+    @st.composite
+    def norm_cases(draw, method):
+        """(x, groups): N in 1..3, C up to 4, spatial rank 0..2 (>= 1 for IN), <= 60 values."""
+        min_ndim = METHODS[method][4]
+        N = draw(st.integers(1, 3))
+        G = draw(st.integers(1, 2)) if method == "gn" else 1
+        C = G * draw(st.integers(1, 2))
+        spatial = tuple(draw(st.lists(st.integers(1, 5), min_size=min_ndim - 2, max_size=2)))
+        count = {"bn": N * math.prod(spatial), "in": math.prod(spatial),
+                 "ln": C * math.prod(spatial), "gn": C // G * math.prod(spatial)}[method]
+        if count < 2:  # the reference refuses a statistic of one value
+            spatial = spatial + (2,)
+        return draw(activations(shape=(N, C) + spatial)), G
+
+    def _term_scale(dy, gamma, rstd) -> float:
+        """A bound on the size of dx's terms (tests/kernels/helpers.rel_err's ``scale``)."""
+        return float(np.max(np.abs(gamma)) * np.max(rstd) * np.max(np.abs(dy)))
+
+    @pytest.mark.parametrize("method", sorted(METHODS))
+    @settings(max_examples=EXAMPLES, deadline=None)
+    @given(data=st.data())
+    def test_forward_and_backward_equal_reference(method, data):
+        ref_fwd, ref_bwd, fwd, bwd, _ = METHODS[method]
+        x, G = data.draw(norm_cases(method))
+        dtype = x.dtype.type
+        gamma, beta = params(x.shape[1], np.float64, seed=x.size)
+        want_y, cache = ref_fwd(x.astype(np.float64), gamma, beta, G)
+        with launch(data.draw(LAUNCHES)):
+            y, x_hat, mean, var, rstd = fwd(x, gamma.astype(dtype), beta.astype(dtype), G)
+        kappa = kappa_of(cache.mean, cache.var, EPS)
+        for name, got, want in (("y", y, want_y), ("x_hat", x_hat, cache.x_hat),
+                                ("mean", mean, cache.mean), ("var", var, cache.var),
+                                ("rstd", rstd, cache.rstd)):
+            assert got.shape == want.shape and got.dtype == dtype, (name, got.shape, got.dtype)
+            assert_close(name, got, want, dtype, kappa)
+        dy = upstream(x.shape, np.float64, seed=x.size + 1)
+        want = ref_bwd(dy, cache)
+        with launch(data.draw(LAUNCHES)):
+            got = bwd(dy.astype(dtype)[::-1][::-1], cache.x_hat.astype(dtype),
+                      cache.rstd.astype(dtype), gamma.astype(dtype))
+        for name, g, w in zip(("dx", "dgamma", "dbeta"), got, want, strict=True):
+            assert g.shape == w.shape and g.dtype == dtype, (name, g.shape, g.dtype)
+            scale = _term_scale(dy, gamma, cache.rstd) if name == "dx" else 0.0
+            assert_close(name, g, w, dtype, scale=scale)
+
+    @st.composite
+    def sn_cases(draw):
+        N, C = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+        spatial = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
+        if math.prod(spatial) < 2:
+            spatial = spatial + (2,)
+        scopes = tuple(draw(st.permutations(["in", "ln", "bn"]))[:draw(st.integers(1, 3))])
+        x = draw(activations(shape=(N, C) + spatial))
+        logits = [np.array(draw(st.lists(st.floats(-2, 2), min_size=len(scopes),
+                                         max_size=len(scopes)))) for _ in range(2)]
+        return x, scopes, draw(st.sampled_from([0, 1])), draw(st.booleans()), logits
+
+    @settings(max_examples=2 * EXAMPLES, deadline=None)
+    @given(case=sn_cases(), config=LAUNCHES)
+    def test_switchable_equals_reference(case, config):
+        x, scopes, corr, hard, logits = case
+        dtype = x.dtype.type
+        gamma, beta = params(x.shape[1], np.float64, seed=x.size)
+        want_y, cache, backward, logit_scale = sn_reference(
+            x.astype(np.float64), gamma, beta, logits, eps=EPS, scopes=scopes,
+            in_correction=corr, hard=hard)
+        ratios = (cache.w_mean, cache.w_var)
+        with launch(config):
+            y, h, x_hat, rstd, mu, var = gpu.sn_forward(
+                x, gamma.astype(dtype), beta.astype(dtype), *ratios, eps=EPS, scopes=scopes,
+                in_correction=corr)
+        kappa = kappa_of(cache.mu["in"], cache.var["in"], EPS)
+        for name, got, want in (("y", y, want_y), ("h", h, cache.h),
+                                ("x_hat", x_hat, cache.x_hat), ("rstd", rstd, cache.rstd)):
+            assert got.shape == want.shape, (name, got.shape, want.shape)
+            assert_close(name, got, want, dtype, kappa)
+        for k in cache.mu:
+            assert_close(f"mu[{k}]", mu[k], cache.mu[k], dtype, kappa)
+            assert_close(f"var[{k}]", var[k], cache.var[k], dtype, kappa)
+        dy = upstream(x.shape, np.float64, seed=x.size + 1)
+        want = backward(dy)
+        stats = ({k: v.astype(dtype) for k, v in cache.mu.items()},
+                 {k: v.astype(dtype) for k, v in cache.var.items()})
+        with launch(config):
+            got = gpu.sn_backward(
+                dy.astype(dtype), cache.x_hat.astype(dtype), cache.rstd.astype(dtype),
+                gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr,
+                hard=hard)
+        scales = dict(zip(("dmean_logits", "dvar_logits"), logit_scale(dy), strict=True),
+                      dx=_term_scale(dy, gamma, cache.rstd))
+        names = ("dx", "dgamma", "dbeta", "dmean_logits", "dvar_logits")
+        for name, g, w in zip(names, got, want, strict=True):
+            # as in tests/kernels/test_norms.py: dx and the logit gradients need differences
+            # of float32-cached means, conditioned by kappa; dgamma and dbeta are not
+            k = 1.0 if name in ("dgamma", "dbeta") else kappa
+            assert_close(name, np.reshape(g, np.shape(w)), w, dtype, k,
+                         scale=scales.get(name, 0.0), float32_kappa=True)
+
+    def test_float32_large_offset_beats_the_one_pass_formula():
+        """1e4 + randn in float32 over several threads and chunks: the merged variance agrees
+        with float64 to float32 rounding, where E[x^2] - E[x]^2 loses every digit."""
+        rng = np.random.default_rng(0)
+        x = (1e4 + rng.standard_normal((2, 2, 61))).astype(np.float32)
+        with launch((8, 16, 4)):
+            var = gpu.bn_forward(x, np.ones(2, np.float32), np.zeros(2, np.float32), EPS)[3]
+        want = x.astype(np.float64).var(axis=(0, 2))
+        assert rel_err(var.ravel(), want) < 1e-6  # float32 rounding of the result, 2^-23
+        one_pass = (x * x).mean(axis=(0, 2)) - x.mean(axis=(0, 2)) ** 2
+        assert rel_err(one_pass, want) > 1e-2  # the failure the kernels avoid
+
+    def test_dtypes_follow_the_cpu_kernels_for_float16():
+        """float16 computes in float32: y float16, cache fields float32, like refnorm.kernels."""
+        x = np.random.default_rng(1).standard_normal((2, 2, 3)).astype(np.float16)
+        g, b = np.ones(2, np.float16), np.zeros(2, np.float16)
+        got, want = gpu.gn_forward(x, g, b, EPS, 2), cpu.gn_forward(x, g, b, EPS, 2)
+        assert [a.dtype for a in got] == [a.dtype for a in want]
+        for a, w in zip(got, want, strict=True):
+            # float16 y: both round the same float64 value, at most one float16 ulp apart
+            np.testing.assert_allclose(a.astype(np.float64), w.astype(np.float64),
+                                       rtol=2e-3, atol=2e-3)
+
+    def test_non_arrays_are_a_type_error():
+        with pytest.raises(TypeError, match="__cuda_array_interface__"):
+            gpu.ln_forward([[1.0, 2.0]], np.ones(2), np.zeros(2), EPS)
