@@ -12,6 +12,7 @@ Weight Standardization paper (Qiao et al.) pairs it with WS for micro-batch trai
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -59,12 +60,13 @@ def check_groups(num_groups: object, num_channels: int) -> int:
     ``num_channels``; return it as an int."""
     if not is_int(num_groups):
         raise TypeError(f"num_groups must be an int; got {type(num_groups).__name__}")
-    if num_groups < 1 or num_channels % num_groups:
+    G = operator.index(num_groups)
+    if G < 1 or num_channels % G:
         raise ValueError(
             f"num_groups must be a positive divisor of the number of channels C={num_channels}; "
-            f"got num_groups={num_groups}"
+            f"got num_groups={G}"
         )
-    return int(num_groups)
+    return G
 
 
 def group_norm_forward(

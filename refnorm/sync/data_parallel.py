@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from refnorm.layer import Layer
+from refnorm.sync.headers import allreduce
 
 
 def allreduce_gradients(layers: Iterable[Layer], comm: Any, *, weight: float | None = None) -> None:
@@ -39,6 +40,6 @@ def allreduce_gradients(layers: Iterable[Layer], comm: Any, *, weight: float | N
     layers = list(layers)
     w = 1.0 / comm.size if weight is None else float(weight)
     keys = [(i, k) for i, layer in enumerate(layers) for k in sorted(layer.grads)]
-    summed = comm.allreduce_sum([layers[i].grads[k] * w for i, k in keys])
+    summed = allreduce(comm, [layers[i].grads[k] * w for i, k in keys], op="allreduce_gradients")
     for (i, k), g in zip(keys, summed, strict=True):
         layers[i].grads[k] = g
