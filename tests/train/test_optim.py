@@ -55,9 +55,11 @@ def test_step_replaces_arrays_and_keeps_dtypes():
 
 
 @pytest.mark.parametrize("kwargs", [{"lr": 0.0}, {"lr": 0.1, "momentum": 1.0},
-                                    {"lr": 0.1, "weight_decay": -1.0}])
+                                    {"lr": 0.1, "weight_decay": -1.0}, {"lr": math.nan},
+                                    {"lr": math.inf}, {"lr": 0.1, "weight_decay": math.inf}])
 def test_bad_hyperparameters(kwargs):
-    with pytest.raises(ValueError, match="need lr > 0, 0 <= momentum < 1, weight_decay >= 0"):
+    with pytest.raises(ValueError, match="need finite lr > 0, 0 <= momentum < 1, "
+                                         "weight_decay >= 0"):
         SGD(_OneLayer([1.0], [1.0]), **kwargs)
 
 
