@@ -80,6 +80,36 @@ else:
     # makes each syncthreads() cost milliseconds.
     sys.setswitchinterval(1e-5)
 
+    def _patch_simulator_shared_arrays() -> None:
+        """numba 0.68's simulated ``cuda.shared.array`` looks up and creates a block's array
+        without a lock, so two threads of a block can each create their own and the block's
+        reduction reads the wrong one (seen here as a rare dx error of O(1), more often with
+        the short switch interval above). The same function, with the lookup under a lock."""
+        import threading
+        import traceback
+
+        from numba.core import types
+        from numba.cuda.simulator import kernelapi
+        from numba.np import numpy_support
+
+        lock = threading.Lock()
+        original = kernelapi.FakeCUDAShared.array
+
+        def array(self, shape, dtype):
+            if shape == 0:  # dynamic shared memory: no lookup (refnorm's kernels use none)
+                return original(self, shape, dtype)
+            if isinstance(dtype, types.Type):
+                dtype = numpy_support.as_dtype(dtype)
+            caller = tuple(traceback.extract_stack(sys._getframe())[-2][0:2])
+            with lock:
+                if caller not in self._allocations:
+                    self._allocations[caller] = np.empty(shape, dtype)
+                return self._allocations[caller]
+
+        kernelapi.FakeCUDAShared.array = array
+
+    _patch_simulator_shared_arrays()
+
     EPS = 1e-5
     EXAMPLES = 10  # per property: the simulator costs 0.1-0.3 s per forward+backward
 
