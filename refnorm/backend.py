@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["array_namespace", "compute_dtype", "to_numpy"]
+__all__ = ["DEVICES", "array_namespace", "compute_dtype", "gpu_available", "gpu_problem",
+           "to_device", "to_numpy"]
 
 Array = Any  # an array of whatever namespace the caller uses
 
@@ -77,3 +78,90 @@ def to_numpy(a: Array) -> np.ndarray:
     if module == "cupy":
         return a.get()
     return np.from_dlpack(a)
+
+
+# -- the GPU: probe and moves ------------------------------------------------------------------
+
+DEVICES = ("cpu", "gpu")
+
+
+def gpu_problem() -> str | None:
+    """Why there is no usable GPU, in one sentence; ``None`` when there is one.
+
+    The probe is CuPy: ``import cupy`` and ``cupy.is_available()`` (which is False, not an
+    error, when CuPy is installed without a driver or a device). Never raises.
+    """
+    try:
+        import cupy
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a CuPy whose libraries fail to load
+        return ("no GPU: refnorm looks for one through CuPy (import cupy), which failed "
+                f"({type(exc).__name__}: {exc}); install the CuPy wheel for your CUDA "
+                "(docs/gpu.md)")
+    try:
+        available = bool(cupy.is_available())
+    except Exception as exc:  # noqa: BLE001 - a broken driver must still mean "no GPU"
+        return (f"no GPU: CuPy is installed but cupy.is_available() failed "
+                f"({type(exc).__name__}: {exc})")
+    if not available:
+        return ("no GPU: CuPy is installed but cupy.is_available() found no usable CUDA "
+                "device (no driver, or no device visible)")
+    return None
+
+
+def gpu_available() -> bool:
+    """Whether CuPy is importable and sees a CUDA device; never raises (:func:`gpu_problem`)."""
+    return gpu_problem() is None
+
+
+def _move(a: Array, device: str) -> Array:
+    if device == "cpu":
+        return to_numpy(a) if type(a).__module__.split(".")[0] == "cupy" else a
+    import cupy
+
+    return a if isinstance(a, cupy.ndarray) else cupy.asarray(to_numpy(a))
+
+
+def to_device(layer_or_model: Any, device: str) -> Any:
+    """Move every layer's ``params``, ``state`` and ``grads`` to ``device``, in place.
+
+    ``"gpu"``: each array becomes a CuPy array (``cupy.asarray``; CuPy arrays stay as they
+    are); ``"cpu"``: each CuPy array becomes a numpy array (``.get()``), other arrays stay as
+    they are, so ``"cpu"`` on a numpy model changes nothing. A layer's ``xp`` attribute (the
+    namespace its new arrays are made in) follows when it is numpy or CuPy, and its cache of
+    the last forward is dropped (:meth:`~refnorm.layer.Layer.reset`): it holds arrays of the
+    old device.
+
+    Parameters
+    ----------
+    layer_or_model : a layer, an object with a ``layers()`` method, or a list/tuple of those
+    device : {"cpu", "gpu"}
+
+    Returns
+    -------
+    ``layer_or_model``, for chaining.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is not "cpu" or "gpu".
+    RuntimeError
+        For ``"gpu"`` without a usable GPU, saying what was looked for (:func:`gpu_problem`).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be 'cpu' or 'gpu'; got {device!r}")
+    if device == "gpu":
+        problem = gpu_problem()
+        if problem is not None:
+            raise RuntimeError(f"to_device(..., 'gpu'): {problem}")
+    from refnorm.inference import iter_layers  # refnorm.layer imports this module
+
+    for layer in iter_layers(layer_or_model):
+        for field in ("params", "state", "grads"):
+            arrays = getattr(layer, field)
+            for key in list(arrays):
+                arrays[key] = _move(arrays[key], device)
+        xp = getattr(layer, "xp", None)
+        if isinstance(xp, ModuleType) and xp.__name__ in ("numpy", "cupy"):
+            layer.xp = np if device == "cpu" else importlib.import_module("cupy")  # type: ignore[attr-defined]
+        layer.reset()
+    return layer_or_model

@@ -1,0 +1,115 @@
+"""refnorm.backend's GPU probe and to_device, on the CPU.
+
+Where CuPy is not installed (CI) the probe's branches are driven by a stand-in ``cupy``
+module put in ``sys.modules``; its "device arrays" are numpy arrays in a class whose module
+is ``cupy``, which is all refnorm.backend uses to tell a CuPy array. The real moves are
+checked on a GPU by tests/gpu/test_device.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import refnorm
+from refnorm.backend import gpu_available, gpu_problem, to_device
+
+
+class FakeDeviceArray:
+    """A numpy array "on the device": ``.get()`` copies it back, as CuPy's does."""
+
+    def __init__(self, a):
+        self.a = np.array(a, copy=True)
+        self.shape, self.dtype = self.a.shape, self.a.dtype
+
+    def get(self):
+        return self.a.copy()
+
+
+FakeDeviceArray.__module__ = "cupy"
+
+
+def fake_cupy(available=True):
+    cupy = types.ModuleType("cupy")
+    cupy.ndarray = FakeDeviceArray
+    cupy.asarray = FakeDeviceArray
+    if isinstance(available, Exception):
+        def is_available():
+            raise available
+    else:
+        def is_available():
+            return available
+    cupy.is_available = is_available
+    return cupy
+
+
+def test_no_cupy_means_no_gpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    assert gpu_available() is False
+    assert "import cupy" in gpu_problem()
+
+
+@pytest.mark.parametrize("available", [False, RuntimeError("cudaErrorNoDevice")])
+def test_cupy_without_a_device_means_no_gpu(monkeypatch, available):
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(available))
+    assert gpu_available() is False
+    assert "cupy.is_available()" in gpu_problem()
+
+
+def test_cupy_with_a_device_is_a_gpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(True))
+    assert gpu_available() is True and gpu_problem() is None
+
+
+def _layer():
+    layer = refnorm.build("bn", 3, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((4, 3, 2))
+    layer.forward(x, training=True)
+    layer.backward(np.ones_like(x))
+    return layer
+
+
+def _arrays(layer):
+    return [a for field in ("params", "state", "grads") for a in getattr(layer, field).values()]
+
+
+def test_cpu_on_a_numpy_layer_changes_nothing():
+    layer = _layer()
+    before = _arrays(layer)
+    assert to_device(layer, "cpu") is layer
+    assert all(a is b for a, b in zip(_arrays(layer), before, strict=True))
+
+
+def test_gpu_without_a_gpu_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    layer = _layer()
+    with pytest.raises(RuntimeError, match=r"no GPU: .*CuPy \(import cupy\)"):
+        to_device(layer, "gpu")
+    assert all(isinstance(a, np.ndarray) for a in _arrays(layer))  # nothing half-moved
+
+
+def test_unknown_device_is_a_value_error():
+    with pytest.raises(ValueError, match="'cpu' or 'gpu'"):
+        to_device(_layer(), "cuda:0")
+
+
+def test_gpu_and_back_moves_params_state_grads_and_the_namespace(monkeypatch):
+    cupy = fake_cupy(True)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    layers = [_layer(), _layer()]
+    values = [[a.copy() for a in _arrays(layer)] for layer in layers]
+    to_device(layers, "gpu")
+    for layer in layers:
+        assert _arrays(layer) and all(isinstance(a, FakeDeviceArray) for a in _arrays(layer))
+        assert layer.xp is cupy
+        with pytest.raises(RuntimeError):  # the cache held host arrays: dropped
+            layer.backward(np.ones((4, 3, 2)))
+    to_device(layers, "cpu")
+    for layer, want in zip(layers, values, strict=True):
+        got = _arrays(layer)
+        assert all(type(a) is np.ndarray for a in got) and layer.xp is np
+        for a, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, w)
