@@ -42,3 +42,19 @@ BACKENDS = list(_backends())
 def xp(request):
     """The array namespace a test runs its inputs in: numpy, then array_api_strict."""
     return request.param
+
+
+def gpu_skip(devices: int = 1) -> pytest.MarkDecorator:
+    """A ``skipif`` mark for the ``gpu``-marked tests (the marker is registered in
+    pyproject.toml): skip, with refnorm.backend's one-line reason, without a usable GPU or
+    with fewer than ``devices`` of them. ``pytest -m gpu`` runs only those tests."""
+    from refnorm.backend import gpu_problem
+
+    problem = gpu_problem()
+    if problem is None and devices > 1:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+        if count < devices:
+            problem = f"needs {devices} GPUs; CuPy sees {count}"
+    return pytest.mark.skipif(problem is not None, reason=problem or "")
