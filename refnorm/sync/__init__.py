@@ -14,6 +14,7 @@
 from refnorm.sync.batch_norm import SyncBatchNorm, sync_batch_norm_backward, sync_batch_norm_forward
 from refnorm.sync.comm import Communicator, InProcessGroup, MPICommunicator, SingleProcess
 from refnorm.sync.data_parallel import allreduce_gradients
+from refnorm.sync.nccl import NCCLCommunicator  # imports CuPy only when one is built
 from refnorm.sync.switchable import (
     SyncSwitchableNorm,
     sync_switchable_norm_backward,
@@ -24,6 +25,7 @@ __all__ = [
     "Communicator",
     "InProcessGroup",
     "MPICommunicator",
+    "NCCLCommunicator",
     "SingleProcess",
     "SyncBatchNorm",
     "SyncSwitchableNorm",
