@@ -18,6 +18,8 @@ With ``nb_execution_raise_on_error`` the failing cell's traceback is chained to 
 from __future__ import annotations
 
 import shutil
+import sys
+import types
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
@@ -48,6 +50,9 @@ def sync_lessons(src: Path = LESSONS_SRC, dst: Path = LESSONS_DST) -> None:
 
 sync_lessons()
 
+# autosummary imports every submodule to list it; refnorm/__main__.py would run the CLI.
+sys.modules.setdefault("refnorm.__main__", types.ModuleType("refnorm.__main__"))
+
 # -- Project -----------------------------------------------------------------------------------
 
 project = "refnorm"
@@ -57,9 +62,178 @@ release = "0.1.0"
 
 # -- General -----------------------------------------------------------------------------------
 
-extensions = ["myst_nb"]  # myst-nb brings myst-parser; it registers .md and .ipynb sources
+extensions = [
+    "myst_nb",                   # myst-nb brings myst-parser; it registers .md and .ipynb sources
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",       # the docstrings are numpydoc
+    "sphinx-mathjax-offline",    # MathJax 3 copied into _static/mathjax: math with no network
+]
 
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store", "images"]
+templates_path = ["_templates"]
+
+# -- API reference -------------------------------------------------------------------------------
+# api.md lists the public modules with autosummary (:recursive:); _templates/autosummary/module.rst
+# documents each module's own members. A {func}, {class}, {meth} or {mod} role that does not
+# resolve is a warning (nitpicky), so -W fails the build on it. Type annotations are not
+# cross-referenced (numpy's ``Array`` alias, ``ModuleType``...): py:class misses are ignored.
+
+autosummary_generate = True
+autosummary_imported_members = False
+autodoc_member_order = "bysource"
+autodoc_typehints = "none"            # signatures stay short; the numpydoc sections give types
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_use_rtype = False
+napoleon_use_ivar = True              # Attributes sections as fields, not second descriptions
+napoleon_custom_sections = [("Learned parameters", "params_style")]  # the weight layers
+nitpicky = True
+nitpick_ignore_regex = [
+    ("py:class", r".*"), ("py:obj", r".*"),      # annotations and napoleon's type fields
+    ("py:(data|attr|exc)", r".*"),               # constants, attributes, napoleon's Raises text
+    ("py:.*", r"(.*\.)?_[A-Za-z].*"),           # private helpers named in docstrings
+    # refnorm.core re-exports the functions standardize and moments under the names of their
+    # modules, so autosummary documents those pages as the functions and the module-relative
+    # names below have no target (rename to fix: refnorm/core/__init__.py is not docs').
+    ("py:func", r"standardize_backward|moments"),
+    ("py:meth", r"finish"),                      # comm's module docstring, method of a class
+]
+
+
+def _lookup(dotted):
+    """The object a dotted name imports to (module prefix, then attributes), or None."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def resolve_reexports(app, env, node, contnode):
+    """Resolve a Python role through re-exports and the current module.
+
+    ``refnorm.batch_average`` is documented where it is defined,
+    ``refnorm.inference.batch_average``; a role written with the short or re-exported name
+    (or a bare name in a docstring of the module that imports it) finds it here. A closure
+    (``<locals>`` in its name) has no page: the role then renders as plain code.
+    """
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    context = [c for c in (node.get("py:module"), node.get("py:class")) if c]
+    candidates = [target]
+    if node.get("py:module"):
+        candidates.append(f"{node.get('py:module')}.{target}")
+    if len(context) == 2:
+        candidates.append(".".join(context) + f".{target}")
+    domain = env.get_domain("py")
+    for name in candidates:
+        if not name.startswith("refnorm"):
+            continue
+        obj = _lookup(name)
+        if obj is None:
+            continue
+        if isinstance(obj, types.ModuleType):
+            canonical = obj.__name__
+        elif hasattr(obj, "__qualname__") and hasattr(obj, "__module__"):
+            canonical = f"{obj.__module__}.{obj.__qualname__}"
+        else:
+            continue
+        if "<locals>" in canonical:
+            return contnode
+        new = node.deepcopy()
+        new["reftarget"] = canonical
+        found = domain.resolve_xref(env, node.get("refdoc"), app.builder, node["reftype"],
+                                    canonical, new, contnode)
+        if found is not None:
+            return found
+    return None
+
+
+def check_offline(app, exc):
+    """Fail the build if a page loads a script or stylesheet from the network.
+
+    The math is rendered by the MathJax copy in ``_static/mathjax``; this makes sure no theme
+    or extension added a CDN source (``tests/test_lessons.py`` checks the same on the output).
+    """
+    import re
+
+    if exc is not None or app.builder.format != "html":
+        return
+    pattern = re.compile(r"<(?:script|link)\b[^>]*\b(?:src|href)=[\"'](?:https?:)?//", re.I)
+    bad = []
+    for page in Path(app.outdir).rglob("*.html"):
+        for tag in pattern.findall(page.read_text(encoding="utf-8")):
+            bad.append(f"{page.relative_to(app.outdir)}: {tag}")
+    if bad:
+        raise RuntimeError("pages load remote scripts or stylesheets:\n" + "\n".join(bad[:20]))
+
+
+def escape_shapes(app, what, name, obj, options, lines):
+    """Escape the star of shapes such as ``(N, C, *spatial)`` (reST would read it as emphasis).
+
+    The docstrings are written to be read as plain text too; only a ``*`` that starts a word
+    and has no closing ``*`` on the line is escaped, outside double-backquoted literals.
+    """
+    import re
+
+    star = re.compile(r"(?<![\\*\w`])\*(?=[A-Za-z_])(?![^*]*\*(?!\w))")
+    table = any(re.fullmatch(r"\s*=+(\s+=+)+\s*", line) for line in lines)
+    for i, line in enumerate(lines):
+        parts = line.split("``")
+        # in a simple table a backslash would shift the columns: use U+2217 (same width)
+        parts[::2] = [star.sub("\u2217" if table else r"\\*", part) for part in parts[::2]]
+        lines[i] = "``".join(parts)
+
+
+_SECTIONS = {"parameters", "attributes", "other parameters", "returns", "yields", "raises",
+             "learned parameters"}
+
+
+def close_sections(app, what, name, obj, options, lines):
+    """Give trailing prose its own ``Notes`` header, before napoleon reads the docstring.
+
+    numpydoc ends a section only at the next header; several docstrings continue with a
+    plain paragraph after ``Parameters``, which napoleon would read as more parameters. An
+    unknown underlined header (``Learned parameters``) becomes a rubric.
+    """
+    import re
+
+    entry = re.compile(r"^\*{0,2}\w+(, \*{0,2}\w+)*( : .*)?$")
+    section, out = None, []
+    for i, line in enumerate(lines):
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if line and not line[0].isspace() and re.fullmatch(r"-{3,}", nxt.strip()):
+            section = line.strip().lower()
+            if section not in _SECTIONS | {"notes", "examples", "see also", "references"}:
+                out += [f".. rubric:: {line.strip()}", ""]
+                lines[i + 1] = ""
+                section = "rubric"
+                continue
+        elif (section in _SECTIONS and line and not line[0].isspace() and out and out[-1] == ""
+              and not entry.match(line) and not re.fullmatch(r"-{3,}", line.strip())):
+            out += ["Notes", "-----"]
+            section = "notes"
+        out.append(line)
+    lines[:] = out
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", close_sections, priority=400)
+    app.connect("autodoc-process-docstring", escape_shapes)
+    app.connect("missing-reference", resolve_reexports)
+    app.connect("build-finished", check_offline, priority=900)  # after MathJax is copied
 
 # -- MyST --------------------------------------------------------------------------------------
 
@@ -72,6 +246,7 @@ nb_execution_raise_on_error = True    # an exception in a lesson fails the build
 nb_execution_timeout = 300            # seconds per cell
 nb_execution_show_tb = True           # print the traceback in the build log
 nb_render_markdown_format = "myst"    # text/markdown outputs (the errata tables) as MyST
+nb_ipywidgets_js: dict = {}           # no widget scripts from a CDN (the lessons have no widgets)
 
 # -- HTML --------------------------------------------------------------------------------------
 
