@@ -57,7 +57,7 @@ def compute_array(a: np.ndarray) -> np.ndarray:
 
 
 def planes(x: np.ndarray) -> np.ndarray:
-    """``x`` (N, C, *spatial) as (N * C, S) planes, S = prod(spatial), C-contiguous."""
+    """``x``, ``(N, C, *spatial)``, as ``(N * C, S)`` planes, S = prod(spatial), C-contiguous."""
     N, C = x.shape[:2]
     return compute_array(x).reshape(N * C, math.prod(x.shape[2:]))
 

@@ -465,7 +465,7 @@ def scope_variance_derivative(h: Array, mu_in: Array, mu_k: Array, *, groups: in
                               in_correction: int) -> Array:
     """d sigma_k^2 / d h for each element of the (n, c) groups one statistic covers.
 
-    Appendix A prints ``2 (h - mu_k) / |I_k|`` with |I_k| = ``groups * S`` values (groups =
+    Appendix A prints ``2 (h - mu_k) / |I_k|`` with ``|I_k|`` = ``groups * S`` values (groups =
     1, C, N for IN, LN, BN). With the law of total variance over ``groups`` IN groups,
     ``sigma_k^2 = mean(var_in) + mean((mu_in - mu_k)^2)``, the derivative is
     ``(2 / groups) ((h - mu_in) / (S - in_correction) + (mu_in - mu_k) / S)``, which is the
