@@ -20,9 +20,11 @@ falls back to the reference; ``refnorm bench`` reports which path ran.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -84,10 +86,20 @@ def fast_applies(*arrays: Any) -> bool:
     )
 
 
+def fast_norms() -> ModuleType:
+    """:mod:`refnorm.kernels.norms`, imported on first use (importing numba takes a moment)."""
+    return importlib.import_module("refnorm.kernels.norms")
+
+
+def fast_nn() -> ModuleType:
+    """:mod:`refnorm.kernels.nn`, imported on first use."""
+    return importlib.import_module("refnorm.kernels.nn")
+
+
 def runs_fast(path: str | None, *arrays: Any, default: str = "reference") -> bool:
     """True if a call with ``path`` on ``arrays`` runs the kernels (see the module docstring)."""
     return resolve(path, default=default) == "fast" and fast_applies(*arrays)
 
 
-__all__ = ["ENV", "PATHS", "fast_applies", "get_path", "resolve", "runs_fast", "set_path",
-           "use_path"]
+__all__ = ["ENV", "PATHS", "fast_applies", "fast_nn", "fast_norms", "get_path", "resolve",
+           "runs_fast", "set_path", "use_path"]

@@ -65,6 +65,7 @@ import numpy as np
 
 from refnorm import registry
 from refnorm.backend import Array, array_namespace, to_numpy
+from refnorm.dispatch import check_path
 from refnorm.layer import Layer
 
 __all__ = [
@@ -250,17 +251,21 @@ def check_layer(
     training: bool = True,
     seed: int = 0,
     step: float = DEFAULT_STEP,
+    path: str = "reference",
 ) -> dict[str, GradError]:
     """Check a layer's ``backward`` for ``x`` and every parameter, in float64.
 
     The layer is not modified: every evaluation runs on a float64 copy whose parameters and
-    state are converted to float64 in the layer's array namespace.
+    state are converted to float64 in the layer's array namespace. ``path`` is the
+    implementation the copy runs (:mod:`refnorm.dispatch`): the reference unless asked, as
+    a layer would otherwise take the fast path.
 
     Returns
     -------
     dict with key ``"x"`` and one key per parameter, to GradError
     """
     template = copy.deepcopy(layer)
+    template.path = check_path(path)
     xp = array_namespace(*template.params.values()) if template.params else np
 
     def as_layer_array(a: np.ndarray) -> Array:
@@ -297,8 +302,9 @@ class CaseResult:
     errors: dict[str, GradError]
 
 
-def check_registered(name: str, *, seed: int = 0) -> list[CaseResult]:
-    """Run :func:`check_layer` on every check case of the layer registered as ``name``.
+def check_registered(name: str, *, seed: int = 0, path: str = "reference") -> list[CaseResult]:
+    """Run :func:`check_layer` on every check case of the layer registered as ``name``, on
+    the given ``path`` (the reference unless asked).
 
     Inputs are ``5 * randn + 12`` so the mean subtraction is exercised; parameters and
     running statistics are drawn at random around their usual values so that every term of
@@ -314,7 +320,8 @@ def check_registered(name: str, *, seed: int = 0) -> list[CaseResult]:
         }
         layer.state = _random_state(layer.state, rng)
         x = 5.0 * rng.standard_normal(case.shape) + 12.0
-        errors = check_layer(layer, x, training=case.training, seed=int(rng.integers(2**31)))
+        errors = check_layer(layer, x, training=case.training, seed=int(rng.integers(2**31)),
+                             path=path)
         results.append(
             CaseResult(name, tuple(case.shape), dict(case.options), case.training, errors)
         )

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from refnorm.backend import Array
 from refnorm.core.checks import check_bool
+from refnorm.dispatch import resolve
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Layer:
     """
 
     shared_attributes: ClassVar[tuple[str, ...]] = ()  # kept, not copied, by deepcopy
+    #: "reference", "fast", or None: the process-wide choice, else "fast" (refnorm.dispatch)
+    path: str | None = None
     check_cases: ClassVar[tuple[CheckCase, ...]] = ()
 
     def __init__(self) -> None:
@@ -75,6 +78,14 @@ class Layer:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
         dx, self.grads = self._backward(dy, self._cache)
         return dx
+
+    def compute_path(self) -> str:
+        """The path this layer's pure functions take: :attr:`path` if set, else the
+        process-wide choice (:func:`refnorm.dispatch.set_path`), else ``"fast"``.
+
+        The fast path runs only where it applies (numpy arrays); see :mod:`refnorm.dispatch`.
+        """
+        return resolve(self.path, default="fast")
 
     def reset(self) -> None:
         """Drop what the last forward saved: a backward now needs a new forward first.

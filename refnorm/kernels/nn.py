@@ -93,7 +93,8 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     """
     C_out = w.shape[0]
     cols = im2col(x, (w.shape[2], w.shape[3]), stride, padding)
-    w_mat = np.ascontiguousarray(w, dtype=cols.dtype).reshape(C_out, -1)
+    # a copy, never a view of the caller's w: the cache keeps w_mat
+    w_mat = np.array(w, dtype=cols.dtype, order="C", copy=True).reshape(C_out, -1)
     y = w_mat @ cols                                             # (C_out, N H_out W_out)
     if b is not None:
         y += np.asarray(b, dtype=cols.dtype).reshape(C_out, 1)

@@ -39,6 +39,7 @@ import math
 import numba
 import numpy as np
 
+from refnorm.core.moments import check_variance_finite
 from refnorm.kernels import _loops
 
 MIN_CHUNK = 2048     # values per task below which a task costs more than it computes
@@ -201,13 +202,16 @@ def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
     shape = _stat_shape(x, (1, C))
     if _use_units(C, x.size // C):
         y, x_hat, stats = _unit_forward(x, gamma, beta, eps, 0)
-        return (y, x_hat) + tuple(s.reshape(shape) for s in stats)
-    xp2, mean, m2, counts = _plane_moments(x)
-    mu, M2, n = _merge(mean, m2, counts, (0, 2))                 # (1, C, 1)
-    var = M2 / n
-    rstd = 1.0 / np.sqrt(var + eps)
-    y, x_hat = _normalize(xp2, x, mu[:, :, 0], rstd[:, :, 0], (gamma, beta))
-    return (y, x_hat) + _cast_stats(xp2.dtype, shape, mu, var, rstd)
+        out = (y, x_hat) + tuple(s.reshape(shape) for s in stats)
+    else:
+        xp2, mean, m2, counts = _plane_moments(x)
+        mu, M2, n = _merge(mean, m2, counts, (0, 2))             # (1, C, 1)
+        var = M2 / n
+        rstd = 1.0 / np.sqrt(var + eps)
+        y, x_hat = _normalize(xp2, x, mu[:, :, 0], rstd[:, :, 0], (gamma, beta))
+        out = (y, x_hat) + _cast_stats(xp2.dtype, shape, mu, var, rstd)
+    check_variance_finite(out[3], x)  # the reference's error for a variance that overflows
+    return out
 
 
 def _cast_stats(dtype, shape, *stats) -> tuple:
@@ -245,6 +249,12 @@ def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
 
 def _grouped_forward(x, gamma, beta, eps, G):
     """Statistics per (n, g) over C/G consecutive channels; returns y, x_hat, (N, G) stats."""
+    out = _grouped_moments_forward(x, gamma, beta, eps, G)
+    check_variance_finite(out[3].astype(out[5], copy=False), x)  # as the reference raises
+    return out
+
+
+def _grouped_moments_forward(x, gamma, beta, eps, G):
     N, C = x.shape[:2]
     if _use_units(N * G, x.size // (N * G)):
         y, x_hat, stats = _unit_forward(x, gamma, beta, eps, G)
@@ -398,6 +408,7 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
     y, x_hat = _normalize(xp2, x, np.broadcast_to(mu_mix, (N, C, 1))[:, :, 0],
                           np.broadcast_to(rstd, (N, C, 1))[:, :, 0], (gamma, beta))
     dtype = xp2.dtype
+    check_variance_finite(var_in.astype(dtype), x)  # the reference's error for an overflow
     return (y, xp2.reshape(N, C, S), x_hat.reshape(N, C, S),
             rstd.astype(dtype),
             {k: v.astype(dtype) for k, v in mu.items()},

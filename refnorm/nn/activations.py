@@ -13,6 +13,7 @@ from typing import Any
 
 from refnorm.backend import Array, array_namespace
 from refnorm.core.checks import check_cache, check_float_array, check_like
+from refnorm.dispatch import fast_nn, runs_fast
 from refnorm.layer import Layer
 
 
@@ -48,7 +49,7 @@ def relu_forward(x: Array) -> tuple[Array, ReLUCache]:
     return y, ReLUCache(positive=x > 0)
 
 
-def relu_backward(dy: Array, cache: ReLUCache) -> Array:
+def relu_backward(dy: Array, cache: ReLUCache, *, path: str | None = None) -> Array:
     """Backward of :func:`relu_forward`: ``dx = dy`` where ``x > 0``, else 0 (also at ``x = 0``).
 
     Parameters
@@ -56,6 +57,8 @@ def relu_backward(dy: Array, cache: ReLUCache) -> Array:
     dy : array, ``x.shape``
         Upstream gradient.
     cache : ReLUCache
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`).
 
     Returns
     -------
@@ -64,6 +67,8 @@ def relu_backward(dy: Array, cache: ReLUCache) -> Array:
     check_cache(cache, ReLUCache)
     check_like("dy", dy, tuple(cache.positive.shape))
     xp = array_namespace(dy, cache.positive)
+    if runs_fast(path, dy):                                      # the same, fused: kernels/
+        return fast_nn().relu_backward(dy, cache.positive)
     return xp.where(cache.positive, dy, xp.zeros_like(dy))
 
 
@@ -74,4 +79,4 @@ class ReLU(Layer):
         return relu_forward(x)
 
     def _backward(self, dy: Array, cache: ReLUCache) -> tuple[Array, dict[str, Any]]:
-        return relu_backward(dy, cache), {}
+        return relu_backward(dy, cache, path=self.compute_path()), {}

@@ -52,6 +52,7 @@ from refnorm.core.checks import (
     check_rank,
     is_int,
 )
+from refnorm.dispatch import fast_nn, runs_fast
 from refnorm.layer import CheckCase, Layer
 from refnorm.nn.init import he_normal
 
@@ -281,7 +282,8 @@ class Conv2dCache:
 
 
 def conv2d_forward(
-    x: Array, w: Array, b: Array | None = None, *, stride: Any = 1, padding: Any = 0
+    x: Array, w: Array, b: Array | None = None, *, stride: Any = 1, padding: Any = 0,
+    path: str | None = None,
 ) -> tuple[Array, Conv2dCache]:
     """A 2-D convolution (cross-correlation) with zero padding, by im2col and a matmul.
 
@@ -297,6 +299,9 @@ def conv2d_forward(
         Step of the window along (H, W).
     padding : int or pair of ints, >= 0
         Zero rows added above and below, zero columns left and right.
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
     Returns
     -------
@@ -326,6 +331,13 @@ def conv2d_forward(
     win = sliding_window(x.shape, kernel_size=(KH, KW), stride=stride, padding=padding)
     N, (H_out, W_out) = x.shape[0], win.out
     dtype = compute_dtype(xp, x.dtype)
+    if runs_fast(path, x, w):                                    # the same, fused: kernels/
+        y, cols, w_mat = fast_nn().conv_forward(x, w, b, win.stride, win.padding)
+        return y, Conv2dCache(
+            cols=cols, w_mat=w_mat, x_shape=tuple(x.shape), w_shape=tuple(w.shape),
+            y_shape=(N, C_out, H_out, W_out), window=win, has_bias=b is not None,
+            x_dtype=x.dtype, w_dtype=w.dtype, b_dtype=None if b is None else b.dtype,
+        )
     cols = im2col(xp.astype(x, dtype, copy=False), kernel_size=win.kernel,
                   stride=win.stride, padding=win.padding)         # (C_in KH KW, N H_out W_out)
     wc = xp.astype(w, dtype, copy=True)  # a copy: the cache must not follow in-place changes
@@ -343,7 +355,9 @@ def conv2d_forward(
     return xp.astype(y, x.dtype, copy=False), cache
 
 
-def conv2d_backward(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array | None]:
+def conv2d_backward(
+    dy: Array, cache: Conv2dCache, *, path: str | None = None
+) -> tuple[Array, Array, Array | None]:
     """Backward of :func:`conv2d_forward`: three matrix products and a col2im.
 
     Parameters
@@ -351,6 +365,9 @@ def conv2d_backward(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array 
     dy : array, (N, C_out, H_out, W_out)
         Upstream gradient.
     cache : Conv2dCache
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
     Returns
     -------
@@ -363,6 +380,12 @@ def conv2d_backward(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array 
     xp = array_namespace(dy, cache.cols)
     N, C_out, H_out, W_out = cache.y_shape
     dy_c = xp.astype(dy, cache.cols.dtype, copy=False)
+    if runs_fast(path, dy_c):                                    # the same, fused: kernels/
+        win = cache.window
+        dx, dw, db = fast_nn().conv_backward(dy_c, cache.cols, cache.w_mat, cache.x_shape,
+                                             (win.kernel, win.stride, win.padding))
+        return (xp.astype(dx, cache.x_dtype, copy=False), xp.astype(dw, cache.w_dtype, copy=False),
+                xp.astype(db, cache.b_dtype, copy=False) if cache.has_bias else None)
     dy_mat = xp.permute_dims(dy_c, (1, 0, 2, 3))                  # (C_out, N, H_out, W_out)
     dy_mat = xp.reshape(dy_mat, (C_out, N * H_out * W_out))       # (C_out, N H_out W_out)
     dw = xp.matmul(dy_mat, cache.cols.T)                          # (C_out, C_in KH KW)
@@ -449,10 +472,10 @@ class Conv2d(Layer):
             self.params["b"] = self.xp.zeros((out_channels,), dtype=self.dtype)
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Conv2dCache]:
-        return conv2d_forward(x, self.params["w"], self.params.get("b"),
-                              stride=self.stride, padding=self.padding)
+        return conv2d_forward(x, self.params["w"], self.params.get("b"), stride=self.stride,
+                              padding=self.padding, path=self.compute_path())
 
     def _backward(self, dy: Array, cache: Conv2dCache) -> tuple[Array, dict[str, Array]]:
-        dx, dw, db = conv2d_backward(dy, cache)
+        dx, dw, db = conv2d_backward(dy, cache, path=self.compute_path())
         grads = {"w": dw} if db is None else {"w": dw, "b": db}
         return dx, grads

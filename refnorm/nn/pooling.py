@@ -36,6 +36,7 @@ from refnorm.core.checks import (
     check_ndim,
     check_rank,
 )
+from refnorm.dispatch import fast_nn, runs_fast
 from refnorm.layer import Layer
 from refnorm.nn.conv import Window, col2im, im2col, sliding_window
 
@@ -118,7 +119,7 @@ def _windows_backward(xp: Any, dwindows: Array, cache: PoolCache) -> Array:
 
 
 def max_pool2d_forward(
-    x: Array, *, kernel_size: Any, stride: Any = None
+    x: Array, *, kernel_size: Any, stride: Any = None, path: str | None = None
 ) -> tuple[Array, MaxPool2dCache]:
     """The maximum of each KH x KW window.
 
@@ -129,6 +130,9 @@ def max_pool2d_forward(
     kernel_size : int or pair of ints, >= 1
         (KH, KW); no larger than (H, W).
     stride : int or pair of ints, >= 1, default ``kernel_size``
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
     Returns
     -------
@@ -137,6 +141,14 @@ def max_pool2d_forward(
     cache : MaxPool2dCache
         Records the first maximum of each window in row-major window order.
     """
+    if runs_fast(path, x):                                       # the same, fused: kernels/
+        xp = check_rank("x", x, layout="(N, C, H, W)")
+        win = sliding_window(x.shape, kernel_size=kernel_size,
+                             stride=kernel_size if stride is None else stride)
+        y, argmax = fast_nn().max_pool_forward(x, win.kernel, win.stride)
+        pool = PoolCache(tuple(x.shape), tuple(y.shape), win, compute_dtype(xp, x.dtype),
+                         x.dtype)
+        return y, MaxPool2dCache(argmax=argmax, pool=pool)
     windows, win = _windows(x, kernel_size, stride)               # (C, KH KW, N H_out W_out)
     xp = array_namespace(x)
     y_shape = (x.shape[0], x.shape[1]) + win.out
@@ -147,7 +159,7 @@ def max_pool2d_forward(
     return xp.astype(_to_nchw(xp, y, y_shape), x.dtype, copy=False), cache
 
 
-def max_pool2d_backward(dy: Array, cache: MaxPool2dCache) -> Array:
+def max_pool2d_backward(dy: Array, cache: MaxPool2dCache, *, path: str | None = None) -> Array:
     """Backward of :func:`max_pool2d_forward`: each window's ``dy`` goes to its first maximum.
 
     Parameters
@@ -155,6 +167,8 @@ def max_pool2d_backward(dy: Array, cache: MaxPool2dCache) -> Array:
     dy : array, (N, C, H_out, W_out)
         Upstream gradient.
     cache : MaxPool2dCache
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`).
 
     Returns
     -------
@@ -164,6 +178,12 @@ def max_pool2d_backward(dy: Array, cache: MaxPool2dCache) -> Array:
     """
     check_cache(cache, MaxPool2dCache)
     xp = array_namespace(dy, cache.argmax)
+    if runs_fast(path, dy):                                      # the same, fused: kernels/
+        check_like("dy", dy, cache.pool.y_shape)
+        win = cache.pool.window
+        dx = fast_nn().max_pool_backward(dy, cache.argmax, cache.pool.x_shape, win.kernel,
+                                         win.stride)
+        return xp.astype(dx, cache.pool.x_dtype, copy=False)
     dy_w = _from_nchw(xp, dy, cache.pool)                         # (C, 1, N H_out W_out)
     C, L = cache.argmax.shape
     K = math.prod(cache.pool.window.kernel)
@@ -303,10 +323,11 @@ class MaxPool2d(_Pool2d):
     """Max pooling as a layer: :func:`max_pool2d_forward` / :func:`max_pool2d_backward`."""
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, MaxPool2dCache]:
-        return max_pool2d_forward(x, kernel_size=self.kernel_size, stride=self.stride)
+        return max_pool2d_forward(x, kernel_size=self.kernel_size, stride=self.stride,
+                                  path=self.compute_path())
 
     def _backward(self, dy: Array, cache: MaxPool2dCache) -> tuple[Array, dict[str, Any]]:
-        return max_pool2d_backward(dy, cache), {}
+        return max_pool2d_backward(dy, cache, path=self.compute_path()), {}
 
 
 class AvgPool2d(_Pool2d):

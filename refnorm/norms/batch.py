@@ -32,6 +32,7 @@ from refnorm.core.checks import (
 )
 from refnorm.core.running import update_running_stats
 from refnorm.core.standardize import standardize_backward
+from refnorm.dispatch import fast_norms, runs_fast
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm, cast_grads, frozen_statistics, upstream
 
@@ -70,7 +71,7 @@ class BatchNormCache:
 
 
 def batch_norm_forward(
-    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5
+    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5, path: str | None = None
 ) -> tuple[Array, BatchNormCache]:
     """Batch Normalization in training: normalize with the batch statistics.
 
@@ -81,6 +82,9 @@ def batch_norm_forward(
     gamma, beta : arrays, (C,)
     eps : float, > 0
         Added to the variance inside the square root.
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
     Returns
     -------
@@ -98,6 +102,9 @@ def batch_norm_forward(
     reduce_axes = non_channel_axes(x.ndim)                       # (0, 2, 3, ...)
     check_count(reduced_count(x.shape, reduce_axes),
                 what="batch normalization in training", shape=x.shape)
+    if runs_fast(path, x):                                       # the same, fused: kernels/
+        y, x_hat, mu, var, rstd = fast_norms().bn_forward(x, gamma_c, beta_c, eps)
+        return y, BatchNormCache(x_hat, rstd, gamma_c, mu, var, reduce_axes, x.dtype, gamma.dtype)
     mu, var = moments(xc, reduce_axes)                           # (1, C, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
@@ -136,7 +143,9 @@ def batch_norm_eval_forward(
     return xp.astype(y, x.dtype, copy=False), cache
 
 
-def batch_norm_backward(dy: Array, cache: BatchNormCache) -> tuple[Array, Array, Array]:
+def batch_norm_backward(
+    dy: Array, cache: BatchNormCache, *, path: str | None = None
+) -> tuple[Array, Array, Array]:
     """Closed-form backward of :func:`batch_norm_forward` or :func:`batch_norm_eval_forward`.
 
     With batch statistics, per channel over the m = N * prod(spatial) values of axes
@@ -148,6 +157,9 @@ def batch_norm_backward(dy: Array, cache: BatchNormCache) -> tuple[Array, Array,
     ----------
     dy : array, (N, C, *spatial)
     cache : BatchNormCache
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
     Returns
     -------
@@ -156,6 +168,10 @@ def batch_norm_backward(dy: Array, cache: BatchNormCache) -> tuple[Array, Array,
     """
     check_cache(cache, BatchNormCache)
     xp, dy_c = upstream(dy, cache.x_hat)
+    if cache.reduce_axes and runs_fast(path, dy_c):              # the same, fused: kernels/
+        dx, dgamma, dbeta = fast_norms().bn_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
+        return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype,
+                          param_dtype=cache.param_dtype)
     dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
     if cache.reduce_axes:                                        # (0, 2, 3): batch statistics
         dx = standardize_backward(dx_hat, cache.x_hat, cache.rstd, cache.reduce_axes)
@@ -306,7 +322,7 @@ class BatchNorm(ChannelNorm):
         if not training:
             stats = (self.state["running_mean"], self.state["running_var"])
             return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
-        y, cache = batch_norm_forward(x, gamma, beta, eps=self.eps)
+        y, cache = batch_norm_forward(x, gamma, beta, eps=self.eps, path=self.compute_path())
         C = self.num_channels
         mean, var = self.xp.reshape(cache.mean, (C,)), self.xp.reshape(cache.var, (C,))
         running_mean, running_var = update_running_stats(
@@ -317,5 +333,5 @@ class BatchNorm(ChannelNorm):
         return y, cache
 
     def _backward(self, dy: Array, cache: BatchNormCache) -> tuple[Array, dict[str, Array]]:
-        dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+        dx, dgamma, dbeta = batch_norm_backward(dy, cache, path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta}

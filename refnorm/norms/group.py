@@ -21,6 +21,7 @@ from refnorm.backend import Array
 from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
 from refnorm.core.checks import check_cache, check_count, is_int, prepare_channel_norm
 from refnorm.core.standardize import standardize_backward
+from refnorm.dispatch import fast_norms, runs_fast
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm, cast_grads, upstream
 
@@ -70,7 +71,8 @@ def check_groups(num_groups: object, num_channels: int) -> int:
 
 
 def group_norm_forward(
-    x: Array, gamma: Array, beta: Array, *, num_groups: int, eps: float = 1e-5
+    x: Array, gamma: Array, beta: Array, *, num_groups: int, eps: float = 1e-5,
+    path: str | None = None,
 ) -> tuple[Array, GroupNormCache]:
     """Group Normalization.
 
@@ -81,6 +83,9 @@ def group_norm_forward(
     num_groups : int
         G, a divisor of C.
     eps : float, > 0
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
     Returns
     -------
@@ -94,6 +99,9 @@ def group_norm_forward(
     reduce_axes = tuple(range(2, len(view_shape)))               # (2, 3, ...): C/G and spatial
     check_count(reduced_count(view_shape, reduce_axes),
                 what="group normalization", shape=x.shape)
+    if runs_fast(path, x):                                       # the same, fused: kernels/
+        y, x_hat, mu, var, rstd = fast_norms().gn_forward(x, gamma_c, beta_c, eps, num_groups)
+        return y, GroupNormCache(x_hat, rstd, gamma_c, mu, var, num_groups, x.dtype, gamma.dtype)
     xg = xp.reshape(xc, view_shape)                              # (N, G, C/G, H, W)
     mu, var = moments(xg, reduce_axes)                           # (N, G, 1, 1, 1)
     x_hat_g, rstd = standardize(xg, mu, var, eps=eps)            # (N, G, C/G, H, W)
@@ -103,12 +111,15 @@ def group_norm_forward(
     return xp.astype(y, x.dtype, copy=False), cache
 
 
-def group_norm_backward(dy: Array, cache: GroupNormCache) -> tuple[Array, Array, Array]:
+def group_norm_backward(
+    dy: Array, cache: GroupNormCache, *, path: str | None = None
+) -> tuple[Array, Array, Array]:
     """Closed-form backward of :func:`group_norm_forward`, taken in the grouped view.
 
     Per sample and group, over the group's channels and the spatial axes (2, 3, ... of the
     view (N, G, C/G, *spatial)), ``dx = rstd * (dx_hat - mean(dx_hat) - x_hat *
     mean(dx_hat * x_hat))`` with ``dx_hat = gamma * dy`` (gamma per channel, before the view).
+    ``path`` as in :func:`group_norm_forward`.
 
     Returns
     -------
@@ -117,6 +128,10 @@ def group_norm_backward(dy: Array, cache: GroupNormCache) -> tuple[Array, Array,
     """
     check_cache(cache, GroupNormCache)
     xp, dy_c = upstream(dy, cache.x_hat)
+    if runs_fast(path, dy_c):                                    # the same, fused: kernels/
+        dx, dgamma, dbeta = fast_norms().gn_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
+        return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype,
+                          param_dtype=cache.param_dtype)
     dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
     N, C = dy_c.shape[:2]
     view_shape = (N, cache.num_groups, C // cache.num_groups) + tuple(dy_c.shape[2:])
@@ -161,8 +176,9 @@ class GroupNorm(ChannelNorm):
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, GroupNormCache]:
         gamma, beta = self.params["gamma"], self.params["beta"]
-        return group_norm_forward(x, gamma, beta, num_groups=self.num_groups, eps=self.eps)
+        return group_norm_forward(x, gamma, beta, num_groups=self.num_groups, eps=self.eps,
+                                  path=self.compute_path())
 
     def _backward(self, dy: Array, cache: GroupNormCache) -> tuple[Array, dict[str, Array]]:
-        dx, dgamma, dbeta = group_norm_backward(dy, cache)
+        dx, dgamma, dbeta = group_norm_backward(dy, cache, path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta}

@@ -26,6 +26,7 @@ from refnorm.core.checks import (
 )
 from refnorm.core.running import update_running_stats
 from refnorm.core.standardize import standardize_backward
+from refnorm.dispatch import fast_norms, runs_fast
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm, cast_grads, frozen_statistics, upstream
 
@@ -62,7 +63,7 @@ class InstanceNormCache:
 
 
 def instance_norm_forward(
-    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5
+    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5, path: str | None = None
 ) -> tuple[Array, InstanceNormCache]:
     """Instance Normalization with each instance's own statistics.
 
@@ -72,6 +73,9 @@ def instance_norm_forward(
         spatial position
     gamma, beta : arrays, (C,)
     eps : float, > 0
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
     Returns
     -------
@@ -82,6 +86,10 @@ def instance_norm_forward(
     reduce_axes = tuple(range(2, x.ndim))                        # (2, 3, ...): spatial
     check_count(reduced_count(x.shape, reduce_axes),
                 what="instance normalization", shape=x.shape)
+    if runs_fast(path, x):                                       # the same, fused: kernels/
+        y, x_hat, mu, var, rstd = fast_norms().in_forward(x, gamma_c, beta_c, eps)
+        return y, InstanceNormCache(x_hat, rstd, gamma_c, mu, var, reduce_axes, x.dtype,
+                                    gamma.dtype)
     mu, var = moments(xc, reduce_axes)                           # (N, C, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
@@ -120,13 +128,14 @@ def instance_norm_eval_forward(
 
 
 def instance_norm_backward(
-    dy: Array, cache: InstanceNormCache
+    dy: Array, cache: InstanceNormCache, *, path: str | None = None
 ) -> tuple[Array, Array, Array]:
     """Closed-form backward of either Instance Normalization forward.
 
     With instance statistics, per (n, c) over the spatial axes (2, 3, ...),
     ``dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat))`` with
-    ``dx_hat = gamma * dy``; with running statistics, ``dx = rstd * dx_hat``.
+    ``dx_hat = gamma * dy``; with running statistics, ``dx = rstd * dx_hat``. ``path`` as in
+    :func:`instance_norm_forward`.
 
     Returns
     -------
@@ -135,6 +144,10 @@ def instance_norm_backward(
     """
     check_cache(cache, InstanceNormCache)
     xp, dy_c = upstream(dy, cache.x_hat)
+    if cache.reduce_axes and runs_fast(path, dy_c):              # the same, fused: kernels/
+        dx, dgamma, dbeta = fast_norms().in_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
+        return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype,
+                          param_dtype=cache.param_dtype)
     dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
     if cache.reduce_axes:                                        # (2, 3): instance statistics
         dx = standardize_backward(dx_hat, cache.x_hat, cache.rstd, cache.reduce_axes)
@@ -189,7 +202,7 @@ class InstanceNorm(ChannelNorm):
         if not training and self.track_running_stats:
             stats = (self.state["running_mean"], self.state["running_var"])
             return instance_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
-        y, cache = instance_norm_forward(x, gamma, beta, eps=self.eps)
+        y, cache = instance_norm_forward(x, gamma, beta, eps=self.eps, path=self.compute_path())
         if training and self.track_running_stats:
             xp, C = self.xp, self.num_channels
             mean = xp.mean(xp.reshape(cache.mean, (-1, C)), axis=0)  # (C,) mean over N
@@ -202,5 +215,5 @@ class InstanceNorm(ChannelNorm):
         return y, cache
 
     def _backward(self, dy: Array, cache: InstanceNormCache) -> tuple[Array, dict[str, Array]]:
-        dx, dgamma, dbeta = instance_norm_backward(dy, cache)
+        dx, dgamma, dbeta = instance_norm_backward(dy, cache, path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta}

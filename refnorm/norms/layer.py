@@ -19,6 +19,7 @@ from refnorm.backend import Array
 from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
 from refnorm.core.checks import check_cache, check_count, prepare_channel_norm
 from refnorm.core.standardize import standardize_backward
+from refnorm.dispatch import fast_norms, runs_fast
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm, cast_grads, upstream
 
@@ -51,7 +52,7 @@ class LayerNormCache:
 
 
 def layer_norm_forward(
-    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5
+    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5, path: str | None = None
 ) -> tuple[Array, LayerNormCache]:
     """Layer Normalization: each sample normalized over all its channels and positions.
 
@@ -60,6 +61,9 @@ def layer_norm_forward(
     x : array, (N, C, *spatial)
     gamma, beta : arrays, (C,)
     eps : float, > 0
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
     Returns
     -------
@@ -70,6 +74,9 @@ def layer_norm_forward(
     reduce_axes = tuple(range(1, x.ndim))                        # (1, 2, ...): C and spatial
     check_count(reduced_count(x.shape, reduce_axes),
                 what="layer normalization", shape=x.shape)
+    if runs_fast(path, x):                                       # the same, fused: kernels/
+        y, x_hat, mu, var, rstd = fast_norms().ln_forward(x, gamma_c, beta_c, eps)
+        return y, LayerNormCache(x_hat, rstd, gamma_c, mu, var, x.dtype, gamma.dtype)
     mu, var = moments(xc, reduce_axes)                           # (N, 1, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
@@ -77,11 +84,14 @@ def layer_norm_forward(
     return xp.astype(y, x.dtype, copy=False), cache
 
 
-def layer_norm_backward(dy: Array, cache: LayerNormCache) -> tuple[Array, Array, Array]:
+def layer_norm_backward(
+    dy: Array, cache: LayerNormCache, *, path: str | None = None
+) -> tuple[Array, Array, Array]:
     """Closed-form backward of :func:`layer_norm_forward`.
 
     Per sample over the axes (1, 2, ...), ``dx = rstd * (dx_hat - mean(dx_hat) - x_hat *
-    mean(dx_hat * x_hat))`` with ``dx_hat = gamma * dy``.
+    mean(dx_hat * x_hat))`` with ``dx_hat = gamma * dy``. ``path`` as in
+    :func:`layer_norm_forward`.
 
     Returns
     -------
@@ -90,6 +100,10 @@ def layer_norm_backward(dy: Array, cache: LayerNormCache) -> tuple[Array, Array,
     """
     check_cache(cache, LayerNormCache)
     xp, dy_c = upstream(dy, cache.x_hat)
+    if runs_fast(path, dy_c):                                    # the same, fused: kernels/
+        dx, dgamma, dbeta = fast_norms().ln_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
+        return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype,
+                          param_dtype=cache.param_dtype)
     dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
     reduce_axes = tuple(range(1, dy_c.ndim))                     # (1, 2, 3): C and spatial
     dx = standardize_backward(dx_hat, cache.x_hat, cache.rstd, reduce_axes)
@@ -109,8 +123,9 @@ class LayerNorm(ChannelNorm):
     check_cases = (CheckCase((3, 4, 5, 5)), CheckCase((5, 6)), CheckCase((2, 3, 4, 3, 2)))
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, LayerNormCache]:
-        return layer_norm_forward(x, self.params["gamma"], self.params["beta"], eps=self.eps)
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        return layer_norm_forward(x, gamma, beta, eps=self.eps, path=self.compute_path())
 
     def _backward(self, dy: Array, cache: LayerNormCache) -> tuple[Array, dict[str, Array]]:
-        dx, dgamma, dbeta = layer_norm_backward(dy, cache)
+        dx, dgamma, dbeta = layer_norm_backward(dy, cache, path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta}

@@ -50,7 +50,9 @@ from refnorm.core.checks import (
     check_momentum,
     prepare_channel_norm,
 )
+from refnorm.core.moments import check_variance_finite
 from refnorm.core.running import update_running_stats
+from refnorm.dispatch import fast_norms, runs_fast
 from refnorm.norms.base import ChannelNorm, CheckCase
 
 SCOPES = ("in", "ln", "bn")
@@ -160,6 +162,7 @@ def in_moments(h: Array, *, in_correction: int = 0) -> tuple[Array, Array]:
     mu_in = xp.mean(h, axis=2, keepdims=True)                    # (N, C, 1)  Eq. (4)
     d = h - mu_in                                                # (N, C, S)
     var_in = xp.sum(d * d, axis=2, keepdims=True) / (S - in_correction)   # Eq. (4)
+    check_variance_finite(var_in, h)
     return mu_in, var_in
 
 
@@ -234,6 +237,7 @@ def switchable_norm_forward(
     *,
     eps: float = 1e-5,
     options: SwitchableOptions = DEFAULT_OPTIONS,
+    path: str | None = None,
 ) -> tuple[Array, SwitchableNormCache]:
     """Switchable Normalization in training: every scope uses this batch's statistics.
 
@@ -245,6 +249,9 @@ def switchable_norm_forward(
         The control parameters ``lambda`` and ``lambda'``, one per scope of ``options``.
     eps : float, > 0
     options : SwitchableOptions
+    path : {"reference", "fast"}, optional
+        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
     Returns
     -------
@@ -253,6 +260,9 @@ def switchable_norm_forward(
     """
     xp, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
     check_scope_counts(x.shape, options, with_bn=True)
+    if runs_fast(path, x):                                       # the same, fused: kernels/
+        return _fast_forward(x, h, (gamma, beta), (mean_logits, var_logits), eps=eps,
+                             options=options)
     mu, var = scope_moments(h, options)                          # Eq. (4)
     return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),
                       (mu, var, False), eps=eps, options=options)
@@ -338,6 +348,26 @@ def _normalize(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Ar
     return xp.astype(y, x.dtype, copy=False), cache
 
 
+def _fast_forward(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Array, Array],
+                  *, eps: float, options: SwitchableOptions) -> tuple[Array, SwitchableNormCache]:
+    """:func:`switchable_norm_forward` by :func:`refnorm.kernels.norms.sn_forward`."""
+    xp = array_namespace(h)
+    (gamma, beta), (mean_logits, var_logits) = params, logits
+    w_mean = ratios(xp.astype(mean_logits, h.dtype), hard=options.hard)  # (K,)  Eq. (5)
+    w_var = ratios(xp.astype(var_logits, h.dtype), hard=options.hard)    # (K,)  Eq. (5)
+    gamma_c, beta_c = xp.astype(gamma, h.dtype), xp.astype(beta, h.dtype)
+    y, h, x_hat, rstd, mu, var = fast_norms().sn_forward(
+        h, gamma_c, beta_c, w_mean, w_var, eps=eps, scopes=options.scopes,
+        in_correction=options.in_correction)
+    cache = SwitchableNormCache(
+        h=h, x_hat=x_hat, rstd=rstd, gamma=gamma_c, mu=mu, var=var,
+        w_mean=w_mean, w_var=w_var, bn_given=False, options=options,
+        x_shape=tuple(x.shape), x_dtype=x.dtype, param_dtype=gamma.dtype,
+        logit_dtype=mean_logits.dtype,
+    )
+    return xp.astype(xp.reshape(y, x.shape), x.dtype, copy=False), cache
+
+
 def check_scope_counts(shape: tuple[int, ...], options: SwitchableOptions, *,
                        with_bn: bool) -> None:
     """Check that every statistic used covers more than one value.
@@ -398,7 +428,7 @@ def statistic_gradients(dy: Array, cache: SwitchableNormCache) -> tuple[Array, A
 
 
 def switchable_norm_backward(
-    dy: Array, cache: SwitchableNormCache
+    dy: Array, cache: SwitchableNormCache, *, path: str | None = None
 ) -> tuple[Array, Array, Array, Array, Array]:
     """Backward of SN written from Appendix A (single GPU), Eq. (6)-(14), in its order.
 
@@ -412,6 +442,9 @@ def switchable_norm_backward(
     ----------
     dy : array, (N, C, *spatial)
     cache : SwitchableNormCache
+    path : {"reference", "fast"}, optional
+        As in :func:`switchable_norm_forward`; the fast path computes the compact form
+        (:func:`switchable_norm_backward_compact`) fused, in training.
 
     Returns
     -------
@@ -421,6 +454,13 @@ def switchable_norm_backward(
         Zero with hard ratios (the argmax has no gradient).
     """
     xp, dy_v = backward_view(dy, cache)
+    if not cache.bn_given and runs_fast(path, dy_v):             # the same, fused: kernels/
+        o = cache.options
+        grads = fast_norms().sn_backward(
+            dy_v, cache.x_hat, cache.rstd, cache.gamma, (cache.mu, cache.var),
+            (cache.w_mean, cache.w_var), scopes=o.scopes, in_correction=o.in_correction,
+            hard=o.hard)
+        return cast_gradients(cache, grads[0], grads[1:3], grads[3:5])
     c, scopes = cache, cache.options.scopes
     N, C, S = c.h.shape
     wm = {k: c.w_mean[i] for i, k in enumerate(scopes)}     # w_k  (means)
@@ -729,7 +769,8 @@ class SwitchableNorm(ChannelNorm):
         if not training and "bn" in self.options.scopes:
             return switchable_norm_eval_forward(*args, *self.population(), eps=self.eps,
                                                 options=self.options)
-        y, cache = switchable_norm_forward(*args, eps=self.eps, options=self.options)
+        y, cache = switchable_norm_forward(*args, eps=self.eps, options=self.options,
+                                           path=self.compute_path())
         if training and "bn" in self.options.scopes:
             C, S = self.num_channels, cache.h.shape[2]
             self._observe(BatchStatistics(count=cache.h.shape[0] * S,
@@ -747,5 +788,5 @@ class SwitchableNorm(ChannelNorm):
             self.state = {**self.state, "running_mean": running_mean, "running_var": running_var}
 
     def _backward(self, dy: Array, cache: SwitchableNormCache) -> tuple[Array, dict[str, Array]]:
-        dx, dgamma, dbeta, dml, dvl = switchable_norm_backward(dy, cache)
+        dx, dgamma, dbeta, dml, dvl = switchable_norm_backward(dy, cache, path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta, "mean_logits": dml, "var_logits": dvl}

@@ -95,8 +95,8 @@ def weight_geometry(in_channels: Any, out_channels: Any, kernel_size: Any = None
     )
 
 
-def apply_weights(x: Array, w: Array, b: Array | None,
-                  geometry: WeightGeometry) -> tuple[Array, Conv2dCache | LinearCache]:
+def apply_weights(x: Array, w: Array, b: Array | None, geometry: WeightGeometry, *,
+                  path: str | None = None) -> tuple[Array, Conv2dCache | LinearCache]:
     """Run the layer's op with the (reparameterized) weights ``w``.
 
     Parameters
@@ -105,6 +105,8 @@ def apply_weights(x: Array, w: Array, b: Array | None,
     w : array, ``geometry.weight_shape``
     b : array, (C_out,), or None
     geometry : WeightGeometry
+    path : {"reference", "fast"}, optional
+        The convolution's implementation (:mod:`refnorm.dispatch`).
 
     Returns
     -------
@@ -114,11 +116,11 @@ def apply_weights(x: Array, w: Array, b: Array | None,
     """
     if geometry.kernel_size is None:
         return linear_forward(x, w, b)
-    return conv2d_forward(x, w, b, stride=geometry.stride, padding=geometry.padding)
+    return conv2d_forward(x, w, b, stride=geometry.stride, padding=geometry.padding, path=path)
 
 
-def apply_weights_backward(dy: Array, cache: Any,
-                           geometry: WeightGeometry) -> tuple[Array, Array, Array | None]:
+def apply_weights_backward(dy: Array, cache: Any, geometry: WeightGeometry, *,
+                           path: str | None = None) -> tuple[Array, Array, Array | None]:
     """Backward of :func:`apply_weights`: ``(dx, dw, db)``, ``db`` None without a bias.
 
     The op's own backward checks that ``cache`` is its cache (a linear layer's cache given
@@ -126,4 +128,4 @@ def apply_weights_backward(dy: Array, cache: Any,
     """
     if geometry.kernel_size is None:
         return linear_backward(dy, cache)
-    return conv2d_backward(dy, cache)
+    return conv2d_backward(dy, cache, path=path)

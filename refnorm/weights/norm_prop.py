@@ -106,14 +106,15 @@ class NormProp(WeightNorm):
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         w, w_cache = weight_norm_forward(self.params["v"], self.params["g"], eps=self.eps)
-        z, op_cache = apply_weights(x, w, self.params.get("b"), self.geometry)
+        z, op_cache = apply_weights(x, w, self.params.get("b"), self.geometry,
+                                    path=self.compute_path())
         y, relu_cache = norm_prop_relu_forward(z)
         return y, (w_cache, op_cache, relu_cache)
 
     def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
         w_cache, op_cache, relu_cache = cache
         dz = norm_prop_relu_backward(dy, relu_cache)
-        dx, dw, db = apply_weights_backward(dz, op_cache, self.geometry)
+        dx, dw, db = apply_weights_backward(dz, op_cache, self.geometry, path=self.compute_path())
         dv, dg = weight_norm_backward(dw, w_cache)
         grads = {"v": dv, "g": dg} if db is None else {"v": dv, "g": dg, "b": db}
         return dx, grads

@@ -240,11 +240,13 @@ class WeightStandardization(Layer):
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         w_hat, w_cache = weight_standardization_forward(
             self.params["w"], eps=self.eps, eps_mode=self.eps_mode, correction=self.correction)
-        y, op_cache = apply_weights(x, w_hat, self.params.get("b"), self.geometry)
+        y, op_cache = apply_weights(x, w_hat, self.params.get("b"), self.geometry,
+                                    path=self.compute_path())
         return y, (w_cache, op_cache)
 
     def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
         w_cache, op_cache = cache
-        dx, dw_hat, db = apply_weights_backward(dy, op_cache, self.geometry)
+        dx, dw_hat, db = apply_weights_backward(dy, op_cache, self.geometry,
+                                                path=self.compute_path())
         dw = weight_standardization_backward(dw_hat, w_cache)
         return dx, ({"w": dw} if db is None else {"w": dw, "b": db})

@@ -156,13 +156,14 @@ class TReLUWeightNorm(Layer):
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         unit_gain = self.xp.ones_like(self.params["alpha"])           # (C_out,)
         w, w_cache = weight_norm_forward(self.params["v"], unit_gain, eps=self.eps)
-        z, op_cache = apply_weights(x, w, None, self.geometry)
+        z, op_cache = apply_weights(x, w, None, self.geometry, path=self.compute_path())
         y, relu_cache = translated_relu_forward(z, self.params["alpha"])
         return y, (w_cache, op_cache, relu_cache)
 
     def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
         w_cache, op_cache, relu_cache = cache
         dz, dalpha = translated_relu_backward(dy, relu_cache)
-        dx, dw, _ = apply_weights_backward(dz, op_cache, self.geometry)  # no bias
+        dx, dw, _ = apply_weights_backward(dz, op_cache, self.geometry,
+                                           path=self.compute_path())  # no bias
         dv, _ = weight_norm_backward(dw, w_cache)  # the gain is fixed at 1: no gradient kept
         return dx, {"v": dv, "alpha": dalpha}

@@ -213,12 +213,13 @@ class WeightNorm(Layer):
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         w, w_cache = weight_norm_forward(self.params["v"], self.params["g"], eps=self.eps)
-        y, op_cache = apply_weights(x, w, self.params.get("b"), self.geometry)
+        y, op_cache = apply_weights(x, w, self.params.get("b"), self.geometry,
+                                    path=self.compute_path())
         return y, (w_cache, op_cache)
 
     def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
         w_cache, op_cache = cache
-        dx, dw, db = apply_weights_backward(dy, op_cache, self.geometry)
+        dx, dw, db = apply_weights_backward(dy, op_cache, self.geometry, path=self.compute_path())
         dv, dg = weight_norm_backward(dw, w_cache)
         grads = {"v": dv, "g": dg} if db is None else {"v": dv, "g": dg, "b": db}
         return dx, grads
@@ -235,7 +236,7 @@ class WeightNorm(Layer):
         t : array, (N, C_out, H_out, W_out) or (N, D_out)
         """
         w, _ = weight_norm_forward(self.params["v"], self.params["g"], eps=self.eps)
-        return apply_weights(x, w, self.params.get("b"), self.geometry)[0]
+        return apply_weights(x, w, self.params.get("b"), self.geometry, path=self.compute_path())[0]
 
     def init_from_batch(self, x: Array) -> None:
         """Salimans & Kingma's data-dependent initialization from one batch ``x``.
@@ -262,7 +263,8 @@ class WeightNorm(Layer):
         xp, C = self.xp, self.geometry.out_channels
         unit_gain = xp.ones_like(self.params["g"])                  # (C,)
         direction, _ = weight_norm_forward(self.params["v"], unit_gain, eps=self.eps)
-        t = apply_weights(x, direction, None, self.geometry)[0]     # (N, C, H, W) or (N, C)
+        t = apply_weights(x, direction, None, self.geometry,
+                          path=self.compute_path())[0]  # (N, C, H, W) or (N, C)
         t = xp.astype(t, compute_dtype(xp, t.dtype), copy=False)
         mean, var = moments(t, non_channel_axes(t.ndim))            # (1, C, 1, 1) each
         mean, std = xp.reshape(mean, (C,)), xp.sqrt(xp.reshape(var, (C,)))  # (C,)

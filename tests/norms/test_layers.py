@@ -40,19 +40,21 @@ def test_a_class_outside_the_table_has_no_name():
         registry.name_of(type("Other", (), {}))
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
 @pytest.mark.parametrize("name", NAMES)
-def test_layer_matches_its_pure_functions(name):
+def test_layer_matches_its_pure_functions(name, path):
     forward = {"bn": refnorm.batch_norm_forward, "in": refnorm.instance_norm_forward,
                "ln": refnorm.layer_norm_forward, "gn": refnorm.group_norm_forward}[name]
     backward = {"bn": refnorm.batch_norm_backward, "in": refnorm.instance_norm_backward,
                 "ln": refnorm.layer_norm_backward, "gn": refnorm.group_norm_backward}[name]
     rng = np.random.default_rng(0)
     layer = build(name, dtype=np.float64)
+    layer.path = path
     layer.params = {"gamma": rng.standard_normal(4), "beta": rng.standard_normal(4)}
     x, dy = rng.standard_normal((3, 4, 2, 2)), rng.standard_normal((3, 4, 2, 2))
     options = {"num_groups": 2} if name == "gn" else {}
-    y_ref, cache = forward(x, layer.params["gamma"], layer.params["beta"], **options)
-    dx_ref, dgamma_ref, dbeta_ref = backward(dy, cache)
+    y_ref, cache = forward(x, layer.params["gamma"], layer.params["beta"], **options, path=path)
+    dx_ref, dgamma_ref, dbeta_ref = backward(dy, cache, path=path)
     np.testing.assert_array_equal(layer.forward(x, training=True), y_ref)
     np.testing.assert_array_equal(layer.backward(dy), dx_ref)
     assert set(layer.grads) == set(layer.params) == {"gamma", "beta"}

@@ -35,7 +35,7 @@ PATTERNS = {
         "ranks entered different collectives (a mismatch of training/eval modes, layers or "
         "steps)",
         "rank 0 entered collective #1: syncbn forward (count, sum) of layer syncbn#0, step 1",
-        "rank 1 entered collective #1: allreduce_sum, step 1",
+        "rank 1 entered collective #1: allreduce_gradients, step 1",
     ],
     "exit": [
         "rank 1: bad batch; exiting with status 1",
