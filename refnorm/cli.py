@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -165,10 +166,25 @@ def _add_train(sub) -> None:
     tr.add_argument("--sn-inference", default="batch_average",
                     choices=("batch_average", "moving_average"),
                     help="batch_average (the paper's) or moving_average")
+    _add_compute_options(tr)
     tr.add_argument("--out", type=_path, default="runs/train",
                     help="output directory (default runs/train)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     tr.set_defaults(run=_run_train)
+
+
+def _add_compute_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="parameter and compute dtype (default float32)")
+    p.add_argument("--path", default=None, choices=("reference", "fast"),
+                   help="reference (readable numpy) or fast (numba kernels); default: "
+                        "$REFNORM_PATH, else fast")
+
+
+def _use_path(args: argparse.Namespace) -> None:
+    """``--path`` for this process and the study's worker processes (REFNORM_PATH)."""
+    if getattr(args, "path", None) is not None:
+        os.environ["REFNORM_PATH"] = args.path
 
 
 def _add_study(sub) -> None:
@@ -188,6 +204,7 @@ def _add_study(sub) -> None:
     st.add_argument("--seeds", type=positive, default=1, help="number of seeds (default 1)")
     st.add_argument("--data", default=None, help="as for train (default digits)")
     st.add_argument("--jobs", type=positive, default=None, help="parallel runs (default: cores)")
+    _add_compute_options(st)
     st.add_argument("--out", type=_path, default="runs/study",
                     help="output directory (default runs/study)")
     st.set_defaults(run=_run_study)
@@ -208,7 +225,8 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                              batch_size=args.batch_size, accumulation=args.accumulation,
                              epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                              schedule=args.schedule, seed=args.seed, num_groups=args.groups,
-                             sn_inference=args.sn_inference)
+                             sn_inference=args.sn_inference, dtype=args.dtype)
+        _use_path(args)
         print(f"training {config.describe()} -> {args.out}", file=sys.stderr)
         result = train(config, out=args.out, resume=args.resume)
     except NonFinite as exc:
@@ -237,10 +255,11 @@ def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         changes["methods"] = args.methods
     if args.batch_sizes:
         changes["batch_sizes"] = args.batch_sizes
-    for name in ("update_size", "epochs", "data"):
+    for name in ("update_size", "epochs", "data", "dtype"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     changes["seeds"] = tuple(range(args.seeds))
+    _use_path(args)
     try:
         study = dataclasses.replace(study, **changes)
         report = run_study(study, args.out, jobs=args.jobs,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from refnorm import registry
-from refnorm.backend import Array
+from refnorm.backend import Array, array_namespace
 from refnorm.core import affine_backward, affine_forward
 from refnorm.layer import Layer
 from refnorm.nn import GlobalAvgPool, MaxPool2d, ReLU
@@ -62,7 +62,7 @@ class ConvNet:
         for SN, ``{"comm": comm}`` for the synchronized ones).
     seed : int
         Seeds every layer's initialization.
-    dtype : parameter dtype (float32)
+    dtype : parameter dtype (float32); :meth:`forward` casts its input to it
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, norm: str = "bn",
@@ -74,7 +74,7 @@ class ConvNet:
         if weight not in WEIGHTS:
             raise ValueError(f"weight must be one of {', '.join(w or 'None' for w in WEIGHTS)}; "
                              f"got {weight!r}")
-        self.norm, self.weight = norm, weight
+        self.norm, self.weight, self.dtype = norm, weight, dtype
         blocks: list[Layer] = []
         c_in = in_channels
         for i, width in enumerate(widths):
@@ -112,7 +112,8 @@ class ConvNet:
         return self._layers
 
     def forward(self, x: Array, training: bool) -> Array:
-        """Logits (N, num_classes) for images (N, C, H, W)."""
+        """Logits (N, num_classes) for images (N, C, H, W), computed in the model's dtype."""
+        x = array_namespace(x).astype(x, self.dtype, copy=False)
         for layer in self._layers:
             x = layer.forward(x, training)
         return x

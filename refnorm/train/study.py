@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class StudyConfig:
     lr: float = 0.05
     data: str = "digits"
     train_subset: int | None = None
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for b in self.batch_sizes:
@@ -81,7 +83,7 @@ def job_configs(study: StudyConfig) -> list[TrainConfig]:
                 configs.append(TrainConfig(
                     data=study.data, norm=norm, weight=weight, batch_size=b,
                     accumulation=study.update_size // b, epochs=study.epochs, lr=study.lr,
-                    seed=seed, train_subset=study.train_subset))
+                    seed=seed, train_subset=study.train_subset, dtype=study.dtype))
     return configs
 
 
@@ -123,8 +125,12 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
 
 
 def _single_thread() -> None:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    """One thread per worker process: the study runs one job per core already."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "NUMBA_NUM_THREADS"):
         os.environ[var] = "1"
+    if "numba" in sys.modules:  # imported before the fork: its thread pool is already sized
+        sys.modules["numba"].set_num_threads(1)
 
 
 def _label(run: dict) -> str:

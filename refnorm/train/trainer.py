@@ -95,6 +95,7 @@ class TrainConfig:
     sn_inference: str = "batch_average"
     average_samples: int = 256
     train_subset: int | None = None
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "accumulation", "epochs", "average_samples", "num_groups"):
@@ -116,7 +117,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number {bounds}; got {value!r}")
         for name, allowed in (("norm", NORMS), ("weight", WEIGHTS),
                               ("schedule", ("cosine", "linear", "constant")),
-                              ("sn_inference", ("batch_average", "moving_average"))):
+                              ("sn_inference", ("batch_average", "moving_average")),
+                              ("dtype", ("float32", "float64"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; "
                                  f"got {getattr(self, name)!r}")
@@ -288,7 +290,8 @@ def build_model(config: TrainConfig, data: Dataset) -> ConvNet:
     options = {"inference": config.sn_inference} if config.norm in ("sn", "syncsn") else {}
     return ConvNet(in_channels=data.x_train.shape[1], num_classes=data.num_classes,
                    norm=config.norm, weight=config.weight, widths=config.widths,
-                   num_groups=config.num_groups, norm_options=options, seed=config.seed)
+                   num_groups=config.num_groups, norm_options=options, seed=config.seed,
+                   dtype=np.dtype(config.dtype).type)
 
 
 def prepare_data(config: TrainConfig) -> Dataset:
@@ -634,7 +637,7 @@ def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> N
         return
     states = [copy.deepcopy(layer.state) for layer in layers]
     pick = np.random.default_rng([config.seed, 3]).permutation(len(data.y_train))
-    h = data.x_train[pick[:config.update_size]]
+    h = data.x_train[pick[:config.update_size]].astype(model.dtype)  # as model.forward casts
     for layer in layers:
         if isinstance(layer, WeightNorm):
             layer.init_from_batch(h)
