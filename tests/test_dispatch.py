@@ -1,0 +1,154 @@
+"""refnorm/dispatch.py: which path a call takes, and that both paths accept and refuse the
+same inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import refnorm
+from refnorm import dispatch
+from refnorm.gradcheck import check_layer
+from refnorm.norms.switchable import SwitchableOptions
+
+
+@pytest.fixture(autouse=True)
+def _no_process_choice(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    dispatch.set_path(None)
+    yield
+    dispatch.set_path(None)
+
+
+def test_defaults_reference_for_functions_fast_for_layers():
+    assert dispatch.get_path() == "reference"
+    assert refnorm.build("bn", 3).compute_path() == "fast"
+
+
+def test_process_choice_beats_the_defaults_and_an_explicit_choice_beats_it(monkeypatch):
+    layer = refnorm.build("bn", 3)
+    monkeypatch.setenv(dispatch.ENV, "fast")
+    assert dispatch.get_path() == "fast"
+    dispatch.set_path("reference")                      # set_path beats the environment
+    assert dispatch.get_path() == "reference" and layer.compute_path() == "reference"
+    with dispatch.use_path("fast"):
+        assert layer.compute_path() == "fast"
+    assert layer.compute_path() == "reference"          # use_path restores
+    layer.path = "fast"                                 # the layer's own choice wins
+    assert layer.compute_path() == "fast"
+    assert dispatch.resolve("reference") == "reference"
+
+
+@pytest.mark.parametrize("bad", ["Fast", "numba", ""])
+def test_bad_path_values_are_refused(bad, monkeypatch):
+    with pytest.raises(ValueError, match="path must be 'reference' or 'fast'"):
+        dispatch.set_path(bad)
+    with pytest.raises(ValueError, match="path must be 'reference' or 'fast'"):
+        refnorm.batch_norm_forward(np.ones((2, 3)), np.ones(3), np.zeros(3), path=bad)
+    if bad:
+        monkeypatch.setenv(dispatch.ENV, bad)
+        with pytest.raises(ValueError, match="REFNORM_PATH must be 'reference' or 'fast'"):
+            dispatch.get_path()
+
+
+def test_fast_applies_to_numpy_floats_only():
+    xps = pytest.importorskip("array_api_strict")
+    assert dispatch.fast_applies(np.ones(2, np.float32), np.ones(2))
+    assert not dispatch.fast_applies(xps.ones(2))
+    assert not dispatch.fast_applies(np.ones(2, np.int64))
+    assert not dispatch.runs_fast("reference", np.ones(2))
+    assert dispatch.runs_fast("fast", np.ones(2))
+
+
+def test_another_namespace_falls_back_to_the_reference_with_the_same_result():
+    xps = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(0)
+    x = 5 * rng.standard_normal((3, 4, 5)) + 12
+    args = [xps.asarray(a) for a in (x, rng.standard_normal(4), rng.standard_normal(4))]
+    y_fast, _ = refnorm.group_norm_forward(*args, num_groups=2, path="fast")
+    y_ref, _ = refnorm.group_norm_forward(*args, num_groups=2, path="reference")
+    np.testing.assert_array_equal(np.asarray(y_fast), np.asarray(y_ref))
+
+
+def test_gradcheck_checks_the_reference_unless_asked():
+    layer = refnorm.build("gn", 4, num_groups=2, dtype=np.float64)
+    x = 5 * np.random.default_rng(1).standard_normal((2, 4, 3, 3)) + 12
+    for path in ("reference", "fast"):
+        errors = check_layer(layer, x, path=path)
+        assert max(e.max_rel_error for e in errors.values()) < 1e-6, path
+    with pytest.raises(ValueError, match="path must be"):
+        check_layer(layer, x, path="gpu")
+
+
+# -- both paths accept and refuse the same inputs ---------------------------------------------
+
+G = np.ones(4)
+B = np.zeros(4)
+X = 5 * np.random.default_rng(2).standard_normal((2, 4, 3, 3)) + 12
+
+
+def _sn(x, g, b, **kw):
+    logits = np.zeros(3)
+    return refnorm.switchable_norm_forward(x, g, b, logits, logits, **kw)
+
+
+FORWARDS = {
+    "bn": refnorm.batch_norm_forward,
+    "in": refnorm.instance_norm_forward,
+    "ln": refnorm.layer_norm_forward,
+    "gn": lambda x, g, b, **kw: refnorm.group_norm_forward(x, g, b, num_groups=2, **kw),
+    "sn": _sn,
+}
+BAD = {
+    "x not an array": ([[1.0]], G, B, {}),
+    "integer x": (np.ones((2, 4, 3), np.int64), G, B, {}),
+    "x of one dimension": (np.ones(4), G, B, {}),
+    "gamma of the wrong shape": (X, np.ones(3), B, {}),
+    "eps = 0": (X, G, B, {"eps": 0.0}),
+    "eps that rounds to 0": (X.astype(np.float32), G.astype(np.float32),
+                             B.astype(np.float32), {"eps": 1e-50}),
+    "one value per statistic": (X[:1, :, :1, :1], G, B, {}),
+    "a variance that overflows": ((np.random.default_rng(3).standard_normal((2, 4, 3, 3))
+                                   * 1e20).astype(np.float32), G, B, {}),
+}
+
+
+def _outcome(call):
+    try:
+        call()
+    except (TypeError, ValueError) as exc:
+        return type(exc), str(exc)
+    return None
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("name", sorted(FORWARDS))
+def test_both_paths_refuse_the_same_inputs_with_the_same_error(name, case):
+    x, g, b, kw = BAD[case]
+    forward = FORWARDS[name]
+    fast = _outcome(lambda: forward(x, g, b, path="fast", **kw))
+    ref = _outcome(lambda: forward(x, g, b, path="reference", **kw))
+    assert fast == ref
+    if not (case == "one value per statistic" and name in ("ln", "gn")):  # 4 and 2 values
+        assert ref is not None, f"{name} accepted {case}"
+
+
+@pytest.mark.parametrize("name", sorted(FORWARDS))
+def test_both_paths_accept_views_float16_and_negative_strides(name):
+    forward = FORWARDS[name]
+    base = 5 * np.random.default_rng(4).standard_normal((3, 8, 6, 7)) + 12
+    for x in (base[:, ::2, 1:, ::-1], base.astype(np.float16)[:, :4], base[::-1, 2:6]):
+        y_fast, _ = forward(x, G, B, path="fast")
+        y_ref, _ = forward(x, G, B, path="reference")
+        assert y_fast.dtype == y_ref.dtype == x.dtype and y_fast.shape == x.shape
+        tol = 2e-3 if x.dtype == np.float16 else 1e-12  # one float16 rounding of |y| < 4
+        np.testing.assert_allclose(y_fast, y_ref, atol=tol, rtol=0)
+
+
+def test_sn_options_object_is_passed_through_on_both_paths():
+    options = SwitchableOptions(scopes=("in", "ln"), in_correction=1)
+    logits = np.array([0.3, -0.2])
+    outs = [refnorm.switchable_norm_forward(X, G, B, logits, logits, options=options,
+                                            path=p)[0] for p in ("fast", "reference")]
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-12, rtol=0)
