@@ -1,0 +1,715 @@
+"""``fingerprint``: name the conventions a normalization implementation follows.
+
+Designed probes, each reading one convention off the implementation's outputs (probes run
+in float64, training mode, ``gamma = 1`` and ``beta = 0`` unless said):
+
+- **statistics scope**: replace channel 0 (then sample 0) with new values and see which
+  other outputs move; for GN this gives the group count and the layout (channel ``c`` in
+  group ``c // (C/G)``, consecutive, or ``c % G``, interleaved);
+- **variance estimator, eps placement and value**: inputs ``s * z`` with ``z`` of mean 0
+  and biased variance 1 in every statistic, for ``s`` from 1e2 down to 1e-7. The output is
+  ``z * s / D(s)``; at ``s = 1e2``, ``(D / s)^2`` is the variance scale (1: biased,
+  ``m/(m-1)``: unbiased); the small ``s`` fix eps under each model,
+  ``D = sqrt(f s^2 + eps)`` (inside the root) and ``D = sqrt(f) s + eps`` (added to the
+  standard deviation), and the model whose prediction fits every ``s`` is the placement;
+- **precision at an offset**: unit-variance data at 1e4 in float32, where a one-pass
+  ``E[x^2] - E[x]^2`` loses the variance;
+- **affine**: ``y(gamma, beta) = gamma * y(1, 0) + beta`` per channel;
+- **running statistics** (stateful implementations): two training calls on batches of known
+  mean and variance from known buffers give the weight of the new batch (twice: constant
+  for an exponential average, 1 then 1/2 for a cumulative one) and the factor on the
+  variance (``m/(m-1)``: unbiased), compared with the implementation's ``momentum``;
+  then an eval call shows which statistics inference uses;
+- **gradients** (when a vector-Jacobian product is known): ``dgamma`` and ``dbeta`` against
+  the exact sums from the implementation's own forward (``y`` is affine in gamma and beta),
+  ``dx`` against central differences of that forward;
+- **SN**: IN variance estimator with all ratios on IN; tied or separate ratios with the
+  mean ratios on IN and the variance ratios on BN;
+- **WS**: the same ladder over a filter (std estimator, eps placement and value);
+  **WN**: over a filter's norm (eps placement and value).
+
+Then refnorm's functions are run under the options these conventions call for, on
+ordinary inputs and on tiny variances, and compared to the tolerances of
+:func:`refnorm.testing.compare.tolerances`: the report names the options that match, or
+says "matches no known convention" with the closest options and the residual.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import refnorm
+from refnorm.testing import reference
+from refnorm.testing.adapters import Impl, as_impl
+from refnorm.testing.compare import reference_outputs, tolerances
+from refnorm.testing.strategies import Case
+
+LADDER = tuple(10.0 ** -k for k in range(-2, 8))      # s = 1e2 ... 1e-7
+FIT = 1e-3          # a model "fits" the ladder within 0.1 %: float32 outputs reach 1e-6, and
+                    # the wrong placement misses by >= 10 % at the crossover s^2 ~ eps
+SAME = 1e-6         # two float64 readings of one quantity (weights, factors) agree to 1e-6
+ONE_HOT = 30.0      # softmax of (30, -30, -30): e^-60 ~ 1e-26, exactly one-hot in float64
+
+
+@dataclass
+class Row:
+    """One convention: what was found, refnorm's default, and whether they agree."""
+
+    topic: str
+    found: str
+    refnorm: str
+    agrees: bool | None = None
+
+
+@dataclass
+class Report:
+    """What :func:`fingerprint` found. ``str(report)`` is a table; :meth:`to_dict` is JSON.
+
+    Attributes
+    ----------
+    method, impl : str
+    rows : list of Row
+    conventions : dict
+        Machine-readable findings (``variance``, ``eps_placement``, ``eps``,
+        ``momentum_new_weight``, ``running_var``, ``group_layout``, ``num_groups``,
+        ``ratios``, ``in_variance``, ``std``, ``gradients``...).
+    match : str or None
+        The refnorm calls under which the implementation matches, or None.
+    closest : str
+        The closest refnorm options when nothing matches.
+    residual : float
+        Max |error| of the implementation against ``match`` (or ``closest``).
+    """
+
+    method: str
+    impl: str
+    rows: list[Row] = field(default_factory=list)
+    conventions: dict[str, Any] = field(default_factory=dict)
+    match: str | None = None
+    closest: str = ""
+    residual: float = math.nan
+
+    def add(self, topic: str, found: str, refnorm_default: str, agrees: bool | None = None,
+            **conventions: Any) -> None:
+        self.rows.append(Row(topic, found, refnorm_default, agrees))
+        self.conventions.update(conventions)
+
+    def __str__(self) -> str:
+        widths = [max(len(r.topic) for r in self.rows), max(len(r.found) for r in self.rows)]
+        mark = {True: "=", False: "≠", None: " "}
+        lines = [f"fingerprint of {self.impl} as {self.method} (probes in float64)",
+                 f"{'convention':<{widths[0]}} | {'found':<{widths[1]}} |   refnorm default"]
+        lines.append("-" * len(lines[-1]))
+        for r in self.rows:
+            lines.append(f"{r.topic:<{widths[0]}} | {r.found:<{widths[1]}} | "
+                         f"{mark[r.agrees]} {r.refnorm}")
+        if self.match is not None:
+            lines.append(f"matches refnorm: {self.match} (max |error| {self.residual:.2g})")
+        else:
+            lines.append(f"matches no known convention; closest: {self.closest}, "
+                         f"residual max |error| {self.residual:.2g}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict of the report."""
+        return {"method": self.method, "impl": self.impl,
+                "rows": [vars(r) for r in self.rows], "conventions": self.conventions,
+                "match": self.match, "closest": self.closest, "residual": self.residual}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _standardize(z: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``z`` with mean 0 and biased variance 1 within each statistic of ``ids``."""
+    flat, i = z.ravel(), ids.ravel()
+    count = np.bincount(i)
+    mean = np.bincount(i, flat) / count
+    d = flat - mean[i]
+    var = np.bincount(i, d * d) / count
+    return (d / np.sqrt(var[i])).reshape(z.shape)
+
+
+def _scale(z: np.ndarray, y: np.ndarray, ids: np.ndarray) -> float:
+    """The median over statistics of ``D`` in ``y = z / D`` (least squares per statistic)."""
+    i = ids.ravel()
+    zz = np.bincount(i, z.ravel() ** 2)
+    zy = np.bincount(i, z.ravel() * y.ravel())
+    return float(np.median(zz / zy))
+
+
+def _fit_eps(D: np.ndarray, s: np.ndarray, f: float) -> dict[str, tuple[float, float]]:
+    """eps and the max relative misfit of D(s) under each placement (see module docstring)."""
+    models = {
+        "inside_sqrt": (lambda e: np.sqrt(f * s * s + e), D[-1] ** 2 - f * s[-1] ** 2),
+        "added_to_std": (lambda e: math.sqrt(f) * s + e, D[-1] - math.sqrt(f) * s[-1]),
+    }
+    out = {}
+    for name, (predict, eps) in models.items():
+        eps = max(float(eps), 0.0)
+        out[name] = (eps, float(np.max(np.abs(predict(eps) - D) / D)))
+    return out
+
+
+def _round(v: float, digits: int = 3) -> float:
+    return float(f"{v:.{digits}g}") if v else 0.0
+
+
+def _eps_rows(report: Report, D: np.ndarray, s: np.ndarray, f: float, eps_hint: Any,
+              default: str, what: str) -> tuple[str, float]:
+    """Rows for eps placement and value from the ladder; returns (placement, eps)."""
+    fits = _fit_eps(D, s, f)
+    best = min(fits, key=lambda k: fits[k][1])
+    eps, misfit = fits[best]
+    if eps <= 1e-13 * float(D[-1]) ** (2 if best == "inside_sqrt" else 1):
+        best, eps = "none", 0.0
+    elif misfit > FIT:
+        best = "unknown"
+    names = {"inside_sqrt": f"inside the square root, sqrt({what} + eps)",
+             "added_to_std": f"added to the {'norm' if what == '||v||^2' else 'std'}, "
+                             f"sqrt({what}) + eps",
+             "none": "none (eps = 0)", "unknown": f"unknown (best fit misses by {misfit:.2g})"}
+    report.add("eps placement", names[best], default, best == default_key(report.method),
+               eps_placement=best)
+    if isinstance(eps_hint, float) and eps and abs(eps / eps_hint - 1) < 1e-2:
+        eps = eps_hint
+    shown = f"{_round(eps):g}" + (f" (attribute eps = {eps_hint:g})"
+                                  if isinstance(eps_hint, float) else "")
+    report.add("eps value", shown, "1e-05", None, eps=_round(eps) if eps != eps_hint else eps)
+    return best, (eps if eps == eps_hint else _round(eps))
+
+
+def default_key(method: str) -> str:
+    """refnorm's default eps placement for ``method``."""
+    return {"ws": "added_to_std", "wn": "added_to_std"}.get(method, "inside_sqrt")
+
+
+# -- activation normalizers -------------------------------------------------------------------
+
+
+@dataclass
+class _Probe:
+    """The implementation, the probe shape and parameter makers for one fingerprint."""
+
+    impl: Impl
+    method: str
+    shape: tuple[int, ...]
+    rng: np.random.Generator
+    logits: tuple[np.ndarray, np.ndarray] | None = None   # SN: current probe logits
+
+    @property
+    def C(self) -> int:
+        return self.shape[1]
+
+    def params(self, gamma: np.ndarray | None = None,
+               beta: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        C = self.C
+        p = [np.ones(C) if gamma is None else gamma, np.zeros(C) if beta is None else beta]
+        if self.method == "sn":
+            assert self.logits is not None
+            p += list(self.logits)
+        return tuple(p)
+
+    def run(self, x: np.ndarray, training: bool = True, **kw: Any) -> np.ndarray:
+        return np.asarray(self.impl.forward(x, self.params(**kw), training=training),
+                          dtype=np.float64)
+
+
+def _one_hot(scope: str) -> np.ndarray:
+    return np.array([ONE_HOT if s == scope else -ONE_HOT for s in reference.SN_SCOPES])
+
+
+def _probe_shape(method: str, impl: Impl, num_channels: int | None) -> tuple[int, ...]:
+    hints = impl.hints
+    if "input_shape" in hints:
+        return (2, *hints["input_shape"])
+    C = num_channels or hints.get("num_channels") or (12 if method == "gn" else 4)
+    k = hints.get("spatial", 2)
+    spatial = {0: (), 1: (3,), 2: (3, 4), 3: (3, 2, 2)}[k]  # N = 2: sizes tell axes apart
+    return (2 if k else 4, C, *spatial)
+
+
+def _scope(p: _Probe, report: Report) -> np.ndarray:
+    """Statistics-scope rows; returns the statistic ids of the probe shape."""
+    x = p.rng.standard_normal(p.shape)
+    y = p.run(x)
+    x1 = x.copy()
+    x1[:, 0] = p.rng.standard_normal(x1[:, 0].shape) * 3 + 2
+    moved = np.abs(p.run(x1) - y).reshape(p.shape[0], p.C, -1).max(axis=(0, 2)) > 1e-9
+    channels = [0] + [c for c in range(1, p.C) if moved[c]]
+    x2 = x.copy()
+    x2[0] = p.rng.standard_normal(x2[0].shape) * 3 + 2
+    across_samples = bool(np.abs(p.run(x2)[1:] - y[1:]).max() > 1e-9)
+    C, k = p.C, len(channels)
+    if k == 1:
+        within = "each channel"
+    elif k == C:
+        within = "all channels"
+    else:
+        within = f"channels {channels}"
+    found = f"{within}, {'across samples' if across_samples else 'per sample'}"
+    expected = {"bn": ("each channel", True), "in": ("each channel", False),
+                "ln": ("all channels", False), "sn": ("each channel", True)}  # SN: ratios on BN
+    G, layout = C // k, "consecutive"
+    if p.method == "gn":
+        if channels == list(range(k)):
+            layout = "consecutive" if 1 < k < C else "n/a"
+        elif channels == list(range(0, C, G)):
+            layout = "interleaved"
+        else:
+            layout = "other"
+        agrees = layout in ("consecutive", "n/a") and not across_samples
+        report.add("statistics over", found, "each sample, groups of C/G channels", agrees)
+        report.add("group layout", f"{layout}, G = {G}" if layout != "other" else layout,
+                   "consecutive channels (c // (C/G))",
+                   layout in ("consecutive", "n/a"), group_layout=layout, num_groups=G)
+    else:
+        want = expected[p.method]
+        refnorm_text = f"{want[0]}, {'across samples' if want[1] else 'per sample'}"
+        report.add("statistics over", found, refnorm_text, (within, across_samples) == want)
+    report.conventions["scope"] = {"channels": channels, "across_samples": across_samples}
+    ids_method = "in" if p.method == "sn" else p.method
+    return reference.group_ids(ids_method, p.shape, num_groups=G,
+                               layout="interleaved" if layout == "interleaved" else
+                               "consecutive")
+
+
+def _ladder(p: _Probe, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    z = _standardize(p.rng.standard_normal(p.shape), ids)
+    s = np.array(LADDER)
+    D = np.array([_scale(z, p.run(si * z), ids) * si for si in s])
+    m = int(np.bincount(ids.ravel())[0])
+    return D, s, m
+
+
+def _variance_rows(p: _Probe, report: Report, ids: np.ndarray, topic: str,
+                   key: str) -> tuple[float, str, float]:
+    """Variance estimator, eps placement and value; returns (factor f, placement, eps)."""
+    D, s, m = _ladder(p, ids)
+    f = float((D[0] / s[0]) ** 2)
+    if abs(f - 1) < FIT:
+        found, name = "biased (1/m)", "biased"
+    elif abs(f - m / (m - 1)) < FIT:
+        found, name = f"unbiased (1/(m-1), m = {m})", "unbiased"
+    else:
+        found, name = f"scaled by {f:.4g} (m = {m})", "other"
+    report.add(topic, found, "biased (1/m)", name == "biased", **{key: name})
+    placement, eps = _eps_rows(report, D, s, f, p.impl.hints.get("eps"), "sqrt(var + eps)",
+                               "var")
+    return f, placement, eps
+
+
+def _offset_row(p: _Probe, report: Report, ids: np.ndarray, f: float, placement: str,
+                eps: float) -> None:
+    z = _standardize(p.rng.standard_normal(p.shape), ids)
+    x32 = (1e4 + z).astype(np.float32)
+    y = np.asarray(p.impl.forward(x32, tuple(a.astype(np.float32) for a in p.params()),
+                                  training=True), dtype=np.float64)
+    x = x32.astype(np.float64)
+    i = ids.ravel()
+    count = np.bincount(i)
+    mean = np.bincount(i, x.ravel()) / count
+    d = x.ravel() - mean[i]
+    var = np.bincount(i, d * d) / count
+    D = (math.sqrt(f) * np.sqrt(var) + eps) if placement == "added_to_std" else \
+        np.sqrt(f * var + eps)
+    err = float(np.max(np.abs(y.ravel() - d / D[i])))
+    ok = err < 1e-2  # float32 two-pass at 1e4: x - mean is off by ~1e-3 (ulp(1e4) = 1e-3)
+    found = (f"keeps the variance (max |error| {err:.1g})" if ok else
+             f"loses the variance (max |error| {err:.2g}: one-pass E[x^2]-E[x]^2?)")
+    report.add("float32, mean 1e4 x std", found, "two-pass: keeps it", ok,
+               offset_precision="ok" if ok else "lost")
+
+
+def _affine_row(p: _Probe, report: Report) -> bool:
+    x = p.rng.standard_normal(p.shape) * 2 + 1
+    gamma, beta = p.rng.uniform(0.5, 2, p.C), p.rng.uniform(-1, 1, p.C)
+    y1 = p.run(x)
+    y2 = p.run(x, gamma=gamma, beta=beta)
+    view = (1, -1) + (1,) * (len(p.shape) - 2)
+    if not p.impl.affine:
+        report.add("affine", "none (gamma, beta not used)", "gamma, beta per channel (C,)",
+                   None, affine="none")
+        return True
+    ok = bool(np.allclose(y2, gamma.reshape(view) * y1 + beta.reshape(view), rtol=1e-9,
+                          atol=1e-12))
+    report.add("affine", "gamma * x_hat + beta, per channel" if ok else "other",
+               "gamma * x_hat + beta, (C,)", ok, affine="per_channel" if ok else "other")
+    return ok
+
+
+def _running_rows(p: _Probe, report: Report, ids_in: np.ndarray, placement: str,
+                  eps: float) -> dict[str, Any] | None:
+    """Momentum and running-variance rows; returns refnorm's running options or None."""
+    impl = p.impl
+    if not impl.stateful:
+        report.add("running statistics", "none kept", "BN: kept; IN: optional", None,
+                   running="none")
+        return None
+    N, C = p.shape[:2]
+    S = math.prod(p.shape[2:])
+    m = S if p.method == "in" else N * S
+    z = _standardize(p.rng.standard_normal(p.shape), ids_in)   # per (n, c): mean 0, var 1
+    view = (1, C) + (1,) * (len(p.shape) - 2)
+    mu1, v1, mu2, v2 = 1.0 + np.arange(C), 4.0, -2.0 - np.arange(C), 9.0
+    impl.set_running(np.zeros(C), np.ones(C))
+    p.run(mu1.reshape(view) + math.sqrt(v1) * z)
+    rm1, rv1 = impl.get_running()
+    p.run(mu2.reshape(view) + math.sqrt(v2) * z)
+    rm2, rv2 = impl.get_running()
+    w1 = float(np.median(rm1 / mu1))
+    w2 = float(np.median((rm2 - rm1) / (mu2 - rm1)))
+    c1 = float(np.median((rv1 - (1 - w1)) / (w1 * v1)))
+    mom = impl.hints.get("momentum", "absent")
+    if abs(w1 - w2) < SAME:
+        kind, text = "exponential", f"exponential, new batch weighted {w1:.6g}"
+    elif abs(w1 - 1) < SAME and abs(w2 - 0.5) < SAME:
+        kind, text = "cumulative", "cumulative average (1/k for the k-th batch)"
+    else:
+        kind, text = "other", f"weights {w1:.6g} then {w2:.6g}"
+    if isinstance(mom, float) and kind == "exponential":
+        if abs(w1 - mom) < SAME:
+            text += f" = momentum {mom:g} (on the new value)"
+            on = "new"
+        elif abs(w1 - (1 - mom)) < SAME:
+            text += f" = 1 - momentum {mom:g} (momentum on the old value)"
+            on = "old"
+        else:
+            on = "unknown"
+    else:
+        on = "n/a"
+    report.add("running average", text, "exponential, momentum 0.1 on the new value",
+               kind == "exponential" and on in ("new", "n/a"),
+               running=kind, momentum_new_weight=_round(w1, 6), momentum_on=on)
+    factors = {"unbiased": m / (m - 1), "biased": 1.0}
+    if p.method == "sn":
+        factors["in_unbiased"] = S / (S - 1)
+    name = next((k for k, v in factors.items() if abs(c1 - v) < FIT), "other")
+    texts = {"unbiased": f"unbiased (x m/(m-1), m = {m})", "biased": "biased (1/m)",
+             "in_unbiased": f"the IN-unbiased BN variance (x S/(S-1), S = {S})",
+             "other": f"scaled by {c1:.4g} (m = {m})"}
+    report.add("running variance", texts[name], f"unbiased (x m/(m-1), m = {m})",
+               name == "unbiased", running_var=name)
+    _eval_row(p, report, placement, eps, (rm2, rv2))
+    if kind != "exponential" or name != "unbiased" or not 0 < w1 <= 1:
+        return None
+    exp_m, exp_v = reference.running_update(np.zeros(C), np.ones(C), mu1, np.full(C, v1),
+                                            count=m, momentum=_round(w1, 6))
+    exp_m, exp_v = reference.running_update(exp_m, exp_v, mu2, np.full(C, v2), count=m,
+                                            momentum=_round(w1, 6))
+    if not (np.allclose(rm2, exp_m, rtol=1e-9) and np.allclose(rv2, exp_v, rtol=1e-9)):
+        return None
+    return {"momentum": _round(w1, 6)}
+
+
+def _eval_row(p: _Probe, report: Report, placement: str, eps: float,
+              running: tuple[np.ndarray, np.ndarray]) -> None:
+    rm, rv = running
+    view = (1, p.C) + (1,) * (len(p.shape) - 2)
+    x = p.rng.standard_normal(p.shape) * 2 + 1
+    y = p.run(x, training=False)
+    den = (np.sqrt(rv) + eps) if placement == "added_to_std" else np.sqrt(rv + eps)
+    uses_running = bool(np.allclose(y, (x - rm.reshape(view)) / den.reshape(view),
+                                    rtol=1e-9, atol=1e-12))
+    report.add("inference statistics", "running mean and variance" if uses_running
+               else "not the running statistics", "running mean and variance",
+               uses_running, inference="running" if uses_running else "other")
+
+
+def _gradient_rows(p: _Probe, report: Report) -> None:
+    """dgamma, dbeta exactly and dx by central differences, from the impl's own forward."""
+    if not p.impl.has_vjp:
+        report.add("gradients", "not probed (no vector-Jacobian product)", "", None)
+        return
+    x = p.rng.standard_normal(p.shape) * 2 + 1
+    gamma, beta = p.rng.uniform(0.5, 2, p.C), p.rng.uniform(-1, 1, p.C)
+    dy = p.rng.standard_normal(p.shape)
+    grads = p.impl.vjp(dy, x, p.params(gamma, beta))
+    axes = (0,) + tuple(range(2, len(p.shape)))
+    x_hat = p.run(x)
+    want = {"dgamma": np.sum(dy * x_hat, axis=axes), "dbeta": np.sum(dy, axis=axes),
+            "dx": _central_differences(lambda xx: float(np.sum(dy * p.run(xx, gamma=gamma,
+                                                                           beta=beta))), x)}
+    got = {"dx": np.asarray(grads[0]), "dgamma": np.asarray(grads[1]),
+           "dbeta": np.asarray(grads[2])}
+    if not p.impl.affine:
+        del want["dgamma"], want["dbeta"]
+    wrong = []
+    for name, w in want.items():
+        scale = float(np.max(np.abs(w))) or 1.0
+        # central differences with h = 1e-5 are accurate to ~1e-9 of the scale
+        if got[name].shape != w.shape or np.max(np.abs(got[name] - w)) > 1e-6 * scale:
+            wrong.append(name + _which_sum(got[name], dy * x_hat if name == "dgamma" else dy,
+                                           axes) * (name != "dx"))
+    found = "consistent with its forward" if not wrong else "wrong: " + "; ".join(wrong)
+    report.add("gradients", found, "closed form, gradchecked", not wrong,
+               gradients="consistent" if not wrong else wrong)
+
+
+def _which_sum(got: np.ndarray, terms: np.ndarray, axes: tuple[int, ...]) -> str:
+    """Which reduction of ``terms`` to (C,) ``got`` is, when it is not the sum over ``axes``."""
+    names = {0: "N"} | {a: f"spatial axis {a}" for a in axes[1:]}
+    for r in range(1, len(axes) + 1):
+        for summed in _subsets(axes, r):
+            rest = tuple(a for a in axes if a not in summed)
+            candidate = np.mean(np.sum(terms, axis=summed, keepdims=True), axis=rest)
+            candidate = candidate.reshape(-1)
+            if candidate.shape == got.shape and np.allclose(got, candidate, rtol=1e-9):
+                summed_names = ", ".join(names[a] for a in summed)
+                return (f" (summed over {summed_names} only"
+                        + (f", averaged over {', '.join(names[a] for a in rest)})"
+                           if rest else ")"))
+    return ""
+
+
+def _subsets(axes: tuple[int, ...], r: int) -> list[tuple[int, ...]]:
+    from itertools import combinations
+    return [c for c in combinations(axes, r) if len(c) < len(axes)]
+
+
+def _central_differences(L: Callable[[np.ndarray], float], x: np.ndarray,
+                         h: float = 1e-5) -> np.ndarray:
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += h
+        xm[i] -= h
+        g[i] = (L(xp) - L(xm)) / (2 * h)
+    return g
+
+
+def _sn_rows(p: _Probe, report: Report, eps: float) -> tuple[str, int]:
+    """Tied or separate ratios; IN variance estimator. Returns (ratios, in_correction)."""
+    ids = reference.group_ids("in", p.shape)
+    N, C = p.shape[:2]
+    S = math.prod(p.shape[2:])
+    p.logits = (_one_hot("in"), _one_hot("in"))
+    D, s, m = _ladder(p, ids)
+    f = float((D[0] / s[0]) ** 2)
+    in_correction = 1 if abs(f - S / (S - 1)) < FIT else 0
+    report.add("IN variance", "unbiased (1/(S-1))" if in_correction else
+               ("biased (1/S)" if abs(f - 1) < FIT else f"scaled by {f:.4g}"),
+               "biased (1/S)", not in_correction, in_variance=["biased", "unbiased"]
+               [in_correction])
+    x = p.rng.standard_normal(p.shape) * 2 + 1
+    x += 3 * p.rng.standard_normal((N, C) + (1,) * (len(p.shape) - 2))
+    p.logits = (_one_hot("in"), _one_hot("bn"))
+    y = p.run(x)
+    opts = {"eps": eps or 1e-300,
+            "options": refnorm.SwitchableOptions(in_correction=in_correction)}
+    candidates = {"separate": p.logits, "tied (mean ratios for both)":
+                  (_one_hot("in"), _one_hot("in")), "tied (variance ratios for both)":
+                  (_one_hot("bn"), _one_hot("bn"))}
+    found = "other"
+    for name, logits in candidates.items():
+        ref, _ = reference.forward("sn", x, (np.ones(C), np.zeros(C), *logits), opts)
+        if np.allclose(y, ref, rtol=1e-6, atol=1e-9):
+            found = name
+            break
+    report.add("ratios", found, "separate for means and variances", found == "separate",
+               ratios=found.split(" ")[0])
+    return found, in_correction
+
+
+# -- matching ----------------------------------------------------------------------------------
+
+
+def _verify(impl: Impl, method: str, shape: tuple[int, ...], options: dict[str, Any],
+            rng: np.random.Generator, dtype: Any = np.float64) -> tuple[bool, float]:
+    """Run ``impl`` and refnorm on three inputs; (all within tolerance, max |error|)."""
+    C = shape[0] if method in ("ws", "wn") else shape[1]
+    eps = options["eps"]
+    cases = []
+    for kind in ("plain", "tiny_variance", "plain"):
+        x = rng.standard_normal(shape) * 5 + 12                  # a real mean, as gradcheck
+        if kind == "tiny_variance":
+            x = 12 + rng.standard_normal(shape) * 0.1 * math.sqrt(eps)
+        params: list[np.ndarray] = []
+        for name in reference.PARAM_NAMES[method]:
+            if name.endswith("logits"):
+                params.append(rng.standard_normal(3))
+            elif not impl.affine:
+                params.append(np.ones(C) if name == "gamma" else np.zeros(C))
+            else:
+                params.append(rng.uniform(0.5, 2, C) * (1 if name != "beta" else 0.5))
+        cases.append(Case(method, kind, x.astype(dtype), tuple(params),
+                          rng.standard_normal(shape), float(eps), options.get("num_groups")))
+    ok, worst = True, 0.0
+    for case in cases:
+        ref = reference_outputs(case, options, with_grads=False)
+        got = np.asarray(impl.forward(case.x, case.params, training=True), dtype=np.float64)
+        err = float(np.max(np.abs(got - ref["y"]))) if got.shape == ref["y"].shape else math.inf
+        worst = max(worst, err if not math.isnan(err) else math.inf)
+        ok = ok and err <= tolerances(case, ref)["y"]
+    return ok, worst
+
+
+def _conclude(report: Report, impl: Impl, shape: tuple[int, ...],
+              candidates: list[dict[str, Any]], running: dict[str, Any] | None,
+              rng: np.random.Generator, conventions_ok: bool) -> None:
+    method = report.method
+    results = []
+    for opts in candidates:
+        ok, err = _verify(impl, method, shape, opts, rng)
+        results.append((ok and conventions_ok, err, opts))
+    results.sort(key=lambda r: (not r[0], r[1]))
+    ok, err, opts = results[0]
+    text = reference.describe(method, opts)
+    if running is not None:
+        text += (f"; running statistics: refnorm.core.running.update_running_stats("
+                 f"momentum={running['momentum']!r})")
+    elif report.conventions.get("running") not in (None, "none"):
+        text += "; running statistics: no refnorm option (see the rows above)"
+    report.residual = err
+    if ok:
+        report.match = text
+    else:
+        report.closest = text
+
+
+def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None = None,
+                convert: Callable[[np.ndarray], Any] | None = None,
+                num_channels: int | None = None, seed: int = 0) -> Report:
+    """Probe ``impl`` and report which conventions it follows and which refnorm options match.
+
+    Parameters
+    ----------
+    method : {"bn", "in", "ln", "gn", "sn", "ws", "wn"}
+    impl : callable, stateful object or torch.nn.Module (see :mod:`refnorm.testing.adapters`)
+    backward, convert : optional, as in :func:`refnorm.testing.assert_matches`
+    num_channels : int, optional
+        C for the probes (default: the implementation's, else 4; 12 for GN, so that any
+        G in 1, 2, 3, 4, 6, 12 can be found).
+    seed : int
+        For the probe inputs.
+
+    Returns
+    -------
+    Report
+        ``str(report)`` is the table; ``report.conventions`` the findings by key.
+    """
+    impl = as_impl(method, impl, backward=backward, convert=convert)
+    rng = np.random.default_rng(seed)
+    report = Report(reference.check_method(method), impl.description)
+    if method in ("ws", "wn"):
+        return _fingerprint_weights(report, impl, num_channels, rng)
+    p = _Probe(impl, method, _probe_shape(method, impl, num_channels), rng)
+    if method == "sn":
+        p.logits = (_one_hot("bn"), _one_hot("bn"))
+    ids = _scope(p, report)
+    if method == "sn":
+        p.logits = (_one_hot("in"), _one_hot("in"))
+    f, placement, eps = _variance_rows(p, report, ids, "variance in normalization",
+                                       "variance")
+    _offset_row(p, report, ids, f, placement, eps)
+    _affine_row(p, report)
+    options: dict[str, Any] = {"eps": eps or 1e-300}
+    ok = ((method == "sn" or report.conventions["variance"] == "biased")
+          and placement in ("inside_sqrt", "none"))
+    if method == "gn":
+        options["num_groups"] = report.conventions["num_groups"]
+        ok = ok and report.conventions["group_layout"] in ("consecutive", "n/a")
+    candidates = [options]
+    if method == "sn":
+        ratios, in_correction = _sn_rows(p, report, eps)
+        candidates = [{**options, "options": refnorm.SwitchableOptions(in_correction=c)}
+                      for c in (in_correction, 1 - in_correction)]
+        ok = ok and ratios == "separate"
+        p.logits = (_one_hot("bn"), _one_hot("bn"))
+    running = _running_rows(p, report, reference.group_ids("in", p.shape), placement, eps) \
+        if method in ("bn", "in", "sn") else None
+    if report.conventions.get("running") not in (None, "none") and running is None:
+        ok = False                       # buffers follow no refnorm option
+    if method != "sn":
+        _gradient_rows(p, report)
+    ok = ok and report.conventions.get("gradients", "consistent") == "consistent"
+    ok = ok and report.conventions.get("offset_precision") == "ok"
+    _conclude(report, impl, p.shape, candidates, running, rng, ok)
+    return report
+
+
+# -- weight-side methods -----------------------------------------------------------------------
+
+
+def _fingerprint_weights(report: Report, impl: Impl, num_channels: int | None,
+                         rng: np.random.Generator) -> Report:
+    method = report.method
+    hints = impl.hints
+    C = num_channels or hints.get("num_channels") or 3
+    shape = tuple(hints.get("weight_shape", (C, 2, 2, 2)))
+    ids = reference.group_ids(method, shape)
+    I = math.prod(shape[1:])
+    g = (np.ones(shape[0]),) if method == "wn" else ()
+
+    def run(w: np.ndarray) -> np.ndarray:
+        return np.asarray(impl.forward(w, g, training=True), dtype=np.float64)
+
+    z = _standardize(rng.standard_normal(shape), ids)
+    if method == "wn":
+        z = z / math.sqrt(I)                                          # unit norm per filter
+    s = np.array(LADDER)
+    D = np.array([_scale(z, run(si * z), ids) * si for si in s])
+    f = float((D[0] / s[0]) ** 2)
+    if method == "ws":
+        name = ("biased" if abs(f - 1) < FIT else
+                "unbiased" if abs(f - I / (I - 1)) < FIT else "other")
+        report.add("std estimator", {"biased": "biased (1/I)",
+                                     "unbiased": f"unbiased (1/(I-1), I = {I})",
+                                     "other": f"scaled by {f:.4g}"}[name],
+                   "biased (1/I), the paper's Eq. (4)", name == "biased", std=name)
+        placement, eps = _eps_rows(report, D, s, f, hints.get("eps"), "sigma + eps", "var")
+        candidates = [{"eps": eps or 1e-300, "eps_mode": mode, "correction": corr}
+                      for mode in ("add", "sqrt") for corr in (0, 1)]
+        pick = {"added_to_std": "add", "inside_sqrt": "sqrt"}.get(placement, "add")
+        candidates.sort(key=lambda o: (o["eps_mode"] != pick,
+                                       o["correction"] != (name == "unbiased")))
+        ok = name in ("biased", "unbiased") and placement != "unknown"
+    else:
+        report.add("norm", "Frobenius norm per output channel" if abs(f - 1) < FIT
+                   else f"scaled by {f:.4g}", "Frobenius norm per output channel",
+                   abs(f - 1) < FIT)
+        placement, eps = _eps_rows(report, D, s, 1.0, hints.get("eps"), "||v|| + eps",
+                                   "||v||^2")
+        # refnorm needs eps > 0; one far below the filter norms (~1) reproduces eps = 0
+        candidates = [{"eps": eps or 1e-300}]
+        ok = placement in ("added_to_std", "none")
+    _weight_gradient_row(report, impl, shape, g, rng)
+    ok = ok and report.conventions.get("gradients", "consistent") == "consistent"
+    _conclude(report, impl, shape, candidates, None, rng, ok)
+    return report
+
+
+def _weight_gradient_row(report: Report, impl: Impl, shape: tuple[int, ...],
+                         g: tuple[np.ndarray, ...], rng: np.random.Generator) -> None:
+    if not impl.has_vjp:
+        report.add("gradients", "not probed (no vector-Jacobian product)", "", None)
+        return
+    w = rng.standard_normal(shape) + 0.5
+    dy = rng.standard_normal(shape)
+    gv = tuple(rng.uniform(0.5, 2, shape[0]) for _ in g)
+    grads = impl.vjp(dy, w, gv)
+
+    def L(ww: np.ndarray) -> float:
+        return float(np.sum(dy * np.asarray(impl.forward(ww, gv), dtype=np.float64)))
+
+    want = [_central_differences(L, w)]
+    if g:
+        unit = np.asarray(impl.forward(w, (np.ones(shape[0]),)), dtype=np.float64)
+        want.append(np.sum((dy * unit).reshape(shape[0], -1), axis=1))
+    names = ["dw" if report.method == "ws" else "dv", "dg"]
+    wrong = [names[i] for i, (a, b) in enumerate(zip(grads, want, strict=False))
+             if np.shape(a) != b.shape
+             or np.max(np.abs(np.asarray(a) - b)) > 1e-6 * (np.max(np.abs(b)) or 1.0)]
+    report.add("gradients", "consistent with its forward" if not wrong else
+               "wrong: " + ", ".join(wrong), "closed form, gradchecked", not wrong,
+               gradients="consistent" if not wrong else wrong)
+
