@@ -4,8 +4,8 @@ What is timed, for each normalizer (bn, in, ln, gn with G = 32, sn) at (32, 64, 
 (2, 64, 32, 32) in float32: one forward and one backward with a random upstream gradient,
 
 - ``reference``: the pure functions of :mod:`refnorm.norms` (what lessons show);
-- ``fast``: the numba kernels of :mod:`refnorm.kernels` called directly (the dispatch from
-  the pure functions comes later);
+- ``fast``: the same pure functions with ``path="fast"``, which run the numba kernels of
+  :mod:`refnorm.kernels` after the same argument checks;
 - ``torch``: ``torch.nn.functional`` in the same process, when ``import torch`` works
   (torch is never a dependency of refnorm); SN has no PyTorch counterpart.
 
@@ -26,8 +26,7 @@ cache, so the figures can exceed the copy bandwidth.
 
 Training step: one forward, loss and backward (no optimizer update) of the study's model
 (:class:`refnorm.train.model.ConvNet`, widths 16/32/32, BN) on a batch of 32 images 3x32x32,
-on the reference path, and the same network in PyTorch when available. The fast-path step
-is a marked hook (:func:`_train_step_fast`) filled once the layers dispatch to the kernels.
+on each path (every layer's ``path``), and the same network in PyTorch when available.
 """
 
 from __future__ import annotations
@@ -43,6 +42,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from refnorm.dispatch import fast_applies
 
 METHODS = ("bn", "in", "ln", "gn", "sn")
 SHAPES = ((32, 64, 32, 32), (2, 64, 32, 32))
@@ -74,62 +75,33 @@ class Timing:
 # -- the implementations ----------------------------------------------------------------------
 
 
-def _reference(method: str, x, gamma, beta, dy) -> Callable[[], Any]:
-    """Forward+backward through the pure functions of refnorm.norms."""
+def _pure(method: str, x, gamma, beta, dy, path: str) -> Callable[[], Any]:
+    """Forward+backward through the public pure functions of refnorm.norms on ``path``
+    ("reference": the readable numpy; "fast": the same calls dispatched to refnorm.kernels,
+    argument checks included)."""
     from refnorm.norms import batch, group, instance, layer, switchable
 
     if method == "sn":
         logits = (np.zeros(3, x.dtype), np.zeros(3, x.dtype))
 
         def sn():
-            y, cache = switchable.switchable_norm_forward(x, gamma, beta, *logits, eps=EPS)
-            return switchable.switchable_norm_backward(dy, cache)
+            y, cache = switchable.switchable_norm_forward(x, gamma, beta, *logits, eps=EPS,
+                                                          path=path)
+            return switchable.switchable_norm_backward(dy, cache, path=path)
         return sn
     pairs: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
         "bn": (batch.batch_norm_forward, batch.batch_norm_backward),
         "in": (instance.instance_norm_forward, instance.instance_norm_backward),
         "ln": (layer.layer_norm_forward, layer.layer_norm_backward),
-        "gn": (lambda *a, eps: group.group_norm_forward(*a, num_groups=GROUPS, eps=eps),
+        "gn": (lambda *a, **kw: group.group_norm_forward(*a, num_groups=GROUPS, **kw),
                group.group_norm_backward),
     }
     forward, backward = pairs[method]
 
     def run():
-        y, cache = forward(x, gamma, beta, eps=EPS)
-        return backward(dy, cache)
+        y, cache = forward(x, gamma, beta, eps=EPS, path=path)
+        return backward(dy, cache, path=path)
     return run
-
-
-def _fast(method: str, x, gamma, beta, dy) -> Callable[[], Any]:
-    """Forward+backward through the numba kernels (refnorm.kernels)."""
-    from refnorm import kernels
-
-    if method == "sn":
-        w = np.full(3, 1.0 / 3.0)
-        scopes = ("in", "ln", "bn")
-
-        def sn():
-            _, _, x_hat, rstd, mu, var = kernels.sn_forward(x, gamma, beta, w, w, eps=EPS,
-                                                            scopes=scopes)
-            return kernels.sn_backward(dy, x_hat, rstd, gamma, (mu, var), (w, w), scopes=scopes)
-        return sn
-    forward, backward = {
-        "bn": (kernels.bn_forward, kernels.bn_backward),
-        "in": (kernels.in_forward, kernels.in_backward),
-        "ln": (kernels.ln_forward, kernels.ln_backward),
-        "gn": (_gn_fast_forward, kernels.gn_backward),
-    }[method]
-
-    def run():
-        y, x_hat, mean, var, rstd = forward(x, gamma, beta, EPS)
-        return backward(dy, x_hat, rstd, gamma)
-    return run
-
-
-def _gn_fast_forward(x, gamma, beta, eps):
-    from refnorm import kernels
-
-    return kernels.gn_forward(x, gamma, beta, eps, GROUPS)
 
 
 def _torch_case(torch, method: str, x, dy) -> Callable[[], Any] | None:
@@ -165,12 +137,14 @@ def _train_batch(seed: int = 0):
     return x, labels
 
 
-def _train_step_reference() -> Callable[[], Any]:
-    """One forward, loss and backward of the study's model on the reference path."""
+def _train_step(path: str) -> Callable[[], Any]:
+    """One forward, loss and backward of the study's model with its layers on ``path``."""
     from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
     from refnorm.train.model import ConvNet
 
     model = ConvNet(in_channels=3, num_classes=10, norm="bn", widths=(16, 32, 32))
+    for layer in model.layers():
+        layer.path = path
     x, labels = _train_batch()
 
     def step():
@@ -178,15 +152,6 @@ def _train_step_reference() -> Callable[[], Any]:
         _, cache = softmax_cross_entropy(logits, labels)
         return model.backward(softmax_cross_entropy_backward(cache))
     return step
-
-
-def _train_step_fast() -> Callable[[], Any] | None:
-    """HOOK: the training step on the fast path.
-
-    Returns None until the layers dispatch to refnorm.kernels (``refnorm.set_path``); then
-    this returns the same step as :func:`_train_step_reference` with the fast path selected.
-    """
-    return None
 
 
 def _train_step_torch(torch) -> Callable[[], Any]:
@@ -302,6 +267,9 @@ def run(*, quick: bool = False, repeats: int | None = None, threads: int | None 
                "cpu_count": os.cpu_count(), "python": platform.python_version(),
                "numpy": np.__version__, "torch": None if torch is None else torch.__version__}
     machine.update(_set_threads(threads, torch))
+    probe = np.ones(1, np.float32)
+    machine["fast_path"] = ("numba kernels" if fast_applies(probe)
+                            else "not available (numba missing): 'fast' rows ran the reference")
     report: dict[str, Any] = {"machine": machine, "repeats": repeats,
                               "bytes_model": "5 n b: read x, write y, read dy, read x, write dx",
                               "copy_gb_per_s": copy_bandwidth(max(3, repeats // 3)),
@@ -313,8 +281,7 @@ def run(*, quick: bool = False, repeats: int | None = None, threads: int | None 
         x = rng.standard_normal(shape).astype(np.float32)
         dy = rng.standard_normal(shape).astype(np.float32)
         gamma, beta = np.ones(shape[1], np.float32), np.zeros(shape[1], np.float32)
-        impls = {"reference": _reference(method, x, gamma, beta, dy),
-                 "fast": _fast(method, x, gamma, beta, dy)}
+        impls = {path: _pure(method, x, gamma, beta, dy, path) for path in ("reference", "fast")}
         if torch is not None and (t := _torch_case(torch, method, x, dy)) is not None:
             impls["torch"] = t
         head = f"[{i + 1}/{len(cases) + 1}] {case}"
@@ -328,9 +295,7 @@ def run(*, quick: bool = False, repeats: int | None = None, threads: int | None 
                  "fast_over_torch": (rows["fast"].median_ms / rows["torch"].median_ms
                                      if "torch" in rows else None)}
         report["ratios"].append(ratio)
-    steps = {"reference": _train_step_reference()}
-    if (fast_step := _train_step_fast()) is not None:
-        steps["fast"] = fast_step
+    steps = {path: _train_step(path) for path in ("reference", "fast")}
     if torch is not None:
         steps["torch"] = _train_step_torch(torch)
     n = len(cases) + 1
@@ -338,8 +303,6 @@ def run(*, quick: bool = False, repeats: int | None = None, threads: int | None 
                          lambda s: say(f"[{n}/{n}] training step: {s}"))
     report["train_step"] = {
         "model": "ConvNet widths 16/32/32, BN, batch 32 of 3x32x32; forward + loss + backward",
-        "fast": "pending: the layers do not dispatch to refnorm.kernels yet" if "fast" not in steps
-        else None,
         "timings": [asdict(_summary("train step", "train", (32, 3, 32, 32), name, t, 0))
                     for name, t in times.items()]}
     return report
@@ -354,7 +317,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"machine: {m['platform']}, {m['cpu_count']} cores; numba {m['numba_threads']} threads "
         f"({m['numba_threading_layer']}), torch {m.get('torch_threads', '-')} threads "
-        f"({m['torch'] or 'not installed'}), BLAS {m['blas_threads']}; "
+        f"({m['torch'] or 'not installed'}), BLAS {m['blas_threads']}; fast path: "
+        f"{m['fast_path']}; "
         + ", ".join(f"{k}={v}" for k, v in m["openmp_env"].items()),
         f"copy bandwidth: {report['copy_gb_per_s']:.1f} GB/s; {report['repeats']} interleaved "
         f"repetitions; GB/s counts {report['bytes_model']}",
@@ -375,28 +339,42 @@ def format_report(report: dict[str, Any]) -> str:
     for t in ts["timings"]:
         lines.append(f"  {t['impl']:<10} median {t['median_ms']:.2f} ms "
                      f"(min {t['min_ms']:.2f}, max {t['max_ms']:.2f})")
-    if ts["fast"]:
-        lines.append(f"  fast       {ts['fast']}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``refnorm bench [--json] [--quick] [--repeats N] [--threads N] [--no-torch]``.
-
-    Prints the table (or, with ``--json``, the report as JSON) on stdout and a progress line
-    on stderr; returns the exit status.
-    """
-    parser = argparse.ArgumentParser(prog="refnorm bench", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``refnorm bench`` (shared by the ``refnorm`` command and :func:`main`)."""
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quick", action="store_true", help="5 repetitions instead of 30")
-    parser.add_argument("--repeats", type=int, default=None, help="repetitions per case")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--repeats", type=_positive_int, default=None,
+                        help="repetitions per case")
+    parser.add_argument("--threads", type=_positive_int, default=None,
                         help="threads for numba, torch and BLAS (default: numba's default)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
-    args = parser.parse_args(argv)
-    if args.repeats is not None and args.repeats < 1:
-        parser.error(f"--repeats must be >= 1; got {args.repeats}")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                        help="cpu (default) or gpu (CuPy arrays; needs a GPU)")
+    return parser
 
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
+    return value
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run the bench for parsed ``args``: the table (or JSON) on stdout, progress on stderr."""
+    if args.device == "gpu":
+        from refnorm.backend import gpu_problem
+
+        problem = gpu_problem()
+        print(f"refnorm bench: error: --device gpu: {problem or 'the GPU bench is not built'}",
+              file=sys.stderr)
+        return 2
     tty = sys.stderr.isatty()
 
     def progress(line: str) -> None:  # one updating line on a terminal, a line per case else
@@ -414,8 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m refnorm.bench [--json] [--quick] [--repeats N] [--threads N] [--no-torch]``,
+    the same as ``refnorm bench``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="refnorm bench", description=__doc__.splitlines()[0])
+    return run_args(add_arguments(parser).parse_args(argv))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["METHODS", "SHAPES", "Timing", "copy_bandwidth", "format_report", "main", "run"]
+__all__ = ["METHODS", "SHAPES", "Timing", "add_arguments", "copy_bandwidth", "format_report",
+           "main", "run", "run_args"]

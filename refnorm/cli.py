@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from typing import NoReturn
 
 from refnorm import registry
 from refnorm.gradcheck import CaseResult, GradError, check_registered
+from refnorm.testing import cli as conform
 
 DEFAULT_TOLERANCE = 1e-6
 
@@ -130,7 +132,31 @@ def _parser() -> argparse.ArgumentParser:
     gc.set_defaults(run=_run_gradcheck)
     _add_train(sub)
     _add_study(sub)
+    _add_bench(sub)
+    conform.add_parser(sub).set_defaults(run=_run_conform)
     return parser
+
+
+def _run_conform(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if importlib.util.find_spec("hypothesis") is None:
+        print("refnorm conform: error: refnorm.testing needs hypothesis; install it with "
+              "pip install 'refnorm[testing]'", file=sys.stderr)
+        return 2
+    return conform.run(args)
+
+
+def _add_bench(sub) -> None:
+    from refnorm import bench
+
+    b = sub.add_parser(
+        "bench", help="time the reference path, the fast path and PyTorch CPU",
+        description=("Time forward+backward of every normalizer at (32, 64, 32, 32) and "
+                     "(2, 64, 32, 32) float32 and a training step of the study's model, on the "
+                     "reference path, the fast path and PyTorch CPU when torch is importable: "
+                     "interleaved repetitions, medians and spread, effective bandwidth next to "
+                     "the machine's copy bandwidth."))
+    bench.add_arguments(b)
+    b.set_defaults(run=lambda args, parser: bench.run_args(args))
 
 
 def _add_train(sub) -> None:
@@ -174,11 +200,26 @@ def _add_train(sub) -> None:
 
 
 def _add_compute_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"),
+                   help="cpu (default), gpu, or auto (the GPU when CuPy finds one)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="parameter and compute dtype (default float32)")
     p.add_argument("--path", default=None, choices=("reference", "fast"),
                    help="reference (readable numpy) or fast (numba kernels); default: "
                         "$REFNORM_PATH, else fast")
+
+
+def _device_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--device`` cannot be honoured, in one sentence; None when it can."""
+    from refnorm.backend import gpu_problem
+
+    if args.device == "cpu" or (args.device == "auto" and gpu_problem() is not None):
+        return None
+    problem = gpu_problem()
+    if problem is not None:
+        return f"--device {args.device}: {problem}"
+    return (f"--device {args.device}: a GPU was found, but the trainer still creates its "
+            "arrays with numpy; training on the GPU is not built yet")
 
 
 def _use_path(args: argparse.Namespace) -> None:
@@ -220,6 +261,9 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     )
 
     prog = "refnorm train"
+    if (problem := _device_problem(args)) is not None:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         config = TrainConfig(data=args.data, norm=args.norm, weight=args.weight,
                              batch_size=args.batch_size, accumulation=args.accumulation,
@@ -249,6 +293,9 @@ def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     from refnorm.train.study import QUICK, StudyConfig, run_study
 
+    if (problem := _device_problem(args)) is not None:
+        print(f"refnorm study: error: {problem}", file=sys.stderr)
+        return 2
     study = QUICK if args.quick else StudyConfig()
     changes: dict = {}
     if args.methods:

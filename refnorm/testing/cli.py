@@ -58,7 +58,7 @@ def _load(target: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``conform`` for parsed ``args``; return the exit status."""
-    from refnorm.testing.fingerprint import fingerprint
+    from refnorm.testing.probes import fingerprint
 
     try:
         factory = _load(args.target)

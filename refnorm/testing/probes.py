@@ -84,7 +84,7 @@ class Report:
     closest : str
         The closest refnorm options when nothing matches.
     residual : float
-        Max |error| of the implementation against ``match`` (or ``closest``).
+        Max ``|error|`` of the implementation against ``match`` (or ``closest``).
     """
 
     method: str

@@ -1,12 +1,13 @@
 """refnorm.bench runs end to end and its JSON report has the documented structure.
 
 No timing is asserted (timings are benchmarks, never test outcomes); one repetition keeps it
-short. Lives beside the kernel tests because the bench times them.
+short.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -38,15 +39,12 @@ def test_quick_json_report_structure(capsys, torch_flag):
         assert r["fast_over_reference"] > 0
         assert (r["fast_over_torch"] is None) == (not has_torch or r["method"] == "sn")
     step = {t["impl"] for t in report["train_step"]["timings"]}
-    assert step == {"reference"} | ({"torch"} if has_torch else set())
-    assert "pending" in report["train_step"]["fast"]
+    assert step == {"reference", "fast"} | ({"torch"} if has_torch else set())
+    assert machine["fast_path"] == "numba kernels"
 
 
 def _size(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return math.prod(shape)
 
 
 def test_text_report_and_bad_arguments(capsys):
@@ -55,3 +53,13 @@ def test_text_report_and_bad_arguments(capsys):
     assert "copy bandwidth" in text and "fast/ref" in text and "training step" in text
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
+
+
+def test_the_refnorm_command_runs_the_bench_and_refuses_a_missing_gpu(capsys):
+    from refnorm.cli import main
+
+    assert main(["bench", "--quick", "--json", "--repeats", "1", "--no-torch"]) == 0
+    assert "timings" in json.loads(capsys.readouterr().out)
+    assert main(["bench", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("refnorm bench: error: --device gpu:") and "\n" not in err
