@@ -60,14 +60,18 @@ def use_path(path: str | None) -> Iterator[None]:
         _chosen = previous
 
 
-def get_path(default: str = "reference") -> str:
-    """The process-wide path: :func:`set_path`'s, else ``REFNORM_PATH``'s, else ``default``."""
+def process_choice() -> str | None:
+    """The process-wide choice (:func:`set_path`, else ``REFNORM_PATH``), or None if none."""
     if _chosen is not None:
         return _chosen
     env = os.environ.get(ENV)
-    if env:
-        return check_path(env, name=f"the environment variable {ENV}")
-    return check_path(default)
+    return check_path(env, name=f"the environment variable {ENV}") if env else None
+
+
+def get_path(default: str = "reference") -> str:
+    """The process-wide path: :func:`set_path`'s, else ``REFNORM_PATH``'s, else ``default``."""
+    choice = process_choice()
+    return check_path(default) if choice is None else choice
 
 
 def resolve(path: str | None, *, default: str = "reference") -> str:
@@ -101,5 +105,5 @@ def runs_fast(path: str | None, *arrays: Any, default: str = "reference") -> boo
     return resolve(path, default=default) == "fast" and fast_applies(*arrays)
 
 
-__all__ = ["ENV", "PATHS", "fast_applies", "fast_nn", "fast_norms", "get_path", "resolve",
-           "runs_fast", "set_path", "use_path"]
+__all__ = ["ENV", "PATHS", "fast_applies", "fast_nn", "fast_norms", "get_path",
+           "process_choice", "resolve", "runs_fast", "set_path", "use_path"]

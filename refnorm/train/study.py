@@ -17,6 +17,7 @@ data and seeds. The report (``report.md``) has
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from refnorm.dispatch import process_choice, set_path
 from refnorm.train.trainer import TrainConfig, train
 
 SCOPES = ("in", "ln", "bn")
@@ -106,7 +108,11 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
     started = time.perf_counter()
     runs = []
     if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs, initializer=_single_thread) as pool:
+        # forkserver, not fork: a process whose numba (OpenMP) threads have run cannot fork
+        context = multiprocessing.get_context(
+            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+                                 initargs=(process_choice(),)) as pool:
             for i, run in enumerate(pool.map(_run, configs), 1):
                 runs.append(run)
                 log(f"[{i}/{len(configs)}] {_label(run)}: test acc "
@@ -122,6 +128,12 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
     (out / "runs.json").write_text(json.dumps(runs, indent=1))
     write_report(study, runs, out, elapsed)
     return out / "report.md"
+
+
+def _worker_init(path: str | None) -> None:
+    """A study worker: this process's path choice, and one thread (one job per core)."""
+    set_path(path)
+    _single_thread()
 
 
 def _single_thread() -> None:
