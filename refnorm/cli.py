@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from refnorm import registry
+from refnorm import lessons, registry
 from refnorm.gradcheck import CaseResult, GradError, check_registered
 from refnorm.testing import cli as conform
 
@@ -134,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_study(sub)
     _add_bench(sub)
     conform.add_parser(sub).set_defaults(run=_run_conform)
+    lessons.add_parser(sub).set_defaults(run=lambda args, parser: lessons.run(args))
     return parser
 
 

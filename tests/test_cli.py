@@ -304,3 +304,10 @@ def test_cli_hand_edited_checkpoint_is_refused_by_name(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"refnorm train: error: checkpoint {path} does not match the model: "
                    "lacks param/0/w")
+
+
+def test_lessons_command_writes_student_copies(tmp_path, capsys):
+    assert main(["lessons", "--student", str(tmp_path / "student")]) == 0
+    written = sorted(p.name for p in (tmp_path / "student").glob("*.ipynb"))
+    assert "01_batch_norm.ipynb" in written and "02_group_norm.ipynb" in written
+    assert "blanked" in capsys.readouterr().out
