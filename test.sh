@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# Set up .venv with the test, lesson, docs and mpi extras if needed, then run the whole suite:
-# the pytest suite (hypothesis's ci profile unless HYPOTHESIS_PROFILE says otherwise) and
-# the Sphinx build, which executes every lesson top to bottom (-W: warnings fail it).
-# Arguments go to pytest.
+# Set up .venv with the test, lesson, docs, mpi and dev extras (and PyTorch's CPU build, for
+# the fingerprints of refnorm.testing) if needed, then run the whole suite: ruff and mypy,
+# the pytest suite (hypothesis's ci profile unless HYPOTHESIS_PROFILE says otherwise), the
+# layer and trainer suites once more on the reference path, and the Sphinx build, which
+# executes every lesson top to bottom (-W: warnings fail it). Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
-REFNORM_EXTRAS="test,lessons,docs,mpi" . scripts/setup.sh
+REFNORM_EXTRAS="test,lessons,docs,mpi,dev" . scripts/setup.sh
+if ! python -c 'import torch' >/dev/null 2>&1; then
+  # torch is an optional extra, never a dependency; 2.13.0 is the CPU build pip finds locally
+  echo "installing torch 2.13.0 (CPU) for the PyTorch fingerprints ..." >&2
+  python -m pip install --disable-pip-version-check -q "torch==2.13.0" >&2 ||
+    echo "warning: torch could not be installed; the PyTorch tests will be skipped" >&2
+fi
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 export REFNORM_REQUIRE_MPI=1  # the mpiexec tests fail, not skip, if MPI is missing
+ruff check refnorm tests
+mypy
 python -m pytest "$@"
+# Layers and the trainer default to the fast path: their suites once more on the reference.
+REFNORM_PATH=reference python -m pytest -q -p no:cacheprovider tests/test_layer.py \
+  tests/norms/test_layers.py tests/nn/test_layers.py tests/train/test_trainer.py
 python -m sphinx -T -W --keep-going -E -q -b html docs docs/_build/html
 echo "docs built in docs/_build/html (every lesson executed)"
