@@ -8,8 +8,9 @@ Every method is a pair of pure functions ``*_forward(x, gamma, beta, *, eps, ...
     y = layer.forward(x, training=True)
     dx = layer.backward(dy)          # fills layer.grads
 
-Importing refnorm needs numpy only (numba for the fast kernels); CuPy, MPI and Jupyter are
-optional.
+Importing refnorm needs numpy only; numba is imported on the first call of the fast path
+(:mod:`refnorm.dispatch`, :mod:`refnorm.kernels`); CuPy, MPI, hypothesis (for
+:mod:`refnorm.testing`) and Jupyter are optional.
 """
 
 from refnorm import gradcheck, inference, nn, norms, sync, weights

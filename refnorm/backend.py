@@ -5,7 +5,8 @@ belongs to (:func:`array_namespace`) and calls only functions of the Array API s
 that namespace, so the same lines run on numpy arrays, on CuPy arrays and on
 ``array_api_strict`` arrays (the test suite runs over the last to prove it).
 
-This module is deliberately small; refnorm's runtime dependencies are numpy and numba only.
+refnorm's runtime dependencies are numpy and numba only (numba runs the fast path,
+:mod:`refnorm.kernels`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEVICES", "array_namespace", "compute_dtype", "gpu_available", "gpu_problem",
-           "to_device", "to_numpy"]
+__all__ = ["DEVICES", "array_namespace", "compute_dtype", "device_of", "gpu_available",
+           "gpu_problem", "on_device", "to_device", "to_numpy"]
 
 Array = Any  # an array of whatever namespace the caller uses
 
@@ -58,6 +59,29 @@ def _namespace_of(a: Array) -> ModuleType:
     if hasattr(a, "__array_namespace__"):
         return a.__array_namespace__()
     raise TypeError(f"expected an array (numpy, CuPy or Array API); got {type(a).__name__}")
+
+
+def device_of(a: Array) -> Any:
+    """The device to create new arrays beside ``a`` on: pass it to :func:`on_device`.
+
+    ``None`` for numpy and CuPy arrays: numpy has one device, and CuPy creates every array on
+    the current CUDA device (``with cupy.cuda.Device(i):``), its creation functions taking no
+    ``device=``. For any other Array API array, ``a.device`` (e.g. one of
+    ``array_api_strict``'s devices, which refuse to combine with each other).
+    """
+    if isinstance(a, (np.ndarray, np.generic)) or type(a).__module__.split(".")[0] == "cupy":
+        return None
+    return a.device
+
+
+def on_device(device: Any) -> dict[str, Any]:
+    """Keyword arguments that put a new array on ``device``: ``xp.zeros(shape, dtype=dt,
+    **on_device(device))``.
+
+    ``{}`` for ``None`` (the namespace's default, the only choice numpy and CuPy are given,
+    see :func:`device_of`), else ``{"device": device}``.
+    """
+    return {} if device is None else {"device": device}
 
 
 def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
@@ -129,7 +153,7 @@ def to_device(layer_or_model: Any, device: str) -> Any:
     they are, so ``"cpu"`` on a numpy model changes nothing. A layer's ``xp`` attribute (the
     namespace its new arrays are made in) follows when it is numpy or CuPy, and its cache of
     the last forward is dropped (:meth:`~refnorm.layer.Layer.reset`): it holds arrays of the
-    old device.
+    old device. A layer's ``device`` (where it creates arrays) becomes ``None`` with it.
 
     Parameters
     ----------
@@ -163,5 +187,7 @@ def to_device(layer_or_model: Any, device: str) -> Any:
         xp = getattr(layer, "xp", None)
         if isinstance(xp, ModuleType) and xp.__name__ in ("numpy", "cupy"):
             layer.xp = np if device == "cpu" else importlib.import_module("cupy")  # type: ignore[attr-defined]
+            if hasattr(layer, "device"):
+                layer.device = None  # numpy's one device, or CuPy's current one
         layer.reset()
     return layer_or_model

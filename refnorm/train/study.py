@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 
 from refnorm.dispatch import process_choice, set_path
+from refnorm.norms.switchable import SCOPES
 from refnorm.train.trainer import TrainConfig, train
-
-SCOPES = ("in", "ln", "bn")
 
 
 @dataclass(frozen=True)
