@@ -219,8 +219,9 @@ def _device_problem(args: argparse.Namespace) -> str | None:
     problem = gpu_problem()
     if problem is not None:
         return f"--device {args.device}: {problem}"
-    return (f"--device {args.device}: a GPU was found, but the trainer still creates its "
-            "arrays with numpy; training on the GPU is not built yet")
+    return (f"--device {args.device}: a GPU was found, but the command line does not yet "
+            "build its model on the GPU (the model, optimizer and checkpoints are "
+            "device-generic; the data pipeline and study are not wired to a device)")
 
 
 def _use_path(args: argparse.Namespace) -> None:

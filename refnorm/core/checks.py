@@ -208,6 +208,21 @@ def check_param_dtype(xp: ModuleType, dtype: Any) -> Any:
     return dtype
 
 
+def check_device(xp: ModuleType, device: Any) -> Any:
+    """The device a layer creates its arrays on: ``None`` (the namespace's default) or, for
+    a namespace whose creation functions take ``device=`` (numpy's ``"cpu"``, an
+    ``array_api_strict.Device``, ...), one of its devices, returned as it is.
+
+    CuPy creates every array on the current CUDA device and takes no ``device=``: select
+    the GPU with ``with cupy.cuda.Device(i):`` around the constructor instead.
+    """
+    if device is not None and xp.__name__ == "cupy":
+        raise ValueError("device must be None with xp=cupy (CuPy creates arrays on the "
+                         "current CUDA device; select it with cupy.cuda.Device(i)); "
+                         f"got {device!r}")
+    return device
+
+
 def check_bias(b: Array | None, num_out: int, *, axis_name: str) -> None:
     """Check an optional bias: ``None`` or a real floating ``(num_out,)`` array.
 

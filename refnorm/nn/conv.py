@@ -39,12 +39,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from refnorm.backend import Array, array_namespace, compute_dtype
+from refnorm.backend import Array, array_namespace, compute_dtype, device_of, on_device
 from refnorm.core.checks import (
     as_pair,
     check_bias,
     check_bool,
     check_cache,
+    check_device,
     check_float_array,
     check_like,
     check_param_dtype,
@@ -195,7 +196,8 @@ def col2im(
     patches = xp.permute_dims(patches, (2, 0, 1, 3, 4))           # (N, C, KH KW, H_out, W_out)
     spread = _dilate(xp, patches, win.stride)                     # (N, C, KH KW, H_span, W_span)
     H_span, W_span = spread.shape[-2], spread.shape[-1]
-    dx_pad = xp.zeros((N, C, Hp, Wp), dtype=cols.dtype)           # (N, C, Hp, Wp)
+    dx_pad = xp.zeros((N, C, Hp, Wp), dtype=cols.dtype,
+                      **on_device(device_of(cols)))              # (N, C, Hp, Wp)
     for k in range(KH * KW):
         i, j = divmod(k, KW)
         placed = _zero_pad(xp, spread[:, :, k, :, :],
@@ -210,16 +212,18 @@ def _zero_pad(xp: ModuleType, a: Array, pad_h: tuple[int, int], pad_w: tuple[int
     Returns an array of shape (..., top + h + bottom, left + w + right). Its adjoint is the
     crop ``a[..., top:top + h, left:left + w]``.
     """
-    lead = tuple(a.shape[:-2])
+    lead, where = tuple(a.shape[:-2]), on_device(device_of(a))
     (top, bottom), (left, right) = pad_h, pad_w
     if top or bottom:
         w = a.shape[-1]
-        a = xp.concat([xp.zeros(lead + (top, w), dtype=a.dtype), a,
-                       xp.zeros(lead + (bottom, w), dtype=a.dtype)], axis=-2)  # (..., h', w)
+        a = xp.concat([xp.zeros(lead + (top, w), dtype=a.dtype, **where), a,
+                       xp.zeros(lead + (bottom, w), dtype=a.dtype, **where)],
+                      axis=-2)                                             # (..., h', w)
     if left or right:
         h = a.shape[-2]
-        a = xp.concat([xp.zeros(lead + (h, left), dtype=a.dtype), a,
-                       xp.zeros(lead + (h, right), dtype=a.dtype)], axis=-1)  # (..., h', w')
+        a = xp.concat([xp.zeros(lead + (h, left), dtype=a.dtype, **where), a,
+                       xp.zeros(lead + (h, right), dtype=a.dtype, **where)],
+                      axis=-1)                                             # (..., h', w')
     return a
 
 
@@ -231,15 +235,16 @@ def _dilate(xp: ModuleType, a: Array, stride: tuple[int, int]) -> Array:
     slice ``d[..., ::s_h, ::s_w]``.
     """
     sh, sw = stride
-    lead = tuple(a.shape[:-2])
+    lead, where = tuple(a.shape[:-2]), on_device(device_of(a))
     h, w = a.shape[-2], a.shape[-1]
     if sh > 1:
-        gaps = xp.zeros(lead + (h, sh - 1, w), dtype=a.dtype)     # (..., h, s_h - 1, w)
+        gaps = xp.zeros(lead + (h, sh - 1, w), dtype=a.dtype, **where)  # (..., h, s_h - 1, w)
         a = xp.concat([xp.expand_dims(a, axis=-2), gaps], axis=-2)  # (..., h, s_h, w)
         a = xp.reshape(a, lead + (h * sh, w))[..., :sh * (h - 1) + 1, :]  # (..., H_span, w)
     if sw > 1:
         rows = a.shape[-2]
-        gaps = xp.zeros(lead + (rows, w, sw - 1), dtype=a.dtype)  # (..., H_span, w, s_w - 1)
+        gaps = xp.zeros(lead + (rows, w, sw - 1), dtype=a.dtype,
+                        **where)                                  # (..., H_span, w, s_w - 1)
         a = xp.concat([xp.expand_dims(a, axis=-1), gaps], axis=-1)  # (..., H_span, w, s_w)
         a = xp.reshape(a, lead + (rows, w * sw))[..., :sw * (w - 1) + 1]  # (..., H_span, W_span)
     return a
@@ -424,6 +429,9 @@ class Conv2d(Layer):
         Dtype of the parameters.
     xp : module, default numpy
         Array namespace the parameters live in.
+    device : device of ``xp``, optional
+        Where the parameters are created; ``None``: the namespace's default (see
+        :class:`~refnorm.norms.base.ChannelNorm`). Inputs must be on the same device.
     seed : int, default 0
         Seeds ``numpy.random.default_rng`` for the weights.
 
@@ -453,6 +461,7 @@ class Conv2d(Layer):
         bias: bool = True,
         dtype: Any = None,
         xp: ModuleType | None = None,
+        device: Any = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -464,12 +473,15 @@ class Conv2d(Layer):
         bias = check_bool("bias", bias)
         self.xp = np if xp is None else xp
         self.dtype = check_param_dtype(self.xp, dtype)
+        self.device = check_device(self.xp, device)
         shape = (out_channels, in_channels) + self.kernel_size    # (C_out, C_in, KH, KW)
         fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.params = {"w": he_normal(shape, fan_in=fan_in, seed=seed, xp=self.xp,
+                                      device=self.device,
                                       dtype=self.dtype)}
         if bias:
-            self.params["b"] = self.xp.zeros((out_channels,), dtype=self.dtype)
+            self.params["b"] = self.xp.zeros((out_channels,), dtype=self.dtype,
+                                             **on_device(self.device))
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Conv2dCache]:
         return conv2d_forward(x, self.params["w"], self.params.get("b"), stride=self.stride,

@@ -13,17 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from refnorm.backend import Array
+from refnorm.backend import Array, on_device
 from refnorm.core.checks import is_int
 
 
 def he_normal(
-    shape: tuple[int, ...], *, fan_in: int, seed: int, xp: ModuleType, dtype: Any
+    shape: tuple[int, ...], *, fan_in: int, seed: int, xp: ModuleType, dtype: Any,
+    device: Any = None,
 ) -> Array:
     """He/Kaiming-normal weights: ``normal(0, std)``, ``std = sqrt(2 / fan_in)``.
 
     Drawn in float64 by ``numpy.random.default_rng(seed)`` whatever the namespace, so a seed
-    gives the same weights on every backend, then converted to ``xp`` and ``dtype``.
+    gives the same weights on every backend and device, then converted once to ``xp``,
+    ``dtype`` and ``device`` (one host-to-device copy, at construction only).
 
     Parameters
     ----------
@@ -36,6 +38,9 @@ def he_normal(
         The array namespace of the result.
     dtype : dtype
         A real floating dtype of ``xp``.
+    device : device of ``xp``, optional
+        Where the result is created; ``None``: the namespace's default (numpy's host, CuPy's
+        current GPU).
 
     Returns
     -------
@@ -44,4 +49,4 @@ def he_normal(
     if not is_int(seed):
         raise TypeError(f"seed must be an int; got {type(seed).__name__}")
     w = np.random.default_rng(seed).standard_normal(shape) * np.sqrt(2.0 / fan_in)
-    return xp.asarray(w, dtype=dtype)
+    return xp.asarray(w, dtype=dtype, **on_device(device))

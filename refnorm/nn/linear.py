@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from refnorm.backend import Array, array_namespace, compute_dtype
+from refnorm.backend import Array, array_namespace, compute_dtype, on_device
 from refnorm.core.checks import (
     check_bias,
     check_bool,
     check_cache,
+    check_device,
     check_like,
     check_param_dtype,
     check_positive_int,
@@ -151,6 +152,9 @@ class Linear(Layer):
         Dtype of the parameters.
     xp : module, default numpy
         Array namespace the parameters live in.
+    device : device of ``xp``, optional
+        Where the parameters are created; ``None``: the namespace's default (see
+        :class:`~refnorm.norms.base.ChannelNorm`). Inputs must be on the same device.
     seed : int, default 0
         Seeds ``numpy.random.default_rng`` for the weights.
 
@@ -174,6 +178,7 @@ class Linear(Layer):
         bias: bool = True,
         dtype: Any = None,
         xp: ModuleType | None = None,
+        device: Any = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -182,10 +187,13 @@ class Linear(Layer):
         bias = check_bool("bias", bias)
         self.xp = np if xp is None else xp
         self.dtype = check_param_dtype(self.xp, dtype)
+        self.device = check_device(self.xp, device)
         self.params = {"w": he_normal((out_features, in_features), fan_in=in_features,
-                                      seed=seed, xp=self.xp, dtype=self.dtype)}
+                                      seed=seed, xp=self.xp,
+                                      device=self.device, dtype=self.dtype)}
         if bias:
-            self.params["b"] = self.xp.zeros((out_features,), dtype=self.dtype)
+            self.params["b"] = self.xp.zeros((out_features,), dtype=self.dtype,
+                                             **on_device(self.device))
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, LinearCache]:
         return linear_forward(x, self.params["w"], self.params.get("b"))

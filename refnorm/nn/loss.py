@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from refnorm.backend import Array, array_namespace, compute_dtype
+from refnorm.backend import Array, array_namespace, compute_dtype, device_of, on_device
 from refnorm.core.checks import check_cache, check_rank
 
 
@@ -80,7 +80,8 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, SoftmaxC
     shifted = z - xp.max(z, axis=1, keepdims=True)                # (N, K), every entry <= 0
     lse = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))  # (N, 1)
     log_probs = shifted - lse                                     # (N, K)
-    classes = xp.reshape(xp.arange(K, dtype=xp.int64), (1, K))    # (1, K)
+    classes = xp.arange(K, dtype=xp.int64, **on_device(device_of(logits)))
+    classes = xp.reshape(classes, (1, K))                          # (1, K)
     onehot = xp.reshape(xp.astype(labels, xp.int64), (N, 1)) == classes  # (N, K)
     # where, not onehot * log_probs: a logit of -inf has log p = -inf, and 0 * -inf is NaN.
     picked = xp.sum(xp.where(onehot, log_probs, xp.zeros_like(log_probs)), axis=1)  # (N,)

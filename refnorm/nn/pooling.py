@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from refnorm.backend import Array, array_namespace, compute_dtype
+from refnorm.backend import Array, array_namespace, compute_dtype, device_of, on_device
 from refnorm.core.checks import (
     as_pair,
     check_cache,
@@ -187,7 +187,8 @@ def max_pool2d_backward(dy: Array, cache: MaxPool2dCache, *, path: str | None = 
     dy_w = _from_nchw(xp, dy, cache.pool)                         # (C, 1, N H_out W_out)
     C, L = cache.argmax.shape
     K = math.prod(cache.pool.window.kernel)
-    k = xp.reshape(xp.arange(K, dtype=cache.argmax.dtype), (1, K, 1))  # (1, KH KW, 1)
+    k = xp.arange(K, dtype=cache.argmax.dtype, **on_device(device_of(cache.argmax)))
+    k = xp.reshape(k, (1, K, 1))                                  # (1, KH KW, 1)
     is_max = xp.reshape(cache.argmax, (C, 1, L)) == k             # (C, KH KW, N H_out W_out)
     dwindows = xp.where(is_max, dy_w, xp.zeros_like(dy_w))        # (C, KH KW, N H_out W_out)
     return _windows_backward(xp, dwindows, cache.pool)
@@ -300,7 +301,8 @@ def global_avg_pool_backward(dy: Array, cache: GlobalAvgPoolCache) -> Array:
     count = math.prod(spatial)
     dy_c = xp.astype(dy, cache.compute_dtype, copy=False)
     dy_v = xp.reshape(dy_c / count, (N, C) + (1,) * len(spatial))  # (N, C, 1, 1)
-    dx = xp.ones(cache.x_shape, dtype=cache.compute_dtype) * dy_v  # (N, C, H, W)
+    dx = xp.ones(cache.x_shape, dtype=cache.compute_dtype,
+                 **on_device(device_of(dy))) * dy_v               # (N, C, H, W)
     return xp.astype(dx, cache.x_dtype, copy=False)
 
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from refnorm.backend import Array, array_namespace
+from refnorm.backend import Array, array_namespace, on_device
 from refnorm.core.affine import channel_view
 from refnorm.core.checks import (
     check_channel_param,
+    check_device,
     check_eps,
     check_like,
     check_param_dtype,
@@ -96,9 +97,15 @@ class ChannelNorm(Layer):
         Dtype of the parameters and state.
     xp : module, default numpy
         Array namespace the parameters live in.
+    device : device of ``xp``, optional
+        Where the parameters and state are created (``xp.ones(..., device=device)``), e.g.
+        an ``array_api_strict.Device``; ``None``: the namespace's default (numpy's host,
+        CuPy's current GPU). Inputs must be on the same device; every output, gradient and
+        state update is created there too.
     """
 
     xp: ModuleType
+    device: Any
     dtype: Any
     eps: float
     num_channels: int
@@ -110,17 +117,19 @@ class ChannelNorm(Layer):
         eps: float = 1e-5,
         dtype: Any = None,
         xp: ModuleType | None = None,
+        device: Any = None,
     ) -> None:
         super().__init__()
         num_channels = check_positive_int("num_channels", num_channels)
         check_eps(eps)  # at build(), not at the first forward
         self.xp = np if xp is None else xp
         self.dtype = check_param_dtype(self.xp, dtype)
+        self.device = check_device(self.xp, device)
         self.num_channels = num_channels
         self.eps = eps
         self.params = {
-            "gamma": self.xp.ones((num_channels,), dtype=self.dtype),
-            "beta": self.xp.zeros((num_channels,), dtype=self.dtype),
+            "gamma": self.xp.ones((num_channels,), dtype=self.dtype, **on_device(self.device)),
+            "beta": self.xp.zeros((num_channels,), dtype=self.dtype, **on_device(self.device)),
         }
 
 

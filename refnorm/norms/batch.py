@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from refnorm.backend import Array, array_namespace
+from refnorm.backend import Array, array_namespace, on_device
 from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
 from refnorm.core.affine import channel_view, non_channel_axes
 from refnorm.core.checks import (
@@ -308,13 +308,15 @@ class BatchNorm(ChannelNorm):
         momentum: float = 0.1,
         dtype: Any = None,
         xp: ModuleType | None = None,
+        device: Any = None,
     ) -> None:
-        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp)
+        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp, device=device)
         check_momentum(momentum)
         self.momentum = momentum
+        where = on_device(self.device)
         self.state = {
-            "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype),
-            "running_var": self.xp.ones((num_channels,), dtype=self.dtype),
+            "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype, **where),
+            "running_var": self.xp.ones((num_channels,), dtype=self.dtype, **where),
         }
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, BatchNormCache]:

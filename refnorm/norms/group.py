@@ -170,8 +170,9 @@ class GroupNorm(ChannelNorm):
         eps: float = 1e-5,
         dtype: Any = None,
         xp: ModuleType | None = None,
+        device: Any = None,
     ) -> None:
-        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp)
+        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp, device=device)
         self.num_groups = check_groups(num_groups, num_channels)
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, GroupNormCache]:

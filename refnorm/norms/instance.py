@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from refnorm.backend import Array
+from refnorm.backend import Array, on_device
 from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
 from refnorm.core.checks import (
     check_cache,
@@ -186,15 +186,17 @@ class InstanceNorm(ChannelNorm):
         momentum: float = 0.1,
         dtype: Any = None,
         xp: ModuleType | None = None,
+        device: Any = None,
     ) -> None:
-        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp)
+        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp, device=device)
         check_momentum(momentum)
         self.track_running_stats = bool(track_running_stats)
         self.momentum = momentum
         if self.track_running_stats:
+            where = on_device(self.device)
             self.state = {
-                "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype),
-                "running_var": self.xp.ones((num_channels,), dtype=self.dtype),
+                "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype, **where),
+                "running_var": self.xp.ones((num_channels,), dtype=self.dtype, **where),
             }
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, InstanceNormCache]:

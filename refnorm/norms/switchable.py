@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
 
-from refnorm.backend import Array, array_namespace
+from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core import affine_forward, standardize
 from refnorm.core.checks import (
     check_cache,
@@ -212,7 +212,8 @@ def ratios(logits: Array, *, hard: bool = False) -> Array:
     xp = array_namespace(logits)
     if hard:
         index = xp.argmax(logits)
-        return xp.astype(xp.arange(logits.shape[0]) == index, logits.dtype)
+        positions = xp.arange(logits.shape[0], **on_device(device_of(logits)))   # (K,)
+        return xp.astype(positions == index, logits.dtype)
     e = xp.exp(logits - xp.max(logits))
     return e / xp.sum(e)
 
@@ -548,7 +549,7 @@ def ratio_gradients(w: Array, s: list[Array], *, hard: bool = False) -> Array:
     xp = array_namespace(w)
     K = w.shape[0]
     if hard:
-        return xp.zeros((K,), dtype=w.dtype)
+        return xp.zeros((K,), dtype=w.dtype, **on_device(device_of(w)))
     rows = []
     for k in range(K):
         row = w[k] * (1 - w[k]) * s[k]                                  # Eq. (12)-(14)
@@ -652,7 +653,7 @@ class SwitchableNorm(ChannelNorm):
         :func:`refnorm.inference.batch_average` sets them after training, as the paper does,
         through :meth:`set_population`.
     momentum : float, default 0.1
-    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.norms.base.ChannelNorm`
 
     Params: gamma, beta (C,), mean_logits, var_logits (K,) initialised to zeros (ratios 1/K).
     State: running_mean, running_var (C,) with the BN scope; always ``population_ready``, a
@@ -681,23 +682,25 @@ class SwitchableNorm(ChannelNorm):
         momentum: float = 0.1,
         dtype: Any = None,
         xp: ModuleType | None = None,
+        device: Any = None,
     ) -> None:
-        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp)
+        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp, device=device)
         self.options = SwitchableOptions(tuple(scopes), in_correction, hard)
         if inference not in INFERENCE_MODES:
             raise ValueError(
                 f"inference must be 'moving_average' or 'batch_average'; got {inference!r}")
         check_momentum(momentum)
         self.inference, self.momentum = inference, momentum
-        K = len(self.options.scopes)
-        self.params["mean_logits"] = self.xp.zeros((K,), dtype=self.dtype)
-        self.params["var_logits"] = self.xp.zeros((K,), dtype=self.dtype)
+        K, where = len(self.options.scopes), on_device(self.device)
+        self.params["mean_logits"] = self.xp.zeros((K,), dtype=self.dtype, **where)
+        self.params["var_logits"] = self.xp.zeros((K,), dtype=self.dtype, **where)
         has_bn = "bn" in self.options.scopes
         if has_bn:
-            self.state = {"running_mean": self.xp.zeros((num_channels,), dtype=self.dtype),
-                          "running_var": self.xp.ones((num_channels,), dtype=self.dtype)}
+            self.state = {
+                "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype, **where),
+                "running_var": self.xp.ones((num_channels,), dtype=self.dtype, **where)}
         ready = inference == "moving_average" or not has_bn
-        self.state["population_ready"] = self.xp.asarray(ready)
+        self.state["population_ready"] = self.xp.asarray(ready, **where)
         self._last_batch: BatchStatistics | None = None
 
     def current_ratios(self) -> dict[str, dict[str, float]]:
@@ -742,7 +745,8 @@ class SwitchableNorm(ChannelNorm):
         self.state = {**self.state,
                       "running_mean": self.xp.astype(mean, dtype),
                       "running_var": self.xp.astype(var, dtype),
-                      "population_ready": self.xp.asarray(True)}
+                      "population_ready": self.xp.asarray(
+                          True, **on_device(device_of(self.state["running_mean"])))}
 
     def population(self) -> tuple[Array, Array]:
         """The BN-scope population statistics ``(running_mean, running_var)``, (C,) each.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from refnorm.backend import Array, array_namespace
+from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core import affine_backward, affine_forward, standardize
 from refnorm.core.affine import channel_view, non_channel_axes
 from refnorm.core.checks import check_cache, check_like, check_momentum, prepare_channel_norm
@@ -93,7 +93,8 @@ def sync_batch_norm_forward(
     for a in axes:
         n_p *= x.shape[a]
     local_sum = xp.sum(xc, axis=axes)                                      # (C,)
-    count, total = allreduce(comm, [xp.asarray([float(n_p)], dtype=xc.dtype), local_sum],
+    n_p_array = xp.asarray([float(n_p)], dtype=xc.dtype, **on_device(device_of(xc)))  # (1,)
+    count, total = allreduce(comm, [n_p_array, local_sum],
                              op="syncbn forward (count, sum)", layer=layer)
     n = int(count[0])
     if n < 2:
@@ -175,14 +176,16 @@ class SyncBatchNorm(ChannelNorm):
         comm: Any = None,
         dtype: Any = None,
         xp: ModuleType | None = None,
+        device: Any = None,
     ) -> None:
-        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp)
+        super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp, device=device)
         check_momentum(momentum)
         self.momentum = momentum
         self.comm = SingleProcess() if comm is None else comm
+        where = on_device(self.device)
         self.state = {
-            "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype),
-            "running_var": self.xp.ones((num_channels,), dtype=self.dtype),
+            "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype, **where),
+            "running_var": self.xp.ones((num_channels,), dtype=self.dtype, **where),
         }
         self._synchronized = False  # which pair made the saved cache
 

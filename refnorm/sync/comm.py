@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from refnorm.backend import Array, array_namespace, to_numpy
+from refnorm.backend import Array, array_namespace, device_of, on_device, to_numpy
 from refnorm.sync.headers import HEADER_BYTES, LEAVE, CallHeader, CallLog, check_headers
 
 TIMEOUT_ENV = "REFNORM_SYNC_TIMEOUT"
@@ -385,8 +385,8 @@ class MPICommunicator(Communicator):
         self._wait(self._wire.Ibcast(recv, root=0), header.where())
         out, start = [], 0
         for a, h in zip(arrays, host, strict=True):
-            out.append(xp.astype(xp.asarray(recv[start:start + h.size].reshape(a.shape)),
-                                 a.dtype))
+            total = recv[start:start + h.size].reshape(a.shape)  # back onto a's device
+            out.append(xp.astype(xp.asarray(total, **on_device(device_of(a))), a.dtype))
             start += h.size
         return out
 

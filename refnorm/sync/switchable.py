@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from refnorm.backend import Array, array_namespace
+from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core.checks import check_cache, prepare_channel_norm
 from refnorm.layer import CheckCase
 from refnorm.norms.switchable import (
@@ -101,7 +101,7 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
     xp = array_namespace(h)
     mu_in, var_in = in_moments(h, in_correction=in_correction)             # (N_p, C, 1)
     count, sum_mu, sum_var = allreduce(comm, [
-        xp.asarray([float(h.shape[0])], dtype=h.dtype),
+        xp.asarray([float(h.shape[0])], dtype=h.dtype, **on_device(device_of(h))),
         xp.sum(mu_in, axis=(0, 2)), xp.sum(var_in, axis=(0, 2))],
         op="syncsn forward (count, IN moments)", layer=layer)
     groups = int(count[0])

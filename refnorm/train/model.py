@@ -14,13 +14,15 @@ per-channel scale and shift follows the last block, the only gamma/beta such a n
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from refnorm import registry
-from refnorm.backend import Array, array_namespace
+from refnorm.backend import Array, array_namespace, on_device
 from refnorm.core import affine_backward, affine_forward
+from refnorm.core.checks import check_device, check_param_dtype
 from refnorm.layer import Layer
 from refnorm.nn import GlobalAvgPool, MaxPool2d, ReLU
 
@@ -29,11 +31,19 @@ WEIGHTS = (None, "ws", "wn", "np", "trelu")
 
 
 class ChannelAffine(Layer):
-    """``y = gamma * x + beta`` per channel (gamma ones, beta zeros)."""
+    """``y = gamma * x + beta`` per channel (gamma ones, beta zeros), in namespace ``xp``
+    (default numpy) on ``device`` (default: the namespace's; see
+    :class:`~refnorm.norms.base.ChannelNorm`), with ``dtype`` (default float32)."""
 
-    def __init__(self, num_channels: int, *, dtype: Any = np.float32) -> None:
+    def __init__(self, num_channels: int, *, dtype: Any = None, xp: ModuleType | None = None,
+                 device: Any = None) -> None:
         super().__init__()
-        self.params = {"gamma": np.ones(num_channels, dtype), "beta": np.zeros(num_channels, dtype)}
+        self.xp = np if xp is None else xp
+        self.dtype = check_param_dtype(self.xp, dtype)
+        self.device = check_device(self.xp, device)
+        where = on_device(self.device)
+        self.params = {"gamma": self.xp.ones((num_channels,), dtype=self.dtype, **where),
+                       "beta": self.xp.zeros((num_channels,), dtype=self.dtype, **where)}
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Array]:
         return affine_forward(x, self.params["gamma"], self.params["beta"]), x
@@ -62,47 +72,59 @@ class ConvNet:
         for SN, ``{"comm": comm}`` for the synchronized ones).
     seed : int
         Seeds every layer's initialization.
-    dtype : parameter dtype (float32); :meth:`forward` casts its input to it
+    dtype : parameter dtype of ``xp`` (default float32); :meth:`forward` casts its input to it
+    xp : module, default numpy
+        The array namespace of every parameter and state (numpy, CuPy, array_api_strict).
+    device : device of ``xp``, optional
+        Where every layer creates its parameters and state (e.g. an
+        ``array_api_strict.Device``); ``None``: the namespace's default. Inputs to
+        :meth:`forward` and :meth:`backward` must be on it, and every output, gradient and
+        running statistic stays on it.
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, norm: str = "bn",
                  weight: str | None = None, widths: tuple[int, ...] = (16, 32, 32),
                  num_groups: int = 4, norm_options: dict | None = None, seed: int = 0,
-                 dtype: Any = np.float32) -> None:
+                 dtype: Any = None, xp: ModuleType | None = None, device: Any = None) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
         if weight not in WEIGHTS:
             raise ValueError(f"weight must be one of {', '.join(w or 'None' for w in WEIGHTS)}; "
                              f"got {weight!r}")
-        self.norm, self.weight, self.dtype = norm, weight, dtype
+        self.norm, self.weight = norm, weight
+        self.xp = np if xp is None else xp
+        self.dtype = dtype = check_param_dtype(self.xp, dtype)
+        self.device = check_device(self.xp, device)
+        place = {"dtype": dtype, "xp": self.xp, "device": self.device}
         blocks: list[Layer] = []
         c_in = in_channels
         for i, width in enumerate(widths):
-            blocks.append(self._conv(c_in, width, seed + i, dtype, has_norm=norm != "none"))
+            blocks.append(self._conv(c_in, width, seed + i, has_norm=norm != "none"))
             if norm != "none":
                 options = dict(norm_options or {})
                 if norm == "gn":
                     options.setdefault("num_groups", num_groups)
-                blocks.append(registry.build(norm, width, dtype=dtype, **options))
+                blocks.append(registry.build(norm, width, **place, **options))
             if weight not in ("np", "trelu"):
                 blocks.append(ReLU())
             if i < len(widths) - 1:
                 blocks.append(MaxPool2d(2))
             c_in = width
         if weight == "trelu":
-            blocks.append(ChannelAffine(c_in, dtype=dtype))
+            blocks.append(ChannelAffine(c_in, **place))
         blocks.append(GlobalAvgPool())
-        blocks.append(registry.build("linear", c_in, num_classes, dtype=dtype, seed=seed + 100))
+        blocks.append(registry.build("linear", c_in, num_classes, seed=seed + 100, **place))
         self._layers = blocks
 
-    def _conv(self, c_in: int, c_out: int, seed: int, dtype: Any, *, has_norm: bool) -> Layer:
+    def _conv(self, c_in: int, c_out: int, seed: int, *, has_norm: bool) -> Layer:
         """The block's 3x3 convolution (padded to keep the size), reparameterized by
         ``self.weight`` when one is chosen; no bias in front of a normalizer (NP keeps its
         beta, which sits inside its ReLU)."""
+        place = {"dtype": self.dtype, "xp": self.xp, "device": self.device}
         if self.weight is None:
             return registry.build("conv", c_in, c_out, 3, padding=1, bias=not has_norm,
-                                  dtype=dtype, seed=seed)
-        options: dict[str, Any] = {"padding": 1, "dtype": dtype, "seed": seed}
+                                  seed=seed, **place)
+        options: dict[str, Any] = {"padding": 1, "seed": seed, **place}
         if self.weight in ("wn", "ws"):
             options["bias"] = not has_norm
         return registry.build(self.weight, c_in, c_out, 3, **options)

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+from refnorm.backend import Array, array_namespace
 
 DECAYED = ("w",)
 
 
 class SGD:
-    """Momentum SGD over a model's parameters, keyed by ``"<layer index>/<name>"``."""
+    """Momentum SGD over a model's parameters, keyed by ``"<layer index>/<name>"``.
+
+    The momentum of each parameter is created in the parameter's namespace and on its
+    device (``xp.zeros_like``), and every update stays there: the optimizer never copies
+    to the host.
+    """
 
     def __init__(self, model, *, lr: float, momentum: float = 0.9,
                  weight_decay: float = 0.0) -> None:
@@ -33,7 +38,7 @@ class SGD:
             raise ValueError(f"need finite lr > 0, 0 <= momentum < 1, weight_decay >= 0; got "
                              f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         self.model, self.lr, self.momentum, self.weight_decay = model, lr, momentum, weight_decay
-        self.velocity = {key: np.zeros_like(layer.params[name])
+        self.velocity = {key: array_namespace(layer.params[name]).zeros_like(layer.params[name])
                          for key, layer, name in model.named_params()}
 
     def step(self, grads: dict, lr: float) -> None:
@@ -45,14 +50,16 @@ class SGD:
         for key, layer, name in self.model.named_params():
             self.update(key, layer, name, grads[key], lr)
 
-    def update(self, key: str, layer, name: str, g: np.ndarray, lr: float) -> None:
-        """Update one parameter, ``layer.params[name]`` (keyed ``key``), with gradient ``g``."""
+    def update(self, key: str, layer, name: str, g: Array, lr: float) -> None:
+        """Update one parameter, ``layer.params[name]`` (keyed ``key``), with gradient ``g``
+        (an array of the parameter's namespace, shape and device)."""
         p = layer.params[name]
+        xp = array_namespace(p, g)
         if self.weight_decay and name in DECAYED:
             g = g + self.weight_decay * p
         v = self.momentum * self.velocity[key] + g
-        self.velocity[key] = v.astype(p.dtype, copy=False)
-        layer.params[name] = (p - lr * v).astype(p.dtype, copy=False)
+        self.velocity[key] = xp.astype(v, p.dtype, copy=False)
+        layer.params[name] = xp.astype(p - lr * v, p.dtype, copy=False)
 
 
 def learning_rate(schedule: str, base: float, step: int, total: int) -> float:

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from refnorm.backend import Array, array_namespace, device_of, on_device, to_numpy
 from refnorm.inference import batch_average
 from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
 from refnorm.norms.switchable import SwitchableNorm
@@ -414,7 +415,7 @@ def checkpoint_bytes(model: ConvNet, opt: SGD) -> int:
     """About the size of a checkpoint of ``model``: its arrays, plus 64 KiB for the archive's
     headers and the metadata (a long run's history)."""
     arrays = checkpoint_arrays(model, opt).values()
-    return sum(np.asarray(a).nbytes for a in arrays) + 64 * 1024
+    return sum(to_numpy(a).nbytes for a in arrays) + 64 * 1024
 
 
 def _starting_position(run: Run, resume: bool) -> Position:
@@ -542,15 +543,26 @@ def _write(run: Run, write: Callable[[], None]) -> None:
                                 f"{_kept(run)}") from None
 
 
-def train_step(model: ConvNet, opt: SGD, x: np.ndarray, y: np.ndarray, *,
+def on_model(model: ConvNet, a: Any) -> Array:
+    """``a`` (a numpy batch, or an array already there) in the model's namespace and on its
+    device: one host-to-device copy for a numpy batch and a GPU or array_api_strict model,
+    none for a numpy model."""
+    return model.xp.asarray(a, **on_device(model.device))
+
+
+def train_step(model: ConvNet, opt: SGD, x: Any, y: Any, *,
                config: TrainConfig, lr: float) -> Totals:
     """One optimizer update: the micro-batches of ``x``, their mean gradient, one SGD step.
+
+    ``x`` and ``y`` are moved once onto the model's namespace and device (:func:`on_model`);
+    the forward, the backward and the update then run there, and only the loss and the
+    count of correct predictions come back to the host (two scalars per micro-batch).
 
     Parameters
     ----------
     model, opt : the network and its optimizer
     x : array (batch_size * accumulation, C, H, W)
-        The update's samples, in micro-batch order.
+        The update's samples, in micro-batch order (numpy, or already on the model's device).
     y : int array (batch_size * accumulation,)
         Their labels.
     config : TrainConfig
@@ -577,7 +589,8 @@ def train_step(model: ConvNet, opt: SGD, x: np.ndarray, y: np.ndarray, *,
     params = [dict(layer.params) for layer in layers]
     velocity = dict(opt.velocity)
     try:
-        grads, totals = accumulate_gradients(model, x, y, config)
+        grads, totals = accumulate_gradients(model, on_model(model, x), on_model(model, y),
+                                             config)
         check_finite(named_gradients(model, grads))
         opt.step(grads, lr)
     except KeyboardInterrupt:
@@ -590,8 +603,8 @@ def train_step(model: ConvNet, opt: SGD, x: np.ndarray, y: np.ndarray, *,
     return totals
 
 
-def accumulate_gradients(model: ConvNet, x: np.ndarray, y: np.ndarray,
-                         config: TrainConfig) -> tuple[dict[str, np.ndarray], Totals]:
+def accumulate_gradients(model: ConvNet, x: Array, y: Array,
+                         config: TrainConfig) -> tuple[dict[str, Array], Totals]:
     """Forward and backward over the micro-batches of ``x``; return their mean gradient.
 
     Each micro-batch's loss is its mean cross-entropy; its gradient divided by
@@ -601,16 +614,18 @@ def accumulate_gradients(model: ConvNet, x: np.ndarray, y: np.ndarray,
     ----------
     x : array (batch_size * accumulation, C, H, W)
     y : int array (batch_size * accumulation,)
+        Both on the model's namespace and device (:func:`on_model`).
 
     Returns
     -------
     dict of key to array (the parameter's shape), keyed as :meth:`ConvNet.named_params`;
     Totals of the samples
     """
-    grads: dict[str, np.ndarray] = {}
+    grads: dict[str, Array] = {}
     totals = Totals()
-    for start in range(0, len(y), config.batch_size):
-        xb, yb = x[start:start + config.batch_size], y[start:start + config.batch_size]
+    xp = model.xp
+    for start in range(0, y.shape[0], config.batch_size):
+        xb, yb = x[start:start + config.batch_size, ...], y[start:start + config.batch_size]
         logits = model.forward(xb, training=True)                        # (b, classes)
         loss, cache = softmax_cross_entropy(logits, yb)
         if not math.isfinite(float(loss)):
@@ -619,8 +634,8 @@ def accumulate_gradients(model: ConvNet, x: np.ndarray, y: np.ndarray,
         for key, layer, name in model.named_params():
             g = layer.grads[name]
             grads[key] = g if key not in grads else grads[key] + g
-        correct = int(np.sum(np.argmax(logits, axis=1) == yb))
-        totals = totals + Totals(float(loss) * len(yb), correct, len(yb))
+        correct = int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64)))
+        totals = totals + Totals(float(loss) * yb.shape[0], correct, yb.shape[0])
     return grads, totals
 
 
@@ -637,7 +652,8 @@ def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> N
         return
     states = [copy.deepcopy(layer.state) for layer in layers]
     pick = np.random.default_rng([config.seed, 3]).permutation(len(data.y_train))
-    h = data.x_train[pick[:config.update_size]].astype(model.dtype)  # as model.forward casts
+    h = on_model(model, data.x_train[pick[:config.update_size]])
+    h = model.xp.astype(h, model.dtype)  # as model.forward casts
     for layer in layers:
         if isinstance(layer, WeightNorm):
             layer.init_from_batch(h)
@@ -648,8 +664,13 @@ def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> N
 
 
 def predict(model: ConvNet, x: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Logits (N, classes) in evaluation mode for images ``x`` (N, C, H, W), in chunks."""
-    return np.concatenate([model.forward(x[i:i + chunk], training=False)
+    """Logits (N, classes) in evaluation mode for images ``x`` (N, C, H, W), in chunks.
+
+    Each chunk goes to the model's device and its logits come back to the host
+    (:func:`~refnorm.backend.to_numpy`): the result is a numpy array whatever the device.
+    """
+    return np.concatenate([to_numpy(model.forward(on_model(model, x[i:i + chunk]),
+                                                  training=False))
                            for i in range(0, len(x), chunk)])
 
 
@@ -662,7 +683,8 @@ def evaluate(run: Run, position: Position, *, seconds: float) -> dict:
     """
     config, model, data = run.config, run.model, run.data
     if config.norm in ("sn", "syncsn") and config.sn_inference == "batch_average":
-        batch_average(model, average_batches(config, data, position.epoch))
+        batches = average_batches(config, data, position.epoch)
+        batch_average(model, [on_model(model, b) for b in batches])
     check_finite(named_arrays(model, run.opt))  # the batch average set new statistics
     test_logits = predict(model, data.x_test)
     test_loss, _ = softmax_cross_entropy(test_logits, data.y_test)
@@ -715,7 +737,16 @@ def is_finite(a: Any) -> bool:
     """Whether every value of ``a`` is finite: one float64 sum (NaN and inf propagate into it;
     float16/float32 values cannot overflow it), confirmed element-wise only when the sum is
     not finite, so that huge finite float64 values are not taken for infinities. Arrays that
-    are not floating point (integers, flags) are always finite."""
+    are not floating point (integers, flags) are always finite. An array of another
+    namespace (CuPy, array_api_strict) is checked on its own device: only the sum, and the
+    answer of the element-wise check, come to the host."""
+    if not isinstance(a, (np.ndarray, np.generic, float, int)):
+        xp = array_namespace(a)
+        if not xp.isdtype(a.dtype, "real floating"):
+            return True
+        if math.isfinite(float(xp.sum(xp.astype(a, xp.float64)))):
+            return True
+        return bool(xp.all(xp.isfinite(a)))
     a = np.asarray(a)
     if a.dtype.kind != "f":
         return True
@@ -726,7 +757,7 @@ def is_finite(a: Any) -> bool:
 
 
 def _first_bad(a: Any) -> float:
-    flat = np.asarray(a).ravel()
+    flat = to_numpy(a).ravel()  # an error message: a copy to the host is fine
     return float(flat[np.flatnonzero(~np.isfinite(flat))[0]])
 
 
@@ -751,7 +782,7 @@ def named_arrays(model: ConvNet, opt: SGD) -> Iterator[tuple[str, Any]]:
             yield f"{_layer_name(i, layer)} state {name}", value
 
 
-def named_gradients(model: ConvNet, grads: dict[str, np.ndarray]) -> Iterator[tuple[str, Any]]:
+def named_gradients(model: ConvNet, grads: dict[str, Array]) -> Iterator[tuple[str, Any]]:
     """(name, gradient) for every parameter; ``grads`` keyed as :meth:`ConvNet.named_params`."""
     for i, layer in enumerate(model.layers()):
         for name in layer.params:
@@ -841,12 +872,16 @@ def save_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD,
                     position: Position) -> None:
     """Write parameters, momentum, every layer's state and ``position``, atomically.
 
+    Arrays on a GPU or another device are copied to the host first
+    (:func:`~refnorm.backend.to_numpy`): a checkpoint is numpy arrays whatever the device it
+    was saved from, and loads onto any device (:func:`load_checkpoint`).
+
     Raises
     ------
     NonFinite
         Before writing anything, if an array holds a NaN or an infinity.
     """
-    arrays = checkpoint_arrays(model, opt)
+    arrays: dict[str, Any] = {key: to_numpy(a) for key, a in checkpoint_arrays(model, opt).items()}
     check_finite(iter(arrays.items()))
     meta = {"format": FORMAT, "config": _config_dict(config), "epoch": position.epoch,
             "step": position.step, "totals": dataclasses.asdict(position.totals),
@@ -862,7 +897,9 @@ def load_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD, *
     Nothing is restored unless the whole checkpoint fits: its metadata has every field
     with a value of the right kind (``epoch`` within the run, ``step`` within an epoch of
     ``steps_per_epoch`` steps if given), and its arrays are exactly the model's, each of the
-    model's shape and dtype and finite.
+    model's shape and dtype and finite. Each array is put in the namespace and on the
+    device of the model's array it replaces (a checkpoint saved on a GPU loads into a numpy
+    model and the other way round).
 
     Raises
     ------
@@ -880,20 +917,28 @@ def load_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD, *
         raise CheckpointError(f"checkpoint {path} does not match the model: "
                               + "; ".join(parts))
     for key, like in expected.items():
-        got, like = arrays[key], np.asarray(like)
+        got, like = arrays[key], to_numpy(like)
         if got.shape != like.shape or got.dtype != like.dtype:
             raise CheckpointError(f"checkpoint {path} does not match the model: {key} is "
                                   f"{got.dtype} {got.shape}, the model's is {like.dtype} "
                                   f"{like.shape}")
         if not is_finite(got):
             raise CheckpointError(f"checkpoint {path}: {key} holds {_first_bad(got)}")
+    placed = {key: _beside(arrays[key], like) for key, like in expected.items()}
     for key, layer, name in model.named_params():
-        layer.params[name] = arrays[f"param/{key}"]
-        opt.velocity[key] = arrays[f"velocity/{key}"]
+        layer.params[name] = placed[f"param/{key}"]
+        opt.velocity[key] = placed[f"velocity/{key}"]
     for i, layer in enumerate(model.layers()):
-        layer.state = {name: arrays[f"state/{i}/{name}"] for name in layer.state}
+        layer.state = {name: placed[f"state/{i}/{name}"] for name in layer.state}
         layer.reset()  # new parameters and state: no backward on an old cache
     return position
+
+
+def _beside(a: np.ndarray, like: Array) -> Array:
+    """The loaded numpy array ``a`` in the namespace and on the device of ``like``."""
+    if isinstance(like, np.ndarray):
+        return a
+    return array_namespace(like).asarray(a, **on_device(device_of(like)))
 
 
 _META = {"format": int, "config": dict, "epoch": int, "step": int, "totals": dict,

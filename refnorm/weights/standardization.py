@@ -41,10 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from refnorm.backend import Array, array_namespace, compute_dtype
+from refnorm.backend import Array, array_namespace, compute_dtype, on_device
 from refnorm.core.checks import (
     check_bool,
     check_cache,
+    check_device,
     check_eps,
     check_float_array,
     check_like,
@@ -201,6 +202,9 @@ class WeightStandardization(Layer):
         Dtype of the parameters.
     xp : module, default numpy
         Array namespace the parameters live in.
+    device : device of ``xp``, optional
+        Where the parameters are created; ``None``: the namespace's default (see
+        :class:`~refnorm.norms.base.ChannelNorm`). Inputs must be on the same device.
     seed : int, default 0
         Seeds the He-normal draw of ``w`` (:func:`refnorm.nn.init.he_normal`).
 
@@ -221,21 +225,24 @@ class WeightStandardization(Layer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any = None, *,
                  stride: Any = 1, padding: Any = 0, bias: bool = False, eps: float = 1e-5,
                  eps_mode: str = "add", correction: int = 0, dtype: Any = None,
-                 xp: ModuleType | None = None, seed: int = 0) -> None:
+                 xp: ModuleType | None = None, device: Any = None, seed: int = 0) -> None:
         super().__init__()
         self.geometry = weight_geometry(in_channels, out_channels, kernel_size,
                                         stride=stride, padding=padding)
         has_bias = check_bool("bias", bias)
         self.xp = np if xp is None else xp
         self.dtype = check_param_dtype(self.xp, dtype)
+        self.device = check_device(self.xp, device)
         _check_options(eps, eps_mode, correction, xp=self.xp,
                        dtype=compute_dtype(self.xp, self.dtype))
         _check_fan_in(self.geometry.fan_in, self.geometry.weight_shape)
         self.eps, self.eps_mode, self.correction = eps, eps_mode, int(correction)
         self.params = {"w": he_normal(self.geometry.weight_shape, fan_in=self.geometry.fan_in,
-                                      seed=seed, xp=self.xp, dtype=self.dtype)}
+                                      seed=seed, xp=self.xp, dtype=self.dtype,
+                                      device=self.device)}
         if has_bias:
-            self.params["b"] = self.xp.zeros((self.geometry.out_channels,), dtype=self.dtype)
+            self.params["b"] = self.xp.zeros((self.geometry.out_channels,), dtype=self.dtype,
+                                             **on_device(self.device))
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         w_hat, w_cache = weight_standardization_forward(

@@ -35,12 +35,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from refnorm.backend import Array, array_namespace, compute_dtype
+from refnorm.backend import Array, array_namespace, compute_dtype, on_device
 from refnorm.core.affine import non_channel_axes
 from refnorm.core.checks import (
     check_bool,
     check_cache,
     check_channel_param,
+    check_device,
     check_eps,
     check_float_array,
     check_like,
@@ -172,6 +173,9 @@ class WeightNorm(Layer):
         Dtype of the parameters.
     xp : module, default numpy
         Array namespace the parameters live in.
+    device : device of ``xp``, optional
+        Where the parameters are created; ``None``: the namespace's default (see
+        :class:`~refnorm.norms.base.ChannelNorm`). Inputs must be on the same device.
     seed : int, default 0
         Seeds the He-normal draw of ``v`` (:func:`refnorm.nn.init.he_normal`).
 
@@ -193,23 +197,25 @@ class WeightNorm(Layer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any = None, *,
                  stride: Any = 1, padding: Any = 0, bias: bool = True, eps: float = 1e-5,
-                 dtype: Any = None, xp: ModuleType | None = None, seed: int = 0) -> None:
+                 dtype: Any = None, xp: ModuleType | None = None, device: Any = None,
+                 seed: int = 0) -> None:
         super().__init__()
         self.geometry = weight_geometry(in_channels, out_channels, kernel_size,
                                         stride=stride, padding=padding)
         has_bias = check_bool("bias", bias)
         self.xp = np if xp is None else xp
         self.dtype = check_param_dtype(self.xp, dtype)
+        self.device = check_device(self.xp, device)
         check_eps(eps, xp=self.xp, dtype=compute_dtype(self.xp, self.dtype))
         self.eps = eps
-        C = self.geometry.out_channels
+        C, where = self.geometry.out_channels, on_device(self.device)
         self.params = {
             "v": he_normal(self.geometry.weight_shape, fan_in=self.geometry.fan_in, seed=seed,
-                           xp=self.xp, dtype=self.dtype),
-            "g": self.xp.ones((C,), dtype=self.dtype),
+                           xp=self.xp, dtype=self.dtype, device=self.device),
+            "g": self.xp.ones((C,), dtype=self.dtype, **where),
         }
         if has_bias:
-            self.params["b"] = self.xp.zeros((C,), dtype=self.dtype)
+            self.params["b"] = self.xp.zeros((C,), dtype=self.dtype, **where)
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         w, w_cache = weight_norm_forward(self.params["v"], self.params["g"], eps=self.eps)
