@@ -122,8 +122,31 @@ def test_lesson_has_graded_exercises_and_a_seed(path):
     solutions = [i for i, c in enumerate(code) if "solution" in lessons.tags(c)]
     for i in solutions:  # a check cell follows each solution (other code may come between)
         assert any("check" in lessons.tags(c) for c in code[i + 1:]), f"no check after {i}"
-    if path.stem[:2] in {"01", "02", "03"}:
-        assert len(solutions) >= 2
+
+
+def _ids(path: Path) -> list[str]:
+    return [lessons.exercise_title("".join(c["source"]))[0] for c in _cells(path)
+            if "solution" in lessons.tags(c)]
+
+
+@pytest.mark.parametrize("number", sorted({p.stem[:2] for p in LESSONS}))
+def test_every_lesson_has_two_exercises_with_unique_ids(number):
+    # A lesson may be split over notebooks (05 and 05b): count over its parts.
+    parts = [p for p in LESSONS if p.stem[:2] == number]
+    ids = [i for p in parts for i in _ids(p)]
+    assert len(ids) >= 2, f"lesson {number}: exercises {ids}"
+    assert len(set(ids)) == len(ids), f"lesson {number}: repeated exercise ids {ids}"
+    for p in parts:  # ids follow the notebook's name: 05b's exercises are 05b.1, 05b.2...
+        prefix = p.stem.split("_", 1)[0]
+        assert all(i.split(".")[0] == prefix for i in _ids(p)), (p.name, _ids(p))
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_lesson_opens_with_goals_assumptions_and_time(path):
+    first = "".join(_cells(path)[0]["source"])
+    assert first.startswith("# Lesson "), first[:40]
+    for word in ("Goals", "Assumes", "Takes", "minutes"):
+        assert word in first, f"{path.name}: the opening cell does not say '{word}'"
 
 
 def test_student_copy_blanks_every_solution(tmp_path):
