@@ -217,11 +217,16 @@ def _device_problem(args: argparse.Namespace) -> str | None:
     if args.device == "cpu" or (args.device == "auto" and gpu_problem() is not None):
         return None
     problem = gpu_problem()
-    if problem is not None:
-        return f"--device {args.device}: {problem}"
-    return (f"--device {args.device}: a GPU was found, but the command line does not yet "
-            "build its model on the GPU (the model, optimizer and checkpoints are "
-            "device-generic; the data pipeline and study are not wired to a device)")
+    return None if problem is None else f"--device {args.device}: {problem}"
+
+
+def _device(args: argparse.Namespace) -> str:
+    """``--device`` resolved: "gpu" or "cpu" (auto takes the GPU when the probe finds one)."""
+    from refnorm.backend import gpu_available
+
+    if args.device == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    return str(args.device)
 
 
 def _use_path(args: argparse.Namespace) -> None:
@@ -271,7 +276,8 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                              batch_size=args.batch_size, accumulation=args.accumulation,
                              epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                              schedule=args.schedule, seed=args.seed, num_groups=args.groups,
-                             sn_inference=args.sn_inference, dtype=args.dtype)
+                             sn_inference=args.sn_inference, dtype=args.dtype,
+                             device=_device(args))
         _use_path(args)
         print(f"training {config.describe()} -> {args.out}", file=sys.stderr)
         result = train(config, out=args.out, resume=args.resume)
@@ -307,6 +313,7 @@ def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     for name in ("update_size", "epochs", "data", "dtype"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    changes["device"] = _device(args)
     changes["seeds"] = tuple(range(args.seeds))
     _use_path(args)
     try:

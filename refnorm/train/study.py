@@ -46,6 +46,7 @@ class StudyConfig:
     data: str = "digits"
     train_subset: int | None = None
     dtype: str = "float32"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for b in self.batch_sizes:
@@ -84,7 +85,8 @@ def job_configs(study: StudyConfig) -> list[TrainConfig]:
                 configs.append(TrainConfig(
                     data=study.data, norm=norm, weight=weight, batch_size=b,
                     accumulation=study.update_size // b, epochs=study.epochs, lr=study.lr,
-                    seed=seed, train_subset=study.train_subset, dtype=study.dtype))
+                    seed=seed, train_subset=study.train_subset, dtype=study.dtype,
+                    device=study.device))
     return configs
 
 

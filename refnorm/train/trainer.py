@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import importlib
 import io
 import json
 import math
@@ -97,6 +98,7 @@ class TrainConfig:
     average_samples: int = 256
     train_subset: int | None = None
     dtype: str = "float32"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "accumulation", "epochs", "average_samples", "num_groups"):
@@ -119,7 +121,8 @@ class TrainConfig:
         for name, allowed in (("norm", NORMS), ("weight", WEIGHTS),
                               ("schedule", ("cosine", "linear", "constant")),
                               ("sn_inference", ("batch_average", "moving_average")),
-                              ("dtype", ("float32", "float64"))):
+                              ("dtype", ("float32", "float64")),
+                              ("device", ("cpu", "gpu"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; "
                                  f"got {getattr(self, name)!r}")
@@ -288,11 +291,13 @@ class _Interrupted(Exception):
 
 
 def build_model(config: TrainConfig, data: Dataset) -> ConvNet:
+    """The run's model, its arrays in numpy (``device="cpu"``) or CuPy (``"gpu"``)."""
     options = {"inference": config.sn_inference} if config.norm in ("sn", "syncsn") else {}
+    xp = importlib.import_module("cupy") if config.device == "gpu" else np
     return ConvNet(in_channels=data.x_train.shape[1], num_classes=data.num_classes,
                    norm=config.norm, weight=config.weight, widths=config.widths,
                    num_groups=config.num_groups, norm_options=options, seed=config.seed,
-                   dtype=np.dtype(config.dtype).type)
+                   dtype=np.dtype(config.dtype).type, xp=xp)
 
 
 def prepare_data(config: TrainConfig) -> Dataset:
@@ -962,7 +967,7 @@ def _position(path: Path, meta: Any, config: TrainConfig, steps: int | None) -> 
             raise refuse(f"metadata {key!r} must be a {kind.__name__}; got {meta[key]!r}")
     saved, wanted = meta["config"], _config_dict(config)
     differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {wanted[k]!r}"
-              for k in wanted if saved.get(k) != wanted[k]]
+              for k in wanted if saved.get(k) != wanted[k] and k != "device"]  # any device
     if differ:
         raise CheckpointError(f"checkpoint {path} belongs to another configuration; "
                               + "; ".join(differ))
