@@ -172,6 +172,20 @@ def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx):  # pragma: no cover - co
             out[i] = a * np.float64(dr[i]) + c + e * np.float64(hr[i])
 
 
+@njit(cache=True, inline="always")
+def _valid_range(n_out, stride, offset, size):  # pragma: no cover - compiled
+    """The output positions ``o`` in ``[lo, hi)`` whose input ``o * stride + offset`` lies in
+    ``[0, size)`` (``offset`` = kernel offset minus padding): the padding's zeros are then
+    written or skipped outside the inner loop, which stays branch-free."""
+    lo = 0
+    if offset < 0:
+        lo = (-offset + stride - 1) // stride
+    hi = 0
+    if size - 1 - offset >= 0:
+        hi = (size - 1 - offset) // stride + 1
+    return min(lo, n_out), max(min(hi, n_out), min(lo, n_out))
+
+
 @njit(cache=True, parallel=True)
 def im2col(x, KH, KW, sh, sw, ph, pw, H_out, W_out, cols):  # pragma: no cover - compiled
     """Copy every window of the zero-padded ``x`` into a column; equals
@@ -211,13 +225,20 @@ def col2im(cols, KH, KW, sh, sw, ph, pw, H_out, W_out, dx):  # pragma: no cover 
     """Add every column entry back onto the input position it was copied from; equals
     :func:`refnorm.nn.conv.col2im` (padding positions are dropped).
 
+    One task per (n, c) plane of ``dx``: it sums the plane's ``KH KW`` column rows into it,
+    kernel offset by kernel offset (the reference's order), the inner loop free of bounds
+    tests (indices clamped non-negative, as in :func:`im2col`).
+
     Parameters
     ----------
-    cols : array, (C * KH * KW, N * H_out * W_out), C-contiguous
+    cols : array, (N, C * KH * KW, H_out * W_out)
+        The columns by sample: ``cols[n, r, k]`` is the reference's ``cols[r, n H_out W_out
+        + k]`` (a transposed view of it, or the batched products of the backward).
     KH, KW, sh, sw, ph, pw, H_out, W_out : int
     dx : array, (N, C, H, W), written (zeroed here first)
     """
     N, C, H, W = dx.shape
+    s = max(sw, 1)
     for t in prange(N * C):
         n = t // C
         c = t % C
@@ -225,17 +246,74 @@ def col2im(cols, KH, KW, sh, sw, ph, pw, H_out, W_out, dx):  # pragma: no cover 
             for ww in range(W):
                 dx[n, c, hh, ww] = 0
         for i in range(KH):
+            p_lo, p_hi = _valid_range(H_out, sh, i - ph, H)
             for j in range(KW):
-                r = (c * KH + i) * KW + j
-                for p in range(H_out):
-                    hh = p * sh + i - ph
-                    if hh < 0 or hh >= H:
-                        continue
-                    base = (n * H_out + p) * W_out
-                    for q in range(W_out):
-                        ww = q * sw + j - pw
-                        if 0 <= ww < W:
-                            dx[n, c, hh, ww] += cols[r, base + q]
+                q_lo, q_hi = _valid_range(W_out, sw, j - pw, W)
+                r = max((c * KH + i) * KW + j, 0)
+                w0 = max(q_lo * sw + j - pw, 0)
+                for p in range(p_lo, p_hi):
+                    hh = max(p * sh + i - ph, 0)
+                    o = max(p * W_out + q_lo, 0)
+                    if sw == 1:                        # contiguous: vectorizes
+                        for k in range(q_hi - q_lo):
+                            dx[n, c, hh, w0 + k] += cols[n, r, o + k]
+                    else:
+                        for k in range(q_hi - q_lo):
+                            dx[n, c, hh, w0 + k * s] += cols[n, r, o + k]
+
+
+@njit(cache=True, inline="always")
+def _pool_plane_exact(plane, KH, KW, sh, sw, yp, ap):  # pragma: no cover - compiled
+    """Max pooling of one plane, window by window, with the reference's NaN rule."""
+    H_out, W_out = yp.shape
+    for p in range(H_out):
+        for q in range(W_out):
+            best = plane[p * sh, q * sw]
+            k_best = 0
+            for i in range(KH):
+                for j in range(KW):
+                    v = plane[p * sh + i, q * sw + j]
+                    if v > best or (v != v and best == best):
+                        best = v
+                        k_best = i * KW + j
+            yp[p, q] = best
+            ap[p * W_out + q] = k_best
+
+
+@njit(cache=True, inline="always")
+def _pool_plane_2x2(plane, sh, sw, yp, ap):  # pragma: no cover - compiled
+    """Max pooling of one plane with 2x2 windows, branch-free (it vectorizes), ignoring the
+    NaN rule; returns whether the plane's windows hold a NaN (then the caller redoes the
+    plane with :func:`_pool_plane_exact`)."""
+    H_out, W_out = yp.shape
+    nan = False
+    for p in range(H_out):
+        yr = yp[p]
+        r0 = plane[p * sh]
+        r1 = plane[p * sh + 1]
+        base = p * W_out
+        for q in range(W_out):
+            best = r0[q * sw]
+            nan |= best != best
+            k = 0
+            v = r0[q * sw + 1]
+            nan |= v != v
+            take = v > best
+            best = v if take else best
+            k = 1 if take else k
+            v = r1[q * sw]
+            nan |= v != v
+            take = v > best
+            best = v if take else best
+            k = 2 if take else k
+            v = r1[q * sw + 1]
+            nan |= v != v
+            take = v > best
+            best = v if take else best
+            k = 3 if take else k
+            yr[q] = best
+            ap[base + q] = k
+    return nan
 
 
 @njit(cache=True, parallel=True)
@@ -243,6 +321,12 @@ def max_pool(x, KH, KW, sh, sw, y, argmax):  # pragma: no cover - compiled
     """The maximum of each window and the index ``k = i KW + j`` of its first maximum in
     row-major window order (a NaN wins, the first NaN), as ``max``/``argmax`` in
     :func:`refnorm.nn.pooling.max_pool2d_forward`.
+
+    One task per (n, c) plane. 2x2 windows (the study's) take a branch-free pass with a
+    strict ``>`` (the first maximum wins ties, as in the reference) that also notes whether
+    the plane's windows hold a NaN; such a plane, and every plane of other window sizes, is
+    done by the exact window-by-window loop with the NaN rule. (The NaN test inside the
+    compare kept the loop from vectorizing: 2.5 ms instead of 0.15 ms for (32, 16, 32, 32).)
 
     Parameters
     ----------
@@ -256,24 +340,22 @@ def max_pool(x, KH, KW, sh, sw, y, argmax):  # pragma: no cover - compiled
     for t in prange(N * C):
         n = t // C
         c = t % C
-        for p in range(H_out):
-            for q in range(W_out):
-                best = x[n, c, p * sh, q * sw]
-                k_best = 0
-                for i in range(KH):
-                    for j in range(KW):
-                        v = x[n, c, p * sh + i, q * sw + j]
-                        if v > best or (v != v and best == best):
-                            best = v
-                            k_best = i * KW + j
-                y[n, c, p, q] = best
-                argmax[c, (n * H_out + p) * W_out + q] = k_best
+        plane = x[n, c]
+        yp = y[n, c]
+        ap = argmax[c, n * H_out * W_out:(n + 1) * H_out * W_out]
+        redo = True
+        if KH == 2 and KW == 2:
+            redo = _pool_plane_2x2(plane, sh, sw, yp, ap)
+        if redo:
+            _pool_plane_exact(plane, KH, KW, sh, sw, yp, ap)
 
 
 @njit(cache=True, parallel=True)
 def max_pool_backward(dy, argmax, KH, KW, sh, sw, dx):  # pragma: no cover - compiled
     """Each window's ``dy`` onto its recorded maximum, summed where windows overlap; equals
     :func:`refnorm.nn.pooling.max_pool2d_backward`.
+
+    One task per (n, c) plane; the plane is zeroed then written row by row.
 
     Parameters
     ----------
@@ -287,13 +369,18 @@ def max_pool_backward(dy, argmax, KH, KW, sh, sw, dx):  # pragma: no cover - com
     for t in prange(N * C):
         n = t // C
         c = t % C
+        plane = dx[n, c]
+        dp = dy[n, c]
+        ap = argmax[c, n * H_out * W_out:(n + 1) * H_out * W_out]
         for hh in range(H):
             for ww in range(W):
-                dx[n, c, hh, ww] = 0
+                plane[hh, ww] = 0
         for p in range(H_out):
+            base = p * W_out
+            dr = dp[p]
             for q in range(W_out):
-                k = argmax[c, (n * H_out + p) * W_out + q]
-                dx[n, c, p * sh + k // KW, q * sw + k % KW] += dy[n, c, p, q]
+                k = ap[base + q]
+                plane[p * sh + k // KW, q * sw + k % KW] += dr[q]
 
 
 @njit(cache=True, parallel=True)

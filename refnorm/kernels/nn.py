@@ -68,8 +68,18 @@ def col2im(cols: np.ndarray, x_shape: tuple[int, int, int, int], kernel: tuple[i
     cc = compute_array(cols)
     H_out = out_size(x_shape[2], kernel[0], stride[0], padding[0])
     W_out = out_size(x_shape[3], kernel[1], stride[1], padding[1])
-    dx = np.empty(x_shape, dtype=cc.dtype)
-    _loops.col2im(cc, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
+    return _col2im_by_sample(cc.reshape(cc.shape[0], x_shape[0], H_out * W_out
+                                        ).transpose(1, 0, 2), x_shape, kernel, stride, padding)
+
+
+def _col2im_by_sample(cols3: np.ndarray, x_shape: tuple[int, int, int, int],
+                      kernel: tuple[int, int], stride: tuple[int, int],
+                      padding: tuple[int, int]) -> np.ndarray:
+    """col2im of columns laid out by sample, (N, C KH KW, H_out W_out) (any outer strides)."""
+    H_out = out_size(x_shape[2], kernel[0], stride[0], padding[0])
+    W_out = out_size(x_shape[3], kernel[1], stride[1], padding[1])
+    dx = np.empty(x_shape, dtype=cols3.dtype)
+    _loops.col2im(cols3, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
                   H_out, W_out, dx)
     return dx
 
@@ -92,17 +102,18 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     w_mat : array, (C_out, C_in * KH * KW), compute dtype (the cache's ``w_mat``)
     """
     C_out = w.shape[0]
+    N = x.shape[0]
     cols = im2col(x, (w.shape[2], w.shape[3]), stride, padding)
     # a copy, never a view of the caller's w: the cache keeps w_mat
     w_mat = np.array(w, dtype=cols.dtype, order="C", copy=True).reshape(C_out, -1)
-    y = w_mat @ cols                                             # (C_out, N H_out W_out)
-    if b is not None:
-        y += np.asarray(b, dtype=cols.dtype).reshape(C_out, 1)
-    N = x.shape[0]
     H_out = out_size(x.shape[2], w.shape[2], stride[0], padding[0])
     W_out = out_size(x.shape[3], w.shape[3], stride[1], padding[1])
-    y = y.reshape(C_out, N, H_out, W_out).transpose(1, 0, 2, 3)
-    return np.ascontiguousarray(y, dtype=x.dtype), cols, w_mat
+    # one product per sample, written in (N, C_out, H_out W_out) order: no transpose copy
+    y = np.empty((N, C_out, H_out * W_out), dtype=cols.dtype)
+    np.matmul(w_mat, cols.reshape(cols.shape[0], N, H_out * W_out).transpose(1, 0, 2), out=y)
+    if b is not None:
+        y += np.asarray(b, dtype=cols.dtype).reshape(C_out, 1)
+    return y.reshape(N, C_out, H_out, W_out).astype(x.dtype, copy=False), cols, w_mat
 
 
 def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
@@ -123,12 +134,18 @@ def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
     db : array, (C_out,)
     """
     kernel, stride, padding = window
-    C_out = dy.shape[1]
-    dy_mat = np.ascontiguousarray(
-        np.asarray(dy, dtype=cols.dtype).transpose(1, 0, 2, 3)).reshape(C_out, -1)
-    dw = (dy_mat @ cols.T).reshape((C_out, x_shape[1]) + tuple(kernel))
-    dcols = w_mat.T @ dy_mat                                     # (C_in KH KW, N H_out W_out)
-    dx = col2im(dcols, x_shape, kernel, stride, padding)
+    N, C_out = dy.shape[:2]
+    dy3 = np.ascontiguousarray(dy, dtype=cols.dtype).reshape(N, C_out, -1)
+    # dw needs dy as (C_out, N H_out W_out): one transpose copy (the smallest array here),
+    # then a single product against the cached columns
+    dy_mat = np.empty((C_out, N, dy3.shape[2]), dtype=cols.dtype)
+    np.copyto(dy_mat, dy3.transpose(1, 0, 2))
+    dy_mat = dy_mat.reshape(C_out, -1)
+    dw = np.matmul(dy_mat, cols.T).reshape((C_out, x_shape[1]) + tuple(kernel))
+    # dcols by sample, (N, C_in KH KW, H_out W_out): each product's output stays in cache
+    # and col2im reads one contiguous block per (n, c) plane
+    dcols3 = np.matmul(w_mat.T, dy3)
+    dx = _col2im_by_sample(dcols3, x_shape, kernel, stride, padding)
     return dx, dw, dy_mat.sum(axis=1)
 
 

@@ -99,3 +99,22 @@ def test_relu_backward_equals_reference(x, in_place):
     np.testing.assert_array_equal(got, want)
     if in_place:
         assert got is out
+
+
+@given(data=st.data())
+def test_max_pool_2x2_equals_reference_with_ties_nan_and_infinities(data):
+    """2x2 windows take the branch-free pass (and a plane holding a NaN the exact loop);
+    drawn often here, with overlapping (stride 1), tiling (2) and skipping (3) windows."""
+    N, C = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+    H, W = data.draw(st.integers(2, 9)), data.draw(st.integers(2, 9))
+    stride = data.draw(st.sampled_from([(1, 1), (2, 2), (3, 3), (1, 2), (2, 1)]))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    values = st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 2.0, np.inf]) | st.just(np.nan)
+    x = _layout(data.draw, data.draw(arrays(dtype, (N, C, H, W), elements=values)))
+    y_ref, cache = max_pool2d_forward(x, kernel_size=2, stride=stride)
+    y, argmax = kernels.max_pool_forward(x, (2, 2), stride)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, cache.argmax)
+    dy = upstream(y_ref.shape, dtype, seed=x.size)
+    dx = kernels.max_pool_backward(dy, argmax, (N, C, H, W), (2, 2), stride)
+    assert_close("dx", dx, max_pool2d_backward(dy, cache), np.dtype(dtype).type)
