@@ -184,6 +184,9 @@ def _set_threads(threads: int | None, torch) -> dict[str, Any]:
     """Give numba, torch and (if threadpoolctl is installed) BLAS the same thread count."""
     import numba
 
+    # before numba starts its pool: refnorm.kernels sets OMP_WAIT_POLICY=PASSIVE (unless set)
+    import refnorm.kernels  # noqa: F401
+
     n = threads or numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
     numba.set_num_threads(n)
     layer = numba.config.THREADING_LAYER  # type: ignore[attr-defined]

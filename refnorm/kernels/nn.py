@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from refnorm.kernels import _loops
-from refnorm.kernels.norms import compute_array
+from refnorm.kernels.norms import compute_array, launch
 
 
 def out_size(size: int, kernel: int, stride: int, pad: int) -> int:
@@ -46,8 +46,8 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
     H_out = out_size(H, kernel[0], stride[0], padding[0])
     W_out = out_size(W, kernel[1], stride[1], padding[1])
     cols = np.empty((C * kernel[0] * kernel[1], N * H_out * W_out), dtype=xc.dtype)
-    _loops.im2col(xc, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
-                  H_out, W_out, cols)
+    launch(_loops.im2col, xc.size + cols.size, xc, kernel[0], kernel[1], stride[0], stride[1],
+           padding[0], padding[1], H_out, W_out, cols)
     return cols
 
 
@@ -79,8 +79,8 @@ def _col2im_by_sample(cols3: np.ndarray, x_shape: tuple[int, int, int, int],
     H_out = out_size(x_shape[2], kernel[0], stride[0], padding[0])
     W_out = out_size(x_shape[3], kernel[1], stride[1], padding[1])
     dx = np.empty(x_shape, dtype=cols3.dtype)
-    _loops.col2im(cols3, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
-                  H_out, W_out, dx)
+    launch(_loops.col2im, cols3.size + dx.size, cols3, kernel[0], kernel[1], stride[0],
+           stride[1], padding[0], padding[1], H_out, W_out, dx)
     return dx
 
 
@@ -169,7 +169,8 @@ def max_pool_forward(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, 
     W_out = out_size(W, kernel[1], stride[1], 0)
     y = np.empty((N, C, H_out, W_out), dtype=xc.dtype)
     argmax = np.empty((C, N * H_out * W_out), dtype=np.int64)
-    _loops.max_pool(xc, kernel[0], kernel[1], stride[0], stride[1], y, argmax)
+    launch(_loops.max_pool, xc.size + 2 * y.size, xc, kernel[0], kernel[1], stride[0],
+           stride[1], y, argmax)
     return y.astype(x.dtype, copy=False), argmax
 
 
@@ -190,8 +191,8 @@ def max_pool_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, in
     """
     dyc = compute_array(dy)
     dx = np.empty(x_shape, dtype=dyc.dtype)
-    _loops.max_pool_backward(dyc, np.ascontiguousarray(argmax), kernel[0], kernel[1],
-                             stride[0], stride[1], dx)
+    launch(_loops.max_pool_backward, dx.size + 2 * dyc.size, dyc, np.ascontiguousarray(argmax),
+           kernel[0], kernel[1], stride[0], stride[1], dx)
     return dx
 
 
@@ -215,6 +216,6 @@ def relu_backward(dy: np.ndarray, positive: np.ndarray, *, out: np.ndarray | Non
         out = np.empty_like(dyc)
     elif not (out.flags.c_contiguous and out.shape == dyc.shape and out.dtype == dyc.dtype):
         raise ValueError("out must be a C-contiguous array of dy's shape and dtype")
-    _loops.relu_backward(dyc.reshape(-1), np.ascontiguousarray(positive).reshape(-1),
-                         out.reshape(-1))
+    launch(_loops.relu_backward, 3 * dyc.size, dyc.reshape(-1),
+           np.ascontiguousarray(positive).reshape(-1), out.reshape(-1))
     return out

@@ -46,6 +46,10 @@ MIN_CHUNK = 2048     # values per task below which a task costs more than it com
 MAX_CHUNK = 16384    # values per task above which its second pass falls out of the L1/L2 cache
 MAX_UNIT = 1 << 18   # values per statistic above which its later passes fall out of L2
 UNIT_PATH = "auto"   # "auto" | "always" | "never": whole-statistic tasks (the tests force each)
+# values a loop moves below which it runs on the calling thread alone: waking the pool costs
+# more than it saves for such a call, and far more on a loaded machine, where a descheduled
+# worker holds up the end of the parallel loop (the training step's kernels are all this size)
+SERIAL_BELOW = 1 << 20
 
 
 # -- layout helpers ---------------------------------------------------------------------------
@@ -55,6 +59,21 @@ def compute_array(a: np.ndarray) -> np.ndarray:
     """``a`` as a C-contiguous float32 (from float16 or float32) or float64 array."""
     dtype = np.float64 if a.dtype == np.float64 else np.float32
     return np.ascontiguousarray(a, dtype=dtype)
+
+
+def launch(loop, work: int, *args):
+    """Run the numba ``loop`` on ``args``; on the calling thread alone when it moves fewer
+    than :data:`SERIAL_BELOW` values (``work``), else on numba's threads."""
+    if work >= SERIAL_BELOW:
+        return loop(*args)
+    threads = numba.get_num_threads()
+    if threads == 1:
+        return loop(*args)
+    numba.set_num_threads(1)
+    try:
+        return loop(*args)
+    finally:
+        numba.set_num_threads(threads)
 
 
 def planes(x: np.ndarray) -> np.ndarray:
@@ -99,7 +118,7 @@ def _plane_moments(x: np.ndarray):
     N, C = x.shape[:2]
     xp2 = planes(x)
     chunk = chunk_size(xp2.shape[0], xp2.shape[1])
-    mean, m2 = _loops.chunk_moments(xp2, chunk)
+    mean, m2 = launch(_loops.chunk_moments, xp2.size, xp2, chunk)
     P = mean.shape[1]
     return xp2, mean.reshape(N, C, P), m2.reshape(N, C, P), chunk_counts(xp2.shape[1], chunk)
 
@@ -115,7 +134,7 @@ def _normalize(xp2: np.ndarray, x: np.ndarray, mu_nc, rstd_nc, params) -> tuple:
     chunk = chunk_size(xp2.shape[0], xp2.shape[1])
     mu_b, rstd_b = (np.ascontiguousarray(np.broadcast_to(s, (N, C)), dtype=np.float64).ravel()
                     for s in (mu_nc, rstd_nc))
-    _loops.normalize_affine(xp2, mu_b, rstd_b, g, b, chunk, y, x_hat)
+    launch(_loops.normalize_affine, 3 * xp2.size, xp2, mu_b, rstd_b, g, b, chunk, y, x_hat)
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape)
 
 
@@ -125,7 +144,7 @@ def _grad_sums(dy: np.ndarray, x_hat: np.ndarray):
     xh2 = planes(x_hat)
     dy2 = np.ascontiguousarray(dy, dtype=xh2.dtype).reshape(xh2.shape)
     chunk = chunk_size(xh2.shape[0], xh2.shape[1])
-    s1, s2 = _loops.chunk_grad_sums(dy2, xh2, chunk)
+    s1, s2 = launch(_loops.chunk_grad_sums, 2 * xh2.size, dy2, xh2, chunk)
     return dy2, xh2, s1.sum(axis=1).reshape(N, C), s2.sum(axis=1).reshape(N, C)
 
 
@@ -134,7 +153,8 @@ def _combine(dy2, xh2, coefficients, shape) -> np.ndarray:
     k_dy, k_one, k_xhat = (np.ascontiguousarray(np.broadcast_to(k, shape[:2]),
                                                 dtype=np.float64).ravel() for k in coefficients)
     dx = np.empty_like(xh2)
-    _loops.combine(dy2, xh2, k_dy, k_one, k_xhat, chunk_size(*xh2.shape), dx)
+    launch(_loops.combine, 3 * xh2.size, dy2, xh2, k_dy, k_one, k_xhat,
+           chunk_size(*xh2.shape), dx)
     return dx.reshape(shape)
 
 
@@ -161,7 +181,8 @@ def _unit_forward(x, gamma, beta, eps, G):
     x_hat = np.empty_like(xp2)
     stats = np.empty((3, C if G == 0 else N * G), dtype=xp2.dtype)
     gamma_c, beta_c = (np.ascontiguousarray(p, dtype=xp2.dtype) for p in (gamma, beta))
-    _loops.unit_forward(xp2, C, G, gamma_c, beta_c, float(eps), y, x_hat, stats)
+    launch(_loops.unit_forward, 4 * xp2.size, xp2, C, G, gamma_c, beta_c, float(eps), y, x_hat,
+           stats)
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape), stats
 
 
@@ -175,7 +196,7 @@ def _unit_backward(dy, x_hat, rstd, gamma, G):
     sums = np.empty((2, N * C))
     gamma_c = np.ascontiguousarray(gamma, dtype=xh2.dtype)
     rstd_u = np.ascontiguousarray(rstd, dtype=xh2.dtype).ravel()
-    _loops.unit_backward(dy2, xh2, C, G, gamma_c, rstd_u, dx, sums)
+    launch(_loops.unit_backward, 5 * xh2.size, dy2, xh2, C, G, gamma_c, rstd_u, dx, sums)
     s_dy, s_dyx = sums.reshape(2, N, C).sum(axis=1).astype(gamma.dtype)
     return dx.reshape(x_hat.shape), s_dyx, s_dy
 
