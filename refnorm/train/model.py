@@ -13,6 +13,7 @@ per-channel scale and shift follows the last block, the only gamma/beta such a n
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -128,6 +129,15 @@ class ConvNet:
         if self.weight in ("wn", "ws"):
             options["bias"] = not has_norm
         return registry.build(self.weight, c_in, c_out, 3, **options)
+
+    def __deepcopy__(self, memo: dict) -> ConvNet:
+        # the array namespace (a module) is shared, everything else copied, as Layer does
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if isinstance(value, ModuleType) else copy.deepcopy(
+                value, memo)
+        return new
 
     def layers(self) -> list[Layer]:
         """The layers in forward order."""

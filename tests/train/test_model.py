@@ -88,3 +88,16 @@ def test_whole_network_backward_matches_finite_differences(norm, weight):
 
     err = check_vjp(f, vjp, {"x": x}, seed=4)["x"]
     assert err.max_rel_error < FD_TOLERANCE, err
+
+
+def test_a_model_deep_copies_with_its_namespace_shared():
+    import copy
+
+    from refnorm.train.model import ConvNet
+
+    model = ConvNet(in_channels=1, num_classes=3, norm="bn", widths=(4,))
+    clone = copy.deepcopy(model)
+    assert clone.xp is model.xp
+    for (_, a, name), (_, b, _) in zip(model.named_params(), clone.named_params(), strict=True):
+        assert a.params[name] is not b.params[name]
+        assert (a.params[name] == b.params[name]).all()
