@@ -154,7 +154,7 @@ def test_student_copy_blanks_every_solution(tmp_path):
     for path in LESSONS:
         original, student = _cells(path), _cells(tmp_path / path.name)
         assert len(original) == len(student)
-        for a, b in zip(original, student):
+        for a, b in zip(original, student, strict=True):
             if "solution" in lessons.tags(a):
                 assert "BEGIN SOLUTION" in "".join(a["source"])
                 assert "BEGIN SOLUTION" not in b["source"]
