@@ -85,17 +85,21 @@ def test_check_layer_passes_for_the_layers_not_in_the_registry_cases(layer, x_sh
 
 
 def _pure(layer, x):
-    """The pure forward a layer must equal, and the matching backward -> (dx, grads)."""
-    p = layer.params
+    """The pure forward a layer must equal, and the matching backward -> (dx, grads), on the
+    path the layer takes (the fast path by default; see tests/test_dispatch.py)."""
+    p, path = layer.params, layer.compute_path()
     if isinstance(layer, nn.Conv2d):
-        y, c = nn.conv2d_forward(x, p["w"], p.get("b"), stride=layer.stride, padding=layer.padding)
-        return y, lambda dy: _split(nn.conv2d_backward(dy, c))
+        y, c = nn.conv2d_forward(x, p["w"], p.get("b"), stride=layer.stride,
+                                 padding=layer.padding, path=path)
+        return y, lambda dy: _split(nn.conv2d_backward(dy, c, path=path))
     if isinstance(layer, nn.Linear):
         y, c = nn.linear_forward(x, p["w"], p.get("b"))
         return y, lambda dy: _split(nn.linear_backward(dy, c))
     forward, backward, kw = {
-        nn.ReLU: (nn.relu_forward, nn.relu_backward, {}),
-        nn.MaxPool2d: (nn.max_pool2d_forward, nn.max_pool2d_backward, {"kernel_size": 2}),
+        nn.ReLU: (nn.relu_forward, lambda dy, c: nn.relu_backward(dy, c, path=path), {}),
+        nn.MaxPool2d: (lambda x, **kw: nn.max_pool2d_forward(x, **kw, path=path),
+                       lambda dy, c: nn.max_pool2d_backward(dy, c, path=path),
+                       {"kernel_size": 2}),
         nn.AvgPool2d: (nn.avg_pool2d_forward, nn.avg_pool2d_backward,
                        {"kernel_size": 2, "stride": 1}),
         nn.GlobalAvgPool: (nn.global_avg_pool_forward, nn.global_avg_pool_backward, {}),
