@@ -120,7 +120,11 @@ def tolerances(case: Case, outputs: dict[str, np.ndarray]) -> dict[str, float]:
         "dmean_logits": m * A * (err_xhat + K * u * math.sqrt(m)) * (1 + _amax(x) * rstd_max),
     }
     tol["dvar_logits"] = tol["dmean_logits"]
-    return {k: tol[k] + 2 * u_out * _amax(v) + _FLOOR for k, v in outputs.items()}
+    # below the compute dtype's smallest normal number values are subnormal: spaced evenly,
+    # with no relative precision left (a float32 gamma of 1e-45), so that is the floor
+    floor = max(_FLOOR, float(np.finfo(np.float32 if case.x.dtype == np.float16
+                                       else case.x.dtype).smallest_normal))
+    return {k: tol[k] + 2 * u_out * _amax(v) + floor for k, v in outputs.items()}
 
 
 def _rstd_max(case: Case, x: np.ndarray) -> float:
@@ -156,7 +160,11 @@ def _weight_tolerances(case: Case, w: np.ndarray, p: list[np.ndarray], dy: np.nd
         tol = {"y": K * u * g,
                "dv": 3 * K * u * g * 2 * math.sqrt(I) * G / (n_min + case.eps),
                "dg": 3 * K * u * I * G}
-    return {k: tol[k] + 2 * u_out * _amax(v) + _FLOOR for k, v in outputs.items()}
+    # below the compute dtype's smallest normal number values are subnormal: spaced evenly,
+    # with no relative precision left (a float32 gamma of 1e-45), so that is the floor
+    floor = max(_FLOOR, float(np.finfo(np.float32 if case.x.dtype == np.float16
+                                       else case.x.dtype).smallest_normal))
+    return {k: tol[k] + 2 * u_out * _amax(v) + floor for k, v in outputs.items()}
 
 
 def reference_outputs(case: Case, options: dict[str, Any],
