@@ -372,6 +372,8 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
     dgamma, dbeta : arrays, (C,)
     dmean_logits, dvar_logits : float64 arrays, (K,)
     """
+    from refnorm.kernels.norms import sn_backward_terms  # the (N, C) arithmetic, shared
+
     xp = _namespace(dy, x_hat, rstd, gamma)
     dy, x_hat, rstd, gamma = (_as_xp(xp, a) for a in (dy, x_hat, rstd, gamma))
     N, C, S = x_hat.shape
@@ -383,33 +385,11 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
     s_dy, s_dyx = (s.reshape(N, C) for s in _grad_sums(xp, dy2, xh2))
     g = _f64(xp, gamma)
     r = xp.broadcast_to(xp.asarray(rstd, dtype=xp.float64), (N, C, 1)).reshape(N, C)
-    dvar = -0.5 * r * r * g * s_dyx                              # (N, C)  SN Eq. (7)
-    dmu = -r * g * s_dy                                          # (N, C)  SN Eq. (8)
-    dmu_in = xp.zeros((N, C))
-    dvar_in = xp.zeros((N, C))
-    axis = {"in": None, "ln": 1, "bn": 0}
-    count = {"in": 1, "ln": C, "bn": N}
-    for i, k in enumerate(scopes):
-        a = axis[k]
-        dvar_k = dvar if a is None else dvar.sum(axis=a, keepdims=True)
-        dmu_k = dmu if a is None else dmu.sum(axis=a, keepdims=True)
-        g_var = w_v[i] * dvar_k / count[k]
-        dvar_in = dvar_in + g_var
-        dmu_in = dmu_in + w_m[i] * dmu_k / count[k] + g_var * 2.0 * (mu["in"] - mu[k])
-    mu_mix = sum(w_m[i] * mu[k] for i, k in enumerate(scopes))
-    c2 = 2.0 * dvar_in / (S - in_correction)
-    # dh = dx_hat rstd + dmu_in / S + c2 (h - mu_in), h - mu_in = x_hat / rstd + mu_mix - mu_in
-    k_one = dmu_in / S + c2 * (mu_mix - mu["in"])
+    k_one, c2, dml, dvl = sn_backward_terms(xp, (r, g, s_dy, s_dyx), (mu, var), (w_m, w_v),
+                                            scopes=scopes, S=S, in_correction=in_correction,
+                                            hard=hard)
     k = xp.stack([xp.broadcast_to(c, (N, C)).reshape(N * C) for c in (r * g, k_one, c2 / r)])
     dx = _combine(xp, dy2, xh2, k).reshape(N, C, S)
-    if hard:
-        dml = xp.zeros(len(scopes))
-        dvl = xp.zeros(len(scopes))
-    else:
-        s_mean = xp.stack([xp.sum(dmu * mu[k]) for k in scopes])
-        s_var = xp.stack([xp.sum(dvar * var[k]) for k in scopes])
-        dml = w_m * (s_mean - xp.sum(w_m * s_mean))
-        dvl = w_v * (s_var - xp.sum(w_v * s_var))
     return (dx, s_dyx.sum(axis=0).astype(gamma.dtype), s_dy.sum(axis=0).astype(gamma.dtype),
             dml, dvl)
 

@@ -35,6 +35,7 @@ of :mod:`refnorm.norms` check them before dispatching.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba
 import numpy as np
@@ -466,10 +467,40 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     dy2, xh2, s_dy, s_dyx = _grad_sums(np.reshape(dy, x_hat.shape), x_hat)   # (N, C)
     g = np.asarray(gamma, dtype=np.float64)
     r = np.broadcast_to(np.asarray(rstd, dtype=np.float64), (N, C, 1)).reshape(N, C)
+    k_one, c2, dml, dvl = sn_backward_terms(np, (r, g, s_dy, s_dyx), (mu, var), (w_m, w_v),
+                                            scopes=scopes, S=S, in_correction=in_correction,
+                                            hard=hard)
+    dx = _combine(dy2, xh2, (r * g, k_one, c2 / r), x_hat.shape)
+    return dx, s_dyx.sum(axis=0).astype(gamma.dtype), s_dy.sum(axis=0).astype(gamma.dtype), dml, dvl
+
+
+def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tuple, *,
+                      scopes: tuple[str, ...], S: int, in_correction: int,
+                      hard: bool) -> tuple:
+    """The per-(n, c) arithmetic of the compact SN backward, shared by the CPU and GPU
+    wrappers (``xp``: numpy or CuPy); equals
+    :func:`refnorm.norms.switchable.switchable_norm_backward_compact`.
+
+    Parameters
+    ----------
+    sums : (r, g, s_dy, s_dyx): rstd (N, C), gamma (C,), and per (n, c) the sums of dy and
+        of dy * x_hat, float64
+    stats : (mu, var), dicts of scope to float64 arrays broadcastable to (N, C)
+    ratios : (w_mean, w_var), float64 arrays (K,)
+
+    Returns
+    -------
+    k_one, c2 : arrays broadcastable to (N, C)
+        ``dh = r g dy + k_one + (c2 / r) x_hat`` per (n, c).
+    dmean_logits, dvar_logits : float64 arrays, (K,)
+    """
+    r, g, s_dy, s_dyx = sums
+    (mu, var), (w_m, w_v) = stats, ratios
+    N, C = r.shape
     dvar = -0.5 * r * r * g * s_dyx                              # (N, C)  SN Eq. (7)
     dmu = -r * g * s_dy                                          # (N, C)  SN Eq. (8)
-    dmu_in = np.zeros((N, C))
-    dvar_in = np.zeros((N, C))
+    dmu_in = xp.zeros((N, C))
+    dvar_in = xp.zeros((N, C))
     axis = {"in": None, "ln": 1, "bn": 0}
     count = {"in": 1, "ln": C, "bn": N}
     for i, k in enumerate(scopes):
@@ -482,13 +513,10 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     mu_mix = sum(w_m[i] * mu[k] for i, k in enumerate(scopes))
     c2 = 2.0 * dvar_in / (S - in_correction)
     # dh = dx_hat rstd + dmu_in / S + c2 (h - mu_in), with h - mu_in = x_hat / rstd + mu_mix - mu_in
-    dx = _combine(dy2, xh2, (r * g, dmu_in / S + c2 * (mu_mix - mu["in"]), c2 / r), x_hat.shape)
+    k_one = dmu_in / S + c2 * (mu_mix - mu["in"])
     if hard:
-        dml = np.zeros(len(scopes))
-        dvl = np.zeros(len(scopes))
-    else:
-        s_mean = np.array([np.sum(dmu * mu[k]) for k in scopes])
-        s_var = np.array([np.sum(dvar * var[k]) for k in scopes])
-        dml = w_m * (s_mean - np.sum(w_m * s_mean))
-        dvl = w_v * (s_var - np.sum(w_v * s_var))
-    return dx, s_dyx.sum(axis=0).astype(gamma.dtype), s_dy.sum(axis=0).astype(gamma.dtype), dml, dvl
+        return k_one, c2, xp.zeros(len(scopes)), xp.zeros(len(scopes))
+    s_mean = xp.stack([xp.sum(dmu * mu[k]) for k in scopes])
+    s_var = xp.stack([xp.sum(dvar * var[k]) for k in scopes])
+    return (k_one, c2, w_m * (s_mean - xp.sum(w_m * s_mean)),
+            w_v * (s_var - xp.sum(w_v * s_var)))
