@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -19,6 +20,7 @@ from typing import NoReturn
 from refnorm import lessons, registry
 from refnorm.gradcheck import CaseResult, GradError, check_registered
 from refnorm.testing import cli as conform
+from refnorm.train.interrupt import Interrupted, exit_status, signal_name
 
 DEFAULT_TOLERANCE = 1e-6
 
@@ -281,6 +283,10 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         _use_path(args)
         print(f"training {config.describe()} -> {args.out}", file=sys.stderr)
         result = train(config, out=args.out, resume=args.resume)
+    except Interrupted as stop:  # before the first step: loading the data or a checkpoint
+        print(f"{prog}: stopped by {signal_name(stop.signum)} before the first step; "
+              "nothing was saved", file=sys.stderr)
+        return exit_status(stop.signum)
     except NonFinite as exc:
         print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
         return 3
@@ -288,7 +294,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     if result.interrupted:
-        return 128 + (result.signal or 2)
+        return exit_status(result.signal or signal.SIGINT)
     last = result.history[-1] if result.history else None
     if last:
         print(f"final test accuracy {last['test_acc']:.4f} (train {last['train_acc']:.4f}); "
@@ -323,9 +329,9 @@ def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except (ValueError, TypeError, OSError) as exc:
         print(f"refnorm study: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Interrupted (a signal) or a worker's Ctrl-C
         print("refnorm study: interrupted; no report was written", file=sys.stderr)
-        return 130
+        return exit_status(getattr(stop, "signum", signal.SIGINT))
     print(f"report: {report}")
     return 0
 

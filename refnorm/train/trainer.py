@@ -38,10 +38,11 @@ import importlib
 import io
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ from refnorm.train.folder import (
     remove_stale_temporaries,
     warn,
 )
-from refnorm.train.interrupt import DeferredSignals
+from refnorm.train.interrupt import Signals, signal_name
 from refnorm.train.model import NORMS, WEIGHTS, ConvNet
 from refnorm.train.optim import SGD, learning_rate
 from refnorm.weights import WeightNorm
@@ -265,7 +266,7 @@ class Run:
     opt: SGD
     out: Path | None
     bar: Progress
-    signals: DeferredSignals
+    signals: Signals
     on_step: Callable[[int, int, ConvNet], None] | None = None
     saved: Position | None = None
 
@@ -355,30 +356,39 @@ def train(
         If the data cannot train this network (too few samples for one update, an empty test
         set, images too small for its pooling).
     """
-    with DeferredSignals() as signals:
+    with Signals() as signals, ExitStack() as stack:
         if resume and out is not None and not Path(out).is_dir():
             raise CheckpointError(f"no checkpoint to resume from: {out} is not a folder")
-        folder = None if out is None else prepare_folder(out)
-        with nullcontext() if folder is None else FolderLock(folder, notice=warn):
+        with signals.deferred():  # creating and locking the folder is not left half-done
+            folder = None if out is None else prepare_folder(out)
             if folder is not None:
+                stack.enter_context(FolderLock(folder, notice=warn))
                 remove_stale_temporaries(folder, OUTPUTS)
-            run = _setup(config, folder, signals, progress=progress, on_step=on_step,
-                         data=data)
-            position = _starting_position(run, resume)
-            try:
-                while position.epoch < config.epochs:
-                    position = run_epoch(run, position)
-                if folder is not None and position.history:
-                    history = list(position.history)
-                    _write(run, lambda: write_metrics(folder, history, curves=True))
-            except _Interrupted as stop:
-                return _interrupt(run, stop.position, stop.signum)
-            except NonFinite as exc:
-                raise exc.moved(kept=_kept(run)) from None
-            return Result(config, list(position.history), run.model)
+        signals.raise_if_received()
+        # Loading the data and reading a checkpoint stay interruptible (a signal raises
+        # Interrupted there); from the first step on, signals wait for a step boundary.
+        run = _setup(config, folder, signals, progress=progress, on_step=on_step, data=data)
+        position = _starting_position(run, resume)
+        with signals.deferred():
+            return _run_epochs(run, position)
 
 
-def _setup(config: TrainConfig, out: Path | None, signals: DeferredSignals, *, progress: bool,
+def _run_epochs(run: Run, position: Position) -> Result:
+    """The epochs from ``position`` on, the final metrics; a stop saves at its boundary."""
+    try:
+        while position.epoch < run.config.epochs:
+            position = run_epoch(run, position)
+        if run.out is not None and position.history:
+            out, history = run.out, list(position.history)
+            _write(run, lambda: write_metrics(out, history, curves=True))
+    except _Interrupted as stop:
+        return _interrupt(run, stop.position, stop.signum)
+    except NonFinite as exc:
+        raise exc.moved(kept=_kept(run)) from None
+    return Result(run.config, list(position.history), run.model)
+
+
+def _setup(config: TrainConfig, out: Path | None, signals: Signals, *, progress: bool,
            on_step: Callable[[int, int, ConvNet], None] | None, data: Dataset | None) -> Run:
     data = prepare_data(config) if data is None else data
     check_data(config, data)
@@ -438,8 +448,7 @@ def _interrupt(run: Run, position: Position, signum: int) -> Result:
     """A signal or Ctrl-C: save where training stands (a step boundary) and stop."""
     if run.out is not None and not _same_place(run.saved, position):
         _save(run, position)
-    name = {2: "Ctrl-C (SIGINT)", 15: "SIGTERM"}.get(signum, f"signal {signum}")
-    where = f"stopped by {name} {_where(position)}"
+    where = f"stopped by {signal_name(signum)} {_where(position)}"
     run.bar.close(where + (f": checkpoint saved in {run.out}; continue with --resume"
                            if run.out is not None else ""))
     return Result(run.config, list(position.history), run.model, interrupted=True,
@@ -488,45 +497,50 @@ def run_epoch(run: Run, position: Position) -> Position:
         _stop_if_signalled(run, position)
         picked = order[position.step * group:(position.step + 1) * group]
         lr = run.learning_rate(position.epoch, position.step)
-        try:
-            totals = train_step(run.model, run.opt, run.data.x_train[picked],
-                                run.data.y_train[picked], config=config, lr=lr)
-        except KeyboardInterrupt:
-            raise _Interrupted(position, 2) from None  # the step undid itself
-        except NonFinite as exc:
-            raise exc.moved(where=f"in step {position.step + 1} of epoch "
-                                  f"{position.epoch + 1}") from None
-        except ValueError as exc:
-            # The data and the network were checked before training, and earlier steps ran:
-            # a layer refusing its numbers now (a variance overflowing float32) is divergence.
-            raise NonFinite("a layer's statistics", math.inf, reason=str(exc),
-                            where=f"in step {position.step + 1} of epoch "
-                                  f"{position.epoch + 1}") from None
+        with _boundary(position):  # a KeyboardInterrupt inside: the step undid itself
+            try:
+                totals = train_step(run.model, run.opt, run.data.x_train[picked],
+                                    run.data.y_train[picked], config=config, lr=lr)
+            except NonFinite as exc:
+                raise exc.moved(where=f"in step {position.step + 1} of epoch "
+                                      f"{position.epoch + 1}") from None
+            except ValueError as exc:
+                # The data and the network were checked before training, and earlier steps
+                # ran: a layer refusing its numbers now (a variance overflowing float32) is
+                # divergence.
+                raise NonFinite("a layer's statistics", math.inf, reason=str(exc),
+                                where=f"in step {position.step + 1} of epoch "
+                                      f"{position.epoch + 1}") from None
         position = dataclasses.replace(position, step=position.step + 1,
                                        totals=position.totals + totals)
-        try:
+        with _boundary(position):
             run.bar.update(position, config.epochs, run.steps_per_epoch)
             if run.on_step is not None:
                 run.on_step(position.epoch, position.step, run.model)
-        except KeyboardInterrupt:
-            raise _Interrupted(position, 2) from None
     _stop_if_signalled(run, position)
-    try:
-        row = evaluate(run, position, seconds=time.perf_counter() - started)
-    except KeyboardInterrupt:
-        raise _Interrupted(position, 2) from None
-    except NonFinite as exc:
-        raise exc.moved(where=f"in the evaluation of epoch {position.epoch + 1}") from None
+    with _boundary(position):  # an evaluation not yet run is run on resume
+        try:
+            row = evaluate(run, position, seconds=time.perf_counter() - started)
+        except NonFinite as exc:
+            raise exc.moved(where=f"in the evaluation of epoch {position.epoch + 1}") from None
     position = Position(position.epoch + 1, 0, Totals(), (*position.history, row))
     run.bar.epoch_done(row)
     if run.out is not None:
         out, history = run.out, list(position.history)
-        try:
+        with _boundary(position):  # a failed save is redone at the stop
             _save(run, position)
             _write(run, lambda: write_metrics(out, history))
-        except KeyboardInterrupt:
-            raise _Interrupted(position, 2) from None
     return position
+
+
+@contextmanager
+def _boundary(position: Position) -> Iterator[None]:
+    """A ``KeyboardInterrupt`` raised inside (a run outside the main thread, a hook) stops the
+    run at ``position``, the last step boundary."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        raise _Interrupted(position, getattr(exc, "signum", signal.SIGINT)) from None
 
 
 def _save(run: Run, position: Position) -> None:

@@ -22,10 +22,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -195,33 +196,153 @@ def test_handlers_are_restored(data):
 # -- the command, in a process of its own ---------------------------------------------------------
 
 
-def _start(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "refnorm", "train", "--epochs", "30",
-                             "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class _Process:
+    """A ``refnorm`` command in a process of its own, its stderr read line by line as it comes
+    (a thread puts each line in a queue, so that a test waits for a line, never for a time)."""
+
+    def __init__(self, argv: list[str], **popen: object) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, **popen)  # type: ignore[call-overload]
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.err: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 120.0) -> None:
+        """Until a line of stderr contains ``text`` (fails if the process ends first)."""
+        while True:
+            line = self.lines.get(timeout=timeout)
+            assert line is not None, f"{text!r} never came:\n{''.join(self.err)}"
+            self.err.append(line)
+            if text in line:
+                return
+
+    def finish(self, timeout: float = 60.0) -> tuple[int, str]:
+        self.proc.wait(timeout=timeout)
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            self.err.append(line)
+        return self.proc.returncode, "".join(self.err)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Until ``path`` exists: the lock file, created once the signal handlers are in place."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+def _train(out: Path, *extra: str, python: tuple[str, ...] = ("-m", "refnorm")) -> _Process:
+    return _Process([sys.executable, *python, "train", "--epochs", "30", "--out", str(out),
+                     *extra])
 
 
 @pytest.mark.parametrize(("signals", "status"), [((signal.SIGTERM,), 143),
+                                                 ((signal.SIGINT,), 130),
                                                  ((signal.SIGINT, signal.SIGINT), 130)])
 def test_cli_stops_on_a_signal_with_a_checkpoint(tmp_path, signals, status):
-    proc = _start(tmp_path)
-    _wait_for(tmp_path / LOCK, proc)
-    time.sleep(0.3)  # into the first steps
-    for signum in signals:  # a double Ctrl-C: the second lands during the stop or the save
-        proc.send_signal(signum)
-        time.sleep(0.01)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == status, err
+    proc = _train(tmp_path)
+    proc.wait_for("epoch 1:")  # into epoch 2's steps
+    proc.proc.send_signal(signals[0])
+    proc.wait_for("checkpoint saved")
+    for signum in signals[1:]:  # a second Ctrl-C after the save, while the command exits
+        proc.proc.send_signal(signum)
+    code, err = proc.finish()
+    assert code == status, err
     assert "Traceback" not in err
-    assert "checkpoint saved" in err and "continue with --resume" in err
+    assert "continue with --resume" in err
     assert (tmp_path / CHECKPOINT).exists() and not (tmp_path / LOCK).exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# Runs the command with the trainer's save-and-stop held open: after it has saved (and train()
+# has returned, so only the command's own handling is left), it says "held" and waits for its
+# stdin to close, so the test can send a signal into exactly that moment.
+_HELD = """
+import sys
+from refnorm.train import trainer
+from refnorm.__main__ import entry
+
+original = trainer.train
+
+def held(*args, **kwargs):
+    result = original(*args, **kwargs)
+    print("held", file=sys.stderr, flush=True)
+    sys.stdin.read()
+    return result
+
+trainer.train = held
+entry()
+"""
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_stop_keeps_the_exit_status(tmp_path, second):
+    # Signals stay deferred until the process exits with its status: the second one lands
+    # after train() returned (where normal Python handling would raise KeyboardInterrupt).
+    proc = _Process([sys.executable, "-c", _HELD, "train", "--epochs", "30", "--out",
+                     str(tmp_path)], stdin=subprocess.PIPE)
+    proc.wait_for("epoch 1:")
+    proc.proc.send_signal(signal.SIGINT)
+    proc.wait_for("held")
+    proc.proc.send_signal(second)
+    assert proc.proc.stdin is not None
+    proc.proc.stdin.close()
+    code, err = proc.finish()
+    assert code == 130, err
+    assert "Traceback" not in err and "checkpoint saved" in err
+
+
+# Runs the command with one step of its start held open, named by argv[1]: "import" (the
+# command line's module, which imports numpy) or "read" (the checkpoint's read, blocking as on
+# a stalled network file); it says so and waits for its stdin.
+_EARLY = """
+import sys
+import refnorm.__main__
+
+target = sys.argv.pop(1)
+if target == "import":
+    import builtins
+    real_import = builtins.__import__
+
+    def slow_import(name, *args, **kwargs):
+        if name == "refnorm.cli":
+            print("importing", file=sys.stderr, flush=True)
+            sys.stdin.read()
+        return real_import(name, *args, **kwargs)
+
+    builtins.__import__ = slow_import
+else:
+    from refnorm.train import trainer
+    real_read = trainer._read_checkpoint
+
+    def slow_read(path):
+        print("reading", file=sys.stderr, flush=True)
+        sys.stdin.read()
+        return real_read(path)
+
+    trainer._read_checkpoint = slow_read
+refnorm.__main__.entry()
+"""
+
+
+def test_ctrl_c_while_the_command_imports_exits_130_quietly(tmp_path):
+    proc = _Process([sys.executable, "-c", _EARLY, "import", "gradcheck", "bn"],
+                    stdin=subprocess.PIPE)
+    proc.wait_for("importing")
+    proc.proc.send_signal(signal.SIGINT)
+    code, err = proc.finish()
+    assert code == 130, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_reading_a_checkpoint_stays_interruptible(tmp_path, signum, status):
+    args = ["train", "--epochs", "1", "--batch-size", "64", "--out", str(tmp_path)]
+    assert subprocess.run([sys.executable, "-m", "refnorm", *args],
+                          capture_output=True).returncode == 0
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    proc = _Process([sys.executable, "-c", _EARLY, "read", *args, "--epochs", "2", "--resume"],
+                    stdin=subprocess.PIPE)
+    proc.wait_for("reading")
+    proc.proc.send_signal(signum)
+    code, err = proc.finish()
+    assert code == status, err
+    assert "Traceback" not in err and "before the first step; nothing was saved" in err
+    assert (tmp_path / CHECKPOINT).read_bytes() == before and not (tmp_path / LOCK).exists()
