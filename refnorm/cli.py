@@ -261,13 +261,11 @@ def _add_study(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from refnorm.train.trainer import (
-        CheckpointError,
-        NonFinite,
-        OutputFolderError,
-        TrainConfig,
-        train,
-    )
+    from refnorm.train.checkpoint import CheckpointError
+    from refnorm.train.config import TrainConfig
+    from refnorm.train.finite import NonFinite
+    from refnorm.train.folder import OutputFolderError
+    from refnorm.train.loop import train
 
     prog = "refnorm train"
     if (problem := _device_problem(args)) is not None:

@@ -15,7 +15,7 @@ from refnorm.cli import main, summarize
 from refnorm.gradcheck import CaseResult, GradError
 from refnorm.layer import CheckCase
 from refnorm.norms import BatchNorm
-from refnorm.train.trainer import CHECKPOINT
+from refnorm.train.checkpoint import CHECKPOINT
 
 
 def test_gradcheck_all_json_lists_every_normalizer_and_gradient(capsys):
@@ -202,8 +202,8 @@ def _cases():
 @pytest.mark.parametrize(("command", "option", "value"), list(_cases()))
 def test_every_bad_value_is_one_line_and_exit_2(command, option, value, capsys, tmp_path,
                                                 monkeypatch):
+    import refnorm.train.loop as trainer_module
     import refnorm.train.study as study_module
-    import refnorm.train.trainer as trainer_module
 
     def never(*args, **kwargs):
         raise AssertionError("training started despite a bad argument")

@@ -36,9 +36,11 @@ from refnorm.sync import (
     sync_switchable_norm_backward,
     sync_switchable_norm_forward,
 )
+from refnorm.train.checkpoint import load_checkpoint, save_checkpoint
+from refnorm.train.config import TrainConfig
+from refnorm.train.loop import train_step
 from refnorm.train.model import NORMS, WEIGHTS, ChannelAffine, ConvNet
 from refnorm.train.optim import SGD
-from refnorm.train.trainer import TrainConfig, load_checkpoint, save_checkpoint, train_step
 from refnorm.weights import (
     norm_prop_relu_backward,
     norm_prop_relu_forward,
@@ -333,7 +335,7 @@ def test_two_training_steps_keep_everything_on_the_device(norm, weight):
 def test_a_checkpoint_saved_from_device1_loads_back_onto_device1(tmp_path):
     """save_checkpoint copies to the host (refnorm.backend.to_numpy); load_checkpoint puts
     every array back on the device of the model's own arrays."""
-    from refnorm.train.trainer import Position, Totals
+    from refnorm.train.position import Position, Totals
 
     config = _config("sn", None)
     model = _model("sn", None)

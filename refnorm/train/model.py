@@ -162,3 +162,10 @@ class ConvNet:
             for name in layer.params:
                 yield f"{i}/{name}", layer, name
 
+
+
+def on_model(model: ConvNet, a: Any) -> Array:
+    """``a`` (a numpy batch, or an array already there) in the model's namespace and on its
+    device: one host-to-device copy for a numpy batch and a GPU or array_api_strict model,
+    none for a numpy model."""
+    return model.xp.asarray(a, **on_device(model.device))

@@ -30,7 +30,8 @@ import numpy as np
 
 from refnorm.dispatch import process_choice, set_path
 from refnorm.norms.switchable import SCOPES
-from refnorm.train.trainer import TrainConfig, train
+from refnorm.train.config import TrainConfig
+from refnorm.train.loop import train
 
 
 @dataclass(frozen=True)

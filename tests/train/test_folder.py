@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from refnorm.train import checkpoint, loop
 from refnorm.train import folder as folder_module
-from refnorm.train import trainer
+from refnorm.train.checkpoint import CHECKPOINT
+from refnorm.train.config import TrainConfig
 from refnorm.train.folder import (
     LOCK,
     FolderBusy,
@@ -23,7 +25,7 @@ from refnorm.train.folder import (
     atomic_write,
     check_room,
 )
-from refnorm.train.trainer import CHECKPOINT, TrainConfig, prepare_data, train
+from refnorm.train.loop import prepare_data, train
 
 CONFIG = TrainConfig(norm="bn", batch_size=4, accumulation=2, epochs=2, widths=(4, 4),
                      train_subset=32)
@@ -41,7 +43,7 @@ def no_training(monkeypatch):
     def step(*args, **kwargs):
         raise AssertionError("a training step ran before the folder was checked")
 
-    monkeypatch.setattr(trainer, "train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
 
 
 def _no_leftovers(path: Path) -> None:
@@ -108,7 +110,7 @@ def test_disk_full_during_the_run_keeps_the_last_checkpoint(tmp_path, data, monk
     # The folder check passed, then the disk filled up: epoch 2's checkpoint cannot be
     # written. One sentence; epoch 1's checkpoint stays, and no temporary file.
     calls = {"n": 0}
-    real_savez = trainer.np.savez
+    real_savez = checkpoint.np.savez
 
     def savez(f, **arrays):
         calls["n"] += 1
@@ -116,13 +118,13 @@ def test_disk_full_during_the_run_keeps_the_last_checkpoint(tmp_path, data, monk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_savez(f, **arrays)
 
-    monkeypatch.setattr(trainer.np, "savez", savez)
+    monkeypatch.setattr(checkpoint.np, "savez", savez)
     with pytest.raises(OutputFolderError, match=r"the disk is full .*; the checkpoint after "
                                                 r"epoch 1 in .* is kept"):
         train(CONFIG, out=tmp_path, progress=False, data=data)
     monkeypatch.undo()
     _no_leftovers(tmp_path)
-    assert trainer._read_checkpoint(tmp_path / CHECKPOINT)[1]["epoch"] == 1
+    assert checkpoint._read_checkpoint(tmp_path / CHECKPOINT)[1]["epoch"] == 1
 
 
 def test_disk_full_at_the_lock_file(tmp_path, monkeypatch):

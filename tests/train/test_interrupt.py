@@ -33,10 +33,12 @@ import numpy as np
 import pytest
 
 from refnorm.layer import Layer
-from refnorm.train import trainer
+from refnorm.train import evaluate, loop, outputs
+from refnorm.train.checkpoint import CHECKPOINT
+from refnorm.train.config import TrainConfig
 from refnorm.train.folder import LOCK
+from refnorm.train.loop import prepare_data, train
 from refnorm.train.optim import SGD
-from refnorm.train.trainer import CHECKPOINT, TrainConfig, prepare_data, train
 
 CONFIG = TrainConfig(norm="sn", batch_size=4, accumulation=2, epochs=2, widths=(4, 4),
                      train_subset=32, average_samples=8)
@@ -62,15 +64,15 @@ TARGETS = {
     "forward": (Layer, "forward"),
     "backward": (Layer, "backward"),
     "update": (SGD, "update"),
-    "accumulate": (trainer, "accumulate_gradients"),
-    "evaluate": (trainer, "evaluate"),
-    "batch_average": (trainer, "batch_average"),
-    "predict": (trainer, "predict"),
-    "progress": (trainer.Progress, "update"),
+    "accumulate": (loop, "accumulate_gradients"),
+    "evaluate": (loop, "evaluate"),
+    "batch_average": (evaluate, "batch_average"),
+    "predict": (evaluate, "predict"),
+    "progress": (outputs.Progress, "update"),
     "savez": (np, "savez"),
     "fsync": (os, "fsync"),
     "replace": (os, "replace"),
-    "write_metrics": (trainer, "write_metrics"),
+    "write_metrics": (loop, "write_metrics"),
 }
 
 # (target, k): forward 1 and 9 are micro-batch 1 of step 1, 10-18 micro-batch 2; 72 the
@@ -256,10 +258,10 @@ def test_cli_stops_on_a_signal_with_a_checkpoint(tmp_path, signals, status):
 # stdin to close, so the test can send a signal into exactly that moment.
 _HELD = """
 import sys
-from refnorm.train import trainer
+from refnorm.train import loop
 from refnorm.__main__ import entry
 
-original = trainer.train
+original = loop.train
 
 def held(*args, **kwargs):
     result = original(*args, **kwargs)
@@ -267,7 +269,7 @@ def held(*args, **kwargs):
     sys.stdin.read()
     return result
 
-trainer.train = held
+loop.train = held
 entry()
 """
 
@@ -309,15 +311,15 @@ if target == "import":
 
     builtins.__import__ = slow_import
 else:
-    from refnorm.train import trainer
-    real_read = trainer._read_checkpoint
+    from refnorm.train import checkpoint
+    real_read = checkpoint._read_checkpoint
 
     def slow_read(path):
         print("reading", file=sys.stderr, flush=True)
         sys.stdin.read()
         return real_read(path)
 
-    trainer._read_checkpoint = slow_read
+    checkpoint._read_checkpoint = slow_read
 refnorm.__main__.entry()
 """
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from refnorm.dispatch import use_path
+from refnorm.train.loop import build_model, prepare_data, train
 from refnorm.train.study import StudyConfig, job_configs
-from refnorm.train.trainer import build_model, prepare_data, train
 
 
 @pytest.mark.parametrize("method", ["bn", "gn", "sn", "gn+ws", "wn", "in", "ln"])

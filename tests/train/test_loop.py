@@ -1,4 +1,5 @@
-"""The trainer: learning, resuming bit-identically, checkpoints, and the promised errors."""
+"""The training loop: learning, resuming bit-identically, interrupted steps, non-finite values
+and the promised errors."""
 
 from __future__ import annotations
 
@@ -8,32 +9,14 @@ import json
 import numpy as np
 import pytest
 
-from refnorm.train import trainer
+from refnorm.train import checkpoint, loop
+from refnorm.train.checkpoint import CHECKPOINT, CheckpointError
+from refnorm.train.config import TrainConfig
+from refnorm.train.finite import NonFinite
 from refnorm.train.folder import atomic_write
+from refnorm.train.loop import train, train_step
 from refnorm.train.optim import SGD
-from refnorm.train.trainer import (
-    CHECKPOINT,
-    FORMAT,
-    CheckpointError,
-    NonFinite,
-    TrainConfig,
-    build_model,
-    load_checkpoint,
-    predict,
-    prepare_data,
-    train,
-    train_step,
-)
-
-SMALL = {"train_subset": 192, "widths": (8, 8, 8), "average_samples": 64}
-
-
-def config(**kw) -> TrainConfig:
-    return TrainConfig(**{"batch_size": 8, "accumulation": 2, "epochs": 2, **SMALL, **kw})
-
-
-def params_of(result) -> dict:
-    return {key: layer.params[name].copy() for key, layer, name in result.model.named_params()}
+from tests.train.conftest import TINY, config, fresh, params_of
 
 
 @pytest.mark.parametrize(
@@ -122,32 +105,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (tmp_path / CHECKPOINT).read_bytes() == good["bytes"]  # epoch 1's, untouched
 
 
-def test_corrupted_checkpoint(tmp_path):
-    cfg = config(epochs=1)
-    train(cfg, out=tmp_path, progress=False)
-    path = tmp_path / CHECKPOINT
-    path.write_bytes(path.read_bytes()[:200])  # truncated
-    with pytest.raises(CheckpointError, match=r"corrupted or not a refnorm checkpoint"):
-        train(cfg, out=tmp_path, resume=True, progress=False)
-
-
-def test_mismatched_checkpoint(tmp_path):
-    train(config(epochs=1), out=tmp_path, progress=False)
-    with pytest.raises(CheckpointError, match=r"another configuration; norm: checkpoint 'bn', "
-                                              r"this run 'gn'"):
-        train(config(epochs=1, norm="gn"), out=tmp_path, resume=True, progress=False)
-
-
 def test_resume_without_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"no checkpoint to resume from"):
         train(config(), out=tmp_path, resume=True, progress=False)
-
-
-def test_bad_configuration():
-    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1; got 0"):
-        TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match=r"one update needs batch_size \* accumulation = 4096"):
-        train(config(batch_size=64, accumulation=64), progress=False)
 
 
 def test_interrupt_inside_a_step_forgets_its_running_statistics(tmp_path):
@@ -193,70 +153,6 @@ def test_accumulation_averages_micro_batch_gradients():
 # -- what a checkpoint holds --------------------------------------------------------------------
 
 
-def _fresh(cfg):
-    data = prepare_data(cfg)
-    model = build_model(cfg, data)
-    return data, model, SGD(model, lr=cfg.lr, momentum=cfg.momentum)
-
-
-def _sn_layers(model):
-    return [layer for layer in model.layers() if "population_ready" in layer.state]
-
-
-def test_checkpoint_carries_sn_population_readiness_in_the_state(tmp_path):
-    # SN with the batch average: a checkpoint taken inside the first epoch holds layers with
-    # no population statistics yet; one taken after an epoch holds ready ones.
-    cfg = config(norm="sn", epochs=2)
-
-    def stop(epoch, step, model):
-        if (epoch, step) == (0, 2):
-            raise KeyboardInterrupt
-
-    assert train(cfg, out=tmp_path, progress=False, on_step=stop).interrupted
-    data, model, opt = _fresh(cfg)
-    load_checkpoint(tmp_path / CHECKPOINT, cfg, model, opt)
-    assert _sn_layers(model) and not any(bool(l.state["population_ready"])
-                                         for l in _sn_layers(model))
-    with pytest.raises(RuntimeError, match="population statistics"):
-        predict(model, data.x_test[:4])
-
-    done = train(cfg, out=tmp_path, resume=True, progress=False)
-    data, model, opt = _fresh(cfg)
-    load_checkpoint(tmp_path / CHECKPOINT, cfg, model, opt)
-    assert all(bool(l.state["population_ready"]) for l in _sn_layers(model))
-    # Evaluation straight from the checkpoint gives the run's own last test accuracy.
-    acc = float(np.mean(np.argmax(predict(model, data.x_test), 1) == data.y_test))
-    assert acc == done.history[-1]["test_acc"]
-
-
-def test_checkpoint_of_another_format_is_refused(tmp_path):
-    cfg = config(epochs=1)
-    train(cfg, out=tmp_path, progress=False)
-    path = tmp_path / CHECKPOINT
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(arrays["meta"].tobytes().decode())
-    meta["format"] = FORMAT - 1
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-    with pytest.raises(CheckpointError, match=rf"has format {FORMAT - 1}, expected {FORMAT}"):
-        train(cfg, out=tmp_path, resume=True, progress=False)
-
-
-def test_checkpoint_missing_a_state_array_is_refused(tmp_path):
-    cfg = config(epochs=1, norm="bn")
-    train(cfg, out=tmp_path, progress=False)
-    path = tmp_path / CHECKPOINT
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files if not k.endswith("/running_var")}
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-    with pytest.raises(CheckpointError,
-                       match=r"does not match the model: lacks state/\d+/running_var"):
-        train(cfg, out=tmp_path, resume=True, progress=False)
-
-
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_bytes(b"old")
@@ -292,7 +188,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("where", ["forward", "update"])
 def test_ctrl_c_inside_a_step_undoes_it(monkeypatch, where):
     cfg = config(norm="bn", batch_size=4, accumulation=2)
-    data, model, opt = _fresh(cfg)
+    data, model, opt = fresh(cfg)
     x, y = data.x_train[:8], data.y_train[:8]
     train_step(model, opt, x, y, config=cfg, lr=0.05)  # momentum and running stats non-zero
     before = _snapshot(model, opt)
@@ -323,13 +219,6 @@ def test_ctrl_c_inside_a_step_undoes_it(monkeypatch, where):
 # -- nothing non-finite is kept -------------------------------------------------------------------
 
 
-TINY = {"train_subset": 32, "widths": (4, 4), "batch_size": 4, "accumulation": 2, "epochs": 2}
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    full = prepare_data(TrainConfig(**TINY))
-    return dataclasses.replace(full, x_test=full.x_test[:40], y_test=full.y_test[:40])
 
 
 def _blow_up_after(epoch_step):
@@ -351,7 +240,7 @@ def test_infinite_running_variance_stops_the_run(tmp_path, tiny_data):
                                         r"step 2 of epoch 2; the run stopped; the checkpoint "
                                         r"after epoch 1 in .* is kept"):
         train(cfg, out=tmp_path, progress=False, data=tiny_data, on_step=_blow_up_after((1, 1)))
-    _, meta = trainer._read_checkpoint(tmp_path / CHECKPOINT)
+    _, meta = checkpoint._read_checkpoint(tmp_path / CHECKPOINT)
     assert meta["epoch"] == 1
     with np.load(tmp_path / CHECKPOINT) as z:
         assert all(np.isfinite(z[k]).all() for k in z.files if z[k].dtype.kind == "f")
@@ -394,9 +283,9 @@ def test_a_checkpoint_from_an_earlier_run_is_not_called_this_runs(tmp_path, tiny
 
 def test_a_non_finite_gradient_is_not_applied(monkeypatch):
     cfg = config(norm="bn", batch_size=4, accumulation=2)
-    data, model, opt = _fresh(cfg)
+    data, model, opt = fresh(cfg)
     before = _snapshot(model, opt)
-    real = trainer.accumulate_gradients
+    real = loop.accumulate_gradients
 
     def poisoned(*args):
         grads, totals = real(*args)
@@ -404,7 +293,7 @@ def test_a_non_finite_gradient_is_not_applied(monkeypatch):
         grads["0/w"].flat[3] = np.inf
         return grads, totals
 
-    monkeypatch.setattr(trainer, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(loop, "accumulate_gradients", poisoned)
     with pytest.raises(NonFinite, match=r"^layer 0 \(Conv2d\) gradient of w became inf"):
         train_step(model, opt, data.x_train[:8], data.y_train[:8], config=cfg, lr=0.05)
     params, _, velocity = _snapshot(model, opt)
@@ -415,110 +304,7 @@ def test_a_non_finite_gradient_is_not_applied(monkeypatch):
         np.testing.assert_array_equal(before[2][k], velocity[k])
 
 
-def test_save_checkpoint_refuses_non_finite_arrays(tmp_path):
-    cfg = config(norm="bn")
-    data, model, opt = _fresh(cfg)
-    bn = model.layers()[1]
-    bn.state["running_mean"] = bn.state["running_mean"].copy()
-    bn.state["running_mean"][0] = np.nan
-    with pytest.raises(NonFinite, match=r"^state/1/running_mean became nan"):
-        trainer.save_checkpoint(tmp_path / CHECKPOINT, cfg, model, opt, trainer.Position())
-    assert not list(tmp_path.iterdir())
-
-
-def test_metrics_json_is_strict_json(tmp_path):
-    row = {"epoch": 1, "train_loss": float("nan"), "test_loss": float("inf"), "test_acc": 0.5}
-    trainer.write_metrics(tmp_path, [row])
-
-    def refuse(token):
-        raise ValueError(f"not JSON: {token}")
-
-    rows = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
-    assert rows == [{"epoch": 1, "train_loss": None, "test_loss": None, "test_acc": 0.5}]
-
-
-def test_is_finite_is_exact():
-    assert trainer.is_finite(np.full(10**6, np.finfo(np.float32).max, np.float32))
-    assert trainer.is_finite(np.array([1e308, 1e308]))  # its float64 sum overflows
-    assert not trainer.is_finite(np.array([1.0, np.inf, -np.inf]))  # sum nan
-    assert not trainer.is_finite(np.array([np.nan], np.float16))
-    assert trainer.is_finite(np.array(True)) and trainer.is_finite(np.arange(3))
-
-
-# -- hand-edited checkpoints and unusable data --------------------------------------------------
-
-
-def _edit_meta(key, value):
-    def edit(arrays, meta):
-        if value is _DROP:
-            del meta[key]
-        else:
-            meta[key] = value
-    return edit
-
-
-_DROP = object()
-
-
-def _edit_array(key, change):
-    def edit(arrays, meta):
-        if change is _DROP:
-            del arrays[key]
-        else:
-            arrays[key] = change(arrays[key])
-    return edit
-
-
-def _no_meta(arrays, meta):
-    meta.clear()
-    meta["_drop"] = True
-
-
-@pytest.mark.parametrize(("edit", "message"), [
-    (_edit_meta("epoch", _DROP), r": its metadata lacks 'epoch'$"),
-    (_edit_meta("step", "3"), r": metadata 'step' must be a int; got '3'$"),
-    (_edit_meta("epoch", 7), r": metadata 'epoch' must be in 0..1; got 7$"),
-    (_edit_meta("step", 99), r": metadata 'step' must be in 0..4 \(0 after the last epoch\); "
-                             r"got 99$"),
-    (_edit_meta("totals", {"loss": 1.0}), r": metadata 'totals' must hold finite numbers >= 0 "
-                                          r"for exactly loss, correct, samples"),
-    (_edit_meta("history", []), r": metadata 'history' must hold one row \(an object\) per "
-                                r"finished epoch, 1; got 0 entries$"),
-    (_edit_array("param/0/w", lambda a: a[:1]), r" does not match the model: param/0/w is "
-                                                r"float32 \(1, 1, 3, 3\), the model's is float32 "
-                                                r"\(4, 1, 3, 3\)$"),
-    (_edit_array("velocity/0/w", lambda a: a.astype(np.float64)), r" does not match the "
-                                                                   r"model: velocity/0/w is "
-                                                                   r"float64"),
-    (_edit_array("state/1/running_var", _DROP), r" does not match the model: lacks "
-                                                r"state/1/running_var$"),
-    (_edit_array("param/0/w", lambda a: np.where(a > 0, np.nan, a).astype(a.dtype)),
-     r": param/0/w holds nan$"),
-    (lambda arrays, meta: arrays.update(extra=np.zeros(2)), r" does not match the model: has "
-                                                            r"arrays the model does not: "
-                                                            r"extra$"),
-])
-def test_hand_edited_checkpoint_is_refused_by_name(tmp_path, tiny_data, edit, message):
-    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
-    train(cfg, out=tmp_path, progress=False, data=tiny_data)
-    path = tmp_path / CHECKPOINT
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(arrays["meta"].tobytes().decode())
-    edit(arrays, meta)
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-    with pytest.raises(CheckpointError, match=rf"^checkpoint {path}{message}"):
-        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
-
-
-def test_checkpoint_without_meta_is_refused(tmp_path):
-    path = tmp_path / CHECKPOINT
-    with open(path, "wb") as f:
-        np.savez(f, w=np.zeros(3))
-    with pytest.raises(CheckpointError, match=r"is not a refnorm checkpoint: it has no 'meta'"):
-        train(config(), out=tmp_path, resume=True, progress=False)
+# -- unusable data --------------------------------------------------
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -534,20 +320,8 @@ def test_unusable_data_is_refused_before_training(tiny_data, monkeypatch, change
     def step(*args, **kwargs):
         raise AssertionError("a training step ran")
 
-    monkeypatch.setattr(trainer, "train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(**TINY), progress=False, data=change(tiny_data))
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"seed": -1}, r"seed must be an int >= 0; got -1"),
-    ({"lr": float("nan")}, r"lr must be a finite number > 0; got nan"),
-    ({"momentum": 1.0}, r"momentum must be a finite number in \[0, 1\); got 1.0"),
-    ({"norm": "xn"}, r"norm must be one of none, bn,"),
-    ({"num_groups": 3, "norm": "gn"}, r"num_groups=3 must divide every width \(16, 32, 32\)"),
-    ({"widths": ()}, r"widths must be a non-empty tuple of ints"),
-    ({"train_subset": 0}, r"train_subset must be an int >= 1; got 0"),
-])
-def test_config_refuses_bad_values(changes, message):
-    with pytest.raises(ValueError, match=message):
-        TrainConfig(**changes)

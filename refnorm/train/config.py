@@ -1,0 +1,81 @@
+"""What determines a training run: :class:`TrainConfig` and the checks of its values."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from refnorm.train.model import NORMS, WEIGHTS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run (and must match when resuming)."""
+
+    data: str = "digits"
+    norm: str = "bn"
+    weight: str | None = None
+    batch_size: int = 32
+    accumulation: int = 1
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    seed: int = 0
+    widths: tuple[int, ...] = (16, 32, 32)
+    num_groups: int = 4
+    sn_inference: str = "batch_average"
+    average_samples: int = 256
+    train_subset: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "accumulation", "epochs", "average_samples", "num_groups"):
+            check_int(name, getattr(self, name), low=1)
+        check_int("seed", self.seed, low=0)
+        if self.train_subset is not None:
+            check_int("train_subset", self.train_subset, low=1)
+        if not (isinstance(self.widths, tuple) and self.widths):
+            raise ValueError(f"widths must be a non-empty tuple of ints; got {self.widths!r}")
+        for w in self.widths:
+            check_int("every width", w, low=1)
+        for name, low, high in (("lr", 0.0, math.inf), ("momentum", 0.0, 1.0),
+                                ("weight_decay", 0.0, math.inf)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or not low <= value < high
+                    or (name == "lr" and value == 0)):
+                bounds = "> 0" if name == "lr" else f"in [{low:g}, {high:g})"
+                raise ValueError(f"{name} must be a finite number {bounds}; got {value!r}")
+        for name, allowed in (("norm", NORMS), ("weight", WEIGHTS),
+                              ("schedule", ("cosine", "linear", "constant")),
+                              ("sn_inference", ("batch_average", "moving_average")),
+                              ("dtype", ("float32", "float64")),
+                              ("device", ("cpu", "gpu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; "
+                                 f"got {getattr(self, name)!r}")
+        if self.norm == "gn" and any(w % self.num_groups for w in self.widths):
+            raise ValueError(f"num_groups={self.num_groups} must divide every width "
+                             f"{self.widths} for norm='gn'")
+
+    @property
+    def update_size(self) -> int:
+        """Samples per optimizer update: ``batch_size * accumulation``."""
+        return self.batch_size * self.accumulation
+
+    def describe(self) -> str:
+        method = self.norm + (f"+{self.weight}" if self.weight else "")
+        return (f"{method} batch {self.batch_size} x {self.accumulation} accumulation, "
+                f"{self.epochs} epochs, lr {self.lr}, seed {self.seed}")
+
+
+def check_int(name: str, value: object, *, low: int) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}; got {value!r}")

@@ -1,0 +1,103 @@
+"""Nothing non-finite is kept: the checks the trainer runs after every update.
+
+After every update the parameters, their gradients, the momentum and every layer's state are
+checked, one float64 sum per array (a NaN or an infinity anywhere makes the sum non-finite,
+and float32 values cannot overflow it); the first non-finite value stops the run with
+:class:`NonFinite` naming the layer and the array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from refnorm.backend import Array, array_namespace, to_numpy
+from refnorm.train.model import ConvNet
+from refnorm.train.optim import SGD
+
+
+class NonFinite(RuntimeError):
+    """A NaN or an infinity appeared (in the loss, a parameter, a gradient, the momentum or
+    a layer's state); the run stopped.
+
+    Attributes
+    ----------
+    what : str
+        The array or value, e.g. ``"layer 1 (BatchNorm) state running_var"``.
+    value : float
+        The first non-finite value found in it.
+    """
+
+    def __init__(self, what: str, value: float, *, where: str = "", kept: str = "",
+                 reason: str | None = None) -> None:
+        self.what, self.value, self.where, self.kept = what, value, where, kept
+        self.reason = reason
+        if reason is not None:
+            text = f"{where}: {reason}" if where else reason
+        else:
+            text = f"{what} became {value}" + (f" {where}" if where else "")
+        super().__init__(text + "; the run stopped" + (f"; {kept}" if kept else ""))
+
+    def moved(self, *, where: str | None = None, kept: str | None = None) -> NonFinite:
+        """The same finding, placed in the run (``where``) or with what is kept."""
+        return NonFinite(self.what, self.value, where=self.where if where is None else where,
+                         kept=self.kept if kept is None else kept, reason=self.reason)
+
+
+def is_finite(a: Any) -> bool:
+    """Whether every value of ``a`` is finite: one float64 sum (NaN and inf propagate into it;
+    float16/float32 values cannot overflow it), confirmed element-wise only when the sum is
+    not finite, so that huge finite float64 values are not taken for infinities. Arrays that
+    are not floating point (integers, flags) are always finite. An array of another
+    namespace (CuPy, array_api_strict) is checked on its own device: only the sum, and the
+    answer of the element-wise check, come to the host."""
+    if not isinstance(a, (np.ndarray, np.generic, float, int)):
+        xp = array_namespace(a)
+        if not xp.isdtype(a.dtype, "real floating"):
+            return True
+        if math.isfinite(float(xp.sum(xp.astype(a, xp.float64)))):
+            return True
+        return bool(xp.all(xp.isfinite(a)))
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):  # inf + -inf: the sum is NaN, quietly
+        if math.isfinite(float(np.sum(a, dtype=np.float64))):
+            return True
+    return bool(np.all(np.isfinite(a)))
+
+
+def first_bad(a: Any) -> float:
+    flat = to_numpy(a).ravel()  # an error message: a copy to the host is fine
+    return float(flat[np.flatnonzero(~np.isfinite(flat))[0]])
+
+
+def check_finite(arrays: Iterator[tuple[str, Any]]) -> None:
+    """Raise :class:`NonFinite` for the first named array holding a NaN or an infinity."""
+    for what, a in arrays:
+        if not is_finite(a):
+            raise NonFinite(what, first_bad(a))
+
+
+def layer_name(i: int, layer: Any) -> str:
+    return f"layer {i} ({type(layer).__name__})"
+
+
+def named_arrays(model: ConvNet, opt: SGD) -> Iterator[tuple[str, Any]]:
+    """(name, array) for every parameter, its momentum and every state array of ``model``."""
+    for i, layer in enumerate(model.layers()):
+        for name, value in layer.params.items():
+            yield f"{layer_name(i, layer)} parameter {name}", value
+            yield f"{layer_name(i, layer)} momentum of {name}", opt.velocity[f"{i}/{name}"]
+        for name, value in layer.state.items():
+            yield f"{layer_name(i, layer)} state {name}", value
+
+
+def named_gradients(model: ConvNet, grads: dict[str, Array]) -> Iterator[tuple[str, Any]]:
+    """(name, gradient) for every parameter; ``grads`` keyed as :meth:`ConvNet.named_params`."""
+    for i, layer in enumerate(model.layers()):
+        for name in layer.params:
+            yield f"{layer_name(i, layer)} gradient of {name}", grads[f"{i}/{name}"]

@@ -1,0 +1,173 @@
+"""Checkpoints: what they carry, and every way a bad one is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from refnorm.train import checkpoint
+from refnorm.train.checkpoint import CHECKPOINT, FORMAT, CheckpointError, load_checkpoint
+from refnorm.train.config import TrainConfig
+from refnorm.train.evaluate import predict
+from refnorm.train.finite import NonFinite
+from refnorm.train.loop import train
+from refnorm.train.position import Position
+from tests.train.conftest import TINY, config, fresh, sn_layers
+
+
+def _edit_meta(key, value):
+    def edit(arrays, meta):
+        if value is _DROP:
+            del meta[key]
+        else:
+            meta[key] = value
+    return edit
+
+
+_DROP = object()
+
+
+def _edit_array(key, change):
+    def edit(arrays, meta):
+        if change is _DROP:
+            del arrays[key]
+        else:
+            arrays[key] = change(arrays[key])
+    return edit
+
+
+def _no_meta(arrays, meta):
+    meta.clear()
+    meta["_drop"] = True
+
+
+
+def test_corrupted_checkpoint(tmp_path):
+    cfg = config(epochs=1)
+    train(cfg, out=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    with pytest.raises(CheckpointError, match=r"corrupted or not a refnorm checkpoint"):
+        train(cfg, out=tmp_path, resume=True, progress=False)
+
+
+def test_mismatched_checkpoint(tmp_path):
+    train(config(epochs=1), out=tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match=r"another configuration; norm: checkpoint 'bn', "
+                                              r"this run 'gn'"):
+        train(config(epochs=1, norm="gn"), out=tmp_path, resume=True, progress=False)
+
+
+def test_checkpoint_carries_sn_population_readiness_in_the_state(tmp_path):
+    # SN with the batch average: a checkpoint taken inside the first epoch holds layers with
+    # no population statistics yet; one taken after an epoch holds ready ones.
+    cfg = config(norm="sn", epochs=2)
+
+    def stop(epoch, step, model):
+        if (epoch, step) == (0, 2):
+            raise KeyboardInterrupt
+
+    assert train(cfg, out=tmp_path, progress=False, on_step=stop).interrupted
+    data, model, opt = fresh(cfg)
+    load_checkpoint(tmp_path / CHECKPOINT, cfg, model, opt)
+    assert sn_layers(model) and not any(bool(l.state["population_ready"])
+                                         for l in sn_layers(model))
+    with pytest.raises(RuntimeError, match="population statistics"):
+        predict(model, data.x_test[:4])
+
+    done = train(cfg, out=tmp_path, resume=True, progress=False)
+    data, model, opt = fresh(cfg)
+    load_checkpoint(tmp_path / CHECKPOINT, cfg, model, opt)
+    assert all(bool(l.state["population_ready"]) for l in sn_layers(model))
+    # Evaluation straight from the checkpoint gives the run's own last test accuracy.
+    acc = float(np.mean(np.argmax(predict(model, data.x_test), 1) == data.y_test))
+    assert acc == done.history[-1]["test_acc"]
+
+
+def test_checkpoint_of_another_format_is_refused(tmp_path):
+    cfg = config(epochs=1)
+    train(cfg, out=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    meta["format"] = FORMAT - 1
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(CheckpointError, match=rf"has format {FORMAT - 1}, expected {FORMAT}"):
+        train(cfg, out=tmp_path, resume=True, progress=False)
+
+
+def test_checkpoint_missing_a_state_array_is_refused(tmp_path):
+    cfg = config(epochs=1, norm="bn")
+    train(cfg, out=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if not k.endswith("/running_var")}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(CheckpointError,
+                       match=r"does not match the model: lacks state/\d+/running_var"):
+        train(cfg, out=tmp_path, resume=True, progress=False)
+
+
+def test_save_checkpoint_refuses_non_finite_arrays(tmp_path):
+    cfg = config(norm="bn")
+    data, model, opt = fresh(cfg)
+    bn = model.layers()[1]
+    bn.state["running_mean"] = bn.state["running_mean"].copy()
+    bn.state["running_mean"][0] = np.nan
+    with pytest.raises(NonFinite, match=r"^state/1/running_mean became nan"):
+        checkpoint.save_checkpoint(tmp_path / CHECKPOINT, cfg, model, opt, Position())
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_edit_meta("epoch", _DROP), r": its metadata lacks 'epoch'$"),
+    (_edit_meta("step", "3"), r": metadata 'step' must be a int; got '3'$"),
+    (_edit_meta("epoch", 7), r": metadata 'epoch' must be in 0..1; got 7$"),
+    (_edit_meta("step", 99), r": metadata 'step' must be in 0..4 \(0 after the last epoch\); "
+                             r"got 99$"),
+    (_edit_meta("totals", {"loss": 1.0}), r": metadata 'totals' must hold finite numbers >= 0 "
+                                          r"for exactly loss, correct, samples"),
+    (_edit_meta("history", []), r": metadata 'history' must hold one row \(an object\) per "
+                                r"finished epoch, 1; got 0 entries$"),
+    (_edit_array("param/0/w", lambda a: a[:1]), r" does not match the model: param/0/w is "
+                                                r"float32 \(1, 1, 3, 3\), the model's is float32 "
+                                                r"\(4, 1, 3, 3\)$"),
+    (_edit_array("velocity/0/w", lambda a: a.astype(np.float64)), r" does not match the "
+                                                                   r"model: velocity/0/w is "
+                                                                   r"float64"),
+    (_edit_array("state/1/running_var", _DROP), r" does not match the model: lacks "
+                                                r"state/1/running_var$"),
+    (_edit_array("param/0/w", lambda a: np.where(a > 0, np.nan, a).astype(a.dtype)),
+     r": param/0/w holds nan$"),
+    (lambda arrays, meta: arrays.update(extra=np.zeros(2)), r" does not match the model: has "
+                                                            r"arrays the model does not: "
+                                                            r"extra$"),
+])
+def test_hand_edited_checkpoint_is_refused_by_name(tmp_path, tiny_data, edit, message):
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    edit(arrays, meta)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path}{message}"):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+
+
+def test_checkpoint_without_meta_is_refused(tmp_path):
+    path = tmp_path / CHECKPOINT
+    with open(path, "wb") as f:
+        np.savez(f, w=np.zeros(3))
+    with pytest.raises(CheckpointError, match=r"is not a refnorm checkpoint: it has no 'meta'"):
+        train(config(), out=tmp_path, resume=True, progress=False)
+

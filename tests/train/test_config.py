@@ -1,0 +1,31 @@
+"""TrainConfig and the data checks made before training."""
+
+from __future__ import annotations
+
+import pytest
+
+from refnorm.train.config import TrainConfig
+from refnorm.train.loop import train
+from tests.train.conftest import config
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"seed": -1}, r"seed must be an int >= 0; got -1"),
+    ({"lr": float("nan")}, r"lr must be a finite number > 0; got nan"),
+    ({"momentum": 1.0}, r"momentum must be a finite number in \[0, 1\); got 1.0"),
+    ({"norm": "xn"}, r"norm must be one of none, bn,"),
+    ({"num_groups": 3, "norm": "gn"}, r"num_groups=3 must divide every width \(16, 32, 32\)"),
+    ({"widths": ()}, r"widths must be a non-empty tuple of ints"),
+    ({"train_subset": 0}, r"train_subset must be an int >= 1; got 0"),
+])
+def test_config_refuses_bad_values(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1; got 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"one update needs batch_size \* accumulation = 4096"):
+        train(config(batch_size=64, accumulation=64), progress=False)
+
