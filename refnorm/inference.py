@@ -15,9 +15,10 @@ import copy
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from refnorm.backend import Array, array_namespace
+from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.layer import Layer
 from refnorm.norms.switchable import BatchStatistics, SwitchableNorm
+from refnorm.sync.headers import allreduce
 
 __all__ = ["batch_average", "iter_layers"]
 
@@ -46,7 +47,7 @@ def _run(model: Any, x: Array) -> Array:
     return model.forward(x, training=True)
 
 
-def batch_average(model: Any, batches: Iterable[Array]) -> int:
+def batch_average(model: Any, batches: Iterable[Array], *, comm: Any = None) -> int:
     """Set the BN-scope population statistics of every SN layer by the paper's batch average.
 
     The network is frozen: its parameters are not touched and every layer's state (BN
@@ -69,11 +70,18 @@ def batch_average(model: Any, batches: Iterable[Array]) -> int:
     Every layer's cache is dropped afterwards (:meth:`~refnorm.layer.Layer.reset`): a
     backward needs a new forward.
 
+    With ``comm``, each device of a data-parallel group feeds its own batches to its own
+    copy of the model, and the records of all devices are merged (the same law, its sums
+    all-reduced over ``comm``): every device gets the statistics of all values fed anywhere.
+    Pass it for layers that normalize per device (SN); a synchronized SN's records already
+    cover every device.
+
     Parameters
     ----------
     model : a layer, an object with ``forward(x, training)`` and ``layers()``, or a
         list/tuple of layers applied in order
     batches : iterable of arrays
+    comm : communicator, optional (:mod:`refnorm.sync.comm`)
 
     Returns
     -------
@@ -100,21 +108,30 @@ def batch_average(model: Any, batches: Iterable[Array]) -> int:
     if fed == 0:
         raise ValueError("batch_average needs at least one batch; got none")
     for layer, record in zip(targets, records, strict=True):
-        layer.set_population(*merge_batch_statistics(record))
+        layer.set_population(*merge_batch_statistics(record, comm=comm))
     return fed
 
 
-def merge_batch_statistics(records: list[BatchStatistics]) -> tuple[Array, Array]:
-    """Merge per-batch (count, mean, biased var) into the statistics of all values, in float64.
+def merge_batch_statistics(records: list[BatchStatistics], *,
+                           comm: Any = None) -> tuple[Array, Array]:
+    """Merge per-batch (count, mean, biased var) into the statistics of all values, in float64
+    (with ``comm``, the records of every device: two all-reduces, as in synchronized BN).
 
     Returns
     -------
     mean, var : arrays, (C,), float64
     """
     xp = array_namespace(*(r.mean for r in records))
-    n = sum(r.count for r in records)
     means = [xp.astype(r.mean, xp.float64) for r in records]
-    mean = sum(r.count * m for r, m in zip(records, means, strict=True)) / n
-    within = sum(r.count * xp.astype(r.var, xp.float64) for r in records) / n
-    between = sum(r.count * (m - mean) ** 2 for r, m in zip(records, means, strict=True)) / n
-    return mean, within + between
+    n = float(sum(r.count for r in records))
+    total = sum(r.count * m for r, m in zip(records, means, strict=True))     # (C,)
+    if comm is not None:
+        count = xp.asarray([float(n)], dtype=xp.float64, **on_device(device_of(total)))
+        count, total = allreduce(comm, [count, total], op="batch_average (count, sum)")
+        n = float(count[0])
+    mean = total / n
+    m2 = sum(r.count * xp.astype(r.var, xp.float64) for r in records) + sum(
+        r.count * (m - mean) ** 2 for r, m in zip(records, means, strict=True))
+    if comm is not None:
+        (m2,) = allreduce(comm, [m2], op="batch_average (M2)")
+    return mean, m2 / n

@@ -322,7 +322,7 @@ def test_two_training_steps_keep_everything_on_the_device(norm, weight):
     for step in range(2):
         x = rng.standard_normal((4, 3, 4, 4))
         y = rng.integers(0, 3, size=4)
-        totals = train_step(model, opt, x, y, config=config, lr=0.05)
+        totals = train_step(model, opt, x, y, batch_size=config.batch_size, lr=0.05)
         assert math.isfinite(totals.mean_loss())
         assert_model_on_device(model, opt, f"after step {step + 1}")
     logits = model.forward(on_device(rng.standard_normal((2, 3, 4, 4))), training=False)
@@ -342,7 +342,7 @@ def test_a_checkpoint_saved_from_device1_loads_back_onto_device1(tmp_path):
     opt = SGD(model, lr=0.05, momentum=0.9)
     rng = np.random.default_rng(8)
     train_step(model, opt, rng.standard_normal((4, 3, 4, 4)), rng.integers(0, 3, size=4),
-               config=config, lr=0.05)
+               batch_size=config.batch_size, lr=0.05)
     path = tmp_path / "checkpoint.npz"
     save_checkpoint(path, config, model, opt, Position(0, 1, Totals(), ()))
     fresh = _model("sn", None)

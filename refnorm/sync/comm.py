@@ -99,6 +99,57 @@ class SingleProcess(Communicator):
         return list(arrays)
 
 
+class MeteredCommunicator(Communicator):
+    """Another communicator, with what its all-reduces cost counted: the bytes this device
+    contributes (the arrays as given, in their own dtypes) and the wall time spent inside
+    the calls (moving data and waiting for the other devices).
+
+    Attributes
+    ----------
+    inner : the communicator that does the work
+    calls, bytes : int
+    seconds : float
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.rank, self.size = inner.rank, inner.size
+        self.clear()
+
+    def clear(self) -> None:
+        """Start counting again from zero."""
+        self.calls, self.bytes, self.seconds = 0, 0, 0.0
+
+    def allreduce_sum(self, arrays: Sequence[Array], *, op: str = "allreduce_sum",
+                      layer: str = "") -> list[Array]:
+        from refnorm.sync.headers import allreduce
+
+        started = time.perf_counter()
+        try:
+            return allreduce(self.inner, arrays, op=op, layer=layer)
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.calls += 1
+            self.bytes += sum(int(a.size) * a.dtype.itemsize for a in arrays)
+
+    def report(self, *, seconds: float, steps: int) -> dict[str, float]:
+        """The cost per optimizer step since :meth:`clear`, over ``steps`` steps that took
+        ``seconds``: all-reduces, bytes, and the share of the time spent inside them."""
+        per = max(steps, 1)
+        return {"allreduce_calls_per_step": self.calls / per,
+                "allreduce_bytes_per_step": self.bytes / per,
+                "collective_seconds": self.seconds,
+                "collective_share": self.seconds / seconds if seconds > 0 else 0.0}
+
+    def note(self, what: str, layer: str = "") -> None:
+        from refnorm.sync.headers import note_local_call
+
+        note_local_call(self.inner, what, layer)
+
+    def finish(self, status: str = "called finish()") -> None:
+        self.inner.finish(status)
+
+
 def timeout_seconds(timeout: float | None) -> float:
     """``timeout``, else ``$REFNORM_SYNC_TIMEOUT``, else 60 s; must be positive and finite."""
     source = "timeout"

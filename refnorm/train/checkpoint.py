@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +57,18 @@ def checkpoint_arrays(model: ConvNet, opt: SGD) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD,
-                    position: Position) -> None:
+                    position: Position, *,
+                    other_devices: Sequence[dict[str, Any]] = ()) -> None:
     """Write parameters, momentum, every layer's state and ``position``, atomically.
 
     Arrays on a GPU or another device are copied to the host first
     (:func:`~refnorm.backend.to_numpy`): a checkpoint is numpy arrays whatever the device it
     was saved from, and loads onto any device (:func:`load_checkpoint`).
+
+    ``other_devices`` holds, in a data-parallel run whose devices keep their own running
+    statistics, the state arrays of devices 1, 2, ... (by ``state/<i>/<name>`` key), stored
+    as ``device<p>/state/<i>/<name>``: between the averages at the ends of epochs they differ,
+    and a resumed run must start from each device's own.
 
     Raises
     ------
@@ -68,6 +76,8 @@ def save_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD,
         Before writing anything, if an array holds a NaN or an infinity.
     """
     arrays: dict[str, Any] = {key: to_numpy(a) for key, a in checkpoint_arrays(model, opt).items()}
+    for p, states in enumerate(other_devices, start=1):
+        arrays.update({f"device{p}/{key}": to_numpy(a) for key, a in states.items()})
     check_finite(iter(arrays.items()))
     meta = {"format": FORMAT, "config": config_dict(config), "epoch": position.epoch,
             "step": position.step, "totals": dataclasses.asdict(position.totals),
@@ -76,41 +86,78 @@ def save_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD,
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
+@dataclass(frozen=True)
+class Saved:
+    """A checkpoint as read from its file, before anything is restored from it."""
+
+    path: Path
+    arrays: dict[str, np.ndarray]
+    meta: Any
+
+
+def read_checkpoint(path: Path) -> Saved:
+    """Read ``path`` (nothing is checked against a model yet).
+
+    Raises
+    ------
+    CheckpointError
+        If it does not exist, is not a readable ``.npz`` archive, or has no JSON ``meta``.
+    """
+    return Saved(path, *_read_checkpoint(path))
+
+
 def load_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD, *,
                     steps_per_epoch: int | None = None) -> Position:
-    """Restore a checkpoint of ``config`` into ``model`` and ``opt``; return its position.
+    """Restore a checkpoint of ``config`` into ``model`` and ``opt``; return its position
+    (:func:`read_checkpoint`, then :func:`restore`)."""
+    return restore(read_checkpoint(path), config, model, opt, steps_per_epoch=steps_per_epoch)
+
+
+def restore(saved: Saved, config: TrainConfig, model: ConvNet, opt: SGD, *,
+            steps_per_epoch: int | None = None, device: int = 0) -> Position:
+    """Restore ``saved`` into ``model`` and ``opt`` (those of data-parallel device
+    ``device``); return its position.
 
     Nothing is restored unless the whole checkpoint fits: its metadata has every field
     with a value of the right kind (``epoch`` within the run, ``step`` within an epoch of
-    ``steps_per_epoch`` steps if given), and its arrays are exactly the model's, each of the
-    model's shape and dtype and finite. Each array is put in the namespace and on the
-    device of the model's array it replaces (a checkpoint saved on a GPU loads into a numpy
-    model and the other way round).
+    ``steps_per_epoch`` steps if given), it was written by a run of ``config`` (the same
+    number of devices included), and its arrays are exactly the model's, each of the model's
+    shape and dtype and finite. Each array is put in the namespace and on the device of the
+    model's array it replaces (a checkpoint saved on a GPU loads into a numpy model and the
+    other way round).
 
     Raises
     ------
     CheckpointError
         Naming the field or array that does not fit.
     """
-    arrays, meta = _read_checkpoint(path)
-    position = _position(path, meta, config, steps_per_epoch)
+    path, arrays = saved.path, saved.arrays
+    position = _position(path, saved.meta, config, steps_per_epoch)
     expected = checkpoint_arrays(model, opt)
+    own = [k for k in arrays if not k.startswith("device")]
     missing = [k for k in expected if k not in arrays]
-    extra = [k for k in arrays if k not in expected]
+    extra = [k for k in own if k not in expected]
     if missing or extra:
         parts = ([f"lacks {', '.join(missing)}"] if missing else []) + (
             [f"has arrays the model does not: {', '.join(extra)}"] if extra else [])
         raise CheckpointError(f"checkpoint {path} does not match the model: "
                               + "; ".join(parts))
+    for key in [k for k in arrays if k.startswith("device")]:
+        _, _, base = key.partition("/")
+        if base not in expected or not base.startswith("state/"):
+            raise CheckpointError(f"checkpoint {path} does not match the model: has arrays "
+                                  f"the model does not: {key}")
+    mine = {k: arrays.get(f"device{device}/{k}", arrays[k]) if device else arrays[k]
+            for k in expected}
     for key, like in expected.items():
-        got, like = arrays[key], to_numpy(like)
+        got, like = mine[key], to_numpy(like)
         if got.shape != like.shape or got.dtype != like.dtype:
             raise CheckpointError(f"checkpoint {path} does not match the model: {key} is "
                                   f"{got.dtype} {got.shape}, the model's is {like.dtype} "
                                   f"{like.shape}")
         if not is_finite(got):
             raise CheckpointError(f"checkpoint {path}: {key} holds {first_bad(got)}")
-    placed = {key: _beside(arrays[key], like) for key, like in expected.items()}
+    placed = {key: _beside(mine[key], like) for key, like in expected.items()}
     for key, layer, name in model.named_params():
         layer.params[name] = placed[f"param/{key}"]
         opt.velocity[key] = placed[f"velocity/{key}"]
@@ -147,8 +194,14 @@ def _position(path: Path, meta: Any, config: TrainConfig, steps: int | None) -> 
         if isinstance(meta[key], bool) or not isinstance(meta[key], kind):
             raise refuse(f"metadata {key!r} must be a {kind.__name__}; got {meta[key]!r}")
     saved, wanted = meta["config"], config_dict(config)
+    devices = saved.get("devices", 1)
+    if devices != wanted["devices"]:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run on {devices} device(s) and this run has "
+            f"{wanted['devices']}: resume it with --devices {devices} (or under mpiexec -n "
+            f"{devices}), or start a new run in another folder")
     differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {wanted[k]!r}"
-              for k in wanted if saved.get(k) != wanted[k] and k != "device"]  # any device
+              for k in wanted if saved.get(k) != wanted[k] and k not in ("device", "devices")]
     if differ:
         raise CheckpointError(f"checkpoint {path} belongs to another configuration; "
                               + "; ".join(differ))

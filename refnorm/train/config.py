@@ -12,7 +12,13 @@ from refnorm.train.model import NORMS, WEIGHTS
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a run (and must match when resuming)."""
+    """Everything that determines a run (and must match when resuming).
+
+    ``batch_size`` is the samples per device in one micro-batch (what a normalizer's batch
+    statistics see, the papers' "#samples per GPU"), ``accumulation`` the micro-batches of
+    one optimizer step, ``devices`` the data-parallel devices P (the papers' "#GPUs"): a step
+    trains on ``devices * batch_size * accumulation`` samples (:attr:`update_size`).
+    """
 
     data: str = "digits"
     norm: str = "bn"
@@ -32,9 +38,11 @@ class TrainConfig:
     train_subset: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    devices: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "accumulation", "epochs", "average_samples", "num_groups"):
+        for name in ("batch_size", "accumulation", "epochs", "average_samples", "num_groups",
+                     "devices"):
             check_int(name, getattr(self, name), low=1)
         check_int("seed", self.seed, low=0)
         if self.train_subset is not None:
@@ -65,12 +73,19 @@ class TrainConfig:
 
     @property
     def update_size(self) -> int:
-        """Samples per optimizer update: ``batch_size * accumulation``."""
-        return self.batch_size * self.accumulation
+        """Samples per optimizer update (the global batch):
+        ``devices * batch_size * accumulation``."""
+        return self.devices * self.batch_size * self.accumulation
+
+    @property
+    def synchronized(self) -> bool:
+        """Whether the normalizers pool their batch statistics over the devices."""
+        return self.norm in ("syncbn", "syncsn")
 
     def describe(self) -> str:
         method = self.norm + (f"+{self.weight}" if self.weight else "")
-        return (f"{method} batch {self.batch_size} x {self.accumulation} accumulation, "
+        on = f"{self.devices} devices x " if self.devices > 1 else ""
+        return (f"{method} {on}batch {self.batch_size} x {self.accumulation} accumulation, "
                 f"{self.epochs} epochs, lr {self.lr}, seed {self.seed}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import numpy as np
 
@@ -12,11 +13,13 @@ from refnorm.backend import to_numpy
 from refnorm.inference import batch_average
 from refnorm.nn import softmax_cross_entropy
 from refnorm.norms.switchable import SwitchableNorm
+from refnorm.sync.comm import SingleProcess
 from refnorm.train.config import TrainConfig
 from refnorm.train.data import Dataset
 from refnorm.train.finite import NonFinite, check_finite, named_arrays
 from refnorm.train.model import ConvNet, on_model
 from refnorm.train.optim import SGD
+from refnorm.train.parallel import agree, shard
 from refnorm.train.position import Position
 from refnorm.weights import WeightNorm
 
@@ -57,28 +60,34 @@ def predict(model: ConvNet, x: np.ndarray, chunk: int = 256) -> np.ndarray:
 
 
 def evaluate(model: ConvNet, opt: SGD, data: Dataset, config: TrainConfig, *,
-             position: Position, lr: float, seconds: float) -> dict:
+             position: Position, lr: float, seconds: float, comm: Any = None) -> dict:
     """The metrics row of epoch ``position.epoch`` (after its last step, at rate ``lr``).
 
     With SN's batch average, the population statistics are set first from seeded training
     batches (:func:`average_batches`). Accuracies are in evaluation mode, except
     ``train_acc_running``, the training-mode accuracy over the epoch's steps.
+
+    On data-parallel devices (``comm``), each device evaluates its contiguous part of the
+    test and training sets and the sums are all-reduced; SN's batch average takes each
+    device's shard of every averaging batch (merged over devices unless synchronized).
     """
+    comm = SingleProcess() if comm is None else comm
     if config.norm in ("sn", "syncsn") and config.sn_inference == "batch_average":
-        batches = average_batches(config, data, position.epoch)
-        batch_average(model, [on_model(model, b) for b in batches])
+        shards = [b[shard(len(b), comm.rank, comm.size)]
+                  for b in average_batches(config, data, position.epoch)]
+        pooled = comm if comm.size > 1 and not config.synchronized else None
+        batch_average(model, [on_model(model, b) for b in shards], comm=pooled)
     check_finite(named_arrays(model, opt))  # the batch average set new statistics
-    test_logits = predict(model, data.x_test)
-    test_loss, _ = softmax_cross_entropy(test_logits, data.y_test)
-    train_logits = predict(model, data.x_train)
+    test_loss, test_correct = _sums(model, data.x_test, data.y_test, comm)
+    _, train_correct = _sums(model, data.x_train, data.y_train, comm)
     row = {
         "epoch": position.epoch + 1,
         "lr": lr,
         "train_loss": position.totals.mean_loss(),
         "train_acc_running": position.totals.accuracy(),
-        "train_acc": float(np.mean(np.argmax(train_logits, 1) == data.y_train)),
-        "test_loss": float(test_loss),
-        "test_acc": float(np.mean(np.argmax(test_logits, 1) == data.y_test)),
+        "train_acc": train_correct / len(data.y_train),
+        "test_loss": test_loss / len(data.y_test),
+        "test_acc": test_correct / len(data.y_test),
         "seconds": seconds,
         **sn_ratios(model),
     }
@@ -88,16 +97,33 @@ def evaluate(model: ConvNet, opt: SGD, data: Dataset, config: TrainConfig, *,
     return row
 
 
+def _sums(model: ConvNet, x: np.ndarray, y: np.ndarray, comm: Any) -> tuple[float, int]:
+    """The summed cross-entropy and the number of correct predictions over ``x`` in
+    evaluation mode: this device's part, summed over the devices."""
+    part = shard(len(y), comm.rank, comm.size)
+    logits, labels = predict(model, x[part]), y[part]
+    if len(labels):
+        mean_loss, _ = softmax_cross_entropy(logits, labels)
+        loss = float(mean_loss) * len(labels)
+    else:
+        loss = 0.0
+    correct = int(np.sum(np.argmax(logits, 1) == labels)) if len(labels) else 0
+    if comm.size > 1:
+        loss, correct = agree(comm, [loss, correct], what="evaluation sums").sum(axis=0)
+    return float(loss), int(correct)
+
+
 def average_batches(config: TrainConfig, data: Dataset, epoch: int) -> list[np.ndarray]:
     """The batches SN's batch average sees after epoch ``epoch``.
 
     ``average_samples`` training samples drawn with ``default_rng([seed, epoch, 1])``, in
-    micro-batches of ``batch_size`` (each (batch_size, C, H, W); a partial last one is left
-    out, so that every batch has the statistics of a training micro-batch).
+    batches of ``devices * batch_size`` (each (devices * batch_size, C, H, W), split over the
+    devices as a training micro-batch is; a partial last one is left out, so that every batch
+    has the statistics of a training micro-batch).
     """
     pick = np.random.default_rng([config.seed, epoch, 1]).permutation(len(data.y_train))
     pick = pick[:config.average_samples]
-    b = config.batch_size
+    b = config.devices * config.batch_size
     return [data.x_train[pick[i:i + b]] for i in range(0, len(pick) - b + 1, b)]
 
 

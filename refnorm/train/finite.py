@@ -96,6 +96,21 @@ def named_arrays(model: ConvNet, opt: SGD) -> Iterator[tuple[str, Any]]:
             yield f"{layer_name(i, layer)} state {name}", value
 
 
+def named_params(model: ConvNet, opt: SGD) -> Iterator[tuple[str, Any]]:
+    """(name, array) for every parameter and its momentum (what an update changes)."""
+    for i, layer in enumerate(model.layers()):
+        for name, value in layer.params.items():
+            yield f"{layer_name(i, layer)} parameter {name}", value
+            yield f"{layer_name(i, layer)} momentum of {name}", opt.velocity[f"{i}/{name}"]
+
+
+def named_states(model: ConvNet) -> Iterator[tuple[str, Any]]:
+    """(name, array) for every state array (what a training forward changes)."""
+    for i, layer in enumerate(model.layers()):
+        for name, value in layer.state.items():
+            yield f"{layer_name(i, layer)} state {name}", value
+
+
 def named_gradients(model: ConvNet, grads: dict[str, Array]) -> Iterator[tuple[str, Any]]:
     """(name, gradient) for every parameter; ``grads`` keyed as :meth:`ConvNet.named_params`."""
     for i, layer in enumerate(model.layers()):

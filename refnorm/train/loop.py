@@ -1,23 +1,29 @@
 """The training loop: set up or resume, then epochs of optimizer steps, each evaluated and saved.
 
-The normalizers see *micro-batches* of ``batch_size`` samples (their batch statistics come
-from those), while each optimizer step sees ``accumulation`` micro-batches: the papers'
-"iteration size", which keeps the update the same while the per-device batch shrinks.
+One loop serves one device and P data-parallel devices (:mod:`refnorm.train.parallel`): P
+simulated devices in this process (``TrainConfig.devices``), or this process as one rank of
+a group (``train(config, comm=...)``: MPI under ``mpiexec``, NCCL on GPUs). Each device runs
+:func:`run_device` on its own copy of the model; device 0 writes the checkpoints, metrics
+and plots.
 
 Everything is seeded: the order of the training set in epoch e is
 ``default_rng([seed, e]).permutation``, and so are the batches the SN batch average sees;
-parameters start from ``seed``. A run resumed from a checkpoint therefore ends with bitwise
-the same parameters as an uninterrupted one.
+parameters start from ``seed`` (the same on every device). A run resumed from a checkpoint
+therefore ends with bitwise the same parameters as an uninterrupted one.
 
 The loop reads in three levels: :func:`train` (set up or resume, then epochs),
-:func:`run_epoch` (the steps of one epoch, evaluation, checkpoint) and :func:`train_step`
-(one optimizer update). What a run promises, and where it is kept:
+:func:`run_epoch` (the steps of one epoch, evaluation, checkpoint) and :func:`run_step` (one
+optimizer update: this device's forward and backward, the devices' decision, the update).
+What a run promises, and where it is kept:
 
 - *Interruptions take effect at a step boundary* (:mod:`refnorm.train.interrupt`): inside
-  the steps, evaluations and saves SIGINT and SIGTERM only set a flag, read before every
-  step; the run saves a checkpoint there and returns ``interrupted``. A
+  the steps, evaluations and saves SIGINT and SIGTERM only set a flag. A signal received
+  before a step starts stops the run before it; one received during a step stops it after
+  the step. The run saves a checkpoint there and returns ``interrupted``. A
   ``KeyboardInterrupt`` raised inside a step (a run outside the main thread, a hook) undoes
   the step instead.
+- *Every device stops at the same boundary, with the same message*: each step ends with one
+  all-reduce of every device's status (:func:`~refnorm.train.parallel.agree`).
 - *Nothing non-finite is kept* (:mod:`refnorm.train.finite`); a checkpoint is written only
   after the check, and :func:`~refnorm.train.checkpoint.save_checkpoint` checks again.
 - *One writer per output folder, checked first* (:mod:`refnorm.train.folder`): the folder is
@@ -38,23 +44,35 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from refnorm.backend import Array, to_numpy
 from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
+from refnorm.sync.comm import InProcessGroup, MeteredCommunicator, SingleProcess
+from refnorm.sync.data_parallel import allreduce_gradients
+from refnorm.sync.headers import allreduce
 from refnorm.train.checkpoint import (
     CHECKPOINT,
     CheckpointError,
+    Saved,
     checkpoint_arrays,
-    load_checkpoint,
+    read_checkpoint,
+    restore,
     save_checkpoint,
 )
 from refnorm.train.config import TrainConfig
 from refnorm.train.data import Dataset, load, standardize
 from refnorm.train.evaluate import data_dependent_init, evaluate
-from refnorm.train.finite import NonFinite, check_finite, named_arrays, named_gradients
+from refnorm.train.finite import (
+    NonFinite,
+    check_finite,
+    named_arrays,
+    named_gradients,
+    named_params,
+    named_states,
+)
 from refnorm.train.folder import (
     FolderLock,
     OutputFolderError,
@@ -67,17 +85,27 @@ from refnorm.train.interrupt import Signals, signal_name
 from refnorm.train.model import ConvNet, on_model
 from refnorm.train.optim import SGD, learning_rate
 from refnorm.train.outputs import Progress, write_metrics
+from refnorm.train.parallel import (
+    Diverged,
+    agree,
+    average_states,
+    check_same_model,
+    epoch_steps,
+    share_record,
+    step_pieces,
+)
 from refnorm.train.position import Position, Totals
 
 OUTPUTS = (CHECKPOINT, "metrics.json", "metrics.csv", "curves.png", ".room-check")
-
-
+# Room the outputs beside the checkpoint need: metrics.json, metrics.csv and curves.png of a
+# long run (measured: curves.png of 100 epochs is ~40 KiB, the metrics ~60 KiB).
 OUTPUTS_BYTES = 256 * 1024
+SIGINT = int(signal.SIGINT)
 
 
 @dataclass
 class Result:
-    """What :func:`train` returns.
+    """What :func:`train` returns (device 0's, in a data-parallel run).
 
     Attributes
     ----------
@@ -97,29 +125,37 @@ class Result:
 
 @dataclass
 class Run:
-    """What one run works with, built once by :func:`train` and passed to each epoch.
+    """What one device's run works with, built by :func:`run_device`.
 
-    ``saved`` is the position of the checkpoint in ``out`` that this run wrote or resumed
-    from (None while there is none); ``signals`` records SIGINT and SIGTERM.
+    ``folder`` is the output folder (known to every device, for messages; only device 0
+    writes); ``saved`` the position of the checkpoint there that this run wrote or resumed
+    from (None while there is none); ``steps`` the sizes of an epoch's optimizer steps;
+    ``pending`` a ``KeyboardInterrupt`` raised between steps (in a hook), acted on at the
+    next decision; ``stop_after`` a signal received during the current step (the devices
+    stop after it).
     """
 
     config: TrainConfig
     data: Dataset
     model: ConvNet
     opt: SGD
-    out: Path | None
+    comm: Any
+    folder: Path | None
     bar: Progress
     signals: Signals
+    steps: list[int]
     on_step: Callable[[int, int, ConvNet], None] | None = None
     saved: Position | None = None
+    pending: int | None = None
+    stop_after: int | None = None
 
     @property
-    def steps_per_epoch(self) -> int:
-        return len(self.data.y_train) // self.config.update_size
+    def writer(self) -> bool:
+        return self.folder is not None and self.comm.rank == 0
 
     def learning_rate(self, epoch: int, step: int) -> float:
         """The learning rate of optimizer step ``step`` of epoch ``epoch``."""
-        c, steps = self.config, self.steps_per_epoch
+        c, steps = self.config, len(self.steps)
         return learning_rate(c.schedule, c.lr, epoch * steps + step, steps * c.epochs)
 
 
@@ -131,9 +167,14 @@ class _Interrupted(Exception):
         self.position, self.signum = position, signum
 
 
-def build_model(config: TrainConfig, data: Dataset) -> ConvNet:
-    """The run's model, its arrays in numpy (``device="cpu"``) or CuPy (``"gpu"``)."""
-    options = {"inference": config.sn_inference} if config.norm in ("sn", "syncsn") else {}
+def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None) -> ConvNet:
+    """The run's model, its arrays in numpy (``device="cpu"``) or CuPy (``"gpu"``); the
+    synchronized normalizers synchronize over ``comm``."""
+    options: dict[str, Any] = {}
+    if config.norm in ("sn", "syncsn"):
+        options["inference"] = config.sn_inference
+    if config.synchronized and comm is not None:
+        options["comm"] = comm
     xp = importlib.import_module("cupy") if config.device == "gpu" else np
     return ConvNet(in_channels=data.x_train.shape[1], num_classes=data.num_classes,
                    norm=config.norm, weight=config.weight, widths=config.widths,
@@ -158,6 +199,7 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, int, ConvNet], None] | None = None,
     data: Dataset | None = None,
+    comm: Any = None,
 ) -> Result:
     """Train ``config``; write metrics, curves and checkpoints to ``out`` if given.
 
@@ -172,10 +214,15 @@ def train(
     progress : bool
         Print a progress bar to stderr.
     on_step : callable, optional
-        ``on_step(epoch, step, model)`` after every optimizer step (tests use it to interrupt
-        a run or to break a model).
+        ``on_step(epoch, step, model)`` after every optimizer step, on every device (tests
+        use it to interrupt a run or to break a model).
     data : Dataset, optional
         Use these arrays instead of loading ``config.data`` (they are used as given).
+    comm : communicator, optional
+        This process is one device of ``comm`` (:class:`~refnorm.sync.comm.MPICommunicator`,
+        :class:`~refnorm.sync.nccl.NCCLCommunicator`), whose size must be
+        ``config.devices``. Without it, ``config.devices`` devices run in this process
+        (:class:`~refnorm.sync.comm.InProcessGroup`, one thread each).
 
     Returns
     -------
@@ -185,8 +232,8 @@ def train(
     Raises
     ------
     NonFinite
-        If a NaN or an infinity appeared; the message names the array and says which
-        checkpoint is kept, or that none was written.
+        If a NaN or an infinity appeared; the message names the array (and the device) and
+        says which checkpoint is kept, or that none was written.
     OutputFolderError
         Before training, if ``out`` is a file, under a file, unwritable, full or locked by a
         live run; during it, if a write fails (the previous checkpoint is kept).
@@ -194,23 +241,97 @@ def train(
         If ``resume`` finds no usable checkpoint for this configuration.
     ValueError
         If the data cannot train this network (too few samples for one update, an empty test
-        set, images too small for its pooling).
+        set, images too small for its pooling), or ``comm`` has another size.
+    Interrupted
+        If a signal arrived before the first step (loading the data, reading a checkpoint).
     """
+    if comm is not None and comm.size != config.devices:
+        raise ValueError(f"config.devices is {config.devices} but the communicator has "
+                         f"{comm.size} devices; they must agree")
+    group = SingleProcess() if comm is None else comm  # the devices that set up together
+    folder = None if out is None else Path(out)
     with Signals() as signals, ExitStack() as stack:
-        if resume and out is not None and not Path(out).is_dir():
-            raise CheckpointError(f"no checkpoint to resume from: {out} is not a folder")
         with signals.deferred():  # creating and locking the folder is not left half-done
-            folder = None if out is None else prepare_folder(out)
-            if folder is not None:
-                stack.enter_context(FolderLock(folder, notice=warn))
-                remove_stale_temporaries(folder, OUTPUTS)
+            together(group, "the output folder",
+                     lambda: _open_folder(folder, stack, resume=resume, writer=group.rank == 0))
         signals.raise_if_received()
         # Loading the data and reading a checkpoint stay interruptible (a signal raises
         # Interrupted there); from the first step on, signals wait for a step boundary.
-        run = _setup(config, folder, signals, progress=progress, on_step=on_step, data=data)
-        position = _starting_position(run, resume)
+        data = together(group, "the data", lambda: _usable_data(config, data))
+        saved = None
+        if resume:
+            saved = together(group, "the checkpoint", lambda: _read(folder))
+        setup = _Setup(config, data, folder, saved, signals, progress, on_step)
         with signals.deferred():
-            return _run_epochs(run, position)
+            if comm is None and config.devices > 1:
+                return InProcessGroup.run(config.devices, run_device,
+                                          [setup] * config.devices)[0]
+            return run_device(group, setup)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every device starts from (read once per process)."""
+
+    config: TrainConfig
+    data: Dataset
+    folder: Path | None
+    saved: Saved | None
+    signals: Signals
+    progress: bool
+    on_step: Callable[[int, int, ConvNet], None] | None
+
+
+def _open_folder(folder: Path | None, stack: ExitStack, *, resume: bool, writer: bool) -> None:
+    if folder is None:
+        return
+    if resume and not folder.is_dir():
+        raise CheckpointError(f"no checkpoint to resume from: {folder} is not a folder")
+    if writer:
+        prepare_folder(folder)
+        stack.enter_context(FolderLock(folder, notice=warn))
+        remove_stale_temporaries(folder, OUTPUTS)
+
+
+def _usable_data(config: TrainConfig, data: Dataset | None) -> Dataset:
+    data = prepare_data(config) if data is None else data
+    check_data(config, data)
+    return data
+
+
+def _read(folder: Path | None) -> Saved:
+    if folder is None:
+        raise CheckpointError("resume needs the output directory of the run to continue")
+    return read_checkpoint(folder / CHECKPOINT)
+
+
+def run_device(comm: Any, setup: _Setup) -> Result:
+    """One device's run: its model, its start (fresh or resumed), its epochs."""
+    config, data = setup.config, setup.data
+    if comm.size > 1:
+        comm = MeteredCommunicator(comm)
+    model = build_model(config, data, comm=comm)
+    opt = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    bar = Progress(enabled=setup.progress and comm.rank == 0)
+    steps = epoch_steps(len(data.y_train), config.update_size,
+                        config.devices * config.accumulation)
+    run = Run(config, data, model, opt, comm, setup.folder, bar, setup.signals, steps,
+              setup.on_step)
+    if run.writer:
+        folder = setup.folder
+        assert folder is not None
+        together(comm, "room for the outputs",
+                 lambda: check_room(folder, checkpoint_bytes(model, opt) + OUTPUTS_BYTES))
+    else:
+        together(comm, "room for the outputs", lambda: None)
+    if setup.saved is None:
+        data_dependent_init(model, data, config)
+        position = Position()
+    else:
+        saved = setup.saved
+        run.saved = position = together(comm, "restoring the checkpoint", lambda: restore(
+            saved, config, model, opt, steps_per_epoch=len(steps), device=comm.rank))
+    return _run_epochs(run, position)
 
 
 def _run_epochs(run: Run, position: Position) -> Result:
@@ -218,25 +339,14 @@ def _run_epochs(run: Run, position: Position) -> Result:
     try:
         while position.epoch < run.config.epochs:
             position = run_epoch(run, position)
-        if run.out is not None and position.history:
-            out, history = run.out, list(position.history)
-            _write(run, lambda: write_metrics(out, history, curves=True))
+        if position.history:
+            history = list(position.history)
+            _write(run, "the metrics", lambda out: write_metrics(out, history, curves=True))
     except _Interrupted as stop:
         return _interrupt(run, stop.position, stop.signum)
     except NonFinite as exc:
         raise exc.moved(kept=_kept(run)) from None
     return Result(run.config, list(position.history), run.model)
-
-
-def _setup(config: TrainConfig, out: Path | None, signals: Signals, *, progress: bool,
-           on_step: Callable[[int, int, ConvNet], None] | None, data: Dataset | None) -> Run:
-    data = prepare_data(config) if data is None else data
-    check_data(config, data)
-    model = build_model(config, data)
-    opt = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    if out is not None:
-        check_room(out, checkpoint_bytes(model, opt) + OUTPUTS_BYTES)
-    return Run(config, data, model, opt, out, Progress(enabled=progress), signals, on_step)
 
 
 def check_data(config: TrainConfig, data: Dataset) -> None:
@@ -250,8 +360,10 @@ def check_data(config: TrainConfig, data: Dataset) -> None:
         the network's max-pools (each block but the last halves the size).
     """
     if len(data.y_train) < config.update_size:
-        raise ValueError(f"one update needs batch_size * accumulation = {config.update_size} "
-                         f"samples; the training set has {len(data.y_train)}")
+        what = "devices * batch_size * accumulation" if config.devices > 1 else (
+            "batch_size * accumulation")
+        raise ValueError(f"one update needs {what} = {config.update_size} samples; the "
+                         f"training set has {len(data.y_train)}")
     if len(data.y_test) == 0:
         raise ValueError(f"the test set of {data.name} is empty: every epoch is evaluated on "
                          "it, so it needs at least one sample")
@@ -273,24 +385,337 @@ def checkpoint_bytes(model: ConvNet, opt: SGD) -> int:
     return sum(to_numpy(a).nbytes for a in arrays) + 64 * 1024
 
 
-def _starting_position(run: Run, resume: bool) -> Position:
-    if not resume:
-        data_dependent_init(run.model, run.data, run.config)
-        return Position()
-    if run.out is None:
-        raise CheckpointError("resume needs the output directory of the run to continue")
-    run.saved = load_checkpoint(run.out / CHECKPOINT, run.config, run.model, run.opt,
-                                steps_per_epoch=run.steps_per_epoch)
-    return run.saved
+# -- what every device does together ----------------------------------------------------------
+
+T = TypeVar("T")
+# Errors a device reports to the others instead of leaving them waiting: the ones a run
+# expects (bad data, a bad checkpoint, a full disk, a non-finite value, divergence).
+_SHARED: dict[str, type[Exception]] = {
+    cls.__name__: cls for cls in (ValueError, CheckpointError, OutputFolderError, Diverged)}
+
+
+def together(comm: Any, what: str, work: Callable[[], T]) -> T:
+    """``work()`` on this device; if it failed on any device, the same error on every device.
+
+    One all-reduce of a flag per device, and only after a failure one more for its
+    message: every device raises the error of the first device that failed (the class
+    kept where it is one of the errors a run expects; an ``OSError`` becomes an
+    :class:`OutputFolderError`), so every device stops the same way.
+    """
+    try:
+        result, problem = work(), None
+    except (ValueError, OSError, OutputFolderError, NonFinite, Diverged) as exc:
+        result, problem = None, exc
+    if comm.size == 1:
+        if problem is not None:
+            raise problem
+        return result  # type: ignore[return-value]
+    failed = np.flatnonzero(agree(comm, [problem is not None], what=what)[:, 0])
+    if failed.size == 0:
+        return result  # type: ignore[return-value]
+    source = int(failed[0])
+    raise _rebuild(share_record(comm, _record(problem) if comm.rank == source else None,
+                                source=source, what=what), source) from None
+
+
+def _record(problem: BaseException | None) -> dict:
+    if isinstance(problem, NonFinite):
+        return {"kind": "NonFinite", "what": problem.what, "value": problem.value,
+                "where": problem.where, "kept": problem.kept, "reason": problem.reason}
+    kind = type(problem).__name__ if type(problem).__name__ in _SHARED else (
+        "OutputFolderError" if isinstance(problem, OSError) else "ValueError")
+    return {"kind": kind, "message": str(problem)}
+
+
+def _rebuild(record: dict, device: int) -> Exception:
+    if record.get("kind") == "NonFinite":
+        return NonFinite(f"{record['what']} on device {device}", float(record["value"]),
+                         where=record["where"], kept=record["kept"], reason=record["reason"])
+    return _SHARED.get(record.get("kind", ""), ValueError)(
+        f"device {device}: {record.get('message', 'failed')}")
+
+
+# -- epochs and steps ---------------------------------------------------------------------------
+
+
+def run_epoch(run: Run, position: Position) -> Position:
+    """Finish epoch ``position.epoch``: its remaining steps, its evaluation, its checkpoint.
+
+    Returns the position at the start of the next epoch. ``_Interrupted`` carries the step
+    boundary to save (an evaluation not yet run is run on resume).
+    """
+    config, comm = run.config, run.comm
+    order = np.random.default_rng([config.seed, position.epoch]).permutation(
+        len(run.data.y_train))
+    started, first_step = time.perf_counter(), position.step
+    if isinstance(comm, MeteredCommunicator):
+        comm.clear()
+    while position.step < len(run.steps):
+        first = sum(run.steps[:position.step])
+        picked = order[first:first + run.steps[position.step]]
+        position = run_step(run, position, picked)
+        try:
+            run.bar.update(position, config.epochs, len(run.steps))
+            if run.on_step is not None:
+                run.on_step(position.epoch, position.step, run.model)
+        except KeyboardInterrupt as exc:  # between steps: stop at the next decision
+            run.pending = getattr(exc, "signum", SIGINT)
+    _decide(run, position, before_the="evaluation")
+    cost = comm.report(seconds=time.perf_counter() - started,
+                       steps=position.step - first_step) if isinstance(
+        comm, MeteredCommunicator) else {}
+    if comm.size > 1 and not config.synchronized:
+        average_states(comm, run.model.layers())
+    with _boundary(position):  # an evaluation not yet run is run on resume
+        row = together(comm, "the evaluation", lambda: evaluate(
+            run.model, run.opt, run.data, config, position=position,
+            lr=run.learning_rate(position.epoch, len(run.steps) - 1),
+            seconds=time.perf_counter() - started, comm=comm))
+    row.update(cost)
+    position = Position(position.epoch + 1, 0, Totals(), (*position.history, row))
+    if comm.size > 1:
+        together(comm, "the model check", lambda: check_same_model(
+            comm, named_arrays(run.model, run.opt), where=f"after epoch {position.epoch}"))
+    run.bar.epoch_done(row)
+    if run.folder is not None:
+        history = list(position.history)
+        with _boundary(position):  # a failed save is redone at the stop
+            _save(run, position)
+            _write(run, "the metrics", lambda out: write_metrics(out, history))
+    return position
+
+
+@contextmanager
+def _boundary(position: Position) -> Iterator[None]:
+    """A ``KeyboardInterrupt`` raised inside (a run outside the main thread, a hook) stops the
+    run at ``position``, the last step boundary. (On several devices, only where every
+    device raises it: one device's would leave the others in a collective, which then fails
+    with a message naming where each device was.)"""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        raise _Interrupted(position, getattr(exc, "signum", SIGINT)) from None
+
+
+def run_step(run: Run, position: Position, picked: np.ndarray) -> Position:
+    """One optimizer step over the samples ``picked`` (indices into the training set).
+
+    This device's forward and backward on its pieces of them (:func:`local_step`), one
+    decision of all devices (:func:`_decide`), then the gradients summed over the devices
+    and the same update everywhere. Returns the position after the step.
+    """
+    config, comm, model = run.config, run.comm, run.model
+    before = run.signals.received or run.pending
+    states = [copy.deepcopy(layer.state) for layer in model.layers()]
+    pieces = [micro[comm.rank] for micro in step_pieces(len(picked), config.accumulation,
+                                                         comm.size)]
+    x, y = run.data.x_train, run.data.y_train
+    batches = [(x[picked[p]], y[picked[p]]) for p in pieces]
+    undone = False
+    try:
+        grads, totals, problem = local_step(model, batches, total=len(picked))
+    except KeyboardInterrupt:  # raised where it landed (no handler): undo this step
+        grads, totals, problem, undone = {}, Totals(), None, True
+    except ValueError as exc:
+        # The data and the network were checked before training, and earlier steps ran: a
+        # layer refusing its numbers now (a variance overflowing float32) is divergence.
+        grads, totals = {}, Totals()
+        problem = NonFinite("a layer's statistics", math.inf, reason=str(exc))
+    where = f"in step {position.step + 1} of epoch {position.epoch + 1}"
+    try:
+        totals = _decide(run, position, before_the=None, undone=undone, before=before,
+                         problem=problem, totals=totals)
+    except (_Interrupted, NonFinite) as stop:
+        for layer, state in zip(model.layers(), states, strict=True):
+            layer.state = state
+            layer.reset()
+        if isinstance(stop, NonFinite):
+            raise stop.moved(where=where) from None
+        raise
+    _update(run, grads, run.learning_rate(position.epoch, position.step), where=where)
+    after = dataclasses.replace(position, step=position.step + 1,
+                                totals=position.totals + totals)
+    if run.stop_after is not None:
+        raise _Interrupted(after, run.stop_after)
+    return after
+
+
+def local_step(model: ConvNet, batches: list[tuple[Any, Any]], *,
+               total: int) -> tuple[dict[str, Array], Totals, NonFinite | None]:
+    """Forward and backward over this device's micro-batches; their summed gradient.
+
+    Each micro-batch's loss is the sum of its samples' cross-entropies divided by ``total``,
+    the samples of the whole step over every micro-batch and device: the gradients summed
+    over micro-batches (and devices) are then those of the step's mean loss, whatever the
+    sizes of the pieces.
+
+    Returns
+    -------
+    grads : dict of key to array (the parameter's shape), keyed as
+        :meth:`ConvNet.named_params`
+    totals : Totals of this device's samples
+    problem : NonFinite or None
+        The first non-finite loss, gradient or state; the work goes on regardless (a
+        synchronized layer's collectives must still be met), and the devices decide.
+    """
+    grads: dict[str, Array] = {}
+    totals = Totals()
+    problem: NonFinite | None = None
+    xp = model.xp
+    for xb, yb in batches:
+        xb, yb = on_model(model, xb), on_model(model, yb)
+        logits = model.forward(xb, training=True)                        # (b, classes)
+        loss, cache = softmax_cross_entropy(logits, yb)
+        if problem is None and not math.isfinite(float(loss)):
+            problem = NonFinite("the training loss", float(loss))
+        n = yb.shape[0]
+        model.backward(softmax_cross_entropy_backward(cache) * (n / total))
+        for key, layer, name in model.named_params():
+            g = layer.grads[name]
+            grads[key] = g if key not in grads else grads[key] + g
+        correct = int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64)))
+        totals = totals + Totals(float(loss) * n, correct, n)
+    if problem is None:
+        try:
+            check_finite(named_gradients(model, grads))
+            check_finite(named_states(model))
+        except NonFinite as exc:
+            problem = exc
+    return grads, totals, problem
+
+
+def _decide(run: Run, position: Position, *, before_the: str | None, undone: bool = False,
+            before: int | None = None, problem: NonFinite | None = None,
+            totals: Totals | None = None) -> Totals:
+    """The devices' decision at a step boundary: one all-reduce of every device's status.
+
+    A non-finite value on any device stops every device with that device's message; a step
+    undone by a ``KeyboardInterrupt``, or a signal (or a hook's interrupt) received before
+    the step started, stops every device before the step (``_Interrupted``); a signal
+    received during it stops every device after it (``run.stop_after``). Returns the step's
+    totals over all devices.
+    """
+    if before_the is not None:  # before an evaluation: only signals can stop it
+        before = run.signals.received or run.pending
+    now = run.signals.received
+    totals = Totals() if totals is None else totals
+    row = [float(before or 0), float(now or 0), float(undone), float(problem is not None),
+           totals.loss, float(totals.correct), float(totals.samples)]
+    comm = run.comm
+    table = np.asarray([row]) if comm.size == 1 else agree(comm, row, what="step status")
+    bad = np.flatnonzero(table[:, 3])
+    if bad.size:
+        source = int(bad[0])
+        if comm.size == 1:
+            assert problem is not None
+            raise problem
+        raise _rebuild(share_record(comm, _record(problem) if comm.rank == source else None,
+                                    source=source, what="a non-finite value"), source)
+    stopped_before = np.flatnonzero(table[:, 0])
+    if stopped_before.size or table[:, 2].any():
+        signum = int(table[stopped_before[0], 0]) if stopped_before.size else SIGINT
+        run.pending = None
+        raise _Interrupted(position, signum)
+    stopped_now = np.flatnonzero(table[:, 1])
+    run.stop_after = int(table[stopped_now[0], 1]) if stopped_now.size else None
+    return Totals(float(table[:, 4].sum()), int(table[:, 5].sum()), int(table[:, 6].sum()))
+
+
+def _update(run: Run, grads: dict[str, Array], lr: float, *, where: str) -> None:
+    """Sum the gradients over the devices, check them, and apply the same update everywhere.
+
+    A ``KeyboardInterrupt`` raised inside (no handler installed) cannot undo an update the
+    other devices made: the update is redone whole and the run stops after this step.
+    """
+    model, opt = run.model, run.opt
+    if run.comm.size > 1:
+        # Each device's loss is already its share of the step's mean (local_step): weight 1.
+        for key, layer, name in model.named_params():
+            layer.grads[name] = grads[key]
+        allreduce_gradients(model.layers(), run.comm, weight=1.0)
+        grads = {key: layer.grads[name] for key, layer, name in model.named_params()}
+    try:
+        check_finite(named_gradients(model, grads))  # a sum over devices can overflow
+    except NonFinite as exc:
+        raise exc.moved(where=where) from None
+    params = [dict(layer.params) for layer in model.layers()]
+    velocity = dict(opt.velocity)
+    while True:
+        try:
+            opt.step(grads, lr)
+            break
+        except KeyboardInterrupt as exc:
+            for layer, before in zip(model.layers(), params, strict=True):
+                layer.params.update(before)
+            opt.velocity.update(velocity)
+            run.pending = getattr(exc, "signum", SIGINT)
+    try:
+        check_finite(named_params(model, opt))  # the same on every device: same update
+    except NonFinite as exc:
+        raise exc.moved(where=where) from None
+
+
+def train_step(model: ConvNet, opt: SGD, x: Any, y: Any, *, batch_size: int,
+               lr: float) -> Totals:
+    """One optimizer update on one device: the micro-batches of ``batch_size`` samples of
+    ``x``, their mean gradient, one SGD step (the loop's :func:`run_step` without the other
+    devices, the signals or the hooks).
+
+    Parameters
+    ----------
+    model, opt : the network and its optimizer
+    x : array (n, C, H, W)
+        The update's samples, in micro-batch order (numpy, or already on the model's device).
+    y : int array (n,)
+    batch_size : int
+        Samples per micro-batch.
+    lr : float
+
+    Returns
+    -------
+    Totals of the update's samples (training-mode loss and accuracy)
+
+    Raises
+    ------
+    NonFinite
+        If a micro-batch's loss, a gradient, or after the update a parameter, the momentum
+        or a layer's state is not finite; the layers' states are then as before the step.
+    KeyboardInterrupt
+        Re-raised after undoing the step (states restored; the update is not applied).
+    """
+    layers = model.layers()
+    states = [copy.deepcopy(layer.state) for layer in layers]
+    params = [dict(layer.params) for layer in layers]
+    velocity = dict(opt.velocity)
+    n = y.shape[0]
+    batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+    try:
+        grads, totals, problem = local_step(model, batches, total=n)
+        if problem is not None:
+            raise problem
+        check_finite(named_gradients(model, grads))
+        opt.step(grads, lr)  # replaces arrays, never writes into them: the old ones stay
+    except (KeyboardInterrupt, NonFinite):
+        for layer, state, before in zip(layers, states, params, strict=True):
+            layer.state = state
+            layer.params.update(before)
+            layer.reset()
+        opt.velocity.update(velocity)
+        raise
+    check_finite(named_params(model, opt))
+    return totals
+
+
+# -- stopping and saving ------------------------------------------------------------------------
 
 
 def _interrupt(run: Run, position: Position, signum: int) -> Result:
     """A signal or Ctrl-C: save where training stands (a step boundary) and stop."""
-    if run.out is not None and not _same_place(run.saved, position):
+    if run.folder is not None and not _same_place(run.saved, position):
         _save(run, position)
     where = f"stopped by {signal_name(signum)} {_where(position)}"
-    run.bar.close(where + (f": checkpoint saved in {run.out}; continue with --resume"
-                           if run.out is not None else ""))
+    run.bar.close(where + (f": checkpoint saved in {run.folder}; continue with --resume"
+                           if run.folder is not None else ""))
     return Result(run.config, list(position.history), run.model, interrupted=True,
                   signal=signum)
 
@@ -307,187 +732,57 @@ def _where(position: Position) -> str:
 
 def _kept(run: Run) -> str:
     """What a stopped run leaves: which checkpoint, or that none was written."""
-    if run.out is None:
+    if run.folder is None:
         return "no checkpoint was written (no output folder)"
     if run.saved is None:
-        earlier = (f" (the {CHECKPOINT} in {run.out} is from an earlier run)"
-                   if (run.out / CHECKPOINT).exists() else "")
+        earlier = (f" (the {CHECKPOINT} in {run.folder} is from an earlier run)"
+                   if (run.folder / CHECKPOINT).exists() else "")
         return "no checkpoint was written" + earlier
-    return (f"the checkpoint {_where(run.saved)} in {run.out} is kept (it holds only finite "
-            "values)")
-
-
-def _stop_if_signalled(run: Run, position: Position) -> None:
-    if run.signals.received is not None:
-        raise _Interrupted(position, run.signals.received)
-
-
-def run_epoch(run: Run, position: Position) -> Position:
-    """Finish epoch ``position.epoch``: its remaining steps, its evaluation, its checkpoint.
-
-    Returns the position at the start of the next epoch. A signal received so far is acted
-    on before each step and before the evaluation: ``_Interrupted`` carries the step
-    boundary to save (an evaluation not yet run is run on resume).
-    """
-    config, group = run.config, run.config.update_size
-    order = np.random.default_rng([config.seed, position.epoch]).permutation(
-        len(run.data.y_train))
-    started = time.perf_counter()
-    while position.step < run.steps_per_epoch:
-        _stop_if_signalled(run, position)
-        picked = order[position.step * group:(position.step + 1) * group]
-        lr = run.learning_rate(position.epoch, position.step)
-        with _boundary(position):  # a KeyboardInterrupt inside: the step undid itself
-            try:
-                totals = train_step(run.model, run.opt, run.data.x_train[picked],
-                                    run.data.y_train[picked], config=config, lr=lr)
-            except NonFinite as exc:
-                raise exc.moved(where=f"in step {position.step + 1} of epoch "
-                                      f"{position.epoch + 1}") from None
-            except ValueError as exc:
-                # The data and the network were checked before training, and earlier steps
-                # ran: a layer refusing its numbers now (a variance overflowing float32) is
-                # divergence.
-                raise NonFinite("a layer's statistics", math.inf, reason=str(exc),
-                                where=f"in step {position.step + 1} of epoch "
-                                      f"{position.epoch + 1}") from None
-        position = dataclasses.replace(position, step=position.step + 1,
-                                       totals=position.totals + totals)
-        with _boundary(position):
-            run.bar.update(position, config.epochs, run.steps_per_epoch)
-            if run.on_step is not None:
-                run.on_step(position.epoch, position.step, run.model)
-    _stop_if_signalled(run, position)
-    with _boundary(position):  # an evaluation not yet run is run on resume
-        try:
-            row = evaluate(run.model, run.opt, run.data, config, position=position,
-                           lr=run.learning_rate(position.epoch, run.steps_per_epoch - 1),
-                           seconds=time.perf_counter() - started)
-        except NonFinite as exc:
-            raise exc.moved(where=f"in the evaluation of epoch {position.epoch + 1}") from None
-    position = Position(position.epoch + 1, 0, Totals(), (*position.history, row))
-    run.bar.epoch_done(row)
-    if run.out is not None:
-        out, history = run.out, list(position.history)
-        with _boundary(position):  # a failed save is redone at the stop
-            _save(run, position)
-            _write(run, lambda: write_metrics(out, history))
-    return position
-
-
-@contextmanager
-def _boundary(position: Position) -> Iterator[None]:
-    """A ``KeyboardInterrupt`` raised inside (a run outside the main thread, a hook) stops the
-    run at ``position``, the last step boundary."""
-    try:
-        yield
-    except KeyboardInterrupt as exc:
-        raise _Interrupted(position, getattr(exc, "signum", signal.SIGINT)) from None
+    return (f"the checkpoint {_where(run.saved)} in {run.folder} is kept (it holds only "
+            "finite values)")
 
 
 def _save(run: Run, position: Position) -> None:
-    path = run.out / CHECKPOINT if run.out is not None else None
-    assert path is not None
-    _write(run, lambda: save_checkpoint(path, run.config, run.model, run.opt, position))
+    """Device 0 writes the checkpoint of ``position``; with per-device running statistics,
+    after gathering every device's (they differ until the end of the epoch)."""
+    others = _gather_states(run) if run.comm.size > 1 and not run.config.synchronized else []
+    _write(run, "the checkpoint", lambda out: save_checkpoint(
+        out / CHECKPOINT, run.config, run.model, run.opt, position, other_devices=others))
     run.saved = position
 
 
-def _write(run: Run, write: Callable[[], None]) -> None:
-    """Run ``write``; a failed write (a full disk) becomes one sentence naming what is kept."""
-    try:
-        write()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.ENOSPC:
-            reason = "the disk is full (no space left on device)"
-        raise OutputFolderError(f"cannot write to the output folder {run.out}: {reason}; "
-                                f"{_kept(run)}") from None
+def _gather_states(run: Run) -> list[dict[str, Any]]:
+    """Every device's floating-point state arrays, on device 0 (devices 1..P-1, by key):
+    one all-reduce of (P, ...) arrays in which each device fills its own slot."""
+    comm = run.comm
+    own = {f"state/{i}/{name}": to_numpy(a) for i, layer in enumerate(run.model.layers())
+           for name, a in layer.state.items() if to_numpy(a).dtype.kind == "f"}
+    keys = sorted(own)
+    slots = []
+    for key in keys:
+        slot = np.zeros((comm.size, *own[key].shape), dtype=own[key].dtype)
+        slot[comm.rank] = own[key]
+        slots.append(slot)
+    gathered = allreduce(comm, slots, op="gather states") if keys else []
+    return [{key: np.asarray(g)[p] for key, g in zip(keys, gathered, strict=True)}
+            for p in range(1, comm.size)]
 
 
-def train_step(model: ConvNet, opt: SGD, x: Any, y: Any, *,
-               config: TrainConfig, lr: float) -> Totals:
-    """One optimizer update: the micro-batches of ``x``, their mean gradient, one SGD step.
+def _write(run: Run, what: str, write: Callable[[Path], None]) -> None:
+    """Device 0 runs ``write(folder)``; a failed write (a full disk) becomes one sentence
+    naming what is kept, on every device."""
+    folder = run.folder
 
-    ``x`` and ``y`` are moved once onto the model's namespace and device (:func:`on_model`);
-    the forward, the backward and the update then run there, and only the loss and the
-    count of correct predictions come back to the host (two scalars per micro-batch).
+    def attempt() -> None:
+        if not run.writer or folder is None:
+            return
+        try:
+            write(folder)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if exc.errno == errno.ENOSPC:
+                reason = "the disk is full (no space left on device)"
+            raise OutputFolderError(f"cannot write to the output folder {folder}: {reason}; "
+                                    f"{_kept(run)}") from None
 
-    Parameters
-    ----------
-    model, opt : the network and its optimizer
-    x : array (batch_size * accumulation, C, H, W)
-        The update's samples, in micro-batch order (numpy, or already on the model's device).
-    y : int array (batch_size * accumulation,)
-        Their labels.
-    config : TrainConfig
-        Gives ``batch_size`` (samples per micro-batch) and ``accumulation``.
-    lr : float
-        This step's learning rate.
-
-    Returns
-    -------
-    Totals of the update's samples (training-mode loss and accuracy)
-
-    Raises
-    ------
-    NonFinite
-        If a micro-batch's loss, a gradient, or after the update a parameter, the momentum
-        or a layer's state is not finite (a gradient is checked before it is applied).
-    KeyboardInterrupt
-        Re-raised after undoing the step: the layers' states (running statistics) are
-        restored, and the parameters and momentum are the arrays from before the step
-        (:class:`~refnorm.train.optim.SGD` replaces arrays, never writes into them).
-    """
-    layers = model.layers()
-    states = [copy.deepcopy(layer.state) for layer in layers]
-    params = [dict(layer.params) for layer in layers]
-    velocity = dict(opt.velocity)
-    try:
-        grads, totals = accumulate_gradients(model, on_model(model, x), on_model(model, y),
-                                             config)
-        check_finite(named_gradients(model, grads))
-        opt.step(grads, lr)
-    except KeyboardInterrupt:
-        for layer, state, before in zip(layers, states, params, strict=True):
-            layer.state = state
-            layer.params.update(before)
-        opt.velocity.update(velocity)
-        raise
-    check_finite(named_arrays(model, opt))
-    return totals
-
-
-def accumulate_gradients(model: ConvNet, x: Array, y: Array,
-                         config: TrainConfig) -> tuple[dict[str, Array], Totals]:
-    """Forward and backward over the micro-batches of ``x``; return their mean gradient.
-
-    Each micro-batch's loss is its mean cross-entropy; its gradient divided by
-    ``accumulation`` makes the sum over micro-batches their mean.
-
-    Parameters
-    ----------
-    x : array (batch_size * accumulation, C, H, W)
-    y : int array (batch_size * accumulation,)
-        Both on the model's namespace and device (:func:`on_model`).
-
-    Returns
-    -------
-    dict of key to array (the parameter's shape), keyed as :meth:`ConvNet.named_params`;
-    Totals of the samples
-    """
-    grads: dict[str, Array] = {}
-    totals = Totals()
-    xp = model.xp
-    for start in range(0, y.shape[0], config.batch_size):
-        xb, yb = x[start:start + config.batch_size, ...], y[start:start + config.batch_size]
-        logits = model.forward(xb, training=True)                        # (b, classes)
-        loss, cache = softmax_cross_entropy(logits, yb)
-        if not math.isfinite(float(loss)):
-            raise NonFinite("the training loss", float(loss))
-        model.backward(softmax_cross_entropy_backward(cache) / config.accumulation)
-        for key, layer, name in model.named_params():
-            g = layer.grads[name]
-            grads[key] = g if key not in grads else grads[key] + g
-        correct = int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64)))
-        totals = totals + Totals(float(loss) * yb.shape[0], correct, yb.shape[0])
-    return grads, totals
+    together(run.comm, what, attempt)

@@ -64,7 +64,7 @@ TARGETS = {
     "forward": (Layer, "forward"),
     "backward": (Layer, "backward"),
     "update": (SGD, "update"),
-    "accumulate": (loop, "accumulate_gradients"),
+    "accumulate": (loop, "local_step"),
     "evaluate": (loop, "evaluate"),
     "batch_average": (evaluate, "batch_average"),
     "predict": (evaluate, "predict"),

@@ -190,7 +190,8 @@ def test_ctrl_c_inside_a_step_undoes_it(monkeypatch, where):
     cfg = config(norm="bn", batch_size=4, accumulation=2)
     data, model, opt = fresh(cfg)
     x, y = data.x_train[:8], data.y_train[:8]
-    train_step(model, opt, x, y, config=cfg, lr=0.05)  # momentum and running stats non-zero
+    # momentum and running stats non-zero:
+    train_step(model, opt, x, y, batch_size=cfg.batch_size, lr=0.05)
     before = _snapshot(model, opt)
     if where == "forward":  # the second micro-batch, after BN saw the first
         calls = {"n": 0}
@@ -212,7 +213,7 @@ def test_ctrl_c_inside_a_step_undoes_it(monkeypatch, where):
 
         monkeypatch.setattr(SGD, "step", step)
     with pytest.raises(KeyboardInterrupt):
-        train_step(model, opt, x, y, config=cfg, lr=0.05)
+        train_step(model, opt, x, y, batch_size=cfg.batch_size, lr=0.05)
     _assert_same(before, _snapshot(model, opt))
 
 
@@ -285,17 +286,18 @@ def test_a_non_finite_gradient_is_not_applied(monkeypatch):
     cfg = config(norm="bn", batch_size=4, accumulation=2)
     data, model, opt = fresh(cfg)
     before = _snapshot(model, opt)
-    real = loop.accumulate_gradients
+    real = loop.local_step
 
-    def poisoned(*args):
-        grads, totals = real(*args)
+    def poisoned(*args, **kwargs):  # a gradient that turns infinite after the local checks
+        grads, totals, problem = real(*args, **kwargs)
         grads["0/w"] = grads["0/w"].copy()
         grads["0/w"].flat[3] = np.inf
-        return grads, totals
+        return grads, totals, problem
 
-    monkeypatch.setattr(loop, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(loop, "local_step", poisoned)
     with pytest.raises(NonFinite, match=r"^layer 0 \(Conv2d\) gradient of w became inf"):
-        train_step(model, opt, data.x_train[:8], data.y_train[:8], config=cfg, lr=0.05)
+        train_step(model, opt, data.x_train[:8], data.y_train[:8], batch_size=cfg.batch_size,
+                   lr=0.05)
     params, _, velocity = _snapshot(model, opt)
     for a, b in zip(before[0], params, strict=True):
         for k in a:
