@@ -10,12 +10,14 @@ use), so the handlers are in place within milliseconds of the interpreter starti
 
 import sys
 
+from refnorm.launch import share_cores
 from refnorm.train.interrupt import Interrupted, Signals, exit_status
 
 
 def entry() -> None:
     """Run the command line with this process's signal handling; exit with its status."""
     signals = Signals().__enter__()
+    share_cores()  # under mpiexec: before numpy, OpenBLAS and numba start their threads
     try:
         from refnorm.cli import main
 

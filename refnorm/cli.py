@@ -182,9 +182,13 @@ def _add_train(sub) -> None:
     tr.add_argument("--weight", default=None, choices=[w for w in WEIGHTS if w],
                     help="ws, wn, np or trelu (default: plain conv)")
     tr.add_argument("--batch-size", type=positive, default=32,
-                    help="micro-batch size (default 32)")
+                    help="samples per device in one micro-batch (default 32)")
     tr.add_argument("--accumulation", type=positive, default=1,
                     help="micro-batches per update (default 1)")
+    tr.add_argument("--devices", type=positive, default=None,
+                    help="data-parallel devices P, simulated in this process (default 1; under "
+                         "mpiexec, the number of processes): each step trains on P x "
+                         "batch-size x accumulation samples")
     tr.add_argument("--epochs", type=positive, default=10)
     tr.add_argument("--lr", type=_finite_float(positive=True), default=0.05)
     tr.add_argument("--weight-decay", type=_finite_float(positive=False), default=5e-4)
@@ -261,40 +265,88 @@ def _add_study(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from refnorm.train.checkpoint import CheckpointError
+    from refnorm.launch import mpi_launch
     from refnorm.train.config import TrainConfig
-    from refnorm.train.finite import NonFinite
-    from refnorm.train.folder import OutputFolderError
-    from refnorm.train.loop import train
 
     prog = "refnorm train"
-    if (problem := _device_problem(args)) is not None:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
+    launch = mpi_launch()
+    # Under mpiexec every rank stops the same way (refnorm.train.loop); rank 0 speaks for all.
+    quiet = launch is not None and launch[0] != 0
+
+    def fail(message: str) -> int:
+        if not quiet:
+            print(f"{prog}: error: {_one_line(message)}", file=sys.stderr)
         return 2
+
+    if (problem := _device_problem(args)) is not None:
+        return fail(problem)
+    devices = args.devices or 1
+    if launch is not None:
+        if args.devices is not None and args.devices != launch[1]:
+            return fail(f"--devices {args.devices} but mpiexec started {launch[1]} processes; "
+                        f"give --devices {launch[1]} or leave --devices out under mpiexec")
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError:
+            return fail(f"started by mpiexec with {launch[1]} processes, but mpi4py is not "
+                        "installed: install the mpi extra (pip install 'refnorm[mpi]')")
+        devices = launch[1]
     try:
         config = TrainConfig(data=args.data, norm=args.norm, weight=args.weight,
                              batch_size=args.batch_size, accumulation=args.accumulation,
                              epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                              schedule=args.schedule, seed=args.seed, num_groups=args.groups,
                              sn_inference=args.sn_inference, dtype=args.dtype,
-                             device=_device(args))
-        _use_path(args)
-        print(f"training {config.describe()} -> {args.out}", file=sys.stderr)
-        result = train(config, out=args.out, resume=args.resume)
+                             device=_device(args), devices=devices)
+    except (ValueError, TypeError) as exc:
+        return fail(str(exc))
+    _use_path(args)
+    if launch is None:
+        return _train(config, args, None, quiet=False)
+    from refnorm.sync.comm import MPICommunicator
+    from refnorm.train.parallel import gpu_communicator
+
+    with MPICommunicator() as mpi:
+        comm = mpi if config.device == "cpu" else gpu_communicator(mpi)
+        status = _train(config, args, comm, quiet=quiet)
+        if comm is not mpi:
+            comm.finish("training ended")
+    return status
+
+
+def _train(config, args: argparse.Namespace, comm, *, quiet: bool) -> int:
+    """Train on this process's devices and turn the outcome into an exit status."""
+    from refnorm.train.checkpoint import CheckpointError
+    from refnorm.train.finite import NonFinite
+    from refnorm.train.folder import OutputFolderError
+    from refnorm.train.loop import train
+
+    prog = "refnorm train"
+
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, file=sys.stderr)
+
+    try:
+        say(f"training {config.describe()} -> {args.out}")
+        result = train(config, out=args.out, resume=args.resume, progress=not quiet,
+                       comm=comm)
     except Interrupted as stop:  # before the first step: loading the data or a checkpoint
-        print(f"{prog}: stopped by {signal_name(stop.signum)} before the first step; "
-              "nothing was saved", file=sys.stderr)
+        if comm is not None:
+            comm.finish(f"stopped by {signal_name(stop.signum)} before the first step")
+        say(f"{prog}: stopped by {signal_name(stop.signum)} before the first step; "
+            "nothing was saved")
         return exit_status(stop.signum)
     except NonFinite as exc:
-        print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
+        say(f"{prog}: {_one_line(exc)}")
         return 3
     except (CheckpointError, OutputFolderError, ValueError, TypeError, OSError) as exc:
-        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        say(f"{prog}: error: {_one_line(exc)}")
         return 2
     if result.interrupted:
         return exit_status(result.signal or signal.SIGINT)
     last = result.history[-1] if result.history else None
-    if last:
+    if last and not quiet:
         print(f"final test accuracy {last['test_acc']:.4f} (train {last['train_acc']:.4f}); "
               f"metrics and curves in {args.out}")
     return 0

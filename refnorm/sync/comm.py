@@ -367,6 +367,7 @@ def _sum_in_rank_order(parts: Sequence[Array]) -> Array:
 # -- MPI -----------------------------------------------------------------------------------------
 
 _POLL_S = 1e-3  # sleep between MPI_Test calls after the first spins: 1 ms of latency at most
+_YIELDS = 5000  # polls that only yield the core before the sleeps start
 
 
 class MPICommunicator(Communicator):
@@ -510,8 +511,10 @@ class MPICommunicator(Communicator):
                     "Aborting the job. The limit is MPICommunicator(timeout=...) or "
                     f"${TIMEOUT_ENV}.\n"))
             spins += 1
-            if spins > 100:
-                time.sleep(_POLL_S)
+            # Yield for the first polls (a collective usually completes within
+            # microseconds to a millisecond: MPICH makes progress only inside MPI_Test), then
+            # sleep between polls so that a rank waiting for a slow peer leaves the core free.
+            time.sleep(0 if spins < _YIELDS else _POLL_S)
 
 
 def _abort(comm: Any, message: str) -> None:

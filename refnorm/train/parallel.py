@@ -31,7 +31,6 @@ same for all of them; the communicator is the only difference. What each device 
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -39,27 +38,27 @@ from typing import Any
 import numpy as np
 
 from refnorm.backend import Array, array_namespace, to_numpy
+from refnorm.launch import local_rank
 from refnorm.sync.headers import allreduce
 
 SYNC_NORMS = ("syncbn", "syncsn")
 MIN_SHARD = 2  # samples a device needs in a micro-batch of the last, smaller batch
 MESSAGE_BYTES = 2048  # room for one device's message to all (a NonFinite, a setup error)
 
-# The environment variables by which MPI launchers tell a process the size of its job
-# (MPICH's Hydra and most PMI launchers, PMIx, Open MPI, MVAPICH).
-MPI_SIZE_VARIABLES = ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-MPI_RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+def gpu_communicator(mpi: Any) -> Any:
+    """One GPU per MPI rank: select this rank's GPU (its rank on this machine, modulo the GPUs
+    it has) and build an :class:`~refnorm.sync.nccl.NCCLCommunicator` over the ranks of
+    ``mpi`` (an :class:`~refnorm.sync.comm.MPICommunicator`), rank 0's NCCL id broadcast
+    over MPI."""
+    import cupy
 
+    from refnorm.sync.nccl import NCCLCommunicator
 
-def mpi_launch() -> tuple[int, int] | None:
-    """(rank, size) when this process was started by an MPI launcher (``mpiexec -n P``) in a
-    job of more than one process; None otherwise. Read from the launcher's environment, so
-    that no MPI library is loaded to find out."""
-    for size_name, rank_name in zip(MPI_SIZE_VARIABLES, MPI_RANK_VARIABLES, strict=True):
-        size, rank = os.environ.get(size_name), os.environ.get(rank_name)
-        if size is not None and size.isdigit() and int(size) > 1:
-            return (int(rank) if rank is not None and rank.isdigit() else 0), int(size)
-    return None
+    local = local_rank(default=mpi.rank)
+    cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()).use()
+    unique_id = mpi.comm.bcast(NCCLCommunicator.unique_id() if mpi.rank == 0 else None, root=0)
+    return NCCLCommunicator.from_unique_id(mpi.size, unique_id, mpi.rank,
+                                           timeout=mpi.timeout)
 
 
 # -- samples ----------------------------------------------------------------------------------

@@ -46,13 +46,19 @@ class Job:
 
 
 def run_two(*python_args: str, env: dict[str, str] | None = None, timeout: float = 30) -> Job:
-    """``mpiexec -n 2 python *python_args`` from the repository root, importing this tree's
+    """``mpiexec -n 2 python *python_args``: see :func:`run_mpi`."""
+    return run_mpi(2, *python_args, env=env, timeout=timeout)
+
+
+def run_mpi(n: int, *python_args: str, env: dict[str, str] | None = None,
+            timeout: float = 30) -> Job:
+    """``mpiexec -n n python *python_args`` from the repository root, importing this tree's
     refnorm; its status, output and wall time. A job still running after ``timeout`` is a
     hang: the test fails saying so."""
     exe = require_mpi()
     start = time.monotonic()
     # A session of its own, so that a hung job's mpiexec and ranks can all be killed.
-    proc = subprocess.Popen([exe, "-n", "2", sys.executable, *python_args], cwd=ROOT,
+    proc = subprocess.Popen([exe, "-n", str(n), sys.executable, *python_args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                             start_new_session=True)
@@ -61,6 +67,6 @@ def run_two(*python_args: str, env: dict[str, str] | None = None, timeout: float
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"mpiexec -n 2 python {' '.join(python_args)} hung: still running after "
+        pytest.fail(f"mpiexec -n {n} python {' '.join(python_args)} hung: still running after "
                     f"{timeout} s; its stderr: {stderr[-2000:]!r}")
     return Job(proc.returncode, stdout, stderr, time.monotonic() - start)

@@ -1,0 +1,69 @@
+"""Run under ``mpiexec -n P`` by tests/train/test_parallel_mpi.py: one rank of a data-parallel
+training run, through the ``refnorm`` command or the ``train`` function.
+
+    python tests/train/mpi_train.py run CONFIG_JSON OUT     # train(config, comm=MPI)
+    python tests/train/mpi_train.py cli MODE ARGS...        # refnorm ARGS..., after MODE
+
+MODE sets up one thing going wrong on rank 1 (the others run as they are): ``none``;
+``sigterm`` (rank 1 sends itself SIGTERM after its 3rd step); ``nan`` (rank 1's first BN
+running variance becomes infinite after its 3rd step); ``raise`` (rank 1 raises
+RuntimeError after its 3rd step); ``data`` (rank 1 cannot read the data set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+from refnorm.launch import mpi_launch
+
+
+def run(config_json: str, out: str) -> None:
+    from refnorm.sync.comm import MPICommunicator
+    from refnorm.train.config import TrainConfig
+    from refnorm.train.loop import train
+
+    config = json.loads(config_json)
+    config["widths"] = tuple(config["widths"])
+    with MPICommunicator() as comm:
+        train(TrainConfig(**config), out=out, progress=False, comm=comm)
+
+
+def cli(mode: str, args: list[str]) -> None:
+    from refnorm.__main__ import entry
+    from refnorm.train import loop
+
+    launch = mpi_launch()
+    rank = 0 if launch is None else launch[0]
+    if rank == 1 and mode in ("sigterm", "nan", "raise"):
+        real = loop.run_step
+
+        def run_step(run, position, picked):
+            after = real(run, position, picked)
+            if (after.epoch, after.step) == (0, 3):
+                if mode == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                elif mode == "nan":
+                    bn = run.model.layers()[1]
+                    bn.state = {**bn.state, "running_var": bn.state["running_var"] * float("inf")}
+                else:
+                    raise RuntimeError("rank 1 broke")
+            return after
+
+        loop.run_step = run_step
+    if rank == 1 and mode == "data":
+        def unreadable(config):
+            raise ValueError("cannot read the data set here (rank 1's file system)")
+
+        loop.prepare_data = unreadable
+    sys.argv = ["refnorm", *args]
+    entry()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "run":
+        run(sys.argv[2], sys.argv[3])
+    else:
+        cli(sys.argv[2], sys.argv[3:])

@@ -1,0 +1,251 @@
+"""Data-parallel training (refnorm/train/parallel.py and the loop): proof by equivalence.
+
+Every comparison runs 2 epochs of at least 20 optimizer steps in float64 whose last step has
+fewer samples, split unevenly over the devices (e.g. 5 samples over 2 devices: 2 and 3), so
+that the weighting of unequal shards is exercised:
+
+- P devices x b, synchronized (syncbn, syncsn) == 1 device x (P b), plain (bn, sn):
+  parameters (SN's ratios included), running statistics and losses;
+- P devices x b, per-device statistics (bn, sn) == 1 device x b with accumulation P (the
+  micro-batch study's simulation): parameters and losses; BN's running statistics differ by
+  design (P devices each update theirs once per step and average them at the end of each
+  epoch; one device updates its own P times per step), SN's batch-average population
+  statistics are equal (both pool the statistics of the same micro-batches);
+- gn, ln, in (per-sample statistics): P devices x b == 1 device x (P b).
+
+The tolerance, 1e-10 relative to each array's largest value: the runs compute the same
+numbers with sums grouped differently (per-device partial sums added over devices), so they
+differ by float64 rounding only (measured: below 1e-14 after 22 steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+
+import numpy as np
+import pytest
+
+from refnorm.train import loop
+from refnorm.train.checkpoint import CHECKPOINT, CheckpointError
+from refnorm.train.config import TrainConfig
+from refnorm.train.finite import NonFinite
+from refnorm.train.loop import prepare_data, train
+from refnorm.train.parallel import epoch_steps, step_pieces
+
+B = 4  # samples per device in a micro-batch
+RTOL = 1e-10
+# P -> training samples: 10 full steps of P x B plus a rest split unevenly over P devices,
+# with at least 2 samples each (85 = 10 x 8 + 5: the last step is 2 + 3 samples on 2 devices).
+SUBSET = {2: 85, 3: 127, 4: 169}
+BASE = {"dtype": "float64", "epochs": 2, "widths": (4, 4), "average_samples": 48,
+        "weight_decay": 5e-4}
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    out = {}
+    for P, n in SUBSET.items():
+        full = prepare_data(TrainConfig(train_subset=n))
+        out[P] = dataclasses.replace(full, x_test=full.x_test[:60], y_test=full.y_test[:60])
+    return out
+
+
+def _run(data, **kw):
+    config = TrainConfig(**{**BASE, **kw})
+    return train(config, progress=False, data=data)
+
+
+def _params(result):
+    return {key: np.asarray(layer.params[name])
+            for key, layer, name in result.model.named_params()}
+
+
+def _states(result):
+    return {f"{i}/{k}": np.asarray(v, dtype=np.float64)
+            for i, layer in enumerate(result.model.layers()) for k, v in layer.state.items()}
+
+
+def _assert_close(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys()
+    for key in a:
+        scale = max(float(np.max(np.abs(b[key]))), 1e-300)
+        error = float(np.max(np.abs(a[key] - b[key]))) / scale
+        assert error <= RTOL, f"{what} {key}: relative error {error:.2e}"
+
+
+def _assert_losses_close(a, b):
+    for row_a, row_b in zip(a.history, b.history, strict=True):
+        for key in ("train_loss", "test_loss"):
+            assert abs(row_a[key] - row_b[key]) <= RTOL * abs(row_b[key]), key
+
+
+def test_the_runs_have_twenty_steps_and_an_uneven_last_batch():
+    for P, n in SUBSET.items():
+        steps = epoch_steps(n, P * B, P)
+        assert 2 * len(steps) >= 20 and steps[-1] < P * B
+        sizes = {s.stop - s.start for s in step_pieces(steps[-1], 1, P)[0]}
+        assert len(sizes) == 2 and min(sizes) >= 2, (P, steps[-1], sizes)
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+@pytest.mark.parametrize(("synchronized", "plain"), [("syncbn", "bn"), ("syncsn", "sn")])
+def test_synchronized_devices_equal_one_device_with_the_whole_batch(datasets, P,
+                                                                   synchronized, plain):
+    many = _run(datasets[P], norm=synchronized, devices=P, batch_size=B)
+    one = _run(datasets[P], norm=plain, devices=1, batch_size=P * B)
+    _assert_close(_params(many), _params(one), "parameter")
+    _assert_close(_states(many), _states(one), "state")
+    _assert_losses_close(many, one)
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+@pytest.mark.parametrize("norm", ["bn", "sn"])
+def test_per_device_statistics_equal_accumulation_over_micro_batches(datasets, P, norm):
+    many = _run(datasets[P], norm=norm, devices=P, batch_size=B)
+    one = _run(datasets[P], norm=norm, devices=1, batch_size=B, accumulation=P)
+    _assert_close(_params(many), _params(one), "parameter")
+    for row_a, row_b in zip(many.history, one.history, strict=True):
+        assert abs(row_a["train_loss"] - row_b["train_loss"]) <= RTOL * row_b["train_loss"]
+    if norm == "bn":  # by design not equal: one device moves its averages P times a step
+        moved = _states(many)
+        assert any(not np.allclose(moved[k], v) for k, v in _states(one).items()
+                   if k.endswith("running_var"))
+    else:  # SN's batch average pools the same micro-batches' statistics either way
+        _assert_close(_states(many), _states(one), "state")
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+@pytest.mark.parametrize("norm", ["gn", "ln", "in"])
+def test_per_sample_normalizers_equal_one_device_with_the_whole_batch(datasets, P, norm):
+    many = _run(datasets[P], norm=norm, devices=P, batch_size=B, num_groups=2)
+    one = _run(datasets[P], norm=norm, devices=1, batch_size=P * B, num_groups=2)
+    _assert_close(_params(many), _params(one), "parameter")
+    _assert_losses_close(many, one)
+
+
+def test_weight_methods_combine_with_synchronized_statistics(datasets):
+    many = _run(datasets[2], norm="syncbn", weight="ws", devices=2, batch_size=B)
+    one = _run(datasets[2], norm="bn", weight="ws", devices=1, batch_size=2 * B)
+    _assert_close(_params(many), _params(one), "parameter")
+
+
+def test_devices_hold_one_model_and_report_their_communication(datasets):
+    result = _run(datasets[2], norm="syncbn", devices=2, batch_size=B)
+    row = result.history[-1]
+    # per step: the status all-reduce, the gradients', and 3 per syncbn layer (2 layers)
+    assert row["allreduce_calls_per_step"] >= 8
+    assert row["allreduce_bytes_per_step"] > 0 and 0 <= row["collective_share"] <= 1
+
+
+def test_a_resumed_data_parallel_run_is_bit_identical(tmp_path, datasets):
+    config = TrainConfig(**{**BASE, "norm": "bn", "devices": 3, "batch_size": B})
+    data = datasets[3]
+    whole = train(config, out=tmp_path / "whole", progress=False, data=data)
+
+    def stop(epoch, step, model):  # every device stops at the same boundary
+        if (epoch, step) == (0, 5):
+            raise KeyboardInterrupt
+
+    cut = train(config, out=tmp_path / "cut", progress=False, data=data, on_step=stop)
+    assert cut.interrupted
+    saved = np.load(tmp_path / "cut" / CHECKPOINT)
+    assert any(k.startswith("device2/state/") for k in saved.files)  # per-device statistics
+    train(config, out=tmp_path / "cut", resume=True, progress=False, data=data)
+    a, b = np.load(tmp_path / "whole" / CHECKPOINT), np.load(tmp_path / "cut" / CHECKPOINT)
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        if key != "meta":
+            assert a[key].tobytes() == b[key].tobytes(), key
+    assert _timeless(a) == _timeless(b)
+    assert _params(whole).keys() == _params(cut).keys()
+
+
+# What a run measures of itself rather than computes: wall time and communication (which,
+# over an epoch cut by an interruption, counts the steps before and after it apart).
+MEASURED = ("seconds", "collective_seconds", "collective_share", "allreduce_calls_per_step",
+            "allreduce_bytes_per_step")
+
+
+def _timeless(archive) -> list[dict]:
+    history = json.loads(archive["meta"].tobytes())["history"]
+    return [{k: v for k, v in row.items() if k not in MEASURED} for row in history]
+
+
+def test_resuming_with_another_number_of_devices_is_refused(tmp_path, datasets):
+    config = TrainConfig(**{**BASE, "epochs": 1, "norm": "bn", "devices": 2, "batch_size": B})
+    train(config, out=tmp_path, progress=False, data=datasets[2])
+    with pytest.raises(CheckpointError, match=r"written by a run on 2 device\(s\) and this run "
+                                              r"has 3: resume it with --devices 2"):
+        train(dataclasses.replace(config, devices=3, epochs=2), out=tmp_path, resume=True,
+              progress=False, data=datasets[2])
+
+
+@pytest.fixture
+def ranked(monkeypatch):
+    """Models that know their device: ``model.rank``, for hooks that act on one device."""
+    real = loop.build_model
+
+    def build(config, data, *, comm=None):
+        model = real(config, data, comm=comm)
+        model.rank = 0 if comm is None else comm.rank
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build)
+
+
+def test_a_non_finite_value_on_one_device_stops_every_device(datasets, ranked):
+    def poison(epoch, step, model):  # device 1's running variance becomes infinite
+        bn = model.layers()[1]
+        if (epoch, step) == (0, 3) and model.rank == 1:
+            bn.state = {**bn.state, "running_var": bn.state["running_var"] + np.inf}
+
+    config = TrainConfig(**{**BASE, "norm": "bn", "devices": 2, "batch_size": B})
+    with pytest.raises(NonFinite, match=r"^layer 1 \(BatchNorm\) state running_var on device 1 "
+                                        r"became inf in step 4 of epoch 1; the run stopped; no "
+                                        r"checkpoint was written"):
+        train(config, progress=False, data=datasets[2], on_step=poison)
+
+
+def test_an_exception_on_one_device_ends_the_run(datasets, ranked):
+    def fail(epoch, step, model):
+        if (epoch, step) == (0, 2) and model.rank == 2:
+            raise RuntimeError("device 2 broke")
+
+    config = TrainConfig(**{**BASE, "norm": "syncbn", "devices": 3, "batch_size": B})
+    with pytest.raises(RuntimeError, match="^device 2 broke$"):
+        train(config, progress=False, data=datasets[3], on_step=fail)
+
+
+def test_a_signal_stops_every_device_at_the_same_boundary(datasets):
+    config = TrainConfig(**{**BASE, "norm": "syncbn", "devices": 3, "batch_size": B})
+    seen, fired = [], []
+
+    def hook(epoch, step, model):  # on one device, once: the others learn it from the status
+        seen.append((epoch, step))
+        if (epoch, step) == (0, 2) and not fired:
+            fired.append(True)
+            signal.raise_signal(signal.SIGTERM)  # recorded: the run is inside its steps
+
+    result = train(config, progress=False, data=datasets[3], on_step=hook)
+    assert result.interrupted and result.signal == signal.SIGTERM
+    # Every device stopped after the same step (which one depends on when the main thread,
+    # polling its device threads, ran the handler): the last step seen, seen by all three.
+    assert seen.count(max(seen)) == 3 and max(seen) >= (0, 2)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"devices": 0}, r"^devices must be an int >= 1; got 0$"),
+    ({"devices": 2.5}, r"^devices must be an int >= 1; got 2.5$"),
+])
+def test_bad_device_counts_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_more_devices_than_the_data_can_feed_is_refused(datasets):
+    config = TrainConfig(**{**BASE, "devices": 30, "batch_size": B})
+    with pytest.raises(ValueError, match=r"^one update needs devices \* batch_size \* "
+                                         r"accumulation = 120 samples; the training set has 85"):
+        train(config, progress=False, data=datasets[2])

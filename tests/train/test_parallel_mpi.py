@@ -1,0 +1,106 @@
+"""Data-parallel training under ``mpiexec -n 2`` and ``-n 3`` (tests/train/mpi_train.py): the
+MPI transport gives what the in-process one gives, the command equals one device with the
+whole batch, and every rank stops the same way, whatever happened on one of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from refnorm.train.checkpoint import CHECKPOINT
+from refnorm.train.config import TrainConfig
+from refnorm.train.loop import train
+from tests.sync.mpi import ROOT, run_mpi
+
+HARNESS = "tests/train/mpi_train.py"
+SMALL = {"dtype": "float64", "epochs": 2, "widths": (4, 4), "average_samples": 48,
+         "batch_size": 4}
+# The MPI transport sums in the same rank order as the in-process one (reduce to rank 0 in
+# float64, then broadcast): the same numbers up to the order MPI's reduction adds in.
+MPI_RTOL = 1e-12
+
+
+def _arrays(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files if k != "meta"}
+
+
+def _assert_close(a, b, rtol):
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key].astype(np.float64), b[key].astype(np.float64)  # flags are bools
+        scale = max(float(np.max(np.abs(y))), 1e-300)
+        assert float(np.max(np.abs(x - y))) <= rtol * scale, key
+
+
+@pytest.mark.parametrize(("P", "norm", "subset"), [(2, "syncbn", 85), (3, "syncsn", 127),
+                                                   (3, "bn", 127)])
+def test_the_mpi_transport_equals_the_in_process_one(tmp_path, P, norm, subset):
+    config = TrainConfig(**SMALL, norm=norm, devices=P, train_subset=subset)
+    job = run_mpi(P, HARNESS, "run", json.dumps(dataclasses.asdict(config)),
+                  str(tmp_path / "mpi"), timeout=120)
+    assert job.returncode == 0, job.stderr
+    train(config, out=tmp_path / "threads", progress=False)
+    _assert_close(_arrays(tmp_path / "mpi" / CHECKPOINT),
+                  _arrays(tmp_path / "threads" / CHECKPOINT), MPI_RTOL)
+
+
+def test_the_command_under_mpiexec_equals_one_device_with_twice_the_batch(tmp_path):
+    common = ["--dtype", "float64", "--epochs", "1", "--batch-size"]
+    job = run_mpi(2, HARNESS, "cli", "none", "train", "--norm", "syncbn", *common, "16",
+                  "--out", str(tmp_path / "mpi"), timeout=180)
+    assert job.returncode == 0, job.stderr
+    assert job.stderr.count("training syncbn 2 devices x batch 16") == 1  # rank 0 speaks
+    single = TrainConfig(norm="bn", dtype="float64", epochs=1, batch_size=32)
+    train(single, out=tmp_path / "one", progress=False)
+    _assert_close(_arrays(tmp_path / "mpi" / CHECKPOINT), _arrays(tmp_path / "one" / CHECKPOINT),
+                  1e-10)
+
+
+CLI = ["train", "--epochs", "2", "--batch-size", "8", "--norm", "syncbn"]
+
+
+@pytest.mark.parametrize(("P", "mode", "status", "says"), [
+    (2, "sigterm", 143, "stopped by SIGTERM at step 3 of epoch 1: checkpoint saved"),
+    (3, "sigterm", 143, "stopped by SIGTERM at step 3 of epoch 1: checkpoint saved"),
+    (2, "nan", 3, "layer 1 (SyncBatchNorm) state running_var on device 1 became inf in step 4 "
+                  "of epoch 1; the run stopped; no checkpoint was written"),
+    (3, "data", 2, "refnorm train: error: device 1: cannot read the data set here (rank 1's "
+                   "file system)"),
+])
+def test_every_rank_stops_the_same_way(tmp_path, P, mode, status, says):
+    job = run_mpi(P, HARNESS, "cli", mode, *CLI, "--out", str(tmp_path), timeout=120)
+    assert job.returncode == status, job.stderr
+    assert says in job.stderr and "Traceback" not in job.stderr
+    assert job.stderr.count(says) == 1  # said once, by rank 0, for every rank
+
+
+def test_an_exception_on_one_rank_ends_the_job(tmp_path):
+    job = run_mpi(2, HARNESS, "cli", "raise", *CLI, "--out", str(tmp_path), timeout=120)
+    assert job.returncode == 1, job.stderr
+    assert "RuntimeError: rank 1 broke" in job.stderr
+
+
+def test_devices_other_than_the_processes_are_refused(tmp_path):
+    job = run_mpi(2, HARNESS, "cli", "none", *CLI, "--devices", "3", "--out",
+                  str(tmp_path / "x"), timeout=60)
+    assert job.returncode == 2
+    assert job.stderr.strip() == ("refnorm train: error: --devices 3 but mpiexec started 2 "
+                                  "processes; give --devices 2 or leave --devices out under "
+                                  "mpiexec")
+    assert not (tmp_path / "x").exists()
+
+
+def test_mpiexec_without_mpi4py_is_one_sentence(tmp_path):
+    shadow = tmp_path / "shadow" / "mpi4py"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named mpi4py')\n")
+    job = run_mpi(2, HARNESS, "cli", "none", *CLI, "--out", str(tmp_path / "x"),
+                  env={"PYTHONPATH": f"{shadow.parent}:{ROOT}"}, timeout=60)
+    assert job.returncode == 2
+    assert job.stderr.strip() == ("refnorm train: error: started by mpiexec with 2 processes, "
+                                  "but mpi4py is not installed: install the mpi extra (pip "
+                                  "install 'refnorm[mpi]')")
