@@ -245,9 +245,10 @@ def _add_study(sub) -> None:
     positive = _int_at_least(1)
     st = sub.add_parser(
         "study", help="the micro-batch study: normalizers x batch sizes, with a report",
-        description=("Train a grid of normalizers x per-device batch sizes (accumulation keeps "
-                     "the update size fixed) and write report.md with a table, a verdict per "
-                     "claim of the papers, and plots."))
+        description=("Train a grid of normalizers x settings (#devices, #samples per device) "
+                     "with the update size fixed, through the data-parallel loop, and write "
+                     "report.md with a table, a verdict per claim of the papers (judged over 3 "
+                     "seeds or more), and plots."))
     st.add_argument("--quick", action="store_true", help="a small grid (under 2 minutes)")
     st.add_argument("--methods", type=_name_list, default=None,
                     help="comma-separated, e.g. bn,gn,sn,gn+ws,ln,wn (default: all of these)")
@@ -255,7 +256,12 @@ def _add_study(sub) -> None:
                     help="comma-separated, e.g. 2,4,16,64")
     st.add_argument("--update-size", type=positive, default=None)
     st.add_argument("--epochs", type=positive, default=None)
-    st.add_argument("--seeds", type=positive, default=1, help="number of seeds (default 1)")
+    st.add_argument("--seeds", type=positive, default=None,
+                    help="number of seeds (default 3, --quick 1); the claims are judged with 3 "
+                         "or more")
+    st.add_argument("--launcher", default="inprocess", choices=("inprocess", "mpi"),
+                    help="run P devices as threads of one process (inprocess, default) or as P "
+                         "processes under mpiexec (mpi)")
     st.add_argument("--data", default=None, help="as for train (default digits)")
     st.add_argument("--jobs", type=positive, default=None, help="parallel runs (default: cores)")
     _add_compute_options(st)
@@ -370,7 +376,9 @@ def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     changes["device"] = _device(args)
-    changes["seeds"] = tuple(range(args.seeds))
+    changes["launcher"] = args.launcher
+    if args.seeds is not None:
+        changes["seeds"] = tuple(range(args.seeds))
     _use_path(args)
     try:
         study = dataclasses.replace(study, **changes)

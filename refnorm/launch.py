@@ -6,6 +6,9 @@ each rank may use. Reads the environment only (nothing heavy is imported), so th
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+from pathlib import Path
 
 # The environment variables by which MPI launchers tell a process its rank and the size of
 # its job (MPICH's Hydra and most PMI launchers, PMIx, Open MPI, MVAPICH), and the ranks on
@@ -53,3 +56,10 @@ def share_cores() -> None:
     threads = str(max(1, (os.cpu_count() or 1) // ranks))
     for name in THREAD_VARIABLES:
         os.environ.setdefault(name, threads)
+
+
+def find_mpiexec() -> str | None:
+    """The ``mpiexec`` beside this Python (the mpich wheel of the ``mpi`` extra), else the one
+    on PATH, else None."""
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")

@@ -1,8 +1,9 @@
 """Run under ``mpiexec -n P`` by tests/train/test_parallel_mpi.py: one rank of a data-parallel
 training run, through the ``refnorm`` command or the ``train`` function.
 
-    python tests/train/mpi_train.py run CONFIG_JSON OUT     # train(config, comm=MPI)
     python tests/train/mpi_train.py cli MODE ARGS...        # refnorm ARGS..., after MODE
+
+(``train(config, comm=...)`` itself runs as ``python -m refnorm.train.mpi_run``.)
 
 MODE sets up one thing going wrong on rank 1 (the others run as they are): ``none``;
 ``sigterm`` (rank 1 sends itself SIGTERM after its 3rd step); ``nan`` (rank 1's first BN
@@ -12,23 +13,11 @@ RuntimeError after its 3rd step); ``data`` (rank 1 cannot read the data set).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 
 from refnorm.launch import mpi_launch
-
-
-def run(config_json: str, out: str) -> None:
-    from refnorm.sync.comm import MPICommunicator
-    from refnorm.train.config import TrainConfig
-    from refnorm.train.loop import train
-
-    config = json.loads(config_json)
-    config["widths"] = tuple(config["widths"])
-    with MPICommunicator() as comm:
-        train(TrainConfig(**config), out=out, progress=False, comm=comm)
 
 
 def cli(mode: str, args: list[str]) -> None:
@@ -63,7 +52,4 @@ def cli(mode: str, args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "run":
-        run(sys.argv[2], sys.argv[3])
-    else:
-        cli(sys.argv[2], sys.argv[3:])
+    cli(sys.argv[2], sys.argv[3:])

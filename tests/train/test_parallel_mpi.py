@@ -40,7 +40,7 @@ def _assert_close(a, b, rtol):
                                                    (3, "bn", 127)])
 def test_the_mpi_transport_equals_the_in_process_one(tmp_path, P, norm, subset):
     config = TrainConfig(**SMALL, norm=norm, devices=P, train_subset=subset)
-    job = run_mpi(P, HARNESS, "run", json.dumps(dataclasses.asdict(config)),
+    job = run_mpi(P, "-m", "refnorm.train.mpi_run", json.dumps(dataclasses.asdict(config)),
                   str(tmp_path / "mpi"), timeout=120)
     assert job.returncode == 0, job.stderr
     train(config, out=tmp_path / "threads", progress=False)
@@ -104,3 +104,21 @@ def test_mpiexec_without_mpi4py_is_one_sentence(tmp_path):
     assert job.stderr.strip() == ("refnorm train: error: started by mpiexec with 2 processes, "
                                   "but mpi4py is not installed: install the mpi extra (pip "
                                   "install 'refnorm[mpi]')")
+
+
+def test_the_study_launches_its_devices_under_mpiexec(tmp_path):
+    from refnorm.train.study import StudyConfig, run_study
+    from tests.sync.mpi import require_mpi
+
+    require_mpi()
+    grid = {"methods": ("syncbn",), "batch_sizes": (4, 8), "update_size": 8, "epochs": 1,
+            "train_subset": 48, "seeds": (0,), "dtype": "float64"}
+    tables = {}
+    for launcher in ("inprocess", "mpi"):
+        report = run_study(StudyConfig(**grid, launcher=launcher), tmp_path / launcher, jobs=1,
+                           log=lambda line: None)
+        runs = json.loads((tmp_path / launcher / "runs.json").read_text())
+        tables[launcher] = [run["history"][-1]["test_acc"] for run in runs]
+        assert "(#devices, #samples per device)" in report.read_text()
+    assert tables["mpi"] == tables["inprocess"]
+    assert "one process per device under mpiexec" in (tmp_path / "mpi" / "report.md").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from refnorm.train.study import (
@@ -17,17 +18,20 @@ from refnorm.train.study import (
 
 
 def test_study_report_has_every_cell(tmp_path):
-    study = StudyConfig(methods=("bn", "gn", "sn", "wn"), batch_sizes=(4, 16), update_size=16,
-                        epochs=1, train_subset=96)
+    study = StudyConfig(methods=("bn", "syncbn", "gn", "sn", "wn"), batch_sizes=(4, 16),
+                        update_size=16, epochs=1, train_subset=96, seeds=(0,))
     report = run_study(study, tmp_path, jobs=1, log=lambda line: None)
     text = report.read_text()
-    table = [line for line in text.splitlines() if line.startswith("| ") and "batch" not in line]
-    assert len(table) == 4
+    assert "| method | 4, 4 | 1, 16 |" in text  # (#devices, #samples per device)
+    table = [line for line in text.splitlines()
+             if line.startswith("| ") and "method" not in line]
+    assert len(table) == 5
     assert all(cell.strip() and "nan" not in cell for row in table for cell in row.split("|")[1:-1])
-    # bn, gn, sn and wn with two batch sizes: BN's drop, GN and SN robust, SN's ratios, WN
-    # against BN (GN+WS is not in the grid).
+    # BN's drop, GN and SN robust, SN's ratios, WN against BN, SyncBN recovering BN (GN+WS
+    # and SyncSN are not in the grid); one seed: reported, not judged.
     verdicts = [line for line in text.splitlines() if line.startswith("- ")]
-    assert len(verdicts) == 5, verdicts
+    assert len(verdicts) == 6, verdicts
+    assert all("**not judged**" in v for v in verdicts)
     for png in ("accuracy_vs_batch.png", "sn_ratios.png", "wn_vs_bn.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -55,43 +59,74 @@ def test_a_batch_size_must_divide_the_update_size():
 def test_job_configs_keep_the_update_size_fixed():
     jobs = job_configs(QUICK)
     assert len(jobs) == len(QUICK.methods) * len(QUICK.batch_sizes) * len(QUICK.seeds)
-    assert {j.batch_size * j.accumulation for j in jobs} == {QUICK.update_size}
+    assert {j.update_size for j in jobs} == {QUICK.update_size}
+    assert {(j.devices, j.batch_size) for j in jobs} == {(16, 2), (1, 32)}
     gnws = [j for j in jobs if (j.norm, j.weight) == ("gn", "ws")]
     assert sorted(j.batch_size for j in gnws) == sorted(QUICK.batch_sizes)
 
 
 def _cells(test, train=None):
-    """Cells as summarize() builds them, from {(method, batch): test accuracy}."""
+    """Cells as summarize() builds them, from {(method, batch): [test accuracy per seed]}."""
     train = train or {}
-    return {key: {"test": [acc], "train": [train.get(key, acc)], "ratios": [{}],
-                  "histories": [[]]} for key, acc in test.items()}
+    return {key: {"test": list(acc), "train": list(train.get(key, acc)),
+                  "ratios": [{}] * len(acc), "histories": [[]] * len(acc)}
+            for key, acc in test.items()}
+
+
+THREE = {"seeds": (0, 1, 2)}
 
 
 def _verdicts(study, cells):
     return {c.claim.split(" ")[0]: c.supported for c in claims(study, cells)}
 
 
-def test_claims_follow_the_numbers():
-    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(2, 32), update_size=32)
-    bn_degrades = _cells({("bn", 32): 0.95, ("bn", 2): 0.85, ("gn", 32): 0.94, ("gn", 2): 0.94})
+def test_claims_follow_the_numbers_over_three_seeds():
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(2, 32), update_size=32, **THREE)
+    bn_degrades = _cells({("bn", 32): [0.95, 0.96, 0.95], ("bn", 2): [0.85, 0.86, 0.84],
+                          ("gn", 32): [0.94, 0.94, 0.95], ("gn", 2): [0.94, 0.95, 0.94]})
     assert _verdicts(study, bn_degrades) == {"BN": True, "GN": True}
-    # BN loses 1 point only (the threshold is 2) and GN loses more than BN.
-    flat = _cells({("bn", 32): 0.95, ("bn", 2): 0.94, ("gn", 32): 0.95, ("gn", 2): 0.93})
-    assert _verdicts(study, flat) == {"BN": False, "GN": False}
+    # BN's drop (1.3 points) is within two standard errors of its seeds' spread: not a drop.
+    noisy = _cells({("bn", 32): [0.95, 0.91, 0.99], ("bn", 2): [0.94, 0.90, 0.97],
+                    ("gn", 32): [0.95, 0.95, 0.95], ("gn", 2): [0.93, 0.93, 0.93]})
+    assert _verdicts(study, noisy) == {"BN": False, "GN": False}
+
+
+def test_a_difference_counts_when_it_exceeds_two_standard_errors():
+    from refnorm.train.study import Estimate, _significant
+
+    a, b = Estimate.of([0.90, 0.92, 0.94]), Estimate.of([0.80, 0.82, 0.84])
+    d = a.minus(b)  # 10 points; each mean's standard error is 2 / sqrt(3) = 1.15 points
+    assert d.mean == pytest.approx(10.0) and d.se == pytest.approx(np.hypot(1.1547, 1.1547),
+                                                                   rel=1e-4)
+    assert _significant(d) and not _significant(Estimate(3.0, 1.6, 3))
 
 
 def test_wn_claim_needs_a_larger_train_test_gap_than_bn():
-    study = StudyConfig(methods=("bn", "wn"), batch_sizes=(2, 32), update_size=32)
-    test = {("bn", 32): 0.90, ("bn", 2): 0.80, ("wn", 32): 0.85, ("wn", 2): 0.85}
-    gap = _cells(test, train={("bn", 32): 0.92, ("wn", 32): 0.97})
+    study = StudyConfig(methods=("bn", "wn"), batch_sizes=(2, 32), update_size=32, **THREE)
+    test = {("bn", 32): [0.90, 0.91, 0.90], ("bn", 2): [0.80, 0.80, 0.81],
+            ("wn", 32): [0.85, 0.85, 0.86], ("wn", 2): [0.85, 0.85, 0.86]}
+    gap = _cells(test, train={("bn", 32): [0.92, 0.93, 0.92], ("wn", 32): [0.97, 0.97, 0.98]})
     assert _verdicts(study, gap)["WN"] is True
-    no_gap = _cells(test, train={("bn", 32): 0.97, ("wn", 32): 0.86})
+    no_gap = _cells(test, train={("bn", 32): [0.97, 0.98, 0.97], ("wn", 32): [0.86, 0.86, 0.87]})
     assert _verdicts(study, no_gap)["WN"] is False
 
 
-def test_one_seed_claims_carry_the_caveat_and_several_do_not():
-    cells = _cells({("bn", 32): 0.95, ("bn", 2): 0.85})
-    one = claims(StudyConfig(methods=("bn",), batch_sizes=(2, 32), update_size=32), cells)
-    three = claims(StudyConfig(methods=("bn",), batch_sizes=(2, 32), update_size=32,
-                               seeds=(0, 1, 2)), cells)
-    assert "one seed" in one[0].evidence and "one seed" not in three[0].evidence
+def test_synchronized_claims():
+    study = StudyConfig(methods=("bn", "syncbn", "sn", "syncsn"), batch_sizes=(2, 32),
+                        update_size=32, **THREE)
+    cells = _cells({("bn", 32): [0.95, 0.96, 0.95], ("bn", 2): [0.85, 0.86, 0.84],
+                    ("syncbn", 2): [0.95, 0.96, 0.95], ("syncbn", 32): [0.95, 0.96, 0.95],
+                    ("sn", 2): [0.90, 0.91, 0.90], ("sn", 32): [0.92, 0.92, 0.93],
+                    ("syncsn", 2): [0.92, 0.93, 0.92], ("syncsn", 32): [0.92, 0.92, 0.93]})
+    assert _verdicts(study, cells)["SyncBN"] is True and _verdicts(study, cells)["SyncSN"] is True
+    worse = {**cells, **_cells({("syncbn", 2): [0.88, 0.87, 0.88],
+                                ("syncsn", 2): [0.85, 0.86, 0.85]})}
+    assert _verdicts(study, worse)["SyncBN"] is False and _verdicts(study, worse)["SyncSN"] is False
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1)])
+def test_fewer_than_three_seeds_are_not_judged(seeds):
+    cells = _cells({("bn", 32): [0.95] * len(seeds), ("bn", 2): [0.85] * len(seeds)})
+    (claim,) = claims(StudyConfig(methods=("bn",), batch_sizes=(2, 32), update_size=32,
+                                  seeds=seeds), cells)
+    assert claim.supported is None and "not judged" in claim.evidence
