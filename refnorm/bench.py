@@ -354,6 +354,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="threads for numba, torch and BLAS (default: numba's default)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    parser.add_argument("--data-parallel", action="store_true",
+                        help="instead: the cost of communication in a data-parallel step "
+                             "(2 devices in-process and under mpiexec)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                         help="cpu (default) or gpu (CuPy arrays; needs a GPU)")
     return parser
@@ -386,6 +389,16 @@ def run_args(args: argparse.Namespace) -> int:
         elif "round 1/" in line:
             sys.stderr.write(f"{line}\n")
         sys.stderr.flush()
+
+    if args.data_parallel:
+        from refnorm import bench_parallel
+
+        parallel = bench_parallel.run(progress=progress)
+        if tty:
+            sys.stderr.write("\n")
+        print(json.dumps(parallel, indent=2) if args.json
+              else bench_parallel.format_report(parallel))
+        return 0
 
     report = run(quick=args.quick, repeats=args.repeats, threads=args.threads,
                  use_torch=not args.no_torch, progress=progress)

@@ -63,3 +63,24 @@ def test_the_refnorm_command_runs_the_bench_and_refuses_a_missing_gpu(capsys):
     assert main(["bench", "--device", "gpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("refnorm bench: error: --device gpu:") and "\n" not in err
+
+
+def test_data_parallel_bench_counts_the_collectives_of_a_step():
+    from refnorm import bench_parallel
+
+    report = bench_parallel.run(subset=96, mpi=False)
+    rows = {r["norm"]: r for r in report["rows"]}
+    # bn: the status word and the gradients; syncbn: 3 more per BN layer (2 forward, 1
+    # backward) for the model's 3 BN layers.
+    assert rows["bn"]["allreduce_calls_per_step"] == 2
+    assert rows["syncbn"]["allreduce_calls_per_step"] == 2 + 3 * 3
+    # the model's float32 gradients and each device's status row (7 float64 values per device)
+    from refnorm.train.loop import build_model, prepare_data
+
+    config = bench_parallel._config("bn", 1, subset=96)
+    params = sum(int(layer.params[name].size) for _, layer, name in
+                 build_model(config, prepare_data(config)).named_params())
+    assert rows["bn"]["allreduce_bytes_per_step"] == 4 * params + 8 * 2 * 7
+    assert all(0 < r["collective_share"] < 1 and r["step_ms"] > 0 for r in rows.values())
+    assert report["mpi_skipped"] == "--no-mpi"
+    assert "in-process  syncbn" in bench_parallel.format_report(report)

@@ -138,6 +138,7 @@ class MeteredCommunicator(Communicator):
         per = max(steps, 1)
         return {"allreduce_calls_per_step": self.calls / per,
                 "allreduce_bytes_per_step": self.bytes / per,
+                "step_ms": 1e3 * seconds / per,
                 "collective_seconds": self.seconds,
                 "collective_share": self.seconds / seconds if seconds > 0 else 0.0}
 

@@ -460,10 +460,10 @@ def run_epoch(run: Run, position: Position) -> Position:
                 run.on_step(position.epoch, position.step, run.model)
         except KeyboardInterrupt as exc:  # between steps: stop at the next decision
             run.pending = getattr(exc, "signum", SIGINT)
-    _decide(run, position, before_the="evaluation")
     cost = comm.report(seconds=time.perf_counter() - started,
                        steps=position.step - first_step) if isinstance(
         comm, MeteredCommunicator) else {}
+    _decide(run, position, before_the="evaluation")
     if comm.size > 1 and not config.synchronized:
         average_states(comm, run.model.layers())
     with _boundary(position):  # an evaluation not yet run is run on resume

@@ -164,8 +164,8 @@ def test_a_resumed_data_parallel_run_is_bit_identical(tmp_path, datasets):
 
 # What a run measures of itself rather than computes: wall time and communication (which,
 # over an epoch cut by an interruption, counts the steps before and after it apart).
-MEASURED = ("seconds", "collective_seconds", "collective_share", "allreduce_calls_per_step",
-            "allreduce_bytes_per_step")
+MEASURED = ("seconds", "step_ms", "collective_seconds", "collective_share",
+            "allreduce_calls_per_step", "allreduce_bytes_per_step")
 
 
 def _timeless(archive) -> list[dict]:
