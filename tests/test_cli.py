@@ -181,12 +181,12 @@ BAD_VALUES = {
         "--weight-decay": ["-1", "nan", "inf"], "--seed": ["-1", "x", "1e3"],
         "--groups": ["0", "y"], "--norm": ["xn", ""], "--weight": ["xx"],
         "--schedule": ["step"], "--sn-inference": ["mean"], "--out": ["", " "],
-        "--data": ["imagenet", "mnist:", ""],
+        "--data": ["imagenet", "mnist:", ""], "--devices": ["0", "-2", "1.5", "two", ""],
     },
     "study": {
         "--batch-sizes": ["a,b", "2,,4", "0", "-2", ""], "--seeds": ["0", "-1", "x"],
         "--update-size": ["0", "x"], "--epochs": ["0"], "--jobs": ["0", "x"],
-        "--methods": ["bn,,gn", "xn", ""], "--out": [""],
+        "--methods": ["bn,,gn", "xn", ""], "--out": [""], "--launcher": ["slurm"],
     },
     "gradcheck": {"--tolerance": ["nan", "0", "-1", "inf", "x"], "--seed": ["-1", "x"]},
 }
@@ -311,3 +311,12 @@ def test_lessons_command_writes_student_copies(tmp_path, capsys):
     written = sorted(p.name for p in (tmp_path / "student").glob("*.ipynb"))
     assert "01_batch_norm.ipynb" in written and "02_group_norm.ipynb" in written
     assert "blanked" in capsys.readouterr().out
+
+
+def test_more_devices_than_the_training_set_can_feed(tmp_path, capsys):
+    args = ["train", "--devices", "400", "--batch-size", "8", "--epochs", "1", "--out",
+            str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("refnorm train: error: one update needs devices * batch_size * "
+                                "accumulation = 3200 samples; the training set has 1438")

@@ -398,9 +398,10 @@ def together(comm: Any, what: str, work: Callable[[], T]) -> T:
     """``work()`` on this device; if it failed on any device, the same error on every device.
 
     One all-reduce of a flag per device, and only after a failure one more for its
-    message: every device raises the error of the first device that failed (the class
-    kept where it is one of the errors a run expects; an ``OSError`` becomes an
-    :class:`OutputFolderError`), so every device stops the same way.
+    message: every device raises the error of the first device that failed, naming it (the
+    class kept where it is one of the errors a run expects; an ``OSError`` becomes an
+    :class:`OutputFolderError`), so every device stops the same way. An error every device
+    found is raised as it is.
     """
     try:
         result, problem = work(), None
@@ -413,6 +414,8 @@ def together(comm: Any, what: str, work: Callable[[], T]) -> T:
     failed = np.flatnonzero(agree(comm, [problem is not None], what=what)[:, 0])
     if failed.size == 0:
         return result  # type: ignore[return-value]
+    if failed.size == comm.size and problem is not None:
+        raise problem  # every device found it (the same model, the same sums): its own words
     source = int(failed[0])
     raise _rebuild(share_record(comm, _record(problem) if comm.rank == source else None,
                                 source=source, what=what), source) from None

@@ -32,7 +32,7 @@ from refnorm.train.checkpoint import CHECKPOINT, CheckpointError
 from refnorm.train.config import TrainConfig
 from refnorm.train.finite import NonFinite
 from refnorm.train.loop import prepare_data, train
-from refnorm.train.parallel import epoch_steps, step_pieces
+from refnorm.train.parallel import Diverged, epoch_steps, step_pieces
 
 B = 4  # samples per device in a micro-batch
 RTOL = 1e-10
@@ -206,6 +206,21 @@ def test_a_non_finite_value_on_one_device_stops_every_device(datasets, ranked):
                                         r"became inf in step 4 of epoch 1; the run stopped; no "
                                         r"checkpoint was written"):
         train(config, progress=False, data=datasets[2], on_step=poison)
+
+
+def test_devices_that_hold_different_models_are_found_at_the_end_of_the_epoch(datasets,
+                                                                             ranked):
+    def nudge(epoch, step, model):  # a bug's effect: device 1's weights drift from device 0's
+        if (epoch, step) == (0, 4) and model.rank == 1:
+            conv = model.layers()[0]
+            conv.params = {**conv.params, "w": conv.params["w"] * 1.001}
+
+    config = TrainConfig(**{**BASE, "norm": "gn", "devices": 2, "batch_size": B,
+                            "num_groups": 2})
+    with pytest.raises(Diverged, match=r"^the devices no longer hold the same model after epoch "
+                                       r"1: layer 0 \(Conv2d\) parameter w differs between "
+                                       r"device 0 and device 1$"):
+        train(config, progress=False, data=datasets[2], on_step=nudge)
 
 
 def test_an_exception_on_one_device_ends_the_run(datasets, ranked):
