@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
+import threading
+import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,24 +89,48 @@ def save_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD,
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-@dataclass(frozen=True)
 class Saved:
-    """A checkpoint as read from its file, before anything is restored from it."""
+    """A checkpoint as read from its file: its metadata and the shape and dtype of every
+    array (from the arrays' headers), the arrays themselves read only when asked for
+    (:meth:`arrays`), after the checks that need only their names and shapes.
 
-    path: Path
-    arrays: dict[str, np.ndarray]
-    meta: Any
+    Attributes
+    ----------
+    path : Path
+    meta : the JSON metadata
+    headers : dict of name to (shape, dtype)
+    """
+
+    def __init__(self, path: Path, meta: Any, headers: dict[str, tuple[tuple[int, ...], Any]]):
+        self.path, self.meta, self.headers = path, meta, headers
+        self._arrays: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()  # the devices of one process restore from one Saved
+
+    def arrays(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The arrays ``names`` (read once, then kept)."""
+        with self._lock:
+            missing = [n for n in names if n not in self._arrays]
+            if missing:
+                try:
+                    with np.load(self.path, allow_pickle=False) as z:
+                        self._arrays.update({n: z[n] for n in missing})
+                except Exception as exc:  # changed or truncated since it was listed
+                    raise CheckpointError(f"checkpoint {self.path} is corrupted "
+                                          f"({type(exc).__name__}: {exc})") from exc
+            return {n: self._arrays[n] for n in names}
 
 
 def read_checkpoint(path: Path) -> Saved:
-    """Read ``path`` (nothing is checked against a model yet).
+    """Read ``path``'s metadata and its arrays' names, shapes and dtypes (not their values).
 
     Raises
     ------
     CheckpointError
-        If it does not exist, is not a readable ``.npz`` archive, or has no JSON ``meta``.
+        If it does not exist, is not a regular file (a FIFO, a directory, a device: nothing
+        that could block or never end is opened), is not a readable ``.npz`` archive of
+        ``.npy`` arrays, or has no JSON ``meta`` record of at most :data:`META_BYTES`.
     """
-    return Saved(path, *_read_checkpoint(path))
+    return _read_checkpoint(path)
 
 
 def load_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD, *,
@@ -131,30 +158,33 @@ def restore(saved: Saved, config: TrainConfig, model: ConvNet, opt: SGD, *,
     CheckpointError
         Naming the field or array that does not fit.
     """
-    path, arrays = saved.path, saved.arrays
+    path, headers = saved.path, saved.headers
     position = _position(path, saved.meta, config, steps_per_epoch)
     expected = checkpoint_arrays(model, opt)
-    own = [k for k in arrays if not k.startswith("device")]
-    missing = [k for k in expected if k not in arrays]
+    own = [k for k in headers if not k.startswith("device")]
+    missing = [k for k in expected if k not in headers]
     extra = [k for k in own if k not in expected]
     if missing or extra:
         parts = ([f"lacks {', '.join(missing)}"] if missing else []) + (
             [f"has arrays the model does not: {', '.join(extra)}"] if extra else [])
         raise CheckpointError(f"checkpoint {path} does not match the model: "
                               + "; ".join(parts))
-    for key in [k for k in arrays if k.startswith("device")]:
+    for key in [k for k in headers if k.startswith("device")]:
         _, _, base = key.partition("/")
         if base not in expected or not base.startswith("state/"):
             raise CheckpointError(f"checkpoint {path} does not match the model: has arrays "
                                   f"the model does not: {key}")
-    mine = {k: arrays.get(f"device{device}/{k}", arrays[k]) if device else arrays[k]
-            for k in expected}
-    for key, like in expected.items():
-        got, like = mine[key], to_numpy(like)
-        if got.shape != like.shape or got.dtype != like.dtype:
+    source = {k: f"device{device}/{k}" if device and f"device{device}/{k}" in headers else k
+              for k in expected}
+    for key, like in expected.items():  # from the headers: nothing large is read yet
+        (shape, dtype), like = headers[source[key]], to_numpy(like)
+        if shape != like.shape or dtype != like.dtype:
             raise CheckpointError(f"checkpoint {path} does not match the model: {key} is "
-                                  f"{got.dtype} {got.shape}, the model's is {like.dtype} "
+                                  f"{dtype} {shape}, the model's is {like.dtype} "
                                   f"{like.shape}")
+    loaded = saved.arrays(sorted(set(source.values())))
+    mine = {key: loaded[source[key]] for key in expected}
+    for key, got in mine.items():
         if not is_finite(got):
             raise CheckpointError(f"checkpoint {path}: {key} holds {first_bad(got)}")
     placed = {key: _beside(mine[key], like) for key, like in expected.items()}
@@ -222,24 +252,85 @@ def _position(path: Path, meta: Any, config: TrainConfig, steps: int | None) -> 
     if len(history) != epoch or not all(isinstance(row, dict) for row in history):
         raise refuse(f"metadata 'history' must hold one row (an object) per finished epoch, "
                      f"{epoch}; got {len(history)} entries")
+    for i, row in enumerate(history, start=1):
+        if (problem := _bad_row(row, i)) is not None:
+            raise refuse(f"metadata 'history' row {i}: {problem}")
     return Position(epoch, step, Totals(float(totals["loss"]), totals["correct"],
                                         totals["samples"]), tuple(history))
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], Any]:
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint to resume from: {path} does not exist")
+ROW_KEYS = ("epoch", "lr", "train_loss", "train_acc_running", "train_acc", "test_loss",
+            "test_acc", "seconds")  # every row of the history has these, and numbers only
+
+
+def _bad_row(row: dict, epoch: int) -> str | None:
+    """What is wrong with the history's row of ``epoch``, or None."""
+    lacks = [k for k in ROW_KEYS if k not in row]
+    if lacks:
+        return f"lacks {', '.join(map(repr, lacks))}"
+    for key, value in row.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                value):
+            return f"{key!r} must be a finite number; got {value!r}"
+    if row["epoch"] != epoch:
+        return f"'epoch' must be {epoch}; got {row['epoch']!r}"
+    return None
+
+
+META_BYTES = 16 * 2**20  # the metadata of a run of many epochs is tens of KiB
+
+
+def _read_checkpoint(path: Path) -> Saved:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as exc:  # a truncated or overwritten file: say so, whatever numpy raised
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint to resume from: {path} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file (it is a "
+                              f"{_kind(mode)}); refnorm reads checkpoints from files only")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            headers = {}
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise ValueError(f"member {info.filename!r} is not an .npy array")
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f"member {info.filename!r} has .npy version "
+                                         f"{version}")
+                    shape, _, dtype = read_header(member)
+                headers[info.filename[:-4]] = (tuple(shape), np.dtype(dtype))
+            if "meta" not in headers:
+                raise CheckpointError(f"checkpoint {path} is not a refnorm checkpoint: it has "
+                                      "no 'meta' record")
+            shape, dtype = headers.pop("meta")
+            if dtype != np.uint8 or len(shape) != 1 or shape[0] > META_BYTES:
+                raise CheckpointError(f"checkpoint {path} is not a refnorm checkpoint: its "
+                                      f"'meta' record is {dtype} {shape}, not at most "
+                                      f"{META_BYTES} bytes")
+            with archive.open("meta.npy") as member:
+                raw = np.lib.format.read_array(member, allow_pickle=False)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a truncated or overwritten file: say so, whatever was raised
         raise CheckpointError(f"checkpoint {path} is corrupted or not a refnorm checkpoint "
                               f"({type(exc).__name__}: {exc})") from exc
-    if "meta" not in arrays:
-        raise CheckpointError(f"checkpoint {path} is not a refnorm checkpoint: it has no "
-                              "'meta' record")
     try:
-        meta = json.loads(arrays.pop("meta").tobytes().decode())
+        meta = json.loads(raw.tobytes().decode())
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: its 'meta' record is not JSON ({exc})") from None
-    return arrays, meta
+    return Saved(path, meta, headers)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"

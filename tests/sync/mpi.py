@@ -51,14 +51,15 @@ def run_two(*python_args: str, env: dict[str, str] | None = None, timeout: float
 
 
 def run_mpi(n: int, *python_args: str, env: dict[str, str] | None = None,
-            timeout: float = 30) -> Job:
+            timeout: float = 30, mpiexec_args: tuple[str, ...] = ()) -> Job:
     """``mpiexec -n n python *python_args`` from the repository root, importing this tree's
     refnorm; its status, output and wall time. A job still running after ``timeout`` is a
     hang: the test fails saying so."""
     exe = require_mpi()
     start = time.monotonic()
     # A session of its own, so that a hung job's mpiexec and ranks can all be killed.
-    proc = subprocess.Popen([exe, "-n", str(n), sys.executable, *python_args], cwd=ROOT,
+    proc = subprocess.Popen([exe, *mpiexec_args, "-n", str(n), sys.executable, *python_args],
+                            cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                             start_new_session=True)

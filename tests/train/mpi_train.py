@@ -8,7 +8,8 @@ training run, through the ``refnorm`` command or the ``train`` function.
 MODE sets up one thing going wrong on rank 1 (the others run as they are): ``none``;
 ``sigterm`` (rank 1 sends itself SIGTERM after its 3rd step); ``nan`` (rank 1's first BN
 running variance becomes infinite after its 3rd step); ``raise`` (rank 1 raises
-RuntimeError after its 3rd step); ``data`` (rank 1 cannot read the data set).
+RuntimeError after its 3rd step); ``exit`` (rank 1 calls ``os._exit(0)`` after its 3rd step);
+``data`` (rank 1 cannot read the data set).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def cli(mode: str, args: list[str]) -> None:
 
     launch = mpi_launch()
     rank = 0 if launch is None else launch[0]
-    if rank == 1 and mode in ("sigterm", "nan", "raise"):
+    if rank == 1 and mode in ("sigterm", "nan", "raise", "exit"):
         real = loop.run_step
 
         def run_step(run, position, picked):
@@ -34,6 +35,8 @@ def cli(mode: str, args: list[str]) -> None:
             if (after.epoch, after.step) == (0, 3):
                 if mode == "sigterm":
                     os.kill(os.getpid(), signal.SIGTERM)
+                elif mode == "exit":
+                    os._exit(0)  # gone without a word: no leave header, no status
                 elif mode == "nan":
                     bn = run.model.layers()[1]
                     bn.state = {**bn.state, "running_var": bn.state["running_var"] * float("inf")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -148,6 +149,12 @@ def test_save_checkpoint_refuses_non_finite_arrays(tmp_path):
     (lambda arrays, meta: arrays.update(extra=np.zeros(2)), r" does not match the model: has "
                                                             r"arrays the model does not: "
                                                             r"extra$"),
+    (lambda arrays, meta: meta["history"][0].pop("train_loss"),
+     r": metadata 'history' row 1: lacks 'train_loss'$"),
+    (lambda arrays, meta: meta["history"][0].update(test_acc="0.9"),
+     r": metadata 'history' row 1: 'test_acc' must be a finite number; got '0.9'$"),
+    (lambda arrays, meta: meta["history"][0].update(epoch=3),
+     r": metadata 'history' row 1: 'epoch' must be 1; got 3$"),
 ])
 def test_hand_edited_checkpoint_is_refused_by_name(tmp_path, tiny_data, edit, message):
     cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
@@ -171,3 +178,32 @@ def test_checkpoint_without_meta_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"is not a refnorm checkpoint: it has no 'meta'"):
         train(config(), out=tmp_path, resume=True, progress=False)
 
+
+
+def test_a_checkpoint_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path,
+                                                                             tiny_data):
+    # Opening a FIFO for reading blocks until a writer comes: it must never be opened.
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
+    os.mkfifo(tmp_path / CHECKPOINT)
+    with pytest.raises(CheckpointError, match=r"is not a regular file \(it is a FIFO\); refnorm "
+                                              r"reads checkpoints from files only$"):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+
+
+def test_a_foreign_array_is_refused_before_any_array_is_read(tmp_path, tiny_data,
+                                                             monkeypatch):
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["huge"] = np.zeros(2**24, dtype=np.uint8)  # 16 MiB, compressed to almost nothing
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    read = []
+    real = checkpoint.Saved.arrays
+    monkeypatch.setattr(checkpoint.Saved, "arrays", lambda self, names: read.append(names)
+                        or real(self, names))
+    with pytest.raises(CheckpointError, match="has arrays the model does not: huge$"):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+    assert read == []  # refused from the archive's list of members and their headers

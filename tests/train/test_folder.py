@@ -124,7 +124,7 @@ def test_disk_full_during_the_run_keeps_the_last_checkpoint(tmp_path, data, monk
         train(CONFIG, out=tmp_path, progress=False, data=data)
     monkeypatch.undo()
     _no_leftovers(tmp_path)
-    assert checkpoint._read_checkpoint(tmp_path / CHECKPOINT)[1]["epoch"] == 1
+    assert checkpoint.read_checkpoint(tmp_path / CHECKPOINT).meta["epoch"] == 1
 
 
 def test_disk_full_at_the_lock_file(tmp_path, monkeypatch):

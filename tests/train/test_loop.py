@@ -241,7 +241,7 @@ def test_infinite_running_variance_stops_the_run(tmp_path, tiny_data):
                                         r"step 2 of epoch 2; the run stopped; the checkpoint "
                                         r"after epoch 1 in .* is kept"):
         train(cfg, out=tmp_path, progress=False, data=tiny_data, on_step=_blow_up_after((1, 1)))
-    _, meta = checkpoint._read_checkpoint(tmp_path / CHECKPOINT)
+    meta = checkpoint.read_checkpoint(tmp_path / CHECKPOINT).meta
     assert meta["epoch"] == 1
     with np.load(tmp_path / CHECKPOINT) as z:
         assert all(np.isfinite(z[k]).all() for k in z.files if z[k].dtype.kind == "f")

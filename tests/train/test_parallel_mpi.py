@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -122,3 +123,16 @@ def test_the_study_launches_its_devices_under_mpiexec(tmp_path):
         assert "(#devices, #samples per device)" in report.read_text()
     assert tables["mpi"] == tables["inprocess"]
     assert "one process per device under mpiexec" in (tmp_path / "mpi" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_a_rank_that_vanishes_ends_the_job_non_zero(tmp_path, P):
+    # Rank 1 calls os._exit(0) mid-run: no leave header, no status. With Hydra's default
+    # auto-cleanup, Hydra itself SIGKILLs the other ranks at once and returns rank 1's 0
+    # (nothing in them can run: docs/data-parallel.md); with -disable-auto-cleanup they stay,
+    # and the watchdog of the ranks waiting for it ends the job, non-zero, saying where.
+    job = run_mpi(P, HARNESS, "cli", "exit", *CLI, "--out", str(tmp_path), timeout=60,
+                  env={"REFNORM_SYNC_TIMEOUT": "3"}, mpiexec_args=("-disable-auto-cleanup",))
+    assert job.returncode != 0, job.stderr
+    assert re.search(r"refnorm\.sync watchdog: rank [02] waited 3 s for the other ranks in "
+                     r"collective #\d+", job.stderr), job.stderr
