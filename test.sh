@@ -20,6 +20,6 @@ mypy
 python -m pytest "$@"
 # Layers and the trainer default to the fast path: their suites once more on the reference.
 REFNORM_PATH=reference python -m pytest -q -p no:cacheprovider tests/test_layer.py \
-  tests/norms/test_layers.py tests/nn/test_layers.py tests/train/test_trainer.py
+  tests/norms/test_base.py tests/nn/test_layers.py tests/train/test_trainer.py
 python -m sphinx -T -W --keep-going -E -q -b html docs docs/_build/html
 echo "docs built in docs/_build/html (every lesson executed)"

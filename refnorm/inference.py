@@ -4,8 +4,8 @@ Switchable Normalization (Luo et al., journal version, §3.2, "Inference") does 
 moving average of its BN-scope statistics: after training, the network is frozen, batches
 are fed, and each SN layer's population statistics are the average over those batches.
 :func:`batch_average` does that for every SN layer of a model through the layers' public
-API (:meth:`~refnorm.norms.switchable.SwitchableNorm.batch_statistics` and
-:meth:`~refnorm.norms.switchable.SwitchableNorm.set_population`); nothing here touches a
+API (:meth:`~refnorm.norms.switchable_norm.SwitchableNorm.batch_statistics` and
+:meth:`~refnorm.norms.switchable_norm.SwitchableNorm.set_population`); nothing here touches a
 layer's private attributes.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from refnorm.backend import Array, array_namespace
 from refnorm.layer import Layer
-from refnorm.norms.switchable import BatchStatistics, SwitchableNorm
+from refnorm.norms.switchable_norm import BatchStatistics, SwitchableNorm
 
 __all__ = ["batch_average", "iter_layers"]
 
@@ -52,7 +52,7 @@ def batch_average(model: Any, batches: Iterable[Array]) -> int:
     The network is frozen: its parameters are not touched and every layer's state (BN
     running statistics, SN moving averages) is restored afterwards. Each batch is fed in
     training mode, each SN layer's BN-scope (count, mean, variance) is read after every
-    batch (:meth:`~refnorm.norms.switchable.SwitchableNorm.batch_statistics`), and the
+    batch (:meth:`~refnorm.norms.switchable_norm.SwitchableNorm.batch_statistics`), and the
     records are merged by the law of total variance::
 
         mean = sum_b n_b mu_b / n

@@ -13,11 +13,11 @@ from typing import Any
 
 # name -> (module, class)
 _TABLE: dict[str, tuple[str, str]] = {
-    "bn": ("refnorm.norms.batch", "BatchNorm"),
-    "in": ("refnorm.norms.instance", "InstanceNorm"),
-    "ln": ("refnorm.norms.layer", "LayerNorm"),
-    "gn": ("refnorm.norms.group", "GroupNorm"),
-    "sn": ("refnorm.norms.switchable", "SwitchableNorm"),
+    "bn": ("refnorm.norms.batch_norm", "BatchNorm"),
+    "in": ("refnorm.norms.instance_norm", "InstanceNorm"),
+    "ln": ("refnorm.norms.layer_norm", "LayerNorm"),
+    "gn": ("refnorm.norms.group_norm", "GroupNorm"),
+    "sn": ("refnorm.norms.switchable_norm", "SwitchableNorm"),
     "syncbn": ("refnorm.sync.batch_norm", "SyncBatchNorm"),
     "syncsn": ("refnorm.sync.switchable", "SyncSwitchableNorm"),
     "conv": ("refnorm.nn.conv", "Conv2d"),

@@ -9,7 +9,7 @@ import pytest
 import refnorm
 from refnorm import dispatch
 from refnorm.gradcheck import check_layer
-from refnorm.norms.switchable import SwitchableOptions
+from refnorm.norms.switchable_norm import SwitchableOptions
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pytest
 
 import refnorm
 from refnorm.inference import batch_average, iter_layers, merge_batch_statistics
-from refnorm.norms.switchable import BatchStatistics
+from refnorm.norms.switchable_norm import BatchStatistics
 
 
 def test_batch_average_is_exported_at_the_top_level():

@@ -225,7 +225,7 @@ def _stat_shape(x: Array, lead: tuple[int, ...], extra: int = 0) -> tuple[int, .
 
 
 def bn_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
-    """Batch Normalization in training; equals :func:`refnorm.norms.batch.batch_norm_forward`
+    """Batch Normalization in training; equals :func:`refnorm.norms.batch_norm.batch_norm_forward`
     and :func:`refnorm.kernels.norms.bn_forward`.
 
     Parameters
@@ -245,7 +245,7 @@ def bn_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
 
 
 def bn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
-    """Backward of :func:`bn_forward`; equals :func:`refnorm.norms.batch.batch_norm_backward`.
+    """Backward of :func:`bn_forward`; equals :func:`refnorm.norms.batch_norm.batch_norm_backward`.
 
     Parameters
     ----------
@@ -262,7 +262,7 @@ def bn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
 
 
 def gn_forward(x: Array, gamma: Array, beta: Array, eps: float, num_groups: int) -> tuple:
-    """Group Normalization; equals :func:`refnorm.norms.group.group_norm_forward`.
+    """Group Normalization; equals :func:`refnorm.norms.group_norm.group_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd``
     (N, G, 1, 1, ...), the grouped view's ``x.ndim + 1`` axes.
@@ -274,12 +274,12 @@ def gn_forward(x: Array, gamma: Array, beta: Array, eps: float, num_groups: int)
 
 def gn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
     """Backward of :func:`gn_forward` (``rstd`` (N, G, 1, 1, ...)); equals
-    :func:`refnorm.norms.group.group_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
+    :func:`refnorm.norms.group_norm.group_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
     return _backward(dy, x_hat, rstd, gamma, rstd.shape[1])
 
 
 def ln_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
-    """Layer Normalization; equals :func:`refnorm.norms.layer.layer_norm_forward`.
+    """Layer Normalization; equals :func:`refnorm.norms.layer_norm.layer_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, 1, 1, ...).
     """
@@ -289,13 +289,13 @@ def ln_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
 
 def ln_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
     """Backward of :func:`ln_forward` (``rstd`` (N, 1, 1, ...)); equals
-    :func:`refnorm.norms.layer.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
+    :func:`refnorm.norms.layer_norm.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
     return _backward(dy, x_hat, rstd, gamma, 1)
 
 
 def in_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
     """Instance Normalization in training; equals
-    :func:`refnorm.norms.instance.instance_norm_forward`.
+    :func:`refnorm.norms.instance_norm.instance_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, C, 1, ...).
     """
@@ -305,7 +305,7 @@ def in_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
 
 def in_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
     """Backward of :func:`in_forward` (``rstd`` (N, C, 1, ...)); equals
-    :func:`refnorm.norms.instance.instance_norm_backward`. Returns ``dx``, ``dgamma``,
+    :func:`refnorm.norms.instance_norm.instance_norm_backward`. Returns ``dx``, ``dgamma``,
     ``dbeta``."""
     return _backward(dy, x_hat, rstd, gamma, x_hat.shape[1])
 
@@ -316,7 +316,7 @@ def in_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
 def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array, *,
                eps: float, scopes: tuple[str, ...], in_correction: int = 0) -> tuple:
     """Switchable Normalization in training, ``stats="stable"``; equals
-    :func:`refnorm.norms.switchable.switchable_norm_forward` and
+    :func:`refnorm.norms.switchable_norm.switchable_norm_forward` and
     :func:`refnorm.kernels.norms.sn_forward` (same arguments and outputs).
 
     The IN statistics come from the kernels (per-plane Welford, Chan merge); the LN and BN
@@ -360,7 +360,7 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
                 ratios: tuple[Array, Array], *, scopes: tuple[str, ...], in_correction: int = 0,
                 hard: bool = False) -> tuple:
     """Backward of :func:`sn_forward`; equals
-    :func:`refnorm.norms.switchable.switchable_norm_backward_compact` (training) and
+    :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training) and
     :func:`refnorm.kernels.norms.sn_backward` (same arguments and outputs).
 
     The two reductions over S and ``dx`` are kernels; the scope sums (SN Eq. 7, 8 and their

@@ -6,11 +6,11 @@ shapes, so that a caller can build the reference cache types from them:
 =========  ====================================  ==========================================
 method     reference                             statistics shape
 =========  ====================================  ==========================================
-BN         refnorm.norms.batch                   (1, C, 1, ...)
-IN         refnorm.norms.instance                (N, C, 1, ...)
-LN         refnorm.norms.layer                   (N, 1, 1, ...)
-GN         refnorm.norms.group                   (N, G, 1, 1, ...) (the grouped view)
-SN         refnorm.norms.switchable              (N, C, 1) and one dict entry per scope
+BN         refnorm.norms.batch_norm                   (1, C, 1, ...)
+IN         refnorm.norms.instance_norm                (N, C, 1, ...)
+LN         refnorm.norms.layer_norm                   (N, 1, 1, ...)
+GN         refnorm.norms.group_norm                   (N, G, 1, 1, ...) (the grouped view)
+SN         refnorm.norms.switchable_norm              (N, C, 1) and one dict entry per scope
 =========  ====================================  ==========================================
 
 How the work is laid out (bytes for an input of ``n`` values of ``b`` bytes each):
@@ -206,7 +206,7 @@ def _unit_backward(dy, x_hat, rstd, gamma, G):
 
 
 def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
-    """Batch Normalization in training; equals :func:`refnorm.norms.batch.batch_norm_forward`.
+    """Batch Normalization in training; equals :func:`refnorm.norms.batch_norm.batch_norm_forward`.
 
     Parameters
     ----------
@@ -241,7 +241,7 @@ def _cast_stats(dtype, shape, *stats) -> tuple:
 
 
 def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
-    """Backward of :func:`bn_forward`; equals :func:`refnorm.norms.batch.batch_norm_backward`.
+    """Backward of :func:`bn_forward`; equals :func:`refnorm.norms.batch_norm.batch_norm_backward`.
 
     Parameters
     ----------
@@ -312,7 +312,7 @@ def _grouped_backward(dy, x_hat, rstd_ng, gamma):
 
 def gn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
                num_groups: int) -> tuple:
-    """Group Normalization; equals :func:`refnorm.norms.group.group_norm_forward`.
+    """Group Normalization; equals :func:`refnorm.norms.group_norm.group_norm_forward`.
 
     Parameters
     ----------
@@ -334,7 +334,7 @@ def gn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
 
 
 def gn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
-    """Backward of :func:`gn_forward`; equals :func:`refnorm.norms.group.group_norm_backward`.
+    """Backward of :func:`gn_forward`; equals :func:`refnorm.norms.group_norm.group_norm_backward`.
 
     Parameters
     ----------
@@ -351,7 +351,7 @@ def gn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
 
 
 def ln_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
-    """Layer Normalization; equals :func:`refnorm.norms.layer.layer_norm_forward`.
+    """Layer Normalization; equals :func:`refnorm.norms.layer_norm.layer_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, 1, 1, ...).
     """
@@ -361,13 +361,13 @@ def ln_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 
 def ln_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
     """Backward of :func:`ln_forward` (``rstd`` (N, 1, 1, ...)); equals
-    :func:`refnorm.norms.layer.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
+    :func:`refnorm.norms.layer_norm.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
     return _grouped_backward(dy, x_hat, np.reshape(rstd, (x_hat.shape[0], 1)), gamma)
 
 
 def in_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
     """Instance Normalization in training; equals
-    :func:`refnorm.norms.instance.instance_norm_forward`.
+    :func:`refnorm.norms.instance_norm.instance_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, C, 1, ...).
     """
@@ -377,7 +377,7 @@ def in_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 
 def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
     """Backward of :func:`in_forward` (``rstd`` (N, C, 1, ...)); equals
-    :func:`refnorm.norms.instance.instance_norm_backward`. Returns ``dx``, ``dgamma``,
+    :func:`refnorm.norms.instance_norm.instance_norm_backward`. Returns ``dx``, ``dgamma``,
     ``dbeta``."""
     return _grouped_backward(dy, x_hat, np.reshape(rstd, x_hat.shape[:2]), gamma)
 
@@ -389,7 +389,7 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
                w_var: np.ndarray, *, eps: float, scopes: tuple[str, ...],
                in_correction: int = 0) -> tuple:
     """Switchable Normalization in training, ``stats="stable"``; equals
-    :func:`refnorm.norms.switchable.switchable_norm_forward`.
+    :func:`refnorm.norms.switchable_norm.switchable_norm_forward`.
 
     Parameters
     ----------
@@ -408,7 +408,7 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
     rstd : array, (N, C, 1), or the broadcast shape of the mixed variances as the reference
         has it ((1, C, 1) with the BN scope alone, (N, 1, 1) with LN alone)
     mu, var : dicts of every scope ("in", "ln", "bn") to arrays (N, C, 1), (N, 1, 1),
-        (1, C, 1), as :func:`refnorm.norms.switchable.scope_moments` returns them
+        (1, C, 1), as :func:`refnorm.norms.switchable_norm.scope_moments` returns them
     """
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
@@ -441,7 +441,7 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
                 stats: tuple[dict, dict], ratios: tuple[np.ndarray, np.ndarray], *,
                 scopes: tuple[str, ...], in_correction: int = 0, hard: bool = False) -> tuple:
     """Backward of :func:`sn_forward`; equals
-    :func:`refnorm.norms.switchable.switchable_norm_backward_compact` (training).
+    :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training).
 
     Parameters
     ----------
@@ -479,7 +479,7 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
                       hard: bool) -> tuple:
     """The per-(n, c) arithmetic of the compact SN backward, shared by the CPU and GPU
     wrappers (``xp``: numpy or CuPy); equals
-    :func:`refnorm.norms.switchable.switchable_norm_backward_compact`.
+    :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact`.
 
     Parameters
     ----------

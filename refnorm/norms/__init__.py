@@ -1,7 +1,7 @@
 """Activation normalizers: one file per method, each a pure forward/backward pair and a layer."""
 
 from refnorm.norms.base import CheckCase, Layer
-from refnorm.norms.batch import (
+from refnorm.norms.batch_norm import (
     BatchNorm,
     BatchNormCache,
     BatchNormGraphCache,
@@ -11,16 +11,26 @@ from refnorm.norms.batch import (
     batch_norm_forward,
     batch_norm_forward_graph,
 )
-from refnorm.norms.group import GroupNorm, GroupNormCache, group_norm_backward, group_norm_forward
-from refnorm.norms.instance import (
+from refnorm.norms.group_norm import (
+    GroupNorm,
+    GroupNormCache,
+    group_norm_backward,
+    group_norm_forward,
+)
+from refnorm.norms.instance_norm import (
     InstanceNorm,
     InstanceNormCache,
     instance_norm_backward,
     instance_norm_eval_forward,
     instance_norm_forward,
 )
-from refnorm.norms.layer import LayerNorm, LayerNormCache, layer_norm_backward, layer_norm_forward
-from refnorm.norms.switchable import (
+from refnorm.norms.layer_norm import (
+    LayerNorm,
+    LayerNormCache,
+    layer_norm_backward,
+    layer_norm_forward,
+)
+from refnorm.norms.switchable_norm import (
     SwitchableNorm,
     SwitchableNormCache,
     SwitchableOptions,

@@ -1,8 +1,8 @@
 """What the activation normalizers share: the steps around their statistics, and the layer base.
 
-Each method file (``batch.py``, ``instance.py``, ``layer.py``, ``group.py``) spells out its
-own reduction axes, cache and closed-form backward; the pieces here are the ones that have
-nothing method-specific in them:
+Each method file (``batch_norm.py``, ``instance_norm.py``, ``layer_norm.py``,
+``group_norm.py``) spells out its own reduction axes, cache and closed-form backward; the
+pieces here are the ones that have nothing method-specific in them:
 
 - :func:`frozen_statistics` — check running statistics and view them per channel, for the
   inference forwards that normalize with them;

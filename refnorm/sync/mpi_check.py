@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(comm: Any, args: argparse.Namespace) -> int:
     import refnorm
-    from refnorm.norms.switchable import switchable_norm_backward, switchable_norm_forward
+    from refnorm.norms.switchable_norm import switchable_norm_backward, switchable_norm_forward
     from refnorm.sync import (
         sync_batch_norm_backward,
         sync_batch_norm_forward,

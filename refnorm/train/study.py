@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from refnorm.dispatch import process_choice, set_path
-from refnorm.norms.switchable import SCOPES
+from refnorm.norms.switchable_norm import SCOPES
 from refnorm.train.trainer import TrainConfig, train
 
 

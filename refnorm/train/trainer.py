@@ -51,7 +51,7 @@ import numpy as np
 from refnorm.backend import Array, array_namespace, device_of, on_device, to_numpy
 from refnorm.inference import batch_average
 from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
-from refnorm.norms.switchable import SwitchableNorm
+from refnorm.norms.switchable_norm import SwitchableNorm
 from refnorm.train.data import Dataset, load, standardize
 from refnorm.train.folder import (
     FolderLock,

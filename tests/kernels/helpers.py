@@ -144,7 +144,7 @@ def sn_reference(x, gamma, beta, logits, *, eps, scopes, in_correction, hard=Fal
     dvl)`` and ``logit_scale(dy) -> (mean, var)``, the largest term ``|w_k S_k|`` of each
     logit gradient ``w_k (S_k - sum_j w_j S_j)`` (which cancels when the S_k are close).
     """
-    from refnorm.norms import switchable as sn
+    from refnorm.norms import switchable_norm as sn
 
     options = sn.SwitchableOptions(scopes=tuple(scopes), in_correction=in_correction, hard=hard)
     y, cache = sn.switchable_norm_forward(x, gamma, beta, *logits, eps=eps, options=options)

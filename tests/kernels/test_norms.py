@@ -16,10 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refnorm import kernels
-from refnorm.norms.batch import batch_norm_backward, batch_norm_forward
-from refnorm.norms.group import group_norm_backward, group_norm_forward
-from refnorm.norms.instance import instance_norm_backward, instance_norm_forward
-from refnorm.norms.layer import layer_norm_backward, layer_norm_forward
+from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_forward
+from refnorm.norms.group_norm import group_norm_backward, group_norm_forward
+from refnorm.norms.instance_norm import instance_norm_backward, instance_norm_forward
+from refnorm.norms.layer_norm import layer_norm_backward, layer_norm_forward
 from tests.kernels.helpers import (
     CHUNKING,
     activations,
