@@ -1,4 +1,4 @@
-"""Network-level inference helpers: walking a model's layers and SN's batch average.
+"""SN's batch average: population statistics for every SN layer of a network after training.
 
 Switchable Normalization (Luo et al., journal version, §3.2, "Inference") does not keep a
 moving average of its BN-scope statistics: after training, the network is frozen, batches
@@ -12,29 +12,14 @@ layer's private attributes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from refnorm.backend import Array, array_namespace
-from refnorm.layer import Layer
+from refnorm.layer import iter_layers
 from refnorm.norms.switchable_norm import BatchStatistics, SwitchableNorm
 
-__all__ = ["batch_average", "iter_layers"]
-
-
-def iter_layers(model: Any) -> Iterator[Layer]:
-    """Every :class:`~refnorm.layer.Layer` in ``model``, in order.
-
-    ``model`` is a layer, an object with a ``layers()`` method, or a list/tuple of those.
-    """
-    if isinstance(model, Layer):
-        yield model
-    if hasattr(model, "layers") and callable(model.layers):
-        for sub in model.layers():
-            yield from iter_layers(sub)
-    elif isinstance(model, (list, tuple)):
-        for sub in model:
-            yield from iter_layers(sub)
+__all__ = ["batch_average", "merge_batch_statistics"]
 
 
 def _run(model: Any, x: Array) -> Array:

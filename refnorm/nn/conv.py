@@ -37,18 +37,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from refnorm.backend import Array, array_namespace, compute_dtype, device_of, on_device
 from refnorm.core.checks import (
     as_pair,
     check_bias,
     check_bool,
     check_cache,
-    check_device,
     check_float_array,
     check_like,
-    check_param_dtype,
     check_positive_int,
     check_rank,
     is_int,
@@ -425,13 +421,7 @@ class Conv2d(Layer):
         Zero padding, as in :func:`conv2d_forward`.
     bias : bool, default True
         Whether the layer has the parameter ``b``.
-    dtype : dtype, default float32
-        Dtype of the parameters.
-    xp : module, default numpy
-        Array namespace the parameters live in.
-    device : device of ``xp``, optional
-        Where the parameters are created; ``None``: the namespace's default (see
-        :class:`~refnorm.norms.base.ChannelNorm`). Inputs must be on the same device.
+    dtype, xp, device : where the parameters live (:class:`~refnorm.layer.Layer`)
     seed : int, default 0
         Seeds ``numpy.random.default_rng`` for the weights.
 
@@ -464,16 +454,13 @@ class Conv2d(Layer):
         device: Any = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(dtype=dtype, xp=xp, device=device)
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
         self.kernel_size = as_pair("kernel_size", kernel_size, minimum=1)
         self.stride = as_pair("stride", stride, minimum=1)
         self.padding = as_pair("padding", padding, minimum=0)
         bias = check_bool("bias", bias)
-        self.xp = np if xp is None else xp
-        self.dtype = check_param_dtype(self.xp, dtype)
-        self.device = check_device(self.xp, device)
         shape = (out_channels, in_channels) + self.kernel_size    # (C_out, C_in, KH, KW)
         fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.params = {"w": he_normal(shape, fan_in=fan_in, seed=seed, xp=self.xp,

@@ -285,7 +285,7 @@ class BatchNorm(ChannelNorm):
     eps : float, default 1e-5
     momentum : float, default 0.1
         Weight of the new batch in the running average (PyTorch's convention).
-    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.layer.Layer`
 
     State
     -----

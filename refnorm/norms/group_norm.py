@@ -152,7 +152,7 @@ class GroupNorm(ChannelNorm):
         G, a divisor of ``num_channels`` (32 is the GN paper's default; smaller networks
         need a smaller G).
     eps : float, default 1e-5
-    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.layer.Layer`
     """
 
     check_cases = (

@@ -168,7 +168,7 @@ class InstanceNorm(ChannelNorm):
         instance variances, as PyTorch does) and use them at inference.
     momentum : float, default 0.1
         Weight of the new batch, used only with ``track_running_stats``.
-    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.layer.Layer`
     """
 
     check_cases = (

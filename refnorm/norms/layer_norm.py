@@ -117,7 +117,7 @@ class LayerNorm(ChannelNorm):
     ----------
     num_channels : int
     eps : float, default 1e-5
-    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.layer.Layer`
     """
 
     check_cases = (CheckCase((3, 4, 5, 5)), CheckCase((5, 6)), CheckCase((2, 3, 4, 3, 2)))

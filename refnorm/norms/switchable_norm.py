@@ -653,7 +653,7 @@ class SwitchableNorm(ChannelNorm):
         :func:`refnorm.inference.batch_average` sets them after training, as the paper does,
         through :meth:`set_population`.
     momentum : float, default 0.1
-    dtype, xp, device : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.layer.Layer`
 
     Params: gamma, beta (C,), mean_logits, var_logits (K,) initialised to zeros (ratios 1/K).
     State: running_mean, running_var (C,) with the BN scope; always ``population_ready``, a

@@ -34,14 +34,11 @@ WEIGHTS = (None, "ws", "wn", "np", "trelu")
 class ChannelAffine(Layer):
     """``y = gamma * x + beta`` per channel (gamma ones, beta zeros), in namespace ``xp``
     (default numpy) on ``device`` (default: the namespace's; see
-    :class:`~refnorm.norms.base.ChannelNorm`), with ``dtype`` (default float32)."""
+    :class:`~refnorm.layer.Layer`), with ``dtype`` (default float32)."""
 
     def __init__(self, num_channels: int, *, dtype: Any = None, xp: ModuleType | None = None,
                  device: Any = None) -> None:
-        super().__init__()
-        self.xp = np if xp is None else xp
-        self.dtype = check_param_dtype(self.xp, dtype)
-        self.device = check_device(self.xp, device)
+        super().__init__(dtype=dtype, xp=xp, device=device)
         where = on_device(self.device)
         self.params = {"gamma": self.xp.ones((num_channels,), dtype=self.dtype, **where),
                        "beta": self.xp.zeros((num_channels,), dtype=self.dtype, **where)}
