@@ -16,8 +16,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from refnorm.backend import Array, array_namespace
+from refnorm.core.running import BatchStatistics
 from refnorm.layer import iter_layers
-from refnorm.norms.switchable_norm import BatchStatistics, SwitchableNorm
+from refnorm.norms.switchable_norm import SwitchableNorm
 
 __all__ = ["batch_average", "merge_batch_statistics"]
 

@@ -68,7 +68,7 @@ class Layer:
         Non-learned state saved with a model (running statistics); may be empty.
     path : {"reference", "fast"} or None
         The path of the layer's pure functions; None: the process-wide choice
-        (:func:`refnorm.dispatch.set_path`), else the fast path.
+        (:func:`refnorm.dispatch.set_path`), else the reference.
 
     Subclasses implement :meth:`_forward` (returning ``(y, cache)``) and :meth:`_backward`
     (returning ``(dx, grads)``), each calling the method's pure function explicitly; the
@@ -105,11 +105,13 @@ class Layer:
 
     def compute_path(self) -> str:
         """The path this layer's pure functions take: :attr:`path` if set, else the
-        process-wide choice (:func:`refnorm.dispatch.set_path`), else ``"fast"``.
+        process-wide choice (:func:`refnorm.dispatch.set_path`), else ``"reference"``: a
+        reader who steps into a layer lands in the reference unless the caller asked for the
+        fast path (``layer.path = "fast"``, as the trainer and the bench do).
 
         The fast path runs only where it applies (numpy arrays); see :mod:`refnorm.dispatch`.
         """
-        return resolve(self.path, default="fast")
+        return resolve(self.path)
 
     def reset(self) -> None:
         """Drop what the last forward saved: a backward now needs a new forward first.

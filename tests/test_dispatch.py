@@ -20,9 +20,44 @@ def _no_process_choice(monkeypatch):
     dispatch.set_path(None)
 
 
-def test_defaults_reference_for_functions_fast_for_layers():
+def test_functions_and_layers_default_to_the_reference():
     assert dispatch.get_path() == "reference"
-    assert refnorm.build("bn", 3).compute_path() == "fast"
+    assert refnorm.build("bn", 3).compute_path() == "reference"
+
+
+def _record_calls(monkeypatch, function):
+    """Count the calls of ``function``'s reference and of its fast variant."""
+    calls = {"reference": 0, "fast": 0}
+    for kind, attr in (("reference", "reference"), ("fast", "fast_variant")):
+        original = getattr(function, attr)
+
+        def counted(*args, _original=original, _kind=kind, **kwargs):
+            calls[_kind] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(function, attr, counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["bn", "in", "ln", "gn", "sn", "conv"])
+def test_a_built_layer_runs_the_reference_unless_asked(name, monkeypatch):
+    module = {"bn": refnorm.norms.batch_norm, "in": refnorm.norms.instance_norm,
+              "ln": refnorm.norms.layer_norm, "gn": refnorm.norms.group_norm,
+              "sn": refnorm.norms.switchable_norm, "conv": refnorm.nn.conv}[name]
+    prefix = {"bn": "batch_norm", "in": "instance_norm", "ln": "layer_norm",
+              "gn": "group_norm", "sn": "switchable_norm", "conv": "conv2d"}[name]
+    forward = _record_calls(monkeypatch, getattr(module, f"{prefix}_forward"))
+    backward = _record_calls(monkeypatch, getattr(module, f"{prefix}_backward"))
+    args = (4, 3, 3) if name == "conv" else (4,)
+    options = {"num_groups": 2} if name == "gn" else {}
+    x = 5 * np.random.default_rng(5).standard_normal((2, 4, 3, 3)) + 12
+    layer = refnorm.build(name, *args, dtype=np.float64, **options)
+    dy = np.ones_like(layer.forward(x, training=True))
+    layer.backward(dy)
+    assert forward == backward == {"reference": 1, "fast": 0}
+    layer.path = "fast"                                  # asked: the kernels run
+    layer.forward(x, training=True)
+    layer.backward(dy)
+    assert forward == backward == {"reference": 1, "fast": 1}
 
 
 def test_process_choice_beats_the_defaults_and_an_explicit_choice_beats_it(monkeypatch):

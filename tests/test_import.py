@@ -145,3 +145,8 @@ def test_the_circle_finder_finds_a_circle():
 def test_the_package_has_no_import_circle():
     assert _circle(_graph()) is None
 
+
+
+def test_the_dispatcher_imports_no_module_by_string():
+    source = (ROOT / "dispatch.py").read_text()
+    assert "importlib" not in source and "__import__" not in source

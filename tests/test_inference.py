@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import refnorm
+from refnorm.core.running import BatchStatistics
 from refnorm.inference import batch_average, merge_batch_statistics
-from refnorm.norms.switchable_norm import BatchStatistics
 
 
 def test_batch_average_is_exported_at_the_top_level():

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from refnorm.kernels.records import AffineGrads, Normalized, SwitchableGrads, SwitchableNormalized
+
 THREADS = 128       # threads per block (a power of two: the block reductions halve it)
 CHUNK = 4096        # values of one plane per reduction block
 MAX_BLOCKS = 4096   # blocks of the element-wise kernels; grid-stride loops cover the rest
@@ -194,7 +196,7 @@ def _forward(x: Array, gamma: Array, beta: Array, eps: float, G: int) -> tuple:
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape), stats
 
 
-def _backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, G: int) -> tuple:
+def _backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, G: int) -> AffineGrads:
     """dx, dgamma, dbeta for statistics per unit (``rstd`` holds one value per unit)."""
     xp = _namespace(dy, x_hat, rstd, gamma)
     dy, x_hat, rstd, gamma = (_as_xp(xp, a) for a in (dy, x_hat, rstd, gamma))
@@ -210,11 +212,13 @@ def _backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, G: int) -> tup
     dx = _combine(xp, dy2, xh2, k).reshape(x_hat.shape)
     dgamma = s_dyx.reshape(N, C).sum(axis=0).astype(gamma.dtype)
     dbeta = s_dy.reshape(N, C).sum(axis=0).astype(gamma.dtype)
-    return dx, dgamma, dbeta
+    return AffineGrads(dx=dx, dgamma=dgamma, dbeta=dbeta)
 
 
-def _stats_out(stats: Array, dtype: Any, shape: tuple[int, ...]) -> tuple:
-    return tuple(s.astype(dtype).reshape(shape) for s in stats)
+def _normalized(y: Array, x_hat: Array, stats: Array, shape: tuple[int, ...]) -> Normalized:
+    """The record, the (3, U) statistics as mean, var, rstd in ``shape`` and x_hat's dtype."""
+    mean, var, rstd = (s.astype(x_hat.dtype).reshape(shape) for s in stats)
+    return Normalized(y=y, x_hat=x_hat, mean=mean, var=var, rstd=rstd)
 
 
 def _stat_shape(x: Array, lead: tuple[int, ...], extra: int = 0) -> tuple[int, ...]:
@@ -224,7 +228,7 @@ def _stat_shape(x: Array, lead: tuple[int, ...], extra: int = 0) -> tuple[int, .
 # -- BN, GN, LN, IN -------------------------------------------------------------------------------
 
 
-def bn_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
+def bn_forward(x: Array, gamma: Array, beta: Array, eps: float) -> Normalized:
     """Batch Normalization in training; equals :func:`refnorm.norms.batch_norm.batch_norm_forward`
     and :func:`refnorm.kernels.norms.bn_forward`.
 
@@ -241,10 +245,10 @@ def bn_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
     mean, var, rstd : arrays, (1, C, 1, ...), compute dtype
     """
     y, x_hat, stats = _forward(x, gamma, beta, eps, 0)
-    return (y, x_hat) + _stats_out(stats, x_hat.dtype, _stat_shape(x, (1, x.shape[1])))
+    return _normalized(y, x_hat, stats, _stat_shape(x, (1, x.shape[1])))
 
 
-def bn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
+def bn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGrads:
     """Backward of :func:`bn_forward`; equals :func:`refnorm.norms.batch_norm.batch_norm_backward`.
 
     Parameters
@@ -261,49 +265,48 @@ def bn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
     return _backward(dy, x_hat, rstd, gamma, 0)
 
 
-def gn_forward(x: Array, gamma: Array, beta: Array, eps: float, num_groups: int) -> tuple:
+def gn_forward(x: Array, gamma: Array, beta: Array, eps: float, num_groups: int) -> Normalized:
     """Group Normalization; equals :func:`refnorm.norms.group_norm.group_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd``
     (N, G, 1, 1, ...), the grouped view's ``x.ndim + 1`` axes.
     """
     y, x_hat, stats = _forward(x, gamma, beta, eps, num_groups)
-    shape = _stat_shape(x, (x.shape[0], num_groups), extra=1)
-    return (y, x_hat) + _stats_out(stats, x_hat.dtype, shape)
+    return _normalized(y, x_hat, stats, _stat_shape(x, (x.shape[0], num_groups), extra=1))
 
 
-def gn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
+def gn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGrads:
     """Backward of :func:`gn_forward` (``rstd`` (N, G, 1, 1, ...)); equals
     :func:`refnorm.norms.group_norm.group_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
     return _backward(dy, x_hat, rstd, gamma, rstd.shape[1])
 
 
-def ln_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
+def ln_forward(x: Array, gamma: Array, beta: Array, eps: float) -> Normalized:
     """Layer Normalization; equals :func:`refnorm.norms.layer_norm.layer_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, 1, 1, ...).
     """
     y, x_hat, stats = _forward(x, gamma, beta, eps, 1)
-    return (y, x_hat) + _stats_out(stats, x_hat.dtype, _stat_shape(x, (x.shape[0],)))
+    return _normalized(y, x_hat, stats, _stat_shape(x, (x.shape[0],)))
 
 
-def ln_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
+def ln_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGrads:
     """Backward of :func:`ln_forward` (``rstd`` (N, 1, 1, ...)); equals
     :func:`refnorm.norms.layer_norm.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
     return _backward(dy, x_hat, rstd, gamma, 1)
 
 
-def in_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
+def in_forward(x: Array, gamma: Array, beta: Array, eps: float) -> Normalized:
     """Instance Normalization in training; equals
     :func:`refnorm.norms.instance_norm.instance_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, C, 1, ...).
     """
     y, x_hat, stats = _forward(x, gamma, beta, eps, x.shape[1])
-    return (y, x_hat) + _stats_out(stats, x_hat.dtype, _stat_shape(x, x.shape[:2]))
+    return _normalized(y, x_hat, stats, _stat_shape(x, x.shape[:2]))
 
 
-def in_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
+def in_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGrads:
     """Backward of :func:`in_forward` (``rstd`` (N, C, 1, ...)); equals
     :func:`refnorm.norms.instance_norm.instance_norm_backward`. Returns ``dx``, ``dgamma``,
     ``dbeta``."""
@@ -314,8 +317,9 @@ def in_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
 
 
 def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array, *,
-               eps: float, scopes: tuple[str, ...], in_correction: int = 0) -> tuple:
-    """Switchable Normalization in training, ``stats="stable"``; equals
+               eps: float, scopes: tuple[str, ...],
+               in_correction: int = 0) -> SwitchableNormalized:
+    """Switchable Normalization in training; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_forward` and
     :func:`refnorm.kernels.norms.sn_forward` (same arguments and outputs).
 
@@ -350,15 +354,16 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
     y, x_hat = _normalize(xp, x2, C, C, _f64(xp, mu_mix * xp.ones((N, C, 1))),
                           _f64(xp, rstd * xp.ones((N, C, 1))), (gamma, beta))
     dtype = x2.dtype
-    return (y.reshape(x.shape).astype(x.dtype, copy=False), x2.reshape(N, C, S),
-            x_hat.reshape(N, C, S), rstd.astype(dtype),
-            {k: v.astype(dtype) for k, v in mu.items()},
-            {k: v.astype(dtype) for k, v in var.items()})
+    return SwitchableNormalized(y=y.reshape(x.shape).astype(x.dtype, copy=False),
+                                h=x2.reshape(N, C, S), x_hat=x_hat.reshape(N, C, S),
+                                rstd=rstd.astype(dtype),
+                                mu={k: v.astype(dtype) for k, v in mu.items()},
+                                var={k: v.astype(dtype) for k, v in var.items()})
 
 
 def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple[dict, dict],
                 ratios: tuple[Array, Array], *, scopes: tuple[str, ...], in_correction: int = 0,
-                hard: bool = False) -> tuple:
+                hard: bool = False) -> SwitchableGrads:
     """Backward of :func:`sn_forward`; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training) and
     :func:`refnorm.kernels.norms.sn_backward` (same arguments and outputs).
@@ -390,8 +395,9 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
                                             hard=hard)
     k = xp.stack([xp.broadcast_to(c, (N, C)).reshape(N * C) for c in (r * g, k_one, c2 / r)])
     dx = _combine(xp, dy2, xh2, k).reshape(N, C, S)
-    return (dx, s_dyx.sum(axis=0).astype(gamma.dtype), s_dy.sum(axis=0).astype(gamma.dtype),
-            dml, dvl)
+    return SwitchableGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
+                           dbeta=s_dy.sum(axis=0).astype(gamma.dtype), dmean_logits=dml,
+                           dvar_logits=dvl)
 
 
 __all__ = ["bn_backward", "bn_forward", "gn_backward", "gn_forward", "in_backward",

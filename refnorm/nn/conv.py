@@ -49,7 +49,8 @@ from refnorm.core.checks import (
     check_rank,
     is_int,
 )
-from refnorm.dispatch import fast_nn, runs_fast
+from refnorm.dispatch import dispatched
+from refnorm.kernels import nn as kernels
 from refnorm.layer import CheckCase, Layer
 from refnorm.nn.init import he_normal
 
@@ -282,9 +283,34 @@ class Conv2dCache:
     b_dtype: Any
 
 
+def _conv_window(x: Array, w: Array, b: Array | None, *, stride: Any,
+                 padding: Any) -> tuple[ModuleType, Window]:
+    """Check :func:`conv2d_forward`'s arguments; return the namespace and the window."""
+    xp = check_rank("x", x, layout="(N, C_in, H, W)")
+    check_rank("w", w, layout="(C_out, C_in, KH, KW)")
+    C_out, C_in, KH, KW = w.shape
+    if x.shape[1] != C_in:
+        raise ValueError(
+            f"x must have C_in = w.shape[1] = {C_in} channels on axis 1 to match w of shape "
+            f"{tuple(w.shape)}; got x of shape {tuple(x.shape)}"
+        )
+    check_bias(b, C_out, axis_name="C_out")
+    array_namespace(x, w, b)  # one namespace for all three
+    return xp, sliding_window(x.shape, kernel_size=(KH, KW), stride=stride, padding=padding)
+
+
+def _conv_cache(x: Array, w: Array, b: Array | None, win: Window, cols: Array,
+                w_mat: Array) -> Conv2dCache:
+    return Conv2dCache(
+        cols=cols, w_mat=w_mat, x_shape=tuple(x.shape), w_shape=tuple(w.shape),
+        y_shape=(x.shape[0], w.shape[0]) + win.out, window=win, has_bias=b is not None,
+        x_dtype=x.dtype, w_dtype=w.dtype, b_dtype=None if b is None else b.dtype,
+    )
+
+
+@dispatched
 def conv2d_forward(
-    x: Array, w: Array, b: Array | None = None, *, stride: Any = 1, padding: Any = 0,
-    path: str | None = None,
+    x: Array, w: Array, b: Array | None = None, *, stride: Any = 1, padding: Any = 0
 ) -> tuple[Array, Conv2dCache]:
     """A 2-D convolution (cross-correlation) with zero padding, by im2col and a matmul.
 
@@ -301,7 +327,7 @@ def conv2d_forward(
     padding : int or pair of ints, >= 0
         Zero rows added above and below, zero columns left and right.
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
         choice, else the reference.
 
     Returns
@@ -319,26 +345,10 @@ def conv2d_forward(
         For non-floating arrays, arrays from different namespaces, or a stride or padding
         that is neither an int nor a pair of ints.
     """
-    xp = check_rank("x", x, layout="(N, C_in, H, W)")
-    check_rank("w", w, layout="(C_out, C_in, KH, KW)")
+    xp, win = _conv_window(x, w, b, stride=stride, padding=padding)
     C_out, C_in, KH, KW = w.shape
-    if x.shape[1] != C_in:
-        raise ValueError(
-            f"x must have C_in = w.shape[1] = {C_in} channels on axis 1 to match w of shape "
-            f"{tuple(w.shape)}; got x of shape {tuple(x.shape)}"
-        )
-    check_bias(b, C_out, axis_name="C_out")
-    array_namespace(x, w, b)  # one namespace for all three
-    win = sliding_window(x.shape, kernel_size=(KH, KW), stride=stride, padding=padding)
     N, (H_out, W_out) = x.shape[0], win.out
     dtype = compute_dtype(xp, x.dtype)
-    if runs_fast(path, x, w):                                    # the same, fused: kernels/
-        y, cols, w_mat = fast_nn().conv_forward(x, w, b, win.stride, win.padding)
-        return y, Conv2dCache(
-            cols=cols, w_mat=w_mat, x_shape=tuple(x.shape), w_shape=tuple(w.shape),
-            y_shape=(N, C_out, H_out, W_out), window=win, has_bias=b is not None,
-            x_dtype=x.dtype, w_dtype=w.dtype, b_dtype=None if b is None else b.dtype,
-        )
     cols = im2col(xp.astype(x, dtype, copy=False), kernel_size=win.kernel,
                   stride=win.stride, padding=win.padding)         # (C_in KH KW, N H_out W_out)
     wc = xp.astype(w, dtype, copy=True)  # a copy: the cache must not follow in-place changes
@@ -348,17 +358,11 @@ def conv2d_forward(
         y = y + xp.reshape(xp.astype(b, dtype, copy=False), (C_out, 1))
     y = xp.reshape(y, (C_out, N, H_out, W_out))                   # (C_out, N, H_out, W_out)
     y = xp.permute_dims(y, (1, 0, 2, 3))                          # (N, C_out, H_out, W_out)
-    cache = Conv2dCache(
-        cols=cols, w_mat=w_mat, x_shape=tuple(x.shape), w_shape=tuple(w.shape),
-        y_shape=(N, C_out, H_out, W_out), window=win, has_bias=b is not None,
-        x_dtype=x.dtype, w_dtype=w.dtype, b_dtype=None if b is None else b.dtype,
-    )
-    return xp.astype(y, x.dtype, copy=False), cache
+    return xp.astype(y, x.dtype, copy=False), _conv_cache(x, w, b, win, cols, w_mat)
 
 
-def conv2d_backward(
-    dy: Array, cache: Conv2dCache, *, path: str | None = None
-) -> tuple[Array, Array, Array | None]:
+@dispatched
+def conv2d_backward(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array | None]:
     """Backward of :func:`conv2d_forward`: three matrix products and a col2im.
 
     Parameters
@@ -367,8 +371,7 @@ def conv2d_backward(
         Upstream gradient.
     cache : Conv2dCache
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
-        choice, else the reference.
+        As in :func:`conv2d_forward`.
 
     Returns
     -------
@@ -381,12 +384,6 @@ def conv2d_backward(
     xp = array_namespace(dy, cache.cols)
     N, C_out, H_out, W_out = cache.y_shape
     dy_c = xp.astype(dy, cache.cols.dtype, copy=False)
-    if runs_fast(path, dy_c):                                    # the same, fused: kernels/
-        win = cache.window
-        dx, dw, db = fast_nn().conv_backward(dy_c, cache.cols, cache.w_mat, cache.x_shape,
-                                             (win.kernel, win.stride, win.padding))
-        return (xp.astype(dx, cache.x_dtype, copy=False), xp.astype(dw, cache.w_dtype, copy=False),
-                xp.astype(db, cache.b_dtype, copy=False) if cache.has_bias else None)
     dy_mat = xp.permute_dims(dy_c, (1, 0, 2, 3))                  # (C_out, N, H_out, W_out)
     dy_mat = xp.reshape(dy_mat, (C_out, N * H_out * W_out))       # (C_out, N H_out W_out)
     dw = xp.matmul(dy_mat, cache.cols.T)                          # (C_out, C_in KH KW)
@@ -478,3 +475,27 @@ class Conv2d(Layer):
         dx, dw, db = conv2d_backward(dy, cache, path=self.compute_path())
         grads = {"w": dw} if db is None else {"w": dw, "b": db}
         return dx, grads
+
+
+# -- the fast path: the same checks, then im2col and col2im as single passes ---------------------
+
+
+@conv2d_forward.fast
+def _conv2d_forward_fast(x: Array, w: Array, b: Array | None = None, *, stride: Any = 1,
+                         padding: Any = 0) -> tuple[Array, Conv2dCache]:
+    _, win = _conv_window(x, w, b, stride=stride, padding=padding)
+    k = kernels.conv_forward(x, w, b, win.stride, win.padding)
+    return k.y, _conv_cache(x, w, b, win, k.cols, k.w_mat)
+
+
+@conv2d_backward.fast
+def _conv2d_backward_fast(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array | None]:
+    check_cache(cache, Conv2dCache)
+    check_like("dy", dy, cache.y_shape)
+    xp = array_namespace(dy, cache.cols)
+    win = cache.window
+    g = kernels.conv_backward(xp.astype(dy, cache.cols.dtype, copy=False), cache.cols,
+                              cache.w_mat, cache.x_shape, (win.kernel, win.stride, win.padding))
+    return (xp.astype(g.dx, cache.x_dtype, copy=False),
+            xp.astype(g.dw, cache.w_dtype, copy=False),
+            xp.astype(g.db, cache.b_dtype, copy=False) if cache.has_bias else None)

@@ -36,7 +36,8 @@ from refnorm.core.checks import (
     check_ndim,
     check_rank,
 )
-from refnorm.dispatch import fast_nn, runs_fast
+from refnorm.dispatch import dispatched
+from refnorm.kernels import nn as kernels
 from refnorm.layer import Layer
 from refnorm.nn.conv import Window, col2im, im2col, sliding_window
 
@@ -118,8 +119,9 @@ def _windows_backward(xp: Any, dwindows: Array, cache: PoolCache) -> Array:
     return xp.astype(dx, cache.x_dtype, copy=False)
 
 
+@dispatched
 def max_pool2d_forward(
-    x: Array, *, kernel_size: Any, stride: Any = None, path: str | None = None
+    x: Array, *, kernel_size: Any, stride: Any = None
 ) -> tuple[Array, MaxPool2dCache]:
     """The maximum of each KH x KW window.
 
@@ -131,7 +133,7 @@ def max_pool2d_forward(
         (KH, KW); no larger than (H, W).
     stride : int or pair of ints, >= 1, default ``kernel_size``
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
         choice, else the reference.
 
     Returns
@@ -141,25 +143,19 @@ def max_pool2d_forward(
     cache : MaxPool2dCache
         Records the first maximum of each window in row-major window order.
     """
-    if runs_fast(path, x):                                       # the same, fused: kernels/
-        xp = check_rank("x", x, layout="(N, C, H, W)")
-        win = sliding_window(x.shape, kernel_size=kernel_size,
-                             stride=kernel_size if stride is None else stride)
-        y, argmax = fast_nn().max_pool_forward(x, win.kernel, win.stride)
-        pool = PoolCache(tuple(x.shape), tuple(y.shape), win, compute_dtype(xp, x.dtype),
-                         x.dtype)
-        return y, MaxPool2dCache(argmax=argmax, pool=pool)
     windows, win = _windows(x, kernel_size, stride)               # (C, KH KW, N H_out W_out)
     xp = array_namespace(x)
     y_shape = (x.shape[0], x.shape[1]) + win.out
     y = xp.max(windows, axis=1)                                   # (C, N H_out W_out)
     argmax = xp.argmax(windows, axis=1)                           # (C, N H_out W_out)
-    pool = PoolCache(tuple(x.shape), y_shape, win, windows.dtype, x.dtype)
+    pool = PoolCache(x_shape=tuple(x.shape), y_shape=y_shape, window=win,
+                     compute_dtype=windows.dtype, x_dtype=x.dtype)
     cache = MaxPool2dCache(argmax=argmax, pool=pool)
     return xp.astype(_to_nchw(xp, y, y_shape), x.dtype, copy=False), cache
 
 
-def max_pool2d_backward(dy: Array, cache: MaxPool2dCache, *, path: str | None = None) -> Array:
+@dispatched
+def max_pool2d_backward(dy: Array, cache: MaxPool2dCache) -> Array:
     """Backward of :func:`max_pool2d_forward`: each window's ``dy`` goes to its first maximum.
 
     Parameters
@@ -168,7 +164,7 @@ def max_pool2d_backward(dy: Array, cache: MaxPool2dCache, *, path: str | None = 
         Upstream gradient.
     cache : MaxPool2dCache
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`).
+        As in :func:`max_pool2d_forward`.
 
     Returns
     -------
@@ -178,12 +174,6 @@ def max_pool2d_backward(dy: Array, cache: MaxPool2dCache, *, path: str | None = 
     """
     check_cache(cache, MaxPool2dCache)
     xp = array_namespace(dy, cache.argmax)
-    if runs_fast(path, dy):                                      # the same, fused: kernels/
-        check_like("dy", dy, cache.pool.y_shape)
-        win = cache.pool.window
-        dx = fast_nn().max_pool_backward(dy, cache.argmax, cache.pool.x_shape, win.kernel,
-                                         win.stride)
-        return xp.astype(dx, cache.pool.x_dtype, copy=False)
     dy_w = _from_nchw(xp, dy, cache.pool)                         # (C, 1, N H_out W_out)
     C, L = cache.argmax.shape
     K = math.prod(cache.pool.window.kernel)
@@ -216,7 +206,8 @@ def avg_pool2d_forward(
     xp = array_namespace(x)
     y_shape = (x.shape[0], x.shape[1]) + win.out
     y = xp.mean(windows, axis=1)                                  # (C, N H_out W_out)
-    cache = PoolCache(tuple(x.shape), y_shape, win, windows.dtype, x.dtype)
+    cache = PoolCache(x_shape=tuple(x.shape), y_shape=y_shape, window=win,
+                      compute_dtype=windows.dtype, x_dtype=x.dtype)
     return xp.astype(_to_nchw(xp, y, y_shape), x.dtype, copy=False), cache
 
 
@@ -350,3 +341,28 @@ class GlobalAvgPool(Layer):
 
     def _backward(self, dy: Array, cache: GlobalAvgPoolCache) -> tuple[Array, dict[str, Any]]:
         return global_avg_pool_backward(dy, cache), {}
+
+
+# -- the fast path: the same checks, then the fused loops ----------------------------------------
+
+
+@max_pool2d_forward.fast
+def _max_pool2d_forward_fast(x: Array, *, kernel_size: Any,
+                             stride: Any = None) -> tuple[Array, MaxPool2dCache]:
+    xp = check_rank("x", x, layout="(N, C, H, W)")
+    win = sliding_window(x.shape, kernel_size=kernel_size,
+                         stride=kernel_size if stride is None else stride)
+    k = kernels.max_pool_forward(x, win.kernel, win.stride)
+    pool = PoolCache(x_shape=tuple(x.shape), y_shape=tuple(k.y.shape), window=win,
+                     compute_dtype=compute_dtype(xp, x.dtype), x_dtype=x.dtype)
+    return k.y, MaxPool2dCache(argmax=k.argmax, pool=pool)
+
+
+@max_pool2d_backward.fast
+def _max_pool2d_backward_fast(dy: Array, cache: MaxPool2dCache) -> Array:
+    check_cache(cache, MaxPool2dCache)
+    xp = array_namespace(dy, cache.argmax)
+    check_like("dy", dy, cache.pool.y_shape)
+    win = cache.pool.window
+    dx = kernels.max_pool_backward(dy, cache.argmax, cache.pool.x_shape, win.kernel, win.stride)
+    return xp.astype(dx, cache.pool.x_dtype, copy=False)

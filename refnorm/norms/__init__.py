@@ -33,6 +33,7 @@ from refnorm.norms.layer_norm import (
 from refnorm.norms.switchable_norm import (
     SwitchableNorm,
     SwitchableNormCache,
+    SwitchableNormGrads,
     SwitchableOptions,
     switchable_norm_backward,
     switchable_norm_backward_compact,
@@ -54,6 +55,7 @@ __all__ = [
     "LayerNormCache",
     "SwitchableNorm",
     "SwitchableNormCache",
+    "SwitchableNormGrads",
     "SwitchableOptions",
     "batch_norm_backward",
     "batch_norm_backward_graph",

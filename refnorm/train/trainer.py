@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from refnorm.backend import Array, array_namespace, device_of, on_device, to_numpy
+from refnorm.dispatch import get_path
 from refnorm.inference import batch_average
 from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
 from refnorm.norms.switchable_norm import SwitchableNorm
@@ -291,13 +292,14 @@ class _Interrupted(Exception):
 
 
 def build_model(config: TrainConfig, data: Dataset) -> ConvNet:
-    """The run's model, its arrays in numpy (``device="cpu"``) or CuPy (``"gpu"``)."""
+    """The run's model, its arrays in numpy (``device="cpu"``) or CuPy (``"gpu"``), its layers
+    on the fast path unless the process chose another (``--path``, ``REFNORM_PATH``)."""
     options = {"inference": config.sn_inference} if config.norm in ("sn", "syncsn") else {}
     xp = importlib.import_module("cupy") if config.device == "gpu" else np
     return ConvNet(in_channels=data.x_train.shape[1], num_classes=data.num_classes,
                    norm=config.norm, weight=config.weight, widths=config.widths,
                    num_groups=config.num_groups, norm_options=options, seed=config.seed,
-                   dtype=np.dtype(config.dtype).type, xp=xp)
+                   dtype=np.dtype(config.dtype).type, xp=xp, path=get_path(default="fast"))
 
 
 def prepare_data(config: TrainConfig) -> Dataset:
