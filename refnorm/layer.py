@@ -162,30 +162,14 @@ def iter_layers(model: Any) -> Iterator[Layer]:
 
 
 def to_device(layer_or_model: Any, device: str) -> Any:
-    """Move every layer's ``params``, ``state`` and ``grads`` to ``device``, in place.
+    """Move every layer's ``params``, ``state`` and ``grads`` to ``device`` ("cpu" or "gpu"),
+    in place, and return ``layer_or_model`` (a network, as for :func:`iter_layers`).
 
-    ``"gpu"``: each array becomes a CuPy array; ``"cpu"``: each CuPy array becomes a numpy
-    array, other arrays stay as they are (:func:`refnorm.backend.move_array`). A layer whose
-    ``xp`` is numpy or CuPy follows (``xp`` becomes the device's namespace, ``device``
-    ``None``), and its cache of the last forward, which holds arrays of the old device, is
-    dropped (:meth:`Layer.reset`).
-
-    Parameters
-    ----------
-    layer_or_model : a layer, an object with a ``layers()`` method, or a list/tuple of those
-    device : {"cpu", "gpu"}
-
-    Returns
-    -------
-    ``layer_or_model``, for chaining.
-
-    Raises
-    ------
-    ValueError
-        If ``device`` is not "cpu" or "gpu".
-    RuntimeError
-        For ``"gpu"`` without a usable GPU, saying what was looked for
-        (:func:`refnorm.backend.gpu_problem`).
+    Each array moves by :func:`refnorm.backend.move_array`; a layer whose ``xp`` is numpy or
+    CuPy takes the device's namespace (``device`` becomes ``None``), and its cache, which
+    holds arrays of the old device, is dropped (:meth:`Layer.reset`). ``ValueError`` for
+    another device; ``RuntimeError`` for "gpu" without one, saying what was looked for
+    (:func:`refnorm.backend.gpu_problem`).
     """
     if device not in DEVICES:
         raise ValueError(f"device must be 'cpu' or 'gpu'; got {device!r}")

@@ -230,38 +230,16 @@ def _stat_shape(x: Array, lead: tuple[int, ...], extra: int = 0) -> tuple[int, .
 
 def bn_forward(x: Array, gamma: Array, beta: Array, eps: float) -> Normalized:
     """Batch Normalization in training; equals :func:`refnorm.norms.batch_norm.batch_norm_forward`
-    and :func:`refnorm.kernels.norms.bn_forward`.
-
-    Parameters
-    ----------
-    x : array, (N, C, *spatial)
-    gamma, beta : arrays, (C,)
-    eps : float
-
-    Returns
-    -------
-    y : array, ``x.shape``, dtype of ``x``
-    x_hat : array, ``x.shape``, compute dtype
-    mean, var, rstd : arrays, (1, C, 1, ...), compute dtype
-    """
+    and :func:`refnorm.kernels.norms.bn_forward` (same arguments and record; statistics
+    (1, C, 1, ...))."""
     y, x_hat, stats = _forward(x, gamma, beta, eps, 0)
     return _normalized(y, x_hat, stats, _stat_shape(x, (1, x.shape[1])))
 
 
 def bn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGrads:
-    """Backward of :func:`bn_forward`; equals :func:`refnorm.norms.batch_norm.batch_norm_backward`.
-
-    Parameters
-    ----------
-    dy, x_hat : arrays, (N, C, *spatial)
-    rstd : array, (1, C, 1, ...)
-    gamma : array, (C,)
-
-    Returns
-    -------
-    dx : array, (N, C, *spatial), dtype of ``x_hat``
-    dgamma, dbeta : arrays, (C,), dtype of ``gamma``
-    """
+    """Backward of :func:`bn_forward` (``rstd`` (1, C, 1, ...)); equals
+    :func:`refnorm.norms.batch_norm.batch_norm_backward` and
+    :func:`refnorm.kernels.norms.bn_backward`."""
     return _backward(dy, x_hat, rstd, gamma, 0)
 
 
@@ -326,13 +304,6 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
     The IN statistics come from the kernels (per-plane Welford, Chan merge); the LN and BN
     scopes pool them by the law of total variance on (N, C) arrays, then the mixed statistics
     normalize in one more kernel pass.
-
-    Returns
-    -------
-    y : array, ``x.shape``
-    h, x_hat : arrays, (N, C, S)
-    rstd : array, (N, C, 1), or the broadcast shape of the mixed variances
-    mu, var : dicts of "in", "ln", "bn" to arrays (N, C, 1), (N, 1, 1), (1, C, 1)
     """
     xp = _namespace(x, gamma, beta)
     x, gamma, beta = (_as_xp(xp, a) for a in (x, gamma, beta))
@@ -370,12 +341,6 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
 
     The two reductions over S and ``dx`` are kernels; the scope sums (SN Eq. 7, 8 and their
     pooling over channels and samples) are on (N, C) arrays.
-
-    Returns
-    -------
-    dx : array, (N, C, S)
-    dgamma, dbeta : arrays, (C,)
-    dmean_logits, dvar_logits : float64 arrays, (K,)
     """
     from refnorm.kernels.norms import sn_backward_terms  # the (N, C) arithmetic, shared
 
