@@ -190,3 +190,97 @@ def test_sn_options_object_is_passed_through_on_both_paths():
     outs = [refnorm.switchable_norm_forward(X, G, B, logits, logits, options=options,
                                             path=p)[0] for p in ("fast", "reference")]
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-12, rtol=0)
+
+
+# -- float16 on every fast function (issue 18) ------------------------------------------------
+
+
+def _dispatched_functions():
+    """Every public function that has a fast variant, by name."""
+    found = {}
+    for package in (refnorm.norms, refnorm.nn, refnorm.weights):
+        for name in dir(package):
+            function = getattr(package, name)
+            if getattr(function, "fast_variant", None) is not None:
+                found[name] = function
+    return found
+
+
+def _half(*shape, seed=0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    return (offset + rng.standard_normal(shape)).astype(np.float16)
+
+
+def _norm_pair(forward, backward, **options):
+    """Forward then backward in float16 on ``path``: y, dx and the parameter gradients."""
+    def run(path):
+        x, dy = _half(3, 4, 5, 6, offset=3.0), _half(3, 4, 5, 6, seed=1)
+        gamma, beta = _half(4, seed=2, offset=1.0), _half(4, seed=3)
+        y, cache = forward(x, gamma, beta, **options, path=path)
+        return (y, *backward(dy, cache, path=path))
+    return run
+
+
+def _sn(path):
+    x, dy = _half(3, 4, 5, 6, offset=3.0), _half(3, 4, 5, 6, seed=1)
+    gamma, beta, logits = _half(4, seed=2, offset=1.0), _half(4, seed=3), _half(3, seed=4)
+    y, cache = refnorm.switchable_norm_forward(x, gamma, beta, logits, logits, path=path)
+    return (y, *refnorm.switchable_norm_backward(dy, cache, path=path))
+
+
+def _conv(path):
+    x, w, b = _half(2, 3, 6, 5), _half(4, 3, 3, 3, seed=1), _half(4, seed=2)
+    y, cache = refnorm.nn.conv2d_forward(x, w, b, stride=(2, 1), padding=1, path=path)
+    return (y, *refnorm.nn.conv2d_backward(_half(*y.shape, seed=3), cache, path=path))
+
+
+def _max_pool(path):
+    x = _half(2, 3, 6, 5)
+    y, cache = refnorm.nn.max_pool2d_forward(x, kernel_size=2, stride=1, path=path)
+    return y, refnorm.nn.max_pool2d_backward(_half(*y.shape, seed=1), cache, path=path)
+
+
+def _relu(path):
+    # the issue's case first, then a larger one
+    tiny = np.array([[1.0, -1.0]], np.float16)
+    y, cache = refnorm.nn.relu_forward(tiny)
+    small = refnorm.nn.relu_backward(np.ones_like(tiny), cache, path=path)
+    x = _half(3, 4, 5)
+    y, cache = refnorm.nn.relu_forward(x)
+    return small, refnorm.nn.relu_backward(_half(3, 4, 5, seed=1), cache, path=path)
+
+
+HALF_CASES = {  # a forward and its backward share one case
+    ("batch_norm_forward", "batch_norm_backward"):
+        _norm_pair(refnorm.batch_norm_forward, refnorm.batch_norm_backward),
+    ("instance_norm_forward", "instance_norm_backward"):
+        _norm_pair(refnorm.instance_norm_forward, refnorm.instance_norm_backward),
+    ("layer_norm_forward", "layer_norm_backward"):
+        _norm_pair(refnorm.layer_norm_forward, refnorm.layer_norm_backward),
+    ("group_norm_forward", "group_norm_backward"):
+        _norm_pair(refnorm.group_norm_forward, refnorm.group_norm_backward, num_groups=2),
+    ("switchable_norm_forward", "switchable_norm_backward"): _sn,
+    ("conv2d_forward", "conv2d_backward"): _conv,
+    ("max_pool2d_forward", "max_pool2d_backward"): _max_pool,
+    ("relu_backward",): _relu,
+}
+
+
+def test_every_fast_function_has_a_float16_case():
+    covered = {name for names in HALF_CASES for name in names}
+    assert covered == set(_dispatched_functions())
+
+
+@pytest.mark.parametrize("names", list(HALF_CASES), ids=lambda names: names[0])
+def test_every_fast_function_runs_on_float16_and_equals_the_reference(names):
+    """float16 computes in float32 on both paths and returns float16: the two differ by the
+    float32 rounding of different summation orders, which can move a float16 result by one
+    spacing; three spacings at the output's largest |value| leave room for a backward that
+    sums such results."""
+    fast, ref = HALF_CASES[names]("fast"), HALF_CASES[names]("reference")
+    assert len(fast) == len(ref)
+    for i, (a, b) in enumerate(zip(fast, ref, strict=True)):
+        assert a.dtype == b.dtype, i
+        tol = 3 * float(np.spacing(np.float16(np.max(np.abs(b.astype(np.float32))))))
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=tol,
+                                   rtol=0, err_msg=f"output {i}")

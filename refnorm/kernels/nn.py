@@ -210,8 +210,15 @@ def relu_backward(dy: np.ndarray, positive: np.ndarray, *, out: np.ndarray | Non
     Returns
     -------
     dx : array, ``dy.shape``, dtype of ``dy``
+
+    numba has no float16 type; a select moves values unchanged, so float16 runs the same loop
+    on the values' bits (a uint16 view), bit-equal to the reference.
     """
     dyc = np.ascontiguousarray(dy)
+    if dyc.dtype == np.float16:
+        bits = relu_backward(dyc.view(np.uint16), positive,
+                             out=None if out is None else out.view(np.uint16))
+        return bits.view(np.float16)
     if out is None:
         out = np.empty_like(dyc)
     elif not (out.flags.c_contiguous and out.shape == dyc.shape and out.dtype == dyc.dtype):
