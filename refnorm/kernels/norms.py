@@ -288,6 +288,59 @@ def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
     return AffineGrads(dx=dx, dgamma=dgamma.astype(gamma.dtype), dbeta=dbeta.astype(gamma.dtype))
 
 
+# -- BN and IN at inference: per-channel running statistics ----------------------------------
+
+
+def eval_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray,
+                 var: np.ndarray, eps: float) -> Normalized:
+    """Normalization with given per-channel statistics; equals
+    :func:`refnorm.norms.batch_norm.batch_norm_eval_forward` and
+    :func:`refnorm.norms.instance_norm.instance_norm_eval_forward`.
+
+    Parameters
+    ----------
+    x : array, (N, C, *spatial)
+    gamma, beta : arrays, (C,)
+    mean, var : arrays, (1, C, 1, ...), compute dtype
+        The running statistics, returned in the record as they came.
+    eps : float
+
+    Returns
+    -------
+    Normalized : ``y`` (dtype of ``x``), ``x_hat``, and ``mean``, ``var``, ``rstd``
+        (1, C, 1, ...) in the compute dtype
+    """
+    C = x.shape[1]
+    xp2 = planes(x)
+    mu = np.asarray(mean, dtype=np.float64).reshape(1, C)
+    rstd = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64).reshape(1, C) + eps)
+    y, x_hat = _normalize(xp2, x, mu, rstd, (gamma, beta))
+    return Normalized(y=y, x_hat=x_hat, mean=mean, var=var,
+                      rstd=rstd.astype(xp2.dtype).reshape(mean.shape))
+
+
+def eval_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
+                  gamma: np.ndarray) -> AffineGrads:
+    """Backward of :func:`eval_forward`: ``dx = gamma rstd dy`` (the statistics are constants),
+    ``dgamma = sum(dy x_hat)``, ``dbeta = sum(dy)`` over (N, *spatial); equals the backward of
+    BN or IN on an inference cache.
+
+    Parameters
+    ----------
+    dy, x_hat : arrays, (N, C, *spatial)
+    rstd : array, (1, C, 1, ...)
+    gamma : array, (C,)
+    """
+    N, C = x_hat.shape[:2]
+    dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)                # (N, C) each
+    k_dy = np.asarray(gamma, dtype=np.float64) * np.asarray(rstd, dtype=np.float64).reshape(C)
+    # one multiply per value, no x_hat term: a NaN input leaves its dx finite, as in the reference
+    k = np.broadcast_to(k_dy.astype(dy2.dtype), (N, C)).reshape(N * C, 1)
+    dx = np.multiply(dy2, k).reshape(x_hat.shape)
+    return AffineGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
+                       dbeta=s_dy.sum(axis=0).astype(gamma.dtype))
+
+
 # -- GN, LN, IN: statistics per (n, group) ------------------------------------------------------
 
 
@@ -406,9 +459,11 @@ def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
 
 def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.ndarray,
                w_var: np.ndarray, *, eps: float, scopes: tuple[str, ...],
-               in_correction: int = 0) -> SwitchableNormalized:
-    """Switchable Normalization in training; equals
-    :func:`refnorm.norms.switchable_norm.switchable_norm_forward`.
+               in_correction: int = 0,
+               bn: tuple[np.ndarray, np.ndarray] | None = None) -> SwitchableNormalized:
+    """Switchable Normalization; equals
+    :func:`refnorm.norms.switchable_norm.switchable_norm_forward` (training) and, with ``bn``,
+    :func:`refnorm.norms.switchable_norm.switchable_norm_eval_forward`.
 
     Parameters
     ----------
@@ -419,6 +474,9 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
     eps : float
     scopes : tuple of str, a subset of ("in", "ln", "bn") in the ratios' order
     in_correction : 0 or 1
+    bn : (mean, var), arrays (1, C, 1) in the compute dtype, optional
+        Given BN-scope statistics (the population's, at inference), returned in the record as
+        they came; without them the BN scope pools this batch's IN moments.
 
     Returns
     -------
@@ -440,6 +498,8 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
         d = mu_in - mu[scope]
         var[scope] = np.mean(var_in, axis=axis, keepdims=True) + np.mean(d * d, axis=axis,
                                                                           keepdims=True)
+    if bn is not None:
+        mu["bn"], var["bn"] = (np.asarray(s, dtype=np.float64) for s in bn)
     w_m = np.asarray(w_mean, dtype=np.float64)
     w_v = np.asarray(w_var, dtype=np.float64)
     mu_mix = sum(w_m[i] * mu[k] for i, k in enumerate(scopes))  # (N, C, 1)
@@ -457,8 +517,8 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
 
 def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray,
                 stats: tuple[dict, dict], ratios: tuple[np.ndarray, np.ndarray], *,
-                scopes: tuple[str, ...], in_correction: int = 0,
-                hard: bool = False) -> SwitchableGrads:
+                scopes: tuple[str, ...], in_correction: int = 0, hard: bool = False,
+                frozen: tuple[str, ...] = ()) -> SwitchableGrads:
     """Backward of :func:`sn_forward`; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training).
 
@@ -473,6 +533,9 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     scopes, in_correction : as in :func:`sn_forward`
     hard : bool
         One-hot ratios: the logit gradients are zero.
+    frozen : tuple of str
+        Scopes whose statistics were given (``("bn",)`` at inference): constants, with no
+        path to ``x``.
 
     Returns
     -------
@@ -487,7 +550,7 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     r = np.broadcast_to(np.asarray(rstd, dtype=np.float64), (N, C, 1)).reshape(N, C)
     k_one, c2, dml, dvl = sn_backward_terms(np, (r, g, s_dy, s_dyx), (mu, var), (w_m, w_v),
                                             scopes=scopes, S=S, in_correction=in_correction,
-                                            hard=hard)
+                                            hard=hard, frozen=frozen)
     dx = _combine(dy2, xh2, (r * g, k_one, c2 / r), x_hat.shape)
     return SwitchableGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
                            dbeta=s_dy.sum(axis=0).astype(gamma.dtype), dmean_logits=dml,
@@ -496,7 +559,7 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
 
 def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tuple, *,
                       scopes: tuple[str, ...], S: int, in_correction: int,
-                      hard: bool) -> tuple:
+                      hard: bool, frozen: tuple[str, ...] = ()) -> tuple:
     """The per-(n, c) arithmetic of the compact SN backward, shared by the CPU and GPU
     wrappers (``xp``: numpy or CuPy); equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact`.
@@ -507,6 +570,7 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
         of dy * x_hat, float64
     stats : (mu, var), dicts of scope to float64 arrays broadcastable to (N, C)
     ratios : (w_mean, w_var), float64 arrays (K,)
+    frozen : the scopes whose statistics are constants (see :func:`sn_backward`)
 
     Returns
     -------
@@ -524,6 +588,8 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
     axis = {"in": None, "ln": 1, "bn": 0}
     count = {"in": 1, "ln": C, "bn": N}
     for i, k in enumerate(scopes):
+        if k in frozen:
+            continue
         a = axis[k]
         dvar_k = dvar if a is None else dvar.sum(axis=a, keepdims=True)
         dmu_k = dmu if a is None else dmu.sum(axis=a, keepdims=True)

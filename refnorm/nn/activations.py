@@ -4,6 +4,9 @@ Its derivative is 1 where ``x > 0`` and 0 where ``x < 0``. At ``x = 0`` the func
 derivative (the one-sided slopes are 0 and 1); refnorm takes 0 there, as PyTorch and most
 libraries do, so the backward is ``dx = dy * [x > 0]``. A finite-difference check is
 invalid at 0 for the same reason: it returns the average slope 1/2.
+
+At a NaN input ``y`` is NaN and, since ``NaN > 0`` is false, ``dx = 0``; PyTorch passes
+``dx = dy`` there (the docs' conventions page).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class ReLUCache:
 def relu_forward(x: Array) -> tuple[Array, ReLUCache]:
     """``y = max(x, 0)`` element-wise; NaN stays NaN.
 
+    No ``path``: ``y`` and the mask are one numpy pass each over ``x``; the fast path's ReLU
+    kernel is the backward's (:func:`relu_backward`).
+
     Parameters
     ----------
     x : array, any shape
@@ -52,7 +58,8 @@ def relu_forward(x: Array) -> tuple[Array, ReLUCache]:
 
 @dispatched
 def relu_backward(dy: Array, cache: ReLUCache) -> Array:
-    """Backward of :func:`relu_forward`: ``dx = dy`` where ``x > 0``, else 0 (also at ``x = 0``).
+    """Backward of :func:`relu_forward`: ``dx = dy`` where ``x > 0``, else 0 (also at ``x = 0``
+    and at a NaN ``x``, where PyTorch passes ``dy``).
 
     Parameters
     ----------

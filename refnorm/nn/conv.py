@@ -116,6 +116,9 @@ def sliding_window(
 def im2col(x: Array, *, kernel_size: Any, stride: Any = 1, padding: Any = 0) -> Array:
     """Copy every window of a zero-padded input into a column.
 
+    No ``path``: a building block of :func:`conv2d_forward` and the poolings, whose fast
+    variants call :func:`refnorm.kernels.nn.im2col` (one pass) instead.
+
     Parameters
     ----------
     x : array, (N, C, H, W)
@@ -162,6 +165,9 @@ def col2im(
     linear map im2col, so it turns a gradient with respect to the columns into the gradient
     with respect to ``x``. An input position covered by several windows receives the sum of
     their entries; entries that fell on the zero padding are dropped.
+
+    No ``path``: a building block of :func:`conv2d_backward` and the poolings, whose fast
+    variants call the kernels' col2im (one pass) instead.
 
     Parameters
     ----------

@@ -115,6 +115,7 @@ def batch_norm_forward(
     return xp.astype(y, x.dtype, copy=False), cache
 
 
+@dispatched
 def batch_norm_eval_forward(
     x: Array,
     gamma: Array,
@@ -131,6 +132,8 @@ def batch_norm_eval_forward(
     x : array, (N, C, *spatial)
     gamma, beta, running_mean, running_var : arrays, (C,)
     eps : float, > 0
+    path : {"reference", "fast"}, optional
+        As in :func:`batch_norm_forward`.
 
     Returns
     -------
@@ -213,6 +216,9 @@ def batch_norm_forward_graph(
 
     Same arguments, same result as :func:`batch_norm_forward`; saves every node that
     :func:`batch_norm_backward_graph` walks back through.
+
+    No ``path``: the staged form exists to be read node by node; :func:`batch_norm_forward`
+    computes the same and has a fast variant.
     """
     xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
     axes = non_channel_axes(x.ndim)                              # (0, 2, 3, ...)
@@ -241,6 +247,9 @@ def batch_norm_backward_graph(
     """Backward of :func:`batch_norm_forward_graph`, node by node in reverse order.
 
     Returns the same ``(dx, dgamma, dbeta)`` as :func:`batch_norm_backward`.
+
+    No ``path``: the staged form exists to be read node by node; :func:`batch_norm_backward`
+    computes the same and has a fast variant.
     """
     check_cache(cache, BatchNormGraphCache)
     check_like("dy", dy, cache.x_hat.shape)
@@ -321,7 +330,8 @@ class BatchNorm(ChannelNorm):
         gamma, beta = self.params["gamma"], self.params["beta"]
         if not training:
             stats = (self.state["running_mean"], self.state["running_var"])
-            return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
+            return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps,
+                                           path=self.compute_path())
         y, cache = batch_norm_forward(x, gamma, beta, eps=self.eps, path=self.compute_path())
         C = self.num_channels
         mean, var = self.xp.reshape(cache.mean, (C,)), self.xp.reshape(cache.var, (C,))
@@ -356,9 +366,20 @@ def _batch_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
 @batch_norm_backward.fast
 def _batch_norm_backward_fast(dy: Array, cache: BatchNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, BatchNormCache)
-    if not cache.reduce_axes:
-        return batch_norm_backward.reference(dy, cache)
     xp, dy_c = upstream(dy, cache.x_hat)
-    g = kernels.bn_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
+    backward = kernels.bn_backward if cache.reduce_axes else kernels.eval_backward
+    g = backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
     return cast_grads(xp, g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
                       param_dtype=cache.param_dtype)
+
+
+@batch_norm_eval_forward.fast
+def _batch_norm_eval_forward_fast(
+    x: Array, gamma: Array, beta: Array, running_mean: Array, running_var: Array, *,
+    eps: float = 1e-5,
+) -> tuple[Array, BatchNormCache]:
+    _, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    mu, var = frozen_statistics(running_mean, running_var, like=xc)  # (1, C, 1, 1)
+    k = kernels.eval_forward(x, gamma_c, beta_c, mu, var, eps)
+    return k.y, BatchNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=mu, var=var,
+                               reduce_axes=(), x_dtype=x.dtype, param_dtype=gamma.dtype)

@@ -98,6 +98,7 @@ def instance_norm_forward(
     return xp.astype(y, x.dtype, copy=False), cache
 
 
+@dispatched
 def instance_norm_eval_forward(
     x: Array,
     gamma: Array,
@@ -114,6 +115,8 @@ def instance_norm_eval_forward(
     x : array, (N, C, *spatial)
     gamma, beta, running_mean, running_var : arrays, (C,)
     eps : float, > 0
+    path : {"reference", "fast"}, optional
+        As in :func:`instance_norm_forward`.
 
     Returns
     -------
@@ -200,7 +203,8 @@ class InstanceNorm(ChannelNorm):
         gamma, beta = self.params["gamma"], self.params["beta"]
         if not training and self.track_running_stats:
             stats = (self.state["running_mean"], self.state["running_var"])
-            return instance_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
+            return instance_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps,
+                                              path=self.compute_path())
         y, cache = instance_norm_forward(x, gamma, beta, eps=self.eps, path=self.compute_path())
         if training and self.track_running_stats:
             xp, C = self.xp, self.num_channels
@@ -235,12 +239,22 @@ def _instance_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
 
 
 @instance_norm_backward.fast
-def _instance_norm_backward_fast(dy: Array,
-                                 cache: InstanceNormCache) -> tuple[Array, Array, Array]:
+def _instance_norm_backward_fast(dy: Array, cache: InstanceNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, InstanceNormCache)
-    if not cache.reduce_axes:
-        return instance_norm_backward.reference(dy, cache)
     xp, dy_c = upstream(dy, cache.x_hat)
-    g = kernels.in_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
+    backward = kernels.in_backward if cache.reduce_axes else kernels.eval_backward
+    g = backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
     return cast_grads(xp, g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
                       param_dtype=cache.param_dtype)
+
+
+@instance_norm_eval_forward.fast
+def _instance_norm_eval_forward_fast(
+    x: Array, gamma: Array, beta: Array, running_mean: Array, running_var: Array, *,
+    eps: float = 1e-5,
+) -> tuple[Array, InstanceNormCache]:
+    _, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps, min_ndim=3)
+    mu, var = frozen_statistics(running_mean, running_var, like=xc)  # (1, C, 1, 1)
+    k = kernels.eval_forward(x, gamma_c, beta_c, mu, var, eps)
+    return k.y, InstanceNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=mu, var=var,
+                                  reduce_axes=(), x_dtype=x.dtype, param_dtype=gamma.dtype)

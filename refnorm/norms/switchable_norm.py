@@ -363,6 +363,18 @@ def switchable_norm_forward(
                       (mu, var, False), eps=eps, options=options)
 
 
+def _population(running_mean: Array, running_var: Array, *, like: Array) -> tuple[Array, Array]:
+    """Check the given BN-scope statistics (C,); view them as (1, C, 1) in ``like``'s dtype."""
+    xp, C = array_namespace(like), like.shape[1]
+    check_channel_param("running_mean", running_mean, C)
+    check_channel_param("running_var", running_var, C)
+    if bool(xp.any(running_var < 0)):
+        raise ValueError("running_var must be >= 0 everywhere; got a negative entry")
+    return (xp.reshape(xp.astype(running_mean, like.dtype), (1, C, 1)),
+            xp.reshape(xp.astype(running_var, like.dtype), (1, C, 1)))
+
+
+@dispatched
 def switchable_norm_eval_forward(
     x: Array,
     gamma: Array,
@@ -381,22 +393,16 @@ def switchable_norm_eval_forward(
     ``running_var``, (C,), are the population statistics (moving average or
     :func:`refnorm.inference.batch_average`); the backward treats them as constants.
     Synchronized SN (:func:`refnorm.sync.switchable.sync_switchable_norm_forward`) passes
-    the statistics pooled over all devices here. Other arguments as in
+    the statistics pooled over all devices here. Other arguments (``path`` too) as in
     :func:`switchable_norm_forward`.
     """
     xp, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
     check_scope_counts(x.shape, options, with_bn=False)
+    mu_bn, var_bn = _population(running_mean, running_var, like=h)       # (1, C, 1)
     mu_in, var_in = in_moments(h, in_correction=options.in_correction)   # Eq. (4)
     mu_ln, var_ln = pool_in_moments(mu_in, var_in, axis=1)                # Eq. (4)
-    C = x.shape[1]
-    check_channel_param("running_mean", running_mean, C)
-    check_channel_param("running_var", running_var, C)
-    if bool(xp.any(running_var < 0)):
-        raise ValueError("running_var must be >= 0 everywhere; got a negative entry")
-    mu = {"in": mu_in, "ln": mu_ln,
-          "bn": xp.reshape(xp.astype(running_mean, h.dtype), (1, C, 1))}     # (1, C, 1)
-    var = {"in": var_in, "ln": var_ln,
-           "bn": xp.reshape(xp.astype(running_var, h.dtype), (1, C, 1))}     # (1, C, 1)
+    mu = {"in": mu_in, "ln": mu_ln, "bn": mu_bn}
+    var = {"in": var_in, "ln": var_ln, "bn": var_bn}
     return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),
                       (mu, var, True), eps=eps, options=options)
 
@@ -582,6 +588,8 @@ def switchable_norm_backward_compact(dy: Array, cache: SwitchableNormCache) -> S
     ``d var_k / d var_in = 1 / n_k`` and ``d var_k / d mu_in = 2 (mu_in - mu_k) / n_k``.
     The control-parameter gradients take the softmax Jacobian in its compact form,
     ``w * (s - sum(w * s))``.
+
+    No ``path``: :func:`switchable_norm_backward`'s fast variant computes this form, fused.
     """
     xp, dy_v = backward_view(dy, cache)
     c = cache
@@ -686,7 +694,7 @@ class SwitchableNorm(ChannelNorm):
         args = (x, p["gamma"], p["beta"], p["mean_logits"], p["var_logits"])
         if not training and "bn" in self.options.scopes:
             return switchable_norm_eval_forward(*args, *self.population(), eps=self.eps,
-                                                options=self.options)
+                                                options=self.options, path=self.compute_path())
         y, cache = switchable_norm_forward(*args, eps=self.eps, options=self.options,
                                            path=self.compute_path())
         if training and "bn" in self.options.scopes:
@@ -779,35 +787,57 @@ class SwitchableNorm(ChannelNorm):
 # -- the fast path: the same checks, then the fused loops ------------------------------------------
 
 
-@switchable_norm_forward.fast
-def _switchable_norm_forward_fast(
-    x: Array, gamma: Array, beta: Array, mean_logits: Array, var_logits: Array, *,
-    eps: float = 1e-5, options: SwitchableOptions = DEFAULT_OPTIONS,
-) -> tuple[Array, SwitchableNormCache]:
-    xp, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
-    check_scope_counts(x.shape, options, with_bn=True)
+def _fused(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Array, Array], *,
+           eps: float, options: SwitchableOptions,
+           bn: tuple[Array, Array] | None) -> tuple[Array, SwitchableNormCache]:
+    """The forward by :func:`refnorm.kernels.norms.sn_forward`; ``bn``: given BN statistics."""
+    xp = array_namespace(h)
+    (gamma, beta), (mean_logits, var_logits) = params, logits
     w_mean = ratios(xp.astype(mean_logits, h.dtype), hard=options.hard)  # (K,)  Eq. (5)
     w_var = ratios(xp.astype(var_logits, h.dtype), hard=options.hard)    # (K,)  Eq. (5)
     gamma_c, beta_c = xp.astype(gamma, h.dtype), xp.astype(beta, h.dtype)
     k = kernels.sn_forward(h, gamma_c, beta_c, w_mean, w_var, eps=eps, scopes=options.scopes,
-                           in_correction=options.in_correction)
+                           in_correction=options.in_correction, bn=bn)
     cache = SwitchableNormCache(
         h=k.h, x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mu=k.mu, var=k.var,
-        w_mean=w_mean, w_var=w_var, bn_given=False, options=options,
+        w_mean=w_mean, w_var=w_var, bn_given=bn is not None, options=options,
         x_shape=tuple(x.shape), x_dtype=x.dtype, param_dtype=gamma.dtype,
         logit_dtype=mean_logits.dtype,
     )
     return xp.astype(xp.reshape(k.y, x.shape), x.dtype, copy=False), cache
 
 
+@switchable_norm_forward.fast
+def _switchable_norm_forward_fast(
+    x: Array, gamma: Array, beta: Array, mean_logits: Array, var_logits: Array, *,
+    eps: float = 1e-5, options: SwitchableOptions = DEFAULT_OPTIONS,
+) -> tuple[Array, SwitchableNormCache]:
+    _, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
+    check_scope_counts(x.shape, options, with_bn=True)
+    return _fused(x, h, (gamma, beta), (mean_logits, var_logits), eps=eps, options=options,
+                  bn=None)
+
+
+@switchable_norm_eval_forward.fast
+def _switchable_norm_eval_forward_fast(
+    x: Array, gamma: Array, beta: Array, mean_logits: Array, var_logits: Array,
+    running_mean: Array, running_var: Array, *, eps: float = 1e-5,
+    options: SwitchableOptions = DEFAULT_OPTIONS,
+) -> tuple[Array, SwitchableNormCache]:
+    _, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
+    check_scope_counts(x.shape, options, with_bn=False)
+    population = _population(running_mean, running_var, like=h)
+    return _fused(x, h, (gamma, beta), (mean_logits, var_logits), eps=eps, options=options,
+                  bn=population)
+
+
 @switchable_norm_backward.fast
 def _switchable_norm_backward_fast(dy: Array, cache: SwitchableNormCache) -> SwitchableNormGrads:
     """The compact form (:func:`switchable_norm_backward_compact`), fused."""
     _, dy_v = backward_view(dy, cache)
-    if cache.bn_given:
-        return switchable_norm_backward.reference(dy, cache)
     o = cache.options
     g = kernels.sn_backward(dy_v, cache.x_hat, cache.rstd, cache.gamma, (cache.mu, cache.var),
                             (cache.w_mean, cache.w_var), scopes=o.scopes,
-                            in_correction=o.in_correction, hard=o.hard)
+                            in_correction=o.in_correction, hard=o.hard,
+                            frozen=("bn",) if cache.bn_given else ())
     return cast_gradients(cache, g.dx, (g.dgamma, g.dbeta), (g.dmean_logits, g.dvar_logits))

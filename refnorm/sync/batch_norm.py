@@ -72,6 +72,9 @@ def sync_batch_norm_forward(
 ) -> tuple[Array, SyncBatchNormCache]:
     """Batch Normalization in training with statistics over every device of ``comm``.
 
+    No ``path``: the fast kernels compute one device's statistics; this pair merges them
+    across devices between its passes, with Array API calls only.
+
     Parameters
     ----------
     x : array, (N_p, C, *spatial)
@@ -118,6 +121,8 @@ def sync_batch_norm_forward(
 
 def sync_batch_norm_backward(dy: Array, cache: SyncBatchNormCache) -> tuple[Array, Array, Array]:
     """Backward of :func:`sync_batch_norm_forward`: one all-reduce of two (C,) sums.
+
+    No ``path``: as :func:`sync_batch_norm_forward`.
 
     Returns
     -------

@@ -129,6 +129,9 @@ def sync_switchable_norm_forward(
 ) -> tuple[Array, SyncSwitchableNormCache]:
     """SN in training with the BN scope synchronized over the devices of ``comm``, Eq. (15).
 
+    No ``path``: the fast kernels compute one device's statistics; this pair merges them
+    across devices between its passes, with Array API calls only.
+
     Parameters
     ----------
     x : array, (N_p, C, *spatial)
@@ -169,6 +172,8 @@ def sync_switchable_norm_backward(
     dy: Array, cache: SyncSwitchableNormCache
 ) -> tuple[Array, Array, Array, Array, Array]:
     """Backward of :func:`sync_switchable_norm_forward`, Eq. (22)-(25) with Eq. (16)-(20).
+
+    No ``path``: as :func:`sync_switchable_norm_forward`.
 
     Returns
     -------

@@ -88,6 +88,9 @@ def weight_standardization_forward(
 ) -> tuple[Array, WeightStandardizationCache]:
     """Standardize each output channel's weights, Eq. (2)-(6).
 
+    No ``path``: it acts on the weights (C_out x I values, whatever the batch), a few numpy
+    passes; the layer's convolution, which dominates, takes the layer's path.
+
     Parameters
     ----------
     w : array, (C_out, ...)
@@ -124,6 +127,8 @@ def weight_standardization_forward(
 
 def weight_standardization_backward(dw_hat: Array, cache: WeightStandardizationCache) -> Array:
     """Gradient with respect to ``w`` from the gradient with respect to W^, Eq. (8)-(9).
+
+    No ``path``: as :func:`weight_standardization_forward`, it acts on the weights only.
 
     Parameters
     ----------

@@ -58,6 +58,9 @@ class TranslatedReLUCache:
 def translated_relu_forward(z: Array, alpha: Array) -> tuple[Array, TranslatedReLUCache]:
     """TReLU_alpha(z) = ReLU(z - alpha) + alpha = max(z, alpha), alpha per channel.
 
+    No ``path``: element-wise, a few numpy passes over ``z``; the layer's convolution, which
+    dominates, takes the layer's path.
+
     Parameters
     ----------
     z : array, (N, C, *spatial)
@@ -83,6 +86,8 @@ def translated_relu_backward(dy: Array, cache: TranslatedReLUCache) -> tuple[Arr
     """dz = dy where z > alpha, else 0; dalpha = sum of dy where z <= alpha (per channel).
 
     At z = alpha exactly the derivative goes to alpha (the ReLU's 0 at 0).
+
+    No ``path``: element-wise, as :func:`translated_relu_forward`.
 
     Parameters
     ----------

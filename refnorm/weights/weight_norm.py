@@ -87,6 +87,9 @@ class WeightNormCache:
 def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array, WeightNormCache]:
     """W_j = g_j V_j / (||V_j||_F + eps) for every output channel j.
 
+    No ``path``: it acts on the weights (C_out x I values, whatever the batch), a few numpy
+    passes; the layer's convolution, which dominates, takes the layer's path.
+
     Parameters
     ----------
     v : array, (C_out, ...)
@@ -112,6 +115,8 @@ def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array
 
 def weight_norm_backward(dw: Array, cache: WeightNormCache) -> tuple[Array, Array]:
     """Gradients of :func:`weight_norm_forward`.
+
+    No ``path``: as :func:`weight_norm_forward`, it acts on the weights only.
 
     Parameters
     ----------
