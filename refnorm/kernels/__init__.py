@@ -39,6 +39,8 @@ from refnorm.kernels.nn import (
 from refnorm.kernels.norms import (
     bn_backward,
     bn_forward,
+    eval_backward,
+    eval_forward,
     gn_backward,
     gn_forward,
     in_backward,
@@ -66,6 +68,8 @@ __all__ = [
     "col2im",
     "conv_backward",
     "conv_forward",
+    "eval_backward",
+    "eval_forward",
     "gn_backward",
     "gn_forward",
     "im2col",
