@@ -474,8 +474,8 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
     eps : float
     scopes : tuple of str, a subset of ("in", "ln", "bn") in the ratios' order
     in_correction : 0 or 1
-    bn : (mean, var), arrays (1, C, 1) in the compute dtype, optional
-        Given BN-scope statistics (the population's, at inference), returned in the record as
+    bn : tuple of two arrays, (1, C, 1) each, compute dtype, optional
+        ``(mean, var)``: given BN-scope statistics (the population's, at inference), returned in the record as
         they came; without them the BN scope pools this batch's IN moments.
 
     Returns
@@ -528,8 +528,10 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     x_hat : array, (N, C, S)
     rstd : array, broadcastable to (N, C, 1)
     gamma : array, (C,)
-    stats : (mu, var), the dicts :func:`sn_forward` returned
-    ratios : (w_mean, w_var), arrays (K,)
+    stats : tuple of two dicts
+        ``(mu, var)``, the dicts :func:`sn_forward` returned.
+    ratios : tuple of two arrays, (K,) each
+        ``(w_mean, w_var)``.
     scopes, in_correction : as in :func:`sn_forward`
     hard : bool
         One-hot ratios: the logit gradients are zero.
@@ -566,10 +568,13 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
 
     Parameters
     ----------
-    sums : (r, g, s_dy, s_dyx): rstd (N, C), gamma (C,), and per (n, c) the sums of dy and
+    sums : tuple of four float64 arrays
+        ``(r, g, s_dy, s_dyx)``: rstd (N, C), gamma (C,), and per (n, c) the sums of dy and
         of dy * x_hat, float64
-    stats : (mu, var), dicts of scope to float64 arrays broadcastable to (N, C)
-    ratios : (w_mean, w_var), float64 arrays (K,)
+    stats : tuple of two dicts
+        ``(mu, var)``, of scope to float64 arrays broadcastable to (N, C).
+    ratios : tuple of two float64 arrays, (K,) each
+        ``(w_mean, w_var)``.
     frozen : the scopes whose statistics are constants (see :func:`sn_backward`)
 
     Returns
