@@ -125,10 +125,14 @@ def dispatched(reference: Callable[..., Any]) -> Dispatched:
     The returned function keeps the reference's name, docstring and signature (plus ``path``)
     and holds both implementations: ``.reference`` and ``.fast_variant``.
     """
+    signature = inspect.signature(reference)
+    first = next(iter(signature.parameters))  # x, or dy for a backward
+
     @functools.wraps(reference)
     def call(*args: Any, path: str | None = None, **kwargs: Any) -> Any:
         this = cast(Dispatched, call)
-        if this.fast_variant is not None and runs_fast(path, args[0] if args else None):
+        array = args[0] if args else kwargs.get(first)
+        if this.fast_variant is not None and runs_fast(path, array):
             return this.fast_variant(*args, **kwargs)
         resolve(path)  # a bad path is refused on every call, whichever runs
         return this.reference(*args, **kwargs)
@@ -137,7 +141,6 @@ def dispatched(reference: Callable[..., Any]) -> Dispatched:
         call.fast_variant = variant  # type: ignore[attr-defined]
         return variant
 
-    signature = inspect.signature(reference)
     path = inspect.Parameter("path", inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation="str | None")
     call.__signature__ = signature.replace(  # type: ignore[attr-defined]

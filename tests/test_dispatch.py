@@ -88,6 +88,13 @@ def test_bad_path_values_are_refused(bad, monkeypatch):
             dispatch.get_path()
 
 
+def test_the_first_argument_decides_whether_given_by_position_or_by_name(monkeypatch):
+    calls = _record_calls(monkeypatch, refnorm.norms.batch_norm.batch_norm_forward)
+    refnorm.batch_norm_forward(x=X, gamma=G, beta=B, path="fast")
+    refnorm.batch_norm_forward(X, G, B, path="fast")
+    assert calls == {"reference": 0, "fast": 2}
+
+
 def test_fast_applies_to_numpy_floats_only():
     xps = pytest.importorskip("array_api_strict")
     assert dispatch.fast_applies(np.ones(2, np.float32), np.ones(2))

@@ -475,8 +475,9 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
     scopes : tuple of str, a subset of ("in", "ln", "bn") in the ratios' order
     in_correction : 0 or 1
     bn : tuple of two arrays, (1, C, 1) each, compute dtype, optional
-        ``(mean, var)``: given BN-scope statistics (the population's, at inference), returned in the record as
-        they came; without them the BN scope pools this batch's IN moments.
+        ``(mean, var)``: given BN-scope statistics (the population's, at inference),
+        returned in the record as they came; without them the BN scope pools this batch's IN
+        moments.
 
     Returns
     -------
