@@ -526,7 +526,7 @@ def switchable_norm_backward(dy: Array, cache: SwitchableNormCache) -> Switchabl
     cache : SwitchableNormCache
     path : {"reference", "fast"}, optional
         As in :func:`switchable_norm_forward`; the fast path computes the compact form
-        (:func:`switchable_norm_backward_compact`) fused, in training.
+        (:func:`switchable_norm_backward_compact`) fused, on training and inference caches.
 
     Returns
     -------
