@@ -7,11 +7,11 @@ caller builds the reference cache by keyword:
 =========  ====================================  ==========================================
 method     reference                             statistics shape
 =========  ====================================  ==========================================
-BN         refnorm.norms.batch_norm                   (1, C, 1, ...)
-IN         refnorm.norms.instance_norm                (N, C, 1, ...)
-LN         refnorm.norms.layer_norm                   (N, 1, 1, ...)
-GN         refnorm.norms.group_norm                   (N, G, 1, 1, ...) (the grouped view)
-SN         refnorm.norms.switchable_norm              (N, C, 1) and one dict entry per scope
+BN         refnorm.norms.batch_norm              (1, C, 1, ...)
+IN         refnorm.norms.instance_norm           (N, C, 1, ...)
+LN         refnorm.norms.layer_norm              (N, 1, 1, ...)
+GN         refnorm.norms.group_norm              (N, G, 1, 1, ...) (the grouped view)
+SN         refnorm.norms.switchable_norm         (N, C, 1) and one dict entry per scope
 =========  ====================================  ==========================================
 
 How the work is laid out (bytes for an input of ``n`` values of ``b`` bytes each):
