@@ -2,8 +2,9 @@
 # Set up .venv with the test, lesson, docs, mpi and dev extras (and PyTorch's CPU build, for
 # the fingerprints of refnorm.testing) if needed, then run the whole suite: ruff and mypy,
 # the pytest suite (hypothesis's ci profile unless HYPOTHESIS_PROFILE says otherwise), the
-# layer and trainer suites once more on the reference path, and the Sphinx build, which
-# executes every lesson top to bottom (-W: warnings fail it). Arguments go to pytest.
+# layer suites once more on the fast path and the trainer's on the reference, and the Sphinx
+# build, which executes every lesson top to bottom (-W: warnings fail it). Arguments go to
+# pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 REFNORM_EXTRAS="test,lessons,docs,mpi,dev" . scripts/setup.sh
@@ -18,8 +19,10 @@ export REFNORM_REQUIRE_MPI=1  # the mpiexec tests fail, not skip, if MPI is miss
 ruff check refnorm tests
 mypy
 python -m pytest "$@"
-# Layers and the trainer default to the fast path: their suites once more on the reference.
-REFNORM_PATH=reference python -m pytest -q -p no:cacheprovider tests/test_layer.py \
-  tests/norms/test_layers.py tests/nn/test_layers.py tests/train/test_loop.py
+# Layers default to the reference path and the trainer to the fast one: the layer suites once
+# more on the fast path, the trainer's once more on the reference.
+REFNORM_PATH=fast python -m pytest -q -p no:cacheprovider tests/test_layer.py \
+  tests/norms/test_base.py tests/nn/test_layers.py
+REFNORM_PATH=reference python -m pytest -q -p no:cacheprovider tests/train/test_loop.py
 python -m sphinx -T -W --keep-going -E -q -b html docs docs/_build/html
 echo "docs built in docs/_build/html (every lesson executed)"

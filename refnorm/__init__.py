@@ -18,6 +18,7 @@ refnorm needs numpy; numba is imported on the first call of the fast path
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -38,9 +39,12 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"refnorm.{name}")
     if name in _FROM:
         return getattr(importlib.import_module(_FROM[name]), name)
-    norms = importlib.import_module("refnorm.norms")
     if name == "__all__":
-        return [*_SUBMODULES, *_FROM, *norms.__all__]
+        return [*_SUBMODULES, *_FROM, *importlib.import_module("refnorm.norms").__all__]
+    if name.startswith("_") or importlib.util.find_spec(f"refnorm.{name}") is not None:
+        # a dunder probe, or a submodule not imported yet: the import system loads it itself
+        raise AttributeError(f"module 'refnorm' has no attribute {name!r}")
+    norms = importlib.import_module("refnorm.norms")
     if name in norms.__all__:  # the activation normalizers' functions and layers
         return getattr(norms, name)
     raise AttributeError(f"module 'refnorm' has no attribute {name!r}")

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEVICES", "array_namespace", "compute_dtype", "device_of", "gpu_available",
-           "gpu_problem", "on_device", "to_device", "to_numpy"]
+__all__ = ["DEVICES", "array_namespace", "compute_dtype", "device_namespace", "device_of",
+           "gpu_available", "gpu_problem", "move_array", "on_device", "to_numpy"]
 
 Array = Any  # an array of whatever namespace the caller uses
 
@@ -104,7 +104,7 @@ def to_numpy(a: Array) -> np.ndarray:
     return np.from_dlpack(a)
 
 
-# -- the GPU: probe and moves ------------------------------------------------------------------
+# -- the GPU: probe, and moves of one array ---------------------------------------------------
 
 DEVICES = ("cpu", "gpu")
 
@@ -137,57 +137,24 @@ def gpu_available() -> bool:
     return gpu_problem() is None
 
 
-def _move(a: Array, device: str) -> Array:
+def device_namespace(device: str) -> ModuleType:
+    """The namespace of ``device``'s arrays: numpy for ``"cpu"``, CuPy for ``"gpu"``."""
+    if device == "cpu":
+        return np
+    import cupy
+
+    return cupy
+
+
+def move_array(a: Array, device: str) -> Array:
+    """``a`` on ``device``: ``"gpu"`` makes a CuPy array (``cupy.asarray``; a CuPy array stays
+    as it is); ``"cpu"`` makes a CuPy array a numpy array (``.get()``) and leaves any other
+    array as it is.
+
+    The walker that moves a whole network is :func:`refnorm.layer.to_device`.
+    """
     if device == "cpu":
         return to_numpy(a) if type(a).__module__.split(".")[0] == "cupy" else a
     import cupy
 
     return a if isinstance(a, cupy.ndarray) else cupy.asarray(to_numpy(a))
-
-
-def to_device(layer_or_model: Any, device: str) -> Any:
-    """Move every layer's ``params``, ``state`` and ``grads`` to ``device``, in place.
-
-    ``"gpu"``: each array becomes a CuPy array (``cupy.asarray``; CuPy arrays stay as they
-    are); ``"cpu"``: each CuPy array becomes a numpy array (``.get()``), other arrays stay as
-    they are, so ``"cpu"`` on a numpy model changes nothing. A layer's ``xp`` attribute (the
-    namespace its new arrays are made in) follows when it is numpy or CuPy, and its cache of
-    the last forward is dropped (:meth:`~refnorm.layer.Layer.reset`): it holds arrays of the
-    old device. A layer's ``device`` (where it creates arrays) becomes ``None`` with it.
-
-    Parameters
-    ----------
-    layer_or_model : a layer, an object with a ``layers()`` method, or a list/tuple of those
-    device : {"cpu", "gpu"}
-
-    Returns
-    -------
-    ``layer_or_model``, for chaining.
-
-    Raises
-    ------
-    ValueError
-        If ``device`` is not "cpu" or "gpu".
-    RuntimeError
-        For ``"gpu"`` without a usable GPU, saying what was looked for (:func:`gpu_problem`).
-    """
-    if device not in DEVICES:
-        raise ValueError(f"device must be 'cpu' or 'gpu'; got {device!r}")
-    if device == "gpu":
-        problem = gpu_problem()
-        if problem is not None:
-            raise RuntimeError(f"to_device(..., 'gpu'): {problem}")
-    from refnorm.inference import iter_layers  # refnorm.layer imports this module
-
-    for layer in iter_layers(layer_or_model):
-        for field in ("params", "state", "grads"):
-            arrays = getattr(layer, field)
-            for key in list(arrays):
-                arrays[key] = _move(arrays[key], device)
-        xp = getattr(layer, "xp", None)
-        if isinstance(xp, ModuleType) and xp.__name__ in ("numpy", "cupy"):
-            layer.xp = np if device == "cpu" else importlib.import_module("cupy")  # type: ignore[attr-defined]
-            if hasattr(layer, "device"):
-                layer.device = None  # numpy's one device, or CuPy's current one
-        layer.reset()
-    return layer_or_model

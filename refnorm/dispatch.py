@@ -1,33 +1,47 @@
 """Which implementation computes a call: the reference, or the fused numba kernels.
 
-The pure functions of :mod:`refnorm.norms` and :mod:`refnorm.nn` are the reference: readable,
-written with Array API calls only, running on any namespace. :mod:`refnorm.kernels` holds
-fused numba loops for numpy arrays on the CPU, behind the same functions and tested equal to
-them. A call picks one by, in this order:
+The public pure functions of :mod:`refnorm.norms` and :mod:`refnorm.nn` are the reference:
+readable, written with Array API calls only, running on any namespace. Some also have a fast
+variant that calls the numba loops of :mod:`refnorm.kernels` on numpy arrays, tested equal to
+the reference. The two are joined here, outside both bodies:
 
-1. its ``path=`` argument, ``"reference"`` or ``"fast"``;
-2. the process-wide choice, :func:`set_path` (or :func:`use_path` for a ``with`` block),
-   else the environment variable ``REFNORM_PATH``;
-3. the caller's default: ``"reference"`` for the pure functions (what the lessons, the
-   errata and :mod:`refnorm.gradcheck` call), ``"fast"`` for layers (what the trainer and
-   the study use).
+.. code-block:: python
 
-``"fast"`` runs the kernels only where they apply (:func:`fast_applies`): numpy arrays of a
-real floating dtype, with numba importable. Any other namespace (CuPy, ``array_api_strict``)
-falls back to the reference; ``refnorm bench`` reports which path ran.
+    @dispatched                       # the reference: the math alone
+    def batch_norm_forward(x, gamma, beta, *, eps=1e-5): ...
+
+    @batch_norm_forward.fast          # the same checks, then the kernel, named by import
+    def _batch_norm_forward_fast(x, gamma, beta, *, eps=1e-5):
+        ... kernels.bn_forward(...) ...
+
+The decorated function takes one more keyword, ``path``, and runs its fast variant when
+
+1. the path is ``"fast"``: its ``path=`` argument, else the process-wide choice
+   (:func:`set_path`, :func:`use_path` for a ``with`` block, else the environment variable
+   ``REFNORM_PATH``), else ``"reference"`` — the default for pure functions and layers alike,
+   so that a reader who steps into a layer lands in numpy; the trainer, the study and the
+   bench ask for ``"fast"``;
+2. and the kernels apply to its first argument (``x``, or ``dy`` for a backward):
+   :func:`fast_applies`, a numpy array of a real floating dtype, with numba installed. Any
+   other namespace (CuPy, ``array_api_strict``) runs the reference; ``refnorm bench``
+   reports which path ran.
+
+A fast variant makes the same argument checks as its reference before its kernel runs, so
+both paths accept and refuse the same inputs with the same errors (``tests/test_dispatch.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
+import functools
+import inspect
 import os
-from collections.abc import Iterator
-from types import ModuleType
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
+
+from refnorm import kernels
 
 PATHS = ("reference", "fast")
 ENV = "REFNORM_PATH"
@@ -43,14 +57,14 @@ def check_path(path: object, *, name: str = "path") -> str:
 
 
 def set_path(path: str | None) -> None:
-    """Choose the path for every call that does not name one; ``None`` restores the defaults."""
+    """Choose the path for every call that does not name one; ``None`` restores the default."""
     global _chosen
     _chosen = None if path is None else check_path(path)
 
 
 @contextlib.contextmanager
 def use_path(path: str | None) -> Iterator[None]:
-    """``with use_path("reference"): ...`` — :func:`set_path` for the block only."""
+    """``with use_path("fast"): ...`` — :func:`set_path` for the block only."""
     global _chosen
     previous = _chosen
     set_path(path)
@@ -79,25 +93,10 @@ def resolve(path: str | None, *, default: str = "reference") -> str:
     return get_path(default) if path is None else check_path(path)
 
 
-_NUMBA = importlib.util.find_spec("numba") is not None
-
-
 def fast_applies(*arrays: Any) -> bool:
     """Whether the kernels can run on ``arrays``: numpy, real floating, numba installed."""
-    return _NUMBA and all(
-        isinstance(a, np.ndarray) and a.dtype in (np.float16, np.float32, np.float64)
-        for a in arrays
-    )
-
-
-def fast_norms() -> ModuleType:
-    """:mod:`refnorm.kernels.norms`, imported on first use (importing numba takes a moment)."""
-    return importlib.import_module("refnorm.kernels.norms")
-
-
-def fast_nn() -> ModuleType:
-    """:mod:`refnorm.kernels.nn`, imported on first use."""
-    return importlib.import_module("refnorm.kernels.nn")
+    return all(isinstance(a, np.ndarray) and a.dtype in (np.float16, np.float32, np.float64)
+               for a in arrays) and kernels.numba_installed()
 
 
 def runs_fast(path: str | None, *arrays: Any, default: str = "reference") -> bool:
@@ -105,5 +104,52 @@ def runs_fast(path: str | None, *arrays: Any, default: str = "reference") -> boo
     return resolve(path, default=default) == "fast" and fast_applies(*arrays)
 
 
-__all__ = ["ENV", "PATHS", "fast_applies", "fast_nn", "fast_norms", "get_path",
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Dispatched(Protocol):
+    """A reference function with a fast variant (what :func:`dispatched` returns)."""
+
+    reference: Callable[..., Any]
+    fast_variant: Callable[..., Any] | None
+
+    def __call__(self, *args: Any, path: str | None = None, **kwargs: Any) -> Any: ...
+
+    def fast(self, variant: F) -> F: ...
+
+
+def dispatched(reference: Callable[..., Any]) -> Dispatched:
+    """Decorate a reference function: it gains the keyword ``path`` and runs the variant that
+    ``@function.fast`` registers when :func:`runs_fast` says so on its first argument.
+
+    The returned function keeps the reference's name, docstring and signature (plus ``path``)
+    and holds both implementations: ``.reference`` and ``.fast_variant``.
+    """
+    signature = inspect.signature(reference)
+    first = next(iter(signature.parameters))  # x, or dy for a backward
+
+    @functools.wraps(reference)
+    def call(*args: Any, path: str | None = None, **kwargs: Any) -> Any:
+        this = cast(Dispatched, call)
+        array = args[0] if args else kwargs.get(first)
+        if this.fast_variant is not None and runs_fast(path, array):
+            return this.fast_variant(*args, **kwargs)
+        resolve(path)  # a bad path is refused on every call, whichever runs
+        return this.reference(*args, **kwargs)
+
+    def fast(variant: F) -> F:
+        call.fast_variant = variant  # type: ignore[attr-defined]
+        return variant
+
+    path = inspect.Parameter("path", inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation="str | None")
+    call.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), path])
+    call.reference = reference  # type: ignore[attr-defined]
+    call.fast_variant = None  # type: ignore[attr-defined]
+    call.fast = fast  # type: ignore[attr-defined]
+    return cast(Dispatched, call)
+
+
+__all__ = ["ENV", "PATHS", "Dispatched", "check_path", "dispatched", "fast_applies", "get_path",
            "process_choice", "resolve", "runs_fast", "set_path", "use_path"]

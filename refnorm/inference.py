@@ -1,41 +1,27 @@
-"""Network-level inference helpers: walking a model's layers and SN's batch average.
+"""SN's batch average: population statistics for every SN layer of a network after training.
 
 Switchable Normalization (Luo et al., journal version, §3.2, "Inference") does not keep a
 moving average of its BN-scope statistics: after training, the network is frozen, batches
 are fed, and each SN layer's population statistics are the average over those batches.
 :func:`batch_average` does that for every SN layer of a model through the layers' public
-API (:meth:`~refnorm.norms.switchable.SwitchableNorm.batch_statistics` and
-:meth:`~refnorm.norms.switchable.SwitchableNorm.set_population`); nothing here touches a
+API (:meth:`~refnorm.norms.switchable_norm.SwitchableNorm.batch_statistics` and
+:meth:`~refnorm.norms.switchable_norm.SwitchableNorm.set_population`); nothing here touches a
 layer's private attributes.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from refnorm.backend import Array, array_namespace, device_of, on_device
-from refnorm.layer import Layer
-from refnorm.norms.switchable import BatchStatistics, SwitchableNorm
+from refnorm.core.running import BatchStatistics
+from refnorm.layer import iter_layers
+from refnorm.norms.switchable_norm import SwitchableNorm
 from refnorm.sync.headers import allreduce
 
-__all__ = ["batch_average", "iter_layers"]
-
-
-def iter_layers(model: Any) -> Iterator[Layer]:
-    """Every :class:`~refnorm.layer.Layer` in ``model``, in order.
-
-    ``model`` is a layer, an object with a ``layers()`` method, or a list/tuple of those.
-    """
-    if isinstance(model, Layer):
-        yield model
-    if hasattr(model, "layers") and callable(model.layers):
-        for sub in model.layers():
-            yield from iter_layers(sub)
-    elif isinstance(model, (list, tuple)):
-        for sub in model:
-            yield from iter_layers(sub)
+__all__ = ["batch_average", "merge_batch_statistics"]
 
 
 def _run(model: Any, x: Array) -> Array:
@@ -53,7 +39,7 @@ def batch_average(model: Any, batches: Iterable[Array], *, comm: Any = None) -> 
     The network is frozen: its parameters are not touched and every layer's state (BN
     running statistics, SN moving averages) is restored afterwards. Each batch is fed in
     training mode, each SN layer's BN-scope (count, mean, variance) is read after every
-    batch (:meth:`~refnorm.norms.switchable.SwitchableNorm.batch_statistics`), and the
+    batch (:meth:`~refnorm.norms.switchable_norm.SwitchableNorm.batch_statistics`), and the
     records are merged by the law of total variance::
 
         mean = sum_b n_b mu_b / n

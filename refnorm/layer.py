@@ -1,20 +1,26 @@
-"""The one interface every refnorm layer shares, and the cases ``refnorm gradcheck`` runs.
+"""The one interface every refnorm layer shares, the cases ``refnorm gradcheck`` runs, and the
+two walkers over a network of layers.
 
 Normalizers (:mod:`refnorm.norms`), weight-side methods (:mod:`refnorm.weights`) and the
 network pieces (:mod:`refnorm.nn`) are all :class:`Layer` objects: ``forward(x, training)``,
 ``backward(dy)``, and dicts ``params``, ``grads``, ``state``. One generic gradcheck, one
-property suite and the CLI then serve all of them.
+property suite and the CLI then serve all of them. A network is a layer, an object with a
+``layers()`` method, or a list/tuple of those: :func:`iter_layers` walks it and
+:func:`to_device` moves it.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar
 
-from refnorm.backend import Array
-from refnorm.core.checks import check_bool
+import numpy as np
+
+from refnorm.backend import DEVICES, Array, device_namespace, gpu_problem, move_array
+from refnorm.core.checks import check_bool, check_device, check_param_dtype
 from refnorm.dispatch import resolve
 
 
@@ -40,6 +46,18 @@ class CheckCase:
 class Layer:
     """The interface every refnorm layer shares.
 
+    Parameters
+    ----------
+    dtype : dtype, default float32
+        Dtype of the parameters and state (a real floating dtype of ``xp``).
+    xp : module, default numpy
+        Array namespace the parameters and state live in.
+    device : device of ``xp``, optional
+        Where the parameters and state are created (``xp.ones(..., device=device)``), e.g.
+        an ``array_api_strict.Device``; ``None``: the namespace's default (numpy's host,
+        CuPy's current GPU). Inputs must be on the same device; every output, gradient and
+        state update is created there too.
+
     Attributes
     ----------
     params : dict of str to array
@@ -48,6 +66,9 @@ class Layer:
         Gradients of the last :meth:`backward`, same keys as ``params``.
     state : dict of str to array
         Non-learned state saved with a model (running statistics); may be empty.
+    path : {"reference", "fast"} or None
+        The path of the layer's pure functions; None: the process-wide choice
+        (:func:`refnorm.dispatch.set_path`), else the reference.
 
     Subclasses implement :meth:`_forward` (returning ``(y, cache)``) and :meth:`_backward`
     (returning ``(dx, grads)``), each calling the method's pure function explicitly; the
@@ -56,11 +77,14 @@ class Layer:
     """
 
     shared_attributes: ClassVar[tuple[str, ...]] = ()  # kept, not copied, by deepcopy
-    #: "reference", "fast", or None: the process-wide choice, else "fast" (refnorm.dispatch)
     path: str | None = None
     check_cases: ClassVar[tuple[CheckCase, ...]] = ()
 
-    def __init__(self) -> None:
+    def __init__(self, *, dtype: Any = None, xp: ModuleType | None = None,
+                 device: Any = None) -> None:
+        self.xp: ModuleType = np if xp is None else xp
+        self.dtype = check_param_dtype(self.xp, dtype)
+        self.device = check_device(self.xp, device)
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}
         self.state: dict[str, Array] = {}
@@ -81,11 +105,13 @@ class Layer:
 
     def compute_path(self) -> str:
         """The path this layer's pure functions take: :attr:`path` if set, else the
-        process-wide choice (:func:`refnorm.dispatch.set_path`), else ``"fast"``.
+        process-wide choice (:func:`refnorm.dispatch.set_path`), else ``"reference"``: a
+        reader who steps into a layer lands in the reference unless the caller asked for the
+        fast path (``layer.path = "fast"``, as the trainer and the bench do).
 
         The fast path runs only where it applies (numpy arrays); see :mod:`refnorm.dispatch`.
         """
-        return resolve(self.path, default="fast")
+        return resolve(self.path)
 
     def reset(self) -> None:
         """Drop what the last forward saved: a backward now needs a new forward first.
@@ -115,3 +141,45 @@ class Layer:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.params.items())
         return f"{type(self).__name__}({shapes})"
+
+
+# -- a network of layers -----------------------------------------------------------------------
+
+
+def iter_layers(model: Any) -> Iterator[Layer]:
+    """Every :class:`Layer` in ``model``, in order.
+
+    ``model`` is a layer, an object with a ``layers()`` method, or a list/tuple of those.
+    """
+    if isinstance(model, Layer):
+        yield model
+    if hasattr(model, "layers") and callable(model.layers):
+        for sub in model.layers():
+            yield from iter_layers(sub)
+    elif isinstance(model, (list, tuple)):
+        for sub in model:
+            yield from iter_layers(sub)
+
+
+def to_device(layer_or_model: Any, device: str) -> Any:
+    """Move every layer's ``params``, ``state`` and ``grads`` to ``device`` ("cpu" or "gpu"),
+    in place, and return ``layer_or_model`` (a network, as for :func:`iter_layers`).
+
+    Each array moves by :func:`refnorm.backend.move_array`; a layer whose ``xp`` is numpy or
+    CuPy takes the device's namespace (``device`` becomes ``None``), and its cache, which
+    holds arrays of the old device, is dropped (:meth:`Layer.reset`). ``ValueError`` for
+    another device; ``RuntimeError`` for "gpu" without one, saying what was looked for
+    (:func:`refnorm.backend.gpu_problem`).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be 'cpu' or 'gpu'; got {device!r}")
+    if device == "gpu" and (problem := gpu_problem()) is not None:
+        raise RuntimeError(f"to_device(..., 'gpu'): {problem}")
+    for layer in iter_layers(layer_or_model):
+        for arrays in (layer.params, layer.state, layer.grads):
+            for key in list(arrays):
+                arrays[key] = move_array(arrays[key], device)
+        if layer.xp.__name__ in ("numpy", "cupy"):
+            layer.xp, layer.device = device_namespace(device), None
+        layer.reset()
+    return layer_or_model

@@ -1,31 +1,43 @@
 """Build any registered layer by name: ``refnorm.build("gn", 64, num_groups=32)``.
 
 The registry is one explicit table, in the order ``refnorm gradcheck --all`` reports the
-layers; a class is imported when its name is first asked for. The first positional argument
-of every registered layer is the number of input channels (C of an (N, C, *spatial) input);
-``refnorm gradcheck`` relies on that.
+layers. The first positional argument of every registered layer is the number of input
+channels (C of an (N, C, *spatial) input); ``refnorm gradcheck`` relies on that.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-# name -> (module, class)
-_TABLE: dict[str, tuple[str, str]] = {
-    "bn": ("refnorm.norms.batch", "BatchNorm"),
-    "in": ("refnorm.norms.instance", "InstanceNorm"),
-    "ln": ("refnorm.norms.layer", "LayerNorm"),
-    "gn": ("refnorm.norms.group", "GroupNorm"),
-    "sn": ("refnorm.norms.switchable", "SwitchableNorm"),
-    "syncbn": ("refnorm.sync.batch_norm", "SyncBatchNorm"),
-    "syncsn": ("refnorm.sync.switchable", "SyncSwitchableNorm"),
-    "conv": ("refnorm.nn.conv", "Conv2d"),
-    "linear": ("refnorm.nn.linear", "Linear"),
-    "wn": ("refnorm.weights.weight_norm", "WeightNorm"),
-    "np": ("refnorm.weights.norm_prop", "NormProp"),
-    "trelu": ("refnorm.weights.trelu", "TReLUWeightNorm"),
-    "ws": ("refnorm.weights.standardization", "WeightStandardization"),
+from refnorm.layer import Layer
+from refnorm.nn.conv import Conv2d
+from refnorm.nn.linear import Linear
+from refnorm.norms.batch_norm import BatchNorm
+from refnorm.norms.group_norm import GroupNorm
+from refnorm.norms.instance_norm import InstanceNorm
+from refnorm.norms.layer_norm import LayerNorm
+from refnorm.norms.switchable_norm import SwitchableNorm
+from refnorm.sync.batch_norm import SyncBatchNorm
+from refnorm.sync.switchable import SyncSwitchableNorm
+from refnorm.weights.norm_prop import NormProp
+from refnorm.weights.standardization import WeightStandardization
+from refnorm.weights.trelu import TReLUWeightNorm
+from refnorm.weights.weight_norm import WeightNorm
+
+_TABLE: dict[str, type[Layer]] = {
+    "bn": BatchNorm,
+    "in": InstanceNorm,
+    "ln": LayerNorm,
+    "gn": GroupNorm,
+    "sn": SwitchableNorm,
+    "syncbn": SyncBatchNorm,
+    "syncsn": SyncSwitchableNorm,
+    "conv": Conv2d,
+    "linear": Linear,
+    "wn": WeightNorm,
+    "np": NormProp,
+    "trelu": TReLUWeightNorm,
+    "ws": WeightStandardization,
 }
 
 
@@ -37,18 +49,17 @@ def names() -> tuple[str, ...]:
 def layer_class(name: str) -> type:
     """The class registered as ``name``."""
     try:
-        module, cls = _TABLE[name]
+        return _TABLE[name]
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown layer {name!r}; expected one of {', '.join(names())}"
         ) from None
-    return getattr(importlib.import_module(module), cls)
 
 
 def name_of(cls: type) -> str:
     """The name ``cls`` is registered under; ``ValueError`` if it is not registered."""
-    for name, (module, qualname) in _TABLE.items():
-        if cls.__module__ == module and cls.__qualname__ == qualname:
+    for name, registered in _TABLE.items():
+        if registered is cls:
             return name
     raise ValueError(f"{cls.__qualname__} is not a registered layer")
 

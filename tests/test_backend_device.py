@@ -1,4 +1,4 @@
-"""refnorm.backend's GPU probe and to_device, on the CPU.
+"""refnorm.backend's GPU probe and refnorm.layer.to_device, on the CPU.
 
 Where CuPy is not installed (CI) the probe's branches are driven by a stand-in ``cupy``
 module put in ``sys.modules``; its "device arrays" are numpy arrays in a class whose module
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import refnorm
-from refnorm.backend import gpu_available, gpu_problem, to_device
+from refnorm.backend import gpu_available, gpu_problem
+from refnorm.layer import to_device
 
 
 class FakeDeviceArray:

@@ -67,7 +67,7 @@ class _WrongBackwardBatchNorm(BatchNorm):
 
 @pytest.fixture
 def wrong_layer_registered(monkeypatch):
-    table = {**registry._TABLE, "wrong": (__name__, "_WrongBackwardBatchNorm")}
+    table = {**registry._TABLE, "wrong": _WrongBackwardBatchNorm}
     monkeypatch.setattr(registry, "_TABLE", table)
     return "wrong"
 

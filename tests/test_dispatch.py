@@ -3,13 +3,15 @@ same inputs."""
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
 import refnorm
 from refnorm import dispatch
 from refnorm.gradcheck import check_layer
-from refnorm.norms.switchable import SwitchableOptions
+from refnorm.norms.switchable_norm import SwitchableOptions
 
 
 @pytest.fixture(autouse=True)
@@ -20,9 +22,44 @@ def _no_process_choice(monkeypatch):
     dispatch.set_path(None)
 
 
-def test_defaults_reference_for_functions_fast_for_layers():
+def test_functions_and_layers_default_to_the_reference():
     assert dispatch.get_path() == "reference"
-    assert refnorm.build("bn", 3).compute_path() == "fast"
+    assert refnorm.build("bn", 3).compute_path() == "reference"
+
+
+def _record_calls(monkeypatch, function):
+    """Count the calls of ``function``'s reference and of its fast variant."""
+    calls = {"reference": 0, "fast": 0}
+    for kind, attr in (("reference", "reference"), ("fast", "fast_variant")):
+        original = getattr(function, attr)
+
+        def counted(*args, _original=original, _kind=kind, **kwargs):
+            calls[_kind] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(function, attr, counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["bn", "in", "ln", "gn", "sn", "conv"])
+def test_a_built_layer_runs_the_reference_unless_asked(name, monkeypatch):
+    module = {"bn": refnorm.norms.batch_norm, "in": refnorm.norms.instance_norm,
+              "ln": refnorm.norms.layer_norm, "gn": refnorm.norms.group_norm,
+              "sn": refnorm.norms.switchable_norm, "conv": refnorm.nn.conv}[name]
+    prefix = {"bn": "batch_norm", "in": "instance_norm", "ln": "layer_norm",
+              "gn": "group_norm", "sn": "switchable_norm", "conv": "conv2d"}[name]
+    forward = _record_calls(monkeypatch, getattr(module, f"{prefix}_forward"))
+    backward = _record_calls(monkeypatch, getattr(module, f"{prefix}_backward"))
+    args = (4, 3, 3) if name == "conv" else (4,)
+    options = {"num_groups": 2} if name == "gn" else {}
+    x = 5 * np.random.default_rng(5).standard_normal((2, 4, 3, 3)) + 12
+    layer = refnorm.build(name, *args, dtype=np.float64, **options)
+    dy = np.ones_like(layer.forward(x, training=True))
+    layer.backward(dy)
+    assert forward == backward == {"reference": 1, "fast": 0}
+    layer.path = "fast"                                  # asked: the kernels run
+    layer.forward(x, training=True)
+    layer.backward(dy)
+    assert forward == backward == {"reference": 1, "fast": 1}
 
 
 def test_process_choice_beats_the_defaults_and_an_explicit_choice_beats_it(monkeypatch):
@@ -49,6 +86,13 @@ def test_bad_path_values_are_refused(bad, monkeypatch):
         monkeypatch.setenv(dispatch.ENV, bad)
         with pytest.raises(ValueError, match="REFNORM_PATH must be 'reference' or 'fast'"):
             dispatch.get_path()
+
+
+def test_the_first_argument_decides_whether_given_by_position_or_by_name(monkeypatch):
+    calls = _record_calls(monkeypatch, refnorm.norms.batch_norm.batch_norm_forward)
+    refnorm.batch_norm_forward(x=X, gamma=G, beta=B, path="fast")
+    refnorm.batch_norm_forward(X, G, B, path="fast")
+    assert calls == {"reference": 0, "fast": 2}
 
 
 def test_fast_applies_to_numpy_floats_only():
@@ -155,3 +199,221 @@ def test_sn_options_object_is_passed_through_on_both_paths():
     outs = [refnorm.switchable_norm_forward(X, G, B, logits, logits, options=options,
                                             path=p)[0] for p in ("fast", "reference")]
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-12, rtol=0)
+
+
+# -- float16 on every fast function (issue 18) ------------------------------------------------
+
+
+def _dispatched_functions():
+    """Every public function that has a fast variant, by name."""
+    found = {}
+    for package in (refnorm.norms, refnorm.nn, refnorm.weights):
+        for name in dir(package):
+            function = getattr(package, name)
+            if getattr(function, "fast_variant", None) is not None:
+                found[name] = function
+    return found
+
+
+def _half(*shape, seed=0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    return (offset + rng.standard_normal(shape)).astype(np.float16)
+
+
+def _norm_pair(forward, backward, **options):
+    """Forward then backward in float16 on ``path``: y, dx and the parameter gradients."""
+    def run(path):
+        x, dy = _half(3, 4, 5, 6, offset=3.0), _half(3, 4, 5, 6, seed=1)
+        gamma, beta = _half(4, seed=2, offset=1.0), _half(4, seed=3)
+        y, cache = forward(x, gamma, beta, **options, path=path)
+        return (y, *backward(dy, cache, path=path))
+    return run
+
+
+def _sn(path):
+    x, dy = _half(3, 4, 5, 6, offset=3.0), _half(3, 4, 5, 6, seed=1)
+    gamma, beta, logits = _half(4, seed=2, offset=1.0), _half(4, seed=3), _half(3, seed=4)
+    y, cache = refnorm.switchable_norm_forward(x, gamma, beta, logits, logits, path=path)
+    return (y, *refnorm.switchable_norm_backward(dy, cache, path=path))
+
+
+def _eval_pair(forward, backward):
+    """The inference forward (running statistics) and the backward on its cache."""
+    def run(path):
+        x, dy = _half(3, 4, 5, 6, offset=3.0), _half(3, 4, 5, 6, seed=1)
+        gamma, beta = _half(4, seed=2, offset=1.0), _half(4, seed=3)
+        mean, var = _half(4, seed=4, offset=3.0), np.abs(_half(4, seed=5, offset=1.0))
+        y, cache = forward(x, gamma, beta, mean, var, path=path)
+        return (y, *backward(dy, cache, path=path))
+    return run
+
+
+def _sn_eval(path):
+    x, dy = _half(3, 4, 5, 6, offset=3.0), _half(3, 4, 5, 6, seed=1)
+    gamma, beta, logits = _half(4, seed=2, offset=1.0), _half(4, seed=3), _half(3, seed=4)
+    mean, var = _half(4, seed=5, offset=3.0), np.abs(_half(4, seed=6, offset=1.0))
+    y, cache = refnorm.switchable_norm_eval_forward(x, gamma, beta, logits, logits, mean, var,
+                                                    path=path)
+    return (y, *refnorm.switchable_norm_backward(dy, cache, path=path))
+
+
+def _avg_pool(path):
+    x = _half(2, 3, 6, 5)
+    y, cache = refnorm.nn.avg_pool2d_forward(x, kernel_size=(2, 3), stride=1, path=path)
+    return y, refnorm.nn.avg_pool2d_backward(_half(*y.shape, seed=1), cache, path=path)
+
+
+def _conv(path):
+    x, w, b = _half(2, 3, 6, 5), _half(4, 3, 3, 3, seed=1), _half(4, seed=2)
+    y, cache = refnorm.nn.conv2d_forward(x, w, b, stride=(2, 1), padding=1, path=path)
+    return (y, *refnorm.nn.conv2d_backward(_half(*y.shape, seed=3), cache, path=path))
+
+
+def _max_pool(path):
+    x = _half(2, 3, 6, 5)
+    y, cache = refnorm.nn.max_pool2d_forward(x, kernel_size=2, stride=1, path=path)
+    return y, refnorm.nn.max_pool2d_backward(_half(*y.shape, seed=1), cache, path=path)
+
+
+def _relu(path):
+    # the issue's case first, then a larger one
+    tiny = np.array([[1.0, -1.0]], np.float16)
+    y, cache = refnorm.nn.relu_forward(tiny)
+    small = refnorm.nn.relu_backward(np.ones_like(tiny), cache, path=path)
+    x = _half(3, 4, 5)
+    y, cache = refnorm.nn.relu_forward(x)
+    return small, refnorm.nn.relu_backward(_half(3, 4, 5, seed=1), cache, path=path)
+
+
+HALF_CASES = {  # a forward and its backward share one case
+    ("batch_norm_forward", "batch_norm_backward"):
+        _norm_pair(refnorm.batch_norm_forward, refnorm.batch_norm_backward),
+    ("instance_norm_forward", "instance_norm_backward"):
+        _norm_pair(refnorm.instance_norm_forward, refnorm.instance_norm_backward),
+    ("layer_norm_forward", "layer_norm_backward"):
+        _norm_pair(refnorm.layer_norm_forward, refnorm.layer_norm_backward),
+    ("group_norm_forward", "group_norm_backward"):
+        _norm_pair(refnorm.group_norm_forward, refnorm.group_norm_backward, num_groups=2),
+    ("switchable_norm_forward", "switchable_norm_backward"): _sn,
+    ("batch_norm_eval_forward",):
+        _eval_pair(refnorm.batch_norm_eval_forward, refnorm.batch_norm_backward),
+    ("instance_norm_eval_forward",):
+        _eval_pair(refnorm.instance_norm_eval_forward, refnorm.instance_norm_backward),
+    ("switchable_norm_eval_forward",): _sn_eval,
+    ("avg_pool2d_forward", "avg_pool2d_backward"): _avg_pool,
+    ("conv2d_forward", "conv2d_backward"): _conv,
+    ("max_pool2d_forward", "max_pool2d_backward"): _max_pool,
+    ("relu_backward",): _relu,
+}
+
+
+def test_every_fast_function_has_a_float16_case():
+    covered = {name for names in HALF_CASES for name in names}
+    assert covered == set(_dispatched_functions())
+
+
+@pytest.mark.parametrize("names", list(HALF_CASES), ids=lambda names: names[0])
+def test_every_fast_function_runs_on_float16_and_equals_the_reference(names):
+    """float16 computes in float32 on both paths and returns float16: the two differ by the
+    float32 rounding of different summation orders, which can move a float16 result by one
+    spacing; three spacings at the output's largest |value| leave room for a backward that
+    sums such results."""
+    fast, ref = HALF_CASES[names]("fast"), HALF_CASES[names]("reference")
+    assert len(fast) == len(ref)
+    for i, (a, b) in enumerate(zip(fast, ref, strict=True)):
+        assert a.dtype == b.dtype, i
+        tol = 3 * float(np.spacing(np.float16(np.max(np.abs(b.astype(np.float32))))))
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=tol,
+                                   rtol=0, err_msg=f"output {i}")
+
+
+# -- every public pure function takes ``path``, or says why not (issue 18) ---------------------
+
+
+def _public_pure_functions():
+    """The forwards, backwards and the other array operations the packages export."""
+    for package in (refnorm.norms, refnorm.nn, refnorm.weights, refnorm.sync):
+        for name in package.__all__:
+            function = getattr(package, name)
+            if inspect.isfunction(function) and (
+                    name.endswith(("_forward", "_backward", "_compact", "_graph"))
+                    or name in ("softmax_cross_entropy", "im2col", "col2im")):
+                yield f"{package.__name__}.{name}", function
+
+
+def test_every_public_pure_function_takes_path_or_says_why_not():
+    missing = [name for name, function in _public_pure_functions()
+               if "path" not in inspect.signature(function).parameters
+               and "No ``path``:" not in (function.__doc__ or "")]
+    assert missing == []
+    assert len(list(_public_pure_functions())) > 40  # the walk found the functions
+
+
+def test_a_documented_path_is_a_real_choice():
+    """A function that takes ``path`` documents it, and has a fast variant or names the
+    function whose path it follows."""
+    for name, function in _public_pure_functions():
+        if "path" in inspect.signature(function).parameters:
+            assert "path : {" in function.__doc__ or "``path``" in function.__doc__, name
+            assert getattr(function, "fast_variant", None) is not None, name
+
+
+def _cases_on_running_statistics():
+    rng = np.random.default_rng(6)
+    x = 5 * rng.standard_normal((3, 4, 5, 6)) + 12
+    dy, gamma, beta = rng.standard_normal(x.shape), rng.standard_normal(4), rng.standard_normal(4)
+    mean, var = 12 + rng.standard_normal(4), 25 * rng.random(4) + 1
+    logits = rng.standard_normal(3)
+    return {
+        "bn": lambda path: refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var, path=path),
+        "in": lambda path: refnorm.instance_norm_eval_forward(x, gamma, beta, mean, var,
+                                                              path=path),
+        "sn": lambda path: refnorm.switchable_norm_eval_forward(x, gamma, beta, logits, -logits,
+                                                                mean, var, path=path),
+    }, dy
+
+
+@pytest.mark.parametrize("name", ["bn", "in", "sn"])
+def test_inference_forwards_and_their_backward_take_the_path_asked(name, monkeypatch):
+    """The inference forward runs the kernels on the fast path, and so does the backward on
+    its cache (before, both always ran the reference); both equal the reference in float64."""
+    from refnorm.kernels import norms as kernels
+
+    calls = []
+    for kernel in ("eval_forward", "eval_backward", "sn_forward", "sn_backward"):
+        original = getattr(kernels, kernel)
+
+        def counted(*args, _original=original, _kernel=kernel, **kwargs):
+            calls.append(_kernel)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(kernels, kernel, counted)
+    forwards, dy = _cases_on_running_statistics()
+    backward = {"bn": refnorm.batch_norm_backward, "in": refnorm.instance_norm_backward,
+                "sn": refnorm.switchable_norm_backward}[name]
+    outputs = {}
+    for path in ("reference", "fast"):
+        y, cache = forwards[name](path)
+        outputs[path] = (y, *backward(dy, cache, path=path))
+    assert calls == (["sn_forward", "sn_backward"] if name == "sn"
+                     else ["eval_forward", "eval_backward"])
+    for fast, ref in zip(outputs["fast"], outputs["reference"], strict=True):
+        # float64, differing by the summation order only (the logit gradients of SN sum
+        # products of statistics of size ~12 and cancel, hence the terms' scale)
+        scale = float(np.max(np.abs(ref))) * (1e3 if name == "sn" else 1)
+        np.testing.assert_allclose(fast, ref, atol=1e-12 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["bn", "in"])
+def test_a_nan_input_leaves_the_inference_backward_finite_on_both_paths(name):
+    """With running statistics dx = gamma rstd dy does not depend on x: a NaN input gives NaN
+    in y and in dgamma, and a finite dx, on both paths."""
+    forwards, dy = _cases_on_running_statistics()
+    backward = {"bn": refnorm.batch_norm_backward, "in": refnorm.instance_norm_backward}[name]
+    x = 5 * np.random.default_rng(7).standard_normal((3, 4, 5, 6)) + 12
+    x[1, 2, 3, 4] = np.nan
+    ones = np.ones(4)
+    forward = {"bn": refnorm.batch_norm_eval_forward, "in": refnorm.instance_norm_eval_forward}
+    for path in ("reference", "fast"):
+        y, cache = forward[name](x, ones, ones, ones, ones, path=path)
+        dx, dgamma, _ = backward(dy, cache, path=path)
+        assert np.isnan(y[1, 2, 3, 4]) and np.isnan(dgamma[2]) and np.all(np.isfinite(dx))

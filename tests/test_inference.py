@@ -1,4 +1,4 @@
-"""Network-level inference helpers (refnorm/inference.py): iter_layers and SN's batch average."""
+"""SN's batch average (refnorm/inference.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import refnorm
-from refnorm.inference import batch_average, iter_layers, merge_batch_statistics
-from refnorm.norms.switchable import BatchStatistics
+from refnorm.core.running import BatchStatistics
+from refnorm.inference import batch_average, merge_batch_statistics
 
 
 def test_batch_average_is_exported_at_the_top_level():
@@ -82,13 +82,3 @@ def test_merge_is_the_law_of_total_variance():
     everything = np.concatenate(parts)
     np.testing.assert_allclose(mean, everything.mean(axis=0), rtol=1e-13)
     np.testing.assert_allclose(var, everything.var(axis=0), rtol=1e-12)
-
-
-def test_iter_layers_walks_lists_and_models_in_order():
-    a, b, c = refnorm.build("bn", 2), refnorm.build("sn", 2), refnorm.build("ln", 2)
-
-    class Model:
-        def layers(self):
-            return [b, [c]]
-
-    assert list(iter_layers([a, Model()])) == [a, b, c]

@@ -10,6 +10,7 @@ import pytest
 import refnorm
 from refnorm import registry
 from refnorm.gradcheck import _random_state
+from refnorm.layer import iter_layers
 from refnorm.nn import AvgPool2d, GlobalAvgPool, MaxPool2d, ReLU
 
 
@@ -95,3 +96,13 @@ def test_numpy_bool_is_accepted_for_training():
     np.testing.assert_array_equal(y_np, y)
     with pytest.raises(TypeError, match="training must be a bool; got int"):
         layer.forward(x, training=1)
+
+
+def test_iter_layers_walks_lists_and_models_in_order():
+    a, b, c = refnorm.build("bn", 2), refnorm.build("sn", 2), refnorm.build("ln", 2)
+
+    class Model:
+        def layers(self):
+            return [b, [c]]
+
+    assert list(iter_layers([a, Model()])) == [a, b, c]

@@ -1,6 +1,8 @@
-"""Running (population) statistics: the exponential moving average used at inference.
+"""Population statistics for inference: an exponential moving average, or the records of a
+batch average.
 
-refnorm follows PyTorch's convention: ``momentum`` is the weight of the *new* batch,
+The moving average (:func:`update_running_stats`) follows PyTorch's convention: ``momentum``
+is the weight of the *new* batch,
 
     running_mean <- (1 - momentum) * running_mean + momentum * batch_mean
     running_var  <- (1 - momentum) * running_var  + momentum * batch_var * m / (m - 1)
@@ -9,9 +11,15 @@ with the batch variance made unbiased (``m`` values per statistic), as Ioffe & S
 prescribe for inference. Keras/TensorFlow and the official Switchable Normalization code
 write the same average with ``momentum`` weighting the *old* value (0.99, 0.997); see the
 conventions page.
+
+The batch average (Switchable Normalization's, :func:`refnorm.inference.batch_average`)
+collects one :class:`BatchStatistics` per batch from each SN layer and merges them after
+training.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from refnorm.backend import Array, array_namespace
 from refnorm.core.checks import check_momentum
@@ -53,3 +61,20 @@ def update_running_stats(
     new_mean = (1 - momentum) * running_mean + momentum * xp.astype(batch_mean, dtype)
     new_var = (1 - momentum) * running_var + momentum * xp.astype(unbiased_var, dtype)
     return new_mean, new_var
+
+
+@dataclass(frozen=True)
+class BatchStatistics:
+    """The statistics of one training batch, for the batch average.
+
+    Attributes
+    ----------
+    count : int
+        Values per channel the statistics cover (N * S, over every device when synchronized).
+    mean, var : arrays, (C,)
+        The mean and the variance the forward normalized with (SN: its BN scope's).
+    """
+
+    count: int
+    mean: Array
+    var: Array

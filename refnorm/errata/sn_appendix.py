@@ -30,7 +30,7 @@ import numpy as np
 from refnorm.backend import Array, array_namespace
 from refnorm.errata.findings import AGREES, Finding, finding, relative, to_markdown
 from refnorm.gradcheck import numerical_vjp
-from refnorm.norms.switchable import (
+from refnorm.norms.switchable_norm import (
     SCOPES,
     SwitchableOptions,
     in_moments,
@@ -253,7 +253,7 @@ def check_eq4_float32(offset: float = 1e4, seed: int = 0) -> Eq4Measurement:
 
     Inputs have unit variance around ``offset``: the printed ``E[h^2] - mu^2``
     (:func:`printed_eq4`) subtracts two numbers near ``offset^2`` whose float32 spacing
-    exceeds the variance itself; refnorm's :func:`~refnorm.norms.switchable.scope_moments`
+    exceeds the variance itself; refnorm's :func:`~refnorm.norms.switchable_norm.scope_moments`
     does not.
     """
     rng = np.random.default_rng(seed)

@@ -25,7 +25,7 @@ import numpy as np
 from refnorm.errata.findings import Finding, finding, relative
 from refnorm.errata.sn_appendix import printed_eq7, printed_eq8
 from refnorm.gradcheck import numerical_vjp
-from refnorm.norms.switchable import (
+from refnorm.norms.switchable_norm import (
     SCOPES,
     SwitchableOptions,
     ratios,

@@ -1,10 +1,17 @@
-"""Fast CPU paths: numba kernels with the reference's math, tested equal to it.
+"""Fast paths: numba kernels with the reference's math, tested equal to it.
 
-:mod:`refnorm.kernels.norms` holds the normalizers (BN, IN, LN, GN, SN forward and backward),
-:mod:`refnorm.kernels.nn` the convolution, max pooling and ReLU backward,
-:mod:`refnorm.kernels._loops` the loops themselves. The functions take and return numpy
-arrays with plain signatures; each names the reference function it equals. The first call of
-each loop compiles it (cached on disk afterwards).
+- :mod:`refnorm.kernels.norms` — the normalizers (BN, IN, LN, GN, SN forward and backward) on
+  numpy arrays, on the CPU;
+- :mod:`refnorm.kernels.nn` — the convolution, max pooling and ReLU backward on the CPU;
+- :mod:`refnorm.kernels._loops` — the CPU loops themselves (``numba.njit``);
+- :mod:`refnorm.kernels.cuda` and :mod:`refnorm.kernels._cuda_loops` — BN, IN, LN, GN and SN
+  on CuPy arrays, written with ``numba.cuda`` (tested under numba's CUDA simulator).
+
+The functions take and return arrays with plain signatures; each names the reference function
+it equals and returns a named record (:mod:`refnorm.kernels.records`). Importing this package
+imports no numba: the loops are imported on the first kernel call, and each loop compiles on
+its first call (cached on disk afterwards). The public functions of :mod:`refnorm.norms` and
+:mod:`refnorm.nn` reach them by import, through :func:`refnorm.dispatch.dispatched`.
 
 Idle OpenMP threads sleep rather than spin: ``OMP_WAIT_POLICY=PASSIVE`` unless the
 environment says otherwise, set here before numba starts its thread pool. With the default
@@ -13,11 +20,12 @@ the 2-core machine while other processes ran (a spinning thread holds a core tha
 descheduled peer needs at the next barrier).
 """
 
+import functools
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# ruff: noqa: E402  (the policy must be set before numba is imported)
+# ruff: noqa: E402  (the policy is set before anything below can import numba)
 
 from refnorm.kernels.nn import (
     col2im,
@@ -31,6 +39,8 @@ from refnorm.kernels.nn import (
 from refnorm.kernels.norms import (
     bn_backward,
     bn_forward,
+    eval_backward,
+    eval_forward,
     gn_backward,
     gn_forward,
     in_backward,
@@ -41,12 +51,25 @@ from refnorm.kernels.norms import (
     sn_forward,
 )
 
+
+@functools.cache
+def numba_installed() -> bool:
+    """Whether numba imports (the CPU kernels need it); imports it on the first call."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 __all__ = [
     "bn_backward",
     "bn_forward",
     "col2im",
     "conv_backward",
     "conv_forward",
+    "eval_backward",
+    "eval_forward",
     "gn_backward",
     "gn_forward",
     "im2col",
@@ -56,6 +79,7 @@ __all__ = [
     "ln_forward",
     "max_pool_backward",
     "max_pool_forward",
+    "numba_installed",
     "relu_backward",
     "sn_backward",
     "sn_forward",

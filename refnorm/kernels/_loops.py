@@ -147,7 +147,7 @@ def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx):  # pragma: no cover - co
     The closed-form backward of :func:`refnorm.core.standardize.standardize_backward` after
     :func:`refnorm.core.affine.affine_backward` (``k_dy = gamma * rstd``,
     ``k_one = -rstd * mean(dx_hat)``, ``k_xhat = -rstd * mean(dx_hat * x_hat)``), and the
-    ``dh`` of :func:`refnorm.norms.switchable.switchable_norm_backward_compact`.
+    ``dh`` of :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact`.
 
     Parameters
     ----------

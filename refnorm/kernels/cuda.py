@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from refnorm.kernels.records import AffineGrads, Normalized, SwitchableGrads, SwitchableNormalized
+
 THREADS = 128       # threads per block (a power of two: the block reductions halve it)
 CHUNK = 4096        # values of one plane per reduction block
 MAX_BLOCKS = 4096   # blocks of the element-wise kernels; grid-stride loops cover the rest
@@ -194,7 +196,7 @@ def _forward(x: Array, gamma: Array, beta: Array, eps: float, G: int) -> tuple:
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape), stats
 
 
-def _backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, G: int) -> tuple:
+def _backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, G: int) -> AffineGrads:
     """dx, dgamma, dbeta for statistics per unit (``rstd`` holds one value per unit)."""
     xp = _namespace(dy, x_hat, rstd, gamma)
     dy, x_hat, rstd, gamma = (_as_xp(xp, a) for a in (dy, x_hat, rstd, gamma))
@@ -210,11 +212,13 @@ def _backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, G: int) -> tup
     dx = _combine(xp, dy2, xh2, k).reshape(x_hat.shape)
     dgamma = s_dyx.reshape(N, C).sum(axis=0).astype(gamma.dtype)
     dbeta = s_dy.reshape(N, C).sum(axis=0).astype(gamma.dtype)
-    return dx, dgamma, dbeta
+    return AffineGrads(dx=dx, dgamma=dgamma, dbeta=dbeta)
 
 
-def _stats_out(stats: Array, dtype: Any, shape: tuple[int, ...]) -> tuple:
-    return tuple(s.astype(dtype).reshape(shape) for s in stats)
+def _normalized(y: Array, x_hat: Array, stats: Array, shape: tuple[int, ...]) -> Normalized:
+    """The record, the (3, U) statistics as mean, var, rstd in ``shape`` and x_hat's dtype."""
+    mean, var, rstd = (s.astype(x_hat.dtype).reshape(shape) for s in stats)
+    return Normalized(y=y, x_hat=x_hat, mean=mean, var=var, rstd=rstd)
 
 
 def _stat_shape(x: Array, lead: tuple[int, ...], extra: int = 0) -> tuple[int, ...]:
@@ -224,88 +228,65 @@ def _stat_shape(x: Array, lead: tuple[int, ...], extra: int = 0) -> tuple[int, .
 # -- BN, GN, LN, IN -------------------------------------------------------------------------------
 
 
-def bn_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
-    """Batch Normalization in training; equals :func:`refnorm.norms.batch.batch_norm_forward`
-    and :func:`refnorm.kernels.norms.bn_forward`.
-
-    Parameters
-    ----------
-    x : array, (N, C, *spatial)
-    gamma, beta : arrays, (C,)
-    eps : float
-
-    Returns
-    -------
-    y : array, ``x.shape``, dtype of ``x``
-    x_hat : array, ``x.shape``, compute dtype
-    mean, var, rstd : arrays, (1, C, 1, ...), compute dtype
-    """
+def bn_forward(x: Array, gamma: Array, beta: Array, eps: float) -> Normalized:
+    """Batch Normalization in training; equals :func:`refnorm.norms.batch_norm.batch_norm_forward`
+    and :func:`refnorm.kernels.norms.bn_forward` (same arguments and record; statistics
+    (1, C, 1, ...))."""
     y, x_hat, stats = _forward(x, gamma, beta, eps, 0)
-    return (y, x_hat) + _stats_out(stats, x_hat.dtype, _stat_shape(x, (1, x.shape[1])))
+    return _normalized(y, x_hat, stats, _stat_shape(x, (1, x.shape[1])))
 
 
-def bn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
-    """Backward of :func:`bn_forward`; equals :func:`refnorm.norms.batch.batch_norm_backward`.
-
-    Parameters
-    ----------
-    dy, x_hat : arrays, (N, C, *spatial)
-    rstd : array, (1, C, 1, ...)
-    gamma : array, (C,)
-
-    Returns
-    -------
-    dx : array, (N, C, *spatial), dtype of ``x_hat``
-    dgamma, dbeta : arrays, (C,), dtype of ``gamma``
-    """
+def bn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGrads:
+    """Backward of :func:`bn_forward` (``rstd`` (1, C, 1, ...)); equals
+    :func:`refnorm.norms.batch_norm.batch_norm_backward` and
+    :func:`refnorm.kernels.norms.bn_backward`."""
     return _backward(dy, x_hat, rstd, gamma, 0)
 
 
-def gn_forward(x: Array, gamma: Array, beta: Array, eps: float, num_groups: int) -> tuple:
-    """Group Normalization; equals :func:`refnorm.norms.group.group_norm_forward`.
+def gn_forward(x: Array, gamma: Array, beta: Array, eps: float, num_groups: int) -> Normalized:
+    """Group Normalization; equals :func:`refnorm.norms.group_norm.group_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd``
     (N, G, 1, 1, ...), the grouped view's ``x.ndim + 1`` axes.
     """
     y, x_hat, stats = _forward(x, gamma, beta, eps, num_groups)
-    shape = _stat_shape(x, (x.shape[0], num_groups), extra=1)
-    return (y, x_hat) + _stats_out(stats, x_hat.dtype, shape)
+    return _normalized(y, x_hat, stats, _stat_shape(x, (x.shape[0], num_groups), extra=1))
 
 
-def gn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
+def gn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGrads:
     """Backward of :func:`gn_forward` (``rstd`` (N, G, 1, 1, ...)); equals
-    :func:`refnorm.norms.group.group_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
+    :func:`refnorm.norms.group_norm.group_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
     return _backward(dy, x_hat, rstd, gamma, rstd.shape[1])
 
 
-def ln_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
-    """Layer Normalization; equals :func:`refnorm.norms.layer.layer_norm_forward`.
+def ln_forward(x: Array, gamma: Array, beta: Array, eps: float) -> Normalized:
+    """Layer Normalization; equals :func:`refnorm.norms.layer_norm.layer_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, 1, 1, ...).
     """
     y, x_hat, stats = _forward(x, gamma, beta, eps, 1)
-    return (y, x_hat) + _stats_out(stats, x_hat.dtype, _stat_shape(x, (x.shape[0],)))
+    return _normalized(y, x_hat, stats, _stat_shape(x, (x.shape[0],)))
 
 
-def ln_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
+def ln_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGrads:
     """Backward of :func:`ln_forward` (``rstd`` (N, 1, 1, ...)); equals
-    :func:`refnorm.norms.layer.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
+    :func:`refnorm.norms.layer_norm.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
     return _backward(dy, x_hat, rstd, gamma, 1)
 
 
-def in_forward(x: Array, gamma: Array, beta: Array, eps: float) -> tuple:
+def in_forward(x: Array, gamma: Array, beta: Array, eps: float) -> Normalized:
     """Instance Normalization in training; equals
-    :func:`refnorm.norms.instance.instance_norm_forward`.
+    :func:`refnorm.norms.instance_norm.instance_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, C, 1, ...).
     """
     y, x_hat, stats = _forward(x, gamma, beta, eps, x.shape[1])
-    return (y, x_hat) + _stats_out(stats, x_hat.dtype, _stat_shape(x, x.shape[:2]))
+    return _normalized(y, x_hat, stats, _stat_shape(x, x.shape[:2]))
 
 
-def in_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
+def in_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGrads:
     """Backward of :func:`in_forward` (``rstd`` (N, C, 1, ...)); equals
-    :func:`refnorm.norms.instance.instance_norm_backward`. Returns ``dx``, ``dgamma``,
+    :func:`refnorm.norms.instance_norm.instance_norm_backward`. Returns ``dx``, ``dgamma``,
     ``dbeta``."""
     return _backward(dy, x_hat, rstd, gamma, x_hat.shape[1])
 
@@ -314,21 +295,15 @@ def in_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> tuple:
 
 
 def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array, *,
-               eps: float, scopes: tuple[str, ...], in_correction: int = 0) -> tuple:
-    """Switchable Normalization in training, ``stats="stable"``; equals
-    :func:`refnorm.norms.switchable.switchable_norm_forward` and
+               eps: float, scopes: tuple[str, ...],
+               in_correction: int = 0) -> SwitchableNormalized:
+    """Switchable Normalization in training; equals
+    :func:`refnorm.norms.switchable_norm.switchable_norm_forward` and
     :func:`refnorm.kernels.norms.sn_forward` (same arguments and outputs).
 
     The IN statistics come from the kernels (per-plane Welford, Chan merge); the LN and BN
     scopes pool them by the law of total variance on (N, C) arrays, then the mixed statistics
     normalize in one more kernel pass.
-
-    Returns
-    -------
-    y : array, ``x.shape``
-    h, x_hat : arrays, (N, C, S)
-    rstd : array, (N, C, 1), or the broadcast shape of the mixed variances
-    mu, var : dicts of "in", "ln", "bn" to arrays (N, C, 1), (N, 1, 1), (1, C, 1)
     """
     xp = _namespace(x, gamma, beta)
     x, gamma, beta = (_as_xp(xp, a) for a in (x, gamma, beta))
@@ -350,27 +325,22 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
     y, x_hat = _normalize(xp, x2, C, C, _f64(xp, mu_mix * xp.ones((N, C, 1))),
                           _f64(xp, rstd * xp.ones((N, C, 1))), (gamma, beta))
     dtype = x2.dtype
-    return (y.reshape(x.shape).astype(x.dtype, copy=False), x2.reshape(N, C, S),
-            x_hat.reshape(N, C, S), rstd.astype(dtype),
-            {k: v.astype(dtype) for k, v in mu.items()},
-            {k: v.astype(dtype) for k, v in var.items()})
+    return SwitchableNormalized(y=y.reshape(x.shape).astype(x.dtype, copy=False),
+                                h=x2.reshape(N, C, S), x_hat=x_hat.reshape(N, C, S),
+                                rstd=rstd.astype(dtype),
+                                mu={k: v.astype(dtype) for k, v in mu.items()},
+                                var={k: v.astype(dtype) for k, v in var.items()})
 
 
 def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple[dict, dict],
                 ratios: tuple[Array, Array], *, scopes: tuple[str, ...], in_correction: int = 0,
-                hard: bool = False) -> tuple:
+                hard: bool = False) -> SwitchableGrads:
     """Backward of :func:`sn_forward`; equals
-    :func:`refnorm.norms.switchable.switchable_norm_backward_compact` (training) and
+    :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training) and
     :func:`refnorm.kernels.norms.sn_backward` (same arguments and outputs).
 
     The two reductions over S and ``dx`` are kernels; the scope sums (SN Eq. 7, 8 and their
     pooling over channels and samples) are on (N, C) arrays.
-
-    Returns
-    -------
-    dx : array, (N, C, S)
-    dgamma, dbeta : arrays, (C,)
-    dmean_logits, dvar_logits : float64 arrays, (K,)
     """
     from refnorm.kernels.norms import sn_backward_terms  # the (N, C) arithmetic, shared
 
@@ -390,8 +360,9 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
                                             hard=hard)
     k = xp.stack([xp.broadcast_to(c, (N, C)).reshape(N * C) for c in (r * g, k_one, c2 / r)])
     dx = _combine(xp, dy2, xh2, k).reshape(N, C, S)
-    return (dx, s_dyx.sum(axis=0).astype(gamma.dtype), s_dy.sum(axis=0).astype(gamma.dtype),
-            dml, dvl)
+    return SwitchableGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
+                           dbeta=s_dy.sum(axis=0).astype(gamma.dtype), dmean_logits=dml,
+                           dvar_logits=dvl)
 
 
 __all__ = ["bn_backward", "bn_forward", "gn_backward", "gn_forward", "in_backward",

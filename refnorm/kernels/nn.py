@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from refnorm.kernels import _loops
-from refnorm.kernels.norms import compute_array, launch
+from refnorm.kernels.norms import compute_array, launch, loops
+from refnorm.kernels.records import ConvForward, ConvGrads, MaxPooled
 
 
 def out_size(size: int, kernel: int, stride: int, pad: int) -> int:
@@ -46,12 +46,12 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
     H_out = out_size(H, kernel[0], stride[0], padding[0])
     W_out = out_size(W, kernel[1], stride[1], padding[1])
     cols = np.empty((C * kernel[0] * kernel[1], N * H_out * W_out), dtype=xc.dtype)
-    launch(_loops.im2col, xc.size + cols.size, xc, kernel[0], kernel[1], stride[0], stride[1],
+    launch(loops().im2col, xc.size + cols.size, xc, kernel[0], kernel[1], stride[0], stride[1],
            padding[0], padding[1], H_out, W_out, cols)
     return cols
 
 
-def col2im(cols: np.ndarray, x_shape: tuple[int, int, int, int], kernel: tuple[int, int],
+def col2im(cols: np.ndarray, x_shape: tuple[int, ...], kernel: tuple[int, int],
            stride: tuple[int, int], padding: tuple[int, int]) -> np.ndarray:
     """Equals :func:`refnorm.nn.conv.col2im`.
 
@@ -72,20 +72,20 @@ def col2im(cols: np.ndarray, x_shape: tuple[int, int, int, int], kernel: tuple[i
                                         ).transpose(1, 0, 2), x_shape, kernel, stride, padding)
 
 
-def _col2im_by_sample(cols3: np.ndarray, x_shape: tuple[int, int, int, int],
+def _col2im_by_sample(cols3: np.ndarray, x_shape: tuple[int, ...],
                       kernel: tuple[int, int], stride: tuple[int, int],
                       padding: tuple[int, int]) -> np.ndarray:
     """col2im of columns laid out by sample, (N, C KH KW, H_out W_out) (any outer strides)."""
     H_out = out_size(x_shape[2], kernel[0], stride[0], padding[0])
     W_out = out_size(x_shape[3], kernel[1], stride[1], padding[1])
     dx = np.empty(x_shape, dtype=cols3.dtype)
-    launch(_loops.col2im, cols3.size + dx.size, cols3, kernel[0], kernel[1], stride[0],
+    launch(loops().col2im, cols3.size + dx.size, cols3, kernel[0], kernel[1], stride[0],
            stride[1], padding[0], padding[1], H_out, W_out, dx)
     return dx
 
 
 def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
-                 stride: tuple[int, int], padding: tuple[int, int]) -> tuple:
+                 stride: tuple[int, int], padding: tuple[int, int]) -> ConvForward:
     """Equals :func:`refnorm.nn.conv.conv2d_forward`.
 
     Parameters
@@ -97,9 +97,9 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
 
     Returns
     -------
-    y : array, (N, C_out, H_out, W_out), dtype of ``x``
-    cols : array, (C_in * KH * KW, N * H_out * W_out), compute dtype (the cache's ``cols``)
-    w_mat : array, (C_out, C_in * KH * KW), compute dtype (the cache's ``w_mat``)
+    ConvForward : ``y`` ((N, C_out, H_out, W_out), dtype of ``x``), ``cols``
+        ((C_in * KH * KW, N * H_out * W_out)) and ``w_mat`` ((C_out, C_in * KH * KW)), the
+        cache's fields, in the compute dtype
     """
     C_out = w.shape[0]
     N = x.shape[0]
@@ -113,11 +113,12 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     np.matmul(w_mat, cols.reshape(cols.shape[0], N, H_out * W_out).transpose(1, 0, 2), out=y)
     if b is not None:
         y += np.asarray(b, dtype=cols.dtype).reshape(C_out, 1)
-    return y.reshape(N, C_out, H_out, W_out).astype(x.dtype, copy=False), cols, w_mat
+    return ConvForward(y=y.reshape(N, C_out, H_out, W_out).astype(x.dtype, copy=False),
+                       cols=cols, w_mat=w_mat)
 
 
 def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
-                  x_shape: tuple[int, int, int, int], window: tuple) -> tuple:
+                  x_shape: tuple[int, ...], window: tuple) -> ConvGrads:
     """Equals :func:`refnorm.nn.conv.conv2d_backward`.
 
     Parameters
@@ -129,9 +130,8 @@ def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
 
     Returns
     -------
-    dx : array, (N, C_in, H, W), dtype of ``cols``
-    dw : array, (C_out, C_in * KH * KW) reshaped to (C_out, C_in, KH, KW)
-    db : array, (C_out,)
+    ConvGrads : ``dx`` ((N, C_in, H, W), dtype of ``cols``), ``dw`` ((C_out, C_in, KH, KW))
+        and ``db`` ((C_out,))
     """
     kernel, stride, padding = window
     N, C_out = dy.shape[:2]
@@ -146,10 +146,11 @@ def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
     # and col2im reads one contiguous block per (n, c) plane
     dcols3 = np.matmul(w_mat.T, dy3)
     dx = _col2im_by_sample(dcols3, x_shape, kernel, stride, padding)
-    return dx, dw, dy_mat.sum(axis=1)
+    return ConvGrads(dx=dx, dw=dw, db=dy_mat.sum(axis=1))
 
 
-def max_pool_forward(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int]) -> tuple:
+def max_pool_forward(x: np.ndarray, kernel: tuple[int, int],
+                     stride: tuple[int, int]) -> MaxPooled:
     """Equals :func:`refnorm.nn.pooling.max_pool2d_forward` (no padding).
 
     Parameters
@@ -159,9 +160,8 @@ def max_pool_forward(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, 
 
     Returns
     -------
-    y : array, (N, C, H_out, W_out), dtype of ``x``
-    argmax : int64 array, (C, N * H_out * W_out)
-        The cache's ``argmax``: index ``i KW + j`` of each window's first maximum.
+    MaxPooled : ``y`` ((N, C, H_out, W_out), dtype of ``x``) and ``argmax``, the cache's
+        int64 (C, N * H_out * W_out) index ``i KW + j`` of each window's first maximum
     """
     xc = compute_array(x)
     N, C, H, W = xc.shape
@@ -169,12 +169,12 @@ def max_pool_forward(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, 
     W_out = out_size(W, kernel[1], stride[1], 0)
     y = np.empty((N, C, H_out, W_out), dtype=xc.dtype)
     argmax = np.empty((C, N * H_out * W_out), dtype=np.int64)
-    launch(_loops.max_pool, xc.size + 2 * y.size, xc, kernel[0], kernel[1], stride[0],
+    launch(loops().max_pool, xc.size + 2 * y.size, xc, kernel[0], kernel[1], stride[0],
            stride[1], y, argmax)
-    return y.astype(x.dtype, copy=False), argmax
+    return MaxPooled(y=y.astype(x.dtype, copy=False), argmax=argmax)
 
 
-def max_pool_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, int, int, int],
+def max_pool_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, ...],
                       kernel: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
     """Equals :func:`refnorm.nn.pooling.max_pool2d_backward`.
 
@@ -191,7 +191,7 @@ def max_pool_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, in
     """
     dyc = compute_array(dy)
     dx = np.empty(x_shape, dtype=dyc.dtype)
-    launch(_loops.max_pool_backward, dx.size + 2 * dyc.size, dyc, np.ascontiguousarray(argmax),
+    launch(loops().max_pool_backward, dx.size + 2 * dyc.size, dyc, np.ascontiguousarray(argmax),
            kernel[0], kernel[1], stride[0], stride[1], dx)
     return dx
 
@@ -210,12 +210,19 @@ def relu_backward(dy: np.ndarray, positive: np.ndarray, *, out: np.ndarray | Non
     Returns
     -------
     dx : array, ``dy.shape``, dtype of ``dy``
+
+    numba has no float16 type; a select moves values unchanged, so float16 runs the same loop
+    on the values' bits (a uint16 view), bit-equal to the reference.
     """
     dyc = np.ascontiguousarray(dy)
+    if dyc.dtype == np.float16:
+        bits = relu_backward(dyc.view(np.uint16), positive,
+                             out=None if out is None else out.view(np.uint16))
+        return bits.view(np.float16)
     if out is None:
         out = np.empty_like(dyc)
     elif not (out.flags.c_contiguous and out.shape == dyc.shape and out.dtype == dyc.dtype):
         raise ValueError("out must be a C-contiguous array of dy's shape and dtype")
-    launch(_loops.relu_backward, 3 * dyc.size, dyc.reshape(-1),
+    launch(loops().relu_backward, 3 * dyc.size, dyc.reshape(-1),
            np.ascontiguousarray(positive).reshape(-1), out.reshape(-1))
     return out

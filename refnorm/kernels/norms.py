@@ -1,16 +1,17 @@
 """Fast forward and backward of BN, IN, LN, GN and SN on numpy arrays (numba loops).
 
-Every function returns exactly the fields the reference caches hold, in the reference's
-shapes, so that a caller can build the reference cache types from them:
+Every function returns a named record (:mod:`refnorm.kernels.records`) holding exactly the
+fields the reference caches hold, in the reference's shapes and under their names, so that the
+caller builds the reference cache by keyword:
 
 =========  ====================================  ==========================================
 method     reference                             statistics shape
 =========  ====================================  ==========================================
-BN         refnorm.norms.batch                   (1, C, 1, ...)
-IN         refnorm.norms.instance                (N, C, 1, ...)
-LN         refnorm.norms.layer                   (N, 1, 1, ...)
-GN         refnorm.norms.group                   (N, G, 1, 1, ...) (the grouped view)
-SN         refnorm.norms.switchable              (N, C, 1) and one dict entry per scope
+BN         refnorm.norms.batch_norm              (1, C, 1, ...)
+IN         refnorm.norms.instance_norm           (N, C, 1, ...)
+LN         refnorm.norms.layer_norm              (N, 1, 1, ...)
+GN         refnorm.norms.group_norm              (N, G, 1, 1, ...) (the grouped view)
+SN         refnorm.norms.switchable_norm         (N, C, 1) and one dict entry per scope
 =========  ====================================  ==========================================
 
 How the work is laid out (bytes for an input of ``n`` values of ``b`` bytes each):
@@ -35,13 +36,13 @@ of :mod:`refnorm.norms` check them before dispatching.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any
 
-import numba
 import numpy as np
 
 from refnorm.core.moments import check_variance_finite
-from refnorm.kernels import _loops
+from refnorm.kernels.records import AffineGrads, Normalized, SwitchableGrads, SwitchableNormalized
 
 MIN_CHUNK = 2048     # values per task below which a task costs more than it computes
 MAX_CHUNK = 16384    # values per task above which its second pass falls out of the L1/L2 cache
@@ -51,6 +52,23 @@ UNIT_PATH = "auto"   # "auto" | "always" | "never": whole-statistic tasks (the t
 # more than it saves for such a call, and far more on a loaded machine, where a descheduled
 # worker holds up the end of the parallel loop (the training step's kernels are all this size)
 SERIAL_BELOW = 1 << 20
+
+
+# -- the loops, and the threads that run them ---------------------------------------------------
+
+
+def loops() -> ModuleType:
+    """:mod:`refnorm.kernels._loops`, imported (with numba) on the first kernel call."""
+    from refnorm.kernels import _loops
+
+    return _loops
+
+
+def threads() -> int:
+    """The number of threads numba runs a parallel loop on."""
+    import numba
+
+    return numba.get_num_threads()
 
 
 # -- layout helpers ---------------------------------------------------------------------------
@@ -65,16 +83,18 @@ def compute_array(a: np.ndarray) -> np.ndarray:
 def launch(loop, work: int, *args):
     """Run the numba ``loop`` on ``args``; on the calling thread alone when it moves fewer
     than :data:`SERIAL_BELOW` values (``work``), else on numba's threads."""
+    import numba
+
     if work >= SERIAL_BELOW:
         return loop(*args)
-    threads = numba.get_num_threads()
-    if threads == 1:
+    pool = numba.get_num_threads()
+    if pool == 1:
         return loop(*args)
     numba.set_num_threads(1)
     try:
         return loop(*args)
     finally:
-        numba.set_num_threads(threads)
+        numba.set_num_threads(pool)
 
 
 def planes(x: np.ndarray) -> np.ndarray:
@@ -86,7 +106,7 @@ def planes(x: np.ndarray) -> np.ndarray:
 def chunk_size(num_planes: int, S: int) -> int:
     """Values per parallel task: whole planes when there are enough of them to keep every
     thread busy, else planes cut into chunks (N = 1 or 2 with few channels)."""
-    wanted_tasks = 4 * numba.get_num_threads()
+    wanted_tasks = 4 * threads()
     pieces = max(1, min(-(-wanted_tasks // num_planes), S // MIN_CHUNK))
     pieces = max(pieces, -(-S // MAX_CHUNK))
     return max(1, -(-S // pieces))
@@ -119,7 +139,7 @@ def _plane_moments(x: np.ndarray):
     N, C = x.shape[:2]
     xp2 = planes(x)
     chunk = chunk_size(xp2.shape[0], xp2.shape[1])
-    mean, m2 = launch(_loops.chunk_moments, xp2.size, xp2, chunk)
+    mean, m2 = launch(loops().chunk_moments, xp2.size, xp2, chunk)
     P = mean.shape[1]
     return xp2, mean.reshape(N, C, P), m2.reshape(N, C, P), chunk_counts(xp2.shape[1], chunk)
 
@@ -135,7 +155,7 @@ def _normalize(xp2: np.ndarray, x: np.ndarray, mu_nc, rstd_nc, params) -> tuple:
     chunk = chunk_size(xp2.shape[0], xp2.shape[1])
     mu_b, rstd_b = (np.ascontiguousarray(np.broadcast_to(s, (N, C)), dtype=np.float64).ravel()
                     for s in (mu_nc, rstd_nc))
-    launch(_loops.normalize_affine, 3 * xp2.size, xp2, mu_b, rstd_b, g, b, chunk, y, x_hat)
+    launch(loops().normalize_affine, 3 * xp2.size, xp2, mu_b, rstd_b, g, b, chunk, y, x_hat)
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape)
 
 
@@ -145,7 +165,7 @@ def _grad_sums(dy: np.ndarray, x_hat: np.ndarray):
     xh2 = planes(x_hat)
     dy2 = np.ascontiguousarray(dy, dtype=xh2.dtype).reshape(xh2.shape)
     chunk = chunk_size(xh2.shape[0], xh2.shape[1])
-    s1, s2 = launch(_loops.chunk_grad_sums, 2 * xh2.size, dy2, xh2, chunk)
+    s1, s2 = launch(loops().chunk_grad_sums, 2 * xh2.size, dy2, xh2, chunk)
     return dy2, xh2, s1.sum(axis=1).reshape(N, C), s2.sum(axis=1).reshape(N, C)
 
 
@@ -154,7 +174,7 @@ def _combine(dy2, xh2, coefficients, shape) -> np.ndarray:
     k_dy, k_one, k_xhat = (np.ascontiguousarray(np.broadcast_to(k, shape[:2]),
                                                 dtype=np.float64).ravel() for k in coefficients)
     dx = np.empty_like(xh2)
-    launch(_loops.combine, 3 * xh2.size, dy2, xh2, k_dy, k_one, k_xhat,
+    launch(loops().combine, 3 * xh2.size, dy2, xh2, k_dy, k_one, k_xhat,
            chunk_size(*xh2.shape), dx)
     return dx.reshape(shape)
 
@@ -168,8 +188,8 @@ def _use_units(num_units: int, unit_size: int) -> bool:
     every thread busy and its data in cache; else planes and chunks with a merge."""
     if UNIT_PATH != "auto":
         return UNIT_PATH == "always"
-    threads = numba.get_num_threads()
-    return unit_size <= MAX_UNIT and (num_units >= 4 * threads or num_units % threads == 0)
+    pool = threads()
+    return unit_size <= MAX_UNIT and (num_units >= 4 * pool or num_units % pool == 0)
 
 
 def _unit_forward(x, gamma, beta, eps, G):
@@ -182,7 +202,7 @@ def _unit_forward(x, gamma, beta, eps, G):
     x_hat = np.empty_like(xp2)
     stats = np.empty((3, C if G == 0 else N * G), dtype=xp2.dtype)
     gamma_c, beta_c = (np.ascontiguousarray(p, dtype=xp2.dtype) for p in (gamma, beta))
-    launch(_loops.unit_forward, 4 * xp2.size, xp2, C, G, gamma_c, beta_c, float(eps), y, x_hat,
+    launch(loops().unit_forward, 4 * xp2.size, xp2, C, G, gamma_c, beta_c, float(eps), y, x_hat,
            stats)
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape), stats
 
@@ -197,16 +217,17 @@ def _unit_backward(dy, x_hat, rstd, gamma, G):
     sums = np.empty((2, N * C))
     gamma_c = np.ascontiguousarray(gamma, dtype=xh2.dtype)
     rstd_u = np.ascontiguousarray(rstd, dtype=xh2.dtype).ravel()
-    launch(_loops.unit_backward, 5 * xh2.size, dy2, xh2, C, G, gamma_c, rstd_u, dx, sums)
+    launch(loops().unit_backward, 5 * xh2.size, dy2, xh2, C, G, gamma_c, rstd_u, dx, sums)
     s_dy, s_dyx = sums.reshape(2, N, C).sum(axis=1).astype(gamma.dtype)
-    return dx.reshape(x_hat.shape), s_dyx, s_dy
+    return AffineGrads(dx=dx.reshape(x_hat.shape), dgamma=s_dyx, dbeta=s_dy)
 
 
 # -- BN ---------------------------------------------------------------------------------------
 
 
-def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
-    """Batch Normalization in training; equals :func:`refnorm.norms.batch.batch_norm_forward`.
+def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> Normalized:
+    """Batch Normalization in training; equals
+    :func:`refnorm.norms.batch_norm.batch_norm_forward`.
 
     Parameters
     ----------
@@ -216,23 +237,22 @@ def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 
     Returns
     -------
-    y : array, ``x.shape``, dtype of ``x``
-    x_hat : array, ``x.shape``, compute dtype
-    mean, var, rstd : arrays, (1, C, 1, ...), compute dtype
+    Normalized : ``y`` (``x.shape``, dtype of ``x``), ``x_hat`` (``x.shape``), ``mean``,
+        ``var``, ``rstd`` ((1, C, 1, ...)), all but ``y`` in the compute dtype
     """
     N, C = x.shape[:2]
     shape = _stat_shape(x, (1, C))
     if _use_units(C, x.size // C):
-        y, x_hat, stats = _unit_forward(x, gamma, beta, eps, 0)
-        out = (y, x_hat) + tuple(s.reshape(shape) for s in stats)
+        y, x_hat, (mean, var, rstd) = _unit_forward(x, gamma, beta, eps, 0)
+        out = Normalized(y, x_hat, mean.reshape(shape), var.reshape(shape), rstd.reshape(shape))
     else:
-        xp2, mean, m2, counts = _plane_moments(x)
-        mu, M2, n = _merge(mean, m2, counts, (0, 2))             # (1, C, 1)
+        xp2, means, m2, counts = _plane_moments(x)
+        mu, M2, n = _merge(means, m2, counts, (0, 2))            # (1, C, 1)
         var = M2 / n
         rstd = 1.0 / np.sqrt(var + eps)
         y, x_hat = _normalize(xp2, x, mu[:, :, 0], rstd[:, :, 0], (gamma, beta))
-        out = (y, x_hat) + _cast_stats(xp2.dtype, shape, mu, var, rstd)
-    check_variance_finite(out[3], x)  # the reference's error for a variance that overflows
+        out = Normalized(y, x_hat, *_cast_stats(xp2.dtype, shape, mu, var, rstd))
+    check_variance_finite(out.var, x)  # the reference's error for a variance that overflows
     return out
 
 
@@ -240,8 +260,10 @@ def _cast_stats(dtype, shape, *stats) -> tuple:
     return tuple(s.astype(dtype, copy=False).reshape(shape) for s in stats)
 
 
-def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
-    """Backward of :func:`bn_forward`; equals :func:`refnorm.norms.batch.batch_norm_backward`.
+def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
+                gamma: np.ndarray) -> AffineGrads:
+    """Backward of :func:`bn_forward`; equals
+    :func:`refnorm.norms.batch_norm.batch_norm_backward`.
 
     Parameters
     ----------
@@ -251,8 +273,8 @@ def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
 
     Returns
     -------
-    dx : array, (N, C, *spatial), dtype of ``x_hat``
-    dgamma, dbeta : arrays, (C,), dtype of ``gamma``
+    AffineGrads : ``dx`` ((N, C, *spatial), dtype of ``x_hat``), ``dgamma``, ``dbeta``
+        ((C,), dtype of ``gamma``)
     """
     N, C = x_hat.shape[:2]
     if _use_units(C, x_hat.size // C):
@@ -263,35 +285,86 @@ def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     g = np.asarray(gamma, dtype=np.float64)
     k_dy = g * np.asarray(rstd, dtype=np.float64).reshape(C)   # (C,)
     dx = _combine(dy2, xh2, (k_dy, -k_dy * dbeta / m, -k_dy * dgamma / m), x_hat.shape)
-    return dx, dgamma.astype(gamma.dtype), dbeta.astype(gamma.dtype)
+    return AffineGrads(dx=dx, dgamma=dgamma.astype(gamma.dtype), dbeta=dbeta.astype(gamma.dtype))
+
+
+# -- BN and IN at inference: per-channel running statistics ----------------------------------
+
+
+def eval_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray,
+                 var: np.ndarray, eps: float) -> Normalized:
+    """Normalization with given per-channel statistics; equals
+    :func:`refnorm.norms.batch_norm.batch_norm_eval_forward` and
+    :func:`refnorm.norms.instance_norm.instance_norm_eval_forward`.
+
+    Parameters
+    ----------
+    x : array, (N, C, *spatial)
+    gamma, beta : arrays, (C,)
+    mean, var : arrays, (1, C, 1, ...), compute dtype
+        The running statistics, returned in the record as they came.
+    eps : float
+
+    Returns
+    -------
+    Normalized : ``y`` (dtype of ``x``), ``x_hat``, and ``mean``, ``var``, ``rstd``
+        (1, C, 1, ...) in the compute dtype
+    """
+    C = x.shape[1]
+    xp2 = planes(x)
+    mu = np.asarray(mean, dtype=np.float64).reshape(1, C)
+    rstd = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64).reshape(1, C) + eps)
+    y, x_hat = _normalize(xp2, x, mu, rstd, (gamma, beta))
+    return Normalized(y=y, x_hat=x_hat, mean=mean, var=var,
+                      rstd=rstd.astype(xp2.dtype).reshape(mean.shape))
+
+
+def eval_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
+                  gamma: np.ndarray) -> AffineGrads:
+    """Backward of :func:`eval_forward`: ``dx = gamma rstd dy`` (the statistics are constants),
+    ``dgamma = sum(dy x_hat)``, ``dbeta = sum(dy)`` over (N, *spatial); equals the backward of
+    BN or IN on an inference cache.
+
+    Parameters
+    ----------
+    dy, x_hat : arrays, (N, C, *spatial)
+    rstd : array, (1, C, 1, ...)
+    gamma : array, (C,)
+    """
+    N, C = x_hat.shape[:2]
+    dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)                # (N, C) each
+    k_dy = np.asarray(gamma, dtype=np.float64) * np.asarray(rstd, dtype=np.float64).reshape(C)
+    # one multiply per value, no x_hat term: a NaN input leaves its dx finite, as in the reference
+    k = np.broadcast_to(k_dy.astype(dy2.dtype), (N, C)).reshape(N * C, 1)
+    dx = np.multiply(dy2, k).reshape(x_hat.shape)
+    return AffineGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
+                       dbeta=s_dy.sum(axis=0).astype(gamma.dtype))
 
 
 # -- GN, LN, IN: statistics per (n, group) ------------------------------------------------------
 
 
-def _grouped_forward(x, gamma, beta, eps, G):
-    """Statistics per (n, g) over C/G consecutive channels; returns y, x_hat, (N, G) stats."""
-    out = _grouped_moments_forward(x, gamma, beta, eps, G)
-    check_variance_finite(out[3].astype(out[5], copy=False), x)  # as the reference raises
-    return out
-
-
-def _grouped_moments_forward(x, gamma, beta, eps, G):
+def _grouped_forward(x, gamma, beta, eps, G, stat_shape) -> Normalized:
+    """Statistics per (n, g) over C/G consecutive channels, returned in ``stat_shape`` (N * G
+    values) and the compute dtype."""
     N, C = x.shape[:2]
     if _use_units(N * G, x.size // (N * G)):
         y, x_hat, stats = _unit_forward(x, gamma, beta, eps, G)
-        return (y, x_hat) + tuple(s.reshape(N, G) for s in stats) + (x_hat.dtype,)
-    xp2, mean, m2, counts = _plane_moments(x)
-    P = mean.shape[2]
-    mu, M2, n = _merge(mean.reshape(N, G, C // G, P), m2.reshape(N, G, C // G, P), counts,
-                       (2, 3))                                    # (N, G, 1, 1)
-    var = M2 / n
-    rstd = 1.0 / np.sqrt(var + eps)
-    per_channel = (N, G, C // G)
-    mu_nc = np.broadcast_to(mu[:, :, :, 0], per_channel).reshape(N, C)
-    rstd_nc = np.broadcast_to(rstd[:, :, :, 0], per_channel).reshape(N, C)
-    y, x_hat = _normalize(xp2, x, mu_nc, rstd_nc, (gamma, beta))
-    return y, x_hat, mu.reshape(N, G), var.reshape(N, G), rstd.reshape(N, G), xp2.dtype
+        out = Normalized(y, x_hat, *(s.reshape(stat_shape) for s in stats))
+    else:
+        xp2, means, m2, counts = _plane_moments(x)
+        P = means.shape[2]
+        mu, M2, n = _merge(means.reshape(N, G, C // G, P), m2.reshape(N, G, C // G, P), counts,
+                           (2, 3))                                # (N, G, 1, 1)
+        var = M2 / n
+        rstd = 1.0 / np.sqrt(var + eps)
+        per_channel = (N, G, C // G)
+        mu_nc = np.broadcast_to(mu[:, :, :, 0], per_channel).reshape(N, C)
+        rstd_nc = np.broadcast_to(rstd[:, :, :, 0], per_channel).reshape(N, C)
+        y, x_hat = _normalize(xp2, x, mu_nc, rstd_nc, (gamma, beta))
+        out = Normalized(y, x_hat, *_cast_stats(xp2.dtype, stat_shape, mu, var, rstd))
+    check_variance_finite(out.var, x)  # the reference's error for a variance that overflows
+    return out
 
 
 def _grouped_backward(dy, x_hat, rstd_ng, gamma):
@@ -307,12 +380,13 @@ def _grouped_backward(dy, x_hat, rstd_ng, gamma):
     sum_dxh = np.repeat((g * s_dy).reshape(N, G, C // G).sum(axis=2), C // G, axis=1)
     sum_dxh_xh = np.repeat((g * s_dyx).reshape(N, G, C // G).sum(axis=2), C // G, axis=1)
     dx = _combine(dy2, xh2, (r * g, -r * sum_dxh / m, -r * sum_dxh_xh / m), x_hat.shape)
-    return dx, s_dyx.sum(axis=0).astype(gamma.dtype), s_dy.sum(axis=0).astype(gamma.dtype)
+    return AffineGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
+                       dbeta=s_dy.sum(axis=0).astype(gamma.dtype))
 
 
 def gn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
-               num_groups: int) -> tuple:
-    """Group Normalization; equals :func:`refnorm.norms.group.group_norm_forward`.
+               num_groups: int) -> Normalized:
+    """Group Normalization; equals :func:`refnorm.norms.group_norm.group_norm_forward`.
 
     Parameters
     ----------
@@ -324,17 +398,16 @@ def gn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
 
     Returns
     -------
-    y : array, ``x.shape``, dtype of ``x``
-    x_hat : array, ``x.shape``
-    mean, var, rstd : arrays, (N, G, 1, 1, ...) (the grouped view's ``x.ndim + 1`` axes)
+    Normalized : ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd``
+        (N, G, 1, 1, ...) (the grouped view's ``x.ndim + 1`` axes)
     """
-    y, x_hat, *stats, dtype = _grouped_forward(x, gamma, beta, eps, num_groups)
     shape = _stat_shape(x, (x.shape[0], num_groups), extra=1)
-    return (y, x_hat) + _cast_stats(dtype, shape, *stats)
+    return _grouped_forward(x, gamma, beta, eps, num_groups, shape)
 
 
-def gn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
-    """Backward of :func:`gn_forward`; equals :func:`refnorm.norms.group.group_norm_backward`.
+def gn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
+                gamma: np.ndarray) -> AffineGrads:
+    """Backward of :func:`gn_forward`; equals :func:`refnorm.norms.group_norm.group_norm_backward`.
 
     Parameters
     ----------
@@ -344,40 +417,39 @@ def gn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
 
     Returns
     -------
-    dx : array, (N, C, *spatial)
-    dgamma, dbeta : arrays, (C,)
+    AffineGrads : ``dx`` (N, C, *spatial), ``dgamma``, ``dbeta`` (C,)
     """
     return _grouped_backward(dy, x_hat, np.reshape(rstd, rstd.shape[:2]), gamma)
 
 
-def ln_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
-    """Layer Normalization; equals :func:`refnorm.norms.layer.layer_norm_forward`.
+def ln_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> Normalized:
+    """Layer Normalization; equals :func:`refnorm.norms.layer_norm.layer_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, 1, 1, ...).
     """
-    y, x_hat, *stats, dtype = _grouped_forward(x, gamma, beta, eps, 1)
-    return (y, x_hat) + _cast_stats(dtype, _stat_shape(x, (x.shape[0],)), *stats)
+    return _grouped_forward(x, gamma, beta, eps, 1, _stat_shape(x, (x.shape[0],)))
 
 
-def ln_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
+def ln_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
+                gamma: np.ndarray) -> AffineGrads:
     """Backward of :func:`ln_forward` (``rstd`` (N, 1, 1, ...)); equals
-    :func:`refnorm.norms.layer.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
+    :func:`refnorm.norms.layer_norm.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
     return _grouped_backward(dy, x_hat, np.reshape(rstd, (x_hat.shape[0], 1)), gamma)
 
 
-def in_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple:
+def in_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> Normalized:
     """Instance Normalization in training; equals
-    :func:`refnorm.norms.instance.instance_norm_forward`.
+    :func:`refnorm.norms.instance_norm.instance_norm_forward`.
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, C, 1, ...).
     """
-    y, x_hat, *stats, dtype = _grouped_forward(x, gamma, beta, eps, x.shape[1])
-    return (y, x_hat) + _cast_stats(dtype, _stat_shape(x, x.shape[:2]), *stats)
+    return _grouped_forward(x, gamma, beta, eps, x.shape[1], _stat_shape(x, x.shape[:2]))
 
 
-def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray) -> tuple:
+def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
+                gamma: np.ndarray) -> AffineGrads:
     """Backward of :func:`in_forward` (``rstd`` (N, C, 1, ...)); equals
-    :func:`refnorm.norms.instance.instance_norm_backward`. Returns ``dx``, ``dgamma``,
+    :func:`refnorm.norms.instance_norm.instance_norm_backward`. Returns ``dx``, ``dgamma``,
     ``dbeta``."""
     return _grouped_backward(dy, x_hat, np.reshape(rstd, x_hat.shape[:2]), gamma)
 
@@ -387,9 +459,11 @@ def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
 
 def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.ndarray,
                w_var: np.ndarray, *, eps: float, scopes: tuple[str, ...],
-               in_correction: int = 0) -> tuple:
-    """Switchable Normalization in training, ``stats="stable"``; equals
-    :func:`refnorm.norms.switchable.switchable_norm_forward`.
+               in_correction: int = 0,
+               bn: tuple[np.ndarray, np.ndarray] | None = None) -> SwitchableNormalized:
+    """Switchable Normalization; equals
+    :func:`refnorm.norms.switchable_norm.switchable_norm_forward` (training) and, with ``bn``,
+    :func:`refnorm.norms.switchable_norm.switchable_norm_eval_forward`.
 
     Parameters
     ----------
@@ -400,15 +474,18 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
     eps : float
     scopes : tuple of str, a subset of ("in", "ln", "bn") in the ratios' order
     in_correction : 0 or 1
+    bn : tuple of two arrays, (1, C, 1) each, compute dtype, optional
+        ``(mean, var)``: given BN-scope statistics (the population's, at inference),
+        returned in the record as they came; without them the BN scope pools this batch's IN
+        moments.
 
     Returns
     -------
-    y : array, ``x.shape``
-    h, x_hat : arrays, (N, C, S)
-    rstd : array, (N, C, 1), or the broadcast shape of the mixed variances as the reference
-        has it ((1, C, 1) with the BN scope alone, (N, 1, 1) with LN alone)
-    mu, var : dicts of every scope ("in", "ln", "bn") to arrays (N, C, 1), (N, 1, 1),
-        (1, C, 1), as :func:`refnorm.norms.switchable.scope_moments` returns them
+    SwitchableNormalized : ``y`` (``x.shape``); ``h``, ``x_hat`` (N, C, S); ``rstd`` (N, C, 1),
+        or the broadcast shape of the mixed variances as the reference has it ((1, C, 1) with
+        the BN scope alone, (N, 1, 1) with LN alone); ``mu``, ``var``: dicts of every scope
+        ("in", "ln", "bn") to arrays (N, C, 1), (N, 1, 1), (1, C, 1), as
+        :func:`refnorm.norms.switchable_norm.scope_moments` returns them
     """
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
@@ -422,6 +499,8 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
         d = mu_in - mu[scope]
         var[scope] = np.mean(var_in, axis=axis, keepdims=True) + np.mean(d * d, axis=axis,
                                                                           keepdims=True)
+    if bn is not None:
+        mu["bn"], var["bn"] = (np.asarray(s, dtype=np.float64) for s in bn)
     w_m = np.asarray(w_mean, dtype=np.float64)
     w_v = np.asarray(w_var, dtype=np.float64)
     mu_mix = sum(w_m[i] * mu[k] for i, k in enumerate(scopes))  # (N, C, 1)
@@ -431,17 +510,18 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
                           np.broadcast_to(rstd, (N, C, 1))[:, :, 0], (gamma, beta))
     dtype = xp2.dtype
     check_variance_finite(var_in.astype(dtype), x)  # the reference's error for an overflow
-    return (y, xp2.reshape(N, C, S), x_hat.reshape(N, C, S),
-            rstd.astype(dtype),
-            {k: v.astype(dtype) for k, v in mu.items()},
-            {k: v.astype(dtype) for k, v in var.items()})
+    return SwitchableNormalized(y=y, h=xp2.reshape(N, C, S), x_hat=x_hat.reshape(N, C, S),
+                                rstd=rstd.astype(dtype),
+                                mu={k: v.astype(dtype) for k, v in mu.items()},
+                                var={k: v.astype(dtype) for k, v in var.items()})
 
 
 def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray,
                 stats: tuple[dict, dict], ratios: tuple[np.ndarray, np.ndarray], *,
-                scopes: tuple[str, ...], in_correction: int = 0, hard: bool = False) -> tuple:
+                scopes: tuple[str, ...], in_correction: int = 0, hard: bool = False,
+                frozen: tuple[str, ...] = ()) -> SwitchableGrads:
     """Backward of :func:`sn_forward`; equals
-    :func:`refnorm.norms.switchable.switchable_norm_backward_compact` (training).
+    :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training).
 
     Parameters
     ----------
@@ -449,17 +529,21 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     x_hat : array, (N, C, S)
     rstd : array, broadcastable to (N, C, 1)
     gamma : array, (C,)
-    stats : (mu, var), the dicts :func:`sn_forward` returned
-    ratios : (w_mean, w_var), arrays (K,)
+    stats : tuple of two dicts
+        ``(mu, var)``, the dicts :func:`sn_forward` returned.
+    ratios : tuple of two arrays, (K,) each
+        ``(w_mean, w_var)``.
     scopes, in_correction : as in :func:`sn_forward`
     hard : bool
         One-hot ratios: the logit gradients are zero.
+    frozen : tuple of str
+        Scopes whose statistics were given (``("bn",)`` at inference): constants, with no
+        path to ``x``.
 
     Returns
     -------
-    dx : array, (N, C, S)
-    dgamma, dbeta : arrays, (C,)
-    dmean_logits, dvar_logits : float64 arrays, (K,)
+    SwitchableGrads : ``dx`` (N, C, S), ``dgamma``, ``dbeta`` (C,), ``dmean_logits``,
+        ``dvar_logits`` (K,), float64
     """
     N, C, S = x_hat.shape
     mu, var = ({k: np.asarray(v, dtype=np.float64)[..., 0] for k, v in d.items()} for d in stats)
@@ -469,24 +553,30 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     r = np.broadcast_to(np.asarray(rstd, dtype=np.float64), (N, C, 1)).reshape(N, C)
     k_one, c2, dml, dvl = sn_backward_terms(np, (r, g, s_dy, s_dyx), (mu, var), (w_m, w_v),
                                             scopes=scopes, S=S, in_correction=in_correction,
-                                            hard=hard)
+                                            hard=hard, frozen=frozen)
     dx = _combine(dy2, xh2, (r * g, k_one, c2 / r), x_hat.shape)
-    return dx, s_dyx.sum(axis=0).astype(gamma.dtype), s_dy.sum(axis=0).astype(gamma.dtype), dml, dvl
+    return SwitchableGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
+                           dbeta=s_dy.sum(axis=0).astype(gamma.dtype), dmean_logits=dml,
+                           dvar_logits=dvl)
 
 
 def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tuple, *,
                       scopes: tuple[str, ...], S: int, in_correction: int,
-                      hard: bool) -> tuple:
+                      hard: bool, frozen: tuple[str, ...] = ()) -> tuple:
     """The per-(n, c) arithmetic of the compact SN backward, shared by the CPU and GPU
     wrappers (``xp``: numpy or CuPy); equals
-    :func:`refnorm.norms.switchable.switchable_norm_backward_compact`.
+    :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact`.
 
     Parameters
     ----------
-    sums : (r, g, s_dy, s_dyx): rstd (N, C), gamma (C,), and per (n, c) the sums of dy and
+    sums : tuple of four float64 arrays
+        ``(r, g, s_dy, s_dyx)``: rstd (N, C), gamma (C,), and per (n, c) the sums of dy and
         of dy * x_hat, float64
-    stats : (mu, var), dicts of scope to float64 arrays broadcastable to (N, C)
-    ratios : (w_mean, w_var), float64 arrays (K,)
+    stats : tuple of two dicts
+        ``(mu, var)``, of scope to float64 arrays broadcastable to (N, C).
+    ratios : tuple of two float64 arrays, (K,) each
+        ``(w_mean, w_var)``.
+    frozen : the scopes whose statistics are constants (see :func:`sn_backward`)
 
     Returns
     -------
@@ -504,6 +594,8 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
     axis = {"in": None, "ln": 1, "bn": 0}
     count = {"in": 1, "ln": C, "bn": N}
     for i, k in enumerate(scopes):
+        if k in frozen:
+            continue
         a = axis[k]
         dvar_k = dvar if a is None else dvar.sum(axis=a, keepdims=True)
         dmu_k = dmu if a is None else dmu.sum(axis=a, keepdims=True)

@@ -4,6 +4,9 @@ Its derivative is 1 where ``x > 0`` and 0 where ``x < 0``. At ``x = 0`` the func
 derivative (the one-sided slopes are 0 and 1); refnorm takes 0 there, as PyTorch and most
 libraries do, so the backward is ``dx = dy * [x > 0]``. A finite-difference check is
 invalid at 0 for the same reason: it returns the average slope 1/2.
+
+At a NaN input ``y`` is NaN and, since ``NaN > 0`` is false, ``dx = 0``; PyTorch passes
+``dx = dy`` there (the docs' conventions page).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import Any
 
 from refnorm.backend import Array, array_namespace
 from refnorm.core.checks import check_cache, check_float_array, check_like
-from refnorm.dispatch import fast_nn, runs_fast
+from refnorm.dispatch import dispatched
+from refnorm.kernels import nn as kernels
 from refnorm.layer import Layer
 
 
@@ -34,6 +38,9 @@ class ReLUCache:
 def relu_forward(x: Array) -> tuple[Array, ReLUCache]:
     """``y = max(x, 0)`` element-wise; NaN stays NaN.
 
+    No ``path``: ``y`` and the mask are one numpy pass each over ``x``; the fast path's ReLU
+    kernel is the backward's (:func:`relu_backward`).
+
     Parameters
     ----------
     x : array, any shape
@@ -49,8 +56,10 @@ def relu_forward(x: Array) -> tuple[Array, ReLUCache]:
     return y, ReLUCache(positive=x > 0)
 
 
-def relu_backward(dy: Array, cache: ReLUCache, *, path: str | None = None) -> Array:
-    """Backward of :func:`relu_forward`: ``dx = dy`` where ``x > 0``, else 0 (also at ``x = 0``).
+@dispatched
+def relu_backward(dy: Array, cache: ReLUCache) -> Array:
+    """Backward of :func:`relu_forward`: ``dx = dy`` where ``x > 0``, else 0 (also at ``x = 0``
+    and at a NaN ``x``, where PyTorch passes ``dy``).
 
     Parameters
     ----------
@@ -58,7 +67,8 @@ def relu_backward(dy: Array, cache: ReLUCache, *, path: str | None = None) -> Ar
         Upstream gradient.
     cache : ReLUCache
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`).
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
     Returns
     -------
@@ -67,8 +77,6 @@ def relu_backward(dy: Array, cache: ReLUCache, *, path: str | None = None) -> Ar
     check_cache(cache, ReLUCache)
     check_like("dy", dy, tuple(cache.positive.shape))
     xp = array_namespace(dy, cache.positive)
-    if runs_fast(path, dy):                                      # the same, fused: kernels/
-        return fast_nn().relu_backward(dy, cache.positive)
     return xp.where(cache.positive, dy, xp.zeros_like(dy))
 
 
@@ -80,3 +88,14 @@ class ReLU(Layer):
 
     def _backward(self, dy: Array, cache: ReLUCache) -> tuple[Array, dict[str, Any]]:
         return relu_backward(dy, cache, path=self.compute_path()), {}
+
+
+# -- the fast path: the same checks, then the fused loop -----------------------------------------
+
+
+@relu_backward.fast
+def _relu_backward_fast(dy: Array, cache: ReLUCache) -> Array:
+    check_cache(cache, ReLUCache)
+    check_like("dy", dy, tuple(cache.positive.shape))
+    array_namespace(dy, cache.positive)
+    return kernels.relu_backward(dy, cache.positive)

@@ -37,23 +37,20 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from refnorm.backend import Array, array_namespace, compute_dtype, device_of, on_device
 from refnorm.core.checks import (
     as_pair,
     check_bias,
     check_bool,
     check_cache,
-    check_device,
     check_float_array,
     check_like,
-    check_param_dtype,
     check_positive_int,
     check_rank,
     is_int,
 )
-from refnorm.dispatch import fast_nn, runs_fast
+from refnorm.dispatch import dispatched
+from refnorm.kernels import nn as kernels
 from refnorm.layer import CheckCase, Layer
 from refnorm.nn.init import he_normal
 
@@ -119,6 +116,9 @@ def sliding_window(
 def im2col(x: Array, *, kernel_size: Any, stride: Any = 1, padding: Any = 0) -> Array:
     """Copy every window of a zero-padded input into a column.
 
+    No ``path``: a building block of :func:`conv2d_forward` and the poolings, whose fast
+    variants call :func:`refnorm.kernels.nn.im2col` (one pass) instead.
+
     Parameters
     ----------
     x : array, (N, C, H, W)
@@ -165,6 +165,9 @@ def col2im(
     linear map im2col, so it turns a gradient with respect to the columns into the gradient
     with respect to ``x``. An input position covered by several windows receives the sum of
     their entries; entries that fell on the zero padding are dropped.
+
+    No ``path``: a building block of :func:`conv2d_backward` and the poolings, whose fast
+    variants call the kernels' col2im (one pass) instead.
 
     Parameters
     ----------
@@ -286,9 +289,34 @@ class Conv2dCache:
     b_dtype: Any
 
 
+def _conv_window(x: Array, w: Array, b: Array | None, *, stride: Any,
+                 padding: Any) -> tuple[ModuleType, Window]:
+    """Check :func:`conv2d_forward`'s arguments; return the namespace and the window."""
+    xp = check_rank("x", x, layout="(N, C_in, H, W)")
+    check_rank("w", w, layout="(C_out, C_in, KH, KW)")
+    C_out, C_in, KH, KW = w.shape
+    if x.shape[1] != C_in:
+        raise ValueError(
+            f"x must have C_in = w.shape[1] = {C_in} channels on axis 1 to match w of shape "
+            f"{tuple(w.shape)}; got x of shape {tuple(x.shape)}"
+        )
+    check_bias(b, C_out, axis_name="C_out")
+    array_namespace(x, w, b)  # one namespace for all three
+    return xp, sliding_window(x.shape, kernel_size=(KH, KW), stride=stride, padding=padding)
+
+
+def _conv_cache(x: Array, w: Array, b: Array | None, win: Window, cols: Array,
+                w_mat: Array) -> Conv2dCache:
+    return Conv2dCache(
+        cols=cols, w_mat=w_mat, x_shape=tuple(x.shape), w_shape=tuple(w.shape),
+        y_shape=(x.shape[0], w.shape[0]) + win.out, window=win, has_bias=b is not None,
+        x_dtype=x.dtype, w_dtype=w.dtype, b_dtype=None if b is None else b.dtype,
+    )
+
+
+@dispatched
 def conv2d_forward(
-    x: Array, w: Array, b: Array | None = None, *, stride: Any = 1, padding: Any = 0,
-    path: str | None = None,
+    x: Array, w: Array, b: Array | None = None, *, stride: Any = 1, padding: Any = 0
 ) -> tuple[Array, Conv2dCache]:
     """A 2-D convolution (cross-correlation) with zero padding, by im2col and a matmul.
 
@@ -305,7 +333,7 @@ def conv2d_forward(
     padding : int or pair of ints, >= 0
         Zero rows added above and below, zero columns left and right.
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
         choice, else the reference.
 
     Returns
@@ -323,26 +351,10 @@ def conv2d_forward(
         For non-floating arrays, arrays from different namespaces, or a stride or padding
         that is neither an int nor a pair of ints.
     """
-    xp = check_rank("x", x, layout="(N, C_in, H, W)")
-    check_rank("w", w, layout="(C_out, C_in, KH, KW)")
+    xp, win = _conv_window(x, w, b, stride=stride, padding=padding)
     C_out, C_in, KH, KW = w.shape
-    if x.shape[1] != C_in:
-        raise ValueError(
-            f"x must have C_in = w.shape[1] = {C_in} channels on axis 1 to match w of shape "
-            f"{tuple(w.shape)}; got x of shape {tuple(x.shape)}"
-        )
-    check_bias(b, C_out, axis_name="C_out")
-    array_namespace(x, w, b)  # one namespace for all three
-    win = sliding_window(x.shape, kernel_size=(KH, KW), stride=stride, padding=padding)
     N, (H_out, W_out) = x.shape[0], win.out
     dtype = compute_dtype(xp, x.dtype)
-    if runs_fast(path, x, w):                                    # the same, fused: kernels/
-        y, cols, w_mat = fast_nn().conv_forward(x, w, b, win.stride, win.padding)
-        return y, Conv2dCache(
-            cols=cols, w_mat=w_mat, x_shape=tuple(x.shape), w_shape=tuple(w.shape),
-            y_shape=(N, C_out, H_out, W_out), window=win, has_bias=b is not None,
-            x_dtype=x.dtype, w_dtype=w.dtype, b_dtype=None if b is None else b.dtype,
-        )
     cols = im2col(xp.astype(x, dtype, copy=False), kernel_size=win.kernel,
                   stride=win.stride, padding=win.padding)         # (C_in KH KW, N H_out W_out)
     wc = xp.astype(w, dtype, copy=True)  # a copy: the cache must not follow in-place changes
@@ -352,17 +364,11 @@ def conv2d_forward(
         y = y + xp.reshape(xp.astype(b, dtype, copy=False), (C_out, 1))
     y = xp.reshape(y, (C_out, N, H_out, W_out))                   # (C_out, N, H_out, W_out)
     y = xp.permute_dims(y, (1, 0, 2, 3))                          # (N, C_out, H_out, W_out)
-    cache = Conv2dCache(
-        cols=cols, w_mat=w_mat, x_shape=tuple(x.shape), w_shape=tuple(w.shape),
-        y_shape=(N, C_out, H_out, W_out), window=win, has_bias=b is not None,
-        x_dtype=x.dtype, w_dtype=w.dtype, b_dtype=None if b is None else b.dtype,
-    )
-    return xp.astype(y, x.dtype, copy=False), cache
+    return xp.astype(y, x.dtype, copy=False), _conv_cache(x, w, b, win, cols, w_mat)
 
 
-def conv2d_backward(
-    dy: Array, cache: Conv2dCache, *, path: str | None = None
-) -> tuple[Array, Array, Array | None]:
+@dispatched
+def conv2d_backward(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array | None]:
     """Backward of :func:`conv2d_forward`: three matrix products and a col2im.
 
     Parameters
@@ -371,8 +377,7 @@ def conv2d_backward(
         Upstream gradient.
     cache : Conv2dCache
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
-        choice, else the reference.
+        As in :func:`conv2d_forward`.
 
     Returns
     -------
@@ -385,12 +390,6 @@ def conv2d_backward(
     xp = array_namespace(dy, cache.cols)
     N, C_out, H_out, W_out = cache.y_shape
     dy_c = xp.astype(dy, cache.cols.dtype, copy=False)
-    if runs_fast(path, dy_c):                                    # the same, fused: kernels/
-        win = cache.window
-        dx, dw, db = fast_nn().conv_backward(dy_c, cache.cols, cache.w_mat, cache.x_shape,
-                                             (win.kernel, win.stride, win.padding))
-        return (xp.astype(dx, cache.x_dtype, copy=False), xp.astype(dw, cache.w_dtype, copy=False),
-                xp.astype(db, cache.b_dtype, copy=False) if cache.has_bias else None)
     dy_mat = xp.permute_dims(dy_c, (1, 0, 2, 3))                  # (C_out, N, H_out, W_out)
     dy_mat = xp.reshape(dy_mat, (C_out, N * H_out * W_out))       # (C_out, N H_out W_out)
     dw = xp.matmul(dy_mat, cache.cols.T)                          # (C_out, C_in KH KW)
@@ -425,13 +424,7 @@ class Conv2d(Layer):
         Zero padding, as in :func:`conv2d_forward`.
     bias : bool, default True
         Whether the layer has the parameter ``b``.
-    dtype : dtype, default float32
-        Dtype of the parameters.
-    xp : module, default numpy
-        Array namespace the parameters live in.
-    device : device of ``xp``, optional
-        Where the parameters are created; ``None``: the namespace's default (see
-        :class:`~refnorm.norms.base.ChannelNorm`). Inputs must be on the same device.
+    dtype, xp, device : where the parameters live (:class:`~refnorm.layer.Layer`)
     seed : int, default 0
         Seeds ``numpy.random.default_rng`` for the weights.
 
@@ -464,16 +457,13 @@ class Conv2d(Layer):
         device: Any = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(dtype=dtype, xp=xp, device=device)
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
         self.kernel_size = as_pair("kernel_size", kernel_size, minimum=1)
         self.stride = as_pair("stride", stride, minimum=1)
         self.padding = as_pair("padding", padding, minimum=0)
         bias = check_bool("bias", bias)
-        self.xp = np if xp is None else xp
-        self.dtype = check_param_dtype(self.xp, dtype)
-        self.device = check_device(self.xp, device)
         shape = (out_channels, in_channels) + self.kernel_size    # (C_out, C_in, KH, KW)
         fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.params = {"w": he_normal(shape, fan_in=fan_in, seed=seed, xp=self.xp,
@@ -491,3 +481,27 @@ class Conv2d(Layer):
         dx, dw, db = conv2d_backward(dy, cache, path=self.compute_path())
         grads = {"w": dw} if db is None else {"w": dw, "b": db}
         return dx, grads
+
+
+# -- the fast path: the same checks, then im2col and col2im as single passes ---------------------
+
+
+@conv2d_forward.fast
+def _conv2d_forward_fast(x: Array, w: Array, b: Array | None = None, *, stride: Any = 1,
+                         padding: Any = 0) -> tuple[Array, Conv2dCache]:
+    _, win = _conv_window(x, w, b, stride=stride, padding=padding)
+    k = kernels.conv_forward(x, w, b, win.stride, win.padding)
+    return k.y, _conv_cache(x, w, b, win, k.cols, k.w_mat)
+
+
+@conv2d_backward.fast
+def _conv2d_backward_fast(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array | None]:
+    check_cache(cache, Conv2dCache)
+    check_like("dy", dy, cache.y_shape)
+    xp = array_namespace(dy, cache.cols)
+    win = cache.window
+    g = kernels.conv_backward(xp.astype(dy, cache.cols.dtype, copy=False), cache.cols,
+                              cache.w_mat, cache.x_shape, (win.kernel, win.stride, win.padding))
+    return (xp.astype(g.dx, cache.x_dtype, copy=False),
+            xp.astype(g.dw, cache.w_dtype, copy=False),
+            xp.astype(g.db, cache.b_dtype, copy=False) if cache.has_bias else None)

@@ -15,16 +15,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-
 from refnorm.backend import Array, array_namespace, compute_dtype, on_device
 from refnorm.core.checks import (
     check_bias,
     check_bool,
     check_cache,
-    check_device,
     check_like,
-    check_param_dtype,
     check_positive_int,
     check_rank,
 )
@@ -60,6 +56,9 @@ def linear_forward(
     x: Array, w: Array, b: Array | None = None
 ) -> tuple[Array, LinearCache]:
     """``y = x w^T + b``.
+
+    No ``path``: the work is one matrix product (two in the backward), which numpy already
+    hands to BLAS; a kernel would call the same BLAS.
 
     Parameters
     ----------
@@ -109,6 +108,9 @@ def linear_forward(
 def linear_backward(dy: Array, cache: LinearCache) -> tuple[Array, Array, Array | None]:
     """Backward of :func:`linear_forward`.
 
+    No ``path``: two matrix products and a sum, which numpy already hands to BLAS (see
+    :func:`linear_forward`).
+
     Parameters
     ----------
     dy : array, (N, D_out)
@@ -148,13 +150,7 @@ class Linear(Layer):
         D_out.
     bias : bool, default True
         Whether the layer has the parameter ``b``.
-    dtype : dtype, default float32
-        Dtype of the parameters.
-    xp : module, default numpy
-        Array namespace the parameters live in.
-    device : device of ``xp``, optional
-        Where the parameters are created; ``None``: the namespace's default (see
-        :class:`~refnorm.norms.base.ChannelNorm`). Inputs must be on the same device.
+    dtype, xp, device : where the parameters live (:class:`~refnorm.layer.Layer`)
     seed : int, default 0
         Seeds ``numpy.random.default_rng`` for the weights.
 
@@ -181,13 +177,10 @@ class Linear(Layer):
         device: Any = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(dtype=dtype, xp=xp, device=device)
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         bias = check_bool("bias", bias)
-        self.xp = np if xp is None else xp
-        self.dtype = check_param_dtype(self.xp, dtype)
-        self.device = check_device(self.xp, device)
         self.params = {"w": he_normal((out_features, in_features), fan_in=in_features,
                                       seed=seed, xp=self.xp,
                                       device=self.device, dtype=self.dtype)}

@@ -47,6 +47,9 @@ class SoftmaxCrossEntropyCache:
 def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, SoftmaxCrossEntropyCache]:
     """Mean softmax cross-entropy of a batch, computed stably with log-sum-exp.
 
+    No ``path``: the logits are (N, K), far smaller than the activations; a few numpy
+    passes.
+
     Parameters
     ----------
     logits : array, (N, K)
@@ -97,6 +100,8 @@ def softmax_cross_entropy_backward(cache: SoftmaxCrossEntropyCache) -> Array:
 
     The loss is the scalar that ends the network, so there is no upstream gradient argument:
     this is dL/dlogits of ``L`` itself (multiply by g for an upstream gradient g).
+
+    No ``path``: as :func:`softmax_cross_entropy`, a few numpy passes over (N, K) arrays.
 
     Parameters
     ----------

@@ -13,7 +13,9 @@ size (non-overlapping windows); there is no padding.
 
 Ties in max pooling: where several entries of a window share the maximum, the gradient goes
 to the first of them in row-major window order (the Array API's ``argmax`` returns the first
-occurrence), as in PyTorch's CPU kernels. The max is not differentiable there (its
+occurrence), as in PyTorch's CPU kernels. A NaN is the maximum of its window: ``y`` is NaN and
+``dy`` goes to the window's *first* NaN, where PyTorch's CPU kernel sends it to the *last*
+(the docs' conventions page). The max is not differentiable there (its
 one-sided derivatives differ), so finite differences cannot check this choice: a central
 difference splits the gradient equally between tied entries.
 
@@ -27,6 +29,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace, compute_dtype, device_of, on_device
 from refnorm.core.checks import (
     as_pair,
@@ -36,7 +40,8 @@ from refnorm.core.checks import (
     check_ndim,
     check_rank,
 )
-from refnorm.dispatch import fast_nn, runs_fast
+from refnorm.dispatch import dispatched
+from refnorm.kernels import nn as kernels
 from refnorm.layer import Layer
 from refnorm.nn.conv import Window, col2im, im2col, sliding_window
 
@@ -118,8 +123,9 @@ def _windows_backward(xp: Any, dwindows: Array, cache: PoolCache) -> Array:
     return xp.astype(dx, cache.x_dtype, copy=False)
 
 
+@dispatched
 def max_pool2d_forward(
-    x: Array, *, kernel_size: Any, stride: Any = None, path: str | None = None
+    x: Array, *, kernel_size: Any, stride: Any = None
 ) -> tuple[Array, MaxPool2dCache]:
     """The maximum of each KH x KW window.
 
@@ -131,7 +137,7 @@ def max_pool2d_forward(
         (KH, KW); no larger than (H, W).
     stride : int or pair of ints, >= 1, default ``kernel_size``
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
         choice, else the reference.
 
     Returns
@@ -139,27 +145,22 @@ def max_pool2d_forward(
     y : array, (N, C, H_out, W_out), dtype of ``x``
         ``H_out = (H - KH) // s_h + 1``, ``W_out`` likewise.
     cache : MaxPool2dCache
-        Records the first maximum of each window in row-major window order.
+        Records the first maximum of each window in row-major window order; a window holding
+        a NaN records its first NaN (PyTorch: the last).
     """
-    if runs_fast(path, x):                                       # the same, fused: kernels/
-        xp = check_rank("x", x, layout="(N, C, H, W)")
-        win = sliding_window(x.shape, kernel_size=kernel_size,
-                             stride=kernel_size if stride is None else stride)
-        y, argmax = fast_nn().max_pool_forward(x, win.kernel, win.stride)
-        pool = PoolCache(tuple(x.shape), tuple(y.shape), win, compute_dtype(xp, x.dtype),
-                         x.dtype)
-        return y, MaxPool2dCache(argmax=argmax, pool=pool)
     windows, win = _windows(x, kernel_size, stride)               # (C, KH KW, N H_out W_out)
     xp = array_namespace(x)
     y_shape = (x.shape[0], x.shape[1]) + win.out
     y = xp.max(windows, axis=1)                                   # (C, N H_out W_out)
     argmax = xp.argmax(windows, axis=1)                           # (C, N H_out W_out)
-    pool = PoolCache(tuple(x.shape), y_shape, win, windows.dtype, x.dtype)
+    pool = PoolCache(x_shape=tuple(x.shape), y_shape=y_shape, window=win,
+                     compute_dtype=windows.dtype, x_dtype=x.dtype)
     cache = MaxPool2dCache(argmax=argmax, pool=pool)
     return xp.astype(_to_nchw(xp, y, y_shape), x.dtype, copy=False), cache
 
 
-def max_pool2d_backward(dy: Array, cache: MaxPool2dCache, *, path: str | None = None) -> Array:
+@dispatched
+def max_pool2d_backward(dy: Array, cache: MaxPool2dCache) -> Array:
     """Backward of :func:`max_pool2d_forward`: each window's ``dy`` goes to its first maximum.
 
     Parameters
@@ -168,22 +169,16 @@ def max_pool2d_backward(dy: Array, cache: MaxPool2dCache, *, path: str | None = 
         Upstream gradient.
     cache : MaxPool2dCache
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`).
+        As in :func:`max_pool2d_forward`.
 
     Returns
     -------
     dx : array, (N, C, H, W), dtype of ``x``
-        Zero except at the recorded maxima; an entry that is the maximum of several
-        overlapping windows receives the sum of their ``dy``.
+        Zero except at the recorded maxima (a window's first NaN, if it holds one); an entry
+        that is the maximum of several overlapping windows receives the sum of their ``dy``.
     """
     check_cache(cache, MaxPool2dCache)
     xp = array_namespace(dy, cache.argmax)
-    if runs_fast(path, dy):                                      # the same, fused: kernels/
-        check_like("dy", dy, cache.pool.y_shape)
-        win = cache.pool.window
-        dx = fast_nn().max_pool_backward(dy, cache.argmax, cache.pool.x_shape, win.kernel,
-                                         win.stride)
-        return xp.astype(dx, cache.pool.x_dtype, copy=False)
     dy_w = _from_nchw(xp, dy, cache.pool)                         # (C, 1, N H_out W_out)
     C, L = cache.argmax.shape
     K = math.prod(cache.pool.window.kernel)
@@ -194,6 +189,7 @@ def max_pool2d_backward(dy: Array, cache: MaxPool2dCache, *, path: str | None = 
     return _windows_backward(xp, dwindows, cache.pool)
 
 
+@dispatched
 def avg_pool2d_forward(
     x: Array, *, kernel_size: Any, stride: Any = None
 ) -> tuple[Array, PoolCache]:
@@ -206,6 +202,9 @@ def avg_pool2d_forward(
     kernel_size : int or pair of ints, >= 1
         (KH, KW); no larger than (H, W).
     stride : int or pair of ints, >= 1, default ``kernel_size``
+    path : {"reference", "fast"}, optional
+        As in :func:`max_pool2d_forward`; the fast path takes the windows with one pass of
+        :func:`refnorm.kernels.nn.im2col`.
 
     Returns
     -------
@@ -216,10 +215,12 @@ def avg_pool2d_forward(
     xp = array_namespace(x)
     y_shape = (x.shape[0], x.shape[1]) + win.out
     y = xp.mean(windows, axis=1)                                  # (C, N H_out W_out)
-    cache = PoolCache(tuple(x.shape), y_shape, win, windows.dtype, x.dtype)
+    cache = PoolCache(x_shape=tuple(x.shape), y_shape=y_shape, window=win,
+                      compute_dtype=windows.dtype, x_dtype=x.dtype)
     return xp.astype(_to_nchw(xp, y, y_shape), x.dtype, copy=False), cache
 
 
+@dispatched
 def avg_pool2d_backward(dy: Array, cache: PoolCache) -> Array:
     """Backward of :func:`avg_pool2d_forward`: each window entry gets ``dy / (KH KW)``.
 
@@ -228,6 +229,9 @@ def avg_pool2d_backward(dy: Array, cache: PoolCache) -> Array:
     dy : array, (N, C, H_out, W_out)
         Upstream gradient.
     cache : PoolCache
+    path : {"reference", "fast"}, optional
+        As in :func:`max_pool2d_forward`; the fast path adds the windows back with one pass of
+        :func:`refnorm.kernels.nn.col2im`.
 
     Returns
     -------
@@ -261,6 +265,8 @@ class GlobalAvgPoolCache:
 def global_avg_pool_forward(x: Array) -> tuple[Array, GlobalAvgPoolCache]:
     """The mean of each channel over all its positions.
 
+    No ``path``: one mean over the spatial axes, a single numpy pass.
+
     Parameters
     ----------
     x : array, (N, C, H, W), or more generally (N, C, *spatial) with a spatial axis
@@ -282,6 +288,8 @@ def global_avg_pool_forward(x: Array) -> tuple[Array, GlobalAvgPoolCache]:
 
 def global_avg_pool_backward(dy: Array, cache: GlobalAvgPoolCache) -> Array:
     """Backward of :func:`global_avg_pool_forward`: every position gets ``dy / (H W)``.
+
+    No ``path``: one broadcast multiply, a single numpy pass.
 
     Parameters
     ----------
@@ -336,10 +344,11 @@ class AvgPool2d(_Pool2d):
     """Average pooling as a layer: :func:`avg_pool2d_forward` / :func:`avg_pool2d_backward`."""
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, PoolCache]:
-        return avg_pool2d_forward(x, kernel_size=self.kernel_size, stride=self.stride)
+        return avg_pool2d_forward(x, kernel_size=self.kernel_size, stride=self.stride,
+                                  path=self.compute_path())
 
     def _backward(self, dy: Array, cache: PoolCache) -> tuple[Array, dict[str, Any]]:
-        return avg_pool2d_backward(dy, cache), {}
+        return avg_pool2d_backward(dy, cache, path=self.compute_path()), {}
 
 
 class GlobalAvgPool(Layer):
@@ -350,3 +359,56 @@ class GlobalAvgPool(Layer):
 
     def _backward(self, dy: Array, cache: GlobalAvgPoolCache) -> tuple[Array, dict[str, Any]]:
         return global_avg_pool_backward(dy, cache), {}
+
+
+# -- the fast path: the same checks, then the fused loops ----------------------------------------
+
+
+@max_pool2d_forward.fast
+def _max_pool2d_forward_fast(x: Array, *, kernel_size: Any,
+                             stride: Any = None) -> tuple[Array, MaxPool2dCache]:
+    xp = check_rank("x", x, layout="(N, C, H, W)")
+    win = sliding_window(x.shape, kernel_size=kernel_size,
+                         stride=kernel_size if stride is None else stride)
+    k = kernels.max_pool_forward(x, win.kernel, win.stride)
+    pool = PoolCache(x_shape=tuple(x.shape), y_shape=tuple(k.y.shape), window=win,
+                     compute_dtype=compute_dtype(xp, x.dtype), x_dtype=x.dtype)
+    return k.y, MaxPool2dCache(argmax=k.argmax, pool=pool)
+
+
+@max_pool2d_backward.fast
+def _max_pool2d_backward_fast(dy: Array, cache: MaxPool2dCache) -> Array:
+    check_cache(cache, MaxPool2dCache)
+    xp = array_namespace(dy, cache.argmax)
+    check_like("dy", dy, cache.pool.y_shape)
+    win = cache.pool.window
+    dx = kernels.max_pool_backward(dy, cache.argmax, cache.pool.x_shape, win.kernel, win.stride)
+    return xp.astype(dx, cache.pool.x_dtype, copy=False)
+
+
+@avg_pool2d_forward.fast
+def _avg_pool2d_forward_fast(x: Array, *, kernel_size: Any,
+                             stride: Any = None) -> tuple[Array, PoolCache]:
+    check_rank("x", x, layout="(N, C, H, W)")
+    win = sliding_window(x.shape, kernel_size=kernel_size,
+                         stride=kernel_size if stride is None else stride)
+    cols = kernels.im2col(x, win.kernel, win.stride, (0, 0))     # (C KH KW, N H_out W_out)
+    C, K = x.shape[1], math.prod(win.kernel)
+    y = np.mean(np.reshape(cols, (C, K, -1)), axis=1)             # (C, N H_out W_out)
+    y_shape = (x.shape[0], C) + win.out
+    cache = PoolCache(x_shape=tuple(x.shape), y_shape=y_shape, window=win,
+                      compute_dtype=cols.dtype, x_dtype=x.dtype)
+    return _to_nchw(np, y, y_shape).astype(x.dtype, copy=False), cache
+
+
+@avg_pool2d_backward.fast
+def _avg_pool2d_backward_fast(dy: Array, cache: PoolCache) -> Array:
+    check_cache(cache, PoolCache)
+    check_float_array("dy", dy)
+    dy_w = _from_nchw(np, dy, cache)                              # (C, 1, N H_out W_out)
+    C, _, L = dy_w.shape
+    win = cache.window
+    K = math.prod(win.kernel)
+    dcols = np.broadcast_to(dy_w / K, (C, K, L)).reshape(C * K, L)  # (C KH KW, N H_out W_out)
+    dx = kernels.col2im(dcols, cache.x_shape, win.kernel, win.stride, (0, 0))
+    return dx.astype(cache.x_dtype, copy=False)

@@ -1,8 +1,8 @@
 """What the activation normalizers share: the steps around their statistics, and the layer base.
 
-Each method file (``batch.py``, ``instance.py``, ``layer.py``, ``group.py``) spells out its
-own reduction axes, cache and closed-form backward; the pieces here are the ones that have
-nothing method-specific in them:
+Each method file (``batch_norm.py``, ``instance_norm.py``, ``layer_norm.py``,
+``group_norm.py``) spells out its own reduction axes, cache and closed-form backward; the
+pieces here are the ones that have nothing method-specific in them:
 
 - :func:`frozen_statistics` — check running statistics and view them per channel, for the
   inference forwards that normalize with them;
@@ -17,16 +17,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-
 from refnorm.backend import Array, array_namespace, on_device
 from refnorm.core.affine import channel_view
 from refnorm.core.checks import (
     check_channel_param,
-    check_device,
     check_eps,
     check_like,
-    check_param_dtype,
     check_positive_int,
 )
 from refnorm.layer import CheckCase, Layer
@@ -93,20 +89,9 @@ class ChannelNorm(Layer):
         C, the size of the input's axis 1.
     eps : float
         Added to the variance inside the square root.
-    dtype : dtype, default float32
-        Dtype of the parameters and state.
-    xp : module, default numpy
-        Array namespace the parameters live in.
-    device : device of ``xp``, optional
-        Where the parameters and state are created (``xp.ones(..., device=device)``), e.g.
-        an ``array_api_strict.Device``; ``None``: the namespace's default (numpy's host,
-        CuPy's current GPU). Inputs must be on the same device; every output, gradient and
-        state update is created there too.
+    dtype, xp, device : where the parameters and state live (:class:`~refnorm.layer.Layer`)
     """
 
-    xp: ModuleType
-    device: Any
-    dtype: Any
     eps: float
     num_channels: int
 
@@ -119,12 +104,9 @@ class ChannelNorm(Layer):
         xp: ModuleType | None = None,
         device: Any = None,
     ) -> None:
-        super().__init__()
+        super().__init__(dtype=dtype, xp=xp, device=device)
         num_channels = check_positive_int("num_channels", num_channels)
         check_eps(eps)  # at build(), not at the first forward
-        self.xp = np if xp is None else xp
-        self.dtype = check_param_dtype(self.xp, dtype)
-        self.device = check_device(self.xp, device)
         self.num_channels = num_channels
         self.eps = eps
         self.params = {

@@ -31,7 +31,7 @@ from refnorm.core.checks import check_cache, check_like, check_momentum, prepare
 from refnorm.core.running import update_running_stats
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm
-from refnorm.norms.batch import batch_norm_backward, batch_norm_eval_forward
+from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_eval_forward
 from refnorm.sync.comm import SingleProcess
 from refnorm.sync.headers import allreduce, layer_label, note_local_call
 
@@ -71,6 +71,9 @@ def sync_batch_norm_forward(
     x: Array, gamma: Array, beta: Array, *, comm: Any, eps: float = 1e-5, layer: str = "syncbn"
 ) -> tuple[Array, SyncBatchNormCache]:
     """Batch Normalization in training with statistics over every device of ``comm``.
+
+    No ``path``: the fast kernels compute one device's statistics; this pair merges them
+    across devices between its passes, with Array API calls only.
 
     Parameters
     ----------
@@ -119,6 +122,8 @@ def sync_batch_norm_forward(
 def sync_batch_norm_backward(dy: Array, cache: SyncBatchNormCache) -> tuple[Array, Array, Array]:
     """Backward of :func:`sync_batch_norm_forward`: one all-reduce of two (C,) sums.
 
+    No ``path``: as :func:`sync_batch_norm_forward`.
+
     Returns
     -------
     dx : array, (N_p, C, *spatial)
@@ -155,7 +160,7 @@ class SyncBatchNorm(ChannelNorm):
 
     Training runs the synchronized pair and updates the running statistics with the whole
     batch's statistics and count, identically on every device; inference runs BN's eval
-    pair (:func:`~refnorm.norms.batch.batch_norm_eval_forward`), which needs no
+    pair (:func:`~refnorm.norms.batch_norm.batch_norm_eval_forward`), which needs no
     communication (the call is recorded on ``comm``, so that a peer left waiting in a
     training collective is told this rank was in eval mode). The collectives' headers name
     the layer ``syncbn#i``, the i-th syncbn layer to use ``comm``.

@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(comm: Any, args: argparse.Namespace) -> int:
-    import refnorm
-    from refnorm.norms.switchable import switchable_norm_backward, switchable_norm_forward
+    from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_forward
+    from refnorm.norms.switchable_norm import switchable_norm_backward, switchable_norm_forward
     from refnorm.sync import (
         sync_batch_norm_backward,
         sync_batch_norm_forward,
@@ -73,8 +73,8 @@ def _check(comm: Any, args: argparse.Namespace) -> int:
     if comm.rank != 0:
         return 0
     assert gathered is not None  # rank 0 receives every rank's results
-    y1, bn_cache = refnorm.batch_norm_forward(x, gamma, beta)
-    ref_bn = (y1, *refnorm.batch_norm_backward(dy, bn_cache))
+    y1, bn_cache = batch_norm_forward(x, gamma, beta)
+    ref_bn = (y1, *batch_norm_backward(dy, bn_cache))
     y1, sn_cache = switchable_norm_forward(x, gamma, beta, *logits)
     ref_sn = (y1, *switchable_norm_backward(dy, sn_cache))
     worst = 0.0

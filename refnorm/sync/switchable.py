@@ -9,7 +9,7 @@ On device p the SN statistics are
 with IN and LN local and the BN scope synchronized: mu_sybn and sigma_sybn^2 pool the IN
 moments of every device with two sum-all-reduces (the law of total variance written as
 sums, so that a device holding no sample contributes zeros). Everything else is the
-single-device SN of :mod:`refnorm.norms.switchable`, called, not copied: its IN moments
+single-device SN of :mod:`refnorm.norms.switchable_norm`, called, not copied: its IN moments
 and LN pooling, and its forward with given BN-scope statistics for the mixing, the ratios
 and Eq. (3).
 
@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core.checks import check_cache, prepare_channel_norm
 from refnorm.layer import CheckCase
-from refnorm.norms.switchable import (
+from refnorm.norms.switchable_norm import (
     DEFAULT_OPTIONS,
     BatchStatistics,
     SwitchableNorm,
@@ -129,6 +129,9 @@ def sync_switchable_norm_forward(
 ) -> tuple[Array, SyncSwitchableNormCache]:
     """SN in training with the BN scope synchronized over the devices of ``comm``, Eq. (15).
 
+    No ``path``: the fast kernels compute one device's statistics; this pair merges them
+    across devices between its passes, with Array API calls only.
+
     Parameters
     ----------
     x : array, (N_p, C, *spatial)
@@ -169,6 +172,8 @@ def sync_switchable_norm_backward(
     dy: Array, cache: SyncSwitchableNormCache
 ) -> tuple[Array, Array, Array, Array, Array]:
     """Backward of :func:`sync_switchable_norm_forward`, Eq. (22)-(25) with Eq. (16)-(20).
+
+    No ``path``: as :func:`sync_switchable_norm_forward`.
 
     Returns
     -------
@@ -217,7 +222,7 @@ def sync_switchable_norm_backward(
 class SyncSwitchableNorm(SwitchableNorm):
     """Switchable Normalization with its BN scope synchronized over the devices of ``comm``.
 
-    Parameters as :class:`~refnorm.norms.switchable.SwitchableNorm`, plus ``comm`` (default:
+    Parameters as :class:`~refnorm.norms.switchable_norm.SwitchableNorm`, plus ``comm`` (default:
     a single process, which makes it plain SN). Training with a BN scope runs the
     synchronized pair; inference (population statistics) and scopes without BN run the
     single-device pair, which needs no communication (inference with a BN scope is recorded

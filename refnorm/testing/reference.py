@@ -33,7 +33,7 @@ import numpy as np
 import refnorm
 import refnorm.weights
 from refnorm.core.running import update_running_stats
-from refnorm.norms.switchable import SCOPES
+from refnorm.norms.switchable_norm import SCOPES
 
 METHODS = ("bn", "in", "ln", "gn", "sn", "ws", "wn")
 ACTIVATION_METHODS = ("bn", "in", "ln", "gn", "sn")

@@ -12,7 +12,7 @@ import numpy as np
 from refnorm.backend import to_numpy
 from refnorm.inference import batch_average
 from refnorm.nn import softmax_cross_entropy
-from refnorm.norms.switchable import SwitchableNorm
+from refnorm.norms.switchable_norm import SwitchableNorm
 from refnorm.sync.comm import SingleProcess
 from refnorm.train.config import TrainConfig
 from refnorm.train.data import Dataset

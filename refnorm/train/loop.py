@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from refnorm.backend import Array, to_numpy
+from refnorm.dispatch import get_path
 from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
 from refnorm.sync.comm import InProcessGroup, MeteredCommunicator, SingleProcess
 from refnorm.sync.data_parallel import allreduce_gradients
@@ -168,7 +169,8 @@ class _Interrupted(Exception):
 
 
 def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None) -> ConvNet:
-    """The run's model, its arrays in numpy (``device="cpu"``) or CuPy (``"gpu"``); the
+    """The run's model, its arrays in numpy (``device="cpu"``) or CuPy (``"gpu"``), its layers
+    on the fast path unless the process chose another (``--path``, ``REFNORM_PATH``); the
     synchronized normalizers synchronize over ``comm``."""
     options: dict[str, Any] = {}
     if config.norm in ("sn", "syncsn"):
@@ -179,7 +181,7 @@ def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None) -> Conv
     return ConvNet(in_channels=data.x_train.shape[1], num_classes=data.num_classes,
                    norm=config.norm, weight=config.weight, widths=config.widths,
                    num_groups=config.num_groups, norm_options=options, seed=config.seed,
-                   dtype=np.dtype(config.dtype).type, xp=xp)
+                   dtype=np.dtype(config.dtype).type, xp=xp, path=get_path(default="fast"))
 
 
 def prepare_data(config: TrainConfig) -> Dataset:

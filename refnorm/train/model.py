@@ -34,14 +34,11 @@ WEIGHTS = (None, "ws", "wn", "np", "trelu")
 class ChannelAffine(Layer):
     """``y = gamma * x + beta`` per channel (gamma ones, beta zeros), in namespace ``xp``
     (default numpy) on ``device`` (default: the namespace's; see
-    :class:`~refnorm.norms.base.ChannelNorm`), with ``dtype`` (default float32)."""
+    :class:`~refnorm.layer.Layer`), with ``dtype`` (default float32)."""
 
     def __init__(self, num_channels: int, *, dtype: Any = None, xp: ModuleType | None = None,
                  device: Any = None) -> None:
-        super().__init__()
-        self.xp = np if xp is None else xp
-        self.dtype = check_param_dtype(self.xp, dtype)
-        self.device = check_device(self.xp, device)
+        super().__init__(dtype=dtype, xp=xp, device=device)
         where = on_device(self.device)
         self.params = {"gamma": self.xp.ones((num_channels,), dtype=self.dtype, **where),
                        "beta": self.xp.zeros((num_channels,), dtype=self.dtype, **where)}
@@ -81,12 +78,16 @@ class ConvNet:
         ``array_api_strict.Device``); ``None``: the namespace's default. Inputs to
         :meth:`forward` and :meth:`backward` must be on it, and every output, gradient and
         running statistic stays on it.
+    path : {"reference", "fast"}, optional
+        Every layer's :attr:`~refnorm.layer.Layer.path`; default: the process-wide choice,
+        else the reference.
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, norm: str = "bn",
                  weight: str | None = None, widths: tuple[int, ...] = (16, 32, 32),
                  num_groups: int = 4, norm_options: dict | None = None, seed: int = 0,
-                 dtype: Any = None, xp: ModuleType | None = None, device: Any = None) -> None:
+                 dtype: Any = None, xp: ModuleType | None = None, device: Any = None,
+                 path: str | None = None) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
         if weight not in WEIGHTS:
@@ -115,6 +116,8 @@ class ConvNet:
             blocks.append(ChannelAffine(c_in, **place))
         blocks.append(GlobalAvgPool())
         blocks.append(registry.build("linear", c_in, num_classes, seed=seed + 100, **place))
+        for layer in blocks:
+            layer.path = path
         self._layers = blocks
 
     def _conv(self, c_in: int, c_out: int, seed: int, *, has_norm: bool) -> Layer:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from refnorm.dispatch import process_choice, set_path
-from refnorm.norms.switchable import SCOPES
+from refnorm.norms.switchable_norm import SCOPES
 from refnorm.train.config import TrainConfig
 from refnorm.train.loop import train
 

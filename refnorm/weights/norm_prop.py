@@ -53,6 +53,9 @@ class NormPropReLUCache:
 def norm_prop_relu_forward(z: Array) -> tuple[Array, NormPropReLUCache]:
     """(ReLU(z) - 1/sqrt(2 pi)) / sqrt(1/2 (1 - 1/pi)), elementwise.
 
+    No ``path``: element-wise, a few numpy passes over ``x``; the layer's convolution, which
+    dominates, takes the layer's path.
+
     Parameters
     ----------
     z : array, any shape
@@ -72,6 +75,8 @@ def norm_prop_relu_forward(z: Array) -> tuple[Array, NormPropReLUCache]:
 
 def norm_prop_relu_backward(dy: Array, cache: NormPropReLUCache) -> Array:
     """dz = dy / sqrt(1/2 (1 - 1/pi)) where z > 0, else 0 (0 at z = 0).
+
+    No ``path``: element-wise, as :func:`norm_prop_relu_forward`.
 
     Parameters
     ----------

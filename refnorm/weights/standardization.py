@@ -39,17 +39,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-
 from refnorm.backend import Array, array_namespace, compute_dtype, on_device
 from refnorm.core.checks import (
     check_bool,
     check_cache,
-    check_device,
     check_eps,
     check_float_array,
     check_like,
-    check_param_dtype,
     is_int,
 )
 from refnorm.layer import CheckCase, Layer
@@ -92,6 +88,9 @@ def weight_standardization_forward(
 ) -> tuple[Array, WeightStandardizationCache]:
     """Standardize each output channel's weights, Eq. (2)-(6).
 
+    No ``path``: it acts on the weights (C_out x I values, whatever the batch), a few numpy
+    passes; the layer's convolution, which dominates, takes the layer's path.
+
     Parameters
     ----------
     w : array, (C_out, ...)
@@ -128,6 +127,8 @@ def weight_standardization_forward(
 
 def weight_standardization_backward(dw_hat: Array, cache: WeightStandardizationCache) -> Array:
     """Gradient with respect to ``w`` from the gradient with respect to W^, Eq. (8)-(9).
+
+    No ``path``: as :func:`weight_standardization_forward`, it acts on the weights only.
 
     Parameters
     ----------
@@ -198,13 +199,7 @@ class WeightStandardization(Layer):
         follows).
     eps, eps_mode, correction
         As in :func:`weight_standardization_forward`.
-    dtype : dtype, default float32
-        Dtype of the parameters.
-    xp : module, default numpy
-        Array namespace the parameters live in.
-    device : device of ``xp``, optional
-        Where the parameters are created; ``None``: the namespace's default (see
-        :class:`~refnorm.norms.base.ChannelNorm`). Inputs must be on the same device.
+    dtype, xp, device : where the parameters live (:class:`~refnorm.layer.Layer`)
     seed : int, default 0
         Seeds the He-normal draw of ``w`` (:func:`refnorm.nn.init.he_normal`).
 
@@ -226,13 +221,10 @@ class WeightStandardization(Layer):
                  stride: Any = 1, padding: Any = 0, bias: bool = False, eps: float = 1e-5,
                  eps_mode: str = "add", correction: int = 0, dtype: Any = None,
                  xp: ModuleType | None = None, device: Any = None, seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(dtype=dtype, xp=xp, device=device)
         self.geometry = weight_geometry(in_channels, out_channels, kernel_size,
                                         stride=stride, padding=padding)
         has_bias = check_bool("bias", bias)
-        self.xp = np if xp is None else xp
-        self.dtype = check_param_dtype(self.xp, dtype)
-        self.device = check_device(self.xp, device)
         _check_options(eps, eps_mode, correction, xp=self.xp,
                        dtype=compute_dtype(self.xp, self.dtype))
         _check_fan_in(self.geometry.fan_in, self.geometry.weight_shape)

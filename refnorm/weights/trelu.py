@@ -23,18 +23,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-
 from refnorm.backend import Array, array_namespace, compute_dtype, on_device
 from refnorm.core.affine import channel_view, non_channel_axes
 from refnorm.core.checks import (
     check_cache,
     check_channel_param,
-    check_device,
     check_eps,
     check_float_array,
     check_like,
-    check_param_dtype,
 )
 from refnorm.layer import CheckCase, Layer
 from refnorm.nn.init import he_normal
@@ -62,6 +58,9 @@ class TranslatedReLUCache:
 def translated_relu_forward(z: Array, alpha: Array) -> tuple[Array, TranslatedReLUCache]:
     """TReLU_alpha(z) = ReLU(z - alpha) + alpha = max(z, alpha), alpha per channel.
 
+    No ``path``: element-wise, a few numpy passes over ``z``; the layer's convolution, which
+    dominates, takes the layer's path.
+
     Parameters
     ----------
     z : array, (N, C, *spatial)
@@ -87,6 +86,8 @@ def translated_relu_backward(dy: Array, cache: TranslatedReLUCache) -> tuple[Arr
     """dz = dy where z > alpha, else 0; dalpha = sum of dy where z <= alpha (per channel).
 
     At z = alpha exactly the derivative goes to alpha (the ReLU's 0 at 0).
+
+    No ``path``: element-wise, as :func:`translated_relu_forward`.
 
     Parameters
     ----------
@@ -120,13 +121,7 @@ class TReLUWeightNorm(Layer):
     stride, padding : int or pair of int
         The convolution's stride and zero padding (unused by a linear layer).
     eps : float, default 1e-5
-    dtype : dtype, default float32
-        Dtype of the parameters.
-    xp : module, default numpy
-        Array namespace the parameters live in.
-    device : device of ``xp``, optional
-        Where the parameters are created; ``None``: the namespace's default (see
-        :class:`~refnorm.norms.base.ChannelNorm`). Inputs must be on the same device.
+    dtype, xp, device : where the parameters live (:class:`~refnorm.layer.Layer`)
     seed : int, default 0
         Seeds the He-normal draw of ``v`` (:func:`refnorm.nn.init.he_normal`).
 
@@ -144,12 +139,9 @@ class TReLUWeightNorm(Layer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any = None, *,
                  stride: Any = 1, padding: Any = 0, eps: float = 1e-5, dtype: Any = None,
                  xp: ModuleType | None = None, device: Any = None, seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(dtype=dtype, xp=xp, device=device)
         self.geometry = weight_geometry(in_channels, out_channels, kernel_size,
                                         stride=stride, padding=padding)
-        self.xp = np if xp is None else xp
-        self.dtype = check_param_dtype(self.xp, dtype)
-        self.device = check_device(self.xp, device)
         check_eps(eps, xp=self.xp, dtype=compute_dtype(self.xp, self.dtype))
         self.eps = eps
         self.params = {

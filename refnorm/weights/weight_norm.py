@@ -33,19 +33,15 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
 
-import numpy as np
-
 from refnorm.backend import Array, array_namespace, compute_dtype, on_device
 from refnorm.core.affine import non_channel_axes
 from refnorm.core.checks import (
     check_bool,
     check_cache,
     check_channel_param,
-    check_device,
     check_eps,
     check_float_array,
     check_like,
-    check_param_dtype,
 )
 from refnorm.core.moments import moments
 from refnorm.layer import CheckCase, Layer
@@ -91,6 +87,9 @@ class WeightNormCache:
 def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array, WeightNormCache]:
     """W_j = g_j V_j / (||V_j||_F + eps) for every output channel j.
 
+    No ``path``: it acts on the weights (C_out x I values, whatever the batch), a few numpy
+    passes; the layer's convolution, which dominates, takes the layer's path.
+
     Parameters
     ----------
     v : array, (C_out, ...)
@@ -116,6 +115,8 @@ def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array
 
 def weight_norm_backward(dw: Array, cache: WeightNormCache) -> tuple[Array, Array]:
     """Gradients of :func:`weight_norm_forward`.
+
+    No ``path``: as :func:`weight_norm_forward`, it acts on the weights only.
 
     Parameters
     ----------
@@ -169,13 +170,7 @@ class WeightNorm(Layer):
     bias : bool, default True
         Whether the layer has the parameter ``b`` (:meth:`init_from_batch` needs it).
     eps : float, default 1e-5
-    dtype : dtype, default float32
-        Dtype of the parameters.
-    xp : module, default numpy
-        Array namespace the parameters live in.
-    device : device of ``xp``, optional
-        Where the parameters are created; ``None``: the namespace's default (see
-        :class:`~refnorm.norms.base.ChannelNorm`). Inputs must be on the same device.
+    dtype, xp, device : where the parameters live (:class:`~refnorm.layer.Layer`)
     seed : int, default 0
         Seeds the He-normal draw of ``v`` (:func:`refnorm.nn.init.he_normal`).
 
@@ -199,13 +194,10 @@ class WeightNorm(Layer):
                  stride: Any = 1, padding: Any = 0, bias: bool = True, eps: float = 1e-5,
                  dtype: Any = None, xp: ModuleType | None = None, device: Any = None,
                  seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(dtype=dtype, xp=xp, device=device)
         self.geometry = weight_geometry(in_channels, out_channels, kernel_size,
                                         stride=stride, padding=padding)
         has_bias = check_bool("bias", bias)
-        self.xp = np if xp is None else xp
-        self.dtype = check_param_dtype(self.xp, dtype)
-        self.device = check_device(self.xp, device)
         check_eps(eps, xp=self.xp, dtype=compute_dtype(self.xp, self.dtype))
         self.eps = eps
         C, where = self.geometry.out_channels, on_device(self.device)

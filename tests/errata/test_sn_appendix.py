@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from refnorm.errata import sn_appendix
-from refnorm.norms.switchable import SwitchableOptions, scope_moments
+from refnorm.norms.switchable_norm import SwitchableOptions, scope_moments
 
 AGREE = {"Eq. (6)", "Eq. (7)", "Eq. (8)", "Eq. (9)", "Eq. (10), scalar gamma", "Eq. (12)",
          "Eq. (13)", "Eq. (14)"}

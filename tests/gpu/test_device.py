@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import refnorm
-from refnorm.backend import to_device, to_numpy
+from refnorm.backend import to_numpy
 from refnorm.gradcheck import check_layer
+from refnorm.layer import to_device
 from tests.conftest import gpu_skip
 
 pytestmark = [pytest.mark.gpu, gpu_skip()]

@@ -16,10 +16,10 @@ import pytest
 
 from refnorm.backend import to_numpy
 from refnorm.kernels import cuda as gpu
-from refnorm.norms.batch import batch_norm_backward, batch_norm_forward
-from refnorm.norms.group import group_norm_backward, group_norm_forward
-from refnorm.norms.instance import instance_norm_backward, instance_norm_forward
-from refnorm.norms.layer import layer_norm_backward, layer_norm_forward
+from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_forward
+from refnorm.norms.group_norm import group_norm_backward, group_norm_forward
+from refnorm.norms.instance_norm import instance_norm_backward, instance_norm_forward
+from refnorm.norms.layer_norm import layer_norm_backward, layer_norm_forward
 from tests.conftest import gpu_skip
 from tests.kernels.helpers import assert_close, kappa_of, params, sn_reference, upstream
 

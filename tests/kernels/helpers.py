@@ -136,18 +136,24 @@ def upstream(shape, dtype, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-def sn_reference(x, gamma, beta, logits, *, eps, scopes, in_correction, hard=False):
+def sn_reference(x, gamma, beta, logits, *, eps, scopes, in_correction, hard=False,
+                 population=None):
     """The reference SN forward and compact backward for the kernel tests, in one place.
 
     The only code that knows the reference SN signature (being refactored): returns
     ``(y, cache, backward, logit_scale)`` with ``backward(dy) -> (dx, dgamma, dbeta, dml,
     dvl)`` and ``logit_scale(dy) -> (mean, var)``, the largest term ``|w_k S_k|`` of each
     logit gradient ``w_k (S_k - sum_j w_j S_j)`` (which cancels when the S_k are close).
+    ``population``: given BN-scope (mean, var), (C,) each: the inference forward.
     """
-    from refnorm.norms import switchable as sn
+    from refnorm.norms import switchable_norm as sn
 
     options = sn.SwitchableOptions(scopes=tuple(scopes), in_correction=in_correction, hard=hard)
-    y, cache = sn.switchable_norm_forward(x, gamma, beta, *logits, eps=eps, options=options)
+    if population is None:
+        y, cache = sn.switchable_norm_forward(x, gamma, beta, *logits, eps=eps, options=options)
+    else:
+        y, cache = sn.switchable_norm_eval_forward(x, gamma, beta, *logits, *population, eps=eps,
+                                                   options=options)
 
     def logit_scale(dy):
         _, dvar, dmu = sn.statistic_gradients(dy.reshape(cache.h.shape), cache)

@@ -62,10 +62,10 @@ else:
 
     from refnorm import kernels as cpu
     from refnorm.kernels import cuda as gpu
-    from refnorm.norms.batch import batch_norm_backward, batch_norm_forward
-    from refnorm.norms.group import group_norm_backward, group_norm_forward
-    from refnorm.norms.instance import instance_norm_backward, instance_norm_forward
-    from refnorm.norms.layer import layer_norm_backward, layer_norm_forward
+    from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_forward
+    from refnorm.norms.group_norm import group_norm_backward, group_norm_forward
+    from refnorm.norms.instance_norm import instance_norm_backward, instance_norm_forward
+    from refnorm.norms.layer_norm import layer_norm_backward, layer_norm_forward
     from tests.kernels.helpers import (
         activations,
         assert_close,

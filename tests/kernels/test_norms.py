@@ -16,10 +16,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refnorm import kernels
-from refnorm.norms.batch import batch_norm_backward, batch_norm_forward
-from refnorm.norms.group import group_norm_backward, group_norm_forward
-from refnorm.norms.instance import instance_norm_backward, instance_norm_forward
-from refnorm.norms.layer import layer_norm_backward, layer_norm_forward
+from refnorm.norms.batch_norm import (
+    batch_norm_backward,
+    batch_norm_eval_forward,
+    batch_norm_forward,
+)
+from refnorm.norms.group_norm import group_norm_backward, group_norm_forward
+from refnorm.norms.instance_norm import (
+    instance_norm_backward,
+    instance_norm_eval_forward,
+    instance_norm_forward,
+)
+from refnorm.norms.layer_norm import layer_norm_backward, layer_norm_forward
 from tests.kernels.helpers import (
     CHUNKING,
     activations,
@@ -114,6 +122,45 @@ def test_backward_equals_reference(method, data):
         assert_close(name, g, w, dtype, scale=scales[name])
 
 
+@pytest.mark.parametrize("method", ["bn", "in"])
+@given(data=st.data())
+def test_inference_forward_and_backward_equal_reference(method, data):
+    """kernels.norms.eval_forward / eval_backward against BN's and IN's inference pair."""
+    ref_fwd, ref_bwd = {"bn": (batch_norm_eval_forward, batch_norm_backward),
+                        "in": (instance_norm_eval_forward, instance_norm_backward)}[method]
+    x, _, limits = data.draw(norm_cases(method))
+    dtype = x.dtype.type
+    C = x.shape[1]
+    gamma, beta = params(C, np.float64, seed=x.size)
+    rng = np.random.default_rng(x.size + 2)
+    # running statistics held in the dtype, as a layer holds them: the reference in float64
+    # normalizes with the same (rounded) values, so only the kernel's arithmetic differs (a
+    # float32 mean of 1e4 is off by 5e-4, which would dominate x - mean otherwise)
+    running = [s.astype(dtype).astype(np.float64)
+               for s in (float(np.mean(x)) + rng.standard_normal(C), rng.random(C) * 4 + 0.1)]
+    want_y, cache = ref_fwd(x.astype(np.float64), gamma, beta, *running, eps=EPS)
+    mean, var = (s.astype(dtype) for s in (cache.mean, cache.var))
+    with chunking(limits):
+        got = kernels.eval_forward(x, gamma.astype(dtype), beta.astype(dtype), mean, var, EPS)
+    kappa = kappa_of(cache.mean, cache.var, EPS)
+    for name, g, w in (("y", got.y, want_y), ("x_hat", got.x_hat, cache.x_hat),
+                       ("rstd", got.rstd, cache.rstd)):
+        assert g.shape == w.shape and g.dtype == x.dtype, name
+        assert_close(name, g, w, dtype, kappa)
+    dy = upstream(x.shape, np.float64, seed=x.size + 1)
+    want = ref_bwd(dy, cache)
+    with chunking(limits):
+        grads = kernels.eval_backward(dy.astype(dtype), cache.x_hat.astype(dtype),
+                                      cache.rstd.astype(dtype), gamma.astype(dtype))
+    axes = (0,) + tuple(range(2, x.ndim))
+    scales = {"dx": _term_scale(dy, gamma, cache.rstd),
+              "dgamma": float(np.max(np.sum(np.abs(dy * cache.x_hat), axis=axes))),
+              "dbeta": float(np.max(np.sum(np.abs(dy), axis=axes)))}
+    for name, g, w in zip(("dx", "dgamma", "dbeta"), grads, want, strict=True):
+        assert g.dtype == dtype, name
+        assert_close(name, g, w, dtype, scale=scales[name])
+
+
 def _term_scale(dy, gamma, rstd) -> float:
     """``max|gamma| max|rstd| max|dy|``, a bound on the size of dx's terms (helpers.rel_err)."""
     return float(np.max(np.abs(gamma)) * np.max(rstd) * np.max(np.abs(dy)))
@@ -146,7 +193,8 @@ def sn_cases(draw):
     in_correction = draw(st.sampled_from([0, 1]))
     hard = draw(st.booleans())
     logits = [np.asarray(draw(arrays_k(len(scopes)))) for _ in range(2)]
-    return x, scopes, in_correction, hard, logits, draw(CHUNKING)
+    given = "bn" in scopes and draw(st.booleans())  # inference: population BN statistics
+    return x, scopes, in_correction, hard, logits, draw(CHUNKING), given
 
 
 def arrays_k(K):
@@ -155,18 +203,27 @@ def arrays_k(K):
 
 @given(case=sn_cases())
 def test_switchable_equals_reference(case):
-    x, scopes, corr, hard, logits, limits = case
+    x, scopes, corr, hard, logits, limits, given = case
     dtype = x.dtype.type
     N, C = x.shape[:2]
     gamma, beta = params(C, np.float64, seed=x.size)
+    population = None
+    if given:  # near the batch's own BN statistics, as after training
+        rng = np.random.default_rng(x.size + 2)
+        x64 = x.astype(np.float64)
+        population = tuple(  # held in the dtype, as a layer holds them (see above)
+            s.astype(dtype).astype(np.float64) for s in (
+                x64.mean(axis=(0, *range(2, x.ndim))) + 0.1 * rng.standard_normal(C),
+                x64.var(axis=(0, *range(2, x.ndim))) * (1 + 0.1 * rng.random(C)) + 0.1))
     want_y, cache, backward, logit_scale = sn_reference(
         x.astype(np.float64), gamma, beta, logits, eps=EPS, scopes=scopes, in_correction=corr,
-        hard=hard)
+        hard=hard, population=population)
     ratios = (cache.w_mean, cache.w_var)
+    bn = None if not given else (cache.mu["bn"].astype(dtype), cache.var["bn"].astype(dtype))
     with chunking(limits):
         y, h, x_hat, rstd, mu, var = kernels.sn_forward(
             x, gamma.astype(dtype), beta.astype(dtype), *ratios, eps=EPS, scopes=scopes,
-            in_correction=corr)
+            in_correction=corr, bn=bn)
     kappa = kappa_of(cache.mu["in"], cache.var["in"], EPS)
     for name, got, want in (("y", y, want_y), ("h", h, cache.h), ("x_hat", x_hat, cache.x_hat),
                             ("rstd", rstd, cache.rstd)):
@@ -182,7 +239,8 @@ def test_switchable_equals_reference(case):
     with chunking(limits):
         got = kernels.sn_backward(
             dy.astype(dtype), cache.x_hat.astype(dtype), cache.rstd.astype(dtype),
-            gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr, hard=hard)
+            gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr, hard=hard,
+            frozen=("bn",) if given else ())
     names = ("dx", "dgamma", "dbeta", "dmean_logits", "dvar_logits")
     scales = dict(zip(("dmean_logits", "dvar_logits"), logit_scale(dy), strict=True),
                   dx=_term_scale(dy, gamma, cache.rstd))

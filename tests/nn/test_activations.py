@@ -80,3 +80,16 @@ def test_inputs_are_not_modified_and_dtype_is_kept():
 def test_errors_name_the_argument_expected_and_got(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_a_nan_input_gets_dx_0_where_pytorch_passes_dy(path):
+    """The conventions page: refnorm's dx = dy * [x > 0] is 0 at a NaN x; PyTorch passes dy."""
+    x = np.array([np.nan, -1.0, 1.0])
+    dy = np.array([5.0, 5.0, 5.0])
+    _, cache = relu_forward(x)
+    np.testing.assert_array_equal(relu_backward(dy, cache, path=path), [0.0, 0.0, 5.0])
+    torch = pytest.importorskip("torch")
+    xt = torch.tensor(x, requires_grad=True)
+    torch.relu(xt).backward(torch.tensor(dy))
+    np.testing.assert_array_equal(xt.grad.numpy(), [5.0, 0.0, 5.0])

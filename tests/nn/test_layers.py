@@ -86,7 +86,7 @@ def test_check_layer_passes_for_the_layers_not_in_the_registry_cases(layer, x_sh
 
 def _pure(layer, x):
     """The pure forward a layer must equal, and the matching backward -> (dx, grads), on the
-    path the layer takes (the fast path by default; see tests/test_dispatch.py)."""
+    path the layer takes (tests/test_dispatch.py)."""
     p, path = layer.params, layer.compute_path()
     if isinstance(layer, nn.Conv2d):
         y, c = nn.conv2d_forward(x, p["w"], p.get("b"), stride=layer.stride,
@@ -124,10 +124,12 @@ CASES = [  # (id, make(xp, bias), x_shape); bias matters for conv and linear onl
 ]
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize(("make", "x_shape"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_layer_equals_its_pure_functions(xp, make, x_shape, bias):
+def test_layer_equals_its_pure_functions(xp, make, x_shape, bias, path):
     layer = make(xp, bias)
+    layer.path = path
     rng = np.random.default_rng(1)
     x = xp.asarray(rng.standard_normal(x_shape))
     y = layer.forward(x, training=True)

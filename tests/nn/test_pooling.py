@@ -135,6 +135,22 @@ def test_max_pool_propagates_nan():
     assert np.isnan(y[0, 0, 0, 0]) and np.isfinite(y[0, 0, 1:, :]).all()
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_max_pool_sends_dy_to_the_first_nan_where_pytorch_sends_it_to_the_last(path):
+    """The conventions page: a window with two NaN (row-major positions 0 and 2) outputs NaN;
+    refnorm's dy goes to the first, PyTorch's CPU kernel's to the last."""
+    x = np.array([[[[np.nan, 1.0], [np.nan, 2.0]]]])
+    y, cache = max_pool2d_forward(x, kernel_size=2, path=path)
+    assert np.isnan(y).all()
+    dx = max_pool2d_backward(np.full(y.shape, 3.0), cache, path=path)
+    np.testing.assert_array_equal(dx, [[[[3.0, 0.0], [0.0, 0.0]]]])
+    torch = pytest.importorskip("torch")
+    xt = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.max_pool2d(xt, 2).backward(torch.full((1, 1, 1, 1), 3.0,
+                                                               dtype=torch.float64))
+    np.testing.assert_array_equal(xt.grad.numpy(), [[[[0.0, 0.0], [3.0, 0.0]]]])
+
+
 def test_avg_pool_backward_spreads_dy_evenly():
     # 2x2 windows, stride 1, over a 3x3 input: position (p, q) is in as many windows as
     # col2im counts, each contributing dy / 4.

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import refnorm
 from refnorm.backend import to_numpy
-from refnorm.norms.switchable import (
+from refnorm.norms.switchable_norm import (
     SwitchableOptions,
     switchable_norm_backward,
     switchable_norm_forward,
@@ -103,7 +103,7 @@ def test_sync_batch_norm_equals_one_device(run, case, data):
 def test_sync_switchable_norm_equals_one_device(run, case, data):
     sizes, x, dy = two_devices(case)
     options = SwitchableOptions(("in", "ln", "bn"), in_correction=0, hard=False)
-    assume(np.prod(x.shape[2:]) >= 2)  # IN needs two values per plane (test_switchable.py)
+    assume(np.prod(x.shape[2:]) >= 2)  # IN needs two values per plane (sync/test_switchable.py)
     params = channel_params(data.draw, x.shape[1], K=3)
 
     def device(comm, xs, dys):

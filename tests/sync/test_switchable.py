@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import refnorm
 from refnorm.gradcheck import check_layer
-from refnorm.norms.switchable import (
+from refnorm.norms.switchable_norm import (
     SwitchableOptions,
     switchable_norm_backward,
     switchable_norm_forward,
@@ -35,7 +35,7 @@ def sn_options(draw):
 def test_sync_switchable_norm_equals_one_device(case, options, data):
     sizes, x, dy = case
     S = int(np.prod(x.shape[2:]))
-    # configurations single-device SN refuses (tests/norms/test_switchable.py)
+    # configurations single-device SN refuses (tests/norms/test_switchable_norm.py)
     assume("in" not in options.scopes or S >= 2)
     assume(options.in_correction == 0 or S >= 2)
     assume("ln" not in options.scopes or x.shape[1] * S >= 2)

@@ -47,3 +47,20 @@ def test_the_model_computes_in_its_dtype():
     model = build_model(train_config, data)
     assert data.x_train.dtype == np.float32
     assert model.forward(data.x_train[:4], training=True).dtype == np.float64
+
+
+def test_the_trainer_asks_for_the_fast_path_unless_the_process_chose(monkeypatch):
+    """Layers default to the reference (tests/test_dispatch.py); the trainer's model asks for
+    the fast path, and ``--path`` / ``REFNORM_PATH`` (the process-wide choice) overrides it."""
+    monkeypatch.delenv("REFNORM_PATH", raising=False)
+    study = StudyConfig(methods=("gn+ws",), batch_sizes=(4,), update_size=4, epochs=1,
+                        train_subset=8, seeds=(0,))
+    (config,) = job_configs(study)
+    data = prepare_data(config)
+    assert {layer.compute_path() for layer in build_model(config, data).layers()} == {"fast"}
+    with use_path("reference"):
+        model = build_model(config, data)
+    assert {layer.compute_path() for layer in model.layers()} == {"reference"}
+    monkeypatch.setenv("REFNORM_PATH", "reference")
+    assert {layer.compute_path() for layer in build_model(config, data).layers()} == {
+        "reference"}

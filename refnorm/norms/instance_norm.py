@@ -8,6 +8,8 @@ Statistics per sample and per channel over the spatial axes, as written in Luo e
 Undefined for (N, C) inputs (one value per statistic). Running statistics are optional and
 off by default, as in PyTorch's ``InstanceNorm2d``: without them inference uses each
 instance's own statistics, exactly as training does.
+
+The fast path (:mod:`refnorm.dispatch`) is at the end of the file.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from refnorm.core.checks import (
 )
 from refnorm.core.running import update_running_stats
 from refnorm.core.standardize import standardize_backward
-from refnorm.dispatch import fast_norms, runs_fast
+from refnorm.dispatch import dispatched
+from refnorm.kernels import norms as kernels
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm, cast_grads, frozen_statistics, upstream
 
@@ -62,8 +65,9 @@ class InstanceNormCache:
     param_dtype: Any
 
 
+@dispatched
 def instance_norm_forward(
-    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5, path: str | None = None
+    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5
 ) -> tuple[Array, InstanceNormCache]:
     """Instance Normalization with each instance's own statistics.
 
@@ -74,7 +78,7 @@ def instance_norm_forward(
     gamma, beta : arrays, (C,)
     eps : float, > 0
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
         choice, else the reference.
 
     Returns
@@ -86,17 +90,15 @@ def instance_norm_forward(
     reduce_axes = tuple(range(2, x.ndim))                        # (2, 3, ...): spatial
     check_count(reduced_count(x.shape, reduce_axes),
                 what="instance normalization", shape=x.shape)
-    if runs_fast(path, x):                                       # the same, fused: kernels/
-        y, x_hat, mu, var, rstd = fast_norms().in_forward(x, gamma_c, beta_c, eps)
-        return y, InstanceNormCache(x_hat, rstd, gamma_c, mu, var, reduce_axes, x.dtype,
-                                    gamma.dtype)
     mu, var = moments(xc, reduce_axes)                           # (N, C, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
-    cache = InstanceNormCache(x_hat, rstd, gamma_c, mu, var, reduce_axes, x.dtype, gamma.dtype)
+    cache = InstanceNormCache(x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
+                              reduce_axes=reduce_axes, x_dtype=x.dtype, param_dtype=gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
+@dispatched
 def instance_norm_eval_forward(
     x: Array,
     gamma: Array,
@@ -113,6 +115,8 @@ def instance_norm_eval_forward(
     x : array, (N, C, *spatial)
     gamma, beta, running_mean, running_var : arrays, (C,)
     eps : float, > 0
+    path : {"reference", "fast"}, optional
+        As in :func:`instance_norm_forward`.
 
     Returns
     -------
@@ -123,13 +127,13 @@ def instance_norm_eval_forward(
     mu, var = frozen_statistics(running_mean, running_var, like=xc)  # (1, C, 1, 1)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
-    cache = InstanceNormCache(x_hat, rstd, gamma_c, mu, var, (), x.dtype, gamma.dtype)
+    cache = InstanceNormCache(x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
+                              reduce_axes=(), x_dtype=x.dtype, param_dtype=gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
-def instance_norm_backward(
-    dy: Array, cache: InstanceNormCache, *, path: str | None = None
-) -> tuple[Array, Array, Array]:
+@dispatched
+def instance_norm_backward(dy: Array, cache: InstanceNormCache) -> tuple[Array, Array, Array]:
     """Closed-form backward of either Instance Normalization forward.
 
     With instance statistics, per (n, c) over the spatial axes (2, 3, ...),
@@ -144,10 +148,6 @@ def instance_norm_backward(
     """
     check_cache(cache, InstanceNormCache)
     xp, dy_c = upstream(dy, cache.x_hat)
-    if cache.reduce_axes and runs_fast(path, dy_c):              # the same, fused: kernels/
-        dx, dgamma, dbeta = fast_norms().in_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
-        return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype,
-                          param_dtype=cache.param_dtype)
     dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
     if cache.reduce_axes:                                        # (2, 3): instance statistics
         dx = standardize_backward(dx_hat, cache.x_hat, cache.rstd, cache.reduce_axes)
@@ -168,7 +168,7 @@ class InstanceNorm(ChannelNorm):
         instance variances, as PyTorch does) and use them at inference.
     momentum : float, default 0.1
         Weight of the new batch, used only with ``track_running_stats``.
-    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.layer.Layer`
     """
 
     check_cases = (
@@ -203,7 +203,8 @@ class InstanceNorm(ChannelNorm):
         gamma, beta = self.params["gamma"], self.params["beta"]
         if not training and self.track_running_stats:
             stats = (self.state["running_mean"], self.state["running_var"])
-            return instance_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
+            return instance_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps,
+                                              path=self.compute_path())
         y, cache = instance_norm_forward(x, gamma, beta, eps=self.eps, path=self.compute_path())
         if training and self.track_running_stats:
             xp, C = self.xp, self.num_channels
@@ -219,3 +220,41 @@ class InstanceNorm(ChannelNorm):
     def _backward(self, dy: Array, cache: InstanceNormCache) -> tuple[Array, dict[str, Array]]:
         dx, dgamma, dbeta = instance_norm_backward(dy, cache, path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+# -- the fast path: the same checks, then the fused loops ----------------------------------------
+
+
+@instance_norm_forward.fast
+def _instance_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
+                                eps: float = 1e-5) -> tuple[Array, InstanceNormCache]:
+    _, _, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps, min_ndim=3)
+    reduce_axes = tuple(range(2, x.ndim))
+    check_count(reduced_count(x.shape, reduce_axes),
+                what="instance normalization", shape=x.shape)
+    k = kernels.in_forward(x, gamma_c, beta_c, eps)
+    return k.y, InstanceNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=k.mean,
+                                  var=k.var, reduce_axes=reduce_axes, x_dtype=x.dtype,
+                                  param_dtype=gamma.dtype)
+
+
+@instance_norm_backward.fast
+def _instance_norm_backward_fast(dy: Array, cache: InstanceNormCache) -> tuple[Array, Array, Array]:
+    check_cache(cache, InstanceNormCache)
+    xp, dy_c = upstream(dy, cache.x_hat)
+    backward = kernels.in_backward if cache.reduce_axes else kernels.eval_backward
+    g = backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
+    return cast_grads(xp, g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
+                      param_dtype=cache.param_dtype)
+
+
+@instance_norm_eval_forward.fast
+def _instance_norm_eval_forward_fast(
+    x: Array, gamma: Array, beta: Array, running_mean: Array, running_var: Array, *,
+    eps: float = 1e-5,
+) -> tuple[Array, InstanceNormCache]:
+    _, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps, min_ndim=3)
+    mu, var = frozen_statistics(running_mean, running_var, like=xc)  # (1, C, 1, 1)
+    k = kernels.eval_forward(x, gamma_c, beta_c, mu, var, eps)
+    return k.y, InstanceNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=mu, var=var,
+                                  reduce_axes=(), x_dtype=x.dtype, param_dtype=gamma.dtype)

@@ -1,4 +1,5 @@
-"""The layer interface and the registry, the same for every registered normalizer."""
+"""The activation normalizers' layers (ChannelNorm, refnorm/norms/base.py): the same interface
+and checks for every registered normalizer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 
 import refnorm
-from refnorm import registry
 from refnorm.gradcheck import check_layer, check_registered
 
 NAMES = ["bn", "in", "ln", "gn"]
@@ -17,27 +17,6 @@ NAMES = ["bn", "in", "ln", "gn"]
 def build(name, C=4, **kw):
     options = {"num_groups": 2} if name == "gn" else {}
     return refnorm.build(name, C, **options, **kw)
-
-
-def test_registry_lists_the_four_methods_in_order():
-    assert registry.names()[:4] == tuple(NAMES)
-
-
-def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown layer 'xn'; expected one of bn, in, ln, gn"):
-        refnorm.build("xn", 4)
-
-
-def test_every_registered_name_builds_a_layer_of_its_class():
-    for name in registry.names():
-        cls = registry.layer_class(name)
-        assert registry.name_of(cls) == name
-        assert issubclass(cls, refnorm.layer.Layer)
-
-
-def test_a_class_outside_the_table_has_no_name():
-    with pytest.raises(ValueError, match="not a registered layer"):
-        registry.name_of(type("Other", (), {}))
 
 
 @pytest.mark.parametrize("path", ["reference", "fast"])

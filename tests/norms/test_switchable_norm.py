@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 import refnorm
 from refnorm.backend import to_numpy
 from refnorm.gradcheck import check_vjp
-from refnorm.norms.switchable import (
+from refnorm.norms.switchable_norm import (
     SCOPES,
     SwitchableOptions,
     scope_moments,

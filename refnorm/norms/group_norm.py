@@ -8,6 +8,8 @@ sample and per group over the group's channels and the spatial axes:
 
 G = 1 is Layer Normalization and G = C is Instance Normalization (the tests hold both). The
 Weight Standardization paper (Qiao et al.) pairs it with WS for micro-batch training.
+
+The fast path (:mod:`refnorm.dispatch`) is at the end of the file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from refnorm.backend import Array
 from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
 from refnorm.core.checks import check_cache, check_count, is_int, prepare_channel_norm
 from refnorm.core.standardize import standardize_backward
-from refnorm.dispatch import fast_norms, runs_fast
+from refnorm.dispatch import dispatched
+from refnorm.kernels import norms as kernels
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm, cast_grads, upstream
 
@@ -70,9 +73,9 @@ def check_groups(num_groups: object, num_channels: int) -> int:
     return G
 
 
+@dispatched
 def group_norm_forward(
-    x: Array, gamma: Array, beta: Array, *, num_groups: int, eps: float = 1e-5,
-    path: str | None = None,
+    x: Array, gamma: Array, beta: Array, *, num_groups: int, eps: float = 1e-5
 ) -> tuple[Array, GroupNormCache]:
     """Group Normalization.
 
@@ -84,7 +87,7 @@ def group_norm_forward(
         G, a divisor of C.
     eps : float, > 0
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
         choice, else the reference.
 
     Returns
@@ -99,21 +102,18 @@ def group_norm_forward(
     reduce_axes = tuple(range(2, len(view_shape)))               # (2, 3, ...): C/G and spatial
     check_count(reduced_count(view_shape, reduce_axes),
                 what="group normalization", shape=x.shape)
-    if runs_fast(path, x):                                       # the same, fused: kernels/
-        y, x_hat, mu, var, rstd = fast_norms().gn_forward(x, gamma_c, beta_c, eps, num_groups)
-        return y, GroupNormCache(x_hat, rstd, gamma_c, mu, var, num_groups, x.dtype, gamma.dtype)
     xg = xp.reshape(xc, view_shape)                              # (N, G, C/G, H, W)
     mu, var = moments(xg, reduce_axes)                           # (N, G, 1, 1, 1)
     x_hat_g, rstd = standardize(xg, mu, var, eps=eps)            # (N, G, C/G, H, W)
     x_hat = xp.reshape(x_hat_g, x.shape)                         # (N, C, H, W)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
-    cache = GroupNormCache(x_hat, rstd, gamma_c, mu, var, num_groups, x.dtype, gamma.dtype)
+    cache = GroupNormCache(x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
+                           num_groups=num_groups, x_dtype=x.dtype, param_dtype=gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
-def group_norm_backward(
-    dy: Array, cache: GroupNormCache, *, path: str | None = None
-) -> tuple[Array, Array, Array]:
+@dispatched
+def group_norm_backward(dy: Array, cache: GroupNormCache) -> tuple[Array, Array, Array]:
     """Closed-form backward of :func:`group_norm_forward`, taken in the grouped view.
 
     Per sample and group, over the group's channels and the spatial axes (2, 3, ... of the
@@ -128,10 +128,6 @@ def group_norm_backward(
     """
     check_cache(cache, GroupNormCache)
     xp, dy_c = upstream(dy, cache.x_hat)
-    if runs_fast(path, dy_c):                                    # the same, fused: kernels/
-        dx, dgamma, dbeta = fast_norms().gn_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
-        return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype,
-                          param_dtype=cache.param_dtype)
     dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
     N, C = dy_c.shape[:2]
     view_shape = (N, cache.num_groups, C // cache.num_groups) + tuple(dy_c.shape[2:])
@@ -152,7 +148,7 @@ class GroupNorm(ChannelNorm):
         G, a divisor of ``num_channels`` (32 is the GN paper's default; smaller networks
         need a smaller G).
     eps : float, default 1e-5
-    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.layer.Layer`
     """
 
     check_cases = (
@@ -183,3 +179,30 @@ class GroupNorm(ChannelNorm):
     def _backward(self, dy: Array, cache: GroupNormCache) -> tuple[Array, dict[str, Array]]:
         dx, dgamma, dbeta = group_norm_backward(dy, cache, path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+# -- the fast path: the same checks, then the fused loops ----------------------------------------
+
+
+@group_norm_forward.fast
+def _group_norm_forward_fast(x: Array, gamma: Array, beta: Array, *, num_groups: int,
+                             eps: float = 1e-5) -> tuple[Array, GroupNormCache]:
+    _, _, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    N, C = x.shape[:2]
+    num_groups = check_groups(num_groups, C)
+    view_shape = (N, num_groups, C // num_groups) + tuple(x.shape[2:])
+    check_count(reduced_count(view_shape, tuple(range(2, len(view_shape)))),
+                what="group normalization", shape=x.shape)
+    k = kernels.gn_forward(x, gamma_c, beta_c, eps, num_groups)
+    return k.y, GroupNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=k.mean,
+                               var=k.var, num_groups=num_groups, x_dtype=x.dtype,
+                               param_dtype=gamma.dtype)
+
+
+@group_norm_backward.fast
+def _group_norm_backward_fast(dy: Array, cache: GroupNormCache) -> tuple[Array, Array, Array]:
+    check_cache(cache, GroupNormCache)
+    xp, dy_c = upstream(dy, cache.x_hat)
+    g = kernels.gn_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
+    return cast_grads(xp, g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
+                      param_dtype=cache.param_dtype)

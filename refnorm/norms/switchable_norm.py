@@ -31,6 +31,10 @@ PyTorch's momentum convention) or the paper's *batch average* computed after tra
 
 Inputs are (N, C, *spatial), viewed as (N, C, S) with S the number of spatial positions;
 (N, C) inputs have S = 1 and only the LN and BN scopes are defined for them.
+
+The file reads in the paper's order: the options and their checks, the cache, the forward
+(Eq. 3-5), the backward of Appendix A (Eq. 6-14), the compact backward, the layer; the fast
+path (:mod:`refnorm.dispatch`) comes last.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core import affine_forward, standardize
@@ -51,12 +55,16 @@ from refnorm.core.checks import (
     prepare_channel_norm,
 )
 from refnorm.core.moments import check_variance_finite
-from refnorm.core.running import update_running_stats
-from refnorm.dispatch import fast_norms, runs_fast
+from refnorm.core.running import BatchStatistics, update_running_stats
+from refnorm.dispatch import dispatched
+from refnorm.kernels import norms as kernels
 from refnorm.norms.base import ChannelNorm, CheckCase
 
 SCOPES = ("in", "ln", "bn")
 INFERENCE_MODES = ("moving_average", "batch_average")
+
+
+# -- options, and the checks of the arguments against them -----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,52 @@ class SwitchableOptions:
 
 
 DEFAULT_OPTIONS = SwitchableOptions()
+
+
+def _prepare(x: Array, gamma: Array, beta: Array, logits: tuple[Array, Array], *,
+             eps: float, options: SwitchableOptions) -> tuple[ModuleType, Array]:
+    """Check the arguments; return the namespace and the (N, C, S) view in compute dtype."""
+    if not isinstance(options, SwitchableOptions):
+        raise TypeError(f"options must be a SwitchableOptions; got {type(options).__name__}")
+    xp, xc, _, _ = prepare_channel_norm(x, gamma, beta, eps=eps)
+    K = len(options.scopes)
+    for name, value in zip(("mean_logits", "var_logits"), logits, strict=True):
+        check_float_array(name, value)
+        if tuple(value.shape) != (K,):
+            raise ValueError(
+                f"{name} must have shape ({K},), one control parameter per scope; "
+                f"got shape {tuple(value.shape)}")
+    N, C = x.shape[:2]
+    h = xp.reshape(xc, (N, C, math.prod(x.shape[2:])))           # (N, C, S)
+    return xp, xp.asarray(h, copy=True)  # the cache keeps h: never a view of the caller's x
+
+
+def check_scope_counts(shape: tuple[int, ...], options: SwitchableOptions, *,
+                       with_bn: bool) -> None:
+    """Check that every statistic used covers more than one value.
+
+    ``with_bn=False`` skips the BN scope: population statistics at inference, or a
+    synchronized BN scope that its caller checks after pooling the devices.
+    """
+    N, C = shape[:2]
+    S = math.prod(shape[2:])
+    if S - options.in_correction < 1:
+        raise ValueError(
+            f"in_correction=1 (unbiased IN variance) needs more than one spatial position; "
+            f"x of shape {tuple(shape)} has {S}")
+    counts = {"in": S, "ln": C * S, "bn": N * S}
+    for scope in options.scopes:
+        if scope == "bn" and not with_bn:
+            continue
+        if counts[scope] < 2:
+            hint = (" (use scopes=('ln', 'bn') for (N, C) inputs; the official code returns NaN"
+                    " for IN on 1x1 maps)" if scope == "in" else "")
+            raise ValueError(
+                f"the {scope.upper()} scope needs more than 1 value per statistic; x of shape "
+                f"{tuple(shape)} gives {counts[scope]}{hint}")
+
+
+# -- the cache, and what the backward returns ------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -141,7 +195,29 @@ class SwitchableNormCache:
     logit_dtype: Any
 
 
-# -- statistics, Eq. (4), and ratios, Eq. (5) ------------------------------------------------
+class SwitchableNormGrads(NamedTuple):
+    """What SN's backward returns: ``dx`` and the gradient of every parameter, by name.
+
+    Attributes
+    ----------
+    dx : array, (N, C, *spatial), dtype of ``x``
+    dgamma, dbeta : arrays, (C,), dtype of ``gamma``
+    dmean_logits, dvar_logits : arrays, (K,), dtype of the control parameters
+    """
+
+    dx: Array
+    dgamma: Array
+    dbeta: Array
+    dmean_logits: Array
+    dvar_logits: Array
+
+    def params(self) -> dict[str, Array]:
+        """The parameter gradients under the names of the layer's ``params``."""
+        return {"gamma": self.dgamma, "beta": self.dbeta, "mean_logits": self.dmean_logits,
+                "var_logits": self.dvar_logits}
+
+
+# -- forward: statistics, Eq. (4); ratios, Eq. (5); normalization, Eq. (3) -------------------------
 
 
 def in_moments(h: Array, *, in_correction: int = 0) -> tuple[Array, Array]:
@@ -226,105 +302,6 @@ def mix(w: Array, stats: dict[str, Array], scopes: tuple[str, ...]) -> Array:
     return total
 
 
-# -- forward -----------------------------------------------------------------------------------
-
-
-def switchable_norm_forward(
-    x: Array,
-    gamma: Array,
-    beta: Array,
-    mean_logits: Array,
-    var_logits: Array,
-    *,
-    eps: float = 1e-5,
-    options: SwitchableOptions = DEFAULT_OPTIONS,
-    path: str | None = None,
-) -> tuple[Array, SwitchableNormCache]:
-    """Switchable Normalization in training: every scope uses this batch's statistics.
-
-    Parameters
-    ----------
-    x : array, (N, C, *spatial)
-    gamma, beta : arrays, (C,)
-    mean_logits, var_logits : arrays, (K,)
-        The control parameters ``lambda`` and ``lambda'``, one per scope of ``options``.
-    eps : float, > 0
-    options : SwitchableOptions
-    path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
-        choice, else the reference.
-
-    Returns
-    -------
-    y : array, ``x.shape``
-    cache : SwitchableNormCache
-    """
-    xp, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
-    check_scope_counts(x.shape, options, with_bn=True)
-    if runs_fast(path, x):                                       # the same, fused: kernels/
-        return _fast_forward(x, h, (gamma, beta), (mean_logits, var_logits), eps=eps,
-                             options=options)
-    mu, var = scope_moments(h, options)                          # Eq. (4)
-    return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),
-                      (mu, var, False), eps=eps, options=options)
-
-
-def switchable_norm_eval_forward(
-    x: Array,
-    gamma: Array,
-    beta: Array,
-    mean_logits: Array,
-    var_logits: Array,
-    running_mean: Array,
-    running_var: Array,
-    *,
-    eps: float = 1e-5,
-    options: SwitchableOptions = DEFAULT_OPTIONS,
-) -> tuple[Array, SwitchableNormCache]:
-    """Switchable Normalization with given BN-scope statistics (inference).
-
-    IN and LN statistics are still computed per sample. ``running_mean`` and
-    ``running_var``, (C,), are the population statistics (moving average or
-    :func:`refnorm.inference.batch_average`); the backward treats them as constants.
-    Synchronized SN (:func:`refnorm.sync.switchable.sync_switchable_norm_forward`) passes
-    the statistics pooled over all devices here. Other arguments as in
-    :func:`switchable_norm_forward`.
-    """
-    xp, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
-    check_scope_counts(x.shape, options, with_bn=False)
-    mu_in, var_in = in_moments(h, in_correction=options.in_correction)   # Eq. (4)
-    mu_ln, var_ln = pool_in_moments(mu_in, var_in, axis=1)                # Eq. (4)
-    C = x.shape[1]
-    check_channel_param("running_mean", running_mean, C)
-    check_channel_param("running_var", running_var, C)
-    if bool(xp.any(running_var < 0)):
-        raise ValueError("running_var must be >= 0 everywhere; got a negative entry")
-    mu = {"in": mu_in, "ln": mu_ln,
-          "bn": xp.reshape(xp.astype(running_mean, h.dtype), (1, C, 1))}     # (1, C, 1)
-    var = {"in": var_in, "ln": var_ln,
-           "bn": xp.reshape(xp.astype(running_var, h.dtype), (1, C, 1))}     # (1, C, 1)
-    return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),
-                      (mu, var, True), eps=eps, options=options)
-
-
-def _prepare(x: Array, gamma: Array, beta: Array, logits: tuple[Array, Array], *,
-             eps: float, options: SwitchableOptions) -> tuple[ModuleType, Array]:
-    """Check the arguments; return the namespace and the (N, C, S) view in compute dtype."""
-    if not isinstance(options, SwitchableOptions):
-        raise TypeError(f"options must be a SwitchableOptions; got {type(options).__name__}")
-    xp, xc, _, _ = prepare_channel_norm(x, gamma, beta, eps=eps)
-    K = len(options.scopes)
-    for name, value in zip(("mean_logits", "var_logits"), logits, strict=True):
-        check_float_array(name, value)
-        if tuple(value.shape) != (K,):
-            raise ValueError(
-                f"{name} must have shape ({K},), one control parameter per scope; "
-                f"got shape {tuple(value.shape)}")
-    N, C = x.shape[:2]
-    h = xp.reshape(xc, (N, C, math.prod(x.shape[2:])))           # (N, C, S)
-    return xp, xp.asarray(h, copy=True)  # the cache keeps h: never a view of the caller's x
-
-
 def _normalize(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Array, Array],
                stats: tuple[dict, dict, bool], *, eps: float,
                options: SwitchableOptions) -> tuple[Array, SwitchableNormCache]:
@@ -349,52 +326,88 @@ def _normalize(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Ar
     return xp.astype(y, x.dtype, copy=False), cache
 
 
-def _fast_forward(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Array, Array],
-                  *, eps: float, options: SwitchableOptions) -> tuple[Array, SwitchableNormCache]:
-    """:func:`switchable_norm_forward` by :func:`refnorm.kernels.norms.sn_forward`."""
-    xp = array_namespace(h)
-    (gamma, beta), (mean_logits, var_logits) = params, logits
-    w_mean = ratios(xp.astype(mean_logits, h.dtype), hard=options.hard)  # (K,)  Eq. (5)
-    w_var = ratios(xp.astype(var_logits, h.dtype), hard=options.hard)    # (K,)  Eq. (5)
-    gamma_c, beta_c = xp.astype(gamma, h.dtype), xp.astype(beta, h.dtype)
-    y, h, x_hat, rstd, mu, var = fast_norms().sn_forward(
-        h, gamma_c, beta_c, w_mean, w_var, eps=eps, scopes=options.scopes,
-        in_correction=options.in_correction)
-    cache = SwitchableNormCache(
-        h=h, x_hat=x_hat, rstd=rstd, gamma=gamma_c, mu=mu, var=var,
-        w_mean=w_mean, w_var=w_var, bn_given=False, options=options,
-        x_shape=tuple(x.shape), x_dtype=x.dtype, param_dtype=gamma.dtype,
-        logit_dtype=mean_logits.dtype,
-    )
-    return xp.astype(xp.reshape(y, x.shape), x.dtype, copy=False), cache
+@dispatched
+def switchable_norm_forward(
+    x: Array,
+    gamma: Array,
+    beta: Array,
+    mean_logits: Array,
+    var_logits: Array,
+    *,
+    eps: float = 1e-5,
+    options: SwitchableOptions = DEFAULT_OPTIONS,
+) -> tuple[Array, SwitchableNormCache]:
+    """Switchable Normalization in training: every scope uses this batch's statistics.
 
+    Parameters
+    ----------
+    x : array, (N, C, *spatial)
+    gamma, beta : arrays, (C,)
+    mean_logits, var_logits : arrays, (K,)
+        The control parameters ``lambda`` and ``lambda'``, one per scope of ``options``.
+    eps : float, > 0
+    options : SwitchableOptions
+    path : {"reference", "fast"}, optional
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference.
 
-def check_scope_counts(shape: tuple[int, ...], options: SwitchableOptions, *,
-                       with_bn: bool) -> None:
-    """Check that every statistic used covers more than one value.
-
-    ``with_bn=False`` skips the BN scope: population statistics at inference, or a
-    synchronized BN scope that its caller checks after pooling the devices.
+    Returns
+    -------
+    y : array, ``x.shape``
+    cache : SwitchableNormCache
     """
-    N, C = shape[:2]
-    S = math.prod(shape[2:])
-    if S - options.in_correction < 1:
-        raise ValueError(
-            f"in_correction=1 (unbiased IN variance) needs more than one spatial position; "
-            f"x of shape {tuple(shape)} has {S}")
-    counts = {"in": S, "ln": C * S, "bn": N * S}
-    for scope in options.scopes:
-        if scope == "bn" and not with_bn:
-            continue
-        if counts[scope] < 2:
-            hint = (" (use scopes=('ln', 'bn') for (N, C) inputs; the official code returns NaN"
-                    " for IN on 1x1 maps)" if scope == "in" else "")
-            raise ValueError(
-                f"the {scope.upper()} scope needs more than 1 value per statistic; x of shape "
-                f"{tuple(shape)} gives {counts[scope]}{hint}")
+    xp, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
+    check_scope_counts(x.shape, options, with_bn=True)
+    mu, var = scope_moments(h, options)                          # Eq. (4)
+    return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),
+                      (mu, var, False), eps=eps, options=options)
 
 
-# -- backward, Appendix A ---------------------------------------------------------------------
+def _population(running_mean: Array, running_var: Array, *, like: Array) -> tuple[Array, Array]:
+    """Check the given BN-scope statistics (C,); view them as (1, C, 1) in ``like``'s dtype."""
+    xp, C = array_namespace(like), like.shape[1]
+    check_channel_param("running_mean", running_mean, C)
+    check_channel_param("running_var", running_var, C)
+    if bool(xp.any(running_var < 0)):
+        raise ValueError("running_var must be >= 0 everywhere; got a negative entry")
+    return (xp.reshape(xp.astype(running_mean, like.dtype), (1, C, 1)),
+            xp.reshape(xp.astype(running_var, like.dtype), (1, C, 1)))
+
+
+@dispatched
+def switchable_norm_eval_forward(
+    x: Array,
+    gamma: Array,
+    beta: Array,
+    mean_logits: Array,
+    var_logits: Array,
+    running_mean: Array,
+    running_var: Array,
+    *,
+    eps: float = 1e-5,
+    options: SwitchableOptions = DEFAULT_OPTIONS,
+) -> tuple[Array, SwitchableNormCache]:
+    """Switchable Normalization with given BN-scope statistics (inference).
+
+    IN and LN statistics are still computed per sample. ``running_mean`` and
+    ``running_var``, (C,), are the population statistics (moving average or
+    :func:`refnorm.inference.batch_average`); the backward treats them as constants.
+    Synchronized SN (:func:`refnorm.sync.switchable.sync_switchable_norm_forward`) passes
+    the statistics pooled over all devices here. Other arguments (``path`` too) as in
+    :func:`switchable_norm_forward`.
+    """
+    xp, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
+    check_scope_counts(x.shape, options, with_bn=False)
+    mu_bn, var_bn = _population(running_mean, running_var, like=h)       # (1, C, 1)
+    mu_in, var_in = in_moments(h, in_correction=options.in_correction)   # Eq. (4)
+    mu_ln, var_ln = pool_in_moments(mu_in, var_in, axis=1)                # Eq. (4)
+    mu = {"in": mu_in, "ln": mu_ln, "bn": mu_bn}
+    var = {"in": var_in, "ln": var_ln, "bn": var_bn}
+    return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),
+                      (mu, var, True), eps=eps, options=options)
+
+
+# -- backward, Appendix A: Eq. (6)-(8), (9), (10)-(11), (12)-(14) ----------------------------------
 
 
 def backward_view(dy: Array, cache: SwitchableNormCache) -> tuple[ModuleType, Array]:
@@ -426,80 +439,6 @@ def statistic_gradients(dy: Array, cache: SwitchableNormCache) -> tuple[Array, A
     dvar = -0.5 * rstd * rstd * xp.sum(dx_tilde * cache.x_hat, axis=2, keepdims=True)  # Eq. (7)
     dmu = -rstd * xp.sum(dx_tilde, axis=2, keepdims=True)                   # Eq. (8)
     return dx_tilde, dvar, dmu
-
-
-def switchable_norm_backward(
-    dy: Array, cache: SwitchableNormCache, *, path: str | None = None
-) -> tuple[Array, Array, Array, Array, Array]:
-    """Backward of SN written from Appendix A (single GPU), Eq. (6)-(14), in its order.
-
-    The appendix ties the ratios (``w_k`` on both the means and the variances). With
-    separate ratios every variance term takes ``w'_k`` where the printed form has ``w_k``,
-    and the control-parameter gradients split into a mean part (``S_k`` from dL/dmu) for
-    ``lambda`` and a variance part (``S'_k`` from dL/dsigma^2) for ``lambda'``; tied ratios
-    add the two parts back into the printed Eq. (12)-(14).
-
-    Parameters
-    ----------
-    dy : array, (N, C, *spatial)
-    cache : SwitchableNormCache
-    path : {"reference", "fast"}, optional
-        As in :func:`switchable_norm_forward`; the fast path computes the compact form
-        (:func:`switchable_norm_backward_compact`) fused, in training.
-
-    Returns
-    -------
-    dx : array, (N, C, *spatial)
-    dgamma, dbeta : arrays, (C,)
-    dmean_logits, dvar_logits : arrays, (K,)
-        Zero with hard ratios (the argmax has no gradient).
-    """
-    xp, dy_v = backward_view(dy, cache)
-    if not cache.bn_given and runs_fast(path, dy_v):             # the same, fused: kernels/
-        o = cache.options
-        grads = fast_norms().sn_backward(
-            dy_v, cache.x_hat, cache.rstd, cache.gamma, (cache.mu, cache.var),
-            (cache.w_mean, cache.w_var), scopes=o.scopes, in_correction=o.in_correction,
-            hard=o.hard)
-        return cast_gradients(cache, grads[0], grads[1:3], grads[3:5])
-    c, scopes = cache, cache.options.scopes
-    N, C, S = c.h.shape
-    wm = {k: c.w_mean[i] for i, k in enumerate(scopes)}     # w_k  (means)
-    wv = {k: c.w_var[i] for i, k in enumerate(scopes)}      # w'_k (variances)
-    # scopes whose statistics depend on h (population BN statistics do not)
-    live = [k for k in scopes if not (k == "bn" and c.bn_given)]
-
-    def dsigma2_k_dh(k: str) -> Array:  # the printed 2 (h - mu_k) / |I_k|, (N, C, S)
-        groups = {"in": 1, "ln": C, "bn": N}[k]
-        return scope_variance_derivative(c.h, c.mu["in"], c.mu[k], groups=groups,
-                                         in_correction=c.options.in_correction)
-
-    dx_tilde, dvar, dmu = statistic_gradients(dy_v, c)                  # Eq. (6), (7), (8)
-    # Eq. (9), term by term as printed (variance terms with w'_k):
-    dh = dx_tilde * c.rstd                                              # Eq. (9) dL/dh~ / sqrt
-    if "in" in live:
-        dh = dh + wv["in"] * dsigma2_k_dh("in") * dvar                  # Eq. (9) 2w(h-mu_in)/HW
-    if "ln" in live:
-        sum_c = xp.sum(dvar, axis=1, keepdims=True)                     # (N, 1, 1)
-        dh = dh + wv["ln"] * dsigma2_k_dh("ln") * sum_c                 # Eq. (9) 2w(h-mu_ln)/CHW
-    if "bn" in live:
-        sum_n = xp.sum(dvar, axis=0, keepdims=True)                     # (1, C, 1)
-        dh = dh + wv["bn"] * dsigma2_k_dh("bn") * sum_n                 # Eq. (9) 2w(h-mu_bn)/NHW
-    if "in" in live:
-        dh = dh + wm["in"] / S * dmu                                    # Eq. (9) w_in / HW
-    if "ln" in live:
-        dh = dh + wm["ln"] / (C * S) * xp.sum(dmu, axis=1, keepdims=True)   # Eq. (9) w_ln / CHW
-    if "bn" in live:
-        dh = dh + wm["bn"] / (N * S) * xp.sum(dmu, axis=0, keepdims=True)   # Eq. (9) w_bn / NHW
-    # Eq. (10)-(11), per-channel gamma and beta: sums over (n, i, j), not over c (errata)
-    dgamma = xp.sum(dy_v * c.x_hat, axis=(0, 2))                       # (C,)  Eq. (10)
-    dbeta = xp.sum(dy_v, axis=(0, 2))                                  # (C,)  Eq. (11)
-    # Eq. (12)-(14): S_k = sum_nc dL/dmu_nc mu_k (means), sum_nc dL/dsigma^2_nc sigma^2_k (vars)
-    s_mean = [xp.sum(dmu * c.mu[k]) for k in scopes]                   # Eq. (12)-(14) S_k
-    s_var = [xp.sum(dvar * c.var[k]) for k in scopes]                  # Eq. (12)-(14) S'_k
-    dmean_logits = ratio_gradients(c.w_mean, s_mean, hard=c.options.hard)  # Eq. (12)-(14)
-    dvar_logits = ratio_gradients(c.w_var, s_var, hard=c.options.hard)     # Eq. (12)-(14)
-    return cast_gradients(c, dh, (dgamma, dbeta), (dmean_logits, dvar_logits))
 
 
 def scope_variance_derivative(h: Array, mu_in: Array, mu_k: Array, *, groups: int,
@@ -561,22 +500,84 @@ def ratio_gradients(w: Array, s: list[Array], *, hard: bool = False) -> Array:
 
 
 def cast_gradients(cache: SwitchableNormCache, dh: Array, affine: tuple[Array, Array],
-                   dlogits: tuple[Array, Array]) -> tuple[Array, Array, Array, Array, Array]:
-    """``(dx, dgamma, dbeta, dmean_logits, dvar_logits)`` in the shapes and dtypes of the
-    forward's arguments."""
+                   dlogits: tuple[Array, Array]) -> SwitchableNormGrads:
+    """The gradients in the shapes and dtypes of the forward's arguments."""
     xp = array_namespace(dh)
     dx = xp.astype(xp.reshape(dh, cache.x_shape), cache.x_dtype, copy=False)
     dgamma, dbeta = (xp.astype(g, cache.param_dtype, copy=False) for g in affine)
     dml, dvl = (xp.astype(g, cache.logit_dtype, copy=False) for g in dlogits)
-    return dx, dgamma, dbeta, dml, dvl
+    return SwitchableNormGrads(dx=dx, dgamma=dgamma, dbeta=dbeta, dmean_logits=dml,
+                               dvar_logits=dvl)
 
 
-# -- backward, compact ------------------------------------------------------------------------
+@dispatched
+def switchable_norm_backward(dy: Array, cache: SwitchableNormCache) -> SwitchableNormGrads:
+    """Backward of SN written from Appendix A (single GPU), Eq. (6)-(14), in its order.
+
+    The appendix ties the ratios (``w_k`` on both the means and the variances). With
+    separate ratios every variance term takes ``w'_k`` where the printed form has ``w_k``,
+    and the control-parameter gradients split into a mean part (``S_k`` from dL/dmu) for
+    ``lambda`` and a variance part (``S'_k`` from dL/dsigma^2) for ``lambda'``; tied ratios
+    add the two parts back into the printed Eq. (12)-(14).
+
+    Parameters
+    ----------
+    dy : array, (N, C, *spatial)
+    cache : SwitchableNormCache
+    path : {"reference", "fast"}, optional
+        As in :func:`switchable_norm_forward`; the fast path computes the compact form
+        (:func:`switchable_norm_backward_compact`) fused, on training and inference caches.
+
+    Returns
+    -------
+    SwitchableNormGrads
+        ``dx`` (N, C, *spatial); ``dgamma``, ``dbeta`` (C,); ``dmean_logits``,
+        ``dvar_logits`` (K,), zero with hard ratios (the argmax has no gradient).
+    """
+    xp, dy_v = backward_view(dy, cache)
+    c, scopes = cache, cache.options.scopes
+    N, C, S = c.h.shape
+    wm = {k: c.w_mean[i] for i, k in enumerate(scopes)}     # w_k  (means)
+    wv = {k: c.w_var[i] for i, k in enumerate(scopes)}      # w'_k (variances)
+    # scopes whose statistics depend on h (population BN statistics do not)
+    live = [k for k in scopes if not (k == "bn" and c.bn_given)]
+    dx_tilde, dvar, dmu = statistic_gradients(dy_v, c)                  # Eq. (6), (7), (8)
+    # the printed d sigma_k^2 / dh = 2 (h - mu_k) / |I_k| of each live scope, (N, C, S)
+    groups = {"in": 1, "ln": C, "bn": N}                    # IN groups each statistic pools
+    dsigma2_dh = {k: scope_variance_derivative(c.h, c.mu["in"], c.mu[k], groups=groups[k],
+                                               in_correction=c.options.in_correction)
+                  for k in live}
+    # Eq. (9), term by term as printed (variance terms with w'_k):
+    dh = dx_tilde * c.rstd                                              # Eq. (9) dL/dh~ / sqrt
+    if "in" in live:
+        dh = dh + wv["in"] * dsigma2_dh["in"] * dvar                    # Eq. (9) 2w(h-mu_in)/HW
+    if "ln" in live:
+        sum_c = xp.sum(dvar, axis=1, keepdims=True)                     # (N, 1, 1)
+        dh = dh + wv["ln"] * dsigma2_dh["ln"] * sum_c                   # Eq. (9) 2w(h-mu_ln)/CHW
+    if "bn" in live:
+        sum_n = xp.sum(dvar, axis=0, keepdims=True)                     # (1, C, 1)
+        dh = dh + wv["bn"] * dsigma2_dh["bn"] * sum_n                   # Eq. (9) 2w(h-mu_bn)/NHW
+    if "in" in live:
+        dh = dh + wm["in"] / S * dmu                                    # Eq. (9) w_in / HW
+    if "ln" in live:
+        dh = dh + wm["ln"] / (C * S) * xp.sum(dmu, axis=1, keepdims=True)   # Eq. (9) w_ln / CHW
+    if "bn" in live:
+        dh = dh + wm["bn"] / (N * S) * xp.sum(dmu, axis=0, keepdims=True)   # Eq. (9) w_bn / NHW
+    # Eq. (10)-(11), per-channel gamma and beta: sums over (n, i, j), not over c (errata)
+    dgamma = xp.sum(dy_v * c.x_hat, axis=(0, 2))                       # (C,)  Eq. (10)
+    dbeta = xp.sum(dy_v, axis=(0, 2))                                  # (C,)  Eq. (11)
+    # Eq. (12)-(14): S_k = sum_nc dL/dmu_nc mu_k (means), sum_nc dL/dsigma^2_nc sigma^2_k (vars)
+    s_mean = [xp.sum(dmu * c.mu[k]) for k in scopes]                   # Eq. (12)-(14) S_k
+    s_var = [xp.sum(dvar * c.var[k]) for k in scopes]                  # Eq. (12)-(14) S'_k
+    dmean_logits = ratio_gradients(c.w_mean, s_mean, hard=c.options.hard)  # Eq. (12)-(14)
+    dvar_logits = ratio_gradients(c.w_var, s_var, hard=c.options.hard)     # Eq. (12)-(14)
+    return cast_gradients(c, dh, (dgamma, dbeta), (dmean_logits, dvar_logits))
 
 
-def switchable_norm_backward_compact(
-    dy: Array, cache: SwitchableNormCache
-) -> tuple[Array, Array, Array, Array, Array]:
+# -- backward, compact -----------------------------------------------------------------------------
+
+
+def switchable_norm_backward_compact(dy: Array, cache: SwitchableNormCache) -> SwitchableNormGrads:
     """The same gradients as :func:`switchable_norm_backward`, derived through the IN moments.
 
     Every scope's statistics are functions of the IN moments ``(mu_in, var_in)`` (Eq. 4),
@@ -587,6 +588,8 @@ def switchable_norm_backward_compact(
     ``d var_k / d var_in = 1 / n_k`` and ``d var_k / d mu_in = 2 (mu_in - mu_k) / n_k``.
     The control-parameter gradients take the softmax Jacobian in its compact form,
     ``w * (s - sum(w * s))``.
+
+    No ``path``: :func:`switchable_norm_backward`'s fast variant computes this form, fused.
     """
     xp, dy_v = backward_view(dy, cache)
     c = cache
@@ -615,24 +618,7 @@ def switchable_norm_backward_compact(
     return cast_gradients(c, dh, (dgamma, dbeta), (dlogits[0], dlogits[1]))
 
 
-# -- the layer ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BatchStatistics:
-    """The BN-scope statistics of one training forward, for the batch average.
-
-    Attributes
-    ----------
-    count : int
-        Values per channel the statistics cover (N * S, over every device when synchronized).
-    mean, var : arrays, (C,)
-        The BN-scope mean and variance the forward normalized with.
-    """
-
-    count: int
-    mean: Array
-    var: Array
+# -- the layer -------------------------------------------------------------------------------------
 
 
 class SwitchableNorm(ChannelNorm):
@@ -653,7 +639,7 @@ class SwitchableNorm(ChannelNorm):
         :func:`refnorm.inference.batch_average` sets them after training, as the paper does,
         through :meth:`set_population`.
     momentum : float, default 0.1
-    dtype, xp, device : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.layer.Layer`
 
     Params: gamma, beta (C,), mean_logits, var_logits (K,) initialised to zeros (ratios 1/K).
     State: running_mean, running_var (C,) with the BN scope; always ``population_ready``, a
@@ -703,14 +689,35 @@ class SwitchableNorm(ChannelNorm):
         self.state["population_ready"] = self.xp.asarray(ready, **where)
         self._last_batch: BatchStatistics | None = None
 
-    def current_ratios(self) -> dict[str, dict[str, float]]:
-        """The current mean and variance ratios by scope, as Python floats."""
-        hard = self.options.hard
-        out = {}
-        for kind in ("mean", "var"):
-            w = ratios(self.params[f"{kind}_logits"], hard=hard)
-            out[kind] = {s: float(w[i]) for i, s in enumerate(self.options.scopes)}
-        return out
+    def _forward(self, x: Array, training: bool) -> tuple[Array, SwitchableNormCache]:
+        p = self.params
+        args = (x, p["gamma"], p["beta"], p["mean_logits"], p["var_logits"])
+        if not training and "bn" in self.options.scopes:
+            return switchable_norm_eval_forward(*args, *self.population(), eps=self.eps,
+                                                options=self.options, path=self.compute_path())
+        y, cache = switchable_norm_forward(*args, eps=self.eps, options=self.options,
+                                           path=self.compute_path())
+        if training and "bn" in self.options.scopes:
+            C, S = self.num_channels, cache.h.shape[2]
+            self._observe(BatchStatistics(count=cache.h.shape[0] * S,
+                                          mean=self.xp.reshape(cache.mu["bn"], (C,)),
+                                          var=self.xp.reshape(cache.var["bn"], (C,))))
+        return y, cache
+
+    def _backward(self, dy: Array, cache: SwitchableNormCache) -> tuple[Array, dict[str, Array]]:
+        grads = switchable_norm_backward(dy, cache, path=self.compute_path())
+        return grads.dx, grads.params()
+
+    # -- population statistics: the moving average, or the batch average's records --------
+
+    def _observe(self, batch: BatchStatistics) -> None:
+        """Keep the batch statistics; with a moving average, update the running ones."""
+        self._last_batch = batch
+        if self.inference == "moving_average":
+            running_mean, running_var = update_running_stats(
+                self.state["running_mean"], self.state["running_var"], batch.mean, batch.var,
+                count=batch.count, momentum=self.momentum)
+            self.state = {**self.state, "running_mean": running_mean, "running_var": running_var}
 
     def batch_statistics(self) -> BatchStatistics:
         """The BN-scope (count, mean, var) of the last training forward.
@@ -767,30 +774,70 @@ class SwitchableNorm(ChannelNorm):
         super().reset()
         self._last_batch = None
 
-    def _forward(self, x: Array, training: bool) -> tuple[Array, SwitchableNormCache]:
-        p = self.params
-        args = (x, p["gamma"], p["beta"], p["mean_logits"], p["var_logits"])
-        if not training and "bn" in self.options.scopes:
-            return switchable_norm_eval_forward(*args, *self.population(), eps=self.eps,
-                                                options=self.options)
-        y, cache = switchable_norm_forward(*args, eps=self.eps, options=self.options,
-                                           path=self.compute_path())
-        if training and "bn" in self.options.scopes:
-            C, S = self.num_channels, cache.h.shape[2]
-            self._observe(BatchStatistics(count=cache.h.shape[0] * S,
-                                          mean=self.xp.reshape(cache.mu["bn"], (C,)),
-                                          var=self.xp.reshape(cache.var["bn"], (C,))))
-        return y, cache
+    def current_ratios(self) -> dict[str, dict[str, float]]:
+        """The current mean and variance ratios by scope, as Python floats."""
+        hard = self.options.hard
+        out = {}
+        for kind in ("mean", "var"):
+            w = ratios(self.params[f"{kind}_logits"], hard=hard)
+            out[kind] = {s: float(w[i]) for i, s in enumerate(self.options.scopes)}
+        return out
 
-    def _observe(self, batch: BatchStatistics) -> None:
-        """Keep the batch statistics; with a moving average, update the running ones."""
-        self._last_batch = batch
-        if self.inference == "moving_average":
-            running_mean, running_var = update_running_stats(
-                self.state["running_mean"], self.state["running_var"], batch.mean, batch.var,
-                count=batch.count, momentum=self.momentum)
-            self.state = {**self.state, "running_mean": running_mean, "running_var": running_var}
 
-    def _backward(self, dy: Array, cache: SwitchableNormCache) -> tuple[Array, dict[str, Array]]:
-        dx, dgamma, dbeta, dml, dvl = switchable_norm_backward(dy, cache, path=self.compute_path())
-        return dx, {"gamma": dgamma, "beta": dbeta, "mean_logits": dml, "var_logits": dvl}
+# -- the fast path: the same checks, then the fused loops ------------------------------------------
+
+
+def _fused(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Array, Array], *,
+           eps: float, options: SwitchableOptions,
+           bn: tuple[Array, Array] | None) -> tuple[Array, SwitchableNormCache]:
+    """The forward by :func:`refnorm.kernels.norms.sn_forward`; ``bn``: given BN statistics."""
+    xp = array_namespace(h)
+    (gamma, beta), (mean_logits, var_logits) = params, logits
+    w_mean = ratios(xp.astype(mean_logits, h.dtype), hard=options.hard)  # (K,)  Eq. (5)
+    w_var = ratios(xp.astype(var_logits, h.dtype), hard=options.hard)    # (K,)  Eq. (5)
+    gamma_c, beta_c = xp.astype(gamma, h.dtype), xp.astype(beta, h.dtype)
+    k = kernels.sn_forward(h, gamma_c, beta_c, w_mean, w_var, eps=eps, scopes=options.scopes,
+                           in_correction=options.in_correction, bn=bn)
+    cache = SwitchableNormCache(
+        h=k.h, x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mu=k.mu, var=k.var,
+        w_mean=w_mean, w_var=w_var, bn_given=bn is not None, options=options,
+        x_shape=tuple(x.shape), x_dtype=x.dtype, param_dtype=gamma.dtype,
+        logit_dtype=mean_logits.dtype,
+    )
+    return xp.astype(xp.reshape(k.y, x.shape), x.dtype, copy=False), cache
+
+
+@switchable_norm_forward.fast
+def _switchable_norm_forward_fast(
+    x: Array, gamma: Array, beta: Array, mean_logits: Array, var_logits: Array, *,
+    eps: float = 1e-5, options: SwitchableOptions = DEFAULT_OPTIONS,
+) -> tuple[Array, SwitchableNormCache]:
+    _, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
+    check_scope_counts(x.shape, options, with_bn=True)
+    return _fused(x, h, (gamma, beta), (mean_logits, var_logits), eps=eps, options=options,
+                  bn=None)
+
+
+@switchable_norm_eval_forward.fast
+def _switchable_norm_eval_forward_fast(
+    x: Array, gamma: Array, beta: Array, mean_logits: Array, var_logits: Array,
+    running_mean: Array, running_var: Array, *, eps: float = 1e-5,
+    options: SwitchableOptions = DEFAULT_OPTIONS,
+) -> tuple[Array, SwitchableNormCache]:
+    _, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
+    check_scope_counts(x.shape, options, with_bn=False)
+    population = _population(running_mean, running_var, like=h)
+    return _fused(x, h, (gamma, beta), (mean_logits, var_logits), eps=eps, options=options,
+                  bn=population)
+
+
+@switchable_norm_backward.fast
+def _switchable_norm_backward_fast(dy: Array, cache: SwitchableNormCache) -> SwitchableNormGrads:
+    """The compact form (:func:`switchable_norm_backward_compact`), fused."""
+    _, dy_v = backward_view(dy, cache)
+    o = cache.options
+    g = kernels.sn_backward(dy_v, cache.x_hat, cache.rstd, cache.gamma, (cache.mu, cache.var),
+                            (cache.w_mean, cache.w_var), scopes=o.scopes,
+                            in_correction=o.in_correction, hard=o.hard,
+                            frozen=("bn",) if cache.bn_given else ())
+    return cast_gradients(cache, g.dx, (g.dgamma, g.dbeta), (g.dmean_logits, g.dvar_logits))

@@ -8,6 +8,8 @@ Statistics per sample over the channel and spatial axes, as written in Luo et al
 ``gamma`` and ``beta`` are per channel, (C,), as in the SN and GN papers. For an (N, D)
 input this is Ba et al.'s per-unit gain and bias; PyTorch's ``nn.LayerNorm`` over
 (C, H, W) instead learns one gain per element (see the conventions page).
+
+The fast path (:mod:`refnorm.dispatch`) is at the end of the file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from refnorm.backend import Array
 from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
 from refnorm.core.checks import check_cache, check_count, prepare_channel_norm
 from refnorm.core.standardize import standardize_backward
-from refnorm.dispatch import fast_norms, runs_fast
+from refnorm.dispatch import dispatched
+from refnorm.kernels import norms as kernels
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm, cast_grads, upstream
 
@@ -51,8 +54,9 @@ class LayerNormCache:
     param_dtype: Any
 
 
+@dispatched
 def layer_norm_forward(
-    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5, path: str | None = None
+    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5
 ) -> tuple[Array, LayerNormCache]:
     """Layer Normalization: each sample normalized over all its channels and positions.
 
@@ -62,7 +66,7 @@ def layer_norm_forward(
     gamma, beta : arrays, (C,)
     eps : float, > 0
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
         choice, else the reference.
 
     Returns
@@ -74,19 +78,16 @@ def layer_norm_forward(
     reduce_axes = tuple(range(1, x.ndim))                        # (1, 2, ...): C and spatial
     check_count(reduced_count(x.shape, reduce_axes),
                 what="layer normalization", shape=x.shape)
-    if runs_fast(path, x):                                       # the same, fused: kernels/
-        y, x_hat, mu, var, rstd = fast_norms().ln_forward(x, gamma_c, beta_c, eps)
-        return y, LayerNormCache(x_hat, rstd, gamma_c, mu, var, x.dtype, gamma.dtype)
     mu, var = moments(xc, reduce_axes)                           # (N, 1, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
-    cache = LayerNormCache(x_hat, rstd, gamma_c, mu, var, x.dtype, gamma.dtype)
+    cache = LayerNormCache(x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
+                           x_dtype=x.dtype, param_dtype=gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
-def layer_norm_backward(
-    dy: Array, cache: LayerNormCache, *, path: str | None = None
-) -> tuple[Array, Array, Array]:
+@dispatched
+def layer_norm_backward(dy: Array, cache: LayerNormCache) -> tuple[Array, Array, Array]:
     """Closed-form backward of :func:`layer_norm_forward`.
 
     Per sample over the axes (1, 2, ...), ``dx = rstd * (dx_hat - mean(dx_hat) - x_hat *
@@ -100,10 +101,6 @@ def layer_norm_backward(
     """
     check_cache(cache, LayerNormCache)
     xp, dy_c = upstream(dy, cache.x_hat)
-    if runs_fast(path, dy_c):                                    # the same, fused: kernels/
-        dx, dgamma, dbeta = fast_norms().ln_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
-        return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype,
-                          param_dtype=cache.param_dtype)
     dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
     reduce_axes = tuple(range(1, dy_c.ndim))                     # (1, 2, 3): C and spatial
     dx = standardize_backward(dx_hat, cache.x_hat, cache.rstd, reduce_axes)
@@ -117,7 +114,7 @@ class LayerNorm(ChannelNorm):
     ----------
     num_channels : int
     eps : float, default 1e-5
-    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.layer.Layer`
     """
 
     check_cases = (CheckCase((3, 4, 5, 5)), CheckCase((5, 6)), CheckCase((2, 3, 4, 3, 2)))
@@ -129,3 +126,26 @@ class LayerNorm(ChannelNorm):
     def _backward(self, dy: Array, cache: LayerNormCache) -> tuple[Array, dict[str, Array]]:
         dx, dgamma, dbeta = layer_norm_backward(dy, cache, path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+# -- the fast path: the same checks, then the fused loops ----------------------------------------
+
+
+@layer_norm_forward.fast
+def _layer_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
+                             eps: float = 1e-5) -> tuple[Array, LayerNormCache]:
+    _, _, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    check_count(reduced_count(x.shape, tuple(range(1, x.ndim))),
+                what="layer normalization", shape=x.shape)
+    k = kernels.ln_forward(x, gamma_c, beta_c, eps)
+    return k.y, LayerNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=k.mean,
+                               var=k.var, x_dtype=x.dtype, param_dtype=gamma.dtype)
+
+
+@layer_norm_backward.fast
+def _layer_norm_backward_fast(dy: Array, cache: LayerNormCache) -> tuple[Array, Array, Array]:
+    check_cache(cache, LayerNormCache)
+    xp, dy_c = upstream(dy, cache.x_hat)
+    g = kernels.ln_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
+    return cast_grads(xp, g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
+                      param_dtype=cache.param_dtype)

@@ -12,6 +12,9 @@ Training normalizes with the batch statistics and updates the running statistics
 statistics. The backward comes twice: the closed form (:func:`batch_norm_backward`), and a
 step-by-step backward through every node of the forward graph
 (:func:`batch_norm_backward_graph`) that a lesson can follow; the tests hold them equal.
+
+The fast path (:mod:`refnorm.dispatch`) is at the end of the file: the same checks, then the
+fused loops of :mod:`refnorm.kernels.norms`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from refnorm.core.checks import (
 )
 from refnorm.core.running import update_running_stats
 from refnorm.core.standardize import standardize_backward
-from refnorm.dispatch import fast_norms, runs_fast
+from refnorm.dispatch import dispatched
+from refnorm.kernels import norms as kernels
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm, cast_grads, frozen_statistics, upstream
 
@@ -70,8 +74,9 @@ class BatchNormCache:
     param_dtype: Any
 
 
+@dispatched
 def batch_norm_forward(
-    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5, path: str | None = None
+    x: Array, gamma: Array, beta: Array, *, eps: float = 1e-5
 ) -> tuple[Array, BatchNormCache]:
     """Batch Normalization in training: normalize with the batch statistics.
 
@@ -83,7 +88,7 @@ def batch_norm_forward(
     eps : float, > 0
         Added to the variance inside the square root.
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
         choice, else the reference.
 
     Returns
@@ -102,16 +107,15 @@ def batch_norm_forward(
     reduce_axes = non_channel_axes(x.ndim)                       # (0, 2, 3, ...)
     check_count(reduced_count(x.shape, reduce_axes),
                 what="batch normalization in training", shape=x.shape)
-    if runs_fast(path, x):                                       # the same, fused: kernels/
-        y, x_hat, mu, var, rstd = fast_norms().bn_forward(x, gamma_c, beta_c, eps)
-        return y, BatchNormCache(x_hat, rstd, gamma_c, mu, var, reduce_axes, x.dtype, gamma.dtype)
     mu, var = moments(xc, reduce_axes)                           # (1, C, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
-    cache = BatchNormCache(x_hat, rstd, gamma_c, mu, var, reduce_axes, x.dtype, gamma.dtype)
+    cache = BatchNormCache(x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
+                           reduce_axes=reduce_axes, x_dtype=x.dtype, param_dtype=gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
+@dispatched
 def batch_norm_eval_forward(
     x: Array,
     gamma: Array,
@@ -128,6 +132,8 @@ def batch_norm_eval_forward(
     x : array, (N, C, *spatial)
     gamma, beta, running_mean, running_var : arrays, (C,)
     eps : float, > 0
+    path : {"reference", "fast"}, optional
+        As in :func:`batch_norm_forward`.
 
     Returns
     -------
@@ -139,13 +145,13 @@ def batch_norm_eval_forward(
     mu, var = frozen_statistics(running_mean, running_var, like=xc)  # (1, C, 1, 1)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)
     y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
-    cache = BatchNormCache(x_hat, rstd, gamma_c, mu, var, (), x.dtype, gamma.dtype)
+    cache = BatchNormCache(x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
+                           reduce_axes=(), x_dtype=x.dtype, param_dtype=gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache
 
 
-def batch_norm_backward(
-    dy: Array, cache: BatchNormCache, *, path: str | None = None
-) -> tuple[Array, Array, Array]:
+@dispatched
+def batch_norm_backward(dy: Array, cache: BatchNormCache) -> tuple[Array, Array, Array]:
     """Closed-form backward of :func:`batch_norm_forward` or :func:`batch_norm_eval_forward`.
 
     With batch statistics, per channel over the m = N * prod(spatial) values of axes
@@ -158,8 +164,7 @@ def batch_norm_backward(
     dy : array, (N, C, *spatial)
     cache : BatchNormCache
     path : {"reference", "fast"}, optional
-        Which implementation computes (see :mod:`refnorm.dispatch`); default: the process-wide
-        choice, else the reference.
+        As in :func:`batch_norm_forward`.
 
     Returns
     -------
@@ -168,10 +173,6 @@ def batch_norm_backward(
     """
     check_cache(cache, BatchNormCache)
     xp, dy_c = upstream(dy, cache.x_hat)
-    if cache.reduce_axes and runs_fast(path, dy_c):              # the same, fused: kernels/
-        dx, dgamma, dbeta = fast_norms().bn_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
-        return cast_grads(xp, dx, dgamma, dbeta, x_dtype=cache.x_dtype,
-                          param_dtype=cache.param_dtype)
     dx_hat, dgamma, dbeta = affine_backward(dy_c, cache.x_hat, cache.gamma)  # (N,C,H,W), (C,)x2
     if cache.reduce_axes:                                        # (0, 2, 3): batch statistics
         dx = standardize_backward(dx_hat, cache.x_hat, cache.rstd, cache.reduce_axes)
@@ -215,6 +216,9 @@ def batch_norm_forward_graph(
 
     Same arguments, same result as :func:`batch_norm_forward`; saves every node that
     :func:`batch_norm_backward_graph` walks back through.
+
+    No ``path``: the staged form exists to be read node by node; :func:`batch_norm_forward`
+    computes the same and has a fast variant.
     """
     xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
     axes = non_channel_axes(x.ndim)                              # (0, 2, 3, ...)
@@ -243,6 +247,9 @@ def batch_norm_backward_graph(
     """Backward of :func:`batch_norm_forward_graph`, node by node in reverse order.
 
     Returns the same ``(dx, dgamma, dbeta)`` as :func:`batch_norm_backward`.
+
+    No ``path``: the staged form exists to be read node by node; :func:`batch_norm_backward`
+    computes the same and has a fast variant.
     """
     check_cache(cache, BatchNormGraphCache)
     check_like("dy", dy, cache.x_hat.shape)
@@ -285,7 +292,7 @@ class BatchNorm(ChannelNorm):
     eps : float, default 1e-5
     momentum : float, default 0.1
         Weight of the new batch in the running average (PyTorch's convention).
-    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.layer.Layer`
 
     State
     -----
@@ -323,7 +330,8 @@ class BatchNorm(ChannelNorm):
         gamma, beta = self.params["gamma"], self.params["beta"]
         if not training:
             stats = (self.state["running_mean"], self.state["running_var"])
-            return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
+            return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps,
+                                           path=self.compute_path())
         y, cache = batch_norm_forward(x, gamma, beta, eps=self.eps, path=self.compute_path())
         C = self.num_channels
         mean, var = self.xp.reshape(cache.mean, (C,)), self.xp.reshape(cache.var, (C,))
@@ -337,3 +345,41 @@ class BatchNorm(ChannelNorm):
     def _backward(self, dy: Array, cache: BatchNormCache) -> tuple[Array, dict[str, Array]]:
         dx, dgamma, dbeta = batch_norm_backward(dy, cache, path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+# -- the fast path: the same checks, then the fused loops ----------------------------------------
+
+
+@batch_norm_forward.fast
+def _batch_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
+                             eps: float = 1e-5) -> tuple[Array, BatchNormCache]:
+    _, _, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    reduce_axes = non_channel_axes(x.ndim)
+    check_count(reduced_count(x.shape, reduce_axes),
+                what="batch normalization in training", shape=x.shape)
+    k = kernels.bn_forward(x, gamma_c, beta_c, eps)
+    return k.y, BatchNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=k.mean,
+                               var=k.var, reduce_axes=reduce_axes, x_dtype=x.dtype,
+                               param_dtype=gamma.dtype)
+
+
+@batch_norm_backward.fast
+def _batch_norm_backward_fast(dy: Array, cache: BatchNormCache) -> tuple[Array, Array, Array]:
+    check_cache(cache, BatchNormCache)
+    xp, dy_c = upstream(dy, cache.x_hat)
+    backward = kernels.bn_backward if cache.reduce_axes else kernels.eval_backward
+    g = backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
+    return cast_grads(xp, g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
+                      param_dtype=cache.param_dtype)
+
+
+@batch_norm_eval_forward.fast
+def _batch_norm_eval_forward_fast(
+    x: Array, gamma: Array, beta: Array, running_mean: Array, running_var: Array, *,
+    eps: float = 1e-5,
+) -> tuple[Array, BatchNormCache]:
+    _, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
+    mu, var = frozen_statistics(running_mean, running_var, like=xc)  # (1, C, 1, 1)
+    k = kernels.eval_forward(x, gamma_c, beta_c, mu, var, eps)
+    return k.y, BatchNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=mu, var=var,
+                               reduce_axes=(), x_dtype=x.dtype, param_dtype=gamma.dtype)
