@@ -15,7 +15,18 @@ roundoff ``u_out``). Each bound is the classical worst case of the operations:
   ``x_hat`` (large offsets and tiny variances are ill-conditioned for *every*
   implementation, and the bound grows with them);
 - ``|x_hat| <= sqrt(m)`` for any standardization, so products with ``x_hat`` are bounded;
-- the returned value is rounded once more, ``u_out |y|``.
+- the returned value is rounded once more, ``u_out |y|``;
+- below a dtype's smallest normal number ``tiny`` a rounding has no relative precision
+  left: its result is off by up to half the subnormal spacing ``u tiny``, however small the
+  value (a float16 ``gamma = 1e-7`` gives outputs that carry a few bits). Each output gets
+  an absolute floor: one subnormal spacing of the returned dtype for its own rounding, plus
+  one spacing of the compute dtype (and one of refnorm's float64, whose own result rounds
+  there too) for every product or quotient that may underflow on the way, times the
+  factor ``S`` by which the later operations multiply it: ``S_y = 3 + |gamma| + rstd +
+  2 max|x|`` (``gamma (x - mu) rstd`` in any order), ``S_dx = (m + 4)(1 + rstd)
+  (1 + |dy|)(2 + sqrt(m))`` (the backward's projection), and so on per output (see
+  :func:`underflow_floors`). A whole spacing per rounding rather than half keeps the bound
+  representable in float64 (half of float64's spacing, ``2**-1075``, is not).
 
 These are bounds, not estimates: a correct implementation (pairwise or Welford sums) lands
 orders of magnitude inside them, while a wrong convention (the variance estimator, where
@@ -77,15 +88,40 @@ class Mismatch:
                 f"(got {self.got!r}, refnorm {self.expected!r}), tolerance {self.tolerance:.3g}")
 
 
-_FLOOR = 1e-300  # an absolute floor: -0.0 against 1e-320 is not a mismatch
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The dtype an implementation is assumed to compute in: float32 for a narrower dtype
+    (float16, as refnorm does), else ``dtype`` itself."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
 
 
 def unit_roundoff(dtype: Any) -> tuple[float, float]:
     """(u of the compute dtype, u of the returned dtype); float16 computes in float32."""
-    dtype = np.dtype(dtype)
-    u_out = float(np.finfo(dtype).eps) / 2
-    u = float(np.finfo(np.float32).eps) / 2 if dtype == np.float16 else u_out
-    return u, u_out
+    return (float(np.finfo(compute_dtype(dtype)).eps) / 2, float(np.finfo(dtype).eps) / 2)
+
+
+def underflow_floors(dtype: Any, scales: dict[str, float]) -> dict[str, float]:
+    """The absolute floor of each output's tolerance (module docstring, last item).
+
+    Parameters
+    ----------
+    dtype : the dtype under test (returned by the implementation)
+    scales : dict
+        For each output, ``S``: the factor by which the operations after a product or a
+        quotient multiply its error, summed over the products that may underflow.
+
+    Returns
+    -------
+    dict
+        ``spacing(dtype) + (spacing(compute dtype) + spacing(float64)) * S`` per output,
+        where ``spacing`` is the dtype's subnormal spacing (``2 u tiny``, its smallest
+        subnormal number): the returned value's own rounding, and the underflowing roundings
+        of the implementation and of refnorm's float64 reference, each scaled by ``S``.
+    """
+    out = float(np.finfo(dtype).smallest_subnormal)
+    inner = (float(np.finfo(compute_dtype(dtype)).smallest_subnormal)
+             + float(np.finfo(np.float64).smallest_subnormal))
+    return {k: out + inner * s for k, s in scales.items()}
 
 
 def _amax(a: np.ndarray) -> float:
@@ -120,11 +156,22 @@ def tolerances(case: Case, outputs: dict[str, np.ndarray]) -> dict[str, float]:
         "dmean_logits": m * A * (err_xhat + K * u * math.sqrt(m)) * (1 + _amax(x) * rstd_max),
     }
     tol["dvar_logits"] = tol["dmean_logits"]
-    # below the compute dtype's smallest normal number values are subnormal: spaced evenly,
-    # with no relative precision left (a float32 gamma of 1e-45), so that is the floor
-    floor = max(_FLOOR, float(np.finfo(np.float32 if case.x.dtype == np.float16
-                                       else case.x.dtype).smallest_normal))
-    return {k: tol[k] + 2 * u_out * _amax(v) + floor for k, v in outputs.items()}
+    sm, X, D = math.sqrt(m), _amax(x), _amax(dy)
+    scale_dx = K * (1 + rstd_max) * (1 + D) * (2 + sm)
+    floors = underflow_floors(case.x.dtype, {
+        # gamma (x - mu) rstd in any order: (x - mu) rstd then times gamma, gamma (x - mu)
+        # then times rstd, alpha = gamma rstd then times x - mu, or x alpha - mu alpha
+        "y": 3 + gamma + rstd_max + 2 * X,
+        # dx_hat = gamma * dy, its projection on (1, x_hat) and the products with rstd, in
+        # any order (gamma * rstd / m first: its error times |dy| (2 + sqrt(m)) m)
+        "dx": scale_dx,
+        # per_channel products dy * x_hat, or dy * (x - mu) then times rstd
+        "dgamma": per_channel * (2 + D + rstd_max),
+        "dbeta": 1.0,                       # a sum of given values: no product underflows
+        "dmean_logits": m * (1 + X * rstd_max) * scale_dx,
+        "dvar_logits": m * (1 + X * rstd_max) * scale_dx,
+    })
+    return {k: tol[k] + 2 * u_out * _amax(v) + floors[k] for k, v in outputs.items()}
 
 
 def _rstd_max(case: Case, x: np.ndarray) -> float:
@@ -160,11 +207,15 @@ def _weight_tolerances(case: Case, w: np.ndarray, p: list[np.ndarray], dy: np.nd
         tol = {"y": K * u * g,
                "dv": 3 * K * u * g * 2 * math.sqrt(I) * G / (n_min + case.eps),
                "dg": 3 * K * u * I * G}
-    # below the compute dtype's smallest normal number values are subnormal: spaced evenly,
-    # with no relative precision left (a float32 gamma of 1e-45), so that is the floor
-    floor = max(_FLOOR, float(np.finfo(np.float32 if case.x.dtype == np.float16
-                                       else case.x.dtype).smallest_normal))
-    return {k: tol[k] + 2 * u_out * _amax(v) + floor for k, v in outputs.items()}
+    sI, W = math.sqrt(I), _amax(ww)
+    if case.method == "ws":                     # (w - mu) / d; dw as the activations' dx
+        scales = {"y": 2.0, "dw": K * (1 + 1 / d_min) * (1 + G) * (2 + sI)}
+    else:                   # v / n then times g, or g / n then times v; dv as WS's dw
+        r = 1 / (n_min + case.eps)
+        scales = {"y": 2 + g + W, "dv": K * (1 + g) * (1 + r) * (1 + G) * (2 + sI),
+                  "dg": I * (2 + G + r)}
+    floors = underflow_floors(case.x.dtype, scales)
+    return {k: tol[k] + 2 * u_out * _amax(v) + floors[k] for k, v in outputs.items()}
 
 
 def reference_outputs(case: Case, options: dict[str, Any],
