@@ -61,8 +61,9 @@ class Mismatch:
     Attributes
     ----------
     output : str
-        ``"y"`` or a gradient name (``"dx"``, ``"dgamma"``...), or ``"error"`` when the
-        implementation raised or returned the wrong shape.
+        ``"y"`` or a gradient name (``"dx"``, ``"dgamma"``...), a parameter name when the
+        implementation does not have that parameter, or ``"error"`` when it raised or
+        returned the wrong shape or number of gradients.
     max_error : float
         The largest absolute difference.
     index : tuple of int
@@ -71,6 +72,7 @@ class Mismatch:
     got, expected : float
         The implementation's and refnorm's values there.
     note : str
+        What happened, when it is not a difference of numbers (then ``str()`` says it).
     """
 
     output: str
@@ -84,6 +86,8 @@ class Mismatch:
     def __str__(self) -> str:
         if self.output == "error":
             return self.note
+        if self.note:
+            return f"{self.output}: {self.note}"
         return (f"{self.output}: max |error| {self.max_error:.3g} at index {self.index} "
                 f"(got {self.got!r}, refnorm {self.expected!r}), tolerance {self.tolerance:.3g}")
 
@@ -232,17 +236,35 @@ def reference_outputs(case: Case, options: dict[str, Any],
 
 
 def compare_case(impl: Impl, case: Case, options: dict[str, Any]) -> Mismatch | None:
-    """The first output on which ``impl`` and refnorm disagree beyond tolerance, or None."""
+    """The first output on which ``impl`` and refnorm disagree beyond tolerance, or None.
+
+    A parameter the implementation does not have, and a gradient it does not give (None),
+    are reported as such before any number is compared; gamma and beta of an
+    implementation without an affine step are passed as ones and zeros and their gradients
+    not compared.
+    """
+    for param, why in impl.absent.items():
+        return Mismatch(param, math.inf, (), 0.0, note=why)
+    names = GRAD_NAMES[case.method]
     ref = reference_outputs(case, options, with_grads=impl.has_vjp)
     tol = tolerances(case, ref)
     try:
         got = {"y": impl.forward(case.x, case.params, training=True)}
-        if impl.has_vjp:
-            got.update(zip(GRAD_NAMES[case.method],
-                           impl.vjp(case.dy, case.x, case.params), strict=True))
+        grads = impl.vjp(case.dy, case.x, case.params) if impl.has_vjp else ()
     except Exception as exc:  # the implementation's own error is the finding
         return Mismatch("error", math.inf, (), 0.0,
                         note=f"the implementation raised {type(exc).__name__}: {exc}")
+    if impl.has_vjp and len(grads) != len(names):
+        return Mismatch("error", math.inf, (), 0.0,
+                        note=f"the vector-Jacobian product gave {len(grads)} arrays; "
+                             f"{case.method} has {len(names)} inputs ({', '.join(names)})")
+    for name, grad in zip(names, grads, strict=False):
+        if grad is not None:
+            got[name] = grad
+        elif name in ("dgamma", "dbeta") and not impl.affine:
+            del ref[name]                               # no such parameter, as documented
+        else:
+            return Mismatch(name, math.inf, (), tol[name], note=impl.why_none(name[1:]))
     for name, expected in ref.items():
         mismatch = _compare(name, np.asarray(got[name]), expected, tol[name])
         if mismatch is not None:
@@ -385,7 +407,29 @@ def assert_matches(
     except NoSuchExample:
         return
     mismatch = compare_case(impl, case, options_for(case))
+    C = num_channels
+    if C is None and case.num_groups and 12 % case.num_groups:
+        C = 2 * case.num_groups                   # fingerprint's GN probes have C = 12
+    why = diagnose(impl, method, options_for(case), num_channels=C, spatial=spatial)
     raise AssertionError(
         f"{impl.description} does not match {reference.describe(method, options_for(case))} "
-        f"in {np.dtype(dtype).name}.\n{mismatch}\nSmallest failing input (shrunk by "
-        f"hypothesis):\n{case!r}")
+        f"in {np.dtype(dtype).name}.\n{why}\nOn the smallest failing input: {mismatch}\n"
+        f"Smallest failing input (shrunk by hypothesis):\n{case!r}")
+
+
+def diagnose(impl: Impl, method: str, options: dict[str, Any], *,
+             num_channels: int | None = None, spatial: int | None = None) -> str:
+    """One sentence: the first convention in which ``impl`` differs from refnorm's
+    ``method`` under ``options``, read by :func:`refnorm.testing.fingerprint`'s probes."""
+    from refnorm.testing.probes import fingerprint  # probes uses this module's bounds
+
+    try:
+        report = fingerprint(method, impl, num_channels=num_channels, spatial=spatial)
+    except Exception as exc:  # a probe the implementation cannot take is no diagnosis
+        return f"No diagnosis: fingerprint could not probe it ({type(exc).__name__}: {exc})."
+    row = report.first_divergence(options)
+    if row is None:
+        return ("No diverging convention: fingerprint finds every convention it probes as "
+                "refnorm's, so the difference lies outside its probes.")
+    return (f"First diverging convention (refnorm.testing.fingerprint): {row.topic}: found "
+            f"{row.found}; refnorm: {row.refnorm}.")

@@ -11,9 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from refnorm.testing import Case, as_impl, assert_matches, norm_inputs
-from refnorm.testing import reference
-from refnorm.testing.compare import compare_case
+from refnorm.testing import Case, as_impl, assert_matches, norm_inputs, reference
+from refnorm.testing.compare import compare_case, underflow_floors
 from tests.testing.impls import NumpyBN, numpy_bn_forward
 
 
@@ -166,3 +165,12 @@ def test_the_float16_floor_is_a_rounding_not_the_smallest_normal():
     assert compare_case(as_impl("bn", forward), case, {"eps": 1e-5}) is None
     mismatch = compare_case(as_impl("bn", flush_to_zero), case, {"eps": 1e-5})
     assert mismatch is not None and mismatch.output == "y" and mismatch.got == 0.0, mismatch
+
+
+def test_the_floor_is_whole_subnormal_spacings():
+    """IEEE 754 smallest subnormals, written out: binary16 2**-24, binary32 2**-149,
+    binary64 2**-1074; S = 0 leaves the returned value's own rounding."""
+    assert underflow_floors(np.float16, {"y": 0.0}) == {"y": 2.0**-24}
+    assert underflow_floors(np.float32, {"y": 2.0}) == \
+        {"y": 2.0**-149 + 2 * (2.0**-149 + 2.0**-1074)}
+    assert underflow_floors(np.float64, {"y": 3.0}) == {"y": 7 * 2.0**-1074}
