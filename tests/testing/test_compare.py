@@ -159,6 +159,10 @@ def test_the_float16_floor_is_a_rounding_not_the_smallest_normal():
         return np.where(np.abs(y) < np.finfo(np.float16).smallest_normal, 0, y).astype(y.dtype)
 
     f16 = np.float16
+    issue_25 = Case("bn", "offset", np.array([[100.0], [100.06]], f16),     # as reported
+                    (np.array([1e-7], f16), np.array([0.0], f16)),
+                    np.array([[0.5], [0.25]], f16), 1e-5)
+    assert compare_case(as_impl("bn", forward), issue_25, {"eps": 1e-5}) is None
     case = Case("bn", "plain", np.array([[0.0], [2.0]], f16),
                 (np.array([1e-6], f16), np.array([0.0], f16)), np.array([[0.5], [0.25]], f16),
                 1e-5)
