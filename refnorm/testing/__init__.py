@@ -3,9 +3,12 @@
 - :func:`norm_inputs` — hypothesis strategies for every method's inputs, hard cases
   included (:mod:`refnorm.testing.strategies`);
 - :func:`assert_matches` — a user's forward (and vector-Jacobian product) against refnorm's
-  on drawn inputs, reporting the shrunk failing input (:mod:`refnorm.testing.compare`);
+  on drawn inputs, reporting the first diverging convention and the shrunk failing input
+  (:mod:`refnorm.testing.compare`), within tolerances derived from each drawn case
+  (:mod:`refnorm.testing.tolerance`);
 - :func:`fingerprint` — designed probes that name the conventions an implementation
-  follows and the refnorm options it matches (:mod:`refnorm.testing.probes`);
+  follows, from its reduction axes (:mod:`refnorm.testing.axes`) on, and the refnorm
+  options it matches (:mod:`refnorm.testing.probes`);
 - :mod:`refnorm.testing.adapters` — numpy callables, dlpack callables, stateful objects and
   ``torch.nn.Module`` (torch is optional) seen through one interface.
 

@@ -69,6 +69,12 @@ class Impl:
     stateful : bool
         True when it keeps running statistics the adapter can read and set.
     has_vjp : bool
+        True when :meth:`vjp` gives gradients; an entry of its result is None where the
+        implementation gives none for that input (:meth:`why_none` says why).
+    absent : dict
+        The parameters (names of :data:`~refnorm.testing.reference.PARAM_NAMES`) the
+        implementation does not have, each with a sentence saying so; gamma and beta of an
+        implementation without an affine step (``affine`` False) are not listed.
     hints : dict
         What the implementation fixes: ``num_channels``, ``num_groups``, ``eps``,
         ``momentum``, ``spatial`` (number of spatial axes it accepts), ``input_shape``
@@ -81,14 +87,21 @@ class Impl:
     stateful: bool = False
     has_vjp: bool = False
     hints: dict[str, Any] = field(default_factory=dict)
+    absent: dict[str, str] = field(default_factory=dict)
 
     def forward(self, x: np.ndarray, params: Arrays, *, training: bool = True) -> np.ndarray:
         """The implementation's output for ``x`` and ``params``, as a numpy array."""
         raise NotImplementedError
 
-    def vjp(self, dy: np.ndarray, x: np.ndarray, params: Arrays) -> Arrays:
-        """``(dx, *dparams)`` of the training forward, for the upstream gradient ``dy``."""
+    def vjp(self, dy: np.ndarray, x: np.ndarray,
+            params: Arrays) -> tuple[np.ndarray | None, ...]:
+        """``(dx, *dparams)`` of the training forward, for the upstream gradient ``dy``;
+        None for an input the implementation gives no gradient for."""
         raise NotImplementedError(f"{self.description} has no vector-Jacobian product")
+
+    def why_none(self, name: str) -> str:
+        """Why :meth:`vjp` gave None for input ``name`` (``"x"`` or a parameter name)."""
+        return self.absent.get(name, f"the implementation gives no gradient for {name}")
 
     def get_running(self) -> tuple[np.ndarray, np.ndarray]:
         """The running mean and variance, (C,) each, float64."""
@@ -124,12 +137,16 @@ class CallableImpl(Impl):
                              "running statistics; got False")
         return to_numpy(self.fn(*args))
 
-    def vjp(self, dy: np.ndarray, x: np.ndarray, params: Arrays) -> Arrays:
+    def vjp(self, dy: np.ndarray, x: np.ndarray,
+            params: Arrays) -> tuple[np.ndarray | None, ...]:
         if self.backward is None:
             return super().vjp(dy, x, params)
         out = self.backward(*(self.convert(a) for a in (dy, x, *params)))
         out = out if isinstance(out, (tuple, list)) else (out,)
-        return tuple(to_numpy(a) for a in out)
+        return tuple(None if a is None else to_numpy(a) for a in out)
+
+    def why_none(self, name: str) -> str:
+        return f"its backward returned None for the gradient of {name}"
 
     def get_running(self) -> tuple[np.ndarray, np.ndarray]:
         return (np.asarray(to_numpy(self.fn.running_mean), dtype=np.float64).reshape(-1),
@@ -155,6 +172,12 @@ class TorchModuleImpl(Impl):
         stateful = getattr(module, "running_mean", None) is not None
         super().__init__(method, name, affine=affine, stateful=stateful, has_vjp=True,
                          hints=_torch_hints(module))
+        for param in PARAM_NAMES[method] if not weight_norm else ():
+            attr = _TORCH_PARAM[param]
+            if getattr(module, attr, None) is None and (affine or param not in ("gamma",
+                                                                                "beta")):
+                self.absent[param] = (f"the module has no parameter {attr!r} for {param}, so "
+                                      f"its output cannot depend on {param}; refnorm's does")
 
     def _copy(self, dtype: Any) -> Any:
         key = np.dtype(dtype)
@@ -196,23 +219,29 @@ class TorchModuleImpl(Impl):
             _, y, _ = self._run(x, params, training, grad=False)
         return to_numpy(y)
 
-    def vjp(self, dy: np.ndarray, x: np.ndarray, params: Arrays) -> Arrays:
+    def vjp(self, dy: np.ndarray, x: np.ndarray,
+            params: Arrays) -> tuple[np.ndarray | None, ...]:
         torch = self.torch
-        _, y, leaves = self._run(x, params, True, grad=True)
-        (y * torch.tensor(np.asarray(dy, dtype=x.dtype))).sum().backward()
-        grads = [to_numpy(leaf.grad) for leaf in leaves]
+        m, y, leaves = self._run(x, params, True, grad=True)
+        if y.requires_grad:                   # else it depends on no input: every grad None
+            (y * torch.tensor(np.asarray(dy, dtype=x.dtype))).sum().backward()
+        grads = [None if leaf.grad is None else to_numpy(leaf.grad) for leaf in leaves]
         if self.method == "wn":
-            return grads[0], grads[1].reshape(-1)
+            return grads[0], None if grads[1] is None else grads[1].reshape(-1)
         out = [grads[0]]
-        k = 1
         for name in PARAM_NAMES[self.method]:
-            if getattr(self._copy(x.dtype), _TORCH_PARAM[name], None) is None:
-                out.append(np.zeros(np.shape(params[len(out) - 1])))
-                continue
-            g = grads[k]
-            k += 1
-            out.append(_reduce_param_grad(g, name))
+            p = getattr(m, _TORCH_PARAM[name], None)
+            out.append(None if p is None or p.grad is None else
+                       _reduce_param_grad(to_numpy(p.grad), name))
         return tuple(out)
+
+    def why_none(self, name: str) -> str:
+        if name in self.absent:
+            return self.absent[name]
+        attr = {"x": "the input", "v": "parametrizations.weight.original1",
+                "g": "parametrizations.weight.original0"}.get(name, _TORCH_PARAM.get(name))
+        return (f"the gradient of {name} ({attr}) is None after backward: the module's output "
+                f"does not depend on it; refnorm's does")
 
     def _buffers(self) -> list[Any]:
         return [m for m in self.copies.values()] or [self._copy(np.float64)]

@@ -1,26 +1,8 @@
 """``assert_matches``: a user's implementation against refnorm on hypothesis-drawn inputs.
 
-Tolerances
-----------
-refnorm's output is computed in float64 from the inputs as drawn (already rounded to the
-dtype under test), so it is exact to about 1e-15 and the tolerance only has to cover the
-rounding of the implementation under test, working in the compute dtype (float32 for
-float16, as refnorm does; unit roundoff ``u``) and returning the dtype under test (unit
-roundoff ``u_out``). Each bound is the classical worst case of the operations:
-
-- a statistic over ``m`` values is a sum of ``m`` terms: relative error up to ``(m + 4) u``
-  (naive summation ``(m - 1) u``, plus the subtraction, square, root and division);
-- ``x - mean`` is off by up to ``K u max|x|`` in absolute terms, whatever the spread of
-  the data; divided by the standard deviation this is ``K u max|x| rstd_max`` in
-  ``x_hat`` (large offsets and tiny variances are ill-conditioned for *every*
-  implementation, and the bound grows with them);
-- ``|x_hat| <= sqrt(m)`` for any standardization, so products with ``x_hat`` are bounded;
-- the returned value is rounded once more, ``u_out |y|``.
-
-These are bounds, not estimates: a correct implementation (pairwise or Welford sums) lands
-orders of magnitude inside them, while a wrong convention (the variance estimator, where
-eps goes, a one-pass variance at an offset) moves the output by a relative amount the
-strategies make large (tiny variances, large offsets).
+Every output is compared within the bound :mod:`refnorm.testing.tolerance` derives from the
+drawn case; when one differs, the first convention :func:`~refnorm.testing.fingerprint`
+finds diverging from refnorm's is stated with it.
 """
 
 from __future__ import annotations
@@ -37,10 +19,7 @@ from hypothesis.errors import NoSuchExample
 from refnorm.testing import reference
 from refnorm.testing.adapters import Impl, as_impl
 from refnorm.testing.strategies import KINDS, Case, norm_inputs
-
-GRAD_NAMES = {m: ("dx",) + tuple("d" + p for p in reference.PARAM_NAMES[m])
-              for m in reference.ACTIVATION_METHODS}
-GRAD_NAMES.update(ws=("dw",), wn=("dv", "dg"))
+from refnorm.testing.tolerance import GRAD_NAMES, reference_outputs, tolerances, unit_roundoff
 
 
 @dataclass(frozen=True)
@@ -50,8 +29,9 @@ class Mismatch:
     Attributes
     ----------
     output : str
-        ``"y"`` or a gradient name (``"dx"``, ``"dgamma"``...), or ``"error"`` when the
-        implementation raised or returned the wrong shape.
+        ``"y"`` or a gradient name (``"dx"``, ``"dgamma"``...), a parameter name when the
+        implementation does not have that parameter, or ``"error"`` when it raised or
+        returned the wrong shape or number of gradients.
     max_error : float
         The largest absolute difference.
     index : tuple of int
@@ -60,6 +40,7 @@ class Mismatch:
     got, expected : float
         The implementation's and refnorm's values there.
     note : str
+        What happened, when it is not a difference of numbers (then ``str()`` says it).
     """
 
     output: str
@@ -73,125 +54,43 @@ class Mismatch:
     def __str__(self) -> str:
         if self.output == "error":
             return self.note
+        if self.note:
+            return f"{self.output}: {self.note}"
         return (f"{self.output}: max |error| {self.max_error:.3g} at index {self.index} "
                 f"(got {self.got!r}, refnorm {self.expected!r}), tolerance {self.tolerance:.3g}")
 
 
-_FLOOR = 1e-300  # an absolute floor: -0.0 against 1e-320 is not a mismatch
-
-
-def unit_roundoff(dtype: Any) -> tuple[float, float]:
-    """(u of the compute dtype, u of the returned dtype); float16 computes in float32."""
-    dtype = np.dtype(dtype)
-    u_out = float(np.finfo(dtype).eps) / 2
-    u = float(np.finfo(np.float32).eps) / 2 if dtype == np.float16 else u_out
-    return u, u_out
-
-
-def _amax(a: np.ndarray) -> float:
-    return float(np.max(np.abs(a))) if a.size else 0.0
-
-
-def tolerances(case: Case, outputs: dict[str, np.ndarray]) -> dict[str, float]:
-    """Absolute tolerance for each output of refnorm (``outputs``: ``"y"``, ``"dx"``...).
-
-    The bounds are those of the module docstring, for the dtype of ``case.x``.
-    """
-    u, u_out = unit_roundoff(case.x.dtype)
-    x = case.x.astype(np.float64)
-    dy = case.dy.astype(np.float64)
-    p = [a.astype(np.float64) for a in case.params]
-    if case.method in ("ws", "wn"):
-        return _weight_tolerances(case, x, p, dy, outputs, (u, u_out))
-    m = x.size
-    K = m + 4                                                    # summation bound, see above
-    rstd_max = _rstd_max(case, x)
-    gamma = _amax(p[0])
-    err_xhat = K * u * (_amax(x) * rstd_max + math.sqrt(m))
-    A = gamma * _amax(dy)
-    per_channel = x.size / x.shape[1]
-    tol = {
-        "y": gamma * err_xhat,
-        "dx": rstd_max * A * (K * u * (1 + math.sqrt(m)) ** 2
-                              + 3 * err_xhat * (1 + math.sqrt(m))),
-        "dgamma": per_channel * _amax(dy) * (err_xhat + K * u * math.sqrt(m)),
-        "dbeta": per_channel * K * u * _amax(dy),
-        # a logit gradient sums dy * (terms of x_hat and of x * rstd) over every element
-        "dmean_logits": m * A * (err_xhat + K * u * math.sqrt(m)) * (1 + _amax(x) * rstd_max),
-    }
-    tol["dvar_logits"] = tol["dmean_logits"]
-    # below the compute dtype's smallest normal number values are subnormal: spaced evenly,
-    # with no relative precision left (a float32 gamma of 1e-45), so that is the floor
-    floor = max(_FLOOR, float(np.finfo(np.float32 if case.x.dtype == np.float16
-                                       else case.x.dtype).smallest_normal))
-    return {k: tol[k] + 2 * u_out * _amax(v) + floor for k, v in outputs.items()}
-
-
-def _rstd_max(case: Case, x: np.ndarray) -> float:
-    """1 / sqrt(smallest variance + eps) over the statistics (1 / sqrt(eps) for SN's mix)."""
-    if case.method == "sn":
-        return 1.0 / math.sqrt(case.eps)
-    ids = reference.group_ids(case.method, x.shape, num_groups=case.num_groups).ravel()
-    count = np.bincount(ids)
-    mean = np.bincount(ids, x.ravel()) / count
-    var = np.bincount(ids, (x.ravel() - mean[ids]) ** 2) / count
-    return 1.0 / math.sqrt(float(np.min(var)) + case.eps)
-
-
-def _weight_tolerances(case: Case, w: np.ndarray, p: list[np.ndarray], dy: np.ndarray,
-                       outputs: dict[str, np.ndarray],
-                       rounding: tuple[float, float]) -> dict[str, float]:
-    """WS and WN: the same bounds per output channel, over I weights."""
-    u, u_out = rounding
-    ww = w.reshape(w.shape[0], -1)
-    I = ww.shape[1]
-    K = I + 4
-    G = _amax(dy)
-    if case.method == "ws":
-        sigma = ww.std(axis=1)
-        d_min = float(np.min(np.minimum(sigma + case.eps, np.sqrt(sigma**2 + case.eps))))
-        err = K * u * (_amax(ww) / d_min + math.sqrt(I))
-        tol = {"y": err,
-               "dw": G / d_min * (K * u * (1 + math.sqrt(I)) ** 2
-                                  + 3 * err * (1 + math.sqrt(I)))}
-    else:
-        n_min = float(np.min(np.sqrt(np.sum(ww**2, axis=1))))
-        g = _amax(p[0])
-        tol = {"y": K * u * g,
-               "dv": 3 * K * u * g * 2 * math.sqrt(I) * G / (n_min + case.eps),
-               "dg": 3 * K * u * I * G}
-    # below the compute dtype's smallest normal number values are subnormal: spaced evenly,
-    # with no relative precision left (a float32 gamma of 1e-45), so that is the floor
-    floor = max(_FLOOR, float(np.finfo(np.float32 if case.x.dtype == np.float16
-                                       else case.x.dtype).smallest_normal))
-    return {k: tol[k] + 2 * u_out * _amax(v) + floor for k, v in outputs.items()}
-
-
-def reference_outputs(case: Case, options: dict[str, Any],
-                      with_grads: bool) -> dict[str, np.ndarray]:
-    """refnorm's ``y`` (and gradients) on ``case``, computed in float64."""
-    x = case.x.astype(np.float64)
-    params = tuple(a.astype(np.float64) for a in case.params)
-    y, cache = reference.forward(case.method, x, params, options)
-    out = {"y": np.asarray(y)}
-    if with_grads:
-        grads = reference.backward(case.method, case.dy.astype(np.float64), cache)
-        out.update(zip(GRAD_NAMES[case.method], grads, strict=True))
-    return out
-
-
 def compare_case(impl: Impl, case: Case, options: dict[str, Any]) -> Mismatch | None:
-    """The first output on which ``impl`` and refnorm disagree beyond tolerance, or None."""
+    """The first output on which ``impl`` and refnorm disagree beyond tolerance, or None.
+
+    A parameter the implementation does not have, and a gradient it does not give (None),
+    are reported as such before any number is compared; gamma and beta of an
+    implementation without an affine step are passed as ones and zeros and their gradients
+    not compared.
+    """
+    if impl.absent:                                   # the first parameter it lacks
+        param, why = next(iter(impl.absent.items()))
+        return Mismatch(param, math.inf, (), 0.0, note=why)
+    names = GRAD_NAMES[case.method]
     ref = reference_outputs(case, options, with_grads=impl.has_vjp)
     tol = tolerances(case, ref)
     try:
         got = {"y": impl.forward(case.x, case.params, training=True)}
-        if impl.has_vjp:
-            got.update(zip(GRAD_NAMES[case.method],
-                           impl.vjp(case.dy, case.x, case.params), strict=True))
+        grads = impl.vjp(case.dy, case.x, case.params) if impl.has_vjp else ()
     except Exception as exc:  # the implementation's own error is the finding
         return Mismatch("error", math.inf, (), 0.0,
                         note=f"the implementation raised {type(exc).__name__}: {exc}")
+    if impl.has_vjp and len(grads) != len(names):
+        return Mismatch("error", math.inf, (), 0.0,
+                        note=f"the vector-Jacobian product gave {len(grads)} arrays; "
+                             f"{case.method} has {len(names)} inputs ({', '.join(names)})")
+    for name, grad in zip(names, grads, strict=False):
+        if grad is not None:
+            got[name] = grad
+        elif name in ("dgamma", "dbeta") and not impl.affine:
+            del ref[name]                               # no such parameter, as documented
+        else:
+            return Mismatch(name, math.inf, (), tol[name], note=impl.why_none(name[1:]))
     for name, expected in ref.items():
         mismatch = _compare(name, np.asarray(got[name]), expected, tol[name])
         if mismatch is not None:
@@ -334,7 +233,29 @@ def assert_matches(
     except NoSuchExample:
         return
     mismatch = compare_case(impl, case, options_for(case))
+    C = num_channels
+    if C is None and case.num_groups and 12 % case.num_groups:
+        C = 2 * case.num_groups                   # fingerprint's GN probes have C = 12
+    why = diagnose(impl, method, options_for(case), num_channels=C, spatial=spatial)
     raise AssertionError(
         f"{impl.description} does not match {reference.describe(method, options_for(case))} "
-        f"in {np.dtype(dtype).name}.\n{mismatch}\nSmallest failing input (shrunk by "
-        f"hypothesis):\n{case!r}")
+        f"in {np.dtype(dtype).name}.\n{why}\nOn the smallest failing input: {mismatch}\n"
+        f"Smallest failing input (shrunk by hypothesis):\n{case!r}")
+
+
+def diagnose(impl: Impl, method: str, options: dict[str, Any], *,
+             num_channels: int | None = None, spatial: int | None = None) -> str:
+    """One sentence: the first convention in which ``impl`` differs from refnorm's
+    ``method`` under ``options``, read by :func:`refnorm.testing.fingerprint`'s probes."""
+    from refnorm.testing.probes import fingerprint  # probes uses this module's bounds
+
+    try:
+        report = fingerprint(method, impl, num_channels=num_channels, spatial=spatial)
+    except Exception as exc:  # a probe the implementation cannot take is no diagnosis
+        return f"No diagnosis: fingerprint could not probe it ({type(exc).__name__}: {exc})."
+    row = report.first_divergence(options)
+    if row is None:
+        return ("No diverging convention: fingerprint finds every convention it probes as "
+                "refnorm's, so the difference lies outside its probes.")
+    return (f"First diverging convention (refnorm.testing.fingerprint): {row.topic}: found "
+            f"{row.found}; refnorm: {row.refnorm}.")

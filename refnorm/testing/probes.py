@@ -3,9 +3,12 @@
 Designed probes, each reading one convention off the implementation's outputs (probes run
 in float64, training mode, ``gamma = 1`` and ``beta = 0`` unless said):
 
-- **statistics scope**: replace channel 0 (then sample 0) with new values and see which
-  other outputs move; for GN this gives the group count and the layout (channel ``c`` in
-  group ``c // (C/G)``, consecutive, or ``c % G``, interleaved);
+- **statistics scope** (:mod:`refnorm.testing.axes`): change one input element and see
+  which outputs move: the elements that share its statistic, which give the reduction
+  axes; for GN the group count and the layout (channel ``c`` in group ``c // (C/G)``,
+  consecutive, or ``c % G``, interleaved). The probes below standardize within the
+  statistics found, so a wrong scope is reported as itself and not as a variance scaled
+  by some factor;
 - **variance estimator, eps placement and value**: inputs ``s * z`` with ``z`` of mean 0
   and biased variance 1 in every statistic, for ``s`` from 1e2 down to 1e-7. The output is
   ``z * s / D(s)``; at ``s = 1e2``, ``(D / s)^2`` is the variance scale (1: biased,
@@ -30,8 +33,10 @@ in float64, training mode, ``gamma = 1`` and ``beta = 0`` unless said):
 
 Then refnorm's functions are run under the options these conventions call for, on
 ordinary inputs and on tiny variances, and compared to the tolerances of
-:func:`refnorm.testing.compare.tolerances`: the report names the options that match, or
+:func:`refnorm.testing.tolerance.tolerances`: the report names the options that match, or
 says "matches no known convention" with the closest options and the residual.
+:meth:`Report.first_divergence` gives the first row that differs from refnorm under given
+options: :func:`refnorm.testing.assert_matches` states it when outputs differ.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ import numpy as np
 import refnorm
 from refnorm.testing import reference
 from refnorm.testing.adapters import Impl, as_impl
-from refnorm.testing.compare import reference_outputs, tolerances
+from refnorm.testing.axes import axis_names, expected_axes, probe_axes
 from refnorm.testing.strategies import Case
+from refnorm.testing.tolerance import reference_outputs, tolerances
 
 LADDER = tuple(10.0 ** -k for k in range(-2, 8))      # s = 1e2 ... 1e-7
 FIT = 1e-3          # a model "fits" the ladder within 0.1 %: float32 outputs reach 1e-6, and
@@ -65,6 +71,7 @@ class Row:
     found: str
     refnorm: str
     agrees: bool | None = None
+    key: str | None = None          # the first key it sets in Report.conventions
 
 
 @dataclass
@@ -97,8 +104,28 @@ class Report:
 
     def add(self, topic: str, found: str, refnorm_default: str, agrees: bool | None = None,
             **conventions: Any) -> None:
-        self.rows.append(Row(topic, found, refnorm_default, agrees))
+        self.rows.append(Row(topic, found, refnorm_default, agrees,
+                             next(iter(conventions), None)))
         self.conventions.update(conventions)
+
+    def first_divergence(self, options: dict[str, Any] | None = None) -> Row | None:
+        """The first row whose finding is not refnorm's under ``options``, or None.
+
+        ``options`` are refnorm's keyword options as :func:`refnorm.testing.assert_matches`
+        compares under (``eps``, ``momentum``, ``num_groups``, ``options``, ``eps_mode``,
+        ``correction``); the rows they decide (eps value, running average, GN groups, WS
+        std and eps placement, SN IN variance) are judged against them, the others against
+        refnorm's defaults. The returned row's ``refnorm`` says what was expected.
+        """
+        expected = _expected_under(self.method, options or {}, self.conventions)
+        for row in self.rows:
+            if row.key in expected:
+                agrees, text = expected[row.key]
+                if not agrees:
+                    return Row(row.topic, row.found, text, False, row.key)
+            elif row.agrees is False:
+                return row
+        return None
 
     def __str__(self) -> str:
         widths = [max(len(r.topic) for r in self.rows), max(len(r.found) for r in self.rows)]
@@ -124,6 +151,49 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
+
+
+def _expected_under(method: str, options: dict[str, Any],
+                    found: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+    """For the conventions ``options`` decide: (``found`` agrees, what refnorm does)."""
+    out: dict[str, tuple[bool, str]] = {}
+    eps = options.get("eps")
+    if isinstance(found.get("eps"), float) and isinstance(eps, float):
+        got = found["eps"]
+        out["eps"] = (abs(got - eps) <= 1e-2 * eps or (got == 0 and eps <= 1e-200),
+                      f"{eps:g} (the eps compared under)")
+    momentum = options.get("momentum")
+    if found.get("running") not in (None, "none") and isinstance(momentum, float):
+        weight = found.get("momentum_new_weight")
+        out["running"] = (found["running"] == "exponential" and isinstance(weight, float)
+                          and abs(weight - momentum) < SAME,
+                          f"exponential, new batch weighted {momentum:g} (the momentum "
+                          "compared under)")
+    if method == "gn" and options.get("num_groups") is not None:
+        G = options["num_groups"]
+        out["group_layout"] = (found.get("group_layout") in ("consecutive", "n/a")
+                               and found.get("num_groups") == G,
+                               f"consecutive channels (c // (C/G)), G = {G}")
+    if method != "ws" and isinstance(eps, float) and "eps_placement" in found:
+        tiny = found["eps_placement"] == "none" and eps <= 1e-200
+        out["eps_placement"] = (found["eps_placement"] == default_key(method) or tiny,
+                                "||v|| + eps" if method == "wn" else "sqrt(var + eps)")
+    if method == "ws":
+        unbiased = options.get("correction", 0) == 1
+        out["std"] = (found.get("std") == ("unbiased" if unbiased else "biased"),
+                      "unbiased (1/(I-1))" if unbiased else "biased (1/I)")
+        placement = {"add": "added_to_std", "sqrt": "inside_sqrt"}[options.get("eps_mode",
+                                                                                "add")]
+        out["eps_placement"] = (found.get("eps_placement") in (placement, "none"),
+                                "sigma + eps" if placement == "added_to_std"
+                                else "sqrt(sigma^2 + eps)")
+    if method == "sn":
+        c = getattr(options.get("options"), "in_correction", 0)
+        name = "unbiased" if c else "biased"
+        text = "unbiased (1/(S-1))" if c else "biased (1/S)"
+        out["variance"] = (found.get("variance") == name, text)
+        out["in_variance"] = (found.get("in_variance") == name, text)
+    return out
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -228,59 +298,57 @@ def _one_hot(scope: str) -> np.ndarray:
     return np.array([ONE_HOT if s == scope else -ONE_HOT for s in reference.SN_SCOPES])
 
 
-def _probe_shape(method: str, impl: Impl, num_channels: int | None) -> tuple[int, ...]:
+def _probe_shape(method: str, impl: Impl, num_channels: int | None,
+                 spatial: int | None) -> tuple[int, ...]:
     hints = impl.hints
     if "input_shape" in hints:
         return (2, *hints["input_shape"])
     C = num_channels or hints.get("num_channels") or (12 if method == "gn" else 4)
-    k = hints.get("spatial", 2)
-    spatial = {0: (), 1: (3,), 2: (3, 4), 3: (3, 2, 2)}[k]  # N = 2: sizes tell axes apart
-    return (2 if k else 4, C, *spatial)
+    k = spatial if spatial is not None else hints.get("spatial", 2)
+    sizes = {0: (), 1: (3,), 2: (3, 4), 3: (3, 2, 2)}[k]    # N = 2: sizes tell axes apart
+    return (2 if k else 4, C, *sizes)
 
 
-def _scope(p: _Probe, report: Report) -> np.ndarray:
-    """Statistics-scope rows; returns the statistic ids of the probe shape."""
-    x = p.rng.standard_normal(p.shape)
-    y = p.run(x)
-    x1 = x.copy()
-    x1[:, 0] = p.rng.standard_normal(x1[:, 0].shape) * 3 + 2
-    moved = np.abs(p.run(x1) - y).reshape(p.shape[0], p.C, -1).max(axis=(0, 2)) > 1e-9
-    channels = [0] + [c for c in range(1, p.C) if moved[c]]
-    x2 = x.copy()
-    x2[0] = p.rng.standard_normal(x2[0].shape) * 3 + 2
-    across_samples = bool(np.abs(p.run(x2)[1:] - y[1:]).max() > 1e-9)
-    C, k = p.C, len(channels)
-    if k == 1:
-        within = "each channel"
-    elif k == C:
-        within = "all channels"
-    else:
-        within = f"channels {channels}"
-    found = f"{within}, {'across samples' if across_samples else 'per sample'}"
-    expected = {"bn": ("each channel", True), "in": ("each channel", False),
-                "ln": ("all channels", False), "sn": ("each channel", True)}  # SN: ratios on BN
-    G, layout = C // k, "consecutive"
+def _scope(p: _Probe, report: Report) -> tuple[np.ndarray | None, bool]:
+    """Statistics-scope rows (the axes probe, :mod:`refnorm.testing.axes`).
+
+    Returns the statistic of every element of the probe input, as the implementation forms
+    them (None when there is none of two or more values: its output does not move with its
+    input, or each element only with itself), and whether they are refnorm's.
+    """
+    found = probe_axes(p.run, p.shape, p.rng)
+    C = p.C
+    G = C // found.sizes[1] if found.moved else C
     if p.method == "gn":
-        if channels == list(range(k)):
-            layout = "consecutive" if 1 < k < C else "n/a"
-        elif channels == list(range(0, C, G)):
-            layout = "interleaved"
-        else:
-            layout = "other"
-        agrees = layout in ("consecutive", "n/a") and not across_samples
-        report.add("statistics over", found, "each sample, groups of C/G channels", agrees)
+        layout = {"consecutive": "consecutive", "interleaved": "interleaved",
+                  "reduced": "n/a", "kept": "n/a"}.get(found.kinds[1] if found.moved else "",
+                                                       "other")
+        want = expected_axes("gn", p.shape, 1)                  # N kept, spatial reduced
+        same = found.box and found.kinds[:1] + found.kinds[2:] == want.kinds[:1] + want.kinds[2:]
+        spatial = ", ".join(axis_names(len(p.shape))[2:])
+        report.add("statistics over", found.describe(),
+                   f"{spatial + ' and ' if spatial else ''}groups of C/G consecutive channels, "
+                   "per sample", same, reduce_axes=list(found.reduce_axes))
         report.add("group layout", f"{layout}, G = {G}" if layout != "other" else layout,
                    "consecutive channels (c // (C/G))",
                    layout in ("consecutive", "n/a"), group_layout=layout, num_groups=G)
+        agrees = same and layout in ("consecutive", "n/a")
     else:
-        want = expected[p.method]
-        refnorm_text = f"{want[0]}, {'across samples' if want[1] else 'per sample'}"
-        report.add("statistics over", found, refnorm_text, (within, across_samples) == want)
-    report.conventions["scope"] = {"channels": channels, "across_samples": across_samples}
-    ids_method = "in" if p.method == "sn" else p.method
-    return reference.group_ids(ids_method, p.shape, num_groups=G,
-                               layout="interleaved" if layout == "interleaved" else
-                               "consecutive")
+        want = expected_axes(p.method, p.shape)
+        agrees = found == want
+        report.add("statistics over", found.describe(), want.describe(), agrees,
+                   reduce_axes=list(found.reduce_axes))
+    if found.moved:
+        report.conventions["scope"] = {"channels": list(found.indices[1]),
+                                       "across_samples": found.kinds[0] != "kept"}
+    if p.method == "sn":                     # the later probes put every ratio on IN
+        return reference.group_ids("in", p.shape), agrees
+    ids = found.ids() if found.moved else None
+    if found.moved and ids is None:        # an irregular scope: read the rest in refnorm's
+        ids = reference.group_ids(p.method, p.shape, num_groups=G)
+    if ids is not None and np.bincount(ids.ravel()).min() < 2:
+        ids = None                         # a statistic of one value has no variance
+    return ids, agrees
 
 
 def _ladder(p: _Probe, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -439,16 +507,18 @@ def _gradient_rows(p: _Probe, report: Report) -> None:
     want = {"dgamma": np.sum(dy * x_hat, axis=axes), "dbeta": np.sum(dy, axis=axes),
             "dx": _central_differences(lambda xx: float(np.sum(dy * p.run(xx, gamma=gamma,
                                                                            beta=beta))), x)}
-    got = {"dx": np.asarray(grads[0]), "dgamma": np.asarray(grads[1]),
-           "dbeta": np.asarray(grads[2])}
+    got = dict(zip(("dx", "dgamma", "dbeta"), grads, strict=False))
     if not p.impl.affine:
         del want["dgamma"], want["dbeta"]
     wrong = []
     for name, w in want.items():
         scale = float(np.max(np.abs(w))) or 1.0
+        g = got.get(name)
+        if g is None:
+            wrong.append(f"{name} (none given)")
         # central differences with h = 1e-5 are accurate to ~1e-9 of the scale
-        if got[name].shape != w.shape or np.max(np.abs(got[name] - w)) > 1e-6 * scale:
-            wrong.append(name + _which_sum(got[name], dy * x_hat if name == "dgamma" else dy,
+        elif g.shape != w.shape or np.max(np.abs(g - w)) > 1e-6 * scale:
+            wrong.append(name + _which_sum(g, dy * x_hat if name == "dgamma" else dy,
                                            axes) * (name != "dx"))
     found = "consistent with its forward" if not wrong else "wrong: " + "; ".join(wrong)
     report.add("gradients", found, "closed form, gradchecked", not wrong,
@@ -578,7 +648,8 @@ def _conclude(report: Report, impl: Impl, shape: tuple[int, ...],
 
 def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None = None,
                 convert: Callable[[np.ndarray], Any] | None = None,
-                num_channels: int | None = None, seed: int = 0) -> Report:
+                num_channels: int | None = None, spatial: int | None = None,
+                seed: int = 0) -> Report:
     """Probe ``impl`` and report which conventions it follows and which refnorm options match.
 
     Parameters
@@ -589,6 +660,9 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
     num_channels : int, optional
         C for the probes (default: the implementation's, else 4; 12 for GN, so that any
         G in 1, 2, 3, 4, 6, 12 can be found).
+    spatial : int, optional
+        The number of spatial axes of the probe input, 0 to 3 (default: the
+        implementation's, else 2).
     seed : int
         For the probe inputs.
 
@@ -602,19 +676,25 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
     report = Report(reference.check_method(method), impl.description)
     if method in ("ws", "wn"):
         return _fingerprint_weights(report, impl, num_channels, rng)
-    p = _Probe(impl, method, _probe_shape(method, impl, num_channels), rng)
+    p = _Probe(impl, method, _probe_shape(method, impl, num_channels, spatial), rng)
     if method == "sn":
         p.logits = (_one_hot("bn"), _one_hot("bn"))
-    ids = _scope(p, report)
+    ids, scope_ok = _scope(p, report)
     if method == "sn":
         p.logits = (_one_hot("in"), _one_hot("in"))
-    f, placement, eps = _variance_rows(p, report, ids, "variance in normalization",
-                                       "variance")
-    _offset_row(p, report, ids, f, placement, eps)
+    if ids is not None:
+        f, placement, eps = _variance_rows(p, report, ids, "variance in normalization",
+                                           "variance")
+        _offset_row(p, report, ids, f, placement, eps)
+    else:                                  # nothing to standardize
+        report.add("variance in normalization", "not probed (no statistic of two values)",
+                   "biased (1/m)", None, variance="not probed")
+        hint = p.impl.hints.get("eps")
+        placement, eps = "unknown", hint if isinstance(hint, float) else 1e-5
     _affine_row(p, report)
     options: dict[str, Any] = {"eps": eps or 1e-300}
     ok = ((method == "sn" or report.conventions["variance"] == "biased")
-          and placement in ("inside_sqrt", "none"))
+          and placement in ("inside_sqrt", "none") and scope_ok)
     if method == "gn":
         options["num_groups"] = report.conventions["num_groups"]
         ok = ok and report.conventions["group_layout"] in ("consecutive", "n/a")
@@ -706,8 +786,9 @@ def _weight_gradient_row(report: Report, impl: Impl, shape: tuple[int, ...],
         unit = np.asarray(impl.forward(w, (np.ones(shape[0]),)), dtype=np.float64)
         want.append(np.sum((dy * unit).reshape(shape[0], -1), axis=1))
     names = ["dw" if report.method == "ws" else "dv", "dg"]
-    wrong = [names[i] for i, (a, b) in enumerate(zip(grads, want, strict=False))
-             if np.shape(a) != b.shape
+    wrong = [names[i] + " (none given)" * (a is None)
+             for i, (a, b) in enumerate(zip(grads, want, strict=False))
+             if a is None or np.shape(a) != b.shape
              or np.max(np.abs(np.asarray(a) - b)) > 1e-6 * (np.max(np.abs(b)) or 1.0)]
     report.add("gradients", "consistent with its forward" if not wrong else
                "wrong: " + ", ".join(wrong), "closed form, gradchecked", not wrong,

@@ -33,7 +33,6 @@ import numpy as np
 import refnorm
 import refnorm.weights
 from refnorm.core.running import update_running_stats
-from refnorm.norms.switchable_norm import SCOPES
 
 METHODS = ("bn", "in", "ln", "gn", "sn", "ws", "wn")
 ACTIVATION_METHODS = ("bn", "in", "ln", "gn", "sn")
@@ -46,7 +45,7 @@ PARAM_NAMES: dict[str, tuple[str, ...]] = {
     "ws": (),
     "wn": ("g",),
 }
-SN_SCOPES = SCOPES  # the scopes of the reference, in its order
+SN_SCOPES = refnorm.SwitchableOptions().scopes  # the scopes of the reference, in its order
 
 _FORWARD = {
     "bn": lambda x, p, o: refnorm.batch_norm_forward(x, *p, eps=o["eps"]),

@@ -100,6 +100,21 @@ class NumpyGN:
         return _view(gamma, x.ndim) * x_hat.reshape(x.shape) + _view(beta, x.ndim)
 
 
+class AxesNorm:
+    """Standardize over the given axes of the input (biased variance, eps inside the root),
+    then a per-channel affine: BN is ``axes=(0, 2, 3)``, LN ``(1, 2, 3)``, IN ``(2, 3)``;
+    ``(1,)`` is an LN over the channels alone at each position (the LayerNorm a
+    channels-last network applies to a channels-first tensor)."""
+
+    def __init__(self, axes: tuple[int, ...], *, eps: float = 1e-5):
+        self.axes, self.eps = tuple(axes), eps
+
+    def __call__(self, x, gamma, beta):
+        mu = x.mean(axis=self.axes, keepdims=True)
+        var = x.var(axis=self.axes, keepdims=True)
+        return _view(gamma, x.ndim) * (x - mu) / np.sqrt(var + self.eps) + _view(beta, x.ndim)
+
+
 def _softmax(a: np.ndarray) -> np.ndarray:
     e = np.exp(a - a.max())
     return e / e.sum()

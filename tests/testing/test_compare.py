@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from refnorm.testing import assert_matches
+from refnorm.testing import Case, as_impl, assert_matches, norm_inputs, reference
+from refnorm.testing.compare import compare_case
+from refnorm.testing.tolerance import underflow_floors
 from tests.testing.impls import NumpyBN, numpy_bn_forward
 
 
@@ -57,3 +63,119 @@ def test_dlpack_callable_through_convert():
 def test_refuses_a_callable_of_the_wrong_arity():
     with pytest.raises(TypeError, match="impl must take \\(x, gamma, beta\\)"):
         assert_matches("bn", lambda x: x)
+
+
+# -- subnormal outputs (issue 25): gamma below the dtype's smallest normal number ------------
+
+LOW_AND_FULL = [np.float16, np.float32, np.float64]
+
+
+def _compute(dtype):
+    """float32 for float16 (as refnorm computes), else the dtype itself."""
+    return np.float32 if np.dtype(dtype) == np.float16 else dtype
+
+
+def _numpy_bn_in(dtype, eps=1e-5):
+    """tests.testing.impls' BN forward and backward, computing in float32 for float16 and
+    rounding the results to ``dtype`` once: a correct low-precision implementation."""
+    c = _compute(dtype)
+    bn = NumpyBN(1, eps=eps)
+
+    def forward(x, gamma, beta):
+        return numpy_bn_forward(x.astype(c), gamma.astype(c), beta.astype(c),
+                                eps=eps).astype(dtype)
+
+    def backward(dy, x, gamma, beta):
+        grads = bn.backward(dy.astype(c), x.astype(c), gamma.astype(c), beta.astype(c))
+        return tuple(g.astype(dtype) for g in grads)
+    return forward, backward
+
+
+def _refnorm_in_dtype(method, options):
+    """refnorm's own pure functions called on the dtype under test (float16 computes in
+    float32 and returns float16): a second correct implementation, for every method."""
+    def forward(x, *params):
+        return reference.forward(method, x, params, options)[0]
+
+    def backward(dy, x, *params):
+        return reference.backward(method, dy, reference.forward(method, x, params, options)[1])
+    return forward, backward
+
+
+@st.composite
+def _subnormal(draw, dtype, size):
+    """``size`` values of ``dtype`` below its smallest normal number, of either sign."""
+    info = np.finfo(dtype)
+    low = float(info.smallest_subnormal)
+    high = float(info.smallest_normal) - low                     # the largest subnormal
+    mags = draw(hnp.arrays(np.float64, size, elements=st.floats(
+        low, high, allow_subnormal=low < np.finfo(np.float64).tiny)))
+    signs = draw(hnp.arrays(np.float64, size, elements=st.sampled_from([-1.0, 1.0])))
+    values = (signs * mags).astype(dtype)
+    assert np.all(np.abs(values) < info.smallest_normal)
+    return values
+
+
+def _with_subnormal_affine(data, case, dtype):
+    """``case`` with gamma and beta (WN: g) in the subnormal range of ``dtype``."""
+    C = case.params[0].shape[0]
+    params = (data.draw(_subnormal(dtype, C)),)
+    if case.method != "wn":
+        params += (data.draw(_subnormal(dtype, C)),) + case.params[2:]
+    return dataclasses.replace(case, params=params)
+
+
+@pytest.mark.parametrize("dtype", LOW_AND_FULL, ids=lambda d: np.dtype(d).name)
+@given(data=st.data())
+def test_subnormal_gamma_numpy_bn_matches(dtype, data):
+    """A gamma below the smallest normal makes y and dx subnormal: a few bits, no relative
+    precision. A correct implementation is within the floor (one subnormal spacing of the
+    returned dtype, plus the compute dtype's scaled by each output's factors)."""
+    case = _with_subnormal_affine(data, data.draw(norm_inputs("bn", dtype=dtype)), dtype)
+    forward, backward = _numpy_bn_in(dtype, case.eps)
+    impl = as_impl("bn", forward, backward=backward)
+    mismatch = compare_case(impl, case, {"eps": case.eps})
+    assert mismatch is None, f"{mismatch}\n{case!r}"
+
+
+@pytest.mark.parametrize("dtype", LOW_AND_FULL, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("method", ["bn", "in", "ln", "gn", "sn", "wn"])
+@given(data=st.data())
+def test_subnormal_gamma_refnorm_in_dtype_matches(method, dtype, data):
+    case = _with_subnormal_affine(data, data.draw(norm_inputs(method, dtype=dtype)), dtype)
+    options = {"eps": case.eps, "num_groups": case.num_groups}
+    forward, backward = _refnorm_in_dtype(method, options)
+    mismatch = compare_case(as_impl(method, forward, backward=backward), case, options)
+    assert mismatch is None, f"{mismatch}\n{case!r}"
+
+
+def test_the_float16_floor_is_a_rounding_not_the_smallest_normal():
+    """A float16 layer that flushes subnormal results to zero is off by up to the smallest
+    normal (6.1e-5), far beyond the rounding of a subnormal (half a spacing, 3e-8): it is
+    told so, on a gamma of 1e-6 (17 spacings) and x_hat = -1, 1."""
+    forward, _ = _numpy_bn_in(np.float16)
+
+    def flush_to_zero(x, gamma, beta):
+        y = forward(x, gamma, beta)
+        return np.where(np.abs(y) < np.finfo(np.float16).smallest_normal, 0, y).astype(y.dtype)
+
+    f16 = np.float16
+    issue_25 = Case("bn", "offset", np.array([[100.0], [100.06]], f16),     # as reported
+                    (np.array([1e-7], f16), np.array([0.0], f16)),
+                    np.array([[0.5], [0.25]], f16), 1e-5)
+    assert compare_case(as_impl("bn", forward), issue_25, {"eps": 1e-5}) is None
+    case = Case("bn", "plain", np.array([[0.0], [2.0]], f16),
+                (np.array([1e-6], f16), np.array([0.0], f16)), np.array([[0.5], [0.25]], f16),
+                1e-5)
+    assert compare_case(as_impl("bn", forward), case, {"eps": 1e-5}) is None
+    mismatch = compare_case(as_impl("bn", flush_to_zero), case, {"eps": 1e-5})
+    assert mismatch is not None and mismatch.output == "y" and mismatch.got == 0.0, mismatch
+
+
+def test_the_floor_is_whole_subnormal_spacings():
+    """IEEE 754 smallest subnormals, written out: binary16 2**-24, binary32 2**-149,
+    binary64 2**-1074; S = 0 leaves the returned value's own rounding."""
+    assert underflow_floors(np.float16, {"y": 0.0}) == {"y": 2.0**-24}
+    assert underflow_floors(np.float32, {"y": 2.0}) == \
+        {"y": 2.0**-149 + 2 * (2.0**-149 + 2.0**-1074)}
+    assert underflow_floors(np.float64, {"y": 3.0}) == {"y": 7 * 2.0**-1074}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refnorm.testing import assert_matches, fingerprint
-from tests.testing.impls import NumpyBN, NumpyGN, NumpySN
+from tests.testing.impls import AxesNorm, NumpyBN, NumpyGN, NumpySN, numpy_bn_forward
 
 # (flag, the fingerprint convention that names the bug, its value, the dtype assert_matches
 # runs in: the one-pass variance only loses digits in float32)
@@ -78,3 +78,69 @@ def test_sn_tied_ratios_are_diagnosed_and_fail():
     assert_matches("sn", NumpySN(4))
     with pytest.raises(AssertionError, match="Smallest failing input"):
         assert_matches("sn", NumpySN(4, tied=True))
+
+
+# -- assert_matches names the first diverging convention (issue 18, item 6) -------------------
+
+FIRST = "First diverging convention (refnorm.testing.fingerprint): "
+
+
+@pytest.mark.parametrize(("flag", "row", "dtype"), [
+    ("eps_outside", "eps placement: found added to the std, sqrt(var) + eps; "
+                    "refnorm: sqrt(var + eps).", np.float64),
+    ("unbiased", "variance in normalization: found unbiased", np.float64),
+    ("one_pass32", "float32, mean 1e4 x std: found loses the variance", np.float32),
+    ("running_biased", "running variance: found biased (1/m)", np.float64),
+], ids=["eps_outside", "unbiased", "one_pass32", "running_biased"])
+def test_failure_states_the_first_diverging_convention(flag, row, dtype):
+    with pytest.raises(AssertionError) as info:
+        assert_matches("bn", NumpyBN(4, **{flag: True}), dtype=dtype)
+    assert FIRST + row in str(info.value), str(info.value)
+
+
+def test_momentum_is_judged_against_the_one_compared_under():
+    """The running average follows the momentum assert_matches was given, not refnorm's
+    default: a layer with momentum 0.1 compared under 0.3 diverges there."""
+    with pytest.raises(AssertionError) as info:
+        assert_matches("bn", NumpyBN(4), momentum=0.3)
+    assert FIRST + "running average: found exponential, new batch weighted 0.1" in \
+        str(info.value) and "(the momentum compared under)" in str(info.value)
+
+
+def test_layer_norm_over_channels_fails_with_its_scope():
+    with pytest.raises(AssertionError) as info:
+        assert_matches("ln", AxesNorm((1,)))
+    assert FIRST + "statistics over: found C, per sample and position; refnorm: C, H, W, " \
+        "per sample." in str(info.value), str(info.value)
+
+
+def test_a_difference_outside_the_probes_says_so():
+    """Wrong only for three samples (the probes use two or four): no convention differs."""
+    def bn_wrong_at_n3(x, gamma, beta):
+        return numpy_bn_forward(x, gamma, beta) * (1.01 if x.shape[0] == 3 else 1.0)
+    with pytest.raises(AssertionError) as info:
+        assert_matches("bn", bn_wrong_at_n3)
+    assert "No diverging convention: fingerprint finds every convention it probes as " \
+        "refnorm's" in str(info.value), str(info.value)
+
+
+def test_torch_bn_with_eps_on_the_std_fails_on_the_eps_placement():
+    """Its autograd gives dx = NaN at a constant input (d sqrt(var) at var = 0), the case
+    hypothesis shrinks to; the message leads with the cause."""
+    pytest.importorskip("torch")
+    from tests.testing.torch_impls import BatchNormEpsOnStd
+
+    with pytest.raises(AssertionError) as info:
+        assert_matches("bn", BatchNormEpsOnStd(4))
+    text = str(info.value)
+    assert FIRST + "eps placement: found added to the std" in text, text
+    assert text.index("eps placement") < text.index("On the smallest failing input")
+
+
+def test_torch_layer_norm_over_channels_fails_with_its_scope():
+    pytest.importorskip("torch")
+    from tests.testing.torch_impls import LayerNormOverChannels
+
+    with pytest.raises(AssertionError) as info:
+        assert_matches("ln", LayerNormOverChannels(4))
+    assert FIRST + "statistics over: found C, per sample and position" in str(info.value)

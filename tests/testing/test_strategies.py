@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refnorm.testing import norm_inputs
-from refnorm.testing.compare import reference_outputs
 from refnorm.testing.reference import METHODS
+from refnorm.testing.tolerance import reference_outputs
 
 
 @pytest.mark.parametrize("method", METHODS)

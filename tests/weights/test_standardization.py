@@ -58,13 +58,19 @@ def test_gradient_is_centred_and_orthogonal_to_w_hat_up_to_eps(w, data, eps):
     dw = weight_standardization_backward(g, cache)
     C = w.shape[0]
     dwv, whv, gv = dw.reshape(C, -1), w_hat.reshape(C, -1), g.reshape(C, -1)
+    # Below float64's smallest normal (a subnormal g) a rounding is off by up to one
+    # subnormal spacing whatever the value: (I + 4) roundings per entry or sum, each scaled
+    # by at most 1/d <= 1/eps. (The relative bounds are formed as 1e-14 / eps * |g|: in the
+    # order 1e-14 * |g| they underflow to 0 for a subnormal g.)
+    floor = (dwv.shape[1] + 4) / eps * np.finfo(np.float64).smallest_subnormal
     # Eq. (9): zero mean per output channel, up to the rounding of entries <= |g| / eps.
-    np.testing.assert_allclose(dwv.mean(axis=1), 0.0, atol=1e-14 * np.abs(gv).max() / eps)
+    np.testing.assert_allclose(dwv.mean(axis=1), 0.0,
+                               atol=1e-14 / eps * np.abs(gv).max() + floor)
     # Eq. (8) with eps: <dW, W^> = (1/d) <g, W^> eps / (sigma + eps) (module docstring).
     sigma = w.reshape(C, -1).std(axis=1)
     expected = np.sum(gv * whv, axis=1) / (sigma + eps) * eps / (sigma + eps)
     np.testing.assert_allclose(np.sum(dwv * whv, axis=1), expected, rtol=1e-9,
-                               atol=1e-13 * np.abs(gv).sum() / eps)
+                               atol=1e-13 / eps * np.abs(gv).sum() + floor)
 
 
 @pytest.mark.parametrize(("eps_mode", "correction"), [("add", 0), ("add", 1), ("sqrt", 0)])
