@@ -15,7 +15,7 @@ if ! python -c 'import torch' >/dev/null 2>&1; then
 fi
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 export REFNORM_REQUIRE_MPI=1  # the mpiexec tests fail, not skip, if MPI is missing
-ruff check refnorm tests
+ruff check refnorm tests lessons  # lessons/ruff.toml: their line length only
 mypy
 python -m pytest "$@"
 # Layers and the trainer default to the fast path: their suites once more on the reference.

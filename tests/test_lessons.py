@@ -82,6 +82,19 @@ def test_blank_solution_keeps_the_function_and_raises_with_the_task():
         lessons.attempt("9.1", namespace["double"], 3)
 
 
+def test_a_task_wrapped_over_comment_lines_is_one_task():
+    wrapped = SOLVED.replace("# Exercise 9.1: write double",
+                             "# Exercise 9.1: write double,\n#   the function that doubles x")
+    assert lessons.exercise_title(wrapped) == ("9.1", "write double, the function that doubles x")
+    namespace: dict = {}
+    exec(lessons.blank_solution(wrapped), namespace)
+    with pytest.raises(NotImplementedError,
+                       match="exercise 9.1: write double, the function that doubles x"):
+        namespace["double"](3)
+    # a comment that is not indented past its '#' is not part of the task
+    assert lessons.exercise_title("# Exercise 9.1: a task\n# a note\n#   more")[1] == "a task"
+
+
 @pytest.mark.parametrize("bad, message", [
     ("def f():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION", "must start with"),
     ("# Exercise 9.2: f\ndef f():\n    # BEGIN SOLUTION\n    return 1", "unclosed"),
