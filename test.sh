@@ -2,8 +2,10 @@
 # Set up .venv with the test, lesson, docs, mpi and dev extras (and PyTorch's CPU build, for
 # the fingerprints of refnorm.testing) if needed, then run the whole suite: ruff and mypy,
 # the pytest suite (hypothesis's ci profile unless HYPOTHESIS_PROFILE says otherwise), the
-# layer and trainer suites once more on the reference path, and the Sphinx build, which
-# executes every lesson top to bottom (-W: warnings fail it). Arguments go to pytest.
+# layer and trainer suites once more on the reference path, the Sphinx build, which
+# executes every lesson top to bottom (-W: warnings fail it), and then tests/site, which opens
+# every built page in Debian's Chromium (installed with apt-get when missing) and saves a
+# screenshot of each in docs/_build/screenshots/. Arguments go to the first pytest run.
 set -euo pipefail
 cd "$(dirname "$0")"
 REFNORM_EXTRAS="test,lessons,docs,mpi,dev" . scripts/setup.sh
@@ -15,11 +17,21 @@ if ! python -c 'import torch' >/dev/null 2>&1; then
 fi
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 export REFNORM_REQUIRE_MPI=1  # the mpiexec tests fail, not skip, if MPI is missing
+export REFNORM_REQUIRE_BROWSER=1  # and tests/site if Chromium is
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  echo "installing Debian's chromium and chromium-driver for tests/site ..." >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      $sudo apt-get install -y -qq chromium chromium-driver; } >&2 ||
+    echo "warning: chromium could not be installed; tests/site will fail" >&2
+fi
 ruff check refnorm tests lessons  # lessons/ruff.toml: their line length only
 mypy
-python -m pytest "$@"
+python -m pytest --ignore=tests/site "$@"  # tests/site needs the build below
 # Layers and the trainer default to the fast path: their suites once more on the reference.
 REFNORM_PATH=reference python -m pytest -q -p no:cacheprovider tests/test_layer.py \
   tests/norms/test_layers.py tests/nn/test_layers.py tests/train/test_trainer.py
 python -m sphinx -T -W --keep-going -E -q -b html docs docs/_build/html
 echo "docs built in docs/_build/html (every lesson executed)"
+python -m pytest -q -p no:cacheprovider tests/site
+echo "site checked in Chromium; screenshots in docs/_build/screenshots/"

@@ -210,17 +210,24 @@ def escape_shapes(app, what, name, obj, options, lines):
     """Escape the star of shapes such as ``(N, C, *spatial)`` (reST would read it as emphasis).
 
     The docstrings are written to be read as plain text too; only a ``*`` that starts a word
-    and has no closing ``*`` on the line is escaped, outside double-backquoted literals.
+    and has no closing ``*`` on the line is escaped, outside double-backquoted literals
+    (also those that go on over a line break, within a paragraph).
     """
     import re
 
     star = re.compile(r"(?<![\\*\w`])\*(?=[A-Za-z_])(?![^*]*\*(?!\w))")
     table = any(re.fullmatch(r"\s*=+(\s+=+)+\s*", line) for line in lines)
+    in_literal = False  # a ``literal`` opened on an earlier line of the paragraph
     for i, line in enumerate(lines):
+        if not line.strip():
+            in_literal = False
         parts = line.split("``")
+        outside = slice(1 if in_literal else 0, None, 2)
         # in a simple table a backslash would shift the columns: use U+2217 (same width)
-        parts[::2] = [star.sub("\u2217" if table else r"\\*", part) for part in parts[::2]]
+        parts[outside] = [star.sub("\u2217" if table else r"\\*", part)
+                          for part in parts[outside]]
         lines[i] = "``".join(parts)
+        in_literal ^= len(parts) % 2 == 0
 
 
 _SECTIONS = {"parameters", "attributes", "other parameters", "returns", "yields", "raises",
@@ -351,3 +358,5 @@ html_theme_options = {
     "footer_content_items": ["copyright"],
 }
 html_copy_source = True               # _sources/: what the download button serves
+html_show_search_summary = False      # the search lists pages by title: the summaries are
+                                      # fetched from the pages, which a file:// page may not
