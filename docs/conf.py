@@ -290,8 +290,8 @@ def add_lesson_downloads(app, doctree):
         f"/lessons/student/{name}_student.ipynb")
     intro = nodes.paragraph()
     intro += [nodes.Text("Download the lesson, "), solved,
-              nodes.Text(" (solutions filled in, as executed on this page), or its student "
-                         "copy, "), student,
+              nodes.Text(" (solutions filled in: the notebook this page was executed from), "
+                         "or its student copy, "), student,
               nodes.Text(" (every exercise a blank whose check cell fails until you fill it "
                          "in; "),
               nodes.literal("refnorm lessons --student DIR", "refnorm lessons --student DIR"),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,18 @@ def test_lesson_page_offers_its_notebook_and_student_copy(site, pages, path):
     assert f".venv/bin/jupyter lab path/to/{path.stem}_student.ipynb" in box, box
     article = html[html.index("<article"):]
     assert article.index("<h1") < article.index("Run this lesson yourself") < article.index("<h2")
+
+
+def test_the_jupyterlab_command_the_lesson_pages_give_works():
+    # the pages say: pip install -e '.[lessons]', then .venv/bin/jupyter lab NOTEBOOK
+    assert re.search(r'^lessons = \[[^]]*"jupyterlab', (ROOT / "pyproject.toml").read_text(),
+                     re.M | re.S)
+    jupyter = Path(sys.executable).parent / "jupyter"
+    if not jupyter.exists():
+        pytest.skip(f"{jupyter} not installed (the lessons extra installs it)")
+    done = subprocess.run([str(jupyter), "lab", "--version"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0 and re.match(r"\d+\.\d+", done.stdout), done
 
 
 def test_dark_mode_switches_the_colours(site, driver):
