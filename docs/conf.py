@@ -25,6 +25,7 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 LESSONS_SRC = DOCS.parent / "lessons"
 LESSONS_DST = DOCS / "lessons"
+STUDENT_DST = LESSONS_DST / "student"  # git-ignored with docs/lessons/
 
 
 def sync_lessons(src: Path = LESSONS_SRC, dst: Path = LESSONS_DST) -> None:
@@ -48,7 +49,31 @@ def sync_lessons(src: Path = LESSONS_SRC, dst: Path = LESSONS_DST) -> None:
             shutil.copy2(path, target)
 
 
+def write_student_copies(dst: Path = STUDENT_DST) -> None:
+    """Write each lesson's student copy into ``dst`` as ``<lesson>_student.ipynb``.
+
+    The copies are what ``refnorm lessons --student DIR`` writes (every solution blanked,
+    outputs cleared); the suffix keeps a downloaded student copy from taking the name of the
+    downloaded lesson. Each lesson page offers both (:func:`add_lesson_downloads`).
+    """
+    import contextlib
+    import io
+    import tempfile
+
+    from refnorm.lessons import main as refnorm_lessons
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        status = refnorm_lessons(["--student", tmp, "--source", str(LESSONS_SRC)])
+        if status != 0:
+            raise RuntimeError(f"refnorm lessons --student {tmp} exited with {status}")
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        for path in sorted(Path(tmp).glob("*.ipynb")):
+            shutil.copyfile(path, dst / f"{path.stem}_student.ipynb")
+
+
 sync_lessons()
+write_student_copies()
 
 # autosummary imports every submodule to list it; refnorm/__main__.py would run the CLI.
 sys.modules.setdefault("refnorm.__main__", types.ModuleType("refnorm.__main__"))
@@ -70,7 +95,8 @@ extensions = [
     "sphinx-mathjax-offline",    # MathJax 3 copied into _static/mathjax: math with no network
 ]
 
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store", "images"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store", "images",
+                    "lessons/student"]  # downloads, not pages
 templates_path = ["_templates"]
 
 # -- API reference -------------------------------------------------------------------------------
@@ -184,17 +210,24 @@ def escape_shapes(app, what, name, obj, options, lines):
     """Escape the star of shapes such as ``(N, C, *spatial)`` (reST would read it as emphasis).
 
     The docstrings are written to be read as plain text too; only a ``*`` that starts a word
-    and has no closing ``*`` on the line is escaped, outside double-backquoted literals.
+    and has no closing ``*`` on the line is escaped, outside double-backquoted literals
+    (also those that go on over a line break, within a paragraph).
     """
     import re
 
     star = re.compile(r"(?<![\\*\w`])\*(?=[A-Za-z_])(?![^*]*\*(?!\w))")
     table = any(re.fullmatch(r"\s*=+(\s+=+)+\s*", line) for line in lines)
+    in_literal = False  # a ``literal`` opened on an earlier line of the paragraph
     for i, line in enumerate(lines):
+        if not line.strip():
+            in_literal = False
         parts = line.split("``")
+        outside = slice(1 if in_literal else 0, None, 2)
         # in a simple table a backslash would shift the columns: use U+2217 (same width)
-        parts[::2] = [star.sub("\u2217" if table else r"\\*", part) for part in parts[::2]]
+        parts[outside] = [star.sub("\u2217" if table else r"\\*", part)
+                          for part in parts[outside]]
         lines[i] = "``".join(parts)
+        in_literal ^= len(parts) % 2 == 0
 
 
 _SECTIONS = {"parameters", "attributes", "other parameters", "returns", "yields", "raises",
@@ -229,7 +262,61 @@ def close_sections(app, what, name, obj, options, lines):
     lines[:] = out
 
 
+DOWNLOADS_TITLE = "Run this lesson yourself"
+
+
+def add_lesson_downloads(app, doctree):
+    """Put the lesson's two notebooks, and how to open them, under each lesson's title.
+
+    The links are Sphinx download references (the files are copied to ``_downloads/``): the
+    lesson as in ``lessons/`` (solutions filled in) and its student copy from
+    :func:`write_student_copies`. Runs before Sphinx collects download references.
+    """
+    from docutils import nodes
+    from sphinx import addnodes
+
+    docname = app.env.docname
+    if not docname.startswith("lessons/"):
+        return
+    name = docname.split("/", 1)[1]
+
+    def download(target: str) -> addnodes.download_reference:
+        ref = addnodes.download_reference("", "", refdoc=docname, reftarget=target,
+                                          refexplicit=True, refdomain="", reftype="download")
+        ref += nodes.literal(Path(target).name, Path(target).name)
+        return ref
+
+    solved, student = download(f"/lessons/{name}.ipynb"), download(
+        f"/lessons/student/{name}_student.ipynb")
+    intro = nodes.paragraph()
+    intro += [nodes.Text("Download the lesson, "), solved,
+              nodes.Text(" (solutions filled in: the notebook this page was executed from), "
+                         "or its student copy, "), student,
+              nodes.Text(" (every exercise a blank whose check cell fails until you fill it "
+                         "in; "),
+              nodes.literal("refnorm lessons --student DIR", "refnorm lessons --student DIR"),
+              nodes.Text(" writes the same copies).")]
+    setup_cmd = "python3 -m venv .venv && .venv/bin/pip install -e '.[lessons]'"
+    open_cmd = f".venv/bin/jupyter lab path/to/{name}_student.ipynb"
+    how = nodes.paragraph()
+    how += [nodes.Text("To open either in JupyterLab, install refnorm with its lessons extra: in "
+                       "a clone of refnorm, "), nodes.literal(setup_cmd, setup_cmd),
+            nodes.Text(" (or "), nodes.literal("./test.sh", "./test.sh"),
+            nodes.Text(", which sets up the same "), nodes.literal(".venv", ".venv"),
+            nodes.Text(" and runs the tests). Then "), nodes.literal(open_cmd, open_cmd),
+            nodes.Text(" opens the notebook; run its cells from the top.")]
+    box = nodes.admonition(classes=["tip", "lesson-downloads"])
+    box += nodes.title(DOWNLOADS_TITLE, DOWNLOADS_TITLE)
+    box += [intro, how]
+    section = next(iter(doctree.findall(nodes.section)), None)
+    if section is None:
+        raise ValueError(f"{docname}: a lesson needs a title to put its downloads under")
+    title = section.next_node(nodes.title)
+    section.insert(section.index(title) + 1, box)
+
+
 def setup(app):
+    app.connect("doctree-read", add_lesson_downloads, priority=400)  # before the collector
     app.connect("autodoc-process-docstring", close_sections, priority=400)
     app.connect("autodoc-process-docstring", escape_shapes)
     app.connect("missing-reference", resolve_reexports)
@@ -250,6 +337,26 @@ nb_ipywidgets_js: dict = {}           # no widget scripts from a CDN (the lesson
 
 # -- HTML --------------------------------------------------------------------------------------
 
-html_theme = "alabaster"
+# sphinx-book-theme (Jupyter Book's theme; tried beside pydata-sphinx-theme, see the commit
+# that chose it): the whole course in the left sidebar, the lessons as one part, the page's
+# outline on the right, light and dark modes, Sphinx's own search (searchindex.js, no
+# network). Its launch buttons (Binder, Colab...) stay off: they need a repository online.
+
+html_theme = "sphinx_book_theme"
 html_title = "refnorm"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["refnorm.css"]      # wide code, outputs that wrap, tables that scroll
+html_context = {"default_mode": "auto"}  # light or dark as the reader's system says
+html_theme_options = {
+    "home_page_in_toc": True,
+    "show_toc_level": 2,              # the page outline on the right: sections and subsections
+    "show_navbar_depth": 1,
+    "use_download_button": True,      # the page's source (.ipynb for a lesson) and print-to-PDF
+    "use_fullscreen_button": False,
+    "navigation_with_keys": False,
+    "navbar_persistent": [],          # the sidebar holds the search field
+    "footer_content_items": ["copyright"],
+}
+html_copy_source = True               # _sources/: what the download button serves
+html_show_search_summary = False      # the search lists pages by title: the summaries are
+                                      # fetched from the pages, which a file:// page may not

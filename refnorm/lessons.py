@@ -5,7 +5,8 @@ executes each lesson with the solutions filled in and every check passing. Three
 (Jupyter cell metadata ``"tags"``) mark the pieces:
 
 ``solution``
-    A code cell holding an exercise. Its first line names it, ``# Exercise 01.1: <task>``;
+    A code cell holding an exercise. Its first line names it, ``# Exercise 01.1: <task>``
+    (a long task goes on in comment lines indented past the ``#``, ``#   <more task>``);
     the answer sits between a ``# BEGIN SOLUTION`` and an ``# END SOLUTION`` line (usually the
     body of a function the exercise asks for). :func:`blank_solution` replaces those lines,
     markers included, by ``raise NotImplementedError("exercise 01.1: <task>")`` at the
@@ -40,6 +41,7 @@ LESSONS_DIR = Path(__file__).resolve().parent.parent / "lessons"
 BEGIN = "# BEGIN SOLUTION"
 END = "# END SOLUTION"
 _TITLE = re.compile(r"^#\s*Exercise\s+(\S+?):\s*(.+)$")
+_TITLE_GOES_ON = re.compile(r"^#\s{2,}(\S.*)$")  # "#   more of the task", right after the title
 
 
 class LessonFormatError(ValueError):
@@ -139,14 +141,26 @@ def tags(cell: Mapping[str, Any]) -> list[str]:
 
 
 def exercise_title(source: str) -> tuple[str, str]:
-    """``(id, task)`` from a solution cell's first line ``# Exercise <id>: <task>``."""
-    first = source.lstrip("\n").split("\n", 1)[0].strip()
+    """``(id, task)`` from a solution cell's first line ``# Exercise <id>: <task>``.
+
+    Comment lines right after it that are indented past the ``#`` (``#   <more task>``)
+    continue the task, joined with single spaces: a long task is wrapped to the lessons'
+    line length without changing it.
+    """
+    lines = source.lstrip("\n").split("\n")
+    first = lines[0].strip()
     match = _TITLE.match(first)
     if not match:
         raise LessonFormatError(
             f"a solution cell must start with '# Exercise <id>: <task>'; it starts with {first!r}"
         )
-    return match.group(1), match.group(2).strip()
+    task = [match.group(2).strip()]
+    for line in lines[1:]:
+        more = _TITLE_GOES_ON.match(line.rstrip())
+        if more is None:
+            break
+        task.append(more.group(1).strip())
+    return match.group(1), " ".join(task)
 
 
 def blank_solution(source: str) -> str:

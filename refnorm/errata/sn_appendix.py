@@ -9,9 +9,9 @@ checks build a tied SN (``mean_logits == var_logits``) to compare against.
 
 Each ``printed_eq*`` function computes what the printed equation says, nothing corrected;
 :func:`check_appendix` compares each with central finite differences of the quantity it
-claims to be and reports whether they agree. The machine extraction of Eq. (13) reads every
-subscript as "ln"; :func:`printed_eq13` implements the evident intent (the softmax Jacobian,
-symmetric with Eq. 12 and 14) and :func:`printed_eq13_literal` the text as extracted.
+claims to be and reports whether they agree. Eq. (13) is garbled as printed: every subscript
+reads "ln"; :func:`printed_eq13` implements the evident intent (the softmax Jacobian,
+symmetric with Eq. 12 and 14) and :func:`printed_eq13_literal` the equation letter by letter.
 
 Also here: the statistics of Eq. (4) as printed (:func:`printed_eq4`, the one-pass
 ``E[h^2] - mu^2``), which refnorm's reference replaces by the law of total variance, and
@@ -132,7 +132,7 @@ def printed_eq13(w, sums) -> float:
 
 
 def printed_eq13_literal(w, sums) -> float:
-    """Eq. (13) as the extraction reads: w_ln (1 - w_ln) S_ln - w_ln w_ln S_ln - w_ln w_ln S_ln."""
+    """Eq. (13) letter by letter: w_ln (1 - w_ln) S_ln - w_ln w_ln S_ln - w_ln w_ln S_ln."""
     w_ln = w[1]
     return w_ln * (1 - w_ln) * sums["ln"] - 2 * w_ln * w_ln * sums["ln"]
 
@@ -232,9 +232,9 @@ def check_appendix(seed: int = 0) -> list[Finding]:
                  "agrees (tied ratios: the mean and variance parts summed)"),
         _finding("Eq. (13)", "dL/dlambda_ln", printed_eq13(w, sums), true_dlam[1],
                  "agrees, read by symmetry with Eq. (12) and (14)"),
-        _finding("Eq. (13), as extracted", "dL/dlambda_ln", printed_eq13_literal(w, sums),
-                 true_dlam[1], "disagrees: the extraction reads every subscript as ln; the "
-                 "cross terms need S_in and S_bn"),
+        _finding("Eq. (13), letter by letter", "dL/dlambda_ln", printed_eq13_literal(w, sums),
+                 true_dlam[1], "disagrees: as printed every subscript reads ln; the cross "
+                 "terms need S_in and S_bn"),
         _finding("Eq. (14)", "dL/dlambda_bn", printed_eq14(w, sums), true_dlam[2], "agrees"),
     ]
 

@@ -4,9 +4,9 @@ Qiao et al., *Weight Standardization*. The analysis sets eps = 0 ("For convenien
 eps = 0 (in Eq. 2)") and follows one output channel c: weights W_c in R^I, the inputs that
 meet them x_c in R^{b x I}, outputs y_c = x_c W^_c (Eq. 7). Here that is a small problem with
 a smooth loss of y_c, and every printed formula (gradients Eq. 8-9, norm identities
-Eq. 10-15, Hessian relations Eq. 17-19) is compared with finite differences. The text is
-the second extraction (``weight-standardization-alt.txt``), which is cleaner in §2.2; where
-the first extraction differs in a way that changes the formula, both are checked.
+Eq. 10-15, Hessian relations Eq. 17-19) is compared with finite differences. Eq. (15) is
+also checked with a dot in place of the hat in its last term (<1, g.> for <1, g^>), a reading
+of the printed accent that changes the formula.
 
 Gradients are vectors in R^I; Hessians are I x I; ``grad_hat`` is dL/dW^_c.
 """
@@ -107,13 +107,13 @@ def printed_eq14(w_hat, grad_hat, sigma):
 
 
 def printed_eq15(grad_dot, grad_hat, sigma):
-    """Eq. (15), right side (second extraction): ||g.||^2 - (1 / (I sigma^2)) <1, g^>^2."""
+    """Eq. (15), right side, as printed: ||g.||^2 - (1 / (I sigma^2)) <1, g^>^2."""
     I = grad_dot.size
     return np.dot(grad_dot, grad_dot) - np.sum(grad_hat) ** 2 / (I * sigma**2)
 
 
-def printed_eq15_first_extraction(grad_dot, sigma):
-    """Eq. (15) as the first extraction prints it: <1, g.>^2 in place of <1, g^>^2."""
+def printed_eq15_dot_reading(grad_dot, sigma):
+    """Eq. (15) read with a dot for the hat in its last term: <1, g.>^2 for <1, g^>^2."""
     I = grad_dot.size
     return np.dot(grad_dot, grad_dot) - np.sum(grad_dot) ** 2 / (I * sigma**2)
 
@@ -196,10 +196,10 @@ def check_ws_theory(seed: int = 0) -> list[Finding]:
         row("Eq. (14)", "(1/I) <1, dL/dW._c>^2", printed_eq14(w_hat, grad_hat, sigma),
             np.sum(grad_dot) ** 2 / I, "agrees"),
         row("Eq. (15)", "||dL/dW_c||^2", printed_eq15(grad_dot, grad_hat, sigma),
-            np.dot(grad_w, grad_w), "agrees (second extraction: <1, dL/dW^>)"),
-        row("Eq. (15), first extraction", "||dL/dW_c||^2",
-            printed_eq15_first_extraction(grad_dot, sigma), np.dot(grad_w, grad_w),
-            "disagrees: the first extraction has dL/dW. where the paper has dL/dW^"),
+            np.dot(grad_w, grad_w), "agrees (its last term has <1, dL/dW^>)"),
+        row("Eq. (15), dot reading", "||dL/dW_c||^2",
+            printed_eq15_dot_reading(grad_dot, sigma), np.dot(grad_w, grad_w),
+            "disagrees: dL/dW. in the last term where the paper prints dL/dW^"),
         row("Eq. (17)", "H = Hessian wrt W_c", printed_eq17(h_dot), h_w, "agrees",
             tol=HESSIAN_AGREES),
         zero("Eq. (18)", "sum_ij H_ij / max |H_ij|", h_w.sum() / np.abs(h_w).max(),

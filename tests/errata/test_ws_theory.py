@@ -11,7 +11,7 @@ import pytest
 
 from refnorm.errata import ws_theory
 
-DISAGREE = {"Eq. (15), first extraction"}
+DISAGREE = {"Eq. (15), dot reading"}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
