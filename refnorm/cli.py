@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -162,6 +163,20 @@ def _add_bench(sub) -> None:
     b.set_defaults(run=lambda args, parser: bench.run_args(args))
 
 
+# ``refnorm train``'s options that set a TrainConfig field (the option's dest -> the field),
+# and their defaults. The options default to None so that ``--resume`` can tell the ones given
+# (which must match the checkpoint) from the ones left out (taken from the checkpoint).
+TRAIN_FIELDS = {"data": "data", "norm": "norm", "weight": "weight", "batch_size": "batch_size",
+                "accumulation": "accumulation", "devices": "devices", "epochs": "epochs",
+                "lr": "lr", "weight_decay": "weight_decay", "schedule": "schedule",
+                "seed": "seed", "groups": "num_groups", "sn_inference": "sn_inference",
+                "dtype": "dtype"}
+TRAIN_DEFAULTS = {"data": "digits", "norm": "bn", "weight": "none", "batch_size": 32,
+                  "accumulation": 1, "devices": 1, "epochs": 10, "lr": 0.05,
+                  "weight_decay": 5e-4, "schedule": "cosine", "seed": 0, "groups": 4,
+                  "sn_inference": "batch_average", "dtype": "float32"}
+
+
 def _add_train(sub) -> None:
     from refnorm.train.model import NORMS, WEIGHTS
 
@@ -169,47 +184,56 @@ def _add_train(sub) -> None:
     tr = sub.add_parser(
         "train", help="train the small conv-net with a chosen normalizer",
         description=("Train refnorm's conv-net. The normalizers see micro-batches of "
-                     "--batch-size samples; each update accumulates --accumulation of them. "
-                     "Writes metrics.csv, metrics.json, curves.png and checkpoint.npz (every "
-                     "epoch, atomically) to --out, which the run locks; --resume continues a "
-                     "run bit-identically. Ctrl-C or SIGTERM stops at the next step boundary, "
-                     "saves a checkpoint and exits 130 or 143; a NaN or an infinity anywhere "
-                     "stops the run with exit 3; an argument, data or folder problem exits 2 "
-                     "before training."))
-    tr.add_argument("--data", default="digits",
-                    help="digits (embedded), mnist:DIR (IDX files) or cifar10:DIR (python batches)")
-    tr.add_argument("--norm", default="bn", choices=NORMS, help=", ".join(NORMS))
-    tr.add_argument("--weight", default=None, choices=[w for w in WEIGHTS if w],
-                    help="ws, wn, np or trelu (default: plain conv)")
-    tr.add_argument("--batch-size", type=positive, default=32,
-                    help="samples per device in one micro-batch (default 32)")
-    tr.add_argument("--accumulation", type=positive, default=1,
-                    help="micro-batches per update (default 1)")
-    tr.add_argument("--devices", type=positive, default=None,
+                     "--batch-size samples per device; each update accumulates "
+                     "--accumulation of them on each of --devices devices. Writes "
+                     "metrics.csv, metrics.json, curves.png and checkpoint.npz (every epoch, "
+                     "atomically) to --out, which the run locks; --resume continues a run "
+                     "bit-identically (the options not given come from its checkpoint). "
+                     "Ctrl-C or SIGTERM stops at the next step boundary, saves a checkpoint "
+                     "and exits 130 or 143; a NaN or an infinity anywhere stops the run with "
+                     "exit 3; an argument, data or folder problem exits 2 before training."))
+    d = TRAIN_DEFAULTS
+    tr.add_argument("--data", help="digits (embedded), mnist:DIR (IDX files) or cifar10:DIR "
+                                   f"(python batches) (default {d['data']})")
+    tr.add_argument("--norm", choices=NORMS, help=f"{', '.join(NORMS)} (default {d['norm']})")
+    tr.add_argument("--weight", choices=["none", *(w for w in WEIGHTS if w)],
+                    help="ws, wn, np, trelu, or none: plain convolutions (default none)")
+    tr.add_argument("--batch-size", type=positive,
+                    help=f"samples per device in one micro-batch (default {d['batch_size']})")
+    tr.add_argument("--accumulation", type=positive,
+                    help=f"micro-batches per update (default {d['accumulation']})")
+    tr.add_argument("--devices", type=positive,
                     help="data-parallel devices P, simulated in this process (default 1; under "
                          "mpiexec, the number of processes): each step trains on P x "
                          "batch-size x accumulation samples")
-    tr.add_argument("--epochs", type=positive, default=10)
-    tr.add_argument("--lr", type=_finite_float(positive=True), default=0.05)
-    tr.add_argument("--weight-decay", type=_finite_float(positive=False), default=5e-4)
-    tr.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
-    tr.add_argument("--seed", type=natural, default=0)
-    tr.add_argument("--groups", type=positive, default=4,
-                    help="GN groups; must divide every width (default 4)")
-    tr.add_argument("--sn-inference", default="batch_average",
-                    choices=("batch_average", "moving_average"),
-                    help="batch_average (the paper's) or moving_average")
-    _add_compute_options(tr)
+    tr.add_argument("--epochs", type=positive, help=f"(default {d['epochs']})")
+    tr.add_argument("--lr", type=_finite_float(positive=True),
+                    help=f"base learning rate (default {d['lr']})")
+    tr.add_argument("--weight-decay", type=_finite_float(positive=False),
+                    help=f"on convolution and linear weights (default {d['weight_decay']})")
+    tr.add_argument("--schedule", choices=("cosine", "linear", "constant"),
+                    help=f"learning-rate schedule (default {d['schedule']})")
+    tr.add_argument("--seed", type=natural, help=f"(default {d['seed']})")
+    tr.add_argument("--groups", type=positive,
+                    help=f"GN groups; must divide every width (default {d['groups']})")
+    tr.add_argument("--sn-inference", choices=("batch_average", "moving_average"),
+                    help="batch_average (the paper's) or moving_average (default "
+                         f"{d['sn_inference']})")
+    _add_compute_options(tr, dtype_default=None)
     tr.add_argument("--out", type=_path, default="runs/train",
                     help="output directory (default runs/train)")
-    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from OUT/checkpoint.npz (options not given: the checkpoint's)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace a checkpoint already in OUT (without it such a run is refused)")
     tr.set_defaults(run=_run_train)
 
 
-def _add_compute_options(p: argparse.ArgumentParser) -> None:
+def _add_compute_options(p: argparse.ArgumentParser, *,
+                         dtype_default: str | None = "float32") -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "auto"),
                    help="cpu (default), gpu, or auto (the GPU when CuPy finds one)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+    p.add_argument("--dtype", default=dtype_default, choices=("float32", "float64"),
                    help="parameter and compute dtype (default float32)")
     p.add_argument("--path", default=None, choices=("reference", "fast"),
                    help="reference (readable numpy) or fast (numba kernels); default: "
@@ -272,7 +296,6 @@ def _add_study(sub) -> None:
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from refnorm.launch import mpi_launch
-    from refnorm.train.config import TrainConfig
 
     prog = "refnorm train"
     launch = mpi_launch()
@@ -286,7 +309,8 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     if (problem := _device_problem(args)) is not None:
         return fail(problem)
-    devices = args.devices or 1
+    given = {dest: getattr(args, dest) for dest in TRAIN_FIELDS
+             if getattr(args, dest) is not None}
     if launch is not None:
         if args.devices is not None and args.devices != launch[1]:
             return fail(f"--devices {args.devices} but mpiexec started {launch[1]} processes; "
@@ -296,14 +320,10 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         except ImportError:
             return fail(f"started by mpiexec with {launch[1]} processes, but mpi4py is not "
                         "installed: install the mpi extra (pip install 'refnorm[mpi]')")
-        devices = launch[1]
+        given["devices"] = launch[1]
     try:
-        config = TrainConfig(data=args.data, norm=args.norm, weight=args.weight,
-                             batch_size=args.batch_size, accumulation=args.accumulation,
-                             epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                             schedule=args.schedule, seed=args.seed, num_groups=args.groups,
-                             sn_inference=args.sn_inference, dtype=args.dtype,
-                             device=_device(args), devices=devices)
+        config = _train_config(given, args.out if args.resume else None)
+        config = dataclasses.replace(config, device=_device(args))
     except (ValueError, TypeError) as exc:
         return fail(str(exc))
     _use_path(args)
@@ -320,6 +340,39 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return status
 
 
+def _train_config(given: dict, resume_from: str | None):
+    """The TrainConfig of ``given`` options (dest -> value, None when left out): the others
+    from the checkpoint in ``resume_from`` when resuming, else their defaults.
+
+    Raises
+    ------
+    ValueError
+        A value TrainConfig refuses, or a checkpoint that cannot be read (CheckpointError).
+    """
+    from pathlib import Path
+
+    from refnorm.train.checkpoint import CHECKPOINT, read_checkpoint
+    from refnorm.train.config import TrainConfig
+
+    fields: dict = {}
+    if resume_from is not None:
+        saved = read_checkpoint(Path(resume_from) / CHECKPOINT).meta
+        config = saved.get("config") if isinstance(saved, dict) else None
+        if not isinstance(config, dict):
+            raise ValueError(f"checkpoint {Path(resume_from) / CHECKPOINT} has no configuration "
+                             "to resume")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        fields = {k: v for k, v in config.items() if k in known and k != "device"}
+        if isinstance(fields.get("widths"), list):
+            fields["widths"] = tuple(fields["widths"])
+    else:
+        fields = {TRAIN_FIELDS[k]: v for k, v in TRAIN_DEFAULTS.items()}
+    fields.update({TRAIN_FIELDS[k]: v for k, v in given.items() if v is not None})
+    if fields.get("weight") == "none":
+        fields["weight"] = None
+    return TrainConfig(**fields)
+
+
 def _train(config, args: argparse.Namespace, comm, *, quiet: bool) -> int:
     """Train on this process's devices and turn the outcome into an exit status."""
     from refnorm.train.checkpoint import CheckpointError
@@ -334,9 +387,8 @@ def _train(config, args: argparse.Namespace, comm, *, quiet: bool) -> int:
             print(text, file=sys.stderr)
 
     try:
-        say(f"training {config.describe()} -> {args.out}")
         result = train(config, out=args.out, resume=args.resume, progress=not quiet,
-                       comm=comm)
+                       comm=comm, overwrite=args.overwrite)
     except Interrupted as stop:  # before the first step: loading the data or a checkpoint
         if comm is not None:
             comm.finish(f"stopped by {signal_name(stop.signum)} before the first step")
@@ -395,17 +447,20 @@ def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _run_gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    def fail(message: str) -> int:
+        print(f"refnorm gradcheck: error: {message} (see refnorm gradcheck --help)",
+              file=sys.stderr)
+        return 2
+
     if args.all and args.names:
-        parser.error("gradcheck: give NAMEs or --all, not both")
+        return fail("give NAMEs or --all, not both")
     names = list(registry.names()) if args.all else args.names
     if not names:
-        parser.error("gradcheck: name at least one normalizer, or pass --all")
+        return fail("name at least one normalizer, or pass --all")
     unknown = [n for n in names if n not in registry.names()]
     if unknown:
-        parser.error(
-            f"gradcheck: unknown normalizer(s) {', '.join(unknown)}; "
-            f"expected some of {', '.join(registry.names())}"
-        )
+        return fail(f"unknown normalizer(s) {', '.join(unknown)}; expected some of "
+                    f"{', '.join(registry.names())}")
     rows = []
     for name in names:
         rows.extend(summarize(check_registered(name, seed=args.seed), args.tolerance))

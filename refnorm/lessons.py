@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         written = write_student_copies(args.student, args.source)
     except (OSError, ValueError) as exc:
-        print(f"refnorm lessons: {exc}", file=sys.stderr)
+        print(f"refnorm lessons: error: {exc}", file=sys.stderr)
         return 2
     for name, blanked in written.items():
         print(f"{args.student / name}: {len(blanked)} exercise(s) blanked "

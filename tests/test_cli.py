@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -91,10 +92,8 @@ def test_gradcheck_fails_a_wrong_backward(capsys, wrong_layer_registered):
     ],
 )
 def test_gradcheck_usage_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"refnorm gradcheck: error: {message}")
 
 
 def test_no_command_prints_help(capsys):
@@ -219,9 +218,7 @@ def test_every_bad_value_is_one_line_and_exit_2(command, option, value, capsys, 
         status = exc.code
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
-    if command == "train" and option == "--data":
-        err = err[1:]  # the "training ..." line comes first: the data is loaded by train()
-    assert len(err) == 1, err
+    assert len(err) == 1, err  # the error is the first line (and the only one)
     assert err[0].startswith(f"refnorm {command}: error: "), err
     if option not in ("--data", "--methods") or value == "":
         assert option in err[0] or "--out" in err[0] or "folder" in err[0], err
@@ -320,3 +317,101 @@ def test_more_devices_than_the_training_set_can_feed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip().endswith("refnorm train: error: one update needs devices * batch_size * "
                                 "accumulation = 3200 samples; the training set has 1438")
+
+
+# -- resume needs only --out; a folder's checkpoint is not replaced silently -------------------
+
+
+def test_resume_needs_only_the_output_folder(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--norm", "gn", "--batch-size", "64", "--epochs", "1", "--seed",
+                 "3", "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", out, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (f"resuming gn batch 64 x 1 accumulation, 1 epochs, lr 0.05, "
+                                   f"seed 3 from epoch 1, step 0 -> {out}")
+    # an option given must still match the checkpoint
+    assert main(["train", "--out", out, "--resume", "--seed", "4"]) == 2
+    assert "seed: checkpoint 3, this run 4" in capsys.readouterr().err
+
+
+def test_a_new_run_does_not_replace_a_checkpoint_unasked(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["train", "--batch-size", "64", "--epochs", "1", "--out", out]
+    assert main([*args, "--norm", "gn"]) == 0
+    before = (tmp_path / "run" / CHECKPOINT).read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--norm", "bn"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"refnorm train: error: {out} holds the checkpoint (epoch 1, step 0) of "
+                   "another configuration (norm 'gn' there, 'bn' here); choose another --out, "
+                   "or replace it with --overwrite")
+    assert main([*args, "--norm", "gn"]) == 2  # the same configuration: resume or overwrite
+    assert "continue it with --resume, or start again with --overwrite" in (
+        capsys.readouterr().err)
+    assert (tmp_path / "run" / CHECKPOINT).read_bytes() == before
+    assert main([*args, "--norm", "bn", "--overwrite"]) == 0
+    assert (tmp_path / "run" / CHECKPOINT).read_bytes() != before
+
+
+# -- one voice: every error is "refnorm <command>: error: ..." ---------------------------------
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["gradcheck", "bn", "--all"], "refnorm gradcheck: error: give NAMEs or --all, not both"),
+    (["gradcheck", "xn"], "refnorm gradcheck: error: unknown normalizer(s) xn; expected some"),
+    (["conform", "nosuchmod:Foo", "--method", "bn"],
+     "refnorm conform: error: cannot import the module 'nosuchmod' of 'nosuchmod:Foo' "
+     "(ModuleNotFoundError: No module named 'nosuchmod')"),
+    (["conform", "numpy:NoSuchThing", "--method", "bn"],
+     "refnorm conform: error: numpy has no attribute 'NoSuchThing' (from 'numpy:NoSuchThing')"),
+])
+def test_every_command_speaks_in_one_voice(argv, message, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(message)
+
+
+def test_lessons_to_a_file_is_one_sentence(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    assert main(["lessons", "--student", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("refnorm lessons: error: ") and "\n" not in err
+
+
+def test_a_data_error_comes_first_and_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", "--data", f"mnist:{tmp_path / 'missing'}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("refnorm train: error: ")
+    assert not out.exists()
+
+
+def test_train_help_gives_every_default():
+    from refnorm.cli import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = sub.choices["train"]
+    flags = {"--help", "--resume", "--overwrite"}  # switches: off unless given
+    options = [a for a in train._actions if a.option_strings and not flags & set(a.option_strings)]
+    assert len(options) >= 17
+    for action in options:
+        assert "default" in (action.help or ""), action.option_strings
+
+
+def test_bench_help_does_not_offer_the_unbuilt_gpu_bench(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "gpu" not in capsys.readouterr().out.lower()
+
+
+def test_train_and_study_outputs_get_the_same_permissions(tmp_path):
+    assert main(["train", "--batch-size", "64", "--epochs", "1", "--out",
+                 str(tmp_path / "t")]) == 0
+    assert main(["study", "--methods", "bn", "--batch-sizes", "16", "--update-size", "16",
+                 "--epochs", "1", "--seeds", "1", "--jobs", "1", "--out",
+                 str(tmp_path / "s")]) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for d in ("t", "s")
+             for p in (tmp_path / d).iterdir() if p.is_file() and not p.name.startswith(".")}
+    assert len(set(modes.values())) == 1, modes

@@ -48,11 +48,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _load(target: str) -> Any:
     module_name, sep, attr = target.partition(":")
-    if not sep or not attr:
-        raise ValueError(f"target must be MODULE:FACTORY; got {target!r}")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    if not sep or not attr or not module_name:
+        raise ValueError(f"target must be MODULE:FACTORY (e.g. torch.nn:BatchNorm2d); got "
+                         f"{target!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import the module {module_name!r} of {target!r} "
+                         f"({type(exc).__name__}: {exc})") from None
+    for i, part in enumerate(attr.split(".")):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            where = ".".join([module_name, *attr.split(".")[:i]])
+            raise ValueError(f"{where} has no attribute {part!r} (from {target!r})") from None
     return obj
 
 
@@ -64,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         factory = _load(args.target)
         C = args.channels or (12 if args.method == "gn" else 4)
         call_args = ast.literal_eval(f"({args.args},)") if args.args else (C,)
-    except (ValueError, SyntaxError, ImportError, AttributeError) as exc:
-        print(f"refnorm conform: {exc}", file=sys.stderr)
+    except (ValueError, SyntaxError) as exc:
+        print(f"refnorm conform: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     impl = factory(*call_args)
     report = fingerprint(args.method, impl, num_channels=args.channels)

@@ -480,7 +480,7 @@ def load(name_or_path: str) -> Dataset:
     ``"cifar10:DIR"`` are :func:`load_mnist` and :func:`load_cifar10` on the folder ``DIR``.
     """
     if not isinstance(name_or_path, str):
-        raise TypeError(f"name_or_path must be a str; got {type(name_or_path).__name__}")
+        raise TypeError(f"the data set must be named by a str; got {type(name_or_path).__name__}")
     if name_or_path == "digits":
         return load_digits()
     kind, sep, directory = name_or_path.partition(":")
@@ -488,6 +488,6 @@ def load(name_or_path: str) -> Dataset:
     if sep and kind in loaders and directory:
         return loaders[kind](directory)
     raise ValueError(
-        'name_or_path must be "digits", "mnist:DIR" or "cifar10:DIR" (DIR a folder); '
+        'the data set must be "digits", "mnist:DIR" or "cifar10:DIR" (DIR a folder); '
         f"got {name_or_path!r}"
     )

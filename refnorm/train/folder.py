@@ -107,6 +107,7 @@ def _write_temp(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     tmp = Path(name)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp gives 0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -115,6 +116,13 @@ def _write_temp(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> list[Path]:

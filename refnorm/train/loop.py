@@ -59,6 +59,7 @@ from refnorm.train.checkpoint import (
     CheckpointError,
     Saved,
     checkpoint_arrays,
+    config_dict,
     read_checkpoint,
     restore,
     save_checkpoint,
@@ -202,6 +203,7 @@ def train(
     on_step: Callable[[int, int, ConvNet], None] | None = None,
     data: Dataset | None = None,
     comm: Any = None,
+    overwrite: bool = False,
 ) -> Result:
     """Train ``config``; write metrics, curves and checkpoints to ``out`` if given.
 
@@ -220,6 +222,9 @@ def train(
         use it to interrupt a run or to break a model).
     data : Dataset, optional
         Use these arrays instead of loading ``config.data`` (they are used as given).
+    overwrite : bool
+        Without ``resume``, replace a checkpoint already in ``out`` (else the run is refused,
+        so that no run's work is lost by a mistyped folder).
     comm : communicator, optional
         This process is one device of ``comm`` (:class:`~refnorm.sync.comm.MPICommunicator`,
         :class:`~refnorm.sync.nccl.NCCLCommunicator`), whose size must be
@@ -237,8 +242,9 @@ def train(
         If a NaN or an infinity appeared; the message names the array (and the device) and
         says which checkpoint is kept, or that none was written.
     OutputFolderError
-        Before training, if ``out`` is a file, under a file, unwritable, full or locked by a
-        live run; during it, if a write fails (the previous checkpoint is kept).
+        Before training, if ``out`` is a file, under a file, unwritable, full, locked by a
+        live run, or holds a checkpoint while neither ``resume`` nor ``overwrite`` is given;
+        during it, if a write fails (the previous checkpoint is kept).
     CheckpointError
         If ``resume`` finds no usable checkpoint for this configuration.
     ValueError
@@ -253,13 +259,15 @@ def train(
     group = SingleProcess() if comm is None else comm  # the devices that set up together
     folder = None if out is None else Path(out)
     with Signals() as signals, ExitStack() as stack:
-        with signals.deferred():  # creating and locking the folder is not left half-done
-            together(group, "the output folder",
-                     lambda: _open_folder(folder, stack, resume=resume, writer=group.rank == 0))
-        signals.raise_if_received()
         # Loading the data and reading a checkpoint stay interruptible (a signal raises
-        # Interrupted there); from the first step on, signals wait for a step boundary.
+        # Interrupted there); from the first step on, signals wait for a step boundary. The
+        # data comes first, so that a run refused for its data leaves no folder behind.
         data = together(group, "the data", lambda: _usable_data(config, data))
+        with signals.deferred():  # creating and locking the folder is not left half-done
+            together(group, "the output folder", lambda: _open_folder(
+                folder, stack, config, resume=resume, overwrite=overwrite,
+                writer=group.rank == 0))
+        signals.raise_if_received()
         saved = None
         if resume:
             saved = together(group, "the checkpoint", lambda: _read(folder))
@@ -284,7 +292,8 @@ class _Setup:
     on_step: Callable[[int, int, ConvNet], None] | None
 
 
-def _open_folder(folder: Path | None, stack: ExitStack, *, resume: bool, writer: bool) -> None:
+def _open_folder(folder: Path | None, stack: ExitStack, config: TrainConfig, *, resume: bool,
+                 overwrite: bool, writer: bool) -> None:
     if folder is None:
         return
     if resume and not folder.is_dir():
@@ -293,6 +302,27 @@ def _open_folder(folder: Path | None, stack: ExitStack, *, resume: bool, writer:
         prepare_folder(folder)
         stack.enter_context(FolderLock(folder, notice=warn))
         remove_stale_temporaries(folder, OUTPUTS)
+        if not resume and not overwrite and (folder / CHECKPOINT).exists():
+            raise OutputFolderError(_occupied(folder, config))
+
+
+def _occupied(folder: Path, config: TrainConfig) -> str:
+    """Why a new run will not replace the checkpoint in ``folder``, in one sentence."""
+    try:
+        saved = read_checkpoint(folder / CHECKPOINT).meta
+        theirs = saved["config"]
+        mine = config_dict(config)
+        differ = [f"{k} {theirs.get(k)!r} there, {mine[k]!r} here" for k in mine
+                  if theirs.get(k) != mine[k] and k != "device"]
+        at = f"epoch {saved['epoch']}, step {saved['step']}"
+    except (CheckpointError, KeyError, TypeError, AttributeError) as exc:
+        return (f"{folder} holds a {CHECKPOINT} that is not a usable checkpoint ({exc}); "
+                "choose another --out, or replace it with --overwrite")
+    if differ:
+        return (f"{folder} holds the checkpoint ({at}) of another configuration "
+                f"({'; '.join(differ)}); choose another --out, or replace it with --overwrite")
+    return (f"{folder} holds a checkpoint of this configuration at {at}: continue it with "
+            "--resume, or start again with --overwrite")
 
 
 def _usable_data(config: TrainConfig, data: Dataset | None) -> Dataset:
@@ -333,6 +363,10 @@ def run_device(comm: Any, setup: _Setup) -> Result:
         saved = setup.saved
         run.saved = position = together(comm, "restoring the checkpoint", lambda: restore(
             saved, config, model, opt, steps_per_epoch=len(steps), device=comm.rank))
+    into = f" -> {setup.folder}" if setup.folder is not None else ""
+    bar.start(f"training {config.describe()}{into}" if setup.saved is None else
+              f"resuming {config.describe()} from epoch {position.epoch}, step "
+              f"{position.step}{into}")
     return _run_epochs(run, position)
 
 
@@ -343,7 +377,8 @@ def _run_epochs(run: Run, position: Position) -> Result:
             position = run_epoch(run, position)
         if position.history:
             history = list(position.history)
-            _write(run, "the metrics", lambda out: write_metrics(out, history, curves=True))
+            _write(run, "the metrics", lambda out: write_metrics(
+                out, history, curves=run.config.describe()))
     except _Interrupted as stop:
         return _interrupt(run, stop.position, stop.signum)
     except NonFinite as exc:

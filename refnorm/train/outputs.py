@@ -15,9 +15,9 @@ from refnorm.train.folder import atomic_write
 from refnorm.train.position import Position
 
 
-def write_metrics(out: Path, history: list[dict], *, curves: bool = False) -> None:
+def write_metrics(out: Path, history: list[dict], *, curves: str | None = None) -> None:
     """``metrics.json`` (strict JSON: a NaN or an infinity is written as null) and
-    ``metrics.csv`` (one row per epoch); ``curves.png`` if asked."""
+    ``metrics.csv`` (one row per epoch); ``curves.png`` too when ``curves`` gives its title."""
     text = strict_json(history, indent=2)
     atomic_write(out / "metrics.json", lambda f: f.write(text.encode()))
     table = io.StringIO()
@@ -25,12 +25,13 @@ def write_metrics(out: Path, history: list[dict], *, curves: bool = False) -> No
     writer.writeheader()
     writer.writerows(history)
     atomic_write(out / "metrics.csv", lambda f: f.write(table.getvalue().encode()))
-    if curves:
-        plot_curves(history, out / "curves.png")
+    if curves is not None:
+        plot_curves(history, out / "curves.png", title=curves)
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch."""
+def plot_curves(history: list[dict], path: Path, *, title: str = "") -> None:
+    """Loss and accuracy per epoch (whole epochs on the axis), titled ``title`` (the run's
+    configuration)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +49,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
@@ -84,6 +89,11 @@ class Progress:
                          f"loss {position.totals.mean_loss():.3f} "
                          f"acc {position.totals.accuracy():.3f}")
         sys.stderr.flush()
+
+    def start(self, message: str) -> None:
+        """The run's first line (what trains, from where, into which folder)."""
+        if self.enabled:
+            sys.stderr.write(message + "\n")
 
     def epoch_done(self, row: dict) -> None:
         if not self.enabled:

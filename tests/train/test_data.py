@@ -527,13 +527,14 @@ def test_load_dispatches(tmp_path):
 @pytest.mark.parametrize("bad", ["mnist", "mnist:", "cifar100:/data", "Digits", ""])
 def test_load_rejects_unknown_names(bad):
     with pytest.raises(ValueError, match=re.escape(
-        f'name_or_path must be "digits", "mnist:DIR" or "cifar10:DIR" (DIR a folder); got {bad!r}'
+        f'the data set must be "digits", "mnist:DIR" or "cifar10:DIR" (DIR a folder); got {bad!r}'
     )):
         load(bad)
 
 
 def test_load_rejects_a_non_string():
-    with pytest.raises(TypeError, match=r"name_or_path must be a str; got (Posix|Windows)Path"):
+    with pytest.raises(TypeError,
+                       match=r"the data set must be named by a str; got (Posix|Windows)Path"):
         load(pathlib.Path("digits"))
 
 

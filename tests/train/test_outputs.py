@@ -17,3 +17,23 @@ def test_metrics_json_is_strict_json(tmp_path):
     rows = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
     assert rows == [{"epoch": 1, "train_loss": None, "test_loss": None, "test_acc": 0.5}]
 
+
+
+def test_curves_have_whole_epochs_and_the_configuration_as_title(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    seen = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(fig) or real(
+        fig, *a, **k))
+    history = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.2 / e, "train_acc": 0.5,
+                "test_acc": 0.4} for e in (1, 2, 3)]
+    outputs.plot_curves(history, tmp_path / "curves.png", title="gn batch 2 x 16 accumulation")
+    (fig,) = seen
+    assert fig._suptitle.get_text() == "gn batch 2 x 16 accumulation"
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
