@@ -315,12 +315,24 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# A CIFAR-10 batch pickle is 30.7 MB (10000 images of 3072 bytes and their labels); a file
+# far larger is something else, and is refused before it is read.
+_CIFAR_BATCH_MAX_BYTES = 64 * 2**20
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    size = path.stat().st_size
+    if size > _CIFAR_BATCH_MAX_BYTES:
+        raise ValueError(f"{path}: {size} bytes is not a CIFAR-10 batch pickle (about 31 MB)")
+    raw = path.read_bytes()
     try:
-        with path.open("rb") as f:
-            batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a CIFAR-10 batch pickle ({e})") from None
+        # From memory: a corrupt length field then reads past the end (truncated) instead of
+        # asking the file for gigabytes.
+        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle can raise almost anything
+        # (MemoryError, LookupError, OverflowError, numpy's SystemError, RecursionError...)
+        raise ValueError(f"{path}: not a CIFAR-10 batch pickle ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         keys = sorted(batch, key=repr) if isinstance(batch, dict) else type(batch).__name__
         raise ValueError(f'{path}: expected a dict with keys b"data" and b"labels"; got {keys}')
