@@ -51,6 +51,9 @@ def array_namespace(*arrays: Array) -> ModuleType:
 
 
 def _namespace_of(a: Array) -> ModuleType:
+    if isinstance(a, np.matrix):  # its reductions keep 2 dimensions and * is a matrix product
+        raise TypeError("expected an array (numpy, CuPy or Array API); got numpy.matrix, whose "
+                        "reductions keep two dimensions: pass numpy.asarray(...) instead")
     if isinstance(a, np.ndarray):
         return np
     module = type(a).__module__.split(".")[0]

@@ -22,6 +22,9 @@ from refnorm.backend import Array, array_namespace, compute_dtype
 
 def check_float_array(name: str, a: Array) -> ModuleType:
     """Check that ``a`` is a real floating-point array; return its namespace."""
+    if isinstance(a, np.matrix):
+        raise TypeError(f"{name} must be an array, not a numpy.matrix (whose reductions keep "
+                        f"two dimensions): pass numpy.asarray({name})")
     try:
         xp = array_namespace(a)
     except TypeError:
@@ -57,8 +60,9 @@ def check_eps(eps: object, *, xp: ModuleType | None = None, dtype: Any = None) -
     zero in that dtype: ``eps=1e-50`` is 0 in float32, and a zero-variance group would then
     divide by zero as with ``eps=0``.
     """
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number; got {type(eps).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        raise TypeError(f"eps must be a float; got {type(eps).__name__}"
+                        + (" (pass float(eps))" if isinstance(eps, numbers.Real) else ""))
     if not (math.isfinite(eps) and float(eps) > 0):
         raise ValueError(f"eps must be finite and > 0; got {eps}")
     if xp is not None and dtype is not None and not bool(xp.asarray(eps, dtype=dtype) > 0):

@@ -52,7 +52,9 @@ def check_variance_finite(var: Array, x: Array) -> None:
     xp = array_namespace(var, x)
     if bool(xp.any(xp.isinf(var))) and bool(xp.all(xp.isfinite(x))):
         largest = float(xp.max(xp.abs(x)))
+        remedy = ("rescale x" if xp.isdtype(x.dtype, xp.float64) else
+                  "compute in float64 or rescale x")
         raise ValueError(
             f"the variance of x overflows {x.dtype} (|x| up to {largest:.3g}): the squared "
-            "deviations exceed the dtype's range; compute in float64 or rescale x"
+            f"deviations exceed the dtype's range; {remedy}"
         )

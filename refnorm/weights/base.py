@@ -30,7 +30,7 @@ from refnorm.nn.linear import LinearCache, linear_backward, linear_forward
 
 def per_output_view(xp: ModuleType, w: Array) -> Array:
     """``w`` of shape (C_out, ...) viewed as (C_out, I), I = prod(shape[1:])."""
-    return xp.reshape(w, (w.shape[0], -1))
+    return xp.reshape(w, (w.shape[0], math.prod(w.shape[1:])))  # -1 fails for C_out = 0
 
 
 @dataclass(frozen=True)

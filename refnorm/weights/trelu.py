@@ -31,6 +31,7 @@ from refnorm.core.checks import (
     check_eps,
     check_float_array,
     check_like,
+    check_ndim,
 )
 from refnorm.layer import CheckCase, Layer
 from refnorm.nn.init import he_normal
@@ -72,6 +73,7 @@ def translated_relu_forward(z: Array, alpha: Array) -> tuple[Array, TranslatedRe
     cache : TranslatedReLUCache
     """
     xp = check_float_array("z", z)
+    check_ndim("z", z, min_ndim=2, layout="(N, C, *spatial)")
     check_channel_param("alpha", alpha, z.shape[1])
     array_namespace(z, alpha)  # one namespace for both
     dtype = compute_dtype(xp, z.dtype)

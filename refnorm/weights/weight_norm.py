@@ -148,6 +148,9 @@ def _prepare(v: Array, g: Array, eps: float) -> tuple[ModuleType, Array, Array]:
     if v.ndim < 2:
         raise ValueError(f"v must have shape (C_out, ...) with at least 2 dimensions; "
                          f"got shape {tuple(v.shape)}")
+    if v.shape[0] == 0:
+        raise ValueError(f"v must have at least one output channel (C_out >= 1); got shape "
+                         f"{tuple(v.shape)}")
     check_channel_param("g", g, v.shape[0])
     array_namespace(v, g)  # one namespace for both
     dtype = compute_dtype(xp, v.dtype)
