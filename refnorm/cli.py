@@ -326,6 +326,11 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         config = dataclasses.replace(config, device=_device(args))
     except (ValueError, TypeError) as exc:
         return fail(str(exc))
+    except Interrupted as stop:  # reading the checkpoint to resume stays interruptible
+        if not quiet:
+            print(f"{prog}: stopped by {signal_name(stop.signum)} before the first step; "
+                  "nothing was saved", file=sys.stderr)
+        return exit_status(stop.signum)
     _use_path(args)
     if launch is None:
         return _train(config, args, None, quiet=False)
