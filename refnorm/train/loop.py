@@ -349,13 +349,12 @@ def run_device(comm: Any, setup: _Setup) -> Result:
                         config.devices * config.accumulation)
     run = Run(config, data, model, opt, comm, setup.folder, bar, setup.signals, steps,
               setup.on_step)
-    if run.writer:
-        folder = setup.folder
-        assert folder is not None
-        together(comm, "room for the outputs",
-                 lambda: check_room(folder, checkpoint_bytes(model, opt) + OUTPUTS_BYTES))
-    else:
-        together(comm, "room for the outputs", lambda: None)
+
+    def room() -> None:  # device 0 tries a write as large as the run's outputs
+        if run.writer and setup.folder is not None:
+            check_room(setup.folder, checkpoint_bytes(model, opt) + OUTPUTS_BYTES)
+
+    together(comm, "room for the outputs", room)
     if setup.saved is None:
         data_dependent_init(model, data, config)
         position = Position()
