@@ -278,7 +278,8 @@ def test_a_checkpoint_from_an_earlier_run_is_not_called_this_runs(tmp_path, tiny
     before = (tmp_path / CHECKPOINT).read_bytes()
     with pytest.raises(NonFinite, match=r"no checkpoint was written \(the checkpoint.npz in .* "
                                         r"is from an earlier run\)$"):
-        train(cfg, out=tmp_path, progress=False, data=tiny_data, on_step=_blow_up_after((0, 1)))
+        train(cfg, out=tmp_path, progress=False, data=tiny_data, on_step=_blow_up_after((0, 1)),
+              overwrite=True)
     assert (tmp_path / CHECKPOINT).read_bytes() == before
 
 
