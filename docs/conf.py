@@ -18,7 +18,6 @@ With ``nb_execution_raise_on_error`` the failing cell's traceback is chained to 
 from __future__ import annotations
 
 import shutil
-import sys
 import types
 from pathlib import Path
 
@@ -75,8 +74,6 @@ def write_student_copies(dst: Path = STUDENT_DST) -> None:
 sync_lessons()
 write_student_copies()
 
-# autosummary imports every submodule to list it; refnorm/__main__.py would run the CLI.
-sys.modules.setdefault("refnorm.__main__", types.ModuleType("refnorm.__main__"))
 
 # -- Project -----------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ While a run holds :class:`Signals`, SIGINT (Ctrl-C) and SIGTERM are handled in t
 Once one signal has been received, every later one is counted and ignored: the process is
 already stopping, and a second Ctrl-C during the final save, or while the command exits with
 its status, must not turn the orderly stop into a traceback. The command line installs one
-:class:`Signals` for the whole process (:func:`refnorm.__main__.entry`), which the trainer
+:class:`Signals` for the whole process (``refnorm.__main__.entry``), which the trainer
 shares; the status a command returns after a signal is ``128 + signal number`` (130 for
 SIGINT, 143 for SIGTERM), as a shell reports a process killed by that signal.
 
