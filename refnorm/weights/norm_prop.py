@@ -3,8 +3,9 @@ Gitman & Ginsburg (2017), §3.2.
 
 NP is Weight Normalization followed by a ReLU whose output is re-normalized with the
 moments of a rectified standard Gaussian: if z ~ N(0, 1), ReLU(z) has mean 1/sqrt(2 pi) and
-standard deviation sqrt(1/2 (1 - 1/pi)). The combined convolution + ReLU update rule is
-(Gitman & Ginsburg's fifth display formula, ``# GG Eq. (5)`` in the code)
+standard deviation sqrt(1/2 (1 - 1/pi)). The combined convolution + ReLU update rule
+(Gitman & Ginsburg's fifth display formula in refnorm's numbering, ``# GG Eq. (5)`` in the
+code) is
 
     o_j = [ReLU(gamma_j W_j * x / (||W_j||_F + eps) + beta_j) - sqrt(1/(2 pi))]
           / sqrt(1/2 (1 - 1/pi))
