@@ -12,8 +12,8 @@ Two halves:
   only hand-kept part.
 - **the tags**, read from the code (:func:`scan`): a line that computes a printed equation
   ends with a comment that names it, ``# Eq. (9)``, with the paper named once in the module
-  docstring (the first paper of :data:`PAPERS` the docstring cites, by its ``cite`` phrase),
-  or in the tag itself, ``# WS Eq. (8)`` (prefixes ``SN`` for the journal version, ``SNC``,
+  docstring (the paper whose ``cite`` phrase, see :class:`Paper`, comes first there), or in
+  the tag itself, ``# WS Eq. (8)`` (prefixes ``SN`` for the journal version, ``SNC``,
   ``WS``, ``GG``). One tag may name several equations, ``# Eq. (12)-(14)``, ``# Eq. (6), (7),
   (8)``. Only comments after code count: a comment on a line of its own heads a block, it
   does not compute. The fast kernels (``refnorm/kernels/``) are tested equal to the reference
@@ -766,7 +766,11 @@ def tags_of(equation: Equation, tags: Iterable[Tag]) -> list[Tag]:
 
 
 def registry_problems(tags: Iterable[Tag]) -> list[str]:
-    """What is wrong between the registry and the tags (the test data's names aside)."""
+    """What is wrong between the registry and the tags.
+
+    Whether the cited tests exist is checked by ``tests/errata/test_equations.py``: the tests
+    are not part of the package.
+    """
     tags = list(tags)
     out = []
     for e in EQUATIONS:
