@@ -34,6 +34,14 @@ def missing_tests(cited: list[str], root: Path = ROOT) -> list[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def tags() -> list[eq.Tag]:
+    """The tags in refnorm's code (one scan for the module's tests)."""
+    found = eq.scan()
+    assert found.problems == []
+    return found.tags
+
+
 def _cells(row: str) -> list[str]:
     """A Markdown table row's cells, split on the pipes that are not escaped."""
     return [c.strip() for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
@@ -46,10 +54,10 @@ def test_every_tag_names_a_registered_equation_of_a_named_paper():
     assert eq.scan().problems == []
 
 
-def test_registry_and_tags_agree():
+def test_registry_and_tags_agree(tags):
     # every implemented equation has a tagged line, a corrected form outside the errata for
     # every printed-wrong one, a reason for every one not implemented...
-    assert eq.registry_problems(eq.scan().tags) == []
+    assert eq.registry_problems(tags) == []
 
 
 def test_every_cited_test_exists():
@@ -65,10 +73,10 @@ def test_every_paper_has_its_equations():
                                                               "gg": 7}
 
 
-def test_the_checks_catch_what_they_are_for(tmp_path):
+def test_the_checks_catch_what_they_are_for(tmp_path, tags):
     # a registered equation that no line computes
-    tags = [t for t in eq.scan().tags if (t.paper, t.number) != ("snj", 9)]
-    assert any("Eq. (9)" in p for p in eq.registry_problems(tags))
+    without = [t for t in tags if (t.paper, t.number) != ("snj", 9)]
+    assert any("Eq. (9)" in p for p in eq.registry_problems(without))
     # a tag that names an equation the registry lacks, and one that names no paper
     pkg = tmp_path / "refnorm"
     pkg.mkdir()
@@ -126,8 +134,8 @@ def test_the_verdicts_are_backed_as_the_page_says():
 
 
 @pytest.mark.parametrize("paper", sorted(eq.PAPERS))
-def test_every_cell_of_the_table_is_filled(paper):
-    rows = eq.table(paper).splitlines()
+def test_every_cell_of_the_table_is_filled(paper, tags):
+    rows = eq.table(paper, tags).splitlines()
     header = _cells(rows[0])
     assert len(header) == 6
     assert len(rows) == 2 + len(eq.equations(paper))
@@ -145,10 +153,9 @@ def test_anchors_follow_the_scheme_and_are_unique():
     assert eq.lookup("snj", 9).anchor == "eq-snj-9"
 
 
-def test_every_link_names_an_object_that_exists():
+def test_every_link_names_an_object_that_exists(tags):
     import importlib
 
-    tags = eq.scan().tags
     text = "\n".join(eq.table(k, tags) for k in eq.PAPERS)
     targets = re.findall(r"\{(?:func|class|meth|mod)\}`~?([\w.]+)`", text)
     assert len(targets) > 40
