@@ -353,6 +353,8 @@ html_theme_options = {
     "navigation_with_keys": False,
     "navbar_persistent": [],          # the sidebar holds the search field
     "footer_content_items": ["copyright"],
+    # the equations page's tables need the width: no page outline there
+    "secondary_sidebar_items": {"**": ["page-toc.html"], "equations": []},
 }
 html_copy_source = True               # _sources/: what the download button serves
 html_show_search_summary = False      # the search lists pages by title: the summaries are

@@ -36,6 +36,7 @@ from refnorm.norms.switchable_norm import (
     in_moments,
     ratios,
     scope_moments,
+    switchable_norm_backward,
     switchable_norm_forward,
 )
 
@@ -210,6 +211,9 @@ def check_appendix(seed: int = 0) -> list[Finding]:
     dvar = printed_eq7(dx_tilde, x_tilde, var_mix, eps)
     dmu = printed_eq8(dx_tilde, var_mix, eps)
     sums = _scope_sums(dmu, dvar, mu, var)
+    # refnorm's backward, for the corrected forms of Eq. (10)-(11)
+    refnorm = switchable_norm_backward(p.dy, switchable_norm_forward(
+        h, p.gamma, p.beta, p.lam, p.lam, eps=eps)[1])
     per_channel = "with per-channel gamma, beta (SN's Table 1, the official code)"
     return [
         _finding("Eq. (6)", "dL/dh~", dx_tilde, true_dx_tilde,
@@ -228,6 +232,10 @@ def check_appendix(seed: int = 0) -> list[Finding]:
                  "gamma shared by all channels"),
         _finding("Eq. (11)", "dL/dbeta", printed_eq11(p.dy), true_dbeta,
                  f"disagrees {per_channel}: sum over (n, i, j) only"),
+        _finding("Eq. (10)-(11), corrected", "dL/dgamma_c, dL/dbeta_c",
+                 np.concatenate([refnorm.dgamma, refnorm.dbeta]),
+                 np.concatenate([true_dgamma, true_dbeta]),
+                 "agrees: refnorm's backward, the sums over (n, i, j) per channel"),
         _finding("Eq. (12)", "dL/dlambda_in", printed_eq12(w, sums), true_dlam[0],
                  "agrees (tied ratios: the mean and variance parts summed)"),
         _finding("Eq. (13)", "dL/dlambda_ln", printed_eq13(w, sums), true_dlam[1],

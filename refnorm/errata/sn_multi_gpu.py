@@ -30,6 +30,8 @@ from refnorm.norms.switchable_norm import (
     SwitchableOptions,
     ratios,
     scope_moments,
+    statistic_gradients,
+    switchable_norm_eval_forward,
     switchable_norm_forward,
 )
 
@@ -158,7 +160,7 @@ def check_multi_gpu(seed: int = 0, shard_sizes: tuple[int, ...] = (2, 3)) -> lis
     mu_all, var_all = scope_moments(h, SwitchableOptions())
     mu_sybn, var_sybn = mu_all["bn"], var_all["bn"]               # (1, C, 1) each
     devices, x_tildes, dys, mus, vars_ = [], [], [], [], []
-    eq21_dvar_err, eq21_dmu_err = 0.0, 0.0
+    eq21_dvar_err, eq21_dmu_err, corrected_err = 0.0, 0.0, 0.0
     for sl in shards:
         h_p, dy_p = h[sl], dy[sl]
         mu, var = scope_moments(h_p, SwitchableOptions())
@@ -181,6 +183,11 @@ def check_multi_gpu(seed: int = 0, shard_sizes: tuple[int, ...] = (2, 3)) -> lis
         p_dvar, p_dmu = printed_eq21(dy_p, x_tilde, var_p, gamma, eps)
         eq21_dvar_err = max(eq21_dvar_err, relative(p_dvar, true_dvar))
         eq21_dmu_err = max(eq21_dmu_err, relative(p_dmu, true_dmu))
+        # refnorm's: Eq. (7)-(8) on this device's cache, as sync_switchable_norm_backward does
+        local = switchable_norm_eval_forward(h_p, gamma, beta, lam, lam, mu_sybn.reshape(-1),
+                                             var_sybn.reshape(-1), eps=eps)[1]
+        _, r_dvar, r_dmu = statistic_gradients(dy_p, local)
+        corrected_err = max(corrected_err, relative(r_dvar, true_dvar), relative(r_dmu, true_dmu))
         devices.append(DeviceTerms(h_p, dy_p, mu, var_p, dvar, dmu, gamma))
         x_tildes.append(x_tilde)
         dys.append(dy_p)
@@ -220,6 +227,8 @@ def check_multi_gpu(seed: int = 0, shard_sizes: tuple[int, ...] = (2, 3)) -> lis
             "and adds the same sum a second time (dL/dh~ = gamma dL/dh^); it is Eq. (7)"),
         finding("Eq. (21), mean", "dL/dmu_p per (n, c)", eq21_dmu_err,
             "disagrees: counts -gamma / sqrt(sigma^2 + eps) sum dL/dh^ twice; it is Eq. (8)"),
+        finding("Eq. (21), corrected", "dL/dsigma^2_p and dL/dmu_p per (n, c)", corrected_err,
+            "agrees: refnorm's Eq. (7)-(8) on each device's own statistics"),
         finding("Eq. (22)-(25)", "dL/dh_p, BN terms over the whole batch's count",
                 relative(dh_total, true_dh),
             "agrees with Eq. (7)-(8) for dL/dsigma^2, dL/dmu and the count of the whole batch"),

@@ -34,12 +34,12 @@ HESSIAN_AGREES = 1e-6  # Hessians by central differences of exact gradients: err
 
 def centre(w: np.ndarray) -> np.ndarray:
     """Eq. (5): W._c = W_c - (1/I) 1 <1, W_c>."""
-    return w - np.mean(w)
+    return w - np.mean(w)                                          # Eq. (5)
 
 
 def scale(w_dot: np.ndarray) -> np.ndarray:
     """Eq. (6): W^_c = W._c / sqrt((1/I) <1, W._c^2>)."""
-    return w_dot / np.sqrt(np.mean(w_dot**2))
+    return w_dot / np.sqrt(np.mean(w_dot**2))                      # Eq. (6)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Problem:
 
     def loss_of_w_hat(self, w_hat: np.ndarray) -> float:
         """A smooth loss of y = x W^ (Eq. 7): sum_b a_b y_b + c_b y_b^2 / 2 + y_b^3 / 6."""
-        y = self.x @ w_hat
+        y = self.x @ w_hat                                          # Eq. (7)
         return float(np.sum(self.a * y + 0.5 * self.c * y**2 + y**3 / 6))
 
     def grad_of_w_hat(self, w_hat: np.ndarray) -> np.ndarray:
@@ -74,42 +74,44 @@ def problem(seed: int = 0, b: int = 12, I: int = 9) -> Problem:
 def printed_eq8(w_hat, grad_hat, sigma):
     """Eq. (8): dL/dW._c = (1/sigma) (dL/dW^ - (1/I) <W^, dL/dW^> W^)."""
     I = w_hat.size
-    return (grad_hat - np.dot(w_hat, grad_hat) / I * w_hat) / sigma
+    return (grad_hat - np.dot(w_hat, grad_hat) / I * w_hat) / sigma   # Eq. (8)
 
 
 def printed_eq9(grad_dot):
     """Eq. (9): dL/dW_c = dL/dW._c - (1/I) 1 <1, dL/dW._c>."""
-    return grad_dot - np.mean(grad_dot)
+    return grad_dot - np.mean(grad_dot)                            # Eq. (9)
 
 
 def printed_eq10(w_hat, grad_hat, sigma):
     """Eq. (10), right side: (1/sigma^2)(||g^||^2 + (1/I^2) <W^, g^>^2 (<W^, W^> - 2I))."""
     I = w_hat.size
-    return (np.dot(grad_hat, grad_hat)
+    return (np.dot(grad_hat, grad_hat)                                        # Eq. (10)
             + np.dot(w_hat, grad_hat) ** 2 / I**2 * (np.dot(w_hat, w_hat) - 2 * I)) / sigma**2
 
 
 def printed_eq12(w_hat, grad_hat, sigma):
     """Eq. (11)-(12), right side: (1/sigma^2)(||g^||^2 - (1/I) <W^, g^>^2)."""
     I = w_hat.size
-    return (np.dot(grad_hat, grad_hat) - np.dot(w_hat, grad_hat) ** 2 / I) / sigma**2
+    reduction = np.dot(w_hat, grad_hat) ** 2 / I                   # Eq. (12)
+    return (np.dot(grad_hat, grad_hat) - reduction) / sigma**2     # Eq. (11)
 
 
 def printed_eq13(grad_dot):
     """Eq. (13), right side: ||g.||^2 - (1/I) <1, g.>^2."""
-    return np.dot(grad_dot, grad_dot) - np.sum(grad_dot) ** 2 / grad_dot.size
+    return np.dot(grad_dot, grad_dot) - np.sum(grad_dot) ** 2 / grad_dot.size   # Eq. (13)
 
 
 def printed_eq14(w_hat, grad_hat, sigma):
     """Eq. (14), right side: (1 / (I sigma^2)) (<1, g^> - (1/I) <W^, g^> <1, W^>)^2."""
     I = w_hat.size
-    return (np.sum(grad_hat) - np.dot(w_hat, grad_hat) * np.sum(w_hat) / I) ** 2 / (I * sigma**2)
+    along = np.dot(w_hat, grad_hat) * np.sum(w_hat) / I
+    return (np.sum(grad_hat) - along) ** 2 / (I * sigma**2)                 # Eq. (14)
 
 
 def printed_eq15(grad_dot, grad_hat, sigma):
     """Eq. (15), right side, as printed: ||g.||^2 - (1 / (I sigma^2)) <1, g^>^2."""
     I = grad_dot.size
-    return np.dot(grad_dot, grad_dot) - np.sum(grad_hat) ** 2 / (I * sigma**2)
+    return np.dot(grad_dot, grad_dot) - np.sum(grad_hat) ** 2 / (I * sigma**2)  # Eq. (15)
 
 
 def printed_eq15_dot_reading(grad_dot, sigma):
@@ -123,21 +125,21 @@ def printed_eq17(h_dot):
     I = h_dot.shape[0]
     rows = h_dot.sum(axis=1, keepdims=True)                        # sum_k H._ik
     cols = h_dot.sum(axis=0, keepdims=True)                        # sum_k H._kj
-    return h_dot - (rows + cols) / I + h_dot.sum() / I**2
+    return h_dot - (rows + cols) / I + h_dot.sum() / I**2          # Eq. (17)
 
 
 def printed_eq19(h_dot):
     """Eq. (19), middle: ||H._||_F + (1/I^2)(sum H._)^2 - (1/I) sum_i(sum_j H._ij)^2
     - (1/I) sum_j(sum_i H._ij)^2, with ||.||_F standing for the *squared* norm sum H^2."""
     I = h_dot.shape[0]
-    return (np.sum(h_dot**2) + h_dot.sum() ** 2 / I**2
+    return (np.sum(h_dot**2) + h_dot.sum() ** 2 / I**2                # Eq. (19)
             - np.sum(h_dot.sum(axis=1) ** 2) / I - np.sum(h_dot.sum(axis=0) ** 2) / I)
 
 
 def printed_eq19_bound(h_dot):
     """Eq. (19), right: ||H._||_F - (1/I^2)(sum H._)^2 (squared norm, as above)."""
     I = h_dot.shape[0]
-    return np.sum(h_dot**2) - h_dot.sum() ** 2 / I**2
+    return np.sum(h_dot**2) - h_dot.sum() ** 2 / I**2               # Eq. (19)
 
 
 # -- the truth, by finite differences ---------------------------------------------------------
@@ -168,8 +170,8 @@ def check_ws_theory(seed: int = 0) -> list[Finding]:
     def exact_grad_w(u):
         return printed_eq9(exact_grad_dot(centre(u)))
 
-    h_dot = fd_jacobian(exact_grad_dot, w_dot)
-    h_w = fd_jacobian(exact_grad_w, p.w)
+    h_dot = fd_jacobian(exact_grad_dot, w_dot)                     # Eq. (16), H.
+    h_w = fd_jacobian(exact_grad_w, p.w)                           # Eq. (16), H
 
     def row(eq, quantity, printed, truth, note, tol=AGREES):
         return finding(eq, quantity, relative(printed, truth), note, tol=tol)
@@ -202,7 +204,7 @@ def check_ws_theory(seed: int = 0) -> list[Finding]:
             "disagrees: dL/dW. in the last term where the paper prints dL/dW^"),
         row("Eq. (17)", "H = Hessian wrt W_c", printed_eq17(h_dot), h_w, "agrees",
             tol=HESSIAN_AGREES),
-        zero("Eq. (18)", "sum_ij H_ij / max |H_ij|", h_w.sum() / np.abs(h_w).max(),
+        zero("Eq. (18)", "sum_ij H_ij / max |H_ij|", h_w.sum() / np.abs(h_w).max(),  # Eq. (18)
              "zero (printed with sum_i sum_i: a typo for sum_i sum_j)"),
         row("Eq. (19)", "||H||_F^2", printed_eq19(h_dot), sq,
             "agrees with ||.||_F read as the squared norm, as its first line defines it",

@@ -359,7 +359,7 @@ def conv2d_forward(
                   stride=win.stride, padding=win.padding)         # (C_in KH KW, N H_out W_out)
     wc = xp.astype(w, dtype, copy=True)  # a copy: the cache must not follow in-place changes
     w_mat = xp.reshape(wc, (C_out, C_in * KH * KW))               # (C_out, C_in KH KW)
-    y = xp.matmul(w_mat, cols)                                    # (C_out, N H_out W_out)
+    y = xp.matmul(w_mat, cols)                   # (C_out, N H_out W_out)  WS Eq. (1), (7)
     if b is not None:
         y = y + xp.reshape(xp.astype(b, dtype, copy=False), (C_out, 1))
     y = xp.reshape(y, (C_out, N, H_out, W_out))                   # (C_out, N, H_out, W_out)

@@ -107,9 +107,9 @@ def batch_norm_forward(
     reduce_axes = non_channel_axes(x.ndim)                       # (0, 2, 3, ...)
     check_count(reduced_count(x.shape, reduce_axes),
                 what="batch normalization in training", shape=x.shape)
-    mu, var = moments(xc, reduce_axes)                           # (1, C, 1, 1)  SN Eq. (2)
-    x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
-    y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
+    mu, var = moments(xc, reduce_axes)                # (1, C, 1, 1)  SN Eq. (2), GG Eq. (2)
+    x_hat, rstd = standardize(xc, mu, var, eps=eps)   # (N, C, H, W)  SN Eq. (1), GG Eq. (1)
+    y = affine_forward(x_hat, gamma_c, beta_c)        # (N, C, H, W)  SN Eq. (1), GG Eq. (1)
     cache = BatchNormCache(x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
                            reduce_axes=reduce_axes, x_dtype=x.dtype, param_dtype=gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache

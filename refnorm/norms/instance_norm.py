@@ -92,7 +92,7 @@ def instance_norm_forward(
                 what="instance normalization", shape=x.shape)
     mu, var = moments(xc, reduce_axes)                           # (N, C, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
-    y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
+    y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)  SN Eq. (1)
     cache = InstanceNormCache(x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
                               reduce_axes=reduce_axes, x_dtype=x.dtype, param_dtype=gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache

@@ -80,7 +80,7 @@ def layer_norm_forward(
                 what="layer normalization", shape=x.shape)
     mu, var = moments(xc, reduce_axes)                           # (N, 1, 1, 1)  SN Eq. (2)
     x_hat, rstd = standardize(xc, mu, var, eps=eps)              # (N, C, H, W)  SN Eq. (1)
-    y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)
+    y = affine_forward(x_hat, gamma_c, beta_c)                   # (N, C, H, W)  SN Eq. (1)
     cache = LayerNormCache(x_hat=x_hat, rstd=rstd, gamma=gamma_c, mean=mu, var=var,
                            x_dtype=x.dtype, param_dtype=gamma.dtype)
     return xp.astype(y, x.dtype, copy=False), cache

@@ -359,7 +359,7 @@ def switchable_norm_forward(
     xp, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
     check_scope_counts(x.shape, options, with_bn=True)
     mu, var = scope_moments(h, options)                          # Eq. (4)
-    return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),
+    return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),  # Eq. (3), (5)
                       (mu, var, False), eps=eps, options=options)
 
 
@@ -403,7 +403,7 @@ def switchable_norm_eval_forward(
     mu_ln, var_ln = pool_in_moments(mu_in, var_in, axis=1)                # Eq. (4)
     mu = {"in": mu_in, "ln": mu_ln, "bn": mu_bn}
     var = {"in": var_in, "ln": var_ln, "bn": var_bn}
-    return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),
+    return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),  # Eq. (3), (5)
                       (mu, var, True), eps=eps, options=options)
 
 

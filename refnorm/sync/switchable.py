@@ -165,7 +165,7 @@ def sync_switchable_norm_forward(
                          f"{tuple(x.shape)})")
     # Eq. (15): single-device SN with the BN scope's statistics given (mixing, Eq. 3, 5)
     y, local = switchable_norm_eval_forward(*args, mu_sybn, var_sybn, eps=eps, options=options)
-    return y, SyncSwitchableNormCache(local, comm, groups, layer)
+    return y, SyncSwitchableNormCache(local, comm, groups, layer)         # y: Eq. (15)
 
 
 def sync_switchable_norm_backward(
@@ -195,8 +195,8 @@ def sync_switchable_norm_backward(
                                          in_correction=c.options.in_correction)
 
     # dL/dsigma^2_p and dL/dmu_p: Eq. (7)-(8) on this device (Eq. 21 as printed is wrong)
-    dx_tilde, dvar, dmu = statistic_gradients(dy_v, c)
-    dh = dx_tilde * c.rstd                                              # Term1, Eq. (23)
+    dx_tilde, dvar, dmu = statistic_gradients(dy_v, c)  # Eq. (21) corrected: Eq. (7)-(8)
+    dh = dx_tilde * c.rstd                                  # Eq. (22) = Term1, Eq. (23) + ...
     if "in" in scopes:
         dh = dh + wv["in"] * dsigma2_k_dh("in") * dvar                  # Term2, Eq. (24)
         dh = dh + wm["in"] / S * dmu                                    # Term3, Eq. (25)

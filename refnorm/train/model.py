@@ -44,7 +44,7 @@ class ChannelAffine(Layer):
                        "beta": self.xp.zeros((num_channels,), dtype=self.dtype, **where)}
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Array]:
-        return affine_forward(x, self.params["gamma"], self.params["beta"]), x
+        return affine_forward(x, self.params["gamma"], self.params["beta"]), x   # GG Eq. (7)
 
     def _backward(self, dy: Array, cache: Array) -> tuple[Array, dict[str, Array]]:
         dx, dgamma, dbeta = affine_backward(dy, cache, self.params["gamma"])

@@ -3,7 +3,9 @@ Gitman & Ginsburg (2017), §3.2.
 
 NP is Weight Normalization followed by a ReLU whose output is re-normalized with the
 moments of a rectified standard Gaussian: if z ~ N(0, 1), ReLU(z) has mean 1/sqrt(2 pi) and
-standard deviation sqrt(1/2 (1 - 1/pi)). The combined convolution + ReLU update rule is
+standard deviation sqrt(1/2 (1 - 1/pi)). The combined convolution + ReLU update rule
+(Gitman & Ginsburg's fifth display formula in refnorm's numbering, ``# GG Eq. (5)`` in the
+code) is
 
     o_j = [ReLU(gamma_j W_j * x / (||W_j||_F + eps) + beta_j) - sqrt(1/(2 pi))]
           / sqrt(1/2 (1 - 1/pi))
@@ -69,7 +71,7 @@ def norm_prop_relu_forward(z: Array) -> tuple[Array, NormPropReLUCache]:
     xp = check_float_array("z", z)
     zc = xp.astype(z, compute_dtype(xp, z.dtype), copy=False)
     passed = zc > 0
-    y = (xp.where(passed, zc, xp.zeros_like(zc)) - RELU_MEAN) / RELU_STD   # §3.2, NP
+    y = (xp.where(passed, zc, xp.zeros_like(zc)) - RELU_MEAN) / RELU_STD   # GG Eq. (5)
     return xp.astype(y, z.dtype, copy=False), NormPropReLUCache(passed, z.dtype)
 
 
@@ -111,9 +113,9 @@ class NormProp(WeightNorm):
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         w, w_cache = weight_norm_forward(self.params["v"], self.params["g"], eps=self.eps)
-        z, op_cache = apply_weights(x, w, self.params.get("b"), self.geometry,
+        z, op_cache = apply_weights(x, w, self.params.get("b"), self.geometry,  # GG Eq. (5)
                                     path=self.compute_path())
-        y, relu_cache = norm_prop_relu_forward(z)
+        y, relu_cache = norm_prop_relu_forward(z)                     # GG Eq. (5)
         return y, (w_cache, op_cache, relu_cache)
 
     def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:

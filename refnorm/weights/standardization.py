@@ -239,7 +239,7 @@ class WeightStandardization(Layer):
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         w_hat, w_cache = weight_standardization_forward(
             self.params["w"], eps=self.eps, eps_mode=self.eps_mode, correction=self.correction)
-        y, op_cache = apply_weights(x, w_hat, self.params.get("b"), self.geometry,
+        y, op_cache = apply_weights(x, w_hat, self.params.get("b"), self.geometry,  # Eq. (3)
                                     path=self.compute_path())
         return y, (w_cache, op_cache)
 

@@ -2,13 +2,14 @@
 Gitman & Ginsburg (2017), §3.2.
 
 Each layer normalizes its filters to unit norm, with no gain and no bias, and replaces the
-ReLU by a translated ReLU with a learned threshold alpha_j per output channel:
+ReLU by a translated ReLU with a learned threshold alpha_j per output channel (Gitman &
+Ginsburg's sixth display formula in refnorm's numbering, ``# GG Eq. (6)`` in the code):
 
     o_j = TReLU_alpha_j(W_j * x / (||W_j||_F + eps)),  TReLU_a(z) := ReLU(z - a) + a
 
 Scale gamma and bias beta are applied only to the output of the network's last layer,
-``o_last = gamma * x_last + beta`` (a per-channel affine layer the model adds; see
-:func:`refnorm.core.affine_forward`).
+``o_last = gamma * x_last + beta`` (their seventh; a per-channel affine layer the model adds,
+:class:`refnorm.train.model.ChannelAffine`).
 
 float16 inputs compute in float32 and return float16.
 
@@ -80,7 +81,7 @@ def translated_relu_forward(z: Array, alpha: Array) -> tuple[Array, TranslatedRe
     zc = xp.astype(z, dtype, copy=False)                           # (N, C, *spatial)
     a = channel_view(xp.astype(alpha, dtype, copy=False), z.ndim)  # (1, C, 1, 1)
     passed = zc > a
-    y = xp.where(passed, zc, xp.zeros_like(zc) + a)                # §3.2, TReLU
+    y = xp.where(passed, zc, xp.zeros_like(zc) + a)                # GG Eq. (6)
     return xp.astype(y, z.dtype, copy=False), TranslatedReLUCache(passed, z.dtype, alpha.dtype)
 
 
@@ -157,7 +158,7 @@ class TReLUWeightNorm(Layer):
         unit_gain = self.xp.ones_like(self.params["alpha"])           # (C_out,)
         w, w_cache = weight_norm_forward(self.params["v"], unit_gain, eps=self.eps)
         z, op_cache = apply_weights(x, w, None, self.geometry, path=self.compute_path())
-        y, relu_cache = translated_relu_forward(z, self.params["alpha"])
+        y, relu_cache = translated_relu_forward(z, self.params["alpha"])  # GG Eq. (6)
         return y, (w_cache, op_cache, relu_cache)
 
     def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:

@@ -1,7 +1,8 @@
 """Weight Normalization (Salimans & Kingma, 2016), as written by Gitman & Ginsburg (2017), §3.2.
 
 Each output channel j of a convolution or linear layer uses the weight (§3.2's formula,
-unnumbered there)
+unnumbered there; refnorm numbers Gitman & Ginsburg's display formulas in order of
+appearance, and this is their (3), ``# GG Eq. (3)`` in the code)
 
     W_j = g_j * V_j / (||V_j||_F + eps)           o_j = W_j * x + b_j
 
@@ -108,7 +109,7 @@ def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array
     norm = xp.sqrt(xp.sum(vv * vv, axis=1, keepdims=True))         # (C_out, 1)  ||V_j||
     safe = xp.where(norm > 0, norm, xp.ones_like(norm))            # (C_out, 1)
     v_unit = xp.where(norm > 0, vv / safe, xp.zeros_like(vv))      # (C_out, I)
-    w = vv * (xp.reshape(gc, (-1, 1)) / (norm + eps))              # (C_out, I)  §3.2
+    w = vv * (xp.reshape(gc, (-1, 1)) / (norm + eps))              # (C_out, I)  GG Eq. (3)
     cache = WeightNormCache(vv, v_unit, norm, gc, eps, tuple(v.shape), v.dtype, g.dtype)
     return xp.astype(xp.reshape(w, v.shape), v.dtype, copy=False), cache
 
@@ -214,7 +215,7 @@ class WeightNorm(Layer):
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         w, w_cache = weight_norm_forward(self.params["v"], self.params["g"], eps=self.eps)
-        y, op_cache = apply_weights(x, w, self.params.get("b"), self.geometry,
+        y, op_cache = apply_weights(x, w, self.params.get("b"), self.geometry,  # GG Eq. (3)
                                     path=self.compute_path())
         return y, (w_cache, op_cache)
 

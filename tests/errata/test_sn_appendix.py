@@ -12,8 +12,8 @@ import pytest
 from refnorm.errata import sn_appendix
 from refnorm.norms.switchable_norm import SwitchableOptions, scope_moments
 
-AGREE = {"Eq. (6)", "Eq. (7)", "Eq. (8)", "Eq. (9)", "Eq. (10), scalar gamma", "Eq. (12)",
-         "Eq. (13)", "Eq. (14)"}
+AGREE = {"Eq. (6)", "Eq. (7)", "Eq. (8)", "Eq. (9)", "Eq. (10), scalar gamma",
+         "Eq. (10)-(11), corrected", "Eq. (12)", "Eq. (13)", "Eq. (14)"}
 DISAGREE = {"Eq. (10)", "Eq. (11)", "Eq. (13), letter by letter"}
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from refnorm.errata import sn_multi_gpu
 
-AGREE = {"Eq. (15)", "Eq. (16)", "Eq. (17)", "Eq. (18)", "Eq. (19)", "Eq. (20)", "Eq. (22)-(25)"}
+AGREE = {"Eq. (15)", "Eq. (16)", "Eq. (17)", "Eq. (18)", "Eq. (19)", "Eq. (20)",
+         "Eq. (21), corrected", "Eq. (22)-(25)"}
 DISAGREE = {"Eq. (21), variance", "Eq. (21), mean", "Eq. (22)-(25) with Eq. (21)"}
 SHARD_DEPENDENT = "Eq. (22)-(25), P N H W"
 

@@ -156,3 +156,19 @@ def test_eval_output_of_a_sample_does_not_depend_on_the_batch():
     with pytest.raises(AssertionError):
         np.testing.assert_allclose(layer.forward(x[:2], training=True)[:1],
                                    layer.forward(x, training=True)[:1])
+
+
+def test_forward_is_the_printed_formula():
+    # Luo et al. (journal version) Eq. (1)-(2) with I_bn = (n, i, j); Gitman & Ginsburg's
+    # display formulas (1)-(2): numpy's mean and biased variance over (N, H, W), per channel.
+    x, gamma, beta, _ = inputs((4, 3, 5, 5), seed=11)
+    mean = x.mean(axis=(0, 2, 3), keepdims=True)
+    var = x.var(axis=(0, 2, 3), keepdims=True)
+    expected = gamma.reshape(1, 3, 1, 1) * (x - mean) / np.sqrt(var + 1e-5) \
+        + beta.reshape(1, 3, 1, 1)
+    y, cache = refnorm.batch_norm_forward(x, gamma, beta, eps=1e-5)
+    # Two summation orders of 100 values of size ~12 (var ~25): the outputs, of size ~3,
+    # agree to a few hundred float64 roundings.
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cache.mean, mean, rtol=1e-14)
+    np.testing.assert_allclose(cache.var, var, rtol=1e-13)

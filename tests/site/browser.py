@@ -97,6 +97,7 @@ class Page:
     images: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
+    empty_cells: list[str] = field(default_factory=list)
     math_count: int = 0
     article_width: float = 0.0
     pre_chars: int = 0
@@ -113,8 +114,8 @@ class Page:
 # Runs in the page once MathJax (if the page loads it) has typeset everything.
 INSPECT = r"""
 const out = {rawMath: [], mathErrors: [], strayEscapes: [], clippedPre: [], overflowing: [],
-             brokenImages: [], images: [], links: [], ids: [], mathCount: 0, articleWidth: 0,
-             preChars: 0};
+             brokenImages: [], images: [], links: [], ids: [], emptyCells: [], mathCount: 0,
+             articleWidth: 0, preChars: 0};
 const short = (s) => s.replace(/\s+/g, ' ').trim().slice(0, 100);
 // math: every Sphinx math element holds a MathJax rendering, no TeX source left as text
 for (const el of document.querySelectorAll('.math')) {
@@ -197,6 +198,13 @@ for (const img of document.images) {
   if (!img.complete || img.naturalWidth === 0) out.brokenImages.push(img.getAttribute('src'));
 }
 for (const a of document.querySelectorAll('a[href]')) out.links.push(a.href);
+// table cells that show nothing (no text, no image, no math)
+for (const cell of document.querySelectorAll('article td, article th')) {
+  if (!cell.textContent.trim() && !cell.querySelector('img, svg, mjx-container')) {
+    const row = cell.closest('tr');
+    out.emptyCells.push(`column ${cell.cellIndex + 1} of the row "${short(row.textContent)}"`);
+  }
+}
 for (const el of document.querySelectorAll('[id], a[name]')) out.ids.push(el.id || el.name);
 return out;
 """
@@ -229,7 +237,7 @@ def inspect(driver, root: Path, page: Path, screenshots: Path | None = None) -> 
                   stray_escapes=data["strayEscapes"],
                   clipped_pre=data["clippedPre"], overflowing=data["overflowing"],
                   broken_images=data["brokenImages"], images=data["images"], links=data["links"],
-                  ids=set(data["ids"]),
+                  ids=set(data["ids"]), empty_cells=data["emptyCells"],
                   math_count=data["mathCount"], article_width=data["articleWidth"],
                   pre_chars=data["preChars"])
     if state not in ("none", "typeset"):

@@ -31,7 +31,7 @@ def _problems(pages, attribute: str) -> list[str]:
 
 
 def test_every_page_is_opened(site, pages):
-    for required in ("index.html", "api.html", "errata.html", "search.html",
+    for required in ("index.html", "api.html", "equations.html", "errata.html", "search.html",
                      "lessons/01_batch_norm.html", "api/refnorm.html"):
         assert required in pages, sorted(pages)[:20]
     assert {f"lessons/{p.stem}.html" for p in LESSONS} <= set(pages)
@@ -47,6 +47,7 @@ def test_math_is_typeset_everywhere(pages):
     assert not _problems(pages, "math_errors")
     # the check saw math where there is math: the errata page and lesson 01 are full of it
     assert pages["errata.html"].math_count > 20
+    assert pages["equations.html"].math_count > 100
     assert pages["lessons/01_batch_norm.html"].math_count > 20
 
 
@@ -60,6 +61,19 @@ def test_no_code_block_is_clipped(pages):
 
 def test_nothing_is_wider_than_its_column(pages):
     assert not _problems(pages, "overflowing")
+
+
+def test_the_equation_and_errata_tables_have_no_empty_cell(pages):
+    assert pages["equations.html"].empty_cells == []
+    assert pages["errata.html"].empty_cells == []
+
+
+def test_every_equation_row_has_its_anchor(pages):
+    # lessons link rows as equations.html#eq-<paper>-<n>
+    from refnorm.errata.equations import EQUATIONS
+
+    missing = {e.anchor for e in EQUATIONS} - pages["equations.html"].ids
+    assert not missing, sorted(missing)
 
 
 def test_every_image_loads(pages):

@@ -175,3 +175,32 @@ def test_layer_runs_on_array_api_strict():
 def test_layer_params_are_the_papers():
     assert set(refnorm.build("ws", 3, 4, 3).params) == {"w"}  # no affine, no bias by default
     assert set(refnorm.build("ws", 3, 4, 3, bias=True).params) == {"w", "b"}
+
+
+# -- the printed equations, one by one (the docs' equations page cites these) ---------------------
+
+
+def test_forward_is_eq5_then_eq6():
+    # Eq. (5) centres each output channel's weights, Eq. (6) divides by the root mean square
+    # of the centred ones; at eps -> 0 this is Eq. (2). eps = 1e-12 moves W^ by eps / sigma
+    # relative, sigma ~ 1 here.
+    w = np.random.default_rng(12).standard_normal((5, 3, 3, 3))
+    w_hat, _ = weight_standardization_forward(w, eps=1e-12)
+    for c in range(5):
+        w_c = w[c].reshape(-1)
+        w_dot = w_c - np.ones(w_c.size) * np.dot(np.ones(w_c.size), w_c) / w_c.size  # Eq. (5)
+        expected = w_dot / np.sqrt(np.dot(np.ones(w_c.size), w_dot**2) / w_c.size)  # Eq. (6)
+        np.testing.assert_allclose(w_hat[c].reshape(-1), expected, rtol=1e-11, atol=1e-14)
+
+
+def test_layer_is_eq3_a_convolution_with_the_standardized_weights():
+    # Eq. (3): y = W^ * x with W^ = WS(W) (Eq. 2, 4), built here with numpy and run through
+    # refnorm's convolution (itself checked against direct loops in tests/nn/test_conv.py).
+    rng = np.random.default_rng(13)
+    layer = refnorm.build("ws", 3, 4, 3, padding=1, dtype=np.float64)
+    x = rng.standard_normal((2, 3, 6, 6))
+    w = layer.params["w"].reshape(4, -1)
+    w_hat = (w - w.mean(axis=1, keepdims=True)) / (w.std(axis=1, keepdims=True) + layer.eps)
+    expected, _ = refnorm.nn.conv2d_forward(x, w_hat.reshape(4, 3, 3, 3), None, padding=1)
+    # The same products summed in the same order; W^ differs by a few roundings (~1e-16).
+    np.testing.assert_allclose(layer.forward(x, training=True), expected, rtol=0, atol=1e-13)

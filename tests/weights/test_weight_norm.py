@@ -280,3 +280,48 @@ def test_data_dependent_init_on_float16_inputs_stays_finite():
     # 1e-3 of the pre-activations' size (~300 * 1/300 after scaling, i.e. O(1)).
     np.testing.assert_allclose(t.mean(axis=0), 0.0, atol=1e-2)
     np.testing.assert_allclose(t.var(axis=0), 1.0, rtol=1e-2)
+
+
+# -- Gitman & Ginsburg's display formulas (3) and (4), numbered in order of appearance -----------
+
+
+def test_layer_is_the_printed_formula():
+    # o_j = gamma_j (W_j * x) / (||W_j||_F + eps) + beta_j, with the convolution of the raw
+    # filters scaled afterwards (a convolution is linear in its weights).
+    rng = np.random.default_rng(14)
+    layer = refnorm.build("wn", 3, 4, 3, padding=1, dtype=np.float64)
+    layer.params = {"v": 2 * rng.standard_normal((4, 3, 3, 3)),
+                    "g": rng.standard_normal(4), "b": rng.standard_normal(4)}
+    x = rng.standard_normal((2, 3, 5, 5))
+    raw, _ = refnorm.nn.conv2d_forward(x, layer.params["v"], None, padding=1)
+    norms = np.sqrt((layer.params["v"] ** 2).sum(axis=(1, 2, 3)))
+    c = (1, 4, 1, 1)
+    expected = (layer.params["g"].reshape(c) * raw / (norms.reshape(c) + layer.eps)
+                + layer.params["b"].reshape(c))
+    # Two orders of the same 27-term sums of values of size ~3: a few roundings of ~30.
+    np.testing.assert_allclose(layer.forward(x, training=True), expected, rtol=0, atol=1e-12)
+
+
+def test_orthonormal_rows_keep_normalized_inputs_normalized():
+    # Formula (4) (Arpit et al., as Gitman & Ginsburg print it): with weights of orthonormal
+    # rows and standard normal inputs, E[o] ~ 0, Var[o] ~ 1 and ||o|| ~ sqrt(D_out/D_in) ||x||.
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((4096, 64))
+    layer = refnorm.build("wn", 64, 32, dtype=np.float64)
+    q, _ = np.linalg.qr(rng.standard_normal((64, 32)))                # (64, 32), q^T q = I
+    layer.params["v"] = 3 * q.T                                       # rows of norm 3
+    o = layer.forward(x, training=True)
+    # Each o_j = q_j^T x is exactly N(0, 1): over 4096 samples the mean has standard error
+    # 1/64 ~ 0.016 and the variance sqrt(2/4096) ~ 0.022; the bounds are 5 of those.
+    assert np.all(np.abs(o.mean(axis=0)) < 0.08)
+    assert np.all(np.abs(o.var(axis=0) - 1) < 0.11)
+    # ||o||^2 / ||x||^2 is the share of x's 262144 squared standard normal coordinates (in
+    # the rows' basis) that the 32 rows keep: Beta(65536, 65536), 1/2 with a standard
+    # deviation of 0.28% of it (0.14% for the norms); 1% is seven of those.
+    ratio = np.linalg.norm(o) / np.linalg.norm(x)
+    assert abs(ratio / np.sqrt(32 / 64) - 1) < 0.01
+    # D_out = D_in: an orthogonal W keeps every sample's norm, up to the eps of the formula.
+    square = refnorm.build("wn", 64, 64, dtype=np.float64)
+    square.params["v"], _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    kept = np.linalg.norm(square.forward(x, training=True), axis=1)
+    np.testing.assert_allclose(kept, np.linalg.norm(x, axis=1) / (1 + square.eps), rtol=1e-12)

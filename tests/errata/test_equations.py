@@ -1,0 +1,193 @@
+"""The paper concordance (refnorm/errata/equations.py, the docs' equations page): the registry,
+the ``# Eq. (n)`` tags in the code and the tests it cites agree, and every cell of the page's
+tables is filled. None of this needs the documentation built."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from refnorm.errata import equations as eq
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def defined_tests(path: Path) -> set[str]:
+    """The test functions a test file defines, at module level or in a class."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        names |= {f"{cls.name}::{m.name}" for m in cls.body if isinstance(m, ast.FunctionDef)}
+    return names
+
+
+def missing_tests(cited: list[str], root: Path = ROOT) -> list[str]:
+    """The cited ``tests/x.py::test_y`` that do not exist."""
+    out = []
+    for test in cited:
+        path, _, name = test.partition("::")
+        if not (root / path).is_file() or name not in defined_tests(root / path):
+            out.append(test)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tags() -> list[eq.Tag]:
+    """The tags in refnorm's code (one scan for the module's tests)."""
+    found = eq.scan()
+    assert found.problems == []
+    return found.tags
+
+
+def _cells(row: str) -> list[str]:
+    """A Markdown table row's cells, split on the pipes that are not escaped."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
+
+
+# -- the registry, the tags, the tests ----------------------------------------------------------
+
+
+def test_every_tag_names_a_registered_equation_of_a_named_paper():
+    assert eq.scan().problems == []
+
+
+def test_registry_and_tags_agree(tags):
+    # every implemented equation has a tagged line, a corrected form outside the errata for
+    # every printed-wrong one, a reason for every one not implemented...
+    assert eq.registry_problems(tags) == []
+
+
+def test_every_cited_test_exists():
+    cited = [t for e in eq.EQUATIONS for t in e.tests]
+    assert len(cited) >= len(eq.EQUATIONS)
+    assert missing_tests(cited) == []
+
+
+def test_every_paper_has_its_equations():
+    # the numbered equations of each paper, as printed (Gitman & Ginsburg's display
+    # formulas, numbered in order of appearance)
+    assert {k: len(eq.equations(k)) for k in eq.PAPERS} == {"snj": 25, "snc": 1, "ws": 19,
+                                                              "gg": 7}
+
+
+def test_the_checks_catch_what_they_are_for(tmp_path, tags):
+    # a registered equation that no line computes
+    without = [t for t in tags if (t.paper, t.number) != ("snj", 9)]
+    assert any("Eq. (9)" in p for p in eq.registry_problems(without))
+    # a tag that names an equation the registry lacks, and one that names no paper
+    pkg = tmp_path / "refnorm"
+    pkg.mkdir()
+    (pkg / "a.py").write_text('"""After Qiao et al."""\nx = 1  # Eq. (99)\n')
+    (pkg / "b.py").write_text('"""No paper."""\ny = 2  # Eq. (3)\n')
+    problems = eq.scan(pkg).problems
+    assert any("a.py:2" in p and "lacks" in p for p in problems), problems
+    assert any("b.py:2" in p and "names no paper" in p for p in problems), problems
+    # a cited test that does not exist
+    assert missing_tests(["tests/errata/test_equations.py::test_no_such_test",
+                          "tests/no_such_file.py::test_x"]) == [
+        "tests/errata/test_equations.py::test_no_such_test", "tests/no_such_file.py::test_x"]
+
+
+def test_tags_are_comments_after_code(tmp_path):
+    pkg = tmp_path / "refnorm"
+    pkg.mkdir()
+    (pkg / "m.py").write_text(
+        '"""Weight Standardization (Qiao et al.): Eq. (2) in a docstring is no tag.\n\n'
+        '    y = W^ * x      # Eq. (3)\n"""\n\n'
+        "# Eq. (4): a comment on its own line heads a block\n"
+        "def f(w):\n"
+        "    s = 'Eq. (5) in a string'\n"
+        "    return w  # Eq. (12)-(14), and SN Eq. (2), GG Eq. (7)\n")
+    found = [(t.paper, t.number, t.line, t.scope) for t in eq.scan(pkg).tags]
+    assert found == [("ws", 12, 9, ("f",)), ("ws", 13, 9, ("f",)), ("ws", 14, 9, ("f",)),
+                     ("snj", 2, 9, ("f",)), ("gg", 7, 9, ("f",))]
+
+
+def test_parse_tag():
+    assert eq.parse_tag("# (N, C, 1)  Eq. (12)-(14)") == [(None, 12), (None, 13), (None, 14)]
+    assert eq.parse_tag("# Eq. (6), (7), (8)") == [(None, 6), (None, 7), (None, 8)]
+    assert eq.parse_tag("# Eq. (9) 2w(h-mu_in)/HW") == [(None, 9)]
+    assert eq.parse_tag("# the single-GPU Eq. (7)") == [(None, 7)]
+    assert eq.parse_tag("# SNC Eq. (1); WS Eq. (1), (7)") == [("SNC", 1), ("WS", 1), ("WS", 7)]
+    assert eq.parse_tag("# see Eq. 4 and §3.2") == []
+
+
+def test_a_module_takes_the_first_paper_its_docstring_cites():
+    assert eq.module_paper("SN (Luo et al., journal version); the conference version") == "snj"
+    assert eq.module_paper("NP (Arpit et al.), as written by\nGitman & Ginsburg") == "gg"
+    assert eq.module_paper("Two-dimensional convolution.") is None
+
+
+def test_the_verdicts_are_backed_as_the_page_says():
+    for e in eq.EQUATIONS:
+        if e.verdict == eq.PRINTED_WRONG:
+            # an errata test shows the printed form failing and the corrected one passing
+            assert any(t.startswith("tests/errata/") for t in e.tests), e
+        if e.verdict == eq.VERIFIED:
+            assert e.tests, e
+
+
+# -- the page --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("paper", sorted(eq.PAPERS))
+def test_every_cell_of_the_table_is_filled(paper, tags):
+    rows = eq.table(paper, tags).splitlines()
+    header = _cells(rows[0])
+    assert len(header) == 6
+    assert len(rows) == 2 + len(eq.equations(paper))
+    for e, row in zip(eq.equations(paper), rows[2:], strict=True):
+        cells = _cells(row)
+        assert len(cells) == len(header), row
+        assert all(cells), row
+        assert f'<span id="{e.anchor}"></span>' in cells[0]
+
+
+def test_anchors_follow_the_scheme_and_are_unique():
+    anchors = [e.anchor for e in eq.EQUATIONS]
+    assert len(set(anchors)) == len(anchors)
+    assert all(re.fullmatch(r"eq-(snj|snc|ws|gg)-\d+", a) for a in anchors)
+    assert eq.lookup("snj", 9).anchor == "eq-snj-9"
+
+
+def test_every_link_names_an_object_that_exists(tags):
+    import importlib
+
+    text = "\n".join(eq.table(k, tags) for k in eq.PAPERS)
+    targets = re.findall(r"\{(?:func|class|meth|mod)\}`~?([\w.]+)`", text)
+    assert len(targets) > 40
+    for target in targets:
+        parts = target.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for name in parts[cut:]:
+                obj = getattr(obj, name)
+            break
+
+
+def test_the_errata_sections_linked_exist():
+    labels = set(re.findall(r"^\(([\w-]+)\)=$", (ROOT / "docs" / "errata.md").read_text(),
+                            re.M))
+    linked = {e.errata for e in eq.EQUATIONS if e.errata}
+    linked |= set(re.findall(r"\{ref\}`[^<`]*<([\w-]+)>`",
+                             " ".join(e.note for e in eq.EQUATIONS)))
+    assert linked and linked <= labels, linked - labels
+
+
+def test_the_page_shows_every_paper():
+    page = (ROOT / "docs" / "equations.md").read_text()
+    for key in eq.PAPERS:
+        assert f'equations.table("{key}"' in page
+    assert "equations.coverage_markdown()" in page
+
+
+def test_the_readme_states_the_generated_figures():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for key in eq.PAPERS:
+        assert eq.coverage_line(key) in readme, eq.coverage_line(key)

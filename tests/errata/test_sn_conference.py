@@ -1,0 +1,34 @@
+"""The SN conference version's Eq. (1) beside the journal version's Eq. (3), which refnorm
+implements (refnorm/errata/sn_conference.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refnorm.errata import sn_conference
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_conference_form_differs_from_the_journal_form_only_between_scopes(seed):
+    c = sn_conference.compare(seed)
+    # One-hot ratios: both divide by one scope's deviation; eps = 1e-12 against variances
+    # >= ~1 moves the output by ~1e-12 relative, plus float64 rounding.
+    assert c.one_hot < 1e-9, c
+    # Soft ratios over scopes of deviations 1, 3 and 9: an average of deviations is not the
+    # root of the average variance (measured 0.035-0.25 over seeds 0-5).
+    assert c.soft > 1e-2, c
+    # Jensen: the average of deviations lies strictly below the root of the average variance.
+    assert c.jensen_gap > 0, c
+
+
+def test_printed_eq1_with_equal_scopes_is_one_standardization():
+    # N = C = 1: IN, LN and BN see the same values, so any ratios give (h - mu) / sigma.
+    h = np.random.default_rng(0).standard_normal((1, 1, 8)) + 3
+    y = sn_conference.printed_eq1(h, np.array([0.3, -1.0, 2.0]), np.array([1.0, 0.0, -2.0]))
+    np.testing.assert_allclose(y, (h - h.mean()) / h.std(), rtol=1e-13)
+
+
+def test_markdown_table_has_both_rows():
+    table = sn_conference.to_markdown(sn_conference.compare(0))
+    assert table.count("\n") == 3 and "one-hot" in table and "soft" in table
