@@ -20,6 +20,7 @@ from refnorm.norms.switchable_norm import (
     switchable_norm_eval_forward,
     switchable_norm_forward,
 )
+from tests.norms import large_mean
 
 FD_TOLERANCE = 1e-6  # as for the other normalizers: finite-difference noise is ~1e-8
 NAMES = ("x", "gamma", "beta", "mean_logits", "var_logits")
@@ -231,6 +232,38 @@ def test_float32_offset_by_1e4():
     # float32 rounding of values near 1e4 is ~1e-3 absolute, ~1e-3 of the unit variance
     # at most; the issue's bound.
     np.testing.assert_allclose(var, 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize(("shape", "seed"), [((1, 7, 5, 3), 0), ((3, 7, 5, 3), 1),
+                                             ((4, 3, 6, 6), 2)])
+def test_float32_at_a_large_mean_is_as_accurate_as_the_kernels(path, shape, seed):
+    # Mean 1e4, spread 1e-3 (one float32 ulp of the mean): y, dx, dgamma, dbeta and the
+    # control parameters' gradients within the bound of tests/norms/large_mean.py, the BN,
+    # IN, LN and GN kernels' error on the same data (measured here) or SN's own error at mean
+    # 0, plus one rounding for each of the ratios, mean offsets and variances. (1, 7, 5, 3) is
+    # the case of issue 18, which lost 4 digits at spread 1 and all of them at 1e-3.
+    options = SwitchableOptions()
+    x, deviations, params, dy = large_mean.case(shape, np.float32, seed)
+    errors = large_mean.sn_error(x, deviations, params, dy, options, path=path)
+    at_zero = large_mean.sn_error(deviations, deviations, params, dy, options, path=path)
+    kernels = large_mean.kernels_error(x, deviations, params, dy)
+    limits = large_mean.bound(kernels, at_zero, np.float32)
+    assert not large_mean.failures(errors, limits), large_mean.failures(errors, limits)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_float64_at_a_large_mean_is_as_accurate_as_the_kernels(path):
+    # The float64 case of issue 18: (2, 1, 6, 5), in_correction=1, mean 1e4, spread 1e-3,
+    # where S_k summed from the unshifted means lost 5 digits of the mean ratios' gradient
+    # (relative error 6e-6); the same bound as in float32, with float64's unit roundoff.
+    options = SwitchableOptions(in_correction=1)
+    x, deviations, params, dy = large_mean.case((2, 1, 6, 5), np.float64, 5)
+    errors = large_mean.sn_error(x, deviations, params, dy, options, path=path)
+    at_zero = large_mean.sn_error(deviations, deviations, params, dy, options, path=path)
+    kernels = large_mean.kernels_error(x, deviations, params, dy)
+    limits = large_mean.bound(kernels, at_zero, np.float64)
+    assert not large_mean.failures(errors, limits), large_mean.failures(errors, limits)
 
 
 def test_two_dimensional_inputs_use_ln_and_bn():
