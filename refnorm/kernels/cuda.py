@@ -295,8 +295,8 @@ def in_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGra
 
 
 def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array, *,
-               eps: float, scopes: tuple[str, ...],
-               in_correction: int = 0) -> SwitchableNormalized:
+               eps: float, scopes: tuple[str, ...], in_correction: int = 0,
+               scope_correction: int = 0) -> SwitchableNormalized:
     """Switchable Normalization in training; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_forward` and
     :func:`refnorm.kernels.norms.sn_forward` (same arguments and outputs).
@@ -305,7 +305,7 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
     scopes pool them by the law of total variance on (N, C) arrays, then the mixed statistics
     normalize in one more kernel pass.
     """
-    from refnorm.kernels.norms import sn_scope_statistics  # the (N, C) arithmetic, shared
+    from refnorm.kernels.norms import sn_scope_statistics, variance_factors  # shared
 
     xp = _namespace(x, gamma, beta)
     x, gamma, beta = (_as_xp(xp, a) for a in (x, gamma, beta))
@@ -318,7 +318,8 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
     # float64 data: what rounding the mean to float64 lost (as kernels.norms.sn_forward)
     lost_in = (xp.mean(x2 - mu_in.reshape(N * C, 1), axis=1).reshape(N, C, 1)
                if dtype == xp.float64 else xp.zeros_like(mu_in))
-    mu, offset, var = sn_scope_statistics(xp, (mu_in, lost_in, var_in), dtype)
+    mu, offset, var = sn_scope_statistics(xp, (mu_in, lost_in, var_in), dtype,
+                                          factors=variance_factors(x.shape, scope_correction))
     shift = mu["in"].astype(dtype).astype(xp.float64)            # mu["in"] as returned
     w_m, w_v = _f64(xp, w_mean), _f64(xp, w_var)
     # the mixture relative to the shift, as kernels.norms.sn_forward forms it
@@ -337,7 +338,7 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
 
 def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple[dict, dict],
                 ratios: tuple[Array, Array], *, scopes: tuple[str, ...], in_correction: int = 0,
-                hard: bool = False) -> SwitchableGrads:
+                scope_correction: int = 0, hard: bool = False) -> SwitchableGrads:
     """Backward of :func:`sn_forward`; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training) and
     :func:`refnorm.kernels.norms.sn_backward` (same arguments and outputs).
@@ -345,7 +346,7 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
     The two reductions over S and ``dx`` are kernels; the scope sums (SN Eq. 7, 8 and their
     pooling over channels and samples) are on (N, C) arrays.
     """
-    from refnorm.kernels.norms import sn_backward_terms  # the (N, C) arithmetic, shared
+    from refnorm.kernels.norms import sn_backward_terms, variance_factors  # shared
 
     xp = _namespace(dy, x_hat, rstd, gamma)
     dy, x_hat, rstd, gamma = (_as_xp(xp, a) for a in (dy, x_hat, rstd, gamma))
@@ -360,6 +361,8 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
     r = xp.broadcast_to(xp.asarray(rstd, dtype=xp.float64), (N, C, 1)).reshape(N, C)
     k_one, c2, dml, dvl = sn_backward_terms(xp, (r, g, s_dy, s_dyx), (offset, var), (w_m, w_v),
                                             scopes=scopes, S=S, in_correction=in_correction,
+                                            factors=variance_factors(x_hat.shape,
+                                                                     scope_correction),
                                             hard=hard)
     k = xp.stack([xp.broadcast_to(c, (N, C)).reshape(N * C) for c in (r * g, k_one, c2 / r)])
     dx = _combine(xp, dy2, xh2, k).reshape(N, C, S)

@@ -459,7 +459,7 @@ def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
 
 def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.ndarray,
                w_var: np.ndarray, *, eps: float, scopes: tuple[str, ...],
-               in_correction: int = 0,
+               in_correction: int = 0, scope_correction: int = 0,
                bn: tuple[np.ndarray, np.ndarray] | None = None) -> SwitchableNormalized:
     """Switchable Normalization; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_forward` (training) and, with ``bn``,
@@ -473,7 +473,8 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
         The ratios (softmax of the control parameters), one per scope.
     eps : float
     scopes : tuple of str, a subset of ("in", "ln", "bn") in the ratios' order
-    in_correction : 0 or 1
+    in_correction, scope_correction : 0 or 1, as in
+        :class:`refnorm.norms.switchable_norm.SwitchableOptions`
     bn : tuple of two arrays, (1, C, 1) each, compute dtype, optional
         ``(mean, var)``: given BN-scope statistics (the population's, at inference),
         returned in the record as they came; without them the BN scope pools this batch's IN
@@ -507,7 +508,8 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
     lost_in = (np.mean(xp2 - mu_in.reshape(N * C, 1), axis=1).reshape(N, C, 1)
                if dtype == np.float64 else np.zeros_like(mu_in))
     given = None if bn is None else tuple(np.asarray(s, dtype=np.float64) for s in bn)
-    mu, offset, var = sn_scope_statistics(np, (mu_in, lost_in, var_in), dtype, bn=given)
+    mu, offset, var = sn_scope_statistics(np, (mu_in, lost_in, var_in), dtype, bn=given,
+                                          factors=variance_factors(x.shape, scope_correction))
     w_m = np.asarray(w_mean, dtype=np.float64)
     w_v = np.asarray(w_var, dtype=np.float64)
     shift = mu["in"].astype(dtype).astype(np.float64)            # mu["in"] as returned
@@ -524,8 +526,18 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
                                 var={k: v.astype(dtype) for k, v in var.items()})
 
 
-def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *,
-                        bn: tuple | None = None) -> tuple[dict, dict, dict]:
+def variance_factors(shape: tuple[int, ...], scope_correction: int) -> dict[str, float]:
+    """m_k / (m_k - scope_correction) per scope, m_k = S, C S, N S values for IN, LN, BN;
+    equals :func:`refnorm.norms.switchable_norm.variance_factors`."""
+    N, C = shape[:2]
+    S = math.prod(shape[2:])
+    counts = {"in": S, "ln": C * S, "bn": N * S}
+    return {k: m / (m - scope_correction) if m > scope_correction else 1.0
+            for k, m in counts.items()}
+
+
+def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *, bn: tuple | None = None,
+                        factors: dict[str, float] | None = None) -> tuple[dict, dict, dict]:
     """Every scope's mean, mean offset and variance from the IN moments, float64, shared by
     the CPU and GPU wrappers (``xp``: numpy or CuPy); equals
     :func:`refnorm.norms.switchable_norm.scope_statistics` in the same order of operations.
@@ -538,7 +550,9 @@ def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *,
     dtype : the compute dtype, which ``mu["in"]`` is returned in: the offsets are taken from
         that stored value.
     bn : tuple of two float64 arrays, (1, C, 1), optional
-        Given BN-scope ``(mean, var)``.
+        Given BN-scope ``(mean, var)``, used as they come.
+    factors : dict of scope to float, optional
+        What each computed variance is multiplied by (:func:`variance_factors`).
 
     Returns
     -------
@@ -556,6 +570,8 @@ def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *,
         between = offset["in"] - offset[scope]                   # mu_in - mu_k
         var[scope] = (xp.mean(var_in, axis=axis, keepdims=True)
                       + xp.mean(between * between, axis=axis, keepdims=True))
+    if factors is not None:
+        var = {k: v * factors[k] for k, v in var.items()}
     if bn is not None:
         mu["bn"], var["bn"] = bn
         offset["bn"] = (mu["bn"] - shift) * xp.ones_like(shift)
@@ -564,8 +580,8 @@ def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *,
 
 def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray,
                 stats: tuple[dict, dict], ratios: tuple[np.ndarray, np.ndarray], *,
-                scopes: tuple[str, ...], in_correction: int = 0, hard: bool = False,
-                frozen: tuple[str, ...] = ()) -> SwitchableGrads:
+                scopes: tuple[str, ...], in_correction: int = 0, scope_correction: int = 0,
+                hard: bool = False, frozen: tuple[str, ...] = ()) -> SwitchableGrads:
     """Backward of :func:`sn_forward`; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training).
 
@@ -580,7 +596,7 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
         means only through their differences, which the offsets hold unrounded.
     ratios : tuple of two arrays, (K,) each
         ``(w_mean, w_var)``.
-    scopes, in_correction : as in :func:`sn_forward`
+    scopes, in_correction, scope_correction : as in :func:`sn_forward`
     hard : bool
         One-hot ratios: the logit gradients are zero.
     frozen : tuple of str
@@ -601,6 +617,8 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     r = np.broadcast_to(np.asarray(rstd, dtype=np.float64), (N, C, 1)).reshape(N, C)
     k_one, c2, dml, dvl = sn_backward_terms(np, (r, g, s_dy, s_dyx), (offset, var), (w_m, w_v),
                                             scopes=scopes, S=S, in_correction=in_correction,
+                                            factors=variance_factors(x_hat.shape,
+                                                                     scope_correction),
                                             hard=hard, frozen=frozen)
     dx = _combine(dy2, xh2, (r * g, k_one, c2 / r), x_hat.shape)
     return SwitchableGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
@@ -610,7 +628,8 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
 
 def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tuple, *,
                       scopes: tuple[str, ...], S: int, in_correction: int,
-                      hard: bool, frozen: tuple[str, ...] = ()) -> tuple:
+                      factors: dict[str, float], hard: bool,
+                      frozen: tuple[str, ...] = ()) -> tuple:
     """The per-(n, c) arithmetic of the compact SN backward, shared by the CPU and GPU
     wrappers (``xp``: numpy or CuPy); equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact`.
@@ -625,6 +644,7 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
         mean minus the IN mean as stored, and its variance.
     ratios : tuple of two float64 arrays, (K,) each
         ``(w_mean, w_var)``.
+    factors : what each scope's biased variance was multiplied by (:func:`variance_factors`)
     frozen : the scopes whose statistics are constants (see :func:`sn_backward`)
 
     Returns
@@ -648,7 +668,7 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
         a = axis[k]
         dvar_k = dvar if a is None else dvar.sum(axis=a, keepdims=True)
         dmu_k = dmu if a is None else dmu.sum(axis=a, keepdims=True)
-        g_var = w_v[i] * dvar_k / count[k]
+        g_var = w_v[i] * factors[k] * dvar_k / count[k]
         dvar_in = dvar_in + g_var
         dmu_in = dmu_in + w_m[i] * dmu_k / count[k] + g_var * 2.0 * (offset["in"] - offset[k])
     mu_mix = sum(w_m[i] * offset[k] for i, k in enumerate(scopes))    # relative to the shift

@@ -91,16 +91,23 @@ class SwitchableOptions:
         the control parameters have one entry per scope, in this order. ``("in", "ln")`` is
         the paper's advice for one sample per device; (N, C) inputs need ``("ln", "bn")``.
     in_correction : {0, 1}
-        0: biased IN variance (the paper's Eq. 2). 1: the official code's unbiased IN
-        variance (``torch.var`` default), which the LN and BN variances then inherit.
+        0: biased IN variance (the paper's Eq. 2). 1: the official ``SwitchNorm2d``'s unbiased
+        IN variance (``torch.var`` default), which the LN and BN variances then inherit.
     hard : bool
         Use one-hot ratios, the argmax of each softmax (the paper's "sparse SN", for
         inference and fine-tuning). The control parameters then get zero gradients.
+    scope_correction : {0, 1}
+        1: every scope's variance is the unbiased one over the m_k values it covers, its
+        biased variance times m_k / (m_k - 1) (m_k = S for IN, C S for LN, N S for BN), as
+        the official ``SwitchNorm1d`` computes its LN and BN variances (``x.var(1)`` over the
+        C features, ``x.var(0)`` over the N samples of an (N, C) input). 0: as
+        ``in_correction`` says. The two are alternatives: at most one of them is 1.
     """
 
     scopes: tuple[str, ...] = SCOPES
     in_correction: int = 0
     hard: bool = False
+    scope_correction: int = 0
 
     def __post_init__(self) -> None:
         scopes = tuple(self.scopes)
@@ -112,6 +119,11 @@ class SwitchableOptions:
             raise ValueError(f"in_correction must be 0 or 1; got {self.in_correction!r}")
         if not isinstance(self.hard, bool):
             raise ValueError(f"hard must be a bool; got {self.hard!r}")
+        if self.scope_correction not in (0, 1) or isinstance(self.scope_correction, bool):
+            raise ValueError(f"scope_correction must be 0 or 1; got {self.scope_correction!r}")
+        if self.in_correction and self.scope_correction:
+            raise ValueError("in_correction=1 and scope_correction=1 are two conventions for "
+                             "the same variances (SwitchNorm2d's and SwitchNorm1d's); got both")
 
 
 DEFAULT_OPTIONS = SwitchableOptions()
@@ -142,13 +154,12 @@ def check_scope_counts(shape: tuple[int, ...], options: SwitchableOptions, *,
     ``with_bn=False`` skips the BN scope: population statistics at inference, or a
     synchronized BN scope that its caller checks after pooling the devices.
     """
-    N, C = shape[:2]
     S = math.prod(shape[2:])
     if S - options.in_correction < 1:
         raise ValueError(
             f"in_correction=1 (unbiased IN variance) needs more than one spatial position; "
             f"x of shape {tuple(shape)} has {S}")
-    counts = {"in": S, "ln": C * S, "bn": N * S}
+    counts = scope_counts(shape)
     for scope in options.scopes:
         if scope == "bn" and not with_bn:
             continue
@@ -158,6 +169,24 @@ def check_scope_counts(shape: tuple[int, ...], options: SwitchableOptions, *,
             raise ValueError(
                 f"the {scope.upper()} scope needs more than 1 value per statistic; x of shape "
                 f"{tuple(shape)} gives {counts[scope]}{hint}")
+
+
+def scope_counts(shape: tuple[int, ...], *, bn_groups: int | None = None) -> dict[str, int]:
+    """The values m_k one statistic of each scope covers: S, C S and N S for IN, LN and BN
+    (``bn_groups``: the samples of the BN scope when they are not ``shape[0]``, synchronized
+    over devices)."""
+    N, C = shape[:2]
+    S = math.prod(shape[2:])
+    return {"in": S, "ln": C * S, "bn": (N if bn_groups is None else bn_groups) * S}
+
+
+def variance_factors(shape: tuple[int, ...], options: SwitchableOptions, *,
+                     bn_groups: int | None = None) -> dict[str, float]:
+    """What each scope's biased variance is multiplied by: m_k / (m_k - 1) with
+    ``options.scope_correction`` (the unbiased variance), else 1."""
+    counts = scope_counts(shape, bn_groups=bn_groups)
+    return {k: m / (m - options.scope_correction) if m > options.scope_correction else 1.0
+            for k, m in counts.items()}
 
 
 # -- the cache, and what the backward returns ------------------------------------------------------
@@ -324,10 +353,10 @@ def scope_statistics(h: Array, options: SwitchableOptions, *,
     Parameters
     ----------
     h : array, (N, C, S)
-    options : SwitchableOptions (``in_correction`` is used)
+    options : SwitchableOptions (``in_correction`` and ``scope_correction`` are used)
     bn : tuple of three arrays, (1, C, 1) each, optional
-        The BN scope's ``(mean, lost, var)`` given instead of pooled from ``h``: population
-        statistics at inference (``lost`` zero), or the synchronized ones
+        The BN scope's ``(mean, lost, var)`` given instead of pooled from ``h``, used as they
+        come: population statistics at inference (``lost`` zero), or the synchronized ones
         (:mod:`refnorm.sync.switchable`; ``lost``: what the rounding of ``mean`` lost).
 
     Returns
@@ -339,7 +368,10 @@ def scope_statistics(h: Array, options: SwitchableOptions, *,
     mu["ln"], offset["ln"], var["ln"] = pool_in_moments(mu_in, offset_in, var_in, axis=1)
     if bn is None:
         mu["bn"], offset["bn"], var["bn"] = pool_in_moments(mu_in, offset_in, var_in, axis=0)
-    else:
+    if options.scope_correction:  # SwitchNorm1d: each scope unbiased over its own m_k values
+        factors = variance_factors(tuple(h.shape), options)
+        var = {k: v * factors[k] for k, v in var.items()}
+    if bn is not None:
         mu["bn"], lost, var["bn"] = bn
         offset["bn"] = (mu["bn"] - mu_in) + lost                # (N, C, 1)
     return ScopeStatistics(mu=mu, offset=offset, var=var)
@@ -533,7 +565,9 @@ def scope_variance_derivative(centred: Array, between: Array, *, groups: int,
     ``sigma_k^2 = mean(var_in) + mean((mu_in - mu_k)^2)``, the derivative is
     ``(2 / groups) ((h - mu_in) / (S - in_correction) + (mu_in - mu_k) / S)``, which is the
     printed one for the biased IN variance (``in_correction=0``): ``h - mu_k`` split at the
-    IN mean, so that both parts come from the offsets (:class:`ScopeStatistics`).
+    IN mean, so that both parts come from the offsets (:class:`ScopeStatistics`). With
+    ``scope_correction=1`` the variance, and so this derivative, is m_k / (m_k - 1) times
+    the biased one (:func:`variance_factors`); the callers apply that factor.
 
     Parameters
     ----------
@@ -634,9 +668,10 @@ def switchable_norm_backward(dy: Array, cache: SwitchableNormCache) -> Switchabl
     # the printed d sigma_k^2 / dh = 2 (h - mu_k) / |I_k| of each live scope, (N, C, S)
     groups = {"in": 1, "ln": C, "bn": N}                    # IN groups each statistic pools
     centred = centred_input(c)                                          # h - mu_in
-    dsigma2_dh = {k: scope_variance_derivative(centred, c.offset["in"] - c.offset[k],
-                                               groups=groups[k],
-                                               in_correction=c.options.in_correction)
+    unbias = variance_factors(tuple(c.h.shape), c.options)  # m_k/(m_k-1), scope_correction
+    dsigma2_dh = {k: unbias[k] * scope_variance_derivative(
+                      centred, c.offset["in"] - c.offset[k], groups=groups[k],
+                      in_correction=c.options.in_correction)
                   for k in live}
     # Eq. (9), term by term as printed (variance terms with w'_k):
     dh = dx_tilde * c.rstd                                              # Eq. (9) dL/dh~ / sqrt
@@ -692,6 +727,7 @@ def switchable_norm_backward_compact(dy: Array, cache: SwitchableNormCache) -> S
     c = cache
     N, C, S = c.h.shape
     dx_tilde, dvar, dmu = statistic_gradients(dy_v, c)
+    unbias = variance_factors(tuple(c.h.shape), c.options)  # m_k/(m_k-1), scope_correction
     dmu_in, dvar_in = 0, 0                                             # (N, C, 1) after the loop
     for i, scope in enumerate(c.options.scopes):
         if scope == "bn" and c.bn_given:
@@ -700,7 +736,7 @@ def switchable_norm_backward_compact(dy: Array, cache: SwitchableNormCache) -> S
         n_k = {"in": 1, "ln": C, "bn": N}[scope]
         dvar_k = dvar if axis is None else xp.sum(dvar, axis=axis, keepdims=True)
         dmu_k = dmu if axis is None else xp.sum(dmu, axis=axis, keepdims=True)
-        g_var = c.w_var[i] * dvar_k / n_k                              # onto each var_in
+        g_var = c.w_var[i] * unbias[scope] * dvar_k / n_k              # onto each var_in
         dvar_in = dvar_in + g_var
         dmu_in = dmu_in + c.w_mean[i] * dmu_k / n_k
         between = c.offset["in"] - c.offset[scope]                     # mu_in - mu_k
@@ -727,13 +763,15 @@ class SwitchableNorm(ChannelNorm):
     ----------
     num_channels : int
     eps : float, default 1e-5
-    scopes, in_correction, hard : see :class:`SwitchableOptions` (built once, ``self.options``)
+    scopes, in_correction, hard, scope_correction : see :class:`SwitchableOptions` (built
+        once, ``self.options``)
     inference : {"moving_average", "batch_average"}
         How the BN scope gets population statistics. "moving_average" updates
         ``state`` in every training forward (PyTorch's convention: ``momentum`` weights the
         new batch, and the BN-scope variance is scaled by m / (m - 1) with m its values per
-        channel; with ``in_correction=1`` that variance is already partly unbiased, so the
-        factor over-corrects it slightly, as documented on the conventions page).
+        channel; with ``in_correction=1`` that variance is already partly unbiased, and with
+        ``scope_correction=1`` wholly, so the factor over-corrects it, as measured on the
+        conventions page).
         "batch_average" leaves the running statistics alone in training;
         :func:`refnorm.inference.batch_average` sets them after training, as the paper does,
         through :meth:`set_population`.
@@ -752,6 +790,8 @@ class SwitchableNorm(ChannelNorm):
         CheckCase((4, 6), {"scopes": ("ln", "bn")}),
         CheckCase((2, 4, 3, 2), {"scopes": ("in", "ln")}),
         CheckCase((3, 4, 3, 3), {"in_correction": 1}),
+        CheckCase((4, 6), {"scopes": ("ln", "bn"), "scope_correction": 1}),
+        CheckCase((3, 4, 3, 3), {"scope_correction": 1}),
         CheckCase((3, 4, 3, 3), training=False),
     )
 
@@ -763,6 +803,7 @@ class SwitchableNorm(ChannelNorm):
         scopes: tuple[str, ...] = SCOPES,
         in_correction: int = 0,
         hard: bool = False,
+        scope_correction: int = 0,
         inference: str = "moving_average",
         momentum: float = 0.1,
         dtype: Any = None,
@@ -770,7 +811,7 @@ class SwitchableNorm(ChannelNorm):
         device: Any = None,
     ) -> None:
         super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp, device=device)
-        self.options = SwitchableOptions(tuple(scopes), in_correction, hard)
+        self.options = SwitchableOptions(tuple(scopes), in_correction, hard, scope_correction)
         if inference not in INFERENCE_MODES:
             raise ValueError(
                 f"inference must be 'moving_average' or 'batch_average'; got {inference!r}")
@@ -896,7 +937,8 @@ def _fused(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Array,
     w_var = ratios(xp.astype(var_logits, h.dtype), hard=options.hard)    # (K,)  Eq. (5)
     gamma_c, beta_c = xp.astype(gamma, h.dtype), xp.astype(beta, h.dtype)
     k = kernels.sn_forward(h, gamma_c, beta_c, w_mean, w_var, eps=eps, scopes=options.scopes,
-                           in_correction=options.in_correction, bn=bn)
+                           in_correction=options.in_correction,
+                           scope_correction=options.scope_correction, bn=bn)
     cache = SwitchableNormCache(
         h=k.h, x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mu=k.mu, offset=k.offset,
         var=k.var, w_mean=w_mean, w_var=w_var, bn_given=bn is not None, options=options,
@@ -938,6 +980,7 @@ def _switchable_norm_backward_fast(dy: Array, cache: SwitchableNormCache) -> Swi
     g = kernels.sn_backward(dy_v, cache.x_hat, cache.rstd, cache.gamma,
                             (cache.offset, cache.var),
                             (cache.w_mean, cache.w_var), scopes=o.scopes,
-                            in_correction=o.in_correction, hard=o.hard,
+                            in_correction=o.in_correction,
+                            scope_correction=o.scope_correction, hard=o.hard,
                             frozen=("bn",) if cache.bn_given else ())
     return cast_gradients(cache, g.dx, (g.dgamma, g.dbeta), (g.dmean_logits, g.dvar_logits))

@@ -56,6 +56,7 @@ from refnorm.norms.switchable_norm import (
     switchable_norm_backward,
     switchable_norm_eval_forward,
     switchable_norm_forward,
+    variance_factors,
 )
 from refnorm.sync.comm import SingleProcess
 from refnorm.sync.headers import allreduce, layer_label, note_local_call
@@ -177,6 +178,8 @@ def sync_switchable_norm_forward(
         raise ValueError(f"the synchronized BN scope needs more than 1 value per statistic over "
                          f"all devices; got {groups * S} (this device's x has shape "
                          f"{tuple(x.shape)})")
+    # scope_correction: the BN variance unbiased over the values of every device
+    var_sybn = var_sybn * variance_factors(tuple(h.shape), options, bn_groups=groups)["bn"]
     # Eq. (15): single-device SN with the BN scope's statistics given (mixing, Eq. 3, 5)
     bn = tuple(xp.reshape(s, (1, -1, 1)) for s in (mu_sybn, lost, var_sybn))
     stats = scope_statistics(h, options, bn=bn)
@@ -207,11 +210,13 @@ def sync_switchable_norm_backward(
     wv = {k: c.w_var[i] for i, k in enumerate(scopes)}
 
     centred = centred_input(c)                                          # h - mu_in
+    unbias = variance_factors(tuple(c.h.shape), c.options, bn_groups=cache.bn_groups)
 
     def dsigma2_k_dh(k: str) -> Array:
         groups = {"in": 1, "ln": C, "bn": cache.bn_groups}[k]
-        return scope_variance_derivative(centred, c.offset["in"] - c.offset[k], groups=groups,
-                                         in_correction=c.options.in_correction)
+        return unbias[k] * scope_variance_derivative(
+            centred, c.offset["in"] - c.offset[k], groups=groups,
+            in_correction=c.options.in_correction)
 
     # dL/dsigma^2_p and dL/dmu_p: Eq. (7)-(8) on this device (Eq. 21 as printed is wrong)
     dx_tilde, dvar, dmu = statistic_gradients(dy_v, c)

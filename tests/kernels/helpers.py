@@ -134,7 +134,7 @@ def upstream(shape, dtype, seed: int) -> np.ndarray:
 
 
 def sn_reference(x, gamma, beta, logits, *, eps, scopes, in_correction, hard=False,
-                 population=None):
+                 population=None, scope_correction=0):
     """The reference SN forward and compact backward for the kernel tests, in one place.
 
     The only code that knows the reference SN signature (being refactored): returns
@@ -147,7 +147,8 @@ def sn_reference(x, gamma, beta, logits, *, eps, scopes, in_correction, hard=Fal
     """
     from refnorm.norms import switchable_norm as sn
 
-    options = sn.SwitchableOptions(scopes=tuple(scopes), in_correction=in_correction, hard=hard)
+    options = sn.SwitchableOptions(scopes=tuple(scopes), in_correction=in_correction, hard=hard,
+                                   scope_correction=scope_correction)
     if population is None:
         y, cache = sn.switchable_norm_forward(x, gamma, beta, *logits, eps=eps, options=options)
     else:

@@ -192,22 +192,24 @@ else:
         x = draw(activations(shape=(N, C) + spatial))
         logits = [np.array(draw(st.lists(st.floats(-2, 2), min_size=len(scopes),
                                          max_size=len(scopes)))) for _ in range(2)]
-        return x, scopes, draw(st.sampled_from([0, 1])), draw(st.booleans()), logits
+        # (in_correction, scope_correction), as in tests/kernels/test_norms.py
+        corrections = draw(st.sampled_from([(0, 0), (1, 0), (0, 1)]))
+        return x, scopes, corrections, draw(st.booleans()), logits
 
     @settings(max_examples=2 * EXAMPLES, deadline=None)
     @given(case=sn_cases(), config=LAUNCHES)
     def test_switchable_equals_reference(case, config):
-        x, scopes, corr, hard, logits = case
+        x, scopes, (corr, scope_corr), hard, logits = case
         dtype = x.dtype.type
         gamma, beta = params(x.shape[1], np.float64, seed=x.size)
         want_y, cache, backward, logit_scale = sn_reference(
             x.astype(np.float64), gamma, beta, logits, eps=EPS, scopes=scopes,
-            in_correction=corr, hard=hard)
+            in_correction=corr, hard=hard, scope_correction=scope_corr)
         ratios = (cache.w_mean, cache.w_var)
         with launch(config):
             got_forward = gpu.sn_forward(
                 x, gamma.astype(dtype), beta.astype(dtype), *ratios, eps=EPS, scopes=scopes,
-                in_correction=corr)
+                in_correction=corr, scope_correction=scope_corr)
         kappa = kappa_of(cache.mu["in"], cache.var["in"], EPS)
         for name in ("y", "h", "x_hat", "rstd"):
             got, want = getattr(got_forward, name), want_y if name == "y" else getattr(cache, name)
@@ -229,7 +231,7 @@ else:
             got = gpu.sn_backward(
                 dy.astype(dtype), cache.x_hat.astype(dtype), cache.rstd.astype(dtype),
                 gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr,
-                hard=hard)
+                scope_correction=scope_corr, hard=hard)
         scales = dict(zip(("dmean_logits", "dvar_logits"), logit_scale(dy), strict=True),
                       dx=_term_scale(dy, gamma, cache.rstd))
         names = ("dx", "dgamma", "dbeta", "dmean_logits", "dvar_logits")

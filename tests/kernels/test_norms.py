@@ -190,11 +190,13 @@ def sn_cases(draw):
     if N * math.prod(spatial) < 2 or C * math.prod(spatial) < 2:
         scopes = ("in",)
     x = draw(activations(shape=(N, C) + spatial))
-    in_correction = draw(st.sampled_from([0, 1]))
+    # the variance conventions: biased, unbiased IN (SwitchNorm2d), every scope unbiased
+    # (SwitchNorm1d); as (in_correction, scope_correction)
+    corrections = draw(st.sampled_from([(0, 0), (1, 0), (0, 1)]))
     hard = draw(st.booleans())
     logits = [np.asarray(draw(arrays_k(len(scopes)))) for _ in range(2)]
     given = "bn" in scopes and draw(st.booleans())  # inference: population BN statistics
-    return x, scopes, in_correction, hard, logits, draw(CHUNKING), given
+    return x, scopes, corrections, hard, logits, draw(CHUNKING), given
 
 
 def arrays_k(K):
@@ -203,7 +205,7 @@ def arrays_k(K):
 
 @given(case=sn_cases())
 def test_switchable_equals_reference(case):
-    x, scopes, corr, hard, logits, limits, given = case
+    x, scopes, (corr, scope_corr), hard, logits, limits, given = case
     dtype = x.dtype.type
     N, C = x.shape[:2]
     gamma, beta = params(C, np.float64, seed=x.size)
@@ -217,13 +219,13 @@ def test_switchable_equals_reference(case):
                 x64.var(axis=(0, *range(2, x.ndim))) * (1 + 0.1 * rng.random(C)) + 0.1))
     want_y, cache, backward, logit_scale = sn_reference(
         x.astype(np.float64), gamma, beta, logits, eps=EPS, scopes=scopes, in_correction=corr,
-        hard=hard, population=population)
+        hard=hard, population=population, scope_correction=scope_corr)
     ratios = (cache.w_mean, cache.w_var)
     bn = None if not given else (cache.mu["bn"].astype(dtype), cache.var["bn"].astype(dtype))
     with chunking(limits):
         got_forward = kernels.sn_forward(
             x, gamma.astype(dtype), beta.astype(dtype), *ratios, eps=EPS, scopes=scopes,
-            in_correction=corr, bn=bn)
+            in_correction=corr, scope_correction=scope_corr, bn=bn)
     kappa = kappa_of(cache.mu["in"], cache.var["in"], EPS)
     for name in ("y", "h", "x_hat", "rstd"):
         want = want_y if name == "y" else getattr(cache, name)
@@ -244,8 +246,8 @@ def test_switchable_equals_reference(case):
     with chunking(limits):
         got = kernels.sn_backward(
             dy.astype(dtype), cache.x_hat.astype(dtype), cache.rstd.astype(dtype),
-            gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr, hard=hard,
-            frozen=("bn",) if given else ())
+            gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr,
+            scope_correction=scope_corr, hard=hard, frozen=("bn",) if given else ())
     names = ("dx", "dgamma", "dbeta", "dmean_logits", "dvar_logits")
     scales = dict(zip(("dmean_logits", "dvar_logits"), logit_scale(dy), strict=True),
                   dx=_term_scale(dy, gamma, cache.rstd))

@@ -26,9 +26,12 @@ from tests.sync.helpers import ATOL, channel_params, combine, sharded_batches, s
 
 @st.composite
 def sn_options(draw):
+    # (in_correction, scope_correction): biased, SwitchNorm2d's, SwitchNorm1d's variances
+    corrections = draw(st.sampled_from([(0, 0), (1, 0), (0, 1)]))
     return SwitchableOptions(
         draw(st.sampled_from([("in", "ln", "bn"), ("ln", "bn"), ("bn", "in"), ("in", "ln")])),
-        in_correction=draw(st.sampled_from([0, 1])), hard=draw(st.booleans()))
+        in_correction=corrections[0], hard=draw(st.booleans()),
+        scope_correction=corrections[1])
 
 
 @given(sharded_batches(), sn_options(), st.data())
