@@ -16,8 +16,8 @@ data sit far from zero; refnorm writes the same reuse in the law of total varian
 ``mean(var_in) + mean((mu_in - mu)^2)``, equal in exact arithmetic. The printed form lives
 with the other printed formulas in :mod:`refnorm.errata.sn_appendix`.
 
-Large means. A mean rounded to the dtype is off by up to eps |mean| (5e-4 for a float32 mean
-of 1e4), which can exceed the spread of the data around it. Every mean is therefore also
+Large means. A mean rounded to the dtype is off by up to ``eps |mean|`` (5e-4 for a float32
+mean of 1e4), which can exceed the spread of the data around it. Every mean is therefore also
 held relative to the IN mean as stored, ``mu["in"]`` (the *shift*): ``offset[k] = mu_k -
 mu["in"]`` is formed from differences of nearby numbers only, without rounding a mean first
 (:func:`in_moments`, :func:`pool_in_moments`). Eq. (3) mixes these offsets, which is the same
@@ -269,7 +269,7 @@ def in_moments(h: Array, *, in_correction: int = 0) -> tuple[Array, Array, Array
 
     The mean comes in two parts: ``mu_in``, rounded to the dtype, and ``offset_in``, the mean
     of ``h - mu_in``, which is what that rounding lost (0 in exact arithmetic; up to
-    eps |mu_in|, e.g. 5e-4 for a float32 mean of 1e4). The differences ``h - mu_in`` of
+    ``eps |mu_in|``, e.g. 5e-4 for a float32 mean of 1e4). The differences ``h - mu_in`` of
     nearby numbers are exact, so ``mu_in + offset_in`` holds the mean to the data's own
     precision, and the variance is taken about it.
 
@@ -327,7 +327,8 @@ def pool_in_moments(mu_in: Array, offset_in: Array, var_in: Array, *,
     return mu_k, offset_k, var_k
 
 
-class ScopeStatistics(NamedTuple):
+@dataclass(frozen=True)
+class ScopeStatistics:
     """Every scope's statistics, Eq. (4): dicts with keys "in", "ln", "bn".
 
     Attributes
