@@ -61,7 +61,7 @@ def printed_eq4(h: Array, *, in_correction: int = 0) -> tuple[dict, dict]:
     mu, var : dicts with keys "in" (N, C, 1), "ln" (N, 1, 1), "bn" (1, C, 1)
     """
     xp = array_namespace(h)
-    mu_in, var_in = in_moments(h, in_correction=in_correction)
+    mu_in, _, var_in = in_moments(h, in_correction=in_correction)   # the mean as rounded
     mu, var = {"in": mu_in}, {"in": var_in}
     for scope, axis in (("ln", 1), ("bn", 0)):
         mu[scope] = xp.mean(mu_in, axis=axis, keepdims=True)                       # Eq. (4)

@@ -295,8 +295,8 @@ def in_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array) -> AffineGra
 
 
 def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array, *,
-               eps: float, scopes: tuple[str, ...],
-               in_correction: int = 0) -> SwitchableNormalized:
+               eps: float, scopes: tuple[str, ...], in_correction: int = 0,
+               scope_correction: int = 0) -> SwitchableNormalized:
     """Switchable Normalization in training; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_forward` and
     :func:`refnorm.kernels.norms.sn_forward` (same arguments and outputs).
@@ -305,36 +305,40 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
     scopes pool them by the law of total variance on (N, C) arrays, then the mixed statistics
     normalize in one more kernel pass.
     """
+    from refnorm.kernels.norms import sn_scope_statistics, variance_factors  # shared
+
     xp = _namespace(x, gamma, beta)
     x, gamma, beta = (_as_xp(xp, a) for a in (x, gamma, beta))
     N, C = x.shape[:2]
     x2 = _planes(xp, x)
     S = x2.shape[1]
     stats = _statistics(xp, x2, C, C, eps, in_correction)
-    mu = {"in": stats[0].reshape(N, C, 1)}
-    var = {"in": stats[1].reshape(N, C, 1)}
-    for scope, axis in (("ln", 1), ("bn", 0)):                   # law of total variance
-        mu[scope] = xp.mean(mu["in"], axis=axis, keepdims=True)
-        d = mu["in"] - mu[scope]
-        var[scope] = (xp.mean(var["in"], axis=axis, keepdims=True)
-                      + xp.mean(d * d, axis=axis, keepdims=True))
+    mu_in, var_in = stats[0].reshape(N, C, 1), stats[1].reshape(N, C, 1)
+    dtype = x2.dtype
+    # float64 data: what rounding the mean to float64 lost (as kernels.norms.sn_forward)
+    lost_in = (xp.mean(x2 - mu_in.reshape(N * C, 1), axis=1).reshape(N, C, 1)
+               if dtype == xp.float64 else xp.zeros_like(mu_in))
+    mu, offset, var = sn_scope_statistics(xp, (mu_in, lost_in, var_in), dtype,
+                                          factors=variance_factors(x.shape, scope_correction))
+    shift = mu["in"].astype(dtype).astype(xp.float64)            # mu["in"] as returned
     w_m, w_v = _f64(xp, w_mean), _f64(xp, w_var)
-    mu_mix = sum(w_m[i] * mu[k] for i, k in enumerate(scopes))  # broadcast of the scopes
+    # the mixture relative to the shift, as kernels.norms.sn_forward forms it
+    mu_mix = shift + sum(w_m[i] * offset[k] for i, k in enumerate(scopes))
     var_mix = sum(w_v[i] * var[k] for i, k in enumerate(scopes))
     rstd = 1.0 / xp.sqrt(var_mix + eps)
-    y, x_hat = _normalize(xp, x2, C, C, _f64(xp, mu_mix * xp.ones((N, C, 1))),
+    y, x_hat = _normalize(xp, x2, C, C, _f64(xp, mu_mix),
                           _f64(xp, rstd * xp.ones((N, C, 1))), (gamma, beta))
-    dtype = x2.dtype
     return SwitchableNormalized(y=y.reshape(x.shape).astype(x.dtype, copy=False),
                                 h=x2.reshape(N, C, S), x_hat=x_hat.reshape(N, C, S),
                                 rstd=rstd.astype(dtype),
                                 mu={k: v.astype(dtype) for k, v in mu.items()},
+                                offset={k: v.astype(dtype) for k, v in offset.items()},
                                 var={k: v.astype(dtype) for k, v in var.items()})
 
 
 def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple[dict, dict],
                 ratios: tuple[Array, Array], *, scopes: tuple[str, ...], in_correction: int = 0,
-                hard: bool = False) -> SwitchableGrads:
+                scope_correction: int = 0, hard: bool = False) -> SwitchableGrads:
     """Backward of :func:`sn_forward`; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training) and
     :func:`refnorm.kernels.norms.sn_backward` (same arguments and outputs).
@@ -342,21 +346,23 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
     The two reductions over S and ``dx`` are kernels; the scope sums (SN Eq. 7, 8 and their
     pooling over channels and samples) are on (N, C) arrays.
     """
-    from refnorm.kernels.norms import sn_backward_terms  # the (N, C) arithmetic, shared
+    from refnorm.kernels.norms import sn_backward_terms, variance_factors  # shared
 
     xp = _namespace(dy, x_hat, rstd, gamma)
     dy, x_hat, rstd, gamma = (_as_xp(xp, a) for a in (dy, x_hat, rstd, gamma))
     N, C, S = x_hat.shape
-    mu, var = ({k: xp.asarray(v, dtype=xp.float64)[..., 0] for k, v in d.items()}
-               for d in stats)
+    offset, var = ({k: xp.asarray(v, dtype=xp.float64)[..., 0] for k, v in d.items()}
+                   for d in stats)
     w_m, w_v = (_f64(xp, w) for w in ratios)
     xh2 = _compute(xp, x_hat).reshape(N * C, S)
     dy2 = xp.ascontiguousarray(xp.reshape(dy, x_hat.shape), dtype=xh2.dtype).reshape(N * C, S)
     s_dy, s_dyx = (s.reshape(N, C) for s in _grad_sums(xp, dy2, xh2))
     g = _f64(xp, gamma)
     r = xp.broadcast_to(xp.asarray(rstd, dtype=xp.float64), (N, C, 1)).reshape(N, C)
-    k_one, c2, dml, dvl = sn_backward_terms(xp, (r, g, s_dy, s_dyx), (mu, var), (w_m, w_v),
+    k_one, c2, dml, dvl = sn_backward_terms(xp, (r, g, s_dy, s_dyx), (offset, var), (w_m, w_v),
                                             scopes=scopes, S=S, in_correction=in_correction,
+                                            factors=variance_factors(x_hat.shape,
+                                                                     scope_correction),
                                             hard=hard)
     k = xp.stack([xp.broadcast_to(c, (N, C)).reshape(N * C) for c in (r * g, k_one, c2 / r)])
     dx = _combine(xp, dy2, xh2, k).reshape(N, C, S)

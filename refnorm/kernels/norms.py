@@ -459,7 +459,7 @@ def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
 
 def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.ndarray,
                w_var: np.ndarray, *, eps: float, scopes: tuple[str, ...],
-               in_correction: int = 0,
+               in_correction: int = 0, scope_correction: int = 0,
                bn: tuple[np.ndarray, np.ndarray] | None = None) -> SwitchableNormalized:
     """Switchable Normalization; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_forward` (training) and, with ``bn``,
@@ -473,7 +473,8 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
         The ratios (softmax of the control parameters), one per scope.
     eps : float
     scopes : tuple of str, a subset of ("in", "ln", "bn") in the ratios' order
-    in_correction : 0 or 1
+    in_correction, scope_correction : 0 or 1, as in
+        :class:`refnorm.norms.switchable_norm.SwitchableOptions`
     bn : tuple of two arrays, (1, C, 1) each, compute dtype, optional
         ``(mean, var)``: given BN-scope statistics (the population's, at inference),
         returned in the record as they came; without them the BN scope pools this batch's IN
@@ -485,41 +486,102 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
         or the broadcast shape of the mixed variances as the reference has it ((1, C, 1) with
         the BN scope alone, (N, 1, 1) with LN alone); ``mu``, ``var``: dicts of every scope
         ("in", "ln", "bn") to arrays (N, C, 1), (N, 1, 1), (1, C, 1), as
-        :func:`refnorm.norms.switchable_norm.scope_moments` returns them
+        :func:`refnorm.norms.switchable_norm.scope_moments` returns them; ``offset``: every
+        scope's mean minus the stored ``mu["in"]``, (N, C, 1) each, as
+        :func:`refnorm.norms.switchable_norm.scope_statistics` returns them
+
+    The statistics are float64 from the merged plane moments (:func:`sn_scope_statistics`),
+    and the mixture is formed relative to the IN mean as stored
+    (``mu_in + sum_k w_k (mu_k - mu_in)``, as the reference's
+    :func:`~refnorm.norms.switchable_norm.mix_and_normalize`), so that the rounding of the
+    ratios is not multiplied by a large mean.
     """
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     xp2, mean, m2, counts = _plane_moments(x)
+    dtype = xp2.dtype
     mu_in, M2_in, _ = _merge(mean, m2, counts, (2,))             # (N, C, 1)
     var_in = M2_in / (S - in_correction)
-    mu = {"in": mu_in}
-    var = {"in": var_in}
-    for scope, axis in (("ln", 1), ("bn", 0)):                   # law of total variance
-        mu[scope] = np.mean(mu_in, axis=axis, keepdims=True)
-        d = mu_in - mu[scope]
-        var[scope] = np.mean(var_in, axis=axis, keepdims=True) + np.mean(d * d, axis=axis,
-                                                                          keepdims=True)
-    if bn is not None:
-        mu["bn"], var["bn"] = (np.asarray(s, dtype=np.float64) for s in bn)
+    # float64 data: the merged mean is rounded to float64, the data's own precision; what that
+    # rounding lost is the mean of x - mu_in (one more pass, for float64 only: a float64 mean
+    # of float32 data keeps 29 bits more than they have)
+    lost_in = (np.mean(xp2 - mu_in.reshape(N * C, 1), axis=1).reshape(N, C, 1)
+               if dtype == np.float64 else np.zeros_like(mu_in))
+    given = None if bn is None else tuple(np.asarray(s, dtype=np.float64) for s in bn)
+    mu, offset, var = sn_scope_statistics(np, (mu_in, lost_in, var_in), dtype, bn=given,
+                                          factors=variance_factors(x.shape, scope_correction))
     w_m = np.asarray(w_mean, dtype=np.float64)
     w_v = np.asarray(w_var, dtype=np.float64)
-    mu_mix = sum(w_m[i] * mu[k] for i, k in enumerate(scopes))  # (N, C, 1)
+    shift = mu["in"].astype(dtype).astype(np.float64)            # mu["in"] as returned
+    mu_mix = shift + sum(w_m[i] * offset[k] for i, k in enumerate(scopes))  # (N, C, 1)
     var_mix = sum(w_v[i] * var[k] for i, k in enumerate(scopes))
     rstd = 1.0 / np.sqrt(var_mix + eps)                          # (N, C, 1)
-    y, x_hat = _normalize(xp2, x, np.broadcast_to(mu_mix, (N, C, 1))[:, :, 0],
+    y, x_hat = _normalize(xp2, x, mu_mix[:, :, 0],
                           np.broadcast_to(rstd, (N, C, 1))[:, :, 0], (gamma, beta))
-    dtype = xp2.dtype
     check_variance_finite(var_in.astype(dtype), x)  # the reference's error for an overflow
     return SwitchableNormalized(y=y, h=xp2.reshape(N, C, S), x_hat=x_hat.reshape(N, C, S),
                                 rstd=rstd.astype(dtype),
                                 mu={k: v.astype(dtype) for k, v in mu.items()},
+                                offset={k: v.astype(dtype) for k, v in offset.items()},
                                 var={k: v.astype(dtype) for k, v in var.items()})
+
+
+def variance_factors(shape: tuple[int, ...], scope_correction: int) -> dict[str, float]:
+    """m_k / (m_k - scope_correction) per scope, m_k = S, C S, N S values for IN, LN, BN;
+    equals :func:`refnorm.norms.switchable_norm.variance_factors`."""
+    N, C = shape[:2]
+    S = math.prod(shape[2:])
+    counts = {"in": S, "ln": C * S, "bn": N * S}
+    return {k: m / (m - scope_correction) if m > scope_correction else 1.0
+            for k, m in counts.items()}
+
+
+def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *, bn: tuple | None = None,
+                        factors: dict[str, float] | None = None) -> tuple[dict, dict, dict]:
+    """Every scope's mean, mean offset and variance from the IN moments, float64, shared by
+    the CPU and GPU wrappers (``xp``: numpy or CuPy); equals
+    :func:`refnorm.norms.switchable_norm.scope_statistics` in the same order of operations.
+
+    Parameters
+    ----------
+    moments : tuple of three float64 arrays, (N, C, 1) each
+        ``(mu_in, lost_in, var_in)``: the IN means, what their rounding to float64 lost
+        (zeros for float32 data), the IN variances.
+    dtype : the compute dtype, which ``mu["in"]`` is returned in: the offsets are taken from
+        that stored value.
+    bn : tuple of two float64 arrays, (1, C, 1), optional
+        Given BN-scope ``(mean, var)``, used as they come.
+    factors : dict of scope to float, optional
+        What each computed variance is multiplied by (:func:`variance_factors`).
+
+    Returns
+    -------
+    mu, offset, var : dicts of scope to float64 arrays; ``offset`` (N, C, 1) each
+    """
+    mu_in, lost_in, var_in = moments
+    shift = mu_in.astype(dtype).astype(xp.float64)               # mu["in"] as returned
+    mu, var = {"in": mu_in}, {"in": var_in}
+    offset = {"in": (mu_in - shift) + lost_in}
+    for scope, axis in (("ln", 1), ("bn", 0)):                   # law of total variance
+        mu[scope] = xp.mean(mu_in, axis=axis, keepdims=True)
+        lost = (xp.mean(mu_in - mu[scope], axis=axis, keepdims=True)
+                + xp.mean(lost_in, axis=axis, keepdims=True))
+        offset[scope] = (mu[scope] - shift) + lost
+        between = offset["in"] - offset[scope]                   # mu_in - mu_k
+        var[scope] = (xp.mean(var_in, axis=axis, keepdims=True)
+                      + xp.mean(between * between, axis=axis, keepdims=True))
+    if factors is not None:
+        var = {k: v * factors[k] for k, v in var.items()}
+    if bn is not None:
+        mu["bn"], var["bn"] = bn
+        offset["bn"] = (mu["bn"] - shift) * xp.ones_like(shift)
+    return mu, offset, var
 
 
 def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray,
                 stats: tuple[dict, dict], ratios: tuple[np.ndarray, np.ndarray], *,
-                scopes: tuple[str, ...], in_correction: int = 0, hard: bool = False,
-                frozen: tuple[str, ...] = ()) -> SwitchableGrads:
+                scopes: tuple[str, ...], in_correction: int = 0, scope_correction: int = 0,
+                hard: bool = False, frozen: tuple[str, ...] = ()) -> SwitchableGrads:
     """Backward of :func:`sn_forward`; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training).
 
@@ -530,10 +592,11 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     rstd : array, broadcastable to (N, C, 1)
     gamma : array, (C,)
     stats : tuple of two dicts
-        ``(mu, var)``, the dicts :func:`sn_forward` returned.
+        ``(offset, var)``, the dicts :func:`sn_forward` returned: the backward takes the
+        means only through their differences, which the offsets hold unrounded.
     ratios : tuple of two arrays, (K,) each
         ``(w_mean, w_var)``.
-    scopes, in_correction : as in :func:`sn_forward`
+    scopes, in_correction, scope_correction : as in :func:`sn_forward`
     hard : bool
         One-hot ratios: the logit gradients are zero.
     frozen : tuple of str
@@ -546,13 +609,16 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
         ``dvar_logits`` (K,), float64
     """
     N, C, S = x_hat.shape
-    mu, var = ({k: np.asarray(v, dtype=np.float64)[..., 0] for k, v in d.items()} for d in stats)
+    offset, var = ({k: np.asarray(v, dtype=np.float64)[..., 0] for k, v in d.items()}
+                   for d in stats)
     w_m, w_v = (np.asarray(w, dtype=np.float64) for w in ratios)
     dy2, xh2, s_dy, s_dyx = _grad_sums(np.reshape(dy, x_hat.shape), x_hat)   # (N, C)
     g = np.asarray(gamma, dtype=np.float64)
     r = np.broadcast_to(np.asarray(rstd, dtype=np.float64), (N, C, 1)).reshape(N, C)
-    k_one, c2, dml, dvl = sn_backward_terms(np, (r, g, s_dy, s_dyx), (mu, var), (w_m, w_v),
+    k_one, c2, dml, dvl = sn_backward_terms(np, (r, g, s_dy, s_dyx), (offset, var), (w_m, w_v),
                                             scopes=scopes, S=S, in_correction=in_correction,
+                                            factors=variance_factors(x_hat.shape,
+                                                                     scope_correction),
                                             hard=hard, frozen=frozen)
     dx = _combine(dy2, xh2, (r * g, k_one, c2 / r), x_hat.shape)
     return SwitchableGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
@@ -562,7 +628,8 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
 
 def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tuple, *,
                       scopes: tuple[str, ...], S: int, in_correction: int,
-                      hard: bool, frozen: tuple[str, ...] = ()) -> tuple:
+                      factors: dict[str, float], hard: bool,
+                      frozen: tuple[str, ...] = ()) -> tuple:
     """The per-(n, c) arithmetic of the compact SN backward, shared by the CPU and GPU
     wrappers (``xp``: numpy or CuPy); equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact`.
@@ -573,9 +640,11 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
         ``(r, g, s_dy, s_dyx)``: rstd (N, C), gamma (C,), and per (n, c) the sums of dy and
         of dy * x_hat, float64
     stats : tuple of two dicts
-        ``(mu, var)``, of scope to float64 arrays broadcastable to (N, C).
+        ``(offset, var)``, of scope to float64 arrays broadcastable to (N, C): each scope's
+        mean minus the IN mean as stored, and its variance.
     ratios : tuple of two float64 arrays, (K,) each
         ``(w_mean, w_var)``.
+    factors : what each scope's biased variance was multiplied by (:func:`variance_factors`)
     frozen : the scopes whose statistics are constants (see :func:`sn_backward`)
 
     Returns
@@ -585,7 +654,7 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
     dmean_logits, dvar_logits : float64 arrays, (K,)
     """
     r, g, s_dy, s_dyx = sums
-    (mu, var), (w_m, w_v) = stats, ratios
+    (offset, var), (w_m, w_v) = stats, ratios
     N, C = r.shape
     dvar = -0.5 * r * r * g * s_dyx                              # (N, C)  SN Eq. (7)
     dmu = -r * g * s_dy                                          # (N, C)  SN Eq. (8)
@@ -599,16 +668,17 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
         a = axis[k]
         dvar_k = dvar if a is None else dvar.sum(axis=a, keepdims=True)
         dmu_k = dmu if a is None else dmu.sum(axis=a, keepdims=True)
-        g_var = w_v[i] * dvar_k / count[k]
+        g_var = w_v[i] * factors[k] * dvar_k / count[k]
         dvar_in = dvar_in + g_var
-        dmu_in = dmu_in + w_m[i] * dmu_k / count[k] + g_var * 2.0 * (mu["in"] - mu[k])
-    mu_mix = sum(w_m[i] * mu[k] for i, k in enumerate(scopes))
+        dmu_in = dmu_in + w_m[i] * dmu_k / count[k] + g_var * 2.0 * (offset["in"] - offset[k])
+    mu_mix = sum(w_m[i] * offset[k] for i, k in enumerate(scopes))    # relative to the shift
     c2 = 2.0 * dvar_in / (S - in_correction)
     # dh = dx_hat rstd + dmu_in / S + c2 (h - mu_in), with h - mu_in = x_hat / rstd + mu_mix - mu_in
-    k_one = dmu_in / S + c2 * (mu_mix - mu["in"])
+    k_one = dmu_in / S + c2 * (mu_mix - offset["in"])
     if hard:
         return k_one, c2, xp.zeros(len(scopes)), xp.zeros(len(scopes))
-    s_mean = xp.stack([xp.sum(dmu * mu[k]) for k in scopes])
+    # S_k relative to the shift: the same gradients (switchable_norm_backward's comment)
+    s_mean = xp.stack([xp.sum(dmu * offset[k]) for k in scopes])
     s_var = xp.stack([xp.sum(dvar * var[k]) for k in scopes])
     return (k_one, c2, w_m * (s_mean - xp.sum(w_m * s_mean)),
             w_v * (s_var - xp.sum(w_v * s_var)))

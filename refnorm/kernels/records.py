@@ -38,7 +38,9 @@ class SwitchableNormalized(NamedTuple):
 
     ``h`` is the input in the compute dtype, ``x_hat`` the normalized input, ``rstd`` the
     mixed variance's ``1 / sqrt(var + eps)`` (broadcastable to (N, C, 1)); ``mu`` and ``var``
-    map every scope ("in", "ln", "bn") to its statistics, (N, C, 1), (N, 1, 1), (1, C, 1).
+    map every scope ("in", "ln", "bn") to its statistics, (N, C, 1), (N, 1, 1), (1, C, 1),
+    and ``offset`` to its mean minus ``mu["in"]``, unrounded, (N, C, 1) each
+    (:class:`refnorm.norms.switchable_norm.ScopeStatistics`).
     """
 
     y: Array
@@ -46,6 +48,7 @@ class SwitchableNormalized(NamedTuple):
     x_hat: Array
     rstd: Array
     mu: dict[str, Array]
+    offset: dict[str, Array]
     var: dict[str, Array]
 
 

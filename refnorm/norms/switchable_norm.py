@@ -16,6 +16,16 @@ data sit far from zero; refnorm writes the same reuse in the law of total varian
 ``mean(var_in) + mean((mu_in - mu)^2)``, equal in exact arithmetic. The printed form lives
 with the other printed formulas in :mod:`refnorm.errata.sn_appendix`.
 
+Large means. A mean rounded to the dtype is off by up to ``eps |mean|`` (5e-4 for a float32
+mean of 1e4), which can exceed the spread of the data around it. Every mean is therefore also
+held relative to the IN mean as stored, ``mu["in"]`` (the *shift*): ``offset[k] = mu_k -
+mu["in"]`` is formed from differences of nearby numbers only, without rounding a mean first
+(:func:`in_moments`, :func:`pool_in_moments`). Eq. (3) mixes these offsets, which is the same
+mixture because the ratios sum to 1, and the backward takes ``h - mu_in``, ``mu_in - mu_k`` and
+Eq. (12)-(14)'s sums ``S_k`` from them. In float32 at a mean of 1e4 and a spread of 1e-3 this
+keeps the digits that the unshifted forms lose (tests/norms/test_switchable_norm.py); in exact
+arithmetic every offset form equals the printed one.
+
 The backward (:func:`switchable_norm_backward`) follows Appendix A (single GPU) equation by
 equation, Eq. (6)-(14), generalized to separate mean and variance ratios and to the
 official code's unbiased IN variance; a second, compact derivation through the IN moments
@@ -81,16 +91,23 @@ class SwitchableOptions:
         the control parameters have one entry per scope, in this order. ``("in", "ln")`` is
         the paper's advice for one sample per device; (N, C) inputs need ``("ln", "bn")``.
     in_correction : {0, 1}
-        0: biased IN variance (the paper's Eq. 2). 1: the official code's unbiased IN
-        variance (``torch.var`` default), which the LN and BN variances then inherit.
+        0: biased IN variance (the paper's Eq. 2). 1: the official ``SwitchNorm2d``'s unbiased
+        IN variance (``torch.var`` default), which the LN and BN variances then inherit.
     hard : bool
         Use one-hot ratios, the argmax of each softmax (the paper's "sparse SN", for
         inference and fine-tuning). The control parameters then get zero gradients.
+    scope_correction : {0, 1}
+        1: every scope's variance is the unbiased one over the m_k values it covers, its
+        biased variance times m_k / (m_k - 1) (m_k = S for IN, C S for LN, N S for BN), as
+        the official ``SwitchNorm1d`` computes its LN and BN variances (``x.var(1)`` over the
+        C features, ``x.var(0)`` over the N samples of an (N, C) input). 0: as
+        ``in_correction`` says. The two are alternatives: at most one of them is 1.
     """
 
     scopes: tuple[str, ...] = SCOPES
     in_correction: int = 0
     hard: bool = False
+    scope_correction: int = 0
 
     def __post_init__(self) -> None:
         scopes = tuple(self.scopes)
@@ -102,13 +119,18 @@ class SwitchableOptions:
             raise ValueError(f"in_correction must be 0 or 1; got {self.in_correction!r}")
         if not isinstance(self.hard, bool):
             raise ValueError(f"hard must be a bool; got {self.hard!r}")
+        if self.scope_correction not in (0, 1) or isinstance(self.scope_correction, bool):
+            raise ValueError(f"scope_correction must be 0 or 1; got {self.scope_correction!r}")
+        if self.in_correction and self.scope_correction:
+            raise ValueError("in_correction=1 and scope_correction=1 are two conventions for "
+                             "the same variances (SwitchNorm2d's and SwitchNorm1d's); got both")
 
 
 DEFAULT_OPTIONS = SwitchableOptions()
 
 
-def _prepare(x: Array, gamma: Array, beta: Array, logits: tuple[Array, Array], *,
-             eps: float, options: SwitchableOptions) -> tuple[ModuleType, Array]:
+def prepare_inputs(x: Array, gamma: Array, beta: Array, logits: tuple[Array, Array], *,
+                   eps: float, options: SwitchableOptions) -> tuple[ModuleType, Array]:
     """Check the arguments; return the namespace and the (N, C, S) view in compute dtype."""
     if not isinstance(options, SwitchableOptions):
         raise TypeError(f"options must be a SwitchableOptions; got {type(options).__name__}")
@@ -132,13 +154,12 @@ def check_scope_counts(shape: tuple[int, ...], options: SwitchableOptions, *,
     ``with_bn=False`` skips the BN scope: population statistics at inference, or a
     synchronized BN scope that its caller checks after pooling the devices.
     """
-    N, C = shape[:2]
     S = math.prod(shape[2:])
     if S - options.in_correction < 1:
         raise ValueError(
             f"in_correction=1 (unbiased IN variance) needs more than one spatial position; "
             f"x of shape {tuple(shape)} has {S}")
-    counts = {"in": S, "ln": C * S, "bn": N * S}
+    counts = scope_counts(shape)
     for scope in options.scopes:
         if scope == "bn" and not with_bn:
             continue
@@ -148,6 +169,24 @@ def check_scope_counts(shape: tuple[int, ...], options: SwitchableOptions, *,
             raise ValueError(
                 f"the {scope.upper()} scope needs more than 1 value per statistic; x of shape "
                 f"{tuple(shape)} gives {counts[scope]}{hint}")
+
+
+def scope_counts(shape: tuple[int, ...], *, bn_groups: int | None = None) -> dict[str, int]:
+    """The values m_k one statistic of each scope covers: S, C S and N S for IN, LN and BN
+    (``bn_groups``: the samples of the BN scope when they are not ``shape[0]``, synchronized
+    over devices)."""
+    N, C = shape[:2]
+    S = math.prod(shape[2:])
+    return {"in": S, "ln": C * S, "bn": (N if bn_groups is None else bn_groups) * S}
+
+
+def variance_factors(shape: tuple[int, ...], options: SwitchableOptions, *,
+                     bn_groups: int | None = None) -> dict[str, float]:
+    """What each scope's biased variance is multiplied by: m_k / (m_k - 1) with
+    ``options.scope_correction`` (the unbiased variance), else 1."""
+    counts = scope_counts(shape, bn_groups=bn_groups)
+    return {k: m / (m - options.scope_correction) if m > options.scope_correction else 1.0
+            for k, m in counts.items()}
 
 
 # -- the cache, and what the backward returns ------------------------------------------------------
@@ -167,7 +206,11 @@ class SwitchableNormCache:
         ``1 / sqrt(var + eps)`` of the mixed variance.
     gamma : array, (C,)
     mu, var : dicts of scope to array
-        Each scope's statistics: "in" (N, C, 1), "ln" (N, 1, 1), "bn" (1, C, 1).
+        Each scope's statistics: "in" (N, C, 1), "ln" (N, 1, 1), "bn" (1, C, 1); the means
+        rounded to the dtype (what the running statistics take).
+    offset : dict of scope to array, (N, C, 1) each
+        Each scope's mean minus ``mu["in"]``, unrounded (:class:`ScopeStatistics`): the
+        backward takes every difference of means from these.
     w_mean, w_var : arrays, (K,)
         The ratios ``w`` and ``w'`` for the K scopes of ``options.scopes``.
     bn_given : bool
@@ -184,6 +227,7 @@ class SwitchableNormCache:
     rstd: Array
     gamma: Array
     mu: dict[str, Array]
+    offset: dict[str, Array]
     var: dict[str, Array]
     w_mean: Array
     w_var: Array
@@ -220,8 +264,14 @@ class SwitchableNormGrads(NamedTuple):
 # -- forward: statistics, Eq. (4); ratios, Eq. (5); normalization, Eq. (3) -------------------------
 
 
-def in_moments(h: Array, *, in_correction: int = 0) -> tuple[Array, Array]:
+def in_moments(h: Array, *, in_correction: int = 0) -> tuple[Array, Array, Array]:
     """The IN mean and variance of every (n, c), the first line of Eq. (4).
+
+    The mean comes in two parts: ``mu_in``, rounded to the dtype, and ``offset_in``, the mean
+    of ``h - mu_in``, which is what that rounding lost (0 in exact arithmetic; up to
+    ``eps |mu_in|``, e.g. 5e-4 for a float32 mean of 1e4). The differences ``h - mu_in`` of
+    nearby numbers are exact, so ``mu_in + offset_in`` holds the mean to the data's own
+    precision, and the variance is taken about it.
 
     Parameters
     ----------
@@ -231,38 +281,101 @@ def in_moments(h: Array, *, in_correction: int = 0) -> tuple[Array, Array]:
 
     Returns
     -------
-    mu_in, var_in : arrays, (N, C, 1)
+    mu_in, offset_in, var_in : arrays, (N, C, 1)
     """
     xp = array_namespace(h)
     S = h.shape[2]
     mu_in = xp.mean(h, axis=2, keepdims=True)                    # (N, C, 1)  Eq. (4)
-    d = h - mu_in                                                # (N, C, S)
+    offset_in = xp.mean(h - mu_in, axis=2, keepdims=True)        # (N, C, 1)  its rounding
+    d = (h - mu_in) - offset_in                                  # (N, C, S)  h - IN mean
     var_in = xp.sum(d * d, axis=2, keepdims=True) / (S - in_correction)   # Eq. (4)
     check_variance_finite(var_in, h)
-    return mu_in, var_in
+    return mu_in, offset_in, var_in
 
 
-def pool_in_moments(mu_in: Array, var_in: Array, *, axis: int) -> tuple[Array, Array]:
+def pool_in_moments(mu_in: Array, offset_in: Array, var_in: Array, *,
+                    axis: int) -> tuple[Array, Array, Array]:
     """Merge the IN moments along ``axis`` (1: LN, 0: BN) into one mean and variance, Eq. (4).
 
-    The variance is the law of total variance, mean of the IN variances plus the variance of
-    the IN means; the paper prints the equal ``mean(var_in + mu_in^2) - mu^2``, which
-    cancels in float32 (:func:`refnorm.errata.sn_appendix.printed_eq4`).
+    The mean is ``mu_k``, rounded to the dtype, and ``offset_k``, the unrounded mean minus
+    each IN group's ``mu_in``: ``mean(mu_in + offset_in) - mu_in``, written as
+    ``(mu_k - mu_in) + mean(mu_in - mu_k) + mean(offset_in)`` so that only differences of
+    nearby numbers are formed. The variance is the law of total variance, mean of the IN
+    variances plus the variance of the IN means about ``mu_k``; the paper prints the equal
+    ``mean(var_in + mu_in^2) - mu^2``, which cancels in float32
+    (:func:`refnorm.errata.sn_appendix.printed_eq4`).
 
     Parameters
     ----------
-    mu_in, var_in : arrays, (N, C, 1)
+    mu_in, offset_in, var_in : arrays, (N, C, 1), as :func:`in_moments` returns them
     axis : {0, 1}
 
     Returns
     -------
-    mu_k, var_k : arrays, (N, 1, 1) for axis 1 or (1, C, 1) for axis 0
+    mu_k : array, (N, 1, 1) for axis 1 or (1, C, 1) for axis 0
+    offset_k : array, (N, C, 1)
+        The scope's mean minus ``mu_in``, per IN group.
+    var_k : array, shape of ``mu_k``
     """
-    xp = array_namespace(mu_in, var_in)
-    mu_k = xp.mean(mu_in, axis=axis, keepdims=True)              # Eq. (4)
-    spread = (mu_in - mu_k) * (mu_in - mu_k)                     # (N, C, 1)
-    var_k = xp.mean(var_in + spread, axis=axis, keepdims=True)   # Eq. (4), total variance
-    return mu_k, var_k
+    xp = array_namespace(mu_in, offset_in, var_in)
+    mu_k = xp.mean(mu_in, axis=axis, keepdims=True)              # Eq. (4), in the dtype
+    lost = (xp.mean(mu_in - mu_k, axis=axis, keepdims=True)      # what rounding mu_k lost
+            + xp.mean(offset_in, axis=axis, keepdims=True))
+    offset_k = (mu_k - mu_in) + lost                             # (N, C, 1)
+    between = offset_in - offset_k                               # (N, C, 1)  mu_in - mu_k
+    var_k = xp.mean(var_in + between * between, axis=axis, keepdims=True)   # Eq. (4)
+    return mu_k, offset_k, var_k
+
+
+@dataclass(frozen=True)
+class ScopeStatistics:
+    """Every scope's statistics, Eq. (4): dicts with keys "in", "ln", "bn".
+
+    Attributes
+    ----------
+    mu : dict
+        The means rounded to the dtype: "in" (N, C, 1), "ln" (N, 1, 1), "bn" (1, C, 1).
+    offset : dict
+        Each mean minus ``mu["in"]``, unrounded (see the module docstring), (N, C, 1) each;
+        ``offset["in"]`` is what the rounding of ``mu["in"]`` lost.
+    var : dict
+        The variances, shaped as ``mu``.
+    """
+
+    mu: dict[str, Array]
+    offset: dict[str, Array]
+    var: dict[str, Array]
+
+
+def scope_statistics(h: Array, options: SwitchableOptions, *,
+                     bn: tuple[Array, Array, Array] | None = None) -> ScopeStatistics:
+    """Means and variances of the three scopes from the IN moments, Eq. (4).
+
+    Parameters
+    ----------
+    h : array, (N, C, S)
+    options : SwitchableOptions (``in_correction`` and ``scope_correction`` are used)
+    bn : tuple of three arrays, (1, C, 1) each, optional
+        The BN scope's ``(mean, lost, var)`` given instead of pooled from ``h``, used as they
+        come: population statistics at inference (``lost`` zero), or the synchronized ones
+        (:mod:`refnorm.sync.switchable`; ``lost``: what the rounding of ``mean`` lost).
+
+    Returns
+    -------
+    ScopeStatistics
+    """
+    mu_in, offset_in, var_in = in_moments(h, in_correction=options.in_correction)  # Eq. (4)
+    mu, offset, var = {"in": mu_in}, {"in": offset_in}, {"in": var_in}
+    mu["ln"], offset["ln"], var["ln"] = pool_in_moments(mu_in, offset_in, var_in, axis=1)
+    if bn is None:
+        mu["bn"], offset["bn"], var["bn"] = pool_in_moments(mu_in, offset_in, var_in, axis=0)
+    if options.scope_correction:  # SwitchNorm1d: each scope unbiased over its own m_k values
+        factors = variance_factors(tuple(h.shape), options)
+        var = {k: v * factors[k] for k, v in var.items()}
+    if bn is not None:
+        mu["bn"], lost, var["bn"] = bn
+        offset["bn"] = (mu["bn"] - mu_in) + lost                # (N, C, 1)
+    return ScopeStatistics(mu=mu, offset=offset, var=var)
 
 
 def scope_moments(h: Array, options: SwitchableOptions) -> tuple[dict, dict]:
@@ -276,11 +389,11 @@ def scope_moments(h: Array, options: SwitchableOptions) -> tuple[dict, dict]:
     Returns
     -------
     mu, var : dicts with keys "in" (N, C, 1), "ln" (N, 1, 1), "bn" (1, C, 1)
+        The means rounded to the dtype (:func:`scope_statistics` also gives what that
+        rounding lost).
     """
-    mu_in, var_in = in_moments(h, in_correction=options.in_correction)
-    mu_ln, var_ln = pool_in_moments(mu_in, var_in, axis=1)
-    mu_bn, var_bn = pool_in_moments(mu_in, var_in, axis=0)
-    return {"in": mu_in, "ln": mu_ln, "bn": mu_bn}, {"in": var_in, "ln": var_ln, "bn": var_bn}
+    stats = scope_statistics(h, options)
+    return stats.mu, stats.var
 
 
 def ratios(logits: Array, *, hard: bool = False) -> Array:
@@ -302,24 +415,29 @@ def mix(w: Array, stats: dict[str, Array], scopes: tuple[str, ...]) -> Array:
     return total
 
 
-def _normalize(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Array, Array],
-               stats: tuple[dict, dict, bool], *, eps: float,
-               options: SwitchableOptions) -> tuple[Array, SwitchableNormCache]:
-    """Eq. (5) and Eq. (3) from the scope statistics ``(mu, var, bn_given)``."""
+def mix_and_normalize(x: Array, h: Array, params: tuple[Array, Array],
+                      logits: tuple[Array, Array], stats: ScopeStatistics, *, bn_given: bool,
+                      eps: float, options: SwitchableOptions) -> tuple[Array, SwitchableNormCache]:
+    """Eq. (5) and Eq. (3) from the scope statistics; ``bn_given``: see the cache.
+
+    Eq. (3) mixes the means, ``sum_k w_k mu_k``. The ratios sum to 1, so this is
+    ``mu_in + sum_k w_k (mu_k - mu_in)``: the mixture is formed from the offsets and ``h`` is
+    centred on the shift ``mu["in"]``, so that neither the rounding of the ratios (in float32
+    their sum misses 1 by ~1e-8) nor that of the means is multiplied by a large mean.
+    """
     xp = array_namespace(h)
     gamma, beta = params
     mean_logits, var_logits = logits
-    mu, var, bn_given = stats
     w_mean = ratios(xp.astype(mean_logits, h.dtype), hard=options.hard)  # (K,)  Eq. (5)
     w_var = ratios(xp.astype(var_logits, h.dtype), hard=options.hard)    # (K,)  Eq. (5)
-    mu_mix = mix(w_mean, mu, options.scopes)                     # (N, C, 1)  Eq. (3)
-    var_mix = mix(w_var, var, options.scopes)                    # (N, C, 1)  Eq. (3)
-    x_hat, rstd = standardize(h, mu_mix, var_mix, eps=eps)       # (N, C, S)  Eq. (3)
+    offset_mix = mix(w_mean, stats.offset, options.scopes)       # (N, C, 1)  Eq. (3), - mu_in
+    var_mix = mix(w_var, stats.var, options.scopes)              # (N, C, 1)  Eq. (3)
+    x_hat, rstd = standardize(h - stats.mu["in"], offset_mix, var_mix, eps=eps)  # Eq. (3)
     gamma_c, beta_c = xp.astype(gamma, h.dtype), xp.astype(beta, h.dtype)
     y = affine_forward(xp.reshape(x_hat, x.shape), gamma_c, beta_c)   # Eq. (3)
     cache = SwitchableNormCache(
-        h=h, x_hat=x_hat, rstd=rstd, gamma=gamma_c, mu=mu, var=var,
-        w_mean=w_mean, w_var=w_var, bn_given=bn_given, options=options,
+        h=h, x_hat=x_hat, rstd=rstd, gamma=gamma_c, mu=stats.mu, offset=stats.offset,
+        var=stats.var, w_mean=w_mean, w_var=w_var, bn_given=bn_given, options=options,
         x_shape=tuple(x.shape), x_dtype=x.dtype, param_dtype=gamma.dtype,
         logit_dtype=mean_logits.dtype,
     )
@@ -356,11 +474,11 @@ def switchable_norm_forward(
     y : array, ``x.shape``
     cache : SwitchableNormCache
     """
-    xp, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
+    _, h = prepare_inputs(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
     check_scope_counts(x.shape, options, with_bn=True)
-    mu, var = scope_moments(h, options)                          # Eq. (4)
-    return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),  # Eq. (3), (5)
-                      (mu, var, False), eps=eps, options=options)
+    stats = scope_statistics(h, options)                         # Eq. (4)
+    return mix_and_normalize(x, h, (gamma, beta), (mean_logits, var_logits), stats,
+                             bn_given=False, eps=eps, options=options)  # Eq. (3), (5)
 
 
 def _population(running_mean: Array, running_var: Array, *, like: Array) -> tuple[Array, Array]:
@@ -396,15 +514,13 @@ def switchable_norm_eval_forward(
     the statistics pooled over all devices here. Other arguments (``path`` too) as in
     :func:`switchable_norm_forward`.
     """
-    xp, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
+    xp, h = prepare_inputs(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
     check_scope_counts(x.shape, options, with_bn=False)
     mu_bn, var_bn = _population(running_mean, running_var, like=h)       # (1, C, 1)
-    mu_in, var_in = in_moments(h, in_correction=options.in_correction)   # Eq. (4)
-    mu_ln, var_ln = pool_in_moments(mu_in, var_in, axis=1)                # Eq. (4)
-    mu = {"in": mu_in, "ln": mu_ln, "bn": mu_bn}
-    var = {"in": var_in, "ln": var_ln, "bn": var_bn}
-    return _normalize(x, h, (gamma, beta), (mean_logits, var_logits),  # Eq. (3), (5)
-                      (mu, var, True), eps=eps, options=options)
+    bn = (mu_bn, xp.zeros_like(mu_bn), var_bn)   # given constants: no rounding to recover
+    stats = scope_statistics(h, options, bn=bn)                           # Eq. (4)
+    return mix_and_normalize(x, h, (gamma, beta), (mean_logits, var_logits), stats,
+                             bn_given=True, eps=eps, options=options)  # Eq. (3), (5)
 
 
 # -- backward, Appendix A: Eq. (6)-(8), (9), (10)-(11), (12)-(14) ----------------------------------
@@ -441,7 +557,7 @@ def statistic_gradients(dy: Array, cache: SwitchableNormCache) -> tuple[Array, A
     return dx_tilde, dvar, dmu
 
 
-def scope_variance_derivative(h: Array, mu_in: Array, mu_k: Array, *, groups: int,
+def scope_variance_derivative(centred: Array, between: Array, *, groups: int,
                               in_correction: int) -> Array:
     """d sigma_k^2 / d h for each element of the (n, c) groups one statistic covers.
 
@@ -449,13 +565,17 @@ def scope_variance_derivative(h: Array, mu_in: Array, mu_k: Array, *, groups: in
     1, C, N for IN, LN, BN). With the law of total variance over ``groups`` IN groups,
     ``sigma_k^2 = mean(var_in) + mean((mu_in - mu_k)^2)``, the derivative is
     ``(2 / groups) ((h - mu_in) / (S - in_correction) + (mu_in - mu_k) / S)``, which is the
-    printed one for the biased IN variance (``in_correction=0``).
+    printed one for the biased IN variance (``in_correction=0``): ``h - mu_k`` split at the
+    IN mean, so that both parts come from the offsets (:class:`ScopeStatistics`). With
+    ``scope_correction=1`` the variance, and so this derivative, is m_k / (m_k - 1) times
+    the biased one (:func:`variance_factors`); the callers apply that factor.
 
     Parameters
     ----------
-    h : array, (N, C, S)
-    mu_in : array, (N, C, 1)
-    mu_k : array, broadcastable to (N, C, 1)
+    centred : array, (N, C, S)
+        ``h - mu_in``.
+    between : array, (N, C, 1)
+        ``mu_in - mu_k``.
     groups : int
     in_correction : {0, 1}
 
@@ -463,10 +583,14 @@ def scope_variance_derivative(h: Array, mu_in: Array, mu_k: Array, *, groups: in
     -------
     array, (N, C, S)
     """
-    S = h.shape[2]
-    within = (h - mu_in) / (S - in_correction)
-    between = (mu_in - mu_k) / S
-    return (2.0 / groups) * (within + between)
+    S = centred.shape[2]
+    within = centred / (S - in_correction)
+    return (2.0 / groups) * (within + between / S)
+
+
+def centred_input(cache: SwitchableNormCache) -> Array:
+    """``h - mu_in``, (N, C, S), from the shift ``mu["in"]`` and its offset."""
+    return (cache.h - cache.mu["in"]) - cache.offset["in"]
 
 
 def ratio_gradients(w: Array, s: list[Array], *, hard: bool = False) -> Array:
@@ -544,8 +668,11 @@ def switchable_norm_backward(dy: Array, cache: SwitchableNormCache) -> Switchabl
     dx_tilde, dvar, dmu = statistic_gradients(dy_v, c)                  # Eq. (6), (7), (8)
     # the printed d sigma_k^2 / dh = 2 (h - mu_k) / |I_k| of each live scope, (N, C, S)
     groups = {"in": 1, "ln": C, "bn": N}                    # IN groups each statistic pools
-    dsigma2_dh = {k: scope_variance_derivative(c.h, c.mu["in"], c.mu[k], groups=groups[k],
-                                               in_correction=c.options.in_correction)
+    centred = centred_input(c)                                          # h - mu_in
+    unbias = variance_factors(tuple(c.h.shape), c.options)  # m_k/(m_k-1), scope_correction
+    dsigma2_dh = {k: unbias[k] * scope_variance_derivative(
+                      centred, c.offset["in"] - c.offset[k], groups=groups[k],
+                      in_correction=c.options.in_correction)
                   for k in live}
     # Eq. (9), term by term as printed (variance terms with w'_k):
     dh = dx_tilde * c.rstd                                              # Eq. (9) dL/dh~ / sqrt
@@ -566,8 +693,14 @@ def switchable_norm_backward(dy: Array, cache: SwitchableNormCache) -> Switchabl
     # Eq. (10)-(11), per-channel gamma and beta: sums over (n, i, j), not over c (errata)
     dgamma = xp.sum(dy_v * c.x_hat, axis=(0, 2))                       # (C,)  Eq. (10)
     dbeta = xp.sum(dy_v, axis=(0, 2))                                  # (C,)  Eq. (11)
-    # Eq. (12)-(14): S_k = sum_nc dL/dmu_nc mu_k (means), sum_nc dL/dsigma^2_nc sigma^2_k (vars)
-    s_mean = [xp.sum(dmu * c.mu[k]) for k in scopes]                   # Eq. (12)-(14) S_k
+    # Eq. (12)-(14): S_k = sum_nc dL/dmu_nc mu_k (means), sum_nc dL/dsigma^2_nc sigma^2_k (vars).
+    # The means enter relative to the shift: sum_nc dL/dmu_nc (mu_k - mu_in) = S_k - A, with
+    # A = sum_nc dL/dmu_nc mu_in the same for every k. Eq. (12)-(14) read
+    # w_k (1 - w_k) S_k - sum_{j != k} w_k w_j S_j = w_k (S_k - sum_j w_j S_j), which changes by
+    # w_k (-A + A sum_j w_j) = 0 as the ratios sum to 1: the same gradients, from sums of the
+    # size of the spread of the means rather than of the means (which cancel, and in float32
+    # bring the ratios' rounding of 1e-8 times the mean).
+    s_mean = [xp.sum(dmu * c.offset[k]) for k in scopes]               # Eq. (12)-(14) S_k - A
     s_var = [xp.sum(dvar * c.var[k]) for k in scopes]                  # Eq. (12)-(14) S'_k
     dmean_logits = ratio_gradients(c.w_mean, s_mean, hard=c.options.hard)  # Eq. (12)-(14)
     dvar_logits = ratio_gradients(c.w_var, s_var, hard=c.options.hard)     # Eq. (12)-(14)
@@ -595,6 +728,7 @@ def switchable_norm_backward_compact(dy: Array, cache: SwitchableNormCache) -> S
     c = cache
     N, C, S = c.h.shape
     dx_tilde, dvar, dmu = statistic_gradients(dy_v, c)
+    unbias = variance_factors(tuple(c.h.shape), c.options)  # m_k/(m_k-1), scope_correction
     dmu_in, dvar_in = 0, 0                                             # (N, C, 1) after the loop
     for i, scope in enumerate(c.options.scopes):
         if scope == "bn" and c.bn_given:
@@ -603,16 +737,18 @@ def switchable_norm_backward_compact(dy: Array, cache: SwitchableNormCache) -> S
         n_k = {"in": 1, "ln": C, "bn": N}[scope]
         dvar_k = dvar if axis is None else xp.sum(dvar, axis=axis, keepdims=True)
         dmu_k = dmu if axis is None else xp.sum(dmu, axis=axis, keepdims=True)
-        g_var = c.w_var[i] * dvar_k / n_k                              # onto each var_in
+        g_var = c.w_var[i] * unbias[scope] * dvar_k / n_k              # onto each var_in
         dvar_in = dvar_in + g_var
         dmu_in = dmu_in + c.w_mean[i] * dmu_k / n_k
-        dmu_in = dmu_in + g_var * 2.0 * (c.mu["in"] - c.mu[scope])     # var_k's between part
+        between = c.offset["in"] - c.offset[scope]                     # mu_in - mu_k
+        dmu_in = dmu_in + g_var * 2.0 * between                        # var_k's between part
     dh = (dx_tilde * c.rstd + dmu_in / S
-          + dvar_in * 2.0 * (c.h - c.mu["in"]) / (S - c.options.in_correction))
+          + dvar_in * 2.0 * centred_input(c) / (S - c.options.in_correction))
     dgamma = xp.sum(dy_v * c.x_hat, axis=(0, 2))
     dbeta = xp.sum(dy_v, axis=(0, 2))
     dlogits = []
-    for w, grads, stats in ((c.w_mean, dmu, c.mu), (c.w_var, dvar, c.var)):
+    # the means relative to the shift, as in switchable_norm_backward (the same gradients)
+    for w, grads, stats in ((c.w_mean, dmu, c.offset), (c.w_var, dvar, c.var)):
         s = xp.stack([xp.sum(grads * stats[k]) for k in c.options.scopes])   # (K,)
         dlogits.append(xp.zeros_like(w) if c.options.hard else w * (s - xp.sum(w * s)))
     return cast_gradients(c, dh, (dgamma, dbeta), (dlogits[0], dlogits[1]))
@@ -628,13 +764,15 @@ class SwitchableNorm(ChannelNorm):
     ----------
     num_channels : int
     eps : float, default 1e-5
-    scopes, in_correction, hard : see :class:`SwitchableOptions` (built once, ``self.options``)
+    scopes, in_correction, hard, scope_correction : see :class:`SwitchableOptions` (built
+        once, ``self.options``)
     inference : {"moving_average", "batch_average"}
         How the BN scope gets population statistics. "moving_average" updates
         ``state`` in every training forward (PyTorch's convention: ``momentum`` weights the
         new batch, and the BN-scope variance is scaled by m / (m - 1) with m its values per
-        channel; with ``in_correction=1`` that variance is already partly unbiased, so the
-        factor over-corrects it slightly, as documented on the conventions page).
+        channel; with ``in_correction=1`` that variance is already partly unbiased, and with
+        ``scope_correction=1`` wholly, so the factor over-corrects it, as measured on the
+        conventions page).
         "batch_average" leaves the running statistics alone in training;
         :func:`refnorm.inference.batch_average` sets them after training, as the paper does,
         through :meth:`set_population`.
@@ -653,6 +791,8 @@ class SwitchableNorm(ChannelNorm):
         CheckCase((4, 6), {"scopes": ("ln", "bn")}),
         CheckCase((2, 4, 3, 2), {"scopes": ("in", "ln")}),
         CheckCase((3, 4, 3, 3), {"in_correction": 1}),
+        CheckCase((4, 6), {"scopes": ("ln", "bn"), "scope_correction": 1}),
+        CheckCase((3, 4, 3, 3), {"scope_correction": 1}),
         CheckCase((3, 4, 3, 3), training=False),
     )
 
@@ -664,6 +804,7 @@ class SwitchableNorm(ChannelNorm):
         scopes: tuple[str, ...] = SCOPES,
         in_correction: int = 0,
         hard: bool = False,
+        scope_correction: int = 0,
         inference: str = "moving_average",
         momentum: float = 0.1,
         dtype: Any = None,
@@ -671,7 +812,7 @@ class SwitchableNorm(ChannelNorm):
         device: Any = None,
     ) -> None:
         super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp, device=device)
-        self.options = SwitchableOptions(tuple(scopes), in_correction, hard)
+        self.options = SwitchableOptions(tuple(scopes), in_correction, hard, scope_correction)
         if inference not in INFERENCE_MODES:
             raise ValueError(
                 f"inference must be 'moving_average' or 'batch_average'; got {inference!r}")
@@ -797,10 +938,11 @@ def _fused(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Array,
     w_var = ratios(xp.astype(var_logits, h.dtype), hard=options.hard)    # (K,)  Eq. (5)
     gamma_c, beta_c = xp.astype(gamma, h.dtype), xp.astype(beta, h.dtype)
     k = kernels.sn_forward(h, gamma_c, beta_c, w_mean, w_var, eps=eps, scopes=options.scopes,
-                           in_correction=options.in_correction, bn=bn)
+                           in_correction=options.in_correction,
+                           scope_correction=options.scope_correction, bn=bn)
     cache = SwitchableNormCache(
-        h=k.h, x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mu=k.mu, var=k.var,
-        w_mean=w_mean, w_var=w_var, bn_given=bn is not None, options=options,
+        h=k.h, x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mu=k.mu, offset=k.offset,
+        var=k.var, w_mean=w_mean, w_var=w_var, bn_given=bn is not None, options=options,
         x_shape=tuple(x.shape), x_dtype=x.dtype, param_dtype=gamma.dtype,
         logit_dtype=mean_logits.dtype,
     )
@@ -812,7 +954,7 @@ def _switchable_norm_forward_fast(
     x: Array, gamma: Array, beta: Array, mean_logits: Array, var_logits: Array, *,
     eps: float = 1e-5, options: SwitchableOptions = DEFAULT_OPTIONS,
 ) -> tuple[Array, SwitchableNormCache]:
-    _, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
+    _, h = prepare_inputs(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
     check_scope_counts(x.shape, options, with_bn=True)
     return _fused(x, h, (gamma, beta), (mean_logits, var_logits), eps=eps, options=options,
                   bn=None)
@@ -824,7 +966,7 @@ def _switchable_norm_eval_forward_fast(
     running_mean: Array, running_var: Array, *, eps: float = 1e-5,
     options: SwitchableOptions = DEFAULT_OPTIONS,
 ) -> tuple[Array, SwitchableNormCache]:
-    _, h = _prepare(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
+    _, h = prepare_inputs(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
     check_scope_counts(x.shape, options, with_bn=False)
     population = _population(running_mean, running_var, like=h)
     return _fused(x, h, (gamma, beta), (mean_logits, var_logits), eps=eps, options=options,
@@ -836,8 +978,10 @@ def _switchable_norm_backward_fast(dy: Array, cache: SwitchableNormCache) -> Swi
     """The compact form (:func:`switchable_norm_backward_compact`), fused."""
     _, dy_v = backward_view(dy, cache)
     o = cache.options
-    g = kernels.sn_backward(dy_v, cache.x_hat, cache.rstd, cache.gamma, (cache.mu, cache.var),
+    g = kernels.sn_backward(dy_v, cache.x_hat, cache.rstd, cache.gamma,
+                            (cache.offset, cache.var),
                             (cache.w_mean, cache.w_var), scopes=o.scopes,
-                            in_correction=o.in_correction, hard=o.hard,
+                            in_correction=o.in_correction,
+                            scope_correction=o.scope_correction, hard=o.hard,
                             frozen=("bn",) if cache.bn_given else ())
     return cast_gradients(cache, g.dx, (g.dgamma, g.dbeta), (g.dmean_logits, g.dvar_logits))

@@ -10,8 +10,10 @@ with IN and LN local and the BN scope synchronized: mu_sybn and sigma_sybn^2 poo
 moments of every device with two sum-all-reduces (the law of total variance written as
 sums, so that a device holding no sample contributes zeros). Everything else is the
 single-device SN of :mod:`refnorm.norms.switchable_norm`, called, not copied: its IN moments
-and LN pooling, and its forward with given BN-scope statistics for the mixing, the ratios
-and Eq. (3).
+and LN pooling with the BN scope given (``scope_statistics``), and its mixing, ratios and
+Eq. (3) (``mix_and_normalize``). As there, every mean is also held relative to the IN mean
+(the BN scope's too: the all-reduces sum IN means about the rounded ``mu_sybn``), and the
+backward forms its differences of means and the sums S_k of Eq. (18)-(20) from those offsets.
 
 The backward is Eq. (22): dh = Term1 + Term2 + Term3 (Eq. 23-25), with dL/dsigma^2_p and
 dL/dmu_p from the single-device Eq. (7)-(8) per device (the printed Eq. 21 is wrong; see the
@@ -28,12 +30,11 @@ well would count them twice.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from refnorm.backend import Array, array_namespace, device_of, on_device
-from refnorm.core.checks import check_cache, prepare_channel_norm
+from refnorm.core.checks import check_cache
 from refnorm.layer import CheckCase
 from refnorm.norms.switchable_norm import (
     DEFAULT_OPTIONS,
@@ -43,14 +44,19 @@ from refnorm.norms.switchable_norm import (
     SwitchableOptions,
     backward_view,
     cast_gradients,
+    centred_input,
     check_scope_counts,
     in_moments,
+    mix_and_normalize,
+    prepare_inputs,
     ratio_gradients,
+    scope_statistics,
     scope_variance_derivative,
     statistic_gradients,
     switchable_norm_backward,
     switchable_norm_eval_forward,
     switchable_norm_forward,
+    variance_factors,
 )
 from refnorm.sync.comm import SingleProcess
 from refnorm.sync.headers import allreduce, layer_label, note_local_call
@@ -80,8 +86,14 @@ class SyncSwitchableNormCache:
 
 
 def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
-                            layer: str = "syncsn") -> tuple[Array, Array, int]:
+                            layer: str = "syncsn") -> tuple[Array, Array, Array, int]:
     """mu_sybn and sigma_sybn^2: the BN-scope statistics of every device's IN moments.
+
+    As on one device (:func:`~refnorm.norms.switchable_norm.pool_in_moments`) the mean comes
+    in two parts, ``mu_sybn`` rounded to the dtype and what that rounding lost: the second
+    all-reduce sums each IN mean about ``mu_sybn``, ``d = (mu_in - mu_sybn) + offset_in``, a
+    difference of nearby numbers, and its square. Then ``lost = mean(d)`` and the spread of
+    the IN means about their exact mean is ``sum (d - lost)^2 = sum d^2 - groups lost^2``.
 
     Parameters
     ----------
@@ -94,12 +106,12 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
 
     Returns
     -------
-    mu_sybn, var_sybn : arrays, (C,)
+    mu_sybn, lost, var_sybn : arrays, (C,)
     groups : int
         N summed over every device.
     """
     xp = array_namespace(h)
-    mu_in, var_in = in_moments(h, in_correction=in_correction)             # (N_p, C, 1)
+    mu_in, offset_in, var_in = in_moments(h, in_correction=in_correction)  # (N_p, C, 1)
     count, sum_mu, sum_var = allreduce(comm, [
         xp.asarray([float(h.shape[0])], dtype=h.dtype, **on_device(device_of(h))),
         xp.sum(mu_in, axis=(0, 2)), xp.sum(var_in, axis=(0, 2))],
@@ -108,11 +120,14 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
     if groups == 0:
         raise ValueError("no samples on any device: the BN scope has nothing to average")
     mu_sybn = sum_mu / groups                                               # (C,)
-    d = mu_in - xp.reshape(mu_sybn, (1, -1, 1))                             # (N_p, C, 1)
-    (spread,) = allreduce(comm, [xp.sum(d * d, axis=(0, 2))],
-                          op="syncsn forward (spread of IN means)", layer=layer)
+    d = (mu_in - xp.reshape(mu_sybn, (1, -1, 1))) + offset_in               # (N_p, C, 1)
+    sum_d, sum_d2 = allreduce(comm, [xp.sum(d, axis=(0, 2)), xp.sum(d * d, axis=(0, 2))],
+                              op="syncsn forward (spread of IN means)", layer=layer)
+    lost = sum_d / groups                                                   # (C,)
+    spread = sum_d2 - groups * lost * lost        # >= 0 in exact arithmetic; keep it so
+    spread = xp.maximum(spread, xp.zeros_like(spread))
     var_sybn = (sum_var + spread) / groups                                  # total variance
-    return mu_sybn, var_sybn, groups
+    return mu_sybn, lost, var_sybn, groups
 
 
 def sync_switchable_norm_forward(
@@ -153,18 +168,23 @@ def sync_switchable_norm_forward(
     if "bn" not in options.scopes:  # nothing to synchronize: plain SN
         y, local = switchable_norm_forward(*args, eps=eps, options=options)
         return y, SyncSwitchableNormCache(local, comm, x.shape[0], layer)
-    xp, xc, _, _ = prepare_channel_norm(x, gamma, beta, eps=eps)
+    xp, h = prepare_inputs(x, gamma, beta, (mean_logits, var_logits), eps=eps,
+                           options=options)                              # (N_p, C, S)
     check_scope_counts(x.shape, options, with_bn=False)  # the BN scope: after pooling
-    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    h = xp.reshape(xc, (N, C, S))                                           # (N_p, C, S)
-    mu_sybn, var_sybn, groups = synchronized_bn_moments(
+    S = h.shape[2]
+    mu_sybn, lost, var_sybn, groups = synchronized_bn_moments(
         h, comm=comm, in_correction=options.in_correction, layer=layer)
     if groups * S < 2:
         raise ValueError(f"the synchronized BN scope needs more than 1 value per statistic over "
                          f"all devices; got {groups * S} (this device's x has shape "
                          f"{tuple(x.shape)})")
+    # scope_correction: the BN variance unbiased over the values of every device
+    var_sybn = var_sybn * variance_factors(tuple(h.shape), options, bn_groups=groups)["bn"]
     # Eq. (15): single-device SN with the BN scope's statistics given (mixing, Eq. 3, 5)
-    y, local = switchable_norm_eval_forward(*args, mu_sybn, var_sybn, eps=eps, options=options)
+    bn = tuple(xp.reshape(s, (1, -1, 1)) for s in (mu_sybn, lost, var_sybn))
+    stats = scope_statistics(h, options, bn=bn)
+    y, local = mix_and_normalize(x, h, (gamma, beta), (mean_logits, var_logits), stats,
+                                 bn_given=True, eps=eps, options=options)
     return y, SyncSwitchableNormCache(local, comm, groups, layer)         # y: Eq. (15)
 
 
@@ -189,10 +209,14 @@ def sync_switchable_norm_backward(
     wm = {k: c.w_mean[i] for i, k in enumerate(scopes)}
     wv = {k: c.w_var[i] for i, k in enumerate(scopes)}
 
+    centred = centred_input(c)                                          # h - mu_in
+    unbias = variance_factors(tuple(c.h.shape), c.options, bn_groups=cache.bn_groups)
+
     def dsigma2_k_dh(k: str) -> Array:
         groups = {"in": 1, "ln": C, "bn": cache.bn_groups}[k]
-        return scope_variance_derivative(c.h, c.mu["in"], c.mu[k], groups=groups,
-                                         in_correction=c.options.in_correction)
+        return unbias[k] * scope_variance_derivative(
+            centred, c.offset["in"] - c.offset[k], groups=groups,
+            in_correction=c.options.in_correction)
 
     # dL/dsigma^2_p and dL/dmu_p: Eq. (7)-(8) on this device (Eq. 21 as printed is wrong)
     dx_tilde, dvar, dmu = statistic_gradients(dy_v, c)  # Eq. (21) corrected: Eq. (7)-(8)
@@ -212,7 +236,8 @@ def sync_switchable_norm_backward(
         dh = dh + wm["bn"] / (cache.bn_groups * S) * sum_pn_dmu         # Term3, Eq. (25)
     dgamma = xp.sum(dy_v * c.x_hat, axis=(0, 2))                       # Eq. (16), this device
     dbeta = xp.sum(dy_v, axis=(0, 2))                                  # Eq. (17), this device
-    s_mean = [xp.sum(dmu * c.mu[k]) for k in scopes]                   # Eq. (18)-(20), S_k
+    # S_k relative to the shift mu_in: the same gradients (switchable_norm_backward's comment)
+    s_mean = [xp.sum(dmu * c.offset[k]) for k in scopes]               # Eq. (18)-(20), S_k
     s_var = [xp.sum(dvar * c.var[k]) for k in scopes]                  # Eq. (18)-(20), S'_k
     dmean_logits = ratio_gradients(c.w_mean, s_mean, hard=c.options.hard)  # Eq. (18)-(20)
     dvar_logits = ratio_gradients(c.w_var, s_var, hard=c.options.hard)     # Eq. (18)-(20)

@@ -192,48 +192,55 @@ else:
         x = draw(activations(shape=(N, C) + spatial))
         logits = [np.array(draw(st.lists(st.floats(-2, 2), min_size=len(scopes),
                                          max_size=len(scopes)))) for _ in range(2)]
-        return x, scopes, draw(st.sampled_from([0, 1])), draw(st.booleans()), logits
+        # (in_correction, scope_correction), as in tests/kernels/test_norms.py
+        corrections = draw(st.sampled_from([(0, 0), (1, 0), (0, 1)]))
+        return x, scopes, corrections, draw(st.booleans()), logits
 
     @settings(max_examples=2 * EXAMPLES, deadline=None)
     @given(case=sn_cases(), config=LAUNCHES)
     def test_switchable_equals_reference(case, config):
-        x, scopes, corr, hard, logits = case
+        x, scopes, (corr, scope_corr), hard, logits = case
         dtype = x.dtype.type
         gamma, beta = params(x.shape[1], np.float64, seed=x.size)
         want_y, cache, backward, logit_scale = sn_reference(
             x.astype(np.float64), gamma, beta, logits, eps=EPS, scopes=scopes,
-            in_correction=corr, hard=hard)
+            in_correction=corr, hard=hard, scope_correction=scope_corr)
         ratios = (cache.w_mean, cache.w_var)
         with launch(config):
-            y, h, x_hat, rstd, mu, var = gpu.sn_forward(
+            got_forward = gpu.sn_forward(
                 x, gamma.astype(dtype), beta.astype(dtype), *ratios, eps=EPS, scopes=scopes,
-                in_correction=corr)
+                in_correction=corr, scope_correction=scope_corr)
         kappa = kappa_of(cache.mu["in"], cache.var["in"], EPS)
-        for name, got, want in (("y", y, want_y), ("h", h, cache.h),
-                                ("x_hat", x_hat, cache.x_hat), ("rstd", rstd, cache.rstd)):
+        for name in ("y", "h", "x_hat", "rstd"):
+            got, want = getattr(got_forward, name), want_y if name == "y" else getattr(cache, name)
             assert got.shape == want.shape, (name, got.shape, want.shape)
             assert_close(name, got, want, dtype, kappa)
         for k in cache.mu:
-            assert_close(f"mu[{k}]", mu[k], cache.mu[k], dtype, kappa)
-            assert_close(f"var[{k}]", var[k], cache.var[k], dtype, kappa)
+            assert_close(f"mu[{k}]", got_forward.mu[k], cache.mu[k], dtype, kappa)
+            assert_close(f"var[{k}]", got_forward.var[k], cache.var[k], dtype, kappa)
+            # as in tests/kernels/test_norms.py: mu_k - mu_in from each side's own offsets
+            assert_close(f"offset[{k}] - offset[in]",
+                         np.asarray(got_forward.offset[k], np.float64) - got_forward.offset["in"],
+                         cache.offset[k] - cache.offset["in"], dtype,
+                         scale=float(np.max(np.sqrt(cache.var["in"] + EPS))))
         dy = upstream(x.shape, np.float64, seed=x.size + 1)
         want = backward(dy)
-        stats = ({k: v.astype(dtype) for k, v in cache.mu.items()},
+        stats = ({k: v.astype(dtype) for k, v in cache.offset.items()},
                  {k: v.astype(dtype) for k, v in cache.var.items()})
         with launch(config):
             got = gpu.sn_backward(
                 dy.astype(dtype), cache.x_hat.astype(dtype), cache.rstd.astype(dtype),
                 gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr,
-                hard=hard)
+                scope_correction=scope_corr, hard=hard)
         scales = dict(zip(("dmean_logits", "dvar_logits"), logit_scale(dy), strict=True),
                       dx=_term_scale(dy, gamma, cache.rstd))
         names = ("dx", "dgamma", "dbeta", "dmean_logits", "dvar_logits")
         for name, g, w in zip(names, got, want, strict=True):
-            # as in tests/kernels/test_norms.py: dx and the logit gradients need differences
-            # of float32-cached means, conditioned by kappa; dgamma and dbeta are not
+            # as in tests/kernels/test_norms.py: the cached offsets keep the differences of
+            # means in float32 (no kappa there); float64 is conditioned by kappa
             k = 1.0 if name in ("dgamma", "dbeta") else kappa
             assert_close(name, np.reshape(g, np.shape(w)), w, dtype, k,
-                         scale=scales.get(name, 0.0), float32_kappa=True)
+                         scale=scales.get(name, 0.0))
 
     def test_float32_large_offset_beats_the_one_pass_formula():
         """1e4 + randn in float32 over several threads and chunks: the merged variance agrees

@@ -190,11 +190,13 @@ def sn_cases(draw):
     if N * math.prod(spatial) < 2 or C * math.prod(spatial) < 2:
         scopes = ("in",)
     x = draw(activations(shape=(N, C) + spatial))
-    in_correction = draw(st.sampled_from([0, 1]))
+    # the variance conventions: biased, unbiased IN (SwitchNorm2d), every scope unbiased
+    # (SwitchNorm1d); as (in_correction, scope_correction)
+    corrections = draw(st.sampled_from([(0, 0), (1, 0), (0, 1)]))
     hard = draw(st.booleans())
     logits = [np.asarray(draw(arrays_k(len(scopes)))) for _ in range(2)]
     given = "bn" in scopes and draw(st.booleans())  # inference: population BN statistics
-    return x, scopes, in_correction, hard, logits, draw(CHUNKING), given
+    return x, scopes, corrections, hard, logits, draw(CHUNKING), given
 
 
 def arrays_k(K):
@@ -203,7 +205,7 @@ def arrays_k(K):
 
 @given(case=sn_cases())
 def test_switchable_equals_reference(case):
-    x, scopes, corr, hard, logits, limits, given = case
+    x, scopes, (corr, scope_corr), hard, logits, limits, given = case
     dtype = x.dtype.type
     N, C = x.shape[:2]
     gamma, beta = params(C, np.float64, seed=x.size)
@@ -217,41 +219,46 @@ def test_switchable_equals_reference(case):
                 x64.var(axis=(0, *range(2, x.ndim))) * (1 + 0.1 * rng.random(C)) + 0.1))
     want_y, cache, backward, logit_scale = sn_reference(
         x.astype(np.float64), gamma, beta, logits, eps=EPS, scopes=scopes, in_correction=corr,
-        hard=hard, population=population)
+        hard=hard, population=population, scope_correction=scope_corr)
     ratios = (cache.w_mean, cache.w_var)
     bn = None if not given else (cache.mu["bn"].astype(dtype), cache.var["bn"].astype(dtype))
     with chunking(limits):
-        y, h, x_hat, rstd, mu, var = kernels.sn_forward(
+        got_forward = kernels.sn_forward(
             x, gamma.astype(dtype), beta.astype(dtype), *ratios, eps=EPS, scopes=scopes,
-            in_correction=corr, bn=bn)
+            in_correction=corr, scope_correction=scope_corr, bn=bn)
     kappa = kappa_of(cache.mu["in"], cache.var["in"], EPS)
-    for name, got, want in (("y", y, want_y), ("h", h, cache.h), ("x_hat", x_hat, cache.x_hat),
-                            ("rstd", rstd, cache.rstd)):
-        assert_close(name, got, want, dtype, kappa)
+    for name in ("y", "h", "x_hat", "rstd"):
+        want = want_y if name == "y" else getattr(cache, name)
+        assert_close(name, getattr(got_forward, name), want, dtype, kappa)
     for k in ("in", "ln", "bn"):
-        if k in cache.mu:
-            assert_close(f"mu[{k}]", mu[k], cache.mu[k], dtype, kappa)
-            assert_close(f"var[{k}]", var[k], cache.var[k], dtype, kappa)
+        assert_close(f"mu[{k}]", got_forward.mu[k], cache.mu[k], dtype, kappa)
+        assert_close(f"var[{k}]", got_forward.var[k], cache.var[k], dtype, kappa)
+        # the offsets from each side's own stored mu["in"]: their differences mu_k - mu_in
+        # are what both hold, to the dtype's precision on the data's scale (no kappa)
+        assert_close(f"offset[{k}] - offset[in]",
+                     np.asarray(got_forward.offset[k], np.float64) - got_forward.offset["in"],
+                     cache.offset[k] - cache.offset["in"], dtype,
+                     scale=float(np.max(np.sqrt(cache.var["in"] + EPS))))
     dy = upstream(x.shape, np.float64, seed=x.size + 1)
     want = backward(dy)
-    stats = ({k: v.astype(dtype) for k, v in cache.mu.items()},
+    stats = ({k: v.astype(dtype) for k, v in cache.offset.items()},
              {k: v.astype(dtype) for k, v in cache.var.items()})
     with chunking(limits):
         got = kernels.sn_backward(
             dy.astype(dtype), cache.x_hat.astype(dtype), cache.rstd.astype(dtype),
-            gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr, hard=hard,
-            frozen=("bn",) if given else ())
+            gamma.astype(dtype), stats, ratios, scopes=scopes, in_correction=corr,
+            scope_correction=scope_corr, hard=hard, frozen=("bn",) if given else ())
     names = ("dx", "dgamma", "dbeta", "dmean_logits", "dvar_logits")
     scales = dict(zip(("dmean_logits", "dvar_logits"), logit_scale(dy), strict=True),
                   dx=_term_scale(dy, gamma, cache.rstd))
     for name, g, w in zip(names, got, want, strict=True):
-        # dx needs differences of cached means (mu_mix - mu_in, mu_in - mu_k), held by a
-        # float32 cache to eps32 |mean| only, and the logit gradients are sums of products of
-        # the statistics: both are conditioned by kappa, as the forward is (dgamma, dbeta
-        # are not: they need dy and x_hat only)
+        # dx and the logit gradients need differences of means (mu_mix - mu_in, mu_in - mu_k),
+        # which the cache holds as offsets from its IN mean: a float32 cache keeps them to
+        # eps32 of their own size, so float32 needs no kappa; the float64 reference's x_hat
+        # and means are conditioned by kappa, as the forward is (dgamma, dbeta are not: they
+        # need dy and x_hat only)
         k = 1.0 if name in ("dgamma", "dbeta") else kappa
-        assert_close(name, np.reshape(g, np.shape(w)), w, dtype, k, scale=scales.get(name, 0.0),
-                     float32_kappa=True)
+        assert_close(name, np.reshape(g, np.shape(w)), w, dtype, k, scale=scales.get(name, 0.0))
 
 
 def test_float16_computes_in_float32_and_returns_float16():

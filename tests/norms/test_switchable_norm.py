@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -20,6 +22,7 @@ from refnorm.norms.switchable_norm import (
     switchable_norm_eval_forward,
     switchable_norm_forward,
 )
+from tests.norms import large_mean
 
 FD_TOLERANCE = 1e-6  # as for the other normalizers: finite-difference noise is ~1e-8
 NAMES = ("x", "gamma", "beta", "mean_logits", "var_logits")
@@ -44,8 +47,11 @@ def sn_problems(draw):
     N, C = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     spatial = () if two_d else tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=2)))
     S = int(np.prod(spatial))
-    options = SwitchableOptions(scopes, in_correction=draw(st.sampled_from([0, 1])) if S >= 3
-                                else 0)
+    # the variance conventions: biased, SwitchNorm2d's unbiased IN variance (S >= 3: see
+    # below), SwitchNorm1d's every scope unbiased over its own values
+    correction = draw(st.sampled_from(["none", "in", "scope"] if S >= 3 else ["none", "scope"]))
+    options = SwitchableOptions(scopes, in_correction=int(correction == "in"),
+                                scope_correction=int(correction == "scope"))
     counts = {"in": S, "ln": C * S, "bn": N * S}
     # Three or more values per statistic: with two the IN/BN/LN gradient is an O(eps)
     # effect below the finite-difference noise (see tests/norms/test_properties.py).
@@ -219,6 +225,96 @@ def test_official_code_statistics_option():
     np.testing.assert_allclose(var["bn"], temp.mean(0, keepdims=True) - mean_bn**2, rtol=1e-12)
 
 
+def official_switchnorm1d_forward(x, weight, bias, mean_weight, var_weight, eps=1e-5):
+    """The official ``SwitchNorm1d.forward`` in training, transcribed in numpy.
+
+    switchablenorms/Switchable-Normalization, devkit/ops/switchable_norm.py (the same class
+    in models/switchable_norm.py): ``mean_ln = x.mean(1)``, ``var_ln = x.var(1)``,
+    ``mean_bn = x.mean(0)``, ``var_bn = x.var(0)``, where ``torch.var`` is unbiased by
+    default (ddof=1 here); the ratios are ``softmax(mean_weight)``, ``softmax(var_weight)``
+    over (LN, BN); ``(x - mean) / (var + eps).sqrt() * weight + bias``.
+    """
+    mean_ln = x.mean(1, keepdims=True)
+    var_ln = x.var(1, ddof=1, keepdims=True)
+    mean_bn = x.mean(0, keepdims=True)
+    var_bn = x.var(0, ddof=1, keepdims=True)
+    mean_w = np.exp(mean_weight) / np.exp(mean_weight).sum()
+    var_w = np.exp(var_weight) / np.exp(var_weight).sum()
+    mean = mean_w[0] * mean_ln + mean_w[1] * mean_bn
+    var = var_w[0] * var_ln + var_w[1] * var_bn
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("shape", [(5, 4), (2, 7), (16, 3)])
+def test_scope_correction_is_the_official_switchnorm1d(path, shape):
+    # Forward: refnorm with scopes=("ln", "bn") and scope_correction=1 computes the official
+    # code's numbers; backward: its gradients are the derivatives of those formulas (central
+    # differences of the transcription, the suite's gradcheck tolerance).
+    rng = np.random.default_rng(sum(shape))
+    inputs = {"x": 3 * rng.standard_normal(shape) + 2, "gamma": 1 + rng.standard_normal(shape[1]),
+              "beta": rng.standard_normal(shape[1]), "mean_logits": rng.standard_normal(2),
+              "var_logits": rng.standard_normal(2)}
+    options = SwitchableOptions(("ln", "bn"), scope_correction=1)
+
+    def official(x, gamma, beta, mean_logits, var_logits):
+        return official_switchnorm1d_forward(x, gamma, beta, mean_logits, var_logits)
+
+    def vjp(dy, **args):
+        _, cache = switchable_norm_forward(*args.values(), options=options, path=path)
+        return dict(zip(NAMES, switchable_norm_backward(dy, cache, path=path), strict=True))
+
+    y, _ = switchable_norm_forward(*inputs.values(), options=options, path=path)
+    # the same formulas, summed in another order: float64 rounding of values of size ~3
+    np.testing.assert_allclose(y, official(**inputs), rtol=0, atol=1e-13)
+    for name, err in check_vjp(official, vjp, inputs, seed=7).items():
+        assert err.max_rel_error < FD_TOLERANCE, (name, err)
+    # and the default (biased) variances are another function: far from the official one
+    y_biased, _ = switchable_norm_forward(*inputs.values(),
+                                          options=SwitchableOptions(("ln", "bn")), path=path)
+    assert np.max(np.abs(y_biased - official(**inputs))) > 0.1  # the conventions page
+
+
+# docs/conventions.md, "The official SwitchNorm1d": the largest change of an eval output that
+# the moving average's m/(m-1) factor makes on a BN variance scope_correction=1 has already
+# unbiased, after 6 steps, seeds 0-7, as (min, max) printed with two digits
+EXTRA_FACTOR_EFFECT = {8: ("0.058", "0.089"), 32: ("0.017", "0.021"), 128: ("0.0045", "0.0059")}
+
+
+def extra_factor_effect(N, seed, C=16, steps=6):
+    """max |y_refnorm - y_without_the_extra_factor| at eval, as the conventions page says."""
+    rng = np.random.default_rng(seed)
+    layer = refnorm.build("sn", C, scopes=("ln", "bn"), scope_correction=1, dtype=np.float64)
+    without = np.ones(C)  # the same moving average, momentum 0.1, without the factor
+    for _ in range(steps):
+        layer.forward(3 * rng.standard_normal((N, C)) + 2, training=True)
+        without = 0.9 * without + 0.1 * layer.batch_statistics().var  # unbiased already
+    x = 3 * rng.standard_normal((N, C)) + 2
+    y = layer.forward(x, training=False)
+    layer.set_population(layer.state["running_mean"], without)
+    return float(np.max(np.abs(y - layer.forward(x, training=False))))
+
+
+@pytest.mark.parametrize("N", sorted(EXTRA_FACTOR_EFFECT))
+def test_the_extra_bessel_factor_on_eval_as_documented(N):
+    effects = [extra_factor_effect(N, seed) for seed in range(8)]
+    assert (f"{min(effects):.2g}", f"{max(effects):.2g}") == EXTRA_FACTOR_EFFECT[N], effects
+    page = (Path(__file__).resolve().parents[2] / "docs" / "conventions.md").read_text()
+    assert f"| {N} | {EXTRA_FACTOR_EFFECT[N][0]} to {EXTRA_FACTOR_EFFECT[N][1]} |" in page
+
+
+def test_scope_correction_multiplies_every_variance_by_its_bessel_factor():
+    # m_k / (m_k - 1) with m_k = S, C S, N S for IN, LN, BN, on a 4-d input
+    rng = np.random.default_rng(8)
+    h = rng.standard_normal((3, 4, 5)) + 2
+    _, biased = scope_moments(h, SwitchableOptions())
+    _, unbiased = scope_moments(h, SwitchableOptions(scope_correction=1))
+    for k, m in (("in", 5), ("ln", 20), ("bn", 15)):
+        np.testing.assert_allclose(unbiased[k], biased[k] * m / (m - 1), rtol=1e-14)
+    np.testing.assert_allclose(unbiased["ln"], h.reshape(3, -1).var(1, ddof=1)[:, None, None],
+                               rtol=1e-13)
+
+
 def test_float32_offset_by_1e4():
     # The printed E[h^2] - mu^2 loses the variance here (tests/errata/test_sn_appendix.py);
     # the law of total variance keeps it.
@@ -231,6 +327,38 @@ def test_float32_offset_by_1e4():
     # float32 rounding of values near 1e4 is ~1e-3 absolute, ~1e-3 of the unit variance
     # at most; the issue's bound.
     np.testing.assert_allclose(var, 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize(("shape", "seed"), [((1, 7, 5, 3), 0), ((3, 7, 5, 3), 1),
+                                             ((4, 3, 6, 6), 2)])
+def test_float32_at_a_large_mean_is_as_accurate_as_the_kernels(path, shape, seed):
+    # Mean 1e4, spread 1e-3 (one float32 ulp of the mean): y, dx, dgamma, dbeta and the
+    # control parameters' gradients within the bound of tests/norms/large_mean.py, the BN,
+    # IN, LN and GN kernels' error on the same data (measured here) or SN's own error at mean
+    # 0, plus one rounding for each of the ratios, mean offsets and variances. (1, 7, 5, 3) is
+    # the case of issue 18, which lost 4 digits at spread 1 and all of them at 1e-3.
+    options = SwitchableOptions()
+    x, deviations, params, dy = large_mean.case(shape, np.float32, seed)
+    errors = large_mean.sn_error(x, deviations, params, dy, options, path=path)
+    at_zero = large_mean.sn_error(deviations, deviations, params, dy, options, path=path)
+    kernels = large_mean.kernels_error(x, deviations, params, dy)
+    limits = large_mean.bound(kernels, at_zero, np.float32)
+    assert not large_mean.failures(errors, limits), large_mean.failures(errors, limits)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_float64_at_a_large_mean_is_as_accurate_as_the_kernels(path):
+    # The float64 case of issue 18: (2, 1, 6, 5), in_correction=1, mean 1e4, spread 1e-3,
+    # where S_k summed from the unshifted means lost 5 digits of the mean ratios' gradient
+    # (relative error 6e-6); the same bound as in float32, with float64's unit roundoff.
+    options = SwitchableOptions(in_correction=1)
+    x, deviations, params, dy = large_mean.case((2, 1, 6, 5), np.float64, 5)
+    errors = large_mean.sn_error(x, deviations, params, dy, options, path=path)
+    at_zero = large_mean.sn_error(deviations, deviations, params, dy, options, path=path)
+    kernels = large_mean.kernels_error(x, deviations, params, dy)
+    limits = large_mean.bound(kernels, at_zero, np.float64)
+    assert not large_mean.failures(errors, limits), large_mean.failures(errors, limits)
 
 
 def test_two_dimensional_inputs_use_ln_and_bn():
@@ -387,7 +515,10 @@ def test_in_scope_on_single_positions_is_refused_not_nan(shape):
      ({"scopes": ("in", "in", "bn")}, "without repeats"),
      ({"in_correction": 2}, "in_correction must be 0 or 1"),
      ({"in_correction": True}, "in_correction must be 0 or 1"),
-     ({"hard": 1}, "hard must be a bool")],
+     ({"hard": 1}, "hard must be a bool"),
+     ({"scope_correction": 2}, "scope_correction must be 0 or 1"),
+     ({"scope_correction": True}, "scope_correction must be 0 or 1"),
+     ({"in_correction": 1, "scope_correction": 1}, "two conventions for the same variances")],
 )
 def test_bad_options(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -20,14 +20,18 @@ from refnorm.sync import (
     sync_switchable_norm_backward,
     sync_switchable_norm_forward,
 )
+from tests.norms import large_mean
 from tests.sync.helpers import ATOL, channel_params, combine, sharded_batches, split
 
 
 @st.composite
 def sn_options(draw):
+    # (in_correction, scope_correction): biased, SwitchNorm2d's, SwitchNorm1d's variances
+    corrections = draw(st.sampled_from([(0, 0), (1, 0), (0, 1)]))
     return SwitchableOptions(
         draw(st.sampled_from([("in", "ln", "bn"), ("ln", "bn"), ("bn", "in"), ("in", "ln")])),
-        in_correction=draw(st.sampled_from([0, 1])), hard=draw(st.booleans()))
+        in_correction=corrections[0], hard=draw(st.booleans()),
+        scope_correction=corrections[1])
 
 
 @given(sharded_batches(), sn_options(), st.data())
@@ -54,6 +58,30 @@ def test_sync_switchable_norm_equals_one_device(case, options, data):
         # per-device contributions whose sum over devices is the one-device gradient.
         np.testing.assert_allclose(combine(results, i, concat=i < 2), ref, rtol=0,
                                    atol=ATOL * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("options", [SwitchableOptions(), SwitchableOptions(in_correction=1)])
+def test_float32_at_a_large_mean_is_as_accurate_as_the_kernels(options):
+    # As single-device SN (tests/norms/test_switchable_norm.py, the bound derived in
+    # tests/norms/large_mean.py): mean 1e4, spread 1e-3, three devices holding 1, 0 and 3
+    # samples; the synchronized BN mean is rounded to float32 once and what it lost summed
+    # across the devices with the spread of the IN means.
+    x, deviations, params, dy = large_mean.case((4, 7, 5, 3), np.float32, 3)
+    sizes = [1, 0, 3]
+
+    def device(comm, xs, dys):
+        y, cache = sync_switchable_norm_forward(xs, *params, comm=comm, options=options)
+        return (y, *sync_switchable_norm_backward(dys, cache))
+
+    def synchronized(data):
+        results = InProcessGroup.run(len(sizes), device, split(data, sizes), split(dy, sizes))
+        got = {q: combine(results, i, concat=i < 2) for i, q in enumerate(large_mean.OUTPUTS)}
+        return large_mean.errors(got, deviations, params, dy, options)
+
+    errors, at_zero = synchronized(x), synchronized(deviations)
+    limits = large_mean.bound(large_mean.kernels_error(x, deviations, params, dy), at_zero,
+                              np.float32)
+    assert not large_mean.failures(errors, limits), large_mean.failures(errors, limits)
 
 
 @pytest.mark.parametrize("training", [True, False])
