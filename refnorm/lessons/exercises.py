@@ -1,0 +1,264 @@
+"""The lessons' exercises as the graders know them: each one's function, hints and known mistakes.
+
+Every known mistake is the exercise's function with one deliberate error, written here once
+per exercise as a *variant* taking ``mistake=<name>`` (``functools.partial`` binds it). A
+grader runs each variant the way it ran the student's function and names the one whose answer
+the student's equals (:func:`refnorm.lessons.grading.diagnose`); ``tests/test_lessons.py``
+runs every variant through its lesson's check cell and asserts the check names it.
+
+The hints (``nudges``) go from where to look to the relevant equation; none gives the code.
+The variants are deliberately wrong and are no reference for anything: the checks compare
+with refnorm's own functions or with finite differences.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from refnorm.lessons.grading import Exercise, Mistake, register
+
+_AXES = (0, 2, 3)  # BN's statistics: every axis but the channel's
+_CHANNEL = (1, -1, 1, 1)
+
+
+def _per_channel(a: Any) -> Any:
+    return np.asarray(a).reshape(_CHANNEL)
+
+
+# -- lesson 01: Batch Normalization ------------------------------------------------------------
+
+
+def _bn_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any,
+                training: bool, momentum: float = 0.1, eps: float = 1e-5, *,
+                mistake: str) -> Any:
+    axes = (0, 1, 2, 3) if mistake == "all_axes" else _AXES
+    k = 1 - momentum if mistake == "momentum_on_old" else momentum
+    if training or mistake == "eval_batch_stats":
+        mu, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    else:
+        mu, var = _per_channel(running_mean), _per_channel(running_var)
+    if training or mistake == "eval_updates":
+        m = x.size // mu.size
+        batch_mean, batch_var = x.mean(axis=axes), x.var(axis=axes)
+        if mistake != "biased_running":
+            batch_var = batch_var * m / (m - 1)
+        running_mean = (1 - k) * running_mean + k * batch_mean
+        running_var = (1 - k) * running_var + k * batch_var
+    if mistake == "eps_on_std":
+        rstd = 1.0 / (np.sqrt(var) + eps)
+    elif mistake == "no_eps":
+        rstd = 1.0 / np.sqrt(var)
+    else:
+        rstd = 1.0 / np.sqrt(var + eps)
+    x_hat = (x - mu) * rstd
+    y = _per_channel(gamma) * x_hat + _per_channel(beta)
+    return y, (x_hat, rstd), running_mean, running_var
+
+
+register(Exercise(
+    id="01.1",
+    function="bn_forward",
+    nudges=(
+        "section 4 describes the two modes. In training the batch's own statistics normalize "
+        "and the running ones move towards them; in eval the running ones normalize and "
+        "nothing moves. The names of the failing outputs say which part to read again.",
+        "running <- (1 - k) running + k (batch statistic) with k = momentum; the variance "
+        "that enters the running average is the batch's unbiased one, sum (x - mu)^2 / (m - 1), "
+        "while y uses the biased one, sum (x - mu)^2 / m; eps goes under the square root.",
+    ),
+    mistakes=(
+        Mistake("the biased batch variance in the running average",
+                "The forward normalizes y with the batch's own spread (divided by m), but "
+                "the running variance estimates the population's variance: on average a "
+                "biased batch variance is (m - 1)/m of it. Which divisor removes that bias?",
+                partial(_bn_forward, mistake="biased_running")),
+        Mistake("momentum weighting the old value",
+                "In refnorm (and PyTorch) momentum is the weight of the new batch: with 0.1 a "
+                "running statistic moves a tenth of the way towards the batch's.",
+                partial(_bn_forward, mistake="momentum_on_old")),
+        Mistake("batch statistics in eval mode",
+                "In eval mode there is no batch to trust (a single image, or a batch whose "
+                "images must not affect each other): normalize with the running statistics.",
+                partial(_bn_forward, mistake="eval_batch_stats")),
+        Mistake("running statistics updated in eval mode",
+                "An eval forward uses the running statistics and returns them unchanged.",
+                partial(_bn_forward, mistake="eval_updates")),
+        Mistake("eps added to the standard deviation",
+                "BN puts eps under the square root, sqrt(var + eps), not sqrt(var) + eps.",
+                partial(_bn_forward, mistake="eps_on_std")),
+        Mistake("eps left out",
+                "The eps keeps a constant channel finite; it sits under the square root.",
+                partial(_bn_forward, mistake="no_eps")),
+        Mistake("one mean and variance for all channels",
+                "Every channel has its own statistics: reduce over N, H and W, not over C.",
+                partial(_bn_forward, mistake="all_axes")),
+    ),
+))
+
+
+def _bn_backward_staged(dy: Any, x: Any, gamma: Any, eps: float, *, mistake: str) -> Any:
+    axes, m = _AXES, x.size // x.shape[1]
+    g = _per_channel(gamma)
+    mu = x.mean(axis=axes, keepdims=True)
+    xmu = x - mu
+    var = (xmu**2).mean(axis=axes, keepdims=True)
+    std = np.sqrt(var + eps)
+    inv_std = 1.0 / std
+    x_hat = xmu * inv_std
+    sum_axes = (0, 1, 2, 3) if mistake == "params_all_axes" else axes
+    dbeta = dy.sum(axis=sum_axes)
+    dgamma = dy.sum(axis=sum_axes) if mistake == "dgamma_no_x_hat" else (dy * x_hat).sum(
+        axis=sum_axes)
+    dx_hat = dy * g
+    dinv_std = (dx_hat * xmu).sum(axis=axes, keepdims=True)
+    dxmu_1 = dx_hat * inv_std
+    dstd = (1 if mistake == "inverse_sign" else -1) * dinv_std / std**2
+    dvar = dstd / std if mistake == "sqrt_half" else dstd * 0.5 / std
+    dsq = dvar * np.ones_like(x) / (1 if mistake == "var_node_sum" else m)
+    dxmu_2 = 2.0 * xmu * dsq
+    dxmu = dxmu_1 if mistake == "no_var_path" else dxmu_1 + dxmu_2
+    dmu = -dxmu.sum(axis=axes, keepdims=True)
+    if mistake == "no_mean_path":
+        dx = dxmu
+    else:
+        dx = dxmu + dmu * np.ones_like(x) / (1 if mistake == "mean_node_sum" else m)
+    return dx, dgamma, dbeta
+
+
+register(Exercise(
+    id="01.2",
+    function="bn_backward_staged",
+    nudges=(
+        "walk the nodes of section 3 in reverse, one at a time, with the three rules of "
+        "section 5: a broadcast value sums its gradient over the broadcast axes, a mean hands "
+        "each of its m inputs 1/m of the gradient, a value used twice adds the gradients of "
+        "both uses. dgamma and dbeta come from the last node alone.",
+        "the local derivatives: d(1/s)/ds = -1/s^2, d sqrt(v + eps)/dv = 1/(2 sqrt(v + eps)), "
+        "d mean(u)/du_i = 1/m, d(u^2)/du = 2u; xmu feeds both sq and x_hat, x feeds both mu "
+        "and xmu.",
+    ),
+    mistakes=(
+        Mistake("the path through the variance forgotten",
+                "The node xmu is used twice, in sq (towards the variance) and in x_hat: its "
+                "gradient is the sum of both (rule 3).",
+                partial(_bn_backward_staged, mistake="no_var_path")),
+        Mistake("the path through the mean forgotten",
+                "The input x is used twice, in mu and in xmu: its gradient adds what reaches mu.",
+                partial(_bn_backward_staged, mistake="no_mean_path")),
+        Mistake("a sum where the variance node divides by m",
+                "The node var = mean(sq) hands each of the m entries of sq 1/m of dvar (rule 2).",
+                partial(_bn_backward_staged, mistake="var_node_sum")),
+        Mistake("a sum where the mean node divides by m",
+                "The node mu = mean(x) hands each x only 1/m of dmu (rule 2).",
+                partial(_bn_backward_staged, mistake="mean_node_sum")),
+        Mistake("the wrong sign for the derivative of 1/s",
+                "The derivative of 1/s is negative: a larger standard deviation shrinks x_hat.",
+                partial(_bn_backward_staged, mistake="inverse_sign")),
+        Mistake("the factor 1/2 of the square root's derivative missing",
+                "The derivative of sqrt(v + eps) is 1/(2 sqrt(v + eps)).",
+                partial(_bn_backward_staged, mistake="sqrt_half")),
+        Mistake("dgamma without x_hat",
+                "In y = g * x_hat + b the local derivative towards g is x_hat.",
+                partial(_bn_backward_staged, mistake="dgamma_no_x_hat")),
+        Mistake("dgamma and dbeta summed over every axis",
+                "Gamma and beta have one entry per channel: sum over the axes they were "
+                "broadcast over, N, H and W (rule 1), not over C.",
+                partial(_bn_backward_staged, mistake="params_all_axes")),
+    ),
+))
+
+
+def _bn_backward_closed(dy: Any, x_hat: Any, rstd: Any, gamma: Any, *, mistake: str) -> Any:
+    axes = {"axes_batch": (0,), "axes_all": (0, 1, 2, 3)}.get(mistake, _AXES)
+    g = 1.0 if mistake == "no_gamma" else _per_channel(gamma)
+    reduce = np.sum if mistake == "sums" else np.mean
+    mean_dy = reduce(dy, axis=axes, keepdims=True)
+    mean_dy_x_hat = reduce((dy if mistake == "x_hat_mean_dy" else dy * x_hat), axis=axes,
+                           keepdims=True)
+    terms = dy
+    if mistake != "no_mean_term":
+        terms = terms - mean_dy
+    if mistake != "no_var_term":
+        terms = terms - x_hat * mean_dy_x_hat
+    dx = g * rstd * terms
+    return dx, (dy * x_hat).sum(axis=_AXES), dy.sum(axis=_AXES)
+
+
+register(Exercise(
+    id="01.3",
+    function="bn_backward_closed",
+    nudges=(
+        "combine section 6's three derivatives into d x_hat_j / d x_i first (product rule on "
+        "x_hat_j = (x_j - mu) r), then contract it with gamma dy_j over j. Each term of the "
+        "result is one path of section 5's graph: directly, through mu, through sigma^2.",
+        "d x_hat_j / d x_i = r (delta_ij - 1/m - x_hat_i x_hat_j / m); the sums over j become "
+        "means over (N, H, W) in each channel.",
+    ),
+    mistakes=(
+        Mistake("the term through the variance dropped",
+                "X_hat depends on x through sigma^2 too: the derivative of r = (sigma^2 + "
+                "eps)^(-1/2) contributes a term proportional to x_hat.",
+                partial(_bn_backward_closed, mistake="no_var_term")),
+        Mistake("the term through the mean dropped",
+                "Every x_i moves mu, which every x_hat_j subtracts.",
+                partial(_bn_backward_closed, mistake="no_mean_term")),
+        Mistake("sums where means belong (a missing 1/m)",
+                "D mu / d x_i = 1/m: the sums over the channel come with a 1/m.",
+                partial(_bn_backward_closed, mistake="sums")),
+        Mistake("means over the batch axis only",
+                "The statistics, and so the means of the backward, run over N, H and W.",
+                partial(_bn_backward_closed, mistake="axes_batch")),
+        Mistake("means over every axis, channels included",
+                "Each channel has its own statistics: the means run over N, H and W only.",
+                partial(_bn_backward_closed, mistake="axes_all")),
+        Mistake("gamma left out of dx",
+                "DL/dx_hat = gamma dy before anything else.",
+                partial(_bn_backward_closed, mistake="no_gamma")),
+        Mistake("x_hat times mean(dy) in the variance term",
+                "The path through sigma^2 carries mean(dy x_hat), the part of dy along x_hat.",
+                partial(_bn_backward_closed, mistake="x_hat_mean_dy")),
+    ),
+))
+
+
+def _bn_eval_backward(dy: Any, x: Any, gamma: Any, running_mean: Any, running_var: Any,
+                      eps: float, *, mistake: str) -> Any:
+    if mistake == "batch_stats":
+        mu, var = x.mean(axis=_AXES, keepdims=True), x.var(axis=_AXES, keepdims=True)
+    else:
+        mu, var = _per_channel(running_mean), _per_channel(running_var)
+    rstd = 1.0 / np.sqrt(var + eps)
+    x_hat = (x - mu) * rstd
+    g = 1.0 if mistake == "no_gamma" else _per_channel(gamma)
+    if mistake == "training_form":
+        dx, _, _ = _bn_backward_closed(dy, x_hat, rstd, gamma, mistake="")
+    else:
+        dx = dy * g * rstd
+    return dx, (dy * x_hat).sum(axis=_AXES), dy.sum(axis=_AXES)
+
+
+register(Exercise(
+    id="01.4",
+    function="bn_eval_backward",
+    nudges=(
+        "in eval mode the mean and variance are constants: write y as a function of x alone "
+        "(per channel it is a x + b for two numbers a and b) and differentiate that.",
+        "y = gamma (x - running_mean) / sqrt(running_var + eps) + beta, with nothing else "
+        "depending on x.",
+    ),
+    mistakes=(
+        Mistake("the training-mode backward",
+                "Its mean and x_hat terms are the paths through the batch statistics; in eval "
+                "mode the statistics are the running ones, which do not depend on x.",
+                partial(_bn_eval_backward, mistake="training_form")),
+        Mistake("the batch's statistics in the backward",
+                "The eval forward divided by sqrt(running_var + eps): so does its derivative.",
+                partial(_bn_eval_backward, mistake="batch_stats")),
+        Mistake("gamma left out of dx",
+                "Y = gamma x_hat + beta: dx carries gamma.",
+                partial(_bn_eval_backward, mistake="no_gamma")),
+    ),
+))
