@@ -262,3 +262,117 @@ register(Exercise(
                 partial(_bn_eval_backward, mistake="no_gamma")),
     ),
 ))
+
+
+# -- lesson 02: Group Normalization -------------------------------------------------------------
+
+
+def _grouped(x: Any, G: int, interleaved: bool = False) -> Any:
+    N, C = x.shape[:2]
+    if interleaved:  # channel c in group c mod G
+        return x.reshape(N, C // G, G, *x.shape[2:]).swapaxes(1, 2)
+    return x.reshape(N, G, C // G, *x.shape[2:])
+
+
+def _ungrouped(xg: Any, shape: tuple[int, ...], interleaved: bool = False) -> Any:
+    return (xg.swapaxes(1, 2) if interleaved else xg).reshape(shape)
+
+
+def _gn_forward(x: Any, gamma: Any, beta: Any, G: int, eps: float, *, mistake: str) -> Any:
+    N, C = x.shape[:2]
+    interleaved = mistake == "interleaved"
+    if mistake in ("in_scope", "ln_scope"):
+        axes = (2, 3) if mistake == "in_scope" else (1, 2, 3)
+        mu, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+        rstd = 1.0 / np.sqrt(var + eps)
+        x_hat = (x - mu) * rstd
+    else:
+        xg = _grouped(x, G, interleaved)
+        mu = xg.mean(axis=(2, 3, 4), keepdims=True)
+        var = xg.var(axis=(2, 3, 4), keepdims=True, ddof=1 if mistake == "unbiased" else 0)
+        rstd = 1.0 / (np.sqrt(var) + eps) if mistake == "eps_on_std" else 1.0 / np.sqrt(
+            var + eps)
+        x_hat = _ungrouped((xg - mu) * rstd, x.shape, interleaved)
+    return _per_channel(gamma) * x_hat + _per_channel(beta), (x_hat, rstd)
+
+
+register(Exercise(
+    id="02.1",
+    function="gn_forward",
+    nudges=(
+        "section 1's table: GN's statistics belong to one sample and one group of C/G "
+        "consecutive channels, over all their pixels. View x so that those values lie along "
+        "axes of their own, standardize over them, and go back to (N, C, H, W) before the "
+        "per-channel affine.",
+        "xg = x viewed as (N, G, C/G, H, W); mu and sigma^2 over axes (2, 3, 4), dividing by "
+        "m = (C/G) H W; x_hat = (xg - mu) / sqrt(sigma^2 + eps); y = gamma_c x_hat + beta_c "
+        "per channel c.",
+    ),
+    mistakes=(
+        Mistake("groups of every G-th channel",
+                "Viewing x as (N, C/G, G, H, W) puts channels c, c + G, c + 2G... together. "
+                "GN's groups are consecutive channels: the group axis comes first.",
+                partial(_gn_forward, mistake="interleaved")),
+        Mistake("statistics of one channel (IN's scope)",
+                "GN pools the C/G channels of a group: its statistics run over the group's "
+                "channels and pixels together.",
+                partial(_gn_forward, mistake="in_scope")),
+        Mistake("statistics of the whole sample (LN's scope)",
+                "That is GN with G = 1. With G groups each sample has G means and variances.",
+                partial(_gn_forward, mistake="ln_scope")),
+        Mistake("the unbiased variance",
+                "Like BN, GN standardizes with the biased variance, dividing by m.",
+                partial(_gn_forward, mistake="unbiased")),
+        Mistake("eps added to the standard deviation",
+                "The eps goes under the square root: sqrt(sigma^2 + eps).",
+                partial(_gn_forward, mistake="eps_on_std")),
+    ),
+))
+
+
+def _gn_backward(dy: Any, x_hat: Any, rstd: Any, gamma: Any, G: int, *, mistake: str) -> Any:
+    N, C = dy.shape[:2]
+    dbeta = dy.sum(axis=_AXES)
+    dgamma = (dy * x_hat).sum(axis=_AXES)
+    g = 1.0 if mistake == "no_gamma" else _per_channel(gamma)
+    dxh, xh = _grouped(dy * g, G), _grouped(x_hat, G)
+    axes = {"in_means": (3, 4), "ln_means": (1, 2, 3, 4)}.get(mistake, (2, 3, 4))
+    reduce = np.sum if mistake == "sums" else np.mean
+    terms = dxh - reduce(dxh, axis=axes, keepdims=True)
+    if mistake != "no_var_term":
+        terms = terms - xh * reduce(dxh * xh, axis=axes, keepdims=True)
+    return (rstd * terms).reshape(dy.shape), dgamma, dbeta
+
+
+register(Exercise(
+    id="02.2",
+    function="gn_backward",
+    nudges=(
+        "two steps: the affine's backward in the (N, C, H, W) view (lesson 01, the node "
+        "y = g * x_hat + b), then the backward of the standardization in the grouped view, "
+        "which is exercise 01.3's closed form with its means over the group's values.",
+        "dx_hat = gamma dy; in the view (N, G, C/G, H, W): dx = r (dx_hat - mean(dx_hat) - "
+        "x_hat mean(dx_hat x_hat)), means over axes (2, 3, 4); dgamma = sum of dy x_hat and "
+        "dbeta = sum of dy over (N, H, W).",
+    ),
+    mistakes=(
+        Mistake("means over one channel's pixels (IN's backward)",
+                "The statistics were shared by the whole group, so the means of the backward "
+                "run over the group's channels and pixels.",
+                partial(_gn_backward, mistake="in_means")),
+        Mistake("means over the whole sample (LN's backward)",
+                "Each group has its own statistics: the means run within a group.",
+                partial(_gn_backward, mistake="ln_means")),
+        Mistake("the term through the variance dropped",
+                "The group's variance depends on x too: lesson 01's closed form has a term in "
+                "x_hat.",
+                partial(_gn_backward, mistake="no_var_term")),
+        Mistake("sums where means belong (a missing 1/m)",
+                "The closed form's sums over the group come with 1/m, m = (C/G) H W.",
+                partial(_gn_backward, mistake="sums")),
+        Mistake("gamma left out of dx",
+                "The affine comes last in the forward, so its backward comes first: "
+                "dx_hat = gamma dy.",
+                partial(_gn_backward, mistake="no_gamma")),
+    ),
+))
