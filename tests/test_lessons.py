@@ -342,7 +342,8 @@ def reading_minutes(path: Path) -> float:
 
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_lesson_meets_the_time_it_states(path):
-    stated = re.search(r"\*\*Takes\.?\*\*\.? about (\d+) minutes", _source(_cells(path)[0]))
+    stated = re.search(r"\*\*Takes\.?\*\*\.?\s+about\s+(\d+)\s+minutes",
+                       _source(_cells(path)[0]))
     assert stated, f"{path.name}: the opening cell says '**Takes** about N minutes'"
     minutes = int(stated.group(1))
     assert 0.6 * minutes <= reading_minutes(path) <= 1.1 * minutes, (

@@ -376,3 +376,143 @@ register(Exercise(
                 partial(_gn_backward, mistake="no_gamma")),
     ),
 ))
+
+
+# -- lesson 03: Switchable Normalization ----------------------------------------------------------
+
+
+def _merge_moments(mu_in: Any, var_in: Any, axis: int, *, mistake: str) -> Any:
+    mu = mu_in.mean(axis=axis, keepdims=True)
+    within = var_in.mean(axis=axis, keepdims=True)
+    if mistake == "no_between":
+        return mu, within
+    k = mu_in.shape[axis]
+    between = ((mu_in - mu) ** 2).sum(axis=axis, keepdims=True)
+    if mistake == "sums":
+        return mu, var_in.sum(axis=axis, keepdims=True) + between
+    return mu, within + between / (k - 1 if mistake == "between_unbiased" else k)
+
+
+register(Exercise(
+    id="03.1",
+    function="merge_moments",
+    nudges=(
+        "write each value's deviation from the union's mean as its deviation from its own "
+        "group's mean plus the deviation of that group's mean from the union's; square, sum "
+        "over one group, and look at the cross term.",
+        "sigma^2 of the union = (1/K) sum over the K groups of sigma_g^2 + (1/K) sum of "
+        "(mu_g - mu)^2, with mu the mean of the group means (equal group sizes).",
+    ),
+    mistakes=(
+        Mistake("the mean of the group variances alone",
+                "Each group's variance measures its values from its own mean; the union's "
+                "mean lies elsewhere, and the spread of the group means is missing.",
+                partial(_merge_moments, mistake="no_between")),
+        Mistake("the spread of the group means divided by K - 1",
+                "This union is described, not a population estimated: its variance is biased "
+                "(1/m), and the groups' part of it divides by K.",
+                partial(_merge_moments, mistake="between_unbiased")),
+        Mistake("sums over the groups where means belong",
+                "The union has K times the values of one group: its variance averages over "
+                "the groups.",
+                partial(_merge_moments, mistake="sums")),
+    ),
+))
+
+
+def _scope_gradient(h: Any, dmu: Any, dvar: Any, scope: str, w: float, wv: float, *,
+                    mistake: str) -> Any:
+    axes = {"in": (2,), "ln": (1, 2), "bn": (0, 2)}[scope]
+    entries = {"in": (), "ln": (1,), "bn": (0,)}[scope]
+    if mistake == "no_gather":
+        entries = ()
+    size = int(np.prod([h.shape[a] for a in axes]))
+    if mistake == "size_hw":
+        size = h.shape[2]
+    mu_k = h.mean(axis=axes, keepdims=True)
+    if mistake == "mixed_mean":  # the mean of the entry (the IN one), not the scope's
+        mu_k = h.mean(axis=2, keepdims=True)
+    dvar_k = dvar.sum(axis=entries, keepdims=True) if entries else dvar
+    dmu_k = dmu.sum(axis=entries, keepdims=True) if entries else dmu
+    if mistake == "gather_mean" and entries:
+        dvar_k = dvar.mean(axis=entries, keepdims=True)
+        dmu_k = dmu.mean(axis=entries, keepdims=True)
+    ratio_var = w if mistake == "tied" else wv
+    two = 1.0 if mistake == "no_two" else 2.0
+    return ratio_var * dvar_k * two * (h - mu_k) / size + w * dmu_k / size
+
+
+register(Exercise(
+    id="03.2",
+    function="scope_gradient",
+    nudges=(
+        "one statistic of scope k feeds the mixed mean (or variance) of several entries "
+        "(n, c): its gradient is what those entries send it, weighted by the scope's ratio. "
+        "Then differentiate the statistic with respect to each of its |I_k| values.",
+        "d mu_k / d h = 1/|I_k|, d sigma_k^2 / d h = 2 (h - mu_k)/|I_k| with mu_k the "
+        "scope's own mean; the gradient of a statistic is the sum of Eq. (8) (or 7) over the "
+        "entries it feeds (over c for LN, over n for BN), times w_k (or w'_k).",
+    ),
+    mistakes=(
+        Mistake("each entry's gradient kept to itself (no sum over the scope)",
+                "An LN statistic is shared by the C entries of its image, a BN statistic by "
+                "the N entries of its channel: it gathers the gradients of all of them.",
+                partial(_scope_gradient, mistake="no_gather")),
+        Mistake("the gradients of the entries averaged instead of summed",
+                "A statistic used by several entries receives the sum of their gradients "
+                "(a value used many times adds its gradients, lesson 01's rule 3).",
+                partial(_scope_gradient, mistake="gather_mean")),
+        Mistake("|I_k| = HW for every scope",
+                "|I_k| is the number of values the scope averages: HW for IN, CHW for LN, NHW "
+                "for BN.",
+                partial(_scope_gradient, mistake="size_hw")),
+        Mistake("the mean ratio on the variance term (tied ratios)",
+                "The paper ties the ratios for its notation; SN's variances are mixed with "
+                "their own ratios w'_k.",
+                partial(_scope_gradient, mistake="tied")),
+        Mistake("the factor 2 of the variance's derivative missing",
+                "d (h - mu)^2 / dh = 2 (h - mu).",
+                partial(_scope_gradient, mistake="no_two")),
+        Mistake("each entry's own mean in the variance term",
+                "The scope's variance is taken about the scope's mean mu_k, so its derivative "
+                "carries h - mu_k.",
+                partial(_scope_gradient, mistake="mixed_mean")),
+    ),
+))
+
+
+def _logit_gradients(w: Any, S: Any, *, mistake: str) -> Any:
+    if mistake == "diagonal":
+        return w * (1 - w) * S
+    if mistake == "no_w":
+        return S - w @ S
+    if mistake == "plain_sum":
+        return w * (S - S.sum())
+    return w * S  # "chain_only": d w_k / d lambda_k = w_k read as the whole Jacobian
+
+
+register(Exercise(
+    id="03.3",
+    function="logit_gradients",
+    nudges=(
+        "lambda_k moves every ratio w_j, not only w_k (they sum to 1): sum the chain rule "
+        "over j.",
+        "dL/dlambda_k = sum_j S_j dw_j/dlambda_k with dw_j/dlambda_k = w_j (delta_jk - w_k).",
+    ),
+    mistakes=(
+        Mistake("the diagonal of the softmax's Jacobian only",
+                "Raising lambda_k lowers every other ratio too: the off-diagonal terms "
+                "-w_j w_k count.",
+                partial(_logit_gradients, mistake="diagonal")),
+        Mistake("the factor w_k missing",
+                "Every entry of the k-th column of the Jacobian carries w_k.",
+                partial(_logit_gradients, mistake="no_w")),
+        Mistake("an unweighted sum of S",
+                "The other ratios' gradients enter weighted by those ratios, w_j S_j.",
+                partial(_logit_gradients, mistake="plain_sum")),
+        Mistake("w_k S_k alone",
+                "The derivative of w_k = exp(lambda_k)/sum exp(lambda_z) is not w_k: the "
+                "denominator depends on lambda_k too.",
+                partial(_logit_gradients, mistake="chain_only")),
+    ),
+))
