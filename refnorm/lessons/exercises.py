@@ -516,3 +516,77 @@ register(Exercise(
                 partial(_logit_gradients, mistake="chain_only")),
     ),
 ))
+
+
+# -- lesson 03b: SN's ratios vs batch size (the toy network's backward) ---------------------------
+
+
+def _group_loss_backward(logits: Any, labels: Any, batch: int, *, mistake: str) -> Any:
+    if mistake == "no_softmax":
+        p = np.array(logits, dtype=np.float64)
+    else:
+        z = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    if mistake != "no_onehot":
+        p[np.arange(len(labels)), labels] -= 1.0
+    return p / {"group_count": len(labels), "no_division": 1}.get(mistake, batch)
+
+
+register(Exercise(
+    id="03b.1",
+    function="group_loss_backward",
+    nudges=(
+        "the step's loss is the mean over the whole batch; a group owns some of its terms. "
+        "Differentiate one term, -log p_{i, y_i}, with respect to its logits, then scale.",
+        "d(-log p_{i,y_i}) / d logits_i = p_i - onehot(y_i); the batch's mean divides every "
+        "term by the batch's size.",
+    ),
+    mistakes=(
+        Mistake("the group's own count where the batch's belongs",
+                "Dividing by the group's size makes each group's mean loss count fully: the "
+                "groups' sum is then (batch / group size) times the batch's mean loss.",
+                partial(_group_loss_backward, mistake="group_count")),
+        Mistake("the summed loss, not divided at all",
+                "The step minimizes the batch's mean loss: each term carries 1/batch.",
+                partial(_group_loss_backward, mistake="no_division")),
+        Mistake("the one-hot target not subtracted",
+                "-log p_{i,y} has two parts, -logits_{i,y} + log sum exp(logits_i): the "
+                "first gives -onehot(y).",
+                partial(_group_loss_backward, mistake="no_onehot")),
+        Mistake("the logits where the softmax belongs",
+                "The derivative of log sum exp(logits) is the softmax p, not the logits.",
+                partial(_group_loss_backward, mistake="no_softmax")),
+    ),
+))
+
+
+def _conv1x1_weight_grad(dz: Any, x: Any, *, mistake: str) -> Any:
+    dW = np.einsum("nohw,nchw->oc", dz, x)
+    if mistake == "transposed":
+        return dW.T
+    if mistake == "mean":
+        return dW / (x.shape[0] * x.shape[2] * x.shape[3])
+    return np.einsum("ohw,chw->oc", dz[0], x[0])  # "first_image"
+
+
+register(Exercise(
+    id="03b.2",
+    function="conv1x1_weight_grad",
+    nudges=(
+        "W_oc appears in every z_nohw: at every image n and pixel (h, w). Its gradient "
+        "collects all of them.",
+        "dL/dW_oc = sum over n, h, w of dL/dz_nohw x_nchw.",
+    ),
+    mistakes=(
+        Mistake("the gradient transposed, (C_in, C_out)",
+                "W maps C_in channels to C_out: its gradient has its shape, (C_out, C_in).",
+                partial(_conv1x1_weight_grad, mistake="transposed")),
+        Mistake("a mean over images and pixels where the sum belongs",
+                "Each use of W_oc adds its own contribution; the loss's scaling is already "
+                "in dz.",
+                partial(_conv1x1_weight_grad, mistake="mean")),
+        Mistake("the first image only",
+                "W is shared by every image of the group: sum over n too.",
+                partial(_conv1x1_weight_grad, mistake="first_image")),
+    ),
+))
