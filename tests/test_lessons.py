@@ -322,7 +322,9 @@ def test_lesson_opens_with_goals_assumptions_and_time(path):
 
 # Reading pace, measured on the lessons as first written (their stated times were met by it):
 # 150 words of prose a minute, 30 lines of code a minute, 8 minutes an exercise. Folded
-# solution discussions and answers (<details>) are read after the work and are not counted.
+# solution discussions and answers (<details>) are read after the work and are not counted,
+# nor is an optional appendix at the end (from a "## Appendix" heading on), which the
+# opening cell must then announce.
 WORDS_PER_MINUTE, LINES_PER_MINUTE, MINUTES_PER_EXERCISE = 150, 30, 8
 
 
@@ -330,6 +332,9 @@ def reading_minutes(path: Path) -> float:
     words = lines = exercises = 0
     for cell in _cells(path):
         source = _source(cell)
+        if cell["cell_type"] == "markdown" and source.startswith("## Appendix"):
+            assert "appendix" in _source(_cells(path)[0]), f"{path.name}: say so up front"
+            break
         if cell["cell_type"] == "markdown":
             words += len(re.sub(r"<details>.*?</details>", "", source, flags=re.S).split())
         elif "solution" in lessons.tags(cell):

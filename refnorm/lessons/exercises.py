@@ -590,3 +590,98 @@ register(Exercise(
                 partial(_conv1x1_weight_grad, mistake="first_image")),
     ),
 ))
+
+
+# -- lesson 04: normalization across devices -------------------------------------------------------
+
+
+def _chan_merge(counts: Any, means: Any, m2s: Any, *, mistake: str) -> Any:
+    n = len(counts) if mistake == "devices_count" else sum(counts)
+    if mistake == "unweighted_mean":
+        mean = sum(means) / len(means)
+    else:
+        mean = sum(n_p * mean_p for n_p, mean_p in zip(counts, means, strict=True)) / n
+    if mistake == "no_between":
+        return n, mean, sum(m2s)
+    weight = (lambda n_p: 1.0 if n_p else 0.0) if mistake == "unweighted_between" else (
+        lambda n_p: n_p)
+    return n, mean, sum(m2_p + weight(n_p) * (mean_p - mean) ** 2
+                        for n_p, mean_p, m2_p in zip(counts, means, m2s, strict=True))
+
+
+register(Exercise(
+    id="04.1",
+    function="chan_merge",
+    nudges=(
+        "the count and the sum of the values add up over the devices; for M2, split every "
+        "value's deviation from the batch mean at its device's mean, as exercise 03.1 did, "
+        "now with groups of different sizes.",
+        "n = sum n_p, mean = sum n_p mean_p / n, M2 = sum over p of [M2_p + n_p (mean_p - "
+        "mean)^2].",
+    ),
+    mistakes=(
+        Mistake("the devices' M2 added without the spread of their means",
+                "Each M2_p measures a shard from its own mean; the batch's mean lies "
+                "elsewhere, and each shard's offset adds n_p (mean_p - mean)^2.",
+                partial(_chan_merge, mistake="no_between")),
+        Mistake("an unweighted mean of the device means",
+                "The devices hold different numbers of values (one holds none): weight each "
+                "mean by its count.",
+                partial(_chan_merge, mistake="unweighted_mean")),
+        Mistake("the spread of the device means not weighted by their counts",
+                "A shard's offset from the batch mean counts once for every value it holds.",
+                partial(_chan_merge, mistake="unweighted_between")),
+        Mistake("the number of devices as the count",
+                "n counts the values of a channel over the whole batch, not the devices.",
+                partial(_chan_merge, mistake="devices_count")),
+    ),
+))
+
+
+def _sync_dx(comm: Any, x_hat_p: Any, dy_p: Any, gamma: Any, rstd: Any, n: int, *,
+             mistake: str) -> Any:
+    g = 1.0 if mistake == "no_gamma" else _per_channel(gamma)
+    r = _per_channel(rstd)
+    dx_hat = dy_p * g
+    sums = [dx_hat.sum(axis=_AXES), (dx_hat * x_hat_p).sum(axis=_AXES)]
+    if mistake == "two_allreduces":
+        s1, = comm.allreduce_sum([sums[0]])
+        s2, = comm.allreduce_sum([sums[1]])
+    elif mistake == "local_sums":
+        s1, s2 = sums
+    else:
+        s1, s2 = comm.allreduce_sum(sums)
+    count = max(dy_p.size // dy_p.shape[1], 1) if mistake in ("local_count", "local_sums") \
+        else n
+    return r * (dx_hat - _per_channel(s1) / count - x_hat_p * _per_channel(s2) / count)
+
+
+register(Exercise(
+    id="04.2",
+    function="sync_dx",
+    nudges=(
+        "write lesson 01's closed form for the whole batch and look at which of its "
+        "quantities involve other devices' samples: those, and only those, cross devices; "
+        "everything that depends on only this device's values stays local.",
+        "dx_p = r (dx_hat_p - S1 / n - x_hat_p S2 / n) with dx_hat = gamma dy, S1 = sum of "
+        "dx_hat and S2 = sum of dx_hat x_hat over every device's samples, n the batch's "
+        "count per channel.",
+    ),
+    mistakes=(
+        Mistake("each device's own sums (no all-reduce)",
+                "Every sample of the batch moved the shared mean and variance that this "
+                "device's samples used: the sums run over all devices.",
+                partial(_sync_dx, mistake="local_sums")),
+        Mistake("the device's own count where the batch's belongs",
+                "The sums cover the whole batch, so their means divide by the whole batch's "
+                "count n, given to the function.",
+                partial(_sync_dx, mistake="local_count")),
+        Mistake("two all-reduces",
+                "Both sums need only this device's dy_p and x_hat_p: they can travel "
+                "together, in one call.",
+                partial(_sync_dx, mistake="two_allreduces")),
+        Mistake("gamma left out",
+                "dL/dx_hat = gamma dy, before any sum.",
+                partial(_sync_dx, mistake="no_gamma")),
+    ),
+))
