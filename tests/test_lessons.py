@@ -347,7 +347,7 @@ def reading_minutes(path: Path) -> float:
 
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_lesson_meets_the_time_it_states(path):
-    stated = re.search(r"\*\*Takes\.?\*\*\.?\s+about\s+(\d+)\s+minutes",
+    stated = re.search(r"(?i)\*\*Takes\.?\*\*\.?\s+about\s+(\d+)\s+minutes",
                        _source(_cells(path)[0]))
     assert stated, f"{path.name}: the opening cell says '**Takes** about N minutes'"
     minutes = int(stated.group(1))

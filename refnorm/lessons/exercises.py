@@ -28,7 +28,7 @@ def _per_channel(a: Any) -> Any:
     return np.asarray(a).reshape(_CHANNEL)
 
 
-# -- lesson 01: Batch Normalization ------------------------------------------------------------
+# -- lesson 01: Batch Normalization -------------------------------------------------------------
 
 
 def _bn_forward(x: Any, gamma: Any, beta: Any, running_mean: Any, running_var: Any,
@@ -378,7 +378,7 @@ register(Exercise(
 ))
 
 
-# -- lesson 03: Switchable Normalization ----------------------------------------------------------
+# -- lesson 03: Switchable Normalization --------------------------------------------------------
 
 
 def _merge_moments(mu_in: Any, var_in: Any, axis: int, *, mistake: str) -> Any:
@@ -518,7 +518,7 @@ register(Exercise(
 ))
 
 
-# -- lesson 03b: SN's ratios vs batch size (the toy network's backward) ---------------------------
+# -- lesson 03b: SN's ratios vs batch size (the toy network's backward) -------------------------
 
 
 def _group_loss_backward(logits: Any, labels: Any, batch: int, *, mistake: str) -> Any:
@@ -592,7 +592,7 @@ register(Exercise(
 ))
 
 
-# -- lesson 04: normalization across devices -------------------------------------------------------
+# -- lesson 04: normalization across devices ----------------------------------------------------
 
 
 def _chan_merge(counts: Any, means: Any, m2s: Any, *, mistake: str) -> Any:
@@ -683,5 +683,73 @@ register(Exercise(
         Mistake("gamma left out",
                 "dL/dx_hat = gamma dy, before any sum.",
                 partial(_sync_dx, mistake="no_gamma")),
+    ),
+))
+
+
+# -- lesson 04b: data-parallel training ---------------------------------------------------------
+
+
+def _shard_sizes(n: int, P: int, *, mistake: str) -> Any:
+    small, extra = divmod(n, P)
+    if mistake == "remainder_last":
+        return [small] * (P - 1) + [n - small * (P - 1)]
+    if mistake == "larger_first":
+        return [small + 1] * extra + [small] * (P - extra)
+    return [-(-n // P)] * (P - 1) + [n - -(-n // P) * (P - 1)]  # "ceil_then_rest"
+
+
+register(Exercise(
+    id="04b.1",
+    function="shard_sizes",
+    nudges=(
+        "n = P q + r with 0 <= r < P: every shard gets q samples and r of them one more; "
+        "'the larger shards last' says which r.",
+        "let shard p start at floor(p n / P); its size is floor((p + 1) n / P) - floor(p n / P).",
+    ),
+    mistakes=(
+        Mistake("the whole remainder on the last device",
+                "Dealt out as evenly as possible, no two shards differ by more than one "
+                "sample.",
+                partial(_shard_sizes, mistake="remainder_last")),
+        Mistake("the larger shards first",
+                "refnorm puts the larger shards last: shard p starts at floor(p n / P).",
+                partial(_shard_sizes, mistake="larger_first")),
+        Mistake("ceil(n / P) for every device but the last",
+                "With n = 5 on 4 devices that leaves 2, 2, 2 and -1: deal the remainder one "
+                "sample at a time instead.",
+                partial(_shard_sizes, mistake="ceil_then_rest")),
+    ),
+))
+
+
+def _device_weights(sizes: Any, *, mistake: str) -> Any:
+    if mistake == "equal":
+        return [1 / len(sizes)] * len(sizes)
+    if mistake == "counts":
+        return [float(n) for n in sizes]
+    return [1.0] * len(sizes)  # "full"
+
+
+register(Exercise(
+    id="04b.2",
+    function="device_weights",
+    nudges=(
+        "write the batch's mean loss as a sum over the devices of their own mean losses, and "
+        "read off each one's factor.",
+        "L = (1/N) sum over samples = sum over p of (n_p / N) times device p's mean loss.",
+    ),
+    mistakes=(
+        Mistake("1/P for every device",
+                "That is the mean of the devices' mean losses: right only for equal shards; "
+                "a device's samples should count by how many they are.",
+                partial(_device_weights, mistake="equal")),
+        Mistake("each device's count n_p, not divided by N",
+                "The weights of a mean add up to 1.",
+                partial(_device_weights, mistake="counts")),
+        Mistake("every device's mean loss at weight 1",
+                "Summing the devices' mean losses counts every device's samples as if each "
+                "device held the whole batch.",
+                partial(_device_weights, mistake="full")),
     ),
 ))
