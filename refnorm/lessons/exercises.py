@@ -753,3 +753,89 @@ register(Exercise(
                 partial(_device_weights, mistake="full")),
     ),
 ))
+
+
+# -- lesson 05: WN, NP and TReLU --------------------------------------------------------------
+
+
+def _wn_backward(G: Any, V: Any, g: Any, eps: float, *, mistake: str) -> Any:
+    norm = np.sqrt(np.sum(V * V, axis=1, keepdims=True))
+    v_unit = V / norm
+    dg = np.sum(G * V, axis=1)
+    if mistake != "dg_no_norm":
+        dg = dg / (norm.ravel() + eps)
+    along = np.sum(G * v_unit, axis=1, keepdims=True)
+    factor = 1.0 if mistake == "projection_no_eps" else norm / (norm + eps)
+    if mistake == "no_projection":
+        inner = G
+    elif mistake == "projection_with_v":
+        inner = G - np.sum(G * V, axis=1, keepdims=True) * V
+    else:
+        inner = G - factor * along * v_unit
+    gain = 1.0 if mistake == "no_gain" else g[:, None]
+    return gain / (norm + eps) * inner, dg
+
+
+register(Exercise(
+    id="05.1",
+    function="wn_backward",
+    nudges=(
+        "W_j = g_j V_j / (N + eps) with N = ||V_j||: V_j enters twice, in the numerator and "
+        "through N; add both paths, and write the second with the unit vector v_hat.",
+        "dN/dV_j = v_hat; d(1/(N + eps))/dV_j = -v_hat / (N + eps)^2; "
+        "dL/dg_j = <G, V_j>/(N + eps).",
+    ),
+    mistakes=(
+        Mistake("the path through the norm dropped",
+                "N depends on V_j too: its derivative removes (almost all of) G's component "
+                "along V_j.",
+                partial(_wn_backward, mistake="no_projection")),
+        Mistake("V where its unit vector belongs in the projection (a missing 1/N^2)",
+                "The component of G along V_j is <G, v_hat> v_hat with v_hat = V_j / N.",
+                partial(_wn_backward, mistake="projection_with_v")),
+        Mistake("the projection without its factor N/(N + eps)",
+                "The derivative of 1/(N + eps) brings N/(N + eps), not 1: eps sits outside "
+                "the norm.",
+                partial(_wn_backward, mistake="projection_no_eps")),
+        Mistake("dg without the division by N + eps",
+                "W_j = g_j V_j/(N + eps) is linear in g_j with that factor.",
+                partial(_wn_backward, mistake="dg_no_norm")),
+        Mistake("g left out of dV",
+                "Every path from V_j to W_j is scaled by g_j.",
+                partial(_wn_backward, mistake="no_gain")),
+    ),
+))
+
+
+def _trelu_backward(dy: Any, z: Any, alpha: Any, *, mistake: str) -> Any:
+    below = z <= alpha.reshape(1, -1, 1, 1)
+    if mistake == "swapped":
+        below = ~below
+    dz = dy if mistake == "dz_everywhere" else np.where(below, 0.0, dy)
+    axes = (0, 1, 2, 3) if mistake == "dalpha_all_axes" else _AXES
+    return dz, np.sum(np.where(below, dy, 0.0), axis=axes)
+
+
+register(Exercise(
+    id="05.2",
+    function="trelu_backward",
+    nudges=(
+        "max(z, alpha) is one of its two arguments at every position: the gradient goes to "
+        "the one that was chosen, and alpha_j is shared by every position of channel j.",
+        "dz = dy where z > alpha, else 0; dalpha_j = sum of dy over channel j's positions "
+        "where z <= alpha_j.",
+    ),
+    mistakes=(
+        Mistake("the two sides of the bend swapped",
+                "Where z > alpha the output is z: the gradient goes to z there, to alpha "
+                "elsewhere.",
+                partial(_trelu_backward, mistake="swapped")),
+        Mistake("dz passed everywhere",
+                "Where z <= alpha the output is alpha, a constant for z: no gradient reaches "
+                "z there.",
+                partial(_trelu_backward, mistake="dz_everywhere")),
+        Mistake("dalpha summed over every axis",
+                "Each channel has its own alpha_j: sum over N, H and W only.",
+                partial(_trelu_backward, mistake="dalpha_all_axes")),
+    ),
+))
