@@ -839,3 +839,82 @@ register(Exercise(
                 partial(_trelu_backward, mistake="dalpha_all_axes")),
     ),
 ))
+
+
+# -- lesson 05b: Weight Standardization ---------------------------------------------------------
+
+
+def _ws_backward_eq89(g_hat: Any, W_hat: Any, sigma: Any, *, mistake: str) -> Any:
+    divisor = 1 if mistake == "projection_no_1_over_i" else W_hat.shape[1]
+    proj = np.sum(W_hat * g_hat, axis=1, keepdims=True) / divisor
+    inner = g_hat if mistake == "no_projection" else g_hat - proj * W_hat
+    dW_dot = inner / (sigma**2 if mistake == "sigma_squared" else sigma)
+    return dW_dot if mistake == "no_mean" else dW_dot - dW_dot.mean(axis=1, keepdims=True)
+
+
+register(Exercise(
+    id="05b.1",
+    function="ws_backward_eq89",
+    nudges=(
+        "Eq. 6 divides by sigma, which depends on W_dot (as WN's norm depends on V: lesson "
+        "05's exercise): two paths; then Eq. 5 is linear, W_dot = W - mean(W), and its "
+        "backward is its transpose.",
+        "d sigma / d W_dot = W_dot / (I sigma) = W_hat / I; so dL/dW_dot = (g_hat - <W_hat, "
+        "g_hat> W_hat / I) / sigma, and dL/dW = dL/dW_dot - mean(dL/dW_dot).",
+    ),
+    mistakes=(
+        Mistake("Eq. 5's backward (the mean removal) forgotten",
+                "W_dot = W - mean(W) is a function of W: moving one weight moves the mean, "
+                "which every W_dot subtracts.",
+                partial(_ws_backward_eq89, mistake="no_mean")),
+        Mistake("the path through sigma forgotten",
+                "sigma depends on W_dot: its derivative removes g_hat's component along "
+                "W_hat.",
+                partial(_ws_backward_eq89, mistake="no_projection")),
+        Mistake("the projection without its 1/I",
+                "||W_hat||^2 = I: the component of g_hat along W_hat is <W_hat, g_hat> "
+                "W_hat / I.",
+                partial(_ws_backward_eq89, mistake="projection_no_1_over_i")),
+        Mistake("a division by sigma^2 where sigma belongs",
+                "W_hat = W_dot / sigma: along any direction that does not change sigma, the "
+                "derivative is 1/sigma.",
+                partial(_ws_backward_eq89, mistake="sigma_squared")),
+    ),
+))
+
+
+def _ws_forward(W: Any, eps: float, correction: int, *, mistake: str) -> Any:
+    axis, keep = (None, False) if mistake == "whole_tensor" else (1, True)
+    mu = W.mean(axis=axis, keepdims=keep)
+    W_dot = W - mu
+    dof = 0 if mistake == "ignores_correction" else correction
+    count = W.size if axis is None else W.shape[1]
+    var = np.sum(W_dot**2, axis=axis, keepdims=keep) / (count - dof)
+    if mistake == "eps_in_root":
+        return W_dot / np.sqrt(var + eps)
+    return W_dot / (np.sqrt(var) + eps)
+
+
+register(Exercise(
+    id="05b.2",
+    function="ws_forward",
+    nudges=(
+        "Eq. 2 and Eq. 4, one output channel (one row of W) at a time; the correction only "
+        "changes what the sum of squared deviations is divided by.",
+        "W_hat = (W - mu) / (sigma + eps) per row, mu the row's mean, sigma = sqrt(sum((W - "
+        "mu)^2) / (I - correction)).",
+    ),
+    mistakes=(
+        Mistake("the correction ignored",
+                "correction=1 divides the sum of squared deviations by I - 1, as torch.std "
+                "does by default.",
+                partial(_ws_forward, mistake="ignores_correction")),
+        Mistake("eps under the square root",
+                "WS's Eq. 2 adds eps to sigma; under the root is BN's convention (and "
+                "refnorm's eps_mode='sqrt' option).",
+                partial(_ws_forward, mistake="eps_in_root")),
+        Mistake("one mean and sigma for the whole tensor",
+                "Each output channel's filter (each row) is standardized on its own.",
+                partial(_ws_forward, mistake="whole_tensor")),
+    ),
+))
