@@ -918,3 +918,140 @@ register(Exercise(
                 partial(_ws_forward, mistake="whole_tensor")),
     ),
 ))
+
+
+# -- lesson 06: micro-batches ---------------------------------------------------------------------
+
+
+def _update_gradient(model: Any, xs: Any, ys: Any, micro: int, *, mistake: str) -> Any:
+    from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
+
+    accumulation = len(ys) // micro
+    scale = {"sum": 1, "per_sample": micro}.get(mistake, accumulation)
+    grads: dict[str, Any] = {}
+    for start in range(0, len(ys), micro):
+        logits = model.forward(xs[start:start + micro], training=True)
+        _, cache = softmax_cross_entropy(logits, ys[start:start + micro])
+        model.backward(softmax_cross_entropy_backward(cache) / scale)
+        for key, layer, name in model.named_params():
+            grads[key] = layer.grads[name].copy() if mistake == "last_only" else grads.get(
+                key, 0) + layer.grads[name]
+    return grads
+
+
+register(Exercise(
+    id="06.1",
+    function="update_gradient",
+    nudges=(
+        "section 1 writes the update's loss as a sum over the micro-batches of their mean "
+        "losses, each with a factor: every micro-batch's backward contributes, and the "
+        "contributions add up across the loop.",
+        "L = sum over a of (1/A) (mean loss of micro-batch a), A = len(ys) // micro: scale "
+        "each micro-batch's gradient by 1/A and add the parameter gradients of all of them.",
+    ),
+    mistakes=(
+        Mistake("the micro-batches' gradients added without the 1/A",
+                "Each micro-batch's mean loss is already a mean; the update's mean over A of "
+                "them divides by A.",
+                partial(_update_gradient, mistake="sum")),
+        Mistake("only the last micro-batch's gradient kept",
+                "A backward overwrites layer.grads: add each micro-batch's gradients into "
+                "your own sums before the next one.",
+                partial(_update_gradient, mistake="last_only")),
+        Mistake("each micro-batch's gradient divided by its size",
+                "The mean loss of a micro-batch already divides by its size; what is left is "
+                "the mean over the micro-batches.",
+                partial(_update_gradient, mistake="per_sample")),
+    ),
+))
+
+
+def _accumulate(micro_grads: Any, sizes: Any, *, mistake: str) -> Any:
+    weights = {"by_count": [1 / len(sizes)] * len(sizes), "no_weights": [1.0] * len(sizes),
+               "sizes_only": [float(b) for b in sizes]}[mistake]
+    return {key: sum(w * g[key] for g, w in zip(micro_grads, weights, strict=True))
+            for key in micro_grads[0]}
+
+
+register(Exercise(
+    id="06.2",
+    function="accumulate",
+    nudges=(
+        "write the mean over all samples as a sum over the micro-batches of their mean "
+        "losses, and read off each one's factor: it depends on the micro-batch's size.",
+        "(1/B) sum_i l_i = sum over a of (b_a / B) (mean loss of micro-batch a), B = sum b_a.",
+    ),
+    mistakes=(
+        Mistake("every micro-batch weighted 1/A",
+                "That is the mean of the micro-batches' means: right only for equal sizes. "
+                "A micro-batch of 6 must count less than one of 8.",
+                partial(_accumulate, mistake="by_count")),
+        Mistake("the micro-batches' gradients added without weights",
+                "Each is the gradient of a mean loss: their plain sum counts the update A "
+                "times.",
+                partial(_accumulate, mistake="no_weights")),
+        Mistake("the sizes b_a as weights, not divided by B",
+                "The weights of a mean add up to 1: each micro-batch's share is b_a / B.",
+                partial(_accumulate, mistake="sizes_only")),
+    ),
+))
+
+
+# -- lesson 06b: why normalization helps -----------------------------------------------------------
+
+
+def _equivalent_eps(eps: float, s: float, *, mistake: str) -> float:
+    return {"times_s2": eps * s**2, "over_s": eps / s, "unchanged": eps}[mistake]
+
+
+register(Exercise(
+    id="06b.1",
+    function="equivalent_eps",
+    nudges=(
+        "scaling the input by s scales its mean by s and its variance by s^2; eps sits next "
+        "to the variance, under the square root. Take the s out of the root.",
+        "sqrt(s^2 sigma^2 + eps) = s sqrt(sigma^2 + eps'), solve for eps'.",
+    ),
+    mistakes=(
+        Mistake("eps times s^2",
+                "The variance of s z is s^2 sigma^2: taking s^2 out of the root divides eps "
+                "by it.",
+                partial(_equivalent_eps, mistake="times_s2")),
+        Mistake("eps / s",
+                "eps sits beside the variance, which scales as s^2, not s.",
+                partial(_equivalent_eps, mistake="over_s")),
+        Mistake("eps unchanged",
+                "eps does not scale with the input, so relative to the input's variance it "
+                "changes by 1/s^2: BN divides the scale out only up to eps.",
+                partial(_equivalent_eps, mistake="unchanged")),
+    ),
+))
+
+
+def _relative_gradient_factor(s: float, *, mistake: str) -> float:
+    return {"over_s": 1 / s, "times_s2": s**2, "unchanged": 1.0}[mistake]
+
+
+register(Exercise(
+    id="06b.2",
+    function="relative_gradient_factor",
+    nudges=(
+        "the loss is the same function at W and at s W (up to eps): differentiate "
+        "L_s(s W) = L_1(W) with respect to W, then divide by the norm of the scaled weights.",
+        "s (dL_s/dW at s W) = dL_1/dW at W, and ||s W|| = s ||W||.",
+    ),
+    mistakes=(
+        Mistake("1/s, the gradient's factor alone",
+                "The gradient at s W is 1/s of the gradient at W, and the weights it is "
+                "relative to are s times larger.",
+                partial(_relative_gradient_factor, mistake="over_s")),
+        Mistake("s^2, the factor inverted",
+                "Larger weights get smaller gradients: the chain rule through s W brings a "
+                "factor s on the other side.",
+                partial(_relative_gradient_factor, mistake="times_s2")),
+        Mistake("1, no change",
+                "The function does not change with s, but its gradient with respect to the "
+                "scaled weights does.",
+                partial(_relative_gradient_factor, mistake="unchanged")),
+    ),
+))
