@@ -199,6 +199,12 @@ def test_integer_answers_are_compared_as_integers(toy, capsys):
     with pytest.raises(AssertionError, match="must be an integer"):
         lessons.check_integers("9.9", lambda fn: {"count": 2.5}, None, {"count": 2},
                                reason="exact")
+    lessons.check_integers("9.9", lambda fn: {"moved": 12.0}, None, {"moved": 14},
+                           reason="a budget", at_most=True)
+    assert "moved = 12 <= 14 (a budget)" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="moved = 15, allowed at most 14"):
+        lessons.check_integers("9.9", lambda fn: {"moved": 15}, None, {"moved": 14},
+                               reason="a budget", at_most=True)
 
 
 def test_a_right_gradient_reports_its_measured_difference_not_zero(toy, capsys):

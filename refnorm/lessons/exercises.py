@@ -1055,3 +1055,85 @@ register(Exercise(
                 partial(_relative_gradient_factor, mistake="unchanged")),
     ),
 ))
+
+
+# -- lesson 07: why normalization is memory-bound -------------------------------------------------
+
+
+def _reference_backward_bytes(n: int, itemsize: int, *, mistake: str) -> Any:
+    reads, writes = {  # in units of one full-size array
+        "reductions_free": (10, 7),  # the four sums and means read nothing
+        "inputs_once": (8, 7),  # dy, x_hat and dx_hat read once each
+        "no_temporaries": (9, 2),  # the five temporaries neither written nor read back
+    }[mistake]
+    return reads * n * itemsize, writes * n * itemsize
+
+
+register(Exercise(
+    id="07.1",
+    function="reference_backward_bytes",
+    nudges=(
+        "list every numpy call of affine_backward and standardize_backward in order, as the "
+        "table of the forward does: each reads its full-size operands (the same array once) "
+        "and, unless it reduces, writes one new full-size array; a sum or mean reads too.",
+        "affine_backward makes 4 calls (3 reads of dy, 1 of x_hat, 2 new arrays); "
+        "standardize_backward makes 7 (2 of them means); count the reads of dx_hat, x_hat "
+        "and of each temporary.",
+    ),
+    mistakes=(
+        Mistake("the sums and means counted as free",
+                "A reduction streams its whole operand from memory: dy.sum() reads dy once "
+                "more.",
+                partial(_reference_backward_bytes, mistake="reductions_free")),
+        Mistake("each input read only once",
+                "Every numpy call reads its operands again: dy, x_hat and dx_hat each go "
+                "through memory once per call that uses them.",
+                partial(_reference_backward_bytes, mistake="inputs_once")),
+        Mistake("the temporaries left out",
+                "Every intermediate of a numpy expression is a new full-size array, written "
+                "and then read back by the next call.",
+                partial(_reference_backward_bytes, mistake="no_temporaries")),
+    ),
+))
+
+
+def _lean_bn_backward(dy: Any, x_hat: Any, rstd: Any, gamma: Any, *, mistake: str) -> Any:
+    C = dy.shape[1]
+    m = dy.shape[0] if mistake == "samples_count" else dy.size // C
+    dbeta = dy.sum(axis=_AXES)
+    dx = np.multiply(dy, x_hat)
+    dgamma = dx.sum(axis=_AXES)
+    gain = np.ones(C) if mistake == "no_gamma" else gamma
+    k = (gain * rstd.reshape(C)).reshape(1, C, 1, 1)
+    np.multiply(x_hat, (-dgamma / m).reshape(1, C, 1, 1), out=dx)
+    if mistake == "dgamma_after_overwrite":
+        dgamma = dx.sum(axis=_AXES)
+    dx += dy
+    dx += (-dbeta / m).reshape(1, C, 1, 1)
+    dx *= k
+    return dx, dgamma, dbeta
+
+
+register(Exercise(
+    id="07.2",
+    function="lean_bn_backward",
+    nudges=(
+        "section 3's algebra: the two per-channel sums the parameter gradients need give "
+        "both means of the closed form, so dx_hat never has to exist; then let one output "
+        "array take every step with out= and in-place operators.",
+        "dx = gamma rstd (dy - dbeta / m - x_hat dgamma / m), m = N H W, dbeta = sum dy and "
+        "dgamma = sum dy x_hat per channel.",
+    ),
+    mistakes=(
+        Mistake("the number of samples where the values per channel belong",
+                "The means run over N, H and W: m = N H W values per channel.",
+                partial(_lean_bn_backward, mistake="samples_count")),
+        Mistake("gamma left out of dx",
+                "dL/dx_hat = gamma dy: the per-channel factor is gamma times rstd.",
+                partial(_lean_bn_backward, mistake="no_gamma")),
+        Mistake("dgamma summed after its scratch array was overwritten",
+                "An array reused with out= holds the new values from then on: take every sum "
+                "you need from it before writing over it.",
+                partial(_lean_bn_backward, mistake="dgamma_after_overwrite")),
+    ),
+))

@@ -288,9 +288,10 @@ def check_outputs(exercise_id: str, run: Callable[[Any], Any], candidate: Any, w
 
 
 def check_integers(exercise_id: str, run: Callable[[Any], Any], candidate: Any, want: Any, *,
-                   reason: str) -> dict[str, Any]:
+                   reason: str, at_most: bool = False) -> dict[str, Any]:
     """Grade integer answers exactly: every output of ``run(candidate)`` (an int or a sequence
-    of ints, by name) must equal ``want``'s. Prints and reports integers, not errors."""
+    of ints, by name) must equal ``want``'s, or with ``at_most`` be no larger (entry by
+    entry). Prints and reports integers, not errors."""
     got = _run(exercise_id, run, candidate)
     want = _named(want)
     if set(got) != set(want):
@@ -302,13 +303,18 @@ def check_integers(exercise_id: str, run: Callable[[Any], Any], candidate: Any, 
         as_ints = _as_ints(value)
         if as_ints is None:
             failures.append(f"{key} must be an integer (or integers); got {value!r}")
-        elif as_ints != _as_ints(target):
+        elif at_most and not np.all(np.asarray(as_ints) <= np.asarray(_as_ints(target))):
+            failures.append(f"{key} = {_show(as_ints)}, allowed at most "
+                            f"{_show(_as_ints(target))}")
+        elif not at_most and as_ints != _as_ints(target):
             failures.append(f"{key} = {_show(as_ints)}, expected {_show(_as_ints(target))}")
     if failures:
         advice = diagnose(exercise_id, _int_arrays(got), lambda v: _int_arrays(_named(run(v))))
         raise AssertionError(f"exercise {exercise_id} failed: {'; '.join(failures)} "
                              f"({reason}). {advice}")
-    shown = ", ".join(f"{k} = {_show(_as_ints(v))}" for k, v in got.items())
+    shown = ", ".join(f"{k} = {_show(_as_ints(v))}" + (f" <= {_show(_as_ints(want[k]))}"
+                                                       if at_most else "")
+                      for k, v in got.items())
     print(f"exercise {exercise_id} passed: {shown} ({reason})")
     return got
 
