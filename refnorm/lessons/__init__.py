@@ -4,7 +4,8 @@
   checks, and the graders of the exercises (:func:`check_outputs`, :func:`check_gradients`,
   :func:`check_integers`), which name a known mistake or give a graded hint on a failure;
 - :mod:`refnorm.lessons.exercises`: the catalogue of the exercises, their known mistakes
-  (deliberately wrong variants of each exercise's function) and their hints;
+  (deliberately wrong variants of each exercise's function) and their hints, as
+  :mod:`refnorm.lessons.spec` records them;
 - :mod:`refnorm.lessons.student`: the cell tags, the student copy that blanks the solutions,
   and ``refnorm lessons --student DIR`` (or ``python -m refnorm.lessons --student DIR``).
 

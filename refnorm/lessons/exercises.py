@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from refnorm.lessons.grading import Exercise, Mistake, register
+from refnorm.lessons.spec import Exercise, Mistake, register
 
 _AXES = (0, 2, 3)  # BN's statistics: every axis but the channel's
 _CHANNEL = (1, -1, 1, 1)

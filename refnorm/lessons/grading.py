@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from refnorm.lessons.spec import _REGISTRY, Exercise, Mistake, register
 
 __all__ = [
     "Exercise",
@@ -54,56 +55,7 @@ MATCH_FLOAT64 = 1e-9
 MATCH_FLOAT32 = 1e-5
 
 
-@dataclass(frozen=True)
-class Mistake:
-    """A known wrong answer to an exercise.
-
-    Attributes
-    ----------
-    name : str
-        What the answer did, in a few words ("the biased variance in the running average").
-    why : str
-        Where it goes wrong and what to reconsider; never the corrected code.
-    variant : callable
-        The exercise's function with this one mistake (same signature as the candidate).
-    """
-
-    name: str
-    why: str
-    variant: Callable[..., Any]
-
-
-@dataclass(frozen=True)
-class Exercise:
-    """What a grader knows about one exercise beyond its check cell.
-
-    Attributes
-    ----------
-    id : str
-        ``"01.1"``: the lesson's number, a dot, the exercise's number.
-    function : str
-        The name of the function the solution cell defines (the candidate).
-    nudges : tuple of str
-        Hints in the order they are given: where to look, then the relevant equation.
-    mistakes : tuple of Mistake
-    """
-
-    id: str
-    function: str
-    nudges: tuple[str, ...]
-    mistakes: tuple[Mistake, ...] = ()
-
-
-_REGISTRY: dict[str, Exercise] = {}
 _FAILURES: dict[str, int] = {}  # failed checks per exercise that matched no mistake
-
-
-def register(spec: Exercise) -> Exercise:
-    """Add ``spec`` to the exercises the graders know (replacing one with its id)."""
-    if not spec.nudges:
-        raise ValueError(f"exercise {spec.id} needs at least one nudge")
-    _REGISTRY[spec.id] = spec
-    return spec
 
 
 def exercise(exercise_id: str) -> Exercise:
