@@ -1,6 +1,8 @@
 """The one interface every refnorm layer shares, the cases ``refnorm gradcheck`` runs, the
-two walkers over a network of layers, and :func:`from_functions`, which turns a pair of
-functions (a lesson's exercise, a method being tried out) into a layer.
+two walkers over a network of layers, and a layer made of two functions.
+
+:func:`from_functions` turns a forward/backward pair (a lesson's exercise, a method being
+tried out) into a :class:`Layer`.
 
 Normalizers (:mod:`refnorm.norms`), weight-side methods (:mod:`refnorm.weights`) and the
 network pieces (:mod:`refnorm.nn`) are all :class:`Layer` objects: ``forward(x, training)``,
@@ -286,8 +288,8 @@ def from_functions(forward: Callable[..., Any], backward: Callable[..., Any], *,
     >>> layer = from_functions(forward, batch_norm_backward,
     ...                        params={"gamma": np.ones(3), "beta": np.zeros(3)})
     >>> y = layer.forward(np.random.default_rng(0).standard_normal((4, 3, 2, 2)), True)
-    >>> sorted(layer.backward(np.ones_like(y)).shape), sorted(layer.grads)
-    ([2, 2, 3, 4], ['beta', 'gamma'])
+    >>> layer.backward(np.ones_like(y)).shape, sorted(layer.grads)
+    ((4, 3, 2, 2), ['beta', 'gamma'])
     """
     return FunctionLayer(forward, backward, params=params, state=state, name=name)
 
