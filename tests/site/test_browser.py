@@ -163,5 +163,5 @@ def test_search_finds_pages_offline(site, driver):
     found = [a.get_attribute("href") for a in
              driver.find_elements("css selector", "#search-results ul.search li a")]
     assert any(href.endswith("lessons/03_switchable_norm.html") for href in found), found
-    assert any(href.endswith("api/refnorm.norms.switchable.html") for href in found), found
+    assert any(href.endswith("api/refnorm.norms.switchable_norm.html") for href in found), found
     assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
