@@ -1,5 +1,8 @@
-"""The one interface every refnorm layer shares, the cases ``refnorm gradcheck`` runs, and the
-two walkers over a network of layers.
+"""The one interface every refnorm layer shares, the cases ``refnorm gradcheck`` runs, the
+two walkers over a network of layers, and a layer made of two functions.
+
+:func:`from_functions` turns a forward/backward pair (a lesson's exercise, a method being
+tried out) into a :class:`Layer`.
 
 Normalizers (:mod:`refnorm.norms`), weight-side methods (:mod:`refnorm.weights`) and the
 network pieces (:mod:`refnorm.nn`) are all :class:`Layer` objects: ``forward(x, training)``,
@@ -12,14 +15,21 @@ property suite and the CLI then serve all of them. A network is a layer, an obje
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
 
-from refnorm.backend import DEVICES, Array, device_namespace, gpu_problem, move_array
+from refnorm.backend import (
+    DEVICES,
+    Array,
+    array_namespace,
+    device_namespace,
+    gpu_problem,
+    move_array,
+)
 from refnorm.core.checks import check_bool, check_device, check_param_dtype
 from refnorm.dispatch import resolve
 
@@ -141,6 +151,147 @@ class Layer:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.params.items())
         return f"{type(self).__name__}({shapes})"
+
+
+# -- a layer from two functions ---------------------------------------------------------------
+
+
+class FunctionLayer(Layer):
+    """A :class:`Layer` whose forward and backward are two given functions; build one with
+    :func:`from_functions`, which documents the contract."""
+
+    def __init__(self, forward: Callable[..., Any], backward: Callable[..., Any], *,
+                 params: Mapping[str, Array], state: Mapping[str, Array] | None = None,
+                 name: str | None = None) -> None:
+        for what, fn in (("forward", forward), ("backward", backward)):
+            if not callable(fn):
+                raise TypeError(f"{what} must be a function; got {type(fn).__name__}")
+        state = {} if state is None else state
+        for what, given in (("params", params), ("state", state)):
+            if not isinstance(given, Mapping):
+                raise TypeError(f"{what} must be a dict of str to array; got "
+                                f"{type(given).__name__}")
+        clash = sorted(set(params) & set(state))
+        if clash:
+            raise ValueError(f"params and state must use different names; both have {clash}")
+        arrays = [*params.values(), *state.values()]
+        xp = array_namespace(*arrays) if arrays else np
+        dtype = next(iter(params.values())).dtype if params else None
+        super().__init__(dtype=dtype, xp=xp)
+        self.forward_function, self.backward_function = forward, backward
+        self.name = name or getattr(forward, "__name__", "forward")
+        self.params = {k: xp.asarray(v, copy=True) for k, v in params.items()}
+        self.state = {k: xp.asarray(v, copy=True) for k, v in state.items()}
+
+    def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
+        out = self.forward_function(x, **self.params, **self.state, training=training)
+        want = 3 if self.state else 2
+        if not isinstance(out, tuple) or len(out) != want:
+            got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+            expected = "(y, cache, new_state)" if self.state else "(y, cache)"
+            raise ValueError(f"{self.name} must return {expected} for a layer "
+                             f"{'with' if self.state else 'without'} state; it returned {got}")
+        if self.state:
+            self.state = self._checked_state(out[2])
+        return out[0], (out[1], tuple(x.shape))
+
+    def _checked_state(self, new: Any) -> dict[str, Array]:
+        if not isinstance(new, Mapping) or set(new) != set(self.state):
+            keys = sorted(new) if isinstance(new, Mapping) else type(new).__name__
+            raise ValueError(f"{self.name} must return its new state as a dict with the keys "
+                             f"{sorted(self.state)}; it returned {keys}")
+        for key, value in new.items():
+            if tuple(value.shape) != tuple(self.state[key].shape):
+                raise ValueError(f"{self.name} returned state {key!r} of shape "
+                                 f"{tuple(value.shape)}; it has shape "
+                                 f"{tuple(self.state[key].shape)}")
+        return dict(new)
+
+    def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
+        inner, x_shape = cache
+        out = self.backward_function(dy, inner)
+        name = getattr(self.backward_function, "__name__", "backward")
+        want = 1 + len(self.params)
+        if not isinstance(out, tuple) or len(out) != want:
+            got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+            order = ", ".join(["dx", *(f"d{k}" for k in self.params)])
+            raise ValueError(f"{name} must return ({order}); it returned {got}")
+        dx, grads = out[0], dict(zip(self.params, out[1:], strict=True))
+        for key, shape in (("x", x_shape), *((k, tuple(v.shape)) for k, v in
+                                               self.params.items())):
+            got_shape = tuple((dx if key == "x" else grads[key]).shape)
+            if got_shape != shape:
+                raise ValueError(f"{name} returned d{key} of shape {got_shape}; {key} has "
+                                 f"shape {shape}")
+        return dx, grads
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.params.items())
+        return f"FunctionLayer({self.name}: {shapes})"
+
+
+def from_functions(forward: Callable[..., Any], backward: Callable[..., Any], *,
+                   params: Mapping[str, Array], state: Mapping[str, Array] | None = None,
+                   name: str | None = None) -> Layer:
+    """Turn a forward/backward pair of functions into a :class:`Layer`.
+
+    What a lesson's exercises produce (a student's Batch Normalization) or a method being
+    tried out can then go wherever a layer goes: :func:`~refnorm.gradcheck.check_layer`, a
+    list of layers, or the trainer's network (``train(config, norm_layer=...)``, see
+    :class:`~refnorm.train.model.ConvNet`).
+
+    Parameters
+    ----------
+    forward : callable
+        Called as ``forward(x, **params, **state, training=training)`` with the layer's
+        current arrays. It returns ``(y, cache)`` for a layer without state, or
+        ``(y, cache, new_state)`` for a layer with state: ``new_state`` a dict with the keys
+        and shapes of ``state``, the state after this forward (in evaluation mode usually the
+        same arrays). Nothing else is kept between calls: ``cache`` goes to ``backward``.
+    backward : callable
+        Called as ``backward(dy, cache)`` with the ``cache`` of the last forward. It returns
+        ``(dx, d<param 1>, ..., d<param k>)``: ``dx`` with the shape of ``x``, then one
+        gradient per parameter, in the order of ``params`` and with its shape (the order
+        refnorm's pure pairs use: ``batch_norm_backward`` returns ``dx, dgamma, dbeta``).
+    params : dict of str to array
+        The learnable parameters; the layer starts with copies. Their namespace is the
+        layer's ``xp`` and the first one's dtype its ``dtype``.
+    state : dict of str to array, optional
+        Non-learned state (running statistics), copied likewise.
+    name : str, optional
+        How the layer names itself in messages and its ``repr``; default: the forward's name.
+
+    Returns
+    -------
+    Layer
+        Its ``forward(x, training)`` calls ``forward`` and keeps ``new_state`` as its
+        ``state``; its ``backward(dy)`` calls ``backward`` and fills ``grads`` under the
+        parameters' names.
+
+    Raises
+    ------
+    TypeError
+        If ``forward`` or ``backward`` is not callable, or ``params`` or ``state`` is not a
+        dict.
+    ValueError
+        If ``params`` and ``state`` share a name; at a call, if a function returns another
+        number of values or a gradient (or a new state) of another shape than its array.
+
+    Examples
+    --------
+    Batch Normalization from refnorm's pure pair, with running statistics left out:
+
+    >>> import numpy as np
+    >>> from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_forward
+    >>> def forward(x, gamma, beta, training):
+    ...     return batch_norm_forward(x, gamma, beta)
+    >>> layer = from_functions(forward, batch_norm_backward,
+    ...                        params={"gamma": np.ones(3), "beta": np.zeros(3)})
+    >>> y = layer.forward(np.random.default_rng(0).standard_normal((4, 3, 2, 2)), True)
+    >>> layer.backward(np.ones_like(y)).shape, sorted(layer.grads)
+    ((4, 3, 2, 2), ['beta', 'gamma'])
+    """
+    return FunctionLayer(forward, backward, params=params, state=state, name=name)
 
 
 # -- a network of layers -----------------------------------------------------------------------

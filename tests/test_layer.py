@@ -10,7 +10,7 @@ import pytest
 import refnorm
 from refnorm import registry
 from refnorm.gradcheck import _random_state
-from refnorm.layer import iter_layers
+from refnorm.layer import from_functions, iter_layers
 from refnorm.nn import AvgPool2d, GlobalAvgPool, MaxPool2d, ReLU
 
 
@@ -106,3 +106,132 @@ def test_iter_layers_walks_lists_and_models_in_order():
             return [b, [c]]
 
     assert list(iter_layers([a, Model()])) == [a, b, c]
+
+
+# -- from_functions -------------------------------------------------------------------------------
+
+
+def _bn_pair(momentum=0.1, eps=1e-5):
+    """BN with running statistics, from refnorm's pure functions, in from_functions's terms."""
+    from refnorm.norms.batch_norm import (
+        batch_norm_backward,
+        batch_norm_eval_forward,
+        batch_norm_forward,
+    )
+
+    def forward(x, gamma, beta, running_mean, running_var, training):
+        if not training:
+            y, cache = batch_norm_eval_forward(x, gamma, beta, running_mean, running_var,
+                                               eps=eps)
+            return y, cache, {"running_mean": running_mean, "running_var": running_var}
+        y, cache = batch_norm_forward(x, gamma, beta, eps=eps)
+        m = x.size // x.shape[1]
+        state = {"running_mean": (1 - momentum) * running_mean + momentum * cache.mean.ravel(),
+                 "running_var": (1 - momentum) * running_var
+                 + momentum * cache.var.ravel() * m / (m - 1)}
+        return y, cache, state
+
+    return forward, batch_norm_backward
+
+
+def _bn_from_functions(c, rng):
+    forward, backward = _bn_pair()
+    params = {"gamma": 1 + 0.3 * rng.standard_normal(c), "beta": 0.3 * rng.standard_normal(c)}
+    state = {"running_mean": np.zeros(c), "running_var": np.ones(c)}
+    return from_functions(forward, backward, params=params, state=state, name="my_bn"), params
+
+
+def test_from_functions_behaves_as_the_layer_it_is_made_of():
+    rng = np.random.default_rng(0)
+    layer, params = _bn_from_functions(3, rng)
+    bn = refnorm.build("bn", 3, dtype=np.float64)
+    bn.params = {k: v.copy() for k, v in params.items()}
+    assert layer.params["gamma"] is not params["gamma"]  # the layer keeps copies
+    for step in range(3):
+        x = 5 * rng.standard_normal((4, 3, 2, 2)) + 12
+        dy = rng.standard_normal(x.shape)
+        training = step < 2
+        np.testing.assert_allclose(layer.forward(x, training), bn.forward(x, training),
+                                   rtol=1e-12, atol=1e-12)
+        for key in bn.state:
+            np.testing.assert_allclose(layer.state[key], bn.state[key], rtol=1e-12)
+        np.testing.assert_allclose(layer.backward(dy), bn.backward(dy), rtol=1e-10,
+                                   atol=1e-12)
+        assert set(layer.grads) == {"gamma", "beta"}
+        for key in bn.grads:
+            np.testing.assert_allclose(layer.grads[key], bn.grads[key], rtol=1e-10)
+    assert "FunctionLayer(my_bn: gamma=(3,), beta=(3,))" == repr(layer)
+
+
+def test_from_functions_gradchecks_in_both_modes():
+    from refnorm.gradcheck import check_layer
+
+    rng = np.random.default_rng(1)
+    layer, _ = _bn_from_functions(2, rng)
+    layer.state = {"running_mean": 12 + rng.standard_normal(2),
+                   "running_var": 25 * rng.uniform(0.5, 1.5, 2)}
+    for training in (True, False):
+        errors = check_layer(layer, 5 * rng.standard_normal((3, 2, 2, 2)) + 12,
+                             training=training)
+        assert set(errors) == {"x", "gamma", "beta"}
+        assert max(e.max_rel_error for e in errors.values()) < 1e-6, errors
+
+
+def test_from_functions_deep_copies_and_keeps_its_functions():
+    layer, _ = _bn_from_functions(2, np.random.default_rng(2))
+    clone = copy.deepcopy(layer)
+    assert clone.forward_function is layer.forward_function
+    assert clone.params["gamma"] is not layer.params["gamma"]
+
+
+def _identity_pair():
+    def forward(x, w, training):
+        return x * w, x
+
+    def backward(dy, x):
+        return dy, dy * x
+
+    return forward, backward
+
+
+@pytest.mark.parametrize(("forward", "backward", "message"), [
+    (lambda x, w, training: x, None, "must return \\(y, cache\\) for a layer without state"),
+    (None, lambda dy, x: dy, r"must return \(dx, dw\); it returned ndarray"),
+    (None, lambda dy, x: (dy, dy), r"returned dw of shape \(2, 3\); w has shape \(3,\)"),
+    (None, lambda dy, x: (dy[:1], (dy * x).sum(axis=0)), r"returned dx of shape \(1, 3\); "
+                                                         r"x has shape \(2, 3\)"),
+])
+def test_from_functions_refuses_what_breaks_the_contract(forward, backward, message):
+    good_forward, good_backward = _identity_pair()
+    layer = from_functions(forward or good_forward, backward or good_backward,
+                           params={"w": np.ones(3)})
+    x = np.arange(6.0).reshape(2, 3)
+    with pytest.raises(ValueError, match=message):
+        layer.forward(x, True)
+        layer.backward(np.ones((2, 3)))
+
+
+def test_from_functions_checks_the_state_it_is_handed_back():
+    def forward(x, scale, training):
+        return x, None, {"scale": np.ones(4)}
+
+    layer = from_functions(forward, lambda dy, c: (dy,), params={}, state={"scale": np.ones(3)})
+    with pytest.raises(ValueError, match=r"returned state 'scale' of shape \(4,\); it has "
+                                         r"shape \(3,\)"):
+        layer.forward(np.ones((2, 3)), True)
+    bad_keys = from_functions(lambda x, scale, training: (x, None, {"other": scale}),
+                              lambda dy, c: (dy,), params={}, state={"scale": np.ones(3)})
+    with pytest.raises(ValueError, match=r"as a dict with the keys \['scale'\]"):
+        bad_keys.forward(np.ones((2, 3)), True)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"forward": 1}, TypeError, "forward must be a function; got int"),
+    ({"params": [np.ones(2)]}, TypeError, "params must be a dict of str to array; got list"),
+    ({"state": {"w": np.ones(2)}}, ValueError, r"both have \['w'\]"),
+])
+def test_from_functions_refuses_bad_arguments(kwargs, error, message):
+    forward, backward = _identity_pair()
+    args = {"forward": forward, "backward": backward, "params": {"w": np.ones(2)}, **kwargs}
+    with pytest.raises(error, match=message):
+        from_functions(args.pop("forward"), args.pop("backward"), **args)

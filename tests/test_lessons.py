@@ -1,11 +1,20 @@
-"""Tests for refnorm/lessons.py and for the lessons themselves.
+"""Tests for refnorm/lessons/ and for the lessons themselves.
 
-- The student copy blanks every solution, and a blanked exercise's check cell fails with a
-  message naming the exercise.
-- Every lesson's checks hold for other seeds: each lesson's code cells run in this process
-  (no kernel start), with its ``parameters`` cell replaced by ``SEED = s``; cells tagged
-  ``slow`` (training runs whose asserts are documented for seeds 0-7) are skipped, and so the
-  cells after them must not need them. About 20 s per seed on 2 cores.
+- The graders: a pass prints the measured error, a failure names the known mistake it equals
+  or gives the next of the exercise's hints; integers are compared as integers; a blank says
+  the exercise is not done yet.
+- The student copy: every solution blanked; ``refnorm lessons --student`` keeps a student's
+  edited notebook unless ``--force``, and says so when DIR is a file.
+- The lessons: every notebook has two graded exercises or more, each in the catalogue with
+  its hints and known mistakes; its opening cell states its time, which its length meets.
+- Every lesson's checks hold for other seeds, and every known mistake of every exercise is
+  named by its check: the code cells run in this process (no kernel start), with the
+  ``parameters`` cell replaced by ``SEED = s``. Check cells run in a copy of the namespace,
+  so no later cell can need what a check cell defines. Cells tagged ``slow`` (training runs
+  whose asserts are documented for several seeds) are skipped, and so the cells after them
+  must not need them.
+- Every lesson's student copy runs top to bottom and fails exactly at its check cells, each
+  with "not done yet" (slow check cells included: a blank fails them at once).
 """
 
 from __future__ import annotations
@@ -14,47 +23,52 @@ import contextlib
 import io
 import json
 import os
+import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from refnorm import lessons
+from refnorm.lessons import grading
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = sorted((ROOT / "lessons").glob("*.ipynb"))
+_CHECKED = re.compile(  # the exercise ids a check cell grades
+    r"""(?:check_outputs|check_gradients|check_integers|attempt)\(\s*["'](\S+?)["']""")
 
 
 def _cells(path: Path) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))["cells"]
 
 
-def _run(cells: list[dict], *, seed: int | None = None, stop_after=None) -> dict:
-    """Execute the code cells in one namespace; return it. ``stop_after(i, cell)`` ends early."""
+def _source(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+@contextlib.contextmanager
+def _in_lessons():
     os.environ.setdefault("MPLBACKEND", "Agg")
-    namespace: dict = {"__name__": "__main__"}
     cwd = Path.cwd()
     os.chdir(ROOT / "lessons")
     try:
-        for i, cell in enumerate(cells):
-            if cell["cell_type"] != "code":
-                continue
-            tags = lessons.tags(cell)
-            source = "".join(cell["source"])
-            if seed is not None and "parameters" in tags:
-                source = f"SEED = {seed}"
-            if seed is not None and "slow" in tags:
-                continue
-            with contextlib.redirect_stdout(io.StringIO()):
-                exec(compile(source, f"cell {i}", "exec"), namespace)
-            if stop_after is not None and stop_after(i, cell):
-                break
+        yield
     finally:
         os.chdir(cwd)
         import matplotlib.pyplot as plt
 
         plt.close("all")
-    return namespace
+
+
+def _exec(source: str, namespace: dict, name: str) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(source, name, "exec"), namespace)
+
+
+def _ids(path: Path) -> list[str]:
+    return [lessons.exercise_title(_source(c))[0] for c in _cells(path)
+            if "solution" in lessons.tags(c)]
 
 
 # -- blanking -----------------------------------------------------------------------------------
@@ -102,60 +116,123 @@ def test_blank_solution_refuses_malformed_cells(bad, message):
         lessons.blank_solution(bad)
 
 
-def test_check_close_passes_and_fails_loudly(capsys):
-    lessons.check_close("9.5", "a, b", [1.0, 2.0], [1.0, 2.0], tol=1e-12, reason="equal")
-    assert "exercise 9.5 passed" in capsys.readouterr().out
-    with pytest.raises(AssertionError, match=r"exercise 9.5 failed: rel_err\(a, b\) = 5.00e-01"):
-        lessons.check_close("9.5", "a, b", [1.0, 1.0], [1.0, 2.0], tol=1e-12, reason="equal")
-    with pytest.raises(AssertionError, match="shape"):
-        lessons.check_close("9.5", "a, b", [1.0], [1.0, 2.0], tol=1e-12, reason="equal")
+# -- the graders --------------------------------------------------------------------------------
 
 
-def test_check_grad_catches_a_wrong_backward():
+def _mean(x, *, mistake=None):
+    if mistake == "sum":
+        return x.sum(axis=0)
+    if mistake == "first":
+        return x[0]
+    return x.mean(axis=0)
+
+
+@pytest.fixture
+def toy():
+    """Exercise 9.9: the mean over axis 0, with two known mistakes."""
+    spec = lessons.register(lessons.Exercise(
+        id="9.9", function="mean0",
+        nudges=("look at the axis", "mean = sum / n"),
+        mistakes=(lessons.Mistake("a sum where the mean belongs", "divide by n",
+                                  partial(_mean, mistake="sum")),
+                  lessons.Mistake("the first row only", "use every row",
+                                  partial(_mean, mistake="first")))))
+    grading._FAILURES.pop("9.9", None)
+    yield spec
+    grading._REGISTRY.pop("9.9")
+
+
+X_TOY = np.arange(12.0).reshape(4, 3) ** 1.5
+
+
+def _grade_toy(candidate):
+    return lessons.check_outputs("9.9", lambda fn: {"mean": fn(X_TOY)}, candidate,
+                                 {"mean": X_TOY.mean(axis=0)}, tol=1e-12, reason="rounding")
+
+
+def test_a_right_answer_passes_with_its_measured_error(toy, capsys):
+    _grade_toy(lambda x: x.sum(axis=0) / x.shape[0])
+    out = capsys.readouterr().out
+    assert out.startswith("exercise 9.9 passed: rel_err(mean) = ") and "(rounding)" in out
+
+
+@pytest.mark.parametrize("mistake", ["sum", "first"])
+def test_a_known_mistake_is_named(toy, mistake):
+    wrong = next(m for m in toy.mistakes if m.variant.keywords["mistake"] == mistake)
+    # the student's own code for the same mistake, not the catalogue's function
+    student = {"sum": lambda x: np.add.reduce(x, axis=0), "first": lambda x: x[0].copy()}
+    with pytest.raises(AssertionError, match=f"a known mistake gives: {wrong.name}"):
+        _grade_toy(student[mistake])
+
+
+def test_an_unknown_mistake_gets_graded_hints_never_the_mistakes(toy):
+    wrong = lambda x: x.max(axis=0)  # noqa: E731
+    with pytest.raises(AssertionError, match=r"Hint 1 of 2 \(fail again.*: look at the axis"):
+        _grade_toy(wrong)
+    with pytest.raises(AssertionError, match=r"Hint 2 of 2: mean = sum / n"):
+        _grade_toy(wrong)
+    with pytest.raises(AssertionError, match=r"Hint 2 of 2: mean = sum / n"):
+        _grade_toy(wrong)
+
+
+def test_a_wrong_shape_fails_and_a_blank_is_not_done(toy):
+    with pytest.raises(AssertionError, match=r"mean has shape \(1, 3\), expected \(3,\)"):
+        _grade_toy(lambda x: x.mean(axis=0, keepdims=True))
+
+    def blank(x):
+        raise NotImplementedError("exercise 9.9: the mean")
+
+    with pytest.raises(AssertionError, match="exercise 9.9 is not done yet"):
+        _grade_toy(blank)
+
+
+def test_integer_answers_are_compared_as_integers(toy, capsys):
+    def run(fn):
+        return {"count": fn(np.ones((3, 2))).size, "sizes": [2, 3]}
+
+    lessons.check_integers("9.9", run, lambda x: x[0], {"count": 2, "sizes": (2, 3)},
+                           reason="exact")
+    assert "count = 2, sizes = [2, 3] (exact)" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match=r"count = 3, expected 2"):
+        lessons.check_integers("9.9", run, lambda x: x[:, 0], {"count": 2, "sizes": (2, 3)},
+                               reason="exact")
+    with pytest.raises(AssertionError, match="must be an integer"):
+        lessons.check_integers("9.9", lambda fn: {"count": 2.5}, None, {"count": 2},
+                               reason="exact")
+    lessons.check_integers("9.9", lambda fn: {"moved": 12.0}, None, {"moved": 14},
+                           reason="a budget", at_most=True)
+    assert "moved = 12 <= 14 (a budget)" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="moved = 15, allowed at most 14"):
+        lessons.check_integers("9.9", lambda fn: {"moved": 15}, None, {"moved": 14},
+                               reason="a budget", at_most=True)
+
+
+def test_a_right_gradient_reports_its_measured_difference_not_zero(toy, capsys):
     def f(x):
-        return x ** 2
+        return x**2
 
-    lessons.check_grad("9.6", f, lambda dy, x: {"x": 2 * x * dy}, {"x": np.array([1.0, -2.0, 3.0])})
-    with pytest.raises(AssertionError, match="exercise 9.6 failed: finite-difference error of dx"):
-        lessons.check_grad("9.6", f, lambda dy, x: {"x": x * dy}, {"x": np.array([1.0, -2.0, 3.0])})
+    def vjp(backward, dy, x):
+        return {"x": backward(dy, x)}
 
-
-# -- the lessons and their student copies --------------------------------------------------------
-
-
-@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
-def test_lesson_has_graded_exercises_and_a_seed(path):
-    cells = _cells(path)
-    code = [c for c in cells if c["cell_type"] == "code"]
-    assert sum("parameters" in lessons.tags(c) for c in code) == 1, "one SEED cell"
-    solutions = [i for i, c in enumerate(code) if "solution" in lessons.tags(c)]
-    for i in solutions:  # a check cell follows each solution (other code may come between)
-        assert any("check" in lessons.tags(c) for c in code[i + 1:]), f"no check after {i}"
+    measured = lessons.check_gradients("9.9", f, vjp, lambda dy, x: 2 * x * dy,
+                                       {"x": np.array([1.0, -2.0, 3.0])})
+    assert 0 < measured["x"] < 1e-8  # central differences are never exact
+    assert "dx differs from central differences by" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="dx differs from central differences"):
+        lessons.check_gradients("9.9", f, vjp, lambda dy, x: x * dy,
+                                {"x": np.array([1.0, -2.0, 3.0])})
 
 
-def _ids(path: Path) -> list[str]:
-    return [lessons.exercise_title("".join(c["source"]))[0] for c in _cells(path)
-            if "solution" in lessons.tags(c)]
+def test_expect_prints_integers_as_integers(capsys):
+    lessons.expect("all-reduces", 2, 2, 2, "one per step")
+    assert re.search(r"all-reduces\s+=\s+2   expected in \[2, 2\]", capsys.readouterr().out)
+    with pytest.raises(AssertionError, match=r"all-reduces = 3 is outside \[2, 2\]"):
+        lessons.expect("all-reduces", 3, 2, 2, "one per step")
+    with pytest.raises(AssertionError):
+        lessons.expect("a NaN", float("nan"), 0, 1, "never inside")
 
 
-@pytest.mark.parametrize("number", sorted({p.stem[:2] for p in LESSONS}))
-def test_every_lesson_has_two_exercises_with_unique_ids(number):
-    # A lesson may be split over notebooks (05 and 05b): count over its parts.
-    parts = [p for p in LESSONS if p.stem[:2] == number]
-    ids = [i for p in parts for i in _ids(p)]
-    assert len(ids) >= 2, f"lesson {number}: exercises {ids}"
-    assert len(set(ids)) == len(ids), f"lesson {number}: repeated exercise ids {ids}"
-    for p in parts:  # ids follow the notebook's name: 05b's exercises are 05b.1, 05b.2...
-        prefix = p.stem.split("_", 1)[0]
-        assert all(i.split(".")[0] == prefix for i in _ids(p)), (p.name, _ids(p))
-
-
-@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
-def test_lesson_opens_with_goals_assumptions_and_time(path):
-    first = "".join(_cells(path)[0]["source"])
-    assert first.startswith("# Lesson "), first[:40]
-    for word in ("Goals", "Assumes", "Takes", "minutes"):
-        assert word in first, f"{path.name}: the opening cell does not say '{word}'"
+# -- the student copy ---------------------------------------------------------------------------
 
 
 def test_student_copy_blanks_every_solution(tmp_path):
@@ -165,7 +242,7 @@ def test_student_copy_blanks_every_solution(tmp_path):
         assert len(original) == len(student)
         for a, b in zip(original, student, strict=True):
             if "solution" in lessons.tags(a):
-                assert "BEGIN SOLUTION" in "".join(a["source"])
+                assert "BEGIN SOLUTION" in _source(a)
                 assert "BEGIN SOLUTION" not in b["source"]
                 assert "raise NotImplementedError" in b["source"]
             if b["cell_type"] == "code":
@@ -173,15 +250,179 @@ def test_student_copy_blanks_every_solution(tmp_path):
     assert lessons.main(["--student", str(ROOT / "lessons")]) == 2  # never over the lessons
 
 
-def test_a_blanked_exercise_fails_its_check_with_its_name(tmp_path):
-    lessons.write_student_copies(tmp_path)
-    cells = _cells(tmp_path / "02_group_norm.ipynb")
-    first_check = next(i for i, c in enumerate(cells) if "check" in lessons.tags(c))
-    with pytest.raises(AssertionError, match=r"exercise 02\.1 is not done yet.*Exercise 02\.1"):
-        _run(cells[: first_check + 1])
+def test_student_copy_keeps_edited_notebooks_unless_forced(tmp_path, capsys):
+    assert lessons.main(["--student", str(tmp_path)]) == 0
+    assert lessons.main(["--student", str(tmp_path)]) == 0  # unchanged blanks: rewritten
+    edited = tmp_path / "02_group_norm.ipynb"
+    work = edited.read_text(encoding="utf-8").replace("raise NotImplementedError", "pass  #", 1)
+    edited.write_text(work, encoding="utf-8")
+    before = {p.name: p.read_text(encoding="utf-8") for p in tmp_path.glob("*.ipynb")}
+    capsys.readouterr()
+    assert lessons.main(["--student", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"refnorm lessons: error: {edited} differs from the blank student copy "
+                   "(your work?): it is kept; pass --force to overwrite it")
+    assert {p.name: p.read_text(encoding="utf-8") for p in tmp_path.glob("*.ipynb")} == before
+    assert lessons.main(["--student", str(tmp_path), "--force"]) == 0
+    assert edited.read_text(encoding="utf-8") != work
+
+
+def test_student_copy_into_a_file_says_it_is_a_file(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    assert lessons.main(["--student", str(a_file)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"refnorm lessons: error: {a_file} is a file; --student needs a folder to write the "
+        "copies into")
+    assert lessons.main(["--student", str(a_file / "below")]) == 2
+    assert a_file.read_text() == "not a folder"
+
+
+# -- the lessons' shape -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_lesson_has_graded_exercises_and_a_seed(path):
+    cells = _cells(path)
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert sum("parameters" in lessons.tags(c) for c in code) == 1, "one SEED cell"
+    ids = _ids(path)
+    assert len(ids) >= 2, f"{path.name}: exercises {ids}"
+    assert len(set(ids)) == len(ids), f"{path.name}: repeated exercise ids {ids}"
+    prefix = path.stem.split("_", 1)[0]  # 05b's exercises are 05b.1, 05b.2...
+    assert all(i.split(".")[0] == prefix for i in ids), (path.name, ids)
+    for i, cell in enumerate(code):  # the first check after a solution grades it
+        if "solution" in lessons.tags(cell):
+            ex = lessons.exercise_title(_source(cell))[0]
+            check = next(c for c in code[i + 1:] if "check" in lessons.tags(c))
+            assert ex in _CHECKED.findall(_source(check)), f"{ex}: its check is not next"
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_every_exercise_is_catalogued_with_hints_and_known_mistakes(path):
+    for cell in _cells(path):
+        if "solution" not in lessons.tags(cell):
+            continue
+        source = _source(cell)
+        spec = lessons.exercise(lessons.exercise_title(source)[0])
+        assert re.search(rf"^def {spec.function}\(", source, re.M), (spec.id, spec.function)
+        assert len(spec.nudges) >= 2, f"{spec.id}: where to look, then the equation"
+        assert len(spec.mistakes) >= 2, f"{spec.id}: {len(spec.mistakes)} known mistakes"
+        assert len({m.name for m in spec.mistakes}) == len(spec.mistakes)
+
+
+def test_the_catalogue_holds_only_the_lessons_exercises():
+    from refnorm.lessons import exercises  # noqa: F401
+
+    in_lessons = {i for p in LESSONS for i in _ids(p)}
+    assert set(grading._REGISTRY) - {"9.9"} == in_lessons
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_lesson_opens_with_goals_assumptions_and_time(path):
+    first = _source(_cells(path)[0])
+    assert first.startswith("# Lesson "), first[:40]
+    for word in ("Goals", "Assumes", "Takes", "minutes"):
+        assert word in first, f"{path.name}: the opening cell does not say '{word}'"
+
+
+# Reading pace, measured on the lessons as first written (their stated times were met by it):
+# 150 words of prose a minute, 30 lines of code a minute, 8 minutes an exercise. Folded
+# solution discussions and answers (<details>) are read after the work and are not counted,
+# nor is an optional appendix at the end (from a "## Appendix" heading on), which the
+# opening cell must then announce.
+WORDS_PER_MINUTE, LINES_PER_MINUTE, MINUTES_PER_EXERCISE = 150, 30, 8
+
+
+def reading_minutes(path: Path) -> float:
+    words = lines = exercises = 0
+    for cell in _cells(path):
+        source = _source(cell)
+        if cell["cell_type"] == "markdown" and source.startswith("## Appendix"):
+            assert "appendix" in _source(_cells(path)[0]), f"{path.name}: say so up front"
+            break
+        if cell["cell_type"] == "markdown":
+            words += len(re.sub(r"<details>.*?</details>", "", source, flags=re.S).split())
+        elif "solution" in lessons.tags(cell):
+            exercises += 1
+        else:
+            lines += sum(1 for line in source.splitlines() if line.strip())
+    return (words / WORDS_PER_MINUTE + lines / LINES_PER_MINUTE
+            + exercises * MINUTES_PER_EXERCISE)
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_lesson_meets_the_time_it_states(path):
+    stated = re.search(r"(?i)\*\*Takes\.?\*\*\.?\s+about\s+(\d+)\s+minutes",
+                       _source(_cells(path)[0]))
+    assert stated, f"{path.name}: the opening cell says '**Takes** about N minutes'"
+    minutes = int(stated.group(1))
+    assert 0.6 * minutes <= reading_minutes(path) <= 1.1 * minutes, (
+        f"{path.name}: states {minutes} minutes; its length reads in "
+        f"{reading_minutes(path):.0f}")
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_lesson_speaks_of_the_subject_not_of_how_it_was_made(path):
+    text = "\n".join(_source(c) for c in _cells(path)).lower()
+    for word in ("extraction", "extracted", "seed text", "seeds/", "2-core", "build machine"):
+        assert word not in text, f"{path.name} mentions '{word}'"
+
+
+# -- running the lessons ------------------------------------------------------------------------
+
+
+def _checked_exercises(source: str) -> list[str]:
+    return list(dict.fromkeys(_CHECKED.findall(source)))
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
-def test_lesson_checks_hold_for_other_seeds(path, seed):
-    _run(_cells(path), seed=seed)
+def test_lesson_checks_hold_and_name_every_known_mistake(path, seed):
+    namespace: dict = {"__name__": "__main__"}
+    named = 0
+    with _in_lessons():
+        for i, cell in enumerate(_cells(path)):
+            tags = lessons.tags(cell)
+            if cell["cell_type"] != "code" or "slow" in tags:
+                continue
+            source = f"SEED = {seed}" if "parameters" in tags else _source(cell)
+            if "check" not in tags:
+                _exec(source, namespace, f"cell {i}")
+                continue
+            for ex in _checked_exercises(source):
+                spec = lessons.exercise(ex)
+                for mistake in spec.mistakes:
+                    trial = dict(namespace)
+                    trial[spec.function] = mistake.variant
+                    with pytest.raises(AssertionError) as failed:
+                        _exec(source, trial, f"cell {i}, {ex} with '{mistake.name}'")
+                    assert f"a known mistake gives: {mistake.name}." in str(failed.value), (
+                        ex, mistake.name, str(failed.value))
+                    named += 1
+            _exec(source, dict(namespace), f"cell {i}")  # the solution passes
+    assert named >= 2 * len(_ids(path)), f"{path.name}: {named} mistakes named"
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_student_copy_fails_exactly_at_its_checks(path):
+    student, blanked = lessons.student_notebook(json.loads(path.read_text(encoding="utf-8")))
+    assert blanked == _ids(path)
+    namespace: dict = {"__name__": "__main__"}
+    failed = []
+    with _in_lessons():
+        for i, cell in enumerate(student["cells"]):
+            tags = lessons.tags(cell)
+            if cell["cell_type"] != "code" or ("slow" in tags and "check" not in tags):
+                continue
+            run_in = dict(namespace) if "check" in tags else namespace
+            try:
+                _exec(_source(cell), run_in, f"cell {i}")
+            except AssertionError as exc:
+                assert "check" in tags, f"cell {i} is no check but failed: {exc}"
+                assert "is not done yet" in str(exc), f"cell {i}: {exc}"
+                failed.append(i)
+                continue
+            assert "check" not in tags, f"check cell {i} passed in the student copy"
+    checks = [i for i, c in enumerate(student["cells"]) if "check" in lessons.tags(c)]
+    assert failed == checks

@@ -169,10 +169,12 @@ class _Interrupted(Exception):
         self.position, self.signum = position, signum
 
 
-def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None) -> ConvNet:
+def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None,
+                norm_layer: Callable[..., Any] | None = None) -> ConvNet:
     """The run's model, its arrays in numpy (``device="cpu"``) or CuPy (``"gpu"``), its layers
     on the fast path unless the process chose another (``--path``, ``REFNORM_PATH``); the
-    synchronized normalizers synchronize over ``comm``."""
+    synchronized normalizers synchronize over ``comm``; ``norm_layer`` builds the normalizers
+    instead of ``config.norm`` (:class:`~refnorm.train.model.ConvNet`)."""
     options: dict[str, Any] = {}
     if config.norm in ("sn", "syncsn"):
         options["inference"] = config.sn_inference
@@ -181,7 +183,8 @@ def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None) -> Conv
     xp = importlib.import_module("cupy") if config.device == "gpu" else np
     return ConvNet(in_channels=data.x_train.shape[1], num_classes=data.num_classes,
                    norm=config.norm, weight=config.weight, widths=config.widths,
-                   num_groups=config.num_groups, norm_options=options, seed=config.seed,
+                   num_groups=config.num_groups, norm_options=options,
+                   norm_layer=norm_layer, seed=config.seed,
                    dtype=np.dtype(config.dtype).type, xp=xp, path=get_path(default="fast"))
 
 
@@ -204,6 +207,7 @@ def train(
     data: Dataset | None = None,
     comm: Any = None,
     overwrite: bool = False,
+    norm_layer: Callable[..., Any] | None = None,
 ) -> Result:
     """Train ``config``; write metrics, curves and checkpoints to ``out`` if given.
 
@@ -230,6 +234,12 @@ def train(
         :class:`~refnorm.sync.nccl.NCCLCommunicator`), whose size must be
         ``config.devices``. Without it, ``config.devices`` devices run in this process
         (:class:`~refnorm.sync.comm.InProcessGroup`, one thread each).
+    norm_layer : callable, optional
+        Builds every block's normalizer in place of ``config.norm``'s, on every device:
+        ``norm_layer(width, dtype=..., xp=..., device=...)`` returns a layer (one made by
+        :func:`refnorm.layer.from_functions`, for instance); see
+        :class:`~refnorm.train.model.ConvNet`. ``config.norm`` still names the method (it
+        must not be ``"none"``), and the checkpoint keeps the layer's arrays under its names.
 
     Returns
     -------
@@ -249,10 +259,15 @@ def train(
         If ``resume`` finds no usable checkpoint for this configuration.
     ValueError
         If the data cannot train this network (too few samples for one update, an empty test
-        set, images too small for its pooling), or ``comm`` has another size.
+        set, images too small for its pooling), ``comm`` has another size, or ``norm_layer``
+        is not callable or comes with ``config.norm="none"``.
     Interrupted
         If a signal arrived before the first step (loading the data, reading a checkpoint).
     """
+    if norm_layer is not None and (config.norm == "none" or not callable(norm_layer)):
+        raise ValueError("norm_layer must be a function that builds each block's normalizer, "
+                         f"with config.norm naming the method; got {norm_layer!r} with "
+                         f"norm={config.norm!r}")
     if comm is not None and comm.size != config.devices:
         raise ValueError(f"config.devices is {config.devices} but the communicator has "
                          f"{comm.size} devices; they must agree")
@@ -271,7 +286,7 @@ def train(
         saved = None
         if resume:
             saved = together(group, "the checkpoint", lambda: _read(folder))
-        setup = _Setup(config, data, folder, saved, signals, progress, on_step)
+        setup = _Setup(config, data, folder, saved, signals, progress, on_step, norm_layer)
         with signals.deferred():
             if comm is None and config.devices > 1:
                 return InProcessGroup.run(config.devices, run_device,
@@ -290,6 +305,7 @@ class _Setup:
     signals: Signals
     progress: bool
     on_step: Callable[[int, int, ConvNet], None] | None
+    norm_layer: Callable[..., Any] | None = None
 
 
 def _open_folder(folder: Path | None, stack: ExitStack, config: TrainConfig, *, resume: bool,
@@ -342,7 +358,7 @@ def run_device(comm: Any, setup: _Setup) -> Result:
     config, data = setup.config, setup.data
     if comm.size > 1:
         comm = MeteredCommunicator(comm)
-    model = build_model(config, data, comm=comm)
+    model = build_model(config, data, comm=comm, norm_layer=setup.norm_layer)
     opt = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     bar = Progress(enabled=setup.progress and comm.rank == 0)
     steps = epoch_steps(len(data.y_train), config.update_size,

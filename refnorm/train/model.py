@@ -9,12 +9,16 @@ GN+WS is ``norm="gn", weight="ws"``. NP and TReLU layers carry their own nonline
 re-normalized and the translated ReLU), so their blocks have no separate ReLU; with TReLU a
 per-channel scale and shift follows the last block, the only gamma/beta such a network has
 (Gitman & Ginsburg, §3.2). Every block but the last halves the spatial size.
+
+``norm_layer`` builds the normalizers from a function of one's own instead of the registry: a
+layer made with :func:`refnorm.layer.from_functions` (a lesson's Batch Normalization) then
+trains in this network, through ``refnorm.train.train(config, norm_layer=...)``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -68,6 +72,14 @@ class ConvNet:
     norm_options : dict, optional
         Extra keyword arguments for the normalizer (e.g. ``{"inference": "batch_average"}``
         for SN, ``{"comm": comm}`` for the synchronized ones).
+    norm_layer : callable, optional
+        Builds every block's normalizer in place of the registered ``norm``: called as
+        ``norm_layer(width, dtype=dtype, xp=xp, device=device)`` for a block of ``width``
+        channels, it returns a :class:`~refnorm.layer.Layer` (e.g. one made by
+        :func:`~refnorm.layer.from_functions`; ``functools.partial(refnorm.build, "bn")`` builds
+        what ``norm="bn"`` does). ``norm`` still names the method the blocks hold (it decides
+        that the convolutions before it have no bias, and what a run reports), so it cannot be
+        ``"none"``; ``num_groups`` and ``norm_options`` are not passed to it.
     seed : int
         Seeds every layer's initialization.
     dtype : parameter dtype of ``xp`` (default float32); :meth:`forward` casts its input to it
@@ -85,7 +97,8 @@ class ConvNet:
 
     def __init__(self, *, in_channels: int, num_classes: int, norm: str = "bn",
                  weight: str | None = None, widths: tuple[int, ...] = (16, 32, 32),
-                 num_groups: int = 4, norm_options: dict | None = None, seed: int = 0,
+                 num_groups: int = 4, norm_options: dict | None = None,
+                 norm_layer: Callable[..., Layer] | None = None, seed: int = 0,
                  dtype: Any = None, xp: ModuleType | None = None, device: Any = None,
                  path: str | None = None) -> None:
         if norm not in NORMS:
@@ -93,6 +106,12 @@ class ConvNet:
         if weight not in WEIGHTS:
             raise ValueError(f"weight must be one of {', '.join(w or 'None' for w in WEIGHTS)}; "
                              f"got {weight!r}")
+        if norm_layer is not None and not callable(norm_layer):
+            raise TypeError(f"norm_layer must be a function that builds a layer; got "
+                            f"{type(norm_layer).__name__}")
+        if norm_layer is not None and norm == "none":
+            raise ValueError("norm_layer builds the blocks' normalizers, but norm='none' asks "
+                             "for none; name the method it stands for (e.g. norm='bn')")
         self.norm, self.weight = norm, weight
         self.xp = np if xp is None else xp
         self.dtype = dtype = check_param_dtype(self.xp, dtype)
@@ -102,7 +121,9 @@ class ConvNet:
         c_in = in_channels
         for i, width in enumerate(widths):
             blocks.append(self._conv(c_in, width, seed + i, has_norm=norm != "none"))
-            if norm != "none":
+            if norm_layer is not None:
+                blocks.append(self._own_norm(norm_layer, width))
+            elif norm != "none":
                 options = dict(norm_options or {})
                 if norm == "gn":
                     options.setdefault("num_groups", num_groups)
@@ -132,6 +153,13 @@ class ConvNet:
         if self.weight in ("wn", "ws"):
             options["bias"] = not has_norm
         return registry.build(self.weight, c_in, c_out, 3, **options)
+
+    def _own_norm(self, norm_layer: Callable[..., Layer], width: int) -> Layer:
+        layer = norm_layer(width, dtype=self.dtype, xp=self.xp, device=self.device)
+        if not isinstance(layer, Layer):
+            raise TypeError(f"norm_layer must return a refnorm Layer; it returned "
+                            f"{type(layer).__name__}")
+        return layer
 
     def __deepcopy__(self, memo: dict) -> ConvNet:
         # the array namespace (a module) is shared, everything else copied, as Layer does

@@ -328,3 +328,48 @@ def test_unusable_data_is_refused_before_training(tiny_data, monkeypatch, change
         train(TrainConfig(**TINY), progress=False, data=change(tiny_data))
 
 
+
+
+def test_a_normalizer_of_ones_own_trains_as_the_registered_one(tiny_data):
+    # refnorm's BN through refnorm.layer.from_functions: the same run, to float64 rounding,
+    # one device and two (every device builds its own layers with the factory).
+    from refnorm.layer import from_functions
+    from refnorm.norms.batch_norm import (
+        batch_norm_backward,
+        batch_norm_eval_forward,
+        batch_norm_forward,
+    )
+
+    def forward(x, gamma, beta, running_mean, running_var, training):
+        if not training:
+            y, cache = batch_norm_eval_forward(x, gamma, beta, running_mean, running_var)
+            return y, cache, {"running_mean": running_mean, "running_var": running_var}
+        y, cache = batch_norm_forward(x, gamma, beta)
+        m = x.size // x.shape[1]
+        return y, cache, {"running_mean": 0.9 * running_mean + 0.1 * cache.mean.ravel(),
+                          "running_var": 0.9 * running_var + 0.1 * cache.var.ravel() * m
+                          / (m - 1)}
+
+    def own_bn(width, dtype, xp, device):
+        return from_functions(forward, batch_norm_backward,
+                              params={"gamma": np.ones(width, dtype),
+                                      "beta": np.zeros(width, dtype)},
+                              state={"running_mean": np.zeros(width, dtype),
+                                     "running_var": np.ones(width, dtype)})
+
+    for devices in (1, 2):
+        cfg = TrainConfig(**{**TINY, "dtype": "float64", "devices": devices})
+        theirs = train(cfg, progress=False, data=tiny_data)
+        mine = train(cfg, progress=False, data=tiny_data, norm_layer=own_bn)
+        assert [type(layer).__name__ for layer in mine.model.layers()][1] == "FunctionLayer"
+        a, b = params_of(mine), params_of(theirs)
+        for key in b:  # the fast path's sums against the reference's: rounding apart
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12)
+        for row_a, row_b in zip(mine.history, theirs.history, strict=True):
+            assert row_a["test_acc"] == row_b["test_acc"]
+            assert abs(row_a["train_loss"] - row_b["train_loss"]) < 1e-9
+
+
+def test_a_normalizer_of_ones_own_needs_a_method_to_stand_for():
+    with pytest.raises(ValueError, match="norm_layer must be a function .* norm='none'"):
+        train(config(norm="none"), progress=False, norm_layer=lambda width, **place: None)

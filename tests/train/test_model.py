@@ -101,3 +101,36 @@ def test_a_model_deep_copies_with_its_namespace_shared():
     for (_, a, name), (_, b, _) in zip(model.named_params(), clone.named_params(), strict=True):
         assert a.params[name] is not b.params[name]
         assert (a.params[name] == b.params[name]).all()
+
+
+def test_norm_layer_builds_the_normalizers_of_every_block():
+    from functools import partial
+
+    import refnorm
+
+    built = []
+
+    def own(width, **place):
+        built.append((width, place["dtype"]))
+        return partial(refnorm.build, "bn")(width, **place)
+
+    mine = ConvNet(in_channels=1, num_classes=3, norm="bn", widths=(4, 6), norm_layer=own,
+                   dtype=np.float64, seed=5)
+    plain = ConvNet(in_channels=1, num_classes=3, norm="bn", widths=(4, 6), dtype=np.float64,
+                    seed=5)
+    assert built == [(4, np.float64), (6, np.float64)]
+    assert names(mine) == names(plain)
+    x = np.random.default_rng(6).standard_normal((3, 1, 4, 4))
+    assert np.array_equal(mine.forward(x, training=True), plain.forward(x, training=True))
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"norm": "none", "norm_layer": lambda width, **place: None}, ValueError,
+     "norm='none' asks for none"),
+    ({"norm_layer": "bn"}, TypeError, "norm_layer must be a function that builds a layer"),
+    ({"norm_layer": lambda width, **place: object()}, TypeError,
+     "must return a refnorm Layer; it returned object"),
+])
+def test_norm_layer_is_refused_when_it_cannot_build_normalizers(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ConvNet(in_channels=1, num_classes=3, widths=(4,), **kwargs)

@@ -187,8 +187,8 @@ def ranked(monkeypatch):
     """Models that know their device: ``model.rank``, for hooks that act on one device."""
     real = loop.build_model
 
-    def build(config, data, *, comm=None):
-        model = real(config, data, comm=comm)
+    def build(config, data, *, comm=None, **options):
+        model = real(config, data, comm=comm, **options)
         model.rank = 0 if comm is None else comm.rank
         return model
 

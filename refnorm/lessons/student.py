@@ -1,8 +1,8 @@
-"""Graded exercises in the lessons, and the student copy that blanks them.
+"""The student copy: every lesson with its solutions blanked, and ``refnorm lessons``.
 
 Every lesson (``lessons/*.ipynb``) ships with its exercises solved, so that the docs build
-executes each lesson with the solutions filled in and every check passing. Three cell tags
-(Jupyter cell metadata ``"tags"``) mark the pieces:
+executes each lesson with the solutions filled in and every check passing. Cell tags (Jupyter
+cell metadata ``"tags"``) mark the pieces:
 
 ``solution``
     A code cell holding an exercise. Its first line names it, ``# Exercise 01.1: <task>``
@@ -12,16 +12,20 @@ executes each lesson with the solutions filled in and every check passing. Three
     markers included, by ``raise NotImplementedError("exercise 01.1: <task>")`` at the
     indentation of the ``BEGIN`` line.
 ``check``
-    The cell that grades an exercise, with :func:`attempt` (a blank becomes an
-    ``AssertionError`` naming the exercise) and :func:`check_close` or :func:`check_grad`,
-    which print one pass line or raise ``AssertionError`` with the measured error, the
-    allowed range, its reason and a hint.
+    A cell that grades exercises (:mod:`refnorm.lessons.grading`). In a student copy it fails
+    until its exercises are filled in, and it is the only kind of cell that may: every other
+    cell runs whether or not the exercises are done.
 ``parameters``
     The cell that sets ``SEED = 0``; every random draw of the lesson derives from it, and
     ``tests/test_lessons.py`` reruns the lessons' checks with other seeds by replacing it.
+``slow``
+    A training run whose asserts were measured over several seeds: the docs build runs it,
+    the reruns with other seeds do not.
 
 ``refnorm lessons --student DIR`` (or ``python -m refnorm.lessons --student DIR``) writes
-the student copies: every lesson with its solution blocks blanked and its outputs cleared.
+the student copies: every lesson with its solution blocks blanked and its outputs cleared. It
+never overwrites a notebook that differs from the blank it would write (the student's work)
+unless asked with ``--force``.
 """
 
 from __future__ import annotations
@@ -31,13 +35,11 @@ import copy
 import json
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-LESSONS_DIR = Path(__file__).resolve().parent.parent / "lessons"
+LESSONS_DIR = Path(__file__).resolve().parent.parent.parent / "lessons"
 BEGIN = "# BEGIN SOLUTION"
 END = "# END SOLUTION"
 _TITLE = re.compile(r"^#\s*Exercise\s+(\S+?):\s*(.+)$")
@@ -46,85 +48,6 @@ _TITLE_GOES_ON = re.compile(r"^#\s{2,}(\S.*)$")  # "#   more of the task", right
 
 class LessonFormatError(ValueError):
     """A ``solution`` cell without its title line or with unbalanced markers."""
-
-
-# -- grading helpers, called from the lessons' check cells ----------------------------------------
-
-
-def attempt(exercise: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call the student's ``fn(*args, **kwargs)``; a blank becomes an ``AssertionError``.
-
-    A blanked exercise raises ``NotImplementedError``; the check cell then fails with
-    ``exercise <id> is not done yet`` and the task, instead of a bare traceback.
-    """
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError as exc:
-        raise AssertionError(
-            f"exercise {exercise} is not done yet: fill in the cell marked "
-            f"'# Exercise {exercise}' ({exc})"
-        ) from None
-
-
-def rel_err(a: Any, b: Any) -> float:
-    """``max|a - b| / max(max|a|, max|b|)`` in float64: the lessons' norm-relative error.
-
-    Not entry by entry: a normalizer's gradients have entries that are zero up to rounding.
-    Two all-zero arrays are 0 apart.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise AssertionError(f"shapes differ: {a.shape} vs {b.shape}")
-    scale = float(max(np.max(np.abs(a)), np.max(np.abs(b)))) if a.size else 0.0
-    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-    return diff / scale if scale > 0 else diff
-
-
-def _report(exercise: str, what: str, value: float, tol: float, reason: str, hint: str) -> None:
-    line = f"{what} = {value:.2e}, allowed <= {tol:.0e} ({reason})"
-    if not value <= tol:  # also catches NaN
-        raise AssertionError(f"exercise {exercise} failed: {line}. Hint: {hint}")
-    print(f"exercise {exercise} passed: {line}")
-
-
-def check_close(exercise: str, what: str, got: Any, want: Any, *, tol: float, reason: str,
-                hint: str = "compare your formula with the lesson's derivation") -> float:
-    """Grade ``got`` against ``want`` (usually refnorm's result) by :func:`rel_err`.
-
-    Prints ``exercise <id> passed: ...`` with the measured error, the tolerance and its
-    reason; raises ``AssertionError`` with the same numbers and ``hint`` otherwise (also for
-    a shape mismatch or a non-finite result). Returns the error.
-    """
-    got = np.asarray(got)
-    want = np.asarray(want)
-    if got.shape != want.shape:
-        raise AssertionError(
-            f"exercise {exercise} failed: {what}: shape {got.shape}, expected {want.shape}. "
-            f"Hint: {hint}"
-        )
-    err = rel_err(got, want)
-    _report(exercise, f"rel_err({what})", err, tol, reason, hint)
-    return err
-
-
-def check_grad(exercise: str, f: Callable[..., Any], vjp: Callable[..., Mapping[str, Any]],
-               inputs: Mapping[str, Any], *, tol: float = 1e-6, seed: int = 0,
-               hint: str = "differentiate the forward again, term by term") -> dict[str, float]:
-    """Grade a student's backward ``vjp`` against finite differences of ``f``.
-
-    Runs :func:`refnorm.gradcheck.check_vjp` (float64, central differences, a random upstream
-    gradient, the error measured beyond the finite-difference noise floor) and grades every
-    gradient ``vjp`` returns; ``tol`` 1e-6 is the gradcheck default (a correct float64
-    backward stays below 1e-9 here, a wrong term gives an error of order 1e-2 or more).
-    """
-    from refnorm.gradcheck import check_vjp
-
-    errors = check_vjp(f, lambda dy, **kw: attempt(exercise, vjp, dy, **kw), inputs, seed=seed)
-    for name, err in errors.items():
-        _report(exercise, f"finite-difference error of d{name}", err.max_rel_error, tol,
-                "float64 central differences beyond their noise floor", hint)
-    return {name: err.max_rel_error for name, err in errors.items()}
 
 
 # -- the student copy ----------------------------------------------------------------------------
@@ -216,23 +139,56 @@ def student_notebook(nb: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return out, blanked
 
 
-def write_student_copies(dest: Path, src: Path = LESSONS_DIR) -> dict[str, list[str]]:
-    """Write the student copy of every ``src/*.ipynb`` into ``dest``; return the blanks per file."""
+class StudentWorkError(ValueError):
+    """A student copy would overwrite a notebook that differs from the blank it writes."""
+
+
+def _dumps(nb: Mapping[str, Any]) -> str:
+    return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+
+
+def write_student_copies(dest: Path, src: Path = LESSONS_DIR, *,
+                         force: bool = False) -> dict[str, list[str]]:
+    """Write the student copy of every ``src/*.ipynb`` into ``dest``; return the blanks per file.
+
+    A notebook already in ``dest`` is left alone if it is the blank this would write; one that
+    differs (a student's edits) makes the call refuse, before anything is written, with
+    :class:`StudentWorkError` naming it, unless ``force`` is true.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``src`` holds no lesson.
+    NotADirectoryError
+        If ``dest`` (or a folder above it) is a file.
+    ValueError
+        If ``dest`` is ``src``.
+    StudentWorkError
+        If a notebook in ``dest`` differs from its blank and ``force`` is false.
+    """
     src, dest = Path(src), Path(dest)
     notebooks = sorted(src.glob("*.ipynb"))
     if not notebooks:
         raise FileNotFoundError(f"no lessons (*.ipynb) in {src}")
+    for folder in (dest, *dest.parents):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file; --student needs a folder to write "
+                                     "the copies into")
     if dest.resolve() == src.resolve():
         raise ValueError(f"the student copy would overwrite the lessons in {src}; pick another DIR")
-    dest.mkdir(parents=True, exist_ok=True)
-    written: dict[str, list[str]] = {}
+    copies: dict[str, tuple[str, list[str]]] = {}
     for path in notebooks:
-        nb = json.loads(path.read_text(encoding="utf-8"))
-        student, blanked = student_notebook(nb)
-        (dest / path.name).write_text(json.dumps(student, indent=1, ensure_ascii=False) + "\n",
-                                      encoding="utf-8")
-        written[path.name] = blanked
-    return written
+        student, blanked = student_notebook(json.loads(path.read_text(encoding="utf-8")))
+        copies[path.name] = (_dumps(student), blanked)
+        target = dest / path.name
+        if not force and target.exists() and target.read_text(encoding="utf-8") != copies[
+                path.name][0]:
+            raise StudentWorkError(f"{target} differs from the blank student copy (your work?): "
+                                   "it is kept; pass --force to overwrite it")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, (text, _) in copies.items():
+        (dest / name).write_text(text, encoding="utf-8")
+    return {name: blanked for name, (_, blanked) in copies.items()}
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -244,18 +200,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "lessons", help="write the lessons with their exercises blanked",
         description=("Write a student copy of every lesson: each exercise's solution replaced "
                      "by 'raise NotImplementedError(...)', outputs cleared. The check cell "
-                     "after each exercise fails until it is filled in."))
+                     "after each exercise fails until it is filled in. A notebook in DIR that "
+                     "differs from its blank (your work) is never overwritten without "
+                     "--force."))
     p.add_argument("--student", metavar="DIR", type=Path, required=True,
                    help="folder to write the student copies into (created if missing)")
     p.add_argument("--source", metavar="DIR", type=Path, default=LESSONS_DIR,
                    help=f"folder of the solved lessons (default: {LESSONS_DIR})")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite notebooks in DIR that differ from their blank (edited ones)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lessons`` for parsed ``args``; return the exit status."""
     try:
-        written = write_student_copies(args.student, args.source)
+        written = write_student_copies(args.student, args.source, force=args.force)
     except (OSError, ValueError) as exc:
         print(f"refnorm lessons: error: {exc}", file=sys.stderr)
         return 2
@@ -274,7 +234,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] != "lessons":
         argv = ["lessons", *argv]
     return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

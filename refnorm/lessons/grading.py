@@ -1,0 +1,371 @@
+"""The lessons' checks: plain asserts with their reasons, and the graders of the exercises.
+
+:func:`expect` and :func:`rel_err` are what every lesson's ordinary cells use: a measured value
+printed beside its allowed range and the reason for that range, then asserted.
+
+An exercise is a function the student writes (the *candidate*). Its check cell hands the
+candidate to a grader together with a ``run``: what the check does with a candidate (call it
+on inputs drawn from refnorm, collect its outputs by name). The grader runs the candidate,
+compares its outputs with refnorm's (:func:`check_outputs`), with central finite differences
+(:func:`check_gradients`) or exactly, for integers (:func:`check_integers`), and prints one pass
+line with the measured error, the tolerance and its reason. On a failure it diagnoses before
+it raises ``AssertionError``:
+
+1. each known mistake of the exercise (:class:`Mistake`, catalogued in
+   :mod:`refnorm.lessons.exercises`: the exercise's function with one deliberate error, such
+   as a missing ``1/m``, the wrong axes, a dropped term, the biased variance where the unbiased
+   one belongs, a forgotten ``eps``, a device's own count where the global one belongs) is run
+   the same way; when the candidate's outputs equal one mistake's, the message names it and
+   says where it goes wrong;
+2. otherwise a graded nudge: the exercise's first hint says where to look, a second failure
+   gives the relevant equation; a hint never gives the answer.
+
+A blank (``NotImplementedError`` from the student copy) fails with ``exercise <id> is not done
+yet`` instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from refnorm.lessons.spec import _REGISTRY, Exercise, Mistake, register
+
+__all__ = [
+    "Exercise",
+    "Mistake",
+    "attempt",
+    "check_gradients",
+    "check_integers",
+    "check_outputs",
+    "diagnose",
+    "exercise",
+    "expect",
+    "register",
+    "rel_err",
+]
+
+# How close a candidate's outputs must be to a mistake's to be named as that mistake: a
+# rounding difference of the same wrong computation (float64 sums in another order stay far
+# below 1e-9; float32 ones below 1e-5), never the distance to the right answer.
+MATCH_FLOAT64 = 1e-9
+MATCH_FLOAT32 = 1e-5
+
+
+_FAILURES: dict[str, int] = {}  # failed checks per exercise that matched no mistake
+
+
+def exercise(exercise_id: str) -> Exercise:
+    """The registered :class:`Exercise` ``exercise_id`` (the catalogue loads on first use)."""
+    if exercise_id not in _REGISTRY:
+        from refnorm.lessons import exercises  # noqa: F401  (registers the catalogue)
+    try:
+        return _REGISTRY[exercise_id]
+    except KeyError:
+        raise ValueError(f"no exercise {exercise_id!r} is registered; known: "
+                         f"{', '.join(sorted(_REGISTRY))}") from None
+
+
+# -- the lessons' plain checks ---------------------------------------------------------------
+
+
+def _number(value: Any, fmt: str) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return format(float(value), fmt)
+
+
+def expect(name: str, value: Any, lo: Any, hi: Any, reason: str) -> None:
+    """Print ``value`` beside its allowed range ``[lo, hi]`` and ``reason``; assert it is inside.
+
+    Integers print as integers (a count is not a relative error); a NaN is outside any range.
+    """
+    shown = _number(value, "10.3e")
+    print(f"{name:<46} = {shown:>10}   expected in [{_number(lo, '.2g')}, "
+          f"{_number(hi, '.2g')}]   ({reason})")
+    if not lo <= value <= hi:
+        raise AssertionError(f"{name} = {shown.strip()} is outside [{_number(lo, '.2g')}, "
+                             f"{_number(hi, '.2g')}] ({reason})")
+
+
+def rel_err(a: Any, b: Any) -> float:
+    """``max|a - b| / max(max|a|, max|b|)`` in float64: the lessons' norm-relative error.
+
+    Not entry by entry: a normalizer's gradients have entries that are zero up to rounding.
+    Two all-zero arrays are 0 apart.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"shapes differ: {a.shape} vs {b.shape}")
+    scale = float(max(np.max(np.abs(a)), np.max(np.abs(b)))) if a.size else 0.0
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def attempt(exercise_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call the student's ``fn(*args, **kwargs)``; a blank becomes an ``AssertionError``.
+
+    A blanked exercise raises ``NotImplementedError``; the check cell then fails with
+    ``exercise <id> is not done yet`` and the task, instead of a bare traceback.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError as exc:
+        raise AssertionError(
+            f"exercise {exercise_id} is not done yet: fill in the cell marked "
+            f"'# Exercise {exercise_id}' ({exc})"
+        ) from None
+
+
+# -- grading an exercise ---------------------------------------------------------------------
+
+
+def _named(out: Any) -> dict[str, Any]:
+    return dict(out) if isinstance(out, Mapping) else {"output": out}
+
+
+def _run(exercise_id: str, run: Callable[[Any], Any], candidate: Any) -> dict[str, Any]:
+    try:
+        return _named(run(candidate))
+    except NotImplementedError as exc:
+        raise AssertionError(
+            f"exercise {exercise_id} is not done yet: fill in the cell marked "
+            f"'# Exercise {exercise_id}' ({exc})"
+        ) from None
+
+
+def _distance(got: Mapping[str, Any], other: Mapping[str, Any]) -> float:
+    """How far apart two answers are, in units of the matching tolerance (<= 1: the same)."""
+    if set(got) != set(other):
+        return math.inf
+    worst = 0.0
+    for key, value in got.items():
+        a, b = np.asarray(value), np.asarray(other[key])
+        if a.shape != b.shape:
+            return math.inf
+        if not (np.issubdtype(a.dtype, np.number) and np.issubdtype(b.dtype, np.number)):
+            if not np.array_equal(a, b):
+                return math.inf
+            continue
+        exact = np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer)
+        if exact:
+            if not np.array_equal(a, b):
+                return math.inf
+            continue
+        loose = any(np.issubdtype(x.dtype, np.floating) and np.finfo(x.dtype).bits < 64
+                    for x in (a, b))
+        err = rel_err(a, b)
+        if not math.isfinite(err):
+            return math.inf
+        worst = max(worst, err / (MATCH_FLOAT32 if loose else MATCH_FLOAT64))
+    return worst
+
+
+def diagnose(exercise_id: str, got: Mapping[str, Any],
+             outputs_of: Callable[[Callable[..., Any]], Mapping[str, Any]]) -> str:
+    """What to tell a student whose answer ``got`` failed: the known mistake it equals (the
+    nearest within the matching tolerance), else the next nudge.
+
+    ``outputs_of(variant)`` computes a mistake's answer the way the check computed ``got``.
+    """
+    spec = exercise(exercise_id)
+    found: list[tuple[float, Mistake]] = []
+    for mistake in spec.mistakes:
+        try:
+            other = outputs_of(mistake.variant)
+        except Exception:  # a mistake that cannot even run on these inputs is not this one
+            continue
+        distance = _distance(got, other)
+        if distance <= 1.0:
+            found.append((distance, mistake))
+    if found:
+        mistake = min(found, key=lambda pair: pair[0])[1]
+        return f"Your answer is what a known mistake gives: {mistake.name}. {mistake.why}"
+    level = min(_FAILURES.get(exercise_id, 0), len(spec.nudges) - 1)
+    _FAILURES[exercise_id] = _FAILURES.get(exercise_id, 0) + 1
+    more = " (fail again for the next one)" if level + 1 < len(spec.nudges) else ""
+    return f"Hint {level + 1} of {len(spec.nudges)}{more}: {spec.nudges[level]}"
+
+
+def check_outputs(exercise_id: str, run: Callable[[Any], Any], candidate: Any, want: Any, *,
+                  tol: float, reason: str) -> dict[str, Any]:
+    """Grade ``candidate`` by its outputs ``run(candidate)`` against ``want``, by :func:`rel_err`.
+
+    Parameters
+    ----------
+    exercise_id : str
+    run : callable
+        ``run(candidate)`` calls the candidate on the check's inputs and returns its outputs:
+        one array, or a dict of them by name.
+    candidate : callable
+        The student's function (or a mistake, when the tests ask).
+    want : array or dict of arrays
+        refnorm's answers, with the names of ``run``'s outputs.
+    tol : float
+        The largest :func:`rel_err` allowed for every output.
+    reason : str
+        Why ``tol`` is that: the error that can be explained (rounding, usually).
+
+    Returns
+    -------
+    dict of str to array, the candidate's outputs.
+    """
+    got = _run(exercise_id, run, candidate)
+    want = _named(want)
+    if set(got) != set(want):
+        raise AssertionError(f"exercise {exercise_id} failed: the check expected the outputs "
+                             f"{sorted(want)}; it got {sorted(got)}")
+    lines, failures = [], []
+    for key, target in want.items():
+        a, b = np.asarray(got[key]), np.asarray(target)
+        if a.shape != b.shape:
+            failures.append(f"{key} has shape {a.shape}, expected {b.shape}")
+            continue
+        err = rel_err(a, b)
+        lines.append(f"rel_err({key}) = {err:.1e}")
+        if not err <= tol:  # also catches NaN
+            failures.append(f"rel_err({key}) = {err:.1e}, allowed <= {tol:.0e}")
+    if failures:
+        advice = diagnose(exercise_id, got, lambda v: _named(run(v)))
+        raise AssertionError(f"exercise {exercise_id} failed: {'; '.join(failures)} "
+                             f"({reason}). {advice}")
+    print(f"exercise {exercise_id} passed: {', '.join(lines)}; allowed <= {tol:.0e} ({reason})")
+    return got
+
+
+def check_integers(exercise_id: str, run: Callable[[Any], Any], candidate: Any, want: Any, *,
+                   reason: str, at_most: bool = False) -> dict[str, Any]:
+    """Grade integer answers exactly: every output of ``run(candidate)`` (an int or a sequence
+    of ints, by name) must equal ``want``'s, or with ``at_most`` be no larger (entry by
+    entry). Prints and reports integers, not errors."""
+    got = _run(exercise_id, run, candidate)
+    want = _named(want)
+    if set(got) != set(want):
+        raise AssertionError(f"exercise {exercise_id} failed: the check expected the outputs "
+                             f"{sorted(want)}; it got {sorted(got)}")
+    failures = []
+    for key, target in want.items():
+        value = got[key]
+        as_ints = _as_ints(value)
+        if as_ints is None:
+            failures.append(f"{key} must be an integer (or integers); got {value!r}")
+        elif at_most and not np.all(np.asarray(as_ints) <= np.asarray(_as_ints(target))):
+            failures.append(f"{key} = {_show(as_ints)}, allowed at most "
+                            f"{_show(_as_ints(target))}")
+        elif not at_most and as_ints != _as_ints(target):
+            failures.append(f"{key} = {_show(as_ints)}, expected {_show(_as_ints(target))}")
+    if failures:
+        advice = diagnose(exercise_id, _int_arrays(got), lambda v: _int_arrays(_named(run(v))))
+        raise AssertionError(f"exercise {exercise_id} failed: {'; '.join(failures)} "
+                             f"({reason}). {advice}")
+    shown = ", ".join(f"{k} = {_show(_as_ints(v))}" + (f" <= {_show(_as_ints(want[k]))}"
+                                                       if at_most else "")
+                      for k, v in got.items())
+    print(f"exercise {exercise_id} passed: {shown} ({reason})")
+    return got
+
+
+def _as_ints(value: Any) -> Any:
+    """``value`` as an int or a tuple of ints (nested), or None if it is not integral."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return int(value) if float(value).is_integer() else None
+    if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str):
+        items = [_as_ints(v) for v in value]
+        return None if any(i is None for i in items) else tuple(items)
+    return None
+
+
+def _int_arrays(outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Integer outputs as int64 arrays (compared exactly); a non-integral one as an object."""
+    arrays = {}
+    for key, value in outputs.items():
+        ints = _as_ints(value)
+        arrays[key] = np.asarray(ints, dtype=np.int64) if ints is not None else np.asarray(
+            repr(value))
+    return arrays
+
+
+def _show(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def check_gradients(exercise_id: str, f: Callable[..., Any], vjp: Callable[..., Any],
+                    candidate: Any, inputs: Mapping[str, Any], *, tol: float = 1e-6,
+                    seed: int = 0) -> dict[str, float]:
+    """Grade a student's backward against central finite differences of ``f``, in float64.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(**inputs) -> y``, the forward (refnorm's).
+    vjp : callable
+        ``vjp(candidate, dy, **inputs) -> {name: gradient}``: how the check calls a backward
+        (the candidate, or a mistake) to get the gradients of ``sum(f(**inputs) * dy)``.
+    candidate : callable
+    inputs : dict of str to array
+        The point to check at (converted to float64).
+    tol : float
+        Largest error beyond the finite-difference noise floor, relative to the gradient's
+        scale (:func:`refnorm.gradcheck.relative_error`); 1e-6, the gradcheck default: a right
+        float64 backward stays below 1e-9, a wrong term gives 1e-2 or more.
+    seed : int
+        Seeds the random upstream gradient ``dy`` (never all ones).
+
+    Prints, for each gradient, the *measured* difference from central differences relative to
+    the gradient's scale (about 1e-10 for a right backward: the differences' own noise), the
+    noise floor and the tolerance. Returns those measured differences by name.
+    """
+    from refnorm.backend import to_numpy
+    from refnorm.gradcheck import (
+        _DY_STREAM,
+        DEFAULT_STEP,
+        finite_difference_noise,
+        numerical_vjp,
+        relative_error,
+    )
+
+    args = {k: np.array(to_numpy(v), dtype=np.float64) for k, v in inputs.items()}
+    y = np.asarray(to_numpy(f(**args)))
+    dy = np.random.default_rng([seed, _DY_STREAM]).standard_normal(y.shape)
+
+    def grads_of(backward: Any) -> dict[str, Any]:
+        out = vjp(backward, dy, **{k: v.copy() for k, v in args.items()})
+        return {k: np.asarray(to_numpy(v)) for k, v in dict(out).items()}
+
+    got = _run(exercise_id, grads_of, candidate)
+    unknown = sorted(set(got) - set(args))
+    if unknown:
+        raise AssertionError(f"exercise {exercise_id} failed: gradients for unknown inputs "
+                             f"{unknown}")
+    noise = finite_difference_noise(y, dy, DEFAULT_STEP)
+    lines, failures, measured = [], [], {}
+    for name, grad in got.items():
+        numeric = numerical_vjp(f, args, dy, name)
+        if grad.shape != numeric.shape:
+            failures.append(f"d{name} has shape {grad.shape}, {name} has {numeric.shape}")
+            continue
+        err = relative_error(grad, numeric, noise=noise)
+        measured[name] = err.raw_rel_error
+        floor = noise / err.scale if err.scale > 0 else math.inf
+        lines.append(f"d{name} differs from central differences by {err.raw_rel_error:.1e} of "
+                     f"its scale (their noise: up to {floor:.0e})")
+        if not err.max_rel_error <= tol:
+            failures.append(f"d{name} differs from central differences by "
+                            f"{err.raw_rel_error:.1e} of its scale, {err.max_rel_error:.1e} "
+                            f"beyond their noise; allowed {tol:.0e}")
+    if failures:
+        advice = diagnose(exercise_id, got, grads_of)
+        raise AssertionError(f"exercise {exercise_id} failed: {'; '.join(failures)}. {advice}")
+    print(f"exercise {exercise_id} passed: {'; '.join(lines)}; allowed {tol:.0e} beyond the "
+          "noise (float64, random dy)")
+    return measured
