@@ -90,12 +90,17 @@ def get_path(default: str = "reference") -> str:
 
 def resolve(path: str | None, *, default: str = "reference") -> str:
     """The path one call takes: its own ``path`` if given, else :func:`get_path`."""
-    return get_path(default) if path is None else check_path(path)
+    if path is None:
+        return get_path(default)
+    return path if path in PATHS else check_path(path)
+
+
+_FLOAT_CODES = frozenset("efd")  # numpy's type codes of float16, float32, float64
 
 
 def fast_applies(*arrays: Any) -> bool:
     """Whether the kernels can run on ``arrays``: numpy, real floating, numba installed."""
-    return all(isinstance(a, np.ndarray) and a.dtype in (np.float16, np.float32, np.float64)
+    return all(isinstance(a, np.ndarray) and a.dtype.char in _FLOAT_CODES and a.dtype.isnative
                for a in arrays) and kernels.numba_installed()
 
 

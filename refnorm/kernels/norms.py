@@ -48,6 +48,10 @@ MIN_CHUNK = 2048     # values per task below which a task costs more than it com
 MAX_CHUNK = 16384    # values per task above which its second pass falls out of the L1/L2 cache
 MAX_UNIT = 1 << 18   # values per statistic above which its later passes fall out of L2
 UNIT_PATH = "auto"   # "auto" | "always" | "never": whole-statistic tasks (the tests force each)
+BN_UNITS_UP_TO = 4   # samples up to which BN runs by channel units; beyond, tasks in memory order
+# bytes of an output array from which the kernels write it with non-temporal stores
+# (refnorm.kernels._simd): an array this large leaves the cache before anyone reads it
+STREAM_FROM = 4 << 20
 # values a loop moves below which it runs on the calling thread alone: waking the pool costs
 # more than it saves for such a call, and far more on a loaded machine, where a descheduled
 # worker holds up the end of the parallel loop (the training step's kernels are all this size)
@@ -57,18 +61,26 @@ SERIAL_BELOW = 1 << 20
 # -- the loops, and the threads that run them ---------------------------------------------------
 
 
+_loops_module: ModuleType | None = None
+
+
 def loops() -> ModuleType:
     """:mod:`refnorm.kernels._loops`, imported (with numba) on the first kernel call."""
-    from refnorm.kernels import _loops
+    global _loops_module
+    if _loops_module is None:
+        import numba
 
-    return _loops
+        from refnorm.kernels import _loops
+
+        numba.get_num_threads()  # starts numba's thread pool before any loop asks its size
+        _loops_module = _loops
+    return _loops_module
 
 
 def threads() -> int:
-    """The number of threads numba runs a parallel loop on."""
-    import numba
-
-    return numba.get_num_threads()
+    """The number of threads numba runs a parallel loop on (a compiled call: numba's own
+    ``get_num_threads`` takes a lock on every call)."""
+    return int(loops().num_threads())
 
 
 # -- layout helpers ---------------------------------------------------------------------------
@@ -83,18 +95,17 @@ def compute_array(a: np.ndarray) -> np.ndarray:
 def launch(loop, work: int, *args):
     """Run the numba ``loop`` on ``args``; on the calling thread alone when it moves fewer
     than :data:`SERIAL_BELOW` values (``work``), else on numba's threads."""
-    import numba
-
     if work >= SERIAL_BELOW:
         return loop(*args)
-    pool = numba.get_num_threads()
+    compiled = loops()
+    pool = compiled.num_threads()
     if pool == 1:
         return loop(*args)
-    numba.set_num_threads(1)
+    compiled.set_threads(1)
     try:
         return loop(*args)
     finally:
-        numba.set_num_threads(pool)
+        compiled.set_threads(pool)
 
 
 def planes(x: np.ndarray) -> np.ndarray:
@@ -183,43 +194,88 @@ def _stat_shape(x: np.ndarray, lead: tuple[int, ...], extra: int = 0) -> tuple[i
     return lead + (1,) * (x.ndim - len(lead) + extra)
 
 
-def _use_units(num_units: int, unit_size: int) -> bool:
+def empty(shape: tuple[int, ...], dtype: Any, *, aligned: bool = False) -> np.ndarray:
+    """``numpy.empty(shape, dtype)``; ``aligned``: its first element on a 64-byte boundary,
+    as the non-temporal stores of :mod:`refnorm.kernels._simd` need (a view of a slightly
+    larger array)."""
+    if not aligned:
+        return np.empty(shape, dtype=dtype)
+    itemsize = np.dtype(dtype).itemsize
+    n = math.prod(shape)
+    buffer = np.empty(n + 64 // itemsize, dtype=dtype)
+    start = (-buffer.ctypes.data % 64) // itemsize
+    return buffer[start:start + n].reshape(shape)
+
+
+def streams(nbytes: int) -> bool:
+    """Whether an output of ``nbytes`` is written with non-temporal stores
+    (:data:`STREAM_FROM`)."""
+    return nbytes >= STREAM_FROM
+
+
+def _use_units(num_units: int, unit_size: int, G: int, N: int) -> bool:
     """Whether one task per statistic (:func:`~refnorm.kernels._loops.unit_forward`) keeps
-    every thread busy and its data in cache; else planes and chunks with a merge."""
+    every thread busy and its data in cache; else (plane, chunk) tasks
+    (:func:`~refnorm.kernels._loops.tasks_forward`). BN's units are strided (a channel's
+    planes lie a sample apart): beyond :data:`BN_UNITS_UP_TO` samples, tasks in memory order
+    are faster."""
     if UNIT_PATH != "auto":
         return UNIT_PATH == "always"
     pool = threads()
+    if G == 0 and N > BN_UNITS_UP_TO:
+        return False
     return unit_size <= MAX_UNIT and (num_units >= 4 * pool or num_units % pool == 0)
 
 
-def _unit_forward(x, gamma, beta, eps, G):
-    """Forward with one task per statistic (``G = 0``: BN channels, else (n, g) rows).
-
-    Returns y, x_hat and the (3, U) statistics mean, var, rstd in the compute dtype."""
+def _forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, G: int,
+             stat_shape: tuple[int, ...]) -> Normalized:
+    """The training forward with statistics per unit (``G = 0``: BN channels, else (n, g)
+    rows); mean, var and rstd in ``stat_shape`` and the compute dtype."""
     N, C = x.shape[:2]
     xp2 = planes(x)
-    y = np.empty_like(xp2)
-    x_hat = np.empty_like(xp2)
-    stats = np.empty((3, C if G == 0 else N * G), dtype=xp2.dtype)
+    B, S = xp2.shape
+    U = C if G == 0 else N * G
+    stream = streams(xp2.nbytes)
+    y = empty(xp2.shape, xp2.dtype, aligned=stream)
+    x_hat = empty(xp2.shape, xp2.dtype, aligned=stream)
+    stats = np.empty((3, U), dtype=xp2.dtype)
     gamma_c, beta_c = (np.ascontiguousarray(p, dtype=xp2.dtype) for p in (gamma, beta))
-    launch(loops().unit_forward, 4 * xp2.size, xp2, C, G, gamma_c, beta_c, float(eps), y, x_hat,
-           stats)
-    return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape), stats
+    if _use_units(U, xp2.size // U, G, N):
+        bad = launch(loops().unit_forward, 3 * xp2.size, xp2, C, G, gamma_c, beta_c,
+                     float(eps), y, x_hat, stats, stream)
+    else:
+        bad = launch(loops().tasks_forward, 3 * xp2.size, xp2, C, G, gamma_c, beta_c,
+                     float(eps), chunk_size(B, S), y, x_hat, stats, stream)
+    if bad:  # the reference's error for a variance that overflows
+        check_variance_finite(stats[1], x)
+    y_out = y.reshape(x.shape)
+    if x.dtype != y_out.dtype:
+        y_out = y_out.astype(x.dtype)
+    mean, var, rstd = (s.reshape(stat_shape) for s in stats)
+    return Normalized(y_out, x_hat.reshape(x.shape), mean, var, rstd)
 
 
-def _unit_backward(dy, x_hat, rstd, gamma, G):
-    """Backward with one task per statistic; ``rstd`` holds U values. Returns dx, dgamma,
-    dbeta."""
+def _backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray,
+              G: int) -> AffineGrads:
+    """The training backward with statistics per unit; ``rstd`` holds the U values."""
     N, C = x_hat.shape[:2]
     xh2 = planes(x_hat)
-    dy2 = np.ascontiguousarray(dy, dtype=xh2.dtype).reshape(xh2.shape)
-    dx = np.empty_like(xh2)
-    sums = np.empty((2, N * C))
+    B, S = xh2.shape
+    dy2 = np.ascontiguousarray(dy, dtype=xh2.dtype).reshape(B, S)
+    stream = streams(xh2.nbytes)
+    dx = empty(xh2.shape, xh2.dtype, aligned=stream)
+    grads = np.empty((2, C))
     gamma_c = np.ascontiguousarray(gamma, dtype=xh2.dtype)
-    rstd_u = np.ascontiguousarray(rstd, dtype=xh2.dtype).ravel()
-    launch(loops().unit_backward, 5 * xh2.size, dy2, xh2, C, G, gamma_c, rstd_u, dx, sums)
-    s_dy, s_dyx = sums.reshape(2, N, C).sum(axis=1).astype(gamma.dtype)
-    return AffineGrads(dx=dx.reshape(x_hat.shape), dgamma=s_dyx, dbeta=s_dy)
+    rstd_u = np.ascontiguousarray(rstd, dtype=xh2.dtype).reshape(-1)
+    U = rstd_u.shape[0]
+    if _use_units(U, xh2.size // U, G, N):
+        launch(loops().unit_backward, 3 * xh2.size, dy2, xh2, C, G, gamma_c, rstd_u, dx, grads,
+               stream)
+    else:
+        launch(loops().tasks_backward, 3 * xh2.size, dy2, xh2, C, G, gamma_c, rstd_u,
+               chunk_size(B, S), dx, grads, stream)
+    return AffineGrads(dx=dx.reshape(x_hat.shape), dgamma=grads[1].astype(gamma.dtype),
+                       dbeta=grads[0].astype(gamma.dtype))
 
 
 # -- BN ---------------------------------------------------------------------------------------
@@ -240,20 +296,7 @@ def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
     Normalized : ``y`` (``x.shape``, dtype of ``x``), ``x_hat`` (``x.shape``), ``mean``,
         ``var``, ``rstd`` ((1, C, 1, ...)), all but ``y`` in the compute dtype
     """
-    N, C = x.shape[:2]
-    shape = _stat_shape(x, (1, C))
-    if _use_units(C, x.size // C):
-        y, x_hat, (mean, var, rstd) = _unit_forward(x, gamma, beta, eps, 0)
-        out = Normalized(y, x_hat, mean.reshape(shape), var.reshape(shape), rstd.reshape(shape))
-    else:
-        xp2, means, m2, counts = _plane_moments(x)
-        mu, M2, n = _merge(means, m2, counts, (0, 2))            # (1, C, 1)
-        var = M2 / n
-        rstd = 1.0 / np.sqrt(var + eps)
-        y, x_hat = _normalize(xp2, x, mu[:, :, 0], rstd[:, :, 0], (gamma, beta))
-        out = Normalized(y, x_hat, *_cast_stats(xp2.dtype, shape, mu, var, rstd))
-    check_variance_finite(out.var, x)  # the reference's error for a variance that overflows
-    return out
+    return _forward(x, gamma, beta, eps, 0, _stat_shape(x, (1, x.shape[1])))
 
 
 def _cast_stats(dtype, shape, *stats) -> tuple:
@@ -276,16 +319,7 @@ def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
     AffineGrads : ``dx`` ((N, C, *spatial), dtype of ``x_hat``), ``dgamma``, ``dbeta``
         ((C,), dtype of ``gamma``)
     """
-    N, C = x_hat.shape[:2]
-    if _use_units(C, x_hat.size // C):
-        return _unit_backward(dy, x_hat, rstd, gamma, 0)
-    dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)
-    m = x_hat.size // C
-    dbeta, dgamma = s_dy.sum(axis=0), s_dyx.sum(axis=0)       # (C,)
-    g = np.asarray(gamma, dtype=np.float64)
-    k_dy = g * np.asarray(rstd, dtype=np.float64).reshape(C)   # (C,)
-    dx = _combine(dy2, xh2, (k_dy, -k_dy * dbeta / m, -k_dy * dgamma / m), x_hat.shape)
-    return AffineGrads(dx=dx, dgamma=dgamma.astype(gamma.dtype), dbeta=dbeta.astype(gamma.dtype))
+    return _backward(dy, x_hat, rstd, gamma, 0)
 
 
 # -- BN and IN at inference: per-channel running statistics ----------------------------------
@@ -344,46 +378,6 @@ def eval_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
 # -- GN, LN, IN: statistics per (n, group) ------------------------------------------------------
 
 
-def _grouped_forward(x, gamma, beta, eps, G, stat_shape) -> Normalized:
-    """Statistics per (n, g) over C/G consecutive channels, returned in ``stat_shape`` (N * G
-    values) and the compute dtype."""
-    N, C = x.shape[:2]
-    if _use_units(N * G, x.size // (N * G)):
-        y, x_hat, stats = _unit_forward(x, gamma, beta, eps, G)
-        out = Normalized(y, x_hat, *(s.reshape(stat_shape) for s in stats))
-    else:
-        xp2, means, m2, counts = _plane_moments(x)
-        P = means.shape[2]
-        mu, M2, n = _merge(means.reshape(N, G, C // G, P), m2.reshape(N, G, C // G, P), counts,
-                           (2, 3))                                # (N, G, 1, 1)
-        var = M2 / n
-        rstd = 1.0 / np.sqrt(var + eps)
-        per_channel = (N, G, C // G)
-        mu_nc = np.broadcast_to(mu[:, :, :, 0], per_channel).reshape(N, C)
-        rstd_nc = np.broadcast_to(rstd[:, :, :, 0], per_channel).reshape(N, C)
-        y, x_hat = _normalize(xp2, x, mu_nc, rstd_nc, (gamma, beta))
-        out = Normalized(y, x_hat, *_cast_stats(xp2.dtype, stat_shape, mu, var, rstd))
-    check_variance_finite(out.var, x)  # the reference's error for a variance that overflows
-    return out
-
-
-def _grouped_backward(dy, x_hat, rstd_ng, gamma):
-    """Backward with statistics per (n, g); ``rstd_ng`` (N, G)."""
-    N, C = x_hat.shape[:2]
-    G = rstd_ng.shape[1]
-    if _use_units(N * G, x_hat.size // (N * G)):
-        return _unit_backward(dy, x_hat, rstd_ng, gamma, G)
-    dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)                # (N, C) each
-    g = np.asarray(gamma, dtype=np.float64)                      # (C,)
-    m = x_hat.size // (N * G)
-    r = np.repeat(np.asarray(rstd_ng, dtype=np.float64), C // G, axis=1)  # (N, C)
-    sum_dxh = np.repeat((g * s_dy).reshape(N, G, C // G).sum(axis=2), C // G, axis=1)
-    sum_dxh_xh = np.repeat((g * s_dyx).reshape(N, G, C // G).sum(axis=2), C // G, axis=1)
-    dx = _combine(dy2, xh2, (r * g, -r * sum_dxh / m, -r * sum_dxh_xh / m), x_hat.shape)
-    return AffineGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
-                       dbeta=s_dy.sum(axis=0).astype(gamma.dtype))
-
-
 def gn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
                num_groups: int) -> Normalized:
     """Group Normalization; equals :func:`refnorm.norms.group_norm.group_norm_forward`.
@@ -402,7 +396,7 @@ def gn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
         (N, G, 1, 1, ...) (the grouped view's ``x.ndim + 1`` axes)
     """
     shape = _stat_shape(x, (x.shape[0], num_groups), extra=1)
-    return _grouped_forward(x, gamma, beta, eps, num_groups, shape)
+    return _forward(x, gamma, beta, eps, num_groups, shape)
 
 
 def gn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
@@ -419,7 +413,7 @@ def gn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
     -------
     AffineGrads : ``dx`` (N, C, *spatial), ``dgamma``, ``dbeta`` (C,)
     """
-    return _grouped_backward(dy, x_hat, np.reshape(rstd, rstd.shape[:2]), gamma)
+    return _backward(dy, x_hat, rstd, gamma, rstd.shape[1])
 
 
 def ln_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> Normalized:
@@ -427,14 +421,14 @@ def ln_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, 1, 1, ...).
     """
-    return _grouped_forward(x, gamma, beta, eps, 1, _stat_shape(x, (x.shape[0],)))
+    return _forward(x, gamma, beta, eps, 1, _stat_shape(x, (x.shape[0],)))
 
 
 def ln_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
                 gamma: np.ndarray) -> AffineGrads:
     """Backward of :func:`ln_forward` (``rstd`` (N, 1, 1, ...)); equals
     :func:`refnorm.norms.layer_norm.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
-    return _grouped_backward(dy, x_hat, np.reshape(rstd, (x_hat.shape[0], 1)), gamma)
+    return _backward(dy, x_hat, rstd, gamma, 1)
 
 
 def in_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> Normalized:
@@ -443,7 +437,7 @@ def in_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, C, 1, ...).
     """
-    return _grouped_forward(x, gamma, beta, eps, x.shape[1], _stat_shape(x, x.shape[:2]))
+    return _forward(x, gamma, beta, eps, x.shape[1], _stat_shape(x, x.shape[:2]))
 
 
 def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
@@ -451,7 +445,7 @@ def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
     """Backward of :func:`in_forward` (``rstd`` (N, C, 1, ...)); equals
     :func:`refnorm.norms.instance_norm.instance_norm_backward`. Returns ``dx``, ``dgamma``,
     ``dbeta``."""
-    return _grouped_backward(dy, x_hat, np.reshape(rstd, x_hat.shape[:2]), gamma)
+    return _backward(dy, x_hat, rstd, gamma, x_hat.shape[1])
 
 
 # -- SN ---------------------------------------------------------------------------------------
