@@ -47,6 +47,7 @@ PATHS = ("reference", "fast")
 ENV = "REFNORM_PATH"
 
 _chosen: str | None = None
+_recorders: list[list[tuple[str, str]]] = []  # open record_paths() blocks, innermost last
 
 
 def check_path(path: object, *, name: str = "path") -> str:
@@ -72,6 +73,19 @@ def use_path(path: str | None) -> Iterator[None]:
         yield
     finally:
         _chosen = previous
+
+
+@contextlib.contextmanager
+def record_paths() -> Iterator[list[tuple[str, str]]]:
+    """``with record_paths() as calls: ...`` — ``calls`` receives ``(function name, path)``
+    for every call of a dispatched function in the block, in order (``refnorm bench`` reports
+    which layers of a training step ran which path)."""
+    calls: list[tuple[str, str]] = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
 
 
 def process_choice() -> str | None:
@@ -133,13 +147,19 @@ def dispatched(reference: Callable[..., Any]) -> Dispatched:
     signature = inspect.signature(reference)
     first = next(iter(signature.parameters))  # x, or dy for a backward
 
+    name = reference.__name__
+
     @functools.wraps(reference)
     def call(*args: Any, path: str | None = None, **kwargs: Any) -> Any:
         this = cast(Dispatched, call)
         array = args[0] if args else kwargs.get(first)
         if this.fast_variant is not None and runs_fast(path, array):
+            if _recorders:
+                _recorders[-1].append((name, "fast"))
             return this.fast_variant(*args, **kwargs)
         resolve(path)  # a bad path is refused on every call, whichever runs
+        if _recorders:
+            _recorders[-1].append((name, "reference"))
         return this.reference(*args, **kwargs)
 
     def fast(variant: F) -> F:
@@ -157,4 +177,4 @@ def dispatched(reference: Callable[..., Any]) -> Dispatched:
 
 
 __all__ = ["ENV", "PATHS", "Dispatched", "check_path", "dispatched", "fast_applies", "get_path",
-           "process_choice", "resolve", "runs_fast", "set_path", "use_path"]
+           "process_choice", "record_paths", "resolve", "runs_fast", "set_path", "use_path"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, SupportsIndex, TypeGuard
 
@@ -130,6 +131,35 @@ def prepare_channel_norm(
         xp.astype(gamma, dtype, copy=True),  # a copy: caches keep it, the caller may change it
         xp.astype(beta, dtype, copy=False),
     )
+
+
+# -- the fast variants: check an argument signature once -------------------------------------
+
+#: The argument signatures that passed a fast variant's checks: ``(what, types, shapes, dtypes,
+#: hyperparameters)`` tuples. The checks cached this way read nothing else (no value of an
+#: array: value checks, such as ``running_var >= 0``, run on every call), so a layer that calls
+#: its fast variant with the same configuration step after step is checked on its first call
+#: only. Bounded: emptied when full.
+CHECKED: dict[tuple, None] = {}
+CHECKED_LIMIT = 1024
+
+
+def check_once(key: Callable[[], tuple], check: Callable[[], object]) -> None:
+    """Run ``check()`` (which raises on bad arguments) unless the signature ``key()`` passed
+    it before. A signature that cannot be formed or hashed (an argument that is not an array,
+    an unhashable hyperparameter) is always checked, so the error is the reference's."""
+    try:
+        signature = key()
+        known = signature in CHECKED
+    except (AttributeError, TypeError):
+        signature, known = None, False
+    if known:
+        return
+    check()
+    if signature is not None:
+        if len(CHECKED) >= CHECKED_LIMIT:
+            CHECKED.clear()
+        CHECKED[signature] = None
 
 
 def check_cache(cache: object, expected: type) -> None:

@@ -731,3 +731,77 @@ def tasks_backward(dy, x_hat, C, G, gamma, rstd, chunk, dx, grads, stream):  # p
         _combine_row(dy[b, lo:hi], x_hat[b, lo:hi], dx[b, lo:hi], r * np.float64(gamma[b % C]),
                      -r * a[u] / m, -r * c[u] / m, stream)
     _sum_per_channel(sums, C, grads)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def ws_forward(w, eps, add, correction, w_hat, denom, kappa):  # pragma: no cover - compiled
+    """Weight Standardization of every output channel's row: Eq. (2), (4)-(6) of Qiao et al.
+    as :func:`refnorm.weights.standardization.weight_standardization_forward` computes them.
+
+    Per row of I weights: the mean and the sum of squared deviations by two passes (the row is
+    cached), ``sigma = sqrt(M2 / (I - correction))``, ``d = sigma + eps`` (``add``) or
+    ``sqrt(sigma^2 + eps)``, ``kappa = d / (sigma (I - correction))`` (0 where ``sigma = 0``)
+    or ``1 / (I - correction)``, and ``w_hat = (w - mean) / d``.
+
+    Parameters
+    ----------
+    w : array, (C_out, I), C-contiguous
+    eps : float
+    add : bool
+        ``eps_mode == "add"``.
+    correction : int, 0 or 1
+    w_hat : array, (C_out, I), written
+    denom, kappa : arrays, (C_out, 1), written
+    """
+    C, I = w.shape
+    n = I - correction
+    for o in range(C):
+        row = w[o]
+        mu, q = _segment_moments(row)
+        sigma = np.sqrt(q / n)
+        if add:
+            d = sigma + eps
+            k = d / (sigma * n) if sigma > 0 else 0.0
+        else:
+            d = np.sqrt(sigma * sigma + eps)
+            k = 1.0 / n
+        denom[o, 0] = d
+        kappa[o, 0] = k
+        out = w_hat[o]
+        for i in range(I):
+            out[i] = (np.float64(row[i]) - mu) / d
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def ws_backward(g, w_hat, denom, kappa, dw):  # pragma: no cover - compiled
+    """Eq. (8)-(9) of Qiao et al., generalized to the forward's ``d`` and ``kappa``, as
+    :func:`refnorm.weights.standardization.weight_standardization_backward`:
+    ``dw = dw_dot - mean(dw_dot)``, ``dw_dot = (g - kappa <w_hat, g> w_hat) / d``, the mean
+    formed from the row sums of ``g`` and ``w_hat`` in the same pass as ``<w_hat, g>``.
+
+    Parameters
+    ----------
+    g : array, (C_out, I), C-contiguous: the gradient with respect to ``w_hat``
+    w_hat : array, (C_out, I)
+    denom, kappa : arrays, (C_out, 1)
+    dw : array, (C_out, I), written
+    """
+    C, I = g.shape
+    for o in range(C):
+        gr = g[o]
+        hr = w_hat[o]
+        along = 0.0
+        s_g = 0.0
+        s_h = 0.0
+        for i in range(I):
+            a = np.float64(gr[i])
+            b = np.float64(hr[i])
+            along += a * b
+            s_g += a
+            s_h += b
+        d = np.float64(denom[o, 0])
+        k = np.float64(kappa[o, 0]) * along
+        mean = (s_g - k * s_h) / (I * d)
+        out = dw[o]
+        for i in range(I):
+            out[i] = (np.float64(gr[i]) - k * np.float64(hr[i])) / d - mean

@@ -17,10 +17,48 @@ Hyperparameters are given as checked pairs (the public functions check them firs
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 
-from refnorm.kernels.norms import compute_array, launch, loops
-from refnorm.kernels.records import ConvForward, ConvGrads, MaxPooled
+from refnorm.kernels.norms import compute_array, launch, loops, threads
+from refnorm.kernels.records import ConvForward, ConvGrads, MaxPooled, WeightStandardized
+
+# multiply-adds of a convolution's matrix products below which numpy's BLAS runs them on one
+# thread (refnorm.kernels.nn.blas_threads): measured crossover, see docs/performance.md
+BLAS_PARALLEL_FROM = 1 << 26
+
+
+@functools.cache
+def _blas() -> list[Any]:
+    """numpy's BLAS libraries as threadpoolctl controllers (empty without threadpoolctl)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return []
+    return list(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+@contextlib.contextmanager
+def blas_threads(work: int) -> Iterator[None]:
+    """Run the block's BLAS calls on refnorm's thread count (numba's) when they do at least
+    :data:`BLAS_PARALLEL_FROM` multiply-adds (``work``), else on one thread; the BLAS
+    libraries' own settings are restored after. Without threadpoolctl, BLAS keeps its own."""
+    wanted = threads() if work >= BLAS_PARALLEL_FROM else 1
+    libs = _blas()
+    before = [lib.num_threads for lib in libs]
+    for lib, n in zip(libs, before, strict=True):
+        if n != wanted:
+            lib.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        for lib, n in zip(libs, before, strict=True):
+            if n != wanted:
+                lib.set_num_threads(n)
 
 
 def out_size(size: int, kernel: int, stride: int, pad: int) -> int:
@@ -110,7 +148,8 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     W_out = out_size(x.shape[3], w.shape[3], stride[1], padding[1])
     # one product per sample, written in (N, C_out, H_out W_out) order: no transpose copy
     y = np.empty((N, C_out, H_out * W_out), dtype=cols.dtype)
-    np.matmul(w_mat, cols.reshape(cols.shape[0], N, H_out * W_out).transpose(1, 0, 2), out=y)
+    with blas_threads(C_out * cols.size):
+        np.matmul(w_mat, cols.reshape(cols.shape[0], N, H_out * W_out).transpose(1, 0, 2), out=y)
     if b is not None:
         y += np.asarray(b, dtype=cols.dtype).reshape(C_out, 1)
     return ConvForward(y=y.reshape(N, C_out, H_out, W_out).astype(x.dtype, copy=False),
@@ -141,10 +180,11 @@ def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
     dy_mat = np.empty((C_out, N, dy3.shape[2]), dtype=cols.dtype)
     np.copyto(dy_mat, dy3.transpose(1, 0, 2))
     dy_mat = dy_mat.reshape(C_out, -1)
-    dw = np.matmul(dy_mat, cols.T).reshape((C_out, x_shape[1]) + tuple(kernel))
-    # dcols by sample, (N, C_in KH KW, H_out W_out): each product's output stays in cache
-    # and col2im reads one contiguous block per (n, c) plane
-    dcols3 = np.matmul(w_mat.T, dy3)
+    with blas_threads(C_out * cols.size):
+        dw = np.matmul(dy_mat, cols.T).reshape((C_out, x_shape[1]) + tuple(kernel))
+        # dcols by sample, (N, C_in KH KW, H_out W_out): each product's output stays in cache
+        # and col2im reads one contiguous block per (n, c) plane
+        dcols3 = np.matmul(w_mat.T, dy3)
     dx = _col2im_by_sample(dcols3, x_shape, kernel, stride, padding)
     return ConvGrads(dx=dx, dw=dw, db=dy_mat.sum(axis=1))
 
@@ -226,3 +266,45 @@ def relu_backward(dy: np.ndarray, positive: np.ndarray, *, out: np.ndarray | Non
     launch(loops().relu_backward, 3 * dyc.size, dyc.reshape(-1),
            np.ascontiguousarray(positive).reshape(-1), out.reshape(-1))
     return out
+
+
+def ws_forward(w: np.ndarray, eps: float, eps_mode: str, correction: int) -> WeightStandardized:
+    """Equals :func:`refnorm.weights.standardization.weight_standardization_forward`.
+
+    Parameters
+    ----------
+    w : array, (C_out, ...)
+    eps : float
+    eps_mode : "add" or "sqrt"
+    correction : 0 or 1
+
+    Returns
+    -------
+    WeightStandardized : ``w_hat`` (C_out, I), ``denom``, ``kappa`` (C_out, 1), in the
+        compute dtype of ``w``
+    """
+    wc = compute_array(w).reshape(w.shape[0], -1)
+    w_hat = np.empty_like(wc)
+    denom = np.empty((wc.shape[0], 1), dtype=wc.dtype)
+    kappa = np.empty_like(denom)
+    loops().ws_forward(wc, float(eps), eps_mode == "add", int(correction), w_hat, denom, kappa)
+    return WeightStandardized(w_hat=w_hat, denom=denom, kappa=kappa)
+
+
+def ws_backward(dw_hat: np.ndarray, w_hat: np.ndarray, denom: np.ndarray,
+                kappa: np.ndarray) -> np.ndarray:
+    """Equals :func:`refnorm.weights.standardization.weight_standardization_backward`.
+
+    Parameters
+    ----------
+    dw_hat : array, ``w.shape``
+    w_hat : array, (C_out, I); ``denom``, ``kappa`` : arrays, (C_out, 1)
+
+    Returns
+    -------
+    dw : array, (C_out, I), dtype of ``w_hat``
+    """
+    g = np.ascontiguousarray(dw_hat, dtype=w_hat.dtype).reshape(w_hat.shape)
+    dw = np.empty_like(g)
+    loops().ws_backward(g, np.ascontiguousarray(w_hat), denom, kappa, dw)
+    return dw

@@ -80,3 +80,12 @@ class MaxPooled(NamedTuple):
 
     y: Array
     argmax: Array
+
+
+class WeightStandardized(NamedTuple):
+    """A Weight Standardization forward: ``w_hat`` (C_out, I), ``denom`` and ``kappa``
+    (C_out, 1), in the compute dtype (the cache's fields)."""
+
+    w_hat: Array
+    denom: Array
+    kappa: Array

@@ -12,7 +12,7 @@ pieces here are the ones that have nothing method-specific in them:
   and namespace (the interface itself is :class:`refnorm.layer.Layer`);
 - :func:`fast_channel_args`, :func:`fast_upstream` and :func:`fast_grads` — what the fast
   variants (:mod:`refnorm.dispatch`) do around their kernels: the reference's argument checks,
-  run once per argument signature (:data:`CHECKED`), and the casts.
+  run once per argument signature (:func:`refnorm.core.checks.check_once`), and the casts.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from refnorm.core.checks import (
     check_channel_param,
     check_eps,
     check_like,
+    check_once,
     check_positive_int,
     prepare_channel_norm,
 )
@@ -86,32 +87,6 @@ def cast_grads(
 
 
 # -- the fast variants: check a signature once, then cast ----------------------------------------
-
-#: The argument signatures that passed a fast variant's checks: ``(what, types, shapes, dtypes,
-#: hyperparameters)`` tuples. The checks of a channel normalizer depend on nothing else (no
-#: value of an array), so a layer that calls its fast variant with the same configuration
-#: step after step is checked on its first call only. Bounded: emptied when full.
-CHECKED: dict[tuple, None] = {}
-CHECKED_LIMIT = 1024
-
-
-def check_once(key: Callable[[], tuple], check: Callable[[], object]) -> None:
-    """Run ``check()`` (which raises on bad arguments) unless the signature ``key()`` passed
-    it before. A signature that cannot be formed or hashed (an argument that is not an array,
-    an unhashable hyperparameter) is always checked, so the error is the reference's."""
-    try:
-        signature = key()
-        known = signature in CHECKED
-    except (AttributeError, TypeError):
-        signature, known = None, False
-    if known:
-        return
-    check()
-    if signature is not None:
-        if len(CHECKED) >= CHECKED_LIMIT:
-            CHECKED.clear()
-        CHECKED[signature] = None
-
 
 def fast_channel_args(what: str, x: Array, gamma: Array, beta: Array, eps: float, *,
                       min_ndim: int = 2, hyper: tuple = (),
@@ -189,5 +164,5 @@ class ChannelNorm(Layer):
         }
 
 
-__all__ = ["CHECKED", "ChannelNorm", "CheckCase", "Layer", "cast_grads", "check_once",
-           "fast_channel_args", "fast_grads", "fast_upstream", "frozen_statistics", "upstream"]
+__all__ = ["ChannelNorm", "CheckCase", "Layer", "cast_grads", "fast_channel_args", "fast_grads",
+           "fast_upstream", "frozen_statistics", "upstream"]
