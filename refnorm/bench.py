@@ -239,7 +239,7 @@ def _torch_switchable(torch):
     ratios), with the moving average of the BN scope, for the step's comparison."""
     nn = torch.nn
 
-    class SwitchNorm2d(nn.Module):
+    class SwitchNorm2d(nn.Module):  # type: ignore[name-defined]
         def __init__(self, C: int, eps: float = EPS, momentum: float = 0.1) -> None:
             super().__init__()
             self.weight = nn.Parameter(torch.ones(1, C, 1, 1))
@@ -281,7 +281,7 @@ def _train_step_torch(torch, model: str = "bn") -> Callable[[], Any]:
     F = nn.functional
     norm, _, weight = model.partition("+")
 
-    class WSConv2d(nn.Conv2d):
+    class WSConv2d(nn.Conv2d):  # type: ignore[name-defined]
         def forward(self, x):  # Qiao et al. Eq. (2), (4): biased sigma, eps added to sigma
             w = self.weight
             mu = w.mean(dim=(1, 2, 3), keepdim=True)
