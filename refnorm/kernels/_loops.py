@@ -41,6 +41,50 @@ def set_threads(n):  # pragma: no cover - compiled
     numba.set_num_threads(n)
 
 
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _normalize_plain(xr, yr, hr, m, r, g, c):  # pragma: no cover - compiled
+    for i in range(xr.shape[0]):
+        h = (np.float64(xr[i]) - m) * r
+        hr[i] = h
+        yr[i] = h * g + c
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _normalize_row(xr, yr, hr, m, r, g, c, stream):  # pragma: no cover - compiled
+    """``hr = (xr - m) r`` and ``yr = hr g + c`` over one row; with ``stream``, the aligned
+    middle by non-temporal vector stores (``yr`` and ``hr`` equally aligned)."""
+    n = xr.shape[0]
+    i = 0
+    if stream:
+        i = min(n, (ALIGN - address(yr) % ALIGN) % ALIGN // yr.itemsize)  # type: ignore[call-arg]
+        _normalize_plain(xr[:i], yr[:i], hr[:i], m, r, g, c)
+        while i + LANES <= n:
+            stream_normalize(xr, i, yr, hr, m, r, g, c)
+            i += LANES
+    _normalize_plain(xr[i:], yr[i:], hr[i:], m, r, g, c)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _combine_plain(dr, hr, out, a, c, e):  # pragma: no cover - compiled
+    for i in range(dr.shape[0]):
+        out[i] = a * np.float64(dr[i]) + c + e * np.float64(hr[i])
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _combine_row(dr, hr, out, a, c, e, stream):  # pragma: no cover - compiled
+    """``out = a dr + c + e hr`` over one row; with ``stream``, the aligned middle by
+    non-temporal vector stores."""
+    n = dr.shape[0]
+    i = 0
+    if stream:
+        i = min(n, (ALIGN - address(out) % ALIGN) % ALIGN // out.itemsize)  # type: ignore[call-arg]
+        _combine_plain(dr[:i], hr[:i], out[:i], a, c, e)
+        while i + LANES <= n:
+            stream_combine(dr, hr, i, out, a, c, e)
+            i += LANES
+    _combine_plain(dr[i:], hr[i:], out[i:], a, c, e)
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def chunk_moments(x, chunk):  # pragma: no cover - compiled
     """Mean and sum of squared deviations of every chunk of every plane.
@@ -83,7 +127,7 @@ def chunk_moments(x, chunk):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def normalize_affine(x, mean, rstd, gamma, beta, chunk, y, x_hat):  # pragma: no cover
+def normalize_affine(x, mean, rstd, gamma, beta, chunk, y, x_hat, stream):  # pragma: no cover
     """``x_hat = (x - mean) * rstd`` and ``y = x_hat * gamma + beta`` in one pass.
 
     Equals :func:`refnorm.core.standardize.standardize` followed by
@@ -97,7 +141,9 @@ def normalize_affine(x, mean, rstd, gamma, beta, chunk, y, x_hat):  # pragma: no
         The statistics of each plane's statistic and the parameters of its channel.
     chunk : int
         Values per parallel task.
-    y, x_hat : arrays, (B, S), written
+    y, x_hat : arrays, (B, S), written; 64-byte aligned alike when ``stream``
+    stream : bool
+        Write ``y`` and ``x_hat`` with non-temporal stores (:mod:`refnorm.kernels._simd`).
     """
     B, S = x.shape
     P = (S + chunk - 1) // chunk
@@ -105,17 +151,8 @@ def normalize_affine(x, mean, rstd, gamma, beta, chunk, y, x_hat):  # pragma: no
         b = t // P
         lo = (t % P) * chunk
         hi = min(lo + chunk, S)
-        m = mean[b]
-        r = rstd[b]
-        g = gamma[b]
-        c = beta[b]
-        xr = x[b, lo:hi]
-        yr = y[b, lo:hi]
-        hr = x_hat[b, lo:hi]
-        for i in range(xr.shape[0]):
-            h = (np.float64(xr[i]) - m) * r
-            hr[i] = h
-            yr[i] = h * g + c
+        _normalize_row(x[b, lo:hi], y[b, lo:hi], x_hat[b, lo:hi], mean[b], rstd[b], gamma[b],
+                       beta[b], stream)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -157,7 +194,7 @@ def chunk_grad_sums(dy, x_hat, chunk):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx):  # pragma: no cover - compiled
+def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx, stream):  # pragma: no cover - compiled
     """``dx = k_dy * dy + k_one + k_xhat * x_hat`` with per-plane coefficients.
 
     The closed-form backward of :func:`refnorm.core.standardize.standardize_backward` after
@@ -170,7 +207,9 @@ def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx):  # pragma: no cover - co
     dy, x_hat : arrays, (B, S), C-contiguous
     k_dy, k_one, k_xhat : float64 arrays, (B,)
     chunk : int
-    dx : array, (B, S), written
+    dx : array, (B, S), written; 64-byte aligned when ``stream``
+    stream : bool
+        Write ``dx`` with non-temporal stores.
     """
     B, S = dy.shape
     P = (S + chunk - 1) // chunk
@@ -178,14 +217,8 @@ def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx):  # pragma: no cover - co
         b = t // P
         lo = (t % P) * chunk
         hi = min(lo + chunk, S)
-        a = k_dy[b]
-        c = k_one[b]
-        e = k_xhat[b]
-        dr = dy[b, lo:hi]
-        hr = x_hat[b, lo:hi]
-        out = dx[b, lo:hi]
-        for i in range(dr.shape[0]):
-            out[i] = a * np.float64(dr[i]) + c + e * np.float64(hr[i])
+        _combine_row(dy[b, lo:hi], x_hat[b, lo:hi], dx[b, lo:hi], k_dy[b], k_one[b], k_xhat[b],
+                     stream)
 
 
 @njit(cache=True, inline="always")
@@ -468,50 +501,6 @@ def _row_moments(row, count, mean, m2):  # pragma: no cover - compiled
         mu, q = _segment_moments(seg)
         count, mean, m2 = _chan(count, mean, m2, np.float64(seg.shape[0]), mu, q)
     return count, mean, m2
-
-
-@njit(cache=True, inline="always", fastmath=FASTMATH)
-def _normalize_plain(xr, yr, hr, m, r, g, c):  # pragma: no cover - compiled
-    for i in range(xr.shape[0]):
-        h = (np.float64(xr[i]) - m) * r
-        hr[i] = h
-        yr[i] = h * g + c
-
-
-@njit(cache=True, inline="always", fastmath=FASTMATH)
-def _normalize_row(xr, yr, hr, m, r, g, c, stream):  # pragma: no cover - compiled
-    """``hr = (xr - m) r`` and ``yr = hr g + c`` over one row; with ``stream``, the aligned
-    middle by non-temporal vector stores (``yr`` and ``hr`` equally aligned)."""
-    n = xr.shape[0]
-    i = 0
-    if stream:
-        i = min(n, (ALIGN - address(yr) % ALIGN) % ALIGN // yr.itemsize)  # type: ignore[call-arg]
-        _normalize_plain(xr[:i], yr[:i], hr[:i], m, r, g, c)
-        while i + LANES <= n:
-            stream_normalize(xr, i, yr, hr, m, r, g, c)
-            i += LANES
-    _normalize_plain(xr[i:], yr[i:], hr[i:], m, r, g, c)
-
-
-@njit(cache=True, inline="always", fastmath=FASTMATH)
-def _combine_plain(dr, hr, out, a, c, e):  # pragma: no cover - compiled
-    for i in range(dr.shape[0]):
-        out[i] = a * np.float64(dr[i]) + c + e * np.float64(hr[i])
-
-
-@njit(cache=True, inline="always", fastmath=FASTMATH)
-def _combine_row(dr, hr, out, a, c, e, stream):  # pragma: no cover - compiled
-    """``out = a dr + c + e hr`` over one row; with ``stream``, the aligned middle by
-    non-temporal vector stores."""
-    n = dr.shape[0]
-    i = 0
-    if stream:
-        i = min(n, (ALIGN - address(out) % ALIGN) % ALIGN // out.itemsize)  # type: ignore[call-arg]
-        _combine_plain(dr[:i], hr[:i], out[:i], a, c, e)
-        while i + LANES <= n:
-            stream_combine(dr, hr, i, out, a, c, e)
-            i += LANES
-    _combine_plain(dr[i:], hr[i:], out[i:], a, c, e)
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)

@@ -202,12 +202,14 @@ def _normalize(xp2: np.ndarray, x: np.ndarray, mu_nc, rstd_nc, params) -> tuple:
     gamma, beta = params
     g = np.broadcast_to(np.asarray(gamma, dtype=np.float64), (N, C)).ravel()
     b = np.broadcast_to(np.asarray(beta, dtype=np.float64), (N, C)).ravel()
-    y = np.empty_like(xp2)
-    x_hat = np.empty_like(xp2)
+    stream = streams(xp2.nbytes)
+    y = empty(xp2.shape, xp2.dtype, aligned=stream)
+    x_hat = empty(xp2.shape, xp2.dtype, aligned=stream)
     chunk = chunk_size(xp2.shape[0], xp2.shape[1])
     mu_b, rstd_b = (np.ascontiguousarray(np.broadcast_to(s, (N, C)), dtype=np.float64).ravel()
                     for s in (mu_nc, rstd_nc))
-    launch(loops().normalize_affine, 3 * xp2.size, xp2, mu_b, rstd_b, g, b, chunk, y, x_hat)
+    launch(loops().normalize_affine, 3 * xp2.size, xp2, mu_b, rstd_b, g, b, chunk, y, x_hat,
+           stream)
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape)
 
 
@@ -225,9 +227,10 @@ def _combine(dy2, xh2, coefficients, shape) -> np.ndarray:
     """``dx = k_dy dy + k_one + k_xhat x_hat`` with (N, C) coefficients."""
     k_dy, k_one, k_xhat = (np.ascontiguousarray(np.broadcast_to(k, shape[:2]),
                                                 dtype=np.float64).ravel() for k in coefficients)
-    dx = np.empty_like(xh2)
+    stream = streams(xh2.nbytes)
+    dx = empty(xh2.shape, xh2.dtype, aligned=stream)
     launch(loops().combine, 3 * xh2.size, dy2, xh2, k_dy, k_one, k_xhat,
-           chunk_size(*xh2.shape), dx)
+           chunk_size(*xh2.shape), dx, stream)
     return dx.reshape(shape)
 
 
