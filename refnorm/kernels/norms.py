@@ -77,8 +77,63 @@ def loops() -> ModuleType:
 
         numba.get_num_threads()  # starts numba's thread pool before any loop asks its size
         keep_freed_memory()
+        _announce_compilation(_loops)
         _loops_module = _loops
     return _loops_module
+
+
+# seconds numba takes to compile one kernel of refnorm.kernels._loops on the 2-core machine of
+# docs/performance.md (a fresh cache: 15 kernels in about 40 s), and the expected compilation
+# from which the first run says that it compiles
+COMPILE_SECONDS = 2.5
+ANNOUNCE_FROM = 8.0
+
+
+def cold_kernels(module: ModuleType | None = None) -> list[str]:
+    """The kernels of :mod:`refnorm.kernels._loops` that numba has not compiled into its disk
+    cache yet (a fresh clone, a new numba, or an edited ``_loops.py``): each costs a
+    compilation on its first call. Inlined helpers and uncached functions are not counted."""
+    from numba.core.registry import CPUDispatcher
+
+    module = module or loops()
+    cold = []
+    for name, obj in vars(module).items():
+        if not isinstance(obj, CPUDispatcher) or obj.targetoptions.get("inline") == "always":
+            continue
+        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+        index = getattr(cache_file, "_index_path", None)
+        if index is not None and not os.path.exists(index):
+            cold.append(name)
+    return cold
+
+
+def _announce_compilation(module: ModuleType) -> None:
+    """Say once, when numba starts compiling the first kernel of ``module``, that it does so
+    and for about how long, if that is :data:`ANNOUNCE_FROM` seconds or more (the cold kernels
+    times :data:`COMPILE_SECONDS`): on a fresh clone the first run is otherwise silent for half
+    a minute. Said on stderr; nothing when every kernel loads from numba's cache."""
+    from numba.core import event
+
+    class Announce(event.Listener):
+        said = False
+
+        def on_start(self, ev: event.Event) -> None:
+            py_func = getattr((ev.data or {}).get("dispatcher"), "py_func", None)
+            if self.said or getattr(py_func, "__module__", None) != module.__name__:
+                return
+            cold = cold_kernels(module)
+            if py_func.__name__ not in cold:  # an uncached helper, or another signature
+                return
+            self.said = True
+            seconds = len(cold) * COMPILE_SECONDS
+            if seconds >= ANNOUNCE_FROM:
+                print(f"compiling fast kernels (first run only, about {seconds:.0f} s)",
+                      file=sys.stderr, flush=True)
+
+        def on_end(self, ev: event.Event) -> None:
+            pass
+
+    event.register("numba:compile", Announce())
 
 
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
