@@ -122,7 +122,7 @@ def _announce_compilation(module: ModuleType) -> None:
             if self.said or getattr(py_func, "__module__", None) != module.__name__:
                 return
             cold = cold_kernels(module)
-            if py_func.__name__ not in cold:  # an uncached helper, or another signature
+            if getattr(py_func, "__name__", None) not in cold:  # uncached, or a new signature
                 return
             self.said = True
             seconds = len(cold) * COMPILE_SECONDS
