@@ -524,6 +524,91 @@ def _steps(torch, threads: int, repeats: int, models: tuple[str, ...],
             "timings": rows, "paths": paths}
 
 
+# -- where threads start to pay ----------------------------------------------------------------
+
+
+def crossover(threads: int, repeats: int,
+              progress: Callable[[str], None] = _quiet) -> dict[str, Any]:
+    """1 thread against ``threads`` threads, interleaved, for the work sizes of a training
+    step and beyond: GN (G = 32) forward+backward by the kernels at (N, 64, 32, 32) for N = 1
+    ... 32 (the loops' per-call choice switched off, so that the thread count alone differs),
+    and the convolution's matrix products of the study's model at batch 32 (numpy's BLAS).
+    ``kernels.norms.SERIAL_BELOW`` and ``kernels.nn.BLAS_PARALLEL_FROM`` are set from these
+    measurements (docs/performance.md)."""
+    import numba
+
+    from refnorm import kernels
+    from refnorm.kernels import norms as kernel_norms
+    from refnorm.kernels.nn import _blas
+
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, Any]] = []
+    impls: dict[str, Callable[[], Any]] = {}
+    sizes: dict[str, tuple[str, int]] = {}
+
+    def on(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run():
+            before, serial = numba.get_num_threads(), kernel_norms.SERIAL_BELOW
+            numba.set_num_threads(n)
+            kernel_norms.SERIAL_BELOW = 0
+            libs = [(lib, lib.num_threads) for lib in _blas()]
+            for lib, _ in libs:
+                lib.set_num_threads(n)
+            try:
+                return fn()
+            finally:
+                numba.set_num_threads(before)
+                kernel_norms.SERIAL_BELOW = serial
+                for lib, m in libs:
+                    lib.set_num_threads(m)
+        return run
+
+    for N in (1, 2, 4, 8, 16, 32):
+        x = rng.standard_normal((N, 64, 32, 32)).astype(np.float32)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        gamma, beta = np.ones(64, np.float32), np.zeros(64, np.float32)
+
+        def gn(x=x, dy=dy, gamma=gamma, beta=beta):
+            k = kernels.gn_forward(x, gamma, beta, EPS, GROUPS)
+            return kernels.gn_backward(dy, k.x_hat, k.rstd, gamma)
+        name = f"gn N={N}"
+        sizes[name] = ("values", 3 * x.size)
+        for n in (1, threads):
+            impls[f"{name} {n}t"] = on(n, gn)
+    for c_in, c_out, hw in ((3, 16, 1024), (16, 32, 256), (32, 32, 64)):
+        K = 9 * c_in
+        cols = rng.standard_normal((32, K, hw)).astype(np.float32)
+        w = rng.standard_normal((c_out, K)).astype(np.float32)
+
+        def gemm(cols=cols, w=w):
+            return np.matmul(w, cols)
+        name = f"conv {c_in}->{c_out}"
+        sizes[name] = ("multiply-adds", c_out * cols.size)
+        for n in (1, threads):
+            impls[f"{name} {n}t"] = on(n, gemm)
+    times = _interleaved(impls, repeats, progress)
+    for name, (unit, work) in sizes.items():
+        one = float(np.median(times[f"{name} 1t"]["wall"]))
+        many = float(np.median(times[f"{name} {threads}t"]["wall"]))
+        rows.append({"case": name, "work": work, "unit": unit, "one_thread_ms": one * 1e3,
+                     "threads_ms": many * 1e3, "threads_over_one": many / one})
+    return {"threads": threads, "rows": rows, "load_average": _load_average()}
+
+
+def format_crossover(report: dict[str, Any]) -> str:
+    """The crossover measurement as text."""
+    n = report["threads"]
+    load = " ".join(f"{v:.2f}" for v in report["load_average"] or [])
+    lines = [f"1 thread against {n} (medians, interleaved; load average {load}):",
+             f"  {'case':<16} {'work':>14} {'1 thread ms':>12} {f'{n} threads ms':>13} "
+             f"{f'{n}t/1t':>7}"]
+    for r in report["rows"]:
+        lines.append(f"  {r['case']:<16} {r['work'] / 1e6:>6.2f}M {r['unit'][:6]:<6} "
+                     f"{r['one_thread_ms']:>12.3f} {r['threads_ms']:>13.3f} "
+                     f"{r['threads_over_one']:>7.2f}")
+    return "\n".join(lines)
+
+
 # -- output -----------------------------------------------------------------------------------
 
 
@@ -591,6 +676,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="threads for numba, torch and BLAS (default: numba's default)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    parser.add_argument("--crossover", action="store_true",
+                        help="instead: 1 thread against --threads (default: all) by work size, "
+                             "where running in parallel starts to pay")
     parser.add_argument("--data-parallel", action="store_true",
                         help="instead: the cost of communication in a data-parallel step "
                              "(2 devices in-process and under mpiexec)")
@@ -624,6 +712,18 @@ def run_args(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{line}\n")
         sys.stderr.flush()
 
+    if args.crossover:
+        import numba
+
+        from refnorm.kernels import norms as kernel_norms
+
+        kernel_norms.loops()
+        n = args.threads or numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        result = crossover(max(n, 2), args.repeats or (5 if args.quick else 30), progress)
+        if tty:
+            sys.stderr.write("\n")
+        print(json.dumps(result, indent=2) if args.json else format_crossover(result))
+        return 0
     if args.data_parallel:
         from refnorm import bench_parallel
 
@@ -654,4 +754,5 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 __all__ = ["METHODS", "SHAPES", "STEP_MODELS", "Timing", "add_arguments", "copy_bandwidth",
-           "format_report", "layer_paths", "main", "run", "run_args"]
+           "crossover", "format_crossover", "format_report", "layer_paths", "main", "run",
+           "run_args"]

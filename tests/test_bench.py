@@ -114,3 +114,16 @@ def test_data_parallel_bench_counts_the_collectives_of_a_step():
     assert all(0 < r["collective_share"] < 1 and r["step_ms"] > 0 for r in rows.values())
     assert report["mpi_skipped"] == "--no-mpi"
     assert "in-process  syncbn" in bench_parallel.format_report(report)
+
+
+def test_crossover_reports_one_thread_against_several(capsys):
+    assert bench.main(["--crossover", "--repeats", "1", "--threads", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["threads"] == 2
+    cases = [r["case"] for r in report["rows"]]
+    assert cases[:6] == [f"gn N={n}" for n in (1, 2, 4, 8, 16, 32)] and len(cases) == 9
+    for r in report["rows"]:
+        assert r["one_thread_ms"] > 0 and r["threads_ms"] > 0
+        assert r["threads_over_one"] == pytest.approx(r["threads_ms"] / r["one_thread_ms"])
+    assert bench.main(["--crossover", "--repeats", "1", "--threads", "2"]) == 0
+    assert "1 thread against 2" in capsys.readouterr().out
