@@ -16,15 +16,30 @@ SN         refnorm.norms.switchable_norm         (N, C, 1) and one dict entry pe
 
 How the work is laid out (bytes for an input of ``n`` values of ``b`` bytes each):
 
-- forward: :func:`~refnorm.kernels._loops.chunk_moments` reads ``x`` (its second pass over a
-  chunk hits the cache), the chunks are merged per statistic by Chan's formula
-  (:func:`_merge`, on arrays of (N, C, chunks) values), then
-  :func:`~refnorm.kernels._loops.normalize_affine` reads ``x`` and writes ``y`` and
-  ``x_hat``: 2 n b read, 2 n b written;
-- backward: :func:`~refnorm.kernels._loops.chunk_grad_sums` reads ``dy`` and ``x_hat`` once
-  for both reductions, the per-statistic coefficients are formed on (N, C) arrays, then
-  :func:`~refnorm.kernels._loops.combine` reads ``dy`` and ``x_hat`` and writes ``dx``:
-  4 n b read, n b written.
+- BN, IN, LN, GN: one compiled call per direction. A *unit* is the planes one statistic covers
+  (BN: a channel's N planes; GN: the C/G planes of row (n, g)). Where units are many enough
+  for the threads and small enough for the L2 cache,
+  :func:`~refnorm.kernels._loops.unit_forward` takes one unit per task: its moments (L1-sized
+  segments in two passes, merged by Chan's formula) read ``x`` from memory once, and its
+  normalize+affine reads the unit again from the cache and writes ``y`` and ``x_hat``: n b
+  read, 2 n b written. :func:`~refnorm.kernels._loops.unit_backward` reads ``dy`` and ``x_hat``
+  for both sums and again (cached) for ``dx``: 2 n b read, n b written. Otherwise (BN beyond
+  :data:`BN_UNITS_UP_TO` samples, whose channel's planes lie a sample apart; too few or too
+  large units) :func:`~refnorm.kernels._loops.tasks_forward` and
+  :func:`~refnorm.kernels._loops.tasks_backward` cut the planes into tasks in memory order,
+  merge the tasks' partial results per unit in the same call, and read the input a second
+  time (from the last-level cache where it fits). Outputs of :data:`STREAM_FROM` bytes or more
+  are written with non-temporal stores (:mod:`refnorm.kernels._simd`);
+- SN (and the inference forwards): :func:`~refnorm.kernels._loops.chunk_moments` reads ``x``,
+  the chunks are merged per statistic by Chan's formula (:func:`_merge`, on arrays of
+  (N, C, chunks) values), then :func:`~refnorm.kernels._loops.normalize_affine` reads ``x``
+  and writes ``y`` and ``x_hat``; the backward's
+  :func:`~refnorm.kernels._loops.chunk_grad_sums` reads ``dy`` and ``x_hat`` once for both
+  reductions, the coefficients are formed on (N, C) arrays, then
+  :func:`~refnorm.kernels._loops.combine` reads them again and writes ``dx``.
+
+A loop that moves fewer than :data:`SERIAL_BELOW` values runs on the calling thread alone
+(:func:`launch`); larger ones on numba's threads.
 
 Arguments are numpy arrays of any strides (a non-contiguous or negative-stride view is copied
 to C order first); float16 computes in float32. Outputs: ``y`` in the dtype of ``x``, the cache
@@ -58,7 +73,7 @@ STREAM_FROM = 4 << 20
 # values a loop moves below which it runs on the calling thread alone: waking the pool costs
 # more than it saves for such a call, and far more on a loaded machine, where a descheduled
 # worker holds up the end of the parallel loop (the training step's kernels are all this size)
-SERIAL_BELOW = 1 << 20
+SERIAL_BELOW = 1 << 22
 
 
 # -- the loops, and the threads that run them ---------------------------------------------------
@@ -82,10 +97,10 @@ def loops() -> ModuleType:
     return _loops_module
 
 
-# seconds numba takes to compile one kernel of refnorm.kernels._loops on the 2-core machine of
-# docs/performance.md (a fresh cache: 15 kernels in about 40 s), and the expected compilation
-# from which the first run says that it compiles
-COMPILE_SECONDS = 2.5
+# CPU seconds numba takes to compile one kernel of refnorm.kernels._loops on the machine of
+# docs/performance.md (the quick study's 15 kernels: 18-20 s of CPU; the wall time is longer
+# on a loaded machine), and the expected compilation from which the first run says so
+COMPILE_SECONDS = 1.5
 ANNOUNCE_FROM = 8.0
 
 
@@ -251,18 +266,22 @@ def _plane_moments(x: np.ndarray):
     return xp2, mean.reshape(N, C, P), m2.reshape(N, C, P), chunk_counts(xp2.shape[1], chunk)
 
 
+def per_plane(value: Any, shape: tuple[int, int]) -> np.ndarray:
+    """``value`` broadcast to (N, C) as a fresh, writable float64 array of N * C values, one
+    per plane: always the same array type, so that numba compiles a loop once (a read-only
+    view, which broadcasting may return, is another type to numba and another compilation)."""
+    return np.array(np.broadcast_to(np.asarray(value, dtype=np.float64), shape)).reshape(-1)
+
+
 def _normalize(xp2: np.ndarray, x: np.ndarray, mu_nc, rstd_nc, params) -> tuple:
     """Run the fused normalize+affine over planes; statistics broadcastable to (N, C)."""
     N, C = x.shape[:2]
-    gamma, beta = params
-    g = np.broadcast_to(np.asarray(gamma, dtype=np.float64), (N, C)).ravel()
-    b = np.broadcast_to(np.asarray(beta, dtype=np.float64), (N, C)).ravel()
+    g, b = (per_plane(p, (N, C)) for p in params)
     stream = streams(xp2.nbytes)
     y = empty(xp2.shape, xp2.dtype, aligned=stream)
     x_hat = empty(xp2.shape, xp2.dtype, aligned=stream)
     chunk = chunk_size(xp2.shape[0], xp2.shape[1])
-    mu_b, rstd_b = (np.ascontiguousarray(np.broadcast_to(s, (N, C)), dtype=np.float64).ravel()
-                    for s in (mu_nc, rstd_nc))
+    mu_b, rstd_b = (per_plane(s, (N, C)) for s in (mu_nc, rstd_nc))
     launch(loops().normalize_affine, 3 * xp2.size, xp2, mu_b, rstd_b, g, b, chunk, y, x_hat,
            stream)
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape)
@@ -280,8 +299,7 @@ def _grad_sums(dy: np.ndarray, x_hat: np.ndarray):
 
 def _combine(dy2, xh2, coefficients, shape) -> np.ndarray:
     """``dx = k_dy dy + k_one + k_xhat x_hat`` with (N, C) coefficients."""
-    k_dy, k_one, k_xhat = (np.ascontiguousarray(np.broadcast_to(k, shape[:2]),
-                                                dtype=np.float64).ravel() for k in coefficients)
+    k_dy, k_one, k_xhat = (per_plane(k, shape[:2]) for k in coefficients)
     stream = streams(xh2.nbytes)
     dx = empty(xh2.shape, xh2.dtype, aligned=stream)
     launch(loops().combine, 3 * xh2.size, dy2, xh2, k_dy, k_one, k_xhat,
