@@ -32,7 +32,9 @@ this machine's last-level cache, so the figures can exceed the copy bandwidth.
 
 Training steps: one forward, loss and backward (no optimizer update) of the study's model
 (:class:`refnorm.train.model.ConvNet`, widths 16/32/32) with BN, GN (G = 4), SN and GN+WS, on a
-batch of 32 images 3x32x32, on each path (every layer's ``path``), the same networks in
+batch of 32 images 3x32x32, without the gradient with respect to the images (as the trainer;
+PyTorch skips it too, for an input that does not require one), on each path (every layer's
+``path``), the same networks in
 PyTorch when available, and, when the bench runs more than one thread, the fast step on one
 thread in the same rounds (``fast 1t``): whether the threads help. The report says which
 dispatched function of which layer ran which path in the fast steps.
@@ -194,7 +196,7 @@ def _step_model(model: str, path: str):
 
     norm, _, weight = model.partition("+")
     return ConvNet(in_channels=3, num_classes=10, norm=norm, weight=weight or None,
-                   widths=(16, 32, 32), num_groups=STEP_GROUPS, path=path)
+                   widths=(16, 32, 32), num_groups=STEP_GROUPS, path=path, input_grad=False)
 
 
 def _train_step(path: str, model: str = "bn") -> Callable[[], Any]:

@@ -157,7 +157,8 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
 
 
 def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
-                  x_shape: tuple[int, ...], window: tuple) -> ConvGrads:
+                  x_shape: tuple[int, ...], window: tuple, *,
+                  input_grad: bool = True) -> ConvGrads:
     """Equals :func:`refnorm.nn.conv.conv2d_backward`.
 
     Parameters
@@ -166,11 +167,13 @@ def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
     cols, w_mat : the arrays :func:`conv_forward` returned
     x_shape : (N, C_in, H, W)
     window : (kernel, stride, padding), pairs of int
+    input_grad : bool
+        False: no ``dx`` (its matrix product and col2im are skipped; ``dx`` is None).
 
     Returns
     -------
-    ConvGrads : ``dx`` ((N, C_in, H, W), dtype of ``cols``), ``dw`` ((C_out, C_in, KH, KW))
-        and ``db`` ((C_out,))
+    ConvGrads : ``dx`` ((N, C_in, H, W), dtype of ``cols``; None without ``input_grad``),
+        ``dw`` ((C_out, C_in, KH, KW)) and ``db`` ((C_out,))
     """
     kernel, stride, padding = window
     N, C_out = dy.shape[:2]
@@ -182,6 +185,8 @@ def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
     dy_mat = dy_mat.reshape(C_out, -1)
     with blas_threads(C_out * cols.size):
         dw = np.matmul(dy_mat, cols.T).reshape((C_out, x_shape[1]) + tuple(kernel))
+        if not input_grad:
+            return ConvGrads(dx=None, dw=dw, db=dy_mat.sum(axis=1))
         # dcols by sample, (N, C_in KH KW, H_out W_out): each product's output stays in cache
         # and col2im reads one contiguous block per (n, c) plane
         dcols3 = np.matmul(w_mat.T, dy3)

@@ -171,7 +171,8 @@ class _Interrupted(Exception):
 def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None) -> ConvNet:
     """The run's model, its arrays in numpy (``device="cpu"``) or CuPy (``"gpu"``), its layers
     on the fast path unless the process chose another (``--path``, ``REFNORM_PATH``); the
-    synchronized normalizers synchronize over ``comm``."""
+    synchronized normalizers synchronize over ``comm``; no gradient with respect to the images
+    (``input_grad=False``: the first convolution skips it)."""
     options: dict[str, Any] = {}
     if config.norm in ("sn", "syncsn"):
         options["inference"] = config.sn_inference
@@ -181,7 +182,8 @@ def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None) -> Conv
     return ConvNet(in_channels=data.x_train.shape[1], num_classes=data.num_classes,
                    norm=config.norm, weight=config.weight, widths=config.widths,
                    num_groups=config.num_groups, norm_options=options, seed=config.seed,
-                   dtype=np.dtype(config.dtype).type, xp=xp, path=get_path(default="fast"))
+                   dtype=np.dtype(config.dtype).type, xp=xp, path=get_path(default="fast"),
+                   input_grad=False)
 
 
 def prepare_data(config: TrainConfig) -> Dataset:

@@ -256,7 +256,8 @@ class WeightStandardization(Layer):
     def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
         w_cache, op_cache = cache
         dx, dw_hat, db = apply_weights_backward(dy, op_cache, self.geometry,
-                                                path=self.compute_path())
+                                                path=self.compute_path(),
+                                                input_grad=self.input_grad)
         dw = weight_standardization_backward(dw_hat, w_cache, path=self.compute_path())
         return dx, ({"w": dw} if db is None else {"w": dw, "b": db})
 
