@@ -312,11 +312,11 @@ def _max_pool(path):
 def _relu(path):
     # the case first, then a larger one
     tiny = np.array([[1.0, -1.0]], np.float16)
-    y, cache = refnorm.nn.relu_forward(tiny)
+    y, cache = refnorm.nn.relu_forward(tiny, path=path)
     small = refnorm.nn.relu_backward(np.ones_like(tiny), cache, path=path)
     x = _half(3, 4, 5)
-    y, cache = refnorm.nn.relu_forward(x)
-    return small, refnorm.nn.relu_backward(_half(3, 4, 5, seed=1), cache, path=path)
+    y, cache = refnorm.nn.relu_forward(x, path=path)
+    return small, y, refnorm.nn.relu_backward(_half(3, 4, 5, seed=1), cache, path=path)
 
 
 def _ws(path):
@@ -343,7 +343,7 @@ HALF_CASES = {  # a forward and its backward share one case
     ("avg_pool2d_forward", "avg_pool2d_backward"): _avg_pool,
     ("conv2d_forward", "conv2d_backward"): _conv,
     ("max_pool2d_forward", "max_pool2d_backward"): _max_pool,
-    ("relu_backward",): _relu,
+    ("relu_forward", "relu_backward"): _relu,
     ("weight_standardization_forward", "weight_standardization_backward"): _ws,
 }
 

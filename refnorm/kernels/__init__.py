@@ -36,6 +36,7 @@ from refnorm.kernels.nn import (
     max_pool_backward,
     max_pool_forward,
     relu_backward,
+    relu_forward,
     ws_backward,
     ws_forward,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "max_pool_forward",
     "numba_installed",
     "relu_backward",
+    "relu_forward",
     "sn_backward",
     "sn_forward",
     "ws_backward",

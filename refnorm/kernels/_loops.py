@@ -433,6 +433,24 @@ def max_pool_backward(dy, argmax, KH, KW, sh, sw, dx):  # pragma: no cover - com
 
 
 @njit(cache=True, parallel=True)
+def relu_forward(x, y, positive):  # pragma: no cover - compiled
+    """``y = max(x, 0)`` (NaN stays NaN, -0 becomes +0, as numpy's ``maximum(x, 0)``) and the
+    mask ``x > 0`` in one pass; equals :func:`refnorm.nn.activations.relu_forward`.
+
+    Parameters
+    ----------
+    x : array, (L,), C-contiguous
+    y : array, (L,), written
+    positive : bool array, (L,), written
+    """
+    for i in prange(x.shape[0]):
+        v = x[i]
+        p = v > 0
+        positive[i] = p
+        y[i] = v if (p or v != v) else 0
+
+
+@njit(cache=True, parallel=True)
 def relu_backward(dy, positive, dx):  # pragma: no cover - compiled
     """``dx = dy`` where ``positive``, else 0; equals :func:`refnorm.nn.activations.relu_backward`.
 

@@ -241,6 +241,25 @@ def max_pool_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, ..
     return dx
 
 
+def relu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Equals :func:`refnorm.nn.activations.relu_forward`: ``y = max(x, 0)`` and the mask
+    ``x > 0`` in one pass (float16, which numba does not type, by numpy's two).
+
+    Returns
+    -------
+    y : array, ``x.shape``, dtype of ``x``
+    positive : bool array, ``x.shape``
+    """
+    if x.dtype == np.float16:
+        return np.maximum(x, np.zeros_like(x)), x > 0
+    xc = np.ascontiguousarray(x)
+    y = np.empty_like(xc)
+    positive = np.empty(xc.shape, dtype=np.bool_)
+    launch(loops().relu_forward, 3 * xc.size, xc.reshape(-1), y.reshape(-1),
+           positive.reshape(-1))
+    return y, positive
+
+
 def relu_backward(dy: np.ndarray, positive: np.ndarray, *, out: np.ndarray | None = None
                   ) -> np.ndarray:
     """Equals :func:`refnorm.nn.activations.relu_backward`.
