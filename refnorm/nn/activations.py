@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refnorm.backend import Array, array_namespace
-from refnorm.core.checks import check_cache, check_float_array, check_like
+from refnorm.core.checks import check_cache, check_float_array, check_like, check_once
 from refnorm.dispatch import dispatched
 from refnorm.kernels import nn as kernels
 from refnorm.layer import Layer
@@ -104,6 +104,10 @@ def _relu_forward_fast(x: Array) -> tuple[Array, ReLUCache]:
 @relu_backward.fast
 def _relu_backward_fast(dy: Array, cache: ReLUCache) -> Array:
     check_cache(cache, ReLUCache)
-    check_like("dy", dy, tuple(cache.positive.shape))
-    array_namespace(dy, cache.positive)
+    def check() -> None:
+        check_like("dy", dy, tuple(cache.positive.shape))
+        array_namespace(dy, cache.positive)
+
+    check_once(lambda: ("relu dy", type(dy), dy.shape, dy.dtype, cache.positive.shape,
+                        type(cache.positive)), check)
     return kernels.relu_backward(dy, cache.positive)

@@ -45,6 +45,7 @@ from refnorm.core.checks import (
     check_cache,
     check_float_array,
     check_like,
+    check_once,
     check_positive_int,
     check_rank,
     is_int,
@@ -493,7 +494,11 @@ class Conv2d(Layer):
 @conv2d_forward.fast
 def _conv2d_forward_fast(x: Array, w: Array, b: Array | None = None, *, stride: Any = 1,
                          padding: Any = 0) -> tuple[Array, Conv2dCache]:
-    _, win = _conv_window(x, w, b, stride=stride, padding=padding)
+    win = check_once(
+        lambda: ("conv2d", type(x), x.shape, x.dtype, type(w), w.shape, w.dtype,
+                 None if b is None else (type(b), b.shape, b.dtype),
+                 type(stride), stride, type(padding), padding),
+        lambda: _conv_window(x, w, b, stride=stride, padding=padding)[1])
     k = kernels.conv_forward(x, w, b, win.stride, win.padding)
     return k.y, _conv_cache(x, w, b, win, k.cols, k.w_mat)
 
@@ -502,8 +507,13 @@ def _conv2d_forward_fast(x: Array, w: Array, b: Array | None = None, *, stride: 
 def _conv2d_backward_fast(dy: Array, cache: Conv2dCache, *,
                           input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
     check_cache(cache, Conv2dCache)
-    check_like("dy", dy, cache.y_shape)
-    xp = array_namespace(dy, cache.cols)
+
+    def check() -> ModuleType:
+        check_like("dy", dy, cache.y_shape)
+        return array_namespace(dy, cache.cols)
+
+    xp = check_once(lambda: ("conv2d dy", type(dy), dy.shape, dy.dtype, cache.y_shape,
+                             type(cache.cols)), check)
     win = cache.window
     g = kernels.conv_backward(xp.astype(dy, cache.cols.dtype, copy=False), cache.cols,
                               cache.w_mat, cache.x_shape, (win.kernel, win.stride, win.padding),
