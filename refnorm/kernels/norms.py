@@ -178,14 +178,13 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-        gnu = libc.gnu_get_libc_version  # glibc only
-    except (AttributeError, OSError):
+    except OSError:
         return False
-    del gnu
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):  # not glibc
+        return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD,
-                                                                      256 << 20))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20))
 
 
 def threads() -> int:
@@ -414,10 +413,6 @@ def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
         ``var``, ``rstd`` ((1, C, 1, ...)), all but ``y`` in the compute dtype
     """
     return _forward(x, gamma, beta, eps, 0, _stat_shape(x, (1, x.shape[1])))
-
-
-def _cast_stats(dtype, shape, *stats) -> tuple:
-    return tuple(s.astype(dtype, copy=False).reshape(shape) for s in stats)
 
 
 def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,

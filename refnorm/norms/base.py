@@ -88,6 +88,7 @@ def cast_grads(
 
 # -- the fast variants: check a signature once, then cast ----------------------------------------
 
+
 def fast_channel_args(what: str, x: Array, gamma: Array, beta: Array, eps: float, *,
                       min_ndim: int = 2, hyper: tuple = (),
                       check: Callable[[], object] | None = None) -> tuple[Array, Array]:
