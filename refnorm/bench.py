@@ -13,8 +13,8 @@ What is timed, for each normalizer (bn, in, ln, gn with G = 32, sn) at (32, 64, 
   (torch is never a dependency of refnorm); SN has no PyTorch counterpart.
 
 Method: every implementation runs once untimed (compilation, allocation), then the
-repetitions are *interleaved* (one of each implementation per round, the order rotated from
-round to round), so that a slow spell
+repetitions are *interleaved* (one of each implementation per round, in a random order), so
+that a slow spell
 of the machine falls on all of them alike; the report gives the median and the spread (min,
 max, quartiles) of the wall time, the median CPU time of the process (``cpu ms``: the time it
 ran, which waiting for a core while other processes run does not inflate) and the page faults
@@ -377,18 +377,21 @@ def _set_threads(threads: int | None, torch) -> dict[str, Any]:
 
 def _interleaved(impls: dict[str, Callable[[], Any]], repeats: int,
                  progress: Callable[[str], None]) -> dict[str, dict[str, list[float]]]:
-    """Warm each implementation once, then time them in rounds, one call of each per round,
-    the order rotated by one each round (so that each follows every other equally often: a
-    call right after one that filled the caches with its own data is slower): wall seconds,
-    process CPU seconds and minor page faults of every call."""
+    """Warm each implementation once, then time them in rounds, one call of each per round in
+    a random order (seeded): a call right after one that filled the caches with its own data
+    (the reference's many temporaries) is slower, and a fixed or rotated order puts some
+    implementation after that one more often than the others. Returns wall seconds, process
+    CPU seconds and minor page faults of every call."""
     for fn in impls.values():
         fn()
     out: dict[str, dict[str, list[float]]] = {
         name: {"wall": [], "cpu": [], "faults": []} for name in impls}
     names = list(impls)
+    order = np.random.default_rng(20)
     for r in range(repeats):
         progress(f"round {r + 1}/{repeats}")
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for i in order.permutation(len(names)):
+            name = names[i]
             fn = impls[name]
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0 = time.process_time()
