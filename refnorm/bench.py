@@ -37,8 +37,9 @@ batch of 32 images 3x32x32, without the gradient with respect to the images (as 
 PyTorch skips it too, for an input that does not require one), on each path (every layer's
 ``path``), the same networks in
 PyTorch when available, and, when the bench runs more than one thread, the fast step on one
-thread in the same rounds (``fast 1t``): whether the threads help. The report says which
-dispatched function of which layer ran which path in the fast steps.
+thread in the same rounds (``fast 1t``): whether the threads help. The reference steps are
+timed in rounds of their own (their BLAS threads spin after each product). The report says
+which dispatched function of which layer ran which path in the fast steps.
 """
 
 from __future__ import annotations
@@ -511,12 +512,18 @@ def run(*, quick: bool = False, repeats: int | None = None, threads: int | None 
 
 def _steps(torch, threads: int, repeats: int, models: tuple[str, ...],
            say: Callable[[str], None]) -> dict[str, Any]:
-    """The training steps of ``models``: reference, fast, torch (and the fast step on one
-    thread when ``threads`` > 1), interleaved; and the paths of the fast steps."""
+    """The training steps of ``models``: fast, torch (and the fast step on one thread when
+    ``threads`` > 1) interleaved, then the reference steps interleaved among themselves; and
+    the paths of the fast steps.
+
+    The reference steps run apart: their convolution calls numpy's BLAS on all threads, whose
+    idle workers then spin for tens of milliseconds (OpenBLAS), on the core a following fast or
+    PyTorch step would use (and in its process CPU time)."""
     impls: dict[str, Callable[[], Any]] = {}
+    references: dict[str, Callable[[], Any]] = {}
     paths = {}
     for model in models:
-        impls[f"{model} reference"] = _train_step("reference", model)
+        references[f"{model} reference"] = _train_step("reference", model)
         fast = _train_step("fast", model)
         impls[f"{model} fast"] = fast
         if threads > 1:
@@ -525,6 +532,7 @@ def _steps(torch, threads: int, repeats: int, models: tuple[str, ...],
             impls[f"{model} torch"] = _train_step_torch(torch, model)
         paths[model] = layer_paths(fast)
     times = _interleaved(impls, repeats, say)
+    times.update(_interleaved(references, repeats, lambda s: say(f"reference, {s}")))
     rows = []
     for name, t in times.items():
         model, _, impl = name.partition(" ")
