@@ -1,20 +1,24 @@
-"""Fast convolution, max pooling and ReLU backward on numpy arrays (numba loops, BLAS).
+"""Fast convolution, pooling, ReLU and Weight Standardization on numpy arrays (numba, BLAS).
 
 - :func:`conv_forward` / :func:`conv_backward` equal :func:`refnorm.nn.conv.conv2d_forward`
   and :func:`refnorm.nn.conv.conv2d_backward`: the same im2col and matrix products (numpy's
-  BLAS), with im2col and col2im as single parallel passes
+  BLAS, on one thread below :data:`BLAS_PARALLEL_FROM` multiply-adds: :func:`blas_threads`),
+  with im2col and col2im as single parallel passes
   (:func:`~refnorm.kernels._loops.im2col` reads x once and writes the columns once;
   :func:`~refnorm.kernels._loops.col2im` reads the columns once and writes ``dx`` once,
-  instead of the reference's zero padding and zero interleaving per kernel offset).
+  instead of the reference's zero padding and zero interleaving per kernel offset); the
+  backward skips ``dx`` when asked (``input_grad=False``).
 - :func:`max_pool_forward` / :func:`max_pool_backward` equal
   :func:`refnorm.nn.pooling.max_pool2d_forward` / ``max_pool2d_backward``, ties to the first
   maximum in row-major window order, without building the windows.
-- :func:`relu_backward` equals :func:`refnorm.nn.activations.relu_backward`, optionally in
-  place.
+- :func:`relu_forward` and :func:`relu_backward` equal
+  :func:`refnorm.nn.activations.relu_forward` (``y`` and the mask in one pass) and
+  :func:`refnorm.nn.activations.relu_backward` (optionally in place).
+- :func:`ws_forward` / :func:`ws_backward` equal
+  :func:`refnorm.weights.standardization.weight_standardization_forward` / ``_backward``.
 
 Hyperparameters are given as checked pairs (the public functions check them first).
 """
-
 from __future__ import annotations
 
 import contextlib

@@ -68,7 +68,8 @@ class ConvForward(NamedTuple):
 
 
 class ConvGrads(NamedTuple):
-    """A convolution's backward: ``dx``, ``dw`` (C_out, C_in, KH, KW) and ``db`` (C_out,)."""
+    """A convolution's backward: ``dx`` (None when not asked for), ``dw`` (C_out, C_in, KH, KW)
+    and ``db`` (C_out,)."""
 
     dx: Array
     dw: Array

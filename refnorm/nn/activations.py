@@ -104,6 +104,7 @@ def _relu_forward_fast(x: Array) -> tuple[Array, ReLUCache]:
 @relu_backward.fast
 def _relu_backward_fast(dy: Array, cache: ReLUCache) -> Array:
     check_cache(cache, ReLUCache)
+
     def check() -> None:
         check_like("dy", dy, tuple(cache.positive.shape))
         array_namespace(dy, cache.positive)
