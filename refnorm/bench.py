@@ -6,27 +6,40 @@ What is timed, for each normalizer (bn, in, ln, gn with G = 32, sn) at (32, 64, 
 - ``reference``: the pure functions of :mod:`refnorm.norms` (what lessons show);
 - ``fast``: the same pure functions with ``path="fast"``, which run the numba kernels of
   :mod:`refnorm.kernels` after the same argument checks;
+- ``kernel``: the kernels of :mod:`refnorm.kernels` alone, called with the arguments the fast
+  variant passes them (what a fast call costs without its dispatch, checks and cache):
+  ``fast/kernel`` is what the Python around the kernels costs;
 - ``torch``: ``torch.nn.functional`` in the same process, when ``import torch`` works
   (torch is never a dependency of refnorm); SN has no PyTorch counterpart.
 
 Method: every implementation runs once untimed (compilation, allocation), then the
-repetitions are *interleaved* (one of each implementation per round), so that a slow spell
+repetitions are *interleaved* (one of each implementation per round, in a random order), so
+that a slow spell
 of the machine falls on all of them alike; the report gives the median and the spread (min,
-max, quartiles). Threads are set before timing and reported: numba and torch get the same
-count (all cores by default, ``--threads``), and numpy's BLAS (used by the convolution of the
-training step only) gets it too through threadpoolctl when that is installed; otherwise the
-BLAS environment variables in force are reported. The implementations never run at the same
-time, so their threads do not compete with each other.
+max, quartiles) of the wall time, the median CPU time of the process (``cpu ms``: the time it
+ran, which waiting for a core while other processes run does not inflate) and the page faults
+per call (allocations the system had to map afresh: work no timing noise changes). Threads are
+set before timing and reported: numba, torch and numpy's BLAS get the same count (all cores by
+default, ``--threads``; BLAS through threadpoolctl). ``OMP_WAIT_POLICY=PASSIVE`` (refnorm's
+setting, :mod:`refnorm.kernels`) is in force before torch is imported, so that no idle OpenMP
+thread of either spins on a core the other needs. The implementations never run at the same
+time.
 
 Bandwidth: a fused forward+backward must at least read x, write y, read dy, read x (or the
 saved x_hat) and write dx: ``5 n b`` bytes for n values of b bytes. ``GB/s`` is that count over
-the median time, shown next to the machine's copy bandwidth (a 64 MiB ``numpy.copyto``, read
-plus write), the ceiling of any pass over memory. Arrays of 8 MiB fit this machine's last-level
-cache, so the figures can exceed the copy bandwidth.
+the median time, and ``of copy`` that figure over the machine's copy bandwidth (a 64 MiB
+``numpy.copyto``, read plus write), the ceiling of any pass over memory. Arrays of 8 MiB fit
+this machine's last-level cache, so the figures can exceed the copy bandwidth.
 
-Training step: one forward, loss and backward (no optimizer update) of the study's model
-(:class:`refnorm.train.model.ConvNet`, widths 16/32/32, BN) on a batch of 32 images 3x32x32,
-on each path (every layer's ``path``), and the same network in PyTorch when available.
+Training steps: one forward, loss and backward (no optimizer update) of the study's model
+(:class:`refnorm.train.model.ConvNet`, widths 16/32/32) with BN, GN (G = 4), SN and GN+WS, on a
+batch of 32 images 3x32x32, without the gradient with respect to the images (as the trainer;
+PyTorch skips it too, for an input that does not require one), on each path (every layer's
+``path``), the same networks in
+PyTorch when available, and, when the bench runs more than one thread, the fast step on one
+thread in the same rounds (``fast 1t``): whether the threads help. The reference steps are
+timed in rounds of their own (their BLAS threads spin after each product). The report says
+which dispatched function of which layer ran which path in the fast steps.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -49,6 +63,8 @@ METHODS = ("bn", "in", "ln", "gn", "sn")
 SHAPES = ((32, 64, 32, 32), (2, 64, 32, 32))
 GROUPS = 32
 EPS = 1e-5
+STEP_MODELS = ("bn", "gn", "sn", "gn+ws")
+STEP_GROUPS = 4  # the study's ConvNet default
 BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # how idle OpenMP threads wait (numba's and torch's pools): matters on an oversubscribed machine
 OMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_THREADING_LAYER")
@@ -67,6 +83,8 @@ class Timing:
     max_ms: float
     q1_ms: float
     q3_ms: float
+    cpu_ms: float
+    faults: float
     repeats: int
     bytes_moved: int
     gb_per_s: float
@@ -110,6 +128,36 @@ def _pure(method: str, x, gamma, beta, dy, path: str) -> Callable[[], Any]:
     return run
 
 
+def _kernel(method: str, x, gamma, beta, dy) -> Callable[[], Any]:
+    """Forward+backward by the kernels of refnorm.kernels alone, given what the fast variants
+    give them (parameters in the compute dtype; SN: the (N, C, S) copy of x it caches, made
+    here too, and the ratios of zero logits)."""
+    from refnorm import kernels
+
+    if method == "sn":
+        N, C = x.shape[:2]
+        w = np.full(3, 1.0 / 3.0, dtype=x.dtype)
+        scopes = ("in", "ln", "bn")
+
+        def sn():
+            h = x.reshape(N, C, -1).copy()
+            k = kernels.sn_forward(h, gamma, beta, w, w, eps=EPS, scopes=scopes)
+            return kernels.sn_backward(dy, k.x_hat, k.rstd, gamma, (k.mu, k.var), (w, w),
+                                       scopes=scopes)
+        return sn
+    forward, backward = {
+        "bn": (lambda: kernels.bn_forward(x, gamma, beta, EPS), kernels.bn_backward),
+        "in": (lambda: kernels.in_forward(x, gamma, beta, EPS), kernels.in_backward),
+        "ln": (lambda: kernels.ln_forward(x, gamma, beta, EPS), kernels.ln_backward),
+        "gn": (lambda: kernels.gn_forward(x, gamma, beta, EPS, GROUPS), kernels.gn_backward),
+    }[method]
+
+    def run():
+        k = forward()
+        return backward(dy, k.x_hat, k.rstd, gamma)
+    return run
+
+
 def _torch_case(torch, method: str, x, dy) -> Callable[[], Any] | None:
     """Forward+backward in torch.nn.functional; None for SN (no PyTorch counterpart)."""
     if method == "sn":
@@ -133,7 +181,7 @@ def _torch_case(torch, method: str, x, dy) -> Callable[[], Any] | None:
     return run
 
 
-# -- the training step ------------------------------------------------------------------------
+# -- the training steps -----------------------------------------------------------------------
 
 
 def _train_batch(seed: int = 0):
@@ -143,44 +191,159 @@ def _train_batch(seed: int = 0):
     return x, labels
 
 
-def _train_step(path: str) -> Callable[[], Any]:
-    """One forward, loss and backward of the study's model with its layers on ``path``."""
-    from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
+def _step_model(model: str, path: str):
+    """The study's model for ``model`` ("bn", "gn", "sn", "gn+ws") with its layers on
+    ``path``."""
     from refnorm.train.model import ConvNet
 
-    model = ConvNet(in_channels=3, num_classes=10, norm="bn", widths=(16, 32, 32))
-    for layer in model.layers():
-        layer.path = path
+    norm, _, weight = model.partition("+")
+    return ConvNet(in_channels=3, num_classes=10, norm=norm, weight=weight or None,
+                   widths=(16, 32, 32), num_groups=STEP_GROUPS, path=path, input_grad=False)
+
+
+def _train_step(path: str, model: str = "bn") -> Callable[[], Any]:
+    """One forward, loss and backward of the study's model with its layers on ``path``."""
+    from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
+
+    net = _step_model(model, path)
     x, labels = _train_batch()
 
     def step():
-        logits = model.forward(x, training=True)
+        logits = net.forward(x, training=True)
         _, cache = softmax_cross_entropy(logits, labels)
-        return model.backward(softmax_cross_entropy_backward(cache))
+        return net.backward(softmax_cross_entropy_backward(cache))
+    step.model = net  # type: ignore[attr-defined]
     return step
 
 
-def _train_step_torch(torch) -> Callable[[], Any]:
-    """The same network in PyTorch: 3x3 convs (no bias) + BN + ReLU, 2x2 max pools, global
-    average pool, linear; one forward, loss and backward."""
+def _on_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with numba and BLAS on ``n`` threads, the previous counts restored after."""
+    import numba
+
+    from refnorm.kernels.nn import _blas
+
+    def run():
+        before = numba.get_num_threads()
+        blas = [(lib, lib.num_threads) for lib in _blas()]
+        numba.set_num_threads(n)
+        for lib, _ in blas:
+            lib.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            numba.set_num_threads(before)
+            for lib, m in blas:
+                lib.set_num_threads(m)
+    return run
+
+
+def _torch_switchable(torch):
+    """Switchable Normalization in PyTorch, written as the authors' official code writes it
+    (IN moments, the LN and BN ones from them, softmax ratios; separate mean and variance
+    ratios), with the moving average of the BN scope, for the step's comparison."""
     nn = torch.nn
+
+    class SwitchNorm2d(nn.Module):  # type: ignore[name-defined]
+        def __init__(self, C: int, eps: float = EPS, momentum: float = 0.1) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1, C, 1, 1))
+            self.bias = nn.Parameter(torch.zeros(1, C, 1, 1))
+            self.mean_weight = nn.Parameter(torch.zeros(3))
+            self.var_weight = nn.Parameter(torch.zeros(3))
+            self.register_buffer("running_mean", torch.zeros(1, C, 1))
+            self.register_buffer("running_var", torch.ones(1, C, 1))
+            self.eps, self.momentum = eps, momentum
+
+        def forward(self, x):
+            N, C, H, W = x.shape
+            x = x.view(N, C, -1)
+            mean_in = x.mean(-1, keepdim=True)
+            var_in = x.var(-1, keepdim=True, unbiased=False)
+            temp = var_in + mean_in ** 2
+            mean_ln = mean_in.mean(1, keepdim=True)
+            var_ln = temp.mean(1, keepdim=True) - mean_ln ** 2
+            mean_bn = mean_in.mean(0, keepdim=True)
+            var_bn = temp.mean(0, keepdim=True) - mean_bn ** 2
+            with torch.no_grad():
+                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean_bn)
+                self.running_var.mul_(1 - self.momentum).add_(self.momentum * var_bn)
+            mw = torch.softmax(self.mean_weight, 0)
+            vw = torch.softmax(self.var_weight, 0)
+            mean = mw[0] * mean_in + mw[1] * mean_ln + mw[2] * mean_bn
+            var = vw[0] * var_in + vw[1] * var_ln + vw[2] * var_bn
+            x = (x - mean) / (var + self.eps).sqrt()
+            return x.view(N, C, H, W) * self.weight + self.bias
+
+    return SwitchNorm2d
+
+
+def _train_step_torch(torch, model: str = "bn") -> Callable[[], Any]:
+    """The same network in PyTorch: 3x3 convs (no bias; weight-standardized for GN+WS) +
+    normalizer + ReLU, 2x2 max pools, global average pool, linear; one forward, loss and
+    backward."""
+    nn = torch.nn
+    F = nn.functional
+    norm, _, weight = model.partition("+")
+
+    class WSConv2d(nn.Conv2d):  # type: ignore[name-defined]
+        def forward(self, x):  # Qiao et al. Eq. (2), (4): biased sigma, eps added to sigma
+            w = self.weight
+            mu = w.mean(dim=(1, 2, 3), keepdim=True)
+            sigma = (w - mu).pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+            return F.conv2d(x, (w - mu) / (sigma + EPS), None, self.stride, self.padding)
+
+    conv = WSConv2d if weight == "ws" else nn.Conv2d
+    normalizer = {"bn": nn.BatchNorm2d, "gn": lambda c: nn.GroupNorm(STEP_GROUPS, c),
+                  "sn": _torch_switchable(torch)}[norm]
     layers: list[Any] = []
     c_in = 3
     for i, width in enumerate((16, 32, 32)):
-        layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                   nn.ReLU()]
+        layers += [conv(c_in, width, 3, padding=1, bias=False), normalizer(width), nn.ReLU()]
         if i < 2:
             layers.append(nn.MaxPool2d(2))
         c_in = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10)]
-    model = nn.Sequential(*layers)
+    net = nn.Sequential(*layers)
     x, labels = _train_batch()
     xt, yt = torch.from_numpy(x), torch.from_numpy(labels)
 
     def step():
-        model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(xt), yt).backward()
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(xt), yt).backward()
     return step
+
+
+def layer_paths(step: Callable[[], Any]) -> list[dict[str, Any]]:
+    """Run ``step`` (made by :func:`_train_step`) once and return, per layer in forward order,
+    its type and the dispatched functions it called with the path each ran (an empty list:
+    the layer's functions have no fast variant, numpy alone)."""
+    from refnorm.dispatch import record_paths
+
+    net = step.model  # type: ignore[attr-defined]
+    rows: list[dict[str, Any]] = []
+    originals = []
+    with record_paths() as calls:
+        for layer in net.layers():
+            row: dict[str, Any] = {"layer": type(layer).__name__, "calls": []}
+            rows.append(row)
+
+            def wrap(method, row=row):
+                def run(*args, **kwargs):
+                    start = len(calls)
+                    try:
+                        return method(*args, **kwargs)
+                    finally:
+                        row["calls"] += [list(c) for c in calls[start:]
+                                         if list(c) not in row["calls"]]
+                return run
+            originals.append(layer)
+            layer.forward, layer.backward = wrap(layer.forward), wrap(layer.backward)
+        try:
+            step()
+        finally:
+            for layer in originals:
+                del layer.forward, layer.backward
+    return rows
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -189,9 +352,6 @@ def _train_step_torch(torch) -> Callable[[], Any]:
 def _set_threads(threads: int | None, torch) -> dict[str, Any]:
     """Give numba, torch and (if threadpoolctl is installed) BLAS the same thread count."""
     import numba
-
-    # before numba starts its pool: refnorm.kernels sets OMP_WAIT_POLICY=PASSIVE (unless set)
-    import refnorm.kernels  # noqa: F401
 
     n = threads or numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
     numba.set_num_threads(n)
@@ -202,40 +362,59 @@ def _set_threads(threads: int | None, torch) -> dict[str, Any]:
     if torch is not None:
         torch.set_num_threads(n)
         info["torch_threads"] = torch.get_num_threads()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
+    from refnorm.kernels.nn import _blas
+
+    libs = _blas()
+    if libs:
+        for lib in libs:
+            lib.set_num_threads(n)
+        info["blas_threads"] = n
+    else:
         info["blas_threads"] = ("not set (threadpoolctl not installed); environment: "
                                 + ", ".join(f"{k}={os.environ.get(k, 'unset')}"
                                             for k in BLAS_ENV))
-    else:
-        threadpool_limits(n)
-        info["blas_threads"] = n
     return info
 
 
 def _interleaved(impls: dict[str, Callable[[], Any]], repeats: int,
-                 progress: Callable[[str], None]) -> dict[str, list[float]]:
-    """Warm each implementation once, then time them in rounds, one call of each per round."""
+                 progress: Callable[[str], None]) -> dict[str, dict[str, list[float]]]:
+    """Warm each implementation once, then time them in rounds, one call of each per round in
+    a random order (seeded): a call right after one that filled the caches with its own data
+    (the reference's many temporaries) is slower, and a fixed or rotated order puts some
+    implementation after that one more often than the others. Returns wall seconds, process
+    CPU seconds and minor page faults of every call."""
     for fn in impls.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in impls}
+    out: dict[str, dict[str, list[float]]] = {
+        name: {"wall": [], "cpu": [], "faults": []} for name in impls}
+    names = list(impls)
+    order = np.random.default_rng(20)
     for r in range(repeats):
         progress(f"round {r + 1}/{repeats}")
-        for name, fn in impls.items():
+        for i in order.permutation(len(names)):
+            name = names[i]
+            fn = impls[name]
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            c0 = time.process_time()
             t0 = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            t1 = time.perf_counter()
+            c1 = time.process_time()
+            f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            out[name]["wall"].append(t1 - t0)
+            out[name]["cpu"].append(c1 - c0)
+            out[name]["faults"].append(f1 - f0)
+    return out
 
 
-def _summary(case: str, method: str, shape, impl: str, seconds: list[float],
+def _summary(case: str, method: str, shape, impl: str, measured: dict[str, list[float]],
              nbytes: int) -> Timing:
-    ms = np.asarray(seconds) * 1e3
+    ms = np.asarray(measured["wall"]) * 1e3
     q1, median, q3 = np.percentile(ms, [25, 50, 75])
     return Timing(case, method, tuple(shape), impl, float(median), float(ms.min()),
-                  float(ms.max()), float(q1), float(q3), len(ms), nbytes,
-                  nbytes / (median * 1e-3) / 1e9 if nbytes else 0.0)
+                  float(ms.max()), float(q1), float(q3),
+                  float(np.median(measured["cpu"]) * 1e3), float(np.mean(measured["faults"])),
+                  len(ms), nbytes, nbytes / (median * 1e-3) / 1e9 if nbytes else 0.0)
 
 
 def copy_bandwidth(repeats: int, mib: int = 64) -> float:
@@ -266,15 +445,28 @@ def _import_torch(enabled: bool):
     return torch
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [float(v) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def run(*, quick: bool = False, repeats: int | None = None, threads: int | None = None,
-        use_torch: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        use_torch: bool = True, progress: Callable[[str], None] | None = None,
+        step_models: tuple[str, ...] = STEP_MODELS) -> dict[str, Any]:
     """Run every case; return the report as a JSON-ready dict (see :func:`main`)."""
     say: Callable[[str], None] = progress or _quiet
+    # before torch: OMP_WAIT_POLICY for both OpenMP pools, numba's pool, the allocator
+    from refnorm.kernels import norms as kernel_norms
+
+    kernel_norms.loops()
     torch = _import_torch(use_torch)
     repeats = repeats or (5 if quick else 30)
     machine = {"platform": platform.platform(), "processor": platform.processor(),
                "cpu_count": os.cpu_count(), "python": platform.python_version(),
-               "numpy": np.__version__, "torch": None if torch is None else torch.__version__}
+               "numpy": np.__version__, "torch": None if torch is None else torch.__version__,
+               "load_average_start": _load_average()}
     machine.update(_set_threads(threads, torch))
     probe = np.ones(1, np.float32)
     machine["fast_path"] = ("numba kernels" if fast_applies(probe)
@@ -285,69 +477,211 @@ def run(*, quick: bool = False, repeats: int | None = None, threads: int | None 
                               "timings": [], "ratios": []}
     cases = [(m, s) for s in SHAPES for m in METHODS]
     rng = np.random.default_rng(0)
+    n_parts = len(cases) + 1
     for i, (method, shape) in enumerate(cases):
         case = f"{method} {shape}"
         x = rng.standard_normal(shape).astype(np.float32)
         dy = rng.standard_normal(shape).astype(np.float32)
         gamma, beta = np.ones(shape[1], np.float32), np.zeros(shape[1], np.float32)
         impls = {path: _pure(method, x, gamma, beta, dy, path) for path in ("reference", "fast")}
+        impls["kernel"] = _kernel(method, x, gamma, beta, dy)
         if torch is not None and (t := _torch_case(torch, method, x, dy)) is not None:
             impls["torch"] = t
-        head = f"[{i + 1}/{len(cases) + 1}] {case}"
+        head = f"[{i + 1}/{n_parts}] {case}"
         times = _interleaved(impls, repeats, lambda s: say(f"{head}: {s}"))  # noqa: B023
         nbytes = 5 * x.size * x.itemsize
         rows = {name: _summary(case, method, shape, name, t, nbytes)
                 for name, t in times.items()}
         report["timings"] += [asdict(r) for r in rows.values()]
+        fast = rows["fast"].median_ms
         ratio = {"case": case, "method": method, "shape": list(shape),
-                 "fast_over_reference": rows["fast"].median_ms / rows["reference"].median_ms,
-                 "fast_over_torch": (rows["fast"].median_ms / rows["torch"].median_ms
-                                     if "torch" in rows else None)}
+                 "fast_over_reference": fast / rows["reference"].median_ms,
+                 "fast_over_kernel": fast / rows["kernel"].median_ms,
+                 "fast_over_torch": (fast / rows["torch"].median_ms
+                                     if "torch" in rows else None),
+                 "fast_over_torch_cpu": (rows["fast"].cpu_ms / rows["torch"].cpu_ms
+                                         if "torch" in rows else None),
+                 "fast_of_copy": rows["fast"].gb_per_s / report["copy_gb_per_s"]}
         report["ratios"].append(ratio)
-    steps = {path: _train_step(path) for path in ("reference", "fast")}
-    if torch is not None:
-        steps["torch"] = _train_step_torch(torch)
-    n = len(cases) + 1
-    times = _interleaved(steps, max(3, repeats // 2),
-                         lambda s: say(f"[{n}/{n}] training step: {s}"))
-    report["train_step"] = {
-        "model": "ConvNet widths 16/32/32, BN, batch 32 of 3x32x32; forward + loss + backward",
-        "timings": [asdict(_summary("train step", "train", (32, 3, 32, 32), name, t, 0))
-                    for name, t in times.items()]}
+    report["train_steps"] = _steps(torch, machine["numba_threads"], max(3, repeats // 2),
+                                   step_models, lambda s: say(f"[{n_parts}/{n_parts}] "
+                                                              f"training steps: {s}"))
+    machine["load_average_end"] = _load_average()
     return report
+
+
+def _steps(torch, threads: int, repeats: int, models: tuple[str, ...],
+           say: Callable[[str], None]) -> dict[str, Any]:
+    """The training steps of ``models``: fast, torch (and the fast step on one thread when
+    ``threads`` > 1) interleaved, then the reference steps interleaved among themselves; and
+    the paths of the fast steps.
+
+    The reference steps run apart: their convolution calls numpy's BLAS on all threads, whose
+    idle workers then spin for tens of milliseconds (OpenBLAS), on the core a following fast or
+    PyTorch step would use (and in its process CPU time)."""
+    impls: dict[str, Callable[[], Any]] = {}
+    references: dict[str, Callable[[], Any]] = {}
+    paths = {}
+    for model in models:
+        references[f"{model} reference"] = _train_step("reference", model)
+        fast = _train_step("fast", model)
+        impls[f"{model} fast"] = fast
+        if threads > 1:
+            impls[f"{model} fast 1t"] = _on_threads(1, _train_step("fast", model))
+        if torch is not None:
+            impls[f"{model} torch"] = _train_step_torch(torch, model)
+        paths[model] = layer_paths(fast)
+    times = _interleaved(impls, repeats, say)
+    times.update(_interleaved(references, repeats, lambda s: say(f"reference, {s}")))
+    rows = []
+    for name, t in times.items():
+        model, _, impl = name.partition(" ")
+        rows.append(asdict(_summary(f"{model} step", model, (32, 3, 32, 32), impl, t, 0)))
+    return {"model": "ConvNet widths 16/32/32, batch 32 of 3x32x32, G = 4 for GN; "
+                     "forward + loss + backward",
+            "timings": rows, "paths": paths}
+
+
+# -- where threads start to pay ----------------------------------------------------------------
+
+
+def crossover(threads: int, repeats: int,
+              progress: Callable[[str], None] = _quiet) -> dict[str, Any]:
+    """1 thread against ``threads`` threads, interleaved, for the work sizes of a training
+    step and beyond: GN (G = 32) forward+backward by the kernels at (N, 64, 32, 32) for N = 1
+    ... 32 (the loops' per-call choice switched off, so that the thread count alone differs),
+    and the convolution's matrix products of the study's model at batch 32 (numpy's BLAS).
+    ``kernels.norms.SERIAL_BELOW`` and ``kernels.nn.BLAS_PARALLEL_FROM`` are set from these
+    measurements (docs/performance.md)."""
+    import numba
+
+    from refnorm import kernels
+    from refnorm.kernels import norms as kernel_norms
+    from refnorm.kernels.nn import _blas
+
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, Any]] = []
+    impls: dict[str, Callable[[], Any]] = {}
+    sizes: dict[str, tuple[str, int]] = {}
+
+    def on(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run():
+            before, serial = numba.get_num_threads(), kernel_norms.SERIAL_BELOW
+            numba.set_num_threads(n)
+            kernel_norms.SERIAL_BELOW = 0
+            libs = [(lib, lib.num_threads) for lib in _blas()]
+            for lib, _ in libs:
+                lib.set_num_threads(n)
+            try:
+                return fn()
+            finally:
+                numba.set_num_threads(before)
+                kernel_norms.SERIAL_BELOW = serial
+                for lib, m in libs:
+                    lib.set_num_threads(m)
+        return run
+
+    for N in (1, 2, 4, 8, 16, 32):
+        x = rng.standard_normal((N, 64, 32, 32)).astype(np.float32)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        gamma, beta = np.ones(64, np.float32), np.zeros(64, np.float32)
+
+        def gn(x=x, dy=dy, gamma=gamma, beta=beta):
+            k = kernels.gn_forward(x, gamma, beta, EPS, GROUPS)
+            return kernels.gn_backward(dy, k.x_hat, k.rstd, gamma)
+        name = f"gn N={N}"
+        sizes[name] = ("values", 3 * x.size)
+        for n in (1, threads):
+            impls[f"{name} {n}t"] = on(n, gn)
+    for c_in, c_out, hw in ((3, 16, 1024), (16, 32, 256), (32, 32, 64)):
+        K = 9 * c_in
+        cols = rng.standard_normal((32, K, hw)).astype(np.float32)
+        w = rng.standard_normal((c_out, K)).astype(np.float32)
+
+        def gemm(cols=cols, w=w):
+            return np.matmul(w, cols)
+        name = f"conv {c_in}->{c_out}"
+        sizes[name] = ("multiply-adds", c_out * cols.size)
+        for n in (1, threads):
+            impls[f"{name} {n}t"] = on(n, gemm)
+    times = _interleaved(impls, repeats, progress)
+    for name, (unit, work) in sizes.items():
+        one = float(np.median(times[f"{name} 1t"]["wall"]))
+        many = float(np.median(times[f"{name} {threads}t"]["wall"]))
+        rows.append({"case": name, "work": work, "unit": unit, "one_thread_ms": one * 1e3,
+                     "threads_ms": many * 1e3, "threads_over_one": many / one})
+    return {"threads": threads, "rows": rows, "load_average": _load_average()}
+
+
+def format_crossover(report: dict[str, Any]) -> str:
+    """The crossover measurement as text."""
+    n = report["threads"]
+    load = " ".join(f"{v:.2f}" for v in report["load_average"] or [])
+    lines = [f"1 thread against {n} (medians, interleaved; load average {load}):",
+             f"  {'case':<16} {'work':>14} {'1 thread ms':>12} {f'{n} threads ms':>13} "
+             f"{f'{n}t/1t':>7}"]
+    for r in report["rows"]:
+        lines.append(f"  {r['case']:<16} {r['work'] / 1e6:>6.2f}M {r['unit'][:6]:<6} "
+                     f"{r['one_thread_ms']:>12.3f} {r['threads_ms']:>13.3f} "
+                     f"{r['threads_over_one']:>7.2f}")
+    return "\n".join(lines)
 
 
 # -- output -----------------------------------------------------------------------------------
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The report as a text table (medians, min-max, GB/s; ratios of medians)."""
+    """The report as text: per case the medians, spread, CPU time, GB/s and its fraction of
+    the copy bandwidth; the ratios of medians; the training steps and their paths."""
     m = report["machine"]
+    load = " / ".join(" ".join(f"{v:.2f}" for v in m[k]) if m.get(k) else "-"
+                      for k in ("load_average_start", "load_average_end"))
     lines = [
         f"machine: {m['platform']}, {m['cpu_count']} cores; numba {m['numba_threads']} threads "
         f"({m['numba_threading_layer']}), torch {m.get('torch_threads', '-')} threads "
         f"({m['torch'] or 'not installed'}), BLAS {m['blas_threads']}; fast path: "
         f"{m['fast_path']}; "
         + ", ".join(f"{k}={v}" for k, v in m["openmp_env"].items()),
+        f"load average (1, 5, 15 min) at start / end: {load}",
         f"copy bandwidth: {report['copy_gb_per_s']:.1f} GB/s; {report['repeats']} interleaved "
         f"repetitions; GB/s counts {report['bytes_model']}",
         "",
-        f"{'case':<24} {'impl':<10} {'median ms':>10} {'min-max ms':>17} {'GB/s':>6}",
+        f"{'case':<21} {'impl':<9} {'median ms':>9} {'min-max ms':>13} {'cpu ms':>7} "
+        f"{'GB/s':>6} {'of copy':>7} {'faults':>6}",
     ]
+    copy = report["copy_gb_per_s"]
     for t in report["timings"]:
         spread = f"{t['min_ms']:.2f}-{t['max_ms']:.2f}"
-        lines.append(f"{t['case']:<24} {t['impl']:<10} {t['median_ms']:>10.2f} {spread:>17} "
-                     f"{t['gb_per_s']:>6.1f}")
-    lines += ["", f"{'case':<24} {'fast/ref':>9} {'fast/torch':>11}   (ratios of medians; "
-              "< 1 means fast is quicker)"]
+        lines.append(f"{t['case']:<21} {t['impl']:<9} {t['median_ms']:>9.3f} {spread:>13} "
+                     f"{t['cpu_ms']:>7.3f} {t['gb_per_s']:>6.1f} "
+                     f"{t['gb_per_s'] / copy:>7.0%} {t['faults']:>6.0f}")
+    lines += ["", f"{'case':<21} {'fast/ref':>8} {'fast/kernel':>11} {'fast/torch':>10} "
+              f"{'(cpu)':>6} {'fast of copy':>12}   (ratios of medians; < 1: fast is quicker)"]
     for r in report["ratios"]:
-        vs_torch = "-" if r["fast_over_torch"] is None else f"{r['fast_over_torch']:.2f}"
-        lines.append(f"{r['case']:<24} {r['fast_over_reference']:>9.3f} {vs_torch:>11}")
-    ts = report["train_step"]
-    lines += ["", f"training step ({ts['model']}):"]
+        vs = ("-", "-") if r["fast_over_torch"] is None else (
+            f"{r['fast_over_torch']:.2f}", f"{r['fast_over_torch_cpu']:.2f}")
+        lines.append(f"{r['case']:<21} {r['fast_over_reference']:>8.3f} "
+                     f"{r['fast_over_kernel']:>11.2f} {vs[0]:>10} {vs[1]:>6} "
+                     f"{r['fast_of_copy']:>12.0%}")
+    ts = report["train_steps"]
+    lines += ["", f"training steps ({ts['model']}):",
+              f"  {'model':<7} {'impl':<10} {'median ms':>9} {'min-max ms':>15} {'cpu ms':>7} "
+              f"{'fast/this':>9}"]
+    medians = {(t["method"], t["impl"]): t["median_ms"] for t in ts["timings"]}
     for t in ts["timings"]:
-        lines.append(f"  {t['impl']:<10} median {t['median_ms']:.2f} ms "
-                     f"(min {t['min_ms']:.2f}, max {t['max_ms']:.2f})")
+        fast = medians.get((t["method"], "fast"))
+        versus = "" if fast is None or t["impl"] == "fast" else f"{fast / t['median_ms']:.2f}"
+        lines.append(f"  {t['method']:<7} {t['impl']:<10} {t['median_ms']:>9.2f} "
+                     f"{t['min_ms']:>7.2f}-{t['max_ms']:<7.2f} {t['cpu_ms']:>7.2f} "
+                     f"{versus:>9}")
+    lines += ["", "paths in the fast steps (dispatched functions per layer; 'numpy': the layer's "
+              "functions have no fast variant):"]
+    for model, rows in ts["paths"].items():
+        seen: dict[str, str] = {}
+        for row in rows:
+            calls = ", ".join(f"{fn} {path}" for fn, path in row["calls"]) or "numpy"
+            seen.setdefault(row["layer"], calls)
+        lines.append(f"  {model}: " + "; ".join(f"{k}: {v}" for k, v in seen.items()))
     return "\n".join(lines)
 
 
@@ -360,6 +694,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="threads for numba, torch and BLAS (default: numba's default)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    parser.add_argument("--crossover", action="store_true",
+                        help="instead: 1 thread against --threads (default: all) by work size, "
+                             "where running in parallel starts to pay")
     parser.add_argument("--data-parallel", action="store_true",
                         help="instead: the cost of communication in a data-parallel step "
                              "(2 devices in-process and under mpiexec)")
@@ -394,6 +731,18 @@ def run_args(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{line}\n")
         sys.stderr.flush()
 
+    if args.crossover:
+        import numba
+
+        from refnorm.kernels import norms as kernel_norms
+
+        kernel_norms.loops()
+        n = args.threads or numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        result = crossover(max(n, 2), args.repeats or (5 if args.quick else 30), progress)
+        if tty:
+            sys.stderr.write("\n")
+        print(json.dumps(result, indent=2) if args.json else format_crossover(result))
+        return 0
     if args.data_parallel:
         from refnorm import bench_parallel
 
@@ -423,5 +772,6 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["METHODS", "SHAPES", "Timing", "add_arguments", "copy_bandwidth", "format_report",
-           "main", "run", "run_args"]
+__all__ = ["METHODS", "SHAPES", "STEP_MODELS", "Timing", "add_arguments", "copy_bandwidth",
+           "crossover", "format_crossover", "format_report", "layer_paths", "main", "run",
+           "run_args"]

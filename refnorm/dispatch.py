@@ -47,6 +47,7 @@ PATHS = ("reference", "fast")
 ENV = "REFNORM_PATH"
 
 _chosen: str | None = None
+_recorders: list[list[tuple[str, str]]] = []  # open record_paths() blocks, innermost last
 
 
 def check_path(path: object, *, name: str = "path") -> str:
@@ -74,6 +75,19 @@ def use_path(path: str | None) -> Iterator[None]:
         _chosen = previous
 
 
+@contextlib.contextmanager
+def record_paths() -> Iterator[list[tuple[str, str]]]:
+    """``with record_paths() as calls: ...`` — ``calls`` receives ``(function name, path)``
+    for every call of a dispatched function in the block, in order (``refnorm bench`` reports
+    which layers of a training step ran which path)."""
+    calls: list[tuple[str, str]] = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
 def process_choice() -> str | None:
     """The process-wide choice (:func:`set_path`, else ``REFNORM_PATH``), or None if none."""
     if _chosen is not None:
@@ -90,12 +104,17 @@ def get_path(default: str = "reference") -> str:
 
 def resolve(path: str | None, *, default: str = "reference") -> str:
     """The path one call takes: its own ``path`` if given, else :func:`get_path`."""
-    return get_path(default) if path is None else check_path(path)
+    if path is None:
+        return get_path(default)
+    return path if path in PATHS else check_path(path)
+
+
+_FLOAT_CODES = frozenset("efd")  # numpy's type codes of float16, float32, float64
 
 
 def fast_applies(*arrays: Any) -> bool:
     """Whether the kernels can run on ``arrays``: numpy, real floating, numba installed."""
-    return all(isinstance(a, np.ndarray) and a.dtype in (np.float16, np.float32, np.float64)
+    return all(isinstance(a, np.ndarray) and a.dtype.char in _FLOAT_CODES and a.dtype.isnative
                for a in arrays) and kernels.numba_installed()
 
 
@@ -128,13 +147,19 @@ def dispatched(reference: Callable[..., Any]) -> Dispatched:
     signature = inspect.signature(reference)
     first = next(iter(signature.parameters))  # x, or dy for a backward
 
+    name = reference.__name__
+
     @functools.wraps(reference)
     def call(*args: Any, path: str | None = None, **kwargs: Any) -> Any:
         this = cast(Dispatched, call)
         array = args[0] if args else kwargs.get(first)
         if this.fast_variant is not None and runs_fast(path, array):
+            if _recorders:
+                _recorders[-1].append((name, "fast"))
             return this.fast_variant(*args, **kwargs)
         resolve(path)  # a bad path is refused on every call, whichever runs
+        if _recorders:
+            _recorders[-1].append((name, "reference"))
         return this.reference(*args, **kwargs)
 
     def fast(variant: F) -> F:
@@ -152,4 +177,4 @@ def dispatched(reference: Callable[..., Any]) -> Dispatched:
 
 
 __all__ = ["ENV", "PATHS", "Dispatched", "check_path", "dispatched", "fast_applies", "get_path",
-           "process_choice", "resolve", "runs_fast", "set_path", "use_path"]
+           "process_choice", "record_paths", "resolve", "runs_fast", "set_path", "use_path"]

@@ -79,6 +79,11 @@ class Layer:
     path : {"reference", "fast"} or None
         The path of the layer's pure functions; None: the process-wide choice
         (:func:`refnorm.dispatch.set_path`), else the reference.
+    input_grad : bool
+        Whether :meth:`backward` returns ``dx`` (default True). A model sets it False on its
+        first layer, whose input (the data) needs no gradient: :meth:`backward` then returns
+        None, and a layer that can skip the work (a convolution's input gradient, a third of
+        its backward) skips it. The parameter gradients are the same either way.
 
     Subclasses implement :meth:`_forward` (returning ``(y, cache)``) and :meth:`_backward`
     (returning ``(dx, grads)``), each calling the method's pure function explicitly; the
@@ -88,6 +93,7 @@ class Layer:
 
     shared_attributes: ClassVar[tuple[str, ...]] = ()  # kept, not copied, by deepcopy
     path: str | None = None
+    input_grad: bool = True
     check_cases: ClassVar[tuple[CheckCase, ...]] = ()
 
     def __init__(self, *, dtype: Any = None, xp: ModuleType | None = None,
@@ -106,12 +112,13 @@ class Layer:
         y, self._cache = self._forward(x, training)
         return y
 
-    def backward(self, dy: Array) -> Array:
-        """Return ``dx`` for the last forward and fill :attr:`grads`."""
+    def backward(self, dy: Array) -> Array | None:
+        """Return ``dx`` for the last forward (None if :attr:`input_grad` is False) and fill
+        :attr:`grads`."""
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
         dx, self.grads = self._backward(dy, self._cache)
-        return dx
+        return dx if self.input_grad else None
 
     def compute_path(self) -> str:
         """The path this layer's pure functions take: :attr:`path` if set, else the

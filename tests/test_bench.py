@@ -16,31 +16,59 @@ from refnorm import bench
 
 @pytest.mark.parametrize("torch_flag", [["--no-torch"], []], ids=["without-torch", "as-installed"])
 def test_quick_json_report_structure(capsys, torch_flag):
-    assert bench.main(["--quick", "--json", "--repeats", "1"] + torch_flag) == 0
+    assert bench.main(["--quick", "--json", "--repeats", "1", "--threads", "2"] + torch_flag) == 0
     out = capsys.readouterr()
     report = json.loads(out.out)
     assert "[1/" in out.err  # the progress line goes to stderr, never into the JSON
     machine = report["machine"]
-    assert machine["numba_threads"] >= 1 and "blas_threads" in machine
+    assert machine["numba_threads"] == 2 and "blas_threads" in machine
+    assert len(machine["load_average_start"]) == 3
     has_torch = machine["torch"] is not None
     assert not (has_torch and torch_flag)
     assert report["copy_gb_per_s"] > 0
     cases = {(m, tuple(s)) for m in bench.METHODS for s in bench.SHAPES}
     seen = {(t["method"], tuple(t["shape"]), t["impl"]) for t in report["timings"]}
     for method, shape in cases:
-        impls = {"reference", "fast"} | ({"torch"} if has_torch and method != "sn" else set())
+        impls = {"reference", "fast", "kernel"} | (
+            {"torch"} if has_torch and method != "sn" else set())
         assert {(method, shape, i) for i in impls} <= seen
     for t in report["timings"]:
         assert t["repeats"] == 1
         assert t["min_ms"] <= t["q1_ms"] <= t["median_ms"] <= t["q3_ms"] <= t["max_ms"]
         assert t["gb_per_s"] > 0 and t["bytes_moved"] == 5 * 4 * _size(t["shape"])
+        assert t["cpu_ms"] >= 0 and t["faults"] >= 0
     assert {(r["method"], tuple(r["shape"])) for r in report["ratios"]} == cases
     for r in report["ratios"]:
-        assert r["fast_over_reference"] > 0
+        assert r["fast_over_reference"] > 0 and r["fast_over_kernel"] > 0
+        assert r["fast_of_copy"] > 0
         assert (r["fast_over_torch"] is None) == (not has_torch or r["method"] == "sn")
-    step = {t["impl"] for t in report["train_step"]["timings"]}
-    assert step == {"reference", "fast"} | ({"torch"} if has_torch else set())
+    steps = report["train_steps"]
+    impls = {"reference", "fast", "fast 1t"} | ({"torch"} if has_torch else set())
+    assert {(t["method"], t["impl"]) for t in steps["timings"]} == {
+        (m, i) for m in bench.STEP_MODELS for i in impls}
     assert machine["fast_path"] == "numba kernels"
+    # every dispatched call of the fast steps ran the fast path, and WS's are among them
+    for model, layers in steps["paths"].items():
+        calls = [c for layer in layers for c in layer["calls"]]
+        assert calls and all(path == "fast" for _, path in calls), model
+    ws = {fn for layer in steps["paths"]["gn+ws"] for fn, _ in layer["calls"]}
+    assert {"weight_standardization_forward", "weight_standardization_backward"} <= ws
+
+
+def test_layer_paths_names_a_reference_call():
+    """The path report is not a constant: a layer left on the reference says so."""
+    step = bench._train_step("fast", "sn")
+    layers = step.model.layers()
+    i = next(i for i, layer in enumerate(layers) if type(layer).__name__ == "SwitchableNorm")
+    layers[i].path = "reference"
+    rows = bench.layer_paths(step)
+    assert rows[i]["layer"] == "SwitchableNorm"
+    assert {tuple(c) for c in rows[i]["calls"]} == {("switchable_norm_forward", "reference"),
+                                                   ("switchable_norm_backward", "reference")}
+    later = [tuple(c) for row in rows[i + 1:] if row["layer"] == "SwitchableNorm"
+             for c in row["calls"]]
+    assert later and all(path == "fast" for _, path in later)
+    assert all("forward" not in vars(layer) for layer in layers)  # the wrappers are gone
 
 
 def _size(shape) -> int:
@@ -50,7 +78,8 @@ def _size(shape) -> int:
 def test_text_report_and_bad_arguments(capsys):
     assert bench.main(["--quick", "--repeats", "1", "--no-torch"]) == 0
     text = capsys.readouterr().out
-    assert "copy bandwidth" in text and "fast/ref" in text and "training step" in text
+    assert "copy bandwidth" in text and "fast/ref" in text and "training steps" in text
+    assert "fast/kernel" in text and "of copy" in text and "paths in the fast steps" in text
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
 
@@ -85,3 +114,16 @@ def test_data_parallel_bench_counts_the_collectives_of_a_step():
     assert all(0 < r["collective_share"] < 1 and r["step_ms"] > 0 for r in rows.values())
     assert report["mpi_skipped"] == "--no-mpi"
     assert "in-process  syncbn" in bench_parallel.format_report(report)
+
+
+def test_crossover_reports_one_thread_against_several(capsys):
+    assert bench.main(["--crossover", "--repeats", "1", "--threads", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["threads"] == 2
+    cases = [r["case"] for r in report["rows"]]
+    assert cases[:6] == [f"gn N={n}" for n in (1, 2, 4, 8, 16, 32)] and len(cases) == 9
+    for r in report["rows"]:
+        assert r["one_thread_ms"] > 0 and r["threads_ms"] > 0
+        assert r["threads_over_one"] == pytest.approx(r["threads_ms"] / r["one_thread_ms"])
+    assert bench.main(["--crossover", "--repeats", "1", "--threads", "2"]) == 0
+    assert "1 thread against 2" in capsys.readouterr().out

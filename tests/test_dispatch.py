@@ -179,6 +179,40 @@ def test_both_paths_refuse_the_same_inputs_with_the_same_error(name, case):
 
 
 @pytest.mark.parametrize("name", sorted(FORWARDS))
+def test_a_checked_signature_does_not_let_a_different_argument_through(name):
+    """The fast variants check an argument signature once (refnorm.norms.base.CHECKED): a
+    call that differs from a checked one only in the type of a hyperparameter (True for 1),
+    or in a parameter's dtype, is checked again and refused as the reference refuses it."""
+    forward = FORWARDS[name]
+    forward(X, G, B, eps=1, path="fast")  # valid: checked and remembered
+    for kw, g in (({"eps": True}, G), ({}, G.astype(np.int64))):
+        fast = _outcome(lambda kw=kw, g=g: forward(X, g, B, path="fast", **kw))
+        ref = _outcome(lambda kw=kw, g=g: forward(X, g, B, path="reference", **kw))
+        assert fast == ref and ref is not None and ref[0] is TypeError
+
+
+WS_BAD = {
+    "w of one dimension": (np.ones(4), {}),
+    "integer w": (np.ones((2, 3), np.int64), {}),
+    "one weight per output": (np.ones((3, 1, 1, 1)), {}),
+    "eps_mode unknown": (X, {"eps_mode": "mul"}),
+    "correction 2": (X, {"correction": 2}),
+    "correction True": (X, {"correction": True}),
+    "eps = 0": (X, {"eps": 0.0}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WS_BAD))
+def test_weight_standardization_paths_refuse_the_same_inputs(case):
+    w, kw = WS_BAD[case]
+    forward = refnorm.weights.weight_standardization_forward
+    forward(X, path="fast")  # a valid signature checked first
+    fast = _outcome(lambda: forward(w, path="fast", **kw))
+    ref = _outcome(lambda: forward(w, path="reference", **kw))
+    assert fast == ref and ref is not None
+
+
+@pytest.mark.parametrize("name", sorted(FORWARDS))
 def test_both_paths_accept_views_float16_and_negative_strides(name):
     forward = FORWARDS[name]
     base = 5 * np.random.default_rng(4).standard_normal((3, 8, 6, 7)) + 12
@@ -278,11 +312,17 @@ def _max_pool(path):
 def _relu(path):
     # the issue's case first, then a larger one
     tiny = np.array([[1.0, -1.0]], np.float16)
-    y, cache = refnorm.nn.relu_forward(tiny)
+    y, cache = refnorm.nn.relu_forward(tiny, path=path)
     small = refnorm.nn.relu_backward(np.ones_like(tiny), cache, path=path)
     x = _half(3, 4, 5)
-    y, cache = refnorm.nn.relu_forward(x)
-    return small, refnorm.nn.relu_backward(_half(3, 4, 5, seed=1), cache, path=path)
+    y, cache = refnorm.nn.relu_forward(x, path=path)
+    return small, y, refnorm.nn.relu_backward(_half(3, 4, 5, seed=1), cache, path=path)
+
+
+def _ws(path):
+    w, g = _half(4, 3, 3, 3, offset=0.5), _half(4, 3, 3, 3, seed=1)
+    w_hat, cache = refnorm.weights.weight_standardization_forward(w, path=path)
+    return w_hat, refnorm.weights.weight_standardization_backward(g, cache, path=path)
 
 
 HALF_CASES = {  # a forward and its backward share one case
@@ -303,7 +343,8 @@ HALF_CASES = {  # a forward and its backward share one case
     ("avg_pool2d_forward", "avg_pool2d_backward"): _avg_pool,
     ("conv2d_forward", "conv2d_backward"): _conv,
     ("max_pool2d_forward", "max_pool2d_backward"): _max_pool,
-    ("relu_backward",): _relu,
+    ("relu_forward", "relu_backward"): _relu,
+    ("weight_standardization_forward", "weight_standardization_backward"): _ws,
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, SupportsIndex, TypeGuard
 
@@ -134,6 +135,37 @@ def prepare_channel_norm(
         xp.astype(gamma, dtype, copy=True),  # a copy: caches keep it, the caller may change it
         xp.astype(beta, dtype, copy=False),
     )
+
+
+# -- the fast variants: check an argument signature once -------------------------------------
+
+#: The argument signatures that passed a fast variant's checks, ``(what, types, shapes, dtypes,
+#: hyperparameters)`` tuples, and what the checks returned (a convolution's window). The checks
+#: cached this way read nothing else (no value of an array: value checks, such as
+#: ``running_var >= 0``, run on every call), so a layer that calls its fast variant with the
+#: same configuration step after step is checked on its first call only. Bounded: emptied when
+#: full.
+CHECKED: dict[tuple, Any] = {}
+CHECKED_LIMIT = 1024
+
+
+def check_once(key: Callable[[], tuple], check: Callable[[], Any]) -> Any:
+    """Run ``check()`` (which raises on bad arguments) unless the signature ``key()`` passed
+    it before; return what it returned (then, or the first time). A signature that cannot be
+    formed or hashed (an argument that is not an array, an unhashable hyperparameter) is
+    always checked, so the error is the reference's."""
+    try:
+        signature = key()
+        if signature in CHECKED:
+            return CHECKED[signature]
+    except (AttributeError, TypeError):
+        signature = None
+    result = check()
+    if signature is not None:
+        if len(CHECKED) >= CHECKED_LIMIT:
+            CHECKED.clear()
+        CHECKED[signature] = result
+    return result
 
 
 def check_cache(cache: object, expected: type) -> None:

@@ -2,7 +2,8 @@
 
 - :mod:`refnorm.kernels.norms` — the normalizers (BN, IN, LN, GN, SN forward and backward) on
   numpy arrays, on the CPU;
-- :mod:`refnorm.kernels.nn` — the convolution, max pooling and ReLU backward on the CPU;
+- :mod:`refnorm.kernels.nn` — the convolution, max pooling, ReLU backward and Weight
+  Standardization on the CPU;
 - :mod:`refnorm.kernels._loops` — the CPU loops themselves (``numba.njit``);
 - :mod:`refnorm.kernels.cuda` and :mod:`refnorm.kernels._cuda_loops` — BN, IN, LN, GN and SN
   on CuPy arrays, written with ``numba.cuda`` (tested under numba's CUDA simulator).
@@ -35,6 +36,9 @@ from refnorm.kernels.nn import (
     max_pool_backward,
     max_pool_forward,
     relu_backward,
+    relu_forward,
+    ws_backward,
+    ws_forward,
 )
 from refnorm.kernels.norms import (
     bn_backward,
@@ -81,6 +85,9 @@ __all__ = [
     "max_pool_forward",
     "numba_installed",
     "relu_backward",
+    "relu_forward",
     "sn_backward",
     "sn_forward",
+    "ws_backward",
+    "ws_forward",
 ]

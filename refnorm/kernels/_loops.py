@@ -19,10 +19,70 @@ chunks are merged by Chan's formula in :mod:`refnorm.kernels.norms`.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
+from refnorm.kernels._simd import ALIGN, LANES, address, stream_combine, stream_normalize
+
 FASTMATH = {"reassoc", "contract"}
+L1_VALUES = 2048  # values per moments segment: its second pass reads the L1 cache (16 KiB f64)
+
+
+@njit  # not cached: it holds the address of numba's thread-pool functions
+def num_threads():  # pragma: no cover - compiled
+    """``numba.get_num_threads()`` without the lock the Python function takes on every call."""
+    return numba.get_num_threads()
+
+
+@njit  # not cached, as num_threads
+def set_threads(n):  # pragma: no cover - compiled
+    """``numba.set_num_threads(n)``, compiled (see :func:`num_threads`)."""
+    numba.set_num_threads(n)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _normalize_plain(xr, yr, hr, m, r, g, c):  # pragma: no cover - compiled
+    for i in range(xr.shape[0]):
+        h = (np.float64(xr[i]) - m) * r
+        hr[i] = h
+        yr[i] = h * g + c
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _normalize_row(xr, yr, hr, m, r, g, c, stream):  # pragma: no cover - compiled
+    """``hr = (xr - m) r`` and ``yr = hr g + c`` over one row; with ``stream``, the aligned
+    middle by non-temporal vector stores (``yr`` and ``hr`` equally aligned)."""
+    n = xr.shape[0]
+    i = 0
+    if stream:
+        i = min(n, (ALIGN - address(yr) % ALIGN) % ALIGN // yr.itemsize)  # type: ignore[call-arg]
+        _normalize_plain(xr[:i], yr[:i], hr[:i], m, r, g, c)
+        while i + LANES <= n:
+            stream_normalize(xr, i, yr, hr, m, r, g, c)
+            i += LANES
+    _normalize_plain(xr[i:], yr[i:], hr[i:], m, r, g, c)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _combine_plain(dr, hr, out, a, c, e):  # pragma: no cover - compiled
+    for i in range(dr.shape[0]):
+        out[i] = a * np.float64(dr[i]) + c + e * np.float64(hr[i])
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _combine_row(dr, hr, out, a, c, e, stream):  # pragma: no cover - compiled
+    """``out = a dr + c + e hr`` over one row; with ``stream``, the aligned middle by
+    non-temporal vector stores."""
+    n = dr.shape[0]
+    i = 0
+    if stream:
+        i = min(n, (ALIGN - address(out) % ALIGN) % ALIGN // out.itemsize)  # type: ignore[call-arg]
+        _combine_plain(dr[:i], hr[:i], out[:i], a, c, e)
+        while i + LANES <= n:
+            stream_combine(dr, hr, i, out, a, c, e)
+            i += LANES
+    _combine_plain(dr[i:], hr[i:], out[i:], a, c, e)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -67,7 +127,7 @@ def chunk_moments(x, chunk):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def normalize_affine(x, mean, rstd, gamma, beta, chunk, y, x_hat):  # pragma: no cover
+def normalize_affine(x, mean, rstd, gamma, beta, chunk, y, x_hat, stream):  # pragma: no cover
     """``x_hat = (x - mean) * rstd`` and ``y = x_hat * gamma + beta`` in one pass.
 
     Equals :func:`refnorm.core.standardize.standardize` followed by
@@ -81,7 +141,9 @@ def normalize_affine(x, mean, rstd, gamma, beta, chunk, y, x_hat):  # pragma: no
         The statistics of each plane's statistic and the parameters of its channel.
     chunk : int
         Values per parallel task.
-    y, x_hat : arrays, (B, S), written
+    y, x_hat : arrays, (B, S), written; 64-byte aligned alike when ``stream``
+    stream : bool
+        Write ``y`` and ``x_hat`` with non-temporal stores (:mod:`refnorm.kernels._simd`).
     """
     B, S = x.shape
     P = (S + chunk - 1) // chunk
@@ -89,17 +151,8 @@ def normalize_affine(x, mean, rstd, gamma, beta, chunk, y, x_hat):  # pragma: no
         b = t // P
         lo = (t % P) * chunk
         hi = min(lo + chunk, S)
-        m = mean[b]
-        r = rstd[b]
-        g = gamma[b]
-        c = beta[b]
-        xr = x[b, lo:hi]
-        yr = y[b, lo:hi]
-        hr = x_hat[b, lo:hi]
-        for i in range(xr.shape[0]):
-            h = (np.float64(xr[i]) - m) * r
-            hr[i] = h
-            yr[i] = h * g + c
+        _normalize_row(x[b, lo:hi], y[b, lo:hi], x_hat[b, lo:hi], mean[b], rstd[b], gamma[b],
+                       beta[b], stream)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -141,7 +194,7 @@ def chunk_grad_sums(dy, x_hat, chunk):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx):  # pragma: no cover - compiled
+def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx, stream):  # pragma: no cover - compiled
     """``dx = k_dy * dy + k_one + k_xhat * x_hat`` with per-plane coefficients.
 
     The closed-form backward of :func:`refnorm.core.standardize.standardize_backward` after
@@ -154,7 +207,9 @@ def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx):  # pragma: no cover - co
     dy, x_hat : arrays, (B, S), C-contiguous
     k_dy, k_one, k_xhat : float64 arrays, (B,)
     chunk : int
-    dx : array, (B, S), written
+    dx : array, (B, S), written; 64-byte aligned when ``stream``
+    stream : bool
+        Write ``dx`` with non-temporal stores.
     """
     B, S = dy.shape
     P = (S + chunk - 1) // chunk
@@ -162,14 +217,8 @@ def combine(dy, x_hat, k_dy, k_one, k_xhat, chunk, dx):  # pragma: no cover - co
         b = t // P
         lo = (t % P) * chunk
         hi = min(lo + chunk, S)
-        a = k_dy[b]
-        c = k_one[b]
-        e = k_xhat[b]
-        dr = dy[b, lo:hi]
-        hr = x_hat[b, lo:hi]
-        out = dx[b, lo:hi]
-        for i in range(dr.shape[0]):
-            out[i] = a * np.float64(dr[i]) + c + e * np.float64(hr[i])
+        _combine_row(dy[b, lo:hi], x_hat[b, lo:hi], dx[b, lo:hi], k_dy[b], k_one[b], k_xhat[b],
+                     stream)
 
 
 @njit(cache=True, inline="always")
@@ -384,6 +433,24 @@ def max_pool_backward(dy, argmax, KH, KW, sh, sw, dx):  # pragma: no cover - com
 
 
 @njit(cache=True, parallel=True)
+def relu_forward(x, y, positive):  # pragma: no cover - compiled
+    """``y = max(x, 0)`` (NaN stays NaN, -0 becomes +0, as numpy's ``maximum(x, 0)``) and the
+    mask ``x > 0`` in one pass; equals :func:`refnorm.nn.activations.relu_forward`.
+
+    Parameters
+    ----------
+    x : array, (L,), C-contiguous
+    y : array, (L,), written
+    positive : bool array, (L,), written
+    """
+    for i in prange(x.shape[0]):
+        v = x[i]
+        p = v > 0
+        positive[i] = p
+        y[i] = v if (p or v != v) else 0
+
+
+@njit(cache=True, parallel=True)
 def relu_backward(dy, positive, dx):  # pragma: no cover - compiled
     """``dx = dy`` where ``positive``, else 0; equals :func:`refnorm.nn.activations.relu_backward`.
 
@@ -406,15 +473,100 @@ def unit_plane(u, k, C, G):  # pragma: no cover - compiled
     return (u // G) * C + (u % G) * (C // G) + k
 
 
+@njit(cache=True, inline="always")
+def plane_unit(b, C, G):  # pragma: no cover - compiled
+    """The unit (statistic) plane b = n C + c belongs to: channel c for BN (``G == 0``), row
+    (n, g) for GN; the inverse of :func:`unit_plane`."""
+    if G == 0:
+        return b % C
+    return (b // C) * G + (b % C) // (C // G)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _segment_moments(seg):  # pragma: no cover - compiled
+    """Mean and sum of squared deviations of one segment of at most :data:`L1_VALUES` values
+    (it stays in the L1 cache between the two passes): a sum shifted by the first value, then
+    the squared deviations from the mean."""
+    n = seg.shape[0]
+    shift = np.float64(seg[0])
+    s = 0.0
+    for i in range(n):
+        s += np.float64(seg[i]) - shift
+    mu = shift + s / n
+    q = 0.0
+    for i in range(n):
+        d = np.float64(seg[i]) - mu
+        q += d * d
+    return mu, q
+
+
+@njit(cache=True, inline="always")
+def _chan(count, mean, m2, n, mu, q):  # pragma: no cover - compiled
+    """Merge the moments ``(n, mu, q)`` of a segment into ``(count, mean, m2)``: Chan's formula
+    (the law of total variance), exact when ``count == 0``."""
+    total = count + n
+    delta = mu - mean
+    return total, mean + delta * (n / total), m2 + q + delta * delta * (count * n / total)
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _row_moments(row, count, mean, m2):  # pragma: no cover - compiled
+    """Merge the moments of ``row`` into ``(count, mean, m2)``, one L1-sized segment at a
+    time: one read of ``row`` from memory, the second pass over each segment from L1."""
+    S = row.shape[0]
+    for lo in range(0, S, L1_VALUES):
+        seg = row[lo:min(lo + L1_VALUES, S)]
+        mu, q = _segment_moments(seg)
+        count, mean, m2 = _chan(count, mean, m2, np.float64(seg.shape[0]), mu, q)
+    return count, mean, m2
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _grad_sums(dr, hr):  # pragma: no cover - compiled
+    """``sum(dr)`` and ``sum(dr hr)`` in one pass."""
+    a = 0.0
+    c = 0.0
+    for i in range(dr.shape[0]):
+        d = np.float64(dr[i])
+        a += d
+        c += d * np.float64(hr[i])
+    return a, c
+
+
+@njit(cache=True, inline="always")
+def _finish_stats(u, count, mean, m2, eps, stats):  # pragma: no cover - compiled
+    """Write the mean, biased variance and rstd of unit u; return (rstd, 1 if the variance
+    is infinite in the dtype of ``stats`` else 0) (the caller raises the reference's error
+    for an overflow)."""
+    v = m2 / count
+    r = 1.0 / np.sqrt(v + eps)
+    stats[0, u] = mean
+    stats[1, u] = v
+    stats[2, u] = r
+    return r, 1 if np.isinf(stats[1, u]) else 0
+
+
+@njit(cache=True, inline="always")
+def _sum_per_channel(sums, C, grads):  # pragma: no cover - compiled
+    """``grads[:, c] = sum over n of sums[:, n C + c]``."""
+    B = sums.shape[1]
+    for j in range(2):
+        for c in range(C):
+            grads[j, c] = 0.0
+        for b in range(B):
+            grads[j, b % C] += sums[j, b]
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def unit_forward(x, C, G, gamma, beta, eps, y, x_hat, stats):  # pragma: no cover - compiled
+def unit_forward(x, C, G, gamma, beta, eps, y, x_hat, stats, stream):  # pragma: no cover
     """Statistics of a whole unit and its normalize+affine, in one task while it is cached.
 
     A *unit* is the set of planes one statistic covers: for BN (``G = 0``) channel c, the
     planes ``n C + c``; for GN row (n, g), the C/G planes of the group's channels (LN and IN
-    are G = 1 and G = C). Equals :func:`refnorm.core.moments.moments` (two passes, shifted by
-    the unit's first value), then :func:`refnorm.core.standardize.standardize` and
-    :func:`refnorm.core.affine.affine_forward`.
+    are G = 1 and G = C). Moments: each L1-sized segment in two passes (shifted sum, squared
+    deviations), merged by Chan's formula, which equals :func:`refnorm.core.moments.moments`
+    up to rounding; then :func:`refnorm.core.standardize.standardize` and
+    :func:`refnorm.core.affine.affine_forward` in one pass over the (cached) unit.
 
     Parameters
     ----------
@@ -423,54 +575,42 @@ def unit_forward(x, C, G, gamma, beta, eps, y, x_hat, stats):  # pragma: no cove
         Channels, and groups (0 for BN).
     gamma, beta : arrays, (C,)
     eps : float
-    y, x_hat : arrays, (N * C, S), written
+    y, x_hat : arrays, (N * C, S), written; 64-byte aligned alike when ``stream``
     stats : array, (3, U), written
         Mean, biased variance and rstd of each unit (U = C for BN, N G for GN).
+    stream : bool
+        Write ``y`` and ``x_hat`` with non-temporal stores (:mod:`refnorm.kernels._simd`).
+
+    Returns
+    -------
+    int : the number of units whose variance is infinite
     """
     B, S = x.shape
     U = stats.shape[1]
     K = B // U
-    m = K * S
+    bad = 0
     for u in prange(U):
-        shift = np.float64(x[unit_plane(u, 0, C, G), 0])
-        s = 0.0
+        count, mean, m2 = 0.0, 0.0, 0.0
         for k in range(K):
-            row = x[unit_plane(u, k, C, G)]
-            for i in range(S):
-                s += np.float64(row[i]) - shift
-        mu = shift + s / m
-        q = 0.0
-        for k in range(K):
-            row = x[unit_plane(u, k, C, G)]
-            for i in range(S):
-                d = np.float64(row[i]) - mu
-                q += d * d
-        v = q / m
-        r = 1.0 / np.sqrt(v + eps)
-        stats[0, u] = mu
-        stats[1, u] = v
-        stats[2, u] = r
+            count, mean, m2 = _row_moments(x[unit_plane(u, k, C, G)], count, mean, m2)
+        r, inf = _finish_stats(u, count, mean, m2, eps, stats)
+        bad += inf
         for k in range(K):
             b = unit_plane(u, k, C, G)
-            xr = x[b]
-            yr = y[b]
-            hr = x_hat[b]
-            g = np.float64(gamma[b % C])
-            c = np.float64(beta[b % C])
-            for i in range(S):
-                h = (np.float64(xr[i]) - mu) * r
-                hr[i] = h
-                yr[i] = h * g + c
+            _normalize_row(x[b], y[b], x_hat[b], mean, r, np.float64(gamma[b % C]),
+                           np.float64(beta[b % C]), stream)
+    return bad
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def unit_backward(dy, x_hat, C, G, gamma, rstd, dx, sums):  # pragma: no cover - compiled
+def unit_backward(dy, x_hat, C, G, gamma, rstd, dx, grads, stream):  # pragma: no cover
     """The closed-form backward of a whole unit (see :func:`unit_forward`) in one task.
 
     Equals :func:`refnorm.core.affine.affine_backward` then
     :func:`refnorm.core.standardize.standardize_backward` over the unit:
     ``dx = rstd (gamma dy - mean(gamma dy) - x_hat mean(gamma dy x_hat))``; the per-plane sums
-    of ``dy`` and ``dy x_hat`` (for dbeta and dgamma) come out of the same first pass.
+    of ``dy`` and ``dy x_hat`` come out of the same first pass and are added up per channel
+    into ``dbeta`` and ``dgamma``.
 
     Parameters
     ----------
@@ -478,26 +618,21 @@ def unit_backward(dy, x_hat, C, G, gamma, rstd, dx, sums):  # pragma: no cover -
     C, G : int
     gamma : array, (C,)
     rstd : array, (U,)
-    dx : array, (N * C, S), written
-    sums : float64 array, (2, N * C), written: per-plane ``sum(dy)``, ``sum(dy x_hat)``
+    dx : array, (N * C, S), written; 64-byte aligned when ``stream``
+    grads : float64 array, (2, C), written: ``dbeta = sum(dy)``, ``dgamma = sum(dy x_hat)``
+    stream : bool
     """
     B, S = dy.shape
     U = rstd.shape[0]
     K = B // U
     m = K * S
+    sums = np.empty((2, B))
     for u in prange(U):
         a = 0.0
         c = 0.0
         for k in range(K):
             b = unit_plane(u, k, C, G)
-            dr = dy[b]
-            hr = x_hat[b]
-            s1 = 0.0
-            s2 = 0.0
-            for i in range(S):
-                d = np.float64(dr[i])
-                s1 += d
-                s2 += d * np.float64(hr[i])
+            s1, s2 = _grad_sums(dy[b], x_hat[b])
             sums[0, b] = s1
             sums[1, b] = s2
             g = np.float64(gamma[b % C])
@@ -508,9 +643,172 @@ def unit_backward(dy, x_hat, C, G, gamma, rstd, dx, sums):  # pragma: no cover -
         k_xhat = -r * c / m
         for k in range(K):
             b = unit_plane(u, k, C, G)
-            dr = dy[b]
-            hr = x_hat[b]
-            out = dx[b]
-            k_dy = r * np.float64(gamma[b % C])
-            for i in range(S):
-                out[i] = k_dy * np.float64(dr[i]) + k_one + k_xhat * np.float64(hr[i])
+            _combine_row(dy[b], x_hat[b], dx[b], r * np.float64(gamma[b % C]), k_one, k_xhat,
+                         stream)
+    _sum_per_channel(sums, C, grads)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def tasks_forward(x, C, G, gamma, beta, eps, chunk, y, x_hat, stats, stream):  # pragma: no cover
+    """:func:`unit_forward` with the work cut into (plane, chunk) tasks instead of units: for
+    BN, whose channel's planes lie a sample apart in memory, and for units that are too few
+    to keep every thread busy or too large for the cache.
+
+    Three steps in one call: the moments of every task (its L1-sized segments merged by Chan's
+    formula) in parallel; their merge into each unit's statistics, in plane order; then the
+    normalize+affine of every task in parallel. ``x`` is read twice, in memory order.
+
+    Parameters
+    ----------
+    As :func:`unit_forward`, and ``chunk`` (int): values per task (plane b's task p covers
+    ``x[b, p * chunk:(p + 1) * chunk]``).
+
+    Returns
+    -------
+    int : the number of units whose variance is infinite
+    """
+    B, S = x.shape
+    P = (S + chunk - 1) // chunk
+    U = stats.shape[1]
+    part = np.empty((3, B * P))
+    for t in prange(B * P):
+        b = t // P
+        lo = (t % P) * chunk
+        count, mean, m2 = _row_moments(x[b, lo:min(lo + chunk, S)], 0.0, 0.0, 0.0)
+        part[0, t] = count
+        part[1, t] = mean
+        part[2, t] = m2
+    acc = np.zeros((3, U))
+    for t in range(B * P):
+        u = plane_unit(t // P, C, G)
+        acc[0, u], acc[1, u], acc[2, u] = _chan(acc[0, u], acc[1, u], acc[2, u], part[0, t],
+                                                part[1, t], part[2, t])
+    bad = 0
+    rstd = np.empty(U)
+    for u in range(U):
+        rstd[u], inf = _finish_stats(u, acc[0, u], acc[1, u], acc[2, u], eps, stats)
+        bad += inf
+    for t in prange(B * P):
+        b = t // P
+        lo = (t % P) * chunk
+        hi = min(lo + chunk, S)
+        u = plane_unit(b, C, G)
+        _normalize_row(x[b, lo:hi], y[b, lo:hi], x_hat[b, lo:hi], acc[1, u], rstd[u],
+                       np.float64(gamma[b % C]), np.float64(beta[b % C]), stream)
+    return bad
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def tasks_backward(dy, x_hat, C, G, gamma, rstd, chunk, dx, grads, stream):  # pragma: no cover
+    """:func:`unit_backward` with the work cut into (plane, chunk) tasks (see
+    :func:`tasks_forward`): both sums of every task in parallel, their totals per unit and per
+    channel, then ``dx`` of every task in parallel. ``dy`` and ``x_hat`` are read twice.
+
+    Parameters
+    ----------
+    As :func:`unit_backward`, and ``chunk`` (int).
+    """
+    B, S = dy.shape
+    P = (S + chunk - 1) // chunk
+    U = rstd.shape[0]
+    m = (B // U) * S
+    part = np.empty((2, B * P))
+    for t in prange(B * P):
+        b = t // P
+        lo = (t % P) * chunk
+        hi = min(lo + chunk, S)
+        part[0, t], part[1, t] = _grad_sums(dy[b, lo:hi], x_hat[b, lo:hi])
+    sums = np.zeros((2, B))
+    for t in range(B * P):
+        sums[0, t // P] += part[0, t]
+        sums[1, t // P] += part[1, t]
+    a = np.zeros(U)
+    c = np.zeros(U)
+    for b in range(B):
+        u = plane_unit(b, C, G)
+        g = np.float64(gamma[b % C])
+        a[u] += g * sums[0, b]
+        c[u] += g * sums[1, b]
+    for t in prange(B * P):
+        b = t // P
+        lo = (t % P) * chunk
+        hi = min(lo + chunk, S)
+        u = plane_unit(b, C, G)
+        r = np.float64(rstd[u])
+        _combine_row(dy[b, lo:hi], x_hat[b, lo:hi], dx[b, lo:hi], r * np.float64(gamma[b % C]),
+                     -r * a[u] / m, -r * c[u] / m, stream)
+    _sum_per_channel(sums, C, grads)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def ws_forward(w, eps, add, correction, w_hat, denom, kappa):  # pragma: no cover - compiled
+    """Weight Standardization of every output channel's row: Eq. (2), (4)-(6) of Qiao et al.
+    as :func:`refnorm.weights.standardization.weight_standardization_forward` computes them.
+
+    Per row of I weights: the mean and the sum of squared deviations by two passes (the row is
+    cached), ``sigma = sqrt(M2 / (I - correction))``, ``d = sigma + eps`` (``add``) or
+    ``sqrt(sigma^2 + eps)``, ``kappa = d / (sigma (I - correction))`` (0 where ``sigma = 0``)
+    or ``1 / (I - correction)``, and ``w_hat = (w - mean) / d``.
+
+    Parameters
+    ----------
+    w : array, (C_out, I), C-contiguous
+    eps : float
+    add : bool
+        ``eps_mode == "add"``.
+    correction : int, 0 or 1
+    w_hat : array, (C_out, I), written
+    denom, kappa : arrays, (C_out, 1), written
+    """
+    C, I = w.shape
+    n = I - correction
+    for o in range(C):
+        row = w[o]
+        mu, q = _segment_moments(row)
+        sigma = np.sqrt(q / n)
+        if add:
+            d = sigma + eps
+            k = d / (sigma * n) if sigma > 0 else 0.0
+        else:
+            d = np.sqrt(sigma * sigma + eps)
+            k = 1.0 / n
+        denom[o, 0] = d
+        kappa[o, 0] = k
+        out = w_hat[o]
+        for i in range(I):
+            out[i] = (np.float64(row[i]) - mu) / d
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def ws_backward(g, w_hat, denom, kappa, dw):  # pragma: no cover - compiled
+    """Eq. (8)-(9) of Qiao et al., generalized to the forward's ``d`` and ``kappa``, as
+    :func:`refnorm.weights.standardization.weight_standardization_backward`:
+    ``dw = dw_dot - mean(dw_dot)``, ``dw_dot = (g - kappa <w_hat, g> w_hat) / d``, the mean
+    formed from the row sums of ``g`` and ``w_hat`` in the same pass as ``<w_hat, g>``.
+
+    Parameters
+    ----------
+    g : array, (C_out, I), C-contiguous: the gradient with respect to ``w_hat``
+    w_hat : array, (C_out, I)
+    denom, kappa : arrays, (C_out, 1)
+    dw : array, (C_out, I), written
+    """
+    C, I = g.shape
+    for o in range(C):
+        gr = g[o]
+        hr = w_hat[o]
+        along = 0.0
+        s_g = 0.0
+        s_h = 0.0
+        for i in range(I):
+            a = np.float64(gr[i])
+            b = np.float64(hr[i])
+            along += a * b
+            s_g += a
+            s_h += b
+        d = np.float64(denom[o, 0])
+        k = np.float64(kappa[o, 0]) * along
+        mean = (s_g - k * s_h) / (I * d)
+        out = dw[o]
+        for i in range(I):
+            out[i] = (np.float64(gr[i]) - k * np.float64(hr[i])) / d - mean

@@ -1,26 +1,68 @@
-"""Fast convolution, max pooling and ReLU backward on numpy arrays (numba loops, BLAS).
+"""Fast convolution, pooling, ReLU and Weight Standardization on numpy arrays (numba, BLAS).
 
 - :func:`conv_forward` / :func:`conv_backward` equal :func:`refnorm.nn.conv.conv2d_forward`
   and :func:`refnorm.nn.conv.conv2d_backward`: the same im2col and matrix products (numpy's
-  BLAS), with im2col and col2im as single parallel passes
+  BLAS, on one thread below :data:`BLAS_PARALLEL_FROM` multiply-adds: :func:`blas_threads`),
+  with im2col and col2im as single parallel passes
   (:func:`~refnorm.kernels._loops.im2col` reads x once and writes the columns once;
   :func:`~refnorm.kernels._loops.col2im` reads the columns once and writes ``dx`` once,
-  instead of the reference's zero padding and zero interleaving per kernel offset).
+  instead of the reference's zero padding and zero interleaving per kernel offset); the
+  backward skips ``dx`` when asked (``input_grad=False``).
 - :func:`max_pool_forward` / :func:`max_pool_backward` equal
   :func:`refnorm.nn.pooling.max_pool2d_forward` / ``max_pool2d_backward``, ties to the first
   maximum in row-major window order, without building the windows.
-- :func:`relu_backward` equals :func:`refnorm.nn.activations.relu_backward`, optionally in
-  place.
+- :func:`relu_forward` and :func:`relu_backward` equal
+  :func:`refnorm.nn.activations.relu_forward` (``y`` and the mask in one pass) and
+  :func:`refnorm.nn.activations.relu_backward` (optionally in place).
+- :func:`ws_forward` / :func:`ws_backward` equal
+  :func:`refnorm.weights.standardization.weight_standardization_forward` / ``_backward``.
 
 Hyperparameters are given as checked pairs (the public functions check them first).
 """
-
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from refnorm.kernels.norms import compute_array, launch, loops
-from refnorm.kernels.records import ConvForward, ConvGrads, MaxPooled
+from refnorm.kernels.norms import compute_array, launch, loops, threads
+from refnorm.kernels.records import ConvForward, ConvGrads, MaxPooled, WeightStandardized
+
+# multiply-adds of a convolution's matrix products below which numpy's BLAS runs them on one
+# thread (refnorm.kernels.nn.blas_threads): measured crossover, see docs/performance.md
+BLAS_PARALLEL_FROM = 1 << 26
+
+
+@functools.cache
+def _blas() -> list[Any]:
+    """numpy's BLAS libraries as threadpoolctl controllers (empty without threadpoolctl)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return []
+    return list(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+@contextlib.contextmanager
+def blas_threads(work: int) -> Iterator[None]:
+    """Run the block's BLAS calls on refnorm's thread count (numba's) when they do at least
+    :data:`BLAS_PARALLEL_FROM` multiply-adds (``work``), else on one thread; the BLAS
+    libraries' own settings are restored after. Without threadpoolctl, BLAS keeps its own."""
+    wanted = threads() if work >= BLAS_PARALLEL_FROM else 1
+    libs = _blas()
+    before = [lib.num_threads for lib in libs]
+    for lib, n in zip(libs, before, strict=True):
+        if n != wanted:
+            lib.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        for lib, n in zip(libs, before, strict=True):
+            if n != wanted:
+                lib.set_num_threads(n)
 
 
 def out_size(size: int, kernel: int, stride: int, pad: int) -> int:
@@ -110,7 +152,8 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     W_out = out_size(x.shape[3], w.shape[3], stride[1], padding[1])
     # one product per sample, written in (N, C_out, H_out W_out) order: no transpose copy
     y = np.empty((N, C_out, H_out * W_out), dtype=cols.dtype)
-    np.matmul(w_mat, cols.reshape(cols.shape[0], N, H_out * W_out).transpose(1, 0, 2), out=y)
+    with blas_threads(C_out * cols.size):
+        np.matmul(w_mat, cols.reshape(cols.shape[0], N, H_out * W_out).transpose(1, 0, 2), out=y)
     if b is not None:
         y += np.asarray(b, dtype=cols.dtype).reshape(C_out, 1)
     return ConvForward(y=y.reshape(N, C_out, H_out, W_out).astype(x.dtype, copy=False),
@@ -118,7 +161,8 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
 
 
 def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
-                  x_shape: tuple[int, ...], window: tuple) -> ConvGrads:
+                  x_shape: tuple[int, ...], window: tuple, *,
+                  input_grad: bool = True) -> ConvGrads:
     """Equals :func:`refnorm.nn.conv.conv2d_backward`.
 
     Parameters
@@ -127,11 +171,13 @@ def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
     cols, w_mat : the arrays :func:`conv_forward` returned
     x_shape : (N, C_in, H, W)
     window : (kernel, stride, padding), pairs of int
+    input_grad : bool
+        False: no ``dx`` (its matrix product and col2im are skipped; ``dx`` is None).
 
     Returns
     -------
-    ConvGrads : ``dx`` ((N, C_in, H, W), dtype of ``cols``), ``dw`` ((C_out, C_in, KH, KW))
-        and ``db`` ((C_out,))
+    ConvGrads : ``dx`` ((N, C_in, H, W), dtype of ``cols``; None without ``input_grad``),
+        ``dw`` ((C_out, C_in, KH, KW)) and ``db`` ((C_out,))
     """
     kernel, stride, padding = window
     N, C_out = dy.shape[:2]
@@ -141,10 +187,13 @@ def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
     dy_mat = np.empty((C_out, N, dy3.shape[2]), dtype=cols.dtype)
     np.copyto(dy_mat, dy3.transpose(1, 0, 2))
     dy_mat = dy_mat.reshape(C_out, -1)
-    dw = np.matmul(dy_mat, cols.T).reshape((C_out, x_shape[1]) + tuple(kernel))
-    # dcols by sample, (N, C_in KH KW, H_out W_out): each product's output stays in cache
-    # and col2im reads one contiguous block per (n, c) plane
-    dcols3 = np.matmul(w_mat.T, dy3)
+    with blas_threads(C_out * cols.size):
+        dw = np.matmul(dy_mat, cols.T).reshape((C_out, x_shape[1]) + tuple(kernel))
+        if not input_grad:
+            return ConvGrads(dx=None, dw=dw, db=dy_mat.sum(axis=1))
+        # dcols by sample, (N, C_in KH KW, H_out W_out): each product's output stays in cache
+        # and col2im reads one contiguous block per (n, c) plane
+        dcols3 = np.matmul(w_mat.T, dy3)
     dx = _col2im_by_sample(dcols3, x_shape, kernel, stride, padding)
     return ConvGrads(dx=dx, dw=dw, db=dy_mat.sum(axis=1))
 
@@ -196,6 +245,25 @@ def max_pool_backward(dy: np.ndarray, argmax: np.ndarray, x_shape: tuple[int, ..
     return dx
 
 
+def relu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Equals :func:`refnorm.nn.activations.relu_forward`: ``y = max(x, 0)`` and the mask
+    ``x > 0`` in one pass (float16, which numba does not type, by numpy's two).
+
+    Returns
+    -------
+    y : array, ``x.shape``, dtype of ``x``
+    positive : bool array, ``x.shape``
+    """
+    if x.dtype == np.float16:
+        return np.maximum(x, np.zeros_like(x)), x > 0
+    xc = np.ascontiguousarray(x)
+    y = np.empty_like(xc)
+    positive = np.empty(xc.shape, dtype=np.bool_)
+    launch(loops().relu_forward, 3 * xc.size, xc.reshape(-1), y.reshape(-1),
+           positive.reshape(-1))
+    return y, positive
+
+
 def relu_backward(dy: np.ndarray, positive: np.ndarray, *, out: np.ndarray | None = None
                   ) -> np.ndarray:
     """Equals :func:`refnorm.nn.activations.relu_backward`.
@@ -226,3 +294,45 @@ def relu_backward(dy: np.ndarray, positive: np.ndarray, *, out: np.ndarray | Non
     launch(loops().relu_backward, 3 * dyc.size, dyc.reshape(-1),
            np.ascontiguousarray(positive).reshape(-1), out.reshape(-1))
     return out
+
+
+def ws_forward(w: np.ndarray, eps: float, eps_mode: str, correction: int) -> WeightStandardized:
+    """Equals :func:`refnorm.weights.standardization.weight_standardization_forward`.
+
+    Parameters
+    ----------
+    w : array, (C_out, ...)
+    eps : float
+    eps_mode : "add" or "sqrt"
+    correction : 0 or 1
+
+    Returns
+    -------
+    WeightStandardized : ``w_hat`` (C_out, I), ``denom``, ``kappa`` (C_out, 1), in the
+        compute dtype of ``w``
+    """
+    wc = compute_array(w).reshape(w.shape[0], -1)
+    w_hat = np.empty_like(wc)
+    denom = np.empty((wc.shape[0], 1), dtype=wc.dtype)
+    kappa = np.empty_like(denom)
+    loops().ws_forward(wc, float(eps), eps_mode == "add", int(correction), w_hat, denom, kappa)
+    return WeightStandardized(w_hat=w_hat, denom=denom, kappa=kappa)
+
+
+def ws_backward(dw_hat: np.ndarray, w_hat: np.ndarray, denom: np.ndarray,
+                kappa: np.ndarray) -> np.ndarray:
+    """Equals :func:`refnorm.weights.standardization.weight_standardization_backward`.
+
+    Parameters
+    ----------
+    dw_hat : array, ``w.shape``
+    w_hat : array, (C_out, I); ``denom``, ``kappa`` : arrays, (C_out, 1)
+
+    Returns
+    -------
+    dw : array, (C_out, I), dtype of ``w_hat``
+    """
+    g = np.ascontiguousarray(dw_hat, dtype=w_hat.dtype).reshape(w_hat.shape)
+    dw = np.empty_like(g)
+    loops().ws_backward(g, np.ascontiguousarray(w_hat), denom, kappa, dw)
+    return dw

@@ -16,15 +16,30 @@ SN         refnorm.norms.switchable_norm         (N, C, 1) and one dict entry pe
 
 How the work is laid out (bytes for an input of ``n`` values of ``b`` bytes each):
 
-- forward: :func:`~refnorm.kernels._loops.chunk_moments` reads ``x`` (its second pass over a
-  chunk hits the cache), the chunks are merged per statistic by Chan's formula
-  (:func:`_merge`, on arrays of (N, C, chunks) values), then
-  :func:`~refnorm.kernels._loops.normalize_affine` reads ``x`` and writes ``y`` and
-  ``x_hat``: 2 n b read, 2 n b written;
-- backward: :func:`~refnorm.kernels._loops.chunk_grad_sums` reads ``dy`` and ``x_hat`` once
-  for both reductions, the per-statistic coefficients are formed on (N, C) arrays, then
-  :func:`~refnorm.kernels._loops.combine` reads ``dy`` and ``x_hat`` and writes ``dx``:
-  4 n b read, n b written.
+- BN, IN, LN, GN: one compiled call per direction. A *unit* is the planes one statistic covers
+  (BN: a channel's N planes; GN: the C/G planes of row (n, g)). Where units are many enough
+  for the threads and small enough for the L2 cache,
+  :func:`~refnorm.kernels._loops.unit_forward` takes one unit per task: its moments (L1-sized
+  segments in two passes, merged by Chan's formula) read ``x`` from memory once, and its
+  normalize+affine reads the unit again from the cache and writes ``y`` and ``x_hat``: n b
+  read, 2 n b written. :func:`~refnorm.kernels._loops.unit_backward` reads ``dy`` and ``x_hat``
+  for both sums and again (cached) for ``dx``: 2 n b read, n b written. Otherwise (BN beyond
+  :data:`BN_UNITS_UP_TO` samples, whose channel's planes lie a sample apart; too few or too
+  large units) :func:`~refnorm.kernels._loops.tasks_forward` and
+  :func:`~refnorm.kernels._loops.tasks_backward` cut the planes into tasks in memory order,
+  merge the tasks' partial results per unit in the same call, and read the input a second
+  time (from the last-level cache where it fits). Outputs of :data:`STREAM_FROM` bytes or more
+  are written with non-temporal stores (:mod:`refnorm.kernels._simd`);
+- SN (and the inference forwards): :func:`~refnorm.kernels._loops.chunk_moments` reads ``x``,
+  the chunks are merged per statistic by Chan's formula (:func:`_merge`, on arrays of
+  (N, C, chunks) values), then :func:`~refnorm.kernels._loops.normalize_affine` reads ``x``
+  and writes ``y`` and ``x_hat``; the backward's
+  :func:`~refnorm.kernels._loops.chunk_grad_sums` reads ``dy`` and ``x_hat`` once for both
+  reductions, the coefficients are formed on (N, C) arrays, then
+  :func:`~refnorm.kernels._loops.combine` reads them again and writes ``dx``.
+
+A loop that moves fewer than :data:`SERIAL_BELOW` values runs on the calling thread alone
+(:func:`launch`); larger ones on numba's threads.
 
 Arguments are numpy arrays of any strides (a non-contiguous or negative-stride view is copied
 to C order first); float16 computes in float32. Outputs: ``y`` in the dtype of ``x``, the cache
@@ -35,7 +50,10 @@ of :mod:`refnorm.norms` check them before dispatching.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -48,27 +66,131 @@ MIN_CHUNK = 2048     # values per task below which a task costs more than it com
 MAX_CHUNK = 16384    # values per task above which its second pass falls out of the L1/L2 cache
 MAX_UNIT = 1 << 18   # values per statistic above which its later passes fall out of L2
 UNIT_PATH = "auto"   # "auto" | "always" | "never": whole-statistic tasks (the tests force each)
+BN_UNITS_UP_TO = 4   # samples up to which BN runs by channel units; beyond, tasks in memory order
+# bytes of an output array from which the kernels write it with non-temporal stores
+# (refnorm.kernels._simd): an array this large leaves the cache before anyone reads it
+STREAM_FROM = 4 << 20
 # values a loop moves below which it runs on the calling thread alone: waking the pool costs
 # more than it saves for such a call, and far more on a loaded machine, where a descheduled
 # worker holds up the end of the parallel loop (the training step's kernels are all this size)
-SERIAL_BELOW = 1 << 20
+SERIAL_BELOW = 1 << 22
 
 
 # -- the loops, and the threads that run them ---------------------------------------------------
 
 
+_loops_module: ModuleType | None = None
+
+
 def loops() -> ModuleType:
     """:mod:`refnorm.kernels._loops`, imported (with numba) on the first kernel call."""
-    from refnorm.kernels import _loops
+    global _loops_module
+    if _loops_module is None:
+        import numba
 
-    return _loops
+        from refnorm.kernels import _loops
+
+        numba.get_num_threads()  # starts numba's thread pool before any loop asks its size
+        keep_freed_memory()
+        _announce_compilation(_loops)
+        _loops_module = _loops
+    return _loops_module
+
+
+# CPU seconds numba takes to compile one kernel of refnorm.kernels._loops on the machine of
+# docs/performance.md (the quick study's 15 kernels: 18-20 s of CPU; the wall time is longer
+# on a loaded machine), and the expected compilation from which the first run says so
+COMPILE_SECONDS = 1.5
+ANNOUNCE_FROM = 8.0
+
+
+def cold_kernels(module: ModuleType | None = None) -> list[str]:
+    """The kernels of :mod:`refnorm.kernels._loops` that numba has not compiled into its disk
+    cache yet (a fresh clone, a new numba, or an edited ``_loops.py``): each costs a
+    compilation on its first call. Inlined helpers and uncached functions are not counted."""
+    from numba.core.registry import CPUDispatcher
+
+    module = module or loops()
+    cold = []
+    for name, obj in vars(module).items():
+        if not isinstance(obj, CPUDispatcher) or obj.targetoptions.get("inline") == "always":
+            continue
+        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+        index = getattr(cache_file, "_index_path", None)
+        if index is not None and not os.path.exists(index):
+            cold.append(name)
+    return cold
+
+
+def _announce_compilation(module: ModuleType) -> None:
+    """Say once, when numba starts compiling the first kernel of ``module``, that it does so
+    and for about how long, if that is :data:`ANNOUNCE_FROM` seconds or more (the cold kernels
+    times :data:`COMPILE_SECONDS`): on a fresh clone the first run is otherwise silent for half
+    a minute. Said on stderr; nothing when every kernel loads from numba's cache."""
+    from numba.core import event
+
+    class Announce(event.Listener):
+        said = False
+
+        def on_start(self, ev: event.Event) -> None:
+            py_func = getattr((ev.data or {}).get("dispatcher"), "py_func", None)
+            if self.said or getattr(py_func, "__module__", None) != module.__name__:
+                return
+            cold = cold_kernels(module)
+            if getattr(py_func, "__name__", None) not in cold:  # uncached, or a new signature
+                return
+            self.said = True
+            seconds = len(cold) * COMPILE_SECONDS
+            if seconds >= ANNOUNCE_FROM:
+                print(f"compiling fast kernels (first run only, about {seconds:.0f} s)",
+                      file=sys.stderr, flush=True)
+
+        def on_end(self, ev: event.Event) -> None:
+            pass
+
+    event.register("numba:compile", Announce())
+
+
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
+              "REFNORM_MALLOC")
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed blocks of up to 32 MiB for the next allocation instead of handing
+    them back to the system; return whether it was set.
+
+    By default glibc maps a block of 128 KiB or more afresh on each allocation and unmaps it
+    on release (the threshold grows with the blocks freed, but trimming the heap's top gives
+    the pages back again): every large output array then costs a page fault per 4 KiB page
+    and the kernel's zeroing of the page, a write of the whole array before the loop writes
+    it. In ``refnorm bench`` that was up to ~1800 faults per forward+backward at
+    (32, 64, 32, 32) for PyTorch and ~900 for the fast path, at random (it depends on the
+    order of frees). Setting ``M_MMAP_THRESHOLD`` to 32 MiB (glibc's maximum on 64-bit) and
+    ``M_TRIM_THRESHOLD`` to 256 MiB removes them: freed memory is reused by the next
+    allocation, at the price of the process holding up to 256 MiB it no longer uses.
+
+    Done once, when the first kernel runs (never on ``import refnorm``), for the whole process
+    (PyTorch in the same process benefits alike). Skipped off glibc, and where the environment
+    sets glibc's own variables (``MALLOC_MMAP_THRESHOLD_``, ...) or ``REFNORM_MALLOC`` (any
+    value: leave the allocator alone).
+    """
+    if sys.platform != "linux" or any(k in os.environ for k in MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return False
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):  # not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20))
 
 
 def threads() -> int:
-    """The number of threads numba runs a parallel loop on."""
-    import numba
-
-    return numba.get_num_threads()
+    """The number of threads numba runs a parallel loop on (a compiled call: numba's own
+    ``get_num_threads`` takes a lock on every call)."""
+    return int(loops().num_threads())
 
 
 # -- layout helpers ---------------------------------------------------------------------------
@@ -83,18 +205,17 @@ def compute_array(a: np.ndarray) -> np.ndarray:
 def launch(loop, work: int, *args):
     """Run the numba ``loop`` on ``args``; on the calling thread alone when it moves fewer
     than :data:`SERIAL_BELOW` values (``work``), else on numba's threads."""
-    import numba
-
     if work >= SERIAL_BELOW:
         return loop(*args)
-    pool = numba.get_num_threads()
+    compiled = loops()
+    pool = compiled.num_threads()
     if pool == 1:
         return loop(*args)
-    numba.set_num_threads(1)
+    compiled.set_threads(1)
     try:
         return loop(*args)
     finally:
-        numba.set_num_threads(pool)
+        compiled.set_threads(pool)
 
 
 def planes(x: np.ndarray) -> np.ndarray:
@@ -144,18 +265,24 @@ def _plane_moments(x: np.ndarray):
     return xp2, mean.reshape(N, C, P), m2.reshape(N, C, P), chunk_counts(xp2.shape[1], chunk)
 
 
+def per_plane(value: Any, shape: tuple[int, int]) -> np.ndarray:
+    """``value`` broadcast to (N, C) as a fresh, writable float64 array of N * C values, one
+    per plane: always the same array type, so that numba compiles a loop once (a read-only
+    view, which broadcasting may return, is another type to numba and another compilation)."""
+    return np.array(np.broadcast_to(np.asarray(value, dtype=np.float64), shape)).reshape(-1)
+
+
 def _normalize(xp2: np.ndarray, x: np.ndarray, mu_nc, rstd_nc, params) -> tuple:
     """Run the fused normalize+affine over planes; statistics broadcastable to (N, C)."""
     N, C = x.shape[:2]
-    gamma, beta = params
-    g = np.broadcast_to(np.asarray(gamma, dtype=np.float64), (N, C)).ravel()
-    b = np.broadcast_to(np.asarray(beta, dtype=np.float64), (N, C)).ravel()
-    y = np.empty_like(xp2)
-    x_hat = np.empty_like(xp2)
+    g, b = (per_plane(p, (N, C)) for p in params)
+    stream = streams(xp2.nbytes)
+    y = empty(xp2.shape, xp2.dtype, aligned=stream)
+    x_hat = empty(xp2.shape, xp2.dtype, aligned=stream)
     chunk = chunk_size(xp2.shape[0], xp2.shape[1])
-    mu_b, rstd_b = (np.ascontiguousarray(np.broadcast_to(s, (N, C)), dtype=np.float64).ravel()
-                    for s in (mu_nc, rstd_nc))
-    launch(loops().normalize_affine, 3 * xp2.size, xp2, mu_b, rstd_b, g, b, chunk, y, x_hat)
+    mu_b, rstd_b = (per_plane(s, (N, C)) for s in (mu_nc, rstd_nc))
+    launch(loops().normalize_affine, 3 * xp2.size, xp2, mu_b, rstd_b, g, b, chunk, y, x_hat,
+           stream)
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape)
 
 
@@ -171,11 +298,11 @@ def _grad_sums(dy: np.ndarray, x_hat: np.ndarray):
 
 def _combine(dy2, xh2, coefficients, shape) -> np.ndarray:
     """``dx = k_dy dy + k_one + k_xhat x_hat`` with (N, C) coefficients."""
-    k_dy, k_one, k_xhat = (np.ascontiguousarray(np.broadcast_to(k, shape[:2]),
-                                                dtype=np.float64).ravel() for k in coefficients)
-    dx = np.empty_like(xh2)
+    k_dy, k_one, k_xhat = (per_plane(k, shape[:2]) for k in coefficients)
+    stream = streams(xh2.nbytes)
+    dx = empty(xh2.shape, xh2.dtype, aligned=stream)
     launch(loops().combine, 3 * xh2.size, dy2, xh2, k_dy, k_one, k_xhat,
-           chunk_size(*xh2.shape), dx)
+           chunk_size(*xh2.shape), dx, stream)
     return dx.reshape(shape)
 
 
@@ -183,43 +310,88 @@ def _stat_shape(x: np.ndarray, lead: tuple[int, ...], extra: int = 0) -> tuple[i
     return lead + (1,) * (x.ndim - len(lead) + extra)
 
 
-def _use_units(num_units: int, unit_size: int) -> bool:
+def empty(shape: tuple[int, ...], dtype: Any, *, aligned: bool = False) -> np.ndarray:
+    """``numpy.empty(shape, dtype)``; ``aligned``: its first element on a 64-byte boundary,
+    as the non-temporal stores of :mod:`refnorm.kernels._simd` need (a view of a slightly
+    larger array)."""
+    if not aligned:
+        return np.empty(shape, dtype=dtype)
+    itemsize = np.dtype(dtype).itemsize
+    n = math.prod(shape)
+    buffer = np.empty(n + 64 // itemsize, dtype=dtype)
+    start = (-buffer.ctypes.data % 64) // itemsize
+    return buffer[start:start + n].reshape(shape)
+
+
+def streams(nbytes: int) -> bool:
+    """Whether an output of ``nbytes`` is written with non-temporal stores
+    (:data:`STREAM_FROM`)."""
+    return nbytes >= STREAM_FROM
+
+
+def _use_units(num_units: int, unit_size: int, G: int, N: int) -> bool:
     """Whether one task per statistic (:func:`~refnorm.kernels._loops.unit_forward`) keeps
-    every thread busy and its data in cache; else planes and chunks with a merge."""
+    every thread busy and its data in cache; else (plane, chunk) tasks
+    (:func:`~refnorm.kernels._loops.tasks_forward`). BN's units are strided (a channel's
+    planes lie a sample apart): beyond :data:`BN_UNITS_UP_TO` samples, tasks in memory order
+    are faster."""
     if UNIT_PATH != "auto":
         return UNIT_PATH == "always"
     pool = threads()
+    if G == 0 and N > BN_UNITS_UP_TO:
+        return False
     return unit_size <= MAX_UNIT and (num_units >= 4 * pool or num_units % pool == 0)
 
 
-def _unit_forward(x, gamma, beta, eps, G):
-    """Forward with one task per statistic (``G = 0``: BN channels, else (n, g) rows).
-
-    Returns y, x_hat and the (3, U) statistics mean, var, rstd in the compute dtype."""
+def _forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, G: int,
+             stat_shape: tuple[int, ...]) -> Normalized:
+    """The training forward with statistics per unit (``G = 0``: BN channels, else (n, g)
+    rows); mean, var and rstd in ``stat_shape`` and the compute dtype."""
     N, C = x.shape[:2]
     xp2 = planes(x)
-    y = np.empty_like(xp2)
-    x_hat = np.empty_like(xp2)
-    stats = np.empty((3, C if G == 0 else N * G), dtype=xp2.dtype)
+    B, S = xp2.shape
+    U = C if G == 0 else N * G
+    stream = streams(xp2.nbytes)
+    y = empty(xp2.shape, xp2.dtype, aligned=stream)
+    x_hat = empty(xp2.shape, xp2.dtype, aligned=stream)
+    stats = np.empty((3, U), dtype=xp2.dtype)
     gamma_c, beta_c = (np.ascontiguousarray(p, dtype=xp2.dtype) for p in (gamma, beta))
-    launch(loops().unit_forward, 4 * xp2.size, xp2, C, G, gamma_c, beta_c, float(eps), y, x_hat,
-           stats)
-    return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape), stats
+    if _use_units(U, xp2.size // U, G, N):
+        bad = launch(loops().unit_forward, 3 * xp2.size, xp2, C, G, gamma_c, beta_c,
+                     float(eps), y, x_hat, stats, stream)
+    else:
+        bad = launch(loops().tasks_forward, 3 * xp2.size, xp2, C, G, gamma_c, beta_c,
+                     float(eps), chunk_size(B, S), y, x_hat, stats, stream)
+    if bad:  # the reference's error for a variance that overflows
+        check_variance_finite(stats[1], x)
+    y_out = y.reshape(x.shape)
+    if x.dtype != y_out.dtype:
+        y_out = y_out.astype(x.dtype)
+    mean, var, rstd = (s.reshape(stat_shape) for s in stats)
+    return Normalized(y_out, x_hat.reshape(x.shape), mean, var, rstd)
 
 
-def _unit_backward(dy, x_hat, rstd, gamma, G):
-    """Backward with one task per statistic; ``rstd`` holds U values. Returns dx, dgamma,
-    dbeta."""
+def _backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.ndarray,
+              G: int) -> AffineGrads:
+    """The training backward with statistics per unit; ``rstd`` holds the U values."""
     N, C = x_hat.shape[:2]
     xh2 = planes(x_hat)
-    dy2 = np.ascontiguousarray(dy, dtype=xh2.dtype).reshape(xh2.shape)
-    dx = np.empty_like(xh2)
-    sums = np.empty((2, N * C))
+    B, S = xh2.shape
+    dy2 = np.ascontiguousarray(dy, dtype=xh2.dtype).reshape(B, S)
+    stream = streams(xh2.nbytes)
+    dx = empty(xh2.shape, xh2.dtype, aligned=stream)
+    grads = np.empty((2, C))
     gamma_c = np.ascontiguousarray(gamma, dtype=xh2.dtype)
-    rstd_u = np.ascontiguousarray(rstd, dtype=xh2.dtype).ravel()
-    launch(loops().unit_backward, 5 * xh2.size, dy2, xh2, C, G, gamma_c, rstd_u, dx, sums)
-    s_dy, s_dyx = sums.reshape(2, N, C).sum(axis=1).astype(gamma.dtype)
-    return AffineGrads(dx=dx.reshape(x_hat.shape), dgamma=s_dyx, dbeta=s_dy)
+    rstd_u = np.ascontiguousarray(rstd, dtype=xh2.dtype).reshape(-1)
+    U = rstd_u.shape[0]
+    if _use_units(U, xh2.size // U, G, N):
+        launch(loops().unit_backward, 3 * xh2.size, dy2, xh2, C, G, gamma_c, rstd_u, dx, grads,
+               stream)
+    else:
+        launch(loops().tasks_backward, 3 * xh2.size, dy2, xh2, C, G, gamma_c, rstd_u,
+               chunk_size(B, S), dx, grads, stream)
+    return AffineGrads(dx=dx.reshape(x_hat.shape), dgamma=grads[1].astype(gamma.dtype),
+                       dbeta=grads[0].astype(gamma.dtype))
 
 
 # -- BN ---------------------------------------------------------------------------------------
@@ -240,24 +412,7 @@ def bn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
     Normalized : ``y`` (``x.shape``, dtype of ``x``), ``x_hat`` (``x.shape``), ``mean``,
         ``var``, ``rstd`` ((1, C, 1, ...)), all but ``y`` in the compute dtype
     """
-    N, C = x.shape[:2]
-    shape = _stat_shape(x, (1, C))
-    if _use_units(C, x.size // C):
-        y, x_hat, (mean, var, rstd) = _unit_forward(x, gamma, beta, eps, 0)
-        out = Normalized(y, x_hat, mean.reshape(shape), var.reshape(shape), rstd.reshape(shape))
-    else:
-        xp2, means, m2, counts = _plane_moments(x)
-        mu, M2, n = _merge(means, m2, counts, (0, 2))            # (1, C, 1)
-        var = M2 / n
-        rstd = 1.0 / np.sqrt(var + eps)
-        y, x_hat = _normalize(xp2, x, mu[:, :, 0], rstd[:, :, 0], (gamma, beta))
-        out = Normalized(y, x_hat, *_cast_stats(xp2.dtype, shape, mu, var, rstd))
-    check_variance_finite(out.var, x)  # the reference's error for a variance that overflows
-    return out
-
-
-def _cast_stats(dtype, shape, *stats) -> tuple:
-    return tuple(s.astype(dtype, copy=False).reshape(shape) for s in stats)
+    return _forward(x, gamma, beta, eps, 0, _stat_shape(x, (1, x.shape[1])))
 
 
 def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
@@ -276,16 +431,7 @@ def bn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
     AffineGrads : ``dx`` ((N, C, *spatial), dtype of ``x_hat``), ``dgamma``, ``dbeta``
         ((C,), dtype of ``gamma``)
     """
-    N, C = x_hat.shape[:2]
-    if _use_units(C, x_hat.size // C):
-        return _unit_backward(dy, x_hat, rstd, gamma, 0)
-    dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)
-    m = x_hat.size // C
-    dbeta, dgamma = s_dy.sum(axis=0), s_dyx.sum(axis=0)       # (C,)
-    g = np.asarray(gamma, dtype=np.float64)
-    k_dy = g * np.asarray(rstd, dtype=np.float64).reshape(C)   # (C,)
-    dx = _combine(dy2, xh2, (k_dy, -k_dy * dbeta / m, -k_dy * dgamma / m), x_hat.shape)
-    return AffineGrads(dx=dx, dgamma=dgamma.astype(gamma.dtype), dbeta=dbeta.astype(gamma.dtype))
+    return _backward(dy, x_hat, rstd, gamma, 0)
 
 
 # -- BN and IN at inference: per-channel running statistics ----------------------------------
@@ -344,46 +490,6 @@ def eval_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
 # -- GN, LN, IN: statistics per (n, group) ------------------------------------------------------
 
 
-def _grouped_forward(x, gamma, beta, eps, G, stat_shape) -> Normalized:
-    """Statistics per (n, g) over C/G consecutive channels, returned in ``stat_shape`` (N * G
-    values) and the compute dtype."""
-    N, C = x.shape[:2]
-    if _use_units(N * G, x.size // (N * G)):
-        y, x_hat, stats = _unit_forward(x, gamma, beta, eps, G)
-        out = Normalized(y, x_hat, *(s.reshape(stat_shape) for s in stats))
-    else:
-        xp2, means, m2, counts = _plane_moments(x)
-        P = means.shape[2]
-        mu, M2, n = _merge(means.reshape(N, G, C // G, P), m2.reshape(N, G, C // G, P), counts,
-                           (2, 3))                                # (N, G, 1, 1)
-        var = M2 / n
-        rstd = 1.0 / np.sqrt(var + eps)
-        per_channel = (N, G, C // G)
-        mu_nc = np.broadcast_to(mu[:, :, :, 0], per_channel).reshape(N, C)
-        rstd_nc = np.broadcast_to(rstd[:, :, :, 0], per_channel).reshape(N, C)
-        y, x_hat = _normalize(xp2, x, mu_nc, rstd_nc, (gamma, beta))
-        out = Normalized(y, x_hat, *_cast_stats(xp2.dtype, stat_shape, mu, var, rstd))
-    check_variance_finite(out.var, x)  # the reference's error for a variance that overflows
-    return out
-
-
-def _grouped_backward(dy, x_hat, rstd_ng, gamma):
-    """Backward with statistics per (n, g); ``rstd_ng`` (N, G)."""
-    N, C = x_hat.shape[:2]
-    G = rstd_ng.shape[1]
-    if _use_units(N * G, x_hat.size // (N * G)):
-        return _unit_backward(dy, x_hat, rstd_ng, gamma, G)
-    dy2, xh2, s_dy, s_dyx = _grad_sums(dy, x_hat)                # (N, C) each
-    g = np.asarray(gamma, dtype=np.float64)                      # (C,)
-    m = x_hat.size // (N * G)
-    r = np.repeat(np.asarray(rstd_ng, dtype=np.float64), C // G, axis=1)  # (N, C)
-    sum_dxh = np.repeat((g * s_dy).reshape(N, G, C // G).sum(axis=2), C // G, axis=1)
-    sum_dxh_xh = np.repeat((g * s_dyx).reshape(N, G, C // G).sum(axis=2), C // G, axis=1)
-    dx = _combine(dy2, xh2, (r * g, -r * sum_dxh / m, -r * sum_dxh_xh / m), x_hat.shape)
-    return AffineGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
-                       dbeta=s_dy.sum(axis=0).astype(gamma.dtype))
-
-
 def gn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
                num_groups: int) -> Normalized:
     """Group Normalization; equals :func:`refnorm.norms.group_norm.group_norm_forward`.
@@ -402,7 +508,7 @@ def gn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
         (N, G, 1, 1, ...) (the grouped view's ``x.ndim + 1`` axes)
     """
     shape = _stat_shape(x, (x.shape[0], num_groups), extra=1)
-    return _grouped_forward(x, gamma, beta, eps, num_groups, shape)
+    return _forward(x, gamma, beta, eps, num_groups, shape)
 
 
 def gn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
@@ -419,7 +525,7 @@ def gn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
     -------
     AffineGrads : ``dx`` (N, C, *spatial), ``dgamma``, ``dbeta`` (C,)
     """
-    return _grouped_backward(dy, x_hat, np.reshape(rstd, rstd.shape[:2]), gamma)
+    return _backward(dy, x_hat, rstd, gamma, rstd.shape[1])
 
 
 def ln_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> Normalized:
@@ -427,14 +533,14 @@ def ln_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, 1, 1, ...).
     """
-    return _grouped_forward(x, gamma, beta, eps, 1, _stat_shape(x, (x.shape[0],)))
+    return _forward(x, gamma, beta, eps, 1, _stat_shape(x, (x.shape[0],)))
 
 
 def ln_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
                 gamma: np.ndarray) -> AffineGrads:
     """Backward of :func:`ln_forward` (``rstd`` (N, 1, 1, ...)); equals
     :func:`refnorm.norms.layer_norm.layer_norm_backward`. Returns ``dx``, ``dgamma``, ``dbeta``."""
-    return _grouped_backward(dy, x_hat, np.reshape(rstd, (x_hat.shape[0], 1)), gamma)
+    return _backward(dy, x_hat, rstd, gamma, 1)
 
 
 def in_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> Normalized:
@@ -443,7 +549,7 @@ def in_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 
     Returns ``y``, ``x_hat`` (``x.shape``) and ``mean``, ``var``, ``rstd`` (N, C, 1, ...).
     """
-    return _grouped_forward(x, gamma, beta, eps, x.shape[1], _stat_shape(x, x.shape[:2]))
+    return _forward(x, gamma, beta, eps, x.shape[1], _stat_shape(x, x.shape[:2]))
 
 
 def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
@@ -451,7 +557,7 @@ def in_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray,
     """Backward of :func:`in_forward` (``rstd`` (N, C, 1, ...)); equals
     :func:`refnorm.norms.instance_norm.instance_norm_backward`. Returns ``dx``, ``dgamma``,
     ``dbeta``."""
-    return _grouped_backward(dy, x_hat, np.reshape(rstd, x_hat.shape[:2]), gamma)
+    return _backward(dy, x_hat, rstd, gamma, x_hat.shape[1])
 
 
 # -- SN ---------------------------------------------------------------------------------------

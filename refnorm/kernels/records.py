@@ -71,7 +71,8 @@ class ConvForward(NamedTuple):
 
 
 class ConvGrads(NamedTuple):
-    """A convolution's backward: ``dx``, ``dw`` (C_out, C_in, KH, KW) and ``db`` (C_out,)."""
+    """A convolution's backward: ``dx`` (None when not asked for), ``dw`` (C_out, C_in, KH, KW)
+    and ``db`` (C_out,)."""
 
     dx: Array
     dw: Array
@@ -83,3 +84,12 @@ class MaxPooled(NamedTuple):
 
     y: Array
     argmax: Array
+
+
+class WeightStandardized(NamedTuple):
+    """A Weight Standardization forward: ``w_hat`` (C_out, I), ``denom`` and ``kappa``
+    (C_out, 1), in the compute dtype (the cache's fields)."""
+
+    w_hat: Array
+    denom: Array
+    kappa: Array

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refnorm.backend import Array, array_namespace
-from refnorm.core.checks import check_cache, check_float_array, check_like
+from refnorm.core.checks import check_cache, check_float_array, check_like, check_once
 from refnorm.dispatch import dispatched
 from refnorm.kernels import nn as kernels
 from refnorm.layer import Layer
@@ -35,16 +35,17 @@ class ReLUCache:
     positive: Array
 
 
+@dispatched
 def relu_forward(x: Array) -> tuple[Array, ReLUCache]:
     """``y = max(x, 0)`` element-wise; NaN stays NaN.
-
-    No ``path``: ``y`` and the mask are one numpy pass each over ``x``; the fast path's ReLU
-    kernel is the backward's (:func:`relu_backward`).
 
     Parameters
     ----------
     x : array, any shape
         Real floating.
+    path : {"reference", "fast"}, optional
+        Which implementation computes (:mod:`refnorm.dispatch`); default: the process-wide
+        choice, else the reference. The fast path writes ``y`` and the mask in one pass.
 
     Returns
     -------
@@ -84,18 +85,30 @@ class ReLU(Layer):
     """The ReLU as a layer (no parameters, so not registered by name)."""
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, ReLUCache]:
-        return relu_forward(x)
+        return relu_forward(x, path=self.compute_path())
 
     def _backward(self, dy: Array, cache: ReLUCache) -> tuple[Array, dict[str, Any]]:
         return relu_backward(dy, cache, path=self.compute_path()), {}
 
 
-# -- the fast path: the same checks, then the fused loop -----------------------------------------
+# -- the fast path: the same checks, then the fused loops ----------------------------------------
+
+
+@relu_forward.fast
+def _relu_forward_fast(x: Array) -> tuple[Array, ReLUCache]:
+    check_float_array("x", x)
+    y, positive = kernels.relu_forward(x)
+    return y, ReLUCache(positive=positive)
 
 
 @relu_backward.fast
 def _relu_backward_fast(dy: Array, cache: ReLUCache) -> Array:
     check_cache(cache, ReLUCache)
-    check_like("dy", dy, tuple(cache.positive.shape))
-    array_namespace(dy, cache.positive)
+
+    def check() -> None:
+        check_like("dy", dy, tuple(cache.positive.shape))
+        array_namespace(dy, cache.positive)
+
+    check_once(lambda: ("relu dy", type(dy), dy.shape, dy.dtype, cache.positive.shape,
+                        type(cache.positive)), check)
     return kernels.relu_backward(dy, cache.positive)

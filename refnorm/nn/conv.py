@@ -45,6 +45,7 @@ from refnorm.core.checks import (
     check_cache,
     check_float_array,
     check_like,
+    check_once,
     check_positive_int,
     check_rank,
     is_int,
@@ -368,7 +369,8 @@ def conv2d_forward(
 
 
 @dispatched
-def conv2d_backward(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array | None]:
+def conv2d_backward(dy: Array, cache: Conv2dCache, *,
+                    input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
     """Backward of :func:`conv2d_forward`: three matrix products and a col2im.
 
     Parameters
@@ -376,12 +378,15 @@ def conv2d_backward(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array 
     dy : array, (N, C_out, H_out, W_out)
         Upstream gradient.
     cache : Conv2dCache
+    input_grad : bool, default True
+        Whether to compute ``dx``; False skips its matrix product and the col2im (a first
+        layer, whose input is the data) and returns ``dx = None``.
     path : {"reference", "fast"}, optional
         As in :func:`conv2d_forward`.
 
     Returns
     -------
-    dx : array, (N, C_in, H, W), dtype of ``x``
+    dx : array, (N, C_in, H, W), dtype of ``x``; None if ``input_grad`` is False
     dw : array, (C_out, C_in, KH, KW), dtype of ``w``
     db : array, (C_out,), dtype of ``b``; ``None`` if the forward had no bias
     """
@@ -394,18 +399,17 @@ def conv2d_backward(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array 
     dy_mat = xp.reshape(dy_mat, (C_out, N * H_out * W_out))       # (C_out, N H_out W_out)
     dw = xp.matmul(dy_mat, cache.cols.T)                          # (C_out, C_in KH KW)
     dw = xp.reshape(dw, cache.w_shape)                            # (C_out, C_in, KH, KW)
-    dcols = xp.matmul(cache.w_mat.T, dy_mat)                      # (C_in KH KW, N H_out W_out)
-    win = cache.window
-    dx = col2im(dcols, cache.x_shape, kernel_size=win.kernel, stride=win.stride,
-                padding=win.padding)                              # (N, C_in, H, W)
+    dx = None
+    if check_bool("input_grad", input_grad):
+        dcols = xp.matmul(cache.w_mat.T, dy_mat)                  # (C_in KH KW, N H_out W_out)
+        win = cache.window
+        dx = col2im(dcols, cache.x_shape, kernel_size=win.kernel, stride=win.stride,
+                    padding=win.padding)                          # (N, C_in, H, W)
+        dx = xp.astype(dx, cache.x_dtype, copy=False)
     db = None
     if cache.has_bias:
         db = xp.astype(xp.sum(dy_mat, axis=1), cache.b_dtype, copy=False)  # (C_out,)
-    return (
-        xp.astype(dx, cache.x_dtype, copy=False),
-        xp.astype(dw, cache.w_dtype, copy=False),
-        db,
-    )
+    return dx, xp.astype(dw, cache.w_dtype, copy=False), db
 
 
 class Conv2d(Layer):
@@ -477,8 +481,9 @@ class Conv2d(Layer):
         return conv2d_forward(x, self.params["w"], self.params.get("b"), stride=self.stride,
                               padding=self.padding, path=self.compute_path())
 
-    def _backward(self, dy: Array, cache: Conv2dCache) -> tuple[Array, dict[str, Array]]:
-        dx, dw, db = conv2d_backward(dy, cache, path=self.compute_path())
+    def _backward(self, dy: Array, cache: Conv2dCache) -> tuple[Array | None, dict[str, Array]]:
+        dx, dw, db = conv2d_backward(dy, cache, input_grad=self.input_grad,
+                                     path=self.compute_path())
         grads = {"w": dw} if db is None else {"w": dw, "b": db}
         return dx, grads
 
@@ -489,19 +494,30 @@ class Conv2d(Layer):
 @conv2d_forward.fast
 def _conv2d_forward_fast(x: Array, w: Array, b: Array | None = None, *, stride: Any = 1,
                          padding: Any = 0) -> tuple[Array, Conv2dCache]:
-    _, win = _conv_window(x, w, b, stride=stride, padding=padding)
+    win = check_once(
+        lambda: ("conv2d", type(x), x.shape, x.dtype, type(w), w.shape, w.dtype,
+                 None if b is None else (type(b), b.shape, b.dtype),
+                 type(stride), stride, type(padding), padding),
+        lambda: _conv_window(x, w, b, stride=stride, padding=padding)[1])
     k = kernels.conv_forward(x, w, b, win.stride, win.padding)
     return k.y, _conv_cache(x, w, b, win, k.cols, k.w_mat)
 
 
 @conv2d_backward.fast
-def _conv2d_backward_fast(dy: Array, cache: Conv2dCache) -> tuple[Array, Array, Array | None]:
+def _conv2d_backward_fast(dy: Array, cache: Conv2dCache, *,
+                          input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
     check_cache(cache, Conv2dCache)
-    check_like("dy", dy, cache.y_shape)
-    xp = array_namespace(dy, cache.cols)
+
+    def check() -> ModuleType:
+        check_like("dy", dy, cache.y_shape)
+        return array_namespace(dy, cache.cols)
+
+    xp = check_once(lambda: ("conv2d dy", type(dy), dy.shape, dy.dtype, cache.y_shape,
+                             type(cache.cols)), check)
     win = cache.window
     g = kernels.conv_backward(xp.astype(dy, cache.cols.dtype, copy=False), cache.cols,
-                              cache.w_mat, cache.x_shape, (win.kernel, win.stride, win.padding))
-    return (xp.astype(g.dx, cache.x_dtype, copy=False),
+                              cache.w_mat, cache.x_shape, (win.kernel, win.stride, win.padding),
+                              input_grad=check_bool("input_grad", input_grad))
+    return (None if g.dx is None else xp.astype(g.dx, cache.x_dtype, copy=False),
             xp.astype(g.dw, cache.w_dtype, copy=False),
             xp.astype(g.db, cache.b_dtype, copy=False) if cache.has_bias else None)

@@ -38,6 +38,7 @@ from refnorm.core.checks import (
     check_float_array,
     check_like,
     check_ndim,
+    check_once,
     check_rank,
 )
 from refnorm.dispatch import dispatched
@@ -367,9 +368,13 @@ class GlobalAvgPool(Layer):
 @max_pool2d_forward.fast
 def _max_pool2d_forward_fast(x: Array, *, kernel_size: Any,
                              stride: Any = None) -> tuple[Array, MaxPool2dCache]:
-    xp = check_rank("x", x, layout="(N, C, H, W)")
-    win = sliding_window(x.shape, kernel_size=kernel_size,
-                         stride=kernel_size if stride is None else stride)
+    def check() -> tuple[Any, Window]:
+        xp = check_rank("x", x, layout="(N, C, H, W)")
+        return xp, sliding_window(x.shape, kernel_size=kernel_size,
+                                  stride=kernel_size if stride is None else stride)
+
+    xp, win = check_once(lambda: ("max_pool2d", type(x), x.shape, x.dtype, type(kernel_size),
+                                  kernel_size, type(stride), stride), check)
     k = kernels.max_pool_forward(x, win.kernel, win.stride)
     pool = PoolCache(x_shape=tuple(x.shape), y_shape=tuple(k.y.shape), window=win,
                      compute_dtype=compute_dtype(xp, x.dtype), x_dtype=x.dtype)
@@ -379,8 +384,14 @@ def _max_pool2d_forward_fast(x: Array, *, kernel_size: Any,
 @max_pool2d_backward.fast
 def _max_pool2d_backward_fast(dy: Array, cache: MaxPool2dCache) -> Array:
     check_cache(cache, MaxPool2dCache)
-    xp = array_namespace(dy, cache.argmax)
-    check_like("dy", dy, cache.pool.y_shape)
+
+    def check() -> Any:
+        xp = array_namespace(dy, cache.argmax)
+        check_like("dy", dy, cache.pool.y_shape)
+        return xp
+
+    xp = check_once(lambda: ("max_pool2d dy", type(dy), dy.shape, dy.dtype, cache.pool.y_shape,
+                             type(cache.argmax)), check)
     win = cache.pool.window
     dx = kernels.max_pool_backward(dy, cache.argmax, cache.pool.x_shape, win.kernel, win.stride)
     return xp.astype(dx, cache.pool.x_dtype, copy=False)

@@ -9,13 +9,19 @@ pieces here are the ones that have nothing method-specific in them:
 - :func:`upstream` and :func:`cast_grads` — check an upstream gradient and bring it to the
   compute dtype, and return gradients in the dtypes of the forward's arguments;
 - :class:`ChannelNorm` — the layer base: per-channel ``gamma`` and ``beta``, ``eps``, dtype
-  and namespace (the interface itself is :class:`refnorm.layer.Layer`).
+  and namespace (the interface itself is :class:`refnorm.layer.Layer`);
+- :func:`fast_channel_args`, :func:`fast_upstream` and :func:`fast_grads` — what the fast
+  variants (:mod:`refnorm.dispatch`) do around their kernels: the reference's argument checks,
+  run once per argument signature (:func:`refnorm.core.checks.check_once`), and the casts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
+
+import numpy as np
 
 from refnorm.backend import Array, array_namespace, on_device
 from refnorm.core.affine import channel_view
@@ -23,7 +29,9 @@ from refnorm.core.checks import (
     check_channel_param,
     check_eps,
     check_like,
+    check_once,
     check_positive_int,
+    prepare_channel_norm,
 )
 from refnorm.layer import CheckCase, Layer
 
@@ -78,6 +86,48 @@ def cast_grads(
     )
 
 
+# -- the fast variants: check a signature once, then cast ----------------------------------------
+
+
+def fast_channel_args(what: str, x: Array, gamma: Array, beta: Array, eps: float, *,
+                      min_ndim: int = 2, hyper: tuple = (),
+                      check: Callable[[], object] | None = None) -> tuple[Array, Array]:
+    """The fast variant's :func:`refnorm.core.checks.prepare_channel_norm`: the same checks
+    (and ``check``, the method's own, which may depend on ``hyper``), run once per signature;
+    returns ``gamma`` (a copy: the cache keeps it) and ``beta`` in the compute dtype.
+
+    The signature holds the types, shapes and dtypes of the arrays and the type and value of
+    ``eps`` and of every ``hyper`` entry (``True`` is not ``1``), so a call that differs in
+    anything the checks read is checked again.
+    """
+    def full() -> None:
+        prepare_channel_norm(x, gamma, beta, eps=eps, min_ndim=min_ndim)
+        if check is not None:
+            check()
+
+    check_once(lambda: (what, type(x), x.shape, x.dtype, type(gamma), gamma.shape, gamma.dtype,
+                        type(beta), beta.shape, beta.dtype, type(eps), eps,
+                        *((type(h), h) for h in hyper)), full)
+    dtype = np.float32 if x.dtype == np.float16 else x.dtype
+    return gamma.astype(dtype, copy=True), beta.astype(dtype, copy=False)
+
+
+def fast_upstream(dy: Array, x_hat: Array) -> Array:
+    """The fast variant's :func:`upstream`: ``dy`` checked against ``x_hat`` once per
+    signature, in the compute dtype."""
+    check_once(lambda: ("dy", type(dy), dy.shape, dy.dtype, x_hat.shape),
+               lambda: check_like("dy", dy, x_hat.shape))
+    return dy if dy.dtype == x_hat.dtype else dy.astype(x_hat.dtype)
+
+
+def fast_grads(dx: Array, dgamma: Array, dbeta: Array, *, x_dtype: Any,
+               param_dtype: Any) -> tuple[Array, Array, Array]:
+    """:func:`cast_grads` for numpy arrays, without a call where nothing changes."""
+    return (dx if dx.dtype == x_dtype else dx.astype(x_dtype),
+            dgamma if dgamma.dtype == param_dtype else dgamma.astype(param_dtype),
+            dbeta if dbeta.dtype == param_dtype else dbeta.astype(param_dtype))
+
+
 class ChannelNorm(Layer):
     """Base of the activation normalizers: per-channel ``gamma`` (ones) and ``beta`` (zeros).
 
@@ -115,4 +165,5 @@ class ChannelNorm(Layer):
         }
 
 
-__all__ = ["ChannelNorm", "CheckCase", "Layer", "cast_grads", "frozen_statistics", "upstream"]
+__all__ = ["ChannelNorm", "CheckCase", "Layer", "cast_grads", "fast_channel_args", "fast_grads",
+           "fast_upstream", "frozen_statistics", "upstream"]

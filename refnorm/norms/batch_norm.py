@@ -38,7 +38,15 @@ from refnorm.core.standardize import standardize_backward
 from refnorm.dispatch import dispatched
 from refnorm.kernels import norms as kernels
 from refnorm.layer import CheckCase
-from refnorm.norms.base import ChannelNorm, cast_grads, frozen_statistics, upstream
+from refnorm.norms.base import (
+    ChannelNorm,
+    cast_grads,
+    fast_channel_args,
+    fast_grads,
+    fast_upstream,
+    frozen_statistics,
+    upstream,
+)
 
 
 @dataclass(frozen=True)
@@ -353,10 +361,11 @@ class BatchNorm(ChannelNorm):
 @batch_norm_forward.fast
 def _batch_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
                              eps: float = 1e-5) -> tuple[Array, BatchNormCache]:
-    _, _, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
     reduce_axes = non_channel_axes(x.ndim)
-    check_count(reduced_count(x.shape, reduce_axes),
-                what="batch normalization in training", shape=x.shape)
+    gamma_c, beta_c = fast_channel_args(
+        "batch_norm", x, gamma, beta, eps,
+        check=lambda: check_count(reduced_count(x.shape, reduce_axes),
+                                  what="batch normalization in training", shape=x.shape))
     k = kernels.bn_forward(x, gamma_c, beta_c, eps)
     return k.y, BatchNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=k.mean,
                                var=k.var, reduce_axes=reduce_axes, x_dtype=x.dtype,
@@ -366,10 +375,10 @@ def _batch_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
 @batch_norm_backward.fast
 def _batch_norm_backward_fast(dy: Array, cache: BatchNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, BatchNormCache)
-    xp, dy_c = upstream(dy, cache.x_hat)
+    dy_c = fast_upstream(dy, cache.x_hat)
     backward = kernels.bn_backward if cache.reduce_axes else kernels.eval_backward
     g = backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
-    return cast_grads(xp, g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
+    return fast_grads(g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
                       param_dtype=cache.param_dtype)
 
 

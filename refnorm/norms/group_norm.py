@@ -26,7 +26,14 @@ from refnorm.core.standardize import standardize_backward
 from refnorm.dispatch import dispatched
 from refnorm.kernels import norms as kernels
 from refnorm.layer import CheckCase
-from refnorm.norms.base import ChannelNorm, cast_grads, upstream
+from refnorm.norms.base import (
+    ChannelNorm,
+    cast_grads,
+    fast_channel_args,
+    fast_grads,
+    fast_upstream,
+    upstream,
+)
 
 
 @dataclass(frozen=True)
@@ -187,22 +194,25 @@ class GroupNorm(ChannelNorm):
 @group_norm_forward.fast
 def _group_norm_forward_fast(x: Array, gamma: Array, beta: Array, *, num_groups: int,
                              eps: float = 1e-5) -> tuple[Array, GroupNormCache]:
-    _, _, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
-    N, C = x.shape[:2]
-    num_groups = check_groups(num_groups, C)
-    view_shape = (N, num_groups, C // num_groups) + tuple(x.shape[2:])
-    check_count(reduced_count(view_shape, tuple(range(2, len(view_shape)))),
-                what="group normalization", shape=x.shape)
-    k = kernels.gn_forward(x, gamma_c, beta_c, eps, num_groups)
+    def check() -> None:
+        G = check_groups(num_groups, x.shape[1])
+        view_shape = (x.shape[0], G, x.shape[1] // G) + tuple(x.shape[2:])
+        check_count(reduced_count(view_shape, tuple(range(2, len(view_shape)))),
+                    what="group normalization", shape=x.shape)
+
+    gamma_c, beta_c = fast_channel_args("group_norm", x, gamma, beta, eps, hyper=(num_groups,),
+                                        check=check)
+    G = int(num_groups)
+    k = kernels.gn_forward(x, gamma_c, beta_c, eps, G)
     return k.y, GroupNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=k.mean,
-                               var=k.var, num_groups=num_groups, x_dtype=x.dtype,
+                               var=k.var, num_groups=G, x_dtype=x.dtype,
                                param_dtype=gamma.dtype)
 
 
 @group_norm_backward.fast
 def _group_norm_backward_fast(dy: Array, cache: GroupNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, GroupNormCache)
-    xp, dy_c = upstream(dy, cache.x_hat)
+    dy_c = fast_upstream(dy, cache.x_hat)
     g = kernels.gn_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
-    return cast_grads(xp, g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
+    return fast_grads(g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
                       param_dtype=cache.param_dtype)

@@ -31,7 +31,15 @@ from refnorm.core.standardize import standardize_backward
 from refnorm.dispatch import dispatched
 from refnorm.kernels import norms as kernels
 from refnorm.layer import CheckCase
-from refnorm.norms.base import ChannelNorm, cast_grads, frozen_statistics, upstream
+from refnorm.norms.base import (
+    ChannelNorm,
+    cast_grads,
+    fast_channel_args,
+    fast_grads,
+    fast_upstream,
+    frozen_statistics,
+    upstream,
+)
 
 
 @dataclass(frozen=True)
@@ -228,10 +236,11 @@ class InstanceNorm(ChannelNorm):
 @instance_norm_forward.fast
 def _instance_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
                                 eps: float = 1e-5) -> tuple[Array, InstanceNormCache]:
-    _, _, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps, min_ndim=3)
     reduce_axes = tuple(range(2, x.ndim))
-    check_count(reduced_count(x.shape, reduce_axes),
-                what="instance normalization", shape=x.shape)
+    gamma_c, beta_c = fast_channel_args(
+        "instance_norm", x, gamma, beta, eps, min_ndim=3,
+        check=lambda: check_count(reduced_count(x.shape, reduce_axes),
+                                  what="instance normalization", shape=x.shape))
     k = kernels.in_forward(x, gamma_c, beta_c, eps)
     return k.y, InstanceNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=k.mean,
                                   var=k.var, reduce_axes=reduce_axes, x_dtype=x.dtype,
@@ -241,10 +250,10 @@ def _instance_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
 @instance_norm_backward.fast
 def _instance_norm_backward_fast(dy: Array, cache: InstanceNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, InstanceNormCache)
-    xp, dy_c = upstream(dy, cache.x_hat)
+    dy_c = fast_upstream(dy, cache.x_hat)
     backward = kernels.in_backward if cache.reduce_axes else kernels.eval_backward
     g = backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
-    return cast_grads(xp, g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
+    return fast_grads(g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
                       param_dtype=cache.param_dtype)
 
 

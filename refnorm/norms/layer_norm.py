@@ -24,7 +24,14 @@ from refnorm.core.standardize import standardize_backward
 from refnorm.dispatch import dispatched
 from refnorm.kernels import norms as kernels
 from refnorm.layer import CheckCase
-from refnorm.norms.base import ChannelNorm, cast_grads, upstream
+from refnorm.norms.base import (
+    ChannelNorm,
+    cast_grads,
+    fast_channel_args,
+    fast_grads,
+    fast_upstream,
+    upstream,
+)
 
 
 @dataclass(frozen=True)
@@ -134,9 +141,10 @@ class LayerNorm(ChannelNorm):
 @layer_norm_forward.fast
 def _layer_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
                              eps: float = 1e-5) -> tuple[Array, LayerNormCache]:
-    _, _, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
-    check_count(reduced_count(x.shape, tuple(range(1, x.ndim))),
-                what="layer normalization", shape=x.shape)
+    gamma_c, beta_c = fast_channel_args(
+        "layer_norm", x, gamma, beta, eps,
+        check=lambda: check_count(reduced_count(x.shape, tuple(range(1, x.ndim))),
+                                  what="layer normalization", shape=x.shape))
     k = kernels.ln_forward(x, gamma_c, beta_c, eps)
     return k.y, LayerNormCache(x_hat=k.x_hat, rstd=k.rstd, gamma=gamma_c, mean=k.mean,
                                var=k.var, x_dtype=x.dtype, param_dtype=gamma.dtype)
@@ -145,7 +153,7 @@ def _layer_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
 @layer_norm_backward.fast
 def _layer_norm_backward_fast(dy: Array, cache: LayerNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, LayerNormCache)
-    xp, dy_c = upstream(dy, cache.x_hat)
+    dy_c = fast_upstream(dy, cache.x_hat)
     g = kernels.ln_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
-    return cast_grads(xp, g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
+    return fast_grads(g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
                       param_dtype=cache.param_dtype)

@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core import affine_forward, standardize
 from refnorm.core.checks import (
@@ -62,6 +64,7 @@ from refnorm.core.checks import (
     check_float_array,
     check_like,
     check_momentum,
+    check_once,
     prepare_channel_norm,
 )
 from refnorm.core.moments import check_variance_finite
@@ -949,13 +952,29 @@ def _fused(x: Array, h: Array, params: tuple[Array, Array], logits: tuple[Array,
     return xp.astype(xp.reshape(k.y, x.shape), x.dtype, copy=False), cache
 
 
+def _fast_view(x: Array, gamma: Array, beta: Array, logits: tuple[Array, Array], *,
+               eps: float, options: SwitchableOptions, with_bn: bool) -> Array:
+    """:func:`_prepare` and :func:`check_scope_counts` for the fast variants, checked once per
+    argument signature (:func:`refnorm.core.checks.check_once`); the (N, C, S) copy of ``x``
+    in the compute dtype."""
+    def check() -> None:
+        prepare_inputs(x, gamma, beta, logits, eps=eps, options=options)
+        check_scope_counts(x.shape, options, with_bn=with_bn)
+
+    check_once(lambda: ("switchable_norm", with_bn, type(options), options, type(eps), eps,
+                        *((type(a), a.shape, a.dtype) for a in (x, gamma, beta, *logits))),
+               check)
+    dtype = np.float32 if x.dtype == np.float16 else x.dtype
+    return np.array(x, dtype=dtype, copy=True).reshape(x.shape[0], x.shape[1], -1)
+
+
 @switchable_norm_forward.fast
 def _switchable_norm_forward_fast(
     x: Array, gamma: Array, beta: Array, mean_logits: Array, var_logits: Array, *,
     eps: float = 1e-5, options: SwitchableOptions = DEFAULT_OPTIONS,
 ) -> tuple[Array, SwitchableNormCache]:
-    _, h = prepare_inputs(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
-    check_scope_counts(x.shape, options, with_bn=True)
+    h = _fast_view(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options,
+                   with_bn=True)
     return _fused(x, h, (gamma, beta), (mean_logits, var_logits), eps=eps, options=options,
                   bn=None)
 
@@ -966,8 +985,8 @@ def _switchable_norm_eval_forward_fast(
     running_mean: Array, running_var: Array, *, eps: float = 1e-5,
     options: SwitchableOptions = DEFAULT_OPTIONS,
 ) -> tuple[Array, SwitchableNormCache]:
-    _, h = prepare_inputs(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options)
-    check_scope_counts(x.shape, options, with_bn=False)
+    h = _fast_view(x, gamma, beta, (mean_logits, var_logits), eps=eps, options=options,
+                   with_bn=False)
     population = _population(running_mean, running_var, like=h)
     return _fused(x, h, (gamma, beta), (mean_logits, var_logits), eps=eps, options=options,
                   bn=population)

@@ -174,7 +174,8 @@ def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None,
     """The run's model, its arrays in numpy (``device="cpu"``) or CuPy (``"gpu"``), its layers
     on the fast path unless the process chose another (``--path``, ``REFNORM_PATH``); the
     synchronized normalizers synchronize over ``comm``; ``norm_layer`` builds the normalizers
-    instead of ``config.norm`` (:class:`~refnorm.train.model.ConvNet`)."""
+    instead of ``config.norm`` (:class:`~refnorm.train.model.ConvNet`); no gradient with respect
+    to the images (``input_grad=False``: the first convolution skips it)."""
     options: dict[str, Any] = {}
     if config.norm in ("sn", "syncsn"):
         options["inference"] = config.sn_inference
@@ -185,7 +186,8 @@ def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None,
                    norm=config.norm, weight=config.weight, widths=config.widths,
                    num_groups=config.num_groups, norm_options=options,
                    norm_layer=norm_layer, seed=config.seed,
-                   dtype=np.dtype(config.dtype).type, xp=xp, path=get_path(default="fast"))
+                   dtype=np.dtype(config.dtype).type, xp=xp, path=get_path(default="fast"),
+                   input_grad=False)
 
 
 def prepare_data(config: TrainConfig) -> Dataset:

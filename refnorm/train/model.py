@@ -27,7 +27,7 @@ import numpy as np
 from refnorm import registry
 from refnorm.backend import Array, array_namespace, on_device
 from refnorm.core import affine_backward, affine_forward
-from refnorm.core.checks import check_device, check_param_dtype
+from refnorm.core.checks import check_bool, check_device, check_param_dtype
 from refnorm.layer import Layer
 from refnorm.nn import GlobalAvgPool, MaxPool2d, ReLU
 
@@ -93,6 +93,11 @@ class ConvNet:
     path : {"reference", "fast"}, optional
         Every layer's :attr:`~refnorm.layer.Layer.path`; default: the process-wide choice,
         else the reference.
+    input_grad : bool, default True
+        Whether :meth:`backward` returns the gradient with respect to the images. The trainer
+        needs none and says False: the first convolution then skips its input gradient (the
+        first layer's :attr:`~refnorm.layer.Layer.input_grad`), as PyTorch does for an input
+        that does not require a gradient.
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, norm: str = "bn",
@@ -100,7 +105,7 @@ class ConvNet:
                  num_groups: int = 4, norm_options: dict | None = None,
                  norm_layer: Callable[..., Layer] | None = None, seed: int = 0,
                  dtype: Any = None, xp: ModuleType | None = None, device: Any = None,
-                 path: str | None = None) -> None:
+                 path: str | None = None, input_grad: bool = True) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
         if weight not in WEIGHTS:
@@ -139,6 +144,7 @@ class ConvNet:
         blocks.append(registry.build("linear", c_in, num_classes, seed=seed + 100, **place))
         for layer in blocks:
             layer.path = path
+        blocks[0].input_grad = check_bool("input_grad", input_grad)
         self._layers = blocks
 
     def _conv(self, c_in: int, c_out: int, seed: int, *, has_norm: bool) -> Layer:
@@ -181,11 +187,13 @@ class ConvNet:
             x = layer.forward(x, training)
         return x
 
-    def backward(self, dlogits: Array) -> Array:
-        """Fill every layer's ``grads``; return dL/dx."""
+    def backward(self, dlogits: Array) -> Array | None:
+        """Fill every layer's ``grads``; return dL/dx (None if built with
+        ``input_grad=False``)."""
+        grad: Array | None = dlogits
         for layer in reversed(self._layers):
-            dlogits = layer.backward(dlogits)
-        return dlogits
+            grad = layer.backward(grad)
+        return grad
 
     def named_params(self) -> Iterator[tuple[str, Layer, str]]:
         """(key, layer, name) for every parameter; key is ``"<layer index>/<name>"``."""

@@ -37,6 +37,7 @@ from refnorm.dispatch import process_choice, set_path
 from refnorm.norms.switchable_norm import SCOPES
 from refnorm.train.config import TrainConfig
 from refnorm.train.loop import train
+from refnorm.train.warmup import warm_kernels
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
     started = time.perf_counter()
     runs = []
     if jobs > 1:
+        # the kernels the runs use, compiled here once rather than in every worker at once
+        warm_kernels(configs)
         # forkserver, not fork: a process whose numba (OpenMP) threads have run cannot fork
         context = multiprocessing.get_context(
             "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")

@@ -120,12 +120,14 @@ def apply_weights(x: Array, w: Array, b: Array | None, geometry: WeightGeometry,
 
 
 def apply_weights_backward(dy: Array, cache: Any, geometry: WeightGeometry, *,
-                           path: str | None = None) -> tuple[Array, Array, Array | None]:
+                           path: str | None = None,
+                           input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
     """Backward of :func:`apply_weights`: ``(dx, dw, db)``, ``db`` None without a bias.
 
-    The op's own backward checks that ``cache`` is its cache (a linear layer's cache given
-    to a convolution's backward is refused by name).
+    ``input_grad=False`` lets the convolution skip ``dx`` (None; a linear map computes it
+    anyway, one small product). The op's own backward checks that ``cache`` is its cache (a
+    linear layer's cache given to a convolution's backward is refused by name).
     """
     if geometry.kernel_size is None:
         return linear_backward(dy, cache)
-    return conv2d_backward(dy, cache, path=path)
+    return conv2d_backward(dy, cache, input_grad=input_grad, path=path)

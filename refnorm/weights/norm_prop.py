@@ -121,7 +121,8 @@ class NormProp(WeightNorm):
     def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
         w_cache, op_cache, relu_cache = cache
         dz = norm_prop_relu_backward(dy, relu_cache)
-        dx, dw, db = apply_weights_backward(dz, op_cache, self.geometry, path=self.compute_path())
+        dx, dw, db = apply_weights_backward(dz, op_cache, self.geometry, path=self.compute_path(),
+                                            input_grad=self.input_grad)
         dv, dg = weight_norm_backward(dw, w_cache)
         grads = {"v": dv, "g": dg} if db is None else {"v": dv, "g": dg, "b": db}
         return dx, grads

@@ -164,7 +164,7 @@ class TReLUWeightNorm(Layer):
     def _backward(self, dy: Array, cache: Any) -> tuple[Array, dict[str, Array]]:
         w_cache, op_cache, relu_cache = cache
         dz, dalpha = translated_relu_backward(dy, relu_cache)
-        dx, dw, _ = apply_weights_backward(dz, op_cache, self.geometry,
-                                           path=self.compute_path())  # no bias
+        dx, dw, _ = apply_weights_backward(dz, op_cache, self.geometry,  # no bias
+                                           path=self.compute_path(), input_grad=self.input_grad)
         dv, _ = weight_norm_backward(dw, w_cache)  # the gain is fixed at 1: no gradient kept
         return dx, {"v": dv, "alpha": dalpha}

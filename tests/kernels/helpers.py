@@ -69,23 +69,30 @@ def assert_close(name: str, got, want, dtype, kappa: float = 1.0, scale: float =
 
 @contextlib.contextmanager
 def chunking(layout):
-    """Force a work layout of the normalizer kernels, ``layout = (unit_path, limits)``.
+    """Force a work layout of the normalizer kernels, ``layout = (unit_path, limits, stream)``.
 
     ``unit_path`` "always" runs one task per statistic, "never" planes cut into chunks and
     merged; ``limits = (min_chunk, max_chunk)`` makes those chunks small so that small drawn
-    arrays exercise several chunks per plane (``None`` keeps the defaults).
+    arrays exercise several chunks per plane (``None`` keeps the defaults); ``stream`` writes
+    every output with the non-temporal stores of refnorm.kernels._simd, whatever its size
+    (their unaligned head, vector middle and tail all run on small arrays).
     """
-    unit_path, limits = layout
+    unit_path, limits, stream = layout
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(kernel_norms, "UNIT_PATH", unit_path))
+        stack.enter_context(mock.patch.object(kernel_norms, "STREAM_FROM",
+                                              0 if stream else kernel_norms.STREAM_FROM))
         if limits is not None:
             stack.enter_context(mock.patch.object(kernel_norms, "MIN_CHUNK", limits[0]))
             stack.enter_context(mock.patch.object(kernel_norms, "MAX_CHUNK", limits[1]))
         yield
 
 
-CHUNKING = st.sampled_from([("always", None), ("never", None), ("never", (1, 2)),
-                            ("never", (1, 3)), ("never", (2, 5))])
+CHUNKING = st.tuples(
+    st.sampled_from([("always", None), ("never", None), ("never", (1, 2)), ("never", (1, 3)),
+                     ("never", (2, 5))]),
+    st.booleans(),
+).map(lambda drawn: (*drawn[0], drawn[1]))
 
 
 def _spread(shape) -> np.ndarray:

@@ -87,6 +87,20 @@ def test_max_pool_equals_reference_with_ties_and_nan(data):
     assert_close("dx", dx, max_pool2d_backward(dy, cache), np.dtype(dtype).type)
 
 
+@given(x=arrays(st.sampled_from([np.float16, np.float32, np.float64]),
+                st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 7)),
+                elements=st.sampled_from([-1.5, -0.0, 0.0, 2.0, np.nan, -np.inf, np.inf])),
+       data=st.data())
+def test_relu_forward_is_bit_equal_to_reference(x, data):
+    """y (NaN kept, -0 to +0) and the mask, bit for bit, on any layout."""
+    x = _layout(data.draw, x[None])[0]
+    y, positive = kernels.relu_forward(x)
+    want, cache = relu_forward(x)
+    assert y.dtype == want.dtype and positive.dtype == np.bool_
+    np.testing.assert_array_equal(y.view(np.uint8), np.ascontiguousarray(want).view(np.uint8))
+    np.testing.assert_array_equal(positive, cache.positive)
+
+
 @given(x=arrays(np.float64, st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 7)),
                 elements=st.sampled_from([-1.5, -0.0, 0.0, 2.0, np.nan])),
        in_place=st.booleans())

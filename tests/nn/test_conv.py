@@ -228,3 +228,18 @@ def test_mixed_namespaces_are_refused():
     strict = pytest.importorskip("array_api_strict")
     with pytest.raises(TypeError, match=r"one array namespace"):
         conv2d_forward(X, strict.asarray(W))
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_without_input_grad_dx_is_none_and_dw_db_are_unchanged(path):
+    rng = np.random.default_rng(5)
+    x, w, b = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((4, 3, 3, 3)), np.ones(4)
+    y, cache = conv2d_forward(x, w, b, stride=(2, 1), padding=1, path=path)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = conv2d_backward(dy, cache, path=path)
+    none, dw2, db2 = conv2d_backward(dy, cache, input_grad=False, path=path)
+    assert dx is not None and none is None
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
+    with pytest.raises(TypeError, match="input_grad must be a bool"):
+        conv2d_backward(dy, cache, input_grad=1, path=path)

@@ -134,3 +134,28 @@ def test_norm_layer_builds_the_normalizers_of_every_block():
 def test_norm_layer_is_refused_when_it_cannot_build_normalizers(kwargs, error, match):
     with pytest.raises(error, match=match):
         ConvNet(in_channels=1, num_classes=3, widths=(4,), **kwargs)
+
+
+@pytest.mark.parametrize("weight", [None, "ws", "wn", "np", "trelu"])
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_without_the_input_gradient_the_parameter_gradients_are_the_same(weight, path):
+    """input_grad=False (the trainer's model): backward returns None and the first layer
+    skips the images' gradient; every parameter gradient equals the one with input_grad."""
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    grads = {}
+    for input_grad in (True, False):
+        model = ConvNet(in_channels=1, num_classes=3, norm="bn", weight=weight, widths=(4, 6),
+                        num_groups=2, path=path, input_grad=input_grad)
+        logits = model.forward(x, training=True)
+        dx = model.backward(np.ones_like(logits) / logits.size)
+        assert (dx is None) == (not input_grad)
+        assert model.layers()[0].input_grad is input_grad
+        grads[input_grad] = {key: layer.grads[name] for key, layer, name in model.named_params()}
+    assert grads[True].keys() == grads[False].keys()
+    for key in grads[True]:
+        np.testing.assert_array_equal(grads[False][key], grads[True][key], err_msg=key)
+
+
+def test_input_grad_must_be_a_bool():
+    with pytest.raises(TypeError, match="input_grad must be a bool"):
+        ConvNet(in_channels=1, num_classes=3, input_grad=0)

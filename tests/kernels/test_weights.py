@@ -1,0 +1,83 @@
+"""The Weight Standardization kernels equal the reference (refnorm.weights.standardization).
+
+Forward: the kernel on ``w`` (float32 or float64, any layout, an offset of 0 or 1e3, constant
+rows drawn often) against the reference in float64 on the same values, every field of the
+cache. Backward: the kernel given the reference cache's fields (cast to the dtype) against the
+reference backward in float64. Tolerances as in tests/kernels/helpers: standardizing a row is
+conditioned by ``kappa = 1 + max|mean| / min(denominator)`` as an activation's is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from refnorm import kernels
+from refnorm.weights.standardization import (
+    weight_standardization_backward,
+    weight_standardization_forward,
+)
+from tests.kernels.helpers import assert_close, upstream
+
+
+@st.composite
+def weights(draw):
+    """(w, eps, eps_mode, correction): 4-D or 2-D weights, some rows constant."""
+    C_out = draw(st.integers(1, 5))
+    tail = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    if np.prod(tail) < 2:
+        tail = tail + (2,)
+    shape = (C_out,) + tail
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    offset = draw(st.sampled_from([0.0, 1e3]))
+    w = offset + draw(arrays(np.float64, shape, elements=st.floats(-2, 2, allow_nan=False,
+                                                                    allow_subnormal=False)))
+    w += np.random.default_rng(sum(shape)).standard_normal(shape)
+    constant = draw(st.lists(st.booleans(), min_size=C_out, max_size=C_out))
+    for o, flat in enumerate(constant):
+        if flat:
+            w[o] = offset + 0.5
+    w = w.astype(dtype)
+    if draw(st.booleans()):  # a reversed, non-contiguous view
+        w = np.flip(w.copy(), 0)
+    eps = draw(st.sampled_from([1e-5, 1e-3]))
+    return w, eps, draw(st.sampled_from(["add", "sqrt"])), draw(st.sampled_from([0, 1]))
+
+
+@given(case=weights())
+def test_forward_equals_reference(case):
+    w, eps, mode, corr = case
+    dtype = w.dtype.type
+    want, cache = weight_standardization_forward(w.astype(np.float64), eps=eps, eps_mode=mode,
+                                                 correction=corr)
+    got = kernels.ws_forward(w, eps, mode, corr)
+    # w - mean is rounded relative to |mean| by any implementation: conditioned like x_hat
+    rows = w.astype(np.float64).reshape(w.shape[0], -1)
+    kappa = 1.0 + float(np.max(np.abs(rows.mean(axis=1))) / np.min(cache.denom))
+    for name, g, r in (("w_hat", got.w_hat, cache.w_hat), ("denom", got.denom, cache.denom),
+                       ("kappa", got.kappa, cache.kappa)):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        assert_close(name, g, r, dtype, kappa if name == "w_hat" else 1.0)
+    assert_close("w_hat (as w)", got.w_hat.reshape(w.shape), want, dtype, kappa)
+
+
+@given(case=weights())
+def test_backward_equals_reference(case):
+    w, eps, mode, corr = case
+    dtype = w.dtype.type
+    _, cache = weight_standardization_forward(w.astype(np.float64), eps=eps, eps_mode=mode,
+                                              correction=corr)
+    g = upstream(w.shape, np.float64, seed=w.size)
+    want = weight_standardization_backward(g, cache)
+    got = kernels.ws_backward(g.astype(dtype), cache.w_hat.astype(dtype),
+                              cache.denom.astype(dtype), cache.kappa.astype(dtype))
+    assert got.dtype == dtype
+    # dw is a difference of terms of size |g| / d and kappa |<w_hat, g>| |w_hat| / d per row
+    g2 = g.reshape(cache.w_hat.shape)
+    terms = (np.max(np.abs(g2), axis=1, keepdims=True) + cache.kappa
+             * np.sum(np.abs(cache.w_hat * g2), axis=1, keepdims=True)
+             * np.max(np.abs(cache.w_hat), axis=1, keepdims=True)) / cache.denom
+    scale = float(np.max(terms))
+    assert_close("dw", got.reshape(w.shape), want, dtype, scale=scale)

@@ -1,0 +1,52 @@
+"""refnorm.train.warmup compiles, in one process, exactly the kernels a set of runs calls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from refnorm.train.config import TrainConfig
+
+CODE = """
+import json, sys
+from refnorm.train.config import TrainConfig
+from refnorm.train.warmup import warm_kernels
+from refnorm.kernels import norms
+configs = [TrainConfig(data="digits", norm="bn", batch_size=32, epochs=1, train_subset=64),
+           TrainConfig(data="digits", norm="syncbn", devices=2, batch_size=32, epochs=1,
+                       train_subset=64)]
+cold = set(norms.cold_kernels())
+warmed = warm_kernels(configs)
+compiled = sorted(name for name in cold if getattr(norms.loops(), name).signatures)
+print(json.dumps({"warmed": warmed, "compiled": compiled, "cold_after": norms.cold_kernels()}))
+"""
+
+
+def test_a_fresh_cache_is_warmed_once_with_a_message_and_only_what_the_runs_call(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
+                           env=env, check=True)
+    import json
+
+    report = json.loads(first.stdout)
+    assert report["warmed"] == 1  # syncbn's run warms as bn, at the same batch: one model
+    assert first.stderr.count("compiling fast kernels (first run only, about ") == 1
+    # a BN model at batch 32: memory-order tasks, convolution, pooling, ReLU, BN's inference
+    # forward; neither SN's, nor WS's, nor the channel units
+    assert {"tasks_forward", "tasks_backward", "im2col", "col2im", "max_pool",
+            "max_pool_backward", "relu_backward", "normalize_affine"} <= set(report["compiled"])
+    assert not {"ws_forward", "ws_backward", "unit_forward", "unit_backward",
+                "chunk_moments"} & set(report["compiled"])
+    again = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
+                           env=env, check=True)
+    assert "compiling fast kernels" not in again.stderr  # loaded from the cache, silently
+    assert json.loads(again.stdout)["compiled"] == []
+
+
+def test_nothing_runs_on_the_reference_path(monkeypatch):
+    from refnorm import dispatch
+    from refnorm.train.warmup import warm_kernels
+
+    monkeypatch.setattr(dispatch, "_chosen", "reference")
+    assert warm_kernels([TrainConfig(data="digits", norm="bn")]) == 0
