@@ -34,3 +34,24 @@ def test_every_cited_test_exists():
         if name not in defined:
             missing.append(f"{path}::{name}")
     assert not missing, f"the README cites tests that do not exist: {missing}"
+
+
+def test_no_file_keeps_a_merge_conflict():
+    """A merge's conflict markers (a line of seven '<' or '>' and a label) never stay in the
+    sources, the docs or the lessons (a README once kept one; seven '=' also underline
+    reStructuredText headings, so that line is not looked for)."""
+    marker = re.compile(r"^(<{7}|>{7}) \S+", re.MULTILINE)
+    found = []
+    for folder in ("refnorm", "tests", "docs", "lessons", "scripts", ".ci"):
+        for path in ROOT.joinpath(folder).rglob("*"):
+            if "_build" in path.parts or not path.is_file():
+                continue
+            if path.suffix not in {".py", ".md", ".rst", ".ipynb", ".toml", ".sh", ".txt",
+                                   ".cfg", ".css", ".html", ""}:
+                continue
+            text = path.read_text(errors="replace")
+            found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in marker.finditer(text)]
+    for name in ("README.md", "pyproject.toml", "run.sh", "test.sh"):
+        text = ROOT.joinpath(name).read_text()
+        found += [f"{name}: {m.group(0)}" for m in marker.finditer(text)]
+    assert not found, f"merge conflict markers left in: {found}"
