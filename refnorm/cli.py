@@ -155,10 +155,11 @@ def _add_bench(sub) -> None:
     b = sub.add_parser(
         "bench", help="time the reference path, the fast path and PyTorch CPU",
         description=("Time forward+backward of every normalizer at (32, 64, 32, 32) and "
-                     "(2, 64, 32, 32) float32 and a training step of the study's model, on the "
-                     "reference path, the fast path and PyTorch CPU when torch is importable: "
-                     "interleaved repetitions, medians and spread, effective bandwidth next to "
-                     "the machine's copy bandwidth."))
+                     "(2, 64, 32, 32) float32 and a training step of the study's BN, GN, SN "
+                     "and GN+WS models, on the reference path, the fast path (and its kernels "
+                     "alone) and PyTorch CPU when torch is importable: interleaved repetitions "
+                     "in a random order, medians and spread, effective bandwidth next to the "
+                     "machine's copy bandwidth, and which path each layer of the steps ran."))
     bench.add_arguments(b)
     b.set_defaults(run=lambda args, parser: bench.run_args(args))
 
