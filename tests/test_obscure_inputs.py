@@ -49,6 +49,16 @@ def test_translated_relu_needs_a_channel_axis(z):
         translated_relu_forward(z, np.zeros(2))
 
 
+OVERFLOWING = {
+    "bn": lambda x, g, b, path: refnorm.batch_norm_forward(x, g, b, path=path),
+    "in": lambda x, g, b, path: refnorm.instance_norm_forward(x, g, b, path=path),
+    "ln": lambda x, g, b, path: refnorm.layer_norm_forward(x, g, b, path=path),
+    "gn": lambda x, g, b, path: refnorm.group_norm_forward(x, g, b, num_groups=2, path=path),
+    "sn": lambda x, g, b, path: refnorm.switchable_norm_forward(
+        x, g, b, np.zeros(3, x.dtype), np.zeros(3, x.dtype), path=path),
+}
+
+
 @pytest.mark.parametrize(("dtype", "remedy"), [(np.float64, "rescale x$"),
                                                (np.float32, "compute in float64 or rescale x$")])
 @pytest.mark.parametrize("path", ["reference", "fast"])
@@ -58,3 +68,19 @@ def test_an_overflowing_variance_advises_what_helps(dtype, remedy, path):
     with np.errstate(over="ignore"), pytest.raises(ValueError, match=f"overflows {np.dtype(dtype)}"
                                                                      f".*; {remedy}"):
         refnorm.batch_norm_forward(x, G.astype(dtype), B.astype(dtype), path=path)
+
+
+@pytest.mark.parametrize("method", sorted(OVERFLOWING))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_every_normalizer_refuses_an_overflowing_variance(method, dtype, path):
+    """Means beyond sqrt(max) in every statistic (the fast path's first segment of a unit
+    included: its merge once made NaN of 0 * inf, and so no error), signs mixed within each."""
+    big = 1e200 if dtype == np.float64 else 1e20
+    x = np.full((2, 4, 2, 2), big)
+    x[1] *= -1
+    x[:, :, 0, 0] *= -1
+    g, b = np.ones(4, dtype), np.zeros(4, dtype)
+    with np.errstate(over="ignore", invalid="ignore"), \
+            pytest.raises(ValueError, match=f"overflows {np.dtype(dtype)}"):
+        OVERFLOWING[method](x.astype(dtype), g, b, path)

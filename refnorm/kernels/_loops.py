@@ -503,7 +503,11 @@ def _segment_moments(seg):  # pragma: no cover - compiled
 @njit(cache=True, inline="always")
 def _chan(count, mean, m2, n, mu, q):  # pragma: no cover - compiled
     """Merge the moments ``(n, mu, q)`` of a segment into ``(count, mean, m2)``: Chan's formula
-    (the law of total variance), exact when ``count == 0``."""
+    (the law of total variance). The first segment is taken as it is: the formula's
+    ``delta^2 count n / total`` would be ``inf * 0 = NaN`` for a mean beyond 1e154, where the
+    variance must come out infinite (the caller's overflow error) and not NaN."""
+    if count == 0:
+        return n, mu, q
     total = count + n
     delta = mu - mean
     return total, mean + delta * (n / total), m2 + q + delta * delta * (count * n / total)
