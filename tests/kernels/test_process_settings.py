@@ -1,0 +1,51 @@
+"""The two process-wide settings the fast path makes, each in a fresh interpreter: idle
+OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE`` unless the environment chose), and glibc
+keeps freed blocks once the first kernel runs, unless ``REFNORM_MALLOC`` or glibc's own
+variables are set (README, docs/performance.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(code: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("OMP_WAIT_POLICY", "REFNORM_MALLOC", "MALLOC_MMAP_THRESHOLD_",
+                          "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")}
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env},
+                          capture_output=True, text=True, timeout=300, check=True)
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_idle_openmp_threads_sleep_unless_the_environment_chose(given, seen):
+    code = "import os, refnorm.kernels; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {} if given is None else {"OMP_WAIT_POLICY": given}
+    assert run(code, **env) == seen
+
+
+GLIBC = sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION") is not None
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator setting is glibc's")
+@pytest.mark.parametrize(("env", "kept"), [
+    ({}, "True"), ({"REFNORM_MALLOC": "0"}, "False"),
+    ({"MALLOC_MMAP_THRESHOLD_": "131072"}, "False"),
+])
+def test_glibc_keeps_freed_blocks_unless_told_to_leave_it(env, kept):
+    code = "from refnorm.kernels.norms import keep_freed_memory; print(keep_freed_memory())"
+    assert run(code, **env) == kept
+
+
+def test_import_refnorm_sets_nothing_and_the_reference_path_loads_no_kernel():
+    """``import refnorm`` leaves the environment alone; a reference call loads the methods
+    (and with them refnorm.kernels' thread policy) but never numba's loops, so the allocator
+    stays as it was until a fast call."""
+    code = ("import os, sys, numpy as np, refnorm; print('OMP_WAIT_POLICY' in os.environ); "
+            "refnorm.batch_norm_forward(np.ones((2, 3)), np.ones(3), np.zeros(3)); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'refnorm.kernels._loops' in sys.modules)")
+    assert run(code).split() == ["False", "PASSIVE", "False"]
