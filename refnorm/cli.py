@@ -274,7 +274,8 @@ def _add_study(sub) -> None:
                      "with the update size fixed, through the data-parallel loop, and write "
                      "report.md with a table, a verdict per claim of the papers (judged over 3 "
                      "seeds or more), and plots."))
-    st.add_argument("--quick", action="store_true", help="a small grid: 12 runs, about 15 s once the fast kernels are compiled")
+    st.add_argument("--quick", action="store_true",
+                    help="a small grid: 12 runs, about 15 s once the fast kernels are compiled")
     st.add_argument("--methods", type=_name_list, default=None,
                     help="comma-separated, e.g. bn,gn,sn,gn+ws,ln,wn (default: all of these)")
     st.add_argument("--batch-sizes", type=_int_list, default=None,
