@@ -180,7 +180,7 @@ def test_both_paths_refuse_the_same_inputs_with_the_same_error(name, case):
 
 @pytest.mark.parametrize("name", sorted(FORWARDS))
 def test_a_checked_signature_does_not_let_a_different_argument_through(name):
-    """The fast variants check an argument signature once (refnorm.norms.base.CHECKED): a
+    """The fast variants check an argument signature once (refnorm.core.checks.CHECKED): a
     call that differs from a checked one only in the type of a hyperparameter (True for 1),
     or in a parameter's dtype, is checked again and refused as the reference refuses it."""
     forward = FORWARDS[name]

@@ -147,6 +147,7 @@ def prepare_channel_norm(
 #: full.
 CHECKED: dict[tuple, Any] = {}
 CHECKED_LIMIT = 1024
+_UNCHECKED = object()
 
 
 def check_once(key: Callable[[], tuple], check: Callable[[], Any]) -> Any:
@@ -156,8 +157,9 @@ def check_once(key: Callable[[], tuple], check: Callable[[], Any]) -> Any:
     always checked, so the error is the reference's."""
     try:
         signature = key()
-        if signature in CHECKED:
-            return CHECKED[signature]
+        known = CHECKED.get(signature, _UNCHECKED)  # one lookup: another thread may clear
+        if known is not _UNCHECKED:
+            return known
     except (AttributeError, TypeError):
         signature = None
     result = check()

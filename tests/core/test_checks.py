@@ -206,3 +206,46 @@ def test_bias_is_none_or_a_vector_of_the_output_size():
         check_bias(np.zeros(2), 3, axis_name="D_out")
     with pytest.raises(TypeError, match=r"b must have a real floating-point dtype"):
         check_bias(np.zeros(3, np.int64), 3, axis_name="C_out")
+
+
+def test_check_once_checks_a_signature_once_and_forgets_when_full(monkeypatch):
+    from refnorm.core import checks
+
+    monkeypatch.setattr(checks, "CHECKED", {})
+    monkeypatch.setattr(checks, "CHECKED_LIMIT", 2)
+    runs = []
+
+    def check(tag):
+        runs.append(tag)
+        return tag.upper()
+
+    assert checks.check_once(lambda: ("a",), lambda: check("a")) == "A"
+    assert checks.check_once(lambda: ("a",), lambda: check("a")) == "A"  # remembered
+    assert runs == ["a"]
+    checks.check_once(lambda: ("b",), lambda: check("b"))
+    checks.check_once(lambda: ("c",), lambda: check("c"))  # full: emptied, then kept
+    assert set(checks.CHECKED) == {("c",)}
+    checks.check_once(lambda: ("a",), lambda: check("a"))  # forgotten: checked again
+    assert runs == ["a", "b", "c", "a"]
+
+
+def test_check_once_always_checks_what_it_cannot_remember(monkeypatch):
+    """A signature that cannot be formed or hashed is checked on every call, so the error is
+    the reference's; a check that raises is never remembered."""
+    from refnorm.core import checks
+
+    monkeypatch.setattr(checks, "CHECKED", {})
+    runs = []
+    for _ in range(2):
+        checks.check_once(lambda: ("x", [1]), lambda: runs.append("unhashable"))
+        checks.check_once(lambda: None.shape, lambda: runs.append("unformed"))
+    assert runs == ["unhashable", "unformed"] * 2
+
+    def bad():
+        runs.append("bad")
+        raise ValueError("no")
+
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no"):
+            checks.check_once(lambda: ("bad",), bad)
+    assert runs.count("bad") == 2 and ("bad",) not in checks.CHECKED
