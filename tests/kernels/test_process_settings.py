@@ -28,7 +28,14 @@ def test_idle_openmp_threads_sleep_unless_the_environment_chose(given, seen):
     assert run(code, **env) == seen
 
 
-GLIBC = sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION") is not None
+def _glibc() -> bool:
+    try:
+        return sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (AttributeError, ValueError, OSError):  # no confstr, or no such name (musl)
+        return False
+
+
+GLIBC = _glibc()
 
 
 @pytest.mark.skipif(not GLIBC, reason="the allocator setting is glibc's")
