@@ -27,6 +27,7 @@ from refnorm.backend import (
     Array,
     array_namespace,
     device_namespace,
+    device_of,
     gpu_problem,
     move_array,
 )
@@ -184,7 +185,7 @@ class FunctionLayer(Layer):
         arrays = [*params.values(), *state.values()]
         xp = array_namespace(*arrays) if arrays else np
         dtype = next(iter(params.values())).dtype if params else None
-        super().__init__(dtype=dtype, xp=xp)
+        super().__init__(dtype=dtype, xp=xp, device=device_of(arrays[0]) if arrays else None)
         self.forward_function, self.backward_function = forward, backward
         self.name = name or getattr(forward, "__name__", "forward")
         self.params = {k: xp.asarray(v, copy=True) for k, v in params.items()}
@@ -262,7 +263,7 @@ def from_functions(forward: Callable[..., Any], backward: Callable[..., Any], *,
         refnorm's pure pairs use: ``batch_norm_backward`` returns ``dx, dgamma, dbeta``).
     params : dict of str to array
         The learnable parameters; the layer starts with copies. Their namespace is the
-        layer's ``xp`` and the first one's dtype its ``dtype``.
+        layer's ``xp``, the first one's dtype its ``dtype`` and its device its ``device``.
     state : dict of str to array, optional
         Non-learned state (running statistics), copied likewise.
     name : str, optional

@@ -184,6 +184,25 @@ def test_from_functions_deep_copies_and_keeps_its_functions():
     assert clone.params["gamma"] is not layer.params["gamma"]
 
 
+def test_from_functions_takes_the_namespace_and_device_of_its_arrays():
+    """Built from arrays on array_api_strict's second device, the layer says so, keeps its
+    copies there and trains there (a device it took from nowhere would be the first)."""
+    xp = pytest.importorskip("array_api_strict")
+    device = xp.Device("device1")
+    from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_forward
+
+    def forward(x, gamma, beta, training):
+        return batch_norm_forward(x, gamma, beta)
+
+    params = {"gamma": xp.ones(2, device=device), "beta": xp.zeros(2, device=device)}
+    layer = from_functions(forward, batch_norm_backward, params=params)
+    assert layer.xp is xp and layer.device == device
+    assert all(a.device == device for a in layer.params.values())
+    x = xp.asarray(np.random.default_rng(3).standard_normal((4, 2, 2, 2)), device=device)
+    y = layer.forward(x, True)
+    assert y.device == device and layer.backward(xp.ones_like(y)).device == device
+
+
 def _identity_pair():
     def forward(x, w, training):
         return x * w, x
