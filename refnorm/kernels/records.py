@@ -72,11 +72,11 @@ class ConvForward(NamedTuple):
 
 class ConvGrads(NamedTuple):
     """A convolution's backward: ``dx`` (None when not asked for), ``dw`` (C_out, C_in, KH, KW)
-    and ``db`` (C_out,)."""
+    and ``db`` (C_out,) (None without a bias)."""
 
-    dx: Array
+    dx: Array | None
     dw: Array
-    db: Array
+    db: Array | None
 
 
 class MaxPooled(NamedTuple):

@@ -517,7 +517,8 @@ def _conv2d_backward_fast(dy: Array, cache: Conv2dCache, *,
     win = cache.window
     g = kernels.conv_backward(xp.astype(dy, cache.cols.dtype, copy=False), cache.cols,
                               cache.w_mat, cache.x_shape, (win.kernel, win.stride, win.padding),
-                              input_grad=check_bool("input_grad", input_grad))
+                              input_grad=check_bool("input_grad", input_grad),
+                              bias=cache.has_bias)
     return (None if g.dx is None else xp.astype(g.dx, cache.x_dtype, copy=False),
             xp.astype(g.dw, cache.w_dtype, copy=False),
-            xp.astype(g.db, cache.b_dtype, copy=False) if cache.has_bias else None)
+            None if g.db is None else xp.astype(g.db, cache.b_dtype, copy=False))

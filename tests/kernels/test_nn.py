@@ -61,12 +61,22 @@ def test_conv_equals_reference(data):
     np.testing.assert_array_equal(cols, cache.cols)
     np.testing.assert_array_equal(w_mat, cache.w_mat)
     dy = upstream(y_ref.shape, dtype, seed=x.size)
-    dx, dw, db = kernels.conv_backward(dy, cols, w_mat, x_shape, window)
+    dx, dw, db = kernels.conv_backward(dy, cols, w_mat, x_shape, window, bias=bias)
     dx_ref, dw_ref, db_ref = conv2d_backward(dy, cache)
     assert_close("dx", dx, dx_ref, t)
     assert_close("dw", dw, dw_ref, t)
     if bias:
         assert_close("db", db, db_ref, t)
+    else:
+        assert db is None
+    # the fast path's cache (columns with spaced rows) serves the reference backward too
+    _, fast_cache = conv2d_forward(x, w, b, stride=stride, padding=padding, path="fast")
+    for got, want in zip(conv2d_backward(dy, fast_cache, path="reference"),
+                         (dx_ref, dw_ref, db_ref), strict=True):
+        if want is None:
+            assert got is None
+        else:
+            assert_close("reference backward on the fast cache", got, want, t)
 
 
 @given(data=st.data())
@@ -117,8 +127,9 @@ def test_relu_backward_equals_reference(x, in_place):
 
 @given(data=st.data())
 def test_max_pool_2x2_equals_reference_with_ties_nan_and_infinities(data):
-    """2x2 windows take the branch-free pass (and a plane holding a NaN the exact loop);
-    drawn often here, with overlapping (stride 1), tiling (2) and skipping (3) windows."""
+    """2x2 windows at stride 2 take the branch-free pass (and a plane holding a NaN or an
+    infinity the exact loop; the backward one store per window); drawn often here, with
+    overlapping (stride 1), tiling (2) and skipping (3) windows."""
     N, C = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
     H, W = data.draw(st.integers(2, 9)), data.draw(st.integers(2, 9))
     stride = data.draw(st.sampled_from([(1, 1), (2, 2), (3, 3), (1, 2), (2, 1)]))
