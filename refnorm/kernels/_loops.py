@@ -405,7 +405,9 @@ def max_pool_backward(dy, argmax, KH, KW, sh, sw, dx):  # pragma: no cover - com
     :func:`refnorm.nn.pooling.max_pool2d_backward`.
 
     One task per (n, c) plane; the plane is zeroed then written row by row (2x2 windows at
-    stride 2, which tile the plane, by one store per window).
+    stride 2, which tile the plane, by one store per window). An index outside the window
+    (only a cache built by hand holds one) places nothing, as in the reference, where it
+    matches no position of the window: no store lands outside ``dx``.
 
     Parameters
     ----------
@@ -433,14 +435,16 @@ def max_pool_backward(dy, argmax, KH, KW, sh, sw, dx):  # pragma: no cover - com
                 dr = dp[p]
                 for q in range(W_out):
                     k = ap[base + q]
-                    plane[2 * p + (k >> 1), 2 * q + (k & 1)] = dr[q]
+                    if 0 <= k < 4:
+                        plane[2 * p + (k >> 1), 2 * q + (k & 1)] = dr[q]
         else:
             for p in range(H_out):
                 base = p * W_out
                 dr = dp[p]
                 for q in range(W_out):
                     k = ap[base + q]
-                    plane[p * sh + k // KW, q * sw + k % KW] += dr[q]
+                    if 0 <= k < KH * KW:
+                        plane[p * sh + k // KW, q * sw + k % KW] += dr[q]
 
 
 @njit(cache=True, parallel=True)

@@ -143,3 +143,24 @@ def test_max_pool_2x2_equals_reference_with_ties_nan_and_infinities(data):
     dy = upstream(y_ref.shape, dtype, seed=x.size)
     dx = kernels.max_pool_backward(dy, argmax, (N, C, H, W), (2, 2), stride)
     assert_close("dx", dx, max_pool2d_backward(dy, cache), np.dtype(dtype).type)
+
+
+@given(kernel=st.sampled_from([(2, 2), (3, 3)]), stride=st.sampled_from([(2, 2), (1, 1)]),
+       index=st.sampled_from([-1, 4, 9, 2**40, -2**40]))
+def test_max_pool_backward_places_nothing_for_an_index_outside_the_window(kernel, stride,
+                                                                          index):
+    """A hand-built cache whose argmax names no position of its window: the reference places
+    nothing for it (the index matches no window position); the fast loop, which turns the
+    index into an address, must do the same instead of writing outside dx."""
+    import dataclasses
+
+    x = np.random.default_rng(3).standard_normal((2, 3, 7, 8))
+    y, cache = max_pool2d_forward(x, kernel_size=kernel, stride=stride)
+    argmax = cache.argmax.copy()
+    argmax[:, ::2] = index
+    bad = dataclasses.replace(cache, argmax=argmax)
+    dy = upstream(y.shape, np.float64, seed=1)
+    want = max_pool2d_backward(dy, bad, path="reference")
+    got = max_pool2d_backward(dy, bad, path="fast")
+    assert_close("dx", got, want, np.float64)  # overlapping windows add in another order
+    assert np.array_equal(got == 0, want == 0) and np.count_nonzero(want) > 0
