@@ -330,17 +330,18 @@ def _pool_plane_exact(plane, KH, KW, sh, sw, yp, ap):  # pragma: no cover - comp
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _pool_row_2x2(r0, r1, yr, ar):  # pragma: no cover - compiled
-    """One output row of 2x2 windows at stride 2 (rows ``r0`` and ``r1`` of the input),
-    branch-free (it vectorizes), ignoring the NaN rule. Returns the sum of ``v - v`` over the
-    row's values: 0 for finite values, NaN if the row holds a NaN or an infinity (a sum,
-    unlike a test per value, vectorizes; ``fastmath`` here allows no folding of ``v - v``)."""
+def _pool_row_2x2(r0, r1, yr, ar, sw):  # pragma: no cover - compiled
+    """One output row of 2x2 windows at column stride ``sw`` (rows ``r0`` and ``r1`` of the
+    input), branch-free (it vectorizes), ignoring the NaN rule. Returns the sum of ``v - v``
+    over the row's values: 0 for finite values, NaN if the row holds a NaN or an infinity (a
+    sum, unlike a test per value, vectorizes; ``fastmath`` here allows no folding of
+    ``v - v``). Called with a literal ``sw`` (2) the loads vectorize best."""
     spread = r0[0] - r0[0]
     for q in range(yr.shape[0]):
-        a = r0[2 * q]
-        b = r0[2 * q + 1]
-        c = r1[2 * q]
-        d = r1[2 * q + 1]
+        a = r0[q * sw]
+        b = r0[q * sw + 1]
+        c = r1[q * sw]
+        d = r1[q * sw + 1]
         spread += (a - a) + (b - b) + (c - c) + (d - d)
         best = a
         k = 0
@@ -364,13 +365,13 @@ def max_pool(x, KH, KW, sh, sw, y, argmax):  # pragma: no cover - compiled
     row-major window order (a NaN wins, the first NaN), as ``max``/``argmax`` in
     :func:`refnorm.nn.pooling.max_pool2d_forward`.
 
-    One task per (n, c) plane. 2x2 windows at stride 2 (the study's) take a branch-free pass
-    with a strict ``>`` (the first maximum wins ties, as in the reference) that also notes
-    whether the plane holds a NaN or an infinity; such a plane, and every plane of other
-    windows or strides, is done by the exact window-by-window loop with the NaN rule. (The
-    NaN test inside the compare kept the loop from vectorizing: 2.5 ms instead of 0.15 ms for
-    (32, 16, 32, 32); the strides as variables instead of the literal 2 did too: 0.33
-    against 0.09 ms.)
+    One task per (n, c) plane. 2x2 windows take a branch-free pass with a strict ``>`` (the
+    first maximum wins ties, as in the reference) that also notes whether the plane holds a
+    NaN or an infinity; such a plane, and every plane of other windows, is done by the exact
+    window-by-window loop with the NaN rule. (The NaN test inside the compare kept the loop
+    from vectorizing: 2.5 ms instead of 0.15 ms for (32, 16, 32, 32).) At stride 2 (the
+    study's) the pass runs with literal strides: 0.09 ms against 0.33 with the strides as
+    variables.
 
     Parameters
     ----------
@@ -393,7 +394,13 @@ def max_pool(x, KH, KW, sh, sw, y, argmax):  # pragma: no cover - compiled
             spread = 0.0
             for p in range(H_out):
                 spread += _pool_row_2x2(plane[2 * p], plane[2 * p + 1], yp[p],
-                                        ap[p * W_out:(p + 1) * W_out])
+                                        ap[p * W_out:(p + 1) * W_out], 2)
+            redo = spread != 0.0
+        elif KH == 2 and KW == 2:
+            spread = 0.0
+            for p in range(H_out):
+                spread += _pool_row_2x2(plane[p * sh], plane[p * sh + 1], yp[p],
+                                        ap[p * W_out:(p + 1) * W_out], sw)
             redo = spread != 0.0
         if redo:
             _pool_plane_exact(plane, KH, KW, sh, sw, yp, ap)
