@@ -71,21 +71,21 @@ def out_size(size: int, kernel: int, stride: int, pad: int) -> int:
 
 
 def spaced_rows(rows: int, length: int, dtype: Any) -> np.ndarray:
-    """An empty C-contiguous (``rows``, ``length`` or a little more) array whose rows start
-    64 bytes away from a multiple of 4 KiB apart; its first ``length`` columns are the
-    array meant (the loops write the whole rows of the wider array: they vectorize on it).
+    """An empty C-contiguous (``rows``, ``length`` or a little more) array whose rows lie an
+    odd number of 64-byte cache lines apart; its first ``length`` columns are the array meant
+    (the loops write the whole rows of the wider array: they vectorize on it).
 
     Rows a power-of-two number of bytes apart, like the columns' rows at the study's sizes
     (N H_out W_out = 32 x 256 float32 values: 32 KiB), fall into the same sets of the L1
     cache, and BLAS, reading a block of rows at a time, evicts its own lines: the middle
-    convolution's forward products took 1.09 ms on such rows and 0.92 ms on rows 64 bytes
-    further apart (as on a contiguous copy by sample, 0.93 ms).
+    convolution's forward products took 1.09 ms on such rows and 0.92 ms on rows one line
+    further apart (as on a contiguous copy by sample, 0.93 ms). An odd number of lines puts
+    64 consecutive rows in 64 different sets of every 4 KiB.
     """
     item = np.dtype(dtype).itemsize
-    stride = -(-length * item // 64) * 64
-    if stride % 4096 == 0:
-        stride += 64
-    return np.empty((rows, stride // item), dtype=dtype)
+    lines = -(-length * item // 64)
+    lines += 1 - lines % 2
+    return np.empty((rows, lines * 64 // item), dtype=dtype)
 
 
 def im2col(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
@@ -99,8 +99,8 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
 
     Returns
     -------
-    cols : array, (C * KH * KW, N * H_out * W_out), compute dtype of ``x``; its rows lie
-        apart by a stride that is no multiple of 4 KiB (:func:`spaced_rows`)
+    cols : array, (C * KH * KW, N * H_out * W_out), compute dtype of ``x``; its rows lie an
+        odd number of cache lines apart (:func:`spaced_rows`)
     """
     xc = compute_array(x)
     N, C, H, W = xc.shape

@@ -164,3 +164,18 @@ def test_max_pool_backward_places_nothing_for_an_index_outside_the_window(kernel
     got = max_pool2d_backward(dy, bad, path="fast")
     assert_close("dx", got, want, np.float64)  # overlapping windows add in another order
     assert np.array_equal(got == 0, want == 0) and np.count_nonzero(want) > 0
+
+
+@given(rows=st.integers(1, 5), length=st.integers(1, 70_000),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_spaced_rows_lie_an_odd_number_of_cache_lines_apart(rows, length, dtype):
+    """The columns' rows never lie a power-of-two multiple of 128 bytes apart (which would
+    put them in the same cache sets), and the wider array costs at most two lines a row."""
+    from refnorm.kernels.nn import spaced_rows
+
+    a = spaced_rows(rows, length, dtype)
+    assert a.flags.c_contiguous and a.dtype == dtype and a.shape[0] == rows
+    assert a.shape[1] >= length and a.strides[0] % 64 == 0 and (a.strides[0] // 64) % 2 == 1
+    assert a.strides[0] - length * a.itemsize < 128
+    cols = kernels.im2col(np.ones((2, 3, 16, 16), dtype), (3, 3), (1, 1), (1, 1))
+    assert cols.shape == (27, 512) and (cols.strides[0] // 64) % 2 == 1
