@@ -130,6 +130,10 @@ def col2im(cols: np.ndarray, x_shape: tuple[int, ...], kernel: tuple[int, int],
     cc = compute_array(cols)
     H_out = out_size(x_shape[2], kernel[0], stride[0], padding[0])
     W_out = out_size(x_shape[3], kernel[1], stride[1], padding[1])
+    want = (x_shape[1] * kernel[0] * kernel[1], x_shape[0] * H_out * W_out)
+    if cc.shape != want:  # the loop reads cols at the addresses x_shape gives
+        raise ValueError(f"cols must have shape {want} for x_shape {tuple(x_shape)}; got "
+                         f"{cc.shape}")
     return _col2im_by_sample(cc.reshape(cc.shape[0], x_shape[0], H_out * W_out
                                         ).transpose(1, 0, 2), x_shape, kernel, stride, padding)
 

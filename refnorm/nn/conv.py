@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace, compute_dtype, device_of, on_device
 from refnorm.core.checks import (
     as_pair,
@@ -503,6 +505,31 @@ def _conv2d_forward_fast(x: Array, w: Array, b: Array | None = None, *, stride: 
     return k.y, _conv_cache(x, w, b, win, k.cols, k.w_mat)
 
 
+def _check_geometry(cache: Conv2dCache) -> None:
+    """The fast backward's check that the cache's shapes agree as the forward makes them:
+    its loops turn ``x_shape``, ``window`` and the columns' shape into addresses, so a cache
+    built or edited by hand whose fields disagree would make them read outside the arrays.
+    Such a cache is refused here (the reference refuses most of them too)."""
+    def refuse(why: str) -> None:
+        raise ValueError(f"conv2d_backward: the cache's fields disagree ({why}); the fast path "
+                         f"reads only caches its forward made")
+
+    x_shape, w_shape, win = cache.x_shape, cache.w_shape, cache.window
+    if len(x_shape) != 4 or len(w_shape) != 4 or w_shape[1] != x_shape[1]:
+        refuse(f"x_shape {x_shape}, w_shape {w_shape}")
+    if sliding_window(x_shape, kernel_size=w_shape[2:], stride=win.stride,
+                      padding=win.padding) != win:
+        refuse(f"window {win} for x_shape {x_shape} and w_shape {w_shape}")
+    if tuple(cache.y_shape) != (x_shape[0], w_shape[0]) + tuple(win.out):
+        refuse(f"y_shape {cache.y_shape} for x_shape {x_shape} and window {win}")
+    K = w_shape[1] * w_shape[2] * w_shape[3]
+    for name, a, shape in (("cols", cache.cols, (K, x_shape[0] * win.out[0] * win.out[1])),
+                           ("w_mat", cache.w_mat, (w_shape[0], K))):
+        if not (isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.shape == shape):
+            refuse(f"{name} of shape {getattr(a, 'shape', None)} and dtype "
+                   f"{getattr(a, 'dtype', None)}, where the forward makes {shape} floating")
+
+
 @conv2d_backward.fast
 def _conv2d_backward_fast(dy: Array, cache: Conv2dCache, *,
                           input_grad: bool = True) -> tuple[Array | None, Array, Array | None]:
@@ -514,6 +541,10 @@ def _conv2d_backward_fast(dy: Array, cache: Conv2dCache, *,
 
     xp = check_once(lambda: ("conv2d dy", type(dy), dy.shape, dy.dtype, cache.y_shape,
                              type(cache.cols)), check)
+    check_once(lambda: ("conv2d cache", cache.x_shape, cache.w_shape, cache.y_shape,
+                        cache.window, type(cache.cols), cache.cols.shape, cache.cols.dtype,
+                        type(cache.w_mat), cache.w_mat.shape, cache.w_mat.dtype),
+               lambda: _check_geometry(cache))
     win = cache.window
     g = kernels.conv_backward(xp.astype(dy, cache.cols.dtype, copy=False), cache.cols,
                               cache.w_mat, cache.x_shape, (win.kernel, win.stride, win.padding),

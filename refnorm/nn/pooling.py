@@ -365,6 +365,30 @@ class GlobalAvgPool(Layer):
 # -- the fast path: the same checks, then the fused loops ----------------------------------------
 
 
+def _check_geometry(pool: PoolCache, argmax: Array | None = None) -> None:
+    """The fast backwards' check that a pooling cache's shapes agree as the forward makes them:
+    their loops turn ``x_shape``, the window and ``argmax``'s shape into addresses, so a cache
+    built or edited by hand whose fields disagree would make them read or write outside the
+    arrays. Such a cache is refused here."""
+    def refuse(why: str) -> None:
+        raise ValueError(f"pooling backward: the cache's fields disagree ({why}); the fast path "
+                         f"reads only caches its forward made")
+
+    x_shape, win = pool.x_shape, pool.window
+    if len(x_shape) != 4:
+        refuse(f"x_shape {x_shape}")
+    if sliding_window(x_shape, kernel_size=win.kernel, stride=win.stride) != win:
+        refuse(f"window {win} for x_shape {x_shape}")
+    if tuple(pool.y_shape) != tuple(x_shape[:2]) + tuple(win.out):
+        refuse(f"y_shape {pool.y_shape} for x_shape {x_shape} and window {win}")
+    if argmax is not None:
+        shape = (x_shape[1], x_shape[0] * win.out[0] * win.out[1])
+        if not (isinstance(argmax, np.ndarray) and argmax.dtype.kind in "iu"
+                and argmax.shape == shape):
+            refuse(f"argmax of shape {getattr(argmax, 'shape', None)} and dtype "
+                   f"{getattr(argmax, 'dtype', None)}, where the forward makes {shape} integers")
+
+
 @max_pool2d_forward.fast
 def _max_pool2d_forward_fast(x: Array, *, kernel_size: Any,
                              stride: Any = None) -> tuple[Array, MaxPool2dCache]:
@@ -392,6 +416,8 @@ def _max_pool2d_backward_fast(dy: Array, cache: MaxPool2dCache) -> Array:
 
     xp = check_once(lambda: ("max_pool2d dy", type(dy), dy.shape, dy.dtype, cache.pool.y_shape,
                              type(cache.argmax)), check)
+    check_once(lambda: ("max_pool2d cache", cache.pool, type(cache.argmax), cache.argmax.shape,
+                        cache.argmax.dtype), lambda: _check_geometry(cache.pool, cache.argmax))
     win = cache.pool.window
     dx = kernels.max_pool_backward(dy, cache.argmax, cache.pool.x_shape, win.kernel, win.stride)
     return xp.astype(dx, cache.pool.x_dtype, copy=False)
@@ -416,6 +442,7 @@ def _avg_pool2d_forward_fast(x: Array, *, kernel_size: Any,
 def _avg_pool2d_backward_fast(dy: Array, cache: PoolCache) -> Array:
     check_cache(cache, PoolCache)
     check_float_array("dy", dy)
+    check_once(lambda: ("avg_pool2d cache", cache), lambda: _check_geometry(cache))
     dy_w = _from_nchw(np, dy, cache)                              # (C, 1, N H_out W_out)
     C, _, L = dy_w.shape
     win = cache.window

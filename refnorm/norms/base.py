@@ -10,9 +10,10 @@ pieces here are the ones that have nothing method-specific in them:
   compute dtype, and return gradients in the dtypes of the forward's arguments;
 - :class:`ChannelNorm` — the layer base: per-channel ``gamma`` and ``beta``, ``eps``, dtype
   and namespace (the interface itself is :class:`refnorm.layer.Layer`);
-- :func:`fast_channel_args`, :func:`fast_upstream` and :func:`fast_grads` — what the fast
-  variants (:mod:`refnorm.dispatch`) do around their kernels: the reference's argument checks,
-  run once per argument signature (:func:`refnorm.core.checks.check_once`), and the casts.
+- :func:`fast_channel_args`, :func:`fast_upstream`, :func:`fast_cache` and :func:`fast_grads`
+  — what the fast variants (:mod:`refnorm.dispatch`) do around their kernels: the reference's
+  argument checks and a check that a cache holds the shapes its kernels index by, run once per
+  argument signature (:func:`refnorm.core.checks.check_once`), and the casts.
 """
 
 from __future__ import annotations
@@ -120,6 +121,42 @@ def fast_upstream(dy: Array, x_hat: Array) -> Array:
     return dy if dy.dtype == x_hat.dtype else dy.astype(x_hat.dtype)
 
 
+def fast_cache(what: str, x_hat: Array, rstd: Array, gamma: Array, units: int,
+               scope: str) -> None:
+    """The fast backward's check that a cache holds what the forward put in it, once per
+    signature of its arrays: the kernels turn ``x_hat``'s shape, ``rstd``'s size and
+    ``gamma``'s length into addresses, so a cache built or edited by hand whose arrays
+    disagree would make them read and write outside the arrays. Such a cache is refused
+    here (the reference, which broadcasts, may accept some of them: ``path="reference"``).
+
+    ``units`` is the number of statistics the forward computes for ``x_hat``'s shape,
+    ``scope`` says which (for the message).
+    """
+    def check() -> None:
+        for name, a in (("x_hat", x_hat), ("rstd", rstd), ("gamma", gamma)):
+            if not (isinstance(a, np.ndarray) and a.dtype.kind == "f"):
+                raise TypeError(f"{what}: the cache's {name} must be a floating numpy array "
+                                f"(the forward's); got {type(a).__name__} of dtype "
+                                f"{getattr(a, 'dtype', None)}")
+        if x_hat.ndim < 2:
+            raise ValueError(f"{what}: the cache's x_hat must have shape (N, C, ...); got "
+                             f"{x_hat.shape}")
+        C = x_hat.shape[1]
+        if gamma.shape != (C,):
+            raise ValueError(f"{what}: the cache's gamma must have shape ({C},) for x_hat of "
+                             f"shape {x_hat.shape}; got {gamma.shape}")
+        if rstd.size != units:
+            raise ValueError(
+                f"{what}: the cache's rstd must hold {units} values ({scope}) for x_hat of "
+                f"shape {x_hat.shape}, as the forward makes it; got shape {rstd.shape} (a "
+                f"cache built by hand? the fast path reads only the forward's caches; "
+                f"path='reference' broadcasts)")
+
+    check_once(lambda: (what, "cache", type(x_hat), x_hat.shape, x_hat.dtype, type(rstd),
+                        rstd.shape, rstd.dtype, type(gamma), gamma.shape, gamma.dtype,
+                        units), check)
+
+
 def fast_grads(dx: Array, dgamma: Array, dbeta: Array, *, x_dtype: Any,
                param_dtype: Any) -> tuple[Array, Array, Array]:
     """:func:`cast_grads` for numpy arrays, without a call where nothing changes."""
@@ -165,5 +202,5 @@ class ChannelNorm(Layer):
         }
 
 
-__all__ = ["ChannelNorm", "CheckCase", "Layer", "cast_grads", "fast_channel_args", "fast_grads",
-           "fast_upstream", "frozen_statistics", "upstream"]
+__all__ = ["ChannelNorm", "CheckCase", "Layer", "cast_grads", "fast_cache", "fast_channel_args",
+           "fast_grads", "fast_upstream", "frozen_statistics", "upstream"]

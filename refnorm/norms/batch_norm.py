@@ -41,6 +41,7 @@ from refnorm.layer import CheckCase
 from refnorm.norms.base import (
     ChannelNorm,
     cast_grads,
+    fast_cache,
     fast_channel_args,
     fast_grads,
     fast_upstream,
@@ -375,6 +376,8 @@ def _batch_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
 @batch_norm_backward.fast
 def _batch_norm_backward_fast(dy: Array, cache: BatchNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, BatchNormCache)
+    C = cache.x_hat.shape[1] if getattr(cache.x_hat, "ndim", 0) >= 2 else 0
+    fast_cache("batch_norm_backward", cache.x_hat, cache.rstd, cache.gamma, C, "one per channel")
     dy_c = fast_upstream(dy, cache.x_hat)
     backward = kernels.bn_backward if cache.reduce_axes else kernels.eval_backward
     g = backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace, compute_dtype, on_device
 from refnorm.core.checks import (
     check_bool,
@@ -278,11 +280,29 @@ def _weight_standardization_forward_fast(
     return (w_hat if w_hat.dtype == w.dtype else w_hat.astype(w.dtype)), cache
 
 
+def _check_geometry(cache: WeightStandardizationCache) -> None:
+    """The fast backward's check that the cache's arrays have the forward's shapes: its loop
+    reads ``denom`` and ``kappa`` at every row of ``w_hat``, so a cache built or edited by hand
+    with fewer (the reference broadcasts a (1, 1) one) would make it read outside them."""
+    C_out = cache.shape[0] if len(cache.shape) >= 2 else -1
+    I = math.prod(cache.shape[1:])
+    for name, a, shape in (("w_hat", cache.w_hat, (C_out, I)), ("denom", cache.denom, (C_out, 1)),
+                           ("kappa", cache.kappa, (C_out, 1))):
+        if not (isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.shape == shape):
+            raise ValueError(
+                f"weight_standardization_backward: the cache's {name} has shape "
+                f"{getattr(a, 'shape', None)} and dtype {getattr(a, 'dtype', None)}, where the "
+                f"forward makes {shape} floating for weights of shape {cache.shape}; the fast "
+                f"path reads only caches its forward made")
+
+
 @weight_standardization_backward.fast
 def _weight_standardization_backward_fast(dw_hat: Array,
                                           cache: WeightStandardizationCache) -> Array:
     check_cache(cache, WeightStandardizationCache)
     check_once(lambda: ("dw_hat", type(dw_hat), dw_hat.shape, dw_hat.dtype, cache.shape),
                lambda: check_like("dw_hat", dw_hat, cache.shape))
+    check_once(lambda: ("ws cache", cache.shape, *((type(a), a.shape, a.dtype) for a in (
+        cache.w_hat, cache.denom, cache.kappa))), lambda: _check_geometry(cache))
     dw = kernels.ws_backward(dw_hat, cache.w_hat, cache.denom, cache.kappa).reshape(cache.shape)
     return dw if dw.dtype == cache.w_dtype else dw.astype(cache.w_dtype)
