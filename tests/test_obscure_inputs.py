@@ -84,3 +84,84 @@ def test_every_normalizer_refuses_an_overflowing_variance(method, dtype, path):
     with np.errstate(over="ignore", invalid="ignore"), \
             pytest.raises(ValueError, match=f"overflows {np.dtype(dtype)}"):
         OVERFLOWING[method](x.astype(dtype), g, b, path)
+
+
+def _empty_cases():
+    from refnorm.nn import activations, conv, pooling
+    from refnorm.norms import batch_norm, group_norm, instance_norm, layer_norm, switchable_norm
+    from refnorm.weights import standardization
+
+    def fb(forward, backward, x, *args, **kw):
+        def run(path):
+            y, cache = forward(x, *args, path=path, **kw)
+            return (y, *_as_tuple(backward(np.ones_like(y), cache, path=path)))
+        return run
+
+    def norm(forward, backward, shape, **kw):
+        C = shape[1]
+        return fb(forward, backward, np.ones(shape), np.ones(C), np.zeros(C), **kw)
+
+    yield "in N=0", norm(instance_norm.instance_norm_forward, instance_norm.instance_norm_backward,
+                         (0, 16, 4, 4))
+    yield "in C=0", norm(instance_norm.instance_norm_forward, instance_norm.instance_norm_backward,
+                         (8, 0, 4, 4))
+    yield "ln N=0", norm(layer_norm.layer_norm_forward, layer_norm.layer_norm_backward,
+                         (0, 16, 4, 4))
+    yield "gn N=0", norm(group_norm.group_norm_forward, group_norm.group_norm_backward,
+                         (0, 16, 4, 4), num_groups=4)
+    yield "bn C=0", norm(batch_norm.batch_norm_forward, batch_norm.batch_norm_backward,
+                         (8, 0, 4, 4))
+    yield "bn eval N=0", lambda path: batch_norm.batch_norm_eval_forward(
+        np.ones((0, 16, 4, 4)), np.ones(16), np.zeros(16), np.zeros(16), np.ones(16),
+        path=path)[:1]
+    yield "sn eval N=0", lambda path: switchable_norm.switchable_norm_eval_forward(
+        np.ones((0, 4, 2, 2)), np.ones(4), np.zeros(4), np.zeros(3), np.zeros(3), np.zeros(4),
+        np.ones(4), path=path)[:1]
+    yield "conv N=0", fb(conv.conv2d_forward, conv.conv2d_backward, np.ones((0, 3, 5, 5)),
+                         np.ones((2, 3, 3, 3)))
+    yield "conv C_out=0", fb(conv.conv2d_forward, conv.conv2d_backward, np.ones((2, 3, 5, 5)),
+                             np.ones((0, 3, 3, 3)))
+    yield "avg-pool C=0", fb(pooling.avg_pool2d_forward, pooling.avg_pool2d_backward,
+                             np.ones((2, 0, 4, 4)), kernel_size=2)
+    yield "ws C_out=0", fb(standardization.weight_standardization_forward,
+                           standardization.weight_standardization_backward,
+                           np.ones((0, 3, 3, 3)))
+    yield "relu 0-d", fb(activations.relu_forward, activations.relu_backward, np.array(-2.0))
+
+
+def _as_tuple(result):
+    return tuple(result) if isinstance(result, tuple) else (result,)
+
+
+EMPTY = list(_empty_cases())
+
+
+@pytest.mark.parametrize(("name", "run"), EMPTY, ids=[c[0] for c in EMPTY])
+def test_empty_axes_and_0d_arrays_give_the_references_shapes_on_the_fast_path(name, run):
+    """An empty batch or channel axis (which the reference normalizes into empty outputs and
+    zero parameter gradients) and a 0-d ReLU input: the fast path used to divide by zero,
+    fail to reshape a size-0 array with -1, or return shape (1,) for ()."""
+    want, got = run("reference"), run("fast")
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None
+            continue
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+
+
+def test_switchable_norm_with_an_eps_beyond_float32_gives_finite_gradients_on_both_paths():
+    """eps = 1e300 with float32 data: rstd rounds to 0 and x_hat is 0; the fast backward's
+    x_hat coefficient was c2 / rstd, 0 / 0 times 0 = NaN, where the reference gives 0."""
+    from refnorm.norms import switchable_norm
+
+    x = np.random.default_rng(0).standard_normal((4, 4, 3, 3)).astype(np.float32)
+    args = (np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(3, np.float32),
+            np.zeros(3, np.float32))
+    with np.errstate(over="ignore"):
+        for path in ("reference", "fast"):
+            y, cache = switchable_norm.switchable_norm_forward(x, *args, eps=1e300, path=path)
+            grads = switchable_norm.switchable_norm_backward(np.ones_like(y), cache, path=path)
+            assert all(np.isfinite(g).all() for g in grads)
+            np.testing.assert_array_equal(grads.dx, 0)

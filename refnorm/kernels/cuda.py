@@ -364,7 +364,8 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
                                             factors=variance_factors(x_hat.shape,
                                                                      scope_correction),
                                             hard=hard)
-    k = xp.stack([xp.broadcast_to(c, (N, C)).reshape(N * C) for c in (r * g, k_one, c2 / r)])
+    c_xhat = xp.where(r != 0, c2 / xp.where(r != 0, r, 1.0), 0.0)  # as in kernels.norms
+    k = xp.stack([xp.broadcast_to(c, (N, C)).reshape(N * C) for c in (r * g, k_one, c_xhat)])
     dx = _combine(xp, dy2, xh2, k).reshape(N, C, S)
     return SwitchableGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
                            dbeta=s_dy.sum(axis=0).astype(gamma.dtype), dmean_logits=dml,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -171,7 +172,7 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
     N = x.shape[0]
     cols = im2col(x, (w.shape[2], w.shape[3]), stride, padding)
     # a copy, never a view of the caller's w: the cache keeps w_mat
-    w_mat = np.array(w, dtype=cols.dtype, order="C", copy=True).reshape(C_out, -1)
+    w_mat = np.array(w, dtype=cols.dtype, order="C", copy=True).reshape(C_out, cols.shape[0])
     H_out = out_size(x.shape[2], w.shape[2], stride[0], padding[0])
     W_out = out_size(x.shape[3], w.shape[3], stride[1], padding[1])
     # one product per sample, written in (N, C_out, H_out W_out) order: no transpose copy
@@ -207,7 +208,7 @@ def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
     """
     kernel, stride, padding = window
     N, C_out = dy.shape[:2]
-    dy3 = np.ascontiguousarray(dy, dtype=cols.dtype).reshape(N, C_out, -1)
+    dy3 = np.ascontiguousarray(dy, dtype=cols.dtype).reshape(N, C_out, math.prod(dy.shape[2:]))
     with blas_threads(C_out * cols.size):
         # dw^T = sum over samples of cols_n (C_in KH KW, H_out W_out) x dy_n^T: one product
         # per sample on the cached columns as they lie, no transposed copy of dy (OpenBLAS is
@@ -284,7 +285,7 @@ def relu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     if x.dtype == np.float16:
         return np.maximum(x, np.zeros_like(x)), x > 0
-    xc = np.ascontiguousarray(x)
+    xc = np.asarray(x, order="C")  # C-contiguous; unlike ascontiguousarray, keeps a 0-d shape
     y = np.empty_like(xc)
     positive = np.empty(xc.shape, dtype=np.bool_)
     launch(loops().relu_forward, 3 * xc.size, xc.reshape(-1), y.reshape(-1),
@@ -310,7 +311,7 @@ def relu_backward(dy: np.ndarray, positive: np.ndarray, *, out: np.ndarray | Non
     numba has no float16 type; a select moves values unchanged, so float16 runs the same loop
     on the values' bits (a uint16 view), bit-equal to the reference.
     """
-    dyc = np.ascontiguousarray(dy)
+    dyc = np.asarray(dy, order="C")
     if dyc.dtype == np.float16:
         bits = relu_backward(dyc.view(np.uint16), positive,
                              out=None if out is None else out.view(np.uint16))
@@ -320,7 +321,7 @@ def relu_backward(dy: np.ndarray, positive: np.ndarray, *, out: np.ndarray | Non
     elif not (out.flags.c_contiguous and out.shape == dyc.shape and out.dtype == dyc.dtype):
         raise ValueError("out must be a C-contiguous array of dy's shape and dtype")
     launch(loops().relu_backward, 3 * dyc.size, dyc.reshape(-1),
-           np.ascontiguousarray(positive).reshape(-1), out.reshape(-1))
+           np.asarray(positive, order="C").reshape(-1), out.reshape(-1))
     return out
 
 
@@ -339,7 +340,7 @@ def ws_forward(w: np.ndarray, eps: float, eps_mode: str, correction: int) -> Wei
     WeightStandardized : ``w_hat`` (C_out, I), ``denom``, ``kappa`` (C_out, 1), in the
         compute dtype of ``w``
     """
-    wc = compute_array(w).reshape(w.shape[0], -1)
+    wc = compute_array(w).reshape(w.shape[0], math.prod(w.shape[1:]))
     w_hat = np.empty_like(wc)
     denom = np.empty((wc.shape[0], 1), dtype=wc.dtype)
     kappa = np.empty_like(denom)

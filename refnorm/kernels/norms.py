@@ -227,6 +227,8 @@ def planes(x: np.ndarray) -> np.ndarray:
 def chunk_size(num_planes: int, S: int) -> int:
     """Values per parallel task: whole planes when there are enough of them to keep every
     thread busy, else planes cut into chunks (N = 1 or 2 with few channels)."""
+    if num_planes == 0 or S == 0:  # nothing to cut (an empty batch or channel axis)
+        return 1
     wanted_tasks = 4 * threads()
     pieces = max(1, min(-(-wanted_tasks // num_planes), S // MIN_CHUNK))
     pieces = max(pieces, -(-S // MAX_CHUNK))
@@ -356,7 +358,9 @@ def _forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, G: 
     x_hat = empty(xp2.shape, xp2.dtype, aligned=stream)
     stats = np.empty((3, U), dtype=xp2.dtype)
     gamma_c, beta_c = (np.ascontiguousarray(p, dtype=xp2.dtype) for p in (gamma, beta))
-    if _use_units(U, xp2.size // U, G, N):
+    if xp2.size == 0:  # an empty N or C axis (the checks refuse an empty statistic): no loop
+        bad = 0
+    elif _use_units(U, xp2.size // U, G, N):
         bad = launch(loops().unit_forward, 3 * xp2.size, xp2, C, G, gamma_c, beta_c,
                      float(eps), y, x_hat, stats, stream)
     else:
@@ -384,7 +388,9 @@ def _backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.nda
     gamma_c = np.ascontiguousarray(gamma, dtype=xh2.dtype)
     rstd_u = np.ascontiguousarray(rstd, dtype=xh2.dtype).reshape(-1)
     U = rstd_u.shape[0]
-    if _use_units(U, xh2.size // U, G, N):
+    if xh2.size == 0:  # an empty N or C axis: no loop; the sums over nothing are 0
+        grads[:] = 0.0
+    elif _use_units(U, xh2.size // U, G, N):
         launch(loops().unit_backward, 3 * xh2.size, dy2, xh2, C, G, gamma_c, rstd_u, dx, grads,
                stream)
     else:
@@ -668,7 +674,8 @@ def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *, bn: tuple | None
     shift = mu_in.astype(dtype).astype(xp.float64)               # mu["in"] as returned
     mu, var = {"in": mu_in}, {"in": var_in}
     offset = {"in": (mu_in - shift) + lost_in}
-    for scope, axis in (("ln", 1), ("bn", 0)):                   # law of total variance
+    computed = (("ln", 1), ("bn", 0)) if bn is None else (("ln", 1),)   # given BN: not computed
+    for scope, axis in computed:                                 # law of total variance
         mu[scope] = xp.mean(mu_in, axis=axis, keepdims=True)
         lost = (xp.mean(mu_in - mu[scope], axis=axis, keepdims=True)
                 + xp.mean(lost_in, axis=axis, keepdims=True))
@@ -726,7 +733,10 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
                                             factors=variance_factors(x_hat.shape,
                                                                      scope_correction),
                                             hard=hard, frozen=frozen)
-    dx = _combine(dy2, xh2, (r * g, k_one, c2 / r), x_hat.shape)
+    # the x_hat term is c2 (h - mu) = (c2 / r) x_hat; where rstd rounded to 0 (eps beyond the
+    # dtype), x_hat is 0 and so is the term (not c2 / 0 times 0, a NaN)
+    dx = _combine(dy2, xh2, (r * g, k_one, np.where(r != 0, c2 / np.where(r != 0, r, 1.0), 0.0)),
+                  x_hat.shape)
     return SwitchableGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
                            dbeta=s_dy.sum(axis=0).astype(gamma.dtype), dmean_logits=dml,
                            dvar_logits=dvl)

@@ -431,7 +431,7 @@ def _avg_pool2d_forward_fast(x: Array, *, kernel_size: Any,
                          stride=kernel_size if stride is None else stride)
     cols = kernels.im2col(x, win.kernel, win.stride, (0, 0))     # (C KH KW, N H_out W_out)
     C, K = x.shape[1], math.prod(win.kernel)
-    y = np.mean(np.reshape(cols, (C, K, -1)), axis=1)             # (C, N H_out W_out)
+    y = np.mean(np.reshape(cols, (C, K, cols.shape[1])), axis=1)  # (C, N H_out W_out)
     y_shape = (x.shape[0], C) + win.out
     cache = PoolCache(x_shape=tuple(x.shape), y_shape=y_shape, window=win,
                       compute_dtype=cols.dtype, x_dtype=x.dtype)

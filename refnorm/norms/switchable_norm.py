@@ -965,7 +965,8 @@ def _fast_view(x: Array, gamma: Array, beta: Array, logits: tuple[Array, Array],
                         *((type(a), a.shape, a.dtype) for a in (x, gamma, beta, *logits))),
                check)
     dtype = np.float32 if x.dtype == np.float16 else x.dtype
-    return np.array(x, dtype=dtype, copy=True).reshape(x.shape[0], x.shape[1], -1)
+    return np.array(x, dtype=dtype, copy=True).reshape(x.shape[0], x.shape[1],
+                                                       math.prod(x.shape[2:]))
 
 
 @switchable_norm_forward.fast

@@ -288,12 +288,13 @@ def _check_geometry(cache: WeightStandardizationCache) -> None:
     I = math.prod(cache.shape[1:])
     for name, a, shape in (("w_hat", cache.w_hat, (C_out, I)), ("denom", cache.denom, (C_out, 1)),
                            ("kappa", cache.kappa, (C_out, 1))):
-        if not (isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.shape == shape):
+        if not (isinstance(a, np.ndarray) and a.dtype in (np.float32, np.float64)
+                and a.shape == shape):
             raise ValueError(
                 f"weight_standardization_backward: the cache's {name} has shape "
                 f"{getattr(a, 'shape', None)} and dtype {getattr(a, 'dtype', None)}, where the "
-                f"forward makes {shape} floating for weights of shape {cache.shape}; the fast "
-                f"path reads only caches its forward made")
+                f"forward makes {shape} float32 or float64 for weights of shape "
+                f"{cache.shape}; the fast path reads only caches its forward made")
 
 
 @weight_standardization_backward.fast
