@@ -142,7 +142,7 @@ def _kernel(method: str, x, gamma, beta, dy) -> Callable[[], Any]:
         def sn():
             h = x.reshape(N, C, -1).copy()
             k = kernels.sn_forward(h, gamma, beta, w, w, eps=EPS, scopes=scopes)
-            return kernels.sn_backward(dy, k.x_hat, k.rstd, gamma, (k.mu, k.var), (w, w),
+            return kernels.sn_backward(dy, k.x_hat, k.rstd, gamma, (k.offset, k.var), (w, w),
                                        scopes=scopes)
         return sn
     forward, backward = {
