@@ -10,10 +10,10 @@ pieces here are the ones that have nothing method-specific in them:
   compute dtype, and return gradients in the dtypes of the forward's arguments;
 - :class:`ChannelNorm` — the layer base: per-channel ``gamma`` and ``beta``, ``eps``, dtype
   and namespace (the interface itself is :class:`refnorm.layer.Layer`);
-- :func:`fast_channel_args`, :func:`fast_upstream`, :func:`fast_cache` and :func:`fast_grads`
-  — what the fast variants (:mod:`refnorm.dispatch`) do around their kernels: the reference's
-  argument checks and a check that a cache holds the shapes its kernels index by, run once per
-  argument signature (:func:`refnorm.core.checks.check_once`), and the casts.
+- :func:`fast_channel_args`, :func:`fast_backward_args` and :func:`fast_grads` — what the
+  fast variants (:mod:`refnorm.dispatch`) do around their kernels: the reference's argument
+  checks and a check that a cache holds the shapes its kernels index by, run once per argument
+  signature (:func:`refnorm.core.checks.check_once`), and the casts.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from refnorm.core.checks import (
     check_like,
     check_once,
     check_positive_int,
+    is_int,
     prepare_channel_norm,
 )
 from refnorm.layer import CheckCase, Layer
@@ -113,26 +114,20 @@ def fast_channel_args(what: str, x: Array, gamma: Array, beta: Array, eps: float
     return gamma.astype(dtype, copy=True), beta.astype(dtype, copy=False)
 
 
-def fast_upstream(dy: Array, x_hat: Array) -> Array:
-    """The fast variant's :func:`upstream`: ``dy`` checked against ``x_hat`` once per
-    signature, in the compute dtype."""
-    check_once(lambda: ("dy", type(dy), dy.shape, dy.dtype, x_hat.shape),
-               lambda: check_like("dy", dy, x_hat.shape))
-    return dy if dy.dtype == x_hat.dtype else dy.astype(x_hat.dtype)
+def fast_backward_args(what: str, dy: Array, x_hat: Array, rstd: Array, gamma: Array, *,
+                       per_sample: bool, groups: object = None) -> Array:
+    """The fast backward's :func:`upstream` and its check that the cache holds what the forward
+    put in it, once per signature (:func:`refnorm.core.checks.check_once`); returns ``dy`` in
+    the compute dtype.
 
-
-def fast_cache(what: str, x_hat: Array, rstd: Array, gamma: Array, units: int,
-               scope: str) -> None:
-    """The fast backward's check that a cache holds what the forward put in it, once per
-    signature of its arrays: the kernels turn ``x_hat``'s shape, ``rstd``'s size and
-    ``gamma``'s length into addresses, so a cache built or edited by hand whose arrays
-    disagree would make them read and write outside the arrays. Such a cache is refused
-    here (the reference, which broadcasts, may accept some of them: ``path="reference"``).
-
-    ``units`` is the number of statistics the forward computes for ``x_hat``'s shape,
-    ``scope`` says which (for the message).
+    The kernels turn ``x_hat``'s shape, ``rstd``'s size and ``gamma``'s length into addresses,
+    so a cache built or edited by hand whose arrays disagree would make them read and write
+    outside the arrays. Such a cache is refused here (the reference, which broadcasts, may
+    accept some of them: ``path="reference"``). The forward makes one statistic per sample
+    (``per_sample``) and per channel (``groups`` None) or per group of ``groups`` (1: LN).
     """
     def check() -> None:
+        check_like("dy", dy, x_hat.shape)
         for name, a in (("x_hat", x_hat), ("rstd", rstd), ("gamma", gamma)):
             if not (isinstance(a, np.ndarray) and a.dtype.kind == "f"):
                 raise TypeError(f"{what}: the cache's {name} must be a floating numpy array "
@@ -141,10 +136,19 @@ def fast_cache(what: str, x_hat: Array, rstd: Array, gamma: Array, units: int,
         if x_hat.ndim < 2:
             raise ValueError(f"{what}: the cache's x_hat must have shape (N, C, ...); got "
                              f"{x_hat.shape}")
-        C = x_hat.shape[1]
+        N, C = x_hat.shape[:2]
         if gamma.shape != (C,):
             raise ValueError(f"{what}: the cache's gamma must have shape ({C},) for x_hat of "
                              f"shape {x_hat.shape}; got {gamma.shape}")
+        if groups is None:
+            G, scope = C, "one per sample and channel" if per_sample else "one per channel"
+        elif is_int(groups) and 0 < int(groups) and C % int(groups) == 0:
+            G = int(groups)
+            scope = "one per sample" if G == 1 else f"one per sample and group, {G} groups"
+        else:
+            raise ValueError(f"{what}: the cache's num_groups ({groups!r}) must divide its "
+                             f"{C} channels")
+        units = (N if per_sample else 1) * G
         if rstd.size != units:
             raise ValueError(
                 f"{what}: the cache's rstd must hold {units} values ({scope}) for x_hat of "
@@ -152,9 +156,10 @@ def fast_cache(what: str, x_hat: Array, rstd: Array, gamma: Array, units: int,
                 f"cache built by hand? the fast path reads only the forward's caches; "
                 f"path='reference' broadcasts)")
 
-    check_once(lambda: (what, "cache", type(x_hat), x_hat.shape, x_hat.dtype, type(rstd),
-                        rstd.shape, rstd.dtype, type(gamma), gamma.shape, gamma.dtype,
-                        units), check)
+    check_once(lambda: (what, type(dy), dy.shape, dy.dtype, type(x_hat), x_hat.shape,
+                        x_hat.dtype, type(rstd), rstd.shape, rstd.dtype, type(gamma),
+                        gamma.shape, gamma.dtype, per_sample, type(groups), groups), check)
+    return dy if dy.dtype == x_hat.dtype else dy.astype(x_hat.dtype)
 
 
 def fast_grads(dx: Array, dgamma: Array, dbeta: Array, *, x_dtype: Any,
@@ -202,5 +207,5 @@ class ChannelNorm(Layer):
         }
 
 
-__all__ = ["ChannelNorm", "CheckCase", "Layer", "cast_grads", "fast_cache", "fast_channel_args",
-           "fast_grads", "fast_upstream", "frozen_statistics", "upstream"]
+__all__ = ["ChannelNorm", "CheckCase", "Layer", "cast_grads", "fast_backward_args",
+           "fast_channel_args", "fast_grads", "frozen_statistics", "upstream"]

@@ -41,10 +41,9 @@ from refnorm.layer import CheckCase
 from refnorm.norms.base import (
     ChannelNorm,
     cast_grads,
-    fast_cache,
+    fast_backward_args,
     fast_channel_args,
     fast_grads,
-    fast_upstream,
     frozen_statistics,
     upstream,
 )
@@ -376,9 +375,8 @@ def _batch_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
 @batch_norm_backward.fast
 def _batch_norm_backward_fast(dy: Array, cache: BatchNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, BatchNormCache)
-    C = cache.x_hat.shape[1] if getattr(cache.x_hat, "ndim", 0) >= 2 else 0
-    fast_cache("batch_norm_backward", cache.x_hat, cache.rstd, cache.gamma, C, "one per channel")
-    dy_c = fast_upstream(dy, cache.x_hat)
+    dy_c = fast_backward_args("batch_norm_backward", dy, cache.x_hat, cache.rstd, cache.gamma,
+                              per_sample=False)
     backward = kernels.bn_backward if cache.reduce_axes else kernels.eval_backward
     g = backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
     return fast_grads(g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,

@@ -29,10 +29,9 @@ from refnorm.layer import CheckCase
 from refnorm.norms.base import (
     ChannelNorm,
     cast_grads,
-    fast_cache,
+    fast_backward_args,
     fast_channel_args,
     fast_grads,
-    fast_upstream,
     upstream,
 )
 
@@ -213,14 +212,8 @@ def _group_norm_forward_fast(x: Array, gamma: Array, beta: Array, *, num_groups:
 @group_norm_backward.fast
 def _group_norm_backward_fast(dy: Array, cache: GroupNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, GroupNormCache)
-    N, C = cache.x_hat.shape[:2] if getattr(cache.x_hat, "ndim", 0) >= 2 else (0, 0)
-    G = int(cache.num_groups) if is_int(cache.num_groups) else 0
-    if not (0 < G and C % G == 0):
-        raise ValueError(f"group_norm_backward: the cache's num_groups ({cache.num_groups!r}) "
-                         f"must divide its {C} channels")
-    fast_cache("group_norm_backward", cache.x_hat, cache.rstd, cache.gamma, N * G,
-               f"one per sample and group, {G} groups")
-    dy_c = fast_upstream(dy, cache.x_hat)
+    dy_c = fast_backward_args("group_norm_backward", dy, cache.x_hat, cache.rstd, cache.gamma,
+                              per_sample=True, groups=cache.num_groups)
     g = kernels.gn_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
     return fast_grads(g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
                       param_dtype=cache.param_dtype)

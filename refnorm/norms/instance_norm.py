@@ -34,10 +34,9 @@ from refnorm.layer import CheckCase
 from refnorm.norms.base import (
     ChannelNorm,
     cast_grads,
-    fast_cache,
+    fast_backward_args,
     fast_channel_args,
     fast_grads,
-    fast_upstream,
     frozen_statistics,
     upstream,
 )
@@ -251,11 +250,8 @@ def _instance_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
 @instance_norm_backward.fast
 def _instance_norm_backward_fast(dy: Array, cache: InstanceNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, InstanceNormCache)
-    N, C = cache.x_hat.shape[:2] if getattr(cache.x_hat, "ndim", 0) >= 2 else (0, 0)
-    fast_cache("instance_norm_backward", cache.x_hat, cache.rstd, cache.gamma,
-               N * C if cache.reduce_axes else C,
-               "one per sample and channel" if cache.reduce_axes else "one per channel")
-    dy_c = fast_upstream(dy, cache.x_hat)
+    dy_c = fast_backward_args("instance_norm_backward", dy, cache.x_hat, cache.rstd,
+                              cache.gamma, per_sample=bool(cache.reduce_axes))
     backward = kernels.in_backward if cache.reduce_axes else kernels.eval_backward
     g = backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
     return fast_grads(g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,

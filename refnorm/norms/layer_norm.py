@@ -27,10 +27,9 @@ from refnorm.layer import CheckCase
 from refnorm.norms.base import (
     ChannelNorm,
     cast_grads,
-    fast_cache,
+    fast_backward_args,
     fast_channel_args,
     fast_grads,
-    fast_upstream,
     upstream,
 )
 
@@ -154,9 +153,8 @@ def _layer_norm_forward_fast(x: Array, gamma: Array, beta: Array, *,
 @layer_norm_backward.fast
 def _layer_norm_backward_fast(dy: Array, cache: LayerNormCache) -> tuple[Array, Array, Array]:
     check_cache(cache, LayerNormCache)
-    N = cache.x_hat.shape[0] if getattr(cache.x_hat, "ndim", 0) >= 2 else 0
-    fast_cache("layer_norm_backward", cache.x_hat, cache.rstd, cache.gamma, N, "one per sample")
-    dy_c = fast_upstream(dy, cache.x_hat)
+    dy_c = fast_backward_args("layer_norm_backward", dy, cache.x_hat, cache.rstd, cache.gamma,
+                              per_sample=True, groups=1)
     g = kernels.ln_backward(dy_c, cache.x_hat, cache.rstd, cache.gamma)
     return fast_grads(g.dx, g.dgamma, g.dbeta, x_dtype=cache.x_dtype,
                       param_dtype=cache.param_dtype)
