@@ -127,12 +127,12 @@ def fast_backward_args(what: str, dy: Array, x_hat: Array, rstd: Array, gamma: A
     (``per_sample``) and per channel (``groups`` None) or per group of ``groups`` (1: LN).
     """
     def check() -> None:
-        check_like("dy", dy, x_hat.shape)
         for name, a in (("x_hat", x_hat), ("rstd", rstd), ("gamma", gamma)):
             if not (isinstance(a, np.ndarray) and a.dtype.kind == "f"):
                 raise TypeError(f"{what}: the cache's {name} must be a floating numpy array "
                                 f"(the forward's); got {type(a).__name__} of dtype "
                                 f"{getattr(a, 'dtype', None)}")
+        check_like("dy", dy, x_hat.shape)
         if x_hat.ndim < 2:
             raise ValueError(f"{what}: the cache's x_hat must have shape (N, C, ...); got "
                              f"{x_hat.shape}")
