@@ -32,6 +32,7 @@ def _norm_cases():
     yield "bn rstd per value", bn, y, R(c, rstd=np.ones(X.shape)), "rstd must hold 16"
     yield "bn gamma short", bn, y, R(c, gamma=np.ones(3)), r"gamma must have shape \(16,\)"
     yield "bn gamma int", bn, y, R(c, gamma=np.ones(16, int)), "gamma must be a floating"
+    yield "bn x_hat a list", bn, y, R(c, x_hat=c.x_hat.tolist()), "x_hat must be a floating"
     yield ("bn x_hat 2-D", bn, y.reshape(8, -1), R(c, x_hat=c.x_hat.reshape(8, -1)),
            r"gamma must have shape \(256,\)")
     y, c = layer_norm.layer_norm_forward(X, ONES, ZEROS)
