@@ -127,9 +127,9 @@ def test_relu_backward_equals_reference(x, in_place):
 
 @given(data=st.data())
 def test_max_pool_2x2_equals_reference_with_ties_nan_and_infinities(data):
-    """2x2 windows at stride 2 take the branch-free pass (and a plane holding a NaN or an
-    infinity the exact loop; the backward one store per window); drawn often here, with
-    overlapping (stride 1), tiling (2) and skipping (3) windows."""
+    """2x2 windows take the branch-free pass (with literal strides at stride 2; a plane
+    holding a NaN or an infinity takes the exact loop; at stride 2 the backward stores once per
+    window); drawn often here, with overlapping (stride 1), tiling (2) and skipping (3) windows."""
     N, C = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
     H, W = data.draw(st.integers(2, 9)), data.draw(st.integers(2, 9))
     stride = data.draw(st.sampled_from([(1, 1), (2, 2), (3, 3), (1, 2), (2, 1)]))
