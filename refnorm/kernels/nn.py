@@ -74,7 +74,8 @@ def out_size(size: int, kernel: int, stride: int, pad: int) -> int:
 def spaced_rows(rows: int, length: int, dtype: Any) -> np.ndarray:
     """An empty C-contiguous (``rows``, ``length`` or a little more) array whose rows lie an
     odd number of 64-byte cache lines apart; its first ``length`` columns are the array meant
-    (the loops write the whole rows of the wider array: they vectorize on it).
+    and the rest are never written or read (the loops are given the whole array, which numba
+    types as C-contiguous, and index only those columns; the callers keep the view).
 
     Rows a power-of-two number of bytes apart, like the columns' rows at the study's sizes
     (N H_out W_out = 32 x 256 float32 values: 32 KiB), fall into the same sets of the L1
