@@ -556,6 +556,7 @@ def crossover(threads: int, repeats: int,
     import numba
 
     from refnorm import kernels
+    from refnorm.kernels import blocks as kernel_blocks
     from refnorm.kernels import norms as kernel_norms
     from refnorm.kernels.nn import _blas
 
@@ -604,7 +605,37 @@ def crossover(threads: int, repeats: int,
         sizes[name] = ("multiply-adds", c_out * cols.size)
         for n in (1, threads):
             impls[f"{name} {n}t"] = on(n, gemm)
-    times = _interleaved(impls, repeats, progress)
+    def on_blocks(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run():
+            before, smallest = numba.get_num_threads(), kernel_blocks.MIN_BLOCK_WORK
+            numba.set_num_threads(n)
+            kernel_blocks.MIN_BLOCK_WORK = 1
+            try:
+                return fn()
+            finally:
+                numba.set_num_threads(before)
+                kernel_blocks.MIN_BLOCK_WORK = smallest
+        return run
+
+    # the convolution by sample blocks: in rounds of their own, before the products above run
+    # BLAS on several threads (OpenBLAS's threads spin for a while after a parallel product,
+    # holding the cores the blocks' helper needs)
+    blocks_impls: dict[str, Callable[[], Any]] = {}
+    window = ((3, 3), (1, 1), (1, 1))
+    for N in (2, 4, 8, 16, 32):
+        x = rng.standard_normal((N, 16, 16, 16)).astype(np.float32)
+        w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+        dy = rng.standard_normal((N, 32, 16, 16)).astype(np.float32)
+
+        def conv(x=x, w=w, dy=dy):
+            f = kernels.conv_forward(x, w, None, window[1], window[2])
+            return kernels.conv_backward(dy, f.cols, f.w_mat, x.shape, window, bias=False)
+        name = f"conv blocks N={N}"
+        sizes[name] = ("multiply-adds", 32 * 16 * 9 * 256 * N)
+        for n in (1, threads):
+            blocks_impls[f"{name} {n}t"] = on_blocks(n, conv)
+    times = _interleaved(blocks_impls, repeats, progress)
+    times.update(_interleaved(impls, repeats, progress))
     for name, (unit, work) in sizes.items():
         one = float(np.median(times[f"{name} 1t"]["wall"]))
         many = float(np.median(times[f"{name} {threads}t"]["wall"]))
@@ -618,10 +649,10 @@ def format_crossover(report: dict[str, Any]) -> str:
     n = report["threads"]
     load = " ".join(f"{v:.2f}" for v in report["load_average"] or [])
     lines = [f"1 thread against {n} (medians, interleaved; load average {load}):",
-             f"  {'case':<16} {'work':>14} {'1 thread ms':>12} {f'{n} threads ms':>13} "
+             f"  {'case':<18} {'work':>14} {'1 thread ms':>12} {f'{n} threads ms':>13} "
              f"{f'{n}t/1t':>7}"]
     for r in report["rows"]:
-        lines.append(f"  {r['case']:<16} {r['work'] / 1e6:>6.2f}M {r['unit'][:6]:<6} "
+        lines.append(f"  {r['case']:<18} {r['work'] / 1e6:>6.2f}M {r['unit'][:6]:<6} "
                      f"{r['one_thread_ms']:>12.3f} {r['threads_ms']:>13.3f} "
                      f"{r['threads_over_one']:>7.2f}")
     return "\n".join(lines)

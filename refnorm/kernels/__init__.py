@@ -4,6 +4,7 @@
   numpy arrays, on the CPU;
 - :mod:`refnorm.kernels.nn` — the convolution, max pooling, ReLU backward and Weight
   Standardization on the CPU;
+- :mod:`refnorm.kernels.blocks` — the convolution's samples in blocks on helper threads;
 - :mod:`refnorm.kernels._loops` — the CPU loops themselves (``numba.njit``);
 - :mod:`refnorm.kernels.cuda` and :mod:`refnorm.kernels._cuda_loops` — BN, IN, LN, GN and SN
   on CuPy arrays, written with ``numba.cuda`` (tested under numba's CUDA simulator).

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from refnorm.kernels import norms as kernel_norms
+from refnorm.kernels.blocks import by_samples
 from refnorm.kernels.norms import compute_array, launch, loops, threads
 from refnorm.kernels.records import ConvForward, ConvGrads, MaxPooled, WeightStandardized
 
@@ -111,8 +113,17 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
     L = N * H_out * W_out
     wide = spaced_rows(C * kernel[0] * kernel[1], L, xc.dtype)
     launch(loops().im2col, xc.size + wide.size, xc, kernel[0], kernel[1], stride[0], stride[1],
-           padding[0], padding[1], H_out, W_out, wide)
+           padding[0], padding[1], H_out, W_out, wide, 0)
     return wide[:, :L]
+
+
+def _split_work(products: int, values: int) -> int:
+    """The work :func:`~refnorm.kernels.blocks.by_samples` is given for a convolution whose
+    products do ``products`` multiply-adds and whose loops move ``values``: 0 (one block) when
+    the products are large enough for BLAS's threads or the loops for numba's, which then run
+    them (a block on a helper thread must not start a parallel region of its own)."""
+    return (products if products < BLAS_PARALLEL_FROM and values < kernel_norms.SERIAL_BELOW
+            else 0)
 
 
 def col2im(cols: np.ndarray, x_shape: tuple[int, ...], kernel: tuple[int, int],
@@ -169,21 +180,34 @@ def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None,
         ((C_in * KH * KW, N * H_out * W_out)) and ``w_mat`` ((C_out, C_in * KH * KW)), the
         cache's fields, in the compute dtype
     """
-    C_out = w.shape[0]
-    N = x.shape[0]
-    cols = im2col(x, (w.shape[2], w.shape[3]), stride, padding)
+    xc = compute_array(x)
+    N, C_in, H, W = xc.shape
+    C_out, _, KH, KW = w.shape
+    H_out = out_size(H, KH, stride[0], padding[0])
+    W_out = out_size(W, KW, stride[1], padding[1])
+    S = H_out * W_out
+    R = C_in * KH * KW
+    wide = spaced_rows(R, N * S, xc.dtype)
     # a copy, never a view of the caller's w: the cache keeps w_mat
-    w_mat = np.array(w, dtype=cols.dtype, order="C", copy=True).reshape(C_out, cols.shape[0])
-    H_out = out_size(x.shape[2], w.shape[2], stride[0], padding[0])
-    W_out = out_size(x.shape[3], w.shape[3], stride[1], padding[1])
-    # one product per sample, written in (N, C_out, H_out W_out) order: no transpose copy
-    y = np.empty((N, C_out, H_out * W_out), dtype=cols.dtype)
-    with blas_threads(C_out * cols.size):
-        np.matmul(w_mat, cols.reshape(cols.shape[0], N, H_out * W_out).transpose(1, 0, 2), out=y)
-    if b is not None:
-        y += np.asarray(b, dtype=cols.dtype).reshape(C_out, 1)
+    w_mat = np.array(w, dtype=xc.dtype, order="C", copy=True).reshape(C_out, R)
+    bias = None if b is None else np.asarray(b, dtype=xc.dtype).reshape(C_out, 1)
+    y = np.empty((N, C_out, S), dtype=xc.dtype)
+
+    def block(lo: int, hi: int) -> None:
+        # im2col of the block's samples, then one product per sample written in
+        # (N, C_out, H_out W_out) order: no transpose copy
+        launch(loops().im2col, (hi - lo) * (C_in * H * W + R * S), xc[lo:hi], KH, KW,
+               stride[0], stride[1], padding[0], padding[1], H_out, W_out, wide, lo)
+        np.matmul(w_mat, wide[:, lo * S:hi * S].reshape(R, hi - lo, S).transpose(1, 0, 2),
+                  out=y[lo:hi])
+        if bias is not None:
+            y[lo:hi] += bias
+
+    products = C_out * R * N * S
+    with blas_threads(products):
+        by_samples(block, N, _split_work(products, N * (C_in * H * W + R * S)))
     return ConvForward(y=y.reshape(N, C_out, H_out, W_out).astype(x.dtype, copy=False),
-                       cols=cols, w_mat=w_mat)
+                       cols=wide[:, :N * S], w_mat=w_mat)
 
 
 def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
@@ -209,22 +233,38 @@ def conv_backward(dy: np.ndarray, cols: np.ndarray, w_mat: np.ndarray,
     """
     kernel, stride, padding = window
     N, C_out = dy.shape[:2]
-    dy3 = np.ascontiguousarray(dy, dtype=cols.dtype).reshape(N, C_out, math.prod(dy.shape[2:]))
-    with blas_threads(C_out * cols.size):
-        # dw^T = sum over samples of cols_n (C_in KH KW, H_out W_out) x dy_n^T: one product
-        # per sample on the cached columns as they lie, no transposed copy of dy (OpenBLAS is
-        # slow on one long (C_out, N H_out W_out) x (N H_out W_out, C_in KH KW) product with
-        # so narrow an output: 1.0 against 0.29 ms for the bench step's first layer)
-        per_sample = cols.reshape(cols.shape[0], N, dy3.shape[2]).transpose(1, 0, 2)
-        dw_mat = np.matmul(per_sample, dy3.transpose(0, 2, 1)).sum(axis=0).T
-        db = dy3.sum(axis=(0, 2)) if bias else None
-        dw = np.ascontiguousarray(dw_mat).reshape((C_out, x_shape[1]) + tuple(kernel))
-        if not input_grad:
-            return ConvGrads(dx=None, dw=dw, db=db)
-        # dcols by sample, (N, C_in KH KW, H_out W_out): each product's output stays in cache
-        # and col2im reads one contiguous block per (n, c) plane
-        dcols3 = np.matmul(w_mat.T, dy3)
-    dx = _col2im_by_sample(dcols3, x_shape, kernel, stride, padding)
+    R = cols.shape[0]
+    S = math.prod(dy.shape[2:])
+    dy3 = np.ascontiguousarray(dy, dtype=cols.dtype).reshape(N, C_out, S)
+    # dw^T = sum over samples of cols_n (C_in KH KW, H_out W_out) x dy_n^T: one product per
+    # sample on the cached columns as they lie, no transposed copy of dy (OpenBLAS is slow on
+    # one long (C_out, N H_out W_out) x (N H_out W_out, C_in KH KW) product with so narrow an
+    # output: 1.0 against 0.29 ms for the bench step's first layer); summed after the blocks
+    per_sample = cols.reshape(R, N, S).transpose(1, 0, 2)
+    dw_by_sample = np.empty((N, R, C_out), dtype=cols.dtype)
+    # dcols by sample, (N, C_in KH KW, H_out W_out): each product's output stays in cache and
+    # col2im reads one contiguous block per (n, c) plane
+    dcols3 = np.empty((N, R, S), dtype=cols.dtype) if input_grad else None
+    dx = np.empty(x_shape, dtype=cols.dtype) if input_grad else None
+    plane = math.prod(x_shape[1:])
+    H_out = out_size(x_shape[2], kernel[0], stride[0], padding[0])
+    W_out = out_size(x_shape[3], kernel[1], stride[1], padding[1])
+
+    def block(lo: int, hi: int) -> None:
+        np.matmul(per_sample[lo:hi], dy3[lo:hi].transpose(0, 2, 1), out=dw_by_sample[lo:hi])
+        if dcols3 is None or dx is None:
+            return
+        np.matmul(w_mat.T, dy3[lo:hi], out=dcols3[lo:hi])
+        launch(loops().col2im, (hi - lo) * (R * S + plane), dcols3[lo:hi], kernel[0],
+               kernel[1], stride[0], stride[1], padding[0], padding[1], H_out, W_out,
+               dx[lo:hi])
+
+    products = C_out * R * N * S
+    with blas_threads(products):
+        by_samples(block, N, _split_work(products, N * (R * S + plane)))
+    dw_mat = dw_by_sample.sum(axis=0).T
+    db = dy3.sum(axis=(0, 2)) if bias else None
+    dw = np.ascontiguousarray(dw_mat).reshape((C_out, x_shape[1]) + tuple(kernel))
     return ConvGrads(dx=dx, dw=dw, db=db)
 
 

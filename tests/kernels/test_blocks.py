@@ -1,0 +1,136 @@
+"""The convolution by sample blocks on helper threads (refnorm.kernels.blocks): bitwise the
+one-thread result, whatever the blocks; every block once; a block's exception reaches the
+caller."""
+
+from __future__ import annotations
+
+import threading
+from unittest import mock
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refnorm import kernels
+from refnorm.kernels import blocks
+from tests.nn.strategies import as_pair, conv_configs
+
+TWO_THREADS = numba.config.NUMBA_NUM_THREADS >= 2  # type: ignore[attr-defined]
+needs_two = pytest.mark.skipif(not TWO_THREADS, reason="numba has one thread on this machine")
+
+
+class _Recorded(blocks._Job):
+    """A job that notes which thread ran which block."""
+
+    runs: list[tuple[str, int, int]] = []
+
+    def __init__(self, fn, bounds):
+        def noted(lo, hi):
+            _Recorded.runs.append((threading.current_thread().name, lo, hi))
+            return fn(lo, hi)
+        super().__init__(noted, bounds)
+
+
+def _conv(x, w, b, window, dy, *, threads: int, smallest: int):
+    """Forward and backward with numba on ``threads`` threads and blocks of at least
+    ``smallest`` multiply-adds."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        with mock.patch.object(blocks, "MIN_BLOCK_WORK", smallest):
+            y, cols, w_mat = kernels.conv_forward(x, w, b, window[1], window[2])
+            grads = kernels.conv_backward(dy, cols, w_mat, x.shape, window, bias=b is not None)
+    finally:
+        numba.set_num_threads(before)
+    return (y, cols, w_mat, *grads)
+
+
+@needs_two
+@given(data=st.data())
+def test_conv_by_blocks_is_bitwise_the_one_thread_conv(data):
+    (_, C_in, H, W), w_shape, stride, padding, bias = data.draw(conv_configs(max_extra=4))
+    N = data.draw(st.integers(2, 9))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(N * 7 + H * W)
+    x = rng.standard_normal((N, C_in, H, W)).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype) if bias else None
+    window = (tuple(w_shape[2:]), as_pair(stride), as_pair(padding))
+    y1 = kernels.conv_forward(x, w, b, window[1], window[2]).y
+    dy = np.random.default_rng(N).standard_normal(y1.shape).astype(dtype)
+    one = _conv(x, w, b, window, dy, threads=1, smallest=1)
+    _Recorded.runs = []
+    with mock.patch.object(blocks, "_Job", _Recorded):
+        split = _conv(x, w, b, window, dy, threads=2, smallest=1)
+    # a forward and a backward, each in min(N, 8) blocks covering every sample once
+    blocks_seen = sorted((lo, hi) for _, lo, hi in _Recorded.runs)
+    edges = [N * k // min(N, 8) for k in range(min(N, 8) + 1)]
+    assert blocks_seen == sorted(2 * list(zip(edges[:-1], edges[1:], strict=True)))
+    for name, a, c in zip(("y", "cols", "w_mat", "dx", "dw", "db"), one, split, strict=True):
+        if a is None:
+            assert c is None, name
+        else:
+            np.testing.assert_array_equal(a, c, err_msg=name)
+
+
+@needs_two
+def test_the_step_sized_convolution_runs_blocks_on_a_helper_thread():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 16, 16, 16)).astype(np.float32)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((32, 32, 16, 16)).astype(np.float32)
+    window = ((3, 3), (1, 1), (1, 1))
+    one = _conv(x, w, None, window, dy, threads=1, smallest=blocks.MIN_BLOCK_WORK)
+    _Recorded.runs = []
+    with mock.patch.object(blocks, "_Job", _Recorded):
+        for _ in range(20):  # the helper may start late and find every block taken: try again
+            split = _conv(x, w, None, window, dy, threads=2, smallest=blocks.MIN_BLOCK_WORK)
+            if any(name.startswith("refnorm-blocks") for name, _, _ in _Recorded.runs):
+                break
+    names = {name for name, _, _ in _Recorded.runs}
+    assert any(name.startswith("refnorm-blocks") for name in names), names
+    for a, c in zip(one, split, strict=True):
+        if a is not None:
+            np.testing.assert_array_equal(a, c)
+
+
+def test_one_thread_or_little_work_is_one_block_on_the_calling_thread():
+    calls = []
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        blocks.by_samples(lambda lo, hi: calls.append((lo, hi)), 32, 1 << 40)
+        if TWO_THREADS:
+            numba.set_num_threads(2)
+            blocks.by_samples(lambda lo, hi: calls.append((lo, hi)), 32,
+                              2 * blocks.MIN_BLOCK_WORK - 1)
+            blocks.by_samples(lambda lo, hi: calls.append((lo, hi)), 1, 1 << 40)
+    finally:
+        numba.set_num_threads(before)
+    assert calls == [(0, 32)] + ([(0, 32), (0, 1)] if TWO_THREADS else [])
+
+
+@needs_two
+@pytest.mark.parametrize("failing", [0, 3, 7])
+def test_a_blocks_exception_reaches_the_caller_and_no_block_runs_twice(failing):
+    ran = []
+    lock = threading.Lock()
+
+    def fn(lo, hi):
+        with lock:
+            ran.append(lo)
+        if lo == failing:
+            raise ValueError(f"block {lo}")
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match=f"block {failing}"):
+            blocks.by_samples(fn, 8, 8 * blocks.MIN_BLOCK_WORK)
+    finally:
+        numba.set_num_threads(before)
+    assert failing in ran and len(ran) == len(set(ran))
+    # the failure did not leave the caller's numba thread count at 1
+    assert numba.get_num_threads() == before
