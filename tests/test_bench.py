@@ -121,7 +121,9 @@ def test_crossover_reports_one_thread_against_several(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["threads"] == 2
     cases = [r["case"] for r in report["rows"]]
-    assert cases[:6] == [f"gn N={n}" for n in (1, 2, 4, 8, 16, 32)] and len(cases) == 9
+    assert cases[:6] == [f"gn N={n}" for n in (1, 2, 4, 8, 16, 32)]
+    assert cases[6:9] == ["conv 3->16", "conv 16->32", "conv 32->32"]
+    assert cases[9:] == [f"conv blocks N={n}" for n in (2, 4, 8, 16, 32)]
     for r in report["rows"]:
         assert r["one_thread_ms"] > 0 and r["threads_ms"] > 0
         assert r["threads_over_one"] == pytest.approx(r["threads_ms"] / r["one_thread_ms"])

@@ -91,6 +91,9 @@ def test_the_step_sized_convolution_runs_blocks_on_a_helper_thread():
                 break
     names = {name for name, _, _ in _Recorded.runs}
     assert any(name.startswith("refnorm-blocks") for name in names), names
+    # 38 M multiply-adds: 8 blocks of 4 samples (4 per thread), forward and backward
+    eight = [(lo, lo + 4) for lo in range(0, 32, 4)]
+    assert sorted((lo, hi) for _, lo, hi in _Recorded.runs[:16]) == sorted(2 * eight)
     for a, c in zip(one, split, strict=True):
         if a is not None:
             np.testing.assert_array_equal(a, c)
