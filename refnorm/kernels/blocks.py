@@ -93,11 +93,17 @@ class _Helpers:
         self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self.count = 0
 
-    def grow(self, count: int) -> None:
+    def grow(self, count: int) -> int:
+        """Start helpers up to ``count``; return how many run (fewer where the system refuses
+        a new thread: the caller then runs more of the blocks itself)."""
         while self.count < count:
-            threading.Thread(target=self._serve, name=f"refnorm-blocks-{self.count}",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, name=f"refnorm-blocks-{self.count}",
+                                 daemon=True).start()
+            except RuntimeError:  # "can't start new thread"
+                break
             self.count += 1
+        return min(self.count, count)
 
     def _serve(self) -> None:
         loops().set_threads(1)  # numba's thread count is per thread: the blocks' loops run here
@@ -145,8 +151,7 @@ def by_samples(fn: Callable[[int, int], object], n: int, work: int) -> None:
     edges = [n * k // blocks for k in range(blocks + 1)]
     job = _Job(fn, list(zip(edges[:-1], edges[1:], strict=True)))
     helpers = _get_helpers()
-    wanted = min(count, blocks) - 1
-    helpers.grow(wanted)
+    wanted = helpers.grow(min(count, blocks) - 1)
     compiled = loops()
     compiled.set_threads(1)
     try:

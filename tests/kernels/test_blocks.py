@@ -140,3 +140,21 @@ def test_a_blocks_exception_reaches_the_caller_and_no_block_runs_twice(failing):
     assert failing in ran and len(ran) == len(set(ran))
     # the failure did not leave the caller's numba thread count at 1
     assert numba.get_num_threads() == before
+
+
+@needs_two
+def test_without_a_new_thread_the_caller_runs_every_block(monkeypatch):
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(blocks, "_helpers", blocks._Helpers())  # none started yet
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    ran = []
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        blocks.by_samples(lambda lo, hi: ran.append((threading.current_thread().name, lo)),
+                          8, 8 * blocks.MIN_BLOCK_WORK)
+    finally:
+        numba.set_num_threads(before)
+    assert ran == [(threading.current_thread().name, lo) for lo in range(8)]
