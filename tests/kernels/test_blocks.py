@@ -158,3 +158,50 @@ def test_without_a_new_thread_the_caller_runs_every_block(monkeypatch):
     finally:
         numba.set_num_threads(before)
     assert ran == [(threading.current_thread().name, lo) for lo in range(8)]
+
+
+class _InterruptedOnce(threading.Condition):
+    """A condition whose first wait lets the helper's block go on, then raises as a signal
+    handler would (KeyboardInterrupt) in the waiting caller."""
+
+    def __init__(self, release: threading.Event):
+        super().__init__(threading.Lock())
+        self.release = release
+        self.raised = False
+
+    def wait(self, timeout=None):
+        if not self.raised:
+            self.raised = True
+            self.release.set()
+            raise KeyboardInterrupt
+        return super().wait(timeout)
+
+
+@needs_two
+def test_an_interrupted_caller_waits_for_the_started_block_before_it_raises(monkeypatch):
+    helper_started, release = threading.Event(), threading.Event()
+    finished = []
+    caller = threading.current_thread()
+
+    def fn(lo, hi):
+        if threading.current_thread() is caller:
+            assert helper_started.wait(timeout=120), "the helper never started a block"
+            return
+        helper_started.set()
+        assert release.wait(timeout=120)
+        finished.append(lo)
+
+    class Job(blocks._Job):
+        def __init__(self, fn, bounds):
+            super().__init__(fn, bounds)
+            self.lock = _InterruptedOnce(release)
+
+    monkeypatch.setattr(blocks, "_Job", Job)
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            blocks.by_samples(fn, 2, 2 * blocks.MIN_BLOCK_WORK)
+    finally:
+        numba.set_num_threads(before)
+    assert len(finished) == 1  # the helper's block had ended when the caller raised
