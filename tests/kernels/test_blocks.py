@@ -18,7 +18,15 @@ from refnorm.kernels import blocks
 from tests.nn.strategies import as_pair, conv_configs
 
 TWO_THREADS = numba.config.NUMBA_NUM_THREADS >= 2  # type: ignore[attr-defined]
-needs_two = pytest.mark.skipif(not TWO_THREADS, reason="numba has one thread on this machine")
+
+
+@pytest.fixture
+def two_threads():
+    """Skip where blocks cannot run on two threads: one core, or numba's workqueue layer."""
+    if not TWO_THREADS:
+        pytest.skip("numba has one thread on this machine")
+    if not blocks.layer_is_thread_safe():
+        pytest.skip("numba's threading layer cannot run loops on two threads at once")
 
 
 class _Recorded(blocks._Job):
@@ -47,7 +55,7 @@ def _conv(x, w, b, window, dy, *, threads: int, smallest: int):
     return (y, cols, w_mat, *grads)
 
 
-@needs_two
+@pytest.mark.usefixtures("two_threads")
 @given(data=st.data())
 def test_conv_by_blocks_is_bitwise_the_one_thread_conv(data):
     (_, C_in, H, W), w_shape, stride, padding, bias = data.draw(conv_configs(max_extra=4))
@@ -75,8 +83,25 @@ def test_conv_by_blocks_is_bitwise_the_one_thread_conv(data):
             np.testing.assert_array_equal(a, c, err_msg=name)
 
 
-@needs_two
-def test_the_step_sized_convolution_runs_blocks_on_a_helper_thread():
+class _WithHelper(_Recorded):
+    """A recorded job whose caller starts its first block only once a helper has started one
+    (so that a helper runs blocks of every job, however late it wakes)."""
+
+    def __init__(self, fn, bounds):
+        helper_started = threading.Event()
+        caller = threading.current_thread()
+
+        def first_helper_block(lo, hi):
+            if threading.current_thread() is caller:
+                assert helper_started.wait(timeout=120), "no helper started a block"
+            else:
+                helper_started.set()
+            return fn(lo, hi)
+        super().__init__(first_helper_block, bounds)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_the_step_sized_convolution_runs_eight_blocks_with_a_helper():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 16, 16, 16)).astype(np.float32)
     w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
@@ -84,16 +109,12 @@ def test_the_step_sized_convolution_runs_blocks_on_a_helper_thread():
     window = ((3, 3), (1, 1), (1, 1))
     one = _conv(x, w, None, window, dy, threads=1, smallest=blocks.MIN_BLOCK_WORK)
     _Recorded.runs = []
-    with mock.patch.object(blocks, "_Job", _Recorded):
-        for _ in range(20):  # the helper may start late and find every block taken: try again
-            split = _conv(x, w, None, window, dy, threads=2, smallest=blocks.MIN_BLOCK_WORK)
-            if any(name.startswith("refnorm-blocks") for name, _, _ in _Recorded.runs):
-                break
-    names = {name for name, _, _ in _Recorded.runs}
-    assert any(name.startswith("refnorm-blocks") for name in names), names
+    with mock.patch.object(blocks, "_Job", _WithHelper):
+        split = _conv(x, w, None, window, dy, threads=2, smallest=blocks.MIN_BLOCK_WORK)
+    assert any(name.startswith("refnorm-blocks") for name, _, _ in _Recorded.runs)
     # 38 M multiply-adds: 8 blocks of 4 samples (4 per thread), forward and backward
     eight = [(lo, lo + 4) for lo in range(0, 32, 4)]
-    assert sorted((lo, hi) for _, lo, hi in _Recorded.runs[:16]) == sorted(2 * eight)
+    assert sorted((lo, hi) for _, lo, hi in _Recorded.runs) == sorted(2 * eight)
     for a, c in zip(one, split, strict=True):
         if a is not None:
             np.testing.assert_array_equal(a, c)
@@ -118,7 +139,7 @@ def test_one_thread_or_little_work_is_one_block_on_the_calling_thread():
     assert calls == [(0, 32)] + ([(0, 32), (0, 1), (0, 32)] if TWO_THREADS else [])
 
 
-@needs_two
+@pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize("failing", [0, 3, 7])
 def test_a_blocks_exception_reaches_the_caller_and_no_block_runs_twice(failing):
     ran = []
@@ -142,7 +163,7 @@ def test_a_blocks_exception_reaches_the_caller_and_no_block_runs_twice(failing):
     assert numba.get_num_threads() == before
 
 
-@needs_two
+@pytest.mark.usefixtures("two_threads")
 def test_without_a_new_thread_the_caller_runs_every_block(monkeypatch):
     def refuse(self):
         raise RuntimeError("can't start new thread")
@@ -177,7 +198,7 @@ class _InterruptedOnce(threading.Condition):
         return super().wait(timeout)
 
 
-@needs_two
+@pytest.mark.usefixtures("two_threads")
 def test_an_interrupted_caller_waits_for_the_started_block_before_it_raises(monkeypatch):
     helper_started, release = threading.Event(), threading.Event()
     finished = []
