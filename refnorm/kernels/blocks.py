@@ -7,8 +7,8 @@ holds it up for a time slice. The convolution's work is separable by sample (im2
 product per sample, col2im), so :func:`by_samples` cuts it into blocks of samples and lets
 the calling thread and helper threads *claim* blocks one at a time. The caller waits only for
 blocks a helper has already started: a helper that is not running when the call begins costs
-nothing, and the call takes at worst its one-thread time plus one block. numpy's matrix
-products and the ``nogil`` loops release the GIL, so the blocks run at the same time.
+it nothing, and the call takes about its one-thread time plus one block at worst. numpy's
+matrix products and the ``nogil`` loops release the GIL, so the blocks run at the same time.
 
 Every block computes what the one-thread call computes for its samples, with the same
 operations in the same order, into disjoint parts of the outputs: the results are bitwise
