@@ -7,7 +7,9 @@
   (:func:`~refnorm.kernels._loops.im2col` reads x once and writes the columns once;
   :func:`~refnorm.kernels._loops.col2im` reads the columns once and writes ``dx`` once,
   instead of the reference's zero padding and zero interleaving per kernel offset); the
-  backward skips ``dx`` when asked (``input_grad=False``).
+  backward skips ``dx`` when asked (``input_grad=False``). Below both thresholds, a
+  convolution large enough runs by blocks of samples on helper threads
+  (:func:`refnorm.kernels.blocks.by_samples`), bitwise as on one thread.
 - :func:`max_pool_forward` / :func:`max_pool_backward` equal
   :func:`refnorm.nn.pooling.max_pool2d_forward` / ``max_pool2d_backward``, ties to the first
   maximum in row-major window order, without building the windows.
