@@ -93,10 +93,10 @@ class Timing:
 # -- the implementations ----------------------------------------------------------------------
 
 
-def _pure(method: str, x, gamma, beta, dy, path: str) -> Callable[[], Any]:
+def _pure(method: str, x, gamma, beta, dy, path: str, xp: Any = np) -> Callable[[], Any]:
     """Forward+backward through the public pure functions of refnorm.norms on ``path``
     ("reference": the readable numpy; "fast": the same calls dispatched to refnorm.kernels,
-    argument checks included)."""
+    argument checks included); ``xp``: the namespace of the arrays (CuPy on a GPU)."""
     from refnorm.norms import (
         batch_norm,
         group_norm,
@@ -106,7 +106,7 @@ def _pure(method: str, x, gamma, beta, dy, path: str) -> Callable[[], Any]:
     )
 
     if method == "sn":
-        logits = (np.zeros(3, x.dtype), np.zeros(3, x.dtype))
+        logits = (xp.zeros(3, x.dtype), xp.zeros(3, x.dtype))
 
         def sn():
             y, cache = switchable_norm.switchable_norm_forward(x, gamma, beta, *logits,
@@ -158,16 +158,17 @@ def _kernel(method: str, x, gamma, beta, dy) -> Callable[[], Any]:
     return run
 
 
-def _torch_case(torch, method: str, x, dy) -> Callable[[], Any] | None:
-    """Forward+backward in torch.nn.functional; None for SN (no PyTorch counterpart)."""
+def _torch_case(torch, method: str, x, dy, device: str = "cpu") -> Callable[[], Any] | None:
+    """Forward+backward in torch.nn.functional on ``device`` ("cuda": cuDNN's batch norm,
+    PyTorch's CUDA group norm); None for SN (no PyTorch counterpart)."""
     if method == "sn":
         return None
     F = torch.nn.functional
     C = x.shape[1]
-    xt = torch.from_numpy(x.copy()).requires_grad_(True)
-    dyt = torch.from_numpy(dy.copy())
-    gt = torch.ones(C, requires_grad=True)
-    bt = torch.zeros(C, requires_grad=True)
+    xt = torch.from_numpy(x.copy()).to(device).requires_grad_(True)
+    dyt = torch.from_numpy(dy.copy()).to(device)
+    gt = torch.ones(C, requires_grad=True, device=device)
+    bt = torch.zeros(C, requires_grad=True, device=device)
     forward = {
         "bn": lambda: F.batch_norm(xt, None, None, gt, bt, training=True, eps=EPS),
         "in": lambda: F.instance_norm(xt, weight=gt, bias=bt, eps=EPS),
@@ -184,29 +185,36 @@ def _torch_case(torch, method: str, x, dy) -> Callable[[], Any] | None:
 # -- the training steps -----------------------------------------------------------------------
 
 
-def _train_batch(seed: int = 0):
+STEP_BATCH = (32, 3, 32, 32)
+
+
+def _train_batch(seed: int = 0, shape: tuple[int, ...] = STEP_BATCH):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((32, 3, 32, 32)).astype(np.float32)
-    labels = rng.integers(0, 10, size=32)
+    x = rng.standard_normal(shape).astype(np.float32)
+    labels = rng.integers(0, 10, size=shape[0])
     return x, labels
 
 
-def _step_model(model: str, path: str):
+def _step_model(model: str, path: str, xp: Any = np):
     """The study's model for ``model`` ("bn", "gn", "sn", "gn+ws") with its layers on
-    ``path``."""
+    ``path``, its arrays in ``xp`` (CuPy: on the GPU)."""
     from refnorm.train.model import ConvNet
 
     norm, _, weight = model.partition("+")
     return ConvNet(in_channels=3, num_classes=10, norm=norm, weight=weight or None,
-                   widths=(16, 32, 32), num_groups=STEP_GROUPS, path=path, input_grad=False)
+                   widths=(16, 32, 32), num_groups=STEP_GROUPS, path=path, input_grad=False,
+                   xp=xp)
 
 
-def _train_step(path: str, model: str = "bn") -> Callable[[], Any]:
-    """One forward, loss and backward of the study's model with its layers on ``path``."""
+def _train_step(path: str, model: str = "bn", xp: Any = np,
+                batch: tuple[int, ...] = STEP_BATCH) -> Callable[[], Any]:
+    """One forward, loss and backward of the study's model with its layers on ``path``, on
+    a batch of shape ``batch`` in ``xp``."""
     from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
 
-    net = _step_model(model, path)
-    x, labels = _train_batch()
+    net = _step_model(model, path, xp)
+    x, labels = _train_batch(shape=batch)
+    x, labels = xp.asarray(x), xp.asarray(labels)
 
     def step():
         logits = net.forward(x, training=True)
@@ -277,10 +285,11 @@ def _torch_switchable(torch):
     return SwitchNorm2d
 
 
-def _train_step_torch(torch, model: str = "bn") -> Callable[[], Any]:
-    """The same network in PyTorch: 3x3 convs (no bias; weight-standardized for GN+WS) +
-    normalizer + ReLU, 2x2 max pools, global average pool, linear; one forward, loss and
-    backward."""
+def _train_step_torch(torch, model: str = "bn", device: str = "cpu",
+                      batch: tuple[int, ...] = STEP_BATCH) -> Callable[[], Any]:
+    """The same network in PyTorch on ``device``: 3x3 convs (no bias; weight-standardized for
+    GN+WS) + normalizer + ReLU, 2x2 max pools, global average pool, linear; one forward, loss
+    and backward."""
     nn = torch.nn
     F = nn.functional
     norm, _, weight = model.partition("+")
@@ -303,9 +312,9 @@ def _train_step_torch(torch, model: str = "bn") -> Callable[[], Any]:
             layers.append(nn.MaxPool2d(2))
         c_in = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10)]
-    net = nn.Sequential(*layers)
-    x, labels = _train_batch()
-    xt, yt = torch.from_numpy(x), torch.from_numpy(labels)
+    net = nn.Sequential(*layers).to(device)
+    x, labels = _train_batch(shape=batch)
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device)
 
     def step():
         net.zero_grad(set_to_none=True)
@@ -731,9 +740,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data-parallel", action="store_true",
                         help="instead: the cost of communication in a data-parallel step "
                              "(2 devices in-process and under mpiexec)")
-    # Not offered in --help while the GPU bench is not built; `--device gpu` says so, exit 2.
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
-                        help=argparse.SUPPRESS)
+                        help="gpu: instead, the normalizers at (32, 64, 32, 32) and "
+                             "(256, 64, 56, 56) and the training step on the GPU: the "
+                             "reference on CuPy, the fused numba.cuda kernels, PyTorch on "
+                             "CUDA when it sees the GPU, and the device's copy bandwidth "
+                             "(--quick, --repeats, --no-torch, --json apply); without a GPU "
+                             "it says why and exits 2")
     return parser
 
 
@@ -749,10 +762,6 @@ def _positive_int(text: str) -> int:
 
 def run_args(args: argparse.Namespace) -> int:
     """Run the bench for parsed ``args``: the table (or JSON) on stdout, progress on stderr."""
-    if args.device == "gpu":  # with or without a GPU
-        print("refnorm bench: error: --device gpu: the GPU bench is not built (refnorm train "
-              "and refnorm study run on a GPU with --device gpu)", file=sys.stderr)
-        return 2
     tty = sys.stderr.isatty()
 
     def progress(line: str) -> None:  # one updating line on a terminal, a line per case else
@@ -762,6 +771,8 @@ def run_args(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{line}\n")
         sys.stderr.flush()
 
+    if args.device == "gpu":
+        return _run_gpu(args, progress, tty)
     if args.crossover:
         import numba
 
@@ -789,6 +800,32 @@ def run_args(args: argparse.Namespace) -> int:
     if tty:
         sys.stderr.write("\n")
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _run_gpu(args: argparse.Namespace, progress: Callable[[str], None], tty: bool) -> int:
+    """``--device gpu``: :mod:`refnorm.bench_gpu` on CuPy's current device."""
+    from refnorm import bench_gpu
+
+    other = [flag for flag, given in (("--threads", args.threads is not None),
+                                      ("--crossover", args.crossover),
+                                      ("--data-parallel", args.data_parallel)) if given]
+    if other:
+        print(f"refnorm bench: error: --device gpu does not take {', '.join(other)} (they "
+              "measure the CPU)", file=sys.stderr)
+        return 2
+    try:
+        device = bench_gpu.gpu_device()
+    except RuntimeError as exc:
+        print(f"refnorm bench: error: --device gpu: {exc}", file=sys.stderr)
+        return 2
+    if args.no_torch:
+        device = bench_gpu.Device(device.xp, device.name, device.synchronize, None)
+    report = bench_gpu.run(device=device, repeats=args.repeats or (5 if args.quick else 30),
+                           progress=progress)
+    if tty:
+        sys.stderr.write("\n")
+    print(json.dumps(report, indent=2) if args.json else bench_gpu.format_report(report))
     return 0
 
 

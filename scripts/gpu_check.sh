@@ -7,7 +7,8 @@
 #    Python environment (REFNORM_CUPY overrides: e.g. REFNORM_CUPY=cupy-cuda12x);
 # 2. runs the gpu-marked tests (pytest -m gpu), the kernel tests under the simulator too;
 # 3. runs the quick study on the GPU (needs `refnorm study --device`);
-# 4. (refnorm bench --device gpu is not built yet; the script says so.)
+# 4. runs the GPU bench (refnorm bench --device gpu, 10 repetitions): $OUT/bench.json and
+#    $OUT/bench.txt.
 # Every step runs even if an earlier one failed; the exit status is 1 if any failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -36,5 +37,7 @@ step probe "$PY" -c "import cupy, refnorm.backend as b; print(cupy.__version__, 
 step gpu_tests "$PY" -m pytest -m gpu -rs -p no:cacheprovider tests
 step simulator_tests "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_cuda.py
 step study "$PY" -m refnorm study --quick --device gpu --out "$OUT/study"
-echo "== bench: refnorm bench --device gpu is not built yet (it refuses); skipped"
+# the report on stdout into bench.json, the progress lines into bench.log
+step bench bash -c '"$0" -m refnorm bench --device gpu --repeats 10 --json > "$1"' "$PY" "$OUT/bench.json"
+step bench_text bash -c '"$0" -c "import json, sys; from refnorm.bench_gpu import format_report; print(format_report(json.load(open(sys.argv[1]))))" "$1" > "$2"' "$PY" "$OUT/bench.json" "$OUT/bench.txt"
 exit $status

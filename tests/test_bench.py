@@ -12,6 +12,7 @@ import math
 import pytest
 
 from refnorm import bench
+from refnorm.backend import gpu_available, gpu_problem
 
 
 @pytest.mark.parametrize("torch_flag", [["--no-torch"], []], ids=["without-torch", "as-installed"])
@@ -84,15 +85,29 @@ def test_text_report_and_bad_arguments(capsys):
         bench.main(["--repeats", "0"])
 
 
-def test_the_refnorm_command_runs_the_bench_and_says_the_gpu_bench_is_not_built(capsys):
+def test_the_refnorm_command_runs_the_bench(capsys):
     from refnorm.cli import main
 
     assert main(["bench", "--quick", "--json", "--repeats", "1", "--no-torch"]) == 0
     assert "timings" in json.loads(capsys.readouterr().out)
-    assert main(["bench", "--device", "gpu"]) == 2  # on any machine: not built (docs/gpu.md)
+
+
+@pytest.mark.skipif(gpu_available(), reason="a GPU is here: tests/gpu/ runs the GPU bench")
+def test_the_gpu_bench_without_a_gpu_says_why_in_one_sentence(capsys):
+    from refnorm.cli import main
+
+    assert main(["bench", "--device", "gpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("refnorm bench: error: --device gpu: the GPU bench is not built")
+    assert err == f"refnorm bench: error: --device gpu: {gpu_problem()}"
     assert "\n" not in err
+
+
+def test_the_gpu_bench_refuses_the_cpu_only_options(capsys):
+    from refnorm.cli import main
+
+    for flag in (["--threads", "2"], ["--crossover"], ["--data-parallel"]):
+        assert main(["bench", "--device", "gpu", *flag]) == 2
+        assert f"--device gpu does not take {flag[0]}" in capsys.readouterr().err
 
 
 def test_data_parallel_bench_counts_the_collectives_of_a_step():
