@@ -12,8 +12,8 @@ Every normalizer's forward+backward at (32, 64, 32, 32) and (256, 64, 56, 56) fl
 next to the device's copy bandwidth (a device-to-device copy of the large input, read plus
 write), and the training step of the study's four models (batch 32 of 3x32x32) on CuPy and in
 PyTorch on CUDA. Every call ends with a device synchronization, and the wall clock times it,
-in interleaved rounds (:func:`refnorm.bench._interleaved`): the figures include the launch
-costs a training loop pays. GB/s counts 5 n b, as the CPU bench does.
+in interleaved rounds (:func:`refnorm.bench_cases._interleaved`): the figures include the
+launch costs a training loop pays. GB/s counts 5 n b, as the CPU bench does.
 
 Without a GPU the command says why in one sentence and exits 2. The tests run the same code
 under numba's CUDA simulator on numpy arrays, with tiny shapes (:func:`simulated_device`): that
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from refnorm import bench
+from refnorm import bench_cases as cases
 from refnorm.backend import gpu_problem
 
 SHAPES = ((32, 64, 32, 32), (256, 64, 56, 56))
@@ -97,15 +97,15 @@ def _fused(method: str, x, gamma, beta, dy, xp: ModuleType) -> Callable[[], Any]
         scopes = ("in", "ln", "bn")
 
         def sn():
-            k = cuda.sn_forward(x, gamma, beta, w, w, eps=bench.EPS, scopes=scopes)
+            k = cuda.sn_forward(x, gamma, beta, w, w, eps=cases.EPS, scopes=scopes)
             return cuda.sn_backward(dy, k.x_hat, k.rstd, gamma, (k.offset, k.var), (w, w),
                                     scopes=scopes)
         return sn
     forward, backward = {
-        "bn": (lambda: cuda.bn_forward(x, gamma, beta, bench.EPS), cuda.bn_backward),
-        "in": (lambda: cuda.in_forward(x, gamma, beta, bench.EPS), cuda.in_backward),
-        "ln": (lambda: cuda.ln_forward(x, gamma, beta, bench.EPS), cuda.ln_backward),
-        "gn": (lambda: cuda.gn_forward(x, gamma, beta, bench.EPS, bench.GROUPS),
+        "bn": (lambda: cuda.bn_forward(x, gamma, beta, cases.EPS), cuda.bn_backward),
+        "in": (lambda: cuda.in_forward(x, gamma, beta, cases.EPS), cuda.in_backward),
+        "ln": (lambda: cuda.ln_forward(x, gamma, beta, cases.EPS), cuda.ln_backward),
+        "gn": (lambda: cuda.gn_forward(x, gamma, beta, cases.EPS, cases.GROUPS),
                cuda.gn_backward),
     }[method]
 
@@ -131,9 +131,10 @@ def copy_bandwidth(device: Device, x, repeats: int) -> float:
 
 
 def run(*, device: Device, repeats: int = 30, shapes: tuple[tuple[int, ...], ...] = SHAPES,
-        methods: tuple[str, ...] = bench.METHODS, step_models: tuple[str, ...] = bench.STEP_MODELS,
-        step_batch: tuple[int, ...] = bench.STEP_BATCH,
-        progress: Callable[[str], None] = bench._quiet) -> dict[str, Any]:
+        methods: tuple[str, ...] = cases.METHODS,
+        step_models: tuple[str, ...] = cases.STEP_MODELS,
+        step_batch: tuple[int, ...] = cases.STEP_BATCH,
+        progress: Callable[[str], None] = cases._quiet) -> dict[str, Any]:
     """Every case on ``device``; the report as a JSON-ready dict (:func:`format_report`)."""
     torch: Any = None
     if device.torch_device is not None:
@@ -153,25 +154,25 @@ def run(*, device: Device, repeats: int = 30, shapes: tuple[tuple[int, ...], ...
         "copy_of": list(largest),
         "timings": [], "ratios": []}
     del probe
-    cases = [(m, s) for s in shapes for m in methods]
-    for i, (method, shape) in enumerate(cases):
+    todo = [(m, s) for s in shapes for m in methods]
+    for i, (method, shape) in enumerate(todo):
         case = f"{method} {shape}"
         x_host = rng.standard_normal(shape).astype(np.float32)
         dy_host = rng.standard_normal(shape).astype(np.float32)
         x, dy = xp.asarray(x_host), xp.asarray(dy_host)
         gamma = xp.ones(shape[1], dtype=np.float32)
         beta = xp.zeros(shape[1], dtype=np.float32)
-        impls = {"reference": bench._pure(method, x, gamma, beta, dy, "reference", xp),
+        impls = {"reference": cases._pure(method, x, gamma, beta, dy, "reference", xp),
                  "fused": _fused(method, x, gamma, beta, dy, xp)}
         if device.torch_device is not None and (
-                t := bench._torch_case(torch, method, x_host, dy_host, device.torch_device)
+                t := cases._torch_case(torch, method, x_host, dy_host, device.torch_device)
         ) is not None:
             impls["torch"] = t
         impls = {name: _synchronized(device, fn) for name, fn in impls.items()}
-        head = f"[{i + 1}/{len(cases) + 1}] {case}"
-        times = bench._interleaved(impls, repeats, lambda s: progress(f"{head}: {s}"))  # noqa: B023
+        head = f"[{i + 1}/{len(todo) + 1}] {case}"
+        times = cases._interleaved(impls, repeats, lambda s: progress(f"{head}: {s}"))  # noqa: B023
         nbytes = 5 * x_host.size * x_host.itemsize
-        rows = {name: bench._summary(case, method, shape, name, t, nbytes)
+        rows = {name: cases._summary(case, method, shape, name, t, nbytes)
                 for name, t in times.items()}
         report["timings"] += [asdict(r) for r in rows.values()]
         fused = rows["fused"].median_ms
@@ -183,7 +184,7 @@ def run(*, device: Device, repeats: int = 30, shapes: tuple[tuple[int, ...], ...
         del x, dy, impls
     report["train_steps"] = _steps(device, torch, step_models, step_batch,
                                    max(3, repeats // 2),
-                                   lambda s: progress(f"[{len(cases) + 1}/{len(cases) + 1}] "
+                                   lambda s: progress(f"[{len(todo) + 1}/{len(todo) + 1}] "
                                                       f"training steps: {s}"))
     return report
 
@@ -194,18 +195,18 @@ def _steps(device: Device, torch, models: tuple[str, ...], batch: tuple[int, ...
     PyTorch on CUDA when it sees the GPU), interleaved."""
     impls: dict[str, Callable[[], Any]] = {}
     for model in models:
-        impls[f"{model} refnorm"] = bench._train_step("reference", model, device.xp, batch)
+        impls[f"{model} refnorm"] = cases._train_step("reference", model, device.xp, batch)
         if torch is not None and device.torch_device is not None:
-            impls[f"{model} torch"] = bench._train_step_torch(torch, model,
+            impls[f"{model} torch"] = cases._train_step_torch(torch, model,
                                                               device.torch_device, batch)
-    times = bench._interleaved({k: _synchronized(device, f) for k, f in impls.items()},
+    times = cases._interleaved({k: _synchronized(device, f) for k, f in impls.items()},
                                repeats, say)
     rows = []
     for name, t in times.items():
         model, _, impl = name.partition(" ")
-        rows.append(asdict(bench._summary(f"{model} step", model, batch, impl, t, 0)))
+        rows.append(asdict(cases._summary(f"{model} step", model, batch, impl, t, 0)))
     return {"model": f"ConvNet widths 16/32/32, batch {batch[0]} of "
-                     f"{'x'.join(map(str, batch[1:]))}, G = {bench.STEP_GROUPS} for GN; "
+                     f"{'x'.join(map(str, batch[1:]))}, G = {cases.STEP_GROUPS} for GN; "
                      "forward + loss + backward",
             "timings": rows}
 

@@ -60,8 +60,8 @@ FLOORS = (
     ("refnorm.inference", "refnorm.gradcheck", "refnorm.errata", "refnorm"),
     ("refnorm.train",),
     ("refnorm.testing",),
-    ("refnorm.cli", "refnorm.__main__", "refnorm.bench", "refnorm.bench_parallel",
-     "refnorm.lessons"),
+    ("refnorm.cli", "refnorm.__main__", "refnorm.bench", "refnorm.bench_cases",
+     "refnorm.bench_gpu", "refnorm.bench_parallel", "refnorm.lessons"),
 )
 
 
