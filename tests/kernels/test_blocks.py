@@ -4,6 +4,8 @@ caller."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from unittest import mock
 
@@ -226,3 +228,39 @@ def test_an_interrupted_caller_waits_for_the_started_block_before_it_raises(monk
     finally:
         numba.set_num_threads(before)
     assert len(finished) == 1  # the helper's block had ended when the caller raised
+
+
+FORKED = r"""
+import os, sys, threading
+import numba
+from refnorm.kernels import blocks
+
+def run_blocks():
+    caller, helper_started, names = threading.current_thread(), threading.Event(), []
+    def fn(lo, hi):
+        if threading.current_thread() is caller:
+            assert helper_started.wait(timeout=120), "no helper started a block"
+        else:
+            helper_started.set()
+        names.append(threading.current_thread().name)
+    blocks.by_samples(fn, 4, 4 * blocks.MIN_BLOCK_WORK)
+    return names
+
+numba.set_num_threads(2)
+assert any(n.startswith("refnorm-blocks") for n in run_blocks())
+parent_helpers = blocks._helpers
+pid = os.fork()
+if pid == 0:  # the child: the parent's helper threads do not exist here
+    ok = any(n.startswith("refnorm-blocks") for n in run_blocks())
+    ok = ok and blocks._helpers is not parent_helpers and blocks._helpers.pid == os.getpid()
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_forked_child_starts_helpers_of_its_own():
+    done = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
