@@ -103,20 +103,24 @@ class _WithHelper(_Recorded):
 
 
 @pytest.mark.usefixtures("two_threads")
-def test_the_step_sized_convolution_runs_eight_blocks_with_a_helper():
+@pytest.mark.parametrize(("c_in", "c_out", "size", "count"),
+                         [(3, 16, 32, 3), (16, 32, 16, 8), (32, 32, 8, 4)],
+                         ids=["14M-3-blocks", "38M-8-blocks", "19M-4-blocks"])
+def test_the_study_models_convolutions_run_their_blocks_with_a_helper(c_in, c_out, size, count):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((32, 16, 16, 16)).astype(np.float32)
-    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
-    dy = rng.standard_normal((32, 32, 16, 16)).astype(np.float32)
+    x = rng.standard_normal((32, c_in, size, size)).astype(np.float32)
+    w = rng.standard_normal((c_out, c_in, 3, 3)).astype(np.float32)
+    dy = rng.standard_normal((32, c_out, size, size)).astype(np.float32)
     window = ((3, 3), (1, 1), (1, 1))
     one = _conv(x, w, None, window, dy, threads=1, smallest=blocks.MIN_BLOCK_WORK)
     _Recorded.runs = []
     with mock.patch.object(blocks, "_Job", _WithHelper):
         split = _conv(x, w, None, window, dy, threads=2, smallest=blocks.MIN_BLOCK_WORK)
     assert any(name.startswith("refnorm-blocks") for name, _, _ in _Recorded.runs)
-    # 38 M multiply-adds: 8 blocks of 4 samples (4 per thread), forward and backward
-    eight = [(lo, lo + 4) for lo in range(0, 32, 4)]
-    assert sorted((lo, hi) for _, lo, hi in _Recorded.runs) == sorted(2 * eight)
+    # 14, 38 and 19 M multiply-adds at 2 threads (docs/performance.md), forward and backward
+    edges = [32 * k // count for k in range(count + 1)]
+    want = list(zip(edges[:-1], edges[1:], strict=True))
+    assert sorted((lo, hi) for _, lo, hi in _Recorded.runs) == sorted(2 * want)
     for a, c in zip(one, split, strict=True):
         if a is not None:
             np.testing.assert_array_equal(a, c)
