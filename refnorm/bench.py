@@ -331,9 +331,11 @@ def crossover(threads: int, repeats: int,
     """1 thread against ``threads`` threads, interleaved, for the work sizes of a training
     step and beyond: GN (G = 32) forward+backward by the kernels at (N, 64, 32, 32) for N = 1
     ... 32 (the loops' per-call choice switched off, so that the thread count alone differs),
-    and the convolution's matrix products of the study's model at batch 32 (numpy's BLAS).
-    ``kernels.norms.SERIAL_BELOW`` and ``kernels.nn.BLAS_PARALLEL_FROM`` are set from these
-    measurements (docs/performance.md)."""
+    the convolution's matrix products of the study's model at batch 32 (numpy's BLAS), and
+    the middle convolution's forward+backward by sample blocks at N = 2 ... 32, one block per
+    sample (timed in rounds of their own, first). ``kernels.norms.SERIAL_BELOW``,
+    ``kernels.nn.BLAS_PARALLEL_FROM`` and ``kernels.blocks.MIN_BLOCK_WORK`` are set from
+    these measurements (docs/performance.md)."""
     import numba
 
     from refnorm import kernels
