@@ -110,6 +110,8 @@ class Layer:
     def forward(self, x: Array, training: bool) -> Array:
         """Normalize ``x``; ``training`` selects batch statistics and updates the state."""
         training = check_bool("training", training)
+        self._cache = None  # a forward that raises leaves nothing for a backward to use
+        self._check_input(x)
         y, self._cache = self._forward(x, training)
         return y
 
@@ -117,7 +119,8 @@ class Layer:
         """Return ``dx`` for the last forward (None if :attr:`input_grad` is False) and fill
         :attr:`grads`."""
         if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward() (or "
+                               "after a forward() that raised, or a reset())")
         dx, self.grads = self._backward(dy, self._cache)
         return dx if self.input_grad else None
 
@@ -139,6 +142,10 @@ class Layer:
         made with the old values.
         """
         self._cache = None
+
+    def _check_input(self, x: Array) -> None:
+        """Refuse an input this layer was not built for, in the layer's terms (a subclass
+        knows its channel count); the pure functions check everything else."""
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:
         raise NotImplementedError

@@ -26,6 +26,10 @@ def check_float_array(name: str, a: Array) -> ModuleType:
     if isinstance(a, np.matrix):
         raise TypeError(f"{name} must be an array, not a numpy.matrix (whose reductions keep "
                         f"two dimensions): pass numpy.asarray({name})")
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be an array, not a numpy masked array: the statistics "
+                        f"would count masked values on one path and not on the other; pass "
+                        f"{name}.filled(value) or the values you mean")
     try:
         xp = array_namespace(a)
     except TypeError:
@@ -57,17 +61,31 @@ def check_channel_param(name: str, p: Array, num_channels: int) -> None:
 def check_eps(eps: object, *, xp: ModuleType | None = None, dtype: Any = None) -> None:
     """Check that ``eps`` is a finite real number greater than zero.
 
-    With ``xp`` and ``dtype`` (the compute dtype), also check that ``eps`` does not round to
-    zero in that dtype: ``eps=1e-50`` is 0 in float32, and a zero-variance group would then
-    divide by zero as with ``eps=0``.
+    With ``xp`` and ``dtype`` (the compute dtype), also check that ``eps`` neither rounds to
+    zero in that dtype (``eps=1e-50`` is 0 in float32, and a zero-variance group would then
+    divide by zero as with ``eps=0``) nor overflows it (``eps=1e39`` is inf in float32: every
+    output would be ``beta``).
     """
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
         raise TypeError(f"eps must be a float; got {type(eps).__name__}"
                         + (" (pass float(eps))" if isinstance(eps, numbers.Real) else ""))
     if not (math.isfinite(eps) and float(eps) > 0):
         raise ValueError(f"eps must be finite and > 0; got {eps}")
-    if xp is not None and dtype is not None and not bool(xp.asarray(eps, dtype=dtype) > 0):
-        raise ValueError(f"eps={eps} rounds to 0 in {dtype}, the compute dtype; use a larger eps")
+    if xp is None or dtype is None:
+        return
+    if float(eps) > float(xp.finfo(dtype).max):
+        raise ValueError(f"eps={eps} overflows {dtype_name(dtype)}, the compute dtype; use a "
+                         f"smaller eps")
+    if not bool(xp.asarray(eps, dtype=dtype) > 0):
+        raise ValueError(f"eps={eps} rounds to 0 in {dtype_name(dtype)}, the compute dtype; use "
+                         f"a larger eps")
+
+
+def dtype_name(dtype: Any) -> str:
+    """``float32`` for numpy's ``np.float32`` (a class) or ``np.dtype("float32")``, else the
+    dtype as its namespace prints it."""
+    name = getattr(dtype, "__name__", None)
+    return name if isinstance(name, str) else str(dtype)
 
 
 def check_momentum(momentum: object) -> None:
@@ -241,7 +259,14 @@ def check_rank(name: str, a: Array, *, layout: str) -> ModuleType:
 def check_param_dtype(xp: ModuleType, dtype: Any) -> Any:
     """The dtype of a layer's parameters: float32 by default, else a real floating dtype."""
     dtype = xp.float32 if dtype is None else dtype
-    if not xp.isdtype(dtype, "real floating"):
+    try:
+        floating = xp.isdtype(dtype, "real floating")
+    except (TypeError, ValueError):  # a string, a Python type, ...: not a dtype of xp
+        floating = None
+    if floating is None:
+        raise TypeError(f"dtype must be a dtype of {xp.__name__}, such as {xp.__name__}.float32; "
+                        f"got {dtype!r}")
+    if not floating:
         raise TypeError(f"dtype must be a real floating dtype; got {dtype}")
     return dtype
 

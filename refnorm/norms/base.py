@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from refnorm.backend import Array, array_namespace, on_device
+from refnorm.backend import Array, array_namespace, compute_dtype, on_device
 from refnorm.core.affine import channel_view
 from refnorm.core.checks import (
     check_channel_param,
@@ -198,13 +198,22 @@ class ChannelNorm(Layer):
     ) -> None:
         super().__init__(dtype=dtype, xp=xp, device=device)
         num_channels = check_positive_int("num_channels", num_channels)
-        check_eps(eps)  # at build(), not at the first forward
+        # at build(), not at the first forward: also that eps does not round to 0 in the
+        # compute dtype of inputs of the parameters' dtype
+        check_eps(eps, xp=self.xp, dtype=compute_dtype(self.xp, self.dtype))
         self.num_channels = num_channels
         self.eps = eps
         self.params = {
             "gamma": self.xp.ones((num_channels,), dtype=self.dtype, **on_device(self.device)),
             "beta": self.xp.zeros((num_channels,), dtype=self.dtype, **on_device(self.device)),
         }
+
+    def _check_input(self, x: Array) -> None:
+        shape = getattr(x, "shape", None)
+        if isinstance(shape, tuple) and len(shape) >= 2 and shape[1] != self.num_channels:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.num_channels} channels; x of shape "
+                f"{tuple(shape)} has {shape[1]} on its channel axis (axis 1)")
 
 
 __all__ = ["ChannelNorm", "CheckCase", "Layer", "cast_grads", "fast_backward_args",

@@ -21,6 +21,7 @@ from typing import Any
 from refnorm.backend import Array, on_device
 from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
 from refnorm.core.checks import (
+    check_bool,
     check_cache,
     check_count,
     check_momentum,
@@ -198,7 +199,7 @@ class InstanceNorm(ChannelNorm):
     ) -> None:
         super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp, device=device)
         check_momentum(momentum)
-        self.track_running_stats = bool(track_running_stats)
+        self.track_running_stats = check_bool("track_running_stats", track_running_stats)
         self.momentum = momentum
         if self.track_running_stats:
             where = on_device(self.device)

@@ -71,7 +71,7 @@ def norm_prop_relu_forward(z: Array) -> tuple[Array, NormPropReLUCache]:
     xp = check_float_array("z", z)
     zc = xp.astype(z, compute_dtype(xp, z.dtype), copy=False)
     passed = zc > 0
-    y = (xp.where(passed, zc, xp.zeros_like(zc)) - RELU_MEAN) / RELU_STD   # GG Eq. (5)
+    y = (xp.maximum(zc, xp.zeros_like(zc)) - RELU_MEAN) / RELU_STD   # GG Eq. (5); NaN stays NaN
     return xp.astype(y, z.dtype, copy=False), NormPropReLUCache(passed, z.dtype)
 
 

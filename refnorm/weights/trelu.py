@@ -81,7 +81,7 @@ def translated_relu_forward(z: Array, alpha: Array) -> tuple[Array, TranslatedRe
     zc = xp.astype(z, dtype, copy=False)                           # (N, C, *spatial)
     a = channel_view(xp.astype(alpha, dtype, copy=False), z.ndim)  # (1, C, 1, 1)
     passed = zc > a
-    y = xp.where(passed, zc, xp.zeros_like(zc) + a)                # GG Eq. (6)
+    y = xp.maximum(zc, xp.zeros_like(zc) + a)                      # GG Eq. (6); NaN stays NaN
     return xp.astype(y, z.dtype, copy=False), TranslatedReLUCache(passed, z.dtype, alpha.dtype)
 
 

@@ -21,7 +21,8 @@ dL/dV_j = g_j G / eps, dL/dg_j = 0 (the projection term vanishes as N -> 0), whi
 returns; it never divides by N.
 
 float16 weights compute in float32 (the squared norm of a float16 filter overflows once
-||V_j|| > 256) and return float16.
+||V_j|| > 256) and return float16. A squared norm that overflows the compute dtype (float32
+filters of norm beyond 1.8e19) is refused with a ``ValueError``: it would make W_j = 0.
 
 Salimans & Kingma's data-dependent initialization sets g and b from one batch so that the
 pre-activations start with zero mean and unit variance per channel
@@ -107,11 +108,24 @@ def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array
     xp, vc, gc = _prepare(v, g, eps)
     vv = per_output_view(xp, vc)                                   # (C_out, I)
     norm = xp.sqrt(xp.sum(vv * vv, axis=1, keepdims=True))         # (C_out, 1)  ||V_j||
+    _check_norm_finite(norm, vv)
     safe = xp.where(norm > 0, norm, xp.ones_like(norm))            # (C_out, 1)
     v_unit = xp.where(norm > 0, vv / safe, xp.zeros_like(vv))      # (C_out, I)
     w = vv * (xp.reshape(gc, (-1, 1)) / (norm + eps))              # (C_out, I)  GG Eq. (3)
     cache = WeightNormCache(vv, v_unit, norm, gc, eps, tuple(v.shape), v.dtype, g.dtype)
     return xp.astype(xp.reshape(w, v.shape), v.dtype, copy=False), cache
+
+
+def _check_norm_finite(norm: Array, vv: Array) -> None:
+    """Refuse a squared norm that overflowed (inf) from finite weights: W_j would silently be
+    0 and its gradient NaN (a NaN in ``v`` propagates as NaN instead)."""
+    xp = array_namespace(norm, vv)
+    if bool(xp.any(xp.isinf(norm))) and bool(xp.all(xp.isfinite(vv))):
+        largest = float(xp.max(xp.abs(vv)))
+        remedy = ("rescale v" if xp.isdtype(vv.dtype, xp.float64)
+                  else "compute in float64 or rescale v")
+        raise ValueError(f"the squared norm of a filter of v overflows {vv.dtype} (|v| up to "
+                         f"{largest:.3g}); {remedy}")
 
 
 def weight_norm_backward(dw: Array, cache: WeightNormCache) -> tuple[Array, Array]:
@@ -259,7 +273,7 @@ class WeightNorm(Layer):
         ------
         ValueError
             If the layer has no bias, or a channel's pre-activation is constant over the
-            batch (std 0).
+            batch (std 0) or not finite (NaN in the batch or the weights).
         """
         if "b" not in self.params:
             raise ValueError("init_from_batch sets the bias: build the layer with bias=True")
@@ -271,6 +285,10 @@ class WeightNorm(Layer):
         t = xp.astype(t, compute_dtype(xp, t.dtype), copy=False)
         mean, var = moments(t, non_channel_axes(t.ndim))            # (1, C, 1, 1) each
         mean, std = xp.reshape(mean, (C,)), xp.sqrt(xp.reshape(var, (C,)))  # (C,)
+        if not bool(xp.all(xp.isfinite(mean) & xp.isfinite(std))):
+            raise ValueError("init_from_batch: a channel's pre-activation has a NaN or infinite "
+                             "mean or std over the batch (a non-finite input or weight); use a "
+                             "finite batch")
         if bool(xp.any(std == 0)):
             raise ValueError("init_from_batch: a channel's pre-activation is constant over the "
                              "batch (std 0); use a batch with varied inputs")
