@@ -151,17 +151,20 @@ def test_empty_axes_and_0d_arrays_give_the_references_shapes_on_the_fast_path(na
         np.testing.assert_array_equal(g, w)
 
 
-def test_switchable_norm_with_an_eps_beyond_float32_gives_finite_gradients_on_both_paths():
-    """eps = 1e300 with float32 data: rstd rounds to 0 and x_hat is 0; the fast backward's
-    x_hat coefficient was c2 / rstd, 0 / 0 times 0 = NaN, where the reference gives 0."""
+def test_switchable_norm_with_an_eps_beyond_float32_is_refused_on_both_paths():
+    """eps = 1e300 with float32 data would be inf in the compute dtype: rstd 0, every output
+    beta (and the fast backward's x_hat coefficient c2 / rstd once made 0 / 0 = NaN of it).
+    Refused like an eps that rounds to 0; the largest float32 eps still gives finite
+    gradients on both paths."""
     from refnorm.norms import switchable_norm
 
     x = np.random.default_rng(0).standard_normal((4, 4, 3, 3)).astype(np.float32)
     args = (np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(3, np.float32),
             np.zeros(3, np.float32))
-    with np.errstate(over="ignore"):
-        for path in ("reference", "fast"):
-            y, cache = switchable_norm.switchable_norm_forward(x, *args, eps=1e300, path=path)
-            grads = switchable_norm.switchable_norm_backward(np.ones_like(y), cache, path=path)
-            assert all(np.isfinite(g).all() for g in grads)
-            np.testing.assert_array_equal(grads.dx, 0)
+    for path in ("reference", "fast"):
+        with pytest.raises(ValueError, match=r"eps=1e\+300 overflows float32, the compute dtype"):
+            switchable_norm.switchable_norm_forward(x, *args, eps=1e300, path=path)
+        eps = float(np.finfo(np.float32).max)
+        y, cache = switchable_norm.switchable_norm_forward(x, *args, eps=eps, path=path)
+        grads = switchable_norm.switchable_norm_backward(np.ones_like(y), cache, path=path)
+        assert all(np.isfinite(g).all() for g in grads)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace
 
 
@@ -40,21 +42,27 @@ def moments(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
         (Non-finite inputs give NaN statistics for their group, as they should.)
     """
     xp = array_namespace(x)
-    mu = xp.mean(x, axis=axes, keepdims=True)
-    centred = x - mu
-    var = xp.mean(centred * centred, axis=axes, keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
+        mu = xp.mean(x, axis=axes, keepdims=True)
+        centred = x - mu
+        var = xp.mean(centred * centred, axis=axes, keepdims=True)
     check_variance_finite(var, x)
     return mu, var
 
 
-def check_variance_finite(var: Array, x: Array) -> None:
-    """Refuse a variance that overflowed (inf) from a finite ``x``; see :func:`moments`."""
+def check_variance_finite(var: Array, x: Array, *, name: str = "x") -> None:
+    """Refuse a variance that overflowed (inf) from a finite ``x``; see :func:`moments`.
+
+    The variance is infinite when a sum formed in the dtype overflows it: of the values (their
+    mean is then infinite) or of their squared deviations. ``name`` names ``x`` in the error.
+    """
     xp = array_namespace(var, x)
     if bool(xp.any(xp.isinf(var))) and bool(xp.all(xp.isfinite(x))):
         largest = float(xp.max(xp.abs(x)))
-        remedy = ("rescale x" if xp.isdtype(x.dtype, xp.float64) else
-                  "compute in float64 or rescale x")
+        remedy = (f"rescale {name}" if xp.isdtype(x.dtype, xp.float64) else
+                  f"compute in float64 or rescale {name}")
         raise ValueError(
-            f"the variance of x overflows {x.dtype} (|x| up to {largest:.3g}): the squared "
-            f"deviations exceed the dtype's range; {remedy}"
+            f"the variance of {name} overflows {x.dtype} (|{name}| up to {largest:.3g}): the "
+            f"sum of its values or of their squared deviations exceeds the dtype's range; "
+            f"{remedy}"
         )

@@ -566,15 +566,20 @@ def _grad_sums(dr, hr):  # pragma: no cover - compiled
 
 @njit(cache=True, inline="always")
 def _finish_stats(u, count, mean, m2, eps, stats):  # pragma: no cover - compiled
-    """Write the mean, biased variance and rstd of unit u; return (rstd, 1 if the variance
-    is infinite in the dtype of ``stats`` else 0) (the caller raises the reference's error
-    for an overflow)."""
+    """Write the mean, biased variance and rstd of unit u; return (rstd, 1 if a sum that the
+    reference forms in the dtype of ``stats`` overflows that dtype, else 0): the sum of the
+    values (``count |mean|``) or of their squared deviations (``m2``), whose overflow makes
+    the reference's ``mean(x)`` or ``mean((x - mu)**2)`` infinite. The caller then raises the
+    reference's error (:func:`refnorm.kernels.norms.refuse_overflow`)."""
     v = m2 / count
     r = 1.0 / np.sqrt(v + eps)
+    stats[1, u] = m2                  # rounded to the dtype of stats: inf where it overflows
+    stats[2, u] = count * abs(mean)
+    big = np.isinf(stats[1, u]) or np.isinf(stats[2, u])
     stats[0, u] = mean
     stats[1, u] = v
     stats[2, u] = r
-    return r, 1 if np.isinf(stats[1, u]) else 0
+    return r, 1 if big else 0
 
 
 @njit(cache=True, inline="always")
@@ -614,7 +619,7 @@ def unit_forward(x, C, G, gamma, beta, eps, y, x_hat, stats, stream):  # pragma:
 
     Returns
     -------
-    int : the number of units whose variance is infinite
+    int : the number of units whose sums overflow the dtype of ``stats`` (:func:`_finish_stats`)
     """
     B, S = x.shape
     U = stats.shape[1]
@@ -696,7 +701,7 @@ def tasks_forward(x, C, G, gamma, beta, eps, chunk, y, x_hat, stats, stream):  #
 
     Returns
     -------
-    int : the number of units whose variance is infinite
+    int : the number of units whose sums overflow the dtype of ``stats`` (:func:`_finish_stats`)
     """
     B, S = x.shape
     P = (S + chunk - 1) // chunk

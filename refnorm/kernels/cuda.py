@@ -187,11 +187,15 @@ def _planes(xp: ModuleType, a: Array) -> Array:
 
 def _forward(x: Array, gamma: Array, beta: Array, eps: float, G: int) -> tuple:
     """y, x_hat (``x.shape``) and the (3, U) float64 statistics; ``G = 0`` for BN."""
+    from refnorm.kernels.norms import refuse_overflow  # shared, as in sn_forward
+
     xp = _namespace(x, gamma, beta)
     x, gamma, beta = (_as_xp(xp, a) for a in (x, gamma, beta))
     C = x.shape[1]
     x2 = _planes(xp, x)
     stats = _statistics(xp, x2, C, G, eps)
+    n = x2.size // max(stats.shape[1], 1)  # values per statistic
+    refuse_overflow(x, x2.dtype, n * stats[1], n * stats[0])  # the reference's overflow error
     y, x_hat = _normalize(xp, x2, C, G, stats[0], stats[2], (gamma, beta))
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape), stats
 
@@ -305,7 +309,11 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
     scopes pool them by the law of total variance on (N, C) arrays, then the mixed statistics
     normalize in one more kernel pass.
     """
-    from refnorm.kernels.norms import sn_scope_statistics, variance_factors  # shared
+    from refnorm.kernels.norms import (  # shared
+        refuse_overflow,
+        sn_scope_statistics,
+        variance_factors,
+    )
 
     xp = _namespace(x, gamma, beta)
     x, gamma, beta = (_as_xp(xp, a) for a in (x, gamma, beta))
@@ -320,6 +328,10 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
                if dtype == xp.float64 else xp.zeros_like(mu_in))
     mu, offset, var = sn_scope_statistics(xp, (mu_in, lost_in, var_in), dtype,
                                           factors=variance_factors(x.shape, scope_correction))
+    # the reference's overflow error, for the sums it forms (as kernels.norms.sn_forward)
+    refuse_overflow(x, dtype, var_in * (S - in_correction), S * mu_in,
+                    *(n * mu_or_var for k, n in (("ln", C), ("bn", N))
+                      for mu_or_var in (var[k], mu[k])))
     shift = mu["in"].astype(dtype).astype(xp.float64)            # mu["in"] as returned
     w_m, w_v = _f64(xp, w_mean), _f64(xp, w_var)
     # the mixture relative to the shift, as kernels.norms.sn_forward forms it

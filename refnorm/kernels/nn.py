@@ -33,7 +33,7 @@ import numpy as np
 
 from refnorm.kernels import norms as kernel_norms
 from refnorm.kernels.blocks import by_samples
-from refnorm.kernels.norms import compute_array, launch, loops, threads
+from refnorm.kernels.norms import compute_array, launch, loops, refuse_overflow, threads
 from refnorm.kernels.records import ConvForward, ConvGrads, MaxPooled, WeightStandardized
 
 # multiply-adds of a convolution's matrix products below which numpy's BLAS runs them on one
@@ -388,6 +388,11 @@ def ws_forward(w: np.ndarray, eps: float, eps_mode: str, correction: int) -> Wei
     denom = np.empty((wc.shape[0], 1), dtype=wc.dtype)
     kappa = np.empty_like(denom)
     loops().ws_forward(wc, float(eps), eps_mode == "add", int(correction), w_hat, denom, kappa)
+    # the reference's error where its sums overflow the dtype: of the squared deviations
+    # (sigma^2 (I - correction), sigma within eps of denom) and of the weights
+    sigma = denom.astype(np.float64)
+    refuse_overflow(wc, wc.dtype, sigma * sigma * (wc.shape[1] - correction),
+                    wc.sum(axis=1, dtype=np.float64), name="w")
     return WeightStandardized(w_hat=w_hat, denom=denom, kappa=kappa)
 
 

@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from refnorm.backend import array_namespace
 from refnorm.core.moments import check_variance_finite
 from refnorm.kernels.records import AffineGrads, Normalized, SwitchableGrads, SwitchableNormalized
 
@@ -308,6 +309,24 @@ def _combine(dy2, xh2, coefficients, shape) -> np.ndarray:
     return dx.reshape(shape)
 
 
+def refuse_overflow(x: np.ndarray, dtype: Any, *sums: np.ndarray, name: str = "x") -> None:
+    """Raise the reference's error (:func:`refnorm.core.moments.check_variance_finite`) for a
+    finite ``x`` when one of ``sums`` (float64; none given: a kernel found one) exceeds the
+    largest value of ``dtype``, the compute dtype. ``x`` and ``sums``: numpy or CuPy arrays
+    (:mod:`refnorm.kernels.cuda` shares it).
+
+    The sums are those the reference forms in the compute dtype: of the values, of their
+    squared deviations (and, for SN, of the IN variances and the spread of the IN means
+    pooled into LN and BN). Where one overflows, the reference's statistic is infinite and it
+    refuses, even when the statistic itself would fit (float32 inputs of 1e19: squares of
+    1e38 and more); the fast path, which sums in float64, refuses the same inputs.
+    """
+    big = float(np.finfo(dtype).max)
+    if not sums or any(bool((abs(s) > big).any()) for s in sums):  # numpy or CuPy arrays
+        xp = array_namespace(x)
+        check_variance_finite(xp.full(1, xp.inf, dtype=dtype), x, name=name)
+
+
 def _stat_shape(x: np.ndarray, lead: tuple[int, ...], extra: int = 0) -> tuple[int, ...]:
     return lead + (1,) * (x.ndim - len(lead) + extra)
 
@@ -366,8 +385,8 @@ def _forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, G: 
     else:
         bad = launch(loops().tasks_forward, 3 * xp2.size, xp2, C, G, gamma_c, beta_c,
                      float(eps), chunk_size(B, S), y, x_hat, stats, stream)
-    if bad:  # the reference's error for a variance that overflows
-        check_variance_finite(stats[1], x)
+    if bad:  # the reference's error for statistics that overflow
+        refuse_overflow(x, xp2.dtype)
     y_out = y.reshape(x.shape)
     if x.dtype != y_out.dtype:
         y_out = y_out.astype(x.dtype)
@@ -630,7 +649,12 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
     rstd = 1.0 / np.sqrt(var_mix + eps)                          # (N, C, 1)
     y, x_hat = _normalize(xp2, x, mu_mix[:, :, 0],
                           np.broadcast_to(rstd, (N, C, 1))[:, :, 0], (gamma, beta))
-    check_variance_finite(var_in.astype(dtype), x)  # the reference's error for an overflow
+    # the reference's error where a sum it forms in the dtype overflows: of the values and of
+    # their squared deviations per plane (in_moments), of the IN variances and the squared
+    # spread of the IN means per pooled scope (pool_in_moments), and of the IN means pooled
+    refuse_overflow(x, dtype, M2_in, S * mu_in,
+                    *(n * s for k, n in (("ln", C), ("bn", N)) if bn is None or k == "ln"
+                      for s in (var[k], mu[k])))
     return SwitchableNormalized(y=y, h=xp2.reshape(N, C, S), x_hat=x_hat.reshape(N, C, S),
                                 rstd=rstd.astype(dtype),
                                 mu={k: v.astype(dtype) for k, v in mu.items()},

@@ -33,6 +33,7 @@ from refnorm.core.checks import (
     check_momentum,
     prepare_channel_norm,
 )
+from refnorm.core.moments import check_variance_finite
 from refnorm.core.running import update_running_stats
 from refnorm.core.standardize import standardize_backward
 from refnorm.dispatch import dispatched
@@ -238,6 +239,7 @@ def batch_norm_forward_graph(
     xmu = xc - mu                                                # (N, C, H, W)
     sq = xmu * xmu                                               # (N, C, H, W)
     var = xp.mean(sq, axis=axes, keepdims=True)                  # (1, C, 1, 1)
+    check_variance_finite(var, xc)  # an overflow: the error of refnorm.core.moments.moments
     std = xp.sqrt(var + eps)                                     # (1, C, 1, 1)
     inv_std = 1.0 / std                                          # (1, C, 1, 1)
     x_hat = xmu * inv_std                                        # (N, C, H, W)

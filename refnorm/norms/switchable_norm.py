@@ -292,6 +292,7 @@ def in_moments(h: Array, *, in_correction: int = 0) -> tuple[Array, Array, Array
     offset_in = xp.mean(h - mu_in, axis=2, keepdims=True)        # (N, C, 1)  its rounding
     d = (h - mu_in) - offset_in                                  # (N, C, S)  h - IN mean
     var_in = xp.sum(d * d, axis=2, keepdims=True) / (S - in_correction)   # Eq. (4)
+    check_variance_finite(mu_in, h)  # the sum of a plane overflows (its variance is then NaN)
     check_variance_finite(var_in, h)
     return mu_in, offset_in, var_in
 
@@ -375,6 +376,9 @@ def scope_statistics(h: Array, options: SwitchableOptions, *,
     if options.scope_correction:  # SwitchNorm1d: each scope unbiased over its own m_k values
         factors = variance_factors(tuple(h.shape), options)
         var = {k: v * factors[k] for k, v in var.items()}
+    for scope in ("ln",) if bn is not None else ("ln", "bn"):
+        check_variance_finite(mu[scope], h)   # the sum of the IN means overflows
+        check_variance_finite(var[scope], h)  # the IN variances plus the spread of the IN means
     if bn is not None:
         mu["bn"], lost, var["bn"] = bn
         offset["bn"] = (mu["bn"] - mu_in) + lost                # (N, C, 1)

@@ -28,6 +28,7 @@ from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core import affine_backward, affine_forward, standardize
 from refnorm.core.affine import channel_view, non_channel_axes
 from refnorm.core.checks import check_cache, check_like, check_momentum, prepare_channel_norm
+from refnorm.core.moments import check_variance_finite
 from refnorm.core.running import update_running_stats
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm
@@ -108,10 +109,12 @@ def sync_batch_norm_forward(
     local_mean = local_sum / max(n_p, 1)                                   # (C,)
     d = xc - channel_view(local_mean, x.ndim)                              # (N_p, C, H, W)
     local_m2 = xp.sum(d * d, axis=axes)                                    # (C,)
+    check_variance_finite(local_m2, xc)  # this device's sums overflow: the reference's error
     shift = local_mean - mean
     (m2,) = allreduce(comm, [local_m2 + n_p * shift * shift],               # Chan's merge
                       op="syncbn forward (M2)", layer=layer)
     var = m2 / n                                                           # (C,)
+    check_variance_finite(var, xc)  # the merged sum overflows (a rank with finite x raises)
     x_hat, rstd = standardize(xc, channel_view(mean, x.ndim), channel_view(var, x.ndim), eps=eps)
     y = affine_forward(x_hat, gamma_c, beta_c)
     cache = SyncBatchNormCache(x_hat, rstd, gamma_c, mean, var, n, comm, x.dtype, gamma.dtype,

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core.checks import check_cache
+from refnorm.core.moments import check_variance_finite
 from refnorm.layer import CheckCase
 from refnorm.norms.switchable_norm import (
     DEFAULT_OPTIONS,
@@ -127,6 +128,8 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
     spread = sum_d2 - groups * lost * lost        # >= 0 in exact arithmetic; keep it so
     spread = xp.maximum(spread, xp.zeros_like(spread))
     var_sybn = (sum_var + spread) / groups                                  # total variance
+    for total in (sum_mu, sum_d2, var_sybn):  # sums beyond the dtype: the reference's error
+        check_variance_finite(total, h)
     return mu_sybn, lost, var_sybn, groups
 
 

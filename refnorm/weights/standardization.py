@@ -54,6 +54,7 @@ from refnorm.core.checks import (
     check_once,
     is_int,
 )
+from refnorm.core.moments import check_variance_finite
 from refnorm.dispatch import dispatched
 from refnorm.kernels import nn as kernels
 from refnorm.layer import CheckCase, Layer
@@ -123,6 +124,7 @@ def weight_standardization_forward(
     mu = xp.mean(ww, axis=1, keepdims=True)                        # (C_out, 1)  Eq. (4)
     w_dot = ww - mu                                                # (C_out, I)  Eq. (5)
     sigma = xp.sqrt(xp.sum(w_dot * w_dot, axis=1, keepdims=True) / (I - correction))  # Eq. (4)
+    check_variance_finite(sigma, wc, name="w")  # a sum beyond the dtype: refused, not w_hat = 0
     if eps_mode == "add":
         denom = sigma + eps                                        # Eq. (2)
         safe = xp.where(sigma > 0, sigma, xp.ones_like(sigma))

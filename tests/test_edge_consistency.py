@@ -1,0 +1,245 @@
+"""Edge inputs where a result could be silently wrong, or the two paths could disagree: a
+layer's forward that raises, masked arrays, statistics whose sums overflow the dtype, NaN
+through the weight-normalized layers' activations, and arguments checked at build."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import refnorm
+from refnorm.norms import switchable_norm
+from refnorm.weights import norm_prop, standardization, trelu, weight_norm
+
+LAYERS = {
+    "bn": {}, "gn": {"num_groups": 2}, "ln": {}, "in": {}, "sn": {}, "syncbn": {},
+    "syncsn": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_a_forward_that_raises_leaves_nothing_for_backward(name):
+    """Before, the layer kept the previous forward's cache, and backward returned that
+    forward's gradient without a word."""
+    rng = np.random.default_rng(0)
+    layer = refnorm.build(name, 4, dtype=np.float64, **LAYERS[name])
+    layer.forward(rng.standard_normal((3, 4, 5, 5)), training=True)
+    with pytest.raises(ValueError, match=r"was built for 4 channels; x of shape \(3, 3, 5, 5\) "
+                                         r"has 3 on its channel axis"):
+        layer.forward(rng.standard_normal((3, 3, 5, 5)), training=True)
+    with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\) \(or after "
+                                           r"a forward\(\) that raised"):
+        layer.backward(rng.standard_normal((3, 4, 5, 5)))
+
+
+def test_a_forward_that_raises_in_the_pure_function_also_drops_the_cache():
+    layer = refnorm.build("bn", 3, dtype=np.float64)
+    layer.forward(np.random.default_rng(1).standard_normal((4, 3)), training=True)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        layer.forward(np.ones((1, 3)), training=True)  # one value per channel
+    with pytest.raises(RuntimeError, match="called before forward"):
+        layer.backward(np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("method", ["bn", "gn", "sn"])
+def test_masked_arrays_are_refused_on_both_paths(path, method):
+    """The reference honoured the mask (numpy.ma reductions), the fast path read the raw data."""
+    x = np.ma.masked_array(np.random.default_rng(2).standard_normal((4, 4, 3, 3)))
+    x[0, 0, 0, 0] = np.ma.masked
+    g, b = np.ones(4), np.zeros(4)
+    call = {"bn": lambda: refnorm.batch_norm_forward(x, g, b, path=path),
+            "gn": lambda: refnorm.group_norm_forward(x, g, b, num_groups=2, path=path),
+            "sn": lambda: refnorm.switchable_norm_forward(x, g, b, np.zeros(3), np.zeros(3),
+                                                          path=path)}
+    with pytest.raises(TypeError, match="x must be an array, not a numpy masked array"):
+        call[method]()
+
+
+FORWARDS = {
+    "bn": lambda x, g, b, p: refnorm.batch_norm_forward(x, g, b, path=p),
+    "in": lambda x, g, b, p: refnorm.instance_norm_forward(x, g, b, path=p),
+    "ln": lambda x, g, b, p: refnorm.layer_norm_forward(x, g, b, path=p),
+    "gn": lambda x, g, b, p: refnorm.group_norm_forward(x, g, b, num_groups=2, path=p),
+    "sn": lambda x, g, b, p: refnorm.switchable_norm_forward(
+        x, g, b, np.zeros(3, x.dtype), np.zeros(3, x.dtype), path=p),
+}
+
+
+def _inputs(kind, dtype):
+    """(x, whether the reference's sums overflow dtype), far from the boundary either way."""
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((4, 4, 3, 3))
+    cases = {
+        # float32: squares of 1e17 fit (1e34), their sums too
+        ("spread", np.float32): (1e17 * z, False),
+        # squares of 1e19 reach 1e39 > 3.4e38, though the variance (1e38) fits: refused on
+        # both paths, as the reference's float32 sums overflow
+        ("squares", np.float32): (1e19 * z, True),
+        # a constant channel at 1.7e38: its sum overflows (the reference's mean is inf)
+        ("sum", np.float32): (np.where(np.arange(4)[None, :, None, None] == 1, 1.7e38, z), True),
+        ("spread", np.float64): (1e150 * z, False),
+        ("squares", np.float64): (1e160 * z, True),
+    }
+    x, overflows = cases[kind, dtype]
+    return np.asarray(x).astype(dtype), overflows
+
+
+@pytest.mark.parametrize("method", sorted(FORWARDS))
+@pytest.mark.parametrize(("kind", "dtype"), [("spread", np.float32), ("squares", np.float32),
+                                             ("sum", np.float32), ("spread", np.float64),
+                                             ("squares", np.float64)])
+def test_both_paths_refuse_exactly_where_the_references_sums_overflow(method, kind, dtype):
+    """The fast path sums in float64; it once accepted float32 inputs whose squared
+    deviations overflow float32 (1e19) or whose sum does (1.7e38), which the reference
+    refuses: now both refuse them, and both accept what fits."""
+    x, overflows = _inputs(kind, dtype)
+    g, b = np.ones(4, dtype), np.zeros(4, dtype)
+    results = {}
+    for path in ("reference", "fast"):
+        if overflows:
+            with pytest.raises(ValueError, match=f"the variance of x overflows {np.dtype(dtype)}"):
+                FORWARDS[method](x, g, b, path)
+        else:
+            results[path] = FORWARDS[method](x, g, b, path)[0]
+    if not overflows:
+        np.testing.assert_allclose(results["fast"], results["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_switchable_norm_refuses_a_pooled_variance_that_overflows():
+    """Plane means 1e19 apart with no spread within a plane: the IN moments fit, but LN's and
+    BN's variances (the spread of the IN means) overflow float32. The reference returned
+    beta for every value; both paths refuse."""
+    x = np.ones((2, 4, 3, 3), np.float32)
+    x *= np.array([1.0, -1.0, 2.0, -2.0], np.float32)[None, :, None, None] * 1e19
+    x[:, :, 0, 0] += 1.0e12  # some spread within each plane
+    args = (np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(3, np.float32),
+            np.zeros(3, np.float32))
+    for path in ("reference", "fast"):
+        with pytest.raises(ValueError, match="the variance of x overflows float32"):
+            switchable_norm.switchable_norm_forward(x, *args, path=path)
+
+
+def test_synchronized_and_staged_batch_norm_refuse_an_overflow_as_batch_norm_does():
+    x = (np.random.default_rng(4).standard_normal((6, 2, 3)) * 1e20).astype(np.float32)
+    g, b = np.ones(2, np.float32), np.zeros(2, np.float32)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        refnorm.batch_norm_forward_graph(x, g, b)
+    layer = refnorm.build("syncbn", 2)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        layer.forward(x, training=True)
+    np.testing.assert_array_equal(layer.state["running_var"], np.ones(2, np.float32))
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_weight_standardization_refuses_weights_whose_sums_overflow(path):
+    """The reference returned w_hat = 0 and a NaN gradient for float32 weights of 1e20;
+    the fast path (float64 sums) returned the standardized weights."""
+    w = np.random.default_rng(5).standard_normal((3, 2, 3, 3))
+    with pytest.raises(ValueError, match="the variance of w overflows float32"):
+        standardization.weight_standardization_forward((1e20 * w).astype(np.float32), path=path)
+    w_hat, _ = standardization.weight_standardization_forward((1e15 * w).astype(np.float32),
+                                                              path=path)
+    ref, _ = standardization.weight_standardization_forward(w, path="reference")
+    np.testing.assert_allclose(w_hat, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_norm_refuses_a_squared_norm_that_overflows():
+    """||[3e19, 4e19]||^2 = 2.5e39 overflows float32: w was [0, 0] and dv NaN."""
+    v = np.array([[3e19, 4e19]], np.float32)
+    with pytest.raises(ValueError, match="the squared norm of a filter of v overflows float32"):
+        weight_norm.weight_norm_forward(v, np.ones(1, np.float32))
+    w, _ = weight_norm.weight_norm_forward(v.astype(np.float64), np.ones(1))
+    np.testing.assert_allclose(w, [[0.6, 0.8]])
+
+
+def test_norm_prop_and_translated_relu_keep_nan_as_nan():
+    """Both took ``where(z > a, z, a)``, which sends NaN to the other branch (a finite value);
+    ReLU, max and PyTorch's relu keep it."""
+    z = np.array([[[np.nan, 1.0, -1.0, np.inf]]]).reshape(1, 1, 4)
+    y, cache = norm_prop.norm_prop_relu_forward(z)
+    assert np.isnan(y[0, 0, 0]) and np.isfinite(y[0, 0, 1:3]).all() and y[0, 0, 3] == np.inf
+    dz = norm_prop.norm_prop_relu_backward(np.ones_like(z), cache)
+    assert dz[0, 0, 0] == 0  # NaN > 0 is false: no gradient, as refnorm's ReLU
+    y, cache = trelu.translated_relu_forward(z, np.array([0.5]))
+    np.testing.assert_array_equal(y, [[[np.nan, 1.0, 0.5, np.inf]]])
+    dz, dalpha = trelu.translated_relu_backward(np.ones_like(z), cache)
+    np.testing.assert_array_equal(dz, [[[0.0, 1.0, 0.0, 1.0]]])
+    np.testing.assert_array_equal(dalpha, [2.0])
+
+
+@pytest.mark.parametrize("name", ["bn", "in", "ln", "sn"])
+def test_layers_check_eps_against_their_dtype_when_built(name):
+    with pytest.raises(ValueError, match=r"eps=1e-50 rounds to 0 in float32, the compute dtype"):
+        refnorm.build(name, 4, eps=1e-50)
+    with pytest.raises(ValueError, match=r"eps=1e\+39 overflows float32, the compute dtype"):
+        refnorm.build(name, 4, eps=1e39)
+    with pytest.raises(ValueError, match=r"rounds to 0 in float32"):  # float16 computes in it
+        refnorm.build(name, 4, eps=1e-50, dtype=np.float16)
+    refnorm.build(name, 4, eps=1e-50, dtype=np.float64)  # representable there
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_an_eps_beyond_the_dtype_is_refused_by_the_functions(path):
+    x = np.random.default_rng(6).standard_normal((4, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"eps=1e\+39 overflows float32, the compute dtype"):
+        refnorm.batch_norm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32), eps=1e39,
+                                   path=path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", float])
+def test_a_dtype_that_is_not_one_of_the_namespace_is_named(dtype):
+    with pytest.raises(TypeError, match=r"dtype must be a dtype of numpy, such as "
+                                        r"numpy.float32; got"):
+        refnorm.build("bn", 3, dtype=dtype)
+
+
+def test_track_running_stats_must_be_a_bool():
+    with pytest.raises(TypeError, match="track_running_stats must be a bool; got str"):
+        refnorm.build("in", 3, track_running_stats="no")
+
+
+def test_weight_norm_initialization_refuses_a_batch_with_nan():
+    layer = refnorm.build("wn", 2, 3, 3, dtype=np.float64)
+    x = np.random.default_rng(7).standard_normal((4, 2, 5, 5))
+    x[0, 0, 0, 0] = np.nan
+    g, b = layer.params["g"].copy(), layer.params["b"].copy()
+    with pytest.raises(ValueError, match="has a NaN or infinite mean or std"):
+        layer.init_from_batch(x)
+    np.testing.assert_array_equal(layer.params["g"], g)
+    np.testing.assert_array_equal(layer.params["b"], b)
+
+
+def test_synchronized_switchable_norm_refuses_a_pooled_variance_that_overflows():
+    """Samples whose means lie 2e19 apart: each plane's moments fit, the spread of the IN
+    means that the BN scope pools does not (its sum of squares reaches 5e38)."""
+    x = np.ones((4, 2, 3, 3), np.float32)
+    x[:, :, 0, 0] = 2.0
+    x[:2] *= 1e19
+    x[2:] *= -1e19
+    layer = refnorm.build("syncsn", 2)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        layer.forward(x, training=True)
+    for path in ("reference", "fast"):
+        with pytest.raises(ValueError, match="the variance of x overflows float32"):
+            switchable_norm.switchable_norm_forward(
+                x, np.ones(2, np.float32), np.zeros(2, np.float32), np.zeros(3, np.float32),
+                np.zeros(3, np.float32), path=path)
+
+
+def test_float32_statistics_at_a_large_offset_as_the_conventions_page_states():
+    """The reference sums float32 in float32, the kernels in float64: at 1e8 + 100 randn the
+    reference's BN is off by about 0.1 against float64 arithmetic on the same values, the
+    fast path by about 2e-7, SN's reference (which keeps what its means' rounding lost) as
+    little as the fast path."""
+    rng = np.random.default_rng(0)
+    x = (1e8 + 100 * rng.standard_normal((4, 4, 6, 6))).astype(np.float32)
+    g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
+    truth = refnorm.batch_norm_forward(x.astype(np.float64), g.astype(np.float64),
+                                       b.astype(np.float64))[0]
+    error = {p: np.abs(refnorm.batch_norm_forward(x, g, b, path=p)[0] - truth).max()
+             for p in ("reference", "fast")}
+    assert 0.05 < error["reference"] < 0.5 and error["fast"] < 1e-6
+    logits = np.log(np.array([1e-9, 1e-9, 1.0], np.float32))  # the BN scope alone
+    y, _ = refnorm.switchable_norm_forward(x, g, b, logits, logits, path="reference")
+    assert np.abs(y - truth).max() < 1e-5
