@@ -502,18 +502,22 @@ def format_report(report: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``refnorm bench`` (shared by the ``refnorm`` command and :func:`main`)."""
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--quick", action="store_true", help="5 repetitions instead of 30")
+    parser.add_argument("--quick", action="store_true",
+                        help="5 repetitions instead of 30 (not with --repeats)")
     parser.add_argument("--repeats", type=_positive_int, default=None,
-                        help="repetitions per case")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="threads for numba, torch and BLAS (default: numba's default)")
+                        help="repetitions per case (default 30)")
+    parser.add_argument("--threads", type=_thread_count, default=None,
+                        help="threads for numba, torch and BLAS, at most numba's "
+                             "NUMBA_NUM_THREADS (default: that many)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     parser.add_argument("--crossover", action="store_true",
-                        help="instead: 1 thread against --threads (default: all) by work size, "
-                             "where running in parallel starts to pay")
+                        help="instead: 1 thread against --threads (2 or more; default: all) by "
+                             "work size, where running in parallel starts to pay (--quick, "
+                             "--repeats, --json apply)")
     parser.add_argument("--data-parallel", action="store_true",
                         help="instead: the cost of communication in a data-parallel step "
-                             "(2 devices in-process and under mpiexec)")
+                             "(2 devices in-process and under mpiexec; one run per row, so "
+                             "only --json applies)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                         help="gpu: instead, the normalizers at (32, 64, 32, 32) and "
                              "(256, 64, 56, 56) and the training step on the GPU: the "
@@ -534,6 +538,49 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _thread_limit() -> int:
+    """The most threads numba allows this process (``NUMBA_NUM_THREADS``: the cores it sees,
+    unless the environment sets it), read without starting its thread pool."""
+    import numba
+
+    return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+
+
+def _thread_count(text: str) -> int:
+    """An argparse type: a thread count from 1 to :func:`_thread_limit`."""
+    value, limit = _positive_int(text), _thread_limit()
+    if value > limit:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from 1 to {limit} (numba's NUMBA_NUM_THREADS: the threads "
+            f"available to this process); got {text!r}")
+    return value
+
+
+def _not_honoured(args: argparse.Namespace) -> str | None:
+    """Why the CPU bench's options in ``args`` cannot all be honoured, in one sentence; None
+    when they can."""
+    if args.crossover and args.data_parallel:
+        return "--crossover and --data-parallel are two benches: give one of them"
+    if args.data_parallel:
+        other = [flag for flag, given in (("--quick", args.quick),
+                                          ("--repeats", args.repeats is not None),
+                                          ("--threads", args.threads is not None),
+                                          ("--no-torch", args.no_torch)) if given]
+        if other:
+            return (f"--data-parallel does not take {', '.join(other)} (it trains one run per "
+                    "row, without torch; only --json applies)")
+    if args.crossover:
+        if args.no_torch:
+            return "--crossover does not take --no-torch (it never runs torch)"
+        if args.threads is not None and args.threads < 2:
+            return (f"--crossover compares 1 thread with 2 or more; expected --threads >= 2; "
+                    f"got --threads {args.threads}")
+        if args.threads is None and _thread_limit() < 2:
+            return ("--crossover compares 1 thread with 2 or more, but numba allows this "
+                    "process 1 thread (NUMBA_NUM_THREADS)")
+    return None
+
+
 def run_args(args: argparse.Namespace) -> int:
     """Run the bench for parsed ``args``: the table (or JSON) on stdout, progress on stderr."""
     tty = sys.stderr.isatty()
@@ -545,16 +592,21 @@ def run_args(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{line}\n")
         sys.stderr.flush()
 
+    if args.quick and args.repeats is not None:
+        print("refnorm bench: error: give --quick (5 repetitions) or --repeats N, not both",
+              file=sys.stderr)
+        return 2
     if args.device == "gpu":
         return _run_gpu(args, progress, tty)
+    if (problem := _not_honoured(args)) is not None:
+        print(f"refnorm bench: error: {problem}", file=sys.stderr)
+        return 2
     if args.crossover:
-        import numba
-
         from refnorm.kernels import norms as kernel_norms
 
         kernel_norms.loops()
-        n = args.threads or numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-        result = crossover(max(n, 2), args.repeats or (5 if args.quick else 30), progress)
+        n = args.threads or _thread_limit()
+        result = crossover(n, args.repeats or (5 if args.quick else 30), progress)
         if tty:
             sys.stderr.write("\n")
         print(json.dumps(result, indent=2) if args.json else format_crossover(result))
@@ -604,8 +656,9 @@ def _run_gpu(args: argparse.Namespace, progress: Callable[[str], None], tty: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m refnorm.bench [--json] [--quick] [--repeats N] [--threads N] [--no-torch]``,
-    the same as ``refnorm bench``; returns the exit status."""
+    """``python -m refnorm.bench [--json] [--quick | --repeats N] [--threads N] [--no-torch]``
+    (and the other options of ``refnorm bench``), the same as ``refnorm bench``; returns the
+    exit status."""
     parser = argparse.ArgumentParser(prog="refnorm bench", description=__doc__.splitlines()[0])
     return run_args(add_arguments(parser).parse_args(argv))
 

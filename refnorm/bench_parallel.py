@@ -76,7 +76,7 @@ def run(*, epochs: int = 1, subset: int | None = None, mpi: bool = True,
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"data-parallel step, {DEVICES} devices x batch 16 (study model, digits):",
-             f"  {'transport':<11} {'norm':<7} {'all-reduces':>11} {'KB/step':>8} "
+             f"  {'transport':<11} {'norm':<7} {'all-reduces':>11} {'KiB/step':>8} "
              f"{'ms/step':>8} {'in collectives':>15}"]
     for r in report["rows"]:
         lines.append(f"  {r['transport']:<11} {r['norm']:<7} "

@@ -1,8 +1,16 @@
-"""The ``refnorm`` command: ``gradcheck``, ``train`` and ``study``.
+"""The ``refnorm`` command and its six sub-commands.
 
 - ``refnorm gradcheck [NAME ... | --all] [--json]`` — every backward against finite differences;
 - ``refnorm train ...`` — train the conv-net with a chosen normalizer (:mod:`refnorm.train`);
-- ``refnorm study [--quick]`` — the micro-batch study and its report.
+- ``refnorm study [--quick]`` — the micro-batch study and its report;
+- ``refnorm bench [--crossover | --data-parallel | --device gpu]`` — timings
+  (:mod:`refnorm.bench`);
+- ``refnorm conform MODULE:FACTORY --method M`` — the conventions of your own layer
+  (:mod:`refnorm.testing.cli`);
+- ``refnorm lessons --student DIR`` — the lessons with their exercises blanked
+  (:mod:`refnorm.lessons`).
+
+Usage, argument and folder problems are one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -97,11 +105,21 @@ def _path(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the sub-command's parser, so that its --help is the one named
+        commands = _commands(parser)
+        (commands.get(args.command) or parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2
     return args.run(args, parser)
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The sub-commands' parsers of ``parser``, by name."""
+    return next(action.choices for action in parser._actions
+                if isinstance(action, argparse._SubParsersAction))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="largest acceptable error beyond the noise floor, relative to the "
                          "gradient's scale (default: %(default)g)")
     gc.add_argument("--seed", type=_int_at_least(0), default=0,
-                    help="seed for inputs and upstream gradients")
+                    help="seed for inputs and upstream gradients (default %(default)s)")
     gc.set_defaults(run=_run_gradcheck)
     _add_train(sub)
     _add_study(sub)
@@ -216,9 +234,11 @@ def _add_train(sub) -> None:
                     help=f"learning-rate schedule (default {d['schedule']})")
     tr.add_argument("--seed", type=natural, help=f"(default {d['seed']})")
     tr.add_argument("--groups", type=positive,
-                    help=f"GN groups; must divide every width (default {d['groups']})")
+                    help=f"GN groups, for --norm gn only; must divide every width (default "
+                         f"{d['groups']})")
     tr.add_argument("--sn-inference", choices=("batch_average", "moving_average"),
-                    help="batch_average (the paper's) or moving_average (default "
+                    help="SN's inference statistics, for --norm sn or syncsn only: "
+                         "batch_average (the paper's) or moving_average (default "
                          f"{d['sn_inference']})")
     _add_compute_options(tr, dtype_default=None)
     tr.add_argument("--out", type=_path, default="runs/train",
@@ -226,7 +246,8 @@ def _add_train(sub) -> None:
     tr.add_argument("--resume", action="store_true",
                     help="continue from OUT/checkpoint.npz (options not given: the checkpoint's)")
     tr.add_argument("--overwrite", action="store_true",
-                    help="replace a checkpoint already in OUT (without it such a run is refused)")
+                    help="replace a checkpoint already in OUT (without it such a run is refused; "
+                         "not with --resume)")
     tr.set_defaults(run=_run_train)
 
 
@@ -267,7 +288,10 @@ def _use_path(args: argparse.Namespace) -> None:
 
 
 def _add_study(sub) -> None:
+    from refnorm.train.study import JUDGED_FROM, QUICK, StudyConfig
+
     positive = _int_at_least(1)
+    grid = StudyConfig()
     st = sub.add_parser(
         "study", help="the micro-batch study: normalizers x batch sizes, with a report",
         description=("Train a grid of normalizers x settings (#devices, #samples per device) "
@@ -277,14 +301,20 @@ def _add_study(sub) -> None:
     st.add_argument("--quick", action="store_true",
                     help="a small grid: 12 runs, about 15 s once the fast kernels are compiled")
     st.add_argument("--methods", type=_name_list, default=None,
-                    help="comma-separated, e.g. bn,gn,sn,gn+ws,ln,wn (default: all of these)")
+                    help=f"comma-separated (default {','.join(grid.methods)}; --quick "
+                         f"{','.join(QUICK.methods)})")
     st.add_argument("--batch-sizes", type=_int_list, default=None,
-                    help="comma-separated, e.g. 2,4,16,64")
-    st.add_argument("--update-size", type=positive, default=None)
-    st.add_argument("--epochs", type=positive, default=None)
+                    help="comma-separated samples per device, each dividing --update-size "
+                         f"(default {','.join(map(str, grid.batch_sizes))}; --quick "
+                         f"{','.join(map(str, QUICK.batch_sizes))})")
+    st.add_argument("--update-size", type=positive, default=None,
+                    help=f"samples per update, #devices x #samples per device (default "
+                         f"{grid.update_size}; --quick {QUICK.update_size})")
+    st.add_argument("--epochs", type=positive, default=None,
+                    help=f"(default {grid.epochs}; --quick {QUICK.epochs})")
     st.add_argument("--seeds", type=positive, default=None,
-                    help="number of seeds (default 3, --quick 1); the claims are judged with 3 "
-                         "or more")
+                    help=f"number of seeds (default {len(grid.seeds)}, --quick "
+                         f"{len(QUICK.seeds)}); the claims are judged with {JUDGED_FROM} or more")
     st.add_argument("--launcher", default="inprocess", choices=("inprocess", "mpi"),
                     help="run P devices as threads of one process (inprocess, default) or as P "
                          "processes under mpiexec (mpi)")
@@ -311,6 +341,9 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     if (problem := _device_problem(args)) is not None:
         return fail(problem)
+    if args.resume and args.overwrite:
+        return fail("give --resume (continue the run in --out) or --overwrite (start it again), "
+                    "not both")
     given = {dest: getattr(args, dest) for dest in TRAIN_FIELDS
              if getattr(args, dest) is not None}
     if launch is not None:
@@ -326,6 +359,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     try:
         config = _train_config(given, args.out if args.resume else None)
         config = dataclasses.replace(config, device=_device(args))
+        _check_applies(given, config.norm)
     except (ValueError, TypeError) as exc:
         return fail(str(exc))
     except Interrupted as stop:  # reading the checkpoint to resume stays interruptible
@@ -339,12 +373,35 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from refnorm.sync.comm import MPICommunicator
     from refnorm.train.parallel import gpu_communicator
 
-    with MPICommunicator() as mpi:
+    try:
+        mpi = MPICommunicator()
+    except ValueError as exc:  # $REFNORM_SYNC_TIMEOUT
+        return fail(str(exc))
+    with mpi:
         comm = mpi if config.device == "cpu" else gpu_communicator(mpi)
         status = _train(config, args, comm, quiet=quiet)
         if comm is not mpi:
             comm.finish("training ended")
     return status
+
+
+# Options that only one kind of normalizer reads (the option's dest -> those norms).
+NORM_OPTIONS = {"groups": ("gn",), "sn_inference": ("sn", "syncsn")}
+
+
+def _check_applies(given: dict, norm: str) -> None:
+    """Refuse an option given for a normalizer that does not read it.
+
+    Raises
+    ------
+    ValueError
+        Naming the option, the norms it applies to and the run's norm.
+    """
+    for dest, norms in NORM_OPTIONS.items():
+        if given.get(dest) is not None and norm not in norms:
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} applies to --norm {' or '.join(norms)}; this run's norm is "
+                             f"{norm}: leave {flag} out")
 
 
 def _train_config(given: dict, resume_from: str | None):
@@ -461,7 +518,7 @@ def _run_gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
     if args.all and args.names:
         return fail("give NAMEs or --all, not both")
-    names = list(registry.names()) if args.all else args.names
+    names = list(registry.names()) if args.all else list(dict.fromkeys(args.names))
     if not names:
         return fail("name at least one normalizer, or pass --all")
     unknown = [n for n in names if n not in registry.names()]

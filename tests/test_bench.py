@@ -17,7 +17,7 @@ from refnorm.backend import gpu_available, gpu_problem
 
 @pytest.mark.parametrize("torch_flag", [["--no-torch"], []], ids=["without-torch", "as-installed"])
 def test_quick_json_report_structure(capsys, torch_flag):
-    assert bench.main(["--quick", "--json", "--repeats", "1", "--threads", "2"] + torch_flag) == 0
+    assert bench.main(["--json", "--repeats", "1", "--threads", "2"] + torch_flag) == 0
     out = capsys.readouterr()
     report = json.loads(out.out)
     assert "[1/" in out.err  # the progress line goes to stderr, never into the JSON
@@ -77,7 +77,7 @@ def _size(shape) -> int:
 
 
 def test_text_report_and_bad_arguments(capsys):
-    assert bench.main(["--quick", "--repeats", "1", "--no-torch"]) == 0
+    assert bench.main(["--repeats", "1", "--no-torch"]) == 0
     text = capsys.readouterr().out
     assert "copy bandwidth" in text and "fast/ref" in text and "training steps" in text
     assert "fast/kernel" in text and "of copy" in text and "paths in the fast steps" in text
@@ -88,7 +88,7 @@ def test_text_report_and_bad_arguments(capsys):
 def test_the_refnorm_command_runs_the_bench(capsys):
     from refnorm.cli import main
 
-    assert main(["bench", "--quick", "--json", "--repeats", "1", "--no-torch"]) == 0
+    assert main(["bench", "--json", "--repeats", "1", "--no-torch"]) == 0
     assert "timings" in json.loads(capsys.readouterr().out)
 
 
@@ -144,3 +144,55 @@ def test_crossover_reports_one_thread_against_several(capsys):
         assert r["threads_over_one"] == pytest.approx(r["threads_ms"] / r["one_thread_ms"])
     assert bench.main(["--crossover", "--repeats", "1", "--threads", "2"]) == 0
     assert "1 thread against 2" in capsys.readouterr().out
+
+
+def test_more_threads_than_numba_allows_is_an_argument_error(capsys):
+    from refnorm.cli import main
+
+    limit = bench._thread_limit()
+    for argv in (["--no-torch"], ["--crossover"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", *argv, "--threads", str(limit + 1), "--repeats", "1"])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == (
+            f"refnorm bench: error: argument --threads: expected an integer from 1 to {limit} "
+            f"(numba's NUMBA_NUM_THREADS: the threads available to this process); got "
+            f"'{limit + 1}' (see refnorm bench --help)\n")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--quick", "--repeats", "3"], "give --quick (5 repetitions) or --repeats N, not both"),
+    (["--crossover", "--threads", "1"], "--crossover compares 1 thread with 2 or more; "
+                                        "expected --threads >= 2; got --threads 1"),
+    (["--crossover", "--no-torch"], "--crossover does not take --no-torch (it never runs "
+                                    "torch)"),
+    (["--crossover", "--data-parallel"], "--crossover and --data-parallel are two benches: "
+                                         "give one of them"),
+    (["--data-parallel", "--repeats", "3", "--threads", "1", "--no-torch"],
+     "--data-parallel does not take --repeats, --threads, --no-torch (it trains one run per "
+     "row, without torch; only --json applies)"),
+    (["--data-parallel", "--quick"], "--data-parallel does not take --quick"),
+])
+def test_options_a_bench_would_ignore_are_refused(argv, message, capsys):
+    from refnorm.cli import main
+
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refnorm bench: error: {message}") and err.count("\n") == 1, err
+
+
+def test_crossover_needs_two_threads_to_compare(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_thread_limit", lambda: 1)
+    assert bench.main(["--crossover", "--repeats", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "refnorm bench: error: --crossover compares 1 thread with 2 or more, but numba allows "
+        "this process 1 thread (NUMBA_NUM_THREADS)\n")
+
+
+def test_data_parallel_report_counts_bytes_in_kib():
+    from refnorm import bench_parallel
+
+    row = {"transport": "in-process", "norm": "bn", "allreduce_calls_per_step": 2.0,
+           "allreduce_bytes_per_step": 2048, "step_ms": 1.0, "collective_share": 0.5}
+    lines = bench_parallel.format_report({"rows": [row], "mpi_skipped": None}).splitlines()
+    assert lines[1].split()[3] == "KiB/step" and lines[2].split()[3] == "2.0"

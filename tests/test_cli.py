@@ -415,3 +415,235 @@ def test_train_and_study_outputs_get_the_same_permissions(tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for d in ("t", "s")
              for p in (tmp_path / d).iterdir() if p.is_file() and not p.name.startswith(".")}
     assert len(set(modes.values())) == 1, modes
+
+
+# -- options that cannot be honoured: refused, one line, exit 2 ------------------------------
+
+
+def _never_train(monkeypatch):
+    import refnorm.train.loop as trainer_module
+    import refnorm.train.study as study_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("training started despite a problem found before it")
+
+    monkeypatch.setattr(trainer_module, "run_epoch", never)
+    monkeypatch.setattr(study_module, "_run", never)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--norm", "bn", "--groups", "3"],
+     "--groups applies to --norm gn; this run's norm is bn: leave --groups out"),
+    (["--norm", "gn", "--sn-inference", "moving_average"],
+     "--sn-inference applies to --norm sn or syncsn; this run's norm is gn: leave "
+     "--sn-inference out"),
+    (["--resume", "--overwrite"],
+     "give --resume (continue the run in --out) or --overwrite (start it again), not both"),
+])
+def test_train_refuses_options_it_would_ignore(options, message, tmp_path, capsys, monkeypatch):
+    _never_train(monkeypatch)
+    assert main(["train", *options, "--epochs", "1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"refnorm train: error: {message}\n"
+
+
+def test_train_takes_the_options_of_its_norm(tmp_path, capsys, monkeypatch):
+    import refnorm.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_train", lambda config, *a, **k: seen.setdefault("c", config) and 0)
+    assert main(["train", "--norm", "gn", "--groups", "8", "--out", str(tmp_path)]) == 0
+    assert main(["train", "--norm", "syncsn", "--sn-inference", "moving_average", "--out",
+                 str(tmp_path / "s")]) == 0
+    assert seen["c"].num_groups == 8
+
+
+def test_a_bad_sync_timeout_under_mpiexec_is_one_line(tmp_path, capsys, monkeypatch):
+    # MPICommunicator reads $REFNORM_SYNC_TIMEOUT; a stand-in mpi4py for a rank 0 of 2
+    import sys
+    import types
+
+    import refnorm.launch
+
+    world = types.SimpleNamespace(Get_rank=lambda: 0, Get_size=lambda: 2)
+    mpi = types.ModuleType("mpi4py.MPI")
+    mpi.COMM_WORLD = world  # type: ignore[attr-defined]
+    package = types.ModuleType("mpi4py")
+    package.MPI = mpi  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mpi4py", package)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", mpi)
+    monkeypatch.setattr(refnorm.launch, "mpi_launch", lambda: (0, 2))
+    _never_train(monkeypatch)
+    for value in ("abc", "-5", "0"):
+        monkeypatch.setenv("REFNORM_SYNC_TIMEOUT", value)
+        assert main(["train", "--norm", "syncbn", "--batch-size", "16", "--epochs", "1",
+                     "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("refnorm train: error: $REFNORM_SYNC_TIMEOUT must be a "), err
+        assert err.count("\n") == 1 and "got " in err and value in err.split("got ")[-1]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--norm", "in"], "images of 4x4 leave 1x1 maps at block 3, where --norm in computes "
+                       "each statistic over one sample's map of one channel: one value"),
+    (["--norm", "sn"], "images of 4x4 leave 1x1 maps at block 3, where --norm sn computes"),
+    (["--norm", "bn", "--batch-size", "1"],
+     "images of 4x4 leave 1x1 maps at block 3, where --norm bn computes each statistic over "
+     "the maps of one channel over batch_size=1 sample(s): one value"),
+])
+def test_one_value_per_statistic_is_refused_before_training(options, message, tmp_path, capsys,
+                                                            monkeypatch):
+    # 4x4 images pass the max-pools (4x4, 2x2, 1x1), but these normalizers need more than one
+    # value per statistic in every block (README: images too small are found before training)
+    rng = np.random.default_rng(0)
+    for kind, n in (("train", 64), ("t10k", 8)):
+        _idx(tmp_path / f"{kind}-images-idx3-ubyte", rng.integers(0, 256, (n, 4, 4)))
+        _idx(tmp_path / f"{kind}-labels-idx1-ubyte", rng.integers(0, 10, n))
+    _never_train(monkeypatch)
+    argv = ["train", "--data", f"mnist:{tmp_path}", "--epochs", "1", "--out",
+            str(tmp_path / "out"), *options]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refnorm train: error: {message}"), err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_whose_maps_keep_two_values_are_accepted(tmp_path):
+    from refnorm.train.config import TrainConfig
+    from refnorm.train.loop import _check_statistics
+
+    for norm in ("in", "sn", "ln", "gn", "syncsn", "none"):
+        _check_statistics(TrainConfig(norm=norm), (8, 4))  # 2x1 maps at the last block
+    _check_statistics(TrainConfig(norm="ln"), (4, 4))  # LN: 32 channels of a 1x1 map
+    _check_statistics(TrainConfig(norm="gn", num_groups=16), (4, 4))  # 2 channels a group
+    _check_statistics(TrainConfig(norm="bn", batch_size=2), (4, 4))
+    _check_statistics(TrainConfig(norm="syncbn", batch_size=1, devices=2), (4, 4))
+
+
+def test_a_folder_where_the_checkpoint_goes_is_refused_before_training(tmp_path, capsys,
+                                                                       monkeypatch):
+    (tmp_path / CHECKPOINT).mkdir()
+    _never_train(monkeypatch)
+    for extra in ([], ["--overwrite"]):
+        assert main(["train", "--epochs", "1", "--out", str(tmp_path), *extra]) == 2
+        assert capsys.readouterr().err == (
+            f"refnorm train: error: {tmp_path / CHECKPOINT} is a folder, where the run writes "
+            f"its {CHECKPOINT} file: remove it or choose another --out\n")
+
+
+def test_an_overflowing_update_says_it_once(tmp_path, capsys):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--lr", "1e300", "--norm", "none", "--epochs", "1", "--out",
+                     str(tmp_path)]) == 3
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == []
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("refnorm train: layer 0 (Conv2d) parameter w became")
+
+
+# -- study: its folder is checked before training ---------------------------------------------
+
+
+@pytest.mark.parametrize(("make", "out", "message"), [
+    (lambda d: (d / "f").write_text("x"), "f", "the output folder {d}/f is a file, not a folder"),
+    (lambda d: (d / "f").write_text("x"), "f/below",
+     "the output folder {d}/f/below cannot be created: {d}/f is a file"),
+    (lambda d: (d / "o" / "runs.json").mkdir(parents=True), "o",
+     "{d}/o/runs.json is a folder, where the study writes its runs.json file: remove it or "
+     "choose another --out"),
+])
+def test_study_output_problems_are_one_line_before_training(make, out, message, tmp_path,
+                                                            capsys, monkeypatch):
+    make(tmp_path)
+    _never_train(monkeypatch)
+    assert main(["study", "--quick", "--jobs", "1", "--out", str(tmp_path / out)]) == 2
+    assert capsys.readouterr().err == (
+        f"refnorm study: error: {message.format(d=tmp_path)}\n")
+
+
+def test_study_help_gives_every_default(capsys):
+    from refnorm.train.study import QUICK, StudyConfig
+
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    grid = StudyConfig()
+    assert f"(default {','.join(grid.methods)}; --quick {','.join(QUICK.methods)})" in text
+    assert "syncbn" in grid.methods and "syncsn" in grid.methods
+    assert f"(default {','.join(map(str, grid.batch_sizes))}; --quick" in text
+    assert f"(default {grid.update_size}; --quick {QUICK.update_size})" in text
+    assert f"(default {grid.epochs}; --quick {QUICK.epochs})" in text
+
+
+# -- gradcheck ---------------------------------------------------------------------------------
+
+
+def test_gradcheck_checks_a_name_once_and_shows_its_seed_default(capsys):
+    assert main(["gradcheck", "ln", "ln", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["gradient"] for r in rows] == ["x", "gamma", "beta"]
+    with pytest.raises(SystemExit):
+        main(["gradcheck", "--help"])
+    assert "(default 0)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("argv", [["gradcheck"], ["train"], ["study"], ["bench"],
+                                  ["lessons", "--student", "x"],
+                                  ["conform", "a:b", "--method", "bn"]])
+def test_an_unknown_option_points_to_the_sub_commands_help(argv, capsys):
+    command = argv[0]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--bogus"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"refnorm {command}: error: unrecognized arguments: "
+                                       f"--bogus (see refnorm {command} --help)\n")
+
+
+# -- conform: every failure of the user's layer is one line, exit 2 ----------------------------
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["numpy:pi", "--method", "bn"],
+     "numpy:pi is a float, not a class or function that builds a layer"),
+    (["refnorm.norms:GroupNorm", "--method", "gn"],
+     "building the layer as refnorm.norms:GroupNorm(12) failed: ValueError: num_groups must "
+     "be a positive divisor"),
+    (["refnorm.norms:BatchNorm", "--method", "bn", "--args", "'a'"],
+     "building the layer as refnorm.norms:BatchNorm('a') failed: TypeError: num_channels"),
+    (["refnorm.norms:BatchNorm", "--method", "bn", "--args", "{[]: 1}"],
+     "--args: expected the factory's positional arguments as a Python literal (e.g. '3, 12'); "
+     "got '{[]: 1}' (TypeError: "),
+    (["tests.testing.impls:NumpyBN", "--method", "bn", "--args", "4", "--channels", "5"],
+     "running the layer built by tests.testing.impls:NumpyBN with --channels 5 on the "
+     "--method bn probes failed: "),
+])
+def test_conform_names_what_failed(argv, message, capsys):
+    from refnorm.testing import cli as conform
+
+    assert conform.main(["conform", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refnorm conform: error: {message}"), err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("channels", ["0", "-2"])
+def test_conform_refuses_channels_below_one(channels, capsys):
+    from refnorm.testing import cli as conform
+
+    with pytest.raises(SystemExit) as exc:
+        main(["conform", "tests.testing.impls:NumpyBN", "--method", "bn", "--channels",
+              channels])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"refnorm conform: error: argument --channels: expected "
+                                       f"an integer >= 1; got '{channels}' (see refnorm "
+                                       f"conform --help)\n")
+    assert conform._positive_int("3") == 3
+
+
+def test_conform_runs_as_a_program_of_its_own(capsys):
+    from refnorm.testing import cli as conform
+
+    assert conform.main(["tests.testing.impls:NumpyBN", "--method", "bn"]) == 0
+    assert "matches refnorm" in capsys.readouterr().out

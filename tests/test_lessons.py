@@ -278,6 +278,66 @@ def test_student_copy_into_a_file_says_it_is_a_file(tmp_path, capsys):
     assert a_file.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize(("text", "problem"), [
+    ('{"cells": 5}', "expected a JSON object whose 'cells' is a list of objects; got 'cells' "
+                     "of type int"),
+    ("[]", "expected a JSON object whose 'cells' is a list of objects; got a JSON list"),
+    ("{}", "expected a JSON object whose 'cells' is a list of objects; got an object without "
+           "'cells'"),
+    ('{"cells": [3]}', "expected a JSON object whose 'cells' is a list of objects; got a cell "
+                       "that is not an object"),
+    ("{bad", "it is not JSON (Expecting property name enclosed in double quotes"),
+    ('{"cells": [{"cell_type": "code", "metadata": 5}]}',
+     "a cell does not have nbformat 4's fields (AttributeError: "),
+])
+def test_a_source_that_is_not_a_notebook_is_named(text, problem, tmp_path, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "x.ipynb").write_text(text, encoding="utf-8")
+    assert lessons.main(["--student", str(tmp_path / "d"), "--source", str(source)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refnorm lessons: error: {source / 'x.ipynb'} is not a notebook: "
+                          f"{problem}"), err
+    assert err.count("\n") == 1 and not (tmp_path / "d").exists()
+
+
+def test_a_malformed_solution_cell_names_its_file(tmp_path, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    cell = {"cell_type": "code", "metadata": {"tags": ["solution"]}, "source": "x = 1\n"}
+    (source / "x.ipynb").write_text(json.dumps({"cells": [cell]}), encoding="utf-8")
+    assert lessons.main(["--student", str(tmp_path / "d"), "--source", str(source)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"refnorm lessons: error: {source / 'x.ipynb'}: a solution cell must start with")
+
+
+def test_an_empty_student_folder_is_refused(tmp_path, monkeypatch, capsys):
+    from refnorm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["lessons", "--student", ""])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("refnorm lessons: error: argument --student: expected a "
+                                       "folder path; got an empty string (see refnorm lessons "
+                                       "--help)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_leaves_no_truncated_notebook(tmp_path, monkeypatch, capsys):
+    # A full disk fails the write: the notebook is written to a temporary file and renamed
+    # into place, so nothing half-written is left for a rerun to take for the student's work.
+    from refnorm.lessons import student
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(student.os, "replace", full_disk)
+    assert lessons.main(["--student", str(tmp_path)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- the lessons' shape -------------------------------------------------------------------------
 
 

@@ -33,8 +33,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,55 @@ def _dumps(nb: Mapping[str, Any]) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 
+def _read_lesson(path: Path) -> tuple[str, list[str]]:
+    """The student copy of the lesson in ``path`` (as the text to write) and its blanks.
+
+    Raises
+    ------
+    LessonFormatError
+        Naming ``path``, if it is not notebook JSON (an object whose ``"cells"`` is a list of
+        objects) or a solution cell in it is malformed.
+    """
+    try:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LessonFormatError(f"{path} is not a notebook: it is not JSON ({exc})") from None
+    cells = nb.get("cells") if isinstance(nb, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
+        raise LessonFormatError(f"{path} is not a notebook: expected a JSON object whose "
+                                f"'cells' is a list of objects; got {_kind(nb)}")
+    try:
+        student, blanked = student_notebook(nb)
+    except LessonFormatError as exc:
+        raise LessonFormatError(f"{path}: {exc}") from None
+    except (TypeError, AttributeError, KeyError) as exc:  # a cell's fields of other types
+        raise LessonFormatError(f"{path} is not a notebook: a cell does not have nbformat 4's "
+                                f"fields ({type(exc).__name__}: {exc})") from None
+    return _dumps(student), blanked
+
+
+def _kind(nb: Any) -> str:
+    if not isinstance(nb, dict):
+        return f"a JSON {type(nb).__name__}"
+    if "cells" not in nb:
+        return "an object without 'cells'"
+    return f"'cells' of type {type(nb['cells']).__name__}" if not isinstance(
+        nb["cells"], list) else "a cell that is not an object"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, so that a
+    failed write (a full disk) leaves the old file or none, never a truncated notebook."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_student_copies(dest: Path, src: Path = LESSONS_DIR, *,
                          force: bool = False) -> dict[str, list[str]]:
     """Write the student copy of every ``src/*.ipynb`` into ``dest``; return the blanks per file.
@@ -159,6 +210,9 @@ def write_student_copies(dest: Path, src: Path = LESSONS_DIR, *,
     ------
     FileNotFoundError
         If ``src`` holds no lesson.
+    LessonFormatError
+        Naming the file, if a lesson in ``src`` is not a notebook or has a malformed solution
+        cell.
     NotADirectoryError
         If ``dest`` (or a folder above it) is a file.
     ValueError
@@ -178,8 +232,7 @@ def write_student_copies(dest: Path, src: Path = LESSONS_DIR, *,
         raise ValueError(f"the student copy would overwrite the lessons in {src}; pick another DIR")
     copies: dict[str, tuple[str, list[str]]] = {}
     for path in notebooks:
-        student, blanked = student_notebook(json.loads(path.read_text(encoding="utf-8")))
-        copies[path.name] = (_dumps(student), blanked)
+        copies[path.name] = _read_lesson(path)
         target = dest / path.name
         if not force and target.exists() and target.read_text(encoding="utf-8") != copies[
                 path.name][0]:
@@ -187,7 +240,7 @@ def write_student_copies(dest: Path, src: Path = LESSONS_DIR, *,
                                    "it is kept; pass --force to overwrite it")
     dest.mkdir(parents=True, exist_ok=True)
     for name, (text, _) in copies.items():
-        (dest / name).write_text(text, encoding="utf-8")
+        _write_atomically(dest / name, text)
     return {name: blanked for name, (_, blanked) in copies.items()}
 
 
@@ -203,13 +256,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      "after each exercise fails until it is filled in. A notebook in DIR that "
                      "differs from its blank (your work) is never overwritten without "
                      "--force."))
-    p.add_argument("--student", metavar="DIR", type=Path, required=True,
+    p.add_argument("--student", metavar="DIR", type=_folder, required=True,
                    help="folder to write the student copies into (created if missing)")
     p.add_argument("--source", metavar="DIR", type=Path, default=LESSONS_DIR,
                    help=f"folder of the solved lessons (default: {LESSONS_DIR})")
     p.add_argument("--force", action="store_true",
                    help="overwrite notebooks in DIR that differ from their blank (edited ones)")
     return p
+
+
+def _folder(text: str) -> Path:
+    """An argparse type: a non-empty folder path (an empty one would mean the current
+    folder), refused with the words of ``refnorm train --out`` (:func:`refnorm.cli._path`,
+    which this module cannot import: the CLI imports it)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder path; got an empty string")
+    return Path(text)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,9 @@
 imports ``factory`` from ``module.path``, calls it (with ``--args`` as positional
 arguments, default ``(C,)``) and fingerprints what it returns (a torch module, a callable or a
 stateful object, see :mod:`refnorm.testing.adapters`). Exit status 0 when the
-implementation matches a refnorm convention, 1 when it matches none, 2 on a usage error.
+implementation matches a refnorm convention, 1 when it matches none, 2 on a usage error,
+when building the layer from the target and ``--args`` fails, or when the layer fails on the
+probe inputs (the error named in one line).
 
 Wiring into ``refnorm/cli.py`` is one line: ``conform.add_parser(sub)`` with
 ``from refnorm.testing import cli as conform``; ``run(args)`` is set as the sub-command's
@@ -31,11 +33,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      "conventions it follows (variance estimator, eps placement and value, "
                      "momentum, running variance, GN group layout, SN ratios, WS std, WN "
                      "eps) and the refnorm options under which it matches. Exits 0 when it "
-                     "matches refnorm, 1 when it matches no known convention."))
+                     "matches refnorm, 1 when it matches no known convention, 2 when the layer "
+                     "cannot be built from the target and --args or fails on the probes."))
     p.add_argument("target", metavar="MODULE:FACTORY",
                    help="e.g. torch.nn:BatchNorm2d or mypkg.layers:make_bn")
     p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--channels", type=int, default=None,
+    p.add_argument("--channels", type=_positive_int, default=None,
                    help="C passed to the factory when --args is not given (default 4, "
                         "12 for gn)")
     p.add_argument("--args", default=None,
@@ -44,6 +47,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=lambda args, parser=None: run(args))
     return p
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
+    return value
 
 
 def _load(target: str) -> Any:
@@ -65,27 +79,60 @@ def _load(target: str) -> Any:
     return obj
 
 
+def _call(factory: Any, call_args: tuple, target: str) -> Any:
+    """``factory(*call_args)``; any error it raises as one ValueError naming the call."""
+    shown = f"{target}({', '.join(map(repr, call_args))})"
+    if not callable(factory):
+        raise ValueError(f"{target} is a {type(factory).__name__}, not a class or function "
+                         f"that builds a layer")
+    try:
+        return factory(*call_args)
+    except Exception as exc:  # the user's code: whatever it raises is the answer
+        raise ValueError(f"building the layer as {shown} failed: {type(exc).__name__}: "
+                         f"{exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``conform`` for parsed ``args``; return the exit status."""
     from refnorm.testing.probes import fingerprint
 
+    def fail(message: str) -> int:
+        print(f"refnorm conform: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+
     try:
         factory = _load(args.target)
-        C = args.channels or (12 if args.method == "gn" else 4)
+    except ValueError as exc:
+        return fail(str(exc))
+    C = args.channels or (12 if args.method == "gn" else 4)
+    try:
         call_args = ast.literal_eval(f"({args.args},)") if args.args else (C,)
-    except (ValueError, SyntaxError) as exc:
-        print(f"refnorm conform: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    impl = factory(*call_args)
-    report = fingerprint(args.method, impl, num_channels=args.channels)
+    except (ValueError, SyntaxError, TypeError) as exc:  # TypeError: e.g. "{[]: 1}"
+        return fail(f"--args: expected the factory's positional arguments as a Python "
+                    f"literal (e.g. '3, 12'); got {args.args!r} ({type(exc).__name__}: {exc})")
+    try:
+        impl = _call(factory, call_args, args.target)
+    except ValueError as exc:
+        hint = "" if args.args else " (give the factory's positional arguments with --args)"
+        return fail(f"{exc}{hint}")
+    try:
+        report = fingerprint(args.method, impl, num_channels=args.channels)
+    except Exception as exc:  # the user's layer failed on refnorm's probe inputs
+        channels = f" with --channels {args.channels}" if args.channels else ""
+        return fail(f"running the layer built by {args.target}{channels} on the --method "
+                    f"{args.method} probes failed: {type(exc).__name__}: {exc}")
     print(report.to_json() if args.json else str(report))
     return 0 if report.match is not None else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``refnorm conform`` as a program of its own (``python -m refnorm.testing.cli``)."""
+    """``refnorm conform`` as a program of its own (``python -m refnorm.testing.cli
+    MODULE:FACTORY --method M ...``, with or without the word ``conform``)."""
     parser = argparse.ArgumentParser(prog="refnorm")
     add_parser(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "conform":
+        argv = ["conform", *argv]
     return run(parser.parse_args(argv))
 
 

@@ -320,6 +320,10 @@ def _open_folder(folder: Path | None, stack: ExitStack, config: TrainConfig, *, 
         prepare_folder(folder)
         stack.enter_context(FolderLock(folder, notice=warn))
         remove_stale_temporaries(folder, OUTPUTS)
+        for name in OUTPUTS:  # a folder where the run writes a file: refused now, not later
+            if (folder / name).is_dir():
+                raise OutputFolderError(f"{folder / name} is a folder, where the run writes its "
+                                        f"{name} file: remove it or choose another --out")
         if not resume and not overwrite and (folder / CHECKPOINT).exists():
             raise OutputFolderError(_occupied(folder, config))
 
@@ -411,7 +415,8 @@ def check_data(config: TrainConfig, data: Dataset) -> None:
     ValueError
         If the training set is smaller than one update, the test set is empty, the test
         images have another shape than the training images, or the images are too small for
-        the network's max-pools (each block but the last halves the size).
+        the network's max-pools (each block but the last halves the size), or so small
+        that a block's normalizer would compute a statistic over a single value.
     """
     if len(data.y_train) < config.update_size:
         what = "devices * batch_size * accumulation" if config.devices > 1 else (
@@ -430,6 +435,41 @@ def check_data(config: TrainConfig, data: Dataset) -> None:
         h, w = data.x_train.shape[2:]
         raise ValueError(f"images of {h}x{w} are too small for {len(config.widths)} blocks: "
                          f"their {pools} 2x2 max-pools need at least {smallest}x{smallest}")
+    _check_statistics(config, data.x_train.shape[2:])
+
+
+def _check_statistics(config: TrainConfig, hw: tuple[int, ...]) -> None:
+    """Refuse a run whose normalizer would see one value per statistic in some block (its
+    variance would be 0 and the run would stop at its first step).
+
+    Block ``i`` normalizes maps of ``H >> i`` x ``W >> i`` (each 2x2 max-pool before it halves
+    them, rounding down); a statistic of IN (and of SN's IN scope) spans one sample's map of
+    one channel, GN's a group of C/G channels of one sample, LN's all C channels of one
+    sample, BN's one channel's maps of a device's micro-batch (SyncBN's: of every device's).
+    """
+    H, W = hw
+    b, P, G = config.batch_size, config.devices, config.num_groups
+    scopes = {  # norm -> (maps per statistic for a block of c channels, what they are)
+        "in": (lambda c: 1, "one sample's map of one channel"),
+        "sn": (lambda c: 1, "one sample's map of one channel (its IN scope)"),
+        "syncsn": (lambda c: 1, "one sample's map of one channel (its IN scope)"),
+        "ln": (lambda c: c, "one sample's maps of all its channels"),
+        "gn": (lambda c: c // G, "one sample's maps of a group of C/G channels"),
+        "bn": (lambda c: b, f"the maps of one channel over batch_size={b} sample(s)"),
+        "syncbn": (lambda c: b * P, f"the maps of one channel over devices x batch_size = "
+                                    f"{b * P} sample(s)")}
+    if config.norm not in scopes:
+        return
+    maps, scope = scopes[config.norm]
+    for i in reversed(range(len(config.widths))):  # the smallest maps first
+        h, w = H >> i, W >> i
+        if maps(config.widths[i]) * h * w > 1:
+            continue
+        larger = " or a --batch-size above 1" if config.norm in ("bn", "syncbn") else ""
+        raise ValueError(f"images of {H}x{W} leave {h}x{w} maps at block {i + 1}, where --norm "
+                         f"{config.norm} computes each statistic over {scope}: one value, and a "
+                         f"statistic needs more than one; give images of at least "
+                         f"{2 << i}x{2 << i}{larger}")
 
 
 def checkpoint_bytes(model: ConvNet, opt: SGD) -> int:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace
 
 DECAYED = ("w",)
@@ -55,11 +57,14 @@ class SGD:
         (an array of the parameter's namespace, shape and device)."""
         p = layer.params[name]
         xp = array_namespace(p, g)
-        if self.weight_decay and name in DECAYED:
-            g = g + self.weight_decay * p
-        v = self.momentum * self.velocity[key] + g
-        self.velocity[key] = xp.astype(v, p.dtype, copy=False)
-        layer.params[name] = xp.astype(p - lr * v, p.dtype, copy=False)
+        # An overflow becomes an infinity that the trainer's check after the update names
+        # (refnorm.train.finite): numpy's warning would only repeat it, less precisely.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.weight_decay and name in DECAYED:
+                g = g + self.weight_decay * p
+            v = self.momentum * self.velocity[key] + g
+            self.velocity[key] = xp.astype(v, p.dtype, copy=False)
+            layer.params[name] = xp.astype(p - lr * v, p.dtype, copy=False)
 
 
 def learning_rate(schedule: str, base: float, step: int, total: int) -> float:

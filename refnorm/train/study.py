@@ -149,11 +149,35 @@ def run_under_mpiexec(config: TrainConfig) -> list[dict]:
         return json.loads(Path(out, "metrics.json").read_text())
 
 
+# What a study writes into its folder.
+OUTPUTS = ("runs.json", "report.md", "accuracy_vs_batch.png", "sn_ratios.png", "wn_vs_bn.png")
+
+
+def prepare_output(out: str | Path) -> Path:
+    """Create the study's folder ``out`` if needed, before any training; return it.
+
+    Raises
+    ------
+    OutputFolderError
+        If ``out`` is a file, lies under a file or cannot be created, or one of
+        :data:`OUTPUTS` in it is a folder.
+    """
+    from refnorm.train.folder import OutputFolderError, prepare_folder
+
+    folder = prepare_folder(out)
+    for name in OUTPUTS:
+        if (folder / name).is_dir():
+            raise OutputFolderError(f"{folder / name} is a folder, where the study writes its "
+                                    f"{name} file: remove it or choose another --out")
+    return folder
+
+
 def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
               log=print) -> Path:
-    """Train the grid, write ``report.md`` and the plots into ``out``; return the report path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Train the grid, write ``report.md`` and the plots into ``out``; return the report path.
+
+    The folder is checked (:func:`prepare_output`) before the first run."""
+    out = prepare_output(out)
     configs = job_configs(study)
     jobs = jobs or min(len(configs), os.cpu_count() or 1)
     started = time.perf_counter()
@@ -239,6 +263,8 @@ class Claim:
     claim: str  # what the paper says, with where
     supported: bool | None  # whether this run supports it; None: not judged (too few seeds)
     evidence: str  # the numbers behind the verdict, and the criterion
+    # False when the grid cannot test it at all: it compares two settings, the grid has one
+    assessable: bool = True
 
 
 @dataclass(frozen=True)
@@ -272,8 +298,10 @@ def _significant(d: Estimate) -> bool:
 def claims(study: StudyConfig, cells: dict) -> list[Claim]:
     """The claims the grid can test (a claim whose cells the grid lacks is left out).
 
-    With fewer than :data:`JUDGED_FROM` seeds every claim is "not judged"; otherwise a
-    difference counts when it exceeds two standard errors (:func:`_significant`).
+    A claim that compares two settings is "not assessable" when the grid has one setting
+    (a single batch size: the two would be the same runs). With fewer than
+    :data:`JUDGED_FROM` seeds every other claim is "not judged"; otherwise a difference
+    counts when it exceeds two standard errors (:func:`_significant`).
     """
     small, large = min(study.batch_sizes), max(study.batch_sizes)
     S, L = study.setting(small), study.setting(large)
@@ -282,40 +310,44 @@ def claims(study: StudyConfig, cells: dict) -> list[Claim]:
     def have(*keys):
         return all(k in acc for k in keys)
 
-    found: list[tuple[str, bool, str]] = []
+    found: list[tuple[str, bool, str, bool]] = []  # claim, verdict, evidence, two settings
+
+    def add(claim: str, verdict: bool, evidence: str, *, two_settings: bool = True) -> None:
+        found.append((claim, verdict, evidence, two_settings))
+
     drop = {m: acc[(m, large)].minus(acc[(m, small)]) for m in study.methods
             if have((m, large), (m, small))}
     if "bn" in drop:
         d = drop["bn"]
-        found.append((f"BN degrades when each device sees {small} samples (SN Table 2; WS "
-                      "Table 2)", d.mean > 0 and _significant(d),
-                      f"BN {acc[('bn', large)].text()}% at {L} vs {acc[('bn', small)].text()}% "
-                      f"at {S}: a drop of {d.text()} points"))
+        add(f"BN degrades when each device sees {small} samples (SN Table 2; WS "
+            "Table 2)", d.mean > 0 and _significant(d),
+            f"BN {acc[('bn', large)].text()}% at {L} vs {acc[('bn', small)].text()}% "
+            f"at {S}: a drop of {d.text()} points")
     for m in ("gn", "sn"):
         if m in drop and "bn" in drop:
             d = drop[m]
-            found.append((f"{m.upper()} stays robust at micro-batches where BN does not (SN "
-                          "Table 2; WS Table 2)",
-                          not (d.mean > 0 and _significant(d)) and _significant(drop["bn"]),
-                          f"{m.upper()} drops {d.text()} points from {L} to {S}, BN "
-                          f"{drop['bn'].text()} ('supported': no significant drop where BN's "
-                          "is significant)"))
+            add(f"{m.upper()} stays robust at micro-batches where BN does not (SN "
+                "Table 2; WS Table 2)",
+                not (d.mean > 0 and _significant(d)) and _significant(drop["bn"]),
+                f"{m.upper()} drops {d.text()} points from {L} to {S}, BN "
+                f"{drop['bn'].text()} ('supported': no significant drop where BN's "
+                "is significant)")
     if have(("gn+ws", small), ("bn", large)):
         d = acc[("gn+ws", small)].minus(acc[("bn", large)])
-        found.append((f"GN+WS at {S} matches BN at {L} (WS Fig. 1, Table 2)",
-                      not (d.mean < 0 and _significant(d)),
-                      f"GN+WS {acc[('gn+ws', small)].text()}% vs BN "
-                      f"{acc[('bn', large)].text()}% (difference {d.text()} points; "
-                      "'supported': not significantly worse)"))
+        add(f"GN+WS at {S} matches BN at {L} (WS Fig. 1, Table 2)",
+            not (d.mean < 0 and _significant(d)),
+            f"GN+WS {acc[('gn+ws', small)].text()}% vs BN "
+            f"{acc[('bn', large)].text()}% (difference {d.text()} points; "
+            "'supported': not significantly worse)")
     if have(("sn", small), ("sn", large)):
         s_small = Estimate.of([_sn_bn_share([r]) for r in cells[("sn", small)]["ratios"]], 1.0)
         s_large = Estimate.of([_sn_bn_share([r]) for r in cells[("sn", large)]["ratios"]], 1.0)
         d = s_large.minus(s_small)
-        found.append(("SN's learned ratios move away from BN as the batch shrinks (SN Fig. 4)",
-                      d.mean > 0 and _significant(d),
-                      f"mean BN ratio over layers, means and variances: {s_small.mean:.2f} at "
-                      f"{S} vs {s_large.mean:.2f} at {L} (difference {d.mean:.3f}"
-                      + (f" ± {d.se:.3f})" if d.n > 1 else ")")))
+        add("SN's learned ratios move away from BN as the batch shrinks (SN Fig. 4)",
+            d.mean > 0 and _significant(d),
+            f"mean BN ratio over layers, means and variances: {s_small.mean:.2f} at "
+            f"{S} vs {s_large.mean:.2f} at {L} (difference {d.mean:.3f}"
+            + (f" ± {d.se:.3f})" if d.n > 1 else ")"))
     if have(("wn", large), ("bn", large)):
         wn, bn = cells[("wn", large)], cells[("bn", large)]
         wn_train, bn_train = Estimate.of(wn["train"]), Estimate.of(bn["train"])
@@ -323,30 +355,40 @@ def claims(study: StudyConfig, cells: dict) -> list[Claim]:
         bn_gap = Estimate.of([a - b for a, b in zip(bn["train"], bn["test"], strict=True)])
         d = wn_gap.minus(bn_gap)
         trains = not (wn_train.minus(bn_train).mean < -2.0)
-        found.append(("WN trains about as well as BN but generalizes worse (Gitman & "
-                      "Ginsburg)", trains and d.mean > 0 and _significant(d),
-                      f"at {L}: train accuracy WN {wn_train.text()}% vs BN {bn_train.text()}%, "
-                      f"train-test gap WN {wn_gap.text()} vs BN {bn_gap.text()} points"))
+        add("WN trains about as well as BN but generalizes worse (Gitman & "
+            "Ginsburg)", trains and d.mean > 0 and _significant(d),
+            f"at {L}: train accuracy WN {wn_train.text()}% vs BN {bn_train.text()}%, "
+            f"train-test gap WN {wn_gap.text()} vs BN {bn_gap.text()} points",
+            two_settings=False)
     if have(("syncbn", small), ("bn", large), ("bn", small)):
         d = acc[("syncbn", small)].minus(acc[("bn", large)])
-        found.append((f"SyncBN at {S} recovers BN at (1, {study.update_size}) (SN Table 7)",
-                      not _significant(d),
-                      f"SyncBN {acc[('syncbn', small)].text()}% at {S} vs BN "
-                      f"{acc[('bn', large)].text()}% at {L} and {acc[('bn', small)].text()}% "
-                      f"at {S} ('supported': no significant difference from BN at {L})"))
+        add(f"SyncBN at {S} recovers BN at (1, {study.update_size}) (SN Table 7)",
+            not _significant(d),
+            f"SyncBN {acc[('syncbn', small)].text()}% at {S} vs BN "
+            f"{acc[('bn', large)].text()}% at {L} and {acc[('bn', small)].text()}% "
+            f"at {S} ('supported': no significant difference from BN at {L})")
     if have(("syncsn", small), ("sn", small)):
         d = acc[("syncsn", small)].minus(acc[("sn", small)])
-        found.append(("SyncSN is at least as good as SN at micro-batches (SN Table 7)",
-                      not (d.mean < 0 and _significant(d)),
-                      f"at {S}: SyncSN {acc[('syncsn', small)].text()}% vs SN "
-                      f"{acc[('sn', small)].text()}% (difference {d.text()} points)"))
+        add("SyncSN is at least as good as SN at micro-batches (SN Table 7)",
+            not (d.mean < 0 and _significant(d)),
+            f"at {S}: SyncSN {acc[('syncsn', small)].text()}% vs SN "
+            f"{acc[('sn', small)].text()}% (difference {d.text()} points)",
+            two_settings=False)
     seeds = len(study.seeds)
-    if seeds < JUDGED_FROM:
-        return [Claim(c, None, f"{e}; {seeds} seed{'s' if seeds > 1 else ''}: not judged "
-                      f"(a verdict needs {JUDGED_FROM} seeds or more: --seeds "
-                      f"{JUDGED_FROM})") for c, _, e in found]
-    return [Claim(c, v, e + "; a difference counts when it exceeds two standard errors")
-            for c, v, e in found]
+    result = []
+    for c, v, e, two in found:
+        if two and S == L:
+            result.append(Claim(c, None, f"{e}; the grid has one setting, {S}: not assessable "
+                                "(the claim compares two settings: give two or more "
+                                "--batch-sizes)", assessable=False))
+        elif seeds < JUDGED_FROM:
+            result.append(Claim(c, None, f"{e}; {seeds} seed{'s' if seeds > 1 else ''}: not "
+                                f"judged (a verdict needs {JUDGED_FROM} seeds or more: --seeds "
+                                f"{JUDGED_FROM})"))
+        else:
+            result.append(Claim(c, v, e + "; a difference counts when it exceeds two standard "
+                                "errors"))
+    return result
 
 
 def _sn_bn_share(ratio_rows: list[dict]) -> float:
@@ -426,8 +468,9 @@ def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float
     lines += ["", "## The papers' claims, against this run", ""]
     for c in claims(study, cells):
         verdict = {True: "**supported**", False: "**not supported**",
-                   None: "**not judged**"}[c.supported]
-        lines.append(f"- {c.claim}: {verdict} by this run. {c.evidence}.")
+                   None: "**not judged**"}[c.supported] if c.assessable else "**not assessable**"
+        by = "by this run" if c.assessable else "by this grid"
+        lines.append(f"- {c.claim}: {verdict} {by}. {c.evidence}.")
     lines += ["", "## Plots", "",
               "![accuracy vs setting](accuracy_vs_batch.png)", ""]
     plot_accuracy(study, cells, out / "accuracy_vs_batch.png")

@@ -130,3 +130,43 @@ def test_fewer_than_three_seeds_are_not_judged(seeds):
     (claim,) = claims(StudyConfig(methods=("bn",), batch_sizes=(2, 32), update_size=32,
                                   seeds=seeds), cells)
     assert claim.supported is None and "not judged" in claim.evidence
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1, 2)])
+def test_a_claim_comparing_two_settings_is_not_assessed_on_one(seeds):
+    # with one batch size the "small" and "large" settings are the same runs
+    study = StudyConfig(methods=("bn", "gn", "wn"), batch_sizes=(32,), update_size=32,
+                        seeds=seeds)
+    acc = [0.9, 0.91, 0.9][:len(seeds)]
+    cells = _cells({("bn", 32): acc, ("gn", 32): acc, ("wn", 32): acc})
+    found = {c.claim.split(" ")[0]: c for c in claims(study, cells)}
+    for name in ("BN", "GN"):
+        assert found[name].supported is None and not found[name].assessable
+        assert "the grid has one setting, (1, 32): not assessable" in found[name].evidence
+    assert found["WN"].assessable  # one setting is all it compares
+
+
+def test_a_report_says_not_assessable(tmp_path):
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("bn",), batch_sizes=(32,), update_size=32, seeds=(0,))
+    history = [{"epoch": 1, "test_acc": 0.9, "train_acc": 0.95}]
+    runs = [{"config": {"norm": "bn", "weight": None, "batch_size": 32, "seed": 0},
+             "history": history, "seconds": 1.0}]
+    write_report(study, runs, tmp_path, 1.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "**not assessable** by this grid" in report and "**supported**" not in report
+
+
+def test_a_study_folder_problem_comes_before_any_run(tmp_path, monkeypatch):
+    import refnorm.train.study as study_module
+    from refnorm.train.folder import OutputFolderError
+
+    def never(*args, **kwargs):
+        raise AssertionError("a run started before the folder was checked")
+
+    monkeypatch.setattr(study_module, "_run", never)
+    (tmp_path / "report.md").mkdir()
+    study = StudyConfig(methods=("bn",), batch_sizes=(32,), update_size=32, seeds=(0,))
+    with pytest.raises(OutputFolderError, match="report.md is a folder, where the study"):
+        run_study(study, tmp_path, jobs=1)
