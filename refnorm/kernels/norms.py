@@ -310,7 +310,7 @@ def _combine(dy2, xh2, coefficients, shape) -> np.ndarray:
 
 
 def refuse_overflow(x: np.ndarray, dtype: Any, *sums: np.ndarray, name: str = "x") -> None:
-    """Raise the reference's error (:func:`refnorm.core.moments.check_variance_finite`) for a
+    """Raise the reference's error (``refnorm.core.moments.check_variance_finite``) for a
     finite ``x`` when one of ``sums`` (float64; none given: a kernel found one) exceeds the
     largest value of ``dtype``, the compute dtype. ``x`` and ``sums``: numpy or CuPy arrays
     (:mod:`refnorm.kernels.cuda` shares it).
