@@ -196,3 +196,26 @@ def test_check_layer_leaves_the_layer_untouched():
     assert max(e.max_rel_error for e in errors.values()) < 1e-6
     assert layer.params["gamma"].dtype == np.float32
     np.testing.assert_array_equal(layer.state["running_mean"], np.zeros(2))
+
+
+def test_the_noise_floor_grows_with_the_outputs_as_the_readme_says():
+    """At (16, 8, 8, 8) the floor (1.5e-5) is 300x a correct BN backward's deviation, and a
+    dx 1e-5 too large passes a tolerance of 1e-6: the limit the README states."""
+    rng = np.random.default_rng(0)
+    inputs = {"x": 5 * rng.standard_normal((16, 8, 8, 8)) + 12,
+              "gamma": 1 + 0.5 * rng.standard_normal(8), "beta": 0.5 * rng.standard_normal(8)}
+
+    def f(x, gamma, beta):
+        return refnorm.batch_norm_forward(x, gamma, beta)[0]
+
+    def vjp(scale):
+        def run(dy, x, gamma, beta):
+            _, cache = refnorm.batch_norm_forward(x, gamma, beta)
+            dx, _, _ = refnorm.batch_norm_backward(dy, cache)
+            return {"x": dx * scale}
+        return run
+
+    right = check_vjp(f, vjp(1.0), inputs)["x"]
+    off = check_vjp(f, vjp(1 + 1e-5), inputs)["x"]
+    assert 1e-5 < right.fd_noise < 2e-5 and right.max_abs_error < 1e-7
+    assert off.max_rel_error < 1e-6 < off.raw_rel_error

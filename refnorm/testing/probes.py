@@ -501,13 +501,39 @@ def _gradient_rows(p: _Probe, report: Report) -> None:
     x = p.rng.standard_normal(p.shape) * 2 + 1
     gamma, beta = p.rng.uniform(0.5, 2, p.C), p.rng.uniform(-1, 1, p.C)
     dy = p.rng.standard_normal(p.shape)
+    if p.method == "sn":  # every scope in the mixture, so that each term of the backward counts
+        kept, p.logits = p.logits, (p.rng.normal(0, 1, 3), p.rng.normal(0, 1, 3))
+        try:
+            _gradients(p, report, x, gamma, beta, dy)
+        finally:
+            p.logits = kept
+        return
+    _gradients(p, report, x, gamma, beta, dy)
+
+
+def _gradients(p: _Probe, report: Report, x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
+               dy: np.ndarray) -> None:
+    """The rows of :func:`_gradient_rows` at ``x``, ``gamma``, ``beta`` (and, for SN, the
+    probe's logits, whose gradients are checked by central differences too)."""
     grads = p.impl.vjp(dy, x, p.params(gamma, beta))
     axes = (0,) + tuple(range(2, len(p.shape)))
     x_hat = p.run(x)
     want = {"dgamma": np.sum(dy * x_hat, axis=axes), "dbeta": np.sum(dy, axis=axes),
             "dx": _central_differences(lambda xx: float(np.sum(dy * p.run(xx, gamma=gamma,
                                                                            beta=beta))), x)}
-    got = dict(zip(("dx", "dgamma", "dbeta"), grads, strict=False))
+    names = ["dx", "dgamma", "dbeta"]
+    if p.method == "sn":
+        assert p.logits is not None
+        for i, name in enumerate(("dmean_logits", "dvar_logits")):
+            def loss(lg: np.ndarray, i: int = i) -> float:
+                logits = list(p.logits)  # type: ignore[arg-type]
+                logits[i] = lg
+                params = (gamma, beta, *logits)
+                return float(np.sum(dy * np.asarray(p.impl.forward(x, params, training=True),
+                                                    dtype=np.float64)))
+            want[name] = _central_differences(loss, np.asarray(p.logits[i], dtype=np.float64))
+            names.append(name)
+    got = dict(zip(names, grads, strict=False))
     if not p.impl.affine:
         del want["dgamma"], want["dbeta"]
     wrong = []
@@ -709,8 +735,7 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
         if method in ("bn", "in", "sn") else None
     if report.conventions.get("running") not in (None, "none") and running is None:
         ok = False                       # buffers follow no refnorm option
-    if method != "sn":
-        _gradient_rows(p, report)
+    _gradient_rows(p, report)
     ok = ok and report.conventions.get("gradients", "consistent") == "consistent"
     ok = ok and report.conventions.get("offset_precision") == "ok"
     _conclude(report, impl, p.shape, candidates, running, rng, ok)
