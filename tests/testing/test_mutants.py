@@ -172,3 +172,37 @@ def test_switchable_norm_gradients_are_probed_logits_included(scales, wrong):
         assert report.conventions["gradients"] == "consistent" and report.match is not None
     else:
         assert report.conventions["gradients"] == wrong and report.match is None
+
+
+def test_a_float16_output_returned_as_float32_fails():
+    """refnorm returns y in x's dtype; an implementation that widens float16 to float32
+    passed before (only values were compared)."""
+    def widened(x, gamma, beta):
+        return numpy_bn_forward(x.astype(np.float32), gamma.astype(np.float32),
+                                beta.astype(np.float32))
+    with pytest.raises(AssertionError, match=r"y: returned as float32 for float16 input"):
+        assert_matches("bn", widened, dtype=np.float16, max_examples=10)
+
+
+def test_refnorms_own_float16_layer_passes_with_its_running_statistics():
+    """The buffers hold float16: 0.9 is stored as 0.89990234375. The tolerance once used
+    float32's roundoff for them and failed refnorm's own layer."""
+    import refnorm
+
+    layer = refnorm.build("bn", 4, dtype=np.float16)
+
+    class Stateful:
+        momentum, eps = 0.1, 1e-5
+        running_mean = property(lambda s: layer.state["running_mean"],
+                                lambda s, v: layer.state.__setitem__(
+                                    "running_mean", np.asarray(v, np.float16)))
+        running_var = property(lambda s: layer.state["running_var"],
+                               lambda s, v: layer.state.__setitem__(
+                                   "running_var", np.asarray(v, np.float16)))
+
+        def __call__(self, x, gamma, beta, training=True):
+            layer.params = {"gamma": np.asarray(gamma, np.float16),
+                            "beta": np.asarray(beta, np.float16)}
+            return layer.forward(np.asarray(x, np.float16), training=training)
+
+    assert_matches("bn", Stateful(), dtype=np.float16, num_channels=4, max_examples=30)
