@@ -207,7 +207,8 @@ def _add_train(sub) -> None:
                      "--accumulation of them on each of --devices devices. Writes "
                      "metrics.csv, metrics.json, curves.png and checkpoint.npz (every epoch, "
                      "atomically) to --out, which the run locks; --resume continues a run "
-                     "bit-identically (the options not given come from its checkpoint). "
+                     "bit-identically on the same --path (the options not given come from "
+                     "its checkpoint; the path is the process's, not recorded there). "
                      "Ctrl-C or SIGTERM stops at the next step boundary, saves a checkpoint "
                      "and exits 130 or 143; a NaN or an infinity anywhere stops the run with "
                      "exit 3; an argument, data or folder problem exits 2 before training."))

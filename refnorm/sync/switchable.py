@@ -113,11 +113,19 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
     """
     xp = array_namespace(h)
     mu_in, offset_in, var_in = in_moments(h, in_correction=in_correction)  # (N_p, C, 1)
+    S = h.shape[2]
     count, sum_mu, sum_var = allreduce(comm, [
-        xp.asarray([float(h.shape[0])], dtype=h.dtype, **on_device(device_of(h))),
+        xp.asarray([float(h.shape[0]), float(S), float(S * S)], dtype=xp.float64,
+                   **on_device(device_of(h))),
         xp.sum(mu_in, axis=(0, 2)), xp.sum(var_in, axis=(0, 2))],
         op="syncsn forward (count, IN moments)", layer=layer)
     groups = int(count[0])
+    total_s, total_s2 = float(count[1]), float(count[2])
+    if total_s * total_s != comm.size * total_s2:  # equal iff every rank's S is the same
+        raise ValueError(f"synchronized switchable normalization needs the same spatial size "
+                         f"on every device (its IN and LN scopes count S values per "
+                         f"statistic); this device's x has {S} values per plane, the devices' "
+                         f"mean is {total_s / comm.size:g}")
     if groups == 0:
         raise ValueError("no samples on any device: the BN scope has nothing to average")
     mu_sybn = sum_mu / groups                                               # (C,)

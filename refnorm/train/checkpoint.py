@@ -169,11 +169,23 @@ def restore(saved: Saved, config: TrainConfig, model: ConvNet, opt: SGD, *,
             [f"has arrays the model does not: {', '.join(extra)}"] if extra else [])
         raise CheckpointError(f"checkpoint {path} does not match the model: "
                               + "; ".join(parts))
-    for key in [k for k in headers if k.startswith("device")]:
-        _, _, base = key.partition("/")
-        if base not in expected or not base.startswith("state/"):
-            raise CheckpointError(f"checkpoint {path} does not match the model: has arrays "
-                                  f"the model does not: {key}")
+    # the floating-point states of devices 1..P-1, exactly where the run keeps per-device
+    # running statistics (as save_checkpoint's other_devices): none lacking, none extra
+    per_device = config.devices > 1 and not config.synchronized
+    floating = [k for k, a in expected.items()
+                if k.startswith("state/") and to_numpy(a).dtype.kind == "f"]
+    wanted = {f"device{p}/{k}" for p in range(1, config.devices) for k in floating} \
+        if per_device else set()
+    given = {k for k in headers if k.startswith("device")}
+    if wanted - given:
+        lacking = sorted(wanted - given)
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: lacks {', '.join(lacking[:4])}"
+            f"{', ...' if len(lacking) > 4 else ''} (each device's running statistics, which a "
+            f"run of {config.devices} devices with --norm {config.norm} keeps)")
+    if given - wanted:
+        raise CheckpointError(f"checkpoint {path} does not match the model: has arrays the "
+                              f"model does not: {', '.join(sorted(given - wanted)[:4])}")
     source = {k: f"device{device}/{k}" if device and f"device{device}/{k}" in headers else k
               for k in expected}
     for key, like in expected.items():  # from the headers: nothing large is read yet

@@ -27,7 +27,8 @@ from refnorm.weights import WeightNorm
 def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> None:
     """Salimans & Kingma's initialization of every Weight Normalization layer (WN and NP).
 
-    One seeded batch of ``batch_size * accumulation`` training samples goes through the
+    One seeded batch of ``update_size`` (``devices x batch_size x accumulation``) training
+    samples goes through the
     network in order; each WN layer sets its gain and bias so that its pre-activations on
     that batch have zero mean and unit variance, then passes the batch on. Layer states
     (running statistics) are left as they were, and no layer keeps a cache of this pass.
@@ -116,15 +117,19 @@ def _sums(model: ConvNet, x: np.ndarray, y: np.ndarray, comm: Any) -> tuple[floa
 def average_batches(config: TrainConfig, data: Dataset, epoch: int) -> list[np.ndarray]:
     """The batches SN's batch average sees after epoch ``epoch``.
 
-    ``average_samples`` training samples drawn with ``default_rng([seed, epoch, 1])``, in
-    batches of ``devices * batch_size`` (each (devices * batch_size, C, H, W), split over the
-    devices as a training micro-batch is; a partial last one is left out, so that every batch
-    has the statistics of a training micro-batch).
+    ``average_samples`` training samples drawn with ``default_rng([seed, epoch, 1])``, cut to
+    a multiple of ``update_size`` (so that every run that trains on the same micro-batches
+    averages the same ones: P devices x b and one device accumulating P micro-batches of b),
+    in batches of ``devices * batch_size`` (each (devices * batch_size, C, H, W), split over
+    the devices as a training micro-batch is: each batch has the statistics of a training
+    micro-batch). :func:`refnorm.train.loop.check_data` refuses ``average_samples`` below one
+    update.
     """
     pick = np.random.default_rng([config.seed, epoch, 1]).permutation(len(data.y_train))
-    pick = pick[:config.average_samples]
+    used = min(config.average_samples, len(pick))
+    pick = pick[:used - used % config.update_size]
     b = config.devices * config.batch_size
-    return [data.x_train[pick[i:i + b]] for i in range(0, len(pick) - b + 1, b)]
+    return [data.x_train[pick[i:i + b]] for i in range(0, len(pick), b)]
 
 
 def sn_ratios(model: ConvNet) -> dict[str, float]:

@@ -94,6 +94,7 @@ from refnorm.train.parallel import (
     check_same_model,
     epoch_steps,
     share_record,
+    statistic_parts,
     step_pieces,
 )
 from refnorm.train.position import Position, Totals
@@ -367,8 +368,9 @@ def run_device(comm: Any, setup: _Setup) -> Result:
     model = build_model(config, data, comm=comm, norm_layer=setup.norm_layer)
     opt = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     bar = Progress(enabled=setup.progress and comm.rank == 0)
+    norm = None if setup.norm_layer is not None else config.norm
     steps = epoch_steps(len(data.y_train), config.update_size,
-                        config.devices * config.accumulation)
+                        statistic_parts(norm, config.devices, config.accumulation))
     run = Run(config, data, model, opt, comm, setup.folder, bar, setup.signals, steps,
               setup.on_step)
 
@@ -416,7 +418,8 @@ def check_data(config: TrainConfig, data: Dataset) -> None:
         If the training set is smaller than one update, the test set is empty, the test
         images have another shape than the training images, or the images are too small for
         the network's max-pools (each block but the last halves the size), or so small
-        that a block's normalizer would compute a statistic over a single value.
+        that a block's normalizer would compute a statistic over a single value, or SN's
+        batch average would have no batch (``average_samples`` below one update).
     """
     if len(data.y_train) < config.update_size:
         what = "devices * batch_size * accumulation" if config.devices > 1 else (
@@ -436,6 +439,14 @@ def check_data(config: TrainConfig, data: Dataset) -> None:
         raise ValueError(f"images of {h}x{w} are too small for {len(config.widths)} blocks: "
                          f"their {pools} 2x2 max-pools need at least {smallest}x{smallest}")
     _check_statistics(config, data.x_train.shape[2:])
+    averaged = min(config.average_samples, len(data.y_train))
+    if (config.norm in ("sn", "syncsn") and config.sn_inference == "batch_average"
+            and averaged < config.update_size):
+        raise ValueError(
+            f"SN's batch average pools batches of one update (devices x batch_size x "
+            f"accumulation = {config.update_size} samples) from average_samples="
+            f"{config.average_samples} of the training samples: not one batch; use a smaller "
+            f"--batch-size, --sn-inference moving_average, or a larger average_samples")
 
 
 def _check_statistics(config: TrainConfig, hw: tuple[int, ...]) -> None:
@@ -644,7 +655,9 @@ def local_step(model: ConvNet, batches: list[tuple[Any, Any]], *,
     Each micro-batch's loss is the sum of its samples' cross-entropies divided by ``total``,
     the samples of the whole step over every micro-batch and device: the gradients summed
     over micro-batches (and devices) are then those of the step's mean loss, whatever the
-    sizes of the pieces.
+    sizes of the pieces. A piece may be empty (a short last step of a synchronized or
+    per-sample normalizer, :func:`~refnorm.train.parallel.statistic_parts`): it adds no loss
+    and no gradient, and runs the forward and backward for their collectives.
 
     Returns
     -------
@@ -662,11 +675,15 @@ def local_step(model: ConvNet, batches: list[tuple[Any, Any]], *,
     for xb, yb in batches:
         xb, yb = on_model(model, xb), on_model(model, yb)
         logits = model.forward(xb, training=True)                        # (b, classes)
-        loss, cache = softmax_cross_entropy(logits, yb)
-        if problem is None and not math.isfinite(float(loss)):
-            problem = NonFinite("the training loss", float(loss))
         n = yb.shape[0]
-        model.backward(softmax_cross_entropy_backward(cache) * (n / total))
+        if n:
+            loss, cache = softmax_cross_entropy(logits, yb)
+            if problem is None and not math.isfinite(float(loss)):
+                problem = NonFinite("the training loss", float(loss))
+            dlogits = softmax_cross_entropy_backward(cache) * (n / total)
+        else:  # an empty shard of a short last step: no loss, every collective still met
+            loss, dlogits = 0.0, xp.zeros_like(logits)
+        model.backward(dlogits)
         for key, layer, name in model.named_params():
             g = layer.grads[name]
             grads[key] = g if key not in grads else grads[key] + g

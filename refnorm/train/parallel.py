@@ -11,7 +11,11 @@ same for all of them; the communicator is the only difference. What each device 
   whatever P is. :func:`step_pieces` splits it into A micro-batches and each micro-batch into
   P contiguous shards; device p takes shard p of every micro-batch. The last batch of an
   epoch may be smaller: it is split as evenly as possible (shards then differ by one sample),
-  and kept when every shard gets at least two samples (:func:`epoch_steps`).
+  and kept when every batch statistic it needs gets at least two samples: every shard for
+  per-device BN and SN, every micro-batch over all devices for SyncBN, SyncSN and the
+  per-sample normalizers, whose shards may then hold one sample or none
+  (:func:`statistic_parts`, :func:`epoch_steps`). Runs that train the same samples the same
+  way keep the same last step: P devices x b and one device x (P b).
 - **Its loss.** Device p's loss is the sum of its samples' cross-entropies divided by the
   step's number of samples, so that the sum over devices and micro-batches is the mean over
   the whole global batch, also with unequal shards: parameter gradients are then summed over
@@ -42,7 +46,7 @@ from refnorm.launch import local_rank
 from refnorm.sync.headers import allreduce
 
 SYNC_NORMS = ("syncbn", "syncsn")
-MIN_SHARD = 2  # samples a device needs in a micro-batch of the last, smaller batch
+MIN_SHARD = 2  # samples each batch statistic of the last, smaller step needs
 MESSAGE_BYTES = 2048  # room for one device's message to all (a NonFinite, a setup error)
 
 def gpu_communicator(mpi: Any) -> Any:
@@ -64,13 +68,38 @@ def gpu_communicator(mpi: Any) -> Any:
 # -- samples ----------------------------------------------------------------------------------
 
 
+# normalizers whose statistics span each device's micro-batch (a shard), not one sample and
+# not every device's
+PER_DEVICE_NORMS = ("bn", "sn")
+
+
+def statistic_parts(norm: str | None, devices: int, accumulation: int) -> int:
+    """Into how many parts a step's batch statistics divide its samples, each part needing
+    :data:`MIN_SHARD` of them: the ``pieces`` of :func:`epoch_steps`.
+
+    Per-device BN and SN (and a normalizer of one's own, ``norm=None``) take statistics over
+    every shard, ``devices x accumulation`` of them; SyncBN and SyncSN over each micro-batch
+    of all devices together, ``accumulation``; the others over one sample, and their
+    micro-batches are asked for two samples each too, as a one-device run's would be.
+
+    Runs that train the same samples the same way therefore keep or leave out the same last
+    step: SyncBN on P devices x b and BN on one device x (P b) (``accumulation`` each), GN on
+    either, per-device BN on P devices and BN on one device accumulating P micro-batches.
+    A kept last step may then give a device of a synchronized or per-sample run a shard of
+    one sample, or none.
+    """
+    if norm in SYNC_NORMS or (norm is not None and norm not in PER_DEVICE_NORMS):
+        return accumulation
+    return devices * accumulation
+
+
 def epoch_steps(samples: int, global_batch: int, pieces: int) -> list[int]:
     """The number of samples of each optimizer step of an epoch over ``samples`` samples.
 
     Full steps of ``global_batch`` samples, then the rest as one smaller step when it gives
-    each of the step's ``pieces`` (micro-batches x devices) at least :data:`MIN_SHARD`
-    samples (a device's batch statistics need two values; a smaller rest is left out, as a
-    ``drop_last`` data loader would).
+    each of the step's ``pieces`` (:func:`statistic_parts`: the parts its batch statistics
+    are taken over) at least :data:`MIN_SHARD` samples (a statistic needs two values; a
+    smaller rest is left out, as a ``drop_last`` data loader would).
     """
     full, rest = divmod(samples, global_batch)
     return [global_batch] * full + ([rest] if rest >= MIN_SHARD * pieces else [])

@@ -443,10 +443,12 @@ def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float
         row = []
         for b in study.batch_sizes:
             t = np.array(cells[(m, b)]["test"]) * 100
-            row.append(f"{t.mean():.1f} ± {t.std():.1f}" if len(t) > 1 else f"{t.mean():.1f}")
+            row.append(f"{t.mean():.1f} ± {t.std(ddof=1):.1f}" if len(t) > 1
+                       else f"{t.mean():.1f}")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     if len(study.seeds) > 1:
-        lines += ["", "Mean ± standard deviation over seeds."]
+        lines += ["", "Mean ± sample standard deviation over seeds (ddof 1, as the claims' "
+                  "standard errors)."]
     lines += [""]
     independent = [m for m in study.methods
                    if parse_method(m)[0] in ("none", "in", "ln", "gn")]
@@ -497,7 +499,8 @@ def plot_accuracy(study, cells, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for m in study.methods:
         means = [_mean(cells[(m, b)]["test"]) * 100 for b in study.batch_sizes]
-        stds = [float(np.std(cells[(m, b)]["test"])) * 100 for b in study.batch_sizes]
+        stds = [float(np.std(cells[(m, b)]["test"], ddof=1)) * 100
+                if len(cells[(m, b)]["test"]) > 1 else 0.0 for b in study.batch_sizes]
         ax.errorbar(study.batch_sizes, means, yerr=stds, marker="o", capsize=3, label=m)
     ax.set_xscale("log", base=2)
     ax.set_xticks(study.batch_sizes, [f"({p}, {b})" for p, b in map(study.setting,

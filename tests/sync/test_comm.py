@@ -148,3 +148,15 @@ def test_every_device_finishing_is_no_error():
 
     for out in InProcessGroup.run(3, device):
         np.testing.assert_array_equal(out, [6.0, 6.0])
+
+
+def test_synchronized_sn_refuses_devices_of_different_spatial_sizes():
+    """Ranks at (4, 3, 2, 2) and (4, 3, 4, 4) were accepted, and ended with different running
+    variances: SN's IN and LN scopes count each device's own S."""
+    def device(comm, hw):
+        layer = refnorm.build("syncsn", 3, dtype=np.float64, comm=comm)
+        layer.forward(np.random.default_rng(comm.rank).standard_normal((4, 3, hw, hw)),
+                      training=True)
+
+    with pytest.raises(ValueError, match="needs the same spatial size on every device"):
+        InProcessGroup.run(2, device, [2, 4], timeout=GROUP_TIMEOUT_S)

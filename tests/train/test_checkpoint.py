@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -207,3 +208,38 @@ def test_a_foreign_array_is_refused_before_any_array_is_read(tmp_path, tiny_data
     with pytest.raises(CheckpointError, match="has arrays the model does not: huge$"):
         train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
     assert read == []  # refused from the archive's list of members and their headers
+
+
+@pytest.mark.parametrize(("norm", "edit", "message"), [
+    ("bn", "drop", r"lacks device1/state/\d+/running_mean.*each device's running statistics, "
+                   r"which a run of 2 devices with --norm bn keeps"),
+    ("syncbn", "add", r"has arrays the model does not: device1/state/\d+/running_mean")])
+def test_per_device_statistics_are_in_the_checkpoint_exactly_where_the_run_keeps_them(
+        tmp_path, tiny_data, norm, edit, message):
+    """A 2-device BN checkpoint without device 1's running statistics was resumed without a
+    word (device 1 took device 0's); a synchronized run's checkpoint with such arrays too."""
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "accumulation": 1}, norm=norm, devices=2)
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    if edit == "drop":
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("device1/")}
+    else:
+        arrays.update({f"device1/{k}": v for k, v in list(arrays.items())
+                       if k.startswith("state/") and k.endswith("running_mean")})
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(CheckpointError, match=message):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+
+
+def test_an_sn_batch_average_without_one_batch_is_refused_before_training(tiny_data):
+    """average_samples=6 below one update (4 x 2 = 8 samples): found after the first epoch
+    before (no batch to average), now by check_data, before training."""
+    from refnorm.train.loop import check_data
+    cfg = TrainConfig(**{**TINY, "average_samples": 6}, norm="sn")  # update: 4 x 2 = 8
+    with pytest.raises(ValueError, match=r"SN's batch average pools batches of one update "
+                                         r"\(devices x batch_size x accumulation = 8 samples\)"):
+        check_data(cfg, tiny_data)
+    check_data(dataclasses.replace(cfg, sn_inference="moving_average"), tiny_data)

@@ -264,3 +264,35 @@ def test_more_devices_than_the_data_can_feed_is_refused(datasets):
     with pytest.raises(ValueError, match=r"^one update needs devices \* batch_size \* "
                                          r"accumulation = 120 samples; the training set has 85"):
         train(config, progress=False, data=datasets[2])
+
+
+@pytest.mark.parametrize(("many", "one"), [({"norm": "syncbn"}, {"norm": "bn"}),
+                                           ({"norm": "gn", "num_groups": 2},
+                                            {"norm": "gn", "num_groups": 2})])
+def test_a_short_last_step_is_kept_or_left_out_alike_on_p_devices_and_on_one(many, one):
+    """43 samples in steps of 4 x 2: a last step of 3, which one device x 8 keeps (BN needs
+    two values) and 4 devices once left out (each shard needing two): the runs then differed
+    in every array. Now both keep it; one device of the four gets an empty shard."""
+    full = prepare_data(TrainConfig(train_subset=43))
+    data = dataclasses.replace(full, x_test=full.x_test[:40], y_test=full.y_test[:40])
+    from refnorm.train.parallel import statistic_parts
+    assert epoch_steps(43, 8, statistic_parts(many["norm"], 4, 1))[-1] == 3
+    assert [s.stop - s.start for s in step_pieces(3, 1, 4)[0]] == [0, 1, 1, 1]
+    a = _run(data, devices=4, batch_size=2, **many)
+    b = _run(data, devices=1, batch_size=8, **one)
+    _assert_close(_params(a), _params(b), "parameter")
+    _assert_close(_states(a), _states(b), "state")
+    _assert_losses_close(a, b)
+
+
+def test_sn_batch_averages_pool_the_same_micro_batches_on_p_devices_and_with_accumulation():
+    """average_samples (48 here) is cut to a multiple of the update: 2 devices x 5 and one
+    device accumulating 2 micro-batches of 5 pool the same 40 samples (before, 40 against 45:
+    the partial batch was left out of batches of 10 and of 5)."""
+    from refnorm.train.evaluate import average_batches
+    config = TrainConfig(**{**BASE, "devices": 2, "batch_size": 5, "norm": "sn"})
+    single = dataclasses.replace(config, devices=1, accumulation=2)
+    full = prepare_data(TrainConfig(train_subset=127))
+    many, one = average_batches(config, full, 0), average_batches(single, full, 0)
+    assert [len(b) for b in many] == [10] * 4 and [len(b) for b in one] == [5] * 8
+    np.testing.assert_array_equal(np.concatenate(many), np.concatenate(one))
