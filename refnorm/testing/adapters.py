@@ -298,6 +298,9 @@ def _torch_hints(module: Any) -> dict[str, Any]:
         hints["num_channels"] = int(shape[0])
         hints["spatial"] = len(shape) - 1
         hints["input_shape"] = tuple(int(s) for s in shape)
+        weight = getattr(module, "weight", None)
+        if weight is not None and len(weight.shape) > 1:          # one gain per element
+            hints["gain_shape"] = tuple(int(s) for s in weight.shape)
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is not None and hasattr(parametrizations, "weight"):   # weight_norm
         hints["weight_shape"] = tuple(parametrizations.weight.original1.shape)

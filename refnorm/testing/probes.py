@@ -410,6 +410,12 @@ def _affine_row(p: _Probe, report: Report) -> bool:
         return True
     ok = bool(np.allclose(y2, gamma.reshape(view) * y1 + beta.reshape(view), rtol=1e-9,
                           atol=1e-12))
+    gain = p.impl.hints.get("gain_shape")
+    if ok and gain is not None:  # PyTorch's LayerNorm: one gain per element, not per channel
+        report.add("affine", f"gamma * x_hat + beta, one gain and bias per element of "
+                             f"{tuple(gain)} (probed per channel)", "gamma * x_hat + beta, (C,)",
+                   False, affine="per_element")
+        return False
     report.add("affine", "gamma * x_hat + beta, per channel" if ok else "other",
                "gamma * x_hat + beta, (C,)", ok, affine="per_channel" if ok else "other")
     return ok
@@ -657,7 +663,9 @@ def _conclude(report: Report, impl: Impl, shape: tuple[int, ...],
     for opts in candidates:
         ok, err = _verify(impl, method, shape, opts, rng)
         results.append((ok and conventions_ok, err, opts))
-    results.sort(key=lambda r: (not r[0], r[1]))
+    # a match with the least residual; with none, the first candidate, which follows the
+    # conventions found above (SN's IN variance as probed): the closest never contradicts them
+    results.sort(key=lambda r: (not r[0], r[1] if r[0] else 0.0))
     ok, err, opts = results[0]
     text = reference.describe(method, opts)
     if running is not None:
@@ -717,10 +725,10 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
                    "biased (1/m)", None, variance="not probed")
         hint = p.impl.hints.get("eps")
         placement, eps = "unknown", hint if isinstance(hint, float) else 1e-5
-    _affine_row(p, report)
+    per_channel = _affine_row(p, report) or report.conventions.get("affine") != "per_element"
     options: dict[str, Any] = {"eps": eps or 1e-300}
     ok = ((method == "sn" or report.conventions["variance"] == "biased")
-          and placement in ("inside_sqrt", "none") and scope_ok)
+          and placement in ("inside_sqrt", "none") and scope_ok and per_channel)
     if method == "gn":
         options["num_groups"] = report.conventions["num_groups"]
         ok = ok and report.conventions["group_layout"] in ("consecutive", "n/a")

@@ -73,6 +73,18 @@ def test_layer_norm():
     assert report.match == "refnorm.layer_norm_forward(eps=1e-05)", str(report)
 
 
+def test_layer_norm_with_a_gain_per_element_is_named_so():
+    """LayerNorm((C, H, W)) learns one gain per element, not refnorm's per channel; the
+    probes set its gains per channel, so only its parameter's shape tells, and it was
+    reported as refnorm's LN."""
+    report = fingerprint("ln", torch.nn.LayerNorm((4, 3, 4)))
+    assert report.conventions["affine"] == "per_element"
+    assert "one gain and bias per element of (4, 3, 4)" in str(report)
+    assert report.match is None and "closest: refnorm.layer_norm_forward" in str(report)
+    plain = fingerprint("ln", torch.nn.LayerNorm((4, 3, 4), elementwise_affine=False))
+    assert plain.match == "refnorm.layer_norm_forward(eps=1e-05)", str(plain)
+
+
 def test_weight_norm_has_no_eps():
     module = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(2, 3, 2))
     report = fingerprint("wn", module)
