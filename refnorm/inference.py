@@ -36,8 +36,10 @@ def _run(model: Any, x: Array) -> Array:
 def batch_average(model: Any, batches: Iterable[Array], *, comm: Any = None) -> int:
     """Set the BN-scope population statistics of every SN layer by the paper's batch average.
 
-    The network is frozen: its parameters are not touched and every layer's state (BN
-    running statistics, SN moving averages) is restored afterwards. Each batch is fed in
+    Every SN layer with a BN scope is set, whatever its ``inference`` option: one built with
+    ``inference="moving_average"`` has its moving averages replaced by the batch average (and
+    keeps its option). The network is otherwise frozen: its parameters are not touched and
+    every other layer's state (BN running statistics) is restored afterwards. Each batch is fed in
     training mode, each SN layer's BN-scope (count, mean, variance) is read after every
     batch (:meth:`~refnorm.norms.switchable_norm.SwitchableNorm.batch_statistics`), and the
     records are merged by the law of total variance::

@@ -7,8 +7,10 @@ For logits z (N, K) and integer labels t (N,) in [0, K):
     dL/dz[n, k] = (p[n, k] - [k = t[n]]) / N
 
 Subtracting the row maximum m (the log-sum-exp trick) changes nothing mathematically and
-keeps every exponent <= 0: no overflow for logits of any size, and the largest term of each
-sum is exactly 1, so the logarithm never sees 0. The naive ``log(sum(exp(z)))`` overflows to
+keeps every exponent <= 0: no overflow for logits of any size whose spread within a row fits
+the dtype (``z - m`` of a row holding 1e308 and -1e308 is -inf, whose exponential is 0, and
+the loss stays right), and the largest term of each sum is exactly 1, so the logarithm never
+sees 0. The naive ``log(sum(exp(z)))`` overflows to
 ``inf`` in float64 once a logit exceeds about 709 (88 in float32).
 
 The loss is a scalar at the end of the network, so its backward takes no upstream gradient:
@@ -69,13 +71,16 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, SoftmaxC
     TypeError
         If ``labels`` has a non-integer dtype (float or bool), or the namespaces differ.
     ValueError
-        If ``logits`` is not 2-D or has N = 0, ``labels`` is not (N,), or a label is outside
-        [0, K).
+        If ``logits`` is not 2-D or has N = 0 or K = 0, ``labels`` is not (N,), or a label is
+        outside [0, K).
     """
     xp = check_rank("logits", logits, layout="(N, K)")
     N, K = logits.shape
     if N == 0:
         raise ValueError("logits must hold at least one sample (N >= 1); got shape "
+                         f"{tuple(logits.shape)}")
+    if K == 0:
+        raise ValueError("logits must hold at least one class (K >= 1); got shape "
                          f"{tuple(logits.shape)}")
     _check_labels(xp, labels, N, K)
     array_namespace(logits, labels)  # one namespace for both

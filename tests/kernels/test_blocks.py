@@ -268,3 +268,27 @@ def test_a_forked_child_starts_helpers_of_its_own():
     done = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("model", ["bn", "gn", "sn", "gn+ws"])
+def test_the_training_step_is_bitwise_the_same_at_one_and_two_threads(model):
+    """docs/performance.md: the study's step (its convolutions cut by samples, its
+    normalizers cut alike at either thread count) gives the same bits at 1 and 2 threads."""
+    from refnorm.bench_cases import _train_step
+    from refnorm.layer import iter_layers
+
+    def run(threads):
+        previous = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            step = _train_step("fast", model)
+            step()
+        finally:
+            numba.set_num_threads(previous)
+        return [a.copy() for layer in iter_layers(step.model)
+                for a in (*layer.grads.values(), *layer.state.values())]
+
+    if numba.config.NUMBA_NUM_THREADS < 2:  # type: ignore[attr-defined]
+        pytest.skip("numba allows this process one thread")
+    one, two = run(1), run(2)
+    assert len(one) == len(two) and all(np.array_equal(a, b) for a, b in zip(one, two, strict=True))

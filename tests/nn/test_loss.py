@@ -173,3 +173,9 @@ def test_label_errors(labels, error, match):
 def test_errors_name_the_argument_expected_and_got(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_logits_without_a_class_are_named_so():
+    """(2, 0) logits were refused with a message about labels in [0, 0)."""
+    with pytest.raises(ValueError, match=r"logits must hold at least one class \(K >= 1\)"):
+        softmax_cross_entropy(np.zeros((2, 0)), np.zeros(2, dtype=np.int64))
