@@ -457,31 +457,6 @@ def test_train_takes_the_options_of_its_norm(tmp_path, capsys, monkeypatch):
     assert seen["c"].num_groups == 8
 
 
-def test_a_bad_sync_timeout_under_mpiexec_is_one_line(tmp_path, capsys, monkeypatch):
-    # MPICommunicator reads $REFNORM_SYNC_TIMEOUT; a stand-in mpi4py for a rank 0 of 2
-    import sys
-    import types
-
-    import refnorm.launch
-
-    world = types.SimpleNamespace(Get_rank=lambda: 0, Get_size=lambda: 2)
-    mpi = types.ModuleType("mpi4py.MPI")
-    mpi.COMM_WORLD = world  # type: ignore[attr-defined]
-    package = types.ModuleType("mpi4py")
-    package.MPI = mpi  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mpi4py", package)
-    monkeypatch.setitem(sys.modules, "mpi4py.MPI", mpi)
-    monkeypatch.setattr(refnorm.launch, "mpi_launch", lambda: (0, 2))
-    _never_train(monkeypatch)
-    for value in ("abc", "-5", "0"):
-        monkeypatch.setenv("REFNORM_SYNC_TIMEOUT", value)
-        assert main(["train", "--norm", "syncbn", "--batch-size", "16", "--epochs", "1",
-                     "--out", str(tmp_path)]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("refnorm train: error: $REFNORM_SYNC_TIMEOUT must be a "), err
-        assert err.count("\n") == 1 and "got " in err and value in err.split("got ")[-1]
-
-
 @pytest.mark.parametrize(("options", "message"), [
     (["--norm", "in"], "images of 4x4 leave 1x1 maps at block 3, where --norm in computes "
                        "each statistic over one sample's map of one channel: one value"),

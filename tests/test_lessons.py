@@ -486,3 +486,18 @@ def test_student_copy_fails_exactly_at_its_checks(path):
             assert "check" not in tags, f"check cell {i} passed in the student copy"
     checks = [i for i, c in enumerate(student["cells"]) if "check" in lessons.tags(c)]
     assert failed == checks
+
+
+def test_student_copies_get_the_permissions_a_plain_write_gives(tmp_path):
+    """Written through a temporary file (mkstemp's are 0600), they are made as open() would."""
+    import os
+
+    from refnorm.lessons.student import write_student_copies
+
+    umask = os.umask(0o022)
+    try:
+        write_student_copies(tmp_path / "copies")
+    finally:
+        os.umask(umask)
+    modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "copies").glob("*.ipynb")}
+    assert modes == {0o644}

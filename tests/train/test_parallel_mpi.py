@@ -95,6 +95,19 @@ def test_devices_other_than_the_processes_are_refused(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("value", ["abc", "-5", "0"])
+def test_a_bad_sync_timeout_under_mpiexec_is_one_line(tmp_path, value):
+    """It ended in a traceback from every rank: the communicator read it outside the CLI's
+    error handling."""
+    job = run_mpi(2, HARNESS, "cli", "none", *CLI, "--norm", "syncbn", "--out",
+                  str(tmp_path / "x"), env={"REFNORM_SYNC_TIMEOUT": value}, timeout=60)
+    assert job.returncode == 2, job.stderr
+    lines = job.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "refnorm train: error: $REFNORM_SYNC_TIMEOUT must be a "), job.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_mpiexec_without_mpi4py_is_one_sentence(tmp_path):
     shadow = tmp_path / "shadow" / "mpi4py"
     shadow.mkdir(parents=True)
