@@ -622,3 +622,18 @@ def test_conform_runs_as_a_program_of_its_own(capsys):
 
     assert conform.main(["tests.testing.impls:NumpyBN", "--method", "bn"]) == 0
     assert "matches refnorm" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_train_and_study_on_a_gpu_without_one_stop_in_one_sentence(command, tmp_path, capsys):
+    """README: without a GPU, --device gpu stops in one sentence saying what was looked for,
+    before anything is written."""
+    from refnorm.backend import gpu_available, gpu_problem
+
+    if gpu_available():
+        pytest.skip("a GPU is here: tests/gpu/ runs these on it")
+    out = tmp_path / "out"
+    assert main([command, "--device", "gpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"refnorm {command}: error: --device gpu: {gpu_problem()}"
+    assert not out.exists()

@@ -704,7 +704,7 @@ register(Exercise(
     function="shard_sizes",
     nudges=(
         "n = P q + r with 0 <= r < P: every shard gets q samples and r of them one more; "
-        "'the larger shards last' says which r.",
+        "where each shard begins, floor(p n / P), says which r.",
         "let shard p start at floor(p n / P); its size is floor((p + 1) n / P) - floor(p n / P).",
     ),
     mistakes=(
@@ -713,7 +713,8 @@ register(Exercise(
                 "sample.",
                 partial(_shard_sizes, mistake="remainder_last")),
         Mistake("the larger shards first",
-                "refnorm puts the larger shards last: shard p starts at floor(p n / P).",
+                "refnorm spreads the larger shards: shard p starts at floor(p n / P) (22 "
+                "samples on 8 devices: 2, 3, 3, 3, 2, 3, 3, 3).",
                 partial(_shard_sizes, mistake="larger_first")),
         Mistake("ceil(n / P) for every device but the last",
                 "With n = 5 on 4 devices that leaves 2, 2, 2 and -1: deal the remainder one "

@@ -160,3 +160,23 @@ def test_synchronized_sn_refuses_devices_of_different_spatial_sizes():
 
     with pytest.raises(ValueError, match="needs the same spatial size on every device"):
         InProcessGroup.run(2, device, [2, 4], timeout=GROUP_TIMEOUT_S)
+
+
+@pytest.mark.parametrize(("layer", "values"), [("syncbn", lambda C: 1 + 4 * C),
+                                               ("syncsn", lambda C: 3 + 6 * C)])
+def test_a_synchronized_layer_makes_three_all_reduces_of_the_documented_size(layer, values):
+    """docs/data-parallel.md's table: a forward and a backward of one layer, metered."""
+    from refnorm.sync.comm import MeteredCommunicator
+
+    C = 7
+
+    def device(comm):
+        metered = MeteredCommunicator(comm)
+        norm = refnorm.build(layer, C, dtype=np.float64, comm=metered)
+        y = norm.forward(np.random.default_rng(comm.rank).standard_normal((3, C, 4, 4)),
+                         training=True)
+        norm.backward(np.ones_like(y))
+        return metered.calls, metered.bytes // 8
+
+    for calls, count in InProcessGroup.run(2, device, timeout=GROUP_TIMEOUT_S):
+        assert (calls, count) == (3, values(C))

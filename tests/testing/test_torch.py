@@ -110,3 +110,20 @@ def test_torch_weight_norm_differs_by_its_missing_eps_and_at_a_zero_filter():
     # the finite limit 0 in refnorm; hypothesis shrinks to it
     with pytest.raises(AssertionError, match=r"got nan, refnorm 0.0"):
         assert_matches("wn", module, eps=1e-300)
+
+
+def test_a_torch_module_is_copied_never_changed():
+    """docs/testing.md: the module given is copied per dtype; its parameters, buffers, mode
+    and gradients are as they were after fingerprint and assert_matches."""
+    module = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        module.weight.mul_(2.0)
+        module.running_var.fill_(3.0)
+    module.eval()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    fingerprint("bn", module)
+    assert_matches("bn", module, max_examples=5)
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not module.training and all(p.grad is None for p in module.parameters())
