@@ -1,4 +1,4 @@
-"""The README's promises name the tests that keep them: every named test exists.
+"""The promises of the README and the docs name the tests that keep them: every named test exists.
 
 The README cites tests as ``(`tests/x/test_y.py`: `test_a`, `test_b`; `tests/z.py`: ...)``;
 each cited test function must be defined in the file cited before it.
@@ -13,12 +13,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cited_tests() -> list[tuple[str, str]]:
-    text = " ".join(ROOT.joinpath("README.md").read_text().split())
+def cited_tests(name: str = "README.md") -> list[tuple[str, str]]:
+    text = " ".join(ROOT.joinpath(name).read_text().split())
     cited = []
     for match in re.finditer(r"`(tests/[\w/]+\.py)`: ((?:`test_\w+`(?:, | and |,? ?)?)+)", text):
-        for name in re.findall(r"`(test_\w+)`", match.group(2)):
-            cited.append((match.group(1), name))
+        for test in re.findall(r"`(test_\w+)`", match.group(2)):
+            cited.append((match.group(1), test))
     return cited
 
 
@@ -27,13 +27,15 @@ def test_the_readme_cites_tests():
 
 
 def test_every_cited_test_exists():
+    """In the README and in every page of the docs."""
+    pages = ["README.md", *(str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("docs/*.md")))]
     missing = []
-    for path, name in cited_tests():
+    for path, name in (c for page in pages for c in cited_tests(page)):
         tree = ast.parse(ROOT.joinpath(path).read_text())
         defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
         if name not in defined:
             missing.append(f"{path}::{name}")
-    assert not missing, f"the README cites tests that do not exist: {missing}"
+    assert not missing, f"the README or the docs cite tests that do not exist: {missing}"
 
 
 def test_no_file_keeps_a_merge_conflict():
