@@ -8,7 +8,8 @@ What is timed, for each normalizer (bn, in, ln, gn with G = 32, sn) at (32, 64, 
   :mod:`refnorm.kernels` after the same argument checks;
 - ``kernel``: the kernels of :mod:`refnorm.kernels` alone, called with the arguments the fast
   variant passes them (what a fast call costs without its dispatch, checks and cache):
-  ``fast/kernel`` is what the Python around the kernels costs;
+  ``fast/kernel`` is what the Python of the public function around them costs (the
+  kernels' own layout code, allocation and thread switching count in ``kernel``);
 - ``torch``: ``torch.nn.functional`` in the same process, when ``import torch`` works
   (torch is never a dependency of refnorm); SN has no PyTorch counterpart.
 
@@ -288,7 +289,21 @@ def run(*, quick: bool = False, repeats: int | None = None, threads: int | None 
                                    step_models, lambda s: say(f"[{n_parts}/{n_parts}] "
                                                               f"training steps: {s}"))
     machine["load_average_end"] = _load_average()
+    machine["torch_requested"] = use_torch
+    machine["numba_threading_layer_in_use"] = _threading_layer_in_use()
     return report
+
+
+def _threading_layer_in_use() -> str | None:
+    """The threading layer numba's parallel loops ran on (``omp``, ``tbb``, ``workqueue``),
+    which ``numba.config.THREADING_LAYER`` (a request, ``default``) does not say; None before
+    any parallel loop ran."""
+    import numba
+
+    try:
+        return str(numba.threading_layer())
+    except ValueError:
+        return None
 
 
 def _steps(torch, threads: int, repeats: int, models: tuple[str, ...],
@@ -374,7 +389,7 @@ def crossover(threads: int, repeats: int,
             k = kernels.gn_forward(x, gamma, beta, EPS, GROUPS)
             return kernels.gn_backward(dy, k.x_hat, k.rstd, gamma)
         name = f"gn N={N}"
-        sizes[name] = ("values", 3 * x.size)
+        sizes[name] = ("values per loop", 3 * x.size)  # what SERIAL_BELOW is set against
         for n in (1, threads):
             impls[f"{name} {n}t"] = on(n, gn)
     for c_in, c_out, hw in ((3, 16, 1024), (16, 32, 256), (32, 32, 64)):
@@ -414,7 +429,7 @@ def crossover(threads: int, repeats: int,
             f = kernels.conv_forward(x, w, None, window[1], window[2])
             return kernels.conv_backward(dy, f.cols, f.w_mat, x.shape, window, bias=False)
         name = f"conv blocks N={N}"
-        sizes[name] = ("multiply-adds", 32 * 16 * 9 * 256 * N)
+        sizes[name] = ("forward multiply-adds", 32 * 16 * 9 * 256 * N)  # as MIN_BLOCK_WORK
         for n in (1, threads):
             blocks_impls[f"{name} {n}t"] = on_blocks(n, conv)
     times = _interleaved(blocks_impls, repeats, progress)
@@ -427,15 +442,19 @@ def crossover(threads: int, repeats: int,
     return {"threads": threads, "rows": rows, "load_average": _load_average()}
 
 
+def _no_torch(machine: dict[str, Any]) -> str:
+    return "not installed" if machine.get("torch_requested", True) else "not timed: --no-torch"
+
+
 def format_crossover(report: dict[str, Any]) -> str:
     """The crossover measurement as text."""
     n = report["threads"]
     load = " ".join(f"{v:.2f}" for v in report["load_average"] or [])
     lines = [f"1 thread against {n} (medians, interleaved; load average {load}):",
-             f"  {'case':<18} {'work':>14} {'1 thread ms':>12} {f'{n} threads ms':>13} "
+             f"  {'case':<18} {'work':>29} {'1 thread ms':>12} {f'{n} threads ms':>13} "
              f"{f'{n}t/1t':>7}"]
     for r in report["rows"]:
-        lines.append(f"  {r['case']:<18} {r['work'] / 1e6:>6.2f}M {r['unit'][:6]:<6} "
+        lines.append(f"  {r['case']:<18} {r['work'] / 1e6:>6.2f}M {r['unit']:<21} "
                      f"{r['one_thread_ms']:>12.3f} {r['threads_ms']:>13.3f} "
                      f"{r['threads_over_one']:>7.2f}")
     return "\n".join(lines)
@@ -452,13 +471,15 @@ def format_report(report: dict[str, Any]) -> str:
                       for k in ("load_average_start", "load_average_end"))
     lines = [
         f"machine: {m['platform']}, {m['cpu_count']} cores; numba {m['numba_threads']} threads "
-        f"({m['numba_threading_layer']}), torch {m.get('torch_threads', '-')} threads "
-        f"({m['torch'] or 'not installed'}), BLAS {m['blas_threads']}; fast path: "
+        f"(layer {m.get('numba_threading_layer_in_use') or m['numba_threading_layer']}), torch "
+        f"{m.get('torch_threads', '-')} threads ({m['torch'] or _no_torch(m)}), BLAS "
+        f"{m['blas_threads']}; fast path: "
         f"{m['fast_path']}; "
         + ", ".join(f"{k}={v}" for k, v in m["openmp_env"].items()),
         f"load average (1, 5, 15 min) at start / end: {load}",
         f"copy bandwidth: {report['copy_gb_per_s']:.1f} GB/s; {report['repeats']} interleaved "
-        f"repetitions; GB/s counts {report['bytes_model']}",
+        f"repetitions of each normalizer ({max(3, report['repeats'] // 2)} of each training "
+        f"step, {max(3, report['repeats'] // 3)} copies); GB/s counts {report['bytes_model']}",
         "",
         f"{'case':<21} {'impl':<9} {'median ms':>9} {'min-max ms':>13} {'cpu ms':>7} "
         f"{'GB/s':>6} {'of copy':>7} {'faults':>6}",

@@ -81,6 +81,9 @@ def test_text_report_and_bad_arguments(capsys):
     text = capsys.readouterr().out
     assert "copy bandwidth" in text and "fast/ref" in text and "training steps" in text
     assert "fast/kernel" in text and "of copy" in text and "paths in the fast steps" in text
+    # torch may be installed: --no-torch says it was not timed, not that it is missing; the
+    # threading layer is the one the loops ran on, not numba's request ("default")
+    assert "(not timed: --no-torch)" in text and "(layer default)" not in text
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
 
@@ -142,8 +145,11 @@ def test_crossover_reports_one_thread_against_several(capsys):
     for r in report["rows"]:
         assert r["one_thread_ms"] > 0 and r["threads_ms"] > 0
         assert r["threads_over_one"] == pytest.approx(r["threads_ms"] / r["one_thread_ms"])
+    assert [r["unit"] for r in report["rows"]] == (
+        ["values per loop"] * 6 + ["multiply-adds"] * 3 + ["forward multiply-adds"] * 5)
     assert bench.main(["--crossover", "--repeats", "1", "--threads", "2"]) == 0
-    assert "1 thread against 2" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "1 thread against 2" in text and "forward multiply-adds" in text
 
 
 def test_more_threads_than_numba_allows_is_an_argument_error(capsys):
