@@ -79,6 +79,10 @@ def _inputs(kind, dtype):
         ("squares", np.float32): (1e19 * z, True),
         # a constant channel at 1.7e38: its sum overflows (the reference's mean is inf)
         ("sum", np.float32): (np.where(np.arange(4)[None, :, None, None] == 1, 1.7e38, z), True),
+        # channel 1 at +-3e38: partial sums of both signs overflow, inf - inf: the reference's
+        # mean was NaN, and so its outputs, for finite inputs
+        ("signs", np.float32): (np.where(np.arange(4)[None, :, None, None] == 1,
+                                         3e38 * np.sign(z), z), True),
         ("spread", np.float64): (1e150 * z, False),
         ("squares", np.float64): (1e160 * z, True),
     }
@@ -88,8 +92,8 @@ def _inputs(kind, dtype):
 
 @pytest.mark.parametrize("method", sorted(FORWARDS))
 @pytest.mark.parametrize(("kind", "dtype"), [("spread", np.float32), ("squares", np.float32),
-                                             ("sum", np.float32), ("spread", np.float64),
-                                             ("squares", np.float64)])
+                                             ("sum", np.float32), ("signs", np.float32),
+                                             ("spread", np.float64), ("squares", np.float64)])
 def test_both_paths_refuse_exactly_where_the_references_sums_overflow(method, kind, dtype):
     """The fast path sums in float64; it once accepted float32 inputs whose squared
     deviations overflow float32 (1e19) or whose sum does (1.7e38), which the reference

@@ -50,14 +50,20 @@ def moments(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     return mu, var
 
 
-def check_variance_finite(var: Array, x: Array, *, name: str = "x") -> None:
+def check_variance_finite(var: Array, x: Array, *, name: str = "x",
+                          merged: bool = False) -> None:
     """Refuse a variance that overflowed (inf) from a finite ``x``; see :func:`moments`.
 
     The variance is infinite when a sum formed in the dtype overflows it: of the values (their
-    mean is then infinite) or of their squared deviations. ``name`` names ``x`` in the error.
+    mean is then infinite) or of their squared deviations; it is NaN when partial sums of
+    both signs overflowed (``inf - inf``). From a finite ``x`` nothing else makes it
+    non-finite. ``name`` names ``x`` in the error. ``merged``: ``var`` holds other devices'
+    data too (a synchronized statistic), whose NaN inputs make it NaN: only an infinity is
+    then an overflow.
     """
     xp = array_namespace(var, x)
-    if bool(xp.any(xp.isinf(var))) and bool(xp.all(xp.isfinite(x))):
+    bad = xp.any(xp.isinf(var)) if merged else ~xp.all(xp.isfinite(var))
+    if bool(bad) and bool(xp.all(xp.isfinite(x))):
         largest = float(xp.max(xp.abs(x)))
         remedy = (f"rescale {name}" if xp.isdtype(x.dtype, xp.float64) else
                   f"compute in float64 or rescale {name}")

@@ -114,7 +114,7 @@ def sync_batch_norm_forward(
     (m2,) = allreduce(comm, [local_m2 + n_p * shift * shift],               # Chan's merge
                       op="syncbn forward (M2)", layer=layer)
     var = m2 / n                                                           # (C,)
-    check_variance_finite(var, xc)  # the merged sum overflows (a rank with finite x raises)
+    check_variance_finite(var, xc, merged=True)  # the merged sum overflows (finite x raises)
     x_hat, rstd = standardize(xc, channel_view(mean, x.ndim), channel_view(var, x.ndim), eps=eps)
     y = affine_forward(x_hat, gamma_c, beta_c)
     cache = SyncBatchNormCache(x_hat, rstd, gamma_c, mean, var, n, comm, x.dtype, gamma.dtype,

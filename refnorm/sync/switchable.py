@@ -137,7 +137,7 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
     spread = xp.maximum(spread, xp.zeros_like(spread))
     var_sybn = (sum_var + spread) / groups                                  # total variance
     for total in (sum_mu, sum_d2, var_sybn):  # sums beyond the dtype: the reference's error
-        check_variance_finite(total, h)
+        check_variance_finite(total, h, merged=True)
     return mu_sybn, lost, var_sybn, groups
 
 
