@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from refnorm.argtypes import int_at_least
 from refnorm.bench_cases import (
     EPS,
     GROUPS,
@@ -525,7 +526,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quick", action="store_true",
                         help="5 repetitions instead of 30 (not with --repeats)")
-    parser.add_argument("--repeats", type=_positive_int, default=None,
+    parser.add_argument("--repeats", type=int_at_least(1), default=None,
                         help="repetitions per case (default 30)")
     parser.add_argument("--threads", type=_thread_count, default=None,
                         help="threads for numba, torch and BLAS, at most numba's "
@@ -549,16 +550,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
-    return value
-
-
 def _thread_limit() -> int:
     """The most threads numba allows this process (``NUMBA_NUM_THREADS``: the cores it sees,
     unless the environment sets it), read without starting its thread pool."""
@@ -569,7 +560,7 @@ def _thread_limit() -> int:
 
 def _thread_count(text: str) -> int:
     """An argparse type: a thread count from 1 to :func:`_thread_limit`."""
-    value, limit = _positive_int(text), _thread_limit()
+    value, limit = int_at_least(1)(text), _thread_limit()
     if value > limit:
         raise argparse.ArgumentTypeError(
             f"expected an integer from 1 to {limit} (numba's NUMBA_NUM_THREADS: the threads "

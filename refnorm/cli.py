@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from refnorm import lessons, registry
+from refnorm.argtypes import folder_path, int_at_least
 from refnorm.gradcheck import CaseResult, GradError, check_registered
 from refnorm.testing import cli as conform
 from refnorm.train.interrupt import Interrupted, exit_status, signal_name
@@ -45,19 +46,6 @@ class _Parser(argparse.ArgumentParser):
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an int >= ``low``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}")
-        return value
-
-    return parse
 
 
 def _finite_float(*, positive: bool) -> Callable[[str], float]:
@@ -78,7 +66,7 @@ def _finite_float(*, positive: bool) -> Callable[[str], float]:
 
 def _int_list(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated integers >= 1."""
-    parse = _int_at_least(1)
+    parse = int_at_least(1)
     try:
         return tuple(parse(part.strip()) for part in text.split(","))
     except argparse.ArgumentTypeError:
@@ -93,13 +81,6 @@ def _name_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated names (e.g. bn,gn+ws); got {text!r}")
     return names
-
-
-def _path(text: str) -> str:
-    """An argparse type: a non-empty path."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a folder path; got an empty string")
-    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--tolerance", type=_finite_float(positive=True), default=DEFAULT_TOLERANCE,
                     help="largest acceptable error beyond the noise floor, relative to the "
                          "gradient's scale (default: %(default)g)")
-    gc.add_argument("--seed", type=_int_at_least(0), default=0,
+    gc.add_argument("--seed", type=int_at_least(0), default=0,
                     help="seed for inputs and upstream gradients (default %(default)s)")
     gc.set_defaults(run=_run_gradcheck)
     _add_train(sub)
@@ -199,7 +180,7 @@ TRAIN_DEFAULTS = {"data": "digits", "norm": "bn", "weight": "none", "batch_size"
 def _add_train(sub) -> None:
     from refnorm.train.model import NORMS, WEIGHTS
 
-    positive, natural = _int_at_least(1), _int_at_least(0)
+    positive, natural = int_at_least(1), int_at_least(0)
     tr = sub.add_parser(
         "train", help="train the small conv-net with a chosen normalizer",
         description=("Train refnorm's conv-net. The normalizers see micro-batches of "
@@ -242,7 +223,7 @@ def _add_train(sub) -> None:
                          "batch_average (the paper's) or moving_average (default "
                          f"{d['sn_inference']})")
     _add_compute_options(tr, dtype_default=None)
-    tr.add_argument("--out", type=_path, default="runs/train",
+    tr.add_argument("--out", type=folder_path, default="runs/train",
                     help="output directory (default runs/train)")
     tr.add_argument("--resume", action="store_true",
                     help="continue from OUT/checkpoint.npz (options not given: the checkpoint's)")
@@ -291,7 +272,7 @@ def _use_path(args: argparse.Namespace) -> None:
 def _add_study(sub) -> None:
     from refnorm.train.study import JUDGED_FROM, QUICK, StudyConfig
 
-    positive = _int_at_least(1)
+    positive = int_at_least(1)
     grid = StudyConfig()
     st = sub.add_parser(
         "study", help="the micro-batch study: normalizers x batch sizes, with a report",
@@ -322,7 +303,7 @@ def _add_study(sub) -> None:
     st.add_argument("--data", default=None, help="as for train (default digits)")
     st.add_argument("--jobs", type=positive, default=None, help="parallel runs (default: cores)")
     _add_compute_options(st)
-    st.add_argument("--out", type=_path, default="runs/study",
+    st.add_argument("--out", type=folder_path, default="runs/study",
                     help="output directory (default runs/study)")
     st.set_defaults(run=_run_study)
 

@@ -53,7 +53,7 @@ ROOT = Path(refnorm.__file__).resolve().parent
 # network-level tools it imports. Within a floor any import is allowed, as long as there is
 # no circle.
 FLOORS = (
-    ("refnorm.backend", "refnorm.core", "refnorm.launch"),
+    ("refnorm.backend", "refnorm.core", "refnorm.launch", "refnorm.argtypes"),
     ("refnorm.kernels", "refnorm.dispatch"),
     ("refnorm.layer",),
     ("refnorm.norms", "refnorm.nn", "refnorm.weights", "refnorm.sync", "refnorm.registry"),

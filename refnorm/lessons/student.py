@@ -41,6 +41,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from refnorm.argtypes import folder_path
+
 LESSONS_DIR = Path(__file__).resolve().parent.parent.parent / "lessons"
 BEGIN = "# BEGIN SOLUTION"
 END = "# END SOLUTION"
@@ -269,12 +271,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _folder(text: str) -> Path:
-    """An argparse type: a non-empty folder path (an empty one would mean the current
-    folder), refused with the words of ``refnorm train --out`` (:func:`refnorm.cli._path`,
-    which this module cannot import: the CLI imports it)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a folder path; got an empty string")
-    return Path(text)
+    """An argparse type: a non-empty folder path, as ``refnorm train --out`` takes it."""
+    return Path(folder_path(text))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from refnorm.argtypes import int_at_least
 from refnorm.testing.reference import METHODS
 
 
@@ -38,7 +39,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("target", metavar="MODULE:FACTORY",
                    help="e.g. torch.nn:BatchNorm2d or mypkg.layers:make_bn")
     p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--channels", type=_positive_int, default=None,
+    p.add_argument("--channels", type=int_at_least(1), default=None,
                    help="C passed to the factory when --args is not given (default 4, "
                         "12 for gn)")
     p.add_argument("--args", default=None,
@@ -47,17 +48,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=lambda args, parser=None: run(args))
     return p
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}")
-    return value
 
 
 def _load(target: str) -> Any:

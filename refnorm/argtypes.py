@@ -1,0 +1,32 @@
+"""Argument types for the command lines (``refnorm``, ``refnorm bench``, ``refnorm conform``,
+``refnorm lessons``): each parses one string or raises ``argparse.ArgumentTypeError``, which
+argparse reports as ``argument --NAME: <message>``.
+
+On the lowest floor of the package's imports, so that every command line can share them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}")
+        return value
+
+    return parse
+
+
+def folder_path(text: str) -> str:
+    """An argparse type: a non-empty path (an empty one would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder path; got an empty string")
+    return text
