@@ -25,28 +25,37 @@ from refnorm.weights import WeightNorm
 
 
 def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> None:
-    """Salimans & Kingma's initialization of every Weight Normalization layer (WN and NP).
+    """Salimans & Kingma's initialization of the Weight Normalization layers (WN and NP)
+    that have a bias.
 
     One seeded batch of ``update_size`` (``devices x batch_size x accumulation``) training
     samples goes through the
-    network in order; each WN layer sets its gain and bias so that its pre-activations on
-    that batch have zero mean and unit variance, then passes the batch on. Layer states
-    (running statistics) are left as they were, and no layer keeps a cache of this pass.
+    network in order; each such layer sets its gain and bias so that its pre-activations on
+    that batch have zero mean and unit variance, then passes the batch on. A WN convolution
+    in front of a normalizer (``norm="bn", weight="wn"``) has no bias and is left as built:
+    the normalizer's statistics set the scale and shift of what it passes on, the case
+    Salimans & Kingma's initialization is not for. Layer states (running statistics) are
+    left as they were, and no layer keeps a cache of this pass.
     """
     layers = model.layers()
-    if not any(isinstance(layer, WeightNorm) for layer in layers):
+    if not any(_initialized(layer) for layer in layers):
         return
     states = [copy.deepcopy(layer.state) for layer in layers]
     pick = np.random.default_rng([config.seed, 3]).permutation(len(data.y_train))
     h = on_model(model, data.x_train[pick[:config.update_size]])
     h = model.xp.astype(h, model.dtype)  # as model.forward casts
     for layer in layers:
-        if isinstance(layer, WeightNorm):
+        if _initialized(layer):
             layer.init_from_batch(h)
         h = layer.forward(h, training=True)
     for layer, state in zip(layers, states, strict=True):
         layer.state = state
         layer.reset()
+
+
+def _initialized(layer: object) -> bool:
+    """Whether :func:`data_dependent_init` sets the layer's gain and bias."""
+    return isinstance(layer, WeightNorm) and "b" in layer.params
 
 
 def predict(model: ConvNet, x: np.ndarray, chunk: int = 256) -> np.ndarray:

@@ -23,7 +23,7 @@ from tests.train.conftest import TINY, config, fresh, params_of
     ("norm", "weight"),
     [("none", None), ("bn", None), ("in", None), ("ln", None), ("gn", None), ("sn", None),
      ("syncbn", None), ("syncsn", None), ("gn", "ws"), ("none", "wn"), ("none", "np"),
-     ("none", "trelu")],
+     ("none", "trelu"), ("bn", "wn")],
 )
 def test_a_few_steps_reduce_the_loss(norm, weight):
     result = train(config(norm=norm, weight=weight, epochs=3, lr=0.05), progress=False)
@@ -31,6 +31,21 @@ def test_a_few_steps_reduce_the_loss(norm, weight):
     # The mean training loss of the last epoch is below the first one's by a clear margin
     # (measured: by 0.09 (wn) to 0.55 (np) here, at 192 samples and 3 epochs).
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize(("norm", "initialized"), [("none", True), ("bn", False)])
+def test_data_dependent_init_sets_wn_layers_with_a_bias_only(norm, initialized):
+    """WN without a normalizer: its gains come from the batch (Salimans & Kingma); WN in front
+    of BN has no bias to set and keeps g = 1 (it used to stop the run with init_from_batch's
+    error)."""
+    cfg = config(norm=norm, weight="wn")
+    data, model, _ = fresh(cfg)
+    wn = [layer for layer in model.layers() if "v" in layer.params]
+    assert len(wn) == len(cfg.widths)
+    assert all(("b" in layer.params) == initialized for layer in wn)
+    loop.data_dependent_init(model, data, cfg)
+    for layer in wn:
+        assert np.all(layer.params["g"] == 1) != initialized
 
 
 def test_outputs_are_written(tmp_path):
