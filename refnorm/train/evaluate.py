@@ -45,7 +45,7 @@ def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> N
     h = on_model(model, data.x_train[pick[:config.update_size]])
     h = model.xp.astype(h, model.dtype)  # as model.forward casts
     for layer in layers:
-        if _initialized(layer):
+        if isinstance(layer, WeightNorm) and _initialized(layer):
             layer.init_from_batch(h)
         h = layer.forward(h, training=True)
     for layer, state in zip(layers, states, strict=True):

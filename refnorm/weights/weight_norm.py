@@ -273,7 +273,8 @@ class WeightNorm(Layer):
         ------
         ValueError
             If the layer has no bias, or a channel's pre-activation is constant over the
-            batch (std 0) or not finite (NaN in the batch or the weights).
+            batch (max = min) or not finite (NaN in the batch or the weights), or g or b
+            would overflow the parameters' dtype.
         """
         if "b" not in self.params:
             raise ValueError("init_from_batch sets the bias: build the layer with bias=True")
@@ -283,16 +284,25 @@ class WeightNorm(Layer):
         t = apply_weights(x, direction, None, self.geometry,
                           path=self.compute_path())[0]  # (N, C, H, W) or (N, C)
         t = xp.astype(t, compute_dtype(xp, t.dtype), copy=False)
-        mean, var = moments(t, non_channel_axes(t.ndim))            # (1, C, 1, 1) each
+        axes = non_channel_axes(t.ndim)
+        mean, var = moments(t, axes)                                # (1, C, 1, 1) each
         mean, std = xp.reshape(mean, (C,)), xp.sqrt(xp.reshape(var, (C,)))  # (C,)
         if not bool(xp.all(xp.isfinite(mean) & xp.isfinite(std))):
             raise ValueError("init_from_batch: a channel's pre-activation has a NaN or infinite "
                              "mean or std over the batch (a non-finite input or weight); use a "
                              "finite batch")
-        if bool(xp.any(std == 0)):
+        # Constant where max == min: a rounded mean leaves such a channel a std of rounding
+        # noise (about 1e-7 |mean| in float32), not 0.
+        if bool(xp.any((xp.max(t, axis=axes) == xp.min(t, axis=axes)) | (std == 0))):
             raise ValueError("init_from_batch: a channel's pre-activation is constant over the "
                              "batch (std 0); use a batch with varied inputs")
         g, b = self.params["g"], self.params["b"]
-        self.params["g"] = xp.astype(1.0 / std, g.dtype)
-        self.params["b"] = xp.astype(-mean / std, b.dtype)
+        new_g, new_b = 1.0 / std, -mean / std                       # (C,) each
+        if bool(xp.any(new_g > xp.finfo(g.dtype).max)
+                or xp.any(xp.abs(new_b) > xp.finfo(b.dtype).max)):
+            raise ValueError(f"init_from_batch: a channel's pre-activation varies too little "
+                             f"over the batch for {g.dtype}: g = 1/std or b = -mean/std "
+                             f"overflows it (smallest std {float(xp.min(std)):.3g}); use a "
+                             f"batch of larger inputs")
+        self.params["g"], self.params["b"] = xp.astype(new_g, g.dtype), xp.astype(new_b, b.dtype)
         self.reset()  # nothing to backward through: the parameters changed

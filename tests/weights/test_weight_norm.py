@@ -268,6 +268,28 @@ def test_a_failed_data_dependent_init_leaves_the_layer_exactly_as_it_was(bias, x
         np.testing.assert_array_equal(layer.grads[k], twin.grads[k])
 
 
+@pytest.mark.parametrize(
+    ("dtype", "x", "message"),
+    [
+        # Identical samples: every channel constant, but float32's rounded mean leaves a
+        # std of about 1e-7 |mean|, which passed a test of std == 0 (g came out ~4e6).
+        (np.float32, np.repeat([[0.3, -1.2, 0.8, 2.1, -0.4]], 7, axis=0),
+         r"constant over the batch"),
+        # Varied but tiny float16 inputs: std ~1e-5, so 1/std overflows float16 (g was inf).
+        (np.float16, 1e-5 * np.random.default_rng(20).standard_normal((16, 5)),
+         r"varies too little over the batch for float16"),
+    ],
+    ids=["float32-identical-samples", "float16-tiny"],
+)
+def test_data_dependent_init_refuses_what_rounding_would_make_absurd(dtype, x, message):
+    layer = refnorm.build("wn", 5, 3, dtype=dtype, seed=1)
+    before = {k: a.copy() for k, a in layer.params.items()}
+    with pytest.raises(ValueError, match=message):
+        layer.init_from_batch(x.astype(dtype))
+    for k, a in before.items():
+        assert layer.params[k].tobytes() == a.tobytes(), k
+
+
 def test_data_dependent_init_on_float16_inputs_stays_finite():
     # Inputs ~300 in float16: the squared deviations (~1e5) overflow float16 but not float32.
     rng = np.random.default_rng(19)
