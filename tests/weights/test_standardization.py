@@ -107,6 +107,23 @@ def test_constant_filter_standardizes_to_zero_with_a_finite_gradient(eps_mode):
     assert check_vjp(f, vjp, {"w": w}, step=1e-8)["w"].max_rel_error < 1e-6
 
 
+@pytest.mark.parametrize(("value", "low", "high"), [(0.7, 0.003, 0.01), (123.4, 0.5, 0.9)])
+def test_a_constant_float32_filter_on_the_reference_path_keeps_its_rounded_mean(value, low,
+                                                                                 high):
+    """The conventions page: a constant float32 filter comes out 0 on the fast path (its mean
+    shifted by the first weight is exact), and on the reference path as the rounding of its
+    float32 mean divided by that rounding plus eps: 0.006 for 0.7s, 0.70 for 123.4s."""
+    w = np.full((1, 3, 5, 5), value, np.float32)
+    fast = weight_standardization_forward(w, path="fast")[0]
+    reference = weight_standardization_forward(w, path="reference")[0]
+    np.testing.assert_array_equal(fast, 0.0)
+    delta = np.float32(value) - np.mean(w.reshape(1, -1), axis=1)[0]  # the rounded mean's error
+    assert delta != 0
+    expected = delta / (abs(delta) + np.float32(1e-5))
+    np.testing.assert_allclose(reference, expected, rtol=1e-5)
+    assert low < abs(float(expected)) < high
+
+
 def test_float16_computes_in_float32():
     w = np.random.default_rng(8).standard_normal((4, 9)).astype(np.float16)
     w_hat, cache = weight_standardization_forward(w)
