@@ -41,9 +41,12 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(_FROM[name]), name)
     if name == "__all__":
         return [*_SUBMODULES, *_FROM, *importlib.import_module("refnorm.norms").__all__]
-    if name.startswith("_") or importlib.util.find_spec(f"refnorm.{name}") is not None:
-        # a dunder probe, or a submodule not imported yet: the import system loads it itself
+    if name.startswith("_"):  # a dunder probe, or a private name
         raise AttributeError(f"module 'refnorm' has no attribute {name!r}")
+    if importlib.util.find_spec(f"refnorm.{name}") is not None:
+        # a public submodule not imported yet (refnorm.dispatch.set_path(...) in a fresh
+        # process): loaded on first use, as the names above
+        return importlib.import_module(f"refnorm.{name}")
     norms = importlib.import_module("refnorm.norms")
     if name in norms.__all__:  # the activation normalizers' functions and layers
         return getattr(norms, name)

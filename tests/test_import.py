@@ -26,6 +26,25 @@ def test_import_pulls_in_no_optional_dependency():
     assert out.strip() == "[]"
 
 
+def test_every_public_submodule_is_an_attribute_in_a_fresh_process():
+    """``refnorm.dispatch.set_path("fast")`` as the README writes it, first thing in a script
+    (it raised AttributeError until something had imported refnorm.dispatch)."""
+    names = sorted(p.stem if p.suffix else p.name for p in Path(refnorm.__file__).parent.iterdir()
+                   if not p.name.startswith("_") and (p.suffix == ".py" or (p / "__init__.py")
+                                                      .exists()))
+    assert {"dispatch", "backend", "layer", "registry", "testing", "train"} <= set(names)
+    code = ("import sys, refnorm\n"
+            f"for name in {names!r}:\n"
+            "    assert getattr(refnorm, name) is sys.modules['refnorm.' + name], name\n"
+            "refnorm.dispatch.set_path('fast')\n"
+            "print(refnorm.dispatch.get_path())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "fast"
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        refnorm.no_such_name  # noqa: B018
+
+
 def test_array_namespace():
     import numpy as np
 
