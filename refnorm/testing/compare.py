@@ -183,8 +183,8 @@ def assert_matches(
     eps : float, optional
         refnorm's ``eps``; default: the implementation's ``eps`` attribute, else 1e-5.
     num_groups : int, optional
-        GN's G; default: the implementation's, else drawn (then ``forward`` must accept
-        any G: it is not passed, so this is only for implementations fixing G).
+        GN's G; default: the implementation's ``num_groups`` attribute. Required for
+        ``"gn"`` when the implementation has none (``ValueError`` otherwise).
     options : refnorm.SwitchableOptions, optional
         For SN (default: refnorm's defaults).
     eps_mode, correction : optional
@@ -208,6 +208,8 @@ def assert_matches(
     ------
     AssertionError
         With the shrunk failing case.
+    ValueError
+        For ``"gn"`` without ``num_groups`` given or read from the implementation.
     """
     impl = as_impl(method, forward, backward=backward, convert=convert)
     hints = impl.hints

@@ -65,6 +65,17 @@ def test_refuses_a_callable_of_the_wrong_arity():
         assert_matches("bn", lambda x: x)
 
 
+def test_gn_needs_num_groups_from_the_call_or_the_implementation():
+    def forward(x, gamma, beta):  # a GN with G = 2, which says so nowhere
+        from refnorm import group_norm_forward
+        return group_norm_forward(x, gamma, beta, num_groups=2)[0]
+
+    with pytest.raises(ValueError, match="num_groups must be given for method 'gn'"):
+        assert_matches("gn", forward)
+    forward.num_groups = 2
+    assert_matches("gn", forward, max_examples=5)
+
+
 # -- subnormal outputs (issue 25): gamma below the dtype's smallest normal number ------------
 
 LOW_AND_FULL = [np.float16, np.float32, np.float64]
