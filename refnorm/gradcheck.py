@@ -258,7 +258,9 @@ def check_layer(
     The layer is not modified: every evaluation runs on a float64 copy whose parameters and
     state are converted to float64 in the layer's array namespace. ``path`` is the
     implementation the copy runs (:mod:`refnorm.dispatch`): the reference unless asked, as
-    a layer would otherwise take the fast path.
+    a layer would otherwise take the fast path. A layer that computes no input gradient
+    (``input_grad=False``, the first layer of a model) is checked with it on: the copy's
+    ``dx`` is checked, and its parameter gradients are the same either way.
 
     Returns
     -------
@@ -266,6 +268,7 @@ def check_layer(
     """
     template = copy.deepcopy(layer)
     template.path = check_path(path)
+    template.input_grad = True
     xp = array_namespace(*template.params.values()) if template.params else np
 
     def as_layer_array(a: np.ndarray) -> Array:

@@ -198,6 +198,17 @@ def test_check_layer_leaves_the_layer_untouched():
     np.testing.assert_array_equal(layer.state["running_mean"], np.zeros(2))
 
 
+def test_check_layer_checks_a_layer_without_input_gradient_with_it_on():
+    # A model's first layer: input_grad=False (dx None made the check fail with an
+    # AttributeError before); the layer itself keeps its setting.
+    layer = refnorm.build("conv", 2, 3, 2, dtype=np.float64)
+    layer.input_grad = False
+    errors = check_layer(layer, np.random.default_rng(3).standard_normal((2, 2, 4, 4)))
+    assert set(errors) == {"x", "w", "b"}
+    assert max(e.max_rel_error for e in errors.values()) < 1e-6
+    assert layer.input_grad is False
+
+
 def test_the_noise_floor_grows_with_the_outputs_as_the_readme_says():
     """At (16, 8, 8, 8) the floor (1.5e-5) is 300x a correct BN backward's deviation, and a
     dx 1e-5 too large passes a tolerance of 1e-6: the limit the README states."""
