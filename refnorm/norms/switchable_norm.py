@@ -59,12 +59,14 @@ import numpy as np
 from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core import affine_forward, standardize
 from refnorm.core.checks import (
+    check_bool,
     check_cache,
     check_channel_param,
     check_float_array,
     check_like,
     check_momentum,
     check_once,
+    is_int,
     prepare_channel_norm,
 )
 from refnorm.core.moments import check_variance_finite
@@ -113,17 +115,23 @@ class SwitchableOptions:
     scope_correction: int = 0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.scopes, (tuple, list))
+                and all(isinstance(s, str) for s in self.scopes)):
+            raise TypeError(f"scopes must be a tuple of scope names from {SCOPES}; "
+                            f"got {self.scopes!r}")
         scopes = tuple(self.scopes)
         object.__setattr__(self, "scopes", scopes)  # lists become tuples (hashable, frozen)
         if not scopes or len(set(scopes)) != len(scopes) or not set(scopes) <= set(SCOPES):
             raise ValueError(
                 f"scopes must be a non-empty subset of {SCOPES} without repeats; got {scopes}")
-        if self.in_correction not in (0, 1) or isinstance(self.in_correction, bool):
-            raise ValueError(f"in_correction must be 0 or 1; got {self.in_correction!r}")
-        if not isinstance(self.hard, bool):
-            raise ValueError(f"hard must be a bool; got {self.hard!r}")
-        if self.scope_correction not in (0, 1) or isinstance(self.scope_correction, bool):
-            raise ValueError(f"scope_correction must be 0 or 1; got {self.scope_correction!r}")
+        for name in ("in_correction", "scope_correction"):
+            value = getattr(self, name)
+            if not is_int(value):  # a bool is not an int here (True is no correction)
+                raise TypeError(f"{name} must be an int, 0 or 1; got {value!r}")
+            if value not in (0, 1):
+                raise ValueError(f"{name} must be 0 or 1; got {value!r}")
+            object.__setattr__(self, name, int(value))
+        object.__setattr__(self, "hard", check_bool("hard", self.hard))
         if self.in_correction and self.scope_correction:
             raise ValueError("in_correction=1 and scope_correction=1 are two conventions for "
                              "the same variances (SwitchNorm2d's and SwitchNorm1d's); got both")
@@ -158,7 +166,7 @@ def check_scope_counts(shape: tuple[int, ...], options: SwitchableOptions, *,
     synchronized BN scope that its caller checks after pooling the devices.
     """
     S = math.prod(shape[2:])
-    if S - options.in_correction < 1:
+    if options.in_correction and S < 2:  # else an empty map is the IN count's error below
         raise ValueError(
             f"in_correction=1 (unbiased IN variance) needs more than one spatial position; "
             f"x of shape {tuple(shape)} has {S}")
@@ -819,7 +827,7 @@ class SwitchableNorm(ChannelNorm):
         device: Any = None,
     ) -> None:
         super().__init__(num_channels, eps=eps, dtype=dtype, xp=xp, device=device)
-        self.options = SwitchableOptions(tuple(scopes), in_correction, hard, scope_correction)
+        self.options = SwitchableOptions(scopes, in_correction, hard, scope_correction)
         if inference not in INFERENCE_MODES:
             raise ValueError(
                 f"inference must be 'moving_average' or 'batch_average'; got {inference!r}")

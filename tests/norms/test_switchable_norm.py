@@ -509,22 +509,43 @@ def test_in_scope_on_single_positions_is_refused_not_nan(shape):
 
 
 @pytest.mark.parametrize(
-    ("kw", "message"),
-    [({"scopes": ("in", "xn")}, "scopes must be a non-empty subset"),
-     ({"scopes": ()}, "scopes must be a non-empty subset"),
-     ({"scopes": ("in", "in", "bn")}, "without repeats"),
-     ({"in_correction": 2}, "in_correction must be 0 or 1"),
-     ({"in_correction": True}, "in_correction must be 0 or 1"),
-     ({"hard": 1}, "hard must be a bool"),
-     ({"scope_correction": 2}, "scope_correction must be 0 or 1"),
-     ({"scope_correction": True}, "scope_correction must be 0 or 1"),
-     ({"in_correction": 1, "scope_correction": 1}, "two conventions for the same variances")],
+    ("kw", "error", "message"),
+    [({"scopes": ("in", "xn")}, ValueError, "scopes must be a non-empty subset"),
+     ({"scopes": ()}, ValueError, "scopes must be a non-empty subset"),
+     ({"scopes": ("in", "in", "bn")}, ValueError, "without repeats"),
+     ({"scopes": "bn"}, TypeError, "scopes must be a tuple of scope names"),
+     ({"in_correction": 2}, ValueError, "in_correction must be 0 or 1"),
+     ({"in_correction": True}, TypeError, "in_correction must be an int"),
+     ({"in_correction": 1.0}, TypeError, "in_correction must be an int"),
+     ({"hard": 1}, TypeError, "hard must be a bool"),
+     ({"hard": "yes"}, TypeError, "hard must be a bool"),
+     ({"scope_correction": 2}, ValueError, "scope_correction must be 0 or 1"),
+     ({"scope_correction": True}, TypeError, "scope_correction must be an int"),
+     ({"in_correction": 1, "scope_correction": 1}, ValueError,
+      "two conventions for the same variances")],
 )
-def test_bad_options(kw, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_options(kw, error, message):
+    # The checks' rule: a wrong kind of value is a TypeError, a wrong value a ValueError.
+    with pytest.raises(error, match=message):
         SwitchableOptions(**kw)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         refnorm.build("sn", 3, **kw)
+
+
+def test_numpy_flags_and_counts_are_options_too():
+    options = SwitchableOptions(hard=np.bool_(True), in_correction=np.int64(1))
+    assert options == SwitchableOptions(hard=True, in_correction=1)
+    assert type(options.hard) is bool and type(options.in_correction) is int
+
+
+@pytest.mark.parametrize("in_correction", [0, 1])
+def test_an_empty_map_is_refused_for_its_empty_statistics(in_correction):
+    x = np.ones((2, 4, 0, 3))  # the in_correction=1 error named the option when it was 0
+    message = ("in_correction=1" if in_correction else
+               r"the IN scope needs more than 1 value per statistic; .* gives 0")
+    with pytest.raises(ValueError, match=message):
+        switchable_norm_forward(x, np.ones(4), np.zeros(4), np.zeros(3), np.zeros(3),
+                                options=SwitchableOptions(in_correction=in_correction))
 
 
 def test_options_are_passed_as_one_object():
