@@ -191,7 +191,7 @@ def _train_step_torch(torch, model: str = "bn", device: str = "cpu",
     norm, _, weight = model.partition("+")
 
     class WSConv2d(nn.Conv2d):  # type: ignore[name-defined]
-        def forward(self, x):  # WS Eq. (2) and WS Eq. (4): biased sigma, eps added to sigma
+        def forward(self, x):  # as refnorm's WS: biased sigma, eps added to sigma
             w = self.weight
             mu = w.mean(dim=(1, 2, 3), keepdim=True)
             sigma = (w - mu).pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()

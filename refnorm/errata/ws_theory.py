@@ -1,6 +1,6 @@
 """Weight Standardization, §2.2-2.3, Eq. (5)-(19), transcribed as printed, and their checks.
 
-Qiao et al., *Weight Standardization*. The analysis sets eps = 0 ("For convenience, we set
+Qiao et al. (2019), *Weight Standardization*. The analysis sets eps = 0 ("For convenience, we set
 eps = 0 (in Eq. 2)") and follows one output channel c: weights W_c in R^I, the inputs that
 meet them x_c in R^{b x I}, outputs y_c = x_c W^_c (Eq. 7). Here that is a small problem with
 a smooth loss of y_c, and every printed formula (gradients Eq. 8-9, norm identities
@@ -205,7 +205,7 @@ def check_ws_theory(seed: int = 0) -> list[Finding]:
         row("Eq. (17)", "H = Hessian wrt W_c", printed_eq17(h_dot), h_w, "agrees",
             tol=HESSIAN_AGREES),
         zero("Eq. (18)", "sum_ij H_ij / max |H_ij|", h_w.sum() / np.abs(h_w).max(),  # Eq. (18)
-             "zero (printed with sum_i sum_i: a typo for sum_i sum_j)"),
+             "zero"),
         row("Eq. (19)", "||H||_F^2", printed_eq19(h_dot), sq,
             "agrees with ||.||_F read as the squared norm, as its first line defines it",
             tol=HESSIAN_AGREES),

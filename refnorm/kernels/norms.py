@@ -798,8 +798,8 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
     r, g, s_dy, s_dyx = sums
     (offset, var), (w_m, w_v) = stats, ratios
     N, C = r.shape
-    dvar = -0.5 * r * r * g * s_dyx                              # (N, C)  SN Eq. (7)
-    dmu = -r * g * s_dy                                          # (N, C)  SN Eq. (8)
+    dvar = -0.5 * r * r * g * s_dyx                              # (N, C)  SN's Eq. 7
+    dmu = -r * g * s_dy                                          # (N, C)  SN's Eq. 8
     dmu_in = xp.zeros((N, C))
     dvar_in = xp.zeros((N, C))
     axis = {"in": None, "ln": 1, "bn": 0}

@@ -1,4 +1,4 @@
-"""Switchable Normalization (Luo, Ren, Peng, Zhang & Li, journal version; Luo et al. 2019).
+"""Switchable Normalization (Luo, Zhang, Ren, Peng & Li, journal version, 2019).
 
 SN normalizes with a learned mixture of the Instance, Layer and Batch Normalization
 statistics (the *scopes*), as in the journal version's §3.1:
@@ -6,8 +6,9 @@ statistics (the *scopes*), as in the journal version's §3.1:
     y = gamma * (h - sum_k w_k mu_k) / sqrt(sum_k w'_k var_k + eps) + beta        # Eq. (3)
     w = softmax(lambda),  w' = softmax(lambda')                                    # Eq. (5)
 
-with separate ratios for the means (``w``) and the variances (``w'``), as the conference
-version's Eq. (1) also writes them. The control parameters start equal (ratios 1/3).
+with separate ratios for the means (``w``) and the variances (``w'``), as Luo, Peng, Ren &
+Zhang's study of distinct normalizers (2018) also writes them in its Eq. (1). The control
+parameters start equal (ratios 1/3).
 
 Statistics (Eq. 4) reuse the IN moments: the LN and BN means are means of the IN means, and
 their variances follow from the IN moments. The paper prints the variances in the one-pass

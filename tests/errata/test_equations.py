@@ -69,7 +69,7 @@ def test_every_cited_test_exists():
 def test_every_paper_has_its_equations():
     # the numbered equations of each paper, as printed (Gitman & Ginsburg's display
     # formulas, numbered in order of appearance)
-    assert {k: len(eq.equations(k)) for k in eq.PAPERS} == {"snj": 25, "snc": 1, "ws": 19,
+    assert {k: len(eq.equations(k)) for k in eq.PAPERS} == {"snj": 25, "snd": 1, "ws": 19,
                                                               "gg": 7}
 
 
@@ -111,12 +111,13 @@ def test_parse_tag():
     assert eq.parse_tag("# Eq. (6), (7), (8)") == [(None, 6), (None, 7), (None, 8)]
     assert eq.parse_tag("# Eq. (9) 2w(h-mu_in)/HW") == [(None, 9)]
     assert eq.parse_tag("# the single-GPU Eq. (7)") == [(None, 7)]
-    assert eq.parse_tag("# SNC Eq. (1); WS Eq. (1), (7)") == [("SNC", 1), ("WS", 1), ("WS", 7)]
+    assert eq.parse_tag("# SND Eq. (1); WS Eq. (1), (7)") == [("SND", 1), ("WS", 1), ("WS", 7)]
     assert eq.parse_tag("# see Eq. 4 and §3.2") == []
 
 
 def test_a_module_takes_the_first_paper_its_docstring_cites():
-    assert eq.module_paper("SN (Luo et al., journal version); the conference version") == "snj"
+    assert eq.module_paper("SN (Luo et al., journal version); the study of distinct "
+                           "normalizers") == "snj"
     assert eq.module_paper("NP (Arpit et al.), as written by\nGitman & Ginsburg") == "gg"
     assert eq.module_paper("Two-dimensional convolution.") is None
 
@@ -149,7 +150,7 @@ def test_every_cell_of_the_table_is_filled(paper, tags):
 def test_anchors_follow_the_scheme_and_are_unique():
     anchors = [e.anchor for e in eq.EQUATIONS]
     assert len(set(anchors)) == len(anchors)
-    assert all(re.fullmatch(r"eq-(snj|snc|ws|gg)-\d+", a) for a in anchors)
+    assert all(re.fullmatch(r"eq-(snj|snd|ws|gg)-\d+", a) for a in anchors)
     assert eq.lookup("snj", 9).anchor == "eq-snj-9"
 
 

@@ -134,6 +134,32 @@ def test_keeps_standard_normal_inputs_standard(kernel_size):
     assert abs(y.mean()) < 0.02 and abs(y.var() - 1) < 0.04
 
 
+@pytest.mark.parametrize("kernel_size", [None, 3])
+def test_layer_is_gitman_ginsburg_display_formula_5(kernel_size):
+    """o_j = (ReLU(gamma_j W_j * x / (||W_j||_F + eps) + beta_j) - sqrt(1/(2 pi)))
+    / sqrt((1 - 1/pi) / 2), written out in numpy, with gains and biases away from 1 and 0."""
+    rng = np.random.default_rng(11)
+    layer = refnorm.build("np", 3, 4, kernel_size, dtype=np.float64, eps=1e-3)
+    layer.params = {"v": rng.standard_normal(layer.params["v"].shape),
+                    "g": rng.uniform(0.5, 2.0, 4), "b": rng.uniform(-1.0, 1.0, 4)}
+    v, g, b = layer.params["v"], layer.params["g"], layer.params["b"]
+    norms = np.sqrt((v.reshape(4, -1) ** 2).sum(axis=1)) + 1e-3           # (4,)
+    if kernel_size is None:
+        x = rng.standard_normal((6, 3))
+        wx = x @ v.T                                                        # (6, 4)
+        shape = (1, 4)
+    else:
+        x = rng.standard_normal((2, 3, 6, 6))
+        windows = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))
+        wx = np.einsum("ncijkl,ockl->noij", windows, v)                    # (2, 4, 4, 4)
+        shape = (1, 4, 1, 1)
+    z = g.reshape(shape) * wx / norms.reshape(shape) + b.reshape(shape)
+    expected = (np.maximum(z, 0) - math.sqrt(1 / (2 * math.pi))) / math.sqrt(
+        0.5 * (1 - 1 / math.pi))
+    np.testing.assert_allclose(layer.forward(x, training=True), expected, rtol=1e-12,
+                               atol=1e-12)
+
+
 def test_data_dependent_init_standardizes_what_enters_the_relu():
     rng = np.random.default_rng(10)
     layer = refnorm.build("np", 3, 4, 3, dtype=np.float64)

@@ -1,17 +1,17 @@
-"""The SN conference version's Eq. (1) beside the journal version's Eq. (3), which refnorm
-implements (refnorm/errata/sn_conference.py)."""
+"""The Eq. (1) of Luo, Peng, Ren & Zhang's study of distinct normalizers (2018) beside the SN
+journal version's Eq. (3), which refnorm implements (refnorm/errata/sn_distinct.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from refnorm.errata import sn_conference
+from refnorm.errata import sn_distinct
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_conference_form_differs_from_the_journal_form_only_between_scopes(seed):
-    c = sn_conference.compare(seed)
+def test_study_form_differs_from_the_journal_form_only_between_scopes(seed):
+    c = sn_distinct.compare(seed)
     # One-hot ratios: both divide by one scope's deviation; eps = 1e-12 against variances
     # >= ~1 moves the output by ~1e-12 relative, plus float64 rounding.
     assert c.one_hot < 1e-9, c
@@ -25,10 +25,10 @@ def test_conference_form_differs_from_the_journal_form_only_between_scopes(seed)
 def test_printed_eq1_with_equal_scopes_is_one_standardization():
     # N = C = 1: IN, LN and BN see the same values, so any ratios give (h - mu) / sigma.
     h = np.random.default_rng(0).standard_normal((1, 1, 8)) + 3
-    y = sn_conference.printed_eq1(h, np.array([0.3, -1.0, 2.0]), np.array([1.0, 0.0, -2.0]))
+    y = sn_distinct.printed_eq1(h, np.array([0.3, -1.0, 2.0]), np.array([1.0, 0.0, -2.0]))
     np.testing.assert_allclose(y, (h - h.mean()) / h.std(), rtol=1e-13)
 
 
 def test_markdown_table_has_both_rows():
-    table = sn_conference.to_markdown(sn_conference.compare(0))
+    table = sn_distinct.to_markdown(sn_distinct.compare(0))
     assert table.count("\n") == 3 and "one-hot" in table and "soft" in table

@@ -1,8 +1,8 @@
-"""Switchable Normalization, conference version, Eq. (1), transcribed as printed, beside the
-journal version's Eq. (3), which refnorm implements.
+"""The SN of Luo, Peng, Ren & Zhang's study of distinct normalizers, Eq. (1), transcribed as
+printed, beside the SN journal version's Eq. (3), which refnorm implements.
 
 Luo, Peng, Ren & Zhang, *Do Normalization Layers in a Deep ConvNet Really Need to Be
-Distinct?* (conference version, 2018), §2:
+Distinct?* (preprint, 2018), a study that uses Switchable Normalization, §2:
 
     h^_sn = (h - sum_z lambda^mu_z mu_z) / sum_z lambda^sigma_z sigma_z          # Eq. (1)
 
@@ -57,7 +57,7 @@ def printed_eq1(h: np.ndarray, mean_logits: np.ndarray, std_logits: np.ndarray, 
 
 @dataclass(frozen=True)
 class Comparison:
-    """The conference Eq. (1) against the journal Eq. (3) on one problem.
+    """The study's Eq. (1) against the journal's Eq. (3) on one problem.
 
     Attributes
     ----------
@@ -77,7 +77,7 @@ class Comparison:
 
 
 def compare(seed: int = 0, eps: float = 1e-12) -> Comparison:
-    """Measure how far the conference form is from refnorm's (the journal form, ``eps``)."""
+    """Measure how far the study's form is from refnorm's (the journal's, ``eps``)."""
     rng = np.random.default_rng(seed)
     # channels of standard deviation 1, 3 and 9: the LN scope pools them, IN and BN do not
     h = np.array([1.0, 3.0, 9.0]).reshape(1, 3, 1) * rng.standard_normal((4, 3, 6)) + 12
@@ -101,7 +101,7 @@ def compare(seed: int = 0, eps: float = 1e-12) -> Comparison:
 def to_markdown(c: Comparison) -> str:
     """The comparison as a Markdown table."""
     return "\n".join([
-        "| ratios | max relative difference, conference Eq. (1) vs journal Eq. (3) |",
+        "| ratios | max relative difference, study's Eq. (1) vs journal's Eq. (3) |",
         "|---|---|",
         f"| one-hot (each scope in turn) | {c.one_hot:.1e} |",
         f"| soft (random control parameters) | {c.soft:.2g} |",
