@@ -48,12 +48,14 @@ def check_ndim(name: str, a: Array, *, min_ndim: int, layout: str) -> None:
         )
 
 
-def check_channel_param(name: str, p: Array, num_channels: int) -> None:
-    """Check that a per-channel parameter is a real floating array of shape ``(C,)``."""
+def check_channel_param(name: str, p: Array, num_channels: int, *,
+                        axis: str = "x's channel axis") -> None:
+    """Check that a per-channel parameter is a real floating array of shape ``(C,)``;
+    ``axis`` names what C counts, in the error."""
     check_float_array(name, p)
     if tuple(p.shape) != (num_channels,):
         raise ValueError(
-            f"{name} must have shape (C,) = ({num_channels},) to match x's channel axis; "
+            f"{name} must have shape (C,) = ({num_channels},) to match {axis}; "
             f"got shape {tuple(p.shape)}"
         )
 

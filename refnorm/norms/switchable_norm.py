@@ -901,8 +901,8 @@ class SwitchableNorm(ChannelNorm):
         """
         if "bn" not in self.options.scopes:
             raise ValueError(f"this SwitchableNorm has no BN scope (scopes={self.options.scopes})")
-        check_channel_param("mean", mean, self.num_channels)
-        check_channel_param("var", var, self.num_channels)
+        check_channel_param("mean", mean, self.num_channels, axis="the layer's channels")
+        check_channel_param("var", var, self.num_channels, axis="the layer's channels")
         if bool(self.xp.any(var < 0)):
             raise ValueError("var must be >= 0 everywhere; got a negative entry")
         dtype = self.state["running_mean"].dtype

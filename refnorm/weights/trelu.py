@@ -75,7 +75,7 @@ def translated_relu_forward(z: Array, alpha: Array) -> tuple[Array, TranslatedRe
     """
     xp = check_float_array("z", z)
     check_ndim("z", z, min_ndim=2, layout="(N, C, *spatial)")
-    check_channel_param("alpha", alpha, z.shape[1])
+    check_channel_param("alpha", alpha, z.shape[1], axis="z's channel axis")
     array_namespace(z, alpha)  # one namespace for both
     dtype = compute_dtype(xp, z.dtype)
     zc = xp.astype(z, dtype, copy=False)                           # (N, C, *spatial)

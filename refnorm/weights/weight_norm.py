@@ -166,7 +166,7 @@ def _prepare(v: Array, g: Array, eps: float) -> tuple[ModuleType, Array, Array]:
     if v.shape[0] == 0:
         raise ValueError(f"v must have at least one output channel (C_out >= 1); got shape "
                          f"{tuple(v.shape)}")
-    check_channel_param("g", g, v.shape[0])
+    check_channel_param("g", g, v.shape[0], axis="v's output axis (axis 0)")
     array_namespace(v, g)  # one namespace for both
     dtype = compute_dtype(xp, v.dtype)
     check_eps(eps, xp=xp, dtype=dtype)

@@ -69,6 +69,19 @@ def test_channel_param_shape():
         check_channel_param("gamma", np.ones((1, 3)), 3)
 
 
+def test_channel_param_errors_name_the_axis_they_count():
+    import refnorm
+    from refnorm.weights import translated_relu_forward, weight_norm_forward
+
+    with pytest.raises(ValueError, match=r"g must have shape \(C,\) = \(2,\) to match v's "
+                                         r"output axis \(axis 0\); got shape \(3,\)"):
+        weight_norm_forward(np.ones((2, 3)), np.ones(3))
+    with pytest.raises(ValueError, match=r"alpha .* to match z's channel axis"):
+        translated_relu_forward(np.ones((2, 4)), np.ones(3))
+    with pytest.raises(ValueError, match=r"mean .* to match the layer's channels"):
+        refnorm.build("sn", 4).set_population(np.ones(3), np.ones(4))
+
+
 @pytest.mark.parametrize("eps", [1e-300, 1e-5, 1, np.float32(0.1)])
 def test_eps_accepts_positive_finite_reals(eps):
     check_eps(eps)
