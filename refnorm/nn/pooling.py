@@ -179,6 +179,7 @@ def max_pool2d_backward(dy: Array, cache: MaxPool2dCache) -> Array:
         that is the maximum of several overlapping windows receives the sum of their ``dy``.
     """
     check_cache(cache, MaxPool2dCache)
+    check_float_array("dy", dy)
     xp = array_namespace(dy, cache.argmax)
     dy_w = _from_nchw(xp, dy, cache.pool)                         # (C, 1, N H_out W_out)
     C, L = cache.argmax.shape

@@ -238,6 +238,8 @@ def test_window_errors(forward, kwargs, error, match):
         (lambda: max_pool2d_forward(X, 2), TypeError, r"positional argument"),
         (lambda: max_pool2d_backward(np.ones((2, 3, 4, 4)), MAX_CACHE), ValueError,
          r"dy must have shape \(2, 3, 2, 2\); got \(2, 3, 4, 4\)"),
+        (lambda: max_pool2d_backward([[1.0]], MAX_CACHE), TypeError,
+         r"^dy must be an array; got list$"),
         (lambda: avg_pool2d_backward(np.ones((2, 3, 2, 2)), MAX_CACHE), TypeError,
          r"cache must be a PoolCache; got MaxPool2dCache"),
         (lambda: global_avg_pool_forward(np.ones((2, 3))), ValueError,
