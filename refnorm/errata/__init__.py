@@ -4,8 +4,9 @@ Each module reproduces one paper's equations exactly as printed (wrong ones incl
 checks every one against central finite differences, so that the docs' errata page and the
 tests are built from the same measurements.
 
-- :mod:`refnorm.errata.findings` — what the modules share: the :class:`Finding` record,
-  the error measure and finite differences of :mod:`refnorm.gradcheck`, the Markdown table;
+- :mod:`refnorm.errata.findings` — what the modules share: the
+  :class:`~refnorm.errata.findings.Finding` record, the error measure and finite
+  differences of :mod:`refnorm.gradcheck`, the Markdown table;
 - :mod:`refnorm.errata.sn_appendix` — Switchable Normalization, Appendix A, Eq. (6)-(14),
   and Eq. (4) as printed with its float32 behaviour;
 - :mod:`refnorm.errata.sn_multi_gpu` — Switchable Normalization, Appendix A for multiple

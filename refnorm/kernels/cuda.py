@@ -12,7 +12,7 @@ Every activation normalizer works on the ``(n, c)`` planes of its input (``x`` v
 covers: channel ``c`` for BN (the planes ``n * C + c``), the ``C / G`` consecutive planes of
 sample ``n``, group ``g`` for GN (LN: ``G = 1``; IN: ``G = C``). Kernels, one pass each:
 
-- :func:`moments` — one block per (plane, chunk of :data:`CHUNK` values): each thread runs
+- ``moments`` — one block per (plane, chunk of :data:`CHUNK` values): each thread runs
   Welford's update over its values, the block merges its threads by Chan's formula in a tree
   (``n = n_a + n_b``, ``mean = mean_a + d n_b / n``, ``M2 = M2_a + M2_b + d^2 n_a n_b / n``
   with ``d = mean_b - mean_a``), never ``E[x^2] - E[x]^2``;

@@ -46,7 +46,8 @@ def frozen_statistics(
     Parameters
     ----------
     running_mean, running_var : arrays, (C,)
-        ``running_var`` must be non-negative.
+        ``running_var`` must have no negative entry (refused); a NaN in either propagates
+        to its channel's outputs, as a NaN in the input does.
     like : array, (N, C, *spatial)
         The input in the compute dtype; gives C, the number of axes and the dtype.
 

@@ -121,7 +121,7 @@ def instance_norm_eval_forward(
 
     Parameters
     ----------
-    x : array, (N, C, *spatial)
+    x : array, (N, C, *spatial) with at least one spatial axis
     gamma, beta, running_mean, running_var : arrays, (C,)
     eps : float, > 0
     path : {"reference", "fast"}, optional
