@@ -54,6 +54,8 @@ def printed_eq4(h: Array, *, in_correction: int = 0) -> tuple[dict, dict]:
     Parameters
     ----------
     h : array, (N, C, S)
+    in_correction : {0, 1}
+        1: the IN variance unbiased (``S - 1``), as the official code.
 
     Returns
     -------

@@ -43,6 +43,8 @@ def printed_eq1(h: np.ndarray, mean_logits: np.ndarray, std_logits: np.ndarray, 
     h : array, (N, C, S)
     mean_logits, std_logits : arrays, (3,)
         The control parameters of ``lambda^mu`` and ``lambda^sigma``, scopes (in, ln, bn).
+    hard : bool
+        One-hot ratios (the argmax of each softmax) instead of the softmax.
 
     Returns
     -------

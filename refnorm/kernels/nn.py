@@ -403,7 +403,8 @@ def ws_backward(dw_hat: np.ndarray, w_hat: np.ndarray, denom: np.ndarray,
     Parameters
     ----------
     dw_hat : array, ``w.shape``
-    w_hat : array, (C_out, I); ``denom``, ``kappa`` : arrays, (C_out, 1)
+    w_hat : array, (C_out, I)
+    denom, kappa : arrays, (C_out, 1)
 
     Returns
     -------

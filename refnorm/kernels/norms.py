@@ -682,6 +682,8 @@ def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *, bn: tuple | None
 
     Parameters
     ----------
+    xp : module
+        numpy or CuPy, the arrays' namespace.
     moments : tuple of three float64 arrays, (N, C, 1) each
         ``(mu_in, lost_in, var_in)``: the IN means, what their rounding to float64 lost
         (zeros for float32 data), the IN variances.
@@ -778,6 +780,8 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
 
     Parameters
     ----------
+    xp : module
+        numpy or CuPy, the arrays' namespace.
     sums : tuple of four float64 arrays
         ``(r, g, s_dy, s_dyx)``: rstd (N, C), gamma (C,), and per (n, c) the sums of dy and
         of dy * x_hat, float64
@@ -786,8 +790,18 @@ def sn_backward_terms(xp: Any, sums: tuple, stats: tuple[dict, dict], ratios: tu
         mean minus the IN mean as stored, and its variance.
     ratios : tuple of two float64 arrays, (K,) each
         ``(w_mean, w_var)``.
-    factors : what each scope's biased variance was multiplied by (:func:`variance_factors`)
-    frozen : the scopes whose statistics are constants (see :func:`sn_backward`)
+    scopes : tuple of str
+        The scopes mixed, in the order of the ratios.
+    S : int
+        Values per (n, c) plane.
+    in_correction : {0, 1}
+        1: the IN variance is unbiased (``S - 1``).
+    factors : dict of str to float
+        What each scope's biased variance was multiplied by (:func:`variance_factors`).
+    hard : bool
+        One-hot ratios: the control parameters get zero gradients.
+    frozen : tuple of str
+        The scopes whose statistics are constants (see :func:`sn_backward`).
 
     Returns
     -------

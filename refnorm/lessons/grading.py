@@ -306,6 +306,8 @@ def check_gradients(exercise_id: str, f: Callable[..., Any], vjp: Callable[..., 
 
     Parameters
     ----------
+    exercise_id : str
+        The exercise graded, named in its failure messages.
     f : callable
         ``f(**inputs) -> y``, the forward (refnorm's).
     vjp : callable

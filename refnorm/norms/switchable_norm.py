@@ -558,6 +558,8 @@ def statistic_gradients(dy: Array, cache: SwitchableNormCache) -> tuple[Array, A
     ----------
     dy : array, (N, C, S)
         dL/dh^, the upstream gradient on the (N, C, S) view.
+    cache : SwitchableNormCache
+        The forward's: ``gamma``, ``x_hat`` and ``rstd``.
 
     Returns
     -------
@@ -780,8 +782,8 @@ class SwitchableNorm(ChannelNorm):
     ----------
     num_channels : int
     eps : float, default 1e-5
-    scopes, in_correction, hard, scope_correction : see :class:`SwitchableOptions` (built
-        once, ``self.options``)
+    scopes, in_correction, hard, scope_correction
+        See :class:`SwitchableOptions` (built once, ``self.options``).
     inference : {"moving_average", "batch_average"}
         How the BN scope gets population statistics. "moving_average" updates
         ``state`` in every training forward (PyTorch's convention: ``momentum`` weights the

@@ -159,7 +159,7 @@ class SyncBatchNorm(ChannelNorm):
     momentum : float, default 0.1
         Weight of the new batch in the running average (PyTorch's convention).
     comm : communicator, default a single process (which makes it plain BN)
-    dtype, xp : see :class:`~refnorm.norms.base.ChannelNorm`
+    dtype, xp, device : see :class:`~refnorm.norms.base.ChannelNorm`
 
     Training runs the synchronized pair and updates the running statistics with the whole
     batch's statistics and count, identically on every device; inference runs BN's eval
