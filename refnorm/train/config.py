@@ -47,17 +47,21 @@ class TrainConfig:
         check_int("seed", self.seed, low=0)
         if self.train_subset is not None:
             check_int("train_subset", self.train_subset, low=1)
-        if not (isinstance(self.widths, tuple) and self.widths):
+        if not isinstance(self.widths, tuple):
+            raise TypeError(f"widths must be a non-empty tuple of ints; got {self.widths!r}")
+        if not self.widths:
             raise ValueError(f"widths must be a non-empty tuple of ints; got {self.widths!r}")
         for w in self.widths:
             check_int("every width", w, low=1)
         for name, low, high in (("lr", 0.0, math.inf), ("momentum", 0.0, 1.0),
                                 ("weight_decay", 0.0, math.inf)):
             value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value) or not low <= value < high
-                    or (name == "lr" and value == 0)):
-                bounds = "> 0" if name == "lr" else f"in [{low:g}, {high:g})"
+            bounds = "> 0" if name == "lr" else f"in [{low:g}, {high:g})"
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float,
+                                                                             np.number)):
+                raise TypeError(f"{name} must be a finite number {bounds}; got {value!r}")
+            if not math.isfinite(value) or not low <= value < high or (name == "lr"
+                                                                         and value == 0):
                 raise ValueError(f"{name} must be a finite number {bounds}; got {value!r}")
         for name, allowed in (("norm", NORMS), ("weight", WEIGHTS),
                               ("schedule", ("cosine", "linear", "constant")),
@@ -90,7 +94,9 @@ class TrainConfig:
 
 
 def check_int(name: str, value: object, *, low: int) -> None:
+    """An int (numpy's too, not a bool) ``>= low``: ``TypeError`` for another kind of value,
+    ``ValueError`` below ``low``, as refnorm's argument checks (:mod:`refnorm.core.checks`)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+        raise TypeError(f"{name} must be an int >= {low}; got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}; got {value!r}")

@@ -23,6 +23,24 @@ def test_config_refuses_bad_values(changes, message):
         TrainConfig(**changes)
 
 
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"batch_size": 2.0}, r"batch_size must be an int >= 1; got 2.0"),
+    ({"seed": True}, r"seed must be an int >= 0; got True"),
+    ({"lr": "0.1"}, r"lr must be a finite number > 0; got '0.1'"),
+    ({"widths": [8, 8]}, r"widths must be a non-empty tuple of ints"),
+])
+def test_config_refuses_a_wrong_kind_of_value_with_a_type_error(changes, message):
+    # The rule of refnorm's argument checks: a wrong kind of value is a TypeError.
+    with pytest.raises(TypeError, match=message):
+        TrainConfig(**changes)
+
+
+def test_numpy_numbers_are_accepted():
+    import numpy as np
+
+    assert TrainConfig(batch_size=np.int64(8), lr=np.float32(0.5)).batch_size == 8
+
+
 def test_bad_configuration():
     with pytest.raises(ValueError, match=r"batch_size must be an int >= 1; got 0"):
         TrainConfig(batch_size=0)

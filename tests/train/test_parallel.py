@@ -250,12 +250,12 @@ def test_a_signal_stops_every_device_at_the_same_boundary(datasets):
     assert seen.count(max(seen)) == 3 and max(seen) >= (0, 2)
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"devices": 0}, r"^devices must be an int >= 1; got 0$"),
-    ({"devices": 2.5}, r"^devices must be an int >= 1; got 2.5$"),
+@pytest.mark.parametrize(("changes", "error", "message"), [
+    ({"devices": 0}, ValueError, r"^devices must be an int >= 1; got 0$"),
+    ({"devices": 2.5}, TypeError, r"^devices must be an int >= 1; got 2.5$"),
 ])
-def test_bad_device_counts_are_refused(changes, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_device_counts_are_refused(changes, error, message):
+    with pytest.raises(error, match=message):
         TrainConfig(**changes)
 
 
