@@ -5,7 +5,10 @@ reference's (see that module's docstring for what each kernel computes).
 module-level name ``cuda`` of a kernel's globals while it runs it; :mod:`refnorm.kernels.cuda`
 imports this module on first use only, so importing refnorm never imports ``numba.cuda``.
 Kernels are built per block size (:func:`kernels`), a compile-time constant for the shared
-arrays of the block reductions.
+arrays of the block reductions. They take the smaller of two values with :func:`smaller`:
+numba's CUDA target does not type the built-in two-argument ``min`` (numba >= 0.66), which
+the simulator, running the kernels as Python, never notices
+(``tests/kernels/test_cuda.py::test_every_kernel_compiles_for_a_gpu`` compiles them).
 """
 
 # numba.cuda's intrinsics (cuda.grid, cuda.shared.array) are typed for its compiler, not for
@@ -29,11 +32,20 @@ def kernels(threads: int) -> dict[str, Any]:  # noqa: C901 - one closure per ker
 
     @cuda.jit(device=True)
     def chan(na, ma, m2a, nb, mb, m2b):  # pragma: no cover - runs in a kernel
+        # An empty part is taken as the other: the formula's d^2 na nb / n would be
+        # inf * 0 = NaN for means beyond 1e154, where the variance must come out infinite (the
+        # caller's overflow error), as on the CPU (refnorm.kernels._loops._chan).
+        if na == 0:
+            return nb, mb, m2b
+        if nb == 0:
+            return na, ma, m2a
         n = na + nb
-        if n == 0:
-            return 0.0, 0.0, 0.0
         d = mb - ma
         return n, ma + d * nb / n, m2a + m2b + d * d * na * nb / n
+
+    @cuda.jit(device=True)
+    def smaller(a, b):  # pragma: no cover - runs in a kernel
+        return a if a < b else b
 
     @cuda.jit(device=True)
     def unit_of(n, c, C, G):  # pragma: no cover - the unit of plane (n, c); G = 0: BN
@@ -54,7 +66,7 @@ def kernels(threads: int) -> dict[str, Any]:  # noqa: C901 - one closure per ker
         r = cuda.blockIdx.x // P
         p = cuda.blockIdx.x - r * P
         t = cuda.threadIdx.x
-        stop = min(x.shape[1], (p + 1) * chunk)
+        stop = smaller(x.shape[1], (p + 1) * chunk)
         n, mu, M2 = 0.0, 0.0, 0.0
         for j in range(p * chunk + t, stop, threads):       # Welford
             v = float64(x[r, j])
@@ -89,7 +101,7 @@ def kernels(threads: int) -> dict[str, Any]:  # noqa: C901 - one closure per ker
         for k in range(planes):
             r = plane_of(u, k, C, G)
             for p in range(P):
-                count = float64(min(chunk, S - p * chunk))
+                count = float64(smaller(chunk, S - p * chunk))
                 n, mu, M2 = chan(n, mu, M2, count, mean_p[r, p], m2_p[r, p])
         var = M2 / (n - correction)
         out[0, u] = mu
@@ -114,7 +126,7 @@ def kernels(threads: int) -> dict[str, Any]:  # noqa: C901 - one closure per ker
         r = cuda.blockIdx.x // P
         p = cuda.blockIdx.x - r * P
         t = cuda.threadIdx.x
-        stop = min(dy.shape[1], (p + 1) * chunk)
+        stop = smaller(dy.shape[1], (p + 1) * chunk)
         a, b = 0.0, 0.0
         for j in range(p * chunk + t, stop, threads):
             g = float64(dy[r, j])

@@ -48,6 +48,48 @@ if not SIMULATOR:
         with pytest.raises(TypeError, match="only under the CUDA simulator"):
             gpu.bn_forward(x, np.ones(3), np.zeros(3), 1e-5)
 
+    def test_every_kernel_compiles_for_a_gpu(monkeypatch):
+        """The simulator runs the kernels as Python and never types them: compile each to PTX
+        for an H100 (compute capability 9.0) with the argument types ``_launch`` gives it,
+        which needs NVVM (a CUDA toolkit), not a GPU. The built-in two-argument ``min`` passed
+        the simulator and failed here (numba >= 0.66)."""
+        from numba import cuda
+        from numba import types as T
+
+        try:
+            from numba.cuda.cudadrv.nvvm import NVVM
+
+            NVVM()
+        except Exception as exc:  # no CUDA toolkit on this machine
+            pytest.skip(f"no NVVM to compile with ({type(exc).__name__}: {exc})")
+        import types
+
+        import numba.cuda.dispatcher
+
+        from refnorm.kernels import _cuda_loops
+
+        # A device function called from a kernel asks the current device for its compute
+        # capability; without a GPU, answer the one compiled for.
+        monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
+                            lambda: types.SimpleNamespace(compute_capability=(9, 0)))
+        k = _cuda_loops.kernels(128)
+        f64_1, f64_2 = T.Array(T.float64, 1, "C"), T.Array(T.float64, 2, "C")
+        i64, f64 = T.int64, T.float64
+        for dtype in (T.float32, T.float64):
+            a2 = T.Array(dtype, 2, "C")
+            signatures = {
+                "moments": (a2, i64, f64_2, f64_2),
+                "merge_units": (f64_2, f64_2, i64, i64, i64, i64, f64, f64, f64_2),
+                "normalize": (a2, i64, i64, f64_1, f64_1, f64_1, f64_1, a2, a2),
+                "grad_sums": (a2, a2, i64, f64_2, f64_2),
+                "coefficients": (f64_1, f64_1, f64_1, f64_1, i64, i64, f64, f64_2),
+                "combine": (a2, a2, f64_2, a2),
+            }
+            assert set(signatures) == set(k)
+            for name, signature in signatures.items():
+                ptx, _ = cuda.compile_ptx(k[name].py_func, signature, cc=(9, 0))
+                assert ".entry" in ptx, (name, dtype)
+
     def test_importing_refnorm_imports_no_numba_cuda():
         code = ("import sys, refnorm, refnorm.kernels, refnorm.kernels.cuda, refnorm.sync; "
                 "sys.exit('numba.cuda' in sys.modules or 'cupy' in sys.modules)")
@@ -253,6 +295,20 @@ else:
         assert rel_err(var.ravel(), want) < 1e-6  # float32 rounding of the result, 2^-23
         one_pass = (x * x).mean(axis=(0, 2)) - x.mean(axis=(0, 2)) ** 2
         assert rel_err(one_pass, want) > 1e-2  # the failure the kernels avoid
+
+    def test_means_beyond_1e154_merge_as_on_the_cpu():
+        """Threads and units that start empty merged by Chan's formula gave d^2 * 0 =
+        inf * 0 = NaN statistics for float64 means beyond 1e154; the CPU kernel's are
+        finite there, and both refuse 1e200, whose squared deviations overflow float64."""
+        rng = np.random.default_rng(0)
+        g, b = np.ones(2), np.zeros(2)
+        x = 1e155 * (1 + 1e-3 * rng.standard_normal((4, 2, 3)))
+        with launch((8, 16, 4)):  # 8 threads for 12 values per channel: some start empty
+            got = gpu.bn_forward(x, g, b, EPS)
+        want = cpu.bn_forward(x, g, b, EPS)
+        assert np.all(np.isfinite(got.var)) and rel_err(got.var, want.var) < 1e-12
+        with launch((8, 16, 4)), pytest.raises(ValueError, match="overflows float64"):
+            gpu.bn_forward(1e200 * (1 + rng.standard_normal((4, 2, 3))), g, b, EPS)
 
     def test_dtypes_follow_the_cpu_kernels_for_float16():
         """float16 computes in float32: y float16, cache fields float32, like refnorm.kernels."""
