@@ -333,8 +333,11 @@ def to_device(layer_or_model: Any, device: str) -> Any:
 
     Each array moves by :func:`refnorm.backend.move_array`; a layer whose ``xp`` is numpy or
     CuPy takes the device's namespace (``device`` becomes ``None``), and its cache, which
-    holds arrays of the old device, is dropped (:meth:`Layer.reset`). ``ValueError`` for
-    another device; ``RuntimeError`` for "gpu" without one, saying what was looked for
+    holds arrays of the old device, is dropped (:meth:`Layer.reset`). A model that has
+    ``layers()`` and an ``xp`` of its own (:class:`refnorm.train.model.ConvNet`, which puts its
+    batches beside its layers by it) takes the device's namespace too. An optimizer built
+    before the move keeps its state where it was: build it after. ``ValueError`` for another
+    device; ``RuntimeError`` for "gpu" without one, saying what was looked for
     (:func:`refnorm.backend.gpu_problem`).
     """
     if device not in DEVICES:
@@ -348,4 +351,19 @@ def to_device(layer_or_model: Any, device: str) -> Any:
         if layer.xp.__name__ in ("numpy", "cupy"):
             layer.xp, layer.device = device_namespace(device), None
         layer.reset()
+    for model in _models(layer_or_model):
+        if getattr(getattr(model, "xp", None), "__name__", None) in ("numpy", "cupy"):
+            model.xp, model.device = device_namespace(device), None
     return layer_or_model
+
+
+def _models(model: Any) -> Iterator[Any]:
+    """The containers of a network (what has ``layers()`` and is not a :class:`Layer`),
+    outermost first."""
+    if hasattr(model, "layers") and callable(model.layers) and not isinstance(model, Layer):
+        yield model
+        for sub in model.layers():
+            yield from _models(sub)
+    elif isinstance(model, (list, tuple)):
+        for sub in model:
+            yield from _models(sub)

@@ -114,3 +114,18 @@ def test_gpu_and_back_moves_params_state_grads_and_the_namespace(monkeypatch):
         assert all(type(a) is np.ndarray for a in got) and layer.xp is np
         for a, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, w)
+
+
+def test_a_model_takes_the_device_namespace_with_its_layers(monkeypatch):
+    # The model puts its batches beside its layers by its own xp (on_model): it stayed numpy
+    # while its layers moved, and the trainer fed host batches to device parameters.
+    from refnorm.train.model import ConvNet, on_model
+
+    cupy = fake_cupy(True)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    net = ConvNet(in_channels=3, num_classes=10, norm="bn", widths=(4,))
+    assert to_device(net, "gpu") is net
+    assert net.xp is cupy and {layer.xp for layer in net.layers()} == {cupy}
+    assert isinstance(on_model(net, np.zeros((2, 3, 8, 8))), FakeDeviceArray)
+    to_device(net, "cpu")
+    assert net.xp is np and {layer.xp for layer in net.layers()} == {np}

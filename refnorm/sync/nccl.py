@@ -83,7 +83,7 @@ class NCCLCommunicator(Communicator):
         return [cls(c, timeout=timeout) for c in nccl.NcclCommunicator.initAll(list(devices))]
 
     @classmethod
-    def from_unique_id(cls, size: int, unique_id: tuple, rank: int, *,
+    def from_unique_id(cls, size: int, unique_id: bytes, rank: int, *,
                        timeout: float | None = None) -> NCCLCommunicator:
         """This process's communicator of ``size``, on the current CuPy device
         (``ncclCommInitRank``); every rank passes the same ``unique_id``."""
@@ -92,11 +92,12 @@ class NCCLCommunicator(Communicator):
         return cls(nccl.NcclCommunicator(size, unique_id, rank), timeout=timeout)
 
     @staticmethod
-    def unique_id() -> tuple:
-        """A new NCCL unique id (``ncclGetUniqueId``), to hand to every rank."""
+    def unique_id() -> bytes:
+        """A new NCCL unique id (``ncclGetUniqueId``), to hand to every rank: bytes, as CuPy
+        (>= 14) returns it and its communicator takes it."""
         from cupy.cuda import nccl
 
-        return tuple(nccl.get_unique_id())
+        return nccl.get_unique_id()
 
     # -- the interface ------------------------------------------------------------------------
 
