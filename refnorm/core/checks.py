@@ -75,10 +75,13 @@ def check_eps(eps: object, *, xp: ModuleType | None = None, dtype: Any = None) -
         raise ValueError(f"eps must be finite and > 0; got {eps}")
     if xp is None or dtype is None:
         return
-    if float(eps) > float(xp.finfo(dtype).max):
+    info = xp.finfo(dtype)
+    if float(eps) > float(info.max):
         raise ValueError(f"eps={eps} overflows {dtype_name(dtype)}, the compute dtype; use a "
                          f"smaller eps")
-    if not bool(xp.asarray(eps, dtype=dtype) > 0):
+    # Rounded to the nearest (ties to even), eps becomes 0 at half the smallest subnormal or
+    # below: decided on the host, without an array on the device at every forward.
+    if float(eps) <= float(info.smallest_normal) * float(info.eps) / 2:
         raise ValueError(f"eps={eps} rounds to 0 in {dtype_name(dtype)}, the compute dtype; use "
                          f"a larger eps")
 

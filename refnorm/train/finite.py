@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from refnorm.backend import Array, array_namespace, to_numpy
+from refnorm.backend import Array, array_namespace, device_of, to_numpy
 from refnorm.train.model import ConvNet
 from refnorm.train.optim import SGD
 
@@ -58,8 +58,9 @@ def is_finite(a: Any) -> bool:
         xp = array_namespace(a)
         if not xp.isdtype(a.dtype, "real floating"):
             return True
-        if math.isfinite(float(xp.sum(xp.astype(a, xp.float64)))):
-            return True
+        with np.errstate(over="ignore", invalid="ignore"):  # numpy-backed namespaces
+            if math.isfinite(float(xp.sum(xp.astype(a, xp.float64)))):
+                return True
         return bool(xp.all(xp.isfinite(a)))
     a = np.asarray(a)
     if a.dtype.kind != "f":
@@ -76,10 +77,38 @@ def first_bad(a: Any) -> float:
 
 
 def check_finite(arrays: Iterator[tuple[str, Any]]) -> None:
-    """Raise :class:`NonFinite` for the first named array holding a NaN or an infinity."""
-    for what, a in arrays:
+    """Raise :class:`NonFinite` for the first named array holding a NaN or an infinity.
+
+    Arrays of another namespace than numpy (CuPy) are first checked together, one float64
+    sum of their sums per namespace and device: one transfer to the host instead of one per
+    array. Only when that total is not finite is each checked on its own, to name it."""
+    items = list(arrays)
+    if _all_finite_on_devices([a for _, a in items if not _on_host(a)]):
+        items = [(what, a) for what, a in items if _on_host(a)]
+    for what, a in items:
         if not is_finite(a):
             raise NonFinite(what, first_bad(a))
+
+
+def _on_host(a: Any) -> bool:
+    return isinstance(a, (np.ndarray, np.generic, float, int))
+
+
+def _all_finite_on_devices(arrays: list[Any]) -> bool:
+    """Whether the total of all float64 sums of each (namespace, device) group is finite."""
+    groups: dict[tuple[int, str], list[Any]] = {}
+    for a in arrays:
+        xp = array_namespace(a)
+        if xp.isdtype(a.dtype, "real floating"):
+            groups.setdefault((id(xp), repr(device_of(a))), []).append(a)
+    for group in groups.values():
+        xp = array_namespace(group[0])
+        with np.errstate(over="ignore", invalid="ignore"):  # numpy-backed namespaces: quietly
+            sums = xp.stack([xp.sum(xp.astype(a, xp.float64)) for a in group])  # (arrays,)
+            total = float(xp.sum(sums))
+        if not math.isfinite(total):
+            return False
+    return True
 
 
 def layer_name(i: int, layer: Any) -> str:

@@ -69,6 +69,19 @@ def test_channel_param_shape():
         check_channel_param("gamma", np.ones((1, 3)), 3)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_eps_rounds_to_zero_exactly_where_the_dtype_rounds_it(dtype):
+    tiny = float(np.finfo(dtype).smallest_subnormal)
+    for eps in (tiny / 2, tiny / 2 * (1 + 1e-6), tiny, 1e-300, 1e-50, 1e-30, 1e-8):
+        if eps == 0:  # half float64's smallest subnormal is 0 as a Python float
+            continue
+        if np.asarray(eps, dtype=dtype) > 0:  # numpy's own rounding is the truth
+            check_eps(eps, xp=np, dtype=dtype)
+        else:
+            with pytest.raises(ValueError, match="rounds to 0"):
+                check_eps(eps, xp=np, dtype=dtype)
+
+
 def test_channel_param_errors_name_the_axis_they_count():
     import refnorm
     from refnorm.weights import translated_relu_forward, weight_norm_forward

@@ -14,3 +14,19 @@ def test_is_finite_is_exact():
     assert not finite.is_finite(np.array([np.nan], np.float16))
     assert finite.is_finite(np.array(True)) and finite.is_finite(np.arange(3))
 
+
+
+def test_device_arrays_are_checked_together_and_the_bad_one_named():
+    """Arrays of another namespace (array_api_strict's second device, standing for CuPy) are
+    summed together on their device, one transfer; a non-finite one is still named."""
+    import pytest
+
+    strict = pytest.importorskip("array_api_strict")
+    device = strict.Device("device1")
+    good = [strict.asarray(np.full(3, 1e308), device=device) for _ in range(2)]  # total: inf
+    finite.check_finite(iter([("a", good[0]), ("b", good[1]), ("host", np.ones(2))]))
+    bad = strict.asarray(np.array([1.0, np.nan], np.float32), device=device)
+    with pytest.raises(finite.NonFinite, match=r"^c became nan"):
+        finite.check_finite(iter([("a", good[0]), ("c", bad), ("b", good[1])]))
+    with pytest.raises(finite.NonFinite, match=r"^host became inf"):
+        finite.check_finite(iter([("a", good[0]), ("host", np.array([np.inf]))]))
