@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from refnorm import registry
-from refnorm.backend import Array, array_namespace, to_numpy
+from refnorm.backend import Array, array_namespace, device_of, on_device, to_numpy
 from refnorm.dispatch import check_path
 from refnorm.layer import Layer
 
@@ -270,9 +270,10 @@ def check_layer(
     template.path = check_path(path)
     template.input_grad = True
     xp = array_namespace(*template.params.values()) if template.params else np
+    where = on_device(device_of(next(iter(template.params.values())))) if template.params else {}
 
-    def as_layer_array(a: np.ndarray) -> Array:
-        return xp.asarray(np.asarray(a, dtype=np.float64))
+    def as_layer_array(a: np.ndarray) -> Array:  # on the layer's device, as its parameters
+        return xp.asarray(np.asarray(a, dtype=np.float64), **where)
 
     template.state = {k: as_layer_array(to_numpy(v)) for k, v in template.state.items()}
 

@@ -357,3 +357,36 @@ def test_a_checkpoint_saved_from_device1_loads_back_onto_device1(tmp_path):
     for layer, again in zip(model.layers(), fresh.layers(), strict=True):
         for name, value in layer.state.items():
             np.testing.assert_array_equal(to_numpy(again.state[name]), to_numpy(value))
+
+
+def test_check_layer_evaluates_a_layer_on_its_own_device():
+    """refnorm.gradcheck.check_layer put its float64 copies on the default device."""
+    from refnorm.gradcheck import check_layer
+
+    seen = set()
+    layer = refnorm.build("bn", 4, dtype=xps.float64, xp=xps, device=DEVICE)
+    forward = type(layer).forward
+
+    def spy(self, x, training):
+        seen.update({x.device, *(p.device for p in self.params.values())})
+        return forward(self, x, training)
+
+    type(layer).forward = spy
+    try:
+        errors = check_layer(layer, on_device(5 * np.random.default_rng(1)
+                                              .standard_normal((3, 4, 3, 3)) + 12))
+    finally:
+        type(layer).forward = forward
+    assert seen == {DEVICE}
+    assert max(e.max_rel_error for e in errors.values()) < 1e-6
+
+
+def test_a_metered_communicator_counts_bytes_of_any_namespace():
+    from refnorm.sync.comm import MeteredCommunicator
+
+    def device(comm):
+        metered = MeteredCommunicator(comm)
+        metered.allreduce_sum([on_device(np.ones(3), xps.float32), on_device(np.ones(2))])
+        return metered.bytes
+
+    assert InProcessGroup.run(2, device) == [3 * 4 + 2 * 8] * 2

@@ -99,6 +99,14 @@ class SingleProcess(Communicator):
         return list(arrays)
 
 
+def _itemsize(a: Array) -> int:
+    """Bytes per value of ``a``, from the Array API's ``finfo``/``iinfo`` (``dtype.itemsize``
+    is numpy's and CuPy's, not every namespace's)."""
+    xp = array_namespace(a)
+    info = xp.finfo(a.dtype) if xp.isdtype(a.dtype, "real floating") else xp.iinfo(a.dtype)
+    return int(info.bits) // 8
+
+
 class MeteredCommunicator(Communicator):
     """Another communicator, with what its all-reduces cost counted: the bytes this device
     contributes (the arrays as given, in their own dtypes) and the wall time spent inside
@@ -130,7 +138,7 @@ class MeteredCommunicator(Communicator):
         finally:
             self.seconds += time.perf_counter() - started
             self.calls += 1
-            self.bytes += sum(int(a.size) * a.dtype.itemsize for a in arrays)
+            self.bytes += sum(int(a.size) * _itemsize(a) for a in arrays)
 
     def report(self, *, seconds: float, steps: int) -> dict[str, float]:
         """The cost per optimizer step since :meth:`clear`, over ``steps`` steps that took
