@@ -223,6 +223,26 @@ def test_a_right_gradient_reports_its_measured_difference_not_zero(toy, capsys):
                                 {"x": np.array([1.0, -2.0, 3.0])})
 
 
+def test_the_graders_hold_their_stated_tolerances(toy):
+    """An answer off by 100 times a grader's tolerance fails (a tolerance loosened 1000-fold
+    went unnoticed: the catalogued mistakes are off by 1e-2 or more)."""
+    want = np.linspace(1.0, 2.0, 7)
+    lessons.check_outputs("9.9", lambda fn: fn(), lambda: want * (1 + 1e-9), want, tol=1e-8,
+                          reason="rounding")
+    with pytest.raises(AssertionError, match="allowed <= 1e-08"):
+        lessons.check_outputs("9.9", lambda fn: fn(), lambda: want * (1 + 1e-6), want,
+                              tol=1e-8, reason="rounding")
+
+    def vjp(backward, dy, x):
+        return {"x": backward(dy, x)}
+
+    x = {"x": np.array([1.0, -2.0, 3.0])}
+    lessons.check_gradients("9.9", lambda x: x**2, vjp, lambda dy, x: 2 * x * dy, x, tol=1e-6)
+    with pytest.raises(AssertionError, match="dx differs from central differences"):
+        lessons.check_gradients("9.9", lambda x: x**2, vjp,
+                                lambda dy, x: 2 * x * dy * (1 + 1e-4), x, tol=1e-6)
+
+
 def test_expect_prints_integers_as_integers(capsys):
     lessons.expect("all-reduces", 2, 2, 2, "one per step")
     assert re.search(r"all-reduces\s+=\s+2   expected in \[2, 2\]", capsys.readouterr().out)

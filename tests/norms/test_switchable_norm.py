@@ -16,6 +16,7 @@ from refnorm.gradcheck import check_vjp
 from refnorm.norms.switchable_norm import (
     SCOPES,
     SwitchableOptions,
+    ratios,
     scope_moments,
     switchable_norm_backward,
     switchable_norm_backward_compact,
@@ -564,3 +565,17 @@ def test_unbiased_in_variance_needs_two_positions():
 def test_bad_inference_mode():
     with pytest.raises(ValueError, match=r"inference must be 'moving_average' or 'batch_average'"):
         refnorm.build("sn", 3, inference="ema")
+
+
+def test_ratios_of_large_control_parameters_do_not_overflow():
+    """Eq. (5)'s softmax is taken after subtracting the largest logit: e^100 overflows float32
+    (and e^1000 float64), which would make the ratios NaN."""
+    np.testing.assert_array_equal(ratios(np.array([1000.0, 0.0, 0.0])), [1.0, 0.0, 0.0])
+    w = ratios(np.array([0.0, 0.0, 100.0], dtype=np.float32))
+    assert np.all(np.isfinite(w)) and w[2] == 1.0
+    x = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    one, zero = np.ones(3, np.float32), np.zeros(3, np.float32)
+    big = np.array([0.0, 0.0, 100.0], np.float32)  # all on the BN scope
+    for path in ("reference", "fast"):
+        y, _ = switchable_norm_forward(x, one, zero, big, big, path=path)
+        np.testing.assert_allclose(y, refnorm.batch_norm_forward(x, one, zero)[0], atol=1e-5)

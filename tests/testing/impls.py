@@ -73,6 +73,29 @@ class NumpyBN:
         return dx, dgamma, np.sum(dy, axis=axes)
 
 
+class NumpyIN:
+    """Instance Normalization in numpy with running statistics (the batch mean of the
+    per-instance ones, the variances unbiased over the S positions, as PyTorch's
+    ``InstanceNorm2d(track_running_stats=True)``); ``running_biased`` plants the bug of
+    leaving out S/(S - 1)."""
+
+    def __init__(self, C: int, *, eps: float = 1e-5, momentum: float = 0.1, **bugs: bool):
+        self.eps, self.momentum, self.bugs = eps, momentum, bugs
+        self.running_mean, self.running_var = np.zeros(C), np.ones(C)
+
+    def __call__(self, x, gamma, beta, *, training: bool = True) -> np.ndarray:
+        axes = tuple(range(2, x.ndim))
+        mu, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+        if training:
+            S = int(np.prod(x.shape[2:]))
+            factor = 1.0 if self.bugs.get("running_biased") else S / (S - 1)
+            k = self.momentum
+            self.running_mean = (1 - k) * self.running_mean + k * mu.reshape(x.shape[:2]).mean(0)
+            self.running_var = ((1 - k) * self.running_var
+                                + k * factor * var.reshape(x.shape[:2]).mean(0))
+        return _view(gamma, x.ndim) * (x - mu) / np.sqrt(var + self.eps) + _view(beta, x.ndim)
+
+
 def numpy_bn_forward(x, gamma, beta, eps=1e-5):
     """A plain training-mode BN forward: the numpy-callable form."""
     axes = (0,) + tuple(range(2, x.ndim))

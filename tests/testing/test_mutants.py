@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refnorm.testing import assert_matches, fingerprint
-from tests.testing.impls import AxesNorm, NumpyBN, NumpyGN, NumpySN, numpy_bn_forward
+from tests.testing.impls import AxesNorm, NumpyBN, NumpyGN, NumpyIN, NumpySN, numpy_bn_forward
 
 # (flag, the fingerprint convention that names the bug, its value, the dtype assert_matches
 # runs in: the one-pass variance only loses digits in float32)
@@ -44,6 +44,15 @@ def test_bn_mutant_is_diagnosed_and_fails(flag, key, value, dtype):
         assert report.match is None, str(report)
     with pytest.raises(AssertionError, match="Smallest failing input"):
         assert_matches("bn", NumpyBN(4, **{flag: True}), dtype=dtype)
+
+
+def test_in_running_statistics_are_compared_too():
+    """IN with tracked running statistics: the right update passes, a biased running variance
+    fails on it (the kit compared BN's running statistics only, and never met a stateful
+    IN)."""
+    assert_matches("in", NumpyIN(3), num_channels=3, max_examples=10)
+    with pytest.raises(AssertionError, match="running_var"):
+        assert_matches("in", NumpyIN(3, running_biased=True), num_channels=3, max_examples=10)
 
 
 def test_eps_outside_the_root_is_one_line_of_the_report():

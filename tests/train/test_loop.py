@@ -58,6 +58,40 @@ def test_outputs_are_written(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary files
 
 
+def test_the_schedule_runs_over_the_whole_run_not_each_epoch():
+    """Every trainer test compared runs with runs (resume, devices), which share a schedule
+    restarted every epoch; the history's learning rate is the last step's of each epoch."""
+    from refnorm.train.optim import learning_rate
+    from refnorm.train.parallel import epoch_steps
+
+    cfg = config(norm="bn", epochs=3, schedule="linear")
+    history = train(cfg, progress=False).history
+    steps = len(epoch_steps(cfg.train_subset, cfg.batch_size * cfg.accumulation, 1))
+    want = [learning_rate("linear", cfg.lr, (e + 1) * steps - 1, steps * cfg.epochs)
+            for e in range(cfg.epochs)]
+    assert [row["lr"] for row in history] == pytest.approx(want)
+    assert want[0] > want[1] > want[2]
+
+
+def test_each_epoch_draws_its_own_order(monkeypatch):
+    """The module docstring's promise: epoch e visits default_rng([seed, e]).permutation."""
+    seen = []
+    real = loop.run_step
+
+    def spy(run, position, picked):
+        seen.append((position.epoch, picked.copy()))
+        return real(run, position, picked)
+
+    monkeypatch.setattr(loop, "run_step", spy)
+    cfg = config(norm="bn", epochs=2)
+    train(cfg, progress=False)
+    orders = {e: np.concatenate([p for epoch, p in seen if epoch == e]) for e in (0, 1)}
+    for e, order in orders.items():
+        want = np.random.default_rng([cfg.seed, e]).permutation(cfg.train_subset)
+        np.testing.assert_array_equal(order, want[:len(order)])
+    assert not np.array_equal(orders[0], orders[1])
+
+
 def test_same_seed_same_run():
     a = params_of(train(config(norm="sn"), progress=False))
     b = params_of(train(config(norm="sn"), progress=False))

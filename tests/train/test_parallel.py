@@ -266,6 +266,19 @@ def test_more_devices_than_the_data_can_feed_is_refused(datasets):
         train(config, progress=False, data=datasets[2])
 
 
+def test_a_short_last_step_needs_two_samples_for_every_statistic_part():
+    """The rule of docs/data-parallel.md: a leftover is a step only when each of the parts
+    its batch statistics are split into (statistic_parts) gets two samples."""
+    from refnorm.train.parallel import statistic_parts
+
+    assert statistic_parts("bn", 4, 1) == 4            # per-device BN: a part per device
+    assert epoch_steps(43, 8, 4) == [8] * 5            # 3 left over < 2 x 4: left out
+    assert epoch_steps(45, 8, 4) == [8] * 5            # 5 < 8: left out
+    assert epoch_steps(48, 8, 4) == [8] * 6            # nothing left over
+    assert epoch_steps(46, 8, 3) == [8] * 5 + [6]      # 6 >= 2 x 3: kept
+    assert epoch_steps(43, 8, 1) == [8] * 5 + [3]      # one part: 3 >= 2, kept
+
+
 @pytest.mark.parametrize(("many", "one"), [({"norm": "syncbn"}, {"norm": "bn"}),
                                            ({"norm": "gn", "num_groups": 2},
                                             {"norm": "gn", "num_groups": 2})])
