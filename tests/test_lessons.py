@@ -243,6 +243,15 @@ def test_the_graders_hold_their_stated_tolerances(toy):
                                 lambda dy, x: 2 * x * dy * (1 + 1e-4), x, tol=1e-6)
 
 
+def test_a_passed_check_shows_nothing_more_in_a_notebook(toy):
+    """A check cell ends with the check's call: its result (the answer's arrays) was shown
+    under the verdict, up to 800 lines in lesson 06b. It displays nothing, and stays a dict."""
+    formatters = pytest.importorskip("IPython.core.formatters")
+    result = _grade_toy(lambda x: x.sum(axis=0) / x.shape[0])
+    assert isinstance(result, dict) and set(result) == {"mean"}
+    assert formatters.DisplayFormatter().format(result) == ({}, {})
+
+
 def test_expect_prints_integers_as_integers(capsys):
     lessons.expect("all-reduces", 2, 2, 2, "one per step")
     assert re.search(r"all-reduces\s+=\s+2   expected in \[2, 2\]", capsys.readouterr().out)

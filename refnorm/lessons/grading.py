@@ -126,6 +126,17 @@ def attempt(exercise_id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any)
 # -- grading an exercise ---------------------------------------------------------------------
 
 
+class Graded(dict):
+    """What a passed check returns: its outputs or measured differences by name, a dict.
+
+    A notebook shows nothing for it: the check has printed its verdict, and a check cell,
+    which ends with the check's call, would otherwise print every array of the answer again
+    under it (thousands of lines for a lesson's larger answers)."""
+
+    def _ipython_display_(self) -> None:
+        """Display nothing (IPython asks this before any other representation)."""
+
+
 def _named(out: Any) -> dict[str, Any]:
     return dict(out) if isinstance(out, Mapping) else {"output": out}
 
@@ -236,7 +247,7 @@ def check_outputs(exercise_id: str, run: Callable[[Any], Any], candidate: Any, w
         raise AssertionError(f"exercise {exercise_id} failed: {'; '.join(failures)} "
                              f"({reason}). {advice}")
     print(f"exercise {exercise_id} passed: {', '.join(lines)}; allowed <= {tol:.0e} ({reason})")
-    return got
+    return Graded(got)
 
 
 def check_integers(exercise_id: str, run: Callable[[Any], Any], candidate: Any, want: Any, *,
@@ -268,7 +279,7 @@ def check_integers(exercise_id: str, run: Callable[[Any], Any], candidate: Any, 
                                                        if at_most else "")
                       for k, v in got.items())
     print(f"exercise {exercise_id} passed: {shown} ({reason})")
-    return got
+    return Graded(got)
 
 
 def _as_ints(value: Any) -> Any:
@@ -370,4 +381,4 @@ def check_gradients(exercise_id: str, f: Callable[..., Any], vjp: Callable[..., 
         raise AssertionError(f"exercise {exercise_id} failed: {'; '.join(failures)}. {advice}")
     print(f"exercise {exercise_id} passed: {'; '.join(lines)}; allowed {tol:.0e} beyond the "
           "noise (float64, random dy)")
-    return measured
+    return Graded(measured)
