@@ -98,6 +98,7 @@ class Page:
     links: list[str] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
     empty_cells: list[str] = field(default_factory=list)
+    shown_results: list[str] = field(default_factory=list)
     math_count: int = 0
     article_width: float = 0.0
     pre_chars: int = 0
@@ -105,7 +106,7 @@ class Page:
     def problems(self) -> list[str]:
         out = []
         for name in ("console_errors", "raw_math", "math_errors", "stray_escapes", "clipped_pre",
-                     "overflowing", "broken_images"):
+                     "overflowing", "broken_images", "shown_results"):
             out += [f"{self.path}: {name.replace('_', ' ')}: {item}"
                     for item in getattr(self, name)]
         return out
@@ -114,8 +115,8 @@ class Page:
 # Runs in the page once MathJax (if the page loads it) has typeset everything.
 INSPECT = r"""
 const out = {rawMath: [], mathErrors: [], strayEscapes: [], clippedPre: [], overflowing: [],
-             brokenImages: [], images: [], links: [], ids: [], emptyCells: [], mathCount: 0,
-             articleWidth: 0, preChars: 0};
+             brokenImages: [], images: [], links: [], ids: [], emptyCells: [], shownResults: [],
+             mathCount: 0, articleWidth: 0, preChars: 0};
 const short = (s) => s.replace(/\s+/g, ' ').trim().slice(0, 100);
 // math: every Sphinx math element holds a MathJax rendering, no TeX source left as text
 for (const el of document.querySelectorAll('.math')) {
@@ -182,6 +183,29 @@ for (const el of document.querySelectorAll(wide)) {
                          `sticks out of its column by ${Math.round(box.right - column.right)}px: ` +
                          short(el.getAttribute('src') || el.textContent || ''));
 }
+// a table in a scrolling holder that is wider than it hides its last columns to the side
+for (const t of document.querySelectorAll('article table')) {
+  const holder = scrolls(t);
+  if (visible(t) && holder && t.scrollWidth > holder.clientWidth + 1)
+    out.overflowing.push(`a table ${t.scrollWidth}px wide scrolls in ${holder.clientWidth}px: ` +
+                         short(t.querySelector('tr') ? t.querySelector('tr').textContent : ''));
+}
+// a formula box that scrolls must hold a formula wider than it (MathJax's hidden MathML copy
+// once made fitting formulas scroll, with a scrollbar under each)
+for (const c of document.querySelectorAll('mjx-container')) {
+  const m = c.querySelector(':scope > mjx-math');
+  if (!m || !visible(c) || getComputedStyle(c).overflowX === 'visible') continue;
+  if (c.scrollWidth > c.clientWidth + 1 && m.getBoundingClientRect().width <= c.clientWidth + 1)
+    out.overflowing.push(`a formula that fits its ${c.clientWidth}px box scrolls: ` +
+                         short(c.textContent));
+}
+// a lesson's check prints its verdict; nothing more may follow it (its result, all arrays)
+for (const cell of document.querySelectorAll('.cell_output')) {
+  const verdict = [...cell.querySelectorAll('.output.stream')]
+      .some((o) => /exercise \S+ passed/.test(o.textContent));
+  if (verdict && cell.querySelector('.output.text_plain, .output.text_html'))
+    out.shownResults.push(short(cell.textContent));
+}
 // nor out of the sidebars: a navigation entry that runs past the sidebar's edge is cut off
 for (const bar of document.querySelectorAll('.bd-sidebar-primary, .bd-sidebar-secondary')) {
   if (!visible(bar)) continue;
@@ -238,6 +262,7 @@ def inspect(driver, root: Path, page: Path, screenshots: Path | None = None) -> 
                   clipped_pre=data["clippedPre"], overflowing=data["overflowing"],
                   broken_images=data["brokenImages"], images=data["images"], links=data["links"],
                   ids=set(data["ids"]), empty_cells=data["emptyCells"],
+                  shown_results=data["shownResults"],
                   math_count=data["mathCount"], article_width=data["articleWidth"],
                   pre_chars=data["preChars"])
     if state not in ("none", "typeset"):
