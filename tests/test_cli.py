@@ -634,3 +634,27 @@ def test_train_and_study_on_a_gpu_without_one_stop_in_one_sentence(command, tmp_
     err = capsys.readouterr().err.strip()
     assert err == f"refnorm {command}: error: --device gpu: {gpu_problem()}"
     assert not out.exists()
+
+
+class _Reached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_train_path_option_is_the_process_path_the_trainer_sees(monkeypatch, tmp_path, path):
+    """``--path`` overrides $REFNORM_PATH for the run: by the time the trainer starts, it is
+    the process-wide choice (nothing ran the option end to end)."""
+    from refnorm import dispatch
+    from refnorm.train import loop
+
+    monkeypatch.setenv("REFNORM_PATH", "fast" if path == "reference" else "reference")
+    seen = {}
+
+    def fake_train(config, **kw):
+        seen["choice"] = dispatch.process_choice()
+        raise _Reached
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    with pytest.raises(_Reached):
+        main(["train", "--path", path, "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert seen["choice"] == path

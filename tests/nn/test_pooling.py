@@ -252,3 +252,29 @@ def test_window_errors(forward, kwargs, error, match):
 def test_errors_name_the_argument_expected_and_got(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_max_pool_layer_uses_its_own_stride():
+    """MaxPool2d(2, stride=1) has overlapping windows: 3 x 3 outputs on a 4 x 4 input, equal
+    to the pure function with stride 1 (the layer once passed its kernel size as the stride,
+    and its gradient check still held: that forward and backward agree with each other)."""
+    from refnorm.nn import MaxPool2d
+
+    x = np.random.default_rng(0).permutation(32).astype(np.float64).reshape(2, 1, 4, 4)
+    y = MaxPool2d(2, stride=1).forward(x, training=True)
+    assert y.shape == (2, 1, 3, 3)
+    np.testing.assert_array_equal(y, max_pool2d_forward(x, kernel_size=2, stride=1)[0])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (2, 3, 4, 5), (2, 3, 2, 3, 4)],
+                         ids=["1d", "2d", "3d"])
+def test_global_avg_pool_backward_spreads_dy_over_all_positions(shape):
+    """dy / prod(spatial) at every position, for any number of spatial axes (the documented
+    (N, C, *spatial)), not only H x W: every other test used 4-D inputs."""
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal(shape), rng.standard_normal(shape[:2])
+    y, cache = global_avg_pool_forward(x)
+    np.testing.assert_allclose(y, x.reshape(shape[0], shape[1], -1).mean(axis=2))
+    count = int(np.prod(shape[2:]))
+    expected = np.broadcast_to(dy.reshape(shape[:2] + (1,) * (len(shape) - 2)) / count, shape)
+    np.testing.assert_allclose(global_avg_pool_backward(dy, cache), expected, rtol=1e-15)

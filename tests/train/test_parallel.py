@@ -309,3 +309,22 @@ def test_sn_batch_averages_pool_the_same_micro_batches_on_p_devices_and_with_acc
     many, one = average_batches(config, full, 0), average_batches(single, full, 0)
     assert [len(b) for b in many] == [10] * 4 and [len(b) for b in one] == [5] * 8
     np.testing.assert_array_equal(np.concatenate(many), np.concatenate(one))
+
+
+@pytest.mark.parametrize("odd", [1, 2])
+def test_check_same_model_finds_any_device_that_differs(odd):
+    """On 3 devices the one whose array differs is named wherever it is (a comparison of
+    device 0 with the last device alone would miss device 1; every test had 2 devices)."""
+    from refnorm.sync.comm import InProcessGroup
+    from refnorm.train.parallel import check_same_model
+
+    arrays = [np.zeros(3), np.zeros(3), np.zeros(3)]
+    arrays[odd] = np.array([0.0, 1.0, 0.0])
+
+    def device(comm, a):
+        check_same_model(comm, [("conv.w", np.zeros(2)), ("bn.gamma", a)], where="after epoch 1")
+
+    with pytest.raises(Diverged, match=rf"bn.gamma differs between device 0 and device {odd}$"):
+        InProcessGroup.run(3, device, arrays)
+    InProcessGroup.run(3, lambda comm, a: check_same_model(comm, [("w", a)], where="now"),
+                       [np.arange(3.0)] * 3)
