@@ -198,6 +198,10 @@ for (const c of document.querySelectorAll('mjx-container')) {
   if (c.scrollWidth > c.clientWidth + 1 && m.getBoundingClientRect().width <= c.clientWidth + 1)
     out.overflowing.push(`a formula that fits its ${c.clientWidth}px box scrolls: ` +
                          short(c.textContent));
+  // a display formula wider than the column needs sideways scrolling: break its lines
+  if (c.getAttribute('display') === 'true' && m.getBoundingClientRect().width > c.clientWidth + 1)
+    out.overflowing.push(`a display formula ${Math.round(m.getBoundingClientRect().width)}px ` +
+                         `wide scrolls in ${c.clientWidth}px: ${short(c.textContent)}`);
 }
 // a lesson's check prints its verdict; nothing more may follow it (its result, all arrays)
 for (const cell of document.querySelectorAll('.cell_output')) {
