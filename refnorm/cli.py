@@ -279,7 +279,8 @@ def _add_study(sub) -> None:
         description=("Train a grid of normalizers x settings (#devices, #samples per device) "
                      "with the update size fixed, through the data-parallel loop, and write "
                      "report.md with a table, a verdict per claim of the papers (judged over 3 "
-                     "seeds or more), and plots."))
+                     "seeds or more), and plots. A run that diverges (a NaN or an infinity) "
+                     "stops the study with exit 3, before any report is written."))
     st.add_argument("--quick", action="store_true",
                     help="a small grid: 12 runs, about 15 s once the fast kernels are compiled")
     st.add_argument("--methods", type=_name_list, default=None,
@@ -459,6 +460,7 @@ def _train(config, args: argparse.Namespace, comm, *, quiet: bool) -> int:
 def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import dataclasses
 
+    from refnorm.train.finite import NonFinite
     from refnorm.train.study import QUICK, StudyConfig, run_study
 
     if (problem := _device_problem(args)) is not None:
@@ -482,6 +484,9 @@ def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         study = dataclasses.replace(study, **changes)
         report = run_study(study, args.out, jobs=args.jobs,
                            log=lambda line: print(line, file=sys.stderr))
+    except NonFinite as exc:  # one run diverged: as refnorm train, exit 3
+        print(f"refnorm study: {_one_line(exc)}; no report was written", file=sys.stderr)
+        return 3
     except (ValueError, TypeError, OSError) as exc:
         print(f"refnorm study: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -658,3 +658,17 @@ def test_train_path_option_is_the_process_path_the_trainer_sees(monkeypatch, tmp
     with pytest.raises(_Reached):
         main(["train", "--path", path, "--epochs", "1", "--out", str(tmp_path / "run")])
     assert seen["choice"] == path
+
+
+def test_a_diverged_study_run_exits_3_with_one_line(monkeypatch, tmp_path, capsys):
+    from refnorm.train import study
+    from refnorm.train.finite import NonFinite
+
+    def diverge(*args, **kwargs):
+        raise NonFinite("the loss", float("nan"), where="in step 2 of epoch 1")
+
+    monkeypatch.setattr(study, "run_study", diverge)
+    assert main(["study", "--quick", "--out", str(tmp_path / "s")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("refnorm study: ")
+    assert err[0].endswith("; no report was written") and "the loss" in err[0]

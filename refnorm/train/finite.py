@@ -8,6 +8,7 @@ and float32 values cannot overflow it); the first non-finite value stops the run
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +41,11 @@ class NonFinite(RuntimeError):
         else:
             text = f"{what} became {value}" + (f" {where}" if where else "")
         super().__init__(text + "; the run stopped" + (f"; {kept}" if kept else ""))
+
+    def __reduce__(self) -> tuple:
+        """Pickled with its fields (a study's worker process hands it to the parent)."""
+        return (functools.partial(NonFinite, where=self.where, kept=self.kept,
+                                  reason=self.reason), (self.what, self.value))
 
     def moved(self, *, where: str | None = None, kept: str | None = None) -> NonFinite:
         """The same finding, placed in the run (``where``) or with what is kept."""

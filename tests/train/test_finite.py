@@ -30,3 +30,14 @@ def test_device_arrays_are_checked_together_and_the_bad_one_named():
         finite.check_finite(iter([("a", good[0]), ("c", bad), ("b", good[1])]))
     with pytest.raises(finite.NonFinite, match=r"^host became inf"):
         finite.check_finite(iter([("a", good[0]), ("host", np.array([np.inf]))]))
+
+
+def test_non_finite_pickles_with_its_fields():
+    """A study's worker hands it to the parent process (its unpickling once failed: its
+    constructor takes the fields, not the message)."""
+    import pickle
+
+    e = finite.NonFinite("the loss", float("inf"), where="in step 3", kept="the checkpoint")
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is finite.NonFinite and str(back) == str(e)
+    assert (back.what, back.value, back.where, back.kept) == (e.what, e.value, e.where, e.kept)

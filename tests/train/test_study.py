@@ -69,7 +69,8 @@ def _cells(test, train=None):
     """Cells as summarize() builds them, from {(method, batch): [test accuracy per seed]}."""
     train = train or {}
     return {key: {"test": list(acc), "train": list(train.get(key, acc)),
-                  "ratios": [{}] * len(acc), "histories": [[]] * len(acc)}
+                  "ratios": [{}] * len(acc), "histories": [[]] * len(acc),
+                  "seeds": list(range(len(acc)))}
             for key, acc in test.items()}
 
 
@@ -85,8 +86,9 @@ def test_claims_follow_the_numbers_over_three_seeds():
     bn_degrades = _cells({("bn", 32): [0.95, 0.96, 0.95], ("bn", 2): [0.85, 0.86, 0.84],
                           ("gn", 32): [0.94, 0.94, 0.95], ("gn", 2): [0.94, 0.95, 0.94]})
     assert _verdicts(study, bn_degrades) == {"BN": True, "GN": True}
-    # BN's drop (1.3 points) is within two standard errors of its seeds' spread: not a drop.
-    noisy = _cells({("bn", 32): [0.95, 0.91, 0.99], ("bn", 2): [0.94, 0.90, 0.97],
+    # BN's drop (1.3 points) is within two standard errors of its per-seed differences
+    # (-2, 1 and 5 points): not a drop.
+    noisy = _cells({("bn", 32): [0.95, 0.91, 0.99], ("bn", 2): [0.97, 0.90, 0.94],
                     ("gn", 32): [0.95, 0.95, 0.95], ("gn", 2): [0.93, 0.93, 0.93]})
     assert _verdicts(study, noisy) == {"BN": False, "GN": False}
 
@@ -94,14 +96,49 @@ def test_claims_follow_the_numbers_over_three_seeds():
 def test_a_difference_counts_when_it_exceeds_two_standard_errors():
     from refnorm.train.study import Estimate, _significant
 
-    a, b = Estimate.of([0.90, 0.92, 0.94]), Estimate.of([0.80, 0.82, 0.84])
-    d = a.minus(b)  # 10 points; each mean's standard error is 2 / sqrt(3) = 1.15 points
-    assert d.mean == pytest.approx(10.0) and d.se == pytest.approx(np.hypot(1.1547, 1.1547),
-                                                                   rel=1e-4)
+    a = {"test": [0.90, 0.92, 0.94], "seeds": [0, 1, 2]}
+    b = {"test": [0.84, 0.79, 0.82], "seeds": [2, 0, 1]}  # paired by seed, not by position
+    d = Estimate.paired(a, b)  # per seed: 11, 10 and 10 points
+    assert d.mean == pytest.approx(31 / 3) and d.n == 3
+    assert d.se == pytest.approx(np.std([11, 10, 10], ddof=1) / np.sqrt(3))
     assert _significant(d) and not _significant(Estimate(3.0, 1.6, 3))
 
 
-def test_wn_claim_needs_a_larger_train_test_gap_than_bn():
+def test_runs_of_one_seed_are_paired():
+    """The runs of one seed share their training subset and data order: a drop the same in
+    every seed counts, however much the seeds differ from each other (treated as independent
+    means, this SN drop of 2.3 points would have a standard error of 3.6 and not count)."""
+    study = StudyConfig(methods=("bn", "sn"), batch_sizes=(2, 32), update_size=32, **THREE)
+    cells = _cells({("bn", 32): [0.95, 0.90, 0.99], ("bn", 2): [0.90, 0.85, 0.94],
+                    ("sn", 32): [0.93, 0.88, 0.97], ("sn", 2): [0.906, 0.86, 0.945]})
+    found = {c.claim.split(" ")[0]: c for c in claims(study, cells)}
+    assert found["SN"].supported is False and "SN drops 2.3 ± 0.2 points" in found["SN"].evidence
+
+
+def test_a_claim_is_judged_on_the_seeds_its_cells_share_and_never_on_nan():
+    study = StudyConfig(methods=("bn",), batch_sizes=(2, 32), update_size=32, **THREE)
+    missing = _cells({("bn", 32): [0.95, 0.96, 0.95], ("bn", 2): [0.85, 0.86, 0.84]})
+    missing[("bn", 2)] = {**missing[("bn", 2)], "test": [0.85, 0.86], "seeds": [0, 1]}
+    (claim,) = claims(study, missing)
+    assert claim.supported is None and "2 seeds: not judged" in claim.evidence
+    nan = _cells({("bn", 32): [0.95, 0.96, float("nan")], ("bn", 2): [0.85, 0.86, 0.84]})
+    (claim,) = claims(study, nan)
+    assert claim.supported is None and "not a number: not judged" in claim.evidence
+
+
+def test_bn_improving_at_micro_batches_is_not_bn_degrading():
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(2, 32), update_size=32, **THREE)
+    cells = _cells({("bn", 32): [0.80, 0.81, 0.80], ("bn", 2): [0.95, 0.96, 0.95],
+                    ("gn", 32): [0.94, 0.94, 0.95], ("gn", 2): [0.94, 0.95, 0.94]})
+    assert _verdicts(study, cells) == {"BN": False, "GN": False}
+
+
+def test_a_grid_must_not_repeat_a_setting():
+    with pytest.raises(ValueError, match=r"batch_sizes must not repeat a value; got \(32, 32\)"):
+        StudyConfig(batch_sizes=(32, 32), update_size=32)
+
+
+def test_wn_claim_needs_bn_train_accuracy_and_a_lower_test_accuracy():
     study = StudyConfig(methods=("bn", "wn"), batch_sizes=(2, 32), update_size=32, **THREE)
     test = {("bn", 32): [0.90, 0.91, 0.90], ("bn", 2): [0.80, 0.80, 0.81],
             ("wn", 32): [0.85, 0.85, 0.86], ("wn", 2): [0.85, 0.85, 0.86]}
@@ -170,3 +207,22 @@ def test_a_study_folder_problem_comes_before_any_run(tmp_path, monkeypatch):
     study = StudyConfig(methods=("bn",), batch_sizes=(32,), update_size=32, seeds=(0,))
     with pytest.raises(OutputFolderError, match="report.md is a folder, where the study"):
         run_study(study, tmp_path, jobs=1)
+
+
+def test_a_report_marks_a_missing_cell_and_reads_one_seed_no_further(tmp_path):
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(2, 32), update_size=32, seeds=(0,))
+
+    def run(norm, batch, test, train):
+        return {"config": {"norm": norm, "weight": None, "batch_size": batch, "seed": 0},
+                "history": [{"epoch": 1, "test_acc": test, "train_acc": train}],
+                "seconds": 1.0}
+
+    # gn at batch 2 is missing (a study stopped early); gn trails bn by 20 points at 32
+    runs = [run("bn", 32, 0.95, 0.99), run("bn", 2, 0.85, 0.9), run("gn", 32, 0.75, 0.8)]
+    write_report(study, runs, tmp_path, 1.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "| gn | — | 75.0 |" in report
+    assert "GN trails BN by 20.0 points" in report and "1 seed: not read further" in report
+    assert "not worse generalization" not in report
