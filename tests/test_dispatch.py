@@ -458,3 +458,14 @@ def test_a_nan_input_leaves_the_inference_backward_finite_on_both_paths(name):
         y, cache = forward[name](x, ones, ones, ones, ones, path=path)
         dx, dgamma, _ = backward(dy, cache, path=path)
         assert np.isnan(y[1, 2, 3, 4]) and np.isnan(dgamma[2]) and np.all(np.isfinite(dx))
+
+
+def test_group_norm_fast_checks_a_new_group_count_after_a_valid_one():
+    from refnorm.norms.group_norm import group_norm_forward
+
+    x = np.random.default_rng(0).standard_normal((2, 6, 3, 3))
+    g, b = np.ones(6), np.zeros(6)
+    group_norm_forward(x, g, b, num_groups=3, path="fast")   # valid: checked and remembered
+    for path in ("reference", "fast"):
+        with pytest.raises(ValueError, match="num_groups must be a positive divisor"):
+            group_norm_forward(x, g, b, num_groups=4, path=path)

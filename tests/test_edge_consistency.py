@@ -4,6 +4,8 @@ through the weight-normalized layers' activations, and arguments checked at buil
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -271,3 +273,24 @@ def test_float32_statistics_at_a_large_offset_as_the_conventions_page_states():
     logits = np.log(np.array([1e-9, 1e-9, 1.0], np.float32))  # the BN scope alone
     y, _ = refnorm.switchable_norm_forward(far, g, b, logits, logits, path="reference")
     assert np.abs(y - truth).max() < 1e-5
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_switchable_norm_inference_refuses_an_overflowing_ln_pool_on_both_paths(path):
+    """Channel means of +-1.5e19 in float32: each IN statistic fits, but pooling them into
+    the LN scope squares 1.5e19; the reference refuses in training and at inference (with
+    the population's BN statistics given), and so must the fast path."""
+    from refnorm.norms import switchable_norm as sn
+
+    rng = np.random.default_rng(0)
+    means = np.array([1.5e19, -1.5e19, 1.5e19, -1.5e19]).reshape(1, 4, 1)
+    x = (rng.standard_normal((2, 4, 3)) + means).astype(np.float32)
+    g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
+    logits = np.zeros(3, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match="overflows float32"):
+            sn.switchable_norm_forward(x, g, b, logits, logits, path=path)
+        with pytest.raises(ValueError, match="overflows float32"):
+            sn.switchable_norm_eval_forward(x, g, b, logits, logits, np.zeros(4, np.float32),
+                                            np.ones(4, np.float32), path=path)

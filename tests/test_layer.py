@@ -254,3 +254,18 @@ def test_from_functions_refuses_bad_arguments(kwargs, error, message):
     args = {"forward": forward, "backward": backward, "params": {"w": np.ones(2)}, **kwargs}
     with pytest.raises(error, match=message):
         from_functions(args.pop("forward"), args.pop("backward"), **args)
+
+
+def test_deepcopy_of_a_synchronized_layer_keeps_its_communicator():
+    """A copy of a device's layer must still talk to the other devices: its comm is shared,
+    not copied (Layer.shared_attributes)."""
+    from refnorm.sync.batch_norm import SyncBatchNorm
+    from refnorm.sync.comm import SingleProcess
+    from refnorm.sync.switchable import SyncSwitchableNorm
+
+    for cls in (SyncBatchNorm, SyncSwitchableNorm):
+        comm = SingleProcess()
+        layer = cls(4, comm=comm)
+        twin = copy.deepcopy(layer)
+        assert twin.comm is comm
+        assert twin.params["gamma"] is not layer.params["gamma"]

@@ -530,3 +530,22 @@ def test_student_copies_get_the_permissions_a_plain_write_gives(tmp_path):
         os.umask(umask)
     modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "copies").glob("*.ipynb")}
     assert modes == {0o644}
+
+
+def test_student_copy_of_an_executed_lesson_has_no_execution_counts(tmp_path):
+    from refnorm import lessons
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": "code", "execution_count": 3, "metadata": {"tags": ["solution"]},
+         "outputs": [{"output_type": "stream", "name": "stdout", "text": "1\n"}],
+         "source": "# Exercise 9.1: add\ndef f():\n    # BEGIN SOLUTION\n    return 1\n"
+                   "    # END SOLUTION\n"},
+        {"cell_type": "code", "execution_count": 4, "metadata": {}, "outputs": [],
+         "source": "f()"}]}
+    (src / "09_x.ipynb").write_text(json.dumps(nb), encoding="utf-8")
+    lessons.write_student_copies(dest, src)
+    cells = json.loads((dest / "09_x.ipynb").read_text(encoding="utf-8"))["cells"]
+    assert [c["execution_count"] for c in cells] == [None, None]
+    assert [c["outputs"] for c in cells] == [[], []]

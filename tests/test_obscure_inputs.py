@@ -3,6 +3,7 @@ clear ValueError or TypeError naming the argument."""
 
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -168,3 +169,25 @@ def test_switchable_norm_with_an_eps_beyond_float32_is_refused_on_both_paths():
         y, cache = switchable_norm.switchable_norm_forward(x, *args, eps=eps, path=path)
         grads = switchable_norm.switchable_norm_backward(np.ones_like(y), cache, path=path)
         assert all(np.isfinite(g).all() for g in grads)
+
+
+def test_switchable_norm_backward_where_rstd_rounds_to_zero_is_finite_on_both_paths():
+    """var + eps overflows float64 (var 6.4e307, eps 1.5e308), so rstd is 0, x_hat 0 and
+    y = beta; the reference's dx is 0 there, and the fast path's must not be 0 / 0."""
+    from refnorm.norms import switchable_norm as sn
+
+    d = 8e153
+    x = np.array([[[d, -d], [-d, d]], [[-d, d], [d, -d]]])
+    g, b, logits = np.ones(2), np.zeros(2), np.zeros(3)
+    dy = np.random.default_rng(0).standard_normal(x.shape)
+    grads = {}
+    for path in ("reference", "fast"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # var + eps overflows, on purpose
+            _, cache = sn.switchable_norm_forward(x, g, b, logits, logits, eps=1.5e308,
+                                                  path=path)
+            assert np.all(np.asarray(cache.rstd) == 0)
+            grads[path] = sn.switchable_norm_backward(dy, cache, path=path)
+    for ref, fast in zip(grads["reference"], grads["fast"], strict=True):
+        assert np.all(np.isfinite(fast))
+        np.testing.assert_allclose(np.reshape(fast, np.shape(ref)), ref, rtol=1e-12, atol=0)

@@ -8,6 +8,7 @@ exactly; the convolution's matrix products are numpy's, given the same matrices.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -179,3 +180,34 @@ def test_spaced_rows_lie_an_odd_number_of_cache_lines_apart(rows, length, dtype)
     assert a.strides[0] - length * a.itemsize < 128
     cols = kernels.im2col(np.ones((2, 3, 16, 16), dtype), (3, 3), (1, 1), (1, 1))
     assert cols.shape == (27, 512) and (cols.strides[0] // 64) % 2 == 1
+
+
+def test_a_small_convolution_puts_blas_thread_count_back():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from refnorm import kernels
+
+    def counts():
+        return [lib.num_threads for lib in threadpoolctl.ThreadpoolController().select(
+            user_api="blas").lib_controllers]
+
+    before = counts()
+    if not before or max(before) == 1:
+        pytest.skip("no multi-threaded BLAS to put back")
+    rng = np.random.default_rng(0)
+    out = kernels.conv_forward(rng.standard_normal((2, 3, 6, 6)),
+                               rng.standard_normal((4, 3, 3, 3)), None, (1, 1), (1, 1))
+    kernels.conv_backward(np.ones_like(out.y), out.cols, out.w_mat, (2, 3, 6, 6),
+                          ((3, 3), (1, 1), (1, 1)))
+    assert counts() == before
+
+
+def test_float16_relu_backward_writes_into_out():
+    from refnorm import kernels
+
+    x = np.array([[-1.5, 2.0, 0.0, 3.0]], np.float16)
+    positive = x > 0
+    dy = np.array([[1.0, 2.0, 3.0, 4.0]], np.float16)
+    out = dy.copy()
+    got = kernels.relu_backward(out, positive, out=out)
+    np.testing.assert_array_equal(out, [[0.0, 2.0, 0.0, 4.0]])
+    assert np.shares_memory(got, out) and got.dtype == np.float16

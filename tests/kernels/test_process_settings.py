@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -56,3 +57,21 @@ def test_import_refnorm_sets_nothing_and_the_reference_path_loads_no_kernel():
             "refnorm.batch_norm_forward(np.ones((2, 3)), np.ones(3), np.zeros(3)); "
             "print(os.environ.get('OMP_WAIT_POLICY'), 'refnorm.kernels._loops' in sys.modules)")
     assert run(code).split() == ["False", "PASSIVE", "False"]
+
+
+def test_a_small_kernel_call_leaves_numbas_thread_count_as_it_was():
+    """launch() runs a small loop on the calling thread alone and puts numba's thread count
+    back: later large loops (and the user's own numba code) keep every thread."""
+    import numba
+
+    from refnorm import kernels
+    from refnorm.kernels import norms
+
+    norms.loops()
+    before = numba.get_num_threads()
+    if before == 1:
+        pytest.skip("numba runs on one thread here: nothing to put back")
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4))
+    kernels.bn_forward(x, np.ones(3), np.zeros(3), 1e-5)   # far below SERIAL_BELOW
+    assert numba.get_num_threads() == before
+    assert norms.threads() == before

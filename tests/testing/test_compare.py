@@ -190,3 +190,33 @@ def test_the_floor_is_whole_subnormal_spacings():
     assert underflow_floors(np.float32, {"y": 2.0}) == \
         {"y": 2.0**-149 + 2 * (2.0**-149 + 2.0**-1074)}
     assert underflow_floors(np.float64, {"y": 3.0}) == {"y": 7 * 2.0**-1074}
+
+
+def test_float16_is_assumed_to_compute_in_float32():
+    from refnorm.testing.tolerance import compute_dtype, unit_roundoff
+
+    assert compute_dtype(np.float16) == np.float32
+    assert unit_roundoff(np.float16) == (2.0**-24, 2.0**-11)
+    assert unit_roundoff(np.float32) == (2.0**-24, 2.0**-24)
+
+
+def test_dbeta_tolerance_covers_naive_float32_summation():
+    """The module docstring bounds a naive sum of m terms by (m + 4) u per term: a float32
+    implementation that sums dbeta left to right must pass. Here 1024 of its additions each
+    lose a quarter of an ulp at partial sums of 2048..3072, so it returns 0 for a dbeta of
+    1/16: within per_channel (m + 4) u max|dy| = 2.25, far outside (m + 4) u max|dy|."""
+    from refnorm.testing.strategies import Case
+    from refnorm.testing.tolerance import tolerances
+
+    dy = np.concatenate([np.ones(2048), np.full(1024, 1 + 2.0**-14),
+                         -np.ones(3072)]).astype(np.float32)
+    naive = np.float32(0)
+    for v in dy:
+        naive = np.float32(naive + v)
+    exact = float(np.sum(dy.astype(np.float64)))
+    assert naive == 0 and exact == 1 / 16
+    x = np.random.default_rng(0).standard_normal((1, 1, dy.size)).astype(np.float32)
+    case = Case("bn", "plain", x, (np.ones(1, np.float32), np.zeros(1, np.float32)),
+                dy.reshape(x.shape), 1e-5)
+    tol = tolerances(case, {"dbeta": np.array([exact])})["dbeta"]
+    assert abs(float(naive) - exact) <= tol

@@ -3,6 +3,8 @@ they are."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from refnorm.testing import assert_matches, fingerprint
 from tests.testing.impls import NumpySN, official_ws_forward
 
@@ -36,3 +38,34 @@ def test_refnorm_sn_defaults_as_numpy():
     assert (c["in_variance"], c["running_var"], c["momentum_on"]) == \
         ("biased", "unbiased", "new"), str(report)
     assert report.match is not None and "in_correction=0" in report.match, str(report)
+
+
+def test_the_closest_options_follow_the_probed_in_variance_whatever_the_residuals(
+        monkeypatch):
+    """When no candidate matches, the closest is the first, which follows the conventions
+    the probes found (unbiased IN here), even where the other one has a smaller residual."""
+    from refnorm.testing import fingerprint, probes
+    from tests.testing.impls import NumpySN
+
+    def verify(impl, method, shape, options, rng, dtype=np.float64):
+        corr = options["options"].in_correction
+        return False, (1.0 if corr == 1 else 0.5)
+
+    monkeypatch.setattr(probes, "_verify", verify)
+    report = fingerprint("sn", NumpySN(4, official=True))
+    assert report.conventions["in_variance"] == "unbiased"
+    assert report.match is None
+    assert "in_correction=1" in report.closest and report.residual == 1.0, str(report)
+
+
+def test_refnorms_own_ws_and_wn_agree_on_the_eps_placement_row():
+    from refnorm.testing import fingerprint
+    from refnorm.weights import weight_norm_forward, weight_standardization_forward
+
+    for method, impl in (("ws", lambda w: weight_standardization_forward(w)[0]),
+                         ("wn", lambda v, g: weight_norm_forward(v, g)[0])):
+        report = fingerprint(method, impl)
+        row = next(r for r in report.rows if r.topic == "eps placement")
+        assert report.conventions["eps_placement"] == "added_to_std", str(report)
+        assert row.agrees is True, str(report)
+        assert report.match is not None, str(report)

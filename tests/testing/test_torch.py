@@ -127,3 +127,12 @@ def test_a_torch_module_is_copied_never_changed():
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not module.training and all(p.grad is None for p in module.parameters())
+
+
+def test_layer_norm_with_a_gain_per_element_has_consistent_gradients():
+    torch = pytest.importorskip("torch")
+    from refnorm.testing import fingerprint
+
+    report = fingerprint("ln", torch.nn.LayerNorm((4, 3, 4)))
+    assert report.conventions["affine"] == "per_element"
+    assert report.conventions["gradients"] == "consistent", str(report)

@@ -264,3 +264,19 @@ def test_temporary_files_have_unique_names(tmp_path, monkeypatch):
     for _ in range(2):
         atomic_write(tmp_path / "a", lambda f: f.write(b"x"))
     assert len(set(names)) == 2 and all(Path(n).parent == tmp_path for n in names)
+
+
+def test_a_failed_rename_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    from refnorm.train import folder
+
+    path = tmp_path / "metrics.json"
+    path.write_bytes(b"old")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(folder.os, "replace", refuse)
+    with pytest.raises(PermissionError):
+        folder.atomic_write(path, lambda f: f.write(b"new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert path.read_bytes() == b"old"

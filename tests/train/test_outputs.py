@@ -37,3 +37,13 @@ def test_curves_have_whole_epochs_and_the_configuration_as_title(tmp_path, monke
     for ax in fig.axes:
         ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_metrics_csv_has_a_column_for_every_key_of_any_row(tmp_path):
+    """A resumed run's history can hold rows written by an earlier version (fewer columns)."""
+    from refnorm.train.outputs import write_metrics
+
+    write_metrics(tmp_path, [{"epoch": 1, "train_loss": 1.0},
+                             {"epoch": 2, "train_loss": 0.5, "collective_share": 0.1}])
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines == ["epoch,train_loss,collective_share", "1,1.0,", "2,0.5,0.1"]

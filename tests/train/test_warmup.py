@@ -50,3 +50,21 @@ def test_nothing_runs_on_the_reference_path(monkeypatch):
 
     monkeypatch.setattr(dispatch, "_chosen", "reference")
     assert warm_kernels([TrainConfig(data="digits", norm="bn")]) == 0
+
+
+def test_each_group_count_is_a_model_of_its_own(monkeypatch):
+    """GN's kernels take one task per (sample, group) or chunks by the number of groups:
+    configurations that differ only in num_groups are warmed separately."""
+    from refnorm import dispatch
+    from refnorm.kernels import norms
+    from refnorm.train import warmup
+    from refnorm.train.config import TrainConfig
+
+    monkeypatch.setattr(dispatch, "_chosen", "fast")
+    monkeypatch.setattr(norms, "cold_kernels", lambda module=None: ["k"] * 100)
+    warmed = []
+    monkeypatch.setattr(warmup, "_step_and_evaluate",
+                        lambda config, sample, classes: warmed.append(config.num_groups))
+    configs = [TrainConfig(data="digits", norm="gn", num_groups=g) for g in (2, 4, 2)]
+    assert warmup.warm_kernels(configs) == 2
+    assert warmed == [2, 4]
