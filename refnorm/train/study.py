@@ -10,8 +10,8 @@ syncsn). The report (``report.md``) has
 - a table of test accuracy, mean +- std over seeds, laid out as the SN paper's Table 2;
 - one sentence per claim of the papers, saying whether *this run* supports it: BN degrades
   at micro-batches, GN and SN stay robust, GN+WS matches large-batch BN, SN's learned ratios
-  move away from BN as the batch shrinks, WN trains well but generalizes worse than BN,
-  SyncBN at (P, 2) recovers BN at (1, 2P), SyncSN is at least as good as SN at
+  move away from BN as the batch shrinks, WN trains as well as BN but tests worse, SyncBN
+  at (P, 2) recovers BN at (1, 2P), SyncSN is at least as good as SN at
   micro-batches. A claim is judged only over 3 seeds or more: a difference counts when it
   exceeds two standard errors of the mean of its per-seed differences (the runs of one seed
   share their training subset and data order, so the two sides are paired by seed);
