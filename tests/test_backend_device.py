@@ -129,3 +129,11 @@ def test_a_model_takes_the_device_namespace_with_its_layers(monkeypatch):
     assert isinstance(on_model(net, np.zeros((2, 3, 8, 8))), FakeDeviceArray)
     to_device(net, "cpu")
     assert net.xp is np and {layer.xp for layer in net.layers()} == {np}
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_array_namespace_refuses_a_numpy_matrix():
+    from refnorm.backend import array_namespace
+
+    with pytest.raises(TypeError, match=r"got numpy\.matrix.*numpy\.asarray"):
+        array_namespace(np.matrix([[1.0, 2.0]]))

@@ -202,3 +202,16 @@ def test_data_parallel_report_counts_bytes_in_kib():
            "allreduce_bytes_per_step": 2048, "step_ms": 1.0, "collective_share": 0.5}
     lines = bench_parallel.format_report({"rows": [row], "mpi_skipped": None}).splitlines()
     assert lines[1].split()[3] == "KiB/step" and lines[2].split()[3] == "2.0"
+
+
+def test_crossover_quick_runs_five_repetitions(monkeypatch, capsys):
+    seen = []
+
+    def fake(threads, repeats, progress):
+        seen.append(repeats)
+        return {}
+
+    monkeypatch.setattr(bench, "crossover", fake)
+    monkeypatch.setattr(bench, "format_crossover", lambda result: "")
+    assert bench.main(["--crossover", "--quick", "--threads", "2"]) == 0
+    assert seen == [5]

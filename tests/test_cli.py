@@ -672,3 +672,17 @@ def test_a_diverged_study_run_exits_3_with_one_line(monkeypatch, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("refnorm study: ")
     assert err[0].endswith("; no report was written") and "the loss" in err[0]
+
+
+def test_gradcheck_passes_its_seed_on(monkeypatch, capsys):
+    from refnorm import cli
+
+    seen = []
+
+    def fake(name, *, seed):
+        seen.append((name, seed))
+        return []
+
+    monkeypatch.setattr(cli, "check_registered", fake)
+    assert cli.main(["gradcheck", "bn", "--seed", "7", "--json"]) == 0
+    assert seen == [("bn", 7)]

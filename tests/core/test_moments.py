@@ -64,3 +64,14 @@ def test_input_is_not_modified():
     x = np.arange(6.0).reshape(2, 3)
     moments(x, (1,))
     np.testing.assert_array_equal(x, np.arange(6.0).reshape(2, 3))
+
+
+def test_a_merged_nan_variance_is_not_an_overflow_but_a_merged_infinity_is():
+    from refnorm.core.moments import check_variance_finite
+
+    x = np.ones(3)  # finite local data; the NaN came from another device's data
+    check_variance_finite(np.array([np.nan, 1.0]), x, merged=True)  # no error
+    with pytest.raises(ValueError, match="overflows"):
+        check_variance_finite(np.array([np.nan, 1.0]), x)
+    with pytest.raises(ValueError, match="overflows"):
+        check_variance_finite(np.array([np.inf, 1.0]), x, merged=True)

@@ -127,3 +127,14 @@ X, W = np.ones((4, 3)), np.ones((2, 3))
 def test_errors_name_the_argument_expected_and_got(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_linear_db_has_the_dtype_of_b():
+    from refnorm.nn.linear import linear_backward, linear_forward
+
+    x = np.ones((4, 3), np.float32)
+    w = np.ones((2, 3), np.float32)
+    b = np.zeros(2, np.float64)
+    _, cache = linear_forward(x, w, b)
+    dx, dw, db = linear_backward(np.ones((4, 2), np.float32), cache)
+    assert (dx.dtype, dw.dtype, db.dtype) == (np.float32, np.float32, np.float64)

@@ -86,3 +86,41 @@ def test_every_check_case_passes(name):
         assert set(result.errors) == {"x", "gamma", "beta"}
         for grad, err in result.errors.items():
             assert err.max_rel_error < 1e-6, (result, grad)
+
+
+def test_the_fast_cache_keeps_its_own_gamma():
+    from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_forward
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma = rng.standard_normal(3).astype(np.float32)
+    beta = np.zeros(3, np.float32)
+    _, ref_cache = batch_norm_forward(x, gamma.copy(), beta, path="fast")
+    want = batch_norm_backward(dy, ref_cache, path="fast")
+    _, cache = batch_norm_forward(x, gamma, beta, path="fast")
+    gamma *= 2  # an in-place update between forward and backward
+    got = batch_norm_backward(dy, cache, path="fast")
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_fast_backward_args_refuses_zero_groups_by_name():
+    from refnorm.norms.base import fast_backward_args
+
+    x_hat = np.zeros((2, 4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"num_groups \(0\) must divide its 4 channels"):
+        fast_backward_args("zero_groups_backward_probe", x_hat.copy(), x_hat,
+                           np.ones(2, np.float32), np.ones(4, np.float32),
+                           per_sample=True, groups=0)
+
+
+def test_frozen_statistics_accept_a_zero_running_variance():
+    from refnorm.norms.base import frozen_statistics
+
+    like = np.zeros((2, 3, 4), np.float32)
+    mu, var = frozen_statistics(np.ones(3), np.zeros(3), like=like)
+    assert mu.shape == var.shape == (1, 3, 1) and var.dtype == np.float32
+    np.testing.assert_array_equal(var.ravel(), 0)
+    with pytest.raises(ValueError, match="running_var must be >= 0"):
+        frozen_statistics(np.ones(3), np.array([0.0, -1.0, 0.0]), like=like)

@@ -243,3 +243,23 @@ def test_an_sn_batch_average_without_one_batch_is_refused_before_training(tiny_d
                                          r"\(devices x batch_size x accumulation = 8 samples\)"):
         check_data(cfg, tiny_data)
     check_data(dataclasses.replace(cfg, sn_inference="moving_average"), tiny_data)
+
+
+def test_a_checkpoint_after_the_last_epoch_must_have_step_0(tmp_path):
+    from refnorm.train.checkpoint import CheckpointError
+    from tests.train.conftest import config
+
+    cfg = config(epochs=1)
+    train(cfg, out=tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    assert (meta["epoch"], meta["step"]) == (1, 0)
+    meta["step"] = 1
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(CheckpointError, match=r"metadata 'step' must be in 0\.\.\d+ \(0 after "
+                                              r"the last epoch\); got 1$"):
+        train(cfg, out=tmp_path, resume=True, progress=False)

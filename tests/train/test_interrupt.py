@@ -348,3 +348,22 @@ def test_reading_a_checkpoint_stays_interruptible(tmp_path, signum, status):
     assert code == status, err
     assert "Traceback" not in err and "before the first step; nothing was saved" in err
     assert (tmp_path / CHECKPOINT).read_bytes() == before and not (tmp_path / LOCK).exists()
+
+
+def test_signals_put_the_previous_handlers_back():
+    from refnorm.train.interrupt import Signals
+
+    def mine(signum, frame):
+        pass
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        with Signals() as signals:
+            assert signals.installed
+            assert signal.getsignal(signal.SIGTERM) is not mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -126,3 +126,18 @@ def test_he_initialization_is_the_conv_layers(name):
     layer = refnorm.build(name, 3, 4, 3, seed=8)
     raw = layer.params["w" if name == "ws" else "v"]
     np.testing.assert_array_equal(raw, conv.params["w"])
+
+
+def test_apply_weights_backward_passes_input_grad_on():
+    from refnorm.weights.base import apply_weights, apply_weights_backward, weight_geometry
+
+    geometry = weight_geometry(3, 2, 3, padding=1)
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 3, 4, 4))
+    w = rng.standard_normal(geometry.weight_shape)
+    y, cache = apply_weights(x, w, None, geometry)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, _ = apply_weights_backward(dy, cache, geometry, input_grad=False)
+    assert dx is None
+    _, dw_full, _ = apply_weights_backward(dy, cache, geometry)
+    np.testing.assert_allclose(dw, dw_full, rtol=1e-12)
