@@ -246,4 +246,3 @@ def test_an_sn_batch_average_without_one_batch_is_refused_before_training(tiny_d
                                          r"\(devices x batch_size x accumulation = 8 samples\)"):
         check_data(cfg, tiny_data)
     check_data(dataclasses.replace(cfg, sn_inference="moving_average"), tiny_data)
-
