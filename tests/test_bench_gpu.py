@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CODE = r"""
@@ -40,6 +42,9 @@ def test_the_gpu_bench_runs_under_the_cuda_simulator():
     assert [r["case"] for r in report["ratios"]] == cases
     impls = {(t["case"], t["impl"]) for t in report["timings"]}
     assert impls == {(c, i) for c in cases for i in ("reference", "fused")}
+    for t in report["timings"]:  # 5 n b: read x, write y, read dy, read x, write dx (float32)
+        assert t["bytes_moved"] == 5 * (2 * 3 * 1 * 2) * 4, t
+        assert t["gb_per_s"] == pytest.approx(t["bytes_moved"] / (t["median_ms"] * 1e-3) / 1e9)
     for r in report["ratios"]:
         assert r["fused_over_torch"] is None and r["fused_over_reference"] > 0
     steps = {(t["method"], t["impl"]) for t in report["train_steps"]["timings"]}

@@ -549,3 +549,17 @@ def test_student_copy_of_an_executed_lesson_has_no_execution_counts(tmp_path):
     cells = json.loads((dest / "09_x.ipynb").read_text(encoding="utf-8"))["cells"]
     assert [c["execution_count"] for c in cells] == [None, None]
     assert [c["outputs"] for c in cells] == [[], []]
+
+
+def test_the_catalogued_mistakes_compute_what_they_name():
+    """A mistake is named when a student's answer equals it: one computed otherwise than its
+    name says (the larger shards last, eps / s^3) would never meet the student who made it."""
+    from refnorm.lessons.exercises import _equivalent_eps, _shard_sizes
+
+    assert _shard_sizes(22, 8, mistake="larger_first") == [3, 3, 3, 3, 3, 3, 2, 2]
+    assert _shard_sizes(5, 4, mistake="ceil_then_rest") == [2, 2, 2, -1]
+    assert _shard_sizes(22, 8, mistake="remainder_last") == [2] * 7 + [8]
+    eps, s = 1e-3, 4.0
+    assert _equivalent_eps(eps, s, mistake="over_s") == pytest.approx(eps / s)
+    assert _equivalent_eps(eps, s, mistake="times_s2") == pytest.approx(eps * s**2)
+    assert _equivalent_eps(eps, s, mistake="unchanged") == eps

@@ -310,6 +310,16 @@ else:
         with launch((8, 16, 4)), pytest.raises(ValueError, match="overflows float64"):
             gpu.bn_forward(1e200 * (1 + rng.standard_normal((4, 2, 3))), g, b, EPS)
 
+    def test_statistics_that_fit_but_whose_sums_overflow_are_refused_as_on_the_cpu():
+        """float32 data of 1e19: each variance (~1e38) fits float32, the sum of squares of a
+        channel's 12 values does not; the reference and the CPU kernel refuse it, and so does
+        the GPU path (it tested the statistics, not the sums behind them)."""
+        x = (1e19 * np.random.default_rng(0).standard_normal((4, 2, 3))).astype(np.float32)
+        g, b = np.ones(2, np.float32), np.zeros(2, np.float32)
+        for forward in (cpu.bn_forward, gpu.bn_forward):
+            with launch((8, 16, 4)), pytest.raises(ValueError, match="overflows float32"):
+                forward(x, g, b, EPS)
+
     def test_dtypes_follow_the_cpu_kernels_for_float16():
         """float16 computes in float32: y float16, cache fields float32, like refnorm.kernels."""
         x = np.random.default_rng(1).standard_normal((2, 2, 3)).astype(np.float16)

@@ -328,3 +328,13 @@ def test_check_same_model_finds_any_device_that_differs(odd):
         InProcessGroup.run(3, device, arrays)
     InProcessGroup.run(3, lambda comm, a: check_same_model(comm, [("w", a)], where="now"),
                        [np.arange(3.0)] * 3)
+
+
+@pytest.mark.parametrize(("n", "size"), [(5, 2), (22, 8), (3, 4), (7, 3)])
+def test_shard_r_is_the_floor_split(n, size):
+    """Rank r holds samples floor(r n / P) up to floor((r + 1) n / P), as documented (an
+    evaluation gathers every part, so a wrong rank-to-part map changed no result)."""
+    from refnorm.train.parallel import shard
+
+    for rank in range(size):
+        assert shard(n, rank, size) == slice(rank * n // size, (rank + 1) * n // size)
