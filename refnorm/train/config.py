@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 import numpy as np
 
+from refnorm.core.checks import is_int
 from refnorm.train.model import NORMS, WEIGHTS
 
 
@@ -57,9 +60,9 @@ class TrainConfig:
                                 ("weight_decay", 0.0, math.inf)):
             value = getattr(self, name)
             bounds = "> 0" if name == "lr" else f"in [{low:g}, {high:g})"
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float,
-                                                                             np.number)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a finite number {bounds}; got {value!r}")
+            value = float(value)
             if not math.isfinite(value) or not low <= value < high or (name == "lr"
                                                                          and value == 0):
                 raise ValueError(f"{name} must be a finite number {bounds}; got {value!r}")
@@ -96,7 +99,7 @@ class TrainConfig:
 def check_int(name: str, value: object, *, low: int) -> None:
     """An int (numpy's too, not a bool) ``>= low``: ``TypeError`` for another kind of value,
     ``ValueError`` below ``low``, as refnorm's argument checks (:mod:`refnorm.core.checks`)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int >= {low}; got {value!r}")
-    if value < low:
+    if operator.index(value) < low:
         raise ValueError(f"{name} must be an int >= {low}; got {value!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -45,7 +45,7 @@ def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> N
     h = on_model(model, data.x_train[pick[:config.update_size]])
     h = model.xp.astype(h, model.dtype)  # as model.forward casts
     for layer in layers:
-        if isinstance(layer, WeightNorm) and _initialized(layer):
+        if _initialized(layer):
             layer.init_from_batch(h)
         h = layer.forward(h, training=True)
     for layer, state in zip(layers, states, strict=True):
@@ -53,7 +53,7 @@ def data_dependent_init(model: ConvNet, data: Dataset, config: TrainConfig) -> N
         layer.reset()
 
 
-def _initialized(layer: object) -> bool:
+def _initialized(layer: object) -> TypeGuard[WeightNorm]:
     """Whether :func:`data_dependent_init` sets the layer's gain and bias."""
     return isinstance(layer, WeightNorm) and "b" in layer.params
 
