@@ -43,7 +43,9 @@ from typing import Any
 
 from refnorm.argtypes import folder_path
 
-LESSONS_DIR = Path(__file__).resolve().parent.parent.parent / "lessons"
+# The solved lessons: package data (refnorm/lessons/notebooks, in a checkout a link to the
+# repository's lessons/), so that an installed wheel has them too.
+LESSONS_DIR = (Path(__file__).parent / "notebooks").resolve()
 BEGIN = "# BEGIN SOLUTION"
 END = "# END SOLUTION"
 _TITLE = re.compile(r"^#\s*Exercise\s+(\S+?):\s*(.+)$")
