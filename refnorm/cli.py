@@ -322,7 +322,9 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             print(f"{prog}: error: {_one_line(message)}", file=sys.stderr)
         return 2
 
-    if (problem := _device_problem(args)) is not None:
+    from refnorm.train.outputs import plotting_problem
+
+    if (problem := _device_problem(args) or plotting_problem("curves.png")) is not None:
         return fail(problem)
     if args.resume and args.overwrite:
         return fail("give --resume (continue the run in --out) or --overwrite (start it again), "
@@ -461,9 +463,11 @@ def _run_study(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     import dataclasses
 
     from refnorm.train.finite import NonFinite
+    from refnorm.train.outputs import plotting_problem
     from refnorm.train.study import QUICK, StudyConfig, run_study
 
-    if (problem := _device_problem(args)) is not None:
+    problem = _device_problem(args) or plotting_problem("the report's plots")
+    if problem is not None:
         print(f"refnorm study: error: {problem}", file=sys.stderr)
         return 2
     study = QUICK if args.quick else StudyConfig()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -686,3 +689,52 @@ def test_gradcheck_passes_its_seed_on(monkeypatch, capsys):
     monkeypatch.setattr(cli, "check_registered", fake)
     assert cli.main(["gradcheck", "bn", "--seed", "7", "--json"]) == 0
     assert seen == [("bn", 7)]
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_train_and_study_without_matplotlib_stop_before_training(command, tmp_path, capsys,
+                                                                   monkeypatch):
+    """matplotlib comes with the train extra, not with refnorm: without it a run or a study
+    stops in one sentence naming the extra, before the first step and before writing anything
+    (it once trained, then raised a traceback at its first plot)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    out = tmp_path / "out"
+    args = [command, "--out", str(out)] + (["--quick"] if command == "study" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refnorm {command}: error: ") and err.count("\n") == 1
+    assert "matplotlib" in err and "pip install 'refnorm[train]'" in err
+    assert not out.exists()
+
+
+def test_a_reader_that_left_gives_141_not_a_traceback_or_1():
+    """`refnorm gradcheck --all | head -1` (README): stdout's reader is gone before the command
+    writes; the command ends quietly with 141 (as SIGPIPE would), never with 1, which
+    gradcheck uses for a gradient beyond its tolerance."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before the first line: every write fails (EPIPE)
+    try:
+        done = subprocess.run([sys.executable, "-m", "refnorm", "gradcheck", "bn"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+def test_conform_finds_a_module_in_the_current_folder(tmp_path):
+    """The refnorm command, like `python -m`, imports MODULE of MODULE:FACTORY from the current
+    folder (a console script does not put it on sys.path by itself)."""
+    command = shutil.which("refnorm", path=str(Path(sys.executable).parent))
+    if command is None:
+        pytest.skip("the refnorm console script is not installed beside this Python")
+    (tmp_path / "mylayers.py").write_text(textwrap.dedent("""
+        import refnorm
+
+        def make_bn(channels):
+            def bn(x, gamma, beta):
+                return refnorm.batch_norm_forward(x, gamma, beta, eps=1e-5)[0]
+            return bn
+    """))
+    done = subprocess.run([command, "conform", "mylayers:make_bn", "--method", "bn"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "matches refnorm" in done.stdout, done.stderr

@@ -86,7 +86,7 @@ from refnorm.train.folder import (
 from refnorm.train.interrupt import Signals, signal_name
 from refnorm.train.model import ConvNet, on_model
 from refnorm.train.optim import SGD, learning_rate
-from refnorm.train.outputs import Progress, write_metrics
+from refnorm.train.outputs import Progress, plotting_problem, write_metrics
 from refnorm.train.parallel import (
     Diverged,
     agree,
@@ -266,6 +266,9 @@ def train(
         is not callable or comes with ``config.norm="none"``.
     Interrupted
         If a signal arrived before the first step (loading the data, reading a checkpoint).
+    ImportError
+        Before training, if ``out`` is given and matplotlib (the train extra), which draws
+        ``curves.png``, cannot be imported.
     """
     if norm_layer is not None and (config.norm == "none" or not callable(norm_layer)):
         raise ValueError("norm_layer must be a function that builds each block's normalizer, "
@@ -274,6 +277,8 @@ def train(
     if comm is not None and comm.size != config.devices:
         raise ValueError(f"config.devices is {config.devices} but the communicator has "
                          f"{comm.size} devices; they must agree")
+    if out is not None and (problem := plotting_problem("curves.png")) is not None:
+        raise ImportError(problem)
     group = SingleProcess() if comm is None else comm  # the devices that set up together
     folder = None if out is None else Path(out)
     with Signals() as signals, ExitStack() as stack:

@@ -15,6 +15,18 @@ from refnorm.train.folder import atomic_write
 from refnorm.train.position import Position
 
 
+def plotting_problem(outputs: str) -> str | None:
+    """Why ``outputs`` (the plots a run or a study writes) cannot be drawn, in one sentence:
+    matplotlib, the train extra, cannot be imported; None when they can. Runs and studies ask
+    before their first step, so that none trains and then stops at its first plot."""
+    try:
+        import matplotlib  # noqa: F401  (pyplot is imported where it draws)
+    except ImportError as exc:
+        return (f"{outputs} needs matplotlib, which cannot be imported ({exc}): install the "
+                "train extra (pip install 'refnorm[train]')")
+    return None
+
+
 def write_metrics(out: Path, history: list[dict], *, curves: str | None = None) -> None:
     """``metrics.json`` (strict JSON: a NaN or an infinity is written as null) and
     ``metrics.csv`` (one row per epoch); ``curves.png`` too when ``curves`` gives its title."""

@@ -180,7 +180,13 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
               log=print) -> Path:
     """Train the grid, write ``report.md`` and the plots into ``out``; return the report path.
 
-    The folder is checked (:func:`prepare_output`) before the first run."""
+    The folder is checked (:func:`prepare_output`) before the first run, and matplotlib
+    (the train extra), which draws the plots: an ImportError says it is missing before any
+    run trains."""
+    from refnorm.train.outputs import plotting_problem
+
+    if (problem := plotting_problem("the report's plots")) is not None:
+        raise ImportError(problem)
     out = prepare_output(out)
     configs = job_configs(study)
     jobs = jobs or min(len(configs), os.cpu_count() or 1)

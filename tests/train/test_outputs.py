@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+
+import pytest
 
 from refnorm.train import outputs
 
@@ -47,3 +50,21 @@ def test_metrics_csv_has_a_column_for_every_key_of_any_row(tmp_path):
                              {"epoch": 2, "train_loss": 0.5, "collective_share": 0.1}])
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines == ["epoch,train_loss,collective_share", "1,1.0,", "2,0.5,0.1"]
+
+
+def test_a_run_and_a_study_without_matplotlib_refuse_before_training(tmp_path, monkeypatch):
+    """The library's train() and run_study() ask for matplotlib before their first step when
+    they will draw; train() without ``out`` draws nothing and needs none."""
+    from refnorm.train import TrainConfig, train
+    from refnorm.train.study import QUICK, run_study
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    config = TrainConfig(epochs=1, batch_size=64)
+    with pytest.raises(ImportError, match=r"curves\.png needs matplotlib.*refnorm\[train\]"):
+        train(config, out=tmp_path / "run", progress=False)
+    with pytest.raises(ImportError, match=r"plots needs matplotlib.*refnorm\[train\]"):
+        run_study(QUICK, tmp_path / "study", log=lambda line: None)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "study").exists()
+    steps = []
+    result = train(config, progress=False, on_step=lambda e, s, m: steps.append(s))
+    assert steps and len(result.history) == 1
