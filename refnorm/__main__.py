@@ -8,6 +8,7 @@ elsewhere where it lands. ``import refnorm`` is light (:mod:`refnorm` loads its 
 use), so the handlers are in place within milliseconds of the interpreter starting.
 """
 
+import os
 import sys
 
 from refnorm.launch import share_cores
@@ -24,6 +25,9 @@ def entry() -> None:
         status = main()
     except Interrupted as stop:
         status = exit_status(stop.signum)
+    except BrokenPipeError:  # stdout's reader left (`refnorm gradcheck --all | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # a quiet exit flush
+        status = 128 + 13  # as a process killed by SIGPIPE, never 1 (gradcheck: "a failure")
     finally:
         # Exiting now: a signal from here on must not turn the status into a traceback.
         signals.ignore_until_exit()

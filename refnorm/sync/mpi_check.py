@@ -32,7 +32,12 @@ def shard_bounds(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mpi4py import MPI  # noqa: F401  (the mpi extra)
+    try:
+        from mpi4py import MPI  # noqa: F401  (the mpi extra)
+    except ImportError as exc:
+        print(f"python -m refnorm.sync.mpi_check: error: needs mpi4py ({exc}): install the mpi "
+              "extra (pip install 'refnorm[mpi]')", file=sys.stderr)
+        return 2
 
     from refnorm.sync import MPICommunicator
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -55,11 +56,15 @@ def _load(target: str) -> Any:
     if not sep or not attr or not module_name:
         raise ValueError(f"target must be MODULE:FACTORY (e.g. torch.nn:BatchNorm2d); got "
                          f"{target!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own module in cwd
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
+        extra = ("; PyTorch's layers need the torch extra (pip install 'refnorm[torch]')"
+                 if (exc.name or "").partition(".")[0] == "torch" else "")
         raise ValueError(f"cannot import the module {module_name!r} of {target!r} "
-                         f"({type(exc).__name__}: {exc})") from None
+                         f"({type(exc).__name__}: {exc}){extra}") from None
     for i, part in enumerate(attr.split(".")):
         try:
             obj = getattr(obj, part)

@@ -3,6 +3,9 @@ device gives, and a failing or disagreeing rank ends the job instead of hanging.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from tests.sync.mpi import run_two
 
 # A job that ends on its own takes about a second here (start-up, then 0.5 s for the last
@@ -39,3 +42,13 @@ def test_mpi_disagreeing_shapes_end_the_job():
             "(count, sum) of layer syncbn, step 1, arrays [(1,) float64, (4,) float64]"
             ) in job.stderr
     assert job.seconds < ENDS_WITHIN_S
+
+
+def test_mpi_check_without_mpi4py_names_the_extra():
+    """Without mpi4py (the mpi extra) the check says so in one line, exit 2, no traceback."""
+    code = ("import sys; sys.modules['mpi4py'] = None; "  # `from mpi4py import MPI` now fails
+            "from refnorm.sync.mpi_check import main; sys.exit(main([]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "pip install 'refnorm[mpi]'" in done.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +37,14 @@ def test_conform_torch_batch_norm(capsys):
 def test_conform_bad_target_is_a_usage_error(capsys):
     assert main(["conform", "tests.testing.impls", "--method", "bn"]) == 2
     assert "MODULE:FACTORY" in capsys.readouterr().err
+
+
+def test_conform_without_torch_names_the_extra():
+    code = ("import sys; sys.modules['torch'] = None; "  # `import torch` fails, as uninstalled
+            "from refnorm.testing.cli import main; "
+            "sys.exit(main(['conform', 'torch.nn:BatchNorm2d', '--method', 'bn']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "cannot import the module 'torch.nn'" in done.stderr
+    assert "pip install 'refnorm[torch]'" in done.stderr
