@@ -57,3 +57,13 @@ def test_no_file_keeps_a_merge_conflict():
         text = ROOT.joinpath(name).read_text()
         found += [f"{name}: {m.group(0)}" for m in marker.finditer(text)]
     assert not found, f"merge conflict markers left in: {found}"
+
+
+def test_the_gpu_page_names_the_wheel_the_gpu_extra_installs():
+    """docs/gpu.md: `refnorm[gpu]` installs cupy-cuda12x, and CuPy 14.1 or later."""
+    extra = re.search(r"^gpu = \[\s*\"([a-z0-9-]+)>=([0-9.]+)\",\s*\]",
+                      ROOT.joinpath("pyproject.toml").read_text(), re.MULTILINE)
+    assert extra is not None
+    page = ROOT.joinpath("docs", "gpu.md").read_text()
+    assert f'installs the first, `{extra.group(1)}`' in page
+    assert f"needs CuPy {extra.group(2)} or later" in page
