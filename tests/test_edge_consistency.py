@@ -4,8 +4,6 @@ through the weight-normalized layers' activations, and arguments checked at buil
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 
@@ -13,6 +11,9 @@ import refnorm
 from refnorm import registry
 from refnorm.norms import switchable_norm
 from refnorm.weights import norm_prop, standardization, trelu, weight_norm
+
+# An overflow is refused in refnorm's words (ValueError), with no numpy warning before it.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 LAYERS = {
     "bn": {}, "gn": {"num_groups": 2}, "ln": {}, "in": {}, "sn": {}, "syncbn": {},
@@ -287,10 +288,8 @@ def test_switchable_norm_inference_refuses_an_overflowing_ln_pool_on_both_paths(
     x = (rng.standard_normal((2, 4, 3)) + means).astype(np.float32)
     g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
     logits = np.zeros(3, np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        with pytest.raises(ValueError, match="overflows float32"):
-            sn.switchable_norm_forward(x, g, b, logits, logits, path=path)
-        with pytest.raises(ValueError, match="overflows float32"):
-            sn.switchable_norm_eval_forward(x, g, b, logits, logits, np.zeros(4, np.float32),
-                                            np.ones(4, np.float32), path=path)
+    with pytest.raises(ValueError, match="overflows float32"):
+        sn.switchable_norm_forward(x, g, b, logits, logits, path=path)
+    with pytest.raises(ValueError, match="overflows float32"):
+        sn.switchable_norm_eval_forward(x, g, b, logits, logits, np.zeros(4, np.float32),
+                                        np.ones(4, np.float32), path=path)

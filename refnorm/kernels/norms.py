@@ -53,7 +53,9 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import stat
 import sys
+import tempfile
 from types import ModuleType
 from typing import Any
 
@@ -89,13 +91,42 @@ def loops() -> ModuleType:
     if _loops_module is None:
         import numba
 
-        from refnorm.kernels import _loops
-
+        _loops = _import_loops(numba)
         numba.get_num_threads()  # starts numba's thread pool before any loop asks its size
         keep_freed_memory()
         _announce_compilation(_loops)
         _loops_module = _loops
     return _loops_module
+
+
+def _import_loops(numba: ModuleType) -> ModuleType:
+    """:mod:`refnorm.kernels._loops`, whose kernels numba caches on disk. Where it can keep
+    them neither beside refnorm (a read-only install) nor in the user's cache folder (no
+    writable home: a service account, a container's user), numba refuses to compile; the
+    cache then goes to a private folder of this user's in the temporary directory."""
+    try:
+        from refnorm.kernels import _loops
+    except RuntimeError as exc:
+        if "no locator available" not in str(exc) or numba.config.CACHE_DIR:
+            raise  # another failure, or $NUMBA_CACHE_DIR given and not writable: the user's
+        numba.config.CACHE_DIR = private_cache_folder()
+        from refnorm.kernels import _loops
+    return _loops
+
+
+def private_cache_folder() -> str:
+    """``refnorm-numba-cache-<uid>`` in the temporary directory, made (mode 0700) if needed
+    and kept across runs; a fresh folder instead where that name is not a folder of this
+    user's that no one else can write: numba loads the files of its cache as code."""
+    path = os.path.join(tempfile.gettempdir(), f"refnorm-numba-cache-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
+        return path
+    return tempfile.mkdtemp(prefix="refnorm-numba-cache-")
 
 
 # CPU seconds numba takes to compile one kernel of refnorm.kernels._loops on the machine of
@@ -709,8 +740,9 @@ def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *, bn: tuple | None
                 + xp.mean(lost_in, axis=axis, keepdims=True))
         offset[scope] = (mu[scope] - shift) + lost
         between = offset["in"] - offset[scope]                   # mu_in - mu_k
-        var[scope] = (xp.mean(var_in, axis=axis, keepdims=True)
-                      + xp.mean(between * between, axis=axis, keepdims=True))
+        with np.errstate(over="ignore"):  # the callers refuse an overflowing variance
+            var[scope] = (xp.mean(var_in, axis=axis, keepdims=True)
+                          + xp.mean(between * between, axis=axis, keepdims=True))
     if factors is not None:
         var = {k: v * factors[k] for k, v in var.items()}
     if bn is not None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace, on_device
 from refnorm.core import affine_backward, affine_forward, moments, reduced_count, standardize
 from refnorm.core.affine import channel_view, non_channel_axes
@@ -235,10 +237,11 @@ def batch_norm_forward_graph(
                 what="batch normalization in training", shape=x.shape)
     g = channel_view(gamma_c, x.ndim)                            # (1, C, 1, 1)
     b = channel_view(beta_c, x.ndim)                             # (1, C, 1, 1)
-    mu = xp.mean(xc, axis=axes, keepdims=True)                   # (1, C, 1, 1)
-    xmu = xc - mu                                                # (N, C, H, W)
-    sq = xmu * xmu                                               # (N, C, H, W)
-    var = xp.mean(sq, axis=axes, keepdims=True)                  # (1, C, 1, 1)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
+        mu = xp.mean(xc, axis=axes, keepdims=True)               # (1, C, 1, 1)
+        xmu = xc - mu                                            # (N, C, H, W)
+        sq = xmu * xmu                                           # (N, C, H, W)
+        var = xp.mean(sq, axis=axes, keepdims=True)              # (1, C, 1, 1)
     check_variance_finite(var, xc)  # an overflow: the error of refnorm.core.moments.moments
     std = xp.sqrt(var + eps)                                     # (1, C, 1, 1)
     inv_std = 1.0 / std                                          # (1, C, 1, 1)

@@ -297,10 +297,11 @@ def in_moments(h: Array, *, in_correction: int = 0) -> tuple[Array, Array, Array
     """
     xp = array_namespace(h)
     S = h.shape[2]
-    mu_in = xp.mean(h, axis=2, keepdims=True)                    # (N, C, 1)  Eq. (4)
-    offset_in = xp.mean(h - mu_in, axis=2, keepdims=True)        # (N, C, 1)  its rounding
-    d = (h - mu_in) - offset_in                                  # (N, C, S)  h - IN mean
-    var_in = xp.sum(d * d, axis=2, keepdims=True) / (S - in_correction)   # Eq. (4)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
+        mu_in = xp.mean(h, axis=2, keepdims=True)                # (N, C, 1)  Eq. (4)
+        offset_in = xp.mean(h - mu_in, axis=2, keepdims=True)    # (N, C, 1)  its rounding
+        d = (h - mu_in) - offset_in                              # (N, C, S)  h - IN mean
+        var_in = xp.sum(d * d, axis=2, keepdims=True) / (S - in_correction)   # Eq. (4)
     check_variance_finite(mu_in, h)  # the sum of a plane overflows (its variance is then NaN)
     check_variance_finite(var_in, h)
     return mu_in, offset_in, var_in
@@ -331,12 +332,13 @@ def pool_in_moments(mu_in: Array, offset_in: Array, var_in: Array, *,
     var_k : array, shape of ``mu_k``
     """
     xp = array_namespace(mu_in, offset_in, var_in)
-    mu_k = xp.mean(mu_in, axis=axis, keepdims=True)              # Eq. (4), in the dtype
-    lost = (xp.mean(mu_in - mu_k, axis=axis, keepdims=True)      # what rounding mu_k lost
-            + xp.mean(offset_in, axis=axis, keepdims=True))
-    offset_k = (mu_k - mu_in) + lost                             # (N, C, 1)
-    between = offset_in - offset_k                               # (N, C, 1)  mu_in - mu_k
-    var_k = xp.mean(var_in + between * between, axis=axis, keepdims=True)   # Eq. (4)
+    with np.errstate(over="ignore", invalid="ignore"):  # the callers refuse an overflow
+        mu_k = xp.mean(mu_in, axis=axis, keepdims=True)          # Eq. (4), in the dtype
+        lost = (xp.mean(mu_in - mu_k, axis=axis, keepdims=True)  # what rounding mu_k lost
+                + xp.mean(offset_in, axis=axis, keepdims=True))
+        offset_k = (mu_k - mu_in) + lost                         # (N, C, 1)
+        between = offset_in - offset_k                           # (N, C, 1)  mu_in - mu_k
+        var_k = xp.mean(var_in + between * between, axis=axis, keepdims=True)   # Eq. (4)
     return mu_k, offset_k, var_k
 
 

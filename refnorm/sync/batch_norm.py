@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core import affine_backward, affine_forward, standardize
 from refnorm.core.affine import channel_view, non_channel_axes
@@ -96,7 +98,8 @@ def sync_batch_norm_forward(
     n_p = 1
     for a in axes:
         n_p *= x.shape[a]
-    local_sum = xp.sum(xc, axis=axes)                                      # (C,)
+    with np.errstate(over="ignore"):  # a sum beyond the dtype raises below
+        local_sum = xp.sum(xc, axis=axes)                                  # (C,)
     n_p_array = xp.asarray([float(n_p)], dtype=xc.dtype, **on_device(device_of(xc)))  # (1,)
     count, total = allreduce(comm, [n_p_array, local_sum],
                              op="syncbn forward (count, sum)", layer=layer)
@@ -107,12 +110,14 @@ def sync_batch_norm_forward(
                          f"{tuple(x.shape)})")
     mean = total / n                                                       # (C,)
     local_mean = local_sum / max(n_p, 1)                                   # (C,)
-    d = xc - channel_view(local_mean, x.ndim)                              # (N_p, C, H, W)
-    local_m2 = xp.sum(d * d, axis=axes)                                    # (C,)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
+        d = xc - channel_view(local_mean, x.ndim)                          # (N_p, C, H, W)
+        local_m2 = xp.sum(d * d, axis=axes)                                # (C,)
     check_variance_finite(local_m2, xc)  # this device's sums overflow: the reference's error
     shift = local_mean - mean
-    (m2,) = allreduce(comm, [local_m2 + n_p * shift * shift],               # Chan's merge
-                      op="syncbn forward (M2)", layer=layer)
+    with np.errstate(over="ignore", invalid="ignore"):  # as below: the merged sum is checked
+        merged = local_m2 + n_p * shift * shift                            # Chan's merge
+    (m2,) = allreduce(comm, [merged], op="syncbn forward (M2)", layer=layer)
     var = m2 / n                                                           # (C,)
     check_variance_finite(var, xc, merged=True)  # the merged sum overflows (finite x raises)
     x_hat, rstd = standardize(xc, channel_view(mean, x.ndim), channel_view(var, x.ndim), eps=eps)

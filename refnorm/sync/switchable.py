@@ -33,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace, device_of, on_device
 from refnorm.core.checks import check_cache
 from refnorm.core.moments import check_variance_finite
@@ -129,13 +131,14 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
     if groups == 0:
         raise ValueError("no samples on any device: the BN scope has nothing to average")
     mu_sybn = sum_mu / groups                                               # (C,)
-    d = (mu_in - xp.reshape(mu_sybn, (1, -1, 1))) + offset_in               # (N_p, C, 1)
-    sum_d, sum_d2 = allreduce(comm, [xp.sum(d, axis=(0, 2)), xp.sum(d * d, axis=(0, 2))],
-                              op="syncsn forward (spread of IN means)", layer=layer)
-    lost = sum_d / groups                                                   # (C,)
-    spread = sum_d2 - groups * lost * lost        # >= 0 in exact arithmetic; keep it so
-    spread = xp.maximum(spread, xp.zeros_like(spread))
-    var_sybn = (sum_var + spread) / groups                                  # total variance
+    with np.errstate(over="ignore", invalid="ignore"):  # the sums are checked just below
+        d = (mu_in - xp.reshape(mu_sybn, (1, -1, 1))) + offset_in           # (N_p, C, 1)
+        sum_d, sum_d2 = allreduce(comm, [xp.sum(d, axis=(0, 2)), xp.sum(d * d, axis=(0, 2))],
+                                  op="syncsn forward (spread of IN means)", layer=layer)
+        lost = sum_d / groups                                               # (C,)
+        spread = sum_d2 - groups * lost * lost    # >= 0 in exact arithmetic; keep it so
+        spread = xp.maximum(spread, xp.zeros_like(spread))
+        var_sybn = (sum_var + spread) / groups                              # total variance
     for total in (sum_mu, sum_d2, var_sybn):  # sums beyond the dtype: the reference's error
         check_variance_finite(total, h, merged=True)
     return mu_sybn, lost, var_sybn, groups

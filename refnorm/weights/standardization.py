@@ -121,9 +121,11 @@ def weight_standardization_forward(
     """
     xp, wc, I = _check(w, eps, eps_mode, correction)
     ww = per_output_view(xp, wc)                                   # (C_out, I)
-    mu = xp.mean(ww, axis=1, keepdims=True)                        # (C_out, 1)  Eq. (4)
-    w_dot = ww - mu                                                # (C_out, I)  Eq. (5)
-    sigma = xp.sqrt(xp.sum(w_dot * w_dot, axis=1, keepdims=True) / (I - correction))  # Eq. (4)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
+        mu = xp.mean(ww, axis=1, keepdims=True)                    # (C_out, 1)  Eq. (4)
+        w_dot = ww - mu                                            # (C_out, I)  Eq. (5)
+        sq = xp.sum(w_dot * w_dot, axis=1, keepdims=True)          # (C_out, 1)
+        sigma = xp.sqrt(sq / (I - correction))                     # (C_out, 1)  Eq. (4)
     check_variance_finite(sigma, wc, name="w")  # a sum beyond the dtype: refused, not w_hat = 0
     if eps_mode == "add":
         denom = sigma + eps                                        # Eq. (2)

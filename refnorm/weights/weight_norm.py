@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
 
+import numpy as np
+
 from refnorm.backend import Array, array_namespace, compute_dtype, on_device
 from refnorm.core.affine import non_channel_axes
 from refnorm.core.checks import (
@@ -107,7 +109,8 @@ def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array
     """
     xp, vc, gc = _prepare(v, g, eps)
     vv = per_output_view(xp, vc)                                   # (C_out, I)
-    norm = xp.sqrt(xp.sum(vv * vv, axis=1, keepdims=True))         # (C_out, 1)  ||V_j||
+    with np.errstate(over="ignore"):  # an overflow raises just below
+        norm = xp.sqrt(xp.sum(vv * vv, axis=1, keepdims=True))     # (C_out, 1)  ||V_j||
     _check_norm_finite(norm, vv)
     safe = xp.where(norm > 0, norm, xp.ones_like(norm))            # (C_out, 1)
     v_unit = xp.where(norm > 0, vv / safe, xp.zeros_like(vv))      # (C_out, I)
