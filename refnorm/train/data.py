@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import io
+import math
 import numbers
 import pickle
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -175,7 +178,7 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     test_fraction : float in (0, 1)
         Share of each class put in the test split (rounded per class; at least one sample
         of each class lands in each split).
-    seed : int
+    seed : int, >= 0
         Seeds the numpy Generator that draws the split; the same seed gives the same split.
 
     Returns
@@ -187,6 +190,8 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     _check_fraction("test_fraction", test_fraction)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (it seeds numpy's Generator); got {seed}")
     raw = resources.files("refnorm.train").joinpath("datasets/digits.npz").read_bytes()
     with np.load(io.BytesIO(raw), allow_pickle=False) as z:
         images, labels = z["images"], z["labels"]  # (1797, 8, 8) uint8, (1797,) uint8
@@ -208,18 +213,24 @@ _MNIST_FILES = [
 _IDX_MAGIC = {3: 2051, 1: 2049}  # unsigned-byte IDX with 3 (images) or 1 (labels) dimensions
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, ndim: int) -> bytes:
+    """The file's bytes (inflated if ``.gz``), at most the header's count plus one: a small
+    .gz that inflates to gigabytes is cut where it is already too long."""
     if path.suffix != ".gz":
         return path.read_bytes()
     try:
-        return gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a cut stream is EOFError
+        with gzip.open(path, "rb") as f:
+            head = f.read(4 + 4 * ndim)
+            sizes = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+            return head + f.read(math.prod(sizes) + 1 if len(head) == 4 + 4 * ndim else 0)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut stream
+        # is EOFError; a corrupt deflate body is zlib.error
         raise ValueError(f"{path}: not a complete gzip file ({e})") from None
 
 
 def _read_idx(path: Path, *, ndim: int) -> np.ndarray:
     """Read an unsigned-byte IDX file of ``ndim`` dimensions; return its uint8 array."""
-    raw = _read_bytes(path)
+    raw = _read_bytes(path, ndim)
     header_size = 4 + 4 * ndim
     if len(raw) < header_size:
         raise ValueError(
@@ -233,7 +244,7 @@ def _read_idx(path: Path, *, ndim: int) -> np.ndarray:
             f"unsigned bytes in {ndim} dimensions); got {magic} (0x{magic:08x})"
         )
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected, got = int(np.prod(shape)), len(raw) - header_size
+    expected, got = math.prod(shape), len(raw) - header_size  # Python ints: no overflow
     if got != expected:
         what = "truncated" if got < expected else "longer than its header says"
         raise ValueError(
@@ -343,16 +354,25 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f'{path}: b"data" must be a uint8 array of shape (N, 3072); got '
             f"{type(data).__name__} {getattr(data, 'dtype', '')} {np.shape(data)}"
         )
-    try:
-        y = np.asarray(labels, dtype=np.int64)
-        one_per_row = y.shape == (len(data),)
-    except (TypeError, ValueError, OverflowError):
-        one_per_row = False
+    # Checked one by one before numpy sees them: np.asarray would truncate 0.7 to 0, parse
+    # "3", and expand a nested list whose pickle shares its halves into 2**depth values.
+    if isinstance(labels, np.ndarray):
+        one_per_row = labels.shape == (len(data),) and labels.dtype.kind in "iu"
+        shape = labels.shape
+    else:
+        one_per_row = (isinstance(labels, (list, tuple)) and len(labels) == len(data)
+                       and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                               for v in labels))
+        shape = (len(labels),) if isinstance(labels, (list, tuple)) else ()
     if not one_per_row:
         raise ValueError(
             f'{path}: b"labels" must be {len(data)} integers, one per row of b"data"; '
-            f"got {type(labels).__name__} of shape {np.shape(labels)}"
+            f"got {type(labels).__name__} of shape {shape}"
         )
+    try:
+        y = np.asarray(labels, dtype=np.int64)
+    except OverflowError:
+        raise ValueError(f'{path}: b"labels" holds an integer beyond int64') from None
     _check_labels(path, y, 10)
     x = data.reshape(-1, 3, 32, 32).astype(np.float32) / np.float32(255)  # (N, 3, 32, 32)
     return x, y
@@ -396,6 +416,19 @@ def load_cifar10(directory: str | Path) -> Dataset:
 # Preprocessing, iteration, dispatch
 
 
+def fingerprint(dataset: Dataset) -> str:
+    """The SHA-256 of a data set's four arrays (their dtypes, shapes and bytes, in the order
+    x_train, y_train, x_test, y_test), in hex: what a checkpoint records of the data its run
+    trained on, so that a resumed run refuses other data (another folder under the same
+    relative ``--data`` path, a changed file) instead of training on it."""
+    digest = hashlib.sha256()
+    for a in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test):
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.data)
+    return digest.hexdigest()
+
+
 def standardize(dataset: Dataset) -> Dataset:
     """Per-channel standardization with the training split's statistics.
 
@@ -416,10 +449,13 @@ def standardize(dataset: Dataset) -> Dataset:
     Raises
     ------
     ValueError
-        If a channel is constant over the training split (``sigma_c = 0``).
+        If the training split is empty, or a channel is constant over it (``sigma_c = 0``).
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"dataset must be a Dataset; got {type(dataset).__name__}")
+    if dataset.x_train.size == 0:
+        raise ValueError(f"the training split is empty (x_train has shape "
+                         f"{dataset.x_train.shape}): nothing to standardize by")
     reduce_axes = (0, 2, 3)
     mu, var = moments(dataset.x_train.astype(np.float64), reduce_axes)  # (1, C, 1, 1) each
     sigma = np.sqrt(var)  # (1, C, 1, 1)

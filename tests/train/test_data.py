@@ -10,6 +10,9 @@ import os
 import pathlib
 import pickle
 import re
+import struct
+import tracemalloc
+import warnings
 from importlib import resources
 
 import numpy as np
@@ -111,6 +114,7 @@ def test_digits_split_is_deterministic_and_shuffled():
         ({"test_fraction": 1}, ValueError, r"test_fraction must be in \(0, 1\); got 1"),
         ({"test_fraction": "0.2"}, TypeError, "test_fraction must be a real number; got str"),
         ({"seed": 1.5}, TypeError, "seed must be an int; got float"),
+        ({"seed": -1}, ValueError, r"seed must be >= 0 \(it seeds numpy's Generator\); got -1"),
     ],
 )
 def test_digits_rejects_bad_arguments(kwargs, error, match):
@@ -590,3 +594,187 @@ def test_a_file_far_larger_than_a_cifar_batch_is_refused_unread(tmp_path):
         f.truncate(65 * 2**20)  # sparse: no data written
     with pytest.raises(ValueError, match=r"bytes is not a CIFAR-10 batch pickle"):
         _read_cifar_batch(path)
+
+
+# ------------------------------------------------------------------------------------------
+# digits: the split's limits at extreme fractions
+
+
+@pytest.mark.parametrize("test_fraction", [0.999, 0.001])
+def test_digits_every_class_lands_in_both_splits_at_extreme_fractions(test_fraction):
+    # The docstring: "at least one sample of each class lands in each split".
+    d = load_digits(test_fraction=test_fraction)
+    train_counts = np.bincount(d.y_train, minlength=10)
+    test_counts = np.bincount(d.y_test, minlength=10)
+    assert train_counts.min() >= 1 and test_counts.min() >= 1
+    np.testing.assert_array_equal(train_counts + test_counts, DIGITS_CLASS_COUNTS)
+
+
+# ------------------------------------------------------------------------------------------
+# load: NAME:DIR splits at the first colon
+
+
+def test_load_takes_a_folder_whose_path_holds_a_colon(tmp_path):
+    arrays = mnist_arrays()
+    write_mnist(tmp_path / "a:b", arrays)
+    d = load(f"mnist:{tmp_path / 'a:b'}")
+    np.testing.assert_array_equal(d.y_train, arrays[1])
+
+
+# ------------------------------------------------------------------------------------------
+# CIFAR-10 as the official files are: Python 2 pickles (py2 strings, numpy 1's names)
+
+
+class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch can be replaced
+    """Writes as Python 2's cPickle did at protocol 2: every str and bytes a py2 string
+    (SHORT_BINSTRING / BINSTRING), as in cifar-10-python.tar.gz's batches."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_string(self, obj):
+        raw = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_string
+    dispatch[str] = _save_py2_string
+
+
+def py2_pickle(obj) -> bytes:
+    f = io.BytesIO()
+    _Py2Pickler(f, protocol=2).dump(obj)
+    # numpy 1's module name, as the official batches refer to it.
+    return f.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def test_cifar10_reads_python2_pickles_as_the_official_batches_are(tmp_path):
+    rng = np.random.default_rng(3)
+    written = {name: cifar_batch(rng, 3) for name in CIFAR_NAMES}
+    for name, batch in written.items():
+        raw = py2_pickle(batch)
+        assert raw.startswith(b"\x80\x02}q\x00(U")
+        assert b"cnumpy.core.multiarray\n_reconstruct" in raw
+        (tmp_path / name).write_bytes(raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy 2 reading numpy 1's names: no warning either
+        d = load_cifar10(tmp_path)
+    data = np.concatenate([written[n][b"data"] for n in CIFAR_NAMES[:5]])  # (15, 3072)
+    np.testing.assert_array_equal(d.x_train.reshape(15, 3072), data / np.float32(255))
+    labels = [v for n in CIFAR_NAMES[:5] for v in written[n][b"labels"]]
+    np.testing.assert_array_equal(d.y_train, labels)
+    np.testing.assert_array_equal(d.y_test, written["test_batch"][b"labels"])
+
+
+# ------------------------------------------------------------------------------------------
+# MNIST: broken or oversized .gz files
+
+
+@pytest.mark.parametrize("kind", ["not-gzip", "bad-crc"])
+def test_mnist_broken_gzip_is_a_value_error_naming_the_file(tmp_path, kind):
+    write_mnist(tmp_path, mnist_arrays())
+    os.remove(tmp_path / MNIST_NAMES[0])
+    data = idx_bytes(mnist_arrays()[0])
+    if kind == "not-gzip":
+        raw = data  # plain IDX bytes under a .gz name
+    else:
+        raw = bytearray(gzip.compress(data))
+        raw[-6] ^= 0xFF  # the CRC-32 of the trailer
+    (tmp_path / (MNIST_NAMES[0] + ".gz")).write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: not a complete gzip file"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_corrupt_deflate_stream_is_a_value_error_naming_the_file(tmp_path):
+    # A valid gzip header over a corrupt deflate body raises zlib.error, neither OSError nor
+    # EOFError: it escaped load_mnist, and `refnorm train` printed a traceback.
+    write_mnist(tmp_path, mnist_arrays())
+    os.remove(tmp_path / MNIST_NAMES[0])
+    raw = bytearray(gzip.compress(idx_bytes(mnist_arrays()[0])))
+    raw[12:20] = b"garbage!"
+    (tmp_path / (MNIST_NAMES[0] + ".gz")).write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: not a complete gzip file"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_header_sizes_whose_product_overflows_are_refused_naming_the_file(tmp_path):
+    # 2**31 * 2**31 * 4 wraps to 0 in np.prod's int64, matching an empty payload; the
+    # reshape then failed with numpy's message, which names no file.
+    header = (2051).to_bytes(4, "big") + (2**31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big")
+    write_mnist(tmp_path, mnist_arrays())
+    (tmp_path / MNIST_NAMES[0]).write_bytes(header)
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: "):
+        load_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("labels", [[0.7, 3.2], ["3", "4"], [True, False], np.array([1.5, 2.5])],
+                         ids=["floats", "strings", "bools", "float-array"])
+def test_cifar10_refuses_labels_that_are_not_integers(tmp_path, labels):
+    # np.asarray(labels, dtype=np.int64) truncates 0.7 to 0 and parses "3": such a batch
+    # loaded and trained on labels its file does not hold.
+    write_cifar(tmp_path)
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps(_batch({b"labels": labels}), protocol=2))
+    with pytest.raises(ValueError, match=r'data_batch_2: b"labels" must be 2 integers'):
+        load_cifar10(tmp_path)
+
+
+def test_standardize_refuses_an_empty_training_split():
+    # An IDX file of 0 images loads; standardize then failed with numpy's "zero-size array
+    # to reduction operation maximum which has no identity".
+    x, y = np.zeros((0, 1, 28, 28), np.float32), np.zeros(0, np.int64)
+    test = np.zeros((2, 1, 28, 28), np.float32)
+    with pytest.raises(ValueError, match=r"the training split is empty \(x_train has shape"):
+        standardize(Dataset(x, y, test, np.zeros(2, np.int64), name="mnist", num_classes=10))
+
+
+def test_cifar10_labels_that_share_their_halves_are_refused_unexpanded(tmp_path):
+    """A pickle stores a shared object once: 22 levels of [half, half] are a 3 KB file of
+    2**22 labels once numpy expands them (each level doubles the time and memory). Refused
+    from the outer list's items, before anything is expanded."""
+    write_cifar(tmp_path)
+    nested: list = [0, 1]
+    for _ in range(22):
+        nested = [nested, nested]
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps(_batch({b"labels": nested}),
+                                                         protocol=2))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r'data_batch_2: b"labels" must be 2 integers'):
+            load_cifar10(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_a_small_gzip_that_inflates_far_beyond_its_header_is_refused_unread(tmp_path):
+    """64 MiB of zeros after a header of 5 images is a 64 KiB .gz: refused as longer than its
+    header says after reading one byte past what the header counts, not all 64 MiB."""
+    arrays = mnist_arrays()
+    write_mnist(tmp_path, arrays)
+    os.remove(tmp_path / MNIST_NAMES[0])
+    payload = idx_bytes(arrays[0]) + bytes(64 << 20)
+    (tmp_path / (MNIST_NAMES[0] + ".gz")).write_bytes(gzip.compress(payload, compresslevel=1))
+    del payload
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"idx3-ubyte\.gz.*longer than its header says"):
+            load_mnist(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_a_training_subset_larger_than_the_data_is_refused(tmp_path):
+    """train_subset draws that many training samples; more than the data holds was silently
+    the whole set, while the study's report named the subset's size."""
+    from refnorm.train.config import TrainConfig
+    from refnorm.train.loop import prepare_data
+
+    write_mnist(tmp_path, mnist_arrays())  # 5 training samples
+    assert len(prepare_data(TrainConfig(data=f"mnist:{tmp_path}", train_subset=5)).y_train) == 5
+    with pytest.raises(ValueError, match=r"train_subset is 6, but mnist:.* has 5 training "):
+        prepare_data(TrainConfig(data=f"mnist:{tmp_path}", train_subset=6))
