@@ -61,7 +61,8 @@ def checkpoint_arrays(model: ConvNet, opt: SGD) -> dict[str, Any]:
 
 def save_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD,
                     position: Position, *,
-                    other_devices: Sequence[dict[str, Any]] = ()) -> None:
+                    other_devices: Sequence[dict[str, Any]] = (),
+                    data: str | None = None) -> None:
     """Write parameters, momentum, every layer's state and ``position``, atomically.
 
     Arrays on a GPU or another device are copied to the host first
@@ -72,6 +73,9 @@ def save_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD,
     statistics, the state arrays of devices 1, 2, ... (by ``state/<i>/<name>`` key), stored
     as ``device<p>/state/<i>/<name>``: between the averages at the ends of epochs they differ,
     and a resumed run must start from each device's own.
+
+    ``data`` is the :func:`~refnorm.train.data.fingerprint` of the data the run trains on,
+    which :func:`restore` compares with the resumed run's.
 
     Raises
     ------
@@ -85,6 +89,8 @@ def save_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD,
     meta = {"format": FORMAT, "config": config_dict(config), "epoch": position.epoch,
             "step": position.step, "totals": dataclasses.asdict(position.totals),
             "history": list(position.history)}
+    if data is not None:
+        meta["data"] = data
     arrays["meta"] = np.frombuffer(strict_json(meta).encode(), dtype=np.uint8)
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -141,15 +147,18 @@ def load_checkpoint(path: Path, config: TrainConfig, model: ConvNet, opt: SGD, *
 
 
 def restore(saved: Saved, config: TrainConfig, model: ConvNet, opt: SGD, *,
-            steps_per_epoch: int | None = None, device: int = 0) -> Position:
+            steps_per_epoch: int | None = None, device: int = 0,
+            data: str | None = None) -> Position:
     """Restore ``saved`` into ``model`` and ``opt`` (those of data-parallel device
     ``device``); return its position.
 
     Nothing is restored unless the whole checkpoint fits: its metadata has every field
     with a value of the right kind (``epoch`` within the run, ``step`` within an epoch of
     ``steps_per_epoch`` steps if given), it was written by a run of ``config`` (the same
-    number of devices included), and its arrays are exactly the model's, each of the model's
-    shape and dtype and finite. Each array is put in the namespace and on the device of the
+    number of devices included) on the same data (``data``, the resumed run's
+    :func:`~refnorm.train.data.fingerprint`, against the one the checkpoint records, where
+    both are known), and its arrays are exactly the model's, each of the model's shape and
+    dtype and finite. Each array is put in the namespace and on the device of the
     model's array it replaces (a checkpoint saved on a GPU loads into a numpy model and the
     other way round).
 
@@ -160,6 +169,13 @@ def restore(saved: Saved, config: TrainConfig, model: ConvNet, opt: SGD, *,
     """
     path, headers = saved.path, saved.headers
     position = _position(path, saved.meta, config, steps_per_epoch)
+    recorded = saved.meta.get("data")
+    if data is not None and recorded is not None and recorded != data:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run on other data than this run's "
+            f"({config.data}: the arrays' SHA-256 is {data[:12]}..., the checkpoint's "
+            f"{str(recorded)[:12]}...): resume with the data it was trained on, or start a "
+            "new run in another folder")
     expected = checkpoint_arrays(model, opt)
     own = [k for k in headers if not k.startswith("device")]
     missing = [k for k in expected if k not in headers]

@@ -65,7 +65,7 @@ from refnorm.train.checkpoint import (
     save_checkpoint,
 )
 from refnorm.train.config import TrainConfig
-from refnorm.train.data import Dataset, load, standardize
+from refnorm.train.data import Dataset, fingerprint, load, standardize
 from refnorm.train.evaluate import data_dependent_init, evaluate
 from refnorm.train.finite import (
     NonFinite,
@@ -151,6 +151,7 @@ class Run:
     saved: Position | None = None
     pending: int | None = None
     stop_after: int | None = None
+    fingerprint: str | None = None  # of data, recorded in the checkpoints
 
     @property
     def writer(self) -> bool:
@@ -194,6 +195,9 @@ def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None,
 def prepare_data(config: TrainConfig) -> Dataset:
     data = standardize(load(config.data))
     if config.train_subset is not None:
+        if config.train_subset > len(data.y_train):
+            raise ValueError(f"train_subset is {config.train_subset}, but {config.data} has "
+                             f"{len(data.y_train)} training samples: give at most that many")
         keep = np.random.default_rng([config.seed, 2**20]).permutation(len(data.y_train))
         keep = np.sort(keep[:config.train_subset])
         data = dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
@@ -294,7 +298,8 @@ def train(
         saved = None
         if resume:
             saved = together(group, "the checkpoint", lambda: _read(folder))
-        setup = _Setup(config, data, folder, saved, signals, progress, on_step, norm_layer)
+        setup = _Setup(config, data, folder, saved, signals, progress, on_step, norm_layer,
+                       fingerprint(data))
         with signals.deferred():
             if comm is None and config.devices > 1:
                 return InProcessGroup.run(config.devices, run_device,
@@ -314,6 +319,7 @@ class _Setup:
     progress: bool
     on_step: Callable[[int, int, ConvNet], None] | None
     norm_layer: Callable[..., Any] | None = None
+    fingerprint: str | None = None  # of data (refnorm.train.data.fingerprint)
 
 
 def _open_folder(folder: Path | None, stack: ExitStack, config: TrainConfig, *, resume: bool,
@@ -377,7 +383,7 @@ def run_device(comm: Any, setup: _Setup) -> Result:
     steps = epoch_steps(len(data.y_train), config.update_size,
                         statistic_parts(norm, config.devices, config.accumulation))
     run = Run(config, data, model, opt, comm, setup.folder, bar, setup.signals, steps,
-              setup.on_step)
+              setup.on_step, fingerprint=setup.fingerprint)
 
     def room() -> None:  # device 0 tries a write as large as the run's outputs
         if run.writer and setup.folder is not None:
@@ -390,7 +396,8 @@ def run_device(comm: Any, setup: _Setup) -> Result:
     else:
         saved = setup.saved
         run.saved = position = together(comm, "restoring the checkpoint", lambda: restore(
-            saved, config, model, opt, steps_per_epoch=len(steps), device=comm.rank))
+            saved, config, model, opt, steps_per_epoch=len(steps), device=comm.rank,
+            data=setup.fingerprint))
     into = f" -> {setup.folder}" if setup.folder is not None else ""
     bar.start(f"training {config.describe()}{into}" if setup.saved is None else
               f"resuming {config.describe()} from epoch {position.epoch}, step "
@@ -866,7 +873,8 @@ def _save(run: Run, position: Position) -> None:
     after gathering every device's (they differ until the end of the epoch)."""
     others = _gather_states(run) if run.comm.size > 1 and not run.config.synchronized else []
     _write(run, "the checkpoint", lambda out: save_checkpoint(
-        out / CHECKPOINT, run.config, run.model, run.opt, position, other_devices=others))
+        out / CHECKPOINT, run.config, run.model, run.opt, position, other_devices=others,
+        data=run.fingerprint))
     run.saved = position
 
 

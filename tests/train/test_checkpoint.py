@@ -246,3 +246,37 @@ def test_an_sn_batch_average_without_one_batch_is_refused_before_training(tiny_d
                                          r"\(devices x batch_size x accumulation = 8 samples\)"):
         check_data(cfg, tiny_data)
     check_data(dataclasses.replace(cfg, sn_inference="moving_average"), tiny_data)
+
+
+def test_a_resumed_run_refuses_other_data_than_its_checkpoints(tmp_path, tiny_data):
+    """The checkpoint records the SHA-256 of the arrays its run trains and tests on; resumed
+    on other data (the same relative --data from another folder, a changed file) the run
+    is refused by name, where it once trained on and reported the other data. On the same
+    data it resumes, and a checkpoint written before the record existed is still read."""
+    from refnorm.train.data import fingerprint
+
+    cfg = TrainConfig(**{**TINY, "epochs": 2, "train_subset": 16}, norm="bn")
+    stop = {"at": True}
+
+    def interrupt(epoch, step, model):
+        if stop["at"] and epoch == 0 and step == 1:
+            raise KeyboardInterrupt
+    assert train(cfg, out=tmp_path, progress=False, data=tiny_data,
+                 on_step=interrupt).interrupted
+    stop["at"] = False
+    saved = checkpoint.read_checkpoint(tmp_path / CHECKPOINT).meta
+    assert saved["data"] == fingerprint(tiny_data)
+    other = dataclasses.replace(tiny_data, x_train=tiny_data.x_train[::-1].copy())
+    with pytest.raises(CheckpointError, match=r"was written by a run on other data than this "
+                                              r"run's \(digits: the arrays' SHA-256 is "):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=other)
+    path = tmp_path / CHECKPOINT  # as written before checkpoints recorded their data
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    del meta["data"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    result = train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+    assert [row["epoch"] for row in result.history] == [1, 2]
