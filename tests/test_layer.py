@@ -269,3 +269,47 @@ def test_deepcopy_of_a_synchronized_layer_keeps_its_communicator():
         twin = copy.deepcopy(layer)
         assert twin.comm is comm
         assert twin.params["gamma"] is not layer.params["gamma"]
+
+
+def test_a_forward_that_raises_leaves_no_cache_for_backward():
+    """The cache of an earlier forward is dropped when a later forward raises."""
+    layer = refnorm.build("bn", 3, dtype=np.float64)
+    x = np.random.default_rng(6).standard_normal((4, 3, 2, 2))
+    layer.forward(x, training=True)
+    with pytest.raises(ValueError):
+        layer.forward(np.ones((4, 5, 2, 2)), training=True)   # wrong channel count
+    with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
+        layer.backward(np.ones_like(x))
+
+
+def test_backward_returns_none_without_input_grad_for_any_layer():
+    """input_grad False: backward returns None (not only where the pure function skips dx, as
+    conv's does), and the parameter gradients are those with input_grad True."""
+    rng = np.random.default_rng(7)
+    x, dy = rng.standard_normal((4, 3, 2, 2)), rng.standard_normal((4, 3, 2, 2))
+    with_dx = refnorm.build("bn", 3, dtype=np.float64)
+    without = refnorm.build("bn", 3, dtype=np.float64)
+    without.input_grad = False
+    with_dx.forward(x, training=True)
+    without.forward(x, training=True)
+    assert with_dx.backward(dy) is not None
+    assert without.backward(dy) is None
+    for key in with_dx.grads:
+        np.testing.assert_array_equal(without.grads[key], with_dx.grads[key])
+
+
+def test_from_functions_keeps_copies_of_its_state():
+    """The state is copied like the parameters: a later in-place change of the caller's
+    array does not reach the layer."""
+    def forward(x, scale, offset, training):
+        return x * scale + offset, scale, {"offset": offset}
+
+    def backward(dy, scale):
+        return dy * scale, dy.sum(axis=0)
+
+    offset = np.zeros(3)
+    layer = refnorm.layer.from_functions(forward, backward, params={"scale": np.ones(3)},
+                                         state={"offset": offset})
+    assert layer.state["offset"] is not offset
+    offset += 5.0
+    np.testing.assert_array_equal(layer.forward(np.ones((2, 3)), True), np.ones((2, 3)))

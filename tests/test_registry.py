@@ -29,3 +29,11 @@ def test_every_registered_name_builds_a_layer_of_its_class():
 def test_a_class_outside_the_table_has_no_name():
     with pytest.raises(ValueError, match="not a registered layer"):
         registry.name_of(type("Other", (), {}))
+
+
+@pytest.mark.parametrize("name", [["bn"], {"bn": 1}, None, 3])
+def test_a_name_that_is_not_a_string_is_an_unknown_layer(name):
+    """An unhashable name (a list, a dict) is refused with the same message as an unknown one,
+    not numpy's or the dict's TypeError."""
+    with pytest.raises(ValueError, match=r"unknown layer .*; expected one of bn, in, ln, gn"):
+        refnorm.build(name, 4)

@@ -292,3 +292,22 @@ def test_the_training_step_is_bitwise_the_same_at_one_and_two_threads(model):
         pytest.skip("numba allows this process one thread")
     one, two = run(1), run(2)
     assert len(one) == len(two) and all(np.array_equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_a_failed_block_stops_the_claiming():
+    """After a block raises, the thread that ran it claims no further block and wait()
+    re-raises."""
+    from refnorm.kernels import blocks
+
+    ran = []
+
+    def fn(lo, hi):
+        ran.append(lo)
+        if lo == 1:
+            raise ValueError("block 1")
+
+    job = blocks._Job(fn, [(0, 1), (1, 2), (2, 3), (3, 4)])
+    job.work()
+    assert ran == [0, 1]
+    with pytest.raises(ValueError, match="block 1"):
+        job.wait()

@@ -211,3 +211,51 @@ def test_float16_relu_backward_writes_into_out():
     got = kernels.relu_backward(out, positive, out=out)
     np.testing.assert_array_equal(out, [[0.0, 2.0, 0.0, 4.0]])
     assert np.shares_memory(got, out) and got.dtype == np.float16
+
+
+def test_relu_backward_refuses_a_non_contiguous_out():
+    """A strided out would be written through a reshaped copy and come back unwritten: it is
+    refused."""
+    from refnorm import kernels
+
+    dy = np.arange(1.0, 13.0).reshape(4, 3)
+    positive = dy > 4
+    out = np.zeros((4, 6))[:, ::2]
+    assert out.shape == dy.shape and not out.flags.c_contiguous
+    with pytest.raises(ValueError, match="out must be a C-contiguous array"):
+        kernels.relu_backward(dy, positive, out=out)
+
+
+def test_split_work_is_one_block_when_blas_or_numba_has_the_threads():
+    """One block (work 0) when either the products reach BLAS_PARALLEL_FROM or the loops
+    SERIAL_BELOW; the products as work only when both are small."""
+    from refnorm.kernels import nn as knn
+    from refnorm.kernels import norms
+
+    big_products, big_values = knn.BLAS_PARALLEL_FROM, norms.SERIAL_BELOW
+    assert knn._split_work(big_products - 1, big_values - 1) == big_products - 1
+    assert knn._split_work(big_products, 1) == 0
+    assert knn._split_work(1, big_values) == 0
+
+
+def test_blas_runs_small_products_on_one_thread_and_large_ones_on_refnorms_count():
+    """Below BLAS_PARALLEL_FROM multiply-adds numpy's BLAS runs on one thread, from it on on
+    refnorm's (numba's) thread count; its own setting comes back after either (read from
+    the BLAS library itself through threadpoolctl)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from refnorm.kernels import nn as knn
+    from refnorm.kernels.norms import threads
+
+    def counts():
+        return [lib.num_threads for lib in threadpoolctl.ThreadpoolController().select(
+            user_api="blas").lib_controllers]
+
+    before = counts()
+    if not before or max(before) == 1 or threads() == 1:
+        pytest.skip("one thread either way: nothing to tell apart")
+    with knn.blas_threads(knn.BLAS_PARALLEL_FROM - 1):
+        assert counts() == [1] * len(before)
+    assert counts() == before
+    with knn.blas_threads(knn.BLAS_PARALLEL_FROM):
+        assert counts() == [threads()] * len(before)
+    assert counts() == before

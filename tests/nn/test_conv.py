@@ -243,3 +243,31 @@ def test_without_input_grad_dx_is_none_and_dw_db_are_unchanged(path):
     np.testing.assert_array_equal(db2, db)
     with pytest.raises(TypeError, match="input_grad must be a bool"):
         conv2d_backward(dy, cache, input_grad=1, path=path)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_conv_gradients_have_the_dtypes_of_x_w_and_b(path):
+    """dx in x's dtype, dw in w's, db in b's, with all three different."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 3, 3))                          # float64
+    b = np.zeros(3, np.float16)
+    y, cache = conv2d_forward(x, w, b, padding=1, path=path)
+    assert y.dtype == np.float32
+    dx, dw, db = conv2d_backward(np.ones_like(y), cache, path=path)
+    assert (dx.dtype, dw.dtype, db.dtype) == (np.float32, np.float64, np.float16)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_float16_conv_adds_a_float32_bias_in_float32(path):
+    """x and w float16, b float32: the bias is added in the compute dtype (float32) and the sum
+    rounded once to float16, as the whole computation in float32 rounded once."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float16)
+    w = (0.3 * rng.standard_normal((4, 3, 3, 3))).astype(np.float16)
+    b = (100 * rng.standard_normal(4)).astype(np.float32)          # not float16 values
+    assert not np.array_equal(b.astype(np.float16).astype(np.float32), b)
+    y, _ = conv2d_forward(x, w, b, path=path)
+    y32, _ = conv2d_forward(x.astype(np.float32), w.astype(np.float32), b, path=path)
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(y, y32.astype(np.float16))

@@ -138,3 +138,15 @@ def test_linear_db_has_the_dtype_of_b():
     _, cache = linear_forward(x, w, b)
     dx, dw, db = linear_backward(np.ones((4, 2), np.float32), cache)
     assert (dx.dtype, dw.dtype, db.dtype) == (np.float32, np.float32, np.float64)
+
+
+def test_linear_gradients_have_the_dtypes_of_x_w_and_b():
+    """As for conv."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    w = rng.standard_normal((2, 3))                                # float64
+    b = np.zeros(2, np.float16)
+    y, cache = linear_forward(x, w, b)
+    dx, dw, db = linear_backward(np.ones_like(y), cache)
+    assert (y.dtype, dx.dtype, dw.dtype, db.dtype) == (np.float32, np.float32, np.float64,
+                                                      np.float16)

@@ -179,3 +179,58 @@ def test_logits_without_a_class_are_named_so():
     """(2, 0) logits were refused with a message about labels in [0, 0)."""
     with pytest.raises(ValueError, match=r"logits must hold at least one class \(K >= 1\)"):
         softmax_cross_entropy(np.zeros((2, 0)), np.zeros(2, dtype=np.int64))
+
+
+F16_EPS = float(np.finfo(np.float16).eps)
+
+
+def _cross_entropy64(z, labels):
+    """Loss and dL/dz in float64 straight from the definition (log-sum-exp per row)."""
+    m = z.max(axis=1, keepdims=True)
+    log_p = z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+    N = len(labels)
+    return -log_p[np.arange(N), labels].mean(), (np.exp(log_p) - np.eye(z.shape[1])[labels]) / N
+
+
+def test_float16_cross_entropy_is_the_float64_value_rounded_once():
+    """float16 logits compute in float32: the loss and every gradient entry are the exact
+    (float64) values rounded to float16, up to float32's own rounding."""
+    rng = np.random.default_rng(4)
+    z16 = (3 * rng.standard_normal((64, 10))).astype(np.float16)
+    labels = rng.integers(0, 10, 64)
+    loss, cache = softmax_cross_entropy(z16, labels)
+    dz = softmax_cross_entropy_backward(cache)
+    assert loss.dtype == dz.dtype == np.float16
+    loss64, dz64 = _cross_entropy64(z16.astype(np.float64), labels)
+    # rounding to float16 is within half a unit of the float16 grid (2^-11 relative for
+    # normal values, 2^-25 absolute below 2^-14); float32's error adds ~1e-6 of that
+    ulp = np.maximum(np.abs(dz64), 2.0 ** -14) * F16_EPS
+    assert np.all(np.abs(dz.astype(np.float64) - dz64) <= 0.5 * ulp * (1 + 1e-3))
+    assert abs(float(loss) - loss64) <= 0.5 * abs(loss64) * F16_EPS * (1 + 1e-3)
+
+
+def test_cross_entropy_rows_far_apart_are_each_stable():
+    """The softmax of a row is unchanged by adding a constant to the row: rows shifted by
+    -1e4, 0 and +1e4 give the loss and gradient of the unshifted rows, computed from the
+    definition. Each row must subtract its own maximum."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((3, 4))
+    labels = np.array([1, 3, 0])
+    logits = base + np.array([[-1e4], [0.0], [1e4]])
+    loss, cache = softmax_cross_entropy(logits, labels)
+    dz = softmax_cross_entropy_backward(cache)
+    p = np.exp(base) / np.exp(base).sum(axis=1, keepdims=True)
+    expected_loss = -np.mean(np.log(p[np.arange(3), labels]))
+    # shifting by 1e4 rounds each logit to a multiple of 2^-39 (ulp of 1e4): ~1e-12 change
+    assert float(loss) == pytest.approx(expected_loss, rel=1e-10)
+    np.testing.assert_allclose(dz, (p - np.eye(4)[labels]) / 3, rtol=1e-9, atol=1e-14)
+    # and against central differences of the loss, with a random upstream gradient g
+    g = rng.standard_normal()
+    h = 1e-4
+
+    def f(logits):
+        return softmax_cross_entropy(logits, labels)[0]
+
+    numeric = numerical_vjp(f, {"logits": logits}, np.asarray(g), "logits", step=h)
+    # rounding of the loss (~1e-16 of 1e4 per logit) / h, plus truncation h^2 / 3
+    np.testing.assert_allclose(g * dz, numeric, atol=1e-7)

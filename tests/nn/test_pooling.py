@@ -278,3 +278,18 @@ def test_global_avg_pool_backward_spreads_dy_over_all_positions(shape):
     count = int(np.prod(shape[2:]))
     expected = np.broadcast_to(dy.reshape(shape[:2] + (1,) * (len(shape) - 2)) / count, shape)
     np.testing.assert_allclose(global_avg_pool_backward(dy, cache), expected, rtol=1e-15)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_float16_avg_pool_backward_sums_overlapping_windows_in_float32(path):
+    """3x3 windows at stride 1 overlap up to 9 times: dx is the float32 sum of dy / 9 rounded
+    once to float16."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float16)
+    y, cache = avg_pool2d_forward(x, kernel_size=3, stride=1, path=path)
+    dy = rng.standard_normal(y.shape).astype(np.float16)
+    dx = avg_pool2d_backward(dy, cache, path=path)
+    _, cache32 = avg_pool2d_forward(x.astype(np.float32), kernel_size=3, stride=1, path=path)
+    expected = avg_pool2d_backward(dy.astype(np.float32), cache32, path=path)
+    assert dx.dtype == np.float16
+    np.testing.assert_array_equal(dx, expected.astype(np.float16))

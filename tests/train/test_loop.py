@@ -422,3 +422,51 @@ def test_a_normalizer_of_ones_own_trains_as_the_registered_one(tiny_data):
 def test_a_normalizer_of_ones_own_needs_a_method_to_stand_for():
     with pytest.raises(ValueError, match="norm_layer must be a function .* norm='none'"):
         train(config(norm="none"), progress=False, norm_layer=lambda width, **place: None)
+
+
+def test_the_metrics_row_scores_each_set_by_its_own_size():
+    """train_acc is the fraction of the training set predicted right, test_acc and test_loss
+    those of the test set, recomputed here from the model's evaluation-mode logits; the two
+    sets differ in size."""
+    import dataclasses
+
+    from refnorm.train.config import TrainConfig
+    from refnorm.train.evaluate import predict
+    from refnorm.train.loop import prepare_data, train
+
+    tiny = {"train_subset": 32, "widths": (4, 4), "batch_size": 4, "accumulation": 2,
+            "epochs": 1}
+    full = prepare_data(TrainConfig(**tiny))
+    data = dataclasses.replace(full, x_test=full.x_test[:40], y_test=full.y_test[:40])
+    assert len(data.y_train) != len(data.y_test)
+    result = train(TrainConfig(**tiny), data=data, progress=False)
+    row = result.history[-1]
+    for split in ("train", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        logits = predict(result.model, x).astype(np.float64)
+        assert row[f"{split}_acc"] == np.mean(np.argmax(logits, axis=1) == y), split
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    # the row's loss is a float32 computation: within 1e-5 relative
+    assert row["test_loss"] == pytest.approx(-log_p[np.arange(len(y)), y].mean(), rel=1e-5)
+
+
+def test_data_dependent_init_sees_one_update_however_it_is_split():
+    """WN's data-dependent init takes one update's samples (batch_size x accumulation): 8 x 2
+    and 16 x 1 initialize identically, 8 x 1 (half the samples) differently."""
+    from refnorm.train.config import TrainConfig
+    from refnorm.train.loop import build_model, data_dependent_init, prepare_data
+
+    base = {"train_subset": 192, "widths": (8, 8, 8), "average_samples": 64, "epochs": 1,
+            "norm": "none", "weight": "wn"}
+    gains = {}
+    for batch_size, accumulation in ((8, 2), (16, 1), (8, 1)):
+        cfg = TrainConfig(**base, batch_size=batch_size, accumulation=accumulation)
+        data = prepare_data(cfg)
+        model = build_model(cfg, data)
+        data_dependent_init(model, data, cfg)
+        gains[batch_size, accumulation] = np.concatenate(
+            [np.ravel(layer.params["g"]) for layer in model.layers() if "v" in layer.params])
+    assert not np.all(gains[8, 2] == 1)
+    np.testing.assert_array_equal(gains[8, 2], gains[16, 1])
+    assert not np.array_equal(gains[8, 2], gains[8, 1])
