@@ -215,14 +215,20 @@ _IDX_MAGIC = {3: 2051, 1: 2049}  # unsigned-byte IDX with 3 (images) or 1 (label
 
 def _read_bytes(path: Path, ndim: int) -> bytes:
     """The file's bytes (inflated if ``.gz``), at most the header's count plus one: a small
-    .gz that inflates to gigabytes is cut where it is already too long."""
+    .gz that inflates to gigabytes is cut where it is already too long. Read by the MiB, so
+    that a header claiming terabytes costs no more than the bytes the file really holds."""
     if path.suffix != ".gz":
         return path.read_bytes()
     try:
         with gzip.open(path, "rb") as f:
             head = f.read(4 + 4 * ndim)
             sizes = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-            return head + f.read(math.prod(sizes) + 1 if len(head) == 4 + 4 * ndim else 0)
+            left = math.prod(sizes) + 1 if len(head) == 4 + 4 * ndim else 0
+            parts = [head]
+            while left > 0 and (part := f.read(min(left, 1 << 20))):
+                parts.append(part)
+                left -= len(part)
+            return b"".join(parts)
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut stream
         # is EOFError; a corrupt deflate body is zlib.error
         raise ValueError(f"{path}: not a complete gzip file ({e})") from None

@@ -778,3 +778,16 @@ def test_a_training_subset_larger_than_the_data_is_refused(tmp_path):
     assert len(prepare_data(TrainConfig(data=f"mnist:{tmp_path}", train_subset=5)).y_train) == 5
     with pytest.raises(ValueError, match=r"train_subset is 6, but mnist:.* has 5 training "):
         prepare_data(TrainConfig(data=f"mnist:{tmp_path}", train_subset=6))
+
+
+@pytest.mark.parametrize("sizes", [(2**31, 2**31, 4), (60000, 28000, 28000)])
+def test_a_gzip_header_claiming_terabytes_is_refused_as_truncated(tmp_path, sizes):
+    """An IDX header inside a .gz counting terabytes of images: refused as truncated, naming
+    the file (reading the count at once asked for that much memory: OverflowError or
+    MemoryError, with a traceback from the command line)."""
+    write_mnist(tmp_path, mnist_arrays())
+    os.remove(tmp_path / MNIST_NAMES[0])
+    header = (2051).to_bytes(4, "big") + b"".join(s.to_bytes(4, "big") for s in sizes)
+    (tmp_path / (MNIST_NAMES[0] + ".gz")).write_bytes(gzip.compress(header + bytes(100)))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz.*truncated"):
+        load_mnist(tmp_path)
