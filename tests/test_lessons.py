@@ -243,6 +243,57 @@ def test_the_graders_hold_their_stated_tolerances(toy):
                                 lambda dy, x: 2 * x * dy * (1 + 1e-4), x, tol=1e-6)
 
 
+def _check_cell(source: str) -> dict:
+    """Functions of a check cell, compiled as a cell of its own (as a notebook runs them)."""
+    namespace: dict = {"np": np}
+    exec(compile(source, "check cell", "exec"), namespace)
+    return namespace
+
+
+def test_a_return_the_check_cannot_use_is_a_sentence_not_a_traceback(toy):
+    """None, or a tuple of another length, where the check unpacks two values: the grader
+    says the check could not use the return; an error in the student's own code stays
+    theirs, with its traceback (their line)."""
+    cell = _check_cell("def run(fn):\n    mean, first = fn(X)\n    return {'mean': mean}\n")
+
+    def grade(candidate):
+        return lessons.check_outputs("9.9", cell["run"], candidate,
+                                     {"mean": X_TOY.mean(axis=0)}, tol=1e-12,
+                                     reason="rounding")
+
+    cell["X"] = X_TOY
+    grade(lambda x: (x.mean(axis=0), x[0]))
+    for returned in (None, (1, 2, 3)):
+        with pytest.raises(AssertionError, match=r"exercise 9\.9 failed: the check could not "
+                                                 r"use what your function returned \("):
+            grade(lambda x, r=returned: r)
+
+    def own_error(x):
+        return x.mean(axis=0) + "a"  # the student's own line fails
+
+    with pytest.raises(TypeError):
+        grade(own_error)
+
+
+def test_gradients_may_come_as_lists_and_none_is_named(toy):
+    """A right gradient returned as a list passes (it was read through DLPack and crashed);
+    a gradient left None is named."""
+    def vjp(backward, dy, x):
+        return {"x": backward(dy, x)}
+
+    x = {"x": np.array([1.0, -2.0, 3.0])}
+    lessons.check_gradients("9.9", lambda x: x**2, vjp, lambda dy, x: list(2 * x * dy), x)
+    with pytest.raises(AssertionError, match=r"could not use what your function returned "
+                                             r"\(TypeError: dx is None\)"):
+        lessons.check_gradients("9.9", lambda x: x**2, vjp, lambda dy, x: None, x)
+
+
+def test_an_integer_may_come_as_a_0_d_array(toy, capsys):
+    lessons.check_integers("9.9", lambda fn: {"n": fn()}, lambda: np.asarray(np.int64(32)),
+                           {"n": 32}, reason="exact")
+    assert "n = 32 (exact)" in capsys.readouterr().out
+
+
 def test_a_passed_check_shows_nothing_more_in_a_notebook(toy):
     """A check cell ends with the check's call: its result (the answer's arrays) was shown
     under the verdict, up to 800 lines in lesson 06b. It displays nothing, and stays a dict."""
@@ -557,6 +608,7 @@ def test_the_catalogued_mistakes_compute_what_they_name():
     from refnorm.lessons.exercises import _equivalent_eps, _shard_sizes
 
     assert _shard_sizes(22, 8, mistake="larger_first") == [3, 3, 3, 3, 3, 3, 2, 2]
+    assert _shard_sizes(22, 8, mistake="larger_last") == [2, 2, 3, 3, 3, 3, 3, 3]
     assert _shard_sizes(5, 4, mistake="ceil_then_rest") == [2, 2, 2, -1]
     assert _shard_sizes(22, 8, mistake="remainder_last") == [2] * 7 + [8]
     eps, s = 1e-3, 4.0

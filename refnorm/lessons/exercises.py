@@ -230,7 +230,12 @@ def _bn_eval_backward(dy: Any, x: Any, gamma: Any, running_mean: Any, running_va
         mu, var = x.mean(axis=_AXES, keepdims=True), x.var(axis=_AXES, keepdims=True)
     else:
         mu, var = _per_channel(running_mean), _per_channel(running_var)
-    rstd = 1.0 / np.sqrt(var + eps)
+    if mistake == "no_eps":
+        rstd = 1.0 / np.sqrt(var)
+    elif mistake == "eps_on_std":
+        rstd = 1.0 / (np.sqrt(var) + eps)
+    else:
+        rstd = 1.0 / np.sqrt(var + eps)
     x_hat = (x - mu) * rstd
     g = 1.0 if mistake == "no_gamma" else _per_channel(gamma)
     if mistake == "training_form":
@@ -260,6 +265,13 @@ register(Exercise(
         Mistake("gamma left out of dx",
                 "Y = gamma x_hat + beta: dx carries gamma.",
                 partial(_bn_eval_backward, mistake="no_gamma")),
+        Mistake("eps left out",
+                "The eval forward divides by sqrt(running_var + eps), eps included; with a "
+                "small running variance eps is no rounding detail.",
+                partial(_bn_eval_backward, mistake="no_eps")),
+        Mistake("eps added to the standard deviation",
+                "Eps goes under the square root, with the variance: sqrt(running_var + eps).",
+                partial(_bn_eval_backward, mistake="eps_on_std")),
     ),
 ))
 
@@ -390,6 +402,8 @@ def _merge_moments(mu_in: Any, var_in: Any, axis: int, *, mistake: str) -> Any:
     between = ((mu_in - mu) ** 2).sum(axis=axis, keepdims=True)
     if mistake == "sums":
         return mu, var_in.sum(axis=axis, keepdims=True) + between
+    if mistake == "one_pass":  # the printed Eq. (4): E[h^2] - mu^2, in the data's dtype
+        return mu, (var_in + mu_in * mu_in).mean(axis=axis, keepdims=True) - mu * mu
     return mu, within + between / (k - 1 if mistake == "between_unbiased" else k)
 
 
@@ -416,6 +430,12 @@ register(Exercise(
                 "The union has K times the values of one group: its variance averages over "
                 "the groups.",
                 partial(_merge_moments, mistake="sums")),
+        Mistake("the one-pass form E[h^2] - mu^2 (the printed Eq. 4)",
+                "It is exact in exact arithmetic, and passes in float64; in float32, on data "
+                "far from zero, E[h^2] and mu^2 agree in their leading digits and their "
+                "difference keeps mostly rounding. Merge the deviations from the union's mean "
+                "instead (the law of total variance).",
+                partial(_merge_moments, mistake="one_pass")),
     ),
 ))
 
@@ -696,6 +716,8 @@ def _shard_sizes(n: int, P: int, *, mistake: str) -> Any:
         return [small] * (P - 1) + [n - small * (P - 1)]
     if mistake == "larger_first":
         return [small + 1] * extra + [small] * (P - extra)
+    if mistake == "larger_last":
+        return [small] * (P - extra) + [small + 1] * extra
     return [-(-n // P)] * (P - 1) + [n - -(-n // P) * (P - 1)]  # "ceil_then_rest"
 
 
@@ -716,6 +738,10 @@ register(Exercise(
                 "refnorm spreads the larger shards: shard p starts at floor(p n / P) (22 "
                 "samples on 8 devices: 2, 3, 3, 3, 2, 3, 3, 3).",
                 partial(_shard_sizes, mistake="larger_first")),
+        Mistake("the larger shards last",
+                "refnorm spreads the larger shards: shard p starts at floor(p n / P) (22 "
+                "samples on 8 devices: 2, 3, 3, 3, 2, 3, 3, 3), not all of them at the end.",
+                partial(_shard_sizes, mistake="larger_last")),
         Mistake("ceil(n / P) for every device but the last",
                 "With n = 5 on 4 devices that leaves 2, 2, 2 and -1: deal the remainder one "
                 "sample at a time instead.",

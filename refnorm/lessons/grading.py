@@ -141,6 +141,11 @@ def _named(out: Any) -> dict[str, Any]:
     return dict(out) if isinstance(out, Mapping) else {"output": out}
 
 
+# What the check's own code raises when it cannot use a candidate's return value: None or a
+# tuple of another length where the check unpacks, a list where it indexes an array, ...
+_UNUSABLE = (TypeError, ValueError, IndexError, KeyError, AttributeError)
+
+
 def _run(exercise_id: str, run: Callable[[Any], Any], candidate: Any) -> dict[str, Any]:
     try:
         return _named(run(candidate))
@@ -149,6 +154,29 @@ def _run(exercise_id: str, run: Callable[[Any], Any], candidate: Any) -> dict[st
             f"exercise {exercise_id} is not done yet: fill in the cell marked "
             f"'# Exercise {exercise_id}' ({exc})"
         ) from None
+    except _UNUSABLE as exc:
+        if _raised_within(exc, candidate):
+            raise  # the student's own code failed: its traceback shows their line
+        raise AssertionError(
+            f"exercise {exercise_id} failed: the check could not use what your function "
+            f"returned ({type(exc).__name__}: {exc}); return what the exercise's task says, "
+            "in its order, as arrays of the shapes it gives"
+        ) from None
+
+
+def _raised_within(exc: BaseException, candidate: Any) -> bool:
+    """Whether ``exc`` passed through the candidate's own code (its function, or a function
+    defined in the same cell), rather than arising in the check that used its result."""
+    code = getattr(candidate, "__code__", None)
+    if code is None:
+        return True  # not a plain function: nothing to tell the two apart by
+    tb = exc.__traceback__
+    while tb is not None:
+        frame_code = tb.tb_frame.f_code
+        if frame_code is code or frame_code.co_filename == code.co_filename != __file__:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _distance(got: Mapping[str, Any], other: Mapping[str, Any]) -> float:
@@ -284,6 +312,8 @@ def check_integers(exercise_id: str, run: Callable[[Any], Any], candidate: Any, 
 
 def _as_ints(value: Any) -> Any:
     """``value`` as an int or a tuple of ints (nested), or None if it is not integral."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]  # a 0-d array: its one number
     if isinstance(value, (bool, np.bool_)):
         return None
     if isinstance(value, (int, np.integer)):
@@ -353,7 +383,14 @@ def check_gradients(exercise_id: str, f: Callable[..., Any], vjp: Callable[..., 
 
     def grads_of(backward: Any) -> dict[str, Any]:
         out = vjp(backward, dy, **{k: v.copy() for k, v in args.items()})
-        return {k: np.asarray(to_numpy(v)) for k, v in dict(out).items()}
+        return {k: _host(v, f"d{k}") for k, v in dict(out).items()}
+
+    def _host(value: Any, name: str) -> np.ndarray:
+        if value is None:
+            raise TypeError(f"{name} is None")
+        if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+            return np.asarray(to_numpy(value))  # a CuPy or other Array API array
+        return np.asarray(value)  # numpy arrays, numbers, lists
 
     got = _run(exercise_id, grads_of, candidate)
     unknown = sorted(set(got) - set(args))
