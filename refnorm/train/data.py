@@ -51,6 +51,7 @@ from refnorm.core.moments import moments
 __all__ = [
     "Dataset",
     "batches",
+    "fingerprint",
     "load",
     "load_cifar10",
     "load_digits",
