@@ -487,9 +487,10 @@ class MPICommunicator(Communicator):
                 return
             report = "".join(traceback.format_exception(kind, value, tb))
         self._finished = True
-        _abort(self.comm, f"[rank {self.rank}] {report}[rank {self.rank}] refnorm.sync: rank "
-                          f"{self.rank} {self._log.leave(status).detail}; aborting the job so "
-                          "that no rank waits for it\n")
+        report = f"[rank {self.rank}] {report}" if report else ""  # a traceback, to prefix
+        _abort(self.comm, f"{report}[rank {self.rank}] refnorm.sync: rank {self.rank} "
+                          f"{self._log.leave(status).detail}; aborting the job so that no "
+                          "rank waits for it\n")
 
     def _at_exit(self) -> None:
         if not self._finished and not self._MPI.Is_finalized():

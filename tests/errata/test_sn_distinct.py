@@ -32,3 +32,21 @@ def test_printed_eq1_with_equal_scopes_is_one_standardization():
 def test_markdown_table_has_both_rows():
     table = sn_distinct.to_markdown(sn_distinct.compare(0))
     assert table.count("\n") == 3 and "one-hot" in table and "soft" in table
+
+
+def test_printed_eq1_is_the_formula_as_printed():
+    """The verdicts hold for any soft ratios, so only the transcription itself shows it. Eq.
+    (1) from numpy's moments: scopes (in, ln, bn) over axes (2), (1, 2), (0, 2), population
+    deviations."""
+    from refnorm.errata import sn_distinct
+
+    rng = np.random.default_rng(3)
+    h = np.array([1.0, 3.0, 9.0]).reshape(1, 3, 1) * rng.standard_normal((4, 3, 5)) + 12
+    mean_logits, std_logits = np.array([2.0, -1.0, 0.5]), np.array([-1.5, 0.0, 1.0])
+    lam_mu = np.exp(mean_logits) / np.exp(mean_logits).sum()
+    lam_sigma = np.exp(std_logits) / np.exp(std_logits).sum()
+    axes = [(2,), (1, 2), (0, 2)]
+    mean = sum(w * h.mean(axis=ax, keepdims=True) for w, ax in zip(lam_mu, axes, strict=True))
+    std = sum(w * h.std(axis=ax, keepdims=True) for w, ax in zip(lam_sigma, axes, strict=True))
+    np.testing.assert_allclose(sn_distinct.printed_eq1(h, mean_logits, std_logits),
+                               (h - mean) / std, rtol=1e-12, atol=1e-12)

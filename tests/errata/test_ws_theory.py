@@ -7,6 +7,7 @@ refnorm/errata/ws_theory.py.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from refnorm.errata import ws_theory
@@ -33,3 +34,34 @@ def test_hessian_reduction_is_real():
     # Eq. (19): centring lowers the Hessian's Frobenius norm, strictly on a generic problem.
     bound = next(f for f in ws_theory.check_ws_theory(0) if f.equation == "Eq. (19), bound")
     assert bound.agrees and "holds" in bound.note
+
+
+def test_eq19_middle_meets_its_bound_exactly_when_rows_and_columns_sum_alike():
+    """The bound was looser and still "held". By Cauchy-Schwarz (1/I) sum_i r_i^2 >= (1/I^2)(sum_i
+    r_i)^2 for the row sums r (and the column sums), so Eq. (19)'s middle <= its bound, with
+    equality exactly when all row sums and all column sums are equal."""
+    from refnorm.errata import ws_theory
+
+    rng = np.random.default_rng(0)
+    I = 6
+    a = rng.standard_normal((I, I))
+    centred = a - a.mean(axis=0) - a.mean(axis=1, keepdims=True) + a.mean()  # sums 0
+    balanced = centred + 0.7  # every row and every column sums to 0.7 I
+    assert ws_theory.printed_eq19(balanced) == pytest.approx(
+        ws_theory.printed_eq19_bound(balanced), rel=1e-12)
+    assert ws_theory.printed_eq19(a) < ws_theory.printed_eq19_bound(a)
+    # the bound itself: the squared Frobenius norm less (sum)^2 / I^2
+    assert ws_theory.printed_eq19_bound(balanced) == pytest.approx(
+        np.sum(centred**2), rel=1e-12)  # ||c + 0.7||^2 = ||c||^2 + 0.49 I^2, sum = 0.7 I^2
+
+
+def test_printed_eq14_is_the_formula_as_printed():
+    """With W^ centred, <1, W^> = 0 and the term vanishes, so only a W^ that is not centred shows
+    the transcription: (1 / (I sigma^2)) (<1, g^> - (1/I) <W^, g^> <1, W^>)^2."""
+    from refnorm.errata import ws_theory
+
+    rng = np.random.default_rng(1)
+    w_hat, g, sigma = rng.standard_normal(5) + 0.5, rng.standard_normal(5), 0.7
+    I = 5
+    expected = (g.sum() - np.dot(w_hat, g) * w_hat.sum() / I) ** 2 / (I * sigma**2)
+    assert ws_theory.printed_eq14(w_hat, g, sigma) == pytest.approx(expected, rel=1e-13)

@@ -180,3 +180,37 @@ def test_a_synchronized_layer_makes_three_all_reduces_of_the_documented_size(lay
 
     for calls, count in InProcessGroup.run(2, device, timeout=GROUP_TIMEOUT_S):
         assert (calls, count) == (3, values(C))
+
+
+def test_every_device_gets_its_own_copy_of_the_sums():
+    """The devices shared one result array, so a device updating its sums in place (``g *= lr``)
+    changed every other device's; with one device the result was the caller's own input array."""
+    def device(comm, a):
+        (out,) = comm.allreduce_sum([a])
+        comm.allreduce_sum([])  # every device holds its sums
+        if comm.rank == 0:
+            out *= 0.0  # in place, as an optimizer does
+        comm.allreduce_sum([])  # rank 0 has written
+        return a, out
+
+    parts = [np.ones(2), np.full(2, 2.0)]
+    (_, zeroed), (_, kept) = InProcessGroup.run(2, device, [p.copy() for p in parts],
+                                                timeout=GROUP_TIMEOUT_S)
+    np.testing.assert_array_equal(zeroed, [0.0, 0.0])
+    np.testing.assert_array_equal(kept, parts[0] + parts[1])
+    ((given, out),) = InProcessGroup.run(1, device, [np.ones(2)], timeout=GROUP_TIMEOUT_S)
+    assert not np.shares_memory(given, out)
+    np.testing.assert_array_equal(given, [1.0, 1.0])  # the caller's array is left alone
+
+
+def test_ranks_passing_different_dtypes_fail_on_every_rank():
+    """A float32 rank and a float64 rank were summed into float64 on both, silently."""
+    def device(comm):
+        dtype = np.float32 if comm.rank == 0 else np.float64
+        comm.allreduce_sum([np.ones(3, dtype)], op="probe")
+
+    with pytest.raises(ValueError) as info:
+        InProcessGroup.run(2, device, timeout=GROUP_TIMEOUT_S)
+    message = str(info.value)
+    assert "ranks passed different arrays (shapes, dtypes)" in message
+    assert "arrays [(3,) float32]" in message and "arrays [(3,) float64]" in message

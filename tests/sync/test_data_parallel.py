@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 
 import refnorm
 from refnorm.sync import InProcessGroup, SingleProcess, allreduce_gradients
 from tests.sync.helpers import split
+
+GROUP_TIMEOUT_S = 5.0  # as tests/sync/test_comm.py: groups that end at once end in ms
 
 
 def test_data_parallel_step_keeps_parameters_identical_and_equal_to_one_device():
@@ -56,3 +59,21 @@ def test_default_weight_is_the_mean_over_devices():
     for grads in InProcessGroup.run(2, device, [1.0, 3.0]):
         np.testing.assert_allclose(grads["gamma"], [2.0])
         np.testing.assert_allclose(grads["beta"], [4.0])
+
+
+@pytest.mark.parametrize("weights", [(0.25, 0.75), (0.0, 1.0)])
+def test_each_device_weight_applies_to_its_own_gradients(weights):
+    """The result is sum_p w_p g_p, the same on every device: each weight applies to its own
+    device's gradients before the sum, and a weight of 0 (an empty shard) stays 0."""
+    values = (1.0, 3.0)
+
+    def device(comm, value, weight):
+        layer = refnorm.build("bn", 1, dtype=np.float64)
+        layer.grads = {"gamma": np.array([value]), "beta": np.array([2 * value])}
+        allreduce_gradients([layer], comm, weight=weight)
+        return layer.grads
+
+    expected = sum(w * v for w, v in zip(weights, values, strict=True))
+    for grads in InProcessGroup.run(2, device, values, weights, timeout=GROUP_TIMEOUT_S):
+        np.testing.assert_allclose(grads["gamma"], [expected], rtol=1e-15)
+        np.testing.assert_allclose(grads["beta"], [2 * expected], rtol=1e-15)

@@ -4,12 +4,16 @@ wire form, each rank's record of its calls, layer labels; and the watchdog's lim
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 
 from refnorm.sync.comm import DEFAULT_TIMEOUT, TIMEOUT_ENV, timeout_seconds
 from refnorm.sync.headers import (
     HEADER_BYTES,
+    LEAVE,
     CallHeader,
     CallLog,
     check_headers,
@@ -101,3 +105,39 @@ def test_watchdog_limit_from_argument_environment_or_default(monkeypatch):
     for bad in (0, -1.0, float("inf"), float("nan"), True):
         with pytest.raises(ValueError, match="timeout must be a positive, finite number"):
             timeout_seconds(bad)
+
+
+def _wire_header(rank, layer="syncbn#0", shapes=((3,),)):
+    arrays = tuple((s, "float64") for s in shapes)
+    return CallHeader(rank, "collective", 1, "syncbn forward (count, sum)", layer, 1, arrays)
+
+
+def test_a_header_of_exactly_the_wire_size_crosses_whole():
+    """A header of exactly HEADER_BYTES was shrunk to a digest although it fits."""
+    short = len(json.dumps(asdict(_wire_header(0, layer=""))).encode())
+    header = _wire_header(0, layer="x" * (HEADER_BYTES - short))  # ASCII: one byte per character
+    assert len(json.dumps(asdict(header)).encode()) == HEADER_BYTES
+    data = header.to_bytes()
+    assert CallHeader.from_bytes(data + b"\0" * (HEADER_BYTES - len(data))) == header
+
+
+def test_a_leave_header_with_a_long_status_still_crosses_the_wire():
+    """A rank leaving with a long status (a long exception message) sent cut JSON, and every peer
+    crashed decoding it."""
+    header = CallLog(1).leave("raised ValueError: " + "x" * 10_000)
+    data = header.to_bytes()
+    assert len(data) <= HEADER_BYTES
+    back = CallHeader.from_bytes(data + b"\0" * (HEADER_BYTES - len(data)))
+    assert (back.rank, back.kind) == (1, LEAVE)
+    assert back.detail.startswith("left (raised ValueError: xxx")
+    assert check_headers([back, CallLog(0).leave("done")]) is None
+
+
+def test_steps_are_counted_per_layer_not_per_operation():
+    """Two layers of one kind shared a step count, so messages named the second layer's first call
+    "step 2"."""
+    log, a = CallLog(0), np.ones(3)
+    op = "syncbn forward (count, sum)"
+    first = [log.enter([a], op, "syncbn#0"), log.enter([a], op, "syncbn#1")]
+    second = [log.enter([a], op, "syncbn#0"), log.enter([a], op, "syncbn#1")]
+    assert [h.step for h in first] == [1, 1] and [h.step for h in second] == [2, 2]

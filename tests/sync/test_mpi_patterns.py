@@ -4,6 +4,9 @@ the leave protocol and the watchdog, all but ``mixed-modes-dp`` ran until killed
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
 from tests.sync.mpi import run_two
@@ -12,6 +15,7 @@ from tests.sync.mpi import run_two
 # 2-core machine (milliseconds), short enough that the one pattern only it can end (a stuck
 # rank) ends well inside ENDS_WITHIN_S.
 WATCHDOG_S = "3"
+WATCHDOG = {"REFNORM_SYNC_TIMEOUT": "20"}  # jobs that end on their own, far below it
 # "Does not hang": these jobs end in about a second (start-up, 0.5 s for the last message to
 # reach mpiexec), the stuck one in about WATCHDOG_S + 1 s; 15 s is far above both and far
 # below the 60 s default watchdog, so a pass cannot come from the default limit.
@@ -73,3 +77,67 @@ def test_matched_ranks_finish_cleanly():
                   "print('done', comm.rank)", env={"REFNORM_SYNC_TIMEOUT": WATCHDOG_S})
     assert job.returncode == 0, job.stderr
     assert job.stdout.count("done") == 2, job.stdout  # ranks' lines may interleave
+
+
+def test_mpi_sums_come_back_in_each_array_own_dtype(tmp_path):
+    """Float32 arrays come back float32 under MPI, as in-process (they came back float64).
+    (Each rank writes a file of its own: the ranks' stdout lines interleave.)"""
+    job = run_two("-c", "import json, sys\nimport numpy as np\n"
+                  "from refnorm.sync import MPICommunicator\n"
+                  "with MPICommunicator() as comm:\n"
+                  "    a, b = comm.allreduce_sum([np.full(3, comm.rank + 0.5, np.float32),\n"
+                  "                               np.arange(2.0)])\n"
+                  "with open(f'{sys.argv[1]}/{comm.rank}.json', 'w') as f:\n"
+                  "    json.dump([str(a.dtype), str(b.dtype), a.tolist(), b.tolist()], f)\n",
+                  str(tmp_path), env=WATCHDOG)
+    assert job.returncode == 0, job.stderr
+    a = sum(np.full(3, r + 0.5, np.float32) for r in range(2))
+    b = 2 * np.arange(2.0)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got == [str(a.dtype), str(b.dtype), a.tolist(), b.tolist()], (rank, got)
+
+
+def test_sys_exit_0_inside_the_with_block_is_a_clean_end():
+    """A script that ends with ``sys.exit(0)`` inside ``with MPICommunicator()`` aborted the job."""
+    job = run_two("-c", "import sys\nimport numpy as np\n"
+                  "from refnorm.sync import MPICommunicator\n"
+                  "with MPICommunicator() as comm:\n"
+                  "    comm.allreduce_sum([np.ones(1)])\n"
+                  "    print('summed', flush=True)\n"
+                  "    sys.exit(0)\n", env=WATCHDOG)
+    assert job.returncode == 0, job.stderr
+    assert job.stdout.count("summed") == 2 and "aborting" not in job.stderr
+
+
+def test_a_rank_that_catches_the_error_is_still_ended_by_the_one_that_left():
+    """The rank that left exited cleanly, and the rank that caught the ValueError and went on (here:
+    work of its own that never ends) kept the job alive until it was killed."""
+    job = run_two("-c", "import threading\nimport numpy as np\n"
+                  "from refnorm.sync import MPICommunicator\n"
+                  "with MPICommunicator() as comm:\n"
+                  "    if comm.rank == 0:\n"
+                  "        try:\n"
+                  "            comm.allreduce_sum([np.ones(1)], op='probe')\n"
+                  "        except ValueError:\n"
+                  "            pass\n"
+                  "        threading.Event().wait()\n", env={"REFNORM_SYNC_TIMEOUT": "60"})
+    assert job.returncode != 0
+    assert ("[rank 1] refnorm.sync: rank 1 left while rank 0 entered a collective that can "
+            "never complete") in job.stderr, job.stderr
+    assert "rank 0 entered collective #1: probe, step 1" in job.stderr
+
+
+def test_a_rank_that_exits_with_a_status_ends_the_job_with_one_line():
+    """sys.exit(3) inside the with-block: the job ends, and the rank says why once, with its
+    rank label once (the label was doubled: "[rank 1] [rank 1] refnorm.sync: ...")."""
+    job = run_two("-c", "import sys\nimport numpy as np\n"
+                  "from refnorm.sync import MPICommunicator\n"
+                  "with MPICommunicator() as comm:\n"
+                  "    if comm.rank == 1:\n"
+                  "        sys.exit(3)\n"
+                  "    comm.allreduce_sum([np.ones(1)], op='probe')\n", env=WATCHDOG)
+    assert job.returncode != 0
+    lines = [line for line in job.stderr.splitlines() if "refnorm.sync: rank 1" in line]
+    assert lines and lines[0].startswith("[rank 1] refnorm.sync: rank 1 left (sys.exit(3))"), (
+        job.stderr)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 
 from refnorm.train import finite
 
@@ -41,3 +44,32 @@ def test_non_finite_pickles_with_its_fields():
     back = pickle.loads(pickle.dumps(e))
     assert type(back) is finite.NonFinite and str(back) == str(e)
     assert (back.what, back.value, back.where, back.kept) == (e.what, e.value, e.where, e.kept)
+
+
+def test_the_value_named_is_the_first_non_finite_one():
+    """The last non-finite value was reported."""
+    from refnorm.train.finite import NonFinite, check_finite
+
+    a = np.array([1.0, -np.inf, 2.0, np.nan, np.inf])
+    first = next(v for v in a.tolist() if not math.isfinite(v))
+    with pytest.raises(NonFinite, match=rf"^a became {first}") as info:
+        check_finite(iter([("a", a)]))
+    assert info.value.value == first
+
+
+def test_a_non_finite_momentum_is_named_as_the_momentum(tiny_data):
+    """An infinite momentum is named as the momentum of its parameter."""
+    from refnorm.train.config import TrainConfig
+    from refnorm.train.finite import NonFinite, check_finite, named_arrays
+    from refnorm.train.loop import build_model
+    from refnorm.train.optim import SGD
+    from tests.train.conftest import TINY
+
+    model = build_model(TrainConfig(**TINY), tiny_data)
+    opt = SGD(model, lr=0.1, momentum=0.9)
+    key, layer, name = next(iter(model.named_params()))
+    opt.velocity[key] = np.full_like(opt.velocity[key], np.inf)
+    index = int(key.split("/")[0])
+    with pytest.raises(NonFinite, match=rf"^layer {index} \({type(layer).__name__}\) "
+                                        rf"momentum of {name} became inf"):
+        check_finite(named_arrays(model, opt))

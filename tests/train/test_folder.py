@@ -280,3 +280,36 @@ def test_a_failed_rename_leaves_the_old_file_and_no_temporary(tmp_path, monkeypa
         folder.atomic_write(path, lambda f: f.write(b"new"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
     assert path.read_bytes() == b"old"
+
+
+_HOLD = ("import sys\nfrom pathlib import Path\nfrom refnorm.train.folder import FolderLock\n"
+         "with FolderLock(Path(sys.argv[1])):\n"
+         "    print('locked', flush=True)\n"
+         "    sys.stdin.read()\n")
+
+
+def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
+    """A run whose lock file had been removed and retaken by another run removed that run's lock."""
+    first = FolderLock(tmp_path).__enter__()
+    (tmp_path / LOCK).unlink()  # removed behind the holder's back (a user cleaning up)
+    other = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "locked\n"
+        first.release()
+        assert (tmp_path / LOCK).read_text() == f"{other.pid}\n"
+        with pytest.raises(FolderBusy, match=rf"pid {other.pid};"):
+            FolderLock(tmp_path).__enter__()
+    finally:
+        other.communicate(input="", timeout=60)
+    assert other.returncode == 0 and not (tmp_path / LOCK).exists()
+
+
+def test_a_stale_lock_with_a_longer_line_is_rewritten_whole(tmp_path):
+    """Taking over a stale lock whose line was longer than this pid's left the old line's tail in
+    the file."""
+    (tmp_path / LOCK).write_text("40000000000\n")  # no process holds its flock: stale
+    notices = []
+    with FolderLock(tmp_path, notice=notices.append):
+        assert (tmp_path / LOCK).read_text() == f"{os.getpid()}\n"
+    assert len(notices) == 1 and "pid 40000000000" in notices[0]

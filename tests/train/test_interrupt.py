@@ -367,3 +367,41 @@ def test_signals_put_the_previous_handlers_back():
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_every_signal_is_counted_and_only_the_first_kept():
+    """Three signals in a deferred section: all three counted, the first one kept."""
+    from refnorm.train.interrupt import Signals
+
+    with Signals() as signals:
+        assert signals.installed
+        with signals.deferred():
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        assert (signals.received, signals.count) == (signal.SIGTERM, 3)
+
+
+def test_a_deferred_section_that_raised_defers_no_more():
+    """After a deferred section ended with an exception, every later signal was deferred too, so a
+    blocking read outside any step could no longer be interrupted."""
+    from refnorm.train.interrupt import Interrupted, Signals
+
+    with Signals() as signals:
+        with pytest.raises(ValueError, match="a failed write"), signals.deferred():
+            raise ValueError("a failed write")
+        with pytest.raises(Interrupted) as info:
+            signal.raise_signal(signal.SIGINT)
+        assert info.value.signum == signal.SIGINT
+
+
+def test_signals_after_ignore_until_exit_do_not_end_the_process():
+    """A signal while the command exits with its status killed the process instead (status -15, not
+    143)."""
+    code = ("import os, signal, sys\nfrom refnorm.train.interrupt import Signals\n"
+            "signals = Signals().__enter__()\nsignals.ignore_until_exit()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\nos.kill(os.getpid(), signal.SIGINT)\n"
+            "print('exiting', flush=True)\nsys.exit(143)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 143 and done.stdout == "exiting\n", done.stderr

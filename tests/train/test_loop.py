@@ -470,3 +470,17 @@ def test_data_dependent_init_sees_one_update_however_it_is_split():
     assert not np.all(gains[8, 2] == 1)
     np.testing.assert_array_equal(gains[8, 2], gains[16, 1])
     assert not np.array_equal(gains[8, 2], gains[8, 1])
+
+
+def test_running_totals_add_field_by_field():
+    """The running sample count took the other step's correct count, so an epoch's train_loss and
+    train_acc_running were divided by the wrong count. Three steps by hand: loss sums 6.0, 3.5, 1.5
+    over 4, 4 and 2 samples, of which 3, 1 and 2 correct."""
+    from refnorm.train.position import Totals
+
+    steps = [Totals(6.0, 3, 4), Totals(3.5, 1, 4), Totals(1.5, 2, 2)]
+    total = Totals()
+    for step in steps:
+        total = total + step
+    assert total == Totals(11.0, 6, 10)
+    assert (total.mean_loss(), total.accuracy()) == (1.1, 0.6)

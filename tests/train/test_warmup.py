@@ -68,3 +68,38 @@ def test_each_group_count_is_a_model_of_its_own(monkeypatch):
     configs = [TrainConfig(data="digits", norm="gn", num_groups=g) for g in (2, 4, 2)]
     assert warmup.warm_kernels(configs) == 2
     assert warmed == [2, 4]
+
+
+def _record_warmups(monkeypatch):
+    from refnorm import dispatch
+    from refnorm.kernels import norms
+    from refnorm.train import warmup
+
+    monkeypatch.setattr(dispatch, "_chosen", "fast")
+    monkeypatch.setattr(norms, "cold_kernels", lambda module=None: ["k"] * 100)
+    warmed = []
+    monkeypatch.setattr(warmup, "_step_and_evaluate",
+                        lambda config, sample, classes: warmed.append(config))
+    return warmup, warmed
+
+
+def test_each_batch_size_is_a_model_of_its_own(monkeypatch):
+    """Kernels specialize on the batch (BN's whole channels up to 4 samples, memory-order tasks
+    beyond), so runs that differ only in batch size are warmed separately."""
+    from refnorm.train.config import TrainConfig
+
+    warmup, warmed = _record_warmups(monkeypatch)
+    configs = [TrainConfig(data="digits", norm="bn", batch_size=b) for b in (4, 32, 4)]
+    assert warmup.warm_kernels(configs) == 2
+    assert [c.batch_size for c in warmed] == [4, 32]
+
+
+def test_gpu_runs_are_not_warmed_on_the_cpu(monkeypatch):
+    """A GPU run's model was trained for a step on the CPU for nothing."""
+    from refnorm.train.config import TrainConfig
+
+    warmup, warmed = _record_warmups(monkeypatch)
+    configs = [TrainConfig(data="digits", norm="bn", device="gpu"),
+               TrainConfig(data="digits", norm="gn", device="cpu")]
+    assert warmup.warm_kernels(configs) == 1
+    assert [(c.norm, c.device) for c in warmed] == [("gn", "cpu")]
