@@ -402,7 +402,7 @@ def _merge_moments(mu_in: Any, var_in: Any, axis: int, *, mistake: str) -> Any:
     between = ((mu_in - mu) ** 2).sum(axis=axis, keepdims=True)
     if mistake == "sums":
         return mu, var_in.sum(axis=axis, keepdims=True) + between
-    if mistake == "one_pass":  # the printed Eq. (4): E[h^2] - mu^2, in the data's dtype
+    if mistake == "one_pass":  # E[h^2] - mu^2 as SN prints it, in the data's dtype
         return mu, (var_in + mu_in * mu_in).mean(axis=axis, keepdims=True) - mu * mu
     return mu, within + between / (k - 1 if mistake == "between_unbiased" else k)
 
