@@ -734,13 +734,13 @@ def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *, bn: tuple | None
     mu, var = {"in": mu_in}, {"in": var_in}
     offset = {"in": (mu_in - shift) + lost_in}
     computed = (("ln", 1), ("bn", 0)) if bn is None else (("ln", 1),)   # given BN: not computed
-    for scope, axis in computed:                                 # law of total variance
-        mu[scope] = xp.mean(mu_in, axis=axis, keepdims=True)
-        lost = (xp.mean(mu_in - mu[scope], axis=axis, keepdims=True)
-                + xp.mean(lost_in, axis=axis, keepdims=True))
-        offset[scope] = (mu[scope] - shift) + lost
-        between = offset["in"] - offset[scope]                   # mu_in - mu_k
-        with np.errstate(over="ignore"):  # the callers refuse an overflowing variance
+    with np.errstate(over="ignore"):  # the callers refuse an overflowing variance
+        for scope, axis in computed:                             # law of total variance
+            mu[scope] = xp.mean(mu_in, axis=axis, keepdims=True)
+            lost = (xp.mean(mu_in - mu[scope], axis=axis, keepdims=True)
+                    + xp.mean(lost_in, axis=axis, keepdims=True))
+            offset[scope] = (mu[scope] - shift) + lost
+            between = offset["in"] - offset[scope]               # mu_in - mu_k
             var[scope] = (xp.mean(var_in, axis=axis, keepdims=True)
                           + xp.mean(between * between, axis=axis, keepdims=True))
     if factors is not None:
