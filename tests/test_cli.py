@@ -738,3 +738,71 @@ def test_conform_finds_a_module_in_the_current_folder(tmp_path):
     done = subprocess.run([command, "conform", "mylayers:make_bn", "--method", "bn"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "matches refnorm" in done.stdout, done.stderr
+
+
+# -- proposed (mutation run 9)
+
+
+def test_train_takes_no_weight_decay(tmp_path, monkeypatch):
+    """--weight-decay 0 (no decay) is a valid value (the option is a number >= 0): it is passed
+    on as 0, not refused as a learning rate of 0 is."""
+    import refnorm.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_train", lambda config, *a, **k: seen.setdefault("c", config) and 0)
+    assert main(["train", "--weight-decay", "0", "--out", str(tmp_path)]) == 0
+    assert seen["c"].weight_decay == 0.0
+
+
+def test_train_writes_into_the_folder_its_help_names(tmp_path, monkeypatch, capsys):
+    """Without --out, a run's files land in the folder that `refnorm train --help` gives as
+    --out's default, relative to the current folder."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    default = re.search(r"--out OUT output directory \(default (\S+?)\)", text)
+    assert default, text
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--epochs", "1", "--batch-size", "64"]) == 0
+    assert (tmp_path / default.group(1) / CHECKPOINT).is_file()
+    assert (tmp_path / default.group(1) / "metrics.json").is_file()
+
+
+def test_cli_study_passes_its_compute_options_on(tmp_path, capsys, monkeypatch):
+    """--launcher, --dtype and --data arrive in the study's grid, and --path is the process's
+    choice (the workers inherit it) by the time the study starts."""
+    import refnorm.train.study as study_module
+    from refnorm import dispatch
+
+    monkeypatch.setenv("REFNORM_PATH", "fast")
+    seen = {}
+
+    def fake_run_study(study, out, *, jobs, log):
+        seen.update(study=study, path=dispatch.process_choice())
+        return Path(out) / "report.md"
+
+    monkeypatch.setattr(study_module, "run_study", fake_run_study)
+    data = f"mnist:{tmp_path / 'idx'}"
+    assert main(["study", "--quick", "--launcher", "mpi", "--dtype", "float64", "--data", data,
+                 "--path", "reference", "--out", str(tmp_path / "s")]) == 0
+    study = seen["study"]
+    assert study.launcher == "mpi"
+    assert study.dtype == "float64"
+    assert study.data == data
+    assert seen["path"] == "reference"
+
+
+def test_device_auto_without_a_gpu_trains_on_the_cpu(tmp_path, monkeypatch):
+    """--device auto takes the GPU only when there is one: without one the run goes on, on the
+    CPU (only --device gpu is refused)."""
+    import refnorm.cli as cli
+    from refnorm.backend import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is here: auto takes it")
+    seen = {}
+    monkeypatch.setattr(cli, "_train", lambda config, *a, **k: seen.setdefault("c", config) and 0)
+    assert main(["train", "--device", "auto", "--out", str(tmp_path)]) == 0
+    assert seen["c"].device == "cpu"

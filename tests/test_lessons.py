@@ -615,3 +615,79 @@ def test_the_catalogued_mistakes_compute_what_they_name():
     assert _equivalent_eps(eps, s, mistake="over_s") == pytest.approx(eps / s)
     assert _equivalent_eps(eps, s, mistake="times_s2") == pytest.approx(eps * s**2)
     assert _equivalent_eps(eps, s, mistake="unchanged") == eps
+
+
+# -- proposed (mutation run 9)
+
+
+def test_a_nested_begin_is_refused():
+    """A second '# BEGIN SOLUTION' before the first block's END is a malformed cell, refused
+    by name (it would otherwise leave two raises and part of the solution in the blank)."""
+    nested = ("# Exercise 9.5: f\ndef f():\n    # BEGIN SOLUTION\n    x = 1\n"
+              "    # BEGIN SOLUTION\n    return x\n    # END SOLUTION")
+    with pytest.raises(lessons.LessonFormatError, match="nested"):
+        lessons.blank_solution(nested)
+
+
+def test_a_task_with_quotes_and_backslashes_is_raised_as_written():
+    """The blank's NotImplementedError carries the task exactly, whatever characters it has
+    (quotes, a backslash): the blanked cell stays valid Python."""
+    task = 'return "twice" x, as in C:\\temp\\x'
+    solved = SOLVED.replace("write double", task)
+    namespace: dict = {}
+    exec(lessons.blank_solution(solved), namespace)
+    with pytest.raises(NotImplementedError) as info:
+        namespace["double"](3)
+    assert str(info.value) == f"exercise 9.1: {task}"
+
+
+def _notebook(*cells: dict) -> dict:
+    return {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": list(cells)}
+
+
+_EXERCISE = {"cell_type": "code", "execution_count": None, "metadata": {"tags": ["solution"]},
+             "outputs": [], "source": "# Exercise 9.1: one\ndef f():\n    # BEGIN SOLUTION\n"
+                                      "    return 1\n    # END SOLUTION\n"}
+
+
+def test_student_copy_clears_the_outputs_of_every_code_cell(tmp_path):
+    """Outputs of an executed lesson are cleared in every code cell, not only in the exercises'
+    (a plot or a printed answer after an exercise would give it away)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shown = {"cell_type": "code", "execution_count": 2, "metadata": {},
+             "outputs": [{"output_type": "stream", "name": "stdout", "text": "1\n"}],
+             "source": "print(f())"}
+    (src / "09_x.ipynb").write_text(json.dumps(_notebook(_EXERCISE, shown)), encoding="utf-8")
+    lessons.write_student_copies(tmp_path / "dest", src)
+    cells = json.loads((tmp_path / "dest" / "09_x.ipynb").read_text(encoding="utf-8"))["cells"]
+    assert [c["outputs"] for c in cells] == [[], []]
+
+
+def test_a_refused_student_copy_writes_nothing(tmp_path, capsys):
+    """When one notebook in DIR holds a student's edits, the command refuses before writing any
+    copy: a lesson missing from DIR is not written either."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    for name in ("09_a.ipynb", "09_b.ipynb"):
+        (src / name).write_text(json.dumps(_notebook(_EXERCISE)), encoding="utf-8")
+    assert lessons.main(["--student", str(dest), "--source", str(src)]) == 0
+    (dest / "09_a.ipynb").unlink()
+    edited = dest / "09_b.ipynb"
+    edited.write_text(edited.read_text(encoding="utf-8").replace("raise", "return 1 #"),
+                      encoding="utf-8")
+    capsys.readouterr()
+    assert lessons.main(["--student", str(dest), "--source", str(src)]) == 2
+    assert "09_b.ipynb differs from the blank student copy" in capsys.readouterr().err
+    assert sorted(p.name for p in dest.iterdir()) == ["09_b.ipynb"]
+
+
+def test_student_copy_below_a_file_names_the_file(tmp_path, capsys):
+    """DIR under a file (afile/below): the one sentence names the file that stands in the
+    way, as for DIR itself a file."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    assert lessons.main(["--student", str(a_file / "below")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"refnorm lessons: error: {a_file} is a file; --student needs a folder to write the "
+        "copies into")

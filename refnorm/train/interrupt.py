@@ -54,6 +54,9 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal_name(signum))
         self.signum = int(signum)
 
+    def __reduce__(self) -> tuple[type, tuple[int]]:  # from a study's worker process, whole
+        return (type(self), (self.signum,))
+
 
 class Signals:
     """SIGINT and SIGTERM for a run: deferred inside :meth:`deferred`, raised elsewhere.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +37,8 @@ import numpy as np
 from refnorm.dispatch import process_choice, set_path
 from refnorm.norms.switchable_norm import SCOPES
 from refnorm.train.config import TrainConfig
+from refnorm.train.folder import atomic_write
+from refnorm.train.interrupt import Interrupted
 from refnorm.train.loop import train
 from refnorm.train.warmup import warm_kernels
 
@@ -123,8 +126,8 @@ def _run(config: TrainConfig, launcher: str = "inprocess") -> dict[str, Any]:
         history = run_under_mpiexec(config)
     else:
         result = train(config, progress=False)
-        if result.interrupted:  # Ctrl-C stops the study, not only this run
-            raise KeyboardInterrupt
+        if result.interrupted:  # the signal stops the study, not only this run, with its status
+            raise Interrupted(result.signal or signal.SIGINT)
         history = result.history
     return {"config": dataclasses.asdict(config), "history": history,
             "seconds": time.perf_counter() - started}
@@ -212,7 +215,8 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
     elapsed = time.perf_counter() - started
     import json
 
-    (out / "runs.json").write_text(json.dumps(runs, indent=1))
+    text = json.dumps(runs, indent=1)
+    atomic_write(out / "runs.json", lambda f: f.write(text.encode()))
     write_report(study, runs, out, elapsed)
     return out / "report.md"
 
@@ -527,7 +531,8 @@ def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float
     if ("wn", large) in cells and ("bn", large) in cells:
         plot_wn_vs_bn(study, cells, out / "wn_vs_bn.png")
         lines += ["![WN vs BN, train and test accuracy](wn_vs_bn.png)", ""]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    report = "\n".join(lines) + "\n"
+    atomic_write(out / "report.md", lambda f: f.write(report.encode()))
 
 
 def _plt():
@@ -555,7 +560,7 @@ def plot_accuracy(study, cells, path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -578,7 +583,7 @@ def plot_sn_ratios(study, cells, path) -> None:
                          fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -598,5 +603,5 @@ def plot_wn_vs_bn(study, cells, path) -> None:
     ax.set_title(f"{study.setting(b)} (#devices, #samples per device), seed {study.seeds[0]}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

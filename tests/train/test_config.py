@@ -47,3 +47,24 @@ def test_bad_configuration():
     with pytest.raises(ValueError, match=r"one update needs batch_size \* accumulation = 4096"):
         train(config(batch_size=64, accumulation=64), progress=False)
 
+
+
+# -- proposed (mutation run 9)
+
+
+def test_describe_names_the_weight_method():
+    """A run's one-line description (the 'resuming ...' line) names its method as the study
+    does, gn+ws for GN with weight standardization."""
+    text = TrainConfig(norm="gn", weight="ws", batch_size=2, accumulation=16).describe()
+    assert text.startswith("gn+ws batch 2 x 16 accumulation"), text
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"lr": 0.0}, r"lr must be a finite number > 0; got 0.0"),
+    ({"widths": (8, 0)}, r"every width must be an int >= 1; got 0"),
+])
+def test_config_refuses_a_zero_rate_or_width(changes, message):
+    """A learning rate of 0 (nothing would train) and a layer of no channels are refused by the
+    configuration itself, not only by the command line."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)

@@ -405,3 +405,95 @@ def test_signals_after_ignore_until_exit_do_not_end_the_process():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 143 and done.stdout == "exiting\n", done.stderr
+
+
+# -- proposed (mutation run 9)
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_command_imports_gives_its_own_status(tmp_path, signum, status):
+    """A signal that lands outside any command's own handling (here: while refnorm.cli and
+    numpy are imported) ends the command with 128 + its number: 143 for SIGTERM, not Ctrl-C's
+    130."""
+    proc = _Process([sys.executable, "-c", _EARLY, "import", "gradcheck", "bn"],
+                    stdin=subprocess.PIPE)
+    proc.wait_for("importing")
+    proc.proc.send_signal(signum)
+    code, err = proc.finish()
+    assert code == status, err
+    assert "Traceback" not in err
+
+
+# Runs the command with the interpreter's exit held open: after the command has returned its
+# status, an exit handler says "exiting" and waits for stdin to close.
+_EXITING = """
+import atexit
+import sys
+
+def held():
+    print("exiting", file=sys.stderr, flush=True)
+    sys.stdin.read()
+
+atexit.register(held)
+from refnorm.__main__ import entry
+entry()
+"""
+
+
+def test_a_signal_while_the_command_exits_keeps_its_status_quietly():
+    """A signal that arrives after the command finished, while the interpreter exits, is
+    ignored: the status stays the command's (0) and nothing (no traceback) is printed."""
+    proc = _Process([sys.executable, "-c", _EXITING, "gradcheck", "in"], stdin=subprocess.PIPE)
+    proc.wait_for("exiting")
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.stdin is not None
+    proc.proc.stdin.close()
+    code, err = proc.finish()
+    assert code == 0 and err == "exiting\n", err
+
+
+# Runs `refnorm study` with its second run held at its first step boundary: the hook says
+# "holding run 2" and waits for stdin to close, so the test can send a signal into the middle
+# of a run (a signal that lands while a run loads its data is a different path).
+_STUDY_HELD = """
+import sys
+from refnorm.train import study
+from refnorm.__main__ import entry
+
+original = study.train
+started = []
+
+def held(config, **kwargs):
+    started.append(config)
+    holding = len(started) == 2
+
+    def hold(epoch, step, model):
+        if holding and step == 1:
+            print("holding run 2", file=sys.stderr, flush=True)
+            sys.stdin.read()
+
+    return original(config, on_step=hold, **kwargs)
+
+study.train = held
+entry()
+"""
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_study_stopped_by_a_signal_writes_no_report(tmp_path, signum, status):
+    """A signal during one of a study's runs stops the whole study, not only that run: the
+    command says no report was written, writes none, and exits with 128 + the signal (a
+    SIGTERM reached the study as a plain KeyboardInterrupt, and the study exited 130)."""
+    out = tmp_path / "study"
+    proc = _Process([sys.executable, "-c", _STUDY_HELD, "study", "--methods", "bn",
+                     "--batch-sizes", "32", "--update-size", "32", "--epochs", "1",
+                     "--seeds", "2", "--jobs", "1", "--out", str(out)], stdin=subprocess.PIPE)
+    proc.wait_for("holding run 2")
+    proc.proc.send_signal(signum)
+    assert proc.proc.stdin is not None
+    proc.proc.stdin.close()
+    code, err = proc.finish()
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "refnorm study: interrupted; no report was written"
+    assert not (out / "report.md").exists() and not (out / "runs.json").exists()
+    assert code == status, err

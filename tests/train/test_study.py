@@ -226,3 +226,124 @@ def test_a_report_marks_a_missing_cell_and_reads_one_seed_no_further(tmp_path):
     assert "| gn | — | 75.0 |" in report
     assert "GN trails BN by 20.0 points" in report and "1 seed: not read further" in report
     assert "not worse generalization" not in report
+
+
+# -- proposed (mutation run 9)
+
+
+def test_job_configs_train_every_seed_of_every_cell():
+    """Each (method, setting) is trained once per seed of the grid, with that seed."""
+    study = StudyConfig(methods=("bn", "gn+ws"), batch_sizes=(2, 32), update_size=32, **THREE)
+    seeds: dict = {}
+    for job in job_configs(study):
+        seeds.setdefault((job.norm, job.weight, job.batch_size), []).append(job.seed)
+    assert len(seeds) == 4
+    assert all(sorted(s) == [0, 1, 2] for s in seeds.values()), seeds
+
+
+def test_a_grid_must_not_repeat_a_seed():
+    """Two runs of one seed would be pooled as two seeds (and their differences paired twice)."""
+    with pytest.raises(ValueError, match=r"seeds must not repeat a value; got \(0, 0, 1\)"):
+        StudyConfig(seeds=(0, 0, 1))
+
+
+def test_a_claim_is_judged_on_the_fewest_seeds_of_its_differences():
+    """GN's robustness rests on GN's drop and BN's: with GN run on 2 seeds and BN on 3, the
+    claim has 2 seeds behind it and is not judged."""
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(2, 32), update_size=32, **THREE)
+    cells = _cells({("bn", 32): [0.95, 0.96, 0.95], ("bn", 2): [0.85, 0.86, 0.84],
+                    ("gn", 32): [0.94, 0.94], ("gn", 2): [0.94, 0.95]})
+    found = {c.claim.split(" ")[0]: c for c in claims(study, cells)}
+    assert found["BN"].supported is True
+    assert found["GN"].supported is None
+    assert "2 seeds: not judged" in found["GN"].evidence
+
+
+def test_gn_ws_is_compared_with_bn_at_the_large_setting():
+    """GN+WS at the micro-batch setting must match BN at the large one (WS Fig. 1): 5 points
+    below it in every seed is not supported, however far above BN at micro-batches."""
+    study = StudyConfig(methods=("bn", "gn+ws"), batch_sizes=(2, 32), update_size=32, **THREE)
+    bn = {("bn", 32): [0.95, 0.96, 0.95], ("bn", 2): [0.80, 0.81, 0.80]}
+    below = _cells({**bn, ("gn+ws", 2): [0.90, 0.91, 0.90], ("gn+ws", 32): [0.9, 0.9, 0.9]})
+    assert _verdicts(study, below)["GN+WS"] is False
+    level = _cells({**bn, ("gn+ws", 2): [0.95, 0.95, 0.96], ("gn+ws", 32): [0.9, 0.9, 0.9]})
+    assert _verdicts(study, level)["GN+WS"] is True
+
+
+def _with_bn_ratios(cells, ratios):
+    """``cells`` with SN's learned BN ratios per seed: {batch: [ratio per seed]}."""
+    for b, per_seed in ratios.items():
+        cells[("sn", b)]["ratios"] = [
+            {"sn1_mean_bn": r, "sn1_var_bn": r, "sn1_mean_in": (1 - r) / 2,
+             "sn1_var_in": (1 - r) / 2, "sn1_mean_ln": (1 - r) / 2, "sn1_var_ln": (1 - r) / 2}
+            for r in per_seed]
+    return cells
+
+
+def test_sn_ratios_moving_away_from_bn_at_micro_batches_support_the_claim():
+    """SN Fig. 4: as the batch shrinks the BN share of SN's ratios falls. A share of 0.6 at
+    (1, 32) and 0.3 at (16, 2) supports it; the reverse does not."""
+    study = StudyConfig(methods=("sn",), batch_sizes=(2, 32), update_size=32, **THREE)
+    acc = {("sn", 2): [0.9, 0.9, 0.9], ("sn", 32): [0.9, 0.9, 0.9]}
+    away = _with_bn_ratios(_cells(acc), {32: [0.60, 0.62, 0.61], 2: [0.30, 0.33, 0.31]})
+    assert _verdicts(study, away)["SN's"] is True
+    toward = _with_bn_ratios(_cells(acc), {32: [0.30, 0.33, 0.31], 2: [0.60, 0.62, 0.61]})
+    assert _verdicts(study, toward)["SN's"] is False
+
+
+def test_syncsn_level_with_sn_is_at_least_as_good():
+    """'At least as good' (SN Table 7): SyncSN within noise of SN at micro-batches supports
+    it; only a significant shortfall does not."""
+    study = StudyConfig(methods=("sn", "syncsn"), batch_sizes=(2, 32), update_size=32, **THREE)
+    cells = _cells({("sn", 2): [0.91, 0.91, 0.91], ("sn", 32): [0.92, 0.92, 0.93],
+                    ("syncsn", 2): [0.90, 0.92, 0.91], ("syncsn", 32): [0.92, 0.92, 0.93]})
+    assert _verdicts(study, cells)["SyncSN"] is True
+
+
+def test_syncsn_claim_is_assessed_on_one_setting():
+    """SyncSN against SN compares two methods at one setting: a grid of one batch size can
+    judge it (as it judges the WN claim)."""
+    study = StudyConfig(methods=("sn", "syncsn"), batch_sizes=(32,), update_size=32, **THREE)
+    cells = _cells({("sn", 32): [0.91, 0.92, 0.91], ("syncsn", 32): [0.91, 0.92, 0.91]})
+    found = {c.claim.split(" ")[0]: c for c in claims(study, cells)}
+    assert found["SyncSN"].assessable and found["SyncSN"].supported is True
+
+
+def _one_epoch_run(norm, batch, seed, test, train):
+    return {"config": {"norm": norm, "weight": None, "batch_size": batch, "seed": seed},
+            "history": [{"epoch": 1, "test_acc": test, "train_acc": train}], "seconds": 1.0}
+
+
+def test_report_table_gives_the_sample_standard_deviation(tmp_path):
+    """The table's ± is the sample standard deviation over seeds (ddof 1, as the report says):
+    90, 92 and 94% give 92.0 ± 2.0."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("bn",), batch_sizes=(32,), update_size=32, **THREE)
+    runs = [_one_epoch_run("bn", 32, s, acc, 0.99) for s, acc in enumerate((0.90, 0.92, 0.94))]
+    write_report(study, runs, tmp_path, 1.0)
+    assert "| bn | 92.0 ± 2.0 |" in (tmp_path / "report.md").read_text()
+
+
+def test_report_reads_train_accuracy_from_the_runs(tmp_path):
+    """The report's train accuracies are the runs' last train accuracies, not their test
+    accuracies."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(32,), update_size=32, seeds=(0,))
+    runs = [_one_epoch_run("bn", 32, 0, 0.95, 0.99), _one_epoch_run("gn", 32, 0, 0.75, 0.80)]
+    write_report(study, runs, tmp_path, 1.0)
+    assert "Its train accuracy is 80.0% (BN 99.0%)" in (tmp_path / "report.md").read_text()
+
+
+def test_convergence_note_reads_three_seeds_of_train_accuracy():
+    """GN trailing BN in test accuracy: significantly lower train accuracy means it is still
+    fitting the training set; train accuracy level with BN's means the gap is generalization."""
+    from refnorm.train.study import convergence_note
+
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(32,), update_size=32, **THREE)
+    test = {("bn", 32): [0.95, 0.96, 0.95], ("gn", 32): [0.85, 0.86, 0.85]}
+    slow = _cells(test, train={("bn", 32): [0.99, 0.99, 0.99], ("gn", 32): [0.80, 0.82, 0.81]})
+    assert "still fitting the training set" in convergence_note(study, slow)
+    fits = _cells(test, train={("bn", 32): [0.99, 0.99, 0.99], ("gn", 32): [0.99, 0.98, 0.99]})
+    assert "the gap is in generalization" in convergence_note(study, fits)
