@@ -497,3 +497,15 @@ def test_a_study_stopped_by_a_signal_writes_no_report(tmp_path, signum, status):
     assert err.strip().splitlines()[-1] == "refnorm study: interrupted; no report was written"
     assert not (out / "report.md").exists() and not (out / "runs.json").exists()
     assert code == status, err
+
+
+def test_interrupted_crosses_a_process_boundary_whole():
+    """A study's worker process raises Interrupted for its run's signal; pickled to the
+    parent it keeps its class and signal (it was rebuilt from its message, 'SIGTERM', which is
+    no signal number)."""
+    import pickle
+
+    from refnorm.train.interrupt import Interrupted
+
+    back = pickle.loads(pickle.dumps(Interrupted(signal.SIGTERM)))
+    assert type(back) is Interrupted and back.signum == signal.SIGTERM
