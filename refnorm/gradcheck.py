@@ -95,8 +95,8 @@ class GradError:
     max_rel_error : float
         ``max(max_abs_error - fd_noise, 0) / scale``: the deviation beyond the
         finite-difference noise floor, relative to the gradient's scale. Tolerances are
-        compared with this (0 when the deviation is within the noise; inf when something is
-        not finite, or when a zero gradient deviates beyond the noise).
+        compared with this (0 when the deviation is within the noise; inf when a value is
+        not finite; a deviation implies a nonzero scale, so it is never a ratio over 0).
     max_abs_error : float
         ``max_i |analytic_i - numeric_i|``.
     scale : float
@@ -168,7 +168,7 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray, *,
     excess = max(abs_err - noise, 0.0)
     if excess == 0.0:
         return GradError(0.0, abs_err, scale, noise)
-    return GradError(excess / scale if scale > 0 else math.inf, abs_err, scale, noise)
+    return GradError(excess / scale, abs_err, scale, noise)  # excess > 0: scale >= it > 0
 
 
 def numerical_vjp(

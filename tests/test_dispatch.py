@@ -469,3 +469,51 @@ def test_group_norm_fast_checks_a_new_group_count_after_a_valid_one():
     for path in ("reference", "fast"):
         with pytest.raises(ValueError, match="num_groups must be a positive divisor"):
             group_norm_forward(x, g, b, num_groups=4, path=path)
+
+
+def test_fast_applies_only_when_every_array_qualifies():
+    """fast_applies(*arrays): the kernels run on numpy floating arrays only, so one array of
+    another namespace, or an integer one, among numpy floats rules them out."""
+    xps = pytest.importorskip("array_api_strict")
+    assert not dispatch.fast_applies(np.ones(2), xps.ones(2))
+    assert not dispatch.fast_applies(np.ones(2), np.ones(2, np.int64))
+
+
+def test_a_byte_swapped_input_gives_the_references_result_on_the_fast_path():
+    """A float64 array in non-native byte order is a floating numpy array the kernels were
+    not written for: path='fast' gives the reference's result (to float64 rounding) and
+    records the call as the reference."""
+    x = 5 * np.random.default_rng(0).standard_normal((2, 4, 3, 3)) + 12
+    swapped = x.astype(x.dtype.newbyteorder())
+    g, b = np.ones(4), np.zeros(4)
+    want, _ = refnorm.batch_norm_forward(x, g, b, path="reference")
+    with dispatch.record_paths() as calls:
+        y, _ = refnorm.batch_norm_forward(swapped, g, b, path="fast")
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-12 * float(np.max(np.abs(want))))
+    assert calls == [("batch_norm_forward", "reference")]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_path_fast_runs_the_kernels_on_every_floating_dtype(dtype):
+    """The kernels apply to numpy arrays of a real floating dtype, float16 included:
+    record_paths names the fast path for both calls."""
+    x = (5 * np.random.default_rng(1).standard_normal((2, 4, 3, 3)) + 12).astype(dtype)
+    g, b = np.ones(4, dtype), np.zeros(4, dtype)
+    with dispatch.record_paths() as calls:
+        y, cache = refnorm.batch_norm_forward(x, g, b, path="fast")
+        refnorm.batch_norm_backward(np.ones_like(y), cache, path="fast")
+    assert calls == [("batch_norm_forward", "fast"), ("batch_norm_backward", "fast")]
+
+
+def test_record_paths_blocks_nest_and_the_innermost_receives_the_calls():
+    """record_paths: the calls made inside a block go to its own list; an enclosing block
+    gets only those made outside the inner one."""
+    x, g, b = np.arange(6.0).reshape(2, 3) ** 2, np.ones(3), np.zeros(3)
+    with dispatch.record_paths() as outer:
+        refnorm.batch_norm_forward(x, g, b, path="fast")
+        with dispatch.record_paths() as inner:
+            refnorm.layer_norm_forward(x, g, b, path="fast")
+            refnorm.layer_norm_forward(x, g, b, path="reference")
+        refnorm.batch_norm_forward(x, g, b, path="reference")
+    assert inner == [("layer_norm_forward", "fast"), ("layer_norm_forward", "reference")]
+    assert outer == [("batch_norm_forward", "fast"), ("batch_norm_forward", "reference")]

@@ -9,13 +9,17 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import refnorm
+from refnorm import dispatch, registry
 from refnorm.gradcheck import (
     check_layer,
+    check_registered,
     check_vjp,
     finite_difference_noise,
     numerical_vjp,
     relative_error,
 )
+from refnorm.layer import CheckCase
+from refnorm.norms import BatchNorm
 
 TOLERANCE = 1e-6  # the project's finite-difference tolerance (refnorm gradcheck's default)
 
@@ -254,3 +258,43 @@ def test_check_vjp_takes_its_finite_differences_with_the_given_step():
     err = check_vjp(f, vjp, {"x": np.array([1.0])}, step=0.5)["x"]
     assert err.max_rel_error == pytest.approx(0.25 / 3.25, rel=1e-9)
     assert check_vjp(f, vjp, {"x": np.array([1.0])})["x"].max_rel_error < 1e-6
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_check_layer_runs_the_path_it_is_given(path):
+    """check_layer(path=...) checks the implementation asked for: every dispatched call of
+    its float64 copies takes that path (the fast path applies to numpy float64), and the
+    gradients are right on both."""
+    layer = refnorm.build("gn", 4, num_groups=2, dtype=np.float64)
+    x = 5 * np.random.default_rng(1).standard_normal((2, 4, 3, 3)) + 12
+    with dispatch.record_paths() as calls:
+        errors = check_layer(layer, x, path=path)
+    assert {name for name, _ in calls} == {"group_norm_forward", "group_norm_backward"}
+    assert {p for _, p in calls} == {path}
+    assert max(e.max_rel_error for e in errors.values()) < 1e-6
+
+
+class _WrongEvalBackwardBatchNorm(BatchNorm):
+    """BatchNorm whose backward with running statistics (eval mode) adds a batch-mean term
+    that does not belong there; its training backward is right."""
+
+    check_cases = (CheckCase((4, 2)), CheckCase((4, 2), training=False))
+
+    def _backward(self, dy, cache):
+        dx, grads = super()._backward(dy, cache)
+        if not cache.reduce_axes:                                   # running statistics
+            dx = dx + 0.1 * cache.gamma * cache.rstd.reshape(-1) * np.mean(dy, axis=0)
+        return dx, grads
+
+
+def test_check_registered_checks_each_case_in_its_own_mode(monkeypatch):
+    """A check case with training=False is checked in eval mode: a backward wrong only with
+    running statistics fails there (against central differences of the eval forward, random
+    dy) and passes the training case."""
+    monkeypatch.setattr(registry, "_TABLE",
+                        {**registry._TABLE, "wrong_eval": _WrongEvalBackwardBatchNorm})
+    train, evaluation = check_registered("wrong_eval")
+    assert (train.training, evaluation.training) == (True, False)
+    assert train.errors["x"].max_rel_error < 1e-6
+    assert evaluation.errors["x"].max_rel_error > 1e-3
+    assert evaluation.errors["gamma"].max_rel_error < 1e-6
