@@ -29,7 +29,7 @@ def _float32_backward(dy, x, gamma, beta):
                                beta.astype(F32))
 
 
-# -- as compare ------------------------------------------------------------
+# -- comparing outputs and gradients (refnorm.testing.compare) -------------------------------------
 
 
 def test_a_float16_input_gradient_returned_as_float32_fails():
@@ -81,7 +81,7 @@ def test_a_float16_output_three_spacings_off_fails():
         assert_matches("bn", three_spacings_off, dtype=F16, max_examples=20)
 
 
-# -- as torch ------------------------------------------------------------
+# -- PyTorch layers with their own eps and momentum ------------------------------------------------
 
 
 @pytest.mark.parametrize("eps", [1e-3, 0.1])
@@ -114,7 +114,7 @@ def test_momentum_one_keeps_the_last_batch_and_matches():
         report.match, str(report)
 
 
-# -- as mutants ------------------------------------------------------------
+# -- numpy layers with one convention changed ------------------------------------------------------
 
 
 @pytest.mark.parametrize("flag", [None, "eps_outside"])
@@ -185,7 +185,7 @@ def test_ws_with_eps_inside_the_root_fails_on_the_eps_placement():
     assert_matches("ws", _ws_eps_inside_the_root, eps_mode="sqrt")
 
 
-# -- as axes ------------------------------------------------------------
+# -- interleaved groups (refnorm.testing.axes, reference) ------------------------------------------
 
 
 def test_interleaved_groups_are_standardized_within_their_own_groups():
@@ -208,7 +208,7 @@ def test_group_ids_put_consecutive_channels_in_a_group():
     assert ids.tolist() == [[0, 1, 2, 0, 1, 2]]
 
 
-# -- as strategies ------------------------------------------------------------
+# -- drawn cases (refnorm.testing.strategies) ------------------------------------------------------
 
 
 @given(data=st.data())
@@ -226,7 +226,7 @@ def test_tiny_variance_spreads_a_tenth_of_sqrt_eps(data):
     assert np.all(var <= case.eps / 100 * (1 + 1e-9)), (var, case.eps)
 
 
-# -- as cli ------------------------------------------------------------
+# -- refnorm conform -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("argv", "hinted"), [
