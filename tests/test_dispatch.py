@@ -235,7 +235,7 @@ def test_sn_options_object_is_passed_through_on_both_paths():
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-12, rtol=0)
 
 
-# -- float16 on every fast function (issue 18) ------------------------------------------------
+# -- float16 on every fast function --------------------------------------------------------
 
 
 def _dispatched_functions():
@@ -368,7 +368,7 @@ def test_every_fast_function_runs_on_float16_and_equals_the_reference(names):
                                    rtol=0, err_msg=f"output {i}")
 
 
-# -- every public pure function takes ``path``, or says why not (issue 18) ---------------------
+# -- every public pure function takes ``path``, or says why not -----------------------------
 
 
 def _public_pure_functions():

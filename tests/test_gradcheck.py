@@ -80,10 +80,10 @@ def test_a_correct_backward_with_a_tiny_gradient_passes():
 
 
 def test_switchable_norm_with_a_saturated_softmax_passes():
-    # Issue 9's case: SN over ("ln", "bn") with saturated logits; the ratio gradients are
-    # ~1e-3 of the others and the pure ratio exceeds 1e-6. Issue 9 used (4.5, -3.8), where
+    # A case once reported: SN over ("ln", "bn") with saturated logits; the ratio gradients are
+    # ~1e-3 of the others and the pure ratio exceeds 1e-6. It used (4.5, -3.8), where
     # the raw ratio was 3e-6 partly because S_k summed unshifted means (7e-10 of its own);
-    # with S_k shifted (issue 18) it is 3.3e-7 there, and (5.5, -4.5) gives 7.3e-6, all noise.
+    # with S_k shifted it is 3.3e-7 there, and (5.5, -4.5) gives 7.3e-6, all noise.
     rng = np.random.default_rng(0)
     layer = refnorm.build("sn", 4, scopes=("ln", "bn"), dtype=np.float64)
     layer.params["mean_logits"] = np.array([5.5, -4.5])

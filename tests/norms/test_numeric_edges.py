@@ -1,4 +1,4 @@
-"""Numeric edges say so (issue 12 item 7): eps that underflows, variances that overflow,
+"""Numeric edges say so: eps that underflows, variances that overflow,
 numpy integers and booleans where Python ones are accepted, eps refused at build()."""
 
 from __future__ import annotations

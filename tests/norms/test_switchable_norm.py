@@ -338,7 +338,7 @@ def test_float32_at_a_large_mean_is_as_accurate_as_the_kernels(path, shape, seed
     # control parameters' gradients within the bound of tests/norms/large_mean.py, the BN,
     # IN, LN and GN kernels' error on the same data (measured here) or SN's own error at mean
     # 0, plus one rounding for each of the ratios, mean offsets and variances. (1, 7, 5, 3) is
-    # the case of issue 18, which lost 4 digits at spread 1 and all of them at 1e-3.
+    # the case that lost 4 digits at spread 1 and all of them at 1e-3.
     options = SwitchableOptions()
     x, deviations, params, dy = large_mean.case(shape, np.float32, seed)
     errors = large_mean.sn_error(x, deviations, params, dy, options, path=path)
@@ -350,7 +350,7 @@ def test_float32_at_a_large_mean_is_as_accurate_as_the_kernels(path, shape, seed
 
 @pytest.mark.parametrize("path", ["reference", "fast"])
 def test_float64_at_a_large_mean_is_as_accurate_as_the_kernels(path):
-    # The float64 case of issue 18: (2, 1, 6, 5), in_correction=1, mean 1e4, spread 1e-3,
+    # The float64 case that lost digits: (2, 1, 6, 5), in_correction=1, mean 1e4, spread 1e-3,
     # where S_k summed from the unshifted means lost 5 digits of the mean ratios' gradient
     # (relative error 6e-6); the same bound as in float32, with float64's unit roundoff.
     options = SwitchableOptions(in_correction=1)

@@ -1,5 +1,5 @@
 """refnorm.testing.adapters: a parameter an implementation does not have, or a gradient it
-does not give, is reported as such, not as a shape or value mismatch (issue 18, item 6)."""
+does not give, is reported as such, not as a shape or value mismatch."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The axes probe of refnorm.testing.fingerprint (refnorm/testing/axes.py): it reads the true
-reduction axes, and the later probes standardize within them (issue 18, item 6)."""
+reduction axes, and the later probes standardize within them."""
 
 from __future__ import annotations
 

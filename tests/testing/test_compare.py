@@ -76,7 +76,7 @@ def test_gn_needs_num_groups_from_the_call_or_the_implementation():
     assert_matches("gn", forward, max_examples=5)
 
 
-# -- subnormal outputs (issue 25): gamma below the dtype's smallest normal number ------------
+# -- subnormal outputs: gamma below the dtype's smallest normal number ------------
 
 LOW_AND_FULL = [np.float16, np.float32, np.float64]
 

@@ -1,5 +1,5 @@
 """Deliberately wrong implementations: each is diagnosed by fingerprint and fails
-assert_matches (issue 14, item 4); the correct versions pass both."""
+assert_matches; the correct versions pass both."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_sn_tied_ratios_are_diagnosed_and_fail():
         assert_matches("sn", NumpySN(4, tied=True))
 
 
-# -- assert_matches names the first diverging convention (issue 18, item 6) -------------------
+# -- assert_matches names the first diverging convention ---------------------------------
 
 FIRST = "First diverging convention (refnorm.testing.fingerprint): "
 

@@ -1,4 +1,4 @@
-"""The trainer on both paths (issue 10): the fast kernels and the reference train the same
+"""The trainer on both paths: the fast kernels and the reference train the same
 network to the same numbers in float64."""
 
 from __future__ import annotations
