@@ -75,22 +75,10 @@ def test_schedules():
         learning_rate("step", 0.2, 0, 100)
 
 
-class _OneLayer:
-    """A stand-in model: one layer with a weight ``w`` and a bias ``b``."""
-
-    def __init__(self, w, b):
-        self.params = {"w": np.array(w), "b": np.array(b)}
-
-    def named_params(self):
-        for name in self.params:
-            yield f"0/{name}", self, name
-
-
 @pytest.mark.parametrize("momentum", [-0.1, -1e-300])
 def test_negative_momentum_is_refused(momentum):
     """0 <= momentum < 1."""
     with pytest.raises(ValueError, match="0 <= momentum < 1"):
-        from refnorm.train.optim import SGD
         SGD(_OneLayer([1.0], [1.0]), lr=0.1, momentum=momentum)
 
 
@@ -99,8 +87,6 @@ def test_weight_decay_goes_through_the_momentum():
     of step 1 is carried into step 2 by the momentum. By hand, p0 = 2, lr 0.1, wd 0.5, m 0.9:
     v1 = 0.5 * 2 = 1, p1 = 2 - 0.1 = 1.9; v2 = 0.9 + 0.95 = 1.85, p2 = 1.9 - 0.185 = 1.715.
     Decoupled decay, p (1 - lr wd), gives other values here; with momentum 0 the two agree."""
-    from refnorm.train.optim import SGD
-
     model = _OneLayer([2.0], [2.0])
     opt = SGD(model, lr=0.1, momentum=0.9, weight_decay=0.5)
     zero = {"0/w": np.zeros(1), "0/b": np.zeros(1)}
@@ -116,7 +102,5 @@ def test_weight_decay_goes_through_the_momentum():
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_a_schedule_of_zero_steps_gives_the_base_rate_at_step_0(schedule):
     """total = 0 is read as one step."""
-    from refnorm.train.optim import learning_rate
-
     assert learning_rate(schedule, 0.2, 0, 0) == 0.2
     assert math.isfinite(learning_rate(schedule, 0.2, 1, 0))
