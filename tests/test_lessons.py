@@ -186,6 +186,51 @@ def test_a_wrong_shape_fails_and_a_blank_is_not_done(toy):
         _grade_toy(blank)
 
 
+def test_each_check_of_an_exercise_graded_in_parts_says_which(toy, capsys):
+    """An exercise graded by two checks must not read as passed after the first one."""
+    right = lambda x: x.sum(axis=0) / x.shape[0]  # noqa: E731
+    lessons.check_outputs("9.9", lambda fn: {"mean": fn(X_TOY)}, right,
+                          {"mean": X_TOY.mean(axis=0)}, tol=1e-12, reason="rounding",
+                          part="1 of 2")
+    assert capsys.readouterr().out.startswith("exercise 9.9 (check 1 of 2) passed: ")
+    with pytest.raises(AssertionError, match=r"^exercise 9\.9 \(check 2 of 2\) failed: "
+                                             r"count = 2, expected 3"):
+        lessons.check_integers("9.9", lambda fn: {"count": fn(np.ones((3, 2))).size}, right,
+                               {"count": 3}, reason="exact", part="2 of 2")
+    with pytest.raises(AssertionError, match=r"^exercise 9\.9 \(check 2 of 2\) failed: "
+                                             r"the check could not use"):
+        cell = _check_cell("def run(fn):\n    return {'mean': fn(X)[0]}\n")  # None[0]
+        cell["X"] = X_TOY
+        lessons.check_outputs("9.9", cell["run"], lambda x: None,
+                              {"mean": X_TOY.mean(axis=0)}, tol=1e-12, reason="rounding",
+                              part="2 of 2")
+    lessons.check_gradients("9.9", lambda x: 2.0 * x, lambda b, dy, x: {"x": b(dy)},
+                            lambda dy: 2.0 * dy, {"x": X_TOY}, part="2 of 2")
+    assert capsys.readouterr().out.startswith("exercise 9.9 (check 2 of 2) passed: dx differs")
+
+
+def test_every_exercise_graded_by_several_checks_numbers_them():
+    """In the lessons, the checks of an exercise graded in parts pass ``part="k of n"``, in
+    order, so that no check but the last prints a bare "passed"."""
+    call = re.compile(r"""(check_outputs|check_gradients|check_integers)\(\s*["'](\S+?)["']""")
+    several = 0
+    for path in LESSONS:
+        for cell in _cells(path):
+            source = _source(cell)
+            calls = list(call.finditer(source))
+            ids = [m.group(2) for m in calls]
+            for exercise_id in set(ids):
+                mine = [m for m in calls if m.group(2) == exercise_id]
+                if len(mine) < 2:
+                    continue
+                several += 1
+                for k, m in enumerate(mine, start=1):
+                    end = mine[k].start() if k < len(mine) else len(source)
+                    assert f'part="{k} of {len(mine)}"' in source[m.start():end], (
+                        f"{path.name}: check {k} of exercise {exercise_id}")
+    assert several >= 6  # 03.1, 04.1, 04.2, 05.1, 06.1, 07.2
+
+
 def test_integer_answers_are_compared_as_integers(toy, capsys):
     def run(fn):
         return {"count": fn(np.ones((3, 2))).size, "sizes": [2, 3]}

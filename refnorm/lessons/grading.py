@@ -146,7 +146,15 @@ def _named(out: Any) -> dict[str, Any]:
 _UNUSABLE = (TypeError, ValueError, IndexError, KeyError, AttributeError)
 
 
-def _run(exercise_id: str, run: Callable[[Any], Any], candidate: Any) -> dict[str, Any]:
+def _label(exercise_id: str, part: str) -> str:
+    """How a verdict names what it graded: ``exercise 03.1``, or ``exercise 03.1 (check 1 of
+    2)`` for one of the checks of an exercise graded in several, so that the first check's
+    "passed" is not read as the exercise's."""
+    return f"exercise {exercise_id}" + (f" (check {part})" if part else "")
+
+
+def _run(exercise_id: str, run: Callable[[Any], Any], candidate: Any,
+         part: str = "") -> dict[str, Any]:
     try:
         return _named(run(candidate))
     except NotImplementedError as exc:
@@ -158,7 +166,7 @@ def _run(exercise_id: str, run: Callable[[Any], Any], candidate: Any) -> dict[st
         if _raised_within(exc, candidate):
             raise  # the student's own code failed: its traceback shows their line
         raise AssertionError(
-            f"exercise {exercise_id} failed: the check could not use what your function "
+            f"{_label(exercise_id, part)} failed: the check could not use what your function "
             f"returned ({type(exc).__name__}: {exc}); return what the exercise's task says, "
             "in its order, as arrays of the shapes it gives"
         ) from None
@@ -233,7 +241,7 @@ def diagnose(exercise_id: str, got: Mapping[str, Any],
 
 
 def check_outputs(exercise_id: str, run: Callable[[Any], Any], candidate: Any, want: Any, *,
-                  tol: float, reason: str) -> dict[str, Any]:
+                  tol: float, reason: str, part: str = "") -> dict[str, Any]:
     """Grade ``candidate`` by its outputs ``run(candidate)`` against ``want``, by :func:`rel_err`.
 
     Parameters
@@ -250,15 +258,18 @@ def check_outputs(exercise_id: str, run: Callable[[Any], Any], candidate: Any, w
         The largest :func:`rel_err` allowed for every output.
     reason : str
         Why ``tol`` is that: the error that can be explained (rounding, usually).
+    part : str, optional
+        Which of an exercise's checks this is ("1 of 2"), named in the verdict.
 
     Returns
     -------
     dict of str to array, the candidate's outputs.
     """
-    got = _run(exercise_id, run, candidate)
+    got = _run(exercise_id, run, candidate, part)
     want = _named(want)
     if set(got) != set(want):
-        raise AssertionError(f"exercise {exercise_id} failed: the check expected the outputs "
+        raise AssertionError(f"{_label(exercise_id, part)} failed: the check expected the "
+                             "outputs "
                              f"{sorted(want)}; it got {sorted(got)}")
     lines, failures = [], []
     for key, target in want.items():
@@ -272,21 +283,23 @@ def check_outputs(exercise_id: str, run: Callable[[Any], Any], candidate: Any, w
             failures.append(f"rel_err({key}) = {err:.1e}, allowed <= {tol:.0e}")
     if failures:
         advice = diagnose(exercise_id, got, lambda v: _named(run(v)))
-        raise AssertionError(f"exercise {exercise_id} failed: {'; '.join(failures)} "
+        raise AssertionError(f"{_label(exercise_id, part)} failed: {'; '.join(failures)} "
                              f"({reason}). {advice}")
-    print(f"exercise {exercise_id} passed: {', '.join(lines)}; allowed <= {tol:.0e} ({reason})")
+    print(f"{_label(exercise_id, part)} passed: {', '.join(lines)}; allowed <= {tol:.0e} "
+          f"({reason})")
     return Graded(got)
 
 
 def check_integers(exercise_id: str, run: Callable[[Any], Any], candidate: Any, want: Any, *,
-                   reason: str, at_most: bool = False) -> dict[str, Any]:
+                   reason: str, at_most: bool = False, part: str = "") -> dict[str, Any]:
     """Grade integer answers exactly: every output of ``run(candidate)`` (an int or a sequence
     of ints, by name) must equal ``want``'s, or with ``at_most`` be no larger (entry by
-    entry). Prints and reports integers, not errors."""
-    got = _run(exercise_id, run, candidate)
+    entry). Prints and reports integers, not errors; ``part`` as in :func:`check_outputs`."""
+    got = _run(exercise_id, run, candidate, part)
     want = _named(want)
     if set(got) != set(want):
-        raise AssertionError(f"exercise {exercise_id} failed: the check expected the outputs "
+        raise AssertionError(f"{_label(exercise_id, part)} failed: the check expected the "
+                             "outputs "
                              f"{sorted(want)}; it got {sorted(got)}")
     failures = []
     for key, target in want.items():
@@ -301,12 +314,12 @@ def check_integers(exercise_id: str, run: Callable[[Any], Any], candidate: Any, 
             failures.append(f"{key} = {_show(as_ints)}, expected {_show(_as_ints(target))}")
     if failures:
         advice = diagnose(exercise_id, _int_arrays(got), lambda v: _int_arrays(_named(run(v))))
-        raise AssertionError(f"exercise {exercise_id} failed: {'; '.join(failures)} "
+        raise AssertionError(f"{_label(exercise_id, part)} failed: {'; '.join(failures)} "
                              f"({reason}). {advice}")
     shown = ", ".join(f"{k} = {_show(_as_ints(v))}" + (f" <= {_show(_as_ints(want[k]))}"
                                                        if at_most else "")
                       for k, v in got.items())
-    print(f"exercise {exercise_id} passed: {shown} ({reason})")
+    print(f"{_label(exercise_id, part)} passed: {shown} ({reason})")
     return Graded(got)
 
 
@@ -342,7 +355,7 @@ def _show(value: Any) -> str:
 
 def check_gradients(exercise_id: str, f: Callable[..., Any], vjp: Callable[..., Any],
                     candidate: Any, inputs: Mapping[str, Any], *, tol: float = 1e-6,
-                    seed: int = 0) -> dict[str, float]:
+                    seed: int = 0, part: str = "") -> dict[str, float]:
     """Grade a student's backward against central finite differences of ``f``, in float64.
 
     Parameters
@@ -363,6 +376,8 @@ def check_gradients(exercise_id: str, f: Callable[..., Any], vjp: Callable[..., 
         float64 backward stays below 1e-9, a wrong term gives 1e-2 or more.
     seed : int
         Seeds the random upstream gradient ``dy`` (never all ones).
+    part : str, optional
+        Which of an exercise's checks this is ("1 of 2"), named in the verdict.
 
     Prints, for each gradient, the *measured* difference from central differences relative to
     the gradient's scale (about 1e-10 for a right backward: the differences' own noise), the
@@ -392,11 +407,11 @@ def check_gradients(exercise_id: str, f: Callable[..., Any], vjp: Callable[..., 
             return np.asarray(to_numpy(value))  # a CuPy or other Array API array
         return np.asarray(value)  # numpy arrays, numbers, lists
 
-    got = _run(exercise_id, grads_of, candidate)
+    got = _run(exercise_id, grads_of, candidate, part)
     unknown = sorted(set(got) - set(args))
     if unknown:
-        raise AssertionError(f"exercise {exercise_id} failed: gradients for unknown inputs "
-                             f"{unknown}")
+        raise AssertionError(f"{_label(exercise_id, part)} failed: gradients for unknown "
+                             f"inputs {unknown}")
     noise = finite_difference_noise(y, dy, DEFAULT_STEP)
     lines, failures, measured = [], [], {}
     for name, grad in got.items():
@@ -415,7 +430,8 @@ def check_gradients(exercise_id: str, f: Callable[..., Any], vjp: Callable[..., 
                             f"beyond their noise; allowed {tol:.0e}")
     if failures:
         advice = diagnose(exercise_id, got, grads_of)
-        raise AssertionError(f"exercise {exercise_id} failed: {'; '.join(failures)}. {advice}")
-    print(f"exercise {exercise_id} passed: {'; '.join(lines)}; allowed {tol:.0e} beyond the "
-          "noise (float64, random dy)")
+        raise AssertionError(f"{_label(exercise_id, part)} failed: {'; '.join(failures)}. "
+                             f"{advice}")
+    print(f"{_label(exercise_id, part)} passed: {'; '.join(lines)}; allowed {tol:.0e} beyond "
+          "the noise (float64, random dy)")
     return Graded(measured)
