@@ -122,8 +122,9 @@ def gpu_problem() -> str | None:
         import cupy
     except Exception as exc:  # noqa: BLE001 - ImportError, or a CuPy whose libraries fail to load
         return ("no GPU: refnorm looks for one through CuPy (import cupy), which failed "
-                f"({type(exc).__name__}: {exc}); install the CuPy wheel for your CUDA "
-                "(docs/gpu.md)")
+                f"({type(exc).__name__}: {exc}); install the CuPy wheel for your CUDA: "
+                "pip install 'refnorm[gpu]' for CUDA 12 (cupy-cuda12x), else CuPy's own "
+                "wheel for your version (the documentation's GPU page)")
     try:
         available = bool(cupy.is_available())
     except Exception as exc:  # noqa: BLE001 - a broken driver must still mean "no GPU"

@@ -51,6 +51,7 @@ def test_no_cupy_means_no_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
     assert gpu_available() is False
     assert "import cupy" in gpu_problem()
+    assert "pip install 'refnorm[gpu]'" in gpu_problem()  # what to do, without the source
 
 
 @pytest.mark.parametrize("available", [False, RuntimeError("cudaErrorNoDevice")])
