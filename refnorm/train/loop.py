@@ -290,6 +290,9 @@ def train(
         # Interrupted there); from the first step on, signals wait for a step boundary. The
         # data comes first, so that a run refused for its data leaves no folder behind.
         data = together(group, "the data", lambda: _usable_data(config, data))
+        digest = fingerprint(data)
+        if group.size > 1:
+            _same_run_everywhere(group, config, digest)
         with signals.deferred():  # creating and locking the folder is not left half-done
             together(group, "the output folder", lambda: _open_folder(
                 folder, stack, config, resume=resume, overwrite=overwrite,
@@ -299,12 +302,43 @@ def train(
         if resume:
             saved = together(group, "the checkpoint", lambda: _read(folder))
         setup = _Setup(config, data, folder, saved, signals, progress, on_step, norm_layer,
-                       fingerprint(data))
+                       digest)
         with signals.deferred():
             if comm is None and config.devices > 1:
                 return InProcessGroup.run(config.devices, run_device,
                                           [setup] * config.devices)[0]
             return run_device(group, setup)
+
+
+def _same_run_everywhere(comm: Any, config: TrainConfig, digest: str) -> None:
+    """Refuse, before anything is written, a run whose processes were given other options
+    (another command line on one rank) or read other data (another file at the same
+    ``--data`` path on another machine): each would train a model of its own, averaging
+    gradients that do not belong together. One all-reduce of 48 bits of a digest of each
+    rank's options (its data's location and its device left out: they may differ between
+    machines) and 48 bits of its data's SHA-256 (:func:`refnorm.train.data.fingerprint`).
+
+    Raises
+    ------
+    ValueError
+        On every rank alike, naming the first rank that differs from rank 0 and in what.
+    """
+    import hashlib
+    import json
+
+    options = {k: v for k, v in config_dict(config).items() if k not in ("data", "device")}
+    words = (hashlib.sha256(json.dumps(options, sort_keys=True).encode()).digest()[:6],
+             bytes.fromhex(digest)[:6])
+    table = agree(comm, [float(int.from_bytes(w, "big")) for w in words],  # exact in float64
+                  what="the run's options and data")
+    for column, what, why in (
+            (0, "options", "its command line differs"),
+            (1, "data", "the data path holds other arrays there: every machine needs the same "
+                        "files")):
+        other = np.flatnonzero(table[:, column] != table[0, column])
+        if other.size:
+            raise ValueError(f"rank {int(other[0])} was given other {what} than rank 0 "
+                             f"({why}); every rank must run the same training")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ MODE sets up one thing going wrong on rank 1 (the others run as they are): ``non
 ``sigterm`` (rank 1 sends itself SIGTERM after its 3rd step); ``nan`` (rank 1's first BN
 running variance becomes infinite after its 3rd step); ``raise`` (rank 1 raises
 RuntimeError after its 3rd step); ``exit`` (rank 1 calls ``os._exit(0)`` after its 3rd step);
-``data`` (rank 1 cannot read the data set).
+``data`` (rank 1 cannot read the data set); ``otherdata`` (rank 1's data differs from the
+others' in one pixel, as another file at the same path on another machine would);
+``otherlr`` (rank 1 is given ``--lr 0.1`` on top of ARGS).
 """
 
 from __future__ import annotations
@@ -50,6 +52,20 @@ def cli(mode: str, args: list[str]) -> None:
             raise ValueError("cannot read the data set here (rank 1's file system)")
 
         loop.prepare_data = unreadable
+    if rank == 1 and mode == "otherdata":
+        import dataclasses
+
+        real_data = loop.prepare_data
+
+        def other(config):
+            data = real_data(config)
+            x_train = data.x_train.copy()
+            x_train.flat[0] += 1.0
+            return dataclasses.replace(data, x_train=x_train)
+
+        loop.prepare_data = other
+    if rank == 1 and mode == "otherlr":
+        args = [*args, "--lr", "0.1"]
     sys.argv = ["refnorm", *args]
     entry()
 

@@ -79,6 +79,22 @@ def test_every_rank_stops_the_same_way(tmp_path, P, mode, status, says):
     assert job.stderr.count(says) == 1  # said once, by rank 0, for every rank
 
 
+@pytest.mark.parametrize(("P", "mode", "says"), [
+    (2, "otherdata", "refnorm train: error: rank 1 was given other data than rank 0 (the data "
+                     "path holds other arrays there: every machine needs the same files)"),
+    (3, "otherlr", "refnorm train: error: rank 1 was given other options than rank 0 (its "
+                   "command line differs)"),
+])
+def test_ranks_given_other_data_or_options_are_refused_before_training(tmp_path, P, mode, says):
+    """Each rank would train a model of its own on its own arrays, averaging gradients that
+    do not belong together (other data trained silently to the end; other options failed
+    after an epoch, when the models were compared)."""
+    job = run_mpi(P, HARNESS, "cli", mode, *CLI, "--out", str(tmp_path / "x"), timeout=120)
+    assert job.returncode == 2, job.stderr
+    assert job.stderr.strip().splitlines() == [says + "; every rank must run the same training"]
+    assert not (tmp_path / "x").exists()  # refused before the folder was made
+
+
 def test_an_exception_on_one_rank_ends_the_job(tmp_path):
     job = run_mpi(2, HARNESS, "cli", "raise", *CLI, "--out", str(tmp_path), timeout=120)
     assert job.returncode == 1, job.stderr
