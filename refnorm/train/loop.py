@@ -568,11 +568,14 @@ def together(comm: Any, what: str, work: Callable[[], T]) -> T:
     if failed.size == comm.size and problem is not None:
         raise problem  # every device found it (the same model, the same sums): its own words
     source = int(failed[0])
-    raise _rebuild(share_record(comm, _record(problem) if comm.rank == source else None,
-                                source=source, what=what), source) from None
+    record = share_record(comm, error_record(problem) if comm.rank == source else None,
+                          source=source, what=what)
+    raise error_from_record(record, source) from None
 
 
-def _record(problem: BaseException | None) -> dict:
+def error_record(problem: BaseException | None) -> dict:
+    """A run's error as a small JSON-able record, which :func:`error_from_record` raises again
+    in another process (another rank, the study that launched the run under ``mpiexec``)."""
     if isinstance(problem, NonFinite):
         return {"kind": "NonFinite", "what": problem.what, "value": problem.value,
                 "where": problem.where, "kept": problem.kept, "reason": problem.reason}
@@ -581,12 +584,15 @@ def _record(problem: BaseException | None) -> dict:
     return {"kind": kind, "message": str(problem)}
 
 
-def _rebuild(record: dict, device: int) -> Exception:
+def error_from_record(record: dict, device: int | None = None) -> Exception:
+    """The error :func:`error_record` recorded (on ``device``, named in it where given)."""
     if record.get("kind") == "NonFinite":
-        return NonFinite(f"{record['what']} on device {device}", float(record["value"]),
+        on = "" if device is None else f" on device {device}"
+        return NonFinite(f"{record['what']}{on}", float(record["value"]),
                          where=record["where"], kept=record["kept"], reason=record["reason"])
+    prefix = "" if device is None else f"device {device}: "
     return _SHARED.get(record.get("kind", ""), ValueError)(
-        f"device {device}: {record.get('message', 'failed')}")
+        f"{prefix}{record.get('message', 'failed')}")
 
 
 # -- epochs and steps ---------------------------------------------------------------------------
@@ -769,8 +775,9 @@ def _decide(run: Run, position: Position, *, before_the: str | None, undone: boo
         if comm.size == 1:
             assert problem is not None
             raise problem
-        raise _rebuild(share_record(comm, _record(problem) if comm.rank == source else None,
-                                    source=source, what="a non-finite value"), source)
+        record = share_record(comm, error_record(problem) if comm.rank == source else None,
+                              source=source, what="a non-finite value")
+        raise error_from_record(record, source)
     stopped_before = np.flatnonzero(table[:, 0])
     if stopped_before.size or table[:, 2].any():
         signum = int(table[stopped_before[0], 0]) if stopped_before.size else SIGINT

@@ -4,28 +4,46 @@
 
 trains ``TrainConfig(**CONFIG_JSON)`` (whose ``devices`` is P) with an
 :class:`~refnorm.sync.comm.MPICommunicator`; rank 0 writes ``OUT/metrics.json`` and the
-checkpoint. ``refnorm train`` under ``mpiexec`` is the same with the command's options.
+checkpoint. A run that stops on an error it expects (refused data or options, a NaN or an
+infinity: every rank raises the same, :func:`refnorm.train.loop.together`) exits 2, or 3 for
+a non-finite value, and rank 0 leaves the error in ``OUT/error.json``
+(:func:`refnorm.train.loop.error_record`) for the launcher to raise again.
+``refnorm train`` under ``mpiexec`` is the same with the command's options.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from refnorm.launch import share_cores
 
+#: Where rank 0 leaves the error that stopped the run, in ``OUT``.
+ERROR = "error.json"
 
-def main(config_json: str, out: str) -> None:
+
+def main(config_json: str, out: str) -> int:
+    """Train as this rank; return the exit status (0, 2 refused, 3 non-finite)."""
     from refnorm.sync.comm import MPICommunicator
+    from refnorm.train.checkpoint import CheckpointError
     from refnorm.train.config import TrainConfig
-    from refnorm.train.loop import train
+    from refnorm.train.finite import NonFinite
+    from refnorm.train.folder import OutputFolderError
+    from refnorm.train.loop import error_record, train
 
     fields = json.loads(config_json)
     fields["widths"] = tuple(fields["widths"])
     with MPICommunicator() as comm:
-        train(TrainConfig(**fields), out=out, progress=False, comm=comm)
+        try:
+            train(TrainConfig(**fields), out=out, progress=False, comm=comm)
+        except (NonFinite, CheckpointError, OutputFolderError, ValueError, OSError) as exc:
+            if comm.rank == 0:
+                Path(out, ERROR).write_text(json.dumps(error_record(exc)))
+            return 3 if isinstance(exc, NonFinite) else 2
+    return 0
 
 
 if __name__ == "__main__":
     share_cores()
-    main(sys.argv[1], sys.argv[2])
+    sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -135,12 +135,15 @@ def _run(config: TrainConfig, launcher: str = "inprocess") -> dict[str, Any]:
 
 def run_under_mpiexec(config: TrainConfig) -> list[dict]:
     """Train ``config`` as ``mpiexec -n devices`` processes (:mod:`refnorm.train.mpi_run`);
-    return its history."""
+    return its history. A run that stopped on an error it expects raises that error here, as
+    the in-process launcher would (a ValueError for refused data, NonFinite, ...)."""
     import json
     import subprocess
     import tempfile
 
     from refnorm.launch import find_mpiexec
+    from refnorm.train.loop import error_from_record
+    from refnorm.train.mpi_run import ERROR
 
     exe = find_mpiexec()
     if exe is None:
@@ -150,6 +153,9 @@ def run_under_mpiexec(config: TrainConfig) -> list[dict]:
         job = subprocess.run([exe, "-n", str(config.devices), sys.executable, "-m",
                               "refnorm.train.mpi_run", json.dumps(dataclasses.asdict(config)),
                               out], capture_output=True, text=True)
+        error = Path(out, ERROR)
+        if job.returncode != 0 and error.exists():
+            raise error_from_record(json.loads(error.read_text()))
         if job.returncode != 0:
             raise RuntimeError(f"mpiexec -n {config.devices} failed ({job.returncode}) for "
                                f"{config.describe()}: {job.stderr.strip()[-2000:]}")
@@ -192,6 +198,7 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
         raise ImportError(problem)
     out = prepare_output(out)
     configs = job_configs(study)
+    check_every_run(configs)
     jobs = jobs or min(len(configs), os.cpu_count() or 1)
     started = time.perf_counter()
     runs = []
@@ -219,6 +226,21 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
     atomic_write(out / "runs.json", lambda f: f.write(text.encode()))
     write_report(study, runs, out, elapsed)
     return out / "report.md"
+
+
+def check_every_run(configs: list[TrainConfig]) -> None:
+    """Refuse, before the first run trains, a grid with a run its data cannot train (images
+    too small for a method's statistics, a subset larger than the data, ...): the error that
+    run would raise (:func:`refnorm.train.loop.check_data`), now rather than after the runs
+    before it. Each data set and subset is loaded once."""
+    from refnorm.train.loop import check_data, prepare_data
+
+    loaded: tuple[tuple, Any] | None = None
+    for config in sorted(configs, key=lambda c: (c.data, c.train_subset or 0, c.seed)):
+        key = (config.data, config.train_subset, config.seed if config.train_subset else None)
+        if loaded is None or loaded[0] != key:
+            loaded = (key, prepare_data(config))
+        check_data(config, loaded[1])
 
 
 def _worker_init(path: str | None) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from refnorm.train.checkpoint import CHECKPOINT
 from refnorm.train.config import TrainConfig
+from refnorm.train.finite import NonFinite
 from refnorm.train.loop import train
 from tests.sync.mpi import ROOT, run_mpi
 
@@ -152,6 +153,30 @@ def test_the_study_launches_its_devices_under_mpiexec(tmp_path):
         assert "(#devices, #samples per device)" in report.read_text()
     assert tables["mpi"] == tables["inprocess"]
     assert "one process per device under mpiexec" in (tmp_path / "mpi" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("changes", "error"), [
+    ({"norm": "syncsn", "widths": (4, 4, 4, 4)}, ValueError),  # 8x8 digits: 1x1 at block 4
+    ({"norm": "syncbn", "lr": 1e30}, NonFinite),
+])
+def test_a_run_under_mpiexec_stops_the_study_as_in_process(changes, error):
+    """A run the study launches under mpiexec that is refused, or that diverges, raises the
+    in-process run's error (a one-line exit 2 or 3 of the command), not a RuntimeError
+    carrying every rank's traceback."""
+    from refnorm.train.study import run_under_mpiexec
+    from tests.sync.mpi import require_mpi
+
+    require_mpi()
+    config = TrainConfig(**{**SMALL, "devices": 2, "train_subset": 48, **changes})
+    with pytest.raises(error) as in_process:
+        train(config, progress=False)
+    with pytest.raises(error) as under_mpiexec:
+        run_under_mpiexec(config)
+    if error is NonFinite:  # the same finding; what was kept differs (a folder of its own)
+        mpi, here = under_mpiexec.value, in_process.value
+        assert (mpi.what, mpi.value, mpi.where) == (here.what, here.value, here.where)
+    else:
+        assert str(under_mpiexec.value) == str(in_process.value)
 
 
 @pytest.mark.parametrize("P", [2, 3])

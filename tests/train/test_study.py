@@ -209,6 +209,35 @@ def test_a_study_folder_problem_comes_before_any_run(tmp_path, monkeypatch):
         run_study(study, tmp_path, jobs=1)
 
 
+def test_a_run_its_data_cannot_train_stops_the_study_before_any_run(tmp_path, monkeypatch):
+    """On 4x4 images IN's statistics at the third block span one value: the grid is refused
+    before its BN runs train (they trained first, and the study then failed on IN)."""
+    import refnorm.train.study as study_module
+    from refnorm.train.config import TrainConfig
+    from refnorm.train.loop import train
+    from tests.train.test_data import write_mnist
+
+    rng = np.random.default_rng(0)
+    write_mnist(tmp_path / "tiny", [rng.integers(0, 256, (40, 4, 4), dtype=np.uint8),
+                                    rng.integers(0, 10, 40, dtype=np.uint8),
+                                    rng.integers(0, 256, (8, 4, 4), dtype=np.uint8),
+                                    rng.integers(0, 10, 8, dtype=np.uint8)])
+    data = f"mnist:{tmp_path / 'tiny'}"
+    with pytest.raises(ValueError) as alone:  # what the IN run says when it trains alone
+        train(TrainConfig(norm="in", data=data, batch_size=4, accumulation=2), progress=False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a run started before every run's data was checked")
+
+    monkeypatch.setattr(study_module, "_run", never)
+    study = StudyConfig(methods=("bn", "in"), batch_sizes=(4,), update_size=8, seeds=(0,),
+                        data=data)
+    with pytest.raises(ValueError) as refused:
+        run_study(study, tmp_path / "study", jobs=1)
+    assert str(refused.value) == str(alone.value)
+    assert "at block 3, where --norm in computes" in str(refused.value)
+
+
 def test_a_report_marks_a_missing_cell_and_reads_one_seed_no_further(tmp_path):
     from refnorm.train.study import write_report
 
