@@ -58,6 +58,24 @@ def test_outputs_are_written(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary files
 
 
+def test_the_metrics_are_written_every_epoch_and_the_curves_when_the_run_finishes(tmp_path):
+    """As the README and ``refnorm train --help`` say: a run stopped in its second epoch has
+    the first epoch's metrics and checkpoint, and no curves.png."""
+    seen = {}
+
+    def stop_in_epoch_two(epoch, step, model):
+        if epoch == 1 and step == 1:
+            seen["metrics"] = json.loads((tmp_path / "metrics.json").read_text())
+            raise KeyboardInterrupt
+
+    result = train(config(), out=tmp_path, progress=False, on_step=stop_in_epoch_two)
+    assert result.interrupted
+    assert [r["epoch"] for r in seen["metrics"]] == [1]
+    assert (tmp_path / CHECKPOINT).exists() and not (tmp_path / "curves.png").exists()
+    train(config(), out=tmp_path, progress=False, resume=True)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_the_schedule_runs_over_the_whole_run_not_each_epoch():
     """Every trainer test compared runs with runs (resume, devices), which share a schedule
     restarted every epoch; the history's learning rate is the last step's of each epoch."""
