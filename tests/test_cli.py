@@ -251,7 +251,8 @@ def test_cli_train_non_finite_exits_3(tmp_path, capsys):
     # overflows float32, caught before any checkpoint.
     assert main(["train", "--lr", "1e30", "--epochs", "1", "--out", str(tmp_path)]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("refnorm train: in step 2 of epoch 1: the variance of x overflows")
+    assert err.startswith("refnorm train: in step 2 of epoch 1: layer 1 (BatchNorm): the "
+                          "variance of x overflows")  # the layer and the array, named
     assert err.endswith("; the run stopped; no checkpoint was written")
     assert not (tmp_path / CHECKPOINT).exists()
 

@@ -181,10 +181,21 @@ class ConvNet:
         return self._layers
 
     def forward(self, x: Array, training: bool) -> Array:
-        """Logits (N, num_classes) for images (N, C, H, W), computed in the model's dtype."""
+        """Logits (N, num_classes) for images (N, C, H, W), computed in the model's dtype.
+
+        Raises
+        ------
+        ValueError
+            A layer's refusal (a variance overflowing the dtype, ...), prefixed with the
+            layer it came from: ``layer 1 (BatchNorm): the variance of x overflows ...``
+            (``x`` is that layer's input).
+        """
         x = array_namespace(x).astype(x, self.dtype, copy=False)
-        for layer in self._layers:
-            x = layer.forward(x, training)
+        for i, layer in enumerate(self._layers):
+            try:
+                x = layer.forward(x, training)
+            except ValueError as exc:
+                raise ValueError(f"layer {i} ({type(layer).__name__}): {exc}") from exc
         return x
 
     def backward(self, dlogits: Array) -> Array | None:

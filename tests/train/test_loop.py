@@ -323,7 +323,8 @@ def test_an_overflowing_variance_stops_the_run(tmp_path, tiny_data):
             conv.params["w"] = conv.params["w"] * np.float32(1e30)
 
     cfg = TrainConfig(**TINY, norm="bn")
-    with pytest.raises(NonFinite, match=r"^in step 2 of epoch 2: the variance of x overflows "
+    with pytest.raises(NonFinite, match=r"^in step 2 of epoch 2: layer 1 \(BatchNorm\): the "
+                                        r"variance of x overflows "
                                         r"float32 .*; the run stopped; the checkpoint after "
                                         r"epoch 1 in .* is kept"):
         train(cfg, out=tmp_path, progress=False, data=tiny_data, on_step=hook)
