@@ -71,7 +71,8 @@ FORWARDS = {
 
 
 def _inputs(kind, dtype):
-    """(x, whether the reference's sums overflow dtype), far from the boundary either way."""
+    """(x, whether the reference's sums overflow dtype, or the methods whose do), far from
+    the boundary either way."""
     rng = np.random.default_rng(3)
     z = rng.standard_normal((4, 4, 3, 3))
     cases = {
@@ -80,8 +81,11 @@ def _inputs(kind, dtype):
         # squares of 1e19 reach 1e39 > 3.4e38, though the variance (1e38) fits: refused on
         # both paths, as the reference's float32 sums overflow
         ("squares", np.float32): (1e19 * z, True),
-        # a constant channel at 1.7e38: its sum overflows (the reference's mean is inf)
-        ("sum", np.float32): (np.where(np.arange(4)[None, :, None, None] == 1, 1.7e38, z), True),
+        # a constant channel at 1.7e38: its float32 sum overflows, which SN's reference forms
+        # (its mean is inf); BN and IN sum in float64 and normalize the channel to 0; LN and
+        # GN mix it with the others, whose deviations from it overflow when squared
+        ("sum", np.float32): (np.where(np.arange(4)[None, :, None, None] == 1, 1.7e38, z),
+                              ("ln", "gn", "sn")),
         # channel 1 at +-3e38: partial sums of both signs overflow, inf - inf: the reference's
         # mean was NaN, and so its outputs, for finite inputs
         ("signs", np.float32): (np.where(np.arange(4)[None, :, None, None] == 1,
@@ -102,6 +106,8 @@ def test_both_paths_refuse_exactly_where_the_references_sums_overflow(method, ki
     deviations overflow float32 (1e19) or whose sum does (1.7e38), which the reference
     refuses: now both refuse them, and both accept what fits."""
     x, overflows = _inputs(kind, dtype)
+    if isinstance(overflows, tuple):  # the methods whose reference overflows
+        overflows = method in overflows
     g, b = np.ones(4, dtype), np.zeros(4, dtype)
     results = {}
     for path in ("reference", "fast"):
@@ -112,6 +118,24 @@ def test_both_paths_refuse_exactly_where_the_references_sums_overflow(method, ki
             results[path] = FORWARDS[method](x, g, b, path)[0]
     if not overflows:
         np.testing.assert_allclose(results["fast"], results["reference"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["bn", "in", "ln", "gn"])
+@pytest.mark.parametrize("value", [1000.1, 1e5 + 0.3, 1e20, 1e30, -3e38])
+def test_a_constant_group_normalizes_to_zero_on_both_paths(method, value):
+    """A group of equal float32 values has variance 0 and x_hat = 0. The reference took a
+    float32 sum for its mean, which is not the constant: the deviations from it, normalized by
+    sqrt(eps), gave |y| up to 0.9 at 1e5 and exactly 1 at 1e20, and at 1e30 their squares
+    overflowed (refused). Its mean's sum is float64 now, as the kernels' (and PyTorch's CPU
+    kernels') are."""
+    f = np.array([1.0, -1.0, 0.5, -0.25])  # another constant in each channel, or sample
+    scale = f[None, :, None, None] if method == "bn" else f[:3, None, None, None]
+    x = np.broadcast_to(value * scale, (3, 4, 5, 5)).astype(np.float32)
+    g, b = np.ones(4, np.float32), np.linspace(-1, 1, 4).astype(np.float32)
+    for path in ("reference", "fast"):
+        y = FORWARDS[method](x, g, b, path)[0]
+        np.testing.assert_array_equal(y, np.broadcast_to(b[None, :, None, None], y.shape),
+                                      err_msg=path)
 
 
 def test_switchable_norm_refuses_a_pooled_variance_that_overflows():
@@ -245,10 +269,11 @@ def test_synchronized_switchable_norm_refuses_a_pooled_variance_that_overflows()
 
 
 def test_float32_statistics_at_a_large_offset_as_the_conventions_page_states():
-    """The reference sums float32 in float32, the kernels in float64: against float64
-    arithmetic on the same values the reference's error grows with the offset (about 6e-4 at
-    1e4 standard deviations, 0.02 to 0.2 at 1e8 + 100 randn), the fast path's stays at float32
-    rounding, and SN's reference (which keeps what its means' rounding lost) with it."""
+    """The reference rounds its means to float32 and sums the squared deviations in float32,
+    the kernels work in float64: against float64 arithmetic on the same values the reference's
+    error grows with the offset (about 5e-4 at 1e4 standard deviations, 0.015 to 0.045 at
+    1e8 + 100 randn), the fast path's stays at float32 rounding, and SN's reference (which
+    keeps what its means' rounding lost) with it."""
     rng = np.random.default_rng(0)
     forwards = {"bn": refnorm.batch_norm_forward, "in": refnorm.instance_norm_forward,
                 "ln": refnorm.layer_norm_forward,

@@ -3,6 +3,14 @@
 The one-pass form ``E[x^2] - E[x]^2`` cancels catastrophically when ``|mean| >> std``
 (in float32, inputs offset by 1e4 lose every digit of a unit variance). refnorm's reference
 path therefore always takes the mean first and then the mean of squared deviations.
+
+The mean's sum is accumulated in float64 and the mean rounded once to ``x``'s dtype, as
+PyTorch's CPU kernels accumulate float32 in double: a float32 sum rounds at every addition,
+and the mean it gives of a constant group is not that constant. The deviations from it,
+some ulps of a large value, would then be normalized by ``sqrt(eps)`` into outputs of order 1
+(a constant channel of 1e5 gave ``|y|`` up to 0.9, of 1e20 exactly 1), or overflow when
+squared (a constant channel of 1e26 was refused as an overflowing variance). A float64 sum of
+float32 values is exact up to 2^29 of them: a constant group now has the mean it holds.
 """
 
 from __future__ import annotations
@@ -31,8 +39,9 @@ def moments(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     Returns
     -------
     mu : array, ``x.shape`` with ``axes`` set to 1
+        The sum accumulated in float64, divided by m, rounded to ``x``'s dtype.
     var : array, same shape as ``mu``
-        ``mean((x - mu)**2)``, the biased (1/m) estimator.
+        ``mean((x - mu)**2)``, the biased (1/m) estimator, in ``x``'s dtype.
 
     Raises
     ------
@@ -42,8 +51,10 @@ def moments(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
         (Non-finite inputs give NaN statistics for their group, as they should.)
     """
     xp = array_namespace(x)
+    m = reduced_count(tuple(x.shape), axes)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
-        mu = xp.mean(x, axis=axes, keepdims=True)
+        total = xp.sum(x, axis=axes, dtype=xp.float64, keepdims=True)
+        mu = xp.astype(total / m, x.dtype)
         centred = x - mu
         var = xp.mean(centred * centred, axis=axes, keepdims=True)
     check_variance_finite(var, x)

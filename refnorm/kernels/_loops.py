@@ -566,16 +566,15 @@ def _grad_sums(dr, hr):  # pragma: no cover - compiled
 
 @njit(cache=True, inline="always")
 def _finish_stats(u, count, mean, m2, eps, stats):  # pragma: no cover - compiled
-    """Write the mean, biased variance and rstd of unit u; return (rstd, 1 if a sum that the
-    reference forms in the dtype of ``stats`` overflows that dtype, else 0): the sum of the
-    values (``count |mean|``) or of their squared deviations (``m2``), whose overflow makes
-    the reference's ``mean(x)`` or ``mean((x - mu)**2)`` infinite. The caller then raises the
-    reference's error (:func:`refnorm.kernels.norms.refuse_overflow`)."""
+    """Write the mean, biased variance and rstd of unit u; return (rstd, 1 if the sum that
+    the reference forms in the dtype of ``stats`` overflows that dtype, else 0): the sum of
+    the squared deviations (``m2``), whose overflow makes the reference's
+    ``mean((x - mu)**2)`` infinite (its mean's sum is float64, as here). The caller then
+    raises the reference's error (:func:`refnorm.kernels.norms.refuse_overflow`)."""
     v = m2 / count
     r = 1.0 / np.sqrt(v + eps)
     stats[1, u] = m2                  # rounded to the dtype of stats: inf where it overflows
-    stats[2, u] = count * abs(mean)
-    big = np.isinf(stats[1, u]) or np.isinf(stats[2, u])
+    big = np.isinf(stats[1, u])
     stats[0, u] = mean
     stats[1, u] = v
     stats[2, u] = r

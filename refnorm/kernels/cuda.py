@@ -195,7 +195,7 @@ def _forward(x: Array, gamma: Array, beta: Array, eps: float, G: int) -> tuple:
     x2 = _planes(xp, x)
     stats = _statistics(xp, x2, C, G, eps)
     n = x2.size // max(stats.shape[1], 1)  # values per statistic
-    refuse_overflow(x, x2.dtype, n * stats[1], n * stats[0])  # the reference's overflow error
+    refuse_overflow(x, x2.dtype, n * stats[1])  # the reference's overflow error (its m2's)
     y, x_hat = _normalize(xp, x2, C, G, stats[0], stats[2], (gamma, beta))
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape), stats
 
