@@ -334,7 +334,7 @@ def test_resume_needs_only_the_output_folder(tmp_path, capsys):
     assert main(["train", "--out", out, "--resume"]) == 0
     err = capsys.readouterr().err
     assert err.splitlines()[0] == (f"resuming gn batch 64 x 1 accumulation, 1 epochs, lr 0.05, "
-                                   f"seed 3 from epoch 1, step 0 -> {out}")
+                                   f"seed 3 after epoch 1 -> {out}")
     # an option given must still match the checkpoint
     assert main(["train", "--out", out, "--resume", "--seed", "4"]) == 2
     assert "seed: checkpoint 3, this run 4" in capsys.readouterr().err

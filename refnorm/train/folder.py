@@ -208,7 +208,7 @@ class FolderLock:
         try:
             if not created:
                 self.notice(f"taking over the lock of {self.path.parent} left by "
-                            f"{_holder(fd)}, which is no longer running")
+                            f"{_holder(fd)}, which no longer holds it (a run that was killed)")
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             os.fsync(fd)

@@ -434,8 +434,7 @@ def run_device(comm: Any, setup: _Setup) -> Result:
             data=setup.fingerprint))
     into = f" -> {setup.folder}" if setup.folder is not None else ""
     bar.start(f"training {config.describe()}{into}" if setup.saved is None else
-              f"resuming {config.describe()} from epoch {position.epoch}, step "
-              f"{position.step}{into}")
+              f"resuming {config.describe()} {_where(position)}{into}")  # as a stop says
     return _run_epochs(run, position)
 
 

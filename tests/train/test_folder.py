@@ -196,8 +196,20 @@ def test_a_stale_lock_is_taken_over_with_a_notice(tmp_path, data, capsys):
     (tmp_path / f".{CHECKPOINT}.abc123.tmp").write_bytes(b"half")
     train(CONFIG, out=tmp_path, progress=False, data=data)
     err = capsys.readouterr().err
-    assert f"taking over the lock of {tmp_path} left by pid {dead.pid}, which is no longer " \
-           "running" in err
+    assert f"taking over the lock of {tmp_path} left by pid {dead.pid}, which no longer " \
+           "holds it (a run that was killed)" in err
+    _no_leftovers(tmp_path)
+
+
+def test_a_lock_whose_pid_now_runs_another_program_is_taken_over_without_calling_it_dead(
+        tmp_path, data, capsys):
+    """The pid written in a killed run's lock may since belong to another process (pid 1
+    here): the lock is free (nobody holds its flock) and the notice does not claim that pid
+    is gone."""
+    (tmp_path / LOCK).write_text("1\n")
+    train(CONFIG, out=tmp_path, progress=False, data=data)
+    err = capsys.readouterr().err
+    assert "left by pid 1, which no longer holds it" in err and "no longer running" not in err
     _no_leftovers(tmp_path)
 
 

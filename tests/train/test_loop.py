@@ -76,6 +76,21 @@ def test_the_metrics_are_written_every_epoch_and_the_curves_when_the_run_finishe
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_resumed_run_names_the_place_its_stop_named(tmp_path, capsys):
+    """"stopped by Ctrl-C (SIGINT) at step 2 of epoch 2", then "resuming ... at step 2 of
+    epoch 2": the resume line counted epochs from 0 ("from epoch 1, step 2")."""
+    def stop(epoch, step, model):
+        if (epoch, step) == (1, 2):
+            raise KeyboardInterrupt
+
+    train(config(), out=tmp_path, progress=True, on_step=stop)
+    stopped = capsys.readouterr().err
+    assert "stopped by Ctrl-C (SIGINT) at step 2 of epoch 2: checkpoint saved" in stopped
+    train(config(), out=tmp_path, progress=True, resume=True)
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("resuming ") and first.endswith(f" at step 2 of epoch 2 -> {tmp_path}")
+
+
 def test_the_schedule_runs_over_the_whole_run_not_each_epoch():
     """Every trainer test compared runs with runs (resume, devices), which share a schedule
     restarted every epoch; the history's learning rate is the last step's of each epoch."""
