@@ -415,6 +415,13 @@ def _train_config(given: dict, resume_from: str | None):
         fields = {k: v for k, v in config.items() if k in known and k != "device"}
         if isinstance(fields.get("widths"), list):
             fields["widths"] = tuple(fields["widths"])
+        try:  # a value refused here is the checkpoint's, not the command line's
+            TrainConfig(**fields)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"checkpoint {Path(resume_from) / CHECKPOINT} holds a "
+                             f"configuration refnorm refuses ({exc}); it was edited or "
+                             "written by another version: start the run again with "
+                             "--overwrite") from None
     else:
         fields = {TRAIN_FIELDS[k]: v for k, v in TRAIN_DEFAULTS.items()}
     fields.update({TRAIN_FIELDS[k]: v for k, v in given.items() if v is not None})

@@ -307,6 +307,27 @@ def test_cli_hand_edited_checkpoint_is_refused_by_name(tmp_path, capsys):
                    "lacks param/0/w")
 
 
+def test_a_refused_value_in_a_checkpoints_configuration_names_the_checkpoint(tmp_path,
+                                                                             capsys):
+    import json
+
+    args = ["train", "--epochs", "1", "--batch-size", "64", "--out", str(tmp_path)]
+    assert main(args) == 0
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    meta["config"]["batch_size"] = 0
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"refnorm train: error: checkpoint {path} holds a configuration "
+                          "refnorm refuses (batch_size must be "), err
+
+
 def test_lessons_command_writes_student_copies(tmp_path, capsys):
     assert main(["lessons", "--student", str(tmp_path / "student")]) == 0
     written = sorted(p.name for p in (tmp_path / "student").glob("*.ipynb"))
