@@ -403,9 +403,11 @@ def _train_config(given: dict, resume_from: str | None):
 
     from refnorm.train.checkpoint import CHECKPOINT, read_checkpoint
     from refnorm.train.config import TrainConfig
+    from refnorm.train.folder import check_not_busy
 
     fields: dict = {}
     if resume_from is not None:
+        check_not_busy(Path(resume_from))  # a running run's folder: say so, not "no checkpoint"
         saved = read_checkpoint(Path(resume_from) / CHECKPOINT).meta
         config = saved.get("config") if isinstance(saved, dict) else None
         if not isinstance(config, dict):

@@ -309,8 +309,6 @@ def test_cli_hand_edited_checkpoint_is_refused_by_name(tmp_path, capsys):
 
 def test_a_refused_value_in_a_checkpoints_configuration_names_the_checkpoint(tmp_path,
                                                                              capsys):
-    import json
-
     args = ["train", "--epochs", "1", "--batch-size", "64", "--out", str(tmp_path)]
     assert main(args) == 0
     path = tmp_path / CHECKPOINT
@@ -326,6 +324,19 @@ def test_a_refused_value_in_a_checkpoints_configuration_names_the_checkpoint(tmp
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"refnorm train: error: checkpoint {path} holds a configuration "
                           "refnorm refuses (batch_size must be "), err
+
+
+def test_resume_in_a_folder_another_run_holds_says_so(tmp_path, capsys):
+    """A run that has not saved its first checkpoint yet holds the folder: a --resume there
+    said "no checkpoint to resume from" (it read the checkpoint before the lock)."""
+    from refnorm.train.folder import FolderLock
+
+    with FolderLock(tmp_path):
+        assert main(["train", "--out", str(tmp_path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"refnorm train: error: the output folder {tmp_path} is in use by another "
+                   f"run (pid {os.getpid()}; lock file {tmp_path / 'train.lock'}); wait for it "
+                   "to finish or choose another output folder")
 
 
 def test_lessons_command_writes_student_copies(tmp_path, capsys):

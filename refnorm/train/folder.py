@@ -224,6 +224,36 @@ class FolderLock:
         return fd
 
 
+def check_not_busy(folder: Path) -> None:
+    """Refuse, as :class:`FolderLock` would, a folder whose lock another live run holds,
+    without taking it: for the reads that come before the lock (``refnorm train --resume``
+    reads the checkpoint's configuration first, which a running run may not have written).
+
+    Raises
+    ------
+    FolderBusy
+        If another process holds the flock of ``folder``'s lock file.
+    """
+    path = Path(folder) / LOCK
+    if fcntl is None:  # pragma: no cover - FolderLock's pid check decides
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file (or none readable): FolderLock decides
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(f"the output folder {path.parent} is in use by another run "
+                             f"({_holder(fd)}; lock file {path}); wait for it to finish or "
+                             "choose another output folder") from None
+        except OSError:  # pragma: no cover - a file system without flock
+            pass
+    finally:
+        os.close(fd)
+
+
 def _try_flock(fd: int) -> bool:
     """Take the exclusive flock without waiting; False if another process holds it. Where
     flock does not exist or the file system refuses it, True (the pid check decides)."""
