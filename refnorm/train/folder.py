@@ -51,15 +51,15 @@ def prepare_folder(out: str | Path) -> Path:
         If ``out`` is a file, lies under a file, or cannot be created (the reason named).
     """
     folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise OutputFolderError(f"the output folder {folder} is a file, not a folder")
-    for parent in folder.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputFolderError(f"the output folder {folder} cannot be created: "
-                                        f"{parent} is a file")
-            break
-    try:
+    try:  # exists() itself raises for a name the file system refuses (too long, ...)
+        if folder.exists() and not folder.is_dir():
+            raise OutputFolderError(f"the output folder {folder} is a file, not a folder")
+        for parent in folder.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise OutputFolderError(f"the output folder {folder} cannot be created: "
+                                            f"{parent} is a file")
+                break
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputFolderError(f"the output folder {folder} cannot be created: "
@@ -192,6 +192,10 @@ class FolderLock:
                 fd = os.open(self.path, os.O_RDWR)
             except FileNotFoundError:
                 return None  # its owner removed it meanwhile
+            except IsADirectoryError:
+                raise OutputFolderError(f"{self.path} is a folder, where a run keeps its lock "
+                                        "file: remove it or choose another output "
+                                        "folder") from None
             created = False
         except OSError as exc:
             raise OutputFolderError(f"cannot write to the output folder {self.path.parent}: "

@@ -61,6 +61,19 @@ def test_out_is_a_file(tmp_path, data, no_training):
         train(CONFIG, out=tmp_path / "f", progress=False, data=data)
 
 
+def test_a_name_the_file_system_refuses_is_one_sentence(tmp_path, data, no_training):
+    with pytest.raises(OutputFolderError, match=r"^the output folder .*/a{256} cannot be "
+                                                r"created: File name too long$"):
+        train(CONFIG, out=tmp_path / ("a" * 256), progress=False, data=data)
+
+
+def test_a_folder_where_the_lock_file_goes_is_one_sentence(tmp_path, data, no_training):
+    (tmp_path / LOCK).mkdir()
+    with pytest.raises(OutputFolderError, match=r"^.*/train\.lock is a folder, where a run "
+                                                r"keeps its lock file: remove it"):
+        train(CONFIG, out=tmp_path, progress=False, data=data)
+
+
 def test_out_under_a_file(tmp_path, data, no_training):
     (tmp_path / "f").write_text("x")
     with pytest.raises(OutputFolderError, match=r"^the output folder .*/f/run cannot be "
