@@ -28,5 +28,6 @@ def int_at_least(low: int) -> Callable[[str], int]:
 def folder_path(text: str) -> str:
     """An argparse type: a non-empty path (an empty one would mean the current folder)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("expected a folder path; got an empty string")
+        raise argparse.ArgumentTypeError(
+            f"expected a folder path; got {'an empty string' if not text else repr(text)}")
     return text
