@@ -448,8 +448,8 @@ def test_an_empty_student_folder_is_refused(tmp_path, monkeypatch, capsys):
                                        "--help)\n")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(SystemExit):
-        main(["lessons", "--student", "  "])
-    assert "expected a folder path; got '  ' (see" in capsys.readouterr().err  # not "empty"
+        main(["lessons", "--student", " "])
+    assert "expected a folder path; got ' ' (see" in capsys.readouterr().err  # not "empty"
 
 
 def test_a_failed_write_leaves_no_truncated_notebook(tmp_path, monkeypatch, capsys):
