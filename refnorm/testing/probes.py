@@ -294,6 +294,21 @@ class _Probe:
                           dtype=np.float64)
 
 
+def _check_output(p: _Probe, rng: np.random.Generator) -> None:
+    """Refuse an output there is nothing to fingerprint in: of another shape than the input
+    (the probes read which outputs an input element moves), or not finite for a finite
+    input (every probe would read NaN as "moved" or "not moved" at random)."""
+    x = rng.standard_normal(p.shape)
+    y = p.run(x)
+    if y.shape != x.shape:
+        raise ValueError(f"its output has shape {tuple(y.shape)} for an input of shape "
+                         f"{tuple(x.shape)}: a normalizer's output has its input's shape")
+    bad = int(np.count_nonzero(~np.isfinite(y)))
+    if bad:
+        raise ValueError(f"its output holds {bad} NaN or infinite values of {y.size} for a "
+                         f"finite input of shape {tuple(x.shape)} (gamma = 1, beta = 0)")
+
+
 def _one_hot(scope: str) -> np.ndarray:
     return np.array([ONE_HOT if s == scope else -ONE_HOT for s in reference.SN_SCOPES])
 
@@ -713,6 +728,7 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
     p = _Probe(impl, method, _probe_shape(method, impl, num_channels, spatial), rng)
     if method == "sn":
         p.logits = (_one_hot("bn"), _one_hot("bn"))
+    _check_output(p, np.random.default_rng([seed, 1]))
     ids, scope_ok = _scope(p, report)
     if method == "sn":
         p.logits = (_one_hot("in"), _one_hot("in"))

@@ -242,3 +242,16 @@ def test_a_factory_that_fails_without_args_is_pointed_to_args(argv, hinted, caps
     err = capsys.readouterr().err
     hint = " (give the factory's positional arguments with --args)\n"
     assert err.endswith(hint) == hinted, err
+
+
+@pytest.mark.parametrize(("broken", "says"), [
+    (lambda x, g, b: x[:, :1], r"its output has shape \(2, 1, 3, 4\) for an input of shape "
+                               r"\(2, 4, 3, 4\): a normalizer's output has its input's shape"),
+    (lambda x, g, b: x * np.nan, r"its output holds 96 NaN or infinite values of 96 for a "
+                                 r"finite input"),
+])
+def test_an_output_there_is_nothing_to_fingerprint_in_is_refused(broken, says):
+    """A layer returning another shape was described as computing statistics over "C, per
+    sample and position", one returning NaN as one whose "output does not move"."""
+    with pytest.raises(ValueError, match=says):
+        fingerprint("bn", broken)
