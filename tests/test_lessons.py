@@ -730,6 +730,24 @@ def test_a_refused_student_copy_writes_nothing(tmp_path, capsys):
     assert sorted(p.name for p in dest.iterdir()) == ["09_b.ipynb"]
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_where_a_copy_goes_is_refused_before_any_copy_is_written(tmp_path, capsys,
+                                                                          force):
+    """With --force the first lessons were written, then the command stopped at the folder;
+    without it, the refusal was a bare IsADirectoryError."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    for name in ("09_a.ipynb", "09_b.ipynb"):
+        (src / name).write_text(json.dumps(_notebook(_EXERCISE)), encoding="utf-8")
+    (dest / "09_b.ipynb").mkdir(parents=True)
+    argv = ["--student", str(dest), "--source", str(src)] + (["--force"] if force else [])
+    assert lessons.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"refnorm lessons: error: {dest / '09_b.ipynb'} is a folder, where the student copy "
+        "of 09_b.ipynb goes: remove or rename it")
+    assert sorted(p.name for p in dest.iterdir()) == ["09_b.ipynb"]  # 09_a not written
+
+
 def test_student_copy_below_a_file_names_the_file(tmp_path, capsys):
     """DIR under a file (afile/below): the one sentence names the file that stands in the
     way, as for DIR itself a file."""

@@ -222,6 +222,8 @@ def write_student_copies(dest: Path, src: Path = LESSONS_DIR, *,
         cell.
     NotADirectoryError
         If ``dest`` (or a folder above it) is a file.
+    IsADirectoryError
+        If a folder stands where a copy goes (whatever ``force``), before any is written.
     ValueError
         If ``dest`` is ``src``.
     StudentWorkError
@@ -241,6 +243,9 @@ def write_student_copies(dest: Path, src: Path = LESSONS_DIR, *,
     for path in notebooks:
         copies[path.name] = _read_lesson(path)
         target = dest / path.name
+        if target.is_dir():  # refused before anything is written, --force or not
+            raise IsADirectoryError(f"{target} is a folder, where the student copy of "
+                                    f"{path.name} goes: remove or rename it")
         if not force and target.exists() and target.read_text(encoding="utf-8") != copies[
                 path.name][0]:
             raise StudentWorkError(f"{target} differs from the blank student copy (your work?): "
