@@ -517,3 +517,18 @@ def test_record_paths_blocks_nest_and_the_innermost_receives_the_calls():
         refnorm.batch_norm_forward(x, g, b, path="reference")
     assert inner == [("layer_norm_forward", "fast"), ("layer_norm_forward", "reference")]
     assert outer == [("batch_norm_forward", "fast"), ("batch_norm_forward", "reference")]
+
+
+def test_weight_standardization_backward_checks_every_new_upstream_shape():
+    """The fast backward checks dw_hat's signature once: a dw_hat with as many values as the
+    weights but another shape (the transposed (C_in, C_out, ...)), after a valid call with the
+    same cache, is refused as the reference refuses it, not reshaped and used."""
+    rng = np.random.default_rng(39)
+    w = rng.standard_normal((3, 4, 2, 2))
+    backward = refnorm.weights.weight_standardization_backward
+    _, cache = refnorm.weights.weight_standardization_forward(w, path="fast")
+    backward(rng.standard_normal(w.shape), cache, path="fast")  # valid: checked and remembered
+    misshapen = rng.standard_normal((4, 3, 2, 2))
+    fast = _outcome(lambda: backward(misshapen, cache, path="fast"))
+    ref = _outcome(lambda: backward(misshapen, cache, path="reference"))
+    assert fast == ref and ref is not None and ref[0] is ValueError

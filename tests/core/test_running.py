@@ -50,3 +50,11 @@ def test_momentum_must_be_in_0_1(momentum):
     with pytest.raises(ValueError, match=r"momentum must be in \(0, 1\]; got"):
         update_running_stats(np.zeros(1), np.ones(1), np.zeros(1), np.ones(1), count=2,
                              momentum=momentum)
+
+
+def test_default_momentum_is_pytorchs_0_1():
+    # PyTorch's default weight of the new batch: 0.9 of the old value plus 0.1 of the new.
+    new_mean, new_var = update_running_stats(np.zeros(1), np.ones(1), np.full(1, 10.0),
+                                             np.full(1, 6.0), count=4)
+    np.testing.assert_allclose(new_mean, [1.0], rtol=1e-15)
+    np.testing.assert_allclose(new_var, [0.9 + 0.1 * 8.0], rtol=1e-15)   # 6 * 4/3 = 8

@@ -124,3 +124,29 @@ def test_frozen_statistics_accept_a_zero_running_variance():
     np.testing.assert_array_equal(var.ravel(), 0)
     with pytest.raises(ValueError, match="running_var must be >= 0"):
         frozen_statistics(np.ones(3), np.array([0.0, -1.0, 0.0]), like=like)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_two_dimensional_input_of_other_channels_is_refused_in_the_layers_terms(name):
+    # (N, C) inputs (a BN or LN after a linear layer) are checked against the layer's channel
+    # count as (N, C, H, W) ones are: the error names the layer, not its gamma.
+    layer = build(name, dtype=np.float64)
+    with pytest.raises(ValueError, match=r"was built for 4 channels; x of shape \(8, 5\) has 5 "
+                                         r"on its channel axis \(axis 1\)"):
+        layer.forward(np.ones((8, 5)), training=True)
+
+
+def test_frozen_statistics_come_in_the_inputs_compute_dtype():
+    # float64 running statistics (a checkpoint kept in float64) for a float32 input: both
+    # statistics are viewed in float32, so inference computes in the input's compute dtype
+    # (the eval forward's cache holds float32 throughout).
+    from refnorm.norms.base import frozen_statistics
+
+    like = np.zeros((2, 3, 4), np.float32)
+    mu, var = frozen_statistics(np.array([0.5, -1.0, 2.0]), np.array([1.0, 2.0, 3.0]), like=like)
+    assert mu.dtype == var.dtype == np.float32
+    x = np.random.default_rng(40).standard_normal((2, 3, 4)).astype(np.float32)
+    _, cache = refnorm.batch_norm_eval_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32),
+                                               np.array([0.5, -1.0, 2.0]),
+                                               np.array([1.0, 2.0, 3.0]))
+    assert cache.x_hat.dtype == cache.mean.dtype == cache.var.dtype == np.float32

@@ -141,3 +141,15 @@ def test_apply_weights_backward_passes_input_grad_on():
     assert dx is None
     _, dw_full, _ = apply_weights_backward(dy, cache, geometry)
     np.testing.assert_allclose(dw, dw_full, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", WEIGHT_LAYERS)
+def test_default_eps_is_the_documented_1e_5(name):
+    # Every weight-side layer documents eps = 1e-5 by default: building without eps gives
+    # the layer built with eps=1e-5, bit for bit.
+    x = np.random.default_rng(35).standard_normal((2, 3, 5, 5))
+    default = refnorm.build(name, 3, 4, 3, dtype=np.float64, seed=1)
+    explicit = refnorm.build(name, 3, 4, 3, dtype=np.float64, seed=1, eps=1e-5)
+    assert default.eps == 1e-5
+    np.testing.assert_array_equal(default.forward(x, training=True),
+                                  explicit.forward(x, training=True))

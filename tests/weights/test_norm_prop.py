@@ -176,3 +176,13 @@ def test_data_dependent_init_standardizes_what_enters_the_relu():
     layer.init_from_batch(x)
     with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
         layer.backward(np.ones((16, 4, 4, 4)))  # the init left no stale cache behind
+
+
+def test_relu_derivative_at_zero_is_zero():
+    # The ReLU's derivative at its kink is taken as 0 (norm_prop_relu_backward's docstring):
+    # a pre-activation of exactly 0 passes no gradient, one just above passes dy / RELU_STD.
+    z = np.array([[-1.0, 0.0, 5e-324, 2.0], [0.0, -0.0, 1.0, -3.0]])
+    dy = np.arange(1.0, 9.0).reshape(2, 4)
+    dz = norm_prop_relu_backward(dy, norm_prop_relu_forward(z)[1])
+    np.testing.assert_array_equal(dz, [[0.0, 0.0, 3.0 / RELU_STD, 4.0 / RELU_STD],
+                                       [0.0, 0.0, 7.0 / RELU_STD, 0.0]])

@@ -221,3 +221,23 @@ def test_layer_is_eq3_a_convolution_with_the_standardized_weights():
     expected, _ = refnorm.nn.conv2d_forward(x, w_hat.reshape(4, 3, 3, 3), None, padding=1)
     # The same products summed in the same order; W^ differs by a few roundings (~1e-16).
     np.testing.assert_allclose(layer.forward(x, training=True), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize(("eps_mode", "correction"), [("sqrt", 0), ("add", 1), ("sqrt", 1)])
+def test_layer_standardizes_with_its_own_eps_mode_and_correction(eps_mode, correction, path):
+    # Eq. (3) with the layer's conventions: W^ = (W - mu) / d, d = sigma + eps ("add", Eq. 2)
+    # or sqrt(sigma^2 + eps) ("sqrt"), sigma with 1/(I - correction) (Eq. 4; 1: the official
+    # code's torch.std). eps = 0.5 makes the two placements differ by O(1), not O(eps).
+    rng = np.random.default_rng(37)
+    layer = refnorm.build("ws", 2, 3, 2, eps=0.5, eps_mode=eps_mode, correction=correction,
+                          dtype=np.float64)
+    layer.path = path
+    w = layer.params["w"].reshape(3, -1)                                 # I = 8
+    sd = w.std(axis=1, ddof=correction, keepdims=True)
+    d = sd + 0.5 if eps_mode == "add" else np.sqrt(sd**2 + 0.5)
+    w_hat = ((w - w.mean(axis=1, keepdims=True)) / d).reshape(3, 2, 2, 2)
+    x = rng.standard_normal((2, 2, 5, 5))
+    expected, _ = refnorm.nn.conv2d_forward(x, w_hat, None)
+    # W^ from numpy's mean and std against refnorm's: a few roundings of O(1) values.
+    np.testing.assert_allclose(layer.forward(x, training=True), expected, rtol=0, atol=1e-13)

@@ -122,3 +122,41 @@ def test_layer_uses_unit_norm_filters():
     expected = x @ np.array([[0.6, 0.0, 0.8], [0.0, -1.0, 0.0]]).T      # V / ||V|| by hand
     # eps / ||V|| ~ 1e-12 relative, plus rounding of 3-term dot products.
     np.testing.assert_allclose(layer.forward(x, training=True), expected, rtol=1e-11, atol=1e-11)
+
+
+def test_at_the_threshold_the_gradient_goes_to_alpha():
+    # TReLU_a(z) = ReLU(z - a) + a (Xiang & Li 2017, as Gitman & Ginsburg print it): at
+    # z = a exactly, the ReLU's derivative 0 at 0 sends dy to alpha and nothing to z.
+    z = np.array([[[0.5, 0.25, 1.0], [-1.0, 0.0, 2.0]]])                # (1, 2, 3)
+    alpha = np.array([0.5, 0.0])
+    dy = np.array([[[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]]])
+    dz, dalpha = translated_relu_backward(dy, translated_relu_forward(z, alpha)[1])
+    np.testing.assert_array_equal(dz, [[[0.0, 0.0, 4.0], [0.0, 0.0, 32.0]]])
+    np.testing.assert_array_equal(dalpha, [1.0 + 2.0, 8.0 + 16.0])
+
+
+def test_layer_starts_as_a_plain_relu():
+    # alpha starts at 0 (the layer's docstring): TReLU_0(z) = ReLU(z), so a fresh layer is a
+    # unit-norm convolution followed by an ordinary ReLU.
+    rng = np.random.default_rng(36)
+    layer = refnorm.build("trelu", 3, 4, 3, padding=1, dtype=np.float64, seed=2)
+    np.testing.assert_array_equal(layer.params["alpha"], np.zeros(4))
+    x = rng.standard_normal((2, 3, 5, 5))
+    w, _ = weight_norm_forward(layer.params["v"], np.ones(4), eps=layer.eps)
+    z, _ = refnorm.nn.conv2d_forward(x, w, None, padding=1)
+    np.testing.assert_array_equal(layer.forward(x, training=True), np.maximum(z, 0.0))
+
+
+def test_gradients_come_back_in_the_dtypes_of_z_and_of_alpha():
+    # dz in z's dtype, dalpha in alpha's (the docstring's Returns), also when the two differ.
+    rng = np.random.default_rng(38)
+    z = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    for alpha_dtype in (np.float64, np.float16):
+        alpha = np.array([-0.5, 0.0, 0.5], alpha_dtype)
+        y, cache = translated_relu_forward(z, alpha)
+        assert y.dtype == np.float32
+        dz, dalpha = translated_relu_backward(np.ones_like(z), cache)
+        assert dz.dtype == np.float32 and dalpha.dtype == alpha_dtype
+        # dalpha counts the entries at or below the threshold: exact in any of these dtypes
+        np.testing.assert_array_equal(dalpha, np.sum(z <= alpha.astype(np.float32)[:, None],
+                                                     axis=(0, 2)))

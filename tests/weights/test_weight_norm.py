@@ -347,3 +347,87 @@ def test_orthonormal_rows_keep_normalized_inputs_normalized():
     square.params["v"], _ = np.linalg.qr(rng.standard_normal((64, 64)))
     kept = np.linalg.norm(square.forward(x, training=True), axis=1)
     np.testing.assert_allclose(kept, np.linalg.norm(x, axis=1) / (1 + square.eps), rtol=1e-12)
+
+
+def test_gradients_come_back_in_the_dtypes_of_v_and_of_g():
+    # dv in v's dtype and dg in g's (the docstring's Returns), also when the two differ.
+    rng = np.random.default_rng(30)
+    v = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    g = rng.standard_normal(3)                                          # float64
+    w, cache = weight_norm_forward(v, g)
+    assert w.dtype == np.float32
+    dv, dg = weight_norm_backward(rng.standard_normal(v.shape).astype(np.float32), cache)
+    assert dv.dtype == np.float32 and dg.dtype == np.float64
+    _, cache = weight_norm_forward(v.astype(np.float64), g.astype(np.float32))
+    dv, dg = weight_norm_backward(rng.standard_normal(v.shape), cache)
+    assert dv.dtype == np.float64 and dg.dtype == np.float32
+
+
+@pytest.mark.parametrize(("dtype", "big", "remedy"),
+                         [(np.float32, 1e20, "compute in float64 or rescale v$"),
+                          (np.float64, 1e160, "rescale v$")], ids=["float32", "float64"])
+def test_a_filter_whose_squared_norm_overflows_is_refused(dtype, big, remedy):
+    # One filter of norm ~1e20 (float32) or ~1e160 (float64) among ordinary ones: its squared
+    # norm is inf, which would make that filter's W_j = g_j V_j / inf = 0 without a word
+    # (module docstring). One such filter is enough to refuse the call.
+    v = np.random.default_rng(31).standard_normal((3, 2, 3, 3))
+    v[1] *= big
+    with np.errstate(over="ignore"), pytest.raises(
+            ValueError, match=f"squared norm of a filter of v overflows {np.dtype(dtype)}.*"
+                              f"{remedy}"):
+        weight_norm_forward(v.astype(dtype), np.ones(3, dtype))
+    # a NaN weight is no overflow: it propagates to its own filter only
+    v_nan = np.ones((2, 4), dtype)
+    v_nan[0, 0] = np.nan
+    w, _ = weight_norm_forward(v_nan, np.ones(2, dtype))
+    assert np.all(np.isnan(w[0])) and np.all(np.isfinite(w[1]))
+
+
+@pytest.mark.parametrize("kernel_size", [3, None])
+def test_data_dependent_init_does_not_depend_on_the_current_gain_and_bias(kernel_size):
+    # Salimans & Kingma (2016, §3): the init takes t = V x / ||V|| (unit gain, no bias) and sets
+    # g = 1 / std(t), b = -mean(t) / std(t). A layer that has trained already (g, b away from
+    # 1 and 0) must end up with the same g and b as a freshly built one with the same V.
+    rng = np.random.default_rng(32)
+    options = {"padding": 1} if kernel_size else {}
+    fresh = refnorm.build("wn", 3, 5, kernel_size, dtype=np.float64, seed=3, **options)
+    trained = copy.deepcopy(fresh)
+    trained.params["g"] = rng.uniform(0.5, 3.0, 5) * rng.choice([-1.0, 1.0], 5)
+    trained.params["b"] = rng.uniform(-2.0, 2.0, 5)
+    x = 2 * rng.standard_normal((16, 3, 6, 6) if kernel_size else (64, 3)) + 1
+    fresh.init_from_batch(x)
+    trained.init_from_batch(x)
+    for k in ("g", "b"):
+        np.testing.assert_array_equal(trained.params[k], fresh.params[k])
+    t = trained.forward(x, training=True)
+    axes = (0, 2, 3) if kernel_size else (0,)
+    # exact by construction in float64: rounding only
+    np.testing.assert_allclose(t.mean(axis=axes), 0.0, atol=1e-12)
+    np.testing.assert_allclose(t.var(axis=axes), 1.0, rtol=1e-12)
+
+
+def test_data_dependent_init_refuses_a_bias_that_would_overflow_to_minus_infinity():
+    # float16, one input and one output, V = 1 (so W = 1 / (1 + eps) rounds to 1 and t = x):
+    # 65535 samples at 1000 and one at 1000.5 (the next float16). mean(t) ~ 1000 > 0 and
+    # std(t) = 0.5 sqrt(65535) / 65536 ~ 2e-3, so g = 1/std ~ 512 fits float16 but
+    # b = -mean/std ~ -5e5 is below -65504: b would be -inf.
+    layer = refnorm.build("wn", 1, 1, dtype=np.float16, seed=2)
+    layer.params["v"] = np.ones((1, 1), np.float16)
+    x = np.full((65536, 1), 1000.0, np.float16)
+    x[0, 0] = 1000.5
+    before = {k: a.copy() for k, a in layer.params.items()}
+    with pytest.raises(ValueError, match=r"varies too little over the batch for float16"):
+        layer.init_from_batch(x)
+    for k, a in before.items():
+        assert layer.params[k].tobytes() == a.tobytes(), k
+
+
+def test_preactivation_uses_the_layers_eps():
+    # preactivation is W(v, g) x + b with the layer's own eps (here 0.5, far from the default
+    # 1e-5): for WeightNorm it is the forward itself.
+    rng = np.random.default_rng(34)
+    layer = refnorm.build("wn", 3, 4, 3, padding=1, eps=0.5, dtype=np.float64)
+    layer.params["g"] = rng.uniform(0.5, 2.0, 4)
+    layer.params["b"] = rng.uniform(-1.0, 1.0, 4)
+    x = rng.standard_normal((2, 3, 5, 5))
+    np.testing.assert_array_equal(layer.preactivation(x), layer.forward(x, training=True))
