@@ -347,7 +347,7 @@ def refuse_overflow(x: np.ndarray, dtype: Any, *sums: np.ndarray, name: str = "x
     (:mod:`refnorm.kernels.cuda` shares it).
 
     The sums are those the reference forms in the compute dtype: of the squared deviations
-    (BN, IN, LN and GN sum the values in float64: :func:`refnorm.core.moments.moments`), and
+    (BN, IN, LN and GN sum the values in float64: ``refnorm.core.moments.moments``), and
     for SN also of the values, of the IN variances and of the spread of the IN means pooled
     into LN and BN. Where one overflows, the reference's statistic is infinite and it
     refuses, even when the statistic itself would fit (float32 inputs of 1e19: squares of
