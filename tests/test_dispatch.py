@@ -532,3 +532,183 @@ def test_weight_standardization_backward_checks_every_new_upstream_shape():
     fast = _outcome(lambda: backward(misshapen, cache, path="fast"))
     ref = _outcome(lambda: backward(misshapen, cache, path="reference"))
     assert fast == ref and ref is not None and ref[0] is ValueError
+
+
+import dataclasses  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(FORWARDS))
+def test_a_checked_signature_is_checked_again_for_another_beta_dtype(name):
+    """The signature the fast variants remember holds beta's dtype too: an integer beta
+    after a float one of the same shape is refused as the reference refuses it."""
+    forward = FORWARDS[name]
+    forward(X, G, B, path="fast")  # valid: checked and remembered
+    beta = B.astype(np.int64)
+    fast = _outcome(lambda: forward(X, G, beta, path="fast"))
+    ref = _outcome(lambda: forward(X, G, beta, path="reference"))
+    assert fast == ref and ref is not None and ref[0] is TypeError
+
+
+@pytest.mark.parametrize("name", sorted(FORWARDS))
+def test_an_eps_valid_in_float64_is_checked_again_for_a_float32_input(name):
+    """eps=1e-50 is a positive float64 but 0 in float32: after a float64 call accepted it,
+    the same call on float32 values (parameters unchanged) is refused on both paths, where
+    a constant channel would otherwise divide by zero."""
+    forward = FORWARDS[name]
+    forward(X, G, B, eps=1e-50, path="fast")  # valid in float64: remembered
+    x32 = X.astype(np.float32)
+    fast = _outcome(lambda: forward(x32, G, B, eps=1e-50, path="fast"))
+    ref = _outcome(lambda: forward(x32, G, B, eps=1e-50, path="reference"))
+    assert fast == ref and ref is not None and "rounds to 0 in float32" in ref[1]
+
+
+def test_group_norm_fast_checks_true_as_a_group_count_after_one():
+    """num_groups=True equals 1 and hashes as 1, yet a bool is not a count: the reference
+    refuses it, and so does the fast path after a valid num_groups=1."""
+    refnorm.group_norm_forward(X, G, B, num_groups=1, path="fast")
+    fast = _outcome(lambda: refnorm.group_norm_forward(X, G, B, num_groups=True, path="fast"))
+    ref = _outcome(lambda: refnorm.group_norm_forward(X, G, B, num_groups=True,
+                                                      path="reference"))
+    assert fast == ref and ref is not None and ref[0] is TypeError
+
+
+def test_group_norm_refuses_groups_of_one_value_on_both_paths():
+    """(1, 4, 1, 1) in 4 groups is one value per statistic, refused by both paths (in 2
+    groups it is two values, accepted by both)."""
+    x = X[:1, :, :1, :1]
+    outcomes = [_outcome(lambda p=p: refnorm.group_norm_forward(x, G, B, num_groups=4, path=p))
+                for p in ("fast", "reference")]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1] is not None and "more than 1 value per statistic" in outcomes[1][1]
+    for path in ("fast", "reference"):
+        refnorm.group_norm_forward(x, G, B, num_groups=2, path=path)
+
+
+@pytest.mark.parametrize("forward", ["instance_norm_forward", "instance_norm_eval_forward"])
+def test_instance_norm_refuses_an_input_without_spatial_axis_on_both_paths(forward):
+    """IN normalizes each sample's channel over its spatial positions: an (N, C) input has
+    none, and both paths refuse it for its layout, in training and at inference (where no
+    count check would catch it)."""
+    x = X[:, :, 0, 0]
+    stats = () if forward == "instance_norm_forward" else (np.zeros(4), np.ones(4))
+    call = getattr(refnorm, forward)
+    outcomes = [_outcome(lambda p=p: call(x, G, B, *stats, path=p))
+                for p in ("fast", "reference")]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1] is not None and "with a spatial axis" in outcomes[1][1]
+
+
+def test_switchable_norm_fast_checks_the_bn_scope_in_training_after_inference():
+    """Inference takes the BN scope's statistics as given, so one sample of (N, C) values is
+    fine there; training would compute them over one value each and must refuse, on both
+    paths, also after the same arguments passed the inference checks."""
+    options = SwitchableOptions(scopes=("ln", "bn"))
+    x = np.random.default_rng(0).standard_normal((1, 4))
+    logits = np.zeros(2)
+    refnorm.switchable_norm_eval_forward(x, G, B, logits, logits, np.zeros(4), np.ones(4),
+                                         options=options, path="fast")
+    outcomes = [_outcome(lambda p=p: refnorm.switchable_norm_forward(
+        x, G, B, logits, logits, options=options, path=p)) for p in ("fast", "reference")]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1] is not None and "the BN scope needs more than 1 value" in outcomes[1][1]
+
+
+def test_switchable_norm_fast_checks_the_logits_shape_after_a_valid_call():
+    """Two control parameters for the three default scopes, after a valid call with three:
+    both paths refuse with the reference's message (the kernels would index past them)."""
+    FORWARDS["sn"](X, G, B, path="fast")  # valid: checked and remembered
+    short = np.zeros(2)
+    outcomes = [_outcome(lambda p=p: refnorm.switchable_norm_forward(X, G, B, short, short,
+                                                                     path=p))
+                for p in ("fast", "reference")]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1] is not None and "mean_logits must have shape (3,)" in outcomes[1][1]
+
+
+def test_the_switchable_cache_holds_a_copy_of_x_on_both_paths():
+    """SN's cache keeps h, the input in the compute dtype, never a view of the caller's x
+    (refnorm.norms.switchable_norm.prepare_inputs copies): editing x in place after the
+    forward changes nothing the cache holds."""
+    x = X.copy()
+    logits = np.zeros(3)
+    for path in ("reference", "fast"):
+        _, cache = refnorm.switchable_norm_forward(x, G, B, logits, logits, path=path)
+        assert not np.shares_memory(cache.h, x), path
+
+
+def _mixed_precision_arguments():
+    """float16 activations with float32 parameters and running statistics and float64
+    logits, as a mixed-precision layer holds its state wider than its activations."""
+    rng = np.random.default_rng(0)
+    x = (3 + rng.standard_normal((3, 4, 5, 6))).astype(np.float16)
+    gamma = (1 + 0.1 * rng.standard_normal(4)).astype(np.float32)
+    beta = (0.1 * rng.standard_normal(4)).astype(np.float32)
+    # a running mean of 3 + 3e-4 (float16 holds 3.0 or 3.002 there) and a small running
+    # variance: rounding them to float16 would move y by about a tenth
+    mean = np.full(4, 3.0003, np.float32)
+    var = np.full(4, 1e-4, np.float32)
+    logits = rng.standard_normal(3)
+    return x, gamma, beta, mean, var, logits
+
+
+MIXED = {
+    "bn": lambda p, x, g, b, m, v, lg: refnorm.batch_norm_forward(x, g, b, path=p),
+    "in": lambda p, x, g, b, m, v, lg: refnorm.instance_norm_forward(x, g, b, path=p),
+    "ln": lambda p, x, g, b, m, v, lg: refnorm.layer_norm_forward(x, g, b, path=p),
+    "gn": lambda p, x, g, b, m, v, lg: refnorm.group_norm_forward(x, g, b, num_groups=2,
+                                                                  path=p),
+    "bn eval": lambda p, x, g, b, m, v, lg: refnorm.batch_norm_eval_forward(x, g, b, m, v,
+                                                                             path=p),
+    "in eval": lambda p, x, g, b, m, v, lg: refnorm.instance_norm_eval_forward(x, g, b, m, v,
+                                                                                path=p),
+    "sn": lambda p, x, g, b, m, v, lg: refnorm.switchable_norm_forward(x, g, b, lg, -lg,
+                                                                       path=p),
+    "sn eval": lambda p, x, g, b, m, v, lg: refnorm.switchable_norm_eval_forward(
+        x, g, b, lg, -lg, m, v + 1, path=p),
+}
+MIXED_BACKWARDS = {"bn": refnorm.batch_norm_backward, "in": refnorm.instance_norm_backward,
+                   "ln": refnorm.layer_norm_backward, "gn": refnorm.group_norm_backward,
+                   "sn": refnorm.switchable_norm_backward}
+
+
+def _assert_same_layout(fast, ref, where="cache"):
+    """The fast cache holds the reference cache's fields: arrays of the same shapes and
+    dtypes (statistics and parameters in the compute dtype), the same other entries."""
+    if dataclasses.is_dataclass(ref):
+        for field in dataclasses.fields(ref):
+            _assert_same_layout(getattr(fast, field.name), getattr(ref, field.name),
+                                f"{where}.{field.name}")
+    elif isinstance(ref, dict):
+        assert set(fast) == set(ref), where
+        for key in ref:
+            _assert_same_layout(fast[key], ref[key], f"{where}[{key!r}]")
+    elif isinstance(ref, np.ndarray):
+        assert (fast.shape, fast.dtype) == (ref.shape, ref.dtype), where
+    else:
+        assert fast == ref, where
+
+
+@pytest.mark.parametrize("name", sorted(MIXED))
+def test_mixed_precision_arguments_give_the_references_values_and_dtypes(name):
+    """float16 x with float32 parameters and statistics (and float64 logits): both paths
+    compute in float32 from the parameters and statistics as given (not rounded to
+    float16), keep the same cache fields in the same dtypes, and return y and dx in
+    float16, the parameter gradients in float32 and the logit gradients in float64."""
+    args = _mixed_precision_arguments()
+    x = args[0]
+    dy = np.random.default_rng(9).standard_normal(x.shape).astype(np.float16)
+    backward = MIXED_BACKWARDS[name.split()[0]]
+    out, caches = {}, {}
+    for path in ("reference", "fast"):
+        y, caches[path] = MIXED[name](path, *args)
+        out[path] = (y, *backward(dy, caches[path], path=path))
+    _assert_same_layout(caches["fast"], caches["reference"])
+    for i, (fast, ref) in enumerate(zip(out["fast"], out["reference"], strict=True)):
+        assert fast.dtype == ref.dtype, (i, fast.dtype, ref.dtype)
+        # float32 arithmetic on both sides in another order, rounded once to the output's
+        # dtype: a few of its spacings at the largest value (float16 for y and dx), and
+        # float32 rounding of sums that cancel for the others
+        scale = float(np.max(np.abs(ref.astype(np.float64))))
+        tol = max(4 * float(np.spacing(np.asarray(scale, ref.dtype))), 2e-5 * scale)
+        np.testing.assert_allclose(fast.astype(np.float64), ref.astype(np.float64),
+                                   rtol=0, atol=tol, err_msg=f"output {i}")

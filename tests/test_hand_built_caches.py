@@ -120,3 +120,16 @@ def test_the_forwards_caches_pass_the_checks_on_both_paths():
                                               path="fast")
     np.testing.assert_allclose(batch_norm.batch_norm_backward(y, c, path="fast")[0],
                                batch_norm.batch_norm_backward(y, c, path="reference")[0])
+
+
+def test_a_group_count_edited_after_a_valid_backward_is_still_refused():
+    """The fast backward remembers the signatures it checked, the cache's group count among
+    them: after the forward's own cache passed, the same arrays under another num_groups
+    are refused (the kernels would take the groups from rstd's shape and return another
+    group count's gradient)."""
+    y, c = group_norm.group_norm_forward(X, ONES, ZEROS, num_groups=4)
+    group_norm.group_norm_backward(y, c, path="fast")  # valid: remembered
+    with pytest.raises(ValueError, match=r"num_groups \(3\) must divide"):
+        group_norm.group_norm_backward(y, R(c, num_groups=3), path="fast")
+    with pytest.raises(ValueError, match="rstd must hold 64 values"):
+        group_norm.group_norm_backward(y, R(c, num_groups=8), path="fast")

@@ -75,3 +75,21 @@ def test_a_folder_others_can_write_is_never_used(unwritable_install, tmp_path):
     fresh = [p for p in tmp_path.glob("refnorm-numba-cache-*") if p != planted]
     assert len(fresh) == 1 and stat.S_IMODE(fresh[0].stat().st_mode) == 0o700
     assert cached(fresh[0])
+
+
+def test_the_private_cache_folder_is_not_one_its_group_can_write(tmp_path, monkeypatch):
+    """numba loads its cache's files as code: a folder of the private name that the user's
+    group (or anyone) may write is never used; a fresh 0700 folder is made instead, and the
+    user's own 0700 folder is kept."""
+    from refnorm.kernels import norms
+
+    monkeypatch.setattr(norms.tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"refnorm-numba-cache-{os.getuid()}"
+    planted.mkdir()
+    for mode in (0o770, 0o707):
+        planted.chmod(mode)
+        chosen = norms.private_cache_folder()
+        assert chosen != str(planted), oct(mode)
+        assert stat.S_IMODE(os.stat(chosen).st_mode) == 0o700
+    planted.chmod(0o700)
+    assert norms.private_cache_folder() == str(planted)

@@ -272,3 +272,42 @@ def test_float16_computes_in_float32_and_returns_float16():
     assert rel_err(x_hat, cache.x_hat) < 1e-5  # float32 arithmetic on both sides
     # y is rounded to float16 by both (eps16 = 9.8e-4): at most one float16 ulp apart
     assert rel_err(y, want_y) < 2e-3
+
+
+from refnorm.kernels import norms as kernel_norms  # noqa: E402
+
+
+def test_switchable_statistics_merge_a_last_chunk_shorter_than_the_others():
+    """SN's moments come in chunks of a plane merged by Chan's formula: with planes of 5
+    values cut into chunks of 3, the last chunk holds two values (its own mean, its own
+    weight in the merge). Every scope's mean and variance equal numpy's in float64.
+    (The drawn cases reach such a chunk only by chance: most drawn chunks divide S.)"""
+    rng = np.random.default_rng(0)
+    x = 3 + rng.standard_normal((2, 4, 5)) * np.arange(1, 6)   # (N, C, S), S = 5
+    with chunking(("never", (3, 3), False)):  # chunks of 3 values, whatever the threads
+        k = kernels.sn_forward(x, np.ones(4), np.zeros(4), np.ones(3) / 3, np.ones(3) / 3,
+                               eps=1e-5, scopes=("in", "ln", "bn"))
+    for scope, axes in (("in", (2,)), ("ln", (1, 2)), ("bn", (0, 2))):
+        np.testing.assert_allclose(k.mu[scope], x.mean(axis=axes, keepdims=True),
+                                   rtol=1e-13, err_msg=scope)
+        np.testing.assert_allclose(k.var[scope], x.var(axis=axes, keepdims=True),
+                                   rtol=1e-12, err_msg=scope)
+
+
+def test_the_work_layout_follows_the_documented_rules(monkeypatch):
+    """refnorm.kernels.norms: one task per statistic where the units keep every thread busy
+    and fit the L2 cache; (plane, chunk) tasks for BN beyond BN_UNITS_UP_TO samples (its
+    channels' planes lie a sample apart) and for units beyond MAX_UNIT values; UNIT_PATH
+    forces either."""
+    monkeypatch.setattr(kernel_norms, "UNIT_PATH", "auto")
+    many = 4 * kernel_norms.threads()                   # units enough for every thread
+    few_samples = kernel_norms.BN_UNITS_UP_TO
+    assert kernel_norms._use_units(many, 1024, 1, 2)    # LN rows, small: one task each
+    assert kernel_norms._use_units(many, 1024, 0, few_samples)
+    assert not kernel_norms._use_units(many, 1024, 0, few_samples + 1)
+    assert kernel_norms._use_units(many, kernel_norms.MAX_UNIT, 4, 2)
+    assert not kernel_norms._use_units(many, kernel_norms.MAX_UNIT + 1, 4, 2)
+    monkeypatch.setattr(kernel_norms, "UNIT_PATH", "never")
+    assert not kernel_norms._use_units(many, 1024, 1, 2)
+    monkeypatch.setattr(kernel_norms, "UNIT_PATH", "always")
+    assert kernel_norms._use_units(many, kernel_norms.MAX_UNIT + 1, 0, 64)

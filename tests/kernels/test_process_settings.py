@@ -75,3 +75,61 @@ def test_a_small_kernel_call_leaves_numbas_thread_count_as_it_was():
     kernels.bn_forward(x, np.ones(3), np.zeros(3), 1e-5)   # far below SERIAL_BELOW
     assert numba.get_num_threads() == before
     assert norms.threads() == before
+
+
+def _pool_or_skip():
+    """numba's thread count once the kernels are loaded; skip where it is 1 (a serial and a
+    parallel launch then look the same)."""
+    import numba
+
+    from refnorm.kernels import norms
+
+    norms.loops()
+    pool = numba.get_num_threads()
+    if pool == 1:
+        pytest.skip("numba runs on one thread here: serial and parallel look the same")
+    return pool
+
+
+def test_launch_runs_a_small_loop_on_the_calling_thread_and_a_large_one_on_every_thread():
+    """launch(): a loop that moves fewer than SERIAL_BELOW values runs on the calling thread
+    alone (waking the pool costs more than it saves), a larger one on numba's whole pool."""
+    import numba
+
+    from refnorm.kernels import norms
+
+    pool = _pool_or_skip()
+
+    def threads_seen():
+        return numba.get_num_threads()
+
+    assert norms.launch(threads_seen, norms.SERIAL_BELOW - 1) == 1
+    assert norms.launch(threads_seen, norms.SERIAL_BELOW) == pool
+    assert numba.get_num_threads() == pool
+
+
+def test_a_small_loop_that_raises_leaves_numbas_thread_count_as_it_was():
+    """The thread count launch() lowers for a small loop is put back even when the loop
+    raises: the next large loop (and the user's own numba code) still gets every thread."""
+    import numba
+
+    from refnorm.kernels import norms
+
+    pool = _pool_or_skip()
+
+    def failing_loop():
+        raise ZeroDivisionError("raised inside the loop")
+
+    with pytest.raises(ZeroDivisionError, match="raised inside the loop"):
+        norms.launch(failing_loop, 10)
+    assert numba.get_num_threads() == pool
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator setting is glibc's")
+@pytest.mark.parametrize("variable", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                      "MALLOC_ARENA_MAX"])
+def test_any_of_glibcs_own_malloc_variables_leaves_the_allocator_alone(variable):
+    """A user who tunes glibc's allocator through its environment variables keeps that
+    tuning: keep_freed_memory() changes nothing when any of them is set."""
+    code = "from refnorm.kernels.norms import keep_freed_memory; print(keep_freed_memory())"
+    assert run(code, **{variable: "2"}) == "False"

@@ -579,3 +579,40 @@ def test_ratios_of_large_control_parameters_do_not_overflow():
     for path in ("reference", "fast"):
         y, _ = switchable_norm_forward(x, one, zero, big, big, path=path)
         np.testing.assert_allclose(y, refnorm.batch_norm_forward(x, one, zero)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_hard_ratios_take_the_mean_and_the_variance_from_their_own_scopes(path):
+    """hard=True: Eq. (5)'s softmax becomes the one-hot argmax of each set of control
+    parameters on its own. Mean logits that pick LN and variance logits that pick IN give
+    (x - mu_ln) / sqrt(sigma_in^2 + eps), on both paths, and no logit gradient."""
+    rng = np.random.default_rng(4)
+    x = 5 * rng.standard_normal((3, 4, 3, 3)) + 12
+    mean_logits, var_logits = np.array([0.1, 2.0, -1.0]), np.array([1.5, -0.3, 0.2])
+    y, cache = switchable_norm_forward(x, np.ones(4), np.zeros(4), mean_logits, var_logits,
+                                       options=SwitchableOptions(hard=True), path=path)
+    np.testing.assert_array_equal(cache.w_mean, [0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(cache.w_var, [1.0, 0.0, 0.0])
+    mu_ln = x.mean(axis=(1, 2, 3), keepdims=True)
+    var_in = x.var(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose(y, (x - mu_ln) / np.sqrt(var_in + 1e-5), rtol=0, atol=1e-11)
+    grads = switchable_norm_backward(rng.standard_normal(x.shape), cache, path=path)
+    np.testing.assert_array_equal(grads.dmean_logits, np.zeros(3))
+    np.testing.assert_array_equal(grads.dvar_logits, np.zeros(3))
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_hard_ratios_at_inference_take_the_variance_from_its_own_scope(path):
+    """The same at inference, where the BN scope's statistics are given: variance logits
+    that pick BN normalize by the given running variance, mean logits that pick IN by each
+    sample's own mean."""
+    rng = np.random.default_rng(5)
+    x = 5 * rng.standard_normal((3, 4, 3, 3)) + 12
+    mean, var = 12 + rng.standard_normal(4), 1 + rng.random(4)
+    mean_logits, var_logits = np.array([2.0, 0.1, -1.0]), np.array([-1.0, 0.2, 1.5])
+    y, _ = switchable_norm_eval_forward(x, np.ones(4), np.zeros(4), mean_logits, var_logits,
+                                        mean, var, options=SwitchableOptions(hard=True),
+                                        path=path)
+    mu_in = x.mean(axis=(2, 3), keepdims=True)
+    want = (x - mu_in) / np.sqrt(var[None, :, None, None] + 1e-5)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-11)
