@@ -152,6 +152,19 @@ else:
 
     _patch_simulator_shared_arrays()
 
+    def _create_the_kernels_warning_registry() -> None:
+        """Each simulated thread that calls a device function reads through the kernels'
+        module globals (numba 0.68's ``swapped_cuda_module`` iterates them), while the first
+        warning a kernel's arithmetic raises (an overflow in a scalar multiply, as the means
+        beyond 1e154 below do) makes Python add ``__warningregistry__`` to those same
+        globals: a thread iterating them then failed, rarely, with "dictionary changed size
+        during iteration". The registry Python would create, made before any kernel runs."""
+        import refnorm.kernels._cuda_loops as loops
+
+        vars(loops).setdefault("__warningregistry__", {})
+
+    _create_the_kernels_warning_registry()
+
     EPS = 1e-5
     EXAMPLES = 10  # per property: the simulator costs 0.1-0.3 s per forward+backward
 
