@@ -10,6 +10,7 @@ import pytest
 import refnorm
 from refnorm.core.running import BatchStatistics
 from refnorm.inference import batch_average, merge_batch_statistics
+from refnorm.sync.comm import InProcessGroup
 
 
 def test_batch_average_is_exported_at_the_top_level():
@@ -82,3 +83,37 @@ def test_merge_is_the_law_of_total_variance():
     everything = np.concatenate(parts)
     np.testing.assert_allclose(mean, everything.mean(axis=0), rtol=1e-13)
     np.testing.assert_allclose(var, everything.var(axis=0), rtol=1e-12)
+
+
+def _records(parts):
+    return [BatchStatistics(len(p), p.mean(axis=0), p.var(axis=0)) for p in parts]
+
+
+def test_merge_over_devices_with_unequal_counts_is_the_population_of_all_values():
+    """Device 0 fed batches of 2 and 5 values per channel, device 1 one batch of 9: the
+    merged statistics are those of all 16 values, on both devices (the counts are summed
+    over the devices, not assumed equal)."""
+    rng = np.random.default_rng(5)
+    parts = [rng.standard_normal((n, 3)) * 2 + 4 for n in (2, 5, 9)]
+    per_device = [_records(parts[:2]), _records(parts[2:])]
+    results = InProcessGroup.run(2, lambda comm, records: merge_batch_statistics(records,
+                                                                                comm=comm),
+                                 per_device)
+    everything = np.concatenate(parts)
+    for mean, var in results:
+        np.testing.assert_allclose(mean, everything.mean(axis=0), rtol=1e-13)
+        np.testing.assert_allclose(var, everything.var(axis=0), rtol=1e-12)
+
+
+def test_merge_is_in_float64_whatever_the_records_dtype():
+    """float32 batch means far from 0 (about 1000, 0.003 apart): the merge, and the spread of
+    the batch means in it, are float64, as documented, not the records' float32."""
+    rng = np.random.default_rng(6)
+    parts = [(rng.standard_normal((64, 2)) * 0.01 + 1000 + 0.003 * i) for i in range(4)]
+    records = [BatchStatistics(len(p), p.mean(axis=0).astype(np.float32),
+                               p.var(axis=0).astype(np.float32)) for p in parts]
+    mean, var = merge_batch_statistics(records)
+    assert mean.dtype == np.float64 and var.dtype == np.float64
+    exact = np.mean([np.asarray(r.var, np.float64) for r in records], axis=0) + np.var(
+        [np.asarray(r.mean, np.float64) for r in records], axis=0)
+    np.testing.assert_allclose(var, exact, rtol=1e-9)

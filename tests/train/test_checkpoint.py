@@ -14,7 +14,8 @@ from refnorm.train.checkpoint import CHECKPOINT, FORMAT, CheckpointError, load_c
 from refnorm.train.config import TrainConfig
 from refnorm.train.evaluate import predict
 from refnorm.train.finite import NonFinite
-from refnorm.train.loop import train
+from refnorm.train.loop import build_model, train
+from refnorm.train.optim import SGD
 from refnorm.train.position import Position
 from tests.train.conftest import TINY, config, fresh, sn_layers
 
@@ -43,7 +44,6 @@ def _edit_array(key, change):
 def _no_meta(arrays, meta):
     meta.clear()
     meta["_drop"] = True
-
 
 
 def test_corrupted_checkpoint(tmp_path):
@@ -183,7 +183,6 @@ def test_checkpoint_without_meta_is_refused(tmp_path):
         train(config(), out=tmp_path, resume=True, progress=False)
 
 
-
 def test_a_checkpoint_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path,
                                                                              tiny_data):
     # Opening a FIFO for reading blocks until a writer comes: it must never be opened.
@@ -280,3 +279,76 @@ def test_a_resumed_run_refuses_other_data_than_its_checkpoints(tmp_path, tiny_da
         np.savez(f, **arrays)
     result = train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
     assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+def _rewrite(path, edit):
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    edit(arrays, meta)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, tiny_data):
+    """The device a run trained on is not part of what must match: a checkpoint holds numpy
+    arrays whatever the device (save_checkpoint), so a run of --device gpu continues on the
+    CPU (and the other way round) with the rest of its configuration the same."""
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    _rewrite(tmp_path / CHECKPOINT, lambda arrays, meta: meta["config"].update(device="gpu"))
+    model = build_model(cfg, tiny_data)
+    opt = SGD(model, lr=cfg.lr, momentum=cfg.momentum)
+    position = load_checkpoint(tmp_path / CHECKPOINT, cfg, model, opt)
+    assert (position.epoch, position.step) == (1, 0)
+    with pytest.raises(CheckpointError, match=r"another configuration; norm: checkpoint 'bn', "
+                                              r"this run 'gn'"):
+        load_checkpoint(tmp_path / CHECKPOINT, dataclasses.replace(cfg, norm="gn"), model, opt)
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("state/1/running_var", r": state/1/running_var holds inf$"),
+    ("velocity/0/w", r": velocity/0/w holds inf$"),
+])
+def test_a_checkpoint_with_a_non_finite_state_or_momentum_is_refused(tmp_path, tiny_data, key,
+                                                                     message):
+    """Not only the parameters: an infinite running variance or momentum would be restored
+    and poison the next step; the checkpoint is refused by the array's name."""
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    path = tmp_path / CHECKPOINT
+
+    def poison(arrays, meta):
+        a = arrays[key].copy()
+        a.flat[0] = np.inf
+        arrays[key] = a
+
+    _rewrite(path, poison)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path}{message}"):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+
+
+def test_a_checkpoint_with_negative_running_totals_is_refused(tmp_path, tiny_data):
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    path = tmp_path / CHECKPOINT
+    _rewrite(path, lambda arrays, meta: meta["totals"].update(samples=-4))
+    with pytest.raises(CheckpointError, match=r"metadata 'totals' must hold finite numbers >= 0 "
+                                              r"for exactly loss, correct, samples; got "):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+
+
+def test_restoring_a_checkpoint_drops_every_layers_cache(tmp_path, tiny_data):
+    """A model that ran a forward, then took a checkpoint's parameters and state, must not
+    run a backward on the old forward's cache (its gradients would belong to other
+    parameters): every layer's backward asks for a new forward."""
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    model = build_model(cfg, tiny_data)
+    opt = SGD(model, lr=cfg.lr, momentum=cfg.momentum)
+    model.forward(tiny_data.x_train[:4], training=True)
+    load_checkpoint(tmp_path / CHECKPOINT, cfg, model, opt)
+    for layer in model.layers():
+        with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
+            layer.backward(np.zeros(1, np.float32))

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -39,11 +40,12 @@ def data():
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """Fails the test if a step is taken: the folder must be refused before training."""
+    """Fails the test if an optimizer step starts: the folder must be refused before
+    training (the loop's steps go through ``run_step``)."""
     def step(*args, **kwargs):
         raise AssertionError("a training step ran before the folder was checked")
 
-    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(loop, "run_step", step)
 
 
 def _no_leftovers(path: Path) -> None:
@@ -338,3 +340,25 @@ def test_a_stale_lock_with_a_longer_line_is_rewritten_whole(tmp_path):
     with FolderLock(tmp_path, notice=notices.append):
         assert (tmp_path / LOCK).read_text() == f"{os.getpid()}\n"
     assert len(notices) == 1 and "pid 40000000000" in notices[0]
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "metrics.csv", "curves.png"])
+def test_a_folder_where_an_output_file_goes_is_refused_before_training(tmp_path, data, no_training,
+                                                                        name):
+    (tmp_path / name).mkdir()
+    with pytest.raises(OutputFolderError, match=rf"{name} is a folder, where the run writes "
+                                                rf"its {name} file"):
+        train(CONFIG, out=tmp_path, progress=False, data=data)
+
+
+def test_an_atomic_write_gives_the_file_the_mode_open_would(tmp_path):
+    """mkstemp creates its files 0600; the file put in place must have what open() gives
+    under the process's umask (0644 under 022), as a plain file has."""
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "metrics.json", lambda f: f.write(b"{}"))
+        (tmp_path / "plain").write_bytes(b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o644

@@ -4,18 +4,21 @@ and the promised errors."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
 import pytest
 
+import refnorm
 from refnorm.train import checkpoint, loop
 from refnorm.train.checkpoint import CHECKPOINT, CheckpointError
 from refnorm.train.config import TrainConfig
 from refnorm.train.finite import NonFinite
-from refnorm.train.folder import atomic_write
+from refnorm.train.folder import OutputFolderError, atomic_write, check_room
 from refnorm.train.loop import train, train_step
 from refnorm.train.optim import SGD
+from refnorm.train.parallel import epoch_steps, statistic_parts
 from tests.train.conftest import TINY, config, fresh, params_of
 
 
@@ -302,8 +305,6 @@ def test_ctrl_c_inside_a_step_undoes_it(monkeypatch, where):
 # -- nothing non-finite is kept -------------------------------------------------------------------
 
 
-
-
 def _blow_up_after(epoch_step):
     """An on_step hook that makes BN's running variance infinite at ``epoch_step``, as a
     running average can overflow: training-mode steps use batch statistics, so the loss
@@ -406,11 +407,9 @@ def test_unusable_data_is_refused_before_training(tiny_data, monkeypatch, change
     def step(*args, **kwargs):
         raise AssertionError("a training step ran")
 
-    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(loop, "run_step", step)  # every step of train() goes through it
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(**TINY), progress=False, data=change(tiny_data))
-
-
 
 
 def test_a_normalizer_of_ones_own_trains_as_the_registered_one(tiny_data):
@@ -518,3 +517,131 @@ def test_running_totals_add_field_by_field():
         total = total + step
     assert total == Totals(11.0, 6, 10)
     assert (total.mean_loss(), total.accuracy()) == (1.1, 0.6)
+
+
+def test_a_training_set_of_exactly_one_update_trains(tiny_data):
+    """devices x batch_size x accumulation samples are one update: enough for a run."""
+    cfg = TrainConfig(**{**TINY, "epochs": 1})
+    data = dataclasses.replace(tiny_data, x_train=tiny_data.x_train[:cfg.update_size],
+                               y_train=tiny_data.y_train[:cfg.update_size])
+    steps = []
+    result = train(cfg, progress=False, data=data,
+                   on_step=lambda epoch, step, model: steps.append((epoch, step)))
+    assert steps == [(0, 1)] and len(result.history) == 1
+
+
+def test_a_group_of_one_channel_on_a_one_pixel_map_is_refused():
+    """GN's statistic spans C/G channels of one sample (Wu & He, 2018, Eq. (1), the set S_i of
+    a group): with G = C on a 1x1 map it is one value, refused before training; G = C/2
+    keeps two."""
+    from refnorm.train.loop import _check_statistics
+
+    with pytest.raises(ValueError, match=r"images of 4x4 leave 1x1 maps at block 3, where "
+                                         r"--norm gn computes each statistic over one sample's "
+                                         r"maps of a group of C/G channels: one value"):
+        _check_statistics(TrainConfig(norm="gn", num_groups=32, widths=(32, 32, 32)), (4, 4))
+    _check_statistics(TrainConfig(norm="gn", num_groups=16, widths=(32, 32, 32)), (4, 4))
+
+
+def test_the_room_check_asks_for_at_least_what_the_run_writes(tmp_path, tiny_data, monkeypatch):
+    """A disk with room for the metrics but not for the checkpoint must be found before the
+    first step: the room tried is at least the checkpoint and the other outputs together
+    (widths (64, 64): a checkpoint larger than the 256 KiB the outputs beside it get)."""
+    asked = []
+
+    def spy(folder, nbytes):
+        asked.append(nbytes)
+        return check_room(folder, nbytes)
+
+    monkeypatch.setattr(loop, "check_room", spy)
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "widths": (64, 64)})
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    written = sum((tmp_path / name).stat().st_size
+                  for name in (CHECKPOINT, "metrics.json", "metrics.csv", "curves.png"))
+    assert len(asked) == 1 and asked[0] >= written, (asked, written)
+
+
+def test_a_normalizer_of_ones_own_keeps_a_short_last_step_only_with_two_samples_per_shard(
+        tiny_data):
+    """The loop cannot know over what a layer of one's own takes its statistics: it asks, as
+    for per-device BN, two samples of every device's every micro-batch
+    (statistic_parts(None, ...)), whatever config.norm names. 21 samples on 2 devices x 4 x 2:
+    one full step of 16 and a rest of 5, left out; registered GN (per sample) keeps it."""
+    cfg = TrainConfig(**{**TINY, "norm": "gn", "num_groups": 2, "devices": 2, "epochs": 1})
+    data = dataclasses.replace(tiny_data, x_train=tiny_data.x_train[:21],
+                               y_train=tiny_data.y_train[:21])
+    assert epoch_steps(21, cfg.update_size, statistic_parts(None, 2, 2)) == [16]
+    assert epoch_steps(21, cfg.update_size, statistic_parts("gn", 2, 2)) == [16, 5]
+    seen = []
+
+    def hook(epoch, step, model):
+        seen.append(step)
+
+    own_gn = functools.partial(refnorm.build, "gn", num_groups=2)
+    train(cfg, progress=False, data=data, norm_layer=own_gn, on_step=hook)
+    assert max(seen) == 1
+    seen.clear()
+    train(cfg, progress=False, data=data, on_step=hook)
+    assert max(seen) == 2
+
+
+def test_an_os_error_on_one_device_is_an_output_folder_error_on_every_device():
+    """together(): a device's OSError (its file system refusing a write) reaches every device
+    as an OutputFolderError naming that device, as the run's errors promise."""
+    from refnorm.sync.comm import InProcessGroup
+    from refnorm.train.loop import together
+
+    def work(rank):
+        if rank == 1:
+            raise PermissionError(13, "Permission denied")
+        return rank
+
+    def device(comm):
+        try:
+            together(comm, "the output folder", lambda: work(comm.rank))
+        except Exception as exc:  # every device's own view, compared below
+            return type(exc), str(exc)
+        return None
+
+    seen = InProcessGroup.run(2, device)
+    assert seen == [(OutputFolderError, "device 1: [Errno 13] Permission denied")] * 2
+
+
+def test_an_epochs_training_loss_and_accuracy_are_over_its_own_steps(tiny_data, monkeypatch):
+    """train_loss and train_acc_running of epoch e are the mean cross-entropy and the
+    fraction right over the samples of epoch e's steps, in training mode: not a sum running
+    on from the epochs before."""
+    steps = []
+    real = loop.local_step
+
+    def spy(model, batches, *, total):
+        grads, totals, problem = real(model, batches, total=total)
+        steps.append(totals)
+        return grads, totals, problem
+
+    monkeypatch.setattr(loop, "local_step", spy)
+    result = train(TrainConfig(**TINY), progress=False, data=tiny_data)  # 2 epochs of 4 steps
+    assert len(steps) == 8
+    for row, epoch in zip(result.history, (steps[:4], steps[4:]), strict=True):
+        samples = sum(t.samples for t in epoch)
+        assert samples == len(tiny_data.y_train)
+        assert row["train_loss"] == pytest.approx(sum(t.loss for t in epoch) / samples,
+                                                  rel=1e-12)
+        assert row["train_acc_running"] == sum(t.correct for t in epoch) / samples
+
+
+def test_a_stop_inside_a_later_epoch_saves_where_it_stopped(tmp_path, tiny_data):
+    """The checkpoint of epoch 1's end is not the stop's: a run stopped after step 2 of epoch
+    2 saves that boundary, and resumes from it (steps 3 and 4 of epoch 2 only)."""
+    def stop(epoch, step, model):
+        if (epoch, step) == (1, 2):
+            raise KeyboardInterrupt
+
+    cfg = TrainConfig(**TINY)
+    assert train(cfg, out=tmp_path, progress=False, data=tiny_data, on_step=stop).interrupted
+    meta = checkpoint.read_checkpoint(tmp_path / CHECKPOINT).meta
+    assert (meta["epoch"], meta["step"]) == (1, 2)
+    steps = []
+    train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data,
+          on_step=lambda epoch, step, model: steps.append((epoch, step)))
+    assert steps == [(1, 3), (1, 4)]

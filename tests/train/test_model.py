@@ -159,3 +159,16 @@ def test_without_the_input_gradient_the_parameter_gradients_are_the_same(weight,
 def test_input_grad_must_be_a_bool():
     with pytest.raises(TypeError, match="input_grad must be a bool"):
         ConvNet(in_channels=1, num_classes=3, input_grad=0)
+
+
+@pytest.mark.parametrize("weight", [None, "ws", "wn"])
+def test_blocks_of_the_same_shape_start_from_different_weights(weight):
+    """Each block's convolution is seeded apart (seed + block): two 8 -> 8 blocks drawing the
+    same initial weights would start as copies of each other."""
+    model = ConvNet(in_channels=1, num_classes=10, norm="bn", weight=weight, widths=(8, 8, 8),
+                    seed=3)
+    convs = [layer for layer in model.layers() if "w" in layer.params or "v" in layer.params]
+    key = "v" if weight == "wn" else "w"
+    second, third = convs[1].params[key], convs[2].params[key]
+    assert second.shape == third.shape
+    assert not np.array_equal(second, third)

@@ -338,3 +338,12 @@ def test_shard_r_is_the_floor_split(n, size):
 
     for rank in range(size):
         assert shard(n, rank, size) == slice(rank * n // size, (rank + 1) * n // size)
+
+
+def test_a_normalizer_of_ones_own_needs_two_samples_in_every_shard():
+    """statistic_parts(None, ...): the loop cannot know a layer of one's own statistics, so it
+    asks, as for per-device BN, two samples of every device's every micro-batch."""
+    from refnorm.train.parallel import statistic_parts
+
+    assert statistic_parts(None, 4, 2) == statistic_parts("bn", 4, 2) == 8
+    assert statistic_parts("gn", 4, 2) == statistic_parts("syncbn", 4, 2) == 2
