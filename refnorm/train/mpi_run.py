@@ -39,7 +39,10 @@ def main(config_json: str, out: str) -> int:
             train(TrainConfig(**fields), out=out, progress=False, comm=comm)
         except (NonFinite, CheckpointError, OutputFolderError, ValueError, OSError) as exc:
             if comm.rank == 0:
-                Path(out, ERROR).write_text(json.dumps(error_record(exc)))
+                try:
+                    Path(out, ERROR).write_text(json.dumps(error_record(exc)))
+                except OSError:  # OUT itself refused: the launcher reads the status alone
+                    print(f"refnorm train: error: {exc}", file=sys.stderr)
             return 3 if isinstance(exc, NonFinite) else 2
     return 0
 
