@@ -127,6 +127,17 @@ def test_save_checkpoint_refuses_non_finite_arrays(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def _rewrite(path, edit):
+    """Apply ``edit(arrays, meta)`` to the checkpoint at ``path``, as a hand edit would."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    edit(arrays, meta)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     (_edit_meta("epoch", _DROP), r": its metadata lacks 'epoch'$"),
     (_edit_meta("step", "3"), r": metadata 'step' must be a int; got '3'$"),
@@ -164,13 +175,7 @@ def test_hand_edited_checkpoint_is_refused_by_name(tmp_path, tiny_data, edit, me
     cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
     train(cfg, out=tmp_path, progress=False, data=tiny_data)
     path = tmp_path / CHECKPOINT
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(arrays["meta"].tobytes().decode())
-    edit(arrays, meta)
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    _rewrite(path, edit)
     with pytest.raises(CheckpointError, match=rf"^checkpoint {path}{message}"):
         train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
 
@@ -279,16 +284,6 @@ def test_a_resumed_run_refuses_other_data_than_its_checkpoints(tmp_path, tiny_da
         np.savez(f, **arrays)
     result = train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
     assert [row["epoch"] for row in result.history] == [1, 2]
-
-
-def _rewrite(path, edit):
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(arrays["meta"].tobytes().decode())
-    edit(arrays, meta)
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
 
 
 def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, tiny_data):
