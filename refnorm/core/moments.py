@@ -5,12 +5,13 @@ The one-pass form ``E[x^2] - E[x]^2`` cancels catastrophically when ``|mean| >> 
 path therefore always takes the mean first and then the mean of squared deviations.
 
 The mean's sum is accumulated in float64 and the mean rounded once to ``x``'s dtype, as
-PyTorch's CPU kernels accumulate float32 in double: a float32 sum rounds at every addition,
-and the mean it gives of a constant group is not that constant. The deviations from it,
-some ulps of a large value, would then be normalized by ``sqrt(eps)`` into outputs of order 1
-(a constant channel of 1e5 gave ``|y|`` up to 0.9, of 1e20 exactly 1), or overflow when
-squared (a constant channel of 1e26 was refused as an overflowing variance). A float64 sum of
-float32 values is exact up to 2^29 of them: a constant group now has the mean it holds.
+PyTorch's CPU kernels accumulate float32 in double. A float32 sum rounds at every addition,
+and the mean it gives of a constant group is not that constant: the deviations from it, some
+ulps of a large value, would be normalized by ``sqrt(eps)`` into outputs of order 1 (``|y|``
+up to 0.9 for a constant float32 channel of 1e5, exactly 1 at 1e20), or overflow when squared
+(a constant channel of 1e26 would be refused as an overflowing variance). The float64 sum of
+up to 2^29 equal float32 values is exact: a constant group has the mean it holds, and its
+outputs are ``beta``.
 """
 
 from __future__ import annotations
