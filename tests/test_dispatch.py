@@ -3,6 +3,7 @@ same inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import numpy as np
@@ -264,7 +265,7 @@ def _norm_pair(forward, backward, **options):
     return run
 
 
-def _sn(path):
+def _sn_float16(path):
     x, dy = _half(3, 4, 5, 6, offset=3.0), _half(3, 4, 5, 6, seed=1)
     gamma, beta, logits = _half(4, seed=2, offset=1.0), _half(4, seed=3), _half(3, seed=4)
     y, cache = refnorm.switchable_norm_forward(x, gamma, beta, logits, logits, path=path)
@@ -334,7 +335,7 @@ HALF_CASES = {  # a forward and its backward share one case
         _norm_pair(refnorm.layer_norm_forward, refnorm.layer_norm_backward),
     ("group_norm_forward", "group_norm_backward"):
         _norm_pair(refnorm.group_norm_forward, refnorm.group_norm_backward, num_groups=2),
-    ("switchable_norm_forward", "switchable_norm_backward"): _sn,
+    ("switchable_norm_forward", "switchable_norm_backward"): _sn_float16,
     ("batch_norm_eval_forward",):
         _eval_pair(refnorm.batch_norm_eval_forward, refnorm.batch_norm_backward),
     ("instance_norm_eval_forward",):
@@ -532,9 +533,6 @@ def test_weight_standardization_backward_checks_every_new_upstream_shape():
     fast = _outcome(lambda: backward(misshapen, cache, path="fast"))
     ref = _outcome(lambda: backward(misshapen, cache, path="reference"))
     assert fast == ref and ref is not None and ref[0] is ValueError
-
-
-import dataclasses  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(FORWARDS))

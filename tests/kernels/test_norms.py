@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refnorm import kernels
+from refnorm.kernels import norms as kernel_norms
 from refnorm.norms.batch_norm import (
     batch_norm_backward,
     batch_norm_eval_forward,
@@ -272,9 +273,6 @@ def test_float16_computes_in_float32_and_returns_float16():
     assert rel_err(x_hat, cache.x_hat) < 1e-5  # float32 arithmetic on both sides
     # y is rounded to float16 by both (eps16 = 9.8e-4): at most one float16 ulp apart
     assert rel_err(y, want_y) < 2e-3
-
-
-from refnorm.kernels import norms as kernel_norms  # noqa: E402
 
 
 def test_switchable_statistics_merge_a_last_chunk_shorter_than_the_others():
