@@ -10,6 +10,7 @@ import pytest
 import refnorm
 from refnorm import registry
 from refnorm.norms import switchable_norm
+from refnorm.sync import InProcessGroup, sync_batch_norm_forward
 from refnorm.weights import norm_prop, standardization, trelu, weight_norm
 
 # An overflow is refused in refnorm's words (ValueError), with no numpy warning before it.
@@ -318,3 +319,21 @@ def test_switchable_norm_inference_refuses_an_overflowing_ln_pool_on_both_paths(
     with pytest.raises(ValueError, match="overflows float32"):
         sn.switchable_norm_eval_forward(x, g, b, logits, logits, np.zeros(4, np.float32),
                                         np.ones(4, np.float32), path=path)
+
+
+@pytest.mark.parametrize("value", [1000.1, 1e5 + 0.3, 1e20, -3e38])
+def test_synchronized_and_staged_batch_norm_normalize_a_constant_channel_to_beta(value):
+    """As batch normalization does (the test above): their means' sums are float64 too. A
+    float32 sum gave |y| = 0.04 for a constant channel of 1000.1, 1 at 1e20, and refused -3e38
+    as an overflowing variance; on devices holding unequal shares the merge adds nothing."""
+    f = np.array([1.0, -1.0, 0.5, -0.25])
+    x = np.broadcast_to(value * f[None, :, None, None], (5, 4, 3, 3)).astype(np.float32)
+    g, b = np.ones(4, np.float32), np.linspace(-1, 1, 4).astype(np.float32)
+    beta = np.broadcast_to(b[None, :, None, None], x.shape)
+    np.testing.assert_array_equal(refnorm.batch_norm_forward_graph(x, g, b)[0], beta)
+
+    def forward(comm, shard):
+        return sync_batch_norm_forward(shard, g, b, comm=comm)[0]
+
+    ys = InProcessGroup.run(2, forward, [x[:1], x[1:]])
+    np.testing.assert_array_equal(np.concatenate(ys), beta)

@@ -198,7 +198,7 @@ class BatchNormGraphCache:
 
     The nodes, in forward order (shapes for an (N, C, H, W) input)::
 
-        mu      = mean(x)              (1, C, 1, 1)
+        mu      = mean(x)              (1, C, 1, 1), its sum in float64
         xmu     = x - mu               (N, C, H, W)
         sq      = xmu ** 2             (N, C, H, W)
         var     = mean(sq)             (1, C, 1, 1)
@@ -233,12 +233,13 @@ def batch_norm_forward_graph(
     """
     xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
     axes = non_channel_axes(x.ndim)                              # (0, 2, 3, ...)
-    check_count(reduced_count(x.shape, axes),
-                what="batch normalization in training", shape=x.shape)
+    m = reduced_count(x.shape, axes)
+    check_count(m, what="batch normalization in training", shape=x.shape)
     g = channel_view(gamma_c, x.ndim)                            # (1, C, 1, 1)
     b = channel_view(beta_c, x.ndim)                             # (1, C, 1, 1)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
-        mu = xp.mean(xc, axis=axes, keepdims=True)               # (1, C, 1, 1)
+        total = xp.sum(xc, axis=axes, dtype=xp.float64, keepdims=True)  # as moments() does
+        mu = xp.astype(total / m, xc.dtype)                      # (1, C, 1, 1)
         xmu = xc - mu                                            # (N, C, H, W)
         sq = xmu * xmu                                           # (N, C, H, W)
         var = xp.mean(sq, axis=axes, keepdims=True)              # (1, C, 1, 1)

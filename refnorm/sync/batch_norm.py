@@ -98,9 +98,9 @@ def sync_batch_norm_forward(
     n_p = 1
     for a in axes:
         n_p *= x.shape[a]
-    with np.errstate(over="ignore"):  # a sum beyond the dtype raises below
-        local_sum = xp.sum(xc, axis=axes)                                  # (C,)
-    n_p_array = xp.asarray([float(n_p)], dtype=xc.dtype, **on_device(device_of(xc)))  # (1,)
+    # The sums of the values are float64, and the means rounded once, as in moments().
+    local_sum = xp.sum(xc, axis=axes, dtype=xp.float64)                    # (C,)
+    n_p_array = xp.asarray([float(n_p)], dtype=xp.float64, **on_device(device_of(xc)))  # (1,)
     count, total = allreduce(comm, [n_p_array, local_sum],
                              op="syncbn forward (count, sum)", layer=layer)
     n = int(count[0])
@@ -108,8 +108,8 @@ def sync_batch_norm_forward(
         raise ValueError("synchronized batch normalization needs more than 1 value per "
                          f"channel over all devices; got {n} (this device's x has shape "
                          f"{tuple(x.shape)})")
-    mean = total / n                                                       # (C,)
-    local_mean = local_sum / max(n_p, 1)                                   # (C,)
+    mean = xp.astype(total / n, xc.dtype)                                  # (C,)
+    local_mean = xp.astype(local_sum / max(n_p, 1), xc.dtype)              # (C,)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
         d = xc - channel_view(local_mean, x.ndim)                          # (N_p, C, H, W)
         local_m2 = xp.sum(d * d, axis=axes)                                # (C,)
