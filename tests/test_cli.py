@@ -574,6 +574,22 @@ def test_study_output_problems_are_one_line_before_training(make, out, message, 
         f"refnorm study: error: {message.format(d=tmp_path)}\n")
 
 
+def test_a_quick_study_on_data_with_too_few_samples_says_what_it_needs(tmp_path, capsys,
+                                                                       monkeypatch):
+    """The quick study draws 768 training samples per run, a number none of its options sets:
+    the refusal says so, rather than "give at most that many"."""
+    from tests.train.test_data import mnist_arrays, write_mnist
+
+    write_mnist(tmp_path / "small", mnist_arrays(n_train=500))
+    _never_train(monkeypatch)
+    assert main(["study", "--quick", "--jobs", "1", "--data", f"mnist:{tmp_path / 'small'}",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == (
+        f"refnorm study: error: train_subset is 768, but mnist:{tmp_path / 'small'} has 500 "
+        f"training samples: the study trains each run on 768 of them; give data with at least "
+        f"that many\n")
+
+
 def test_study_help_gives_every_default(capsys):
     from refnorm.train.study import QUICK, StudyConfig
 

@@ -192,12 +192,14 @@ def build_model(config: TrainConfig, data: Dataset, *, comm: Any = None,
                    input_grad=False)
 
 
-def prepare_data(config: TrainConfig) -> Dataset:
+def prepare_data(config: TrainConfig, *, remedy: str = "give at most that many") -> Dataset:
+    """The standardized data set, cut to a random ``train_subset`` where one is set (drawn
+    from the seed). ``remedy`` ends the error of a subset larger than the training set."""
     data = standardize(load(config.data))
     if config.train_subset is not None:
         if config.train_subset > len(data.y_train):
             raise ValueError(f"train_subset is {config.train_subset}, but {config.data} has "
-                             f"{len(data.y_train)} training samples: give at most that many")
+                             f"{len(data.y_train)} training samples: {remedy}")
         keep = np.random.default_rng([config.seed, 2**20]).permutation(len(data.y_train))
         keep = np.sort(keep[:config.train_subset])
         data = dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])

@@ -239,7 +239,9 @@ def check_every_run(configs: list[TrainConfig]) -> None:
     for config in sorted(configs, key=lambda c: (c.data, c.train_subset or 0, c.seed)):
         key = (config.data, config.train_subset, config.seed if config.train_subset else None)
         if loaded is None or loaded[0] != key:
-            loaded = (key, prepare_data(config))
+            remedy = (f"the study trains each run on {config.train_subset} of them; give data "
+                      f"with at least that many")
+            loaded = (key, prepare_data(config, remedy=remedy))
         check_data(config, loaded[1])
 
 
