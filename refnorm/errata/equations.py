@@ -206,7 +206,8 @@ EQUATIONS: tuple[Equation, ...] = (
         VERIFIED,
         (f"{_SN}::test_stable_statistics_equal_the_direct_ones",
          "tests/errata/test_sn_appendix.py::"
-         "test_eq4_printed_form_fails_in_float32_and_stable_form_does_not"),
+         "test_eq4_printed_form_fails_in_float32_and_stable_form_does_not",
+         "tests/errata/test_sn_appendix.py::test_printed_eq4_equals_the_stable_statistics_in_float64"),
         note="in the equal law-of-total-variance form; the printed one-pass form loses the "
              "variance in float32 (see {ref}`errata <errata-snj-eq4>`)"),
     Equation(
@@ -346,7 +347,8 @@ EQUATIONS: tuple[Equation, ...] = (
         + r"\tilde h_{p,ncij}} - \frac{\gamma}{\sqrt{\sigma^2_{p,nc}+\epsilon}}"
         r"\sum_{i,j}^{H,W}" + _D + r"\hat h_{p,ncij}}\end{aligned}",
         r"the gradients of the mixed variance and mean on device $p$",
-        PRINTED_WRONG, (_MULTI,),
+        PRINTED_WRONG,
+        (_MULTI, "tests/errata/test_sn_multi_gpu.py::test_printed_eq21_is_the_formula_as_printed"),
         note=r"a square root where Eq. (7) has none, and each sum counted twice "
              r"($\partial L/\partial\tilde h = \gamma\,\partial L/\partial\hat h$); refnorm "
              r"uses Eq. (7)-(8) on each device",
@@ -395,7 +397,8 @@ EQUATIONS: tuple[Equation, ...] = (
         "SN with separate ratios for the means and the standard deviations",
         NOT_IMPLEMENTED,
         ("tests/errata/test_sn_distinct.py::"
-         "test_study_form_differs_from_the_journal_form_only_between_scopes",),
+         "test_study_form_differs_from_the_journal_form_only_between_scopes",
+         "tests/errata/test_sn_distinct.py::test_printed_eq1_is_the_formula_as_printed"),
         note="refnorm follows the journal version's Eq. (3) and the official code: a weighted "
              "average of *variances*, plus $\\epsilon$, under the square root, where this "
              "divides by a weighted average of standard deviations; the two differ whenever "
@@ -496,7 +499,8 @@ EQUATIONS: tuple[Equation, ...] = (
         r"\rangle - \frac{1}{I}\langle\hat W_{c,\cdot},\nabla_{\hat W_{c,\cdot}}L\rangle"
         r"\langle\mathbf{1},\hat W_{c,\cdot}\rangle\Big)^2",
         "the reduction of Eq. (13) through Eq. (8) (analysis)",
-        VERIFIED, (_WS_THEORY,)),
+        VERIFIED, (_WS_THEORY,
+                   "tests/errata/test_ws_theory.py::test_printed_eq14_is_the_formula_as_printed")),
     Equation(
         "ws", 15,
         r"\lVert\nabla_{W_{c,\cdot}}L\rVert^2 = \lVert\nabla_{\dot W_{c,\cdot}}L\rVert^2 - "

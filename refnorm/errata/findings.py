@@ -25,7 +25,7 @@ class Finding:
     Attributes
     ----------
     equation : str
-        Which printed equation (and which reading of it), e.g. "Eq. (13), letter by letter".
+        Which printed equation (and which reading of it), e.g. "Eq. (15), dot reading".
     quantity : str
         What it claims to compute.
     agrees : bool

@@ -100,6 +100,54 @@ def compare(seed: int = 0, eps: float = 1e-12) -> Comparison:
     return Comparison(float(one_hot), float(soft), float(np.min((root - average) / root)))
 
 
+@dataclass(frozen=True)
+class TiedRatiosRemark:
+    """The study's remark after its Fig. 1: with ``lambda^mu = lambda^sigma``, Eq. (1) "can be
+    reformulated as" ``sum_z lambda_z h^_z``, the ratio-weighted sum of the IN, LN and BN
+    outputs.
+
+    Attributes
+    ----------
+    one_hot : float
+        Max relative difference of Eq. (1) and the weighted sum with one-hot tied ratios
+        (each scope in turn): both are that scope's output.
+    soft : float
+        The same with tied soft ratios: Eq. (1) divides ``h - sum_z lambda_z mu_z`` by one
+        average ``sum_z lambda_z sigma_z``, the sum divides each ``h - mu_z`` by its own
+        ``sigma_z``; they agree only where the scopes' deviations are equal.
+    """
+
+    one_hot: float
+    soft: float
+
+
+def tied_ratios_remark(seed: int = 0) -> TiedRatiosRemark:
+    """Measure the remark on :func:`compare`'s problem (channels of deviation 1, 3 and 9)."""
+    rng = np.random.default_rng(seed)
+    h = np.array([1.0, 3.0, 9.0]).reshape(1, 3, 1) * rng.standard_normal((4, 3, 6)) + 12
+    mu, var = scope_moments(h, SwitchableOptions())
+    outputs = {k: (h - mu[k]) / np.sqrt(var[k]) for k in SCOPES}                # (N, C, S)
+
+    def difference(logits: np.ndarray, hard: bool) -> float:
+        w = ratios(logits, hard=hard)
+        weighted_sum = sum(w[i] * outputs[k] for i, k in enumerate(SCOPES))
+        return relative(printed_eq1(h, logits, logits, hard=hard), weighted_sum)
+
+    one_hot = max(difference(np.where(np.arange(3) == scope, 1.0, 0.0), True)
+                  for scope in range(3))
+    return TiedRatiosRemark(float(one_hot), float(difference(rng.standard_normal(3), False)))
+
+
+def remark_to_markdown(r: TiedRatiosRemark) -> str:
+    """The remark's measurement as a Markdown table."""
+    return "\n".join([
+        "| tied ratios | max relative difference, Eq. (1) vs the weighted sum of outputs |",
+        "|---|---|",
+        f"| one-hot (each scope in turn) | {r.one_hot:.1e} |",
+        f"| soft (random control parameters) | {r.soft:.2g} |",
+    ])
+
+
 def to_markdown(c: Comparison) -> str:
     """The comparison as a Markdown table."""
     return "\n".join([

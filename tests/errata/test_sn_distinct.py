@@ -50,3 +50,31 @@ def test_printed_eq1_is_the_formula_as_printed():
     std = sum(w * h.std(axis=ax, keepdims=True) for w, ax in zip(lam_sigma, axes, strict=True))
     np.testing.assert_allclose(sn_distinct.printed_eq1(h, mean_logits, std_logits),
                                (h - mean) / std, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_tied_ratios_remark_holds_only_for_one_hot_ratios(seed):
+    """The study's remark after its Fig. 1: with lambda^mu = lambda^sigma, Eq. (1) equals
+    sum_z lambda_z h^_z. One-hot: both are one scope's output; soft ratios over scopes of
+    deviations 1, 3 and 9: one divisor for the whole mix is not a divisor per term (measured
+    0.13-0.24 over seeds 0-3)."""
+    r = sn_distinct.tied_ratios_remark(seed)
+    assert r.one_hot < 1e-12, r
+    assert r.soft > 0.05, r
+
+
+def test_tied_ratios_remark_weighted_sum_written_out_for_one_channel():
+    """The weighted sum the remark names, computed by hand for one (n, c) with the LN and BN
+    statistics worked out over their own scopes, against the Eq. (1) value it is said to be."""
+    rng = np.random.default_rng(5)
+    h = np.array([1.0, 3.0, 9.0]).reshape(1, 3, 1) * rng.standard_normal((4, 3, 6)) + 12
+    logits = np.array([0.2, -0.4, 0.9])
+    w = np.exp(logits) / np.exp(logits).sum()
+    n, c = 1, 2
+    scopes = [h[n, c], h[n], h[:, c]]                                # IN, LN, BN values
+    mus, sigmas = [v.mean() for v in scopes], [v.std() for v in scopes]
+    by_hand = sum(wz * (h[n, c] - m) / s for wz, m, s in zip(w, mus, sigmas, strict=True))
+    eq1 = (h[n, c] - np.dot(w, mus)) / np.dot(w, sigmas)
+    np.testing.assert_allclose(sn_distinct.printed_eq1(h, logits, logits)[n, c], eq1,
+                               rtol=1e-12)
+    assert np.max(np.abs(by_hand - eq1)) > 0.05 * np.max(np.abs(eq1))

@@ -392,6 +392,10 @@ def test_layer_starts_with_equal_ratios_and_fills_every_gradient():
     layer = refnorm.build("sn", 4, dtype=np.float64)
     assert layer.current_ratios() == {"mean": dict.fromkeys(SCOPES, 1 / 3),
                                       "var": dict.fromkeys(SCOPES, 1 / 3)}
+    # docs/conventions.md: the control parameters themselves start at 0 (equal ratios alone
+    # would hold for any equal start)
+    np.testing.assert_array_equal(layer.params["mean_logits"], np.zeros(3))
+    np.testing.assert_array_equal(layer.params["var_logits"], np.zeros(3))
     x = np.random.default_rng(0).standard_normal((2, 4, 3, 3))
     layer.forward(x, training=True)
     layer.backward(x)

@@ -7,6 +7,8 @@ import pytest
 
 from refnorm.gradcheck import check_layer, check_vjp
 from refnorm.nn import GlobalAvgPool, MaxPool2d, ReLU
+from refnorm.train.config import TrainConfig
+from refnorm.train.loop import build_model, prepare_data
 from refnorm.train.model import NORMS, ChannelAffine, ConvNet
 
 FD_TOLERANCE = 1e-6  # float64 central differences: the noise floor absorbs the rounding
@@ -172,3 +174,15 @@ def test_blocks_of_the_same_shape_start_from_different_weights(weight):
     second, third = convs[1].params[key], convs[2].params[key]
     assert second.shape == third.shape
     assert not np.array_equal(second, third)
+
+
+@pytest.mark.parametrize(("norm", "devices"), [("bn", 1), ("syncbn", 2)])
+def test_the_study_model_on_the_digits_has_the_parameters_the_data_parallel_page_counts(
+        norm, devices):
+    """docs/data-parallel.md: the bytes of a step are dominated by the gradient all-reduce of
+    the model's 14,458 float32 parameters."""
+    config = TrainConfig(norm=norm, devices=devices, batch_size=16)
+    model = build_model(config, prepare_data(config))
+    params = [layer.params[name] for _, layer, name in model.named_params()]
+    assert sum(p.size for p in params) == 14_458
+    assert {p.dtype for p in params} == {np.dtype(np.float32)}

@@ -124,6 +124,15 @@ def test_a_constant_float32_filter_on_the_reference_path_keeps_its_rounded_mean(
     assert low < abs(float(expected)) < high
 
 
+def test_a_constant_float64_filter_on_the_reference_path_as_the_conventions_page_states():
+    """The conventions page's 2.2e-11 for a 3x5x5 float64 filter of 0.7s (the size of the
+    float32 cases above); the fast path gives 0."""
+    w = np.full((1, 3, 5, 5), 0.7)
+    np.testing.assert_array_equal(weight_standardization_forward(w, path="fast")[0], 0.0)
+    reference = float(np.abs(weight_standardization_forward(w, path="reference")[0]).max())
+    assert f"{reference:.2g}" == "2.2e-11", reference
+
+
 def test_float16_computes_in_float32():
     w = np.random.default_rng(8).standard_normal((4, 9)).astype(np.float16)
     w_hat, cache = weight_standardization_forward(w)
