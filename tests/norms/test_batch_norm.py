@@ -172,3 +172,18 @@ def test_forward_is_the_printed_formula():
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-12)
     np.testing.assert_allclose(cache.mean, mean, rtol=1e-14)
     np.testing.assert_allclose(cache.var, var, rtol=1e-13)
+
+
+@pytest.mark.parametrize(("x_dtype", "param_dtype"), [(np.float16, np.float32),
+                                                      (np.float32, np.float64),
+                                                      (np.float64, np.float32)])
+def test_staged_backward_returns_the_dtypes_of_x_and_gamma(x_dtype, param_dtype):
+    # As the closed-form backward: dx in the dtype of x, dgamma and dbeta in that of gamma.
+    rng = np.random.default_rng(3)
+    x = (5 * rng.standard_normal((4, 3, 2, 2)) + 12).astype(x_dtype)
+    dy = rng.standard_normal(x.shape).astype(x_dtype)
+    gamma, beta = np.ones(3, param_dtype), np.zeros(3, param_dtype)
+    _, cache = refnorm.batch_norm_forward_graph(x, gamma, beta)
+    dx, dgamma, dbeta = refnorm.batch_norm_backward_graph(dy, cache)
+    assert dx.dtype == x_dtype
+    assert dgamma.dtype == dbeta.dtype == param_dtype

@@ -105,3 +105,79 @@ def test_empty_global_batch_is_an_error():
 
     with pytest.raises(ValueError, match=r"more than 1 value per channel over all devices; got 1"):
         InProcessGroup.run(2, device, [1, 0])
+
+
+def test_float16_shards_count_every_value_of_the_whole_batch():
+    # The count of values per channel is communicated in float64, with the sums of the values.
+    # In x's float16 it would stop being exact above 2048 (2049 rounds to 2048), and the mean
+    # would be the sum over a wrong n.
+    rng = np.random.default_rng(0)
+    x = (3 * rng.standard_normal((2, 1, 2049)) + 5).astype(np.float16)
+    gamma, beta = np.ones(1, np.float32), np.zeros(1, np.float32)
+
+    def device(comm, xs):
+        _, cache = sync_batch_norm_forward(xs, gamma, beta, comm=comm)
+        return cache.count, cache.mean
+
+    _, one = refnorm.batch_norm_forward(x, gamma, beta)
+    for count, mean in InProcessGroup.run(2, device, split(x, [1, 1])):
+        assert count == 2 * 2049
+        np.testing.assert_allclose(mean, one.mean.reshape(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("x_dtype", "param_dtype"), [(np.float16, np.float32),
+                                                      (np.float32, np.float64),
+                                                      (np.float64, np.float32)])
+def test_gradients_come_back_in_the_dtypes_of_x_and_gamma(x_dtype, param_dtype):
+    # The conventions page: dx in the dtype of x, dgamma and dbeta in the dtype of gamma,
+    # as the single-device pair returns them.
+    rng = np.random.default_rng(2)
+    x = (5 * rng.standard_normal((4, 3, 2, 2)) + 12).astype(x_dtype)
+    dy = rng.standard_normal(x.shape).astype(x_dtype)
+    gamma, beta = np.ones(3, param_dtype), np.zeros(3, param_dtype)
+
+    def device(comm, xs, dys):
+        _, cache = sync_batch_norm_forward(xs, gamma, beta, comm=comm)
+        return sync_batch_norm_backward(dys, cache)
+
+    for dx, dgamma, dbeta in InProcessGroup.run(2, device, split(x, [1, 3]), split(dy, [1, 3])):
+        assert dx.dtype == x_dtype
+        assert dgamma.dtype == dbeta.dtype == param_dtype
+
+
+def test_a_merged_variance_that_overflows_is_refused_on_every_device():
+    # Each device's own sums fit float32 (values near +1e19 on one, -1e19 on the other, little
+    # spread within a device), but the merged M2 = sum_p [M2_p + n_p (mean_p - mean)^2] reaches
+    # 8e38: one device holding the whole batch refuses it, and so must the two devices, rather
+    # than normalize by 1/sqrt(inf) and return beta everywhere.
+    x = np.ones((4, 2, 2), np.float32)
+    x[:, :, 0] = 2.0
+    x[:2] *= 1e19
+    x[2:] *= -1e19
+    gamma, beta = np.ones(2, np.float32), np.zeros(2, np.float32)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        refnorm.batch_norm_forward(x, gamma, beta)
+
+    def device(comm, xs):
+        return sync_batch_norm_forward(xs, gamma, beta, comm=comm)[0]
+
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        InProcessGroup.run(2, device, split(x, [2, 2]), timeout=10)
+
+
+def test_a_nan_on_one_device_is_nan_everywhere_not_an_overflow():
+    # A NaN input makes its channel's statistics NaN, as on one device; the devices whose own
+    # x is finite must not mistake the merged NaN for an overflow of their data.
+    rng = np.random.default_rng(3)
+    x = 5 * rng.standard_normal((4, 2, 3)) + 12
+    x[3, 1, 0] = np.nan
+    gamma, beta = np.ones(2), np.zeros(2)
+
+    def device(comm, xs):
+        return sync_batch_norm_forward(xs, gamma, beta, comm=comm)[0]
+
+    y = np.concatenate(InProcessGroup.run(2, device, split(x, [2, 2]), timeout=10))
+    reference = refnorm.batch_norm_forward(x, gamma, beta)[0]
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(reference))
+    assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, 0]).all()
+    np.testing.assert_allclose(y[:, 0], reference[:, 0], atol=1e-12)

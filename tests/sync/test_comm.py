@@ -17,6 +17,7 @@ from refnorm.sync import (
     sync_batch_norm_backward,
     sync_batch_norm_forward,
 )
+from refnorm.sync.comm import MeteredCommunicator
 
 
 def test_in_process_sum_is_bitwise_the_same_on_every_rank():
@@ -166,8 +167,6 @@ def test_synchronized_sn_refuses_devices_of_different_spatial_sizes():
                                                ("syncsn", lambda C: 3 + 6 * C)])
 def test_a_synchronized_layer_makes_three_all_reduces_of_the_documented_size(layer, values):
     """docs/data-parallel.md's table: a forward and a backward of one layer, metered."""
-    from refnorm.sync.comm import MeteredCommunicator
-
     C = 7
 
     def device(comm):
@@ -214,3 +213,37 @@ def test_ranks_passing_different_dtypes_fail_on_every_rank():
     message = str(info.value)
     assert "ranks passed different arrays (shapes, dtypes)" in message
     assert "arrays [(3,) float32]" in message and "arrays [(3,) float64]" in message
+
+
+def test_a_device_that_left_fails_every_later_collective_at_once():
+    # A device that left keeps its leave header for good: a peer that catches the error and
+    # tries again gets the same error again, not a wait that only the watchdog ends.
+    def device(comm):
+        if comm.rank == 1:
+            return []
+        messages = []
+        for _ in range(2):
+            with pytest.raises(ValueError) as info:
+                comm.allreduce_sum([np.ones(1)], op="probe")
+            messages.append(str(info.value))
+        return messages
+
+    messages, _ = InProcessGroup.run(2, device, timeout=GROUP_TIMEOUT_S)
+    for i, message in enumerate(messages, start=1):
+        assert "rank 1 left while rank 0 entered a collective that can never complete" in message
+        assert f"rank 0 entered collective #{i}: probe, step {i}" in message
+
+
+def test_a_metered_communicator_still_records_calls_without_a_collective():
+    # Metering must not hide what a rank did: the eval-mode call of a synchronized layer is
+    # recorded on the communicator underneath, so the leave message still names it.
+    def device(comm, training):
+        layer = refnorm.build("syncbn", 3, dtype=np.float64, comm=MeteredCommunicator(comm))
+        layer.forward(5 * np.random.default_rng(comm.rank).standard_normal((2, 3)) + 12,
+                      training=training)
+
+    with pytest.raises(ValueError) as info:
+        InProcessGroup.run(2, device, [True, False], timeout=GROUP_TIMEOUT_S)
+    assert ("rank 1 left (its function returned, after 0 collectives) before any collective; "
+            "its last call without a collective: forward in eval mode (no collective) of layer "
+            "syncbn#0, call 1") in str(info.value)

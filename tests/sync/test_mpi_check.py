@@ -3,9 +3,13 @@ device gives, and a failing or disagreeing rank ends the job instead of hanging.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import refnorm.sync
+from refnorm.sync import SingleProcess, mpi_check
 from tests.sync.mpi import run_two
 
 # A job that ends on its own takes about a second here (start-up, then 0.5 s for the last
@@ -52,3 +56,29 @@ def test_mpi_check_without_mpi4py_names_the_extra():
                           timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "pip install 'refnorm[mpi]'" in done.stderr
+
+
+class _OneRank(SingleProcess):
+    """What _check needs of an MPICommunicator, for one process: rank, size, the
+    synchronized all-reduce, and ``comm.gather``."""
+
+    comm = SimpleNamespace(gather=lambda obj, root: [obj])
+
+
+def test_the_check_reports_a_difference_of_either_sign(monkeypatch, capsys):
+    """The check compares |synchronized - one device|: an output 1 too low is a MISMATCH
+    (exit 1), as one 1 too high would be."""
+    args = argparse.Namespace(fail_rank=None, mismatch=False)
+    assert mpi_check._check(_OneRank(), args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "OK"
+    forward = refnorm.sync.sync_batch_norm_forward
+
+    def one_too_low(*args, **kwargs):
+        y, cache = forward(*args, **kwargs)
+        return y - 1.0, cache
+
+    monkeypatch.setattr(refnorm.sync, "sync_batch_norm_forward", one_too_low)
+    assert mpi_check._check(_OneRank(), args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "MISMATCH"
+    assert lines[0].startswith("syncbn y ") and lines[0].endswith("one device: 1.0e+00")

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.sync.mpi import run_two
+from tests.sync.mpi import run_mpi, run_two
 
 # The watchdog's limit in these jobs: ample for a step of a (4, 3, 2, 2) batch on a loaded
 # 2-core machine (milliseconds), short enough that the one pattern only it can end (a stuck
@@ -141,3 +141,21 @@ def test_a_rank_that_exits_with_a_status_ends_the_job_with_one_line():
     lines = [line for line in job.stderr.splitlines() if "refnorm.sync: rank 1" in line]
     assert lines and lines[0].startswith("[rank 1] refnorm.sync: rank 1 left (sys.exit(3))"), (
         job.stderr)
+
+
+def test_mpi_sums_of_float32_arrays_are_added_in_float64(tmp_path):
+    """Three ranks add float32 values 1e8, 1 and -1e8 (and the same with the first two
+    swapped): whichever two float32 values are added first, one of the two sums loses the 1;
+    added in float64 and rounded once, both are exactly 1 on every rank."""
+    job = run_mpi(3, "-c", "import json, sys\nimport numpy as np\n"
+                  "from refnorm.sync import MPICommunicator\n"
+                  "values = {0: [1e8, 1.0], 1: [1.0, 1e8], 2: [-1e8, -1e8]}\n"
+                  "with MPICommunicator() as comm:\n"
+                  "    (a,) = comm.allreduce_sum([np.array(values[comm.rank], np.float32)])\n"
+                  "with open(f'{sys.argv[1]}/{comm.rank}.json', 'w') as f:\n"
+                  "    json.dump([str(a.dtype), a.tolist()], f)\n",
+                  str(tmp_path), env=WATCHDOG)
+    assert job.returncode == 0, job.stderr
+    for rank in range(3):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got == ["float32", [1.0, 1.0]], (rank, got)

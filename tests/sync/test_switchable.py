@@ -16,6 +16,7 @@ from refnorm.norms.switchable_norm import (
 )
 from refnorm.sync import (
     InProcessGroup,
+    SingleProcess,
     allreduce_gradients,
     sync_switchable_norm_backward,
     sync_switchable_norm_forward,
@@ -154,3 +155,99 @@ def test_single_device_cache_holds_no_communicator():
     _, cache = switchable_norm_forward(np.arange(24.0).reshape(2, 3, 2, 2), np.ones(3),
                                        np.zeros(3), np.zeros(3), np.zeros(3))
     assert not any("comm" in name for name in vars(cache))
+
+
+def _synchronized_and_one_device(x, dy, params, sizes, options):
+    def device(comm, xs, dys):
+        y, cache = sync_switchable_norm_forward(xs, *params, comm=comm, options=options)
+        return (y, *sync_switchable_norm_backward(dys, cache))
+
+    results = InProcessGroup.run(len(sizes), device, split(x, sizes), split(dy, sizes),
+                                 timeout=10)
+    y, cache = switchable_norm_forward(x, *params, options=options)
+    return results, (y, *switchable_norm_backward(dy, cache))
+
+
+@pytest.mark.parametrize("sizes", [[0, 1], [1, 0, 0]])
+def test_a_global_batch_of_one_sample_is_enough_for_the_bn_scope(sizes):
+    # The BN scope of Eq. (15) needs more than one value per channel over all devices: one
+    # sample of 2 x 2 positions gives four, as on one device, even though N is 1.
+    rng = np.random.default_rng(6)
+    x = 5 * rng.standard_normal((1, 3, 2, 2)) + 12
+    dy = rng.standard_normal(x.shape)
+    params = (1 + 0.5 * rng.standard_normal(3), rng.standard_normal(3),
+              rng.standard_normal(3), rng.standard_normal(3))
+    results, reference = _synchronized_and_one_device(x, dy, params, sizes,
+                                                      SwitchableOptions())
+    for i, ref in enumerate(reference):
+        np.testing.assert_allclose(combine(results, i, concat=i < 2), ref, rtol=0,
+                                   atol=ATOL * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("sizes", [[1, 4], [3, 0, 2]])
+def test_unbiased_scopes_count_the_whole_batch_with_unequal_shards(sizes):
+    # scope_correction=1 (SwitchNorm1d's convention) makes the BN variance unbiased over the
+    # m_bn = N S values of the whole batch, N summed over every device; in the forward and in
+    # the backward's d sigma_bn^2 / dh (Eq. 24), not the N_p of one shard.
+    rng = np.random.default_rng(7)
+    x = 5 * rng.standard_normal((sum(sizes), 3)) + 12
+    dy = rng.standard_normal(x.shape)
+    params = (1 + 0.5 * rng.standard_normal(3), rng.standard_normal(3),
+              rng.standard_normal(2), rng.standard_normal(2))
+    options = SwitchableOptions(("ln", "bn"), scope_correction=1)
+    results, reference = _synchronized_and_one_device(x, dy, params, sizes, options)
+    for i, ref in enumerate(reference):
+        np.testing.assert_allclose(combine(results, i, concat=i < 2), ref, rtol=0,
+                                   atol=ATOL * max(1.0, np.abs(ref).max()))
+
+
+def test_the_device_count_is_exact_for_float32_planes_of_more_than_4096_positions():
+    # The devices check they share one spatial size S by summing S and S^2 over the ranks:
+    # that sum is float64, exact far beyond S^2 = 2^24 where float32 would round it and
+    # refuse a 1-sample-per-device batch of 17 x 241 planes (S = 4097).
+    rng = np.random.default_rng(8)
+    x = (3 * rng.standard_normal((2, 2, 17, 241)) + 5).astype(np.float32)
+    params = tuple(np.asarray(p, np.float32) for p in (np.ones(2), np.zeros(2), np.zeros(3),
+                                                       np.zeros(3)))
+
+    def device(comm, xs):
+        return sync_switchable_norm_forward(xs, *params, comm=comm)[0]
+
+    y = np.concatenate(InProcessGroup.run(2, device, split(x, [1, 1]), timeout=10))
+    np.testing.assert_allclose(y, switchable_norm_forward(x, *params)[0], atol=1e-5)
+
+
+def test_a_spread_of_in_means_beyond_float32_is_refused_as_on_one_device():
+    # BN scope only, (N, C) input: the IN means are the values, -3e38, 3e38, 3e38. Their sum
+    # fits float32 but their squared spread about the BN mean does not: one device refuses,
+    # and the synchronized forward must too instead of returning NaN.
+    x = np.array([[-3e38], [3e38], [3e38]], np.float32)
+    params = (np.ones(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32),
+              np.zeros(1, np.float32))
+    options = SwitchableOptions(("bn",))
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        switchable_norm_forward(x, *params, options=options)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        sync_switchable_norm_forward(x, *params, comm=SingleProcess(), options=options)
+
+
+def test_a_layer_without_a_bn_scope_trains_as_plain_sn_on_each_device():
+    # With scopes ("in", "ln") nothing is synchronized: each device's layer is SN on its own
+    # shard, keeps no running statistics and makes no collective.
+    rng = np.random.default_rng(9)
+    x = 5 * rng.standard_normal((4, 3, 2, 2)) + 12
+    dy = rng.standard_normal(x.shape)
+
+    def device(comm, xs, dys):
+        layer = refnorm.build("syncsn", 3, dtype=np.float64, comm=comm, scopes=("in", "ln"))
+        y = layer.forward(xs, training=True)
+        return y, layer.backward(dys), layer.grads
+
+    results = InProcessGroup.run(2, device, split(x, [1, 3]), split(dy, [1, 3]), timeout=10)
+    for (y, dx, grads), xs, dys in zip(results, split(x, [1, 3]), split(dy, [1, 3]),
+                                       strict=True):
+        plain = refnorm.build("sn", 3, dtype=np.float64, scopes=("in", "ln"))
+        np.testing.assert_array_equal(y, plain.forward(xs, training=True))
+        np.testing.assert_array_equal(dx, plain.backward(dys))
+        for key, grad in plain.grads.items():
+            np.testing.assert_array_equal(grads[key], grad)
