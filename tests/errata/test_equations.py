@@ -192,3 +192,41 @@ def test_the_readme_states_the_generated_figures():
     readme = " ".join((ROOT / "README.md").read_text().split())
     for key in eq.PAPERS:
         assert eq.coverage_line(key) in readme, eq.coverage_line(key)
+
+
+def test_a_tag_in_a_method_names_its_class_and_the_method(tmp_path):
+    """The page's "computed by" cell names the method, not only its class."""
+    pkg = tmp_path / "refnorm"
+    pkg.mkdir()
+    (pkg / "m.py").write_text(
+        '"""After Qiao et al."""\n\n'
+        "class Layer:\n"
+        "    def _forward(self, w):\n"
+        "        return w  # Eq. (3)\n")
+    found = [(t.number, t.scope) for t in eq.scan(pkg).tags]
+    assert found == [(3, ("Layer", "_forward"))]
+
+
+def test_the_cell_of_a_private_method_names_the_method():
+    tags = eq.scan().tags
+    cell = eq.code_cell(eq.lookup("gg", 3), tags)
+    assert "`_forward` of {class}`~refnorm.weights.weight_norm.WeightNorm`" in cell, cell
+
+
+def test_each_printed_wrong_row_links_the_section_that_checks_its_equation():
+    """A section of the errata page whose heading gives a range, "Eq. (6)–(14)", checks the
+    equations of that range: a printed-wrong row links the one that holds its number."""
+    text = (eq.ROOT / "docs" / "errata.md").read_text()
+    ranges = {label: (int(a), int(b)) for label, a, b in re.findall(
+        r"^\(([\w-]+)\)=\n## .*Eq\. \((\d+)\)–\((\d+)\)", text, re.M)}
+    rows = [e for e in eq.EQUATIONS if e.verdict == eq.PRINTED_WRONG]
+    assert rows
+    for e in rows:
+        assert e.errata in ranges, e
+        low, high = ranges[e.errata]
+        assert low <= e.number <= high, (e.paper, e.number, e.errata)
+
+
+def test_a_range_with_an_en_dash_names_every_equation():
+    assert eq.parse_tag("# Eq. (12)–(14)") == [(None, 12), (None, 13), (None, 14)]
+    assert eq.parse_tag("# WS Eq. (17)–(19)") == [("WS", 17), ("WS", 18), ("WS", 19)]

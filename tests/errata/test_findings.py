@@ -52,3 +52,18 @@ def test_finite_differences_of_a_known_function():
 def test_relative_error_broadcasts_a_printed_scalar():
     assert findings.relative(2.0, np.array([2.0, 2.0])) == 0.0
     assert findings.relative(1.0, np.array([2.0, 2.0])) == pytest.approx(0.5)
+
+
+def test_agrees_means_a_relative_error_below_one_in_a_million():
+    """The errata page: "agrees" means a max relative error below 1e-6, the gradcheck
+    tolerance. A printed formula off by 1e-5 of its value disagrees; one at rounding agrees."""
+    assert findings.finding("Eq. (7)", "dL/dsigma^2", 1e-5, "").agrees is False
+    assert findings.finding("Eq. (7)", "dL/dsigma^2", 2e-6, "").agrees is False
+    assert findings.finding("Eq. (7)", "dL/dsigma^2", 5e-7, "").agrees is True
+
+
+def test_the_table_prints_small_errors_in_scientific_notation():
+    """An agreeing formula's error (~1e-11) is shown as such, not rounded away to 0.0."""
+    table = findings.to_markdown([findings.Finding("Eq. (7)", "dL/dsigma^2", True, 3.2e-11,
+                                                   "agrees")])
+    assert "| 3.2e-11 |" in table.splitlines()[2], table

@@ -66,3 +66,13 @@ def test_printed_eq4_in_a_float32_forward_loses_the_variance():
     _, var = sn_appendix.printed_eq4(h)
     _, stable = scope_moments(h.astype(np.float64), SwitchableOptions())
     assert np.max(np.abs(var["bn"] - stable["bn"]) / stable["bn"]) > 0.05
+
+
+def test_the_stable_eq4_is_measured_in_float32():
+    """The errata table's second row is the law-of-total-variance form computed in float32:
+    it carries float32's rounding (~1e-7 relative), neither nothing (a float64 computation
+    against the float64 reference) nor the printed form's loss."""
+    for offset in (1e3, 1e4, 1e5):
+        m = sn_appendix.check_eq4_float32(offset=offset)
+        assert 1e-9 < m.stable_rel_error < 1e-5, m
+        assert m.paper_rel_error > 1e3 * m.stable_rel_error, m

@@ -7,6 +7,14 @@ import numpy as np
 import pytest
 
 from refnorm.errata import sn_distinct
+from refnorm.errata.findings import relative
+from refnorm.norms.switchable_norm import (
+    SCOPES,
+    SwitchableOptions,
+    ratios,
+    scope_moments,
+    switchable_norm_forward,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -78,3 +86,40 @@ def test_tied_ratios_remark_weighted_sum_written_out_for_one_channel():
     np.testing.assert_allclose(sn_distinct.printed_eq1(h, logits, logits)[n, c], eq1,
                                rtol=1e-12)
     assert np.max(np.abs(by_hand - eq1)) > 0.05 * np.max(np.abs(eq1))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_compare_measures_both_forms_with_the_same_control_parameters(seed, monkeypatch):
+    """The soft figure is the study's Eq. (1) against the journal's Eq. (3) under the *same*
+    mean and deviation control parameters (anything else also measures the means' mixing),
+    and the Jensen gap is relative to the root of the mixed variance, as
+    :class:`~refnorm.errata.sn_distinct.Comparison` states. Both recomputed from the input
+    and the soft control parameters that compare hands to Eq. (1)."""
+    seen = []
+    original = sn_distinct.printed_eq1
+
+    def spy(h, mean_logits, std_logits, *, hard=False):
+        if not hard:
+            seen.append((h.copy(), mean_logits.copy(), std_logits.copy()))
+        return original(h, mean_logits, std_logits, hard=hard)
+
+    monkeypatch.setattr(sn_distinct, "printed_eq1", spy)
+    c = sn_distinct.compare(seed)
+    (h, mean_logits, std_logits), = seen
+    journal = switchable_norm_forward(h, np.ones(3), np.zeros(3), mean_logits, std_logits,
+                                      eps=1e-12)[0]
+    assert c.soft == pytest.approx(relative(original(h, mean_logits, std_logits), journal),
+                                   rel=1e-12)
+    _, var = scope_moments(h, SwitchableOptions())
+    w = ratios(std_logits)
+    root = np.sqrt(sum(w[i] * var[k] for i, k in enumerate(SCOPES)))
+    average = sum(w[i] * np.sqrt(var[k]) for i, k in enumerate(SCOPES))
+    assert c.jensen_gap == pytest.approx(float(np.min((root - average) / root)), rel=1e-12)
+    assert 0 < c.jensen_gap < 1
+
+
+def test_markdown_rows_carry_their_own_figures():
+    c = sn_distinct.Comparison(one_hot=3.0e-12, soft=0.145, jensen_gap=0.0043)
+    rows = sn_distinct.to_markdown(c).splitlines()[2:]
+    assert rows == ["| one-hot (each scope in turn) | 3.0e-12 |",
+                    "| soft (random control parameters) | 0.14 |"], rows

@@ -47,3 +47,29 @@ def test_printed_eq21_is_the_formula_as_printed():
     dvar, dmu = printed_eq21(dy, xt, var, gamma, eps)
     np.testing.assert_allclose(dvar, -g * s_xt / (2 * root) - g * s_xt / (2 * root), rtol=1e-12)
     np.testing.assert_allclose(dmu, -g * s / root - g * s / root, rtol=1e-12)
+
+
+@pytest.mark.parametrize("which", [1, 2], ids=["dvar", "dmu"])
+def test_the_corrected_eq21_row_checks_both_statistic_gradients(which, monkeypatch):
+    """"Eq. (21), corrected" stands for refnorm's dL/dsigma^2_p *and* dL/dmu_p: either 1 %
+    off makes the row disagree."""
+    original = sn_multi_gpu.statistic_gradients
+
+    def off(dy, cache):
+        out = list(original(dy, cache))
+        out[which] = 1.01 * out[which]
+        return tuple(out)
+
+    monkeypatch.setattr(sn_multi_gpu, "statistic_gradients", off)
+    found = {f.equation: f for f in sn_multi_gpu.check_multi_gpu(0, (2, 3))}
+    assert not found["Eq. (21), corrected"].agrees, found["Eq. (21), corrected"]
+
+
+def test_pnhw_takes_each_devices_own_n():
+    """Shards (2, 1, 3): P times the *first* device's N is the batch (3 * 2 = 6), but Eq.
+    (24)-(25) read N as each device's own batch, 3 * 1 and 3 * 3 on the others: the printed
+    count is still wrong there."""
+    found = {f.equation: f for f in sn_multi_gpu.check_multi_gpu(0, (2, 1, 3))}
+    pnhw = found["Eq. (22)-(25), P N H W"]
+    assert not pnhw.agrees and pnhw.max_rel_error > 1e-3, pnhw
+    assert found["Eq. (22)-(25)"].agrees, found["Eq. (22)-(25)"]

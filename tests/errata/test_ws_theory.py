@@ -65,3 +65,35 @@ def test_printed_eq14_is_the_formula_as_printed():
     I = 5
     expected = (g.sum() - np.dot(w_hat, g) * w_hat.sum() / I) ** 2 / (I * sigma**2)
     assert ws_theory.printed_eq14(w_hat, g, sigma) == pytest.approx(expected, rel=1e-13)
+
+
+def test_printed_eq19_is_the_formula_as_printed():
+    """Every Hessian of the check is symmetric, where row and column sums coincide, so only
+    a matrix that is not shows the transcription: ||H.||^2 + (sum H.)^2 / I^2 - (1/I) sum_i
+    (row sum i)^2 - (1/I) sum_j (column sum j)^2."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((5, 5)) + np.arange(5)      # rows and columns sum differently
+    I = 5
+    expected = (np.sum(a**2) + a.sum() ** 2 / I**2 - np.sum(a.sum(axis=1) ** 2) / I
+                - np.sum(a.sum(axis=0) ** 2) / I)
+    assert ws_theory.printed_eq19(a) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_gradient_not_quite_centred_is_reported_as_not_zero(monkeypatch):
+    """Eq. (8)-(9): dL/dW_c has mean zero and is orthogonal to W^. A centring that leaves
+    0.1 % of the mean in breaks both by ~1e-5 of their scale, which the "zero" rows report
+    as not zero (their tolerance is finite-difference noise, 1e-8)."""
+    monkeypatch.setattr(ws_theory, "centre", lambda w: w - 0.999 * np.mean(w))
+    found = {f.quantity: f for f in ws_theory.check_ws_theory(0)}
+    for quantity in ("mean of dL/dW_c / max |dL/dW_c|", "cosine of dL/dW_c and W^"):
+        assert not found[quantity].agrees and found[quantity].max_rel_error > 1e-6, \
+            found[quantity]
+
+
+def test_a_hessian_relation_off_by_1e5_of_its_value_disagrees(monkeypatch):
+    """The Hessians come from central differences of exact gradients (~1e-9), so Eq. (17)
+    and (19) are held to the errata page's 1e-6: a printed form 1e-5 off disagrees."""
+    original = ws_theory.printed_eq17
+    monkeypatch.setattr(ws_theory, "printed_eq17", lambda h: original(h) * (1 + 1e-5))
+    found = {f.equation: f for f in ws_theory.check_ws_theory(0)}
+    assert not found["Eq. (17)"].agrees, found["Eq. (17)"]

@@ -79,3 +79,10 @@ def test_the_probe_perturbs_one_element():
         "N, C, H, W (one statistic)"
     report = fingerprint("ln", lambda x, gamma, beta: np.array(x, copy=True))
     assert report.rows[0].found == "each element alone (no axis reduced)", str(report)
+
+
+def test_a_kept_spatial_axis_beside_a_reduced_one_is_named_by_itself():
+    """"per ... position" stands for every spatial axis kept; with H reduced and W kept the
+    statistic is per channel and W."""
+    assert fingerprint("ln", AxesNorm((0, 2))).rows[0].found == "N, H, per channel and W"
+    assert fingerprint("ln", AxesNorm((0, 3))).rows[0].found == "N, W, per channel and H"

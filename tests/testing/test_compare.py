@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from refnorm.testing import Case, as_impl, assert_matches, norm_inputs, reference
 from refnorm.testing.compare import compare_case
-from refnorm.testing.tolerance import underflow_floors
+from refnorm.testing.tolerance import reference_outputs, underflow_floors
 from tests.testing.impls import NumpyBN, numpy_bn_forward
 
 
@@ -220,3 +220,70 @@ def test_dbeta_tolerance_covers_naive_float32_summation():
                 dy.reshape(x.shape), 1e-5)
     tol = tolerances(case, {"dbeta": np.array([exact])})["dbeta"]
     assert abs(float(naive) - exact) <= tol
+
+
+def _refnorm_float32(method, options, *, dbeta_error=0.0):
+    """refnorm's own functions on float32 inputs (a correct float32 implementation), with
+    ``dbeta_error`` added to dbeta."""
+    def forward(x, *params):
+        return reference.forward(method, x, params, options)[0]
+
+    def backward(dy, x, *params):
+        grads = list(reference.backward(method, dy, reference.forward(method, x, params,
+                                                                      options)[1]))
+        if dbeta_error:
+            grads[2] = grads[2] + np.float32(dbeta_error)
+        return tuple(grads)
+    return forward, backward
+
+
+def test_dbeta_is_held_to_the_rounding_of_one_channels_sum():
+    """dbeta_c sums the P = N * H * W values of channel c: the bound is P (m + 4) u max|dy|
+    (about 8e-6 here, P = 4 in float32), not that of a sum over the whole input (C times
+    more). A dbeta 3e-5 off, four times the bound, is no rounding and fails."""
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    case = Case("bn", "plain", rng.standard_normal((2, 8, 2)).astype(f32),
+                (np.ones(8, f32), np.zeros(8, f32)),
+                rng.uniform(-1, 1, (2, 8, 2)).astype(f32), 1e-5)
+    options = {"eps": 1e-5}
+    forward, backward = _refnorm_float32("bn", options)
+    assert compare_case(as_impl("bn", forward, backward=backward), case, options) is None
+    forward, backward = _refnorm_float32("bn", options, dbeta_error=3e-5)
+    mismatch = compare_case(as_impl("bn", forward, backward=backward), case, options)
+    assert mismatch is not None and mismatch.output == "dbeta", mismatch
+
+
+def test_refnorms_side_is_computed_in_float64():
+    """The tolerances bound the rounding of the implementation alone: refnorm's outputs are
+    computed in float64 from the inputs as drawn, whatever the dtype under test."""
+    rng = np.random.default_rng(1)
+    f16 = np.float16
+    x = (100 + rng.standard_normal((3, 2, 4))).astype(f16)
+    params = (np.array([1.5, -0.5], f16), np.array([0.25, 1.0], f16))
+    case = Case("bn", "offset", x, params, rng.standard_normal(x.shape).astype(f16), 1e-5)
+    out = reference_outputs(case, {"eps": 1e-5}, with_grads=True)
+    want_y, cache = reference.forward("bn", x.astype(np.float64),
+                                      tuple(p.astype(np.float64) for p in params),
+                                      {"eps": 1e-5})
+    assert all(v.dtype == np.float64 for v in out.values()), {k: v.dtype for k, v in
+                                                               out.items()}
+    np.testing.assert_array_equal(out["y"], want_y)
+    np.testing.assert_array_equal(out["dx"], reference.backward(
+        "bn", case.dy.astype(np.float64), cache)[0])
+
+
+def test_weight_norm_with_filters_of_very_different_norms_matches_in_float32():
+    """dv of a filter of norm n is of size |dy| / n and carries rounding of that size: the
+    bound takes the smallest filter norm. A float32 WN with one filter of norm ~0.02 (its
+    upstream gradient nearly along it, so that dv cancels) and one of norm ~25 passes."""
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    v = np.stack([1e-2 * rng.standard_normal(6), 10 * rng.standard_normal(6)])
+    dy = np.stack([v[0] / np.linalg.norm(v[0]) + 1e-3 * rng.standard_normal(6),
+                   rng.standard_normal(6)])
+    case = Case("wn", "plain", v.astype(f32), (np.array([1.0, 0.5], f32),), dy.astype(f32),
+                1e-5)
+    options = {"eps": 1e-5}
+    forward, backward = _refnorm_float32("wn", options)
+    assert compare_case(as_impl("wn", forward, backward=backward), case, options) is None

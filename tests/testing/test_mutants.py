@@ -215,3 +215,64 @@ def test_refnorms_own_float16_layer_passes_with_its_running_statistics():
             return layer.forward(np.asarray(x, np.float16), training=training)
 
     assert_matches("bn", Stateful(), dtype=np.float16, num_channels=4, max_examples=30)
+
+
+FIRST = "First diverging convention (refnorm.testing.fingerprint): "
+
+
+def test_gn_with_another_group_count_fails_on_the_group_count():
+    """A GN of 2 consecutive groups compared under num_groups=3: same layout, another G. The
+    failure names the group count, not "no diverging convention"."""
+    with pytest.raises(AssertionError) as info:
+        assert_matches("gn", NumpyGN(2), num_groups=3, num_channels=6, max_examples=10)
+    assert FIRST + "group layout: found consecutive, G = 2; refnorm: consecutive channels " \
+        "(c // (C/G)), G = 3." in str(info.value), str(info.value)
+
+
+def _one_pass_in_the_inputs_dtype(x, gamma, beta):
+    """BN with the one-pass variance E[x^2] - E[x]^2, computed in the input's dtype."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    mu = x.mean(axis=axes, keepdims=True)
+    var = np.maximum((x * x).mean(axis=axes, keepdims=True) - mu * mu, 0)
+    return gamma.reshape(view) * (x - mu) / np.sqrt(var + 1e-5) + beta.reshape(view)
+
+
+def test_a_one_pass_variance_in_the_inputs_own_dtype_is_found_at_the_offset():
+    """The offset probe is a float32 input: a one-pass variance that computes in its input's
+    dtype keeps every digit in float64 and loses the variance in float32."""
+    report = fingerprint("bn", _one_pass_in_the_inputs_dtype)
+    assert report.conventions["offset_precision"] == "lost", str(report)
+    assert report.match is None
+
+
+def _unbiased_in_float32(x, gamma, beta):
+    """BN whose float32 path (a separate fast kernel, say) divides by m - 1; float64 by m."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    ddof = 1 if x.dtype == np.float32 else 0
+    mu, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True, ddof=ddof)
+    return gamma.reshape(view) * (x - mu) / np.sqrt(var + 1e-5) + beta.reshape(view)
+
+
+def test_a_float32_path_off_by_a_few_percent_is_found_at_the_offset():
+    """The float64 probes see refnorm's BN; the float32 probe sees outputs about 2 % off
+    (sqrt(23/24), m = 24): beyond float32's rounding at 1e4 (~1e-3), so not "keeps"."""
+    report = fingerprint("bn", _unbiased_in_float32)
+    assert report.conventions["variance"] == "biased", str(report)
+    assert report.conventions["offset_precision"] == "lost", str(report)
+    assert report.match is None
+
+
+def test_sn_with_the_variance_ratios_for_both_is_named():
+    """Tied ratios either way round: the variance ratios used for the means too are named
+    so, not "other"."""
+    sn = NumpySN(4, tied=True)      # tied: the first logits for both
+
+    def variance_ratios_for_both(x, gamma, beta, mean_logits, var_logits):
+        return sn(x, gamma, beta, var_logits, var_logits)
+
+    report = fingerprint("sn", variance_ratios_for_both)
+    row = next(r for r in report.rows if r.topic == "ratios")
+    assert row.found == "tied (variance ratios for both)", str(report)
+    assert report.conventions["ratios"] == "tied" and report.match is None

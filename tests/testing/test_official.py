@@ -69,3 +69,17 @@ def test_refnorms_own_ws_and_wn_agree_on_the_eps_placement_row():
         assert report.conventions["eps_placement"] == "added_to_std", str(report)
         assert row.agrees is True, str(report)
         assert report.match is not None, str(report)
+
+
+def test_the_closest_ws_options_follow_the_probed_std():
+    """When no candidate matches (here the official WS shifted by 1e-3), the closest options
+    are those of the conventions the probes found: the unbiased std, eps added to it."""
+    def shifted(w):
+        return official_ws_forward(w) + 1e-3
+
+    report = fingerprint("ws", shifted)
+    assert (report.conventions["std"], report.conventions["eps_placement"]) == \
+        ("unbiased", "added_to_std"), str(report)
+    assert report.match is None
+    assert report.closest == ("refnorm.weights.weight_standardization_forward(eps=1e-05, "
+                              "eps_mode='add', correction=1)"), str(report)

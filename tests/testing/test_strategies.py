@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from refnorm.testing import norm_inputs
@@ -36,3 +36,11 @@ def test_tiny_variance_is_below_eps(case):
 def test_fixed_groups_and_rank(case):
     assert case.num_groups == 3 and case.x.ndim == 2 and case.x.shape[1] % 3 == 0
     assert math.prod(case.x.shape[1:]) // 3 >= 2
+
+
+@pytest.mark.parametrize("method", ["in", "ln", "gn", "sn"])
+def test_a_batch_of_one_sample_is_drawn(method):
+    """The module docstring: N = 1 where the method allows it (IN, LN, GN, SN)."""
+    case = find(norm_inputs(method), lambda c: c.x.shape[0] == 1,
+                settings=settings(database=None, max_examples=200))
+    assert case.x.shape[0] == 1
