@@ -80,6 +80,26 @@ __all__ = [
 ]
 
 DEFAULT_STEP = 1e-6
+
+
+def _check_step(step: object) -> float:
+    """A finite-difference step: a finite real number > 0 (0 divides by zero; a negative step
+    makes the noise floor negative, so a right backward shows an error)."""
+    if isinstance(step, bool) or not isinstance(step, (int, float, np.integer, np.floating)):
+        raise TypeError(f"step must be a float; got {type(step).__name__}")
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(f"step must be finite and > 0; got {step}")
+    return float(step)
+
+
+def _as_float64(name: str, value: Any) -> np.ndarray:
+    """``value`` (an array of any namespace, or a Python number) as a float64 numpy array."""
+    try:
+        return np.array(to_numpy(value), dtype=np.float64)
+    except (AttributeError, TypeError):
+        if isinstance(value, (int, float, np.number)):
+            return np.array(value, dtype=np.float64)
+        raise TypeError(f"{name} must be an array; got {type(value).__name__}") from None
 # Measured: correct float64 backwards deviate from central differences by at most 2.1
 # eps * S / h (750 SN gradients, see the module docstring); 10 leaves a margin of about 5.
 ROUNDING_SAFETY = 10.0
@@ -135,6 +155,7 @@ def finite_difference_noise(y: np.ndarray, dy: np.ndarray, step: float) -> float
     step : float
         The finite-difference step ``h``.
     """
+    step = _check_step(step)
     y = np.asarray(y)
     eps = float(np.finfo(y.dtype if np.issubdtype(y.dtype, np.floating) else np.float64).eps)
     return ROUNDING_SAFETY * eps * float(np.sum(np.abs(y * dy))) / step
@@ -152,6 +173,17 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray, *,
         An absolute tolerance: deviations up to it count as zero (the finite-difference
         noise floor for :func:`check_vjp`; 0 gives the plain ratio
         ``max|a - n| / max(max|a|, max|n|)``).
+
+    Returns
+    -------
+    GradError
+        All zeros for empty arrays; ``max_rel_error``, ``max_abs_error`` and ``scale`` inf
+        when a value is not finite.
+
+    Raises
+    ------
+    ValueError
+        If the two shapes differ.
     """
     analytic = np.asarray(analytic, dtype=np.float64)
     numeric = np.asarray(numeric, dtype=np.float64)
@@ -183,16 +215,39 @@ def numerical_vjp(
 
     ``f`` receives float64 numpy arrays (copies; the caller's arrays are not touched) and
     may return any array ``to_numpy`` understands.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(**inputs) -> y``.
+    inputs : dict of str to array
+        The point; each value is copied to a float64 numpy array.
+    dy : array, the shape of ``f(**inputs)``
+        The upstream gradient.
+    wrt : str
+        A key of ``inputs``: the input differentiated.
+    step : float, default 1e-6
+        The finite-difference step ``h``.
+
+    Returns
+    -------
+    array, ``inputs[wrt].shape``, float64
     """
+    step = _check_step(step)
+    if wrt not in inputs:
+        raise ValueError(f"wrt must be a key of inputs ({sorted(inputs)}); got {wrt!r}")
     args = {k: np.array(v, dtype=np.float64) for k, v in inputs.items()}
+    y_shape = np.shape(_as_float64("f's output", f(**args)))
+    if np.shape(dy) != y_shape:
+        raise ValueError(f"dy must have the shape of f(**inputs), {y_shape}; got {np.shape(dy)}")
     u = args[wrt].reshape(-1)  # a view: writing u perturbs args[wrt]
     grad = np.empty(u.size, dtype=np.float64)
     for i in range(u.size):
         original = u[i]
         u[i] = original + step
-        plus = np.sum(to_numpy(f(**args)) * dy)
+        plus = np.sum(_as_float64("f's output", f(**args)) * dy)
         u[i] = original - step
-        minus = np.sum(to_numpy(f(**args)) * dy)
+        minus = np.sum(_as_float64("f's output", f(**args)) * dy)
         u[i] = original
         grad[i] = (plus - minus) / (2.0 * step)
     return grad.reshape(args[wrt].shape)
@@ -213,26 +268,31 @@ def check_vjp(
     f : callable
         ``f(**inputs) -> y``.
     vjp : callable
-        ``vjp(dy, **inputs) -> {name: gradient}``, the backward under test; each name must
-        be a key of ``inputs``.
+        ``vjp(dy, **inputs) -> {name: gradient}``, the backward under test: a dict (not a
+        tuple), each name a key of ``inputs``.
     inputs : dict of str to array
-        The point to check at; converted to float64 numpy arrays.
+        The point to check at; each value (an array of any namespace ``to_numpy``
+        understands, or a number) is converted to a float64 numpy array.
     seed : int
         Seeds the random upstream gradient (a stream distinct from ``default_rng(seed)``).
-    step : float
-        The finite-difference step ``h``.
+    step : float, default 1e-6
+        The finite-difference step ``h``, > 0.
 
     Returns
     -------
     dict of str to GradError, one per gradient ``vjp`` returned; all share the noise floor
     :func:`finite_difference_noise` of ``y`` and ``dy``
     """
-    args = {k: np.array(to_numpy(v), dtype=np.float64) for k, v in inputs.items()}
-    y = to_numpy(f(**args))
+    step = _check_step(step)
+    args = {k: _as_float64(f"inputs[{k!r}]", v) for k, v in inputs.items()}
+    y = _as_float64("f's output", f(**args))
     # A stream of its own: default_rng(seed) would give a caller who drew x with the same
     # seed dy = (x - 12) / 5, which lies in the span a normalizer's backward projects out.
     dy = np.random.default_rng([seed, _DY_STREAM]).standard_normal(y.shape)
     analytic = vjp(dy, **args)
+    if not isinstance(analytic, Mapping):
+        raise TypeError(f"vjp must return a dict {{name: gradient}} with names from inputs "
+                        f"({sorted(args)}); got {type(analytic).__name__}")
     unknown = set(analytic) - set(args)
     if unknown:
         raise ValueError(f"vjp returned gradients for unknown inputs: {sorted(unknown)}")
@@ -261,6 +321,22 @@ def check_layer(
     a layer would otherwise take the fast path. A layer that computes no input gradient
     (``input_grad=False``, the first layer of a model) is checked with it on: the copy's
     ``dx`` is checked, and its parameter gradients are the same either way.
+
+    Parameters
+    ----------
+    layer : Layer
+        A :class:`~refnorm.layer.Layer` (``params``, ``state``, ``forward``, ``backward``,
+        ``grads``, ``path`` and ``input_grad`` are used).
+    x : array
+        The input to check at (any namespace ``to_numpy`` understands).
+    training : bool, default True
+        Which forward is checked.
+    seed : int, default 0
+        As in :func:`check_vjp`.
+    step : float, default 1e-6
+        The finite-difference step.
+    path : {"reference", "fast"}, default "reference"
+        The implementation the float64 copy runs.
 
     Returns
     -------
@@ -313,6 +389,24 @@ def check_registered(name: str, *, seed: int = 0, path: str = "reference") -> li
     Inputs are ``5 * randn + 12`` so the mean subtraction is exercised; parameters and
     running statistics are drawn at random around their usual values so that every term of
     the backward matters.
+
+    Parameters
+    ----------
+    name : str
+        A name of :func:`refnorm.registry.names`.
+    seed : int, default 0
+        Seeds the parameters, states, inputs and upstream gradients.
+    path : {"reference", "fast"}, default "reference"
+
+    Returns
+    -------
+    list of CaseResult
+        One per entry of the layer class's ``check_cases``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not registered, or ``path`` is not one of the two.
     """
     cls: type[Layer] = registry.layer_class(name)
     rng = np.random.default_rng(seed)

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from refnorm.backend import Array, array_namespace, device_of, on_device
+from refnorm.core.checks import is_int
 from refnorm.core.running import BatchStatistics
 from refnorm.layer import iter_layers
 from refnorm.norms.switchable_norm import SwitchableNorm
@@ -105,10 +106,30 @@ def merge_batch_statistics(records: list[BatchStatistics], *,
     """Merge per-batch (count, mean, biased var) into the statistics of all values, in float64
     (with ``comm``, the records of every device: two all-reduces, as in synchronized BN).
 
+    Parameters
+    ----------
+    records : non-empty list of BatchStatistics
+        One per batch (:meth:`~refnorm.norms.switchable_norm.SwitchableNorm.batch_statistics`),
+        all of the same shape (C,), with counts >= 1.
+    comm : communicator, optional
+        Merge the records of every device of ``comm`` (:mod:`refnorm.sync.comm`).
+
     Returns
     -------
     mean, var : arrays, (C,), float64
     """
+    records = list(records)
+    if not records:
+        raise ValueError("merge_batch_statistics needs at least one record; got none")
+    for r in records:
+        if not isinstance(r, BatchStatistics):
+            raise TypeError(f"records must be BatchStatistics; got {type(r).__name__}")
+        if not (is_int(r.count) and r.count >= 1):
+            raise ValueError(f"every record's count must be an int >= 1; got {r.count!r}")
+        shape = tuple(records[0].mean.shape)
+        if len(shape) != 1 or tuple(r.mean.shape) != shape or tuple(r.var.shape) != shape:
+            raise ValueError(f"every record's mean and var must have one shape (C,); got "
+                             f"{tuple(r.mean.shape)} and {tuple(r.var.shape)} beside {shape}")
     xp = array_namespace(*(r.mean for r in records))
     means = [xp.astype(r.mean, xp.float64) for r in records]
     n = float(sum(r.count for r in records))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import refnorm
-from refnorm import dispatch, registry
+from refnorm import dispatch, gradcheck, registry
 from refnorm.gradcheck import (
     check_layer,
     check_registered,
@@ -298,3 +298,45 @@ def test_check_registered_checks_each_case_in_its_own_mode(monkeypatch):
     assert train.errors["x"].max_rel_error < 1e-6
     assert evaluation.errors["x"].max_rel_error > 1e-3
     assert evaluation.errors["gamma"].max_rel_error < 1e-6
+
+
+def _square(x):
+    return x ** 2
+
+
+def _square_vjp(dy, x):
+    return {"x": 2 * x * dy}
+
+
+@pytest.mark.parametrize("step", [0.0, -1e-6, float("nan"), float("inf")])
+def test_a_step_that_is_not_positive_and_finite_is_refused(step):
+    x = np.array([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="step must be finite and > 0"):
+        gradcheck.check_vjp(_square, _square_vjp, {"x": x}, step=step)
+    with pytest.raises(ValueError, match="step must be finite and > 0"):
+        gradcheck.numerical_vjp(_square, {"x": x}, np.ones(3), "x", step=step)
+    with pytest.raises(ValueError, match="step must be finite and > 0"):
+        gradcheck.finite_difference_noise(x, np.ones(3), step)
+
+
+@pytest.mark.parametrize("returned", [lambda dy, x: (2 * x * dy,), lambda dy, x: 2 * x * dy])
+def test_a_vjp_that_returns_no_dict_is_named(returned):
+    with pytest.raises(TypeError, match="vjp must return a dict"):
+        gradcheck.check_vjp(_square, returned, {"x": np.array([1.0, 2.0])})
+
+
+def test_check_vjp_takes_numbers_and_refuses_lists_clearly():
+    errors = gradcheck.check_vjp(lambda x: float(np.sum(x ** 2)), _square_vjp,
+                                 {"x": np.array([1.0, 2.0])})
+    assert errors["x"].max_rel_error == 0.0
+    with pytest.raises(TypeError, match=r"inputs\['x'\] must be an array; got list"):
+        gradcheck.check_vjp(_square, _square_vjp, {"x": [1.0, 2.0]})
+
+
+def test_numerical_vjp_checks_wrt_and_the_shape_of_dy():
+    x = np.array([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="wrt must be a key of inputs"):
+        gradcheck.numerical_vjp(_square, {"x": x}, np.ones(3), "y")
+    for dy in (np.ones(2), np.ones(1)):  # (1,) used to broadcast silently
+        with pytest.raises(ValueError, match="dy must have the shape"):
+            gradcheck.numerical_vjp(_square, {"x": x}, dy, "x")

@@ -117,3 +117,21 @@ def test_merge_is_in_float64_whatever_the_records_dtype():
     exact = np.mean([np.asarray(r.var, np.float64) for r in records], axis=0) + np.var(
         [np.asarray(r.mean, np.float64) for r in records], axis=0)
     np.testing.assert_allclose(var, exact, rtol=1e-9)
+
+
+def test_merge_batch_statistics_refuses_no_records():
+    with pytest.raises(ValueError, match="at least one record"):
+        merge_batch_statistics([])
+
+
+def test_merge_batch_statistics_refuses_a_zero_count():
+    # used to return NaN for every channel
+    with pytest.raises(ValueError, match="count must be an int >= 1"):
+        merge_batch_statistics([BatchStatistics(0, np.zeros(3), np.ones(3))])
+
+
+def test_merge_batch_statistics_refuses_records_of_different_channels():
+    records = [BatchStatistics(2, np.zeros(3), np.ones(3)),
+               BatchStatistics(2, np.zeros(4), np.ones(4))]
+    with pytest.raises(ValueError, match="one shape"):
+        merge_batch_statistics(records)

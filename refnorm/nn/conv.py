@@ -96,11 +96,14 @@ def sliding_window(
     Raises
     ------
     TypeError
-        If a hyperparameter is neither an int nor a pair of ints.
+        If ``x_shape`` is not a tuple of 4 ints, or a hyperparameter is neither an int nor a
+        pair of ints.
     ValueError
         If ``kernel_size`` or ``stride`` has an entry < 1, ``padding`` one < 0, or the
         kernel is larger than the padded input.
     """
+    if not (isinstance(x_shape, tuple) and len(x_shape) == 4 and all(map(is_int, x_shape))):
+        raise TypeError(f"x_shape must be a tuple of 4 ints (N, C, H, W); got {x_shape!r}")
     kernel = as_pair("kernel_size", kernel_size, minimum=1)
     strides = as_pair("stride", stride, minimum=1)
     pads = as_pair("padding", padding, minimum=0)

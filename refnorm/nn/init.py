@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from refnorm.backend import Array, on_device
-from refnorm.core.checks import is_int
+from refnorm.core.checks import check_param_dtype, check_positive_int, is_int
 
 
 def he_normal(
@@ -31,7 +31,7 @@ def he_normal(
     ----------
     shape : tuple of int
         (C_out, C_in, KH, KW) for a convolution, (D_out, D_in) for a linear layer.
-    fan_in : int
+    fan_in : int, >= 1
         Inputs of one output unit: C_in KH KW, or D_in.
     seed : int
     xp : module
@@ -48,5 +48,7 @@ def he_normal(
     """
     if not is_int(seed):
         raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+    fan_in = check_positive_int("fan_in", fan_in)
+    dtype = check_param_dtype(xp, dtype)
     w = np.random.default_rng(seed).standard_normal(shape) * np.sqrt(2.0 / fan_in)
     return xp.asarray(w, dtype=dtype, **on_device(device))

@@ -272,7 +272,8 @@ def global_avg_pool_forward(x: Array) -> tuple[Array, GlobalAvgPoolCache]:
     Parameters
     ----------
     x : array, (N, C, H, W), or more generally (N, C, *spatial) with a spatial axis
-        Real floating; float16 computes in float32 and returns float16.
+        Real floating; float16 computes in float32 and returns float16. Each spatial axis
+        must be non-empty (``ValueError``).
 
     Returns
     -------
@@ -281,6 +282,9 @@ def global_avg_pool_forward(x: Array) -> tuple[Array, GlobalAvgPoolCache]:
     """
     xp = check_float_array("x", x)
     check_ndim("x", x, min_ndim=3, layout="(N, C, *spatial) with a spatial axis")
+    if 0 in tuple(x.shape[2:]):
+        raise ValueError(f"x must have at least one position to average over; got shape "
+                         f"{tuple(x.shape)} (an empty spatial axis)")
     dtype = compute_dtype(xp, x.dtype)
     spatial_axes = tuple(range(2, x.ndim))
     y = xp.mean(xp.astype(x, dtype, copy=False), axis=spatial_axes)  # (N, C)

@@ -921,9 +921,13 @@ class SwitchableNorm(ChannelNorm):
 
         Raises
         ------
+        ValueError
+            If the layer has no BN scope (it keeps no population statistics).
         RuntimeError
             If they are not ready (``inference="batch_average"`` before a batch average).
         """
+        if "bn" not in self.options.scopes:
+            raise ValueError(f"this SwitchableNorm has no BN scope (scopes={self.options.scopes})")
         if not bool(self.state["population_ready"]):
             raise RuntimeError(
                 f"{type(self).__name__}(inference='batch_average') has no population "

@@ -35,7 +35,7 @@ from refnorm.core.running import update_running_stats
 from refnorm.layer import CheckCase
 from refnorm.norms.base import ChannelNorm
 from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_eval_forward
-from refnorm.sync.comm import SingleProcess
+from refnorm.sync.comm import SingleProcess, check_comm
 from refnorm.sync.headers import allreduce, layer_label, note_local_call
 
 
@@ -84,6 +84,8 @@ def sync_batch_norm_forward(
         This device's shard; N_p may be 0.
     gamma, beta : arrays, (C,)
     comm : communicator (:mod:`refnorm.sync.comm`)
+        Required (unlike the layer's ``comm``, None is not a single process here: pass
+        :class:`~refnorm.sync.comm.SingleProcess` for one device).
     eps : float, > 0
     layer : str
         Names this layer in the headers of its collectives (:mod:`refnorm.sync.headers`).
@@ -93,6 +95,7 @@ def sync_batch_norm_forward(
     y : array, ``x.shape``
     cache : SyncBatchNormCache
     """
+    check_comm(comm)
     xp, xc, gamma_c, beta_c = prepare_channel_norm(x, gamma, beta, eps=eps)
     axes = non_channel_axes(x.ndim)                                        # (0, 2, 3, ...)
     n_p = 1

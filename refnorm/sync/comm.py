@@ -89,6 +89,15 @@ class Communicator:
             self.finish("its with-block ended")
 
 
+def check_comm(comm: object) -> None:
+    """Check that ``comm`` is a communicator (``size``, ``rank`` and ``allreduce_sum``); a
+    ``TypeError`` naming :class:`SingleProcess` for ``None`` or anything else."""
+    if not all(hasattr(comm, a) for a in ("size", "rank", "allreduce_sum")):
+        raise TypeError(f"comm must be a communicator (refnorm.sync.comm: SingleProcess() for "
+                        f"one device, InProcessGroup, MPICommunicator, NCCLCommunicator); got "
+                        f"{type(comm).__name__}")
+
+
 class SingleProcess(Communicator):
     """One device: ``allreduce_sum`` returns its arguments unchanged."""
 

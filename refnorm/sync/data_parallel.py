@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from refnorm.layer import Layer
+from refnorm.sync.comm import check_comm
 from refnorm.sync.headers import allreduce
 
 
@@ -37,6 +38,7 @@ def allreduce_gradients(layers: Iterable[Layer], comm: Any, *, weight: float | N
         This device's weight; default ``1 / comm.size`` (the mean over devices; see the
         module docstring for unequal shards).
     """
+    check_comm(comm)
     layers = list(layers)
     w = 1.0 / comm.size if weight is None else float(weight)
     keys = [(i, k) for i, layer in enumerate(layers) for k in sorted(layer.grads)]

@@ -61,7 +61,7 @@ from refnorm.norms.switchable_norm import (
     switchable_norm_forward,
     variance_factors,
 )
-from refnorm.sync.comm import SingleProcess
+from refnorm.sync.comm import SingleProcess, check_comm
 from refnorm.sync.headers import allreduce, layer_label, note_local_call
 
 
@@ -168,6 +168,8 @@ def sync_switchable_norm_forward(
     gamma, beta : arrays, (C,)
     mean_logits, var_logits : arrays, (K,)
     comm : communicator (:mod:`refnorm.sync.comm`)
+        Required (unlike the layer's ``comm``, None is not a single process here: pass
+        :class:`~refnorm.sync.comm.SingleProcess` for one device).
     eps : float, > 0
     options : SwitchableOptions
     layer : str
@@ -179,6 +181,9 @@ def sync_switchable_norm_forward(
     cache : SyncSwitchableNormCache
     """
     args = (x, gamma, beta, mean_logits, var_logits)
+    if not isinstance(options, SwitchableOptions):
+        raise TypeError(f"options must be a SwitchableOptions; got {type(options).__name__}")
+    check_comm(comm)
     if "bn" not in options.scopes:  # nothing to synchronize: plain SN
         y, local = switchable_norm_forward(*args, eps=eps, options=options)
         return y, SyncSwitchableNormCache(local, comm, x.shape[0], layer)

@@ -29,6 +29,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from refnorm.core.checks import check_eps, is_int
 from refnorm.testing.reference import ACTIVATION_METHODS, PARAM_NAMES, check_method
 
 KINDS = ("plain", "offset", "tiny_variance")
@@ -71,6 +72,13 @@ class Case:
                 lines.append(f"  {name}={p!r},")
             lines.append(f"  dy={self.dy!r})")
         return "\n".join(lines)
+
+
+def check_kinds(kinds: object) -> tuple[str, ...]:
+    """Check that ``kinds`` is a non-empty tuple (or list) of names from :data:`KINDS`."""
+    if not (isinstance(kinds, (tuple, list)) and kinds and all(k in KINDS for k in kinds)):
+        raise ValueError(f"kinds must be a non-empty tuple of names from {KINDS}; got {kinds!r}")
+    return tuple(kinds)
 
 
 def _values(shape: tuple[int, ...], bound: float) -> st.SearchStrategy[np.ndarray]:
@@ -176,7 +184,7 @@ def norm_inputs(
         for WS and WN the whole weight shape (C_out, ...).
     affine : bool
         False: gamma = 1 and beta = 0 (implementations without affine parameters).
-    kinds : tuple of str
+    kinds : non-empty tuple of str
         Which of :data:`KINDS` to draw from.
 
     Returns
@@ -185,6 +193,13 @@ def norm_inputs(
     """
     method = check_method(method)
     dtype = np.dtype(dtype)
+    check_kinds(kinds)
+    for name, value, low in (("num_channels", num_channels, 1), ("num_groups", num_groups, 1),
+                             ("spatial", spatial, 0)):
+        if value is not None and (not is_int(value) or int(value) < low):
+            raise ValueError(f"{name} must be None or an int >= {low}; got {value!r}")
+    if eps is not None:
+        check_eps(eps)
     shape, G = draw(_shapes(method, num_channels, num_groups, spatial, input_shape))
     eps_value = eps if eps is not None else draw(st.sampled_from(EPS_CHOICES))
     kind = draw(st.sampled_from(kinds))

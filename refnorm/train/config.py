@@ -21,6 +21,48 @@ class TrainConfig:
     statistics see, the papers' "#samples per GPU"), ``accumulation`` the micro-batches of
     one optimizer step, ``devices`` the data-parallel devices P (the papers' "#GPUs"): a step
     trains on ``devices * batch_size * accumulation`` samples (:attr:`update_size`).
+
+    Every value is checked when the config is made (``TypeError`` for a wrong kind of value,
+    ``ValueError`` for a value out of range), except ``data``, which is read by
+    :func:`~refnorm.train.loop.train`.
+
+    Attributes
+    ----------
+    data : str, default "digits"
+        The data set: ``"digits"``, ``"mnist:DIR"`` or ``"cifar10:DIR"``.
+    norm : {"none", "bn", "in", "ln", "gn", "sn", "syncbn", "syncsn"}, default "bn"
+        The activation normalizer after every convolution.
+    weight : {None, "ws", "wn", "np", "trelu"}, default None
+        The weight-side normalizer of every convolution (None: plain convolutions).
+    batch_size : int >= 1, default 32
+        Samples per device in one micro-batch.
+    accumulation : int >= 1, default 1
+        Micro-batches per optimizer step.
+    epochs : int >= 1, default 10
+    lr : float > 0, default 0.05
+        The base learning rate of ``schedule``.
+    momentum : float in [0, 1), default 0.9
+        SGD momentum.
+    weight_decay : float in [0, inf), default 5e-4
+    schedule : {"cosine", "linear", "constant"}, default "cosine"
+        The learning rate over the optimizer steps (:func:`refnorm.train.optim.learning_rate`).
+    seed : int >= 0, default 0
+    widths : non-empty tuple of int >= 1, default (16, 32, 32)
+        The output channels of the network's blocks.
+    num_groups : int >= 1, default 4
+        GN's G; with ``norm="gn"`` it must divide every width.
+    sn_inference : {"batch_average", "moving_average"}, default "batch_average"
+        How SN layers get their BN-scope population statistics.
+    average_samples : int >= 1, default 256
+        Training samples fed for SN's batch average (at most the training set).
+    train_subset : int >= 1 or None, default None
+        Train on this many training samples, a random subset drawn from ``seed`` (None:
+        all; more than the data set has is refused by :func:`~refnorm.train.loop.train`).
+    dtype : {"float32", "float64"}, default "float32"
+        The parameters' dtype (a string, not a numpy dtype).
+    device : {"cpu", "gpu"}, default "cpu"
+    devices : int >= 1, default 1
+        Data-parallel devices P.
     """
 
     data: str = "digits"

@@ -276,6 +276,12 @@ def train(
         Before training, if ``out`` is given and matplotlib (the train extra), which draws
         ``curves.png``, cannot be imported.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig; got {type(config).__name__}")
+    if data is not None and not isinstance(data, Dataset):
+        raise TypeError(f"data must be a refnorm.train.data.Dataset; got {type(data).__name__}")
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"on_step must be callable; got {type(on_step).__name__}")
     if norm_layer is not None and (config.norm == "none" or not callable(norm_layer)):
         raise ValueError("norm_layer must be a function that builds each block's normalizer, "
                          f"with config.norm naming the method; got {norm_layer!r} with "

@@ -48,6 +48,14 @@ class SGD:
 
         Parameters and momentum are replaced by new arrays, never written into, so a caller
         holding the old ones can put them back.
+
+        Parameters
+        ----------
+        grads : dict of str to array
+            One gradient per key of ``model.named_params()`` (``"<layer index>/<name>"``), in
+            the parameter's namespace, shape and device.
+        lr : float
+            The learning rate of this step (the schedule's; ``self.lr`` is its base).
         """
         for key, layer, name in self.model.named_params():
             self.update(key, layer, name, grads[key], lr)

@@ -55,7 +55,7 @@ class NormPropReLUCache:
 def norm_prop_relu_forward(z: Array) -> tuple[Array, NormPropReLUCache]:
     """(ReLU(z) - 1/sqrt(2 pi)) / sqrt(1/2 (1 - 1/pi)), elementwise.
 
-    No ``path``: element-wise, a few numpy passes over ``x``; the layer's convolution, which
+    No ``path``: element-wise, a few numpy passes over ``z``; the layer's convolution, which
     dominates, takes the layer's path.
 
     Parameters

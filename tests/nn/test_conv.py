@@ -271,3 +271,9 @@ def test_float16_conv_adds_a_float32_bias_in_float32(path):
     y32, _ = conv2d_forward(x.astype(np.float32), w.astype(np.float32), b, path=path)
     assert y.dtype == np.float16
     np.testing.assert_array_equal(y, y32.astype(np.float16))
+
+
+@pytest.mark.parametrize("x_shape", [(6, 6), (1, 3, 6), [1, 3, 6, 6], (1, 3, 6.0, 6)])
+def test_sliding_window_refuses_an_x_shape_that_is_not_four_ints(x_shape):
+    with pytest.raises(TypeError, match="x_shape must be a tuple of 4 ints"):
+        sliding_window(x_shape, kernel_size=3)

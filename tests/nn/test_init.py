@@ -7,7 +7,7 @@ import pytest
 
 import refnorm.nn as nn
 from refnorm.backend import to_numpy
-from refnorm.nn.init import he_normal
+from refnorm.nn import he_normal
 
 
 def assert_he_normal(w, fan_in):
@@ -69,3 +69,15 @@ def test_the_seed_alone_decides_the_weights_in_every_dtype_and_namespace():
 def test_seed_must_be_an_int(seed):
     with pytest.raises(TypeError, match=r"seed must be an int; got"):
         he_normal((2, 2), fan_in=2, seed=seed, xp=np, dtype=np.float64)
+
+
+@pytest.mark.parametrize("fan_in, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError)])
+def test_he_normal_refuses_a_fan_in_that_is_not_a_positive_int(fan_in, error):
+    with pytest.raises(error, match="fan_in"):
+        he_normal((2, 3), fan_in=fan_in, seed=0, xp=np, dtype=np.float32)
+
+
+def test_he_normal_refuses_an_integer_dtype():
+    # int32 would truncate the normal draws, mostly to 0
+    with pytest.raises(TypeError, match="real floating dtype"):
+        he_normal((2, 3), fan_in=3, seed=0, xp=np, dtype=np.int32)

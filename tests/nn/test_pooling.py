@@ -293,3 +293,9 @@ def test_float16_avg_pool_backward_sums_overlapping_windows_in_float32(path):
     expected = avg_pool2d_backward(dy.astype(np.float32), cache32, path=path)
     assert dx.dtype == np.float16
     np.testing.assert_array_equal(dx, expected.astype(np.float16))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 4), (2, 3, 4, 0), (2, 3, 0)])
+def test_global_avg_pool_refuses_an_empty_spatial_axis(shape):
+    with pytest.raises(ValueError, match="at least one position"):
+        global_avg_pool_forward(np.ones(shape))

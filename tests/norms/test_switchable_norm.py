@@ -620,3 +620,9 @@ def test_hard_ratios_at_inference_take_the_variance_from_its_own_scope(path):
     mu_in = x.mean(axis=(2, 3), keepdims=True)
     want = (x - mu_in) / np.sqrt(var[None, :, None, None] + 1e-5)
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-11)
+
+
+def test_population_without_a_bn_scope_is_a_value_error():
+    layer = refnorm.build("sn", 3, scopes=("in", "ln"))
+    with pytest.raises(ValueError, match="no BN scope"):
+        layer.population()

@@ -181,3 +181,9 @@ def test_a_nan_on_one_device_is_nan_everywhere_not_an_overflow():
     np.testing.assert_array_equal(np.isnan(y), np.isnan(reference))
     assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, 0]).all()
     np.testing.assert_allclose(y[:, 0], reference[:, 0], atol=1e-12)
+
+
+def test_sync_bn_refuses_a_missing_communicator():
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2))
+    with pytest.raises(TypeError, match="comm must be a communicator.*SingleProcess"):
+        sync_batch_norm_forward(x, np.ones(3), np.zeros(3), comm=None)

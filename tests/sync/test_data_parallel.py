@@ -77,3 +77,8 @@ def test_each_device_weight_applies_to_its_own_gradients(weights):
     for grads in InProcessGroup.run(2, device, values, weights, timeout=GROUP_TIMEOUT_S):
         np.testing.assert_allclose(grads["gamma"], [expected], rtol=1e-15)
         np.testing.assert_allclose(grads["beta"], [2 * expected], rtol=1e-15)
+
+
+def test_allreduce_gradients_refuses_a_missing_communicator():
+    with pytest.raises(TypeError, match="comm must be a communicator"):
+        allreduce_gradients([refnorm.build("bn", 3)], None)

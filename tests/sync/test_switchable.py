@@ -251,3 +251,19 @@ def test_a_layer_without_a_bn_scope_trains_as_plain_sn_on_each_device():
         np.testing.assert_array_equal(dx, plain.backward(dys))
         for key, grad in plain.grads.items():
             np.testing.assert_array_equal(grads[key], grad)
+
+
+@pytest.mark.parametrize("options", [None, {"scopes": ("ln", "bn")}])
+def test_sync_sn_refuses_options_that_are_not_switchable_options(options):
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2))
+    g, b, logits = np.ones(3), np.zeros(3), np.zeros(3)
+    with pytest.raises(TypeError, match="options must be a SwitchableOptions"):
+        sync_switchable_norm_forward(x, g, b, logits, logits, comm=SingleProcess(),
+                                     options=options)
+
+
+def test_sync_sn_refuses_a_missing_communicator():
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2))
+    g, b, logits = np.ones(3), np.zeros(3), np.zeros(3)
+    with pytest.raises(TypeError, match="comm must be a communicator.*SingleProcess"):
+        sync_switchable_norm_forward(x, g, b, logits, logits, comm=None)

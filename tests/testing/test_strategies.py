@@ -9,7 +9,7 @@ import pytest
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
-from refnorm.testing import norm_inputs
+from refnorm.testing import assert_matches, norm_inputs
 from refnorm.testing.reference import METHODS
 from refnorm.testing.tolerance import reference_outputs
 
@@ -44,3 +44,33 @@ def test_a_batch_of_one_sample_is_drawn(method):
     case = find(norm_inputs(method), lambda c: c.x.shape[0] == 1,
                 settings=settings(database=None, max_examples=200))
     assert case.x.shape[0] == 1
+
+
+@pytest.mark.parametrize("kinds", [("Plain",), (), ("plain", "weird"), "plain"])
+def test_norm_inputs_refuses_unknown_kinds(kinds):
+    # ("Plain",) used to draw tiny_variance inputs labelled "Plain"
+    with pytest.raises(ValueError, match="kinds must be a non-empty tuple"):
+        @settings(max_examples=1, database=None, deadline=None)
+        @given(norm_inputs("ln", kinds=kinds))
+        def draw(case):
+            pass
+        draw()
+
+
+@pytest.mark.parametrize("option", [{"spatial": -1}, {"num_channels": 0}, {"num_groups": 0},
+                                    {"eps": -1.0}])
+def test_norm_inputs_refuses_out_of_range_options(option):
+    with pytest.raises(ValueError):
+        @settings(max_examples=1, database=None, deadline=None)
+        @given(norm_inputs("gn" if "num_groups" in option else "ln", **option))
+        def draw(case):
+            pass
+        draw()
+
+
+def test_assert_matches_names_a_negative_eps():
+    def ln(x, g, b):
+        return x  # never reached
+
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
+        assert_matches("ln", ln, eps=-1.0, max_examples=2)

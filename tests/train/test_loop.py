@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 import refnorm
-from refnorm.train import checkpoint, loop
+from refnorm.train import TrainConfig, checkpoint, loop, train
 from refnorm.train.checkpoint import CHECKPOINT, CheckpointError
-from refnorm.train.config import TrainConfig
 from refnorm.train.finite import NonFinite
 from refnorm.train.folder import OutputFolderError, atomic_write, check_room
-from refnorm.train.loop import train, train_step
+from refnorm.train.loop import train_step
 from refnorm.train.optim import SGD
 from refnorm.train.parallel import epoch_steps, statistic_parts
 from tests.train.conftest import TINY, config, fresh, params_of
@@ -645,3 +644,19 @@ def test_a_stop_inside_a_later_epoch_saves_where_it_stopped(tmp_path, tiny_data)
     train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data,
           on_step=lambda epoch, step, model: steps.append((epoch, step)))
     assert steps == [(1, 3), (1, 4)]
+
+
+def test_train_refuses_a_config_that_is_not_a_train_config():
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        train({"norm": "bn"}, progress=False)
+
+
+def test_train_refuses_data_that_is_not_a_dataset():
+    with pytest.raises(TypeError, match="data must be a refnorm.train.data.Dataset"):
+        train(TrainConfig(epochs=1), data=(np.ones((4, 1, 8, 8)), np.zeros(4, int)),
+              progress=False)
+
+
+def test_train_refuses_an_on_step_that_is_not_callable():
+    with pytest.raises(TypeError, match="on_step must be callable"):
+        train(TrainConfig(epochs=1, train_subset=64), on_step=3, progress=False)
