@@ -363,3 +363,16 @@ def test_float32_error_figures_are_the_conventions_pages():
                 errors.append(float(np.abs(f(x, g, b, path="reference")[0] - truth).max()))
         assert (f"{min(errors):.2g}", f"{max(errors):.2g}") == LARGE_OFFSET_FIGURES[label], (
             label, errors)
+
+
+def test_float64_parts_of_a_statistic_whose_means_are_1e154_apart_are_refused_by_the_fast_path():
+    """docs/conventions.md: the fast path's one refusal of its own. LN of one sample whose two
+    channels hold +-9e153 has variance 8.1e307, which the reference returns; the kernels merge
+    the two planes by Chan's formula, whose squared difference of means (3.2e308) overflows,
+    and refuse with the reference's overflow error."""
+    x = np.array([[9e153, -9e153]])
+    g, b = np.ones(2), np.zeros(2)
+    _, cache = refnorm.layer_norm_forward(x, g, b, path="reference")
+    np.testing.assert_allclose(cache.var, 8.1e307, rtol=1e-12)
+    with pytest.raises(ValueError, match="the variance of x overflows float64"):
+        refnorm.layer_norm_forward(x, g, b, path="fast")

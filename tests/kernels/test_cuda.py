@@ -347,3 +347,102 @@ else:
     def test_non_arrays_are_a_type_error():
         with pytest.raises(TypeError, match="__cuda_array_interface__"):
             gpu.ln_forward([[1.0, 2.0]], np.ones(2), np.zeros(2), EPS)
+
+
+if SIMULATOR:
+    import warnings
+    from fractions import Fraction
+
+    def test_the_backward_sums_float32_upstream_gradients_in_float64():
+        """``sum(dy)`` and ``sum(dy x_hat)`` widen float32 to float64 before adding (the
+        module docstring: arithmetic is float64 inside every kernel): 2^24 followed by ones
+        keeps every one, where a float32 running sum stays at 2^24 (its spacing there is 2)."""
+        dy = np.ones((1, 2, 64), np.float32)
+        dy[:, :, 0] = 2.0 ** 24
+        x_hat = np.ones_like(dy)
+        rstd, gamma = np.ones((1, 2, 1), np.float32), np.ones(2, np.float32)
+        want = np.float32(2.0 ** 24 + 63)  # the exact sum, rounded once
+        for config in ((1, 4096, 4096), (8, 4096, 4096), (4, 5, 3)):
+            with launch(config):
+                _, dgamma, dbeta = gpu.bn_backward(dy, x_hat, rstd, gamma)
+            np.testing.assert_array_equal(dbeta, [want, want], err_msg=str(config))
+            np.testing.assert_array_equal(dgamma, [want, want], err_msg=str(config))
+
+    @pytest.mark.parametrize("method", sorted(METHODS))
+    def test_backward_dtypes_follow_the_cpu_kernels_for_float16(method):
+        """float16 parameters and upstream gradient: dx in float32 (x_hat's dtype), dgamma and
+        dbeta in float16 (gamma's), as refnorm.kernels returns them."""
+        rng = np.random.default_rng(2)
+        x = rng.standard_normal((2, 2, 3)).astype(np.float16)
+        dy = rng.standard_normal((2, 2, 3)).astype(np.float16)
+        g, b = np.ones(2, np.float16), np.zeros(2, np.float16)
+        groups = (2,) if method == "gn" else ()
+        got_f = getattr(gpu, f"{method}_forward")(x, g, b, EPS, *groups)
+        want_f = getattr(cpu, f"{method}_forward")(x, g, b, EPS, *groups)
+        got = getattr(gpu, f"{method}_backward")(dy, got_f.x_hat, got_f.rstd, g)
+        want = getattr(cpu, f"{method}_backward")(dy, want_f.x_hat, want_f.rstd, g)
+        assert [a.dtype for a in got] == [a.dtype for a in want] == [
+            np.float32, np.float16, np.float16]
+        for a, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(a.astype(np.float64), w.astype(np.float64),
+                                       rtol=2e-3, atol=2e-3)
+
+    def test_float64_switchable_offsets_keep_what_rounding_the_means_lost():
+        """float64 data at 1e8 whose plane means differ by about 1e-3: a mean rounded to
+        float64 is off by up to half a spacing (7.5e-9 there), 1e-5 of the differences between
+        the scopes' means; the offsets mu_k - mu_in (what SN's mean ratios multiply, Luo et al.
+        2019, Eq. (3)) add back what that rounding lost, as refnorm.kernels.sn_forward does,
+        and agree with the exact differences to float64 rounding."""
+        rng = np.random.default_rng(0)
+        N, C, S = 2, 3, 8
+        x = 1e8 + 1e-3 * rng.standard_normal((N, C, S))
+        exact = [[sum(map(Fraction, x[n, c])) / S for c in range(C)] for n in range(N)]
+        pooled = {"ln": [[sum(exact[n]) / C] * C for n in range(N)],
+                  "bn": [[sum(exact[i][c] for i in range(N)) / N for c in range(C)]] * N}
+        w = np.full(3, 1.0 / 3.0)
+        for config in ((1, 4096, 4096), (4, 5, 3), (8, 7, 2)):
+            with launch(config):
+                got = gpu.sn_forward(x, np.ones(C), np.zeros(C), w, w, eps=EPS,
+                                     scopes=("in", "ln", "bn"))
+            for k, mu_k in pooled.items():
+                want = np.array([[float(mu_k[n][c] - exact[n][c]) for c in range(C)]
+                                 for n in range(N)])
+                diff = (got.offset[k] - got.offset["in"])[..., 0]
+                assert rel_err(diff, want) < 1e-13, (config, k, rel_err(diff, want))
+
+    def test_switchable_refuses_an_ln_pool_that_overflows_with_more_channels_than_samples():
+        """One sample of four channels with means of +-1.5e19 in float32: each IN statistic
+        fits, but the LN scope's sum of the squared spread of the channel means over C = 4
+        channels (9e38) does not; the reference refuses it, and so do both kernels (the GPU's
+        pooled sums are C times the LN and N times the BN statistics, not the other way)."""
+        rng = np.random.default_rng(0)
+        means = np.array([1.5e19, -1.5e19, 1.5e19, -1.5e19]).reshape(1, 4, 1)
+        x = (rng.standard_normal((1, 4, 3)) + means).astype(np.float32)
+        g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
+        w = np.full(3, 1.0 / 3.0, np.float32)
+        for forward in (cpu.sn_forward, gpu.sn_forward):
+            with launch((4, 5, 3)), pytest.raises(ValueError, match="overflows float32"):
+                forward(x, g, b, w, w, eps=EPS, scopes=("in", "ln", "bn"))
+
+    def test_switchable_backward_where_rstd_rounds_to_zero_is_finite():
+        """var + eps overflows float64 (var 6.4e307, eps 1.5e308): rstd is 0, x_hat 0, and the
+        x_hat term of dx is 0 (not c2 / 0 times 0, a NaN), as the CPU kernel has it
+        (tests/test_obscure_inputs.py)."""
+        d = 8e153
+        x = np.array([[[d, -d], [-d, d]], [[-d, d], [d, -d]]])
+        g, b, w = np.ones(2), np.zeros(2), np.full(3, 1.0 / 3.0)
+        dy = np.random.default_rng(0).standard_normal(x.shape)
+        scopes = ("in", "ln", "bn")
+        grads = []
+        for kernels in (cpu, gpu):
+            # one thread per plane: Welford's update, no merge of one-value parts (whose
+            # d^2 overflows here, see the test below)
+            with launch((1, 4096, 4096)), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # var + eps overflows
+                fwd = kernels.sn_forward(x, g, b, w, w, eps=1.5e308, scopes=scopes)
+                assert np.all(fwd.rstd == 0)
+                grads.append(kernels.sn_backward(dy, fwd.x_hat, fwd.rstd, g,
+                                                 (fwd.offset, fwd.var), (w, w), scopes=scopes))
+        for got, want in zip(*grads, strict=True):
+            assert np.all(np.isfinite(got))
+            np.testing.assert_allclose(np.reshape(got, np.shape(want)), want, rtol=1e-12, atol=0)
