@@ -133,3 +133,18 @@ def test_a_group_count_edited_after_a_valid_backward_is_still_refused():
         group_norm.group_norm_backward(y, R(c, num_groups=3), path="fast")
     with pytest.raises(ValueError, match="rstd must hold 64 values"):
         group_norm.group_norm_backward(y, R(c, num_groups=8), path="fast")
+
+
+R = dataclasses.replace
+
+
+def test_the_fast_conv_backward_refuses_a_cache_whose_x_has_other_channels_than_w():
+    """An x_shape whose channel count differs from w's C_in, every other field consistent
+    (window, y_shape, the columns' shape all follow w): refused by name, not handed to the
+    col2im loop, whose rows would then run over another count of channels."""
+    rng = np.random.default_rng(1)
+    y, c = conv.conv2d_forward(rng.standard_normal((2, 3, 5, 6)),
+                               rng.standard_normal((4, 3, 3, 2)))
+    for x_shape in ((2, 1, 5, 6), (2, 2, 5, 6)):
+        with pytest.raises(ValueError, match=r"x_shape \(2, \d, 5, 6\), w_shape \(4, 3, 3, 2\)"):
+            conv.conv2d_backward(y, R(c, x_shape=x_shape), path="fast")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -93,3 +95,15 @@ def test_a_nan_input_gets_dx_0_where_pytorch_passes_dy(path):
     xt = torch.tensor(x, requires_grad=True)
     torch.relu(xt).backward(torch.tensor(dy))
     np.testing.assert_array_equal(xt.grad.numpy(), [5.0, 0.0, 5.0])
+
+
+def test_fast_relu_backward_checks_every_new_upstream_shape():
+    """The fast path checks an argument signature once; dy's shape is part of it, so a dy of
+    another shape after a valid one is refused as the reference refuses it, not handed to
+    the loop with a mask of another size."""
+    _, cache = relu_forward(np.random.default_rng(0).standard_normal((4, 5)), path="fast")
+    relu_backward(np.ones((4, 5)), cache, path="fast")  # valid: checked and remembered
+    for shape in ((2, 5), (5, 4), (20,)):
+        with pytest.raises(ValueError, match=r"dy must have shape \(4, 5\); got "
+                                             + re.escape(str(shape))):
+            relu_backward(np.ones(shape), cache, path="fast")

@@ -277,3 +277,49 @@ def test_float16_conv_adds_a_float32_bias_in_float32(path):
 def test_sliding_window_refuses_an_x_shape_that_is_not_four_ints(x_shape):
     with pytest.raises(TypeError, match="x_shape must be a tuple of 4 ints"):
         sliding_window(x_shape, kernel_size=3)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_im2col_and_col2im_keep_the_dtype_with_padding_and_stride(dtype):
+    """Both return their input's dtype (their docstrings): the zero rows and columns im2col
+    pads with, and the sum col2im accumulates into, are made in that dtype, not in the
+    namespace's default float64, so a float32 convolution with padding computes in float32
+    as its cache says."""
+    x = np.arange(24.0).reshape(1, 2, 3, 4).astype(dtype)
+    kw = {"kernel_size": (2, 3), "stride": (2, 1), "padding": (1, 2)}
+    cols = im2col(x, **kw)
+    assert cols.dtype == dtype
+    assert col2im(cols, x.shape, **kw).dtype == dtype
+    w = np.ones((1, 2, 2, 3), dtype)
+    _, cache = conv2d_forward(x, w, padding=1)
+    assert cache.cols.dtype == (np.float32 if dtype == np.float16 else dtype)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_a_float64_bias_is_added_to_a_float32_convolution_in_float32(path):
+    """Like w, b is cast to the compute dtype of x and added there, the sum rounded once.
+    With y = 1 and b = 2^-24 + 2^-50: b rounds to 2^-24 in float32, and 1 + 2^-24 is a tie
+    that rounds to 1; added in float64 the sum lies just above the tie and the cast to
+    float32 gives 1 + 2^-23."""
+    x, w = np.ones((1, 1, 2, 2), np.float32), np.ones((1, 1, 2, 2), np.float32) / 4
+    b = np.array([2.0**-24 + 2.0**-50])
+    y, _ = conv2d_forward(x, w, b, path=path)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, [[[[1.0]]]])
+    np.testing.assert_array_equal(y, conv2d_forward(x, w, b.astype(np.float32), path=path)[0])
+
+
+def test_a_bias_from_another_namespace_is_refused():
+    strict = pytest.importorskip("array_api_strict")
+    x, w = np.ones((2, 3, 5, 5)), np.ones((4, 3, 3, 3))
+    with pytest.raises(TypeError, match=r"one array namespace"):
+        conv2d_forward(x, w, strict.asarray(np.ones(4)))
+
+
+def test_backward_refuses_an_upstream_gradient_from_another_namespace():
+    strict = pytest.importorskip("array_api_strict")
+    x, w = np.ones((2, 3, 5, 5)), np.ones((4, 3, 3, 3))
+    for xp_cache, xp_dy in ((np, strict), (strict, np)):
+        _, cache = conv2d_forward(xp_cache.asarray(x), xp_cache.asarray(w))
+        with pytest.raises(TypeError, match=r"one array namespace"):
+            conv2d_backward(xp_dy.asarray(np.ones((2, 4, 3, 3))), cache)

@@ -250,3 +250,32 @@ def test_a_small_network_end_to_end_matches_finite_differences():
     assert set(errors) == set(inputs)
     for name, err in errors.items():
         assert err.max_rel_error < FD_TOLERANCE, (name, err)
+
+
+def test_a_convolution_without_input_grad_asks_for_no_input_gradient(monkeypatch):
+    """Layer.input_grad False (a first layer, whose input is the data): Conv2d passes it on to
+    conv2d_backward, which then skips the input gradient, a third of its work. The
+    parameter gradients are those of a full backward."""
+    import refnorm.nn.conv as conv_module
+
+    asked = []
+    real = conv_module.conv2d_backward
+
+    def spy(dy, cache, **kw):
+        asked.append(kw["input_grad"])
+        return real(dy, cache, **kw)
+
+    monkeypatch.setattr(conv_module, "conv2d_backward", spy)
+    layer = nn.Conv2d(2, 3, 3, padding=1, dtype=np.float64)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 2, 4, 4))
+    dy = rng.standard_normal((2, 3, 4, 4))
+    layer.forward(x, training=True)
+    assert layer.backward(dy) is not None
+    full = dict(layer.grads)
+    layer.input_grad = False
+    layer.forward(x, training=True)
+    assert layer.backward(dy) is None
+    assert asked == [True, False]
+    for k in full:
+        np.testing.assert_array_equal(layer.grads[k], full[k])

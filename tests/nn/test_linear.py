@@ -150,3 +150,24 @@ def test_linear_gradients_have_the_dtypes_of_x_w_and_b():
     dx, dw, db = linear_backward(np.ones_like(y), cache)
     assert (y.dtype, dx.dtype, dw.dtype, db.dtype) == (np.float32, np.float32, np.float64,
                                                       np.float16)
+
+
+def test_a_float64_bias_is_added_to_a_float32_product_in_float32():
+    """As for conv: b is cast to the compute dtype and added there, the sum rounded once.
+    y = 1 and b = 2^-24 + 2^-50: in float32 b is 2^-24 and 1 + 2^-24 ties to 1; added in
+    float64 the sum is just above the tie and rounds to 1 + 2^-23."""
+    x, w = np.ones((1, 4), np.float32), np.full((1, 4), 0.25, np.float32)
+    b = np.array([2.0**-24 + 2.0**-50])
+    y, _ = linear_forward(x, w, b)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, [[1.0]])
+    np.testing.assert_array_equal(y, linear_forward(x, w, b.astype(np.float32))[0])
+
+
+def test_arrays_from_two_namespaces_are_refused():
+    strict = pytest.importorskip("array_api_strict")
+    x, w, b = np.ones((4, 3)), np.ones((2, 3)), np.ones(2)
+    s = strict.asarray
+    for args in ((x, w, s(b)), (x, s(w), None), (s(x), s(w), b)):
+        with pytest.raises(TypeError, match=r"one array namespace"):
+            linear_forward(*args)

@@ -234,3 +234,22 @@ def test_cross_entropy_rows_far_apart_are_each_stable():
     numeric = numerical_vjp(f, {"logits": logits}, np.asarray(g), "logits", step=h)
     # rounding of the loss (~1e-16 of 1e4 per logit) / h, plus truncation h^2 / 3
     np.testing.assert_allclose(g * dz, numeric, atol=1e-7)
+
+
+def test_every_integer_label_dtype_of_the_namespace_gives_the_same_loss(xp):
+    """Labels of any integer dtype of the array's own namespace, unsigned 64-bit included
+    (which the Array API cannot compare with int64 without a cast)."""
+    logits = xp.asarray(np.array([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]]))
+    expected, _ = softmax_cross_entropy(logits, xp.asarray([2, 0], dtype=xp.int64))
+    for name in ("int8", "uint8", "int16", "uint16", "int32", "uint32", "uint64"):
+        loss, cache = softmax_cross_entropy(logits, xp.asarray([2, 0], dtype=getattr(xp, name)))
+        assert float(loss) == float(expected), name
+        assert tuple(softmax_cross_entropy_backward(cache).shape) == (2, 3)
+
+
+def test_logits_and_labels_from_two_namespaces_are_refused():
+    strict = pytest.importorskip("array_api_strict")
+    logits, labels = draw(3, 4, 2)
+    for z, t in ((logits, strict.asarray(labels)), (strict.asarray(logits), labels)):
+        with pytest.raises(TypeError, match=r"one array namespace"):
+            softmax_cross_entropy(z, t)

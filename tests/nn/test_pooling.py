@@ -299,3 +299,32 @@ def test_float16_avg_pool_backward_sums_overlapping_windows_in_float32(path):
 def test_global_avg_pool_refuses_an_empty_spatial_axis(shape):
     with pytest.raises(ValueError, match="at least one position"):
         global_avg_pool_forward(np.ones(shape))
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_float16_max_pool_backward_sums_overlapping_windows_in_float32(path):
+    """A peak that is the maximum of all nine 3x3 windows (stride 1) of a 5x5 input receives
+    the sum of their nine dy, computed in float32 and rounded once to float16:
+    1 + 8 * 2^-11 = 1 + 2^-8, a float16 value. Summed in float16 starting from the 1, each
+    2^-11 is half a float16 spacing and rounds away (ties to even), leaving 1."""
+    x = np.zeros((1, 1, 5, 5), np.float16)
+    x[0, 0, 2, 2] = 1.0
+    dy = np.full((1, 1, 3, 3), 2.0**-11, np.float16)
+    dy[0, 0, 2, 2] = 1.0
+    _, cache = max_pool2d_forward(x, kernel_size=3, stride=1, path=path)
+    dx = max_pool2d_backward(dy, cache, path=path)
+    expected = np.zeros((1, 1, 5, 5), np.float16)
+    expected[0, 0, 2, 2] = 1.0 + 2.0**-8
+    assert dx.dtype == np.float16
+    np.testing.assert_array_equal(dx, expected)
+
+
+def test_fast_max_pool_takes_the_stride_of_each_call():
+    """The fast path checks an argument signature once and remembers the window; the stride
+    is part of that signature, so calls that differ only in the stride each get their own
+    windows, as on the reference path."""
+    x = np.random.default_rng(2).permutation(50).astype(np.float64).reshape(1, 2, 5, 5)
+    for stride in (2, 1, (1, 2), None, 1):
+        y, _ = max_pool2d_forward(x, kernel_size=2, stride=stride, path="fast")
+        expected, _ = max_pool2d_forward(x, kernel_size=2, stride=stride, path="reference")
+        np.testing.assert_array_equal(y, expected)
