@@ -789,9 +789,6 @@ def test_conform_finds_a_module_in_the_current_folder(tmp_path):
     assert done.returncode == 0 and "matches refnorm" in done.stdout, done.stderr
 
 
-# -- proposed (mutation run 9)
-
-
 def test_train_takes_no_weight_decay(tmp_path, monkeypatch):
     """--weight-decay 0 (no decay) is a valid value (the option is a number >= 0): it is passed
     on as 0, not refused as a learning rate of 0 is."""

@@ -48,10 +48,6 @@ def test_bad_configuration():
         train(config(batch_size=64, accumulation=64), progress=False)
 
 
-
-# -- proposed (mutation run 9)
-
-
 def test_describe_names_the_weight_method():
     """A run's one-line description (the 'resuming ...' line) names its method as the study
     does, gn+ws for GN with weight standardization."""

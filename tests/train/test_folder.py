@@ -240,25 +240,24 @@ def test_two_processes_on_one_folder(tmp_path):
                               "--out", str(tmp_path)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600  # only ends a test whose first run never starts
         while not (tmp_path / LOCK).exists():
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.02)
-        started = time.monotonic()
         second = subprocess.run([sys.executable, "-m", "refnorm", "train", "--epochs", "1",
                                  "--out", str(tmp_path)], capture_output=True, text=True,
-                                timeout=60)
+                                timeout=600)
         assert second.returncode == 2
-        # "at once": before loading data or training (an epoch here takes ~4 s).
-        assert time.monotonic() - started < 30
-        assert second.stderr.strip().splitlines()[-1] == (
+        # "at once": before the run's first line ("training bn batch 32 ..."), which comes
+        # before the data is loaded; its one line is the refusal.
+        assert second.stderr.strip().splitlines() == [
             f"refnorm train: error: the output folder {tmp_path} is in use by another run "
             f"(pid {first.pid}; lock file {tmp_path / LOCK}); wait for it to finish or choose "
-            "another output folder")
+            "another output folder"]
         assert first.poll() is None  # the holder goes on
     finally:
         first.terminate()
-        first.communicate(timeout=60)
+        first.communicate(timeout=600)
     assert first.returncode == 143 and not (tmp_path / LOCK).exists()
 
 
@@ -328,7 +327,7 @@ def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
         with pytest.raises(FolderBusy, match=rf"pid {other.pid};"):
             FolderLock(tmp_path).__enter__()
     finally:
-        other.communicate(input="", timeout=60)
+        other.communicate(input="", timeout=600)
     assert other.returncode == 0 and not (tmp_path / LOCK).exists()
 
 

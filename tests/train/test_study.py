@@ -257,9 +257,6 @@ def test_a_report_marks_a_missing_cell_and_reads_one_seed_no_further(tmp_path):
     assert "not worse generalization" not in report
 
 
-# -- proposed (mutation run 9)
-
-
 def test_job_configs_train_every_seed_of_every_cell():
     """Each (method, setting) is trained once per seed of the grid, with that seed."""
     study = StudyConfig(methods=("bn", "gn+ws"), batch_sizes=(2, 32), update_size=32, **THREE)
