@@ -794,3 +794,110 @@ def test_a_gzip_header_claiming_terabytes_is_refused_as_truncated(tmp_path, size
     (tmp_path / (MNIST_NAMES[0] + ".gz")).write_bytes(gzip.compress(header + bytes(100)))
     with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz.*truncated"):
         load_mnist(tmp_path)
+
+
+def test_dataset_refuses_images_without_a_channel_axis():
+    # The layout is (N, C, H, W): a grey set of shape (N, H, W) must be given its channel axis.
+    x = np.zeros((4, 2, 2), np.float32)
+    y = np.zeros(4, np.int64)
+    with pytest.raises(TypeError, match=r"x_train must be a float32 numpy array of layout "
+                                        r"\(N, C, H, W\); got ndarray float32 \(4, 2, 2\)"):
+        Dataset(x, y, x[:, None], y, name="d", num_classes=1)
+
+
+def test_mnist_magic_number_needs_its_first_two_bytes_zero(tmp_path):
+    # An IDX magic number is 0, 0, type code, dimensions (LeCun et al.): 0x01000803 is not 2051.
+    broken_mnist(tmp_path, 0, idx_bytes(mnist_arrays()[0], magic=0x01000803))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: wrong magic number: "
+                                         r"expected 2051 .* got 16779267 \(0x01000803\)"):
+        load_mnist(tmp_path)
+
+
+def test_a_gzip_is_inflated_only_one_byte_past_what_its_header_counts(tmp_path):
+    """The header of 5 images of 28x28 counts 16 + 3920 bytes; of 1 MiB of inflated zeros
+    after them exactly one more byte is read (enough to know the file is too long)."""
+    from refnorm.train.data import _read_bytes
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(idx_bytes(mnist_arrays()[0]) + bytes(1 << 20)))
+    assert len(_read_bytes(path, 3)) == 16 + 5 * 28 * 28 + 1
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(idx_bytes(mnist_arrays()[1]) + bytes(1 << 20)))
+    assert len(_read_bytes(labels, 1)) == 8 + 5 + 1
+
+
+def test_cifar10_refuses_a_label_array_of_another_length(tmp_path):
+    # Labels as a numpy array, one too many for the 2 rows: refused, not paired with the next
+    # batch's rows once the five batches are concatenated.
+    write_cifar(tmp_path)
+    content = _batch({b"labels": np.array([1, 2, 3], dtype=np.int64)})
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(ValueError, match=r'data_batch_2: b"labels" must be 2 integers, one per '
+                                         r'row of b"data"; got ndarray of shape \(3,\)'):
+        load_cifar10(tmp_path)
+
+
+class _CallsANumpyFunction:
+    """Unpickles by calling numpy.getbufsize: a numpy global, but not an array constructor."""
+
+    def __reduce__(self):
+        return (np.getbufsize, ())
+
+
+def test_cifar10_refuses_numpy_functions_other_than_the_array_constructors(tmp_path):
+    write_cifar(tmp_path)
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(_batch({b"x": _CallsANumpyFunction()})))
+    with pytest.raises(ValueError, match=(
+        r"data_batch_1: not a CIFAR-10 batch pickle "
+        r"\(UnpicklingError: refusing to load numpy\.getbufsize\)"
+    )):
+        load_cifar10(tmp_path)
+
+
+def test_standardize_takes_its_statistics_in_float64():
+    # A channel at 1e4 with a spread of 1e-2 (about ten float32 ulps): a mean rounded to
+    # float32 is off by up to half an ulp (5e-4), 0.05 standard deviations; float64 statistics
+    # centre the standardized training split to float32 rounding.
+    rng = np.random.default_rng(3)
+    x = (1e4 + 1e-2 * rng.standard_normal((64, 1, 4, 4))).astype(np.float32)
+    y = np.zeros(64, np.int64)
+    s = standardize(Dataset(x, y, x, y, name="offset", num_classes=1))
+    xs = s.x_train.astype(np.float64)
+    mu, sigma = x.astype(np.float64).mean(), x.astype(np.float64).std()
+    np.testing.assert_allclose(xs, (x - mu) / sigma, rtol=1e-6, atol=1e-6)
+    assert abs(xs.mean()) < 1e-5
+
+
+def test_standardize_refuses_what_is_not_a_dataset():
+    x = np.zeros((2, 1, 2, 2), np.float32)
+    with pytest.raises(TypeError, match="dataset must be a Dataset; got tuple"):
+        standardize((x, np.zeros(2, np.int64)))
+
+
+def test_batches_draw_their_order_when_iteration_starts():
+    # The docstring: the order is rng.permutation(N), "drawn when iteration starts": two
+    # epochs prepared ahead draw in the order they are iterated.
+    x, y = labelled(10)
+    rng = np.random.default_rng(0)
+    first_made, second_made = batches(x, y, 4, rng=rng), batches(x, y, 4, rng=rng)
+    reference = np.random.default_rng(0)
+    np.testing.assert_array_equal(np.concatenate([yb for _, yb in second_made]),
+                                  reference.permutation(10))
+    np.testing.assert_array_equal(np.concatenate([yb for _, yb in first_made]),
+                                  reference.permutation(10))
+
+
+def test_fingerprint_tells_apart_the_same_bytes_in_other_shapes():
+    from refnorm.train.data import fingerprint
+
+    d = load_digits()
+    wide = Dataset(d.x_train.reshape(-1, 1, 4, 16), d.y_train, d.x_test.reshape(-1, 1, 4, 16),
+                   d.y_test, name=d.name, num_classes=d.num_classes)
+    assert fingerprint(d) == fingerprint(load_digits())
+    assert fingerprint(wide) != fingerprint(d)
+
+
+def test_digits_seed_draws_which_samples_are_held_out():
+    # Another seed holds out other samples of each class, not only another order.
+    a, b = load_digits(seed=0), load_digits(seed=1)
+    assert sorted(sample_rows(a.x_test, a.y_test)) != sorted(sample_rows(b.x_test, b.y_test))

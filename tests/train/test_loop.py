@@ -660,3 +660,19 @@ def test_train_refuses_data_that_is_not_a_dataset():
 def test_train_refuses_an_on_step_that_is_not_callable():
     with pytest.raises(TypeError, match="on_step must be callable"):
         train(TrainConfig(epochs=1, train_subset=64), on_step=3, progress=False)
+
+
+def test_an_infinite_test_loss_stops_the_run(monkeypatch, tiny_data):
+    """Every value of the metrics row must be finite: an infinite test loss (a test image whose
+    logits give its label probability 0) stops the run as a NaN does."""
+    from refnorm.train import evaluate
+
+    real = evaluate._sums
+
+    def infinite_test_loss(model, x, y, comm):
+        loss, correct = real(model, x, y, comm)
+        return (float("inf") if len(y) == len(tiny_data.y_test) else loss), correct
+
+    monkeypatch.setattr(evaluate, "_sums", infinite_test_loss)
+    with pytest.raises(NonFinite, match="the test loss"):
+        train(TrainConfig(**{**TINY, "epochs": 1}), data=tiny_data, progress=False)

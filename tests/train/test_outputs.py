@@ -21,7 +21,6 @@ def test_metrics_json_is_strict_json(tmp_path):
     assert rows == [{"epoch": 1, "train_loss": None, "test_loss": None, "test_acc": 0.5}]
 
 
-
 def test_curves_have_whole_epochs_and_the_configuration_as_title(tmp_path, monkeypatch):
     import matplotlib
 
@@ -68,3 +67,36 @@ def test_a_run_and_a_study_without_matplotlib_refuse_before_training(tmp_path, m
     steps = []
     result = train(config, progress=False, on_step=lambda e, s, m: steps.append(s))
     assert steps and len(result.history) == 1
+
+
+def test_curves_label_each_line_by_the_values_it_draws(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    seen = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(fig) or real(
+        fig, *a, **k))
+    history = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 2.0 / e, "train_acc": 0.9,
+                "test_acc": 0.4, "train_acc_running": 0.7} for e in (1, 2)]
+    outputs.plot_curves(history, tmp_path / "curves.png")
+    (fig,) = seen
+    lines = {(ax.get_ylabel(), line.get_label()): list(line.get_ydata())
+             for ax in fig.axes for line in ax.get_lines()}
+    assert lines == {("cross-entropy", "train"): [1.0, 0.5], ("cross-entropy", "test"): [2.0, 1.0],
+                     ("accuracy", "train (eval mode)"): [0.9, 0.9],
+                     ("accuracy", "test"): [0.4, 0.4]}
+
+
+def test_strict_json_writes_null_for_non_finite_values_inside_tuples():
+    text = outputs.strict_json({"losses": (1.0, float("nan"), float("-inf"))})
+    assert json.loads(text) == {"losses": [1.0, None, None]}
+
+
+def test_the_epoch_line_names_each_accuracy_by_its_set(capsys):
+    row = {"epoch": 3, "train_loss": 0.25, "train_acc": 0.9, "test_acc": 0.4, "seconds": 1.5}
+    outputs.Progress(enabled=True).epoch_done(row)
+    err = capsys.readouterr().err
+    assert err.startswith("epoch 3: train loss 0.250, train acc 0.900, test acc 0.400 (1.5 s)")

@@ -347,3 +347,15 @@ def test_a_normalizer_of_ones_own_needs_two_samples_in_every_shard():
 
     assert statistic_parts(None, 4, 2) == statistic_parts("bn", 4, 2) == 8
     assert statistic_parts("gn", 4, 2) == statistic_parts("syncbn", 4, 2) == 2
+
+
+def test_sn_batch_averages_draw_new_samples_each_epoch():
+    """SN's population statistics after epoch e come from default_rng([seed, e, 1]): the same
+    epoch averages the same batches, another epoch other ones."""
+    from refnorm.train.evaluate import average_batches
+
+    config = TrainConfig(norm="sn", batch_size=8, average_samples=32)
+    data = prepare_data(TrainConfig(train_subset=96))
+    first, again, later = (np.concatenate(average_batches(config, data, e)) for e in (0, 0, 1))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, later)
