@@ -37,6 +37,7 @@ import hashlib
 import io
 import math
 import numbers
+import os
 import pickle
 import zlib
 from collections.abc import Iterator
@@ -217,9 +218,14 @@ _IDX_MAGIC = {3: 2051, 1: 2049}  # unsigned-byte IDX with 3 (images) or 1 (label
 def _read_bytes(path: Path, ndim: int) -> bytes:
     """The file's bytes (inflated if ``.gz``), at most the header's count plus one: a small
     .gz that inflates to gigabytes is cut where it is already too long. Read by the MiB, so
-    that a header claiming terabytes costs no more than the bytes the file really holds."""
+    that a header claiming terabytes costs no more than the bytes the file really holds. A
+    plain file whose size is not its header's count is refused before its data is read."""
     if path.suffix != ".gz":
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(4 + 4 * ndim)
+            if len(head) == 4 + 4 * ndim:
+                _check_idx_header(path, head, ndim, os.fstat(f.fileno()).st_size - len(head))
+            return head + f.read()
     try:
         with gzip.open(path, "rb") as f:
             head = f.read(4 + 4 * ndim)
@@ -235,6 +241,26 @@ def _read_bytes(path: Path, ndim: int) -> bytes:
         raise ValueError(f"{path}: not a complete gzip file ({e})") from None
 
 
+def _check_idx_header(path: Path, head: bytes, ndim: int, got: int) -> tuple[int, ...]:
+    """The shape an IDX header ``head`` (magic number, then ``ndim`` sizes) gives, checked
+    against the ``got`` bytes of data that follow it."""
+    magic = int.from_bytes(head[:4], "big")
+    if magic != _IDX_MAGIC[ndim]:
+        raise ValueError(
+            f"{path}: wrong magic number: expected {_IDX_MAGIC[ndim]} (0x{_IDX_MAGIC[ndim]:08x}, "
+            f"unsigned bytes in {ndim} dimensions); got {magic} (0x{magic:08x})"
+        )
+    shape = tuple(int(s) for s in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
+    expected = math.prod(shape)  # a Python int: no overflow
+    if got != expected:
+        what = "truncated" if got < expected else "longer than its header says"
+        raise ValueError(
+            f"{path}: {what}: header gives shape {shape}, {expected} bytes of data; "
+            f"got {got} bytes"
+        )
+    return shape
+
+
 def _read_idx(path: Path, *, ndim: int) -> np.ndarray:
     """Read an unsigned-byte IDX file of ``ndim`` dimensions; return its uint8 array."""
     raw = _read_bytes(path, ndim)
@@ -244,20 +270,7 @@ def _read_idx(path: Path, *, ndim: int) -> np.ndarray:
             f"{path}: too short for an IDX header of {ndim} dimensions "
             f"({header_size} bytes); got {len(raw)} bytes"
         )
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != _IDX_MAGIC[ndim]:
-        raise ValueError(
-            f"{path}: wrong magic number: expected {_IDX_MAGIC[ndim]} (0x{_IDX_MAGIC[ndim]:08x}, "
-            f"unsigned bytes in {ndim} dimensions); got {magic} (0x{magic:08x})"
-        )
-    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected, got = math.prod(shape), len(raw) - header_size  # Python ints: no overflow
-    if got != expected:
-        what = "truncated" if got < expected else "longer than its header says"
-        raise ValueError(
-            f"{path}: {what}: header gives shape {shape}, {expected} bytes of data; "
-            f"got {got} bytes"
-        )
+    shape = _check_idx_header(path, raw[:header_size], ndim, len(raw) - header_size)
     return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
 
 

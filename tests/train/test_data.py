@@ -771,6 +771,19 @@ def test_a_small_gzip_that_inflates_far_beyond_its_header_is_refused_unread(tmp_
         _refused_within_16_mib(load_mnist, tmp_path)
 
 
+def test_a_plain_file_far_longer_than_its_header_is_refused_unread(tmp_path):
+    """A header of 5 images followed by 64 MiB: refused from the file's size, with that size
+    in the message, before its data is read (it was read whole, then refused)."""
+    arrays = mnist_arrays()
+    write_mnist(tmp_path, arrays)
+    with open(tmp_path / MNIST_NAMES[0], "ab") as f:
+        f.truncate(f.tell() + (64 << 20))  # a sparse tail of zeros
+    with pytest.raises(ValueError, match=(
+            r"train-images-idx3-ubyte: longer than its header says: header gives shape "
+            rf"\(5, 28, 28\), 3920 bytes of data; got {3920 + (64 << 20)} bytes")):
+        _refused_within_16_mib(load_mnist, tmp_path)
+
+
 def test_a_training_subset_larger_than_the_data_is_refused(tmp_path):
     """train_subset draws that many training samples; more than the data holds was silently
     the whole set, while the study's report named the subset's size."""
