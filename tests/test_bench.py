@@ -6,9 +6,12 @@ short.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import types
 
+import numpy as np
 import pytest
 
 from refnorm import bench
@@ -215,3 +218,363 @@ def test_crossover_quick_runs_five_repetitions(monkeypatch, capsys):
     monkeypatch.setattr(bench, "format_crossover", lambda result: "")
     assert bench.main(["--crossover", "--quick", "--threads", "2"]) == 0
     assert seen == [5]
+
+
+# -- the cases: what each implementation computes ----------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["bn", "in", "ln", "gn", "sn"])
+def test_the_kernels_alone_compute_what_the_fast_path_computes(method):
+    """``kernel`` times the kernels the fast call runs, with the same arguments: the same
+    gradients (LN's kernels, not IN's; GN with G = 32 on both sides)."""
+    from refnorm.bench_cases import _pure
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 64, 2, 3)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    beta = rng.standard_normal(64).astype(np.float32)
+    dx, dgamma, dbeta = bench._kernel(method, x, gamma, beta, dy)()[:3]
+    want = _pure(method, x, gamma, beta, dy, "fast")()
+    np.testing.assert_allclose(dx.reshape(x.shape), want[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dgamma, want[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dbeta, want[2], rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_case_uses_thirty_two_groups():
+    """The GN case is G = 32, as PyTorch's (F.group_norm(x, 32)) it is compared with."""
+    from refnorm.bench_cases import EPS, _pure
+    from refnorm.norms.group_norm import group_norm_backward, group_norm_forward
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 64, 2, 2))
+    dy = rng.standard_normal(x.shape)
+    gamma, beta = np.ones(64), np.zeros(64)
+    got = _pure("gn", x, gamma, beta, dy, "reference")()
+    _, cache = group_norm_forward(x, gamma, beta, num_groups=32, eps=EPS)
+    for a, b in zip(got, group_norm_backward(dy, cache), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["bn", "in", "ln", "gn"])
+def test_the_torch_case_differentiates_the_same_normalizer(method):
+    """torch.nn.functional's counterpart gives refnorm's gradients (LN over (C, H, W):
+    F.group_norm with one group; GN: 32 groups)."""
+    torch = pytest.importorskip("torch")
+    from refnorm.bench_cases import _pure, _torch_case
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64, 2, 3)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    run = _torch_case(torch, method, x, dy)
+    assert run is not None
+    run()
+    tensors = inspect.getclosurevars(run).nonlocals  # the case's input and affine parameters
+    dx, dgamma, dbeta = _pure(method, x.astype(np.float64), np.ones(64), np.zeros(64),
+                              dy.astype(np.float64), "reference")()
+    np.testing.assert_allclose(tensors["xt"].grad.numpy(), dx, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(tensors["gt"].grad.numpy(), dgamma, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(tensors["bt"].grad.numpy(), dbeta, rtol=1e-3, atol=1e-3)
+
+
+# -- the rounds and the summary of their times ------------------------------------------------
+
+
+def test_interleaved_rounds_warm_each_implementation_then_time_each_once_per_round(
+        monkeypatch):
+    """One untimed call of each, then per round one call of each in a shuffled order; the
+    wall time, the process CPU time and the minor page faults of every call (a stub clock
+    that each call advances by its own amounts)."""
+    from refnorm import bench_cases
+
+    clock = {"wall": 0, "cpu": 0, "minor": 0, "major": 0}
+    calls: list[str] = []
+
+    def impl(name, wall, cpu, faults):
+        def fn():
+            calls.append(name)
+            clock["wall"] += wall
+            clock["cpu"] += cpu
+            clock["minor"] += faults
+            clock["major"] += 100
+        return fn
+
+    monkeypatch.setattr(bench_cases, "time", types.SimpleNamespace(
+        perf_counter=lambda: clock["wall"], process_time=lambda: clock["cpu"]))
+    monkeypatch.setattr(bench_cases, "resource", types.SimpleNamespace(
+        RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(
+            ru_minflt=clock["minor"], ru_majflt=clock["major"])))
+    impls = {"a": impl("a", 2, 1, 3), "b": impl("b", 5, 4, 0), "c": impl("c", 7, 6, 1)}
+    lines: list[str] = []
+    out = bench_cases._interleaved(impls, 6, lines.append)
+    assert len(calls) == 3 * (1 + 6)
+    assert sorted(calls[:3]) == ["a", "b", "c"]  # the untimed warm-up
+    rounds = [tuple(calls[3 + 3 * r:6 + 3 * r]) for r in range(6)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert len(set(rounds)) > 1  # not one fixed order
+    assert lines == [f"round {r}/6" for r in range(1, 7)]
+    assert out["a"] == {"wall": [2] * 6, "cpu": [1] * 6, "faults": [3] * 6}
+    assert out["b"] == {"wall": [5] * 6, "cpu": [4] * 6, "faults": [0] * 6}
+
+
+def test_summary_gives_the_median_the_spread_and_the_bandwidth_of_the_median():
+    from refnorm.bench_cases import _summary
+
+    measured: dict[str, list[float]] = {"wall": [0.004, 0.001, 0.002, 0.010, 0.003],
+                "cpu": [0.001, 0.009, 0.002, 0.003, 0.004], "faults": [0, 10, 2, 0, 3]}
+    t = _summary("bn (2, 3)", "bn", [2, 3], "fast", measured, 6_000_000)
+    assert (t.case, t.method, t.shape, t.impl) == ("bn (2, 3)", "bn", (2, 3), "fast")
+    assert t.median_ms == pytest.approx(3.0)
+    assert (t.min_ms, t.q1_ms, t.q3_ms, t.max_ms) == pytest.approx((1.0, 2.0, 4.0, 10.0))
+    assert t.cpu_ms == pytest.approx(3.0)  # the median CPU time, not the mean (3.8)
+    assert t.faults == pytest.approx(3.0)  # per call
+    assert (t.repeats, t.bytes_moved) == (5, 6_000_000)
+    assert t.gb_per_s == pytest.approx(6e6 / 3e-3 / 1e9)  # the bytes over the median time
+
+
+def test_copy_bandwidth_is_a_read_and_a_write_of_64_mib_over_the_median_copy(monkeypatch):
+    ticks = iter([0.0, 0.001, 1.0, 1.004, 2.0, 2.002])  # copies of 1, 4 and 2 ms
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    assert bench.copy_bandwidth(3) == pytest.approx(2 * 64 * 2**20 / 0.002 / 1e9)
+
+
+# -- the report from given timings ------------------------------------------------------------
+
+
+WALL_MS = {"reference": 8.0, "fast": 2.0, "kernel": 1.0, "torch": 4.0}
+CPU_MS = {"reference": 8.0, "fast": 3.0, "kernel": 1.0, "torch": 6.0}
+
+
+def _stub_run(monkeypatch):
+    """bench.run with stub rounds (WALL_MS, CPU_MS per implementation), copy bandwidth
+    (10 GB/s), threads, torch and training steps; what each stub was asked for."""
+    seen: dict[str, list] = {"rounds": [], "copy": [], "steps": []}
+
+    def rounds(impls, repeats, progress):
+        seen["rounds"].append((sorted(impls), repeats))
+        return {name: {"wall": [WALL_MS[name] / 1e3] * repeats,
+                       "cpu": [CPU_MS[name] / 1e3] * repeats, "faults": [0] * repeats}
+                for name in impls}
+
+    def copy_bandwidth(repeats, mib=64):
+        seen["copy"].append((repeats, mib))
+        return 10.0
+
+    def steps(torch, threads, repeats, models, say):
+        seen["steps"].append((threads, repeats, models))
+        return {"model": "stub", "timings": [], "paths": {}}
+
+    fake_torch = types.SimpleNamespace(__version__="stub")
+    monkeypatch.setattr(bench, "_interleaved", rounds)
+    monkeypatch.setattr(bench, "copy_bandwidth", copy_bandwidth)
+    monkeypatch.setattr(bench, "_steps", steps)
+    monkeypatch.setattr(bench, "_import_torch", lambda enabled: fake_torch if enabled else None)
+    monkeypatch.setattr(bench, "_set_threads", lambda threads, torch: {"numba_threads": 3})
+    monkeypatch.setattr(bench, "_torch_case",
+                        lambda torch, method, x, dy: None if method == "sn" else lambda: None)
+    return seen
+
+
+def test_the_report_takes_its_ratios_and_bandwidths_from_the_medians(monkeypatch):
+    seen = _stub_run(monkeypatch)
+    report = bench.run()
+    shapes = [[32, 64, 32, 32]] * 5 + [[2, 64, 32, 32]] * 5  # the documented cases, float32
+    assert [r["shape"] for r in report["ratios"]] == shapes
+    assert [r["method"] for r in report["ratios"]] == ["bn", "in", "ln", "gn", "sn"] * 2
+    assert [impls for impls, _ in seen["rounds"]] == (
+        [["fast", "kernel", "reference", "torch"]] * 4 + [["fast", "kernel", "reference"]]) * 2
+    assert {repeats for _, repeats in seen["rounds"]} == {30}
+    assert report["repeats"] == 30
+    assert seen["copy"] == [(10, 64)]  # 64 MiB, a third as many copies as repetitions
+    assert seen["steps"] == [(3, 15, bench.STEP_MODELS)]  # half as many training steps
+    for t in report["timings"]:
+        n = int(np.prod(t["shape"]))
+        assert t["bytes_moved"] == 5 * n * 4  # read x, write y, read dy, read x, write dx
+        assert t["median_ms"] == pytest.approx(WALL_MS[t["impl"]])
+        assert t["gb_per_s"] == pytest.approx(5 * n * 4 / (WALL_MS[t["impl"]] * 1e-3) / 1e9)
+    fast_gb = {tuple(t["shape"]): t["gb_per_s"] for t in report["timings"] if t["impl"] == "fast"}
+    for r in report["ratios"]:
+        assert r["fast_over_reference"] == pytest.approx(2.0 / 8.0)
+        assert r["fast_over_kernel"] == pytest.approx(2.0 / 1.0)
+        if r["method"] == "sn":
+            assert r["fast_over_torch"] is None and r["fast_over_torch_cpu"] is None
+        else:
+            assert r["fast_over_torch"] == pytest.approx(2.0 / 4.0)
+            assert r["fast_over_torch_cpu"] == pytest.approx(3.0 / 6.0)
+        assert r["fast_of_copy"] == pytest.approx(fast_gb[tuple(r["shape"])] / 10.0)
+
+
+def test_quick_runs_five_repetitions(monkeypatch):
+    seen = _stub_run(monkeypatch)
+    assert bench.run(quick=True, use_torch=False)["repeats"] == 5
+    assert {repeats for _, repeats in seen["rounds"]} == {5}
+    assert all("torch" not in impls for impls, _ in seen["rounds"])
+
+
+# -- threads ------------------------------------------------------------------------------------
+
+
+class _Threads:
+    """A stand-in for torch's or a BLAS library's thread setting."""
+
+    def __init__(self, n: int) -> None:
+        self.num_threads = n
+        self.__version__ = "stub"
+
+    def set_num_threads(self, n: int) -> None:
+        self.num_threads = n
+
+    def get_num_threads(self) -> int:
+        return self.num_threads
+
+
+@pytest.fixture
+def numba_threads():
+    """numba's thread count, restored after the test."""
+    import numba
+
+    before = numba.get_num_threads()
+    yield numba
+    numba.set_num_threads(before)
+
+
+def test_set_threads_gives_numba_torch_and_blas_the_same_count(monkeypatch, numba_threads):
+    import refnorm.kernels.nn
+
+    libs = [_Threads(7), _Threads(7)]
+    monkeypatch.setattr(refnorm.kernels.nn, "_blas", lambda: libs)
+    torch = _Threads(7)
+    limit = bench._thread_limit()
+    info = bench._set_threads(None, torch)  # default: all the threads numba allows
+    assert numba_threads.get_num_threads() == limit == info["numba_threads"]
+    assert torch.num_threads == limit == info["torch_threads"]
+    assert [lib.num_threads for lib in libs] == [limit, limit] and info["blas_threads"] == limit
+    info = bench._set_threads(1, torch)
+    assert numba_threads.get_num_threads() == 1 == info["numba_threads"]
+    assert torch.num_threads == 1 == info["torch_threads"]
+    assert [lib.num_threads for lib in libs] == [1, 1] and info["blas_threads"] == 1
+
+
+def test_one_thread_steps_restore_the_thread_counts_after(monkeypatch, numba_threads):
+    import refnorm.kernels.nn
+
+    libs = [_Threads(5)]
+    monkeypatch.setattr(refnorm.kernels.nn, "_blas", lambda: libs)
+    numba_threads.set_num_threads(bench._thread_limit())
+    before = numba_threads.get_num_threads()
+    inside = []
+
+    def fn():
+        inside.append((numba_threads.get_num_threads(), libs[0].num_threads))
+        return "result"
+    step = bench._on_threads(1, fn)
+    assert step() == "result"
+    assert inside == [(1, 1)]
+    assert numba_threads.get_num_threads() == before and libs[0].num_threads == 5
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_one_thread_step_is_timed_only_when_the_bench_runs_more(monkeypatch, threads):
+    names = []
+
+    def rounds(impls, repeats, progress):
+        names.extend(impls)
+        return {name: {"wall": [0.001], "cpu": [0.001], "faults": [0]} for name in impls}
+
+    monkeypatch.setattr(bench, "_interleaved", rounds)
+    steps = bench._steps(None, threads, 1, ("bn",), lambda line: None)
+    expected = {"bn reference", "bn fast"} | ({"bn fast 1t"} if threads > 1 else set())
+    assert set(names) == expected
+    assert {(t["method"], t["impl"]) for t in steps["timings"]} == {
+        tuple(name.split(" ", 1)) for name in expected}
+
+
+def test_crossover_counts_the_work_of_each_size(monkeypatch):
+    """GN: the values the forward and backward loops move (3 per value of x), what
+    SERIAL_BELOW is set against; the products: multiply-adds; 1 thread against n from the
+    given medians."""
+    wall = {1: 0.004, 2: 0.001}
+
+    def rounds(impls, repeats, progress):
+        return {name: {"wall": [wall[int(name.split()[-1][:-1])]] * repeats} for name in impls}
+
+    monkeypatch.setattr(bench, "_interleaved", rounds)
+    rows = {r["case"]: r for r in bench.crossover(2, 3)["rows"]}
+    assert rows["gn N=4"]["work"] == 3 * 4 * 64 * 32 * 32
+    assert rows["conv 16->32"]["work"] == 32 * (9 * 16) * 32 * 256
+    assert rows["conv blocks N=8"]["work"] == 32 * 16 * 9 * 256 * 8
+    for r in rows.values():
+        assert (r["one_thread_ms"], r["threads_ms"]) == pytest.approx((4.0, 1.0))
+        assert r["threads_over_one"] == pytest.approx(0.25)
+
+
+# -- the text report ----------------------------------------------------------------------------
+
+
+def _report():
+    machine = {"platform": "stub", "cpu_count": 2, "numba_threads": 2,
+               "numba_threading_layer": "default", "numba_threading_layer_in_use": "omp",
+               "torch_threads": 2, "torch": "2.0", "torch_requested": True, "blas_threads": 2,
+               "fast_path": "numba kernels", "openmp_env": {"OMP_WAIT_POLICY": "PASSIVE"},
+               "load_average_start": [1.0, 2.0, 3.0], "load_average_end": [4.0, 5.0, 6.0]}
+    timing = {"case": "bn (2, 64, 32, 32)", "method": "bn", "shape": [2, 64, 32, 32],
+              "impl": "fast", "median_ms": 2.0, "min_ms": 1.0, "max_ms": 4.0, "cpu_ms": 3.0,
+              "gb_per_s": 5.0, "faults": 7.0}
+    step = {"method": "bn", "median_ms": 10.0, "min_ms": 9.0, "max_ms": 11.0, "cpu_ms": 12.0}
+    return {"machine": machine, "repeats": 30, "bytes_model": "5 n b", "copy_gb_per_s": 20.0,
+            "timings": [timing, dict(timing, impl="reference", median_ms=8.0, gb_per_s=1.25)],
+            "ratios": [{"case": "bn (2, 64, 32, 32)", "fast_over_reference": 0.25,
+                        "fast_over_kernel": 2.0, "fast_over_torch": 0.5,
+                        "fast_over_torch_cpu": 0.75, "fast_of_copy": 0.25}],
+            "train_steps": {"model": "stub", "timings": [
+                dict(step, impl="fast"), dict(step, impl="reference", median_ms=40.0)],
+                "paths": {"bn": [{"layer": "Conv2d", "calls": []},
+                                 {"layer": "BatchNorm", "calls": [["batch_norm_forward", "fast"],
+                                                                  ["batch_norm_backward",
+                                                                   "fast"]]}]}}}
+
+
+def test_the_text_report_shows_each_figure_in_its_column():
+    lines = bench.format_report(_report()).splitlines()
+    assert "1.00 2.00 3.00 / 4.00 5.00 6.00" in lines[1]  # load average at start / end
+    assert "30 interleaved repetitions" in lines[2]
+    assert "(15 of each training step, 10 copies)" in lines[2]
+    header = lines.index(next(line for line in lines if "median ms" in line))
+    assert lines[header].split()[2:] == ["median", "ms", "min-max", "ms", "cpu", "ms", "GB/s",
+                                         "of", "copy", "faults"]
+    fast, reference = lines[header + 1], lines[header + 2]
+    # median, min-max, cpu ms, GB/s, of the copy's 20 GB/s, faults
+    assert fast.split()[-6:] == ["2.000", "1.00-4.00", "3.000", "5.0", "25%", "7"]
+    assert reference.split()[-6:] == ["8.000", "1.00-4.00", "3.000", "1.2", "6%", "7"]
+    ratios = lines[lines.index(next(line for line in lines if "fast/ref" in line)) + 1]
+    # fast/ref, fast/kernel, fast/torch, (cpu), fast of copy
+    assert ratios.split()[-5:] == ["0.250", "2.00", "0.50", "0.75", "25%"]
+    steps = lines.index(next(line for line in lines if "fast/this" in line))
+    assert lines[steps + 1].split()[1:] == ["fast", "10.00", "9.00-11.00", "12.00"]
+    assert lines[steps + 2].split()[1:] == ["reference", "40.00", "9.00-11.00", "12.00", "0.25"]
+    assert lines[-1] == ("  bn: Conv2d: numpy; BatchNorm: batch_norm_forward fast, "
+                         "batch_norm_backward fast")
+
+
+def test_the_json_report_is_what_run_returns(monkeypatch, capsys):
+    report = _report()
+    monkeypatch.setattr(bench, "run", lambda **kwargs: report)
+    assert bench.main(["--json", "--repeats", "3"]) == 0
+    assert json.loads(capsys.readouterr().out) == report
+    assert bench.main(["--repeats", "3"]) == 0
+    assert capsys.readouterr().out == bench.format_report(report) + "\n"
+
+
+# -- the data-parallel bench ------------------------------------------------------------------
+
+
+def test_data_parallel_row_is_the_last_epoch_and_its_share_is_in_percent():
+    from refnorm import bench_parallel
+
+    def epoch(ms):
+        return {"allreduce_calls_per_step": 2.0, "allreduce_bytes_per_step": 2048,
+                "step_ms": ms, "collective_share": 0.25}
+    row = bench_parallel._row("in-process", "bn", [epoch(9.0), epoch(3.0)])
+    assert row["step_ms"] == 3.0 and row["devices"] == 2
+    line = bench_parallel.format_report({"rows": [row], "mpi_skipped": None}).splitlines()[2]
+    assert line.split()[-2:] == ["3.00", "25%"]
