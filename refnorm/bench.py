@@ -238,7 +238,32 @@ def _load_average() -> list[float] | None:
 def run(*, quick: bool = False, repeats: int | None = None, threads: int | None = None,
         use_torch: bool = True, progress: Callable[[str], None] | None = None,
         step_models: tuple[str, ...] = STEP_MODELS) -> dict[str, Any]:
-    """Run every case; return the report as a JSON-ready dict (see :func:`main`)."""
+    """Run every case; return the report as a JSON-ready dict (see :func:`main`). The thread
+    counts of numba, torch and BLAS, set for the bench, are put back after it."""
+    import numba
+
+    from refnorm.kernels import norms as kernel_norms
+    from refnorm.kernels.nn import _blas
+
+    kernel_norms.loops()  # before torch: see _run
+    torch = _import_torch(use_torch)
+    numba_before = numba.get_num_threads()
+    torch_before = None if torch is None else torch.get_num_threads()
+    blas_before = [(lib, lib.num_threads) for lib in _blas()]
+    try:
+        return _run(quick=quick, repeats=repeats, threads=threads, use_torch=use_torch,
+                    progress=progress, step_models=step_models)
+    finally:
+        numba.set_num_threads(numba_before)
+        if torch is not None:
+            torch.set_num_threads(torch_before)
+        for lib, n in blas_before:
+            lib.set_num_threads(n)
+
+
+def _run(*, quick: bool, repeats: int | None, threads: int | None, use_torch: bool,
+         progress: Callable[[str], None] | None,
+         step_models: tuple[str, ...]) -> dict[str, Any]:
     say: Callable[[str], None] = progress or _quiet
     # before torch: OMP_WAIT_POLICY for both OpenMP pools, numba's pool, the allocator
     from refnorm.kernels import norms as kernel_norms

@@ -364,7 +364,8 @@ def _stub_run(monkeypatch):
         seen["steps"].append((threads, repeats, models))
         return {"model": "stub", "timings": [], "paths": {}}
 
-    fake_torch = types.SimpleNamespace(__version__="stub")
+    fake_torch = types.SimpleNamespace(__version__="stub", get_num_threads=lambda: 1,
+                                       set_num_threads=lambda n: None)
     monkeypatch.setattr(bench, "_interleaved", rounds)
     monkeypatch.setattr(bench, "copy_bandwidth", copy_bandwidth)
     monkeypatch.setattr(bench, "_steps", steps)
@@ -578,3 +579,28 @@ def test_data_parallel_row_is_the_last_epoch_and_its_share_is_in_percent():
     assert row["step_ms"] == 3.0 and row["devices"] == 2
     line = bench_parallel.format_report({"rows": [row], "mpi_skipped": None}).splitlines()[2]
     assert line.split()[-2:] == ["3.00", "25%"]
+
+
+def test_run_puts_the_thread_counts_back(monkeypatch):
+    """A library caller keeps its own numba and BLAS thread counts after bench.run, which
+    sets them for its cases (the cases stubbed: only the settings around them are tested)."""
+    import numba
+
+    from refnorm.kernels.nn import _blas
+
+    most = numba.config.NUMBA_NUM_THREADS
+    if most < 2:
+        pytest.skip("numba has one thread here: the bench's count could not differ")
+    set_threads = bench._set_threads
+    _stub_run(monkeypatch)
+    monkeypatch.setattr(bench, "_set_threads", set_threads)
+    before = numba.get_num_threads()
+    numba.set_num_threads(most)
+    try:
+        blas_before = [lib.num_threads for lib in _blas()]
+        report = bench.run(quick=True, threads=1, use_torch=False, step_models=())
+        assert report["machine"]["numba_threads"] == 1
+        assert numba.get_num_threads() == most
+        assert [lib.num_threads for lib in _blas()] == blas_before
+    finally:
+        numba.set_num_threads(before)
