@@ -225,8 +225,8 @@ def test_crossover_quick_runs_five_repetitions(monkeypatch, capsys):
 
 @pytest.mark.parametrize("method", ["bn", "in", "ln", "gn", "sn"])
 def test_the_kernels_alone_compute_what_the_fast_path_computes(method):
-    """``kernel`` times the kernels the fast call runs, with the same arguments: the same
-    gradients (LN's kernels, not IN's; GN with G = 32 on both sides)."""
+    """``kernel`` times the kernels the fast call runs, with the same arguments: bitwise the
+    same gradients (LN's kernels, not IN's; GN with G = 32 on both sides)."""
     from refnorm.bench_cases import _pure
 
     rng = np.random.default_rng(3)
@@ -236,9 +236,9 @@ def test_the_kernels_alone_compute_what_the_fast_path_computes(method):
     beta = rng.standard_normal(64).astype(np.float32)
     dx, dgamma, dbeta = bench._kernel(method, x, gamma, beta, dy)()[:3]
     want = _pure(method, x, gamma, beta, dy, "fast")()
-    np.testing.assert_allclose(dx.reshape(x.shape), want[0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dgamma, want[1], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dbeta, want[2], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(dx.reshape(x.shape), want[0])
+    np.testing.assert_array_equal(dgamma, want[1])
+    np.testing.assert_array_equal(dbeta, want[2])
 
 
 def test_group_norm_case_uses_thirty_two_groups():
@@ -581,26 +581,20 @@ def test_data_parallel_row_is_the_last_epoch_and_its_share_is_in_percent():
     assert line.split()[-2:] == ["3.00", "25%"]
 
 
-def test_run_puts_the_thread_counts_back(monkeypatch):
+def test_run_puts_the_thread_counts_back(monkeypatch, numba_threads):
     """A library caller keeps its own numba and BLAS thread counts after bench.run, which
     sets them for its cases (the cases stubbed: only the settings around them are tested)."""
-    import numba
-
     from refnorm.kernels.nn import _blas
 
-    most = numba.config.NUMBA_NUM_THREADS
+    most = bench._thread_limit()
     if most < 2:
         pytest.skip("numba has one thread here: the bench's count could not differ")
     set_threads = bench._set_threads
     _stub_run(monkeypatch)
     monkeypatch.setattr(bench, "_set_threads", set_threads)
-    before = numba.get_num_threads()
-    numba.set_num_threads(most)
-    try:
-        blas_before = [lib.num_threads for lib in _blas()]
-        report = bench.run(quick=True, threads=1, use_torch=False, step_models=())
-        assert report["machine"]["numba_threads"] == 1
-        assert numba.get_num_threads() == most
-        assert [lib.num_threads for lib in _blas()] == blas_before
-    finally:
-        numba.set_num_threads(before)
+    numba_threads.set_num_threads(most)
+    blas_before = [lib.num_threads for lib in _blas()]
+    report = bench.run(quick=True, threads=1, use_torch=False, step_models=())
+    assert report["machine"]["numba_threads"] == 1
+    assert numba_threads.get_num_threads() == most
+    assert [lib.num_threads for lib in _blas()] == blas_before

@@ -135,9 +135,6 @@ def test_a_group_count_edited_after_a_valid_backward_is_still_refused():
         group_norm.group_norm_backward(y, R(c, num_groups=8), path="fast")
 
 
-R = dataclasses.replace
-
-
 def test_the_fast_conv_backward_refuses_a_cache_whose_x_has_other_channels_than_w():
     """An x_shape whose channel count differs from w's C_in, every other field consistent
     (window, y_shape, the columns' shape all follow w): refused by name, not handed to the

@@ -435,8 +435,8 @@ if SIMULATOR:
         scopes = ("in", "ln", "bn")
         grads = []
         for kernels in (cpu, gpu):
-            # one thread per plane: Welford's update, no merge of one-value parts (whose
-            # d^2 overflows here, see the test below)
+            # one thread per plane: Welford's update, no merge of one-value parts (Chan's
+            # d^2 would overflow here: the fast path's limit in docs/conventions.md)
             with launch((1, 4096, 4096)), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # var + eps overflows
                 fwd = kernels.sn_forward(x, g, b, w, w, eps=1.5e308, scopes=scopes)
