@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refnorm.core.checks import is_int
+from refnorm.train.data import check_name
 from refnorm.train.model import NORMS, WEIGHTS
 
 
@@ -23,8 +24,8 @@ class TrainConfig:
     trains on ``devices * batch_size * accumulation`` samples (:attr:`update_size`).
 
     Every value is checked when the config is made (``TypeError`` for a wrong kind of value,
-    ``ValueError`` for a value out of range), except ``data``, which is read by
-    :func:`~refnorm.train.loop.train`.
+    ``ValueError`` for a value out of range); ``data`` by its form only (its folder is read
+    by :func:`~refnorm.train.loop.train`).
 
     Attributes
     ----------
@@ -86,6 +87,7 @@ class TrainConfig:
     devices: int = 1
 
     def __post_init__(self) -> None:
+        check_name(self.data)
         for name in ("batch_size", "accumulation", "epochs", "average_samples", "num_groups",
                      "devices"):
             check_int(name, getattr(self, name), low=1)

@@ -52,6 +52,7 @@ from refnorm.core.moments import moments
 __all__ = [
     "Dataset",
     "batches",
+    "check_name",
     "fingerprint",
     "load",
     "load_cifar10",
@@ -547,14 +548,23 @@ def load(name_or_path: str) -> Dataset:
     ``"digits"`` is :func:`load_digits` with its defaults; ``"mnist:DIR"`` and
     ``"cifar10:DIR"`` are :func:`load_mnist` and :func:`load_cifar10` on the folder ``DIR``.
     """
-    if not isinstance(name_or_path, str):
-        raise TypeError(f"the data set must be named by a str; got {type(name_or_path).__name__}")
+    check_name(name_or_path)
     if name_or_path == "digits":
         return load_digits()
-    kind, sep, directory = name_or_path.partition(":")
+    kind, _, directory = name_or_path.partition(":")
     loaders = {"mnist": load_mnist, "cifar10": load_cifar10}
-    if sep and kind in loaders and directory:
-        return loaders[kind](directory)
+    return loaders[kind](directory)
+
+
+def check_name(name_or_path: object) -> None:
+    """Refuse what :func:`load` could not read by its form alone, without reading a file:
+    ``TypeError`` for a name that is not a str, ``ValueError`` for one that is not
+    ``"digits"``, ``"mnist:DIR"`` or ``"cifar10:DIR"`` with a non-empty ``DIR``."""
+    if not isinstance(name_or_path, str):
+        raise TypeError(f"the data set must be named by a str; got {type(name_or_path).__name__}")
+    kind, sep, directory = name_or_path.partition(":")
+    if name_or_path == "digits" or (sep and kind in ("mnist", "cifar10") and directory):
+        return
     raise ValueError(
         'the data set must be "digits", "mnist:DIR" or "cifar10:DIR" (DIR a folder); '
         f"got {name_or_path!r}"

@@ -17,6 +17,9 @@ from tests.train.conftest import config
     ({"num_groups": 3, "norm": "gn"}, r"num_groups=3 must divide every width \(16, 32, 32\)"),
     ({"widths": ()}, r"widths must be a non-empty tuple of ints"),
     ({"train_subset": 0}, r"train_subset must be an int >= 1; got 0"),
+    ({"data": "digit"}, r'the data set must be "digits", "mnist:DIR" or "cifar10:DIR"'),
+    ({"data": "mnist:"}, r"\(DIR a folder\); got 'mnist:'"),
+    ({"data": "imagenet:/data"}, r"got 'imagenet:/data'"),
 ])
 def test_config_refuses_bad_values(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -28,11 +31,21 @@ def test_config_refuses_bad_values(changes, message):
     ({"seed": True}, r"seed must be an int >= 0; got True"),
     ({"lr": "0.1"}, r"lr must be a finite number > 0; got '0.1'"),
     ({"widths": [8, 8]}, r"widths must be a non-empty tuple of ints"),
+    ({"data": 3}, r"the data set must be named by a str; got int"),
 ])
 def test_config_refuses_a_wrong_kind_of_value_with_a_type_error(changes, message):
     # The rule of refnorm's argument checks: a wrong kind of value is a TypeError.
     with pytest.raises(TypeError, match=message):
         TrainConfig(**changes)
+
+
+def test_a_data_folder_is_read_by_train_not_by_the_config(tmp_path):
+    """The config checks the data set's name by its form; a folder without the files is
+    refused when training reads it (a config may be written where the data is not)."""
+    missing = tmp_path / "nothing-here"
+    assert TrainConfig(data=f"mnist:{missing}").data == f"mnist:{missing}"
+    with pytest.raises(FileNotFoundError):
+        train(config(data=f"mnist:{missing}"), progress=False)
 
 
 def test_numpy_numbers_are_accepted():
