@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,7 @@ import numpy as np
 
 from refnorm import registry
 from refnorm.backend import Array, array_namespace, device_of, on_device, to_numpy
+from refnorm.core.checks import is_int
 from refnorm.dispatch import check_path
 from refnorm.layer import Layer
 
@@ -90,6 +92,15 @@ def _check_step(step: object) -> float:
     if not (math.isfinite(step) and step > 0):
         raise ValueError(f"step must be finite and > 0; got {step}")
     return float(step)
+
+
+def _check_seed(seed: object) -> int:
+    """A seed: an int >= 0 (numpy's too, not a bool), as numpy's generators take."""
+    if not is_int(seed):
+        raise TypeError(f"seed must be an int >= 0; got {seed!r}")
+    if operator.index(seed) < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+    return operator.index(seed)
 
 
 def _as_float64(name: str, value: Any) -> np.ndarray:
@@ -273,7 +284,7 @@ def check_vjp(
     inputs : dict of str to array
         The point to check at; each value (an array of any namespace ``to_numpy``
         understands, or a number) is converted to a float64 numpy array.
-    seed : int
+    seed : int >= 0
         Seeds the random upstream gradient (a stream distinct from ``default_rng(seed)``).
     step : float, default 1e-6
         The finite-difference step ``h``, > 0.
@@ -284,6 +295,7 @@ def check_vjp(
     :func:`finite_difference_noise` of ``y`` and ``dy``
     """
     step = _check_step(step)
+    seed = _check_seed(seed)
     args = {k: _as_float64(f"inputs[{k!r}]", v) for k, v in inputs.items()}
     y = _as_float64("f's output", f(**args))
     # A stream of its own: default_rng(seed) would give a caller who drew x with the same
@@ -394,7 +406,7 @@ def check_registered(name: str, *, seed: int = 0, path: str = "reference") -> li
     ----------
     name : str
         A name of :func:`refnorm.registry.names`.
-    seed : int, default 0
+    seed : int >= 0, default 0
         Seeds the parameters, states, inputs and upstream gradients.
     path : {"reference", "fast"}, default "reference"
 
@@ -409,7 +421,7 @@ def check_registered(name: str, *, seed: int = 0, path: str = "reference") -> li
         If ``name`` is not registered, or ``path`` is not one of the two.
     """
     cls: type[Layer] = registry.layer_class(name)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_check_seed(seed))
     results = []
     for case in cls.check_cases:
         layer = registry.build(name, case.shape[1], dtype=np.float64, **case.options)

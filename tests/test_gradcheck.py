@@ -319,6 +319,22 @@ def test_a_step_that_is_not_positive_and_finite_is_refused(step):
         gradcheck.finite_difference_noise(x, np.ones(3), step)
 
 
+@pytest.mark.parametrize(("seed", "error"), [(1.5, TypeError), (True, TypeError),
+                                             ("0", TypeError), (-1, ValueError)])
+def test_a_seed_that_is_not_an_int_from_zero_is_refused_by_name(seed, error):
+    x = np.array([1.0, 2.0, 3.0])
+    with pytest.raises(error, match=r"seed must be an int >= 0; got "):
+        gradcheck.check_vjp(_square, _square_vjp, {"x": x}, seed=seed)
+    with pytest.raises(error, match=r"seed must be an int >= 0; got "):
+        gradcheck.check_registered("bn", seed=seed)
+
+
+def test_a_numpy_int_seed_draws_what_the_same_python_int_draws():
+    a = gradcheck.check_registered("ln", seed=np.int64(3))
+    b = gradcheck.check_registered("ln", seed=3)
+    assert [r.errors["x"].max_abs_error for r in a] == [r.errors["x"].max_abs_error for r in b]
+
+
 @pytest.mark.parametrize("returned", [lambda dy, x: (2 * x * dy,), lambda dy, x: 2 * x * dy])
 def test_a_vjp_that_returns_no_dict_is_named(returned):
     with pytest.raises(TypeError, match="vjp must return a dict"):
