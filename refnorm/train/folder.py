@@ -1,7 +1,8 @@
 """A training run's output folder: checked before training, owned by one run, written atomically.
 
 - :func:`prepare_folder` creates the folder or says in one sentence why it cannot: the path
-  is a file, lies under a file, or the file system refuses it.
+  is a file, lies under a file, or the file system refuses it. A run that leaves without
+  writing anything removes the folders it created (:func:`remove_if_empty`).
 - :func:`check_room` writes (and removes) a temporary file as large as what the run will
   write, so that a read-only or full disk is found before the first epoch.
 - :class:`FolderLock` makes the run the folder's only writer. The lock file ``train.lock``
@@ -65,6 +66,26 @@ def prepare_folder(out: str | Path) -> Path:
         raise OutputFolderError(f"the output folder {folder} cannot be created: "
                                 f"{_reason(exc)}") from None
     return folder
+
+
+def new_folders(out: str | Path) -> list[Path]:
+    """The folders :func:`prepare_folder` would create for ``out``, the deepest first."""
+    folder = Path(out)
+    try:
+        return [p for p in (folder, *folder.parents) if not p.exists()]
+    except OSError:  # a name the file system refuses: prepare_folder says why
+        return []
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (the deepest first, as :func:`new_folders` gives them) while they are
+    empty: what a run created and left without writing anything in (refused or stopped
+    before its first checkpoint). A folder that is not empty, and those above it, stay."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def check_room(folder: Path, nbytes: int) -> None:

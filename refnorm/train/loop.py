@@ -79,7 +79,9 @@ from refnorm.train.folder import (
     FolderLock,
     OutputFolderError,
     check_room,
+    new_folders,
     prepare_folder,
+    remove_if_empty,
     remove_stale_temporaries,
     warn,
 )
@@ -225,7 +227,9 @@ def train(
     config : TrainConfig
     out : directory, optional
         Where ``metrics.csv``, ``metrics.json``, ``curves.png`` and ``checkpoint.npz`` go.
-        The run holds its lock (``train.lock``) until it returns.
+        The run holds its lock (``train.lock``) until it returns. A run that returns or
+        raises without having written anything (stopped before its first checkpoint)
+        removes the folders it created for ``out``.
     resume : bool
         Continue from ``out/checkpoint.npz`` (which must exist and match ``config``).
     progress : bool
@@ -371,7 +375,10 @@ def _open_folder(folder: Path | None, stack: ExitStack, config: TrainConfig, *, 
     if resume and not folder.is_dir():
         raise CheckpointError(f"no checkpoint to resume from: {folder} is not a folder")
     if writer:
+        made = new_folders(folder)
         prepare_folder(folder)
+        # Called after the lock is let go: a run that wrote nothing leaves no folder behind.
+        stack.callback(remove_if_empty, made)
         stack.enter_context(FolderLock(folder, notice=warn))
         remove_stale_temporaries(folder, OUTPUTS)
         for name in OUTPUTS:  # a folder where the run writes a file: refused now, not later

@@ -361,3 +361,38 @@ def test_an_atomic_write_gives_the_file_the_mode_open_would(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o644
+
+
+# -- a run that writes nothing leaves nothing -----------------------------------------------------
+
+
+def test_a_run_that_stops_before_writing_removes_the_folders_it_made(tmp_path, data):
+    """A run that diverges in its first epoch writes no checkpoint: the folders it created for
+    its outputs (``a/b`` here) are removed again, the folder above them stays."""
+    out = tmp_path / "a" / "b"
+    with pytest.raises(loop.NonFinite, match="no checkpoint was written"):
+        train(dataclasses.replace(CONFIG, lr=1e30), out=out, progress=False, data=data)
+    assert not (tmp_path / "a").exists()
+    assert tmp_path.is_dir()
+
+
+def test_a_folder_that_was_there_stays_when_the_run_writes_nothing(tmp_path, data):
+    def stop(epoch, step, model):
+        raise RuntimeError("stopped by the caller")
+
+    with pytest.raises(RuntimeError, match="stopped by the caller"):
+        train(CONFIG, out=tmp_path, progress=False, data=data, on_step=stop)
+    assert tmp_path.is_dir() and list(tmp_path.iterdir()) == []
+
+
+def test_a_made_folder_with_a_file_of_the_run_stays(tmp_path, data):
+    """A run stopped in its second epoch has written the first epoch's checkpoint: its
+    folder stays, with the checkpoint and without the lock."""
+    def stop(epoch, step, model):  # epochs count from 0
+        if epoch == 1:
+            raise RuntimeError("stopped by the caller")
+
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError, match="stopped by the caller"):
+        train(CONFIG, out=out, progress=False, data=data, on_step=stop)
+    assert (out / CHECKPOINT).is_file() and not (out / LOCK).exists()
