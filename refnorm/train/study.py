@@ -189,16 +189,16 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
               log=print) -> Path:
     """Train the grid, write ``report.md`` and the plots into ``out``; return the report path.
 
-    The folder is checked (:func:`prepare_output`) before the first run, and matplotlib
-    (the train extra), which draws the plots: an ImportError says it is missing before any
-    run trains."""
+    Before the first run: matplotlib (the train extra), which draws the plots (an
+    ImportError says it is missing), every run's data (:func:`check_every_run`), then the
+    folder (:func:`prepare_output`), so that a refused grid leaves no folder behind."""
     from refnorm.train.outputs import plotting_problem
 
     if (problem := plotting_problem("the report's plots")) is not None:
         raise ImportError(problem)
-    out = prepare_output(out)
     configs = job_configs(study)
-    check_every_run(configs)
+    check_every_run(configs)  # first: a grid refused for its data leaves no folder behind
+    out = prepare_output(out)
     jobs = jobs or min(len(configs), os.cpu_count() or 1)
     started = time.perf_counter()
     runs = []

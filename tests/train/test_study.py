@@ -236,6 +236,7 @@ def test_a_run_its_data_cannot_train_stops_the_study_before_any_run(tmp_path, mo
         run_study(study, tmp_path / "study", jobs=1)
     assert str(refused.value) == str(alone.value)
     assert "at block 3, where --norm in computes" in str(refused.value)
+    assert not (tmp_path / "study").exists()  # refused before its folder was made
 
 
 def test_a_report_marks_a_missing_cell_and_reads_one_seed_no_further(tmp_path):
