@@ -24,6 +24,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import pytest
 
 from refnorm import lessons
 from refnorm.lessons import grading
+from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = sorted((ROOT / "lessons").glob("*.ipynb"))
@@ -757,3 +760,415 @@ def test_student_copy_below_a_file_names_the_file(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"refnorm lessons: error: {a_file} is a file; --student needs a folder to write the "
         "copies into")
+
+
+# -- rel_err, the lessons' relative error -------------------------------------------------------
+
+
+def test_rel_err_is_relative_to_the_larger_of_the_two_whichever_is_the_answer():
+    """max|a - b| / max(max|a|, max|b|): symmetric, so an answer of 1e-3 where refnorm's is
+    zero is 100 % off (not 1e-3 off, which a tolerance of 1e-2 would let pass)."""
+    answer, zero = np.array([0.0, 1e-3]), np.zeros(2)
+    assert lessons.rel_err(answer, zero) == lessons.rel_err(zero, answer) == 1.0
+    assert lessons.rel_err(np.array([2.0, -4.0]), np.array([1.0, -2.0])) == 0.5
+
+
+def test_rel_err_of_a_nan_is_nan_and_differing_shapes_are_refused():
+    assert np.isnan(lessons.rel_err(np.array([np.nan, 1.0]), np.ones(2)))
+    with pytest.raises(AssertionError, match=r"shapes differ: \(1, 3\) vs \(3,\)"):
+        lessons.rel_err(np.ones((1, 3)), np.ones(3))  # no broadcasting
+
+
+# -- check_outputs ------------------------------------------------------------------------------
+
+
+def test_an_answer_with_a_nan_fails(toy):
+    """A NaN compares false with any tolerance: the check must fail on it, not pass it."""
+    with pytest.raises(AssertionError, match=r"rel_err\(mean\) = nan"):
+        _grade_toy(lambda x: np.where([True, False, True], x.mean(axis=0), np.nan))
+
+
+def test_an_answer_with_other_outputs_than_the_checks_is_a_sentence(toy):
+    """A candidate returning its outputs by name (as exercise 06.1's gradients are) with one
+    missing or one too many: the check names both lists, it neither raises a KeyError nor
+    passes."""
+    want = {"mean": X_TOY.mean(axis=0), "count": 4.0}
+
+    def grade(candidate):
+        return lessons.check_outputs("9.9", lambda fn: fn(X_TOY), candidate, want, tol=1e-12,
+                                     reason="rounding")
+
+    with pytest.raises(AssertionError, match=r"the check expected the outputs \['count', "
+                                             r"'mean'\]; it got \['mean'\]"):
+        grade(lambda x: {"mean": x.mean(axis=0)})
+    with pytest.raises(AssertionError, match=r"it got \['count', 'mean', 'sum'\]"):
+        grade(lambda x: {"mean": x.mean(axis=0), "count": 4.0, "sum": x.sum(axis=0)})
+
+
+def test_a_passed_check_returns_the_candidates_outputs_not_refnorms(toy):
+    answer = X_TOY.mean(axis=0) * (1 + 1e-13)  # within the tolerance, not refnorm's bits
+    assert not np.array_equal(answer, X_TOY.mean(axis=0))
+    result = _grade_toy(lambda x: answer)
+    assert np.array_equal(result["mean"], answer)
+
+
+def test_an_error_raised_in_a_partial_stays_the_students(toy):
+    """A candidate without code of its own (functools.partial of the student's function):
+    nothing tells its errors from the check's, so its TypeError keeps its traceback rather
+    than becoming "the check could not use what your function returned"."""
+    def mean_plus(x, offset):
+        return x.mean(axis=0) + offset  # the student's own line fails for a str offset
+
+    with pytest.raises(TypeError):
+        _grade_toy(partial(mean_plus, offset="a"))
+
+
+# -- naming a known mistake ---------------------------------------------------------------------
+
+
+def test_a_float32_answer_is_named_within_float32_rounding(toy):
+    """The same wrong sum in another order of float32 additions differs from the catalogue's
+    by float32 rounding (about 1e-7 here), far above the float64 matching tolerance: it is
+    still that mistake."""
+    x = np.random.default_rng(0).standard_normal((1000, 3)).astype(np.float32) + 3.0
+
+    def student(x):  # the sum where the mean belongs, accumulated in float64
+        return x.astype(np.float64).sum(axis=0).astype(np.float32)
+
+    assert 1e-9 < lessons.rel_err(student(x), x.sum(axis=0)) < 1e-5
+    with pytest.raises(AssertionError,
+                       match="a known mistake gives: a sum where the mean belongs"):
+        lessons.check_outputs("9.9", lambda fn: {"mean": fn(x)}, student,
+                              {"mean": x.mean(axis=0)}, tol=1e-6, reason="float32 rounding")
+
+
+def _scaled_sum(x, *, by):
+    return (x.sum(axis=0) * by).astype(np.float32)
+
+
+def test_of_two_mistakes_within_the_matching_tolerance_the_nearest_is_named(toy):
+    lessons.register(lessons.Exercise(
+        id="9.9", function="mean0", nudges=("look at the axis", "mean = sum / n"),
+        mistakes=(lessons.Mistake("a sum, a few rounding steps up", "divide by n",
+                                  partial(_scaled_sum, by=1 + 4e-6)),
+                  lessons.Mistake("a sum where the mean belongs", "divide by n",
+                                  partial(_scaled_sum, by=1.0)))))
+    x = X_TOY.astype(np.float32)
+    with pytest.raises(AssertionError,
+                       match="a known mistake gives: a sum where the mean belongs"):
+        lessons.check_outputs("9.9", lambda fn: {"mean": fn(x)}, lambda x: x.sum(axis=0),
+                              {"mean": x.mean(axis=0)}, tol=1e-6, reason="float32 rounding")
+
+
+def test_an_exercise_needs_a_hint_and_registering_it_again_replaces_it(toy):
+    with pytest.raises(ValueError, match="exercise 9.7 needs at least one nudge"):
+        lessons.register(lessons.Exercise(id="9.7", function="f", nudges=()))
+    again = lessons.register(lessons.Exercise(id="9.9", function="mean0", nudges=("new",)))
+    assert lessons.exercise("9.9") is again
+
+
+# -- check_integers -----------------------------------------------------------------------------
+
+
+def test_at_most_allows_the_bound_itself(toy, capsys):
+    lessons.check_integers("9.9", lambda fn: {"moved": 14}, None, {"moved": 14},
+                           reason="a budget", at_most=True)
+    assert "moved = 14 <= 14 (a budget)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("answer", "wanted"), [(1, "2 integers"), ((1, 1, 1), "2 integers"),
+                                                 ((1,), "2 integers")])
+def test_at_most_refuses_an_answer_of_another_shape(toy, answer, wanted):
+    """<= entry by entry must not broadcast: one integer is not under a budget of two, and
+    three integers are not compared with two (numpy would raise)."""
+    with pytest.raises(AssertionError, match=rf"sizes = .*, expected {wanted} \(a budget\)"):
+        lessons.check_integers("9.9", lambda fn: {"sizes": answer}, None, {"sizes": (2, 3)},
+                               reason="a budget", at_most=True)
+    with pytest.raises(AssertionError, match=rf"sizes = .*, expected {wanted} \(exact\)"):
+        lessons.check_integers("9.9", lambda fn: {"sizes": answer}, None, {"sizes": (2, 3)},
+                               reason="exact")
+
+
+def test_a_bool_is_not_an_integer_answer(toy):
+    with pytest.raises(AssertionError, match="all-reduces must be an integer"):
+        lessons.check_integers("9.9", lambda fn: {"all-reduces": True}, None,
+                               {"all-reduces": 1}, reason="exact")
+
+
+# -- check_gradients ----------------------------------------------------------------------------
+
+
+def _vjp_x(backward, dy, x):
+    return {"x": backward(dy, x)}
+
+
+X3 = {"x": np.array([1.0, -2.0, 3.0])}
+
+
+def test_gradients_are_checked_with_a_random_dy_never_all_ones(toy):
+    """With dy all ones the gradient of sum(x - mean(x)) vanishes, and a backward that returns
+    zeros would pass."""
+    def centered(x):
+        return x - x.mean()
+
+    x = {"x": np.array([1.0, -2.0, 3.0, 0.5])}
+    lessons.check_gradients("9.9", centered, _vjp_x, lambda dy, x: dy - dy.mean(), x)
+    with pytest.raises(AssertionError, match="dx differs from central differences"):
+        lessons.check_gradients("9.9", centered, _vjp_x, lambda dy, x: np.zeros_like(x), x)
+
+
+def test_the_seed_draws_the_upstream_gradient(toy):
+    seen = []
+
+    def vjp(backward, dy, x):
+        seen.append(dy.copy())
+        return {"x": backward(dy, x)}
+
+    for seed in (0, 0, 1):
+        lessons.check_gradients("9.9", lambda x: x**2, vjp, lambda dy, x: 2 * x * dy, X3,
+                                seed=seed)
+    assert np.array_equal(seen[0], seen[1]) and not np.array_equal(seen[0], seen[2])
+
+
+def test_a_backward_that_overwrites_its_inputs_does_not_move_the_point_checked(toy):
+    """The candidate gets copies: a right backward that reuses x's buffer for its answer is
+    still compared with the central differences at the original x."""
+    def backward_in_place(dy, x):
+        x *= 2.0 * dy
+        return x
+
+    lessons.check_gradients("9.9", lambda x: x**2, _vjp_x, backward_in_place, X3)
+
+
+def test_the_default_gradient_tolerance_is_1e_6(toy):
+    """A backward off by 1e-4 of its scale fails at the documented default, 1e-6."""
+    with pytest.raises(AssertionError, match="allowed 1e-06"):
+        lessons.check_gradients("9.9", lambda x: x**2, _vjp_x,
+                                lambda dy, x: 2 * x * dy * (1 + 1e-4), X3)
+
+
+def test_a_gradient_of_another_shape_or_for_an_unknown_input_is_named(toy):
+    with pytest.raises(AssertionError, match=r"dx has shape \(1, 3\), x has \(3,\)"):
+        lessons.check_gradients("9.9", lambda x: x**2, _vjp_x,
+                                lambda dy, x: (2 * x * dy)[None], X3)
+
+    def vjp_with_z(backward, dy, x):
+        return {"x": backward(dy, x), "z": np.zeros(3)}
+
+    with pytest.raises(AssertionError, match=r"gradients for unknown inputs \['z'\]"):
+        lessons.check_gradients("9.9", lambda x: x**2, vjp_with_z,
+                                lambda dy, x: 2 * x * dy, X3)
+
+
+# -- the catalogued mistakes compute what they name ---------------------------------------------
+# A mistake is named when a student's answer equals it; each is checked here against the
+# mistake written the way a student would write it, or against what it leaves right.
+
+RNG = np.random.default_rng(2024)
+X_BN = 5.0 * RNG.standard_normal((4, 3, 2, 2)) + 12.0  # (N, C, H, W)
+GAMMA, BETA = 1.0 + 0.3 * RNG.standard_normal(3), 0.3 * RNG.standard_normal(3)
+DY_BN = RNG.standard_normal(X_BN.shape)
+
+
+def _mistake(exercise_id, name):
+    return next(m.variant for m in lessons.exercise(exercise_id).mistakes if m.name == name)
+
+
+def test_bn_forward_mistakes_01_1():
+    """Ioffe & Szegedy (2015), Alg. 1 and section 3.1: the momentum and eps mistakes change
+    only the part they name."""
+    rng = np.random.default_rng(2)
+    mean0, var0 = 12.0 + rng.standard_normal(3), 25.0 * rng.uniform(0.5, 1.5, 3)
+    mu, var = X_BN.mean(axis=(0, 2, 3)), X_BN.var(axis=(0, 2, 3))
+    m = X_BN.size // 3
+    y, _, rm, rv = _mistake("01.1", "momentum weighting the old value")(
+        X_BN, GAMMA, BETA, mean0, var0, True)
+    want_y, _ = batch_norm_forward(X_BN, GAMMA, BETA)
+    assert lessons.rel_err(y, want_y) < 1e-12  # the forward itself is right
+    assert lessons.rel_err(rm, 0.1 * mean0 + 0.9 * mu) < 1e-12
+    assert lessons.rel_err(rv, 0.1 * var0 + 0.9 * var * m / (m - 1)) < 1e-12
+
+    _, (_, rstd), _, _ = _mistake("01.1", "eps added to the standard deviation")(
+        X_BN, GAMMA, BETA, mean0, var0, True, eps=1e-2)
+    assert lessons.rel_err(rstd.ravel(), 1.0 / (np.sqrt(var) + 1e-2)) < 1e-12
+
+
+def test_bn_backward_mistakes_change_only_what_they_name_01_2_and_01_3():
+    """A mistake in dgamma or dbeta leaves dx right, and one in dx leaves dgamma and dbeta
+    right (Ioffe & Szegedy 2015, section 3: the gradients of the last node)."""
+    _, cache = batch_norm_forward(X_BN, GAMMA, BETA, eps=1e-5)
+    dx, dgamma, dbeta = batch_norm_backward(DY_BN, cache)
+    for name in ("dgamma without x_hat", "dgamma and dbeta summed over every axis"):
+        got_dx, _, _ = _mistake("01.2", name)(DY_BN, X_BN, GAMMA, 1e-5)
+        assert lessons.rel_err(got_dx, dx) < 1e-10, name
+    for spec_id, args in (("01.2", (DY_BN, X_BN, GAMMA, 1e-5)),
+                          ("01.3", (DY_BN, cache.x_hat, cache.rstd, GAMMA))):
+        for mistake in lessons.exercise(spec_id).mistakes:
+            if "dgamma" in mistake.name:
+                continue
+            _, got_dgamma, got_dbeta = mistake.variant(*args)
+            assert got_dgamma.shape == dgamma.shape == (3,), (spec_id, mistake.name)
+            assert lessons.rel_err(got_dgamma, dgamma) < 1e-10, (spec_id, mistake.name)
+            assert lessons.rel_err(got_dbeta, dbeta) < 1e-10, (spec_id, mistake.name)
+
+
+def test_gn_forward_groups_of_every_gth_channel_02_1():
+    """Wu & He (2018), Eq. 7: the interleaved mistake puts channels g, g + G, ... in group g."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 2, 2))
+    gamma, beta, G, eps = np.ones(6), np.zeros(6), 2, 1e-5
+    y, _ = _mistake("02.1", "groups of every G-th channel")(x, gamma, beta, G, eps)
+    want = np.empty_like(x)
+    for g in range(G):
+        part = x[:, g::G]  # channels g, g + G, g + 2G
+        mu = part.mean(axis=(1, 2, 3), keepdims=True)
+        var = part.var(axis=(1, 2, 3), keepdims=True)
+        want[:, g::G] = (part - mu) / np.sqrt(var + eps)
+    assert lessons.rel_err(y, want) < 1e-12
+
+
+def test_merge_moments_with_the_between_part_divided_by_k_minus_1_03_1():
+    rng = np.random.default_rng(5)
+    mu_in, var_in = rng.standard_normal((2, 4, 1)), rng.uniform(0.5, 2.0, (2, 4, 1))
+    mu, var = _mistake("03.1", "the spread of the group means divided by K - 1")(
+        mu_in, var_in, 1)
+    spread = ((mu_in - mu_in.mean(axis=1, keepdims=True)) ** 2).sum(axis=1, keepdims=True)
+    assert lessons.rel_err(var, var_in.mean(axis=1, keepdims=True) + spread / 3) < 1e-12
+
+
+def test_scope_gradient_with_hw_for_every_scope_03_2():
+    """Luo et al. (2019), Eq. 9 with |I_k| = HW whatever the scope (LN's is CHW, BN's NHW)."""
+    rng = np.random.default_rng(6)
+    h = rng.standard_normal((3, 4, 5))  # (N, C, S)
+    dmu, dvar = rng.standard_normal((3, 4, 1)), rng.standard_normal((3, 4, 1))
+    variant = _mistake("03.2", "|I_k| = HW for every scope")
+    for scope, axes, entries in (("ln", (1, 2), 1), ("bn", (0, 2), 0)):
+        mu_k = h.mean(axis=axes, keepdims=True)
+        dvar_k = dvar.sum(axis=entries, keepdims=True)
+        dmu_k = dmu.sum(axis=entries, keepdims=True)
+        want = 0.7 * dvar_k * 2.0 * (h - mu_k) / 5 + 0.2 * dmu_k / 5
+        assert lessons.rel_err(variant(h, dmu, dvar, scope, 0.2, 0.7), want) < 1e-12, scope
+
+
+def test_conv1x1_weight_gradient_of_the_first_image_only_03b_2():
+    rng = np.random.default_rng(7)
+    dz, x = rng.standard_normal((3, 2, 2, 2)), rng.standard_normal((3, 4, 2, 2))
+    got = _mistake("03b.2", "the first image only")(dz, x)
+    want = sum(np.outer(dz[0, :, i, j], x[0, :, i, j]) for i in range(2) for j in range(2))
+    assert lessons.rel_err(got, want) < 1e-12
+
+
+def test_sync_dx_with_the_devices_own_count_04_2():
+    """The device's own count is the number of values per channel it holds, N_p H W."""
+    rng = np.random.default_rng(8)
+    class TwoEqualDevices:  # every device holds the same shard: the sums double
+        def allreduce_sum(self, arrays):
+            return [2.0 * a for a in arrays]
+
+    x_hat, dy = rng.standard_normal((2, 3, 2, 2)), rng.standard_normal((2, 3, 2, 2))
+    rstd, n = rng.uniform(0.5, 2.0, 3), 16
+    got = _mistake("04.2", "the device's own count where the batch's belongs")(
+        TwoEqualDevices(), x_hat, dy, GAMMA, rstd, n)
+    g, r = GAMMA.reshape(1, -1, 1, 1), rstd.reshape(1, -1, 1, 1)
+    dx_hat = dy * g
+    s1 = 2.0 * dx_hat.sum(axis=(0, 2, 3), keepdims=True)
+    s2 = 2.0 * (dx_hat * x_hat).sum(axis=(0, 2, 3), keepdims=True)
+    own = 2 * 2 * 2  # N_p H W
+    assert lessons.rel_err(got, r * (dx_hat - s1 / own - x_hat * s2 / own)) < 1e-12
+
+
+def test_ws_backward_mistakes_keep_the_mean_removal_05b_1():
+    """Qiao et al. (2019), Eq. 8-9: dL/dW = dL/dW_dot - mean(dL/dW_dot) per output channel, so
+    every row of dW sums to zero unless the mistake is that removal itself."""
+    rng = np.random.default_rng(9)
+    W = rng.standard_normal((3, 5))
+    W_dot = W - W.mean(axis=1, keepdims=True)
+    sigma = np.sqrt((W_dot**2).mean(axis=1, keepdims=True))
+    g_hat = rng.standard_normal((3, 5))
+    for mistake in lessons.exercise("05b.1").mistakes:
+        rows = mistake.variant(g_hat, W_dot / sigma, sigma).sum(axis=1)
+        if mistake.variant.keywords["mistake"] == "no_mean":
+            assert np.abs(rows).max() > 1e-3
+        else:
+            assert np.abs(rows).max() < 1e-12, mistake.name
+
+
+def test_memory_traffic_mistakes_07_1():
+    """The reference backward reads 14 and writes 7 full-size arrays (dy, x_hat and dx_hat
+    three times each, five temporaries once; dx_hat, the five temporaries and dx): each
+    mistake leaves out what it names."""
+    def arrays(name):
+        reads, writes = _mistake("07.1", name)(1, 1)
+        return reads, writes
+
+    assert arrays("the sums and means counted as free") == (14 - 4, 7)
+    assert arrays("each input read only once") == (14 - 6, 7)
+    assert arrays("the temporaries left out") == (14 - 5, 7 - 5)
+
+
+def test_lean_bn_backward_with_the_number_of_samples_07_2():
+    rng = np.random.default_rng(11)
+    x_hat, dy = rng.standard_normal((4, 3, 2, 2)), rng.standard_normal((4, 3, 2, 2))
+    rstd = rng.uniform(0.5, 2.0, (1, 3, 1, 1))
+    dx, _, _ = _mistake("07.2", "the number of samples where the values per channel belong")(
+        dy, x_hat, rstd, GAMMA)
+    dbeta = dy.sum(axis=(0, 2, 3), keepdims=True)
+    dgamma = (dy * x_hat).sum(axis=(0, 2, 3), keepdims=True)
+    m = 4  # N, where N H W = 16 belongs
+    want = GAMMA.reshape(1, -1, 1, 1) * rstd * (dy - dbeta / m - x_hat * dgamma / m)
+    assert lessons.rel_err(dx, want) < 1e-12
+
+
+# -- the student copy and the command line ------------------------------------------------------
+
+
+def test_a_solution_cell_may_open_with_a_blank_line():
+    assert lessons.exercise_title("\n# Exercise 9.1: a task\ndef f():\n    pass") == (
+        "9.1", "a task")
+
+
+def test_student_notebook_leaves_the_solved_notebook_alone():
+    nb = _notebook(_EXERCISE)
+    before = json.dumps(nb)
+    student, blanked = lessons.student_notebook(nb)
+    assert blanked == ["9.1"] and "raise NotImplementedError" in student["cells"][0]["source"]
+    assert json.dumps(nb) == before  # the caller's solution is still there
+
+
+def test_the_lessons_folder_named_by_another_path_is_refused_even_with_force(tmp_path,
+                                                                             monkeypatch,
+                                                                             capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    solved = json.dumps(_notebook(_EXERCISE))
+    (src / "09_x.ipynb").write_text(solved, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert lessons.main(["--student", "src", "--source", str(src), "--force"]) == 2
+    assert "the student copy would overwrite the lessons" in capsys.readouterr().err
+    assert (src / "09_x.ipynb").read_text(encoding="utf-8") == solved
+
+
+def test_student_copies_follow_the_umask(tmp_path):
+    umask = os.umask(0o002)
+    try:
+        lessons.write_student_copies(tmp_path / "copies")
+    finally:
+        os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "copies").glob("*.ipynb")} == {0o664}
+
+
+def test_the_command_names_each_copy_it_wrote(tmp_path, capsys):
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    (src / "09_x.ipynb").write_text(json.dumps(_notebook(_EXERCISE)), encoding="utf-8")
+    assert lessons.main(["--student", str(dest), "--source", str(src)]) == 0
+    assert capsys.readouterr().out == f"{dest / '09_x.ipynb'}: 1 exercise(s) blanked (9.1)\n"
+
+
+def test_python_m_refnorm_lessons_exits_with_the_commands_status(tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    done = subprocess.run([sys.executable, "-m", "refnorm.lessons", "--student", str(a_file)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"refnorm lessons: error: {a_file} is a file")

@@ -303,15 +303,19 @@ def check_integers(exercise_id: str, run: Callable[[Any], Any], candidate: Any, 
                              f"{sorted(want)}; it got {sorted(got)}")
     failures = []
     for key, target in want.items():
-        value = got[key]
+        value, target = got[key], _as_ints(target)
         as_ints = _as_ints(value)
         if as_ints is None:
             failures.append(f"{key} must be an integer (or integers); got {value!r}")
-        elif at_most and not np.all(np.asarray(as_ints) <= np.asarray(_as_ints(target))):
-            failures.append(f"{key} = {_show(as_ints)}, allowed at most "
-                            f"{_show(_as_ints(target))}")
-        elif not at_most and as_ints != _as_ints(target):
-            failures.append(f"{key} = {_show(as_ints)}, expected {_show(_as_ints(target))}")
+        elif np.shape(as_ints) != np.shape(target):  # <= would broadcast one int over many
+            shape = np.shape(target)
+            wanted = ("one integer" if shape == () else f"{shape[0]} integers"
+                      if len(shape) == 1 else f"integers of shape {shape}")
+            failures.append(f"{key} = {_show(as_ints)}, expected {wanted}")
+        elif at_most and not np.all(np.asarray(as_ints) <= np.asarray(target)):
+            failures.append(f"{key} = {_show(as_ints)}, allowed at most {_show(target)}")
+        elif not at_most and as_ints != target:
+            failures.append(f"{key} = {_show(as_ints)}, expected {_show(target)}")
     if failures:
         advice = diagnose(exercise_id, _int_arrays(got), lambda v: _int_arrays(_named(run(v))))
         raise AssertionError(f"{_label(exercise_id, part)} failed: {'; '.join(failures)} "
