@@ -303,7 +303,8 @@ def _add_study(sub) -> None:
                     help="run P devices as threads of one process (inprocess, default) or as P "
                          "processes under mpiexec (mpi)")
     st.add_argument("--data", default=None, help="as for train (default digits)")
-    st.add_argument("--jobs", type=positive, default=None, help="parallel runs (default: cores)")
+    st.add_argument("--jobs", type=positive, default=None,
+                    help="parallel runs (default: the cores, at most one per run)")
     _add_compute_options(st)
     st.add_argument("--out", type=folder_path, default="runs/study",
                     help="output directory (default runs/study)")

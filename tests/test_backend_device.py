@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import refnorm
-from refnorm.backend import gpu_available, gpu_problem
+from refnorm.backend import array_namespace, gpu_available, gpu_problem
 from refnorm.layer import to_device
 
 
@@ -138,3 +138,45 @@ def test_array_namespace_refuses_a_numpy_matrix():
 
     with pytest.raises(TypeError, match=r"got numpy\.matrix.*numpy\.asarray"):
         array_namespace(np.matrix([[1.0, 2.0]]))
+
+
+def test_array_namespace_refuses_a_mix_wherever_the_odd_array_stands():
+    """Every argument is looked at, None skipped (x, gamma, beta: a beta from another
+    namespace is as much a mix as an x from one)."""
+    xps = pytest.importorskip("array_api_strict")
+    a, b, odd = np.ones(2), np.zeros(2), xps.asarray([1.0, 2.0])
+    for arrays in [(odd, a, b), (a, odd, b), (a, b, odd), (a, None, b, None, odd)]:
+        with pytest.raises(TypeError, match=r"one array namespace; got "):
+            array_namespace(*arrays)
+
+
+def test_array_namespace_skips_none_wherever_it_stands():
+    assert array_namespace(None, np.ones(2)) is np
+    assert array_namespace(None, None, np.ones(2), None) is np
+
+
+def test_cpu_leaves_an_array_api_layer_where_it_is():
+    """move_array(..., "cpu") converts CuPy arrays only: a layer on another Array API
+    namespace keeps its arrays, its namespace and its device (its parameters turned into
+    numpy arrays under an xp of array_api_strict would be a broken layer)."""
+    xps = pytest.importorskip("array_api_strict")
+    device = xps.Device("device1")
+    layer = refnorm.build("bn", 3, dtype=xps.float64, xp=xps, device=device)
+    x = xps.asarray(np.random.default_rng(0).standard_normal((4, 3, 2)), device=device)
+    layer.backward(xps.ones_like(layer.forward(x, training=True)))
+    before = _arrays(layer)
+    assert to_device(layer, "cpu") is layer
+    assert all(a is b for a, b in zip(_arrays(layer), before, strict=True))
+    assert layer.xp is xps and layer.device == device
+
+
+def test_moving_to_the_gpu_twice_keeps_the_device_arrays(monkeypatch):
+    """A CuPy array stays as it is (refnorm.backend.move_array): a second to_device(...,
+    "gpu") does not copy the parameters through the host, so an optimizer built after the
+    first move still holds the arrays the layer updates."""
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(True))
+    layer = _layer()
+    to_device(layer, "gpu")
+    on_gpu = _arrays(layer)
+    to_device(layer, "gpu")
+    assert all(a is b for a, b in zip(_arrays(layer), on_gpu, strict=True))

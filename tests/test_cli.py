@@ -852,3 +852,41 @@ def test_device_auto_without_a_gpu_trains_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_train", lambda config, *a, **k: seen.setdefault("c", config) and 0)
     assert main(["train", "--device", "auto", "--out", str(tmp_path)]) == 0
     assert seen["c"].device == "cpu"
+
+
+def test_gradcheck_row_shows_the_worst_deviation_over_the_noise_floor():
+    """format_table's "deviation/noise" is the worst case's, as its "error" is."""
+    results = [
+        CaseResult("bn", (2, 3), {}, True, {"x": GradError(0.0, 1e-9, scale=1.0, fd_noise=4e-9)}),
+        CaseResult("bn", (4, 3), {}, False, {"x": GradError(0.0, 3e-9, scale=1.0,
+                                                            fd_noise=4e-9)}),
+    ]
+    row = summarize(results, 1e-6)[0]
+    assert [c["noise_ratio"] for c in row["cases"]] == pytest.approx([0.25, 0.75])
+    assert row["noise_ratio"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_device_auto_with_a_gpu_runs_on_the_gpu(command, tmp_path, monkeypatch):
+    """--device auto: "the GPU when CuPy finds one" (the probe is stubbed to find one)."""
+    import refnorm.backend as backend
+    import refnorm.cli as cli
+    import refnorm.train.study as study_module
+
+    monkeypatch.setattr(backend, "gpu_problem", lambda: None)
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    seen = {}
+
+    def fake_train(config, *args, **kwargs):
+        seen["device"] = config.device
+        return 0
+
+    def fake_run_study(study, out, *, jobs, log):
+        seen["device"] = study.device
+        return Path(out) / "report.md"
+
+    monkeypatch.setattr(cli, "_train", fake_train)
+    monkeypatch.setattr(study_module, "run_study", fake_run_study)
+    extra = ["--quick"] if command == "study" else []
+    assert main([command, *extra, "--device", "auto", "--out", str(tmp_path / "o")]) == 0
+    assert seen["device"] == "gpu"

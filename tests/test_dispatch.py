@@ -710,3 +710,40 @@ def test_mixed_precision_arguments_give_the_references_values_and_dtypes(name):
         tol = max(4 * float(np.spacing(np.asarray(scale, ref.dtype))), 2e-5 * scale)
         np.testing.assert_allclose(fast.astype(np.float64), ref.astype(np.float64),
                                    rtol=0, atol=tol, err_msg=f"output {i}")
+
+
+def test_use_path_restores_the_choice_when_its_block_raises():
+    dispatch.set_path("reference")
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with dispatch.use_path("fast"):
+            assert dispatch.get_path() == "fast"
+            raise RuntimeError("inside the block")
+    assert dispatch.get_path() == "reference"
+    assert refnorm.build("bn", 3).compute_path() == "reference"
+
+
+def test_record_paths_stops_recording_when_its_block_raises():
+    """A block left by an exception no longer receives calls (the bench's recorder of one
+    failed step must not collect the next step's calls)."""
+    x, g, b = np.arange(6.0).reshape(2, 3) ** 2, np.ones(3), np.zeros(3)
+    with pytest.raises(RuntimeError):
+        with dispatch.record_paths() as failed:
+            refnorm.batch_norm_forward(x, g, b, path="reference")
+            raise RuntimeError("a step that failed")
+    refnorm.batch_norm_forward(x, g, b, path="fast")
+    with dispatch.record_paths() as later:
+        refnorm.layer_norm_forward(x, g, b, path="reference")
+    assert failed == [("batch_norm_forward", "reference")]
+    assert later == [("layer_norm_forward", "reference")]
+
+
+def test_a_dispatched_function_without_a_fast_variant_refuses_a_bad_path():
+    """``dispatched`` is public: a reference registered without ``.fast`` still refuses a
+    bad ``path=`` ("a bad path is refused on every call, whichever runs")."""
+    @dispatch.dispatched
+    def double(x):
+        return 2 * x
+
+    np.testing.assert_array_equal(double(np.ones(2), path="fast"), [2.0, 2.0])
+    with pytest.raises(ValueError, match=r"path must be 'reference' or 'fast'; got 'Fast'"):
+        double(np.ones(2), path="Fast")

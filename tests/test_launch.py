@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
+from refnorm import launch
 from tests.sync.mpi import run_mpi
 
 _THREADS = (
@@ -52,3 +54,43 @@ def test_each_rank_gets_its_machine_share_of_the_cores(machines, tmp_path):
         user = r["threads"].pop("OMP_NUM_THREADS")
         assert user == str((os.cpu_count() or 1) + 1)  # the user's setting is kept
         assert set(r["threads"].values()) == {share}, r
+
+
+def _no_launcher(monkeypatch):
+    for names in (launch.MPI_SIZE_VARIABLES, launch.MPI_RANK_VARIABLES,
+                  launch.LOCAL_SIZE_VARIABLES, launch.LOCAL_RANK_VARIABLES):
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(("size", "rank", "local"), [
+    ("PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID"),                      # MPICH's Hydra
+    ("PMIX_SIZE", "PMIX_RANK", "PMIX_LOCAL_RANK"),                    # PMIx
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+    ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_LOCAL_RANK"),     # MVAPICH
+])
+def test_every_launchers_variables_give_the_rank_size_and_local_rank(size, rank, local,
+                                                                      monkeypatch):
+    """Only MPICH's mpiexec runs in the suite: the other launchers' variables are set by
+    hand."""
+    _no_launcher(monkeypatch)
+    monkeypatch.setenv(size, "3")
+    monkeypatch.setenv(rank, "2")
+    monkeypatch.setenv(local, "1")
+    assert launch.mpi_launch() == (2, 3)
+    assert launch.local_rank(default=99) == 1
+
+
+def test_the_mpiexec_beside_this_python_comes_before_the_one_on_path(monkeypatch, tmp_path):
+    """The mpi extra's mpiexec (beside the interpreter) matches its mpi4py; another MPI's
+    mpiexec on PATH would start processes that do not form one job with it."""
+    ours, other = tmp_path / "venv" / "bin", tmp_path / "system" / "bin"
+    for folder in (ours, other):
+        folder.mkdir(parents=True)
+        (folder / "mpiexec").write_text("#!/bin/sh\n")
+        (folder / "mpiexec").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(ours / "python"))
+    monkeypatch.setenv("PATH", str(other))
+    assert launch.find_mpiexec() == str(ours / "mpiexec")
+    (ours / "mpiexec").unlink()
+    assert launch.find_mpiexec() == str(other / "mpiexec")

@@ -313,3 +313,49 @@ def test_from_functions_keeps_copies_of_its_state():
     assert layer.state["offset"] is not offset
     offset += 5.0
     np.testing.assert_array_equal(layer.forward(np.ones((2, 3)), True), np.ones((2, 3)))
+
+
+def test_iter_layers_walks_tuples_as_it_walks_lists():
+    a, b, c = ReLU(), refnorm.build("bn", 2), ReLU()
+
+    class Model:
+        def layers(self):
+            return (b, (c,))
+
+    assert list(iter_layers((a, Model()))) == [a, b, c]
+    assert list(iter_layers((a, [b, (c,)]))) == [a, b, c]
+
+
+def test_from_functions_takes_the_dtype_of_its_first_parameter():
+    """from_functions: "the first one's dtype [is] its dtype" (a float64 pair is not a float32
+    layer)."""
+    forward, backward = _identity_pair()
+    for dtype in (np.float64, np.float32):
+        layer = from_functions(forward, backward, params={"w": np.ones(3, dtype=dtype)})
+        assert np.dtype(layer.dtype) == dtype
+
+
+def test_from_functions_names_the_backward_that_broke_the_contract():
+    """A backward's broken return names the backward function, not the forward (nor the
+    layer's name)."""
+    def scale_forward(x, w, training):
+        return x * w, x
+
+    def scale_backward(dy, x):
+        return (dy,)  # one value short: no dw
+
+    def scale_backward_bad_shape(dy, x):
+        return dy, dy  # dw of x's shape
+
+    x = np.ones((2, 3))
+    short = from_functions(scale_forward, scale_backward, params={"w": np.ones(3)})
+    short.forward(x, True)
+    with pytest.raises(ValueError, match=r"^scale_backward must return \(dx, dw\); it "
+                                         r"returned a tuple of 1$"):
+        short.backward(np.ones((2, 3)))
+    wrong = from_functions(scale_forward, scale_backward_bad_shape, params={"w": np.ones(3)},
+                           name="my_scale")
+    wrong.forward(x, True)
+    with pytest.raises(ValueError, match=r"^scale_backward_bad_shape returned dw of shape "
+                                         r"\(2, 3\); w has shape \(3,\)$"):
+        wrong.backward(np.ones((2, 3)))

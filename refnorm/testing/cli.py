@@ -41,11 +41,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="e.g. torch.nn:BatchNorm2d or mypkg.layers:make_bn")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--channels", type=int_at_least(1), default=None,
-                   help="C passed to the factory when --args is not given (default 4, "
-                        "12 for gn)")
+                   help="C for the factory (when --args is not given) and for the probes "
+                        "(default 4, 12 for gn; the probes take the layer's own C where it "
+                        "has one)")
     p.add_argument("--args", default=None,
                    help="the factory's positional arguments as a Python literal, e.g. "
-                        "'3, 12' for torch.nn:GroupNorm")
+                        "'3, 12' for torch.nn:GroupNorm; '' for none")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=lambda args, parser=None: run(args))
     return p
@@ -101,14 +102,20 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     C = args.channels or (12 if args.method == "gn" else 4)
     try:
-        call_args = ast.literal_eval(f"({args.args},)") if args.args else (C,)
+        if args.args is None:
+            call_args: tuple = (C,)
+        elif not args.args.strip():  # --args "": a factory that takes no arguments
+            call_args = ()
+        else:
+            call_args = ast.literal_eval(f"({args.args},)")
     except (ValueError, SyntaxError, TypeError) as exc:  # TypeError: e.g. "{[]: 1}"
         return fail(f"--args: expected the factory's positional arguments as a Python "
                     f"literal (e.g. '3, 12'); got {args.args!r} ({type(exc).__name__}: {exc})")
     try:
         impl = _call(factory, call_args, args.target)
-    except ValueError as exc:
-        hint = "" if args.args else " (give the factory's positional arguments with --args)"
+    except ValueError as exc:  # the hint only where other arguments could help
+        hint = (" (give the factory's positional arguments with --args)"
+                if args.args is None and callable(factory) else "")
         return fail(f"{exc}{hint}")
     try:
         report = fingerprint(args.method, impl, num_channels=args.channels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -48,3 +49,38 @@ def test_conform_without_torch_names_the_extra():
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "cannot import the module 'torch.nn'" in done.stderr
     assert "pip install 'refnorm[torch]'" in done.stderr
+
+
+def test_conform_reports_whatever_the_factory_raises_in_one_line(capsys):
+    """The factory is the user's code: a KeyError (not only a TypeError or ValueError) is
+    reported in one line, exit 2, not a traceback."""
+    assert main(["conform", "operator:getitem", "--method", "bn", "--args", "{}, 'gamma'"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("refnorm conform: error: building the layer as operator:getitem({}, "
+                   "'gamma') failed: KeyError: 'gamma'\n")
+
+
+def test_conform_calls_a_factory_without_arguments_when_args_is_empty(tmp_path, monkeypatch,
+                                                                      capsys):
+    """--args holds the factory's positional arguments: an empty one is none at all (left
+    out, the factory gets C)."""
+    (tmp_path / "zero_arg_factory.py").write_text(textwrap.dedent("""
+        from tests.testing.impls import NumpyBN
+
+        def make_bn():
+            return NumpyBN(4)
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["conform", "zero_arg_factory:make_bn", "--method", "bn", "--args", ""]) == 0
+    assert "matches refnorm" in capsys.readouterr().out
+    assert main(["conform", "zero_arg_factory:make_bn", "--method", "bn"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "make_bn() takes 0 positional arguments but 1 was given (give the factory's "
+        "positional arguments with --args)\n")
+
+
+def test_conform_gives_no_args_hint_for_a_target_that_cannot_be_called(capsys):
+    assert main(["conform", "math:pi", "--method", "bn"]) == 2
+    assert capsys.readouterr().err == ("refnorm conform: error: math:pi is a float, not a "
+                                       "class or function that builds a layer\n")
