@@ -356,3 +356,18 @@ def test_numerical_vjp_checks_wrt_and_the_shape_of_dy():
     for dy in (np.ones(2), np.ones(1)):  # (1,) used to broadcast silently
         with pytest.raises(ValueError, match="dy must have the shape"):
             gradcheck.numerical_vjp(_square, {"x": x}, dy, "x")
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_registered_layer_is_checked_for_x_and_every_parameter_in_each_mode(name):
+    """README "Checking gradients": each registered layer is checked for x and every
+    parameter, in training and, where it has running statistics, in evaluation."""
+    results = check_registered(name)
+    for result in results:
+        layer = registry.build(name, result.shape[1], dtype=np.float64, **result.options)
+        assert set(result.errors) == {"x", *layer.params}, result
+        assert all(err.max_rel_error < TOLERANCE for err in result.errors.values()), result
+    cases = registry.layer_class(name).check_cases
+    running = any("running_var" in registry.build(name, c.shape[1], **c.options).state
+                  for c in cases)
+    assert {r.training for r in results} == ({True, False} if running else {True})

@@ -1172,3 +1172,14 @@ def test_python_m_refnorm_lessons_exits_with_the_commands_status(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
     assert done.stderr.startswith(f"refnorm lessons: error: {a_file} is a file")
+
+
+def test_the_lessons_take_from_25_to_70_minutes_as_the_index_says():
+    """docs/index.md: "how long it takes (from 25 to 70 minutes of reading and exercises)"."""
+    stated = []
+    for path in LESSONS:
+        found = re.search(r"(?i)\*\*Takes\.?\*\*\.?\s+about\s+(\d+)\s+minutes",
+                          _source(_cells(path)[0]))
+        assert found, path.name
+        stated.append(int(found.group(1)))
+    assert (min(stated), max(stated)) == (25, 70), stated

@@ -7,8 +7,12 @@ each cited test function must be defined in the file cited before it.
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +71,36 @@ def test_the_gpu_page_names_the_wheel_the_gpu_extra_installs():
     page = ROOT.joinpath("docs", "gpu.md").read_text()
     assert f'installs the first, `{extra.group(1)}`' in page
     assert f"needs CuPy {extra.group(2)} or later" in page
+
+
+def _blocks(page: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", page, re.MULTILINE | re.DOTALL)
+
+
+def test_the_testing_pages_worked_example_prints_what_the_page_shows():
+    """docs/testing.md, "A worked example": the planted bug fails with the message shown,
+    and `print(fingerprint("bn", my_bn))` gives the table shown."""
+    pytest.importorskip("hypothesis")
+    page = ROOT.joinpath("docs", "testing.md").read_text()
+    example = page.split("## A worked example", 1)[1].split("## The probes", 1)[0]
+    (code,), (message, table) = _blocks(example, "python"), _blocks(example, "text")
+    namespace: dict = {}
+    with pytest.raises(AssertionError) as failure:
+        exec(code, namespace)  # noqa: S102 - the page's own example
+    assert str(failure.value) + "\n" == message
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec('print(fingerprint("bn", my_bn))', namespace)  # noqa: S102
+    assert [line.rstrip() for line in out.getvalue().splitlines()] == \
+        [line.rstrip() for line in table.splitlines()]
+
+
+def test_the_testing_pages_conform_table_is_what_the_command_prints(capsys):
+    """docs/testing.md: "The table `refnorm conform torch.nn:BatchNorm2d --method bn` prints"."""
+    pytest.importorskip("torch")
+    from refnorm.testing.cli import main
+
+    page = ROOT.joinpath("docs", "testing.md").read_text()
+    shown = _blocks(page.split("--method bn` prints:", 1)[1], "text")[0]
+    assert main(["conform", "torch.nn:BatchNorm2d", "--method", "bn"]) == 0
+    assert capsys.readouterr().out == shown

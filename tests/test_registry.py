@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 import refnorm
@@ -37,3 +40,14 @@ def test_a_name_that_is_not_a_string_is_an_unknown_layer(name):
     not numpy's or the dict's TypeError."""
     with pytest.raises(ValueError, match=r"unknown layer .*; expected one of bn, in, ln, gn"):
         refnorm.build(name, 4)
+
+
+def test_the_registry_holds_the_names_of_the_readmes_methods_table():
+    """README "Methods": one row per registered name (`conv`, `linear` share one), and no
+    registered layer is missing from the table."""
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    table = readme.split("## Methods", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert named == set(registry.names())
+    assert len(registry.names()) == 13

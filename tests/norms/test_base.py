@@ -10,6 +10,7 @@ import pytest
 
 import refnorm
 from refnorm.gradcheck import check_layer, check_registered
+from refnorm.sync import SingleProcess
 
 NAMES = ["bn", "in", "ln", "gn"]
 
@@ -150,3 +151,53 @@ def test_frozen_statistics_come_in_the_inputs_compute_dtype():
                                                np.array([0.5, -1.0, 2.0]),
                                                np.array([1.0, 2.0, 3.0]))
     assert cache.x_hat.dtype == cache.mean.dtype == cache.var.dtype == np.float32
+
+
+def _sn_forward(x, gamma, beta, **kw):
+    return refnorm.switchable_norm_forward(x, gamma, beta, np.zeros(3), np.zeros(3), **kw)
+
+
+DEFAULT_EPS_FORWARDS = {
+    "bn": refnorm.batch_norm_forward,
+    "in": refnorm.instance_norm_forward,
+    "ln": refnorm.layer_norm_forward,
+    "gn": lambda x, gamma, beta, **kw: refnorm.group_norm_forward(x, gamma, beta,
+                                                                  num_groups=2, **kw),
+    "sn": _sn_forward,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_EPS_FORWARDS))
+def test_the_default_eps_is_pytorchs_1e_5_for_functions_and_layers(name):
+    """docs/conventions.md, "At a glance": default eps 1e-5. On data whose variance (~1e-5)
+    is of the size of eps, another default would move every output."""
+    forward = DEFAULT_EPS_FORWARDS[name]
+    x = 3e-3 * np.random.default_rng(0).standard_normal((4, 4, 3, 3))
+    gamma, beta = np.ones(4), np.zeros(4)
+    y = forward(x, gamma, beta)[0]
+    np.testing.assert_array_equal(y, forward(x, gamma, beta, eps=1e-5)[0])
+    assert np.max(np.abs(y - forward(x, gamma, beta, eps=2e-5)[0])) > 0.05
+    options = {"num_groups": 2} if name == "gn" else {}
+    layer = refnorm.build(name, 4, dtype=np.float64, **options)
+    np.testing.assert_array_equal(layer.forward(x, training=True), y)
+
+
+@pytest.mark.parametrize(("name", "options"), [("bn", {}), ("in", {"track_running_stats": True}),
+                                               ("sn", {}), ("syncbn", {"comm": SingleProcess()})])
+def test_running_statistics_default_to_momentum_0_1_on_the_new_batch_from_0_and_1(name, options):
+    """docs/conventions.md, "Running statistics": momentum 0.1 is the weight of the new batch,
+    running_mean starts at 0 and running_var at 1, updated with the unbiased variance."""
+    rng = np.random.default_rng(1)
+    x = 3 * rng.standard_normal((4, 2, 3, 3)) + 5
+    layer = refnorm.build(name, 2, dtype=np.float64, **options)
+    np.testing.assert_array_equal(layer.state["running_mean"], np.zeros(2))
+    np.testing.assert_array_equal(layer.state["running_var"], np.ones(2))
+    layer.forward(x, training=True)
+    if name == "in":  # the per-instance statistics, averaged over the batch (as PyTorch)
+        mean = x.mean(axis=(2, 3)).mean(axis=0)
+        var = x.reshape(4, 2, 9).var(axis=2, ddof=1).mean(axis=0)
+    else:
+        mean = x.mean(axis=(0, 2, 3))
+        var = x.transpose(1, 0, 2, 3).reshape(2, -1).var(axis=1, ddof=1)
+    np.testing.assert_allclose(layer.state["running_mean"], 0.1 * mean, rtol=1e-13)
+    np.testing.assert_allclose(layer.state["running_var"], 0.9 + 0.1 * var, rtol=1e-13)

@@ -220,3 +220,25 @@ def test_nan_input_poisons_its_group_only(method, xp):
     np.testing.assert_array_equal(np.isnan(y), expected_nan)
     np.testing.assert_array_equal(np.isnan(dx), expected_nan)
     assert np.isnan(dgamma).any() and np.isfinite(dbeta).all()
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_an_infinite_input_poisons_its_group_as_nan_on_both_paths(method, path, value):
+    """docs/conventions.md, "Non-finite inputs": a NaN *or an infinity* propagates as NaN into
+    the statistics of its group and hence into that group's outputs, never silently zeros
+    (an infinite value minus an infinite mean is NaN), and no other group is touched."""
+    rng = np.random.default_rng(5)
+    shape = (3, 4, 3, 3)
+    options = {"num_groups": 2} if method.name == "gn" else {}
+    x = 5.0 * rng.standard_normal(shape) + 12.0
+    x[1, 2, 0, 1] = value
+    poisoned = ~np.isfinite(group_sum(method, x, options))
+    view, axes = method.view(shape, options)
+    stat_shape = tuple(1 if i in axes else n for i, n in enumerate(view))
+    expected_nan = np.broadcast_to(poisoned.reshape(stat_shape), view).reshape(shape)
+    with np.errstate(invalid="ignore"):
+        y, _ = method.forward(x, np.ones(4), np.zeros(4), eps=1e-5, path=path, **options)
+    np.testing.assert_array_equal(np.isnan(y), expected_nan)
+    assert np.isfinite(y[~expected_nan]).all()

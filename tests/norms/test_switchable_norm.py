@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -626,3 +627,34 @@ def test_population_without_a_bn_scope_is_a_value_error():
     layer = refnorm.build("sn", 3, scopes=("in", "ln"))
     with pytest.raises(ValueError, match="no BN scope"):
         layer.population()
+
+
+def test_the_options_are_frozen():
+    """docs/conventions.md: the options form one *frozen* SwitchableOptions, so a layer's
+    options cannot drift from the ones it validated when it was built."""
+    options = SwitchableOptions()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.hard = True
+    layer = refnorm.build("sn", 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layer.options.in_correction = 1
+
+
+def test_with_in_correction_the_moving_average_unbiases_again_and_the_batch_average_does_not():
+    """docs/conventions.md, SN: with in_correction=1 the LN and BN variances inherit the
+    unbiased IN variance (law of total variance over unbiased IN variances); the moving
+    average still applies its m/(m-1) factor to that BN-scope variance, and the batch
+    average pools it as it is (not the biased variance of all the values)."""
+    rng = np.random.default_rng(0)
+    x = 3 * rng.standard_normal((4, 3, 5, 5)) + 2
+    m = 4 * 25
+    var_bn = x.var(axis=(2, 3), ddof=1).mean(axis=0) + x.mean(axis=(2, 3)).var(axis=0)
+    moving = refnorm.build("sn", 3, dtype=np.float64, in_correction=1, momentum=1.0)
+    moving.forward(x, training=True)
+    np.testing.assert_allclose(moving.state["running_var"], var_bn * m / (m - 1), rtol=1e-12)
+    pooled = refnorm.build("sn", 3, dtype=np.float64, in_correction=1,
+                           inference="batch_average")
+    refnorm.batch_average(pooled, [x])
+    np.testing.assert_allclose(pooled.state["running_var"], var_bn, rtol=1e-12)
+    everything = x.transpose(1, 0, 2, 3).reshape(3, -1)
+    assert np.all(pooled.state["running_var"] > everything.var(axis=1) * (1 + 1e-3))

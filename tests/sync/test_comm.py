@@ -15,6 +15,8 @@ from refnorm.sync import (
     SingleProcess,
     sync_batch_norm_backward,
     sync_batch_norm_forward,
+    sync_switchable_norm_backward,
+    sync_switchable_norm_forward,
 )
 from refnorm.sync.comm import MeteredCommunicator
 
@@ -242,3 +244,30 @@ def test_a_metered_communicator_still_records_calls_without_a_collective():
     assert ("rank 1 left (its function returned, after 0 collectives) before any collective; "
             "its last call without a collective: forward in eval mode (no collective) of layer "
             "syncbn#0, call 1") in str(info.value)
+
+
+@pytest.mark.parametrize("C", [1, 5])
+def test_each_synchronized_layer_makes_three_all_reduces_of_the_documented_sizes(C):
+    """docs/data-parallel.md, "what is synchronized when": per micro-batch, a syncbn layer
+    makes 3 all-reduces of 1 + 4C values in all, a syncsn layer 3 of 3 + 6C (float64)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, C, 3, 3))
+    dy = rng.standard_normal(x.shape)
+    ones, zeros, logits = np.ones(C), np.zeros(C), np.zeros(3)
+
+    def syncbn(comm, xs, dys):
+        metered = MeteredCommunicator(comm)
+        _, cache = sync_batch_norm_forward(xs, ones, zeros, comm=metered)
+        sync_batch_norm_backward(dys, cache)
+        return metered.calls, metered.bytes
+
+    def syncsn(comm, xs, dys):
+        metered = MeteredCommunicator(comm)
+        _, cache = sync_switchable_norm_forward(xs, ones, zeros, logits, logits, comm=metered)
+        sync_switchable_norm_backward(dys, cache)
+        return metered.calls, metered.bytes
+
+    shards = ([x[:2], x[2:]], [dy[:2], dy[2:]])
+    for device, values in ((syncbn, 1 + 4 * C), (syncsn, 3 + 6 * C)):
+        for calls, nbytes in InProcessGroup.run(2, device, *shards):
+            assert (calls, nbytes) == (3, 8 * values), device.__name__

@@ -141,3 +141,10 @@ def test_steps_are_counted_per_layer_not_per_operation():
     first = [log.enter([a], op, "syncbn#0"), log.enter([a], op, "syncbn#1")]
     second = [log.enter([a], op, "syncbn#0"), log.enter([a], op, "syncbn#1")]
     assert [h.step for h in first] == [1, 1] and [h.step for h in second] == [2, 2]
+
+
+def test_the_watchdogs_default_limit_is_60_seconds(monkeypatch):
+    """README "Several devices": a rank that waits longer than MPICommunicator(timeout=...),
+    $REFNORM_SYNC_TIMEOUT or 60 s aborts the job (the message's "waited 60 s")."""
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert timeout_seconds(None) == 60.0

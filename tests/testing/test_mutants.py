@@ -276,3 +276,25 @@ def test_sn_with_the_variance_ratios_for_both_is_named():
     row = next(r for r in report.rows if r.topic == "ratios")
     assert row.found == "tied (variance ratios for both)", str(report)
     assert report.conventions["ratios"] == "tied" and report.match is None
+
+
+def _float32_only_bn_eps_on_the_std(x, gamma, beta, eps=1e-5):
+    if x.dtype != np.float32:
+        raise TypeError(f"float32 only; got {x.dtype}")
+    axes = (0,) + tuple(range(2, x.ndim))
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    mu = x.mean(axis=axes, keepdims=True)
+    std = x.std(axis=axes, keepdims=True)
+    return gamma.reshape(view) * (x - mu) / (std + eps) + beta.reshape(view)
+
+
+def test_a_failure_the_probes_cannot_run_on_says_so():
+    """docs/testing.md: when the probes (float64) cannot run on the layer, the failure says
+    that instead of naming a convention, and still shows the smallest failing input."""
+    with pytest.raises(AssertionError) as failure:
+        assert_matches("bn", _float32_only_bn_eps_on_the_std, dtype=np.float32,
+                       max_examples=20)
+    lines = str(failure.value).splitlines()
+    assert lines[1] == ("No diagnosis: fingerprint could not probe it "
+                        "(TypeError: float32 only; got float64).")
+    assert lines[2].startswith("On the smallest failing input: y: max |error|")

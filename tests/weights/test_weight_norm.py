@@ -431,3 +431,12 @@ def test_preactivation_uses_the_layers_eps():
     layer.params["b"] = rng.uniform(-1.0, 1.0, 4)
     x = rng.standard_normal((2, 3, 5, 5))
     np.testing.assert_array_equal(layer.preactivation(x), layer.forward(x, training=True))
+
+
+@pytest.mark.parametrize("name", ["wn", "np"])
+def test_the_gain_starts_at_one_and_the_bias_at_zero(name):
+    """docs/conventions.md, "Weight-side methods": WN (and NP's WN layer) start at g = 1,
+    b = 0, before any data-dependent initialization."""
+    layer = refnorm.build(name, 3, 4, 3, dtype=np.float64)
+    np.testing.assert_array_equal(layer.params["g"], np.ones(4))
+    np.testing.assert_array_equal(layer.params["b"], np.zeros(4))
