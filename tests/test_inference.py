@@ -135,3 +135,39 @@ def test_merge_batch_statistics_refuses_records_of_different_channels():
                BatchStatistics(2, np.zeros(4), np.ones(4))]
     with pytest.raises(ValueError, match="one shape"):
         merge_batch_statistics(records)
+
+
+def test_population_statistics_keep_the_layers_dtype():
+    # The merge is in float64; a float32 layer stores its population in float32, as its
+    # running statistics were, so that checkpoints and the eval forward see one dtype.
+    rng = np.random.default_rng(10)
+    sn = refnorm.build("sn", 3, inference="batch_average")         # float32 parameters
+    batches = [(3 * rng.standard_normal((4, 3, 4, 4)) + 7).astype(np.float32) for _ in range(2)]
+    assert batch_average(sn, batches) == 2
+    assert sn.state["running_mean"].dtype == np.float32
+    assert sn.state["running_var"].dtype == np.float32
+    sn.set_population(np.zeros(3, np.float64), np.ones(3, np.float64))
+    assert sn.state["running_mean"].dtype == sn.state["running_var"].dtype == np.float32
+
+
+def test_merge_batch_statistics_refuses_a_count_that_is_not_an_int():
+    # A count of 2.5 values is a mistake upstream (a mean taken where a count was meant).
+    with pytest.raises(ValueError, match="count must be an int >= 1; got 2.5"):
+        merge_batch_statistics([BatchStatistics(2.5, np.zeros(3), np.ones(3))])
+
+
+def test_a_failing_batch_restores_the_moving_averages_it_had_moved():
+    # A moving-average SN layer updates its running statistics in every training forward:
+    # the good batch fed before the failing one moved them, and they are put back, as are a
+    # BN layer's beside it.
+    rng = np.random.default_rng(12)
+    bn = refnorm.build("bn", 3, dtype=np.float64)
+    sn = refnorm.build("sn", 3, dtype=np.float64)          # inference="moving_average"
+    states = [copy.deepcopy(bn.state), copy.deepcopy(sn.state)]
+    good = 3 * rng.standard_normal((2, 3, 2, 2)) + 5
+    with pytest.raises(ValueError):
+        batch_average([bn, sn], [good, np.ones((2, 4, 2, 2))])   # wrong channel count
+    for layer, state in zip((bn, sn), states, strict=True):
+        assert layer.state.keys() == state.keys()
+        for key in state:
+            np.testing.assert_array_equal(layer.state[key], state[key])

@@ -201,3 +201,16 @@ def test_running_statistics_default_to_momentum_0_1_on_the_new_batch_from_0_and_
         var = x.transpose(1, 0, 2, 3).reshape(2, -1).var(axis=1, ddof=1)
     np.testing.assert_allclose(layer.state["running_mean"], 0.1 * mean, rtol=1e-13)
     np.testing.assert_allclose(layer.state["running_var"], 0.9 + 0.1 * var, rtol=1e-13)
+
+
+@pytest.mark.parametrize("name, options", [("bn", {}), ("in", {"track_running_stats": True}),
+                                           ("sn", {"scopes": ("bn",)})],
+                         ids=["bn", "in", "sn"])
+def test_inference_normalizes_with_the_layers_own_eps(name, options):
+    # Fresh running statistics (mean 0, variance 1) normalize by 1 / sqrt(1 + eps): with
+    # eps = 0.5 the eval output is x / sqrt(1.5) (SN with its BN scope alone), not
+    # x / sqrt(1 + 1e-5) with the functions' default eps.
+    layer = refnorm.build(name, 3, eps=0.5, dtype=np.float64, **options)
+    x = 5 * np.random.default_rng(6).standard_normal((4, 3, 2, 2)) + 12
+    y = layer.forward(x, training=False)
+    np.testing.assert_allclose(y, x / np.sqrt(1.5), rtol=1e-12)

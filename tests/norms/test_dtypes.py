@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import refnorm
 from tests.norms.cases import METHODS, reference_stats
 
 SHAPE = (4, 4, 6, 6)
@@ -86,3 +87,29 @@ def test_float16_statistics_are_not_computed_in_float16(method):
     mu, var = reference_stats(method, y.astype(np.float64), options_for(method))
     np.testing.assert_allclose(mu, 0.0, atol=2e-3)
     np.testing.assert_allclose(var, 1.0, atol=5e-3)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+@pytest.mark.parametrize("eps", [1e-8, 1e5], ids=["below float16", "above float16"])
+def test_float16_inputs_take_any_eps_that_float32_holds(method, eps):
+    # float16 inputs compute in float32, so eps is added in float32 and is checked there:
+    # 1e-8 would round to 0 in float16 (below half its smallest subnormal, 2^-25) and 1e5
+    # would overflow it (its largest value is 65504), and both are ordinary float32 numbers.
+    rng = np.random.default_rng(4)
+    x16 = (2 * rng.standard_normal((2, 4, 3, 3)) + 3).astype(np.float16)
+    gamma, beta = np.ones(4, np.float16), np.zeros(4, np.float16)
+    y16, _ = method.forward(x16, gamma, beta, eps=eps, **options_for(method))
+    y32, _ = method.forward(x16.astype(np.float32), gamma.astype(np.float32),
+                            beta.astype(np.float32), eps=eps, **options_for(method))
+    assert y16.dtype == np.float16
+    np.testing.assert_array_equal(y16, y32.astype(np.float16))
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e5], ids=["below float16", "above float16"])
+def test_a_float16_layer_accepts_at_its_first_forward_the_eps_it_was_built_with(eps):
+    # The layer checks eps against the compute dtype when built (float32 for float16
+    # parameters); the forward must not then refuse what the constructor accepted.
+    x16 = (2 * np.random.default_rng(5).standard_normal((2, 4, 3, 3)) + 3).astype(np.float16)
+    for name in ("bn", "ln", "sn"):
+        layer = refnorm.build(name, 4, eps=eps, dtype=np.float16)
+        assert layer.forward(x16, training=True).dtype == np.float16

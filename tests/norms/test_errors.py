@@ -181,3 +181,31 @@ def test_layer_training_flag_must_be_bool():
     layer = refnorm.BatchNorm(4)
     with pytest.raises(TypeError, match=r"training must be a bool; got str"):
         layer.forward(np.ones((2, 4), np.float32), "yes")
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("method", ["bn", "in", "sn"])
+@pytest.mark.parametrize("bad", [[1.0, 2.0, -1e-3, 1.0], [-1e-3]], ids=["one of four", "the only"])
+def test_one_negative_running_variance_is_refused_by_every_eval_forward(bad, method, path):
+    # A running variance below 0 gives 1 / sqrt(var + eps) = NaN for its channel, or a huge
+    # scale where var + eps is a tiny positive number: refused, whichever entry it is.
+    C = len(bad)
+    x, gamma, beta = good_args(C=C)
+    stats = (np.zeros(C), np.array(bad))
+    with pytest.raises(ValueError, match=r"running_var must be >= 0 everywhere"):
+        if method == "bn":
+            refnorm.batch_norm_eval_forward(x, gamma, beta, *stats, path=path)
+        elif method == "in":
+            refnorm.instance_norm_eval_forward(x, gamma, beta, *stats, path=path)
+        else:
+            refnorm.switchable_norm_eval_forward(x, gamma, beta, np.zeros(3), np.zeros(3),
+                                                 *stats, path=path)
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0, -1e-3, 1.0], [-1e-3]], ids=["one of four", "the only"])
+def test_set_population_refuses_one_negative_variance_as_a_value_error(bad):
+    C = len(bad)
+    layer = refnorm.build("sn", C, inference="batch_average", dtype=np.float64)
+    with pytest.raises(ValueError, match=r"var must be >= 0 everywhere"):
+        layer.set_population(np.zeros(C), np.array(bad))
+    assert not bool(layer.state["population_ready"])
