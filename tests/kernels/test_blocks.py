@@ -311,3 +311,19 @@ def test_a_failed_block_stops_the_claiming():
     assert ran == [0, 1]
     with pytest.raises(ValueError, match="block 1"):
         job.wait()
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_blocks_start_one_helper_fewer_than_the_threads(monkeypatch):
+    """The helpers are one fewer than refnorm's thread count: the calling thread runs blocks
+    too, so a helper more would hold a core that the caller needs."""
+    monkeypatch.setattr(blocks, "_helpers", blocks._Helpers())  # none started yet
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    ran = []
+    try:
+        blocks.by_samples(lambda lo, hi: ran.append(lo), 8, 8 * blocks.MIN_BLOCK_WORK)
+    finally:
+        numba.set_num_threads(before)
+    assert sorted(ran) == list(range(8))
+    assert blocks._helpers.count == 1

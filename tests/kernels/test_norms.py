@@ -309,3 +309,78 @@ def test_the_work_layout_follows_the_documented_rules(monkeypatch):
     assert not kernel_norms._use_units(many, 1024, 1, 2)
     monkeypatch.setattr(kernel_norms, "UNIT_PATH", "always")
     assert kernel_norms._use_units(many, kernel_norms.MAX_UNIT + 1, 0, 64)
+
+
+@pytest.mark.parametrize("layout", [("always", None, False), ("never", (4096, 4096), False),
+                                    ("always", None, True)])
+@pytest.mark.parametrize("method", ["bn", "in", "ln"])
+def test_planes_longer_than_one_cache_segment_have_exact_moments(method, layout):
+    """A plane (one task per statistic) or a chunk (plane tasks) is read in segments of
+    L1_VALUES values, each in two passes, merged by Chan's formula. The drawn cases are far
+    smaller than one segment: here planes of two full segments and a short one of 5 values
+    (chunks of 2051 with the limits given: a full segment and one of 3) give numpy's float64
+    mean and variance, every value counted once."""
+    from refnorm.kernels import _loops
+
+    S = 2 * _loops.L1_VALUES + 5
+    rng = np.random.default_rng(7)
+    # the spread grows along the plane: a dropped or double-counted value moves the moments
+    x = 5.0 + rng.standard_normal((2, 3, S)) * np.linspace(0.5, 2.0, S)
+    axes = {"bn": (0, 2), "in": (2,), "ln": (1, 2)}[method]
+    forward = METHODS[method][2]
+    with chunking(layout):
+        y, x_hat, mean, var, rstd = forward(x, np.ones(3), np.zeros(3), 1)
+    np.testing.assert_allclose(mean, x.mean(axis=axes, keepdims=True), rtol=1e-13)
+    np.testing.assert_allclose(var, x.var(axis=axes, keepdims=True), rtol=1e-12)
+    want = (x - x.mean(axis=axes, keepdims=True)) / np.sqrt(x.var(axis=axes, keepdims=True) + EPS)
+    assert_close("x_hat", x_hat, want, np.float64)
+
+
+@pytest.mark.parametrize("layout", [("always", None, False), ("never", (1024, 1024), False)])
+@pytest.mark.parametrize("method", ["bn", "in", "ln", "gn", "eval", "sn"])
+def test_float32_parameter_gradients_are_float64_sums(method, layout):
+    """The kernels widen float32 data to float64 before any arithmetic (refnorm.kernels._loops):
+    with float64 parameters, dgamma = sum(dy x_hat) and dbeta = sum(dy) come back in float64
+    and equal the float64 sums of the float32 values to float64 rounding, over planes of
+    thousands of values, where a float32 product or running sum would be off by 1e-7..1e-5."""
+    rng = np.random.default_rng(11)
+    shape = (2, 4, 48, 64)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    x_hat = rng.standard_normal(shape).astype(np.float32)
+    rstd = np.ones((1, 4, 1, 1), np.float32)
+    gamma = 1.0 + rng.standard_normal(4)                         # float64
+    with chunking(layout):
+        if method == "sn":
+            stats = ({k: np.zeros((1, 1, 1), np.float32) for k in ("in", "ln", "bn")},
+                     {k: np.ones((1, 1, 1), np.float32) for k in ("in", "ln", "bn")})
+            got = kernels.sn_backward(dy, x_hat.reshape(2, 4, -1), np.ones((2, 4, 1), np.float32),
+                                      gamma, stats, (np.ones(1), np.ones(1)), scopes=("in",))
+        elif method == "eval":
+            got = kernels.eval_backward(dy, x_hat, rstd, gamma)
+        else:
+            r = {"bn": rstd, "in": np.ones((2, 4, 1, 1), np.float32),
+                 "ln": np.ones((2, 1, 1, 1), np.float32),
+                 "gn": np.ones((2, 2, 1, 1, 1), np.float32)}[method]
+            got = METHODS[method][3](dy, x_hat, r, gamma)
+    d64, h64 = dy.astype(np.float64), x_hat.astype(np.float64)
+    axes = (0, 2, 3)
+    for name, value, terms in (("dgamma", got.dgamma, d64 * h64), ("dbeta", got.dbeta, d64)):
+        assert value.dtype == np.float64, name
+        err = np.max(np.abs(value - terms.sum(axis=axes)) / np.abs(terms).sum(axis=axes))
+        assert err < 1e-13, f"{name}: error {err:.3g} relative to the sum of |terms|"
+
+
+@pytest.mark.parametrize("layout", [("always", None, False), ("never", None, False),
+                                    ("never", (2, 5), False)])
+@pytest.mark.parametrize("method", ["bn", "in", "ln", "gn"])
+def test_one_overflowing_statistic_among_others_is_refused(method, layout):
+    """float32 values of 1e19 in the first channel of the first sample only: that one
+    statistic's squared deviations overflow float32 (the reference's sum is infinite and it
+    refuses), while every later statistic fits. The kernels count the overflowing units
+    over all units, in either work layout, and refuse as the reference does."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)
+    x[0, 0] *= np.float32(1e19)
+    gamma, beta = params(4, np.float32, seed=1)
+    with chunking(layout), pytest.raises(ValueError, match="the variance of x overflows float32"):
+        METHODS[method][2](x, gamma, beta, 2)
