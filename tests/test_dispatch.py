@@ -747,3 +747,36 @@ def test_a_dispatched_function_without_a_fast_variant_refuses_a_bad_path():
     np.testing.assert_array_equal(double(np.ones(2), path="fast"), [2.0, 2.0])
     with pytest.raises(ValueError, match=r"path must be 'reference' or 'fast'; got 'Fast'"):
         double(np.ones(2), path="Fast")
+
+
+@pytest.mark.parametrize("name", ["wn", "np", "trelu", "ws"])
+def test_every_dispatched_call_of_a_weight_side_layer_takes_the_layers_path(name):
+    """A weight-side layer runs the reference unless asked, and a layer asked for the fast
+    path runs every dispatched function it calls there: the convolution for all four, and
+    for WS Qiao et al.'s Eq. (2)-(6) and (8)-(9) too, forward and backward alike. (The two
+    paths agree to rounding, so only the record tells them apart, except for a constant
+    float32 filter: 0 on the fast path, its rounded mean on the reference.)"""
+    x = np.random.default_rng(41).standard_normal((2, 3, 5, 5))
+    layer = refnorm.build(name, 3, 4, 3, padding=1, dtype=np.float64)
+    ws = name == "ws"
+    expected = ((["weight_standardization_forward"] if ws else [])
+                + ["conv2d_forward", "conv2d_backward"]
+                + (["weight_standardization_backward"] if ws else []))
+    for path in (None, "fast", "reference"):
+        layer.path = path
+        with dispatch.record_paths() as calls:
+            y = layer.forward(x, training=True)
+            layer.backward(np.ones_like(y))
+        assert calls == [(f, path or "reference") for f in expected], (path, calls)
+
+
+def test_weight_standardization_fast_checks_true_as_a_correction_after_one():
+    """correction=1 (the official code's unbiased torch.std) is valid; True, equal to 1 and
+    hashing as 1, is refused by the reference as not an int: the fast variant, which checks
+    a signature once, checks it again rather than take it for the 1 it has seen."""
+    w = np.random.default_rng(42).standard_normal((3, 4, 2, 2))
+    forward = refnorm.weights.weight_standardization_forward
+    forward(w, correction=1, path="fast")  # valid: checked and remembered
+    fast = _outcome(lambda: forward(w, correction=True, path="fast"))
+    ref = _outcome(lambda: forward(w, correction=True, path="reference"))
+    assert fast == ref and ref is not None and ref[0] is TypeError

@@ -145,3 +145,15 @@ def test_the_fast_conv_backward_refuses_a_cache_whose_x_has_other_channels_than_
     for x_shape in ((2, 1, 5, 6), (2, 2, 5, 6)):
         with pytest.raises(ValueError, match=r"x_shape \(2, \d, 5, 6\), w_shape \(4, 3, 3, 2\)"):
             conv.conv2d_backward(y, R(c, x_shape=x_shape), path="fast")
+
+
+@pytest.mark.parametrize("field", ["denom", "kappa", "w_hat"])
+def test_the_ws_fast_backward_names_each_field_of_a_short_cache(field):
+    # Qiao et al.'s Eq. (8) reads d and kappa at every output channel: a cache whose one
+    # field holds a single channel's value (the others intact) is refused by that field's
+    # name, not read beyond its end.
+    wt = RNG.standard_normal((64, 3, 3, 3))
+    _, c = standardization.weight_standardization_forward(wt, path="fast")
+    bad = R(c, **{field: getattr(c, field)[:1].copy()})
+    with pytest.raises(ValueError, match=f"the cache's {field} has shape"):
+        standardization.weight_standardization_backward(np.ones_like(wt), bad, path="fast")

@@ -10,6 +10,7 @@ conditioned by ``kappa = 1 + max|mean| / min(denominator)`` as an activation's i
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -81,3 +82,36 @@ def test_backward_equals_reference(case):
              * np.max(np.abs(cache.w_hat), axis=1, keepdims=True)) / cache.denom
     scale = float(np.max(terms))
     assert_close("dw", got.reshape(w.shape), want, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("correction", [0, 1])
+@pytest.mark.parametrize("eps_mode", ["add", "sqrt"])
+def test_every_convention_equals_the_reference(eps_mode, correction, dtype):
+    """Each of the four conventions (Qiao et al.'s Eq. 2 and 4, the sqrt placement of eps,
+    the official code's unbiased sigma) on fixed weights, beside the drawn cases above
+    (25 draws of four independent choices need not meet every pair): filters of I = 27 and
+    of I = 2 (where I / (I - 1) = 2), the last one constant."""
+    rng = np.random.default_rng(43)
+    for shape in ((4, 3, 3, 3), (3, 2)):
+        w = rng.standard_normal(shape)
+        w[-1] = 0.5                                           # sigma = 0
+        w = w.astype(dtype)
+        kw = {"eps": 1e-3, "eps_mode": eps_mode, "correction": correction}
+        want, cache = weight_standardization_forward(w.astype(np.float64), **kw)
+        got = kernels.ws_forward(w, 1e-3, eps_mode, correction)
+        rows = w.astype(np.float64).reshape(shape[0], -1)
+        kappa = 1.0 + float(np.max(np.abs(rows.mean(axis=1))) / np.min(cache.denom))
+        for name in ("w_hat", "denom", "kappa"):
+            assert_close(name, getattr(got, name), getattr(cache, name), dtype,
+                         kappa if name == "w_hat" else 1.0)
+        assert_close("w_hat (as w)", got.w_hat.reshape(shape), want, dtype, kappa)
+        g = upstream(shape, np.float64, seed=w.size)
+        dw = kernels.ws_backward(g.astype(dtype), cache.w_hat.astype(dtype),
+                                 cache.denom.astype(dtype), cache.kappa.astype(dtype))
+        g2 = g.reshape(cache.w_hat.shape)
+        terms = (np.max(np.abs(g2), axis=1, keepdims=True) + cache.kappa
+                 * np.sum(np.abs(cache.w_hat * g2), axis=1, keepdims=True)
+                 * np.max(np.abs(cache.w_hat), axis=1, keepdims=True)) / cache.denom
+        assert_close("dw", dw.reshape(shape), weight_standardization_backward(g, cache), dtype,
+                     scale=float(np.max(terms)))
