@@ -157,9 +157,36 @@ def share_text(comm: Any, text: str | None, *, source: int, what: str) -> str:
 
 
 def share_record(comm: Any, record: dict | None, *, source: int, what: str) -> dict:
-    """A small JSON-able record of device ``source`` on every device."""
-    text = None if record is None else json.dumps(record)
+    """A small JSON-able record of device ``source`` on every device; a record too long for
+    :data:`MESSAGE_BYTES` arrives with its longest texts shortened (:func:`fit_record`)."""
+    text = None if record is None else fit_record(record)
     return json.loads(share_text(comm, text, source=source, what=what) or "{}")
+
+
+def fit_record(record: dict, limit: int = MESSAGE_BYTES) -> str:
+    """``record`` as JSON of at most ``limit`` bytes: while it is longer, its longest string
+    value keeps its beginning and ends in "...". (JSON cut at a byte count would not parse:
+    one device's long error message, a long path in it, would break every device's.)"""
+    def dumps(r: dict) -> str:
+        return json.dumps(r)  # escaped to ASCII: one byte per character
+
+    text = dumps(record)
+    while len(text) > limit:
+        texts = [k for k, v in record.items() if isinstance(v, str) and len(v) > 3]
+        if not texts:
+            raise ValueError(f"a record of {len(text)} bytes does not fit in {limit}: {text!r}")
+        key = max(texts, key=lambda k: len(record[k]))
+        value = record[key]
+        keep, most = 0, len(value) - 4  # the most characters kept that fit, by bisection
+        while keep < most:
+            mid = (keep + most + 1) // 2
+            if len(dumps({**record, key: value[:mid] + "..."})) <= limit:
+                keep = mid
+            else:
+                most = mid - 1
+        record = {**record, key: value[:keep] + "..."}
+        text = dumps(record)
+    return text
 
 
 # -- one model --------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ def test_is_finite_is_exact():
     assert finite.is_finite(np.array(True)) and finite.is_finite(np.arange(3))
 
 
-
 def test_device_arrays_are_checked_together_and_the_bad_one_named():
     """Arrays of another namespace (array_api_strict's second device, standing for CuPy) are
     summed together on their device, one transfer; a non-finite one is still named."""
@@ -73,3 +72,38 @@ def test_a_non_finite_momentum_is_named_as_the_momentum(tiny_data):
     with pytest.raises(NonFinite, match=rf"^layer {index} \({type(layer).__name__}\) "
                                         rf"momentum of {name} became inf"):
         check_finite(named_arrays(model, opt))
+
+
+def test_named_arrays_covers_every_parameter_momentum_and_state(tiny_data):
+    """What the check after an evaluation and the devices' comparison at the end of an epoch
+    look at: the layers' states (running statistics) too, not only what an update changes."""
+    from refnorm.train.config import TrainConfig
+    from refnorm.train.loop import build_model
+    from refnorm.train.optim import SGD
+    from tests.train.conftest import TINY
+
+    model = build_model(TrainConfig(**TINY, norm="bn"), tiny_data)
+    opt = SGD(model, lr=0.1, momentum=0.9)
+    names = [name for name, _ in finite.named_arrays(model, opt)]
+    assert "layer 1 (BatchNorm) state running_var" in names
+    assert "layer 0 (Conv2d) momentum of w" in names
+    assert len(names) == 2 * sum(1 for _ in model.named_params()) + sum(
+        len(layer.state) for layer in model.layers())
+    bn = model.layers()[1]
+    bn.state = {**bn.state, "running_mean": bn.state["running_mean"] + np.float32(np.nan)}
+    with pytest.raises(finite.NonFinite,
+                       match=r"^layer 1 \(BatchNorm\) state running_mean became nan"):
+        finite.check_finite(finite.named_arrays(model, opt))
+
+
+def test_a_non_finite_with_a_reason_pickles_with_it():
+    """A layer refusing its numbers (a variance overflowing float32) stops the run in its own
+    words, the reason; a study's worker process hands the error to the parent, which must say
+    the same."""
+    import pickle
+
+    e = finite.NonFinite("a layer's statistics", math.inf, where="in step 3 of epoch 1",
+                         reason="layer 1 (BatchNorm): the variance of x overflows float32")
+    back = pickle.loads(pickle.dumps(e))
+    assert back.reason == e.reason and str(back) == str(e)
+    assert str(back).startswith("in step 3 of epoch 1: layer 1 (BatchNorm): the variance")

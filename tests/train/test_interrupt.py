@@ -508,3 +508,45 @@ def test_interrupted_crosses_a_process_boundary_whole():
 
     back = pickle.loads(pickle.dumps(Interrupted(signal.SIGTERM)))
     assert type(back) is Interrupted and back.signum == signal.SIGTERM
+
+
+def test_a_signal_while_the_folder_is_made_stops_before_the_first_step(monkeypatch, tmp_path,
+                                                                        data):
+    """Making and locking the output folder is deferred (never left half-done); a signal that
+    arrives there is acted on as soon as it is done: the run raises Interrupted before its
+    first step and writes no checkpoint (not acted on there, the run would train on to its
+    first step boundary and save a checkpoint of an untrained model)."""
+    from refnorm.train.interrupt import Interrupted
+
+    real, sent, steps = os.fsync, [], []
+
+    def fsync(fd):  # the first fsync checks the new folder, inside the deferred section
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(Interrupted) as info:
+        train(CONFIG, out=tmp_path / "run", progress=False, data=data,
+              on_step=lambda epoch, step, model: steps.append((epoch, step)))
+    assert sent and info.value.signum == signal.SIGTERM and steps == []
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
+
+
+def test_a_signal_between_steps_stops_before_the_next_step(tmp_path, data):
+    """A signal that arrives between two steps (here in the on_step hook after step 2) stops the
+    run at that boundary: step 3 is not taken, and the checkpoint is the one after step 2."""
+    seen = []
+
+    def hook(epoch, step, model):
+        seen.append((epoch, step))
+        if (epoch, step) == (0, 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = train(CONFIG, out=tmp_path, progress=False, data=data, on_step=hook)
+    assert result.interrupted and result.signal == signal.SIGTERM
+    assert seen == [(0, 1), (0, 2)]
+    with np.load(tmp_path / CHECKPOINT) as z:
+        meta = json.loads(z["meta"].tobytes().decode())
+    assert (meta["epoch"], meta["step"]) == (0, 2)

@@ -676,3 +676,25 @@ def test_an_infinite_test_loss_stops_the_run(monkeypatch, tiny_data):
     monkeypatch.setattr(evaluate, "_sums", infinite_test_loss)
     with pytest.raises(NonFinite, match="the test loss"):
         train(TrainConfig(**{**TINY, "epochs": 1}), data=tiny_data, progress=False)
+
+
+def test_each_update_takes_the_schedules_rate_at_its_own_step(monkeypatch, tiny_data):
+    """Step s of S (counted over the whole run from 0) is taken at learning_rate(s, S): the first
+    at the base rate, the last at the rate one step before the end (the history shows only
+    each epoch's last rate, and runs compared with runs shared any shift)."""
+    from refnorm.train.optim import learning_rate
+
+    rates = []
+    original = SGD.step
+
+    def step(self, grads, lr):
+        rates.append(lr)
+        original(self, grads, lr)
+
+    monkeypatch.setattr(SGD, "step", step)
+    cfg = TrainConfig(**TINY, norm="bn", schedule="linear")
+    train(cfg, progress=False, data=tiny_data)
+    total = 2 * 4  # 2 epochs of 32 samples in updates of 4 x 2
+    assert len(rates) == total and rates[0] == cfg.lr
+    assert rates == pytest.approx([learning_rate("linear", cfg.lr, s, total)
+                                   for s in range(total)])

@@ -186,3 +186,14 @@ def test_the_study_model_on_the_digits_has_the_parameters_the_data_parallel_page
     params = [layer.params[name] for _, layer, name in model.named_params()]
     assert sum(p.size for p in params) == 14_458
     assert {p.dtype for p in params} == {np.dtype(np.float32)}
+
+
+def test_a_group_count_given_in_norm_options_is_kept():
+    """num_groups is the default G; norm_options are the normalizer's own keyword arguments and
+    win where both name it."""
+    model = ConvNet(in_channels=1, num_classes=10, norm="gn", widths=(4, 4), num_groups=4,
+                    norm_options={"num_groups": 2})
+    assert [layer.num_groups for layer in model.layers()
+            if type(layer).__name__ == "GroupNorm"] == [2, 2]
+    plain = ConvNet(in_channels=1, num_classes=10, norm="gn", widths=(4,))
+    assert plain.layers()[1].num_groups == 4

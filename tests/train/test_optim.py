@@ -104,3 +104,13 @@ def test_a_schedule_of_zero_steps_gives_the_base_rate_at_step_0(schedule):
     """total = 0 is read as one step."""
     assert learning_rate(schedule, 0.2, 0, 0) == 0.2
     assert math.isfinite(learning_rate(schedule, 0.2, 1, 0))
+
+
+def test_the_update_takes_the_rate_it_is_given_not_the_base_rate():
+    """SGD.step's lr is the schedule's rate of this step; self.lr is only its base:
+    p = 1 - 0.02 * 0.5 = 0.99 (every other test stepped at the base rate)."""
+    model = _OneLayer([1.0], [1.0])
+    opt = SGD(model, lr=0.1, momentum=0.9)
+    opt.step({"0/w": np.array([0.5]), "0/b": np.array([0.5])}, 0.02)
+    np.testing.assert_allclose(model.params["w"], [0.99], rtol=1e-15)
+    np.testing.assert_allclose(model.params["b"], [0.99], rtol=1e-15)

@@ -359,3 +359,100 @@ def test_sn_batch_averages_draw_new_samples_each_epoch():
     first, again, later = (np.concatenate(average_batches(config, data, e)) for e in (0, 0, 1))
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, later)
+
+
+def test_step_pieces_are_micro_batches_in_order_each_split_over_the_devices_in_rank_order():
+    """pieces[a][p]: micro-batch a is the a-th contiguous part of the step, and device p takes
+    the p-th contiguous part of it (10 samples, 2 micro-batches of 5, each 2 + 3 over 2
+    devices): with accumulation, a running average sees the micro-batches in sample order."""
+    assert step_pieces(10, 2, 2) == [[slice(0, 2), slice(2, 5)], [slice(5, 7), slice(7, 10)]]
+    assert step_pieces(7, 3, 1) == [[slice(0, 2)], [slice(2, 4)], [slice(4, 7)]]
+
+
+def test_average_states_gives_every_device_the_mean_of_the_running_statistics():
+    """Per-device BN: at the end of an epoch every device's running mean becomes the mean over
+    the devices (here of 1, 2 and 6: 3), in the state's own dtype; a flag is left as it is.
+    (The equivalence tests cannot see this: per-device BN's running statistics differ from
+    one device's with accumulation by design.)"""
+    import refnorm
+    from refnorm.sync.comm import InProcessGroup
+    from refnorm.train.parallel import average_states
+
+    def device(comm, value):
+        bn, sn = refnorm.build("bn", 3), refnorm.build("sn", 3)
+        bn.state = {**bn.state, "running_mean": np.full(3, value, np.float32)}
+        average_states(comm, [bn, sn])
+        return bn.state, sn.state
+
+    for bn, sn in InProcessGroup.run(3, device, [1.0, 2.0, 6.0]):
+        np.testing.assert_array_equal(bn["running_mean"], np.full(3, 3.0, np.float32))
+        np.testing.assert_array_equal(bn["running_var"], np.ones(3, np.float32))
+        assert bn["running_mean"].dtype == np.float32
+        assert sn["population_ready"].dtype == np.bool_
+
+
+def test_a_long_error_message_reaches_every_device_whole():
+    """One device's refusal, with a long path in it, is what every device raises: the record
+    crosses the devices in full (a message cut short is no longer a record)."""
+    from refnorm.sync.comm import InProcessGroup
+    from refnorm.train.parallel import share_record
+
+    record = {"kind": "OutputFolderError", "message": "cannot write " + "/very/long" * 150}
+
+    def device(comm, mine):
+        return share_record(comm, mine, source=1, what="a setup error")
+
+    assert InProcessGroup.run(2, device, [None, record]) == [record, record]
+
+
+def test_an_error_message_longer_than_the_shared_buffer_arrives_shortened_on_every_device():
+    """A device's refusal with a path of 3 kB in its message: every device raises it, its
+    beginning kept and "..." where it was cut (the JSON cut at the buffer's 2048 bytes did
+    not parse, and every device raised a JSONDecodeError instead)."""
+    from refnorm.sync.comm import InProcessGroup
+    from refnorm.train.loop import together
+    from refnorm.train.parallel import MESSAGE_BYTES, fit_record
+
+    message = "cannot read " + "/a/long/path" * 250
+
+    def device(comm, _):
+        def work():
+            if comm.rank == 1:
+                raise ValueError(message)
+            return "read"
+
+        with pytest.raises(ValueError) as info:
+            together(comm, "the data", work)
+        return str(info.value)
+
+    for got in InProcessGroup.run(2, device, [None, None]):
+        assert got.startswith("device 1: cannot read /a/long/path/a/long/path")
+        assert got.endswith("...") and len(got) < len(message)
+    for record in ({"kind": "ValueError", "message": "é" * 3000},
+                   {"kind": "ValueError", "message": 'a"' * 1500, "where": "x" * 900}):
+        text = fit_record(record)
+        assert len(text.encode()) <= MESSAGE_BYTES
+        shortened = json.loads(text)
+        assert shortened["kind"] == "ValueError" and shortened["message"].endswith("...")
+        assert record["message"].startswith(shortened["message"][:-3])
+        assert len(text.encode()) > MESSAGE_BYTES - 16  # cut no shorter than it needs
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_gradients_that_overflow_only_in_their_sum_over_the_devices_are_named(monkeypatch):
+    """Each device's gradient is finite (3e38, below float32's largest 3.4e38) but their sum is
+    not: the check after the all-reduce names the summed gradient, before any update
+    (unchecked, the update would make the weight infinite and the run blame the parameter)."""
+    real = loop.local_step
+
+    def large(model, batches, *, total):
+        grads, totals, problem = real(model, batches, total=total)
+        grads["0/w"] = grads["0/w"] * 0 + np.float32(3e38)
+        return grads, totals, problem
+
+    monkeypatch.setattr(loop, "local_step", large)
+    config = TrainConfig(norm="gn", num_groups=2, devices=2, batch_size=4, epochs=1,
+                         widths=(4, 4), train_subset=85, dtype="float32")
+    with pytest.raises(NonFinite, match=r"^layer 0 \(Conv2d\) gradient of w became inf in step 1 "
+                                        r"of epoch 1; the run stopped"):
+        train(config, progress=False, data=prepare_data(config))

@@ -103,3 +103,42 @@ def test_gpu_runs_are_not_warmed_on_the_cpu(monkeypatch):
                TrainConfig(data="digits", norm="gn", device="cpu")]
     assert warmup.warm_kernels(configs) == 1
     assert [(c.norm, c.device) for c in warmed] == [("gn", "cpu")]
+
+
+def test_each_dtype_is_a_model_of_its_own(monkeypatch):
+    """numba compiles a kernel once per argument type: a float64 run calls other signatures than
+    a float32 run of the same model, and both are warmed."""
+    warmup, warmed = _record_warmups(monkeypatch)
+    configs = [TrainConfig(data="digits", norm="bn", dtype=d)
+               for d in ("float32", "float64", "float32")]
+    assert warmup.warm_kernels(configs) == 2
+    assert [c.dtype for c in warmed] == ["float32", "float64"]
+
+
+def test_the_warm_up_step_runs_at_the_per_device_micro_batch(monkeypatch):
+    """A run's forward sees batch_size samples (one device's micro-batch), not the update's
+    devices x batch_size x accumulation: BN's kernels specialize on it (whole channels up to 4
+    samples, memory-order tasks beyond), so the warm-up's training forward takes batch_size."""
+    from refnorm import dispatch
+    from refnorm.train import warmup
+
+    monkeypatch.setattr(dispatch, "_chosen", "reference")  # nothing to compile here
+    seen = []
+    real = warmup.build_model
+
+    def build(config, data, **options):
+        model = real(config, data, **options)
+        forward = model.forward
+
+        def recording(x, training):
+            if training:
+                seen.append(len(x))
+            return forward(x, training)
+
+        model.forward = recording
+        return model
+
+    monkeypatch.setattr(warmup, "build_model", build)
+    config = TrainConfig(data="digits", norm="bn", batch_size=4, accumulation=2)
+    warmup._step_and_evaluate(config, (1, 8, 8), 10)  # the digits: 1 x 8 x 8, 10 classes
+    assert seen == [4]

@@ -1,0 +1,49 @@
+"""One rank of a run under mpiexec (refnorm.train.mpi_run), without mpiexec: its exit status
+and who leaves the error for the launcher."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from refnorm.train.config import TrainConfig
+from refnorm.train.finite import NonFinite
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize(("error", "status"), [
+    (NonFinite("the training loss", math.inf, where="in step 1 of epoch 1"), 3),
+    (ValueError("the data set holds no samples"), 2),
+])
+def test_a_rank_exits_with_its_errors_status_and_rank_0_records_the_error(
+        monkeypatch, tmp_path, rank, error, status):
+    """As the module documents: exit 3 for a non-finite value, 2 for a refusal, on every rank;
+    only rank 0 writes error.json, where the launcher (on rank 0's machine) reads it."""
+    from refnorm.sync import comm
+    from refnorm.train import loop, mpi_run
+
+    class OneRank:  # an MPICommunicator of 2 processes, seen from `rank`
+        def __init__(self):
+            self.rank, self.size = rank, 2
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    def refused(config, **options):
+        raise error
+
+    monkeypatch.setattr(comm, "MPICommunicator", OneRank)
+    monkeypatch.setattr(loop, "train", refused)
+    config = TrainConfig(devices=2, epochs=1, train_subset=32, widths=(4, 4))
+    assert mpi_run.main(json.dumps(dataclasses.asdict(config)), str(tmp_path)) == status
+    written = tmp_path / mpi_run.ERROR
+    if rank == 0:
+        assert json.loads(written.read_text()) == loop.error_record(error)
+    else:
+        assert not written.exists()
