@@ -126,7 +126,9 @@ def merge_batch_statistics(records: list[BatchStatistics], *,
             raise TypeError(f"records must be BatchStatistics; got {type(r).__name__}")
     shape = tuple(records[0].mean.shape)
     for r in records:
-        if not (is_int(r.count) and r.count >= 1):
+        if not is_int(r.count):  # refnorm's rule: a wrong kind of value is a TypeError
+            raise TypeError(f"every record's count must be an int >= 1; got {r.count!r}")
+        if r.count < 1:
             raise ValueError(f"every record's count must be an int >= 1; got {r.count!r}")
         if len(shape) != 1 or tuple(r.mean.shape) != shape or tuple(r.var.shape) != shape:
             raise ValueError(f"every record's mean and var must have one shape (C,); got "

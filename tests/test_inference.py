@@ -152,8 +152,10 @@ def test_population_statistics_keep_the_layers_dtype():
 
 def test_merge_batch_statistics_refuses_a_count_that_is_not_an_int():
     # A count of 2.5 values is a mistake upstream (a mean taken where a count was meant).
-    with pytest.raises(ValueError, match="count must be an int >= 1; got 2.5"):
+    with pytest.raises(TypeError, match="count must be an int >= 1; got 2.5"):
         merge_batch_statistics([BatchStatistics(2.5, np.zeros(3), np.ones(3))])
+    with pytest.raises(TypeError, match="count must be an int >= 1; got True"):
+        merge_batch_statistics([BatchStatistics(True, np.zeros(3), np.ones(3))])
 
 
 def test_a_failing_batch_restores_the_moving_averages_it_had_moved():
