@@ -21,7 +21,9 @@ def test_metrics_json_is_strict_json(tmp_path):
     assert rows == [{"epoch": 1, "train_loss": None, "test_loss": None, "test_acc": 0.5}]
 
 
-def test_curves_have_whole_epochs_and_the_configuration_as_title(tmp_path, monkeypatch):
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures saved while the test runs (drawn with the Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,10 +33,14 @@ def test_curves_have_whole_epochs_and_the_configuration_as_title(tmp_path, monke
     real = Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(fig) or real(
         fig, *a, **k))
+    return seen
+
+
+def test_curves_have_whole_epochs_and_the_configuration_as_title(tmp_path, saved_figures):
     history = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.2 / e, "train_acc": 0.5,
                 "test_acc": 0.4} for e in (1, 2, 3)]
     outputs.plot_curves(history, tmp_path / "curves.png", title="gn batch 2 x 16 accumulation")
-    (fig,) = seen
+    (fig,) = saved_figures
     assert fig._suptitle.get_text() == "gn batch 2 x 16 accumulation"
     for ax in fig.axes:
         ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
@@ -69,20 +75,11 @@ def test_a_run_and_a_study_without_matplotlib_refuse_before_training(tmp_path, m
     assert steps and len(result.history) == 1
 
 
-def test_curves_label_each_line_by_the_values_it_draws(tmp_path, monkeypatch):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    seen = []
-    real = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(fig) or real(
-        fig, *a, **k))
+def test_curves_label_each_line_by_the_values_it_draws(tmp_path, saved_figures):
     history = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 2.0 / e, "train_acc": 0.9,
                 "test_acc": 0.4, "train_acc_running": 0.7} for e in (1, 2)]
     outputs.plot_curves(history, tmp_path / "curves.png")
-    (fig,) = seen
+    (fig,) = saved_figures
     lines = {(ax.get_ylabel(), line.get_label()): list(line.get_ydata())
              for ax in fig.axes for line in ax.get_lines()}
     assert lines == {("cross-entropy", "train"): [1.0, 0.5], ("cross-entropy", "test"): [2.0, 1.0],
