@@ -230,6 +230,15 @@ def _fit_eps(D: np.ndarray, s: np.ndarray, f: float) -> dict[str, tuple[float, f
     return out
 
 
+def _estimator(f: float, m: int) -> str:
+    """"biased" or "unbiased" for the variance factor ``f`` of a statistic over ``m`` values:
+    the nearer of 1 and ``m/(m-1)`` when within FIT of it (the two lie ``1/(m-1)`` apart, less
+    than FIT for ``m > 1000``), else "other"."""
+    factors = {"biased": 1.0, "unbiased": m / (m - 1)}
+    name = min(factors, key=lambda k: abs(f - factors[k]))
+    return name if abs(f - factors[name]) < FIT else "other"
+
+
 def _round(v: float, digits: int = 3) -> float:
     return float(f"{v:.{digits}g}") if v else 0.0
 
@@ -379,12 +388,9 @@ def _variance_rows(p: _Probe, report: Report, ids: np.ndarray, topic: str,
     """Variance estimator, eps placement and value; returns (factor f, placement, eps)."""
     D, s, m = _ladder(p, ids)
     f = float((D[0] / s[0]) ** 2)
-    if abs(f - 1) < FIT:
-        found, name = "biased (1/m)", "biased"
-    elif abs(f - m / (m - 1)) < FIT:
-        found, name = f"unbiased (1/(m-1), m = {m})", "unbiased"
-    else:
-        found, name = f"scaled by {f:.4g} (m = {m})", "other"
+    name = _estimator(f, m)
+    found = {"biased": "biased (1/m)", "unbiased": f"unbiased (1/(m-1), m = {m})",
+             "other": f"scaled by {f:.4g} (m = {m})"}[name]
     report.add(topic, found, "biased (1/m)", name == "biased", **{key: name})
     placement, eps = _eps_rows(report, D, s, f, p.impl.hints.get("eps"), "sqrt(var + eps)",
                                "var")
@@ -759,6 +765,7 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
         if method in ("bn", "in", "sn") else None
     if report.conventions.get("running") not in (None, "none") and running is None:
         ok = False                       # buffers follow no refnorm option
+    ok = ok and report.conventions.get("inference", "running") == "running"
     _gradient_rows(p, report)
     ok = ok and report.conventions.get("gradients", "consistent") == "consistent"
     ok = ok and report.conventions.get("offset_precision") == "ok"
@@ -789,8 +796,7 @@ def _fingerprint_weights(report: Report, impl: Impl, num_channels: int | None,
     D = np.array([_scale(z, run(si * z), ids) * si for si in s])
     f = float((D[0] / s[0]) ** 2)
     if method == "ws":
-        name = ("biased" if abs(f - 1) < FIT else
-                "unbiased" if abs(f - I / (I - 1)) < FIT else "other")
+        name = _estimator(f, I)
         report.add("std estimator", {"biased": "biased (1/I)",
                                      "unbiased": f"unbiased (1/(I-1), I = {I})",
                                      "other": f"scaled by {f:.4g}"}[name],

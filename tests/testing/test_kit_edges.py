@@ -94,6 +94,28 @@ def test_the_eps_compared_under_is_the_modules_own(eps):
     assert_matches("ln", torch.nn.LayerNorm(4, eps=eps), max_examples=15)
 
 
+def test_an_eps_half_again_the_one_compared_under_is_the_first_divergence():
+    """A layer with eps = 1.5e-5 compared under 1e-5: the eps row (read off the ladder to
+    1 %) is the first diverging convention, though both eps are of one order."""
+    report = fingerprint("bn", NumpyBN(4, eps=1.5e-5))
+    assert report.conventions["eps"] == 1.5e-5, str(report)
+    row = report.first_divergence({"eps": 1e-5, "momentum": 0.1})
+    assert row is not None and row.key == "eps", str(report)
+
+
+def test_an_eps_attribute_the_layer_does_not_use_is_not_reported_as_its_eps():
+    """The eps read off the ladder is replaced by the layer's eps attribute only when they
+    agree to 1 %: a layer saying eps = 1e-5 and adding 1.5e-5 is reported with 1.5e-5, and
+    matches refnorm under that eps."""
+    def stated_1e5_uses_15e6(x, gamma, beta):
+        return numpy_bn_forward(x, gamma, beta, eps=1.5e-5)
+
+    stated_1e5_uses_15e6.eps = 1e-5
+    report = fingerprint("bn", stated_1e5_uses_15e6)
+    assert report.conventions["eps"] == 1.5e-5, str(report)
+    assert report.match == "refnorm.batch_norm_forward(eps=1.5e-05)", str(report)
+
+
 def test_the_momentum_compared_under_is_the_modules_own():
     """The running buffers are checked under the implementation's momentum attribute when
     none is given: BatchNorm2d(momentum=0.3), which PyTorch documents as the weight of the
@@ -255,3 +277,46 @@ def test_an_output_there_is_nothing_to_fingerprint_in_is_refused(broken, says):
     sample and position", one returning NaN as one whose "output does not move"."""
     with pytest.raises(ValueError, match=says):
         fingerprint("bn", broken)
+
+
+# -- the variance estimator over many values, and the inference statistics ------------------------
+
+
+class _WholeSampleGN:
+    """GN with one group over C = 256 channels (m = 256 * 12 values per statistic on the
+    probes), the variance with ``ddof`` (0: biased, 1: unbiased)."""
+
+    num_channels, num_groups = 256, 1
+
+    def __init__(self, ddof: int):
+        self.ddof = ddof
+
+    def __call__(self, x, gamma, beta):
+        axes = tuple(range(1, x.ndim))
+        mu, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True, ddof=self.ddof)
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        return gamma.reshape(view) * (x - mu) / np.sqrt(var + 1e-5) + beta.reshape(view)
+
+
+@pytest.mark.parametrize(("ddof", "name"), [(0, "biased"), (1, "unbiased")])
+def test_an_unbiased_variance_over_thousands_of_values_is_named(ddof, name):
+    """m/(m-1) = 1 + 3.3e-4 for m = 3072, inside the 0.1 % a ladder fit is allowed: the
+    estimator is the nearer of 1 and m/(m-1) (read at s = 100 to ~1e-12 in float64), so the
+    unbiased variance is named as such and is the first diverging convention."""
+    report = fingerprint("gn", _WholeSampleGN(ddof))
+    assert report.conventions["variance"] == name, str(report)
+    assert (report.match is not None) == (ddof == 0), str(report)
+    row = report.first_divergence({"eps": 1e-5, "num_groups": 1})
+    assert (row is None) if ddof == 0 else (row.key == "variance"), str(report)
+
+
+def test_a_layer_that_ignores_training_false_matches_no_refnorm_convention():
+    """refnorm's BN normalizes with its running statistics in inference and has no option
+    for the batch statistics there: a layer that uses them matches none."""
+    class AlwaysBatch(NumpyBN):
+        def __call__(self, x, gamma, beta, *, training=True):
+            return super().__call__(x, gamma, beta, training=True)
+
+    report = fingerprint("bn", AlwaysBatch(4))
+    assert report.conventions["inference"] == "other", str(report)
+    assert report.match is None and report.first_divergence().key == "inference", str(report)
