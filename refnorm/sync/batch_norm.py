@@ -198,6 +198,7 @@ class SyncBatchNorm(ChannelNorm):
         check_momentum(momentum)
         self.momentum = momentum
         self.comm = SingleProcess() if comm is None else comm
+        check_comm(self.comm)
         where = on_device(self.device)
         self.state = {
             "running_mean": self.xp.zeros((num_channels,), dtype=self.dtype, **where),

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from refnorm.backend import Array, array_namespace, device_of, on_device, to_numpy
+from refnorm.core.checks import is_int
 from refnorm.sync.headers import HEADER_BYTES, LEAVE, CallHeader, CallLog, check_headers
 
 TIMEOUT_ENV = "REFNORM_SYNC_TIMEOUT"
@@ -91,7 +92,10 @@ class Communicator:
 
 def check_comm(comm: object) -> None:
     """Check that ``comm`` is a communicator (``size``, ``rank`` and ``allreduce_sum``); a
-    ``TypeError`` naming :class:`SingleProcess` for ``None`` or anything else."""
+    ``TypeError`` naming :class:`SingleProcess` for ``None`` or anything else, a class too."""
+    if isinstance(comm, type):  # SingleProcess has its rank and size as class attributes
+        raise TypeError(f"comm must be a communicator, an instance; got the class "
+                        f"{comm.__name__} (call it: {comm.__name__}())")
     if not all(hasattr(comm, a) for a in ("size", "rank", "allreduce_sum")):
         raise TypeError(f"comm must be a communicator (refnorm.sync.comm: SingleProcess() for "
                         f"one device, InProcessGroup, MPICommunicator, NCCLCommunicator); got "
@@ -307,8 +311,9 @@ class InProcessGroup(Communicator):
         The first exception a device raised of its own (a mismatch, a device's own error, a
         ``TimeoutError`` of the watchdog); the others stop at their next all-reduce.
         """
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size) or size < 1:  # a numpy integer too, never a bool
             raise ValueError(f"size must be a positive int; got {size!r}")
+        size = int(size)
         for seq in per_rank:
             if len(seq) != size:
                 raise ValueError(f"each per-rank argument needs {size} entries; got {len(seq)}")

@@ -139,7 +139,10 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
         spread = sum_d2 - groups * lost * lost    # >= 0 in exact arithmetic; keep it so
         spread = xp.maximum(spread, xp.zeros_like(spread))
         var_sybn = (sum_var + spread) / groups                              # total variance
-    for total in (sum_mu, sum_d2, var_sybn):  # sums beyond the dtype: the reference's error
+    # Sums beyond the dtype: the reference's error. Not sum_mu: an infinite value on another
+    # device makes it inf too, which is no overflow (its IN mean is inf; one device gives NaN);
+    # an overflowing sum of finite IN means makes every d infinite, and sum_d2 inf.
+    for total in (sum_d2, var_sybn):
         check_variance_finite(total, h, merged=True)
     return mu_sybn, lost, var_sybn, groups
 
@@ -284,6 +287,7 @@ class SyncSwitchableNorm(SwitchableNorm):
     def __init__(self, num_channels: int, *, comm: Any = None, **kw: Any) -> None:
         super().__init__(num_channels, **kw)
         self.comm = SingleProcess() if comm is None else comm
+        check_comm(self.comm)
         self._synchronized = False  # which pair made the saved cache
 
     def _forward(self, x: Array, training: bool) -> tuple[Array, Any]:

@@ -187,3 +187,68 @@ def test_sync_bn_refuses_a_missing_communicator():
     x = np.random.default_rng(0).standard_normal((4, 3, 2, 2))
     with pytest.raises(TypeError, match="comm must be a communicator.*SingleProcess"):
         sync_batch_norm_forward(x, np.ones(3), np.zeros(3), comm=None)
+
+
+def test_layer_running_statistics_follow_its_momentum():
+    # PyTorch's convention (docs/conventions.md): momentum weights the new batch, whose
+    # variance enters unbiased over the values of every device; the averages by hand.
+    rng = np.random.default_rng(5)
+    batches = [3 * rng.standard_normal((7, 2, 3)) + 4 for _ in range(2)]
+    sizes, momentum = [3, 0, 4], 0.25
+
+    def device(comm, *shards):
+        bn = refnorm.build("syncbn", 2, dtype=np.float64, comm=comm, momentum=momentum)
+        for xs in shards:
+            bn.forward(xs, training=True)
+        return bn.state
+
+    mean, var = np.zeros(2), np.ones(2)
+    for x in batches:
+        mean = (1 - momentum) * mean + momentum * x.mean(axis=(0, 2))
+        var = (1 - momentum) * var + momentum * x.var(axis=(0, 2), ddof=1)
+    for state in InProcessGroup.run(3, device, *(split(x, sizes) for x in batches)):
+        np.testing.assert_allclose(state["running_mean"], mean, rtol=1e-13)
+        np.testing.assert_allclose(state["running_var"], var, rtol=1e-13)
+
+
+def test_a_shard_whose_float64_sums_overflow_is_refused_as_on_one_device():
+    # Device 1's values, 1e308 and 1.5e308, add up beyond float64: its mean is inf, and the
+    # merge would turn that into NaN on every device. One device holding the whole batch
+    # refuses it, and so must the devices, rather than return NaN everywhere.
+    x = np.ones((4, 2, 2))
+    x[:, :, 1] = 1.5
+    x[2:] *= 1e308
+    gamma, beta = np.ones(2), np.zeros(2)
+    with pytest.raises(ValueError, match="the variance of x overflows float64"), \
+            np.errstate(over="ignore", invalid="ignore"):
+        refnorm.batch_norm_forward(x, gamma, beta)
+
+    def device(comm, xs):
+        with np.errstate(over="ignore", invalid="ignore"):  # each device thread's own state
+            return sync_batch_norm_forward(xs, gamma, beta, comm=comm)[0]
+
+    with pytest.raises(ValueError, match="the variance of x overflows float64"):
+        InProcessGroup.run(2, device, split(x, [2, 2]), timeout=10)
+
+
+def test_sync_backward_refuses_a_dy_of_another_shape():
+    # A (1, C) dy would broadcast against this device's (N_p, C) shard without a word.
+    x = 5 * np.random.default_rng(0).standard_normal((4, 3)) + 12
+    _, cache = sync_batch_norm_forward(x, np.ones(3), np.zeros(3), comm=SingleProcess())
+    with pytest.raises(ValueError, match=r"dy must have shape \(4, 3\); got \(1, 3\)"):
+        sync_batch_norm_backward(np.ones((1, 3)), cache)
+
+
+@pytest.mark.parametrize("norm", ["syncbn", "syncsn"])
+def test_a_layer_refuses_a_communicator_class_or_non_communicator_when_built(norm):
+    # `comm=SingleProcess` (the class: its rank and size are class attributes) failed at the
+    # first training forward with "allreduce_sum() missing 1 required positional argument";
+    # comm=42 was accepted, and worked in eval mode, until a training forward.
+    with pytest.raises(TypeError, match=r"got the class SingleProcess \(call it: "
+                                        r"SingleProcess\(\)\)"):
+        refnorm.build(norm, 3, comm=SingleProcess)
+    with pytest.raises(TypeError, match="comm must be a communicator.*got int"):
+        refnorm.build(norm, 3, comm=42)
+    x = np.random.default_rng(0).standard_normal((4, 3, 2))
+    with pytest.raises(TypeError, match="got the class SingleProcess"):
+        sync_batch_norm_forward(x, np.ones(3), np.zeros(3), comm=SingleProcess)

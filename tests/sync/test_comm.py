@@ -271,3 +271,59 @@ def test_each_synchronized_layer_makes_three_all_reduces_of_the_documented_sizes
     for device, values in ((syncbn, 1 + 4 * C), (syncsn, 3 + 6 * C)):
         for calls, nbytes in InProcessGroup.run(2, device, *shards):
             assert (calls, nbytes) == (3, 8 * values), device.__name__
+
+
+def test_a_switchable_layer_in_eval_mode_is_named_when_its_peer_waits():
+    # As for syncbn: synchronized SN with a BN scope makes no collective at inference and
+    # records the call, so the leave message says where the rank in eval mode was.
+    def device(comm, training):
+        layer = refnorm.build("syncsn", 3, dtype=np.float64, comm=comm)
+        layer.forward(5 * np.random.default_rng(comm.rank).standard_normal((2, 3, 2)) + 12,
+                      training=training)
+
+    with pytest.raises(ValueError) as info:
+        InProcessGroup.run(2, device, [True, False], timeout=GROUP_TIMEOUT_S)
+    assert ("rank 1 left (its function returned, after 0 collectives) before any collective; "
+            "its last call without a collective: forward in eval mode (no collective) of layer "
+            "syncsn#0, call 1") in str(info.value)
+
+
+def test_a_bool_size_and_a_short_per_rank_argument_are_refused():
+    with pytest.raises(ValueError, match="size must be a positive int; got True"):
+        InProcessGroup.run(True, lambda comm: None)
+    with pytest.raises(ValueError, match="each per-rank argument needs 3 entries; got 2"):
+        InProcessGroup.run(3, lambda comm, a: None, [1, 2])
+
+
+def test_the_group_raises_the_failing_device_own_exception():
+    # The other devices stop with an error of their own at their next all-reduce; the caller
+    # gets the exception the failing device raised, of its type.
+    def device(comm):
+        if comm.rank == 1:
+            raise KeyError("device 1 breaks")
+        return comm.allreduce_sum([np.ones(1)], op="probe")
+
+    with pytest.raises(KeyError, match="device 1 breaks"):
+        InProcessGroup.run(3, device, timeout=GROUP_TIMEOUT_S)
+
+
+def test_a_metered_report_is_per_step_in_each_array_own_bytes():
+    # Two all-reduces of 3 float32 and 2 float64 values: 2 x (12 + 16) bytes.
+    metered = MeteredCommunicator(SingleProcess())
+    for _ in range(2):
+        metered.allreduce_sum([np.ones(3, np.float32), np.ones(2)])
+    report = metered.report(seconds=0.5, steps=4)
+    assert (report["allreduce_calls_per_step"], report["allreduce_bytes_per_step"],
+            report["step_ms"]) == (0.5, 14.0, 125.0)
+    assert report["collective_share"] == metered.seconds / 0.5
+    # no steps and no time (an empty epoch): counted as one step, no share
+    empty = metered.report(seconds=0.0, steps=0)
+    assert (empty["allreduce_calls_per_step"], empty["allreduce_bytes_per_step"],
+            empty["step_ms"], empty["collective_share"]) == (2.0, 56.0, 0.0, 0.0)
+
+
+def test_a_numpy_integer_is_a_group_size():
+    # As every int argument of refnorm (refnorm.core.checks.is_int): np.int64 from an array
+    # of sizes is a size; the devices see a Python int.
+    sizes = InProcessGroup.run(np.int64(2), lambda comm: (comm.size, type(comm.size)))
+    assert sizes == [(2, int), (2, int)]

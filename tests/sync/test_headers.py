@@ -48,6 +48,13 @@ def test_each_kind_of_disagreement_is_named_with_every_rank_call():
                     "1, arrays [(3,) float64]; rank 1 left (exit) before any collective")
 
 
+def test_any_rank_leaving_while_another_waits_is_named_whichever_rank_it_is():
+    # rank 0 leaving is no less a disagreement than rank 1 leaving: only all ranks leaving is.
+    message = check_headers([CallLog(0).leave("exit"), _header(1), _header(2)])
+    assert message is not None
+    assert "rank 0 left while ranks 1, 2 entered a collective that can never complete" in message
+
+
 def test_header_round_trips_through_its_wire_form():
     header = _header(1, shapes=((2, 3, 4), (1,)))
     data = header.to_bytes()

@@ -160,3 +160,19 @@ def test_mpi_sums_of_float32_arrays_are_added_in_float64(tmp_path):
     for rank in range(3):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
         assert got == ["float32", [1.0, 1.0]], (rank, got)
+
+
+def test_an_uncaught_exception_outside_a_with_block_aborts_the_job_at_once():
+    """MPICommunicator() installs an exception hook (abort_on_error=True): rank 1's uncaught
+    exception ends the job while rank 0 is busy outside any collective, rather than when rank
+    0 comes back or the watchdog (60 s here) gives up on it."""
+    job = run_two("-c", "import time\nimport numpy as np\n"
+                  "from refnorm.sync import MPICommunicator\n"
+                  "comm = MPICommunicator()\n"
+                  "comm.allreduce_sum([np.ones(1)], op='probe')\n"
+                  "if comm.rank == 1:\n"
+                  "    raise RuntimeError('rank 1 breaks')\n"
+                  "time.sleep(600)\n", env={"REFNORM_SYNC_TIMEOUT": "60"})
+    assert job.returncode != 0
+    assert "[rank 1] Traceback" in job.stderr and "RuntimeError: rank 1 breaks" in job.stderr
+    assert job.seconds < ENDS_WITHIN_S

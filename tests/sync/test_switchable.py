@@ -262,8 +262,92 @@ def test_sync_sn_refuses_options_that_are_not_switchable_options(options):
                                      options=options)
 
 
-def test_sync_sn_refuses_a_missing_communicator():
+@pytest.mark.parametrize("scopes", [("in", "ln", "bn"), ("in", "ln")])
+def test_sync_sn_refuses_a_missing_communicator(scopes):
+    # Without a BN scope nothing is synchronized, but comm is still a required argument.
     x = np.random.default_rng(0).standard_normal((4, 3, 2, 2))
-    g, b, logits = np.ones(3), np.zeros(3), np.zeros(3)
+    g, b, logits = np.ones(3), np.zeros(3), np.zeros(len(scopes))
     with pytest.raises(TypeError, match="comm must be a communicator.*SingleProcess"):
-        sync_switchable_norm_forward(x, g, b, logits, logits, comm=None)
+        sync_switchable_norm_forward(x, g, b, logits, logits, comm=None,
+                                     options=SwitchableOptions(scopes))
+
+
+def test_a_nan_on_one_device_is_nan_everywhere_not_an_overflow():
+    # One NaN at (n=3, c=1) makes NaN the BN-scope statistics of channel 1 (every sample) and
+    # the LN-scope statistics of sample 3, as on one device holding the whole batch; the
+    # devices whose own x is finite must not take the merged NaN for an overflow of theirs.
+    rng = np.random.default_rng(3)
+    x = 5 * rng.standard_normal((4, 2, 3)) + 12
+    x[3, 1, 0] = np.nan
+    params = (np.ones(2), np.zeros(2), rng.standard_normal(3), rng.standard_normal(3))
+
+    def device(comm, xs):
+        return sync_switchable_norm_forward(xs, *params, comm=comm)[0]
+
+    y = np.concatenate(InProcessGroup.run(2, device, split(x, [2, 2]), timeout=10))
+    assert np.isnan(y[:, 1]).all() and np.isnan(y[3]).all()
+    assert np.isfinite(y[:3, 0]).all()
+    np.testing.assert_allclose(y[:3, 0], switchable_norm_forward(x, *params)[0][:3, 0],
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("shape", "options", "message"), [
+    ((4, 3), SwitchableOptions(), "the IN scope needs more than 1 value per statistic"),
+    ((4, 1), SwitchableOptions(("ln", "bn")), "the LN scope needs more than 1 value"),
+    ((4, 3, 1), SwitchableOptions(("ln", "bn"), in_correction=1),
+     "in_correction=1 .* needs more than one spatial position"),
+])
+def test_scopes_one_device_refuses_are_refused_by_the_devices(shape, options, message):
+    # The IN and LN scopes are per device (Eq. 15): a statistic over one value is refused
+    # before any collective, as single-device SN refuses it.
+    x = 5 * np.random.default_rng(0).standard_normal(shape) + 12
+    C, K = shape[1], len(options.scopes)
+    params = (np.ones(C), np.zeros(C), np.zeros(K), np.zeros(K))
+    with pytest.raises(ValueError, match=message):
+        switchable_norm_forward(x, *params, options=options)
+
+    def device(comm, xs):
+        return sync_switchable_norm_forward(xs, *params, comm=comm, options=options)[0]
+
+    with pytest.raises(ValueError, match=message):
+        InProcessGroup.run(2, device, split(x, [1, 3]), timeout=10)
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_an_infinite_value_on_one_device_is_nan_everywhere_not_an_overflow(value):
+    # As a NaN (the test above): one device holding the whole batch returns NaN for the BN
+    # scope of channel 1 and the LN scope of sample 3, and no error; the device whose own x
+    # is finite must not take the other's infinite IN mean, summed, for an overflow of its x.
+    rng = np.random.default_rng(3)
+    x = 5 * rng.standard_normal((4, 2, 3)) + 12
+    x[3, 1, 0] = value
+    params = (np.ones(2), np.zeros(2), rng.standard_normal(3), rng.standard_normal(3))
+
+    def device(comm, xs):
+        with np.errstate(invalid="ignore"):  # inf - inf in the statistics, as on one device
+            return sync_switchable_norm_forward(xs, *params, comm=comm)[0]
+
+    y = np.concatenate(InProcessGroup.run(2, device, split(x, [2, 2]), timeout=10))
+    with np.errstate(invalid="ignore"):
+        reference = switchable_norm_forward(x, *params)[0]
+    assert np.isnan(y[:, 1]).all() and np.isnan(y[3]).all()
+    assert np.isfinite(y[:3, 0]).all()
+    np.testing.assert_allclose(y[:3, 0], reference[:3, 0], rtol=0, atol=1e-12)
+
+
+def test_a_sum_of_in_means_beyond_float32_is_refused_as_on_one_device():
+    # BN scope only, (N, C) input: the IN means 3e38 and 3e38 are finite, their sum is not.
+    x = np.array([[3e38], [3e38], [1.0]], np.float32)
+    params = (np.ones(1, np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32),
+              np.zeros(1, np.float32))
+    options = SwitchableOptions(("bn",))
+    with pytest.raises(ValueError, match="the variance of x overflows float32"), \
+            np.errstate(over="ignore", invalid="ignore"):
+        switchable_norm_forward(x, *params, options=options)
+
+    def device(comm, xs):
+        with np.errstate(over="ignore", invalid="ignore"):  # each device thread's own state
+            return sync_switchable_norm_forward(xs, *params, comm=comm, options=options)[0]
+
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        InProcessGroup.run(2, device, split(x, [1, 2]), timeout=10)
