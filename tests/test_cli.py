@@ -890,3 +890,15 @@ def test_device_auto_with_a_gpu_runs_on_the_gpu(command, tmp_path, monkeypatch):
     extra = ["--quick"] if command == "study" else []
     assert main([command, *extra, "--device", "auto", "--out", str(tmp_path / "o")]) == 0
     assert seen["device"] == "gpu"
+
+
+def test_train_without_options_trains_the_configurations_defaults(tmp_path, monkeypatch):
+    """Each option left out takes TrainConfig's default (weight decay 5e-4, 4 GN groups, ...),
+    the defaults `refnorm train --help` names."""
+    import refnorm.cli as cli
+    from refnorm.train.config import TrainConfig
+
+    seen = {}
+    monkeypatch.setattr(cli, "_train", lambda config, *a, **k: seen.setdefault("c", config) and 0)
+    assert main(["train", "--out", str(tmp_path)]) == 0
+    assert seen["c"] == TrainConfig()

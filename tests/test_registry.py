@@ -51,3 +51,10 @@ def test_the_registry_holds_the_names_of_the_readmes_methods_table():
     named = {name for row in rows for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert named == set(registry.names())
     assert len(registry.names()) == 13
+
+
+@pytest.mark.parametrize("cls", [refnorm.layer.Layer, type("MyBN", (refnorm.BatchNorm,), {})])
+def test_only_a_registered_class_itself_has_a_name(cls):
+    """The base class of every layer and a user's subclass of BN are not registered layers."""
+    with pytest.raises(ValueError, match=f"{cls.__qualname__} is not a registered layer"):
+        registry.name_of(cls)

@@ -106,7 +106,10 @@ class TrainConfig:
             bounds = "> 0" if name == "lr" else f"in [{low:g}, {high:g})"
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a finite number {bounds}; got {value!r}")
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int beyond every float: out of range, as inf is
+                value = math.inf
             if not math.isfinite(value) or not low <= value < high or (name == "lr"
                                                                          and value == 0):
                 raise ValueError(f"{name} must be a finite number {bounds}; got {value!r}")

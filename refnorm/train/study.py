@@ -45,7 +45,8 @@ from refnorm.train.warmup import warm_kernels
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """The grid. A method is ``norm``, ``norm+weight`` or a weight method alone (``wn``);
+    """The grid. A method is ``norm``, ``norm+weight`` or a weight method alone (``wn``,
+    also spelled ``none+wn``: each method is kept under the one name its runs carry);
     each per-device batch size b in ``batch_sizes`` is the setting (update_size / b devices,
     b samples per device)."""
 
@@ -66,8 +67,8 @@ class StudyConfig:
             if self.update_size % b:
                 raise ValueError(f"every batch size must divide update_size={self.update_size}; "
                                  f"got {b}")
-        for m in self.methods:
-            parse_method(m)
+        # one name per method, as its runs are labelled ("none+wn" is "wn"): a row per method
+        object.__setattr__(self, "methods", tuple(method_name(m) for m in self.methods))
         for name in ("batch_sizes", "methods", "seeds"):
             values = getattr(self, name)
             if len(set(values)) != len(values):  # the runs would be repeated and pooled
@@ -99,6 +100,17 @@ def parse_method(method: str) -> tuple[str, str | None]:
         raise ValueError(f"unknown method {method!r}: use a normalizer ({', '.join(NORMS)}), "
                          f"optionally +ws/+wn/+np/+trelu, or a weight method alone")
     return norm, weight
+
+
+def method_name(method: str) -> str:
+    """The one name of ``method``, as its runs are labelled: ``"none+wn"`` -> ``"wn"``."""
+    return _name(*parse_method(method))
+
+
+def _name(norm: str, weight: str | None) -> str:
+    if weight is None:
+        return norm
+    return weight if norm == "none" else f"{norm}+{weight}"
 
 
 # the grid of ``refnorm study --quick``: one seed, so its claims are reported, not judged
@@ -141,14 +153,10 @@ def run_under_mpiexec(config: TrainConfig) -> list[dict]:
     import subprocess
     import tempfile
 
-    from refnorm.launch import find_mpiexec
     from refnorm.train.loop import error_from_record
     from refnorm.train.mpi_run import ERROR
 
-    exe = find_mpiexec()
-    if exe is None:
-        raise ValueError("launcher 'mpi' needs mpiexec: install the mpi extra (pip install "
-                         "'refnorm[mpi]') or put an MPI's mpiexec on PATH")
+    exe = _mpiexec()
     with tempfile.TemporaryDirectory(prefix="refnorm-study-") as out:
         job = subprocess.run([exe, "-n", str(config.devices), sys.executable, "-m",
                               "refnorm.train.mpi_run", json.dumps(dataclasses.asdict(config)),
@@ -160,6 +168,23 @@ def run_under_mpiexec(config: TrainConfig) -> list[dict]:
             raise RuntimeError(f"mpiexec -n {config.devices} failed ({job.returncode}) for "
                                f"{config.describe()}: {job.stderr.strip()[-2000:]}")
         return json.loads(Path(out, "metrics.json").read_text())
+
+
+def _mpiexec() -> str:
+    """The ``mpiexec`` of the mpi launcher (:func:`refnorm.launch.find_mpiexec`).
+
+    Raises
+    ------
+    ValueError
+        If there is none.
+    """
+    from refnorm.launch import find_mpiexec
+
+    exe = find_mpiexec()
+    if exe is None:
+        raise ValueError("launcher 'mpi' needs mpiexec: install the mpi extra (pip install "
+                         "'refnorm[mpi]') or put an MPI's mpiexec on PATH")
+    return exe
 
 
 # What a study writes into its folder.
@@ -190,14 +215,17 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
     """Train the grid, write ``report.md`` and the plots into ``out``; return the report path.
 
     Before the first run: matplotlib (the train extra), which draws the plots (an
-    ImportError says it is missing), every run's data (:func:`check_every_run`), then the
-    folder (:func:`prepare_output`), so that a refused grid leaves no folder behind."""
+    ImportError says it is missing), every run's data (:func:`check_every_run`), mpiexec for
+    the mpi launcher's runs on several devices, then the folder (:func:`prepare_output`), so
+    that a refused grid leaves no folder behind."""
     from refnorm.train.outputs import plotting_problem
 
     if (problem := plotting_problem("the report's plots")) is not None:
         raise ImportError(problem)
     configs = job_configs(study)
     check_every_run(configs)  # first: a grid refused for its data leaves no folder behind
+    if study.launcher == "mpi" and any(c.devices > 1 for c in configs):
+        _mpiexec()  # missing: refused now, not after the runs on one device have trained
     out = prepare_output(out)
     jobs = jobs or min(len(configs), os.cpu_count() or 1)
     started = time.perf_counter()
@@ -268,9 +296,7 @@ def _label(run: dict) -> str:
 
 
 def _method(config: dict) -> str:
-    if config["weight"] is None:
-        return config["norm"]
-    return config["weight"] if config["norm"] == "none" else f"{config['norm']}+{config['weight']}"
+    return _name(config["norm"], config["weight"])
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -488,8 +514,8 @@ def convergence_note(study: StudyConfig, cells: dict) -> str | None:
         notes.append(
             f"{m.upper()} trails BN by {gap:.1f} points at {study.setting(large)}. Its train "
             f"accuracy is {_mean(mine['train']) * 100:.1f}% (BN {_mean(bn['train']) * 100:.1f}%)"
-            + (f" and its test accuracy still rose {_mean(gains):.1f} points in the last epoch"
-               if gains else "") + reading)
+            + (f" and its test accuracy {'still rose' if _mean(gains) >= 0 else 'fell'} "
+               f"{abs(_mean(gains)):.1f} points in the last epoch" if gains else "") + reading)
     return " ".join(notes) if notes else None
 
 

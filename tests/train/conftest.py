@@ -37,3 +37,18 @@ def fresh(cfg):
 
 def sn_layers(model):
     return [layer for layer in model.layers() if "population_ready" in layer.state]
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures saved while the test runs (drawn with the Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    seen = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(fig) or real(
+        fig, *a, **k))
+    return seen

@@ -77,3 +77,11 @@ def test_config_refuses_a_zero_rate_or_width(changes, message):
     configuration itself, not only by the command line."""
     with pytest.raises(ValueError, match=message):
         TrainConfig(**changes)
+
+
+@pytest.mark.parametrize("name", ["lr", "weight_decay"])
+def test_an_int_beyond_every_float_is_out_of_range(name):
+    """10**400 is a real number too large for a float: a ValueError, as inf is, not Python's
+    OverflowError from converting it."""
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        TrainConfig(**{name: 10**400})

@@ -21,21 +21,6 @@ def test_metrics_json_is_strict_json(tmp_path):
     assert rows == [{"epoch": 1, "train_loss": None, "test_loss": None, "test_acc": 0.5}]
 
 
-@pytest.fixture
-def saved_figures(monkeypatch):
-    """The matplotlib figures saved while the test runs (drawn with the Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    seen = []
-    real = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.append(fig) or real(
-        fig, *a, **k))
-    return seen
-
-
 def test_curves_have_whole_epochs_and_the_configuration_as_title(tmp_path, saved_figures):
     history = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.2 / e, "train_acc": 0.5,
                 "test_acc": 0.4} for e in (1, 2, 3)]
@@ -97,3 +82,22 @@ def test_the_epoch_line_names_each_accuracy_by_its_set(capsys):
     outputs.Progress(enabled=True).epoch_done(row)
     err = capsys.readouterr().err
     assert err.startswith("epoch 3: train loss 0.250, train acc 0.900, test acc 0.400 (1.5 s)")
+
+
+def test_write_metrics_draws_the_curves_when_given_their_title(tmp_path):
+    history = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.2 / e, "train_acc": 0.5,
+                "test_acc": 0.4} for e in (1, 2)]
+    outputs.write_metrics(tmp_path, history)
+    assert not (tmp_path / "curves.png").exists()
+    outputs.write_metrics(tmp_path, history, curves="bn batch 32 x 1 accumulation")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_disabled_progress_writes_nothing(capsys):
+    """A study's runs train with progress off: not even their first and last lines."""
+    progress = outputs.Progress(enabled=False)
+    progress.start("training bn -> runs/train")
+    progress.epoch_done({"epoch": 1, "train_loss": 0.5, "train_acc": 0.9, "test_acc": 0.8,
+                         "seconds": 1.0})
+    progress.close("done")
+    assert capsys.readouterr().err == ""

@@ -374,3 +374,236 @@ def test_convergence_note_reads_three_seeds_of_train_accuracy():
     assert "still fitting the training set" in convergence_note(study, slow)
     fits = _cells(test, train={("bn", 32): [0.99, 0.99, 0.99], ("gn", 32): [0.99, 0.98, 0.99]})
     assert "the gap is in generalization" in convergence_note(study, fits)
+
+
+def test_a_grid_must_name_a_known_launcher():
+    with pytest.raises(ValueError, match="launcher must be one of inprocess, mpi; got 'slurm'"):
+        StudyConfig(launcher="slurm")
+
+
+def test_gn_ws_above_bn_at_the_large_setting_matches_it():
+    """'Matches' is 'not significantly worse' (WS Fig. 1): GN+WS at micro-batches 3 points
+    above BN at the large setting in every seed supports the claim."""
+    study = StudyConfig(methods=("bn", "gn+ws"), batch_sizes=(2, 32), update_size=32, **THREE)
+    cells = _cells({("bn", 32): [0.90, 0.91, 0.90], ("bn", 2): [0.80, 0.81, 0.80],
+                    ("gn+ws", 2): [0.93, 0.94, 0.93], ("gn+ws", 32): [0.93, 0.94, 0.93]})
+    assert _verdicts(study, cells)["GN+WS"] is True
+
+
+def test_wn_training_as_well_as_bn_and_testing_as_well_is_not_the_claim():
+    """Gitman & Ginsburg: WN tests worse than BN. WN level with BN in test accuracy (and
+    higher in train accuracy) does not support it."""
+    study = StudyConfig(methods=("bn", "wn"), batch_sizes=(2, 32), update_size=32, **THREE)
+    test = {("bn", 32): [0.90, 0.91, 0.90], ("bn", 2): [0.80, 0.80, 0.81],
+            ("wn", 32): [0.90, 0.91, 0.90], ("wn", 2): [0.90, 0.91, 0.90]}
+    level = _cells(test, train={("bn", 32): [0.92, 0.93, 0.92], ("wn", 32): [0.97, 0.97, 0.98]})
+    assert _verdicts(study, level)["WN"] is False
+
+
+@pytest.mark.parametrize(("gn", "noted"), [(0.89, True), (0.91, False)])
+def test_convergence_note_is_written_for_a_gap_over_five_points(gn, noted):
+    """BN at 95%: GN at 89% trails it by 6 points (a note), at 91% by 4 (none)."""
+    from refnorm.train.study import convergence_note
+
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(32,), update_size=32, seeds=(0,))
+    note = convergence_note(study, _cells({("bn", 32): [0.95], ("gn", 32): [gn]}))
+    assert (note is not None) == noted
+    if noted:
+        assert note.startswith("GN trails BN by 6.0 points at (1, 32).")
+
+
+def test_convergence_note_gives_the_last_epochs_gain_in_test_accuracy():
+    """The gain is the last epoch's: GN's test accuracy 70, 80, 85% over three epochs rose 5
+    points in the last one (15 since the first)."""
+    from refnorm.train.study import convergence_note
+
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(32,), update_size=32, seeds=(0,))
+    cells = _cells({("bn", 32): [0.95], ("gn", 32): [0.85]})
+    cells[("gn", 32)]["histories"] = [[{"test_acc": a} for a in (0.70, 0.80, 0.85)]]
+    assert "still rose 5.0 points in the last epoch" in convergence_note(study, cells)
+
+
+def test_report_names_the_rows_that_are_flat_by_construction(tmp_path):
+    """A method without batch statistics (GN+WS, and WN alone: no activation normalizer)
+    trains alike at every setting; BN and SyncBN do not, and are not named."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("bn", "wn", "syncbn", "gn+ws"), batch_sizes=(32,),
+                        update_size=32, seeds=(0,))
+    runs = [{"config": {"norm": norm, "weight": weight, "batch_size": 32, "seed": 0},
+             "history": [{"epoch": 1, "test_acc": 0.9, "train_acc": 0.9}], "seconds": 1.0}
+            for norm, weight in (("bn", None), ("none", "wn"), ("syncbn", None), ("gn", "ws"))]
+    write_report(study, runs, tmp_path, 1.0)
+    assert "\nwn, gn+ws never compute statistics across samples:" in (
+        tmp_path / "report.md").read_text()
+
+
+def test_sn_ratio_evidence_gives_the_shares_and_their_paired_difference():
+    """BN shares 0.60, 0.62, 0.61 at (1, 32) and 0.30, 0.33, 0.31 at (16, 2): means 0.61 and
+    0.31, per-seed differences 0.30, 0.29, 0.30 (mean 0.297, standard error 0.0033)."""
+    study = StudyConfig(methods=("sn",), batch_sizes=(2, 32), update_size=32, **THREE)
+    acc = {("sn", 2): [0.9, 0.9, 0.9], ("sn", 32): [0.9, 0.9, 0.9]}
+    cells = _with_bn_ratios(_cells(acc), {32: [0.60, 0.62, 0.61], 2: [0.30, 0.33, 0.31]})
+    (claim,) = claims(study, cells)
+    assert ("0.31 at (16, 2) vs 0.61 at (1, 32) (difference 0.297 ± 0.003)"
+            in claim.evidence)
+
+
+def test_accuracy_plot_bars_are_the_sample_standard_deviation(tmp_path, saved_figures):
+    """90, 92 and 94% over three seeds: a point at 92 with a bar from 90 to 94 (± 2.0, the
+    table's ddof-1 deviation)."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("bn",), batch_sizes=(32,), update_size=32, **THREE)
+    runs = [_one_epoch_run("bn", 32, s, acc, 0.99) for s, acc in enumerate((0.90, 0.92, 0.94))]
+    write_report(study, runs, tmp_path, 1.0)
+    (fig,) = saved_figures
+    (ax,) = fig.axes
+    (bars,) = ax.containers
+    point, _, (bar,) = bars.lines
+    assert list(point.get_ydata()) == pytest.approx([92.0])
+    ((_, low), (_, high)), = bar.get_segments()
+    assert (low, high) == pytest.approx((90.0, 94.0))
+
+
+def test_wn_vs_bn_plot_draws_the_large_settings_epochs(tmp_path, saved_figures):
+    """Gitman & Ginsburg Fig. 3 at the large setting (1, 32): each method's train and test
+    accuracy per epoch, from its run at batch 32, not at batch 2."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("bn", "wn"), batch_sizes=(2, 32), update_size=32, seeds=(0,))
+
+    def run(norm, weight, batch, first, last):
+        history = [{"epoch": e, "train_acc": acc + 0.01, "test_acc": acc}
+                   for e, acc in ((1, first), (2, last))]
+        return {"config": {"norm": norm, "weight": weight, "batch_size": batch, "seed": 0},
+                "history": history, "seconds": 1.0}
+
+    runs = [run("bn", None, 2, 0.50, 0.60), run("bn", None, 32, 0.70, 0.80),
+            run("none", "wn", 2, 0.30, 0.40), run("none", "wn", 32, 0.10, 0.20)]
+    write_report(study, runs, tmp_path, 1.0)
+    fig = saved_figures[-1]
+    (ax,) = fig.axes
+    assert ax.get_title() == "(1, 32) (#devices, #samples per device), seed 0"
+    drawn = {line.get_label(): [round(y, 6) for y in line.get_ydata()]
+             for line in ax.get_lines()}
+    assert drawn == {"bn train": [71.0, 81.0], "bn test": [70.0, 80.0],
+                     "wn train": [11.0, 21.0], "wn test": [10.0, 20.0]}
+
+
+def test_report_numbers_are_the_saved_runs(tmp_path):
+    """runs.json holds every run of the grid (its configuration and per-epoch history), and
+    the report's table is the mean ± sample standard deviation of their last test accuracies,
+    recomputed here from runs.json."""
+    import json
+    import statistics
+
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(8, 16), update_size=16, epochs=1,
+                        train_subset=64, seeds=(0, 1))
+    report = run_study(study, tmp_path, jobs=1, log=lambda line: None).read_text()
+    assert "seeds [0, 1]; 8 runs in " in report
+    assert "Mean ± sample standard deviation over seeds (ddof 1" in report
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    grid = {(r["config"]["norm"], r["config"]["batch_size"], r["config"]["seed"]) for r in runs}
+    assert grid == {(m, b, s) for m in ("bn", "gn") for b in (8, 16) for s in (0, 1)}
+    assert all(len(r["history"]) == 1 for r in runs)
+    for method in ("bn", "gn"):
+        cells = []
+        for b in (8, 16):
+            acc = [100 * r["history"][-1]["test_acc"] for r in runs
+                   if (r["config"]["norm"], r["config"]["batch_size"]) == (method, b)]
+            cells.append(f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f}")
+        assert f"| {method} | {cells[0]} | {cells[1]} |" in report
+
+
+def test_a_grid_of_wn_without_bn_has_no_wn_vs_bn_plot(tmp_path):
+    """The WN vs BN plot (Gitman & Ginsburg Fig. 3) needs both; a grid of WN alone still
+    gets its table and accuracy plot."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("wn",), batch_sizes=(32,), update_size=32, seeds=(0,))
+    runs = [{"config": {"norm": "none", "weight": "wn", "batch_size": 32, "seed": 0},
+             "history": [{"epoch": 1, "test_acc": 0.9, "train_acc": 0.95}], "seconds": 1.0}]
+    write_report(study, runs, tmp_path, 1.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "| wn | 90.0 |" in report and "wn_vs_bn.png" not in report
+    assert not (tmp_path / "wn_vs_bn.png").exists()
+
+
+def test_sn_ratios_are_plotted_when_a_setting_of_sn_is_missing(tmp_path):
+    """A study stopped early may hold SN at one setting only: its ratios are still drawn."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("sn",), batch_sizes=(2, 32), update_size=32, seeds=(0,))
+    ratios = {f"sn1_{kind}_{scope}": 1 / 3 for kind in ("mean", "var")
+              for scope in ("in", "ln", "bn")}
+    runs = [{"config": {"norm": "sn", "weight": None, "batch_size": 32, "seed": 0},
+             "history": [{"epoch": 1, "test_acc": 0.9, "train_acc": 0.95, **ratios}],
+             "seconds": 1.0}]
+    write_report(study, runs, tmp_path, 1.0)
+    assert "![SN ratios per layer](sn_ratios.png)" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "sn_ratios.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_mpi_launcher_sends_runs_on_several_devices_to_mpiexec(monkeypatch):
+    """With launcher "mpi" a run on 2 devices is started under mpiexec; a run on one device
+    trains in this process."""
+    from types import SimpleNamespace
+
+    import refnorm.train.study as study_module
+    from refnorm.train.config import TrainConfig
+
+    started = []
+    history = [{"epoch": 1, "test_acc": 0.5}]
+    monkeypatch.setattr(study_module, "run_under_mpiexec",
+                        lambda config: started.append(("mpiexec", config.devices)) or history)
+    monkeypatch.setattr(study_module, "train", lambda config, **kw: started.append(
+        ("in-process", config.devices)) or SimpleNamespace(interrupted=False, history=history))
+    for devices in (2, 1):
+        run = study_module._run(TrainConfig(devices=devices, batch_size=2), "mpi")
+        assert run["history"] == history and run["config"]["devices"] == devices
+    assert started == [("mpiexec", 2), ("in-process", 1)]
+
+
+def test_a_method_has_one_name_however_it_is_spelled(tmp_path):
+    """"none+ws" is WS alone, as its runs are labelled ("ws b=32"): the grid names it "ws",
+    its report row holds its runs, and "wn" with "none+wn" is one method given twice."""
+    from refnorm.train.study import write_report
+
+    assert StudyConfig(methods=("none+ws", "bn")).methods == ("ws", "bn")
+    with pytest.raises(ValueError, match=r"methods must not repeat a value; got \('wn', 'wn'\)"):
+        StudyConfig(methods=("wn", "none+wn"))
+    study = StudyConfig(methods=("none+ws",), batch_sizes=(32,), update_size=32, seeds=(0,))
+    runs = [{"config": {"norm": "none", "weight": "ws", "batch_size": 32, "seed": 0},
+             "history": [{"epoch": 1, "test_acc": 0.9, "train_acc": 0.95}], "seconds": 1.0}]
+    write_report(study, runs, tmp_path, 1.0)
+    assert "| ws | 90.0 |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_mpi_launcher_without_mpiexec_is_refused_before_any_run(tmp_path, monkeypatch):
+    """Its first run on one device would train in-process, and the grid fail at its first run
+    on several: refused before any run, leaving no folder behind."""
+    import refnorm.launch
+    import refnorm.train.study as study_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("a run started before mpiexec was looked for")
+
+    monkeypatch.setattr(refnorm.launch, "find_mpiexec", lambda: None)
+    monkeypatch.setattr(study_module, "_run", never)
+    study = StudyConfig(methods=("bn",), batch_sizes=(16, 2), update_size=16, seeds=(0,),
+                        train_subset=64, launcher="mpi")
+    with pytest.raises(ValueError, match=r"launcher 'mpi' needs mpiexec"):
+        run_study(study, tmp_path / "study", jobs=1)
+    assert not (tmp_path / "study").exists()
+
+
+def test_convergence_note_says_when_the_last_epoch_lost_test_accuracy():
+    """GN's test accuracy 80, 90, 85% over three epochs fell 5 points in the last one."""
+    from refnorm.train.study import convergence_note
+
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(32,), update_size=32, seeds=(0,))
+    cells = _cells({("bn", 32): [0.95], ("gn", 32): [0.85]})
+    cells[("gn", 32)]["histories"] = [[{"test_acc": a} for a in (0.80, 0.90, 0.85)]]
+    note = convergence_note(study, cells)
+    assert "its test accuracy fell 5.0 points in the last epoch" in note and "rose" not in note
