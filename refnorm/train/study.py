@@ -37,7 +37,7 @@ import numpy as np
 from refnorm.dispatch import process_choice, set_path
 from refnorm.norms.switchable_norm import SCOPES
 from refnorm.train.config import TrainConfig
-from refnorm.train.folder import atomic_write
+from refnorm.train.folder import atomic_write, new_folders, remove_if_empty
 from refnorm.train.interrupt import Interrupted
 from refnorm.train.loop import train
 from refnorm.train.warmup import warm_kernels
@@ -217,7 +217,9 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
     Before the first run: matplotlib (the train extra), which draws the plots (an
     ImportError says it is missing), every run's data (:func:`check_every_run`), mpiexec for
     the mpi launcher's runs on several devices, then the folder (:func:`prepare_output`), so
-    that a refused grid leaves no folder behind."""
+    that a refused grid leaves no folder behind; a study that stops before its report (a
+    run's error, a diverged run, an interrupt) removes the folders it created while they are
+    empty."""
     from refnorm.train.outputs import plotting_problem
 
     if (problem := plotting_problem("the report's plots")) is not None:
@@ -226,7 +228,18 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
     check_every_run(configs)  # first: a grid refused for its data leaves no folder behind
     if study.launcher == "mpi" and any(c.devices > 1 for c in configs):
         _mpiexec()  # missing: refused now, not after the runs on one device have trained
+    made = new_folders(out)
     out = prepare_output(out)
+    try:
+        return _train_and_report(study, configs, out, jobs, log)
+    except BaseException:  # a run that failed, diverged or was stopped: no folder left empty
+        remove_if_empty(made)
+        raise
+
+
+def _train_and_report(study: StudyConfig, configs: list[TrainConfig], out: Path,
+                      jobs: int | None, log) -> Path:
+    """:func:`run_study` once its folder is made: every run, then the report."""
     jobs = jobs or min(len(configs), os.cpu_count() or 1)
     started = time.perf_counter()
     runs = []
@@ -574,13 +587,18 @@ def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float
     lines += ["", "## Plots", "",
               "![accuracy vs setting](accuracy_vs_batch.png)", ""]
     plot_accuracy(study, cells, out / "accuracy_vs_batch.png")
-    if any(("sn", b) in cells for b in study.batch_sizes):
+    large = max(study.batch_sizes)
+    plots = {"sn_ratios.png": any(("sn", b) in cells for b in study.batch_sizes),
+             "wn_vs_bn.png": ("wn", large) in cells and ("bn", large) in cells}
+    if plots["sn_ratios.png"]:
         plot_sn_ratios(study, cells, out / "sn_ratios.png")
         lines += ["![SN ratios per layer](sn_ratios.png)", ""]
-    large = max(study.batch_sizes)
-    if ("wn", large) in cells and ("bn", large) in cells:
+    if plots["wn_vs_bn.png"]:
         plot_wn_vs_bn(study, cells, out / "wn_vs_bn.png")
         lines += ["![WN vs BN, train and test accuracy](wn_vs_bn.png)", ""]
+    for name, drawn in plots.items():  # an earlier study's plot in this folder is not this one's
+        if not drawn:
+            (out / name).unlink(missing_ok=True)
     report = "\n".join(lines) + "\n"
     atomic_write(out / "report.md", lambda f: f.write(report.encode()))
 

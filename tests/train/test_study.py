@@ -607,3 +607,36 @@ def test_convergence_note_says_when_the_last_epoch_lost_test_accuracy():
     cells[("gn", 32)]["histories"] = [[{"test_acc": a} for a in (0.80, 0.90, 0.85)]]
     note = convergence_note(study, cells)
     assert "its test accuracy fell 5.0 points in the last epoch" in note and "rose" not in note
+
+
+@pytest.mark.parametrize("stop", [RuntimeError("a run failed"), KeyboardInterrupt()])
+def test_a_study_that_stops_removes_the_folders_it_made(tmp_path, monkeypatch, stop):
+    """A run's error (or an interrupt) before the report: the folders the study created for
+    ``out`` go while empty, as a training run's do; a folder that was there stays."""
+    import refnorm.train.study as study_module
+
+    def fails(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(study_module, "_run", fails)
+    study = StudyConfig(methods=("bn",), batch_sizes=(32,), update_size=32, seeds=(0,))
+    with pytest.raises(type(stop)):
+        run_study(study, tmp_path / "made" / "here", jobs=1)
+    assert not (tmp_path / "made").exists()
+    with pytest.raises(type(stop)):
+        run_study(study, tmp_path, jobs=1)
+    assert tmp_path.is_dir()
+
+
+def test_a_plot_the_report_does_not_draw_is_not_left_from_an_earlier_study(tmp_path):
+    """A second study into the same folder, without SN and WN: the first study's SN-ratio
+    and WN-vs-BN plots would sit beside a report that does not show them."""
+    from refnorm.train.study import write_report
+
+    for name in ("sn_ratios.png", "wn_vs_bn.png"):
+        (tmp_path / name).write_bytes(b"an earlier study's plot")
+    study = StudyConfig(methods=("bn",), batch_sizes=(32,), update_size=32, seeds=(0,))
+    runs = [{"config": {"norm": "bn", "weight": None, "batch_size": 32, "seed": 0},
+             "history": [{"epoch": 1, "test_acc": 0.9, "train_acc": 0.95}], "seconds": 1.0}]
+    write_report(study, runs, tmp_path, 1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_vs_batch.png", "report.md"]
