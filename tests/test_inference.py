@@ -56,6 +56,19 @@ def test_batch_average_freezes_the_rest_of_the_network():
     assert not np.allclose(sn.state["running_var"], sn_state["running_var"])
 
 
+def test_batch_average_runs_a_tuple_of_layers_in_order():
+    """A tuple model, as a list: BN's training-mode output of each batch feeds SN."""
+    rng = np.random.default_rng(13)
+    bn = refnorm.build("bn", 3, dtype=np.float64)
+    sn = refnorm.build("sn", 3, dtype=np.float64)
+    batches = [rng.standard_normal((4, 3, 2, 2)) + 5 for _ in range(2)]
+    fed = np.concatenate([copy.deepcopy(bn).forward(b, training=True) for b in batches])
+    assert batch_average((bn, sn), batches) == 2
+    fed = fed.transpose(1, 0, 2, 3).reshape(3, -1)
+    np.testing.assert_allclose(sn.state["running_mean"], fed.mean(axis=1), atol=1e-13)
+    np.testing.assert_allclose(sn.state["running_var"], fed.var(axis=1), rtol=1e-12)
+
+
 def test_a_failing_batch_restores_every_state():
     sn = refnorm.build("sn", 3, dtype=np.float64, inference="batch_average")
     state = copy.deepcopy(sn.state)
@@ -173,3 +186,20 @@ def test_a_failing_batch_restores_the_moving_averages_it_had_moved():
         assert layer.state.keys() == state.keys()
         for key in state:
             np.testing.assert_array_equal(layer.state[key], state[key])
+
+
+@pytest.mark.parametrize(
+    ("record", "match"),
+    [(BatchStatistics(2, np.zeros(3), np.ones(4)), "one shape"),
+     (BatchStatistics(2, np.zeros((3, 1)), np.ones((3, 1))), r"one shape \(C,\)"),
+     (BatchStatistics(2, np.zeros(()), np.ones(())), r"one shape \(C,\)")],
+    ids=["var of another length", "2-D", "0-d"],
+)
+def test_merge_batch_statistics_refuses_a_record_that_is_not_per_channel(record, match):
+    with pytest.raises(ValueError, match=match):
+        merge_batch_statistics([record])
+
+
+def test_merge_batch_statistics_refuses_a_record_that_is_not_batch_statistics():
+    with pytest.raises(TypeError, match="records must be BatchStatistics; got tuple"):
+        merge_batch_statistics([(2, np.zeros(3), np.ones(3))])

@@ -259,3 +259,11 @@ def test_blas_runs_small_products_on_one_thread_and_large_ones_on_refnorms_count
     with knn.blas_threads(knn.BLAS_PARALLEL_FROM):
         assert counts() == [threads()] * len(before)
     assert counts() == before
+
+
+def test_col2im_refuses_columns_of_another_shape_than_x_shape_gives():
+    """The loop reads the columns at the addresses x_shape gives: columns for a smaller input
+    are refused, not read beyond their end."""
+    cols = np.ones((2 * 3 * 3, 1 * 2 * 2))                        # x (1, 2, 4, 4), kernel 3
+    with pytest.raises(ValueError, match=r"cols must have shape \(18, 9\)"):
+        kernels.col2im(cols, (1, 2, 5, 5), (3, 3), (1, 1), (0, 0))

@@ -107,3 +107,14 @@ def test_fast_relu_backward_checks_every_new_upstream_shape():
         with pytest.raises(ValueError, match=r"dy must have shape \(4, 5\); got "
                                              + re.escape(str(shape))):
             relu_backward(np.ones(shape), cache, path="fast")
+
+
+def test_fast_relu_backward_checks_dy_against_each_cache():
+    """A dy of the shape an earlier cache accepted is checked again against a cache of another
+    shape (here fewer elements, which the loop would read past), as the reference checks it."""
+    rng = np.random.default_rng(1)
+    _, cache = relu_forward(rng.standard_normal((4, 5)), path="fast")
+    relu_backward(np.ones((4, 5)), cache, path="fast")  # valid: checked and remembered
+    _, small = relu_forward(rng.standard_normal((2, 5)), path="fast")
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 5\); got \(4, 5\)"):
+        relu_backward(np.ones((4, 5)), small, path="fast")

@@ -323,3 +323,33 @@ def test_backward_refuses_an_upstream_gradient_from_another_namespace():
         _, cache = conv2d_forward(xp_cache.asarray(x), xp_cache.asarray(w))
         with pytest.raises(TypeError, match=r"one array namespace"):
             conv2d_backward(xp_dy.asarray(np.ones((2, 4, 3, 3))), cache)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_backward_ignores_an_in_place_change_of_w_after_forward(path):
+    """The cache holds its own copy of the weights (dcols = W^T dY): changing the caller's w
+    in place between forward and backward (an optimizer step on a shared array) leaves dx
+    as the forward's weights give it, on both paths."""
+    rng = np.random.default_rng(8)
+    x = 5 * rng.standard_normal((2, 2, 5, 4)) + 12
+    w = rng.standard_normal((3, 2, 3, 2))
+    y, cache = conv2d_forward(x, w, stride=(2, 1), padding=1, path=path)
+    dy = rng.standard_normal(y.shape)
+    _, fresh = conv2d_forward(x, w.copy(), stride=(2, 1), padding=1, path=path)
+    dx_want, dw_want, _ = conv2d_backward(dy, fresh, path=path)
+    w += 1.0
+    dx, dw, _ = conv2d_backward(dy, cache, path=path)
+    np.testing.assert_array_equal(dx, dx_want)
+    np.testing.assert_array_equal(dw, dw_want)
+
+
+def test_fast_conv_refuses_a_bias_of_another_shape_after_a_valid_one():
+    """The fast path remembers the argument signature it has checked; b's shape is part of
+    it, so a (1, C_out) or (C_out, 1) bias after a (C_out,) one is refused as the reference
+    refuses it, not reshaped into place by the kernel."""
+    rng = np.random.default_rng(9)
+    x, w = rng.standard_normal((1, 2, 4, 4)), rng.standard_normal((3, 2, 2, 2))
+    conv2d_forward(x, w, np.zeros(3), path="fast")  # valid: checked and remembered
+    for b in (np.zeros((1, 3)), np.zeros((3, 1))):
+        with pytest.raises(ValueError, match=r"b must have shape \(C_out,\) = \(3,\)"):
+            conv2d_forward(x, w, b, path="fast")

@@ -81,3 +81,13 @@ def test_he_normal_refuses_an_integer_dtype():
     # int32 would truncate the normal draws, mostly to 0
     with pytest.raises(TypeError, match="real floating dtype"):
         he_normal((2, 3), fan_in=3, seed=0, xp=np, dtype=np.int32)
+
+
+def test_he_normal_is_numpys_float64_standard_normal_scaled():
+    """The documented draw: numpy.random.default_rng(seed).standard_normal(shape) in float64
+    times sqrt(2 / fan_in), rounded once to the dtype; reproducible with numpy alone."""
+    want = np.random.default_rng(11).standard_normal((5, 3, 2)) * np.sqrt(2.0 / 6)
+    got = he_normal((5, 3, 2), fan_in=6, seed=11, xp=np, dtype=np.float64)
+    np.testing.assert_array_equal(got, want)
+    got32 = he_normal((5, 3, 2), fan_in=6, seed=11, xp=np, dtype=np.float32)
+    np.testing.assert_array_equal(got32, want.astype(np.float32))

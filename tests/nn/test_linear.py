@@ -171,3 +171,14 @@ def test_arrays_from_two_namespaces_are_refused():
     for args in ((x, w, s(b)), (x, s(w), None), (s(x), s(w), b)):
         with pytest.raises(TypeError, match=r"one array namespace"):
             linear_forward(*args)
+
+
+def test_linear_db_is_summed_in_the_compute_dtype():
+    """float16 x and dy, float32 b: db sums dy in float32 (120000), beyond float16's largest
+    value 65504, where a float16 sum would give inf."""
+    x, w = np.full((2, 1), 0.5, np.float16), np.ones((1, 1), np.float16)
+    b = np.zeros(1, np.float32)
+    _, cache = linear_forward(x, w, b)
+    _, _, db = linear_backward(np.full((2, 1), 60000.0, np.float16), cache)
+    assert db.dtype == np.float32
+    np.testing.assert_array_equal(db, [120000.0])

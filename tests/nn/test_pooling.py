@@ -295,7 +295,7 @@ def test_float16_avg_pool_backward_sums_overlapping_windows_in_float32(path):
     np.testing.assert_array_equal(dx, expected.astype(np.float16))
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 0, 4), (2, 3, 4, 0), (2, 3, 0)])
+@pytest.mark.parametrize("shape", [(2, 3, 0, 4), (2, 3, 4, 0), (2, 3, 0), (2, 3, 2, 2, 0)])
 def test_global_avg_pool_refuses_an_empty_spatial_axis(shape):
     with pytest.raises(ValueError, match="at least one position"):
         global_avg_pool_forward(np.ones(shape))
@@ -328,3 +328,38 @@ def test_fast_max_pool_takes_the_stride_of_each_call():
         y, _ = max_pool2d_forward(x, kernel_size=2, stride=stride, path="fast")
         expected, _ = max_pool2d_forward(x, kernel_size=2, stride=stride, path="reference")
         np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.parametrize("forward", [max_pool2d_forward, avg_pool2d_forward])
+def test_fast_pooling_refuses_a_bool_window_after_the_equal_int(forward):
+    """The fast path remembers an argument signature it has checked; True equals 1 and hashes
+    like it, so the signature holds the types too: a bool stride or kernel size after the
+    int one is refused as the reference refuses it."""
+    x = np.random.default_rng(3).standard_normal((1, 2, 4, 4))
+    forward(x, kernel_size=2, stride=1, path="fast")  # valid: checked and remembered
+    with pytest.raises(TypeError, match=r"stride must be an int or a pair of ints; got True"):
+        forward(x, kernel_size=2, stride=True, path="fast")
+    forward(x, kernel_size=1, path="fast")
+    with pytest.raises(TypeError, match=r"kernel_size must be an int or a pair of ints"):
+        forward(x, kernel_size=True, path="fast")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_fast_max_pool_cache_equals_the_reference_cache(dtype):
+    """Either backward can take either forward's cache: the fast forward records the same
+    argmax, shapes and dtypes, float16 computing in float32."""
+    x = np.random.default_rng(4).standard_normal((2, 3, 5, 6)).astype(dtype)
+    _, fast = max_pool2d_forward(x, kernel_size=(2, 3), stride=(1, 2), path="fast")
+    _, ref = max_pool2d_forward(x, kernel_size=(2, 3), stride=(1, 2), path="reference")
+    assert fast.pool == ref.pool
+    assert fast.pool.compute_dtype == (np.float32 if dtype == np.float16 else dtype)
+    np.testing.assert_array_equal(fast.argmax, ref.argmax)
+
+
+def test_global_avg_pool_backward_divides_in_the_precision_of_x():
+    """x float64 over 3 positions, dy float32 = 1: every position gets 1/3 in float64 (dy is
+    cast to x's compute dtype before the division), not float32's 1/3 widened."""
+    _, cache = global_avg_pool_forward(np.zeros((1, 1, 3, 1)))
+    dx = global_avg_pool_backward(np.ones((1, 1), np.float32), cache)
+    assert dx.dtype == np.float64
+    np.testing.assert_array_equal(dx, np.full((1, 1, 3, 1), 1.0 / 3.0))
