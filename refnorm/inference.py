@@ -69,13 +69,21 @@ def batch_average(model: Any, batches: Iterable[Array], *, comm: Any = None) -> 
     ----------
     model : a layer, an object with ``forward(x, training)`` and ``layers()``, or a
         list/tuple of layers applied in order
-    batches : iterable of arrays
+    batches : iterable of arrays, not an array itself
+        A list or generator of batches. One array is refused (TypeError): iterating it would
+        feed its samples as batches, each a valid input of another shape when its sizes allow
+        (``[x]`` feeds one batch, ``list(stacked)`` batches stacked along a first axis).
     comm : communicator, optional (:mod:`refnorm.sync.comm`)
 
     Returns
     -------
     int : the number of batches fed
     """
+    if hasattr(batches, "shape"):
+        raise TypeError(f"batch_average: batches must be an iterable of batches (a list, a "
+                        f"generator), not one array: got an array of shape "
+                        f"{tuple(batches.shape)}; pass [x] for one batch, or list(stacked) "
+                        f"for batches stacked along the first axis")
     layers = list(iter_layers(model))
     targets = [layer for layer in layers
                if isinstance(layer, SwitchableNorm) and "bn" in layer.options.scopes]

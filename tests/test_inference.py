@@ -203,3 +203,16 @@ def test_merge_batch_statistics_refuses_a_record_that_is_not_per_channel(record,
 def test_merge_batch_statistics_refuses_a_record_that_is_not_batch_statistics():
     with pytest.raises(TypeError, match="records must be BatchStatistics; got tuple"):
         merge_batch_statistics([(2, np.zeros(3), np.ones(3))])
+
+
+@pytest.mark.parametrize(("shape", "batches"), [((4, 3, 3, 5), 1), ((2, 4, 3, 3, 5), 2)])
+def test_batch_average_refuses_one_array_for_its_batches(shape, batches):
+    """Iterating one (4, 3, 3, 5) batch would feed its samples, each a valid (N, C, L) input
+    for C = 3, as four batches and set wrong statistics without a word; a stacked array is
+    refused too, with the two ways to say what is meant, which both work."""
+    layer = refnorm.SwitchableNorm(3, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal(shape)
+    with pytest.raises(TypeError, match=r"not one array: got an array of shape .*"
+                                        r"pass \[x\] for one batch, or list\(stacked\)"):
+        batch_average(layer, x)
+    assert batch_average(layer, [x] if batches == 1 else list(x)) == batches
