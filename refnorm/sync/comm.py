@@ -53,7 +53,14 @@ import numpy as np
 
 from refnorm.backend import Array, array_namespace, device_of, on_device, to_numpy
 from refnorm.core.checks import is_int
-from refnorm.sync.headers import HEADER_BYTES, LEAVE, CallHeader, CallLog, check_headers
+from refnorm.sync.headers import (
+    HEADER_BYTES,
+    LEAVE,
+    CallHeader,
+    CallLog,
+    array_list,
+    check_headers,
+)
 
 TIMEOUT_ENV = "REFNORM_SYNC_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0  # seconds; as NCCL's watchdog, long enough for any real step's compute
@@ -109,7 +116,7 @@ class SingleProcess(Communicator):
 
     def allreduce_sum(self, arrays: Sequence[Array], *, op: str = "allreduce_sum",
                       layer: str = "") -> list[Array]:
-        return list(arrays)
+        return array_list(arrays)
 
 
 def _itemsize(a: Array) -> int:
@@ -145,6 +152,7 @@ class MeteredCommunicator(Communicator):
                       layer: str = "") -> list[Array]:
         from refnorm.sync.headers import allreduce
 
+        arrays = array_list(arrays)
         started = time.perf_counter()
         try:
             return allreduce(self.inner, arrays, op=op, layer=layer)
@@ -344,6 +352,7 @@ class InProcessGroup(Communicator):
 
     def allreduce_sum(self, arrays: Sequence[Array], *, op: str = "allreduce_sum",
                       layer: str = "") -> list[Array]:
+        arrays = array_list(arrays)
         if self._shared.closed:
             raise RuntimeError(
                 "this InProcessGroup's run() has returned: its devices are gone, so an "
@@ -441,6 +450,7 @@ class MPICommunicator(Communicator):
 
     def allreduce_sum(self, arrays: Sequence[Array], *, op: str = "allreduce_sum",
                       layer: str = "") -> list[Array]:
+        arrays = array_list(arrays)
         if self._finished:
             raise RuntimeError(f"rank {self.rank} called finish() and then an all-reduce "
                                f"({op}{' of layer ' + layer if layer else ''})")

@@ -178,6 +178,20 @@ class CallLog:
 # -- what synchronized layers call ---------------------------------------------------------------
 
 
+def array_list(arrays: Sequence[Array]) -> list[Array]:
+    """``arrays``, the argument of ``allreduce_sum``, as a list.
+
+    Raises
+    ------
+    TypeError
+        If ``arrays`` is one array: iterating it would all-reduce its rows as separate arrays.
+    """
+    if hasattr(arrays, "shape"):
+        raise TypeError(f"allreduce_sum takes a list of arrays; got one array of shape "
+                        f"{tuple(arrays.shape)} (pass [a])")
+    return list(arrays)
+
+
 def allreduce(comm: Any, arrays: Sequence[Array], *, op: str, layer: str = "") -> list[Array]:
     """``comm.allreduce_sum(arrays)``, described by ``op`` and ``layer`` for the header check.
 

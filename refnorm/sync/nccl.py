@@ -39,7 +39,14 @@ import numpy as np
 
 from refnorm.backend import Array
 from refnorm.sync.comm import Communicator, timeout_seconds
-from refnorm.sync.headers import HEADER_BYTES, LEAVE, CallHeader, CallLog, check_headers
+from refnorm.sync.headers import (
+    HEADER_BYTES,
+    LEAVE,
+    CallHeader,
+    CallLog,
+    array_list,
+    check_headers,
+)
 
 _POLL_S = 1e-4  # seconds between polls of a stream after the first spins
 
@@ -103,6 +110,7 @@ class NCCLCommunicator(Communicator):
 
     def allreduce_sum(self, arrays: Sequence[Array], *, op: str = "allreduce_sum",
                       layer: str = "") -> list[Array]:
+        arrays = array_list(arrays)
         if self._finished:
             raise RuntimeError(f"rank {self.rank} called finish() and then an all-reduce "
                                f"({op}{' of layer ' + layer if layer else ''})")

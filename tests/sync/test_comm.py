@@ -39,6 +39,22 @@ def test_single_process_returns_its_input():
     np.testing.assert_array_equal(out, a)
 
 
+def test_one_array_for_the_list_of_arrays_is_refused():
+    """allreduce_sum takes a list: one (2, 3) array iterated would be summed as two arrays of
+    3 values (SingleProcess returned its rows, a list, without a word)."""
+    a = np.arange(6.0).reshape(2, 3)
+    says = r"allreduce_sum takes a list of arrays; got one array of shape \(2, 3\) \(pass \[a\]\)"
+    for comm in (SingleProcess(), MeteredCommunicator(SingleProcess())):
+        with pytest.raises(TypeError, match=says):
+            comm.allreduce_sum(a)
+
+    def device(comm):
+        return comm.allreduce_sum(a)
+
+    with pytest.raises(TypeError, match=says):
+        InProcessGroup.run(2, device, timeout=10)
+
+
 def test_group_size_and_per_rank_arguments_are_checked():
     with pytest.raises(ValueError, match="size must be a positive int"):
         InProcessGroup.run(0, lambda comm: None)
