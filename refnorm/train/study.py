@@ -542,7 +542,8 @@ def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float
     lines = ["# Micro-batch study", "",
              f"Data `{study.data}`{subset}; settings (#devices, #samples per device) with "
              f"{study.update_size} samples per update, as in SN Table 2 ({where}); "
-             f"{study.epochs} epochs; lr {study.lr} (cosine); seeds {list(study.seeds)}; "
+             f"{study.epochs} epoch{'s' if study.epochs != 1 else ''}; lr {study.lr} (cosine); "
+             f"seeds {list(study.seeds)}; "
              f"{len(runs)} runs in {elapsed:.0f} s.", "",
              "## Test accuracy (%)", "",
              "| method | " + " | ".join(f"{p}, {b}" for p, b in settings) + " |",
@@ -564,10 +565,12 @@ def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float
     independent = [m for m in study.methods
                    if parse_method(m)[0] in ("none", "in", "ln", "gn")]
     if independent:
-        lines += [f"{', '.join(independent)} never compute statistics across samples: P "
-                  "devices then train exactly as one device with all P x b samples (the "
-                  "data-parallel loop's tests show it), so their rows are flat by construction "
-                  "(up to float rounding in the order gradients are summed)."]
+        one = len(independent) == 1
+        lines += [f"{', '.join(independent)} never compute{'s' if one else ''} statistics "
+                  "across samples: P devices then train exactly as one device with all P x b "
+                  "samples (the data-parallel loop's tests show it), so "
+                  f"{'its row is' if one else 'their rows are'} flat by construction (up to "
+                  "float rounding in the order gradients are summed)."]
     synchronized = [m for m in study.methods if parse_method(m)[0] in ("syncbn", "syncsn")]
     if synchronized:
         one = len(synchronized) == 1

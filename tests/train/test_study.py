@@ -640,3 +640,19 @@ def test_a_plot_the_report_does_not_draw_is_not_left_from_an_earlier_study(tmp_p
              "history": [{"epoch": 1, "test_acc": 0.9, "train_acc": 0.95}], "seconds": 1.0}]
     write_report(study, runs, tmp_path, 1.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_vs_batch.png", "report.md"]
+
+
+def test_report_sentences_agree_with_one_method_and_one_epoch(tmp_path):
+    """One method without batch statistics is "it", one epoch is not "1 epochs"."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("bn", "gn"), batch_sizes=(32,), update_size=32, seeds=(0,),
+                        epochs=1)
+    runs = [{"config": {"norm": norm, "weight": None, "batch_size": 32, "seed": 0},
+             "history": [{"epoch": 1, "test_acc": 0.9, "train_acc": 0.9}], "seconds": 1.0}
+            for norm in ("bn", "gn")]
+    write_report(study, runs, tmp_path, 1.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "\ngn never computes statistics across samples:" in report
+    assert "so its row is flat by construction" in report
+    assert " 1 epoch; " in report and "1 epochs" not in report
