@@ -37,7 +37,7 @@ import numpy as np
 from refnorm.dispatch import process_choice, set_path
 from refnorm.norms.switchable_norm import SCOPES
 from refnorm.train.config import TrainConfig
-from refnorm.train.folder import atomic_write, new_folders, remove_if_empty
+from refnorm.train.folder import FolderLock, atomic_write, new_folders, remove_if_empty
 from refnorm.train.interrupt import Interrupted
 from refnorm.train.loop import train
 from refnorm.train.warmup import warm_kernels
@@ -217,8 +217,10 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
     Before the first run: matplotlib (the train extra), which draws the plots (an
     ImportError says it is missing), every run's data (:func:`check_every_run`), mpiexec for
     the mpi launcher's runs on several devices, then the folder (:func:`prepare_output`), so
-    that a refused grid leaves no folder behind; a study that stops before its report (a
-    run's error, a diverged run, an interrupt) removes the folders it created while they are
+    that a refused grid leaves no folder behind. The study holds the folder's lock
+    (:class:`~refnorm.train.folder.FolderLock`, as a training run does: a second study or run
+    on the folder is refused, ``FolderBusy``); a study that stops before its report (a run's
+    error, a diverged run, an interrupt) removes the folders it created while they are
     empty."""
     from refnorm.train.outputs import plotting_problem
 
@@ -231,7 +233,8 @@ def run_study(study: StudyConfig, out: str | Path, *, jobs: int | None = None,
     made = new_folders(out)
     out = prepare_output(out)
     try:
-        return _train_and_report(study, configs, out, jobs, log)
+        with FolderLock(out, notice=log):  # one writer per folder, as for a training run
+            return _train_and_report(study, configs, out, jobs, log)
     except BaseException:  # a run that failed, diverged or was stopped: no folder left empty
         remove_if_empty(made)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -656,3 +657,18 @@ def test_report_sentences_agree_with_one_method_and_one_epoch(tmp_path):
     assert "\ngn never computes statistics across samples:" in report
     assert "so its row is flat by construction" in report
     assert " 1 epoch; " in report and "1 epochs" not in report
+
+
+def test_a_study_on_a_folder_another_run_holds_is_refused_before_any_run(tmp_path, monkeypatch):
+    """One writer per folder: a study, like a training run, takes the folder's lock, and a
+    live holder (another study or run) makes it stop before its first run."""
+    import refnorm.train.study as study_module
+    from refnorm.train.folder import FolderBusy, FolderLock
+
+    def never(*args, **kwargs):
+        raise AssertionError("a run started in a folder another run holds")
+
+    monkeypatch.setattr(study_module, "_run", never)
+    study = StudyConfig(methods=("bn",), batch_sizes=(32,), update_size=32, seeds=(0,))
+    with FolderLock(tmp_path), pytest.raises(FolderBusy, match=str(os.getpid())):
+        run_study(study, tmp_path, jobs=1)
