@@ -51,8 +51,9 @@ def batch_average(model: Any, batches: Iterable[Array], *, comm: Any = None) -> 
     which is exactly the mean and the (biased) variance of all values fed, per channel, with
     the default biased IN variance. (With ``in_correction=1`` each batch's BN-scope variance
     is the official code's mixture, mean of unbiased IN variances plus variance of IN means,
-    and the merge pools those.) The paper says it averages "the means and variances" of the
-    batches; averaging variances alone would miss the spread of the batch means. Its official
+    and the merge pools those; with ``scope_correction=1`` it is the unbiased variance of the
+    batch, and the merge pools that.) The paper says it averages "the means and variances" of
+    the batches; averaging variances alone would miss the spread of the batch means. Its official
     code accumulates means and second moments (``var_b + mu_b^2``) and subtracts the squared
     mean: the same number as the merge above, but with the float32 cancellation of Eq. (4).
 

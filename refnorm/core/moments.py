@@ -69,13 +69,14 @@ def check_variance_finite(var: Array, x: Array, *, name: str = "x",
     The variance is infinite when a sum formed in the dtype overflows it: of the values (their
     mean is then infinite) or of their squared deviations; it is NaN when partial sums of
     both signs overflowed (``inf - inf``). From a finite ``x`` nothing else makes it
-    non-finite. ``name`` names ``x`` in the error. ``merged``: ``var`` holds other devices'
-    data too (a synchronized statistic), whose NaN inputs make it NaN: only an infinity is
-    then an overflow.
+    non-finite; an empty ``x`` has no sum to overflow (its mean over nothing is NaN: SN's
+    unused scope on an empty axis). ``name`` names ``x`` in the error. ``merged``: ``var``
+    holds other devices' data too (a synchronized statistic), whose NaN inputs make it NaN:
+    only an infinity is then an overflow.
     """
     xp = array_namespace(var, x)
     bad = xp.any(xp.isinf(var)) if merged else ~xp.all(xp.isfinite(var))
-    if bool(bad) and bool(xp.all(xp.isfinite(x))):
+    if bool(bad) and math.prod(x.shape) > 0 and bool(xp.all(xp.isfinite(x))):
         largest = float(xp.max(xp.abs(x)))
         remedy = (f"rescale {name}" if xp.isdtype(x.dtype, xp.float64) else
                   f"compute in float64 or rescale {name}")

@@ -215,7 +215,8 @@ class SwitchableNormCache:
     x_hat : array, (N, C, S)
         The normalized input, the paper's ``h~``.
     rstd : array, (N, C, 1)
-        ``1 / sqrt(var + eps)`` of the mixed variance.
+        ``1 / sqrt(var + eps)`` of the mixed variance, in its shape: (1, C, 1) with the BN
+        scope alone, (N, 1, 1) with the LN scope alone.
     gamma : array, (C,)
     mu, var : dicts of scope to array
         Each scope's statistics: "in" (N, C, 1), "ln" (N, 1, 1), "bn" (1, C, 1); the means

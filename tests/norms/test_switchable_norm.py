@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -554,6 +555,47 @@ def test_an_empty_map_is_refused_for_its_empty_statistics(in_correction):
                                 options=SwitchableOptions(in_correction=in_correction))
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_control_parameters_of_an_integer_dtype_are_refused(path):
+    a = list(args())
+    a[3] = np.zeros(3, dtype=np.int64)
+    with pytest.raises(TypeError, match=r"mean_logits must have a real floating-point dtype"):
+        switchable_norm_forward(*a, path=path)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_an_upstream_gradient_of_another_shape_is_refused_even_with_as_many_values(path):
+    """dy of shape (2, 3, 4) holds as many values as x of shape (2, 3, 2, 2), and the (N, C, S)
+    view the backward works on would take it: refused, naming the shape it must have."""
+    _, cache = switchable_norm_forward(*args(), path=path)
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 3, 2, 2\); got \(2, 3, 4\)"):
+        switchable_norm_backward(np.ones((2, 3, 4)), cache, path=path)
+
+
+@pytest.mark.parametrize(("shape", "scopes"), [((0, 4, 2, 2), ("in", "ln")),
+                                              ((0, 4, 2, 2), ("ln",)),
+                                              ((3, 0, 2, 2), ("in", "bn")),
+                                              ((3, 0, 2, 2), ("in",))])
+def test_an_empty_axis_gives_empty_outputs_where_the_scopes_allow_it(shape, scopes):
+    """An empty batch with per-sample scopes only (IN, LN) or an empty channel axis without
+    the LN scope leaves every statistic in use with its values (as IN, BN and LN accept such
+    inputs): empty outputs and zero parameter gradients on both paths. The reference used to
+    stop at the unused scope's NaN mean of nothing, with numpy's "zero-size array to
+    reduction operation maximum" from its overflow check."""
+    C, K = shape[1], len(scopes)
+    options = SwitchableOptions(scopes)
+    for path in ("reference", "fast"):
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the unused scope's mean of nothing
+            y, cache = switchable_norm_forward(np.ones(shape), np.ones(C), np.zeros(C),
+                                               np.zeros(K), np.zeros(K), options=options,
+                                               path=path)
+        grads = switchable_norm_backward(np.ones(shape), cache, path=path)
+        assert y.shape == shape and grads.dx.shape == shape
+        for g in (grads.dgamma, grads.dbeta, grads.dmean_logits, grads.dvar_logits):
+            np.testing.assert_array_equal(g, 0.0)
+
+
 def test_options_are_passed_as_one_object():
     with pytest.raises(TypeError, match="options must be a SwitchableOptions"):
         switchable_norm_forward(*args(), options={"scopes": ("in", "bn")})
@@ -570,6 +612,13 @@ def test_unbiased_in_variance_needs_two_positions():
 def test_bad_inference_mode():
     with pytest.raises(ValueError, match=r"inference must be 'moving_average' or 'batch_average'"):
         refnorm.build("sn", 3, inference="ema")
+
+
+@pytest.mark.parametrize("momentum", [0.0, -0.1, 1.5])
+def test_a_momentum_out_of_range_is_refused_when_the_layer_is_built(momentum):
+    # when built, not at the first training forward that would update the moving average
+    with pytest.raises(ValueError, match=r"momentum must be in \(0, 1\]; got"):
+        refnorm.build("sn", 3, momentum=momentum)
 
 
 def test_ratios_of_large_control_parameters_do_not_overflow():
@@ -621,6 +670,42 @@ def test_hard_ratios_at_inference_take_the_variance_from_its_own_scope(path):
     mu_in = x.mean(axis=(2, 3), keepdims=True)
     want = (x - mu_in) / np.sqrt(var[None, :, None, None] + 1e-5)
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_a_zero_population_variance_is_accepted_at_inference(path):
+    """A channel constant over all the data (a dead ReLU's) has population variance 0: valid
+    statistics, only a negative variance is refused. With the BN scope alone the output is
+    (x - mean) / sqrt(0 + eps), from the pure eval forward and from a layer whose population
+    was set to them."""
+    rng = np.random.default_rng(12)
+    x = 5 * rng.standard_normal((3, 4, 2, 2)) + 12
+    mean, var = 12 + rng.standard_normal(4), np.array([0.0, 1.5, 0.0, 2.0])
+    want = (x - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + 1e-5)
+    y, _ = switchable_norm_eval_forward(x, np.ones(4), np.zeros(4), np.zeros(1), np.zeros(1),
+                                        mean, var, options=SwitchableOptions(("bn",)),
+                                        path=path)
+    # one subtraction and one division of float64 values of size <= 1e3 or so
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=0)
+    layer = refnorm.build("sn", 4, scopes=("bn",), inference="batch_average",
+                          dtype=np.float64)
+    layer.path = path
+    layer.set_population(mean, var)
+    np.testing.assert_allclose(layer.forward(x, training=False), want, rtol=1e-12, atol=0)
+
+
+def test_with_scope_correction_the_batch_average_pools_the_unbiased_variances():
+    """With scope_correction=1 each batch's BN-scope variance is the unbiased one (the
+    official SwitchNorm1d's x.var(0)), and the batch average pools it as it is: over one
+    batch the population variance is the unbiased variance over the batch, not the biased
+    variance of the values fed."""
+    rng = np.random.default_rng(13)
+    x = 3 * rng.standard_normal((6, 4)) + 2
+    layer = refnorm.build("sn", 4, scopes=("ln", "bn"), scope_correction=1,
+                          inference="batch_average", dtype=np.float64)
+    refnorm.batch_average(layer, [x])
+    np.testing.assert_allclose(layer.state["running_mean"], x.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(layer.state["running_var"], x.var(axis=0, ddof=1), rtol=1e-12)
 
 
 def test_population_without_a_bn_scope_is_a_value_error():
