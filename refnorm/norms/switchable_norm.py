@@ -902,7 +902,8 @@ class SwitchableNorm(ChannelNorm):
         Parameters
         ----------
         mean, var : arrays, (C,)
-            Stored in the dtype of the running statistics; ``var`` must be >= 0.
+            Stored in the dtype of the running statistics; ``var`` must be >= 0, and a finite
+            value must stay finite in that dtype (1e39 is refused by a float32 layer).
         """
         if "bn" not in self.options.scopes:
             raise ValueError(f"this SwitchableNorm has no BN scope (scopes={self.options.scopes})")
@@ -911,6 +912,11 @@ class SwitchableNorm(ChannelNorm):
         if bool(self.xp.any(var < 0)):
             raise ValueError("var must be >= 0 everywhere; got a negative entry")
         dtype = self.state["running_mean"].dtype
+        largest = float(self.xp.finfo(dtype).max)
+        for name, given in (("mean", mean), ("var", var)):
+            if bool(self.xp.any(self.xp.isfinite(given) & (self.xp.abs(given) > largest))):
+                raise ValueError(f"{name} has a finite entry beyond the layer's dtype {dtype}: "
+                                 f"it would be stored as an infinity")
         self.state = {**self.state,
                       "running_mean": self.xp.astype(mean, dtype),
                       "running_var": self.xp.astype(var, dtype),

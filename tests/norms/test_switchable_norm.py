@@ -743,3 +743,18 @@ def test_with_in_correction_the_moving_average_unbiases_again_and_the_batch_aver
     np.testing.assert_allclose(pooled.state["running_var"], var_bn, rtol=1e-12)
     everything = x.transpose(1, 0, 2, 3).reshape(3, -1)
     assert np.all(pooled.state["running_var"] > everything.var(axis=1) * (1 + 1e-3))
+
+
+@pytest.mark.parametrize("name", ["mean", "var"])
+def test_set_population_refuses_a_value_its_dtype_cannot_hold(name):
+    """1e39 is finite in float64 and infinite in float32: a float32 layer would store an
+    infinity and normalize every value of that channel to 0 or NaN without a word."""
+    layer = refnorm.build("sn", 2, dtype=np.float32, inference="batch_average")
+    stats = {"mean": np.zeros(2), "var": np.ones(2)}
+    stats[name][1] = 1e39
+    with pytest.raises(ValueError, match=rf"{name} has a finite entry beyond the layer's dtype "
+                                         r"float32: it would be stored as an infinity"):
+        layer.set_population(stats["mean"], stats["var"])
+    assert not bool(layer.state["population_ready"])  # left as it was
+    layer.set_population(np.zeros(2), np.full(2, 3e38))  # the largest float32s are kept
+    assert np.isfinite(layer.state["running_var"]).all()
