@@ -475,7 +475,7 @@ def _no_torch(machine: dict[str, Any]) -> str:
 def format_crossover(report: dict[str, Any]) -> str:
     """The crossover measurement as text."""
     n = report["threads"]
-    load = " ".join(f"{v:.2f}" for v in report["load_average"] or [])
+    load = " ".join(f"{v:.2f}" for v in report["load_average"] or []) or "-"
     lines = [f"1 thread against {n} (medians, interleaved; load average {load}):",
              f"  {'case':<18} {'work':>29} {'1 thread ms':>12} {f'{n} threads ms':>13} "
              f"{f'{n}t/1t':>7}"]
@@ -682,10 +682,8 @@ def _run_gpu(args: argparse.Namespace, progress: Callable[[str], None], tty: boo
     except RuntimeError as exc:
         print(f"refnorm bench: error: --device gpu: {exc}", file=sys.stderr)
         return 2
-    if args.no_torch:
-        device = bench_gpu.Device(device.xp, device.name, device.synchronize, None)
     report = bench_gpu.run(device=device, repeats=args.repeats or (5 if args.quick else 30),
-                           progress=progress)
+                           progress=progress, use_torch=not args.no_torch)
     if tty:
         sys.stderr.write("\n")
     print(json.dumps(report, indent=2) if args.json else bench_gpu.format_report(report))
@@ -696,7 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m refnorm.bench [--json] [--quick | --repeats N] [--threads N] [--no-torch]``
     (and the other options of ``refnorm bench``), the same as ``refnorm bench``; returns the
     exit status."""
-    parser = argparse.ArgumentParser(prog="refnorm bench", description=__doc__.splitlines()[0])
+    from refnorm.argtypes import OneLineParser  # one-line errors, as refnorm bench's
+
+    parser = OneLineParser(prog="refnorm bench", description=__doc__.splitlines()[0])
     return run_args(add_arguments(parser).parse_args(argv))
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -134,8 +134,12 @@ def run(*, device: Device, repeats: int = 30, shapes: tuple[tuple[int, ...], ...
         methods: tuple[str, ...] = cases.METHODS,
         step_models: tuple[str, ...] = cases.STEP_MODELS,
         step_batch: tuple[int, ...] = cases.STEP_BATCH,
-        progress: Callable[[str], None] = cases._quiet) -> dict[str, Any]:
-    """Every case on ``device``; the report as a JSON-ready dict (:func:`format_report`)."""
+        progress: Callable[[str], None] = cases._quiet,
+        use_torch: bool = True) -> dict[str, Any]:
+    """Every case on ``device``; the report as a JSON-ready dict (:func:`format_report`).
+    ``use_torch=False`` (``--no-torch``): no PyTorch rows, even where it sees the GPU."""
+    if not use_torch:
+        device = replace(device, torch_device=None)
     torch: Any = None
     if device.torch_device is not None:
         import torch
@@ -147,7 +151,7 @@ def run(*, device: Device, repeats: int = 30, shapes: tuple[tuple[int, ...], ...
         "device": {"name": device.name, "array_module": xp.__name__,
                    "torch": None if torch is None else f"{torch.__version__} on "
                                                        f"{torch.cuda.get_device_name()}",
-                   "host": platform.platform()},
+                   "torch_requested": use_torch, "host": platform.platform()},
         "repeats": repeats,
         "bytes_model": "5 n b: read x, write y, read dy, read x, write dx",
         "copy_gb_per_s": copy_bandwidth(device, probe, max(3, repeats)),
@@ -215,8 +219,9 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as text: per case the medians, spread, GB/s and its fraction of the device's
     copy bandwidth; the ratios; the training steps."""
     d = report["device"]
-    lines = [f"device: {d['name']} ({d['array_module']}); PyTorch: "
-             f"{d['torch'] or 'no CUDA build or no GPU: no comparison'}",
+    no_torch = ("no CUDA build or no GPU: no comparison" if d.get("torch_requested", True)
+                else "not timed: --no-torch")
+    lines = [f"device: {d['name']} ({d['array_module']}); PyTorch: {d['torch'] or no_torch}",
              f"copy bandwidth: {report['copy_gb_per_s']:.1f} GB/s (a copy of "
              f"{tuple(report['copy_of'])} float32); {report['repeats']} interleaved "
              f"repetitions, each call synchronized; GB/s counts {report['bytes_model']}",

@@ -24,23 +24,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
 from refnorm import lessons, registry
-from refnorm.argtypes import folder_path, int_at_least
+from refnorm.argtypes import OneLineParser, folder_path, int_at_least
 from refnorm.gradcheck import CaseResult, GradError, check_registered
 from refnorm.testing import cli as conform
 from refnorm.train.interrupt import Interrupted, exit_status, signal_name
 
 DEFAULT_TOLERANCE = 1e-6
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``refnorm train: error: argument --seed: ...``, exit 2
-    (argparse would print the whole usage first)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 def _one_line(text: object) -> str:
@@ -104,7 +95,7 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="refnorm",
         description="A numpy-first reference of normalization methods for deep networks.",
     )

@@ -9,13 +9,18 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import sys
 import types
 
 import numpy as np
 import pytest
 
-from refnorm import bench
+import refnorm.train.loop
+from refnorm import bench, bench_gpu, bench_parallel
 from refnorm.backend import gpu_available, gpu_problem
+from refnorm.bench_cases import STEP_GROUPS, _train_batch, _train_step_torch
+from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
+from refnorm.train.model import ConvNet
 
 
 @pytest.mark.parametrize("torch_flag", [["--no-torch"], []], ids=["without-torch", "as-installed"])
@@ -598,3 +603,192 @@ def test_run_puts_the_thread_counts_back(monkeypatch, numba_threads):
     assert report["machine"]["numba_threads"] == 1
     assert numba_threads.get_num_threads() == most
     assert [lib.num_threads for lib in _blas()] == blas_before
+
+
+# -- what the CLI hands the benches, and what they print ------------------------------------
+
+
+def test_run_puts_torchs_thread_count_back(monkeypatch, numba_threads):
+    """torch's thread count, set for the bench as numba's and BLAS's are, is put back after."""
+    set_threads = bench._set_threads
+    _stub_run(monkeypatch)
+    torch = _Threads(5)
+    monkeypatch.setattr(bench, "_set_threads", set_threads)
+    monkeypatch.setattr(bench, "_import_torch", lambda enabled: torch if enabled else None)
+    report = bench.run(quick=True, threads=1, step_models=())
+    assert report["machine"]["torch_threads"] == 1 and report["machine"]["torch"] == "stub"
+    assert torch.num_threads == 5
+
+
+def test_a_torch_that_does_not_import_leaves_its_rows_out(monkeypatch):
+    """torch is never a dependency: where ``import torch`` fails the bench runs without its
+    rows and says it is not installed (not that --no-torch was given)."""
+    import_torch = bench._import_torch
+    seen = _stub_run(monkeypatch)
+    monkeypatch.setattr(bench, "_import_torch", import_torch)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    report = bench.run(quick=True, step_models=())
+    assert report["machine"]["torch"] is None and report["machine"]["torch_requested"]
+    assert all("torch" not in impls for impls, _ in seen["rounds"])
+    assert all(r["fast_over_torch"] is None for r in report["ratios"])
+
+
+@pytest.mark.parametrize(("requested", "why"), [(True, "not installed"),
+                                                (False, "not timed: --no-torch")])
+def test_the_text_report_says_why_torch_has_no_figures(requested, why):
+    report = _report()
+    report["machine"].update(torch=None, torch_requested=requested)
+    del report["machine"]["torch_threads"]
+    report["ratios"].append({"case": "sn (2, 64, 32, 32)", "fast_over_reference": 0.5,
+                             "fast_over_kernel": 1.25, "fast_over_torch": None,
+                             "fast_over_torch_cpu": None, "fast_of_copy": 0.1})
+    lines = bench.format_report(report).splitlines()
+    assert f"torch - threads ({why})" in lines[0]
+    sn = next(line for line in lines if line.startswith("sn (2, 64, 32, 32)"))
+    # fast/ref, fast/kernel, no fast/torch and no (cpu) without torch, fast of copy
+    assert sn.split()[-5:] == ["0.500", "1.25", "-", "-", "10%"]
+
+
+def test_crossover_defaults_to_every_thread_numba_allows_and_thirty_repetitions(
+        monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(bench, "crossover",
+                        lambda threads, repeats, progress: seen.append((threads, repeats)) or {})
+    monkeypatch.setattr(bench, "format_crossover", lambda result: "")
+    for limit in (2, 3):
+        monkeypatch.setattr(bench, "_thread_limit", lambda limit=limit: limit)
+        assert bench.main(["--crossover"]) == 0
+    assert bench.main(["--crossover", "--threads", "2", "--repeats", "4"]) == 0
+    assert seen == [(2, 30), (3, 30), (2, 4)]
+
+
+def test_the_crossover_text_shows_each_figure_in_its_column():
+    rows = [{"case": "gn N=4", "work": 786_432, "unit": "values per loop",
+             "one_thread_ms": 0.5, "threads_ms": 0.25, "threads_over_one": 0.5},
+            {"case": "conv blocks N=8", "work": 9_437_184, "unit": "forward multiply-adds",
+             "one_thread_ms": 1.2, "threads_ms": 1.5, "threads_over_one": 1.25}]
+    lines = bench.format_crossover({"threads": 2, "rows": rows,
+                                    "load_average": [0.5, 1.0, 1.5]}).splitlines()
+    assert lines[0] == "1 thread against 2 (medians, interleaved; load average 0.50 1.00 1.50):"
+    assert lines[1].split() == ["case", "work", "1", "thread", "ms", "2", "threads", "ms",
+                                "2t/1t"]
+    # the work in millions with its unit, the two medians, 2 threads over 1
+    assert lines[2].split() == ["gn", "N=4", "0.79M", "values", "per", "loop", "0.500",
+                                "0.250", "0.50"]
+    assert lines[3].split() == ["conv", "blocks", "N=8", "9.44M", "forward", "multiply-adds",
+                                "1.200", "1.500", "1.25"]
+    # where the system gives no load average (os.getloadavg fails), a dash, as the bench's
+    lines = bench.format_crossover({"threads": 2, "rows": rows,
+                                    "load_average": None}).splitlines()
+    assert lines[0] == "1 thread against 2 (medians, interleaved; load average -):"
+
+
+def test_progress_off_a_terminal_is_one_line_per_case(monkeypatch, capsys):
+    """On a pipe or a file each case's progress is its first round's line, not one a round."""
+    def run(*, progress, **kwargs):
+        for case in ("[1/2] bn (2, 64, 32, 32)", "[2/2] training steps"):
+            for r in (1, 2, 3):
+                progress(f"{case}: round {r}/3")
+        return _report()
+
+    monkeypatch.setattr(bench, "run", run)
+    assert bench.main(["--repeats", "3"]) == 0
+    assert capsys.readouterr().err == ("[1/2] bn (2, 64, 32, 32): round 1/3\n"
+                                       "[2/2] training steps: round 1/3\n")
+
+
+def test_the_gpu_bench_gets_the_repetitions_and_the_torch_choice_given(monkeypatch, capsys):
+    """``--device gpu``'s --quick, --repeats, --no-torch and --json reach the GPU bench (a
+    stub device and a stub bench: no GPU needed)."""
+    from refnorm.cli import main
+
+    runs = []
+
+    def run(*, device, repeats, progress, use_torch):
+        runs.append((device.torch_device, use_torch, repeats))
+        return {"device": device.name}
+
+    monkeypatch.setattr(bench_gpu, "gpu_device",
+                        lambda: bench_gpu.Device(np, "stub", lambda: None, "cuda"))
+    monkeypatch.setattr(bench_gpu, "run", run)
+    monkeypatch.setattr(bench_gpu, "format_report", lambda report: f"text of {report['device']}")
+    assert main(["bench", "--device", "gpu"]) == 0
+    assert capsys.readouterr().out == "text of stub\n"
+    assert main(["bench", "--device", "gpu", "--quick", "--no-torch", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"device": "stub"}
+    assert main(["bench", "--device", "gpu", "--repeats", "2"]) == 0
+    assert runs == [("cuda", True, 30), ("cuda", False, 5), ("cuda", True, 2)]
+
+
+def test_data_parallel_bench_without_mpiexec_says_what_to_install(monkeypatch):
+    epoch = {"allreduce_calls_per_step": 2.0, "allreduce_bytes_per_step": 2048,
+             "step_ms": 3.0, "collective_share": 0.25}
+    monkeypatch.setattr(refnorm.train.loop, "train",
+                        lambda config, progress: types.SimpleNamespace(history=[epoch]))
+    monkeypatch.setattr(bench_parallel, "find_mpiexec", lambda: None)
+    report = bench_parallel.run()
+    assert [(r["transport"], r["norm"]) for r in report["rows"]] == [("in-process", "bn"),
+                                                                     ("in-process", "syncbn")]
+    assert report["mpi_skipped"] == "no mpiexec (install the mpi extra)"
+    assert bench_parallel.format_report(report).splitlines()[-1] == (
+        "  (MPI not run: no mpiexec (install the mpi extra))")
+
+
+# -- the training steps: the same network on every side ---------------------------------------
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_the_training_step_skips_the_images_gradient(path):
+    """As the trainer does, and as PyTorch does for an input that does not require one."""
+    assert bench._train_step(path, "bn", batch=(2, 3, 8, 8))() is None
+
+
+@pytest.mark.parametrize("model", ["bn", "gn", "sn", "gn+ws"])
+def test_the_pytorch_step_trains_the_study_model(model):
+    """The PyTorch network of the step is the study's model (3x3 convolutions without bias,
+    weight-standardized for GN+WS with biased sigma and eps added to sigma (Qiao et al. 2019,
+    Eq. 2); the normalizer, GN with G = 4, SN with separate mean and variance ratios (Luo et
+    al., Eq. 1-5); ReLU; 2x2 max pools after the first two blocks; global average pool;
+    linear): given refnorm's parameters, drawn, in float64, the same loss and the same
+    gradient of every parameter as refnorm's step on the same batch."""
+    torch = pytest.importorskip("torch")
+    batch = (4, 3, 8, 8)
+    norm, _, weight = model.partition("+")
+    net = ConvNet(in_channels=3, num_classes=10, norm=norm, weight=weight or None,
+                  widths=(16, 32, 32), num_groups=STEP_GROUPS, dtype=np.float64)
+    rng = np.random.default_rng(6)
+    params = [(layer, name) for layer in net.layers() for name in layer.params]
+    for layer, name in params:
+        if name in ("gamma", "beta", "mean_logits", "var_logits"):
+            low, high = (0.5, 1.5) if name == "gamma" else (-1.0, 1.0)
+            layer.params[name] = rng.uniform(low, high, layer.params[name].shape)
+    step = _train_step_torch(torch, model, batch=batch)
+    tnet = inspect.getclosurevars(step).nonlocals["net"].double()
+    tparams = list(tnet.parameters())
+    assert len(tparams) == len(params)
+    with torch.no_grad():
+        for p, (layer, name) in zip(tparams, params, strict=True):
+            assert p.numel() == layer.params[name].size, name
+            p.copy_(torch.from_numpy(layer.params[name]).reshape(p.shape))
+    x, labels = _train_batch(shape=batch)
+    x = x.astype(np.float64)
+    loss, cache = softmax_cross_entropy(net.forward(x, training=True), labels)
+    net.backward(softmax_cross_entropy_backward(cache))
+    tloss = torch.nn.functional.cross_entropy(tnet(torch.from_numpy(x)),
+                                              torch.from_numpy(labels))
+    tloss.backward()
+    assert tloss.item() == pytest.approx(float(loss), rel=1e-12)
+    for p, (layer, name) in zip(tparams, params, strict=True):
+        want = layer.grads[name]
+        got = p.grad.numpy().reshape(want.shape)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * np.abs(want).max(),
+                                   err_msg=f"{type(layer).__name__} {name}")
+
+
+def test_python_m_refnorm_bench_says_an_argument_error_in_one_line(capsys):
+    """``python -m refnorm.bench`` is ``refnorm bench``: the same one-line error, exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--repeats", "0"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("refnorm bench: error: argument --repeats: expected an "
+                                       "integer >= 1; got '0' (see refnorm bench --help)\n")

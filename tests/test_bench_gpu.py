@@ -40,6 +40,7 @@ def test_the_gpu_bench_runs_under_the_cuda_simulator():
     report, text = out["report"], out["text"]
     assert report["device"]["name"] == "numba CUDA simulator (numpy arrays)"
     assert report["device"]["torch"] is None and report["copy_gb_per_s"] > 0
+    assert report["device"]["torch_requested"] is True
     cases = [f"{m} (2, 3, 1, 2)" for m in ("bn", "sn")]  # the generic kernels, and SN's
     assert [r["case"] for r in report["ratios"]] == cases
     impls = {(t["case"], t["impl"]) for t in report["timings"]}
@@ -124,6 +125,21 @@ def test_the_text_report_shows_each_figure_in_its_column():
     assert "6.00-9.00" in lines[-1]
 
 
+@pytest.mark.parametrize(("requested", "why"), [
+    (True, "no CUDA build or no GPU: no comparison"), (False, "not timed: --no-torch")])
+def test_the_text_report_says_why_pytorch_has_no_rows(requested, why):
+    """--no-torch is not a PyTorch without CUDA."""
+    from refnorm import bench_gpu
+
+    report = {"device": {"name": "stub", "array_module": "cupy", "torch": None,
+                         "torch_requested": requested},
+              "copy_gb_per_s": 20.0, "copy_of": [2, 3, 1, 2], "repeats": 1,
+              "bytes_model": "5 n b", "ratios": [], "timings": [],
+              "train_steps": {"model": "ConvNet", "timings": []}}
+    assert bench_gpu.format_report(report).splitlines()[0] == (
+        f"device: stub (cupy); PyTorch: {why}")
+
+
 def test_simulated_device_needs_the_simulator(monkeypatch):
     """Without NUMBA_ENABLE_CUDASIM the simulated device says what it needs, instead of a
     bench that fails later on numpy arrays."""
@@ -132,3 +148,60 @@ def test_simulated_device_needs_the_simulator(monkeypatch):
     monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
     with pytest.raises(RuntimeError, match="NUMBA_ENABLE_CUDASIM=1"):
         bench_gpu.simulated_device()
+
+
+SYNCHRONIZED = r"""
+import json
+from refnorm import bench_gpu
+from refnorm.kernels import cuda
+cuda.THREADS = 4
+syncs = []
+sim = bench_gpu.simulated_device()
+device = bench_gpu.Device(sim.xp, sim.name, lambda: syncs.append(1), None)
+interleaved = bench_gpu.cases._interleaved
+timed = []
+
+def rounds(impls, repeats, progress):
+    def counted(name, fn):
+        def run():
+            before = len(syncs)
+            fn()
+            timed.append([name, len(syncs) - before])
+        return run
+    return interleaved({k: counted(k, f) for k, f in impls.items()}, repeats, progress)
+
+bench_gpu.cases._interleaved = rounds
+bench_gpu.run(device=device, repeats=2, shapes=((2, 3, 1, 2),), methods=("bn",),
+              step_models=("bn",), step_batch=(2, 3, 8, 8))
+print(json.dumps(timed))
+"""
+
+
+def test_every_timed_gpu_call_ends_with_a_synchronization():
+    """The wall clock times the work, not its launch: each call of each implementation, the
+    training step's included, waits for the device (a counting synchronize, under the
+    simulator)."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", SYNCHRONIZED], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    timed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {name for name, _ in timed} == {"reference", "fused", "bn refnorm"}
+    assert all(syncs == 1 for _, syncs in timed), timed
+
+
+def test_each_copy_of_the_bandwidth_is_synchronized_before_the_clock_stops(monkeypatch):
+    from refnorm import bench_gpu
+
+    events: list[str] = []
+    ticks = iter([0.0, 0.001, 1.0, 1.004, 2.0, 2.002])
+
+    def clock():
+        events.append("clock")
+        return next(ticks)
+
+    monkeypatch.setattr(bench_gpu, "time", types.SimpleNamespace(perf_counter=clock))
+    device = bench_gpu.Device(np, "stub", lambda: events.append("sync"), None)
+    bench_gpu.copy_bandwidth(device, np.zeros(1000), repeats=3)
+    # the untimed copy waited for, then per copy: start, (copy), wait, stop
+    assert events == ["sync"] + ["clock", "sync", "clock"] * 3
