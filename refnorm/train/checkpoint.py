@@ -350,7 +350,7 @@ def _read_checkpoint(path: Path) -> Saved:
                               f"({type(exc).__name__}: {exc})") from exc
     try:
         meta = json.loads(raw.tobytes().decode())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested too deep
         raise CheckpointError(f"checkpoint {path}: its 'meta' record is not JSON ({exc})") from None
     return Saved(path, meta, headers)
 

@@ -25,7 +25,8 @@ class TrainConfig:
 
     Every value is checked when the config is made (``TypeError`` for a wrong kind of value,
     ``ValueError`` for a value out of range); ``data`` by its form only (its folder is read
-    by :func:`~refnorm.train.loop.train`).
+    by :func:`~refnorm.train.loop.train`). numpy's integer and floating scalars are accepted
+    and kept as Python's ``int`` and ``float`` (a checkpoint records the config as JSON).
 
     Attributes
     ----------
@@ -124,6 +125,15 @@ class TrainConfig:
         if self.norm == "gn" and any(w % self.num_groups for w in self.widths):
             raise ValueError(f"num_groups={self.num_groups} must divide every width "
                              f"{self.widths} for norm='gn'")
+        # numpy's scalars are accepted, Python's int and float kept: a checkpoint records the
+        # config in JSON, which takes no numpy scalar (the run failed at its first save)
+        for name in ("batch_size", "accumulation", "epochs", "average_samples", "num_groups",
+                     "devices", "seed", "train_subset"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, operator.index(getattr(self, name)))
+        object.__setattr__(self, "widths", tuple(operator.index(w) for w in self.widths))
+        for name in ("lr", "momentum", "weight_decay"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def update_size(self) -> int:

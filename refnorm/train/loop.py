@@ -475,8 +475,9 @@ def check_data(config: TrainConfig, data: Dataset) -> None:
     Raises
     ------
     ValueError
-        If the training set is smaller than one update, the test set is empty, the test
-        images have another shape than the training images, or the images are too small for
+        If the training set is smaller than one update, the test set is empty, a label is
+        not a class index (``0 .. num_classes - 1``), the test images have another shape
+        than the training images, or the images are too small for
         the network's max-pools (each block but the last halves the size), or so small
         that a block's normalizer would compute a statistic over a single value, or SN's
         batch average would have no batch (``average_samples`` below one update).
@@ -489,6 +490,10 @@ def check_data(config: TrainConfig, data: Dataset) -> None:
     if len(data.y_test) == 0:
         raise ValueError(f"the test set of {data.name} is empty: every epoch is evaluated on "
                          "it, so it needs at least one sample")
+    for split, y in (("training", data.y_train), ("test", data.y_test)):
+        if y.size and not 0 <= y.min() <= y.max() < data.num_classes:
+            raise ValueError(f"the {split} labels of {data.name} must be class indices in "
+                             f"0..{data.num_classes - 1}; got values in {y.min()}..{y.max()}")
     if data.x_test.shape[1:] != data.x_train.shape[1:]:
         raise ValueError(f"test images are {data.x_test.shape[1:]} (C, H, W) but training "
                          f"images are {data.x_train.shape[1:]}")

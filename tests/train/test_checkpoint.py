@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -14,6 +15,7 @@ from refnorm.train.checkpoint import CHECKPOINT, FORMAT, CheckpointError, load_c
 from refnorm.train.config import TrainConfig
 from refnorm.train.evaluate import predict
 from refnorm.train.finite import NonFinite
+from refnorm.train.folder import OutputFolderError
 from refnorm.train.loop import build_model, train
 from refnorm.train.optim import SGD
 from refnorm.train.position import Position
@@ -170,6 +172,21 @@ def _rewrite(path, edit):
     # a run that finished has step 0 (its last epoch done): a later step is refused
     (lambda arrays, meta: meta.update(step=1),
      r": metadata 'step' must be in 0\.\.\d+ \(0 after the last epoch\); got 1$"),
+    # JSON's true reads as True, an int: unchecked, it would pass for epoch 1
+    pytest.param(_edit_meta("epoch", True), r": metadata 'epoch' must be a int; got True$",
+                 id="epoch_true"),
+    pytest.param(_edit_meta("totals", {"loss": math.inf, "correct": 0, "samples": 0}),
+                 r": metadata 'totals' must hold finite numbers >= 0 for exactly loss, "
+                 r"correct, samples", id="totals_infinite"),
+    pytest.param(lambda arrays, meta: meta["history"].append({**meta["history"][0], "epoch": 2}),
+                 r": metadata 'history' must hold one row \(an object\) per finished epoch, 1; "
+                 r"got 2 entries$", id="history_row_too_many"),
+    pytest.param(lambda arrays, meta: meta["history"][0].update(test_acc=True),
+                 r": metadata 'history' row 1: 'test_acc' must be a finite number; got True$",
+                 id="history_bool"),
+    pytest.param(lambda arrays, meta: meta["history"][0].update(test_loss=math.inf),
+                 r": metadata 'history' row 1: 'test_loss' must be a finite number; got inf$",
+                 id="history_infinite"),
 ])
 def test_hand_edited_checkpoint_is_refused_by_name(tmp_path, tiny_data, edit, message):
     cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
@@ -347,3 +364,70 @@ def test_restoring_a_checkpoint_drops_every_layers_cache(tmp_path, tiny_data):
     for layer in model.layers():
         with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
             layer.backward(np.zeros(1, np.float32))
+
+
+def test_checkpoint_metadata_that_is_not_an_object_is_refused(tmp_path, tiny_data):
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["meta"] = np.frombuffer(b"[1, 2]", dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path}: its metadata must be a JSON "
+                                              r"object; got list$"):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+
+
+@pytest.mark.parametrize(("meta", "shown"), [
+    # valid JSON (whitespace, then the object) one byte beyond the bound: refused unread
+    (lambda raw: np.frombuffer(b" " * (checkpoint.META_BYTES + 1 - len(raw)) + raw, np.uint8),
+     rf"uint8 \({checkpoint.META_BYTES + 1},\)"),
+    # the same JSON bytes as int8: the record is bytes (uint8), nothing else
+    (lambda raw: np.frombuffer(raw, np.int8), r"int8 \(\d+,\)"),
+], ids=["too_long", "int8"])
+def test_a_meta_record_that_is_not_a_bounded_byte_string_is_refused(tmp_path, tiny_data, meta,
+                                                                    shown):
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["meta"] = meta(arrays["meta"].tobytes())
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path} is not a refnorm checkpoint: "
+                                              rf"its 'meta' record is {shown}, not at most "):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+
+
+def test_a_run_configured_with_numpy_numbers_writes_and_resumes_its_checkpoint(tmp_path,
+                                                                               tiny_data):
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": np.int64(16),
+                         "batch_size": np.int32(4)}, seed=np.int64(0), lr=np.float32(0.05))
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    assert checkpoint.read_checkpoint(tmp_path / CHECKPOINT).meta["config"]["batch_size"] == 4
+    result = train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+    assert [row["epoch"] for row in result.history] == [1]
+
+
+def test_metadata_nested_too_deep_for_the_json_reader_is_refused_in_one_sentence(tmp_path,
+                                                                                 tiny_data):
+    # json.loads raises RecursionError (no ValueError) on arrays nested beyond Python's
+    # recursion limit: the run and the resume ended in a traceback
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "train_subset": 16}, norm="bn")
+    train(cfg, out=tmp_path, progress=False, data=tiny_data)
+    path = tmp_path / CHECKPOINT
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["meta"] = np.frombuffer(b"[" * 100_000 + b"]" * 100_000, dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path}: its 'meta' record is not "
+                                              r"JSON \(maximum recursion depth exceeded"):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data)
+    with pytest.raises(OutputFolderError, match=r"holds a checkpoint.npz that is not a usable "
+                                                r"checkpoint .*; choose another --out, or "
+                                                r"replace it with --overwrite$"):
+        train(cfg, out=tmp_path, progress=False, data=tiny_data)

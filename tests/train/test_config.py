@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import numpy as np
 import pytest
 
 from refnorm.train.config import TrainConfig
@@ -52,6 +56,18 @@ def test_numpy_numbers_are_accepted():
     import numpy as np
 
     assert TrainConfig(batch_size=np.int64(8), lr=np.float32(0.5)).batch_size == 8
+
+
+def test_numpy_numbers_are_kept_as_python_numbers_for_the_checkpoints_json():
+    """A checkpoint records the config as JSON: a config of numpy scalars trained a whole
+    epoch, then failed at its first save (TypeError: int64 is not JSON serializable)."""
+    given = TrainConfig(batch_size=np.int32(8), seed=np.int64(3), train_subset=np.uint8(64),
+                        widths=(np.int64(8), 8), lr=np.float32(0.5), momentum=np.float16(0.5),
+                        weight_decay=np.float64(0.0))
+    python = TrainConfig(batch_size=8, seed=3, train_subset=64, widths=(8, 8), lr=0.5,
+                         momentum=0.5, weight_decay=0.0)  # 0.5 is exact in float16 and 32
+    assert json.dumps(dataclasses.asdict(given)) == json.dumps(dataclasses.asdict(python))
+    assert type(given.seed) is int and type(given.lr) is float
 
 
 def test_bad_configuration():

@@ -21,6 +21,7 @@ import pytest
 from refnorm.train.data import (
     Dataset,
     batches,
+    fingerprint,
     load,
     load_cifar10,
     load_digits,
@@ -175,6 +176,16 @@ def test_mnist_round_trips(tmp_path, gz):
         np.testing.assert_array_equal(np.rint(x[:, 0] * 255), images)
     np.testing.assert_array_equal(d.y_train, arrays[1])
     np.testing.assert_array_equal(d.y_test, arrays[3])
+
+
+def test_mnist_with_an_empty_test_set_loads_and_leaves_the_refusal_to_the_trainer(tmp_path):
+    # an IDX file of 0 samples is a well-formed file: the loader reads it, check_data refuses
+    # to train on it (an empty test set), naming what is wrong
+    arrays = mnist_arrays(n_test=0)
+    write_mnist(tmp_path, arrays)
+    d = load_mnist(tmp_path)
+    assert d.x_test.shape == (0, 1, 28, 28) and d.y_test.shape == (0,)
+    np.testing.assert_array_equal(d.y_train, arrays[1])
 
 
 def test_mnist_prefers_the_plain_file_to_its_gz(tmp_path):
@@ -908,6 +919,29 @@ def test_fingerprint_tells_apart_the_same_bytes_in_other_shapes():
                    d.y_test, name=d.name, num_classes=d.num_classes)
     assert fingerprint(d) == fingerprint(load_digits())
     assert fingerprint(wide) != fingerprint(d)
+
+
+@pytest.mark.parametrize("field", ["x_train", "y_train", "x_test", "y_test"])
+def test_fingerprint_covers_each_of_the_four_arrays(field):
+    # one value changed in any array (a relabelled test sample too) is other data
+    d = load_digits()
+    changed = getattr(d, field).copy()
+    changed.flat[0] = 0.5 if changed.dtype == np.float32 else (changed.flat[0] + 1) % 10
+    other = Dataset(**{"x_train": d.x_train, "y_train": d.y_train, "x_test": d.x_test,
+                       "y_test": d.y_test, field: changed}, name=d.name,
+                    num_classes=d.num_classes)
+    assert fingerprint(other) != fingerprint(d)
+
+
+def test_fingerprint_of_strided_views_is_that_of_their_copies():
+    # train(data=...) takes arrays as given: views with steps and negative strides included
+    d = load_digits()
+    views = Dataset(d.x_train[::-2], d.y_train[::-2], d.x_test[:, :, ::2, ::2],
+                    d.y_test, name=d.name, num_classes=d.num_classes)
+    copies = Dataset(*(np.ascontiguousarray(a) for a in (views.x_train, views.y_train,
+                                                          views.x_test, views.y_test)),
+                     name=d.name, num_classes=d.num_classes)
+    assert fingerprint(views) == fingerprint(copies)
 
 
 def test_digits_seed_draws_which_samples_are_held_out():

@@ -15,7 +15,7 @@ from refnorm.train import TrainConfig, checkpoint, loop, train
 from refnorm.train.checkpoint import CHECKPOINT, CheckpointError
 from refnorm.train.finite import NonFinite
 from refnorm.train.folder import OutputFolderError, atomic_write, check_room
-from refnorm.train.loop import train_step
+from refnorm.train.loop import prepare_data, train_step
 from refnorm.train.optim import SGD
 from refnorm.train.parallel import epoch_steps, statistic_parts
 from tests.train.conftest import TINY, config, fresh, params_of
@@ -366,6 +366,33 @@ def test_a_checkpoint_from_an_earlier_run_is_not_called_this_runs(tmp_path, tiny
     assert (tmp_path / CHECKPOINT).read_bytes() == before
 
 
+def test_a_resumed_run_that_stops_keeps_the_checkpoint_it_resumed_from(tmp_path, tiny_data):
+    """Until the resumed run writes its own, the checkpoint it resumed from is the one kept,
+    and the message says so (not that no checkpoint was written)."""
+    cfg = TrainConfig(**TINY, norm="bn")
+
+    def stop(epoch, step, model):
+        if (epoch, step) == (0, 1):
+            raise KeyboardInterrupt
+
+    assert train(cfg, out=tmp_path, progress=False, data=tiny_data, on_step=stop).interrupted
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    with pytest.raises(NonFinite, match=r"in step 3 of epoch 1; the run stopped; the checkpoint "
+                                        r"at step 1 of epoch 1 in .* is kept \(it holds only "
+                                        r"finite values\)$"):
+        train(cfg, out=tmp_path, resume=True, progress=False, data=tiny_data,
+              on_step=_blow_up_after((0, 2)))
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
+def test_resuming_into_a_folder_that_does_not_exist_says_so(tmp_path, tiny_data):
+    missing = tmp_path / "missing"
+    with pytest.raises(CheckpointError, match=rf"^no checkpoint to resume from: {missing} is not "
+                                              r"a folder$"):
+        train(TrainConfig(**TINY), out=missing, resume=True, progress=False, data=tiny_data)
+    assert not missing.exists()
+
+
 def test_a_non_finite_gradient_is_not_applied(monkeypatch):
     cfg = config(norm="bn", batch_size=4, accumulation=2)
     data, model, opt = fresh(cfg)
@@ -401,6 +428,15 @@ def test_a_non_finite_gradient_is_not_applied(monkeypatch):
      r"^images of 1x1 are too small for 2 blocks: their 1 2x2 max-pools need at least 2x2$"),
     (lambda d: dataclasses.replace(d, x_test=d.x_test[:, :, :4]),
      r"^test images are \(1, 4, 8\) \(C, H, W\) but training images are \(1, 8, 8\)$"),
+    # train(data=...) takes arrays as given: a label outside the classes (a negative one
+    # indexes from the end) stopped the run in its first step as non-finite, or after an
+    # epoch of training at the evaluation
+    (lambda d: dataclasses.replace(d, y_train=np.where(np.arange(len(d.y_train)) == 0, -1,
+                                                       d.y_train)),
+     r"^the training labels of digits must be class indices in 0\.\.9; got values in -1\.\.\d$"),
+    (lambda d: dataclasses.replace(d, y_test=np.where(np.arange(len(d.y_test)) == 0, 10,
+                                                      d.y_test)),
+     r"^the test labels of digits must be class indices in 0\.\.9; got values in \d\.\.10$"),
 ])
 def test_unusable_data_is_refused_before_training(tiny_data, monkeypatch, change, message):
     def step(*args, **kwargs):
@@ -409,6 +445,26 @@ def test_unusable_data_is_refused_before_training(tiny_data, monkeypatch, change
     monkeypatch.setattr(loop, "run_step", step)  # every step of train() goes through it
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(**TINY), progress=False, data=change(tiny_data))
+
+
+def test_the_training_subset_keeps_each_image_with_its_label_and_follows_the_seed():
+    full = prepare_data(TrainConfig())
+    pairs = {(x.tobytes(), int(y)) for x, y in zip(full.x_train, full.y_train, strict=True)}
+    subsets = [prepare_data(TrainConfig(train_subset=64, seed=seed)) for seed in (0, 0, 1)]
+    for sub in subsets:
+        kept = {(x.tobytes(), int(y)) for x, y in zip(sub.x_train, sub.y_train, strict=True)}
+        assert len(kept) == 64 and kept <= pairs  # 64 distinct samples, labels unchanged
+    np.testing.assert_array_equal(subsets[0].x_train, subsets[1].x_train)
+    assert not np.array_equal(subsets[0].x_train, subsets[2].x_train)  # another seed, others
+    np.testing.assert_array_equal(subsets[0].x_test, full.x_test)  # the test set is whole
+
+
+def test_the_trainer_standardizes_each_channel_by_the_training_split():
+    # the digits' pixels are k/16 in [0, 1]; the trainer sees them with mean 0 and
+    # standard deviation 1 over the training split (1e-5: float32 sums of 92032 values)
+    x = prepare_data(TrainConfig()).x_train.astype(np.float64)
+    np.testing.assert_allclose(x.mean(axis=(0, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(x.std(axis=(0, 2, 3)), 1.0, atol=1e-5)
 
 
 def test_a_normalizer_of_ones_own_trains_as_the_registered_one(tiny_data):
