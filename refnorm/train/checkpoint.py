@@ -262,7 +262,9 @@ def _position(path: Path, meta: Any, config: TrainConfig, steps: int | None) -> 
               for k in wanted if saved.get(k) != wanted[k] and k not in ("device", "devices")]
     if differ:
         raise CheckpointError(f"checkpoint {path} belongs to another configuration; "
-                              + "; ".join(differ))
+                              + "; ".join(differ) + ": continue it with its own options "
+                              "(refnorm train --out FOLDER --resume takes them from it), or "
+                              "start a new run in another folder")
     epoch, step, totals, history = meta["epoch"], meta["step"], meta["totals"], meta["history"]
     if not 0 <= epoch <= config.epochs:
         raise refuse(f"metadata 'epoch' must be in 0..{config.epochs}; got {epoch}")

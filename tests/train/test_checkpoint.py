@@ -431,3 +431,14 @@ def test_metadata_nested_too_deep_for_the_json_reader_is_refused_in_one_sentence
                                                 r"checkpoint .*; choose another --out, or "
                                                 r"replace it with --overwrite$"):
         train(cfg, out=tmp_path, progress=False, data=tiny_data)
+
+
+def test_a_resume_with_other_options_says_how_to_continue(tmp_path):
+    """The refusal names what differs and the two ways on: the checkpoint's own options (the
+    CLI reads them from it), or a new run elsewhere."""
+    train(config(epochs=1), out=tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match=r"epochs: checkpoint 1, this run 2: continue it "
+                                              r"with its own options \(refnorm train --out "
+                                              r"FOLDER --resume takes them from it\), or start "
+                                              r"a new run in another folder$"):
+        train(config(epochs=2), out=tmp_path, resume=True, progress=False)
