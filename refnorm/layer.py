@@ -216,6 +216,9 @@ class FunctionLayer(Layer):
             raise ValueError(f"{self.name} must return its new state as a dict with the keys "
                              f"{sorted(self.state)}; it returned {keys}")
         for key, value in new.items():
+            if not hasattr(value, "shape"):
+                raise TypeError(f"{self.name} returned state {key!r} as "
+                                f"{type(value).__name__}; it must be an array")
             if tuple(value.shape) != tuple(self.state[key].shape):
                 raise ValueError(f"{self.name} returned state {key!r} of shape "
                                  f"{tuple(value.shape)}; it has shape "
@@ -234,7 +237,11 @@ class FunctionLayer(Layer):
         dx, grads = out[0], dict(zip(self.params, out[1:], strict=True))
         for key, shape in (("x", x_shape), *((k, tuple(v.shape)) for k, v in
                                                self.params.items())):
-            got_shape = tuple((dx if key == "x" else grads[key]).shape)
+            got = dx if key == "x" else grads[key]
+            if not hasattr(got, "shape"):
+                raise TypeError(f"{name} returned d{key} as {type(got).__name__}; it must be "
+                                f"an array of shape {shape}")
+            got_shape = tuple(got.shape)
             if got_shape != shape:
                 raise ValueError(f"{name} returned d{key} of shape {got_shape}; {key} has "
                                  f"shape {shape}")
@@ -288,6 +295,8 @@ def from_functions(forward: Callable[..., Any], backward: Callable[..., Any], *,
     TypeError
         If ``forward`` or ``backward`` is not callable, or ``params`` or ``state`` is not a
         dict.
+        At a call, if a function returns a gradient (or a new state) that is not an array
+        (None, a list, a number).
     ValueError
         If ``params`` and ``state`` share a name; at a call, if a function returns another
         number of values or a gradient (or a new state) of another shape than its array.

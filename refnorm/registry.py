@@ -57,7 +57,11 @@ def layer_class(name: str) -> type:
 
 
 def name_of(cls: type) -> str:
-    """The name ``cls`` is registered under; ``ValueError`` if it is not registered."""
+    """The name ``cls`` is registered under; ``ValueError`` if it is not registered,
+    ``TypeError`` if it is not a class (a layer: pass ``type(layer)``)."""
+    if not isinstance(cls, type):
+        raise TypeError(f"name_of takes a class; got {type(cls).__name__} (for a layer, "
+                        "pass type(layer))")
     for name, registered in _TABLE.items():
         if registered is cls:
             return name

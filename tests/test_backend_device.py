@@ -180,3 +180,16 @@ def test_moving_to_the_gpu_twice_keeps_the_device_arrays(monkeypatch):
     on_gpu = _arrays(layer)
     to_device(layer, "gpu")
     assert all(a is b for a, b in zip(_arrays(layer), on_gpu, strict=True))
+
+
+def test_a_moved_layer_forgets_the_device_it_was_built_on(monkeypatch):
+    """to_device: "a layer whose xp is numpy or CuPy takes the device's namespace (device
+    becomes None)": a numpy layer built on device="cpu" must not keep "cpu" on the GPU."""
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(True))
+    layer = refnorm.build("bn", 3, dtype=np.float64, device="cpu")
+    assert layer.device == "cpu"
+    to_device(layer, "gpu")
+    assert layer.device is None
+    layer = refnorm.build("bn", 3, dtype=np.float64, device="cpu")
+    to_device(layer, "cpu")
+    assert layer.device is None and layer.xp is np

@@ -359,3 +359,41 @@ def test_from_functions_names_the_backward_that_broke_the_contract():
     with pytest.raises(ValueError, match=r"^scale_backward_bad_shape returned dw of shape "
                                          r"\(2, 3\); w has shape \(3,\)$"):
         wrong.backward(np.ones((2, 3)))
+
+
+def test_from_functions_checks_dx_against_the_input_not_the_output():
+    """A layer whose output has another shape than its input (a sum over channels): dx must
+    have the shape of x, and a dx of y's shape is refused."""
+    def forward(x, w, training):
+        return (x * w).sum(axis=1), x  # (N, C) -> (N,)
+
+    def backward(dy, x):
+        return dy[:, None] * np.ones_like(x), (dy[:, None] * x).sum(axis=0)
+
+    layer = from_functions(forward, backward, params={"w": np.ones(3)})
+    x = np.arange(6.0).reshape(2, 3)
+    dy = np.array([1.0, -2.0])
+    layer.forward(x, True)
+    np.testing.assert_array_equal(layer.backward(dy), [[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]])
+    np.testing.assert_array_equal(layer.grads["w"], [0 - 6.0, 1 - 8.0, 2 - 10.0])
+    wrong = from_functions(forward, lambda dy, x: (dy, (dy[:, None] * x).sum(axis=0)),
+                           params={"w": np.ones(3)})
+    wrong.forward(x, True)
+    with pytest.raises(ValueError, match=r"returned dx of shape \(2,\); x has shape \(2, 3\)"):
+        wrong.backward(dy)
+
+
+@pytest.mark.parametrize("bad", [None, [1.0, 2.0, 3.0], 3.0])
+def test_from_functions_refuses_a_gradient_or_state_that_is_not_an_array(bad):
+    """A backward returning None (or a list, a number) for a parameter's gradient, or a
+    forward handing back such a state, is told so in one sentence, not an AttributeError."""
+    forward, backward = _identity_pair()
+    layer = from_functions(forward, lambda dy, x: (dy, bad), params={"w": np.ones(3)})
+    layer.forward(np.ones((2, 3)), True)
+    with pytest.raises(TypeError, match=r"<lambda> returned dw as \w+; it must be an array "
+                                        r"of shape \(3,\)"):
+        layer.backward(np.ones((2, 3)))
+    stateful = from_functions(lambda x, s, training: (x, None, {"s": bad}),
+                              lambda dy, c: (dy,), params={}, state={"s": np.ones(3)})
+    with pytest.raises(TypeError, match=r"returned state 's' as \w+; it must be an array"):
+        stateful.forward(np.ones((2, 3)), True)

@@ -58,3 +58,10 @@ def test_only_a_registered_class_itself_has_a_name(cls):
     """The base class of every layer and a user's subclass of BN are not registered layers."""
     with pytest.raises(ValueError, match=f"{cls.__qualname__} is not a registered layer"):
         registry.name_of(cls)
+
+
+def test_name_of_a_layer_instance_asks_for_its_class():
+    """name_of takes a class: a layer object is a TypeError naming what to pass, not an
+    AttributeError about __qualname__."""
+    with pytest.raises(TypeError, match=r"name_of takes a class; got BatchNorm .*type\(layer\)"):
+        registry.name_of(refnorm.build("bn", 2))
