@@ -33,7 +33,7 @@ def he_normal(
         (C_out, C_in, KH, KW) for a convolution, (D_out, D_in) for a linear layer.
     fan_in : int, >= 1
         Inputs of one output unit: C_in KH KW, or D_in.
-    seed : int
+    seed : int, >= 0
     xp : module
         The array namespace of the result.
     dtype : dtype
@@ -48,6 +48,8 @@ def he_normal(
     """
     if not is_int(seed):
         raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+    if seed < 0:  # numpy's "expected non-negative integer" would not name it
+        raise ValueError(f"seed must be >= 0; got {seed}")
     fan_in = check_positive_int("fan_in", fan_in)
     dtype = check_param_dtype(xp, dtype)
     w = np.random.default_rng(seed).standard_normal(shape) * np.sqrt(2.0 / fan_in)

@@ -91,3 +91,12 @@ def test_he_normal_is_numpys_float64_standard_normal_scaled():
     np.testing.assert_array_equal(got, want)
     got32 = he_normal((5, 3, 2), fan_in=6, seed=11, xp=np, dtype=np.float32)
     np.testing.assert_array_equal(got32, want.astype(np.float32))
+
+
+def test_a_negative_seed_is_refused_by_name_wherever_weights_are_drawn():
+    """numpy's generators take seeds >= 0 and say "expected non-negative integer", naming
+    nothing; the layers that draw weights pass their seed here."""
+    with pytest.raises(ValueError, match=r"^seed must be >= 0; got -1$"):
+        he_normal((2, 2), fan_in=2, seed=-1, xp=np, dtype=np.float64)
+    with pytest.raises(ValueError, match=r"^seed must be >= 0; got -3$"):
+        nn.Conv2d(3, 4, 3, seed=-3)
