@@ -27,7 +27,7 @@ import numpy as np
 from refnorm import registry
 from refnorm.backend import Array, array_namespace, on_device
 from refnorm.core import affine_backward, affine_forward
-from refnorm.core.checks import check_bool, check_device, check_param_dtype
+from refnorm.core.checks import check_bool, check_device, check_param_dtype, dtype_name
 from refnorm.layer import Layer
 from refnorm.nn import GlobalAvgPool, MaxPool2d, ReLU
 
@@ -75,7 +75,8 @@ class ConvNet:
     norm_layer : callable, optional
         Builds every block's normalizer in place of the registered ``norm``: called as
         ``norm_layer(width, dtype=dtype, xp=xp, device=device)`` for a block of ``width``
-        channels, it returns a :class:`~refnorm.layer.Layer` (e.g. one made by
+        channels, it returns a :class:`~refnorm.layer.Layer` whose parameters are in ``dtype``
+        (a ``TypeError`` says which is not) (e.g. one made by
         :func:`~refnorm.layer.from_functions`; ``functools.partial(refnorm.build, "bn")`` builds
         what ``norm="bn"`` does). ``norm`` still names the method the blocks hold (it decides
         that the convolutions before it have no bias, and what a run reports), so it cannot be
@@ -165,6 +166,12 @@ class ConvNet:
         if not isinstance(layer, Layer):
             raise TypeError(f"norm_layer must return a refnorm Layer; it returned "
                             f"{type(layer).__name__}")
+        for name, p in layer.params.items():  # else it trains in another dtype without a word
+            if getattr(p, "dtype", self.dtype) != self.dtype:
+                raise TypeError(f"norm_layer built a layer whose parameter {name!r} is "
+                                f"{dtype_name(p.dtype)} in this {dtype_name(self.dtype)} "
+                                f"network: make its arrays in the dtype it is given "
+                                f"(norm_layer(width, dtype=..., xp=..., device=...))")
         return layer
 
     def __deepcopy__(self, memo: dict) -> ConvNet:

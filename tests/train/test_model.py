@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import refnorm
 from refnorm.gradcheck import check_layer, check_vjp
 from refnorm.nn import GlobalAvgPool, MaxPool2d, ReLU
 from refnorm.train.config import TrainConfig
@@ -132,6 +133,9 @@ def test_norm_layer_builds_the_normalizers_of_every_block():
     ({"norm_layer": "bn"}, TypeError, "norm_layer must be a function that builds a layer"),
     ({"norm_layer": lambda width, **place: object()}, TypeError,
      "must return a refnorm Layer; it returned object"),
+    ({"norm_layer": lambda width, **place: refnorm.build("bn", width, dtype=np.float64)},
+     TypeError, "norm_layer built a layer whose parameter 'gamma' is float64 in this float32 "
+                "network: make its arrays in the dtype it is given"),
 ])
 def test_norm_layer_is_refused_when_it_cannot_build_normalizers(kwargs, error, match):
     with pytest.raises(error, match=match):
