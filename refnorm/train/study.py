@@ -547,7 +547,7 @@ def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float
              f"{study.update_size} samples per update, as in SN Table 2 ({where}); "
              f"{study.epochs} epoch{'s' if study.epochs != 1 else ''}; lr {study.lr} (cosine); "
              f"seeds {list(study.seeds)}; "
-             f"{len(runs)} runs in {elapsed:.0f} s.", "",
+             f"{len(runs)} run{'s' if len(runs) != 1 else ''} in {elapsed:.0f} s.", "",
              "## Test accuracy (%)", "",
              "| method | " + " | ".join(f"{p}, {b}" for p, b in settings) + " |",
              "|---|" + "---|" * len(settings)]
@@ -585,7 +585,12 @@ def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float
     if note:
         lines += ["", note]
     lines += ["", "## The papers' claims, against this run", ""]
-    for c in claims(study, cells):
+    tested = claims(study, cells)
+    if not tested:
+        lines.append("None: each needs cells this grid does not hold (BN, or SN, at two "
+                     "settings; GN or SN beside BN at two settings; GN+WS, WN or SyncBN beside "
+                     "BN; SyncSN beside SN).")
+    for c in tested:
         verdict = {True: "**supported**", False: "**not supported**",
                    None: "**not judged**"}[c.supported] if c.assessable else "**not assessable**"
         by = "by this run" if c.assessable else "by this grid"

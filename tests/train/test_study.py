@@ -659,6 +659,21 @@ def test_report_sentences_agree_with_one_method_and_one_epoch(tmp_path):
     assert " 1 epoch; " in report and "1 epochs" not in report
 
 
+def test_a_grid_that_tests_no_claim_says_so_under_the_claims_heading(tmp_path):
+    """GN alone at one setting holds no claim's cells: the section says so instead of
+    standing empty, and one run is "1 run"."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("gn",), batch_sizes=(32,), update_size=32, seeds=(0,))
+    runs = [{"config": {"norm": "gn", "weight": None, "batch_size": 32, "seed": 0},
+             "history": [{"epoch": 1, "test_acc": 0.9, "train_acc": 0.9}], "seconds": 1.0}]
+    write_report(study, runs, tmp_path, 1.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "## The papers' claims, against this run\n\nNone: each needs cells this grid does " \
+           "not hold" in report
+    assert " 1 run in " in report
+
+
 def test_a_study_on_a_folder_another_run_holds_is_refused_before_any_run(tmp_path, monkeypatch):
     """One writer per folder: a study, like a training run, takes the folder's lock, and a
     live holder (another study or run) makes it stop before its first run."""
