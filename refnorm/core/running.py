@@ -53,6 +53,7 @@ def update_running_stats(
     new_mean, new_var : arrays, (C,), in the dtype of the running statistics
     """
     check_momentum(momentum)
+    momentum = float(momentum)  # a numpy scalar or a Fraction would change the state's dtype
     if count < 2:
         raise ValueError(f"count must be >= 2 for an unbiased variance; got {count}")
     xp = array_namespace(running_mean, running_var)

@@ -33,7 +33,7 @@ def standardize(x: Array, mu: Array, var: Array, *, eps: float) -> tuple[Array, 
     rstd : array, ``var.shape``
     """
     xp = array_namespace(x, mu, var)
-    rstd = 1.0 / xp.sqrt(var + eps)
+    rstd = 1.0 / xp.sqrt(var + float(eps))  # float: a numpy scalar would promote float32
     return (x - mu) * rstd, rstd
 
 

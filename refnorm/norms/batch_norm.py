@@ -244,7 +244,7 @@ def batch_norm_forward_graph(
         sq = xmu * xmu                                           # (N, C, H, W)
         var = xp.mean(sq, axis=axes, keepdims=True)              # (1, C, 1, 1)
     check_variance_finite(var, xc)  # an overflow: the error of refnorm.core.moments.moments
-    std = xp.sqrt(var + eps)                                     # (1, C, 1, 1)
+    std = xp.sqrt(var + float(eps))                              # (1, C, 1, 1)
     inv_std = 1.0 / std                                          # (1, C, 1, 1)
     x_hat = xmu * inv_std                                        # (N, C, H, W)
     y = g * x_hat + b                                            # (N, C, H, W)

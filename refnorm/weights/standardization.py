@@ -120,6 +120,7 @@ def weight_standardization_forward(
     cache : WeightStandardizationCache
     """
     xp, wc, I = _check(w, eps, eps_mode, correction)
+    eps = float(eps)  # a numpy scalar would promote float32 (and is refused by array_api_strict)
     ww = per_output_view(xp, wc)                                   # (C_out, I)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
         mu = xp.mean(ww, axis=1, keepdims=True)                    # (C_out, 1)  Eq. (4)

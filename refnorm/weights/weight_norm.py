@@ -108,6 +108,7 @@ def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array
     cache : WeightNormCache
     """
     xp, vc, gc = _prepare(v, g, eps)
+    eps = float(eps)  # a numpy scalar would promote float32 (and is refused by array_api_strict)
     vv = per_output_view(xp, vc)                                   # (C_out, I)
     with np.errstate(over="ignore"):  # an overflow raises just below
         norm = xp.sqrt(xp.sum(vv * vv, axis=1, keepdims=True))     # (C_out, 1)  ||V_j||

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -58,3 +60,16 @@ def test_default_momentum_is_pytorchs_0_1():
                                              np.full(1, 6.0), count=4)
     np.testing.assert_allclose(new_mean, [1.0], rtol=1e-15)
     np.testing.assert_allclose(new_var, [0.9 + 0.1 * 8.0], rtol=1e-15)   # 6 * 4/3 = 8
+
+
+@pytest.mark.parametrize("momentum", [np.float64(0.5), Fraction(1, 2)])
+def test_a_numpy_or_fraction_momentum_keeps_the_dtype_of_the_running_statistics(momentum):
+    # Both are real numbers in (0, 1]; neither may turn float32 state into float64 (numpy
+    # scalars promote under NEP 50) or into an object array (a Fraction).
+    new_mean, new_var = update_running_stats(np.zeros(2, np.float32), np.ones(2, np.float32),
+                                             np.full(2, 2.0, np.float32),
+                                             np.full(2, 3.0, np.float32), count=4,
+                                             momentum=momentum)
+    assert new_mean.dtype == new_var.dtype == np.float32
+    np.testing.assert_array_equal(new_mean, [1.0, 1.0])
+    np.testing.assert_array_equal(new_var, [2.5, 2.5])   # (1 + 3 * 4/3) / 2

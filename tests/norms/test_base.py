@@ -116,6 +116,29 @@ def test_fast_backward_args_refuses_zero_groups_by_name():
                            per_sample=True, groups=0)
 
 
+def test_fast_backward_args_refuses_groups_that_do_not_divide_the_channels():
+    from refnorm.norms.base import fast_backward_args
+
+    x_hat = np.zeros((2, 4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"num_groups \(3\) must divide its 4 channels"):
+        fast_backward_args("three_groups_backward_probe", x_hat.copy(), x_hat,
+                           np.ones(6, np.float32), np.ones(4, np.float32),
+                           per_sample=True, groups=3)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_fast_backward_args_refuses_an_rstd_of_another_size(size):
+    # The forward makes one rstd per channel for BN: 2 here; fewer or more would be read
+    # out of place by the kernels.
+    from refnorm.norms.base import fast_backward_args
+
+    x_hat = np.zeros((4, 2, 3), np.float32)
+    with pytest.raises(ValueError, match=rf"rstd must hold 2 values .*got shape \({size},\)"):
+        fast_backward_args(f"rstd_{size}_backward_probe", x_hat.copy(), x_hat,
+                           np.ones(size, np.float32), np.ones(2, np.float32),
+                           per_sample=False)
+
+
 def test_frozen_statistics_accept_a_zero_running_variance():
     from refnorm.norms.base import frozen_statistics
 

@@ -75,29 +75,31 @@ def test_staged_backward_matches_finite_differences():
         assert err.max_rel_error < 1e-6, (name, err)
 
 
-def test_eval_forward_uses_the_running_statistics():
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_eval_forward_uses_the_running_statistics(path):
     x, gamma, beta, _ = inputs((5, 3, 4))
     mean, var = np.array([11.0, 12.0, 13.0]), np.array([20.0, 25.0, 30.0])
-    y, _ = refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var, eps=1e-3)
+    y, _ = refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var, eps=1e-3, path=path)
     c = (slice(None), None)  # (C,) -> (C, 1) broadcast over the last axis
     expected = gamma[c] * (x - mean[c]) / np.sqrt(var[c] + 1e-3) + beta[c]
     np.testing.assert_allclose(y, expected, rtol=1e-13)
 
 
-def test_eval_backward_is_the_frozen_affine_map():
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_eval_backward_is_the_frozen_affine_map(path):
     x, gamma, beta, dy = inputs((5, 3, 4))
     mean, var = np.array([11.0, 12.0, 13.0]), np.array([20.0, 25.0, 30.0])
-    _, cache = refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var)
-    dx, dgamma, dbeta = refnorm.batch_norm_backward(dy, cache)
+    _, cache = refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var, path=path)
+    dx, dgamma, dbeta = refnorm.batch_norm_backward(dy, cache, path=path)
     c = (slice(None), None)
     np.testing.assert_allclose(dx, dy * gamma[c] / np.sqrt(var[c] + 1e-5), rtol=1e-13)
 
     def f(x, gamma, beta):
-        return refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var)[0]
+        return refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var, path=path)[0]
 
     def vjp(dy, x, gamma, beta):
-        _, cache = refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var)
-        dx, dgamma, dbeta = refnorm.batch_norm_backward(dy, cache)
+        _, cache = refnorm.batch_norm_eval_forward(x, gamma, beta, mean, var, path=path)
+        dx, dgamma, dbeta = refnorm.batch_norm_backward(dy, cache, path=path)
         return {"x": dx, "gamma": dgamma, "beta": dbeta}
 
     for name, err in check_vjp(f, vjp, {"x": x, "gamma": gamma, "beta": beta}).items():
@@ -187,3 +189,50 @@ def test_staged_backward_returns_the_dtypes_of_x_and_gamma(x_dtype, param_dtype)
     dx, dgamma, dbeta = refnorm.batch_norm_backward_graph(dy, cache)
     assert dx.dtype == x_dtype
     assert dgamma.dtype == dbeta.dtype == param_dtype
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_eval_backward_returns_the_dtypes_of_x_and_gamma(path):
+    # float32 x with float64 gamma (a float64 layer fed float32 data): dx is float32,
+    # dgamma and dbeta float64, as in training.
+    x, gamma, beta, dy = inputs((5, 3, 4))
+    mean, var = np.array([11.0, 12.0, 13.0]), np.array([20.0, 25.0, 30.0])
+    _, cache = refnorm.batch_norm_eval_forward(x.astype(np.float32), gamma, beta, mean, var,
+                                               path=path)
+    dx, dgamma, dbeta = refnorm.batch_norm_backward(dy.astype(np.float32), cache, path=path)
+    assert (dx.dtype, dgamma.dtype, dbeta.dtype) == (np.float32, np.float64, np.float64)
+
+
+@pytest.mark.parametrize("x_dtype", [np.float16, np.float32])
+def test_staged_forward_computes_in_float32_for_float16_and_float32_inputs(x_dtype):
+    # Every node of the graph is in the compute dtype, as batch_norm_forward's x_hat is: a
+    # float32 input is not silently promoted to float64 by the float64 sum of the mean.
+    x, gamma, beta, _ = inputs((4, 3, 5))
+    _, cache = refnorm.batch_norm_forward_graph(x.astype(x_dtype), gamma.astype(np.float32),
+                                                beta.astype(np.float32))
+    for node in (cache.xmu, cache.std, cache.inv_std, cache.x_hat):
+        assert node.dtype == np.float32
+
+
+def test_staged_forward_refuses_a_variance_that_overflows_float32():
+    # Squares ~1e40 exceed float32's 3.4e38: without the check every output would be beta.
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((2, 4, 3, 3)) * 1e20).astype(np.float32)
+    g, b = np.ones(4, np.float32), np.full(4, 0.5, np.float32)
+    with pytest.raises(ValueError, match=r"the variance of x overflows float32"):
+        refnorm.batch_norm_forward_graph(x, g, b)
+
+
+@pytest.mark.parametrize("momentum", [np.float64(0.1), np.float32(0.1)])
+def test_a_numpy_momentum_keeps_the_layers_state_dtype(momentum):
+    layer = refnorm.BatchNorm(3, momentum=momentum)      # float32 parameters and state
+    x, _, _, _ = inputs((4, 3, 5))
+    layer.forward(x.astype(np.float32), training=True)
+    assert {v.dtype for v in layer.state.values()} == {np.dtype(np.float32)}
+
+
+def test_staged_forward_takes_a_numpy_scalar_eps_in_the_compute_dtype():
+    x, gamma, beta, _ = inputs((4, 3, 5))
+    f32 = [a.astype(np.float32) for a in (x, gamma, beta)]
+    _, cache = refnorm.batch_norm_forward_graph(*f32, eps=np.float64(1e-5))
+    assert cache.std.dtype == cache.x_hat.dtype == np.float32

@@ -15,9 +15,9 @@ def options_for(method):
     return {"num_groups": 2} if method.name == "gn" else {}
 
 
-def forward_backward(method, x, gamma, beta, dy):
-    y, cache = method.forward(x, gamma, beta, eps=1e-5, **options_for(method))
-    return (y, *method.backward(dy, cache))
+def forward_backward(method, x, gamma, beta, dy, path="reference"):
+    y, cache = method.forward(x, gamma, beta, eps=1e-5, path=path, **options_for(method))
+    return (y, *method.backward(dy, cache, path=path))
 
 
 @pytest.mark.parametrize("method", METHODS, ids=repr)
@@ -30,14 +30,15 @@ def test_float32_and_float64_are_kept(method, dtype):
     assert (y.dtype, dx.dtype, dgamma.dtype, dbeta.dtype) == (dtype,) * 4
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
 @pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_float16_computes_in_float32_and_returns_float16(method):
+def test_float16_computes_in_float32_and_returns_float16(method, path):
     rng = np.random.default_rng(1)
     x64 = 2 * rng.standard_normal(SHAPE) + 3
     dy64 = rng.standard_normal(SHAPE)
     x16, dy16 = x64.astype(np.float16), dy64.astype(np.float16)
     gamma, beta = np.ones(4, np.float16), np.zeros(4, np.float16)
-    y16, dx16, dgamma16, _ = forward_backward(method, x16, gamma, beta, dy16)
+    y16, dx16, dgamma16, _ = forward_backward(method, x16, gamma, beta, dy16, path=path)
     assert (y16.dtype, dx16.dtype, dgamma16.dtype) == (np.float16,) * 3
     # The float64 result for the *same* (rounded) inputs; float32 arithmetic then a float16
     # cast must agree to float16's precision (2^-11 relative, ~1e-3 on values of size ~2).
@@ -113,3 +114,27 @@ def test_a_float16_layer_accepts_at_its_first_forward_the_eps_it_was_built_with(
     for name in ("bn", "ln", "sn"):
         layer = refnorm.build(name, 4, eps=eps, dtype=np.float16)
         assert layer.forward(x16, training=True).dtype == np.float16
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("eps", [np.float64(1e-5), np.int64(1)])
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_a_numpy_scalar_eps_keeps_the_float32_compute_dtype(method, eps, path):
+    # check_eps accepts numpy scalars; under NEP 50 a float64 scalar added to the float32
+    # variance would promote the whole computation to float64.
+    rng = np.random.default_rng(5)
+    x = (5 * rng.standard_normal(SHAPE) + 12).astype(np.float32)
+    gamma, beta = np.ones(4, np.float32), np.zeros(4, np.float32)
+    _, cache = method.forward(x, gamma, beta, eps=eps, path=path, **options_for(method))
+    assert cache.x_hat.dtype == cache.rstd.dtype == np.float32
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_a_numpy_scalar_eps_is_accepted_on_array_api_strict(method):
+    strict = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(6)
+    x = strict.asarray((5 * rng.standard_normal(SHAPE) + 12).astype(np.float32))
+    gamma, beta = strict.ones(4, dtype=strict.float32), strict.zeros(4, dtype=strict.float32)
+    y, _ = method.forward(x, gamma, beta, eps=np.float64(1e-5), **options_for(method))
+    want, _ = method.forward(x, gamma, beta, eps=1e-5, **options_for(method))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))

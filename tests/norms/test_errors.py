@@ -32,6 +32,16 @@ def test_instance_norm_needs_a_spatial_axis():
         refnorm.instance_norm_forward(np.ones((4, 3)), np.ones(3), np.zeros(3))
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_instance_norm_with_running_statistics_needs_a_spatial_axis_too(path):
+    # With running statistics an (N, C) input could be computed, but it is no instance: the
+    # eval forward refuses it as the training forward does.
+    with pytest.raises(ValueError,
+                       match=r"x must have layout .*spatial axis.*at least 3.*\(4, 3\)"):
+        refnorm.instance_norm_eval_forward(np.ones((4, 3)), np.ones(3), np.zeros(3),
+                                           np.zeros(3), np.ones(3), path=path)
+
+
 @pytest.mark.parametrize("method", METHODS, ids=repr)
 @pytest.mark.parametrize("which", ["gamma", "beta"])
 @pytest.mark.parametrize("bad_shape", [(3,), (5,), (1, 4), ()])
@@ -80,12 +90,25 @@ def test_eps_must_be_a_number(method, eps):
         method.forward(x, gamma, beta, eps=eps, **options_for(method))
 
 
+@pytest.mark.parametrize("name", ["batch_norm", "instance_norm", "layer_norm", "group_norm"])
+def test_fast_path_refuses_eps_true_after_accepting_eps_1(name):
+    # True == 1 and hash(True) == hash(1): the fast path's once-per-signature check must
+    # still tell them apart.
+    forward = getattr(refnorm, f"{name}_forward")
+    options = {"num_groups": 2} if name == "group_norm" else {}
+    x, gamma, beta = good_args()
+    forward(x, gamma, beta, eps=1, path="fast", **options)
+    with pytest.raises(TypeError, match=r"eps must be a float; got bool"):
+        forward(x, gamma, beta, eps=True, path="fast", **options)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
 @pytest.mark.parametrize("groups", [3, 0, -2, 5])
-def test_groups_must_divide_channels(groups):
+def test_groups_must_divide_channels(groups, path):
     x, gamma, beta = good_args(C=4)
     with pytest.raises(ValueError, match=rf"num_groups must be a positive divisor .*C=4"
                                          rf".*got num_groups={groups}"):
-        refnorm.group_norm_forward(x, gamma, beta, num_groups=groups)
+        refnorm.group_norm_forward(x, gamma, beta, num_groups=groups, path=path)
 
 
 def test_groups_must_be_an_int():
@@ -139,22 +162,26 @@ def test_running_statistics_are_checked():
     with pytest.raises(ValueError, match=r"running_mean must have shape \(C,\) = \(4,\).*; "
                                          r"got shape \(3,\)"):
         refnorm.batch_norm_eval_forward(x, gamma, beta, np.zeros(3), np.ones(4))
+    with pytest.raises(ValueError, match=r"running_var must have shape \(C,\) = \(4,\).*; "
+                                         r"got shape \(5,\)"):
+        refnorm.batch_norm_eval_forward(x, gamma, beta, np.zeros(4), np.ones(5))
     with pytest.raises(ValueError, match=r"running_var must be >= 0 everywhere"):
         refnorm.batch_norm_eval_forward(x, gamma, beta, np.zeros(4), -np.ones(4))
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
 @pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_backward_checks_dy_and_cache(method):
+def test_backward_checks_dy_and_cache(method, path):
     x, gamma, beta = good_args()
-    _, cache = method.forward(x, gamma, beta, eps=1e-5, **options_for(method))
+    _, cache = method.forward(x, gamma, beta, eps=1e-5, path=path, **options_for(method))
     with pytest.raises(ValueError, match=r"dy must have shape \(2, 4, 3, 3\); got \(2, 4, 3\)"):
-        method.backward(np.ones((2, 4, 3)), cache)
+        method.backward(np.ones((2, 4, 3)), cache, path=path)
     with pytest.raises(TypeError, match=r"dy must have a real floating-point dtype"):
-        method.backward(np.ones((2, 4, 3, 3), dtype=np.int64), cache)
+        method.backward(np.ones((2, 4, 3, 3), dtype=np.int64), cache, path=path)
     other = METHODS[(METHODS.index(method) + 1) % len(METHODS)]
-    _, other_cache = other.forward(x, gamma, beta, eps=1e-5, **options_for(other))
+    _, other_cache = other.forward(x, gamma, beta, eps=1e-5, path=path, **options_for(other))
     with pytest.raises(TypeError, match=r"cache must be an? \w+Cache; got \w+Cache"):
-        method.backward(np.ones_like(x), other_cache)
+        method.backward(np.ones_like(x), other_cache, path=path)
 
 
 def test_mixed_namespaces_are_refused():

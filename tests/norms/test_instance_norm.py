@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import refnorm
 
@@ -31,3 +32,23 @@ def test_running_stats_average_the_instance_statistics():
     m, v = layer.state["running_mean"], layer.state["running_var"]
     np.testing.assert_allclose(y, (x - m[:, None, None]) / np.sqrt(v[:, None, None] + 1e-5),
                                rtol=1e-12)
+
+
+def test_tracked_statistics_change_in_training_only_and_serve_even_a_single_sample():
+    layer = refnorm.build("in", 2, track_running_stats=True, momentum=0.5, dtype=np.float64)
+    rng = np.random.default_rng(2)
+    layer.forward(3 * rng.standard_normal((4, 2, 5)) + 1, training=True)
+    before = {k: v.copy() for k, v in layer.state.items()}
+    x = 2 * rng.standard_normal((1, 2, 5)) - 4       # one sample, far from the running mean
+    y = layer.forward(x, training=False)
+    for k, v in before.items():
+        np.testing.assert_array_equal(layer.state[k], v)   # inference leaves the state
+    m, v = before["running_mean"], before["running_var"]
+    np.testing.assert_allclose(y, (x - m[:, None]) / np.sqrt(v[:, None] + 1e-5), rtol=1e-12)
+
+
+@pytest.mark.parametrize("track_running_stats", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 1.5])
+def test_momentum_is_refused_at_construction(momentum, track_running_stats):
+    with pytest.raises(ValueError, match=r"momentum must be in \(0, 1\]; got"):
+        refnorm.InstanceNorm(3, momentum=momentum, track_running_stats=track_running_stats)

@@ -8,6 +8,7 @@ import pytest
 import refnorm
 from refnorm.nn.conv import conv2d_backward, conv2d_forward
 from refnorm.nn.linear import linear_backward, linear_forward
+from refnorm.weights import weight_norm_forward, weight_standardization_forward
 from refnorm.weights.base import (
     apply_weights,
     apply_weights_backward,
@@ -153,3 +154,25 @@ def test_default_eps_is_the_documented_1e_5(name):
     assert default.eps == 1e-5
     np.testing.assert_array_equal(default.forward(x, training=True),
                                   explicit.forward(x, training=True))
+
+
+@pytest.mark.parametrize("eps", [np.float64(1e-5), np.int64(1)])
+@pytest.mark.parametrize("method", ["wn", "ws"])
+def test_a_numpy_scalar_eps_keeps_float32_and_is_accepted_on_array_api_strict(method, eps):
+    """Weight Normalization and Weight Standardization accept numpy's scalars as eps (as
+    check_eps does): a float32 weight stays float32, and array_api_strict, which refuses a
+    numpy scalar in arithmetic, gets the same result."""
+    strict = pytest.importorskip("array_api_strict")
+    w = np.random.default_rng(2).standard_normal((4, 3, 3, 3)).astype(np.float32)
+
+    def forward(w):
+        if method == "wn":
+            out, cache = weight_norm_forward(w, w[:, 0, 0, 0] * 0 + 1, eps=eps)
+            return out, cache.norm
+        out, cache = weight_standardization_forward(w, eps=eps)
+        return out, cache.denom
+
+    out, kept = forward(w)
+    assert out.dtype == kept.dtype == np.float32
+    out_strict, _ = forward(strict.asarray(w))
+    np.testing.assert_array_equal(np.asarray(out_strict), out)
