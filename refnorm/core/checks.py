@@ -71,7 +71,11 @@ def check_eps(eps: object, *, xp: ModuleType | None = None, dtype: Any = None) -
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
         raise TypeError(f"eps must be a float; got {type(eps).__name__}"
                         + (" (pass float(eps))" if isinstance(eps, numbers.Real) else ""))
-    if not (math.isfinite(eps) and float(eps) > 0):
+    try:
+        value = float(eps)
+    except OverflowError:  # an int beyond every float
+        raise ValueError("eps must be finite and > 0; got an int beyond every float") from None
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"eps must be finite and > 0; got {eps}")
     if xp is None or dtype is None:
         return

@@ -102,7 +102,8 @@ def test_eps_accepts_positive_finite_reals(eps):
 
 @pytest.mark.parametrize(("eps", "error"), [(0.0, ValueError), (-1.0, ValueError),
                                             (float("nan"), ValueError), (float("inf"), ValueError),
-                                            (True, TypeError), ("1e-5", TypeError)])
+                                            (True, TypeError), ("1e-5", TypeError),
+                                            (10**400, ValueError)])
 def test_eps_refuses(eps, error):
     with pytest.raises(error, match=r"^eps must be"):
         check_eps(eps)
