@@ -76,8 +76,8 @@ class ConvNet:
         Builds every block's normalizer in place of the registered ``norm``: called as
         ``norm_layer(width, dtype=dtype, xp=xp, device=device)`` for a block of ``width``
         channels, it returns a :class:`~refnorm.layer.Layer` whose parameters are in ``dtype``
-        (a ``TypeError`` says which is not) (e.g. one made by
-        :func:`~refnorm.layer.from_functions`; ``functools.partial(refnorm.build, "bn")`` builds
+        (else a ``TypeError`` names the one that is not), e.g. one made by
+        :func:`~refnorm.layer.from_functions` (``functools.partial(refnorm.build, "bn")`` builds
         what ``norm="bn"`` does). ``norm`` still names the method the blocks hold (it decides
         that the convolutions before it have no bias, and what a run reports), so it cannot be
         ``"none"``; ``num_groups`` and ``norm_options`` are not passed to it.
