@@ -230,3 +230,46 @@ def test_each_printed_wrong_row_links_the_section_that_checks_its_equation():
 def test_a_range_with_an_en_dash_names_every_equation():
     assert eq.parse_tag("# Eq. (12)–(14)") == [(None, 12), (None, 13), (None, 14)]
     assert eq.parse_tag("# WS Eq. (17)–(19)") == [("WS", 17), ("WS", 18), ("WS", 19)]
+
+
+def test_each_rule_of_the_registry_names_the_row_that_breaks_it(monkeypatch):
+    """A registry of rows that each break one rule of the verdicts (module docstring): each
+    rule reports its row, and a registry that keeps them all reports nothing."""
+    tag = eq.Tag("ws", 1, "refnorm/x.py", 1, "refnorm.x", ())
+    in_errata = eq.Tag("ws", 2, "refnorm/errata/x.py", 1, "refnorm.errata.x", ())
+    rows = (
+        eq.Equation("ws", 1, "a", "w", eq.PRINTED_WRONG, ("t",)),               # no label
+        eq.Equation("ws", 2, "a", "w", eq.PRINTED_WRONG, ("t",), errata="e"),   # errata tag only
+        eq.Equation("ws", 3, "a", "w", eq.DEFINITION, ("t",)),                  # nothing tagged
+        eq.Equation("ws", 4, "a", "w", eq.NOT_IMPLEMENTED, ("t",), untagged="u"),  # no reason
+        eq.Equation("ws", 5, r"\lvert a|", "w", eq.NOT_IMPLEMENTED, (), note="r",
+                    untagged="u"),                                              # |, no test
+        eq.Equation("ws", 6, "a", "w", "verified?", ("t",), untagged="u"),      # unknown verdict
+        eq.Equation("ws", 6, "a", "w", eq.NOT_IMPLEMENTED, ("t",), note="r", untagged="u"),
+        eq.Equation("ws", 8, "a", "w", eq.NOT_IMPLEMENTED, ("t",), note="r", untagged="u"),
+    )
+    monkeypatch.setattr(eq, "EQUATIONS", rows)
+    problems = eq.registry_problems([tag, in_errata])
+    expected = {
+        "WS Eq. (1): printed wrong needs its errata section's label",
+        "WS Eq. (2): printed wrong, but no line outside the errata computes the corrected form",
+        "WS Eq. (3) is 'definition only' but no line is tagged with it",
+        "WS Eq. (3): nothing is tagged, so the row needs `untagged`",
+        "WS Eq. (4): not implemented needs its reason",
+        "WS Eq. (5): no test backs the verdict",
+        "WS Eq. (5): a | in the LaTeX would end the table cell",
+        "WS Eq. (6): unknown verdict 'verified?'",
+        "WS Eq. (6) is registered twice",
+        "WS: the numbers [1, 2, 3, 4, 5, 6, 6, 8] are not 1..8",
+    }
+    assert expected <= set(problems), sorted(expected - set(problems))
+    # a code line tagged with an equation the registry says is not implemented
+    monkeypatch.setattr(eq, "EQUATIONS", (
+        eq.Equation("ws", 1, "a", "w", eq.NOT_IMPLEMENTED, ("t",), note="r"),))
+    assert eq.registry_problems([tag]) == [
+        "WS Eq. (1) is not implemented but refnorm/x.py:1 is tagged"]
+    # the same row, tagged only in the errata, and a printed-wrong row done right: no problem
+    monkeypatch.setattr(eq, "EQUATIONS", (
+        eq.Equation("ws", 1, "a", "w", eq.PRINTED_WRONG, ("t",), errata="e"),
+        eq.Equation("ws", 2, "a", "w", eq.NOT_IMPLEMENTED, ("t",), note="r")))
+    assert eq.registry_problems([tag, in_errata]) == []

@@ -97,3 +97,26 @@ def test_a_hessian_relation_off_by_1e5_of_its_value_disagrees(monkeypatch):
     monkeypatch.setattr(ws_theory, "printed_eq17", lambda h: original(h) * (1 + 1e-5))
     found = {f.equation: f for f in ws_theory.check_ws_theory(0)}
     assert not found["Eq. (17)"].agrees, found["Eq. (17)"]
+
+
+def test_printed_eq17_is_the_formula_as_printed():
+    """Every Hessian of the check is symmetric, so only a matrix that is not shows which sums
+    Eq. (17) subtracts: H_ij = H._ij - (1/I) sum_k (H._ik + H._kj) + (1/I^2) sum_pq H._pq, the
+    row sum of row i and the column sum of column j. For any H., that is P H. P with the
+    centring projection P = 1 - (1/I) 1 1^T (Eq. 5 is linear)."""
+    rng = np.random.default_rng(3)
+    I = 5
+    a = rng.standard_normal((I, I)) + np.arange(I)      # rows and columns sum differently
+    p = np.eye(I) - np.ones((I, I)) / I
+    np.testing.assert_allclose(ws_theory.printed_eq17(a), p @ a @ p, rtol=1e-13, atol=1e-13)
+
+
+def test_a_violated_eq19_bound_is_reported(monkeypatch):
+    """Eq. (19)'s bound always holds (Cauchy-Schwarz), so only a lowered bound shows that the
+    row reports a violation: a bound 10 % under ||H||_F^2 disagrees by about 10 %."""
+    monkeypatch.setattr(ws_theory, "printed_eq19_bound",
+                        lambda h: 0.9 * ws_theory.printed_eq19(h))
+    bound = {f.equation: f for f in ws_theory.check_ws_theory(0)}["Eq. (19), bound"]
+    assert not bound.agrees, bound
+    assert bound.max_rel_error == pytest.approx(0.1, rel=1e-5), bound
+    assert bound.note.startswith("fails:"), bound.note
