@@ -417,7 +417,10 @@ EQUATIONS: tuple[Equation, ...] = (
         r"Weight Standardization: each output channel's weights standardized, $\epsilon$ "
         r"added to $\sigma$",
         VERIFIED, (f"{_WS}::test_forward_conventions",
-                   f"{_WS}::test_gradients_match_finite_differences")),
+                   f"{_WS}::test_gradients_match_finite_differences"),
+        note=r"printed with $\epsilon$ inside $\sigma$'s subscript, "
+             r"$\sigma_{W_{i,\cdot}+\epsilon}$; read as $\sigma + \epsilon$, as the official code "
+             r"adds it"),
     Equation(
         "ws", 3, r"y = \hat W * x",
         r"the convolution with the standardized weights $\hat W = \mathrm{WS}(W)$",
