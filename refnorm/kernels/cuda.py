@@ -99,7 +99,10 @@ def _f64(xp: ModuleType, a: Array, size: int | None = None) -> Array:
 
 def _launch(xp: ModuleType, kernel: Any, blocks: int, threads: int, *args: Array) -> None:
     """Run ``kernel[blocks, threads](*args)``: CuPy arrays zero-copy on CuPy's current stream,
-    numpy arrays as the simulator takes them."""
+    numpy arrays as the simulator takes them. No blocks (an empty N or C axis): nothing to
+    compute, and no launch, which CUDA refuses for a grid of 0 blocks."""
+    if blocks == 0:
+        return
     if xp is np:  # the simulator copies every array argument back: none may be read-only
         kernel[blocks, threads](*(a.copy() if isinstance(a, np.ndarray) and not
                                    a.flags.writeable else a for a in args))
@@ -210,7 +213,7 @@ def _backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, G: int) -> Aff
     s_dy, s_dyx = _grad_sums(xp, dy2, xh2)
     rstd_u = _f64(xp, rstd)
     k = xp.empty((3, N * C), dtype=xp.float64)
-    m = xh2.size // rstd_u.size
+    m = xh2.size // max(rstd_u.size, 1)  # values per statistic
     _launch(xp, _kernels(THREADS)["coefficients"], _unit_blocks(rstd_u.size, THREADS), THREADS,
             s_dy, s_dyx, _f64(xp, gamma, C), rstd_u, C, G, float(m), k)
     dx = _combine(xp, dy2, xh2, k).reshape(x_hat.shape)

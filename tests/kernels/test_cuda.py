@@ -165,6 +165,16 @@ else:
 
     _create_the_kernels_warning_registry()
 
+    class _Recording:
+        """A kernel whose launches record their number of blocks in ``grids``."""
+
+        def __init__(self, kernel, grids):
+            self.kernel, self.grids = kernel, grids
+
+        def __getitem__(self, config):
+            self.grids.append(config[0])
+            return self.kernel[config]
+
     EPS = 1e-5
     EXAMPLES = 10  # per property: the simulator costs 0.1-0.3 s per forward+backward
 
@@ -409,6 +419,50 @@ if SIMULATOR:
                                  for n in range(N)])
                 diff = (got.offset[k] - got.offset["in"])[..., 0]
                 assert rel_err(diff, want) < 1e-13, (config, k, rel_err(diff, want))
+
+    @pytest.mark.parametrize(("method", "shape"), [("bn", (2, 0, 3)), ("in", (0, 3, 4)),
+                                                   ("ln", (0, 3, 4)), ("gn", (0, 4, 3))])
+    def test_an_empty_batch_or_channel_axis_gives_empty_outputs_and_zero_sums(method, shape):
+        """BN over no channels, IN, LN and GN over no samples: no statistic is empty, so the
+        reference and the CPU kernels accept them; the outputs are empty and dgamma, dbeta are
+        sums over nothing, 0. No kernel is launched on a grid of 0 blocks (CUDA refuses
+        one; the simulator runs it as nothing)."""
+        C = shape[1]
+        x, g, b = np.zeros(shape), np.ones(C), np.zeros(C)
+        groups = (2,) if method == "gn" else ()
+        grids = []
+        kernels = gpu._kernels
+
+        def recording(threads):
+            return {name: _Recording(kernel, grids) for name, kernel in kernels(threads).items()}
+
+        with mock.patch.object(gpu, "_kernels", recording):
+            fwd = getattr(gpu, f"{method}_forward")(x, g, b, EPS, *groups)
+            got = getattr(gpu, f"{method}_backward")(x, fwd.x_hat, fwd.rstd, g)
+        assert fwd.y.shape == fwd.x_hat.shape == got.dx.shape == shape
+        np.testing.assert_array_equal(got.dgamma, np.zeros(C))
+        np.testing.assert_array_equal(got.dbeta, np.zeros(C))
+        assert grids and all(blocks >= 1 for blocks in grids), grids
+
+    def test_switchable_on_an_empty_batch_launches_no_empty_grid():
+        """SN (IN and LN scopes) over no samples: empty outputs, dgamma, dbeta and the logit
+        gradients sums over nothing, 0, as the CPU kernel gives; no grid of 0 blocks."""
+        x, g, b, w = np.zeros((0, 3, 4)), np.ones(3), np.zeros(3), np.full(2, 0.5)
+        scopes = ("in", "ln")
+        grids = []
+        kernels = gpu._kernels
+
+        def recording(threads):
+            return {name: _Recording(kernel, grids) for name, kernel in kernels(threads).items()}
+
+        with mock.patch.object(gpu, "_kernels", recording):
+            fwd = gpu.sn_forward(x, g, b, w, w, eps=EPS, scopes=scopes)
+            got = gpu.sn_backward(x, fwd.x_hat, fwd.rstd, g, (fwd.offset, fwd.var), (w, w),
+                                  scopes=scopes)
+        assert fwd.y.shape == got.dx.shape == x.shape
+        for name in ("dgamma", "dbeta", "dmean_logits", "dvar_logits"):
+            np.testing.assert_array_equal(getattr(got, name), 0.0, err_msg=name)
+        assert grids and all(blocks >= 1 for blocks in grids), grids
 
     def test_switchable_refuses_an_ln_pool_that_overflows_with_more_channels_than_samples():
         """One sample of four channels with means of +-1.5e19 in float32: each IN statistic
