@@ -651,7 +651,13 @@ def run_args(args: argparse.Namespace) -> int:
     if args.data_parallel:
         from refnorm import bench_parallel
 
-        parallel = bench_parallel.run(progress=progress)
+        try:
+            parallel = bench_parallel.run(progress=progress)
+        except bench_parallel.MPIJobFailed as exc:
+            if tty:
+                sys.stderr.write("\n")
+            print(f"refnorm bench: error: --data-parallel: {exc}", file=sys.stderr)
+            return 1
         if tty:
             sys.stderr.write("\n")
         print(json.dumps(parallel, indent=2) if args.json

@@ -27,6 +27,11 @@ NORMS = ("bn", "syncbn")
 DEVICES = 2
 
 
+class MPIJobFailed(RuntimeError):
+    """An ``mpiexec`` job of the bench ended with a nonzero status; the message says which
+    and ends with the last line of its standard error."""
+
+
 def _config(norm: str, epochs: int, subset: int | None = None) -> Any:
     from refnorm.train.config import TrainConfig
 
@@ -68,7 +73,9 @@ def run(*, epochs: int = 1, subset: int | None = None, mpi: bool = True,
                      json.dumps(dataclasses.asdict(_config(norm, epochs, subset))), out],
                     capture_output=True, text=True)
                 if job.returncode != 0:
-                    raise RuntimeError(f"mpiexec failed: {job.stderr.strip()[-1000:]}")
+                    last = (job.stderr.strip().splitlines() or ["(no output on stderr)"])[-1]
+                    raise MPIJobFailed(f"mpiexec -n {DEVICES} failed for {norm} (exit "
+                                       f"{job.returncode}): {last.strip()[-500:]}")
                 history = json.loads(Path(out, "metrics.json").read_text())
             rows.append(_row("mpi", norm, history))
     return {"rows": rows, "mpi_skipped": skipped}

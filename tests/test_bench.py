@@ -734,6 +734,29 @@ def test_data_parallel_bench_without_mpiexec_says_what_to_install(monkeypatch):
         "  (MPI not run: no mpiexec (install the mpi extra))")
 
 
+def test_data_parallel_bench_says_in_one_line_which_mpi_job_failed(monkeypatch, tmp_path,
+                                                                    capsys):
+    """An mpiexec that fails (here a launcher script that exits 3 with the last words of a
+    failing job) ends the bench with status 1 and one line naming the job, its status and the
+    last line of its standard error: no traceback."""
+    epoch = {"allreduce_calls_per_step": 2.0, "allreduce_bytes_per_step": 2048,
+             "step_ms": 3.0, "collective_share": 0.25}
+    monkeypatch.setattr(refnorm.train.loop, "train",
+                        lambda config, progress: types.SimpleNamespace(history=[epoch]))
+    launcher = tmp_path / "mpiexec"
+    launcher.write_text("#!/bin/sh\necho 'rank 1: starting' >&2\n"
+                        "echo 'Fatal error in PMPI_Init: Other MPI error' >&2\nexit 3\n")
+    launcher.chmod(0o755)
+    monkeypatch.setattr(bench_parallel, "find_mpiexec", lambda: str(launcher))
+    assert bench.main(["--data-parallel"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines()[-1] == (
+        "refnorm bench: error: --data-parallel: mpiexec -n 2 failed for bn (exit 3): Fatal "
+        "error in PMPI_Init: Other MPI error")
+    assert "Traceback" not in captured.err
+
+
 # -- the training steps: the same network on every side ---------------------------------------
 
 
