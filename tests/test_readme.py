@@ -73,6 +73,19 @@ def test_the_gpu_page_names_the_wheel_the_gpu_extra_installs():
     assert f"needs CuPy {extra.group(2)} or later" in page
 
 
+def test_the_readme_names_the_path_test_sh_runs_each_suite_again_on():
+    """README "Two commands": after the whole suite, ./test.sh runs the layer suites again on
+    the fast path (they default to the reference) and the trainer suite on the reference
+    path (it defaults to the fast one), as its ``REFNORM_PATH=...`` lines do."""
+    script = ROOT.joinpath("test.sh").read_text().replace("\\\n", " ")
+    reruns = dict(re.findall(r"^REFNORM_PATH=(\w+) (.*)$", script, re.MULTILINE))
+    assert "tests/test_layer.py" in reruns["fast"].split()
+    assert "tests/train/test_loop.py" in reruns["reference"].split()
+    readme = " ".join(ROOT.joinpath("README.md").read_text().split())
+    assert ("the layer suites once more on the fast path and the trainer suite on the "
+            "reference path") in readme
+
+
 def _blocks(page: str, lang: str) -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", page, re.MULTILINE | re.DOTALL)
 

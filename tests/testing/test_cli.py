@@ -84,3 +84,22 @@ def test_conform_gives_no_args_hint_for_a_target_that_cannot_be_called(capsys):
     assert main(["conform", "math:pi", "--method", "bn"]) == 2
     assert capsys.readouterr().err == ("refnorm conform: error: math:pi is a float, not a "
                                        "class or function that builds a layer\n")
+
+
+def test_conform_gives_the_factory_four_channels_unless_told(tmp_path, monkeypatch, capsys):
+    """docs/testing.md: with --args left out, the factory gets C, --channels or 4 (12 for GN)."""
+    (tmp_path / "recording_factory.py").write_text(textwrap.dedent("""
+        from tests.testing.impls import NumpyBN
+
+        built = []
+
+        def make_bn(C):
+            built.append(C)
+            return NumpyBN(C)
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["conform", "recording_factory:make_bn", "--method", "bn"]) == 0
+    assert main(["conform", "recording_factory:make_bn", "--method", "bn", "--channels", "6"]) == 0
+    assert "matches refnorm" in capsys.readouterr().out
+    assert sys.modules["recording_factory"].built == [4, 6]

@@ -23,16 +23,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import sys
+import types
 
 import numpy as np
 import pytest
 
+from refnorm import launch
+from refnorm.sync.batch_norm import SyncBatchNorm
+from refnorm.sync.nccl import NCCLCommunicator
 from refnorm.train import loop
 from refnorm.train.checkpoint import CHECKPOINT, CheckpointError
 from refnorm.train.config import TrainConfig
 from refnorm.train.finite import NonFinite
 from refnorm.train.loop import prepare_data, train
-from refnorm.train.parallel import Diverged, epoch_steps, step_pieces
+from refnorm.train.parallel import Diverged, epoch_steps, gpu_communicator, step_pieces
 
 B = 4  # samples per device in a micro-batch
 RTOL = 1e-10
@@ -137,6 +142,27 @@ def test_devices_hold_one_model_and_report_their_communication(datasets):
     # per step: the status all-reduce, the gradients', and 3 per syncbn layer (2 layers)
     assert row["allreduce_calls_per_step"] >= 8
     assert row["allreduce_bytes_per_step"] > 0 and 0 <= row["collective_share"] <= 1
+
+
+def test_each_step_communicates_what_the_data_parallel_page_counts(datasets):
+    """docs/data-parallel.md, "what is synchronized when": per step one all-reduce of the
+    devices' status (P x 7 float64) and one of every parameter gradient, whatever the
+    accumulation (2 micro-batches here); per syncbn layer and micro-batch 3 all-reduces of
+    1 + 4C values (all float64 in a float64 run)."""
+    P, accumulation = 2, 2
+    bn = _run(datasets[P], norm="bn", devices=P, batch_size=B, accumulation=accumulation)
+    params = sum(int(v.size) for v in _params(bn).values())
+    for row in bn.history:
+        assert row["allreduce_calls_per_step"] == 2
+        assert row["allreduce_bytes_per_step"] == 8 * (P * 7 + params)
+    sync = _run(datasets[P], norm="syncbn", devices=P, batch_size=B, accumulation=accumulation)
+    widths = [int(layer.params["gamma"].shape[0]) for layer in sync.model.layers()
+              if isinstance(layer, SyncBatchNorm)]
+    assert len(widths) == 2  # BASE's two convolution widths
+    values = accumulation * sum(1 + 4 * C for C in widths)
+    for row in sync.history:
+        assert row["allreduce_calls_per_step"] == 2 + 3 * accumulation * len(widths)
+        assert row["allreduce_bytes_per_step"] == 8 * (P * 7 + params + values)
 
 
 def test_a_resumed_data_parallel_run_is_bit_identical(tmp_path, datasets):
@@ -456,3 +482,30 @@ def test_gradients_that_overflow_only_in_their_sum_over_the_devices_are_named(mo
     with pytest.raises(NonFinite, match=r"^layer 0 \(Conv2d\) gradient of w became inf in step 1 "
                                         r"of epoch 1; the run stopped"):
         train(config, progress=False, data=prepare_data(config))
+
+
+def test_each_rank_takes_the_gpu_of_its_rank_on_its_machine(monkeypatch):
+    """docs/data-parallel.md, "GPUs": with --device gpu under mpiexec each rank uses the GPU of
+    its rank on its machine (MPI_LOCALRANKID, modulo the GPUs it sees), and rank 0's NCCL
+    unique id is broadcast over MPI to every rank. CuPy and NCCL are stand-ins here."""
+    used, built, sent = [], [], []
+    cuda = types.SimpleNamespace(Device=lambda i: types.SimpleNamespace(use=lambda: used.append(i)),
+                                 runtime=types.SimpleNamespace(getDeviceCount=lambda: 2))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(NCCLCommunicator, "unique_id", staticmethod(lambda: b"rank 0's id"))
+    monkeypatch.setattr(NCCLCommunicator, "from_unique_id", classmethod(
+        lambda cls, size, uid, rank, timeout=None: built.append((size, uid, rank, timeout))))
+
+    def bcast(value, root):
+        sent.append((value, root))
+        return b"rank 0's id"
+
+    for name in launch.LOCAL_RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for rank, local in [(0, 0), (4, 3), (5, 0)]:  # 6 ranks, 4 on the second machine, 2 GPUs each
+        monkeypatch.setenv("MPI_LOCALRANKID", str(local))
+        gpu_communicator(types.SimpleNamespace(rank=rank, size=6, timeout=7.0,
+                                               comm=types.SimpleNamespace(bcast=bcast)))
+    assert used == [0, 1, 0]
+    assert sent == [(b"rank 0's id", 0), (None, 0), (None, 0)]
+    assert built == [(6, b"rank 0's id", rank, 7.0) for rank in (0, 4, 5)]

@@ -66,6 +66,17 @@ def test_job_configs_keep_the_update_size_fixed():
     assert sorted(j.batch_size for j in gnws) == sorted(QUICK.batch_sizes)
 
 
+def test_the_quick_and_full_grids_are_the_readmes():
+    """README "Two commands": ``./run.sh`` (``study --quick``) trains BN, SyncBN, GN, SN, GN+WS
+    and WN at 32 samples per update, one seed; ``./run.sh study`` the full grid, BN, SyncBN,
+    GN, SN, SyncSN, GN+WS, LN and WN at 2, 4, 16 and 64 samples per device, 3 seeds."""
+    assert set(QUICK.methods) == {"bn", "syncbn", "gn", "sn", "gn+ws", "wn"}
+    assert (QUICK.update_size, len(QUICK.seeds)) == (32, 1)
+    full = StudyConfig()
+    assert set(full.methods) == {"bn", "syncbn", "gn", "sn", "syncsn", "gn+ws", "ln", "wn"}
+    assert (full.batch_sizes, len(full.seeds)) == ((2, 4, 16, 64), 3)
+
+
 def _cells(test, train=None):
     """Cells as summarize() builds them, from {(method, batch): [test accuracy per seed]}."""
     train = train or {}
