@@ -10,9 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 REFNORM_EXTRAS="test,lessons,docs,mpi,dev" . scripts/setup.sh
 if ! python -c 'import torch' >/dev/null 2>&1; then
-  # torch is an optional extra, never a dependency; 2.13.0 is the CPU build pip finds locally
+  # torch is an optional extra, never a dependency. PyPI's Linux wheel is the CUDA build
+  # (gigabytes of CUDA libraries); PyTorch's CPU index serves 2.13.0+cpu, which pip prefers
+  # to 2.13.0 (a local version sorts after its public one). Where that index cannot be
+  # reached, pip warns once and takes what its other indexes offer.
   echo "installing torch 2.13.0 (CPU) for the PyTorch fingerprints ..." >&2
-  python -m pip install --disable-pip-version-check -q "torch==2.13.0" >&2 ||
+  python -m pip install --disable-pip-version-check -q --retries 1 "torch==2.13.0" \
+      --extra-index-url https://download.pytorch.org/whl/cpu >&2 ||
     echo "warning: torch could not be installed; the PyTorch tests will be skipped" >&2
 fi
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"

@@ -86,6 +86,17 @@ def test_the_readme_names_the_path_test_sh_runs_each_suite_again_on():
             "reference path") in readme
 
 
+def test_test_sh_installs_pytorchs_cpu_build():
+    """README "Two commands": ``.venv`` holds PyTorch's CPU build. On Linux PyPI serves
+    torch's CUDA build; test.sh adds PyTorch's CPU index, whose ``+cpu`` local version pip
+    prefers to the public one of the same number."""
+    script = ROOT.joinpath("test.sh").read_text().replace("\\\n", " ")
+    install = re.search(r'pip install .*"torch==([\d.]+)".*', script)
+    assert install is not None
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in install.group(0)
+    assert "PyTorch's CPU build" in " ".join(ROOT.joinpath("README.md").read_text().split())
+
+
 def _blocks(page: str, lang: str) -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", page, re.MULTILINE | re.DOTALL)
 
