@@ -12,6 +12,7 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,26 @@ def test_test_sh_installs_pytorchs_cpu_build():
 
 def _blocks(page: str, lang: str) -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", page, re.MULTILINE | re.DOTALL)
+
+
+def test_the_readmes_first_example_runs_and_computes_what_its_comments_say(capsys):
+    """The README's opening example, run as printed: GN's dgamma is sum(dy * x_hat) with x_hat
+    standardized over each sample's group of 2 channels (biased variance, eps inside the
+    root), and one training step of BN moves the running variance from 1 a tenth of the way
+    to the unbiased batch variance (PyTorch's convention)."""
+    code = _blocks(ROOT.joinpath("README.md").read_text(), "python")[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    printed = capsys.readouterr().out
+    x, dy = scope["x"], scope["dy"]
+    groups = x.reshape(8, 3, 2 * 4 * 4)
+    x_hat = ((groups - groups.mean(axis=2, keepdims=True))
+             / np.sqrt(groups.var(axis=2, keepdims=True) + 1e-5)).reshape(x.shape)
+    np.testing.assert_allclose(scope["dgamma"], (dy * x_hat).sum(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(scope["dbeta"], dy.sum(axis=(0, 2, 3)), rtol=1e-12)
+    running_var = 0.9 + 0.1 * x.var(axis=(0, 2, 3), ddof=1)
+    np.testing.assert_allclose(scope["layer"].state["running_var"], running_var, rtol=1e-12)
+    assert printed.count("[") == 2 and scope["dx"].shape == x.shape
 
 
 def test_the_testing_pages_worked_example_prints_what_the_page_shows():
