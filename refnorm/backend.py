@@ -98,7 +98,9 @@ def compute_dtype(xp: ModuleType, dtype: Any) -> Any:
 
 
 def to_numpy(a: Array) -> np.ndarray:
-    """Copy any supported array to a numpy array on the host (for checks and printing)."""
+    """Any supported array as a numpy array on the host (for checks and printing): a CuPy
+    array is copied; a numpy array is returned as it is and another Array API array comes
+    through DLPack, both sharing memory with ``a`` (copy before writing into the result)."""
     if isinstance(a, (np.ndarray, np.generic)):
         return np.asarray(a)
     module = type(a).__module__.split(".")[0]
@@ -141,8 +143,16 @@ def gpu_available() -> bool:
     return gpu_problem() is None
 
 
+def _check_device(device: object) -> None:
+    """Refuse a device other than :data:`DEVICES` (a misspelt ``"CPU"`` would mean the GPU)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be 'cpu' or 'gpu'; got {device!r}")
+
+
 def device_namespace(device: str) -> ModuleType:
-    """The namespace of ``device``'s arrays: numpy for ``"cpu"``, CuPy for ``"gpu"``."""
+    """The namespace of ``device``'s arrays: numpy for ``"cpu"``, CuPy for ``"gpu"``;
+    ``ValueError`` for another device."""
+    _check_device(device)
     if device == "cpu":
         return np
     import cupy
@@ -155,8 +165,10 @@ def move_array(a: Array, device: str) -> Array:
     as it is); ``"cpu"`` makes a CuPy array a numpy array (``.get()``) and leaves any other
     array as it is.
 
-    The walker that moves a whole network is :func:`refnorm.layer.to_device`.
+    The walker that moves a whole network is :func:`refnorm.layer.to_device`. ``ValueError``
+    for another device.
     """
+    _check_device(device)
     if device == "cpu":
         return to_numpy(a) if type(a).__module__.split(".")[0] == "cupy" else a
     import cupy

@@ -22,9 +22,9 @@ The decorated function takes one more keyword, ``path``, and runs its fast varia
    so that a reader who steps into a layer lands in numpy; the trainer, the study and the
    bench ask for ``"fast"``;
 2. and the kernels apply to its first argument (``x``, or ``dy`` for a backward):
-   :func:`fast_applies`, a numpy array of a real floating dtype, with numba installed. Any
-   other namespace (CuPy, ``array_api_strict``) runs the reference; ``refnorm bench``
-   reports which path ran.
+   :func:`fast_applies`, a numpy array of a real floating dtype in native byte order, with
+   numba installed. Any other namespace (CuPy, ``array_api_strict``), and a byte-swapped
+   array, runs the reference; ``refnorm bench`` reports which path ran.
 
 A fast variant makes the same argument checks as its reference before its kernel runs, so
 both paths accept and refuse the same inputs with the same errors (``tests/test_dispatch.py``).
@@ -113,7 +113,8 @@ _FLOAT_CODES = frozenset("efd")  # numpy's type codes of float16, float32, float
 
 
 def fast_applies(*arrays: Any) -> bool:
-    """Whether the kernels can run on ``arrays``: numpy, real floating, numba installed."""
+    """Whether the kernels can run on ``arrays``: numpy, real floating, native byte order,
+    numba installed."""
     return all(isinstance(a, np.ndarray) and a.dtype.char in _FLOAT_CODES and a.dtype.isnative
                for a in arrays) and kernels.numba_installed()
 

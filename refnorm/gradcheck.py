@@ -194,7 +194,8 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray, *,
     Raises
     ------
     ValueError
-        If the two shapes differ.
+        If the two shapes differ, or ``noise`` is not a finite number >= 0 (checked once the
+        values are known finite: a NaN forward's floor is NaN, its error inf).
     """
     analytic = np.asarray(analytic, dtype=np.float64)
     numeric = np.asarray(numeric, dtype=np.float64)
@@ -208,6 +209,8 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray, *,
     scale = float(max(np.max(np.abs(analytic)), np.max(np.abs(numeric))))
     if not (math.isfinite(abs_err) and math.isfinite(scale)):
         return GradError(math.inf, math.inf, math.inf, noise)
+    if not (math.isfinite(noise) and noise >= 0):  # NaN gave a NaN error, < 0 divided by 0
+        raise ValueError(f"noise must be finite and >= 0; got {noise}")
     excess = max(abs_err - noise, 0.0)
     if excess == 0.0:
         return GradError(0.0, abs_err, scale, noise)
@@ -310,8 +313,8 @@ def check_vjp(
         raise ValueError(f"vjp returned gradients for unknown inputs: {sorted(unknown)}")
     noise = finite_difference_noise(y, dy, step)
     return {
-        name: relative_error(to_numpy(grad), numerical_vjp(f, args, dy, name, step=step),
-                             noise=noise)
+        name: relative_error(_as_float64(f"vjp's gradient {name!r}", grad),
+                             numerical_vjp(f, args, dy, name, step=step), noise=noise)
         for name, grad in analytic.items()
     }
 

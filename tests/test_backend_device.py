@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 import refnorm
-from refnorm.backend import array_namespace, gpu_available, gpu_problem
+from refnorm.backend import (
+    array_namespace,
+    device_namespace,
+    gpu_available,
+    gpu_problem,
+    move_array,
+    to_numpy,
+)
 from refnorm.layer import to_device
 
 
@@ -193,3 +200,19 @@ def test_a_moved_layer_forgets_the_device_it_was_built_on(monkeypatch):
     layer = refnorm.build("bn", 3, dtype=np.float64, device="cpu")
     to_device(layer, "cpu")
     assert layer.device is None and layer.xp is np
+
+
+def test_to_numpy_takes_a_numpy_scalar():
+    # A reduction of a numpy array gives a numpy scalar (np.float64), which has no DLPack.
+    out = to_numpy(np.float64(2.5))
+    assert isinstance(out, np.ndarray) and out.shape == () and out == 2.5
+
+
+@pytest.mark.parametrize("device", ["CPU", "cuda", "tpu", None])
+def test_move_array_and_device_namespace_refuse_another_device(device):
+    # Anything but "cpu" used to mean the GPU: a misspelt "CPU" moved arrays to CuPy where
+    # it is installed, and said "No module named 'cupy'" where it is not.
+    with pytest.raises(ValueError, match=r"^device must be 'cpu' or 'gpu'; got "):
+        move_array(np.ones(2), device)
+    with pytest.raises(ValueError, match=r"^device must be 'cpu' or 'gpu'; got "):
+        device_namespace(device)

@@ -780,3 +780,29 @@ def test_weight_standardization_fast_checks_true_as_a_correction_after_one():
     fast = _outcome(lambda: forward(w, correction=True, path="fast"))
     ref = _outcome(lambda: forward(w, correction=True, path="reference"))
     assert fast == ref and ref is not None and ref[0] is TypeError
+
+
+def test_an_empty_refnorm_path_is_no_choice(monkeypatch):
+    """REFNORM_PATH set to the empty string (``REFNORM_PATH= refnorm ...``) counts as unset:
+    the default applies, where a misspelt value is refused."""
+    monkeypatch.setenv(dispatch.ENV, "")
+    assert dispatch.process_choice() is None
+    assert dispatch.get_path() == "reference" and dispatch.get_path(default="fast") == "fast"
+    y, _ = refnorm.batch_norm_forward(X, G, B)  # no error on a call either
+    assert y.shape == X.shape
+
+
+def test_get_path_checks_its_default():
+    """get_path(default) returns a valid default when nothing is chosen and refuses another,
+    as every path is refused (the trainer passes default="fast")."""
+    assert dispatch.get_path(default="fast") == "fast"
+    with pytest.raises(ValueError, match=r"path must be 'reference' or 'fast'; got 'numba'"):
+        dispatch.get_path(default="numba")
+
+
+def test_a_backward_given_dy_by_name_takes_the_fast_path(monkeypatch):
+    """The first parameter decides, whatever its name: dy for a backward, by name too."""
+    _, cache = refnorm.batch_norm_forward(X, G, B)
+    calls = _record_calls(monkeypatch, refnorm.norms.batch_norm.batch_norm_backward)
+    refnorm.batch_norm_backward(dy=np.ones_like(X), cache=cache, path="fast")
+    assert calls == {"reference": 0, "fast": 1}

@@ -371,3 +371,94 @@ def test_every_registered_layer_is_checked_for_x_and_every_parameter_in_each_mod
     running = any("running_var" in registry.build(name, c.shape[1], **c.options).state
                   for c in cases)
     assert {r.training for r in results} == ({True, False} if running else {True})
+
+
+def test_relative_error_of_empty_gradients_is_zero():
+    """An input with no elements (an empty batch) has an empty gradient: all zeros, as the
+    docstring says, with the noise floor kept."""
+    err = relative_error(np.empty((0, 3)), np.empty((0, 3)), noise=1e-9)
+    assert err == gradcheck.GradError(0.0, 0.0, 0.0, 1e-9)
+
+
+def test_a_gradient_zero_everywhere_and_matched_has_no_raw_error():
+    """raw_rel_error = max_abs_error / scale is 0, not 0/0 or inf, when both gradients are
+    zero (a parameter that does not reach the output)."""
+    err = relative_error(np.zeros(4), np.zeros(4))
+    assert err.raw_rel_error == 0.0 and err.max_rel_error == 0.0
+
+
+class _GammaFreeBackwardBatchNorm(BatchNorm):
+    """BatchNorm whose dx leaves out the factor gamma: right only while gamma is 1."""
+
+    check_cases = (CheckCase((5, 2)),)
+
+    def _backward(self, dy, cache):
+        dx, grads = super()._backward(dy, cache)
+        return dx / cache.gamma, grads
+
+
+def test_check_registered_moves_the_parameters_off_their_initial_values(monkeypatch):
+    """check_registered draws the parameters around their initial values ("so that every
+    term of the backward matters"): a dx missing gamma passes at gamma = 1 and must fail."""
+    monkeypatch.setattr(registry, "_TABLE",
+                        {**registry._TABLE, "no_gamma": _GammaFreeBackwardBatchNorm})
+    layer = _GammaFreeBackwardBatchNorm(2, dtype=np.float64)
+    x = 5 * np.random.default_rng(0).standard_normal((5, 2)) + 12
+    assert check_layer(layer, x)["x"].max_rel_error < TOLERANCE  # gamma = 1: cannot tell
+    (result,) = check_registered("no_gamma")
+    assert result.errors["x"].max_rel_error > 1e-3, result
+
+
+class _UncentredEvalBackwardBatchNorm(BatchNorm):
+    """BatchNorm whose eval-mode dgamma sums dy * x * rstd, forgetting the running mean:
+    right only while the running mean is 0."""
+
+    check_cases = (CheckCase((5, 2), training=False),)
+
+    def _backward(self, dy, cache):
+        dx, grads = super()._backward(dy, cache)
+        mean = cache.mean.reshape(-1) * cache.rstd.reshape(-1)
+        return dx, {**grads, "gamma": grads["gamma"] + np.sum(dy, axis=0) * mean}
+
+
+def test_check_registered_moves_the_running_means_off_zero(monkeypatch):
+    """The running statistics are drawn near those of 5 randn + 12 inputs: an eval backward
+    that forgets to centre by the running mean passes at mean 0 and must fail."""
+    monkeypatch.setattr(registry, "_TABLE",
+                        {**registry._TABLE, "uncentred": _UncentredEvalBackwardBatchNorm})
+    layer = _UncentredEvalBackwardBatchNorm(2, dtype=np.float64)
+    x = 5 * np.random.default_rng(0).standard_normal((5, 2)) + 12
+    assert check_layer(layer, x, training=False)["gamma"].max_rel_error < TOLERANCE
+    (result,) = check_registered("uncentred")
+    assert result.errors["gamma"].max_rel_error > 1e-3, result
+
+
+def test_numerical_vjp_refuses_dy_of_the_right_size_and_another_shape():
+    # (3, 1) against outputs (3,) would broadcast y * dy to (3, 3) and weight every output
+    # three times.
+    with pytest.raises(ValueError, match=r"dy must have the shape of f\(\*\*inputs\), \(3,\)"):
+        gradcheck.numerical_vjp(_square, {"x": np.array([1.0, 2.0, 3.0])}, np.ones((3, 1)), "x")
+
+
+def test_a_bool_step_is_refused_as_not_a_float():
+    with pytest.raises(TypeError, match=r"^step must be a float; got bool$"):
+        gradcheck.check_vjp(_square, _square_vjp, {"x": np.array([1.0, 2.0])}, step=True)
+
+
+@pytest.mark.parametrize("noise", [-1e-9, float("nan"), float("inf")])
+def test_relative_error_refuses_a_noise_floor_that_is_not_finite_and_positive(noise):
+    """A negative floor made equal gradients differ (and zeros divide 0 by 0), a NaN floor
+    made the error NaN, which no tolerance comparison fails, an infinite one hid everything."""
+    for analytic in (np.ones(2), np.zeros(2)):
+        with pytest.raises(ValueError, match=r"^noise must be finite and >= 0; got "):
+            relative_error(analytic, analytic.copy(), noise=noise)
+
+
+def test_a_gradient_that_is_not_an_array_is_named_and_a_number_is_taken():
+    """A vjp returning None for a gradient is told so (not an AttributeError from DLPack);
+    a Python float for a scalar input is a gradient, as numbers are inputs."""
+    with pytest.raises(TypeError, match=r"^vjp's gradient 'x' must be an array; got NoneType$"):
+        gradcheck.check_vjp(_square, lambda dy, x: {"x": None}, {"x": np.array([1.0, 2.0])})
+    errors = gradcheck.check_vjp(lambda t: t * np.array([1.0, -2.0]),
+                                 lambda dy, t: {"t": float(dy[0] - 2.0 * dy[1])}, {"t": 3.0})
+    assert errors["t"].max_rel_error == 0.0

@@ -65,3 +65,10 @@ def test_name_of_a_layer_instance_asks_for_its_class():
     AttributeError about __qualname__."""
     with pytest.raises(TypeError, match=r"name_of takes a class; got BatchNorm .*type\(layer\)"):
         registry.name_of(refnorm.build("bn", 2))
+
+
+def test_build_passes_further_positional_arguments_to_the_constructor():
+    # A convolution's out_channels and kernel_size follow in_channels positionally.
+    layer = registry.build("conv", 2, 3, (2, 1))
+    assert isinstance(layer, refnorm.nn.Conv2d)
+    assert layer.params["w"].shape == (3, 2, 2, 1)

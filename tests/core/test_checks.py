@@ -4,6 +4,7 @@ what was expected and what came, and lets good values through."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from refnorm.core.checks import (
     check_cache,
     check_channel_param,
     check_count,
+    check_device,
     check_eps,
     check_float_array,
     check_input,
@@ -276,3 +278,68 @@ def test_check_once_always_checks_what_it_cannot_remember(monkeypatch):
         with pytest.raises(ValueError, match="no"):
             checks.check_once(lambda: ("bad",), bad)
     assert runs.count("bad") == 2 and ("bad",) not in checks.CHECKED
+
+
+def test_eps_that_overflows_the_compute_dtype_is_refused_and_its_largest_value_is_not():
+    # 1e39 is inf in float32: every output would be beta. float32's largest value is finite.
+    with pytest.raises(ValueError, match=r"^eps=1e\+39 overflows float32, the compute dtype"):
+        check_eps(1e39, xp=np, dtype=np.float32)
+    check_eps(float(np.finfo(np.float32).max), xp=np, dtype=np.float32)
+    check_eps(1e39, xp=np, dtype=np.float64)
+
+
+def test_prepare_channel_norm_gives_a_gamma_the_caller_cannot_change():
+    # Caches keep gamma_c: a caller who updates gamma in place after the forward must not
+    # change the backward, even where no cast is needed (float64 in, float64 computed).
+    gamma = np.ones(3)
+    _, _, gamma_c, _ = prepare_channel_norm(np.ones((2, 3)), gamma, np.zeros(3), eps=1e-5)
+    gamma *= 2
+    np.testing.assert_array_equal(gamma_c, np.ones(3))
+
+
+def test_float_array_refuses_a_masked_array_by_name():
+    masked = np.ma.masked_array(np.ones(3), mask=[False, True, False])
+    with pytest.raises(TypeError, match=r"^gamma must be an array, not a numpy masked array"):
+        check_float_array("gamma", masked)
+
+
+def test_device_must_be_none_for_cupy():
+    # CuPy's creation functions take no device=: any device is refused, None is the default.
+    cupy_like = ModuleType("cupy")
+    with pytest.raises(ValueError, match=r"^device must be None with xp=cupy .*got 0$"):
+        check_device(cupy_like, 0)
+    assert check_device(cupy_like, None) is None
+    assert check_device(np, "cpu") == "cpu"
+
+
+def test_channel_param_refuses_a_column_of_the_right_length():
+    # (C, 1) has C entries but would broadcast against (1, C, ...) into a wrong shape.
+    with pytest.raises(ValueError, match=r"^beta must have shape \(C,\) = \(3,\) to match x's "
+                                         r"channel axis; got shape \(3, 1\)$"):
+        check_channel_param("beta", np.ones((3, 1)), 3)
+
+
+def test_bias_refuses_a_column_of_the_right_length():
+    with pytest.raises(ValueError, match=r"^b must have shape \(C_out,\) = \(3,\) to match w's "
+                                         r"axis 0; got shape \(3, 1\)$"):
+        check_bias(np.zeros((3, 1)), 3, axis_name="C_out")
+
+
+def test_rank_refuses_more_axes_than_the_layout_names():
+    with pytest.raises(ValueError, match=r"^x must have layout \(N, D_in\), 2 dimensions; "
+                                         r"got shape \(2, 3, 4\) \(3 dimensions\)$"):
+        check_rank("x", np.ones((2, 3, 4)), layout="(N, D_in)")
+
+
+def test_cache_of_a_subclass_of_the_expected_type_is_refused():
+    @dataclass(frozen=True)
+    class AlphaChildCache(AlphaCache):
+        pass
+
+    with pytest.raises(TypeError, match=r"^cache must be an AlphaCache; got AlphaChildCache$"):
+        check_cache(AlphaChildCache(), AlphaCache)
+
+
+def test_prepare_channel_norm_checks_the_shape_of_beta():
+    with pytest.raises(ValueError, match=r"^beta must have shape \(C,\) = \(3,\)"):
+        prepare_channel_norm(np.ones((2, 3)), np.ones(3), np.zeros(2), eps=1e-5)

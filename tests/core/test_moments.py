@@ -8,6 +8,7 @@ from hypothesis import given
 
 from refnorm.backend import to_numpy
 from refnorm.core import moments, reduced_count
+from refnorm.core.moments import check_variance_finite
 from tests.core.strategies import arrays_and_axes
 
 U64 = np.finfo(np.float64).eps
@@ -67,11 +68,46 @@ def test_input_is_not_modified():
 
 
 def test_a_merged_nan_variance_is_not_an_overflow_but_a_merged_infinity_is():
-    from refnorm.core.moments import check_variance_finite
-
     x = np.ones(3)  # finite local data; the NaN came from another device's data
     check_variance_finite(np.array([np.nan, 1.0]), x, merged=True)  # no error
     with pytest.raises(ValueError, match="overflows"):
         check_variance_finite(np.array([np.nan, 1.0]), x)
     with pytest.raises(ValueError, match="overflows"):
         check_variance_finite(np.array([np.inf, 1.0]), x, merged=True)
+
+
+def test_a_constant_float32_group_has_its_constant_as_mean_and_zero_variance():
+    # The float64 sum of equal float32 values is exact (module docstring): the mean is the
+    # constant itself, so the deviations and the variance are exactly 0. A float32 sum of
+    # 1000 values of 1e5 + 1/8 rounds at additions and is not.
+    x = np.full((2, 1000), np.float32(100000.125))
+    x[1] = np.float32(-3.3e7)
+    mu, var = moments(x, (1,))
+    assert mu.dtype == var.dtype == np.float32
+    np.testing.assert_array_equal(mu, x[:, :1])
+    np.testing.assert_array_equal(var, 0.0)
+
+
+def test_a_nan_gives_nan_statistics_for_its_group_only_and_no_error():
+    # "Non-finite inputs give NaN statistics for their group": not an overflow error.
+    x = np.array([[1.0, np.nan, 3.0], [1.0, 2.0, 3.0]])
+    mu, var = moments(x, (1,))
+    assert np.isnan(mu[0, 0]) and np.isnan(var[0, 0])
+    assert (mu[1, 0], var[1, 0]) == (2.0, 2.0 / 3.0)
+
+
+def test_an_empty_input_with_a_nan_variance_is_not_an_overflow():
+    # The mean over nothing is NaN (SN's unused scope on an empty axis): nothing overflowed.
+    check_variance_finite(np.array([np.nan]), np.empty((0, 3)))
+
+
+@pytest.mark.parametrize(("dtype", "value", "remedy"),
+                         [(np.float32, 1e20, "compute in float64 or rescale x"),
+                          (np.float64, 1e160, "; rescale x$")])
+def test_an_overflowing_variance_names_a_remedy_that_fits_the_dtype(dtype, value, remedy):
+    # (value, -value): the mean is 0, the squared deviations overflow the dtype. float64
+    # has no wider dtype to offer: only rescaling helps there.
+    x = np.array([value, -value], dtype)
+    with pytest.raises(ValueError, match=remedy) as info:
+        moments(x, (0,))
+    assert ("compute in float64" in str(info.value)) == (dtype == np.float32)

@@ -7,6 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from refnorm.core import moments
 from refnorm.core.running import update_running_stats
 
 
@@ -73,3 +74,21 @@ def test_a_numpy_or_fraction_momentum_keeps_the_dtype_of_the_running_statistics(
     assert new_mean.dtype == new_var.dtype == np.float32
     np.testing.assert_array_equal(new_mean, [1.0, 1.0])
     np.testing.assert_array_equal(new_var, [2.5, 2.5])   # (1 + 3 * 4/3) / 2
+
+
+def test_a_batch_norms_running_statistics_equal_pytorchs_over_steps():
+    # The convention against an independent implementation: torch.nn.BatchNorm2d in float64
+    # updates its running statistics with the same momentum and the unbiased batch variance
+    # (m = N * H * W = 12 values per channel); equal to float64 rounding over three steps.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3, dtype=torch.float64)
+    mean, var = np.zeros(3), np.ones(3)
+    for _ in range(3):
+        x = 5 * rng.standard_normal((2, 3, 2, 3)) + 12
+        bn(torch.from_numpy(x))
+        mu, v = moments(x, (0, 2, 3))
+        mean, var = update_running_stats(mean, var, mu.reshape(3), v.reshape(3), count=12,
+                                         momentum=0.3)
+    np.testing.assert_allclose(mean, bn.running_mean.numpy(), rtol=1e-14)
+    np.testing.assert_allclose(var, bn.running_var.numpy(), rtol=1e-14)

@@ -79,3 +79,12 @@ def test_backward_by_hand_on_three_values():
     x_hat, rstd = standardize(x, mu, var, eps=1 / 3)
     dx = standardize_backward(np.array([1.0, 0.0, 0.0]), x_hat, rstd, (0,))
     np.testing.assert_allclose(dx, np.array([6.0, -7.0, 1.0]) / (15 * np.sqrt(5)), rtol=1e-14)
+
+
+def test_a_numpy_scalar_eps_keeps_float32():
+    # np.float64(1e-5) is not a weak scalar (NEP 50): added as it is, it would promote rstd
+    # and x_hat to float64.
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    mu, var = moments(x, (1,))
+    x_hat, rstd = standardize(x, mu, var, eps=np.float64(1e-5))
+    assert x_hat.dtype == rstd.dtype == np.float32
