@@ -139,6 +139,33 @@ def test_a_constant_group_normalizes_to_zero_on_both_paths(method, value):
                                       err_msg=path)
 
 
+@pytest.mark.parametrize("method", ["bn", "in", "ln", "gn", "sn", "staged bn"])
+@pytest.mark.parametrize("value", [1.2345678901234567e13, 3.3e13 + 0.1, 7.777777777777e15,
+                                   -0.1, 1e300])
+def test_a_constant_float64_group_normalizes_to_zero_on_both_paths(method, value):
+    """In float64 a float64 sum adds no precision: the rounded mean of a constant group of
+    1.2345678901234567e13 was an ulp (0.002) off, and the deviations from it, normalized by
+    sqrt(eps), gave |y| = 0.53 on the reference where the kernels, which shift each group by
+    one of its values, gave 0. The mean is refined by the mean of the deviations now."""
+    f = np.array([1.0, -1.0, 0.5, -0.25])  # another constant in each channel, or sample
+    scale = f[None, :, None, None] if method in ("bn", "staged bn") else f[:3, None, None, None]
+    if method == "sn":
+        scale = 1.0  # constant in every scope: one value throughout
+    x = np.ascontiguousarray(np.broadcast_to(value * scale, (3, 4, 5, 5)))
+    g, b = np.ones(4), np.linspace(-1, 1, 4)
+    beta = np.broadcast_to(b[None, :, None, None], x.shape)
+    if method == "staged bn":
+        np.testing.assert_array_equal(refnorm.batch_norm_forward_graph(x, g, b)[0], beta)
+        return
+    for path in ("reference", "fast"):
+        if method == "sn":
+            y = switchable_norm.switchable_norm_forward(x, g, b, np.zeros(3), np.zeros(3),
+                                                        path=path)[0]
+        else:
+            y = FORWARDS[method](x, g, b, path)[0]
+        np.testing.assert_array_equal(y, beta, err_msg=path)
+
+
 def test_switchable_norm_refuses_a_pooled_variance_that_overflows():
     """Plane means 1e19 apart with no spread within a plane: the IN moments fit, but LN's and
     BN's variances (the spread of the IN means) overflow float32. The reference returned

@@ -233,7 +233,7 @@ def test_the_noise_floor_grows_with_the_outputs_as_the_readme_says():
     right = check_vjp(f, vjp(1.0), inputs)["x"]
     off = check_vjp(f, vjp(1 + 1e-5), inputs)["x"]
     assert f"{right.fd_noise:.2g}" == "1.5e-05" and f"{right.max_abs_error:.1g}" == "5e-08"
-    assert f"{off.max_rel_error:.2g}" == "3.4e-07" and off.max_rel_error < 1e-6
+    assert f"{off.max_rel_error:.2g}" == "3.3e-07" and off.max_rel_error < 1e-6
     assert off.raw_rel_error > 1e-6  # the mistake is there, under the floor
 
 

@@ -12,6 +12,15 @@ up to 0.9 for a constant float32 channel of 1e5, exactly 1 at 1e20), or overflow
 (a constant channel of 1e26 would be refused as an overflowing variance). The float64 sum of
 up to 2^29 equal float32 values is exact: a constant group has the mean it holds, and its
 outputs are ``beta``.
+
+A float64 sum adds no precision to float64 values: the rounded mean of a float64 constant
+group of 1.2345678901234567e13 is an ulp (0.002) off, which ``sqrt(eps)`` turns into outputs
+of 0.53. So a float64 mean is refined once, by the mean of the deviations from it: ``x - mu``
+of nearby numbers is exact, and for a constant group that correction is exactly what the
+rounding lost. (For float32 the correction is below half an ulp of the correctly rounded
+mean: it would round away, and the pass is not taken.) The fast kernels get the same from
+their shift by one of the group's values; Switchable Normalization's ``in_moments`` keeps the
+correction apart as its ``offset_in``.
 """
 
 from __future__ import annotations
@@ -40,7 +49,8 @@ def moments(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     Returns
     -------
     mu : array, ``x.shape`` with ``axes`` set to 1
-        The sum accumulated in float64, divided by m, rounded to ``x``'s dtype.
+        The sum accumulated in float64, divided by m, rounded to ``x``'s dtype; in float64
+        plus the mean of the deviations from it.
     var : array, same shape as ``mu``
         ``mean((x - mu)**2)``, the biased (1/m) estimator, in ``x``'s dtype.
 
@@ -56,6 +66,9 @@ def moments(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
         total = xp.sum(x, axis=axes, dtype=xp.float64, keepdims=True)
         mu = xp.astype(total / m, x.dtype)
+        if x.dtype == xp.float64:  # the sum added no precision: refine (module docstring)
+            lost = xp.sum(x - mu, axis=axes, keepdims=True)      # what the rounding lost
+            mu = mu + lost / m
         centred = x - mu
         var = xp.mean(centred * centred, axis=axes, keepdims=True)
     check_variance_finite(var, x)

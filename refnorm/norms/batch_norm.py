@@ -240,6 +240,8 @@ def batch_norm_forward_graph(
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
         total = xp.sum(xc, axis=axes, dtype=xp.float64, keepdims=True)  # as moments() does
         mu = xp.astype(total / m, xc.dtype)                      # (1, C, 1, 1)
+        if xc.dtype == xp.float64:  # as moments() refines a float64 mean
+            mu = mu + xp.sum(xc - mu, axis=axes, keepdims=True) / m   # (1, C, 1, 1)
         xmu = xc - mu                                            # (N, C, H, W)
         sq = xmu * xmu                                           # (N, C, H, W)
         var = xp.mean(sq, axis=axes, keepdims=True)              # (1, C, 1, 1)
