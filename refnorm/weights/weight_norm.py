@@ -121,11 +121,13 @@ def weight_norm_forward(v: Array, g: Array, *, eps: float = 1e-5) -> tuple[Array
 
 
 def _check_norm_finite(norm: Array, vv: Array) -> None:
-    """Refuse a squared norm that overflowed (inf) from finite weights: W_j would silently be
-    0 and its gradient NaN (a NaN in ``v`` propagates as NaN instead)."""
+    """Refuse a squared norm that overflowed (inf) from a finite filter: W_j would silently be
+    0 and its gradient NaN (a NaN in ``v`` propagates as NaN instead, in its own filter only,
+    so a non-finite filter elsewhere in ``v`` does not excuse an overflow)."""
     xp = array_namespace(norm, vv)
-    if bool(xp.any(xp.isinf(norm))) and bool(xp.all(xp.isfinite(vv))):
-        largest = float(xp.max(xp.abs(vv)))
+    overflowed = xp.isinf(norm) & xp.all(xp.isfinite(vv), axis=1, keepdims=True)  # (C_out, 1)
+    if bool(xp.any(overflowed)):
+        largest = float(xp.max(xp.where(overflowed, xp.abs(vv), xp.zeros_like(vv))))
         remedy = ("rescale v" if xp.isdtype(vv.dtype, xp.float64)
                   else "compute in float64 or rescale v")
         raise ValueError(f"the squared norm of a filter of v overflows {vv.dtype} (|v| up to "
@@ -295,8 +297,8 @@ class WeightNorm(Layer):
             raise ValueError("init_from_batch: a channel's pre-activation has a NaN or infinite "
                              "mean or std over the batch (a non-finite input or weight); use a "
                              "finite batch")
-        # Constant where max == min: a rounded mean leaves such a channel a std of rounding
-        # noise (about 1e-7 |mean| in float32), not 0.
+        # Constant where max == min, whatever std rounding leaves (moments gives a constant
+        # group the mean it holds, hence std 0, in float32 and float64).
         if bool(xp.any((xp.max(t, axis=axes) == xp.min(t, axis=axes)) | (std == 0))):
             raise ValueError("init_from_batch: a channel's pre-activation is constant over the "
                              "batch (std 0); use a batch with varied inputs")

@@ -186,3 +186,30 @@ def test_relu_derivative_at_zero_is_zero():
     dz = norm_prop_relu_backward(dy, norm_prop_relu_forward(z)[1])
     np.testing.assert_array_equal(dz, [[0.0, 0.0, 3.0 / RELU_STD, 4.0 / RELU_STD],
                                        [0.0, 0.0, 7.0 / RELU_STD, 0.0]])
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: norm_prop_relu_forward(np.ones((2, 3), int)),
+         TypeError, r"z must have a real floating"),
+        # a dy that would broadcast against z's shape is still the wrong shape
+        (lambda: norm_prop_relu_backward(np.ones((1, 3)),
+                                         norm_prop_relu_forward(np.ones((2, 3)))[1]),
+         ValueError, r"dy must have shape \(2, 3\); got \(1, 3\)"),
+        (lambda: norm_prop_relu_backward(np.ones((2, 3), int),
+                                         norm_prop_relu_forward(np.ones((2, 3)))[1]),
+         TypeError, r"dy must have a real floating"),
+    ],
+)
+def test_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_layer_without_bias_has_no_b_and_no_b_gradient():
+    layer = refnorm.build("np", 2, 3, 3, bias=False, dtype=np.float64)
+    assert set(layer.params) == {"v", "g"}
+    x = np.random.default_rng(15).standard_normal((2, 2, 4, 4))
+    layer.backward(layer.forward(x, training=True))
+    assert set(layer.grads) == {"v", "g"}

@@ -90,6 +90,10 @@ def test_backward_refuses_another_functions_cache():
         (lambda: translated_relu_forward(np.ones((2, 3), int), np.ones(3)),
          TypeError, r"z must have a real floating"),
         (lambda: refnorm.build("trelu", 2, 3, eps=-1.0), ValueError, r"eps must be finite and > 0"),
+        # a dy that would broadcast against z's shape is still the wrong shape
+        (lambda: translated_relu_backward(
+            np.ones((1, 3, 2)), translated_relu_forward(np.ones((2, 3, 2)), np.zeros(3))[1]),
+         ValueError, r"dy must have shape \(2, 3, 2\); got \(1, 3, 2\)"),
     ],
 )
 def test_bad_input(call, error, message):
@@ -160,3 +164,11 @@ def test_gradients_come_back_in_the_dtypes_of_z_and_of_alpha():
         # dalpha counts the entries at or below the threshold: exact in any of these dtypes
         np.testing.assert_array_equal(dalpha, np.sum(z <= alpha.astype(np.float32)[:, None],
                                                      axis=(0, 2)))
+
+
+def test_z_and_alpha_from_two_array_namespaces_are_refused():
+    strict = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match=r"one array namespace"):
+        translated_relu_forward(np.ones((2, 3)), strict.zeros(3, dtype=strict.float64))
+    with pytest.raises(TypeError, match=r"one array namespace"):
+        translated_relu_forward(strict.ones((2, 3), dtype=strict.float64), np.zeros(3))

@@ -277,8 +277,8 @@ def test_a_failed_data_dependent_init_leaves_the_layer_exactly_as_it_was(bias, x
 @pytest.mark.parametrize(
     ("dtype", "x", "message"),
     [
-        # Identical samples: every channel constant, but float32's rounded mean leaves a
-        # std of about 1e-7 |mean|, which passed a test of std == 0 (g came out ~4e6).
+        # Identical samples: every channel constant (its float64-summed mean is exact, so
+        # its std is 0 here; the float64 case, where it is not, is tested below).
         (np.float32, np.repeat([[0.3, -1.2, 0.8, 2.1, -0.4]], 7, axis=0),
          r"constant over the batch"),
         # Varied but tiny float16 inputs: std ~1e-5, so 1/std overflows float16 (g was inf).
@@ -462,3 +462,53 @@ def test_an_infinite_weight_is_not_reported_as_an_overflow(dtype):
     clean, _ = weight_norm_forward(v, g)
     assert np.isnan(w[1]).any()
     np.testing.assert_array_equal(w[[0, 2]], clean[[0, 2]])
+
+
+def test_data_dependent_init_refuses_a_float64_channel_made_constant_by_identical_samples():
+    # 1000 identical samples: every channel of t is one value repeated. The float64 sum of
+    # 1000 equal float64 values rounds, and a mean formed from it alone leaves a std of
+    # ~1e-14 |mean| (g = 1/std ~ 1e14); refused as constant, and the layer is unchanged.
+    layer = refnorm.build("wn", 5, 3, dtype=np.float64, seed=0)
+    x = np.repeat([[0.3, -1.2, 0.8, 2.1, -0.4]], 1000, axis=0)
+    t = x @ (layer.params["v"] / np.linalg.norm(layer.params["v"], axis=1, keepdims=True)).T
+    assert np.all(t.max(axis=0) == t.min(axis=0))                       # constant channels
+    assert np.all(np.sqrt(((t - t.sum(axis=0) / 1000) ** 2).mean(axis=0)) > 0)  # that std
+    before = {k: a.copy() for k, a in layer.params.items()}
+    with pytest.raises(ValueError, match=r"constant over the batch"):
+        layer.init_from_batch(x)
+    for k, a in before.items():
+        assert layer.params[k].tobytes() == a.tobytes(), k
+
+
+def test_v_and_g_from_two_array_namespaces_are_refused():
+    strict = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match=r"one array namespace"):
+        weight_norm_forward(np.ones((3, 4)), strict.ones(3, dtype=strict.float64))
+    with pytest.raises(TypeError, match=r"one array namespace"):
+        weight_norm_forward(strict.ones((3, 4), dtype=strict.float64), np.ones(3))
+
+
+@pytest.mark.parametrize("spoiler", [np.inf, np.nan], ids=["inf", "nan"])
+def test_an_overflowing_filter_is_refused_beside_a_non_finite_one(spoiler):
+    # Each filter is its own: a NaN or an infinity spoils only its own filter (the test
+    # above), so it must not hide another filter's overflow, which alone is refused.
+    # ||v_0|| ~ 1e20 * sqrt(4): the squared norm ~ 1e40 > 3.4e38, float32's largest.
+    v = np.random.default_rng(45).standard_normal((3, 4))
+    v[0] *= 1e20
+    v = v.astype(np.float32)
+    v[2, 1] = spoiler
+    with np.errstate(over="ignore", invalid="ignore"), pytest.raises(
+            ValueError, match=r"squared norm of a filter of v overflows float32 \(\|v\| up to "
+                              r"[0-9.]+e\+(19|20)\)"):
+        weight_norm_forward(v, np.ones(3, np.float32))
+
+
+def test_data_dependent_init_names_an_overflowing_variance_of_a_finite_batch():
+    # float32 inputs ~1e30: t ~1e30 and its squared deviations ~1e60 overflow float32 (max
+    # 3.4e38). The batch is finite, so the error must say overflow, not "non-finite input".
+    layer = refnorm.build("wn", 3, 2, dtype=np.float32, seed=1)
+    x = (1e30 * np.random.default_rng(46).standard_normal((8, 3))).astype(np.float32)
+    assert np.all(np.isfinite(x))
+    with pytest.raises(ValueError, match=r"variance of x overflows float32"):
+        layer.init_from_batch(x)
+    np.testing.assert_array_equal(layer.params["g"], np.ones(2, np.float32))
