@@ -28,6 +28,7 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -360,6 +361,27 @@ def test_expect_prints_integers_as_integers(capsys):
         lessons.expect("a NaN", float("nan"), 0, 1, "never inside")
 
 
+def test_expect_prints_a_flag_as_true_or_false(capsys):
+    lessons.expect("converged", True, True, True, "a flag")
+    assert re.search(r"converged\s+=\s+True   expected in \[True, True\]",
+                     capsys.readouterr().out)
+
+
+def test_expect_shows_a_range_and_a_failure_with_the_digits_that_tell_them_apart(capsys):
+    """Bounds of 1 -+ 1e-4 printed at 2 digits read [1, 1], and a value of 1.0002 failed as
+    "= 1.000e+00 is outside [1, 1]"; [0, 1 + 1e-8] hid why 1 + 2e-8 fails."""
+    lessons.expect("std ratio", 1.00002, 1 - 1e-4, 1 + 1e-4, "unit variance")
+    assert "expected in [0.9999, 1.0001]" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match=r"^std ratio = 1\.0002 is outside "
+                                             r"\[0\.9999, 1\.0001\] \(unit variance\)$"):
+        lessons.expect("std ratio", 1.0002, 1 - 1e-4, 1 + 1e-4, "unit variance")
+    with pytest.raises(AssertionError, match=r"^norm = 1\.00000002 is outside "
+                                             r"\[0, 1\.00000001\] "):
+        lessons.expect("norm", 1 + 2e-8, 0, 1 + 1e-8, "at most 1")
+    lessons.expect("error", 1.02e-6, 0, 1e-5, "small")  # 2 digits where they suffice
+    assert "expected in [0, 1e-05]" in capsys.readouterr().out
+
+
 # -- the student copy ---------------------------------------------------------------------------
 
 
@@ -393,6 +415,20 @@ def test_student_copy_keeps_edited_notebooks_unless_forced(tmp_path, capsys):
     assert {p.name: p.read_text(encoding="utf-8") for p in tmp_path.glob("*.ipynb")} == before
     assert lessons.main(["--student", str(tmp_path), "--force"]) == 0
     assert edited.read_text(encoding="utf-8") != work
+
+
+def test_a_notebook_that_is_not_utf8_in_dir_is_kept_and_named(tmp_path, capsys):
+    """A file in DIR that is not even UTF-8 (saved in another encoding) differs from its
+    blank: refused with its name, as any edited notebook, not with a codec error."""
+    other = tmp_path / "01_batch_norm.ipynb"
+    other.write_bytes(b"\xff\xfe{}")
+    assert lessons.main(["--student", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"refnorm lessons: error: {other} differs from the blank student copy (your work?): "
+        "it is kept; pass --force to overwrite it")
+    assert other.read_bytes() == b"\xff\xfe{}"
+    assert lessons.main(["--student", str(tmp_path), "--force"]) == 0
+    assert json.loads(other.read_text(encoding="utf-8"))["cells"]
 
 
 def test_student_copy_into_a_file_says_it_is_a_file(tmp_path, capsys):
@@ -680,6 +716,18 @@ def test_a_nested_begin_is_refused():
         lessons.blank_solution(nested)
 
 
+def test_a_task_beyond_the_basic_multilingual_plane_is_raised_as_written():
+    """A mathematical letter such as U+1D6FE (italic gamma) is one character, not two lone
+    surrogates that no terminal can print."""
+    task = "scale by \U0001d6fe, not by 2"
+    namespace: dict = {}
+    exec(lessons.blank_solution(SOLVED.replace("write double", task)), namespace)
+    with pytest.raises(NotImplementedError) as raised:
+        namespace["double"](3)
+    assert str(raised.value) == f"exercise 9.1: {task}"
+    str(raised.value).encode("utf-8")  # printable
+
+
 def test_a_task_with_quotes_and_backslashes_is_raised_as_written():
     """The blank's NotImplementedError carries the task exactly, whatever characters it has
     (quotes, a backslash): the blanked cell stays valid Python."""
@@ -823,6 +871,27 @@ def test_an_error_raised_in_a_partial_stays_the_students(toy):
         _grade_toy(partial(mean_plus, offset="a"))
 
 
+def test_an_error_raised_in_code_of_the_students_cell_stays_theirs(toy):
+    """A generator the student's function returns runs inside the check (here, list()); an
+    error on its line is the student's, with their traceback, not "the check could not use
+    what your function returned"."""
+    cell: dict = {"np": np}
+    exec(compile("def mean0(x):\n    return (col.sum() / 'n' for col in x.T)\n",
+                 "the student's cell", "exec"), cell)
+    with pytest.raises(TypeError, match="ufunc .divide. not supported"):
+        lessons.check_outputs("9.9", lambda fn: {"mean": np.array(list(fn(X_TOY)))},
+                              cell["mean0"], {"mean": X_TOY.mean(axis=0)}, tol=1e-12,
+                              reason="rounding")
+
+
+def test_outputs_may_come_as_any_mapping(toy, capsys):
+    """A run that hands its outputs back as a read-only mapping is read by name too."""
+    lessons.check_outputs("9.9", lambda fn: MappingProxyType({"mean": fn(X_TOY)}),
+                          lambda x: x.mean(axis=0), {"mean": X_TOY.mean(axis=0)}, tol=1e-12,
+                          reason="rounding")
+    assert capsys.readouterr().out.startswith("exercise 9.9 passed: rel_err(mean) = ")
+
+
 # -- naming a known mistake ---------------------------------------------------------------------
 
 
@@ -860,6 +929,32 @@ def test_of_two_mistakes_within_the_matching_tolerance_the_nearest_is_named(toy)
                               {"mean": x.mean(axis=0)}, tol=1e-6, reason="float32 rounding")
 
 
+@pytest.mark.parametrize(("dtype", "off"), [(np.float64, 1e-7), (np.float32, 1e-4)])
+def test_an_answer_near_a_mistake_but_beyond_its_rounding_gets_a_hint(toy, dtype, off):
+    """A sum off by 1e-7 (float64) or 1e-4 (float32) is 100 and 10 times the rounding of
+    the same wrong computation (1e-9 and 1e-5): another mistake, so a hint, not the name of
+    the sum."""
+    x = X_TOY.astype(dtype)
+    answer = (x.astype(np.float64).sum(axis=0) * (1 + off)).astype(dtype)
+    with pytest.raises(AssertionError, match=r"Hint 1 of 2") as failed:
+        lessons.check_outputs("9.9", lambda fn: {"mean": fn(x)}, lambda x: answer,
+                              {"mean": x.mean(axis=0)}, tol=1e-6, reason="rounding")
+    assert "known mistake" not in str(failed.value)
+
+
+def test_an_answer_of_nans_is_never_named_as_a_mistake(toy):
+    """NaN is no distance: an all-NaN answer equals no catalogued mistake."""
+    with pytest.raises(AssertionError, match=r"rel_err\(mean\) = nan.*Hint 1 of 2") as failed:
+        _grade_toy(lambda x: np.full(3, np.nan))
+    assert "known mistake" not in str(failed.value)
+
+
+def test_diagnose_of_answers_with_other_names_gives_a_hint(toy):
+    """An answer and a mistake's outputs under other names are different answers."""
+    advice = lessons.diagnose("9.9", {"mean": np.ones(3)}, lambda v: {"sum": np.ones(3)})
+    assert advice.startswith("Hint 1 of 2")
+
+
 def test_an_exercise_needs_a_hint_and_registering_it_again_replaces_it(toy):
     with pytest.raises(ValueError, match="exercise 9.7 needs at least one nudge"):
         lessons.register(lessons.Exercise(id="9.7", function="f", nudges=()))
@@ -893,6 +988,38 @@ def test_a_bool_is_not_an_integer_answer(toy):
     with pytest.raises(AssertionError, match="all-reduces must be an integer"):
         lessons.check_integers("9.9", lambda fn: {"all-reduces": True}, None,
                                {"all-reduces": 1}, reason="exact")
+
+
+def test_a_string_is_not_an_integer_answer(toy):
+    with pytest.raises(AssertionError, match=r"bytes must be an integer \(or integers\); "
+                                             r"got '12'"):
+        lessons.check_integers("9.9", lambda fn: {"bytes": "12"}, None, {"bytes": 12},
+                               reason="exact")
+
+
+def _plus(n, *, extra):
+    return n + extra
+
+
+def test_integers_are_named_as_a_mistake_only_when_equal(toy):
+    """Integers match a mistake exactly: 10**12 + 2 is not the mistake 10**12 + 1 (a
+    relative tolerance of 1e-9 would call them equal), and a non-integral answer is none."""
+    lessons.register(lessons.Exercise(
+        id="9.9", function="count", nudges=("count them", "n"),
+        mistakes=(lessons.Mistake("one too many", "start at 0", partial(_plus, extra=1)),)))
+    big = 10**12
+
+    def grade(candidate):
+        lessons.check_integers("9.9", lambda fn: {"n": fn(big)}, candidate, {"n": big},
+                               reason="exact")
+
+    with pytest.raises(AssertionError, match="a known mistake gives: one too many"):
+        grade(lambda n: n + 1)
+    for wrong in (lambda n: n + 2, lambda n: n + 0.5):
+        with pytest.raises(AssertionError, match="Hint 1 of 2") as failed:
+            grade(wrong)
+        assert "known mistake" not in str(failed.value)
+        grading._FAILURES.pop("9.9", None)
 
 
 # -- check_gradients ----------------------------------------------------------------------------
@@ -938,6 +1065,30 @@ def test_a_backward_that_overwrites_its_inputs_does_not_move_the_point_checked(t
         return x
 
     lessons.check_gradients("9.9", lambda x: x**2, _vjp_x, backward_in_place, X3)
+
+
+def test_gradients_are_checked_in_float64_whatever_the_inputs_dtype(toy):
+    """float32 inputs are converted (central differences with a step of 1e-6 mean nothing
+    in float32): the backward sees float64 and a right one passes."""
+    seen = []
+
+    def backward(dy, x):
+        seen.append((x.dtype, dy.dtype))
+        return 2 * x * dy
+
+    lessons.check_gradients("9.9", lambda x: x**2, _vjp_x, backward,
+                            {"x": X3["x"].astype(np.float32)})
+    assert seen == [(np.float64, np.float64)]
+
+
+def test_the_printed_noise_floor_is_relative_to_the_gradients_scale(toy, capsys):
+    """The floor is printed beside a relative error, so it is relative too: for outputs of
+    1e8 (absolute noise about 1e-1 at a step of 1e-6) it stays about 1e-8 of a gradient of
+    1e8, below the tolerance, not 1e-1."""
+    lessons.check_gradients("9.9", lambda x: 1e8 * x**2, _vjp_x,
+                            lambda dy, x: 2e8 * x * dy, X3)
+    floor = re.search(r"their noise: up to (\S+)\)", capsys.readouterr().out).group(1)
+    assert 0 < float(floor) < 1e-6
 
 
 def test_the_default_gradient_tolerance_is_1e_6(toy):
@@ -1117,6 +1268,214 @@ def test_lean_bn_backward_with_the_number_of_samples_07_2():
     m = 4  # N, where N H W = 16 belongs
     want = GAMMA.reshape(1, -1, 1, 1) * rstd * (dy - dbeta / m - x_hat * dgamma / m)
     assert lessons.rel_err(dx, want) < 1e-12
+
+
+# Each mistake as a student would write it, independently of the catalogue's variant: the
+# closed forms below follow from the right backward (Ioffe & Szegedy 2015, section 3) with the
+# named term scaled, and from the right forwards with the named constant changed.
+
+_AX = (0, 2, 3)
+_RSTD_BN = 1.0 / np.sqrt(X_BN.var(axis=_AX, keepdims=True) + 1e-5)  # (1, C, 1, 1), biased
+_X_HAT_BN = (X_BN - X_BN.mean(axis=_AX, keepdims=True)) * _RSTD_BN
+
+
+def _bn_dx_with_var_term_times(k):
+    """The closed-form dx with the term through the variance multiplied by ``k``."""
+    dxh = DY_BN * GAMMA.reshape(1, -1, 1, 1)
+    var_term = _X_HAT_BN * (dxh * _X_HAT_BN).mean(axis=_AX, keepdims=True)
+    dx = _RSTD_BN * (dxh - dxh.mean(axis=_AX, keepdims=True) - k * var_term)
+    return dx, (DY_BN * _X_HAT_BN).sum(axis=_AX), DY_BN.sum(axis=_AX)
+
+
+def _bn_eval_backward_with_batch_statistics():
+    rstd = 1.0 / np.sqrt(np.var(X_BN, axis=_AX, keepdims=True) + 1e-5)
+    x_hat = (X_BN - np.mean(X_BN, axis=_AX, keepdims=True)) * rstd
+    return (DY_BN * GAMMA.reshape(1, -1, 1, 1) * rstd, (DY_BN * x_hat).sum(axis=_AX),
+            DY_BN.sum(axis=_AX))
+
+
+def _gn_forward_unbiased(G=3):
+    x = X_BN.reshape(4, 1, 3, 2, 2).repeat(2, axis=1).reshape(4, 6, 2, 2)  # C = 6
+    xg = x.reshape(4, G, 6 // G, 2, 2)
+    mu = xg.mean(axis=(2, 3, 4), keepdims=True)
+    var = ((xg - mu) ** 2).sum(axis=(2, 3, 4), keepdims=True) / (xg[0, 0].size - 1)
+    rstd = 1.0 / np.sqrt(var + 1e-5)
+    x_hat = ((xg - mu) * rstd).reshape(x.shape)
+    return (x, np.ones(6), np.zeros(6), G, 1e-5), (x_hat, (x_hat, rstd))
+
+
+def _gn_backward_with_in_means(G=3):
+    x = X_BN.reshape(4, 1, 3, 2, 2).repeat(2, axis=1).reshape(4, 6, 2, 2)  # C = 6
+    xg = x.reshape(4, G, 2, 2, 2)
+    rstd = 1.0 / np.sqrt(xg.var(axis=(2, 3, 4), keepdims=True) + 1e-5)  # (N, G, 1, 1, 1)
+    x_hat = ((xg - xg.mean(axis=(2, 3, 4), keepdims=True)) * rstd).reshape(x.shape)
+    dy = np.concatenate([DY_BN, DY_BN[::-1]], axis=1)
+    gamma = np.linspace(0.5, 1.5, 6)
+    dxh = dy * gamma.reshape(1, -1, 1, 1)
+    r = np.repeat(rstd.reshape(4, G), 6 // G, axis=1).reshape(4, 6, 1, 1)  # per channel
+    dx = r * (dxh - dxh.mean(axis=(2, 3), keepdims=True)
+              - x_hat * (dxh * x_hat).mean(axis=(2, 3), keepdims=True))
+    return (dy, x_hat, rstd, gamma, G), (dx, (dy * x_hat).sum(axis=_AX), dy.sum(axis=_AX))
+
+
+def _scope_gradient_averaged(scope):
+    h = X_BN.reshape(4, 3, 4)  # (N, C, S)
+    dmu, dvar = DY_BN[:, :, :1, 0], DY_BN[:, :, 1:, 1]  # (N, C, 1) each
+    axes, entries = {"ln": ((1, 2), 1), "bn": ((0, 2), 0)}[scope]
+    size = np.prod([h.shape[a] for a in axes])
+    want = (0.7 * np.mean(dvar, axis=entries, keepdims=True) * 2 * (
+        h - h.mean(axis=axes, keepdims=True)) / size
+        + 0.2 * np.mean(dmu, axis=entries, keepdims=True) / size)
+    return (h, dmu, dvar, scope, 0.2, 0.7), want
+
+
+def _softmax_gradient_unweighted():
+    w, S = np.array([0.2, 0.5, 0.3]), np.array([1.0, -2.0, 0.5])
+    return (w, S), np.array([w[k] * S[k] - w[k] * (S[0] + S[1] + S[2]) for k in range(3)])
+
+
+def _cross_entropy_gradient_undivided():
+    logits, labels = DY_BN[:, :, 0, 0], np.array([0, 2, 1, 2])  # (n, K), (n,)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return (logits, labels, 8), p - np.eye(3)[labels]
+
+
+def _conv1x1_weight_grad_mean():
+    dz, x = DY_BN[:, :2], X_BN  # (N, C_out, H, W), (N, C_in, H, W)
+    total = sum(np.outer(dz[n, :, i, j], x[n, :, i, j])
+                for n in range(4) for i in range(2) for j in range(2))
+    return (dz, x), total / 16
+
+
+def _chan_merge_without_the_spread():
+    counts, means, m2s = [12, 0, 4], [X_BN[0, :, 0, 0], np.zeros(3), X_BN[1, :, 0, 0]], [
+        DY_BN[0, :, 0, 0] ** 2, np.zeros(3), DY_BN[1, :, 0, 0] ** 2]
+    mean = (12 * means[0] + 4 * means[2]) / 16
+    return (counts, means, m2s), (16, mean, m2s[0] + m2s[1] + m2s[2])
+
+
+def _wn_backward_with_v():
+    G, V, g, eps = DY_BN.reshape(4, 12), X_BN.reshape(4, 12), GAMMA[[0, 1, 2, 0]], 1e-5
+    norm = np.linalg.norm(V, axis=1, keepdims=True)  # (C_out, 1)
+    dV = g[:, None] / (norm + eps) * (G - (G * V).sum(axis=1, keepdims=True) * V)
+    return (G, V, g, eps), (dV, (G * V).sum(axis=1) / (norm.ravel() + eps))
+
+
+def _ws_backward_over_sigma_squared():
+    W = X_BN.reshape(4, 12)
+    W_dot = W - W.mean(axis=1, keepdims=True)
+    sigma = np.sqrt((W_dot**2).mean(axis=1, keepdims=True))
+    W_hat, g_hat = W_dot / sigma, DY_BN.reshape(4, 12)
+    d = (g_hat - (W_hat * g_hat).mean(axis=1, keepdims=True) * W_hat) / sigma**2
+    return (g_hat, W_hat, sigma), d - d.mean(axis=1, keepdims=True)
+
+
+def _ws_forward_eps_in_root(correction):
+    W = X_BN.reshape(4, 12)
+    W_dot = W - W.mean(axis=1, keepdims=True)
+    var = (W_dot**2).sum(axis=1, keepdims=True) / (12 - correction)
+    return (W, 1e-2, correction), W_dot / np.sqrt(var + 1e-2)
+
+
+def _accumulate_by_count():
+    grads = [{"w": DY_BN[0]}, {"w": DY_BN[1]}, {"w": DY_BN[2]}]
+    return (grads, [8, 8, 6]), {"w": (DY_BN[0] + DY_BN[1] + DY_BN[2]) / 3}
+
+
+class _Linear:
+    """A one-layer model with the interface exercise 06.1 uses: logits = x W."""
+
+    def __init__(self, W):
+        self.params, self.grads = {"W": W}, {}
+
+    def forward(self, x, training):
+        self.x = x
+        return x @ self.params["W"]
+
+    def backward(self, dlogits):
+        self.grads = {"W": self.x.T @ dlogits}
+
+    def named_params(self):
+        yield "W", self, "W"
+
+
+def _update_gradient_per_sample():
+    xs, ys, micro = X_BN.reshape(4, 12), np.array([0, 2, 1, 2]), 2
+    W = DY_BN.reshape(12, 4)[:, :3]  # (D, K)
+    logits = xs @ W
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    # each micro-batch's mean-loss gradient, divided once more by the micro-batch's size
+    return (_Linear(W), xs, ys, micro), {"W": xs.T @ (p - np.eye(3)[ys]) / micro / micro}
+
+
+_STUDENTS = {
+    ("06.1", "each micro-batch's gradient divided by its size"): _update_gradient_per_sample,
+    ("01.2", "the factor 1/2 of the square root's derivative missing"):
+        lambda: ((DY_BN, X_BN, GAMMA, 1e-5), _bn_dx_with_var_term_times(2.0)),
+    ("01.2", "a sum where the variance node divides by m"):
+        lambda: ((DY_BN, X_BN, GAMMA, 1e-5), _bn_dx_with_var_term_times(X_BN.size / 3)),
+    ("01.3", "x_hat times mean(dy) in the variance term"):
+        lambda: ((DY_BN, _X_HAT_BN, _RSTD_BN, GAMMA), (
+            GAMMA.reshape(1, -1, 1, 1) * _RSTD_BN * (
+                DY_BN - (1 + _X_HAT_BN) * DY_BN.mean(axis=_AX, keepdims=True)),
+            (DY_BN * _X_HAT_BN).sum(axis=_AX), DY_BN.sum(axis=_AX))),
+    ("01.4", "the batch's statistics in the backward"):
+        lambda: ((DY_BN, X_BN, GAMMA, np.zeros(3), np.ones(3), 1e-5),
+                 _bn_eval_backward_with_batch_statistics()),
+    ("02.1", "the unbiased variance"): _gn_forward_unbiased,
+    ("02.2", "means over one channel's pixels (IN's backward)"): _gn_backward_with_in_means,
+    ("03.2", "the gradients of the entries averaged instead of summed"):
+        lambda: _scope_gradient_averaged("ln"),
+    ("03.3", "an unweighted sum of S"): _softmax_gradient_unweighted,
+    ("03b.1", "the summed loss, not divided at all"): _cross_entropy_gradient_undivided,
+    ("03b.2", "a mean over images and pixels where the sum belongs"): _conv1x1_weight_grad_mean,
+    ("04.1", "the devices' M2 added without the spread of their means"):
+        _chan_merge_without_the_spread,
+    ("04b.2", "each device's count n_p, not divided by N"): lambda: (([2, 3, 5],), [2, 3, 5]),
+    ("05.1", "V where its unit vector belongs in the projection (a missing 1/N^2)"):
+        _wn_backward_with_v,
+    ("05b.1", "a division by sigma^2 where sigma belongs"): _ws_backward_over_sigma_squared,
+    ("05b.2", "eps under the square root"): lambda: _ws_forward_eps_in_root(1),
+    ("06.2", "every micro-batch weighted 1/A"): _accumulate_by_count,
+    ("06b.2", "s^2, the factor inverted"): lambda: ((3.0,), 9.0),
+}
+
+
+def _flat(out):
+    """A mistake's outputs as a list of arrays (tuples and dicts unpacked, in order)."""
+    if isinstance(out, dict):
+        return [np.asarray(out[k]) for k in sorted(out)]
+    if isinstance(out, tuple):
+        return [a for part in out for a in _flat(part)]
+    return [np.asarray(out, dtype=np.float64)]
+
+
+@pytest.mark.parametrize(("exercise_id", "name"), list(_STUDENTS), ids=lambda v: v[:24])
+def test_a_mistake_equals_the_students_own_code_for_it(exercise_id, name):
+    """The catalogue names a mistake only when the student's answer equals its variant to
+    float64 rounding: a variant that computes more or less than its name says misses the
+    student who made it."""
+    args, want = _STUDENTS[exercise_id, name]()
+    got = _mistake(exercise_id, name)(*args)
+    got, want = _flat(got), _flat(want)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert lessons.rel_err(a, b) < 1e-12, (exercise_id, name)
+
+
+def test_the_unweighted_spread_of_the_device_means_counts_every_device_04_1():
+    """A student who forgets n_p in M2 = sum [M2_p + n_p (mean_p - mean)^2] adds
+    (mean_p - mean)^2 for every device, the empty one (mean 0 by the lesson's convention)
+    included: that is the mistake the check must name."""
+    counts, means = [12, 0, 4], [X_BN[0, :, 0, 0], np.zeros(3), X_BN[1, :, 0, 0]]
+    m2s = [DY_BN[0, :, 0, 0] ** 2, np.zeros(3), DY_BN[1, :, 0, 0] ** 2]
+    n, mean, m2 = _mistake("04.1", "the spread of the device means not weighted by their "
+                                   "counts")(counts, means, m2s)
+    want_mean = (12 * means[0] + 4 * means[2]) / 16
+    want_m2 = sum(m2_p + (mean_p - want_mean) ** 2
+                  for mean_p, m2_p in zip(means, m2s, strict=True))
+    assert n == 16 and lessons.rel_err(mean, want_mean) < 1e-12
+    assert lessons.rel_err(m2, want_m2) < 1e-12
 
 
 # -- the student copy and the command line ------------------------------------------------------

@@ -623,8 +623,7 @@ def _chan_merge(counts: Any, means: Any, m2s: Any, *, mistake: str) -> Any:
         mean = sum(n_p * mean_p for n_p, mean_p in zip(counts, means, strict=True)) / n
     if mistake == "no_between":
         return n, mean, sum(m2s)
-    weight = (lambda n_p: 1.0 if n_p else 0.0) if mistake == "unweighted_between" else (
-        lambda n_p: n_p)
+    weight = (lambda n_p: 1.0) if mistake == "unweighted_between" else (lambda n_p: n_p)
     return n, mean, sum(m2_p + weight(n_p) * (mean_p - mean) ** 2
                         for n_p, mean_p, m2_p in zip(counts, means, m2s, strict=True))
 

@@ -80,17 +80,34 @@ def _number(value: Any, fmt: str) -> str:
     return format(float(value), fmt)
 
 
+def _shown(*values: Any) -> list[str]:
+    """``values`` at the fewest significant digits, at least 2, that keep each within a tenth
+    of its distance to the nearest other: ``[0.9999, 1.0001]``, not ``[1, 1]``. Integers and
+    flags print as they are; a NaN as ``nan``."""
+    reals = [float(v) for v in values if not isinstance(v, (bool, np.bool_))
+             and not isinstance(v, (int, np.integer)) and math.isfinite(float(v))]
+    floats = [float(v) for v in values if not isinstance(v, (bool, np.bool_))]
+    gaps = [abs(a - b) for a in floats for b in floats if a != b and math.isfinite(a - b)]
+    close = min(gaps) / 10 if gaps else math.inf
+    for digits in range(2, 18):
+        if all(abs(float(f"{v:.{digits}g}") - v) <= close for v in reals):
+            break
+    return [_number(v, f".{digits}g") for v in values]
+
+
 def expect(name: str, value: Any, lo: Any, hi: Any, reason: str) -> None:
     """Print ``value`` beside its allowed range ``[lo, hi]`` and ``reason``; assert it is inside.
 
     Integers print as integers (a count is not a relative error); a NaN is outside any range.
+    The bounds print with the digits that tell them apart, and a failure shows the value with
+    the digits that tell it from the bound it crossed.
     """
-    shown = _number(value, "10.3e")
-    print(f"{name:<46} = {shown:>10}   expected in [{_number(lo, '.2g')}, "
-          f"{_number(hi, '.2g')}]   ({reason})")
+    lo_shown, hi_shown = _shown(lo, hi)
+    print(f"{name:<46} = {_number(value, '10.3e'):>10}   expected in [{lo_shown}, {hi_shown}]"
+          f"   ({reason})")
     if not lo <= value <= hi:
-        raise AssertionError(f"{name} = {shown.strip()} is outside [{_number(lo, '.2g')}, "
-                             f"{_number(hi, '.2g')}] ({reason})")
+        shown, lo_shown, hi_shown = _shown(value, lo, hi)
+        raise AssertionError(f"{name} = {shown} is outside [{lo_shown}, {hi_shown}] ({reason})")
 
 
 def rel_err(a: Any, b: Any) -> float:

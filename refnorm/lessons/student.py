@@ -99,7 +99,7 @@ def blank_solution(source: str) -> str:
     indentation, so a function whose body was the solution stays a valid function.
     """
     exercise, task = exercise_title(source)
-    message = json.dumps(f"exercise {exercise}: {task}")
+    message = json.dumps(f"exercise {exercise}: {task}", ensure_ascii=False)
     out: list[str] = []
     inside = False
     blocks = 0
@@ -246,14 +246,22 @@ def write_student_copies(dest: Path, src: Path = LESSONS_DIR, *,
         if target.is_dir():  # refused before anything is written, --force or not
             raise IsADirectoryError(f"{target} is a folder, where the student copy of "
                                     f"{path.name} goes: remove or rename it")
-        if not force and target.exists() and target.read_text(encoding="utf-8") != copies[
-                path.name][0]:
+        if not force and target.exists() and _differs(target, copies[path.name][0]):
             raise StudentWorkError(f"{target} differs from the blank student copy (your work?): "
                                    "it is kept; pass --force to overwrite it")
     dest.mkdir(parents=True, exist_ok=True)
     for name, (text, _) in copies.items():
         _write_atomically(dest / name, text)
     return {name: blanked for name, (_, blanked) in copies.items()}
+
+
+def _differs(path: Path, text: str) -> bool:
+    """Whether the file ``path`` holds anything but ``text`` (a file that is not even UTF-8
+    does)."""
+    try:
+        return path.read_text(encoding="utf-8") != text
+    except UnicodeDecodeError:
+        return True
 
 
 # -- command line --------------------------------------------------------------------------------
