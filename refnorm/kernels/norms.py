@@ -794,10 +794,17 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
                                             factors=variance_factors(x_hat.shape,
                                                                      scope_correction),
                                             hard=hard, frozen=frozen)
-    # the x_hat term is c2 (h - mu) = (c2 / r) x_hat; where rstd rounded to 0 (eps beyond the
-    # dtype), x_hat is 0 and so is the term (not c2 / 0 times 0, a NaN)
-    dx = _combine(dy2, xh2, (r * g, k_one, np.where(r != 0, c2 / np.where(r != 0, r, 1.0), 0.0)),
-                  x_hat.shape)
+    if all(k in frozen for k in scopes):
+        # every statistic given: dx = gamma rstd dy, one multiply per value with no x_hat term,
+        # so that a NaN input leaves its dx finite, as in the reference (as eval_backward)
+        k_dy = np.broadcast_to(r * g, (N, C)).astype(xh2.dtype).reshape(N * C, 1)
+        dx = np.multiply(dy2, k_dy).reshape(x_hat.shape)
+    else:
+        # the x_hat term is c2 (h - mu) = (c2 / r) x_hat; where rstd rounded to 0 (eps beyond
+        # the dtype), x_hat is 0 and so is the term (not c2 / 0 times 0, a NaN)
+        dx = _combine(dy2, xh2, (r * g, k_one,
+                                 np.where(r != 0, c2 / np.where(r != 0, r, 1.0), 0.0)),
+                      x_hat.shape)
     return SwitchableGrads(dx=dx, dgamma=s_dyx.sum(axis=0).astype(gamma.dtype),
                            dbeta=s_dy.sum(axis=0).astype(gamma.dtype), dmean_logits=dml,
                            dvar_logits=dvl)

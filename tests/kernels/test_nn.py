@@ -267,3 +267,32 @@ def test_col2im_refuses_columns_of_another_shape_than_x_shape_gives():
     cols = np.ones((2 * 3 * 3, 1 * 2 * 2))                        # x (1, 2, 4, 4), kernel 3
     with pytest.raises(ValueError, match=r"cols must have shape \(18, 9\)"):
         kernels.col2im(cols, (1, 2, 5, 5), (3, 3), (1, 1), (0, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_forward_of_a_fortran_order_input_is_bit_equal_to_reference(dtype):
+    """A Fortran-order input (a transposed array): y and the mask come back in x's shape
+    with every value written, bit-equal to the reference, as for C-order input."""
+    x = np.asfortranarray(np.array([[-1.5, 0.0, 2.0], [np.nan, -0.0, 3.0]], dtype))
+    y, positive = kernels.relu_forward(x)
+    want, cache = relu_forward(x)
+    np.testing.assert_array_equal(y.view(np.uint8), np.ascontiguousarray(want).view(np.uint8))
+    np.testing.assert_array_equal(positive, cache.positive)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_max_pool_2x2_at_stride_2_takes_a_nan_anywhere_in_its_window(bad):
+    """2x2 windows at stride 2 (the study's pooling) take a branch-free pass that a NaN
+    cannot win by comparison; a plane holding a NaN is redone with the reference's rule: a
+    NaN wins its window wherever it lies, the first NaN of two. Windows of one row (1, 1, 2,
+    10) with a NaN at window positions 1, 2, 3, two NaNs, and an infinity; the expected
+    maxima and argmax (i KW + j) are written out by hand."""
+    x = np.array([[[[0.0, np.nan, 1.0, 2.0, 4.0, 3.0, 5.0, np.nan, 1.0, 2.0],
+                    [-1.0, 0.5, np.nan, 0.0, 2.0, np.nan, 1.0, np.nan, 3.0, bad]]]])
+    y, argmax = kernels.max_pool_forward(x, (2, 2), (2, 2))
+    want = np.array([[[[np.nan, np.nan, np.nan, np.nan, bad]]]])
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(argmax, [[1, 2, 3, 1, 3]])
+    want_ref, cache = max_pool2d_forward(x, kernel_size=2, stride=2)
+    np.testing.assert_array_equal(want_ref, want)
+    np.testing.assert_array_equal(cache.argmax, argmax)

@@ -384,3 +384,62 @@ def test_one_overflowing_statistic_among_others_is_refused(method, layout):
     gamma, beta = params(4, np.float32, seed=1)
     with chunking(layout), pytest.raises(ValueError, match="the variance of x overflows float32"):
         METHODS[method][2](x, gamma, beta, 2)
+@pytest.mark.parametrize("layout", [("always", None, False), ("never", (2, 5), False)])
+def test_constant_planes_normalize_to_exactly_zero(layout):
+    """Instance Normalization of planes of 7 equal values near 1e4: the kernels sum each
+    segment or chunk shifted by its first value (refnorm.kernels._loops), so the shifted sum
+    is exactly 0, the mean exactly the value and the variance exactly 0 (an unshifted sum
+    of 7 copies divided by 7 misses the value by an ulp for about a third of such values);
+    x_hat is then exactly 0 and y exactly beta, in either work layout."""
+    rng = np.random.default_rng(8)
+    values = 1e4 + rng.random((4, 5, 1))
+    x = np.repeat(values, 7, axis=2)                            # (N, C, S), constant planes
+    gamma, beta = params(5, np.float64, seed=2)
+    with chunking(layout):
+        y, x_hat, mean, var, _ = kernels.in_forward(x, gamma, beta, EPS)
+    np.testing.assert_array_equal(mean, values)
+    np.testing.assert_array_equal(var, np.zeros_like(values))
+    np.testing.assert_array_equal(x_hat, np.zeros_like(x))
+    np.testing.assert_array_equal(y, np.broadcast_to(beta[None, :, None], x.shape))
+
+
+
+def test_switchable_refuses_float32_values_whose_sum_overflows():
+    """float32 planes of 20 values of 3e37: their squared deviations are 0 but their sum
+    (6e38) overflows float32. The reference forms that sum in float32 and refuses (its mean
+    is infinite); the kernel, which sums in float64, refuses the same input with the same
+    error."""
+    x = np.full((2, 3, 20), 3e37, np.float32)
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        sn_reference(x, ones, zeros, [np.zeros(1, np.float32)] * 2, eps=EPS, scopes=("in",),
+                     in_correction=0)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        kernels.sn_forward(x, ones, zeros, np.ones(1), np.ones(1), eps=EPS, scopes=("in",))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_switchable_inference_on_the_bn_scope_alone_keeps_dx_finite_beside_a_bad_input(bad):
+    """SN at inference with the BN scope alone and given population statistics is an affine
+    map of each value: y = gamma (x - mu) rstd + beta, so dx = gamma rstd dy whatever x holds.
+    A NaN or an infinity in one input value leaves the other values' dx finite in the
+    reference (refnorm.norms.switchable_norm.switchable_norm_backward), as BN's inference
+    backward does (kernels.eval_backward); the kernel must not spread it over the plane
+    through a zero coefficient times x_hat."""
+    from refnorm.norms import switchable_norm as sn
+
+    rng = np.random.default_rng(4)
+    x = 12 + rng.standard_normal((2, 3, 5))
+    x[0, 1, 2] = bad
+    gamma, beta = params(3, np.float64, seed=3)
+    mean, var = 12 + rng.standard_normal(3), 1 + rng.random(3)
+    options = sn.SwitchableOptions(scopes=("bn",))
+    dy = upstream(x.shape, np.float64, seed=5)
+    for path in ("reference", "fast"):
+        with np.errstate(invalid="ignore"):  # the bad value's own plane statistics
+            _, cache = sn.switchable_norm_eval_forward(x, gamma, beta, np.zeros(1),
+                                                       np.zeros(1), mean, var, eps=EPS,
+                                                       options=options, path=path)
+            dx = sn.switchable_norm_backward(dy, cache, path=path).dx
+        want = gamma[None, :, None] * dy / np.sqrt(var[None, :, None] + EPS)
+        np.testing.assert_allclose(dx, want, rtol=1e-13, err_msg=path)

@@ -115,3 +115,15 @@ def test_every_convention_equals_the_reference(eps_mode, correction, dtype):
                  * np.max(np.abs(cache.w_hat), axis=1, keepdims=True)) / cache.denom
         assert_close("dw", dw.reshape(shape), weight_standardization_backward(g, cache), dtype,
                      scale=float(np.max(terms)))
+
+
+def test_weights_whose_sum_overflows_float32_are_refused():
+    """float32 rows of 20 weights of 3e37: the squared deviations are 0 but the row sum
+    (6e38) overflows float32. The reference sums the row in float32 and refuses; the kernel
+    sums in float64 and refuses the same weights with the same error."""
+    w = np.full((2, 20), 3e37, np.float32)
+    for mode in ("add", "sqrt"):
+        with pytest.raises(ValueError, match="the variance of w overflows float32"):
+            weight_standardization_forward(w, eps=1e-5, eps_mode=mode)
+        with pytest.raises(ValueError, match="the variance of w overflows float32"):
+            kernels.ws_forward(w, 1e-5, mode, 0)
