@@ -111,13 +111,14 @@ def _sums(model: ConvNet, x: np.ndarray, y: np.ndarray, comm: Any) -> tuple[floa
     """The summed cross-entropy and the number of correct predictions over ``x`` in
     evaluation mode: this device's part, summed over the devices."""
     part = shard(len(y), comm.rank, comm.size)
-    logits, labels = predict(model, x[part]), y[part]
-    if len(labels):
+    labels = y[part]
+    if len(labels):  # a set smaller than the devices leaves some of them no part
+        logits = predict(model, x[part])
         mean_loss, _ = softmax_cross_entropy(logits, labels)
         loss = float(mean_loss) * len(labels)
+        correct = int(np.sum(np.argmax(logits, 1) == labels))
     else:
-        loss = 0.0
-    correct = int(np.sum(np.argmax(logits, 1) == labels)) if len(labels) else 0
+        loss, correct = 0.0, 0
     if comm.size > 1:
         loss, correct = agree(comm, [loss, correct], what="evaluation sums").sum(axis=0)
     return float(loss), int(correct)

@@ -881,6 +881,7 @@ def train_step(model: ConvNet, opt: SGD, x: Any, y: Any, *, batch_size: int,
             raise problem
         check_finite(named_gradients(model, grads))
         opt.step(grads, lr)  # replaces arrays, never writes into them: the old ones stay
+        check_finite(named_params(model, opt))
     except (KeyboardInterrupt, NonFinite):
         for layer, state, before in zip(layers, states, params, strict=True):
             layer.state = state
@@ -888,7 +889,6 @@ def train_step(model: ConvNet, opt: SGD, x: Any, y: Any, *, batch_size: int,
             layer.reset()
         opt.velocity.update(velocity)
         raise
-    check_finite(named_params(model, opt))
     return totals
 
 

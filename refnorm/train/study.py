@@ -38,7 +38,7 @@ from refnorm.dispatch import process_choice, set_path
 from refnorm.norms.switchable_norm import SCOPES
 from refnorm.train.config import TrainConfig
 from refnorm.train.folder import FolderLock, atomic_write, new_folders, remove_if_empty
-from refnorm.train.interrupt import Interrupted
+from refnorm.train.interrupt import SIGNALS, Interrupted, exit_status
 from refnorm.train.loop import train
 from refnorm.train.warmup import warm_kernels
 
@@ -148,7 +148,8 @@ def _run(config: TrainConfig, launcher: str = "inprocess") -> dict[str, Any]:
 def run_under_mpiexec(config: TrainConfig) -> list[dict]:
     """Train ``config`` as ``mpiexec -n devices`` processes (:mod:`refnorm.train.mpi_run`);
     return its history. A run that stopped on an error it expects raises that error here, as
-    the in-process launcher would (a ValueError for refused data, NonFinite, ...)."""
+    the in-process launcher would (a ValueError for refused data, NonFinite, ...), and one
+    stopped by SIGINT or SIGTERM raises :class:`~refnorm.train.interrupt.Interrupted`."""
     import json
     import subprocess
     import tempfile
@@ -164,6 +165,8 @@ def run_under_mpiexec(config: TrainConfig) -> list[dict]:
         error = Path(out, ERROR)
         if job.returncode != 0 and error.exists():
             raise error_from_record(json.loads(error.read_text()))
+        if job.returncode in (exit_status(signum) for signum in SIGNALS):
+            raise Interrupted(job.returncode - 128)  # stopped by a signal, as in-process
         if job.returncode != 0:
             raise RuntimeError(f"mpiexec -n {config.devices} failed ({job.returncode}) for "
                                f"{config.describe()}: {job.stderr.strip()[-2000:]}")

@@ -301,6 +301,30 @@ def test_ctrl_c_inside_a_step_undoes_it(monkeypatch, where):
     _assert_same(before, _snapshot(model, opt))
 
 
+def test_an_update_that_overflows_is_undone():
+    """train_step's promise: a parameter made infinite by the update (float32 w - lr v with
+    lr = 1e39) raises NonFinite with the parameters, the momentum and the running statistics
+    as before the step, as for a non-finite gradient or Ctrl-C."""
+    cfg = config(norm="bn", batch_size=4, accumulation=2)
+    data, model, opt = fresh(cfg)
+    x, y = data.x_train[:8], data.y_train[:8]
+    train_step(model, opt, x, y, batch_size=cfg.batch_size, lr=0.05)  # momentum non-zero
+    before = _snapshot(model, opt)
+    with pytest.raises(NonFinite, match=r"parameter \w+ became -?inf"):
+        train_step(model, opt, x, y, batch_size=cfg.batch_size, lr=1e39)
+    _assert_same(before, _snapshot(model, opt))
+
+
+def test_a_parameter_the_update_makes_infinite_stops_the_run_at_that_step(tiny_data):
+    """The check after every update: lr = 1e39 turns float32 weights into infinities in the
+    first update, which stops the run naming the parameter and step 1 (not the NaN loss of
+    the step after it)."""
+    cfg = TrainConfig(**{**TINY, "norm": "bn", "epochs": 1, "lr": 1e39})
+    with pytest.raises(NonFinite, match=r"^layer \d+ \(\w+\) parameter \w+ became -?inf in "
+                                        r"step 1 of epoch 1; the run stopped"):
+        train(cfg, progress=False, data=tiny_data)
+
+
 # -- nothing non-finite is kept -------------------------------------------------------------------
 
 
@@ -754,3 +778,39 @@ def test_each_update_takes_the_schedules_rate_at_its_own_step(monkeypatch, tiny_
     assert len(rates) == total and rates[0] == cfg.lr
     assert rates == pytest.approx([learning_rate("linear", cfg.lr, s, total)
                                    for s in range(total)])
+
+
+def test_an_epochs_training_loss_and_accuracy_are_those_of_the_logits_its_steps_saw(
+        tiny_data, monkeypatch):
+    """train_loss is the mean over the epoch's samples of -log softmax(logits)[label], and
+    train_acc_running the fraction whose largest logit is the label, for the training-mode
+    logits of each micro-batch (recomputed here in float64 from the logits the model
+    returned and the labels the step took): micro-batches of 4 samples, each's mean loss
+    weighted by its size."""
+    from refnorm.train.model import ConvNet
+
+    logits, labels = [], []
+    real_forward, real_step = ConvNet.forward, loop.local_step
+
+    def forward(self, x, training):
+        out = real_forward(self, x, training)
+        if training:
+            logits.append(np.asarray(out, dtype=np.float64))
+        return out
+
+    def local_step(model, batches, *, total):
+        labels.extend(np.asarray(y) for _, y in batches)
+        return real_step(model, batches, total=total)
+
+    monkeypatch.setattr(ConvNet, "forward", forward)
+    monkeypatch.setattr(loop, "local_step", local_step)
+    result = train(TrainConfig(**TINY), progress=False, data=tiny_data)  # 2 epochs x 4 steps
+    assert len(logits) == len(labels) == 16  # 4 steps x 2 micro-batches per epoch
+    for e, row in enumerate(result.history):
+        z = np.concatenate(logits[8 * e:8 * e + 8])                          # (32, classes)
+        y = np.concatenate(labels[8 * e:8 * e + 8])                          # (32,)
+        z = z - z.max(axis=1, keepdims=True)
+        nll = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]
+        # the trainer's loss is a float32 mean per micro-batch: within 1e-5 relative
+        assert row["train_loss"] == pytest.approx(nll.mean(), rel=1e-5)
+        assert row["train_acc_running"] == np.mean(np.argmax(z, axis=1) == y)

@@ -509,3 +509,29 @@ def test_each_rank_takes_the_gpu_of_its_rank_on_its_machine(monkeypatch):
     assert used == [0, 1, 0]
     assert sent == [(b"rank 0's id", 0), (None, 0), (None, 0)]
     assert built == [(6, b"rank 0's id", rank, 7.0) for rank in (0, 4, 5)]
+
+
+def test_a_test_set_smaller_than_the_devices_is_evaluated_as_on_one_device(datasets):
+    """Each device evaluates its contiguous part of the test set: with 2 test samples on 3
+    devices one device has none, and adds nothing to the sums (it stopped the run after its
+    first epoch, predicting on no images). GN on 3 devices x b equals one device x (3 b)."""
+    data = dataclasses.replace(datasets[3], x_test=datasets[3].x_test[:2],
+                               y_test=datasets[3].y_test[:2])
+    many = _run(data, norm="gn", devices=3, batch_size=B, epochs=1)
+    one = _run(data, norm="gn", devices=1, batch_size=3 * B, epochs=1)
+    _assert_losses_close(many, one)
+    assert many.history[-1]["test_acc"] == one.history[-1]["test_acc"]
+
+
+def test_a_communicator_of_another_size_than_the_devices_is_refused(tmp_path, datasets):
+    """train(config, comm=...): this process is one device of comm, whose size must be
+    config.devices (a run of 2 devices on a communicator of 1 trained half of every update
+    as if it were the whole), refused before the output folder is made."""
+    from refnorm.sync.comm import SingleProcess
+
+    config = TrainConfig(**{**BASE, "devices": 2, "batch_size": B})
+    with pytest.raises(ValueError, match=r"^config.devices is 2 but the communicator has 1 "
+                                         r"devices; they must agree$"):
+        train(config, out=tmp_path / "run", progress=False, data=datasets[2],
+              comm=SingleProcess())
+    assert not (tmp_path / "run").exists()

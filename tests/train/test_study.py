@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -698,3 +699,22 @@ def test_a_study_on_a_folder_another_run_holds_is_refused_before_any_run(tmp_pat
     study = StudyConfig(methods=("bn",), batch_sizes=(32,), update_size=32, seeds=(0,))
     with FolderLock(tmp_path), pytest.raises(FolderBusy, match=str(os.getpid())):
         run_study(study, tmp_path, jobs=1)
+
+
+@pytest.mark.parametrize(("status", "signum"), [(130, signal.SIGINT), (143, signal.SIGTERM)])
+def test_a_run_under_mpiexec_stopped_by_a_signal_stops_the_study(monkeypatch, status, signum):
+    """mpiexec's status 130 or 143 (its ranks stopped by SIGINT or SIGTERM, no error.json)
+    raises Interrupted with that signal, as an interrupted in-process run does: the run did
+    not finish, and its metrics.json holds only the epochs before the stop."""
+    import subprocess
+
+    import refnorm.train.study as study_module
+    from refnorm.train.config import TrainConfig
+    from refnorm.train.interrupt import Interrupted
+
+    monkeypatch.setattr(study_module, "_mpiexec", lambda: "mpiexec")
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(
+        args, status, "", ""))
+    with pytest.raises(Interrupted) as stop:
+        study_module.run_under_mpiexec(TrainConfig(devices=2, batch_size=2))
+    assert stop.value.signum == signum
