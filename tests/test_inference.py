@@ -41,7 +41,7 @@ def test_batch_average_equals_the_population_of_the_batches_fed():
 def test_batch_average_freezes_the_rest_of_the_network():
     rng = np.random.default_rng(10)
     bn = refnorm.build("bn", 3, dtype=np.float64)
-    sn = refnorm.build("sn", 3, dtype=np.float64)  # moving average: its own state is kept too
+    sn = refnorm.build("sn", 3, dtype=np.float64)  # moving average: set all the same
     model = [bn, sn]
     bn_state, sn_state = copy.deepcopy(bn.state), copy.deepcopy(sn.state)
     batches = [rng.standard_normal((4, 3, 2, 2)) + 5 for _ in range(3)]

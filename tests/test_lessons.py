@@ -36,6 +36,7 @@ import pytest
 from refnorm import lessons
 from refnorm.lessons import grading
 from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_forward
+from refnorm.weights import weight_norm_backward, weight_norm_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = sorted((ROOT / "lessons").glob("*.ipynb"))
@@ -702,6 +703,57 @@ def test_the_catalogued_mistakes_compute_what_they_name():
     assert _equivalent_eps(eps, s, mistake="over_s") == pytest.approx(eps / s)
     assert _equivalent_eps(eps, s, mistake="times_s2") == pytest.approx(eps * s**2)
     assert _equivalent_eps(eps, s, mistake="unchanged") == eps
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_wn_backward_without_eps_in_its_projection_is_off_by_about_1e_6(seed):
+    """Exercise 05.1 compares with refnorm's backward as well as with finite differences
+    because an answer dropping the projection's factor N / (N + eps) is off by only
+    g eps <G, v_hat> v_hat / (N + eps)^2, about 1e-6 of the gradient's scale: the size of
+    the finite differences' tolerance. The catalogued mistake is that answer."""
+    spec = lessons.exercise("05.1")
+    wrong = next(m.variant for m in spec.mistakes if "N/(N + eps)" in m.name)
+    rng = np.random.default_rng([seed, 51])  # the check's own inputs, lesson 05
+    V = 0.3 * rng.standard_normal((4, 27)) + 0.1
+    g = 1.0 + 0.3 * rng.standard_normal(4)
+    G = rng.standard_normal(V.shape)
+    eps = 1e-5
+    right = weight_norm_backward(G, weight_norm_forward(V, g, eps=eps)[1])[0]
+    norm = np.linalg.norm(V, axis=1, keepdims=True)
+    v_hat = V / norm
+    along = np.sum(G * v_hat, axis=1, keepdims=True)
+    # d/dV of g V / (N + eps): the projection's factor is N / (N + eps); with 1 instead,
+    # dV changes by g/(N + eps) * (N/(N + eps) - 1) <G, v_hat> v_hat
+    shift = -g[:, None] * eps * along * v_hat / (norm + eps) ** 2
+    dV, _ = wrong(G, V, g, eps)
+    np.testing.assert_allclose(dV - right, shift, rtol=1e-6, atol=1e-15)
+    assert 1e-7 < lessons.rel_err(dV, right) < 1e-5
+
+
+def test_the_merge_mistakes_of_lessons_03_and_04_compute_what_they_name():
+    """Exercise 03.1's 'divided by K - 1' is the mean of the group variances plus the
+    unbiased variance of the group means (lesson 03: "dividing that second term by C - 1");
+    exercise 04.1's unweighted spread is M2 summed plus each device's squared offset counted
+    once, not n_p times."""
+    def variant(ex, name):
+        return next(m.variant for m in lessons.exercise(ex).mistakes if m.name == name)
+
+    rng = np.random.default_rng(3)
+    mu_in, var_in = rng.standard_normal((4, 3, 1, 1)), rng.uniform(1, 2, (4, 3, 1, 1))
+    merge = variant("03.1", "the spread of the group means divided by K - 1")
+    for axis in (0, 1):
+        mu, var = merge(mu_in, var_in, axis)
+        want = var_in.mean(axis=axis) + np.var(mu_in, axis=axis, ddof=1)
+        np.testing.assert_allclose(var, np.expand_dims(want, axis), rtol=1e-13)
+    counts, means = [3, 0, 5], [rng.standard_normal(2), np.zeros(2), rng.standard_normal(2)]
+    m2s = [rng.uniform(1, 2, 2), np.zeros(2), rng.uniform(1, 2, 2)]
+    chan = variant("04.1", "the spread of the device means not weighted by their counts")
+    n, mean, m2 = chan(counts, means, m2s)
+    right_mean = (3 * means[0] + 5 * means[2]) / 8
+    assert n == 8
+    np.testing.assert_allclose(mean, right_mean, rtol=1e-13)
+    np.testing.assert_allclose(
+        m2, sum(m2s) + sum((m - right_mean) ** 2 for m in means), rtol=1e-13)
 
 
 # -- proposed (mutation run 9)
