@@ -403,3 +403,103 @@ def test_float64_parts_of_a_statistic_whose_means_are_1e154_apart_are_refused_by
     np.testing.assert_allclose(cache.var, 8.1e307, rtol=1e-12)
     with pytest.raises(ValueError, match="the variance of x overflows float64"):
         refnorm.layer_norm_forward(x, g, b, path="fast")
+
+
+def _nan_and_overflowing_groups(scale):
+    """(4, 4, 3, 3) float32 with a NaN at x[0, 0, 0, 0] and ``scale * randn`` in x[1:, 2:]:
+    the NaN's group (channel 0 for BN, sample 0 for LN, (0, 0) for IN, (0, group 0) for GN)
+    holds none of the scaled values, and every other statistic of the scaled block does."""
+    x = np.random.default_rng(8).standard_normal((4, 4, 3, 3))
+    x[1:, 2:] *= scale
+    x[0, 0, 0, 0] = np.nan
+    return x.astype(np.float32)
+
+
+# the outputs that the NaN at x[0, 0, 0, 0] reaches, per method (SN: its plane's IN, LN and
+# BN scopes)
+NAN_REACHES = {"bn": [np.s_[:, 0]], "in": [np.s_[0, 0]], "ln": [np.s_[0]], "gn": [np.s_[0, :2]],
+               "sn": [np.s_[0], np.s_[:, 0]]}
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("method", sorted(FORWARDS))
+def test_a_nan_group_excuses_no_overflow_in_another_group(method, path):
+    """The squared deviations of float32 values of 1e20 overflow (about 1e40) in groups that
+    hold no NaN: refused. Before, a NaN anywhere in x excused every group's overflow: the
+    reference returned beta for those groups, the fast path normalized them."""
+    x = _nan_and_overflowing_groups(1e20)
+    g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match=r"the variance of x overflows float32 \(\|x\| up to "
+                                         r"\d\.\d\de\+20\)"):
+        FORWARDS[method](x, g, b, path)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("method", sorted(FORWARDS))
+def test_a_nan_group_beside_ordinary_groups_is_no_overflow(method, path):
+    """The NaN makes its own groups' outputs NaN, and every other output is finite."""
+    x = _nan_and_overflowing_groups(1.0)
+    g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
+    y = FORWARDS[method](x, g, b, path)[0]
+    reached = np.zeros(x.shape, bool)
+    for where in NAN_REACHES[method]:
+        reached[where] = True
+    assert np.isnan(y[reached]).all() and np.isfinite(y[~reached]).all()
+
+
+def _pooled_overflow_beside_a_nan(scope):
+    """float32 x with a NaN at x[0, 0, 0, 0] whose IN moments fit while one pooled scope's
+    spread of IN means overflows in groups without the NaN. "ln": channel means +-1e19 and
+    +-2e19, whose squares (up to 4e38) each sample's LN pool sums; "bn": channels 2 and 3 at
+    +1.3e19 in samples 0, 1 and -1.3e19 in samples 2, 3, whose BN pool sums 4 squares of
+    1.3e19 (6.8e38) while each LN pool sums 4 of 6.5e18 (1.7e38, which fits)."""
+    x = np.random.default_rng(9).standard_normal((4, 4, 3, 3))
+    if scope == "ln":
+        x += np.array([1.0, -1.0, 2.0, -2.0])[None, :, None, None] * 1e19
+    else:
+        x[:, 2:] += np.array([1.0, 1.0, -1.0, -1.0])[:, None, None, None] * 1.3e19
+    x[0, 0, 0, 0] = np.nan
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("scope", ["ln", "bn"])
+def test_switchable_norm_refuses_a_pooled_overflow_beside_a_nan(scope, path):
+    """The NaN makes its sample's LN and its channel's BN statistics NaN; another sample's
+    (LN) or channel's (BN) pooled variance overflows from finite values: refused, in training
+    and, for the LN scope that inference still pools, at inference. Before, the NaN excused
+    it: the reference returned beta there, the fast path the normalized values."""
+    x = _pooled_overflow_beside_a_nan(scope)
+    g, b, logits = np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        switchable_norm.switchable_norm_forward(x, g, b, logits, logits, path=path)
+    if scope == "ln":
+        with pytest.raises(ValueError, match="the variance of x overflows float32"):
+            switchable_norm.switchable_norm_eval_forward(
+                x, g, b, logits, logits, np.zeros(4, np.float32), np.ones(4, np.float32),
+                path=path)
+
+
+def test_staged_and_synchronized_batch_norm_refuse_an_overflow_beside_a_nan_channel():
+    x = _nan_and_overflowing_groups(1e20)
+    g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        refnorm.batch_norm_forward_graph(x, g, b)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        refnorm.build("syncbn", 4).forward(x, training=True)
+    y, _ = refnorm.batch_norm_forward_graph(_nan_and_overflowing_groups(1.0), g, b)
+    assert np.isnan(y[:, 0]).all() and np.isfinite(y[:, 1:]).all()
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_weight_standardization_refuses_an_overflowing_filter_beside_a_nan_filter(path):
+    """Filter 0 holds a NaN, filter 1 float32 weights of 1e20 (squared deviations about
+    1e40): refused; with filter 1 ordinary, only filter 0 comes out NaN."""
+    w = np.random.default_rng(10).standard_normal((3, 2, 3, 3))
+    w[0, 0, 0, 0] = np.nan
+    w_hat, _ = standardization.weight_standardization_forward(w.astype(np.float32), path=path)
+    assert np.isnan(w_hat[0]).all() and np.isfinite(w_hat[1:]).all()
+    w[1] *= 1e20
+    with pytest.raises(ValueError, match=r"the variance of w overflows float32 \(\|w\| up to "
+                                         r"\d\.\d\de\+20\)"):
+        standardization.weight_standardization_forward(w.astype(np.float32), path=path)

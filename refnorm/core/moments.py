@@ -57,9 +57,10 @@ def moments(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     Raises
     ------
     ValueError
-        If a variance overflows ``x``'s dtype although ``x`` is finite (float32 values near
-        1e20): normalizing by ``1/sqrt(inf)`` would silently turn every output into ``beta``.
-        (Non-finite inputs give NaN statistics for their group, as they should.)
+        If a variance overflows ``x``'s dtype although its group of ``x`` is finite (float32
+        values near 1e20): normalizing by ``1/sqrt(inf)`` would silently turn every output of
+        the group into ``beta``. (Non-finite inputs give NaN statistics for their own group,
+        as they should, and excuse no other group.)
     """
     xp = array_namespace(x)
     m = reduced_count(tuple(x.shape), axes)
@@ -77,20 +78,29 @@ def moments(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
 
 def check_variance_finite(var: Array, x: Array, *, name: str = "x",
                           merged: bool = False) -> None:
-    """Refuse a variance that overflowed (inf) from a finite ``x``; see :func:`moments`.
+    """Refuse a variance that overflowed (inf) from finite values; see :func:`moments`.
+
+    ``var`` has ``x``'s number of dimensions, length 1 along the axes it was reduced over:
+    each entry is checked against its own group of ``x``, so a NaN or inf in another group
+    excuses no overflow (as the NaN propagates in its own group only).
 
     The variance is infinite when a sum formed in the dtype overflows it: of the values (their
     mean is then infinite) or of their squared deviations; it is NaN when partial sums of
-    both signs overflowed (``inf - inf``). From a finite ``x`` nothing else makes it
+    both signs overflowed (``inf - inf``). From a finite group nothing else makes it
     non-finite; an empty ``x`` has no sum to overflow (its mean over nothing is NaN: SN's
     unused scope on an empty axis). ``name`` names ``x`` in the error. ``merged``: ``var``
     holds other devices' data too (a synchronized statistic), whose NaN inputs make it NaN:
     only an infinity is then an overflow.
     """
     xp = array_namespace(var, x)
-    bad = xp.any(xp.isinf(var)) if merged else ~xp.all(xp.isfinite(var))
-    if bool(bad) and math.prod(x.shape) > 0 and bool(xp.all(xp.isfinite(x))):
-        largest = float(xp.max(xp.abs(x)))
+    bad = xp.isinf(var) if merged else ~xp.isfinite(var)
+    if math.prod(x.shape) == 0 or not bool(xp.any(bad)):  # the common case: no pass over x
+        return
+    reduce_axes = tuple(a for a in range(x.ndim) if var.shape[a] == 1)
+    finite = xp.all(xp.isfinite(x), axis=reduce_axes, keepdims=True)   # var's shape
+    overflowed = bad & finite                                           # var's shape
+    if bool(xp.any(overflowed)):
+        largest = float(xp.max(xp.where(overflowed, xp.abs(x), xp.zeros_like(x))))
         remedy = (f"rescale {name}" if xp.isdtype(x.dtype, xp.float64) else
                   f"compute in float64 or rescale {name}")
         raise ValueError(

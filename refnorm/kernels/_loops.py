@@ -569,14 +569,16 @@ def _finish_stats(u, count, mean, m2, eps, stats):  # pragma: no cover - compile
     """Write the mean, biased variance and rstd of unit u; return (rstd, 1 if the sum that
     the reference forms in the dtype of ``stats`` overflows that dtype, else 0): the sum of
     the squared deviations (``m2``), whose overflow makes the reference's
-    ``mean((x - mu)**2)`` infinite (its mean's sum is float64, as here). The caller then
-    raises the reference's error (:func:`refnorm.kernels.norms.refuse_overflow`)."""
+    ``mean((x - mu)**2)`` infinite (its mean's sum is float64, as here); its variance is then
+    left inf, as the reference's, and the caller raises the reference's error where the unit's
+    values are finite (:func:`refnorm.kernels.norms.refuse_overflow`)."""
     v = m2 / count
     r = 1.0 / np.sqrt(v + eps)
     stats[1, u] = m2                  # rounded to the dtype of stats: inf where it overflows
     big = np.isinf(stats[1, u])
     stats[0, u] = mean
-    stats[1, u] = v
+    if not big:
+        stats[1, u] = v
     stats[2, u] = r
     return r, 1 if big else 0
 

@@ -198,7 +198,10 @@ def _forward(x: Array, gamma: Array, beta: Array, eps: float, G: int) -> tuple:
     x2 = _planes(xp, x)
     stats = _statistics(xp, x2, C, G, eps)
     n = x2.size // max(stats.shape[1], 1)  # values per statistic
-    refuse_overflow(x, x2.dtype, n * stats[1])  # the reference's overflow error (its m2's)
+    N, S = x.shape[0], x2.shape[1]
+    units = x2.reshape(N, C, S) if G == 0 else x2.reshape(N, G, C // G * S)
+    sums = n * stats[1].reshape((1, C, 1) if G == 0 else (N, G, 1))
+    refuse_overflow(units, x2.dtype, sums)  # the reference's overflow error (its m2's)
     y, x_hat = _normalize(xp, x2, C, G, stats[0], stats[2], (gamma, beta))
     return y.reshape(x.shape).astype(x.dtype, copy=False), x_hat.reshape(x.shape), stats
 
@@ -332,7 +335,7 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
     mu, offset, var = sn_scope_statistics(xp, (mu_in, lost_in, var_in), dtype,
                                           factors=variance_factors(x.shape, scope_correction))
     # the reference's overflow error, for the sums it forms (as kernels.norms.sn_forward)
-    refuse_overflow(x, dtype, var_in * (S - in_correction), S * mu_in,
+    refuse_overflow(x2.reshape(N, C, S), dtype, var_in * (S - in_correction), S * mu_in,
                     *(n * mu_or_var for k, n in (("ln", C), ("bn", N))
                       for mu_or_var in (var[k], mu[k])))
     shift = mu["in"].astype(dtype).astype(xp.float64)            # mu["in"] as returned

@@ -392,7 +392,7 @@ def ws_forward(w: np.ndarray, eps: float, eps_mode: str, correction: int) -> Wei
     # (sigma^2 (I - correction), sigma within eps of denom) and of the weights
     sigma = denom.astype(np.float64)
     refuse_overflow(wc, wc.dtype, sigma * sigma * (wc.shape[1] - correction),
-                    wc.sum(axis=1, dtype=np.float64), name="w")
+                    wc.sum(axis=1, dtype=np.float64, keepdims=True), name="w")
     return WeightStandardized(w_hat=w_hat, denom=denom, kappa=kappa)
 
 

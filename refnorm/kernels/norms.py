@@ -341,9 +341,11 @@ def _combine(dy2, xh2, coefficients, shape) -> np.ndarray:
 
 
 def refuse_overflow(x: np.ndarray, dtype: Any, *sums: np.ndarray, name: str = "x") -> None:
-    """Raise the reference's error (``refnorm.core.moments.check_variance_finite``) for a
-    finite ``x`` when one of ``sums`` (float64; none given: a kernel found one) exceeds the
-    largest value of ``dtype``, the compute dtype. ``x`` and ``sums``: numpy or CuPy arrays
+    """Raise the reference's error (``refnorm.core.moments.check_variance_finite``) where one
+    of ``sums`` (float64, or the kernel's variance, inf where its sum overflowed) exceeds the
+    largest value of ``dtype``, the compute dtype, and its group of ``x`` is finite. Each sum
+    has ``x``'s number of dimensions, length 1 along the axes it sums over (a NaN or inf in
+    one group excuses no other group). ``x`` and ``sums``: numpy or CuPy arrays
     (:mod:`refnorm.kernels.cuda` shares it).
 
     The sums are those the reference forms in the compute dtype: of the squared deviations
@@ -354,11 +356,10 @@ def refuse_overflow(x: np.ndarray, dtype: Any, *sums: np.ndarray, name: str = "x
     1e38 and more); the fast path, which sums in float64, refuses the same inputs.
     """
     xp = np if isinstance(x, np.ndarray) else array_namespace(x)
-    if sums:  # one test over all of them (a NaN in one hides no overflow in another)
-        flat = xp.concatenate([xp.reshape(s, (-1,)) for s in sums])
-        if not bool(xp.any(xp.abs(flat) > float(np.finfo(dtype).max))):
-            return
-    check_variance_finite(xp.full(1, xp.inf, dtype=dtype), x, name=name)
+    for s in sums:  # each on its own (a NaN in one hides no overflow in another)
+        over = xp.abs(s) > float(np.finfo(dtype).max)
+        check_variance_finite(xp.where(over, xp.full_like(s, xp.inf), xp.zeros_like(s)), x,
+                              name=name)
 
 
 def _stat_shape(x: np.ndarray, lead: tuple[int, ...], extra: int = 0) -> tuple[int, ...]:
@@ -419,8 +420,9 @@ def _forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, G: 
     else:
         bad = launch(loops().tasks_forward, 3 * xp2.size, xp2, C, G, gamma_c, beta_c,
                      float(eps), chunk_size(B, S), y, x_hat, stats, stream)
-    if bad:  # the reference's error for statistics that overflow
-        refuse_overflow(x, xp2.dtype)
+    if bad:  # the reference's error for the units whose statistics overflow (inf variance)
+        units = xp2.reshape(N, C, S) if G == 0 else xp2.reshape(N, G, C // G * S)
+        refuse_overflow(units, xp2.dtype, stats[1].reshape((1, C, 1) if G == 0 else (N, G, 1)))
     y_out = y.reshape(x.shape)
     if x.dtype != y_out.dtype:
         y_out = y_out.astype(x.dtype)
@@ -686,7 +688,7 @@ def sn_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, w_mean: np.nd
     # the reference's error where a sum it forms in the dtype overflows: of the values and of
     # their squared deviations per plane (in_moments), of the IN variances and the squared
     # spread of the IN means per pooled scope (pool_in_moments), and of the IN means pooled
-    refuse_overflow(x, dtype, M2_in, S * mu_in,
+    refuse_overflow(xp2.reshape(N, C, S), dtype, M2_in, S * mu_in,
                     *(n * s for k, n in (("ln", C), ("bn", N)) if bn is None or k == "ln"
                       for s in (var[k], mu[k])))
     return SwitchableNormalized(y=y, h=xp2.reshape(N, C, S), x_hat=x_hat.reshape(N, C, S),

@@ -116,13 +116,15 @@ def sync_batch_norm_forward(
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow raises just below
         d = xc - channel_view(local_mean, x.ndim)                          # (N_p, C, H, W)
         local_m2 = xp.sum(d * d, axis=axes)                                # (C,)
-    check_variance_finite(local_m2, xc)  # this device's sums overflow: the reference's error
+    # this device's sums overflow: the reference's error
+    check_variance_finite(channel_view(local_m2, x.ndim), xc)
     shift = local_mean - mean
     with np.errstate(over="ignore", invalid="ignore"):  # as below: the merged sum is checked
         merged = local_m2 + n_p * shift * shift                            # Chan's merge
     (m2,) = allreduce(comm, [merged], op="syncbn forward (M2)", layer=layer)
     var = m2 / n                                                           # (C,)
-    check_variance_finite(var, xc, merged=True)  # the merged sum overflows (finite x raises)
+    # the merged sum overflows (where this device's channel is finite, it raises)
+    check_variance_finite(channel_view(var, x.ndim), xc, merged=True)
     x_hat, rstd = standardize(xc, channel_view(mean, x.ndim), channel_view(var, x.ndim), eps=eps)
     y = affine_forward(x_hat, gamma_c, beta_c)
     cache = SyncBatchNormCache(x_hat, rstd, gamma_c, mean, var, n, comm, x.dtype, gamma.dtype,

@@ -143,7 +143,7 @@ def synchronized_bn_moments(h: Array, *, comm: Any, in_correction: int = 0,
     # device makes it inf too, which is no overflow (its IN mean is inf; one device gives NaN);
     # an overflowing sum of finite IN means makes every d infinite, and sum_d2 inf.
     for total in (sum_d2, var_sybn):
-        check_variance_finite(total, h, merged=True)
+        check_variance_finite(xp.reshape(total, (1, -1, 1)), h, merged=True)
     return mu_sybn, lost, var_sybn, groups
 
 

@@ -127,7 +127,7 @@ def weight_standardization_forward(
         w_dot = ww - mu                                            # (C_out, I)  Eq. (5)
         sq = xp.sum(w_dot * w_dot, axis=1, keepdims=True)          # (C_out, 1)
         sigma = xp.sqrt(sq / (I - correction))                     # (C_out, 1)  Eq. (4)
-    check_variance_finite(sigma, wc, name="w")  # a sum beyond the dtype: refused, not w_hat = 0
+    check_variance_finite(sigma, ww, name="w")  # a sum beyond the dtype: refused, not w_hat = 0
     if eps_mode == "add":
         denom = sigma + eps                                        # Eq. (2)
         safe = xp.where(sigma > 0, sigma, xp.ones_like(sigma))

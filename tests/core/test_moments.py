@@ -68,12 +68,12 @@ def test_input_is_not_modified():
 
 
 def test_a_merged_nan_variance_is_not_an_overflow_but_a_merged_infinity_is():
-    x = np.ones(3)  # finite local data; the NaN came from another device's data
-    check_variance_finite(np.array([np.nan, 1.0]), x, merged=True)  # no error
+    x = np.ones((2, 3))  # finite local data, two groups; the NaN came from another device's
+    check_variance_finite(np.array([[np.nan], [1.0]]), x, merged=True)  # no error
     with pytest.raises(ValueError, match="overflows"):
-        check_variance_finite(np.array([np.nan, 1.0]), x)
+        check_variance_finite(np.array([[np.nan], [1.0]]), x)
     with pytest.raises(ValueError, match="overflows"):
-        check_variance_finite(np.array([np.inf, 1.0]), x, merged=True)
+        check_variance_finite(np.array([[np.inf], [1.0]]), x, merged=True)
 
 
 def test_a_constant_float32_group_has_its_constant_as_mean_and_zero_variance():
@@ -111,3 +111,52 @@ def test_an_overflowing_variance_names_a_remedy_that_fits_the_dtype(dtype, value
     with pytest.raises(ValueError, match=remedy) as info:
         moments(x, (0,))
     assert ("compute in float64" in str(info.value)) == (dtype == np.float32)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_an_overflowing_group_is_refused_beside_a_non_finite_group(bad):
+    # A NaN or inf gives its own group non-finite statistics and excuses no other group: the
+    # float32 squared deviations of row 1 (about 1e40) overflow, and the error quotes that
+    # row's largest |x| (2e20), not the non-finite row's. Before, one non-finite value anywhere
+    # in x excused every overflow, and row 1 normalized to beta.
+    x = np.array([[1.0, bad, 3.0], [1e20, -1e20, 2e20]], np.float32)
+    with pytest.raises(ValueError, match=r"overflows float32 \(\|x\| up to 2e\+20\)"):
+        moments(x, (1,))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_group_beside_ordinary_float32_groups_is_no_overflow(bad):
+    x = np.array([[1.0, bad, 3.0], [1.0, 2.0, 3.0]], np.float32)
+    mu, var = moments(x, (1,))
+    assert not np.isfinite(var[0, 0])
+    assert (mu[1, 0], var[1, 0]) == (2.0, np.float32(2.0 / 3.0))
+
+
+def test_each_statistic_is_checked_against_its_own_group_over_several_axes():
+    # var (1, C, 1) of x (N, C, S), reduced over axes 0 and 2 as in batch normalization:
+    # channel 0 holds a NaN (in sample 1), channel 1 is finite. An infinite variance of
+    # channel 0 is its NaN's; one of channel 1 is an overflow, merged or not.
+    x = np.ones((2, 2, 3))
+    x[1, 0, 2] = np.nan
+    nan_channel = np.array([np.inf, 1.0]).reshape(1, 2, 1)
+    finite_channel = np.array([1.0, np.inf]).reshape(1, 2, 1)
+    check_variance_finite(nan_channel, x)
+    check_variance_finite(nan_channel, x, merged=True)
+    for merged in (False, True):
+        with pytest.raises(ValueError, match="the variance of x overflows float64"):
+            check_variance_finite(finite_channel, x, merged=merged)
+    # per sample (N, 1, 1), as layer normalization: sample 0 is finite, sample 1 is not
+    check_variance_finite(np.array([1.0, np.inf]).reshape(2, 1, 1), x)
+    with pytest.raises(ValueError, match="the variance of x overflows float64"):
+        check_variance_finite(np.array([np.inf, 1.0]).reshape(2, 1, 1), x)
+
+
+def test_the_error_quotes_the_largest_value_of_the_refused_groups():
+    # Row 0: 1000 values of +-1e18, whose float32 squares sum to 1e39 (overflow); row 1: two
+    # values of +-1e19 among zeros, whose squares sum to 2e38 (fits). The error quotes the
+    # refused row's largest |x|, 1e18, not row 1's larger 1e19.
+    x = np.zeros((2, 1000), np.float32)
+    x[0] = np.float32(1e18) * np.resize([1.0, -1.0], 1000)
+    x[1, :2] = [1e19, -1e19]
+    with pytest.raises(ValueError, match=r"overflows float32 \(\|x\| up to 1e\+18\)"):
+        moments(x, (1,))

@@ -343,6 +343,26 @@ else:
             with launch((8, 16, 4)), pytest.raises(ValueError, match="overflows float32"):
                 forward(x, g, b, EPS)
 
+    def test_an_overflow_beside_a_nan_statistic_is_refused_as_on_the_cpu():
+        """float32 data of 1e20 in channel 1 only (squares of 1e40), with a NaN in channel 0
+        (BN) or in sample 0's group 0 (GN): the NaN statistic excuses no other statistic's
+        overflow, on the GPU path as on the CPU kernel; beside ordinary values, no error."""
+        x = np.random.default_rng(0).standard_normal((4, 2, 3))
+        x[:, 1] *= 1e20
+        x[0, 0, 0] = np.nan
+        x = x.astype(np.float32)
+        g, b = np.ones(2, np.float32), np.zeros(2, np.float32)
+        for device in (cpu, gpu):
+            with launch((8, 16, 4)), pytest.raises(ValueError, match="overflows float32"):
+                device.bn_forward(x, g, b, EPS)
+            with launch((8, 16, 4)), pytest.raises(ValueError, match="overflows float32"):
+                device.gn_forward(x, g, b, EPS, 2)
+            x1 = x.copy()
+            x1[:, 1] /= np.float32(1e20)
+            with launch((8, 16, 4)):
+                y = device.bn_forward(x1, g, b, EPS).y
+            assert np.isnan(y[:, 0]).all() and np.isfinite(y[:, 1]).all()
+
     def test_dtypes_follow_the_cpu_kernels_for_float16():
         """float16 computes in float32: y float16, cache fields float32, like refnorm.kernels."""
         x = np.random.default_rng(1).standard_normal((2, 2, 3)).astype(np.float16)

@@ -384,6 +384,32 @@ def test_one_overflowing_statistic_among_others_is_refused(method, layout):
     gamma, beta = params(4, np.float32, seed=1)
     with chunking(layout), pytest.raises(ValueError, match="the variance of x overflows float32"):
         METHODS[method][2](x, gamma, beta, 2)
+@pytest.mark.parametrize("layout", [("always", None, False), ("never", None, False),
+                                    ("never", (2, 5), False)])
+@pytest.mark.parametrize("method", ["bn", "in", "ln", "gn"])
+def test_an_overflowing_statistic_beside_a_nan_statistic_is_refused_as_the_reference_does(
+        method, layout):
+    """As the test above, with a NaN in the last channel of the last sample, a statistic of
+    its own: the NaN unit's sum is NaN, not an overflow, and excuses no other unit. Both
+    paths raise the same error, which quotes the largest |x| of the refused statistic."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)
+    x[0, 0] *= np.float32(1e19)
+    x[1, 3, 0, 0] = np.nan
+    gamma, beta = params(4, np.float32, seed=1)
+    with pytest.raises(ValueError, match="the variance of x overflows float32") as want:
+        METHODS[method][0](x, gamma, beta, 2)
+    with chunking(layout), pytest.raises(ValueError) as got:
+        METHODS[method][2](x, gamma, beta, 2)
+    assert str(got.value) == str(want.value)
+    x[0, 0] /= np.float32(1e19)  # ordinary statistics beside the NaN one: no error
+    with chunking(layout):
+        y = METHODS[method][2](x, gamma, beta, 2).y
+    want_y = METHODS[method][0](x, gamma, beta, 2)[0]
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want_y))
+    assert np.isnan(y[1, 3]).all() and np.isfinite(y[0, 0]).all()
+
+
 @pytest.mark.parametrize("layout", [("always", None, False), ("never", (2, 5), False)])
 def test_constant_planes_normalize_to_exactly_zero(layout):
     """Instance Normalization of planes of 7 equal values near 1e4: the kernels sum each
@@ -402,6 +428,38 @@ def test_constant_planes_normalize_to_exactly_zero(layout):
     np.testing.assert_array_equal(x_hat, np.zeros_like(x))
     np.testing.assert_array_equal(y, np.broadcast_to(beta[None, :, None], x.shape))
 
+
+
+@pytest.mark.parametrize("scopes", [("in",), ("in", "ln", "bn")])
+def test_switchable_refuses_an_overflowing_plane_sum_beside_a_nan_plane(scopes):
+    """As the test below, with a NaN in another sample's plane: it makes its own plane's (and
+    LN and BN scopes') statistics NaN and excuses no other plane's overflowing sum."""
+    x = np.full((2, 3, 20), 3e37, np.float32)
+    x[1, 2, 0] = np.nan
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    K = len(scopes)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        sn_reference(x, ones, zeros, [np.zeros(K, np.float32)] * 2, eps=EPS, scopes=scopes,
+                     in_correction=0)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        kernels.sn_forward(x, ones, zeros, np.full(K, 1 / K), np.full(K, 1 / K), eps=EPS,
+                           scopes=scopes)
+
+
+def test_switchable_refuses_an_ln_pool_whose_sum_of_in_means_overflows_beside_a_nan():
+    """(N, C) input, one value per plane, scopes LN and BN: sample 1's four IN means of 1e38
+    fit float32, as does each plane's sum, but the LN pool's sum of them (4e38) does not. The
+    reference's LN mean is then infinite and it refuses; the kernel, whose float64 LN
+    variance is 0, refuses the same input by that sum. Sample 0's NaN excuses nothing."""
+    x = np.full((2, 4), 1e38, np.float32)
+    x[0, 0] = np.nan
+    ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        sn_reference(x, ones, zeros, [np.zeros(2, np.float32)] * 2, eps=EPS, scopes=("ln", "bn"),
+                     in_correction=0)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        kernels.sn_forward(x, ones, zeros, np.full(2, 0.5), np.full(2, 0.5), eps=EPS,
+                           scopes=("ln", "bn"))
 
 
 def test_switchable_refuses_float32_values_whose_sum_overflows():

@@ -127,3 +127,17 @@ def test_weights_whose_sum_overflows_float32_are_refused():
             weight_standardization_forward(w, eps=1e-5, eps_mode=mode)
         with pytest.raises(ValueError, match="the variance of w overflows float32"):
             kernels.ws_forward(w, 1e-5, mode, 0)
+
+
+def test_a_filter_whose_sum_overflows_is_refused_beside_a_nan_filter():
+    """As the test above, with a NaN in filter 0: a NaN filter excuses no other filter's
+    overflowing sum, on the kernel as on the reference."""
+    w = np.full((2, 20), 3e37, np.float32)
+    w[0, 3] = np.nan
+    with pytest.raises(ValueError, match="the variance of w overflows float32"):
+        weight_standardization_forward(w, eps=1e-5)
+    with pytest.raises(ValueError, match="the variance of w overflows float32"):
+        kernels.ws_forward(w, 1e-5, "add", 0)
+    w[1] = np.linspace(-1, 1, 20)  # an ordinary filter beside the NaN one: no error
+    w_hat = kernels.ws_forward(w, 1e-5, "add", 0).w_hat
+    assert np.isnan(w_hat[0]).all() and np.isfinite(w_hat[1]).all()

@@ -165,6 +165,46 @@ def test_a_merged_variance_that_overflows_is_refused_on_every_device():
         InProcessGroup.run(2, device, split(x, [2, 2]), timeout=10)
 
 
+def test_a_merged_overflow_is_refused_beside_a_nan_channel_on_every_device():
+    # Channel 1 as in the test above (device 0 at +1e19, device 1 at -1e19: the merged M2
+    # reaches 8e38); channel 0 holds a NaN on each device. A device's NaN excuses its own
+    # channel only: before, it excused channel 1's overflow on both devices, whose outputs
+    # came out as beta.
+    x = np.ones((4, 2, 2), np.float32)
+    x[:, 1, 0] = 2.0
+    x[:2, 1] *= 1e19
+    x[2:, 1] *= -1e19
+    x[0, 0, 0] = x[2, 0, 0] = np.nan
+    gamma, beta = np.ones(2, np.float32), np.zeros(2, np.float32)
+
+    def device(comm, xs):
+        return sync_batch_norm_forward(xs, gamma, beta, comm=comm)[0]
+
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        InProcessGroup.run(2, device, split(x, [2, 2]), timeout=10)
+
+
+def test_a_devices_own_overflow_is_refused_beside_its_nan_channel():
+    # Device 0: a NaN in channel 0, float32 values of 1e20 in channel 1, whose own squared
+    # deviations overflow (about 1e40); device 1: a NaN in channel 1, which makes the merged
+    # M2 of channel 1 NaN rather than inf. Device 0 refuses its own overflow, as one device
+    # holding its shard does; its NaN channel excuses no other channel.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 2, 3))
+    x[:2, 1] *= 1e20
+    x[0, 0, 0] = x[2, 1, 0] = np.nan
+    x = x.astype(np.float32)
+    gamma, beta = np.ones(2, np.float32), np.zeros(2, np.float32)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        refnorm.batch_norm_forward(x[:2], gamma, beta)
+
+    def device(comm, xs):
+        return sync_batch_norm_forward(xs, gamma, beta, comm=comm)[0]
+
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        InProcessGroup.run(2, device, split(x, [2, 2]), timeout=10)
+
+
 def test_a_nan_on_one_device_is_nan_everywhere_not_an_overflow():
     # A NaN input makes its channel's statistics NaN, as on one device; the devices whose own
     # x is finite must not mistake the merged NaN for an overflow of their data.

@@ -272,6 +272,26 @@ def test_sync_sn_refuses_a_missing_communicator(scopes):
                                      options=SwitchableOptions(scopes))
 
 
+def test_a_merged_spread_of_in_means_is_refused_beside_a_nan_channel_on_every_device():
+    # Channel 1's IN means: 1.2e19 on device 0, -1.2e19 on device 1. Each device's own squares
+    # sum to 2.9e38, all four to 5.8e38: the BN scope's merged spread overflows float32 (each
+    # sample's LN pool, 7.2e37, fits). Channel 0 holds a NaN on each device, which excuses
+    # its own channel only: before, it excused channel 1 on both devices.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 2, 3))
+    x[:, 1] += np.array([1.0, 1.0, -1.0, -1.0])[:, None] * 1.2e19
+    x[0, 0, 0] = x[2, 0, 0] = np.nan
+    x = x.astype(np.float32)
+    params = (np.ones(2, np.float32), np.zeros(2, np.float32), np.zeros(3, np.float32),
+              np.zeros(3, np.float32))
+
+    def device(comm, xs):
+        return sync_switchable_norm_forward(xs, *params, comm=comm)[0]
+
+    with pytest.raises(ValueError, match="the variance of x overflows float32"):
+        InProcessGroup.run(2, device, split(x, [2, 2]), timeout=10)
+
+
 def test_a_nan_on_one_device_is_nan_everywhere_not_an_overflow():
     # One NaN at (n=3, c=1) makes NaN the BN-scope statistics of channel 1 (every sample) and
     # the LN-scope statistics of sample 3, as on one device holding the whole batch; the
