@@ -309,7 +309,8 @@ def sn_forward(x: Array, gamma: Array, beta: Array, w_mean: Array, w_var: Array,
                scope_correction: int = 0) -> SwitchableNormalized:
     """Switchable Normalization in training; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_forward` and
-    :func:`refnorm.kernels.norms.sn_forward` (same arguments and outputs).
+    :func:`refnorm.kernels.norms.sn_forward` (same arguments and outputs, but for its ``bn``:
+    no given BN-scope statistics, so no inference form).
 
     The IN statistics come from the kernels (per-plane Welford, Chan merge); the LN and BN
     scopes pool them by the law of total variance on (N, C) arrays, then the mixed statistics
@@ -359,7 +360,8 @@ def sn_backward(dy: Array, x_hat: Array, rstd: Array, gamma: Array, stats: tuple
                 scope_correction: int = 0, hard: bool = False) -> SwitchableGrads:
     """Backward of :func:`sn_forward`; equals
     :func:`refnorm.norms.switchable_norm.switchable_norm_backward_compact` (training) and
-    :func:`refnorm.kernels.norms.sn_backward` (same arguments and outputs).
+    :func:`refnorm.kernels.norms.sn_backward` (same arguments and outputs, but for its
+    ``frozen``: every scope's statistics depend on ``x``, as :func:`sn_forward` computes them).
 
     The two reductions over S and ``dx`` are kernels; the scope sums (SN Eq. 7, 8 and their
     pooling over channels and samples) are on (N, C) arrays.

@@ -766,6 +766,10 @@ def sn_backward(dy: np.ndarray, x_hat: np.ndarray, rstd: np.ndarray, gamma: np.n
     dy : array, (N, C, *spatial) or (N, C, S)
     x_hat : array, (N, C, S)
     rstd : array, broadcastable to (N, C, 1)
+        Where it is 0 (an infinite mixed variance) ``x_hat`` is 0 and holds no ``h - mu_in``:
+        the term of it is taken as 0, which is exact only where no other plane's statistics
+        pool this plane (:func:`refnorm.norms.switchable_norm.switchable_norm_backward` runs
+        the compact reference for such a cache).
     gamma : array, (C,)
     stats : tuple of two dicts
         ``(offset, var)``, the dicts :func:`sn_forward` returned: the backward takes the

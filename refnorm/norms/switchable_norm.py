@@ -1024,6 +1024,11 @@ def _switchable_norm_eval_forward_fast(
 @switchable_norm_backward.fast
 def _switchable_norm_backward_fast(dy: Array, cache: SwitchableNormCache) -> SwitchableNormGrads:
     """The compact form (:func:`switchable_norm_backward_compact`), fused."""
+    if bool(np.any(cache.rstd == 0)):
+        # an infinite mixed variance (a given infinite running variance): x_hat is 0 there and
+        # no longer holds h - mu_in, which the variance terms of the other channels' LN (or
+        # the other samples' BN) statistics need; the compact form takes it from the cached h
+        return switchable_norm_backward_compact(dy, cache)
     _, dy_v = backward_view(dy, cache)
     o = cache.options
     g = kernels.sn_backward(dy_v, cache.x_hat, cache.rstd, cache.gamma,

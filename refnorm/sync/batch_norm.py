@@ -215,7 +215,8 @@ class SyncBatchNorm(ChannelNorm):
         if not training:
             note_local_call(self.comm, "forward in eval mode (no collective)", label)
             stats = (self.state["running_mean"], self.state["running_var"])
-            return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps)
+            return batch_norm_eval_forward(x, gamma, beta, *stats, eps=self.eps,
+                                           path=self.compute_path())
         y, cache = sync_batch_norm_forward(x, gamma, beta, comm=self.comm, eps=self.eps,
                                            layer=label)
         running_mean, running_var = update_running_stats(
@@ -228,5 +229,5 @@ class SyncBatchNorm(ChannelNorm):
         if self._synchronized:
             dx, dgamma, dbeta = sync_batch_norm_backward(dy, cache)
         else:
-            dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+            dx, dgamma, dbeta = batch_norm_backward(dy, cache, path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta}

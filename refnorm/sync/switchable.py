@@ -299,8 +299,10 @@ class SyncSwitchableNorm(SwitchableNorm):
             if "bn" in self.options.scopes:
                 note_local_call(self.comm, "forward in eval mode (no collective)", label)
                 return switchable_norm_eval_forward(*args, *self.population(), eps=self.eps,
-                                                    options=self.options)
-            return switchable_norm_forward(*args, eps=self.eps, options=self.options)
+                                                    options=self.options,
+                                                    path=self.compute_path())
+            return switchable_norm_forward(*args, eps=self.eps, options=self.options,
+                                           path=self.compute_path())
         y, cache = sync_switchable_norm_forward(*args, comm=self.comm, eps=self.eps,
                                                 options=self.options, layer=label)
         C, S = self.num_channels, cache.local.h.shape[2]
@@ -313,5 +315,6 @@ class SyncSwitchableNorm(SwitchableNorm):
         if self._synchronized:
             dx, dgamma, dbeta, dml, dvl = sync_switchable_norm_backward(dy, cache)
         else:
-            dx, dgamma, dbeta, dml, dvl = switchable_norm_backward(dy, cache)
+            dx, dgamma, dbeta, dml, dvl = switchable_norm_backward(dy, cache,
+                                                                   path=self.compute_path())
         return dx, {"gamma": dgamma, "beta": dbeta, "mean_logits": dml, "var_logits": dvl}

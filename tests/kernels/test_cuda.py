@@ -498,6 +498,17 @@ if SIMULATOR:
             with launch((4, 5, 3)), pytest.raises(ValueError, match="overflows float32"):
                 forward(x, g, b, w, w, eps=EPS, scopes=("in", "ln", "bn"))
 
+    def test_switchable_refuses_float32_planes_whose_sum_overflows_as_on_the_cpu():
+        """float32 planes of 20 values of 3e37: every statistic (mean 3e37, variance 0) fits
+        float32, but each plane's sum of values (6e38) does not; the reference forms that sum
+        in float32 and refuses, and so do both kernels, which sum in float64."""
+        x = np.full((2, 3, 20), 3e37, np.float32)
+        g, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+        w = np.ones(1, np.float32)
+        for forward in (cpu.sn_forward, gpu.sn_forward):
+            with launch((4, 5, 3)), pytest.raises(ValueError, match="overflows float32"):
+                forward(x, g, b, w, w, eps=EPS, scopes=("in",))
+
     def test_switchable_backward_where_rstd_rounds_to_zero_is_finite():
         """var + eps overflows float64 (var 6.4e307, eps 1.5e308): rstd is 0, x_hat 0, and the
         x_hat term of dx is 0 (not c2 / 0 times 0, a NaN), as the CPU kernel has it

@@ -476,6 +476,21 @@ def test_switchable_refuses_float32_values_whose_sum_overflows():
         kernels.sn_forward(x, ones, zeros, np.ones(1), np.ones(1), eps=EPS, scopes=("in",))
 
 
+def test_switchable_refuses_a_bn_scope_whose_sum_of_in_means_overflows_float32():
+    """BN scope alone: IN means 3e38, 3e38 and 1 are finite float32 values and so is every
+    plane's sum, but the BN pool sums the IN means to 6e38, beyond float32. The reference
+    forms that sum in float32 and refuses; the kernel, which pools in float64, refuses the
+    same input (the BN scope's pooled sums, not only the LN scope's)."""
+    x = np.array([3e38, 3e38, 1.0], np.float32).reshape(3, 1, 1)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"), \
+            np.errstate(over="ignore", invalid="ignore"):
+        sn_reference(x, one, zero, [zero] * 2, eps=EPS, scopes=("bn",), in_correction=0)
+    with pytest.raises(ValueError, match="the variance of x overflows float32"), \
+            np.errstate(over="ignore", invalid="ignore"):
+        kernels.sn_forward(x, one, zero, np.ones(1), np.ones(1), eps=EPS, scopes=("bn",))
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_switchable_inference_on_the_bn_scope_alone_keeps_dx_finite_beside_a_bad_input(bad):
     """SN at inference with the BN scope alone and given population statistics is an affine

@@ -479,6 +479,46 @@ def test_hard_layer_selects_the_largest_logit():
                                       "var": {"in": 1.0, "ln": 0.0, "bn": 0.0}}
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_hard_ratios_of_tied_logits_take_the_first_scope(path):
+    """Tied control parameters (the layer starts with all of them 0) make the argmax of
+    Eq. (5) the first of the tied scopes in ``options.scopes`` order, numpy's and PyTorch's
+    argmax convention: here IN for the means and LN (tied with BN) for the variances."""
+    rng = np.random.default_rng(8)
+    x = 5 * rng.standard_normal((3, 4, 3, 3)) + 12
+    mean_logits, var_logits = np.zeros(3), np.array([-1.0, 0.5, 0.5])
+    np.testing.assert_array_equal(ratios(mean_logits, hard=True), [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(ratios(var_logits, hard=True), [0.0, 1.0, 0.0])
+    y, _ = switchable_norm_forward(x, np.ones(4), np.zeros(4), mean_logits, var_logits,
+                                   options=SwitchableOptions(hard=True), path=path)
+    mu_in = x.mean(axis=(2, 3), keepdims=True)
+    var_ln = x.var(axis=(1, 2, 3), keepdims=True)
+    # a few float64 roundings of values of size <= 1e2
+    np.testing.assert_allclose(y, (x - mu_in) / np.sqrt(var_ln + 1e-5), rtol=0, atol=1e-11)
+    layer = refnorm.build("sn", 4, hard=True, dtype=np.float64)
+    assert layer.current_ratios()["mean"] == {"in": 1.0, "ln": 0.0, "bn": 0.0}
+
+
+@pytest.mark.parametrize("backward", [
+    lambda dy, c: switchable_norm_backward(dy, c, path="reference"),
+    lambda dy, c: switchable_norm_backward(dy, c, path="fast"),
+    switchable_norm_backward_compact], ids=["reference", "fast", "compact"])
+def test_hard_ratios_give_zero_control_gradients_even_beside_a_nan(backward):
+    """One-hot ratios have no gradient (the argmax is piecewise constant): the control
+    parameters get zeros, also where a NaN input makes the sums S_k of Eq. (12)-(14) NaN
+    (a zero ratio times NaN would be NaN)."""
+    rng = np.random.default_rng(14)
+    x = 5 * rng.standard_normal((3, 4, 2, 2)) + 12
+    x[1, 2, 0, 1] = np.nan
+    mean_logits, var_logits = np.array([0.2, 1.0, -0.3]), np.array([1.5, 0.0, 0.4])
+    with np.errstate(invalid="ignore"):
+        _, cache = switchable_norm_forward(x, np.ones(4), np.zeros(4), mean_logits, var_logits,
+                                           options=SwitchableOptions(hard=True))
+        grads = backward(rng.standard_normal(x.shape), cache)
+    np.testing.assert_array_equal(grads.dmean_logits, np.zeros(3))
+    np.testing.assert_array_equal(grads.dvar_logits, np.zeros(3))
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -553,6 +593,28 @@ def test_an_empty_map_is_refused_for_its_empty_statistics(in_correction):
     with pytest.raises(ValueError, match=message):
         switchable_norm_forward(x, np.ones(4), np.zeros(4), np.zeros(3), np.zeros(3),
                                 options=SwitchableOptions(in_correction=in_correction))
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("training", [True, False])
+def test_each_gradient_comes_in_the_dtype_of_what_it_differentiates(path, training):
+    """float16 x, float64 gamma and beta, float32 control parameters: dx is float16,
+    dgamma and dbeta float64, the control-parameter gradients float32 (the layer keeps one
+    dtype for all, the pure functions take each argument's own)."""
+    rng = np.random.default_rng(13)
+    x = (5 * rng.standard_normal((3, 4, 2, 2)) + 12).astype(np.float16)
+    logits = (rng.standard_normal(3).astype(np.float32),
+              rng.standard_normal(3).astype(np.float32))
+    a = (x, np.ones(4), np.zeros(4), *logits)
+    if training:
+        _, cache = switchable_norm_forward(*a, path=path)
+    else:
+        _, cache = switchable_norm_eval_forward(*a, np.full(4, 12.0), np.full(4, 25.0),
+                                                path=path)
+    grads = switchable_norm_backward(rng.standard_normal(x.shape).astype(np.float16), cache,
+                                     path=path)
+    assert [g.dtype for g in grads] == [np.float16, np.float64, np.float64, np.float32,
+                                        np.float32]
 
 
 @pytest.mark.parametrize("path", ["reference", "fast"])
@@ -673,6 +735,33 @@ def test_hard_ratios_at_inference_take_the_variance_from_its_own_scope(path):
 
 
 @pytest.mark.parametrize("path", ["reference", "fast"])
+def test_an_infinite_population_variance_keeps_the_other_channels_gradient_through_ln(path):
+    """An infinite running variance is accepted at inference (only a negative one is
+    refused): its channel's mixed variance is infinite, rstd 0 and its output beta. Its
+    values still enter the LN scope's statistics of their sample (Eq. 4), which normalize
+    the other channels, so their dx is not constant over the plane: the LN term of Eq. (9),
+    2 w'_ln (h - mu_ln) / (C S) sum_c dL/dsigma^2, needs h where x_hat (0 there) has lost
+    it. Checked against central finite differences of the reference forward."""
+    rng = np.random.default_rng(9)
+    inputs = {"x": 5 * rng.standard_normal((2, 3, 4)) + 12,
+              "gamma": 1 + 0.3 * rng.standard_normal(3), "beta": rng.standard_normal(3),
+              "mean_logits": rng.standard_normal(3), "var_logits": rng.standard_normal(3)}
+    population = (12 + rng.standard_normal(3), np.array([20.0, np.inf, 30.0]))
+
+    def f(**a):
+        return switchable_norm_eval_forward(*a.values(), *population)[0]
+
+    def vjp(dy, **a):
+        _, cache = switchable_norm_eval_forward(*a.values(), *population, path=path)
+        with np.errstate(invalid="ignore"):  # 0 * inf in the logits' S'_bn, not checked here
+            return {"x": switchable_norm_backward(dy, cache, path=path).dx}
+
+    assert np.all(f(**inputs)[:, 1] == inputs["beta"][1])
+    err = check_vjp(f, vjp, inputs, seed=5)["x"]
+    assert err.max_rel_error < FD_TOLERANCE, err
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
 def test_a_zero_population_variance_is_accepted_at_inference(path):
     """A channel constant over all the data (a dead ReLU's) has population variance 0: valid
     statistics, only a negative variance is refused. With the BN scope alone the output is
@@ -758,3 +847,14 @@ def test_set_population_refuses_a_value_its_dtype_cannot_hold(name):
     assert not bool(layer.state["population_ready"])  # left as it was
     layer.set_population(np.zeros(2), np.full(2, 3e38))  # the largest float32s are kept
     assert np.isfinite(layer.state["running_var"]).all()
+
+
+def test_set_population_checks_only_finite_entries_against_the_dtype():
+    """The dtype check is for finite entries that would become infinite; an entry already
+    infinite is stored as given, as the eval forward takes it (only a negative variance is
+    refused there)."""
+    layer = refnorm.build("sn", 2, dtype=np.float32, inference="batch_average")
+    layer.set_population(np.array([0.0, -np.inf]), np.array([1.0, np.inf]))
+    np.testing.assert_array_equal(layer.state["running_mean"], [0.0, -np.inf])
+    np.testing.assert_array_equal(layer.state["running_var"], [1.0, np.inf])
+    assert bool(layer.state["population_ready"])

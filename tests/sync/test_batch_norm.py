@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import refnorm
+from refnorm.dispatch import record_paths
 from refnorm.gradcheck import check_layer
 from refnorm.sync import (
     InProcessGroup,
@@ -292,3 +293,15 @@ def test_a_layer_refuses_a_communicator_class_or_non_communicator_when_built(nor
     x = np.random.default_rng(0).standard_normal((4, 3, 2))
     with pytest.raises(TypeError, match="got the class SingleProcess"):
         sync_batch_norm_forward(x, np.ones(3), np.zeros(3), comm=SingleProcess)
+
+
+def test_inference_takes_the_layers_path():
+    # In eval mode the layer runs the single-device pair (no collective) on its own path
+    # (Layer.path, which the trainer sets to "fast"), as BatchNorm does.
+    x = 5 * np.random.default_rng(2).standard_normal((4, 3, 2, 2)) + 12
+    layer = refnorm.build("syncbn", 3, dtype=np.float64)
+    layer.path = "fast"
+    with record_paths() as calls:
+        layer.forward(x, training=False)
+        layer.backward(np.ones_like(x))
+    assert calls == [("batch_norm_eval_forward", "fast"), ("batch_norm_backward", "fast")]

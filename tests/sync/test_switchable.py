@@ -8,6 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import refnorm
+from refnorm.dispatch import record_paths
 from refnorm.gradcheck import check_layer
 from refnorm.norms.switchable_norm import (
     SwitchableOptions,
@@ -97,6 +98,22 @@ def test_layer_gradients_in_training_and_at_inference(training):
         assert err.max_rel_error < 1e-6, (name, err)  # the suite's gradcheck tolerance
 
 
+def test_layer_at_inference_normalizes_by_its_population_statistics():
+    # Inference with the BN scope alone is BN's: y = gamma (x - mean) / sqrt(var + eps) + beta
+    # with the population statistics set on the layer, not this batch's statistics.
+    rng = np.random.default_rng(15)
+    x = 5 * rng.standard_normal((4, 3, 2, 2)) + 12
+    mean, var = 12 + rng.standard_normal(3), rng.uniform(20, 30, 3)
+    layer = refnorm.build("syncsn", 3, scopes=("bn",), dtype=np.float64)
+    layer.set_population(mean, var)
+    layer.params = {**layer.params, "gamma": np.array([1.5, 0.5, 1.0]),
+                    "beta": np.array([0.1, -0.2, 0.3])}
+    want = (layer.params["gamma"][:, None, None] * (x - mean[:, None, None])
+            / np.sqrt(var[:, None, None] + 1e-5) + layer.params["beta"][:, None, None])
+    # a few float64 operations on values of size <= 1e2
+    np.testing.assert_allclose(layer.forward(x, training=False), want, rtol=0, atol=1e-12)
+
+
 def test_layer_updates_running_statistics_with_the_global_batch():
     rng = np.random.default_rng(1)
     x = 3 * rng.standard_normal((7, 2, 3, 3)) + 4
@@ -114,6 +131,22 @@ def test_layer_updates_running_statistics_with_the_global_batch():
         assert count == 7 * 9  # every device's values
         for key in ("running_mean", "running_var"):
             np.testing.assert_allclose(state[key], bn.state[key], rtol=1e-13)
+
+
+@pytest.mark.parametrize(("scopes", "training"), [
+    (("in", "ln", "bn"), False), (("in", "ln"), True), (("in", "ln"), False)])
+def test_the_single_device_pair_takes_the_layers_path(scopes, training):
+    # Where the layer runs single-device SN (inference, or no BN scope to synchronize) it
+    # calls the pure pair on its own path (Layer.path, which the trainer sets to "fast"), as
+    # SwitchableNorm does.
+    x = 5 * np.random.default_rng(2).standard_normal((4, 3, 2, 2)) + 12
+    layer = refnorm.build("syncsn", 3, scopes=scopes, dtype=np.float64)
+    layer.path = "fast"
+    with record_paths() as calls:
+        layer.forward(x, training=training)
+        layer.backward(np.ones_like(x))
+    forward = "switchable_norm_eval_forward" if "bn" in scopes else "switchable_norm_forward"
+    assert calls == [(forward, "fast"), ("switchable_norm_backward", "fast")]
 
 
 def test_control_parameter_gradients_are_reduced_once():
@@ -182,6 +215,24 @@ def test_a_global_batch_of_one_sample_is_enough_for_the_bn_scope(sizes):
     for i, ref in enumerate(reference):
         np.testing.assert_allclose(combine(results, i, concat=i < 2), ref, rtol=0,
                                    atol=ATOL * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("sizes", [[0, 1], [1, 0, 0]])
+def test_a_global_batch_of_one_value_per_channel_is_refused_for_the_bn_scope(sizes):
+    # (N, C) input, one sample over all devices: the BN statistic of each channel covers one
+    # value, which one device holding the batch refuses; so do the devices, after pooling.
+    x = np.array([[3.0, 5.0, 8.0]])
+    params = (np.ones(3), np.zeros(3), np.zeros(2), np.zeros(2))
+    options = SwitchableOptions(("ln", "bn"))
+    with pytest.raises(ValueError, match="the BN scope needs more than 1 value per statistic"):
+        switchable_norm_forward(x, *params, options=options)
+
+    def device(comm, xs):
+        return sync_switchable_norm_forward(xs, *params, comm=comm, options=options)[0]
+
+    with pytest.raises(ValueError, match="the synchronized BN scope needs more than 1 value "
+                                         "per statistic over all devices; got 1"):
+        InProcessGroup.run(len(sizes), device, split(x, sizes), timeout=10)
 
 
 @pytest.mark.parametrize("sizes", [[1, 4], [3, 0, 2]])
