@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse with one-line errors: ``refnorm train: error: argument --seed: ...``, exit 2
-    (argparse would print the whole usage first)."""
+    (argparse would print the whole usage first), and no abbreviated options: ``refnorm
+    study --seed 5`` is an error, not ``--seeds 5`` (five times the runs). Its subcommands'
+    parsers are of this class too."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")

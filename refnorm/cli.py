@@ -584,7 +584,7 @@ def format_table(rows: list[dict]) -> str:
             row["gradient"],
             f"{row['max_rel_error']:.2e}",
             f"{row['noise_ratio']:.2f}",
-            f"{row['tolerance']:.0e}",
+            f"{row['tolerance']:g}",
             str(len(row["cases"])),
             "ok" if row["passed"] else "FAIL",
         ))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from refnorm import registry
-from refnorm.cli import main, summarize
+from refnorm.cli import format_table, main, summarize
 from refnorm.gradcheck import CaseResult, GradError
 from refnorm.layer import CheckCase
 from refnorm.norms import BatchNorm
@@ -48,6 +49,43 @@ def test_gradcheck_rows_use_the_noise_floor():
     assert row["noise_ratio"] == pytest.approx(0.5)
     beyond = GradError(1e-4, 1e-9, scale=1e-5, fd_noise=0.0)
     assert summarize(_case(beyond), 1e-6)[0]["passed"] is False
+
+
+def test_an_error_equal_to_the_tolerance_passes_and_a_nan_fails():
+    """--tolerance is the largest acceptable error: equal to it passes; NaN is no error bound
+    (NaN <= tolerance is False, but so is NaN > tolerance)."""
+    at = GradError(1e-6, 1e-6, scale=1.0, fd_noise=0.0)
+    assert summarize(_case(at), 1e-6)[0]["passed"] is True
+    nan = GradError(math.nan, math.nan, scale=1.0, fd_noise=0.0)
+    assert summarize(_case(nan), 1e-6)[0]["passed"] is False
+
+
+def test_deviation_over_noise_is_infinite_over_a_zero_floor_and_zero_when_exact():
+    """deviation/noise: a deviation over a floor of 0 is beyond any number of floors (inf); an
+    exact agreement is 0 whatever the floor, 0 included (not 0/0)."""
+    beyond = GradError(1e-4, 1e-9, scale=1e-5, fd_noise=0.0)
+    assert summarize(_case(beyond), 1e-6)[0]["cases"][0]["noise_ratio"] == math.inf
+    exact = GradError(0.0, 0.0, scale=1.0, fd_noise=0.0)
+    row = summarize(_case(exact), 1e-6)[0]
+    assert row["noise_ratio"] == 0.0 and row["cases"][0]["noise_ratio"] == 0.0
+
+
+def test_gradcheck_table_shows_the_tolerance_it_applies():
+    """--tolerance 1.5e-6: the table reads 1.5e-06, the bound its FAIL was judged by (it read
+    2e-06, above the failing error 1.70e-06)."""
+    beyond = GradError(1.7e-6, 1.7e-6, scale=1.0, fd_noise=0.0)
+    line = format_table(summarize(_case(beyond), 1.5e-6)).splitlines()[2].split()
+    assert line[2] == "1.70e-06" and line[-1] == "FAIL"
+    assert float(line[4]) == 1.5e-6
+
+
+def test_gradcheck_table_counts_the_cases_of_each_gradient():
+    """One gradient checked on three cases: one row whose "cases" column reads 3."""
+    error = GradError(0.0, 0.0, scale=1.0, fd_noise=1e-9)
+    results = [CaseResult("sn", shape, {}, True, {"mean_logits": error})
+               for shape in ((2, 3), (4, 3), (2, 3, 5))]
+    table = format_table(summarize(results, 1e-6)).splitlines()
+    assert table[2].split()[5] == "3" and "all 1 gradients within the tolerance" in table[-1]
 
 
 def test_gradcheck_table(capsys):
@@ -97,6 +135,14 @@ def test_gradcheck_fails_a_wrong_backward(capsys, wrong_layer_registered):
 def test_gradcheck_usage_errors(argv, message, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith(f"refnorm gradcheck: error: {message}")
+
+
+def test_gradcheck_judges_by_the_tolerance_given(capsys, wrong_layer_registered):
+    """The wrong backward's relative error is at most 2 (|a - n| / max(|a|, |n|) <= 2): under
+    --tolerance 2 every gradient passes, and each row carries the tolerance given."""
+    assert main(["gradcheck", wrong_layer_registered, "--json", "--tolerance", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["passed"] and r["tolerance"] == 2.0 for r in rows)
 
 
 def test_no_command_prints_help(capsys):
@@ -232,6 +278,8 @@ def test_every_bad_value_is_one_line_and_exit_2(command, option, value, capsys, 
     (["study", "--batch-sizes", "a,b"], "argument --batch-sizes: expected comma-separated "
                                         "integers >= 1 (e.g. 2,4,16); got 'a,b'"),
     (["study", "--seeds", "0"], "argument --seeds: expected an integer >= 1; got '0'"),
+    (["study", "--methods", "bn,,gn"], "argument --methods: expected comma-separated names "
+                                       "(e.g. bn,gn+ws); got 'bn,,gn'"),
     (["gradcheck", "bn", "--tolerance", "nan"], "argument --tolerance: expected a finite "
                                                 "number > 0; got 'nan'"),
 ])
@@ -307,15 +355,19 @@ def test_cli_hand_edited_checkpoint_is_refused_by_name(tmp_path, capsys):
                    "lacks param/0/w")
 
 
-def test_a_refused_value_in_a_checkpoints_configuration_names_the_checkpoint(tmp_path,
-                                                                             capsys):
+@pytest.mark.parametrize(("value", "refused"), [
+    (0, "batch_size must be "),                                   # a ValueError
+    ("64", "batch_size must be an int >= 1; got '64'"),           # a TypeError
+])
+def test_a_refused_value_in_a_checkpoints_configuration_names_the_checkpoint(value, refused,
+                                                                             tmp_path, capsys):
     args = ["train", "--epochs", "1", "--batch-size", "64", "--out", str(tmp_path)]
     assert main(args) == 0
     path = tmp_path / CHECKPOINT
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(arrays["meta"].tobytes())
-    meta["config"]["batch_size"] = 0
+    meta["config"]["batch_size"] = value
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     with open(path, "wb") as f:
         np.savez(f, **arrays)
@@ -323,7 +375,7 @@ def test_a_refused_value_in_a_checkpoints_configuration_names_the_checkpoint(tmp
     assert main(["train", "--out", str(tmp_path), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"refnorm train: error: checkpoint {path} holds a configuration "
-                          "refnorm refuses (batch_size must be "), err
+                          f"refnorm refuses ({refused}"), err
 
 
 def test_resume_in_a_folder_another_run_holds_says_so(tmp_path, capsys):
@@ -414,6 +466,41 @@ def test_lessons_to_a_file_is_one_sentence(tmp_path, capsys):
     assert main(["lessons", "--student", str(target)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("refnorm lessons: error: ") and "\n" not in err
+
+
+@pytest.mark.parametrize(("argv", "refused"), [
+    (["study", "--seed", "5"], "unrecognized arguments: --seed 5"),
+    (["train", "--epoch", "1"], "unrecognized arguments: --epoch 1"),
+    (["gradcheck", "bn", "--tol", "1e-3"], "unrecognized arguments: --tol 1e-3"),
+    (["bench", "--rep", "3"], "unrecognized arguments: --rep 3"),
+    (["lessons", "--stud", "x"], "the following arguments are required: --student")])
+def test_an_abbreviated_option_is_refused_not_taken_for_a_longer_one(argv, refused, capsys,
+                                                                     monkeypatch, tmp_path):
+    """argparse takes a unique prefix for the option: `study --seed 5` ran `--seeds 5`, five
+    seeds of every run where one was meant. Every refnorm command refuses it in one line."""
+    import refnorm.train.loop as trainer_module
+    import refnorm.train.study as study_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("started despite an unknown option")
+
+    monkeypatch.setattr(trainer_module, "run_epoch", never)
+    monkeypatch.setattr(study_module, "_run", never)
+    monkeypatch.chdir(tmp_path)  # taken as --student, "x" was a folder of lessons written here
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    assert status == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"refnorm {argv[0]}: error: {refused} (see refnorm {argv[0]} --help)"]
+
+
+def test_a_train_error_naming_a_path_with_a_line_break_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "two\nlines"
+    assert main(["train", "--data", f"mnist:{missing}", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refnorm train: error: {tmp_path}/two lines ") and err.count("\n") == 1
 
 
 def test_a_data_error_comes_first_and_leaves_no_folder(tmp_path, capsys):
@@ -628,6 +715,26 @@ def test_an_unknown_option_points_to_the_sub_commands_help(argv, capsys):
                                        f"--bogus (see refnorm {command} --help)\n")
 
 
+def test_an_unrecognized_argument_with_a_line_break_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "two\nlines"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("refnorm train: error: unrecognized arguments: two lines "
+                                       "(see refnorm train --help)\n")
+
+
+def test_conform_without_hypothesis_names_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hypothesis" else find_spec(name, *a))
+    assert main(["conform", "tests.testing.impls:NumpyBN", "--method", "bn"]) == 2
+    assert capsys.readouterr() == ("", "refnorm conform: error: refnorm.testing needs "
+                                       "hypothesis; install it with pip install "
+                                       "'refnorm[testing]'\n")
+
+
 # -- conform: every failure of the user's layer is one line, exit 2 ----------------------------
 
 
@@ -787,6 +894,26 @@ def test_conform_finds_a_module_in_the_current_folder(tmp_path):
     done = subprocess.run([command, "conform", "mylayers:make_bn", "--method", "bn"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "matches refnorm" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_only_the_rank_that_speaks_prints_the_final_accuracy(quiet, tmp_path, monkeypatch,
+                                                             capsys):
+    """Under mpiexec every rank but 0 trains quietly (README: rank 0 speaks for all): the
+    final accuracy line is printed once per job, not once per rank."""
+    import types
+
+    import refnorm.cli as cli
+    import refnorm.train.loop as loop
+
+    history = [{"test_acc": 0.5, "train_acc": 0.25}]
+    monkeypatch.setattr(loop, "train", lambda config, **kwargs: types.SimpleNamespace(
+        interrupted=False, signal=None, history=history))
+    args = argparse.Namespace(out=str(tmp_path), resume=False, overwrite=False)
+    assert cli._train(None, args, None, quiet=quiet) == 0
+    out = capsys.readouterr().out
+    assert out == ("" if quiet else f"final test accuracy 0.5000 (train 0.2500); metrics and "
+                                     f"curves in {tmp_path}\n")
 
 
 def test_train_takes_no_weight_decay(tmp_path, monkeypatch):

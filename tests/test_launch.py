@@ -94,3 +94,14 @@ def test_the_mpiexec_beside_this_python_comes_before_the_one_on_path(monkeypatch
     assert launch.find_mpiexec() == str(ours / "mpiexec")
     (ours / "mpiexec").unlink()
     assert launch.find_mpiexec() == str(other / "mpiexec")
+
+
+def test_a_launchers_variable_that_is_not_a_number_is_not_read(monkeypatch):
+    """'²' passes str.isdigit but not int(): it is skipped as any other non-number is, not a
+    ValueError from every refnorm command's start (share_cores runs first)."""
+    _no_launcher(monkeypatch)
+    monkeypatch.setenv("PMI_SIZE", "²")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("MPI_LOCALRANKID", "³")
+    assert launch.mpi_launch() == (0, 2)
+    assert launch.local_rank(default=7) == 7

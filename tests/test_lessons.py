@@ -443,6 +443,23 @@ def test_student_copy_into_a_file_says_it_is_a_file(tmp_path, capsys):
     assert a_file.read_text() == "not a folder"
 
 
+def test_a_folder_name_with_a_line_break_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "two\nlines"
+    a_file.write_text("not a folder")
+    assert lessons.main(["--student", str(a_file)]) == 2
+    assert capsys.readouterr().err == (f"refnorm lessons: error: {tmp_path}/two lines is a file; "
+                                       "--student needs a folder to write the copies into\n")
+
+
+def test_lessons_as_a_program_of_its_own_reports_usage_errors_in_one_line(capsys):
+    """python -m refnorm.lessons speaks as refnorm lessons: one line, exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        lessons.main([])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("refnorm lessons: error: the following arguments are "
+                                       "required: --student (see refnorm lessons --help)\n")
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ('{"cells": 5}', "expected a JSON object whose 'cells' is a list of objects; got 'cells' "
                      "of type int"),

@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from refnorm.argtypes import folder_path
+from refnorm.argtypes import OneLineParser, folder_path
 
 # The solved lessons: package data (refnorm/lessons/notebooks, in a checkout a link to the
 # repository's lessons/), so that an installed wheel has them too.
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         written = write_student_copies(args.student, args.source, force=args.force)
     except (OSError, ValueError) as exc:
-        print(f"refnorm lessons: error: {exc}", file=sys.stderr)
+        print(f"refnorm lessons: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     for name, blanked in written.items():
         print(f"{args.student / name}: {len(blanked)} exercise(s) blanked "
@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``refnorm lessons`` as a program of its own (``python -m refnorm.lessons``)."""
-    parser = argparse.ArgumentParser(prog="refnorm")
+    parser = OneLineParser(prog="refnorm")  # one-line errors, as refnorm lessons'
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)

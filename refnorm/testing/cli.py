@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from refnorm.argtypes import int_at_least
+from refnorm.argtypes import OneLineParser, int_at_least
 from refnorm.testing.reference import METHODS
 
 
@@ -61,9 +61,10 @@ def _load(target: str) -> Any:
         sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own module in cwd
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # the user's module: whatever its import raises is the answer
+        missing = exc.name if isinstance(exc, ImportError) else None
         extra = ("; PyTorch's layers need the torch extra (pip install 'refnorm[torch]')"
-                 if (exc.name or "").partition(".")[0] == "torch" else "")
+                 if (missing or "").partition(".")[0] == "torch" else "")
         raise ValueError(f"cannot import the module {module_name!r} of {target!r} "
                          f"({type(exc).__name__}: {exc}){extra}") from None
     for i, part in enumerate(attr.split(".")):
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             call_args = ()
         else:
             call_args = ast.literal_eval(f"({args.args},)")
+            if not isinstance(call_args, tuple):  # a ")" and a "#" in --args closed it early
+                raise ValueError("not a comma-separated list of values")
     except (ValueError, SyntaxError, TypeError) as exc:  # TypeError: e.g. "{[]: 1}"
         return fail(f"--args: expected the factory's positional arguments as a Python "
                     f"literal (e.g. '3, 12'); got {args.args!r} ({type(exc).__name__}: {exc})")
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``refnorm conform`` as a program of its own (``python -m refnorm.testing.cli
     MODULE:FACTORY --method M ...``, with or without the word ``conform``)."""
-    parser = argparse.ArgumentParser(prog="refnorm")
+    parser = OneLineParser(prog="refnorm")  # one-line errors, as refnorm conform's
     add_parser(parser.add_subparsers(dest="command", required=True))
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "conform":

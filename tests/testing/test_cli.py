@@ -103,3 +103,46 @@ def test_conform_gives_the_factory_four_channels_unless_told(tmp_path, monkeypat
     assert main(["conform", "recording_factory:make_bn", "--method", "bn", "--channels", "6"]) == 0
     assert "matches refnorm" in capsys.readouterr().out
     assert sys.modules["recording_factory"].built == [4, 6]
+
+
+@pytest.mark.parametrize(("source", "target", "message"), [
+    ("raise RuntimeError('boom')\n", "brokenmod:make", "(RuntimeError: boom)"),
+    ("def make(:\n", "brokenmod:make", "(SyntaxError: "),
+    (None, ".brokenmod:make", "(TypeError: "),
+])
+def test_conform_reports_a_module_that_cannot_be_imported_in_one_line(source, target, message,
+                                                                      tmp_path, monkeypatch,
+                                                                      capsys):
+    """The user's module is the user's code: whatever its import raises (or a relative module
+    name, which import_module cannot resolve) is one line, exit 2, not a traceback."""
+    if source is not None:
+        (tmp_path / "brokenmod.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "brokenmod", raising=False)
+    assert main(["conform", target, "--method", "bn"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refnorm conform: error: cannot import the module "
+                          f"{target.partition(':')[0]!r} of {target!r} {message}"), err
+    assert err.count("\n") == 1
+
+
+def test_conform_refuses_args_that_close_the_argument_list(capsys):
+    """--args "4)#": the ")" closes the tuple the arguments are read into and the "#" comments
+    out the rest, leaving the int 4, not a tuple of arguments: refused in one line (it was a
+    TypeError traceback)."""
+    assert main(["conform", "tests.testing.impls:NumpyBN", "--method", "bn", "--args",
+                 "4)#"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refnorm conform: error: --args: expected the factory's positional "
+                          "arguments as a Python literal (e.g. '3, 12'); got '4)#'"), err
+    assert err.count("\n") == 1
+
+
+def test_conform_as_a_program_of_its_own_reports_usage_errors_in_one_line(capsys):
+    """python -m refnorm.testing.cli speaks as refnorm conform: one line, exit 2."""
+    with pytest.raises(SystemExit) as exc:
+        main(["tests.testing.impls:NumpyBN"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("refnorm conform: error: the following arguments are "
+                                       "required: --method (see refnorm conform --help)\n")
