@@ -54,6 +54,14 @@ def to_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
+def output_array(y: Any, description: str) -> np.ndarray:
+    """A forward's result as a numpy array; a tuple or list (``y`` with a cache) is refused."""
+    if isinstance(y, (tuple, list)):
+        raise TypeError(f"{description} returned a {type(y).__name__} of {len(y)} items; a "
+                        "normalizer's forward returns its output y alone, one array")
+    return to_numpy(y)
+
+
 @dataclass
 class Impl:
     """A user's implementation seen through one interface.
@@ -131,11 +139,11 @@ class CallableImpl(Impl):
     def forward(self, x: np.ndarray, params: Arrays, *, training: bool = True) -> np.ndarray:
         args = [self.convert(a) for a in (x, *params)]
         if self.stateful:
-            return to_numpy(self.fn(*args, training=training))
+            return output_array(self.fn(*args, training=training), self.description)
         if not training:
             raise ValueError(f"training must be True for {self.description}, which keeps no "
                              "running statistics; got False")
-        return to_numpy(self.fn(*args))
+        return output_array(self.fn(*args), self.description)
 
     def vjp(self, dy: np.ndarray, x: np.ndarray,
             params: Arrays) -> tuple[np.ndarray | None, ...]:
@@ -200,6 +208,7 @@ class TorchModuleImpl(Impl):
                 pw.original1.copy_(v)
             for p in (pw.original0, pw.original1):
                 p.grad = None
+                p.requires_grad_(grad)         # the copy's: a frozen module has gradients too
             return m, m.weight, (pw.original1, pw.original0)
         xt = torch.tensor(x, requires_grad=grad)
         leaves = [xt]
@@ -211,13 +220,14 @@ class TorchModuleImpl(Impl):
             with torch.no_grad():
                 p.copy_(_broadcast_param(torch, t, p.shape))
             p.grad = None
+            p.requires_grad_(grad)             # the copy's: a frozen module has gradients too
             leaves.append(p)
         return m, m(xt), tuple(leaves)
 
     def forward(self, x: np.ndarray, params: Arrays, *, training: bool = True) -> np.ndarray:
         with self.torch.no_grad():
             _, y, _ = self._run(x, params, training, grad=False)
-        return to_numpy(y)
+        return output_array(y, self.description)
 
     def vjp(self, dy: np.ndarray, x: np.ndarray,
             params: Arrays) -> tuple[np.ndarray | None, ...]:

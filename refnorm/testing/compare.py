@@ -220,7 +220,8 @@ def assert_matches(
         raise ValueError("num_groups must be given for method 'gn' when the implementation "
                          "does not say (no num_groups attribute); got None")
     strategy = norm_inputs(method, dtype=dtype, eps=eps,
-                           num_channels=num_channels or hints.get("num_channels"),
+                           num_channels=(num_channels if num_channels is not None
+                                         else hints.get("num_channels")),
                            num_groups=G,
                            spatial=spatial if spatial is not None else hints.get("spatial"),
                            input_shape=hints.get("input_shape", hints.get("weight_shape")),

@@ -11,10 +11,11 @@ in float64, training mode, ``gamma = 1`` and ``beta = 0`` unless said):
   by some factor;
 - **variance estimator, eps placement and value**: inputs ``s * z`` with ``z`` of mean 0
   and biased variance 1 in every statistic, for ``s`` from 1e2 down to 1e-7. The output is
-  ``z * s / D(s)``; at ``s = 1e2``, ``(D / s)^2`` is the variance scale (1: biased,
-  ``m/(m-1)``: unbiased); the small ``s`` fix eps under each model,
-  ``D = sqrt(f s^2 + eps)`` (inside the root) and ``D = sqrt(f) s + eps`` (added to the
-  standard deviation), and the model whose prediction fits every ``s`` is the placement;
+  ``z * s / D(s)``; the largest and the smallest ``s`` fix the variance scale ``f``
+  (1: biased, ``m/(m-1)``: unbiased) and eps under each model, ``D = sqrt(f s^2 + eps)``
+  (inside the root) and ``D = sqrt(f) s + eps`` (added to the standard deviation), and the
+  model whose prediction fits every ``s`` is the placement (``(D / s)^2`` at ``s = 1e2``
+  alone would carry ``eps / 1e4``, a variance scaled by 1.001 for ``eps = 10``);
 - **precision at an offset**: unit-variance data at 1e4 in float32, where a one-pass
   ``E[x^2] - E[x]^2`` loses the variance;
 - **affine**: ``y(gamma, beta) = gamma * y(1, 0) + beta`` per channel;
@@ -50,6 +51,7 @@ from typing import Any
 import numpy as np
 
 import refnorm
+from refnorm.core.checks import is_int
 from refnorm.testing import reference
 from refnorm.testing.adapters import Impl, as_impl
 from refnorm.testing.axes import axis_names, expected_axes, probe_axes
@@ -150,7 +152,21 @@ class Report:
                 "match": self.match, "closest": self.closest, "residual": self.residual}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)
+        """:meth:`to_dict` as JSON; an infinite or NaN number as the string ``"inf"`` or
+        ``"nan"`` (JSON has neither: ``json.dumps`` writes ``Infinity``, which parsers
+        other than Python's refuse)."""
+        return json.dumps(_json_numbers(self.to_dict()), indent=2, default=str)
+
+
+def _json_numbers(value: Any) -> Any:
+    """``value`` with every non-finite float, at any depth, as its string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_numbers(v) for v in value]
+    return value
 
 
 def _expected_under(method: str, options: dict[str, Any],
@@ -217,17 +233,25 @@ def _scale(z: np.ndarray, y: np.ndarray, ids: np.ndarray) -> float:
     return float(np.median(zz / zy))
 
 
-def _fit_eps(D: np.ndarray, s: np.ndarray, f: float) -> dict[str, tuple[float, float]]:
-    """eps and the max relative misfit of D(s) under each placement (see module docstring)."""
+def _fit_eps(D: np.ndarray, s: np.ndarray) -> dict[str, tuple[float, float, float]]:
+    """(f, eps, max relative misfit of D(s)) under each placement, f and eps solved from the
+    largest and the smallest s (see module docstring)."""
+    f_in = float((D[0] ** 2 - D[-1] ** 2) / (s[0] ** 2 - s[-1] ** 2))   # D^2 = f s^2 + eps
+    r = float((D[0] - D[-1]) / (s[0] - s[-1]))                        # D = sqrt(f) s + eps
     models = {
-        "inside_sqrt": (lambda e: np.sqrt(f * s * s + e), D[-1] ** 2 - f * s[-1] ** 2),
-        "added_to_std": (lambda e: math.sqrt(f) * s + e, D[-1] - math.sqrt(f) * s[-1]),
+        "inside_sqrt": (f_in, lambda e: np.sqrt(f_in * s * s + e), D[-1] ** 2 - f_in * s[-1] ** 2),
+        "added_to_std": (r * r, lambda e: r * s + e, D[-1] - r * s[-1]),
     }
     out = {}
-    for name, (predict, eps) in models.items():
+    for name, (f, predict, eps) in models.items():
         eps = max(float(eps), 0.0)
-        out[name] = (eps, float(np.max(np.abs(predict(eps) - D) / D)))
+        out[name] = (f, eps, float(np.max(np.abs(predict(eps) - D) / D)))
     return out
+
+
+def _factor(D: np.ndarray, s: np.ndarray) -> float:
+    """The variance (or squared norm) scale ``f`` of the placement that fits the ladder best."""
+    return min(_fit_eps(D, s).values(), key=lambda fit: fit[2])[0]
 
 
 def _estimator(f: float, m: int) -> str:
@@ -243,12 +267,12 @@ def _round(v: float, digits: int = 3) -> float:
     return float(f"{v:.{digits}g}") if v else 0.0
 
 
-def _eps_rows(report: Report, D: np.ndarray, s: np.ndarray, f: float, eps_hint: Any,
+def _eps_rows(report: Report, D: np.ndarray, s: np.ndarray, eps_hint: Any,
               default: str, what: str) -> tuple[str, float]:
     """Rows for eps placement and value from the ladder; returns (placement, eps)."""
-    fits = _fit_eps(D, s, f)
-    best = min(fits, key=lambda k: fits[k][1])
-    eps, misfit = fits[best]
+    fits = _fit_eps(D, s)
+    best = min(fits, key=lambda k: fits[k][2])
+    _, eps, misfit = fits[best]
     if eps <= 1e-13 * float(D[-1]) ** (2 if best == "inside_sqrt" else 1):
         best, eps = "none", 0.0
     elif misfit > FIT:
@@ -327,7 +351,9 @@ def _probe_shape(method: str, impl: Impl, num_channels: int | None,
     hints = impl.hints
     if "input_shape" in hints:
         return (2, *hints["input_shape"])
-    C = num_channels or hints.get("num_channels") or (12 if method == "gn" else 4)
+    G = hints.get("num_groups")
+    C_gn = 2 * G if isinstance(G, int) and G > 0 and 12 % G else 12   # G must divide C
+    C = num_channels or hints.get("num_channels") or (C_gn if method == "gn" else 4)
     k = spatial if spatial is not None else hints.get("spatial", 2)
     sizes = {0: (), 1: (3,), 2: (3, 4), 3: (3, 2, 2)}[k]    # N = 2: sizes tell axes apart
     return (2 if k else 4, C, *sizes)
@@ -387,12 +413,12 @@ def _variance_rows(p: _Probe, report: Report, ids: np.ndarray, topic: str,
                    key: str) -> tuple[float, str, float]:
     """Variance estimator, eps placement and value; returns (factor f, placement, eps)."""
     D, s, m = _ladder(p, ids)
-    f = float((D[0] / s[0]) ** 2)
+    f = _factor(D, s)
     name = _estimator(f, m)
     found = {"biased": "biased (1/m)", "unbiased": f"unbiased (1/(m-1), m = {m})",
              "other": f"scaled by {f:.4g} (m = {m})"}[name]
     report.add(topic, found, "biased (1/m)", name == "biased", **{key: name})
-    placement, eps = _eps_rows(report, D, s, f, p.impl.hints.get("eps"), "sqrt(var + eps)",
+    placement, eps = _eps_rows(report, D, s, p.impl.hints.get("eps"), "sqrt(var + eps)",
                                "var")
     return f, placement, eps
 
@@ -453,7 +479,7 @@ def _running_rows(p: _Probe, report: Report, ids_in: np.ndarray, placement: str,
     N, C = p.shape[:2]
     S = math.prod(p.shape[2:])
     m = S if p.method == "in" else N * S
-    z = _standardize(p.rng.standard_normal(p.shape), ids_in)   # per (n, c): mean 0, var 1
+    z = _standardize(p.rng.standard_normal(p.shape), ids_in)   # per (n, c) (per c for (N, C))
     view = (1, C) + (1,) * (len(p.shape) - 2)
     mu1, v1, mu2, v2 = 1.0 + np.arange(C), 4.0, -2.0 - np.arange(C), 9.0
     impl.set_running(np.zeros(C), np.ones(C))
@@ -617,7 +643,7 @@ def _sn_rows(p: _Probe, report: Report, eps: float) -> tuple[str, int]:
     S = math.prod(p.shape[2:])
     p.logits = (_one_hot("in"), _one_hot("in"))
     D, s, m = _ladder(p, ids)
-    f = float((D[0] / s[0]) ** 2)
+    f = _factor(D, s)
     in_correction = 1 if abs(f - S / (S - 1)) < FIT else 0
     report.add("IN variance", "unbiased (1/(S-1))" if in_correction else
                ("biased (1/S)" if abs(f - 1) < FIT else f"scaled by {f:.4g}"),
@@ -714,7 +740,8 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
     backward, convert : optional, as in :func:`refnorm.testing.assert_matches`
     num_channels : int, optional
         C for the probes (default: the implementation's, else 4; 12 for GN, so that any
-        G in 1, 2, 3, 4, 6, 12 can be found).
+        G in 1, 2, 3, 4, 6, 12 can be found, or 2 G for a ``num_groups`` G that does not
+        divide 12).
     spatial : int, optional
         The number of spatial axes of the probe input, 0 to 3 (default: the
         implementation's, else 2).
@@ -726,6 +753,10 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
     Report
         ``str(report)`` is the table; ``report.conventions`` the findings by key.
     """
+    for name, value, low, high, want in (("num_channels", num_channels, 1, math.inf, ">= 1"),
+                                         ("spatial", spatial, 0, 3, "from 0 to 3")):
+        if value is not None and not (is_int(value) and low <= int(value) <= high):
+            raise ValueError(f"{name} must be None or an int {want}; got {value!r}")
     impl = as_impl(method, impl, backward=backward, convert=convert)
     rng = np.random.default_rng(seed)
     report = Report(reference.check_method(method), impl.description)
@@ -761,7 +792,8 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
                       for c in (in_correction, 1 - in_correction)]
         ok = ok and ratios == "separate"
         p.logits = (_one_hot("bn"), _one_hot("bn"))
-    running = _running_rows(p, report, reference.group_ids("in", p.shape), placement, eps) \
+    per_instance = reference.group_ids("in" if len(p.shape) > 2 else "bn", p.shape)
+    running = _running_rows(p, report, per_instance, placement, eps) \
         if method in ("bn", "in", "sn") else None
     if report.conventions.get("running") not in (None, "none") and running is None:
         ok = False                       # buffers follow no refnorm option
@@ -794,14 +826,14 @@ def _fingerprint_weights(report: Report, impl: Impl, num_channels: int | None,
         z = z / math.sqrt(I)                                          # unit norm per filter
     s = np.array(LADDER)
     D = np.array([_scale(z, run(si * z), ids) * si for si in s])
-    f = float((D[0] / s[0]) ** 2)
+    f = _factor(D, s)
     if method == "ws":
         name = _estimator(f, I)
         report.add("std estimator", {"biased": "biased (1/I)",
                                      "unbiased": f"unbiased (1/(I-1), I = {I})",
                                      "other": f"scaled by {f:.4g}"}[name],
                    "biased (1/I), the paper's Eq. (4)", name == "biased", std=name)
-        placement, eps = _eps_rows(report, D, s, f, hints.get("eps"), "sigma + eps", "var")
+        placement, eps = _eps_rows(report, D, s, hints.get("eps"), "sigma + eps", "var")
         candidates = [{"eps": eps or 1e-300, "eps_mode": mode, "correction": corr}
                       for mode in ("add", "sqrt") for corr in (0, 1)]
         pick = {"added_to_std": "add", "inside_sqrt": "sqrt"}.get(placement, "add")
@@ -812,7 +844,7 @@ def _fingerprint_weights(report: Report, impl: Impl, num_channels: int | None,
         report.add("norm", "Frobenius norm per output channel" if abs(f - 1) < FIT
                    else f"scaled by {f:.4g}", "Frobenius norm per output channel",
                    abs(f - 1) < FIT)
-        placement, eps = _eps_rows(report, D, s, 1.0, hints.get("eps"), "||v|| + eps",
+        placement, eps = _eps_rows(report, D, s, hints.get("eps"), "||v|| + eps",
                                    "||v||^2")
         # refnorm needs eps > 0; one far below the filter norms (~1) reproduces eps = 0
         candidates = [{"eps": eps or 1e-300}]

@@ -3,9 +3,10 @@ does not give, is reported as such, not as a shape or value mismatch."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from refnorm.testing import assert_matches
+from refnorm.testing import as_impl, assert_matches, fingerprint
 from tests.testing.impls import NumpyBN, numpy_bn_forward
 
 
@@ -75,3 +76,28 @@ def test_a_torch_input_gradient_that_is_none_is_reported():
         assert_matches("bn", Constant())
     assert "On the smallest failing input: dx: the gradient of x (the input) is None after " \
         "backward" in str(info.value), str(info.value)
+
+
+def test_inference_of_a_callable_without_running_statistics_is_refused():
+    """A plain callable computes batch statistics whatever the mode: Impl.forward in inference
+    says it has none rather than returning training-mode outputs."""
+    impl = as_impl("bn", numpy_bn_forward)
+    x, params = np.arange(8.0).reshape(4, 2), (np.ones(2), np.zeros(2))
+    assert impl.forward(x, params, training=True).shape == (4, 2)
+    with pytest.raises(ValueError, match=r"training must be True for callable numpy_bn_forward, "
+                                         r"which keeps no running statistics; got False"):
+        impl.forward(x, params, training=False)
+
+
+@pytest.mark.parametrize("wrap", [tuple, list])
+def test_a_forward_returning_its_output_with_a_cache_is_refused_by_name(wrap):
+    """A forward returning (y, cache) met numpy's "setting an array element with a sequence"
+    deep inside, reported as an error the implementation raised."""
+    def forward(x, gamma, beta):
+        return wrap((numpy_bn_forward(x, gamma, beta), None))
+
+    with pytest.raises(TypeError, match=rf"callable test_a_forward_returning_its_output_with_a_"
+                                        rf"cache_is_refused_by_name.<locals>.forward returned a "
+                                        rf"{wrap.__name__} of 2 items; a normalizer's forward "
+                                        r"returns its output y alone"):
+        fingerprint("bn", forward)

@@ -146,3 +146,30 @@ def test_conform_as_a_program_of_its_own_reports_usage_errors_in_one_line(capsys
     assert exc.value.code == 2
     assert capsys.readouterr().err == ("refnorm conform: error: the following arguments are "
                                        "required: --method (see refnorm conform --help)\n")
+
+
+def test_conform_json_writes_an_infinite_residual_as_a_string(tmp_path, monkeypatch, capsys):
+    """A BN with no eps gives NaN on the constant check input (refnorm, eps = 1e-300: 0), a
+    residual of inf, which json.dumps wrote as the bare token Infinity: not JSON (RFC 8259),
+    refused by every parser but Python's."""
+    (tmp_path / "no_eps_factory.py").write_text(textwrap.dedent("""
+        import numpy as np
+
+        def make_bn(C):
+            def bn(x, gamma, beta):
+                axes, view = (0, 2, 3), (1, -1, 1, 1)
+                mu, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    return gamma.reshape(view) * (x - mu) / np.sqrt(var) + beta.reshape(view)
+            return bn
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["conform", "no_eps_factory:make_bn", "--method", "bn", "--json"]) == 1
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    report = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert report["conventions"]["eps_placement"] == "none"
+    assert report["residual"] == "inf"

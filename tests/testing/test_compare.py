@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from refnorm.testing import Case, as_impl, assert_matches, norm_inputs, reference
 from refnorm.testing.compare import compare_case
 from refnorm.testing.tolerance import reference_outputs, underflow_floors
-from tests.testing.impls import NumpyBN, numpy_bn_forward
+from tests.testing.impls import NumpyBN, NumpyGN, numpy_bn_forward
 
 
 def test_numpy_callable_with_backward_matches():
@@ -287,3 +287,18 @@ def test_weight_norm_with_filters_of_very_different_norms_matches_in_float32():
     options = {"eps": 1e-5}
     forward, backward = _refnorm_float32("wn", options)
     assert compare_case(as_impl("wn", forward, backward=backward), case, options) is None
+
+
+def test_a_group_count_that_does_not_divide_12_is_diagnosed_on_2g_channels():
+    """The diagnosis probes GN on 12 channels unless told: a layer with G = 5 groups given
+    to assert_matches (and no num_groups attribute) cannot take 12; it is probed on 10, and
+    its interleaved layout is named."""
+    interleaved = NumpyGN(5, layout="interleaved")
+
+    def gn(x, gamma, beta):
+        return interleaved(x, gamma, beta)
+
+    with pytest.raises(AssertionError, match=r"First diverging convention \(refnorm\.testing\."
+                                             r"fingerprint\): group layout: found interleaved, "
+                                             r"G = 5"):
+        assert_matches("gn", gn, num_groups=5, max_examples=20)

@@ -320,3 +320,239 @@ def test_a_layer_that_ignores_training_false_matches_no_refnorm_convention():
     report = fingerprint("bn", AlwaysBatch(4))
     assert report.conventions["inference"] == "other", str(report)
     assert report.match is None and report.first_divergence().key == "inference", str(report)
+
+
+# -- conventions outside the named ones ------------------------------------------------------------
+
+
+class _BNVariant:
+    """A numpy BN whose normalizer is ``den(var, eps)``: ``2 var`` in the root (a variance
+    scaled by 2), or the std clamped from below at eps (``max(sqrt(var), eps)``, as
+    ``F.normalize`` clamps a norm), neither of refnorm's placements."""
+
+    def __init__(self, den):
+        self.den = den
+
+    def __call__(self, x, gamma, beta):
+        axes = (0,) + tuple(range(2, x.ndim))
+        mu, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        return gamma.reshape(view) * (x - mu) / self.den(var, 1e-3) + beta.reshape(view)
+
+
+def test_a_variance_scaled_by_neither_estimator_is_named_by_its_factor():
+    """Twice the biased variance is neither 1 nor m/(m-1) = 24/23 times it: the nearer
+    estimator is not named, the factor is."""
+    report = fingerprint("bn", _BNVariant(lambda var, eps: np.sqrt(2 * var + eps)))
+    assert report.conventions["variance"] == "other", str(report)
+    assert "scaled by 2 (m = 24)" in str(report)
+    assert report.match is None and report.first_divergence().key == "variance", str(report)
+
+
+def test_an_eps_placement_that_fits_neither_model_is_unknown():
+    """max(std, eps) is the std down to eps and eps below it: the best inside-the-root fit,
+    sqrt(var + eps^2), misses it by 41 % at std = eps, std + eps by 100 %. The better of two
+    wrong models is not named as the placement."""
+    report = fingerprint("bn", _BNVariant(lambda var, eps: np.maximum(np.sqrt(var), eps)))
+    assert report.conventions["eps_placement"] == "unknown", str(report)
+    assert "unknown (best fit misses by" in str(report)
+    assert report.match is None, str(report)
+
+
+def test_a_single_non_finite_output_is_refused():
+    """One NaN among the outputs is as unreadable to the probes as all of them."""
+    def one_nan(x, gamma, beta):
+        y = numpy_bn_forward(x, gamma, beta)
+        y[(0,) * y.ndim] = np.nan
+        return y
+
+    with pytest.raises(ValueError, match=r"its output holds 1 NaN or infinite values of 96"):
+        fingerprint("bn", one_nan)
+
+
+@pytest.mark.parametrize("G", [1, 12])
+def test_group_norm_with_one_group_or_one_channel_per_group_matches(G):
+    """G = 1 (every channel, as LN) and G = C (each channel, as IN) have no layout to read
+    ("n/a"): either agrees with refnorm's consecutive groups, and the layer matches."""
+    report = fingerprint("gn", NumpyGN(G))
+    assert report.conventions["group_layout"] == "n/a", str(report)
+    assert report.conventions["num_groups"] == G, str(report)
+    assert report.match == f"refnorm.group_norm_forward(num_groups={G}, eps=1e-05)", str(report)
+    assert report.first_divergence({"eps": 1e-5, "num_groups": G}) is None, str(report)
+    assert report.first_divergence() is None and "≠" not in str(report), str(report)
+
+
+def test_a_one_pass_float64_variance_is_found_on_the_tiny_variance_check_input():
+    """E[x^2] - E[x]^2 in float64 keeps a unit variance at 1e4 (the float32 offset row) but
+    not a variance of 1e-12 at 12: 144 rounds at 3e-14, 3 % of it. Every probe reads the
+    layer as refnorm's (eps = 1e-10); the check input with a variance below eps does not."""
+    def one_pass64(x, gamma, beta):
+        x64 = x.astype(np.float64)
+        axes = (0,) + tuple(range(2, x.ndim))
+        mu = x64.mean(axis=axes, keepdims=True)
+        var = np.maximum((x64 * x64).mean(axis=axes, keepdims=True) - mu * mu, 0)
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        y = (x64 - mu) / np.sqrt(var + 1e-10)
+        return (gamma.reshape(view) * y + beta.reshape(view)).astype(x.dtype)
+
+    report = fingerprint("bn", one_pass64)
+    assert report.conventions["offset_precision"] == "ok", str(report)
+    assert report.first_divergence({"eps": 1e-10}) is None, str(report)
+    assert report.match is None and report.residual > 1e-6, str(report)   # ~7e-5
+
+
+def test_a_running_variance_that_stores_var_plus_eps_is_not_refnorms():
+    """running_var <- 0.9 running_var + 0.1 (m/(m-1) var + eps): the factor on the variance
+    reads m/(m-1) to 1e-6 (eps / var = 2.5e-6), so only replaying both steps through
+    refnorm's update tells it apart (1e-6 off in rtol 1e-9)."""
+    class StoresVarPlusEps(NumpyBN):
+        def __call__(self, x, gamma, beta, *, training=True):
+            y = super().__call__(x, gamma, beta, training=training)
+            if training:
+                self.running_var = self.running_var + self.momentum * self.eps
+            return y
+
+    report = fingerprint("bn", StoresVarPlusEps(4))
+    assert report.conventions["running_var"] == "unbiased", str(report)
+    assert report.match is None, str(report)
+    assert "running statistics: no refnorm option" in report.closest, str(report)
+
+
+def test_a_shift_applied_before_the_gain_is_not_per_channel_affine():
+    """gamma * (x_hat + beta) is not gamma * x_hat + beta: the affine row says "other" and it
+    is the first diverging convention."""
+    def shift_then_scale(x, gamma, beta):
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        y = numpy_bn_forward(x, np.ones_like(gamma), np.zeros_like(beta))
+        return gamma.reshape(view) * (y + beta.reshape(view))
+
+    report = fingerprint("bn", shift_then_scale)
+    assert report.conventions["affine"] == "other", str(report)
+    assert report.match is None and report.first_divergence().key == "affine", str(report)
+
+
+def _ws_forward(w):
+    """WS as the paper's Eq. (2)/(4): biased std, eps = 1e-5 added to it, per filter."""
+    flat = w.reshape(w.shape[0], -1)
+    d = flat - flat.mean(axis=1, keepdims=True)
+    return (d / (d.std(axis=1, keepdims=True) + 1e-5)).reshape(w.shape)
+
+
+def _ws_backward(with_std_term):
+    """dw of y = d / (sigma + eps), d = w - mean(w): (g - mean(g)) / D minus
+    d * sum(g d) / (I sigma D^2), the term through sigma (left out when told)."""
+    def run(dy, w):
+        flat, g = w.reshape(w.shape[0], -1), dy.reshape(w.shape[0], -1)
+        d = flat - flat.mean(axis=1, keepdims=True)
+        sigma = d.std(axis=1, keepdims=True)
+        D = sigma + 1e-5
+        dw = (g - g.mean(axis=1, keepdims=True)) / D
+        if with_std_term:
+            dw -= d * np.sum(g * d, axis=1, keepdims=True) / (flat.shape[1] * sigma * D**2)
+        return dw.reshape(w.shape)
+    return run
+
+
+def test_a_weight_standardization_backward_without_the_std_term_is_found_wrong():
+    right = fingerprint("ws", _ws_forward, backward=_ws_backward(True))
+    assert right.conventions["gradients"] == "consistent", str(right)
+    assert right.match is not None, str(right)
+    wrong = fingerprint("ws", _ws_forward, backward=_ws_backward(False))
+    assert wrong.conventions["gradients"] == ["dw"], str(wrong)
+    assert wrong.match is None, str(wrong)
+
+
+def test_a_layer_without_eps_that_maps_a_constant_group_to_zero_matches():
+    """No eps, and x_hat = 0 where the variance is 0 (the limit refnorm's tiny eps gives): the
+    eps placement "none" is refnorm's under eps = 1e-300, and the layer matches it."""
+    def no_eps(x, gamma, beta):
+        axes = (0,) + tuple(range(2, x.ndim))
+        mu = x.mean(axis=axes, keepdims=True)
+        std = np.sqrt(x.var(axis=axes, keepdims=True))
+        x_hat = np.divide(x - mu, std, out=np.zeros_like(x), where=std > 0)
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        return gamma.reshape(view) * x_hat + beta.reshape(view)
+
+    report = fingerprint("bn", no_eps)
+    assert report.conventions["eps_placement"] == "none", str(report)
+    assert report.match == "refnorm.batch_norm_forward(eps=1e-300)", str(report)
+
+
+# -- a large eps, an (N, C) input, a group count that does not divide 12 --------------------------
+
+
+class _BNWithEps:
+    """A plain numpy BN (biased variance) with eps inside the root or added to the std."""
+
+    def __init__(self, eps: float, placement: str):
+        self.eps, self.placement = eps, placement
+
+    def __call__(self, x, gamma, beta):
+        axes = (0,) + tuple(range(2, x.ndim))
+        mu, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+        den = (np.sqrt(var) + self.eps if self.placement == "added_to_std"
+               else np.sqrt(var + self.eps))
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        return gamma.reshape(view) * (x - mu) / den + beta.reshape(view)
+
+
+@pytest.mark.parametrize("placement", ["inside_sqrt", "added_to_std"])
+@pytest.mark.parametrize("eps", [10.0, 100.0, 1e4])
+def test_a_large_eps_is_not_read_as_a_scaled_variance(eps, placement):
+    """At the top of the ladder, s = 100, D^2 = s^2 + eps: (D / s)^2 = 1 + eps / 1e4 read as
+    the variance factor named a biased BN with eps = 10 "scaled by 1.001" and made it match
+    nothing (and eps = 100 "unknown" placement). eps and the factor are solved together."""
+    report = fingerprint("bn", _BNWithEps(eps, placement))
+    got = {k: report.conventions[k] for k in ("variance", "eps_placement", "eps")}
+    assert got == {"variance": "biased", "eps_placement": placement, "eps": eps}, str(report)
+    assert (report.match is not None) == (placement == "inside_sqrt"), str(report)
+
+
+def test_a_large_eps_compared_under_another_is_diagnosed_as_the_eps_value():
+    """assert_matches comparing a BN with eps = 100 under refnorm's 1e-5 blamed its variance
+    ("scaled by 1.01") for what is its eps."""
+    with pytest.raises(AssertionError) as info:
+        assert_matches("bn", _BNWithEps(100.0, "inside_sqrt"), eps=1e-5, max_examples=20)
+    assert FIRST + "eps value: found 100 (attribute eps = 100); refnorm: 1e-05 (the eps " \
+        "compared under)." in str(info.value), str(info.value)
+
+
+def test_running_statistics_of_a_bn_on_n_c_inputs_are_read():
+    """A BN on (N, C) inputs (spatial=0): the running probes standardized the batches within
+    each (n, c), one value each, and read NaN weights ("weights nan then nan")."""
+    report = fingerprint("bn", NumpyBN(4), spatial=0)
+    got = {k: report.conventions[k] for k in ("running", "momentum_new_weight", "running_var",
+                                              "inference")}
+    assert got == {"running": "exponential", "momentum_new_weight": 0.1,
+                   "running_var": "unbiased", "inference": "running"}, str(report)
+    assert report.match is not None, str(report)
+    biased = fingerprint("bn", NumpyBN(4, running_biased=True), spatial=0)
+    assert biased.conventions["running_var"] == "biased", str(biased)
+
+
+@pytest.mark.parametrize("G", [5, 8])
+def test_a_group_count_that_does_not_divide_12_is_probed_on_2g_channels(G):
+    """A GN whose num_groups does not divide the default 12 channels was probed on 12
+    (G = 5: its reshape failed; G = 8: groups straddled channels and it matched nothing)."""
+    report = fingerprint("gn", NumpyGN(G))
+    assert report.conventions["num_groups"] == G, str(report)
+    assert report.match == f"refnorm.group_norm_forward(num_groups={G}, eps=1e-05)", str(report)
+
+
+@pytest.mark.parametrize(("kw", "says"), [
+    ({"spatial": 4}, r"spatial must be None or an int from 0 to 3; got 4"),
+    ({"spatial": True}, r"spatial must be None or an int from 0 to 3; got True"),
+    ({"num_channels": 0}, r"num_channels must be None or an int >= 1; got 0"),
+    ({"num_channels": 2.5}, r"num_channels must be None or an int >= 1; got 2.5"),
+])
+def test_probe_sizes_fingerprint_cannot_use_are_refused_by_name(kw, says):
+    """spatial = 4 was a KeyError, True and 1.0 were one spatial axis, num_channels = 0 was
+    the default 4 and 2.5 a numpy TypeError."""
+    with pytest.raises(ValueError, match=says):
+        fingerprint("bn", numpy_bn_forward, **kw)
+
+
+def test_assert_matches_refuses_zero_channels():
+    """num_channels = 0 was read as "not given" and inputs were drawn with any C."""
+    with pytest.raises(ValueError, match=r"num_channels must be None or an int >= 1; got 0"):
+        assert_matches("bn", numpy_bn_forward, num_channels=0)

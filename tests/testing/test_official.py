@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import refnorm
 from refnorm.testing import assert_matches, fingerprint
 from tests.testing.impls import NumpySN, official_ws_forward
 
@@ -83,3 +84,25 @@ def test_the_closest_ws_options_follow_the_probed_std():
     assert report.match is None
     assert report.closest == ("refnorm.weights.weight_standardization_forward(eps=1e-05, "
                               "eps_mode='add', correction=1)"), str(report)
+
+
+def test_the_official_ws_std_is_judged_against_the_correction_compared_under():
+    """Compared under correction=1 the official WS code's unbiased std is refnorm's (nothing
+    diverges); under the default correction=0 the std is the first divergence."""
+    report = fingerprint("ws", official_ws_forward)
+    assert report.first_divergence({"eps": 1e-5, "eps_mode": "add", "correction": 1}) is None, \
+        str(report)
+    row = report.first_divergence({"eps": 1e-5, "eps_mode": "add", "correction": 0})
+    assert row is not None and row.key == "std", str(report)
+
+
+def test_the_official_sn_in_variance_is_judged_against_the_options_compared_under():
+    """Compared under SwitchableOptions(in_correction=1) the official SN code's unbiased IN
+    variance agrees; what diverges first is its running average (momentum on the old
+    value), not the variance rows."""
+    report = fingerprint("sn", NumpySN(4, official=True))
+    row = report.first_divergence({"eps": 1e-5,
+                                   "options": refnorm.SwitchableOptions(in_correction=1)})
+    assert row is not None and row.key == "running", str(report)
+    row = report.first_divergence({"eps": 1e-5, "options": refnorm.SwitchableOptions()})
+    assert row is not None and row.key == "variance", str(report)

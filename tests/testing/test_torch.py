@@ -136,3 +136,44 @@ def test_layer_norm_with_a_gain_per_element_has_consistent_gradients():
     report = fingerprint("ln", torch.nn.LayerNorm((4, 3, 4)))
     assert report.conventions["affine"] == "per_element"
     assert report.conventions["gradients"] == "consistent", str(report)
+
+
+class _WarmStartBN(torch.nn.BatchNorm2d):
+    """BN whose running average weights the t-th batch 1/t until that falls below 0.6, then
+    0.6: a cumulative start, not a cumulative average (1, then 0.6, not 1/2)."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        self.num_batches_tracked += 1
+        weight = max(1.0 / float(self.num_batches_tracked), 0.6)
+        return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var,
+                                              self.weight, self.bias, True, weight, self.eps)
+
+
+def test_a_running_average_that_only_starts_cumulative_is_not_named_cumulative():
+    report = fingerprint("bn", _WarmStartBN(3))
+    assert report.conventions["running"] == "other", str(report)
+    assert "weights 1 then 0.6" in str(report)
+    assert report.match is None, str(report)
+
+
+def test_batch_norm_with_a_large_eps_matches_with_that_eps():
+    """BatchNorm2d(eps=100): its variance was read as "scaled by 1.01" and its eps placement
+    as "unknown" (eps / s^2 at the top of the ladder); refnorm with eps = 100 matches it."""
+    report = fingerprint("bn", torch.nn.BatchNorm2d(3, eps=100.0))
+    _assert_conventions(report, {**PYTORCH_BN, "eps": 100.0})
+    assert report.match is not None and report.match.startswith(
+        "refnorm.batch_norm_forward(eps=100.0)"), str(report)
+
+
+def test_a_module_with_frozen_parameters_has_their_gradients_probed():
+    """A frozen BN (requires_grad False, as when fine-tuning) was reported as giving no
+    dgamma and dbeta, "the module's output does not depend on it", and matching nothing;
+    the caller's module stays frozen."""
+    module = torch.nn.BatchNorm2d(3).requires_grad_(False)
+    report = fingerprint("bn", module)
+    assert report.conventions["gradients"] == "consistent", str(report)
+    assert report.match is not None, str(report)
+    assert_matches("bn", module, max_examples=5)
+    assert not any(p.requires_grad for p in module.parameters())
