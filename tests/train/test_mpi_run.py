@@ -14,6 +14,21 @@ from refnorm.train.config import TrainConfig
 from refnorm.train.finite import NonFinite
 
 
+def _one_rank(rank):
+    """A stand-in for MPICommunicator: one of 2 processes, seen from ``rank``."""
+    class OneRank:
+        def __init__(self):
+            self.rank, self.size = rank, 2
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    return OneRank
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 @pytest.mark.parametrize(("error", "status"), [
     (NonFinite("the training loss", math.inf, where="in step 1 of epoch 1"), 3),
@@ -26,20 +41,10 @@ def test_a_rank_exits_with_its_errors_status_and_rank_0_records_the_error(
     from refnorm.sync import comm
     from refnorm.train import loop, mpi_run
 
-    class OneRank:  # an MPICommunicator of 2 processes, seen from `rank`
-        def __init__(self):
-            self.rank, self.size = rank, 2
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
     def refused(config, **options):
         raise error
 
-    monkeypatch.setattr(comm, "MPICommunicator", OneRank)
+    monkeypatch.setattr(comm, "MPICommunicator", _one_rank(rank))
     monkeypatch.setattr(loop, "train", refused)
     config = TrainConfig(devices=2, epochs=1, train_subset=32, widths=(4, 4))
     assert mpi_run.main(json.dumps(dataclasses.asdict(config)), str(tmp_path)) == status
@@ -64,22 +69,12 @@ def test_a_rank_of_a_run_stopped_by_a_signal_exits_with_the_signals_status(
     from refnorm.train import loop, mpi_run
     from refnorm.train.interrupt import Interrupted
 
-    class OneRank:  # an MPICommunicator of 2 processes, seen from `rank`
-        def __init__(self):
-            self.rank, self.size = rank, 2
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
     def stopped(config, **options):
         if before_the_first_step:
             raise Interrupted(signum)
         return loop.Result(config, history=[], interrupted=True, signal=int(signum))
 
-    monkeypatch.setattr(comm, "MPICommunicator", OneRank)
+    monkeypatch.setattr(comm, "MPICommunicator", _one_rank(rank))
     monkeypatch.setattr(loop, "train", stopped)
     config = TrainConfig(devices=2, epochs=1, train_subset=32, widths=(4, 4))
     assert mpi_run.main(json.dumps(dataclasses.asdict(config)), str(tmp_path)) == status
