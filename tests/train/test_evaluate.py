@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from refnorm.train.config import TrainConfig
-from refnorm.train.evaluate import evaluate, predict
+from refnorm.train.evaluate import data_dependent_init, evaluate, predict
 from refnorm.train.finite import NonFinite
-from refnorm.train.loop import train
+from refnorm.train.loop import build_model, prepare_data, train
 from refnorm.train.optim import SGD
 from refnorm.train.position import Position, Totals
 from tests.train.conftest import TINY
@@ -73,3 +73,21 @@ def test_a_non_finite_batch_average_is_named_by_its_layer_and_array(tiny_data, m
     with pytest.raises(NonFinite, match=r"^layer 1 \(SwitchableNorm\) state running_var became "
                                         r"inf"):
         train(config, progress=False, data=tiny_data)
+
+
+def test_data_dependent_init_of_a_float64_model_standardizes_in_float64():
+    """The float32 images are cast to the model's float64 before WN's initialization (as
+    model.forward casts them): Salimans & Kingma (2016, section 3) then standardize the first
+    layer's pre-activations to float64 rounding, not float32's (~1e-7). With one update's
+    worth of training samples the init batch is the whole training set."""
+    cfg = TrainConfig(train_subset=16, widths=(4, 4), batch_size=8, accumulation=2, epochs=1,
+                      norm="none", weight="wn", dtype="float64")
+    data = prepare_data(cfg)
+    assert data.x_train.dtype == np.float32 and len(data.y_train) == cfg.update_size
+    model = build_model(cfg, data)
+    data_dependent_init(model, data, cfg)
+    first = model.layers()[0]
+    t = first.forward(data.x_train.astype(np.float64), training=True)  # (16, 4, 8, 8)
+    # exact by construction in float64; values ~O(1) averaged over 1024 entries: rounding
+    np.testing.assert_allclose(t.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
+    np.testing.assert_allclose(t.var(axis=(0, 2, 3)), 1.0, rtol=1e-12)

@@ -15,10 +15,10 @@ from refnorm.train import TrainConfig, checkpoint, loop, train
 from refnorm.train.checkpoint import CHECKPOINT, CheckpointError
 from refnorm.train.finite import NonFinite
 from refnorm.train.folder import OutputFolderError, atomic_write, check_room
-from refnorm.train.loop import prepare_data, train_step
+from refnorm.train.loop import build_model, check_data, prepare_data, train_step
 from refnorm.train.optim import SGD
 from refnorm.train.parallel import epoch_steps, statistic_parts
-from tests.train.conftest import TINY, config, fresh, params_of
+from tests.train.conftest import TINY, config, fresh, params_of, sn_layers
 
 
 @pytest.mark.parametrize(
@@ -481,6 +481,37 @@ def test_the_training_subset_keeps_each_image_with_its_label_and_follows_the_see
     np.testing.assert_array_equal(subsets[0].x_train, subsets[1].x_train)
     assert not np.array_equal(subsets[0].x_train, subsets[2].x_train)  # another seed, others
     np.testing.assert_array_equal(subsets[0].x_test, full.x_test)  # the test set is whole
+
+
+def test_a_training_subset_keeps_the_order_of_the_training_set():
+    """The subset's samples stay in the data set's order, so a subset of every sample is the
+    data set itself (and trains as a run without ``train_subset``)."""
+    full = prepare_data(TrainConfig())
+    whole = prepare_data(TrainConfig(train_subset=len(full.y_train)))
+    np.testing.assert_array_equal(whole.x_train, full.x_train)
+    np.testing.assert_array_equal(whole.y_train, full.y_train)
+    sub = prepare_data(TrainConfig(train_subset=64, seed=1))
+    rows = (x.tobytes() for x in full.x_train)
+    assert all(x.tobytes() in rows for x in sub.x_train)  # a subsequence: each found after the last
+
+
+@pytest.mark.parametrize("norm", ["sn", "syncsn"])
+@pytest.mark.parametrize("inference", ["batch_average", "moving_average"])
+def test_the_sn_layers_of_a_run_take_its_sn_inference(norm, inference, tiny_data):
+    cfg = TrainConfig(**TINY, norm=norm, sn_inference=inference)
+    layers = sn_layers(build_model(cfg, tiny_data))
+    assert len(layers) == len(TINY["widths"])  # one SN after each convolution
+    assert [layer.inference for layer in layers] == [inference] * len(layers)
+
+
+def test_a_syncsn_batch_average_without_one_update_of_every_device_is_refused(tiny_data):
+    """SyncSN on 2 devices x 4 samples x 2 micro-batches: one update is 16 samples, so
+    average_samples=12 gives its batch average no batch to pool; refused before training."""
+    cfg = TrainConfig(**{**TINY, "average_samples": 12}, norm="syncsn", devices=2)
+    with pytest.raises(ValueError, match=r"SN's batch average pools batches of one update "
+                                         r"\(devices x batch_size x accumulation = 16 samples\)"):
+        check_data(cfg, tiny_data)
+    check_data(dataclasses.replace(cfg, sn_inference="moving_average"), tiny_data)
 
 
 def test_the_trainer_standardizes_each_channel_by_the_training_split():

@@ -188,6 +188,34 @@ def test_a_resumed_data_parallel_run_is_bit_identical(tmp_path, datasets):
     assert _params(whole).keys() == _params(cut).keys()
 
 
+def test_a_resumed_synchronized_run_is_bit_identical_and_saves_one_copy_of_the_statistics(
+        tmp_path, datasets):
+    """SyncBN's devices hold the same running statistics at every step: the checkpoint holds
+    them once (no ``device<p>/`` copies, which a synchronized run's resume refuses as extra),
+    and the resumed run ends as the uninterrupted one."""
+    config = TrainConfig(**{**BASE, "norm": "syncbn", "devices": 2, "batch_size": B})
+    data = datasets[2]
+    whole = train(config, out=tmp_path / "whole", progress=False, data=data)
+
+    def stop(epoch, step, model):
+        if (epoch, step) == (0, 5):
+            raise KeyboardInterrupt
+
+    cut = train(config, out=tmp_path / "cut", progress=False, data=data, on_step=stop)
+    assert cut.interrupted
+    saved = np.load(tmp_path / "cut" / CHECKPOINT)
+    assert any(k.startswith("state/") for k in saved.files)
+    assert not any(k.startswith("device") for k in saved.files)
+    train(config, out=tmp_path / "cut", resume=True, progress=False, data=data)
+    a, b = np.load(tmp_path / "whole" / CHECKPOINT), np.load(tmp_path / "cut" / CHECKPOINT)
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        if key != "meta":
+            assert a[key].tobytes() == b[key].tobytes(), key
+    assert _timeless(a) == _timeless(b)
+    assert _params(whole).keys() == _params(cut).keys()
+
+
 # What a run measures of itself rather than computes: wall time and communication (which,
 # over an epoch cut by an interruption, counts the steps before and after it apart).
 MEASURED = ("seconds", "step_ms", "collective_seconds", "collective_share",
@@ -462,6 +490,26 @@ def test_an_error_message_longer_than_the_shared_buffer_arrives_shortened_on_eve
         assert shortened["kind"] == "ValueError" and shortened["message"].endswith("...")
         assert record["message"].startswith(shortened["message"][:-3])
         assert len(text.encode()) > MESSAGE_BYTES - 16  # cut no shorter than it needs
+
+
+def test_a_record_one_byte_over_the_shared_buffer_arrives_shortened_and_one_that_fits_whole():
+    """The buffer's exact edge: a record whose JSON is MESSAGE_BYTES bytes crosses whole; one
+    byte more and it is shortened to fit (cut at the buffer instead, it did not parse)."""
+    from refnorm.sync.comm import InProcessGroup
+    from refnorm.train.parallel import MESSAGE_BYTES, share_record
+
+    frame = len(json.dumps({"kind": "ValueError", "message": ""}))  # the JSON around the text
+    fits = {"kind": "ValueError", "message": "x" * (MESSAGE_BYTES - frame)}
+    over = {"kind": "ValueError", "message": "x" * (MESSAGE_BYTES - frame + 1)}
+    assert len(json.dumps(fits)) == MESSAGE_BYTES == len(json.dumps(over)) - 1
+
+    def device(comm, mine):
+        return share_record(comm, mine, source=0, what="a setup error")
+
+    assert InProcessGroup.run(2, device, [fits, None]) == [fits, fits]
+    for got in InProcessGroup.run(2, device, [over, None]):
+        assert got["kind"] == "ValueError" and got["message"].endswith("...")
+        assert len(json.dumps(got)) <= MESSAGE_BYTES
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
