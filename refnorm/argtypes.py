@@ -8,6 +8,7 @@ On the lowest floor of the package's imports, so that every command line can sha
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -26,12 +27,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an int >= ``low``."""
+    """An argparse type: an int >= ``low``, written in the digits 0-9 alone (Python's ``int``
+    would also take ``" 3"``, ``"3_0"`` for 30 and other scripts' digits)."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
+        value = int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else low - 1
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}")
         return value

@@ -236,7 +236,8 @@ BAD_VALUES = {
         "--update-size": ["0", "x"], "--epochs": ["0"], "--jobs": ["0", "x"],
         "--methods": ["bn,,gn", "xn", ""], "--out": [""], "--launcher": ["slurm"],
     },
-    "gradcheck": {"--tolerance": ["nan", "0", "-1", "inf", "x"], "--seed": ["-1", "x"]},
+    "gradcheck": {"--tolerance": ["nan", "0", "-1", "inf", "x"],
+                  "--seed": ["-1", "x", " 3", "3_0", "\u0663"]},  # int() takes the last three
 }
 
 
