@@ -8,6 +8,8 @@ On the lowest floor of the package's imports, so that every command line can sha
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -44,3 +46,19 @@ def folder_path(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected a folder path; got {'an empty string' if not text else repr(text)}")
     return text
+
+
+def json_text(value: Any) -> str:
+    """``value`` as JSON text, indented, with every infinite or NaN float (at any depth) as the
+    string ``"inf"``, ``"-inf"`` or ``"nan"``: JSON has no such numbers, and ``json.dumps``
+    writes ``Infinity``, which parsers other than Python's refuse."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: finite(item) for k, item in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(item) for item in v]
+        return v
+
+    return json.dumps(finite(value), indent=2, default=str)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import signal
@@ -26,7 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from refnorm import lessons, registry
-from refnorm.argtypes import OneLineParser, folder_path, int_at_least
+from refnorm.argtypes import OneLineParser, folder_path, int_at_least, json_text
 from refnorm.gradcheck import CaseResult, GradError, check_registered
 from refnorm.testing import cli as conform
 from refnorm.train.interrupt import Interrupted, exit_status, signal_name
@@ -516,13 +515,13 @@ def _run_gradcheck(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         return fail("name at least one normalizer, or pass --all")
     unknown = [n for n in names if n not in registry.names()]
     if unknown:
-        return fail(f"unknown normalizer(s) {', '.join(unknown)}; expected some of "
+        return fail(f"unknown normalizer(s) {', '.join(map(repr, unknown))}; expected some of "
                     f"{', '.join(registry.names())}")
     rows = []
     for name in names:
         rows.extend(summarize(check_registered(name, seed=args.seed), args.tolerance))
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json_text(rows))  # a NaN or infinite error as a string: strict JSON
     else:
         print(format_table(rows))
     return 0 if all(row["passed"] for row in rows) else 1

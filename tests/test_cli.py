@@ -124,12 +124,38 @@ def test_gradcheck_fails_a_wrong_backward(capsys, wrong_layer_registered):
     assert "FAIL" in out and "1 of 3 gradients exceed the tolerance" in out
 
 
+class _NaNBackwardBatchNorm(BatchNorm):
+    """BatchNorm whose dx is NaN: its error is infinite."""
+
+    check_cases = (CheckCase((4, 2)),)
+
+    def _backward(self, dy, cache):
+        dx, grads = super()._backward(dy, cache)
+        return dx * np.nan, grads
+
+
+def test_gradcheck_json_writes_an_infinite_error_as_a_string(capsys, monkeypatch):
+    """JSON has no infinity: json.dumps wrote the bare token Infinity, which parsers other
+    than Python's refuse (RFC 8259)."""
+    monkeypatch.setattr(registry, "_TABLE", {**registry._TABLE, "nanbn": _NaNBackwardBatchNorm})
+    assert main(["gradcheck", "nanbn", "--json"]) == 1
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    rows = {r["gradient"]: r for r in json.loads(capsys.readouterr().out,
+                                                 parse_constant=refuse)}
+    assert rows["x"]["max_rel_error"] == "inf" and rows["x"]["passed"] is False
+    assert rows["gamma"]["passed"] is True
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["gradcheck"], "name at least one normalizer, or pass --all"),
         (["gradcheck", "bn", "--all"], "give NAMEs or --all, not both"),
-        (["gradcheck", "xn"], "unknown normalizer(s) xn"),
+        (["gradcheck", "xn"], "unknown normalizer(s) 'xn'"),
+        (["gradcheck", ""], "unknown normalizer(s) ''; expected"),  # named, even when empty
     ],
 )
 def test_gradcheck_usage_errors(argv, message, capsys):
@@ -449,7 +475,7 @@ def test_a_new_run_does_not_replace_a_checkpoint_unasked(tmp_path, capsys):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["gradcheck", "bn", "--all"], "refnorm gradcheck: error: give NAMEs or --all, not both"),
-    (["gradcheck", "xn"], "refnorm gradcheck: error: unknown normalizer(s) xn; expected some"),
+    (["gradcheck", "xn"], "refnorm gradcheck: error: unknown normalizer(s) 'xn'; expected some"),
     (["conform", "nosuchmod:Foo", "--method", "bn"],
      "refnorm conform: error: cannot import the module 'nosuchmod' of 'nosuchmod:Foo' "
      "(ModuleNotFoundError: No module named 'nosuchmod')"),

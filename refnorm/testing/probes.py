@@ -42,7 +42,6 @@ options: :func:`refnorm.testing.assert_matches` states it when outputs differ.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from typing import Any
 import numpy as np
 
 import refnorm
+from refnorm.argtypes import json_text
 from refnorm.core.checks import is_int
 from refnorm.testing import reference
 from refnorm.testing.adapters import Impl, as_impl
@@ -155,18 +155,7 @@ class Report:
         """:meth:`to_dict` as JSON; an infinite or NaN number as the string ``"inf"`` or
         ``"nan"`` (JSON has neither: ``json.dumps`` writes ``Infinity``, which parsers
         other than Python's refuse)."""
-        return json.dumps(_json_numbers(self.to_dict()), indent=2, default=str)
-
-
-def _json_numbers(value: Any) -> Any:
-    """``value`` with every non-finite float, at any depth, as its string."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_numbers(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_numbers(v) for v in value]
-    return value
+        return json_text(self.to_dict())
 
 
 def _expected_under(method: str, options: dict[str, Any],
