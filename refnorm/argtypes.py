@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -23,6 +24,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**{"allow_abbrev": False, **kwargs})
+
+    def print_help(self, file: Any = None) -> None:
+        """As argparse's, but a write to a reader that left raises (argparse ignores it, and
+        ``--help | head -0`` exited 0 where every other output ends with 141)."""
+        (file or sys.stdout).write(self.format_help())
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")

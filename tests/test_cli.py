@@ -890,14 +890,16 @@ def test_train_and_study_without_matplotlib_stop_before_training(command, tmp_pa
     assert not out.exists()
 
 
-def test_a_reader_that_left_gives_141_not_a_traceback_or_1():
+@pytest.mark.parametrize("argv", [["gradcheck", "bn"], ["--help"], ["train", "--help"]])
+def test_a_reader_that_left_gives_141_not_a_traceback_or_1(argv):
     """`refnorm gradcheck --all | head -1` (README): stdout's reader is gone before the command
     writes; the command ends quietly with 141 (as SIGPIPE would), never with 1, which
-    gradcheck uses for a gradient beyond its tolerance."""
+    gradcheck uses for a gradient beyond its tolerance. The help, printed by argparse, too
+    (it exited 0: its text sat in the buffer until the exit's flush, which fails silently)."""
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader left before the first line: every write fails (EPIPE)
     try:
-        done = subprocess.run([sys.executable, "-m", "refnorm", "gradcheck", "bn"],
+        done = subprocess.run([sys.executable, "-m", "refnorm", *argv],
                               stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
     finally:
         os.close(write_end)
