@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
+import subprocess
 import sys
 import types
 
@@ -815,3 +817,15 @@ def test_python_m_refnorm_bench_says_an_argument_error_in_one_line(capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err == ("refnorm bench: error: argument --repeats: expected an "
                                        "integer >= 1; got '0' (see refnorm bench --help)\n")
+
+
+def test_idle_threads_sleep_before_the_bench_can_import_torch():
+    """refnorm.bench: OMP_WAIT_POLICY=PASSIVE (refnorm.kernels' setting) is in force before
+    torch is imported, so that neither OpenMP pool spins on a core the other needs; importing
+    the bench sets it and imports no torch (the bench imports torch itself, later)."""
+    code = ("import os, sys, refnorm.bench; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, check=True)
+    assert done.stdout.split() == ["PASSIVE", "False"]

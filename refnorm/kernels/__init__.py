@@ -2,18 +2,21 @@
 
 - :mod:`refnorm.kernels.norms` — the normalizers (BN, IN, LN, GN, SN forward and backward) on
   numpy arrays, on the CPU;
-- :mod:`refnorm.kernels.nn` — the convolution, max pooling, ReLU backward and Weight
-  Standardization on the CPU;
+- :mod:`refnorm.kernels.nn` — the convolution (with its ``im2col`` and ``col2im``), max
+  pooling, ReLU forward and backward and Weight Standardization on the CPU;
 - :mod:`refnorm.kernels.blocks` — the convolution's samples in blocks on helper threads;
 - :mod:`refnorm.kernels._loops` — the CPU loops themselves (``numba.njit``);
 - :mod:`refnorm.kernels.cuda` and :mod:`refnorm.kernels._cuda_loops` — BN, IN, LN, GN and SN
   on CuPy arrays, written with ``numba.cuda`` (tested under numba's CUDA simulator).
 
 The functions take and return arrays with plain signatures; each names the reference function
-it equals and returns a named record (:mod:`refnorm.kernels.records`). Importing this package
+it equals and returns a named record (:mod:`refnorm.kernels.records`) where the result has
+several fields (``relu_forward``: a plain ``(y, positive)`` pair), else one array (``im2col``,
+``col2im``, ``max_pool_backward``, ``relu_backward``, ``ws_backward``). Importing this package
 imports no numba: the loops are imported on the first kernel call, and each loop compiles on
-its first call (cached on disk afterwards). The public functions of :mod:`refnorm.norms` and
-:mod:`refnorm.nn` reach them by import, through :func:`refnorm.dispatch.dispatched`.
+its first call (cached on disk afterwards). The public functions of :mod:`refnorm.norms`,
+:mod:`refnorm.nn` and :mod:`refnorm.weights` (Weight Standardization) reach them by import,
+through :func:`refnorm.dispatch.dispatched`.
 
 Idle OpenMP threads sleep rather than spin: ``OMP_WAIT_POLICY=PASSIVE`` unless the
 environment says otherwise, set here before numba starts its thread pool. With the default

@@ -327,3 +327,33 @@ def test_blocks_start_one_helper_fewer_than_the_threads(monkeypatch):
         numba.set_num_threads(before)
     assert sorted(ran) == list(range(8))
     assert blocks._helpers.count == 1
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_numba_loops_a_block_starts_run_on_its_thread_alone_and_the_count_comes_back():
+    """by_samples(): numba loops that a block starts run on the block's thread alone, on the
+    calling thread as on a helper (a block must not open a parallel region of its own), and
+    the caller's thread count is as it was after the call."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    seen = []
+    try:
+        with mock.patch.object(blocks, "_Job", _WithHelper):
+            blocks.by_samples(lambda lo, hi: seen.append(
+                (threading.current_thread() is threading.main_thread(),
+                 numba.get_num_threads())), 8, 8 * blocks.MIN_BLOCK_WORK)
+        after = numba.get_num_threads()
+    finally:
+        numba.set_num_threads(before)
+    assert len(seen) == 8 and {on_caller for on_caller, _ in seen} == {True, False}
+    assert {count for _, count in seen} == {1}
+    assert after == 2
+
+
+def test_the_loops_a_block_runs_release_the_gil():
+    """The blocks run at the same time because numpy's products and the convolution's loops,
+    im2col and col2im, release the GIL (``nogil``): without it a helper's loop would wait
+    for the caller's Python."""
+    compiled = blocks.loops()
+    for name in ("im2col", "col2im"):
+        assert getattr(compiled, name).targetoptions.get("nogil"), name

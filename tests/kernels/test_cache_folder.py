@@ -93,3 +93,31 @@ def test_the_private_cache_folder_is_not_one_its_group_can_write(tmp_path, monke
         assert stat.S_IMODE(os.stat(chosen).st_mode) == 0o700
     planted.chmod(0o700)
     assert norms.private_cache_folder() == str(planted)
+
+
+@pytest.mark.parametrize("planted_as", ["file", "link to a private folder", "another user's"])
+def test_a_private_name_that_is_not_this_users_own_folder_is_never_used(planted_as, tmp_path,
+                                                                        monkeypatch):
+    """The private name is used only where it is a folder (not a file, not a link, which
+    another user could have pointed anywhere) owned by this user; otherwise a fresh 0700
+    folder is made (docs/performance.md, "First run")."""
+    from refnorm.kernels import norms
+
+    uid = os.getuid()
+    if planted_as == "another user's":  # the folder is ours: seen by a user one uid further
+        uid += 1
+        monkeypatch.setattr(norms.os, "getuid", lambda: uid)
+    monkeypatch.setattr(norms.tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"refnorm-numba-cache-{uid}"
+    if planted_as == "file":
+        planted.write_text("")
+        planted.chmod(0o600)
+    elif planted_as == "link to a private folder":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        planted.symlink_to(tmp_path / "elsewhere")
+    else:
+        planted.mkdir(mode=0o700)
+    chosen = norms.private_cache_folder()
+    assert chosen != str(planted)
+    assert Path(chosen).parent == tmp_path and not Path(chosen).is_symlink()
+    assert Path(chosen).is_dir() and stat.S_IMODE(os.stat(chosen).st_mode) == 0o700

@@ -296,3 +296,27 @@ def test_max_pool_2x2_at_stride_2_takes_a_nan_anywhere_in_its_window(bad):
     want_ref, cache = max_pool2d_forward(x, kernel_size=2, stride=2)
     np.testing.assert_array_equal(want_ref, want)
     np.testing.assert_array_equal(cache.argmax, argmax)
+
+
+def test_the_middle_convolution_runs_by_sample_blocks_at_32_samples_and_by_blas_at_64(
+        monkeypatch):
+    """docs/performance.md ("Threads"): convolutions whose products are below 2^26
+    multiply-adds (and whose loops are below 2^22 values) are cut into sample blocks; larger
+    ones run in one block on BLAS's and numba's threads. The study's middle convolution,
+    16 -> 32 channels, 3x3, at 16 x 16: 32 x 144 x 256 = 1 179 648 multiply-adds a sample,
+    37.7 M at 32 samples (blocks), 75.5 M at 64 (> 2^26 = 67.1 M: one block)."""
+    from refnorm.kernels import nn as knn
+
+    works = []
+
+    def one_block(fn, n, work):
+        works.append(work)
+        fn(0, n)
+
+    monkeypatch.setattr(knn, "by_samples", one_block)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    for N in (32, 64):
+        x = rng.standard_normal((N, 16, 16, 16)).astype(np.float32)
+        knn.conv_forward(x, w, None, (1, 1), (1, 1))
+    assert works == [32 * 1_179_648, 0]

@@ -516,3 +516,93 @@ def test_switchable_inference_on_the_bn_scope_alone_keeps_dx_finite_beside_a_bad
             dx = sn.switchable_norm_backward(dy, cache, path=path).dx
         want = gamma[None, :, None] * dy / np.sqrt(var[None, :, None] + EPS)
         np.testing.assert_allclose(dx, want, rtol=1e-13, err_msg=path)
+
+
+def test_outputs_of_4_mib_or_more_are_streamed_and_smaller_ones_are_not():
+    """docs/performance.md: outputs of 4 MiB or more (STREAM_FROM) are written with
+    non-temporal stores; smaller ones, such as the training step's activations, with plain
+    stores."""
+    assert kernel_norms.STREAM_FROM == 4 * 2**20
+    assert kernel_norms.streams(4 * 2**20)
+    assert not kernel_norms.streams(4 * 2**20 - 1)
+
+
+@pytest.mark.parametrize("method", ["bn", "gn"])
+def test_streamed_outputs_start_on_a_64_byte_boundary(method):
+    """The non-temporal stores write aligned 64-byte vectors: y, x_hat and dx of a streamed
+    call are allocated 64-byte aligned (docs/performance.md), whatever their size."""
+    rng = np.random.default_rng(7)
+    gamma, beta = params(4, np.float32, seed=1)
+    with chunking(("always", None, True)):  # every output streamed
+        for size in (3, 5, 7, 9, 11, 13):
+            x = rng.standard_normal((2, 4, size)).astype(np.float32)
+            if method == "bn":
+                k = kernels.bn_forward(x, gamma, beta, EPS)
+                dx = kernels.bn_backward(x, k.x_hat, k.rstd, gamma).dx
+            else:
+                k = kernels.gn_forward(x, gamma, beta, EPS, 2)
+                dx = kernels.gn_backward(x, k.x_hat, k.rstd, gamma).dx
+            for name, a in (("y", k.y), ("x_hat", k.x_hat), ("dx", dx)):
+                assert a.ctypes.data % 64 == 0, (name, size)
+
+
+def test_the_inference_forward_compiles_its_loop_for_one_type_of_statistics():
+    """docs/performance.md ("First run"): the per-plane statistics and coefficients the
+    inference loops are given are always fresh writable float64 arrays, so a batch of one
+    (where broadcasting the running statistics returns a read-only view) compiles no second
+    signature of normalize_affine."""
+    from numba import types
+
+    rng = np.random.default_rng(8)
+    gamma, beta = params(3, np.float64, seed=2)
+    mean = rng.standard_normal((1, 3, 1, 1))
+    var = 1 + rng.random((1, 3, 1, 1))
+    for N in (1, 2):
+        kernels.eval_forward(rng.standard_normal((N, 3, 4, 4)), gamma, beta, mean, var, EPS)
+    stats = types.Array(types.float64, 1, "C")
+    for signature in kernel_norms.loops().normalize_affine.signatures:
+        assert list(signature[1:5]) == [stats] * 4, signature
+
+
+def test_bn_takes_whole_channels_up_to_4_samples_and_memory_order_tasks_beyond(monkeypatch):
+    """docs/performance.md: BN takes units only up to BN_UNITS_UP_TO = 4 samples; the
+    training step's 32 samples run as tasks in memory order."""
+    monkeypatch.setattr(kernel_norms, "UNIT_PATH", "auto")
+    many = 4 * kernel_norms.threads()
+    assert kernel_norms._use_units(many, 1024, 0, 4)
+    assert not kernel_norms._use_units(many, 1024, 0, 5)
+    assert not kernel_norms._use_units(many, 1024, 0, 32)
+
+
+def test_every_loop_is_cached_on_disk_and_its_fastmath_only_reassociates_and_contracts():
+    """docs/performance.md: numba keeps each kernel in its disk cache (``cache=True``), and
+    ``fastmath`` allows only reassociation and contraction, so that NaN and infinities
+    propagate as in the reference (no ``nnan``, ``ninf``, ``afn``...). The two thread-count
+    helpers are compiled per process and hold no arithmetic."""
+    from numba.core.caching import NullCache
+    from numba.core.registry import CPUDispatcher
+
+    compiled = kernel_norms.loops()
+    loops = {name: obj for name, obj in vars(compiled).items()
+             if isinstance(obj, CPUDispatcher) and name not in ("num_threads", "set_threads")}
+    assert {"unit_forward", "tasks_backward", "chunk_moments", "im2col", "max_pool",
+            "relu_backward", "ws_forward"} <= set(loops)
+    for name, loop in loops.items():
+        assert not isinstance(loop._cache, NullCache), name
+        fastmath = loop.targetoptions.get("fastmath") or set()
+        assert set(fastmath) <= {"reassoc", "contract"}, name
+
+
+def test_a_few_large_planes_are_cut_into_4_tasks_per_thread(monkeypatch):
+    """docs/performance.md: where a call's planes are few, chunk_size aims at 4 tasks per
+    thread, and _use_units takes whole statistics only when they keep every thread busy
+    (4 per thread, or a multiple of the thread count)."""
+    monkeypatch.setattr(kernel_norms, "threads", lambda: 2)
+    monkeypatch.setattr(kernel_norms, "UNIT_PATH", "auto")
+    S = 4 * kernel_norms.MAX_CHUNK                         # 65 536 values: 4 chunks at least
+    assert kernel_norms.chunk_size(1, S) == S // 8         # 8 tasks for 2 threads
+    assert kernel_norms.chunk_size(2, S) == S // 4         # 2 planes x 4 chunks
+    assert kernel_norms.chunk_size(8, 4096) == 4096        # planes enough: whole planes
+    assert kernel_norms._use_units(8, 1024, 1, 8)          # 4 units per thread
+    assert kernel_norms._use_units(6, 1024, 1, 6)          # a multiple of the threads
+    assert not kernel_norms._use_units(5, 1024, 1, 5)      # 2.5 per thread: one idles

@@ -133,3 +133,122 @@ def test_any_of_glibcs_own_malloc_variables_leaves_the_allocator_alone(variable)
     tuning: keep_freed_memory() changes nothing when any of them is set."""
     code = "from refnorm.kernels.norms import keep_freed_memory; print(keep_freed_memory())"
     assert run(code, **{variable: "2"}) == "False"
+
+
+class _FakeGlibc:
+    """A stand-in for glibc that records what mallopt() is asked."""
+
+    def __init__(self):
+        self.calls = []
+
+    def gnu_get_libc_version(self):
+        return b"2.36"
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return 1
+
+
+def test_glibc_is_asked_to_keep_freed_blocks_of_up_to_32_mib_and_trim_from_256_mib(monkeypatch):
+    """keep_freed_memory() sets glibc's M_MMAP_THRESHOLD (mallopt parameter -3, malloc.h) to
+    32 MiB and M_TRIM_THRESHOLD (-1) to 256 MiB, as docs/performance.md ("Memory") says."""
+    from refnorm.kernels import norms
+
+    for name in norms.MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    libc = _FakeGlibc()
+    monkeypatch.setattr(norms.ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(norms.sys, "platform", "linux")
+    assert norms.keep_freed_memory() is True
+    assert sorted(libc.calls) == [(-3, 32 * 2**20), (-1, 256 * 2**20)]
+
+
+def test_a_libc_without_mallopt_is_left_alone(monkeypatch):
+    """Off glibc (a C library without gnu_get_libc_version and mallopt, such as musl) the
+    allocator is not touched and keep_freed_memory() says so."""
+    from refnorm.kernels import norms
+
+    for name in norms.MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(norms.ctypes, "CDLL", lambda name: object())
+    monkeypatch.setattr(norms.sys, "platform", "linux")
+    assert norms.keep_freed_memory() is False
+
+
+ANNOUNCE = """
+import sys, numpy as np
+from refnorm import kernels
+from refnorm.kernels import norms
+cold = ["relu_forward"] + ["other"] * (int(sys.argv[1]) - 1)
+norms.cold_kernels = lambda module=None: cold
+kernels.relu_forward(np.ones(3))
+kernels.relu_forward(np.ones(3, dtype=np.float32))
+"""
+
+
+@pytest.mark.parametrize(("cold", "message"), [
+    (5, None),                                                       # 5 x 1.5 s = 7.5 s < 8 s
+    (6, "compiling fast kernels (first run only, about 9 s)\n"),     # 6 x 1.5 s = 9 s
+])
+def test_the_first_compilation_is_announced_once_when_it_takes_8_s_or_more(cold, message,
+                                                                          tmp_path):
+    """docs/performance.md ("First run"): the message, once on stderr, gives the kernels not
+    cached times 1.5 s, and is said only if that is 8 s or more."""
+    clean = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    done = subprocess.run([sys.executable, "-c", ANNOUNCE, str(cold)],
+                          env={**clean, "NUMBA_CACHE_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300, check=True)
+    said = [line + "\n" for line in done.stderr.splitlines() if "compiling" in line]
+    assert said == ([] if message is None else [message])
+
+
+def _serial_launches(monkeypatch, call) -> list[int]:
+    """The thread counts launch() set around the loops of ``call`` (1: run serially)."""
+    from refnorm.kernels import norms
+
+    compiled = norms.loops()
+    real = compiled.set_threads
+    counts: list[int] = []
+
+    def noted(n):
+        counts.append(n)
+        return real(n)
+
+    monkeypatch.setattr(compiled, "set_threads", noted)
+    call()
+    monkeypatch.undo()
+    return counts[::2]  # each serial launch sets 1, then puts the pool back
+
+
+@pytest.mark.parametrize("method", ["bn", "gn"])
+def test_the_bench_sizes_run_on_every_thread_at_32_samples_and_serially_at_2(method,
+                                                                            monkeypatch):
+    """docs/performance.md ("Threads"): a loop that moves fewer than 2^22 values runs on the
+    calling thread alone. The bench's (32, 64, 32, 32) forward loops read x and write y and
+    x_hat, 6.3 M values: every thread; at (2, 64, 32, 32), 0.39 M values: one thread."""
+    from refnorm import kernels
+
+    _pool_or_skip()
+    rng = np.random.default_rng(0)
+    gamma, beta = np.ones(64, np.float32), np.zeros(64, np.float32)
+
+    def forward(N):
+        x = rng.standard_normal((N, 64, 32, 32)).astype(np.float32)
+        if method == "bn":
+            return lambda: kernels.bn_forward(x, gamma, beta, 1e-5)
+        return lambda: kernels.gn_forward(x, gamma, beta, 1e-5, 32)
+
+    assert _serial_launches(monkeypatch, forward(32)) == []
+    assert _serial_launches(monkeypatch, forward(2)) == [1]
+
+
+def test_switchables_moments_of_the_bench_size_run_on_one_thread(monkeypatch):
+    """docs/performance.md ("Threads"): SN's moments loop at (32, 64, 32, 32) reads x alone,
+    2.1 M values (< 2^22), and runs on one thread; its normalize+affine, 6.3 M, on all."""
+    from refnorm import kernels
+
+    _pool_or_skip()
+    x = np.random.default_rng(1).standard_normal((32, 64, 1024)).astype(np.float32)
+    one, w = np.ones(64, np.float32), np.full(3, 1 / 3, np.float32)
+    assert _serial_launches(monkeypatch, lambda: kernels.sn_forward(
+        x, one, 0 * one, w, w, eps=1e-5, scopes=("in", "ln", "bn"))) == [1]
