@@ -166,6 +166,21 @@ def test_a_constant_float64_group_normalizes_to_zero_on_both_paths(method, value
         np.testing.assert_array_equal(y, beta, err_msg=path)
 
 
+def test_synchronized_batch_norm_of_a_constant_float64_channel_stays_within_its_tolerance():
+    """The conventions page: the synchronized BN merges the devices' sums without refining the
+    mean, so a float64 constant channel of 7.8e15 is not normalized to exactly 0 there, but
+    within the float64 tolerance, 1e-12 times 1 + max|mean| / min sqrt(var + eps)."""
+    value, eps = 7.777777777777e15, 1e-5
+    x = np.full((5, 2, 3, 3), value)
+    g, b = np.ones(2), np.zeros(2)
+
+    def forward(comm, shard):
+        return sync_batch_norm_forward(shard, g, b, comm=comm, eps=eps)[0]
+
+    y = np.concatenate(InProcessGroup.run(2, forward, [x[:2], x[2:]]))
+    assert np.all(np.abs(y) <= 1e-12 * (1 + value / np.sqrt(eps)))
+
+
 def test_switchable_norm_refuses_a_pooled_variance_that_overflows():
     """Plane means 1e19 apart with no spread within a plane: the IN moments fit, but LN's and
     BN's variances (the spread of the IN means) overflow float32. The reference returned
