@@ -53,8 +53,9 @@ def relu_forward(x: Array) -> tuple[Array, ReLUCache]:
     cache : ReLUCache
     """
     xp = check_float_array("x", x)
-    y = xp.maximum(x, xp.zeros_like(x))
-    return y, ReLUCache(positive=x > 0)
+    # asarray: numpy's maximum of a 0-d array is a numpy scalar, not an array
+    y = xp.asarray(xp.maximum(x, xp.zeros_like(x)))
+    return y, ReLUCache(positive=xp.asarray(x > 0))
 
 
 @dispatched

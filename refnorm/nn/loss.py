@@ -94,7 +94,8 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, SoftmaxC
     # where, not onehot * log_probs: a logit of -inf has log p = -inf, and 0 * -inf is NaN.
     picked = xp.sum(xp.where(onehot, log_probs, xp.zeros_like(log_probs)), axis=1)  # (N,)
     # keepdims, then reshape: numpy reduces a full reduction to a numpy scalar, not an array.
-    loss = xp.reshape(-xp.mean(picked, axis=0, keepdims=True), ())  # ()
+    # 0 - mean, not -mean: a loss of zero is +0.0, as PyTorch's, not -0.0
+    loss = xp.reshape(0.0 - xp.mean(picked, axis=0, keepdims=True), ())  # ()
     cache = SoftmaxCrossEntropyCache(probs=xp.exp(log_probs), onehot=onehot,
                                      logits_dtype=logits.dtype)
     return xp.astype(loss, logits.dtype, copy=False), cache

@@ -114,9 +114,18 @@ class SingleProcess(Communicator):
 
     rank, size = 0, 1
 
+    def __init__(self) -> None:
+        self._finished = False
+
     def allreduce_sum(self, arrays: Sequence[Array], *, op: str = "allreduce_sum",
                       layer: str = "") -> list[Array]:
+        if self._finished:  # as every other communicator: a finished rank makes no collective
+            raise RuntimeError(f"rank 0 called finish() and then an all-reduce "
+                               f"({op}{' of layer ' + layer if layer else ''})")
         return array_list(arrays)
+
+    def finish(self, status: str = "called finish()") -> None:
+        self._finished = True
 
 
 def _itemsize(a: Array) -> int:

@@ -97,6 +97,19 @@ def test_a_nan_input_gets_dx_0_where_pytorch_passes_dy(path):
     np.testing.assert_array_equal(xt.grad.numpy(), [5.0, 0.0, 5.0])
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_a_0d_input_gives_0d_arrays_not_numpy_scalars(path):
+    """The docstring promises arrays: numpy's maximum of a 0-d array is a numpy scalar."""
+    y, cache = relu_forward(np.array(-1.5), path=path)
+    dx = relu_backward(np.array(2.0), cache, path=path)
+    for a in (y, dx):
+        assert type(a) is np.ndarray and a.shape == () and a.dtype == np.float64
+    assert float(y) == 0.0 and float(dx) == 0.0
+    y, cache = relu_forward(np.array(3.0), path=path)
+    assert type(y) is np.ndarray and float(y) == 3.0
+    assert float(relu_backward(np.array(2.0), cache, path=path)) == 2.0
+
+
 def test_fast_relu_backward_checks_every_new_upstream_shape():
     """The fast path checks an argument signature once; dy's shape is part of it, so a dy of
     another shape after a valid one is refused as the reference refuses it, not handed to

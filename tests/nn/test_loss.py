@@ -117,6 +117,16 @@ def test_minus_infinite_logit_of_another_class_is_fine():
     np.testing.assert_array_equal(softmax_cross_entropy_backward(cache), [[0.0, 0.0]])
 
 
+def test_a_loss_of_zero_is_plus_zero_as_in_pytorch():
+    """-log p of a certain prediction is 0; negating a mean of +0.0 would print it -0.0."""
+    loss, _ = softmax_cross_entropy(np.array([[0.0, -np.inf], [0.0, -np.inf]]), np.array([0, 0]))
+    assert float(loss) == 0.0 and not np.signbit(loss)
+    torch = pytest.importorskip("torch")
+    expected = torch.nn.functional.cross_entropy(torch.tensor([[0.0, -np.inf]] * 2),
+                                                 torch.tensor([0, 0]))
+    assert float(expected) == 0.0 and not np.signbit(expected.numpy())
+
+
 def test_dtypes_and_any_integer_label_dtype():
     logits = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
     for label_dtype in (np.int8, np.uint8, np.int32, np.int64, np.uint64):

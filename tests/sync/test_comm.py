@@ -154,6 +154,18 @@ def test_an_all_reduce_after_finish_is_a_clear_error():
         InProcessGroup.run(1, device)
 
 
+def test_one_device_refuses_an_all_reduce_after_finish_as_a_group_does():
+    comm = SingleProcess()
+    with comm:
+        (out,) = comm.allreduce_sum([np.ones(1)])
+    np.testing.assert_array_equal(out, [1.0])
+    with pytest.raises(RuntimeError, match=r"rank 0 called finish\(\) and then an all-reduce "
+                                           r"\(late of layer bn1\)"):
+        comm.allreduce_sum([np.ones(1)], op="late", layer="bn1")
+    (fresh,) = SingleProcess().allreduce_sum([np.ones(1)])  # each instance its own state
+    np.testing.assert_array_equal(fresh, [1.0])
+
+
 def test_every_device_finishing_is_no_error():
     def device(comm):
         out = comm.allreduce_sum([np.full(2, comm.rank + 1.0)])[0]
