@@ -478,7 +478,8 @@ def _running_rows(p: _Probe, report: Report, ids_in: np.ndarray, placement: str,
     rm2, rv2 = impl.get_running()
     w1 = float(np.median(rm1 / mu1))
     w2 = float(np.median((rm2 - rm1) / (mu2 - rm1)))
-    c1 = float(np.median((rv1 - (1 - w1)) / (w1 * v1)))
+    # with the new batch weighted 0 (momentum 0) no batch variance reaches the buffer
+    c1 = float(np.median((rv1 - (1 - w1)) / (w1 * v1))) if abs(w1) >= SAME else math.nan
     mom = impl.hints.get("momentum", "absent")
     if abs(w1 - w2) < SAME:
         kind, text = "exponential", f"exponential, new batch weighted {w1:.6g}"
@@ -497,18 +498,23 @@ def _running_rows(p: _Probe, report: Report, ids_in: np.ndarray, placement: str,
             on = "unknown"
     else:
         on = "n/a"
+    frozen = kind == "exponential" and abs(w1) < SAME
+    if frozen:
+        text += "; refnorm's momentum is in (0, 1]"
     report.add("running average", text, "exponential, momentum 0.1 on the new value",
-               kind == "exponential" and on in ("new", "n/a"),
+               kind == "exponential" and on in ("new", "n/a") and not frozen,
                running=kind, momentum_new_weight=_round(w1, 6), momentum_on=on)
     factors = {"unbiased": m / (m - 1), "biased": 1.0}
     if p.method == "sn":
         factors["in_unbiased"] = S / (S - 1)
-    name = next((k for k, v in factors.items() if abs(c1 - v) < FIT), "other")
+    name = next((k for k, v in factors.items() if abs(c1 - v) < FIT),
+                "unseen" if math.isnan(c1) else "other")
     texts = {"unbiased": f"unbiased (x m/(m-1), m = {m})", "biased": "biased (1/m)",
              "in_unbiased": f"the IN-unbiased BN variance (x S/(S-1), S = {S})",
+             "unseen": "not seen: no batch enters the running averages (weight 0)",
              "other": f"scaled by {c1:.4g} (m = {m})"}
     report.add("running variance", texts[name], f"unbiased (x m/(m-1), m = {m})",
-               name == "unbiased", running_var=name)
+               None if name == "unseen" else name == "unbiased", running_var=name)
     _eval_row(p, report, placement, eps, (rm2, rv2))
     if kind != "exponential" or name != "unbiased" or not 0 < w1 <= 1:
         return None

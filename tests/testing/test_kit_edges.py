@@ -136,6 +136,22 @@ def test_momentum_one_keeps_the_last_batch_and_matches():
         report.match, str(report)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_momentum_zero_is_named_and_its_running_variance_is_not_judged():
+    """PyTorch's momentum = 0 keeps the buffers at their start: the batch variance never
+    reaches them, so its estimator cannot be seen (it was "scaled by nan", from 0 / 0), and
+    refnorm's momentum (0, 1] has no such option: the running-average row says so."""
+    torch = pytest.importorskip("torch")
+    report = fingerprint("bn", torch.nn.BatchNorm2d(3, momentum=0.0))
+    rows = {row.topic: row for row in report.rows}
+    assert rows["running variance"].found.startswith("not seen") and \
+        rows["running variance"].agrees is None, str(report)
+    assert report.conventions["running_var"] == "unseen"
+    assert rows["running average"].agrees is False and \
+        "refnorm's momentum is in (0, 1]" in rows["running average"].found, str(report)
+    assert report.match is None and report.first_divergence().topic == "running average"
+
+
 # -- numpy layers with one convention changed ------------------------------------------------------
 
 
