@@ -444,9 +444,15 @@ def _affine_row(p: _Probe, report: Report) -> bool:
         report.add("affine", "none (gamma, beta not used)", "gamma, beta per channel (C,)",
                    None, affine="none")
         return True
+    gain = p.impl.hints.get("gain_shape")
+    if "beta" in p.impl.absent and "gamma" not in p.impl.absent:  # LayerNorm(bias=False)
+        ok = bool(np.allclose(y2, gamma.reshape(view) * y1, rtol=1e-9, atol=1e-12))
+        per = f"one gain per element of {tuple(gain)}" if gain is not None else "per channel"
+        report.add("affine", f"gamma * x_hat, no beta, {per}" if ok else "other",
+                   "gamma * x_hat + beta, (C,)", False, affine="no_beta" if ok else "other")
+        return False
     ok = bool(np.allclose(y2, gamma.reshape(view) * y1 + beta.reshape(view), rtol=1e-9,
                           atol=1e-12))
-    gain = p.impl.hints.get("gain_shape")
     if ok and gain is not None:  # PyTorch's LayerNorm: one gain per element, not per channel
         report.add("affine", f"gamma * x_hat + beta, one gain and bias per element of "
                              f"{tuple(gain)} (probed per channel)", "gamma * x_hat + beta, (C,)",
@@ -584,6 +590,9 @@ def _gradients(p: _Probe, report: Report, x: np.ndarray, gamma: np.ndarray, beta
     got = dict(zip(names, grads, strict=False))
     if not p.impl.affine:
         del want["dgamma"], want["dbeta"]
+    for param in ("gamma", "beta"):  # a parameter the implementation lacks has no gradient
+        if param in p.impl.absent:
+            want.pop("d" + param, None)
     wrong = []
     for name, w in want.items():
         scale = float(np.max(np.abs(w))) or 1.0
@@ -681,7 +690,7 @@ def _verify(impl: Impl, method: str, shape: tuple[int, ...], options: dict[str, 
         for name in reference.PARAM_NAMES[method]:
             if name.endswith("logits"):
                 params.append(rng.standard_normal(3))
-            elif not impl.affine:
+            elif not impl.affine or name in impl.absent:  # what it lacks: 1 or 0, as unused
                 params.append(np.ones(C) if name == "gamma" else np.zeros(C))
             else:
                 params.append(rng.uniform(0.5, 2, C) * (1 if name != "beta" else 0.5))
@@ -773,7 +782,8 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
                    "biased (1/m)", None, variance="not probed")
         hint = p.impl.hints.get("eps")
         placement, eps = "unknown", hint if isinstance(hint, float) else 1e-5
-    per_channel = _affine_row(p, report) or report.conventions.get("affine") != "per_element"
+    per_channel = (_affine_row(p, report)
+                   or report.conventions.get("affine") not in ("per_element", "no_beta"))
     options: dict[str, Any] = {"eps": eps or 1e-300}
     ok = ((method == "sn" or report.conventions["variance"] == "biased")
           and placement in ("inside_sqrt", "none") and scope_ok and per_channel)

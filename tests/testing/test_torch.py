@@ -85,6 +85,23 @@ def test_layer_norm_with_a_gain_per_element_is_named_so():
     assert plain.match == "refnorm.layer_norm_forward(eps=1e-05)", str(plain)
 
 
+@pytest.mark.parametrize("shape, per", [(6, "per channel"),
+                                        ((4, 3, 4), "one gain per element of (4, 3, 4)")])
+def test_layer_norm_without_bias_is_a_gain_without_beta_and_its_gradients_are_its_own(shape,
+                                                                                       per):
+    """LayerNorm(bias=False) has no beta: it was "affine: other" and its gradients "wrong:
+    dbeta (none given)". It follows refnorm's LN with beta = 0 (the closest, to rounding), but
+    refnorm's layer has a beta, so it is no match."""
+    report = fingerprint("ln", torch.nn.LayerNorm(shape, bias=False))
+    rows = {row.topic: row for row in report.rows}
+    assert rows["affine"].found == f"gamma * x_hat, no beta, {per}", str(report)
+    assert report.conventions["affine"] == "no_beta"
+    assert report.conventions["gradients"] == "consistent", str(report)
+    assert report.match is None and report.first_divergence().topic == "affine"
+    assert "closest: refnorm.layer_norm_forward(eps=1e-05)" in str(report)
+    assert report.residual < 1e-10, str(report)  # with a beta drawn it was 0.95
+
+
 def test_weight_norm_has_no_eps():
     module = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(2, 3, 2))
     report = fingerprint("wn", module)
