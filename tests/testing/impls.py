@@ -103,6 +103,13 @@ def numpy_bn_forward(x, gamma, beta, eps=1e-5):
     return _view(gamma, x.ndim) * (x - mu) / np.sqrt(var + eps) + _view(beta, x.ndim)
 
 
+def float32_bn_forward(x, gamma, beta, eps=1e-5):
+    """The same BN computed in float32 whatever the input's dtype (as JAX without x64),
+    returned in the input's dtype."""
+    x32, g32, b32 = (np.asarray(a, dtype=np.float32) for a in (x, gamma, beta))
+    return numpy_bn_forward(x32, g32, b32, np.float32(eps)).astype(np.asarray(x).dtype)
+
+
 class NumpyGN:
     """Group Normalization in numpy; ``layout="interleaved"`` puts channel c in group c % G."""
 

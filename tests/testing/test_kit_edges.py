@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from refnorm.testing import Case, as_impl, assert_matches, fingerprint, norm_inputs
 from refnorm.testing.compare import compare_case
 from refnorm.testing.reference import group_ids
-from tests.testing.impls import NumpyBN, NumpyGN, numpy_bn_forward
+from tests.testing.impls import NumpyBN, NumpyGN, float32_bn_forward, numpy_bn_forward
 
 FIRST = "First diverging convention (refnorm.testing.fingerprint): "
 F16, F32 = np.float16, np.float32
@@ -150,6 +150,18 @@ def test_momentum_zero_is_named_and_its_running_variance_is_not_judged():
     assert rows["running average"].agrees is False and \
         "refnorm's momentum is in (0, 1]" in rows["running average"].found, str(report)
     assert report.match is None and report.first_divergence().topic == "running average"
+
+
+def test_a_layer_computing_in_float32_is_named_so_not_affine_other():
+    """A float64 probe of a layer that computes in float32 finds the affine off by ~1e-7, not
+    the 1e-9 of float64: it was "affine: other"; the row now says float32 precision."""
+    report = fingerprint("bn", float32_bn_forward)
+    rows = {row.topic: row for row in report.rows}
+    assert report.conventions["affine"] == "per_channel_float32", str(report)
+    assert "to float32 precision only" in rows["affine"].found
+    assert report.match is None and report.first_divergence().topic == "affine"
+    exact = fingerprint("bn", numpy_bn_forward)
+    assert exact.conventions["affine"] == "per_channel" and exact.match is not None
 
 
 # -- numpy layers with one convention changed ------------------------------------------------------
