@@ -1,8 +1,10 @@
 """Printed formulas from the papers, transcribed as printed, and their checks.
 
-Each module reproduces one paper's equations exactly as printed (wrong ones included) and
-checks every one against central finite differences, so that the docs' errata page and the
-tests are built from the same measurements.
+Each paper's module (``sn_appendix``, ``sn_multi_gpu``, ``sn_distinct``, ``ws_theory``)
+reproduces its equations exactly as printed (wrong ones included) and checks every one: a
+gradient or an identity built on gradients against central finite differences, a forward
+formula as its docstring says, so that the docs' errata page and the tests are built from the
+same measurements.
 
 - :mod:`refnorm.errata.findings` — what the modules share: the
   :class:`~refnorm.errata.findings.Finding` record, the error measure and finite

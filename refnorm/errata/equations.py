@@ -613,7 +613,16 @@ EQUATIONS: tuple[Equation, ...] = (
 
 
 def equations(paper: str) -> list[Equation]:
-    """The registered equations of ``paper``, in order."""
+    """The registered equations of ``paper``, in order.
+
+    Raises
+    ------
+    ValueError
+        If ``paper`` is not a key of :data:`PAPERS` (an empty table would read as a paper
+        with no equations).
+    """
+    if paper not in PAPERS:
+        raise ValueError(f"paper must be one of {', '.join(PAPERS)}; got {paper!r}")
     return sorted((e for e in EQUATIONS if e.paper == paper), key=lambda e: e.number)
 
 
@@ -826,7 +835,7 @@ def coverage(paper: str) -> dict[str, int]:
 def coverage_line(paper: str) -> str:
     """E.g. "SN journal: 25 numbered equations, 22 implemented and verified, 3 printed
     wrong" (verdicts no equation has are left out)."""
-    p, counts, total = PAPERS[paper], coverage(paper), len(equations(paper))
+    counts, total, p = coverage(paper), len(equations(paper)), PAPERS[paper]
     parts = [f"{counts[v]} {words}" for v, words in _COUNTED if counts[v]]
     unit = p.unit if total != 1 else p.unit.replace("equations", "equation").replace(
         "formulas", "formula")

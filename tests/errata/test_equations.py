@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -273,3 +275,124 @@ def test_each_rule_of_the_registry_names_the_row_that_breaks_it(monkeypatch):
         eq.Equation("ws", 1, "a", "w", eq.PRINTED_WRONG, ("t",), errata="e"),
         eq.Equation("ws", 2, "a", "w", eq.NOT_IMPLEMENTED, ("t",), note="r")))
     assert eq.registry_problems([tag, in_errata]) == []
+
+
+def test_a_tag_may_mix_a_list_a_range_and_words():
+    """"# Eq. (2), (4)-(6)": the range starts after the number just before it, not after the
+    first; "and" and "&" list like a comma."""
+    assert eq.parse_tag("# Eq. (2), (4)-(6)") == [(None, 2), (None, 4), (None, 5), (None, 6)]
+    assert eq.parse_tag("# Eq. (10) and (11)") == [(None, 10), (None, 11)]
+    assert eq.parse_tag("# WS Eq. (5) & (6)") == [("WS", 5), ("WS", 6)]
+
+
+def test_the_fast_kernels_are_not_scanned(tmp_path):
+    """The kernels carry no tags (module docstring): a tag there is not part of the concordance,
+    while the same tag in a reference module is."""
+    pkg = tmp_path / "refnorm"
+    (pkg / "kernels").mkdir(parents=True)
+    (pkg / "norms").mkdir()
+    for sub in ("kernels", "norms"):
+        (pkg / sub / "m.py").write_text('"""After Qiao et al."""\nx = 1  # Eq. (3)\n')
+    found = eq.scan(pkg)
+    assert found.problems == []
+    assert [(t.path, t.number) for t in found.tags] == [("refnorm/norms/m.py", 3)]
+
+
+def test_a_tag_in_a_package_init_names_the_package(tmp_path):
+    pkg = tmp_path / "refnorm" / "weights"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""After Qiao et al."""\nx = 1  # Eq. (2)\n')
+    [tag] = eq.scan(tmp_path / "refnorm").tags
+    assert (tag.module, tag.path, tag.number) == (
+        "refnorm.weights", "refnorm/weights/__init__.py", 2)
+
+
+def _tag(module: str, line: int, scope: tuple[str, ...]) -> eq.Tag:
+    path = module.replace(".", "/") + ".py"
+    return eq.Tag("snj", 4, path, line, module, scope)
+
+
+def test_the_code_cell_shows_the_reference_first_then_private_helpers_then_the_errata():
+    """Public reference functions first, a private helper named in code after its module's
+    link, and the errata's transcriptions last, marked "in the errata", each whatever its path
+    or line; the lines of one function together."""
+    sn, errata = "refnorm.norms.switchable_norm", "refnorm.errata.sn_appendix"
+    tags = [_tag(errata, 1, ("printed_eq4",)), _tag(sn, 2, ("_fused",)),
+            _tag(sn, 3, ("in_moments",)), _tag(sn, 5, ("in_moments",))]
+    cell = eq.code_cell(eq.lookup("snj", 4), tags)
+    assert cell.split("<br>") == [
+        "{func}`~refnorm.norms.switchable_norm.in_moments` `switchable_norm.py:3, 5`",
+        "`_fused` in {mod}`refnorm.norms.switchable_norm` `switchable_norm.py:2`",
+        "in the errata: {func}`~refnorm.errata.sn_appendix.printed_eq4` `sn_appendix.py:1`",
+    ], cell
+
+
+def test_the_code_cell_links_with_the_role_of_what_it_names():
+    """A function takes {func}, a class {class}, a public method {meth}: a role of the wrong
+    kind is a broken link in Sphinx."""
+    wn = "refnorm.weights.weight_norm"
+    cases = {("weight_norm_forward",): "{func}`~refnorm.weights.weight_norm.weight_norm_forward`",
+             ("WeightNorm",): "{class}`~refnorm.weights.weight_norm.WeightNorm`",
+             ("WeightNorm", "forward"): "{meth}`~refnorm.weights.weight_norm.WeightNorm.forward`"}
+    for scope, link in cases.items():
+        cell = eq.code_cell(eq.lookup("snj", 4), [_tag(wn, 7, scope)])
+        assert cell == f"{link} `weight_norm.py:7`", cell
+
+
+def test_an_undocumented_function_is_named_after_a_link_to_its_module(monkeypatch):
+    """The API reference has no entry for a function without a docstring: the cell names it
+    in code and links the module that holds it."""
+    module = types.ModuleType("refnorm_undocumented")
+    exec("def helper():\n    return 1\n\ndef documented():\n    \"\"\"Doc.\"\"\"\n",
+         module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    cell = eq.code_cell(eq.lookup("snj", 4), [_tag(module.__name__, 2, ("helper",))])
+    assert cell == "`helper` in {mod}`refnorm_undocumented` `refnorm_undocumented.py:2`", cell
+    cell = eq.code_cell(eq.lookup("snj", 4), [_tag(module.__name__, 4, ("documented",))])
+    assert cell == "{func}`~refnorm_undocumented.documented` `refnorm_undocumented.py:4`", cell
+
+
+def test_the_checked_by_cell_names_each_test_and_its_file():
+    e = eq.Equation("ws", 1, "a", "w", eq.VERIFIED,
+                    ("tests/errata/test_x.py::test_a", "tests/sync/test_y.py::test_b"))
+    assert eq.tests_cell(e) == ("`test_a` in `errata/test_x.py`<br>"
+                                "`test_b` in `sync/test_y.py`")
+
+
+def test_the_verdict_cell_joins_its_note_as_the_page_reads():
+    """"not implemented, because <reason>"; every other verdict "<verdict>: <note>", the
+    printed-wrong one after its link to the errata section."""
+    def cell(verdict, **kw):
+        return eq.verdict_cell(eq.Equation("ws", 1, "a", "w", verdict, ("t",), **kw))
+
+    assert cell(eq.NOT_IMPLEMENTED, note="r") == "**not implemented**, because r"
+    assert cell(eq.VERIFIED, note="n") == "**implemented and verified**: n"
+    assert cell(eq.VERIFIED) == "**implemented and verified**"
+    assert cell(eq.DEFINITION, note="n") == "**definition only**: n"
+    assert cell(eq.PRINTED_WRONG, note="n", errata="lbl") == (
+        "**printed form wrong**, see {ref}`errata <lbl>`: n")
+
+
+def test_a_pipe_in_a_description_does_not_split_the_row(monkeypatch):
+    monkeypatch.setattr(eq, "EQUATIONS", (
+        eq.Equation("ws", 1, "a", "the norm ||g||", eq.NOT_IMPLEMENTED, ("tests/t.py::test_a",),
+                    note="r | s", untagged="u"),))
+    row = eq.table("ws", []).splitlines()[2]
+    cells = _cells(row)
+    assert len(cells) == 6, row
+    assert cells[2] == r"the norm \|\|g\|\|" and cells[5].endswith(r"r \| s"), cells
+
+
+def test_a_papers_equations_come_in_number_order(monkeypatch):
+    monkeypatch.setattr(eq, "EQUATIONS", tuple(reversed(eq.EQUATIONS)))
+    assert [e.number for e in eq.equations("gg")] == list(range(1, 8))
+    assert eq.registry_problems(eq.scan().tags) == []
+
+
+@pytest.mark.parametrize("call", [eq.equations, eq.coverage, eq.coverage_line,
+                                  lambda p: eq.table(p, [])])
+def test_an_unknown_paper_is_refused_by_name(call):
+    """A misspelt key ("SNJ" for "snj") would build an empty table, a paper with no
+    equations; it is refused with the keys that exist."""
+    with pytest.raises(ValueError, match=r"paper must be one of snj, snd, ws, gg; got 'SNJ'"):
+        call("SNJ")
