@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import numbers
 import os
 import sys
 import threading
@@ -149,6 +150,7 @@ class MeteredCommunicator(Communicator):
     """
 
     def __init__(self, inner: Any) -> None:
+        check_comm(inner)
         self.inner = inner
         self.rank, self.size = inner.rank, inner.size
         self.clear()
@@ -201,7 +203,7 @@ def timeout_seconds(timeout: float | None) -> float:
             timeout = float(text)
         except ValueError:
             raise ValueError(f"{source} must be a number of seconds; got {text!r}") from None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+    if isinstance(timeout, (bool, np.bool_)) or not isinstance(timeout, numbers.Real) or not (
             math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"{source} must be a positive, finite number of seconds; "
                          f"got {timeout!r}")

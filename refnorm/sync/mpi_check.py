@@ -17,6 +17,7 @@ seen (see :mod:`refnorm.sync.comm`); ``$REFNORM_SYNC_TIMEOUT`` sets its watchdog
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -89,7 +90,7 @@ def _check(comm: Any, args: argparse.Namespace) -> int:
         for i, name in enumerate(names):
             got = (np.concatenate([p[i] for p in parts]) if i < 2 else sum(p[i] for p in parts))
             err = float(np.max(np.abs(got - ref[i])))
-            worst = max(worst, err)
+            worst = max(worst, err if not math.isnan(err) else math.inf)  # NaN: no match
             shards = [b - a for a, b in shard_bounds(9, comm.size)]
             print(f"{label} {name:<13} P={comm.size} shards={shards} "
                   f"max abs diff vs one device: {err:.1e}")

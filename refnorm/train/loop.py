@@ -51,7 +51,7 @@ import numpy as np
 from refnorm.backend import Array, to_numpy
 from refnorm.dispatch import get_path
 from refnorm.nn import softmax_cross_entropy, softmax_cross_entropy_backward
-from refnorm.sync.comm import InProcessGroup, MeteredCommunicator, SingleProcess
+from refnorm.sync.comm import InProcessGroup, MeteredCommunicator, SingleProcess, check_comm
 from refnorm.sync.data_parallel import allreduce_gradients
 from refnorm.sync.headers import allreduce
 from refnorm.train.checkpoint import (
@@ -261,6 +261,9 @@ def train(
 
     Raises
     ------
+    TypeError
+        Before training, if ``config``, ``data`` or ``on_step`` is not of its kind, or ``comm``
+        is not a communicator (:func:`~refnorm.sync.comm.check_comm`).
     NonFinite
         If a NaN or an infinity appeared; the message names the array (and the device) and
         says which checkpoint is kept, or that none was written.
@@ -290,6 +293,8 @@ def train(
         raise ValueError("norm_layer must be a function that builds each block's normalizer, "
                          f"with config.norm naming the method; got {norm_layer!r} with "
                          f"norm={config.norm!r}")
+    if comm is not None:
+        check_comm(comm)
     if comm is not None and comm.size != config.devices:
         raise ValueError(f"config.devices is {config.devices} but the communicator has "
                          f"{comm.size} devices; they must agree")

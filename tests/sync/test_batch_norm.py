@@ -305,3 +305,69 @@ def test_inference_takes_the_layers_path():
         layer.forward(x, training=False)
         layer.backward(np.ones_like(x))
     assert calls == [("batch_norm_eval_forward", "fast"), ("batch_norm_backward", "fast")]
+
+
+def test_the_mean_of_float32_shards_is_the_exact_mean_rounded_once():
+    # The module docstring: the sums of the values are float64 and the mean is rounded once,
+    # as moments() does on one device. Summed in float32, 5000 values near 1000 per device
+    # lose low bits (about 5e6 in a 24-bit significand), and the mean moves by an ulp.
+    x = (np.random.default_rng(3).standard_normal((2, 3, 5000)) + 1000).astype(np.float32)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+
+    def device(comm, xs):
+        return sync_batch_norm_forward(xs, gamma, beta, comm=comm)[1].mean
+
+    exact = x.astype(np.float64).mean(axis=(0, 2)).astype(np.float32)   # one rounding
+    for mean in InProcessGroup.run(2, device, split(x, [1, 1])):
+        np.testing.assert_array_equal(mean, exact)
+
+
+def test_float16_gradients_are_summed_in_float32():
+    # float16 inputs compute in float32 (the conventions page), dy too: dbeta summed in
+    # float16 over 4096 values near 0.5 rounds each partial sum to 11 bits (4150.16 -> 4152).
+    rng = np.random.default_rng(0)
+    x = (3 * rng.standard_normal((2, 1, 4096)) + 5).astype(np.float16)
+    dy = rng.uniform(0, 1, x.shape).astype(np.float16)
+    gamma, beta = np.ones(1, np.float32), np.zeros(1, np.float32)
+
+    def device(comm, xs, dys):
+        _, cache = sync_batch_norm_forward(xs, gamma, beta, comm=comm)
+        return sync_batch_norm_backward(dys, cache)
+
+    results = InProcessGroup.run(2, device, split(x, [1, 1]), split(dy, [1, 1]))
+    dbeta = combine(results, 2, concat=False)
+    # float32's rounding of a sum of 4096 values, relative: well below 1e-5
+    np.testing.assert_allclose(dbeta, dy.astype(np.float64).sum(axis=(0, 2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [[1, 0], [0, 2, 3]])
+def test_layer_follows_pytorch_batch_norm_on_the_concatenated_batch(sizes):
+    # torch.nn.SyncBatchNorm's documented semantics, in one process: BatchNorm2d on the
+    # whole batch. Its running variance is unbiased over the N*H*W values of all devices
+    # (one sample in all is enough with H*W > 1), momentum 0.3 weighting the new batch,
+    # over three steps; y and dx (autograd, random upstream gradient) on the way.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    batches = [3 * rng.standard_normal((sum(sizes), 2, 3, 2)) + 4 for _ in range(3)]
+    dys = [rng.standard_normal(x.shape) for x in batches]
+
+    def device(comm, *shards):
+        bn = refnorm.build("syncbn", 2, dtype=np.float64, comm=comm, momentum=0.3)
+        out = [(bn.forward(xs, training=True), bn.backward(dy))
+               for xs, dy in zip(shards[:3], shards[3:], strict=True)]
+        return out, bn.state
+
+    results = InProcessGroup.run(len(sizes), device, *(split(x, sizes) for x in batches),
+                                 *(split(dy, sizes) for dy in dys))
+    ref = torch.nn.BatchNorm2d(2, momentum=0.3, dtype=torch.float64)
+    for step, (x, dy) in enumerate(zip(batches, dys, strict=True)):
+        xt = torch.tensor(x, requires_grad=True)
+        yt = ref(xt)
+        yt.backward(torch.tensor(dy))
+        for i, want in ((0, yt.detach().numpy()), (1, xt.grad.numpy())):
+            got = np.concatenate([out[step][i] for out, _ in results])
+            # float64 rounding on values of size <= ~10
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    for _, state in results:
+        np.testing.assert_allclose(state["running_mean"], ref.running_mean.numpy(), rtol=1e-13)
+        np.testing.assert_allclose(state["running_var"], ref.running_var.numpy(), rtol=1e-13)

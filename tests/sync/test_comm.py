@@ -355,3 +355,12 @@ def test_a_numpy_integer_is_a_group_size():
     # of sizes is a size; the devices see a Python int.
     sizes = InProcessGroup.run(np.int64(2), lambda comm: (comm.size, type(comm.size)))
     assert sizes == [(2, int), (2, int)]
+
+
+@pytest.mark.parametrize("inner", [SingleProcess, 42])
+def test_a_metered_communicator_refuses_what_is_not_a_communicator_when_built(inner):
+    # MeteredCommunicator(SingleProcess) (the class) was accepted, and a synchronized layer
+    # built on it failed at its first training forward with "allreduce_sum() missing 1
+    # required positional argument"; MeteredCommunicator(42) with an AttributeError.
+    with pytest.raises(TypeError, match="comm must be a communicator"):
+        MeteredCommunicator(inner)

@@ -155,3 +155,12 @@ def test_the_watchdogs_default_limit_is_60_seconds(monkeypatch):
     $REFNORM_SYNC_TIMEOUT or 60 s aborts the job (the message's "waited 60 s")."""
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)
     assert timeout_seconds(None) == 60.0
+
+
+@pytest.mark.parametrize("seconds", [np.float32(2.5), np.float64(2.5), np.int64(3)])
+def test_a_numpy_number_of_seconds_is_a_watchdog_limit(seconds):
+    # A positive, finite numpy scalar (a limit computed with numpy) was refused as "not a
+    # positive, finite number of seconds"; a numpy bool is still no number of seconds.
+    assert timeout_seconds(seconds) == float(seconds)
+    with pytest.raises(ValueError, match="timeout must be a positive, finite number"):
+        timeout_seconds(np.True_)

@@ -83,3 +83,22 @@ def test_the_check_reports_a_difference_of_either_sign(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "MISMATCH"
     assert lines[0].startswith("syncbn y ") and lines[0].endswith("one device: 1.0e+00")
+
+
+def test_the_check_reports_a_nan_as_a_mismatch(monkeypatch, capsys):
+    """A NaN anywhere in a synchronized output makes its difference NaN, which is no
+    difference within 1e-10: the check must say MISMATCH (exit 1), not OK."""
+    args = argparse.Namespace(fail_rank=None, mismatch=False)
+    forward = refnorm.sync.sync_batch_norm_forward
+
+    def one_nan(*args, **kwargs):
+        y, cache = forward(*args, **kwargs)
+        y = y.copy()
+        y[0, 0, 0, 0] = float("nan")
+        return y, cache
+
+    monkeypatch.setattr(refnorm.sync, "sync_batch_norm_forward", one_nan)
+    assert mpi_check._check(_OneRank(), args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("syncbn y ") and lines[0].endswith("one device: nan")
+    assert lines[-1] == "MISMATCH"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import refnorm
 from refnorm.dispatch import record_paths
-from refnorm.gradcheck import check_layer
+from refnorm.gradcheck import check_layer, check_vjp
 from refnorm.norms.switchable_norm import (
     SwitchableOptions,
     switchable_norm_backward,
@@ -45,7 +45,6 @@ def test_sync_switchable_norm_equals_one_device(case, options, data):
     assume("in" not in options.scopes or S >= 2)
     assume(options.in_correction == 0 or S >= 2)
     assume("ln" not in options.scopes or x.shape[1] * S >= 2)
-    assume("bn" in options.scopes or min(sizes) > 0)  # plain SN refuses an empty shard
     params = channel_params(data.draw, x.shape[1], K=len(options.scopes))
 
     def device(comm, xs, dys):
@@ -422,3 +421,33 @@ def test_a_sum_of_in_means_beyond_float32_is_refused_as_on_one_device():
 
     with pytest.raises(ValueError, match="the variance of x overflows float32"):
         InProcessGroup.run(2, device, split(x, [1, 2]), timeout=10)
+
+
+@pytest.mark.parametrize("options", [SwitchableOptions(), SwitchableOptions(scope_correction=1)])
+def test_gradients_over_unequal_shards_match_finite_differences_of_the_whole_batch(options):
+    # The concatenated dx and the summed gamma, beta and control-parameter gradients of
+    # devices holding 0, 2 and 3 samples are the gradients of one SN over the whole batch
+    # (Luo et al., SN journal version, Eq. 22-25 with Eq. 16-20), checked against central
+    # finite differences of that SN in float64 with a random upstream gradient.
+    rng = np.random.default_rng(8)
+    sizes = [0, 2, 3]
+    inputs = {"x": 5 * rng.standard_normal((5, 2, 2, 2)) + 12,
+              "gamma": 1 + 0.5 * rng.standard_normal(2), "beta": rng.standard_normal(2),
+              "mean_logits": rng.standard_normal(3), "var_logits": rng.standard_normal(3)}
+
+    def whole_batch(x, gamma, beta, mean_logits, var_logits):
+        return switchable_norm_forward(x, gamma, beta, mean_logits, var_logits,
+                                       options=options)[0]
+
+    def synchronized(dy, x, gamma, beta, mean_logits, var_logits):
+        def device(comm, xs, dys):
+            _, cache = sync_switchable_norm_forward(xs, gamma, beta, mean_logits, var_logits,
+                                                    comm=comm, options=options)
+            return sync_switchable_norm_backward(dys, cache)
+
+        results = InProcessGroup.run(3, device, split(x, sizes), split(dy, sizes))
+        names = ("x", "gamma", "beta", "mean_logits", "var_logits")
+        return {name: combine(results, i, concat=i == 0) for i, name in enumerate(names)}
+
+    for name, err in check_vjp(whole_batch, synchronized, inputs, seed=3).items():
+        assert err.max_rel_error < 1e-6, (name, err)  # the suite's gradcheck tolerance

@@ -573,3 +573,13 @@ def test_a_communicator_of_another_size_than_the_devices_is_refused(tmp_path, da
         train(config, out=tmp_path / "run", progress=False, data=datasets[2],
               comm=SingleProcess())
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("comm", [42, "mpi"])
+def test_a_comm_that_is_not_a_communicator_is_refused_before_training(tmp_path, datasets, comm):
+    """train(config, comm=42) failed with "'int' object has no attribute 'size'"; it is now
+    the communicators' own TypeError, before the output folder is made."""
+    config = TrainConfig(**{**BASE, "devices": 2, "batch_size": B})
+    with pytest.raises(TypeError, match=r"^comm must be a communicator .*; got "):
+        train(config, out=tmp_path / "run", progress=False, data=datasets[2], comm=comm)
+    assert not (tmp_path / "run").exists()
