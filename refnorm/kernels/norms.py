@@ -739,6 +739,12 @@ def sn_scope_statistics(xp: Any, moments: tuple, dtype: Any, *, bn: tuple | None
     computed = (("ln", 1), ("bn", 0)) if bn is None else (("ln", 1),)   # given BN: not computed
     with np.errstate(over="ignore"):  # the callers refuse an overflowing variance
         for scope, axis in computed:                             # law of total variance
+            if mu_in.shape[axis] == 0:  # nothing to pool (an unused BN scope of an empty
+                # batch): NaN, as a mean over nothing, without numpy's warning
+                shape = tuple(1 if a == axis else n for a, n in enumerate(mu_in.shape))
+                mu[scope] = var[scope] = xp.full(shape, xp.nan)
+                offset[scope] = xp.zeros_like(shift)
+                continue
             mu[scope] = xp.mean(mu_in, axis=axis, keepdims=True)
             lost = (xp.mean(mu_in - mu[scope], axis=axis, keepdims=True)
                     + xp.mean(lost_in, axis=axis, keepdims=True))

@@ -333,6 +333,11 @@ def pool_in_moments(mu_in: Array, offset_in: Array, var_in: Array, *,
     var_k : array, shape of ``mu_k``
     """
     xp = array_namespace(mu_in, offset_in, var_in)
+    if mu_in.shape[axis] == 0:  # nothing to pool (an unused BN scope of an empty batch): NaN,
+        # as a mean over nothing, without numpy's "Mean of empty slice" warning
+        shape = tuple(1 if a == axis else n for a, n in enumerate(mu_in.shape))
+        nan = xp.full(shape, math.nan, dtype=mu_in.dtype, **on_device(device_of(mu_in)))
+        return nan, xp.zeros_like(offset_in), nan
     with np.errstate(over="ignore", invalid="ignore"):  # the callers refuse an overflow
         mu_k = xp.mean(mu_in, axis=axis, keepdims=True)          # Eq. (4), in the dtype
         lost = (xp.mean(mu_in - mu_k, axis=axis, keepdims=True)  # what rounding mu_k lost

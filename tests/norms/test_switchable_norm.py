@@ -641,18 +641,19 @@ def test_an_upstream_gradient_of_another_shape_is_refused_even_with_as_many_valu
 def test_an_empty_axis_gives_empty_outputs_where_the_scopes_allow_it(shape, scopes):
     """An empty batch with per-sample scopes only (IN, LN) or an empty channel axis without
     the LN scope leaves every statistic in use with its values (as IN, BN and LN accept such
-    inputs): empty outputs and zero parameter gradients on both paths. The reference used to
-    stop at the unused scope's NaN mean of nothing, with numpy's "zero-size array to
-    reduction operation maximum" from its overflow check."""
+    inputs): empty outputs and zero parameter gradients on both paths, without a warning.
+    The reference used to stop at the unused scope's NaN mean of nothing, with numpy's
+    "zero-size array to reduction operation maximum" from its overflow check, and both paths
+    warned "Mean of empty slice" for it."""
     C, K = shape[1], len(scopes)
     options = SwitchableOptions(scopes)
     for path in ("reference", "fast"):
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the unused scope's mean of nothing
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             y, cache = switchable_norm_forward(np.ones(shape), np.ones(C), np.zeros(C),
                                                np.zeros(K), np.zeros(K), options=options,
                                                path=path)
-        grads = switchable_norm_backward(np.ones(shape), cache, path=path)
+            grads = switchable_norm_backward(np.ones(shape), cache, path=path)
         assert y.shape == shape and grads.dx.shape == shape
         for g in (grads.dgamma, grads.dbeta, grads.dmean_logits, grads.dvar_logits):
             np.testing.assert_array_equal(g, 0.0)
