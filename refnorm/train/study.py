@@ -36,7 +36,7 @@ import numpy as np
 
 from refnorm.dispatch import process_choice, set_path
 from refnorm.norms.switchable_norm import SCOPES
-from refnorm.train.config import TrainConfig
+from refnorm.train.config import TrainConfig, check_int
 from refnorm.train.folder import FolderLock, atomic_write, new_folders, remove_if_empty
 from refnorm.train.interrupt import SIGNALS, Interrupted, exit_status
 from refnorm.train.loop import train
@@ -63,7 +63,13 @@ class StudyConfig:
     launcher: str = "inprocess"
 
     def __post_init__(self) -> None:
+        for name in ("methods", "batch_sizes", "seeds"):
+            if not getattr(self, name):  # no run to train, or no setting to report
+                raise ValueError(f"{name} must hold at least one value; "
+                                 f"got {tuple(getattr(self, name))}")
+        check_int("update_size", self.update_size, low=1)
         for b in self.batch_sizes:
+            check_int("every batch size", b, low=1)
             if self.update_size % b:
                 raise ValueError(f"every batch size must divide update_size={self.update_size}; "
                                  f"got {b}")
@@ -464,14 +470,17 @@ def claims(study: StudyConfig, cells: dict) -> list[Claim]:
             f"at {L}: WN minus BN, train accuracy {train.text()} points, test accuracy "
             f"{test.text()} points ('supported': train not significantly lower, test "
             "significantly lower)", train, test, two_settings=False)
-    if have(("syncbn", small), ("bn", large), ("bn", small)):
-        d = diff(("syncbn", small), ("bn", large))
-        add(f"SyncBN at {S} recovers BN at {L}: its statistics are the whole batch's, as one "
+    # SyncBN pools the statistics of all P x b samples: BN's on one device with the whole update
+    whole = study.update_size
+    W = study.setting(whole)
+    if have(("syncbn", small), ("bn", whole), ("bn", small)):
+        d = diff(("syncbn", small), ("bn", whole))
+        add(f"SyncBN at {S} recovers BN at {W}: its statistics are the whole batch's, as one "
             "device's (the synchronized BN scope of SN's Appendix A)", not _significant(d),
             f"SyncBN {acc[('syncbn', small)].text()}% at {S} vs BN "
-            f"{acc[('bn', large)].text()}% at {L} and {acc[('bn', small)].text()}% "
+            f"{acc[('bn', whole)].text()}% at {W} and {acc[('bn', small)].text()}% "
             f"at {S} (difference {d.text()} points; 'supported': no significant difference "
-            f"from BN at {L})", d)
+            f"from BN at {W})", d)
     if have(("syncsn", small), ("sn", small)):
         d = diff(("syncsn", small), ("sn", small))
         add("SyncSN is at least as good as SN at micro-batches (SN Table 7)", not _lower(d),
@@ -591,8 +600,8 @@ def write_report(study: StudyConfig, runs: list[dict], out: Path, elapsed: float
     tested = claims(study, cells)
     if not tested:
         lines.append("None: each needs cells this grid does not hold (BN, or SN, at two "
-                     "settings; GN or SN beside BN at two settings; GN+WS, WN or SyncBN beside "
-                     "BN; SyncSN beside SN).")
+                     "settings; GN or SN beside BN at two settings; GN+WS or WN beside BN; "
+                     "SyncBN beside BN on one device with the whole update; SyncSN beside SN).")
     for c in tested:
         verdict = {True: "**supported**", False: "**not supported**",
                    None: "**not judged**"}[c.supported] if c.assessable else "**not assessable**"

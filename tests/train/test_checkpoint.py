@@ -175,6 +175,10 @@ def _rewrite(path, edit):
     # JSON's true reads as True, an int: unchecked, it would pass for epoch 1
     pytest.param(_edit_meta("epoch", True), r": metadata 'epoch' must be a int; got True$",
                  id="epoch_true"),
+    # one epoch past the run's last (with a history row for it): nothing left to resume
+    pytest.param(lambda arrays, meta: meta.update(
+        epoch=2, history=[meta["history"][0], {**meta["history"][0], "epoch": 2}]),
+                 r": metadata 'epoch' must be in 0..1; got 2$", id="epoch_past_the_last"),
     pytest.param(_edit_meta("totals", {"loss": math.inf, "correct": 0, "samples": 0}),
                  r": metadata 'totals' must hold finite numbers >= 0 for exactly loss, "
                  r"correct, samples", id="totals_infinite"),

@@ -84,6 +84,29 @@ def test_describe_names_the_weight_method():
     assert text.startswith("gn+ws batch 2 x 16 accumulation"), text
 
 
+def test_describe_names_the_devices_of_a_data_parallel_run():
+    """On P devices the description says so: 4 devices x 2 samples x 3 micro-batches."""
+    text = TrainConfig(devices=4, batch_size=2, accumulation=3).describe()
+    assert text.startswith("bn 4 devices x batch 2 x 3 accumulation"), text
+
+
+def test_gn_groups_must_divide_each_width_not_only_one():
+    """GN splits every block's channels into G groups: G=8 divides the first width (8) but not
+    the second (12), so the configuration is refused."""
+    with pytest.raises(ValueError, match=r"num_groups=8 must divide every width \(8, 12\)"):
+        TrainConfig(norm="gn", num_groups=8, widths=(8, 12))
+    assert TrainConfig(norm="gn", num_groups=4, widths=(8, 12)).num_groups == 4
+
+
+def test_a_numpy_float32_weight_decay_is_kept_as_a_python_float():
+    """numpy's float32 is no Python float (float64 is): kept as given, the checkpoint's JSON of
+    the configuration would fail."""
+    given = TrainConfig(lr=np.float32(0.5), momentum=np.float32(0.5),
+                        weight_decay=np.float32(0.25))
+    assert all(type(v) is float for v in (given.lr, given.momentum, given.weight_decay))
+    assert json.loads(json.dumps(dataclasses.asdict(given)))["weight_decay"] == 0.25
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"lr": 0.0}, r"lr must be a finite number > 0; got 0.0"),
     ({"widths": (8, 0)}, r"every width must be an int >= 1; got 0"),

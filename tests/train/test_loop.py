@@ -514,6 +514,14 @@ def test_a_syncsn_batch_average_without_one_update_of_every_device_is_refused(ti
     check_data(dataclasses.replace(cfg, sn_inference="moving_average"), tiny_data)
 
 
+def test_an_sn_batch_average_of_exactly_one_update_is_accepted(tiny_data):
+    """SN on 4 samples x 2 micro-batches: one update is 8 samples, so average_samples=8 gives
+    the batch average exactly one batch to pool, which is enough (only fewer is refused)."""
+    cfg = TrainConfig(**{**TINY, "average_samples": 8}, norm="sn")
+    assert cfg.update_size == 8
+    check_data(cfg, tiny_data)
+
+
 def test_the_trainer_standardizes_each_channel_by_the_training_split():
     # the digits' pixels are k/16 in [0, 1]; the trainer sees them with mean 0 and
     # standard deviation 1 over the training split (1e-5: float32 sums of 92032 values)

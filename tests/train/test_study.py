@@ -718,3 +718,90 @@ def test_a_run_under_mpiexec_stopped_by_a_signal_stops_the_study(monkeypatch, st
     with pytest.raises(Interrupted) as stop:
         study_module.run_under_mpiexec(TrainConfig(devices=2, batch_size=2))
     assert stop.value.signum == signum
+
+
+def test_job_configs_train_with_the_grids_rate_subset_and_dtype():
+    """Every run of the grid trains as the study says: its epochs, learning rate, training
+    subset, dtype and data, whatever its method, setting and seed."""
+    study = StudyConfig(methods=("bn", "gn+ws"), batch_sizes=(2, 8), update_size=8, epochs=2,
+                        seeds=(0, 1), lr=0.01, train_subset=96, dtype="float64")
+    jobs = job_configs(study)
+    assert len(jobs) == 2 * 2 * 2
+    assert {(j.epochs, j.lr, j.train_subset, j.dtype, j.data) for j in jobs} == {
+        (2, 0.01, 96, "float64", "digits")}
+
+
+def test_report_names_instance_norm_among_the_flat_rows(tmp_path):
+    """IN normalizes each sample's channels over its own H x W (no statistic across samples),
+    so its row, as GN's and LN's, is flat by construction."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("bn", "in"), batch_sizes=(32,), update_size=32, seeds=(0,))
+    runs = [_one_epoch_run(norm, 32, 0, 0.9, 0.9) for norm in ("bn", "in")]
+    write_report(study, runs, tmp_path, 1.0)
+    assert "\nin never computes statistics across samples:" in (
+        tmp_path / "report.md").read_text()
+
+
+def test_a_report_of_one_seed_gives_no_standard_deviation_note(tmp_path):
+    """One seed has no spread: the table has no ± and the report says nothing of a standard
+    deviation over seeds."""
+    from refnorm.train.study import write_report
+
+    study = StudyConfig(methods=("bn",), batch_sizes=(32,), update_size=32, seeds=(0,))
+    write_report(study, [_one_epoch_run("bn", 32, 0, 0.9, 0.95)], tmp_path, 1.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "| bn | 90.0 |" in report
+    assert "standard deviation" not in report and "±" not in report
+
+
+def test_claim_evidence_quotes_test_accuracy_and_one_seed_has_no_error():
+    """BN at 95% (test; 99% train) at (1, 32) and 85% (97% train) at (16, 2): the evidence
+    gives the test accuracies and their 10-point drop, with no ± for one seed."""
+    study = StudyConfig(methods=("bn",), batch_sizes=(2, 32), update_size=32, seeds=(0,))
+    cells = _cells({("bn", 32): [0.95], ("bn", 2): [0.85]},
+                   train={("bn", 32): [0.99], ("bn", 2): [0.97]})
+    (claim,) = claims(study, cells)
+    assert claim.evidence.startswith(
+        "BN 95.0% at (1, 32) vs 85.0% at (16, 2): a drop of 10.0 points; 1 seed: not judged")
+
+
+def test_syncbn_significantly_above_bn_does_not_recover_it():
+    """'Recovers' is 'no significant difference' (the evidence's criterion): SyncBN 5 points
+    above BN at the large setting in every seed is a difference, not a recovery."""
+    study = StudyConfig(methods=("bn", "syncbn"), batch_sizes=(2, 32), update_size=32, **THREE)
+    cells = _cells({("bn", 32): [0.90, 0.91, 0.90], ("bn", 2): [0.85, 0.86, 0.84],
+                    ("syncbn", 2): [0.95, 0.96, 0.95], ("syncbn", 32): [0.90, 0.91, 0.90]})
+    assert _verdicts(study, cells)["SyncBN"] is False
+
+
+def test_syncbn_is_compared_with_bn_on_one_device_with_the_whole_update():
+    """SyncBN at (P, b) pools the statistics of all P x b samples, as BN on one device with
+    the whole update: SyncBN at (P, 2) recovers BN at (1, 2P). A grid whose largest setting
+    still splits the update, (2, 4) of 8 samples, holds no such BN: the claim is left out."""
+    acc = {("bn", 4): [0.90, 0.91, 0.90], ("bn", 2): [0.85, 0.86, 0.84],
+           ("syncbn", 2): [0.95, 0.96, 0.95], ("syncbn", 4): [0.95, 0.96, 0.95]}
+    split = StudyConfig(methods=("bn", "syncbn"), batch_sizes=(2, 4), update_size=8, **THREE)
+    assert "SyncBN" not in _verdicts(split, _cells(acc))
+    whole = StudyConfig(methods=("bn", "syncbn"), batch_sizes=(2, 4, 8), update_size=8,
+                        **THREE)
+    cells = _cells({**acc, ("bn", 8): [0.95, 0.96, 0.95], ("syncbn", 8): [0.95, 0.96, 0.95]})
+    found = {c.claim.split(" ")[0]: c for c in claims(whole, cells)}
+    assert found["SyncBN"].claim.startswith("SyncBN at (4, 2) recovers BN at (1, 8)")
+    assert found["SyncBN"].supported is True
+
+
+@pytest.mark.parametrize(("changes", "error", "message"), [
+    ({"methods": ()}, ValueError, r"methods must hold at least one value; got \(\)"),
+    ({"batch_sizes": ()}, ValueError, r"batch_sizes must hold at least one value; got \(\)"),
+    ({"seeds": ()}, ValueError, r"seeds must hold at least one value; got \(\)"),
+    ({"batch_sizes": (0, 2)}, ValueError, r"every batch size must be an int >= 1; got 0"),
+    ({"batch_sizes": (2.0,)}, TypeError, r"every batch size must be an int >= 1; got 2.0"),
+    ({"update_size": 0, "batch_sizes": (2,)}, ValueError,
+     r"update_size must be an int >= 1; got 0"),
+])
+def test_a_grid_without_runs_or_with_a_size_below_one_is_refused(changes, error, message):
+    """A grid with no method, setting or seed trains nothing (and a report of no setting
+    failed after writing runs.json); a batch size of 0 divided the update size by zero."""
+    with pytest.raises(error, match=message):
+        StudyConfig(**changes)
