@@ -197,6 +197,14 @@ def check_once(key: Callable[[], tuple], check: Callable[[], Any]) -> Any:
     return result
 
 
+def typed(value: Any) -> tuple:
+    """A hyperparameter as an entry of a :func:`check_once` signature: the value with its
+    type and, for a tuple, its entries' types. ``(True, 2)`` and ``(1.0, 2)`` equal ``(1, 2)``
+    and hash like it, but only ``(1, 2)`` is a pair of ints."""
+    entries = tuple(map(type, value)) if isinstance(value, tuple) else ()
+    return (type(value), value, entries)
+
+
 def check_cache(cache: object, expected: type) -> None:
     """A backward given another operation's cache would compute a wrong gradient: refuse."""
     if type(cache) is not expected:

@@ -51,6 +51,7 @@ from refnorm.core.checks import (
     check_positive_int,
     check_rank,
     is_int,
+    typed,
 )
 from refnorm.dispatch import dispatched
 from refnorm.kernels import nn as kernels
@@ -502,7 +503,7 @@ def _conv2d_forward_fast(x: Array, w: Array, b: Array | None = None, *, stride: 
     win = check_once(
         lambda: ("conv2d", type(x), x.shape, x.dtype, type(w), w.shape, w.dtype,
                  None if b is None else (type(b), b.shape, b.dtype),
-                 type(stride), stride, type(padding), padding),
+                 typed(stride), typed(padding)),
         lambda: _conv_window(x, w, b, stride=stride, padding=padding)[1])
     k = kernels.conv_forward(x, w, b, win.stride, win.padding)
     return k.y, _conv_cache(x, w, b, win, k.cols, k.w_mat)

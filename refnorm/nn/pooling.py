@@ -40,6 +40,7 @@ from refnorm.core.checks import (
     check_ndim,
     check_once,
     check_rank,
+    typed,
 )
 from refnorm.dispatch import dispatched
 from refnorm.kernels import nn as kernels
@@ -402,8 +403,8 @@ def _max_pool2d_forward_fast(x: Array, *, kernel_size: Any,
         return xp, sliding_window(x.shape, kernel_size=kernel_size,
                                   stride=kernel_size if stride is None else stride)
 
-    xp, win = check_once(lambda: ("max_pool2d", type(x), x.shape, x.dtype, type(kernel_size),
-                                  kernel_size, type(stride), stride), check)
+    xp, win = check_once(lambda: ("max_pool2d", type(x), x.shape, x.dtype, typed(kernel_size),
+                                  typed(stride)), check)
     k = kernels.max_pool_forward(x, win.kernel, win.stride)
     pool = PoolCache(x_shape=tuple(x.shape), y_shape=tuple(k.y.shape), window=win,
                      compute_dtype=compute_dtype(xp, x.dtype), x_dtype=x.dtype)

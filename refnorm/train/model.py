@@ -27,7 +27,14 @@ import numpy as np
 from refnorm import registry
 from refnorm.backend import Array, array_namespace, on_device
 from refnorm.core import affine_backward, affine_forward
-from refnorm.core.checks import check_bool, check_device, check_param_dtype, dtype_name
+from refnorm.core.checks import (
+    check_bool,
+    check_device,
+    check_param_dtype,
+    check_positive_int,
+    dtype_name,
+)
+from refnorm.dispatch import check_path
 from refnorm.layer import Layer
 from refnorm.nn import GlobalAvgPool, MaxPool2d, ReLU
 
@@ -43,6 +50,7 @@ class ChannelAffine(Layer):
     def __init__(self, num_channels: int, *, dtype: Any = None, xp: ModuleType | None = None,
                  device: Any = None) -> None:
         super().__init__(dtype=dtype, xp=xp, device=device)
+        num_channels = check_positive_int("num_channels", num_channels)
         where = on_device(self.device)
         self.params = {"gamma": self.xp.ones((num_channels,), dtype=self.dtype, **where),
                        "beta": self.xp.zeros((num_channels,), dtype=self.dtype, **where)}
@@ -118,6 +126,8 @@ class ConvNet:
         if norm_layer is not None and norm == "none":
             raise ValueError("norm_layer builds the blocks' normalizers, but norm='none' asks "
                              "for none; name the method it stands for (e.g. norm='bn')")
+        if path is not None:
+            check_path(path)
         self.norm, self.weight = norm, weight
         self.xp = np if xp is None else xp
         self.dtype = dtype = check_param_dtype(self.xp, dtype)

@@ -3,6 +3,8 @@ im2col/col2im adjoint, errors, dtypes; over numpy and array_api_strict (the ``xp
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -353,3 +355,54 @@ def test_fast_conv_refuses_a_bias_of_another_shape_after_a_valid_one():
     for b in (np.zeros((1, 3)), np.zeros((3, 1))):
         with pytest.raises(ValueError, match=r"b must have shape \(C_out,\) = \(3,\)"):
             conv2d_forward(x, w, b, path="fast")
+
+
+def test_fast_conv_refuses_a_bool_padding_and_an_integer_bias_after_valid_ones():
+    """The fast path remembers the argument signature it has checked; True equals 1 and an
+    integer bias has the float bias's shape, so the signature holds the padding's type and
+    b's dtype: each is refused after the valid call as the reference refuses it."""
+    rng = np.random.default_rng(10)
+    x, w = rng.standard_normal((1, 2, 4, 4)), rng.standard_normal((3, 2, 2, 2))
+    conv2d_forward(x, w, np.zeros(3), padding=1, path="fast")  # valid: checked and remembered
+    with pytest.raises(TypeError, match=r"padding must be an int or a pair of ints; got True"):
+        conv2d_forward(x, w, np.zeros(3), padding=True, path="fast")
+    with pytest.raises(TypeError, match=r"b must have a real floating-point dtype; got int64"):
+        conv2d_forward(x, w, np.zeros(3, dtype=np.int64), padding=1, path="fast")
+
+
+def _conv_cache_edits():
+    """Caches whose fields disagree, each made from a valid one by editing a field."""
+    return [
+        ("x_shape", lambda c: {"x_shape": (2, 3, 5, 5)}),  # 3 channels for w's 2
+        ("y_shape", lambda c: {"y_shape": (2, 4, 3, 4)}),  # dy of this shape passes its check
+        ("cols", lambda c: {"cols": c.cols.astype(np.int64)}),
+        ("w_mat", lambda c: {"w_mat": c.w_mat[:, :-1]}),
+    ]
+
+
+@pytest.mark.parametrize(("field", "edit"), _conv_cache_edits(), ids=lambda v: v
+                         if isinstance(v, str) else "")
+def test_fast_conv_backward_refuses_a_cache_whose_fields_disagree(field, edit):
+    """The fast backward's loops turn the cache's shapes into addresses: a cache edited by
+    hand so that a field no longer agrees with the others is refused by name, not read
+    outside its arrays."""
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal((2, 2, 5, 5)), rng.standard_normal((4, 2, 3, 2))
+    _, cache = conv2d_forward(x, w, stride=(1, 2), padding=(0, 1), path="fast")
+    bad = dataclasses.replace(cache, **edit(cache))
+    dy = rng.standard_normal(bad.y_shape)
+    with pytest.raises(ValueError, match=r"the cache's fields disagree \(" + field):
+        conv2d_backward(dy, bad, path="fast")
+
+
+@pytest.mark.parametrize("bad", [(True, 2), (1.0, 2), (1, 2.0)])
+@pytest.mark.parametrize("argument", ["stride", "padding"])
+def test_fast_conv_refuses_a_pair_with_a_bool_or_float_entry_after_the_equal_int_pair(argument,
+                                                                                      bad):
+    """(True, 2) and (1.0, 2) equal (1, 2) and hash like it; the remembered signature tells
+    them apart, so the fast path refuses them after (1, 2) as the reference does."""
+    rng = np.random.default_rng(17)
+    x, w = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((3, 2, 2, 2))
+    conv2d_forward(x, w, **{argument: (1, 2)}, path="fast")  # valid: checked and remembered
+    with pytest.raises(TypeError, match=rf"{argument} must be an int or a pair of ints"):
+        conv2d_forward(x, w, **{argument: bad}, path="fast")

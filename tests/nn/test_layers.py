@@ -204,6 +204,7 @@ def test_deepcopy_is_independent():
         (lambda: nn.Conv2d(2, 2, 3, 1), TypeError, r"positional argument"),
         (lambda: nn.Linear(3, 0), ValueError, r"out_features must be >= 1; got 0"),
         (lambda: nn.Linear(True, 2), TypeError, r"in_features must be an int; got bool"),
+        (lambda: nn.Linear(3, 2, bias=1), TypeError, r"bias must be a bool; got int"),
         (lambda: nn.MaxPool2d(0), ValueError, r"kernel_size must be >= 1"),
         (lambda: nn.AvgPool2d(2, stride=(1, 0)), ValueError, r"stride must be >= 1"),
     ],

@@ -182,3 +182,17 @@ def test_linear_db_is_summed_in_the_compute_dtype():
     _, _, db = linear_backward(np.full((2, 1), 60000.0, np.float16), cache)
     assert db.dtype == np.float32
     np.testing.assert_array_equal(db, [120000.0])
+
+
+def test_backward_ignores_an_in_place_change_of_x_or_w_after_forward():
+    """The cache holds copies: dw = dy^T x and dx = dy w use the x and w of the forward,
+    even if the caller changes those arrays in place before the backward."""
+    rng = np.random.default_rng(15)
+    x, w, dy = rng.standard_normal((3, 4)), rng.standard_normal((2, 4)), rng.standard_normal((3, 2))
+    expected_dx, expected_dw = dy @ w, dy.T @ x
+    _, cache = linear_forward(x, w)
+    x *= 2.0
+    w += 1.0
+    dx, dw, _ = linear_backward(dy, cache)
+    np.testing.assert_array_equal(dx, expected_dx)  # the same products on the same values
+    np.testing.assert_array_equal(dw, expected_dw)

@@ -3,6 +3,8 @@ finite differences (max pooling on inputs without ties), the tie rule, errors.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -363,3 +365,99 @@ def test_global_avg_pool_backward_divides_in_the_precision_of_x():
     dx = global_avg_pool_backward(np.ones((1, 1), np.float32), cache)
     assert dx.dtype == np.float64
     np.testing.assert_array_equal(dx, np.full((1, 1, 3, 1), 1.0 / 3.0))
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_avg_pool_backward_of_a_non_square_window_spreads_dy_over_its_kh_kw_entries(path):
+    """Non-overlapping 2 x 3 windows tile a 4 x 6 input: each entry receives its window's dy
+    divided by KH KW = 6 (not KH^2 or KW^2), i.e. dy repeated over each window, over 6."""
+    dy = np.random.default_rng(12).standard_normal((2, 3, 2, 2))
+    x = np.zeros((2, 3, 4, 6))
+    _, cache = avg_pool2d_forward(x, kernel_size=(2, 3), path=path)
+    dx = avg_pool2d_backward(dy, cache, path=path)
+    expected = np.repeat(np.repeat(dy, 2, axis=2), 3, axis=3) / 6
+    np.testing.assert_allclose(dx, expected, rtol=4 * U64, atol=0)  # one division each
+
+
+@pytest.mark.parametrize("forward", [max_pool2d_forward, avg_pool2d_forward])
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_pooling_refuses_an_input_without_four_axes_by_name(forward, path):
+    with pytest.raises(ValueError, match=r"x must have layout \(N, C, H, W\), 4 dimensions; "
+                                         r"got shape \(2, 4, 4\)"):
+        forward(np.ones((2, 4, 4)), kernel_size=2, path=path)
+
+
+def _pool_cache_edits():
+    """Caches whose fields disagree, each made from a valid one by editing a field of its
+    PoolCache (or the argmax)."""
+    return [
+        ("x_shape", lambda p: {"x_shape": (2, 3, 6)}),
+        ("window", lambda p: {"window": p.window._replace(out=(3, 2))}),
+        ("y_shape", lambda p: {"y_shape": (2, 3, 2, 3)}),
+    ]
+
+
+@pytest.mark.parametrize(("field", "edit"), _pool_cache_edits(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_fast_pooling_backward_refuses_a_cache_whose_fields_disagree(pool, field, edit):
+    """The fast backwards' loops turn the cache's shapes into addresses: a cache edited by
+    hand so that a field no longer agrees with the others is refused by name, not read or
+    written outside its arrays."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 3, 5, 6))
+    forward, backward = ((max_pool2d_forward, max_pool2d_backward) if pool == "max"
+                         else (avg_pool2d_forward, avg_pool2d_backward))
+    _, cache = forward(x, kernel_size=(2, 3), stride=(2, 1), path="fast")
+    if pool == "max":
+        bad = dataclasses.replace(cache, pool=dataclasses.replace(cache.pool, **edit(cache.pool)))
+        y_shape = bad.pool.y_shape
+    else:
+        bad = dataclasses.replace(cache, **edit(cache))
+        y_shape = bad.y_shape
+    with pytest.raises(ValueError, match=r"the cache's fields disagree \(" + field):
+        backward(rng.standard_normal(y_shape), bad, path="fast")
+
+
+@pytest.mark.parametrize("argmax", [
+    lambda a: a[:, :-1],                          # one window short
+    lambda a: a.astype(np.float64),               # not indices
+], ids=["shape", "dtype"])
+def test_fast_max_pool_backward_refuses_an_argmax_the_forward_cannot_make(argmax):
+    rng = np.random.default_rng(14)
+    _, cache = max_pool2d_forward(rng.standard_normal((2, 3, 4, 6)), kernel_size=2, path="fast")
+    bad = dataclasses.replace(cache, argmax=argmax(cache.argmax))
+    with pytest.raises(ValueError, match=r"the cache's fields disagree \(argmax of shape"):
+        max_pool2d_backward(rng.standard_normal(cache.pool.y_shape), bad, path="fast")
+
+
+@pytest.mark.parametrize(("kernel_size", "stride"), [(2, None), ((2, 3), (1, 2)), (3, 4), (1, 1)])
+def test_fast_avg_pool_forward_matches_direct_loops(kernel_size, stride):
+    x = np.random.default_rng(16).standard_normal((2, 3, 7, 8)) * 5 + 12
+    y, _ = avg_pool2d_forward(x, kernel_size=kernel_size, stride=stride, path="fast")
+    kernel, strides = kernel_stride(kernel_size, stride)
+    # as the reference: a mean of KH KW values, within (KH KW + 1) u of the mean of their sizes
+    bound = (kernel[0] * kernel[1] + 1) * U64 * pool2d_loops(np.abs(x), kernel, strides, np.mean)
+    np.testing.assert_array_less(np.abs(y - pool2d_loops(x, kernel, strides, np.mean)), 2 * bound)
+
+
+@pytest.mark.parametrize("forward", [max_pool2d_forward, avg_pool2d_forward])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_fast_pooling_keeps_the_dtype(forward, dtype):
+    x = np.arange(16.0).reshape(1, 1, 4, 4).astype(dtype)
+    y, cache = forward(x, kernel_size=2, stride=1, path="fast")
+    backward = max_pool2d_backward if forward is max_pool2d_forward else avg_pool2d_backward
+    assert y.dtype == dtype and backward(np.ones_like(y), cache, path="fast").dtype == dtype
+
+
+@pytest.mark.parametrize("bad", [(True, 2), (1.0, 2), (1, 2.0)])
+@pytest.mark.parametrize("argument", ["kernel_size", "stride"])
+def test_fast_max_pool_refuses_a_pair_with_a_bool_or_float_entry_after_the_equal_int_pair(
+        argument, bad):
+    """(True, 2) and (1.0, 2) equal (1, 2) and hash like it; the remembered signature tells
+    them apart, so the fast path refuses them after (1, 2) as the reference does."""
+    x = np.random.default_rng(18).standard_normal((1, 2, 4, 4))
+    kwargs = {"kernel_size": 2, "stride": 2, argument: (1, 2)}
+    max_pool2d_forward(x, **kwargs, path="fast")  # valid: checked and remembered
+    with pytest.raises(TypeError, match=rf"{argument} must be an int or a pair of ints"):
+        max_pool2d_forward(x, **{**kwargs, argument: bad}, path="fast")

@@ -201,3 +201,51 @@ def test_a_group_count_given_in_norm_options_is_kept():
             if type(layer).__name__ == "GroupNorm"] == [2, 2]
     plain = ConvNet(in_channels=1, num_classes=10, norm="gn", widths=(4,))
     assert plain.layers()[1].num_groups == 4
+
+
+@pytest.mark.parametrize("weight", ["ws", "wn"])
+def test_ws_and_wn_blocks_keep_the_relu_and_drop_the_bias_before_a_normalizer(weight):
+    """WS and WN reparameterize the convolution only: the block still has its ReLU, and its
+    convolution no bias in front of a normalizer (a bias without one)."""
+    model = ConvNet(in_channels=1, num_classes=10, norm="gn", weight=weight, widths=(4, 8))
+    assert names(model)[1:4] == ["GroupNorm", "ReLU", "MaxPool2d"]
+    assert sum(isinstance(layer, ReLU) for layer in model.layers()) == 2
+    assert "b" not in model.layers()[0].params
+    plain = ConvNet(in_channels=1, num_classes=10, norm="none", weight=weight, widths=(4,))
+    assert "b" in plain.layers()[0].params
+
+
+@pytest.mark.parametrize("weight", [None, "ws", "wn", "np", "trelu"])
+def test_a_float64_model_holds_float64_parameters_and_casts_its_input(weight):
+    """Every layer, TReLU's closing ChannelAffine included, makes its parameters in the
+    model's dtype, and forward casts the images to it: float32 images give float64 logits."""
+    norm = "none" if weight in ("np", "trelu") else "bn"
+    model = ConvNet(in_channels=1, num_classes=3, norm=norm, weight=weight, widths=(4, 4),
+                    dtype=np.float64)
+    for key, layer, name in model.named_params():
+        assert layer.params[name].dtype == np.float64, key
+    x = np.random.default_rng(5).standard_normal((2, 1, 4, 4)).astype(np.float32)
+    assert model.forward(x, training=True).dtype == np.float64
+
+
+def test_a_layers_refusal_names_the_layer_it_came_from():
+    model = ConvNet(in_channels=1, num_classes=3, norm="bn", widths=(4,))
+    with pytest.raises(ValueError, match=r"^layer 0 \(Conv2d\): x must have C_in = w.shape\[1\] "
+                                         r"= 1 channels"):
+        model.forward(np.zeros((2, 3, 4, 4), dtype=np.float32), training=True)
+
+
+@pytest.mark.parametrize(("num_channels", "error", "match"), [
+    (0, ValueError, r"num_channels must be >= 1; got 0"),
+    (-1, ValueError, r"num_channels must be >= 1; got -1"),
+    (2.0, TypeError, r"num_channels must be an int; got float"),
+    (True, TypeError, r"num_channels must be an int; got bool"),
+])
+def test_channel_affine_refuses_a_channel_count_by_name(num_channels, error, match):
+    with pytest.raises(error, match=match):
+        ChannelAffine(num_channels)
+
+
+def test_an_unknown_path_is_refused_when_the_model_is_built():
+    with pytest.raises(ValueError, match=r"path must be 'reference' or 'fast'; got 'fastest'"):
+        ConvNet(in_channels=1, num_classes=3, widths=(4,), path="fastest")
