@@ -15,6 +15,7 @@ import re
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,118 @@ def test_search_finds_pages_offline(site, driver):
     assert any(href.endswith("lessons/03_switchable_norm.html") for href in found), found
     assert any(href.endswith("api/refnorm.norms.switchable_norm.html") for href in found), found
     assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+# Runs in a page laid out at a narrower window: the page itself never scrolls sideways, and a
+# code block either fits its column or scrolls inside itself (the column holds fewer
+# characters than the lessons' line length there).
+NARROW = r"""
+const out = [];
+const root = document.documentElement;
+if (root.scrollWidth > root.clientWidth + 1)
+  out.push(`the page scrolls sideways: ${root.scrollWidth}px in ${root.clientWidth}px`);
+const article = document.querySelector('article');
+for (const pre of document.querySelectorAll('article pre')) {
+  if (!pre.getClientRects().length) continue;
+  const ox = getComputedStyle(pre).overflowX;
+  if (pre.scrollWidth > pre.clientWidth + 1 && ox !== 'auto' && ox !== 'scroll')
+    out.push(`a code block is cut: ${pre.textContent.trim().slice(0, 60)}`);
+  if (pre.getBoundingClientRect().right > article.getBoundingClientRect().right + 1)
+    out.push(`a code block sticks out of the column: ${pre.textContent.trim().slice(0, 60)}`);
+}
+return out;
+"""
+
+
+def _course_pages(site) -> list[Path]:
+    """The course's pages: every page but the API's module pages, and its top page."""
+    return [p for p in browser.pages_of(site) if not p.relative_to(site).as_posix()
+            .startswith("api/")] + [site / "api" / "refnorm.html"]
+
+
+@pytest.mark.parametrize("width, which", [(800, "course"), (600, "lessons")])
+def test_code_fits_or_scrolls_in_a_narrower_window(site, driver, width, which):
+    # at 600 px a lesson's code lines (up to lessons/ruff.toml's length) no longer fit
+    if which == "course":
+        paths = _course_pages(site)
+    else:
+        paths = [site / "lessons" / f"{p.stem}.html" for p in LESSONS]
+    metrics = {"width": width, "height": browser.HEIGHT, "deviceScaleFactor": 1,
+               "mobile": False}
+    problems = []
+    try:
+        for path in paths:
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+            driver.get(path.resolve().as_uri())
+            driver.execute_async_script(browser.WAIT_FOR_MATH)
+            assert driver.execute_script("return innerWidth") == width
+            problems += [f"{path.relative_to(site)}: {p}" for p in driver.execute_script(NARROW)]
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    assert not problems
+
+
+def test_api_reference_documents_every_public_name_and_no_private_one(site, pages):
+    import refnorm
+
+    api = {name: page for name, page in pages.items() if name.startswith("api/")}
+    ids = set().union(*(page.ids for page in api.values()))
+    missing = []
+    for name in refnorm.__all__:
+        obj = getattr(refnorm, name)
+        if isinstance(obj, types.ModuleType):
+            target = f"module-{obj.__name__}"
+        else:
+            target = f"{obj.__module__}.{obj.__qualname__}"
+        if target not in ids:
+            missing.append(f"refnorm.{name} ({target})")
+    assert not missing
+    private = sorted(i for i in ids if i.startswith(("refnorm.", "module-refnorm."))
+                     and any(part.startswith("_") and not part.endswith("__")
+                             for part in i.split(".")))
+    private += sorted(name for name in api if any(
+        part.startswith("_") for part in name.removesuffix(".html").split(".")))
+    assert not private
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_lesson_page_shows_each_exercise_and_its_passed_check(site, driver, path):
+    # the notebook's solution cells, in order, by their "# Exercise NN.M: task" first line
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    exercises = [lessons.exercise_title("".join(c["source"]))[0] for c in cells
+                 if "solution" in lessons.tags(c)]
+    assert exercises, path
+    driver.get((site / "lessons" / f"{path.stem}.html").resolve().as_uri())
+    shown = [e.text for e in driver.find_elements(
+        "css selector", "div.cell.tag_solution div.cell_input pre") if e.is_displayed()]
+    verdicts = " ".join(e.text for e in driver.find_elements(
+        "css selector", "div.cell.tag_check div.cell_output") if e.is_displayed())
+    assert [re.match(r"# Exercise (\S+):", text).group(1) for text in shown] == exercises
+    for exercise in exercises:
+        assert re.search(rf"exercise {re.escape(exercise)}( \(check [^)]*\))? passed",
+                         verdicts), (exercise, verdicts[:300])
+
+
+def test_the_browser_reaches_no_other_host(site, driver):
+    # test_no_console_errors is the site's offline check: a request to another host fails
+    # (browser.FLAGS) and the failure is a console error
+    driver.get((site / "index.html").resolve().as_uri())
+    driver.get_log("browser")
+    state = driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const link = document.createElement('link');
+        link.rel = 'stylesheet';
+        link.href = 'https://example.org/style.css';
+        link.onload = () => done('loaded');
+        link.onerror = () => done('failed');
+        document.head.appendChild(link);
+    """)
+    assert state == "failed"
+    assert any(e["level"] == "SEVERE" and "example.org" in e["message"]
+               for e in driver.get_log("browser"))
+
+
+def test_no_check_shows_a_result_after_its_verdict(pages):
+    # a check cell prints "exercise NN.M passed: ..." (or "exercise NN.M (check k of n)
+    # passed: ...") and nothing more: no returned dict of arrays under the verdict
+    assert not _problems(pages, "shown_results")
