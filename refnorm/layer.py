@@ -109,8 +109,8 @@ class Layer:
 
     def forward(self, x: Array, training: bool) -> Array:
         """Normalize ``x``; ``training`` selects batch statistics and updates the state."""
-        training = check_bool("training", training)
         self._cache = None  # a forward that raises leaves nothing for a backward to use
+        training = check_bool("training", training)
         self._check_input(x)
         y, self._cache = self._forward(x, training)
         return y
@@ -191,8 +191,12 @@ class FunctionLayer(Layer):
             raise ValueError(f"params and state must use different names; both have {clash}")
         arrays = [*params.values(), *state.values()]
         xp = array_namespace(*arrays) if arrays else np
+        devices = [device_of(a) for a in arrays]
+        if any(d != devices[0] for d in devices):
+            raise ValueError(f"params and state must all be on one device; got {devices[0]!r} "
+                             f"and {next(d for d in devices if d != devices[0])!r}")
         dtype = next(iter(params.values())).dtype if params else None
-        super().__init__(dtype=dtype, xp=xp, device=device_of(arrays[0]) if arrays else None)
+        super().__init__(dtype=dtype, xp=xp, device=devices[0] if arrays else None)
         self.forward_function, self.backward_function = forward, backward
         self.name = name or getattr(forward, "__name__", "forward")
         self.params = {k: xp.asarray(v, copy=True) for k, v in params.items()}
@@ -298,8 +302,9 @@ def from_functions(forward: Callable[..., Any], backward: Callable[..., Any], *,
         At a call, if a function returns a gradient (or a new state) that is not an array
         (None, a list, a number).
     ValueError
-        If ``params`` and ``state`` share a name; at a call, if a function returns another
-        number of values or a gradient (or a new state) of another shape than its array.
+        If ``params`` and ``state`` share a name or their arrays lie on two devices; at a
+        call, if a function returns another number of values or a gradient (or a new state)
+        of another shape than its array.
 
     Examples
     --------

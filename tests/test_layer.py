@@ -397,3 +397,52 @@ def test_from_functions_refuses_a_gradient_or_state_that_is_not_an_array(bad):
                               lambda dy, c: (dy,), params={}, state={"s": np.ones(3)})
     with pytest.raises(TypeError, match=r"returned state 's' as \w+; it must be an array"):
         stateful.forward(np.ones((2, 3)), True)
+
+
+@pytest.mark.parametrize(("name", "case"), list(_cases()))
+def test_backward_can_run_again_on_the_same_forward_and_is_linear_in_dy(name, case):
+    """A backward keeps the forward's cache (only a new forward or reset() drops it), so two
+    upstream gradients can be pulled back through one forward; the pullback is linear in dy:
+    backward(dy1 + dy2) = backward(dy1) + backward(dy2), for dx and every parameter gradient."""
+    layer = _build(name, case)
+    rng = np.random.default_rng(8)
+    x = 5 * rng.standard_normal(case.shape) + 12
+    y = layer.forward(x, training=case.training)
+    dy1, dy2 = rng.standard_normal(y.shape), rng.standard_normal(y.shape)
+    dx1 = layer.backward(dy1)
+    grads1 = {k: np.array(v) for k, v in layer.grads.items()}
+    dx2 = layer.backward(dy2)
+    grads2 = {k: np.array(v) for k, v in layer.grads.items()}
+    dx12 = layer.backward(dy1 + dy2)
+    np.testing.assert_allclose(dx12, dx1 + dx2, rtol=1e-9, atol=1e-9)
+    assert set(layer.grads) == set(layer.params)
+    for key, grad in layer.grads.items():
+        np.testing.assert_allclose(grad, grads1[key] + grads2[key], rtol=1e-9, atol=1e-9)
+
+
+def test_a_forward_refused_for_its_training_flag_leaves_no_cache_for_backward():
+    """A forward that raises, whatever it raises on (here its ``training`` argument, checked
+    first), drops the earlier forward's cache: a backward then refuses instead of pulling dy
+    back through a forward of another input."""
+    layer = refnorm.build("bn", 3, dtype=np.float64)
+    x = np.random.default_rng(9).standard_normal((4, 3, 2, 2))
+    layer.forward(x, training=True)
+    with pytest.raises(TypeError, match="training must be a bool"):
+        layer.forward(x + 1.0, training="yes")
+    with pytest.raises(RuntimeError, match=r"backward\(\) called before forward\(\)"):
+        layer.backward(np.ones_like(x))
+
+
+def test_from_functions_refuses_arrays_on_two_devices():
+    """Like arrays of two namespaces, arrays on two devices cannot make one layer: the layer
+    would claim the first one's device and fail inside its first forward."""
+    xp = pytest.importorskip("array_api_strict")
+    forward, backward = _identity_pair()
+    w = xp.ones(3, device=xp.Device("device1"))
+    with pytest.raises(ValueError, match="params and state must all be on one device"):
+        from_functions(forward, backward, params={"w": w, "v": xp.ones(3)})
+    with pytest.raises(ValueError, match="params and state must all be on one device"):
+        from_functions(forward, backward, params={"w": w}, state={"s": xp.zeros(3)})
+    layer = from_functions(forward, backward, params={"w": w},
+                           state={"s": xp.zeros(3, device=xp.Device("device1"))})
+    assert layer.device == xp.Device("device1")

@@ -236,3 +236,24 @@ def test_staged_forward_takes_a_numpy_scalar_eps_in_the_compute_dtype():
     f32 = [a.astype(np.float32) for a in (x, gamma, beta)]
     _, cache = refnorm.batch_norm_forward_graph(*f32, eps=np.float64(1e-5))
     assert cache.std.dtype == cache.x_hat.dtype == np.float32
+
+
+def test_running_statistics_follow_the_moving_average_over_several_steps():
+    """PyTorch's BatchNorm2d convention step after step: r <- (1 - m) r + m s, with s the
+    batch mean (the unbiased batch variance), each step from the last one's result."""
+    momentum = 0.3
+    layer = refnorm.build("bn", 3, momentum=momentum, dtype=np.float64)
+    rng = np.random.default_rng(6)
+    mean, var = np.zeros(3), np.ones(3)
+    for step in range(3):
+        x = (2 + step) * rng.standard_normal((4, 3, 2, 3)) + 5 * step - 2
+        layer.forward(x, training=True)
+        per_channel = x.transpose(1, 0, 2, 3).reshape(3, -1)            # (C, N*H*W)
+        mean = (1 - momentum) * mean + momentum * per_channel.mean(axis=1)
+        var = (1 - momentum) * var + momentum * per_channel.var(axis=1, ddof=1)
+        np.testing.assert_allclose(layer.state["running_mean"], mean, rtol=1e-13)
+        np.testing.assert_allclose(layer.state["running_var"], var, rtol=1e-13)
+    x = 3 * rng.standard_normal((2, 3, 2, 3))
+    np.testing.assert_allclose(
+        layer.forward(x, training=False),
+        (x - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5), rtol=1e-12)

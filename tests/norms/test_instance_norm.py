@@ -52,3 +52,26 @@ def test_tracked_statistics_change_in_training_only_and_serve_even_a_single_samp
 def test_momentum_is_refused_at_construction(momentum, track_running_stats):
     with pytest.raises(ValueError, match=r"momentum must be in \(0, 1\]; got"):
         refnorm.InstanceNorm(3, momentum=momentum, track_running_stats=track_running_stats)
+
+
+def test_running_stats_follow_the_moving_average_over_several_steps():
+    """PyTorch's InstanceNorm2d(track_running_stats=True): at every training step
+    r <- (1 - m) r + m s, with s the batch mean of the instance means (of the unbiased
+    instance variances), starting from 0 (1); each step starts from the last one's result."""
+    momentum = 0.3
+    layer = refnorm.build("in", 2, track_running_stats=True, momentum=momentum,
+                          dtype=np.float64)
+    rng = np.random.default_rng(3)
+    mean, var = np.zeros(2), np.ones(2)
+    for step in range(3):
+        x = (2 + step) * rng.standard_normal((3, 2, 4, 5)) + 4 * step - 1
+        layer.forward(x, training=True)
+        flat = x.reshape(3, 2, 20)                                      # (N, C, H*W)
+        mean = (1 - momentum) * mean + momentum * flat.mean(axis=2).mean(axis=0)
+        var = (1 - momentum) * var + momentum * flat.var(axis=2, ddof=1).mean(axis=0)
+        np.testing.assert_allclose(layer.state["running_mean"], mean, rtol=1e-13)
+        np.testing.assert_allclose(layer.state["running_var"], var, rtol=1e-13)
+    x = 3 * rng.standard_normal((2, 2, 4, 5))
+    np.testing.assert_allclose(
+        layer.forward(x, training=False),
+        (x - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5), rtol=1e-12)
