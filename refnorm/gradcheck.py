@@ -66,7 +66,7 @@ import numpy as np
 
 from refnorm import registry
 from refnorm.backend import Array, array_namespace, device_of, on_device, to_numpy
-from refnorm.core.checks import is_int
+from refnorm.core.checks import check_float_array, is_int
 from refnorm.dispatch import check_path
 from refnorm.layer import Layer
 
@@ -357,6 +357,7 @@ def check_layer(
     -------
     dict with key ``"x"`` and one key per parameter, to GradError
     """
+    check_float_array("x", x)  # the layer's error for a list, not to_numpy's AttributeError
     template = copy.deepcopy(layer)
     template.path = check_path(path)
     template.input_grad = True

@@ -202,6 +202,19 @@ def test_check_layer_leaves_the_layer_untouched():
     np.testing.assert_array_equal(layer.state["running_mean"], np.zeros(2))
 
 
+@pytest.mark.parametrize(("x", "error", "says"), [
+    ([[1.0, 2.0], [3.0, 5.0]], TypeError, r"x must be an array; got list"),
+    (None, TypeError, r"x must be an array; got NoneType"),
+    (np.ones((3, 2), dtype=np.int64), TypeError, r"x must have a real floating-point dtype"),
+])
+def test_check_layer_refuses_an_input_the_layer_refuses_by_name(x, error, says):
+    """A layer refuses a list or an int array as x; check_layer used to fail on a list inside
+    its host copy with an AttributeError ('list' object has no attribute '__dlpack__') and to
+    check an int array as float64."""
+    with pytest.raises(error, match=says):
+        check_layer(refnorm.build("bn", 2), x)
+
+
 def test_check_layer_checks_a_layer_without_input_gradient_with_it_on():
     # A model's first layer: input_grad=False (dx None made the check fail with an
     # AttributeError before); the layer itself keeps its setting.

@@ -389,9 +389,17 @@ def ws_forward(w: np.ndarray, eps: float, eps_mode: str, correction: int) -> Wei
     kappa = np.empty_like(denom)
     loops().ws_forward(wc, float(eps), eps_mode == "add", int(correction), w_hat, denom, kappa)
     # the reference's error where its sums overflow the dtype: of the squared deviations
-    # (sigma^2 (I - correction), sigma within eps of denom) and of the weights
-    sigma = denom.astype(np.float64)
-    refuse_overflow(wc, wc.dtype, sigma * sigma * (wc.shape[1] - correction),
+    # (sigma^2 (I - correction)) and of the weights. sigma from denom and kappa, not denom
+    # itself: a large eps (1e20 in float32) would overflow denom^2 where sigma^2 fits
+    n = wc.shape[1] - correction
+    d = denom.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if eps_mode == "add":  # kappa = denom / (sigma n), 0 where sigma = 0, NaN at inf / inf
+            k = kappa.astype(np.float64)
+            sigma = np.where(k > 0, d / (k * n), np.where(np.isnan(k), np.inf, 0.0))
+        else:                  # denom^2 = sigma^2 + eps
+            sigma = np.sqrt(np.maximum(d * d - eps, 0.0))
+    refuse_overflow(wc, wc.dtype, sigma * sigma * n,
                     wc.sum(axis=1, dtype=np.float64, keepdims=True), name="w")
     return WeightStandardized(w_hat=w_hat, denom=denom, kappa=kappa)
 

@@ -770,6 +770,8 @@ def fingerprint(method: str, impl: Any, *, backward: Callable[..., Any] | None =
                                          ("spatial", spatial, 0, 3, "from 0 to 3")):
         if value is not None and not (is_int(value) and low <= int(value) <= high):
             raise ValueError(f"{name} must be None or an int {want}; got {value!r}")
+    if not is_int(seed) or int(seed) < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
     impl = as_impl(method, impl, backward=backward, convert=convert)
     rng = np.random.default_rng(seed)
     report = Report(reference.check_method(method), impl.description)

@@ -193,7 +193,13 @@ def norm_inputs(
     """
     method = check_method(method)
     dtype = np.dtype(dtype)
+    if dtype not in (np.float16, np.float32, np.float64):
+        raise ValueError(f"dtype must be float16, float32 or float64; got {dtype}")
     check_kinds(kinds)
+    if input_shape is not None and not (
+            len(input_shape) >= 1 and all(is_int(n) and int(n) >= 1 for n in input_shape)):
+        raise ValueError(f"input_shape must be None or a non-empty tuple of ints >= 1; "
+                         f"got {input_shape!r}")
     for name, value, low in (("num_channels", num_channels, 1), ("num_groups", num_groups, 1),
                              ("spatial", spatial, 0)):
         if value is not None and (not is_int(value) or int(value) < low):

@@ -288,6 +288,14 @@ def test_eps_that_overflows_the_compute_dtype_is_refused_and_its_largest_value_i
     check_eps(1e39, xp=np, dtype=np.float64)
 
 
+def test_eps_just_above_the_largest_float32_is_refused():
+    # 4e38 lies between float32's largest value (3.4e38) and twice it: as float32 it is inf,
+    # so it is refused as 1e39 is, not only values far beyond the range.
+    assert 4e38 > float(np.finfo(np.float32).max)
+    with pytest.raises(ValueError, match=r"^eps=4e\+38 overflows float32, the compute dtype"):
+        check_eps(4e38, xp=np, dtype=np.float32)
+
+
 def test_prepare_channel_norm_gives_a_gamma_the_caller_cannot_change():
     # Caches keep gamma_c: a caller who updates gamma in place after the forward must not
     # change the backward, even where no cast is needed (float64 in, float64 computed).

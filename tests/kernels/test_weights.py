@@ -129,6 +129,35 @@ def test_weights_whose_sum_overflows_float32_are_refused():
             kernels.ws_forward(w, 1e-5, mode, 0)
 
 
+@pytest.mark.parametrize(("eps_mode", "eps"), [("add", 1e20), ("sqrt", 2e37)])
+def test_a_large_eps_is_not_taken_for_an_overflowing_variance(eps_mode, eps):
+    """float32 filters of standard-normal weights with an eps the dtype holds: sigma^2 * I is
+    about 27, far below float32's 3.4e38, so the reference accepts them; the kernel's
+    denominator is near eps (or sqrt(eps)), and its square times I overflows float32, which
+    the kernel's overflow check used to read as an overflowing variance and refuse. The
+    standardized weights are (w - mean) / denom (Qiao et al. 2019, Eq. 2), computed here in
+    float64."""
+    w = np.random.default_rng(0).standard_normal((4, 27)).astype(np.float32)
+    w64 = w.astype(np.float64)
+    sd = w64.std(axis=1, keepdims=True)
+    denom = sd + eps if eps_mode == "add" else np.sqrt(sd**2 + eps)
+    want = (w64 - w64.mean(axis=1, keepdims=True)) / denom
+    got = kernels.ws_forward(w, eps, eps_mode, 0).w_hat
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("eps_mode", ["add", "sqrt"])
+def test_float64_filters_whose_squares_overflow_are_refused_in_either_eps_mode(eps_mode):
+    """float64 weights of 1e160: the sum of their squared deviations is inf, so sigma and the
+    denominator are inf and, with eps added to sigma, kappa = inf / inf is NaN. The reference
+    refuses them; reading sigma back from a NaN kappa as 0 would return w_hat = 0."""
+    w = 1e160 * np.random.default_rng(1).standard_normal((3, 18))
+    with pytest.raises(ValueError, match="the variance of w overflows float64"):
+        weight_standardization_forward(w.reshape(3, 2, 3, 3), eps_mode=eps_mode)
+    with pytest.raises(ValueError, match="the variance of w overflows float64"):
+        kernels.ws_forward(w, 1e-5, eps_mode, 0)
+
+
 def test_a_filter_whose_sum_overflows_is_refused_beside_a_nan_filter():
     """As the test above, with a NaN in filter 0: a NaN filter excuses no other filter's
     overflowing sum, on the kernel as on the reference."""

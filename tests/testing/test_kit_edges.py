@@ -572,10 +572,14 @@ def test_a_group_count_that_does_not_divide_12_is_probed_on_2g_channels(G):
     ({"spatial": True}, r"spatial must be None or an int from 0 to 3; got True"),
     ({"num_channels": 0}, r"num_channels must be None or an int >= 1; got 0"),
     ({"num_channels": 2.5}, r"num_channels must be None or an int >= 1; got 2.5"),
+    ({"seed": -1}, r"seed must be an int >= 0; got -1"),
+    ({"seed": 1.5}, r"seed must be an int >= 0; got 1.5"),
+    ({"seed": True}, r"seed must be an int >= 0; got True"),
 ])
 def test_probe_sizes_fingerprint_cannot_use_are_refused_by_name(kw, says):
     """spatial = 4 was a KeyError, True and 1.0 were one spatial axis, num_channels = 0 was
-    the default 4 and 2.5 a numpy TypeError."""
+    the default 4 and 2.5 a numpy TypeError; seed = -1 and 1.5 were numpy's errors naming no
+    argument, and True was seed 1."""
     with pytest.raises(ValueError, match=says):
         fingerprint("bn", numpy_bn_forward, **kw)
 

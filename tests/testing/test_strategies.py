@@ -68,6 +68,23 @@ def test_norm_inputs_refuses_out_of_range_options(option):
         draw()
 
 
+@pytest.mark.parametrize(("option", "says"), [
+    ({"input_shape": ()}, r"input_shape must be None or a non-empty tuple of ints >= 1"),
+    ({"input_shape": (0, 3)}, r"input_shape must be None or a non-empty tuple of ints >= 1"),
+    ({"dtype": np.int32}, r"dtype must be float16, float32 or float64; got int32"),
+])
+def test_norm_inputs_refuses_shapes_and_dtypes_it_cannot_draw_by_name(option, says):
+    """The docstring: ``dtype`` float16, float32 or float64, ``input_shape`` the trailing
+    shape (C, *spatial). input_shape=() was an IndexError inside the draw, and an int dtype
+    drew truncated integer arrays (every tiny-variance input constant)."""
+    with pytest.raises(ValueError, match=says):
+        @settings(max_examples=1, database=None, deadline=None)
+        @given(norm_inputs("ln", **option))
+        def draw(case):
+            pass
+        draw()
+
+
 def test_assert_matches_names_a_negative_eps():
     def ln(x, g, b):
         return x  # never reached
