@@ -40,6 +40,10 @@ def allreduce_gradients(layers: Iterable[Layer], comm: Any, *, weight: float | N
     """
     check_comm(comm)
     layers = list(layers)
+    for layer in layers:
+        if not isinstance(getattr(layer, "grads", None), dict):
+            raise TypeError(f"layers must be layers, each with its grads dict; got "
+                            f"{type(layer).__name__}")
     w = 1.0 / comm.size if weight is None else float(weight)
     keys = [(i, k) for i, layer in enumerate(layers) for k in sorted(layer.grads)]
     summed = allreduce(comm, [layers[i].grads[k] * w for i, k in keys], op="allreduce_gradients")

@@ -82,3 +82,11 @@ def test_each_device_weight_applies_to_its_own_gradients(weights):
 def test_allreduce_gradients_refuses_a_missing_communicator():
     with pytest.raises(TypeError, match="comm must be a communicator"):
         allreduce_gradients([refnorm.build("bn", 3)], None)
+
+
+@pytest.mark.parametrize("layers", [[1], [None], [refnorm.build("bn", 2), "bn"]])
+def test_allreduce_gradients_refuses_what_is_not_a_layer_by_name(layers):
+    """Anything without a grads dict (a number, None, a name) is refused before any
+    all-reduce, not met by an AttributeError on its missing grads."""
+    with pytest.raises(TypeError, match="layers must be layers, each with its grads dict; got "):
+        allreduce_gradients(layers, SingleProcess())
